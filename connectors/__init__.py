@@ -1,0 +1,1 @@
+"""Roster source connectors, each registered under the `rostersync.connectors` entry points."""

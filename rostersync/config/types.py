@@ -1,0 +1,158 @@
+"""Building blocks for config models, shared by the core and by connectors' own source models.
+
+* :class:`StrictModel` forbids unknown keys (a typo must be an error, not silently ignored).
+* :data:`Duration` accepts ``90``, ``"45s"``, ``"30m"``, ``"1h"``, ``"1d"``, ``"1h30m"``.
+* :data:`ConfigPath` resolves a relative path against the config file's folder.
+* :func:`resolve_secret` implements the ``x`` / ``x_file`` pair every secret key allows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationInfo,
+    WithJsonSchema,
+)
+
+_DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def parse_duration(value: Any) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 15m, 1h or 1d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return timedelta(seconds=int(text))
+        m = _DURATION.match(text)
+        if text and m and any(m.groups()):
+            d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+            return timedelta(days=d, hours=h, minutes=mi, seconds=s)
+    raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 15m, 1h, 1d or seconds)")
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^(\d+d)?(\d+h)?(\d+m)?(\d+s)?$|^\d+$"},
+                {"type": "number", "minimum": 0},
+            ],
+            "description": "a duration: seconds, or e.g. 30s, 15m, 1h, 1d",
+        }
+    ),
+]
+
+
+def config_dir(info: ValidationInfo) -> Path:
+    ctx = info.context if isinstance(info.context, dict) else {}
+    base = ctx.get("base_dir")
+    return Path(base) if base else Path.cwd()
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    value = value.expanduser()
+    return value if value.is_absolute() else (config_dir(info) / value)
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _find_secret_file(path: Path, original: Path) -> Path:
+    """`x_file` may name a systemd credential: try $CREDENTIALS_DIRECTORY for bare names."""
+    if path.exists():
+        return path
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not original.is_absolute():
+        candidate = Path(creds) / original
+        if candidate.exists():
+            return candidate
+    return path
+
+
+def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
+    found = _find_secret_file(path, original or path)
+    try:
+        text = found.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {found}: {exc.strerror or exc}") from None
+    return SecretStr(text.strip())
+
+
+def resolve_secret(
+    data: Any, key: str, info: ValidationInfo, *, required: bool = True
+) -> Any:
+    """Before-validator helper: turn ``key_file: PATH`` into ``key: <contents>``.
+
+    Call it from a ``model_validator(mode="before")``. Errors name the keys, never the value.
+    """
+    if not isinstance(data, dict):
+        return data
+    file_key = f"{key}_file"
+    has_value = data.get(key) not in (None, "")
+    has_file = data.get(file_key) not in (None, "")
+    if has_value and has_file:
+        raise ValueError(f"give {key} or {file_key}, not both")
+    if has_file:
+        original = Path(str(data[file_key])).expanduser()
+        path = original if original.is_absolute() else config_dir(info) / original
+        data = dict(data)
+        data[key] = read_secret_file(path, original)
+        data[file_key] = path
+        return data
+    if required and not has_value:
+        raise ValueError(f"{key} or {file_key} is required")
+    return data
+
+
+def secret_fields(key: str, description: str) -> dict[str, Any]:
+    """Field defaults for a secret pair, so every model documents them the same way."""
+    return {
+        key: Field(default=None, description=f"{description} (or give {key}_file)"),
+        f"{key}_file": Field(default=None, description=f"a file holding the {description}"),
+    }
+
+
+__all__ = [
+    "ConfigPath",
+    "Duration",
+    "SecretStr",
+    "StrictModel",
+    "format_duration",
+    "parse_duration",
+    "read_secret_file",
+    "resolve_secret",
+]

@@ -1,0 +1,90 @@
+"""The one interface every roster source implements, and how sources are found by name.
+
+A connector streams normalized records (:mod:`rostersync.records`) in batches; the engine
+stages each batch straight into the database, so memory stays flat however large the
+district. Connectors are plug-ins: a package registers a :class:`ConnectorPlugin` under the
+entry-point group ``rostersync.connectors`` and the core finds it by the source's ``type``.
+The core never imports a concrete connector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from importlib.metadata import entry_points
+from typing import Any, Protocol, runtime_checkable
+
+import httpx
+import structlog
+
+from rostersync.config.source import SourceConfig
+from rostersync.records import RosterRecord, TeacherRef, TeacherRoster
+
+ENTRY_POINT_GROUP = "rostersync.connectors"
+
+
+class FetchMode(StrEnum):
+    FULL = "full"
+    DELTA = "delta"
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """A roster source.
+
+    ``fetch(FULL, None)`` yields every record; ``fetch(DELTA, since)`` yields only what changed
+    after ``since`` (records with status ``tobedeleted`` mean removals) and raises
+    :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter.
+    Batches may mix record types; a :class:`~rostersync.records.Rejected` reports one bad
+    record without stopping the run. Errors: :mod:`rostersync.errors`.
+    """
+
+    @property
+    def supports_delta(self) -> bool: ...
+
+    def fetch(self, mode: FetchMode, since: datetime | None) -> AsyncIterator[Sequence[RosterRecord]]:
+        ...
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        """The teacher's classes now, with their enrollments and students (``resync --live``)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorContext:
+    """What the engine hands a connector factory: never a client the connector must build."""
+
+    source: str
+    config: SourceConfig
+    http: httpx.AsyncClient
+    log: Any = None  # a structlog BoundLogger with `source` bound
+
+    @property
+    def logger(self) -> Any:
+        return self.log if self.log is not None else structlog.get_logger().bind(source=self.source)
+
+
+ConnectorFactory = Callable[[ConnectorContext], Connector]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorPlugin:
+    type: str
+    config_model: type[SourceConfig]
+    create: ConnectorFactory
+    description: str = ""
+
+
+def load_plugins() -> dict[str, ConnectorPlugin]:
+    """Every installed connector, by source `type`."""
+    found: dict[str, ConnectorPlugin] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        plugin = ep.load()
+        if not isinstance(plugin, ConnectorPlugin):
+            raise TypeError(f"entry point {ep.name!r} ({ep.value}) is not a ConnectorPlugin")
+        found[plugin.type] = plugin
+    return dict(sorted(found.items()))

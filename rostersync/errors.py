@@ -1,0 +1,80 @@
+"""The exceptions rostersync raises.
+
+::
+
+    RostersyncError
+    ├── ConfigError              bad YAML or values; carries every issue with its YAML path/line
+    ├── StoreError               the database is unreachable or its schema is wrong
+    ├── RunNotFound / RunStateError   `runs show|approve` on a missing run or a run in the wrong state
+    └── SourceError              anything about one roster source (names the source)
+        ├── RetriableSourceError timeouts, dropped connections, 429, 5xx: worth another try
+        └── FatalSourceError     401/403, unreadable file, a repeated page: stop the run
+            └── DeltaUnsupportedError  the source refused a delta filter; the engine runs full
+
+Messages never carry secrets: connectors name the source and the request path only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class RostersyncError(Exception):
+    """Base of every error rostersync raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    path: str  # dotted YAML path, e.g. "sources.district.auth"
+    message: str
+    line: int | None = None
+    file: str | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "(top level)"
+        if self.line is not None:
+            where = f"{where}: line {self.line}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(RostersyncError):
+    def __init__(self, issues: list[ConfigIssue], file: str | None = None) -> None:
+        self.issues = issues
+        self.file = file
+        head = f"{file}: " if file else ""
+        lines = "\n".join(f"  {issue}" for issue in issues)
+        super().__init__(f"{head}{len(issues)} configuration error(s):\n{lines}")
+
+
+class StoreError(RostersyncError):
+    pass
+
+
+class RunNotFound(RostersyncError):
+    pass
+
+
+class RunStateError(RostersyncError):
+    pass
+
+
+class SourceError(RostersyncError):
+    def __init__(self, source: str, message: str) -> None:
+        self.source = source
+        super().__init__(f"source {source!r}: {message}")
+
+
+class RetriableSourceError(SourceError):
+    """Worth retrying: the source was busy, slow or briefly unreachable."""
+
+    def __init__(self, source: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(source, message)
+        self.retry_after = retry_after
+
+
+class FatalSourceError(SourceError):
+    """Retrying will not help: credentials, permissions, unreadable data."""
+
+
+class DeltaUnsupportedError(FatalSourceError):
+    """The source rejected the delta filter; the engine falls back to a full run."""

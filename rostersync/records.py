@@ -1,0 +1,150 @@
+"""Normalized roster records: the small frozen values every connector yields.
+
+Connectors translate their source's shapes (OneRoster 1.1/1.2 JSON, OneRoster CSV rows,
+Google Classroom courses and rosters) into these, so the sync engine knows one vocabulary.
+`sourced_id` is unique within one source only; the store keys everything on
+``(source, sourced_id)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+Status = Literal["active", "tobedeleted"]
+
+#: The roles the engine acts on; others (guardian, aide, ...) are kept as given.
+TEACHER = "teacher"
+STUDENT = "student"
+
+
+def _digest(*parts: object) -> str:
+    """A short stable fingerprint of a record's content, used to spot changes in SQL."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        h.update(b"\x1f")
+        h.update(repr(part).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RosterOrg:
+    sourced_id: str
+    name: str
+    type: str = "school"
+    identifier: str | None = None
+    parent_id: str | None = None
+    status: Status = "active"
+    date_last_modified: datetime | None = None
+
+    entity = "org"
+
+    def content_hash(self) -> str:
+        return _digest(self.name, self.type, self.identifier, self.parent_id, self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterPerson:
+    sourced_id: str
+    role: str
+    given_name: str = ""
+    family_name: str = ""
+    email: str | None = None
+    username: str | None = None
+    enabled: bool = True
+    org_ids: tuple[str, ...] = ()
+    status: Status = "active"
+    date_last_modified: datetime | None = None
+
+    entity = "user"
+
+    @property
+    def display_name(self) -> str:
+        return " ".join(p for p in (self.given_name, self.family_name) if p).strip()
+
+    def content_hash(self) -> str:
+        return _digest(
+            self.role,
+            self.given_name,
+            self.family_name,
+            self.email,
+            self.username,
+            self.enabled,
+            self.org_ids,
+            self.status,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RosterClass:
+    sourced_id: str
+    title: str
+    class_code: str | None = None
+    school_id: str | None = None
+    status: Status = "active"
+    date_last_modified: datetime | None = None
+
+    entity = "class"
+
+    def content_hash(self) -> str:
+        return _digest(self.title, self.class_code, self.school_id, self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterEnrollment:
+    sourced_id: str
+    class_id: str
+    user_id: str
+    role: str
+    status: Status = "active"
+    primary: bool = False
+    date_last_modified: datetime | None = None
+
+    entity = "enrollment"
+
+    def content_hash(self) -> str:
+        return _digest(self.class_id, self.user_id, self.role, self.status, self.primary)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A record the connector could not accept; reported, never fatal to the run."""
+
+    entity: str
+    sourced_id: str | None
+    reason: str
+    location: str | None = None  # e.g. "users.csv line 14"
+
+    def as_dict(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {
+            "entity": self.entity,
+            "sourced_id": self.sourced_id,
+            "reason": self.reason,
+        }
+        if self.location:
+            out["location"] = self.location
+        return out
+
+
+RosterRecord = RosterOrg | RosterPerson | RosterClass | RosterEnrollment | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class TeacherRef:
+    """Who a live resync is for: the teacher's id in the source and their email."""
+
+    sourced_id: str
+    email: str | None
+
+
+@dataclass(slots=True)
+class TeacherRoster:
+    """A teacher's current classes, with those classes' enrollments and students (live resync)."""
+
+    teacher: RosterPerson | None
+    classes: list[RosterClass] = field(default_factory=list)
+    enrollments: list[RosterEnrollment] = field(default_factory=list)
+    persons: list[RosterPerson] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
