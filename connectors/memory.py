@@ -4,7 +4,6 @@ of the smallest correct connector."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from rostersync.connector import FetchMode
@@ -12,39 +11,14 @@ from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.records import (
     STUDENT,
     TEACHER,
+    MemoryRoster,
     Rejected,
-    RosterClass,
-    RosterEnrollment,
-    RosterOrg,
-    RosterPerson,
     RosterRecord,
     TeacherRef,
     TeacherRoster,
 )
 
-
-@dataclass
-class MemoryRoster:
-    orgs: list[RosterOrg] = field(default_factory=list)
-    persons: list[RosterPerson] = field(default_factory=list)
-    classes: list[RosterClass] = field(default_factory=list)
-    enrollments: list[RosterEnrollment] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-
-    def records(self) -> list[RosterRecord]:
-        return [*self.orgs, *self.persons, *self.classes, *self.enrollments, *self.rejected]
-
-    def copy(self) -> MemoryRoster:
-        return MemoryRoster(
-            list(self.orgs), list(self.persons), list(self.classes), list(self.enrollments),
-            list(self.rejected),
-        )
-
-    def replace_person(self, sourced_id: str, **changes: object) -> None:
-        self.persons = [
-            replace(p, **changes) if p.sourced_id == sourced_id else p  # type: ignore[arg-type]
-            for p in self.persons
-        ]
+__all__ = ["MemoryConnector", "MemoryRoster"]
 
 
 class MemoryConnector:

@@ -79,12 +79,26 @@ class ConnectorPlugin:
     description: str = ""
 
 
+#: Entry points that failed to load, by name, with the reason (shown by `config check`).
+PLUGIN_ERRORS: dict[str, str] = {}
+
+
 def load_plugins() -> dict[str, ConnectorPlugin]:
-    """Every installed connector, by source `type`."""
+    """Every installed connector, by source `type`.
+
+    A broken third-party plugin must not take the others down: it is skipped, remembered in
+    :data:`PLUGIN_ERRORS` and logged, and a source of its type is then a config error.
+    """
     found: dict[str, ConnectorPlugin] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        plugin = ep.load()
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # any import-time failure of a plug-in
+            PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
+            structlog.get_logger().warning("connector_plugin_failed", plugin=ep.name, error=str(exc))
+            continue
         if not isinstance(plugin, ConnectorPlugin):
-            raise TypeError(f"entry point {ep.name!r} ({ep.value}) is not a ConnectorPlugin")
+            PLUGIN_ERRORS[ep.name] = f"{ep.value} is not a ConnectorPlugin"
+            continue
         found[plugin.type] = plugin
     return dict(sorted(found.items()))

@@ -9,7 +9,7 @@ Google Classroom courses and rosters) into these, so the sync engine knows one v
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal
 
@@ -148,3 +148,29 @@ class TeacherRoster:
     enrollments: list[RosterEnrollment] = field(default_factory=list)
     persons: list[RosterPerson] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass
+class MemoryRoster:
+    """A whole roster held in memory: test data, generated districts, the memory connector."""
+
+    orgs: list[RosterOrg] = field(default_factory=list)
+    persons: list[RosterPerson] = field(default_factory=list)
+    classes: list[RosterClass] = field(default_factory=list)
+    enrollments: list[RosterEnrollment] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def records(self) -> list[RosterRecord]:
+        return [*self.orgs, *self.persons, *self.classes, *self.enrollments, *self.rejected]
+
+    def copy(self) -> MemoryRoster:
+        return MemoryRoster(
+            list(self.orgs), list(self.persons), list(self.classes), list(self.enrollments),
+            list(self.rejected),
+        )
+
+    def replace_person(self, sourced_id: str, **changes: object) -> None:
+        self.persons = [
+            replace(p, **changes) if p.sourced_id == sourced_id else p  # type: ignore[arg-type]
+            for p in self.persons
+        ]

@@ -1,0 +1,3 @@
+from rostersync.cli import main
+
+main()

@@ -1,0 +1,507 @@
+"""The `rostersync` command line (see CONTRACT.md for names, JSON shapes and exit codes).
+
+Exit codes: 0 success; 1 a run failed or was held (or a job failed); 2 bad usage or bad
+config. With ``--json`` the only thing on stdout is one JSON document; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import structlog
+
+from rostersync import __version__, directory
+from rostersync.config.loader import config_path, json_schema_text, load_settings
+from rostersync.config.models import Settings
+from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
+from rostersync.logs import configure as configure_logging
+from rostersync.logs import register_secrets_in
+from rostersync.store.db import Store
+from rostersync.sync.apply import queue_resync, sync_catalog
+from rostersync.sync.engine import COUNT_KEYS, RunReport, SourceBusy, SyncEngine, load_report
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class App:
+    """Lazily loaded settings and store, shared by the subcommands of one invocation."""
+
+    def __init__(self, config_file: str | None, log_level: str | None) -> None:
+        self.config_file = config_file
+        self.log_level = log_level
+        self._settings: Settings | None = None
+        self._store: Store | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(self.config_file)
+            register_secrets_in(self._settings)
+            configure_logging(self.log_level or self._settings.logging.level, self._settings.logging.format)
+        return self._settings
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.settings.database)
+            self._store.ensure_schema(auto_upgrade=True)
+        return self._store
+
+    def engine(self, **kwargs: Any) -> SyncEngine:
+        return SyncEngine(self.settings, self.store, **kwargs)
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    click.echo(f"rostersync: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    "config_file",
+    metavar="PATH",
+    help="config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="override logging.level")
+@click.version_option(__version__, prog_name="rostersync")
+@click.pass_context
+def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
+    """Keep console users and class groups in step with school rosters."""
+    ctx.obj = App(config_file, log_level)
+
+
+# -- sync ------------------------------------------------------------------------------------
+
+
+def _print_report(r: RunReport) -> None:
+    flag = " (dry run)" if r.dry_run else ""
+    click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.status}")
+    if r.error:
+        click.echo(f"  error: {r.error}")
+    if r.hold_reason:
+        click.echo(f"  held: {r.hold_reason}")
+        click.echo(f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`")
+    for w in r.warnings:
+        click.echo(f"  warning: {w}")
+    figures = ", ".join(f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS)
+    click.echo(f"  {figures}")
+    extra = {k: v for k, v in r.counts.items() if k not in COUNT_KEYS and v}
+    if extra:
+        click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in extra.items()))
+    if r.fetched:
+        click.echo("  fetched: " + ", ".join(f"{k} {v}" for k, v in r.fetched.items()))
+    for rej in r.rejected[:20]:
+        where = f" ({rej['location']})" if rej.get("location") else ""
+        click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
+    if len(r.rejected) > 20:
+        click.echo(f"  ... and {len(r.rejected) - 20} more: `rostersync runs show {r.id}`")
+
+
+def _progress(source: str, phase: str, figures: Any) -> None:
+    # Plain lines on stderr; the daemon issue adds the TTY display.
+    if sys.stderr.isatty():
+        summary = ", ".join(f"{k} {v}" for k, v in figures.items() if v)
+        click.echo(f"\r{source}: {phase} {summary}".ljust(79), err=True, nl=False)
+
+
+async def _sync_and_drain(app: App, sources: list[str], mode: str | None, dry_run: bool) -> list[RunReport]:
+    engine = app.engine(progress=_progress)
+    reports = []
+    for name in sources:
+        try:
+            reports.append(await engine.sync(name, mode=mode, dry_run=dry_run))
+        except SourceBusy as exc:
+            fail(str(exc))
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    if not dry_run:
+        await engine.drain()
+        with app.store.read() as conn:
+            reports = [load_report(conn, r.id) for r in reports]
+    return reports
+
+
+@cli.command()
+@click.option("--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)")
+@click.option("--full", "mode", flag_value="full", help="read everything and sweep what is gone")
+@click.option("--delta", "mode", flag_value="delta", help="read only what changed since the last run")
+@click.option("--dry-run", is_flag=True, help="report what would change; change nothing")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def sync(app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as_json: bool) -> None:
+    """Sync now in the foreground, then process the resync jobs it queued."""
+    settings = app.settings
+    unknown = [s for s in sources if s not in settings.sources]
+    if unknown:
+        fail(f"no source named {', '.join(unknown)} (configured: {', '.join(settings.sources) or 'none'})", EXIT_USAGE)
+    names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
+    if not names:
+        fail("no enabled source in the config", EXIT_USAGE)
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run))
+    if as_json:
+        emit_json({"runs": [r.as_json() for r in reports]})
+    else:
+        for r in reports:
+            _print_report(r)
+    if any(r.status in ("failed", "held") for r in reports):
+        sys.exit(EXIT_FAILED)
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
+@click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
+@click.pass_obj
+def run(app: App, once: bool, as_json: bool) -> None:
+    """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
+    settings = app.settings
+    if once:
+        names = [n for n, s in settings.sources.items() if s.enabled]
+        reports = asyncio.run(_sync_and_drain(app, names, None, False))
+        if as_json:
+            emit_json({"runs": [r.as_json() for r in reports]})
+        else:
+            for r in reports:
+                _print_report(r)
+        if any(r.status in ("failed", "held") for r in reports):
+            sys.exit(EXIT_FAILED)
+        return
+    from rostersync.daemon import run_daemon
+
+    sys.exit(run_daemon(app.settings, app.store, config_file=str(config_path(app.config_file))))
+
+
+# -- resync --------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--user", "users", multiple=True, metavar="EMAIL", help="this user (repeatable)")
+@click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
+@click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")
+@click.option("--wait", is_flag=True, help="block until the jobs end; exit 1 if any failed")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def resync(
+    app: App, users: tuple[str, ...], all_users: bool, live: bool, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
+    if bool(users) == all_users:
+        fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    store = app.store
+    with store.write() as conn:
+        if all_users:
+            from sqlalchemy import text
+
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    text(
+                        "SELECT DISTINCT u.id FROM \"user\" u JOIN user_identity i ON i.user_id = u.id "
+                        "WHERE u.status = 'active'"
+                    )
+                )
+            ]
+        else:
+            found, missing = directory.user_ids_by_email(conn, list(users))
+            if missing:
+                fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
+            ids = sorted(found.values())
+        queue_resync(conn, ids, reason="manual resync" + (" (live)" if live else ""), run_id=None, live=live)
+    job_ids = _queued_job_ids(store, ids)
+    if wait:
+        jobs = _wait_for(store, job_ids, timeout)
+    else:
+        with store.read() as conn:
+            jobs = directory.list_jobs(conn, job_ids)
+    if as_json:
+        emit_json({"queued": len(job_ids), "jobs": jobs})
+    else:
+        click.echo(f"queued {len(job_ids)} resync job(s)")
+        if wait:
+            click.echo(_jobs_table(jobs))
+    if wait and any(j["state"] != "succeeded" for j in jobs):
+        sys.exit(EXIT_FAILED)
+
+
+def _queued_job_ids(store: Store, user_ids: list[int]) -> list[int]:
+    from sqlalchemy import bindparam, text
+
+    with store.read() as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                text("SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id").bindparams(
+                    bindparam("u", expanding=True)
+                ),
+                {"u": user_ids or [-1]},
+            )
+        ]
+
+
+def _wait_for(store: Store, job_ids: list[int], timeout: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.read() as conn:
+            jobs = directory.list_jobs(conn, job_ids)
+        # A retried job goes back to `queued` with its error; it is over only when it
+        # succeeded or failed for good.
+        if all(j["state"] in ("succeeded", "failed") for j in jobs):
+            return jobs
+        if time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.25)
+
+
+def _jobs_table(jobs: list[dict[str, Any]]) -> str:
+    return table(
+        [(j["id"], j["user"], j["state"], j["attempts"], j["reason"], j["last_error"] or "") for j in jobs],
+        ["id", "user", "state", "attempts", "reason", "last error"],
+    )
+
+
+# -- listings ------------------------------------------------------------------------------------
+
+
+@cli.group()
+def users() -> None:
+    """The directory's users."""
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def users_list(app: App, as_json: bool) -> None:
+    """List users with roles, sites, status and sources."""
+    with app.store.read() as conn:
+        rows = directory.list_users(conn)
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(
+        table(
+            [(u["email"], u["display_name"], ", ".join(u["roles"]), ", ".join(u["sites"]), u["status"], ", ".join(u["sources"])) for u in rows],
+            ["email", "name", "roles", "sites", "status", "sources"],
+        )
+    )
+    click.echo(f"{len(rows)} user(s)")
+
+
+@cli.group()
+def groups() -> None:
+    """Groups mirrored from classes."""
+
+
+@groups.command("list")
+@click.option("--user", "user", metavar="EMAIL", help="only groups this user owns")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def groups_list(app: App, user: str | None, as_json: bool) -> None:
+    """List groups with owners and members."""
+    with app.store.read() as conn:
+        rows = directory.list_groups(conn, user)
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(
+        table(
+            [(g["source"], g["external_id"], g["name"], ", ".join(g["owners"]), len(g["members"])) for g in rows],
+            ["source", "class", "name", "owners", "members"],
+        )
+    )
+    click.echo(f"{len(rows)} group(s)")
+
+
+@cli.group()
+def queue() -> None:
+    """The resync queue."""
+
+
+@queue.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=1000, show_default=True)
+@click.pass_obj
+def queue_list(app: App, as_json: bool, limit: int) -> None:
+    """List resync jobs (running and queued first)."""
+    with app.store.read() as conn:
+        jobs = directory.list_jobs(conn, limit=limit)
+    if as_json:
+        emit_json(jobs)
+        return
+    click.echo(_jobs_table(jobs))
+
+
+@cli.group()
+def runs() -> None:
+    """Sync-run history, reports and approvals."""
+
+
+@runs.command("list")
+@click.option("--source", metavar="NAME")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
+    """List sync runs, newest first."""
+    with app.store.read() as conn:
+        rows = directory.list_runs(conn, source, limit)
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["id"], r["source"], r["mode"], r["status"], r["started_at"],
+                    r["counts"].get("users_created", 0), r["counts"].get("users_archived", 0),
+                    r["counts"].get("records_rejected", 0),
+                )
+                for r in rows
+            ],
+            ["id", "source", "mode", "status", "started", "created", "archived", "rejected"],
+        )
+    )
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def runs_show(app: App, run_id: int, as_json: bool) -> None:
+    """One run's report: counts, warnings, every rejected record."""
+    try:
+        with app.store.read() as conn:
+            report = load_report(conn, run_id)
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    if as_json:
+        emit_json(report.as_json())
+        return
+    _print_report(report)
+    for rej in report.rejected[20:]:
+        where = f" ({rej['location']})" if rej.get("location") else ""
+        click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
+
+
+@runs.command("approve")
+@click.argument("run_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def runs_approve(app: App, run_id: int, as_json: bool) -> None:
+    """Apply a held run as it was staged, then process the resyncs it queued."""
+
+    async def go() -> RunReport:
+        engine = app.engine()
+        report = await engine.approve(run_id)
+        await engine.drain()
+        with app.store.read() as conn:
+            return load_report(conn, report.id)
+
+    try:
+        report = asyncio.run(go())
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    except RunStateError as exc:
+        fail(str(exc), EXIT_FAILED)
+    if as_json:
+        emit_json({"runs": [report.as_json()]})
+    else:
+        _print_report(report)
+    if report.status in ("failed", "held"):
+        sys.exit(EXIT_FAILED)
+
+
+# -- config and database ----------------------------------------------------------------------------
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Validate the config; print its JSON Schema."""
+
+
+@config_group.command("check")
+@click.pass_obj
+def config_check(app: App) -> None:
+    """Report every config error with its YAML path and line (exit 2 if any)."""
+    path = config_path(app.config_file)
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
+        for issue in exc.issues:
+            click.echo(f"  {issue}", err=True)
+        sys.exit(EXIT_USAGE)
+    enabled = [n for n, s in settings.sources.items() if s.enabled]
+    click.echo(f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})")
+
+
+@config_group.command("schema")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file")
+def config_schema(output: Path | None) -> None:
+    """Print the config's JSON Schema (for editors' YAML completion)."""
+    text = json_schema_text()
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+def db_upgrade(app: App) -> None:
+    """Apply pending migrations."""
+    store = Store(app.settings.database)
+    before, after = store.upgrade()
+    with store.write() as conn:
+        sync_catalog(conn, app.settings)
+    click.echo(f"database {store!r}: {before or 'empty'} -> {after}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="rostersync", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        fail("aborted", EXIT_FAILED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except ConfigError as exc:
+        click.echo(f"rostersync: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except StoreError as exc:
+        click.echo(f"rostersync: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except RostersyncError as exc:
+        structlog.get_logger().debug("command_failed", error=str(exc))
+        click.echo(f"rostersync: {exc}", err=True)
+        sys.exit(EXIT_FAILED)

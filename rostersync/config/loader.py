@@ -1,0 +1,281 @@
+"""Load rostersync.yaml into :class:`Settings`, reporting every mistake at once.
+
+Each issue names its dotted YAML path and line, e.g.
+``sources.district.auth: line 14: client_secret or client_secret_file is required``.
+Line numbers come from PyYAML's composed node tree, walked beside the loaded data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError, create_model
+
+from rostersync.config.models import Settings
+from rostersync.connector import ConnectorPlugin, load_plugins
+from rostersync.errors import ConfigError, ConfigIssue
+
+DEFAULT_CONFIG = Path("/etc/rostersync/rostersync.yaml")
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+PathKey = tuple[str | int, ...]
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """`--config`, else `$ROSTERSYNC_CONFIG`, else /etc/rostersync/rostersync.yaml."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("ROSTERSYNC_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def dotted(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# -- YAML with line numbers -------------------------------------------------------------
+
+
+def _walk(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], issues: list[ConfigIssue]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key == "<<":
+                continue
+            child = (*path, key)
+            if key in seen:
+                issues.append(
+                    ConfigIssue(dotted(child), "duplicate key", key_node.start_mark.line + 1)
+                )
+            seen.add(key)
+            lines.setdefault(child, key_node.start_mark.line + 1)
+            _walk(value_node, child, lines, issues)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*path, i)] = item.start_mark.line + 1
+            _walk(item, (*path, i), lines, issues)
+
+
+def _substitute_env(data: Any, path: PathKey, issues: list[ConfigIssue]) -> Any:
+    """Replace ``${VAR}`` in every string; an unset variable is an issue, not an empty string."""
+    if isinstance(data, dict):
+        return {k: _substitute_env(v, (*path, str(k)), issues) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute_env(v, (*path, i), issues) for i, v in enumerate(data)]
+    if isinstance(data, str) and "${" in data:
+
+        def repl(m: re.Match[str]) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                issues.append(
+                    ConfigIssue(dotted(path), f"environment variable {m.group(1)} is not set")
+                )
+                return ""
+            return value
+
+        return _ENV.sub(repl, data)
+    return data
+
+
+# -- pydantic errors to YAML paths ------------------------------------------------------
+
+
+def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None]:
+    """Follow a pydantic error location through the data, dropping union tags and the like.
+
+    Returns the deepest existing path and, if the last element is a key that is absent
+    (a missing field), that key's name.
+    """
+    path: list[str | int] = []
+    current = data
+    missing: str | None = None
+    for i, seg in enumerate(loc):
+        if isinstance(current, Mapping) and seg in current:
+            path.append(seg)
+            current = current[seg]
+        elif isinstance(current, list) and isinstance(seg, int) and 0 <= seg < len(current):
+            path.append(seg)
+            current = current[seg]
+        elif i == len(loc) - 1 and isinstance(seg, str) and isinstance(current, Mapping):
+            missing = seg
+        # otherwise a discriminator tag or a function-validator name: skip it
+    return tuple(path), missing
+
+
+def _message(err: Mapping[str, Any], missing: str | None) -> str:
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid value"))
+    if kind == "missing":
+        return f"{missing} is required" if missing else "is required"
+    if kind == "extra_forbidden":
+        return "unknown key (not allowed here)"
+    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if missing:
+        return f"{missing}: {msg}"
+    return msg
+
+
+def _line_for(path: PathKey, lines: Mapping[PathKey, int]) -> int | None:
+    p = path
+    while p:
+        if p in lines:
+            return lines[p]
+        p = p[:-1]
+    return None
+
+
+# -- the model with every installed source type -----------------------------------------
+
+
+@functools.cache
+def settings_model(plugin_types: tuple[str, ...] | None = None) -> type[Settings]:
+    """Settings whose `sources` values are a union of the installed connectors' models."""
+    plugins = load_plugins()
+    models = [p.config_model for p in plugins.values()]
+    if not models:
+        return Settings
+    union: Any = models[0] if len(models) == 1 else Union[tuple(models)]  # noqa: UP007
+    source_type: Any = Annotated[union, Field(discriminator="type")] if len(models) > 1 else union
+    return create_model(
+        "RostersyncConfig",
+        __base__=Settings,
+        sources=(dict[str, source_type], Field(default_factory=dict)),
+    )
+
+
+def json_schema() -> dict[str, Any]:
+    schema = settings_model().model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rostersync configuration"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+# -- cross-field checks pydantic cannot see -----------------------------------------------
+
+
+def _semantic_issues(settings: Settings, plugins: Mapping[str, ConnectorPlugin]) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    names = settings.role_names
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            issues.append(ConfigIssue(f"roles[{i}]", f"role {name!r} is listed twice"))
+    for i, site in enumerate(settings.sites):
+        if site in settings.sites[:i]:
+            issues.append(ConfigIssue(f"sites[{i}]", f"site {site!r} is listed twice"))
+    prov = settings.provisioning
+    if prov.default_role not in names:
+        issues.append(
+            ConfigIssue(
+                "provisioning.default_role",
+                f"{prov.default_role!r} is not one of roles ({', '.join(names)})",
+            )
+        )
+    if prov.default_site is not None and prov.default_site not in settings.sites:
+        issues.append(
+            ConfigIssue(
+                "provisioning.default_site",
+                f"{prov.default_site!r} is not one of sites ({', '.join(settings.sites) or 'none'})",
+            )
+        )
+    for key, site in prov.site_map.items():
+        if site not in settings.sites:
+            issues.append(
+                ConfigIssue(f"provisioning.site_map.{key}", f"{site!r} is not one of sites")
+            )
+    for name in settings.sources:
+        if not _SOURCE_NAME.match(name):
+            issues.append(
+                ConfigIssue(
+                    f"sources.{name}",
+                    "source names use letters, digits, '_', '-' and '.' (at most 64)",
+                )
+            )
+    db = settings.database
+    if not (db.startswith("sqlite:") or db.startswith("postgresql")):
+        issues.append(
+            ConfigIssue("database", "use sqlite:///PATH or postgresql+psycopg://user@host/db")
+        )
+    return issues
+
+
+def _resolve_database(url: str, base: Path) -> str:
+    """`sqlite:///relative.db` is relative to the config folder, like every other path."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and ":memory:" not in url:
+        rel = url[len(prefix) :]
+        if rel and not Path(rel).is_absolute():
+            return prefix + str((base / rel).resolve())
+    return url
+
+
+def load_settings_text(text: str, *, file: str = "<config>", base_dir: Path | None = None) -> Settings:
+    base = base_dir or Path.cwd()
+    issues: list[ConfigIssue] = []
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue("", f"YAML syntax: {problem}", line)], file) from None
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("", "the file must be a YAML mapping of keys")], file)
+    lines: dict[PathKey, int] = {}
+    if node is not None:
+        _walk(node, (), lines, issues)
+    data = _substitute_env(data, (), issues)
+
+    model = settings_model()
+    settings: Settings | None = None
+    try:
+        settings = model.model_validate(data, context={"base_dir": base})
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            path, missing = _map_loc(tuple(err["loc"]), data)
+            issues.append(ConfigIssue(dotted(path), _message(err, missing), _line_for(path, lines)))
+    if settings is not None:
+        for issue in _semantic_issues(settings, load_plugins()):
+            key = _path_key(issue.path)
+            issues.append(ConfigIssue(issue.path, issue.message, _line_for(key, lines)))
+    # Issues found twice (a env var used in two places) are reported once, in file order.
+    unique = list(dict.fromkeys(i for i in issues))
+    unique.sort(key=lambda i: (i.line or 0, i.path))
+    if unique or settings is None:
+        raise ConfigError(unique, file)
+    return settings.model_copy(update={"database": _resolve_database(settings.database, base)})
+
+
+def _path_key(path: str) -> PathKey:
+    out: list[str | int] = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        out.append(int(part[1:-1]) if part.startswith("[") else part)
+    return tuple(out)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate the config file; raises ConfigError listing every issue."""
+    file = config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}")], str(file)
+        ) from None
+    return load_settings_text(text, file=str(file), base_dir=file.resolve().parent)

@@ -1,0 +1,125 @@
+"""The settings model: every top-level key of rostersync.yaml (see CONTRACT.md)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+
+from rostersync.config.source import SourceConfig
+from rostersync.config.types import Duration, StrictModel, resolve_secret
+
+Permission = Literal["import_users"]
+
+
+class RoleSpec(StrictModel):
+    name: str = Field(min_length=1, max_length=256)
+    permissions: list[Permission] = Field(default_factory=list)
+    scope: Literal["organization", "site"] = "organization"
+
+
+class Provisioning(StrictModel):
+    auto_create_users: bool = True
+    default_role: str = Field(description="must be one of `roles`")
+    default_site: str | None = Field(default=None, description="must be one of `sites`")
+    site_map: dict[str, str] = Field(
+        default_factory=dict, description="school sourcedId or school name -> site"
+    )
+    on_teacher_removed: Literal["archive", "keep"] = "archive"
+
+
+class Safety(StrictModel):
+    max_removals: int = Field(default=500, ge=0)
+    max_removal_percent: float = Field(default=20.0, ge=0, le=100)
+    min_source_ratio: float = Field(default=0.5, ge=0, le=1)
+
+
+class ResyncSettings(StrictModel):
+    workers: int = Field(default=4, ge=1, le=64)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    batch_size: int = Field(default=200, ge=1, le=5000, description="jobs leased per batch")
+    lease: Duration = Field(default=timedelta(minutes=5), description="how long a lease lasts")
+    backoff: Duration = Field(default=timedelta(seconds=30), description="first retry delay")
+
+
+class ImportSettings(StrictModel):
+    max_rows: int = Field(default=2000, ge=1)
+
+
+class SmtpSettings(StrictModel):
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    starttls: bool = False
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: str | None = None
+    from_: str = Field(alias="from")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret(cls, data: Any, info: ValidationInfo) -> Any:
+        return resolve_secret(data, "password", info, required=False)
+
+
+class MetricsSettings(StrictModel):
+    listen: str = Field(default="127.0.0.1:9464", description="host:port for /metrics and /healthz")
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{v!r} is not host:port")
+        return v
+
+
+class LoggingSettings(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(StrictModel):
+    organization: str = Field(min_length=1)
+    database: str = Field(
+        default="sqlite:///rostersync.db",
+        description="sqlite:///PATH (relative to the config folder) or postgresql+psycopg://...",
+    )
+    license_limit: int | None = Field(default=None, ge=0)
+    roles: list[RoleSpec] = Field(min_length=1)
+    sites: list[str] = Field(default_factory=list)
+    provisioning: Provisioning
+    safety: Safety = Field(default_factory=Safety)
+    resync: ResyncSettings = Field(default_factory=ResyncSettings)
+    import_: ImportSettings = Field(default_factory=ImportSettings, alias="import")
+    smtp: SmtpSettings | None = None
+    metrics: MetricsSettings | None = None
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _role_strings(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": r} if isinstance(r, str) else r for r in v]
+        return v
+
+    @field_validator("sites")
+    @classmethod
+    def _site_names(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s.strip() or len(s) > 50:
+                raise ValueError(f"site name {s!r} must be 1-50 characters")
+        return v
+
+    @property
+    def role_names(self) -> list[str]:
+        return [r.name for r in self.roles]
+
+    def safety_for(self, source: str) -> Safety:
+        """The top-level safety block with the source's own overrides applied."""
+        override = self.sources[source].safety if source in self.sources else None
+        if override is None:
+            return self.safety
+        changes = {k: v for k, v in override.model_dump().items() if v is not None}
+        return self.safety.model_copy(update=changes)

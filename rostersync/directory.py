@@ -1,0 +1,172 @@
+"""Read-side queries for the CLI: users, groups, queue and run history as plain dicts."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+
+from rostersync.store.db import as_utc
+
+
+def _json(value: Any) -> dict[str, Any]:
+    # text() queries bypass the JSON column type: SQLite hands back the stored string.
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value:
+        loaded = json.loads(value)
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _iso(value: Any) -> str | None:
+    ts = as_utc(value)
+    return ts.isoformat() if ts else None
+
+
+def list_users(conn: Connection) -> list[dict[str, Any]]:
+    roles: dict[int, list[str]] = defaultdict(list)
+    for uid, name in conn.execute(
+        text("SELECT ur.user_id, r.name FROM user_role ur JOIN role r ON r.id = ur.role_id ORDER BY r.name")
+    ):
+        roles[uid].append(name)
+    sites: dict[int, list[str]] = defaultdict(list)
+    for uid, name in conn.execute(
+        text("SELECT us.user_id, s.name FROM user_site us JOIN site s ON s.id = us.site_id ORDER BY s.name")
+    ):
+        sites[uid].append(name)
+    sources: dict[int, set[str]] = defaultdict(set)
+    for uid, src in conn.execute(text("SELECT user_id, source FROM user_identity")):
+        sources[uid].add(src)
+    out = []
+    for uid, email, name, status, created_by in conn.execute(
+        text('SELECT id, email, display_name, status, created_by FROM "user" ORDER BY email')
+    ):
+        out.append(
+            {
+                "email": email,
+                "display_name": name,
+                "roles": roles.get(uid, []),
+                "sites": sites.get(uid, []),
+                "status": status,
+                "sources": sorted(sources.get(uid, ())),
+                "created_by": created_by,
+            }
+        )
+    return out
+
+
+def user_ids_by_email(conn: Connection, emails: list[str]) -> tuple[dict[str, int], list[str]]:
+    wanted = [e.strip().lower() for e in emails]
+    rows = conn.execute(
+        text('SELECT email, id FROM "user" WHERE email IN :e').bindparams(bindparam("e", expanding=True)),
+        {"e": wanted or [""]},
+    ).all()
+    found = {email: uid for email, uid in rows}
+    return found, [e for e in wanted if e not in found]
+
+
+def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {}
+    where = ""
+    if owner_email:
+        where = (
+            'WHERE g.id IN (SELECT o.group_id FROM group_owner o JOIN "user" u ON u.id = o.user_id '
+            "WHERE u.email = :email)"
+        )
+        params["email"] = owner_email.strip().lower()
+    groups = conn.execute(
+        text(f"SELECT g.id, g.source, g.external_id, g.name FROM groups g {where} ORDER BY g.source, g.name, g.external_id"),
+        params,
+    ).all()
+    ids = [g[0] for g in groups]
+    owners: dict[int, list[str]] = defaultdict(list)
+    members: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        for gid, email in conn.execute(
+            text(
+                'SELECT o.group_id, u.email FROM group_owner o JOIN "user" u ON u.id = o.user_id '
+                "WHERE o.group_id IN :ids ORDER BY u.email"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": chunk},
+        ):
+            owners[gid].append(email)
+        for gid, sid, email, name in conn.execute(
+            text(
+                "SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id IN :ids "
+                "ORDER BY name, sourced_id"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": chunk},
+        ):
+            members[gid].append({"sourced_id": sid, "email": email, "name": name})
+    return [
+        {"source": src, "external_id": ext, "name": name, "owners": owners.get(gid, []), "members": members.get(gid, [])}
+        for gid, src, ext, name in groups
+    ]
+
+
+def list_jobs(conn: Connection, ids: list[int] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    sql = (
+        "SELECT j.id, u.email, j.state, j.attempts, j.reason, j.last_error, j.live, j.run_id, "
+        'j.run_after, j.finished_at, j.result FROM resync_job j JOIN "user" u ON u.id = j.user_id '
+    )
+    params: dict[str, Any] = {"limit": limit}
+    stmt: Any
+    if ids is not None:
+        stmt = text(sql + "WHERE j.id IN :ids ORDER BY j.id").bindparams(bindparam("ids", expanding=True))
+        params["ids"] = ids or [-1]
+    else:
+        stmt = text(
+            sql + "ORDER BY CASE j.state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 WHEN 'failed' THEN 2 "
+            "ELSE 3 END, j.id DESC LIMIT :limit"
+        )
+    out = []
+    for jid, email, state, attempts, reason, err, live, run_id, run_after, finished, result in conn.execute(stmt, params):
+        out.append(
+            {
+                "id": jid,
+                "user": email,
+                "state": state,
+                "attempts": attempts,
+                "reason": reason,
+                "last_error": err,
+                "live": bool(live),
+                "run_id": run_id,
+                "run_after": _iso(run_after),
+                "finished_at": _iso(finished),
+                "result": _json(result),
+            }
+        )
+    return out
+
+
+def list_runs(conn: Connection, source: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    where = "WHERE source = :source " if source else ""
+    rows = conn.execute(
+        text(
+            "SELECT id, source, mode, status, trigger, dry_run, started_at, finished_at, counts, "
+            f"hold_reason, error FROM sync_run {where}ORDER BY id DESC LIMIT :limit"
+        ),
+        {"source": source, "limit": limit},
+    )
+    out = []
+    for rid, src, mode, status, trigger, dry, started, finished, counts, hold, err in rows:
+        out.append(
+            {
+                "id": rid,
+                "source": src,
+                "mode": mode,
+                "status": status,
+                "trigger": trigger,
+                "dry_run": bool(dry),
+                "started_at": _iso(started),
+                "finished_at": _iso(finished),
+                "counts": _json(counts),
+                "hold_reason": hold,
+                "error": err,
+            }
+        )
+    return out

@@ -1,0 +1,198 @@
+"""Group materialisation: rebuild many users' groups from the mirror in one set-based pass.
+
+A group mirrors one class of one source (``groups.source``, ``groups.external_id``): its owners
+are the provisioned, active users who teach the class, its members the class's active
+students. A user's resync makes the groups of the populated classes they teach exist and be
+right, and lets go of the groups of classes they no longer teach; a group left with no owner
+is removed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, text, update
+
+from rostersync.store.db import utcnow
+from rostersync.store.tables import Group, GroupMember, GroupOwner
+from rostersync.sync.apply import POPULATED
+from rostersync.sync.plan import chunks
+
+GroupKey = tuple[str, str]  # (source, class sourced_id)
+
+_DESIRED = f"""
+    SELECT i.user_id, c.source, c.sourced_id, c.title
+    FROM user_identity i
+    JOIN "user" u ON u.id = i.user_id AND u.status = 'active'
+    JOIN roster_enrollment te ON te.source = i.source AND te.user_id = i.external_id
+    JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+    JOIN roster_class c ON c.source = te.source AND c.sourced_id = te.class_id
+    WHERE i.user_id IN :uids AND te.role = 'teacher' AND te.status = 'active'
+      AND tp.status = 'active' AND tp.enabled = :yes AND c.status = 'active'
+      AND {POPULATED}
+"""
+
+_OWNERS = """
+    SELECT te.class_id, i.user_id
+    FROM roster_enrollment te
+    JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+    JOIN user_identity i ON i.source = te.source AND i.external_id = te.user_id
+    JOIN "user" u ON u.id = i.user_id AND u.status = 'active'
+    WHERE te.source = :src AND te.class_id IN :ids AND te.role = 'teacher'
+      AND te.status = 'active' AND tp.status = 'active' AND tp.enabled = :yes
+"""
+
+_MEMBERS = """
+    SELECT se.class_id, sp.sourced_id, sp.email, sp.given_name, sp.family_name
+    FROM roster_enrollment se
+    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+    WHERE se.source = :src AND se.class_id IN :ids AND se.role = 'student'
+      AND se.status = 'active' AND sp.status = 'active'
+"""
+
+
+def _in(sql: str, *names: str) -> Any:
+    return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
+
+
+def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Counter[str]]:
+    """Rebuild the groups of these users; returns per-user counts of groups_created,
+    groups_updated and groups_removed (each change is credited to one user of the batch)."""
+    uids = sorted(set(user_ids))
+    result: dict[int, Counter[str]] = {u: Counter() for u in uids}
+    if not uids:
+        return result
+    now = utcnow()
+
+    desired: dict[GroupKey, str] = {}
+    wanted_by: dict[GroupKey, set[int]] = defaultdict(set)
+    for chunk in chunks(uids):
+        for uid, src, cls, title in conn.execute(_in(_DESIRED, "uids"), {"uids": chunk, "yes": True}):
+            desired[(src, cls)] = title
+            wanted_by[(src, cls)].add(uid)
+
+    # Existing groups: those the batch owns, and those for the classes it wants.
+    groups: dict[GroupKey, tuple[int, str]] = {}
+    owned_by_batch: dict[int, set[int]] = defaultdict(set)  # group id -> batch owners
+    for chunk in chunks(uids):
+        rows = conn.execute(
+            _in(
+                "SELECT g.id, g.source, g.external_id, g.name, o.user_id FROM groups g "
+                "JOIN group_owner o ON o.group_id = g.id WHERE o.user_id IN :uids",
+                "uids",
+            ),
+            {"uids": chunk},
+        )
+        for gid, src, ext, name, uid in rows:
+            groups[(src, ext)] = (gid, name)
+            owned_by_batch[gid].add(uid)
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for src, cls in desired:
+        by_source[src].append(cls)
+    for src, classes in by_source.items():
+        for chunk in chunks(sorted(classes)):
+            rows = conn.execute(
+                _in("SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids", "ids"),
+                {"src": src, "ids": chunk},
+            )
+            for gid, ext, name in rows:
+                groups[(src, ext)] = (gid, name)
+
+    def credit(key: GroupKey, what: str, fallback: Iterable[int] = ()) -> None:
+        who = wanted_by.get(key) or set(fallback) & set(uids) or {uids[0]}
+        result[min(who)][what] += 1
+
+    # Create missing groups, rename changed ones.
+    touched: set[int] = set()  # group ids whose name, owners or members changed
+    created: set[int] = set()
+    for key, title in sorted(desired.items()):
+        if key not in groups:
+            gid = conn.execute(
+                insert(Group)
+                .values(source=key[0], external_id=key[1], name=title, created_at=now, updated_at=now)
+                .returning(Group.id)  # type: ignore[arg-type]
+            ).scalar_one()
+            groups[key] = (gid, title)
+            created.add(gid)
+            credit(key, "groups_created")
+        elif groups[key][1] != title:
+            conn.execute(update(Group).where(Group.id == groups[key][0]).values(name=title, updated_at=now))  # type: ignore[arg-type]
+            groups[key] = (groups[key][0], title)
+            touched.add(groups[key][0])
+
+    desired_gids = {groups[k][0]: k for k in desired}
+
+    # Owners of wanted groups: every active provisioned teacher of the class.
+    want_owners: set[tuple[int, int]] = set()
+    want_members: dict[tuple[int, str], tuple[str | None, str]] = {}
+    for src, classes in by_source.items():
+        for chunk in chunks(sorted(classes)):
+            for cls, uid in conn.execute(_in(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}):
+                want_owners.add((groups[(src, cls)][0], uid))
+            for cls, sid, email, given, family in conn.execute(_in(_MEMBERS, "ids"), {"src": src, "ids": chunk}):
+                name = " ".join(p for p in (given, family) if p).strip()
+                want_members[(groups[(src, cls)][0], sid)] = ((email or "").strip().lower() or None, name)
+
+    have_owners: set[tuple[int, int]] = set()
+    have_members: dict[tuple[int, str], tuple[str | None, str]] = {}
+    for chunk in chunks(sorted(desired_gids)):
+        have_owners |= {
+            (g, u) for g, u in conn.execute(_in("SELECT group_id, user_id FROM group_owner WHERE group_id IN :ids", "ids"), {"ids": chunk})
+        }
+        for g, sid, email, name in conn.execute(
+            _in("SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id IN :ids", "ids"), {"ids": chunk}
+        ):
+            have_members[(g, sid)] = (email, name)
+
+    # Wanted groups: owners and members made exact.
+    add_owners = sorted(want_owners - have_owners)
+    drop_owners = sorted(o for o in have_owners - want_owners if o[0] in desired_gids)
+    if add_owners:
+        conn.execute(insert(GroupOwner), [{"group_id": g, "user_id": u} for g, u in add_owners])
+    for g, u in drop_owners:
+        conn.execute(delete(GroupOwner).where(GroupOwner.group_id == g, GroupOwner.user_id == u))  # type: ignore[arg-type]
+    touched.update(g for g, _ in (*add_owners, *drop_owners))
+
+    new_members = [k for k in want_members if k not in have_members]
+    gone_members = [k for k in have_members if k not in want_members]
+    changed_members = [k for k, v in want_members.items() if k in have_members and have_members[k] != v]
+    if new_members:
+        conn.execute(
+            insert(GroupMember),
+            [{"group_id": g, "sourced_id": s, "email": want_members[(g, s)][0], "name": want_members[(g, s)][1]} for g, s in new_members],
+        )
+    for g, s in gone_members:
+        conn.execute(delete(GroupMember).where(GroupMember.group_id == g, GroupMember.sourced_id == s))  # type: ignore[arg-type]
+    for g, s in changed_members:
+        email, name = want_members[(g, s)]
+        conn.execute(
+            update(GroupMember).where(GroupMember.group_id == g, GroupMember.sourced_id == s).values(email=email, name=name)  # type: ignore[arg-type]
+        )
+    touched.update(g for g, _ in (*new_members, *gone_members, *changed_members))
+
+    # Groups the batch owns but no longer wants: let go; remove those left without owners.
+    released: list[tuple[int, int]] = []
+    for key, (gid, _name) in groups.items():
+        for uid in owned_by_batch.get(gid, ()):
+            if uid not in wanted_by.get(key, set()):
+                released.append((gid, uid))
+    for gid, uid in released:
+        conn.execute(delete(GroupOwner).where(GroupOwner.group_id == gid, GroupOwner.user_id == uid))  # type: ignore[arg-type]
+    removed: set[int] = set()
+    for gid in sorted({g for g, _ in released}):
+        left = conn.execute(text("SELECT count(*) FROM group_owner WHERE group_id = :g"), {"g": gid}).scalar_one()
+        if left == 0:
+            conn.execute(delete(GroupMember).where(GroupMember.group_id == gid))  # type: ignore[arg-type]
+            conn.execute(delete(Group).where(Group.id == gid))  # type: ignore[arg-type]
+            removed.add(gid)
+        else:
+            touched.add(gid)
+    key_of = {gid: key for key, (gid, _n) in groups.items()}
+    for gid in sorted(removed):
+        credit(key_of[gid], "groups_removed", owned_by_batch.get(gid, ()))
+    for gid in sorted(touched - created - removed):
+        conn.execute(update(Group).where(Group.id == gid).values(updated_at=now))  # type: ignore[arg-type]
+        credit(key_of[gid], "groups_updated", owned_by_batch.get(gid, ()))
+    return result

@@ -1,0 +1,135 @@
+"""Logging: structlog, JSON lines for journald and shippers, console output on a TTY.
+
+One processor, :func:`redact`, runs on every event: values under secret-looking keys are
+replaced, and bearer tokens, Authorization headers, OAuth signatures and PEM private keys
+are cut out of any string. Secrets known at run time (from the config) are registered with
+:func:`register_secret` and scrubbed wherever they appear.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from pydantic import SecretStr
+
+REDACTED = "[redacted]"
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|token|authorization|private_key|api_key|assertion|signature|credential)",
+    re.I,
+)
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {REDACTED}"),
+    (re.compile(r"(?i)(authorization\s*[:=]\s*)\S+"), rf"\1{REDACTED}"),
+    (
+        re.compile(
+            r"(?i)\b(oauth_signature|client_secret|access_token|refresh_token|password|assertion)"
+            r"=(\"[^\"]*\"|[^&\s\"',]+)"
+        ),
+        rf"\1={REDACTED}",
+    ),
+    (
+        re.compile(r"(?i)(\"(?:access_token|client_secret|password|private_key|token)\"\s*:\s*\")[^\"]*"),
+        rf"\1{REDACTED}",
+    ),
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
+]
+_KNOWN: set[str] = set()
+
+
+def register_secret(value: str | SecretStr | None) -> None:
+    """Scrub this exact value from every log line from now on (min. 6 chars to avoid noise)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value and len(value) >= 6:
+        _KNOWN.add(value)
+
+
+def register_secrets_in(obj: Any) -> None:
+    """Walk a pydantic model (the settings) and register every SecretStr in it."""
+    if isinstance(obj, SecretStr):
+        register_secret(obj)
+    elif hasattr(obj, "__pydantic_fields__"):
+        for name in type(obj).__pydantic_fields__:
+            register_secrets_in(getattr(obj, name, None))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            register_secrets_in(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            register_secrets_in(v)
+
+
+def scrub(text: str) -> str:
+    for secret in _KNOWN:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return REDACTED
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else _clean(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, BaseException):
+        return scrub(f"{type(value).__name__}: {value}")
+    return value
+
+
+def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in list(event):
+        if key == "exc_info":
+            continue  # rendered (and scrubbed) later by format_exc_info + _scrub_rendered
+        if key != "event" and _SECRET_KEY.search(key):
+            event[key] = REDACTED
+        else:
+            event[key] = _clean(event[key])
+    return event
+
+
+def _scrub_rendered(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Tracebacks are rendered late (format_exc_info): scrub them too.
+    if "exception" in event and isinstance(event["exception"], str):
+        event["exception"] = scrub(event["exception"])
+    return event
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up structlog once per process. ``fmt``: auto (JSON unless stderr is a TTY)."""
+    out = stream or sys.stderr
+    use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact,
+    ]
+    if use_json:
+        processors += [
+            structlog.processors.format_exc_info,
+            _scrub_rendered,
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ]
+    else:
+        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+
+
+def secret_values() -> Iterable[str]:
+    return frozenset(_KNOWN)

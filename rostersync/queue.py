@@ -1,0 +1,176 @@
+"""The resync queue: jobs leased in batches, retried with backoff, never lost.
+
+A worker leases up to ``batch_size`` due jobs (``FOR UPDATE SKIP LOCKED`` on PostgreSQL so
+instances never take the same job; SQLite serializes writers), rebuilds those users' groups in
+one transaction and marks the jobs done in that same transaction. A worker that dies leaves
+leases that expire and return their jobs to the queue.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Connection, bindparam, select, text, update
+
+from rostersync.store.db import Store, as_utc, ts_params, utcnow
+from rostersync.store.tables import ResyncJob, SyncRun
+from rostersync.sync.apply import add_counts
+
+GROUP_COUNTS = ("groups_created", "groups_updated", "groups_removed")
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    id: int
+    user_id: int
+    live: bool
+    attempts: int
+    run_id: int | None
+
+
+def requeue_expired(conn: Connection) -> int:
+    """Return expired leases to the queue (a job whose user already has a queued job is
+    folded into that one)."""
+    now = utcnow()
+    conn.execute(
+        text(
+            "DELETE FROM resync_job WHERE state = 'running' AND lease_expires < :now AND EXISTS ("
+            "SELECT 1 FROM resync_job q WHERE q.user_id = resync_job.user_id AND q.state = 'queued')"
+        ).bindparams(*ts_params("now")),
+        {"now": now},
+    )
+    res = conn.execute(
+        text(
+            "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+            "run_after = :now WHERE state = 'running' AND lease_expires < :now"
+        ).bindparams(*ts_params("now")),
+        {"now": now},
+    )
+    return res.rowcount or 0
+
+
+def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list[LeasedJob]:
+    now = utcnow()
+    lock = "FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
+    with store.write() as conn:
+        requeue_expired(conn)
+        rows = conn.execute(
+            text(
+                f"""
+                UPDATE resync_job SET state = 'running', lease_owner = :owner,
+                    lease_expires = :expires, attempts = attempts + 1
+                WHERE id IN (SELECT id FROM resync_job WHERE state = 'queued' AND run_after <= :now
+                             ORDER BY id LIMIT :limit {lock})
+                RETURNING id, user_id, live, attempts, run_id
+                """
+            ).bindparams(*ts_params("now", "expires")),
+            {"owner": owner, "expires": now + lease_for, "now": now, "limit": limit},
+        ).all()
+    return sorted((LeasedJob(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows), key=lambda j: j.id)
+
+
+def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Counter[str]]) -> None:
+    """Mark jobs succeeded and add their group counts to the sync runs that queued them."""
+    now = utcnow()
+    per_run: dict[int, Counter[str]] = {}
+    for job in jobs:
+        res = results.get(job.user_id, Counter())
+        conn.execute(
+            update(ResyncJob)
+            .where(ResyncJob.id == job.id)  # type: ignore[arg-type]
+            .values(
+                state="succeeded",
+                finished_at=now,
+                lease_owner=None,
+                lease_expires=None,
+                last_error=None,
+                result={k: int(res.get(k, 0)) for k in GROUP_COUNTS},
+            )
+        )
+        if job.run_id is not None:
+            per_run.setdefault(job.run_id, Counter()).update(res)
+            # Each user's changes count once, for the first job that carried them.
+            results[job.user_id] = Counter()
+    for run_id, counts in per_run.items():
+        _add_run_counts(conn, run_id, {k: int(counts.get(k, 0)) for k in GROUP_COUNTS})
+
+
+def _add_run_counts(conn: Connection, run_id: int, extra: dict[str, int]) -> None:
+    current = conn.execute(
+        # FOR UPDATE: two instances finishing jobs of one run must not lose each other's counts.
+        select(SyncRun.counts).where(SyncRun.id == run_id).with_for_update()  # type: ignore[arg-type]
+    ).scalar()
+    if current is None:
+        return
+    conn.execute(
+        update(SyncRun)
+        .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+        .values(counts=add_counts(current, extra))
+    )
+
+
+def fail(store: Store, job: LeasedJob, error: str, *, max_attempts: int, backoff: timedelta) -> str:
+    """Record a failure: back to the queue after a growing delay, or `failed` for good."""
+    now = utcnow()
+    with store.write() as conn:
+        if job.attempts >= max_attempts:
+            state = "failed"
+            conn.execute(
+                text(
+                    "UPDATE resync_job SET state = 'failed', last_error = :err, finished_at = :now, "
+                    "lease_owner = NULL, lease_expires = NULL WHERE id = :id"
+                ).bindparams(*ts_params("now")),
+                {"err": error[:4000], "now": now, "id": job.id},
+            )
+            return state
+        other = conn.execute(
+            text("SELECT 1 FROM resync_job WHERE user_id = :u AND state = 'queued'"), {"u": job.user_id}
+        ).first()
+        if other is not None:
+            # A newer queued job for this user will do the same work.
+            conn.execute(text("DELETE FROM resync_job WHERE id = :id"), {"id": job.id})
+            return "merged"
+        delay = backoff * (2 ** (job.attempts - 1))
+        conn.execute(
+            text(
+                "UPDATE resync_job SET state = 'queued', last_error = :err, run_after = :after, "
+                "lease_owner = NULL, lease_expires = NULL WHERE id = :id"
+            ).bindparams(*ts_params("after")),
+            {"err": error[:4000], "after": now + delay, "id": job.id},
+        )
+        return "queued"
+
+
+def release(store: Store, jobs: Iterable[LeasedJob]) -> None:
+    """Give leases back untouched (shutdown while work was in hand)."""
+    ids = [j.id for j in jobs]
+    if not ids:
+        return
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": ids},
+        )
+
+
+def queue_depth(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(text("SELECT state, count(*) FROM resync_job GROUP BY state")).all()
+    out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    out.update({s: int(n) for s, n in rows})
+    return out
+
+
+def job_due_soonest(conn: Connection) -> float | None:
+    """Seconds until the next queued job is due (0 if one is due now), None if none queued."""
+    row = conn.execute(text("SELECT min(run_after) FROM resync_job WHERE state = 'queued'")).scalar()
+    if row is None:
+        return None
+    due = as_utc(row)
+    assert due is not None
+    return max((due - utcnow()).total_seconds(), 0.0)

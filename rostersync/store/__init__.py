@@ -1,0 +1,5 @@
+"""Persistence: tables (SQLModel), the database handle and schema migrations."""
+
+from rostersync.store.db import Store, as_utc, utcnow
+
+__all__ = ["Store", "as_utc", "utcnow"]

@@ -1,0 +1,157 @@
+"""Database access: engine set-up for SQLite (WAL, busy timeout) and PostgreSQL, transactions,
+and the Alembic schema upgrade.
+
+Everything runs on SQLAlchemy Core connections: the sync engine moves rows in bulk with
+set-based statements, where ORM objects would cost memory and time per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import BindParameter, Connection, DateTime, Engine, bindparam, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from rostersync.errors import StoreError
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | str | None) -> datetime | None:
+    """SQLite hands back naive datetimes (strings from text() queries); all are UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+#: Bind type for timestamps in text() statements: formats them exactly as the columns store
+#: them, so SQLite's string comparisons order them correctly.
+TIMESTAMP = DateTime(timezone=True)
+
+
+def ts_params(*names: str) -> list[BindParameter[Any]]:
+    return [bindparam(n, type_=TIMESTAMP) for n in names]
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # A writer takes the write lock up front; a deferred BEGIN that later upgrades can
+        # fail at once with SQLITE_BUSY when another writer got there first.
+        write = conn.get_execution_options().get("rostersync_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+class Store:
+    """One database: directory, mirror, staging and operations tables."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            db = parsed.database
+            if db and db != ":memory:":
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            # One connection per checkout: WAL readers and the writer never share a handle.
+            self.engine = create_engine(url, echo=echo, poolclass=NullPool)
+            _sqlite_setup(self.engine)
+        elif self.dialect == "postgresql":
+            self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+        else:
+            raise StoreError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    def __repr__(self) -> str:
+        return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: commits on success, rolls back on any exception."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(rostersync_write=True)
+            with conn.begin():
+                yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ------------------------------------------------------------------------
+
+    def _alembic(self, conn: Connection | None = None) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        if conn is not None:
+            cfg.attributes["connection"] = conn
+        return cfg
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(self._alembic()).get_current_head()
+
+    def current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except OperationalError as exc:
+            raise StoreError(f"cannot open database {self!r}: {exc.orig}") from None
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Apply pending migrations; returns (revision before, revision after)."""
+        before = self.current_revision()
+        with self.engine.connect() as conn:
+            command.upgrade(self._alembic(conn), "head")
+            conn.commit()
+        return before, self.current_revision()
+
+    def ensure_schema(self, *, auto_upgrade: bool = True) -> None:
+        """Upgrade an empty database on first use; refuse to run on an outdated schema."""
+        current = self.current_revision()
+        head = self.head_revision()
+        if current == head:
+            return
+        if current is None and auto_upgrade:
+            with self.engine.connect() as conn:
+                has_tables = bool(inspect(conn).get_table_names())
+            if not has_tables:
+                self.upgrade()
+                return
+        raise StoreError(
+            f"database schema is at {current or 'an unknown revision'}, this version needs "
+            f"{head}: run `rostersync db upgrade`"
+        )

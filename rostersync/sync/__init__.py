@@ -1,0 +1,1 @@
+"""The sync engine: fetch -> stage -> apply, plus the pure rules it applies."""

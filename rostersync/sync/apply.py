@@ -1,0 +1,440 @@
+"""Set-based SQL the apply step runs inside its one transaction.
+
+Change detection compares ``row_hash`` between staging and mirror, so a no-op run writes
+nothing to the mirror or the directory. The queries are plain SQL that SQLite and PostgreSQL
+both understand; values are always bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from rostersync.config.models import Settings
+from rostersync.store.db import utcnow
+from rostersync.store.tables import (
+    ResyncJob,
+    Role,
+    Site,
+    User,
+    UserIdentity,
+    UserRole,
+    UserSite,
+)
+from rostersync.sync.plan import (
+    ExistingUser,
+    LinkedUser,
+    ProvisionPlan,
+    Teacher,
+    chunks,
+)
+
+#: (mirror table, staging table, columns besides the keys)
+TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "org": (
+        "roster_org",
+        "staging_org",
+        ("name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
+    ),
+    "person": (
+        "roster_person",
+        "staging_person",
+        (
+            "role", "given_name", "family_name", "email", "username", "enabled", "org_ids",
+            "status", "date_last_modified", "row_hash",
+        ),
+    ),
+    "class": (
+        "roster_class",
+        "staging_class",
+        ("title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
+    ),
+    "enrollment": (
+        "roster_enrollment",
+        "staging_enrollment",
+        ("class_id", "user_id", "role", "status", '"primary"', "date_last_modified", "row_hash"),
+    ),
+}
+
+#: A class (alias ``c``) with at least one active student who is an active person.
+POPULATED = """
+EXISTS (SELECT 1 FROM roster_enrollment se
+        JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+        WHERE se.source = c.source AND se.class_id = c.sourced_id AND se.role = 'student'
+          AND se.status = 'active' AND sp.status = 'active')
+"""
+
+#: An active teacher enrollment (alias ``te``) in an active, populated class, by an active,
+#: enabled person (alias ``tp``): the definition of "teaches a populated class".
+TEACHES_POPULATED = f"""
+te.role = 'teacher' AND te.status = 'active'
+AND tp.status = 'active' AND tp.enabled = :yes
+AND EXISTS (SELECT 1 FROM roster_class c
+            WHERE c.source = te.source AND c.sourced_id = te.class_id AND c.status = 'active'
+              AND {POPULATED})
+"""
+
+
+def _ids(rows: Iterable[Any]) -> set[str]:
+    return {r[0] for r in rows if r[0] is not None}
+
+
+# -- change detection -------------------------------------------------------------------------
+
+
+def changed_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
+    """Staged rows that are new or differ from the mirror."""
+    mirror, staging, _ = TABLES[kind]
+    sql = f"""
+        SELECT s.sourced_id FROM {staging} s
+        WHERE s.run_id = :run AND NOT EXISTS (
+            SELECT 1 FROM {mirror} m
+            WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
+    """
+    return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+
+
+def missing_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
+    """Mirror rows a full run did not see (to be swept)."""
+    mirror, staging, _ = TABLES[kind]
+    sql = f"""
+        SELECT m.sourced_id FROM {mirror} m
+        WHERE m.source = :src AND NOT EXISTS (
+            SELECT 1 FROM {staging} s WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
+    """
+    return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+
+
+def dirty_classes(conn: Connection, source: str, run_id: int, full: bool) -> tuple[set[str], set[str]]:
+    """Classes whose group content may change, and persons whose record changed.
+
+    A class is dirty when it, one of its enrollments, or one of its people changed. Called
+    before the merge: old enrollments are still in the mirror, new ones in staging.
+    """
+    classes = changed_ids(conn, "class", source, run_id)
+    persons = changed_ids(conn, "person", source, run_id)
+    if full:
+        classes |= missing_ids(conn, "class", source, run_id)
+        persons |= missing_ids(conn, "person", source, run_id)
+    # Enrollments that changed (new and old class) or vanished.
+    sql = """
+        SELECT s.class_id, m.class_id FROM staging_enrollment s
+        LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
+        WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
+    """
+    for new_cls, old_cls in conn.execute(text(sql), {"run": run_id, "src": source}):
+        classes.add(new_cls)
+        if old_cls:
+            classes.add(old_cls)
+    if full:
+        sql = """
+            SELECT m.class_id FROM roster_enrollment m
+            WHERE m.source = :src AND NOT EXISTS (
+                SELECT 1 FROM staging_enrollment s
+                WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
+        """
+        classes |= _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+    # New people matter only through their (new) enrollments, counted above.
+    changed_people = persons - _new_ids(conn, "person", source, run_id)
+    if full:
+        changed_people |= missing_ids(conn, "person", source, run_id)
+    classes |= classes_of_persons(conn, source, changed_people, run_id)
+    return classes, persons
+
+
+def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
+    mirror, staging, _ = TABLES[kind]
+    sql = f"""
+        SELECT s.sourced_id FROM {staging} s WHERE s.run_id = :run AND NOT EXISTS (
+            SELECT 1 FROM {mirror} m WHERE m.source = :src AND m.sourced_id = s.sourced_id)
+    """
+    return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+
+
+def classes_of_persons(conn: Connection, source: str, person_ids: set[str], run_id: int) -> set[str]:
+    out: set[str] = set()
+    for chunk in chunks(sorted(person_ids)):
+        params = {"src": source, "run": run_id, "ids": chunk}
+        out |= _ids(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT class_id FROM roster_enrollment "
+                    "WHERE source = :src AND user_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                params,
+            )
+        )
+        out |= _ids(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT class_id FROM staging_enrollment "
+                    "WHERE run_id = :run AND user_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                params,
+            )
+        )
+    return out
+
+
+def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
+    """Person ids teaching these classes in the mirror (any status: old teachers count)."""
+    out: set[str] = set()
+    for chunk in chunks(sorted(class_ids)):
+        out |= _ids(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT user_id FROM roster_enrollment "
+                    "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                {"src": source, "ids": chunk},
+            )
+        )
+    return out
+
+
+# -- merge ---------------------------------------------------------------------------------
+
+
+def merge(conn: Connection, source: str, run_id: int, full: bool) -> dict[str, int]:
+    """Upsert changed staged rows into the mirror; a full run also sweeps what it did not see.
+
+    Returns rows written per table (for the run's statistics).
+    """
+    written: dict[str, int] = {}
+    for kind, (mirror, staging, cols) in TABLES.items():
+        col_list = ", ".join(cols)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
+        sql = f"""
+            INSERT INTO {mirror} (source, sourced_id, {col_list})
+            SELECT :src, s.sourced_id, {", ".join("s." + c for c in cols)} FROM {staging} s
+            WHERE s.run_id = :run AND NOT EXISTS (
+                SELECT 1 FROM {mirror} m
+                WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
+            ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
+        """
+        written[kind] = conn.execute(text(sql), {"src": source, "run": run_id}).rowcount or 0
+        if full:
+            sweep = f"""
+                DELETE FROM {mirror} WHERE source = :src AND NOT EXISTS (
+                    SELECT 1 FROM {staging} s
+                    WHERE s.run_id = :run AND s.sourced_id = {mirror}.sourced_id)
+            """
+            written[kind] += conn.execute(text(sweep), {"src": source, "run": run_id}).rowcount or 0
+    return written
+
+
+# -- eligibility ------------------------------------------------------------------------------
+
+
+def eligible_teachers(conn: Connection, source: str) -> list[Teacher]:
+    """Active, enabled persons teaching >= 1 active class with >= 1 active student."""
+    sql = f"""
+        SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
+        FROM roster_person tp
+        WHERE tp.source = :src AND tp.status = 'active' AND tp.enabled = :yes
+          AND EXISTS (SELECT 1 FROM roster_enrollment te
+                      WHERE te.source = tp.source AND te.user_id = tp.sourced_id
+                        AND {TEACHES_POPULATED})
+    """
+    orgs: dict[str, str] = {
+        sid: name
+        for sid, name in conn.execute(
+            text("SELECT sourced_id, name FROM roster_org WHERE source = :src"), {"src": source}
+        )
+    }
+    out = []
+    for sid, email, given, family, username, org_ids in conn.execute(text(sql), {"src": source, "yes": True}):
+        schools = tuple(o for o in (org_ids or "").split(",") if o)
+        out.append(
+            Teacher(
+                sourced_id=sid,
+                email=(email or "").strip() or None,
+                display_name=" ".join(p for p in (given, family) if p).strip(),
+                username=username,
+                school_ids=schools,
+                school_names=tuple(orgs[o] for o in schools if o in orgs),
+            )
+        )
+    return out
+
+
+def linked_users(conn: Connection, source: str) -> dict[str, LinkedUser]:
+    sql = """
+        SELECT i.external_id, u.id, u.email, u.status, u.created_by, u.archived_by_sync,
+          EXISTS (SELECT 1 FROM user_identity i2
+                  JOIN roster_person p2 ON p2.source = i2.source AND p2.sourced_id = i2.external_id
+                  WHERE i2.user_id = u.id AND i2.source <> :src AND p2.status = 'active')
+        FROM user_identity i JOIN "user" u ON u.id = i.user_id
+        WHERE i.source = :src
+    """
+    return {
+        ext: LinkedUser(uid, ext, email, status, created_by, bool(archived), bool(elsewhere))
+        for ext, uid, email, status, created_by, archived, elsewhere in conn.execute(
+            text(sql), {"src": source}
+        )
+    }
+
+
+def users_by_email(conn: Connection, emails: Iterable[str]) -> dict[str, ExistingUser]:
+    out: dict[str, ExistingUser] = {}
+    for chunk in chunks(sorted({e.lower() for e in emails})):
+        rows = conn.execute(
+            text('SELECT id, email, status FROM "user" WHERE email IN :emails').bindparams(
+                bindparam("emails", expanding=True)
+            ),
+            {"emails": chunk},
+        )
+        for uid, email, status in rows:
+            out[email] = ExistingUser(uid, email, status)
+    return out
+
+
+def count_active_users(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT count(*) FROM \"user\" WHERE status = 'active'")).scalar_one())
+
+
+# -- directory writes -----------------------------------------------------------------------
+
+
+def sync_catalog(conn: Connection, settings: Settings) -> None:
+    """Make the role and site rows match the config (added or updated, never deleted:
+    users may still hold a role an admin removed from the file)."""
+    roles = {name: (rid, scope, perms) for rid, name, scope, perms in conn.execute(
+        text("SELECT id, name, scope, permissions FROM role"))}
+    for spec in settings.roles:
+        perms = list(spec.permissions)
+        current = roles.get(spec.name)
+        if current is None:
+            conn.execute(insert(Role).values(name=spec.name, scope=spec.scope, permissions=perms))
+        elif current[1] != spec.scope or list(current[2] or []) != perms:
+            conn.execute(update(Role).where(Role.id == current[0]).values(scope=spec.scope, permissions=perms))  # type: ignore[arg-type]
+    sites = {name for (name,) in conn.execute(text("SELECT name FROM site"))}
+    for site in settings.sites:
+        if site not in sites:
+            conn.execute(insert(Site).values(name=site))
+
+
+def _name_ids(conn: Connection, table: str) -> dict[str, int]:
+    return {name: rid for rid, name in conn.execute(text(f"SELECT id, name FROM {table}"))}
+
+
+def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> set[int]:
+    """Carry out a provisioning plan; returns the ids of the users it created."""
+    now = utcnow()
+    role_ids = _name_ids(conn, "role")
+    site_ids = _name_ids(conn, "site")
+    created: set[int] = set()
+    for new in plan.create:
+        uid = conn.execute(
+            insert(User).values(
+                email=new.email,
+                display_name=new.display_name[:256],
+                status="active",
+                created_by=f"source:{source}",
+                created_at=now,
+                updated_at=now,
+            ).returning(User.id)  # type: ignore[arg-type]
+        ).scalar_one()
+        created.add(uid)
+        conn.execute(insert(UserRole).values(user_id=uid, role_id=role_ids[new.role]))
+        for site in new.sites:
+            conn.execute(insert(UserSite).values(user_id=uid, site_id=site_ids[site]))
+        for ext, username in new.identities:
+            conn.execute(insert(UserIdentity).values(user_id=uid, source=source, external_id=ext, username=username))
+    for link in plan.link:
+        conn.execute(
+            insert(UserIdentity).values(
+                user_id=link.user_id, source=source, external_id=link.sourced_id, username=link.username
+            )
+        )
+    if plan.restore:
+        conn.execute(
+            update(User)
+            .where(User.id.in_(plan.restore))  # type: ignore[union-attr]
+            .values(status="active", archived_by_sync=False, updated_at=now)
+        )
+    if plan.archive:
+        conn.execute(
+            update(User)
+            .where(User.id.in_(plan.archive))  # type: ignore[union-attr]
+            .values(status="archived", archived_by_sync=True, updated_at=now)
+        )
+    return created
+
+
+def users_of_persons(conn: Connection, source: str, person_ids: set[str]) -> set[int]:
+    out: set[int] = set()
+    for chunk in chunks(sorted(person_ids)):
+        out |= {
+            r[0]
+            for r in conn.execute(
+                text(
+                    "SELECT user_id FROM user_identity WHERE source = :src AND external_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                {"src": source, "ids": chunk},
+            )
+        }
+    return out
+
+
+def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
+    """(active users rostersync created from this source, groups of this source)."""
+    users = conn.execute(
+        text("SELECT count(*) FROM \"user\" WHERE created_by = :cb AND status = 'active'"),
+        {"cb": f"source:{source}"},
+    ).scalar_one()
+    groups = conn.execute(text("SELECT count(*) FROM groups WHERE source = :src"), {"src": source}).scalar_one()
+    return int(users), int(groups)
+
+
+def groups_to_remove(conn: Connection, source: str, archived: Iterable[int] = ()) -> int:
+    """Groups of this source that no eligible, provisioned teacher will own after this run."""
+    archived_ids = sorted(set(archived)) or [-1]
+    sql = f"""
+        SELECT count(*) FROM groups g WHERE g.source = :src AND NOT EXISTS (
+            SELECT 1 FROM roster_enrollment te
+            JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+            JOIN user_identity i ON i.source = te.source AND i.external_id = te.user_id
+            JOIN "user" u ON u.id = i.user_id
+            WHERE te.source = g.source AND te.class_id = g.external_id
+              AND u.status = 'active' AND u.id NOT IN :archived
+              AND {TEACHES_POPULATED})
+    """
+    stmt = text(sql).bindparams(bindparam("archived", expanding=True))
+    return int(conn.execute(stmt, {"src": source, "yes": True, "archived": archived_ids}).scalar_one())
+
+
+def queue_resync(
+    conn: Connection, user_ids: Iterable[int], *, reason: str, run_id: int | None, live: bool = False
+) -> int:
+    """Queue one job per user; a user with a queued job keeps one (its reason refreshed)."""
+    now = utcnow()
+    rows = [
+        {"user_id": uid, "state": "queued", "reason": reason[:200], "run_id": run_id, "live": live,
+         "attempts": 0, "run_after": now, "created_at": now, "result": {}}
+        for uid in sorted(set(user_ids))
+    ]
+    if not rows:
+        return 0
+    ins_mod: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+    table = ResyncJob.__table__  # type: ignore[attr-defined]
+    for start in range(0, len(rows), 1000):
+        stmt = ins_mod.insert(table).values(rows[start : start + 1000])
+        set_: dict[str, Any] = {"reason": stmt.excluded.reason, "run_id": stmt.excluded.run_id}
+        if live:
+            set_["live"] = True
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["user_id"], index_where=text("state = 'queued'"), set_=set_
+        )
+        conn.execute(stmt)
+    return len(rows)
+
+
+def add_counts(current: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    out = dict(current)
+    for k, v in extra.items():
+        out[k] = out.get(k, 0) + v
+    return out

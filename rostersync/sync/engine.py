@@ -1,0 +1,665 @@
+"""One sync run of one source: fetch -> stage -> apply, and the resync workers' batch step.
+
+The run is thin glue around :mod:`rostersync.sync.plan` (rules), :mod:`rostersync.sync.apply`
+(SQL) and :mod:`rostersync.groups` (materialisation). Failure rules:
+
+* anything that fails before the apply transaction commits changes nothing but the run's own
+  record (status ``failed``, with the error);
+* a run the safety rules stop is recorded ``held`` with its staged data kept, and
+  ``runs approve`` applies exactly that data later;
+* a rejected record is counted and reported; it never sinks the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from rostersync.config.models import Settings
+from rostersync.connector import Connector, ConnectorContext, ConnectorPlugin, FetchMode, load_plugins
+from rostersync.errors import (
+    DeltaUnsupportedError,
+    RostersyncError,
+    RunNotFound,
+    RunStateError,
+    SourceError,
+)
+from rostersync.groups import rebuild_groups
+from rostersync.logs import scrub
+from rostersync.queue import LeasedJob, complete, fail, lease
+from rostersync.records import Rejected, TeacherRef, TeacherRoster
+from rostersync.store.db import Store, as_utc, utcnow
+from rostersync.store.tables import RunRejection, SourceLease, SourceState, SyncRun
+from rostersync.sync import apply as sql
+from rostersync.sync.live import apply_teacher_roster
+from rostersync.sync.plan import check_safety, plan_provisioning
+from rostersync.sync.staging import StagedBatch, clear_staging, sort_batch, stage
+
+COUNT_KEYS = (
+    "users_created",
+    "users_linked",
+    "users_archived",
+    "users_skipped_license",
+    "groups_created",
+    "groups_updated",
+    "groups_removed",
+    "resync_queued",
+    "records_rejected",
+)
+EXTRA_COUNT_KEYS = ("users_restored", "users_not_created")
+
+ProgressFn = Callable[[str, str, Mapping[str, int]], None]  # (source, phase, figures)
+
+
+class SourceBusy(RostersyncError):
+    """Another process holds this source's lease."""
+
+
+def instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def empty_counts() -> dict[str, int]:
+    return dict.fromkeys((*COUNT_KEYS, *EXTRA_COUNT_KEYS), 0)
+
+
+@dataclass
+class RunReport:
+    id: int
+    source: str
+    mode: str
+    status: str
+    counts: dict[str, int]
+    rejected: list[dict[str, str | None]] = field(default_factory=list)
+    error: str | None = None
+    hold_reason: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    fetched: dict[str, int] = field(default_factory=dict)
+    dry_run: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    trigger: str = "cli"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "source": self.source,
+            "mode": self.mode,
+            "status": self.status,
+            "counts": {k: self.counts.get(k, 0) for k in (*COUNT_KEYS, *EXTRA_COUNT_KEYS)},
+            "rejected": self.rejected,
+            "error": self.error,
+            "hold_reason": self.hold_reason,
+            "warnings": self.warnings,
+            "fetched": self.fetched,
+            "dry_run": self.dry_run,
+            "trigger": self.trigger,
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+class _Held(Exception):
+    def __init__(self, reasons: tuple[str, ...], counts: dict[str, int]) -> None:
+        self.reasons = reasons
+        self.counts = counts
+
+
+class _DryRun(Exception):
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+
+@dataclass
+class _ApplyResult:
+    counts: dict[str, int]
+    no_email: list[str]
+
+
+def load_report(conn: Connection, run_id: int) -> RunReport:
+    row = conn.execute(select(SyncRun).where(SyncRun.id == run_id)).first()  # type: ignore[arg-type]
+    if row is None:
+        raise RunNotFound(f"run {run_id} does not exist")
+    run = row._mapping
+    rejected = [
+        Rejected(r.entity, r.sourced_id, r.reason, r.location).as_dict()
+        for r in conn.execute(
+            select(RunRejection).where(RunRejection.run_id == run_id).order_by(RunRejection.id)  # type: ignore[arg-type]
+        )
+    ]
+    return RunReport(
+        id=run["id"],
+        source=run["source"],
+        mode=run["mode"],
+        status=run["status"],
+        counts={**empty_counts(), **(run["counts"] or {})},
+        rejected=rejected,
+        error=run["error"],
+        hold_reason=run["hold_reason"],
+        warnings=list(run["warnings"] or []),
+        fetched=dict(run["fetched"] or {}),
+        dry_run=bool(run["dry_run"]),
+        started_at=as_utc(run["started_at"]),
+        finished_at=as_utc(run["finished_at"]),
+        trigger=run["trigger"],
+    )
+
+
+class SyncEngine:
+    """Runs syncs and resync batches for one configuration and one database."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        connectors: Mapping[str, Connector] | None = None,
+        owner: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.transport = transport  # tests swap the network here
+        self._fixed_connectors = dict(connectors or {})
+        self.owner = owner or instance_id()
+        self.progress = progress
+        self.log = structlog.get_logger()
+        self._plugins: dict[str, ConnectorPlugin] | None = None
+
+    # -- connectors -----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connector(self, source: str) -> AsyncIterator[Connector]:
+        if source in self._fixed_connectors:
+            yield self._fixed_connectors[source]
+            return
+        cfg = self.settings.sources[source]
+        if self._plugins is None:
+            self._plugins = load_plugins()
+        plugin = self._plugins.get(cfg.type)
+        if plugin is None:
+            raise SourceError(source, f"no connector installed for type {cfg.type!r}")
+        options = cfg.http_client_options()
+        if self.transport is not None:
+            options["transport"] = self.transport
+        async with httpx.AsyncClient(**options) as http:
+            conn = plugin.create(ConnectorContext(source, cfg, http, self.log.bind(source=source)))
+            try:
+                yield conn
+            finally:
+                await conn.aclose()
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def _take_lease(self, source: str, ttl: timedelta = timedelta(minutes=30)) -> None:
+        now = utcnow()
+        ins: Any = postgresql if self.store.is_postgres else sqlite
+        table = SourceLease.__table__  # type: ignore[attr-defined]
+        with self.store.write() as conn:
+            stmt = ins.insert(table).values(source=source, owner=self.owner, expires_at=now + ttl)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["source"],
+                set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
+                where=(table.c.owner == self.owner) | (table.c.expires_at < now),
+            )
+            conn.execute(stmt)
+            holder = conn.execute(select(table.c.owner).where(table.c.source == source)).scalar_one()
+        if holder != self.owner:
+            raise SourceBusy(f"source {source!r} is being synced by {holder}")
+
+    def _drop_lease(self, source: str) -> None:
+        with self.store.write() as conn:
+            conn.execute(
+                delete(SourceLease).where(SourceLease.source == source, SourceLease.owner == self.owner)  # type: ignore[arg-type]
+            )
+
+    # -- sync -----------------------------------------------------------------------------
+
+    def _source_state(self, conn: Connection, source: str) -> Mapping[str, Any] | None:
+        row = conn.execute(select(SourceState).where(SourceState.source == source)).first()  # type: ignore[arg-type]
+        return row._mapping if row is not None else None
+
+    def _choose_mode(self, source: str, requested: str | None) -> tuple[FetchMode, datetime | None, list[str]]:
+        cfg = self.settings.sources[source]
+        want = requested or cfg.mode
+        warnings: list[str] = []
+        if want != "delta":
+            return FetchMode.FULL, None, warnings
+        with self.store.read() as conn:
+            state = self._source_state(conn, source)
+        hwm = as_utc(state["high_water_mark"]) if state else None
+        last_full = as_utc(state["last_full_at"]) if state else None
+        if hwm is None or last_full is None:
+            warnings.append("delta requested but no earlier full run: running full")
+            return FetchMode.FULL, None, warnings
+        if requested is None and utcnow() - last_full >= cfg.full_every:
+            # Scheduled delta runs turn into the periodic full run (full_every).
+            return FetchMode.FULL, None, warnings
+        return FetchMode.DELTA, hwm, warnings
+
+    async def sync(
+        self,
+        source: str,
+        *,
+        mode: str | None = None,
+        dry_run: bool = False,
+        trigger: str = "cli",
+    ) -> RunReport:
+        """Sync one source now. Never raises for source or data problems: the report says."""
+        if source not in self.settings.sources:
+            raise RostersyncError(f"no source named {source!r} in the config")
+        fetch_mode, since, warnings = self._choose_mode(source, mode)
+        self._take_lease(source)
+        try:
+            return await self._sync_leased(source, fetch_mode, since, warnings, dry_run, trigger, mode)
+        finally:
+            self._drop_lease(source)
+
+    async def _sync_leased(
+        self,
+        source: str,
+        fetch_mode: FetchMode,
+        since: datetime | None,
+        warnings: list[str],
+        dry_run: bool,
+        trigger: str,
+        requested: str | None,
+    ) -> RunReport:
+        with self.store.write() as conn:
+            sql.sync_catalog(conn, self.settings)
+            run_id = conn.execute(
+                insert(SyncRun)
+                .values(
+                    source=source,
+                    mode=fetch_mode.value,
+                    requested_mode=requested or self.settings.sources[source].mode,
+                    trigger=trigger,
+                    status="running",
+                    dry_run=dry_run,
+                    started_at=utcnow(),
+                    counts=empty_counts(),
+                    fetched={},
+                    warnings=warnings,
+                )
+                .returning(SyncRun.id)  # type: ignore[arg-type]
+            ).scalar_one()
+        log = self.log.bind(source=source, run_id=run_id)
+        log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
+        try:
+            fetched, newest = await self._fetch(source, run_id, fetch_mode, since, log)
+        except DeltaUnsupportedError as exc:
+            msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
+            log.warning("delta_fallback", reason=str(exc))
+            warnings.append(msg)
+            await asyncio.to_thread(self._reset_run, run_id, FetchMode.FULL, warnings)
+            fetch_mode = FetchMode.FULL
+            try:
+                fetched, newest = await self._fetch(source, run_id, fetch_mode, None, log)
+            except Exception as exc2:
+                return await asyncio.to_thread(self._fail, run_id, exc2, log)
+        except Exception as exc:
+            return await asyncio.to_thread(self._fail, run_id, exc, log)
+        try:
+            return await asyncio.to_thread(
+                self._apply, source, run_id, fetch_mode, fetched, newest, dry_run, False, log
+            )
+        except Exception as exc:
+            return await asyncio.to_thread(self._fail, run_id, exc, log)
+
+    def _reset_run(self, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
+        with self.store.write() as conn:
+            clear_staging(conn, run_id)
+            conn.execute(delete(RunRejection).where(RunRejection.run_id == run_id))  # type: ignore[arg-type]
+            conn.execute(
+                update(SyncRun).where(SyncRun.id == run_id).values(mode=mode.value, warnings=warnings)  # type: ignore[arg-type]
+            )
+
+    async def _fetch(
+        self, source: str, run_id: int, mode: FetchMode, since: datetime | None, log: Any
+    ) -> tuple[dict[str, int], datetime | None]:
+        fetched: Counter[str] = Counter()
+        newest: datetime | None = None
+        pending: asyncio.Task[None] | None = None
+        async with self.connector(source) as connector:
+            async for records in connector.fetch(mode, since):
+                batch = sort_batch(records)
+                fetched.update(
+                    {
+                        "orgs": len(batch.rows["org"]),
+                        "persons": len(batch.rows["person"]),
+                        "classes": len(batch.rows["class"]),
+                        "enrollments": len(batch.rows["enrollment"]),
+                        "rejected": len(batch.rejected),
+                    }
+                )
+                if batch.newest and (newest is None or batch.newest > newest):
+                    newest = batch.newest
+                # Stage in a worker thread while the connector fetches the next batch.
+                if pending is not None:
+                    await pending
+                pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, batch))
+                if self.progress:
+                    self.progress(source, "fetch", dict(fetched))
+            if pending is not None:
+                await pending
+        log.info("fetch_done", **dict(fetched))
+        return dict(fetched), newest
+
+    def _stage(self, run_id: int, batch: StagedBatch) -> None:
+        with self.store.write() as conn:
+            stage(conn, run_id, batch)
+            if batch.rejected:
+                conn.execute(
+                    insert(RunRejection),
+                    [
+                        {
+                            "run_id": run_id,
+                            "entity": r.entity,
+                            "sourced_id": r.sourced_id,
+                            "reason": r.reason[:1000],
+                            "location": r.location,
+                        }
+                        for r in batch.rejected
+                    ],
+                )
+
+    def _fail(self, run_id: int, exc: BaseException, log: Any) -> RunReport:
+        message = scrub(str(exc)) or type(exc).__name__
+        # Source and data errors explain themselves; anything else is a bug worth a traceback.
+        log.error(
+            "sync_failed",
+            error=message,
+            error_type=type(exc).__name__,
+            exc_info=exc if not isinstance(exc, RostersyncError) else None,
+        )
+        with self.store.write() as conn:
+            clear_staging(conn, run_id)
+            conn.execute(
+                update(SyncRun)
+                .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+                .values(status="failed", error=message[:4000], finished_at=utcnow())
+            )
+        with self.store.read() as conn:
+            return load_report(conn, run_id)
+
+    def _apply(
+        self,
+        source: str,
+        run_id: int,
+        mode: FetchMode,
+        fetched: Mapping[str, int],
+        newest: datetime | None,
+        dry_run: bool,
+        approved: bool,
+        log: Any,
+    ) -> RunReport:
+        full = mode is FetchMode.FULL
+        try:
+            with self.store.write() as conn:
+                result = self._apply_in(conn, source, run_id, full, fetched, newest, dry_run, approved)
+        except _Held as held:
+            reason = "; ".join(held.reasons)
+            log.warning("sync_held", reason=reason, **held.counts)
+            with self.store.write() as conn:
+                conn.execute(
+                    update(SyncRun)
+                    .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+                    .values(status="held", hold_reason=reason, counts=held.counts, fetched=dict(fetched),
+                            finished_at=utcnow(), high_water_mark=newest)
+                )
+        except _DryRun as dry:
+            with self.store.write() as conn:
+                clear_staging(conn, run_id)
+                status = "succeeded_with_errors" if dry.counts["records_rejected"] else "succeeded"
+                conn.execute(
+                    update(SyncRun)
+                    .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+                    .values(status=status, counts=dry.counts, fetched=dict(fetched), finished_at=utcnow())
+                )
+        else:
+            log.info("sync_applied", **result.counts)
+        with self.store.read() as conn:
+            return load_report(conn, run_id)
+
+    def _apply_in(
+        self,
+        conn: Connection,
+        source: str,
+        run_id: int,
+        full: bool,
+        fetched: Mapping[str, int],
+        newest: datetime | None,
+        dry_run: bool,
+        approved: bool,
+    ) -> _ApplyResult:
+        settings = self.settings
+        counts = empty_counts()
+        dirty, changed_people = sql.dirty_classes(conn, source, run_id, full)
+        teachers_before = sql.teachers_of_classes(conn, source, dirty)
+        sql.merge(conn, source, run_id, full)
+        teachers_after = sql.teachers_of_classes(conn, source, dirty)
+
+        eligible = sql.eligible_teachers(conn, source)
+        linked = sql.linked_users(conn, source)
+        unlinked_emails = [t.email for t in eligible if t.email and t.sourced_id not in linked]
+        plan = plan_provisioning(
+            source,
+            eligible,
+            linked,
+            sql.users_by_email(conn, unlinked_emails),
+            prov=settings.provisioning,
+            active_users=sql.count_active_users(conn),
+            license_limit=settings.license_limit,
+        )
+        no_email = [
+            Rejected("user", sid, "no email: teaches classes with students but has no email address")
+            for sid in plan.no_email
+        ]
+        if no_email:
+            conn.execute(delete(RunRejection).where(RunRejection.run_id == run_id, RunRejection.reason.startswith("no email:")))  # type: ignore[arg-type, attr-defined]
+            conn.execute(
+                insert(RunRejection),
+                [{"run_id": run_id, "entity": r.entity, "sourced_id": r.sourced_id, "reason": r.reason} for r in no_email],
+            )
+        rejected_total = conn.execute(
+            text("SELECT count(*) FROM run_rejection WHERE run_id = :r"), {"r": run_id}
+        ).scalar_one()
+
+        managed_users, managed_groups = sql.managed_counts(conn, source)
+        groups_removed = sql.groups_to_remove(conn, source, plan.archive)
+        counts.update(
+            users_created=len(plan.create),
+            users_linked=len(plan.link),
+            users_archived=len(plan.archive),
+            users_restored=len(plan.restore),
+            users_skipped_license=len(plan.skipped_license),
+            users_not_created=len(plan.not_created),
+            records_rejected=int(rejected_total),
+        )
+        state = self._source_state(conn, source)
+        if not approved:
+            verdict = check_safety(
+                safety=settings.safety_for(source),
+                users_archived=len(plan.archive),
+                groups_removed=groups_removed,
+                managed_users=managed_users,
+                managed_groups=managed_groups,
+                fetched=fetched if full else None,
+                last_fetched=(state["last_counts"] if state else None),
+            )
+            if verdict.hold:
+                counts["groups_removed"] = groups_removed
+                raise _Held(verdict.reasons, counts)
+
+        created = sql.apply_provisioning(conn, source, plan)
+        affected_people = teachers_before | teachers_after | changed_people
+        resync_users = sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
+        counts["resync_queued"] = len(resync_users)
+        if dry_run:
+            counts["groups_removed"] = groups_removed
+            raise _DryRun(counts)
+        sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+
+        now = utcnow()
+        old_hwm = as_utc(state["high_water_mark"]) if state else None
+        hwm = max((d for d in (newest, old_hwm) if d is not None), default=None)
+        values: dict[str, Any] = {
+            "high_water_mark": hwm,
+            "last_success_at": now,
+            "last_run_id": run_id,
+        }
+        if full:
+            values["last_full_at"] = now
+            values["last_counts"] = {k: int(fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")}
+        if state is None:
+            conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
+        else:
+            conn.execute(update(SourceState).where(SourceState.source == source).values(**values))  # type: ignore[arg-type]
+
+        status = "succeeded_with_errors" if rejected_total else "succeeded"
+        conn.execute(
+            update(SyncRun)
+            .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+            .values(status=status, counts=counts, fetched=dict(fetched), finished_at=now, high_water_mark=newest)
+        )
+        # This run's staging, and that of older held runs it supersedes, is no longer needed.
+        older = [
+            r[0]
+            for r in conn.execute(
+                text("SELECT id FROM sync_run WHERE source = :s AND status = 'held' AND id < :r"),
+                {"s": source, "r": run_id},
+            )
+        ]
+        for rid in (run_id, *older):
+            clear_staging(conn, rid)
+        return _ApplyResult(counts, plan.no_email)
+
+    # -- approval -----------------------------------------------------------------------------
+
+    async def approve(self, run_id: int) -> RunReport:
+        """Apply a held run's staged data, bypassing the safety rules that held it."""
+        with self.store.read() as conn:
+            report = load_report(conn, run_id)
+            if report.status != "held":
+                raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
+            newer = conn.execute(
+                text(
+                    "SELECT id FROM sync_run WHERE source = :s AND id > :r "
+                    "AND status IN ('succeeded', 'succeeded_with_errors') ORDER BY id LIMIT 1"
+                ),
+                {"s": report.source, "r": run_id},
+            ).scalar()
+        if newer is not None:
+            raise RunStateError(
+                f"run {run_id} is out of date: run {newer} of {report.source!r} has succeeded since; "
+                "its data would roll the directory back"
+            )
+        if report.source not in self.settings.sources:
+            raise RunStateError(f"source {report.source!r} of run {run_id} is no longer configured")
+        self._take_lease(report.source)
+        try:
+            with self.store.read() as conn:
+                hwm = conn.execute(select(SyncRun.high_water_mark).where(SyncRun.id == run_id)).scalar()  # type: ignore[arg-type]
+            log = self.log.bind(source=report.source, run_id=run_id)
+            mode = FetchMode(report.mode)
+            with self.store.write() as conn:
+                conn.execute(
+                    update(SyncRun).where(SyncRun.id == run_id).values(status="running", approved_at=utcnow())  # type: ignore[arg-type]
+                )
+            out = await asyncio.to_thread(
+                self._apply, report.source, run_id, mode, report.fetched, as_utc(hwm), False, True, log
+            )
+            log.info("held_run_approved")
+            return out
+        finally:
+            self._drop_lease(report.source)
+
+    # -- resync ---------------------------------------------------------------------------
+
+    async def process_batch(self) -> list[tuple[LeasedJob, str]]:
+        """Lease one batch of due jobs and process it; returns (job, outcome) pairs."""
+        rs = self.settings.resync
+        jobs = await asyncio.to_thread(lease, self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease)
+        if not jobs:
+            return []
+        outcomes: list[tuple[LeasedJob, str]] = []
+        live_rosters: dict[int, list[tuple[str, str, TeacherRoster]]] = {}
+        ready: list[LeasedJob] = []
+        for job in jobs:
+            if not job.live:
+                ready.append(job)
+                continue
+            try:
+                live_rosters[job.id] = await self._fetch_live(job)
+                ready.append(job)
+            except Exception as exc:
+                state = await asyncio.to_thread(
+                    fail, self.store, job, scrub(str(exc)), max_attempts=rs.max_attempts, backoff=rs.backoff
+                )
+                self.log.warning("resync_failed", job_id=job.id, user_id=job.user_id, error=scrub(str(exc)), state=state)
+                outcomes.append((job, state))
+        if ready:
+            try:
+                await asyncio.to_thread(self._materialise, ready, live_rosters)
+                outcomes += [(j, "succeeded") for j in ready]
+            except Exception as exc:
+                for job in ready:
+                    state = await asyncio.to_thread(
+                        fail, self.store, job, scrub(str(exc)), max_attempts=rs.max_attempts, backoff=rs.backoff
+                    )
+                    outcomes.append((job, state))
+                self.log.error("resync_batch_failed", jobs=len(ready), error=scrub(str(exc)))
+        return outcomes
+
+    async def _fetch_live(self, job: LeasedJob) -> list[tuple[str, str, TeacherRoster]]:
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text(
+                    'SELECT i.source, i.external_id, u.email FROM user_identity i JOIN "user" u '
+                    "ON u.id = i.user_id WHERE i.user_id = :u"
+                ),
+                {"u": job.user_id},
+            ).all()
+        out = []
+        for source, ext, email in rows:
+            if source not in self.settings.sources or not self.settings.sources[source].enabled:
+                continue
+            async with self.connector(source) as connector:
+                roster = await connector.fetch_teacher(TeacherRef(ext, email))
+            out.append((source, ext, roster))
+        return out
+
+    def _materialise(self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]) -> None:
+        with self.store.write() as conn:
+            for job in jobs:
+                for source, ext, roster in live.get(job.id, []):
+                    apply_teacher_roster(conn, source, ext, roster)
+            results = rebuild_groups(conn, [j.user_id for j in jobs])
+            complete(conn, jobs, results)
+        self.log.info(
+            "resync_batch_done",
+            jobs=len(jobs),
+            **{k: sum(r[k] for r in results.values()) for k in ("groups_created", "groups_updated", "groups_removed")},
+        )
+
+    async def drain(self) -> int:
+        """Process due jobs until none is left; returns how many were processed."""
+        done = 0
+        while True:
+            outcomes = await self.process_batch()
+            if not outcomes:
+                return done
+            done += len(outcomes)

@@ -1,0 +1,84 @@
+"""Write a teacher's live roster (``resync --live``) into the mirror before groups are rebuilt.
+
+Live answers carry no enrollment ids the full feed would recognise, so enrollments are matched
+by (class, person, role): existing rows are kept (and re-activated), missing ones are marked
+``tobedeleted``, new ones are added with the connector's ``live:`` ids. The next full run
+replaces all of it with the source's own view.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, bindparam, text
+
+from rostersync.records import STUDENT, TEACHER, TeacherRoster
+from rostersync.store.tables import RosterClassRow, RosterEnrollmentRow, RosterPersonRow
+from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
+
+
+def apply_teacher_roster(conn: Connection, source: str, teacher_id: str, roster: TeacherRoster) -> None:
+    persons = list(roster.persons)
+    if roster.teacher is not None:
+        persons.append(roster.teacher)
+    upsert_rows(
+        conn,
+        RosterPersonRow.__table__,  # type: ignore[attr-defined]
+        [{**person_row(p), "source": source} for p in persons],
+        ["source", "sourced_id"],
+    )
+    upsert_rows(
+        conn,
+        RosterClassRow.__table__,  # type: ignore[attr-defined]
+        [{**class_row(c), "source": source} for c in roster.classes],
+        ["source", "sourced_id"],
+    )
+    live_classes = {c.sourced_id for c in roster.classes}
+    # Classes the mirror says the teacher teaches but the source no longer does.
+    current = {
+        r[0]
+        for r in conn.execute(
+            text(
+                "SELECT class_id FROM roster_enrollment WHERE source = :src AND user_id = :t "
+                "AND role = :teacher AND status = 'active'"
+            ),
+            {"src": source, "t": teacher_id, "teacher": TEACHER},
+        )
+    }
+    for cls in sorted(current - live_classes):
+        conn.execute(
+            text(
+                "UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src "
+                "AND user_id = :t AND class_id = :c AND role = :teacher"
+            ),
+            {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER},
+        )
+    if not live_classes:
+        return
+    existing: dict[tuple[str, str, str], tuple[str, str]] = {}
+    rows = conn.execute(
+        text(
+            "SELECT sourced_id, class_id, user_id, role, status FROM roster_enrollment "
+            "WHERE source = :src AND class_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)),
+        {"src": source, "ids": sorted(live_classes)},
+    )
+    for sid, cls, uid, role, status in rows:
+        existing[(cls, uid, role)] = (sid, status)
+    live = {(e.class_id, e.user_id, e.role): e for e in roster.enrollments if e.class_id in live_classes}
+    new_rows = []
+    for key, e in live.items():
+        if key in existing:
+            sid, status = existing[key]
+            if status != "active":
+                conn.execute(
+                    text("UPDATE roster_enrollment SET status = 'active' WHERE source = :src AND sourced_id = :sid"),
+                    {"src": source, "sid": sid},
+                )
+        else:
+            new_rows.append({**enrollment_row(e), "source": source})
+    upsert_rows(conn, RosterEnrollmentRow.__table__, new_rows, ["source", "sourced_id"])  # type: ignore[attr-defined]
+    for (cls, uid, role), (sid, status) in existing.items():
+        if role == STUDENT and status == "active" and (cls, uid, role) not in live:
+            conn.execute(
+                text("UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src AND sourced_id = :sid"),
+                {"src": source, "sid": sid},
+            )

@@ -1,0 +1,232 @@
+"""Pure rules: who gets an account, who is archived, whether a run must be held.
+
+No I/O here: functions take frozen values and return a plan, so the rules are tested
+directly and the apply step only carries plans out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from rostersync.config.models import Provisioning, Safety
+
+
+@dataclass(frozen=True, slots=True)
+class Teacher:
+    """A teacher of this source who teaches at least one populated, active class."""
+
+    sourced_id: str
+    email: str | None
+    display_name: str
+    username: str | None
+    school_ids: tuple[str, ...]
+    school_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedUser:
+    """A directory user already linked to a person of this source."""
+
+    user_id: int
+    external_id: str
+    email: str
+    status: str
+    created_by: str | None
+    archived_by_sync: bool
+    linked_elsewhere_active: bool  # also linked to an active person in another source
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingUser:
+    user_id: int
+    email: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewUser:
+    email: str
+    display_name: str
+    role: str
+    sites: tuple[str, ...]
+    identities: tuple[tuple[str, str | None], ...]  # (sourced_id, username)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    user_id: int
+    sourced_id: str
+    username: str | None
+
+
+@dataclass
+class ProvisionPlan:
+    create: list[NewUser] = field(default_factory=list)
+    link: list[Link] = field(default_factory=list)
+    restore: list[int] = field(default_factory=list)
+    archive: list[int] = field(default_factory=list)
+    skipped_license: list[str] = field(default_factory=list)  # emails
+    no_email: list[str] = field(default_factory=list)  # sourced ids
+    not_created: list[str] = field(default_factory=list)  # auto-create off: emails
+    # Users whose groups must be rebuilt because of provisioning (new, linked, restored, archived).
+    touched_users: set[int] = field(default_factory=set)
+
+
+def sites_for(teacher: Teacher, prov: Provisioning) -> tuple[str, ...]:
+    """The site_map sites of the teacher's schools (by sourcedId, then name), else the default."""
+    mapped: list[str] = []
+    for key in (*teacher.school_ids, *teacher.school_names):
+        site = prov.site_map.get(key)
+        if site and site not in mapped:
+            mapped.append(site)
+    if mapped:
+        return tuple(mapped)
+    return (prov.default_site,) if prov.default_site else ()
+
+
+def plan_provisioning(
+    source: str,
+    eligible: Sequence[Teacher],
+    linked: Mapping[str, LinkedUser],
+    existing_by_email: Mapping[str, ExistingUser],
+    *,
+    prov: Provisioning,
+    active_users: int,
+    license_limit: int | None,
+) -> ProvisionPlan:
+    """Decide creations, links, restorations and archivals for one source.
+
+    ``linked`` maps this source's person ids to their linked users; ``existing_by_email``
+    holds directory users (lower-case email) that eligible teachers might be linked to.
+    """
+    plan = ProvisionPlan()
+    created_by = f"source:{source}"
+    headroom = None if license_limit is None else max(license_limit - active_users, 0)
+    eligible_ids: set[str] = set()
+    pending: dict[str, tuple[Teacher, list[tuple[str, str | None]]]] = {}
+
+    for t in sorted(eligible, key=lambda t: t.sourced_id):
+        eligible_ids.add(t.sourced_id)
+        if not t.email:
+            plan.no_email.append(t.sourced_id)
+            continue
+        email = t.email.strip().lower()
+        link = linked.get(t.sourced_id)
+        if link is not None:
+            if link.status == "archived" and link.archived_by_sync:
+                if headroom is not None and headroom <= 0:
+                    plan.skipped_license.append(link.email)
+                    continue
+                if headroom is not None:
+                    headroom -= 1
+                plan.restore.append(link.user_id)
+                plan.touched_users.add(link.user_id)
+            continue
+        user = existing_by_email.get(email)
+        if user is not None:
+            plan.link.append(Link(user.user_id, t.sourced_id, t.username))
+            plan.touched_users.add(user.user_id)
+            continue
+        if email in pending:
+            # Two person records with one email (case differs): one account, both linked.
+            pending[email][1].append((t.sourced_id, t.username))
+            continue
+        pending[email] = (t, [(t.sourced_id, t.username)])
+
+    for email, (t, identities) in pending.items():
+        if not prov.auto_create_users:
+            plan.not_created.append(email)
+            continue
+        if headroom is not None:
+            if headroom <= 0:
+                plan.skipped_license.append(email)
+                continue
+            headroom -= 1
+        plan.create.append(
+            NewUser(
+                email=email,
+                display_name=t.display_name or email,
+                role=prov.default_role,
+                sites=sites_for(t, prov),
+                identities=tuple(identities),
+            )
+        )
+
+    if prov.on_teacher_removed == "archive":
+        for ext_id, link in sorted(linked.items()):
+            if (
+                ext_id not in eligible_ids
+                and link.status == "active"
+                and link.created_by == created_by
+                and not link.linked_elsewhere_active
+                and link.user_id not in plan.touched_users
+            ):
+                plan.archive.append(link.user_id)
+    # An archived user's groups go away; a user no longer eligible loses groups either way.
+    plan.touched_users.update(plan.archive)
+    plan.archive = sorted(set(plan.archive))
+    return plan
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyVerdict:
+    hold: bool
+    reasons: tuple[str, ...] = ()
+
+
+def check_safety(
+    *,
+    safety: Safety,
+    users_archived: int,
+    groups_removed: int,
+    managed_users: int,
+    managed_groups: int,
+    fetched: Mapping[str, int] | None,
+    last_fetched: Mapping[str, int] | None,
+    min_removals_for_percent: int = 10,
+) -> SafetyVerdict:
+    """Hold a run that removes too much or that saw a shrunken (or empty) source.
+
+    The percentage rule only applies once a run removes at least ``min_removals_for_percent``
+    objects, so a five-teacher school losing one teacher is not held for "20 %".
+    """
+    reasons: list[str] = []
+    removals = users_archived + groups_removed
+    if removals > safety.max_removals:
+        reasons.append(
+            f"{removals} removals ({users_archived} users archived, {groups_removed} groups "
+            f"removed) exceed safety.max_removals={safety.max_removals}"
+        )
+    elif removals >= min_removals_for_percent:
+        for what, n, base in (
+            ("users archived", users_archived, managed_users),
+            ("groups removed", groups_removed, managed_groups),
+        ):
+            if base and n * 100.0 / base > safety.max_removal_percent:
+                reasons.append(
+                    f"{n} of {base} {what} ({n * 100.0 / base:.1f}%) exceed "
+                    f"safety.max_removal_percent={safety.max_removal_percent:g}"
+                )
+    if fetched is not None and last_fetched:
+        for kind in ("persons", "classes", "enrollments"):
+            before = last_fetched.get(kind, 0)
+            now = fetched.get(kind, 0)
+            if before > 0 and now < safety.min_source_ratio * before:
+                what = "an empty pull" if now == 0 else "a shrunken source"
+                reasons.append(
+                    f"{what}: {now} {kind} against {before} in the last successful run "
+                    f"(below safety.min_source_ratio={safety.min_source_ratio:g})"
+                )
+    return SafetyVerdict(bool(reasons), tuple(reasons))
+
+
+def chunks(items: Iterable[str] | Sequence[int], size: int = 500) -> Iterable[list[object]]:
+    batch: list[object] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

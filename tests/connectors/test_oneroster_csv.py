@@ -1,0 +1,498 @@
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import httpx
+import pytest
+
+from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
+from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
+from rostersync.errors import DeltaUnsupportedError, FatalSourceError
+from rostersync.records import (
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterPerson,
+    RosterRecord,
+    TeacherRef,
+)
+from rostersync.sampledata import (
+    ENROLLMENTS_HEADER,
+    USERS_HEADER,
+    DistrictSpec,
+    generate_district,
+    write_oneroster_csv,
+)
+from tests.connectors.contract import ConnectorContract, collect
+from tests.rosterdata import small_roster
+
+
+class TestCsvConnector(ConnectorContract):
+    @pytest.fixture(params=["folder", "zip"])
+    async def connector(
+        self, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> AsyncIterator[Connector]:
+        zip_path = tmp_path / "drop.zip"
+        write_oneroster_csv(small_roster(), tmp_path / "drop", zip_path=zip_path)
+        path = zip_path if request.param == "zip" else tmp_path / "drop"
+        c = OneRosterCsvConnector("csv", path, batch_size=4)
+        yield c
+        await c.aclose()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def drop(tmp_path: Path, **files: str | bytes) -> Path:
+    """The small roster as a CSV folder, with some files replaced (``users_csv="..."``)."""
+    folder = tmp_path / "drop"
+    write_oneroster_csv(small_roster(), folder)
+    for key, content in files.items():
+        target = folder / key.replace("_csv", ".csv")
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content, encoding="utf-8")
+    return folder
+
+
+def table(header: tuple[str, ...], *rows: dict[str, str]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def user(sourced_id: str, **values: str) -> dict[str, str]:
+    row = {
+        "sourcedId": sourced_id,
+        "enabledUser": "true",
+        "orgSourcedIds": "sch-1",
+        "role": "teacher",
+        "givenName": "Given",
+        "familyName": "Family",
+        "email": f"{sourced_id}@example.org",
+    }
+    row.update(values)
+    return row
+
+
+def enrollment(sourced_id: str, **values: str) -> dict[str, str]:
+    row = {
+        "sourcedId": sourced_id,
+        "classSourcedId": "c-1",
+        "userSourcedId": "s-1",
+        "role": "student",
+        "primary": "false",
+    }
+    row.update(values)
+    return row
+
+
+async def fetch_all(path: Path, **options: int | str) -> list[RosterRecord]:
+    connector = OneRosterCsvConnector("csv", path, **options)  # type: ignore[arg-type]
+    return await collect(connector)
+
+
+def rejected(records: list[RosterRecord]) -> list[Rejected]:
+    return [r for r in records if isinstance(r, Rejected)]
+
+
+def person(records: list[RosterRecord], sourced_id: str) -> RosterPerson:
+    return next(r for r in records if isinstance(r, RosterPerson) and r.sourced_id == sourced_id)
+
+
+# --- per-row rejections ----------------------------------------------------------------------
+
+BAD_USERS = {
+    "missing sourcedId": (user(""), None, "missing sourcedId"),
+    "unknown status": (user("u-9", status="archived"), "u-9", "unknown status 'archived'"),
+    "bad boolean": (user("u-9", enabledUser="yes"), "u-9", "enabledUser 'yes' is not true"),
+    "empty role": (user("u-9", role=""), "u-9", "missing role"),
+    "bad date": (user("u-9", dateLastModified="last tuesday"), "u-9", "not an ISO 8601"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_USERS), ids=list(BAD_USERS))
+async def test_bad_user_row_is_rejected_with_file_and_line(tmp_path: Path, case: str) -> None:
+    """A bad users.csv row becomes a Rejected naming users.csv and its line; neighbours load."""
+    bad, sourced_id, reason = BAD_USERS[case]
+    path = drop(tmp_path, users_csv=table(USERS_HEADER, user("u-1"), bad, user("u-2")))
+    got = await fetch_all(path)
+    [rej] = rejected(got)
+    assert (rej.entity, rej.sourced_id, rej.location) == ("user", sourced_id, "users.csv line 3")
+    assert reason in rej.reason
+    assert {"u-1", "u-2"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+BAD_ENROLLMENTS = {
+    "missing class": (enrollment("e-9", classSourcedId=""), "missing classSourcedId"),
+    "missing user": (enrollment("e-9", userSourcedId=""), "missing userSourcedId"),
+    "bad primary": (enrollment("e-9", primary="1"), "primary '1' is not true or false"),
+    "empty role": (enrollment("e-9", role=""), "missing role"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENROLLMENTS), ids=list(BAD_ENROLLMENTS))
+async def test_bad_enrollment_row_is_rejected_with_file_and_line(tmp_path: Path, case: str) -> None:
+    """A bad enrollments.csv row becomes a Rejected naming enrollments.csv and its line."""
+    bad, reason = BAD_ENROLLMENTS[case]
+    text = table(ENROLLMENTS_HEADER, enrollment("e-1"), enrollment("e-2", userSourcedId="s-2"), bad)
+    got = await fetch_all(drop(tmp_path, enrollments_csv=text))
+    [rej] = rejected(got)
+    assert (rej.entity, rej.sourced_id, rej.location) == (
+        "enrollment",
+        "e-9",
+        "enrollments.csv line 4",
+    )
+    assert reason in rej.reason
+    assert {r.sourced_id for r in got if isinstance(r, RosterEnrollment)} == {"e-1", "e-2"}
+
+
+async def test_row_with_wrong_number_of_fields_is_rejected(tmp_path: Path) -> None:
+    """A row with too few or too many fields is rejected with its line; the file goes on."""
+    good = table(USERS_HEADER, user("u-1"))
+    text = (
+        good
+        + "u-short,,,true\n"
+        + good.splitlines()[1]
+        + ",extra\n"
+        + table(USERS_HEADER, user("u-3")).splitlines()[1]
+        + "\n"
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    assert [(r.sourced_id, r.location) for r in rejected(got)] == [
+        ("u-short", "users.csv line 3"),
+        ("u-1", "users.csv line 4"),
+    ]
+    assert all("expected 18 fields" in r.reason for r in rejected(got))
+    assert "u-3" in {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_stray_quote_rejects_only_its_row(tmp_path: Path) -> None:
+    """A quote in the middle of a field rejects that row as malformed CSV; later rows load."""
+    rows = table(USERS_HEADER, user("u-1"), user("u-3")).splitlines()
+    text = "\n".join([rows[0], 'u-2,,,true,sch-1,teacher,"ab"c' + ",x" * 11, rows[2], ""])
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.location, rej.reason.startswith("malformed CSV")) == ("users.csv line 2", True)
+    assert "u-3" in {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_org_without_name_and_class_without_title_are_rejected(tmp_path: Path) -> None:
+    """An org with no name and a class with no title are rejected, each at its own line."""
+    path = drop(
+        tmp_path,
+        orgs_csv="sourcedId,status,dateLastModified,name,type,identifier,parentSourcedId\n"
+        "org-d,,,District,district,,\nsch-x,,,,school,,org-d\n",
+        classes_csv="sourcedId,title,schoolSourcedId\nc-1,Algebra I,sch-1\nc-x,,sch-1\n",
+    )
+    got = await fetch_all(path)
+    assert {(r.entity, r.sourced_id, r.reason, r.location) for r in rejected(got)} == {
+        ("org", "sch-x", "missing name", "orgs.csv line 3"),
+        ("class", "c-x", "missing title", "classes.csv line 3"),
+    }
+
+
+async def test_quoted_comma_and_newline_keep_physical_line_numbers(tmp_path: Path) -> None:
+    """A quoted field holding a comma and a newline is one value; later rows keep true lines."""
+    text = table(
+        USERS_HEADER,
+        user("u-1", givenName="Ann, Marie\nSecond line", orgSourcedIds="sch-1,sch-2"),
+        user("u-2", status="bogus"),
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    ann = person(got, "u-1")
+    assert ann.given_name == "Ann, Marie\nSecond line"
+    assert ann.org_ids == ("sch-1", "sch-2")
+    [rej] = rejected(got)
+    assert rej.location == "users.csv line 4"
+
+
+async def test_multi_line_row_is_located_at_its_first_line(tmp_path: Path) -> None:
+    """A rejected row that spans lines is reported at the line it starts on."""
+    text = table(USERS_HEADER, user("u-1"), user("u-2", givenName="two\nlines", status="bogus"))
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    assert [r.location for r in rejected(got)] == ["users.csv line 3"]
+
+
+# --- value mapping ---------------------------------------------------------------------------
+
+
+async def test_status_mapping(tmp_path: Path) -> None:
+    """Blank/active map to active; tobedeleted and 1.0's inactive map to tobedeleted."""
+    text = table(
+        USERS_HEADER,
+        user("u-blank"),
+        user("u-active", status="active"),
+        user("u-gone", status="tobedeleted"),
+        user("u-inactive", status="inactive"),
+        user("u-caps", status="TOBEDELETED"),
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    statuses = {r.sourced_id: r.status for r in got if isinstance(r, RosterPerson)}
+    assert {k: v for k, v in statuses.items() if k.startswith("u-")} == {
+        "u-blank": "active",
+        "u-active": "active",
+        "u-gone": "tobedeleted",
+        "u-inactive": "tobedeleted",
+        "u-caps": "tobedeleted",
+    }
+
+
+async def test_user_field_defaults_and_email_case(tmp_path: Path) -> None:
+    """enabledUser blank is true, blank email is None, email case is kept, dates are aware UTC."""
+    text = table(
+        USERS_HEADER,
+        user("u-1", enabledUser="", email="", dateLastModified="2026-03-04T05:06:07Z"),
+        user("u-2", enabledUser="FALSE", email="Mixed.Case@Example.org", role="Teacher"),
+        user("u-3", dateLastModified="2026-03-04T05:06:07"),
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    u1, u2, u3 = (person(got, f"u-{n}") for n in (1, 2, 3))
+    assert (u1.enabled, u1.email) == (True, None)
+    assert u1.date_last_modified == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert (u2.enabled, u2.email, u2.role) == (False, "Mixed.Case@Example.org", "teacher")
+    assert u3.date_last_modified == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+async def test_header_with_bom_spaces_and_extra_columns_is_accepted(tmp_path: Path) -> None:
+    """A UTF-8 BOM, spaces around header names and unknown columns do not matter."""
+    text = "\ufeff sourcedId , role ,givenName,familyName, email ,vendorExtra\n"
+    text += "u-1,teacher,Zoë,Ng,zoe@example.org,whatever\n"
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    u1 = person(got, "u-1")
+    assert (u1.role, u1.given_name, u1.email, u1.enabled) == (
+        "teacher",
+        "Zoë",
+        "zoe@example.org",
+        True,
+    )
+    assert rejected(got) == []
+
+
+async def test_records_arrive_in_batches_of_batch_size(tmp_path: Path) -> None:
+    """Batches hold at most batch_size records and together hold every record."""
+    connector = OneRosterCsvConnector("csv", drop(tmp_path), batch_size=5)
+    sizes = [len(batch) async for batch in connector.fetch(FetchMode.FULL, None)]
+    roster = small_roster()
+    assert sum(sizes) == len(roster.records())
+    assert max(sizes) == 5
+    assert all(size == 5 for size in sizes[:-1])
+
+
+# --- whole-file failures ---------------------------------------------------------------------
+
+
+async def test_missing_required_column_is_fatal(tmp_path: Path) -> None:
+    """A file without a required column stops the run, naming the file and the column."""
+    text = "sourcedId,givenName,familyName,email\nu-1,A,B,a@example.org\n"
+    with pytest.raises(FatalSourceError, match=r"users\.csv: missing required column 'role'"):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_header_names_are_case_sensitive(tmp_path: Path) -> None:
+    """Header names must be spelled as in OneRoster 1.1: `SourcedID` is not `sourcedId`."""
+    text = "SourcedID,role,givenName,familyName,email\nu-1,teacher,A,B,a@example.org\n"
+    with pytest.raises(FatalSourceError, match="'sourcedId'"):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_missing_manifest_is_fatal(tmp_path: Path) -> None:
+    """A drop without manifest.csv fails, naming the path."""
+    folder = drop(tmp_path)
+    (folder / "manifest.csv").unlink()
+    with pytest.raises(FatalSourceError, match=rf"{folder}: manifest\.csv not found"):
+        await fetch_all(folder)
+
+
+async def test_missing_folder_or_zip_is_fatal(tmp_path: Path) -> None:
+    """A path that does not exist fails, naming it."""
+    for missing in (tmp_path / "nowhere", tmp_path / "nowhere.zip"):
+        with pytest.raises(FatalSourceError, match=str(missing)):
+            await fetch_all(missing)
+
+
+async def test_bulk_file_listed_but_missing_is_fatal(tmp_path: Path) -> None:
+    """A file the manifest lists as bulk must exist."""
+    folder = drop(tmp_path)
+    (folder / "enrollments.csv").unlink()
+    with pytest.raises(FatalSourceError, match=r"enrollments\.csv as bulk but it is missing"):
+        await fetch_all(folder)
+
+
+async def test_absent_file_in_manifest_is_skipped(tmp_path: Path) -> None:
+    """A file marked absent is not read even if present."""
+    folder = drop(tmp_path)
+    manifest = (folder / "manifest.csv").read_text().replace("file.orgs,bulk", "file.orgs,absent")
+    (folder / "manifest.csv").write_text(manifest)
+    got = await fetch_all(folder)
+    assert not [r for r in got if r.entity == "org"]
+    assert any(isinstance(r, RosterPerson) for r in got)
+
+
+async def test_delta_manifest_is_refused(tmp_path: Path) -> None:
+    """A manifest declaring a delta file is refused: delta CSV drops are not supported yet."""
+    folder = drop(tmp_path)
+    manifest = (folder / "manifest.csv").read_text().replace("file.users,bulk", "file.users,delta")
+    (folder / "manifest.csv").write_text(manifest)
+    with pytest.raises(FatalSourceError, match="delta CSV files are not supported yet"):
+        await fetch_all(folder)
+
+
+async def test_oneroster_1_2_manifest_is_refused(tmp_path: Path) -> None:
+    """A OneRoster 1.2 drop is refused rather than misread."""
+    folder = drop(tmp_path)
+    manifest = (
+        (folder / "manifest.csv")
+        .read_text()
+        .replace("oneroster.version,1.1", "oneroster.version,1.2")
+    )
+    (folder / "manifest.csv").write_text(manifest)
+    with pytest.raises(FatalSourceError, match=r"oneroster\.version '1\.2' is not supported"):
+        await fetch_all(folder)
+
+
+async def test_undecodable_bytes_half_way_fail_after_earlier_records(tmp_path: Path) -> None:
+    """Bad bytes on line 4 fail the run naming file and line; rows before them were yielded."""
+    good = table(USERS_HEADER, user("u-1"), user("u-2")).encode()
+    bad = table(USERS_HEADER, user("u-bad", givenName="X")).encode().splitlines()[1]
+    content = good + bad.replace(b"X", b"\xff\xfe") + b"\n" + b"u-4" + b",x" * 17 + b"\n"
+    connector = OneRosterCsvConnector("csv", drop(tmp_path, users_csv=content), batch_size=1)
+    seen: list[RosterRecord] = []
+    with pytest.raises(FatalSourceError, match=r"users\.csv line 4: cannot decode as utf-8-sig"):
+        async for batch in connector.fetch(FetchMode.FULL, None):
+            seen.extend(batch)
+    assert {"u-1", "u-2"} <= {r.sourced_id for r in seen if isinstance(r, RosterPerson)}
+
+
+async def test_unterminated_quote_is_fatal(tmp_path: Path) -> None:
+    """An unclosed quote would swallow the rest of the file: the run fails at its line."""
+    text = (
+        table(USERS_HEADER, user("u-1"))
+        + 'u-2,,,true,sch-1,teacher,"oops\n'
+        + table(USERS_HEADER, user("u-3")).splitlines()[1]
+        + "\n"
+    )
+    with pytest.raises(FatalSourceError, match=r"users\.csv line 3: unterminated quoted field"):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_corrupt_zip_member_is_fatal(tmp_path: Path) -> None:
+    """A zip member whose compressed bytes are damaged fails the run naming the member."""
+    roster = generate_district(DistrictSpec(students=300, classes=30, teachers=10))
+    zip_path = tmp_path / "drop.zip"
+    write_oneroster_csv(roster, tmp_path / "drop", zip_path=zip_path)
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo("enrollments.csv")
+    data = bytearray(zip_path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    middle = start + info.compress_size // 2
+    data[middle : middle + 64] = bytes(64)
+    zip_path.write_bytes(bytes(data))
+    with pytest.raises(
+        FatalSourceError, match=r"drop\.zip!enrollments\.csv line \d+: file is truncated or corrupt"
+    ):
+        await fetch_all(zip_path)
+
+
+async def test_truncated_zip_is_fatal(tmp_path: Path) -> None:
+    """A zip cut short (no central directory) fails the run, naming the zip."""
+    zip_path = tmp_path / "drop.zip"
+    write_oneroster_csv(small_roster(), tmp_path / "drop", zip_path=zip_path)
+    zip_path.write_bytes(zip_path.read_bytes()[:200])
+    with pytest.raises(FatalSourceError, match=r"drop\.zip: not a readable zip"):
+        await fetch_all(zip_path)
+
+
+async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
+    """Exports that wrap the CSV files in one folder inside the zip are read the same."""
+    folder = drop(tmp_path)
+    zip_path = tmp_path / "wrapped.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"export-2026/{f.name}")
+    got = await fetch_all(zip_path)
+    assert {r.sourced_id for r in got if isinstance(r, RosterClass)} == {"c-1", "c-2", "c-3"}
+
+
+# --- delta, plug-in, config ------------------------------------------------------------------
+
+
+async def test_delta_fetch_is_unsupported(tmp_path: Path) -> None:
+    """CSV drops have no change filter: supports_delta is false and a delta fetch raises."""
+    connector = OneRosterCsvConnector("csv", drop(tmp_path))
+    assert connector.supports_delta is False
+    with pytest.raises(DeltaUnsupportedError):
+        await collect(connector, FetchMode.DELTA)
+
+
+def test_config_resolves_relative_path_against_base_dir(tmp_path: Path) -> None:
+    """A relative `path` is taken relative to the config file's folder; defaults apply."""
+    config = CsvSourceConfig.model_validate(
+        {"type": "oneroster_csv", "path": "sample-district"}, context={"base_dir": tmp_path}
+    )
+    assert config.path == tmp_path / "sample-district"
+    assert (config.encoding, config.batch_size) == ("utf-8-sig", 1000)
+    absolute = CsvSourceConfig.model_validate(
+        {"type": "oneroster_csv", "path": "/srv/drop.zip"}, context={"base_dir": tmp_path}
+    )
+    assert absolute.path == Path("/srv/drop.zip")
+
+
+def test_config_rejects_unknown_keys_and_bad_batch_size() -> None:
+    """Typos and a zero batch size are config errors."""
+    with pytest.raises(ValueError, match="pth"):
+        CsvSourceConfig.model_validate({"type": "oneroster_csv", "path": "x", "pth": "y"})
+    with pytest.raises(ValueError, match="batch_size"):
+        CsvSourceConfig.model_validate({"type": "oneroster_csv", "path": "x", "batch_size": 0})
+
+
+async def test_plugin_is_registered_and_builds_a_connector(tmp_path: Path) -> None:
+    """The entry point finds PLUGIN, and its factory reads the configured drop."""
+    [ep] = entry_points(group=ENTRY_POINT_GROUP, name="oneroster_csv")
+    assert ep.load() is PLUGIN
+    config = CsvSourceConfig.model_validate(
+        {"type": "oneroster_csv", "path": "drop", "batch_size": 3}, context={"base_dir": tmp_path}
+    )
+    drop(tmp_path)
+    async with httpx.AsyncClient() as http:
+        connector = PLUGIN.create(ConnectorContext(source="sample", config=config, http=http))
+        got = await collect(connector)
+    assert isinstance(connector, Connector)
+    assert len(got) == len(small_roster().records())
+
+
+async def test_fetch_teacher_for_unknown_teacher_is_empty(tmp_path: Path) -> None:
+    """A teacher the files do not know gets an empty roster, not an error."""
+    connector = OneRosterCsvConnector("csv", drop(tmp_path))
+    got = await connector.fetch_teacher(TeacherRef("t-404", None))
+    assert (got.teacher, got.classes, got.enrollments, got.persons) == (None, [], [], [])
+
+
+async def test_sample_district_reads_back_without_rejections(tmp_path: Path) -> None:
+    """The generated district survives a CSV round trip: same people, classes, enrollments."""
+    roster = generate_district(DistrictSpec(students=200, classes=20, teachers=8))
+    write_oneroster_csv(roster, tmp_path / "d")
+    got = await fetch_all(tmp_path / "d")
+    assert rejected(got) == []
+    # Bulk files leave dateLastModified blank for active records.
+    want_people = {replace(p, date_last_modified=None) for p in roster.persons}
+    assert {p for p in got if isinstance(p, RosterPerson)} == want_people
+    want_enrollments = {
+        (e.sourced_id, e.class_id, e.user_id, e.role, e.status, e.primary)
+        for e in roster.enrollments
+    }
+    assert {
+        (e.sourced_id, e.class_id, e.user_id, e.role, e.status, e.primary)
+        for e in got
+        if isinstance(e, RosterEnrollment)
+    } == want_enrollments
