@@ -71,7 +71,9 @@ class MemoryConnector:
         enrollments = [e for e in self.roster.enrollments if e.class_id in class_ids]
         student_ids = {e.user_id for e in enrollments if e.role == STUDENT}
         persons = [p for p in self.roster.persons if p.sourced_id in student_ids]
-        return TeacherRoster(teacher=person, classes=classes, enrollments=enrollments, persons=persons)
+        return TeacherRoster(
+            teacher=person, classes=classes, enrollments=enrollments, persons=persons
+        )
 
     async def aclose(self) -> None:
         self.closed = True

@@ -44,7 +44,9 @@ class App:
         if self._settings is None:
             self._settings = load_settings(self.config_file)
             register_secrets_in(self._settings)
-            configure_logging(self.log_level or self._settings.logging.level, self._settings.logging.format)
+            configure_logging(
+                self.log_level or self._settings.logging.level, self._settings.logging.format
+            )
         return self._settings
 
     @property
@@ -83,7 +85,11 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     metavar="PATH",
     help="config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="override logging.level")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="override logging.level",
+)
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
@@ -101,7 +107,9 @@ def _print_report(r: RunReport) -> None:
         click.echo(f"  error: {r.error}")
     if r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
-        click.echo(f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`")
+        click.echo(
+            f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`"
+        )
     for w in r.warnings:
         click.echo(f"  warning: {w}")
     figures = ", ".join(f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS)
@@ -125,7 +133,9 @@ def _progress(source: str, phase: str, figures: Any) -> None:
         click.echo(f"\r{source}: {phase} {summary}".ljust(79), err=True, nl=False)
 
 
-async def _sync_and_drain(app: App, sources: list[str], mode: str | None, dry_run: bool) -> list[RunReport]:
+async def _sync_and_drain(
+    app: App, sources: list[str], mode: str | None, dry_run: bool
+) -> list[RunReport]:
     engine = app.engine(progress=_progress)
     reports = []
     for name in sources:
@@ -143,18 +153,27 @@ async def _sync_and_drain(app: App, sources: list[str], mode: str | None, dry_ru
 
 
 @cli.command()
-@click.option("--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)")
+@click.option(
+    "--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)"
+)
 @click.option("--full", "mode", flag_value="full", help="read everything and sweep what is gone")
-@click.option("--delta", "mode", flag_value="delta", help="read only what changed since the last run")
+@click.option(
+    "--delta", "mode", flag_value="delta", help="read only what changed since the last run"
+)
 @click.option("--dry-run", is_flag=True, help="report what would change; change nothing")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
-def sync(app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as_json: bool) -> None:
+def sync(
+    app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Sync now in the foreground, then process the resync jobs it queued."""
     settings = app.settings
     unknown = [s for s in sources if s not in settings.sources]
     if unknown:
-        fail(f"no source named {', '.join(unknown)} (configured: {', '.join(settings.sources) or 'none'})", EXIT_USAGE)
+        fail(
+            f"no source named {', '.join(unknown)} (configured: {', '.join(settings.sources) or 'none'})",
+            EXIT_USAGE,
+        )
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
@@ -174,8 +193,21 @@ def sync(app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as
 @cli.command()
 @click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
 @click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
+@click.option(
+    "--instance-id",
+    metavar="ID",
+    help="this instance's name in leases (default HOSTNAME:PID; must be unique among running instances)",
+)
+@click.option(
+    "--stop-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="on SIGTERM, wait this long for in-flight syncs and jobs before giving their leases back",
+)
 @click.pass_obj
-def run(app: App, once: bool, as_json: bool) -> None:
+def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeout: float) -> None:
     """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
     settings = app.settings
     if once:
@@ -191,7 +223,16 @@ def run(app: App, once: bool, as_json: bool) -> None:
         return
     from rostersync.daemon import run_daemon
 
-    sys.exit(run_daemon(app.settings, app.store, config_file=str(config_path(app.config_file))))
+    sys.exit(
+        run_daemon(
+            app.settings,
+            app.store,
+            config_file=str(config_path(app.config_file)),
+            instance_id=instance_id,
+            stop_timeout=stop_timeout,
+            log_level=app.log_level,
+        )
+    )
 
 
 # -- resync --------------------------------------------------------------------------------------
@@ -202,11 +243,19 @@ def run(app: App, once: bool, as_json: bool) -> None:
 @click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
 @click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")
 @click.option("--wait", is_flag=True, help="block until the jobs end; exit 1 if any failed")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds")
+@click.option(
+    "--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds"
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def resync(
-    app: App, users: tuple[str, ...], all_users: bool, live: bool, wait: bool, timeout: float, as_json: bool
+    app: App,
+    users: tuple[str, ...],
+    all_users: bool,
+    live: bool,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
 ) -> None:
     """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
     if bool(users) == all_users:
@@ -220,7 +269,7 @@ def resync(
                 r[0]
                 for r in conn.execute(
                     text(
-                        "SELECT DISTINCT u.id FROM \"user\" u JOIN user_identity i ON i.user_id = u.id "
+                        'SELECT DISTINCT u.id FROM "user" u JOIN user_identity i ON i.user_id = u.id '
                         "WHERE u.status = 'active'"
                     )
                 )
@@ -230,7 +279,9 @@ def resync(
             if missing:
                 fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
             ids = sorted(found.values())
-        queue_resync(conn, ids, reason="manual resync" + (" (live)" if live else ""), run_id=None, live=live)
+        queue_resync(
+            conn, ids, reason="manual resync" + (" (live)" if live else ""), run_id=None, live=live
+        )
     job_ids = _queued_job_ids(store, ids)
     if wait:
         jobs = _wait_for(store, job_ids, timeout)
@@ -254,9 +305,9 @@ def _queued_job_ids(store: Store, user_ids: list[int]) -> list[int]:
         return [
             r[0]
             for r in conn.execute(
-                text("SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id").bindparams(
-                    bindparam("u", expanding=True)
-                ),
+                text(
+                    "SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id"
+                ).bindparams(bindparam("u", expanding=True)),
                 {"u": user_ids or [-1]},
             )
         ]
@@ -278,7 +329,10 @@ def _wait_for(store: Store, job_ids: list[int], timeout: float) -> list[dict[str
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     return table(
-        [(j["id"], j["user"], j["state"], j["attempts"], j["reason"], j["last_error"] or "") for j in jobs],
+        [
+            (j["id"], j["user"], j["state"], j["attempts"], j["reason"], j["last_error"] or "")
+            for j in jobs
+        ],
         ["id", "user", "state", "attempts", "reason", "last error"],
     )
 
@@ -303,7 +357,17 @@ def users_list(app: App, as_json: bool) -> None:
         return
     click.echo(
         table(
-            [(u["email"], u["display_name"], ", ".join(u["roles"]), ", ".join(u["sites"]), u["status"], ", ".join(u["sources"])) for u in rows],
+            [
+                (
+                    u["email"],
+                    u["display_name"],
+                    ", ".join(u["roles"]),
+                    ", ".join(u["sites"]),
+                    u["status"],
+                    ", ".join(u["sources"]),
+                )
+                for u in rows
+            ],
             ["email", "name", "roles", "sites", "status", "sources"],
         )
     )
@@ -328,7 +392,16 @@ def groups_list(app: App, user: str | None, as_json: bool) -> None:
         return
     click.echo(
         table(
-            [(g["source"], g["external_id"], g["name"], ", ".join(g["owners"]), len(g["members"])) for g in rows],
+            [
+                (
+                    g["source"],
+                    g["external_id"],
+                    g["name"],
+                    ", ".join(g["owners"]),
+                    len(g["members"]),
+                )
+                for g in rows
+            ],
             ["source", "class", "name", "owners", "members"],
         )
     )
@@ -375,8 +448,13 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
         table(
             [
                 (
-                    r["id"], r["source"], r["mode"], r["status"], r["started_at"],
-                    r["counts"].get("users_created", 0), r["counts"].get("users_archived", 0),
+                    r["id"],
+                    r["source"],
+                    r["mode"],
+                    r["status"],
+                    r["started_at"],
+                    r["counts"].get("users_created", 0),
+                    r["counts"].get("users_archived", 0),
                     r["counts"].get("records_rejected", 0),
                 )
                 for r in rows
@@ -455,11 +533,15 @@ def config_check(app: App) -> None:
             click.echo(f"  {issue}", err=True)
         sys.exit(EXIT_USAGE)
     enabled = [n for n, s in settings.sources.items() if s.enabled]
-    click.echo(f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})")
+    click.echo(
+        f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})"
+    )
 
 
 @config_group.command("schema")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file"
+)
 def config_schema(output: Path | None) -> None:
     """Print the config's JSON Schema (for editors' YAML completion)."""
     text = json_schema_text()
@@ -487,7 +569,11 @@ def db_upgrade(app: App) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="rostersync", standalone_mode=False)
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="rostersync",
+            standalone_mode=False,
+        )
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
@@ -505,3 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         structlog.get_logger().debug("command_failed", error=str(exc))
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+
+
+# -- commands defined in their own modules --------------------------------------------------------
+# (each module adds its commands to `cli` here; keep this block at the end of the file)

@@ -9,6 +9,7 @@ The core never imports a concrete connector.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,8 +45,9 @@ class Connector(Protocol):
     @property
     def supports_delta(self) -> bool: ...
 
-    def fetch(self, mode: FetchMode, since: datetime | None) -> AsyncIterator[Sequence[RosterRecord]]:
-        ...
+    def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord]]: ...
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         """The teacher's classes now, with their enrollments and students (``resync --live``)."""
@@ -74,7 +76,7 @@ ConnectorFactory = Callable[[ConnectorContext], Connector]
 @dataclass(frozen=True, slots=True)
 class ConnectorPlugin:
     type: str
-    config_model: type[SourceConfig]
+    config_model: builtins.type[SourceConfig]
     create: ConnectorFactory
     description: str = ""
 
@@ -95,7 +97,9 @@ def load_plugins() -> dict[str, ConnectorPlugin]:
             plugin = ep.load()
         except Exception as exc:  # any import-time failure of a plug-in
             PLUGIN_ERRORS[ep.name] = f"{type(exc).__name__}: {exc}"
-            structlog.get_logger().warning("connector_plugin_failed", plugin=ep.name, error=str(exc))
+            structlog.get_logger().warning(
+                "connector_plugin_failed", plugin=ep.name, error=str(exc)
+            )
             continue
         if not isinstance(plugin, ConnectorPlugin):
             PLUGIN_ERRORS[ep.name] = f"{ep.value} is not a ConnectorPlugin"

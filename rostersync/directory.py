@@ -29,12 +29,16 @@ def _iso(value: Any) -> str | None:
 def list_users(conn: Connection) -> list[dict[str, Any]]:
     roles: dict[int, list[str]] = defaultdict(list)
     for uid, name in conn.execute(
-        text("SELECT ur.user_id, r.name FROM user_role ur JOIN role r ON r.id = ur.role_id ORDER BY r.name")
+        text(
+            "SELECT ur.user_id, r.name FROM user_role ur JOIN role r ON r.id = ur.role_id ORDER BY r.name"
+        )
     ):
         roles[uid].append(name)
     sites: dict[int, list[str]] = defaultdict(list)
     for uid, name in conn.execute(
-        text("SELECT us.user_id, s.name FROM user_site us JOIN site s ON s.id = us.site_id ORDER BY s.name")
+        text(
+            "SELECT us.user_id, s.name FROM user_site us JOIN site s ON s.id = us.site_id ORDER BY s.name"
+        )
     ):
         sites[uid].append(name)
     sources: dict[int, set[str]] = defaultdict(set)
@@ -61,7 +65,9 @@ def list_users(conn: Connection) -> list[dict[str, Any]]:
 def user_ids_by_email(conn: Connection, emails: list[str]) -> tuple[dict[str, int], list[str]]:
     wanted = [e.strip().lower() for e in emails]
     rows = conn.execute(
-        text('SELECT email, id FROM "user" WHERE email IN :e').bindparams(bindparam("e", expanding=True)),
+        text('SELECT email, id FROM "user" WHERE email IN :e').bindparams(
+            bindparam("e", expanding=True)
+        ),
         {"e": wanted or [""]},
     ).all()
     found = {email: uid for email, uid in rows}
@@ -78,7 +84,9 @@ def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[s
         )
         params["email"] = owner_email.strip().lower()
     groups = conn.execute(
-        text(f"SELECT g.id, g.source, g.external_id, g.name FROM groups g {where} ORDER BY g.source, g.name, g.external_id"),
+        text(
+            f"SELECT g.id, g.source, g.external_id, g.name FROM groups g {where} ORDER BY g.source, g.name, g.external_id"
+        ),
         params,
     ).all()
     ids = [g[0] for g in groups]
@@ -103,12 +111,20 @@ def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[s
         ):
             members[gid].append({"sourced_id": sid, "email": email, "name": name})
     return [
-        {"source": src, "external_id": ext, "name": name, "owners": owners.get(gid, []), "members": members.get(gid, [])}
+        {
+            "source": src,
+            "external_id": ext,
+            "name": name,
+            "owners": owners.get(gid, []),
+            "members": members.get(gid, []),
+        }
         for gid, src, ext, name in groups
     ]
 
 
-def list_jobs(conn: Connection, ids: list[int] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+def list_jobs(
+    conn: Connection, ids: list[int] | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
     sql = (
         "SELECT j.id, u.email, j.state, j.attempts, j.reason, j.last_error, j.live, j.run_id, "
         'j.run_after, j.finished_at, j.result FROM resync_job j JOIN "user" u ON u.id = j.user_id '
@@ -116,15 +132,30 @@ def list_jobs(conn: Connection, ids: list[int] | None = None, limit: int = 1000)
     params: dict[str, Any] = {"limit": limit}
     stmt: Any
     if ids is not None:
-        stmt = text(sql + "WHERE j.id IN :ids ORDER BY j.id").bindparams(bindparam("ids", expanding=True))
+        stmt = text(sql + "WHERE j.id IN :ids ORDER BY j.id").bindparams(
+            bindparam("ids", expanding=True)
+        )
         params["ids"] = ids or [-1]
     else:
         stmt = text(
-            sql + "ORDER BY CASE j.state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 WHEN 'failed' THEN 2 "
+            sql
+            + "ORDER BY CASE j.state WHEN 'running' THEN 0 WHEN 'queued' THEN 1 WHEN 'failed' THEN 2 "
             "ELSE 3 END, j.id DESC LIMIT :limit"
         )
     out = []
-    for jid, email, state, attempts, reason, err, live, run_id, run_after, finished, result in conn.execute(stmt, params):
+    for (
+        jid,
+        email,
+        state,
+        attempts,
+        reason,
+        err,
+        live,
+        run_id,
+        run_after,
+        finished,
+        result,
+    ) in conn.execute(stmt, params):
         out.append(
             {
                 "id": jid,

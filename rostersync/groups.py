@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, insert, text, update
+from sqlmodel import col
 
 from rostersync.store.db import utcnow
 from rostersync.store.tables import Group, GroupMember, GroupOwner
@@ -69,7 +70,9 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     desired: dict[GroupKey, str] = {}
     wanted_by: dict[GroupKey, set[int]] = defaultdict(set)
     for chunk in chunks(uids):
-        for uid, src, cls, title in conn.execute(_in(_DESIRED, "uids"), {"uids": chunk, "yes": True}):
+        for uid, src, cls, title in conn.execute(
+            _in(_DESIRED, "uids"), {"uids": chunk, "yes": True}
+        ):
             desired[(src, cls)] = title
             wanted_by[(src, cls)].add(uid)
 
@@ -94,7 +97,10 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     for src, classes in by_source.items():
         for chunk in chunks(sorted(classes)):
             rows = conn.execute(
-                _in("SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids", "ids"),
+                _in(
+                    "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
+                    "ids",
+                ),
                 {"src": src, "ids": chunk},
             )
             for gid, ext, name in rows:
@@ -111,14 +117,21 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
         if key not in groups:
             gid = conn.execute(
                 insert(Group)
-                .values(source=key[0], external_id=key[1], name=title, created_at=now, updated_at=now)
-                .returning(Group.id)  # type: ignore[arg-type]
+                .values(
+                    source=key[0], external_id=key[1], name=title, created_at=now, updated_at=now
+                )
+                .returning(col(Group.id))
             ).scalar_one()
+            assert gid is not None
             groups[key] = (gid, title)
             created.add(gid)
             credit(key, "groups_created")
         elif groups[key][1] != title:
-            conn.execute(update(Group).where(Group.id == groups[key][0]).values(name=title, updated_at=now))  # type: ignore[arg-type]
+            conn.execute(
+                update(Group)
+                .where(col(Group.id) == groups[key][0])
+                .values(name=title, updated_at=now)
+            )
             groups[key] = (groups[key][0], title)
             touched.add(groups[key][0])
 
@@ -129,20 +142,35 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     want_members: dict[tuple[int, str], tuple[str | None, str]] = {}
     for src, classes in by_source.items():
         for chunk in chunks(sorted(classes)):
-            for cls, uid in conn.execute(_in(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}):
+            for cls, uid in conn.execute(
+                _in(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}
+            ):
                 want_owners.add((groups[(src, cls)][0], uid))
-            for cls, sid, email, given, family in conn.execute(_in(_MEMBERS, "ids"), {"src": src, "ids": chunk}):
+            for cls, sid, email, given, family in conn.execute(
+                _in(_MEMBERS, "ids"), {"src": src, "ids": chunk}
+            ):
                 name = " ".join(p for p in (given, family) if p).strip()
-                want_members[(groups[(src, cls)][0], sid)] = ((email or "").strip().lower() or None, name)
+                want_members[(groups[(src, cls)][0], sid)] = (
+                    (email or "").strip().lower() or None,
+                    name,
+                )
 
     have_owners: set[tuple[int, int]] = set()
     have_members: dict[tuple[int, str], tuple[str | None, str]] = {}
     for chunk in chunks(sorted(desired_gids)):
         have_owners |= {
-            (g, u) for g, u in conn.execute(_in("SELECT group_id, user_id FROM group_owner WHERE group_id IN :ids", "ids"), {"ids": chunk})
+            (g, u)
+            for g, u in conn.execute(
+                _in("SELECT group_id, user_id FROM group_owner WHERE group_id IN :ids", "ids"),
+                {"ids": chunk},
+            )
         }
         for g, sid, email, name in conn.execute(
-            _in("SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id IN :ids", "ids"), {"ids": chunk}
+            _in(
+                "SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id IN :ids",
+                "ids",
+            ),
+            {"ids": chunk},
         ):
             have_members[(g, sid)] = (email, name)
 
@@ -152,23 +180,41 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     if add_owners:
         conn.execute(insert(GroupOwner), [{"group_id": g, "user_id": u} for g, u in add_owners])
     for g, u in drop_owners:
-        conn.execute(delete(GroupOwner).where(GroupOwner.group_id == g, GroupOwner.user_id == u))  # type: ignore[arg-type]
+        conn.execute(
+            delete(GroupOwner).where(col(GroupOwner.group_id) == g, col(GroupOwner.user_id) == u)
+        )
     touched.update(g for g, _ in (*add_owners, *drop_owners))
 
     new_members = [k for k in want_members if k not in have_members]
     gone_members = [k for k in have_members if k not in want_members]
-    changed_members = [k for k, v in want_members.items() if k in have_members and have_members[k] != v]
+    changed_members = [
+        k for k, v in want_members.items() if k in have_members and have_members[k] != v
+    ]
     if new_members:
         conn.execute(
             insert(GroupMember),
-            [{"group_id": g, "sourced_id": s, "email": want_members[(g, s)][0], "name": want_members[(g, s)][1]} for g, s in new_members],
+            [
+                {
+                    "group_id": g,
+                    "sourced_id": s,
+                    "email": want_members[(g, s)][0],
+                    "name": want_members[(g, s)][1],
+                }
+                for g, s in new_members
+            ],
         )
     for g, s in gone_members:
-        conn.execute(delete(GroupMember).where(GroupMember.group_id == g, GroupMember.sourced_id == s))  # type: ignore[arg-type]
+        conn.execute(
+            delete(GroupMember).where(
+                col(GroupMember.group_id) == g, col(GroupMember.sourced_id) == s
+            )
+        )
     for g, s in changed_members:
         email, name = want_members[(g, s)]
         conn.execute(
-            update(GroupMember).where(GroupMember.group_id == g, GroupMember.sourced_id == s).values(email=email, name=name)  # type: ignore[arg-type]
+            update(GroupMember)
+            .where(col(GroupMember.group_id) == g, col(GroupMember.sourced_id) == s)
+            .values(email=email, name=name)
         )
     touched.update(g for g, _ in (*new_members, *gone_members, *changed_members))
 
@@ -179,13 +225,19 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
             if uid not in wanted_by.get(key, set()):
                 released.append((gid, uid))
     for gid, uid in released:
-        conn.execute(delete(GroupOwner).where(GroupOwner.group_id == gid, GroupOwner.user_id == uid))  # type: ignore[arg-type]
+        conn.execute(
+            delete(GroupOwner).where(
+                col(GroupOwner.group_id) == gid, col(GroupOwner.user_id) == uid
+            )
+        )
     removed: set[int] = set()
     for gid in sorted({g for g, _ in released}):
-        left = conn.execute(text("SELECT count(*) FROM group_owner WHERE group_id = :g"), {"g": gid}).scalar_one()
+        left = conn.execute(
+            text("SELECT count(*) FROM group_owner WHERE group_id = :g"), {"g": gid}
+        ).scalar_one()
         if left == 0:
-            conn.execute(delete(GroupMember).where(GroupMember.group_id == gid))  # type: ignore[arg-type]
-            conn.execute(delete(Group).where(Group.id == gid))  # type: ignore[arg-type]
+            conn.execute(delete(GroupMember).where(col(GroupMember.group_id) == gid))
+            conn.execute(delete(Group).where(col(Group.id) == gid))
             removed.add(gid)
         else:
             touched.add(gid)
@@ -193,6 +245,6 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     for gid in sorted(removed):
         credit(key_of[gid], "groups_removed", owned_by_batch.get(gid, ()))
     for gid in sorted(touched - created - removed):
-        conn.execute(update(Group).where(Group.id == gid).values(updated_at=now))  # type: ignore[arg-type]
+        conn.execute(update(Group).where(col(Group.id) == gid).values(updated_at=now))
         credit(key_of[gid], "groups_updated", owned_by_batch.get(gid, ()))
     return result

@@ -33,10 +33,17 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         rf"\1={REDACTED}",
     ),
     (
-        re.compile(r"(?i)(\"(?:access_token|client_secret|password|private_key|token)\"\s*:\s*\")[^\"]*"),
+        re.compile(
+            r"(?i)(\"(?:access_token|client_secret|password|private_key|token)\"\s*:\s*\")[^\"]*"
+        ),
         rf"\1{REDACTED}",
     ),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
+    (
+        re.compile(
+            r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
+        ),
+        REDACTED,
+    ),
 ]
 _KNOWN: set[str] = set()
 
@@ -79,7 +86,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, str):
         return scrub(value)
     if isinstance(value, dict):
-        return {k: (REDACTED if _SECRET_KEY.search(str(k)) else _clean(v)) for k, v in value.items()}
+        return {
+            k: (REDACTED if _SECRET_KEY.search(str(k)) else _clean(v)) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     if isinstance(value, BaseException):
@@ -98,7 +107,9 @@ def redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mutable
     return event
 
 
-def _scrub_rendered(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _scrub_rendered(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     # Tracebacks are rendered late (format_exc_info): scrub them too.
     if "exception" in event and isinstance(event["exception"], str):
         event["exception"] = scrub(event["exception"])
@@ -129,6 +140,31 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+class _ToStructlog(logging.Handler):
+    """Hands stdlib log records (APScheduler, asyncio) to structlog, so stderr stays one
+    format and the redaction processor sees them too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+            structlog.get_logger().log(record.levelno, message, **fields)
+        except Exception:  # logging must never take the process down
+            self.handleError(record)
+
+
+def forward_stdlib(*names: str, level: int = logging.WARNING) -> None:
+    """Route these stdlib loggers through structlog (at ``level`` and above)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _ToStructlog) for h in logger.handlers):
+            logger.addHandler(_ToStructlog())
+        logger.setLevel(level)
+        logger.propagate = False
 
 
 def secret_values() -> Iterable[str]:

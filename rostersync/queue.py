@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, bindparam, select, text, update
+from sqlmodel import col
 
 from rostersync.store.db import Store, as_utc, ts_params, utcnow
 from rostersync.store.tables import ResyncJob, SyncRun
@@ -31,10 +32,10 @@ class LeasedJob:
     run_id: int | None
 
 
-def requeue_expired(conn: Connection) -> int:
+def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
     """Return expired leases to the queue (a job whose user already has a queued job is
     folded into that one)."""
-    now = utcnow()
+    now = now or utcnow()
     conn.execute(
         text(
             "DELETE FROM resync_job WHERE state = 'running' AND lease_expires < :now AND EXISTS ("
@@ -56,7 +57,7 @@ def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list
     now = utcnow()
     lock = "FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
     with store.write() as conn:
-        requeue_expired(conn)
+        requeue_expired(conn, now)
         rows = conn.execute(
             text(
                 f"""
@@ -80,7 +81,7 @@ def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Cou
         res = results.get(job.user_id, Counter())
         conn.execute(
             update(ResyncJob)
-            .where(ResyncJob.id == job.id)  # type: ignore[arg-type]
+            .where(col(ResyncJob.id) == job.id)
             .values(
                 state="succeeded",
                 finished_at=now,
@@ -101,14 +102,12 @@ def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Cou
 def _add_run_counts(conn: Connection, run_id: int, extra: dict[str, int]) -> None:
     current = conn.execute(
         # FOR UPDATE: two instances finishing jobs of one run must not lose each other's counts.
-        select(SyncRun.counts).where(SyncRun.id == run_id).with_for_update()  # type: ignore[arg-type]
+        select(col(SyncRun.counts)).where(col(SyncRun.id) == run_id).with_for_update()
     ).scalar()
     if current is None:
         return
     conn.execute(
-        update(SyncRun)
-        .where(SyncRun.id == run_id)  # type: ignore[arg-type]
-        .values(counts=add_counts(current, extra))
+        update(SyncRun).where(col(SyncRun.id) == run_id).values(counts=add_counts(current, extra))
     )
 
 
@@ -127,7 +126,8 @@ def fail(store: Store, job: LeasedJob, error: str, *, max_attempts: int, backoff
             )
             return state
         other = conn.execute(
-            text("SELECT 1 FROM resync_job WHERE user_id = :u AND state = 'queued'"), {"u": job.user_id}
+            text("SELECT 1 FROM resync_job WHERE user_id = :u AND state = 'queued'"),
+            {"u": job.user_id},
         ).first()
         if other is not None:
             # A newer queued job for this user will do the same work.
@@ -168,7 +168,9 @@ def queue_depth(conn: Connection) -> dict[str, int]:
 
 def job_due_soonest(conn: Connection) -> float | None:
     """Seconds until the next queued job is due (0 if one is due now), None if none queued."""
-    row = conn.execute(text("SELECT min(run_after) FROM resync_job WHERE state = 'queued'")).scalar()
+    row = conn.execute(
+        text("SELECT min(run_after) FROM resync_job WHERE state = 'queued'")
+    ).scalar()
     if row is None:
         return None
     due = as_utc(row)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 Status = Literal["active", "tobedeleted"]
 
@@ -165,12 +165,14 @@ class MemoryRoster:
 
     def copy(self) -> MemoryRoster:
         return MemoryRoster(
-            list(self.orgs), list(self.persons), list(self.classes), list(self.enrollments),
+            list(self.orgs),
+            list(self.persons),
+            list(self.classes),
+            list(self.enrollments),
             list(self.rejected),
         )
 
-    def replace_person(self, sourced_id: str, **changes: object) -> None:
+    def replace_person(self, sourced_id: str, **changes: Any) -> None:
         self.persons = [
-            replace(p, **changes) if p.sourced_id == sourced_id else p  # type: ignore[arg-type]
-            for p in self.persons
+            replace(p, **changes) if p.sourced_id == sourced_id else p for p in self.persons
         ]

@@ -28,7 +28,9 @@ T = TypeVar("T")
 
 
 class RetrySettings(StrictModel):
-    max_attempts: int = Field(default=6, ge=1, le=50, description="tries per request, first included")
+    max_attempts: int = Field(
+        default=6, ge=1, le=50, description="tries per request, first included"
+    )
     max_wait: float = Field(default=60.0, gt=0, description="longest pause between tries, seconds")
     initial_wait: float = Field(default=0.5, gt=0, description="first backoff, seconds")
 
@@ -40,7 +42,9 @@ class RetryPolicy:
 
     def _wait(self) -> Callable[[RetryCallState], float]:
         backoff = wait_exponential_jitter(
-            initial=self.settings.initial_wait, max=self.settings.max_wait, jitter=self.settings.initial_wait
+            initial=self.settings.initial_wait,
+            max=self.settings.max_wait,
+            jitter=self.settings.initial_wait,
         )
 
         def wait(state: RetryCallState) -> float:

@@ -40,10 +40,17 @@ def postgres_unavailable() -> str | None:
     return reason
 
 
-def _pg_schema_store() -> Iterator[Store]:
+def require_postgres() -> None:
+    """Skip (or, in CI with ROSTERSYNC_REQUIRE_PG=1, fail) when PostgreSQL is unreachable."""
     reason = postgres_unavailable()
     if reason:
+        if os.environ.get("ROSTERSYNC_REQUIRE_PG") == "1":
+            pytest.fail(f"{reason} (ROSTERSYNC_REQUIRE_PG=1: CI must run the PostgreSQL tests)")
         pytest.skip(reason)
+
+
+def _pg_schema_store() -> Iterator[Store]:
+    require_postgres()
     import psycopg
 
     schema = f"rs_{uuid.uuid4().hex[:12]}"
@@ -90,14 +97,20 @@ BASE_CONFIG: dict[str, Any] = {
         {"name": "Site Admin", "permissions": ["import_users"], "scope": "site"},
     ],
     "sites": ["North High", "South Middle"],
-    "provisioning": {"auto_create_users": True, "default_role": "Teacher", "default_site": "North High"},
+    "provisioning": {
+        "auto_create_users": True,
+        "default_role": "Teacher",
+        "default_site": "North High",
+    },
 }
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model
 
 from rostersync.config.models import Settings
-from rostersync.connector import ConnectorPlugin, load_plugins
+from rostersync.connector import PLUGIN_ERRORS, load_plugins
 from rostersync.errors import ConfigError, ConfigIssue
 
 DEFAULT_CONFIG = Path("/etc/rostersync/rostersync.yaml")
@@ -47,7 +47,9 @@ def dotted(path: Iterable[str | int]) -> str:
 # -- YAML with line numbers -------------------------------------------------------------
 
 
-def _walk(node: yaml.Node, path: PathKey, lines: dict[PathKey, int], issues: list[ConfigIssue]) -> None:
+def _walk(
+    node: yaml.Node, path: PathKey, lines: dict[PathKey, int], issues: list[ConfigIssue]
+) -> None:
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -169,45 +171,73 @@ def json_schema_text() -> str:
 # -- cross-field checks pydantic cannot see -----------------------------------------------
 
 
-def _semantic_issues(settings: Settings, plugins: Mapping[str, ConnectorPlugin]) -> list[ConfigIssue]:
+def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
+    """Cross-field rules, checked on the raw data so they are reported even when other keys
+    fail validation (an admin fixes every mistake in one pass)."""
     issues: list[ConfigIssue] = []
-    names = settings.role_names
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            issues.append(ConfigIssue(f"roles[{i}]", f"role {name!r} is listed twice"))
-    for i, site in enumerate(settings.sites):
-        if site in settings.sites[:i]:
+    raw_roles = data.get("roles")
+    names: list[str] = []
+    if isinstance(raw_roles, list):
+        for i, r in enumerate(raw_roles):
+            name = r.get("name") if isinstance(r, dict) else r
+            if isinstance(name, str):
+                if name in names:
+                    issues.append(ConfigIssue(f"roles[{i}]", f"role {name!r} is listed twice"))
+                names.append(name)
+    raw_sites = data.get("sites")
+    sites = [s for s in raw_sites if isinstance(s, str)] if isinstance(raw_sites, list) else []
+    for i, site in enumerate(sites):
+        if site in sites[:i]:
             issues.append(ConfigIssue(f"sites[{i}]", f"site {site!r} is listed twice"))
-    prov = settings.provisioning
-    if prov.default_role not in names:
-        issues.append(
-            ConfigIssue(
-                "provisioning.default_role",
-                f"{prov.default_role!r} is not one of roles ({', '.join(names)})",
-            )
-        )
-    if prov.default_site is not None and prov.default_site not in settings.sites:
-        issues.append(
-            ConfigIssue(
-                "provisioning.default_site",
-                f"{prov.default_site!r} is not one of sites ({', '.join(settings.sites) or 'none'})",
-            )
-        )
-    for key, site in prov.site_map.items():
-        if site not in settings.sites:
-            issues.append(
-                ConfigIssue(f"provisioning.site_map.{key}", f"{site!r} is not one of sites")
-            )
-    for name in settings.sources:
-        if not _SOURCE_NAME.match(name):
+    prov = data.get("provisioning")
+    if isinstance(prov, dict):
+        role = prov.get("default_role")
+        if isinstance(role, str) and names and role not in names:
             issues.append(
                 ConfigIssue(
-                    f"sources.{name}",
-                    "source names use letters, digits, '_', '-' and '.' (at most 64)",
+                    "provisioning.default_role",
+                    f"{role!r} is not one of roles ({', '.join(names)})",
                 )
             )
-    db = settings.database
-    if not (db.startswith("sqlite:") or db.startswith("postgresql")):
+        default_site = prov.get("default_site")
+        if isinstance(default_site, str) and default_site not in sites:
+            issues.append(
+                ConfigIssue(
+                    "provisioning.default_site",
+                    f"{default_site!r} is not one of sites ({', '.join(sites) or 'none'})",
+                )
+            )
+        site_map = prov.get("site_map")
+        if isinstance(site_map, dict):
+            for key, value in site_map.items():
+                if isinstance(value, str) and value not in sites:
+                    issues.append(
+                        ConfigIssue(
+                            f"provisioning.site_map.{key}", f"{value!r} is not one of sites"
+                        )
+                    )
+    sources = data.get("sources")
+    if isinstance(sources, dict):
+        for name in sources:
+            if not _SOURCE_NAME.match(str(name)):
+                issues.append(
+                    ConfigIssue(
+                        f"sources.{name}",
+                        "source names use letters, digits, '_', '-' and '.' (at most 64)",
+                    )
+                )
+            src = sources[name]
+            if isinstance(src, dict) and isinstance(src.get("type"), str):
+                known = load_plugins()
+                if src["type"] not in known and src["type"] in PLUGIN_ERRORS:
+                    issues.append(
+                        ConfigIssue(
+                            f"sources.{name}.type",
+                            f"the {src['type']} connector failed to load: {PLUGIN_ERRORS[src['type']]}",
+                        )
+                    )
+    db = data.get("database")
+    if isinstance(db, str) and not (db.startswith("sqlite:") or db.startswith("postgresql")):
         issues.append(
             ConfigIssue("database", "use sqlite:///PATH or postgresql+psycopg://user@host/db")
         )
@@ -224,7 +254,9 @@ def _resolve_database(url: str, base: Path) -> str:
     return url
 
 
-def load_settings_text(text: str, *, file: str = "<config>", base_dir: Path | None = None) -> Settings:
+def load_settings_text(
+    text: str, *, file: str = "<config>", base_dir: Path | None = None
+) -> Settings:
     base = base_dir or Path.cwd()
     issues: list[ConfigIssue] = []
     try:
@@ -250,10 +282,10 @@ def load_settings_text(text: str, *, file: str = "<config>", base_dir: Path | No
         for err in exc.errors(include_url=False):
             path, missing = _map_loc(tuple(err["loc"]), data)
             issues.append(ConfigIssue(dotted(path), _message(err, missing), _line_for(path, lines)))
-    if settings is not None:
-        for issue in _semantic_issues(settings, load_plugins()):
-            key = _path_key(issue.path)
-            issues.append(ConfigIssue(issue.path, issue.message, _line_for(key, lines)))
+    for issue in _semantic_issues(data):
+        issues.append(
+            ConfigIssue(issue.path, issue.message, _line_for(_path_key(issue.path), lines))
+        )
     # Issues found twice (a env var used in two places) are reported once, in file order.
     unique = list(dict.fromkeys(i for i in issues))
     unique.sort(key=lambda i: (i.line or 0, i.path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -53,7 +54,7 @@ class SmtpSettings(StrictModel):
     starttls: bool = False
     username: str | None = None
     password: SecretStr | None = None
-    password_file: str | None = None
+    password_file: Path | None = None
     from_: str = Field(alias="from")
 
     @model_validator(mode="before")

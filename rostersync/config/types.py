@@ -112,9 +112,7 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
     return SecretStr(text.strip())
 
 
-def resolve_secret(
-    data: Any, key: str, info: ValidationInfo, *, required: bool = True
-) -> Any:
+def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool = True) -> Any:
     """Before-validator helper: turn ``key_file: PATH`` into ``key: <contents>``.
 
     Call it from a ``model_validator(mode="before")``. Errors name the keys, never the value.

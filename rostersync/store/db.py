@@ -17,7 +17,16 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import BindParameter, Connection, DateTime, Engine, bindparam, create_engine, event, inspect
+from sqlalchemy import (
+    BindParameter,
+    Connection,
+    DateTime,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    inspect,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
@@ -86,7 +95,9 @@ class Store:
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
         else:
-            raise StoreError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+            raise StoreError(
+                f"unsupported database {parsed.drivername!r}: use sqlite or postgresql"
+            )
 
     @property
     def is_postgres(self) -> bool:

@@ -22,7 +22,7 @@ from sqlmodel import Field, SQLModel
 
 def _ts() -> Any:
     # sa_type, not sa_column: a Column object cannot be shared by the mirror/staging twins.
-    return Field(default=None, sa_type=DateTime(timezone=True))  # type: ignore[call-overload]
+    return Field(default=None, sa_type=DateTime(timezone=True))
 
 
 # -- directory ----------------------------------------------------------------------------
@@ -309,7 +309,9 @@ class SourceState(SQLModel, table=True):
     last_success_at: datetime | None = _ts()
     last_run_id: int | None = None
     # Record counts of the last successful full pull, for the min_source_ratio check.
-    last_counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    last_counts: dict[str, int] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False)
+    )
 
 
 class SourceLease(SQLModel, table=True):

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.store.db import utcnow
@@ -32,6 +33,9 @@ from rostersync.sync.plan import (
     chunks,
 )
 
+#: PostgreSQL channel the daemon LISTENs on for new resync jobs.
+RESYNC_CHANNEL = "rostersync_resync"
+
 #: (mirror table, staging table, columns besides the keys)
 TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "org": (
@@ -43,8 +47,16 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "roster_person",
         "staging_person",
         (
-            "role", "given_name", "family_name", "email", "username", "enabled", "org_ids",
-            "status", "date_last_modified", "row_hash",
+            "role",
+            "given_name",
+            "family_name",
+            "email",
+            "username",
+            "enabled",
+            "org_ids",
+            "status",
+            "date_last_modified",
+            "row_hash",
         ),
     ),
     "class": (
@@ -108,7 +120,9 @@ def missing_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[st
     return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
-def dirty_classes(conn: Connection, source: str, run_id: int, full: bool) -> tuple[set[str], set[str]]:
+def dirty_classes(
+    conn: Connection, source: str, run_id: int, full: bool
+) -> tuple[set[str], set[str]]:
     """Classes whose group content may change, and persons whose record changed.
 
     A class is dirty when it, one of its enrollments, or one of its people changed. Called
@@ -154,7 +168,9 @@ def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
     return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
-def classes_of_persons(conn: Connection, source: str, person_ids: set[str], run_id: int) -> set[str]:
+def classes_of_persons(
+    conn: Connection, source: str, person_ids: set[str], run_id: int
+) -> set[str]:
     out: set[str] = set()
     for chunk in chunks(sorted(person_ids)):
         params = {"src": source, "run": run_id, "ids": chunk}
@@ -209,7 +225,8 @@ def merge(conn: Connection, source: str, run_id: int, full: bool) -> dict[str, i
         updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
         sql = f"""
             INSERT INTO {mirror} (source, sourced_id, {col_list})
-            SELECT :src, s.sourced_id, {", ".join("s." + c for c in cols)} FROM {staging} s
+            SELECT CAST(:src AS VARCHAR(64)), s.sourced_id, {", ".join("s." + c for c in cols)}
+            FROM {staging} s
             WHERE s.run_id = :run AND NOT EXISTS (
                 SELECT 1 FROM {mirror} m
                 WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
@@ -246,7 +263,9 @@ def eligible_teachers(conn: Connection, source: str) -> list[Teacher]:
         )
     }
     out = []
-    for sid, email, given, family, username, org_ids in conn.execute(text(sql), {"src": source, "yes": True}):
+    for sid, email, given, family, username, org_ids in conn.execute(
+        text(sql), {"src": source, "yes": True}
+    ):
         schools = tuple(o for o in (org_ids or "").split(",") if o)
         out.append(
             Teacher(
@@ -293,7 +312,9 @@ def users_by_email(conn: Connection, emails: Iterable[str]) -> dict[str, Existin
 
 
 def count_active_users(conn: Connection) -> int:
-    return int(conn.execute(text("SELECT count(*) FROM \"user\" WHERE status = 'active'")).scalar_one())
+    return int(
+        conn.execute(text("SELECT count(*) FROM \"user\" WHERE status = 'active'")).scalar_one()
+    )
 
 
 # -- directory writes -----------------------------------------------------------------------
@@ -302,15 +323,23 @@ def count_active_users(conn: Connection) -> int:
 def sync_catalog(conn: Connection, settings: Settings) -> None:
     """Make the role and site rows match the config (added or updated, never deleted:
     users may still hold a role an admin removed from the file)."""
-    roles = {name: (rid, scope, perms) for rid, name, scope, perms in conn.execute(
-        text("SELECT id, name, scope, permissions FROM role"))}
+    roles = {
+        name: (rid, scope, perms)
+        for rid, name, scope, perms in conn.execute(
+            text("SELECT id, name, scope, permissions FROM role")
+        )
+    }
     for spec in settings.roles:
         perms = list(spec.permissions)
         current = roles.get(spec.name)
         if current is None:
             conn.execute(insert(Role).values(name=spec.name, scope=spec.scope, permissions=perms))
         elif current[1] != spec.scope or list(current[2] or []) != perms:
-            conn.execute(update(Role).where(Role.id == current[0]).values(scope=spec.scope, permissions=perms))  # type: ignore[arg-type]
+            conn.execute(
+                update(Role)
+                .where(col(Role.id) == current[0])
+                .values(scope=spec.scope, permissions=perms)
+            )
     sites = {name for (name,) in conn.execute(text("SELECT name FROM site"))}
     for site in settings.sites:
         if site not in sites:
@@ -329,37 +358,47 @@ def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> se
     created: set[int] = set()
     for new in plan.create:
         uid = conn.execute(
-            insert(User).values(
+            insert(User)
+            .values(
                 email=new.email,
                 display_name=new.display_name[:256],
                 status="active",
                 created_by=f"source:{source}",
                 created_at=now,
                 updated_at=now,
-            ).returning(User.id)  # type: ignore[arg-type]
+            )
+            .returning(col(User.id))
         ).scalar_one()
+        assert uid is not None
         created.add(uid)
         conn.execute(insert(UserRole).values(user_id=uid, role_id=role_ids[new.role]))
         for site in new.sites:
             conn.execute(insert(UserSite).values(user_id=uid, site_id=site_ids[site]))
         for ext, username in new.identities:
-            conn.execute(insert(UserIdentity).values(user_id=uid, source=source, external_id=ext, username=username))
+            conn.execute(
+                insert(UserIdentity).values(
+                    user_id=uid, source=source, external_id=ext, username=username
+                )
+            )
     for link in plan.link:
         conn.execute(
             insert(UserIdentity).values(
-                user_id=link.user_id, source=source, external_id=link.sourced_id, username=link.username
+                user_id=link.user_id,
+                source=source,
+                external_id=link.sourced_id,
+                username=link.username,
             )
         )
     if plan.restore:
         conn.execute(
             update(User)
-            .where(User.id.in_(plan.restore))  # type: ignore[union-attr]
+            .where(col(User.id).in_(plan.restore))
             .values(status="active", archived_by_sync=False, updated_at=now)
         )
     if plan.archive:
         conn.execute(
             update(User)
-            .where(User.id.in_(plan.archive))  # type: ignore[union-attr]
+            .where(col(User.id).in_(plan.archive))
             .values(status="archived", archived_by_sync=True, updated_at=now)
         )
     return created
@@ -386,7 +425,9 @@ def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
         text("SELECT count(*) FROM \"user\" WHERE created_by = :cb AND status = 'active'"),
         {"cb": f"source:{source}"},
     ).scalar_one()
-    groups = conn.execute(text("SELECT count(*) FROM groups WHERE source = :src"), {"src": source}).scalar_one()
+    groups = conn.execute(
+        text("SELECT count(*) FROM groups WHERE source = :src"), {"src": source}
+    ).scalar_one()
     return int(users), int(groups)
 
 
@@ -404,17 +445,33 @@ def groups_to_remove(conn: Connection, source: str, archived: Iterable[int] = ()
               AND {TEACHES_POPULATED})
     """
     stmt = text(sql).bindparams(bindparam("archived", expanding=True))
-    return int(conn.execute(stmt, {"src": source, "yes": True, "archived": archived_ids}).scalar_one())
+    return int(
+        conn.execute(stmt, {"src": source, "yes": True, "archived": archived_ids}).scalar_one()
+    )
 
 
 def queue_resync(
-    conn: Connection, user_ids: Iterable[int], *, reason: str, run_id: int | None, live: bool = False
+    conn: Connection,
+    user_ids: Iterable[int],
+    *,
+    reason: str,
+    run_id: int | None,
+    live: bool = False,
 ) -> int:
     """Queue one job per user; a user with a queued job keeps one (its reason refreshed)."""
     now = utcnow()
-    rows = [
-        {"user_id": uid, "state": "queued", "reason": reason[:200], "run_id": run_id, "live": live,
-         "attempts": 0, "run_after": now, "created_at": now, "result": {}}
+    rows: list[dict[str, Any]] = [
+        {
+            "user_id": uid,
+            "state": "queued",
+            "reason": reason[:200],
+            "run_id": run_id,
+            "live": live,
+            "attempts": 0,
+            "run_after": now,
+            "created_at": now,
+            "result": {},
+        }
         for uid in sorted(set(user_ids))
     ]
     if not rows:
@@ -430,6 +487,9 @@ def queue_resync(
             index_elements=["user_id"], index_where=text("state = 'queued'"), set_=set_
         )
         conn.execute(stmt)
+    if conn.dialect.name == "postgresql":
+        # Wakes idle daemon workers at once (delivered when this transaction commits).
+        conn.execute(text(f"NOTIFY {RESYNC_CHANNEL}"))
     return len(rows)
 
 

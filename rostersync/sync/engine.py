@@ -26,9 +26,16 @@ import httpx
 import structlog
 from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col
 
 from rostersync.config.models import Settings
-from rostersync.connector import Connector, ConnectorContext, ConnectorPlugin, FetchMode, load_plugins
+from rostersync.connector import (
+    Connector,
+    ConnectorContext,
+    ConnectorPlugin,
+    FetchMode,
+    load_plugins,
+)
 from rostersync.errors import (
     DeltaUnsupportedError,
     RostersyncError,
@@ -38,7 +45,7 @@ from rostersync.errors import (
 )
 from rostersync.groups import rebuild_groups
 from rostersync.logs import scrub
-from rostersync.queue import LeasedJob, complete, fail, lease
+from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import Rejected, TeacherRef, TeacherRoster
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import RunRejection, SourceLease, SourceState, SyncRun
@@ -129,14 +136,16 @@ class _ApplyResult:
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:
-    row = conn.execute(select(SyncRun).where(SyncRun.id == run_id)).first()  # type: ignore[arg-type]
+    row = conn.execute(select(SyncRun).where(col(SyncRun.id) == run_id)).first()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist")
     run = row._mapping
     rejected = [
         Rejected(r.entity, r.sourced_id, r.reason, r.location).as_dict()
         for r in conn.execute(
-            select(RunRejection).where(RunRejection.run_id == run_id).order_by(RunRejection.id)  # type: ignore[arg-type]
+            select(RunRejection)
+            .where(col(RunRejection.run_id) == run_id)
+            .order_by(col(RunRejection.id))
         )
     ]
     return RunReport(
@@ -169,8 +178,10 @@ class SyncEngine:
         connectors: Mapping[str, Connector] | None = None,
         owner: str | None = None,
         progress: ProgressFn | None = None,
+        http_event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
         self.settings = settings
+        self.http_event_hooks = {k: list(v) for k, v in (http_event_hooks or {}).items()}
         self.store = store
         self.transport = transport  # tests swap the network here
         self._fixed_connectors = dict(connectors or {})
@@ -195,6 +206,9 @@ class SyncEngine:
         options = cfg.http_client_options()
         if self.transport is not None:
             options["transport"] = self.transport
+        if self.http_event_hooks:
+            # The daemon's metrics time every request and count responses by status here.
+            options["event_hooks"] = self.http_event_hooks
         async with httpx.AsyncClient(**options) as http:
             conn = plugin.create(ConnectorContext(source, cfg, http, self.log.bind(source=source)))
             try:
@@ -216,23 +230,29 @@ class SyncEngine:
                 where=(table.c.owner == self.owner) | (table.c.expires_at < now),
             )
             conn.execute(stmt)
-            holder = conn.execute(select(table.c.owner).where(table.c.source == source)).scalar_one()
+            holder = conn.execute(
+                select(table.c.owner).where(table.c.source == source)
+            ).scalar_one()
         if holder != self.owner:
             raise SourceBusy(f"source {source!r} is being synced by {holder}")
 
     def _drop_lease(self, source: str) -> None:
         with self.store.write() as conn:
             conn.execute(
-                delete(SourceLease).where(SourceLease.source == source, SourceLease.owner == self.owner)  # type: ignore[arg-type]
+                delete(SourceLease).where(
+                    col(SourceLease.source) == source, col(SourceLease.owner) == self.owner
+                )
             )
 
     # -- sync -----------------------------------------------------------------------------
 
     def _source_state(self, conn: Connection, source: str) -> Mapping[str, Any] | None:
-        row = conn.execute(select(SourceState).where(SourceState.source == source)).first()  # type: ignore[arg-type]
-        return row._mapping if row is not None else None
+        row = conn.execute(select(SourceState).where(col(SourceState.source) == source)).first()
+        return dict(row._mapping) if row is not None else None
 
-    def _choose_mode(self, source: str, requested: str | None) -> tuple[FetchMode, datetime | None, list[str]]:
+    def _choose_mode(
+        self, source: str, requested: str | None
+    ) -> tuple[FetchMode, datetime | None, list[str]]:
         cfg = self.settings.sources[source]
         want = requested or cfg.mode
         warnings: list[str] = []
@@ -264,7 +284,9 @@ class SyncEngine:
         fetch_mode, since, warnings = self._choose_mode(source, mode)
         self._take_lease(source)
         try:
-            return await self._sync_leased(source, fetch_mode, since, warnings, dry_run, trigger, mode)
+            return await self._sync_leased(
+                source, fetch_mode, since, warnings, dry_run, trigger, mode
+            )
         finally:
             self._drop_lease(source)
 
@@ -280,7 +302,7 @@ class SyncEngine:
     ) -> RunReport:
         with self.store.write() as conn:
             sql.sync_catalog(conn, self.settings)
-            run_id = conn.execute(
+            new_id = conn.execute(
                 insert(SyncRun)
                 .values(
                     source=source,
@@ -294,8 +316,10 @@ class SyncEngine:
                     fetched={},
                     warnings=warnings,
                 )
-                .returning(SyncRun.id)  # type: ignore[arg-type]
+                .returning(col(SyncRun.id))
             ).scalar_one()
+            assert new_id is not None
+            run_id: int = new_id
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         try:
@@ -322,9 +346,11 @@ class SyncEngine:
     def _reset_run(self, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
         with self.store.write() as conn:
             clear_staging(conn, run_id)
-            conn.execute(delete(RunRejection).where(RunRejection.run_id == run_id))  # type: ignore[arg-type]
+            conn.execute(delete(RunRejection).where(col(RunRejection.run_id) == run_id))
             conn.execute(
-                update(SyncRun).where(SyncRun.id == run_id).values(mode=mode.value, warnings=warnings)  # type: ignore[arg-type]
+                update(SyncRun)
+                .where(col(SyncRun.id) == run_id)
+                .values(mode=mode.value, warnings=warnings)
             )
 
     async def _fetch(
@@ -333,28 +359,34 @@ class SyncEngine:
         fetched: Counter[str] = Counter()
         newest: datetime | None = None
         pending: asyncio.Task[None] | None = None
-        async with self.connector(source) as connector:
-            async for records in connector.fetch(mode, since):
-                batch = sort_batch(records)
-                fetched.update(
-                    {
-                        "orgs": len(batch.rows["org"]),
-                        "persons": len(batch.rows["person"]),
-                        "classes": len(batch.rows["class"]),
-                        "enrollments": len(batch.rows["enrollment"]),
-                        "rejected": len(batch.rejected),
-                    }
-                )
-                if batch.newest and (newest is None or batch.newest > newest):
-                    newest = batch.newest
-                # Stage in a worker thread while the connector fetches the next batch.
-                if pending is not None:
-                    await pending
-                pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, batch))
-                if self.progress:
-                    self.progress(source, "fetch", dict(fetched))
+        try:
+            async with self.connector(source) as connector:
+                async for records in connector.fetch(mode, since):
+                    batch = sort_batch(records)
+                    fetched.update(
+                        {
+                            "orgs": len(batch.rows["org"]),
+                            "persons": len(batch.rows["person"]),
+                            "classes": len(batch.rows["class"]),
+                            "enrollments": len(batch.rows["enrollment"]),
+                            "rejected": len(batch.rejected),
+                        }
+                    )
+                    if batch.newest and (newest is None or batch.newest > newest):
+                        newest = batch.newest
+                    # Stage in a worker thread while the connector fetches the next batch.
+                    if pending is not None:
+                        await pending
+                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, batch))
+                    if self.progress:
+                        self.progress(source, "fetch", dict(fetched))
+        finally:
+            # Even when the fetch fails, let the last staging write land before the caller
+            # clears staging, or its rows would outlive the failed run.
             if pending is not None:
-                await pending
+                await asyncio.gather(pending, return_exceptions=True)
+        if pending is not None and (error := pending.exception()) is not None:
+            raise error
         log.info("fetch_done", **dict(fetched))
         return dict(fetched), newest
 
@@ -389,7 +421,7 @@ class SyncEngine:
             clear_staging(conn, run_id)
             conn.execute(
                 update(SyncRun)
-                .where(SyncRun.id == run_id)  # type: ignore[arg-type]
+                .where(col(SyncRun.id) == run_id)
                 .values(status="failed", error=message[:4000], finished_at=utcnow())
             )
         with self.store.read() as conn:
@@ -409,16 +441,24 @@ class SyncEngine:
         full = mode is FetchMode.FULL
         try:
             with self.store.write() as conn:
-                result = self._apply_in(conn, source, run_id, full, fetched, newest, dry_run, approved)
+                result = self._apply_in(
+                    conn, source, run_id, full, fetched, newest, dry_run, approved
+                )
         except _Held as held:
             reason = "; ".join(held.reasons)
             log.warning("sync_held", reason=reason, **held.counts)
             with self.store.write() as conn:
                 conn.execute(
                     update(SyncRun)
-                    .where(SyncRun.id == run_id)  # type: ignore[arg-type]
-                    .values(status="held", hold_reason=reason, counts=held.counts, fetched=dict(fetched),
-                            finished_at=utcnow(), high_water_mark=newest)
+                    .where(col(SyncRun.id) == run_id)
+                    .values(
+                        status="held",
+                        hold_reason=reason,
+                        counts=held.counts,
+                        fetched=dict(fetched),
+                        finished_at=utcnow(),
+                        high_water_mark=newest,
+                    )
                 )
         except _DryRun as dry:
             with self.store.write() as conn:
@@ -426,8 +466,13 @@ class SyncEngine:
                 status = "succeeded_with_errors" if dry.counts["records_rejected"] else "succeeded"
                 conn.execute(
                     update(SyncRun)
-                    .where(SyncRun.id == run_id)  # type: ignore[arg-type]
-                    .values(status=status, counts=dry.counts, fetched=dict(fetched), finished_at=utcnow())
+                    .where(col(SyncRun.id) == run_id)
+                    .values(
+                        status=status,
+                        counts=dry.counts,
+                        fetched=dict(fetched),
+                        finished_at=utcnow(),
+                    )
                 )
         else:
             log.info("sync_applied", **result.counts)
@@ -465,14 +510,29 @@ class SyncEngine:
             license_limit=settings.license_limit,
         )
         no_email = [
-            Rejected("user", sid, "no email: teaches classes with students but has no email address")
+            Rejected(
+                "user", sid, "no email: teaches classes with students but has no email address"
+            )
             for sid in plan.no_email
         ]
         if no_email:
-            conn.execute(delete(RunRejection).where(RunRejection.run_id == run_id, RunRejection.reason.startswith("no email:")))  # type: ignore[arg-type, attr-defined]
+            conn.execute(
+                delete(RunRejection).where(
+                    col(RunRejection.run_id) == run_id,
+                    col(RunRejection.reason).startswith("no email:"),
+                )
+            )
             conn.execute(
                 insert(RunRejection),
-                [{"run_id": run_id, "entity": r.entity, "sourced_id": r.sourced_id, "reason": r.reason} for r in no_email],
+                [
+                    {
+                        "run_id": run_id,
+                        "entity": r.entity,
+                        "sourced_id": r.sourced_id,
+                        "reason": r.reason,
+                    }
+                    for r in no_email
+                ],
             )
         rejected_total = conn.execute(
             text("SELECT count(*) FROM run_rejection WHERE run_id = :r"), {"r": run_id}
@@ -506,7 +566,9 @@ class SyncEngine:
 
         created = sql.apply_provisioning(conn, source, plan)
         affected_people = teachers_before | teachers_after | changed_people
-        resync_users = sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
+        resync_users = (
+            sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
+        )
         counts["resync_queued"] = len(resync_users)
         if dry_run:
             counts["groups_removed"] = groups_removed
@@ -523,17 +585,27 @@ class SyncEngine:
         }
         if full:
             values["last_full_at"] = now
-            values["last_counts"] = {k: int(fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")}
+            values["last_counts"] = {
+                k: int(fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")
+            }
         if state is None:
             conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
         else:
-            conn.execute(update(SourceState).where(SourceState.source == source).values(**values))  # type: ignore[arg-type]
+            conn.execute(
+                update(SourceState).where(col(SourceState.source) == source).values(**values)
+            )
 
         status = "succeeded_with_errors" if rejected_total else "succeeded"
         conn.execute(
             update(SyncRun)
-            .where(SyncRun.id == run_id)  # type: ignore[arg-type]
-            .values(status=status, counts=counts, fetched=dict(fetched), finished_at=now, high_water_mark=newest)
+            .where(col(SyncRun.id) == run_id)
+            .values(
+                status=status,
+                counts=counts,
+                fetched=dict(fetched),
+                finished_at=now,
+                high_water_mark=newest,
+            )
         )
         # This run's staging, and that of older held runs it supersedes, is no longer needed.
         older = [
@@ -554,7 +626,9 @@ class SyncEngine:
         with self.store.read() as conn:
             report = load_report(conn, run_id)
             if report.status != "held":
-                raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
+                raise RunStateError(
+                    f"run {run_id} is {report.status}, not held: nothing to approve"
+                )
             newer = conn.execute(
                 text(
                     "SELECT id FROM sync_run WHERE source = :s AND id > :r "
@@ -572,15 +646,27 @@ class SyncEngine:
         self._take_lease(report.source)
         try:
             with self.store.read() as conn:
-                hwm = conn.execute(select(SyncRun.high_water_mark).where(SyncRun.id == run_id)).scalar()  # type: ignore[arg-type]
+                hwm = conn.execute(
+                    select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
+                ).scalar()
             log = self.log.bind(source=report.source, run_id=run_id)
             mode = FetchMode(report.mode)
             with self.store.write() as conn:
                 conn.execute(
-                    update(SyncRun).where(SyncRun.id == run_id).values(status="running", approved_at=utcnow())  # type: ignore[arg-type]
+                    update(SyncRun)
+                    .where(col(SyncRun.id) == run_id)
+                    .values(status="running", approved_at=utcnow())
                 )
             out = await asyncio.to_thread(
-                self._apply, report.source, run_id, mode, report.fetched, as_utc(hwm), False, True, log
+                self._apply,
+                report.source,
+                run_id,
+                mode,
+                report.fetched,
+                as_utc(hwm),
+                False,
+                True,
+                log,
             )
             log.info("held_run_approved")
             return out
@@ -592,7 +678,9 @@ class SyncEngine:
     async def process_batch(self) -> list[tuple[LeasedJob, str]]:
         """Lease one batch of due jobs and process it; returns (job, outcome) pairs."""
         rs = self.settings.resync
-        jobs = await asyncio.to_thread(lease, self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease)
+        jobs = await asyncio.to_thread(
+            lease, self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease
+        )
         if not jobs:
             return []
         outcomes: list[tuple[LeasedJob, str]] = []
@@ -607,9 +695,20 @@ class SyncEngine:
                 ready.append(job)
             except Exception as exc:
                 state = await asyncio.to_thread(
-                    fail, self.store, job, scrub(str(exc)), max_attempts=rs.max_attempts, backoff=rs.backoff
+                    fail,
+                    self.store,
+                    job,
+                    scrub(str(exc)),
+                    max_attempts=rs.max_attempts,
+                    backoff=rs.backoff,
                 )
-                self.log.warning("resync_failed", job_id=job.id, user_id=job.user_id, error=scrub(str(exc)), state=state)
+                self.log.warning(
+                    "resync_failed",
+                    job_id=job.id,
+                    user_id=job.user_id,
+                    error=scrub(str(exc)),
+                    state=state,
+                )
                 outcomes.append((job, state))
         if ready:
             try:
@@ -618,7 +717,12 @@ class SyncEngine:
             except Exception as exc:
                 for job in ready:
                     state = await asyncio.to_thread(
-                        fail, self.store, job, scrub(str(exc)), max_attempts=rs.max_attempts, backoff=rs.backoff
+                        fail,
+                        self.store,
+                        job,
+                        scrub(str(exc)),
+                        max_attempts=rs.max_attempts,
+                        backoff=rs.backoff,
                     )
                     outcomes.append((job, state))
                 self.log.error("resync_batch_failed", jobs=len(ready), error=scrub(str(exc)))
@@ -642,18 +746,17 @@ class SyncEngine:
             out.append((source, ext, roster))
         return out
 
-    def _materialise(self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]) -> None:
+    def _materialise(
+        self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
+    ) -> None:
         with self.store.write() as conn:
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
                     apply_teacher_roster(conn, source, ext, roster)
             results = rebuild_groups(conn, [j.user_id for j in jobs])
+            totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
             complete(conn, jobs, results)
-        self.log.info(
-            "resync_batch_done",
-            jobs=len(jobs),
-            **{k: sum(r[k] for r in results.values()) for k in ("groups_created", "groups_updated", "groups_removed")},
-        )
+        self.log.info("resync_batch_done", jobs=len(jobs), **totals)
 
     async def drain(self) -> int:
         """Process due jobs until none is left; returns how many were processed."""

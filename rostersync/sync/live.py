@@ -15,7 +15,9 @@ from rostersync.store.tables import RosterClassRow, RosterEnrollmentRow, RosterP
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
 
-def apply_teacher_roster(conn: Connection, source: str, teacher_id: str, roster: TeacherRoster) -> None:
+def apply_teacher_roster(
+    conn: Connection, source: str, teacher_id: str, roster: TeacherRoster
+) -> None:
     persons = list(roster.persons)
     if roster.teacher is not None:
         persons.append(roster.teacher)
@@ -63,14 +65,18 @@ def apply_teacher_roster(conn: Connection, source: str, teacher_id: str, roster:
     )
     for sid, cls, uid, role, status in rows:
         existing[(cls, uid, role)] = (sid, status)
-    live = {(e.class_id, e.user_id, e.role): e for e in roster.enrollments if e.class_id in live_classes}
+    live = {
+        (e.class_id, e.user_id, e.role): e for e in roster.enrollments if e.class_id in live_classes
+    }
     new_rows = []
     for key, e in live.items():
         if key in existing:
             sid, status = existing[key]
             if status != "active":
                 conn.execute(
-                    text("UPDATE roster_enrollment SET status = 'active' WHERE source = :src AND sourced_id = :sid"),
+                    text(
+                        "UPDATE roster_enrollment SET status = 'active' WHERE source = :src AND sourced_id = :sid"
+                    ),
                     {"src": source, "sid": sid},
                 )
         else:
@@ -79,6 +85,8 @@ def apply_teacher_roster(conn: Connection, source: str, teacher_id: str, roster:
     for (cls, uid, role), (sid, status) in existing.items():
         if role == STUDENT and status == "active" and (cls, uid, role) not in live:
             conn.execute(
-                text("UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src AND sourced_id = :sid"),
+                text(
+                    "UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src AND sourced_id = :sid"
+                ),
                 {"src": source, "sid": sid},
             )

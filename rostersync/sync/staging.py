@@ -128,7 +128,9 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
     return out
 
 
-def upsert_rows(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: list[str]) -> None:
+def upsert_rows(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: list[str]
+) -> None:
     """Bulk INSERT ... ON CONFLICT DO UPDATE (last one wins), in chunks."""
     if not rows:
         return

@@ -1,0 +1,748 @@
+"""``rostersync run``: scheduled syncs, resync workers, systemd integration, metrics.
+
+One asyncio loop carries everything::
+
+    APScheduler job per source ──► sync task (shielded, tracked) ──► wakes the workers
+    resync.workers worker tasks ──► engine.process_batch() ◄── LISTEN rostersync_resync (PG)
+    ticker: heartbeat for /healthz, WATCHDOG=1 at half WATCHDOG_USEC
+    signals: SIGHUP reload · SIGTERM/SIGINT drain and exit 0 (a second one stops waiting)
+
+Several instances may share one PostgreSQL database: a source's sync is guarded by the
+engine's lease row (the loser logs ``sync_skipped_busy``), jobs are leased with
+``FOR UPDATE SKIP LOCKED``, and a dead instance's job leases expire after ``resync.lease``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import make_url
+
+from rostersync.config.loader import load_settings
+from rostersync.config.models import Settings
+from rostersync.config.source import Schedule
+from rostersync.errors import ConfigError
+from rostersync.logs import configure as configure_logging
+from rostersync.logs import forward_stdlib, register_secrets_in, scrub
+from rostersync.metrics import Metrics, MetricsServer
+from rostersync.queue import job_due_soonest, queue_depth
+from rostersync.store.db import Store, as_utc, ts_params, utcnow
+from rostersync.sync.apply import RESYNC_CHANNEL
+from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
+from rostersync.sync.staging import clear_staging
+from rostersync.systemd import Notifier
+
+#: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).
+SQLITE_POLL = 1.0
+#: With LISTEN/NOTIFY, polling only catches leases that expired and jobs whose backoff ended.
+PG_POLL = 5.0
+#: An idle worker calls the queue's lease step at least this often even when nothing looks
+#: due, because that step is also what returns expired leases to the queue.
+LEASE_SWEEP = 5.0
+#: /healthz calls the scheduler dead when the loop has not ticked for this long.
+HEARTBEAT_STALE = 30.0
+OUTBOX_EVERY = 30.0
+DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+# -- schedules --------------------------------------------------------------------------------
+
+
+def crontab_day_of_week(field_: str) -> str:
+    """Translate a crontab day-of-week field (0 or 7 = Sunday) into APScheduler 3.x names.
+
+    APScheduler 3.x counts 0 as Monday (a known mismatch it cannot fix in 3.x), so numbers are
+    expanded here into day names and the names are what the trigger sees.
+    """
+    if field_.strip() == "*":
+        return "*"
+    days: set[int] = set()
+    for item in field_.lower().split(","):
+        base, _, step_text = item.partition("/")
+        step = int(step_text) if step_text else 1
+        if base == "*":
+            lo, hi = 0, 6
+        elif "-" in base:
+            a, b = base.split("-", 1)
+            lo, hi = _day_number(a), _day_number(b)
+            if hi == 0 and lo > 0:
+                hi = 7  # "5-0" / "5-7": Friday to Sunday
+        else:
+            lo = hi = _day_number(base)
+            if step_text:
+                hi = 6  # "1/2": from Monday on, every second day (cron semantics)
+        if lo > hi:
+            raise ValueError(f"day-of-week range {base!r} runs backwards")
+        days.update(d % 7 for d in range(lo, hi + 1, step))
+    if len(days) == 7:
+        return "*"
+    return ",".join(DAY_NAMES[d] for d in sorted(days))
+
+
+def _day_number(token: str) -> int:
+    token = token.strip()
+    if token.isdigit() and 0 <= int(token) <= 7:
+        return int(token)
+    if token[:3] in DAY_NAMES:
+        return DAY_NAMES.index(token[:3])
+    raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
+
+
+def build_trigger(schedule: Schedule, *, start: datetime | None = None) -> IntervalTrigger | CronTrigger:
+    """The APScheduler trigger for a source's ``schedule`` (interval or five-field cron)."""
+    jitter = int(schedule.jitter.total_seconds()) or None
+    if schedule.interval is not None:
+        return IntervalTrigger(seconds=schedule.interval.total_seconds(), start_date=start, jitter=jitter)
+    assert schedule.cron is not None  # the model guarantees exactly one of the two
+    minute, hour, day, month, dow = schedule.cron.split()
+    return CronTrigger(
+        minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_day_of_week(dow), jitter=jitter
+    )
+
+
+def misfire_grace(schedule: Schedule) -> int:
+    """How late a start may be and still run: a slow loop must not drop a run, but a run
+    missed by more than one interval is replaced by the next one (coalesce)."""
+    if schedule.interval is not None:
+        return int(min(max(schedule.interval.total_seconds(), 1), 3600))
+    return 3600
+
+
+# -- recovery after a crash ---------------------------------------------------------------------
+
+
+def owner_is_dead(owner: str, me: str, hostname: str | None = None) -> bool:
+    """True if ``owner`` names a process on this host that no longer exists, or is this
+    instance's own id (a previous run of it, since ids must be unique among live instances)."""
+    if owner == me:
+        return True
+    host, sep, pid = owner.rpartition(":")
+    if not sep or host != (hostname or socket.gethostname()) or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
+def recover(store: Store, me: str) -> dict[str, list[Any]]:
+    """Undo what a killed process left behind, before this instance starts work.
+
+    * source leases of dead local processes are dropped (the engine's lease would otherwise
+      block that source for 30 minutes after a crash);
+    * sync runs still ``running`` for a source nobody holds a live lease on are marked failed
+      and their staging rows removed (their apply transaction never committed, so the
+      directory is untouched).
+
+    Job leases are left to expire after ``resync.lease``: that is how the queue returns the work
+    of any dead instance, local or remote.
+    """
+    now = utcnow()
+    with store.write() as conn:
+        owners = [r[0] for r in conn.execute(text("SELECT DISTINCT owner FROM source_lease"))]
+        dead = [o for o in owners if owner_is_dead(o, me)]
+        if dead:
+            conn.execute(
+                text("DELETE FROM source_lease WHERE owner IN :o").bindparams(bindparam("o", expanding=True)),
+                {"o": dead},
+            )
+        orphans = [
+            int(r[0])
+            for r in conn.execute(
+                text(
+                    "SELECT id FROM sync_run WHERE status = 'running' AND source NOT IN "
+                    "(SELECT source FROM source_lease WHERE expires_at > :now)"
+                ).bindparams(*ts_params("now")),
+                {"now": now},
+            )
+        ]
+        for run_id in orphans:
+            clear_staging(conn, run_id)
+        if orphans:
+            conn.execute(
+                text(
+                    "UPDATE sync_run SET status = 'failed', finished_at = :now, "
+                    "error = 'interrupted: the process running it stopped before it finished' "
+                    "WHERE id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True), *ts_params("now")),
+                {"now": now, "ids": orphans},
+            )
+    return {"dead_owners": dead, "interrupted_runs": orphans}
+
+
+def release_own_leases(store: Store, owner: str) -> int:
+    """Return this instance's running jobs to the queue, untouched (shutdown cut them off).
+
+    One guarded statement rather than :func:`rostersync.queue.release` on a list: a batch that
+    commits while we shut down must keep its ``succeeded``, not be queued again.
+    """
+    with store.write() as conn:
+        res = conn.execute(
+            text(
+                "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+                "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+                "WHERE state = 'running' AND lease_owner = :owner"
+            ),
+            {"owner": owner},
+        )
+    return res.rowcount or 0
+
+
+def pg_conninfo(url: str) -> str:
+    """The libpq URI for a SQLAlchemy ``postgresql+psycopg://`` URL (options kept)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LastRun:
+    status: str
+    run_id: int
+    finished_at: datetime | None
+
+
+@dataclass
+class _Worker:
+    index: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    retire: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class Daemon:
+    """The long-running process; :meth:`run` returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        config_file: str | os.PathLike[str],
+        owner: str | None = None,
+        stop_timeout: float = 60.0,
+        log_level: str | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.config_file = Path(config_file)
+        self.owner = owner or instance_id()
+        self.stop_timeout = stop_timeout
+        self.log_level = log_level
+        self.notifier = notifier or Notifier()
+        self.log = structlog.get_logger()
+        self.metrics = Metrics(self._queue_depth, instance=self.owner)
+        self.engine = self._make_engine()
+        self.scheduler: AsyncIOScheduler | None = None
+        self.last_runs: dict[str, LastRun] = {}
+        self._server: MetricsServer | None = None
+        self._server_listen: str | None = None
+        self._workers: list[_Worker] = []
+        self._syncs: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._scheduled: dict[str, Schedule] = {}
+        self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._stopping = False
+        self._listening = False
+        self._heartbeat = time.monotonic()
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    def _make_engine(self) -> SyncEngine:
+        return SyncEngine(
+            self.settings, self.store, owner=self.owner, http_event_hooks=self.metrics.http_event_hooks()
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        structlog.contextvars.bind_contextvars(instance=self.owner)
+        forward_stdlib("apscheduler", "asyncio")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        try:
+            found = await asyncio.to_thread(recover, self.store, self.owner)
+            await asyncio.to_thread(self._load_history)
+        except Exception as exc:
+            self.log.error("daemon_start_failed", error=scrub(str(exc)))
+            return 1
+        if found["dead_owners"] or found["interrupted_runs"]:
+            self.log.warning("recovered_after_crash", **found)
+        try:
+            self._apply_metrics_listen()
+        except OSError as exc:
+            self.log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
+            return 1
+
+        self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self.scheduler.start()
+        self._apply_schedule()
+        self._resize_workers()
+        self._background.append(asyncio.create_task(self._ticker(), name="ticker"))
+        if self.store.is_postgres:
+            self._background.append(asyncio.create_task(self._listen(), name="listen"))
+        self._background.append(asyncio.create_task(self._outbox_loop(), name="outbox"))
+
+        self.log.info(
+            "daemon_started",
+            sources=sorted(self._scheduled),
+            workers=self.settings.resync.workers,
+            database=repr(self.store),
+            metrics=self._server_listen,
+            watchdog_seconds=self.notifier.watchdog_interval,
+        )
+        self.notifier.ready(self.status_text())
+        await self._stop.wait()
+        await self._shutdown()
+        return 0
+
+    def request_stop(self, why: str = "stop") -> None:
+        if self._stop.is_set():
+            self.log.warning("stop_hurried", signal=why)
+            self._hurry.set()  # a second signal: stop waiting for in-flight work
+            return
+        self.log.info("stop_requested", signal=why)
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self.notifier.stopping()
+        if self.scheduler is not None and self.scheduler.running:
+            # No new runs from here on; the running sync tasks are shielded from the
+            # executor's cancellation and are waited for below.
+            self.scheduler.shutdown(wait=False)
+        for w in self._workers:
+            w.wake.set()
+        pending: set[asyncio.Task[Any]] = {*self._syncs, *(w.task for w in self._workers if w.task)}
+        pending |= self._reloads
+        self.log.info("draining", syncs=len(self._syncs), workers=len(self._workers))
+        hurry = asyncio.create_task(self._hurry.wait())
+        deadline = time.monotonic() + self.stop_timeout
+        while pending and not self._hurry.is_set():
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            done, _ = await asyncio.wait({*pending, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+        hurry.cancel()
+        if pending:
+            self.log.warning("drain_cut_short", unfinished=len(pending))
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        released = await asyncio.to_thread(release_own_leases, self.store, self.owner)
+        if released:
+            self.log.info("leases_released", jobs=released)
+        for t in self._background:
+            t.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+        self.log.info("daemon_stopped")
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    def _apply_schedule(self) -> None:
+        """Make the scheduler's jobs match the config: add, replace, remove; keep unchanged
+        schedules as they are so a reload does not reset their next run."""
+        assert self.scheduler is not None
+        wanted = {
+            name: cfg.schedule
+            for name, cfg in self.settings.sources.items()
+            if cfg.enabled and cfg.schedule is not None
+        }
+        for name, cfg in self.settings.sources.items():
+            if cfg.enabled and cfg.schedule is None and name not in self._scheduled:
+                self.log.info("source_unscheduled", source=name, hint=f"rostersync sync --source {name}")
+        for name in list(self._scheduled):
+            if wanted.get(name) != self._scheduled[name]:
+                with contextlib.suppress(Exception):
+                    self.scheduler.remove_job(f"sync:{name}")
+                del self._scheduled[name]
+        for name, schedule in wanted.items():
+            if name in self._scheduled:
+                continue
+            trigger = build_trigger(schedule, start=self._first_start(name, schedule))
+            job = self.scheduler.add_job(
+                self._scheduled_sync,
+                trigger,
+                args=[name],
+                id=f"sync:{name}",
+                name=f"sync {name}",
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=misfire_grace(schedule),
+                replace_existing=True,
+            )
+            self._scheduled[name] = schedule
+            self.log.info("source_scheduled", source=name, next_run=str(job.next_run_time))
+
+    def _first_start(self, name: str, schedule: Schedule) -> datetime | None:
+        """Interval schedules continue from the last success instead of restarting the clock
+        at every daemon start: a source synced 5 h ago on a 6 h interval runs in 1 h, one never
+        synced (or overdue) runs now."""
+        if schedule.interval is None:
+            return None
+        soon = utcnow() + timedelta(seconds=0.5)
+        with self.store.read() as conn:
+            row = conn.execute(
+                text("SELECT last_success_at FROM source_state WHERE source = :s"), {"s": name}
+            ).first()
+        last = as_utc(row[0]) if row else None
+        if last is None:
+            return soon
+        return max(soon, last + schedule.interval)
+
+    async def _scheduled_sync(self, source: str) -> None:
+        if self._stopping:
+            return
+        task = self._spawn_sync(source, "schedule")
+        try:
+            # Shielded: on shutdown APScheduler cancels this coroutine, but the sync itself
+            # must finish (or be cut off by our own drain timeout).
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+
+    def _spawn_sync(self, source: str, trigger: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._sync_one(self.engine, source, trigger), name=f"sync:{source}")
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
+        return task
+
+    async def _sync_one(self, engine: SyncEngine, source: str, trigger: str) -> None:
+        log = self.log.bind(source=source)
+        started = time.monotonic()
+        try:
+            report = await engine.sync(source, trigger=trigger)
+        except SourceBusy as exc:
+            # Another instance is syncing it: that is the lease doing its job.
+            log.info("sync_skipped_busy", reason=str(exc))
+            return
+        except Exception as exc:
+            log.error("sync_crashed", error=scrub(str(exc)), error_type=type(exc).__name__)
+            self.metrics.record_run(source, "failed", time.monotonic() - started)
+            return
+        finished = report.finished_at or utcnow()
+        self.last_runs[source] = LastRun(report.status, report.id, finished)
+        self.metrics.record_run(source, report.status, time.monotonic() - started, finished.timestamp())
+        log.bind(run_id=report.id).info(
+            "scheduled_sync_done",
+            status=report.status,
+            mode=report.mode,
+            seconds=round(time.monotonic() - started, 3),
+            users_created=report.counts.get("users_created", 0),
+            resync_queued=report.counts.get("resync_queued", 0),
+            error=report.error,
+            hold_reason=report.hold_reason,
+        )
+        self._wake_workers()  # on SQLite there is no NOTIFY for the jobs this run queued
+        self.notifier.status(self.status_text())
+
+    def _load_history(self) -> None:
+        """Last run per source and last success times, so STATUS and metrics start true."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT source, status, id, finished_at FROM sync_run WHERE id IN "
+                    "(SELECT max(id) FROM sync_run WHERE status <> 'running' AND dry_run = :no "
+                    "GROUP BY source)"
+                ),
+                {"no": False},
+            ).all()
+            states = conn.execute(text("SELECT source, last_success_at FROM source_state")).all()
+        for source, status, run_id, finished in rows:
+            self.last_runs[source] = LastRun(status, int(run_id), as_utc(finished))
+        for source, last_success in states:
+            when = as_utc(last_success)
+            if when is not None:
+                self.metrics.last_success.labels(source).set(when.timestamp())
+
+    def status_text(self) -> str:
+        parts = []
+        for name, cfg in self.settings.sources.items():
+            if not cfg.enabled:
+                continue
+            last = self.last_runs.get(name)
+            if last is None:
+                parts.append(f"{name}: never run")
+            else:
+                at = last.finished_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if last.finished_at else "?"
+                parts.append(f"{name}: {last.status} {at} (run {last.run_id})")
+        return "; ".join(parts) or "no enabled source"
+
+    # -- resync workers ------------------------------------------------------------------------
+
+    def _resize_workers(self) -> None:
+        want = self.settings.resync.workers
+        live = [w for w in self._workers if not w.retire]
+        for w in live[want:]:
+            w.retire = True  # finishes its batch, then leaves
+            w.wake.set()
+        next_index = max((w.index for w in self._workers), default=-1) + 1
+        for i in range(max(0, want - len(live))):
+            worker = _Worker(next_index + i)
+            worker.task = asyncio.create_task(self._worker(worker), name=f"worker:{worker.index}")
+            self._workers.append(worker)
+
+    def _wake_workers(self) -> None:
+        for w in self._workers:
+            w.wake.set()
+
+    def _poll_interval(self) -> float:
+        return PG_POLL if self._listening else SQLITE_POLL
+
+    async def _worker(self, me: _Worker) -> None:
+        structlog.contextvars.bind_contextvars(worker=me.index)
+        last_lease = 0.0
+        try:
+            while not self._stopping and not me.retire:
+                me.wake.clear()
+                started = time.monotonic()
+                last_lease = started
+                try:
+                    outcomes = await self.engine.process_batch()
+                except Exception as exc:
+                    self.log.error("resync_worker_error", error=scrub(str(exc)), error_type=type(exc).__name__)
+                    await self._idle(me, 5.0)
+                    continue
+                if outcomes:
+                    self.metrics.record_jobs((o for _, o in outcomes), time.monotonic() - started)
+                    for job, outcome in outcomes:
+                        self.log.info(
+                            "resync_job_done",
+                            job_id=job.id,
+                            user_id=job.user_id,
+                            run_id=job.run_id,
+                            attempt=job.attempts,
+                            outcome=outcome,
+                        )
+                    continue
+                # Nothing was due. Sleep until woken (NOTIFY, a local sync) or until the next
+                # job's backoff ends, checking cheaply (a read) before leasing again (a write).
+                while not self._stopping and not me.retire:
+                    due = await asyncio.to_thread(self._due_soonest)
+                    if due == 0.0:
+                        # Due but not leased: another worker or instance holds it for a moment.
+                        await self._idle(me, 0.1)
+                        break
+                    if time.monotonic() - last_lease >= LEASE_SWEEP:
+                        break
+                    wait = self._poll_interval() if due is None else min(due, self._poll_interval())
+                    if await self._idle(me, wait):
+                        break
+        finally:
+            self._workers = [w for w in self._workers if w is not me]
+
+    async def _idle(self, me: _Worker, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if woken early."""
+        try:
+            await asyncio.wait_for(me.wake.wait(), timeout=max(seconds, 0.01))
+        except TimeoutError:
+            return False
+        me.wake.clear()
+        return True
+
+    def _due_soonest(self) -> float | None:
+        with self.store.read() as conn:
+            return job_due_soonest(conn)
+
+    def _queue_depth(self) -> dict[str, int]:
+        with self.store.read() as conn:
+            return queue_depth(conn)
+
+    async def _listen(self) -> None:
+        """LISTEN on the resync channel and wake the workers on every NOTIFY; reconnects."""
+        import psycopg
+
+        conninfo = pg_conninfo(self.store.url)
+        delay = 1.0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {RESYNC_CHANNEL}")
+                    self._listening = True
+                    delay = 1.0
+                    self.log.debug("listening", channel=RESYNC_CHANNEL)
+                    self._wake_workers()  # whatever was queued while we were not listening
+                    async for _ in conn.notifies():
+                        self._wake_workers()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.log.warning("listen_failed", error=scrub(str(exc)), retry_in=delay)
+            finally:
+                self._listening = False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    # -- keep-alives, health ---------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        watchdog = self.notifier.watchdog_interval
+        next_dog = time.monotonic()
+        while True:
+            self._heartbeat = time.monotonic()
+            if watchdog is not None and self._heartbeat >= next_dog:
+                # Only a loop that still ticks, with a running scheduler, keeps systemd calm.
+                if self.scheduler is not None and self.scheduler.running:
+                    self.notifier.watchdog()
+                next_dog = self._heartbeat + watchdog
+            await asyncio.sleep(min(1.0, watchdog or 1.0))
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Called from the metrics thread: scheduler alive and database reachable."""
+        age = time.monotonic() - self._heartbeat
+        scheduler_ok = bool(
+            self.scheduler is not None and self.scheduler.running and age < HEARTBEAT_STALE and not self._stopping
+        )
+        db_error = None
+        try:
+            with self.store.read() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            db_error = scrub(str(exc))[:500]
+        detail: dict[str, Any] = {
+            "instance": self.owner,
+            "scheduler": scheduler_ok,
+            "database": db_error is None,
+            "heartbeat_age_seconds": round(age, 3),
+            "sources": {
+                name: {"status": r.status, "run_id": r.run_id, "finished_at": r.finished_at}
+                for name, r in self.last_runs.items()
+            },
+        }
+        if db_error:
+            detail["database_error"] = db_error
+        return scheduler_ok and db_error is None, detail
+
+    def _listen_address(self) -> str | None:
+        return self.settings.metrics.listen if self.settings.metrics else None
+
+    def _apply_metrics_listen(self) -> None:
+        want = self._listen_address()
+        if want == self._server_listen:
+            return
+        if self._server is not None:
+            self._server.stop()
+            self._server, self._server_listen = None, None
+        if want is not None:
+            self._server = MetricsServer(want, self.metrics, self.health).start()
+            self._server_listen = want
+
+    # -- outbox ------------------------------------------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        """Send queued e-mails (import reports) if the importer provides a mailer."""
+        try:
+            module = importlib.import_module("rostersync.importer")
+        except ImportError:
+            return
+        send: Callable[..., Any] | None = getattr(module, "send_outbox", None)
+        if send is None:
+            return
+        while True:
+            smtp = self.settings.smtp
+            if smtp is not None:
+                try:
+                    if inspect.iscoroutinefunction(send):
+                        result = await send(self.store, smtp)
+                    else:
+                        result = await asyncio.to_thread(send, self.store, smtp)
+                    if result:
+                        self.log.info("outbox_sent", result=result)
+                except Exception as exc:
+                    self.log.warning("outbox_failed", error=scrub(str(exc)))
+            await asyncio.sleep(OUTBOX_EVERY)
+
+    # -- reload --------------------------------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        if self._stopping:
+            return
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
+        """Re-read the config; a bad one is logged and the running one kept."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log = self.log.bind(config=str(self.config_file))
+            try:
+                new = await asyncio.to_thread(load_settings, self.config_file)
+            except ConfigError as exc:
+                issues = [str(i) for i in exc.issues] or [str(exc)]
+                log.error("config_reload_rejected", errors=issues, kept="previous config")
+                self.metrics.reloads.labels("rejected").inc()
+                self.notifier.ready(f"config reload rejected ({len(issues)} error(s)); {self.status_text()}")
+                return False
+            except Exception as exc:
+                log.error("config_reload_rejected", errors=[scrub(str(exc))], kept="previous config")
+                self.metrics.reloads.labels("rejected").inc()
+                self.notifier.ready(f"config reload rejected; {self.status_text()}")
+                return False
+            if new.database != self.settings.database:
+                log.warning("config_database_change_needs_restart", kept=repr(self.store))
+                new = new.model_copy(update={"database": self.settings.database})
+            register_secrets_in(new)
+            if self.log_level is None:
+                configure_logging(new.logging.level, new.logging.format)
+            self.settings = new
+            self.engine = self._make_engine()
+            self._apply_schedule()
+            self._resize_workers()
+            try:
+                self._apply_metrics_listen()
+            except OSError as exc:
+                log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
+            self.metrics.reloads.labels("applied").inc()
+            log.info(
+                "config_reloaded",
+                sources=sorted(self._scheduled),
+                workers=new.resync.workers,
+            )
+            self.notifier.ready(self.status_text())
+            return True
+
+
+def run_daemon(
+    settings: Settings,
+    store: Store,
+    *,
+    config_file: str | os.PathLike[str],
+    instance_id: str | None = None,
+    stop_timeout: float = 60.0,
+    log_level: str | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    daemon = Daemon(
+        settings, store, config_file=config_file, owner=instance_id, stop_timeout=stop_timeout, log_level=log_level
+    )
+    return asyncio.run(daemon.run())

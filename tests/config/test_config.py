@@ -1,0 +1,205 @@
+"""Config loading: every error at once with its YAML path and line; env vars; secret files."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rostersync.cli import cli
+from rostersync.config.loader import json_schema_text, load_settings, load_settings_text
+from rostersync.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+organization: Springfield
+database: sqlite:///state/rs.db
+roles: [Teacher]
+sites: [North High]
+provisioning:
+  default_role: Teacher
+  default_site: North High
+sources:
+  sample:
+    type: oneroster_csv
+    path: district
+    schedule: {interval: 1h}
+"""
+
+THREE_MISTAKES = """\
+organization: Springfield
+roles: [Teacher]
+sites: [North High]
+provisioning:
+  default_role: Principal
+  default_site: North High
+  on_teacher_removed: delete
+sources:
+  sample:
+    type: oneroster_csv
+    path: district
+    shedule: {interval: 1h}
+"""
+
+
+def test_good_config_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
+    """Relative paths (source path, SQLite file) resolve against the config file's folder."""
+    cfg = tmp_path / "rs.yaml"
+    cfg.write_text(GOOD)
+    settings = load_settings(cfg)
+    assert settings.database == f"sqlite:///{tmp_path / 'state' / 'rs.db'}"
+    src = settings.sources["sample"]
+    assert Path(src.path) == tmp_path / "district"  # type: ignore[attr-defined]
+    assert src.schedule is not None and src.schedule.interval == timedelta(hours=1)
+
+
+def test_three_mistakes_are_all_reported_with_path_and_line() -> None:
+    """Every error comes at once, each naming its YAML path and line."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(THREE_MISTAKES)
+    text = [str(i) for i in err.value.issues]
+    assert "provisioning.on_teacher_removed: line 7: Input should be 'archive' or 'keep'" in text
+    assert "sources.sample.shedule: line 12: unknown key (not allowed here)" in text
+    assert any(
+        t.startswith("provisioning.default_role: line 5: 'Principal' is not one of roles")
+        for t in text
+    )
+
+
+def test_semantic_errors_are_reported_alongside_schema_errors() -> None:
+    """A bad default_role is reported even when other keys are invalid too."""
+    bad = THREE_MISTAKES.replace("shedule", "schedule")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(bad)
+    paths = [i.path for i in err.value.issues]
+    assert "provisioning.on_teacher_removed" in paths
+
+
+def test_missing_secret_names_the_auth_block_and_line(tmp_path: Path) -> None:
+    """A oneroster auth block without its secret says which keys are required, with the line."""
+    pytest.importorskip("connectors.oneroster")
+    text = (
+        GOOD
+        + """\
+  district:
+    type: oneroster
+    base_url: https://example-vn-v2.rosterserver.com/ims/oneroster/v1p1
+    auth: {type: oauth1, client_id: abc}
+"""
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    issues = [str(i) for i in err.value.issues]
+    assert any(
+        i.startswith("sources.district.auth: line 16:") and "client_secret" in i for i in issues
+    ), issues
+
+
+def test_unknown_keys_are_errors() -> None:
+    """A misspelt top-level key is an error, not silently ignored."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD + "licence_limit: 10\n")
+    assert [str(i) for i in err.value.issues] == [
+        "licence_limit: line 13: unknown key (not allowed here)"
+    ]
+
+
+def test_default_site_must_be_a_site() -> None:
+    """default_site must be one of sites."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("default_site: North High", "default_site: Nowhere"))
+    assert err.value.issues[0].path == "provisioning.default_site"
+    assert err.value.issues[0].line == 7
+
+
+def test_env_variables_are_substituted_and_missing_ones_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """${VAR} takes the environment's value; an unset one is an error naming the variable."""
+    monkeypatch.setenv("RS_ORG", "Shelbyville")
+    settings = load_settings_text(GOOD.replace("Springfield", "${RS_ORG}"))
+    assert settings.organization == "Shelbyville"
+    monkeypatch.delenv("RS_ORG")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("Springfield", "${RS_ORG}"))
+    assert "environment variable RS_ORG is not set" in str(err.value)
+
+
+def test_secret_file_and_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`password_file` is read from the config folder, or from $CREDENTIALS_DIRECTORY by bare name."""
+    (tmp_path / "smtp.secret").write_text("s3cret-value\n")
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: smtp.secret}\n"
+    settings = load_settings_text(text, base_dir=tmp_path)
+    assert settings.smtp is not None and settings.smtp.password is not None
+    assert settings.smtp.password.get_secret_value() == "s3cret-value"
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mail").write_text("from-systemd")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: mail}\n"
+    settings = load_settings_text(text, base_dir=tmp_path)
+    assert settings.smtp is not None and settings.smtp.password is not None
+    assert settings.smtp.password.get_secret_value() == "from-systemd"
+
+
+def test_unreadable_secret_file_is_an_error_without_content(tmp_path: Path) -> None:
+    """A missing secret file is reported by path."""
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: nope.secret}\n"
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert "cannot read secret file" in str(err.value) and "smtp" in str(err.value)
+
+
+def test_yaml_syntax_error_has_a_line() -> None:
+    """Broken YAML is reported with its line."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text("organization: [unclosed\nroles: x\n")
+    assert err.value.issues[0].line is not None
+
+
+def test_duplicate_keys_are_errors() -> None:
+    """A key given twice in one mapping is an error (YAML would silently keep the last)."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD + "organization: Again\n")
+    assert any(i.message == "duplicate key" and i.line == 13 for i in err.value.issues)
+
+
+def test_example_config_passes_config_check() -> None:
+    """The shipped example config is accepted by `config check`."""
+    result = CliRunner().invoke(
+        cli, ["--config", str(REPO / "config" / "rostersync.example.yaml"), "config", "check"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+def test_config_check_exits_2_listing_every_error(tmp_path: Path) -> None:
+    """`config check` on a bad file prints each error with path and line and exits 2."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(THREE_MISTAKES)
+    result = CliRunner().invoke(cli, ["--config", str(cfg), "config", "check"])
+    assert result.exit_code == 2
+    assert "3 error(s)" in result.output
+    assert "sources.sample.shedule: line 12" in result.output
+
+
+def test_committed_schema_is_current() -> None:
+    """config/rostersync.schema.json equals what `rostersync config schema` prints now."""
+    committed = (REPO / "config" / "rostersync.schema.json").read_text()
+    assert committed == json_schema_text(), (
+        "run: rostersync config schema --output config/rostersync.schema.json"
+    )
+
+
+def test_schema_describes_every_source_type() -> None:
+    """The JSON Schema offers each installed connector's keys under sources."""
+    schema = json.loads(json_schema_text())
+    text = json.dumps(schema)
+    assert '"oneroster_csv"' in text
+    assert "provisioning" in schema["properties"]

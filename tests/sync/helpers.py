@@ -1,0 +1,67 @@
+"""Helpers for engine tests: run a sync against a MemoryConnector and read the directory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectors.memory import MemoryConnector
+from rostersync import directory
+from rostersync.config.models import Settings
+from rostersync.records import MemoryRoster
+from rostersync.store.db import Store
+from rostersync.sync.engine import RunReport, SyncEngine, load_report
+
+
+async def sync(
+    settings: Settings,
+    store: Store,
+    roster: MemoryRoster,
+    *,
+    source: str = "mem",
+    drain: bool = True,
+    **kwargs: Any,
+) -> RunReport:
+    """One sync of `roster` as source `source`, then the resync jobs it queued."""
+    fail_after = kwargs.pop("fail_after", None)
+    engine = SyncEngine(
+        settings,
+        store,
+        connectors={source: MemoryConnector(roster, batch_size=7, fail_after=fail_after)},
+    )
+    report = await engine.sync(source, **kwargs)
+    if drain:
+        await engine.drain()
+    with store.read() as conn:
+        return load_report(conn, report.id)
+
+
+def users(store: Store) -> dict[str, dict[str, Any]]:
+    with store.read() as conn:
+        return {u["email"]: u for u in directory.list_users(conn)}
+
+
+def groups(store: Store) -> dict[str, dict[str, Any]]:
+    with store.read() as conn:
+        return {g["external_id"]: g for g in directory.list_groups(conn)}
+
+
+def snapshot(store: Store) -> tuple[Any, ...]:
+    """Everything a user can see of the directory and mirror, for before/after comparisons."""
+    from sqlalchemy import text
+
+    with store.read() as conn:
+        mirror = tuple(
+            tuple(sorted(tuple(map(str, r)) for r in conn.execute(text(f"SELECT * FROM {t}"))))
+            for t in (
+                "roster_org",
+                "roster_person",
+                "roster_class",
+                "roster_enrollment",
+                "user_identity",
+            )
+        )
+        return (
+            tuple(sorted(users(store).items())).__repr__(),
+            repr(sorted(groups(store).items())),
+            mirror,
+        )

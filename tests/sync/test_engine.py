@@ -1,0 +1,414 @@
+"""The sync engine end to end on a memory source, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
+from rostersync.store.db import Store
+from rostersync.sync.engine import SyncEngine
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, snapshot, sync, users
+
+ZERO = {
+    "users_created": 0,
+    "users_linked": 0,
+    "users_archived": 0,
+    "users_skipped_license": 0,
+    "groups_created": 0,
+    "groups_updated": 0,
+    "groups_removed": 0,
+    "resync_queued": 0,
+}
+
+
+def counts(report: object) -> dict[str, int]:
+    return {k: v for k, v in report.counts.items() if k in ZERO}  # type: ignore[attr-defined]
+
+
+async def test_first_sync_creates_eligible_teachers_with_role_site_and_groups(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Teachers of populated classes get a user (email lower-cased), default role and site, and groups."""
+    report = await sync(make_settings(), store, small_roster())
+    assert report.status == "succeeded"
+    assert set(users(store)) == {"ada@example.org", "alan.turing@example.org"}
+    ada = users(store)["ada@example.org"]
+    assert (
+        ada["roles"] == ["Teacher"] and ada["sites"] == ["North High"] and ada["status"] == "active"
+    )
+    assert ada["display_name"] == "Ada Lovelace" and ada["sources"] == ["mem"]
+    g = groups(store)
+    assert set(g) == {"c-1", "c-2"}  # c-3 has no students: no group
+    assert g["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]  # co-taught
+    assert {m["sourced_id"] for m in g["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    assert g["c-1"]["name"] == "Algebra I"
+    assert report.counts["users_created"] == 2
+    assert report.counts["groups_created"] == 2
+    assert report.counts["resync_queued"] == 2
+
+
+async def test_second_identical_sync_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Re-running on unchanged data reports all counts zero and leaves every row as it was."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    report = await sync(settings, store, small_roster())
+    assert counts(report) == ZERO
+    assert snapshot(store) == before
+
+
+async def test_teacher_without_email_is_rejected_with_reason(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A teacher of a populated class with no email gets no user and is listed in `rejected`."""
+    roster = small_roster()
+    roster.replace_person("t-1", email=None)
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    assert {
+        "entity": "user",
+        "sourced_id": "t-1",
+        "reason": "no email: teaches classes with students but has no email address",
+    } in report.rejected
+    assert report.counts["records_rejected"] == 1
+    assert "ada@example.org" not in users(store)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected_absent"),
+    [
+        ("disabled", "ada@example.org"),
+        ("tobedeleted_person", "ada@example.org"),
+        ("only_deleted_students", "ada@example.org"),
+        ("deleted_class", "ada@example.org"),
+    ],
+)
+async def test_eligibility_edge_cases(
+    store: Store, make_settings: Callable[..., Settings], change: str, expected_absent: str
+) -> None:
+    """Disabled or deleted teachers, classes whose students are all deleted, and deleted classes give no account."""
+    roster = small_roster()
+    # Ada alone teaches c-1; make her co-teaching of c-2 go away so only c-1 counts.
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c2"]
+    if change == "disabled":
+        roster.replace_person("t-1", enabled=False)
+    elif change == "tobedeleted_person":
+        roster.replace_person("t-1", status="tobedeleted")
+    elif change == "only_deleted_students":
+        roster.enrollments = [
+            replace(e, status="tobedeleted") if e.class_id == "c-1" and e.role == "student" else e
+            for e in roster.enrollments
+        ]
+    elif change == "deleted_class":
+        roster.classes = [
+            replace(c, status="tobedeleted") if c.sourced_id == "c-1" else c for c in roster.classes
+        ]
+    await sync(make_settings(), store, roster)
+    assert expected_absent not in users(store)
+    assert "alan.turing@example.org" in users(store)
+
+
+async def test_teacher_whose_only_students_are_deleted_persons_is_not_eligible(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Students whose person record is tobedeleted do not make a class populated."""
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c2"]
+    for sid in ("s-1", "s-2", "s-3"):
+        roster.replace_person(sid, status="tobedeleted")
+    await sync(make_settings(), store, roster)
+    assert "ada@example.org" not in users(store)
+
+
+async def test_existing_user_is_linked_case_insensitively_not_duplicated(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A directory user whose email differs only in case is linked, not duplicated, and keeps their role."""
+    settings = make_settings()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
+                "VALUES ('alan.turing@example.org', 'Prof. Turing', 'active', 'import', false, false)"
+            )
+        )
+    report = await sync(settings, store, small_roster())
+    assert report.counts["users_linked"] == 1 and report.counts["users_created"] == 1
+    all_users = users(store)
+    assert len([e for e in all_users if e.startswith("alan")]) == 1
+    assert all_users["alan.turing@example.org"]["display_name"] == "Prof. Turing"
+    assert all_users["alan.turing@example.org"]["sources"] == ["mem"]
+    assert "alan.turing@example.org" in groups(store)["c-2"]["owners"]
+
+
+async def test_license_limit_skips_users_over_it(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """With room for one more user, one teacher is created and the other counted as skipped."""
+    report = await sync(make_settings(license_limit=1), store, small_roster())
+    assert report.counts["users_created"] == 1
+    assert report.counts["users_skipped_license"] == 1
+    assert len(users(store)) == 1
+
+
+async def test_site_map_by_school_id_and_name(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """site_map maps a teacher's school (sourcedId or name) to a site, else the default site applies."""
+    roster = small_roster()
+    roster.replace_person("t-2", org_ids=("sch-2",))
+    settings = make_settings(provisioning={"site_map": {"South Middle": "South Middle"}})
+    await sync(settings, store, roster)
+    assert users(store)["alan.turing@example.org"]["sites"] == ["South Middle"]
+    assert users(store)["ada@example.org"]["sites"] == ["North High"]
+
+
+async def test_auto_create_off_creates_nobody(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """With auto_create_users false, a sync mirrors the roster but creates no user."""
+    report = await sync(
+        make_settings(provisioning={"auto_create_users": False}), store, small_roster()
+    )
+    assert users(store) == {}
+    assert report.counts["users_not_created"] == 2
+
+
+async def test_removed_teacher_is_archived_and_loses_groups(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A teacher who no longer teaches is archived (created by rostersync) and their groups go away."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded"
+    assert report.counts["users_archived"] == 1
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+    assert groups(store)["c-2"]["owners"] == ["ada@example.org"]
+    # Back again: the user is restored, not duplicated.
+    report = await sync(settings, store, small_roster())
+    assert report.counts["users_restored"] == 1 and report.counts["users_created"] == 0
+    assert users(store)["alan.turing@example.org"]["status"] == "active"
+
+
+async def test_user_not_created_by_rostersync_is_never_archived(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A linked user that an admin created keeps its status when the teacher disappears."""
+    settings = make_settings()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
+                "VALUES ('ada@example.org', 'Ada', 'active', 'import', false, false)"
+            )
+        )
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    report = await sync(settings, store, roster)
+    assert report.counts["users_archived"] == 0
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    assert "c-1" not in groups(store)
+
+
+async def test_on_teacher_removed_keep(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """With on_teacher_removed: keep, a vanished teacher keeps an active account but no groups."""
+    settings = make_settings(provisioning={"on_teacher_removed": "keep"})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    await sync(settings, store, roster)
+    assert users(store)["alan.turing@example.org"]["status"] == "active"
+    assert groups(store)["c-2"]["owners"] == ["ada@example.org"]
+
+
+async def test_student_changes_update_members_and_queue_only_their_teachers(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A student's new name reaches the group; only that class's teachers are resynced."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.replace_person("s-1", given_name="Renamed")
+    report = await sync(settings, store, roster)
+    assert report.counts["resync_queued"] == 1  # s-1 is only in c-1, taught by Ada
+    assert report.counts["groups_updated"] == 1
+    names = {m["sourced_id"]: m["name"] for m in groups(store)["c-1"]["members"]}
+    assert names["s-1"] == "Renamed Dent"
+
+
+async def test_new_enrollment_adds_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A new student enrollment adds a member to the class's group."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments.append(RosterEnrollment("e-new", "c-1", "s-5", "student"))
+    report = await sync(settings, store, roster)
+    assert report.counts["groups_updated"] == 1
+    assert "s-5" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+
+
+async def test_class_emptied_removes_group(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A class whose students all leave stops being a group."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [
+        e for e in roster.enrollments if not (e.class_id == "c-2" and e.role == "student")
+    ]
+    report = await sync(settings, store, roster)
+    assert report.counts["groups_removed"] == 1
+    assert set(groups(store)) == {"c-1"}
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+
+
+async def test_connector_rejections_are_reported_and_run_continues(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A rejected record is counted and listed; the rest of the run is applied."""
+    roster = small_roster()
+    roster.rejected.append(Rejected("user", "bad-1", "unknown status 'zombie'", "users.csv line 9"))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    assert report.counts["records_rejected"] == 1
+    assert report.rejected[0]["location"] == "users.csv line 9"
+    assert len(users(store)) == 2
+
+
+async def test_failure_half_way_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A source that fails mid-fetch leaves the directory and mirror exactly as they were."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-2"]
+    report = await sync(settings, store, roster, fail_after=2)
+    assert report.status == "failed"
+    assert "connection lost" in (report.error or "")
+    assert snapshot(store) == before
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 0
+
+
+async def test_removals_over_threshold_hold_the_run_until_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run removing more than max_removals is held with nothing applied; approval applies it."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    assert "max_removals" in (report.hold_reason or "")
+    assert snapshot(store) == before
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(report.id)
+    await engine.drain()
+    assert approved.status == "succeeded"
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+    assert "c-2" not in groups(store)
+
+
+async def test_empty_pull_is_held(store: Store, make_settings: Callable[..., Settings]) -> None:
+    """A source that suddenly returns nothing is held, never applied."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    report = await sync(settings, store, MemoryRoster())
+    assert report.status == "held"
+    assert "empty pull" in (report.hold_reason or "")
+    assert snapshot(store) == before
+
+
+async def test_shrunken_source_is_held(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Fewer than min_source_ratio of the last run's enrollments holds the run."""
+    settings = make_settings(safety={"min_source_ratio": 0.9, "max_removals": 100})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = roster.enrollments[:6]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    assert "shrunken source" in (report.hold_reason or "")
+
+
+async def test_approving_a_superseded_held_run_is_refused(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A held run older than a later successful run cannot be approved."""
+    from rostersync.errors import RunStateError
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    held = await sync(settings, store, MemoryRoster())
+    await sync(settings, store, small_roster())
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    with pytest.raises(RunStateError, match="out of date"):
+        await engine.approve(held.id)
+
+
+async def test_dry_run_reports_and_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A dry run reports would-be counts and changes neither mirror nor directory."""
+    settings = make_settings()
+    before = snapshot(store)
+    report = await sync(settings, store, small_roster(), dry_run=True)
+    assert report.dry_run and report.counts["users_created"] == 2
+    assert snapshot(store) == before
+
+
+async def test_two_person_records_with_one_email_make_one_user(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Two eligible persons whose emails differ only in case share one account."""
+    roster = small_roster()
+    roster.persons.append(RosterPerson("t-9", "teacher", "Ada", "Again", "ADA@example.org"))
+    roster.enrollments.append(RosterEnrollment("e-t9c1", "c-1", "t-9", "teacher"))
+    await sync(make_settings(), store, roster)
+    assert len([e for e in users(store) if e == "ada@example.org"]) == 1
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+
+
+async def test_users_of_other_sources_are_untouched(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Each source sweeps only its own mirror and archives only the users it created."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    await sync(settings, store, small_roster(), source="mem")
+    other = small_roster()
+    await sync(settings, store, other, source="other")
+    assert users(store)["ada@example.org"]["sources"] == ["mem", "other"]
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    report = await sync(settings, store, roster, source="mem")
+    assert report.counts["users_archived"] == 0  # still teaches in "other"
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert "c-1" in groups(store)  # the group of "other"'s c-1 remains

@@ -1,0 +1,164 @@
+"""The CLI on the bundled sample district: the README's quick start, JSON shapes, exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from rostersync import sampledata
+from rostersync.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """The example config, with its database in tmp_path and the sample district copied beside it."""
+    shutil.copytree(REPO / "config" / "sample-district", tmp_path / "sample-district")
+    data = yaml.safe_load((REPO / "config" / "rostersync.example.yaml").read_text())
+    data["database"] = "sqlite:///state/rostersync.db"
+    data["logging"] = {"level": "warning", "format": "json"}
+    path = tmp_path / "rostersync.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(config: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--config", str(config), *args], catch_exceptions=False)
+
+
+def as_json(result: Result) -> object:
+    return json.loads(result.stdout)
+
+
+def test_quick_start_creates_users_and_groups_then_reruns_with_zero_counts(config: Path) -> None:
+    """The sample district yields teacher users and class groups; a second sync changes nothing."""
+    first = run(config, "sync", "--json")
+    assert first.exit_code == 0, first.output
+    report = as_json(first)["runs"][0]  # type: ignore[index]
+    assert report["source"] == "sample" and report["mode"] == "full"
+    assert report["status"] == "succeeded_with_errors"  # the teacher without an email
+    assert report["counts"]["users_created"] == 43
+    assert report["counts"]["groups_created"] == 102
+    assert report["rejected"] == [
+        {
+            "entity": "user",
+            "sourced_id": sampledata.EDGE_NO_EMAIL,
+            "reason": "no email: teaches classes with students but has no email address",
+        }
+    ]
+    second = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
+    rerun_counts = dict(second["counts"])
+    assert rerun_counts.pop("records_rejected") == 1  # the same teacher, reported again
+    assert set(rerun_counts.values()) == {0}
+
+
+def test_users_list_json_shape_and_edge_cases(config: Path) -> None:
+    """users list --json gives the contract's fields; edge-case teachers are in or out as they should be."""
+    run(config, "sync")
+    users = as_json(run(config, "users", "list", "--json"))
+    assert isinstance(users, list)
+    by_email = {u["email"]: u for u in users}
+    assert set(users[0]) >= {"email", "display_name", "roles", "sites", "status", "sources"}
+    assert "mixed.case@springfield.example.org" in by_email  # upper-case email, lower-cased
+    assert all(u["email"] == u["email"].lower() for u in users)
+    assert by_email["mixed.case@springfield.example.org"]["roles"] == ["Teacher"]
+    assert by_email["mixed.case@springfield.example.org"]["sources"] == ["sample"]
+    edge_ids = {u.split("@")[0] for u in by_email}
+    assert not any(
+        "noclasses" in e or "emptyclasses" in e or "onlydeleted" in e or "disabled" in e
+        for e in edge_ids
+    )
+
+
+def test_groups_list_json_shape_and_co_taught_class(config: Path) -> None:
+    """groups list --json gives owners and members; the co-taught class has two owners."""
+    run(config, "sync")
+    groups = as_json(run(config, "groups", "list", "--json"))
+    assert isinstance(groups, list)
+    co = next(g for g in groups if g["external_id"] == sampledata.EDGE_COTEACH_CLASS)
+    assert set(co) == {"source", "external_id", "name", "owners", "members"}
+    assert len(co["owners"]) == 2
+    assert co["members"] and set(co["members"][0]) == {"sourced_id", "email", "name"}
+    assert not any(g["external_id"] == sampledata.EDGE_EMPTY_CLASS for g in groups)
+
+
+def test_runs_and_queue_listings(config: Path) -> None:
+    """runs list/show and queue list answer in JSON with the contract's fields."""
+    run(config, "sync")
+    runs = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(runs, list) and runs[0]["status"] == "succeeded_with_errors"
+    shown = as_json(run(config, "runs", "show", str(runs[0]["id"]), "--json"))
+    assert shown["id"] == runs[0]["id"] and shown["rejected"]  # type: ignore[index]
+    jobs = as_json(run(config, "queue", "list", "--json"))
+    assert isinstance(jobs, list) and jobs
+    assert set(jobs[0]) >= {"id", "user", "state", "attempts", "reason", "last_error"}
+    assert {j["state"] for j in jobs} == {"succeeded"}
+    assert run(config, "runs", "show", "999").exit_code == 2
+
+
+def test_unknown_source_is_usage_error(config: Path) -> None:
+    """sync --source with a name not in the config exits 2."""
+    result = run(config, "sync", "--source", "nope")
+    assert result.exit_code == 2
+    assert "no source named nope" in result.stderr
+
+
+def test_resync_queues_jobs_and_rejects_unknown_users(config: Path) -> None:
+    """resync --user queues one job per user; an unknown email is a usage error."""
+    run(config, "sync")
+    res = run(config, "resync", "--user", "Mixed.Case@springfield.example.org", "--json")
+    assert res.exit_code == 0, res.output
+    doc = as_json(res)
+    assert doc["queued"] == 1 and doc["jobs"][0]["state"] == "queued"  # type: ignore[index]
+    assert run(config, "resync", "--user", "ghost@example.org").exit_code == 2
+    assert run(config, "resync").exit_code == 2
+    once = run(config, "run", "--once", "--json")
+    assert once.exit_code == 0
+    jobs = as_json(run(config, "queue", "list", "--json"))
+    assert all(j["state"] == "succeeded" for j in jobs)  # type: ignore[union-attr]
+
+
+def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -> None:
+    """A held sync exits 1; `runs approve` applies it and exits 0."""
+    run(config, "sync")
+    users_csv = tmp_path / "sample-district" / "enrollments.csv"
+    lines = users_csv.read_text().splitlines()
+    users_csv.write_text("\n".join(lines[: len(lines) // 4]) + "\n")  # three quarters gone
+    held = run(config, "sync", "--json")
+    assert held.exit_code == 1
+    report = as_json(held)["runs"][0]  # type: ignore[index]
+    assert report["status"] == "held" and "shrunken source" in report["hold_reason"]
+    approved = run(config, "runs", "approve", str(report["id"]), "--json")
+    assert approved.exit_code == 0, approved.output
+    assert as_json(approved)["runs"][0]["status"] == "succeeded"  # type: ignore[index]
+    again = run(config, "runs", "approve", str(report["id"]))
+    assert again.exit_code == 1 and "not held" in again.stderr
+
+
+def test_dry_run_changes_nothing(config: Path) -> None:
+    """sync --dry-run reports what would be created and creates nothing."""
+    res = run(config, "sync", "--dry-run", "--json")
+    assert as_json(res)["runs"][0]["counts"]["users_created"] == 43  # type: ignore[index]
+    assert as_json(run(config, "users", "list", "--json")) == []
+
+
+def test_console_script_runs(config: Path) -> None:
+    """The installed `rostersync` entry point works in a real process; logs go to stderr."""
+    exe = shutil.which("rostersync") or f"{sys.executable} -m rostersync"
+    proc = subprocess.run(
+        [*exe.split(), "--config", str(config), "sync", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["runs"][0]["counts"]["users_created"] == 43
