@@ -29,7 +29,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
 
 from rostersync.errors import StoreError
 
@@ -89,8 +88,11 @@ class Store:
             db = parsed.database
             if db and db != ":memory:":
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
-            # One connection per checkout: WAL readers and the writer never share a handle.
-            self.engine = create_engine(url, echo=echo, poolclass=NullPool)
+            # Pooled connections keep their PRAGMAs; opening one per batch would cost more
+            # than the batch's insert. A connection is only ever used by one thread at a time.
+            self.engine = create_engine(
+                url, echo=echo, pool_size=8, connect_args={"check_same_thread": False}
+            )
             _sqlite_setup(self.engine)
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)

@@ -131,17 +131,21 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
 def upsert_rows(
     conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: list[str]
 ) -> None:
-    """Bulk INSERT ... ON CONFLICT DO UPDATE (last one wins), in chunks."""
+    """Bulk INSERT ... ON CONFLICT DO UPDATE (last one wins).
+
+    One statement, executed with many parameter sets: the driver batches them, and
+    SQLAlchemy compiles the statement once (a multi-row VALUES clause would be compiled
+    afresh for every chunk, which costs more than the insert itself).
+    """
     if not rows:
         return
     dialect = conn.dialect.name
     ins_mod: Any = postgresql if dialect == "postgresql" else sqlite
-    for start in range(0, len(rows), CHUNK):
-        chunk = _dedupe(rows[start : start + CHUNK], keys)
-        stmt = ins_mod.insert(table).values(chunk)
-        update = {c: stmt.excluded[c] for c in chunk[0] if c not in keys}
-        stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
-        conn.execute(stmt)
+    unique = _dedupe(rows, keys)
+    stmt = ins_mod.insert(table)
+    update = {c: stmt.excluded[c] for c in unique[0] if c not in keys}
+    stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
+    conn.execute(stmt, unique)
 
 
 def _dedupe(rows: Sequence[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:

@@ -412,3 +412,54 @@ async def test_users_of_other_sources_are_untouched(
     assert report.counts["users_archived"] == 0  # still teaches in "other"
     assert users(store)["ada@example.org"]["status"] == "active"
     assert "c-1" in groups(store)  # the group of "other"'s c-1 remains
+
+
+async def test_live_resync_refreshes_the_teacher_from_the_source(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live resync reads the teacher's classes now and rebuilds groups from that, without a full sync."""
+    from rostersync.sync.apply import queue_resync
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    changed = small_roster()
+    changed.enrollments.append(RosterEnrollment("e-new", "c-1", "s-5", "student"))
+    changed.enrollments = [e for e in changed.enrollments if e.sourced_id != "e-s1c1"]
+    with store.write() as conn:
+        uid = conn.execute(
+            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
+        ).scalar_one()
+        queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(changed)})
+    outcomes = await engine.process_batch()
+    assert [o for _, o in outcomes] == ["succeeded"]
+    members = {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+    assert members == {"s-2", "s-3", "s-5"}
+
+
+async def test_live_resync_failure_is_retried_then_failed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live fetch that fails leaves the job queued with its error, then failed after max_attempts."""
+    from rostersync.sync.apply import queue_resync
+
+    settings = make_settings(resync={"max_attempts": 2, "backoff": 0})
+    await sync(settings, store, small_roster())
+
+    class Broken(MemoryConnector):
+        async def fetch_teacher(self, teacher: object) -> object:  # type: ignore[override]
+            raise RuntimeError("source unreachable")
+
+    with store.write() as conn:
+        uid = conn.execute(
+            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
+        ).scalar_one()
+        queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": Broken(small_roster())})
+    assert [o for _, o in await engine.process_batch()] == ["queued"]
+    assert [o for _, o in await engine.process_batch()] == ["failed"]
+    with store.read() as conn:
+        state, err = conn.execute(
+            text("SELECT state, last_error FROM resync_job WHERE live = :t"), {"t": True}
+        ).one()
+    assert state == "failed" and "source unreachable" in err
