@@ -18,7 +18,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from rostersync.config.types import StrictModel
@@ -41,11 +42,11 @@ class RetryPolicy:
     log: Any = None
 
     def _wait(self) -> Callable[[RetryCallState], float]:
-        backoff = wait_exponential_jitter(
-            initial=self.settings.initial_wait,
-            max=self.settings.max_wait,
-            jitter=self.settings.initial_wait,
-        )
+        # Exponential backoff plus random jitter, composed from waits that every tenacity
+        # release since 8 has (wait_exponential_jitter changed its arguments in 9.2).
+        backoff = wait_exponential(
+            multiplier=self.settings.initial_wait, max=self.settings.max_wait
+        ) + wait_random(0, self.settings.initial_wait)
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None

@@ -1,0 +1,293 @@
+"""The OneRoster REST connector (ClassLink Roster Server and other 1.1/1.2 providers).
+
+A full run reads ``/orgs``, ``/users`` (every role: the engine decides who matters),
+``/classes`` and ``/enrollments``, one page per batch. A delta run adds
+``filter=dateLastModified>'T'`` with ``T = since - delta_overlap``: the engine passes the
+high-water mark taken from the data, and the overlap covers records a server stamps late or a
+clock that differs from the data's; re-reading a few records is harmless. A 400 on the filter
+raises :class:`~rostersync.errors.DeltaUnsupportedError` and the engine runs full instead.
+
+A live teacher fetch reads ``/teachers/{id}/classes`` then ``/classes/{id}/students`` per class.
+ClassLink includes the class's teachers in that answer, so it is filtered to students; the
+enrollments it returns are synthesised with ids ``live:{class}:{user}:{role}`` because the
+relation endpoints carry no enrollment ids (the engine matches them on class, user and role).
+
+Every request goes through the shared :class:`~rostersync.retry.RetryPolicy` and a
+connector-wide semaphore of ``max_concurrency``; URLs are always ``base_url`` plus our own path
+and parameters, never an ``href`` from the data or a ``Link`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
+from connectors.oneroster.config import (
+    BearerAuth,
+    OAuth1Auth,
+    OAuth2Auth,
+    OneRosterSourceConfig,
+)
+from connectors.oneroster.errors import describe, raise_for_status, transport_error
+from connectors.oneroster.normalize import normalize, normalize_page
+from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
+from rostersync.connector import ConnectorContext, FetchMode
+from rostersync.errors import DeltaUnsupportedError, FatalSourceError
+from rostersync.records import (
+    STUDENT,
+    TEACHER,
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterPerson,
+    RosterRecord,
+    TeacherRef,
+    TeacherRoster,
+)
+from rostersync.retry import RetryPolicy
+
+#: What a full or delta run reads, in this order, with each answer's envelope key.
+COLLECTIONS = ("orgs", "users", "classes", "enrollments")
+
+
+class _Missing(Exception):
+    """A relation endpoint answered 404: some servers say "no classes" that way."""
+
+
+def build_auth(source: str, config: OneRosterSourceConfig) -> httpx.Auth:
+    auth = config.auth
+    if isinstance(auth, OAuth1Auth):
+        return OAuth1Signer(auth.client_id, auth.client_secret.get_secret_value())
+    if isinstance(auth, OAuth2Auth):
+        return OAuth2ClientCredentials(
+            source,
+            auth.token_url,
+            auth.client_id,
+            auth.client_secret.get_secret_value(),
+            config.scope,
+        )
+    if isinstance(auth, BearerAuth):
+        return BearerToken(auth.token.get_secret_value())
+    raise TypeError(f"unknown auth settings {type(auth).__name__}")
+
+
+def delta_filter(since: datetime, overlap: timedelta) -> str:
+    """The OneRoster filter for records changed after ``since - overlap`` (UTC, whole seconds)."""
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    # Dropping the fraction moves the bound earlier, never later: nothing is missed.
+    start = (since - overlap).astimezone(UTC).replace(microsecond=0)
+    return f"dateLastModified>'{start:%Y-%m-%dT%H:%M:%SZ}'"
+
+
+class OneRosterConnector:
+    """See the module docstring."""
+
+    def __init__(self, ctx: ConnectorContext) -> None:
+        if not isinstance(ctx.config, OneRosterSourceConfig):
+            raise TypeError(f"source {ctx.source!r}: expected a oneroster source config")
+        self.config: OneRosterSourceConfig = ctx.config
+        self.source = ctx.source
+        self._http = ctx.http
+        self._log = ctx.logger
+        self._auth = build_auth(ctx.source, ctx.config)
+        self._retry = RetryPolicy(ctx.config.retry, log=self._log)
+        self._slots: asyncio.Semaphore | None = None
+        self.closed = False
+
+    @property
+    def supports_delta(self) -> bool:
+        return True
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _url(self, path: str) -> str:
+        return f"{self.config.base_url}{path}"
+
+    async def _get(
+        self,
+        path: str,
+        params: dict[str, str] | None = None,
+        *,
+        passthrough: frozenset[int] = frozenset(),
+    ) -> tuple[httpx.Response, Any]:
+        """GET ``base_url + path`` with retries; the parsed JSON (None for a passthrough status)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrency)
+        slots = self._slots
+        url = self._url(path)
+        where = f"GET {httpx.URL(url).path}"
+
+        async def attempt() -> tuple[httpx.Response, Any]:
+            # A fresh request per try: the auth flow signs each one anew (nonce, timestamp).
+            request = self._http.build_request(
+                "GET", url, params=params, headers={"Accept": "application/json"}
+            )
+            async with slots:
+                try:
+                    response = await self._http.send(request, auth=self._auth)
+                except httpx.TransportError as exc:
+                    raise transport_error(self.source, exc, where) from exc
+            if response.status_code in passthrough:
+                return response, None
+            raise_for_status(self.source, response, where)
+            try:
+                return response, json.loads(response.content)
+            except ValueError:
+                raise FatalSourceError(self.source, f"invalid JSON from {where}") from None
+
+        return await self._retry.call(attempt)
+
+    def _records(self, body: Any, key: str, response: httpx.Response) -> list[Any]:
+        records = body.get(key) if isinstance(body, dict) else None
+        if records is None and isinstance(body, dict) and key in body:
+            return []  # `{"users": null}` on an empty page
+        if not isinstance(records, list):
+            raise FatalSourceError(
+                self.source,
+                f"unexpected answer from {describe(response.request)}: no {key!r} list",
+            )
+        return records
+
+    async def _page(
+        self, path: str, key: str, offset: int, extra: dict[str, str], *, may_be_missing: bool
+    ) -> Page:
+        params = {"limit": str(self.config.page_size), "offset": str(offset), **extra}
+        passthrough = frozenset({400} if "filter" in extra else ()) | (
+            frozenset({404}) if may_be_missing else frozenset()
+        )
+        response, body = await self._get(path, params, passthrough=passthrough)
+        if response.status_code == 404 and may_be_missing:
+            raise _Missing(path)
+        if body is None:
+            raise DeltaUnsupportedError(
+                self.source,
+                "the server rejected the delta filter "
+                f"(HTTP 400 from {describe(response.request)})",
+            )
+        has_link, has_next, next_offset = parse_link(response.headers.get("Link"))
+        return Page(
+            offset=offset,
+            records=self._records(body, key, response),
+            total=parse_total(response.headers.get("X-Total-Count")),
+            has_link=has_link,
+            has_next=has_next,
+            next_offset=next_offset,
+        )
+
+    async def _pages(
+        self,
+        path: str,
+        key: str,
+        extra: dict[str, str] | None = None,
+        *,
+        may_be_missing: bool = False,
+    ) -> AsyncIterator[Page]:
+        params = extra or {}
+
+        async def fetch(offset: int) -> Page:
+            return await self._page(path, key, offset, params, may_be_missing=may_be_missing)
+
+        paginator = OffsetPaginator(self.source, path, self.config.page_size)
+        async for page in paginate(fetch, paginator, self.config.max_concurrency):
+            yield page
+
+    async def _all(self, path: str, key: str) -> list[Any] | None:
+        """Every record of a relation endpoint; None when the server says it does not exist."""
+        try:
+            return [
+                r
+                async for page in self._pages(path, key, may_be_missing=True)
+                for r in page.records
+            ]
+        except _Missing:
+            return None
+
+    # -- the Connector protocol ---------------------------------------------------------------
+
+    async def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord]]:
+        extra: dict[str, str] = {}
+        if mode is FetchMode.DELTA and since is not None:
+            extra["filter"] = delta_filter(since, self.config.delta_overlap)
+        for collection in COLLECTIONS:
+            started, pages, count = time.monotonic(), 0, 0
+            async for page in self._pages(f"/{collection}", collection, extra):
+                pages += 1
+                batch = normalize_page(collection, page.records)
+                count += len(batch)
+                if batch:
+                    yield batch
+            self._log.info(
+                "collection fetched",
+                collection=collection,
+                mode=str(mode),
+                records=count,
+                pages=pages,
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        tid = teacher.sourced_id
+        out = TeacherRoster(teacher=None)
+        user_path = f"/users/{quote(tid, safe='')}"
+        _, body = await self._get(user_path, passthrough=frozenset({404}))
+        if body is not None:
+            record = normalize("users", body.get("user") if isinstance(body, dict) else None)
+            if isinstance(record, Rejected):
+                out.rejected.append(record)
+            elif isinstance(record, RosterPerson):
+                out.teacher = record
+        raw_classes = await self._all(f"/teachers/{quote(tid, safe='')}/classes", "classes") or []
+        for raw in raw_classes:
+            klass = normalize("classes", raw)
+            if isinstance(klass, Rejected):
+                out.rejected.append(klass)
+            elif isinstance(klass, RosterClass) and klass.status == "active":
+                out.classes.append(klass)
+
+        async def students(klass: RosterClass) -> tuple[RosterClass, list[Any]]:
+            path = f"/classes/{quote(klass.sourced_id, safe='')}/students"
+            return klass, await self._all(path, "users") or []
+
+        # The semaphore in _get bounds how many of these run at once.
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(students(k)) for k in out.classes]
+        seen: dict[str, RosterPerson] = {}
+        for task in tasks:
+            klass, raw_users = task.result()
+            cid = klass.sourced_id
+            out.enrollments.append(
+                RosterEnrollment(f"live:{cid}:{tid}:{TEACHER}", cid, tid, TEACHER)
+            )
+            for raw in raw_users:
+                person = normalize("users", raw)
+                if isinstance(person, Rejected):
+                    out.rejected.append(person)
+                    continue
+                # Some servers (ClassLink) list the class's teachers here too.
+                if not isinstance(person, RosterPerson) or person.role != STUDENT:
+                    continue
+                if person.status != "active":
+                    continue
+                seen.setdefault(person.sourced_id, person)
+                out.enrollments.append(
+                    RosterEnrollment(
+                        f"live:{cid}:{person.sourced_id}:{STUDENT}", cid, person.sourced_id, STUDENT
+                    )
+                )
+        out.persons = list(seen.values())
+        return out
+
+    async def aclose(self) -> None:
+        # The engine owns the HTTP client; there is nothing of ours to release.
+        self.closed = True

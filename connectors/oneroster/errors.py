@@ -1,0 +1,71 @@
+"""Sorting HTTP outcomes into the core's error tree.
+
+* 429 and 5xx are :class:`~rostersync.errors.RetriableSourceError`; ``Retry-After`` (seconds or
+  an HTTP date) rides on the error so the retry policy waits as long as the server asked.
+* Timeouts and transport failures (refused or dropped connections) are retriable too.
+* 401/403 are fatal with a hint about credentials; every other 4xx is fatal.
+
+Messages carry the source (through :class:`~rostersync.errors.SourceError`), the method and the
+URL *path* only: no host, no query string, no header, so no secret can leak into a log line.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from rostersync.errors import FatalSourceError, RetriableSourceError
+
+_REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
+
+
+def describe(request: httpx.Request) -> str:
+    """``GET /ims/oneroster/v1p1/users``: what error messages name."""
+    return f"{request.method} {request.url.path}"
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def raise_for_status(source: str, response: httpx.Response, where: str | None = None) -> None:
+    """Raise the right source error for a non-2xx answer; return quietly on success."""
+    status = response.status_code
+    if status < 400:
+        return
+    where = where or describe(response.request)
+    reason = _REASONS.get(status, response.reason_phrase or "")
+    what = f"HTTP {status} {reason}".rstrip()
+    if status == 429 or status >= 500:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise RetriableSourceError(source, f"{what} from {where}", retry_after=retry_after)
+    if status in (401, 403):
+        raise FatalSourceError(
+            source,
+            f"{what} from {where}: the server refused our credentials or their permissions; "
+            "check the source's auth settings",
+        )
+    raise FatalSourceError(source, f"{what} from {where}")
+
+
+def transport_error(source: str, exc: httpx.TransportError, where: str) -> RetriableSourceError:
+    """A retriable error for a timeout or a failed/dropped connection."""
+    if isinstance(exc, httpx.TimeoutException):
+        return RetriableSourceError(source, f"timed out ({type(exc).__name__}) on {where}")
+    return RetriableSourceError(source, f"connection failed ({type(exc).__name__}) on {where}")

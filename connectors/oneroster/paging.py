@@ -1,0 +1,215 @@
+"""OneRoster offset/limit paging, as a state machine testable without HTTP.
+
+The server may help in two ways and we use whichever it offers:
+
+* ``X-Total-Count`` on the first page: every remaining offset is known, so those pages are
+  fetched concurrently (at most ``max_concurrency`` in flight). If the last page comes back
+  full and the server gave no ``Link`` saying it was the last, one more page is asked for:
+  some servers count wrongly, and an extra empty page is cheaper than a missed one.
+* ``Link: <...>; rel="next"``: followed one page at a time. Only the ``offset`` is read from
+  the link; the URL itself is always built from ``base_url`` and our own parameters, because
+  some servers put another host (or plain http) in their links.
+* Neither: keep going until a page comes back short or empty.
+
+Quirks handled:
+
+* A server that caps ``limit`` below what we asked (asked 5000, got 1000 of 50000): the first
+  page's length becomes the step, or we would skip four records in five.
+* A server that ignores ``offset`` and returns the same page forever: two neighbouring pages
+  with the same first ``sourcedId`` and the same length stop the run with a clear
+  :class:`~rostersync.errors.FatalSourceError` instead of looping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from rostersync.errors import FatalSourceError
+
+_LINK_PART = re.compile(r"<([^>]*)>\s*((?:;\s*[^;,]+)*)")
+_REL = re.compile(r"""rel\s*=\s*"?([^";]+)"?""", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One answer: its records (raw JSON objects) and what the headers said about the rest."""
+
+    offset: int
+    records: list[Any]
+    total: int | None = None  # X-Total-Count
+    has_link: bool = False  # a Link header was sent at all
+    next_offset: int | None = None  # the offset its rel="next" link asks for, if any
+    has_next: bool = False  # the Link header had rel="next"
+
+    @property
+    def signature(self) -> tuple[str, int] | None:
+        """(first sourcedId, length): equal on two different offsets means a repeated page."""
+        if not self.records or not isinstance(self.records[0], dict):
+            return None
+        first = self.records[0].get("sourcedId")
+        return (first, len(self.records)) if isinstance(first, str) and first else None
+
+
+def parse_total(value: str | None) -> int | None:
+    """The ``X-Total-Count`` header as a count, or None when absent or unreadable."""
+    if value is None:
+        return None
+    try:
+        total = int(value.strip())
+    except ValueError:
+        return None
+    return total if total >= 0 else None
+
+
+def parse_link(value: str | None) -> tuple[bool, bool, int | None]:
+    """(a Link header was sent, it has rel="next", the next link's ``offset`` parameter)."""
+    if value is None or not value.strip():
+        return False, False, None
+    for match in _LINK_PART.finditer(value):
+        url, params = match.group(1), match.group(2)
+        rels = {r.lower() for m in _REL.finditer(params) for r in m.group(1).split()}
+        if "next" not in rels:
+            continue
+        offsets = parse_qs(urlsplit(url).query).get("offset")
+        try:
+            return True, True, int(offsets[0]) if offsets else None
+        except ValueError:
+            return True, True, None
+    return True, False, None
+
+
+@dataclass
+class OffsetPaginator:
+    """Decides which offsets to fetch and spots a server that ignores ``offset``."""
+
+    source: str
+    path: str
+    limit: int
+    step: int = field(init=False)
+    _seen: list[tuple[int, tuple[str, int] | None]] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.step = self.limit
+
+    def start(self, first: Page) -> list[int] | None:
+        """After the first page: the remaining offsets when the total is known, else None."""
+        self.record(first)
+        got = len(first.records)
+        if 0 < got < self.limit and (first.total is None or first.total > got):
+            # The server serves smaller pages than we asked for.
+            self.step = got
+        if first.total is None:
+            return None
+        if got == 0:
+            return []
+        return list(range(self.step, first.total, self.step))
+
+    def next_offset(self, page: Page) -> int | None:
+        """Sequential paging: where the page after ``page`` starts, or None if it was the last."""
+        got = len(page.records)
+        if got == 0:
+            return None
+        if page.has_link:
+            if not page.has_next:
+                return None
+            if page.next_offset is not None and page.next_offset > page.offset:
+                return page.next_offset
+            return page.offset + got
+        return page.offset + got if got >= self.step else None
+
+    def after_counted(self, last: Page) -> int | None:
+        """Past the counted pages: go on only if the last one was full and not known to be last."""
+        if len(last.records) < self.step or (last.has_link and not last.has_next):
+            return None
+        return last.offset + len(last.records)
+
+    def record(self, page: Page) -> None:
+        """Remember the page; fail if it repeats the page at a neighbouring offset."""
+        sig = page.signature
+        keys = [offset for offset, _ in self._seen]
+        at = bisect.bisect_left(keys, page.offset)
+        if at < len(keys) and keys[at] == page.offset:
+            return
+        if sig is not None:
+            for neighbour in (at - 1, at):
+                if 0 <= neighbour < len(self._seen) and self._seen[neighbour][1] == sig:
+                    other = self._seen[neighbour][0]
+                    low, high = sorted((other, page.offset))
+                    raise FatalSourceError(
+                        self.source,
+                        f"the server answered offset={low} and offset={high} of {self.path} "
+                        f"with the same page (first sourcedId {sig[0]!r}, {sig[1]} records): "
+                        "it ignores `offset`, so paging would never end",
+                    )
+        self._seen.insert(at, (page.offset, sig))
+
+
+async def _concurrently(
+    fetch: Callable[[int], Awaitable[Page]], offsets: Iterable[int], width: int
+) -> AsyncIterator[Page]:
+    """Fetch pages at most ``width`` at a time; yield each as it arrives (order not kept)."""
+    todo = iter(offsets)
+    running: set[asyncio.Task[Page]] = set()
+
+    def launch() -> None:
+        offset = next(todo, None)
+        if offset is not None:
+            running.add(asyncio.ensure_future(fetch(offset)))
+
+    try:
+        for _ in range(width):
+            launch()
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=lambda t: t.exception() is None):
+                # Failures first, so an error is raised before any further page is yielded.
+                running.discard(task)
+                page = task.result()
+                launch()
+                yield page
+    finally:
+        for task in running:
+            task.cancel()
+        # Collect every outcome so no task is left pending or with an unread exception.
+        await asyncio.gather(*running, return_exceptions=True)
+
+
+async def paginate(
+    fetch: Callable[[int], Awaitable[Page]],
+    paginator: OffsetPaginator,
+    max_concurrency: int,
+) -> AsyncIterator[Page]:
+    """Every page of one collection, fetched as :class:`OffsetPaginator` decides."""
+    first = await fetch(0)
+    remaining = paginator.start(first)
+    yield first
+    last = first
+    if remaining is not None:
+        async for page in _concurrently(fetch, remaining, max_concurrency):
+            paginator.record(page)
+            if page.offset > last.offset:
+                last = page
+            yield page
+        offset = paginator.after_counted(last)
+        if offset is not None:
+            # Checking past the total: a server that clamps an offset beyond the end to its last
+            # page is telling us there is no more, not ignoring `offset`.
+            page = await fetch(offset)
+            if page.signature is not None and page.signature == last.signature:
+                return
+            paginator.record(page)
+            yield page
+            offset = paginator.next_offset(page)
+    else:
+        offset = paginator.next_offset(first)
+    while offset is not None:
+        page = await fetch(offset)
+        paginator.record(page)
+        yield page
+        offset = paginator.next_offset(page)

@@ -1,0 +1,767 @@
+"""Unit tests of the OneRoster REST connector: respx fakes the HTTP, or no HTTP at all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+from urllib.request import parse_http_list, parse_keqv_list
+
+import httpx
+import pytest
+import respx
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
+from connectors.oneroster import PLUGIN
+from connectors.oneroster.config import OneRosterSourceConfig
+from connectors.oneroster.connector import OneRosterConnector, delta_filter
+from connectors.oneroster.errors import parse_retry_after
+from connectors.oneroster.normalize import normalize
+from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link
+from rostersync.connector import ConnectorContext, FetchMode
+from rostersync.errors import (
+    DeltaUnsupportedError,
+    FatalSourceError,
+    RetriableSourceError,
+)
+from rostersync.records import (
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    RosterRecord,
+    TeacherRef,
+)
+from tests.fakes.oneroster_server import oauth1_base_string, oauth1_hmac_sha256
+
+HOST = "https://or.example.org"
+BASE = f"{HOST}/ims/oneroster/v1p1"
+TOKEN_URL = "https://auth.example.org/oauth/token"
+SECRET = "s3cret-value-never-logged"
+FAST = {"initial_wait": 0.01, "max_wait": 0.05, "max_attempts": 4}
+COLLECTIONS = ("orgs", "users", "classes", "enrollments")
+
+
+def make_config(**overrides: Any) -> OneRosterSourceConfig:
+    data: dict[str, Any] = {
+        "type": "oneroster",
+        "base_url": BASE,
+        "auth": {"type": "oauth1", "client_id": "cid", "client_secret": SECRET},
+        "retry": FAST,
+    }
+    return OneRosterSourceConfig.model_validate(data | overrides)
+
+
+@asynccontextmanager
+async def open_connector(**overrides: Any) -> AsyncIterator[OneRosterConnector]:
+    config = make_config(**overrides)
+    async with httpx.AsyncClient(**config.http_client_options()) as http:
+        connector = OneRosterConnector(ConnectorContext("district", config, http))
+        try:
+            yield connector
+        finally:
+            await connector.aclose()
+
+
+async def fetch_all(
+    connector: OneRosterConnector, mode: FetchMode = FetchMode.FULL, since: datetime | None = None
+) -> list[RosterRecord]:
+    return [r async for batch in connector.fetch(mode, since) for r in batch]
+
+
+def user(n: int, role: str | None = "student", **extra: Any) -> dict[str, Any]:
+    return {
+        "sourcedId": f"u-{n:03d}",
+        "status": "active",
+        "dateLastModified": "2026-01-01T00:00:00.000Z",
+        "role": role,
+        "givenName": f"Given{n}",
+        "familyName": "Family",
+        "email": f"u{n}@example.org",
+        "enabledUser": "true",
+    } | extra
+
+
+def pager(
+    records: list[dict[str, Any]],
+    key: str,
+    *,
+    total: bool = True,
+    link: bool = False,
+    cap: int | None = None,
+    link_origin: str = "http://other-host.example",
+) -> Callable[[httpx.Request], httpx.Response]:
+    """A respx side effect serving `records` by limit/offset, with the chosen headers."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        limit = int(request.url.params["limit"])
+        offset = int(request.url.params["offset"])
+        limit = min(limit, cap) if cap else limit
+        headers: dict[str, str] = {}
+        if total:
+            headers["X-Total-Count"] = str(len(records))
+        if link:
+            first = f'<{link_origin}/elsewhere?offset=0&limit={limit}>; rel="first"'
+            if offset + limit < len(records):
+                nxt = f"{link_origin}/elsewhere?offset={offset + limit}&limit={limit}"
+                headers["Link"] = f'<{nxt}>; rel="next", {first}'
+            else:
+                headers["Link"] = first
+        return httpx.Response(200, json={key: records[offset : offset + limit]}, headers=headers)
+
+    return handler
+
+
+def mock_empty(router: respx.MockRouter, *names: str) -> None:
+    for name in names:
+        router.get(f"{BASE}/{name}").mock(side_effect=pager([], name))
+
+
+# -- paging ----------------------------------------------------------------------------------
+
+
+async def test_total_count_pages_are_fetched_concurrently_within_the_bound() -> None:
+    """With X-Total-Count the remaining pages run concurrently, never above max_concurrency."""
+    records = [user(i) for i in range(48)]  # ten pages, the last one short
+    in_flight = peak = 0
+    serve = pager(records, "users")
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return serve(request)
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=slow)
+        async with open_connector(page_size=5, max_concurrency=3) as c:
+            got = await fetch_all(c)
+    assert peak == 3
+    assert route.call_count == 10
+    assert sorted(p.sourced_id for p in got if isinstance(p, RosterPerson)) == [
+        f"u-{i:03d}" for i in range(48)
+    ]
+
+
+async def test_link_next_is_followed_but_urls_are_built_from_base_url() -> None:
+    """Without a total, rel="next" drives paging, yet every request goes to base_url's host."""
+    records = [user(i) for i in range(7)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=pager(records, "users", total=False, link=True)
+        )
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+        hosts = {call.request.url.host for call in router.calls}
+    offsets = [call.request.url.params["offset"] for call in route.calls]
+    assert offsets == ["0", "3", "6"]
+    assert hosts == {"or.example.org"}
+    assert len([r for r in got if isinstance(r, RosterPerson)]) == 7
+
+
+async def test_without_headers_paging_stops_on_a_short_page() -> None:
+    """No X-Total-Count and no Link: pages are read until one comes back short."""
+    records = [user(i) for i in range(7)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", total=False))
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+    assert route.call_count == 3
+    assert len(got) == 7
+
+
+async def test_without_headers_an_exact_multiple_ends_on_an_empty_page() -> None:
+    """A collection that fills its last page is finished by one empty page."""
+    records = [user(i) for i in range(6)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", total=False))
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "3", "6"]
+    assert len(got) == 6
+
+
+async def test_a_server_capping_limit_sets_the_step() -> None:
+    """A server serving fewer records per page than asked is paged by what it serves."""
+    records = [user(i) for i in range(25)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", cap=10))
+        async with open_connector(page_size=100) as c:
+            got = await fetch_all(c)
+    assert sorted(call.request.url.params["offset"] for call in route.calls) == ["0", "10", "20"]
+    assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 25
+
+
+async def test_the_same_page_for_every_offset_fails_clearly() -> None:
+    """A server ignoring offset is detected instead of looped over forever."""
+
+    def same(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"users": [user(i) for i in range(3)]})
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=same)
+        async with open_connector(page_size=3) as c:
+            with pytest.raises(FatalSourceError, match=r"same page.*ignores `offset`") as err:
+                await fetch_all(c)
+    assert route.call_count == 2
+    assert "offset=0 and offset=3" in str(err.value)
+    assert "'district'" in str(err.value)
+
+
+async def test_repeated_pages_with_a_total_are_detected_too() -> None:
+    """With X-Total-Count, concurrent pages that repeat their neighbour also fail the run."""
+
+    def same(request: httpx.Request) -> httpx.Response:
+        page = [user(i) for i in range(3)]
+        return httpx.Response(200, json={"users": page}, headers={"X-Total-Count": "30"})
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        router.get(f"{BASE}/users").mock(side_effect=same)
+        async with open_connector(page_size=3) as c:
+            with pytest.raises(FatalSourceError, match="same page"):
+                await fetch_all(c)
+
+
+def test_paginator_plans_offsets_from_the_total() -> None:
+    """start() lists every remaining offset once the first page tells the total."""
+    p = OffsetPaginator("s", "/users", limit=10)
+    first = Page(0, [{"sourcedId": str(i)} for i in range(10)], total=35)
+    assert p.start(first) == [10, 20, 30]
+
+
+def test_paginator_follows_the_next_links_offset() -> None:
+    """next_offset() takes rel="next"'s offset, and stops when there is no next link."""
+    p = OffsetPaginator("s", "/users", limit=10)
+    page = Page(0, [{"sourcedId": "a"}] * 10, has_link=True, has_next=True, next_offset=10)
+    assert p.start(page) is None
+    assert p.next_offset(page) == 10
+    last = Page(10, [{"sourcedId": "b"}] * 10, has_link=True, has_next=False)
+    assert p.next_offset(last) is None
+
+
+def test_parse_link_reads_only_the_next_offset() -> None:
+    """A Link header yields whether rel="next" exists and its offset parameter."""
+    header = (
+        '<https://x.example/users?limit=5&offset=0>; rel="first", '
+        '<https://x.example/users?limit=5&offset=10>; rel="next"'
+    )
+    assert parse_link(header) == (True, True, 10)
+    assert parse_link('<https://x.example/users?offset=0>; rel="first"') == (True, False, None)
+    assert parse_link(None) == (False, False, None)
+
+
+async def test_paginate_counted_then_checks_one_more_when_last_page_is_full() -> None:
+    """A total that ends on a full page without a Link is verified by one more request."""
+    asked: list[int] = []
+    data = [{"sourcedId": f"r{i}"} for i in range(6)]
+
+    async def fetch(offset: int) -> Page:
+        asked.append(offset)
+        return Page(offset, data[offset : offset + 3], total=6)
+
+    pages = [p async for p in paginate(fetch, OffsetPaginator("s", "/x", 3), 2)]
+    assert sorted(asked) == [0, 3, 6]
+    assert sum(len(p.records) for p in pages) == 6
+
+
+# -- retries and errors ------------------------------------------------------------------------
+
+
+def ok_users() -> httpx.Response:
+    return httpx.Response(200, json={"users": [user(1)]}, headers={"X-Total-Count": "1"})
+
+
+async def test_429_waits_retry_after_seconds_then_succeeds() -> None:
+    """A 429's Retry-After (seconds) sets the wait before the retry."""
+    with capture_logs() as logs, respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=[httpx.Response(429, headers={"Retry-After": "0.02"}), ok_users()]
+        )
+        async with open_connector() as c:
+            got = await fetch_all(c)
+    assert route.call_count == 2
+    assert len(got) == 1
+    retries = [e for e in logs if e["event"] == "retrying"]
+    assert [e["wait_s"] for e in retries] == [0.02]
+    assert "HTTP 429" in retries[0]["reason"]
+
+
+def test_retry_after_accepts_an_http_date() -> None:
+    """Retry-After given as an HTTP date becomes the seconds until then (never negative)."""
+    now = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(later, now) == 30.0
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=5), usegmt=True), now) == 0.0
+    assert parse_retry_after("7", now) == 7.0
+    assert parse_retry_after("soon", now) is None
+
+
+async def test_429_with_an_http_date_is_retried() -> None:
+    """A 429 whose Retry-After is a (past) HTTP date is retried at once."""
+    past = format_datetime(datetime.now(UTC) - timedelta(seconds=10), usegmt=True)
+    with capture_logs() as logs, respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=[httpx.Response(429, headers={"Retry-After": past}), ok_users()]
+        )
+        async with open_connector() as c:
+            await fetch_all(c)
+    assert route.call_count == 2
+    assert [e["wait_s"] for e in logs if e["event"] == "retrying"] == [0.0]
+
+
+async def test_5xx_is_retried_then_succeeds() -> None:
+    """Two 500s and a 503 are retried; the fourth try's answer is used."""
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=[httpx.Response(500), httpx.Response(500), httpx.Response(503), ok_users()]
+        )
+        async with open_connector() as c:
+            got = await fetch_all(c)
+    assert route.call_count == 4
+    assert [r.sourced_id for r in got] == ["u-001"]
+
+
+async def test_5xx_past_max_attempts_is_a_retriable_error() -> None:
+    """When every try fails the last RetriableSourceError reaches the engine."""
+    with respx.mock(assert_all_called=False) as router:
+        route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(502))
+        async with open_connector() as c:
+            with pytest.raises(RetriableSourceError, match="HTTP 502"):
+                await fetch_all(c)
+    assert route.call_count == FAST["max_attempts"]
+
+
+async def test_timeouts_and_dropped_connections_are_retried() -> None:
+    """A read timeout and a connection closed without an answer are both retried."""
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=[
+                httpx.ReadTimeout("slow"),
+                httpx.RemoteProtocolError("Server disconnected without sending a response."),
+                ok_users(),
+            ]
+        )
+        async with open_connector() as c:
+            got = await fetch_all(c)
+    assert route.call_count == 3
+    assert len(got) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_401_and_403_are_fatal_naming_source_and_path_without_secrets(status: int) -> None:
+    """Refused credentials stop the run; the message names source and path, no query or secret."""
+    with respx.mock(assert_all_called=False) as router:
+        route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(status))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+    message = str(err.value)
+    assert route.call_count == 1
+    assert "'district'" in message
+    assert f"HTTP {status}" in message
+    assert "GET /ims/oneroster/v1p1/orgs" in message
+    assert SECRET not in message
+    assert "limit=" not in message
+    assert "or.example.org" not in message
+
+
+async def test_bearer_token_never_appears_in_a_401_message() -> None:
+    """With a static bearer token, a 401 message carries no token."""
+    token = "static-token-abc123"
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(401))
+        async with open_connector(auth={"type": "bearer", "token": token}) as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+        assert router.calls[0].request.headers["Authorization"] == f"Bearer {token}"
+    assert token not in str(err.value)
+
+
+async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
+    """A 404 on a collection and an unparsable body both stop the run."""
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(404))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError, match="HTTP 404"):
+                await fetch_all(c)
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
+                await fetch_all(c)
+
+
+async def test_an_answer_without_the_collection_key_is_fatal() -> None:
+    """A body without the expected envelope key cannot be taken for an empty collection."""
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, json={"data": []}))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError, match="no 'orgs' list"):
+                await fetch_all(c)
+
+
+# -- auth ------------------------------------------------------------------------------------
+
+
+def oauth2_overrides() -> dict[str, Any]:
+    return {
+        "auth": {
+            "type": "oauth2",
+            "token_url": TOKEN_URL,
+            "client_id": "cid",
+            "client_secret": SECRET,
+        }
+    }
+
+
+def token_answers() -> Callable[[httpx.Request], httpx.Response]:
+    issued = 0
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal issued
+        issued += 1
+        return httpx.Response(200, json={"access_token": f"tok-{issued}", "expires_in": 3600})
+
+    return answer
+
+
+async def test_oauth2_token_is_fetched_once_and_cached() -> None:
+    """Every request of a run shares one client-credentials token."""
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(side_effect=token_answers())
+        mock_empty(router, *COLLECTIONS)
+        async with open_connector(**oauth2_overrides()) as c:
+            await fetch_all(c)
+            await fetch_all(c)
+        data_calls = [call for call in router.calls if call.request.method == "GET"]
+    assert token.call_count == 1
+    sent = token.calls[0].request
+    assert sent.headers["Authorization"].startswith("Basic ")
+    assert b"grant_type=client_credentials" in sent.content
+    assert b"roster.readonly" in sent.content  # the version's default scope
+    assert len(data_calls) == 2 * len(COLLECTIONS)
+    assert {call.request.headers["Authorization"] for call in data_calls} == {"Bearer tok-1"}
+
+
+async def test_oauth2_token_is_refreshed_once_on_401() -> None:
+    """A 401 with a cached token fetches a new one and repeats the request once."""
+
+    def users(request: httpx.Request) -> httpx.Response:
+        if request.headers["Authorization"] == "Bearer tok-1":
+            return httpx.Response(401)
+        return ok_users()
+
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(side_effect=token_answers())
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=users)
+        async with open_connector(**oauth2_overrides()) as c:
+            got = await fetch_all(c)
+    assert token.call_count == 2
+    assert route.call_count == 2
+    assert [r.sourced_id for r in got] == ["u-001"]
+
+
+async def test_oauth2_second_401_is_fatal_after_one_refresh() -> None:
+    """If the fresh token is refused too, the run stops: no refresh loop."""
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(side_effect=token_answers())
+        route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(401))
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError, match="HTTP 401") as err:
+                await fetch_all(c)
+    assert token.call_count == 2
+    assert route.call_count == 2
+    assert "tok-" not in str(err.value)
+
+
+async def test_oauth2_refused_credentials_are_fatal_without_the_secret() -> None:
+    """The token endpoint's 401 stops the run naming the token path, not the secret."""
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).mock(return_value=httpx.Response(401, json={"error": "x"}))
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError, match="POST /oauth/token") as err:
+                await fetch_all(c)
+    assert SECRET not in str(err.value)
+
+
+async def test_oauth1_header_is_a_valid_hmac_sha256_signature_over_the_query() -> None:
+    """The OAuth1 header names HMAC-SHA256 and verifies against the query parameters too."""
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, *COLLECTIONS)
+        async with open_connector() as c:
+            await fetch_all(c, FetchMode.DELTA, datetime(2026, 1, 1, tzinfo=UTC))
+        request = router.calls[0].request
+    header = request.headers["Authorization"]
+    assert header.startswith("OAuth ")
+    oauth = {k: unquote(v) for k, v in parse_keqv_list(parse_http_list(header[6:])).items()}
+    assert oauth["oauth_signature_method"] == "HMAC-SHA256"
+    assert oauth["oauth_consumer_key"] == "cid"
+    query = list(request.url.params.multi_items())
+    assert {k for k, _ in query} == {"limit", "offset", "filter"}
+    url = f"{request.url.scheme}://{request.url.netloc.decode()}{request.url.path}"
+    oauth_params = [(k, v) for k, v in oauth.items() if k != "oauth_signature"]
+    base = oauth1_base_string("GET", url, [*query, *oauth_params])
+    assert oauth1_hmac_sha256(base, SECRET) == oauth["oauth_signature"]
+    without_query = oauth1_base_string("GET", url, oauth_params)
+    assert oauth1_hmac_sha256(without_query, SECRET) != oauth["oauth_signature"]
+
+
+# -- normalization ---------------------------------------------------------------------------
+
+
+def test_v11_user_role_and_string_booleans() -> None:
+    """A 1.1 user: `role`, "false" enabledUser, orgs refs, dates as aware datetimes."""
+    person = normalize(
+        "users",
+        user(1, role="Teacher", enabledUser="false", orgs=[{"sourcedId": "sch-1", "href": "x"}]),
+    )
+    assert isinstance(person, RosterPerson)
+    assert person.role == "teacher"
+    assert person.enabled is False
+    assert person.org_ids == ("sch-1",)
+    assert person.date_last_modified == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_v12_user_takes_the_primary_role() -> None:
+    """A 1.2 user's role is its primary role (for primaryOrg), not the first listed."""
+    raw = user(2, role=None) | {
+        "primaryOrg": {"sourcedId": "sch-2"},
+        "roles": [
+            {"roleType": "secondary", "role": "aide", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "primary", "role": "student", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "primary", "role": "teacher", "org": {"sourcedId": "sch-2"}},
+        ],
+    }
+    person = normalize("users", raw)
+    assert isinstance(person, RosterPerson)
+    assert person.role == "teacher"
+    assert person.org_ids == ("sch-2", "sch-1")
+
+
+def test_missing_optional_fields_get_defaults() -> None:
+    """A minimal valid user (no names, email, enabledUser, orgs or date) is accepted."""
+    person = normalize("users", {"sourcedId": "u-9", "status": "active", "role": "student"})
+    assert person == RosterPerson("u-9", "student", "", "", None, None, True, (), "active", None)
+
+
+@pytest.mark.parametrize("status", ["tobedeleted", "inactive", "TOBEDELETED"])
+def test_tobedeleted_and_inactive_mean_removal(status: str) -> None:
+    """`tobedeleted` and 1.0's `inactive` both normalize to tobedeleted, even when sparse."""
+    record = normalize("enrollments", {"sourcedId": "e-1", "status": status})
+    assert isinstance(record, RosterEnrollment)
+    assert record.status == "tobedeleted"
+
+
+@pytest.mark.parametrize(
+    ("collection", "raw", "reason"),
+    [
+        ("users", {"status": "active", "role": "student"}, "no sourcedId"),
+        ("users", {"sourcedId": "u-1", "status": "archived", "role": "student"}, "unknown status"),
+        ("users", {"sourcedId": "u-1", "status": "active"}, "no role"),
+        ("users", {"sourcedId": "u-1", "role": "student", "enabledUser": "maybe"}, "enabledUser"),
+        ("classes", {"sourcedId": "c-1", "status": "active"}, "no title"),
+        ("orgs", {"sourcedId": "o-1", "status": "active"}, "no name"),
+        (
+            "enrollments",
+            {"sourcedId": "e-1", "class": {"sourcedId": "c"}, "role": "student"},
+            "no user",
+        ),
+        ("enrollments", {"sourcedId": "e-1", "user": {"sourcedId": "u"}, "role": "x"}, "no class"),
+        ("users", {"sourcedId": "u-1", "role": "x", "dateLastModified": "yesterday"}, "date-time"),
+        ("users", ["not", "an", "object"], "not a JSON object"),
+    ],
+)
+def test_schema_violations_become_rejections(collection: str, raw: Any, reason: str) -> None:
+    """A record breaking the schema becomes a Rejected with its sourcedId and reason."""
+    record = normalize(collection, raw)
+    assert isinstance(record, Rejected)
+    assert reason in record.reason
+    if isinstance(raw, dict) and "sourcedId" in raw:
+        assert record.sourced_id == raw["sourcedId"]
+
+
+def test_other_collections_normalize() -> None:
+    """Orgs, classes and enrollments keep their references (sourcedIds) and flags."""
+    org = normalize(
+        "orgs", {"sourcedId": "s", "name": "N", "type": "school", "parent": {"sourcedId": "d"}}
+    )
+    klass = normalize("classes", {"sourcedId": "c", "title": "T", "school": {"sourcedId": "s"}})
+    enr = normalize(
+        "enrollments",
+        {
+            "sourcedId": "e",
+            "user": {"sourcedId": "u", "href": "https://elsewhere/users/u"},
+            "class": {"sourcedId": "c"},
+            "role": "teacher",
+            "primary": "true",
+        },
+    )
+    assert org == RosterOrg("s", "N", "school", None, "d")
+    assert klass == RosterClass("c", "T", None, "s")
+    assert enr == RosterEnrollment("e", "c", "u", "teacher", "active", True)
+
+
+async def test_a_rejected_record_does_not_sink_its_page() -> None:
+    """One bad record in a page is reported alone; its neighbours are still yielded."""
+    records = [user(1), {"status": "active", "role": "student"}, user(3)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        router.get(f"{BASE}/users").mock(side_effect=pager(records, "users"))
+        async with open_connector() as c:
+            got = await fetch_all(c)
+    assert [r.sourced_id for r in got if isinstance(r, RosterPerson)] == ["u-001", "u-003"]
+    assert [r.reason for r in got if isinstance(r, Rejected)] == ["no sourcedId"]
+
+
+# -- delta -----------------------------------------------------------------------------------
+
+
+def test_delta_filter_subtracts_the_overlap_in_utc() -> None:
+    """The filter is dateLastModified>'since - overlap' in UTC with a Z, whole seconds."""
+    since = datetime(2026, 3, 1, 13, 0, 0, 500000, tzinfo=timezone(timedelta(hours=1)))
+    assert delta_filter(since, timedelta(minutes=5)) == "dateLastModified>'2026-03-01T11:55:00Z'"
+    naive = datetime(2026, 3, 1, 12, 0, 0)
+    assert delta_filter(naive, timedelta(0)) == "dateLastModified>'2026-03-01T12:00:00Z'"
+
+
+async def test_delta_fetch_sends_the_filter_on_every_collection() -> None:
+    """A delta fetch filters each collection by dateLastModified minus the overlap."""
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, *COLLECTIONS)
+        async with open_connector(delta_overlap="10m") as c:
+            await fetch_all(c, FetchMode.DELTA, datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+        filters = {
+            call.request.url.path.rsplit("/", 1)[1]: call.request.url.params["filter"]
+            for call in router.calls
+        }
+    assert filters == dict.fromkeys(COLLECTIONS, "dateLastModified>'2026-03-01T11:50:00Z'")
+
+
+async def test_delta_400_raises_delta_unsupported() -> None:
+    """A server refusing the filter with 400 raises DeltaUnsupportedError (engine runs full)."""
+    with respx.mock(assert_all_called=False) as router:
+        route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(400))
+        async with open_connector() as c:
+            assert c.supports_delta
+            with pytest.raises(DeltaUnsupportedError, match="rejected the delta filter"):
+                await fetch_all(c, FetchMode.DELTA, datetime(2026, 3, 1, tzinfo=UTC))
+    assert route.call_count == 1
+
+
+async def test_full_fetch_400_is_plainly_fatal() -> None:
+    """Without a filter, a 400 is an ordinary fatal error, not a delta fallback."""
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(400))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+    assert not isinstance(err.value, DeltaUnsupportedError)
+
+
+# -- live teacher fetch ----------------------------------------------------------------------
+
+
+async def test_class_students_are_filtered_to_students() -> None:
+    """Teachers listed in /classes/{id}/students are dropped; live enrollment ids are synthetic."""
+    klass = {"sourcedId": "c-1", "status": "active", "title": "Algebra"}
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users/t-1").mock(
+            return_value=httpx.Response(
+                200, json={"user": user(100, role="teacher", sourcedId="t-1")}
+            )
+        )
+        router.get(f"{BASE}/teachers/t-1/classes").mock(side_effect=pager([klass], "classes"))
+        router.get(f"{BASE}/classes/c-1/students").mock(
+            side_effect=pager(
+                [
+                    user(1),
+                    user(100, role="teacher", sourcedId="t-1"),
+                    user(2, status="tobedeleted"),
+                ],
+                "users",
+            )
+        )
+        async with open_connector() as c:
+            got = await c.fetch_teacher(TeacherRef("t-1", "t@example.org"))
+        hosts = {call.request.url.host for call in router.calls}
+    assert got.teacher is not None and got.teacher.sourced_id == "t-1"
+    assert [p.sourced_id for p in got.persons] == ["u-001"]
+    assert {e.sourced_id for e in got.enrollments} == {
+        "live:c-1:u-001:student",
+        "live:c-1:t-1:teacher",
+    }
+    assert hosts == {"or.example.org"}
+
+
+async def test_unknown_teacher_gives_an_empty_roster() -> None:
+    """404s for the user and their classes mean no teacher and no classes, not an error."""
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users/t-x").mock(return_value=httpx.Response(404))
+        router.get(f"{BASE}/teachers/t-x/classes").mock(return_value=httpx.Response(404))
+        async with open_connector() as c:
+            got = await c.fetch_teacher(TeacherRef("t-x", None))
+    assert got.teacher is None
+    assert got.classes == [] and got.enrollments == []
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+def test_version_defaults_from_the_base_path() -> None:
+    """`v1p2` in base_url means 1.2; otherwise 1.1; an explicit version wins."""
+    assert make_config().version == "1.1"
+    v12 = make_config(base_url=f"{HOST}/ims/oneroster/rostering/v1p2/")
+    assert v12.version == "1.2"
+    assert v12.base_url.endswith("/v1p2")
+    assert (
+        make_config(base_url=f"{HOST}/ims/oneroster/rostering/v1p2", version=1.1).version == "1.1"
+    )
+
+
+def test_config_limits_and_secret_files(tmp_path: Path) -> None:
+    """page_size is capped at 10000, auth is discriminated by type, secrets read from files."""
+    with pytest.raises(ValidationError):
+        make_config(page_size=10001)
+    with pytest.raises(ValidationError):
+        make_config(auth={"type": "kerberos"})
+    (tmp_path / "secret").write_text("from-file\n")
+    cfg = OneRosterSourceConfig.model_validate(
+        {
+            "type": "oneroster",
+            "base_url": BASE,
+            "auth": {
+                "type": "oauth2",
+                "token_url": TOKEN_URL,
+                "client_id": "c",
+                "client_secret_file": "secret",
+            },
+            "timeout": "45s",
+        },
+        context={"base_dir": tmp_path},
+    )
+    assert cfg.auth.client_secret.get_secret_value() == "from-file"  # type: ignore[union-attr]
+    assert "from-file" not in repr(cfg)
+    assert cfg.http_client_options()["timeout"] == httpx.Timeout(45)
+    assert cfg.page_size == 1000 and cfg.max_concurrency == 4 and cfg.verify_tls is True
+    assert PLUGIN.type == "oneroster" and PLUGIN.config_model is OneRosterSourceConfig
