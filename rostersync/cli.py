@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 import structlog
+from sqlalchemy import Connection
 
 from rostersync import __version__, directory
 from rostersync.config.loader import config_path, json_schema_text, load_settings
@@ -23,6 +24,7 @@ from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import register_secrets_in
+from rostersync.progress import SyncProgress
 from rostersync.store.db import Store
 from rostersync.sync.apply import queue_resync, sync_catalog
 from rostersync.sync.engine import COUNT_KEYS, RunReport, SourceBusy, SyncEngine, load_report
@@ -126,30 +128,60 @@ def _print_report(r: RunReport) -> None:
         click.echo(f"  ... and {len(r.rejected) - 20} more: `rostersync runs show {r.id}`")
 
 
-def _progress(source: str, phase: str, figures: Any) -> None:
-    # Plain lines on stderr; the daemon issue adds the TTY display.
-    if sys.stderr.isatty():
-        summary = ", ".join(f"{k} {v}" for k, v in figures.items() if v)
-        click.echo(f"\r{source}: {phase} {summary}".ljust(79), err=True, nl=False)
-
-
 async def _sync_and_drain(
-    app: App, sources: list[str], mode: str | None, dry_run: bool
+    app: App,
+    sources: list[str],
+    mode: str | None,
+    dry_run: bool,
+    *,
+    show_progress: bool = True,
+    owner: str | None = None,
 ) -> list[RunReport]:
-    engine = app.engine(progress=_progress)
-    reports = []
-    for name in sources:
-        try:
-            reports.append(await engine.sync(name, mode=mode, dry_run=dry_run))
-        except SourceBusy as exc:
-            fail(str(exc))
-    if sys.stderr.isatty():
-        click.echo("", err=True)
-    if not dry_run:
-        await engine.drain()
-        with app.store.read() as conn:
-            reports = [load_report(conn, r.id) for r in reports]
+    progress = SyncProgress(sys.stderr) if show_progress else None
+    if progress is not None and progress.tty:
+        # Log lines print above the live display instead of through it.
+        settings = app.settings
+        configure_logging(
+            app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
+        )
+    try:
+        engine = app.engine(progress=progress, owner=owner)
+        reports = []
+        for name in sources:
+            try:
+                report = await engine.sync(name, mode=mode, dry_run=dry_run)
+            except SourceBusy as exc:
+                fail(str(exc))
+            reports.append(report)
+            if progress is not None:
+                progress.applied(name, report.id, report.status, report.counts)
+        if not dry_run:
+            await _drain_with_progress(app, engine, progress)
+            with app.store.read() as conn:
+                reports = [load_report(conn, r.id) for r in reports]
+    finally:
+        if progress is not None:
+            progress.close()
+            if progress.tty:
+                settings = app.settings
+                configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports
+
+
+async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
+    """engine.drain(), reporting jobs done and still queued after every batch."""
+    from rostersync.queue import queue_depth
+
+    done = 0
+    while True:
+        outcomes = await engine.process_batch()
+        done += len(outcomes)
+        if progress is not None and done:
+            with app.store.read() as conn:
+                queued = queue_depth(conn)["queued"]
+            progress.resync(done, queued, final=not outcomes)
+        if not outcomes:
+            return
 
 
 @cli.command()
@@ -212,7 +244,10 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
     settings = app.settings
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
-        reports = asyncio.run(_sync_and_drain(app, names, None, False))
+        # No progress lines: `run --once` is for timers and containers; their log is the JSON.
+        reports = asyncio.run(
+            _sync_and_drain(app, names, None, False, show_progress=False, owner=instance_id)
+        )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})
         else:
@@ -282,7 +317,9 @@ def resync(
         queue_resync(
             conn, ids, reason="manual resync" + (" (live)" if live else ""), run_id=None, live=live
         )
-    job_ids = _queued_job_ids(store, ids)
+        # Read the ids before the commit: a running daemon (woken by NOTIFY) may lease the
+        # jobs within milliseconds of it, and they would no longer be `queued`.
+        job_ids = _queued_job_ids(conn, ids)
     if wait:
         jobs = _wait_for(store, job_ids, timeout)
     else:
@@ -298,19 +335,18 @@ def resync(
         sys.exit(EXIT_FAILED)
 
 
-def _queued_job_ids(store: Store, user_ids: list[int]) -> list[int]:
+def _queued_job_ids(conn: Connection, user_ids: list[int]) -> list[int]:
     from sqlalchemy import bindparam, text
 
-    with store.read() as conn:
-        return [
-            r[0]
-            for r in conn.execute(
-                text(
-                    "SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id"
-                ).bindparams(bindparam("u", expanding=True)),
-                {"u": user_ids or [-1]},
-            )
-        ]
+    return [
+        r[0]
+        for r in conn.execute(
+            text(
+                "SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id"
+            ).bindparams(bindparam("u", expanding=True)),
+            {"u": user_ids or [-1]},
+        )
+    ]
 
 
 def _wait_for(store: Store, job_ids: list[int], timeout: float) -> list[dict[str, Any]]:
@@ -595,3 +631,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 # -- commands defined in their own modules --------------------------------------------------------
 # (each module adds its commands to `cli` here; keep this block at the end of the file)
+from rostersync.commands.importing import import_cmd, outbox, teachers  # noqa: E402
+
+cli.add_command(import_cmd, "import")
+cli.add_command(teachers)
+cli.add_command(outbox)

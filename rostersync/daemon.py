@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import logging
 import os
 import signal
 import socket
@@ -105,15 +106,24 @@ def _day_number(token: str) -> int:
     raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
 
 
-def build_trigger(schedule: Schedule, *, start: datetime | None = None) -> IntervalTrigger | CronTrigger:
+def build_trigger(
+    schedule: Schedule, *, start: datetime | None = None
+) -> IntervalTrigger | CronTrigger:
     """The APScheduler trigger for a source's ``schedule`` (interval or five-field cron)."""
     jitter = int(schedule.jitter.total_seconds()) or None
     if schedule.interval is not None:
-        return IntervalTrigger(seconds=schedule.interval.total_seconds(), start_date=start, jitter=jitter)
+        return IntervalTrigger(
+            seconds=schedule.interval.total_seconds(), start_date=start, jitter=jitter
+        )
     assert schedule.cron is not None  # the model guarantees exactly one of the two
     minute, hour, day, month, dow = schedule.cron.split()
     return CronTrigger(
-        minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_day_of_week(dow), jitter=jitter
+        minute=minute,
+        hour=hour,
+        day=day,
+        month=month,
+        day_of_week=crontab_day_of_week(dow),
+        jitter=jitter,
     )
 
 
@@ -163,7 +173,9 @@ def recover(store: Store, me: str) -> dict[str, list[Any]]:
         dead = [o for o in owners if owner_is_dead(o, me)]
         if dead:
             conn.execute(
-                text("DELETE FROM source_lease WHERE owner IN :o").bindparams(bindparam("o", expanding=True)),
+                text("DELETE FROM source_lease WHERE owner IN :o").bindparams(
+                    bindparam("o", expanding=True)
+                ),
                 {"o": dead},
             )
         orphans = [
@@ -269,11 +281,14 @@ class Daemon:
         self._listening = False
         self._heartbeat = time.monotonic()
         self._reload_lock = asyncio.Lock()
-        self._reloads: set[asyncio.Task[None]] = set()
+        self._reloads: set[asyncio.Task[Any]] = set()
 
     def _make_engine(self) -> SyncEngine:
         return SyncEngine(
-            self.settings, self.store, owner=self.owner, http_event_hooks=self.metrics.http_event_hooks()
+            self.settings,
+            self.store,
+            owner=self.owner,
+            http_event_hooks=self.metrics.http_event_hooks(),
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -347,7 +362,9 @@ class Daemon:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 break
-            done, _ = await asyncio.wait({*pending, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {*pending, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             pending -= done
         hurry.cancel()
         if pending:
@@ -378,7 +395,9 @@ class Daemon:
         }
         for name, cfg in self.settings.sources.items():
             if cfg.enabled and cfg.schedule is None and name not in self._scheduled:
-                self.log.info("source_unscheduled", source=name, hint=f"rostersync sync --source {name}")
+                self.log.info(
+                    "source_unscheduled", source=name, hint=f"rostersync sync --source {name}"
+                )
         for name in list(self._scheduled):
             if wanted.get(name) != self._scheduled[name]:
                 with contextlib.suppress(Exception):
@@ -431,7 +450,9 @@ class Daemon:
                 raise
 
     def _spawn_sync(self, source: str, trigger: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._sync_one(self.engine, source, trigger), name=f"sync:{source}")
+        task = asyncio.create_task(
+            self._sync_one(self.engine, source, trigger), name=f"sync:{source}"
+        )
         self._syncs.add(task)
         task.add_done_callback(self._syncs.discard)
         return task
@@ -451,7 +472,9 @@ class Daemon:
             return
         finished = report.finished_at or utcnow()
         self.last_runs[source] = LastRun(report.status, report.id, finished)
-        self.metrics.record_run(source, report.status, time.monotonic() - started, finished.timestamp())
+        self.metrics.record_run(
+            source, report.status, time.monotonic() - started, finished.timestamp()
+        )
         log.bind(run_id=report.id).info(
             "scheduled_sync_done",
             status=report.status,
@@ -493,7 +516,11 @@ class Daemon:
             if last is None:
                 parts.append(f"{name}: never run")
             else:
-                at = last.finished_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if last.finished_at else "?"
+                at = (
+                    last.finished_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+                    if last.finished_at
+                    else "?"
+                )
                 parts.append(f"{name}: {last.status} {at} (run {last.run_id})")
         return "; ".join(parts) or "no enabled source"
 
@@ -529,13 +556,17 @@ class Daemon:
                 try:
                     outcomes = await self.engine.process_batch()
                 except Exception as exc:
-                    self.log.error("resync_worker_error", error=scrub(str(exc)), error_type=type(exc).__name__)
+                    self.log.error(
+                        "resync_worker_error", error=scrub(str(exc)), error_type=type(exc).__name__
+                    )
                     await self._idle(me, 5.0)
                     continue
                 if outcomes:
                     self.metrics.record_jobs((o for _, o in outcomes), time.monotonic() - started)
                     for job, outcome in outcomes:
-                        self.log.info(
+                        # One line per job only at debug for successes; a batch line is at info.
+                        self.log.log(
+                            logging.DEBUG if outcome == "succeeded" else logging.WARNING,
                             "resync_job_done",
                             job_id=job.id,
                             user_id=job.user_id,
@@ -620,7 +651,10 @@ class Daemon:
         """Called from the metrics thread: scheduler alive and database reachable."""
         age = time.monotonic() - self._heartbeat
         scheduler_ok = bool(
-            self.scheduler is not None and self.scheduler.running and age < HEARTBEAT_STALE and not self._stopping
+            self.scheduler is not None
+            and self.scheduler.running
+            and age < HEARTBEAT_STALE
+            and not self._stopping
         )
         db_error = None
         try:
@@ -701,10 +735,14 @@ class Daemon:
                 issues = [str(i) for i in exc.issues] or [str(exc)]
                 log.error("config_reload_rejected", errors=issues, kept="previous config")
                 self.metrics.reloads.labels("rejected").inc()
-                self.notifier.ready(f"config reload rejected ({len(issues)} error(s)); {self.status_text()}")
+                self.notifier.ready(
+                    f"config reload rejected ({len(issues)} error(s)); {self.status_text()}"
+                )
                 return False
             except Exception as exc:
-                log.error("config_reload_rejected", errors=[scrub(str(exc))], kept="previous config")
+                log.error(
+                    "config_reload_rejected", errors=[scrub(str(exc))], kept="previous config"
+                )
                 self.metrics.reloads.labels("rejected").inc()
                 self.notifier.ready(f"config reload rejected; {self.status_text()}")
                 return False
@@ -743,6 +781,11 @@ def run_daemon(
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     daemon = Daemon(
-        settings, store, config_file=config_file, owner=instance_id, stop_timeout=stop_timeout, log_level=log_level
+        settings,
+        store,
+        config_file=config_file,
+        owner=instance_id,
+        stop_timeout=stop_timeout,
+        log_level=log_level,
     )
     return asyncio.run(daemon.run())

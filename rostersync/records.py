@@ -21,12 +21,12 @@ STUDENT = "student"
 
 
 def _digest(*parts: object) -> str:
-    """A short stable fingerprint of a record's content, used to spot changes in SQL."""
-    h = hashlib.blake2b(digest_size=8)
-    for part in parts:
-        h.update(b"\x1f")
-        h.update(repr(part).encode())
-    return h.hexdigest()
+    """A short stable fingerprint of a record's content, used to spot changes in SQL.
+
+    One hash call over one joined string: this runs once per record of a full sync.
+    """
+    text = "\x1f".join("\x00" if p is None else str(p) for p in parts)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

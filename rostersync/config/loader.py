@@ -94,6 +94,14 @@ def _substitute_env(data: Any, path: PathKey, issues: list[ConfigIssue]) -> Any:
 # -- pydantic errors to YAML paths ------------------------------------------------------
 
 
+def _child(current: Any, seg: str | int) -> tuple[bool, Any]:
+    if isinstance(current, Mapping) and seg in current:
+        return True, current[seg]
+    if isinstance(current, list) and isinstance(seg, int) and 0 <= seg < len(current):
+        return True, current[seg]
+    return False, None
+
+
 def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None]:
     """Follow a pydantic error location through the data, dropping union tags and the like.
 
@@ -104,12 +112,10 @@ def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None
     current = data
     missing: str | None = None
     for i, seg in enumerate(loc):
-        if isinstance(current, Mapping) and seg in current:
+        found, child = _child(current, seg)
+        if found:
             path.append(seg)
-            current = current[seg]
-        elif isinstance(current, list) and isinstance(seg, int) and 0 <= seg < len(current):
-            path.append(seg)
-            current = current[seg]
+            current = child
         elif i == len(loc) - 1 and isinstance(seg, str) and isinstance(current, Mapping):
             missing = seg
         # otherwise a discriminator tag or a function-validator name: skip it

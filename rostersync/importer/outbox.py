@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlmodel import col
 
 from rostersync.config.models import SmtpSettings
 from rostersync.logs import scrub
@@ -94,7 +95,11 @@ def _classify(exc: Exception) -> Exception:
     if isinstance(exc, smtplib.SMTPAuthenticationError):
         return _Permanent(f"SMTP authentication failed ({exc.smtp_code})")
     if isinstance(exc, smtplib.SMTPResponseException):
-        detail = exc.smtp_error.decode("utf-8", "replace") if isinstance(exc.smtp_error, bytes) else str(exc.smtp_error)
+        detail = (
+            exc.smtp_error.decode("utf-8", "replace")
+            if isinstance(exc.smtp_error, bytes)
+            else str(exc.smtp_error)
+        )
         msg = f"SMTP {exc.smtp_code}: {detail}"
         return _Permanent(msg) if exc.smtp_code >= 500 else _Transient(msg)
     return _Transient(f"{type(exc).__name__}: {exc}")
@@ -193,7 +198,12 @@ def send_outbox(
                     session.send(message)
                 except Exception as exc:
                     error = _classify(exc)
-                    log.warning("outbox_send_failed", email_id=msg_id, attempt=attempts, error=scrub(str(error)))
+                    log.warning(
+                        "outbox_send_failed",
+                        email_id=msg_id,
+                        attempt=attempts,
+                        error=scrub(str(error)),
+                    )
                     if isinstance(error, _Permanent) or attempts >= max_attempts:
                         break
                     if try_no + 1 < tries_per_call:
@@ -236,4 +246,4 @@ def _record(store: Store, msg_id: int, state: str, error: str | None) -> None:
     if state == "sent":
         values["sent_at"] = utcnow()
     with store.write() as conn:
-        conn.execute(update(OutboxEmail).where(OutboxEmail.id == msg_id).values(**values))  # type: ignore[arg-type]
+        conn.execute(update(OutboxEmail).where(col(OutboxEmail.id) == msg_id).values(**values))

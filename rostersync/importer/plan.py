@@ -91,7 +91,9 @@ class Actor:
 OPERATOR = Actor(None)
 
 
-def actor_for(email: str, roles: Iterable[RoleInfo], sites: Iterable[str], *, active: bool) -> Actor:
+def actor_for(
+    email: str, roles: Iterable[RoleInfo], sites: Iterable[str], *, active: bool
+) -> Actor:
     """An admin's powers from their roles: organization scope wins over site scope."""
     importing = [r for r in roles if IMPORT_PERMISSION in r.permissions]
     if not active or not importing:
@@ -138,7 +140,12 @@ class RowOutcome:
     change: Change | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {"row": self.row, "email": self.email, "status": str(self.status), "message": self.message}
+        return {
+            "row": self.row,
+            "email": self.email,
+            "status": str(self.status),
+            "message": self.message,
+        }
 
 
 class _Reject(Exception):
@@ -234,14 +241,14 @@ class _Planner:
                 ) from None
         return tuple(out)
 
-    def _identities(
-        self, row: RowInput, user: UserInfo | None
-    ) -> tuple[tuple[str, str, str], ...]:
+    def _identities(self, row: RowInput, user: UserInfo | None) -> tuple[tuple[str, str, str], ...]:
         out = []
         for source, username in row.source_usernames:
             # A username known in the source's roster links the real person (their classes
             # then become groups); otherwise it is kept as a plain username.
-            ext = self.d.person_by_username.get((source, username.lower())) or f"username:{username}"
+            ext = (
+                self.d.person_by_username.get((source, username.lower())) or f"username:{username}"
+            )
             owner = self.d.identity_owner.get((source, ext))
             if owner is not None and (user is None or owner != user.id):
                 raise _Reject(
@@ -270,7 +277,9 @@ class _Planner:
     def plan(self, row: RowInput) -> RowOutcome:
         if not self.actor.can_import:
             return RowOutcome(
-                row.row, row.email, Status.NO_ACCESS,
+                row.row,
+                row.email,
+                Status.NO_ACCESS,
                 f"{self.actor.label} has no role with the {IMPORT_PERMISSION} permission",
             )
         if row.problem is not None:
@@ -283,10 +292,7 @@ class _Planner:
         self.seen[row.email] = row.row
         try:
             user = self.d.users.get(row.email)
-            if user is None:
-                outcome = self._create(row)
-            else:
-                outcome = self._update(row, user)
+            outcome = self._create(row) if user is None else self._update(row, user)
         except _Reject as rej:
             return RowOutcome(row.row, row.email, rej.status, rej.message)
         if outcome.change is not None:
@@ -301,7 +307,9 @@ class _Planner:
             return roles[:1]
         return roles
 
-    def _extras(self, row: RowInput, notes: list[str], *, new: bool) -> tuple[bool, tuple[str, ...]]:
+    def _extras(
+        self, row: RowInput, notes: list[str], *, new: bool
+    ) -> tuple[bool, tuple[str, ...]]:
         verify = False
         if row.send_verification:
             if new:
@@ -321,7 +329,9 @@ class _Planner:
 
     def _create(self, row: RowInput) -> RowOutcome:
         notes: list[str] = []
-        wanted_roles = row.roles or ((self.policy.default_role,) if self.policy.default_role else ())
+        wanted_roles = row.roles or (
+            (self.policy.default_role,) if self.policy.default_role else ()
+        )
         roles = self._delegate(row, self._roles(wanted_roles), notes)
         if row.sites:
             sites = self._sites(row.sites)
@@ -392,14 +402,12 @@ class _Planner:
                 new_delegated = row.delegated
                 changed.append("delegated")
         elif self._would_overwrite(row, user, roles, sites):
-            notes.append(
-                "Overwrite is FALSE: name, roles, sites and status left as they are"
-            )
+            notes.append("Overwrite is FALSE: name, roles, sites and status left as they are")
         if groups:
             changed.append("added to " + ", ".join(repr(g.name) for g in groups))
         if identities:
             changed.append("linked " + ", ".join(f"{s}:{u}" for s, _e, u in identities))
-        verify, live = self._extras(row, notes, new=False)
+        _verify, live = self._extras(row, notes, new=False)
         change = Change(
             email=row.email,
             user_id=user.id,

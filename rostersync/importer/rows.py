@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rostersync.importer.columns import ColumnMap
 from rostersync.importer.reader import RawRow
@@ -65,7 +65,6 @@ class RowInput:
     source_usernames: tuple[tuple[str, str], ...] = ()
     # The first problem found decides the row's status.
     problem: tuple[Status, str] | None = None
-    warnings: tuple[str, ...] = field(default=())
 
 
 def _flag(cells: ColumnMap, values: tuple[str, ...], name: str, header: str) -> bool:

@@ -1,0 +1,1 @@
+"""CLI commands that live in their own modules; rostersync.cli registers them."""

@@ -1,0 +1,336 @@
+"""`import FILE`, `import template`, `teachers list|import` and `outbox send` (docs/import.md).
+
+Exit codes: 0 when the file was processed, whatever its rows' statuses (each row reports its
+own; a script re-running a partial import must not stop at rows that already went in):
+``--fail-on-errors`` turns any failed row into exit 1. A refused file (unreadable, a required
+column missing, more than ``import.max_rows`` rows, unknown ``--sheet`` or ``--as`` user)
+changes nothing and exits 2 naming the file, column or count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from rostersync.importer import (
+    ImportRefused,
+    ImportResult,
+    Status,
+    candidates,
+    import_teachers,
+    parse_bytes,
+    read_path,
+    run_import,
+    send_outbox,
+    template_csv,
+    template_xlsx,
+    write_report,
+)
+from rostersync.sync.plan import sites_for
+
+if TYPE_CHECKING:
+    from rostersync.cli import App
+
+DEFAULT_XLSX_TEMPLATE = "rostersync-import-template.xlsx"
+
+
+def _cli() -> ModuleType:
+    # rostersync.cli imports this module at its end; importing it back lazily avoids the cycle.
+    from rostersync import cli
+
+    return cli
+
+
+class _ImportGroup(click.Group):
+    """`import FILE [options]` and `import template [options]` share one word: anything that is
+    not a subcommand name is a FILE for the hidden `file` subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["file", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "FILE [--as EMAIL] [--dry-run] [--json] ...")
+        formatter.write_usage(ctx.command_path, "template [--format csv|xlsx] [--output PATH]")
+
+
+@click.group("import", cls=_ImportGroup)
+def import_cmd() -> None:
+    """Bulk user import from CSV, TSV or XLSX (FILE; `-` reads pasted text from stdin).
+
+    \b
+    Options of `import FILE`:
+      --as EMAIL        import as this admin (their permissions and sites apply)
+      --dry-run         validate and preview; change nothing
+      --json            print one JSON document
+      --report PATH     write the rows with Status and Message as CSV
+      --sheet NAME      XLSX: read this sheet (default: the first)
+      --fail-on-errors  exit 1 if any row failed
+    See `rostersync import file --help` and docs/import.md.
+    """
+
+
+@import_cmd.command("file", hidden=True)
+@click.argument("file", metavar="FILE")
+@click.option("--as", "actor", metavar="EMAIL", help="import as this admin user")
+@click.option("--dry-run", is_flag=True, help="validate and preview; change nothing")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option(
+    "--report",
+    "report_path",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help="write the rows with Status and Message as CSV",
+)
+@click.option("--sheet", metavar="NAME", help="XLSX: the sheet to read (default: the first)")
+@click.option("--fail-on-errors", is_flag=True, help="exit 1 if any row failed")
+@click.pass_obj
+def import_file(
+    app: App,
+    file: str,
+    actor: str | None,
+    dry_run: bool,
+    as_json: bool,
+    report_path: str | None,
+    sheet: str | None,
+    fail_on_errors: bool,
+) -> None:
+    """Import users from FILE (CSV, TSV, XLSX; `-` for stdin)."""
+    cli = _cli()
+    settings = app.settings
+    max_rows = settings.import_.max_rows
+    try:
+        if file == "-":
+            # Bytes, not text: an XLSX workbook may be piped in, and the BOM/encoding sniffing
+            # needs the raw data.
+            data = sys.stdin.buffer.read()
+            parsed = parse_bytes(data, "<stdin>", max_rows=max_rows, sheet=sheet)
+        else:
+            parsed = read_path(file, max_rows=max_rows, sheet=sheet)
+        result = run_import(app.store, settings, parsed, actor_email=actor, dry_run=dry_run)
+    except ImportRefused as exc:
+        cli.fail(f"{exc}; nothing was imported", cli.EXIT_USAGE)
+        return  # fail() exits; the lazily imported module hides its NoReturn from mypy
+    for warning in result.warnings:
+        click.echo(f"rostersync: warning: {warning}", err=True)
+    if report_path:
+        write_report(report_path, parsed, result.rows)
+    if as_json:
+        cli.emit_json(result.as_json())
+    else:
+        _print_result(result, report_path)
+    if fail_on_errors and result.counts["failed"]:
+        sys.exit(cli.EXIT_FAILED)
+
+
+def _print_result(result: ImportResult, report_path: str | None) -> None:
+    cli = _cli()
+    c = result.counts
+    figures = (
+        f"{c['created']} new, {c['updated']} updated, {c['unchanged']} unchanged, "
+        f"{c['failed']} failed"
+    )
+    if result.dry_run:
+        click.echo(f"Preview of {result.file_name} (dry run: nothing was changed)")
+        click.echo(figures)
+        flagged = [r for r in result.rows if not r.status.ok]
+        if flagged:
+            click.echo(
+                cli.table(
+                    [(r.row, r.email, r.status, r.message) for r in flagged],
+                    ["row", "email", "status", "message"],
+                )
+            )
+        else:
+            click.echo("no problems found")
+    else:
+        click.echo(
+            cli.table(
+                [(r.row, r.email, r.status, r.message) for r in result.rows],
+                ["row", "email", "status", "message"],
+            )
+        )
+        click.echo(f"import {result.import_id} of {result.file_name}: {figures}")
+        if result.verifications_queued:
+            click.echo(
+                f"{result.verifications_queued} verification email(s) queued "
+                "(the daemon sends them; or `rostersync outbox send`)"
+            )
+        if result.resyncs_queued:
+            click.echo(f"{result.resyncs_queued} group resync(s) queued")
+    if report_path:
+        click.echo(f"report written to {report_path}")
+
+
+@import_cmd.command("template")
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "xlsx"]), default="csv", show_default=True
+)
+@click.option(
+    "--output",
+    metavar="PATH",
+    type=click.Path(dir_okay=False),
+    help=f"write here (default: csv to stdout, xlsx to ./{DEFAULT_XLSX_TEMPLATE})",
+)
+def import_template(fmt: str, output: str | None) -> None:
+    """Write the import template (CSV header row, or an XLSX workbook with a help sheet)."""
+    if fmt == "csv":
+        if output is None:
+            click.echo(template_csv(), nl=False)
+            return
+        # A BOM so Excel reads the file as UTF-8 when the admin fills in accented names.
+        Path(output).write_text(template_csv(), encoding="utf-8-sig", newline="")
+    else:
+        output = output or DEFAULT_XLSX_TEMPLATE
+        Path(output).write_bytes(template_xlsx())
+    click.echo(f"template written to {output}", err=True)
+
+
+# -- teachers -------------------------------------------------------------------------------------
+
+
+@click.group()
+def teachers() -> None:
+    """Eligible teachers of a roster source who are not users yet, and their manual import."""
+
+
+def _check_source(app: App, source: str) -> None:
+    cli = _cli()
+    if source not in app.settings.sources:
+        configured = ", ".join(app.settings.sources) or "none"
+        cli.fail(f"no source named {source} (configured: {configured})", cli.EXIT_USAGE)
+
+
+@teachers.command("list")
+@click.option("--source", required=True, metavar="NAME", help="the roster source")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def teachers_list(app: App, source: str, as_json: bool) -> None:
+    """Eligible teachers (classes with students) of SOURCE who are not users yet."""
+    cli = _cli()
+    _check_source(app, source)
+    prov = app.settings.provisioning
+    with app.store.read() as conn:
+        found = candidates(conn, source)
+    rows = [
+        {
+            "sourced_id": t.sourced_id,
+            "email": (t.email or "").strip().lower(),
+            "display_name": t.display_name,
+            "schools": list(t.school_names),
+            "sites": list(sites_for(t, prov)),
+        }
+        for t in found
+    ]
+    if as_json:
+        cli.emit_json(rows)
+        return
+    click.echo(
+        cli.table(
+            [
+                (r["email"], r["display_name"], ", ".join(r["schools"]), ", ".join(r["sites"]))
+                for r in rows
+            ],
+            ["email", "name", "schools", "default sites"],
+        )
+    )
+    click.echo(f"{len(rows)} teacher(s) not yet users in {source}")
+
+
+@teachers.command("import")
+@click.option("--source", required=True, metavar="NAME", help="the roster source")
+@click.option("--email", "emails", multiple=True, metavar="EMAIL", help="this teacher (repeatable)")
+@click.option("--all", "all_teachers", is_flag=True, help="every teacher `teachers list` shows")
+@click.option("--role", metavar="ROLE", help="role to give (default: provisioning.default_role)")
+@click.option("--site", metavar="SITE", help="site to give (default: site_map, then default_site)")
+@click.option("--no-wait", is_flag=True, help="only queue the group resyncs; do not run them now")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option("--fail-on-errors", is_flag=True, help="exit 1 if any teacher failed")
+@click.pass_obj
+def teachers_import(
+    app: App,
+    source: str,
+    emails: tuple[str, ...],
+    all_teachers: bool,
+    role: str | None,
+    site: str | None,
+    no_wait: bool,
+    as_json: bool,
+    fail_on_errors: bool,
+) -> None:
+    """Create users for eligible teachers of SOURCE and build their groups."""
+    cli = _cli()
+    if bool(emails) == all_teachers:
+        cli.fail("give --email EMAIL (one or more) or --all", cli.EXIT_USAGE)
+        return
+    _check_source(app, source)
+    result = import_teachers(
+        app.store,
+        app.settings,
+        source,
+        emails=None if all_teachers else list(emails),
+        role=role,
+        site=site,
+    )
+    if result.resyncs_queued and not no_wait:
+        asyncio.run(app.engine().drain())
+    if as_json:
+        cli.emit_json(result.as_json())
+    else:
+        click.echo(
+            cli.table(
+                [(o.email, o.sourced_id or "", o.status, o.message) for o in result.outcomes],
+                ["email", "sourced id", "status", "message"],
+            )
+        )
+        c = result.counts
+        click.echo(
+            f"{c['created']} created, {c['updated']} linked, {c['unchanged']} already users, "
+            f"{c['failed']} failed"
+        )
+    if fail_on_errors and result.counts["failed"]:
+        sys.exit(cli.EXIT_FAILED)
+
+
+# -- outbox -----------------------------------------------------------------------------------------
+
+
+@click.group()
+def outbox() -> None:
+    """Queued emails (verification invitations)."""
+
+
+@outbox.command("send")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def outbox_send(app: App, as_json: bool) -> None:
+    """Send queued emails now over the configured SMTP server (exit 1 if any failed for good)."""
+    cli = _cli()
+    smtp = app.settings.smtp
+    if smtp is None:
+        cli.fail("no smtp block in the config: nothing can be sent", cli.EXIT_USAGE)
+        return  # fail() exits; the lazily imported module hides its NoReturn from mypy
+    result = send_outbox(app.store, smtp)
+    doc: dict[str, Any] = {
+        "sent": result.sent,
+        "failed": result.failed,
+        "deferred": result.deferred,
+        "errors": result.errors,
+    }
+    if as_json:
+        cli.emit_json(doc)
+    else:
+        click.echo(f"{result.sent} sent, {result.deferred} to retry, {result.failed} failed")
+        for err in result.errors:
+            click.echo(f"  {err}")
+    if result.failed:
+        sys.exit(cli.EXIT_FAILED)
+
+
+__all__ = ["Status", "import_cmd", "outbox", "teachers"]

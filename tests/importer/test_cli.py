@@ -1,0 +1,185 @@
+"""`rostersync import`, `import template`, `teachers` and `outbox` through the real CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+import yaml
+from click.testing import CliRunner, Result
+from openpyxl import Workbook, load_workbook
+
+from rostersync.cli import cli
+from rostersync.importer import TEMPLATE_COLUMNS
+from rostersync.sampledata import write_oneroster_csv
+from tests.conftest import BASE_CONFIG
+from tests.rosterdata import small_roster
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    # The CLI points structlog at the runner's stderr, which is closed after each invoke.
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    data: dict[str, Any] = {
+        **BASE_CONFIG,
+        "database": "sqlite:///rs.db",
+        "provisioning": {
+            "auto_create_users": False,
+            "default_role": "Teacher",
+            "default_site": "North High",
+        },
+        "sources": {"sample": {"type": "oneroster_csv", "path": "roster"}},
+    }
+    write_oneroster_csv(small_roster(), tmp_path / "roster")
+    path = tmp_path / "rostersync.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def rs(config: Path, *args: str, input: str | bytes | None = None) -> Result:
+    return CliRunner().invoke(cli, ["--config", str(config), *args], input=input)
+
+
+def _csv(tmp_path: Path, body: str, name: str = "users.csv") -> str:
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    return str(path)
+
+
+def test_import_json_shape_and_exit_codes(config: Path, tmp_path: Path) -> None:
+    """--json prints the contract's document; failed rows still exit 0, --fail-on-errors exits 1."""
+    f = _csv(tmp_path, "Email,Display Name\nA@Example.org,Ada\nnot-an-email,X\n")
+    result = rs(config, "import", f, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["dry_run"] is False
+    assert doc["counts"] == {"created": 1, "updated": 0, "unchanged": 0, "failed": 1}
+    assert doc["rows"] == [
+        {"row": 2, "email": "a@example.org", "status": "Success", "message": "created"},
+        {"row": 3, "email": "not-an-email", "status": "Invalid email",
+         "message": "'not-an-email' is not a valid email address"},
+    ]  # fmt: skip
+    strict = rs(config, "import", f, "--json", "--fail-on-errors")
+    assert strict.exit_code == 1
+    assert json.loads(strict.stdout)["rows"][0]["status"] == "Already Exists"
+
+
+def test_refused_files_exit_2_and_change_nothing(config: Path, tmp_path: Path) -> None:
+    """A missing Email column or 2,001 rows exit 2 naming the column or the count; nothing is imported."""
+    missing = rs(config, "import", _csv(tmp_path, "Name\nAda\n", "noemail.csv"))
+    assert missing.exit_code == 2
+    assert "noemail.csv: required column 'Email' or 'Primary Email' is missing" in missing.stderr
+    big = "Email\n" + "".join(f"u{i}@example.org\n" for i in range(2001))
+    too_many = rs(config, "import", _csv(tmp_path, big, "big.csv"), "--dry-run")
+    assert too_many.exit_code == 2
+    assert "2001 rows exceed the limit of 2000" in too_many.stderr
+    users = rs(config, "users", "list", "--json")
+    assert json.loads(users.stdout) == []
+
+
+def test_dry_run_preview(config: Path, tmp_path: Path) -> None:
+    """The dry run prints counts and every flagged row, and creates nobody."""
+    f = _csv(tmp_path, "Email,Role\na@example.org,Teacher\nb@example.org,Wizard\n")
+    result = rs(config, "import", f, "--dry-run")
+    assert result.exit_code == 0
+    assert "dry run: nothing was changed" in result.stdout
+    assert "1 new, 0 updated, 0 unchanged, 1 failed" in result.stdout
+    assert "Role not found" in result.stdout and "a@example.org" not in result.stdout
+    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+
+
+def test_stdin_paste_and_report(config: Path, tmp_path: Path) -> None:
+    """`-` reads pasted tab-separated text; --report writes the columns plus Status and Message, neutralized."""
+    report = tmp_path / "report.csv"
+    pasted = "Email\tDisplay Name\tNotes\nz@example.org\tZoë\t@mention\n"
+    result = rs(config, "import", "-", "--report", str(report), input=pasted)
+    assert result.exit_code == 0, result.output
+    assert "unknown column 'Notes' ignored" in result.stderr
+    raw = report.read_bytes()
+    assert raw.startswith(b"\xef\xbb\xbf")
+    lines = raw.decode("utf-8-sig").splitlines()
+    assert lines == [
+        "Email,Display Name,Notes,Status,Message",
+        "z@example.org,Zoë,'@mention,Success,created",
+    ]
+
+
+def test_template_csv_and_xlsx_round_trip(config: Path, tmp_path: Path) -> None:
+    """The CSV template is the header row; the XLSX template, filled in, imports (XLSX in)."""
+    csv_out = rs(config, "import", "template")
+    assert csv_out.exit_code == 0
+    assert csv_out.stdout.strip() == ",".join(TEMPLATE_COLUMNS)
+    xlsx = tmp_path / "template.xlsx"
+    made = rs(config, "import", "template", "--format", "xlsx", "--output", str(xlsx))
+    assert made.exit_code == 0
+    wb = load_workbook(xlsx)
+    assert wb.sheetnames == ["Users", "Help"]
+    wb["Users"].append(["x@example.org", "Xavier", "Teacher", "South Middle", "none", True, False])
+    wb.save(xlsx)
+    result = rs(config, "import", str(xlsx), "--sheet", "Users", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["status"] == "Success"
+    users = json.loads(rs(config, "users", "list", "--json").stdout)
+    assert [(u["email"], u["sites"]) for u in users] == [("x@example.org", ["South Middle"])]
+
+
+def test_import_as_site_admin(config: Path, tmp_path: Path) -> None:
+    """--as applies the admin's scope: a Site Admin cannot place users in another site."""
+    admin = _csv(tmp_path, "Email,Role,Site\nsa@example.org,Site Admin,North High\n", "admin.csv")
+    assert rs(config, "import", admin).exit_code == 0
+    f = _csv(tmp_path, "Email,Site\na@example.org,South Middle\nb@example.org,North High\n")
+    doc = json.loads(rs(config, "import", f, "--as", "sa@example.org", "--json").stdout)
+    assert [r["status"] for r in doc["rows"]] == ["Site not found", "Success"]
+    unknown = rs(config, "import", f, "--as", "ghost@example.org")
+    assert unknown.exit_code == 2 and "no such user" in unknown.stderr
+
+
+def test_teachers_list_and_import(config: Path) -> None:
+    """After a sync with auto-creation off, teachers list shows candidates and teachers import
+    creates them and builds their groups at once."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    listed = json.loads(rs(config, "teachers", "list", "--source", "sample", "--json").stdout)
+    assert [t["email"] for t in listed] == ["ada@example.org", "alan.turing@example.org"]
+    assert listed[0]["sites"] == ["North High"]
+    result = rs(
+        config, "teachers", "import", "--source", "sample", "--email", "ada@example.org", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [r["status"] for r in doc["rows"]] == ["Success"]
+    groups = json.loads(rs(config, "groups", "list", "--user", "ada@example.org", "--json").stdout)
+    assert sorted(g["name"] for g in groups) == ["Algebra I", "Computing"]
+
+
+def test_teachers_usage_errors(config: Path) -> None:
+    """Neither --email nor --all, or an unknown source, is bad usage (exit 2)."""
+    assert rs(config, "teachers", "import", "--source", "sample").exit_code == 2
+    unknown = rs(config, "teachers", "list", "--source", "nope")
+    assert unknown.exit_code == 2 and "no source named nope" in unknown.stderr
+
+
+def test_outbox_send_needs_smtp(config: Path) -> None:
+    """`outbox send` without an smtp block is bad usage."""
+    result = rs(config, "outbox", "send")
+    assert result.exit_code == 2 and "no smtp block" in result.stderr
+
+
+def test_xlsx_from_stdin(config: Path) -> None:
+    """An XLSX workbook piped to `import -` is recognised by its content."""
+    wb = Workbook()
+    wb.active.append(["Primary Email", "Name"])
+    wb.active.append(["p@example.org", "Pat"])
+    buf = io.BytesIO()
+    wb.save(buf)
+    result = rs(config, "import", "-", "--json", input=buf.getvalue())
+    assert json.loads(result.stdout)["rows"][0]["status"] == "Success"
