@@ -18,11 +18,31 @@ def small_roster() -> MemoryRoster:
         RosterOrg("sch-2", "South Middle", parent_id="org-d", identifier="SM"),
     ]
     persons = [
-        RosterPerson("t-1", "teacher", "Ada", "Lovelace", "ada@example.org", "ada", org_ids=("sch-1",)),
-        RosterPerson("t-2", "teacher", "Alan", "Turing", "Alan.Turing@Example.org", "alan", org_ids=("sch-1",)),
-        RosterPerson("t-3", "teacher", "Grace", "Hopper", "grace@example.org", "grace", org_ids=("sch-2",)),
+        RosterPerson(
+            "t-1", "teacher", "Ada", "Lovelace", "ada@example.org", "ada", org_ids=("sch-1",)
+        ),
+        RosterPerson(
+            "t-2",
+            "teacher",
+            "Alan",
+            "Turing",
+            "Alan.Turing@Example.org",
+            "alan",
+            org_ids=("sch-1",),
+        ),
+        RosterPerson(
+            "t-3", "teacher", "Grace", "Hopper", "grace@example.org", "grace", org_ids=("sch-2",)
+        ),
         *[
-            RosterPerson(f"s-{i}", "student", f"Stu{i}", "Dent", f"s{i}@example.org", f"s{i}", org_ids=("sch-1",))
+            RosterPerson(
+                f"s-{i}",
+                "student",
+                f"Stu{i}",
+                "Dent",
+                f"s{i}@example.org",
+                f"s{i}",
+                org_ids=("sch-1",),
+            )
             for i in range(1, 6)
         ],
     ]

@@ -55,7 +55,9 @@ class ConnectorContract:
     def expected(self) -> MemoryRoster:
         return small_roster()
 
-    async def test_full_fetch_yields_every_person(self, connector: Connector, expected: MemoryRoster) -> None:
+    async def test_full_fetch_yields_every_person(
+        self, connector: Connector, expected: MemoryRoster
+    ) -> None:
         """A full fetch yields each person once, with role and email."""
         got = await collect(connector)
         assert people(got) == people(list(expected.persons))
