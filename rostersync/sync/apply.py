@@ -8,6 +8,7 @@ both understand; values are always bound.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, text, update
@@ -120,43 +121,58 @@ def missing_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[st
     return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
-def dirty_classes(
-    conn: Connection, source: str, run_id: int, full: bool
-) -> tuple[set[str], set[str]]:
-    """Classes whose group content may change, and persons whose record changed.
+@dataclass
+class Changes:
+    """What a run changes in the mirror, found before the merge."""
 
-    A class is dirty when it, one of its enrollments, or one of its people changed. Called
-    before the merge: old enrollments are still in the mirror, new ones in staging.
-    """
-    classes = changed_ids(conn, "class", source, run_id)
-    persons = changed_ids(conn, "person", source, run_id)
+    #: sourced ids a full run did not see, per kind (empty for delta runs)
+    missing: dict[str, set[str]] = field(default_factory=dict)
+    #: classes whose group content may change: the class, an enrollment or a person changed
+    dirty_classes: set[str] = field(default_factory=set)
+    #: persons new, changed or gone
+    persons: set[str] = field(default_factory=set)
+
+
+def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Changes:
+    """Compare staging with the mirror. Old enrollments are still in the mirror, new ones in
+    staging, so a moved enrollment dirties both its classes."""
+    params = {"run": run_id, "src": source}
+    out = Changes()
     if full:
-        classes |= missing_ids(conn, "class", source, run_id)
-        persons |= missing_ids(conn, "person", source, run_id)
-    # Enrollments that changed (new and old class) or vanished.
+        out.missing = {
+            kind: missing_ids(conn, kind, source, run_id) for kind in TABLES if kind != "enrollment"
+        }
+        gone_enrollments: set[str] = set()
+        sql = """
+            SELECT m.sourced_id, m.class_id FROM roster_enrollment m
+            WHERE m.source = :src AND NOT EXISTS (
+                SELECT 1 FROM staging_enrollment s
+                WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
+        """
+        for sid, cls in conn.execute(text(sql), params):
+            gone_enrollments.add(sid)
+            out.dirty_classes.add(cls)
+        out.missing["enrollment"] = gone_enrollments
+    out.dirty_classes |= changed_ids(conn, "class", source, run_id) | out.missing.get(
+        "class", set()
+    )
+    changed_people = changed_ids(conn, "person", source, run_id)
+    out.persons = changed_people | out.missing.get("person", set())
     sql = """
         SELECT s.class_id, m.class_id FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
-    for new_cls, old_cls in conn.execute(text(sql), {"run": run_id, "src": source}):
-        classes.add(new_cls)
+    for new_cls, old_cls in conn.execute(text(sql), params):
+        out.dirty_classes.add(new_cls)
         if old_cls:
-            classes.add(old_cls)
-    if full:
-        sql = """
-            SELECT m.class_id FROM roster_enrollment m
-            WHERE m.source = :src AND NOT EXISTS (
-                SELECT 1 FROM staging_enrollment s
-                WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
-        """
-        classes |= _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+            out.dirty_classes.add(old_cls)
     # New people matter only through their (new) enrollments, counted above.
-    changed_people = persons - _new_ids(conn, "person", source, run_id)
-    if full:
-        changed_people |= missing_ids(conn, "person", source, run_id)
-    classes |= classes_of_persons(conn, source, changed_people, run_id)
-    return classes, persons
+    existing_changed = changed_people - _new_ids(conn, "person", source, run_id)
+    out.dirty_classes |= classes_of_persons(
+        conn, source, existing_changed | out.missing.get("person", set()), run_id
+    )
+    return out
 
 
 def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
@@ -214,11 +230,11 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
 # -- merge ---------------------------------------------------------------------------------
 
 
-def merge(conn: Connection, source: str, run_id: int, full: bool) -> dict[str, int]:
-    """Upsert changed staged rows into the mirror; a full run also sweeps what it did not see.
-
-    Returns rows written per table (for the run's statistics).
-    """
+def merge(
+    conn: Connection, source: str, run_id: int, missing: Mapping[str, set[str]]
+) -> dict[str, int]:
+    """Upsert changed staged rows into the mirror and sweep what a full run did not see
+    (``missing``, from :func:`find_changes`). Returns rows written per table."""
     written: dict[str, int] = {}
     for kind, (mirror, staging, cols) in TABLES.items():
         col_list = ", ".join(cols)
@@ -233,13 +249,13 @@ def merge(conn: Connection, source: str, run_id: int, full: bool) -> dict[str, i
             ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
         """
         written[kind] = conn.execute(text(sql), {"src": source, "run": run_id}).rowcount or 0
-        if full:
-            sweep = f"""
-                DELETE FROM {mirror} WHERE source = :src AND NOT EXISTS (
-                    SELECT 1 FROM {staging} s
-                    WHERE s.run_id = :run AND s.sourced_id = {mirror}.sourced_id)
-            """
-            written[kind] += conn.execute(text(sweep), {"src": source, "run": run_id}).rowcount or 0
+        # Delete by id: the ids are known already, and an anti-join over a million-row
+        # mirror costs seconds even when nothing is gone.
+        for chunk in chunks(sorted(missing.get(kind, ()))):
+            stmt = text(
+                f"DELETE FROM {mirror} WHERE source = :src AND sourced_id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True))
+            written[kind] += conn.execute(stmt, {"src": source, "ids": chunk}).rowcount or 0
     return written
 
 

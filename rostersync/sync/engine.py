@@ -492,9 +492,10 @@ class SyncEngine:
     ) -> _ApplyResult:
         settings = self.settings
         counts = empty_counts()
-        dirty, changed_people = sql.dirty_classes(conn, source, run_id, full)
+        changes = sql.find_changes(conn, source, run_id, full)
+        dirty, changed_people = changes.dirty_classes, changes.persons
         teachers_before = sql.teachers_of_classes(conn, source, dirty)
-        written = sql.merge(conn, source, run_id, full)
+        written = sql.merge(conn, source, run_id, changes.missing)
         if self.store.is_postgres and sum(written.values()) > 0:
             # Fresh statistics before the set-based queries below: after any load, stale
             # statistics made PostgreSQL pick nested loops over sequential scans (a 500-row

@@ -51,7 +51,16 @@ Row = tuple[Any, ...]
 
 
 def org_tuple(r: RosterOrg) -> Row:
-    return (r.sourced_id, r.name, r.type, r.identifier, r.parent_id, r.status, r.date_last_modified, r.content_hash())
+    return (
+        r.sourced_id,
+        r.name,
+        r.type,
+        r.identifier,
+        r.parent_id,
+        r.status,
+        r.date_last_modified,
+        r.content_hash(),
+    )
 
 
 def person_tuple(r: RosterPerson) -> Row:
@@ -63,7 +72,15 @@ def person_tuple(r: RosterPerson) -> Row:
 
 
 def class_tuple(r: RosterClass) -> Row:
-    return (r.sourced_id, r.title, r.class_code, r.school_id, r.status, r.date_last_modified, r.content_hash())
+    return (
+        r.sourced_id,
+        r.title,
+        r.class_code,
+        r.school_id,
+        r.status,
+        r.date_last_modified,
+        r.content_hash(),
+    )
 
 
 def enrollment_tuple(r: RosterEnrollment) -> Row:
@@ -137,7 +154,9 @@ def _sqlite_timestamp(value: datetime) -> str:
 
 def _upsert_sql(table: str, cols: Sequence[str], keys: Sequence[str], marker: str) -> str:
     quoted = [f'"{c}"' for c in cols]
-    updates = ", ".join(f"{q} = excluded.{q}" for c, q in zip(cols, quoted, strict=True) if c not in keys)
+    updates = ", ".join(
+        f"{q} = excluded.{q}" for c, q in zip(cols, quoted, strict=True) if c not in keys
+    )
     return (
         f"INSERT INTO {table} ({', '.join(quoted)}) VALUES ({', '.join([marker] * len(cols))}) "
         f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
