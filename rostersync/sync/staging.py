@@ -144,7 +144,7 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
     return out
 
 
-def _sqlite_timestamp(value: datetime) -> str:
+def sqlite_timestamp(value: datetime) -> str:
     # The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset), so these
     # rows read back and compare like every other timestamp.
     if value.tzinfo is not None:
@@ -173,7 +173,7 @@ def stage(conn: Connection, run_id: int, batch: StagedBatch) -> None:
         dlm = len(cols) - 2  # date_last_modified sits just before row_hash
         if sqlite:
             params = [
-                (run_id, *r[:-2], _sqlite_timestamp(r[-2]) if r[-2] is not None else None, r[-1])
+                (run_id, *r[:-2], sqlite_timestamp(r[-2]) if r[-2] is not None else None, r[-1])
                 for r in rows
             ]
         else:
