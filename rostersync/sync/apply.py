@@ -139,8 +139,17 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     params = {"run": run_id, "src": source}
     out = Changes()
     if full:
+        # A record the source sent but that was rejected (a course answering 403, a row that
+        # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,
+        # stay as they were instead of being swept.
+        rejected = rejected_ids(conn, run_id)
+        # Sources that list people per class (Classroom) never send the people of a refused
+        # class: they stay too.
+        rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
         out.missing = {
-            kind: missing_ids(conn, kind, source, run_id) for kind in TABLES if kind != "enrollment"
+            kind: missing_ids(conn, kind, source, run_id) - rejected[kind]
+            for kind in TABLES
+            if kind != "enrollment"
         }
         gone_enrollments: set[str] = set()
         sql = """
@@ -150,6 +159,8 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
                 WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
         """
         for sid, cls in conn.execute(text(sql), params):
+            if sid in rejected["enrollment"] or cls in rejected["class"]:
+                continue
             gone_enrollments.add(sid)
             out.dirty_classes.add(cls)
         out.missing["enrollment"] = gone_enrollments
@@ -172,6 +183,40 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     out.dirty_classes |= classes_of_persons(
         conn, source, existing_changed | out.missing.get("person", set()), run_id
     )
+    return out
+
+
+#: Rejection `entity` names, as connectors report them, to mirror kinds.
+_ENTITY_KIND = {"user": "person", "person": "person", "class": "class", "course": "class",
+                "enrollment": "enrollment", "org": "org", "school": "org"}  # fmt: skip
+
+
+def persons_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
+    out: set[str] = set()
+    for chunk in chunks(sorted(class_ids)):
+        out |= _ids(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT user_id FROM roster_enrollment WHERE source = :src AND class_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                {"src": source, "ids": chunk},
+            )
+        )
+    return out
+
+
+def rejected_ids(conn: Connection, run_id: int) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {kind: set() for kind in TABLES}
+    rows = conn.execute(
+        text(
+            "SELECT entity, sourced_id FROM run_rejection WHERE run_id = :run AND sourced_id IS NOT NULL"
+        ),
+        {"run": run_id},
+    )
+    for entity, sid in rows:
+        kind = _ENTITY_KIND.get(entity)
+        if kind:
+            out[kind].add(sid)
     return out
 
 

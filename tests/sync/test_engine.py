@@ -463,3 +463,19 @@ async def test_live_resync_failure_is_retried_then_failed(
             text("SELECT state, last_error FROM resync_job WHERE live = :t"), {"t": True}
         ).one()
     assert state == "failed" and "source unreachable" in err
+
+
+async def test_rejected_class_is_not_swept(store: Store, make_settings: Callable[..., Settings]) -> None:
+    """A class the source refused this time keeps its mirror rows, group and teacher."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.classes = [c for c in roster.classes if c.sourced_id != "c-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.class_id != "c-1"]
+    roster.persons = [p for p in roster.persons if p.sourced_id not in ("s-1", "s-2")]
+    roster.rejected.append(Rejected("class", "c-1", "forbidden: 403"))
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded_with_errors"
+    assert report.counts["users_archived"] == 0 and report.counts["groups_removed"] == 0
+    assert snapshot(store) == before
