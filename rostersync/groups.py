@@ -102,7 +102,8 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
         rows = conn.execute(
             _in(
                 "SELECT g.id, g.source, g.external_id, g.name, o.user_id FROM groups g "
-                "JOIN group_owner o ON o.group_id = g.id WHERE o.user_id IN :uids",
+                "JOIN group_owner o ON o.group_id = g.id "
+                "WHERE o.user_id IN :uids AND o.origin = 'roster'",
                 "uids",
             ),
             {"uids": chunk},
@@ -194,7 +195,11 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
         have_owners |= {
             (g, u)
             for g, u in conn.execute(
-                _in("SELECT group_id, user_id FROM group_owner WHERE group_id IN :ids", "ids"),
+                _in(
+                    "SELECT group_id, user_id FROM group_owner "
+                    "WHERE group_id IN :ids AND origin = 'roster'",
+                    "ids",
+                ),
                 {"ids": chunk},
             )
         }
@@ -211,10 +216,20 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     add_owners = sorted(want_owners - have_owners)
     drop_owners = sorted(o for o in have_owners - want_owners if o[0] in desired_gids)
     if add_owners:
-        _executemany(conn, "INSERT INTO group_owner (group_id, user_id) VALUES (?, ?)", add_owners)
+        # An owner an admin added by import stays an import owner (its row wins the conflict).
+        _executemany(
+            conn,
+            "INSERT INTO group_owner (group_id, user_id, origin) VALUES (?, ?, 'roster') "
+            "ON CONFLICT DO NOTHING",
+            add_owners,
+        )
     for g, u in drop_owners:
         conn.execute(
-            delete(GroupOwner).where(col(GroupOwner.group_id) == g, col(GroupOwner.user_id) == u)
+            delete(GroupOwner).where(
+                col(GroupOwner.group_id) == g,
+                col(GroupOwner.user_id) == u,
+                col(GroupOwner.origin) == "roster",
+            )
         )
     touched.update(g for g, _ in (*add_owners, *drop_owners))
 
@@ -253,7 +268,9 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     for gid, uid in released:
         conn.execute(
             delete(GroupOwner).where(
-                col(GroupOwner.group_id) == gid, col(GroupOwner.user_id) == uid
+                col(GroupOwner.group_id) == gid,
+                col(GroupOwner.user_id) == uid,
+                col(GroupOwner.origin) == "roster",
             )
         )
     removed: set[int] = set()

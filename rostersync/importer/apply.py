@@ -417,7 +417,10 @@ def _apply_change(
     if c.sites:
         conn.execute(insert(UserSite), [{"user_id": uid, "site_id": site_ids[s]} for s in c.sites])
     if c.add_groups:
-        conn.execute(insert(GroupOwner), [{"group_id": g, "user_id": uid} for g in c.add_groups])
+        conn.execute(
+            insert(GroupOwner),
+            [{"group_id": g, "user_id": uid, "origin": "import"} for g in c.add_groups],
+        )
     if c.add_identities:
         conn.execute(
             insert(UserIdentity),

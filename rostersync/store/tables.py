@@ -97,6 +97,11 @@ class GroupOwner(SQLModel, table=True):
     __tablename__ = "group_owner"
     group_id: int = Field(foreign_key="groups.id", primary_key=True, ondelete="CASCADE")
     user_id: int = Field(foreign_key="user.id", primary_key=True, index=True, ondelete="CASCADE")
+    # "roster": from the class's teachers, managed by resyncs; "import": added by an admin
+    # (the import's Groups column), which resyncs never take away.
+    origin: str = Field(
+        default="roster", max_length=10, sa_column_kwargs={"server_default": "roster"}
+    )
 
 
 class GroupMember(SQLModel, table=True):

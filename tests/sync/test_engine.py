@@ -465,7 +465,9 @@ async def test_live_resync_failure_is_retried_then_failed(
     assert state == "failed" and "source unreachable" in err
 
 
-async def test_rejected_class_is_not_swept(store: Store, make_settings: Callable[..., Settings]) -> None:
+async def test_rejected_class_is_not_swept(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
     """A class the source refused this time keeps its mirror rows, group and teacher."""
     settings = make_settings()
     await sync(settings, store, small_roster())
@@ -479,3 +481,30 @@ async def test_rejected_class_is_not_swept(store: Store, make_settings: Callable
     assert report.status == "succeeded_with_errors"
     assert report.counts["users_archived"] == 0 and report.counts["groups_removed"] == 0
     assert snapshot(store) == before
+
+
+async def test_owner_added_by_import_survives_resyncs(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A group owner an admin added (origin import) is kept when the class's teachers are resynced."""
+    from rostersync.sync.apply import queue_resync
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        admin = conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
+                "VALUES ('coach@example.org', 'Coach', 'active', 'import', false, false) RETURNING id"
+            )
+        ).scalar_one()
+        gid = conn.execute(text("SELECT id FROM groups WHERE external_id = 'c-1'")).scalar_one()
+        conn.execute(
+            text("INSERT INTO group_owner (group_id, user_id, origin) VALUES (:g, :u, 'import')"),
+            {"g": gid, "u": admin},
+        )
+        queue_resync(conn, [admin], reason="t", run_id=None)
+    roster = small_roster()
+    roster.replace_person("s-1", given_name="Changed")
+    await sync(settings, store, roster)
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org", "coach@example.org"]
