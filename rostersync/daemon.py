@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -693,25 +690,17 @@ class Daemon:
     # -- outbox ------------------------------------------------------------------------------------
 
     async def _outbox_loop(self) -> None:
-        """Send queued e-mails (import reports) if the importer provides a mailer."""
-        try:
-            module = importlib.import_module("rostersync.importer")
-        except ImportError:
-            return
-        send: Callable[..., Any] | None = getattr(module, "send_outbox", None)
-        if send is None:
-            return
+        """Send queued e-mails (import invitations) every OUTBOX_EVERY seconds."""
+        from rostersync.importer import send_outbox
+
         while True:
             smtp = self.settings.smtp
             if smtp is not None:
                 try:
-                    if inspect.iscoroutinefunction(send):
-                        result = await send(self.store, smtp)
-                    else:
-                        result = await asyncio.to_thread(send, self.store, smtp)
-                    if result:
-                        self.log.info("outbox_sent", result=result)
-                except Exception as exc:
+                    result = await asyncio.to_thread(send_outbox, self.store, smtp)
+                    if result.sent or result.failed:
+                        self.log.info("outbox_sent", sent=result.sent, failed=result.failed)
+                except Exception as exc:  # the mailer must never take the daemon down
                     self.log.warning("outbox_failed", error=scrub(str(exc)))
             await asyncio.sleep(OUTBOX_EVERY)
 
