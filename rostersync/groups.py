@@ -10,18 +10,16 @@ is removed.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from datetime import datetime
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, text, update
 from sqlmodel import col
 
-from rostersync.store.db import utcnow
+from rostersync.store.db import executemany, utcnow
 from rostersync.store.tables import Group, GroupMember, GroupOwner
 from rostersync.sync.apply import POPULATED
 from rostersync.sync.plan import chunks
-from rostersync.sync.staging import sqlite_timestamp
 
 GroupKey = tuple[str, str]  # (source, class sourced_id)
 
@@ -58,23 +56,6 @@ _MEMBERS = """
 
 def _in(sql: str, *names: str) -> Any:
     return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
-
-
-def _executemany(
-    conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]], *, timestamps: bool = False
-) -> None:
-    """Plain driver executemany (``?`` markers, rewritten for psycopg)."""
-    if not rows:
-        return
-    if conn.dialect.name != "sqlite":
-        sql = sql.replace("?", "%s")
-    elif timestamps:
-        rows = [tuple(_sqlite_value(v) for v in r) for r in rows]
-    conn.exec_driver_sql(sql, list(rows))
-
-
-def _sqlite_value(value: Any) -> Any:
-    return sqlite_timestamp(value) if isinstance(value, datetime) else value
 
 
 def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Counter[str]]:
@@ -137,7 +118,7 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     if new_keys:
         # One executemany, then one read of the new ids: per-row INSERT ... RETURNING through
         # the ORM layer cost more than the rest of a 10,000-teacher resync together.
-        _executemany(
+        executemany(
             conn,
             "INSERT INTO groups (source, external_id, name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
             [(src, ext, desired[(src, ext)], now, now) for src, ext in new_keys],
@@ -217,7 +198,7 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     drop_owners = sorted(o for o in have_owners - want_owners if o[0] in desired_gids)
     if add_owners:
         # An owner an admin added by import stays an import owner (its row wins the conflict).
-        _executemany(
+        executemany(
             conn,
             "INSERT INTO group_owner (group_id, user_id, origin) VALUES (?, ?, 'roster') "
             "ON CONFLICT DO NOTHING",
@@ -239,7 +220,7 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
         k for k, v in want_members.items() if k in have_members and have_members[k] != v
     ]
     if new_members:
-        _executemany(
+        executemany(
             conn,
             "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
             [(g, sid, *want_members[(g, sid)]) for g, sid in new_members],

@@ -7,7 +7,7 @@ set-based statements, where ORM objects would cost memory and time per row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,6 +75,30 @@ def _sqlite_setup(engine: Engine) -> None:
         # fail at once with SQLITE_BUSY when another writer got there first.
         write = conn.get_execution_options().get("rostersync_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def sqlite_timestamp(value: datetime) -> str:
+    """The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(sep=" ", timespec="microseconds")
+
+
+def executemany(
+    conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]], *, timestamps: bool = False
+) -> None:
+    """Plain driver ``executemany`` for bulk writes on hot paths (``?`` markers, rewritten for
+    psycopg): one prepared statement, no per-row parameter processing by SQLAlchemy.
+    ``timestamps``: rows hold datetimes, formatted here as the columns store them on SQLite."""
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        sql = sql.replace("?", "%s")
+    elif timestamps:
+        rows = [
+            tuple(sqlite_timestamp(v) if isinstance(v, datetime) else v for v in r) for r in rows
+        ]
+    conn.exec_driver_sql(sql, list(rows))
 
 
 class Store:

@@ -16,15 +16,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col
 
 from rostersync.config.models import Settings
-from rostersync.store.db import utcnow
+from rostersync.store.db import executemany, utcnow
 from rostersync.store.tables import (
     ResyncJob,
     Role,
     Site,
     User,
-    UserIdentity,
-    UserRole,
-    UserSite,
 )
 from rostersync.sync.plan import (
     ExistingUser,
@@ -258,6 +255,17 @@ def classes_of_persons(
 
 def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
     """Person ids teaching these classes in the mirror (any status: old teachers count)."""
+    if len(class_ids) > 2000:
+        # Many classes (a first run, a big change): one pass over the teacher enrollments
+        # beats dozens of IN-list queries.
+        rows = conn.execute(
+            text(
+                "SELECT class_id, user_id FROM roster_enrollment "
+                "WHERE source = :src AND role = 'teacher'"
+            ),
+            {"src": source},
+        )
+        return {uid for cls, uid in rows if cls in class_ids}
     out: set[str] = set()
     for chunk in chunks(sorted(class_ids)):
         out |= _ids(
@@ -416,40 +424,37 @@ def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> se
     now = utcnow()
     role_ids = _name_ids(conn, "role")
     site_ids = _name_ids(conn, "site")
-    created: set[int] = set()
-    for new in plan.create:
-        uid = conn.execute(
-            insert(User)
-            .values(
-                email=new.email,
-                display_name=new.display_name[:256],
-                status="active",
-                created_by=f"source:{source}",
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(col(User.id))
-        ).scalar_one()
-        assert uid is not None
-        created.add(uid)
-        conn.execute(insert(UserRole).values(user_id=uid, role_id=role_ids[new.role]))
-        for site in new.sites:
-            conn.execute(insert(UserSite).values(user_id=uid, site_id=site_ids[site]))
-        for ext, username in new.identities:
-            conn.execute(
-                insert(UserIdentity).values(
-                    user_id=uid, source=source, external_id=ext, username=username
-                )
-            )
-    for link in plan.link:
-        conn.execute(
-            insert(UserIdentity).values(
-                user_id=link.user_id,
-                source=source,
-                external_id=link.sourced_id,
-                username=link.username,
-            )
-        )
+    created_by = f"source:{source}"
+    # Bulk writes: a first sync creates every teacher of the district at once.
+    executemany(
+        conn,
+        'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
+        "delegated, created_at, updated_at) VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
+        [(n.email, n.display_name[:256], created_by, False, False, now, now) for n in plan.create],
+        timestamps=True,
+    )
+    ids = {e: u.user_id for e, u in users_by_email(conn, [n.email for n in plan.create]).items()}
+    created = {ids[n.email] for n in plan.create}
+    executemany(
+        conn,
+        "INSERT INTO user_role (user_id, role_id) VALUES (?, ?)",
+        [(ids[n.email], role_ids[n.role]) for n in plan.create],
+    )
+    executemany(
+        conn,
+        "INSERT INTO user_site (user_id, site_id) VALUES (?, ?)",
+        [(ids[n.email], site_ids[s]) for n in plan.create for s in n.sites],
+    )
+    executemany(
+        conn,
+        "INSERT INTO user_identity (user_id, source, external_id, username) VALUES (?, ?, ?, ?)",
+        [
+            (ids[n.email], source, ext, username)
+            for n in plan.create
+            for ext, username in n.identities
+        ]
+        + [(link.user_id, source, link.sourced_id, link.username) for link in plan.link],
+    )
     if plan.restore:
         conn.execute(
             update(User)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete
@@ -25,6 +25,7 @@ from rostersync.records import (
     RosterPerson,
     RosterRecord,
 )
+from rostersync.store.db import sqlite_timestamp
 from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
 
 STAGING: dict[str, Table] = {
@@ -142,14 +143,6 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
             newest = dlm
     out.newest = newest
     return out
-
-
-def sqlite_timestamp(value: datetime) -> str:
-    # The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset), so these
-    # rows read back and compare like every other timestamp.
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
 
 
 def _upsert_sql(table: str, cols: Sequence[str], keys: Sequence[str], marker: str) -> str:
