@@ -128,6 +128,9 @@ class Changes:
     dirty_classes: set[str] = field(default_factory=set)
     #: persons new, changed or gone
     persons: set[str] = field(default_factory=set)
+    #: persons whose email address this run would take away, and how many had one
+    emails_lost: int = 0
+    emails_before: int = 0
 
 
 def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Changes:
@@ -175,6 +178,31 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
         out.dirty_classes.add(new_cls)
         if old_cls:
             out.dirty_classes.add(old_cls)
+    # A source that stops sending emails (a revoked scope, a changed export) must not
+    # silently blank the directory: counted here, judged by the safety rules.
+    out.emails_lost = int(
+        conn.execute(
+            text(
+                """
+                SELECT count(*) FROM staging_person s
+                JOIN roster_person m ON m.source = :src AND m.sourced_id = s.sourced_id
+                WHERE s.run_id = :run AND m.email IS NOT NULL AND m.email <> ''
+                  AND (s.email IS NULL OR s.email = '')
+                """
+            ),
+            params,
+        ).scalar_one()
+    )
+    if out.emails_lost:
+        out.emails_before = int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM roster_person WHERE source = :src "
+                    "AND email IS NOT NULL AND email <> ''"
+                ),
+                params,
+            ).scalar_one()
+        )
     # New people matter only through their (new) enrollments, counted above.
     existing_changed = changed_people - _new_ids(conn, "person", source, run_id)
     out.dirty_classes |= classes_of_persons(

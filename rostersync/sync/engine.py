@@ -565,6 +565,8 @@ class SyncEngine:
                 managed_groups=managed_groups,
                 fetched=fetched if full else None,
                 last_fetched=(state["last_counts"] if state else None),
+                emails_lost=changes.emails_lost,
+                emails_before=changes.emails_before,
             )
             if verdict.hold:
                 counts["groups_removed"] = groups_removed

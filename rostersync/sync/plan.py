@@ -184,6 +184,8 @@ def check_safety(
     managed_groups: int,
     fetched: Mapping[str, int] | None,
     last_fetched: Mapping[str, int] | None,
+    emails_lost: int = 0,
+    emails_before: int = 0,
     min_removals_for_percent: int = 10,
 ) -> SafetyVerdict:
     """Hold a run that removes too much or that saw a shrunken (or empty) source.
@@ -208,6 +210,17 @@ def check_safety(
                     f"{n} of {base} {what} ({n * 100.0 / base:.1f}%) exceed "
                     f"safety.max_removal_percent={safety.max_removal_percent:g}"
                 )
+    if (
+        emails_lost >= min_removals_for_percent
+        and emails_before
+        and emails_lost * 100.0 / emails_before > safety.max_removal_percent
+    ):
+        reasons.append(
+            f"{emails_lost} of {emails_before} people would lose their email address "
+            f"({emails_lost * 100.0 / emails_before:.1f}% > safety.max_removal_percent="
+            f"{safety.max_removal_percent:g}): is the source still sending emails "
+            "(for Google Classroom, the classroom.profile.emails scope)?"
+        )
     if fetched is not None and last_fetched:
         for kind in ("persons", "classes", "enrollments"):
             before = last_fetched.get(kind, 0)

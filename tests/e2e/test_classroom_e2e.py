@@ -416,32 +416,30 @@ async def test_missing_emails_reject_teachers_with_the_scope_hint(
     assert report.counts["users_created"] == 0
 
 
-async def test_email_scope_lost_after_a_good_run_archives_no_one(
+async def test_email_scope_lost_after_a_good_run_is_held(
     store: Store,
     domain: FakeClassroom,
     roster: MemoryRoster,
     keypair: tuple[str, str],
     tmp_path: Path,
 ) -> None:
-    """Emails vanishing after a good run (scope revoked) reject teachers but archive no user."""
+    """Emails vanishing after a good run (scope revoked) hold the run: nothing is blanked or archived."""
     engine = SyncEngine(
         make_settings(tmp_path, {"workspace": classroom_source(domain, keypair[0])}), store
     )
     assert (await sync_and_drain(engine, "workspace")).status == "succeeded"
-    before = users(store)
+    before = snapshot(store)
     domain.omit_emails = True
 
     report = await sync_and_drain(engine, "workspace")
 
-    assert report.status == "succeeded_with_errors"
+    assert report.status == "held"
+    assert "classroom.profile.emails" in (report.hold_reason or "")
     teacher_ids = {p.sourced_id for p in roster.persons if p.role == TEACHER}
     assert teacher_ids <= {
         r["sourced_id"] for r in report.rejected if r["reason"] == NO_EMAIL_REASON
     }
-    # Users are linked by Classroom user id, not email: none is archived or duplicated.
-    assert report.counts["users_archived"] == 0
-    assert users(store) == before
-    assert set(groups(store)) == {c.sourced_id for c in roster.classes}
+    assert snapshot(store) == before
 
 
 # -- a bad key -----------------------------------------------------------------------------

@@ -508,3 +508,21 @@ async def test_owner_added_by_import_survives_resyncs(
     roster.replace_person("s-1", given_name="Changed")
     await sync(settings, store, roster)
     assert groups(store)["c-1"]["owners"] == ["ada@example.org", "coach@example.org"]
+
+
+async def test_source_that_stops_sending_emails_is_held(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run that would blank most people's email addresses is held, not applied."""
+    from rostersync.sampledata import DistrictSpec, generate_district
+
+    settings = make_settings()
+    roster = generate_district(DistrictSpec(teachers=6, students=40, classes=8, edge_cases=False))
+    await sync(settings, store, roster)
+    before = snapshot(store)
+    blank = roster.copy()
+    blank.persons = [replace(p, email=None) for p in blank.persons]
+    report = await sync(settings, store, blank)
+    assert report.status == "held"
+    assert "lose their email address" in (report.hold_reason or "")
+    assert snapshot(store) == before
