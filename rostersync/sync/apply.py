@@ -88,6 +88,15 @@ AND EXISTS (SELECT 1 FROM roster_class c
 """
 
 
+def ids_in(conn: Connection, sql: str, values: Iterable[Any], **params: Any) -> set[Any]:
+    """First column of ``sql`` (which has ``IN :ids``) over ``values``, in bounded chunks."""
+    stmt = text(sql).bindparams(bindparam("ids", expanding=True))
+    out: set[Any] = set()
+    for chunk in chunks(sorted(values)):
+        out |= {r[0] for r in conn.execute(stmt, {**params, "ids": chunk}) if r[0] is not None}
+    return out
+
+
 def _ids(rows: Iterable[Any]) -> set[str]:
     return {r[0] for r in rows if r[0] is not None}
 
@@ -217,17 +226,8 @@ _ENTITY_KIND = {"user": "person", "person": "person", "class": "class", "course"
 
 
 def persons_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
-    out: set[str] = set()
-    for chunk in chunks(sorted(class_ids)):
-        out |= _ids(
-            conn.execute(
-                text(
-                    "SELECT DISTINCT user_id FROM roster_enrollment WHERE source = :src AND class_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                {"src": source, "ids": chunk},
-            )
-        )
-    return out
+    sql = "SELECT DISTINCT user_id FROM roster_enrollment WHERE source = :src AND class_id IN :ids"
+    return ids_in(conn, sql, class_ids, src=source)
 
 
 def rejected_ids(conn: Connection, run_id: int) -> dict[str, set[str]]:
@@ -257,28 +257,10 @@ def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
 def classes_of_persons(
     conn: Connection, source: str, person_ids: set[str], run_id: int
 ) -> set[str]:
-    out: set[str] = set()
-    for chunk in chunks(sorted(person_ids)):
-        params = {"src": source, "run": run_id, "ids": chunk}
-        out |= _ids(
-            conn.execute(
-                text(
-                    "SELECT DISTINCT class_id FROM roster_enrollment "
-                    "WHERE source = :src AND user_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                params,
-            )
-        )
-        out |= _ids(
-            conn.execute(
-                text(
-                    "SELECT DISTINCT class_id FROM staging_enrollment "
-                    "WHERE run_id = :run AND user_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                params,
-            )
-        )
-    return out
+    """Classes of these persons, in the mirror (old) and in this run's staging (new)."""
+    old = "SELECT DISTINCT class_id FROM roster_enrollment WHERE source = :src AND user_id IN :ids"
+    new = "SELECT DISTINCT class_id FROM staging_enrollment WHERE run_id = :run AND user_id IN :ids"
+    return ids_in(conn, old, person_ids, src=source) | ids_in(conn, new, person_ids, run=run_id)
 
 
 def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
@@ -294,18 +276,11 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
             {"src": source},
         )
         return {uid for cls, uid in rows if cls in class_ids}
-    out: set[str] = set()
-    for chunk in chunks(sorted(class_ids)):
-        out |= _ids(
-            conn.execute(
-                text(
-                    "SELECT DISTINCT user_id FROM roster_enrollment "
-                    "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                {"src": source, "ids": chunk},
-            )
-        )
-    return out
+    sql = (
+        "SELECT DISTINCT user_id FROM roster_enrollment "
+        "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
+    )
+    return ids_in(conn, sql, class_ids, src=source)
 
 
 # -- merge ---------------------------------------------------------------------------------
@@ -499,18 +474,8 @@ def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> se
 
 
 def users_of_persons(conn: Connection, source: str, person_ids: set[str]) -> set[int]:
-    out: set[int] = set()
-    for chunk in chunks(sorted(person_ids)):
-        out |= {
-            r[0]
-            for r in conn.execute(
-                text(
-                    "SELECT user_id FROM user_identity WHERE source = :src AND external_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                {"src": source, "ids": chunk},
-            )
-        }
-    return out
+    sql = "SELECT user_id FROM user_identity WHERE source = :src AND external_id IN :ids"
+    return ids_in(conn, sql, person_ids, src=source)
 
 
 def managed_counts(conn: Connection, source: str) -> tuple[int, int]:

@@ -702,39 +702,28 @@ class SyncEngine:
                 live_rosters[job.id] = await self._fetch_live(job)
                 ready.append(job)
             except Exception as exc:
-                state = await asyncio.to_thread(
-                    fail,
-                    self.store,
-                    job,
-                    scrub(str(exc)),
-                    max_attempts=rs.max_attempts,
-                    backoff=rs.backoff,
-                )
-                self.log.warning(
-                    "resync_failed",
-                    job_id=job.id,
-                    user_id=job.user_id,
-                    error=scrub(str(exc)),
-                    state=state,
-                )
-                outcomes.append((job, state))
+                outcomes.append((job, await self._fail_job(job, exc)))
         if ready:
             try:
                 await asyncio.to_thread(self._materialise, ready, live_rosters)
                 outcomes += [(j, "succeeded") for j in ready]
             except Exception as exc:
                 for job in ready:
-                    state = await asyncio.to_thread(
-                        fail,
-                        self.store,
-                        job,
-                        scrub(str(exc)),
-                        max_attempts=rs.max_attempts,
-                        backoff=rs.backoff,
-                    )
-                    outcomes.append((job, state))
+                    outcomes.append((job, await self._fail_job(job, exc)))
                 self.log.error("resync_batch_failed", jobs=len(ready), error=scrub(str(exc)))
         return outcomes
+
+    async def _fail_job(self, job: LeasedJob, exc: BaseException) -> str:
+        """Record a job's failure (retry later, or failed for good); returns its new state."""
+        rs = self.settings.resync
+        error = scrub(str(exc)) or type(exc).__name__
+        state = await asyncio.to_thread(
+            fail, self.store, job, error, max_attempts=rs.max_attempts, backoff=rs.backoff
+        )
+        self.log.warning(
+            "resync_failed", job_id=job.id, user_id=job.user_id, error=error, state=state
+        )
+        return state
 
     async def _fetch_live(self, job: LeasedJob) -> list[tuple[str, str, TeacherRoster]]:
         with self.store.read() as conn:
