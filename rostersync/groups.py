@@ -18,7 +18,7 @@ from sqlmodel import col
 
 from rostersync.store.db import executemany, utcnow
 from rostersync.store.tables import Group, GroupMember, GroupOwner
-from rostersync.sync.apply import POPULATED
+from rostersync.sync.apply import POPULATED, ids_in
 from rostersync.sync.plan import chunks
 
 GroupKey = tuple[str, str]  # (source, class sourced_id)
@@ -58,10 +58,19 @@ def _in(sql: str, *names: str) -> Any:
     return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
 
 
-def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Counter[str]]:
+def rebuild_groups(
+    conn: Connection, user_ids: Iterable[int], *, refresh_all: Iterable[int] = ()
+) -> dict[int, Counter[str]]:
     """Rebuild the groups of these users; returns per-user counts of groups_created,
-    groups_updated and groups_removed (each change is credited to one user of the batch)."""
+    groups_updated and groups_removed (each change is credited to one user of the batch).
+
+    Owners are always made exact. Members are compared only for groups whose class a sync
+    marked changed (``dirty_class``), new groups, and every group of the users in
+    ``refresh_all`` (manual and live resyncs): re-reading 25 students per unchanged class
+    was most of the cost of a small delta in a large district.
+    """
     uids = sorted(set(user_ids))
+    full_refresh = set(refresh_all)
     result: dict[int, Counter[str]] = {u: Counter() for u in uids}
     if not uids:
         return result
@@ -151,6 +160,21 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
             touched.add(groups[key][0])
 
     desired_gids = {groups[k][0]: k for k in desired}
+    dirty: set[GroupKey] = set()
+    for src, classes in by_source.items():
+        dirty |= {
+            (src, c)
+            for c in ids_in(
+                conn,
+                "SELECT class_id FROM dirty_class WHERE source = :src AND class_id IN :ids",
+                classes,
+                src=src,
+            )
+        }
+    refresh = {
+        k for k in desired if k in dirty or groups[k][0] in created or wanted_by[k] & full_refresh
+    }
+    refresh_gids = {groups[k][0] for k in refresh}
 
     # Owners of wanted groups: every active provisioned teacher of the class.
     want_owners: set[tuple[int, int]] = set()
@@ -161,8 +185,11 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
                 _in(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}
             ):
                 want_owners.add((groups[(src, cls)][0], uid))
+            members_of = [c for c in chunk if (src, c) in refresh]
+            if not members_of:
+                continue
             for cls, sid, email, given, family in conn.execute(
-                _in(_MEMBERS, "ids"), {"src": src, "ids": chunk}
+                _in(_MEMBERS, "ids"), {"src": src, "ids": members_of}
             ):
                 name = " ".join(p for p in (given, family) if p).strip()
                 want_members[(groups[(src, cls)][0], sid)] = (
@@ -184,12 +211,15 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
                 {"ids": chunk},
             )
         }
+        member_gids = [g for g in chunk if g in refresh_gids]
+        if not member_gids:
+            continue
         for g, sid, email, name in conn.execute(
             _in(
                 "SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id IN :ids",
                 "ids",
             ),
-            {"ids": chunk},
+            {"ids": member_gids},
         ):
             have_members[(g, sid)] = (email, name)
 
@@ -225,19 +255,14 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
             "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
             [(g, sid, *want_members[(g, sid)]) for g, sid in new_members],
         )
-    for g, s in gone_members:
-        conn.execute(
-            delete(GroupMember).where(
-                col(GroupMember.group_id) == g, col(GroupMember.sourced_id) == s
-            )
-        )
-    for g, s in changed_members:
-        email, name = want_members[(g, s)]
-        conn.execute(
-            update(GroupMember)
-            .where(col(GroupMember.group_id) == g, col(GroupMember.sourced_id) == s)
-            .values(email=email, name=name)
-        )
+    executemany(
+        conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone_members
+    )
+    executemany(
+        conn,
+        "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
+        [(*want_members[(g, sid)], g, sid) for g, sid in changed_members],
+    )
     touched.update(g for g, _ in (*new_members, *gone_members, *changed_members))
 
     # Groups the batch owns but no longer wants: let go; remove those left without owners.
@@ -246,14 +271,11 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
         for uid in owned_by_batch.get(gid, ()):
             if uid not in wanted_by.get(key, set()):
                 released.append((gid, uid))
-    for gid, uid in released:
-        conn.execute(
-            delete(GroupOwner).where(
-                col(GroupOwner.group_id) == gid,
-                col(GroupOwner.user_id) == uid,
-                col(GroupOwner.origin) == "roster",
-            )
-        )
+    executemany(
+        conn,
+        "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
+        released,
+    )
     removed: set[int] = set()
     for gid in sorted({g for g, _ in released}):
         left = conn.execute(
@@ -268,7 +290,16 @@ def rebuild_groups(conn: Connection, user_ids: Iterable[int]) -> dict[int, Count
     key_of = {gid: key for key, (gid, _n) in groups.items()}
     for gid in sorted(removed):
         credit(key_of[gid], "groups_removed", owned_by_batch.get(gid, ()))
-    for gid in sorted(touched - created - removed):
-        conn.execute(update(Group).where(col(Group.id) == gid).values(updated_at=now))
+    # The marks of the classes refreshed (or whose group is gone) have done their job.
+    done = sorted(refresh | {key_of[g] for g in removed})
+    executemany(conn, "DELETE FROM dirty_class WHERE source = ? AND class_id = ?", done)
+    updated = sorted(touched - created - removed)
+    executemany(
+        conn,
+        "UPDATE groups SET updated_at = ? WHERE id = ?",
+        [(now, gid) for gid in updated],
+        timestamps=True,
+    )
+    for gid in updated:
         credit(key_of[gid], "groups_updated", owned_by_batch.get(gid, ()))
     return result

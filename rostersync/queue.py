@@ -8,6 +8,7 @@ leases that expire and return their jobs to the queue.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, bindparam, select, text, update
 from sqlmodel import col
 
-from rostersync.store.db import Store, as_utc, ts_params, utcnow
-from rostersync.store.tables import ResyncJob, SyncRun
+from rostersync.store.db import Store, as_utc, executemany, ts_params, utcnow
+from rostersync.store.tables import SyncRun
 from rostersync.sync.apply import add_counts
 
 GROUP_COUNTS = ("groups_created", "groups_updated", "groups_removed")
@@ -77,24 +78,21 @@ def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Cou
     """Mark jobs succeeded and add their group counts to the sync runs that queued them."""
     now = utcnow()
     per_run: dict[int, Counter[str]] = {}
+    rows = []
     for job in jobs:
         res = results.get(job.user_id, Counter())
-        conn.execute(
-            update(ResyncJob)
-            .where(col(ResyncJob.id) == job.id)
-            .values(
-                state="succeeded",
-                finished_at=now,
-                lease_owner=None,
-                lease_expires=None,
-                last_error=None,
-                result={k: int(res.get(k, 0)) for k in GROUP_COUNTS},
-            )
-        )
+        rows.append((json.dumps({k: int(res.get(k, 0)) for k in GROUP_COUNTS}), now, job.id))
         if job.run_id is not None:
             per_run.setdefault(job.run_id, Counter()).update(res)
             # Each user's changes count once, for the first job that carried them.
             results[job.user_id] = Counter()
+    executemany(
+        conn,
+        "UPDATE resync_job SET state = 'succeeded', result = ?, finished_at = ?, "
+        "lease_owner = NULL, lease_expires = NULL, last_error = NULL WHERE id = ?",
+        rows,
+        timestamps=True,
+    )
     for run_id, counts in per_run.items():
         _add_run_counts(conn, run_id, {k: int(counts.get(k, 0)) for k in GROUP_COUNTS})
 

@@ -306,6 +306,15 @@ class OutboxEmail(SQLModel, table=True):
     sent_at: datetime | None = _ts()
 
 
+class DirtyClass(SQLModel, table=True):
+    """A class whose group members must be re-read at the next resync of its teachers
+    (marked by the sync that changed it, cleared by the resync that refreshed it)."""
+
+    __tablename__ = "dirty_class"
+    source: str = Field(primary_key=True, max_length=64)
+    class_id: str = Field(primary_key=True, max_length=256)
+
+
 class SourceState(SQLModel, table=True):
     __tablename__ = "source_state"
     source: str = Field(primary_key=True, max_length=64)

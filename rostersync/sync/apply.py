@@ -283,6 +283,23 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
     return ids_in(conn, sql, class_ids, src=source)
 
 
+def mark_dirty_classes(conn: Connection, source: str, class_ids: set[str]) -> None:
+    """Tell the resyncs which classes' members to re-read. Marks left from runs whose jobs
+    are all done (classes nobody teaches any more) are dropped first."""
+    conn.execute(
+        text(
+            "DELETE FROM dirty_class WHERE source = :src AND NOT EXISTS "
+            "(SELECT 1 FROM resync_job WHERE state IN ('queued', 'running'))"
+        ),
+        {"src": source},
+    )
+    executemany(
+        conn,
+        "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        [(source, c) for c in sorted(class_ids)],
+    )
+
+
 # -- merge ---------------------------------------------------------------------------------
 
 

@@ -495,6 +495,7 @@ class SyncEngine:
         changes = sql.find_changes(conn, source, run_id, full)
         dirty, changed_people = changes.dirty_classes, changes.persons
         teachers_before = sql.teachers_of_classes(conn, source, dirty)
+        sql.mark_dirty_classes(conn, source, dirty)
         written = sql.merge(conn, source, run_id, changes.missing)
         if self.store.is_postgres and sum(written.values()) > 0:
             # Fresh statistics before the set-based queries below: after any load, stale
@@ -750,7 +751,12 @@ class SyncEngine:
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
                     apply_teacher_roster(conn, source, ext, roster)
-            results = rebuild_groups(conn, [j.user_id for j in jobs])
+            # Manual and live resyncs re-read every member; sync-queued ones only what changed.
+            results = rebuild_groups(
+                conn,
+                [j.user_id for j in jobs],
+                refresh_all=[j.user_id for j in jobs if j.run_id is None or j.live],
+            )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
             complete(conn, jobs, results)
         self.log.info("resync_batch_done", jobs=len(jobs), **totals)

@@ -526,3 +526,43 @@ async def test_source_that_stops_sending_emails_is_held(
     assert report.status == "held"
     assert "lose their email address" in (report.hold_reason or "")
     assert snapshot(store) == before
+
+
+async def test_manual_resync_rereads_every_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A manual resync repairs a group's members even when no sync marked its class changed."""
+    from rostersync.sync.apply import queue_resync
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        conn.execute(text("DELETE FROM group_member WHERE sourced_id = 's-1'"))
+        uid = conn.execute(
+            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
+        ).scalar_one()
+        queue_resync(conn, [uid], reason="manual", run_id=None)
+        marked = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
+        assert "c-1" not in marked
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    await engine.drain()
+    assert "s-1" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+
+
+async def test_sync_marks_changed_classes_until_their_resync(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A sync marks the classes it changed; the resync that refreshes them clears the marks."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.replace_person("s-4", given_name="Changed")  # s-4 is only in c-2
+    await sync(settings, store, roster, drain=False)
+    with store.read() as conn:
+        marked = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
+    assert marked == {"c-2"}
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.drain()
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dirty_class")).scalar_one() == 0
+    assert "Changed Dent" in {m["name"] for m in groups(store)["c-2"]["members"]}
