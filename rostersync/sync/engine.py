@@ -132,7 +132,6 @@ class _DryRun(Exception):
 @dataclass
 class _ApplyResult:
     counts: dict[str, int]
-    no_email: list[str]
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:
@@ -497,11 +496,8 @@ class SyncEngine:
         teachers_before = sql.teachers_of_classes(conn, source, dirty)
         sql.mark_dirty_classes(conn, source, dirty)
         written = sql.merge(conn, source, run_id, changes.missing)
-        if self.store.is_postgres and sum(written.values()) > 0:
-            # Fresh statistics before the set-based queries below: after any load, stale
-            # statistics made PostgreSQL pick nested loops over sequential scans (a 500-row
-            # district took 85 s to plan-and-run the eligibility query; 0.3 s after ANALYZE).
-            conn.execute(text("ANALYZE roster_person, roster_class, roster_enrollment"))
+        if sum(written.values()) > 0:
+            sql.refresh_statistics(conn)
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
 
         eligible = sql.eligible_teachers(conn, source)
@@ -626,7 +622,7 @@ class SyncEngine:
         ]
         for rid in (run_id, *older):
             clear_staging(conn, rid)
-        return _ApplyResult(counts, plan.no_email)
+        return _ApplyResult(counts)
 
     # -- approval -----------------------------------------------------------------------------
 
