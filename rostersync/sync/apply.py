@@ -114,8 +114,20 @@ def changed_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[st
     return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
-def missing_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
+def nothing_missing(conn: Connection, kind: str, source: str, run_id: int, new_count: int) -> bool:
+    """True when every mirror row was staged again: the mirror holds exactly the staged rows
+    that are not new. Two counts, where the anti-join costs seconds on a million rows."""
+    mirror, staging, _ = TABLES[kind]
+    params = {"run": run_id, "src": source}
+    in_mirror = conn.execute(text(f"SELECT count(*) FROM {mirror} WHERE source = :src"), params)
+    staged = conn.execute(text(f"SELECT count(*) FROM {staging} WHERE run_id = :run"), params)
+    return bool(in_mirror.scalar_one() == staged.scalar_one() - new_count)
+
+
+def missing_ids(conn: Connection, kind: str, source: str, run_id: int, new_count: int) -> set[str]:
     """Mirror rows a full run did not see (to be swept)."""
+    if nothing_missing(conn, kind, source, run_id, new_count):
+        return set()
     mirror, staging, _ = TABLES[kind]
     sql = f"""
         SELECT m.sourced_id FROM {mirror} m
@@ -145,37 +157,11 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     staging, so a moved enrollment dirties both its classes."""
     params = {"run": run_id, "src": source}
     out = Changes()
-    if full:
-        # A record the source sent but that was rejected (a course answering 403, a row that
-        # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,
-        # stay as they were instead of being swept.
-        rejected = rejected_ids(conn, run_id)
-        # Sources that list people per class (Classroom) never send the people of a refused
-        # class: they stay too.
-        rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
-        out.missing = {
-            kind: missing_ids(conn, kind, source, run_id) - rejected[kind]
-            for kind in TABLES
-            if kind != "enrollment"
-        }
-        gone_enrollments: set[str] = set()
-        sql = """
-            SELECT m.sourced_id, m.class_id FROM roster_enrollment m
-            WHERE m.source = :src AND NOT EXISTS (
-                SELECT 1 FROM staging_enrollment s
-                WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
-        """
-        for sid, cls in conn.execute(text(sql), params):
-            if sid in rejected["enrollment"] or cls in rejected["class"]:
-                continue
-            gone_enrollments.add(sid)
-            out.dirty_classes.add(cls)
-        out.missing["enrollment"] = gone_enrollments
-    out.dirty_classes |= changed_ids(conn, "class", source, run_id) | out.missing.get(
-        "class", set()
-    )
-    changed_people = changed_ids(conn, "person", source, run_id)
-    out.persons = changed_people | out.missing.get("person", set())
+    new_ids = {
+        kind: _new_ids(conn, kind, source, run_id) for kind in TABLES if kind != "enrollment"
+    }
+    # Enrollments that are new or changed (new and old class).
+    new_enrollments = 0
     sql = """
         SELECT s.class_id, m.class_id FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
@@ -185,20 +171,56 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
         out.dirty_classes.add(new_cls)
         if old_cls:
             out.dirty_classes.add(old_cls)
+        else:
+            new_enrollments += 1
+    if full:
+        # A record the source sent but that was rejected (a course answering 403, a row that
+        # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,
+        # stay as they were instead of being swept.
+        rejected = rejected_ids(conn, run_id)
+        # Sources that list people per class (Classroom) never send the people of a refused
+        # class: they stay too.
+        rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
+        out.missing = {
+            kind: missing_ids(conn, kind, source, run_id, len(new_ids[kind])) - rejected[kind]
+            for kind in new_ids
+        }
+        gone_enrollments: set[str] = set()
+        if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
+            sql = """
+                SELECT m.sourced_id, m.class_id FROM roster_enrollment m
+                WHERE m.source = :src AND NOT EXISTS (
+                    SELECT 1 FROM staging_enrollment s
+                    WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
+            """
+            for sid, cls in conn.execute(text(sql), params):
+                if sid in rejected["enrollment"] or cls in rejected["class"]:
+                    continue
+                gone_enrollments.add(sid)
+                out.dirty_classes.add(cls)
+        out.missing["enrollment"] = gone_enrollments
+    out.dirty_classes |= changed_ids(conn, "class", source, run_id) | out.missing.get(
+        "class", set()
+    )
+    changed_people = changed_ids(conn, "person", source, run_id)
+    out.persons = changed_people | out.missing.get("person", set())
+    # New people matter only through their (new) enrollments, counted above.
+    existing_changed = changed_people - new_ids["person"]
     # A source that stops sending emails (a revoked scope, a changed export) must not
     # silently blank the directory: counted here, judged by the safety rules.
-    out.emails_lost = int(
-        conn.execute(
-            text(
-                """
-                SELECT count(*) FROM staging_person s
-                JOIN roster_person m ON m.source = :src AND m.sourced_id = s.sourced_id
-                WHERE s.run_id = :run AND m.email IS NOT NULL AND m.email <> ''
-                  AND (s.email IS NULL OR s.email = '')
-                """
-            ),
-            params,
-        ).scalar_one()
+    out.emails_lost = len(
+        ids_in(
+            conn,
+            """
+            SELECT s.sourced_id FROM staging_person s
+            JOIN roster_person m ON m.source = :src AND m.sourced_id = s.sourced_id
+            WHERE s.run_id = :run AND s.sourced_id IN :ids
+              AND m.email IS NOT NULL AND m.email <> '' AND (s.email IS NULL OR s.email = '')
+            """,
+            existing_changed,
+            src=source,
+            run=run_id,
+        )
     )
     if out.emails_lost:
         out.emails_before = int(
@@ -210,8 +232,6 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
                 params,
             ).scalar_one()
         )
-    # New people matter only through their (new) enrollments, counted above.
-    existing_changed = changed_people - _new_ids(conn, "person", source, run_id)
     out.dirty_classes |= classes_of_persons(
         conn, source, existing_changed | out.missing.get("person", set())
     )
