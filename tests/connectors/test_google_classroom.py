@@ -12,8 +12,6 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import respx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -43,7 +41,7 @@ from rostersync.records import (
     TeacherRef,
 )
 from tests.connectors.contract import ConnectorContract, collect, people
-from tests.fakes.classroom_server import FakeClassroom
+from tests.fakes.classroom_server import FakeClassroom, generate_keypair, generate_private_pem
 from tests.rosterdata import small_roster
 
 CLIENT_EMAIL = "rostersync@district-sync.iam.gserviceaccount.com"
@@ -54,28 +52,16 @@ FAST_RETRY = {"initial_wait": 0.01, "max_wait": 0.05}
 # -- keys, config, fixtures ------------------------------------------------------------------
 
 
-def _private_pem(key: rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
 @pytest.fixture(scope="module")
 def keypair() -> tuple[str, str]:
     """(private PEM, public PEM), generated once per module: RSA key generation is slow."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return _private_pem(key), public.decode()
+    return generate_keypair()
 
 
 @pytest.fixture(scope="module")
 def stranger_pem() -> str:
     """A private key the fake server does not know (a deleted or foreign key)."""
-    return _private_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return generate_private_pem()
 
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"

@@ -12,8 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from structlog.testing import capture_logs
 
 from connectors.google_classroom import NO_EMAIL_REASON, SCOPES
@@ -24,7 +22,7 @@ from rostersync.sampledata import DistrictSpec, generate_district, write_onerost
 from rostersync.store.db import Store
 from rostersync.sync.engine import RunReport, SyncEngine
 from tests.conftest import _pg_schema_store
-from tests.fakes.classroom_server import FakeClassroom
+from tests.fakes.classroom_server import FakeClassroom, generate_keypair, generate_private_pem
 from tests.sync.helpers import groups, snapshot, users
 
 CLIENT_EMAIL = "rostersync@district-sync.iam.gserviceaccount.com"
@@ -37,28 +35,16 @@ SPEC = DistrictSpec(teachers=8, students=60, classes=12, students_per_class=5, e
 # -- keys, domain, settings ----------------------------------------------------------------
 
 
-def _private_pem(key: rsa.RSAPrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
 @pytest.fixture(scope="module")
 def keypair() -> tuple[str, str]:
     """(private PEM, public PEM) the fake's token endpoint trusts; RSA generation is slow."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return _private_pem(key), public.decode()
+    return generate_keypair()
 
 
 @pytest.fixture(scope="module")
 def stranger_pem() -> str:
     """A well-formed key the fake does not know (deleted, rotated or from another project)."""
-    return _private_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    return generate_private_pem()
 
 
 @pytest.fixture

@@ -32,6 +32,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
@@ -475,3 +477,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, body)
         finally:
             fake.leave_api()
+
+
+def private_pem(key: rsa.RSAPrivateKey) -> str:
+    """A private key as the PKCS#8 PEM a service-account JSON file carries."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def generate_keypair() -> tuple[str, str]:
+    """(private PEM, public PEM) for a test service account; slow, so fixtures cache it."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private_pem(key), public.decode()
+
+
+def generate_private_pem() -> str:
+    return private_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))

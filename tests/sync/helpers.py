@@ -65,3 +65,26 @@ def snapshot(store: Store) -> tuple[Any, ...]:
             repr(sorted(groups(store).items())),
             mirror,
         )
+
+
+def add_user(conn: Any, email: str, *, name: str = "X", created_by: str = "import") -> int:
+    """A directory user made outside a sync (by an admin or an import)."""
+    from sqlalchemy import text
+
+    return int(
+        conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
+                "delegated) VALUES (:e, :n, 'active', :c, false, false) RETURNING id"
+            ),
+            {"e": email, "n": name, "c": created_by},
+        ).scalar_one()
+    )
+
+
+def user_id(conn: Any, email: str) -> int:
+    from sqlalchemy import text
+
+    return int(
+        conn.execute(text('SELECT id FROM "user" WHERE email = :e'), {"e": email}).scalar_one()
+    )

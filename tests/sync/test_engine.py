@@ -14,7 +14,7 @@ from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterP
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
-from tests.sync.helpers import groups, snapshot, sync, users
+from tests.sync.helpers import add_user, groups, snapshot, sync, user_id, users
 
 ZERO = {
     "users_created": 0,
@@ -135,12 +135,7 @@ async def test_existing_user_is_linked_case_insensitively_not_duplicated(
     """A directory user whose email differs only in case is linked, not duplicated, and keeps their role."""
     settings = make_settings()
     with store.write() as conn:
-        conn.execute(
-            text(
-                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
-                "VALUES ('alan.turing@example.org', 'Prof. Turing', 'active', 'import', false, false)"
-            )
-        )
+        add_user(conn, "alan.turing@example.org", name="Prof. Turing", created_by="import")
     report = await sync(settings, store, small_roster())
     assert report.counts["users_linked"] == 1 and report.counts["users_created"] == 1
     all_users = users(store)
@@ -208,12 +203,7 @@ async def test_user_not_created_by_rostersync_is_never_archived(
     """A linked user that an admin created keeps its status when the teacher disappears."""
     settings = make_settings()
     with store.write() as conn:
-        conn.execute(
-            text(
-                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
-                "VALUES ('ada@example.org', 'Ada', 'active', 'import', false, false)"
-            )
-        )
+        add_user(conn, "ada@example.org", name="Ada", created_by="import")
     await sync(settings, store, small_roster())
     roster = small_roster()
     roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
@@ -426,9 +416,7 @@ async def test_live_resync_refreshes_the_teacher_from_the_source(
     changed.enrollments.append(RosterEnrollment("e-new", "c-1", "s-5", "student"))
     changed.enrollments = [e for e in changed.enrollments if e.sourced_id != "e-s1c1"]
     with store.write() as conn:
-        uid = conn.execute(
-            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
-        ).scalar_one()
+        uid = user_id(conn, "ada@example.org")
         queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(changed)})
     outcomes = await engine.process_batch()
@@ -451,9 +439,7 @@ async def test_live_resync_failure_is_retried_then_failed(
             raise RuntimeError("source unreachable")
 
     with store.write() as conn:
-        uid = conn.execute(
-            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
-        ).scalar_one()
+        uid = user_id(conn, "ada@example.org")
         queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
     engine = SyncEngine(settings, store, connectors={"mem": Broken(small_roster())})
     assert [o for _, o in await engine.process_batch()] == ["queued"]
@@ -492,12 +478,7 @@ async def test_owner_added_by_import_survives_resyncs(
     settings = make_settings()
     await sync(settings, store, small_roster())
     with store.write() as conn:
-        admin = conn.execute(
-            text(
-                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, delegated) '
-                "VALUES ('coach@example.org', 'Coach', 'active', 'import', false, false) RETURNING id"
-            )
-        ).scalar_one()
+        admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
         gid = conn.execute(text("SELECT id FROM groups WHERE external_id = 'c-1'")).scalar_one()
         conn.execute(
             text("INSERT INTO group_owner (group_id, user_id, origin) VALUES (:g, :u, 'import')"),
@@ -538,9 +519,7 @@ async def test_manual_resync_rereads_every_member(
     await sync(settings, store, small_roster())
     with store.write() as conn:
         conn.execute(text("DELETE FROM group_member WHERE sourced_id = 's-1'"))
-        uid = conn.execute(
-            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
-        ).scalar_one()
+        uid = user_id(conn, "ada@example.org")
         queue_resync(conn, [uid], reason="manual", run_id=None)
         marked = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
         assert "c-1" not in marked
