@@ -20,7 +20,6 @@ and parameters, never an ``href`` from the data or a ``Link`` header.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -28,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import orjson
 
 from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
 from connectors.oneroster.config import (
@@ -140,7 +140,8 @@ class OneRosterConnector:
                 return response, None
             raise_for_status(self.source, response, where)
             try:
-                return response, json.loads(response.content)
+                # orjson: parsing is a third of a large district's fetch; the stdlib is 2-3x slower.
+                return response, orjson.loads(response.content)
             except ValueError:
                 raise FatalSourceError(self.source, f"invalid JSON from {where}") from None
 
