@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Iterable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -165,7 +165,3 @@ def forward_stdlib(*names: str, level: int = logging.WARNING) -> None:
             logger.addHandler(_ToStructlog())
         logger.setLevel(level)
         logger.propagate = False
-
-
-def secret_values() -> Iterable[str]:
-    return frozenset(_KNOWN)

@@ -129,11 +129,6 @@ class _DryRun(Exception):
         self.counts = counts
 
 
-@dataclass
-class _ApplyResult:
-    counts: dict[str, int]
-
-
 def load_report(conn: Connection, run_id: int) -> RunReport:
     row = conn.execute(select(SyncRun).where(col(SyncRun.id) == run_id)).first()
     if row is None:
@@ -474,7 +469,7 @@ class SyncEngine:
                     )
                 )
         else:
-            log.info("sync_applied", **result.counts)
+            log.info("sync_applied", **result)
         with self.store.read() as conn:
             return load_report(conn, run_id)
 
@@ -488,7 +483,7 @@ class SyncEngine:
         newest: datetime | None,
         dry_run: bool,
         approved: bool,
-    ) -> _ApplyResult:
+    ) -> dict[str, int]:
         settings = self.settings
         counts = empty_counts()
         changes = sql.find_changes(conn, source, run_id, full)
@@ -622,7 +617,7 @@ class SyncEngine:
         ]
         for rid in (run_id, *older):
             clear_staging(conn, rid)
-        return _ApplyResult(counts)
+        return counts
 
     # -- approval -----------------------------------------------------------------------------
 

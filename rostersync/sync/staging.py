@@ -117,10 +117,6 @@ class StagedBatch:
     rejected: list[Rejected] = field(default_factory=list)
     newest: datetime | None = None
 
-    @property
-    def count(self) -> int:
-        return sum(len(v) for v in self.rows.values())
-
 
 def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
     out = StagedBatch()
