@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, text, update
+from sqlalchemy import Connection, delete, text, update
 from sqlmodel import col
 
-from rostersync.store.db import executemany, utcnow
+from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import Group, GroupMember, GroupOwner
 from rostersync.sync.apply import POPULATED, ids_in
 from rostersync.sync.plan import chunks
@@ -59,10 +58,6 @@ _DESIRED_MEMBERS = """
 """
 
 
-def _in(sql: str, *names: str) -> Any:
-    return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
-
-
 def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> set[int]:
     """Make these groups' members exactly their classes' active students, inside the database
     (a district's million member rows never travel through Python). ``new``: the groups were
@@ -72,7 +67,7 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         params = {"ids": chunk}
         if new:
             conn.execute(
-                _in(
+                in_text(
                     "INSERT INTO group_member (group_id, sourced_id, email, name) "
                     f"SELECT d.group_id, d.sourced_id, d.email, d.name FROM ({_DESIRED_MEMBERS}) d",
                     "ids",
@@ -84,12 +79,12 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         # DELETE were slower here: SQLite walked 25 enrollments per member to find one.)
         want: dict[tuple[int, str], tuple[str | None, str]] = {
             (g, sid): (email, name)
-            for g, sid, email, name in conn.execute(_in(_DESIRED_MEMBERS, "ids"), params)
+            for g, sid, email, name in conn.execute(in_text(_DESIRED_MEMBERS, "ids"), params)
         }
         have: dict[tuple[int, str], tuple[str | None, str]] = {
             (g, sid): (email, name)
             for g, sid, email, name in conn.execute(
-                _in(
+                in_text(
                     "SELECT group_id, sourced_id, email, name FROM group_member "
                     "WHERE group_id IN :ids",
                     "ids",
@@ -137,7 +132,7 @@ def rebuild_groups(
     wanted_by: dict[GroupKey, set[int]] = defaultdict(set)
     for chunk in chunks(uids):
         for uid, src, cls, title in conn.execute(
-            _in(_DESIRED, "uids"), {"uids": chunk, "yes": True}
+            in_text(_DESIRED, "uids"), {"uids": chunk, "yes": True}
         ):
             desired[(src, cls)] = title
             wanted_by[(src, cls)].add(uid)
@@ -147,7 +142,7 @@ def rebuild_groups(
     owned_by_batch: dict[int, set[int]] = defaultdict(set)  # group id -> batch owners
     for chunk in chunks(uids):
         rows = conn.execute(
-            _in(
+            in_text(
                 "SELECT g.id, g.source, g.external_id, g.name, o.user_id FROM groups g "
                 "JOIN group_owner o ON o.group_id = g.id "
                 "WHERE o.user_id IN :uids AND o.origin = 'roster'",
@@ -164,7 +159,7 @@ def rebuild_groups(
     for src, classes in by_source.items():
         for chunk in chunks(sorted(classes)):
             rows = conn.execute(
-                _in(
+                in_text(
                     "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
                     "ids",
                 ),
@@ -196,7 +191,7 @@ def rebuild_groups(
         for src, exts in by_source_new.items():
             for chunk in chunks(exts):
                 for gid, ext, name in conn.execute(
-                    _in(
+                    in_text(
                         "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
                         "ids",
                     ),
@@ -238,7 +233,7 @@ def rebuild_groups(
     for src, classes in by_source.items():
         for chunk in chunks(sorted(classes)):
             for cls, uid in conn.execute(
-                _in(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}
+                in_text(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}
             ):
                 want_owners.add((groups[(src, cls)][0], uid))
 
@@ -247,7 +242,7 @@ def rebuild_groups(
         have_owners |= {
             (g, u)
             for g, u in conn.execute(
-                _in(
+                in_text(
                     "SELECT group_id, user_id FROM group_owner "
                     "WHERE group_id IN :ids AND origin = 'roster'",
                     "ids",

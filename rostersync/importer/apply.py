@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, CursorResult, bindparam, delete, insert, text, update
+from sqlalchemy import Connection, CursorResult, delete, insert, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
@@ -43,7 +43,7 @@ from rostersync.importer.reader import Sheet
 from rostersync.importer.rows import RowInput, parse_row
 from rostersync.importer.statuses import Status, empty_counts
 from rostersync.logs import scrub
-from rostersync.store.db import Store, utcnow
+from rostersync.store.db import Store, in_text, utcnow
 from rostersync.store.tables import (
     GroupOwner,
     ImportRow,
@@ -148,10 +148,6 @@ def run_import(
 # -- reading the directory --------------------------------------------------------------------
 
 
-def _in(sql: str, *names: str) -> Any:
-    return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
-
-
 def _json_list(value: Any) -> tuple[str, ...]:
     # text() bypasses the JSON column type: SQLite hands back the stored string.
     if isinstance(value, str):
@@ -224,7 +220,7 @@ def load_directory(conn: Connection, rows: Sequence[RowInput], settings: Setting
     for source, names in wanted.items():
         for chunk in chunks(sorted(names)):
             for sid, username in conn.execute(
-                _in(
+                in_text(
                     "SELECT sourced_id, lower(username) FROM roster_person "
                     "WHERE source = :src AND lower(username) IN :names ORDER BY sourced_id",
                     "names",
@@ -236,7 +232,7 @@ def load_directory(conn: Connection, rows: Sequence[RowInput], settings: Setting
         exts |= {f"username:{u}" for r in rows for s, u in r.source_usernames if s == source}
         for chunk in chunks(sorted(e for e in exts if e)):
             for ext, uid in conn.execute(
-                _in(
+                in_text(
                     "SELECT external_id, user_id FROM user_identity "
                     "WHERE source = :src AND external_id IN :ids",
                     "ids",
@@ -259,7 +255,7 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
     base: dict[int, dict[str, Any]] = {}
     for chunk in chunks(sorted(emails)):
         for uid, email, name, status, delegated in conn.execute(
-            _in(
+            in_text(
                 'SELECT id, email, display_name, status, delegated FROM "user" WHERE email IN :e',
                 "e",
             ),
@@ -278,7 +274,7 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
     for chunk in chunks(sorted(base)):
         p = {"u": chunk}
         for uid, name in conn.execute(
-            _in(
+            in_text(
                 "SELECT ur.user_id, r.name FROM user_role ur JOIN role r ON r.id = ur.role_id "
                 "WHERE ur.user_id IN :u ORDER BY r.name",
                 "u",
@@ -287,7 +283,7 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
         ):
             roles[uid].append(name)
         for uid, name in conn.execute(
-            _in(
+            in_text(
                 "SELECT us.user_id, s.name FROM user_site us JOIN site s ON s.id = us.site_id "
                 "WHERE us.user_id IN :u ORDER BY s.name",
                 "u",
@@ -296,11 +292,13 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
         ):
             sites[uid].append(name)
         for uid, gid in conn.execute(
-            _in("SELECT user_id, group_id FROM group_owner WHERE user_id IN :u", "u"), p
+            in_text("SELECT user_id, group_id FROM group_owner WHERE user_id IN :u", "u"), p
         ):
             groups[uid].add(gid)
         for uid, src, ext in conn.execute(
-            _in("SELECT user_id, source, external_id FROM user_identity WHERE user_id IN :u", "u"),
+            in_text(
+                "SELECT user_id, source, external_id FROM user_identity WHERE user_id IN :u", "u"
+            ),
             p,
         ):
             idents[uid].add((src, ext))

@@ -204,28 +204,14 @@ class _Planner:
     # -- lookups ---------------------------------------------------------------------------
 
     def _roles(self, names: Sequence[str]) -> tuple[str, ...]:
-        out = []
-        for name in names:
-            try:
-                out.append(resolve_name(name, self.visible_roles, "role")[0])
-            except LookupError as exc:
-                kind, msg = exc.args
-                raise _Reject(
-                    Status.ROLE_AMBIGUOUS if kind == "ambiguous" else Status.ROLE_NOT_FOUND, msg
-                ) from None
-        return tuple(out)
+        return _resolve_all(
+            names, self.visible_roles, "role", Status.ROLE_AMBIGUOUS, Status.ROLE_NOT_FOUND
+        )
 
     def _sites(self, names: Sequence[str]) -> tuple[str, ...]:
-        out = []
-        for name in names:
-            try:
-                out.append(resolve_name(name, self.visible_sites, "site")[0])
-            except LookupError as exc:
-                kind, msg = exc.args
-                raise _Reject(
-                    Status.SITE_AMBIGUOUS if kind == "ambiguous" else Status.SITE_NOT_FOUND, msg
-                ) from None
-        return tuple(out)
+        return _resolve_all(
+            names, self.visible_sites, "site", Status.SITE_AMBIGUOUS, Status.SITE_NOT_FOUND
+        )
 
     def _groups(self, names: Sequence[str]) -> tuple[GroupInfo, ...]:
         names_visible = [g.name for g in self.visible_groups]
@@ -448,3 +434,17 @@ def plan_import(
     headroom, duplicate emails and claimed identities carry from earlier rows to later ones."""
     planner = _Planner(directory, actor, policy)
     return [planner.plan(row) for row in rows]
+
+
+def _resolve_all(
+    names: Sequence[str], visible: Sequence[str], kind: str, ambiguous: Status, not_found: Status
+) -> tuple[str, ...]:
+    """Each name resolved against what the importer may see, or the row's rejection."""
+    out = []
+    for name in names:
+        try:
+            out.append(resolve_name(name, visible, kind)[0])
+        except LookupError as exc:
+            reason, msg = exc.args
+            raise _Reject(ambiguous if reason == "ambiguous" else not_found, msg) from None
+    return tuple(out)

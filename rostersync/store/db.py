@@ -22,10 +22,12 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    TextClause,
     bindparam,
     create_engine,
     event,
     inspect,
+    text,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -75,6 +77,11 @@ def _sqlite_setup(engine: Engine) -> None:
         # fail at once with SQLITE_BUSY when another writer got there first.
         write = conn.get_execution_options().get("rostersync_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def in_text(sql: str, *names: str) -> TextClause:
+    """A text() statement whose ``:name`` parameters take lists (``IN :ids``)."""
+    return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
 
 
 def sqlite_timestamp(value: datetime) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, bindparam, insert, text, update
 from sqlmodel import col
 
 from rostersync.config.models import Settings
-from rostersync.store.db import executemany, utcnow
+from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import (
     Role,
     Site,
@@ -28,43 +28,16 @@ from rostersync.sync.plan import (
     Teacher,
     chunks,
 )
+from rostersync.sync.staging import COLUMNS
 
 #: PostgreSQL channel the daemon LISTENs on for new resync jobs.
 RESYNC_CHANNEL = "rostersync_resync"
 
 #: (mirror table, staging table, columns besides the keys)
 TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "org": (
-        "roster_org",
-        "staging_org",
-        ("name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
-    ),
-    "person": (
-        "roster_person",
-        "staging_person",
-        (
-            "role",
-            "given_name",
-            "family_name",
-            "email",
-            "username",
-            "enabled",
-            "org_ids",
-            "status",
-            "date_last_modified",
-            "row_hash",
-        ),
-    ),
-    "class": (
-        "roster_class",
-        "staging_class",
-        ("title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
-    ),
-    "enrollment": (
-        "roster_enrollment",
-        "staging_enrollment",
-        ("class_id", "user_id", "role", "status", '"primary"', "date_last_modified", "row_hash"),
-    ),
+    # The staging column list is the one truth; quoted, since "primary" is a keyword.
+    kind: (f"roster_{kind}", f"staging_{kind}", tuple(f'"{c}"' for c in cols if c != "sourced_id"))
+    for kind, cols in COLUMNS.items()
 }
 
 #: A class (alias ``c``) with at least one active student who is an active person.
@@ -88,7 +61,7 @@ AND EXISTS (SELECT 1 FROM roster_class c
 
 def ids_in(conn: Connection, sql: str, values: Iterable[Any], **params: Any) -> set[Any]:
     """First column of ``sql`` (which has ``IN :ids``) over ``values``, in bounded chunks."""
-    stmt = text(sql).bindparams(bindparam("ids", expanding=True))
+    stmt = in_text(sql, "ids")
     out: set[Any] = set()
     for chunk in chunks(sorted(values)):
         out |= {r[0] for r in conn.execute(stmt, {**params, "ids": chunk}) if r[0] is not None}
