@@ -22,6 +22,7 @@ import structlog
 
 from rostersync.config.source import SourceConfig
 from rostersync.records import RosterRecord, TeacherRef, TeacherRoster
+from rostersync.rows import StagedBatch
 
 ENTRY_POINT_GROUP = "rostersync.connectors"
 
@@ -39,7 +40,10 @@ class Connector(Protocol):
     after ``since`` (records with status ``tobedeleted`` mean removals) and raises
     :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter.
     Batches may mix record types; a :class:`~rostersync.records.Rejected` reports one bad
-    record without stopping the run. Errors: :mod:`rostersync.errors`.
+    record without stopping the run. A batch may also come already sorted into staging rows
+    (:class:`~rostersync.rows.StagedBatch`, made by :func:`~rostersync.rows.sort_batch`): a
+    connector that normalizes in worker processes sends those, since rows cross a process
+    boundary far more cheaply than record objects. Errors: :mod:`rostersync.errors`.
     """
 
     @property
@@ -47,7 +51,7 @@ class Connector(Protocol):
 
     def fetch(
         self, mode: FetchMode, since: datetime | None
-    ) -> AsyncIterator[Sequence[RosterRecord]]: ...
+    ) -> AsyncIterator[Sequence[RosterRecord] | StagedBatch]: ...
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         """The teacher's classes now, with their enrollments and students (``resync --live``)."""

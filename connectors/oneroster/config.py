@@ -107,6 +107,13 @@ class OneRosterSourceConfig(SourceConfig):
     verify_tls: bool = True
     ca_bundle: ConfigPath | None = Field(default=None, description="PEM file of trusted CAs")
     retry: RetrySettings = Field(default_factory=RetrySettings)
+    decode_workers: int | None = Field(
+        default=None,
+        ge=0,
+        le=32,
+        description="processes that parse and normalize large pages beside the fetch; "
+        "0 decodes in the sync process; default: one per spare CPU core, at most 4",
+    )
     delta_overlap: Duration = Field(
         default=timedelta(minutes=5),
         description="a delta run asks for changes since the high-water mark minus this",

@@ -38,7 +38,11 @@ _REL = re.compile(r"""rel\s*=\s*"?([^";]+)"?""", re.IGNORECASE)
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One answer: its records (raw JSON objects) and what the headers said about the rest."""
+    """One answer: its records and what the headers said about the rest.
+
+    ``records`` are the raw JSON objects, unless the page was decoded straight into staging
+    rows (``decoded``); then ``count`` and ``first_id`` tell paging what it needs of them.
+    """
 
     offset: int
     records: list[Any]
@@ -46,10 +50,20 @@ class Page:
     has_link: bool = False  # a Link header was sent at all
     next_offset: int | None = None  # the offset its rel="next" link asks for, if any
     has_next: bool = False  # the Link header had rel="next"
+    decoded: Any = None
+    count: int | None = None
+    first_id: str | None = None
+
+    @property
+    def size(self) -> int:
+        """How many records the page held."""
+        return len(self.records) if self.count is None else self.count
 
     @property
     def signature(self) -> tuple[str, int] | None:
         """(first sourcedId, length): equal on two different offsets means a repeated page."""
+        if self.count is not None:
+            return (self.first_id, self.count) if self.first_id else None
         if not self.records or not isinstance(self.records[0], dict):
             return None
         first = self.records[0].get("sourcedId")
@@ -100,7 +114,7 @@ class OffsetPaginator:
     def start(self, first: Page) -> list[int] | None:
         """After the first page: the remaining offsets when the total is known, else None."""
         self.record(first)
-        got = len(first.records)
+        got = first.size
         if 0 < got < self.limit and (first.total is None or first.total > got):
             # The server serves smaller pages than we asked for.
             self.step = got
@@ -112,7 +126,7 @@ class OffsetPaginator:
 
     def next_offset(self, page: Page) -> int | None:
         """Sequential paging: where the page after ``page`` starts, or None if it was the last."""
-        got = len(page.records)
+        got = page.size
         if got == 0:
             return None
         if page.has_link:
@@ -125,9 +139,9 @@ class OffsetPaginator:
 
     def after_counted(self, last: Page) -> int | None:
         """Past the counted pages: go on only if the last one was full and not known to be last."""
-        if len(last.records) < self.step or (last.has_link and not last.has_next):
+        if last.size < self.step or (last.has_link and not last.has_next):
             return None
-        return last.offset + len(last.records)
+        return last.offset + last.size
 
     def record(self, page: Page) -> None:
         """Remember the page; fail if it repeats the page at a neighbouring offset."""

@@ -59,6 +59,10 @@ def ts_params(*names: str) -> list[BindParameter[Any]]:
     return [bindparam(n, type_=TIMESTAMP) for n in names]
 
 
+#: Most memory one SQLite connection may use for its page cache.
+SQLITE_CACHE_KIB = 256 * 1024
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -69,6 +73,11 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
+        # A page cache of up to 256 MiB (the default is 2 MiB): the set-based steps of a
+        # large district walk million-row indexes, and with the default cache they re-read
+        # the same pages from the OS again and again (member inserts took 7.3 s, not 4.9 s,
+        # for a million rows). SQLite grows the cache only as far as a query needs it.
+        cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cur.close()
 
     @event.listens_for(engine, "begin")

@@ -67,6 +67,9 @@ COUNT_KEYS = (
 )
 EXTRA_COUNT_KEYS = ("users_restored", "users_not_created")
 
+#: Rows a fetch may hold back while a staging write is under way before it waits for it.
+STAGE_BUFFER_ROWS = 50_000
+
 ProgressFn = Callable[[str, str, Mapping[str, int]], None]  # (source, phase, figures)
 
 
@@ -351,12 +354,15 @@ class SyncEngine:
         self, source: str, run_id: int, mode: FetchMode, since: datetime | None, log: Any
     ) -> tuple[dict[str, int], datetime | None]:
         fetched: Counter[str] = Counter()
-        newest: datetime | None = None
+        # Staging runs in a worker thread while the connector fetches on. Batches that arrive
+        # while a write is under way wait in `buffer` and go in the next write together, so
+        # the fetch never stalls on the database unless the buffer is full.
+        buffer = StagedBatch()
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
                 async for records in connector.fetch(mode, since):
-                    batch = sort_batch(records)
+                    batch = records if isinstance(records, StagedBatch) else sort_batch(records)
                     fetched.update(
                         {
                             "orgs": len(batch.rows["org"]),
@@ -366,14 +372,19 @@ class SyncEngine:
                             "rejected": len(batch.rejected),
                         }
                     )
-                    if batch.newest and (newest is None or batch.newest > newest):
-                        newest = batch.newest
-                    # Stage in a worker thread while the connector fetches the next batch.
+                    buffer.extend(batch)
                     if pending is not None:
+                        if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
+                            continue
                         await pending
-                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, batch))
+                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                    buffer = StagedBatch(newest=buffer.newest)
                     if self.progress:
                         self.progress(source, "fetch", dict(fetched))
+                if pending is not None:
+                    await pending
+                if len(buffer):
+                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.
@@ -382,7 +393,7 @@ class SyncEngine:
         if pending is not None and (error := pending.exception()) is not None:
             raise error
         log.info("fetch_done", **dict(fetched))
-        return dict(fetched), newest
+        return dict(fetched), buffer.newest
 
     def _stage(self, run_id: int, batch: StagedBatch) -> None:
         with self.store.write() as conn:

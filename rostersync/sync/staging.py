@@ -10,20 +10,19 @@ affect a row twice" rule does not apply.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete
 
-from rostersync.records import (
-    Rejected,
-    RosterClass,
-    RosterEnrollment,
-    RosterOrg,
-    RosterPerson,
-    RosterRecord,
+from rostersync.rows import (
+    COLUMNS,
+    Row,
+    StagedBatch,
+    class_row,
+    enrollment_row,
+    person_row,
+    sort_batch,
 )
 from rostersync.store.db import sqlite_timestamp
 from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
@@ -35,110 +34,19 @@ STAGING: dict[str, Table] = {
     "enrollment": StagingEnrollment.__table__,  # type: ignore[attr-defined]
 }
 
-#: Column order of the row tuples (``run_id`` is prepended when staging).
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "org": ("sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
-    "person": (
-        "sourced_id", "role", "given_name", "family_name", "email", "username", "enabled",
-        "org_ids", "status", "date_last_modified", "row_hash",
-    ),
-    "class": ("sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
-    "enrollment": (
-        "sourced_id", "class_id", "user_id", "role", "status", "primary", "date_last_modified", "row_hash",
-    ),
-}  # fmt: skip
-
-Row = tuple[Any, ...]
-
-
-def org_tuple(r: RosterOrg) -> Row:
-    return (
-        r.sourced_id,
-        r.name,
-        r.type,
-        r.identifier,
-        r.parent_id,
-        r.status,
-        r.date_last_modified,
-        r.content_hash(),
-    )
-
-
-def person_tuple(r: RosterPerson) -> Row:
-    email = r.email.strip() if r.email else None
-    return (
-        r.sourced_id, r.role, r.given_name, r.family_name, email, r.username, r.enabled,
-        ",".join(r.org_ids), r.status, r.date_last_modified, r.content_hash(),
-    )  # fmt: skip
-
-
-def class_tuple(r: RosterClass) -> Row:
-    return (
-        r.sourced_id,
-        r.title,
-        r.class_code,
-        r.school_id,
-        r.status,
-        r.date_last_modified,
-        r.content_hash(),
-    )
-
-
-def enrollment_tuple(r: RosterEnrollment) -> Row:
-    return (
-        r.sourced_id, r.class_id, r.user_id, r.role, r.status, r.primary, r.date_last_modified,
-        r.content_hash(),
-    )  # fmt: skip
-
-
-def org_row(r: RosterOrg) -> dict[str, Any]:
-    return dict(zip(COLUMNS["org"], org_tuple(r), strict=True))
-
-
-def person_row(r: RosterPerson) -> dict[str, Any]:
-    return dict(zip(COLUMNS["person"], person_tuple(r), strict=True))
-
-
-def class_row(r: RosterClass) -> dict[str, Any]:
-    return dict(zip(COLUMNS["class"], class_tuple(r), strict=True))
-
-
-def enrollment_row(r: RosterEnrollment) -> dict[str, Any]:
-    return dict(zip(COLUMNS["enrollment"], enrollment_tuple(r), strict=True))
-
-
-@dataclass
-class StagedBatch:
-    """One batch sorted by table, with the rejections and the newest dateLastModified."""
-
-    rows: dict[str, list[Row]] = field(
-        default_factory=lambda: {"org": [], "person": [], "class": [], "enrollment": []}
-    )
-    rejected: list[Rejected] = field(default_factory=list)
-    newest: datetime | None = None
-
-
-def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
-    out = StagedBatch()
-    rows = out.rows
-    newest: datetime | None = None
-    for r in records:
-        if isinstance(r, RosterEnrollment):  # the most frequent record first
-            rows["enrollment"].append(enrollment_tuple(r))
-        elif isinstance(r, RosterPerson):
-            rows["person"].append(person_tuple(r))
-        elif isinstance(r, RosterClass):
-            rows["class"].append(class_tuple(r))
-        elif isinstance(r, RosterOrg):
-            rows["org"].append(org_tuple(r))
-        else:
-            out.rejected.append(r)
-            continue
-        dlm = r.date_last_modified
-        if dlm is not None and (newest is None or dlm > newest):
-            newest = dlm
-    out.newest = newest
-    return out
+__all__ = [
+    "COLUMNS",
+    "STAGING",
+    "Row",
+    "StagedBatch",
+    "class_row",
+    "clear_staging",
+    "enrollment_row",
+    "person_row",
+    "sort_batch",
+    "stage",
+    "upsert_rows",
+]
 
 
 def _upsert_sql(table: str, cols: Sequence[str], keys: Sequence[str], marker: str) -> str:

@@ -18,7 +18,7 @@ import respx
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from connectors.oneroster import PLUGIN
+from connectors.oneroster import PLUGIN, decode
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector, delta_filter
 from connectors.oneroster.errors import parse_retry_after
@@ -39,6 +39,7 @@ from rostersync.records import (
     RosterRecord,
     TeacherRef,
 )
+from rostersync.rows import StagedBatch, sort_batch
 from tests.fakes.oneroster_server import oauth1_base_string, oauth1_hmac_sha256
 
 HOST = "https://or.example.org"
@@ -765,3 +766,88 @@ def test_config_limits_and_secret_files(tmp_path: Path) -> None:
     assert cfg.http_client_options()["timeout"] == httpx.Timeout(45)
     assert cfg.page_size == 1000 and cfg.max_concurrency == 4 and cfg.verify_tls is True
     assert PLUGIN.type == "oneroster" and PLUGIN.config_model is OneRosterSourceConfig
+
+
+# -- decoding in worker processes ---------------------------------------------------------------
+
+
+def _mixed_users() -> list[Any]:
+    """Users of both versions' shapes, with a schema violation and a non-object among them."""
+    return [
+        user(1, role="Teacher"),
+        user(2, enabledUser="false", dateLastModified="2026-03-04T05:06:07Z"),
+        user(
+            3,
+            role=None,
+            roles=[{"roleType": "primary", "role": "teacher", "org": {"sourcedId": "o1"}}],
+        ),
+        user(4, role=None),  # no role: rejected alone
+        "not an object",
+        user(5, status="tobedeleted"),
+    ]
+
+
+async def test_pooled_decoding_yields_the_rows_inline_decoding_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page decoded in the process pool arrives as staging rows equal to what the engine
+    makes of the same page decoded inline: same rows, rejections and newest date."""
+    raw = _mixed_users()
+
+    async def batches(**overrides: Any) -> list[Any]:
+        with respx.mock(assert_all_called=False) as router:
+            router.get(f"{BASE}/users").mock(side_effect=pager(raw, "users"))
+            mock_empty(router, "orgs", "classes", "enrollments")
+            async with open_connector(**overrides) as c:
+                out = [batch async for batch in c.fetch(FetchMode.FULL, None)]
+                pool = c._pool
+            assert c._pool is None  # aclose shut the pool down
+            if pool is not None:
+                with pytest.raises(RuntimeError):  # a shut-down executor takes no more work
+                    pool.submit(int, 1)
+            return out
+
+    inline = await batches(decode_workers=0)
+    assert len(inline) == 1 and not isinstance(inline[0], StagedBatch)
+    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    pooled = await batches(decode_workers=1)
+    assert len(pooled) == 1 and isinstance(pooled[0], StagedBatch)
+    expected = sort_batch(inline[0])
+    assert pooled[0].rows == expected.rows
+    assert pooled[0].rejected == expected.rejected
+    assert [r.reason for r in expected.rejected] == ["no role", "not a JSON object"]
+    assert pooled[0].newest == expected.newest == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+
+
+async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Errors found in a worker process read as the inline ones do."""
+    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
+        async with open_connector(decode_workers=1) as c:
+            with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
+                await fetch_all(c)
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, json={"data": []}))
+        async with open_connector(decode_workers=1) as c:
+            with pytest.raises(
+                FatalSourceError, match=r"unexpected answer from GET .*no 'orgs' list"
+            ):
+                await fetch_all(c)
+
+
+def test_small_pages_skip_the_pool_and_workers_default_to_spare_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool is for pages worth the trip; its default size leaves a core for the fetch."""
+    assert decode.POOL_MIN_BYTES >= 16 * 1024
+    monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
+    assert decode.default_workers() == 1
+    monkeypatch.setattr(decode.os, "cpu_count", lambda: 16)
+    assert decode.default_workers() == 4
+    monkeypatch.setattr(decode.os, "cpu_count", lambda: None)
+    assert decode.default_workers() == 1
+    with pytest.raises(ValidationError, match="decode_workers"):
+        make_config(decode_workers=-1)

@@ -20,6 +20,8 @@ import yaml
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
+from connectors.oneroster import connector as connector_module
+from connectors.oneroster import decode
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
 from rostersync.records import (
@@ -446,3 +448,35 @@ async def test_live_resync_reads_the_teachers_classes_from_the_server(
     assert set(joining) <= set(owned["c-00001"])
     assert not set(leaving) & set(owned["c-00001"])
     assert not set(dropped_classes) & set(owned)
+
+
+async def test_pages_decoded_in_worker_processes_give_the_same_directory(
+    v11_server: FakeOneRoster, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every page sent to the decode pool (two processes), a full run and a delta run
+    end with the directory a CSV sync of the same roster gives, rejections included."""
+    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    started: list[int] = []
+    real_start = decode.start_pool
+
+    def counting_start(workers: int) -> Any:
+        started.append(workers)
+        return real_start(workers)
+
+    monkeypatch.setattr(connector_module, "start_pool", counting_start)
+    engine = SyncEngine(settings_for(tmp_path, rest_source(v11_server, decode_workers=2)), store)
+    report = await run(engine)
+
+    assert started == [2]  # one pool per run, with the configured size
+    assert report.status == "succeeded_with_errors", report.error
+    assert [r["sourced_id"] for r in report.rejected] == ["t-edge-noemail"]
+    assert report.fetched["persons"] == len(v11_server.roster.persons)
+    assert report.fetched["enrollments"] == len(v11_server.roster.enrollments)
+    assert directory(store) == await csv_reference(v11_server.roster, tmp_path)
+
+    roster = v11_server.roster
+    klass = next(c.sourced_id for c in roster.classes if c.sourced_id.startswith("c-0"))
+    v11_server.update("class", klass, title="Renamed in a worker")
+    report = await run(engine, "delta")
+    assert report.mode == "delta" and report.counts["groups_updated"] >= 1
+    assert directory(store) == await csv_reference(v11_server.roster, tmp_path)

@@ -1,0 +1,89 @@
+"""One page of a collection, from response bytes to staging rows, in or out of process.
+
+Parsing, normalizing and fingerprinting pages is most of a large district's client CPU. With
+``decode_workers`` above zero the connector hands large pages to a process pool running :func:`decode_page`, so that
+work runs beside the event loop (HTTP, signing) and the staging writes instead of taking
+turns with them under one interpreter lock. Small pages are decoded inline: shipping them to
+another process costs more than decoding them.
+
+Nothing here may import the store: the worker processes load only this module, the
+normalizer and :mod:`rostersync.rows`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from connectors.oneroster.normalize import normalize_page
+from rostersync.records import RosterRecord
+from rostersync.rows import StagedBatch, sort_batch
+
+#: Pages smaller than this are decoded inline (a 1000-record page of enrollments is ~300 KB).
+POOL_MIN_BYTES = 64 * 1024
+
+
+class DecodeError(ValueError):
+    """The page is not what the OneRoster binding says (the caller names the request)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedPage:
+    """A decoded page, with what paging needs to know of the raw records.
+
+    ``batch`` is the normalized records, or (``as_rows``) those records already turned into
+    staging rows: records do not cross a process boundary cheaply, plain tuples do.
+    """
+
+    batch: list[RosterRecord] | StagedBatch
+    length: int  # records on the page, rejected ones included
+    first_id: str | None  # the first record's sourcedId (repeated-page detection)
+
+
+def records_of(body: Any, key: str) -> list[Any]:
+    """The page's record list (``{"users": [...]}``); ``null`` counts as an empty page."""
+    records = body.get(key) if isinstance(body, dict) else None
+    if records is None and isinstance(body, dict) and key in body:
+        return []
+    if not isinstance(records, list):
+        raise DecodeError(f"no {key!r} list")
+    return records
+
+
+def decode_records(collection: str, records: list[Any], *, as_rows: bool) -> DecodedPage:
+    first = records[0].get("sourcedId") if records and isinstance(records[0], dict) else None
+    normalized = normalize_page(collection, records)
+    return DecodedPage(
+        batch=sort_batch(normalized) if as_rows else list(normalized),
+        length=len(records),
+        first_id=first if isinstance(first, str) and first else None,
+    )
+
+
+def decode_page(collection: str, content: bytes, as_rows: bool = False) -> DecodedPage:
+    """Parse one answer of ``/{collection}`` and normalize its records (see DecodedPage)."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise DecodeError("invalid JSON") from None
+    return decode_records(collection, records_of(body, collection), as_rows=as_rows)
+
+
+def default_workers() -> int:
+    """One decode process per spare core, at most four (the fetch itself needs one core)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+def start_pool(workers: int) -> ProcessPoolExecutor:
+    # forkserver, not fork: the daemon runs threads (scheduler, metrics), and a forked copy of
+    # a process holding a lock in another thread can deadlock.
+    context = multiprocessing.get_context("forkserver")
+    # Preload only this module: the default also re-imports the program's __main__ in the
+    # server, which runs any script that lacks a main guard.
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
