@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, delete, text, update
 from sqlmodel import col
@@ -96,22 +97,81 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
                 params,
             )
         }
-        added = [k for k in want if k not in have]
-        gone = [k for k in have if k not in want]
-        updated = [k for k, v in want.items() if k in have and have[k] != v]
-        executemany(
-            conn,
-            "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
-            [(g, sid, *want[(g, sid)]) for g, sid in added],
-        )
-        executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)
-        executemany(
-            conn,
-            "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
-            [(*want[(g, sid)], g, sid) for g, sid in updated],
-        )
-        changed |= {g for g, _ in (*added, *gone, *updated)}
+        changed |= _apply_member_diff(conn, want, have)
     return changed
+
+
+def _rows_for_pairs(
+    conn: Connection, sql: str, head: tuple[Any, ...], pairs: Sequence[tuple[Any, Any]]
+) -> list[Any]:
+    """Rows of ``sql``, whose ``{m}`` are parameter markers and whose ``{values}`` becomes a
+    ``VALUES`` list of these pairs (for ``(a, b) IN (VALUES ...)``: one indexed probe per pair,
+    in SQLite and PostgreSQL alike)."""
+    marker = "?" if conn.dialect.name == "sqlite" else "%s"
+    values = ", ".join([f"({marker}, {marker})"] * len(pairs))
+    params = (*head, *(v for pair in pairs for v in pair))
+    return list(conn.exec_driver_sql(sql.format(m=marker, values=values), params))
+
+
+_MARKED_MEMBERS = """
+    SELECT se.class_id, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
+        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, ''))
+    FROM roster_enrollment se
+    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+    WHERE se.source = {m} AND se.role = 'student' AND se.status = 'active'
+      AND sp.status = 'active' AND (se.class_id, se.user_id) IN (VALUES {values})
+"""
+
+
+def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str]]) -> set[int]:
+    """Re-read single members: ``marks`` are (group id, source, class, person) whose
+    enrollment or person changed; the rest of each group stays as it is. Returns the groups
+    whose members changed."""
+    changed: set[int] = set()
+    ordered = sorted(marks)
+    for start in range(0, len(ordered), 400):
+        chunk = ordered[start : start + 400]
+        group_of = {(src, cls): gid for gid, src, cls, _ in chunk}
+        want: dict[tuple[int, str], tuple[str | None, str]] = {}
+        for src in sorted({src for _, src, _, _ in chunk}):
+            pairs = sorted({(cls, person) for _, s, cls, person in chunk if s == src})
+            for cls, sid, email, name in _rows_for_pairs(conn, _MARKED_MEMBERS, (src,), pairs):
+                want[(group_of[(src, cls)], sid)] = (email, name)
+        have = {
+            (gid, sid): (email, name)
+            for gid, sid, email, name in _rows_for_pairs(
+                conn,
+                "SELECT group_id, sourced_id, email, name FROM group_member "
+                "WHERE (group_id, sourced_id) IN (VALUES {values})",
+                (),
+                sorted({(gid, person) for gid, _, _, person in chunk}),
+            )
+        }
+        changed |= _apply_member_diff(conn, want, have)
+    return changed
+
+
+def _apply_member_diff(
+    conn: Connection,
+    want: dict[tuple[int, str], tuple[str | None, str]],
+    have: dict[tuple[int, str], tuple[str | None, str]],
+) -> set[int]:
+    """Write the difference between members wanted and held; returns the groups changed."""
+    added = [k for k in want if k not in have]
+    gone = [k for k in have if k not in want]
+    updated = [k for k, v in want.items() if k in have and have[k] != v]
+    executemany(
+        conn,
+        "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
+        [(g, sid, *want[(g, sid)]) for g, sid in added],
+    )
+    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)
+    executemany(
+        conn,
+        "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
+        [(*want[(g, sid)], g, sid) for g, sid in updated],
+    )
+    return {g for g, _ in (*added, *gone, *updated)}
 
 
 def rebuild_groups(
@@ -278,6 +338,21 @@ def rebuild_groups(
 
     touched |= sync_members(conn, sorted(refresh_gids & created), new=True)
     touched |= sync_members(conn, sorted(refresh_gids - created), new=False)
+    # The other wanted groups: just the members a sync marked (dirty_member).
+    marks: list[tuple[int, str, str, str]] = []
+    for src, classes in by_source.items():
+        rest = sorted(c for c in classes if (src, c) not in refresh)
+        for start in range(0, len(rest), 500):
+            rows = conn.execute(
+                in_text(
+                    "SELECT class_id, person_id FROM dirty_member "
+                    "WHERE source = :src AND class_id IN :ids",
+                    "ids",
+                ),
+                {"src": src, "ids": rest[start : start + 500]},
+            )
+            marks += [(groups[(src, cls)][0], src, cls, person) for cls, person in rows]
+    touched |= sync_member_marks(conn, marks)
 
     # Groups the batch owns but no longer wants: let go; remove those left without owners.
     released: list[tuple[int, int]] = []
@@ -307,6 +382,12 @@ def rebuild_groups(
     # The marks of the classes refreshed (or whose group is gone) have done their job.
     done = sorted(refresh | {key_of[g] for g in removed})
     executemany(conn, "DELETE FROM dirty_class WHERE source = ? AND class_id = ?", done)
+    executemany(conn, "DELETE FROM dirty_member WHERE source = ? AND class_id = ?", done)
+    executemany(
+        conn,
+        "DELETE FROM dirty_member WHERE source = ? AND class_id = ? AND person_id = ?",
+        sorted({(src, cls, person) for _, src, cls, person in marks}),
+    )
     updated = sorted(touched - created - removed)
     executemany(
         conn,

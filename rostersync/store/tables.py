@@ -315,6 +315,16 @@ class DirtyClass(SQLModel, table=True):
     class_id: str = Field(primary_key=True, max_length=256)
 
 
+class DirtyMember(SQLModel, table=True):
+    """One member of a class's group to re-read at the next resync of its teachers: the
+    enrollment between them or the person changed (cleared by the resync that re-read it)."""
+
+    __tablename__ = "dirty_member"
+    source: str = Field(primary_key=True, max_length=64)
+    class_id: str = Field(primary_key=True, max_length=256)
+    person_id: str = Field(primary_key=True, max_length=256)
+
+
 class SourceState(SQLModel, table=True):
     __tablename__ = "source_state"
     source: str = Field(primary_key=True, max_length=64)

@@ -118,6 +118,11 @@ class Changes:
     missing: dict[str, set[str]] = field(default_factory=dict)
     #: classes whose group content may change: the class, an enrollment or a person changed
     dirty_classes: set[str] = field(default_factory=set)
+    #: classes whose own row changed or went: their groups' members are all re-read
+    refresh_classes: set[str] = field(default_factory=set)
+    #: (class, person) pairs whose membership may have changed: an enrollment between them,
+    #: or the person, changed. Resyncs re-read just these members, not the whole class.
+    member_pairs: set[tuple[str, str]] = field(default_factory=set)
     #: persons new, changed or gone
     persons: set[str] = field(default_factory=set)
     #: persons whose email address this run would take away, and how many had one
@@ -135,15 +140,18 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     }
     # Enrollments that are new or changed (new and old class).
     new_enrollments = 0
+    pairs = out.member_pairs
     sql = """
-        SELECT s.class_id, m.class_id FROM staging_enrollment s
+        SELECT s.class_id, s.user_id, m.class_id, m.user_id FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
-    for new_cls, old_cls in conn.execute(text(sql), params):
+    for new_cls, new_user, old_cls, old_user in conn.execute(text(sql), params):
         out.dirty_classes.add(new_cls)
+        pairs.add((new_cls, new_user))
         if old_cls:
             out.dirty_classes.add(old_cls)
+            pairs.add((old_cls, old_user))
         else:
             new_enrollments += 1
     if full:
@@ -161,20 +169,22 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
         gone_enrollments: set[str] = set()
         if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
             sql = """
-                SELECT m.sourced_id, m.class_id FROM roster_enrollment m
+                SELECT m.sourced_id, m.class_id, m.user_id FROM roster_enrollment m
                 WHERE m.source = :src AND NOT EXISTS (
                     SELECT 1 FROM staging_enrollment s
                     WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
             """
-            for sid, cls in conn.execute(text(sql), params):
+            for sid, cls, uid in conn.execute(text(sql), params):
                 if sid in rejected["enrollment"] or cls in rejected["class"]:
                     continue
                 gone_enrollments.add(sid)
                 out.dirty_classes.add(cls)
+                pairs.add((cls, uid))
         out.missing["enrollment"] = gone_enrollments
-    out.dirty_classes |= changed_ids(conn, "class", source, run_id) | out.missing.get(
+    out.refresh_classes = changed_ids(conn, "class", source, run_id) | out.missing.get(
         "class", set()
     )
+    out.dirty_classes |= out.refresh_classes
     changed_people = changed_ids(conn, "person", source, run_id)
     out.persons = changed_people | out.missing.get("person", set())
     # New people matter only through their (new) enrollments, counted above.
@@ -205,9 +215,11 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
                 params,
             ).scalar_one()
         )
-    out.dirty_classes |= classes_of_persons(
+    person_pairs = enrollments_of_persons(
         conn, source, existing_changed | out.missing.get("person", set())
     )
+    pairs |= person_pairs
+    out.dirty_classes |= {cls for cls, _ in person_pairs}
     return out
 
 
@@ -245,17 +257,23 @@ def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
     return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
-def classes_of_persons(conn: Connection, source: str, person_ids: set[str]) -> set[str]:
-    """Classes of these persons in the mirror. (Their new enrollments in this run's staging
-    dirty their classes through the enrollment comparison already.)"""
+def enrollments_of_persons(
+    conn: Connection, source: str, person_ids: set[str]
+) -> set[tuple[str, str]]:
+    """(class, person) of these persons' enrollments in the mirror. (Their new enrollments in
+    this run's staging are found by the enrollment comparison already.)"""
     # SQLite costs a long IN list above the index on (source, class_id) and scans a million
     # enrollments per query; the index on (source, user_id) answers it in milliseconds.
     hint = "INDEXED BY ix_roster_enr_user" if conn.dialect.name == "sqlite" else ""
-    sql = (
-        f"SELECT DISTINCT class_id FROM roster_enrollment {hint} "
-        "WHERE source = :src AND user_id IN :ids"
+    stmt = in_text(
+        f"SELECT class_id, user_id FROM roster_enrollment {hint} "
+        "WHERE source = :src AND user_id IN :ids",
+        "ids",
     )
-    return ids_in(conn, sql, person_ids, src=source)
+    out: set[tuple[str, str]] = set()
+    for chunk in chunks(sorted(person_ids)):
+        out.update((c, u) for c, u in conn.execute(stmt, {"src": source, "ids": chunk}))
+    return out
 
 
 def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
@@ -283,26 +301,36 @@ def refresh_statistics(conn: Connection) -> None:
 
     Without them PostgreSQL picked nested loops over sequential scans (a 500-row district
     took 85 s for the eligibility query; 0.3 s after ANALYZE). SQLite plans these queries
-    well without statistics, except one, which names its index (see classes_of_persons).
+    well without statistics, except one, which names its index (see enrollments_of_persons).
     """
     if conn.dialect.name == "postgresql":
         conn.execute(text("ANALYZE roster_person, roster_class, roster_enrollment"))
 
 
-def mark_dirty_classes(conn: Connection, source: str, class_ids: set[str]) -> None:
-    """Tell the resyncs which classes' members to re-read. Marks left from runs whose jobs
+def mark_dirty(
+    conn: Connection, source: str, class_ids: set[str], pairs: set[tuple[str, str]]
+) -> None:
+    """Tell the resyncs which classes' members to re-read in full (``class_ids``) and which
+    single members to re-read (``pairs`` of class and person). Marks left from runs whose jobs
     are all done (classes nobody teaches any more) are dropped first."""
-    conn.execute(
-        text(
-            "DELETE FROM dirty_class WHERE source = :src AND NOT EXISTS "
-            "(SELECT 1 FROM resync_job WHERE state IN ('queued', 'running'))"
-        ),
-        {"src": source},
-    )
+    for table in ("dirty_class", "dirty_member"):
+        conn.execute(
+            text(
+                f"DELETE FROM {table} WHERE source = :src AND NOT EXISTS "
+                "(SELECT 1 FROM resync_job WHERE state IN ('queued', 'running'))"
+            ),
+            {"src": source},
+        )
     executemany(
         conn,
         "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
         [(source, c) for c in sorted(class_ids)],
+    )
+    executemany(
+        conn,
+        "INSERT INTO dirty_member (source, class_id, person_id) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        [(source, c, p) for c, p in sorted(pairs) if c not in class_ids],
     )
 
 

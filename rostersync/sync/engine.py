@@ -500,7 +500,7 @@ class SyncEngine:
         changes = sql.find_changes(conn, source, run_id, full)
         dirty, changed_people = changes.dirty_classes, changes.persons
         teachers_before = sql.teachers_of_classes(conn, source, dirty)
-        sql.mark_dirty_classes(conn, source, dirty)
+        sql.mark_dirty(conn, source, changes.refresh_classes, changes.member_pairs)
         written = sql.merge(conn, source, run_id, changes.missing)
         if sum(written.values()) > 0:
             sql.refresh_statistics(conn)

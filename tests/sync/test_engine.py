@@ -15,6 +15,7 @@ from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
 from rostersync.rows import StagedBatch
 from rostersync.store.db import Store
+from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
 from tests.sync.helpers import add_user, groups, snapshot, sync, user_id, users
@@ -534,20 +535,61 @@ async def test_manual_resync_rereads_every_member(
 async def test_sync_marks_changed_classes_until_their_resync(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
-    """A sync marks the classes it changed; the resync that refreshes them clears the marks."""
+    """A sync marks the members it changed (a person, an enrollment) and the classes whose own
+    row changed; the resync that re-reads them clears the marks."""
     settings = make_settings()
     await sync(settings, store, small_roster())
     roster = small_roster()
     roster.replace_person("s-4", given_name="Changed")  # s-4 is only in c-2
+    roster.classes = [
+        replace(c, title="Algebra II") if c.sourced_id == "c-1" else c for c in roster.classes
+    ]
+    roster.enrollments = [
+        e for e in roster.enrollments if not (e.class_id == "c-1" and e.user_id == "s-1")
+    ]
     await sync(settings, store, roster, drain=False)
     with store.read() as conn:
-        marked = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
-    assert marked == {"c-2"}
+        classes = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
+        members = set(conn.execute(text("SELECT class_id, person_id FROM dirty_member")).all())
+    assert classes == {"c-1"}  # its title changed: its members are re-read in full
+    assert members == {("c-2", "s-4")}  # (c-1, s-1) is covered by the class mark
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
     await engine.drain()
     with store.read() as conn:
         assert conn.execute(text("SELECT count(*) FROM dirty_class")).scalar_one() == 0
-    assert "Changed Dent" in {m["name"] for m in groups(store)["c-2"]["members"]}
+        assert conn.execute(text("SELECT count(*) FROM dirty_member")).scalar_one() == 0
+    g = groups(store)
+    assert "Changed Dent" in {m["name"] for m in g["c-2"]["members"]}
+    assert g["c-1"]["name"] == "Algebra II"
+    assert "s-1" not in {m["sourced_id"] for m in g["c-1"]["members"]}
+
+
+async def test_member_marks_re_read_only_the_marked_members(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A sync-queued resync re-reads the marked members of a group and leaves its other rows
+    alone (that is the point of the marks); a manual resync re-reads the whole group."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:  # drift nobody marked: another member's stored name
+        conn.execute(text("UPDATE group_member SET name = 'Stale' WHERE sourced_id = 's-5'"))
+    roster = small_roster()
+    roster.replace_person("s-4", given_name="Changed")
+    report = await sync(settings, store, roster)
+    assert report.counts["groups_updated"] == 1
+    names = {m["sourced_id"]: m["name"] for m in groups(store)["c-2"]["members"]}
+    assert names["s-4"] == "Changed Dent" and names["s-5"] == "Stale"
+
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    with store.write() as conn:
+        owner = conn.execute(
+            text("""SELECT o.user_id FROM group_owner o JOIN groups g ON g.id = o.group_id
+                    WHERE g.external_id = 'c-2' ORDER BY o.user_id LIMIT 1""")
+        ).scalar_one()
+        queue_resync(conn, [owner], reason="manual", run_id=None)
+    await engine.drain()
+    names = {m["sourced_id"]: m["name"] for m in groups(store)["c-2"]["members"]}
+    assert names["s-5"] != "Stale"
 
 
 async def test_batches_arriving_during_a_slow_staging_write_are_staged_together(
