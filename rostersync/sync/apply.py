@@ -326,11 +326,19 @@ def mark_dirty(
         "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
         [(source, c) for c in sorted(class_ids)],
     )
+    # Only classes that have a group: a new group reads all its members anyway (and a first
+    # run would otherwise write a mark for every enrollment of the district).
+    grouped = {
+        ext
+        for (ext,) in conn.execute(
+            text("SELECT external_id FROM groups WHERE source = :src"), {"src": source}
+        )
+    }
     executemany(
         conn,
         "INSERT INTO dirty_member (source, class_id, person_id) VALUES (?, ?, ?) "
         "ON CONFLICT DO NOTHING",
-        [(source, c, p) for c, p in sorted(pairs) if c not in class_ids],
+        [(source, c, p) for c, p in sorted(pairs) if c in grouped and c not in class_ids],
     )
 
 
