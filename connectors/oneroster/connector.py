@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -114,6 +114,7 @@ class OneRosterConnector:
         self._retry = RetryPolicy(ctx.config.retry, log=self._log)
         self._slots: asyncio.Semaphore | None = None
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_broken = False
         self.closed = False
 
     @property
@@ -171,17 +172,26 @@ class OneRosterConnector:
         return FatalSourceError(self.source, f"unexpected answer from {where}: {problem}")
 
     async def _decode(self, key: str, response: httpx.Response) -> DecodedPage:
-        """The page as staging rows: in the decode pool when it is worth the trip."""
+        """The page, normalized: in the decode pool when it is worth the trip."""
         content = response.content
         workers = self.config.decode_workers
         if workers is None:
             workers = default_workers()
         try:
-            if workers > 0 and len(content) >= decode.POOL_MIN_BYTES:
+            if workers > 0 and not self._pool_broken and len(content) >= decode.POOL_MIN_BYTES:
                 if self._pool is None:
                     self._pool = start_pool(workers)
                 loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._pool, decode_page, key, content, True)
+                try:
+                    return await loop.run_in_executor(self._pool, decode_page, key, content, True)
+                except BrokenExecutor as exc:
+                    # A worker died, or could not start (multiprocessing re-imports the
+                    # program's main module in each worker, which fails for `python -c`
+                    # or stdin). Slower, but the run goes on: decode here from now on.
+                    self._pool_broken = True
+                    self._log.warning(
+                        "decode pool failed; decoding in the sync process", error=str(exc)
+                    )
             return decode_page(key, content)
         except DecodeError as exc:
             raise self._unexpected(response, exc) from None

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import sys
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -19,6 +22,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from connectors.oneroster import PLUGIN, decode
+from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector, delta_filter
 from connectors.oneroster.errors import parse_retry_after
@@ -851,3 +855,39 @@ def test_small_pages_skip_the_pool_and_workers_default_to_spare_cores(
     assert decode.default_workers() == 1
     with pytest.raises(ValidationError, match="decode_workers"):
         make_config(decode_workers=-1)
+
+
+async def test_a_broken_decode_pool_falls_back_to_decoding_inline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Workers that cannot start (or die) do not sink the run: the connector warns once and
+    decodes in its own process from then on, with the same records."""
+    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    starts: list[int] = []
+
+    def broken_pool(workers: int) -> ProcessPoolExecutor:
+        starts.append(workers)
+        context = multiprocessing.get_context("forkserver")
+        # Every worker exits in its initializer: the pool is broken on first use.
+        return ProcessPoolExecutor(1, mp_context=context, initializer=sys.exit, initargs=(3,))
+
+    monkeypatch.setattr(connector_module, "start_pool", broken_pool)
+    raw = _mixed_users()
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users").mock(side_effect=pager(raw, "users", total=False))
+        mock_empty(router, "orgs", "classes", "enrollments")
+        async with open_connector(decode_workers=1, page_size=2) as c:
+            with capture_logs() as logs:
+                got = [batch async for batch in c.fetch(FetchMode.FULL, None)]
+    assert starts == [1]
+    assert [e["event"] for e in logs].count("decode pool failed; decoding in the sync process") == 1
+    records = [r for batch in got for r in batch]  # inline batches are records
+    assert not any(isinstance(batch, StagedBatch) for batch in got)
+    assert [getattr(r, "sourced_id", None) for r in records] == [
+        "u-001",
+        "u-002",
+        "u-003",
+        "u-004",
+        None,
+        "u-005",
+    ]
