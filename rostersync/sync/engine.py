@@ -505,9 +505,15 @@ class SyncEngine:
         if sum(written.values()) > 0:
             sql.refresh_statistics(conn)
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
+        affected_people = teachers_before | teachers_after | changed_people
 
-        eligible = sql.eligible_teachers(conn, source)
-        linked = sql.linked_users(conn, source)
+        # A delta run decides only for the people its changes can concern: a teacher's
+        # eligibility depends on their own row, their teacher enrollments, those classes and
+        # those classes' students, and each of those changes marks the teacher affected.
+        # Everyone else is as the last run left them; the periodic full run re-decides all.
+        only = None if full else affected_people
+        eligible = sql.eligible_teachers(conn, source, only)
+        linked = sql.linked_users(conn, source, only)
         unlinked_emails = [t.email for t in eligible if t.email and t.sourced_id not in linked]
         plan = plan_provisioning(
             source,
@@ -548,7 +554,7 @@ class SyncEngine:
         ).scalar_one()
 
         managed_users, managed_groups = sql.managed_counts(conn, source)
-        groups_removed = sql.groups_to_remove(conn, source, plan.archive)
+        groups_removed = sql.groups_to_remove(conn, source, plan.archive, None if full else dirty)
         counts.update(
             users_created=len(plan.create),
             users_linked=len(plan.link),
@@ -576,7 +582,6 @@ class SyncEngine:
                 raise _Held(verdict.reasons, counts)
 
         created = sql.apply_provisioning(conn, source, plan)
-        affected_people = teachers_before | teachers_after | changed_people
         resync_users = (
             sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
         )

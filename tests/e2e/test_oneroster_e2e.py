@@ -40,6 +40,7 @@ from rostersync.sampledata import (
     write_oneroster_csv,
 )
 from rostersync.store.db import Store
+from rostersync.sync import apply
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import RunReport, SyncEngine, load_report
 from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
@@ -480,3 +481,65 @@ async def test_pages_decoded_in_worker_processes_give_the_same_directory(
     report = await run(engine, "delta")
     assert report.mode == "delta" and report.counts["groups_updated"] >= 1
     assert directory(store) == await csv_reference(v11_server.roster, tmp_path)
+
+
+async def test_a_delta_run_decides_for_the_teachers_it_touched_and_a_full_run_agrees(
+    v11_server: FakeOneRoster, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delta run looks at the teachers its changes concern (not the whole district): a
+    teacher whose every class lost its students is archived by it, others are not looked
+    at, and a full run afterwards finds nothing left to do."""
+    engine = SyncEngine(settings_for(tmp_path, rest_source(v11_server)), store)
+    await run(engine)
+    roster = v11_server.roster
+    teachers = sorted({e.user_id for e in roster.enrollments if e.role == TEACHER})
+    teacher = next(
+        t for t in teachers if t.startswith("t-0") and len(owned_classes(roster, t)) >= 1
+    )
+    classes = owned_classes(roster, teacher)
+    # Co-teachers of those classes lose them too; only classes taught by `teacher` alone.
+    classes = [
+        c
+        for c in classes
+        if {e.user_id for e in roster.enrollments if e.class_id == c and e.role == TEACHER}
+        == {teacher}
+    ]
+    assert classes == owned_classes(roster, teacher), "pick a teacher who teaches alone"
+    for cls in classes:
+        for e in roster.enrollments:
+            if e.class_id == cls and e.role == STUDENT and e.status == "active":
+                v11_server.delete("enrollment", e.sourced_id)
+    looked_at: list[set[str] | None] = []
+    real = apply.eligible_teachers
+
+    def spy(conn: Any, source: str, only: set[str] | None = None) -> Any:
+        looked_at.append(only)
+        return real(conn, source, only)
+
+    monkeypatch.setattr(apply, "eligible_teachers", spy)
+    counted: list[tuple[int, int]] = []
+    real_count = apply.groups_to_remove
+
+    def count_both(conn: Any, source: str, archived: Any = (), only: Any = None) -> int:
+        counted.append(
+            (real_count(conn, source, archived, only), real_count(conn, source, archived))
+        )
+        return counted[-1][0]
+
+    monkeypatch.setattr(apply, "groups_to_remove", count_both)
+    report = await run(engine, "delta")
+
+    assert report.mode == "delta" and report.counts["users_archived"] == 1
+    # The delta's narrowed count of groups to remove is the whole district's count.
+    assert counted == [(len(classes), len(classes))]
+    assert looked_at[-1] is not None and teacher in looked_at[-1]
+    assert len(looked_at[-1]) < len(teachers)
+    email = next(p.email for p in roster.persons if p.sourced_id == teacher)
+    assert users(store)[(email or "").lower()]["status"] == "archived"
+    full = await run(engine, "full")
+    assert looked_at[-1] is None
+    assert change_counts(full) == dict.fromkeys(change_counts(full), 0)
+    people, sets = directory(store)
+    ref_people, ref_sets = await csv_reference(v11_server.roster, tmp_path)
+    assert sets == ref_sets  # a fresh sync of the changed roster never had that teacher:
+    assert {e: p for e, p in people.items() if p[3] == "active"} == ref_people

@@ -6,15 +6,17 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
 from rostersync.rows import StagedBatch
 from rostersync.store.db import Store
+from rostersync.sync import apply
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -634,3 +636,45 @@ async def test_batches_arriving_during_a_slow_staging_write_are_staged_together(
         assert groups(other) == groups(store)
     finally:
         other.dispose()
+
+
+async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that doubles a mirror table drops its secondary indexes and builds them again
+    in the same transaction: they exist afterwards, and a run failing after the load leaves
+    the indexes and the (empty) mirror as they were."""
+    monkeypatch.setattr(apply, "BULK_LOAD_MIN_ROWS", 1)
+    dropped: list[str] = []
+    real_drop = apply.DropIndex
+
+    def spy(index: Any) -> Any:
+        dropped.append(index.name)
+        return real_drop(index)
+
+    monkeypatch.setattr(apply, "DropIndex", spy)
+    expected = {"ix_roster_enr_class", "ix_roster_enr_user"}
+
+    def boom(conn: Any) -> None:
+        raise RuntimeError("boom after the load")
+
+    with monkeypatch.context() as m:
+        m.setattr(apply, "refresh_statistics", boom)
+        failed = await sync(make_settings(), store, small_roster())
+    assert failed.status == "failed" and "boom" in (failed.error or "")
+    assert expected <= set(dropped)
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("roster_enrollment")}
+    assert expected <= indexes
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM roster_enrollment")).scalar_one() == 0
+
+    dropped.clear()
+    report = await sync(make_settings(), store, small_roster())
+    assert report.status == "succeeded"
+    assert expected <= set(dropped) and "ix_roster_person_email" in dropped
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("roster_enrollment")}
+    assert expected <= indexes
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    dropped.clear()
+    await sync(make_settings(), store, small_roster())  # not a first load: indexes kept
+    assert dropped == []
