@@ -142,6 +142,9 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     # Enrollments that are new or changed (new and old class).
     new_enrollments = 0
     pairs = out.member_pairs
+    # Member marks matter only for classes that have a group (see mark_dirty); on a first
+    # run none has, and a million pairs would be collected for nothing.
+    grouped = grouped_classes(conn, source)
     sql = """
         SELECT s.class_id, s.user_id, m.class_id, m.user_id FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
@@ -149,10 +152,12 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     """
     for new_cls, new_user, old_cls, old_user in conn.execute(text(sql), params):
         out.dirty_classes.add(new_cls)
-        pairs.add((new_cls, new_user))
+        if new_cls in grouped:
+            pairs.add((new_cls, new_user))
         if old_cls:
             out.dirty_classes.add(old_cls)
-            pairs.add((old_cls, old_user))
+            if old_cls in grouped:
+                pairs.add((old_cls, old_user))
         else:
             new_enrollments += 1
     if full:
@@ -180,7 +185,8 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
                     continue
                 gone_enrollments.add(sid)
                 out.dirty_classes.add(cls)
-                pairs.add((cls, uid))
+                if cls in grouped:
+                    pairs.add((cls, uid))
         out.missing["enrollment"] = gone_enrollments
     out.refresh_classes = changed_ids(conn, "class", source, run_id) | out.missing.get(
         "class", set()
@@ -219,7 +225,7 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     person_pairs = enrollments_of_persons(
         conn, source, existing_changed | out.missing.get("person", set())
     )
-    pairs |= person_pairs
+    pairs |= {(cls, person) for cls, person in person_pairs if cls in grouped}
     out.dirty_classes |= {cls for cls, _ in person_pairs}
     return out
 
@@ -308,6 +314,16 @@ def refresh_statistics(conn: Connection) -> None:
         conn.execute(text("ANALYZE roster_person, roster_class, roster_enrollment"))
 
 
+def grouped_classes(conn: Connection, source: str) -> set[str]:
+    """The classes of this source that have a group."""
+    return {
+        ext
+        for (ext,) in conn.execute(
+            text("SELECT external_id FROM groups WHERE source = :src"), {"src": source}
+        )
+    }
+
+
 def mark_dirty(
     conn: Connection, source: str, class_ids: set[str], pairs: set[tuple[str, str]]
 ) -> None:
@@ -326,12 +342,7 @@ def mark_dirty(
             ),
             {"src": source},
         )
-    grouped = {
-        ext
-        for (ext,) in conn.execute(
-            text("SELECT external_id FROM groups WHERE source = :src"), {"src": source}
-        )
-    }
+    grouped = grouped_classes(conn, source)
     whole = grouped & class_ids
     executemany(
         conn,
