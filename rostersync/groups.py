@@ -101,12 +101,20 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
 
 
 _MARKED_MEMBERS = """
-    SELECT se.class_id, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
+    SELECT t.gid, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
         TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, ''))
-    FROM roster_enrollment se
+    FROM rs_member_marks t
+    CROSS JOIN roster_enrollment se
     JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
-    WHERE se.source = :src AND se.user_id IN :persons AND se.role = 'student'
-      AND se.status = 'active' AND sp.status = 'active'
+    WHERE se.source = t.src AND se.user_id = t.person AND se.class_id = t.cls
+      AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
+"""
+
+_HELD_MEMBERS = """
+    SELECT gm.group_id, gm.sourced_id, gm.email, gm.name
+    FROM rs_member_marks t
+    CROSS JOIN group_member gm
+    WHERE gm.group_id = t.gid AND gm.sourced_id = t.person
 """
 
 
@@ -115,41 +123,34 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     enrollment or person changed; the rest of each group stays as it is. Returns the groups
     whose members changed.
 
-    Both reads go by index and are narrowed in Python: the marked persons' enrollments (a few
-    each, by the (source, user_id) index) and the marked groups' member rows (a range of the
-    primary key each). Row-value ``IN (VALUES ...)`` and long OR chains made SQLite scan the
-    million-row enrollment table instead (12 s per 400 marks).
+    The marks go into a temporary table and both reads join it by primary key or index
+    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark. Reading the marked
+    groups' whole member lists instead cost 8 s per million rows, and row-value
+    ``IN (VALUES ...)`` made SQLite scan the million-row enrollment table.
     """
-    changed: set[int] = set()
-    ordered = sorted(marks)
-    for start in range(0, len(ordered), 400):
-        chunk = ordered[start : start + 400]
-        marked = {(gid, person) for gid, _, _, person in chunk}
-        group_of = {(src, cls): gid for gid, src, cls, _ in chunk}
-        want: dict[tuple[int, str], tuple[str | None, str]] = {}
-        for src in sorted({src for _, src, _, _ in chunk}):
-            persons = sorted({person for _, s, _, person in chunk if s == src})
-            rows = conn.execute(
-                in_text(_MARKED_MEMBERS, "persons"), {"src": src, "persons": persons}
-            )
-            for cls, sid, email, name in rows:
-                gid = group_of.get((src, cls))
-                if gid is not None and (gid, sid) in marked:
-                    want[(gid, sid)] = (email, name)
-        have = {
-            (gid, sid): (email, name)
-            for gid, sid, email, name in conn.execute(
-                in_text(
-                    "SELECT group_id, sourced_id, email, name FROM group_member "
-                    "WHERE group_id IN :ids",
-                    "ids",
-                ),
-                {"ids": sorted({gid for gid, _ in marked})},
-            )
-            if (gid, sid) in marked
-        }
-        changed |= _apply_member_diff(conn, want, have)
-    return changed
+    if not marks:
+        return set()
+    temp = "TEMPORARY" if conn.dialect.name == "postgresql" else "TEMP"
+    conn.execute(
+        text(
+            f"CREATE {temp} TABLE IF NOT EXISTS rs_member_marks "
+            "(gid INTEGER, src VARCHAR(64), cls VARCHAR(256), person VARCHAR(256))"
+        )
+    )
+    conn.execute(text("DELETE FROM rs_member_marks"))
+    executemany(
+        conn,
+        "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)",
+        sorted(set(marks)),
+    )
+    want: dict[tuple[int, str], tuple[str | None, str]] = {
+        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_MARKED_MEMBERS))
+    }
+    have: dict[tuple[int, str], tuple[str | None, str]] = {
+        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_HELD_MEMBERS))
+    }
+    conn.execute(text("DELETE FROM rs_member_marks"))
+    return _apply_member_diff(conn, want, have)
 
 
 def _apply_member_diff(

@@ -198,20 +198,21 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     existing_changed = changed_people - new_ids["person"]
     # A source that stops sending emails (a revoked scope, a changed export) must not
     # silently blank the directory: counted here, judged by the safety rules.
-    out.emails_lost = len(
-        ids_in(
-            conn,
+    # One pass over this run's staged people with an empty email, each checked against its
+    # mirror row. CROSS JOIN makes SQLite keep staging outside (PostgreSQL plans it freely):
+    # joined the other way round, it walked the mirror's email index, 1.5 s a delta run.
+    blanked = conn.execute(
+        text(
             """
-            SELECT s.sourced_id FROM staging_person s
-            JOIN roster_person m ON m.source = :src AND m.sourced_id = s.sourced_id
-            WHERE s.run_id = :run AND s.sourced_id IN :ids
-              AND m.email IS NOT NULL AND m.email <> '' AND (s.email IS NULL OR s.email = '')
-            """,
-            existing_changed,
-            src=source,
-            run=run_id,
-        )
+            SELECT s.sourced_id FROM staging_person s CROSS JOIN roster_person m
+            WHERE s.run_id = :run AND (s.email IS NULL OR s.email = '')
+              AND m.source = :src AND m.sourced_id = s.sourced_id
+              AND m.email IS NOT NULL AND m.email <> ''
+            """
+        ),
+        params,
     )
+    out.emails_lost = len(_ids(blanked) & existing_changed)
     if out.emails_lost:
         out.emails_before = int(
             conn.execute(
