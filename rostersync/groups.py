@@ -153,6 +153,28 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     return _apply_member_diff(conn, want, have)
 
 
+def update_members(conn: Connection, source: str, pairs: set[tuple[str, str]]) -> int:
+    """Re-read these (class, person) members of the source's existing groups, stamping the
+    groups that changed; returns how many did."""
+    if not pairs:
+        return 0
+    group_of = {
+        ext: gid
+        for gid, ext in conn.execute(
+            text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
+        )
+    }
+    marks = [(group_of[c], source, c, p) for c, p in pairs if c in group_of]
+    changed = sorted(sync_member_marks(conn, marks))
+    executemany(
+        conn,
+        "UPDATE groups SET updated_at = ? WHERE id = ?",
+        [(utcnow(), gid) for gid in changed],
+        timestamps=True,
+    )
+    return len(changed)
+
+
 def _apply_member_diff(
     conn: Connection,
     want: dict[tuple[int, str], tuple[str | None, str]],

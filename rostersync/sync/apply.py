@@ -16,6 +16,7 @@ from sqlalchemy.schema import CreateIndex, DropIndex
 from sqlmodel import SQLModel, col
 
 from rostersync.config.models import Settings
+from rostersync.records import STUDENT
 from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import (
     Role,
@@ -124,6 +125,10 @@ class Changes:
     #: (class, person) pairs whose membership may have changed: an enrollment between them,
     #: or the person, changed. Resyncs re-read just these members, not the whole class.
     member_pairs: set[tuple[str, str]] = field(default_factory=set)
+    #: dirty classes with a change beyond their students: a teacher enrollment or teacher,
+    #: the class row itself. The others' changes only touch members (unless the class loses
+    #: its last student), which the sync can apply without rebuilding anyone's groups.
+    owner_classes: set[str] = field(default_factory=set)
     #: persons new, changed or gone
     persons: set[str] = field(default_factory=set)
     #: persons whose email address this run would take away, and how many had one
@@ -146,17 +151,23 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     # run none has, and a million pairs would be collected for nothing.
     grouped = grouped_classes(conn, source)
     sql = """
-        SELECT s.class_id, s.user_id, m.class_id, m.user_id FROM staging_enrollment s
+        SELECT s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
+        FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
-    for new_cls, new_user, old_cls, old_user in conn.execute(text(sql), params):
+    owners = out.owner_classes
+    for new_cls, new_user, new_role, old_cls, old_user, old_role in conn.execute(text(sql), params):
+        if new_role != STUDENT or (old_cls and old_role != STUDENT):
+            owners.add(new_cls)
+            if old_cls:
+                owners.add(old_cls)
         out.dirty_classes.add(new_cls)
-        if new_cls in grouped:
+        if new_cls in grouped and new_role == STUDENT:
             pairs.add((new_cls, new_user))
         if old_cls:
             out.dirty_classes.add(old_cls)
-            if old_cls in grouped:
+            if old_cls in grouped and old_role == STUDENT:
                 pairs.add((old_cls, old_user))
         else:
             new_enrollments += 1
@@ -175,23 +186,26 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
         gone_enrollments: set[str] = set()
         if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
             sql = """
-                SELECT m.sourced_id, m.class_id, m.user_id FROM roster_enrollment m
+                SELECT m.sourced_id, m.class_id, m.user_id, m.role FROM roster_enrollment m
                 WHERE m.source = :src AND NOT EXISTS (
                     SELECT 1 FROM staging_enrollment s
                     WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
             """
-            for sid, cls, uid in conn.execute(text(sql), params):
+            for sid, cls, uid, role in conn.execute(text(sql), params):
                 if sid in rejected["enrollment"] or cls in rejected["class"]:
                     continue
+                if role != STUDENT:
+                    owners.add(cls)
                 gone_enrollments.add(sid)
                 out.dirty_classes.add(cls)
-                if cls in grouped:
+                if cls in grouped and role == STUDENT:
                     pairs.add((cls, uid))
         out.missing["enrollment"] = gone_enrollments
     out.refresh_classes = changed_ids(conn, "class", source, run_id) | out.missing.get(
         "class", set()
     )
     out.dirty_classes |= out.refresh_classes
+    owners |= out.refresh_classes
     changed_people = changed_ids(conn, "person", source, run_id)
     out.persons = changed_people | out.missing.get("person", set())
     # New people matter only through their (new) enrollments, counted above.
@@ -223,12 +237,33 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
                 params,
             ).scalar_one()
         )
-    person_pairs = enrollments_of_persons(
-        conn, source, existing_changed | out.missing.get("person", set())
-    )
-    pairs |= {(cls, person) for cls, person in person_pairs if cls in grouped}
-    out.dirty_classes |= {cls for cls, _ in person_pairs}
+    touched_people = existing_changed | out.missing.get("person", set())
+    person_pairs = enrollments_of_persons(conn, source, touched_people)
+    pairs |= {(c, p) for c, p, role in person_pairs if c in grouped and role == STUDENT}
+    out.dirty_classes |= {cls for cls, _, _ in person_pairs}
+    # A changed person who is, or was, anything but a student may change who owns a group.
+    others = non_students(conn, source, run_id, touched_people)
+    owners |= {cls for cls, person, _ in person_pairs if person in others}
     return out
+
+
+def non_students(conn: Connection, source: str, run_id: int, person_ids: set[str]) -> set[str]:
+    """Those of these persons whose mirror or staged role is not ``student``."""
+    mirror = ids_in(
+        conn,
+        "SELECT sourced_id FROM roster_person WHERE source = :src AND sourced_id IN :ids "
+        "AND role <> 'student'",
+        person_ids,
+        src=source,
+    )
+    staged = ids_in(
+        conn,
+        "SELECT sourced_id FROM staging_person WHERE run_id = :run AND sourced_id IN :ids "
+        "AND role <> 'student'",
+        person_ids,
+        run=run_id,
+    )
+    return mirror | staged
 
 
 #: Rejection `entity` names, as connectors report them, to mirror kinds.
@@ -267,20 +302,20 @@ def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
 
 def enrollments_of_persons(
     conn: Connection, source: str, person_ids: set[str]
-) -> set[tuple[str, str]]:
-    """(class, person) of these persons' enrollments in the mirror. (Their new enrollments in
-    this run's staging are found by the enrollment comparison already.)"""
+) -> set[tuple[str, str, str]]:
+    """(class, person, role) of these persons' enrollments in the mirror. (Their new
+    enrollments in this run's staging are found by the enrollment comparison already.)"""
     # SQLite costs a long IN list above the index on (source, class_id) and scans a million
     # enrollments per query; the index on (source, user_id) answers it in milliseconds.
     hint = "INDEXED BY ix_roster_enr_user" if conn.dialect.name == "sqlite" else ""
     stmt = in_text(
-        f"SELECT class_id, user_id FROM roster_enrollment {hint} "
+        f"SELECT class_id, user_id, role FROM roster_enrollment {hint} "
         "WHERE source = :src AND user_id IN :ids",
         "ids",
     )
-    out: set[tuple[str, str]] = set()
+    out: set[tuple[str, str, str]] = set()
     for chunk in chunks(sorted(person_ids)):
-        out.update((c, u) for c, u in conn.execute(stmt, {"src": source, "ids": chunk}))
+        out.update((c, u, r) for c, u, r in conn.execute(stmt, {"src": source, "ids": chunk}))
     return out
 
 
@@ -300,6 +335,15 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
     sql = (
         "SELECT DISTINCT user_id FROM roster_enrollment "
         "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
+    )
+    return ids_in(conn, sql, class_ids, src=source)
+
+
+def populated_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
+    """Those of these classes that are active and have an active student (in the mirror)."""
+    sql = (
+        "SELECT c.sourced_id FROM roster_class c WHERE c.source = :src AND c.status = 'active' "
+        f"AND c.sourced_id IN :ids AND {POPULATED}"
     )
     return ids_in(conn, sql, class_ids, src=source)
 

@@ -43,7 +43,7 @@ from rostersync.errors import (
     RunStateError,
     SourceError,
 )
-from rostersync.groups import rebuild_groups
+from rostersync.groups import rebuild_groups, update_members
 from rostersync.logs import scrub
 from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import Rejected, TeacherRef, TeacherRoster
@@ -498,14 +498,29 @@ class SyncEngine:
         settings = self.settings
         counts = empty_counts()
         changes = sql.find_changes(conn, source, run_id, full)
-        dirty, changed_people = changes.dirty_classes, changes.persons
-        teachers_before = sql.teachers_of_classes(conn, source, dirty)
-        sql.mark_dirty(conn, source, changes.refresh_classes, changes.member_pairs)
+        changed_people = changes.persons
+        # Classes whose changes touch only their students' rows keep their owners; if they
+        # have a group and still a student after the merge, the sync updates just those
+        # members itself and nobody's groups need rebuilding (a renamed student in a large
+        # district no longer queues every teacher). The other dirty classes go to resyncs.
+        grouped = sql.grouped_classes(conn, source)
+        student_side = (changes.dirty_classes - changes.owner_classes) & grouped
+        owner_side = changes.dirty_classes - student_side
+        teachers_before = sql.teachers_of_classes(conn, source, owner_side)
         written = sql.merge(conn, source, run_id, changes.missing)
         if sum(written.values()) > 0:
             sql.refresh_statistics(conn)
+        members_only = sql.populated_classes(conn, source, student_side)
+        dirty = changes.dirty_classes - members_only
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
+        teachers_before |= sql.teachers_of_classes(conn, source, student_side - members_only)
         affected_people = teachers_before | teachers_after | changed_people
+        sql.mark_dirty(
+            conn,
+            source,
+            changes.refresh_classes,
+            {(c, p) for c, p in changes.member_pairs if c not in members_only},
+        )
 
         # A delta run decides only for the people its changes can concern: a teacher's
         # eligibility depends on their own row, their teacher enrollments, those classes and
@@ -590,6 +605,9 @@ class SyncEngine:
             counts["groups_removed"] = groups_removed
             raise _DryRun(counts)
         sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+        counts["groups_updated"] += update_members(
+            conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}
+        )
 
         now = utcnow()
         old_hwm = as_utc(state["high_water_mark"]) if state else None

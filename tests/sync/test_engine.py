@@ -236,16 +236,54 @@ async def test_on_teacher_removed_keep(
 async def test_student_changes_update_members_and_queue_only_their_teachers(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
-    """A student's new name reaches the group; only that class's teachers are resynced."""
+    """A student's new name reaches the group in the sync itself: the class keeps its owners
+    and its students, so no teacher's groups need a resync."""
     settings = make_settings()
     await sync(settings, store, small_roster())
     roster = small_roster()
     roster.replace_person("s-1", given_name="Renamed")
-    report = await sync(settings, store, roster)
-    assert report.counts["resync_queued"] == 1  # s-1 is only in c-1, taught by Ada
-    assert report.counts["groups_updated"] == 1
+    report = await sync(settings, store, roster, drain=False)
+    assert report.counts["resync_queued"] == 0
+    assert report.counts["groups_updated"] == 1  # s-1 is only in c-1
     names = {m["sourced_id"]: m["name"] for m in groups(store)["c-1"]["members"]}
     assert names["s-1"] == "Renamed Dent"
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dirty_member")).scalar_one() == 0
+
+
+async def test_student_side_changes_that_move_owners_still_queue_the_teachers(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Members-only updates stop where owners can change: a class losing its last student
+    loses its group through its teacher's resync, a student moving between two classes is
+    moved by the sync alone, and a student who becomes a teacher goes to resync."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    # s-4 moves from c-2 to c-1 (the same enrollment id, another class): members only.
+    roster.enrollments = [
+        replace(e, class_id="c-1") if e.sourced_id == "e-s4c2" else e for e in roster.enrollments
+    ]
+    report = await sync(settings, store, roster, drain=False)
+    assert report.counts["resync_queued"] == 0 and report.counts["groups_updated"] == 2
+    g = groups(store)
+    assert "s-4" in {m["sourced_id"] for m in g["c-1"]["members"]}
+    assert "s-4" not in {m["sourced_id"] for m in g["c-2"]["members"]}
+
+    # Every student leaves c-2: its teachers are resynced and the group goes.
+    roster.enrollments = [
+        e for e in roster.enrollments if not (e.class_id == "c-2" and e.role == "student")
+    ]
+    report = await sync(settings, store, roster)
+    assert report.counts["resync_queued"] == 2 and report.counts["groups_removed"] == 1
+    assert "c-2" not in groups(store)
+
+    # A student of c-1 whose person record turns teacher may change who teaches c-1: its
+    # teacher is resynced (membership follows the enrollment, so s-1 stays a member).
+    roster.replace_person("s-1", role="teacher")
+    report = await sync(settings, store, roster)
+    assert report.counts["resync_queued"] == 1
+    assert "s-1" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
 
 
 async def test_new_enrollment_adds_member(
@@ -546,6 +584,8 @@ async def test_sync_marks_changed_classes_until_their_resync(
     await SyncEngine(settings, store).drain()
     roster = small_roster()
     roster.replace_person("s-4", given_name="Changed")  # s-4 is only in c-2
+    # Ada stops co-teaching c-2: its owners change, so its members wait for the resync too.
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c2"]
     roster.classes = [
         replace(c, title="Algebra II") if c.sourced_id == "c-1" else c for c in roster.classes
     ]
@@ -565,6 +605,7 @@ async def test_sync_marks_changed_classes_until_their_resync(
         assert conn.execute(text("SELECT count(*) FROM dirty_member")).scalar_one() == 0
     g = groups(store)
     assert "Changed Dent" in {m["name"] for m in g["c-2"]["members"]}
+    assert g["c-2"]["owners"] == ["alan.turing@example.org"]
     assert g["c-1"]["name"] == "Algebra II"
     assert "s-1" not in {m["sourced_id"] for m in g["c-1"]["members"]}
 
