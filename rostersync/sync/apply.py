@@ -7,6 +7,7 @@ both understand; values are always bound.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -321,6 +322,12 @@ def enrollments_of_persons(
 
 def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
     """Person ids teaching these classes in the mirror (any status: old teachers count)."""
+    return {uid for uids in teachers_by_class(conn, source, class_ids).values() for uid in uids}
+
+
+def teachers_by_class(conn: Connection, source: str, class_ids: set[str]) -> dict[str, set[str]]:
+    """These classes' teachers in the mirror (any status: old teachers count), by class."""
+    out: dict[str, set[str]] = defaultdict(set)
     if len(class_ids) > 2000:
         # Many classes (a first run, a big change): one pass over the teacher enrollments
         # beats dozens of IN-list queries.
@@ -331,12 +338,19 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
             ),
             {"src": source},
         )
-        return {uid for cls, uid in rows if cls in class_ids}
-    sql = (
-        "SELECT DISTINCT user_id FROM roster_enrollment "
-        "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
+        for cls, uid in rows:
+            if cls in class_ids:
+                out[cls].add(uid)
+        return out
+    stmt = in_text(
+        "SELECT class_id, user_id FROM roster_enrollment "
+        "WHERE source = :src AND role = 'teacher' AND class_id IN :ids",
+        "ids",
     )
-    return ids_in(conn, sql, class_ids, src=source)
+    for chunk in chunks(sorted(class_ids)):
+        for cls, uid in conn.execute(stmt, {"src": source, "ids": chunk}):
+            out[cls].add(uid)
+    return out
 
 
 def populated_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:

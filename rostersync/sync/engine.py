@@ -505,15 +505,14 @@ class SyncEngine:
         # district no longer queues every teacher). The other dirty classes go to resyncs.
         grouped = sql.grouped_classes(conn, source)
         student_side = (changes.dirty_classes - changes.owner_classes) & grouped
-        owner_side = changes.dirty_classes - student_side
-        teachers_before = sql.teachers_of_classes(conn, source, owner_side)
+        before = sql.teachers_by_class(conn, source, changes.dirty_classes)
         written = sql.merge(conn, source, run_id, changes.missing)
         if sum(written.values()) > 0:
             sql.refresh_statistics(conn)
         members_only = sql.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only
+        teachers_before = {uid for cls in dirty for uid in before.get(cls, ())}
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
-        teachers_before |= sql.teachers_of_classes(conn, source, student_side - members_only)
         affected_people = teachers_before | teachers_after | changed_people
         sql.mark_dirty(
             conn,
