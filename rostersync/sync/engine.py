@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -66,6 +67,9 @@ COUNT_KEYS = (
     "records_rejected",
 )
 EXTRA_COUNT_KEYS = ("users_restored", "users_not_created")
+
+#: Seconds between statistics refreshes of the directory tables by the resync workers.
+ANALYZE_EVERY = 30.0
 
 #: Rows a fetch may hold back while a staging write is under way before it waits for it.
 STAGE_BUFFER_ROWS = 50_000
@@ -186,6 +190,8 @@ class SyncEngine:
         self.progress = progress
         self.log = structlog.get_logger()
         self._plugins: dict[str, ConnectorPlugin] | None = None
+        self._analyzed_at = float("-inf")
+        self._created_unanalyzed = 0
 
     # -- connectors -----------------------------------------------------------------------
 
@@ -596,6 +602,8 @@ class SyncEngine:
                 raise _Held(verdict.reasons, counts)
 
         created = sql.apply_provisioning(conn, source, plan)
+        if len(created) > 1000:
+            sql.refresh_directory_statistics(conn)
         resync_users = (
             sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
         )
@@ -772,6 +780,17 @@ class SyncEngine:
         self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
     ) -> None:
         with self.store.write() as conn:
+            # The drain after a first sync grows the group tables from nothing; plans made for
+            # empty tables turn into scans (see refresh_directory_statistics). The small tables
+            # are re-sampled after every batch that created many groups, all of them every
+            # ANALYZE_EVERY seconds.
+            now = time.monotonic()
+            if now - self._analyzed_at >= ANALYZE_EVERY:
+                sql.refresh_directory_statistics(conn)
+                self._analyzed_at, self._created_unanalyzed = now, 0
+            elif self._created_unanalyzed >= 100:
+                sql.refresh_directory_statistics(conn, members=False)
+                self._created_unanalyzed = 0
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
                     apply_teacher_roster(conn, source, ext, roster)
@@ -782,6 +801,7 @@ class SyncEngine:
                 refresh_all=[j.user_id for j in jobs if j.run_id is None or j.live],
             )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
+            self._created_unanalyzed += totals.get("groups_created", 0)
             complete(conn, jobs, results)
         self.log.info("resync_batch_done", jobs=len(jobs), **totals)
 

@@ -61,23 +61,50 @@ def _upsert_sql(table: str, cols: Sequence[str], keys: Sequence[str], marker: st
 
 
 def stage(conn: Connection, run_id: int, batch: StagedBatch) -> None:
-    sqlite = conn.dialect.name == "sqlite"
-    marker = "?" if sqlite else "%s"
+    if conn.dialect.name == "postgresql":
+        for kind, rows in batch.rows.items():
+            if rows:
+                _copy_rows(conn, run_id, kind, rows)
+        return
     for kind, rows in batch.rows.items():
         if not rows:
             continue
         cols = ("run_id", *COLUMNS[kind])
-        dlm = len(cols) - 2  # date_last_modified sits just before row_hash
-        if sqlite:
-            params = [
-                (run_id, *r[:-2], sqlite_timestamp(r[-2]) if r[-2] is not None else None, r[-1])
-                for r in rows
-            ]
-        else:
-            params = [(run_id, *r) for r in rows]
-        assert cols[dlm] == "date_last_modified"
-        sql = _upsert_sql(STAGING[kind].name, cols, ("run_id", "sourced_id"), marker)
+        assert cols[-2] == "date_last_modified"  # it sits just before row_hash
+        params = [
+            (run_id, *r[:-2], sqlite_timestamp(r[-2]) if r[-2] is not None else None, r[-1])
+            for r in rows
+        ]
+        sql = _upsert_sql(STAGING[kind].name, cols, ("run_id", "sourced_id"), "?")
         conn.exec_driver_sql(sql, params)
+
+
+def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> None:
+    """PostgreSQL: COPY into a temporary table, then one upsert into staging.
+
+    psycopg's executemany sent a million rows as a million statements (30 microseconds
+    each); COPY streams them. COPY cannot resolve conflicts, so a repeated sourcedId is
+    settled here first (its last version wins) and the upsert settles those of earlier
+    batches.
+    """
+    table = STAGING[kind].name
+    temp = f"copy_{table}"
+    cols = ", ".join(f'"{c}"' for c in ("run_id", *COLUMNS[kind]))
+    conn.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {temp} "
+        f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    )
+    latest = {r[0]: r for r in rows}  # sourced_id first; later rows replace earlier ones
+    raw: Any = conn.connection.dbapi_connection
+    with raw.cursor() as cursor, cursor.copy(f"COPY {temp} ({cols}) FROM STDIN") as copy:
+        for row in latest.values():
+            copy.write_row((run_id, *row))
+    updates = ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[kind] if c != "sourced_id")
+    conn.exec_driver_sql(
+        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp} "
+        f"ON CONFLICT (run_id, sourced_id) DO UPDATE SET {updates}"
+    )
+    conn.exec_driver_sql(f"TRUNCATE {temp}")
 
 
 def upsert_rows(

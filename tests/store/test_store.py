@@ -12,9 +12,12 @@ from sqlalchemy import text
 
 from rostersync.errors import StoreError
 from rostersync.queue import fail, lease, queue_depth, release
+from rostersync.records import RosterPerson
+from rostersync.rows import sort_batch
 from rostersync.store.db import Store
 from rostersync.store.tables import metadata
-from rostersync.sync.apply import queue_resync
+from rostersync.sync.apply import queue_resync, refresh_directory_statistics
+from rostersync.sync.staging import stage
 
 
 def add_user(store: Store, email: str) -> int:
@@ -62,6 +65,8 @@ def test_sqlite_uses_wal_and_a_busy_timeout(sqlite_store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        # up to 128 MiB of page cache (negative: KiB), not SQLite's 2 MiB default
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -128 * 1024
 
 
 def test_write_rolls_back_on_error(store: Store) -> None:
@@ -148,3 +153,52 @@ def test_release_gives_leases_back(store: Store) -> None:
     release(store, jobs)
     with store.read() as conn:
         assert conn.execute(text("SELECT state, attempts FROM resync_job")).one() == ("queued", 0)
+
+
+def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> None:
+    """A sourcedId sent twice in one batch, or again in a later batch, is staged once, as its
+    last version (SQLite upserts row by row; PostgreSQL COPYs through a temporary table)."""
+    first, second, third = (
+        RosterPerson("p-1", "student", given_name=name, email=f"{name}@example.org")
+        for name in ("Ann", "Bea", "Cy")
+    )
+    other = RosterPerson("p-2", "teacher", given_name="Dee")
+    with store.write() as conn:
+        stage(conn, 7, sort_batch([first, other, second]))
+    with store.write() as conn:
+        stage(conn, 7, sort_batch([third]))
+        stage(conn, 8, sort_batch([first]))  # another run's rows are its own
+    with store.read() as conn:
+        rows = conn.execute(
+            text("SELECT run_id, sourced_id, given_name, email FROM staging_person ORDER BY 1, 2")
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        (7, "p-1", "Cy", "Cy@example.org"),
+        (7, "p-2", "Dee", None),
+        (8, "p-1", "Ann", "Ann@example.org"),
+    ]
+
+
+def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
+    """After a bulk load the planner sees the directory tables as they are, not as empty."""
+    add_user(store, "a@example.org")
+    with store.write() as conn:
+        refresh_directory_statistics(conn)
+        refresh_directory_statistics(conn, members=False)
+    if not store.is_postgres:
+        # SQLite plans these queries without statistics: the call must not start keeping any.
+        with store.read() as conn:
+            stat = "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
+            assert conn.execute(text(stat)).scalar_one() == 0
+        return
+    with store.read() as conn:
+        rows = dict(
+            conn.execute(
+                text(
+                    "SELECT relname, reltuples FROM pg_class WHERE relname IN "
+                    "('user', 'user_identity', 'groups', 'group_owner', 'group_member')"
+                )
+            ).all()
+        )
+    assert rows["user"] == 1  # counted by the ANALYZE, not the -1 of a never-analyzed table
+    assert set(rows) == {"user", "user_identity", "groups", "group_owner", "group_member"}

@@ -17,6 +17,7 @@ from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterP
 from rostersync.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync import apply
+from rostersync.sync import engine as engine_module
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -719,3 +720,49 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     dropped.clear()
     await sync(make_settings(), store, small_roster())  # not a first load: indexes kept
     assert dropped == []
+
+
+async def test_users_of_many_persons_are_read_in_one_pass(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Above 2,000 persons the identities are read once and matched in Python: the same
+    users as the IN-list queries give for a few."""
+    await sync(make_settings(), store, small_roster())
+    many = {"t-1", "t-2", "s-1"} | {f"nobody-{n}" for n in range(2500)}
+    with store.read() as conn:
+        few = apply.users_of_persons(conn, "mem", {"t-1", "t-2", "s-1"})
+        bulk = apply.users_of_persons(conn, "mem", many)
+    assert len(few) == 2 and bulk == few
+
+
+async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's first batch refreshes all directory statistics; later ones the small tables
+    after 100 new groups, and everything again every ANALYZE_EVERY seconds."""
+    settings = make_settings()
+    await sync(settings, store, small_roster(), drain=False)
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        apply, "refresh_directory_statistics", lambda conn, members=True: calls.append(members)
+    )
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    await engine.drain()
+    assert calls == [True]
+    assert engine._created_unanalyzed == 2  # the two groups this batch created
+
+    def requeue() -> None:
+        with store.write() as conn:
+            queue_resync(conn, [user_id(conn, "ada@example.org")], reason="t", run_id=None)
+
+    requeue()
+    await engine.drain()  # 2 new groups since: below the threshold, within the interval
+    assert calls == [True]
+    engine._created_unanalyzed = 100
+    requeue()
+    await engine.drain()
+    assert calls == [True, False] and engine._created_unanalyzed == 0
+    engine._analyzed_at -= engine_module.ANALYZE_EVERY
+    requeue()
+    await engine.drain()
+    assert calls == [True, False, True]
