@@ -10,7 +10,7 @@ is removed.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from sqlalchemy import Connection, delete, text, update
 from sqlmodel import col
@@ -153,17 +153,13 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     return _apply_member_diff(conn, want, have)
 
 
-def update_members(conn: Connection, source: str, pairs: set[tuple[str, str]]) -> int:
-    """Re-read these (class, person) members of the source's existing groups, stamping the
-    groups that changed; returns how many did."""
+def update_members(
+    conn: Connection, source: str, pairs: set[tuple[str, str]], group_of: Mapping[str, int]
+) -> int:
+    """Re-read these (class, person) members of the source's groups (``group_of``: group
+    id by class), stamping the groups that changed; returns how many did."""
     if not pairs:
         return 0
-    group_of = {
-        ext: gid
-        for gid, ext in conn.execute(
-            text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
-        )
-    }
     marks = [(group_of[c], source, c, p) for c, p in pairs if c in group_of]
     changed = sorted(sync_member_marks(conn, marks))
     executemany(

@@ -137,7 +137,13 @@ class Changes:
     emails_before: int = 0
 
 
-def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Changes:
+def find_changes(
+    conn: Connection,
+    source: str,
+    run_id: int,
+    full: bool,
+    grouped: Mapping[str, int] | None = None,
+) -> Changes:
     """Compare staging with the mirror. Old enrollments are still in the mirror, new ones in
     staging, so a moved enrollment dirties both its classes."""
     params = {"run": run_id, "src": source}
@@ -150,7 +156,8 @@ def find_changes(conn: Connection, source: str, run_id: int, full: bool) -> Chan
     pairs = out.member_pairs
     # Member marks matter only for classes that have a group (see mark_dirty); on a first
     # run none has, and a million pairs would be collected for nothing.
-    grouped = grouped_classes(conn, source)
+    if grouped is None:
+        grouped = group_ids(conn, source)
     sql = """
         SELECT s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
         FROM staging_enrollment s
@@ -386,24 +393,28 @@ def refresh_directory_statistics(conn: Connection, *, members: bool = True) -> N
         conn.execute(text(f"ANALYZE {tables}{', group_member' if members else ''}"))
 
 
-def grouped_classes(conn: Connection, source: str) -> set[str]:
-    """The classes of this source that have a group."""
+def group_ids(conn: Connection, source: str) -> dict[str, int]:
+    """The groups of this source, by class: the classes that have one."""
     return {
-        ext
-        for (ext,) in conn.execute(
-            text("SELECT external_id FROM groups WHERE source = :src"), {"src": source}
+        ext: gid
+        for gid, ext in conn.execute(
+            text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
         )
     }
 
 
 def mark_dirty(
-    conn: Connection, source: str, class_ids: set[str], pairs: set[tuple[str, str]]
+    conn: Connection,
+    source: str,
+    class_ids: set[str],
+    pairs: set[tuple[str, str]],
+    grouped: Mapping[str, int],
 ) -> None:
     """Tell the resyncs which classes' members to re-read in full (``class_ids``) and which
     single members to re-read (``pairs`` of class and person). Marks left from runs whose jobs
     are all done (classes nobody teaches any more) are dropped first.
 
-    Only classes that have a group are marked: a new group reads all its members anyway, and
+    Only classes that have a group (``grouped``, from :func:`group_ids`) are marked: a new group reads all its members anyway, and
     a first run would otherwise write a mark for every enrollment of the district.
     """
     for table in ("dirty_class", "dirty_member"):
@@ -414,8 +425,7 @@ def mark_dirty(
             ),
             {"src": source},
         )
-    grouped = grouped_classes(conn, source)
-    whole = grouped & class_ids
+    whole = grouped.keys() & class_ids
     executemany(
         conn,
         "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",

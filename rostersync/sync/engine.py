@@ -503,14 +503,14 @@ class SyncEngine:
     ) -> dict[str, int]:
         settings = self.settings
         counts = empty_counts()
-        changes = sql.find_changes(conn, source, run_id, full)
+        grouped = sql.group_ids(conn, source)
+        changes = sql.find_changes(conn, source, run_id, full, grouped)
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those
         # members itself and nobody's groups need rebuilding (a renamed student in a large
         # district no longer queues every teacher). The other dirty classes go to resyncs.
-        grouped = sql.grouped_classes(conn, source)
-        student_side = (changes.dirty_classes - changes.owner_classes) & grouped
+        student_side = (changes.dirty_classes - changes.owner_classes) & grouped.keys()
         before = sql.teachers_by_class(conn, source, changes.dirty_classes)
         written = sql.merge(conn, source, run_id, changes.missing)
         if sum(written.values()) > 0:
@@ -525,6 +525,7 @@ class SyncEngine:
             source,
             changes.refresh_classes,
             {(c, p) for c, p in changes.member_pairs if c not in members_only},
+            grouped,
         )
 
         # A delta run decides only for the people its changes can concern: a teacher's
@@ -613,7 +614,7 @@ class SyncEngine:
             raise _DryRun(counts)
         sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
         counts["groups_updated"] += update_members(
-            conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}
+            conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
 
         now = utcnow()

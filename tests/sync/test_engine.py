@@ -453,7 +453,6 @@ async def test_live_resync_refreshes_the_teacher_from_the_source(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A live resync reads the teacher's classes now and rebuilds groups from that, without a full sync."""
-    from rostersync.sync.apply import queue_resync
 
     settings = make_settings()
     await sync(settings, store, small_roster())
@@ -474,7 +473,6 @@ async def test_live_resync_failure_is_retried_then_failed(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A live fetch that fails leaves the job queued with its error, then failed after max_attempts."""
-    from rostersync.sync.apply import queue_resync
 
     settings = make_settings(resync={"max_attempts": 2, "backoff": 0})
     await sync(settings, store, small_roster())
@@ -518,7 +516,6 @@ async def test_owner_added_by_import_survives_resyncs(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A group owner an admin added (origin import) is kept when the class's teachers are resynced."""
-    from rostersync.sync.apply import queue_resync
 
     settings = make_settings()
     await sync(settings, store, small_roster())
@@ -558,7 +555,6 @@ async def test_manual_resync_rereads_every_member(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A manual resync repairs a group's members even when no sync marked its class changed."""
-    from rostersync.sync.apply import queue_resync
 
     settings = make_settings()
     await sync(settings, store, small_roster())
