@@ -511,13 +511,15 @@ class SyncEngine:
         # members itself and nobody's groups need rebuilding (a renamed student in a large
         # district no longer queues every teacher). The other dirty classes go to resyncs.
         student_side = (changes.dirty_classes - changes.owner_classes) & grouped.keys()
-        before = sql.teachers_by_class(conn, source, changes.dirty_classes)
+        # Student-side classes keep their teachers through the merge: asking after it is enough.
+        teachers_before = sql.teachers_of_classes(
+            conn, source, changes.dirty_classes - student_side
+        )
         written = sql.merge(conn, source, run_id, changes.missing)
         if sum(written.values()) > 0:
             sql.refresh_statistics(conn)
         members_only = sql.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only
-        teachers_before = {uid for cls in dirty for uid in before.get(cls, ())}
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
         affected_people = teachers_before | teachers_after | changed_people
         sql.mark_dirty(
