@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 
 from sqlalchemy import Connection, delete, text, update
 from sqlmodel import col
@@ -137,7 +138,7 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
             "(gid INTEGER, src VARCHAR(64), cls VARCHAR(256), person VARCHAR(256))"
         )
     )
-    conn.execute(text("DELETE FROM rs_member_marks"))
+    # Emptied after use below; a failed transaction rolls its own rows back.
     executemany(
         conn,
         "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)",
@@ -162,13 +163,17 @@ def update_members(
         return 0
     marks = [(group_of[c], source, c, p) for c, p in pairs if c in group_of]
     changed = sorted(sync_member_marks(conn, marks))
+    _stamp_updated(conn, changed, utcnow())
+    return len(changed)
+
+
+def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
     executemany(
         conn,
         "UPDATE groups SET updated_at = ? WHERE id = ?",
-        [(utcnow(), gid) for gid in changed],
+        [(now, gid) for gid in group_ids],
         timestamps=True,
     )
-    return len(changed)
 
 
 def _apply_member_diff(
@@ -409,12 +414,7 @@ def rebuild_groups(
         sorted({(src, cls, person) for _, src, cls, person in marks}),
     )
     updated = sorted(touched - created - removed)
-    executemany(
-        conn,
-        "UPDATE groups SET updated_at = ? WHERE id = ?",
-        [(now, gid) for gid in updated],
-        timestamps=True,
-    )
+    _stamp_updated(conn, updated, now)
     for gid in updated:
         credit(key_of[gid], "groups_updated", owned_by_batch.get(gid, ()))
     return result

@@ -141,7 +141,7 @@ def find_changes(
     source: str,
     run_id: int,
     full: bool,
-    grouped: Mapping[str, int] | None = None,
+    grouped: Mapping[str, int],
 ) -> Changes:
     """Compare staging with the mirror. Old enrollments are still in the mirror, new ones in
     staging, so a moved enrollment dirties both its classes."""
@@ -153,10 +153,9 @@ def find_changes(
     # Enrollments that are new or changed (new and old class).
     new_enrollments = 0
     pairs = out.member_pairs
-    # Member marks matter only for classes that have a group (see mark_dirty); on a first
-    # run none has, and a million pairs would be collected for nothing.
-    if grouped is None:
-        grouped = group_ids(conn, source)
+    # Member marks matter only for classes that have a group (``grouped``, from group_ids;
+    # see mark_dirty): on a first run none has, and a million pairs would be collected for
+    # nothing.
     sql = """
         SELECT s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
         FROM staging_enrollment s
