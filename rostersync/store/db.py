@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from rostersync.errors import StoreError
+from rostersync.rows import utc_text
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -94,13 +95,6 @@ def in_text(sql: str, *names: str) -> TextClause:
     return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
 
 
-def sqlite_timestamp(value: datetime) -> str:
-    """The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset)."""
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
-
-
 def executemany(
     conn: Connection, sql: str, rows: Sequence[tuple[Any, ...]], *, timestamps: bool = False
 ) -> None:
@@ -112,9 +106,7 @@ def executemany(
     if conn.dialect.name != "sqlite":
         sql = sql.replace("?", "%s")
     elif timestamps:
-        rows = [
-            tuple(sqlite_timestamp(v) if isinstance(v, datetime) else v for v in r) for r in rows
-        ]
+        rows = [tuple(utc_text(v) if isinstance(v, datetime) else v for v in r) for r in rows]
     conn.exec_driver_sql(sql, list(rows))
 
 

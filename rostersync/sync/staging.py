@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete
+from sqlalchemy import Connection, Table, delete, select
 
 from rostersync.rows import (
     COLUMNS,
@@ -24,7 +24,6 @@ from rostersync.rows import (
     person_row,
     sort_batch,
 )
-from rostersync.store.db import sqlite_timestamp
 from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
 
 STAGING: dict[str, Table] = {
@@ -49,34 +48,32 @@ __all__ = [
 ]
 
 
-def _upsert_sql(table: str, cols: Sequence[str], keys: Sequence[str], marker: str) -> str:
+def _staging_upsert(table: str, run_id: int, cols: Sequence[str]) -> str:
+    """INSERT one row of ``cols`` (``?`` markers) for ``run_id``; a repeated id keeps the last.
+
+    The run id is written into the statement rather than bound: then the rows go to the
+    driver as they came, and this process does no per-row work (the decode workers did it).
+    """
     quoted = [f'"{c}"' for c in cols]
-    updates = ", ".join(
-        f"{q} = excluded.{q}" for c, q in zip(cols, quoted, strict=True) if c not in keys
-    )
+    updates = ", ".join(f"{q} = excluded.{q}" for q in quoted if q != '"sourced_id"')
     return (
-        f"INSERT INTO {table} ({', '.join(quoted)}) VALUES ({', '.join([marker] * len(cols))}) "
-        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+        f'INSERT INTO {table} ("run_id", {", ".join(quoted)}) '
+        f"VALUES ({int(run_id)}, {', '.join('?' * len(cols))}) "
+        f"ON CONFLICT (run_id, sourced_id) DO UPDATE SET {updates}"
     )
 
 
 def stage(conn: Connection, run_id: int, batch: StagedBatch) -> None:
     if conn.dialect.name == "postgresql":
+        # Row dates are UTC text without an offset (rows.utc_text); read them as UTC.
+        conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
         for kind, rows in batch.rows.items():
             if rows:
                 _copy_rows(conn, run_id, kind, rows)
         return
     for kind, rows in batch.rows.items():
-        if not rows:
-            continue
-        cols = ("run_id", *COLUMNS[kind])
-        assert cols[-2] == "date_last_modified"  # it sits just before row_hash
-        params = [
-            (run_id, *r[:-2], sqlite_timestamp(r[-2]) if r[-2] is not None else None, r[-1])
-            for r in rows
-        ]
-        sql = _upsert_sql(STAGING[kind].name, cols, ("run_id", "sourced_id"), "?")
-        conn.exec_driver_sql(sql, params)
+        if rows:
+            conn.exec_driver_sql(_staging_upsert(STAGING[kind].name, run_id, COLUMNS[kind]), rows)
 
 
 def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> None:
@@ -123,5 +120,18 @@ def upsert_rows(
 
 
 def clear_staging(conn: Connection, run_id: int) -> None:
+    sqlite = conn.dialect.name == "sqlite"
     for table in STAGING.values():
-        conn.execute(delete(table).where(table.c.run_id == run_id))
+        if (
+            sqlite
+            and conn.execute(
+                select(table.c.run_id).where(table.c.run_id != run_id).limit(1)
+            ).first()
+            is None
+        ):
+            # Only this run's rows are here (the write lock keeps it so): a DELETE without
+            # WHERE lets SQLite drop the table's pages at once instead of a row at a time,
+            # a second for a district's million enrollments.
+            conn.execute(delete(table))
+        else:
+            conn.execute(delete(table).where(table.c.run_id == run_id))

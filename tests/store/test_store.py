@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from rostersync.errors import StoreError
 from rostersync.queue import fail, lease, queue_depth, release
 from rostersync.records import RosterPerson
-from rostersync.rows import sort_batch
+from rostersync.rows import person_tuple, sort_batch
 from rostersync.store.db import Store
 from rostersync.store.tables import metadata
 from rostersync.sync.apply import queue_resync, refresh_directory_statistics
-from rostersync.sync.staging import stage
+from rostersync.sync.staging import STAGING, clear_staging, stage
 
 
 def add_user(store: Store, email: str) -> int:
@@ -177,6 +177,44 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
         (7, "p-2", "Dee", None),
         (8, "p-1", "Ann", "Ann@example.org"),
     ]
+
+
+def test_clearing_staging_keeps_other_runs_rows(store: Store) -> None:
+    """A run clears only its own staged rows, whether or not another run has rows staged
+    (SQLite empties a table outright when only this run's rows are in it)."""
+    people = [RosterPerson(f"p-{i}", "student", given_name="Ann") for i in range(3)]
+    with store.write() as conn:
+        stage(conn, 7, sort_batch(people))
+        stage(conn, 8, sort_batch(people[:1]))
+    count = "SELECT run_id, count(*) FROM staging_person GROUP BY run_id ORDER BY run_id"
+    with store.write() as conn:
+        clear_staging(conn, 7)
+    with store.read() as conn:
+        assert [tuple(r) for r in conn.execute(text(count))] == [(8, 1)]
+    with store.write() as conn:
+        clear_staging(conn, 8)
+        stage(conn, 9, sort_batch(people))
+    with store.read() as conn:
+        assert [tuple(r) for r in conn.execute(text(count))] == [(9, 3)]
+
+
+def test_staged_dates_keep_their_instant(store: Store) -> None:
+    """Rows carry dateLastModified as UTC text (formatted by the decode workers); both
+    databases store the instant it names, whatever offset the source gave."""
+    when = datetime(2026, 3, 1, 8, 30, 15, 250, tzinfo=timezone(timedelta(hours=-5)))
+    dated = RosterPerson("p-1", "student", given_name="Ann", date_last_modified=when)
+    undated = RosterPerson("p-2", "student", given_name="Bea")
+    assert person_tuple(dated)[-2] == "2026-03-01 13:30:15.000250"
+    with store.write() as conn:
+        if store.is_postgres:  # a server whose zone is not UTC must not shift the text
+            conn.exec_driver_sql("SET LOCAL TimeZone = 'Asia/Tokyo'")
+        stage(conn, 7, sort_batch([dated, undated]))
+    table = STAGING["person"]
+    with store.read() as conn:
+        got = dict(conn.execute(select(table.c.sourced_id, table.c.date_last_modified)).all())
+    assert got["p-2"] is None
+    stored = got["p-1"]
+    assert (stored if stored.tzinfo else stored.replace(tzinfo=UTC)) == when
 
 
 def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
