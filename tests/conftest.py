@@ -81,6 +81,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def pg_store() -> Iterator[Store]:
+    """An empty, migrated store on PostgreSQL only (behaviour SQLite has no counterpart of)."""
+    for s in _pg_schema_store():
+        s.upgrade()
+        yield s
+
+
+@pytest.fixture
 def sqlite_store(tmp_path: Path) -> Iterator[Store]:
     s = Store(f"sqlite:///{tmp_path / 'rostersync.db'}")
     s.upgrade()

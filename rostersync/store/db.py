@@ -90,6 +90,28 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+#: Seed of the group directory's advisory lock key, which is hashed with the schema name so
+#: that instances sharing a database in different schemas do not wait on each other.
+DIRECTORY_LOCK = 0x7273_6772_6F75_7073  # "rsgroups"
+
+
+def lock_directory(conn: Connection, *, exclusive: bool) -> None:
+    """Serialise a sync's apply with the resync batches that materialise groups.
+
+    A sync changes the mirror, marks what changed and may update members itself; a resync
+    reads the marks and the mirror, then clears the marks it acted on. On PostgreSQL, under
+    READ COMMITTED, a sync committing between a resync's statements could see its marks
+    cleared or its member updates undone by a resync working from what it read before, and
+    the groups would stay stale until the next full refresh. Syncs take this transaction lock
+    exclusively and resync batches take it shared (they may run side by side), first thing
+    in their transactions, so neither holds other locks while it waits. SQLite needs none:
+    its writers already take turns (BEGIN IMMEDIATE).
+    """
+    if conn.dialect.name == "postgresql":
+        fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        conn.exec_driver_sql(f"SELECT {fn}(hashtextextended(current_schema(), {DIRECTORY_LOCK}))")
+
+
 def in_text(sql: str, *names: str) -> TextClause:
     """A text() statement whose ``:name`` parameters take lists (``IN :ids``)."""
     return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))

@@ -48,7 +48,7 @@ from rostersync.groups import rebuild_groups, update_members
 from rostersync.logs import scrub
 from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import Rejected, TeacherRef, TeacherRoster
-from rostersync.store.db import Store, as_utc, utcnow
+from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceLease, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
@@ -501,6 +501,7 @@ class SyncEngine:
         dry_run: bool,
         approved: bool,
     ) -> dict[str, int]:
+        lock_directory(conn, exclusive=True)  # before any read: see lock_directory
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)
@@ -783,6 +784,7 @@ class SyncEngine:
         self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
     ) -> None:
         with self.store.write() as conn:
+            lock_directory(conn, exclusive=False)  # no sync applies meanwhile
             # The drain after a first sync grows the group tables from nothing; plans made for
             # empty tables turn into scans (see refresh_directory_statistics). The small tables
             # are re-sampled after every batch that created many groups, all of them every

@@ -1,0 +1,102 @@
+"""PostgreSQL: a sync's apply and the resync batches take turns on the group directory.
+
+Under READ COMMITTED a sync committing between a resync's statements could have its change
+marks cleared, or its member updates undone, by a resync working from an older read
+(see rostersync.store.db.lock_directory). These tests hold the lock the way the other side
+would and check that the sync, or the resync batch, waits for it and then does its work.
+SQLite has no such test: its writers take turns by design (BEGIN IMMEDIATE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.store.db import Store, lock_directory
+from rostersync.sync.engine import SyncEngine
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, sync
+
+pytestmark = pytest.mark.postgres
+
+WAITING = (
+    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND NOT l.granted AND a.datname = current_database()"
+)
+
+
+async def waits_for_lock(store: Store, task: asyncio.Task[Any]) -> None:
+    """Return once another backend waits for an advisory lock (fail if `task` ends first)."""
+    for _ in range(400):
+        if task.done():
+            pytest.fail(f"the task did not wait for the directory lock: {task.result()!r}")
+        with store.read() as conn:
+            if conn.execute(text(WAITING)).scalar_one() > 0:
+                return
+        await asyncio.sleep(0.05)
+    pytest.fail("nobody waited for the directory lock within 20 s")
+
+
+async def while_locked(
+    store: Store, exclusive: bool, work: Callable[[], Awaitable[Any]]
+) -> tuple[Any, Any]:
+    """Run `work` while this test holds the directory lock; what `work` saw at the point it
+    was blocked (the groups), and its result once the lock is let go."""
+    with store.engine.connect() as holder:
+        transaction = holder.begin()
+        lock_directory(holder, exclusive=exclusive)
+        task = asyncio.create_task(work())
+        await waits_for_lock(store, task)
+        seen = groups(store)
+        transaction.commit()
+    return seen, await asyncio.wait_for(task, timeout=60)
+
+
+async def test_resync_batch_waits_for_a_sync_applying(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster(), drain=False)
+    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+    seen, done = await while_locked(pg_store, True, engine.drain)
+    assert seen == {}  # nothing materialised while the sync held the lock
+    assert done == 2
+    assert set(groups(pg_store)) == {"c-1", "c-2"}
+
+
+async def test_sync_apply_waits_for_a_resync_batch(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster())
+    roster = small_roster()
+    roster.replace_person("s-1", given_name="Renamed")
+
+    async def second_sync() -> Any:
+        return await sync(settings, pg_store, roster)
+
+    seen, report = await while_locked(pg_store, False, second_sync)
+    names = {m["sourced_id"]: m["name"] for m in seen["c-1"]["members"]}
+    assert names["s-1"] != "Renamed Dent"  # the apply had not run yet
+    assert report.status == "succeeded" and report.counts["groups_updated"] == 1
+    names = {m["sourced_id"]: m["name"] for m in groups(pg_store)["c-1"]["members"]}
+    assert names["s-1"] == "Renamed Dent"
+
+
+async def test_resync_batches_do_not_wait_for_each_other(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The shared lock of one batch lets another batch through (several workers drain)."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster(), drain=False)
+    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+    with pg_store.engine.connect() as holder, holder.begin():
+        lock_directory(holder, exclusive=False)
+        assert await asyncio.wait_for(engine.drain(), timeout=60) == 2
+    assert set(groups(pg_store)) == {"c-1", "c-2"}
