@@ -44,9 +44,12 @@ def utc_text(value: datetime | None) -> str | None:
     """The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset)."""
     if value is None:
         return None
-    if value.tzinfo is not None:
+    zone = value.tzinfo
+    if zone is UTC:  # what the connectors' parsers give for "Z": no conversion needed
+        value = value.replace(tzinfo=None)
+    elif zone is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
-    return value.isoformat(sep=" ", timespec="microseconds")
+    return value.isoformat(" ", "microseconds")
 
 
 def org_tuple(r: RosterOrg) -> Row:

@@ -205,6 +205,8 @@ def test_staged_dates_keep_their_instant(store: Store) -> None:
     dated = RosterPerson("p-1", "student", given_name="Ann", date_last_modified=when)
     undated = RosterPerson("p-2", "student", given_name="Bea")
     assert person_tuple(dated)[-2] == "2026-03-01 13:30:15.000250"
+    in_utc = RosterPerson("p-1", "student", date_last_modified=when.astimezone(UTC))
+    assert person_tuple(in_utc)[-2] == "2026-03-01 13:30:15.000250"
     with store.write() as conn:
         if store.is_postgres:  # a server whose zone is not UTC must not shift the text
             conn.exec_driver_sql("SET LOCAL TimeZone = 'Asia/Tokyo'")
