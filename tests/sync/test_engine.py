@@ -287,6 +287,19 @@ async def test_student_side_changes_that_move_owners_still_queue_the_teachers(
     assert "s-1" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
 
 
+async def test_student_enrolled_twice_in_a_class_is_one_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Two enrollment records for one student in one class (sources do send them) make one
+    member of the new group, not a failed insert."""
+    roster = small_roster()
+    roster.enrollments.append(RosterEnrollment("e-again", "c-1", "s-1", "student"))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded"
+    members = [m["sourced_id"] for m in groups(store)["c-1"]["members"]]
+    assert sorted(members) == ["s-1", "s-2", "s-3"]
+
+
 async def test_new_enrollment_adds_member(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
