@@ -87,8 +87,8 @@ def class_tuple(r: RosterClass) -> Row:
 
 def enrollment_tuple(r: RosterEnrollment) -> Row:
     return (
-        r.sourced_id, r.class_id, r.user_id, r.role, r.status, r.primary, utc_text(r.date_last_modified),
-        r.content_hash(),
+        r.sourced_id, r.class_id, r.user_id, r.role, r.status, r.primary,
+        utc_text(r.date_last_modified), r.content_hash(),
     )  # fmt: skip
 
 
