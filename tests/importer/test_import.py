@@ -355,6 +355,28 @@ def test_source_usernames_link_roster_people(
     assert result.resyncs_queued == 1
 
 
+def test_source_username_matches_beyond_ascii_case(
+    run: Run, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A username with a capital letter outside ASCII ("Élodie") is found however the file
+    writes it, on SQLite as on PostgreSQL (SQLite's own LOWER() folds ASCII only)."""
+    settings = make_settings(memory_sources=("mem",))
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name, email,"
+                " username, enabled, org_ids, status, row_hash) VALUES ('mem', 't-7', 'teacher', 'X',"
+                " 'Y', 'x@example.org', 'ÉLODIE', :yes, '', 'active', 'h')"
+            ),
+            {"yes": True},
+        )
+    result = run("Email,Source Username(s)\ne@example.org,mem:élodie\n", settings_=settings)
+    assert statuses(result) == ["Success"]
+    with store.read() as conn:
+        ids = conn.execute(text("SELECT source, external_id FROM user_identity")).all()
+    assert [tuple(i) for i in ids] == [("mem", "t-7")]
+
+
 def test_import_run_and_rows_are_kept(run: Run, store: Store) -> None:
     """Each import is an import_run with one import_row per data row."""
     result = run(HEADER + "a@example.org,,,,,,,,,\nbad,,,,,,,,,\n", actor_email=None)

@@ -300,6 +300,23 @@ async def test_student_enrolled_twice_in_a_class_is_one_member(
     assert sorted(members) == ["s-1", "s-2", "s-3"]
 
 
+async def test_member_emails_are_lower_cased_beyond_ascii(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Member emails are lower-cased as Python and PostgreSQL do it, on SQLite too: in a new
+    group and in a members-only update by the sync."""
+    settings = make_settings()
+    roster = small_roster()
+    roster.replace_person("s-1", email="ÉLÈVE.Un@Example.ORG")
+    await sync(settings, store, roster)
+    emails = {m["sourced_id"]: m["email"] for m in groups(store)["c-1"]["members"]}
+    assert emails["s-1"] == "élève.un@example.org"
+    roster.replace_person("s-2", email="ÖZGE@EXAMPLE.ORG")
+    await sync(settings, store, roster)
+    emails = {m["sourced_id"]: m["email"] for m in groups(store)["c-1"]["members"]}
+    assert emails["s-2"] == "özge@example.org"
+
+
 async def test_new_enrollment_adds_member(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
