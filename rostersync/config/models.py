@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +118,16 @@ class Settings(StrictModel):
     @property
     def role_names(self) -> list[str]:
         return [r.name for r in self.roles]
+
+    def provisioning_fingerprint(self) -> str:
+        """A short digest of the settings that decide who gets a user and how (provisioning
+        and the license limit); a change means past decisions may no longer hold."""
+        decided_by = {
+            "provisioning": self.provisioning.model_dump(mode="json"),
+            "license_limit": self.license_limit,
+        }
+        text = json.dumps(decided_by, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def safety_for(self, source: str) -> Safety:
         """The top-level safety block with the source's own overrides applied."""

@@ -332,6 +332,9 @@ class SourceState(SQLModel, table=True):
     last_full_at: datetime | None = _ts()
     last_success_at: datetime | None = _ts()
     last_run_id: int | None = None
+    # Fingerprint of the provisioning settings the last successful run decided with: a delta
+    # run that finds them changed re-decides every teacher, not just the ones it touched.
+    decided_with: str | None = Field(default=None, max_length=64)
     # Record counts of the last successful full pull, for the min_source_ratio check.
     last_counts: dict[str, int] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False)

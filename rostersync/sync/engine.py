@@ -534,8 +534,12 @@ class SyncEngine:
         # A delta run decides only for the people its changes can concern: a teacher's
         # eligibility depends on their own row, their teacher enrollments, those classes and
         # those classes' students, and each of those changes marks the teacher affected.
-        # Everyone else is as the last run left them; the periodic full run re-decides all.
-        only = None if full else affected_people
+        # Everyone else is as the last run left them; the periodic full run re-decides all,
+        # and so does a delta run that finds the provisioning settings changed since.
+        state = self._source_state(conn, source)
+        decided_with = settings.provisioning_fingerprint()
+        redecide = not full and state is not None and state["decided_with"] != decided_with
+        only = None if full or redecide else affected_people
         eligible = sql.eligible_teachers(conn, source, only)
         linked = sql.linked_users(conn, source, only)
         unlinked_emails = [t.email for t in eligible if t.email and t.sourced_id not in linked]
@@ -578,7 +582,9 @@ class SyncEngine:
         ).scalar_one()
 
         managed_users, managed_groups = sql.managed_counts(conn, source)
-        groups_removed = sql.groups_to_remove(conn, source, plan.archive, None if full else dirty)
+        groups_removed = sql.groups_to_remove(
+            conn, source, plan.archive, None if full or redecide else dirty
+        )
         counts.update(
             users_created=len(plan.create),
             users_linked=len(plan.link),
@@ -588,7 +594,6 @@ class SyncEngine:
             users_not_created=len(plan.not_created),
             records_rejected=int(rejected_total),
         )
-        state = self._source_state(conn, source)
         if not approved:
             verdict = check_safety(
                 safety=settings.safety_for(source),
@@ -627,6 +632,7 @@ class SyncEngine:
             "high_water_mark": hwm,
             "last_success_at": now,
             "last_run_id": run_id,
+            "decided_with": decided_with,
         }
         if full:
             values["last_full_at"] = now
@@ -641,11 +647,23 @@ class SyncEngine:
             )
 
         status = "succeeded_with_errors" if rejected_total else "succeeded"
+        warnings = list(
+            conn.execute(
+                select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
+            ).scalar_one()
+            or []
+        )
+        if redecide:
+            warnings.append(
+                "provisioning settings or license_limit changed since the last run: this delta "
+                "run decided for every teacher of the source, not only those its changes touched"
+            )
         conn.execute(
             update(SyncRun)
             .where(col(SyncRun.id) == run_id)
             .values(
                 status=status,
+                warnings=warnings,
                 counts=counts,
                 fetched=dict(fetched),
                 finished_at=now,

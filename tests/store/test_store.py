@@ -49,6 +49,29 @@ def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
     s.dispose()
 
 
+def test_upgrade_keeps_source_state_and_leaves_decided_with_empty(tmp_path: Path) -> None:
+    """A database from before 0005 keeps its source_state rows; decided_with starts NULL, so
+    each source's next delta run re-decides every teacher once."""
+    from alembic import command
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    with store.engine.connect() as conn:
+        command.upgrade(store._alembic(conn), "0004")
+        conn.commit()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO source_state (source, last_run_id, last_counts) "
+                "VALUES ('mem', 7, '{\"persons\": 3}')"
+            )
+        )
+    assert store.upgrade() == ("0004", store.head_revision())
+    with store.read() as conn:
+        row = conn.execute(text("SELECT source, last_run_id, decided_with FROM source_state")).one()
+    assert tuple(row) == ("mem", 7, None)
+    store.dispose()
+
+
 def test_unknown_schema_is_refused(tmp_path: Path) -> None:
     """A database with tables but no migration history is not touched; the error says what to do."""
     s = Store(f"sqlite:///{tmp_path / 'other.db'}")

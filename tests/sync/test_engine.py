@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,46 @@ async def test_license_limit_skips_users_over_it(
     assert report.counts["users_created"] == 1
     assert report.counts["users_skipped_license"] == 1
     assert len(users(store)) == 1
+
+
+async def test_delta_run_redecides_everyone_after_a_provisioning_change(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A delta run normally decides only for the teachers its changes touch; once the
+    license limit (or another provisioning setting) changed since the last run, it decides for
+    everyone, so the teacher skipped for want of a license is created without a full run."""
+    when = datetime(2026, 1, 5, tzinfo=UTC)
+    base = small_roster()
+    roster = MemoryRoster(
+        *(
+            [replace(r, date_last_modified=when) for r in records]
+            for records in (base.orgs, base.persons, base.classes, base.enrollments)
+        )
+    )
+
+    async def run(settings: Settings, mode: str) -> Any:
+        connector = MemoryConnector(roster, delta=True)
+        engine = SyncEngine(settings, store, connectors={"mem": connector})
+        report = await engine.sync("mem", mode=mode)
+        await engine.drain()
+        with store.read() as conn:
+            return engine_module.load_report(conn, report.id)
+
+    limited = make_settings(license_limit=1)
+    first = await run(limited, "full")
+    assert (first.counts["users_created"], first.counts["users_skipped_license"]) == (1, 1)
+    same = await run(limited, "delta")  # nothing changed: nobody is decided for
+    assert same.mode == "delta" and same.counts["users_created"] == 0
+    assert same.counts["users_skipped_license"] == 0 and same.warnings == []
+
+    raised = make_settings(license_limit=5)
+    after = await run(raised, "delta")
+    assert after.mode == "delta" and after.status == "succeeded"
+    assert after.counts["users_created"] == 1
+    assert len(users(store)) == 2
+    assert any("license_limit changed" in w for w in after.warnings)
+    again = await run(raised, "delta")  # decided with these settings now: narrow again
+    assert again.counts["users_created"] == 0 and again.warnings == []
 
 
 async def test_site_map_by_school_id_and_name(
