@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import Connection, delete, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import col
 
 from rostersync.store.db import executemany, in_text, utcnow
@@ -208,6 +209,46 @@ def _apply_member_diff(
     return {g for g, _ in (*added, *gone, *updated)}
 
 
+def _insert_groups(
+    conn: Connection, keys: Sequence[GroupKey], names: Mapping[GroupKey, str], now: datetime
+) -> set[GroupKey]:
+    """Create these groups; returns those this transaction created.
+
+    SQLite: one executemany (its writers take turns, so every key is new). PostgreSQL runs
+    resync batches side by side, and two of them may create the group of a co-taught class
+    at once: ON CONFLICT waits for the other batch and skips the group it created (with its
+    members), where a plain INSERT failed the whole batch on the unique key. RETURNING says
+    which groups are this batch's own, to fill and to count. ``keys`` come sorted, so two
+    batches wait on each other's groups in one order and never in a cycle.
+    """
+    if conn.dialect.name != "postgresql":
+        # One executemany: per-row INSERT ... RETURNING through the ORM layer cost more
+        # than the rest of a 10,000-teacher resync together.
+        executemany(
+            conn,
+            "INSERT INTO groups (source, external_id, name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [(src, ext, names[(src, ext)], now, now) for src, ext in keys],
+            timestamps=True,
+        )
+        return set(keys)
+    table = Group.__table__  # type: ignore[attr-defined]
+    inserted: set[GroupKey] = set()
+    for start in range(0, len(keys), 500):
+        rows = [
+            {"source": src, "external_id": ext, "name": names[(src, ext)], "created_at": now,
+             "updated_at": now}
+            for src, ext in keys[start : start + 500]
+        ]  # fmt: skip
+        stmt = (
+            pg_insert(table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["source", "external_id"])
+            .returning(table.c.source, table.c.external_id)
+        )
+        inserted.update((src, ext) for src, ext in conn.execute(stmt))
+    return inserted
+
+
 def rebuild_groups(
     conn: Connection, user_ids: Iterable[int], *, refresh_all: Iterable[int] = ()
 ) -> dict[int, Counter[str]]:
@@ -275,14 +316,7 @@ def rebuild_groups(
     created: set[int] = set()
     new_keys = sorted(k for k in desired if k not in groups)
     if new_keys:
-        # One executemany, then one read of the new ids: per-row INSERT ... RETURNING through
-        # the ORM layer cost more than the rest of a 10,000-teacher resync together.
-        executemany(
-            conn,
-            "INSERT INTO groups (source, external_id, name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-            [(src, ext, desired[(src, ext)], now, now) for src, ext in new_keys],
-            timestamps=True,
-        )
+        inserted = _insert_groups(conn, new_keys, desired, now)
         by_source_new: dict[str, list[str]] = defaultdict(list)
         for src, ext in new_keys:
             by_source_new[src].append(ext)
@@ -296,9 +330,11 @@ def rebuild_groups(
                     {"src": src, "ids": chunk},
                 ):
                     groups[(src, ext)] = (gid, name)
-                    created.add(gid)
+                    if (src, ext) in inserted:
+                        created.add(gid)
         for key in new_keys:
-            credit(key, "groups_created")
+            if key in inserted:
+                credit(key, "groups_created")
     for key, title in sorted(desired.items()):
         if groups[key][1] != title:
             conn.execute(

@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
+from rostersync.groups import sync_members
 from rostersync.store.db import Store, lock_directory
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -27,20 +28,20 @@ pytestmark = pytest.mark.postgres
 
 WAITING = (
     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-    "WHERE l.locktype = 'advisory' AND NOT l.granted AND a.datname = current_database()"
+    "WHERE l.locktype = :kind AND NOT l.granted AND a.datname = current_database()"
 )
 
 
-async def waits_for_lock(store: Store, task: asyncio.Task[Any]) -> None:
-    """Return once another backend waits for an advisory lock (fail if `task` ends first)."""
+async def waits_for_lock(store: Store, task: asyncio.Task[Any], kind: str = "advisory") -> None:
+    """Return once another backend waits for a lock of this kind (fail if `task` ends first)."""
     for _ in range(400):
         if task.done():
-            pytest.fail(f"the task did not wait for the directory lock: {task.result()!r}")
+            pytest.fail(f"the task did not wait for a {kind} lock: {task.result()!r}")
         with store.read() as conn:
-            if conn.execute(text(WAITING)).scalar_one() > 0:
+            if conn.execute(text(WAITING), {"kind": kind}).scalar_one() > 0:
                 return
         await asyncio.sleep(0.05)
-    pytest.fail("nobody waited for the directory lock within 20 s")
+    pytest.fail(f"nobody waited for a {kind} lock within 20 s")
 
 
 async def while_locked(
@@ -100,3 +101,35 @@ async def test_resync_batches_do_not_wait_for_each_other(
         lock_directory(holder, exclusive=False)
         assert await asyncio.wait_for(engine.drain(), timeout=60) == 2
     assert set(groups(pg_store)) == {"c-1", "c-2"}
+
+
+async def test_two_batches_creating_one_group_both_succeed(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Resync batches run side by side on PostgreSQL. When another batch is creating the group
+    of a co-taught class (c-2) at the same time, this one waits for it, takes the group as it
+    is (members included) and adds its owner, instead of failing on the unique key."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster(), drain=False)
+    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+    with pg_store.engine.connect() as other:  # the other batch, not committed yet
+        transaction = other.begin()
+        lock_directory(other, exclusive=False)
+        gid = other.execute(
+            text(
+                "INSERT INTO groups (source, external_id, name, created_at, updated_at) "
+                "VALUES ('mem', 'c-2', 'Geometry', now(), now()) RETURNING id"
+            )
+        ).scalar_one()
+        sync_members(other, [gid], new=True)
+        task = asyncio.create_task(engine.drain())
+        await waits_for_lock(pg_store, task, "transactionid")
+        transaction.commit()
+    assert await asyncio.wait_for(task, timeout=60) == 2
+    with pg_store.read() as conn:
+        jobs = conn.execute(text("SELECT state, attempts FROM resync_job")).all()
+    assert [tuple(j) for j in jobs] == [("succeeded", 1), ("succeeded", 1)]  # one attempt each
+    got = groups(pg_store)
+    assert set(got) == {"c-1", "c-2"}
+    assert got["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]
+    assert got["c-2"]["members"] and got["c-1"]["members"]
