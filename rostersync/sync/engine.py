@@ -647,23 +647,27 @@ class SyncEngine:
             )
 
         status = "succeeded_with_errors" if rejected_total else "succeeded"
-        warnings = list(
-            conn.execute(
+        if redecide:
+            warnings = conn.execute(
                 select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
             ).scalar_one()
-            or []
-        )
-        if redecide:
-            warnings.append(
-                "provisioning settings or license_limit changed since the last run: this delta "
-                "run decided for every teacher of the source, not only those its changes touched"
+            conn.execute(
+                update(SyncRun)
+                .where(col(SyncRun.id) == run_id)
+                .values(
+                    warnings=[
+                        *(warnings or []),
+                        "provisioning settings or license_limit changed since the last run: "
+                        "this delta run decided for every teacher of the source, not only "
+                        "those its changes touched",
+                    ]
+                )
             )
         conn.execute(
             update(SyncRun)
             .where(col(SyncRun.id) == run_id)
             .values(
                 status=status,
-                warnings=warnings,
                 counts=counts,
                 fetched=dict(fetched),
                 finished_at=now,
