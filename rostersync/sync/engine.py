@@ -517,8 +517,7 @@ class SyncEngine:
             conn, source, changes.dirty_classes - student_side
         )
         written = sql.merge(conn, source, run_id, changes.missing)
-        if sum(written.values()) > 0:
-            sql.refresh_statistics(conn)
+        sql.refresh_statistics(conn, written)
         members_only = sql.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only
         teachers_after = sql.teachers_of_classes(conn, source, dirty)
@@ -810,9 +809,11 @@ class SyncEngine:
             # The drain after a first sync grows the group tables from nothing; plans made for
             # empty tables turn into scans (see refresh_directory_statistics). The small tables
             # are re-sampled after every batch that created many groups, all of them every
-            # ANALYZE_EVERY seconds.
+            # ANALYZE_EVERY seconds while groups are being created. A drain that creates none
+            # (a delta's) leaves the statistics to autovacuum: re-sampling a million member
+            # rows cost it a third of a second.
             now = time.monotonic()
-            if now - self._analyzed_at >= ANALYZE_EVERY:
+            if self._created_unanalyzed and now - self._analyzed_at >= ANALYZE_EVERY:
                 sql.refresh_directory_statistics(conn)
                 self._analyzed_at, self._created_unanalyzed = now, 0
             elif self._created_unanalyzed >= 100:

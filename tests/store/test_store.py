@@ -16,7 +16,11 @@ from rostersync.records import RosterPerson
 from rostersync.rows import person_tuple, sort_batch
 from rostersync.store.db import Store
 from rostersync.store.tables import metadata
-from rostersync.sync.apply import queue_resync, refresh_directory_statistics
+from rostersync.sync.apply import (
+    queue_resync,
+    refresh_directory_statistics,
+    refresh_statistics,
+)
 from rostersync.sync.staging import STAGING, clear_staging, stage
 
 
@@ -240,6 +244,29 @@ def test_staged_dates_keep_their_instant(store: Store) -> None:
     assert got["p-2"] is None
     stored = got["p-1"]
     assert (stored if stored.tzinfo else stored.replace(tzinfo=UTC)) == when
+
+
+def test_mirror_statistics_are_refreshed_after_large_changes_only(store: Store) -> None:
+    """PostgreSQL re-samples a mirror table after a merge that changed it by autovacuum's
+    measure (50 rows plus a tenth of it), not after every small delta; SQLite never does."""
+    people = [{"sid": f"p-{n}", "yes": True} for n in range(200)]
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name,"
+                " enabled, org_ids, status, row_hash) VALUES ('mem', :sid, 'student', 'A', 'B',"
+                " :yes, '', 'active', 'h')"
+            ),
+            people,
+        )
+        first = refresh_statistics(conn, {"person": 200, "class": 0})
+    if not store.is_postgres:
+        assert first == []
+        return
+    assert first == ["roster_person"]  # never analysed: any real change counts
+    with store.write() as conn:
+        assert refresh_statistics(conn, {"person": 60}) == []  # below 50 + 200 / 10
+        assert refresh_statistics(conn, {"person": 70}) == ["roster_person"]
 
 
 def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:

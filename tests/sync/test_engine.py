@@ -764,7 +764,7 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     monkeypatch.setattr(apply, "DropIndex", spy)
     expected = {"ix_roster_enr_class", "ix_roster_enr_user"}
 
-    def boom(conn: Any) -> None:
+    def boom(conn: Any, written: Any) -> None:
         raise RuntimeError("boom after the load")
 
     with monkeypatch.context() as m:
@@ -805,8 +805,9 @@ async def test_users_of_many_persons_are_read_in_one_pass(
 async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker's first batch refreshes all directory statistics; later ones the small tables
-    after 100 new groups, and everything again every ANALYZE_EVERY seconds."""
+    """Workers refresh all directory statistics once groups were created since the last
+    refresh (then at most every ANALYZE_EVERY seconds), the small tables after 100 new groups,
+    and nothing while no group is created."""
     settings = make_settings()
     await sync(settings, store, small_roster(), drain=False)
     calls: list[bool] = []
@@ -815,7 +816,7 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     )
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
     await engine.drain()
-    assert calls == [True]
+    assert calls == []  # nothing was created before this batch
     assert engine._created_unanalyzed == 2  # the two groups this batch created
 
     def requeue() -> None:
@@ -823,13 +824,17 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
             queue_resync(conn, [user_id(conn, "ada@example.org")], reason="t", run_id=None)
 
     requeue()
-    await engine.drain()  # 2 new groups since: below the threshold, within the interval
+    await engine.drain()  # groups created since, never refreshed: everything
+    assert calls == [True] and engine._created_unanalyzed == 0
+    engine._analyzed_at -= engine_module.ANALYZE_EVERY
+    requeue()
+    await engine.drain()  # the interval is over, but no group was created since
     assert calls == [True]
     engine._created_unanalyzed = 100
     requeue()
     await engine.drain()
-    assert calls == [True, False] and engine._created_unanalyzed == 0
-    engine._analyzed_at -= engine_module.ANALYZE_EVERY
+    assert calls == [True, True]  # created since, and the interval is over: everything
+    engine._created_unanalyzed = 100
     requeue()
-    await engine.drain()
-    assert calls == [True, False, True]
+    await engine.drain()  # within the interval: the small tables only
+    assert calls == [True, True, False] and engine._created_unanalyzed == 0
