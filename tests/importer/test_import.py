@@ -324,21 +324,26 @@ def test_data_sync_queues_a_live_resync_or_says_why_not(
     assert [(bool(live), state) for live, state in jobs] == [(True, "queued")]
 
 
+def add_roster_teacher(store: Store, sourced_id: str, *, username: str) -> None:
+    """A teacher in source ``mem``'s mirror, as a sync would have left it."""
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name,"
+                " email, username, enabled, org_ids, status, row_hash) VALUES ('mem', :sid,"
+                " 'teacher', 'X', 'Y', 'x@example.org', :username, :yes, '', 'active', 'h')"
+            ),
+            {"sid": sourced_id, "username": username, "yes": True},
+        )
+
+
 def test_source_usernames_link_roster_people(
     run: Run, store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A Source Username known in the mirror links that person (and queues a resync); unknown
     ones are kept as usernames; one username cannot go to two users."""
     settings = make_settings(memory_sources=("mem",))
-    with store.write() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name, email,"
-                " username, enabled, org_ids, status, row_hash) VALUES ('mem', 't-9', 'teacher', 'X',"
-                " 'Y', 'x@example.org', 'Ada9', :yes, '', 'active', 'h')"
-            ),
-            {"yes": True},
-        )
+    add_roster_teacher(store, "t-9", username="Ada9")
     result = run(
         'Email,Source Username(s)\na@example.org,"mem:ada9; mem:other"\nb@example.org,mem:other\n'
         "c@example.org,nosuch:x\n",
@@ -361,15 +366,7 @@ def test_source_username_matches_beyond_ascii_case(
     """A username with a capital letter outside ASCII ("Élodie") is found however the file
     writes it, on SQLite as on PostgreSQL (SQLite's own LOWER() folds ASCII only)."""
     settings = make_settings(memory_sources=("mem",))
-    with store.write() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name, email,"
-                " username, enabled, org_ids, status, row_hash) VALUES ('mem', 't-7', 'teacher', 'X',"
-                " 'Y', 'x@example.org', 'ÉLODIE', :yes, '', 'active', 'h')"
-            ),
-            {"yes": True},
-        )
+    add_roster_teacher(store, "t-7", username="ÉLODIE")
     result = run("Email,Source Username(s)\ne@example.org,mem:élodie\n", settings_=settings)
     assert statuses(result) == ["Success"]
     with store.read() as conn:
