@@ -370,16 +370,19 @@ def refresh_statistics(conn: Connection, written: Mapping[str, int]) -> list[str
     """
     if conn.dialect.name != "postgresql":
         return []
-    stale = []
-    for kind in ("person", "class", "enrollment"):
-        table = TABLES[kind][0]
-        if not written.get(kind):
-            continue
-        rows = conn.execute(
-            text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": table}
-        ).scalar()
-        if written[kind] >= 50 + 0.1 * max(float(rows or 0), 0.0):
-            stale.append(table)
+    changed = {TABLES[k][0]: n for k, n in written.items() if n and k != "org"}
+    if not changed:
+        return []
+    sizes: dict[str, float] = dict(
+        conn.execute(
+            text(
+                "SELECT relname, reltuples FROM pg_class "
+                "WHERE oid = ANY(CAST(CAST(:tables AS text[]) AS regclass[]))"
+            ),
+            {"tables": sorted(changed)},
+        ).all()
+    )
+    stale = [t for t, n in sorted(changed.items()) if n >= 50 + 0.1 * max(sizes.get(t, 0), 0)]
     if stale:
         conn.execute(text(f"ANALYZE {', '.join(stale)}"))
     return stale

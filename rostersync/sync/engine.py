@@ -646,22 +646,16 @@ class SyncEngine:
             )
 
         status = "succeeded_with_errors" if rejected_total else "succeeded"
+        extra: dict[str, Any] = {}
         if redecide:
             warnings = conn.execute(
                 select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
             ).scalar_one()
-            conn.execute(
-                update(SyncRun)
-                .where(col(SyncRun.id) == run_id)
-                .values(
-                    warnings=[
-                        *(warnings or []),
-                        "provisioning settings or license_limit changed since the last run: "
-                        "this delta run decided for every teacher of the source, not only "
-                        "those its changes touched",
-                    ]
-                )
-            )
+            extra["warnings"] = [
+                *(warnings or []),
+                "provisioning settings or license_limit changed since the last run: this delta "
+                "run decided for every teacher of the source, not only those its changes touched",
+            ]
         conn.execute(
             update(SyncRun)
             .where(col(SyncRun.id) == run_id)
@@ -671,6 +665,7 @@ class SyncEngine:
                 fetched=dict(fetched),
                 finished_at=now,
                 high_water_mark=newest,
+                **extra,
             )
         )
         # This run's staging, and that of older held runs it supersedes, is no longer needed.
