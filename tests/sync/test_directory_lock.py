@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
@@ -45,26 +45,37 @@ async def waits_for_lock(store: Store, task: asyncio.Task[Any], kind: str = "adv
 
 
 async def while_locked(
-    store: Store, exclusive: bool, work: Callable[[], Awaitable[Any]]
+    store: Store,
+    exclusive: bool,
+    work: Callable[[], Awaitable[Any]],
+    *,
+    prepare: Callable[[Connection], object] = lambda conn: None,
+    kind: str = "advisory",
 ) -> tuple[Any, Any]:
-    """Run `work` while this test holds the directory lock; what `work` saw at the point it
-    was blocked (the groups), and its result once the lock is let go."""
+    """Run `work` while this test holds the directory lock (and has run `prepare` in the same
+    open transaction); what `work` saw while blocked on a `kind` lock (the groups), and its
+    result once the test commits."""
     with store.engine.connect() as holder:
         transaction = holder.begin()
         lock_directory(holder, exclusive=exclusive)
+        prepare(holder)
         task = asyncio.create_task(work())
-        await waits_for_lock(store, task)
+        await waits_for_lock(store, task, kind)
         seen = groups(store)
         transaction.commit()
     return seen, await asyncio.wait_for(task, timeout=60)
 
 
+async def queued(settings: Settings, store: Store) -> SyncEngine:
+    """The small roster synced with its resync jobs left queued; an engine to drain them."""
+    await sync(settings, store, small_roster(), drain=False)
+    return SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+
+
 async def test_resync_batch_waits_for_a_sync_applying(
     pg_store: Store, make_settings: Callable[..., Settings]
 ) -> None:
-    settings = make_settings()
-    await sync(settings, pg_store, small_roster(), drain=False)
-    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+    engine = await queued(make_settings(), pg_store)
     seen, done = await while_locked(pg_store, True, engine.drain)
     assert seen == {}  # nothing materialised while the sync held the lock
     assert done == 2
@@ -94,9 +105,7 @@ async def test_resync_batches_do_not_wait_for_each_other(
     pg_store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """The shared lock of one batch lets another batch through (several workers drain)."""
-    settings = make_settings()
-    await sync(settings, pg_store, small_roster(), drain=False)
-    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+    engine = await queued(make_settings(), pg_store)
     with pg_store.engine.connect() as holder, holder.begin():
         lock_directory(holder, exclusive=False)
         assert await asyncio.wait_for(engine.drain(), timeout=60) == 2
@@ -109,23 +118,21 @@ async def test_two_batches_creating_one_group_both_succeed(
     """Resync batches run side by side on PostgreSQL. When another batch is creating the group
     of a co-taught class (c-2) at the same time, this one waits for it, takes the group as it
     is (members included) and adds its owner, instead of failing on the unique key."""
-    settings = make_settings()
-    await sync(settings, pg_store, small_roster(), drain=False)
-    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
-    with pg_store.engine.connect() as other:  # the other batch, not committed yet
-        transaction = other.begin()
-        lock_directory(other, exclusive=False)
-        gid = other.execute(
+    engine = await queued(make_settings(), pg_store)
+
+    def other_batch_creates_c2(conn: Connection) -> None:  # committed after the drain waits
+        gid = conn.execute(
             text(
                 "INSERT INTO groups (source, external_id, name, created_at, updated_at) "
                 "VALUES ('mem', 'c-2', 'Geometry', now(), now()) RETURNING id"
             )
         ).scalar_one()
-        sync_members(other, [gid], new=True)
-        task = asyncio.create_task(engine.drain())
-        await waits_for_lock(pg_store, task, "transactionid")
-        transaction.commit()
-    assert await asyncio.wait_for(task, timeout=60) == 2
+        sync_members(conn, [gid], new=True)
+
+    _, done = await while_locked(
+        pg_store, False, engine.drain, prepare=other_batch_creates_c2, kind="transactionid"
+    )
+    assert done == 2
     with pg_store.read() as conn:
         jobs = conn.execute(text("SELECT state, attempts FROM resync_job")).all()
     assert [tuple(j) for j in jobs] == [("succeeded", 1), ("succeeded", 1)]  # one attempt each
