@@ -8,9 +8,9 @@ Google Classroom courses and rosters) into these, so the sync engine knows one v
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from hashlib import blake2b
 from typing import Any, Literal
 
 Status = Literal["active", "tobedeleted"]
@@ -20,13 +20,17 @@ TEACHER = "teacher"
 STUDENT = "student"
 
 
-def _digest(*parts: object) -> str:
+def digest(*parts: object) -> str:
     """A short stable fingerprint of a record's content, used to spot changes in SQL.
 
     One hash call over one joined string: this runs once per record of a full sync.
     """
-    text = "\x1f".join("\x00" if p is None else str(p) for p in parts)
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return digest_text("\x1f".join(["\x00" if p is None else str(p) for p in parts]))
+
+
+def digest_text(text: str) -> str:
+    """:func:`digest` of parts already joined (``None`` as ``"\\x00"``, ``"\\x1f"`` between)."""
+    return blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +46,7 @@ class RosterOrg:
     entity = "org"
 
     def content_hash(self) -> str:
-        return _digest(self.name, self.type, self.identifier, self.parent_id, self.status)
+        return digest(self.name, self.type, self.identifier, self.parent_id, self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,7 @@ class RosterPerson:
         return " ".join(p for p in (self.given_name, self.family_name) if p).strip()
 
     def content_hash(self) -> str:
-        return _digest(
+        return digest(
             self.role,
             self.given_name,
             self.family_name,
@@ -89,7 +93,7 @@ class RosterClass:
     entity = "class"
 
     def content_hash(self) -> str:
-        return _digest(self.title, self.class_code, self.school_id, self.status)
+        return digest(self.title, self.class_code, self.school_id, self.status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,7 @@ class RosterEnrollment:
     entity = "enrollment"
 
     def content_hash(self) -> str:
-        return _digest(self.class_id, self.user_id, self.role, self.status, self.primary)
+        return digest(self.class_id, self.user_id, self.role, self.status, self.primary)
 
 
 @dataclass(frozen=True, slots=True)

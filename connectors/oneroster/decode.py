@@ -20,9 +20,9 @@ from typing import Any
 
 import orjson
 
-from connectors.oneroster.normalize import normalize_page
+from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.records import RosterRecord
-from rostersync.rows import StagedBatch, sort_batch
+from rostersync.rows import StagedBatch
 
 #: Pages smaller than this are decoded inline (a 1000-record page of enrollments is ~300 KB).
 POOL_MIN_BYTES = 64 * 1024
@@ -57,9 +57,8 @@ def records_of(body: Any, key: str) -> list[Any]:
 
 def decode_records(collection: str, records: list[Any], *, as_rows: bool) -> DecodedPage:
     first = records[0].get("sourcedId") if records and isinstance(records[0], dict) else None
-    normalized = normalize_page(collection, records)
     return DecodedPage(
-        batch=sort_batch(normalized) if as_rows else list(normalized),
+        batch=rows_page(collection, records) if as_rows else normalize_page(collection, records),
         length=len(records),
         first_id=first if isinstance(first, str) and first else None,
     )

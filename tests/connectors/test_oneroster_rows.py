@@ -1,0 +1,228 @@
+"""The decode workers' row builders give exactly what normalizing and then ``sort_batch`` give.
+
+``rows_page`` turns JSON objects straight into staging rows (no record values between, the
+date's text rearranged instead of parsed and formatted). A row that differed would be written
+to the mirror with another fingerprint or date, so every shape the normalizer accepts or
+rejects is compared here, the lenient fallbacks included.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from connectors.oneroster.normalize import normalize_page, rows_page
+from rostersync.records import RosterEnrollment
+from rostersync.rows import StagedBatch, enrollment_tuple, sort_batch
+from rostersync.sampledata import DistrictSpec, generate_district
+from tests.fakes.oneroster_server import encode_record
+
+DATES: list[Any] = [
+    "2026-09-01T12:30:45.123Z",  # the form servers send: the fast path
+    "2026-09-01T12:30:45Z",
+    "2026-09-01T12:30:45.123456Z",
+    "2026-09-01T12:30:45.123+02:00",  # another zone: converted to UTC
+    "2026-09-01T12:30:45.123",  # no zone: read as UTC
+    "2026-09-01 12:30:45.123Z",
+    " 2026-09-01T12:30:45.123Z ",
+    "2026-09-01",
+    "2026-02-30T00:00:00.000Z",  # the fast path's shape, but no such day: rejected
+    "2026-09-01T24:00:00.000Z",
+    "2026-13-01T00:00:00.000Z",
+    "\uff12\uff10\uff12\uff16-09-01T00:00:00.000Z",  # full-width digits: not a date either way
+    "2026-W36-1T00:00:00.000Z",  # an ISO week date as long as the fast form
+    "yesterday",
+    "",
+    None,
+    20260901,
+]
+
+
+def _ref(sourced_id: Any) -> dict[str, Any]:
+    return {"href": "https://elsewhere.invalid/x", "sourcedId": sourced_id, "type": "x"}
+
+
+def _enrollments() -> list[Any]:
+    base = {
+        "sourcedId": "e-1",
+        "status": "active",
+        "dateLastModified": "2026-09-01T00:00:00.000Z",
+        "user": _ref("u-1"),
+        "class": _ref("c-1"),
+        "role": "student",
+        "primary": "false",
+    }
+    variants: list[dict[str, Any]] = [
+        {},
+        {"role": "Teacher", "primary": "true"},
+        {"role": " administrator ", "primary": True},
+        {"primary": "1"},
+        {"primary": "maybe"},
+        {"primary": None},
+        {"user": "u-2", "class": 7},  # bare ids: accepted leniently
+        {"user": _ref(" u-3 ")},
+        {"user": None},
+        {"class": {}},
+        {"role": None},
+        {"sourcedId": " e-2 "},
+        {"sourcedId": 42},
+        {"sourcedId": None},
+        {"status": "tobedeleted", "user": None, "class": None, "role": None},
+        {"status": "inactive"},
+        {"status": "archived"},
+        {"status": ""},
+    ]
+    out: list[Any] = [
+        {**base, **v, "sourcedId": v.get("sourcedId", f"e-{i}")} for i, v in enumerate(variants)
+    ]
+    out += [{**base, "sourcedId": f"e-d{i}", "dateLastModified": d} for i, d in enumerate(DATES)]
+    out += [{"sourcedId": "e-sparse", "status": "tobedeleted"}, ["not", "an", "object"], None]
+    return out
+
+
+def _users() -> list[Any]:
+    base = {
+        "sourcedId": "u-1",
+        "status": "active",
+        "dateLastModified": "2026-09-01T00:00:00.000Z",
+        "username": "ann",
+        "enabledUser": "true",
+        "givenName": "Ann",
+        "familyName": "Lee",
+        "email": "Ann.Lee@Example.org",
+        "role": "teacher",
+        "orgs": [_ref("sch-1"), _ref("sch-2")],
+    }
+    variants: list[dict[str, Any]] = [
+        {},
+        {"email": "  spaced@example.org  ", "givenName": " ", "familyName": None},
+        {"email": None, "username": None, "orgs": []},
+        {"enabledUser": "false"},
+        {"enabledUser": "nope"},
+        {"role": "Student", "orgs": [_ref("sch-1"), "sch-3", 4]},
+        {"role": None},
+        {
+            "role": None,
+            "primaryOrg": _ref("sch-2"),
+            "roles": [
+                {"roleType": "secondary", "role": "aide", "org": _ref("sch-1")},
+                {"roleType": "primary", "role": "teacher", "org": _ref("sch-2")},
+            ],
+        },
+        {"status": "tobedeleted", "role": None},
+        {"givenName": 7, "familyName": "Émile"},
+    ]
+    out: list[Any] = [{**base, **v, "sourcedId": f"u-{i}"} for i, v in enumerate(variants)]
+    out += [{**base, "sourcedId": f"u-d{i}", "dateLastModified": d} for i, d in enumerate(DATES)]
+    return out
+
+
+def _classes() -> list[Any]:
+    base = {
+        "sourcedId": "c-1",
+        "status": "active",
+        "dateLastModified": "2026-09-01T00:00:00.000Z",
+        "title": "Algebra",
+        "classCode": "ALG-1",
+        "school": _ref("sch-1"),
+    }
+    variants: list[dict[str, Any]] = [
+        {},
+        {"classCode": None, "school": None},
+        {"title": None},
+        {"title": None, "status": "tobedeleted"},
+        {"title": "  Biology  ", "classCode": 12},
+    ]
+    return [{**base, **v, "sourcedId": f"c-{i}"} for i, v in enumerate(variants)]
+
+
+def _orgs() -> list[Any]:
+    base = {
+        "sourcedId": "o-1",
+        "status": "active",
+        "dateLastModified": "2026-09-01T00:00:00.000Z",
+        "name": "North High",
+        "type": "school",
+        "identifier": "NH",
+        "parent": _ref("dist"),
+    }
+    variants: list[dict[str, Any]] = [
+        {},
+        {"type": None, "identifier": None, "parent": None},
+        {"name": None},
+        {"name": None, "status": "tobedeleted"},
+    ]
+    return [{**base, **v, "sourcedId": f"o-{i}"} for i, v in enumerate(variants)]
+
+
+def _slow(collection: str, records: list[Any]) -> StagedBatch:
+    return sort_batch(normalize_page(collection, records))
+
+
+def _assert_same(collection: str, records: list[Any]) -> StagedBatch:
+    fast, slow = rows_page(collection, records), _slow(collection, records)
+    assert fast.rows == slow.rows
+    assert fast.rejected == slow.rejected
+    assert fast.newest == slow.newest
+    return fast
+
+
+@pytest.mark.parametrize(
+    ("collection", "records"),
+    [
+        ("enrollments", _enrollments()),
+        ("users", _users()),
+        ("classes", _classes()),
+        ("orgs", _orgs()),
+    ],
+)
+def test_rows_equal_the_normalized_records_rows(collection: str, records: list[Any]) -> None:
+    """Every shape, accepted or rejected, gives the same rows, rejections and newest date."""
+    batch = _assert_same(collection, records)
+    assert batch.rejected  # the corpus does exercise the rejections
+    assert sum(map(len, batch.rows.values())) > len(batch.rejected)
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
+def test_rows_of_a_generated_district_equal_the_normalized_ones(version: str) -> None:
+    """The sample district as a server encodes it (edge cases included), in both versions."""
+    roster = generate_district(DistrictSpec(schools=2, teachers=8, students=60, classes=12))
+    schools: dict[str, str] = {}
+    for collection, records in (
+        ("orgs", roster.orgs),
+        ("users", roster.persons),
+        ("classes", roster.classes),
+        ("enrollments", roster.enrollments),
+    ):
+        raw = [encode_record(r, version, schools) for r in records]
+        batch = _assert_same(collection, raw)
+        assert sum(map(len, batch.rows.values())) > 0
+
+
+@pytest.mark.parametrize("text", [d for d in DATES if isinstance(d, str) and d])
+def test_a_dates_text_is_the_parsed_dates_text(text: str) -> None:
+    """The date column holds utc_text of the parsed date, or the record is rejected alike."""
+    raw = {"sourcedId": "e", "user": _ref("u"), "class": _ref("c"), "role": "student"}
+    raw["dateLastModified"] = text
+    fast = rows_page("enrollments", [raw])
+    slow = normalize_page("enrollments", [raw])
+    if isinstance(slow[0], RosterEnrollment):
+        assert fast.rows["enrollment"] == [enrollment_tuple(slow[0])]
+        assert fast.newest == slow[0].date_last_modified
+    else:
+        assert fast.rejected == slow
+        assert "is not a date-time" in fast.rejected[0].reason
+
+
+def test_the_newest_date_is_the_latest_instant_across_zones() -> None:
+    """Texts compare as instants: 12:00+02:00 is older than 11:00Z."""
+    raw = [
+        {"sourcedId": "c-1", "title": "A", "dateLastModified": "2026-09-01T12:00:00.000+02:00"},
+        {"sourcedId": "c-2", "title": "B", "dateLastModified": "2026-09-01T11:00:00.000Z"},
+        {"sourcedId": "c-3", "title": "C", "dateLastModified": "2026-09-01T10:30:00.000Z"},
+        {"sourcedId": "c-4", "title": "D"},
+    ]
+    assert rows_page("classes", raw).newest == datetime(2026, 9, 1, 11, tzinfo=UTC)
+    assert rows_page("classes", raw[3:]).newest is None
