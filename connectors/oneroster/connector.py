@@ -171,14 +171,20 @@ class OneRosterConnector:
             return FatalSourceError(self.source, f"invalid JSON from {where}")
         return FatalSourceError(self.source, f"unexpected answer from {where}: {problem}")
 
-    async def _decode(self, key: str, response: httpx.Response) -> DecodedPage:
-        """The page, normalized: in the decode pool when it is worth the trip."""
+    async def _decode(self, key: str, response: httpx.Response, total: int | None) -> DecodedPage:
+        """The page, normalized: in the decode pool when it is worth the trip (a large page
+        of a collection that is large, or whose size the server does not say)."""
         content = response.content
         workers = self.config.decode_workers
         if workers is None:
             workers = default_workers()
         try:
-            if workers > 0 and not self._pool_broken and len(content) >= decode.POOL_MIN_BYTES:
+            if (
+                workers > 0
+                and not self._pool_broken
+                and len(content) >= decode.POOL_MIN_BYTES
+                and (total is None or total >= decode.POOL_MIN_RECORDS)
+            ):
                 if self._pool is None:
                     self._pool = start_pool(workers)
                 loop = asyncio.get_running_loop()
@@ -229,7 +235,7 @@ class OneRosterConnector:
             next_offset=next_offset,
         )
         if rows:
-            decoded = await self._decode(key, response)
+            decoded = await self._decode(key, response, page.total)
             return replace(page, decoded=decoded, count=decoded.length, first_id=decoded.first_id)
         try:
             return replace(page, records=records_of(body, key))

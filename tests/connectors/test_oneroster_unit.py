@@ -814,6 +814,7 @@ async def test_pooled_decoding_yields_the_rows_inline_decoding_gives(
     inline = await batches(decode_workers=0)
     assert len(inline) == 1 and not isinstance(inline[0], StagedBatch)
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     pooled = await batches(decode_workers=1)
     assert len(pooled) == 1 and isinstance(pooled[0], StagedBatch)
     expected = sort_batch(inline[0])
@@ -828,6 +829,7 @@ async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
 ) -> None:
     """Errors found in a worker process read as the inline ones do."""
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     with respx.mock(assert_all_called=False) as router:
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
         async with open_connector(decode_workers=1) as c:
@@ -857,12 +859,54 @@ def test_small_pages_skip_the_pool_and_workers_default_to_spare_cores(
         make_config(decode_workers=-1)
 
 
+@pytest.mark.parametrize(
+    ("records", "total", "pooled"),
+    [
+        (5, True, False),  # the server says the collection is small: no workers for it
+        (6, True, True),  # large enough
+        (5, False, True),  # no X-Total-Count: its size is unknown, so the workers start
+    ],
+)
+async def test_the_pool_starts_only_for_a_collection_worth_it(
+    monkeypatch: pytest.MonkeyPatch, records: int, total: bool, pooled: bool
+) -> None:
+    """A delta run's few changed records are decoded inline (starting the workers would cost
+    more); a large or unsized collection goes to the pool. Either way the records are the
+    same."""
+    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 6)
+    starts: list[int] = []
+    real_start = connector_module.start_pool
+
+    def counting_start(workers: int) -> ProcessPoolExecutor:
+        starts.append(workers)
+        return real_start(workers)
+
+    monkeypatch.setattr(connector_module, "start_pool", counting_start)
+    raw = [user(n) for n in range(1, records + 1)]
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users").mock(side_effect=pager(raw, "users", total=total))
+        mock_empty(router, "orgs", "classes", "enrollments")
+        async with open_connector(decode_workers=1, page_size=2) as c:
+            got = [batch async for batch in c.fetch(FetchMode.FULL, None)]
+    assert starts == ([1] if pooled else [])
+    assert all(isinstance(batch, StagedBatch) == pooled for batch in got)
+    rows = [
+        row
+        for batch in got
+        for row in (batch.rows["person"] if isinstance(batch, StagedBatch) else [])
+    ]
+    ids = [r[0] for r in rows] if pooled else [r.sourced_id for b in got for r in b]
+    assert sorted(ids) == [f"u-{n:03d}" for n in range(1, records + 1)]  # pages race
+
+
 async def test_a_broken_decode_pool_falls_back_to_decoding_inline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Workers that cannot start (or die) do not sink the run: the connector warns once and
     decodes in its own process from then on, with the same records."""
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     starts: list[int] = []
 
     def broken_pool(workers: int) -> ProcessPoolExecutor:

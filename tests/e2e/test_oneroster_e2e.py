@@ -457,6 +457,7 @@ async def test_pages_decoded_in_worker_processes_give_the_same_directory(
     """With every page sent to the decode pool (two processes), a full run and a delta run
     end with the directory a CSV sync of the same roster gives, rejections included."""
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     started: list[int] = []
     real_start = decode.start_pool
 
