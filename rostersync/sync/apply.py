@@ -131,6 +131,8 @@ class Changes:
     owner_classes: set[str] = field(default_factory=set)
     #: persons new, changed or gone
     persons: set[str] = field(default_factory=set)
+    #: changed rows already in the mirror, per kind: what :func:`merge` may update in place
+    in_place: dict[str, set[str]] = field(default_factory=dict)
     #: persons whose email address this run would take away, and how many had one
     emails_lost: int = 0
     emails_before: int = 0
@@ -157,13 +159,17 @@ def find_changes(
     # see mark_dirty): on a first run none has, and a million pairs would be collected for
     # nothing.
     sql = """
-        SELECT s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
+        SELECT s.sourced_id, s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
         FROM staging_enrollment s
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
     owners = out.owner_classes
-    for new_cls, new_user, new_role, old_cls, old_user, old_role in conn.execute(text(sql), params):
+    in_place = out.in_place["enrollment"] = set()
+    rows = conn.execute(text(sql), params)
+    for sid, new_cls, new_user, new_role, old_cls, old_user, old_role in rows:
+        if old_cls:
+            in_place.add(sid)
         if new_role != STUDENT or (old_cls and old_role != STUDENT):
             owners.add(new_cls)
             if old_cls:
@@ -216,6 +222,7 @@ def find_changes(
     out.persons = changed_people | out.missing.get("person", set())
     # New people matter only through their (new) enrollments, counted above.
     existing_changed = changed_people - new_ids["person"]
+    out.in_place["person"] = existing_changed
     # A source that stops sending emails (a revoked scope, a changed export) must not
     # silently blank the directory: counted here, judged by the safety rules.
     # One pass over this run's staged people with an empty email, each checked against its
@@ -467,14 +474,53 @@ def _first_bulk_load(conn: Connection, mirror: str, staging: str, params: dict[s
     return mine is None and staged >= total
 
 
+def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids: set[str]) -> int:
+    """SQLite: copy these changed rows' staged values over their mirror rows where no
+    indexed column changed, setting only the columns no index holds. SQLite rewrites the
+    entries of every index on a column an UPDATE sets, equal or not, and the upsert below
+    sets them all: a 1% delta run's 10,400 enrollments touched 12,000 pages of the two
+    enrollment indexes, a third of all it wrote, to write back the values they held."""
+    mirror, staging, cols = TABLES[kind]
+    indexed = {
+        f'"{c.name}"'
+        for index in SQLModel.metadata.tables[mirror].indexes
+        for c in index.columns
+        if c.name not in ("source", "sourced_id")
+    }
+    if not ids or not indexed:
+        return 0
+    sets = ", ".join(f"{c} = s.{c}" for c in cols if c not in indexed)
+    same = " AND ".join(f"m.{c} IS s.{c}" for c in sorted(indexed))
+    stmt = in_text(
+        f"UPDATE {mirror} AS m SET {sets} FROM {staging} s "
+        f"WHERE s.run_id = :run AND s.sourced_id IN :ids "
+        f"AND m.source = :src AND m.sourced_id = s.sourced_id AND {same}",
+        "ids",
+    )
+    done = 0
+    for chunk in chunks(sorted(ids)):
+        done += conn.execute(stmt, {"run": run_id, "src": source, "ids": chunk}).rowcount or 0
+    return done
+
+
 def merge(
-    conn: Connection, source: str, run_id: int, missing: Mapping[str, set[str]]
+    conn: Connection,
+    source: str,
+    run_id: int,
+    missing: Mapping[str, set[str]],
+    in_place: Mapping[str, set[str]] | None = None,
 ) -> dict[str, int]:
     """Upsert changed staged rows into the mirror and sweep what a full run did not see
-    (``missing``, from :func:`find_changes`). Returns rows written per table."""
+    (``missing``, from :func:`find_changes`; ``in_place``, its changed rows already in the
+    mirror, lets SQLite leave their unchanged index entries alone). Returns rows written
+    per table."""
     written: dict[str, int] = {}
     for kind, (mirror, staging, cols) in TABLES.items():
         params = {"src": source, "run": run_id}
+        written[kind] = 0
+        if in_place and conn.dialect.name == "sqlite":
+            # PostgreSQL compares the values itself and skips unchanged index entries.
+            written[kind] = _update_in_place(conn, kind, source, run_id, in_place.get(kind, set()))
         # A source's first load that at least doubles the table goes in faster without the
         # secondary indexes, built again afterwards by one sort each: 1,000,000 enrollments
         # took 10.3 s with both indexes kept up row by row, 7.4 s this way. Inside the
@@ -494,7 +540,8 @@ def merge(
                 WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
             ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
         """
-        written[kind] = conn.execute(text(sql), params).rowcount or 0
+        # The rows updated in place now carry the staged hash: NOT EXISTS skips them.
+        written[kind] += conn.execute(text(sql), params).rowcount or 0
         for index in rebuild:
             conn.execute(CreateIndex(index))
         # Delete by id: the ids are known already, and an anti-join over a million-row

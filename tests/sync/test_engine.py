@@ -789,6 +789,77 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     assert dropped == []
 
 
+async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_changed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The merge writes every change, and on SQLite sets an indexed column only for rows
+    whose value in it changed: a trigger on those columns fires for the moved enrollment and
+    the new email, not for the flag or the family name that changed beside them."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    sqlite = store.engine.dialect.name == "sqlite"
+    if sqlite:
+        with store.write() as conn:
+            conn.execute(text("CREATE TABLE index_writes (tbl TEXT, sourced_id TEXT)"))
+            conn.execute(
+                text(
+                    "CREATE TRIGGER enr_index_cols AFTER UPDATE OF class_id, user_id, role "
+                    "ON roster_enrollment BEGIN INSERT INTO index_writes "
+                    "VALUES ('enrollment', new.sourced_id); END"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER person_index_cols AFTER UPDATE OF email ON roster_person "
+                    "BEGIN INSERT INTO index_writes VALUES ('person', new.sourced_id); END"
+                )
+            )
+    roster = small_roster()
+    roster.enrollments = [
+        replace(e, primary=True)
+        if e.sourced_id == "e-s1c1"
+        else replace(e, class_id="c-2")
+        if e.sourced_id == "e-s2c1"
+        else e
+        for e in roster.enrollments
+    ]
+    roster.replace_person("s-3", family_name="Renamed")
+    roster.replace_person("s-4", email="s4.new@example.org")
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded"
+    with store.read() as conn:
+        enrollments = {
+            sid: (cls, primary)
+            for sid, cls, primary in conn.execute(
+                text('SELECT sourced_id, class_id, "primary" FROM roster_enrollment')
+            )
+        }
+        people = {
+            sid: (family, email)
+            for sid, family, email in conn.execute(
+                text("SELECT sourced_id, family_name, email FROM roster_person")
+            )
+        }
+        writes = (
+            sorted(conn.execute(text("SELECT tbl, sourced_id FROM index_writes")).all())
+            if sqlite
+            else []
+        )
+    assert enrollments["e-s1c1"] == ("c-1", True)
+    assert enrollments["e-s2c1"] == ("c-2", False)
+    assert people["s-3"] == ("Renamed", "s3@example.org")
+    assert people["s-4"] == ("Dent", "s4.new@example.org")
+    assert {m["sourced_id"] for m in groups(store)["c-2"]["members"]} == {
+        "s-2",
+        "s-3",
+        "s-4",
+        "s-5",
+    }
+    assert {m["name"] for m in groups(store)["c-1"]["members"]} >= {"Stu3 Renamed"}
+    if sqlite:
+        assert writes == [("enrollment", "e-s2c1"), ("person", "s-4")]
+
+
 async def test_users_of_many_persons_are_read_in_one_pass(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
