@@ -166,23 +166,45 @@ def find_changes(
     """
     owners = out.owner_classes
     in_place = out.in_place["enrollment"] = set()
-    rows = conn.execute(text(sql), params)
-    for sid, new_cls, new_user, new_role, old_cls, old_user, old_role in rows:
-        if old_cls:
-            in_place.add(sid)
-        if new_role != STUDENT or (old_cls and old_role != STUDENT):
-            owners.add(new_cls)
+    first_load = (
+        not grouped
+        and conn.execute(
+            text("SELECT 1 FROM roster_enrollment WHERE source = :src LIMIT 1"), params
+        ).first()
+        is None
+    )
+    if first_load:
+        # Every staged enrollment is new and no class has a group: what the loop below
+        # would learn from a million rows in Python (1.3 s on district L), one GROUP BY
+        # gives (0.5 s).
+        per_class = """
+            SELECT class_id, max(CASE WHEN COALESCE(role, '') <> 'student' THEN 1 ELSE 0 END),
+                count(*)
+            FROM staging_enrollment WHERE run_id = :run GROUP BY class_id
+        """
+        for cls, taught, count in conn.execute(text(per_class), params):
+            out.dirty_classes.add(cls)
+            if taught:
+                owners.add(cls)
+            new_enrollments += count
+    else:
+        rows = conn.execute(text(sql), params)
+        for sid, new_cls, new_user, new_role, old_cls, old_user, old_role in rows:
             if old_cls:
-                owners.add(old_cls)
-        out.dirty_classes.add(new_cls)
-        if new_cls in grouped and new_role == STUDENT:
-            pairs.add((new_cls, new_user))
-        if old_cls:
-            out.dirty_classes.add(old_cls)
-            if old_cls in grouped and old_role == STUDENT:
-                pairs.add((old_cls, old_user))
-        else:
-            new_enrollments += 1
+                in_place.add(sid)
+            if new_role != STUDENT or (old_cls and old_role != STUDENT):
+                owners.add(new_cls)
+                if old_cls:
+                    owners.add(old_cls)
+            out.dirty_classes.add(new_cls)
+            if new_cls in grouped and new_role == STUDENT:
+                pairs.add((new_cls, new_user))
+            if old_cls:
+                out.dirty_classes.add(old_cls)
+                if old_cls in grouped and old_role == STUDENT:
+                    pairs.add((old_cls, old_user))
+            else:
+                new_enrollments += 1
     if full:
         # A record the source sent but that was rejected (a course answering 403, a row that
         # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,

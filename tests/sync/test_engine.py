@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import event, inspect, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
-from rostersync.rows import StagedBatch
+from rostersync.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store
 from rostersync.sync import apply
 from rostersync.sync import engine as engine_module
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
+from rostersync.sync.staging import stage
 from tests.rosterdata import small_roster
 from tests.sync.helpers import add_user, groups, snapshot, sync, user_id, users
 
@@ -858,6 +859,35 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
     assert {m["name"] for m in groups(store)["c-1"]["members"]} >= {"Stu3 Renamed"}
     if sqlite:
         assert writes == [("enrollment", "e-s2c1"), ("person", "s-4")]
+
+
+def test_a_first_load_finds_the_changes_the_row_by_row_comparison_finds(store: Store) -> None:
+    """A source's first load (no enrollment of it in the mirror, no group) counts classes and
+    enrollments in SQL: the same dirty classes, owners and new enrollments as reading every
+    staged enrollment, here with a sparse ``tobedeleted`` one and an aide among them."""
+    roster = small_roster()
+    roster.enrollments += [
+        RosterEnrollment("e-aide", "c-3", "s-1", "aide"),
+        RosterEnrollment("e-gone", "", "", "", status="tobedeleted"),
+    ]
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    with store.write() as conn:
+        stage(conn, 1, sort_batch(roster.records()))
+        event.listen(conn, "before_cursor_execute", seen)
+        fast = apply.find_changes(conn, "mem", 1, True, {})
+        event.remove(conn, "before_cursor_execute", seen)
+        # A group for a class the roster does not have: the first-load test fails, the loop runs
+        slow = apply.find_changes(conn, "mem", 1, True, {"no-such-class": 0})
+    assert any("GROUP BY class_id" in q for q in statements)  # the first-load path ran
+    assert not any("LEFT JOIN roster_enrollment" in q for q in statements)
+    assert fast == slow
+    assert fast.dirty_classes == {"c-1", "c-2", "c-3", ""}
+    assert fast.owner_classes == {"c-1", "c-2", "c-3", ""}
+    assert fast.member_pairs == set()
 
 
 async def test_users_of_many_persons_are_read_in_one_pass(
