@@ -172,16 +172,17 @@ async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgr
     """engine.drain(), reporting jobs done and still queued after every batch."""
     from rostersync.queue import queue_depth
 
-    done = 0
-    while True:
-        outcomes = await engine.process_batch()
-        done += len(outcomes)
-        if progress is not None and done:
-            with app.store.read() as conn:
-                queued = queue_depth(conn)["queued"]
-            progress.resync(done, queued, final=not outcomes)
-        if not outcomes:
-            return
+    def queued() -> int:
+        with app.store.read() as conn:
+            return int(queue_depth(conn)["queued"])
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress.resync(done, queued(), final=False)
+
+    done = await engine.drain(on_batch=report)
+    if progress is not None and done:
+        progress.resync(done, queued(), final=True)
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -639,6 +640,69 @@ async def test_manual_resync_rereads_every_member(
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
     await engine.drain()
     assert "s-1" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+
+
+async def test_drain_runs_batches_side_by_side_on_postgresql(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain() runs resync.workers batches at once on PostgreSQL (one on SQLite, whose
+    writers take turns), reports the running total after each batch, and ends with every job
+    done and the groups one batch at a time would give."""
+    settings = make_settings(resync={"batch_size": 1, "workers": 3})
+    await sync(settings, store, small_roster(), drain=False)
+    engine = SyncEngine(settings, store)
+    in_flight = peak = 0
+    real = engine.process_batch
+
+    async def counting() -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # let the other workers lease their batches meanwhile
+            return await real()
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(engine, "process_batch", counting)
+    totals: list[int] = []
+    assert await engine.drain(on_batch=totals.append) == 2  # Ada and Alan; Grace's class is empty
+    assert peak == (3 if store.is_postgres else 1)
+    assert sorted(totals) == [1, 2]
+    with store.read() as conn:
+        states = conn.execute(text("SELECT state, count(*) FROM resync_job GROUP BY state")).all()
+    assert states == [("succeeded", 2)]
+    assert {m["sourced_id"] for m in groups(store)["c-2"]["members"]} == {"s-3", "s-4", "s-5"}
+    assert groups(store)["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]
+
+
+async def test_a_failing_drain_worker_stops_the_others(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error out of one worker (not a job's failure, which is recorded) cancels the others
+    and reaches the caller as it was raised."""
+    settings = make_settings(resync={"batch_size": 1, "workers": 3})
+    await sync(settings, store, small_roster(), drain=False)
+    engine = SyncEngine(settings, store)
+    calls = 0
+    cancelled: list[bool] = []
+
+    async def failing() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("lease failed")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return []
+
+    monkeypatch.setattr(engine, "process_batch", failing)
+    with pytest.raises(RuntimeError, match="lease failed"):
+        await asyncio.wait_for(engine.drain(), timeout=5)
+    assert len(cancelled) == (2 if store.is_postgres else 0)
 
 
 async def test_sync_marks_changed_classes_until_their_resync(
