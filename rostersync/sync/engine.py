@@ -802,24 +802,28 @@ class SyncEngine:
     def _materialise(
         self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
     ) -> None:
+        # The drain after a first sync grows the group tables from nothing; plans made for
+        # empty tables turn into scans (see refresh_directory_statistics). The small tables are
+        # re-sampled before every batch that follows one that created many groups, all of them
+        # every ANALYZE_EVERY seconds while groups are being created. A drain that creates none
+        # (a delta's) leaves the statistics to autovacuum: re-sampling a million member rows
+        # cost it a third of a second.
+        now = time.monotonic()
+        with self._stats_lock:
+            every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
+            small = not every and self._created_unanalyzed >= 100
+            if every:
+                self._analyzed_at = now
+            if every or small:
+                self._created_unanalyzed = 0
+        if (every or small) and self.store.is_postgres:
+            # In a transaction of its own: ANALYZE keeps its table lock until commit, and
+            # inside the batch it made every other batch's ANALYZE wait for that batch to end
+            # (concurrent batches ran one at a time).
+            with self.store.write() as conn:
+                sql.refresh_directory_statistics(conn, members=every)
         with self.store.write() as conn:
             lock_directory(conn, exclusive=False)  # no sync applies meanwhile
-            # The drain after a first sync grows the group tables from nothing; plans made for
-            # empty tables turn into scans (see refresh_directory_statistics). The small tables
-            # are re-sampled after every batch that created many groups, all of them every
-            # ANALYZE_EVERY seconds while groups are being created. A drain that creates none
-            # (a delta's) leaves the statistics to autovacuum: re-sampling a million member
-            # rows cost it a third of a second.
-            now = time.monotonic()
-            with self._stats_lock:
-                every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
-                small = not every and self._created_unanalyzed >= 100
-                if every:
-                    self._analyzed_at = now
-                if every or small:
-                    self._created_unanalyzed = 0
-            if every or small:
-                sql.refresh_directory_statistics(conn, members=every)
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
                     apply_teacher_roster(conn, source, ext, roster)
@@ -830,9 +834,9 @@ class SyncEngine:
                 refresh_all=[j.user_id for j in jobs if j.run_id is None or j.live],
             )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
-            with self._stats_lock:
-                self._created_unanalyzed += totals.get("groups_created", 0)
             complete(conn, jobs, results)
+        with self._stats_lock:  # committed: the next refresh samples these groups
+            self._created_unanalyzed += totals.get("groups_created", 0)
         self.log.info("resync_batch_done", jobs=len(jobs), **totals)
 
     async def drain(self, on_batch: Callable[[int], None] | None = None) -> int:
