@@ -295,6 +295,28 @@ async def test_student_changes_update_members_and_queue_only_their_teachers(
         assert conn.execute(text("SELECT count(*) FROM dirty_member")).scalar_one() == 0
 
 
+async def test_a_sync_adds_removes_and_updates_members_in_one_pass(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The sync's own member update writes all three kinds of change at once (on PostgreSQL
+    each as one statement over arrays): a student whose email is gone keeps a member row with
+    no email, one leaves c-1, one joins it, and the other members stay as they were."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = {m["sourced_id"]: m for m in groups(store)["c-2"]["members"]}
+    roster = small_roster()
+    roster.replace_person("s-1", email=None, family_name="Nomail")
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-s2c1"]
+    roster.enrollments.append(RosterEnrollment("e-s4c1", "c-1", "s-4", "student"))
+    report = await sync(settings, store, roster, drain=False)
+    assert report.status == "succeeded"
+    members = {m["sourced_id"]: m for m in groups(store)["c-1"]["members"]}
+    assert set(members) == {"s-1", "s-3", "s-4"}
+    assert members["s-1"]["email"] is None and members["s-1"]["name"] == "Stu1 Nomail"
+    assert members["s-4"]["email"] == "s4@example.org" and members["s-4"]["name"] == "Stu4 Dent"
+    assert {m["sourced_id"]: m for m in groups(store)["c-2"]["members"]} == before
+
+
 async def test_student_side_changes_that_move_owners_still_queue_the_teachers(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
