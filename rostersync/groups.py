@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Connection, delete, text, update
 from sqlmodel import col
@@ -149,11 +148,9 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
         )
     )
     # Emptied after use below; a failed transaction rolls its own rows back.
-    _write_rows(
+    executemany(
         conn,
         "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)",
-        "INSERT INTO rs_member_marks (gid, src, cls, person) SELECT * FROM {rows}",
-        ("integer", "text", "text", "text"),
         sorted(set(marks)),
     )
     want: dict[tuple[int, str], tuple[str | None, str]] = {
@@ -180,15 +177,6 @@ def update_members(
 
 
 def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
-    if conn.dialect.name == "postgresql":
-        # One statement: a 1% delta stamps 15,000 groups, one round of psycopg's
-        # executemany each.
-        if group_ids:
-            conn.execute(
-                text("UPDATE groups SET updated_at = :now WHERE id = ANY(CAST(:ids AS integer[]))"),
-                {"now": now, "ids": list(group_ids)},
-            )
-        return
     executemany(
         conn,
         "UPDATE groups SET updated_at = ? WHERE id = ?",
@@ -197,60 +185,25 @@ def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) ->
     )
 
 
-def _write_rows(
-    conn: Connection,
-    sql: str,
-    bulk: str,
-    types: Sequence[str],
-    rows: Sequence[tuple[Any, ...]],
-) -> None:
-    """``sql`` once per row (SQLite: in-process, as fast as it gets), or on PostgreSQL
-    ``bulk`` once, its ``{rows}`` the rows as a set (``unnest`` of one array per column, in
-    order): psycopg's executemany runs a statement per row, tens of thousands in a delta
-    run's member updates, and the client's share of each cost more than the server's."""
-    if not rows:
-        return
-    if conn.dialect.name != "postgresql":
-        executemany(conn, sql, rows)
-        return
-    names = [f"c{i}" for i in range(len(types))]
-    arrays = ", ".join(f"CAST(:{n} AS {t}[])" for n, t in zip(names, types, strict=True))
-    source = f"unnest({arrays}) AS r({', '.join(names)})"
-    columns = {n: list(values) for n, values in zip(names, zip(*rows, strict=True), strict=True)}
-    conn.execute(text(bulk.format(rows=source)), columns)
-
-
 def _apply_member_diff(
     conn: Connection,
     want: dict[tuple[int, str], tuple[str | None, str]],
     have: dict[tuple[int, str], tuple[str | None, str]],
 ) -> set[int]:
     """Write the difference between members wanted and held; returns the groups changed."""
-    added = sorted(k for k in want if k not in have)
-    gone = sorted(k for k in have if k not in want)
-    updated = sorted(k for k, v in want.items() if k in have and have[k] != v)
-    member = ("integer", "text", "text", "text")
-    _write_rows(
+    added = [k for k in want if k not in have]
+    gone = [k for k in have if k not in want]
+    updated = [k for k, v in want.items() if k in have and have[k] != v]
+    executemany(
         conn,
         "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
-        "INSERT INTO group_member (group_id, sourced_id, email, name) SELECT * FROM {rows}",
-        member,
         [(g, sid, *want[(g, sid)]) for g, sid in added],
     )
-    _write_rows(
+    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)
+    executemany(
         conn,
-        "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?",
-        "DELETE FROM group_member gm USING {rows} WHERE gm.group_id = r.c0 AND gm.sourced_id = r.c1",
-        member[:2],
-        gone,
-    )
-    _write_rows(
-        conn,
-        "UPDATE group_member SET email = ?3, name = ?4 WHERE group_id = ?1 AND sourced_id = ?2",
-        "UPDATE group_member gm SET email = r.c2, name = r.c3 FROM {rows} "
-        "WHERE gm.group_id = r.c0 AND gm.sourced_id = r.c1",
-        member,
-        [(g, sid, *want[(g, sid)]) for g, sid in updated],
+        "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
+        [(*want[(g, sid)], g, sid) for g, sid in updated],
     )
     return {g for g, _ in (*added, *gone, *updated)}
 
