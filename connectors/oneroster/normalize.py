@@ -223,7 +223,7 @@ def _org_fields(raw: dict[str, Any]) -> tuple[str, str, str, str | None, str | N
         name or "",
         _text(raw, "type") or "school",
         _text(raw, "identifier"),
-        (_ref(raw.get("parent"))),
+        _ref(raw.get("parent")),
         status,
     )
 
