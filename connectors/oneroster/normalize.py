@@ -23,10 +23,10 @@ without its user or class, an unreadable date or boolean) becomes a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from rostersync.records import (
     Rejected,
@@ -57,6 +57,9 @@ _STATUS: dict[str, Status] = {
     "inactive": "tobedeleted",  # OneRoster 1.0
 }
 _TRUE = {"true": True, "false": False, "1": True, "0": False}
+
+
+_T = TypeVar("_T")
 
 
 class _Bad(ValueError):
@@ -337,24 +340,29 @@ NORMALIZERS: dict[str, tuple[str, Normalizer]] = {
 }
 
 
+def _converted(
+    entity: str, convert: Callable[[dict[str, Any]], _T], records: Iterable[Any]
+) -> Iterator[_T | Rejected]:
+    """Each record converted, in order, or its rejection: a schema violation, or not an object.
+    (Objects are not type-checked up front: a million ``isinstance`` calls for the rare list.)"""
+    for raw in records:
+        try:
+            yield convert(raw)
+        except _Bad as exc:
+            sourced_id = raw.get("sourcedId")
+            yield Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc))
+        except AttributeError:
+            if isinstance(raw, dict):
+                raise
+            yield Rejected(entity, None, "not a JSON object")
+
+
 def normalize_page(
     collection: str, records: list[Any]
 ) -> list[RosterOrg | RosterPerson | RosterClass | RosterEnrollment | Rejected]:
     """Every record of one page, in order (bad ones as :class:`Rejected`)."""
     entity, convert = NORMALIZERS[collection]
-    out: list[RosterOrg | RosterPerson | RosterClass | RosterEnrollment | Rejected] = []
-    append = out.append
-    for raw in records:
-        try:
-            append(convert(raw))
-        except _Bad as exc:
-            sourced_id = raw.get("sourcedId")
-            append(Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc)))
-        except AttributeError:
-            if isinstance(raw, dict):
-                raise
-            append(Rejected(entity, None, "not a JSON object"))
-    return out
+    return list(_converted(entity, convert, records))
 
 
 #: collection name -> (entity name used in reports, staging table kind, row builder)
@@ -373,19 +381,11 @@ def rows_page(collection: str, records: list[Any]) -> StagedBatch:
     entity, kind, build = ROW_BUILDERS[collection]
     out = StagedBatch()
     rows = out.rows[kind]
-    append = rows.append
-    for raw in records:
-        try:
-            append(build(raw))
-        except _Bad as exc:
-            sourced_id = raw.get("sourcedId")
-            out.rejected.append(
-                Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc))
-            )
-        except AttributeError:
-            if isinstance(raw, dict):
-                raise
-            out.rejected.append(Rejected(entity, None, "not a JSON object"))
+    for row in _converted(entity, build, records):
+        if isinstance(row, Rejected):
+            out.rejected.append(row)
+        else:
+            rows.append(row)
     # utc_text is fixed-width, so the greatest text is the newest instant.
     at = _DATE_COLUMN[kind]
     newest = max((d for row in rows if (d := row[at]) is not None), default=None)
@@ -401,8 +401,4 @@ def normalize(
     entity, convert = NORMALIZERS[collection]
     if not isinstance(raw, dict):
         return Rejected(entity, None, "not a JSON object")
-    try:
-        return convert(raw)
-    except _Bad as exc:
-        sourced_id = raw.get("sourcedId")
-        return Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc))
+    return next(_converted(entity, convert, [raw]))
