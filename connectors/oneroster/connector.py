@@ -69,6 +69,14 @@ from rostersync.rows import StagedBatch
 #: What a full or delta run reads, in this order, with each answer's envelope key.
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")
 
+#: Pages of a collection in progress at once, per request allowed in flight: a page is in
+#: progress from its request until it is decoded. The requests themselves stay within
+#: ``max_concurrency`` (the semaphore in ``_get``); the extra pages are answers that wait
+#: for the decode pool. With one page per request, the pages waiting for a busy decode
+#: worker held every request slot, and the connection sat idle while the worker caught up
+#: (a quarter of both cores went unused during a district's fetch).
+PAGES_PER_REQUEST_SLOT = 2
+
 
 class _Missing(Exception):
     """A relation endpoint answered 404: some servers say "no classes" that way."""
@@ -259,7 +267,8 @@ class OneRosterConnector:
             )
 
         paginator = OffsetPaginator(self.source, path, self.config.page_size)
-        async for page in paginate(fetch, paginator, self.config.max_concurrency):
+        width = self.config.max_concurrency * PAGES_PER_REQUEST_SLOT
+        async for page in paginate(fetch, paginator, width):
             yield page
 
     async def _all(self, path: str, key: str) -> list[Any] | None:

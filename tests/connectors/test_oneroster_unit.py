@@ -158,6 +158,45 @@ async def test_total_count_pages_are_fetched_concurrently_within_the_bound() -> 
     ]
 
 
+async def test_answers_waiting_for_the_decoder_do_not_hold_request_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While decoding lags, more pages are fetched: requests stay within max_concurrency, but
+    answers waiting to be decoded no longer count against it."""
+    records = [user(i) for i in range(58)]  # twelve pages, the last one short
+    requests = request_peak = decoding = decode_peak = 0
+    serve = pager(records, "users")
+
+    async def counted(request: httpx.Request) -> httpx.Response:
+        nonlocal requests, request_peak
+        requests += 1
+        request_peak = max(request_peak, requests)
+        await asyncio.sleep(0.005)
+        requests -= 1
+        return serve(request)
+
+    real_decode = OneRosterConnector._decode
+
+    async def slow_decode(self: OneRosterConnector, *args: Any) -> decode.DecodedPage:
+        nonlocal decoding, decode_peak
+        decoding += 1
+        decode_peak = max(decode_peak, decoding)
+        await asyncio.sleep(0.05)  # a busy decode pool
+        decoding -= 1
+        return await real_decode(self, *args)
+
+    monkeypatch.setattr(OneRosterConnector, "_decode", slow_decode)
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=counted)
+        async with open_connector(page_size=5, max_concurrency=2) as c:
+            got = await fetch_all(c)
+    assert request_peak == 2
+    assert decode_peak == 2 * connector_module.PAGES_PER_REQUEST_SLOT
+    assert route.call_count == 12
+    assert len([r for r in got if isinstance(r, RosterPerson)]) == 58
+
+
 async def test_link_next_is_followed_but_urls_are_built_from_base_url() -> None:
     """Without a total, rel="next" drives paging, yet every request goes to base_url's host."""
     records = [user(i) for i in range(7)]
