@@ -7,12 +7,15 @@ set-based statements, where ORM objects would cost memory and time per row.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -81,6 +84,10 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
+        # The store's checkpointer thread copies the WAL into the database file (see
+        # _Checkpointer); by default the connection that commits does it, before its commit
+        # returns.
+        cur.execute("PRAGMA wal_autocheckpoint=0")
         # A page cache of up to 128 MiB (the default is 2 MiB): the set-based steps of a
         # large district walk million-row indexes, and with the default cache they re-read
         # the same pages from the OS again and again (member inserts took 7.3 s, not 5 s,
@@ -123,6 +130,76 @@ def lock_directory(conn: Connection, *, exclusive: bool) -> None:
         conn.exec_driver_sql(f"SELECT {fn}(hashtextextended(current_schema(), {DIRECTORY_LOCK}))")
 
 
+#: Least seconds between two checkpoints: a daemon commits small transactions all the time,
+#: and each checkpoint syncs the WAL and the database file.
+CHECKPOINT_INTERVAL = 1.0
+
+
+class _Checkpointer:
+    """Copies a SQLite database's write-ahead log into the database file, in a thread of its
+    own, after write transactions commit.
+
+    By default SQLite does this in the connection that commits, once the log holds 1,000
+    pages, and the commit waits for it: a first sync's apply transaction (344 MB of log on
+    district L) spent 1.4 s of its 1.6 s commit copying the log, on the one core the sync's
+    work runs on. Here the copy runs beside the next work (the resync batches), and the
+    commit returns once its pages are in the log. Checkpoints are PASSIVE: they never wait
+    for, or block, readers and writers. A process that exits before the thread catches up
+    loses nothing: the log is the durable copy, and the next connection to open the database
+    reads it (SQLite also checkpoints when the last connection closes).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.checkpoints = 0  # completed, for tests
+
+    def poke(self) -> None:
+        """A write transaction committed: checkpoint soon (the thread starts on first use)."""
+        if self._thread is None:
+            with self._start_lock:
+                if self._thread is None and not self._stopping.is_set():
+                    self._thread = threading.Thread(
+                        target=self._run, name="rostersync-wal-checkpoint", daemon=True
+                    )
+                    self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        log = structlog.get_logger()
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                self._wake.wait()
+                if self._stopping.is_set():
+                    return
+                self._wake.clear()
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self.checkpoints += 1
+                except sqlite3.Error as exc:  # the next commit tries again
+                    log.warning("wal_checkpoint_failed", error=str(exc))
+                # Commits meanwhile set _wake again: one checkpoint covers them all.
+                if self._stopping.wait(CHECKPOINT_INTERVAL):
+                    return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        """End the thread (a later commit starts another)."""
+        with self._start_lock:
+            self._stopping.set()
+            self._wake.set()
+            if self._thread is not None:
+                self._thread.join()
+            self._thread = None
+            self._stopping.clear()
+            self._wake.clear()
+
+
 def in_text(sql: str, *names: str) -> TextClause:
     """A text() statement whose ``:name`` parameters take lists (``IN :ids``)."""
     return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
@@ -150,10 +227,13 @@ class Store:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
+        self._checkpointer: _Checkpointer | None = None
         if self.dialect == "sqlite":
             db = parsed.database
             if db and db != ":memory:":
                 Path(db).parent.mkdir(parents=True, exist_ok=True)
+                if not parsed.query.get("uri"):
+                    self._checkpointer = _Checkpointer(db)
             # Pooled connections keep their PRAGMAs; opening one per batch would cost more
             # than the batch's insert. A connection is only ever used by one thread at a time.
             self.engine = create_engine(
@@ -186,8 +266,13 @@ class Store:
             conn = conn.execution_options(rostersync_write=True)
             with conn.begin():
                 yield conn
+        if self._checkpointer is not None:
+            self._checkpointer.poke()
 
     def dispose(self) -> None:
+        """Close every connection (on SQLite the last one to close checkpoints the log)."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
 
     # -- schema ------------------------------------------------------------------------

@@ -77,16 +77,25 @@ def _ids(rows: Iterable[Any]) -> set[str]:
 # -- change detection -------------------------------------------------------------------------
 
 
-def changed_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
-    """Staged rows that are new or differ from the mirror."""
+def new_and_changed(
+    conn: Connection, kind: str, source: str, run_id: int
+) -> tuple[set[str], set[str]]:
+    """Staged rows that are new to the mirror, and those that are new or differ from it: one
+    pass over staging (two anti-joins read 210,000 staged people twice)."""
     mirror, staging, _ = TABLES[kind]
     sql = f"""
-        SELECT s.sourced_id FROM {staging} s
-        WHERE s.run_id = :run AND NOT EXISTS (
-            SELECT 1 FROM {mirror} m
-            WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
+        SELECT s.sourced_id, CASE WHEN m.sourced_id IS NULL THEN 1 ELSE 0 END
+        FROM {staging} s
+        LEFT JOIN {mirror} m ON m.source = :src AND m.sourced_id = s.sourced_id
+        WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
-    return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
+    new: set[str] = set()
+    changed: set[str] = set()
+    for sid, is_new in conn.execute(text(sql), {"run": run_id, "src": source}):
+        changed.add(sid)
+        if is_new:
+            new.add(sid)
+    return new, changed
 
 
 def nothing_missing(conn: Connection, kind: str, source: str, run_id: int, new_count: int) -> bool:
@@ -149,9 +158,11 @@ def find_changes(
     staging, so a moved enrollment dirties both its classes."""
     params = {"run": run_id, "src": source}
     out = Changes()
-    new_ids = {
-        kind: _new_ids(conn, kind, source, run_id) for kind in TABLES if kind != "enrollment"
-    }
+    new_ids: dict[str, set[str]] = {}
+    changed: dict[str, set[str]] = {}
+    for kind in TABLES:
+        if kind != "enrollment":
+            new_ids[kind], changed[kind] = new_and_changed(conn, kind, source, run_id)
     # Enrollments that are new or changed (new and old class).
     new_enrollments = 0
     pairs = out.member_pairs
@@ -235,12 +246,10 @@ def find_changes(
                 if cls in grouped and role == STUDENT:
                     pairs.add((cls, uid))
         out.missing["enrollment"] = gone_enrollments
-    out.refresh_classes = changed_ids(conn, "class", source, run_id) | out.missing.get(
-        "class", set()
-    )
+    out.refresh_classes = changed["class"] | out.missing.get("class", set())
     out.dirty_classes |= out.refresh_classes
     owners |= out.refresh_classes
-    changed_people = changed_ids(conn, "person", source, run_id)
+    changed_people = changed["person"]
     out.persons = changed_people | out.missing.get("person", set())
     # New people matter only through their (new) enrollments, counted above.
     existing_changed = changed_people - new_ids["person"]
@@ -326,15 +335,6 @@ def rejected_ids(conn: Connection, run_id: int) -> dict[str, set[str]]:
         if kind:
             out[kind].add(sid)
     return out
-
-
-def _new_ids(conn: Connection, kind: str, source: str, run_id: int) -> set[str]:
-    mirror, staging, _ = TABLES[kind]
-    sql = f"""
-        SELECT s.sourced_id FROM {staging} s WHERE s.run_id = :run AND NOT EXISTS (
-            SELECT 1 FROM {mirror} m WHERE m.source = :src AND m.sourced_id = s.sourced_id)
-    """
-    return _ids(conn.execute(text(sql), {"run": run_id, "src": source}))
 
 
 def enrollments_of_persons(
@@ -483,17 +483,22 @@ def mark_dirty(
 BULK_LOAD_MIN_ROWS = 50_000
 
 
-def _first_bulk_load(conn: Connection, mirror: str, staging: str, params: dict[str, Any]) -> bool:
-    """This run loads the source into ``mirror`` for the first time, at least doubling it.
-    The cheap test first: counting a million-row mirror twice costs a delta run 0.1 s."""
+def _first_load(
+    conn: Connection, mirror: str, staging: str, params: dict[str, Any]
+) -> tuple[bool, bool]:
+    """(this run loads the source into ``mirror`` for the first time, and that load at least
+    doubles the table: its secondary indexes are better built afterwards). The cheap test
+    first: counting a million-row mirror costs a delta run 0.1 s."""
+    mine = conn.execute(text(f"SELECT 1 FROM {mirror} WHERE source = :src LIMIT 1"), params).first()
+    if mine is not None:
+        return False, False
     staged = conn.execute(
         text(f"SELECT count(*) FROM {staging} WHERE run_id = :run"), params
     ).scalar_one()
     if staged < BULK_LOAD_MIN_ROWS:
-        return False
-    mine = conn.execute(text(f"SELECT 1 FROM {mirror} WHERE source = :src LIMIT 1"), params).first()
+        return True, False
     total = conn.execute(text(f"SELECT count(*) FROM {mirror}")).scalar_one()
-    return mine is None and staged >= total
+    return True, staged >= total
 
 
 def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids: set[str]) -> int:
@@ -548,7 +553,8 @@ def merge(
         # took 10.3 s with both indexes kept up row by row, 7.4 s this way. Inside the
         # transaction, so a failed run leaves them as they were.
         secondary = [i for i in SQLModel.metadata.tables[mirror].indexes if not i.unique]
-        rebuild = secondary if secondary and _first_bulk_load(conn, mirror, staging, params) else []
+        fresh, bulk = _first_load(conn, mirror, staging, params)
+        rebuild = secondary if bulk else []
         for index in rebuild:
             conn.execute(DropIndex(index))
         col_list = ", ".join(cols)
@@ -556,12 +562,18 @@ def merge(
         sql = f"""
             INSERT INTO {mirror} (source, sourced_id, {col_list})
             SELECT CAST(:src AS VARCHAR(64)), s.sourced_id, {", ".join("s." + c for c in cols)}
-            FROM {staging} s
-            WHERE s.run_id = :run AND NOT EXISTS (
-                SELECT 1 FROM {mirror} m
-                WHERE m.source = :src AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
-            ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
+            FROM {staging} s WHERE s.run_id = :run
         """
+        if not fresh:
+            # A first load has nothing to compare with and no conflict to resolve (staging
+            # holds one row per id): the probe and the conflict check per row cost a
+            # million-enrollment load half of its 1.2 s.
+            sql += f"""
+                AND NOT EXISTS (
+                    SELECT 1 FROM {mirror} m WHERE m.source = :src
+                    AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
+                ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
+            """
         # The rows updated in place now carry the staged hash: NOT EXISTS skips them.
         written[kind] += conn.execute(text(sql), params).rowcount or 0
         for index in rebuild:

@@ -96,6 +96,56 @@ def test_sqlite_uses_wal_and_a_busy_timeout(sqlite_store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -128 * 1024
 
 
+def test_sqlite_commits_leave_the_wal_checkpoint_to_the_store_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit returns once its pages are in the write-ahead log; the store's checkpointer
+    thread copies them into the database file afterwards, and stops with the store."""
+    import time
+
+    path = tmp_path / "wal.db"
+    store = Store(f"sqlite:///{path}")
+    store.ensure_schema()
+    with store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+    pokes: list[int] = []
+    monkeypatch.setattr(checkpointer, "poke", lambda: pokes.append(1))
+    size = path.stat().st_size
+    with store.write() as conn:  # 8 MB: SQLite's own rule would checkpoint at 4 MB
+        conn.exec_driver_sql("CREATE TABLE ballast (b BLOB)")
+        conn.exec_driver_sql(
+            "INSERT INTO ballast SELECT randomblob(4000) FROM "
+            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
+            "SELECT i FROM n)"
+        )
+    assert pokes == [1]
+    assert path.stat().st_size == size  # the pages are in the log only
+    monkeypatch.undo()
+    with store.write() as conn:
+        conn.exec_driver_sql("INSERT INTO ballast VALUES (x'00')")
+    deadline = time.monotonic() + 10
+    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.checkpoints >= 1
+    assert path.stat().st_size > size + 8_000_000
+    thread = checkpointer._thread
+    assert thread is not None and thread.is_alive()
+    store.dispose()
+    assert not thread.is_alive()
+    with store.read() as conn:  # still usable; all rows were kept
+        assert conn.exec_driver_sql("SELECT count(*) FROM ballast").scalar() == 2001
+    store.dispose()
+
+
+def test_checkpointer_is_only_for_sqlite_files(tmp_path: Path) -> None:
+    """In-memory SQLite has no log to copy; PostgreSQL manages its own."""
+    assert Store("sqlite:///:memory:")._checkpointer is None
+    assert Store("postgresql+psycopg://u@127.0.0.1/db")._checkpointer is None
+    assert Store(f"sqlite:///{tmp_path / 'f.db'}")._checkpointer is not None
+
+
 def test_write_rolls_back_on_error(store: Store) -> None:
     """An exception inside a write transaction leaves nothing behind."""
     with pytest.raises(RuntimeError), store.write() as conn:

@@ -876,6 +876,54 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     assert dropped == []
 
 
+async def test_a_sources_first_load_inserts_without_comparing_and_later_runs_upsert(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Into a mirror table that holds no row of the source, the merge inserts the staged rows
+    plainly (nothing to compare, no conflict possible), even beside another source's rows;
+    once the source has rows there, changes go through the comparing upsert."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    statements: list[str] = []
+
+    def spy(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO roster_enrollment"):
+            statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", spy)
+    try:
+        await sync(settings, store, small_roster())
+        first = list(statements)
+        await sync(settings, store, small_roster(), source="other")
+        beside = statements[len(first) :]
+        roster = small_roster()
+        roster.enrollments = [
+            replace(e, primary=True) if e.sourced_id == "e-s1c1" else e for e in roster.enrollments
+        ]
+        count = len(statements)
+        report = await sync(settings, store, roster)
+        again = statements[count:]
+    finally:
+        event.remove(store.engine, "before_cursor_execute", spy)
+    assert report.status == "succeeded"
+    assert len(first) == 1 and "ON CONFLICT" not in first[0] and "NOT EXISTS" not in first[0]
+    assert len(beside) == 1 and "ON CONFLICT" not in beside[0]
+    assert len(again) == 1 and "ON CONFLICT" in again[0]
+    with store.read() as conn:
+        rows = conn.execute(
+            text(
+                'SELECT source, count(*), sum(CASE WHEN "primary" THEN 1 ELSE 0 END) '
+                "FROM roster_enrollment GROUP BY source ORDER BY source"
+            )
+        ).all()
+    base = small_roster().enrollments
+    primaries = sum(e.primary for e in base)
+    assert not next(e for e in base if e.sourced_id == "e-s1c1").primary
+    assert [tuple(r) for r in rows] == [
+        ("mem", len(base), primaries + 1),
+        ("other", len(base), primaries),
+    ]
+
+
 async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_changed(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
