@@ -157,7 +157,8 @@ class _Checkpointer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
-        self.checkpoints = 0  # completed, for tests
+        self.checkpoints = 0  # completed, and the log's length in pages at the last (tests)
+        self.frames = 0
 
     def poke(self) -> None:
         """A write transaction committed: checkpoint soon (the thread starts on first use)."""
@@ -183,6 +184,7 @@ class _Checkpointer:
                 try:
                     _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.checkpoints += 1
+                    self.frames = frames
                 except sqlite3.Error as exc:  # the next commit tries again
                     log.warning("wal_checkpoint_failed", error=str(exc))
                 # A long log is checkpointed again at the next commit: the first writer to

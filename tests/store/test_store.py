@@ -139,6 +139,49 @@ def test_sqlite_commits_leave_the_wal_checkpoint_to_the_store_thread(
     store.dispose()
 
 
+def test_a_long_wal_is_checkpointed_at_every_commit_a_short_one_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a checkpoint of a long log the next commit is checkpointed at once, so that a
+    writer soon finds the log all copied and starts it over; short logs wait their turn."""
+    import time
+
+    from rostersync.store import db
+
+    monkeypatch.setattr(db, "CHECKPOINT_INTERVAL", 60.0)
+    store = Store(f"sqlite:///{tmp_path / 'long.db'}")
+    store.ensure_schema()
+    checkpointer = store._checkpointer
+    assert checkpointer is not None
+
+    def wait_for(n: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while checkpointer.checkpoints < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return checkpointer.checkpoints >= n
+
+    with store.write() as conn:  # about 2,000 pages
+        conn.exec_driver_sql("CREATE TABLE ballast (b BLOB)")
+        conn.exec_driver_sql(
+            "INSERT INTO ballast SELECT randomblob(4000) FROM "
+            "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
+            "SELECT i FROM n)"
+        )
+    assert wait_for(1, 10)
+    assert checkpointer.frames >= 2000
+    # The log was long: this commit's checkpoint follows at once. The commit found the log
+    # all copied and started it over, so that checkpoint finds it short...
+    with store.write() as conn:
+        conn.exec_driver_sql("INSERT INTO ballast VALUES (x'00')")
+    assert wait_for(2, 10)
+    assert checkpointer.frames < 10
+    # ... and the next commit waits for the interval (60 s here).
+    with store.write() as conn:
+        conn.exec_driver_sql("INSERT INTO ballast VALUES (x'00')")
+    assert not wait_for(3, 0.5)
+    store.dispose()
+
+
 def test_checkpointer_is_only_for_sqlite_files(tmp_path: Path) -> None:
     """In-memory SQLite has no log to copy; PostgreSQL manages its own."""
     assert Store("sqlite:///:memory:")._checkpointer is None
