@@ -194,9 +194,14 @@ def _apply_member_diff(
     added = [k for k in want if k not in have]
     gone = [k for k in have if k not in want]
     updated = [k for k, v in want.items() if k in have and have[k] != v]
+    # ON CONFLICT: on PostgreSQL resync batches run side by side, and two that re-read the
+    # members of one co-taught group may add the same student at once. The second waits for
+    # the first and keeps its row (the same values, read from the same mirror), where a plain
+    # INSERT failed the whole batch on the key and retried it after the backoff.
     executemany(
         conn,
-        "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?)",
+        "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
         [(g, sid, *want[(g, sid)]) for g, sid in added],
     )
     executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)

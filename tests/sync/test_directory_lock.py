@@ -20,9 +20,10 @@ from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.groups import sync_members
 from rostersync.store.db import Store, lock_directory
+from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
-from tests.sync.helpers import groups, sync
+from tests.sync.helpers import groups, sync, user_id
 
 pytestmark = pytest.mark.postgres
 
@@ -140,3 +141,45 @@ async def test_two_batches_creating_one_group_both_succeed(
     assert set(got) == {"c-1", "c-2"}
     assert got["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]
     assert got["c-2"]["members"] and got["c-1"]["members"]
+
+
+async def test_two_batches_adding_one_member_both_succeed(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Two batches re-reading the members of one co-taught group may both find a student
+    missing. When the other batch is adding that member at the same time, this one waits
+    for it and leaves the row as the other wrote it, instead of failing on the key."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster())
+    with pg_store.write() as conn:
+        gid = conn.execute(text("SELECT id FROM groups WHERE external_id = 'c-2'")).scalar_one()
+        member = conn.execute(
+            text("SELECT sourced_id, email, name FROM group_member WHERE group_id = :g LIMIT 1"),
+            {"g": gid},
+        ).one()
+        conn.execute(
+            text("DELETE FROM group_member WHERE group_id = :g AND sourced_id = :s"),
+            {"g": gid, "s": member.sourced_id},
+        )
+        queue_resync(conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None)
+    engine = SyncEngine(settings, pg_store, connectors={"mem": MemoryConnector(small_roster())})
+
+    def other_batch_adds_it(conn: Connection) -> None:  # committed after the drain waits
+        conn.execute(
+            text(
+                "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (:g, :s, :e, :n)"
+            ),
+            {"g": gid, "s": member.sourced_id, "e": member.email, "n": member.name},
+        )
+
+    _, done = await while_locked(
+        pg_store, False, engine.drain, prepare=other_batch_adds_it, kind="transactionid"
+    )
+    assert done == 1
+    with pg_store.read() as conn:
+        jobs = conn.execute(
+            text("SELECT state, attempts FROM resync_job WHERE run_id IS NULL")
+        ).all()
+    assert [tuple(j) for j in jobs] == [("succeeded", 1)]  # no unique violation, no retry
+    members = [m["sourced_id"] for m in groups(pg_store)["c-2"]["members"]]
+    assert members.count(member.sourced_id) == 1
