@@ -606,9 +606,13 @@ def _rows_for(
 def eligible_teachers(conn: Connection, source: str, only: set[str] | None = None) -> list[Teacher]:
     """Active, enabled persons teaching >= 1 active class with >= 1 active student (of the
     persons in ``only``, when given: a delta run looks only at the people it touched)."""
+    # Everyone of the source (a full run): SQLite would walk the (source, email) index and
+    # read the 210,000 person rows of district L in email order, all over the table (0.8 to
+    # 2 s); a scan in table order takes 0.3 s. For a delta's few ids the primary key answers.
+    scan = "NOT INDEXED" if only is None and conn.dialect.name == "sqlite" else ""
     sql = f"""
         SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
-        FROM roster_person tp
+        FROM roster_person tp {scan}
         WHERE tp.source = :src AND tp.status = 'active' AND tp.enabled = :yes
           -- students never teach: skipping them saves 200,000 probes in a large district
           AND tp.role <> 'student'
