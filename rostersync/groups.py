@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
-from sqlalchemy import Connection, delete, text, update
+from sqlalchemy import Connection, delete, text
 from sqlmodel import col
 
 from rostersync.store.db import executemany, in_text, utcnow
@@ -340,15 +340,18 @@ def rebuild_groups(
         for key in new_keys:
             if key in inserted:
                 credit(key, "groups_created")
-    for key, title in sorted(desired.items()):
-        if groups[key][1] != title:
-            conn.execute(
-                update(Group)
-                .where(col(Group.id) == groups[key][0])
-                .values(name=title, updated_at=now)
-            )
-            groups[key] = (groups[key][0], title)
-            touched.add(groups[key][0])
+    renamed = sorted(key for key, title in desired.items() if groups[key][1] != title)
+    # One executemany: a 1% delta renames 400 classes, and a statement apiece through
+    # SQLAlchemy took 1 ms each on PostgreSQL.
+    executemany(
+        conn,
+        "UPDATE groups SET name = ?, updated_at = ? WHERE id = ?",
+        [(desired[key], now, groups[key][0]) for key in renamed],
+        timestamps=True,
+    )
+    for key in renamed:
+        groups[key] = (groups[key][0], desired[key])
+        touched.add(groups[key][0])
 
     desired_gids = {groups[k][0]: k for k in desired}
     dirty: set[GroupKey] = set()
