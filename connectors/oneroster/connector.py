@@ -1,7 +1,7 @@
 """The OneRoster REST connector (ClassLink Roster Server and other 1.1/1.2 providers).
 
 A full run reads ``/orgs``, ``/users`` (every role: the engine decides who matters),
-``/classes`` and ``/enrollments``, one page per batch. A delta run adds
+``/classes`` and ``/enrollments``, side by side, one page per batch. A delta run adds
 ``filter=dateLastModified>'T'`` with ``T = since - delta_overlap``: the engine passes the
 high-water mark taken from the data, and the overlap covers records a server stamps late or a
 clock that differs from the data's; re-reading a few records is harmless. A 400 on the filter
@@ -66,7 +66,7 @@ from rostersync.records import (
 from rostersync.retry import RetryPolicy
 from rostersync.rows import StagedBatch
 
-#: What a full or delta run reads, in this order, with each answer's envelope key.
+#: What a full or delta run reads (side by side), with each answer's envelope key.
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")
 
 #: Pages of a collection in progress at once, per request allowed in flight: a page is in
@@ -76,6 +76,9 @@ COLLECTIONS = ("orgs", "users", "classes", "enrollments")
 #: worker held every request slot, and the connection sat idle while the worker caught up
 #: (a quarter of both cores went unused during a district's fetch).
 PAGES_PER_REQUEST_SLOT = 2
+
+#: Decoded batches the collections may read ahead of the engine's staging.
+BATCHES_AHEAD = 16
 
 
 class _Missing(Exception):
@@ -202,10 +205,12 @@ class OneRosterConnector:
                     # A worker died, or could not start (multiprocessing re-imports the
                     # program's main module in each worker, which fails for `python -c`
                     # or stdin). Slower, but the run goes on: decode here from now on.
-                    self._pool_broken = True
-                    self._log.warning(
-                        "decode pool failed; decoding in the sync process", error=str(exc)
-                    )
+                    # Several pages may have been waiting for the pool: one warning.
+                    if not self._pool_broken:
+                        self._pool_broken = True
+                        self._log.warning(
+                            "decode pool failed; decoding in the sync process", error=str(exc)
+                        )
             return decode_page(key, content)
         except DecodeError as exc:
             raise self._unexpected(response, exc) from None
@@ -287,17 +292,30 @@ class OneRosterConnector:
     async def fetch(
         self, mode: FetchMode, since: datetime | None
     ) -> AsyncIterator[Sequence[RosterRecord] | StagedBatch]:
+        """Every page of the four collections, read side by side: a delta run's collections
+        are a few pages each, and one after another it waited out each one's first request
+        and its tail. Requests stay within ``max_concurrency`` (the semaphore is shared);
+        batches come out in the order they are decoded, which staging does not mind."""
         extra: dict[str, str] = {}
         if mode is FetchMode.DELTA and since is not None:
             extra["filter"] = delta_filter(since, self.config.delta_overlap)
-        for collection in COLLECTIONS:
+        # Bounded: a consumer that stages slowly holds the collections back.
+        out: asyncio.Queue[StagedBatch | BaseException | None] = asyncio.Queue(
+            maxsize=BATCHES_AHEAD
+        )
+
+        async def read(collection: str) -> None:
             started, pages, count = time.monotonic(), 0, 0
-            async for page in self._pages(f"/{collection}", collection, extra, rows=True):
-                pages += 1
-                decoded: DecodedPage = page.decoded
-                count += decoded.length
-                if decoded.length:
-                    yield decoded.batch
+            try:
+                async for page in self._pages(f"/{collection}", collection, extra, rows=True):
+                    pages += 1
+                    decoded: DecodedPage = page.decoded
+                    count += decoded.length
+                    if decoded.length:
+                        await out.put(decoded.batch)
+            except Exception as exc:
+                await out.put(exc)
+                return
             self._log.info(
                 "collection fetched",
                 collection=collection,
@@ -306,6 +324,19 @@ class OneRosterConnector:
                 pages=pages,
                 seconds=round(time.monotonic() - started, 3),
             )
+            await out.put(None)
+
+        readers = [asyncio.create_task(read(c)) for c in COLLECTIONS]
+        try:
+            for _ in readers:
+                while (item := await out.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item  # the first collection to fail fails the fetch
+                    yield item
+        finally:
+            for task in readers:
+                task.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         tid = teacher.sourced_id

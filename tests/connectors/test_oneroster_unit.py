@@ -197,6 +197,62 @@ async def test_answers_waiting_for_the_decoder_do_not_hold_request_slots(
     assert len([r for r in got if isinstance(r, RosterPerson)]) == 58
 
 
+async def test_the_four_collections_are_read_side_by_side() -> None:
+    """Every collection's first request is out before any answer comes back (a delta run no
+    longer waits out four round trips in a row), and every record arrives."""
+    arrived: list[str] = []
+    all_out = asyncio.Event()
+
+    def held(name: str, records: list[dict[str, Any]]) -> Callable[..., Any]:
+        serve = pager(records, name)
+
+        async def handler(request: httpx.Request) -> httpx.Response:
+            if request.url.params["offset"] == "0":
+                arrived.append(name)
+                if len(arrived) == len(COLLECTIONS):
+                    all_out.set()
+                await asyncio.wait_for(all_out.wait(), timeout=5)
+            return serve(request)
+
+        return handler
+
+    people = [user(i) for i in range(7)]
+    with respx.mock(assert_all_called=False) as router:
+        for name in ("orgs", "classes", "enrollments"):
+            router.get(f"{BASE}/{name}").mock(side_effect=held(name, []))
+        router.get(f"{BASE}/users").mock(side_effect=held("users", people))
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+    assert sorted(arrived) == sorted(COLLECTIONS)
+    assert sorted(p.sourced_id for p in got if isinstance(p, RosterPerson)) == [
+        f"u-{i:03d}" for i in range(7)
+    ]
+
+
+async def test_a_failing_collection_stops_the_others() -> None:
+    """The first collection to fail fails the fetch; the others' requests are cancelled and
+    nothing keeps running after the fetch has raised."""
+    pending = 0
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        nonlocal pending
+        pending += 1
+        try:
+            await asyncio.sleep(30)
+        finally:
+            pending -= 1
+        return httpx.Response(200, json={"users": []})
+
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users").mock(side_effect=slow)
+        mock_empty(router, "classes", "enrollments")
+        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(401))
+        async with open_connector() as c:
+            with pytest.raises(FatalSourceError, match="401"):
+                await asyncio.wait_for(fetch_all(c), timeout=10)
+    assert pending == 0
+
+
 async def test_link_next_is_followed_but_urls_are_built_from_base_url() -> None:
     """Without a total, rel="next" drives paging, yet every request goes to base_url's host."""
     records = [user(i) for i in range(7)]
@@ -387,6 +443,7 @@ async def test_5xx_is_retried_then_succeeds() -> None:
 async def test_5xx_past_max_attempts_is_a_retriable_error() -> None:
     """When every try fails the last RetriableSourceError reaches the engine."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(502))
         async with open_connector() as c:
             with pytest.raises(RetriableSourceError, match="HTTP 502"):
@@ -449,6 +506,7 @@ async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
             with pytest.raises(FatalSourceError, match="HTTP 404"):
                 await fetch_all(c)
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
         async with open_connector() as c:
             with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
@@ -458,6 +516,7 @@ async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
 async def test_an_answer_without_the_collection_key_is_fatal() -> None:
     """A body without the expected envelope key cannot be taken for an empty collection."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, json={"data": []}))
         async with open_connector() as c:
             with pytest.raises(FatalSourceError, match="no 'orgs' list"):
@@ -870,11 +929,13 @@ async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
     monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
         async with open_connector(decode_workers=1) as c:
             with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
                 await fetch_all(c)
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, json={"data": []}))
         async with open_connector(decode_workers=1) as c:
             with pytest.raises(
