@@ -300,9 +300,8 @@ class OneRosterConnector:
         if mode is FetchMode.DELTA and since is not None:
             extra["filter"] = delta_filter(since, self.config.delta_overlap)
         # Bounded: a consumer that stages slowly holds the collections back.
-        out: asyncio.Queue[StagedBatch | BaseException | None] = asyncio.Queue(
-            maxsize=BATCHES_AHEAD
-        )
+        out: asyncio.Queue[Sequence[RosterRecord] | StagedBatch | BaseException | None]
+        out = asyncio.Queue(maxsize=BATCHES_AHEAD)
 
         async def read(collection: str) -> None:
             started, pages, count = time.monotonic(), 0, 0
