@@ -180,7 +180,7 @@ class RosterClassRow(_ClassCols, table=True):
 class RosterEnrollmentRow(_EnrollmentCols, table=True):
     __tablename__ = "roster_enrollment"
     __table_args__ = (
-        Index("ix_roster_enr_class", "source", "class_id", "role"),
+        Index("ix_roster_enr_class", "source", "class_id", "role", "user_id"),
         Index("ix_roster_enr_user", "source", "user_id", "role"),
     )
     source: str = Field(primary_key=True, max_length=64)

@@ -76,6 +76,45 @@ def test_upgrade_keeps_source_state_and_leaves_decided_with_empty(tmp_path: Path
     store.dispose()
 
 
+def test_upgrade_to_0006_rebuilds_the_class_index_with_the_person_and_keeps_the_rows(
+    tmp_path: Path,
+) -> None:
+    """0006 widens ix_roster_enr_class to (source, class_id, role, user_id): the mirror's
+    enrollments stay, and a (class, person) lookup is answered by the index alone."""
+    from alembic import command
+    from sqlalchemy import inspect
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    with store.engine.connect() as conn:
+        command.upgrade(store._alembic(conn), "0005")
+        conn.commit()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_enrollment (source, sourced_id, class_id, user_id, role, "
+                'status, "primary", row_hash) '
+                "VALUES ('mem', 'e-1', 'c-1', 's-1', 'student', 'active', false, 'h')"
+            )
+        )
+    store.upgrade()
+    indexes = {
+        i["name"]: i["column_names"] for i in inspect(store.engine).get_indexes("roster_enrollment")
+    }
+    assert indexes["ix_roster_enr_class"] == ["source", "class_id", "role", "user_id"]
+    with store.read() as conn:
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT status FROM roster_enrollment WHERE source = 'mem' "
+                "AND class_id = 'c-1' AND role = 'student' AND user_id = 's-1'"
+            )
+        )
+        rows = conn.execute(text("SELECT sourced_id FROM roster_enrollment")).all()
+    assert "ix_roster_enr_class (source=? AND class_id=? AND role=? AND user_id=?)" in plan
+    assert [r[0] for r in rows] == ["e-1"]
+    store.dispose()
+
+
 def test_unknown_schema_is_refused(tmp_path: Path) -> None:
     """A database with tables but no migration history is not touched; the error says what to do."""
     s = Store(f"sqlite:///{tmp_path / 'other.db'}")
