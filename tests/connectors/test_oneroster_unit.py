@@ -16,6 +16,7 @@ from urllib.parse import unquote
 from urllib.request import parse_http_list, parse_keqv_list
 
 import httpx
+import orjson
 import pytest
 import respx
 from pydantic import ValidationError
@@ -942,6 +943,28 @@ async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
                 FatalSourceError, match=r"unexpected answer from GET .*no 'orgs' list"
             ):
                 await fetch_all(c)
+
+
+def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
+    """The pool's pipes are widened to 1 MiB (Linux), so a page goes out and its rows come
+    back in one hand-over, and the pool decodes as before; a pool whose pipes cannot be
+    found is left as it is."""
+    import fcntl
+    from types import SimpleNamespace
+
+    pool = decode.start_pool(1)
+    try:
+        for queue in (pool._call_queue, pool._result_queue):  # type: ignore[attr-defined]
+            size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+            assert size == decode.PIPE_BYTES
+        body = orjson.dumps({"users": [user(i) for i in range(1500)]})
+        assert len(body) > 2 * 64 * 1024  # more than a default pipe holds
+        page = pool.submit(decode.decode_page, "users", body, True).result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert page.length == 1500 and page.first_id == "u-000"
+    assert len(page.batch.rows["person"]) == 1500
+    assert decode.widen_pipes(SimpleNamespace()) is False  # type: ignore[arg-type]
 
 
 def test_small_pages_skip_the_pool_and_workers_default_to_spare_cores(
