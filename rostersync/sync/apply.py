@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, text, update
@@ -716,13 +717,30 @@ def _name_ids(conn: Connection, table: str) -> dict[str, int]:
     return {name: rid for rid, name in conn.execute(text(f"SELECT id, name FROM {table}"))}
 
 
-def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> set[int]:
-    """Carry out a provisioning plan; returns the ids of the users it created."""
-    now = utcnow()
-    role_ids = _name_ids(conn, "role")
-    site_ids = _name_ids(conn, "site")
-    created_by = f"source:{source}"
-    # Bulk writes: a first sync creates every teacher of the district at once.
+def _insert_users(
+    conn: Connection, plan: ProvisionPlan, created_by: str, now: datetime
+) -> dict[str, int]:
+    """Create the plan's new users; their ids by email."""
+    if not plan.create:
+        return {}
+    if conn.dialect.name == "postgresql":
+        # One statement that returns the ids. Looked up afterwards, the 10,000 new users of
+        # district L took 2 s to find: the planner still saw the table as it was, empty.
+        rows = conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
+                "delegated, created_at, updated_at) SELECT k.e, k.n, 'active', :by, false, "
+                "false, :now, :now FROM unnest(CAST(:emails AS text[]), CAST(:names AS text[])) "
+                "AS k(e, n) RETURNING email, id"
+            ),
+            {
+                "by": created_by,
+                "now": now,
+                "emails": [n.email for n in plan.create],
+                "names": [n.display_name[:256] for n in plan.create],
+            },
+        )
+        return {email: uid for email, uid in rows}
     executemany(
         conn,
         'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
@@ -730,7 +748,17 @@ def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> se
         [(n.email, n.display_name[:256], created_by, False, False, now, now) for n in plan.create],
         timestamps=True,
     )
-    ids = {e: u.user_id for e, u in users_by_email(conn, [n.email for n in plan.create]).items()}
+    return {e: u.user_id for e, u in users_by_email(conn, [n.email for n in plan.create]).items()}
+
+
+def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> set[int]:
+    """Carry out a provisioning plan; returns the ids of the users it created."""
+    now = utcnow()
+    role_ids = _name_ids(conn, "role")
+    site_ids = _name_ids(conn, "site")
+    created_by = f"source:{source}"
+    # Bulk writes: a first sync creates every teacher of the district at once.
+    ids = _insert_users(conn, plan, created_by, now)
     created = {ids[n.email] for n in plan.create}
     executemany(
         conn,

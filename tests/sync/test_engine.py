@@ -1069,9 +1069,10 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers refresh all directory statistics once groups were created since the last
-    refresh (then at most every ANALYZE_EVERY seconds), the small tables after 100 new groups,
-    and nothing while no group is created. SQLite keeps the same count but has no statistics
-    to refresh, so nothing is called there."""
+    refresh (then at most every ANALYZE_EVERY seconds), the small tables once the groups
+    created since are 100 or more and at least as many as before (the tables doubled), and
+    nothing while no group is created. SQLite keeps the same count but has no statistics to
+    refresh, so nothing is called there."""
     settings = make_settings()
     await sync(settings, store, small_roster(), drain=False)
     calls: list[bool] = []
@@ -1102,7 +1103,13 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     requeue()
     await engine.drain()
     assert calls == refreshed(True, True)  # created since, and the interval is over: everything
-    engine._created_unanalyzed = 100
+    assert engine._created_analyzed == 102  # 2 + 100 groups were sampled
+    engine._created_unanalyzed = 101
     requeue()
-    await engine.drain()  # within the interval: the small tables only
+    await engine.drain()  # within the interval, and the tables have not doubled: nothing
+    assert calls == refreshed(True, True) and engine._created_unanalyzed == 101
+    engine._created_unanalyzed = 102
+    requeue()
+    await engine.drain()  # within the interval, doubled: the small tables only
     assert calls == refreshed(True, True, False) and engine._created_unanalyzed == 0
+    assert engine._created_analyzed == 204
