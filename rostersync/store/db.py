@@ -84,10 +84,6 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
-        # The store's checkpointer thread copies the WAL into the database file (see
-        # _Checkpointer); by default the connection that commits does it, before its commit
-        # returns.
-        cur.execute("PRAGMA wal_autocheckpoint=0")
         # A page cache of up to 128 MiB (the default is 2 MiB): the set-based steps of a
         # large district walk million-row indexes, and with the default cache they re-read
         # the same pages from the OS again and again (member inserts took 7.3 s, not 5 s,
@@ -130,25 +126,27 @@ def lock_directory(conn: Connection, *, exclusive: bool) -> None:
         conn.exec_driver_sql(f"SELECT {fn}(hashtextextended(current_schema(), {DIRECTORY_LOCK}))")
 
 
-#: Least seconds between two checkpoints of a short log: a daemon commits small transactions
-#: all the time, and each checkpoint syncs the WAL and the database file.
-CHECKPOINT_INTERVAL = 1.0
-#: A log this long (in pages; SQLite's own checkpoint threshold) is checkpointed at every commit.
-LONG_WAL_FRAMES = 1000
+#: SQLite's own checkpoint threshold (pages of log), which every connection keeps outside
+#: bulk transactions (see Store.write).
+AUTOCHECKPOINT_PAGES = 1000
 
 
 class _Checkpointer:
     """Copies a SQLite database's write-ahead log into the database file, in a thread of its
-    own, after write transactions commit.
+    own, after a bulk transaction commits.
 
-    By default SQLite does this in the connection that commits, once the log holds 1,000
-    pages, and the commit waits for it: a first sync's apply transaction (344 MB of log on
-    district L) spent 1.4 s of its 1.6 s commit copying the log, on the one core the sync's
-    work runs on. Here the copy runs beside the next work (the resync batches), and the
-    commit returns once its pages are in the log. Checkpoints are PASSIVE: they never wait
-    for, or block, readers and writers. A process that exits before the thread catches up
-    loses nothing: the log is the durable copy, and the next connection to open the database
-    reads it (SQLite also checkpoints when the last connection closes).
+    SQLite does this in the connection that commits, once the log holds 1,000 pages, and the
+    commit waits for it: a first sync's apply transaction (344 MB of log on district L) spent
+    1.4 s of its 1.6 s commit copying the log, on the one core the sync's work runs on. A
+    bulk commit hands that copy to this thread, where it runs beside the next work (the
+    resync batches). Every other commit keeps SQLite's way: while the thread copies, their
+    own checkpoints find it busy and skip; the first one after it copies the little that
+    came since, and the writer after that starts the log over. (A thread checkpointing after
+    every commit could not do that last part: the drain's batches begin a millisecond after
+    the last committed, never after a checkpoint finished, and the log grew to 588 MB.)
+    Checkpoints are PASSIVE: they never wait for, or block, readers and writers. A process
+    that exits before the thread is done loses nothing: the log is the durable copy, read by
+    the next connection to open the database (the last one to close also checkpoints).
     """
 
     def __init__(self, path: str) -> None:
@@ -161,7 +159,7 @@ class _Checkpointer:
         self.frames = 0
 
     def poke(self) -> None:
-        """A write transaction committed: checkpoint soon (the thread starts on first use)."""
+        """A bulk transaction committed: checkpoint now (the thread starts on first use)."""
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None and not self._stopping.is_set():
@@ -180,25 +178,21 @@ class _Checkpointer:
                 if self._stopping.is_set():
                     return
                 self._wake.clear()
-                frames = 0
                 try:
-                    _busy, frames, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    # fetchall, not fetchone: a statement left unfinished keeps its read
+                    # lock, and no writer can start the log over while anyone holds one.
+                    ((_busy, frames, _done),) = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)"
+                    ).fetchall()
                     self.checkpoints += 1
                     self.frames = frames
-                except sqlite3.Error as exc:  # the next commit tries again
+                except sqlite3.Error as exc:  # the next commit checkpoints instead
                     log.warning("wal_checkpoint_failed", error=str(exc))
-                # A long log is checkpointed again at the next commit: the first writer to
-                # find it all copied starts it over, and until then every page read that
-                # misses the cache searches the whole log's index (a first drain ran 0.5 s
-                # slower behind the apply's 344 MB). A short one waits: commits meanwhile
-                # set _wake again, and one checkpoint covers them all.
-                if frames < LONG_WAL_FRAMES and self._stopping.wait(CHECKPOINT_INTERVAL):
-                    return
         finally:
             conn.close()
 
     def stop(self) -> None:
-        """End the thread (a later commit starts another)."""
+        """End the thread (a later bulk commit starts another)."""
         with self._start_lock:
             self._stopping.set()
             self._wake.set()
@@ -269,17 +263,31 @@ class Store:
             yield conn
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: commits on success, rolls back on any exception."""
+    def write(self, *, bulk: bool = False) -> Iterator[Connection]:
+        """A write transaction: commits on success, rolls back on any exception.
+
+        ``bulk``: a large transaction (a sync's apply). On SQLite its commit returns once its
+        pages are in the write-ahead log, and the store's checkpointer thread copies them
+        into the database file (see _Checkpointer)."""
+        handoff = bulk and self._checkpointer is not None
         with self.engine.connect() as conn:
             conn = conn.execution_options(rostersync_write=True)
-            with conn.begin():
-                yield conn
-        if self._checkpointer is not None:
+            # The raw connection: a statement through SQLAlchemy would begin a transaction.
+            raw: Any = conn.connection.dbapi_connection if handoff else None
+            if raw is not None:
+                raw.execute("PRAGMA wal_autocheckpoint=0")
+            try:
+                with conn.begin():
+                    yield conn
+            finally:
+                if raw is not None:
+                    raw.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+        if handoff and self._checkpointer is not None:
             self._checkpointer.poke()
 
     def dispose(self) -> None:
-        """Close every connection (on SQLite the last one to close checkpoints the log)."""
+        """Close every connection (on SQLite the last one to close checkpoints the log), after
+        the checkpointer thread is done."""
         if self._checkpointer is not None:
             self._checkpointer.stop()
         self.engine.dispose()

@@ -455,7 +455,7 @@ class SyncEngine:
     ) -> RunReport:
         full = mode is FetchMode.FULL
         try:
-            with self.store.write() as conn:
+            with self.store.write(bulk=True) as conn:
                 result = self._apply_in(
                     conn, source, run_id, full, fetched, newest, dry_run, approved
                 )

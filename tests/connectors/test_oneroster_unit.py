@@ -473,6 +473,7 @@ async def test_timeouts_and_dropped_connections_are_retried() -> None:
 async def test_401_and_403_are_fatal_naming_source_and_path_without_secrets(status: int) -> None:
     """Refused credentials stop the run; the message names source and path, no query or secret."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(status))
         async with open_connector() as c:
             with pytest.raises(FatalSourceError) as err:
@@ -491,6 +492,7 @@ async def test_bearer_token_never_appears_in_a_401_message() -> None:
     """With a static bearer token, a 401 message carries no token."""
     token = "static-token-abc123"
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(401))
         async with open_connector(auth={"type": "bearer", "token": token}) as c:
             with pytest.raises(FatalSourceError) as err:
@@ -502,6 +504,7 @@ async def test_bearer_token_never_appears_in_a_401_message() -> None:
 async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
     """A 404 on a collection and an unparsable body both stop the run."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(404))
         async with open_connector() as c:
             with pytest.raises(FatalSourceError, match="HTTP 404"):
@@ -590,6 +593,7 @@ async def test_oauth2_second_401_is_fatal_after_one_refresh() -> None:
     """If the fresh token is refused too, the run stops: no refresh loop."""
     with respx.mock(assert_all_called=False) as router:
         token = router.post(TOKEN_URL).mock(side_effect=token_answers())
+        mock_empty(router, "users", "classes", "enrollments")
         route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(401))
         async with open_connector(**oauth2_overrides()) as c:
             with pytest.raises(FatalSourceError, match="HTTP 401") as err:
@@ -765,6 +769,7 @@ async def test_delta_fetch_sends_the_filter_on_every_collection() -> None:
 async def test_delta_400_raises_delta_unsupported() -> None:
     """A server refusing the filter with 400 raises DeltaUnsupportedError (engine runs full)."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(400))
         async with open_connector() as c:
             assert c.supports_delta
@@ -776,6 +781,7 @@ async def test_delta_400_raises_delta_unsupported() -> None:
 async def test_full_fetch_400_is_plainly_fatal() -> None:
     """Without a filter, a 400 is an ordinary fatal error, not a delta fallback."""
     with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(400))
         async with open_connector() as c:
             with pytest.raises(FatalSourceError) as err:
