@@ -15,7 +15,8 @@ measures, in this order and against that one server:
 4. a delta run after 1% of users, classes and enrollments changed on the server.
 
 Each sync runs in a fresh child process (``_sync``), so its timings and memory are its own; the
-times cover ``engine.sync`` and ``engine.drain`` only (not interpreter start-up or migrations).
+times cover ``engine.sync``, ``engine.drain`` and closing the store (on SQLite, its last WAL
+checkpoint), not interpreter start-up or migrations.
 See README.md next to this file for what each printed line means.
 """
 
