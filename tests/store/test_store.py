@@ -53,15 +53,21 @@ def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
     s.dispose()
 
 
-def test_upgrade_keeps_source_state_and_leaves_decided_with_empty(tmp_path: Path) -> None:
-    """A database from before 0005 keeps its source_state rows; decided_with starts NULL, so
-    each source's next delta run re-decides every teacher once."""
+def store_at(tmp_path: Path, revision: str) -> Store:
+    """A new SQLite database migrated to an older revision, as an earlier version left it."""
     from alembic import command
 
     store = Store(f"sqlite:///{tmp_path / 'old.db'}")
     with store.engine.connect() as conn:
-        command.upgrade(store._alembic(conn), "0004")
+        command.upgrade(store._alembic(conn), revision)
         conn.commit()
+    return store
+
+
+def test_upgrade_keeps_source_state_and_leaves_decided_with_empty(tmp_path: Path) -> None:
+    """A database from before 0005 keeps its source_state rows; decided_with starts NULL, so
+    each source's next delta run re-decides every teacher once."""
+    store = store_at(tmp_path, "0004")
     with store.write() as conn:
         conn.execute(
             text(
@@ -81,13 +87,9 @@ def test_upgrade_to_0006_rebuilds_the_class_index_with_the_person_and_keeps_the_
 ) -> None:
     """0006 widens ix_roster_enr_class to (source, class_id, role, user_id): the mirror's
     enrollments stay, and a (class, person) lookup is answered by the index alone."""
-    from alembic import command
     from sqlalchemy import inspect
 
-    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
-    with store.engine.connect() as conn:
-        command.upgrade(store._alembic(conn), "0005")
-        conn.commit()
+    store = store_at(tmp_path, "0005")
     with store.write() as conn:
         conn.execute(
             text(
