@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -144,21 +145,34 @@ BALLAST = (  # about 2,000 pages of log: more than SQLite's checkpoint threshold
 )
 
 
-def test_a_bulk_commit_leaves_the_wal_checkpoint_to_the_store_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A bulk commit returns once its pages are in the write-ahead log, and the store's
-    checkpointer thread copies them into the database file afterwards; other commits keep
-    SQLite's own checkpoint; the thread stops with the store."""
-    import time
-
-    path = tmp_path / "wal.db"
+def ballast_store(path: Path) -> tuple[Store, Any]:
+    """A SQLite store with an empty ``ballast`` table, and its checkpointer."""
     store = Store(f"sqlite:///{path}")
     store.ensure_schema()
     checkpointer = store._checkpointer
     assert checkpointer is not None
     with store.write() as conn:
         conn.exec_driver_sql("CREATE TABLE ballast (b BLOB)")
+    return store, checkpointer
+
+
+def wait_for_checkpoint(checkpointer: Any, seconds: float = 10) -> None:
+    """Until the checkpointer thread has made its first checkpoint (or the time is up)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_bulk_commit_leaves_the_wal_checkpoint_to_the_store_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk commit returns once its pages are in the write-ahead log, and the store's
+    checkpointer thread copies them into the database file afterwards; other commits keep
+    SQLite's own checkpoint; the thread stops with the store."""
+    path = tmp_path / "wal.db"
+    store, checkpointer = ballast_store(path)
     pokes: list[int] = []
     monkeypatch.setattr(checkpointer, "poke", lambda: pokes.append(1))
     size = path.stat().st_size
@@ -176,9 +190,7 @@ def test_a_bulk_commit_leaves_the_wal_checkpoint_to_the_store_thread(
     monkeypatch.undo()
     with store.write(bulk=True) as conn:
         conn.exec_driver_sql(BALLAST)
-    deadline = time.monotonic() + 10
-    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_checkpoint(checkpointer)
     assert checkpointer.checkpoints == 1
     assert path.stat().st_size > size + 16_000_000
     thread = checkpointer._thread
@@ -195,20 +207,12 @@ def test_after_a_bulk_commit_the_next_writers_start_the_log_over(tmp_path: Path)
     once the checkpointer has copied a bulk commit: the commits after it copy what came
     since, as SQLite does, so the log does not grow through them."""
     import sqlite3
-    import time
 
     path = tmp_path / "restart.db"
-    store = Store(f"sqlite:///{path}")
-    store.ensure_schema()
-    checkpointer = store._checkpointer
-    assert checkpointer is not None
-    with store.write() as conn:
-        conn.exec_driver_sql("CREATE TABLE ballast (b BLOB)")
+    store, checkpointer = ballast_store(path)
     with store.write(bulk=True) as conn:
         conn.exec_driver_sql(BALLAST)
-    deadline = time.monotonic() + 10
-    while checkpointer.checkpoints == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_checkpoint(checkpointer)
     assert checkpointer.frames >= 2000
     for _ in range(3):  # back to back, each larger than the threshold
         with store.write() as conn:
