@@ -133,18 +133,30 @@ def mock_empty(router: respx.MockRouter, *names: str) -> None:
 # -- paging ----------------------------------------------------------------------------------
 
 
+class Peak:
+    """Counts who is inside a ``with`` block now, and the most that ever were at once."""
+
+    def __init__(self) -> None:
+        self.now = self.most = 0
+
+    def __enter__(self) -> Peak:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.now -= 1
+
+
 async def test_total_count_pages_are_fetched_concurrently_within_the_bound() -> None:
     """With X-Total-Count the remaining pages run concurrently, never above max_concurrency."""
     records = [user(i) for i in range(48)]  # ten pages, the last one short
-    in_flight = peak = 0
+    in_flight = Peak()
     serve = pager(records, "users")
 
     async def slow(request: httpx.Request) -> httpx.Response:
-        nonlocal in_flight, peak
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await asyncio.sleep(0.02)
-        in_flight -= 1
+        with in_flight:
+            await asyncio.sleep(0.02)
         return serve(request)
 
     with respx.mock(assert_all_called=False) as router:
@@ -152,7 +164,7 @@ async def test_total_count_pages_are_fetched_concurrently_within_the_bound() -> 
         route = router.get(f"{BASE}/users").mock(side_effect=slow)
         async with open_connector(page_size=5, max_concurrency=3) as c:
             got = await fetch_all(c)
-    assert peak == 3
+    assert in_flight.most == 3
     assert route.call_count == 10
     assert sorted(p.sourced_id for p in got if isinstance(p, RosterPerson)) == [
         f"u-{i:03d}" for i in range(48)
@@ -165,25 +177,19 @@ async def test_answers_waiting_for_the_decoder_do_not_hold_request_slots(
     """While decoding lags, more pages are fetched: requests stay within max_concurrency, but
     answers waiting to be decoded no longer count against it."""
     records = [user(i) for i in range(58)]  # twelve pages, the last one short
-    requests = request_peak = decoding = decode_peak = 0
+    requests, decoding = Peak(), Peak()
     serve = pager(records, "users")
 
     async def counted(request: httpx.Request) -> httpx.Response:
-        nonlocal requests, request_peak
-        requests += 1
-        request_peak = max(request_peak, requests)
-        await asyncio.sleep(0.005)
-        requests -= 1
+        with requests:
+            await asyncio.sleep(0.005)
         return serve(request)
 
     real_decode = OneRosterConnector._decode
 
     async def slow_decode(self: OneRosterConnector, *args: Any) -> decode.DecodedPage:
-        nonlocal decoding, decode_peak
-        decoding += 1
-        decode_peak = max(decode_peak, decoding)
-        await asyncio.sleep(0.05)  # a busy decode pool
-        decoding -= 1
+        with decoding:
+            await asyncio.sleep(0.05)  # a busy decode pool
         return await real_decode(self, *args)
 
     monkeypatch.setattr(OneRosterConnector, "_decode", slow_decode)
@@ -192,8 +198,8 @@ async def test_answers_waiting_for_the_decoder_do_not_hold_request_slots(
         route = router.get(f"{BASE}/users").mock(side_effect=counted)
         async with open_connector(page_size=5, max_concurrency=2) as c:
             got = await fetch_all(c)
-    assert request_peak == 2
-    assert decode_peak == 2 * connector_module.PAGES_PER_REQUEST_SLOT
+    assert requests.most == 2
+    assert decoding.most == 2 * connector_module.PAGES_PER_REQUEST_SLOT
     assert route.call_count == 12
     assert len([r for r in got if isinstance(r, RosterPerson)]) == 58
 
