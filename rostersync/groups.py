@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, delete, text
-from sqlmodel import col
+from sqlalchemy import Connection, DateTime, bindparam, text
 
 from rostersync.store.db import executemany, in_text, utcnow
-from rostersync.store.tables import Group, GroupMember, GroupOwner
 from rostersync.sync.apply import POPULATED, ids_in
 from rostersync.sync.plan import chunks
 
@@ -148,11 +147,19 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
         )
     )
     # Emptied after use below; a failed transaction rolls its own rows back.
-    executemany(
-        conn,
-        "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)",
-        sorted(set(marks)),
-    )
+    rows = sorted(set(marks))
+    if conn.dialect.name == "postgresql":
+        # COPY: psycopg's executemany sends a statement per row (0.35 s for a 1% delta's
+        # 19,450 marks).
+        raw: Any = conn.connection.dbapi_connection
+        copy_sql = "COPY rs_member_marks (gid, src, cls, person) FROM STDIN"
+        with raw.cursor() as cursor, cursor.copy(copy_sql) as copy:
+            for row in rows:
+                copy.write_row(row)
+    else:
+        executemany(
+            conn, "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)", rows
+        )
     want: dict[tuple[int, str], tuple[str | None, str]] = {
         (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_MARKED_MEMBERS))
     }
@@ -177,12 +184,13 @@ def update_members(
 
 
 def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
-    executemany(
-        conn,
-        "UPDATE groups SET updated_at = ? WHERE id = ?",
-        [(now, gid) for gid in group_ids],
-        timestamps=True,
+    """Every group gets the same time, so a statement per 500 ids: one statement per group
+    through psycopg took 0.48 s for a 1% delta's 15,820 groups on PostgreSQL."""
+    stmt = in_text("UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids").bindparams(
+        bindparam("now", type_=DateTime(timezone=True))  # stored as the ORM stores it
     )
+    for chunk in chunks(sorted(group_ids)):
+        conn.execute(stmt, {"now": now, "ids": chunk})
 
 
 def _apply_member_diff(
@@ -404,14 +412,11 @@ def rebuild_groups(
             "ON CONFLICT DO NOTHING",
             add_owners,
         )
-    for g, u in drop_owners:
-        conn.execute(
-            delete(GroupOwner).where(
-                col(GroupOwner.group_id) == g,
-                col(GroupOwner.user_id) == u,
-                col(GroupOwner.origin) == "roster",
-            )
-        )
+    executemany(
+        conn,
+        "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
+        drop_owners,
+    )
     touched.update(g for g, _ in (*add_owners, *drop_owners))
 
     touched |= sync_members(conn, sorted(refresh_gids & created), new=True)
@@ -443,17 +448,16 @@ def rebuild_groups(
         "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
         released,
     )
-    removed: set[int] = set()
-    for gid in sorted({g for g, _ in released}):
-        left = conn.execute(
-            text("SELECT count(*) FROM group_owner WHERE group_id = :g"), {"g": gid}
-        ).scalar_one()
-        if left == 0:
-            conn.execute(delete(GroupMember).where(col(GroupMember.group_id) == gid))
-            conn.execute(delete(Group).where(col(Group.id) == gid))
-            removed.add(gid)
-        else:
-            touched.add(gid)
+    # Which released groups still have an owner, in a few IN-list statements: three
+    # statements per group took 1.6 s for a 1% delta's 393 removed groups on PostgreSQL.
+    let_go = {g for g, _ in released}
+    kept = ids_in(conn, "SELECT group_id FROM group_owner WHERE group_id IN :ids", let_go)
+    removed = let_go - kept
+    touched |= kept
+    for chunk in chunks(sorted(removed)):
+        params = {"ids": chunk}
+        conn.execute(in_text("DELETE FROM group_member WHERE group_id IN :ids", "ids"), params)
+        conn.execute(in_text("DELETE FROM groups WHERE id IN :ids", "ids"), params)
     key_of = {gid: key for key, (gid, _n) in groups.items()}
     for gid in sorted(removed):
         credit(key_of[gid], "groups_removed", owned_by_batch.get(gid, ()))

@@ -264,6 +264,37 @@ async def test_user_not_created_by_rostersync_is_never_archived(
     assert "c-1" not in groups(store)
 
 
+async def test_a_teacher_leaving_removes_solo_groups_and_keeps_co_taught_ones(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """One resync lets go of both of a teacher's groups: the one nobody else teaches goes,
+    with its members; the co-taught one stays with its other owner, counted and stamped as
+    updated (the stamp stored as every other timestamp is)."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+
+    def stamps() -> dict[str, Any]:
+        with store.read() as conn:
+            return dict(conn.execute(text("SELECT external_id, updated_at FROM groups")).all())
+
+    before = stamps()
+    await asyncio.sleep(0.01)  # the new stamp must differ from the first
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    report = await sync(settings, store, roster)
+    assert report.counts["groups_removed"] == 1
+    assert report.counts["groups_updated"] == 1
+    g = groups(store)
+    assert set(g) == {"c-2"} and g["c-2"]["owners"] == ["alan.turing@example.org"]
+    with store.read() as conn:
+        members = conn.execute(text("SELECT count(*) FROM group_member")).scalar_one()
+    assert members == 3  # c-2's students; c-1's went with its group
+    after = stamps()
+    assert set(after) == {"c-2"} and after["c-2"] > before["c-2"]
+    if store.dialect == "sqlite":  # same text shape as the ORM writes: no offset suffix
+        assert len(after["c-2"]) == len(before["c-2"]) and "+" not in after["c-2"]
+
+
 async def test_on_teacher_removed_keep(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
