@@ -118,6 +118,23 @@ def test_upgrade_to_0006_rebuilds_the_class_index_with_the_person_and_keeps_the_
     store.dispose()
 
 
+def test_postgresql_leaves_room_on_the_pages_of_tables_updated_in_place(pg_store: Store) -> None:
+    """0007: the tables delta runs update in place fill new pages to 90% on PostgreSQL (so an
+    update can stay on its page and skip the indexes); the others keep the default."""
+    with pg_store.read() as conn:
+        options = dict(
+            conn.execute(
+                text(
+                    "SELECT relname, array_to_string(reloptions, ',') FROM pg_class "
+                    "WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'"
+                )
+            ).all()
+        )
+    for table in ("roster_person", "roster_class", "roster_enrollment", "groups", "group_member"):
+        assert options[table] == "fillfactor=90", table
+    assert options["user"] is None and options["resync_job"] is None
+
+
 def test_unknown_schema_is_refused(tmp_path: Path) -> None:
     """A database with tables but no migration history is not touched; the error says what to do."""
     s = Store(f"sqlite:///{tmp_path / 'other.db'}")
