@@ -54,7 +54,13 @@ from rostersync.store.tables import RunRejection, SourceLease, SourceState, Sync
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
 from rostersync.sync.plan import check_safety, plan_provisioning
-from rostersync.sync.staging import StagedBatch, clear_staging, sort_batch, stage
+from rostersync.sync.staging import (
+    StagedBatch,
+    clear_staging,
+    sort_batch,
+    stage,
+    staging_lost,
+)
 
 COUNT_KEYS = (
     "users_created",
@@ -708,6 +714,15 @@ class SyncEngine:
             )
         if report.source not in self.settings.sources:
             raise RunStateError(f"source {report.source!r} of run {run_id} is no longer configured")
+        with self.store.read() as conn:
+            lost = staging_lost(conn, run_id, report.fetched)
+        if lost:
+            # Approval bypasses the safety rules: applying a full run whose staged rows are
+            # gone would sweep every record of the source, and archive every user with them.
+            raise RunStateError(
+                f"run {run_id}'s staged data is gone ({', '.join(lost)} fetched but no longer "
+                "staged); it cannot be approved: run a new sync of the source"
+            )
         self._take_lease(report.source)
         try:
             with self.store.read() as conn:

@@ -10,7 +10,7 @@ affect a row twice" rule does not apply.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, select
@@ -44,6 +44,7 @@ __all__ = [
     "person_row",
     "sort_batch",
     "stage",
+    "staging_lost",
     "upsert_rows",
 ]
 
@@ -117,6 +118,24 @@ def upsert_rows(
     update = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
     stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
     conn.execute(stmt, list(rows))
+
+
+#: A run's ``fetched`` counts by staging kind.
+FETCHED_KEY = {"org": "orgs", "person": "persons", "class": "classes", "enrollment": "enrollments"}
+
+
+def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> list[str]:
+    """The collections a run fetched records of (``fetched``, as its report counts them) of
+    which staging now holds none: its staged data was cleared, or, on PostgreSQL, emptied
+    with the unlogged staging tables by a server crash. Empty when all are there."""
+    lost = []
+    for kind, table in STAGING.items():
+        key = FETCHED_KEY[kind]
+        if int(fetched.get(key, 0)) > 0:
+            row = conn.execute(select(table.c.run_id).where(table.c.run_id == run_id).limit(1))
+            if row.first() is None:
+                lost.append(key)
+    return lost
 
 
 def clear_staging(conn: Connection, run_id: int) -> None:

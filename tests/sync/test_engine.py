@@ -15,6 +15,7 @@ from sqlalchemy import event, inspect, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
+from rostersync.errors import RunStateError
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
 from rostersync.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store
@@ -494,6 +495,33 @@ async def test_removals_over_threshold_hold_the_run_until_approved(
     assert approved.status == "succeeded"
     assert users(store)["alan.turing@example.org"]["status"] == "archived"
     assert "c-2" not in groups(store)
+
+
+async def test_a_held_run_whose_staged_data_is_gone_is_not_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Approval skips the safety rules, so it first checks that the held run's staged rows are
+    still there: applied without them, a full run would sweep the whole source."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster.enrollments = [e for e in roster.enrollments if e.class_id != "c-2"]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    before = snapshot(store)
+    with store.write() as conn:  # as a server crash empties unlogged tables
+        conn.execute(text("DELETE FROM staging_enrollment"))
+        conn.execute(text("DELETE FROM staging_class"))
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    with pytest.raises(RunStateError, match=r"staged data is gone \(classes, enrollments"):
+        await engine.approve(report.id)
+    assert snapshot(store) == before
+    with store.read() as conn:
+        status = conn.execute(
+            text("SELECT status FROM sync_run WHERE id = :r"), {"r": report.id}
+        ).scalar_one()
+    assert status == "held"
 
 
 async def test_empty_pull_is_held(store: Store, make_settings: Callable[..., Settings]) -> None:
