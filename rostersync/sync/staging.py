@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, select
+from sqlalchemy.exc import DBAPIError
 
 from rostersync.rows import (
     COLUMNS,
@@ -25,6 +26,9 @@ from rostersync.rows import (
     sort_batch,
 )
 from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
+
+#: PostgreSQL's SQLSTATE for a duplicate key.
+UNIQUE_VIOLATION = "23505"
 
 STAGING: dict[str, Table] = {
     "org": StagingOrg.__table__,  # type: ignore[attr-defined]
@@ -78,31 +82,52 @@ def stage(conn: Connection, run_id: int, batch: StagedBatch) -> None:
 
 
 def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> None:
-    """PostgreSQL: COPY into a temporary table, then one upsert into staging.
+    """PostgreSQL: COPY straight into staging; through a temporary table and an upsert when a
+    sourcedId of this batch was staged by an earlier one.
 
     psycopg's executemany sent a million rows as a million statements (30 microseconds
-    each); COPY streams them. COPY cannot resolve conflicts, so a repeated sourcedId is
-    settled here first (its last version wins) and the upsert settles those of earlier
-    batches.
+    each); COPY streams them. COPY cannot resolve conflicts, so a sourcedId repeated within
+    the batch is settled here first (its last version wins). One already staged by an earlier
+    batch (rare: a source repeating a record across pages) makes the COPY fail on the key;
+    it is then undone (a savepoint) and the batch goes through the temporary table and one
+    upsert, where the later version wins. Going straight in halved the staging of a million
+    enrollments (8-9 s to 4-5.5 s on the 2-core machine).
     """
+    latest = list({r[0]: r for r in rows}.values())  # sourced_id first; later rows win
     table = STAGING[kind].name
-    temp = f"copy_{table}"
     cols = ", ".join(f'"{c}"' for c in ("run_id", *COLUMNS[kind]))
+    raw: Any = conn.connection.dbapi_connection
+    try:
+        with conn.begin_nested():
+            _copy(raw, f"COPY {table} ({cols}) FROM STDIN", run_id, latest)
+        return
+    except Exception as exc:  # psycopg's own error: the COPY ran on the driver's connection
+        if _sqlstate(exc) != UNIQUE_VIOLATION:
+            raise
+    temp = f"copy_{table}"
     conn.exec_driver_sql(
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {temp} "
         f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    latest = {r[0]: r for r in rows}  # sourced_id first; later rows replace earlier ones
-    raw: Any = conn.connection.dbapi_connection
-    with raw.cursor() as cursor, cursor.copy(f"COPY {temp} ({cols}) FROM STDIN") as copy:
-        for row in latest.values():
-            copy.write_row((run_id, *row))
+    _copy(raw, f"COPY {temp} ({cols}) FROM STDIN", run_id, latest)
     updates = ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[kind] if c != "sourced_id")
     conn.exec_driver_sql(
         f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp} "
         f"ON CONFLICT (run_id, sourced_id) DO UPDATE SET {updates}"
     )
     conn.exec_driver_sql(f"TRUNCATE {temp}")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    state = getattr(orig, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def _copy(raw: Any, sql: str, run_id: int, rows: Sequence[Row]) -> None:
+    with raw.cursor() as cursor, cursor.copy(sql) as copy:
+        for row in rows:
+            copy.write_row((run_id, *row))
 
 
 def upsert_rows(

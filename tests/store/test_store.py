@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from rostersync.sync.apply import (
     refresh_statistics,
 )
 from rostersync.sync.staging import STAGING, clear_staging, stage
+
+STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")
 
 
 def add_user(store: Store, email: str) -> int:
@@ -133,6 +136,21 @@ def test_postgresql_leaves_room_on_the_pages_of_tables_updated_in_place(pg_store
     for table in ("roster_person", "roster_class", "roster_enrollment", "groups", "group_member"):
         assert options[table] == "fillfactor=90", table
     assert options["user"] is None and options["resync_job"] is None
+
+
+def test_postgresql_staging_tables_are_unlogged(pg_store: Store) -> None:
+    """0008: staging skips PostgreSQL's write-ahead log; the mirror and directory do not."""
+    with pg_store.read() as conn:
+        persistence = dict(
+            conn.execute(
+                text(
+                    "SELECT relname, relpersistence FROM pg_class "
+                    "WHERE relnamespace = current_schema()::regnamespace AND relkind = 'r'"
+                )
+            ).all()
+        )
+    assert {t: persistence[t] for t in STAGING_TABLES} == dict.fromkeys(STAGING_TABLES, "u")
+    assert {t for t, p in persistence.items() if p == "u"} == set(STAGING_TABLES)
 
 
 def test_unknown_schema_is_refused(tmp_path: Path) -> None:
@@ -338,7 +356,8 @@ def test_release_gives_leases_back(store: Store) -> None:
 
 def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> None:
     """A sourcedId sent twice in one batch, or again in a later batch, is staged once, as its
-    last version (SQLite upserts row by row; PostgreSQL COPYs through a temporary table)."""
+    last version (SQLite upserts row by row; PostgreSQL COPYs, through a temporary table and
+    an upsert when an earlier batch staged one of the ids)."""
     first, second, third = (
         RosterPerson("p-1", "student", given_name=name, email=f"{name}@example.org")
         for name in ("Ann", "Bea", "Cy")
@@ -358,6 +377,36 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
         (7, "p-2", "Dee", None),
         (8, "p-1", "Ann", "Ann@example.org"),
     ]
+
+
+def test_postgresql_stages_by_copy_alone_unless_an_id_was_staged_before(pg_store: Store) -> None:
+    """New ids go straight in by COPY (no upsert statement); a batch repeating an id of an
+    earlier batch of the same transaction is undone to its savepoint and upserted, keeping
+    the earlier batch's rows and the later version. Other COPY errors still fail the write."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    people = [RosterPerson(f"p-{i}", "student", given_name="Ann") for i in range(3)]
+    with pg_store.write() as conn:
+        event.listen(conn, "before_cursor_execute", seen)
+        stage(conn, 7, sort_batch(people[:2]))
+        direct = [q for q in statements if "staging_person" in q]
+        stage(conn, 7, sort_batch([replace(people[1], given_name="Bea"), people[2]]))
+        event.remove(conn, "before_cursor_execute", seen)
+    assert not any(q.startswith("INSERT") for q in direct)
+    assert any(q.startswith("INSERT INTO staging_person") for q in statements)
+    with pg_store.read() as conn:
+        rows = conn.execute(
+            text("SELECT sourced_id, given_name FROM staging_person WHERE run_id = 7 ORDER BY 1")
+        ).all()
+    assert [tuple(r) for r in rows] == [("p-0", "Ann"), ("p-1", "Bea"), ("p-2", "Ann")]
+    too_long = RosterPerson("p-9", "x" * 100, given_name="Ann")  # role is VARCHAR(40)
+    with pytest.raises(Exception, match="too long"), pg_store.write() as conn:
+        stage(conn, 7, sort_batch([too_long]))
 
 
 def test_clearing_staging_keeps_other_runs_rows(store: Store) -> None:
