@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,6 +221,15 @@ def executemany(
     elif timestamps:
         rows = [tuple(utc_text(v) if isinstance(v, datetime) else v for v in r) for r in rows]
     conn.exec_driver_sql(sql, list(rows))
+
+
+def copy_rows(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """PostgreSQL ``COPY ... FROM STDIN`` of these rows on the connection's own transaction:
+    one stream where psycopg's executemany sends a statement per row."""
+    raw: Any = conn.connection.dbapi_connection
+    with raw.cursor() as cursor, cursor.copy(sql) as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 class Store:

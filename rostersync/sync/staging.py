@@ -25,6 +25,7 @@ from rostersync.rows import (
     person_row,
     sort_batch,
 )
+from rostersync.store.db import copy_rows
 from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
@@ -96,10 +97,10 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
     latest = list({r[0]: r for r in rows}.values())  # sourced_id first; later rows win
     table = STAGING[kind].name
     cols = ", ".join(f'"{c}"' for c in ("run_id", *COLUMNS[kind]))
-    raw: Any = conn.connection.dbapi_connection
+    staged = [(run_id, *row) for row in latest]
     try:
         with conn.begin_nested():
-            _copy(raw, f"COPY {table} ({cols}) FROM STDIN", run_id, latest)
+            copy_rows(conn, f"COPY {table} ({cols}) FROM STDIN", staged)
         return
     except Exception as exc:  # psycopg's own error: the COPY ran on the driver's connection
         if _sqlstate(exc) != UNIQUE_VIOLATION:
@@ -109,7 +110,7 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {temp} "
         f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
-    _copy(raw, f"COPY {temp} ({cols}) FROM STDIN", run_id, latest)
+    copy_rows(conn, f"COPY {temp} ({cols}) FROM STDIN", staged)
     updates = ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[kind] if c != "sourced_id")
     conn.exec_driver_sql(
         f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp} "
@@ -122,12 +123,6 @@ def _sqlstate(exc: BaseException) -> str | None:
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     state = getattr(orig, "sqlstate", None)
     return state if isinstance(state, str) else None
-
-
-def _copy(raw: Any, sql: str, run_id: int, rows: Sequence[Row]) -> None:
-    with raw.cursor() as cursor, cursor.copy(sql) as copy:
-        for row in rows:
-            copy.write_row((run_id, *row))
 
 
 def upsert_rows(
