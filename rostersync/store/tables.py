@@ -6,7 +6,8 @@ Three families:
   ``groups`` (+ ``group_owner``, ``group_member``). The table is ``groups``, plural, because
   GROUP is an SQL keyword and the set-based SQL in this package is easier to read unquoted.
 * mirror: ``roster_*`` keyed by ``(source, sourced_id)``, each with a ``row_hash`` of its content
-  so a run finds what changed with one join; ``staging_*`` twins keyed by ``(run_id, sourced_id)``.
+  so a run finds what changed with one join; ``staging_*`` twins keyed by ``(run_id, sourced_id)``
+  (on SQLite the key is an index the apply builds: see ``sync.staging``).
 * operations: ``sync_run`` (+ ``run_rejection``), ``resync_job``, ``import_run``/``import_row``,
   ``outbox_email``, ``source_state``, ``source_lease``.
 """

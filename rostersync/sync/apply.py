@@ -31,7 +31,7 @@ from rostersync.sync.plan import (
     Teacher,
     chunks,
 )
-from rostersync.sync.staging import COLUMNS
+from rostersync.sync.staging import COLUMNS, run_scan
 
 #: PostgreSQL channel the daemon LISTENs on for new resync jobs.
 RESYNC_CHANNEL = "rostersync_resync"
@@ -97,7 +97,7 @@ def new_and_changed(
     mirror, staging, _ = TABLES[kind]
     sql = f"""
         SELECT s.sourced_id, CASE WHEN m.sourced_id IS NULL THEN 1 ELSE 0 END
-        FROM {staging} s
+        FROM {run_scan(conn, staging)}
         LEFT JOIN {mirror} m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
@@ -181,9 +181,9 @@ def find_changes(
     # Member marks matter only for classes that have a group (``grouped``, from group_ids;
     # see mark_dirty): on a first run none has, and a million pairs would be collected for
     # nothing.
-    sql = """
+    sql = f"""
         SELECT s.sourced_id, s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
-        FROM staging_enrollment s
+        FROM {run_scan(conn, "staging_enrollment")}
         LEFT JOIN roster_enrollment m ON m.source = :src AND m.sourced_id = s.sourced_id
         WHERE s.run_id = :run AND (m.sourced_id IS NULL OR m.row_hash <> s.row_hash)
     """
@@ -200,10 +200,11 @@ def find_changes(
         # Every staged enrollment is new and no class has a group: what the loop below
         # would learn from a million rows in Python (1.3 s on district L), one GROUP BY
         # gives (0.5 s).
-        per_class = """
-            SELECT class_id, max(CASE WHEN COALESCE(role, '') <> 'student' THEN 1 ELSE 0 END),
-                count(*)
-            FROM staging_enrollment WHERE run_id = :run GROUP BY class_id
+        per_class = f"""
+            SELECT s.class_id,
+                max(CASE WHEN COALESCE(s.role, '') <> 'student' THEN 1 ELSE 0 END), count(*)
+            FROM {run_scan(conn, "staging_enrollment")} WHERE s.run_id = :run
+            GROUP BY s.class_id
         """
         for cls, taught, count in conn.execute(text(per_class), params):
             out.dirty_classes.add(cls)
@@ -574,7 +575,7 @@ def merge(
         sql = f"""
             INSERT INTO {mirror} (source, sourced_id, {col_list})
             SELECT CAST(:src AS VARCHAR(64)), s.sourced_id, {", ".join("s." + c for c in cols)}
-            FROM {staging} s WHERE s.run_id = :run
+            FROM {run_scan(conn, staging)} WHERE s.run_id = :run
         """
         if not fresh:
             # A first load has nothing to compare with and no conflict to resolve (staging

@@ -57,6 +57,7 @@ from rostersync.sync.plan import check_safety, plan_provisioning
 from rostersync.sync.staging import (
     StagedBatch,
     clear_staging,
+    prepare_staging,
     sort_batch,
     stage,
     staging_lost,
@@ -512,6 +513,7 @@ class SyncEngine:
         approved: bool,
     ) -> dict[str, int]:
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
+        prepare_staging(conn)  # SQLite: repeated ids settled, key index built
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)

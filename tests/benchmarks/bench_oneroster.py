@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -88,7 +89,38 @@ def say(text: str) -> None:
 # -- the server process ---------------------------------------------------------------------------
 
 
-def aged_roster(scale: Scale, seed: int) -> Any:
+def guid(sourced_id: str) -> str:
+    """A sourcedId as a real feed spells it: a GUID (the same one for the same id)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, sourced_id))
+
+
+def with_guids(record: Any) -> Any:
+    """``record`` with its own id and every id it refers to as GUIDs (see ``guid``)."""
+    from rostersync.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+
+    if isinstance(record, RosterEnrollment):
+        return replace(
+            record,
+            sourced_id=guid(record.sourced_id),
+            class_id=guid(record.class_id),
+            user_id=guid(record.user_id),
+        )
+    if isinstance(record, RosterPerson):
+        return replace(
+            record,
+            sourced_id=guid(record.sourced_id),
+            org_ids=tuple(guid(o) for o in record.org_ids),
+        )
+    if isinstance(record, RosterClass):
+        school = guid(record.school_id) if record.school_id else None
+        return replace(record, sourced_id=guid(record.sourced_id), school_id=school)
+    if isinstance(record, RosterOrg):
+        parent = guid(record.parent_id) if record.parent_id else None
+        return replace(record, sourced_id=guid(record.sourced_id), parent_id=parent)
+    return record
+
+
+def aged_roster(scale: Scale, seed: int, ids: str = "serial") -> Any:
     """The generated district with dateLastModified spread over the year before its date.
 
     The generator stamps every record with one fixed date, so the high-water mark would equal
@@ -119,6 +151,8 @@ def aged_roster(scale: Scale, seed: int) -> Any:
         if isinstance(record, Rejected):  # the generator makes none; the type allows them
             continue
         when = DATE_LAST_MODIFIED - timedelta(seconds=rng.randrange(year))
+        if ids == "guid":
+            record = with_guids(record)
         lists[record.entity].append(replace(record, date_last_modified=when))
     return roster
 
@@ -128,7 +162,7 @@ def serve(args: argparse.Namespace) -> int:
     from tests.fakes.oneroster_server import FakeOneRoster
 
     started = time.monotonic()
-    roster = aged_roster(SCALES[args.scale], args.seed)
+    roster = aged_roster(SCALES[args.scale], args.seed, args.ids)
     srv = FakeOneRoster(roster, version=args.version, record_requests=False)
     del roster
     with srv:
@@ -172,6 +206,8 @@ def server_process(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         args.version,
         "--seed",
         str(args.seed),
+        "--ids",
+        args.ids,
     ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -388,7 +424,8 @@ def benchmark(args: argparse.Namespace) -> int:
         f"district {args.scale}: {scale.schools} schools, {scale.teachers:,} teachers, "
         f"{scale.students:,} students, {scale.classes:,} classes x {scale.students_per_class} "
         f"students; OneRoster {args.version}, page_size {args.page_size}, "
-        f"max_concurrency {args.max_concurrency}; database {_safe(database)}",
+        f"max_concurrency {args.max_concurrency}; {args.ids} sourcedIds; "
+        f"database {_safe(database)}",
         flush=True,
     )
     prepare_database(database)
@@ -529,6 +566,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--scale", choices=sorted(SCALES), default="L")
         p.add_argument("--version", choices=["1.1", "1.2"], default="1.1")
         p.add_argument("--seed", type=int, default=1)
+        p.add_argument(
+            "--ids",
+            choices=["serial", "guid"],
+            default="serial",
+            help="sourcedIds as the generator numbers them, or as GUIDs (as most feeds send)",
+        )
     parser.add_argument("--database", help="a database URL (default: a fresh SQLite file)")
     parser.add_argument("--page-size", type=int, default=1000)
     parser.add_argument("--max-concurrency", type=int, default=4)

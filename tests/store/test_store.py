@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy import select, text
 
 from rostersync.errors import StoreError
 from rostersync.queue import fail, lease, queue_depth, release
-from rostersync.records import RosterPerson
+from rostersync.records import RosterEnrollment, RosterPerson
 from rostersync.rows import person_tuple, sort_batch
 from rostersync.store.db import Store
 from rostersync.store.tables import metadata
@@ -23,7 +24,7 @@ from rostersync.sync.apply import (
     refresh_directory_statistics,
     refresh_statistics,
 )
-from rostersync.sync.staging import STAGING, clear_staging, stage
+from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
 
 STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")
 
@@ -356,8 +357,9 @@ def test_release_gives_leases_back(store: Store) -> None:
 
 def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> None:
     """A sourcedId sent twice in one batch, or again in a later batch, is staged once, as its
-    last version (SQLite upserts row by row; PostgreSQL COPYs, through a temporary table and
-    an upsert when an earlier batch staged one of the ids)."""
+    last version, by the time the apply reads staging (SQLite appends and prepare_staging
+    keeps the last row; PostgreSQL COPYs, through a temporary table and an upsert when an
+    earlier batch staged one of the ids)."""
     first, second, third = (
         RosterPerson("p-1", "student", given_name=name, email=f"{name}@example.org")
         for name in ("Ann", "Bea", "Cy")
@@ -368,6 +370,8 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
     with store.write() as conn:
         stage(conn, 7, sort_batch([third]))
         stage(conn, 8, sort_batch([first]))  # another run's rows are its own
+    with store.write() as conn:
+        prepare_staging(conn)
     with store.read() as conn:
         rows = conn.execute(
             text("SELECT run_id, sourced_id, given_name, email FROM staging_person ORDER BY 1, 2")
@@ -377,6 +381,106 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
         (7, "p-2", "Dee", None),
         (8, "p-1", "Ann", "Ann@example.org"),
     ]
+
+
+def _sqlite_indexes(store: Store, table: str) -> list[str]:
+    with store.read() as conn:
+        return [
+            row[0]
+            for row in conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = :t"),
+                {"t": table},
+            )
+        ]
+
+
+ANN = RosterPerson("p-1", "student", given_name="Ann")
+
+
+@pytest.fixture
+def staged_twice(tmp_path: Path) -> Iterator[Store]:
+    """A SQLite store whose run 7 staged person p-1 twice (Ann, then Bea) in one batch."""
+    store = Store(f"sqlite:///{tmp_path / 'rs.db'}")
+    store.ensure_schema()
+    with store.write() as conn:
+        stage(conn, 7, sort_batch([ANN, replace(ANN, given_name="Bea")]))
+    yield store
+    store.dispose()
+
+
+def test_sqlite_staging_appends_during_the_fetch_and_the_apply_builds_its_key(
+    staged_twice: Store,
+) -> None:
+    """SQLite staging has no key while a run fetches (GUIDs in no order made every keyed
+    insert a random B-tree write); prepare_staging builds the unique key index, a later
+    batch then replaces the row it repeats, and clearing an emptied table drops the index."""
+    store = staged_twice
+    assert _sqlite_indexes(store, "staging_person") == []
+    names = "SELECT given_name FROM staging_person WHERE run_id = 7 ORDER BY rowid"
+    with store.read() as conn:
+        assert conn.execute(text(names)).scalars().all() == ["Ann", "Bea"]  # appended
+    with store.write() as conn:
+        prepare_staging(conn)
+        prepare_staging(conn)  # a second apply of the same rows (approval) is a no-op
+    assert _sqlite_indexes(store, "staging_person") == ["ux_staging_person_key"]
+    with store.write() as conn:
+        stage(conn, 7, sort_batch([replace(ANN, given_name="Cy")]))
+    with store.read() as conn:
+        assert conn.execute(text(names)).scalars().all() == ["Cy"]
+    with store.write() as conn:
+        clear_staging(conn, 7)
+    assert _sqlite_indexes(store, "staging_person") == []
+
+
+def test_an_apply_rolled_back_leaves_staging_as_the_fetch_wrote_it(staged_twice: Store) -> None:
+    """The key index is built inside the apply's transaction: an apply that rolls back (a
+    held run) leaves staging as the fetch wrote it, duplicates included, for the next one."""
+    with pytest.raises(RuntimeError), staged_twice.write() as conn:
+        prepare_staging(conn)
+        raise RuntimeError("held")
+    assert _sqlite_indexes(staged_twice, "staging_person") == []
+    with staged_twice.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 2
+
+
+def _migrate_and_read_staging(store: Store, revision: str) -> tuple[list[Any], list[Any]]:
+    """Up- or downgrade ``store`` to ``revision``; staging_enrollment's columns and rows."""
+    from alembic import command
+
+    with store.engine.connect() as conn:
+        current = store.current_revision()
+        move = command.upgrade if current is None or revision > current else command.downgrade
+        move(store._alembic(conn), revision)
+        conn.commit()
+    with store.read() as conn:
+        info = conn.execute(text("PRAGMA table_info(staging_enrollment)")).all()
+        rows = conn.execute(text("SELECT run_id, sourced_id, class_id FROM staging_enrollment"))
+        return list(info), [tuple(r) for r in rows]
+
+
+def test_upgrade_to_0009_keeps_staged_rows_without_their_key(tmp_path: Path) -> None:
+    """A held run's staged rows survive the rebuild of the SQLite staging tables; the tables
+    keep every column and lose only the primary key (and get it back on downgrade)."""
+    store = store_at(tmp_path, "0008")
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO staging_enrollment (run_id, sourced_id, class_id, user_id, role, "
+                'status, "primary", row_hash) '
+                "VALUES (3, 'e-1', 'c-1', 'p-1', 'student', 'active', 0, 'h')"
+            )
+        )
+    info, staged = _migrate_and_read_staging(store, "0009")
+    assert staged == [(3, "e-1", "c-1")]
+    assert {row[1] for row in info} == {c.name for c in STAGING["enrollment"].columns}
+    assert [row[1] for row in info if row[5]] == []  # no primary key column
+    assert {row[1] for row in info if row[3]} >= {"run_id", "sourced_id"}  # still NOT NULL
+    with store.write() as conn:  # a repeat appended after the upgrade: the later row wins
+        stage(conn, 3, sort_batch([RosterEnrollment("e-1", "c-2", "p-1", "student")]))
+    info, staged = _migrate_and_read_staging(store, "0008")
+    assert staged == [(3, "e-1", "c-2")]
+    assert sorted(row[1] for row in info if row[5]) == ["run_id", "sourced_id"]
+    store.dispose()
 
 
 def test_postgresql_stages_by_copy_alone_unless_an_id_was_staged_before(pg_store: Store) -> None:
