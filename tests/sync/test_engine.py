@@ -397,6 +397,35 @@ async def test_student_enrolled_twice_in_a_class_is_one_member(
     assert sorted(members) == ["s-1", "s-2", "s-3"]
 
 
+async def test_a_record_sent_twice_in_a_run_is_mirrored_as_its_last_version(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A source repeating a person within one run (Classroom lists a student under each of
+    their courses; paging can shift) leaves one mirror row, the last version, and one
+    member named after it: on SQLite the apply settles the repeat in staging, which the
+    fetch only appended to. On a first load and on a later run alike."""
+    roster = small_roster()
+    s1 = next(p for p in roster.persons if p.sourced_id == "s-1")
+    roster.persons.append(replace(s1, family_name="Later"))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded"
+    with store.read() as conn:
+        names = conn.execute(
+            text("SELECT family_name FROM roster_person WHERE sourced_id = 's-1'")
+        ).scalars()
+        assert list(names) == ["Later"]
+    members = {m["sourced_id"]: m["name"] for m in groups(store)["c-1"]["members"]}
+    assert members["s-1"].endswith(" Later")
+    roster.persons.append(replace(s1, family_name="Last"))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded"
+    members = {m["sourced_id"]: m["name"] for m in groups(store)["c-1"]["members"]}
+    assert members["s-1"].endswith(" Last")
+    with store.read() as conn:
+        staged = conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one()
+    assert staged == 0
+
+
 async def test_member_emails_are_lower_cased_beyond_ascii(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
