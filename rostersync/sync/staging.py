@@ -85,9 +85,10 @@ def _staging_insert(table: str, run_id: int, cols: Sequence[str]) -> str:
 
     The run id is written into the statement rather than bound: then the rows go to the
     driver as they came, and this process does no per-row work (the decode workers did it).
-    OR REPLACE: while the table has its key index (another run's apply built it and rows of
-    a third run keep it), a repeated id replaces the earlier row, as ``prepare_staging``
-    would; without it the row is appended, and the later row (higher rowid) wins there.
+    OR REPLACE: while the table has its key index (an apply built it, and another run's rows
+    still staged kept clear_staging from dropping it), a repeated id replaces the earlier
+    row, as ``prepare_staging`` would; without the index the row is appended, and there the
+    later row (the higher rowid) wins.
     """
     quoted = ", ".join(f'"{c}"' for c in cols)
     return (
