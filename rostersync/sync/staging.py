@@ -85,10 +85,10 @@ def _staging_insert(table: str, run_id: int, cols: Sequence[str]) -> str:
 
     The run id is written into the statement rather than bound: then the rows go to the
     driver as they came, and this process does no per-row work (the decode workers did it).
-    OR REPLACE: while the table has its key index (an apply built it, and another run's rows
-    still staged kept clear_staging from dropping it), a repeated id replaces the earlier
-    row, as ``prepare_staging`` would; without the index the row is appended, and there the
-    later row (the higher rowid) wins.
+    OR REPLACE: should the table have its key index (prepare_staging built it in a
+    transaction that did not clear staging), a repeated id replaces the earlier row, as
+    ``prepare_staging`` would; without the index the row is appended, and there the later
+    row (the higher rowid) wins.
     """
     quoted = ", ".join(f'"{c}"' for c in cols)
     return (
@@ -218,6 +218,10 @@ def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> l
 
 
 def clear_staging(conn: Connection, run_id: int) -> None:
+    """Delete this run's staged rows. On SQLite also drop the key index prepare_staging built:
+    an apply clears its staging in its own transaction, so outside an apply the tables have
+    no key and a fetch only appends (rows of a held run left behind would otherwise keep the
+    index, and every later fetch would pay for it)."""
     sqlite = conn.dialect.name == "sqlite"
     for table in STAGING.values():
         if (
@@ -229,9 +233,9 @@ def clear_staging(conn: Connection, run_id: int) -> None:
         ):
             # Only this run's rows are here (the write lock keeps it so): a DELETE without
             # WHERE lets SQLite drop the table's pages at once instead of a row at a time,
-            # a second for a district's million enrollments. The key index goes too, so
-            # that the next run's fetch appends (prepare_staging builds it again).
+            # a second for a district's million enrollments.
             conn.execute(delete(table))
-            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {staging_key_index(table.name)}")
         else:
             conn.execute(delete(table).where(table.c.run_id == run_id))
+        if sqlite:
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {staging_key_index(table.name)}")

@@ -413,7 +413,8 @@ def test_sqlite_staging_appends_during_the_fetch_and_the_apply_builds_its_key(
 ) -> None:
     """SQLite staging has no key while a run fetches (GUIDs in no order made every keyed
     insert a random B-tree write); prepare_staging builds the unique key index, a later
-    batch then replaces the row it repeats, and clearing an emptied table drops the index."""
+    batch then replaces the row it repeats, and clearing a run's rows drops the index, also
+    when another run's rows stay."""
     store = staged_twice
     assert _sqlite_indexes(store, "staging_person") == []
     names = "SELECT given_name FROM staging_person WHERE run_id = 7 ORDER BY rowid"
@@ -428,8 +429,12 @@ def test_sqlite_staging_appends_during_the_fetch_and_the_apply_builds_its_key(
     with store.read() as conn:
         assert conn.execute(text(names)).scalars().all() == ["Cy"]
     with store.write() as conn:
+        stage(conn, 8, sort_batch([ANN]))  # a held run's rows, say
+        prepare_staging(conn)
         clear_staging(conn, 7)
-    assert _sqlite_indexes(store, "staging_person") == []
+    assert _sqlite_indexes(store, "staging_person") == []  # dropped, though run 8's rows stay
+    with store.read() as conn:
+        assert conn.execute(text("SELECT run_id FROM staging_person")).scalars().all() == [8]
 
 
 def test_an_apply_rolled_back_leaves_staging_as_the_fetch_wrote_it(staged_twice: Store) -> None:
