@@ -528,7 +528,9 @@ class SyncEngine:
         teachers_before = sql.teachers_of_classes(
             conn, source, changes.dirty_classes - student_side
         )
-        written = sql.merge(conn, source, run_id, changes.missing, changes.in_place)
+        written = sql.merge(
+            conn, source, run_id, changes.missing, changes.in_place, changes.to_write
+        )
         sql.refresh_statistics(conn, written)
         members_only = sql.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only

@@ -1106,10 +1106,64 @@ def test_a_first_load_finds_the_changes_the_row_by_row_comparison_finds(store: S
         slow = apply.find_changes(conn, "mem", 1, True, {"no-such-class": 0})
     assert any("GROUP BY s.class_id" in q for q in statements)  # the first-load path ran
     assert not any("LEFT JOIN roster_enrollment" in q for q in statements)
+    # A first load writes every staged enrollment: their ids are not collected (the merge
+    # reads all of staging); the loop collects all of them.
+    assert "enrollment" not in fast.to_write
+    assert slow.to_write.pop("enrollment") == {e.sourced_id for e in roster.enrollments}
     assert fast == slow
     assert fast.dirty_classes == {"c-1", "c-2", "c-3", ""}
     assert fast.owner_classes == {"c-1", "c-2", "c-3", ""}
     assert fast.member_pairs == set()
+
+
+@pytest.mark.parametrize("targeted", [True, False], ids=["by-id", "whole-run"])
+async def test_a_full_run_that_changed_little_upserts_just_those_rows(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    targeted: bool,
+) -> None:
+    """The merge writes the rows find_changes found new or changed, by id, and only for the
+    kinds that have some: a full run that changed nothing runs no upsert and compares no
+    staged row again. Beyond TARGETED_UPSERT_MAX rows of a kind it reads the whole run
+    instead: the same mirror either way."""
+    if not targeted:
+        monkeypatch.setattr(apply, "TARGETED_UPSERT_MAX", 0)
+    settings = make_settings()
+    roster = small_roster()
+    await sync(settings, store, roster)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO roster_"):
+            statements.append(" ".join(statement.split()))
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        before = snapshot(store)
+        await sync(settings, store, roster)
+        assert snapshot(store) == before
+        noop = list(statements)
+        statements.clear()
+        roster.replace_person("s-1", family_name="Renamed")
+        roster.enrollments.append(RosterEnrollment("e-new", "c-2", "s-1", "student"))
+        await sync(settings, store, roster)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+    assert noop == []  # nothing new or changed: no upsert at all
+    assert {q.split()[2] for q in statements} == {"roster_person", "roster_enrollment"}
+    by_id = [q for q in statements if "s.sourced_id IN" in q]
+    assert len(by_id) == (len(statements) if targeted else 0)
+    with store.read() as conn:
+        person = conn.execute(
+            text("SELECT family_name FROM roster_person WHERE sourced_id = 's-1'")
+        ).scalar_one()
+        enrolled = conn.execute(
+            text("SELECT class_id FROM roster_enrollment WHERE sourced_id = 'e-new'")
+        ).scalar_one()
+    assert (person, enrolled) == ("Renamed", "c-2")
+    members = {m["sourced_id"]: m["name"] for m in groups(store)["c-2"]["members"]}
+    assert members["s-1"].endswith(" Renamed")
 
 
 async def test_users_of_many_persons_are_read_in_one_pass(
