@@ -118,6 +118,24 @@ _MARKED_MEMBERS = """
       AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
 """
 
+#: PostgreSQL plans the join above person first and then walks the enrollment index by
+#: person (six rows a mark, the class compared afterwards): 250,000 buffers and 0.35-0.38 s
+#: for a 1% delta's 19,000 marks. Probing the enrollment first, in a CTE it cannot fold into
+#: the join, takes the class index's exact (source, class, role, person) entry: 115,000
+#: buffers, 0.15-0.18 s.
+_MARKED_MEMBERS_PG = """
+    WITH m AS MATERIALIZED (
+        SELECT t.gid, se.source, se.user_id FROM rs_member_marks t
+        JOIN roster_enrollment se ON se.source = t.src AND se.class_id = t.cls
+            AND se.role = 'student' AND se.user_id = t.person
+        WHERE se.status = 'active'
+    )
+    SELECT m.gid, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
+        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, ''))
+    FROM m JOIN roster_person sp ON sp.source = m.source AND sp.sourced_id = m.user_id
+    WHERE sp.status = 'active'
+"""
+
 _HELD_MEMBERS = """
     SELECT gm.group_id, gm.sourced_id, gm.email, gm.name
     FROM rs_member_marks t
@@ -155,8 +173,9 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
         executemany(
             conn, "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)", rows
         )
+    marked = _MARKED_MEMBERS_PG if conn.dialect.name == "postgresql" else _MARKED_MEMBERS
     want: dict[tuple[int, str], tuple[str | None, str]] = {
-        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_MARKED_MEMBERS))
+        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(marked))
     }
     have: dict[tuple[int, str], tuple[str | None, str]] = {
         (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_HELD_MEMBERS))
