@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, select
+from sqlalchemy import Connection, Table, delete, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rostersync.rows import (
@@ -36,6 +36,8 @@ from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg,
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
 UNIQUE_VIOLATION = "23505"
+#: PostgreSQL's SQLSTATE for a lock that NOWAIT could not take.
+LOCK_NOT_AVAILABLE = "55P03"
 
 STAGING: dict[str, Table] = {
     "org": StagingOrg.__table__,  # type: ignore[attr-defined]
@@ -218,11 +220,14 @@ def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> l
 
 
 def clear_staging(conn: Connection, run_id: int) -> None:
-    """Delete this run's staged rows. On SQLite also drop the key index prepare_staging built:
+    """Delete this run's staged rows (on PostgreSQL TRUNCATE the tables when nothing else is
+    staged: see _truncate_alone). On SQLite also drop the key index prepare_staging built:
     an apply clears its staging in its own transaction, so outside an apply the tables have
     no key and a fetch only appends (rows of a held run left behind would otherwise keep the
     index, and every later fetch would pay for it)."""
     sqlite = conn.dialect.name == "sqlite"
+    if not sqlite and _truncate_alone(conn, run_id):
+        return
     for table in STAGING.values():
         if (
             sqlite
@@ -239,3 +244,34 @@ def clear_staging(conn: Connection, run_id: int) -> None:
             conn.execute(delete(table).where(table.c.run_id == run_id))
         if sqlite:
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {staging_key_index(table.name)}")
+
+
+def _truncate_alone(conn: Connection, run_id: int) -> bool:
+    """PostgreSQL: when this run's rows are all the staging tables hold, TRUNCATE them and
+    say so. A DELETE leaves every row behind as a dead tuple until autovacuum comes by: after
+    a full run a million of them, 14,000 pages of enrollments that the next run's scans of
+    staging read again (a delta right after a full run took 3.4-4.3 s, 3.0-3.8 s from
+    truncated tables).
+
+    TRUNCATE takes the tables' ACCESS EXCLUSIVE lock until the transaction ends. Asked with
+    NOWAIT, it is given up at once (and the rows deleted as before) when anyone else is using
+    staging, say another source's fetch writing its batches; held, it keeps everyone else out
+    while the tables are checked, so no other run's rows can arrive in between."""
+    names = ", ".join(table.name for table in STAGING.values())
+    try:
+        with conn.begin_nested() as savepoint:
+            conn.exec_driver_sql(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE NOWAIT")
+            for table in STAGING.values():
+                # min/max: two probes at the ends of the (run_id, sourced_id) key.
+                low, high = conn.execute(
+                    select(func.min(table.c.run_id), func.max(table.c.run_id))
+                ).one()
+                if low is not None and not low == high == run_id:
+                    savepoint.rollback()  # releases the locks: another run's rows stay
+                    return False
+            conn.exec_driver_sql(f"TRUNCATE {names}")
+    except DBAPIError as exc:
+        if _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            raise
+        return False
+    return True

@@ -537,6 +537,63 @@ def test_clearing_staging_keeps_other_runs_rows(store: Store) -> None:
         assert [tuple(r) for r in conn.execute(text(count))] == [(9, 3)]
 
 
+def _staging_pages(conn: Any) -> int:
+    return int(
+        conn.execute(
+            text(
+                "SELECT sum(pg_relation_size(c.oid)) FROM pg_class c "
+                "WHERE c.relname LIKE 'staging_%' AND c.relkind = 'r'"
+            )
+        ).scalar_one()
+        // 8192
+    )
+
+
+def test_postgresql_truncates_staging_when_only_this_run_is_staged(pg_store: Store) -> None:
+    """A run whose rows are all that staging holds leaves no dead rows behind (TRUNCATE, so
+    the tables take no pages), and the truncation is part of the run's transaction; with
+    another run's rows there, only this run's rows go."""
+    people = [RosterPerson(f"p-{i}", "student", given_name="Ann") for i in range(300)]
+    with pg_store.write() as conn:
+        stage(conn, 7, sort_batch(people))
+    with pytest.raises(RuntimeError), pg_store.write() as conn:
+        clear_staging(conn, 7)
+        assert _staging_pages(conn) == 0
+        raise RuntimeError("the apply failed after clearing")
+    with pg_store.write() as conn:
+        assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 300
+        stage(conn, 8, sort_batch(people[:1]))
+    with pg_store.write() as conn:
+        clear_staging(conn, 7)
+    with pg_store.read() as conn:
+        rows = conn.execute(text("SELECT run_id, count(*) FROM staging_person GROUP BY 1"))
+        assert [tuple(r) for r in rows] == [(8, 1)]
+        assert _staging_pages(conn) > 0  # deleted, not truncated
+    with pg_store.write() as conn:
+        clear_staging(conn, 8)
+    with pg_store.read() as conn:
+        assert _staging_pages(conn) == 0
+
+
+def test_postgresql_clearing_staging_does_not_wait_for_another_reader(pg_store: Store) -> None:
+    """Someone else using staging (another source's fetch) keeps the tables from being
+    truncated: the run deletes its rows instead, at once, rather than waiting for them."""
+    people = [RosterPerson(f"p-{i}", "student", given_name="Ann") for i in range(3)]
+    with pg_store.write() as conn:
+        stage(conn, 7, sort_batch(people))
+    with pg_store.engine.connect() as other, other.begin():
+        other.execute(text("SELECT count(*) FROM staging_org")).scalar_one()  # holds a lock
+        with pg_store.write() as conn:
+            # A regression that waited for the lock fails here instead of hanging.
+            conn.execute(text("SET LOCAL lock_timeout = '5s'"))
+            clear_staging(conn, 7)
+            assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 0
+            assert _staging_pages(conn) > 0
+    with pg_store.write() as conn:
+        clear_staging(conn, 7)  # nobody else now: truncated
+        assert _staging_pages(conn) == 0
+
+
 def test_staged_dates_keep_their_instant(store: Store) -> None:
     """Rows carry dateLastModified as UTC text (formatted by the decode workers); both
     databases store the instant it names, whatever offset the source gave."""
