@@ -78,7 +78,7 @@ SCALES = {
     "S": Scale(schools=10, teachers=1_000, students=20_000, classes=4_000),
     "M": Scale(schools=25, teachers=2_500, students=50_000, classes=10_000),
     "L": Scale(schools=100, teachers=10_000, students=200_000, classes=40_000),
-    # The mission's largest district: 500,000 students (about 2,500,000 enrollments).
+    # The mission's largest district: 500,000 students (about 2,600,000 enrollments).
     "XL": Scale(schools=250, teachers=25_000, students=500_000, classes=100_000),
 }
 
