@@ -43,13 +43,17 @@ _OWNERS = """
       AND te.status = 'active' AND tp.status = 'active' AND tp.enabled = :yes
 """
 
+#: A member's stored email and name, from its person (alias ``sp``): every read of members
+#: says it the same way, or a group's comparison would see a change that is not there.
+_MEMBER_VALUES = """NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), '') AS email,
+        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, '')) AS name"""
+
 #: The members a group should have (alias ``g``): its class's active students, as stored.
 #: A student enrolled twice in one class appears twice (no DISTINCT: sorting a million rows
 #: to drop a rare repeat cost more than letting the insert's ON CONFLICT skip it).
-_DESIRED_MEMBERS = """
+_DESIRED_MEMBERS = f"""
     SELECT g.id AS group_id, sp.sourced_id AS sourced_id,
-        NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), '') AS email,
-        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, '')) AS name
+        {_MEMBER_VALUES}
     FROM groups g
     JOIN roster_enrollment se ON se.source = g.source AND se.class_id = g.external_id
         AND se.role = 'student' AND se.status = 'active'
@@ -108,9 +112,8 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
     return changed
 
 
-_MARKED_MEMBERS = """
-    SELECT t.gid, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
-        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, ''))
+_MARKED_MEMBERS = f"""
+    SELECT t.gid, sp.sourced_id, {_MEMBER_VALUES}
     FROM rs_member_marks t
     CROSS JOIN roster_enrollment se
     JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
@@ -123,15 +126,14 @@ _MARKED_MEMBERS = """
 #: for a 1% delta's 19,000 marks. Probing the enrollment first, in a CTE it cannot fold into
 #: the join, takes the class index's exact (source, class, role, person) entry: 115,000
 #: buffers, 0.15-0.18 s.
-_MARKED_MEMBERS_PG = """
+_MARKED_MEMBERS_PG = f"""
     WITH m AS MATERIALIZED (
         SELECT t.gid, se.source, se.user_id FROM rs_member_marks t
         JOIN roster_enrollment se ON se.source = t.src AND se.class_id = t.cls
             AND se.role = 'student' AND se.user_id = t.person
         WHERE se.status = 'active'
     )
-    SELECT m.gid, sp.sourced_id, NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), ''),
-        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, ''))
+    SELECT m.gid, sp.sourced_id, {_MEMBER_VALUES}
     FROM m JOIN roster_person sp ON sp.source = m.source AND sp.sourced_id = m.user_id
     WHERE sp.status = 'active'
 """
