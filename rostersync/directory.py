@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
+from rostersync.emails import normalize_email
 from rostersync.store.db import as_utc
 
 
@@ -63,7 +64,7 @@ def list_users(conn: Connection) -> list[dict[str, Any]]:
 
 
 def user_ids_by_email(conn: Connection, emails: list[str]) -> tuple[dict[str, int], list[str]]:
-    wanted = [e.strip().lower() for e in emails]
+    wanted = [normalize_email(e) for e in emails]
     rows = conn.execute(
         text('SELECT email, id FROM "user" WHERE email IN :e').bindparams(
             bindparam("e", expanding=True)
@@ -82,7 +83,7 @@ def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[s
             'WHERE g.id IN (SELECT o.group_id FROM group_owner o JOIN "user" u ON u.id = o.user_id '
             "WHERE u.email = :email)"
         )
-        params["email"] = owner_email.strip().lower()
+        params["email"] = normalize_email(owner_email)
     groups = conn.execute(
         text(
             f"SELECT g.id, g.source, g.external_id, g.name FROM groups g {where} ORDER BY g.source, g.name, g.external_id"

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col
 
 from rostersync.config.models import Settings
+from rostersync.emails import normalize_email
 from rostersync.importer.columns import match_columns
 from rostersync.importer.errors import ImportRefused
 from rostersync.importer.outbox import queue_verification
@@ -165,7 +166,7 @@ def _roles(conn: Connection) -> list[tuple[int, RoleInfo]]:
 
 
 def load_actor(conn: Connection, email: str) -> Actor:
-    email = email.strip().lower()
+    email = normalize_email(email)
     row = conn.execute(text('SELECT id, status FROM "user" WHERE email = :e'), {"e": email}).first()
     if row is None:
         raise ImportRefused(f"--as {email}: no such user")

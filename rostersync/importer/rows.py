@@ -10,31 +10,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from rostersync.emails import email_problem, normalize_email
 from rostersync.importer.columns import ColumnMap
 from rostersync.importer.reader import RawRow
 from rostersync.importer.statuses import Status
 
-MAX_EMAIL, MAX_NAME, MAX_ROLE, MAX_SITE = 256, 256, 256, 50
+MAX_NAME, MAX_ROLE, MAX_SITE = 256, 256, 50
 DEFAULT_DISPLAY_NAME = "Console User"
-
-# A pragmatic address check (no DNS, no quoted local parts): what a console can mail.
-_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
-_EMAIL = re.compile(rf"^{_LOCAL}@{_DOMAIN}$")
 
 _TRUE = {"true", "yes", "y", "1", "t"}
 _FALSE = {"false", "no", "n", "0", "f", ""}
-
-
-def email_problem(email: str) -> str | None:
-    """Why an (already stripped) address is unusable, or None."""
-    if not email:
-        return "no email address"
-    if len(email) > MAX_EMAIL:
-        return f"email is longer than {MAX_EMAIL} characters"
-    if not _EMAIL.match(email):
-        return f"{email!r} is not a valid email address"
-    return None
 
 
 def split_list(cell: str, separators: str = ";") -> tuple[str, ...]:
@@ -83,7 +68,7 @@ class _Bad(Exception):
 def parse_row(raw: RawRow, cells: ColumnMap, sources: Mapping[str, object]) -> RowInput:
     """Parse a row; ``sources`` are the configured source names (for Source Username(s))."""
     values = raw.values
-    email = (cells.get(values, "email") or "").strip().lower()
+    email = normalize_email(cells.get(values, "email"))
     problem = email_problem(email)
     if problem is not None:
         return RowInput(raw.row, email, problem=(Status.INVALID_EMAIL, problem))

@@ -17,8 +17,8 @@ from sqlalchemy import Connection, CursorResult, insert, text
 from sqlmodel import col
 
 from rostersync.config.models import Settings
+from rostersync.emails import email_problem, normalize_email
 from rostersync.importer.plan import resolve_name
-from rostersync.importer.rows import email_problem
 from rostersync.importer.statuses import Status, empty_counts
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import User, UserIdentity, UserRole, UserSite
@@ -136,7 +136,7 @@ def plan_teachers(
     headroom = None if limit is None else max(limit - active_users, 0)
     seen: set[str] = set()
     for raw in requested:
-        email = raw.strip().lower()
+        email = normalize_email(raw)
 
         def out(status: Status, message: str, sid: str | None = None, email: str = email) -> None:
             plan.outcomes.append(TeacherOutcome(email, status, message, sid))
@@ -210,7 +210,7 @@ def import_teachers(
         linked = linked_users(conn, source)
         if emails is None:
             emails = [t.email.strip().lower() for t in candidates(conn, source) if t.email]
-        existing = users_by_email(conn, [e.strip().lower() for e in emails])
+        existing = users_by_email(conn, [normalize_email(e) for e in emails])
         plan = plan_teachers(
             source,
             emails,
