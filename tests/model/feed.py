@@ -1,0 +1,203 @@
+"""The roster a memory source serves in the model test, and the values its steps draw.
+
+Every change stamps the changed record with the next tick of a logical clock as its
+``date_last_modified``, as a OneRoster server would, so a delta run (records newer than the
+high-water mark) sees exactly what changed since the last applied run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rostersync.records import (
+    MemoryRoster,
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    RosterRecord,
+)
+
+EPOCH = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
+
+TEACHERS = ("t1", "t2", "t3", "t4", "t5", "t6")
+STUDENTS = ("s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9")
+PEOPLE = TEACHERS + STUDENTS
+CLASSES = ("c1", "c2", "c3", "c4", "c5")
+ORGS = {"sch-1": "Lincoln High", "sch-2": "Maple Middle"}
+DOMAIN = "springfield.example.org"
+
+GIVEN = ("Ada", "Alan", "Grace", "Zoë", "")
+FAMILY = ("Lovelace", "Turing", "Hopper", "")
+TITLES = ("Algebra I", "Computing", "Biology", "Art", "Study Hall")
+
+#: Person roles the steps give: teachers, look-alikes of teachers, and the rest.
+ROLES = ("teacher", "Teacher", "administrator", "aide", "student")
+
+#: How a teacher's email is written, by name (rendered per person by :func:`teacher_email`).
+#: Invalid values, look-alikes and other domains sit beside the ordinary forms.
+EMAIL_KINDS = (
+    "plain",
+    "upper",
+    "spaced",
+    "subdomain",
+    "other_domain",
+    "n/a",
+    "empty",
+    "missing",
+    "none",
+    "blank",
+    "no_tld",
+    "kate",
+    "kelvin_kate",
+    "fullwidth_kate",
+    "cyrillic_kate",
+    "zero_width_inside",
+    "zero_width_edge",
+    "too_long",
+)
+
+
+def teacher_email(pid: str, kind: str) -> str | None:
+    """A teacher's email address written the way ``kind`` names."""
+    forms: dict[str, str | None] = {
+        "plain": f"{pid}@{DOMAIN}",
+        "upper": f"{pid.upper()}@Springfield.Example.ORG",
+        "spaced": f"  {pid}@{DOMAIN}\t",
+        "subdomain": f"{pid}@hs.{DOMAIN}",
+        "other_domain": f"{pid}@other.example.net",
+        "n/a": "N/A",
+        "empty": "",
+        "missing": None,
+        "none": "none",
+        "blank": "   ",
+        "no_tld": f"{pid}@springfield",
+        # Shared by whoever draws it: the Kelvin sign and full-width k fold to "k" (NFKC), a
+        # Cyrillic a (U+0430) does not and is no address.
+        "kate": f"kate@{DOMAIN}",
+        "kelvin_kate": f"\u212aate@{DOMAIN}",
+        "fullwidth_kate": f"\uff4bate@{DOMAIN}",
+        "cyrillic_kate": f"k\u0430te@{DOMAIN}",
+        "zero_width_inside": f"{pid}\u200b@{DOMAIN}",
+        "zero_width_edge": f"\u200b{pid}@{DOMAIN}",
+        "too_long": f"{pid}{'x' * 250}@{DOMAIN}",
+    }
+    return forms[kind]
+
+
+STUDENT_EMAIL_KINDS = ("plain", "accented", "spaced", "missing", "empty")
+
+
+def student_email(pid: str, kind: str) -> str | None:
+    forms: dict[str, str | None] = {
+        "plain": f"{pid}@students.{DOMAIN}",
+        "accented": f"ÉLÈVE.{pid.upper()}@Students.Example.ORG",
+        "spaced": f" {pid}@students.{DOMAIN} ",
+        "missing": None,
+        "empty": "",
+    }
+    return forms[kind]
+
+
+@dataclass
+class Feed:
+    """The source's current roster, keyed by kind and sourced id, in insertion order."""
+
+    orgs: dict[str, RosterOrg] = field(default_factory=dict)
+    persons: dict[str, RosterPerson] = field(default_factory=dict)
+    classes: dict[str, RosterClass] = field(default_factory=dict)
+    enrollments: dict[str, RosterEnrollment] = field(default_factory=dict)
+    #: records the connector reports as rejected, by (kind, sourced id): the record held back
+    rejected: dict[tuple[str, str], Any] = field(default_factory=dict)
+    clock: int = 0
+    next_enrollment: int = 0
+    #: the feed before the last "empty" or "shrink" step, for "restore"
+    saved: Feed | None = None
+
+    def tick(self) -> datetime:
+        self.clock += 1
+        return EPOCH + timedelta(seconds=self.clock)
+
+    def table(self, kind: str) -> dict[str, Any]:
+        tables: dict[str, dict[str, Any]] = {
+            "org": self.orgs,
+            "person": self.persons,
+            "class": self.classes,
+            "enrollment": self.enrollments,
+        }
+        return tables[kind]
+
+    def put(self, kind: str, record: Any) -> None:
+        """Add or change a record (stamped now). A rejected record stays rejected, changed."""
+        record = replace(record, date_last_modified=self.tick())
+        key = (kind, record.sourced_id)
+        if key in self.rejected:
+            self.rejected[key] = record
+        else:
+            self.table(kind)[record.sourced_id] = record
+
+    def get(self, kind: str, sid: str) -> Any:
+        return self.table(kind).get(sid)
+
+    def change(self, kind: str, sid: str, **changes: Any) -> bool:
+        current = self.get(kind, sid)
+        if current is None:
+            return False
+        self.put(kind, replace(current, **changes))
+        return True
+
+    def drop(self, kind: str, sid: str) -> None:
+        self.table(kind).pop(sid, None)
+
+    def new_enrollment(self, class_id: str, user_id: str, role: str) -> None:
+        self.next_enrollment += 1
+        self.put(
+            "enrollment", RosterEnrollment(f"e{self.next_enrollment}", class_id, user_id, role)
+        )
+
+    def reject(self, kind: str, sid: str) -> bool:
+        record = self.table(kind).pop(sid, None)
+        if record is None:
+            return False
+        self.rejected[(kind, sid)] = record
+        return True
+
+    def unreject(self, key: tuple[str, str]) -> None:
+        record = self.rejected.pop(key)
+        self.put(key[0], record)
+
+    def snapshot(self) -> Feed:
+        return Feed(
+            dict(self.orgs),
+            dict(self.persons),
+            dict(self.classes),
+            dict(self.enrollments),
+            dict(self.rejected),
+        )
+
+    def records(self) -> list[RosterRecord]:
+        """In the memory connector's order: orgs, persons, classes, enrollments, rejections."""
+        entity = {"org": "org", "person": "user", "class": "class", "enrollment": "enrollment"}
+        return [
+            *self.orgs.values(),
+            *self.persons.values(),
+            *self.classes.values(),
+            *self.enrollments.values(),
+            *(
+                Rejected(entity[kind], sid, f"{entity[kind]} {sid} does not parse (model)")
+                for kind, sid in self.rejected
+            ),
+        ]
+
+    def roster(self) -> MemoryRoster:
+        records = self.records()
+        return MemoryRoster(
+            orgs=[r for r in records if isinstance(r, RosterOrg)],
+            persons=[r for r in records if isinstance(r, RosterPerson)],
+            classes=[r for r in records if isinstance(r, RosterClass)],
+            enrollments=[r for r in records if isinstance(r, RosterEnrollment)],
+            rejected=[r for r in records if isinstance(r, Rejected)],
+        )

@@ -1,0 +1,786 @@
+"""The oracle: rostersync's rules as plain Python over plain values.
+
+It is written from the README's rules and issue 16's, not from the engine: it imports no rule
+code (``rostersync.sync.plan``, ``rostersync.emails``, SQL), only the record types the
+connectors yield. Each sync is one application of the rules to the state at the start of the
+run; a delta run must end where deciding for everyone would (the README's "nobody else's
+outcome can have changed", checked rather than assumed).
+
+State: a mirror per source (what the engine believes the roster is), the directory (users by
+email, identities), each source's high-water mark and last full counts, and the runs. Groups
+are not state: after the resync queue drains they are a function of the mirror and the
+directory (:func:`groups`).
+
+Where the rules leave a choice open, the reading taken here is named in a comment with
+"Reading:"; the model's README lists them.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from rostersync.records import (
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    RosterRecord,
+)
+
+SOURCE = "mem"
+
+# -- email addresses --------------------------------------------------------------------------
+
+MAX_EMAIL = 256
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ADDRESS = re.compile(rf"^{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}}$")
+# Zero-width characters and the byte-order mark that exports leave around values.
+_EDGE_JUNK = "\ufeff\u200b\u200c\u200d\u2060"
+
+
+def norm_email(value: str | None) -> str:
+    """NFKC, trimmed (whitespace and zero-width characters at the edges), lower-case."""
+    if not value:
+        return ""
+    folded = unicodedata.normalize("NFKC", value)
+    return folded.strip().strip(_EDGE_JUNK).strip().lower()
+
+
+def email_problem(email: str, domains: Iterable[str] = ()) -> str | None:
+    """Why a normalized address cannot be an identity (None when it can)."""
+    if not email:
+        return "no email"
+    if len(email) > MAX_EMAIL:
+        return "too long"
+    if not _ADDRESS.match(email):
+        return "invalid"
+    allowed = {norm_email(d).lstrip("@") for d in domains if d.strip()}
+    if allowed and email.rpartition("@")[2] not in allowed:
+        return "outside email_domains"
+    return None
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the rules read from rostersync.yaml. ``as_yaml`` gives the engine the same."""
+
+    auto_create_users: bool = True
+    default_role: str = "Teacher"
+    default_site: str | None = "North High"
+    site_map: tuple[tuple[str, str], ...] = ()
+    on_teacher_removed: str = "archive"
+    license_limit: int | None = None
+    max_removals: int = 500
+    max_removal_percent: float = 20.0
+    min_source_ratio: float = 0.5
+    teacher_roles: tuple[str, ...] = ("teacher",)
+    email_domains: tuple[str, ...] = ()
+
+    def as_yaml(self, *, new_keys: bool) -> dict[str, Any]:
+        """The config file's dict. ``new_keys``: the engine knows teacher_roles and
+        email_domains (issue 16); without them only their defaults can be modelled."""
+        prov: dict[str, Any] = {
+            "auto_create_users": self.auto_create_users,
+            "default_role": self.default_role,
+            "site_map": dict(self.site_map),
+            "on_teacher_removed": self.on_teacher_removed,
+        }
+        if self.default_site is not None:
+            prov["default_site"] = self.default_site
+        if new_keys:
+            prov["teacher_roles"] = list(self.teacher_roles)
+            if self.email_domains:
+                prov["email_domains"] = list(self.email_domains)
+        out: dict[str, Any] = {
+            "organization": "Model School District",
+            "database": "sqlite:///unused.db",
+            "roles": [
+                "Teacher",
+                {"name": "Organization Admin", "permissions": ["import_users"]},
+                "Coach",
+            ],
+            "sites": ["North High", "South Middle"],
+            "provisioning": prov,
+            "safety": {
+                "max_removals": self.max_removals,
+                "max_removal_percent": self.max_removal_percent,
+                "min_source_ratio": self.min_source_ratio,
+            },
+        }
+        if self.license_limit is not None:
+            out["license_limit"] = self.license_limit
+        return out
+
+
+# -- state ------------------------------------------------------------------------------------
+
+KINDS = ("org", "person", "class", "enrollment")
+
+#: A connector's rejection entity names, as the README's connectors report them.
+ENTITY_KIND = {
+    "user": "person",
+    "person": "person",
+    "class": "class",
+    "course": "class",
+    "enrollment": "enrollment",
+    "org": "org",
+    "school": "org",
+}
+
+
+@dataclass
+class Mirror:
+    """One source's records as the last applied runs left them, by kind and sourced id."""
+
+    org: dict[str, RosterOrg] = field(default_factory=dict)
+    person: dict[str, RosterPerson] = field(default_factory=dict)
+    klass: dict[str, RosterClass] = field(default_factory=dict)
+    enrollment: dict[str, RosterEnrollment] = field(default_factory=dict)
+
+    def table(self, kind: str) -> dict[str, Any]:
+        tables: dict[str, dict[str, Any]] = {
+            "org": self.org,
+            "person": self.person,
+            "class": self.klass,
+            "enrollment": self.enrollment,
+        }
+        return tables[kind]
+
+    def copy(self) -> Mirror:
+        return Mirror(dict(self.org), dict(self.person), dict(self.klass), dict(self.enrollment))
+
+
+@dataclass(frozen=True)
+class User:
+    email: str
+    display_name: str
+    roles: tuple[str, ...]
+    sites: tuple[str, ...]
+    status: str  # active | archived
+    created_by: str  # "source:NAME" | "import"
+    archived_by_sync: bool = False
+
+
+@dataclass
+class Directory:
+    users: dict[str, User] = field(default_factory=dict)  # by (normalized) email
+    identities: dict[tuple[str, str], str] = field(
+        default_factory=dict
+    )  # (source, person) -> email
+
+    def copy(self) -> Directory:
+        return Directory(dict(self.users), dict(self.identities))
+
+    def persons_of(self, email: str, source: str | None = None) -> set[tuple[str, str]]:
+        return {
+            key
+            for key, owner in self.identities.items()
+            if owner == email and (source is None or key[0] == source)
+        }
+
+    def active_count(self) -> int:
+        return sum(1 for u in self.users.values() if u.status == "active")
+
+
+@dataclass
+class SourceState:
+    """What a source's last applied (not dry, not held) runs leave for the next ones."""
+
+    high_water_mark: datetime | None = None
+    #: fetched persons/classes/enrollments of the last successful full run
+    last_full_counts: dict[str, int] | None = None
+
+
+@dataclass
+class Run:
+    """A run as the oracle knows it: enough to decide approvals."""
+
+    id: int
+    source: str
+    mode: str
+    dry_run: bool
+    status: str
+    records: tuple[RosterRecord, ...] = ()  # what it fetched (kept for a held run's approval)
+
+
+# -- the rules over a mirror ------------------------------------------------------------------
+
+
+def person_roles(p: RosterPerson) -> set[str]:
+    """Every role a person carries, lower-cased (OneRoster 1.2 sends several)."""
+    roles = {p.role}
+    roles.update(getattr(p, "roles", ()) or ())
+    return {r.strip().lower() for r in roles if r}
+
+
+def teaching_person(p: RosterPerson | None, teacher_roles: Sequence[str]) -> bool:
+    """Active, enabled, and of a teacher role: who can teach a class."""
+    wanted = {r.strip().lower() for r in teacher_roles}
+    return p is not None and p.status == "active" and p.enabled and bool(person_roles(p) & wanted)
+
+
+def populated(m: Mirror, class_id: str) -> bool:
+    """Active, with an active student enrollment of an active person."""
+    c = m.klass.get(class_id)
+    if c is None or c.status != "active":
+        return False
+    for e in m.enrollment.values():
+        if e.class_id == class_id and e.role == "student" and e.status == "active":
+            p = m.person.get(e.user_id)
+            if p is not None and p.status == "active":
+                return True
+    return False
+
+
+def taught_classes(m: Mirror, person_id: str, teacher_roles: Sequence[str]) -> set[str]:
+    """Populated classes this person teaches (active teacher enrollment, teaching person)."""
+    if not teaching_person(m.person.get(person_id), teacher_roles):
+        return set()
+    return {
+        e.class_id
+        for e in m.enrollment.values()
+        if e.user_id == person_id
+        and e.role == "teacher"
+        and e.status == "active"
+        and populated(m, e.class_id)
+    }
+
+
+def candidates(m: Mirror, teacher_roles: Sequence[str]) -> set[str]:
+    """Persons that teach at least one populated class: who should have an account."""
+    return {pid for pid in m.person if taught_classes(m, pid, teacher_roles)}
+
+
+@dataclass(frozen=True)
+class Member:
+    sourced_id: str
+    email: str | None
+    name: str
+
+
+@dataclass(frozen=True)
+class Group:
+    source: str
+    external_id: str
+    name: str
+    owners: tuple[str, ...]
+    members: tuple[Member, ...]
+
+
+def member_of(p: RosterPerson) -> Member:
+    # The email as stored (trimmed when mirrored), lower-cased and trimmed of spaces; the
+    # name as "given family" trimmed of spaces, as SQL's TRIM does.
+    stored = p.email.strip() if p.email else ""
+    email = stored.strip(" ").lower() or None
+    return Member(p.sourced_id, email, f"{p.given_name} {p.family_name}".strip(" "))
+
+
+def groups(
+    mirrors: Mapping[str, Mirror], d: Directory, teacher_roles: Sequence[str]
+) -> dict[tuple[str, str], Group]:
+    """The groups the directory must hold once the resync queue is drained."""
+    out: dict[tuple[str, str], Group] = {}
+    for source, m in mirrors.items():
+        for cid, c in m.klass.items():
+            if not populated(m, cid):
+                continue
+            owners: set[str] = set()
+            members: dict[str, Member] = {}
+            for e in m.enrollment.values():
+                if e.class_id != cid or e.status != "active":
+                    continue
+                p = m.person.get(e.user_id)
+                if e.role == "teacher" and teaching_person(p, teacher_roles):
+                    email = d.identities.get((source, e.user_id))
+                    if email is not None and d.users[email].status == "active":
+                        owners.add(email)
+                elif e.role == "student" and p is not None and p.status == "active":
+                    members[p.sourced_id] = member_of(p)
+            if owners:
+                out[(source, cid)] = Group(
+                    source,
+                    cid,
+                    c.title,
+                    tuple(sorted(owners)),
+                    tuple(sorted(members.values(), key=lambda x: x.sourced_id)),
+                )
+    return out
+
+
+def display_name(p: RosterPerson) -> str:
+    return " ".join(x for x in (p.given_name, p.family_name) if x).strip()
+
+
+def sites_for(p: RosterPerson, m: Mirror, config: Config) -> tuple[str, ...]:
+    """The site_map sites of the person's schools (sourcedId first, then name), else the
+    default site."""
+    site_map = dict(config.site_map)
+    names = [m.org[o].name for o in p.org_ids if o in m.org]
+    mapped: list[str] = []
+    for key in (*p.org_ids, *names):
+        site = site_map.get(key)
+        if site and site not in mapped:
+            mapped.append(site)
+    if mapped:
+        return tuple(mapped)
+    return (config.default_site,) if config.default_site else ()
+
+
+# -- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    """What a run would do, decided at its start: its report, and the state it leaves."""
+
+    mode: str
+    fetched: dict[str, int]
+    newest: datetime | None
+    counts: dict[str, int]
+    #: connector rejections (entity, sourced id, reason)
+    connector_rejects: list[tuple[str, str | None, str]]
+    #: candidates with an unusable email: sourced id -> (normalized value, problem)
+    email_rejects: dict[str, tuple[str, str]]
+    hold_reasons: list[str]
+    #: normalized emails shared by several eligible persons, with their sourced ids
+    shared_emails: dict[str, list[str]]
+    #: who was not created (auto-create off) and who had no license seat: email -> persons
+    not_created: dict[str, list[str]]
+    skipped: dict[str, list[str]]
+    #: persons the run fetched that are new to the mirror or differ from it
+    changed_persons: set[str]
+    mirror: Mirror
+    directory: Directory
+
+    @property
+    def held(self) -> bool:
+        return bool(self.hold_reasons)
+
+    @property
+    def status(self) -> str:
+        if self.held:
+            return "held"
+        return "succeeded_with_errors" if self.counts["records_rejected"] else "succeeded"
+
+
+def merge_mirror(
+    m0: Mirror, records: Sequence[RosterRecord], *, full: bool
+) -> tuple[Mirror, list[Rejected]]:
+    """The mirror after a run: a full run replaces the source's records with what it fetched
+    (a record rejected with a sourced id keeps its old row; a rejected class also keeps its
+    enrollments and their people); a delta run upserts what it fetched."""
+    m1 = m0.copy() if not full else Mirror()
+    rejects = [r for r in records if isinstance(r, Rejected)]
+    for r in records:
+        if isinstance(r, RosterOrg):
+            m1.org[r.sourced_id] = r
+        elif isinstance(r, RosterPerson):
+            m1.person[r.sourced_id] = r
+        elif isinstance(r, RosterClass):
+            m1.klass[r.sourced_id] = r
+        elif isinstance(r, RosterEnrollment):
+            m1.enrollment[r.sourced_id] = r
+    if full:
+        kept: dict[str, set[str]] = {k: set() for k in KINDS}
+        for r in rejects:
+            kind = ENTITY_KIND.get(r.entity)
+            if kind and r.sourced_id is not None:
+                kept[kind].add(r.sourced_id)
+        kept["person"] |= {e.user_id for e in m0.enrollment.values() if e.class_id in kept["class"]}
+        kept["enrollment"] |= {
+            sid for sid, e in m0.enrollment.items() if e.class_id in kept["class"]
+        }
+        for kind in KINDS:
+            old, new = m0.table(kind), m1.table(kind)
+            for sid in kept[kind]:
+                if sid in old and sid not in new:
+                    new[sid] = old[sid]
+    return m1, rejects
+
+
+def _stored_email(p: RosterPerson) -> str:
+    return p.email.strip() if p.email else ""
+
+
+def decide(
+    *,
+    config: Config,
+    source: str,
+    mode: str,
+    records: Sequence[RosterRecord],
+    mirrors: Mapping[str, Mirror],
+    directory: Directory,
+    state: SourceState | None,
+    approval: bool,
+) -> Decision:
+    """Apply the rules to what a run fetched, against the state at the run's start."""
+    full = mode == "full"
+    m0 = mirrors.get(source, Mirror())
+    fetched = {
+        "orgs": sum(isinstance(r, RosterOrg) for r in records),
+        "persons": sum(isinstance(r, RosterPerson) for r in records),
+        "classes": sum(isinstance(r, RosterClass) for r in records),
+        "enrollments": sum(isinstance(r, RosterEnrollment) for r in records),
+    }
+    dated = [
+        r.date_last_modified
+        for r in records
+        if not isinstance(r, Rejected) and r.date_last_modified is not None
+    ]
+    newest = max(dated, default=None)
+    m1, rejects = merge_mirror(m0, records, full=full)
+
+    # People the run would take the email address from (the source stops sending them).
+    staged_people = {r.sourced_id: r for r in records if isinstance(r, RosterPerson)}
+    emails_lost = sum(
+        1
+        for sid, p in staged_people.items()
+        if sid in m0.person and _stored_email(m0.person[sid]) and not _stored_email(p)
+    )
+    emails_before = sum(1 for p in m0.person.values() if _stored_email(p))
+
+    roles = config.teacher_roles
+    cands = candidates(m1, roles)
+    email_rejects: dict[str, tuple[str, str]] = {}
+    eligible: list[tuple[str, str]] = []  # (sourced id, normalized email)
+    for sid in sorted(cands):
+        email = norm_email(m1.person[sid].email)
+        problem = email_problem(email, config.email_domains)
+        if problem is None:
+            eligible.append((sid, email))
+        else:
+            email_rejects[sid] = (email, problem)
+
+    d0 = directory
+    d1 = directory.copy()
+    counts = dict.fromkeys(
+        (
+            "users_created",
+            "users_linked",
+            "users_archived",
+            "users_restored",
+            "users_skipped_license",
+            "users_not_created",
+        ),
+        0,
+    )
+    headroom = (
+        None if config.license_limit is None else max(config.license_limit - d0.active_count(), 0)
+    )
+    restored: set[str] = set()
+    linked_users: set[str] = set()
+    skipped: dict[str, list[str]] = {}
+    pending: dict[str, list[str]] = {}  # new email -> its persons, first one first
+    by_email: dict[str, list[str]] = {}
+    for sid, email in eligible:
+        by_email.setdefault(email, []).append(sid)
+        owner = d0.identities.get((source, sid))
+        if owner is not None:
+            user = d0.users[owner]
+            if user.status == "archived" and user.archived_by_sync and owner not in restored:
+                # Reading: a user is restored (and counted, and takes a seat) once, however
+                # many of its persons come back in the run.
+                if headroom is not None and headroom <= 0:
+                    skipped.setdefault(owner, []).append(sid)
+                    continue
+                if headroom is not None:
+                    headroom -= 1
+                restored.add(owner)
+                d1.users[owner] = replace(user, status="active", archived_by_sync=False)
+            continue
+        if email in d0.users:
+            d1.identities[(source, sid)] = email
+            linked_users.add(email)
+            continue
+        pending.setdefault(email, []).append(sid)
+    # Reading: restorations take license seats before creations (existing accounts first),
+    # then new accounts in the order of their first sourced id.
+    created: set[str] = set()
+    not_created: dict[str, list[str]] = {}
+    for email, sids in pending.items():
+        if not config.auto_create_users:
+            not_created[email] = sids
+            continue
+        if headroom is not None:
+            if headroom <= 0:
+                skipped[email] = sids
+                continue
+            headroom -= 1
+        first = m1.person[sids[0]]
+        d1.users[email] = User(
+            email=email,
+            display_name=(display_name(first) or email)[:256],
+            roles=(config.default_role,),
+            sites=sites_for(first, m1, config),
+            status="active",
+            created_by=f"source:{source}",
+        )
+        for sid in sids:
+            d1.identities[(source, sid)] = email
+        created.add(email)
+
+    archived: set[str] = set()
+    if config.on_teacher_removed == "archive":
+        for email, user in d0.users.items():
+            if user.status != "active" or user.created_by != f"source:{source}":
+                continue
+            mine = d1.persons_of(email, source)
+            if not mine:
+                continue
+            # Reading: a user stays while any of its persons of this source is a candidate
+            # (a teacher with one record per school who leaves one school keeps the account).
+            if any(pid in cands for _s, pid in mine):
+                continue
+            if _active_elsewhere(email, source, mirrors, d1):
+                continue
+            archived.add(email)
+            d1.users[email] = replace(user, status="archived", archived_by_sync=True)
+
+    counts.update(
+        users_created=len(created),
+        users_linked=len(linked_users),
+        users_archived=len(archived),
+        users_restored=len(restored),
+        users_skipped_license=len(skipped),
+        users_not_created=len(not_created),
+        records_rejected=len(rejects) + len(email_rejects),
+    )
+    after = {**mirrors, source: m1}
+    g0 = groups(mirrors, d0, roles)
+    g1 = groups(after, d1, roles)
+    mine0 = {k for k in g0 if k[0] == source}
+    removed = len(mine0 - set(g1))
+    counts["groups_removed"] = removed
+    counts["groups_created"] = len({k for k in g1 if k[0] == source} - mine0)
+
+    reasons: list[str] = []
+    if not approval:
+        managed_users = sum(
+            1
+            for u in d0.users.values()
+            if u.status == "active" and u.created_by == f"source:{source}"
+        )
+        reasons += safety_reasons(
+            config,
+            archived=len(archived),
+            removed=removed,
+            managed_users=managed_users,
+            managed_groups=len(mine0),
+            emails_lost=emails_lost,
+            emails_before=emails_before,
+            fetched=fetched if full else None,
+            last=state.last_full_counts if state else None,
+        )
+    shared = {e: sids for e, sids in by_email.items() if len(sids) > 1}
+    return Decision(
+        mode=mode,
+        fetched=fetched,
+        newest=newest,
+        counts=counts,
+        connector_rejects=[(r.entity, r.sourced_id, r.reason) for r in rejects],
+        email_rejects=email_rejects,
+        hold_reasons=reasons,
+        shared_emails=shared,
+        not_created=not_created,
+        skipped=skipped,
+        changed_persons={
+            sid
+            for sid, p in staged_people.items()
+            if sid not in m0.person or _undated(m0.person[sid]) != _undated(p)
+        },
+        mirror=m1,
+        directory=d1,
+    )
+
+
+def _undated(p: RosterPerson) -> RosterPerson:
+    return replace(p, date_last_modified=None)
+
+
+def _active_elsewhere(email: str, source: str, mirrors: Mapping[str, Mirror], d: Directory) -> bool:
+    """Linked to an active person of another source."""
+    for other, pid in d.persons_of(email):
+        if other == source:
+            continue
+        p = mirrors.get(other, Mirror()).person.get(pid)
+        if p is not None and p.status == "active":
+            return True
+    return False
+
+
+def safety_reasons(
+    config: Config,
+    *,
+    archived: int,
+    removed: int,
+    managed_users: int,
+    managed_groups: int,
+    emails_lost: int,
+    emails_before: int,
+    fetched: Mapping[str, int] | None,
+    last: Mapping[str, int] | None,
+) -> list[str]:
+    """Why a run must be held (empty: it may apply)."""
+    out: list[str] = []
+    removals = archived + removed
+    pct = config.max_removal_percent
+    if removals > config.max_removals:
+        out.append("max_removals")
+    elif removals >= 10:
+        if managed_users and archived * 100.0 / managed_users > pct:
+            out.append("max_removal_percent users")
+        if managed_groups and removed * 100.0 / managed_groups > pct:
+            out.append("max_removal_percent groups")
+    if emails_lost >= 10 and emails_before and emails_lost * 100.0 / emails_before > pct:
+        out.append("emails lost")
+    if fetched is not None and last:
+        for kind in ("persons", "classes", "enrollments"):
+            before = last.get(kind, 0)
+            if before > 0 and fetched.get(kind, 0) < config.min_source_ratio * before:
+                out.append(f"min_source_ratio {kind}")
+    return out
+
+
+# -- the whole system -------------------------------------------------------------------------
+
+
+class Oracle:
+    """The state the rules say the system is in, moved by the same operations as the engine."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mirrors: dict[str, Mirror] = {}
+        self.directory = Directory()
+        self.states: dict[str, SourceState] = {}
+        self.runs: dict[int, Run] = {}
+
+    # -- reads --
+
+    def groups(self) -> dict[tuple[str, str], Group]:
+        return groups(self.mirrors, self.directory, self.config.teacher_roles)
+
+    def mode_for(self, source: str, requested: str) -> str:
+        """A delta run needs an earlier applied full run (its high-water mark)."""
+        state = self.states.get(source)
+        if requested == "delta" and state is not None and state.high_water_mark is not None:
+            return "delta"
+        return "full"
+
+    def fetch(
+        self, source: str, mode: str, feed: Sequence[RosterRecord]
+    ) -> tuple[RosterRecord, ...]:
+        """What a run of this mode fetches from the feed: all of it, or (delta) what changed
+        after the high-water mark, plus every rejection."""
+        if mode == "full":
+            return tuple(feed)
+        hwm = self.states[source].high_water_mark
+        assert hwm is not None
+        return tuple(
+            r
+            for r in feed
+            if isinstance(r, Rejected)
+            or (r.date_last_modified is not None and r.date_last_modified > hwm)
+        )
+
+    def decide(
+        self, source: str, mode: str, records: Sequence[RosterRecord], *, approval: bool = False
+    ) -> Decision:
+        return decide(
+            config=self.config,
+            source=source,
+            mode=mode,
+            records=records,
+            mirrors=self.mirrors,
+            directory=self.directory,
+            state=self.states.get(source),
+            approval=approval,
+        )
+
+    def approval_refusal(self, run_id: int) -> str | None:
+        """Why approving this run must be refused, or None."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return "no such run"
+        if run.dry_run:
+            return "a dry run"
+        if run.status != "held":
+            return f"{run.status}, not held"
+        for other in self.runs.values():
+            if (
+                other.source == run.source
+                and other.id > run_id
+                and not other.dry_run
+                and other.status in ("succeeded", "succeeded_with_errors")
+            ):
+                return f"out of date: run {other.id} succeeded since"
+        return None
+
+    # -- writes --
+
+    def record(self, run: Run) -> None:
+        self.runs[run.id] = run
+
+    def commit(self, source: str, decision: Decision) -> None:
+        """A run applied: its mirror and directory become the state."""
+        self.mirrors[source] = decision.mirror
+        self.directory = decision.directory
+        state = self.states.setdefault(source, SourceState())
+        if decision.newest is not None and (
+            state.high_water_mark is None or decision.newest > state.high_water_mark
+        ):
+            state.high_water_mark = decision.newest
+        if decision.mode == "full":
+            state.last_full_counts = {
+                k: decision.fetched[k] for k in ("persons", "classes", "enrollments")
+            }
+
+    def import_rows(self, emails: Sequence[tuple[str, str]]) -> list[str]:
+        """An import of (email cell, display name cell) rows: each row's status, and the
+        new users in the directory (``created_by`` import, default role and site)."""
+        seen: set[str] = set()
+        headroom = (
+            None
+            if self.config.license_limit is None
+            else max(self.config.license_limit - self.directory.active_count(), 0)
+        )
+        out: list[str] = []
+        for cell, name in emails:
+            if not cell.strip() and not name.strip():
+                continue  # a row of empty cells is no row (spreadsheets leave them)
+            email = norm_email(cell)
+            if email_problem(email) is not None:
+                out.append("Invalid email")
+                continue
+            if email in seen:
+                out.append("Duplicate row")
+                continue
+            seen.add(email)
+            if email in self.directory.users:
+                out.append("Already Exists")
+                continue
+            if headroom is not None:
+                if headroom <= 0:
+                    out.append("License limit reached")
+                    continue
+                headroom -= 1
+            site = self.config.default_site
+            self.directory.users[email] = User(
+                email=email,
+                display_name=name.strip() or "Console User",
+                roles=(self.config.default_role,),
+                sites=(site,) if site else (),
+                status="active",
+                created_by="import",
+            )
+            out.append("Success")
+        return out

@@ -1,0 +1,73 @@
+"""The model-based test of the whole rule set (issue 16): the engine against the oracle.
+
+Profiles (``ROSTERSYNC_MODEL_PROFILE``): ``ci`` (default) is bounded and deterministic, a few
+minutes at most on SQLite and fewer examples on PostgreSQL; ``long`` explores with fresh
+random examples for as long as it is given (see tests/model/README.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
+
+from rostersync.store.db import Store
+from tests.model.harness import Harness
+from tests.model.machine import STATS, RosterModel
+
+# (examples on SQLite, examples on PostgreSQL, steps per example)
+SIZES = {"ci": (40, 8, 40), "long": (2000, 300, 80)}
+
+
+def model_settings(backend: str) -> settings:
+    profile = os.environ.get("ROSTERSYNC_MODEL_PROFILE", "ci")
+    if profile not in SIZES:
+        raise pytest.UsageError(
+            f"ROSTERSYNC_MODEL_PROFILE={profile!r}: use one of {', '.join(sorted(SIZES))}"
+        )
+    sqlite_n, pg_n, steps = SIZES[profile]
+    examples = int(os.environ.get("ROSTERSYNC_MODEL_EXAMPLES") or 0) or (
+        sqlite_n if backend == "sqlite" else pg_n
+    )
+    return settings(
+        max_examples=examples,
+        stateful_step_count=int(os.environ.get("ROSTERSYNC_MODEL_STEPS") or 0) or steps,
+        # CI runs the same examples every time; a long run draws new ones and keeps the
+        # failures it finds in .hypothesis/, to replay them first the next time.
+        derandomize=profile == "ci",
+        database=None if profile == "ci" else settings.default.database,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def run_model(store: Store, tmp_path: Path, backend: str) -> None:
+    STATS.clear()
+    harness = Harness(store, tmp_path)
+    try:
+        run_state_machine_as_test(lambda: RosterModel(harness), settings=model_settings(backend))
+    finally:
+        kinds = ", ".join(
+            f"{k} {v}"
+            for k, v in sorted(STATS.items())
+            if k not in ("examples", "steps", "comparisons")
+        )
+        print(
+            f"\nmodel ({backend}): {STATS['examples']} examples, {STATS['steps']} steps, "
+            f"{STATS['comparisons']} comparisons; {kinds}"
+        )
+
+
+def test_the_engine_follows_the_rules_on_sqlite(sqlite_store: Store, tmp_path: Path) -> None:
+    """Random roster changes and operations: the directory and every report match the oracle."""
+    run_model(sqlite_store, tmp_path, "sqlite")
+
+
+@pytest.mark.postgres
+def test_the_engine_follows_the_rules_on_postgresql(pg_store: Store, tmp_path: Path) -> None:
+    """The same on PostgreSQL, with fewer examples."""
+    run_model(pg_store, tmp_path, "postgres")
