@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, Verbosity, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from rostersync.store.db import Store
@@ -32,7 +32,11 @@ def model_settings(backend: str) -> settings:
     examples = int(os.environ.get("ROSTERSYNC_MODEL_EXAMPLES") or 0) or (
         sqlite_n if backend == "sqlite" else pg_n
     )
+    replay = os.environ.get("ROSTERSYNC_MODEL_REPLAY") == "1"
     return settings(
+        # Replay: run just the failures .hypothesis/ keeps, printing every step.
+        phases=[Phase.reuse] if replay else list(Phase),
+        verbosity=Verbosity.verbose if replay else Verbosity.normal,
         max_examples=examples,
         stateful_step_count=int(os.environ.get("ROSTERSYNC_MODEL_STEPS") or 0) or steps,
         # CI runs the same examples every time; a long run draws new ones and keeps the
@@ -56,6 +60,7 @@ def run_model(store: Store, tmp_path: Path, backend: str) -> None:
             for k, v in sorted(STATS.items())
             if k not in ("examples", "steps", "comparisons")
         )
+        # (examples include the replays hypothesis makes while it shrinks a failure)
         print(
             f"\nmodel ({backend}): {STATS['examples']} examples, {STATS['steps']} steps, "
             f"{STATS['comparisons']} comparisons; {kinds}"

@@ -1,0 +1,147 @@
+"""Engine bugs the model-based test found, each as a minimal plain reproduction.
+
+Each test states the rule (README / issue 16) it checks. They fail until the engine is fixed;
+tests/model/README.md lists them with the model's step sequence that found each.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import event
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.importer import parse_bytes, run_import
+from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.store.db import Store
+from rostersync.sync import apply as apply_sql
+from rostersync.sync.engine import SyncEngine, load_report
+from tests.sync.helpers import groups, snapshot, sync, users
+
+
+def _school() -> MemoryRoster:
+    """One teacher, one class with one student; dated, so that delta runs can run."""
+    day = datetime(2026, 9, 1, tzinfo=UTC)
+    return MemoryRoster(
+        persons=[
+            RosterPerson(
+                "t1", "teacher", "Ada", "Lovelace", "t1@example.org", date_last_modified=day
+            ),
+            RosterPerson("s1", "student", "Stu", "One", "s1@example.org", date_last_modified=day),
+        ],
+        classes=[RosterClass("c1", "Algebra I", date_last_modified=day)],
+        enrollments=[
+            RosterEnrollment("e1", "c1", "t1", "teacher", date_last_modified=day),
+            RosterEnrollment("e2", "c1", "s1", "student", date_last_modified=day),
+        ],
+    )
+
+
+def _members(store: Store, class_id: str) -> set[str]:
+    return {m["sourced_id"] for m in groups(store)[class_id]["members"]}
+
+
+async def test_a_student_whose_enrollment_came_first_becomes_a_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Members are the class's active student enrollments whose person is active: a student
+    whose person record arrives a run after the enrollment (its row was rejected, or the
+    source sent the enrollment first) is a member once the person is there."""
+    settings = make_settings()
+    roster = _school()
+    roster.enrollments.append(RosterEnrollment("e3", "c1", "s2", "student"))
+    await sync(settings, store, roster)
+    assert _members(store, "c1") == {"s1"}
+    roster.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    await sync(settings, store, roster)
+    assert _members(store, "c1") == {"s1", "s2"}
+
+
+async def test_a_failed_approval_does_not_leave_the_run_running(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed run changes nothing, and says it failed: an approval whose apply fails
+    half-way leaves the directory as it was and the run held (to approve again) or failed,
+    never `running` for good."""
+    settings = make_settings(safety={"max_removals": 0})
+    await sync(settings, store, _school())
+    emptied = _school()
+    emptied.enrollments = []
+    held = await sync(settings, store, emptied)
+    assert held.status == "held"
+    before = snapshot(store)
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("disk full (injected)")
+
+    monkeypatch.setattr(apply_sql, "merge", broken)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(emptied)})
+    with pytest.raises(RuntimeError):
+        await engine.approve(held.id)
+    monkeypatch.undo()
+    assert snapshot(store) == before
+    with store.read() as conn:
+        assert load_report(conn, held.id).status in ("held", "failed")
+
+
+async def test_a_delta_run_links_a_teacher_to_an_account_imported_since(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An unlinked eligible person whose email matches an existing user is linked to it; a
+    delta run must leave the rules holding for everyone, also for a teacher whose record did
+    not change but whose account an import created since the last run."""
+    settings = make_settings(provisioning={"auto_create_users": False})
+    roster = _school()
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster, delta=True)})
+    await engine.sync("mem", mode="full")
+    assert "t1@example.org" not in users(store)
+    sheet = parse_bytes(b"Email,Display Name\nt1@example.org,Ada\n", "t.csv", max_rows=10)
+    assert [str(r.status) for r in run_import(store, settings, sheet).rows] == ["Success"]
+    report = await engine.sync("mem", mode="delta")
+    await engine.drain()
+    assert report.mode == "delta"
+    assert users(store)["t1@example.org"]["sources"] == ["mem"]
+    assert groups(store)["c1"]["owners"] == ["t1@example.org"]
+
+
+async def test_a_statement_left_open_by_a_failed_apply_does_not_fail_later_runs(
+    sqlite_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A failed run changes nothing, and nothing after it: an apply that fails between two
+    statements must not leave the first one's result open on a pooled SQLite connection, or
+    a later run's DROP INDEX on that connection fails with "database table is locked"
+    (until Python's cycle collector happens to run; it is off here to make that certain)."""
+    store = sqlite_store
+    settings = make_settings(safety={"max_removals": 0})
+    await sync(settings, store, _school())
+    emptied = _school()
+    emptied.enrollments = []
+    held = await sync(settings, store, emptied)
+    assert held.status == "held"
+    failing = {"armed": True}
+
+    def fail_once(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        # The second of nothing_missing's two counts, while the first is still unread.
+        if failing["armed"] and statement.startswith("SELECT count(*) FROM staging_"):
+            failing["armed"] = False
+            raise RuntimeError("I/O error (injected)")
+
+    gc.disable()
+    event.listen(store.engine, "before_cursor_execute", fail_once)
+    try:
+        engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(emptied)})
+        with pytest.raises(RuntimeError):
+            await engine.approve(held.id)
+        statuses = []
+        for roster in (_school(), emptied, _school(), emptied, _school(), emptied):
+            report = await sync(settings, store, roster)
+            statuses.append(report.error or report.status)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", fail_once)
+        gc.enable()
+        gc.collect()
+    assert "database table is locked" not in " ".join(statuses), statuses
