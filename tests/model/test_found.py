@@ -145,3 +145,52 @@ async def test_a_statement_left_open_by_a_failed_apply_does_not_fail_later_runs(
         gc.enable()
         gc.collect()
     assert "database table is locked" not in " ".join(statuses), statuses
+
+
+async def test_a_person_no_longer_of_a_teacher_role_owns_no_group(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A group's owners are the active linked users whose person is active, enabled and of a
+    teacher role: a teacher whose record becomes a student's stops owning the class's group
+    (with on_teacher_removed: keep the account stays, the ownership does not), and a dry run
+    counts that group as removed."""
+    settings = make_settings(provisioning={"on_teacher_removed": "keep"})
+    await sync(settings, store, _school())
+    assert groups(store)["c1"]["owners"] == ["t1@example.org"]
+    roster = _school()
+    roster.replace_person("t1", role="student")
+    dry = await sync(settings, store, roster, dry_run=True)
+    assert dry.counts["groups_removed"] == 1
+    await sync(settings, store, roster)
+    assert "c1" not in groups(store)
+    assert users(store)["t1@example.org"]["status"] == "active"
+
+
+async def test_a_delta_run_gives_a_freed_license_seat_to_a_skipped_teacher(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Teachers over license_limit are skipped while there is no seat; once a seat is free,
+    the next run creates them. A delta run must end where deciding for everyone would,
+    also for a skipped teacher whose own records did not change."""
+    settings = make_settings(license_limit=2)
+    roster = _school()
+    day = datetime(2026, 9, 1, tzinfo=UTC)
+    for n in (2, 3):
+        roster.persons.append(
+            RosterPerson(
+                f"t{n}", "teacher", "T", str(n), f"t{n}@example.org", date_last_modified=day
+            )
+        )
+        roster.enrollments.append(
+            RosterEnrollment(f"e-t{n}", "c1", f"t{n}", "teacher", date_last_modified=day)
+        )
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster, delta=True)})
+    first = await engine.sync("mem", mode="full")
+    assert first.counts["users_skipped_license"] == 1
+    assert set(users(store)) == {"t1@example.org", "t2@example.org"}
+    roster.replace_person("t1", enabled=False, date_last_modified=datetime(2026, 9, 2, tzinfo=UTC))
+    await engine.sync("mem", mode="delta")  # t1 is archived: a seat is free from now on
+    assert users(store)["t1@example.org"]["status"] == "archived"
+    report = await engine.sync("mem", mode="delta")
+    assert report.mode == "delta"
+    assert users(store)["t3@example.org"]["status"] == "active"
