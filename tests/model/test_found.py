@@ -194,3 +194,60 @@ async def test_a_delta_run_gives_a_freed_license_seat_to_a_skipped_teacher(
     report = await engine.sync("mem", mode="delta")
     assert report.mode == "delta"
     assert users(store)["t3@example.org"]["status"] == "active"
+
+
+async def test_a_shared_account_stays_while_one_of_its_persons_teaches(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Several persons with one email are one account (a teacher with a record per school).
+    It is archived when none of them is a candidate any more, not when one of them stops
+    teaching: that archived the account, removed the class groups it still teaches, and the
+    next run restored it (and so on, run after run)."""
+    settings = make_settings()
+    roster = _school()
+    roster.persons.append(RosterPerson("t2", "teacher", "Ada", "Lovelace", "T1@example.org"))
+    roster.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    roster.classes.append(RosterClass("c2", "Computing"))
+    roster.enrollments += [
+        RosterEnrollment("e3", "c2", "t2", "teacher"),
+        RosterEnrollment("e4", "c2", "s2", "student"),
+    ]
+    await sync(settings, store, roster)
+    assert users(store)["t1@example.org"]["status"] == "active"
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e3"]
+    report = await sync(settings, store, roster)
+    assert report.counts["users_archived"] == 0
+    assert users(store)["t1@example.org"]["status"] == "active"
+    assert set(groups(store)) == {"c1"}
+
+
+async def test_a_shared_account_is_restored_once_and_takes_one_seat(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An archived account whose two persons both come back is one restoration: counted
+    once, taking one license seat (it counted two restorations, or with one seat free a
+    restoration and a license skip of the same account)."""
+    settings = make_settings(license_limit=1)
+
+    def roster(status: str) -> MemoryRoster:
+        return MemoryRoster(
+            persons=[
+                RosterPerson("t1", "teacher", "Ada", "Lovelace", "t1@example.org"),
+                RosterPerson("t2", "teacher", "Ada", "Lovelace", "t1@example.org"),
+                RosterPerson("s1", "student", "Stu", "One", "s1@example.org"),
+            ],
+            classes=[RosterClass("c1", "Algebra I", status=status)],  # type: ignore[arg-type]
+            enrollments=[
+                RosterEnrollment("e1", "c1", "t1", "teacher"),
+                RosterEnrollment("e2", "c1", "t2", "teacher"),
+                RosterEnrollment("e3", "c1", "s1", "student"),
+            ],
+        )
+
+    await sync(settings, store, roster("active"))
+    await sync(settings, store, roster("tobedeleted"))
+    assert users(store)["t1@example.org"]["status"] == "archived"
+    report = await sync(settings, store, roster("active"))
+    assert users(store)["t1@example.org"]["status"] == "active"
+    assert report.counts["users_restored"] == 1
+    assert report.counts["users_skipped_license"] == 0

@@ -1,0 +1,140 @@
+"""Hand-picked step sequences through the model: the rule paths random steps reach only
+rarely (restorations, links to an existing account, shared accounts, rejected classes,
+approvals in order), run on every CI run with the engine compared to the oracle after each
+operation, exactly as in the random test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from rostersync.records import RosterClass, RosterOrg, RosterPerson
+from rostersync.store.db import Store
+from tests.model.feed import Feed
+from tests.model.harness import Harness
+from tests.model.machine import RosterModel
+from tests.model.oracle import Config
+
+Model = Callable[..., RosterModel]
+
+
+def school(teachers: dict[str, str], classes: dict[str, str]) -> Feed:
+    """Teachers (id -> email), classes (id -> teacher id), one student in each class."""
+    feed = Feed()
+    feed.put("org", RosterOrg("sch-1", "Lincoln High"))
+    for pid, email in teachers.items():
+        feed.put("person", RosterPerson(pid, "teacher", "Teach", pid.upper(), email))
+    for n, (cid, pid) in enumerate(classes.items(), start=1):
+        feed.put("person", RosterPerson(f"s{n}", "student", "Stu", str(n), f"s{n}@example.org"))
+        feed.put("class", RosterClass(cid, f"Class {cid}", school_id="sch-1"))
+        feed.new_enrollment(cid, pid, "teacher")
+        feed.new_enrollment(cid, f"s{n}", "student")
+    return feed
+
+
+@pytest.fixture
+def model(store: Store, tmp_path: Path) -> Iterator[Model]:
+    """A model over a fresh store, started (first full sync) on the given feed and config."""
+    harness = Harness(store, tmp_path)
+
+    def make(feed: Feed, config: Config | None = None) -> RosterModel:
+        machine = RosterModel(harness)
+        machine.start(feed, config or Config())
+        return machine
+
+    yield make
+
+
+def user(m: RosterModel, email: str) -> tuple[str, set[str]]:
+    """A user's status and persons, as the oracle has them (the engine was compared to it)."""
+    d = m.oracle.directory
+    return d.users[email].status, {pid for (_s, pid), e in d.identities.items() if e == email}
+
+
+def test_an_archived_teacher_who_comes_back_is_restored(model: Model) -> None:
+    """Archived by a sync when no longer a candidate, restored when a candidate again."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1"}))
+    m.feed.change("person", "t1", enabled=False)
+    m.sync("delta")
+    assert user(m, "t1@example.org")[0] == "archived"
+    m.feed.change("person", "t1", enabled=True)
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "active"
+
+
+def test_a_new_person_with_an_archived_users_email_is_linked_then_restored(
+    model: Model,
+) -> None:
+    """A teacher who comes back under a new sourcedId finds their archived account by email."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1"}))
+    m.feed.drop("person", "t1")
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "archived"
+    m.feed.put("person", RosterPerson("t9", "teacher", "Teach", "T1", "T1@Example.org"))
+    m.feed.new_enrollment("c1", "t9", "teacher")
+    m.sync("full")
+    assert user(m, "t1@example.org")[1] == {"t1", "t9"}
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "active"
+
+
+def test_two_persons_sharing_an_email_share_one_account(model: Model) -> None:
+    """One account for both; it stays while either still teaches, and comes back once."""
+    m = model(school({"t1": "t1@example.org", "t2": " T1@example.ORG"}, {"c1": "t1", "c2": "t2"}))
+    assert user(m, "t1@example.org") == ("active", {"t1", "t2"})
+    m.feed.change("class", "c2", status="tobedeleted")
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "active"
+    m.feed.change("class", "c1", status="tobedeleted")
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "archived"
+    m.feed.change("class", "c1", status="active")
+    m.feed.change("class", "c2", status="active")
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "active"
+
+
+def test_a_rejected_class_keeps_its_group(model: Model) -> None:
+    """A class the connector rejects keeps its mirror rows, enrollments and people in a full
+    run, so its group stays."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1"}))
+    m.feed.reject("class", "c1")
+    m.feed.reject("person", "s1")
+    m.sync("full")
+    assert ("mem", "c1") in m.oracle.groups()
+    m.feed.unreject(("class", "c1"))
+    m.sync("full")
+    assert ("mem", "c1") in m.oracle.groups()
+
+
+def test_only_the_latest_held_run_can_be_approved(model: Model) -> None:
+    """Two held runs; approving the newer one overtakes the older, which is refused after."""
+    m = model(
+        school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"}),
+        Config(max_removals=0),
+    )
+    m.disrupt_source("shrink")
+    m.sync("full")
+    m.disrupt_source("empty")
+    m.sync("full")
+    held = sorted(r.id for r in m.oracle.runs.values() if r.status == "held")
+    assert len(held) == 2
+    m._approve(held[1], None)
+    m._approve(held[0], None)
+    assert m.oracle.runs[held[0]].status == "held"
+    assert user(m, "t1@example.org")[0] == "archived"
+
+
+def test_license_seats_go_to_restorations_first(model: Model) -> None:
+    """With one seat free, an archived teacher coming back takes it before a new teacher."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1"}), Config(license_limit=1))
+    m.feed.change("person", "t1", status="tobedeleted")
+    m.sync("full")
+    m.feed.change("person", "t1", status="active")
+    m.feed.put("person", RosterPerson("t0", "teacher", "New", "One", "t0@example.org"))
+    m.feed.new_enrollment("c1", "t0", "teacher")
+    m.sync("full")
+    assert user(m, "t1@example.org")[0] == "active"
+    assert "t0@example.org" not in m.oracle.directory.users
