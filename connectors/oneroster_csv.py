@@ -18,11 +18,14 @@ Format handling:
   unknown extra columns are ignored. A missing required column stops the run; columns we can
   default (``status``, ``dateLastModified``, ``enabledUser``, ``primary``, ...) may be absent.
 * A bad row becomes a :class:`~rostersync.records.Rejected` with ``"<file> line <n>"`` and the
-  run goes on: wrong number of fields, missing ``sourcedId``, unknown ``status``, a boolean
-  other than ``true``/``false``, an unparseable ``dateLastModified``, an enrollment without
-  class or user, a person or enrollment without role, an org without name, a class without
-  title. A file that cannot be read (undecodable bytes, a corrupt or truncated zip member,
-  broken CSV quoting) fails the run with :class:`~rostersync.errors.FatalSourceError`.
+  run goes on: wrong number of fields, malformed CSV on one line (text after a closing quote,
+  a field over the csv module's 128 KiB limit, a stray CR), a NUL character, missing
+  ``sourcedId``, unknown ``status``, a boolean other than ``true``/``false``, an unparseable
+  ``dateLastModified``, an enrollment without class or user, a person or enrollment without
+  role, an org without name, a class without title. A file that cannot be read fails the run
+  with :class:`~rostersync.errors.FatalSourceError` naming file and line: undecodable bytes, a
+  corrupt or truncated zip member, a malformed header, or broken quoting that hides where the
+  next row starts (see :mod:`rostersync.csvrecords`).
 * Values: ``status`` blank -> ``active``; ``tobedeleted`` and 1.0's ``inactive`` ->
   ``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false. Blank email ->
   ``None``; email case is kept (the engine lower-cases). Roles are lower-cased.
@@ -35,8 +38,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import csv
-import re
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ from pydantic import Field
 from rostersync.config.source import SourceConfig
 from rostersync.config.types import ConfigPath
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
+from rostersync.csvrecords import CsvUnreadable, read_records
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.records import (
     STUDENT,
@@ -95,7 +97,6 @@ _ENTITY = {ORGS: "org", USERS: "user", CLASSES: "class", ENROLLMENTS: "enrollmen
 _STATUS: dict[str, Status] = {"": "active", "active": "active", "tobedeleted": "tobedeleted",
                               "inactive": "tobedeleted"}  # fmt: skip
 _SUPPORTED_VERSIONS = ("1.0", "1.1")
-_RUNAWAY_QUOTE = re.compile("unexpected end of data|field larger than field limit")
 
 
 class CsvSourceConfig(SourceConfig):
@@ -198,16 +199,20 @@ class _Row:
 
 
 def _read_rows(bundle: _Bundle, name: str, encoding: str) -> Iterator[_Row | Rejected]:
-    """Stream one file's rows; a row with the wrong number of fields comes back Rejected."""
+    """Stream one file's rows; a row that cannot be used as read comes back Rejected."""
     entity = _ENTITY.get(name, name)
     counter = [0]
     try:
         with bundle.open(name) as raw:
-            # strict: a stray quote is reported (and the row rejected) instead of silently
-            # merging fields; an unclosed one is caught at EOF instead of eating the file.
-            reader = csv.reader(_text_lines(raw, encoding, counter), strict=True)
-            header_row = next(reader, None)
-            header = [h.strip() for h in header_row] if header_row is not None else []
+            records = read_records(_text_lines(raw, encoding, counter))
+            first = next(records, None)
+            if first is not None and first.problem is not None:
+                raise FatalSourceError(
+                    bundle.source,
+                    f"{bundle.where(name)} line {first.line}: unreadable header ({first.problem})",
+                )
+            # A BOM left by a concatenation or by `encoding: utf-8` is no part of a name.
+            header = [h.replace("\ufeff", "").strip() for h in first.fields] if first else []
             for column in REQUIRED_COLUMNS.get(name, ()):
                 if column not in header:
                     raise FatalSourceError(
@@ -215,37 +220,25 @@ def _read_rows(bundle: _Bundle, name: str, encoding: str) -> Iterator[_Row | Rej
                     )
             # Only the columns we read: stripping the rest would be wasted work per row.
             index = {c: header.index(c) for c in _COLUMNS_READ.get(name, ()) if c in header}
-            previous_end = reader.line_num
-            while True:
-                try:
-                    fields = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    start, previous_end = previous_end + 1, reader.line_num
-                    if _RUNAWAY_QUOTE.search(str(exc)):
-                        # An unclosed quote swallowed the rest of the file: not one bad row.
-                        raise FatalSourceError(
-                            bundle.source,
-                            f"{bundle.where(name)} line {start}: unterminated quoted field ({exc})",
-                        ) from None
-                    yield Rejected(entity, None, f"malformed CSV: {exc}", f"{name} line {start}")
+            for record in records:
+                fields = record.fields
+                location = f"{name} line {record.line}"
+                if not fields and record.problem is None:  # a blank line
                     continue
-                start, previous_end = previous_end + 1, reader.line_num
-                if not fields:  # a blank line
+                i = index.get("sourcedId", 0)
+                sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
+                if record.problem is not None:
+                    yield Rejected(entity, sid, record.problem, location)
                     continue
                 if len(fields) != len(header):
-                    i = index.get("sourcedId", 0)
-                    sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
                     yield Rejected(
-                        entity,
-                        sid,
-                        f"expected {len(header)} fields, found {len(fields)}",
-                        f"{name} line {start}",
+                        entity, sid, f"expected {len(header)} fields, found {len(fields)}", location
                     )
                     continue
                 values = {column: fields[i].strip() for column, i in index.items()}
-                yield _Row(name, start, values)
+                yield _Row(name, record.line, values)
+    except CsvUnreadable as exc:
+        raise FatalSourceError(bundle.source, f"{bundle.where(name)} {exc}") from None
     except UnicodeDecodeError as exc:
         raise FatalSourceError(
             bundle.source,

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import re
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
@@ -31,6 +35,7 @@ from rostersync.sampledata import (
     write_oneroster_csv,
 )
 from tests.connectors.contract import ConnectorContract, collect
+from tests.hostile import HUGE, hostile_bytes
 from tests.rosterdata import small_roster
 
 
@@ -185,6 +190,103 @@ async def test_stray_quote_rejects_only_its_row(tmp_path: Path) -> None:
     [rej] = rejected(got)
     assert (rej.location, rej.reason.startswith("malformed CSV")) == ("users.csv line 2", True)
     assert "u-3" in {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_stray_quote_in_header_is_fatal_naming_file_and_line(tmp_path: Path) -> None:
+    """A header with text after a closing quote makes the file unreadable: users.csv line 1."""
+    rows = table(USERS_HEADER, user("u-1")).splitlines()
+    text = "\n".join(['"sourcedId"x' + rows[0].removeprefix("sourcedId"), rows[1], ""])
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 1: unreadable header \(malformed CSV: text follows",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_huge_header_field_is_fatal(tmp_path: Path) -> None:
+    """A header cell over the csv field limit is an unreadable header, not a crash."""
+    text = '"' + "h" * 140_000 + '",' + ",".join(USERS_HEADER) + "\n"
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 1: unreadable header \(a field is longer than 131072",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_well_quoted_huge_field_rejects_only_its_row(tmp_path: Path) -> None:
+    """A quoted 200 KiB field rejects its own row, with its line; the rows after it load."""
+    text = table(
+        USERS_HEADER, user("u-1"), user("u-2", givenName="x" * 200_000), user("u-3"), user("u-4")
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.entity, rej.location) == ("user", "users.csv line 3")
+    assert rej.reason == "a field is longer than 131072 characters"
+    assert {"u-1", "u-3", "u-4"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_huge_field_running_past_its_line_is_fatal(tmp_path: Path) -> None:
+    """A huge quoted field that goes on over a line break hides where its row ends: fatal."""
+    big = user("u-2", givenName="x" * 200_000 + "\nmore")
+    text = table(USERS_HEADER, user("u-1"), big, user("u-3"))
+    with pytest.raises(FatalSourceError, match=r"users\.csv line 3: a field is longer than"):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_quote_left_open_until_a_later_quote_is_fatal(tmp_path: Path) -> None:
+    """An unclosed quote that a later row's quote "closes" would swallow the rows in between:
+    the file is unreadable from the line the quote opened on, instead of losing them quietly."""
+    rows = table(USERS_HEADER, user("u-1"), user("u-3"), user("u-4")).splitlines()
+    quoted = table(USERS_HEADER, user("u-5", givenName="Smith, J")).splitlines()[1]
+    text = "\n".join(
+        [
+            rows[0],
+            rows[1],
+            'u-2,,,true,sch-1,teacher,"oops' + ",x" * 11,
+            rows[2],
+            rows[3],
+            quoted,
+            "",
+        ]
+    )
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 3: malformed CSV: .* \(on line 6\), in a quoted field that runs over lines 3-6",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_nul_character_rejects_its_row(tmp_path: Path) -> None:
+    """A NUL in a field (no roster value has one; PostgreSQL cannot store it) rejects the row."""
+    text = table(USERS_HEADER, user("u-1"), user("u-2", familyName="Nu\x00ll"), user("u-3"))
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.sourced_id, rej.reason, rej.location) == (
+        "u-2",
+        "a field contains a NUL character",
+        "users.csv line 3",
+    )
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_lone_carriage_return_rejects_its_row(tmp_path: Path) -> None:
+    """A CR inside an unquoted field rejects that row alone, said in plain words."""
+    rows = table(USERS_HEADER, user("u-1"), user("u-2"), user("u-3")).splitlines()
+    text = "\n".join([rows[0], rows[1], rows[2].replace("Given", "Gi\rven"), rows[3], ""])
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.reason, rej.location) == (
+        "a carriage return (CR) inside an unquoted field",
+        "users.csv line 3",
+    )
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_bom_in_header_without_utf8_sig_is_ignored(tmp_path: Path) -> None:
+    """With `encoding: utf-8` a BOM stays in the text; it is still no part of the first name."""
+    text = "\ufeff" + table(USERS_HEADER, user("u-1"))
+    got = await fetch_all(drop(tmp_path, users_csv=text), encoding="utf-8")
+    assert person(got, "u-1").email == "u-1@example.org"
 
 
 async def test_org_without_name_and_class_without_title_are_rejected(tmp_path: Path) -> None:
@@ -496,3 +598,72 @@ async def test_sample_district_reads_back_without_rejections(tmp_path: Path) -> 
         for e in got
         if isinstance(e, RosterEnrollment)
     } == want_enrollments
+
+
+# --- hostile text: fuzzed ------------------------------------------------------------------
+
+_LOCATION = re.compile(r"users\.csv line (\d+)")
+
+
+def _read_users(folder: Path, content: bytes) -> list[RosterRecord]:
+    (folder / "users.csv").write_bytes(content)
+    return asyncio.run(fetch_all(folder))
+
+
+@pytest.fixture(scope="module")
+def fuzz_drop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fuzz") / "drop"
+    write_oneroster_csv(small_roster(), folder)
+    return folder
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=hostile_bytes, with_header=st.booleans())
+def test_hostile_users_csv_is_read_or_refused_never_crashes(
+    fuzz_drop: Path, body: bytes, with_header: bool
+) -> None:
+    """Any bytes in users.csv give records (bad rows rejected at a line of the file) or a
+    FatalSourceError naming the file; never another exception."""
+    header = (",".join(USERS_HEADER) + "\n").encode() if with_header else b""
+    content = header + body
+    try:
+        got = _read_users(fuzz_drop, content)
+    except FatalSourceError as exc:
+        assert "users.csv" in str(exc)
+        return
+    lines = max(1, len(content.split(b"\n")))
+    for rej in rejected(got):
+        if rej.location and rej.location.startswith("users.csv"):
+            match = _LOCATION.fullmatch(rej.location)
+            assert match is not None and 2 <= int(match.group(1)) <= lines
+
+
+_ONE_LINE_BREAKAGES = {
+    "huge quoted field": lambda row: row.replace("Given", '"' + HUGE + '"'),
+    "text after a closing quote": lambda row: row.replace("Given", '"Gi"ven'),
+    "NUL": lambda row: row.replace("Given", "Gi\x00ven"),
+    "lone CR": lambda row: row.replace("Given", "Gi\rven"),
+    "a field too many": lambda row: row + ",extra",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(min_value=1, max_value=12),
+    data=st.data(),
+    breakage=st.sampled_from(sorted(_ONE_LINE_BREAKAGES)),
+)
+def test_one_broken_row_is_rejected_alone_at_its_line(
+    fuzz_drop: Path, count: int, data: st.DataObject, breakage: str
+) -> None:
+    """One row broken on its own line, anywhere in the file, is rejected at exactly that line
+    and every other row is read."""
+    rows = table(USERS_HEADER, *(user(f"u-{i}") for i in range(count))).splitlines()
+    bad = data.draw(st.integers(min_value=1, max_value=count))
+    rows[bad] = _ONE_LINE_BREAKAGES[breakage](rows[bad])
+    got = _read_users(fuzz_drop, ("\n".join(rows) + "\n").encode())
+    [rej] = rejected(got)
+    assert rej.location == f"users.csv line {bad + 1}"
+    read = {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+    assert {f"u-{i}" for i in range(count) if i != bad - 1} <= read
+    assert f"u-{bad - 1}" not in read
