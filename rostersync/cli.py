@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
+import shlex
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,7 +29,7 @@ from rostersync.config.loader import config_path, json_schema_text, load_setting
 from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
 from rostersync.logs import configure as configure_logging
-from rostersync.logs import register_secrets_in
+from rostersync.logs import register_secrets_in, scrub
 from rostersync.progress import SyncProgress
 from rostersync.store.db import Store
 from rostersync.sync.apply import queue_resync, sync_catalog
@@ -608,9 +614,10 @@ def db_upgrade(app: App) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
         cli.main(
-            args=list(argv) if argv is not None else None,
+            args=args,
             prog_name="rostersync",
             standalone_mode=False,
         )
@@ -631,6 +638,85 @@ def main(argv: Sequence[str] | None = None) -> None:
         structlog.get_logger().debug("command_failed", error=str(exc))
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except Exception as exc:
+        internal_error(exc, args)
+
+
+# -- errors nobody expected ---------------------------------------------------------------------
+
+
+def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
+    """A bug, not bad input: one line for the user, the full trace kept where they can send it.
+
+    The trace goes to a private file and, when logs are JSON lines (journald, pipes), into the
+    log as well; a terminal gets the line only. Secrets are scrubbed from all of them.
+    """
+    summary = _one_line(scrub(f"{type(exc).__name__}: {exc}"))
+    trace = scrub("".join(traceback.format_exception(exc)))
+    path, why_not = _save_trace(trace, summary, args)
+    if not structlog.is_configured():
+        configure_logging()  # failed before the config was read: keep logs off stdout
+    as_json = any(
+        isinstance(p, structlog.processors.JSONRenderer)
+        for p in structlog.get_config()["processors"]
+    )
+    # A terminal gets the trace only when it could not be saved anywhere.
+    with_trace = {"exception": trace} if as_json or path is None else {}
+    structlog.get_logger().error(
+        "internal_error", error=summary, trace_file=str(path) if path else None, **with_trace
+    )
+    where = f"full trace in {path}" if path else f"the trace could not be saved ({why_not})"
+    click.echo(f"rostersync: internal error: {summary} ({where})", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    lines = text.strip().splitlines() or [""]
+    line = lines[0] + (" ..." if len(lines) > 1 else "")
+    line = "".join(c if c.isprintable() else "?" for c in line)  # no escapes to the terminal
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def trace_dirs() -> list[Path]:
+    """Where a trace is kept, best first: systemd's StateDirectory, the XDG state folder, then
+    the system temp folder (a plain private file there, no folder of ours to hijack)."""
+    dirs: list[Path] = []
+    if state := os.environ.get("STATE_DIRECTORY"):
+        dirs.append(Path(state.split(":")[0]) / "internal-errors")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    try:
+        base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+        dirs.append(base / "rostersync")
+    except RuntimeError:  # no home directory to be found
+        pass
+    dirs.append(Path(tempfile.gettempdir()))
+    return dirs
+
+
+def _save_trace(trace: str, summary: str, args: Sequence[str]) -> tuple[Path | None, str]:
+    """Write the trace to a new file readable by its owner only; its path, or why not."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    header = (
+        f"rostersync {__version__} (Python {platform.python_version()}) at {stamp}\n"
+        f"command: rostersync {scrub(shlex.join(args))}\n"
+        f"error: {summary}\n\n"
+    )
+    problems: list[str] = []
+    temp = Path(tempfile.gettempdir())
+    for folder in trace_dirs():
+        try:
+            if folder != temp:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkstemp: a fresh name, created exclusively, mode 0600.
+            fd, name = tempfile.mkstemp(
+                prefix=f"rostersync-internal-error-{stamp}-", suffix=".log", dir=folder
+            )
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(header + trace)
+            return Path(name), ""
+        except OSError as exc:
+            problems.append(f"{folder}: {exc.strerror or exc}")
+    return None, "; ".join(problems)
 
 
 # -- commands defined in their own modules --------------------------------------------------------
