@@ -10,6 +10,7 @@ changes nothing and exits 2 naming the file, column or count.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -106,6 +107,15 @@ def import_file(
     cli = _cli()
     settings = app.settings
     max_rows = settings.import_.max_rows
+    if report_path:
+        # Checked first: the report is written after the import has been committed.
+        folder = Path(report_path).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            cli.fail(
+                f"--report {report_path}: the folder {str(folder)!r} does not exist or is not "
+                "writable; nothing was imported",
+                cli.EXIT_USAGE,
+            )
     try:
         if file == "-":
             # Bytes, not text: an XLSX workbook may be piped in, and the BOM/encoding sniffing

@@ -16,6 +16,7 @@ Spreadsheets are messy in known ways, and each is handled here so the rules neve
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import warnings
@@ -30,6 +31,8 @@ from rostersync.csvrecords import CsvUnreadable, read_records
 from rostersync.importer.errors import ImportRefused
 
 XLSX_MAGIC = b"PK\x03\x04"
+#: OLE2 compound files: legacy .xls, and any workbook Excel saved with a password.
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _DELIMITERS = (",", ";", "\t")
 # Invisible characters spreadsheets and web forms leave around values; str.strip() keeps them.
 _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
@@ -67,6 +70,15 @@ def clean_cell(value: str) -> str:
 
 
 def _decode(data: bytes, name: str) -> tuple[str, list[str]]:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode Text" export: UTF-16 with a byte-order mark, tab-separated.
+        try:
+            return data.decode("utf-16"), []
+        except UnicodeDecodeError as exc:
+            raise ImportRefused(
+                f"{name}: starts as UTF-16 but cannot be decoded as it ({exc.reason} at byte "
+                f"{exc.start})"
+            ) from None
     try:
         return data.decode("utf-8-sig"), []
     except UnicodeDecodeError:
@@ -241,6 +253,11 @@ def parse_bytes(
     data: bytes, name: str, *, max_rows: int, sheet: str | None = None, kind: str | None = None
 ) -> Sheet:
     """``kind``: "xlsx", "tsv" or "csv"; None guesses from the content (pasted text, stdin)."""
+    if data.startswith(OLE_MAGIC):
+        raise ImportRefused(
+            f"{name}: a password-protected workbook or an old .xls file, not XLSX or CSV; "
+            "save it as .xlsx without a password"
+        )
     if kind is None:
         kind = "xlsx" if data.startswith(XLSX_MAGIC) else "csv"
     if kind == "xlsx":

@@ -223,3 +223,29 @@ def test_csv_row_the_csv_module_cannot_read_fails_alone(config: Path, tmp_path: 
     assert rows[0] == (2, "Success", "created") and rows[3] == (5, "Success", "created")
     assert rows[1] == (3, "Failed", "line 3: a field is longer than 131072 characters")
     assert rows[2][:2] == (4, "Failed") and rows[2][2].startswith("line 4: malformed CSV")
+
+
+def test_report_into_a_missing_folder_is_refused_before_importing(
+    config: Path, tmp_path: Path
+) -> None:
+    """--report into a folder that does not exist exits 2 up front; nothing is imported."""
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    result = rs(config, "import", f, "--report", str(tmp_path / "nodir" / "r.csv"))
+    assert result.exit_code == 2
+    assert "nodir' does not exist or is not writable; nothing was imported" in result.stderr
+    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+
+
+def test_utf16_unicode_text_and_protected_workbooks(config: Path, tmp_path: Path) -> None:
+    """Excel's "Unicode Text" (UTF-16, tabs) imports; a password-protected workbook is refused
+    saying so, not as a broken zip."""
+    text = tmp_path / "unicode.txt"
+    text.write_bytes("Email\tDisplay Name\r\nzoe@example.org\tZoë\r\n".encode("utf-16"))
+    result = rs(config, "import", str(text), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["status"] == "Success"
+    protected = tmp_path / "protected.xlsx"
+    protected.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
+    refused = rs(config, "import", str(protected))
+    assert refused.exit_code == 2
+    assert "a password-protected workbook or an old .xls file" in refused.stderr
