@@ -147,7 +147,8 @@ class _Bundle:
             if self._zip is not None:
                 return self._zip.open(actual)
             return open(self.path / actual, "rb")
-        except (OSError, zipfile.BadZipFile, zlib.error) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
+        except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as exc:
             raise FatalSourceError(
                 self.source, f"{self.where(name)}: cannot open ({exc})"
             ) from None
@@ -239,11 +240,11 @@ def _read_rows(bundle: _Bundle, name: str, encoding: str) -> Iterator[_Row | Rej
                 yield _Row(name, record.line, values)
     except CsvUnreadable as exc:
         raise FatalSourceError(bundle.source, f"{bundle.where(name)} {exc}") from None
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:  # also UTF-16 without a byte-order mark, not only bad bytes
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
         raise FatalSourceError(
             bundle.source,
-            f"{bundle.where(name)} line {counter[0] + 1}: "
-            f"cannot decode as {encoding} ({exc.reason})",
+            f"{bundle.where(name)} line {counter[0] + 1}: cannot decode as {encoding} ({reason})",
         ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise FatalSourceError(
@@ -380,9 +381,10 @@ class OneRosterCsvConnector:
         batch_size: int = 1000,
     ) -> None:
         try:
-            codecs.lookup(encoding)
+            # Not codecs.lookup(): it also knows bytes-to-bytes codecs (hex, rot13, base64).
+            "a".encode(encoding)
         except LookupError:
-            raise FatalSourceError(source, f"unknown encoding {encoding!r}") from None
+            raise FatalSourceError(source, f"unknown text encoding {encoding!r}") from None
         self.source = source
         self.path = path
         self.encoding = encoding

@@ -515,6 +515,53 @@ async def test_truncated_zip_is_fatal(tmp_path: Path) -> None:
         await fetch_all(zip_path)
 
 
+def _zip_with_users_entry_changed(tmp_path: Path, flag: int = 0, method: int | None = None) -> Path:
+    """The small roster as a zip whose users.csv entry claims a flag bit or a compression
+    method (encryption, an unsupported method) in both its local and central headers."""
+    zip_path = tmp_path / "drop.zip"
+    write_oneroster_csv(small_roster(), tmp_path / "drop", zip_path=zip_path)
+    data = bytearray(zip_path.read_bytes())
+    with zipfile.ZipFile(zip_path) as zf:
+        local = zf.getinfo("users.csv").header_offset
+    central = data.find(b"PK\x01\x02" + bytes(data[local + 4 : local + 6]))
+    while data[central + 46 : central + 46 + len("users.csv")] != b"users.csv":
+        central = data.find(b"PK\x01\x02", central + 4)
+    for flags_at, method_at in ((local + 6, local + 8), (central + 8, central + 10)):
+        data[flags_at] |= flag
+        if method is not None:
+            data[method_at : method_at + 2] = method.to_bytes(2, "little")
+    zip_path.write_bytes(bytes(data))
+    return zip_path
+
+
+async def test_encrypted_zip_member_is_fatal(tmp_path: Path) -> None:
+    """A password-protected member fails the run naming it (zipfile raises RuntimeError)."""
+    with pytest.raises(FatalSourceError, match=r"drop\.zip!users\.csv: cannot open \(.*encrypted"):
+        await fetch_all(_zip_with_users_entry_changed(tmp_path, flag=1))
+
+
+async def test_zip_member_with_unsupported_compression_is_fatal(tmp_path: Path) -> None:
+    """A member compressed with a method zipfile lacks (Deflate64) fails the run naming it."""
+    with pytest.raises(FatalSourceError, match=r"users\.csv: cannot open \(.*not supported"):
+        await fetch_all(_zip_with_users_entry_changed(tmp_path, method=9))
+
+
+async def test_utf16_without_byte_order_mark_is_fatal(tmp_path: Path) -> None:
+    """`encoding: utf-16` on UTF-8 files (no BOM) fails the run naming the first file read."""
+    with pytest.raises(
+        FatalSourceError,
+        match=r"manifest\.csv line 1: cannot decode as utf-16 \(UTF-16 stream does not start",
+    ):
+        await fetch_all(drop(tmp_path), encoding="utf-16")
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "no-such-codec"])
+def test_encoding_that_is_not_a_text_encoding_is_refused(tmp_path: Path, encoding: str) -> None:
+    """A bytes-to-bytes codec (rot13, hex) is no text encoding: refused like an unknown one."""
+    with pytest.raises(FatalSourceError, match="unknown text encoding"):
+        OneRosterCsvConnector("csv", drop(tmp_path), encoding=encoding)
+
+
 async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
     """Exports that wrap the CSV files in one folder inside the zip are read the same."""
     folder = drop(tmp_path)
