@@ -72,8 +72,8 @@ def describe(error: csv.Error) -> str:
         return "a carriage return (CR) inside an unquoted field"
     if "expected after" in text:
         return (
-            "malformed CSV: text follows the closing quote of a quoted field "
-            f'(a quote inside a quoted field is written twice: ""): {text}'
+            f"malformed CSV: {text}: text follows the closing quote of a quoted field "
+            '(a quote inside one is written twice: "")'
         )
     return f"malformed CSV: {text}"
 

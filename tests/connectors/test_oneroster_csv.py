@@ -198,7 +198,7 @@ async def test_stray_quote_in_header_is_fatal_naming_file_and_line(tmp_path: Pat
     text = "\n".join(['"sourcedId"x' + rows[0].removeprefix("sourcedId"), rows[1], ""])
     with pytest.raises(
         FatalSourceError,
-        match=r"users\.csv line 1: unreadable header \(malformed CSV: text follows",
+        match=r"users\.csv line 1: unreadable header \(malformed CSV: ',' expected after '\"': text follows",
     ):
         await fetch_all(drop(tmp_path, users_csv=text))
 
