@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -110,8 +111,17 @@ class CsvSourceConfig(SourceConfig):
     batch_size: int = Field(default=1000, ge=1, description="records per batch handed on")
 
 
+#: The longest physical line read: a row of 128 KiB fields is far shorter.
+MAX_LINE_CHARS = 16 * 1024 * 1024
+_READ_SIZE = 1024 * 1024
+
+
 class _RowError(Exception):
     """One row is unusable; becomes a Rejected."""
+
+
+class _LineTooLong(Exception):
+    """A physical line grew past MAX_LINE_CHARS."""
 
 
 class _Bundle:
@@ -171,12 +181,16 @@ def _text_lines(raw: IO[bytes], encoding: str, counter: list[int]) -> Iterator[s
     """
     decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
     pending = ""
-    for chunk in raw:
+    # readline with a limit: a line with no end (gigabytes unpacked from a small zip) arrives
+    # in pieces, and is refused past MAX_LINE_CHARS instead of filling the memory.
+    for chunk in iter(functools.partial(raw.readline, _READ_SIZE), b""):
         pending += decoder.decode(chunk)
         while (cut := pending.find("\n")) >= 0:
             line, pending = pending[: cut + 1], pending[cut + 1 :]
             counter[0] += 1
             yield line
+        if len(pending) > MAX_LINE_CHARS:
+            raise _LineTooLong
     pending += decoder.decode(b"", final=True)
     if pending:
         counter[0] += 1
@@ -206,14 +220,14 @@ def _read_rows(bundle: _Bundle, name: str, encoding: str) -> Iterator[_Row | Rej
     try:
         with bundle.open(name) as raw:
             records = read_records(_text_lines(raw, encoding, counter))
-            first = next(records, None)
-            if first is not None and first.problem is not None:
+            line, fields, problem = next(records, (0, [], None))
+            if problem is not None:
                 raise FatalSourceError(
                     bundle.source,
-                    f"{bundle.where(name)} line {first.line}: unreadable header ({first.problem})",
+                    f"{bundle.where(name)} line {line}: unreadable header ({problem})",
                 )
             # A BOM left by a concatenation or by `encoding: utf-8` is no part of a name.
-            header = [h.replace("\ufeff", "").strip() for h in first.fields] if first else []
+            header = [h.replace("\ufeff", "").strip() for h in fields]
             for column in REQUIRED_COLUMNS.get(name, ()):
                 if column not in header:
                     raise FatalSourceError(
@@ -221,25 +235,24 @@ def _read_rows(bundle: _Bundle, name: str, encoding: str) -> Iterator[_Row | Rej
                     )
             # Only the columns we read: stripping the rest would be wasted work per row.
             index = {c: header.index(c) for c in _COLUMNS_READ.get(name, ()) if c in header}
-            for record in records:
-                fields = record.fields
-                location = f"{name} line {record.line}"
-                if not fields and record.problem is None:  # a blank line
-                    continue
-                i = index.get("sourcedId", 0)
-                sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
-                if record.problem is not None:
-                    yield Rejected(entity, sid, record.problem, location)
-                    continue
-                if len(fields) != len(header):
-                    yield Rejected(
-                        entity, sid, f"expected {len(header)} fields, found {len(fields)}", location
-                    )
-                    continue
-                values = {column: fields[i].strip() for column, i in index.items()}
-                yield _Row(name, record.line, values)
+            width = len(header)
+            for line, fields, problem in records:
+                if problem is None and len(fields) == width:
+                    values = {column: fields[i].strip() for column, i in index.items()}
+                    yield _Row(name, line, values)
+                elif problem is not None or fields:  # not a blank line
+                    i = index.get("sourcedId", 0)
+                    sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
+                    reason = problem or f"expected {width} fields, found {len(fields)}"
+                    yield Rejected(entity, sid, reason, f"{name} line {line}")
     except CsvUnreadable as exc:
         raise FatalSourceError(bundle.source, f"{bundle.where(name)} {exc}") from None
+    except _LineTooLong:
+        raise FatalSourceError(
+            bundle.source,
+            f"{bundle.where(name)} line {counter[0] + 1}: more than {MAX_LINE_CHARS} characters "
+            "without a line break (not a CSV file?)",
+        ) from None
     except UnicodeError as exc:  # also UTF-16 without a byte-order mark, not only bad bytes
         reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
         raise FatalSourceError(

@@ -5,7 +5,7 @@ One bad record costs one row, never the file, unless it hides where the next rec
 The csv module (strict mode) raises on a malformed record: text after a closing quote, a
 field over its size limit, a carriage return inside an unquoted field. It then resumes at the
 next physical line, which is the next record when the failed one sat on one line: that record
-alone is reported (:attr:`CsvRecord.problem`). A failed record that spanned several lines had
+alone is reported (the third item of its :data:`CsvRecord`). A failed record that spanned several lines had
 a quoted field running over line breaks, and the quote that opened it may never have been
 meant to (an unterminated quote swallows the rows after it until some later quote "closes"
 it). The rows it covered cannot be trusted, so the file is unreadable from there
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 
 class CsvUnreadable(Exception):
@@ -32,35 +31,13 @@ class CsvUnreadable(Exception):
         super().__init__(f"line {line}: {message}")
 
 
-@dataclass(frozen=True, slots=True)
-class CsvRecord:
-    """One record: the physical line it starts on (1-based), its fields, and what is wrong
-    with it (then ``fields`` holds what could be read, possibly nothing)."""
-
-    line: int
-    fields: list[str]
-    problem: str | None = None
+#: One record: the physical line it starts on (1-based), its fields, and what is wrong with
+#: it or None (then the fields are what could be read, possibly none). A plain tuple: one is
+#: made per row of a large drop, and a NamedTuple costs ten times as much to make.
+CsvRecord = tuple[int, list[str], str | None]
 
 
-class _Lines:
-    """The lines handed to the csv reader, remembering the last one and whether a NUL went by."""
-
-    __slots__ = ("_lines", "last", "nul")
-
-    def __init__(self, lines: Iterable[str]) -> None:
-        self._lines = iter(lines)
-        self.last = ""
-        self.nul = False
-
-    def __iter__(self) -> _Lines:
-        return self
-
-    def __next__(self) -> str:
-        line = next(self._lines)
-        self.last = line
-        if "\x00" in line:
-            self.nul = True
-        return line
+NUL_PROBLEM = "a field contains a NUL character"
 
 
 def describe(error: csv.Error) -> str:
@@ -83,18 +60,33 @@ def read_records(lines: Iterable[str], *, delimiter: str = ",") -> Iterator[CsvR
 
     Raises :class:`CsvUnreadable` where a broken record hides where the next one starts.
     """
-    source = _Lines(lines)
-    reader = csv.reader(source, delimiter=delimiter, strict=True)
+    last = ""  # the line the csv reader took last
+    nul = False  # whether a line of the current record holds a NUL
+
+    def source() -> Iterator[str]:
+        nonlocal last, nul
+        for line in lines:
+            last = line
+            if "\x00" in line:
+                nul = True
+            yield line
+
+    reader = csv.reader(source(), delimiter=delimiter, strict=True)
     end = 0  # the last line of the previous record
     while True:
-        start = end + 1
-        source.nul = False
         try:
-            fields = next(reader)
-        except StopIteration:
+            # A for loop, not next() per record: this runs once per row of a large drop.
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if nul:
+                    nul = False
+                    yield start, fields, NUL_PROBLEM
+                else:
+                    yield start, fields, None
             return
         except csv.Error as exc:
-            end = reader.line_num
+            start, end = end + 1, reader.line_num
+            nul = False
             problem = describe(exc)
             if str(exc).startswith("unexpected end of data"):
                 raise CsvUnreadable(
@@ -106,10 +98,10 @@ def read_records(lines: Iterable[str], *, delimiter: str = ",") -> Iterator[CsvR
                 raise CsvUnreadable(
                     start,
                     f"{problem} (on line {end}), in a quoted field that runs over lines "
-                    f"{start}-{end}: an unterminated quote would hide the rows in between, "
+                    f"{start}-{end}: a quote left open would swallow the rows in between, "
                     "so the file is not read from here",
                 ) from None
-            if source.last.count('"') % 2:
+            if last.count('"') % 2:
                 # The csv module dropped the rest of the line, and that rest ends inside
                 # quotes: the record goes on past the line, and nobody can say where.
                 raise CsvUnreadable(
@@ -117,10 +109,4 @@ def read_records(lines: Iterable[str], *, delimiter: str = ",") -> Iterator[CsvR
                     f"{problem}, and a quoted field on this line runs on past its end "
                     "(an unterminated quote?), so the file is not read from here",
                 ) from None
-            yield CsvRecord(start, [], problem)
-            continue
-        end = reader.line_num
-        if source.nul:
-            yield CsvRecord(start, fields, "a field contains a NUL character")
-        else:
-            yield CsvRecord(start, fields)
+            yield start, [], problem

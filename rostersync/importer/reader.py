@@ -139,9 +139,8 @@ def _trimmed(cells: tuple[str, ...]) -> tuple[str, ...]:
 
 def _csv_records(text: str, delimiter: str) -> Iterator[_Record]:
     # newline="": the csv module itself handles CRLF and line breaks inside quotes.
-    for record in read_records(io.StringIO(text, newline=""), delimiter=delimiter):
-        problem = f"line {record.line}: {record.problem}" if record.problem else None
-        yield record.fields, problem
+    for line, fields, problem in read_records(io.StringIO(text, newline=""), delimiter=delimiter):
+        yield fields, (f"line {line}: {problem}" if problem else None)
 
 
 def parse_text(text: str, name: str, *, max_rows: int, delimiter: str | None = None) -> Sheet:

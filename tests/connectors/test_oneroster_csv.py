@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from connectors import oneroster_csv
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
@@ -714,3 +715,17 @@ def test_one_broken_row_is_rejected_alone_at_its_line(
     read = {r.sourced_id for r in got if isinstance(r, RosterPerson)}
     assert {f"u-{i}" for i in range(count) if i != bad - 1} <= read
     assert f"u-{bad - 1}" not in read
+
+
+async def test_endless_line_is_fatal_before_it_fills_the_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line with no end (a zip member unpacking to gigabytes of it) fails the run at its
+    line once it passes the limit; it is read in pieces, never whole."""
+    monkeypatch.setattr(oneroster_csv, "MAX_LINE_CHARS", 50_000)
+    monkeypatch.setattr(oneroster_csv, "_READ_SIZE", 4096)
+    text = table(USERS_HEADER, user("u-1")) + "u-2," + "x" * 200_000 + "\n"
+    with pytest.raises(
+        FatalSourceError, match=r"users\.csv line 3: more than 50000 characters without a line"
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
