@@ -33,7 +33,7 @@ class CsvUnreadable(Exception):
 
 #: One record: the physical line it starts on (1-based), its fields, and what is wrong with
 #: it or None (then the fields are what could be read, possibly none). A plain tuple: one is
-#: made per row of a large drop, and a NamedTuple costs ten times as much to make.
+#: made per row of a large drop, and a NamedTuple is several times slower to make.
 CsvRecord = tuple[int, list[str], str | None]
 
 
