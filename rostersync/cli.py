@@ -638,6 +638,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         structlog.get_logger().debug("command_failed", error=str(exc))
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except OSError as exc:
+        if exc.filename is None:
+            internal_error(exc, args)
+        # A path the user gave (an --output folder that does not exist, a full disk): theirs
+        # to fix, and the path and the reason say it all.
+        fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED)
     except Exception as exc:
         internal_error(exc, args)
 

@@ -165,3 +165,17 @@ def test_known_errors_keep_their_exit_codes_and_save_no_trace(
     assert _main("--config", config, "users", "lisst") == 2
     assert "internal error" not in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+def test_a_path_that_cannot_be_written_is_a_plain_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --output into a missing folder names the path and the reason: exit 1, no trace."""
+    target = tmp_path / "nodir" / "template.xlsx"
+    config = str(_config(tmp_path))
+    assert (
+        _main("--config", config, "import", "template", "--format", "xlsx", "--output", str(target))
+        == 1
+    )
+    assert capsys.readouterr().err == f"rostersync: {target}: No such file or directory\n"
+    assert not (tmp_path / "state").exists()
