@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors import oneroster_csv
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
+from connectors.oneroster_csv import files as csv_files
 from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.records import (
@@ -722,8 +722,8 @@ async def test_endless_line_is_fatal_before_it_fills_the_memory(
 ) -> None:
     """A line with no end (a zip member unpacking to gigabytes of it) fails the run at its
     line once it passes the limit; it is read in pieces, never whole."""
-    monkeypatch.setattr(oneroster_csv, "MAX_LINE_CHARS", 50_000)
-    monkeypatch.setattr(oneroster_csv, "_READ_SIZE", 4096)
+    monkeypatch.setattr(csv_files, "MAX_LINE_CHARS", 50_000)
+    monkeypatch.setattr(csv_files, "_READ_SIZE", 4096)
     text = table(USERS_HEADER, user("u-1")) + "u-2," + "x" * 200_000 + "\n"
     with pytest.raises(
         FatalSourceError, match=r"users\.csv line 3: more than 50000 characters without a line"

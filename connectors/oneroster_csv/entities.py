@@ -1,0 +1,191 @@
+"""Rows of the data files to records: the columns each file must have, and each value's rules.
+
+A bad row becomes a :class:`~rostersync.records.Rejected` with ``"<file> line <n>"`` and the
+run goes on: missing ``sourcedId``, unknown ``status``, a boolean other than ``true``/``false``,
+an unparseable ``dateLastModified``, an enrollment without class or user, a person or
+enrollment without role, an org without name, a class without title.
+
+Values: ``status`` blank -> ``active``; ``tobedeleted`` and 1.0's ``inactive`` ->
+``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false. Blank email ->
+``None``; email case is kept (the engine lower-cases). Roles are lower-cased.
+``dateLastModified`` is ISO 8601 (``Z`` allowed; a naive time is taken as UTC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+
+from connectors.oneroster_csv.files import Bundle, Row, read_rows
+from rostersync.records import (
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    RosterRecord,
+    Status,
+)
+
+MANIFEST = "manifest.csv"
+ORGS = "orgs.csv"
+USERS = "users.csv"
+CLASSES = "classes.csv"
+ENROLLMENTS = "enrollments.csv"
+
+#: Columns a file must have: without them its rows mean nothing (or, for ``email``, every
+#: teacher would silently lose their account).
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    MANIFEST: ("propertyName", "value"),
+    ORGS: ("sourcedId", "name"),
+    USERS: ("sourcedId", "role", "givenName", "familyName", "email"),
+    CLASSES: ("sourcedId", "title", "schoolSourcedId"),
+    ENROLLMENTS: ("sourcedId", "classSourcedId", "userSourcedId", "role"),
+}
+COLUMNS_READ: dict[str, tuple[str, ...]] = {
+    MANIFEST: ("propertyName", "value"),
+    ORGS: ("sourcedId", "status", "dateLastModified", "name", "type", "identifier",
+           "parentSourcedId"),
+    USERS: ("sourcedId", "status", "dateLastModified", "enabledUser", "orgSourcedIds", "role",
+            "username", "givenName", "familyName", "email"),
+    CLASSES: ("sourcedId", "status", "dateLastModified", "title", "classCode",
+              "schoolSourcedId"),
+    ENROLLMENTS: ("sourcedId", "status", "dateLastModified", "classSourcedId",
+                  "userSourcedId", "role", "primary"),
+}  # fmt: skip
+ENTITY = {MANIFEST: "manifest", ORGS: "org", USERS: "user", CLASSES: "class",
+          ENROLLMENTS: "enrollment"}  # fmt: skip
+_STATUS: dict[str, Status] = {"": "active", "active": "active", "tobedeleted": "tobedeleted",
+                              "inactive": "tobedeleted"}  # fmt: skip
+
+
+class RowError(Exception):
+    """One row is unusable; becomes a Rejected."""
+
+
+def rows(bundle: Bundle, name: str, encoding: str) -> Iterator[Row | Rejected]:
+    """One known file's rows, with its required columns checked."""
+    return read_rows(
+        bundle,
+        name,
+        encoding,
+        entity=ENTITY.get(name, name),
+        required=REQUIRED_COLUMNS.get(name, ()),
+        columns=COLUMNS_READ.get(name, ()),
+    )
+
+
+# --- value parsing: each raises RowError with the reason a row is rejected ------------------
+
+
+def status(row: Row) -> Status:
+    value = row.get("status")
+    try:
+        return _STATUS[value.lower()]
+    except KeyError:
+        raise RowError(f"unknown status {value!r}") from None
+
+
+def boolean(row: Row, column: str, default: bool) -> bool:
+    value = row.get(column).lower()
+    if not value:
+        return default
+    if value in ("true", "false"):
+        return value == "true"
+    raise RowError(f"{column} {row.get(column)!r} is not true or false")
+
+
+def date(row: Row) -> datetime | None:
+    value = row.get("dateLastModified")
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise RowError(f"dateLastModified {value!r} is not an ISO 8601 date-time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def required(row: Row, column: str) -> str:
+    value = row.get(column)
+    if not value:
+        raise RowError(f"missing {column}")
+    return value
+
+
+def org(row: Row) -> RosterOrg:
+    return RosterOrg(
+        row.get("sourcedId"),
+        required(row, "name"),
+        type=row.get("type") or "school",
+        identifier=row.get("identifier") or None,
+        parent_id=row.get("parentSourcedId") or None,
+        status=status(row),
+        date_last_modified=date(row),
+    )
+
+
+def person(row: Row) -> RosterPerson:
+    orgs = tuple(o.strip() for o in row.get("orgSourcedIds").split(",") if o.strip())
+    return RosterPerson(
+        row.get("sourcedId"),
+        required(row, "role").lower(),
+        row.get("givenName"),
+        row.get("familyName"),
+        row.get("email") or None,
+        row.get("username") or None,
+        enabled=boolean(row, "enabledUser", True),
+        org_ids=orgs,
+        status=status(row),
+        date_last_modified=date(row),
+    )
+
+
+def klass(row: Row) -> RosterClass:
+    return RosterClass(
+        row.get("sourcedId"),
+        required(row, "title"),
+        class_code=row.get("classCode") or None,
+        school_id=row.get("schoolSourcedId") or None,
+        status=status(row),
+        date_last_modified=date(row),
+    )
+
+
+def enrollment(row: Row) -> RosterEnrollment:
+    return RosterEnrollment(
+        row.get("sourcedId"),
+        required(row, "classSourcedId"),
+        required(row, "userSourcedId"),
+        required(row, "role").lower(),
+        status=status(row),
+        primary=boolean(row, "primary", False),
+        date_last_modified=date(row),
+    )
+
+
+PARSERS: dict[str, Callable[[Row], RosterRecord]] = {
+    ORGS: org,
+    USERS: person,
+    CLASSES: klass,
+    ENROLLMENTS: enrollment,
+}
+#: Read in this order so every enrollment arrives after the people and classes it names.
+DATA_FILES = (ORGS, USERS, CLASSES, ENROLLMENTS)
+
+
+def records(bundle: Bundle, name: str, encoding: str) -> Iterator[RosterRecord]:
+    parse = PARSERS[name]
+    entity = ENTITY[name]
+    for row in rows(bundle, name, encoding):
+        if isinstance(row, Rejected):
+            yield row
+            continue
+        sourced_id = row.get("sourcedId")
+        if not sourced_id:
+            yield Rejected(entity, None, "missing sourcedId", row.location)
+            continue
+        try:
+            yield parse(row)
+        except RowError as exc:
+            yield Rejected(entity, sourced_id, str(exc), row.location)
