@@ -44,6 +44,10 @@ class Connector(Protocol):
     (:class:`~rostersync.rows.StagedBatch`, made by :func:`~rostersync.rows.sort_batch`): a
     connector that normalizes in worker processes sends those, since rows cross a process
     boundary far more cheaply than record objects. Errors: :mod:`rostersync.errors`.
+
+    A connector may also have a ``warnings`` attribute (a list of strings), complete once a
+    fetch has ended: problems it forgave (a CSV row read without a malformed date). The
+    engine adds them to the run's report.
     """
 
     @property

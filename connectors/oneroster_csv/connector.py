@@ -17,6 +17,7 @@ from pydantic import Field
 from connectors.oneroster_csv.entities import CLASSES, ENROLLMENTS, USERS, records
 from connectors.oneroster_csv.files import Bundle
 from connectors.oneroster_csv.manifest import data_files
+from connectors.oneroster_csv.notes import Notes
 from rostersync.config.source import SourceConfig
 from rostersync.config.types import ConfigPath
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
@@ -66,6 +67,8 @@ class OneRosterCsvConnector:
         self.encoding = encoding
         self.batch_size = batch_size
         self.closed = False
+        #: the last fetch's warnings, for the run's report (complete once the fetch ends)
+        self.warnings: list[str] = []
 
     @property
     def supports_delta(self) -> bool:
@@ -74,19 +77,21 @@ class OneRosterCsvConnector:
     def _files(self, bundle: Bundle) -> list[str]:
         return data_files(bundle, self.encoding)
 
-    def _iter_records(self, bundle: Bundle) -> Iterator[RosterRecord]:
+    def _iter_records(self, bundle: Bundle, notes: Notes) -> Iterator[RosterRecord]:
         for name in self._files(bundle):
-            yield from records(bundle, name, self.encoding)
+            yield from records(bundle, name, self.encoding, notes)
 
     async def fetch(
         self, mode: FetchMode, since: datetime | None
     ) -> AsyncIterator[Sequence[RosterRecord]]:
         if mode is FetchMode.DELTA:
             raise DeltaUnsupportedError(self.source, "a OneRoster CSV drop has no delta filter")
+        self.warnings = []
+        notes = Notes()
         bundle = Bundle(self.source, self.path)
         try:
             batch: list[RosterRecord] = []
-            for record in self._iter_records(bundle):
+            for record in self._iter_records(bundle, notes):
                 batch.append(record)
                 if len(batch) >= self.batch_size:
                     yield batch
@@ -95,15 +100,17 @@ class OneRosterCsvConnector:
                 yield batch
         finally:
             bundle.close()
+        self.warnings = notes.lines()
 
     def _teacher_roster(self, teacher: TeacherRef) -> TeacherRoster:
         """Four passes over the files, keeping only what concerns this teacher."""
         bundle = Bundle(self.source, self.path)
         try:
             files = self._files(bundle)
+            notes = Notes()  # a live read reports no warnings
 
             def read(name: str) -> Iterator[RosterRecord]:
-                return records(bundle, name, self.encoding) if name in files else iter(())
+                return records(bundle, name, self.encoding, notes) if name in files else iter(())
 
             class_ids = {
                 r.class_id

@@ -2,8 +2,12 @@
 
 A bad row becomes a :class:`~rostersync.records.Rejected` with ``"<file> line <n>"`` and the
 run goes on: missing ``sourcedId``, unknown ``status``, a boolean other than ``true``/``false``,
-an unparseable ``dateLastModified``, an enrollment without class or user, a person or
-enrollment without role, an org without name, a class without title.
+an enrollment without class or user, a person or enrollment without role, an org without
+name, a class without title.
+
+A value no rule needs is forgiven: a ``dateLastModified`` that is not ISO 8601 (``1/05/2023``)
+is a warning naming file and line, and the row is read without it (a full run never uses the
+date; a delta run only takes the newest one as a bookmark).
 
 Values: ``status`` blank -> ``active``; ``tobedeleted`` and 1.0's ``inactive`` ->
 ``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false. Blank email ->
@@ -17,6 +21,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from connectors.oneroster_csv.files import Bundle, Row, read_rows
+from connectors.oneroster_csv.notes import Notes
 from rostersync.records import (
     Rejected,
     RosterClass,
@@ -95,14 +100,20 @@ def boolean(row: Row, column: str, default: bool) -> bool:
     raise RowError(f"{column} {row.get(column)!r} is not true or false")
 
 
-def date(row: Row) -> datetime | None:
+def date(row: Row, notes: Notes) -> datetime | None:
+    """``dateLastModified``, or None (with a warning) when it is not ISO 8601."""
     value = row.get("dateLastModified")
     if not value:
         return None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
-        raise RowError(f"dateLastModified {value!r} is not an ISO 8601 date-time") from None
+        notes.add(
+            f"{row.file}: rows read without their dateLastModified",
+            f"{row.location}: dateLastModified {value!r} is not an ISO 8601 date-time; "
+            "the row was read without it",
+        )
+        return None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
@@ -113,7 +124,7 @@ def required(row: Row, column: str) -> str:
     return value
 
 
-def org(row: Row) -> RosterOrg:
+def org(row: Row, notes: Notes) -> RosterOrg:
     return RosterOrg(
         row.get("sourcedId"),
         required(row, "name"),
@@ -121,11 +132,11 @@ def org(row: Row) -> RosterOrg:
         identifier=row.get("identifier") or None,
         parent_id=row.get("parentSourcedId") or None,
         status=status(row),
-        date_last_modified=date(row),
+        date_last_modified=date(row, notes),
     )
 
 
-def person(row: Row) -> RosterPerson:
+def person(row: Row, notes: Notes) -> RosterPerson:
     orgs = tuple(o.strip() for o in row.get("orgSourcedIds").split(",") if o.strip())
     return RosterPerson(
         row.get("sourcedId"),
@@ -137,22 +148,22 @@ def person(row: Row) -> RosterPerson:
         enabled=boolean(row, "enabledUser", True),
         org_ids=orgs,
         status=status(row),
-        date_last_modified=date(row),
+        date_last_modified=date(row, notes),
     )
 
 
-def klass(row: Row) -> RosterClass:
+def klass(row: Row, notes: Notes) -> RosterClass:
     return RosterClass(
         row.get("sourcedId"),
         required(row, "title"),
         class_code=row.get("classCode") or None,
         school_id=row.get("schoolSourcedId") or None,
         status=status(row),
-        date_last_modified=date(row),
+        date_last_modified=date(row, notes),
     )
 
 
-def enrollment(row: Row) -> RosterEnrollment:
+def enrollment(row: Row, notes: Notes) -> RosterEnrollment:
     return RosterEnrollment(
         row.get("sourcedId"),
         required(row, "classSourcedId"),
@@ -160,11 +171,11 @@ def enrollment(row: Row) -> RosterEnrollment:
         required(row, "role").lower(),
         status=status(row),
         primary=boolean(row, "primary", False),
-        date_last_modified=date(row),
+        date_last_modified=date(row, notes),
     )
 
 
-PARSERS: dict[str, Callable[[Row], RosterRecord]] = {
+PARSERS: dict[str, Callable[[Row, Notes], RosterRecord]] = {
     ORGS: org,
     USERS: person,
     CLASSES: klass,
@@ -174,7 +185,7 @@ PARSERS: dict[str, Callable[[Row], RosterRecord]] = {
 DATA_FILES = (ORGS, USERS, CLASSES, ENROLLMENTS)
 
 
-def records(bundle: Bundle, name: str, encoding: str) -> Iterator[RosterRecord]:
+def records(bundle: Bundle, name: str, encoding: str, notes: Notes) -> Iterator[RosterRecord]:
     parse = PARSERS[name]
     entity = ENTITY[name]
     for row in rows(bundle, name, encoding):
@@ -186,6 +197,6 @@ def records(bundle: Bundle, name: str, encoding: str) -> Iterator[RosterRecord]:
             yield Rejected(entity, None, "missing sourcedId", row.location)
             continue
         try:
-            yield parse(row)
+            yield parse(row, notes)
         except RowError as exc:
             yield Rejected(entity, sourced_id, str(exc), row.location)

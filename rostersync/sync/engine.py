@@ -445,7 +445,7 @@ class SyncEngine:
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         try:
-            fetched, newest = await self._fetch(source, run_id, fetch_mode, since, log)
+            fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
         except DeltaUnsupportedError as exc:
             msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
             log.warning("delta_fallback", reason=str(exc))
@@ -453,16 +453,23 @@ class SyncEngine:
             await asyncio.to_thread(self._reset_run, run_id, FetchMode.FULL, warnings)
             fetch_mode = FetchMode.FULL
             try:
-                fetched, newest = await self._fetch(source, run_id, fetch_mode, None, log)
+                fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, None, log)
             except Exception as exc2:
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+        if notes:
+            warnings.extend(notes)
+            await asyncio.to_thread(self._set_warnings, run_id, warnings)
         try:
             ctx = RunContext(source, run_id, fetch_mode, fetched, newest, log, dry_run=dry_run)
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+
+    def _set_warnings(self, run_id: int, warnings: list[str]) -> None:
+        with self.store.write() as conn:
+            conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=warnings))
 
     def _reset_run(self, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
         with self.store.write() as conn:
@@ -476,8 +483,12 @@ class SyncEngine:
 
     async def _fetch(
         self, source: str, run_id: int, mode: FetchMode, since: datetime | None, log: Any
-    ) -> tuple[dict[str, int], datetime | None]:
+    ) -> tuple[dict[str, int], datetime | None, list[str]]:
+        """Stage everything the connector yields; returns the counts, the newest
+        dateLastModified, and the connector's warnings (its optional ``warnings``: what it
+        accepted but an admin should hear of, such as a CSV row read without a bad date)."""
         fetched: Counter[str] = Counter()
+        notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
         # while a write is under way wait in `buffer` and go in the next write together, so
         # the fetch never stalls on the database unless the buffer is full.
@@ -509,6 +520,7 @@ class SyncEngine:
                     await pending
                 if len(buffer):
                     pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                notes = [str(w) for w in getattr(connector, "warnings", ())]
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.
@@ -516,8 +528,8 @@ class SyncEngine:
                 await asyncio.gather(pending, return_exceptions=True)
         if pending is not None and (error := pending.exception()) is not None:
             raise error
-        log.info("fetch_done", **dict(fetched))
-        return dict(fetched), buffer.newest
+        log.info("fetch_done", warnings=len(notes), **dict(fetched))
+        return dict(fetched), buffer.newest, notes
 
     def _stage(self, run_id: int, batch: StagedBatch) -> None:
         with self.store.write() as conn:

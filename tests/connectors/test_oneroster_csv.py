@@ -123,7 +123,6 @@ BAD_USERS = {
     "unknown status": (user("u-9", status="archived"), "u-9", "unknown status 'archived'"),
     "bad boolean": (user("u-9", enabledUser="yes"), "u-9", "enabledUser 'yes' is not true"),
     "empty role": (user("u-9", role=""), "u-9", "missing role"),
-    "bad date": (user("u-9", dateLastModified="last tuesday"), "u-9", "not an ISO 8601"),
 }
 
 
@@ -137,6 +136,46 @@ async def test_bad_user_row_is_rejected_with_file_and_line(tmp_path: Path, case:
     assert (rej.entity, rej.sourced_id, rej.location) == ("user", sourced_id, "users.csv line 3")
     assert reason in rej.reason
     assert {"u-1", "u-2"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_malformed_date_is_a_warning_and_the_row_is_read(tmp_path: Path) -> None:
+    """A dateLastModified that is not ISO 8601 is a warning naming file and line; the person is
+    read without the date, the others with theirs."""
+    rows = (user("u-1", dateLastModified="1/05/2023"), user("u-2", dateLastModified="2023-01-05"))
+    connector = OneRosterCsvConnector("csv", drop(tmp_path, users_csv=table(USERS_HEADER, *rows)))
+    got = await collect(connector)
+    assert rejected(got) == []
+    assert person(got, "u-1").date_last_modified is None
+    assert person(got, "u-2").date_last_modified == datetime(2023, 1, 5, tzinfo=UTC)
+    assert connector.warnings == [
+        "users.csv line 2: dateLastModified '1/05/2023' is not an ISO 8601 date-time; "
+        "the row was read without it"
+    ]
+
+
+async def test_warnings_of_one_kind_are_listed_up_to_a_limit_then_counted(tmp_path: Path) -> None:
+    """A bad date on every row lists the first 20 rows and counts the rest in one line; each
+    fetch starts its warnings afresh."""
+    rows = [user(f"u-{i}", dateLastModified="yesterday") for i in range(25)]
+    bad_class = "c-1,,05/01/2023,Algebra I,,,ALG1,scheduled,,sch-1,,,,\n"
+    classes = Path(drop(tmp_path)) / "classes.csv"
+    classes_text = classes.read_text().splitlines(keepends=True)[0] + bad_class
+    folder = drop(tmp_path, users_csv=table(USERS_HEADER, *rows), classes_csv=classes_text)
+    connector = OneRosterCsvConnector("csv", folder)
+    await collect(connector)
+    listed = [w for w in connector.warnings if w.startswith("users.csv line ")]
+    assert [w.split(":")[0] for w in listed] == [f"users.csv line {n}" for n in range(2, 22)]
+    assert "users.csv: rows read without their dateLastModified: 5 more not listed (25 in all)" in (
+        connector.warnings
+    )
+    assert any(
+        w.startswith("classes.csv line 2: dateLastModified '05/01/2023'")
+        for w in connector.warnings
+    )
+    (folder / "users.csv").write_text(table(USERS_HEADER, user("u-1")))
+    (folder / "classes.csv").write_text(classes_text.replace("05/01/2023", ""))
+    await collect(connector)
+    assert connector.warnings == []
 
 
 BAD_ENROLLMENTS = {

@@ -107,3 +107,26 @@ async def test_huge_and_nul_fields_reject_their_rows_and_the_rest_syncs(
     assert (f"users.csv line {huge + 1}", "a field is longer than 131072 characters") in located
     assert (f"users.csv line {nul + 1}", "a field contains a NUL character") in located
     assert len(lost) == 2 and set(users(store)) == emails - lost
+
+
+async def test_malformed_date_keeps_the_teacher_and_is_reported_as_a_warning(
+    store: Store, tmp_path: Path
+) -> None:
+    """A teacher whose users.csv row has `1/05/2023` as dateLastModified still gets their
+    account; the row is not rejected, and the run's report warns with the file and line."""
+    folder, engine = _first_sync(store, tmp_path)
+    users_csv = folder / "users.csv"
+    lines = users_csv.read_text().splitlines(keepends=True)
+    [at] = [i for i, line in enumerate(lines) if line.startswith("t-0001,")]
+    lines[at] = lines[at].replace("t-0001,,,", "t-0001,,1/05/2023,", 1)
+    users_csv.write_text("".join(lines))
+    report = await engine.sync("csv")
+    await engine.drain()
+    # The sample district's teacher without an email is the only rejection, as in every run.
+    assert [r["reason"].split(":")[0] for r in report.rejected] == ["no email"]
+    teacher_email = lines[at].split(",")[12].lower()
+    assert teacher_email in users(store)
+    assert (
+        f"users.csv line {at + 1}: dateLastModified '1/05/2023' is not an ISO 8601 date-time; "
+        "the row was read without it"
+    ) in report.warnings
