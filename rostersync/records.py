@@ -121,6 +121,9 @@ class RosterClass:
     school_id: str | None = None
     status: Status = "active"
     date_last_modified: datetime | None = None
+    #: the academic sessions (terms) the class runs in; carried for the terms rules to come,
+    #: not stored yet and no part of ``content_hash``
+    term_ids: tuple[str, ...] = ()
 
     entity = "class"
 

@@ -3,7 +3,8 @@
 A bad row becomes a :class:`~rostersync.records.Rejected` with ``"<file> line <n>"`` and the
 run goes on: missing ``sourcedId``, unknown ``status``, a boolean other than ``true``/``false``,
 an enrollment without class or user, a person or enrollment without role, an org without
-name, a class without title.
+name, a class without title. A ``tobedeleted`` row needs only its ``sourcedId`` (delta drops
+often carry little else), as in the OneRoster REST connector.
 
 A value no rule needs is forgiven: a ``dateLastModified`` that is not ISO 8601 (``1/05/2023``)
 is a warning naming file and line, and the row is read without it (a full run never uses the
@@ -12,7 +13,12 @@ date; a delta run only takes the newest one as a bookmark).
 Values: ``status`` blank -> ``active``; ``tobedeleted`` and 1.0's ``inactive`` ->
 ``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false. Blank email ->
 ``None``; email case is kept (the engine lower-cases). Roles are lower-cased.
-``dateLastModified`` is ISO 8601 (``Z`` allowed; a naive time is taken as UTC).
+``dateLastModified`` is ISO 8601 (``Z`` allowed; a naive time is taken as UTC). A list cell
+(``orgSourcedIds``, ``termSourcedIds``) is comma-separated.
+
+The files and columns differ between versions only for people: OneRoster 1.1 gives each row of
+``users.csv`` its ``role`` and ``orgSourcedIds``; 1.2 moved roles into ``roles.csv`` (see
+:mod:`.roles`) and adds ``primaryOrgSourcedId``.
 """
 
 from __future__ import annotations
@@ -35,31 +41,50 @@ from rostersync.records import (
 MANIFEST = "manifest.csv"
 ORGS = "orgs.csv"
 USERS = "users.csv"
+ROLES = "roles.csv"
 CLASSES = "classes.csv"
 ENROLLMENTS = "enrollments.csv"
+SESSIONS = "academicSessions.csv"
+
+V11 = "1.1"
+V12 = "1.2"
 
 #: Columns a file must have: without them its rows mean nothing (or, for ``email``, every
-#: teacher would silently lose their account).
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+#: teacher would silently lose their account). By version; ``manifest.csv`` has no version.
+_REQUIRED_COMMON: dict[str, tuple[str, ...]] = {
     MANIFEST: ("propertyName", "value"),
     ORGS: ("sourcedId", "name"),
-    USERS: ("sourcedId", "role", "givenName", "familyName", "email"),
     CLASSES: ("sourcedId", "title", "schoolSourcedId"),
     ENROLLMENTS: ("sourcedId", "classSourcedId", "userSourcedId", "role"),
+    SESSIONS: ("sourcedId", "startDate", "endDate"),
 }
+REQUIRED_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
+    V11: {**_REQUIRED_COMMON, USERS: ("sourcedId", "role", "givenName", "familyName", "email")},
+    V12: {
+        **_REQUIRED_COMMON,
+        USERS: ("sourcedId", "givenName", "familyName", "email"),
+        ROLES: ("userSourcedId", "roleType", "role"),
+    },
+}
+#: The columns read (only these are stripped and kept per row). A 1.2 ``users.csv`` may still
+#: carry 1.1's ``role`` and ``orgSourcedIds``: they are used when present.
 COLUMNS_READ: dict[str, tuple[str, ...]] = {
     MANIFEST: ("propertyName", "value"),
     ORGS: ("sourcedId", "status", "dateLastModified", "name", "type", "identifier",
            "parentSourcedId"),
     USERS: ("sourcedId", "status", "dateLastModified", "enabledUser", "orgSourcedIds", "role",
-            "username", "givenName", "familyName", "email"),
+            "username", "givenName", "familyName", "email", "primaryOrgSourcedId"),
+    ROLES: ("sourcedId", "status", "dateLastModified", "userSourcedId", "roleType", "role",
+            "orgSourcedId"),
     CLASSES: ("sourcedId", "status", "dateLastModified", "title", "classCode",
-              "schoolSourcedId"),
+              "schoolSourcedId", "termSourcedIds"),
     ENROLLMENTS: ("sourcedId", "status", "dateLastModified", "classSourcedId",
                   "userSourcedId", "role", "primary"),
+    SESSIONS: ("sourcedId", "status", "dateLastModified", "title", "type", "startDate",
+               "endDate", "parentSourcedId", "schoolYear"),
 }  # fmt: skip
-ENTITY = {MANIFEST: "manifest", ORGS: "org", USERS: "user", CLASSES: "class",
-          ENROLLMENTS: "enrollment"}  # fmt: skip
+ENTITY = {MANIFEST: "manifest", ORGS: "org", USERS: "user", ROLES: "role", CLASSES: "class",
+          ENROLLMENTS: "enrollment", SESSIONS: "academicSession"}  # fmt: skip
 _STATUS: dict[str, Status] = {"": "active", "active": "active", "tobedeleted": "tobedeleted",
                               "inactive": "tobedeleted"}  # fmt: skip
 
@@ -68,14 +93,14 @@ class RowError(Exception):
     """One row is unusable; becomes a Rejected."""
 
 
-def rows(bundle: Bundle, name: str, encoding: str) -> Iterator[Row | Rejected]:
+def rows(bundle: Bundle, name: str, encoding: str, version: str = V11) -> Iterator[Row | Rejected]:
     """One known file's rows, with its required columns checked."""
     return read_rows(
         bundle,
         name,
         encoding,
         entity=ENTITY.get(name, name),
-        required=REQUIRED_COLUMNS.get(name, ()),
+        required=REQUIRED_COLUMNS[version].get(name, ()),
         columns=COLUMNS_READ.get(name, ()),
     )
 
@@ -117,78 +142,93 @@ def date(row: Row, notes: Notes) -> datetime | None:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def required(row: Row, column: str) -> str:
+def required(row: Row, column: str, state: Status = "active") -> str:
+    """The column's value; blank is an error, except in a ``tobedeleted`` row."""
     value = row.get(column)
-    if not value:
+    if not value and state == "active":
         raise RowError(f"missing {column}")
     return value
 
 
+def id_list(row: Row, column: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in row.get(column).split(",") if part.strip())
+
+
 def org(row: Row, notes: Notes) -> RosterOrg:
+    state = status(row)
     return RosterOrg(
         row.get("sourcedId"),
-        required(row, "name"),
+        required(row, "name", state),
         type=row.get("type") or "school",
         identifier=row.get("identifier") or None,
         parent_id=row.get("parentSourcedId") or None,
-        status=status(row),
+        status=state,
         date_last_modified=date(row, notes),
     )
 
 
 def person(row: Row, notes: Notes) -> RosterPerson:
-    orgs = tuple(o.strip() for o in row.get("orgSourcedIds").split(",") if o.strip())
+    """A OneRoster 1.1 ``users.csv`` row, which carries the person's role."""
+    state = status(row)
     return RosterPerson(
         row.get("sourcedId"),
-        required(row, "role").lower(),
+        required(row, "role", state).lower(),
         row.get("givenName"),
         row.get("familyName"),
         row.get("email") or None,
         row.get("username") or None,
         enabled=boolean(row, "enabledUser", True),
-        org_ids=orgs,
-        status=status(row),
+        org_ids=id_list(row, "orgSourcedIds"),
+        status=state,
         date_last_modified=date(row, notes),
     )
 
 
 def klass(row: Row, notes: Notes) -> RosterClass:
+    state = status(row)
     return RosterClass(
         row.get("sourcedId"),
-        required(row, "title"),
+        required(row, "title", state),
         class_code=row.get("classCode") or None,
         school_id=row.get("schoolSourcedId") or None,
-        status=status(row),
+        status=state,
         date_last_modified=date(row, notes),
+        term_ids=id_list(row, "termSourcedIds"),
     )
 
 
 def enrollment(row: Row, notes: Notes) -> RosterEnrollment:
+    state = status(row)
     return RosterEnrollment(
         row.get("sourcedId"),
-        required(row, "classSourcedId"),
-        required(row, "userSourcedId"),
-        required(row, "role").lower(),
-        status=status(row),
+        required(row, "classSourcedId", state),
+        required(row, "userSourcedId", state),
+        required(row, "role", state).lower(),
+        status=state,
         primary=boolean(row, "primary", False),
         date_last_modified=date(row, notes),
     )
 
 
-PARSERS: dict[str, Callable[[Row, Notes], RosterRecord]] = {
-    ORGS: org,
-    USERS: person,
-    CLASSES: klass,
-    ENROLLMENTS: enrollment,
-}
-#: Read in this order so every enrollment arrives after the people and classes it names.
-DATA_FILES = (ORGS, USERS, CLASSES, ENROLLMENTS)
+Parser = Callable[[Row, Notes], RosterRecord]
+
+PARSERS: dict[str, Parser] = {ORGS: org, USERS: person, CLASSES: klass, ENROLLMENTS: enrollment}
 
 
-def records(bundle: Bundle, name: str, encoding: str, notes: Notes) -> Iterator[RosterRecord]:
-    parse = PARSERS[name]
+def records(
+    bundle: Bundle,
+    name: str,
+    encoding: str,
+    notes: Notes,
+    *,
+    version: str = V11,
+    parse: Parser | None = None,
+) -> Iterator[RosterRecord]:
+    """Every row of a data file as a record or its rejection (``parse`` overrides the file's
+    usual parser: a 1.2 ``users.csv`` needs the drop's roles)."""
+    parse = parse or PARSERS[name]
     entity = ENTITY[name]
-    for row in rows(bundle, name, encoding):
+    for row in rows(bundle, name, encoding, version):
         if isinstance(row, Rejected):
             yield row
             continue

@@ -21,12 +21,12 @@ import codecs
 import functools
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from rostersync.csvrecords import CsvUnreadable, read_records
+from rostersync.csvrecords import CsvRecord, CsvUnreadable, read_records
 from rostersync.errors import FatalSourceError
 from rostersync.records import Rejected
 
@@ -128,6 +128,15 @@ class Row:
         return self.values.get(column, "")
 
 
+def read_header(bundle: Bundle, name: str, encoding: str) -> list[str]:
+    """The column names of one file (raises FatalSourceError when it cannot be read)."""
+    records = _records(bundle, name, encoding)
+    try:
+        return next(records, (0, [], None))[1]
+    finally:
+        records.close()  # the file, now
+
+
 def read_rows(
     bundle: Bundle,
     name: str,
@@ -139,6 +148,40 @@ def read_rows(
 ) -> Iterator[Row | Rejected]:
     """Stream one file's rows (only ``columns`` are kept); a row that cannot be used as read
     comes back Rejected as ``entity``. A header without a ``required`` column is fatal."""
+    records = _records(bundle, name, encoding)
+    try:
+        header = next(records, (0, [], None))[1]
+        missing = missing_columns(header, required)
+        if missing:
+            raise FatalSourceError(bundle.source, f"{bundle.where(name)}: {missing}")
+        # Only the columns we read: stripping the rest would be wasted work per row.
+        index = {c: header.index(c) for c in columns if c in header}
+        width = len(header)
+        for line, fields, problem in records:
+            if problem is None and len(fields) == width:
+                values = {column: fields[i].strip() for column, i in index.items()}
+                yield Row(name, line, values)
+            elif problem is not None or fields:  # not a blank line
+                i = index.get("sourcedId", 0)
+                sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
+                reason = problem or f"expected {width} fields, found {len(fields)}"
+                yield Rejected(entity, sid, reason, f"{name} line {line}")
+    finally:
+        records.close()
+
+
+def missing_columns(header: Sequence[str], required: Sequence[str]) -> str | None:
+    """``"missing required columns 'role', 'email'"``, or None when none is missing."""
+    missing = [c for c in required if c not in header]
+    if not missing:
+        return None
+    names = ", ".join(repr(c) for c in missing)
+    return f"missing required column{'s' if len(missing) > 1 else ''} {names}"
+
+
+def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, None, None]:
+    """The header (names cleaned), then each record of the file with its line and problem;
+    every way the file can be unreadable becomes a FatalSourceError naming file and line."""
     counter = [0]
     try:
         with bundle.open(name) as raw:
@@ -150,24 +193,8 @@ def read_rows(
                     f"{bundle.where(name)} line {line}: unreadable header ({problem})",
                 )
             # A BOM left by a concatenation or by `encoding: utf-8` is no part of a name.
-            header = [h.replace("\ufeff", "").strip() for h in fields]
-            for column in required:
-                if column not in header:
-                    raise FatalSourceError(
-                        bundle.source, f"{bundle.where(name)}: missing required column {column!r}"
-                    )
-            # Only the columns we read: stripping the rest would be wasted work per row.
-            index = {c: header.index(c) for c in columns if c in header}
-            width = len(header)
-            for line, fields, problem in records:
-                if problem is None and len(fields) == width:
-                    values = {column: fields[i].strip() for column, i in index.items()}
-                    yield Row(name, line, values)
-                elif problem is not None or fields:  # not a blank line
-                    i = index.get("sourcedId", 0)
-                    sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
-                    reason = problem or f"expected {width} fields, found {len(fields)}"
-                    yield Rejected(entity, sid, reason, f"{name} line {line}")
+            yield line, [h.replace("\ufeff", "").strip() for h in fields], None
+            yield from records
     except CsvUnreadable as exc:
         raise FatalSourceError(bundle.source, f"{bundle.where(name)} {exc}") from None
     except _LineTooLong:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
 from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
-from rostersync.errors import DeltaUnsupportedError, FatalSourceError
+from rostersync.errors import FatalSourceError
 from rostersync.records import (
     Rejected,
     RosterClass,
@@ -35,7 +35,7 @@ from rostersync.sampledata import (
     generate_district,
     write_oneroster_csv,
 )
-from tests.connectors.contract import ConnectorContract, collect
+from tests.connectors.contract import ConnectorContract, collect, people
 from tests.hostile import HUGE, hostile_bytes
 from tests.rosterdata import small_roster
 
@@ -481,25 +481,16 @@ async def test_absent_file_in_manifest_is_skipped(tmp_path: Path) -> None:
     assert any(isinstance(r, RosterPerson) for r in got)
 
 
-async def test_delta_manifest_is_refused(tmp_path: Path) -> None:
-    """A manifest declaring a delta file is refused: delta CSV drops are not supported yet."""
-    folder = drop(tmp_path)
-    manifest = (folder / "manifest.csv").read_text().replace("file.users,bulk", "file.users,delta")
-    (folder / "manifest.csv").write_text(manifest)
-    with pytest.raises(FatalSourceError, match="delta CSV files are not supported yet"):
-        await fetch_all(folder)
-
-
-async def test_oneroster_1_2_manifest_is_refused(tmp_path: Path) -> None:
-    """A OneRoster 1.2 drop is refused rather than misread."""
+async def test_unknown_oneroster_version_is_refused(tmp_path: Path) -> None:
+    """A manifest naming a OneRoster version rostersync does not know is refused, not misread."""
     folder = drop(tmp_path)
     manifest = (
         (folder / "manifest.csv")
         .read_text()
-        .replace("oneroster.version,1.1", "oneroster.version,1.2")
+        .replace("oneroster.version,1.1", "oneroster.version,2.0")
     )
     (folder / "manifest.csv").write_text(manifest)
-    with pytest.raises(FatalSourceError, match=r"oneroster\.version '1\.2' is not supported"):
+    with pytest.raises(FatalSourceError, match=r"oneroster\.version '2\.0' is not supported"):
         await fetch_all(folder)
 
 
@@ -616,12 +607,18 @@ async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
 # --- delta, plug-in, config ------------------------------------------------------------------
 
 
-async def test_delta_fetch_is_unsupported(tmp_path: Path) -> None:
-    """CSV drops have no change filter: supports_delta is false and a delta fetch raises."""
+async def test_delta_fetch_of_a_bulk_drop_reads_it_as_changes(tmp_path: Path) -> None:
+    """A delta run may read a bulk drop: every record comes, and the report warns that what
+    the drop leaves out is not removed by such a run."""
     connector = OneRosterCsvConnector("csv", drop(tmp_path))
-    assert connector.supports_delta is False
-    with pytest.raises(DeltaUnsupportedError):
-        await collect(connector, FetchMode.DELTA)
+    assert connector.supports_delta is True
+    got = await collect(connector, FetchMode.DELTA)
+    assert people(got) == people(list(small_roster().persons))
+    [warning] = connector.warnings
+    assert warning.startswith(
+        "orgs.csv, users.csv, classes.csv, enrollments.csv are bulk in a bulk drop read by a "
+        "delta run: applied as changes"
+    )
 
 
 def test_config_resolves_relative_path_against_base_dir(tmp_path: Path) -> None:
