@@ -38,7 +38,9 @@ class Connector(Protocol):
 
     ``fetch(FULL, None)`` yields every record; ``fetch(DELTA, since)`` yields only what changed
     after ``since`` (records with status ``tobedeleted`` mean removals) and raises
-    :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter.
+    :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter. A source
+    that holds changes only (a OneRoster CSV delta drop) raises
+    :class:`~rostersync.errors.ChangesOnlyError` from a full fetch.
     Batches may mix record types; a :class:`~rostersync.records.Rejected` reports one bad
     record without stopping the run. A batch may also come already sorted into staging rows
     (:class:`~rostersync.rows.StagedBatch`, made by :func:`~rostersync.rows.sort_batch`): a

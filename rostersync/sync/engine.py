@@ -39,6 +39,7 @@ from rostersync.connector import (
     load_plugins,
 )
 from rostersync.errors import (
+    ChangesOnlyError,
     DeltaUnsupportedError,
     RostersyncError,
     RunNotFound,
@@ -384,8 +385,16 @@ class SyncEngine:
             state = self._source_state(conn, source)
         hwm = as_utc(state["high_water_mark"]) if state else None
         last_full = as_utc(state["last_full_at"]) if state else None
-        if hwm is None or last_full is None:
+        if last_full is None:
             warnings.append("delta requested but no earlier full run: running full")
+            return FetchMode.FULL, None, warnings
+        if hwm is None:
+            # A full run happened, but its records carried no date to start a filter from
+            # (a CSV bulk drop leaves dateLastModified blank).
+            warnings.append(
+                "delta requested but no record so far carried a dateLastModified to start "
+                "from: running full"
+            )
             return FetchMode.FULL, None, warnings
         if requested is None and utcnow() - last_full >= cfg.full_every:
             # Scheduled delta runs turn into the periodic full run (full_every).
@@ -446,14 +455,23 @@ class SyncEngine:
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         try:
             fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
-        except DeltaUnsupportedError as exc:
-            msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
-            log.warning("delta_fallback", reason=str(exc))
+        except (DeltaUnsupportedError, ChangesOnlyError) as exc:
+            if isinstance(exc, DeltaUnsupportedError):
+                msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
+                log.warning("delta_fallback", reason=str(exc))
+                fetch_mode, since = FetchMode.FULL, None
+            else:
+                refusal, since = await asyncio.to_thread(self._delta_instead, source, requested)
+                if refusal is not None:
+                    error = ChangesOnlyError(source, f"{exc.detail}; {refusal}")
+                    return await asyncio.to_thread(self._fail, run_id, error, log)
+                msg = f"{exc.detail}: ran a delta run instead"
+                log.warning("delta_instead", reason=exc.detail)
+                fetch_mode = FetchMode.DELTA
             warnings.append(msg)
-            await asyncio.to_thread(self._reset_run, run_id, FetchMode.FULL, warnings)
-            fetch_mode = FetchMode.FULL
+            await asyncio.to_thread(self._reset_run, run_id, fetch_mode, warnings)
             try:
-                fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, None, log)
+                fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
             except Exception as exc2:
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
         except Exception as exc:
@@ -466,6 +484,28 @@ class SyncEngine:
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+
+    def _delta_instead(
+        self, source: str, requested: str | None
+    ) -> tuple[str | None, datetime | None]:
+        """Whether a full run of a source that holds changes only (a CSV delta drop) may run
+        as a delta run instead: (why not, or None; the delta's starting point). Not when an
+        admin asked for a full run, nor before a full run has given the changes a base."""
+        if requested == "full":
+            return (
+                "a full run was asked for (--full): sync without --full to apply the changes "
+                "as a delta run, or provide a full export",
+                None,
+            )
+        with self.store.read() as conn:
+            state = self._source_state(conn, source)
+        if state is None or state["last_full_at"] is None:
+            return (
+                "no full run of this source has succeeded yet, and changes need one to apply "
+                "to: the first sync needs a full export (a bulk drop)",
+                None,
+            )
+        return None, as_utc(state["high_water_mark"])
 
     def _set_warnings(self, run_id: int, warnings: list[str]) -> None:
         with self.store.write() as conn:
