@@ -93,8 +93,10 @@ class RowError(Exception):
     """One row is unusable; becomes a Rejected."""
 
 
-def rows(bundle: Bundle, name: str, encoding: str, version: str = V11) -> Iterator[Row | Rejected]:
-    """One known file's rows, with its required columns checked."""
+def rows(
+    bundle: Bundle, name: str, encoding: str, version: str = V11, *, key: str = "sourcedId"
+) -> Iterator[Row | Rejected]:
+    """One known file's rows, with its required columns checked (``key``: see read_rows)."""
     return read_rows(
         bundle,
         name,
@@ -102,6 +104,7 @@ def rows(bundle: Bundle, name: str, encoding: str, version: str = V11) -> Iterat
         entity=ENTITY.get(name, name),
         required=REQUIRED_COLUMNS[version].get(name, ()),
         columns=COLUMNS_READ.get(name, ()),
+        key=key,
     )
 
 

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import codecs
+import csv
 import functools
 import zipfile
 import zlib
@@ -145,9 +146,11 @@ def read_rows(
     entity: str,
     required: Sequence[str] = (),
     columns: Sequence[str] = (),
+    key: str = "sourcedId",
 ) -> Iterator[Row | Rejected]:
     """Stream one file's rows (only ``columns`` are kept); a row that cannot be used as read
-    comes back Rejected as ``entity``. A header without a ``required`` column is fatal."""
+    comes back Rejected as ``entity``, with the ``key`` column's value as far as it can be
+    read. A header without a ``required`` column is fatal."""
     records = _records(bundle, name, encoding)
     try:
         header = next(records, (0, [], None))[1]
@@ -162,12 +165,37 @@ def read_rows(
                 values = {column: fields[i].strip() for column, i in index.items()}
                 yield Row(name, line, values)
             elif problem is not None or fields:  # not a blank line
-                i = index.get("sourcedId", 0)
+                i = index.get(key, 0)
                 sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
                 reason = problem or f"expected {width} fields, found {len(fields)}"
                 yield Rejected(entity, sid, reason, f"{name} line {line}")
     finally:
         records.close()
+
+
+def best_effort_values(
+    bundle: Bundle, name: str, encoding: str, lines: set[int], column: str
+) -> dict[int, str]:
+    """``column``'s value on each of ``lines``, physical lines the strict reader refused as
+    malformed, read leniently (one pass over the file). For naming whom a broken row
+    concerns only; a line where even that fails is left out."""
+    header = read_header(bundle, name, encoding)
+    if column not in header or not lines:
+        return {}
+    at, last, found = header.index(column), max(lines), {}
+    counter = [0]
+    with bundle.open(name) as raw:
+        for text in _text_lines(raw, encoding, counter):
+            if counter[0] in lines:
+                try:
+                    fields = next(csv.reader([text], strict=False), [])
+                except csv.Error:  # a lone CR, a field over the limit: not even leniently
+                    fields = []
+                if at < len(fields) and fields[at].strip():
+                    found[counter[0]] = fields[at].strip()
+            if counter[0] >= last:
+                break
+    return found
 
 
 def missing_columns(header: Sequence[str], required: Sequence[str]) -> str | None:

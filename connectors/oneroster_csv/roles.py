@@ -13,8 +13,9 @@ read. Then each ``users.csv`` row becomes a person:
 * its orgs are ``primaryOrgSourcedId``, then ``orgSourcedIds`` if the file has that 1.1
   column, then each role's org;
 * an active user without any role is rejected; so is a user one of whose role rows is unusable
-  (no role, an unknown status): with a role missing they might stop counting as a teacher, and
-  a rejected person keeps what the last run stored;
+  (no role, an unknown status, malformed CSV, the wrong number of fields): with a role missing
+  they might stop counting as a teacher, and a rejected person keeps what the last run stored.
+  A row so broken that it names no user is rejected alone;
 * a ``roleType`` other than primary/secondary is read as secondary, with a warning.
 
 In a **delta drop** whose ``roles.csv`` is not bulk, the drop gives only the roles that
@@ -40,7 +41,7 @@ from connectors.oneroster_csv.entities import (
     rows,
     status,
 )
-from connectors.oneroster_csv.files import Bundle, Row
+from connectors.oneroster_csv.files import Bundle, Row, best_effort_values
 from connectors.oneroster_csv.notes import Notes
 from rostersync.records import Rejected, RosterPerson
 
@@ -93,9 +94,16 @@ def read_roles(
     index = RolesIndex(complete=complete)
     rejected: list[Rejected] = []
     names: dict[str, str] = {}  # one string per role name and org, not one per row
-    for row in rows(bundle, ROLES, encoding, V12):
+    # An unreadable row is charged to its user where the user can be read from it: with a
+    # role missing they might stop counting as a teacher, while a rejected person keeps what
+    # the last run stored.
+    broken: dict[int, Rejected] = {}  # rows malformed as CSV: no fields to name a user
+    for row in rows(bundle, ROLES, encoding, V12, key="userSourcedId"):
         if isinstance(row, Rejected):
-            rejected.append(row)
+            if row.sourced_id:
+                index.problem(row.sourced_id, f"{row.location}: {row.reason}")
+            else:
+                broken[_line(row)] = row
             continue
         user = row.get("userSourcedId")
         if not user:
@@ -123,7 +131,18 @@ def read_roles(
             )
         org = row.get("orgSourcedId")
         index.add(user, names.setdefault(role, role), kind == "primary", names.setdefault(org, org))
+    users = best_effort_values(bundle, ROLES, encoding, set(broken), "userSourcedId")
+    for line, row in broken.items():
+        if line in users:
+            index.problem(users[line], f"{row.location}: {row.reason}")
+        else:
+            rejected.append(row)
     return index, rejected
+
+
+def _line(row: Rejected) -> int:
+    """The line of a row the reader rejected (its location is ``"roles.csv line N"``)."""
+    return int((row.location or "0").rsplit(" ", 1)[-1])
 
 
 def _choose(entries: tuple[RoleEntry, ...], home: str) -> RoleEntry | None:
@@ -195,10 +214,10 @@ def untaken_roles(
     left = index.untaken()
     if not left:
         return
-    for row in rows(bundle, ROLES, encoding, V12):
-        if isinstance(row, Rejected) or row.get("userSourcedId") not in left:
+    for row in rows(bundle, ROLES, encoding, V12, key="userSourcedId"):
+        user = row.sourced_id if isinstance(row, Rejected) else row.get("userSourcedId")
+        if user is None or user not in left:
             continue
-        user = row.get("userSourcedId")
         left.discard(user)
         if applied:
             yield Rejected(

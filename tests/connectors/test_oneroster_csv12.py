@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import zipfile
 from collections.abc import AsyncIterator
@@ -10,6 +11,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.oneroster_csv import OneRosterCsvConnector
 from connectors.oneroster_csv.sessions import AcademicSession
@@ -27,6 +30,7 @@ from rostersync.records import (
 )
 from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from tests.connectors.contract import ConnectorContract, collect
+from tests.hostile import hostile_bytes
 from tests.oneroster12 import ROLES, USERS, write_drop
 from tests.rosterdata import small_roster
 
@@ -217,6 +221,34 @@ async def test_an_unusable_role_row_rejects_its_person(tmp_path: Path) -> None:
         Rejected("user", "s-2", "no role: roles.csv has no row for this user", "users.csv line 6"),
         Rejected("user", "t-2", "roles.csv line 4: missing role", "users.csv line 3"),
     ]
+
+
+async def test_a_malformed_role_row_rejects_its_person_not_just_the_role(tmp_path: Path) -> None:
+    """A teacher whose secondary teacher role sits on a row broken as CSV (or with a field too
+    many) is rejected, keeping what the last run stored, instead of being read as an aide
+    only, which would cost them their account."""
+    folder = small_drop(tmp_path)
+    edit(folder, "roles.csv", "r-t2,,,t-2,primary,teacher,", "r-t2,,,t-2,primary,aide,")
+    edit(
+        folder,
+        "roles.csv",
+        "r-t2-c,,,t-2,secondary,counselor,,,sch-1,",
+        'r-t2-c,,,t-2,secondary,"teach"er,,,sch-1,',
+    )
+    edit(
+        folder,
+        "roles.csv",
+        "r-t3,,,t-3,primary,teacher,2026-08-24,,sch-2,",
+        "r-t3,,,t-3,primary,teacher,2026-08-24,,sch-2,,extra",
+    )
+    got = await read(folder)
+    assert {(r.entity, r.sourced_id, r.location) for r in rejected(got)} == {
+        ("user", "t-2", "users.csv line 3"),
+        ("user", "t-3", "users.csv line 4"),
+    }
+    reasons = {r.sourced_id: r.reason for r in rejected(got)}
+    assert reasons["t-2"].startswith("roles.csv line 4: malformed CSV")
+    assert reasons["t-3"] == "roles.csv line 6: expected 10 fields, found 11"
 
 
 async def test_an_ended_role_is_not_a_role(tmp_path: Path) -> None:
@@ -474,3 +506,40 @@ async def test_live_resync_reads_a_1_2_drop_and_refuses_a_delta_drop(tmp_path: P
         FatalSourceError, match=r"a delta drop .* `resync --live` needs a bulk drop"
     ):
         await OneRosterCsvConnector("csv", folder).fetch_teacher(TeacherRef("t-1", None))
+
+
+# --- hostile text: fuzzed ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_drop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fuzz12") / "drop"
+    shutil.copytree(SMALL, folder)
+    return folder
+
+
+@settings(max_examples=120, deadline=None)
+@given(body=hostile_bytes, name=st.sampled_from(["roles.csv", "academicSessions.csv"]))
+def test_hostile_roles_or_sessions_file_is_read_or_refused_never_crashes(
+    fuzz_drop: Path, body: bytes, name: str
+) -> None:
+    """Any bytes after the header of roles.csv or academicSessions.csv give records (bad rows
+    rejected or charged to their person), warnings, or a FatalSourceError naming the file;
+    never another exception. Nobody is read with roles from a row that could not be read."""
+    for pristine in ("roles.csv", "academicSessions.csv"):
+        shutil.copy(SMALL / pristine, fuzz_drop / pristine)
+    header = (SMALL / name).read_bytes().split(b"\n", 1)[0] + b"\n"
+    (fuzz_drop / name).write_bytes(header + body)
+    connector = OneRosterCsvConnector("csv", fuzz_drop)
+    try:
+        got = asyncio.run(collect(connector))
+    except FatalSourceError as exc:
+        assert name in str(exc)
+        return
+    for r in rejected(got):
+        assert r.location is not None and r.location.split(" line ")[0] in (name, "users.csv")
+    if name == "roles.csv":
+        # Users the fuzzed file gives no (readable) role are rejected, never role-less.
+        assert all(p.role for p in persons(got).values())
+    else:
+        assert len(persons(got)) == 8
