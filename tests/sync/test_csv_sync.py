@@ -130,3 +130,23 @@ async def test_malformed_date_keeps_the_teacher_and_is_reported_as_a_warning(
         f"users.csv line {at + 1}: dateLastModified '1/05/2023' is not an ISO 8601 date-time; "
         "the row was read without it"
     ) in report.warnings
+
+
+async def test_a_drop_in_another_format_fails_with_every_missing_column_at_once(
+    store: Store, tmp_path: Path
+) -> None:
+    """A drop whose files lack columns (another product's CSV format) fails the run with every
+    missing column of every file in one error, and changes nothing."""
+    folder, engine = _first_sync(store, tmp_path)
+    assert (await engine.sync("csv")).status == "succeeded_with_errors"
+    before = snapshot(store)
+    (folder / "users.csv").write_text("sourcedId,username,givenName,familyName\nu-1,u1,A,B\n")
+    (folder / "classes.csv").write_text("sourcedId,name,schoolSourcedId\nc-1,Algebra,sch-001\n")
+    report = await engine.sync("csv")
+    assert report.status == "failed"
+    assert (report.error or "").startswith("source 'csv': 2 problems in the drop: ")
+    assert f"{folder / 'users.csv'}: missing required columns 'role', 'email'" in (
+        report.error or ""
+    )
+    assert f"{folder / 'classes.csv'}: missing required column 'title'" in (report.error or "")
+    assert snapshot(store) == before
