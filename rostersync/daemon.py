@@ -28,14 +28,12 @@ from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import make_url
 
 from rostersync.config.loader import load_settings
 from rostersync.config.models import Settings
-from rostersync.config.source import Schedule
+from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
@@ -57,79 +55,6 @@ LEASE_SWEEP = 5.0
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
-DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-# -- schedules --------------------------------------------------------------------------------
-
-
-def crontab_day_of_week(field_: str) -> str:
-    """Translate a crontab day-of-week field (0 or 7 = Sunday) into APScheduler 3.x names.
-
-    APScheduler 3.x counts 0 as Monday (a known mismatch it cannot fix in 3.x), so numbers are
-    expanded here into day names and the names are what the trigger sees.
-    """
-    if field_.strip() == "*":
-        return "*"
-    days: set[int] = set()
-    for item in field_.lower().split(","):
-        base, _, step_text = item.partition("/")
-        step = int(step_text) if step_text else 1
-        if base == "*":
-            lo, hi = 0, 6
-        elif "-" in base:
-            a, b = base.split("-", 1)
-            lo, hi = _day_number(a), _day_number(b)
-            if hi == 0 and lo > 0:
-                hi = 7  # "5-0" / "5-7": Friday to Sunday
-        else:
-            lo = hi = _day_number(base)
-            if step_text:
-                hi = 6  # "1/2": from Monday on, every second day (cron semantics)
-        if lo > hi:
-            raise ValueError(f"day-of-week range {base!r} runs backwards")
-        days.update(d % 7 for d in range(lo, hi + 1, step))
-    if len(days) == 7:
-        return "*"
-    return ",".join(DAY_NAMES[d] for d in sorted(days))
-
-
-def _day_number(token: str) -> int:
-    token = token.strip()
-    if token.isdigit() and 0 <= int(token) <= 7:
-        return int(token)
-    if token[:3] in DAY_NAMES:
-        return DAY_NAMES.index(token[:3])
-    raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
-
-
-def build_trigger(
-    schedule: Schedule, *, start: datetime | None = None
-) -> IntervalTrigger | CronTrigger:
-    """The APScheduler trigger for a source's ``schedule`` (interval or five-field cron)."""
-    jitter = int(schedule.jitter.total_seconds()) or None
-    if schedule.interval is not None:
-        return IntervalTrigger(
-            seconds=schedule.interval.total_seconds(), start_date=start, jitter=jitter
-        )
-    assert schedule.cron is not None  # the model guarantees exactly one of the two
-    minute, hour, day, month, dow = schedule.cron.split()
-    return CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=crontab_day_of_week(dow),
-        jitter=jitter,
-    )
-
-
-def misfire_grace(schedule: Schedule) -> int:
-    """How late a start may be and still run: a slow loop must not drop a run, but a run
-    missed by more than one interval is replaced by the next one (coalesce)."""
-    if schedule.interval is not None:
-        return int(min(max(schedule.interval.total_seconds(), 1), 3600))
-    return 3600
 
 
 # -- recovery after a crash ---------------------------------------------------------------------

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -33,24 +34,38 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+#: Longer than any schedule, lease or timeout needs; beyond it date arithmetic overflows.
+MAX_DURATION = timedelta(days=36500)
+
+
 def parse_duration(value: Any) -> timedelta:
     if isinstance(value, timedelta):
-        return value
+        return _bounded(value)
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 15m, 1h or 1d")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a duration")
         if value < 0:
             raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
+        return _bounded(value)
     if isinstance(value, str):
         text = value.strip()
         if text.isdigit():
-            return timedelta(seconds=int(text))
+            return _bounded(int(text))
         m = _DURATION.match(text)
         if text and m and any(m.groups()):
             d, h, mi, s = (int(g) if g else 0 for g in m.groups())
-            return timedelta(days=d, hours=h, minutes=mi, seconds=s)
+            return _bounded(d * 86400 + h * 3600 + mi * 60 + s)
     raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 15m, 1h, 1d or seconds)")
+
+
+def _bounded(value: timedelta | float) -> timedelta:
+    # Compared as seconds first: timedelta() itself overflows on huge numbers.
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"a duration is at most {MAX_DURATION.days}d")
+    return value if isinstance(value, timedelta) else timedelta(seconds=seconds)
 
 
 def format_duration(value: timedelta) -> str:

@@ -9,11 +9,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rostersync.cli import cli
+from rostersync.cli import cli, main
 from rostersync.config.loader import json_schema_text, load_settings, load_settings_text
 from rostersync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int | str | None, str]:
+    """The installed entry point (its error handling included): exit code and all output."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out + out.err
+
 
 GOOD = """\
 organization: Springfield
@@ -203,3 +212,63 @@ def test_schema_describes_every_source_type() -> None:
     text = json.dumps(schema)
     assert '"oneroster_csv"' in text
     assert "provisioning" in schema["properties"]
+
+
+def test_a_cron_the_scheduler_refuses_or_that_never_fires_is_an_error_with_its_line() -> None:
+    """Every bad schedule is reported at once, naming the field the scheduler refused."""
+    text = GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "0 25 * * *"}') + (
+        "  feb31:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        '    schedule: {cron: "0 0 31 2 *"}\n'
+        "  weekdays:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        '    schedule: {cron: "0 2 * * 1/0"}\n'
+        "  short:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        "    schedule: {interval: 0s}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.sample.schedule.cron: line 12: cron '0 25 * * *': hour '25': "
+        "the last value (25) is higher than the maximum value (23)",
+        "sources.feb31.schedule.cron: line 16: cron '0 0 31 2 *' never fires (no date matches it)",
+        "sources.weekdays.schedule.cron: line 20: cron '0 2 * * 1/0': day of week: "
+        "day-of-week step '0' is not a positive number",
+        "sources.short.schedule.interval: line 24: interval must be at least 1s",
+    ]
+
+
+def test_a_good_cron_passes() -> None:
+    """Crontab day names, ranges and steps are accepted."""
+    settings = load_settings_text(
+        GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "*/15 6-18 * 1-6,9-12 mon-fri"}')
+    )
+    schedule = settings.sources["sample"].schedule
+    assert schedule is not None and schedule.cron == "*/15 6-18 * 1-6,9-12 mon-fri"
+
+
+@pytest.mark.parametrize("value", ["99999999999d", "36501d", ".inf", ".nan", "1.0e+300"])
+def test_absurd_durations_are_errors_not_tracebacks(value: str) -> None:
+    """A duration too large for date arithmetic, or not a number at all, is a config error."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD + f"resync: {{lease: {value}}}\n")
+    [issue] = err.value.issues
+    assert (issue.path, issue.line) == ("resync.lease", 13)
+
+
+def test_config_check_reports_a_bad_cron_and_run_refuses_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`config check` and `run` both exit 2 on a cron the daemon could not schedule."""
+    cfg = tmp_path / "rs.yaml"
+    cfg.write_text(GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "0 25 * * *"}'))
+    (tmp_path / "district").mkdir()
+    for command in (["config", "check"], ["run"]):
+        code, output = run_main(capsys, "--config", str(cfg), *command)
+        assert code == 2, output
+        assert "sources.sample.schedule.cron: line 12" in output
+        assert "Traceback" not in output
