@@ -18,7 +18,13 @@ import httpx
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import ConfigPath, Duration, StrictModel, resolve_secret
+from rostersync.config.types import (
+    ConfigPath,
+    Duration,
+    SecretFile,
+    StrictModel,
+    resolve_secret,
+)
 from rostersync.retry import RetrySettings
 
 #: The OAuth2 scopes each version's rostering service documents (read-only).
@@ -34,7 +40,9 @@ class OAuth1Auth(StrictModel):
     type: Literal["oauth1"]
     client_id: str = Field(min_length=1)
     client_secret: SecretStr
-    client_secret_file: Path | None = Field(default=None, description="a file holding the secret")
+    client_secret_file: SecretFile | None = Field(
+        default=None, description="a file holding the secret"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -49,7 +57,9 @@ class OAuth2Auth(StrictModel):
     token_url: str
     client_id: str = Field(min_length=1)
     client_secret: SecretStr
-    client_secret_file: Path | None = Field(default=None, description="a file holding the secret")
+    client_secret_file: SecretFile | None = Field(
+        default=None, description="a file holding the secret"
+    )
     scope: str | None = Field(
         default=None, description="requested scope; default: the version's roster read-only scope"
     )
@@ -70,7 +80,7 @@ class BearerAuth(StrictModel):
 
     type: Literal["bearer"]
     token: SecretStr
-    token_file: Path | None = Field(default=None, description="a file holding the token")
+    token_file: SecretFile | None = Field(default=None, description="a file holding the token")
 
     @model_validator(mode="before")
     @classmethod
@@ -139,6 +149,19 @@ class OneRosterSourceConfig(SourceConfig):
     @classmethod
     def _base_url(cls, value: str) -> str:
         return _check_http_url(value)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_loads(cls, value: Path | None) -> Path | None:
+        # Loaded here as the run will load it, so a wrong path is a config error, not a failed run.
+        if value is not None:
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError:
+                raise ValueError(f"{value} holds no PEM certificates") from None
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        return value
 
     @property
     def scope(self) -> str | None:

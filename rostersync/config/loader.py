@@ -102,11 +102,13 @@ def _child(current: Any, seg: str | int) -> tuple[bool, Any]:
     return False, None
 
 
-def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None]:
+def _map_loc(
+    loc: tuple[str | int, ...], data: Any, *, missing_key: bool = True
+) -> tuple[PathKey, str | None]:
     """Follow a pydantic error location through the data, dropping union tags and the like.
 
     Returns the deepest existing path and, if the last element is a key that is absent
-    (a missing field), that key's name.
+    (a missing field, when ``missing_key``), that key's name.
     """
     path: list[str | int] = []
     current = data
@@ -116,7 +118,12 @@ def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None
         if found:
             path.append(seg)
             current = child
-        elif i == len(loc) - 1 and isinstance(seg, str) and isinstance(current, Mapping):
+        elif (
+            missing_key
+            and i == len(loc) - 1
+            and isinstance(seg, str)
+            and isinstance(current, Mapping)
+        ):
             missing = seg
         # otherwise a discriminator tag or a function-validator name: skip it
     return tuple(path), missing
@@ -286,7 +293,11 @@ def load_settings_text(
         settings = model.model_validate(data, context={"base_dir": base})
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
-            path, missing = _map_loc(tuple(err["loc"]), data)
+            # Only a "missing" error ends in an absent key; otherwise a trailing segment that
+            # is not in the data is a union tag ("oauth1") and no part of the message.
+            path, missing = _map_loc(
+                tuple(err["loc"]), data, missing_key=err.get("type") == "missing"
+            )
             issues.append(ConfigIssue(dotted(path), _message(err, missing), _line_for(path, lines)))
     for issue in _semantic_issues(data):
         issues.append(

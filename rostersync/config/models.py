@@ -5,13 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import Duration, StrictModel, resolve_secret
+from rostersync.config.types import Duration, SecretFile, StrictModel, resolve_secret
 
 Permission = Literal["import_users"]
 
@@ -56,7 +55,7 @@ class SmtpSettings(StrictModel):
     starttls: bool = False
     username: str | None = None
     password: SecretStr | None = None
-    password_file: Path | None = None
+    password_file: SecretFile | None = None
     from_: str = Field(alias="from")
 
     @model_validator(mode="before")

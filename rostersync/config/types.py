@@ -124,13 +124,29 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
         text = found.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read secret file {found}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        # The decoder's message quotes a byte of the secret; ours names the file only.
+        raise ValueError(f"secret file {found} is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"secret file {found} is empty")
     return SecretStr(text.strip())
+
+
+def _secret_file_readable(path: Path) -> Path:
+    read_secret_file(path)
+    return path
+
+
+#: The ``x_file`` half of a secret pair. :func:`resolve_secret` has resolved and read it already;
+#: checking it again here puts an unreadable file's error on this key's YAML path and line.
+SecretFile = Annotated[Path, AfterValidator(_secret_file_readable)]
 
 
 def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool = True) -> Any:
     """Before-validator helper: turn ``key_file: PATH`` into ``key: <contents>``.
 
-    Call it from a ``model_validator(mode="before")``. Errors name the keys, never the value.
+    Call it from a ``model_validator(mode="before")``, and declare ``key_file`` as
+    :data:`SecretFile`. Errors name the keys, never the value.
     """
     if not isinstance(data, dict):
         return data
@@ -143,8 +159,13 @@ def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool 
         original = Path(str(data[file_key])).expanduser()
         path = original if original.is_absolute() else config_dir(info) / original
         data = dict(data)
-        data[key] = read_secret_file(path, original)
-        data[file_key] = path
+        data[file_key] = _find_secret_file(path, original)
+        try:
+            data[key] = read_secret_file(data[file_key])
+        except ValueError:
+            # Reported by the SecretFile check on `key_file`, with that key's line; a
+            # placeholder keeps `key` from being reported missing as well.
+            data[key] = SecretStr("")
         return data
     if required and not has_value:
         raise ValueError(f"{key} or {file_key} is required")
@@ -162,6 +183,7 @@ def secret_fields(key: str, description: str) -> dict[str, Any]:
 __all__ = [
     "ConfigPath",
     "Duration",
+    "SecretFile",
     "SecretStr",
     "StrictModel",
     "format_duration",

@@ -55,6 +55,14 @@ sources:
 """
 
 
+@pytest.fixture(autouse=True)
+def _a_drop_folder_beside_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOOD's `path: district` exists: in tmp_path, which is also the working directory (the
+    folder relative paths resolve against when a test gives no base_dir)."""
+    (tmp_path / "district").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+
 def test_good_config_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
     """Relative paths (source path, SQLite file) resolve against the config file's folder."""
     cfg = tmp_path / "rs.yaml"
@@ -266,9 +274,111 @@ def test_config_check_reports_a_bad_cron_and_run_refuses_it_without_a_traceback(
     """`config check` and `run` both exit 2 on a cron the daemon could not schedule."""
     cfg = tmp_path / "rs.yaml"
     cfg.write_text(GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "0 25 * * *"}'))
-    (tmp_path / "district").mkdir()
     for command in (["config", "check"], ["run"]):
         code, output = run_main(capsys, "--config", str(cfg), *command)
         assert code == 2, output
         assert "sources.sample.schedule.cron: line 12" in output
         assert "Traceback" not in output
+
+
+EVERY_FILE = """\
+organization: Springfield
+roles: [Teacher]
+provisioning: {default_role: Teacher}
+smtp: {host: localhost, from: rs@example.org, password_file: smtp.secret}
+sources:
+  drop:
+    type: oneroster_csv
+    path: nowhere
+  district:
+    type: oneroster
+    base_url: https://roster.example/ims/oneroster/v1p1
+    ca_bundle: district-ca.pem
+    auth: {type: oauth1, client_id: abc, client_secret_file: classlink.secret}
+  proxy:
+    type: oneroster
+    base_url: https://proxy.example/ims/oneroster/v1p1
+    auth:
+      type: bearer
+      token_file: proxy.token
+  workspace:
+    type: google_classroom
+    service_account_file: google-sa.json
+    delegated_admin: admin@example.org
+"""
+
+
+def test_config_check_reports_every_missing_file_with_its_key_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing CSV drop, secret files, CA bundle and service-account key: all reported at once, exit 2."""
+    pytest.importorskip("connectors.oneroster")
+    pytest.importorskip("connectors.google_classroom")
+    cfg = tmp_path / "rostersync.yaml"
+    cfg.write_text(EVERY_FILE)
+    code, output = run_main(capsys, "--config", str(cfg), "config", "check")
+    assert code == 2
+    lines = [line.strip() for line in output.splitlines()[1:]]
+    assert lines == [
+        f"smtp.password_file: line 4: cannot read secret file {tmp_path}/smtp.secret: "
+        "No such file or directory",
+        f"sources.drop.path: line 8: {tmp_path}/nowhere does not exist "
+        "(give a folder or a .zip of CSV files)",
+        f"sources.district.ca_bundle: line 12: cannot read {tmp_path}/district-ca.pem: "
+        "No such file or directory",
+        f"sources.district.auth.client_secret_file: line 13: cannot read secret file "
+        f"{tmp_path}/classlink.secret: No such file or directory",
+        f"sources.proxy.auth.token_file: line 19: cannot read secret file {tmp_path}/proxy.token: "
+        "No such file or directory",
+        f"sources.workspace.service_account_file: line 22: cannot read service_account_file "
+        f"{tmp_path}/google-sa.json: No such file or directory",
+    ]
+
+
+def test_empty_or_binary_secret_files_are_errors_that_never_show_the_bytes(tmp_path: Path) -> None:
+    """An empty secret file is an error; an undecodable one is named without quoting its bytes."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "smtp.secret").write_text("  \n")
+    (tmp_path / "classlink.secret").write_bytes(b"\xffs3cr3t-bytes")
+    text = EVERY_FILE.replace("path: nowhere", "path: district").replace(
+        "    ca_bundle: district-ca.pem\n", ""
+    )
+    (tmp_path / "district").mkdir(exist_ok=True)
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text.split("  proxy:")[0], base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"smtp.password_file: line 4: secret file {tmp_path}/smtp.secret is empty",
+        f"sources.district.auth.client_secret_file: line 12: secret file "
+        f"{tmp_path}/classlink.secret is not UTF-8 text",
+    ]
+    assert "s3cr3t" not in str(err.value) and "xff" not in str(err.value)
+
+
+def test_a_ca_bundle_without_certificates_is_an_error(tmp_path: Path) -> None:
+    """ca_bundle is loaded as the run loads it: a file of no PEM certificates is reported."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "district-ca.pem").write_text("not a certificate\n")
+    (tmp_path / "classlink.secret").write_text("secret\n")
+    text = EVERY_FILE.split("  proxy:")[0].replace("path: nowhere", "path: district")
+    text = text.replace(", password_file: smtp.secret", "")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"sources.district.ca_bundle: line 12: {tmp_path}/district-ca.pem holds no PEM certificates"
+    ]
+
+
+def test_a_missing_secret_is_reported_without_the_union_tag() -> None:
+    """The auth block's error reads 'client_secret or client_secret_file is required', not 'oauth1: ...'."""
+    pytest.importorskip("connectors.oneroster")
+    text = GOOD + (
+        "  district:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth1, client_id: abc}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.district.auth: line 16: client_secret or client_secret_file is required"
+    ]
