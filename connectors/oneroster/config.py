@@ -15,15 +15,24 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rostersync.config.source import SourceConfig
 from rostersync.config.types import (
+    AlsoAccepts,
     ConfigPath,
     Duration,
     SecretFile,
     StrictModel,
     resolve_secret,
+    secret_pair_schema,
 )
 from rostersync.retry import RetrySettings
 
@@ -36,6 +45,8 @@ DEFAULT_SCOPES = {
 
 class OAuth1Auth(StrictModel):
     """OAuth 1.0a request signing, HMAC-SHA256 (ClassLink Roster Server's direct access)."""
+
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("client_secret"))
 
     type: Literal["oauth1"]
     client_id: str = Field(min_length=1)
@@ -52,6 +63,8 @@ class OAuth1Auth(StrictModel):
 
 class OAuth2Auth(StrictModel):
     """OAuth2 client credentials (OneRoster 1.2; many 1.1 servers too)."""
+
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("client_secret"))
 
     type: Literal["oauth2"]
     token_url: str
@@ -77,6 +90,8 @@ class OAuth2Auth(StrictModel):
 
 class BearerAuth(StrictModel):
     """A static bearer token (ClassLink's OAuth2 proxy)."""
+
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("token"))
 
     type: Literal["bearer"]
     token: SecretStr
@@ -107,7 +122,8 @@ class OneRosterSourceConfig(SourceConfig):
     base_url: str = Field(
         description="the rostering base, e.g. https://x-v2.rosterserver.com/ims/oneroster/v1p1"
     )
-    version: Literal["1.1", "1.2"] = Field(
+    # YAML reads an unquoted 1.2 as a number; _version_text accepts it, so the schema does too.
+    version: Annotated[Literal["1.1", "1.2"], AlsoAccepts({"enum": [1.1, 1.2]})] = Field(
         default="1.1", description="OneRoster version; default from base_url (v1p2 means 1.2)"
     )
     auth: AuthConfig

@@ -12,13 +12,17 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import Field, ValidationError, create_model
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from rostersync.config.models import Settings
+from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
 from rostersync.connector import PLUGIN_ERRORS, load_plugins
 from rostersync.errors import ConfigError, ConfigIssue
 
@@ -166,12 +170,46 @@ def settings_model(plugin_types: tuple[str, ...] | None = None) -> type[Settings
     return create_model(
         "RostersyncConfig",
         __base__=Settings,
-        sources=(dict[str, source_type], Field(default_factory=dict)),
+        sources=(
+            dict[str, source_type],
+            Field(
+                default_factory=dict,
+                json_schema_extra={"propertyNames": {"pattern": _SOURCE_NAME.pattern}},
+            ),
+        ),
     )
 
 
+class _ConfigJsonSchema(GenerateJsonSchema):
+    """The schema of the YAML as written, before the loader substitutes ``${VAR}``: a number,
+    flag or choice may be given as an environment reference, and durations show as ``30s``."""
+
+    def int_schema(self, schema: core_schema.IntSchema) -> JsonSchemaValue:
+        return _or_env(super().int_schema(schema))
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> JsonSchemaValue:
+        return _or_env(super().float_schema(schema))
+
+    def bool_schema(self, schema: core_schema.BoolSchema) -> JsonSchemaValue:
+        return _or_env(super().bool_schema(schema))
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        generated = super().literal_schema(schema)
+        # A single value is a union's tag (`type: oneroster`): it must stay a plain constant.
+        return generated if len(schema["expected"]) == 1 else _or_env(generated)
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+
+def _or_env(schema: JsonSchemaValue) -> JsonSchemaValue:
+    return {"anyOf": [schema, ENV_REFERENCE_SCHEMA]}
+
+
 def json_schema() -> dict[str, Any]:
-    schema = settings_model().model_json_schema(by_alias=True)
+    schema = settings_model().model_json_schema(by_alias=True, schema_generator=_ConfigJsonSchema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "rostersync configuration"
     return schema

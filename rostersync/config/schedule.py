@@ -12,9 +12,9 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from rostersync.config.types import Duration, StrictModel
+from rostersync.config.types import Duration, StrictModel, exactly_one_of
 
 if TYPE_CHECKING:
     from apscheduler.triggers.cron import CronTrigger
@@ -120,6 +120,8 @@ def misfire_grace(schedule: Schedule) -> int:
 
 class Schedule(StrictModel):
     """When the daemon runs this source: ``{interval: 1h}`` or ``{cron: "0 2 * * *"}``."""
+
+    model_config = ConfigDict(json_schema_extra=exactly_one_of("interval", "cron"))
 
     interval: Duration | None = None
     cron: str | None = Field(default=None, description="five-field cron expression, local time")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,11 +22,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     PlainSerializer,
     SecretStr,
     ValidationInfo,
     WithJsonSchema,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 _DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 
@@ -76,6 +80,17 @@ def format_duration(value: timedelta) -> str:
     return f"{seconds}s"
 
 
+#: ``${VAR}`` in a value the loader substitutes before validation: the JSON Schema accepts it
+#: wherever the YAML may hold a string that becomes a number, flag or choice once substituted.
+ENV_REFERENCE_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"\$\{[A-Za-z_][A-Za-z0-9_]*\}",
+    "description": "${ENV_VAR}, replaced by the variable's value when the config loads",
+}
+
+#: What :func:`parse_duration` reads, in JSON Schema (ECMA 262) terms.
+DURATION_PATTERN = r"^\s*(?=\S)(\d+d)?\s*(\d+h)?\s*(\d+m)?\s*(\d+s)?\s*$|^\s*\d+\s*$"
+
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
@@ -83,13 +98,63 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "pattern": r"^(\d+d)?(\d+h)?(\d+m)?(\d+s)?$|^\d+$"},
+                {"type": "string", "pattern": DURATION_PATTERN},
                 {"type": "number", "minimum": 0},
+                ENV_REFERENCE_SCHEMA,
             ],
             "description": "a duration: seconds, or e.g. 30s, 15m, 1h, 1d",
         }
     ),
 ]
+
+
+class AlsoAccepts:
+    """JSON Schema marker for a type whose before-validator also takes another form (a role
+    given by name alone): the schema offers both, as the validator does."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        self.schema = schema
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"anyOf": [self.schema, handler(core_schema)]}
+
+
+def given(key: str) -> dict[str, Any]:
+    """JSON Schema: ``key`` is there with a value; null and "" count as absent, as in the
+    validators (a YAML ``key:`` with nothing after it is null)."""
+    return {"required": [key], "properties": {key: {"not": {"enum": [None, ""]}}}}
+
+
+def exactly_one_of(*keys: str) -> dict[str, Any]:
+    """JSON Schema: exactly one of ``keys`` is given."""
+    return {"oneOf": [given(k) for k in keys]}
+
+
+def secret_pair_schema(key: str, *, required: bool = True) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` for a model with a :func:`resolve_secret` pair: ``key`` or
+    ``key_file``, never both, one of them when ``required``."""
+    file_key = f"{key}_file"
+
+    def extra(schema: dict[str, Any]) -> None:
+        # `key: null` beside `key_file` is read as absent, like a missing key.
+        value = schema["properties"][key]
+        if {"type": "null"} not in value.get("anyOf", []):
+            schema["properties"][key] = {"anyOf": [value, {"type": "null"}]}
+        required_keys = [k for k in schema.get("required", []) if k != key]
+        if required_keys:
+            schema["required"] = required_keys
+        else:
+            schema.pop("required", None)
+        rule = (
+            exactly_one_of(key, file_key)
+            if required
+            else {"not": {"allOf": [given(key), given(file_key)]}}
+        )
+        schema.setdefault("allOf", []).append(rule)
+
+    return extra
 
 
 def config_dir(info: ValidationInfo) -> Path:
@@ -181,13 +246,17 @@ def secret_fields(key: str, description: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "ENV_REFERENCE_SCHEMA",
+    "AlsoAccepts",
     "ConfigPath",
     "Duration",
     "SecretFile",
     "SecretStr",
     "StrictModel",
+    "exactly_one_of",
     "format_duration",
     "parse_duration",
     "read_secret_file",
     "resolve_secret",
+    "secret_pair_schema",
 ]
