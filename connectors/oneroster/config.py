@@ -18,7 +18,6 @@ import httpx
 from pydantic import (
     ConfigDict,
     Field,
-    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -29,6 +28,7 @@ from rostersync.config.types import (
     AlsoAccepts,
     ConfigPath,
     Duration,
+    Secret,
     SecretFile,
     StrictModel,
     resolve_secret,
@@ -50,7 +50,7 @@ class OAuth1Auth(StrictModel):
 
     type: Literal["oauth1"]
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
+    client_secret: Secret
     client_secret_file: SecretFile | None = Field(
         default=None, description="a file holding the secret"
     )
@@ -69,7 +69,7 @@ class OAuth2Auth(StrictModel):
     type: Literal["oauth2"]
     token_url: str
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
+    client_secret: Secret
     client_secret_file: SecretFile | None = Field(
         default=None, description="a file holding the secret"
     )
@@ -94,7 +94,7 @@ class BearerAuth(StrictModel):
     model_config = ConfigDict(json_schema_extra=secret_pair_schema("token"))
 
     type: Literal["bearer"]
-    token: SecretStr
+    token: Secret
     token_file: SecretFile | None = Field(default=None, description="a file holding the token")
 
     @model_validator(mode="before")

@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     ConfigDict,
     Field,
-    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -20,6 +19,7 @@ from rostersync.config.source import SourceConfig
 from rostersync.config.types import (
     AlsoAccepts,
     Duration,
+    Secret,
     SecretFile,
     StrictModel,
     resolve_secret,
@@ -70,7 +70,7 @@ class SmtpSettings(StrictModel):
     port: int = Field(default=25, ge=1, le=65535)
     starttls: bool = False
     username: str | None = None
-    password: SecretStr | None = None
+    password: Secret | None = None
     password_file: SecretFile | None = None
     from_: str = Field(alias="from")
 

@@ -207,11 +207,30 @@ def _secret_file_readable(path: Path) -> Path:
 SecretFile = Annotated[Path, AfterValidator(_secret_file_readable)]
 
 
+class _SecretProblem:
+    """What :func:`resolve_secret` leaves in place of a secret it cannot settle: the
+    :data:`Secret` field reports it on its own key, and the block's other keys are still
+    validated (raising in the model's before-validator would hide their errors)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _report_secret_problem(value: Any) -> Any:
+    if isinstance(value, _SecretProblem):
+        raise ValueError(value.message)
+    return value
+
+
+#: The ``x`` half of a secret pair (see :func:`resolve_secret`).
+Secret = Annotated[SecretStr, BeforeValidator(_report_secret_problem)]
+
+
 def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool = True) -> Any:
     """Before-validator helper: turn ``key_file: PATH`` into ``key: <contents>``.
 
-    Call it from a ``model_validator(mode="before")``, and declare ``key_file`` as
-    :data:`SecretFile`. Errors name the keys, never the value.
+    Call it from a ``model_validator(mode="before")``, and declare ``key`` as :data:`Secret`
+    and ``key_file`` as :data:`SecretFile`. Errors name the keys, never the value.
     """
     if not isinstance(data, dict):
         return data
@@ -219,7 +238,7 @@ def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool 
     has_value = data.get(key) not in (None, "")
     has_file = data.get(file_key) not in (None, "")
     if has_value and has_file:
-        raise ValueError(f"give {key} or {file_key}, not both")
+        return {**data, key: _SecretProblem(f"give {key} or {file_key}, not both")}
     if has_file:
         original = Path(str(data[file_key])).expanduser()
         path = original if original.is_absolute() else config_dir(info) / original
@@ -233,7 +252,7 @@ def resolve_secret(data: Any, key: str, info: ValidationInfo, *, required: bool 
             data[key] = SecretStr("")
         return data
     if required and not has_value:
-        raise ValueError(f"{key} or {file_key} is required")
+        return {**data, key: _SecretProblem(f"{key} or {file_key} is required")}
     return data
 
 
@@ -250,6 +269,7 @@ __all__ = [
     "AlsoAccepts",
     "ConfigPath",
     "Duration",
+    "Secret",
     "SecretFile",
     "SecretStr",
     "StrictModel",

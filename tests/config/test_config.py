@@ -382,3 +382,33 @@ def test_a_missing_secret_is_reported_without_the_union_tag() -> None:
     assert [str(i) for i in err.value.issues] == [
         "sources.district.auth: line 16: client_secret or client_secret_file is required"
     ]
+
+
+def test_a_secret_problem_does_not_hide_the_other_errors_of_its_block(tmp_path: Path) -> None:
+    """A missing or doubled secret is reported beside the block's other mistakes, not instead of them."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "secret").write_text("s3cret\n")
+    text = GOOD + (
+        "  district:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth2, client_id: abc}\n"
+        "  proxy:\n"
+        "    type: oneroster\n"
+        "    base_url: https://proxy.example/ims/oneroster/v1p1\n"
+        "    auth:\n"
+        "      type: oauth2\n"
+        "      token_url: ftp://proxy.example/token\n"
+        "      client_id: abc\n"
+        "      client_secret: inline\n"
+        "      client_secret_file: secret\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.district.auth: line 16: token_url is required",
+        "sources.district.auth: line 16: client_secret or client_secret_file is required",
+        "sources.proxy.auth.token_url: line 22: 'ftp://proxy.example/token' is not an http(s) URL",
+        "sources.proxy.auth.client_secret: line 24: give client_secret or client_secret_file, not both",
+    ]
+    assert "inline" not in str(err.value) and "s3cret" not in str(err.value)
