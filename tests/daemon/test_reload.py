@@ -296,11 +296,17 @@ async def test_moving_metrics_to_another_spelling_of_the_same_port_works(
 async def test_healthz_is_503_while_a_scheduled_source_has_no_job(
     tmp_path: Path, daemon: Callable[..., Daemon]
 ) -> None:
-    """A scheduled source without its job makes /healthz 503 naming it; a source with no schedule is fine."""
+    """A scheduled source without its job makes /healthz 503 naming it; a source with no
+    schedule, or disabled, is fine."""
     url = sqlite_url(tmp_path)
     port = free_port()
     d = daemon(
-        config_with(url, sample=source(NEW_YEAR), by_hand=source(None))
+        config_with(
+            url,
+            sample=source(NEW_YEAR),
+            by_hand=source(None),
+            disabled=source(NEW_YEAR, enabled=False),
+        )
         | {"metrics": {"listen": f"127.0.0.1:{port}"}}
     )
     status, body = await asyncio.to_thread(healthz, port)
@@ -310,3 +316,19 @@ async def test_healthz_is_503_while_a_scheduled_source_has_no_job(
     status, body = await asyncio.to_thread(healthz, port)
     assert status == 503 and body["status"] == "unhealthy"
     assert body["unscheduled_sources"] == ["sample"]
+
+
+async def test_dropping_the_metrics_block_stops_the_listener(
+    tmp_path: Path, daemon: Callable[..., Daemon]
+) -> None:
+    """A reload without `metrics` closes the old address."""
+    url = sqlite_url(tmp_path)
+    port = free_port()
+    d = daemon(
+        config_with(url, sample=source(NEW_YEAR)) | {"metrics": {"listen": f"127.0.0.1:{port}"}}
+    )
+    rewrite(d, config_with(url, sample=source(NEW_YEAR)))
+    assert await d.reload() is True
+    assert (d._server, d._server_listen) == (None, None)
+    with pytest.raises(OSError):
+        await asyncio.to_thread(healthz, port)
