@@ -715,16 +715,18 @@ class Daemon:
         """
         if want is None:
             return None, False
+        old = self._server_listen
         try:
             return MetricsServer(want, self.metrics, self.health).start(), False
         except OSError:
-            if self._server is None or self._server_listen is None:
+            same_port = old is not None and old.rpartition(":")[2] == want.rpartition(":")[2]
+            if self._server is None or old is None or not same_port:
                 raise
         self._server.stop()
         try:
             return MetricsServer(want, self.metrics, self.health).start(), True
         except OSError:
-            self._server = MetricsServer(self._server_listen, self.metrics, self.health).start()
+            self._server = MetricsServer(old, self.metrics, self.health).start()
             raise
 
     # -- outbox ------------------------------------------------------------------------------------
