@@ -125,7 +125,10 @@ def _print_report(r: RunReport) -> None:
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.status}")
     if r.error:
         click.echo(f"  error: {r.error}")
-    if r.hold_reason:
+    if r.hold_reason and r.dry_run:
+        click.echo(f"  a real run would be held: {r.hold_reason}")
+        click.echo("  (a dry run changes nothing and cannot be approved)")
+    elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
             f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`"
@@ -506,7 +509,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
                     r["id"],
                     r["source"],
                     r["mode"],
-                    r["status"],
+                    r["status"] + (" (dry run)" if r["dry_run"] else ""),
                     r["started_at"],
                     r["counts"].get("users_created", 0),
                     r["counts"].get("users_archived", 0),

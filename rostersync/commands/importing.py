@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync.emails import normalize_email
 from rostersync.importer import (
     ImportRefused,
     ImportResult,
@@ -217,11 +218,11 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
     _check_source(app, source)
     prov = app.settings.provisioning
     with app.read_store.read() as conn:
-        found = candidates(conn, source)
+        found = candidates(conn, source, app.settings)
     rows = [
         {
             "sourced_id": t.sourced_id,
-            "email": (t.email or "").strip().lower(),
+            "email": normalize_email(t.email),
             "display_name": t.display_name,
             "schools": list(t.school_names),
             "sites": list(sites_for(t, prov)),

@@ -25,6 +25,7 @@ from rostersync.config.types import (
     resolve_secret,
     secret_pair_schema,
 )
+from rostersync.emails import email_problem, normalize_email
 
 Permission = Literal["import_users"]
 
@@ -43,6 +44,43 @@ class Provisioning(StrictModel):
         default_factory=dict, description="school sourcedId or school name -> site"
     )
     on_teacher_removed: Literal["archive", "keep"] = "archive"
+    teacher_roles: list[str] = Field(
+        default_factory=lambda: ["teacher"],
+        min_length=1,
+        description="person roles that count as teachers (OneRoster 1.2: any of roles[])",
+    )
+    email_domains: list[str] | None = Field(
+        default=None,
+        description="optional allow-list: teachers whose email is in another domain are rejected",
+    )
+
+    @field_validator("teacher_roles")
+    @classmethod
+    def _role_names(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for role in v:
+            name = role.strip().lower()
+            if not name or "," in name:
+                raise ValueError(f"teacher role {role!r} must be a non-empty name without commas")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("list at least one domain, or leave email_domains out to allow any")
+        out: list[str] = []
+        for domain in v:
+            name = normalize_email(domain).lstrip("@")
+            if email_problem(f"x@{name}") is not None:
+                raise ValueError(f"{domain!r} is not a mail domain (e.g. springfield.k12.us)")
+            if name not in out:
+                out.append(name)
+        return out
 
 
 class Safety(StrictModel):

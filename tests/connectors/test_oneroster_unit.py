@@ -27,7 +27,7 @@ from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector, delta_filter
 from connectors.oneroster.errors import parse_retry_after
-from connectors.oneroster.normalize import normalize
+from connectors.oneroster.normalize import normalize, rows_page
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link
 from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import (
@@ -672,6 +672,25 @@ def test_v12_user_takes_the_primary_role() -> None:
     assert isinstance(person, RosterPerson)
     assert person.role == "teacher"
     assert person.org_ids == ("sch-2", "sch-1")
+
+
+def test_v12_user_keeps_every_role_primary_or_not() -> None:
+    """Any of roles[] may make a teacher (provisioning.teacher_roles), so all are kept: the
+    primary one as `role`, the others beside it, and all in the staged `roles` column."""
+    raw = user(3, role=None) | {
+        "roles": [
+            {"roleType": "primary", "role": "administrator", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "secondary", "role": "Teacher", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "secondary", "role": "teacher", "org": {"sourcedId": "sch-2"}},
+        ],
+    }
+    person = normalize("users", raw)
+    assert isinstance(person, RosterPerson)
+    assert (person.role, person.other_roles) == ("administrator", ("teacher",))
+    assert person.roles_text == "administrator,teacher"
+    batch = rows_page("users", [raw])
+    assert batch.rows["person"][0][2] == "administrator,teacher"
+    assert batch.rows["person"][0][-1] == person.content_hash()
 
 
 def test_missing_optional_fields_get_defaults() -> None:

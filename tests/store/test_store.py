@@ -692,3 +692,28 @@ def test_a_store_that_must_exist_refuses_to_migrate_an_empty_database(tmp_path: 
         store.ensure_schema(auto_upgrade=False)
     assert store.current_revision() is None
     store.dispose()
+
+
+def test_upgrade_to_0010_gives_every_person_its_one_role(tmp_path: Path) -> None:
+    """Persons mirrored before 0010 (and a held run's staged ones) get ``roles`` = their role,
+    lower-cased, so the teacher test finds them; a person with one role keeps its row hash."""
+    store = store_at(tmp_path, "0009")
+    ann = RosterPerson("p-1", "Teacher", "Ann", "Lee", "ann@example.org")
+    with store.write() as conn:
+        for table, key in (("roster_person", "source"), ("staging_person", "run_id")):
+            conn.execute(
+                text(
+                    f"INSERT INTO {table} ({key}, sourced_id, role, given_name, family_name, "
+                    "email, enabled, org_ids, status, row_hash) VALUES "
+                    "(:k, 'p-1', 'Teacher', 'Ann', 'Lee', 'ann@example.org', 1, '', 'active', :h)"
+                ),
+                {"k": "mem" if key == "source" else 3, "h": ann.content_hash()},
+            )
+    store.upgrade()
+    with store.read() as conn:
+        for table in ("roster_person", "staging_person"):
+            assert conn.execute(text(f"SELECT roles FROM {table}")).scalar_one() == "teacher"
+    assert person_tuple(ann)[2] == "teacher"
+    assert person_tuple(replace(ann, other_roles=("Aide",)))[2] == "aide,teacher"
+    assert replace(ann, other_roles=("Aide",)).content_hash() != ann.content_hash()
+    store.dispose()
