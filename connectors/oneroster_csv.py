@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import functools
+import os
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -47,7 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from rostersync.config.source import SourceConfig
 from rostersync.config.types import ConfigPath
@@ -109,6 +110,32 @@ class CsvSourceConfig(SourceConfig):
     )
     encoding: str = Field(default="utf-8-sig", description="text encoding of the CSV files")
     batch_size: int = Field(default=1000, ge=1, description="records per batch handed on")
+
+    @field_validator("path")
+    @classmethod
+    def _drop_readable(cls, value: Path) -> Path:
+        # Checked when the config loads, so `config check` reports what the run would fail on.
+        if value.is_dir():
+            if not os.access(value, os.R_OK | os.X_OK):
+                raise ValueError(f"folder {value} is not readable")
+            return value
+        if not value.exists():
+            raise ValueError(f"{value} does not exist (give a folder or a .zip of CSV files)")
+        try:
+            if zipfile.is_zipfile(value):
+                return value
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        raise ValueError(f"{value} is neither a folder nor a .zip file")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}") from None
+        return value
 
 
 #: The longest physical line read: a row of 128 KiB fields is far shorter.

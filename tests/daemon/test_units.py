@@ -18,10 +18,8 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from rostersync.config.source import Schedule
+from rostersync.config.schedule import Schedule, build_trigger, crontab_day_of_week
 from rostersync.daemon import (
-    build_trigger,
-    crontab_day_of_week,
     owner_is_dead,
     pg_conninfo,
     recover,
