@@ -48,10 +48,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import ConfigPath
+from rostersync.config.types import ConfigPath, checking_files
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
 from rostersync.csvrecords import CsvUnreadable, read_records
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
@@ -113,8 +113,10 @@ class CsvSourceConfig(SourceConfig):
 
     @field_validator("path")
     @classmethod
-    def _drop_readable(cls, value: Path) -> Path:
-        # Checked when the config loads, so `config check` reports what the run would fail on.
+    def _drop_readable(cls, value: Path, info: ValidationInfo) -> Path:
+        # `config check` reports what the run would fail on (see checking_files).
+        if not checking_files(info):
+            return value
         if value.is_dir():
             if not os.access(value, os.R_OK | os.X_OK):
                 raise ValueError(f"folder {value} is not readable")

@@ -590,7 +590,7 @@ def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     path = config_path(app.config_file)
     try:
-        settings = load_settings(path)
+        settings = load_settings(path, check_files=True)
     except ConfigError as exc:
         click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
         for issue in exc.issues:

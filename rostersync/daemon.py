@@ -34,7 +34,7 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import make_url
 
-from rostersync.config.loader import load_settings
+from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.errors import ConfigError
@@ -247,6 +247,7 @@ class Daemon:
             return 1
         if found["dead_owners"] or found["interrupted_runs"]:
             self.log.warning("recovered_after_crash", **found)
+        await self._warn_about_files()
         try:
             self._apply_metrics_listen()
         except OSError as exc:
@@ -788,6 +789,7 @@ class Daemon:
                 except Exception as exc:
                     errors = [f"{type(exc).__name__}: {scrub(str(exc))}"]
                 else:
+                    await self._warn_about_files()
                     self.metrics.reloads.labels("applied").inc()
                     log.info(
                         "config_reloaded",
@@ -803,6 +805,13 @@ class Daemon:
             finally:
                 if not self._stopping:
                     self.notifier.ready(status or "config reload failed")
+
+    async def _warn_about_files(self) -> None:
+        """A source whose drop folder or CA bundle is missing still runs (and fails, saying
+        why) without holding up the others; the log says so at start and on every reload."""
+        problems = await asyncio.to_thread(file_problems, self.config_file)
+        if problems:
+            self.log.warning("config_files_missing", errors=problems)
 
     def _switch_config(self, new: Settings) -> None:
         """Apply ``new`` all or nothing: first everything that can fail without changing

@@ -31,6 +31,7 @@ from rostersync.config.types import (
     Secret,
     SecretFile,
     StrictModel,
+    checking_files,
     resolve_secret,
     secret_pair_schema,
 )
@@ -168,9 +169,9 @@ class OneRosterSourceConfig(SourceConfig):
 
     @field_validator("ca_bundle")
     @classmethod
-    def _ca_bundle_loads(cls, value: Path | None) -> Path | None:
-        # Loaded here as the run will load it, so a wrong path is a config error, not a failed run.
-        if value is not None:
+    def _ca_bundle_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Loaded as the run will load it: `config check` reports a wrong path (checking_files).
+        if value is not None and checking_files(info):
             try:
                 ssl.create_default_context(cafile=str(value))
             except ssl.SSLError:

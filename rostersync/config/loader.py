@@ -306,8 +306,10 @@ def _resolve_database(url: str, base: Path) -> str:
 
 
 def load_settings_text(
-    text: str, *, file: str = "<config>", base_dir: Path | None = None
+    text: str, *, file: str = "<config>", base_dir: Path | None = None, check_files: bool = True
 ) -> Settings:
+    """Parse and validate a config. ``check_files``: also check the files sources' runs open
+    (see :func:`rostersync.config.types.checking_files`)."""
     base = base_dir or Path.cwd()
     issues: list[ConfigIssue] = []
     try:
@@ -328,7 +330,9 @@ def load_settings_text(
     model = settings_model()
     settings: Settings | None = None
     try:
-        settings = model.model_validate(data, context={"base_dir": base})
+        settings = model.model_validate(
+            data, context={"base_dir": base, "check_files": check_files}
+        )
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
             # Only a "missing" error ends in an absent key; otherwise a trailing segment that
@@ -356,8 +360,13 @@ def _path_key(path: str) -> PathKey:
     return tuple(out)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and validate the config file; raises ConfigError listing every issue."""
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, check_files: bool = False
+) -> Settings:
+    """Read and validate the config file; raises ConfigError listing every issue.
+
+    ``check_files``: also check each source's drop folder and CA bundle, as `config check`
+    does; other commands leave those to the source's runs (see :func:`file_problems`)."""
     file = config_path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -365,4 +374,16 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(
             [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}")], str(file)
         ) from None
-    return load_settings_text(text, file=str(file), base_dir=file.resolve().parent)
+    return load_settings_text(
+        text, file=str(file), base_dir=file.resolve().parent, check_files=check_files
+    )
+
+
+def file_problems(path: str | os.PathLike[str] | None = None) -> list[str]:
+    """What `config check` would add to a config that loads: the files sources' runs would
+    fail to open, for the daemon to warn about at start and on reload."""
+    try:
+        load_settings(path, check_files=True)
+    except ConfigError as exc:
+        return [str(issue) for issue in exc.issues]
+    return []

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from rostersync.config.types import Duration, StrictModel, exactly_one_of
 
 if TYPE_CHECKING:
+    from apscheduler.triggers.combining import OrTrigger
     from apscheduler.triggers.cron import CronTrigger
     from apscheduler.triggers.interval import IntervalTrigger
 
@@ -67,9 +68,15 @@ def _day_number(token: str) -> int:
     raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
 
 
-def cron_trigger(expression: str, *, jitter: int | None = None) -> CronTrigger:
-    """The trigger for a five-field crontab expression (local time); ValueError names the
-    field APScheduler refused."""
+def cron_trigger(expression: str, *, jitter: int | None = None) -> CronTrigger | OrTrigger:
+    """The trigger for a five-field crontab expression (local time), with crontab's meaning;
+    ValueError names the field APScheduler refused.
+
+    Crontab runs a job on a day that matches the day of the month OR the day of the week when
+    both fields are restricted (neither starts with ``*``): ``0 2 13 * 5`` runs on every 13th
+    and every Friday. APScheduler's cron trigger requires both, so such an expression becomes
+    two triggers, one per day field, and fires when either does."""
+    from apscheduler.triggers.combining import OrTrigger
     from apscheduler.triggers.cron import CronTrigger
 
     parts = expression.split()
@@ -88,6 +95,11 @@ def cron_trigger(expression: str, *, jitter: int | None = None) -> CronTrigger:
             field = f"{name.replace('_', ' ')} {parts[CRON_FIELDS.index(name)]!r}"
             reason = _APS_PREFIX.sub("", str(exc))
             raise ValueError(f"cron {expression!r}: {field}: {reason}") from None
+    day, dow = parts[2], parts[4]
+    if not day.startswith("*") and not dow.startswith("*"):
+        by_date = CronTrigger(**{**values, "day_of_week": "*"})
+        by_weekday = CronTrigger(**{**values, "day": "*"})
+        return OrTrigger([by_date, by_weekday], jitter=jitter)
     return CronTrigger(**values, jitter=jitter)
 
 
@@ -101,7 +113,7 @@ def interval_trigger(
 
 def build_trigger(
     schedule: Schedule, *, start: datetime | None = None
-) -> IntervalTrigger | CronTrigger:
+) -> IntervalTrigger | CronTrigger | OrTrigger:
     """The APScheduler trigger for a source's ``schedule`` (interval or five-field cron)."""
     jitter = int(schedule.jitter.total_seconds()) or None
     if schedule.interval is not None:
@@ -135,7 +147,7 @@ class Schedule(StrictModel):
         if value is None:
             return None
         trigger = cron_trigger(value)
-        if trigger.get_next_fire_time(None, datetime.now(trigger.timezone)) is None:
+        if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
             raise ValueError(f"cron {value!r} never fires (no date matches it)")
         return value
 

@@ -163,6 +163,15 @@ def config_dir(info: ValidationInfo) -> Path:
     return Path(base) if base else Path.cwd()
 
 
+def checking_files(info: ValidationInfo) -> bool:
+    """Whether this load also checks the files a source's runs will open (a CSV drop, a CA
+    bundle). `config check` does, to report what a run would reject; the other commands do
+    not, so that one source's missing drop folder fails that source's runs (saying why) and
+    does not stop `users list`, the daemon or the syncs of the other sources."""
+    ctx = info.context if isinstance(info.context, dict) else {}
+    return bool(ctx.get("check_files", True))
+
+
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     value = value.expanduser()
     return value if value.is_absolute() else (config_dir(info) / value)
@@ -273,6 +282,7 @@ __all__ = [
     "SecretFile",
     "SecretStr",
     "StrictModel",
+    "checking_files",
     "exactly_one_of",
     "format_duration",
     "parse_duration",

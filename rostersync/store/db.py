@@ -310,8 +310,24 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        with self.engine.connect() as conn:
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                self._discard(conn)
+                raise
+
+    def _discard(self, conn: Connection) -> None:
+        """SQLite: close the connection of a transaction that failed, instead of returning it
+        to the pool. A statement whose result was not read to the end (the exception came
+        between two statements) stays open on the connection while the traceback keeps its
+        result alive, and an open statement makes a later DROP INDEX there fail with "database
+        table is locked". Closing the connection finalizes them all; PostgreSQL has no such
+        state to leak past a rollback. (An in-memory database lives only in its connection:
+        it is kept.)"""
+        if self._checkpointer is not None:  # a SQLite file
+            conn.invalidate()
 
     @contextmanager
     def write(self, *, bulk: bool = False) -> Iterator[Connection]:
@@ -330,9 +346,11 @@ class Store:
             try:
                 with conn.begin():
                     yield conn
-            finally:
-                if raw is not None:
-                    raw.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+            except BaseException:
+                self._discard(conn)  # the discarded connection takes its PRAGMA with it
+                raise
+            if raw is not None:
+                raw.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         if handoff and self._checkpointer is not None:
             self._checkpointer.poke()
 

@@ -332,3 +332,20 @@ async def test_dropping_the_metrics_block_stops_the_listener(
     assert (d._server, d._server_listen) == (None, None)
     with pytest.raises(OSError):
         await asyncio.to_thread(healthz, port)
+
+
+async def test_a_reload_with_a_missing_drop_folder_applies_and_warns(
+    tmp_path: Path, daemon: Callable[..., Daemon]
+) -> None:
+    """A source whose CSV drop folder is gone still reloads (its runs fail, saying why) and
+    keeps the other sources going; the log names the missing folder."""
+    url = sqlite_url(tmp_path)
+    d = daemon(config_with(url, a=source(NEW_YEAR)))
+    gone = tmp_path / "not-mounted-yet"
+    rewrite(d, config_with(url, a=source(NEW_YEAR), b=source(SECOND_OF_JANUARY, path=str(gone))))
+    with capture_logs() as logs:
+        assert await d.reload()
+    assert set(jobs(d)) == {job_id("a"), job_id("b")}
+    [warning] = [e for e in logs if e["event"] == "config_files_missing"]
+    assert any("sources.b.path" in err and "does not exist" in err for err in warning["errors"])
+    assert_ready_after_reloading(d)
