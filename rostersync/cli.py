@@ -31,7 +31,7 @@ from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStat
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import register_secrets_in, scrub
 from rostersync.progress import SyncProgress
-from rostersync.store.db import Store
+from rostersync.store.db import Store, sqlite_file
 from rostersync.sync.apply import queue_resync, sync_catalog
 from rostersync.sync.engine import COUNT_KEYS, RunReport, SourceBusy, SyncEngine, load_report
 
@@ -59,13 +59,30 @@ class App:
 
     @property
     def store(self) -> Store:
+        """The database for commands that write: an empty one is created and migrated."""
         if self._store is None:
             self._store = Store(self.settings.database)
             self._store.ensure_schema(auto_upgrade=True)
         return self._store
 
+    @property
+    def read_store(self) -> Store:
+        """The database for commands that only read: it must exist with the current schema.
+        Nothing is created or migrated, so a mistyped path is an error, not an empty listing."""
+        if self._store is None:
+            # Kept before the check, so close() disposes of it even when the check fails.
+            self._store = Store(self.settings.database, create=False)
+            self._store.ensure_schema(auto_upgrade=False)
+        return self._store
+
     def engine(self, **kwargs: Any) -> SyncEngine:
         return SyncEngine(self.settings, self.store, **kwargs)
+
+    def close(self) -> None:
+        """Close the database's connections (called when the command ends)."""
+        if self._store is not None:
+            self._store.dispose()
+            self._store = None
 
 
 def emit_json(doc: Any) -> None:
@@ -103,6 +120,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
     """Keep console users and class groups in step with school rosters."""
     ctx.obj = App(config_file, log_level)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -396,7 +414,7 @@ def users() -> None:
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_users(conn)
     if as_json:
         emit_json(rows)
@@ -431,7 +449,7 @@ def groups() -> None:
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_groups(conn, user)
     if as_json:
         emit_json(rows)
@@ -465,7 +483,7 @@ def queue() -> None:
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         jobs = directory.list_jobs(conn, limit=limit)
     if as_json:
         emit_json(jobs)
@@ -485,7 +503,7 @@ def runs() -> None:
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
     if as_json:
         emit_json(rows)
@@ -517,7 +535,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 def runs_show(app: App, run_id: int, as_json: bool) -> None:
     """One run's report: counts, warnings, every rejected record."""
     try:
-        with app.store.read() as conn:
+        with app.read_store.read() as conn:
             report = load_report(conn, run_id)
     except RunNotFound as exc:
         fail(str(exc), EXIT_USAGE)
@@ -572,7 +590,7 @@ def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     path = config_path(app.config_file)
     try:
-        settings = load_settings(path)
+        settings = load_settings(path, check_files=True)
     except ConfigError as exc:
         click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
         for issue in exc.issues:
@@ -582,6 +600,12 @@ def config_check(app: App) -> None:
     click.echo(
         f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})"
     )
+    db = sqlite_file(settings.database)
+    if db is not None and not db.exists():
+        # Not an error (the first sync creates it), but a mistyped path shows up here first.
+        click.echo(
+            f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
+        )
 
 
 @config_group.command("schema")

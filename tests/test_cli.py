@@ -191,3 +191,19 @@ def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) ->
     assert approve.exit_code == 1
     assert "is a dry run" in approve.stderr
     assert as_json(run(config, "users", "list", "--json")) == before
+
+
+def test_a_missing_drop_folder_fails_its_source_not_every_command(config: Path) -> None:
+    """`config check` reports a CSV drop that is gone (exit 2), but listing users still works
+    and a sync of that source fails on its own, saying why."""
+    assert run(config, "sync").exit_code == 0
+    shutil.rmtree(config.parent / "sample-district")
+    check = run(config, "config", "check")
+    assert check.exit_code == 2
+    assert "sources.sample.path" in check.stderr and "does not exist" in check.stderr
+    listed = run(config, "users", "list", "--json")
+    assert listed.exit_code == 0 and len(as_json(listed)) == 43  # type: ignore[arg-type]
+    failed = run(config, "sync", "--json")
+    assert failed.exit_code == 1
+    report = as_json(failed)["runs"][0]  # type: ignore[index]
+    assert report["status"] == "failed" and "sample-district" in report["error"]

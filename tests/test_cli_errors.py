@@ -16,6 +16,7 @@ import yaml
 
 from rostersync import cli
 from rostersync.errors import RunNotFound
+from rostersync.store.db import Store
 from tests.conftest import BASE_CONFIG
 
 SECRET = "smtp-pass-4f1b2c9d"  # the config's SMTP password: registered, so scrubbed anywhere
@@ -42,6 +43,10 @@ def _config(tmp_path: Path, log_format: str = "json") -> Path:
     }
     path = tmp_path / "rostersync.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    # The database exists, as after a first sync: read-only commands refuse a missing one.
+    store = Store(f"sqlite:///{tmp_path / 'rs.db'}")
+    store.upgrade()
+    store.dispose()
     return path
 
 

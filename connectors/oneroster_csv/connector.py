@@ -22,12 +22,15 @@ sessions it read (:mod:`.sessions`).
 from __future__ import annotations
 
 import asyncio
+import codecs
+import os
+import zipfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from connectors.oneroster_csv.entities import (
     CLASSES,
@@ -47,7 +50,7 @@ from connectors.oneroster_csv.notes import Notes
 from connectors.oneroster_csv.roles import RolesIndex, person_parser, read_roles, untaken_roles
 from connectors.oneroster_csv.sessions import AcademicSession, read_sessions
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import ConfigPath
+from rostersync.config.types import ConfigPath, checking_files
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
 from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.records import (
@@ -73,6 +76,34 @@ class CsvSourceConfig(SourceConfig):
     )
     encoding: str = Field(default="utf-8-sig", description="text encoding of the CSV files")
     batch_size: int = Field(default=1000, ge=1, description="records per batch handed on")
+
+    @field_validator("path")
+    @classmethod
+    def _drop_readable(cls, value: Path, info: ValidationInfo) -> Path:
+        # `config check` reports what the run would fail on (see checking_files).
+        if not checking_files(info):
+            return value
+        if value.is_dir():
+            if not os.access(value, os.R_OK | os.X_OK):
+                raise ValueError(f"folder {value} is not readable")
+            return value
+        if not value.exists():
+            raise ValueError(f"{value} does not exist (give a folder or a .zip of CSV files)")
+        try:
+            if zipfile.is_zipfile(value):
+                return value
+        except OSError as exc:
+            raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        raise ValueError(f"{value} is neither a folder nor a .zip file")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown text encoding {value!r}") from None
+        return value
 
 
 class _Reader:

@@ -227,7 +227,7 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
     cli = _cli()
     _check_source(app, source)
     prov = app.settings.provisioning
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         found = candidates(conn, source, app.settings)
     rows = [
         {

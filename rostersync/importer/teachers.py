@@ -26,6 +26,7 @@ from rostersync.sync.apply import (
     count_active_users,
     eligible_teachers,
     linked_users,
+    mark_directory_changed,
     queue_resync,
     sync_catalog,
     users_by_email,
@@ -230,6 +231,8 @@ def import_teachers(
             active_users=count_active_users(conn),
         )
         ids = set(plan.resync) | _apply(conn, source, plan)
+        if plan.create or plan.link:
+            mark_directory_changed(conn)  # a new account may be another person's link target
         queued = queue_resync(conn, ids, reason=f"teachers import from {source}", run_id=None)
     result = TeachersResult(source, plan.outcomes, queued)
     structlog.get_logger().info("teachers_import_finished", source=source, **result.counts)

@@ -321,6 +321,10 @@ def find_changes(
             ).scalar_one()
         )
     touched_people = existing_changed | out.missing.get("person", set())
+    if not first_load:
+        # A new person may already have enrollments in the mirror (the source sent them a run
+        # earlier, or rejected the person then): those classes gain a member or a teacher.
+        touched_people |= new_ids["person"]
     person_pairs = enrollments_of_persons(conn, source, touched_people)
     pairs |= {(c, p) for c, p, role in person_pairs if c in grouped and role == STUDENT}
     out.dirty_classes |= {cls for cls, _, _ in person_pairs}
@@ -954,6 +958,24 @@ def source_users(conn: Connection, source: str) -> set[int]:
         text("SELECT user_id FROM user_identity WHERE source = :src"), {"src": source}
     )
     return {int(uid) for (uid,) in rows}
+
+
+#: Put before a source's ``decided_with`` fingerprint when the directory changed outside a
+#: sync (an import): the next run re-decides every teacher, as after a settings change.
+DIRECTORY_CHANGED = "directory-changed:"
+
+
+def mark_directory_changed(conn: Connection) -> None:
+    """Users were created, linked or changed outside a sync (an import): a delta run's
+    decisions for the teachers it did not touch may no longer hold (an unlinked teacher may
+    now have an account to be linked to), so every source's next run decides for all."""
+    conn.execute(
+        text(
+            "UPDATE source_state SET decided_with = :mark || decided_with "
+            "WHERE decided_with IS NOT NULL AND decided_with NOT LIKE :like"
+        ),
+        {"mark": DIRECTORY_CHANGED, "like": f"{DIRECTORY_CHANGED}%"},
+    )
 
 
 def queue_resync(

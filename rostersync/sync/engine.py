@@ -695,8 +695,12 @@ class SyncEngine:
         # a teacher, and whose address may be an account, may have changed for anyone.
         state = self._source_state(conn, source)
         decided_with = settings.provisioning_fingerprint()
-        settings_changed = state is not None and state["decided_with"] != decided_with
-        redecide = not full and settings_changed
+        stored = (state["decided_with"] if state else None) or ""
+        directory_changed = stored.startswith(sql.DIRECTORY_CHANGED)
+        settings_changed = (
+            state is not None and stored.removeprefix(sql.DIRECTORY_CHANGED) != decided_with
+        )
+        redecide = not full and (settings_changed or directory_changed)
         only = None if full or redecide else affected_people
         roles = settings.provisioning.teacher_roles
         candidates = sql.eligible_teachers(conn, source, roles, only)
@@ -717,9 +721,14 @@ class SyncEngine:
             warnings=_shared_email_warnings(conn, source, plan),
         )
         if redecide:
+            why = (
+                "provisioning settings or license_limit changed"
+                if settings_changed
+                else "users were imported or changed by an import"
+            )
             outcome.warnings.append(
-                "provisioning settings or license_limit changed since the last run: this delta "
-                "run decided for every teacher of the source, not only those its changes touched"
+                f"{why} since the last run: this delta run decided for every teacher of the "
+                "source, not only those its changes touched"
             )
         managed_users, managed_groups = sql.managed_counts(conn, source)
         groups_removed = sql.groups_to_remove(

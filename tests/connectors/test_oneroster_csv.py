@@ -15,6 +15,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
@@ -623,15 +624,42 @@ async def test_delta_fetch_of_a_bulk_drop_reads_it_as_changes(tmp_path: Path) ->
 
 def test_config_resolves_relative_path_against_base_dir(tmp_path: Path) -> None:
     """A relative `path` is taken relative to the config file's folder; defaults apply."""
+    (tmp_path / "sample-district").mkdir()
     config = CsvSourceConfig.model_validate(
         {"type": "oneroster_csv", "path": "sample-district"}, context={"base_dir": tmp_path}
     )
     assert config.path == tmp_path / "sample-district"
     assert (config.encoding, config.batch_size) == ("utf-8-sig", 1000)
+    zipped = tmp_path / "elsewhere" / "drop.zip"
+    zipped.parent.mkdir()
+    with zipfile.ZipFile(zipped, "w"):
+        pass
     absolute = CsvSourceConfig.model_validate(
-        {"type": "oneroster_csv", "path": "/srv/drop.zip"}, context={"base_dir": tmp_path}
+        {"type": "oneroster_csv", "path": str(zipped)}, context={"base_dir": tmp_path / "sub"}
     )
-    assert absolute.path == Path("/srv/drop.zip")
+    assert absolute.path == zipped
+
+
+def test_config_check_names_a_drop_that_is_missing_or_not_a_zip(tmp_path: Path) -> None:
+    """`path` must be a folder or a .zip now, and `encoding` a codec Python knows."""
+    (tmp_path / "notes.txt").write_text("not a zip")
+    for path, message in (
+        ("nowhere", f"{tmp_path / 'nowhere'} does not exist"),
+        ("nowhere.zip", f"{tmp_path / 'nowhere.zip'} does not exist"),
+        ("notes.txt", f"{tmp_path / 'notes.txt'} is neither a folder nor a .zip file"),
+    ):
+        with pytest.raises(ValidationError) as err:
+            CsvSourceConfig.model_validate(
+                {"type": "oneroster_csv", "path": path}, context={"base_dir": tmp_path}
+            )
+        [error] = err.value.errors()
+        assert error["loc"] == ("path",) and message in error["msg"]
+    with pytest.raises(ValidationError) as err:
+        CsvSourceConfig.model_validate(
+            {"type": "oneroster_csv", "path": ".", "encoding": "utf-9"},
+            context={"base_dir": tmp_path},
+        )
+    assert err.value.errors()[0]["loc"] == ("encoding",)
 
 
 def test_config_rejects_unknown_keys_and_bad_batch_size() -> None:
@@ -646,10 +674,10 @@ async def test_plugin_is_registered_and_builds_a_connector(tmp_path: Path) -> No
     """The entry point finds PLUGIN, and its factory reads the configured drop."""
     [ep] = entry_points(group=ENTRY_POINT_GROUP, name="oneroster_csv")
     assert ep.load() is PLUGIN
+    drop(tmp_path)
     config = CsvSourceConfig.model_validate(
         {"type": "oneroster_csv", "path": "drop", "batch_size": 3}, context={"base_dir": tmp_path}
     )
-    drop(tmp_path)
     async with httpx.AsyncClient() as http:
         connector = PLUGIN.create(ConnectorContext(source="sample", config=config, http=http))
         got = await collect(connector)

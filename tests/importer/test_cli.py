@@ -233,7 +233,7 @@ def test_report_into_a_missing_folder_is_refused_before_importing(
     result = rs(config, "import", f, "--report", str(tmp_path / "nodir" / "r.csv"))
     assert result.exit_code == 2
     assert "nodir' does not exist or is not writable; nothing was imported" in result.stderr
-    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+    assert not (config.parent / "rs.db").exists()  # refused before the database was touched
 
 
 def test_utf16_unicode_text_and_protected_workbooks(config: Path, tmp_path: Path) -> None:

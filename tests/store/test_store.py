@@ -663,6 +663,37 @@ def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
     assert set(rows) == {"user", "user_identity", "groups", "group_owner", "group_member"}
 
 
+def test_a_store_that_must_exist_never_creates_its_file(tmp_path: Path) -> None:
+    """create=False: a missing file is a StoreError naming it, and SQLite is told not to create it
+    either (a file removed after the check stays removed)."""
+    missing = tmp_path / "nodir" / "rs.db"
+    with pytest.raises(StoreError, match=f"database {missing} does not exist"):
+        Store(f"sqlite:///{missing}", create=False)
+    assert not missing.parent.exists()
+    existing = tmp_path / "rs.db"
+    created = Store(f"sqlite:///{existing}")  # the default creates it on first use
+    created.current_revision()
+    created.dispose()
+    assert existing.exists()
+    store = Store(f"sqlite:///{existing}", create=False)
+    existing.unlink()
+    with pytest.raises(StoreError, match="cannot open database"):
+        store.current_revision()
+    assert not existing.exists()
+    store.dispose()
+
+
+def test_a_store_that_must_exist_refuses_to_migrate_an_empty_database(tmp_path: Path) -> None:
+    """ensure_schema(auto_upgrade=False) on a database without tables says so and creates none."""
+    db = tmp_path / "rs.db"
+    db.touch()
+    store = Store(f"sqlite:///{db}", create=False)
+    with pytest.raises(StoreError, match="has no rostersync tables yet"):
+        store.ensure_schema(auto_upgrade=False)
+    assert store.current_revision() is None
+    store.dispose()
+
+
 def test_upgrade_to_0010_gives_every_person_its_one_role(tmp_path: Path) -> None:
     """Persons mirrored before 0010 (and a held run's staged ones) get ``roles`` = their role,
     lower-cased, so the teacher test finds them; a person with one role keeps its row hash."""

@@ -33,6 +33,7 @@ Directory = tuple[dict[str, Any], dict[str, Any]]
 
 
 def settings_for(folder: Path, tmp_path: Path, **source: Any) -> Settings:
+    folder.mkdir(parents=True, exist_ok=True)  # config checks that the drop's folder exists
     data = {
         "organization": "Springfield",
         "roles": ["Teacher"],
