@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from connectors.oneroster_csv.files import Bundle, Row, read_rows
-from connectors.oneroster_csv.notes import Notes
+from connectors.oneroster_csv.notes import Notes, quote
 from rostersync.records import (
     Rejected,
     RosterClass,
@@ -138,7 +138,7 @@ def date(row: Row, notes: Notes) -> datetime | None:
     except ValueError:
         notes.add(
             f"{row.file}: rows read without their dateLastModified",
-            f"{row.location}: dateLastModified {value!r} is not an ISO 8601 date-time; "
+            f"{row.location}: dateLastModified {quote(value)} is not an ISO 8601 date-time; "
             "the row was read without it",
         )
         return None

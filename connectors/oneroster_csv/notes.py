@@ -8,6 +8,15 @@ first :data:`PER_KIND` rows and counts the rest in one closing line.
 from __future__ import annotations
 
 PER_KIND = 20
+#: The longest value a warning quotes: a cell may hold 128 KiB.
+QUOTE_CHARS = 60
+
+
+def quote(value: str) -> str:
+    """``repr(value)``, cut short when long (a warning names the value, it need not hold it)."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
 
 
 class Notes:

@@ -42,7 +42,7 @@ from connectors.oneroster_csv.entities import (
     status,
 )
 from connectors.oneroster_csv.files import Bundle, Row, best_effort_values
-from connectors.oneroster_csv.notes import Notes
+from connectors.oneroster_csv.notes import Notes, quote
 from rostersync.records import Rejected, RosterPerson
 
 #: One role of a user: (role, lower-cased; is it a primary role; its org's sourcedId or "").
@@ -126,7 +126,7 @@ def read_roles(
         if kind not in ("primary", "secondary"):
             notes.add(
                 f"{ROLES}: roleType neither primary nor secondary",
-                f"{row.location}: roleType {row.get('roleType')!r} is neither primary nor "
+                f"{row.location}: roleType {quote(row.get('roleType'))} is neither primary nor "
                 "secondary; read as secondary",
             )
         org = row.get("orgSourcedId")
@@ -230,5 +230,5 @@ def untaken_roles(
         else:
             notes.add(
                 f"{ROLES}: roles of users not in users.csv",
-                f"{row.location}: user {user!r} has roles but no row in users.csv",
+                f"{row.location}: user {quote(user)} has roles but no row in users.csv",
             )

@@ -22,7 +22,7 @@ from connectors.oneroster_csv.entities import (
     status,
 )
 from connectors.oneroster_csv.files import Bundle, read_rows
-from connectors.oneroster_csv.notes import Notes
+from connectors.oneroster_csv.notes import Notes, quote
 from rostersync.errors import FatalSourceError
 from rostersync.records import Rejected, Status
 
@@ -51,7 +51,7 @@ def _day(value: str, column: str) -> date:
     try:  # some exports write a date-time
         return datetime.fromisoformat(value).date()
     except ValueError:
-        raise RowError(f"{column} {value!r} is not a date (YYYY-MM-DD)") from None
+        raise RowError(f"{column} {quote(value)} is not a date (YYYY-MM-DD)") from None
 
 
 def read_sessions(bundle: Bundle, encoding: str, notes: Notes) -> dict[str, AcademicSession]:

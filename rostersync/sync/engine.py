@@ -560,7 +560,7 @@ class SyncEngine:
                     await pending
                 if len(buffer):
                     pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
-                notes = [str(w) for w in getattr(connector, "warnings", ())]
+                notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.

@@ -154,6 +154,19 @@ async def test_malformed_date_is_a_warning_and_the_row_is_read(tmp_path: Path) -
     ]
 
 
+async def test_a_warning_quotes_a_long_value_cut_short(tmp_path: Path) -> None:
+    """A 100,000-character date is named by its start and length, not copied whole."""
+    path = drop(
+        tmp_path, users_csv=table(USERS_HEADER, user("u-1", dateLastModified="9" * 100_000))
+    )
+    connector = OneRosterCsvConnector("csv", path)
+    await collect(connector)
+    assert connector.warnings == [
+        f"users.csv line 2: dateLastModified {'9' * 60!r}... (100000 characters) is not an "
+        "ISO 8601 date-time; the row was read without it"
+    ]
+
+
 async def test_warnings_of_one_kind_are_listed_up_to_a_limit_then_counted(tmp_path: Path) -> None:
     """A bad date on every row lists the first 20 rows and counts the rest in one line; each
     fetch starts its warnings afresh."""
