@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import platform
+import shlex
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,9 +29,9 @@ from rostersync.config.loader import config_path, json_schema_text, load_setting
 from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
 from rostersync.logs import configure as configure_logging
-from rostersync.logs import register_secrets_in
+from rostersync.logs import register_secrets_in, scrub
 from rostersync.progress import SyncProgress
-from rostersync.store.db import Store
+from rostersync.store.db import Store, sqlite_file
 from rostersync.sync.apply import queue_resync, sync_catalog
 from rostersync.sync.engine import COUNT_KEYS, RunReport, SourceBusy, SyncEngine, load_report
 
@@ -53,13 +59,30 @@ class App:
 
     @property
     def store(self) -> Store:
+        """The database for commands that write: an empty one is created and migrated."""
         if self._store is None:
             self._store = Store(self.settings.database)
             self._store.ensure_schema(auto_upgrade=True)
         return self._store
 
+    @property
+    def read_store(self) -> Store:
+        """The database for commands that only read: it must exist with the current schema.
+        Nothing is created or migrated, so a mistyped path is an error, not an empty listing."""
+        if self._store is None:
+            # Kept before the check, so close() disposes of it even when the check fails.
+            self._store = Store(self.settings.database, create=False)
+            self._store.ensure_schema(auto_upgrade=False)
+        return self._store
+
     def engine(self, **kwargs: Any) -> SyncEngine:
         return SyncEngine(self.settings, self.store, **kwargs)
+
+    def close(self) -> None:
+        """Close the database's connections (called when the command ends)."""
+        if self._store is not None:
+            self._store.dispose()
+            self._store = None
 
 
 def emit_json(doc: Any) -> None:
@@ -97,6 +120,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
     """Keep console users and class groups in step with school rosters."""
     ctx.obj = App(config_file, log_level)
+    ctx.call_on_close(ctx.obj.close)
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -107,7 +131,10 @@ def _print_report(r: RunReport) -> None:
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.status}")
     if r.error:
         click.echo(f"  error: {r.error}")
-    if r.hold_reason:
+    if r.hold_reason and r.dry_run:
+        click.echo(f"  a real run would be held: {r.hold_reason}")
+        click.echo("  (a dry run changes nothing and cannot be approved)")
+    elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
             f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`"
@@ -387,7 +414,7 @@ def users() -> None:
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_users(conn)
     if as_json:
         emit_json(rows)
@@ -422,7 +449,7 @@ def groups() -> None:
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_groups(conn, user)
     if as_json:
         emit_json(rows)
@@ -456,7 +483,7 @@ def queue() -> None:
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         jobs = directory.list_jobs(conn, limit=limit)
     if as_json:
         emit_json(jobs)
@@ -476,7 +503,7 @@ def runs() -> None:
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first."""
-    with app.store.read() as conn:
+    with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
     if as_json:
         emit_json(rows)
@@ -488,7 +515,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
                     r["id"],
                     r["source"],
                     r["mode"],
-                    r["status"],
+                    r["status"] + (" (dry run)" if r["dry_run"] else ""),
                     r["started_at"],
                     r["counts"].get("users_created", 0),
                     r["counts"].get("users_archived", 0),
@@ -508,7 +535,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 def runs_show(app: App, run_id: int, as_json: bool) -> None:
     """One run's report: counts, warnings, every rejected record."""
     try:
-        with app.store.read() as conn:
+        with app.read_store.read() as conn:
             report = load_report(conn, run_id)
     except RunNotFound as exc:
         fail(str(exc), EXIT_USAGE)
@@ -563,7 +590,7 @@ def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     path = config_path(app.config_file)
     try:
-        settings = load_settings(path)
+        settings = load_settings(path, check_files=True)
     except ConfigError as exc:
         click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
         for issue in exc.issues:
@@ -573,6 +600,12 @@ def config_check(app: App) -> None:
     click.echo(
         f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})"
     )
+    db = sqlite_file(settings.database)
+    if db is not None and not db.exists():
+        # Not an error (the first sync creates it), but a mistyped path shows up here first.
+        click.echo(
+            f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
+        )
 
 
 @config_group.command("schema")
@@ -605,9 +638,10 @@ def db_upgrade(app: App) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
         cli.main(
-            args=list(argv) if argv is not None else None,
+            args=args,
             prog_name="rostersync",
             standalone_mode=False,
         )
@@ -628,6 +662,91 @@ def main(argv: Sequence[str] | None = None) -> None:
         structlog.get_logger().debug("command_failed", error=str(exc))
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    except OSError as exc:
+        if exc.filename is None:
+            internal_error(exc, args)
+        # A path the user gave (an --output folder that does not exist, a full disk): theirs
+        # to fix, and the path and the reason say it all.
+        fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED)
+    except Exception as exc:
+        internal_error(exc, args)
+
+
+# -- errors nobody expected ---------------------------------------------------------------------
+
+
+def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
+    """A bug, not bad input: one line for the user, the full trace kept where they can send it.
+
+    The trace goes to a private file and, when logs are JSON lines (journald, pipes), into the
+    log as well; a terminal gets the line only. Secrets are scrubbed from all of them.
+    """
+    summary = _one_line(scrub(f"{type(exc).__name__}: {exc}"))
+    trace = scrub("".join(traceback.format_exception(exc)))
+    path, why_not = _save_trace(trace, summary, args)
+    if not structlog.is_configured():
+        configure_logging()  # failed before the config was read: keep logs off stdout
+    as_json = any(
+        isinstance(p, structlog.processors.JSONRenderer)
+        for p in structlog.get_config()["processors"]
+    )
+    # A terminal gets the trace only when it could not be saved anywhere.
+    with_trace = {"exception": trace} if as_json or path is None else {}
+    structlog.get_logger().error(
+        "internal_error", error=summary, trace_file=str(path) if path else None, **with_trace
+    )
+    where = f"full trace in {path}" if path else f"the trace could not be saved ({why_not})"
+    click.echo(f"rostersync: internal error: {summary} ({where})", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    lines = text.strip().splitlines() or [""]
+    line = lines[0] + (" ..." if len(lines) > 1 else "")
+    line = "".join(c if c.isprintable() else "?" for c in line)  # no escapes to the terminal
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def trace_dirs() -> list[Path]:
+    """Where a trace is kept, best first: systemd's StateDirectory, the XDG state folder, then
+    the system temp folder (a plain private file there, no folder of ours to hijack)."""
+    dirs: list[Path] = []
+    if state := os.environ.get("STATE_DIRECTORY"):
+        dirs.append(Path(state.split(":")[0]) / "internal-errors")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    try:
+        base = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".local" / "state"
+        dirs.append(base / "rostersync")
+    except RuntimeError:  # no home directory to be found
+        pass
+    dirs.append(Path(tempfile.gettempdir()))
+    return dirs
+
+
+def _save_trace(trace: str, summary: str, args: Sequence[str]) -> tuple[Path | None, str]:
+    """Write the trace to a new file readable by its owner only; its path, or why not."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    header = (
+        f"rostersync {__version__} (Python {platform.python_version()}) at {stamp}\n"
+        f"command: rostersync {scrub(shlex.join(args))}\n"
+        f"error: {summary}\n\n"
+    )
+    problems: list[str] = []
+    temp = Path(tempfile.gettempdir())
+    for folder in trace_dirs():
+        try:
+            if folder != temp:
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # mkstemp: a fresh name, created exclusively, mode 0600.
+            fd, name = tempfile.mkstemp(
+                prefix=f"rostersync-internal-error-{stamp}-", suffix=".log", dir=folder
+            )
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(header + trace)
+            return Path(name), ""
+        except OSError as exc:
+            problems.append(f"{folder}: {exc.strerror or exc}")
+    return None, "; ".join(problems)
 
 
 # -- commands defined in their own modules --------------------------------------------------------

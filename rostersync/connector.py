@@ -38,12 +38,18 @@ class Connector(Protocol):
 
     ``fetch(FULL, None)`` yields every record; ``fetch(DELTA, since)`` yields only what changed
     after ``since`` (records with status ``tobedeleted`` mean removals) and raises
-    :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter.
+    :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter. A source
+    that holds changes only (a OneRoster CSV delta drop) raises
+    :class:`~rostersync.errors.ChangesOnlyError` from a full fetch.
     Batches may mix record types; a :class:`~rostersync.records.Rejected` reports one bad
     record without stopping the run. A batch may also come already sorted into staging rows
     (:class:`~rostersync.rows.StagedBatch`, made by :func:`~rostersync.rows.sort_batch`): a
     connector that normalizes in worker processes sends those, since rows cross a process
     boundary far more cheaply than record objects. Errors: :mod:`rostersync.errors`.
+
+    A connector may also have a ``warnings`` attribute (a list of strings), complete once a
+    fetch has ended: problems it forgave (a CSV row read without a malformed date). The
+    engine adds them to the run's report.
     """
 
     @property

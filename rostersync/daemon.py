@@ -27,15 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from apscheduler.job import Job
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import bindparam, text
 from sqlalchemy.engine import make_url
 
-from rostersync.config.loader import load_settings
+from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
-from rostersync.config.source import Schedule
+from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
@@ -57,79 +58,6 @@ LEASE_SWEEP = 5.0
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
-DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
-
-
-# -- schedules --------------------------------------------------------------------------------
-
-
-def crontab_day_of_week(field_: str) -> str:
-    """Translate a crontab day-of-week field (0 or 7 = Sunday) into APScheduler 3.x names.
-
-    APScheduler 3.x counts 0 as Monday (a known mismatch it cannot fix in 3.x), so numbers are
-    expanded here into day names and the names are what the trigger sees.
-    """
-    if field_.strip() == "*":
-        return "*"
-    days: set[int] = set()
-    for item in field_.lower().split(","):
-        base, _, step_text = item.partition("/")
-        step = int(step_text) if step_text else 1
-        if base == "*":
-            lo, hi = 0, 6
-        elif "-" in base:
-            a, b = base.split("-", 1)
-            lo, hi = _day_number(a), _day_number(b)
-            if hi == 0 and lo > 0:
-                hi = 7  # "5-0" / "5-7": Friday to Sunday
-        else:
-            lo = hi = _day_number(base)
-            if step_text:
-                hi = 6  # "1/2": from Monday on, every second day (cron semantics)
-        if lo > hi:
-            raise ValueError(f"day-of-week range {base!r} runs backwards")
-        days.update(d % 7 for d in range(lo, hi + 1, step))
-    if len(days) == 7:
-        return "*"
-    return ",".join(DAY_NAMES[d] for d in sorted(days))
-
-
-def _day_number(token: str) -> int:
-    token = token.strip()
-    if token.isdigit() and 0 <= int(token) <= 7:
-        return int(token)
-    if token[:3] in DAY_NAMES:
-        return DAY_NAMES.index(token[:3])
-    raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
-
-
-def build_trigger(
-    schedule: Schedule, *, start: datetime | None = None
-) -> IntervalTrigger | CronTrigger:
-    """The APScheduler trigger for a source's ``schedule`` (interval or five-field cron)."""
-    jitter = int(schedule.jitter.total_seconds()) or None
-    if schedule.interval is not None:
-        return IntervalTrigger(
-            seconds=schedule.interval.total_seconds(), start_date=start, jitter=jitter
-        )
-    assert schedule.cron is not None  # the model guarantees exactly one of the two
-    minute, hour, day, month, dow = schedule.cron.split()
-    return CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=crontab_day_of_week(dow),
-        jitter=jitter,
-    )
-
-
-def misfire_grace(schedule: Schedule) -> int:
-    """How late a start may be and still run: a slow loop must not drop a run, but a run
-    missed by more than one interval is replaced by the next one (coalesce)."""
-    if schedule.interval is not None:
-        return int(min(max(schedule.interval.total_seconds(), 1), 3600))
-    return 3600
 
 
 # -- recovery after a crash ---------------------------------------------------------------------
@@ -233,6 +161,20 @@ class LastRun:
 
 
 @dataclass
+class SchedulePlan:
+    """The scheduler changes a config needs, every trigger already built: whatever can fail
+    while building fails before the scheduler is touched."""
+
+    add: dict[str, tuple[Schedule, BaseTrigger]]  # new or changed schedules
+    remove: list[str]  # sources no longer scheduled
+    manual: list[str]  # enabled sources without a schedule (run by hand)
+
+
+def job_id(source: str) -> str:
+    return f"sync:{source}"
+
+
+@dataclass
 class _Worker:
     index: int
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -263,7 +205,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.log = structlog.get_logger()
         self.metrics = Metrics(self._queue_depth, instance=self.owner)
-        self.engine = self._make_engine()
+        self.engine = self._make_engine(settings)
         self.scheduler: AsyncIOScheduler | None = None
         self.last_runs: dict[str, LastRun] = {}
         self._server: MetricsServer | None = None
@@ -280,9 +222,9 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
 
-    def _make_engine(self) -> SyncEngine:
+    def _make_engine(self, settings: Settings) -> SyncEngine:
         return SyncEngine(
-            self.settings,
+            settings,
             self.store,
             owner=self.owner,
             http_event_hooks=self.metrics.http_event_hooks(),
@@ -305,16 +247,23 @@ class Daemon:
             return 1
         if found["dead_owners"] or found["interrupted_runs"]:
             self.log.warning("recovered_after_crash", **found)
+        await self._warn_about_files()
         try:
             self._apply_metrics_listen()
         except OSError as exc:
             self.log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
             return 1
 
-        self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-        self.scheduler.start()
-        self._apply_schedule()
-        self._resize_workers()
+        try:
+            self.start_scheduler()
+        except Exception as exc:
+            # The config check builds these same triggers, so this is rare: say why, no traceback.
+            self.log.error(
+                "daemon_start_failed", error=scrub(str(exc)), error_type=type(exc).__name__
+            )
+            if self._server is not None:
+                self._server.stop()
+            return 1
         self._background.append(asyncio.create_task(self._ticker(), name="ticker"))
         if self.store.is_postgres:
             self._background.append(asyncio.create_task(self._listen(), name="listen"))
@@ -332,6 +281,17 @@ class Daemon:
         await self._stop.wait()
         await self._shutdown()
         return 0
+
+    def start_scheduler(self) -> None:
+        """Start the scheduler with a job per scheduled source, and the resync workers."""
+        self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1})
+        self.scheduler.start()
+        try:
+            self._add_jobs(self._plan_schedule(self.settings))
+        except Exception:
+            self.scheduler.shutdown(wait=False)
+            raise
+        self._resize_workers(self.settings.resync.workers)
 
     def request_stop(self, why: str = "stop") -> None:
         if self._stop.is_set():
@@ -381,42 +341,96 @@ class Daemon:
 
     # -- schedule ------------------------------------------------------------------------------
 
-    def _apply_schedule(self) -> None:
-        """Make the scheduler's jobs match the config: add, replace, remove; keep unchanged
-        schedules as they are so a reload does not reset their next run."""
-        assert self.scheduler is not None
+    def _plan_schedule(self, settings: Settings) -> SchedulePlan:
+        """What the scheduler must change for ``settings``; unchanged schedules are left out so
+        a reload does not reset their next run."""
         wanted = {
             name: cfg.schedule
-            for name, cfg in self.settings.sources.items()
+            for name, cfg in settings.sources.items()
             if cfg.enabled and cfg.schedule is not None
         }
-        for name, cfg in self.settings.sources.items():
-            if cfg.enabled and cfg.schedule is None and name not in self._scheduled:
-                self.log.info(
-                    "source_unscheduled", source=name, hint=f"rostersync sync --source {name}"
-                )
-        for name in list(self._scheduled):
-            if wanted.get(name) != self._scheduled[name]:
-                with contextlib.suppress(Exception):
-                    self.scheduler.remove_job(f"sync:{name}")
-                del self._scheduled[name]
+        add: dict[str, tuple[Schedule, BaseTrigger]] = {}
+        now = datetime.now(UTC)
         for name, schedule in wanted.items():
-            if name in self._scheduled:
+            if self._scheduled.get(name) == schedule:
                 continue
             trigger = build_trigger(schedule, start=self._first_start(name, schedule))
-            job = self.scheduler.add_job(
-                self._scheduled_sync,
-                trigger,
-                args=[name],
-                id=f"sync:{name}",
-                name=f"sync {name}",
-                coalesce=True,
-                max_instances=1,
-                misfire_grace_time=misfire_grace(schedule),
-                replace_existing=True,
+            if trigger.get_next_fire_time(None, now) is None:
+                raise ValueError(f"the schedule of source {name!r} never fires")
+            add[name] = (schedule, trigger)
+        manual = [
+            name
+            for name, cfg in settings.sources.items()
+            if cfg.enabled and cfg.schedule is None and name not in self._scheduled
+        ]
+        return SchedulePlan(add, [n for n in self._scheduled if n not in wanted], manual)
+
+    def _snapshot_jobs(
+        self, plan: SchedulePlan
+    ) -> tuple[dict[str, Job | None], dict[str, Schedule]]:
+        """The jobs ``plan`` touches, as they are now, for :meth:`_restore_jobs`."""
+        assert self.scheduler is not None
+        names = [*plan.add, *plan.remove]
+        return {n: self.scheduler.get_job(job_id(n)) for n in names}, dict(self._scheduled)
+
+    def _restore_jobs(self, snapshot: tuple[dict[str, Job | None], dict[str, Schedule]]) -> None:
+        """Put the jobs of a snapshot back exactly, next run time included."""
+        assert self.scheduler is not None
+        jobs, scheduled = snapshot
+        for name, job in jobs.items():
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(job_id(name))
+            if job is not None:
+                self.scheduler.add_job(
+                    job.func,
+                    job.trigger,
+                    args=job.args,
+                    id=job.id,
+                    name=job.name,
+                    coalesce=job.coalesce,
+                    max_instances=job.max_instances,
+                    misfire_grace_time=job.misfire_grace_time,
+                    next_run_time=job.next_run_time,
+                    replace_existing=True,
+                )
+        self._scheduled = scheduled
+
+    def _add_jobs(self, plan: SchedulePlan) -> None:
+        """Add or replace the planned jobs; if one fails, the others are put back as they were."""
+        assert self.scheduler is not None
+        snapshot = self._snapshot_jobs(plan)
+        added: list[tuple[str, Job]] = []
+        try:
+            for name, (schedule, trigger) in plan.add.items():
+                job = self.scheduler.add_job(
+                    self._scheduled_sync,
+                    trigger,
+                    args=[name],
+                    id=job_id(name),
+                    name=f"sync {name}",
+                    coalesce=True,
+                    max_instances=1,
+                    misfire_grace_time=misfire_grace(schedule),
+                    replace_existing=True,
+                )
+                self._scheduled[name] = schedule
+                added.append((name, job))
+        except Exception:
+            self._restore_jobs(snapshot)
+            raise
+        for name in plan.manual:
+            self.log.info(
+                "source_unscheduled", source=name, hint=f"rostersync sync --source {name}"
             )
-            self._scheduled[name] = schedule
+        for name, job in added:
             self.log.info("source_scheduled", source=name, next_run=str(job.next_run_time))
+
+    def _remove_jobs(self, plan: SchedulePlan) -> None:
+        assert self.scheduler is not None
+        for name in plan.remove:
+            with contextlib.suppress(JobLookupError):
+                self.scheduler.remove_job(job_id(name))
+            self._scheduled.pop(name, None)
 
     def _first_start(self, name: str, schedule: Schedule) -> datetime | None:
         """Interval schedules continue from the last success instead of restarting the clock
@@ -523,8 +537,7 @@ class Daemon:
 
     # -- resync workers ------------------------------------------------------------------------
 
-    def _resize_workers(self) -> None:
-        want = self.settings.resync.workers
+    def _resize_workers(self, want: int) -> None:
         live = [w for w in self._workers if not w.retire]
         for w in live[want:]:
             w.retire = True  # finishes its batch, then leaves
@@ -644,8 +657,18 @@ class Daemon:
                 next_dog = self._heartbeat + watchdog
             await asyncio.sleep(min(1.0, watchdog or 1.0))
 
+    def unscheduled_sources(self) -> list[str]:
+        """Enabled sources with a ``schedule`` that have no job in the scheduler: they would
+        silently never run. (Sources without ``schedule`` are run by hand and are fine.)"""
+        settings, scheduler = self.settings, self.scheduler
+        expected = [n for n, c in settings.sources.items() if c.enabled and c.schedule is not None]
+        if scheduler is None:
+            return expected
+        return [n for n in expected if scheduler.get_job(job_id(n)) is None]
+
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Called from the metrics thread: scheduler alive and database reachable."""
+        """Called from the metrics thread: scheduler alive with a job for every scheduled
+        source, and database reachable."""
         age = time.monotonic() - self._heartbeat
         scheduler_ok = bool(
             self.scheduler is not None
@@ -653,6 +676,7 @@ class Daemon:
             and age < HEARTBEAT_STALE
             and not self._stopping
         )
+        unscheduled = self.unscheduled_sources()
         db_error = None
         try:
             with self.store.read() as conn:
@@ -664,6 +688,7 @@ class Daemon:
             "scheduler": scheduler_ok,
             "database": db_error is None,
             "heartbeat_age_seconds": round(age, 3),
+            "unscheduled_sources": unscheduled,
             "sources": {
                 name: {"status": r.status, "run_id": r.run_id, "finished_at": r.finished_at}
                 for name, r in self.last_runs.items()
@@ -671,21 +696,39 @@ class Daemon:
         }
         if db_error:
             detail["database_error"] = db_error
-        return scheduler_ok and db_error is None, detail
+        return scheduler_ok and not unscheduled and db_error is None, detail
 
     def _listen_address(self) -> str | None:
         return self.settings.metrics.listen if self.settings.metrics else None
 
     def _apply_metrics_listen(self) -> None:
         want = self._listen_address()
-        if want == self._server_listen:
-            return
-        if self._server is not None:
-            self._server.stop()
-            self._server, self._server_listen = None, None
-        if want is not None:
+        if want is not None and want != self._server_listen:
             self._server = MetricsServer(want, self.metrics, self.health).start()
             self._server_listen = want
+
+    def _open_metrics(self, want: str | None) -> tuple[MetricsServer | None, bool]:
+        """Start the listener a new config asks for while the old one still serves.
+
+        Returns it (None when ``want`` is None) and whether the old listener had to be stopped
+        first: it held the port under another spelling of the host (``127.0.0.1`` to
+        ``0.0.0.0``). If the new address cannot be bound, the old listener is serving again.
+        """
+        if want is None:
+            return None, False
+        old = self._server_listen
+        try:
+            return MetricsServer(want, self.metrics, self.health).start(), False
+        except OSError:
+            same_port = old is not None and old.rpartition(":")[2] == want.rpartition(":")[2]
+            if self._server is None or old is None or not same_port:
+                raise
+        self._server.stop()
+        try:
+            return MetricsServer(want, self.metrics, self.health).start(), True
+        except OSError:
+            self._server = MetricsServer(old, self.metrics, self.health).start()
+            raise
 
     # -- outbox ------------------------------------------------------------------------------------
 
@@ -709,54 +752,108 @@ class Daemon:
     def _on_sighup(self) -> None:
         if self._stopping:
             return
-        task = asyncio.create_task(self.reload())
+        task = asyncio.create_task(self.reload(), name="reload")
         self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        task.add_done_callback(self._reload_done)
+
+    def _reload_done(self, task: asyncio.Task[Any]) -> None:
+        self._reloads.discard(task)
+        # reload() turns every failure into a rejection; this only keeps asyncio from printing
+        # "Task exception was never retrieved" should something slip through.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.error(
+                "config_reload_rejected", errors=[scrub(str(exc))], kept="previous config"
+            )
 
     async def reload(self) -> bool:
-        """Re-read the config; a bad one is logged and the running one kept."""
+        """Re-read the config and apply it whole, or keep the running one whole.
+
+        Any failure (loading, validation, building triggers, scheduling, workers, the metrics
+        listener) leaves the old config, schedules and listener in place and logs
+        ``config_reload_rejected``. systemd hears RELOADING=1 and then always READY=1.
+        """
         async with self._reload_lock:
             self.notifier.reloading()
             log = self.log.bind(config=str(self.config_file))
+            status: str | None = None
             try:
-                new = await asyncio.to_thread(load_settings, self.config_file)
-            except ConfigError as exc:
-                issues = [str(i) for i in exc.issues] or [str(exc)]
-                log.error("config_reload_rejected", errors=issues, kept="previous config")
+                try:
+                    new = await asyncio.to_thread(load_settings, self.config_file)
+                    register_secrets_in(new)
+                    if new.database != self.settings.database:
+                        log.warning("config_database_change_needs_restart", kept=repr(self.store))
+                        new = new.model_copy(update={"database": self.settings.database})
+                    self._switch_config(new)
+                except ConfigError as exc:
+                    errors = [str(i) for i in exc.issues] or [str(exc)]
+                except Exception as exc:
+                    errors = [f"{type(exc).__name__}: {scrub(str(exc))}"]
+                else:
+                    await self._warn_about_files()
+                    self.metrics.reloads.labels("applied").inc()
+                    log.info(
+                        "config_reloaded",
+                        sources=sorted(self._scheduled),
+                        workers=new.resync.workers,
+                    )
+                    status = self.status_text()
+                    return True
+                log.error("config_reload_rejected", errors=errors, kept="previous config")
                 self.metrics.reloads.labels("rejected").inc()
-                self.notifier.ready(
-                    f"config reload rejected ({len(issues)} error(s)); {self.status_text()}"
-                )
+                status = f"config reload rejected ({len(errors)} error(s)); {self.status_text()}"
                 return False
-            except Exception as exc:
-                log.error(
-                    "config_reload_rejected", errors=[scrub(str(exc))], kept="previous config"
-                )
-                self.metrics.reloads.labels("rejected").inc()
-                self.notifier.ready(f"config reload rejected; {self.status_text()}")
-                return False
-            if new.database != self.settings.database:
-                log.warning("config_database_change_needs_restart", kept=repr(self.store))
-                new = new.model_copy(update={"database": self.settings.database})
-            register_secrets_in(new)
+            finally:
+                if not self._stopping:
+                    self.notifier.ready(status or "config reload failed")
+
+    async def _warn_about_files(self) -> None:
+        """A source whose drop folder or CA bundle is missing still runs (and fails, saying
+        why) without holding up the others; the log says so at start and on every reload."""
+        problems = await asyncio.to_thread(file_problems, self.config_file)
+        if problems:
+            self.log.warning("config_files_missing", errors=problems)
+
+    def _switch_config(self, new: Settings) -> None:
+        """Apply ``new`` all or nothing: first everything that can fail without changing
+        anything (triggers, engine, binding the new metrics address), then the switch, each
+        step of which is undone if a later one fails."""
+        assert self.scheduler is not None
+        plan = self._plan_schedule(new)
+        engine = self._make_engine(new)
+        want = new.metrics.listen if new.metrics else None
+        old_server, old_listen = self._server, self._server_listen
+        new_server, old_stopped = (None, False)
+        if want != old_listen:
+            new_server, old_stopped = self._open_metrics(want)
+        old_settings, old_engine = self.settings, self.engine
+        old_workers = old_settings.resync.workers
+        snapshot = self._snapshot_jobs(plan)
+        step = "schedules"
+        try:
+            self._add_jobs(plan)
+            step = "config"
+            self.settings, self.engine = new, engine
+            self._remove_jobs(plan)
+            step = "workers"
+            self._resize_workers(new.resync.workers)
+            step = "logging"
             if self.log_level is None:
                 configure_logging(new.logging.level, new.logging.format)
-            self.settings = new
-            self.engine = self._make_engine()
-            self._apply_schedule()
-            self._resize_workers()
-            try:
-                self._apply_metrics_listen()
-            except OSError as exc:
-                log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
-            self.metrics.reloads.labels("applied").inc()
-            log.info(
-                "config_reloaded",
-                sources=sorted(self._scheduled),
-                workers=new.resync.workers,
-            )
-            self.notifier.ready(self.status_text())
-            return True
+        except Exception:
+            self.log.warning("config_reload_undone", failed_at=step)
+            if step in ("workers", "logging"):
+                self._resize_workers(old_workers)
+            self.settings, self.engine = old_settings, old_engine
+            self._restore_jobs(snapshot)
+            if new_server is not None:
+                new_server.stop()
+                if old_stopped and old_listen is not None:
+                    self._server = MetricsServer(old_listen, self.metrics, self.health).start()
+            raise
+        if want != old_listen:
+            if old_server is not None and not old_stopped:
+                old_server.stop()
+            self._server, self._server_listen = new_server, want
 
 
 def run_daemon(

@@ -49,17 +49,22 @@ def email_domain(email: str) -> str:
     return email.rpartition("@")[2]
 
 
-def normalize_domains(domains: Iterable[str]) -> frozenset[str]:
-    """Allow-listed domains as compared: NFKC, lower-case, without a leading ``@``."""
-    return frozenset(normalize_email(d).lstrip("@") for d in domains if d and d.strip())
+def identity_problem(email: str, allowed_domains: Iterable[str] | None) -> str | None:
+    """Why a normalized address cannot be a user's identity here: invalid, or outside the
+    allowed domains. None when it can."""
+    return email_problem(email) or domain_problem(email, allowed_domains)
 
 
-def domain_problem(email: str, allowed: frozenset[str]) -> str | None:
-    """Why a valid address is outside the allow-list (``provisioning.email_domains``), or None.
+def domain_problem(email: str, allowed: Iterable[str] | None) -> str | None:
+    """Why a valid address is outside the allow-list (``provisioning.email_domains``, already
+    normalized), or None.
 
-    An empty allow-list allows every domain. Domains match exactly: a subdomain is another
+    No allow-list (None) allows every domain. Domains match exactly: a subdomain is another
     domain (``hs.example.org`` must be listed on its own), as directories such as Google
     Workspace treat them."""
-    if not allowed or email_domain(email) in allowed:
+    if allowed is None:
         return None
-    return f"{email!r} is outside provisioning.email_domains ({', '.join(sorted(allowed))})"
+    domains = sorted(allowed)
+    if email_domain(email) in domains:
+        return None
+    return f"{email!r} is outside provisioning.email_domains ({', '.join(domains)})"

@@ -9,7 +9,9 @@
     └── SourceError              anything about one roster source (names the source)
         ├── RetriableSourceError timeouts, dropped connections, 429, 5xx: worth another try
         └── FatalSourceError     401/403, unreadable file, a repeated page: stop the run
-            └── DeltaUnsupportedError  the source refused a delta filter; the engine runs full
+            ├── DeltaUnsupportedError  the source refused a delta filter; the engine runs full
+            └── ChangesOnlyError       the source holds changes only (a CSV delta drop): no
+                                       full run; the engine runs delta when that is safe
 
 Messages never carry secrets: connectors name the source and the request path only.
 """
@@ -61,6 +63,7 @@ class RunStateError(RostersyncError):
 class SourceError(RostersyncError):
     def __init__(self, source: str, message: str) -> None:
         self.source = source
+        self.detail = message  # without the source's name, to quote inside another message
         super().__init__(f"source {source!r}: {message}")
 
 
@@ -78,3 +81,9 @@ class FatalSourceError(SourceError):
 
 class DeltaUnsupportedError(FatalSourceError):
     """The source rejected the delta filter; the engine falls back to a full run."""
+
+
+class ChangesOnlyError(FatalSourceError):
+    """A full fetch of a source that holds changes only (a OneRoster CSV delta drop): a full
+    run would remove everything the changes do not mention. The engine runs a delta run
+    instead, unless a full run was asked for by hand or none has succeeded yet."""

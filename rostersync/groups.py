@@ -16,12 +16,16 @@ from datetime import datetime
 from sqlalchemy import Connection, DateTime, bindparam, text
 
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
-from rostersync.sync.apply import POPULATED, ids_in
+from rostersync.sync.apply import POPULATED, ids_in, teacher_role, teacher_role_params
 from rostersync.sync.plan import chunks
 
 GroupKey = tuple[str, str]  # (source, class sourced_id)
 
-_DESIRED = f"""
+
+def _desired_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:
+    """The groups these users (``:uids``) should own: the populated, active classes each one
+    teaches as an active, enabled person of a teacher role, with an active account."""
+    return f"""
     SELECT i.user_id, c.source, c.sourced_id, c.title
     FROM user_identity i
     JOIN "user" u ON u.id = i.user_id AND u.status = 'active'
@@ -29,11 +33,14 @@ _DESIRED = f"""
     JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
     JOIN roster_class c ON c.source = te.source AND c.sourced_id = te.class_id
     WHERE i.user_id IN :uids AND te.role = 'teacher' AND te.status = 'active'
-      AND tp.status = 'active' AND tp.enabled = :yes AND c.status = 'active'
-      AND {POPULATED}
+      AND tp.status = 'active' AND tp.enabled = :yes AND {teacher_role(conn, teacher_roles)}
+      AND c.status = 'active' AND {POPULATED}
 """
 
-_OWNERS = """
+
+def _owners_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:
+    """Every owner these classes (``:ids`` of ``:src``) should have."""
+    return f"""
     SELECT te.class_id, i.user_id
     FROM roster_enrollment te
     JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
@@ -41,7 +48,9 @@ _OWNERS = """
     JOIN "user" u ON u.id = i.user_id AND u.status = 'active'
     WHERE te.source = :src AND te.class_id IN :ids AND te.role = 'teacher'
       AND te.status = 'active' AND tp.status = 'active' AND tp.enabled = :yes
+      AND {teacher_role(conn, teacher_roles)}
 """
+
 
 #: A member's stored email and name, from its person (alias ``sp``): every read of members
 #: says it the same way, or a group's comparison would see a change that is not there.
@@ -279,7 +288,11 @@ def _insert_groups(
 
 
 def rebuild_groups(
-    conn: Connection, user_ids: Iterable[int], *, refresh_all: Iterable[int] = ()
+    conn: Connection,
+    user_ids: Iterable[int],
+    *,
+    teacher_roles: Sequence[str],
+    refresh_all: Iterable[int] = (),
 ) -> dict[int, Counter[str]]:
     """Rebuild the groups of these users; returns per-user counts of groups_created,
     groups_updated and groups_removed (each change is credited to one user of the batch).
@@ -291,6 +304,9 @@ def rebuild_groups(
     """
     uids = sorted(set(user_ids))
     full_refresh = set(refresh_all)
+    roles = teacher_role_params(teacher_roles)
+    desired_sql = _desired_sql(conn, teacher_roles)
+    owners_sql = _owners_sql(conn, teacher_roles)
     result: dict[int, Counter[str]] = {u: Counter() for u in uids}
     if not uids:
         return result
@@ -300,7 +316,7 @@ def rebuild_groups(
     wanted_by: dict[GroupKey, set[int]] = defaultdict(set)
     for chunk in chunks(uids):
         for uid, src, cls, title in conn.execute(
-            in_text(_DESIRED, "uids"), {"uids": chunk, "yes": True}
+            in_text(desired_sql, "uids"), {"uids": chunk, "yes": True, **roles}
         ):
             desired[(src, cls)] = title
             wanted_by[(src, cls)].add(uid)
@@ -399,7 +415,7 @@ def rebuild_groups(
     for src, classes in by_source.items():
         for chunk in chunks(sorted(classes)):
             for cls, uid in conn.execute(
-                in_text(_OWNERS, "ids"), {"src": src, "ids": chunk, "yes": True}
+                in_text(owners_sql, "ids"), {"src": src, "ids": chunk, "yes": True, **roles}
             ):
                 want_owners.add((groups[(src, cls)][0], uid))
 

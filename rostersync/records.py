@@ -8,6 +8,7 @@ Google Classroom courses and rosters) into these, so the sync engine knows one v
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from hashlib import blake2b
@@ -31,6 +32,30 @@ def digest(*parts: object) -> str:
 def digest_text(text: str) -> str:
     """:func:`digest` of parts already joined (``None`` as ``"\\x00"``, ``"\\x1f"`` between)."""
     return blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def person_roles(role: str, roles: Iterable[str] = ()) -> str:
+    """The stored ``roles`` of a person: the primary ``role`` and every other one, lower-cased,
+    each once, sorted and comma-joined (``administrator,teacher``)."""
+    names = {r.strip().lower().replace(",", " ") for r in (role, *roles) if r and r.strip()}
+    return ",".join(sorted(names))
+
+
+def person_digest(
+    role: str,
+    roles_text: str,
+    given: str,
+    family: str,
+    email: str | None,
+    username: str | None,
+    enabled: bool,
+    org_ids: tuple[str, ...],
+    status: str,
+) -> str:
+    """A person's ``row_hash``. Roles beyond the primary one join the hash only when there are
+    any, so a person with one role keeps the hash it had before roles were stored."""
+    extra = () if roles_text == role.lower() else (roles_text,)
+    return digest(role, given, family, email, username, enabled, org_ids, status, *extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +86,8 @@ class RosterPerson:
     org_ids: tuple[str, ...] = ()
     status: Status = "active"
     date_last_modified: datetime | None = None
+    #: roles besides ``role`` (OneRoster 1.2 ``roles[]``); any of them may make a teacher
+    other_roles: tuple[str, ...] = ()
 
     entity = "user"
 
@@ -68,9 +95,14 @@ class RosterPerson:
     def display_name(self) -> str:
         return " ".join(p for p in (self.given_name, self.family_name) if p).strip()
 
+    @property
+    def roles_text(self) -> str:
+        return person_roles(self.role, self.other_roles)
+
     def content_hash(self) -> str:
-        return digest(
+        return person_digest(
             self.role,
+            self.roles_text,
             self.given_name,
             self.family_name,
             self.email,
@@ -89,6 +121,9 @@ class RosterClass:
     school_id: str | None = None
     status: Status = "active"
     date_last_modified: datetime | None = None
+    #: the academic sessions (terms) the class runs in; carried for the terms rules to come,
+    #: not stored yet and no part of ``content_hash``
+    term_ids: tuple[str, ...] = ()
 
     entity = "class"
 

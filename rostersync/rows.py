@@ -28,7 +28,7 @@ from rostersync.records import (
 COLUMNS: dict[str, tuple[str, ...]] = {
     "org": ("sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
     "person": (
-        "sourced_id", "role", "given_name", "family_name", "email", "username", "enabled",
+        "sourced_id", "role", "roles", "given_name", "family_name", "email", "username", "enabled",
         "org_ids", "status", "date_last_modified", "row_hash",
     ),
     "class": ("sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
@@ -68,7 +68,7 @@ def org_tuple(r: RosterOrg) -> Row:
 def person_tuple(r: RosterPerson) -> Row:
     email = r.email.strip() if r.email else None
     return (
-        r.sourced_id, r.role, r.given_name, r.family_name, email, r.username, r.enabled,
+        r.sourced_id, r.role, r.roles_text, r.given_name, r.family_name, email, r.username, r.enabled,
         ",".join(r.org_ids), r.status, utc_text(r.date_last_modified), r.content_hash(),
     )  # fmt: skip
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -162,3 +163,47 @@ def test_console_script_runs(config: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["runs"][0]["counts"]["users_created"] == 43
+
+
+def _cut_drop_to_a_tenth(config: Path) -> None:
+    drop = config.parent / "sample-district"
+    for name in ("users.csv", "enrollments.csv", "classes.csv"):
+        lines = (drop / name).read_text().splitlines(keepends=True)
+        (drop / name).write_text("".join(lines[: 1 + (len(lines) - 1) // 10]))
+
+
+def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) -> None:
+    """The trial that archived 27 users for real: a dry run of a drop cut to a tenth says a
+    real run would be held, is listed as a dry run, and `runs approve` refuses it (exit 1)."""
+    assert run(config, "sync").exit_code == 0
+    before = as_json(run(config, "users", "list", "--json"))
+    _cut_drop_to_a_tenth(config)
+    dry = run(config, "sync", "--dry-run")
+    assert dry.exit_code == 1
+    assert "(dry run): held" in dry.stdout and "a real run would be held" in dry.stdout
+    assert "runs approve" not in dry.stdout
+    dry_id = as_json(run(config, "runs", "list", "--json"))[0]["id"]  # type: ignore[index]
+    shown = as_json(run(config, "runs", "show", str(dry_id), "--json"))
+    assert shown["dry_run"] is True and shown["status"] == "held"  # type: ignore[index]
+    listed = run(config, "runs", "list").stdout.splitlines()
+    assert re.match(rf"{dry_id}\s+sample\s+full\s+held \(dry run\)\s", listed[2])
+    approve = run(config, "runs", "approve", str(dry_id))
+    assert approve.exit_code == 1
+    assert "is a dry run" in approve.stderr
+    assert as_json(run(config, "users", "list", "--json")) == before
+
+
+def test_a_missing_drop_folder_fails_its_source_not_every_command(config: Path) -> None:
+    """`config check` reports a CSV drop that is gone (exit 2), but listing users still works
+    and a sync of that source fails on its own, saying why."""
+    assert run(config, "sync").exit_code == 0
+    shutil.rmtree(config.parent / "sample-district")
+    check = run(config, "config", "check")
+    assert check.exit_code == 2
+    assert "sources.sample.path" in check.stderr and "does not exist" in check.stderr
+    listed = run(config, "users", "list", "--json")
+    assert listed.exit_code == 0 and len(as_json(listed)) == 43  # type: ignore[arg-type]
+    failed = run(config, "sync", "--json")
+    assert failed.exit_code == 1
+    report = as_json(failed)["runs"][0]  # type: ignore[index]
+    assert report["status"] == "failed" and "sample-district" in report["error"]

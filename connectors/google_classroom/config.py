@@ -28,7 +28,13 @@ from pydantic import (
 )
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import ConfigPath, Duration, StrictModel, config_dir
+from rostersync.config.types import (
+    ConfigPath,
+    Duration,
+    StrictModel,
+    config_dir,
+    exactly_one_of,
+)
 from rostersync.retry import RetrySettings
 
 CourseState = Literal["ACTIVE", "ARCHIVED", "PROVISIONED", "DECLINED", "SUSPENDED"]
@@ -126,7 +132,10 @@ class GoogleClassroomSourceConfig(SourceConfig):
     """A Google Workspace domain's Classroom courses, read as a delegated admin."""
 
     # A model-level error would otherwise print its whole input, service-account JSON included.
-    model_config = ConfigDict(hide_input_in_errors=True)
+    model_config = ConfigDict(
+        hide_input_in_errors=True,
+        json_schema_extra=exactly_one_of("service_account_file", "service_account_json"),
+    )
 
     type: Literal["google_classroom"]
     service_account_file: ConfigPath | None = Field(

@@ -15,10 +15,26 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import ConfigPath, Duration, StrictModel, resolve_secret
+from rostersync.config.types import (
+    AlsoAccepts,
+    ConfigPath,
+    Duration,
+    Secret,
+    SecretFile,
+    StrictModel,
+    checking_files,
+    resolve_secret,
+    secret_pair_schema,
+)
 from rostersync.retry import RetrySettings
 
 #: The OAuth2 scopes each version's rostering service documents (read-only).
@@ -31,10 +47,14 @@ DEFAULT_SCOPES = {
 class OAuth1Auth(StrictModel):
     """OAuth 1.0a request signing, HMAC-SHA256 (ClassLink Roster Server's direct access)."""
 
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("client_secret"))
+
     type: Literal["oauth1"]
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
-    client_secret_file: Path | None = Field(default=None, description="a file holding the secret")
+    client_secret: Secret
+    client_secret_file: SecretFile | None = Field(
+        default=None, description="a file holding the secret"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -45,11 +65,15 @@ class OAuth1Auth(StrictModel):
 class OAuth2Auth(StrictModel):
     """OAuth2 client credentials (OneRoster 1.2; many 1.1 servers too)."""
 
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("client_secret"))
+
     type: Literal["oauth2"]
     token_url: str
     client_id: str = Field(min_length=1)
-    client_secret: SecretStr
-    client_secret_file: Path | None = Field(default=None, description="a file holding the secret")
+    client_secret: Secret
+    client_secret_file: SecretFile | None = Field(
+        default=None, description="a file holding the secret"
+    )
     scope: str | None = Field(
         default=None, description="requested scope; default: the version's roster read-only scope"
     )
@@ -68,9 +92,11 @@ class OAuth2Auth(StrictModel):
 class BearerAuth(StrictModel):
     """A static bearer token (ClassLink's OAuth2 proxy)."""
 
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("token"))
+
     type: Literal["bearer"]
-    token: SecretStr
-    token_file: Path | None = Field(default=None, description="a file holding the token")
+    token: Secret
+    token_file: SecretFile | None = Field(default=None, description="a file holding the token")
 
     @model_validator(mode="before")
     @classmethod
@@ -97,7 +123,8 @@ class OneRosterSourceConfig(SourceConfig):
     base_url: str = Field(
         description="the rostering base, e.g. https://x-v2.rosterserver.com/ims/oneroster/v1p1"
     )
-    version: Literal["1.1", "1.2"] = Field(
+    # YAML reads an unquoted 1.2 as a number; _version_text accepts it, so the schema does too.
+    version: Annotated[Literal["1.1", "1.2"], AlsoAccepts({"enum": [1.1, 1.2]})] = Field(
         default="1.1", description="OneRoster version; default from base_url (v1p2 means 1.2)"
     )
     auth: AuthConfig
@@ -139,6 +166,19 @@ class OneRosterSourceConfig(SourceConfig):
     @classmethod
     def _base_url(cls, value: str) -> str:
         return _check_http_url(value)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Loaded as the run will load it: `config check` reports a wrong path (checking_files).
+        if value is not None and checking_files(info):
+            try:
+                ssl.create_default_context(cafile=str(value))
+            except ssl.SSLError:
+                raise ValueError(f"{value} holds no PEM certificates") from None
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+        return value
 
     @property
     def scope(self) -> str | None:

@@ -37,6 +37,8 @@ from rostersync.records import (
     Status,
     digest,
     digest_text,
+    person_digest,
+    person_roles,
 )
 from rostersync.rows import COLUMNS, Row, StagedBatch, utc_text
 
@@ -243,7 +245,22 @@ def org_row(raw: dict[str, Any]) -> Row:
     )  # fmt: skip
 
 
-_PersonFields = tuple[str, str, str, str, str | None, str | None, bool, tuple[str, ...], Status]
+_PersonFields = tuple[
+    str, str, tuple[str, ...], str, str, str | None, str | None, bool, tuple[str, ...], Status
+]
+
+
+def _other_roles(raw: dict[str, Any], primary: str | None) -> tuple[str, ...]:
+    """The roles besides ``primary`` that a 1.2 ``roles[]`` lists (primary or secondary), and a
+    1.1 ``role`` sent beside it: each once."""
+    found: list[str] = []
+    roles = raw.get("roles")
+    names = [e.get("role") for e in roles if isinstance(e, dict)] if isinstance(roles, list) else []
+    for value in (*names, raw.get("role")):
+        name = _role_name(value)
+        if name is not None and name != primary and name not in found:
+            found.append(name)
+    return tuple(found)
 
 
 def _person_fields(raw: dict[str, Any]) -> _PersonFields:
@@ -256,6 +273,7 @@ def _person_fields(raw: dict[str, Any]) -> _PersonFields:
     return (
         sourced_id,
         role or "",
+        _other_roles(raw, role),
         _text(raw, "givenName") or "",
         _text(raw, "familyName") or "",
         email,
@@ -267,14 +285,20 @@ def _person_fields(raw: dict[str, Any]) -> _PersonFields:
 
 
 def normalize_user(raw: dict[str, Any]) -> RosterPerson:
-    return RosterPerson(*_person_fields(raw), date_last_modified=_modified(raw))
+    sid, role, others, given, family, email, username, enabled, orgs, status = _person_fields(raw)
+    return RosterPerson(
+        sid, role, given, family, email, username, enabled, orgs, status,
+        date_last_modified=_modified(raw), other_roles=others,
+    )  # fmt: skip
 
 
 def user_row(raw: dict[str, Any]) -> Row:
-    sid, role, given, family, email, username, enabled, orgs, status = _person_fields(raw)
+    sid, role, others, given, family, email, username, enabled, orgs, status = _person_fields(raw)
+    roles = person_roles(role, others)
     return (
-        sid, role, given, family, email, username, enabled, ",".join(orgs), status,
-        _date_text(raw), digest(role, given, family, email, username, enabled, orgs, status),
+        sid, role, roles, given, family, email, username, enabled, ",".join(orgs), status,
+        _date_text(raw),
+        person_digest(role, roles, given, family, email, username, enabled, orgs, status),
     )  # fmt: skip
 
 

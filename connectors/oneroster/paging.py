@@ -9,12 +9,16 @@ The server may help in two ways and we use whichever it offers:
 * ``Link: <...>; rel="next"``: followed one page at a time. Only the ``offset`` is read from
   the link; the URL itself is always built from ``base_url`` and our own parameters, because
   some servers put another host (or plain http) in their links.
-* Neither: keep going until a page comes back short or empty.
+* Neither: keep going until a page comes back short or empty. A short first page ends the
+  collection at once (no request for an empty page after it), unless its length is a multiple
+  of :data:`LIKELY_CAP`: then it may be the server's own page limit rather than the end.
 
 Quirks handled:
 
 * A server that caps ``limit`` below what we asked (asked 5000, got 1000 of 50000): the first
-  page's length becomes the step, or we would skip four records in five.
+  page's length becomes the step, or we would skip four records in five. The total, or a
+  ``rel="next"`` link, says so; without either, only a round length (servers cap at 100, 500,
+  1000, ...) is taken for a cap, at the cost of one request that may come back empty.
 * A server that ignores ``offset`` and returns the same page forever: two neighbouring pages
   with the same first ``sourcedId`` and the same length stop the run with a clear
   :class:`~rostersync.errors.FatalSourceError` instead of looping.
@@ -31,6 +35,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from rostersync.errors import FatalSourceError
+
+#: Without a total or a Link, a short first page whose length is a multiple of this may be a
+#: server's silent page limit (the spec's default of 100 among them), so paging goes on.
+LIKELY_CAP = 50
 
 _LINK_PART = re.compile(r"<([^>]*)>\s*((?:;\s*[^;,]+)*)")
 _REL = re.compile(r"""rel\s*=\s*"?([^";]+)"?""", re.IGNORECASE)
@@ -115,8 +123,13 @@ class OffsetPaginator:
         """After the first page: the remaining offsets when the total is known, else None."""
         self.record(first)
         got = first.size
-        if 0 < got < self.limit and (first.total is None or first.total > got):
-            # The server serves smaller pages than we asked for.
+        if 0 < got < self.limit and (
+            first.total > got
+            if first.total is not None
+            else first.has_next or got % LIKELY_CAP == 0
+        ):
+            # The server serves smaller pages than we asked for (or, without a total or a
+            # link, may do so). Any other short first page is the whole collection.
             self.step = got
         if first.total is None:
             return None

@@ -10,6 +10,7 @@ changes nothing and exits 2 naming the file, column or count.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync.emails import normalize_email
 from rostersync.importer import (
     ImportRefused,
     ImportResult,
@@ -105,6 +107,15 @@ def import_file(
     cli = _cli()
     settings = app.settings
     max_rows = settings.import_.max_rows
+    if report_path:
+        # Checked first: the report is written after the import has been committed.
+        folder = Path(report_path).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            cli.fail(
+                f"--report {report_path}: the folder {str(folder)!r} does not exist or is not "
+                "writable; nothing was imported",
+                cli.EXIT_USAGE,
+            )
     try:
         if file == "-":
             # Bytes, not text: an XLSX workbook may be piped in, and the BOM/encoding sniffing
@@ -216,12 +227,12 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
     cli = _cli()
     _check_source(app, source)
     prov = app.settings.provisioning
-    with app.store.read() as conn:
-        found = candidates(conn, source)
+    with app.read_store.read() as conn:
+        found = candidates(conn, source, app.settings)
     rows = [
         {
             "sourced_id": t.sourced_id,
-            "email": (t.email or "").strip().lower(),
+            "email": normalize_email(t.email),
             "display_name": t.display_name,
             "schools": list(t.school_names),
             "sites": list(sites_for(t, prov)),

@@ -12,13 +12,17 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import Field, ValidationError, create_model
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from rostersync.config.models import Settings
+from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
 from rostersync.connector import PLUGIN_ERRORS, load_plugins
 from rostersync.errors import ConfigError, ConfigIssue
 
@@ -102,11 +106,13 @@ def _child(current: Any, seg: str | int) -> tuple[bool, Any]:
     return False, None
 
 
-def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None]:
+def _map_loc(
+    loc: tuple[str | int, ...], data: Any, *, missing_key: bool = True
+) -> tuple[PathKey, str | None]:
     """Follow a pydantic error location through the data, dropping union tags and the like.
 
     Returns the deepest existing path and, if the last element is a key that is absent
-    (a missing field), that key's name.
+    (a missing field, when ``missing_key``), that key's name.
     """
     path: list[str | int] = []
     current = data
@@ -116,7 +122,12 @@ def _map_loc(loc: tuple[str | int, ...], data: Any) -> tuple[PathKey, str | None
         if found:
             path.append(seg)
             current = child
-        elif i == len(loc) - 1 and isinstance(seg, str) and isinstance(current, Mapping):
+        elif (
+            missing_key
+            and i == len(loc) - 1
+            and isinstance(seg, str)
+            and isinstance(current, Mapping)
+        ):
             missing = seg
         # otherwise a discriminator tag or a function-validator name: skip it
     return tuple(path), missing
@@ -159,12 +170,46 @@ def settings_model(plugin_types: tuple[str, ...] | None = None) -> type[Settings
     return create_model(
         "RostersyncConfig",
         __base__=Settings,
-        sources=(dict[str, source_type], Field(default_factory=dict)),
+        sources=(
+            dict[str, source_type],
+            Field(
+                default_factory=dict,
+                json_schema_extra={"propertyNames": {"pattern": _SOURCE_NAME.pattern}},
+            ),
+        ),
     )
 
 
+class _ConfigJsonSchema(GenerateJsonSchema):
+    """The schema of the YAML as written, before the loader substitutes ``${VAR}``: a number,
+    flag or choice may be given as an environment reference, and durations show as ``30s``."""
+
+    def int_schema(self, schema: core_schema.IntSchema) -> JsonSchemaValue:
+        return _or_env(super().int_schema(schema))
+
+    def float_schema(self, schema: core_schema.FloatSchema) -> JsonSchemaValue:
+        return _or_env(super().float_schema(schema))
+
+    def bool_schema(self, schema: core_schema.BoolSchema) -> JsonSchemaValue:
+        return _or_env(super().bool_schema(schema))
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        generated = super().literal_schema(schema)
+        # A single value is a union's tag (`type: oneroster`): it must stay a plain constant.
+        return generated if len(schema["expected"]) == 1 else _or_env(generated)
+
+    def encode_default(self, dft: Any) -> Any:
+        if isinstance(dft, timedelta):
+            return format_duration(dft)
+        return super().encode_default(dft)
+
+
+def _or_env(schema: JsonSchemaValue) -> JsonSchemaValue:
+    return {"anyOf": [schema, ENV_REFERENCE_SCHEMA]}
+
+
 def json_schema() -> dict[str, Any]:
-    schema = settings_model().model_json_schema(by_alias=True)
+    schema = settings_model().model_json_schema(by_alias=True, schema_generator=_ConfigJsonSchema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "rostersync configuration"
     return schema
@@ -261,8 +306,10 @@ def _resolve_database(url: str, base: Path) -> str:
 
 
 def load_settings_text(
-    text: str, *, file: str = "<config>", base_dir: Path | None = None
+    text: str, *, file: str = "<config>", base_dir: Path | None = None, check_files: bool = True
 ) -> Settings:
+    """Parse and validate a config. ``check_files``: also check the files sources' runs open
+    (see :func:`rostersync.config.types.checking_files`)."""
     base = base_dir or Path.cwd()
     issues: list[ConfigIssue] = []
     try:
@@ -283,10 +330,16 @@ def load_settings_text(
     model = settings_model()
     settings: Settings | None = None
     try:
-        settings = model.model_validate(data, context={"base_dir": base})
+        settings = model.model_validate(
+            data, context={"base_dir": base, "check_files": check_files}
+        )
     except ValidationError as exc:
         for err in exc.errors(include_url=False):
-            path, missing = _map_loc(tuple(err["loc"]), data)
+            # Only a "missing" error ends in an absent key; otherwise a trailing segment that
+            # is not in the data is a union tag ("oauth1") and no part of the message.
+            path, missing = _map_loc(
+                tuple(err["loc"]), data, missing_key=err.get("type") == "missing"
+            )
             issues.append(ConfigIssue(dotted(path), _message(err, missing), _line_for(path, lines)))
     for issue in _semantic_issues(data):
         issues.append(
@@ -307,8 +360,13 @@ def _path_key(path: str) -> PathKey:
     return tuple(out)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and validate the config file; raises ConfigError listing every issue."""
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, check_files: bool = False
+) -> Settings:
+    """Read and validate the config file; raises ConfigError listing every issue.
+
+    ``check_files``: also check each source's drop folder and CA bundle, as `config check`
+    does; other commands leave those to the source's runs (see :func:`file_problems`)."""
     file = config_path(path)
     try:
         text = file.read_text(encoding="utf-8")
@@ -316,4 +374,16 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         raise ConfigError(
             [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}")], str(file)
         ) from None
-    return load_settings_text(text, file=str(file), base_dir=file.resolve().parent)
+    return load_settings_text(
+        text, file=str(file), base_dir=file.resolve().parent, check_files=check_files
+    )
+
+
+def file_problems(path: str | os.PathLike[str] | None = None) -> list[str]:
+    """What `config check` would add to a config that loads: the files sources' runs would
+    fail to open, for the daemon to warn about at start and on reload."""
+    try:
+        load_settings(path, check_files=True)
+    except ConfigError as exc:
+        return [str(issue) for issue in exc.issues]
+    return []

@@ -5,13 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rostersync.config.source import SourceConfig
-from rostersync.config.types import Duration, StrictModel, resolve_secret
+from rostersync.config.types import (
+    AlsoAccepts,
+    Duration,
+    Secret,
+    SecretFile,
+    StrictModel,
+    resolve_secret,
+    secret_pair_schema,
+)
+from rostersync.emails import email_problem, normalize_email
 
 Permission = Literal["import_users"]
 
@@ -30,6 +44,43 @@ class Provisioning(StrictModel):
         default_factory=dict, description="school sourcedId or school name -> site"
     )
     on_teacher_removed: Literal["archive", "keep"] = "archive"
+    teacher_roles: list[str] = Field(
+        default_factory=lambda: ["teacher"],
+        min_length=1,
+        description="person roles that count as teachers (OneRoster 1.2: any of roles[])",
+    )
+    email_domains: list[str] | None = Field(
+        default=None,
+        description="optional allow-list: teachers whose email is in another domain are rejected",
+    )
+
+    @field_validator("teacher_roles")
+    @classmethod
+    def _role_names(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for role in v:
+            name = role.strip().lower()
+            if not name or "," in name:
+                raise ValueError(f"teacher role {role!r} must be a non-empty name without commas")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("email_domains")
+    @classmethod
+    def _domains(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("list at least one domain, or leave email_domains out to allow any")
+        out: list[str] = []
+        for domain in v:
+            name = normalize_email(domain).lstrip("@")
+            if email_problem(f"x@{name}") is not None:
+                raise ValueError(f"{domain!r} is not a mail domain (e.g. springfield.k12.us)")
+            if name not in out:
+                out.append(name)
+        return out
 
 
 class Safety(StrictModel):
@@ -51,12 +102,14 @@ class ImportSettings(StrictModel):
 
 
 class SmtpSettings(StrictModel):
+    model_config = ConfigDict(json_schema_extra=secret_pair_schema("password", required=False))
+
     host: str
     port: int = Field(default=25, ge=1, le=65535)
     starttls: bool = False
     username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
+    password: Secret | None = None
+    password_file: SecretFile | None = None
     from_: str = Field(alias="from")
 
     @model_validator(mode="before")
@@ -89,8 +142,15 @@ class Settings(StrictModel):
         description="sqlite:///PATH (relative to the config folder) or postgresql+psycopg://...",
     )
     license_limit: int | None = Field(default=None, ge=0)
-    roles: list[RoleSpec] = Field(min_length=1)
-    sites: list[str] = Field(default_factory=list)
+    roles: list[
+        Annotated[
+            RoleSpec,
+            AlsoAccepts({"type": "string", "minLength": 1, "maxLength": 256, "title": "role name"}),
+        ]
+    ] = Field(min_length=1, description="a role name, or {name, permissions, scope}")
+    sites: list[Annotated[str, Field(json_schema_extra={"maxLength": 50, "pattern": r"\S"})]] = (
+        Field(default_factory=list)
+    )
     provisioning: Provisioning
     safety: Safety = Field(default_factory=Safety)
     resync: ResyncSettings = Field(default_factory=ResyncSettings)

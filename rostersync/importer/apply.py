@@ -54,7 +54,12 @@ from rostersync.store.tables import (
     UserRole,
     UserSite,
 )
-from rostersync.sync.apply import count_active_users, queue_resync, sync_catalog
+from rostersync.sync.apply import (
+    count_active_users,
+    mark_directory_changed,
+    queue_resync,
+    sync_catalog,
+)
 from rostersync.sync.plan import chunks
 
 CREATED_BY = "import"
@@ -362,6 +367,8 @@ def _write(
         if any(not ext.startswith("username:") for _s, ext, _u in change.add_identities):
             linked.add(uid)  # linked to a roster person: their classes become groups
         out.append(outcome)
+    if any(o.change is not None for o in out):
+        mark_directory_changed(conn)
     # Plain resyncs first: queue_resync upgrades a queued job to live, never the reverse.
     result.resyncs_queued += queue_resync(
         conn, linked - live, reason="import: source username linked", run_id=None

@@ -7,31 +7,52 @@ Spreadsheets are messy in known ways, and each is handled here so the rules neve
 * Quoted cells carry commas and line breaks; a row's number is the record's position (what a
   spreadsheet shows), not the physical line, so multi-line cells do not shift later rows.
 * Trailing rows of empty cells (``;;;;``) are not rows.
+* A record the csv module cannot parse on its own line (text after a closing quote, a cell
+  over its 128 KiB limit) fails that row alone, naming the line; one that hides where the
+  next row starts (a quote left open) refuses the file (:mod:`rostersync.csvrecords`).
+* A damaged workbook fails inside openpyxl with whatever its parser hit (``ParseError``,
+  ``IndexError``, ``TypeError``, ...): each is the same refusal, naming the file.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
-from collections.abc import Iterable, Sequence
+import warnings
+import zipfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
+from typing import Any
 
+from rostersync.csvrecords import CsvUnreadable, read_records
 from rostersync.importer.errors import ImportRefused
 
 XLSX_MAGIC = b"PK\x03\x04"
+#: OLE2 compound files: legacy .xls, and any workbook Excel saved with a password.
+OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _DELIMITERS = (",", ";", "\t")
 # Invisible characters spreadsheets and web forms leave around values; str.strip() keeps them.
 _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
+#: A workbook whose parts unpack to more than this is refused before openpyxl opens it (a
+#: zip bomb would otherwise fill the memory); a 2,000-row sheet is about 1 MiB of XML.
+MAX_XLSX_UNPACKED = 256 * 1024 * 1024
+
+#: One record as read: its cells, and why it cannot be used ("line 7: ...") or None.
+_Record = tuple[Sequence[str], str | None]
 
 
 @dataclass(frozen=True, slots=True)
 class RawRow:
-    """One non-empty data row: its 1-based row number in the file (header = 1) and cells."""
+    """One non-empty data row: its 1-based row number in the file (header = 1) and cells.
+
+    ``problem`` says why the row cannot be used as read (it then fails on its own)."""
 
     row: int
     values: tuple[str, ...]
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +70,15 @@ def clean_cell(value: str) -> str:
 
 
 def _decode(data: bytes, name: str) -> tuple[str, list[str]]:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # Excel's "Unicode Text" export: UTF-16 with a byte-order mark, tab-separated.
+        try:
+            return data.decode("utf-16"), []
+        except UnicodeDecodeError as exc:
+            raise ImportRefused(
+                f"{name}: starts as UTF-16 but cannot be decoded as it ({exc.reason} at byte "
+                f"{exc.start})"
+            ) from None
     try:
         return data.decode("utf-8-sig"), []
     except UnicodeDecodeError:
@@ -73,36 +103,52 @@ def _sniff_delimiter(text: str) -> str:
     return best
 
 
-def _table(records: Iterable[Sequence[str]], name: str, max_rows: int) -> Sheet:
+def _table(records: Iterable[_Record], name: str, max_rows: int) -> Sheet:
     """Header = the first non-empty record; later empty records are skipped, not counted."""
     headers: tuple[str, ...] | None = None
     rows: list[RawRow] = []
-    for number, record in enumerate(records, start=1):
-        cells = tuple(clean_cell(c) for c in record)
-        if not any(cells):
+    count = 0
+    for number, (record, problem) in enumerate(records, start=1):
+        cells = _trimmed(tuple(clean_cell(c) for c in record))
+        if not cells and problem is None:
             continue
         if headers is None:
+            if problem is not None:
+                raise ImportRefused(f"{name}: unreadable header row ({problem})")
             headers = cells
             continue
-        rows.append(RawRow(number, cells))
+        count += 1
+        if count <= max_rows:  # past the limit the file is refused: count, but keep nothing
+            rows.append(RawRow(number, cells, problem))
     if headers is None:
         raise ImportRefused(f"{name}: the file is empty (no header row)")
-    if len(rows) > max_rows:
+    if count > max_rows:
         raise ImportRefused(
-            f"{name}: {len(rows)} rows exceed the limit of {max_rows} (import.max_rows); "
-            "split the file"
+            f"{name}: {count} rows exceed the limit of {max_rows} (import.max_rows); split the file"
         )
     return Sheet(name=name, headers=headers, rows=tuple(rows))
+
+
+def _trimmed(cells: tuple[str, ...]) -> tuple[str, ...]:
+    """Without trailing empty cells: a stray cell at column XFD must not make 16,384-cell rows."""
+    end = len(cells)
+    while end and not cells[end - 1]:
+        end -= 1
+    return cells[:end]
+
+
+def _csv_records(text: str, delimiter: str) -> Iterator[_Record]:
+    # newline="": the csv module itself handles CRLF and line breaks inside quotes.
+    for line, fields, problem in read_records(io.StringIO(text, newline=""), delimiter=delimiter):
+        yield fields, (f"line {line}: {problem}" if problem else None)
 
 
 def parse_text(text: str, name: str, *, max_rows: int, delimiter: str | None = None) -> Sheet:
     delim = delimiter or _sniff_delimiter(text)
     try:
-        # newline="" semantics: the csv module itself handles CRLF and newlines in quotes.
-        records = list(csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=False))
-    except csv.Error as exc:
-        raise ImportRefused(f"{name}: not a readable CSV file ({exc})") from None
-    return _table(records, name, max_rows)
+        return _table(_csv_records(text, delim), name, max_rows)
+    except CsvUnreadable as exc:
+        raise ImportRefused(f"{name} line {exc.line}: {exc.message}") from None
 
 
 def _xlsx_cell(value: object) -> str:
@@ -117,38 +163,100 @@ def _xlsx_cell(value: object) -> str:
     return str(value)
 
 
-def parse_xlsx(data: bytes, name: str, *, max_rows: int, sheet: str | None = None) -> Sheet:
-    import zipfile
+def _detail(exc: BaseException) -> str:
+    """What went wrong, on one short printable line: the file chose the text of some of it."""
+    parts: list[str] = []
+    cause: BaseException | None = exc
+    while cause is not None and len(parts) < 3:
+        text = (str(cause).splitlines() or [""])[0]
+        # openpyxl wraps a part's error as "Unable to read workbook: could not read X from F."
+        if text.startswith("Unable to read workbook: "):
+            text = text.removeprefix("Unable to read workbook: ").split(" from ")[0]
+        parts.append(f"{type(cause).__name__}: {text}" if text else type(cause).__name__)
+        cause = cause.__cause__
+    line = "; ".join(parts)
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= 300 else line[:297] + "..."
 
-    from openpyxl import load_workbook
+
+def _refused(name: str, detail: str) -> ImportRefused:
+    return ImportRefused(f"{name}: not a readable XLSX workbook ({detail})")
+
+
+def _open_workbook(data: bytes, name: str) -> tuple[Any, list[str]]:
+    """The read-only workbook, and the sheet names workbook.xml lists (in order)."""
+    from openpyxl.reader.excel import ExcelReader
 
     try:
-        wb = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-    except (zipfile.BadZipFile, OSError, KeyError, ValueError) as exc:
-        raise ImportRefused(f"{name}: not a readable XLSX workbook ({exc})") from None
-    try:
-        if sheet is None:
-            ws = wb.worksheets[0]
-        elif sheet in wb.sheetnames:
-            ws = wb[sheet]
-        else:
-            raise ImportRefused(
-                f"{name}: no sheet named {sheet!r} (sheets: {', '.join(wb.sheetnames)})"
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+        if unpacked > MAX_XLSX_UNPACKED:
+            raise _refused(
+                name,
+                f"it unpacks to {unpacked // 2**20} MiB, more than the "
+                f"{MAX_XLSX_UNPACKED // 2**20} MiB an import workbook may",
             )
+        # load_workbook() without its last step: its reader also knows the sheets that
+        # workbook.xml lists, and openpyxl silently drops one whose part is missing.
+        reader = ExcelReader(io.BytesIO(data), read_only=True, data_only=True)
+        reader.read()
+        return reader.wb, [sheet.name for sheet in reader.parser.sheets]
+    except ImportRefused:
+        raise
+    except Exception as exc:
+        # Whatever openpyxl's parser hits on a damaged part (ParseError, IndexError,
+        # TypeError, ...) comes from the file alone: the file is unreadable.
+        raise _refused(name, _detail(exc)) from None
+
+
+def _worksheet(wb: Any, listed: list[str], name: str, sheet: str | None) -> Any:
+    charts = {chart.title for chart in wb.chartsheets}
+    present = {ws.title: ws for ws in wb.worksheets}
+    wanted = sheet if sheet is not None else next((n for n in listed if n not in charts), None)
+    if wanted is None:
+        raise _refused(name, "the workbook has no worksheet")
+    if wanted in present:
+        return present[wanted]
+    if wanted in charts:
+        raise ImportRefused(f"{name}: sheet {wanted!r} is a chart, not a worksheet")
+    if wanted in listed:
+        raise _refused(name, f"sheet {wanted!r} points to a part that is not in the file")
+    raise ImportRefused(f"{name}: no sheet named {sheet!r} (sheets: {', '.join(present)})")
+
+
+def _xlsx_records(ws: Any, name: str) -> Iterator[_Record]:
+    try:
         # Some generators write a wrong <dimension>; read-only mode would trust it and cut rows.
         ws.reset_dimensions()
-        records = (
-            [_xlsx_cell(v) for v in row] for row in ws.iter_rows(min_row=1, values_only=True)
-        )
-        return _table(records, f"{name} [{ws.title}]", max_rows)
-    finally:
-        wb.close()
+        for row in ws.iter_rows(min_row=1, values_only=True):
+            yield [_xlsx_cell(v) for v in row], None
+    except Exception as exc:
+        # As in _open_workbook: a damaged sheet part, shared string or cell value.
+        raise _refused(name, f"sheet {ws.title!r}: {_detail(exc)}") from None
+
+
+def parse_xlsx(data: bytes, name: str, *, max_rows: int, sheet: str | None = None) -> Sheet:
+    # openpyxl warns about features it drops when it saves (data validation, ...): we never
+    # save, and a warning printed with its source line looks like a crash to an admin.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wb, listed = _open_workbook(data, name)
+        try:
+            ws = _worksheet(wb, listed, name, sheet)
+            return _table(_xlsx_records(ws, name), f"{name} [{ws.title}]", max_rows)
+        finally:
+            wb.close()
 
 
 def parse_bytes(
     data: bytes, name: str, *, max_rows: int, sheet: str | None = None, kind: str | None = None
 ) -> Sheet:
     """``kind``: "xlsx", "tsv" or "csv"; None guesses from the content (pasted text, stdin)."""
+    if data.startswith(OLE_MAGIC):
+        raise ImportRefused(
+            f"{name}: a password-protected workbook or an old .xls file, not XLSX or CSV; "
+            "save it as .xlsx without a password"
+        )
     if kind is None:
         kind = "xlsx" if data.startswith(XLSX_MAGIC) else "csv"
     if kind == "xlsx":

@@ -69,6 +69,8 @@ def parse_row(raw: RawRow, cells: ColumnMap, sources: Mapping[str, object]) -> R
     """Parse a row; ``sources`` are the configured source names (for Source Username(s))."""
     values = raw.values
     email = normalize_email(cells.get(values, "email"))
+    if raw.problem is not None:  # the file itself is broken on this row: nothing to trust
+        return RowInput(raw.row, email, problem=(Status.FAILED, raw.problem))
     problem = email_problem(email)
     if problem is not None:
         return RowInput(raw.row, email, problem=(Status.INVALID_EMAIL, problem))

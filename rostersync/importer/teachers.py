@@ -26,11 +26,12 @@ from rostersync.sync.apply import (
     count_active_users,
     eligible_teachers,
     linked_users,
+    mark_directory_changed,
     queue_resync,
     sync_catalog,
     users_by_email,
 )
-from rostersync.sync.plan import ExistingUser, Teacher, sites_for
+from rostersync.sync.plan import ExistingUser, Teacher, email_rejection, sites_for
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,19 +95,24 @@ class TeachersResult:
         }
 
 
-def _by_email(eligible: Sequence[Teacher]) -> dict[str, tuple[Teacher, ...]]:
+def eligible_by_email(
+    conn: Connection, source: str, settings: Settings
+) -> dict[str, tuple[Teacher, ...]]:
+    """The source's eligible teachers (the sync's rules: a teacher role, classes with
+    students, an email that may be an identity here) by normalized email."""
+    prov = settings.provisioning
     out: dict[str, list[Teacher]] = {}
-    for t in sorted(eligible, key=lambda t: t.sourced_id):
-        if t.email:
-            out.setdefault(t.email.strip().lower(), []).append(t)
+    found = eligible_teachers(conn, source, prov.teacher_roles)
+    for t in sorted(found, key=lambda t: t.sourced_id):
+        if email_rejection(t.email, prov) is None:
+            out.setdefault(normalize_email(t.email), []).append(t)
     return {k: tuple(v) for k, v in out.items()}
 
 
-def candidates(conn: Connection, source: str) -> list[Teacher]:
-    """Eligible teachers with an email who are neither linked nor matched by email to a user."""
-    eligible = eligible_teachers(conn, source)
+def candidates(conn: Connection, source: str, settings: Settings) -> list[Teacher]:
+    """Eligible teachers who are neither linked nor matched by email to a user."""
     linked = linked_users(conn, source)
-    groups = _by_email(eligible)
+    groups = eligible_by_email(conn, source, settings)
     existing = users_by_email(conn, groups)
     return [
         persons[0]
@@ -206,10 +212,10 @@ def import_teachers(
     """``emails`` None means every candidate (``--all``)."""
     with store.write() as conn:
         sync_catalog(conn, settings)
-        eligible = _by_email(eligible_teachers(conn, source))
+        eligible = eligible_by_email(conn, source, settings)
         linked = linked_users(conn, source)
         if emails is None:
-            emails = [t.email.strip().lower() for t in candidates(conn, source) if t.email]
+            emails = [normalize_email(t.email) for t in candidates(conn, source, settings)]
         existing = users_by_email(conn, [normalize_email(e) for e in emails])
         plan = plan_teachers(
             source,
@@ -225,6 +231,8 @@ def import_teachers(
             active_users=count_active_users(conn),
         )
         ids = set(plan.resync) | _apply(conn, source, plan)
+        if plan.create or plan.link:
+            mark_directory_changed(conn)  # a new account may be another person's link target
         queued = queue_resync(conn, ids, reason=f"teachers import from {source}", run_id=None)
     result = TeachersResult(source, plan.outcomes, queued)
     structlog.get_logger().info("teachers_import_finished", source=source, **result.counts)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import structlog
 from alembic import command
@@ -232,25 +233,58 @@ def copy_rows(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> No
             copy.write_row(row)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///PATH`` URL; None for other databases, memory and URI forms."""
+    parsed = make_url(url)
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:":
+        return None
+    return None if parsed.query.get("uri") else Path(db)
+
+
+def _open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
+    """A connection factory for a SQLite file that must already exist.
+
+    ``mode=rw`` makes SQLite itself refuse to create the file, so a file deleted after this
+    check is not silently re-created empty either.
+    """
+    if not path.exists():
+        raise StoreError(
+            f"database {path} does not exist: check `database` in the config. Commands that "
+            "only read never create it; a sync or `rostersync db upgrade` does"
+        )
+    if not path.is_file():
+        raise StoreError(f"database {path} is not a file: check `database` in the config")
+    uri = f"file:{quote(str(path.resolve()))}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False)
+
+    return connect
+
+
 class Store:
     """One database: directory, mirror, staging and operations tables."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, create: bool = True) -> None:
+        """``create=False`` (commands that only read): a SQLite file that does not exist is a
+        StoreError naming it, and no file or folder is ever created."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self._checkpointer: _Checkpointer | None = None
         if self.dialect == "sqlite":
-            db = parsed.database
-            if db and db != ":memory:":
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-                if not parsed.query.get("uri"):
-                    self._checkpointer = _Checkpointer(db)
+            db = sqlite_file(url)
+            kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+            if db is not None:
+                if create:
+                    db.parent.mkdir(parents=True, exist_ok=True)
+                else:
+                    kwargs = {"creator": _open_existing_sqlite(db)}
+                self._checkpointer = _Checkpointer(str(db))
             # Pooled connections keep their PRAGMAs; opening one per batch would cost more
             # than the batch's insert. A connection is only ever used by one thread at a time.
-            self.engine = create_engine(
-                url, echo=echo, pool_size=8, connect_args={"check_same_thread": False}
-            )
+            self.engine = create_engine(url, echo=echo, pool_size=8, **kwargs)
             _sqlite_setup(self.engine)
         elif self.dialect == "postgresql":
             self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
@@ -266,10 +300,34 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({make_url(self.url).render_as_string(hide_password=True)!r})"
 
+    @property
+    def location(self) -> str:
+        """The SQLite file, or the server URL without its password: for messages."""
+        parsed = make_url(self.url)
+        if self.dialect == "sqlite" and parsed.database:
+            return parsed.database
+        return parsed.render_as_string(hide_password=True)
+
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        with self.engine.connect() as conn:
+            try:
+                with conn.begin():
+                    yield conn
+            except BaseException:
+                self._discard(conn)
+                raise
+
+    def _discard(self, conn: Connection) -> None:
+        """SQLite: close the connection of a transaction that failed, instead of returning it
+        to the pool. A statement whose result was not read to the end (the exception came
+        between two statements) stays open on the connection while the traceback keeps its
+        result alive, and an open statement makes a later DROP INDEX there fail with "database
+        table is locked". Closing the connection finalizes them all; PostgreSQL has no such
+        state to leak past a rollback. (An in-memory database lives only in its connection:
+        it is kept.)"""
+        if self._checkpointer is not None:  # a SQLite file
+            conn.invalidate()
 
     @contextmanager
     def write(self, *, bulk: bool = False) -> Iterator[Connection]:
@@ -288,9 +346,11 @@ class Store:
             try:
                 with conn.begin():
                     yield conn
-            finally:
-                if raw is not None:
-                    raw.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
+            except BaseException:
+                self._discard(conn)  # the discarded connection takes its PRAGMA with it
+                raise
+            if raw is not None:
+                raw.execute(f"PRAGMA wal_autocheckpoint={AUTOCHECKPOINT_PAGES}")
         if handoff and self._checkpointer is not None:
             self._checkpointer.poke()
 
@@ -330,17 +390,23 @@ class Store:
         return before, self.current_revision()
 
     def ensure_schema(self, *, auto_upgrade: bool = True) -> None:
-        """Upgrade an empty database on first use; refuse to run on an outdated schema."""
+        """Upgrade an empty database on first use (``auto_upgrade``); refuse to run on an
+        outdated schema, and, without ``auto_upgrade``, on an empty database."""
         current = self.current_revision()
         head = self.head_revision()
         if current == head:
             return
-        if current is None and auto_upgrade:
+        if current is None:
             with self.engine.connect() as conn:
                 has_tables = bool(inspect(conn).get_table_names())
-            if not has_tables:
+            if not has_tables and auto_upgrade:
                 self.upgrade()
                 return
+            if not has_tables:
+                raise StoreError(
+                    f"database {self.location} has no rostersync tables yet: a sync or "
+                    "`rostersync db upgrade` creates them"
+                )
         raise StoreError(
             f"database schema is at {current or 'an unknown revision'}, this version needs "
             f"{head}: run `rostersync db upgrade`"

@@ -129,7 +129,9 @@ class _OrgCols(SQLModel):
 
 class _PersonCols(SQLModel):
     sourced_id: str = Field(primary_key=True, max_length=256)
-    role: str = Field(max_length=40)
+    role: str = Field(max_length=40)  # the primary role
+    # every role, lower-cased and comma-joined (OneRoster 1.2 roles[]): see records.person_roles
+    roles: str = Field(default="", max_length=512)
     given_name: str = Field(default="", max_length=256)
     family_name: str = Field(default="", max_length=256)
     email: str | None = Field(default=None, max_length=256)

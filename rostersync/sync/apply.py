@@ -7,7 +7,7 @@ both understand; values are always bound.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -17,6 +17,7 @@ from sqlalchemy.schema import CreateIndex, DropIndex
 from sqlmodel import SQLModel, col
 
 from rostersync.config.models import Settings
+from rostersync.emails import normalize_email
 from rostersync.records import STUDENT
 from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import (
@@ -51,11 +52,29 @@ EXISTS (SELECT 1 FROM roster_enrollment se
           AND se.status = 'active' AND sp.status = 'active')
 """
 
-#: An active teacher enrollment (alias ``te``) in an active, populated class, by an active,
-#: enabled person (alias ``tp``): the definition of "teaches a populated class".
-TEACHES_POPULATED = f"""
+
+def teacher_role(conn: Connection, roles: Sequence[str], alias: str = "tp") -> str:
+    """SQL true when the person (alias ``alias``) has any of ``roles`` (lower-case names) among
+    its stored ``roles`` (lower-case, comma-joined). The names are bound as ``:teacher_role_N``
+    (see :func:`teacher_role_params`)."""
+    find = "strpos" if conn.dialect.name == "postgresql" else "instr"
+    tests = [
+        f"{find}(',' || {alias}.roles || ',', :teacher_role_{i}) > 0" for i in range(len(roles))
+    ]
+    return "(" + " OR ".join(tests or ["1 = 0"]) + ")"
+
+
+def teacher_role_params(roles: Sequence[str]) -> dict[str, str]:
+    return {f"teacher_role_{i}": f",{role},".lower() for i, role in enumerate(roles)}
+
+
+def teaches_populated(conn: Connection, roles: Sequence[str]) -> str:
+    """An active teacher enrollment (alias ``te``) in an active, populated class, by an active,
+    enabled person of a teacher role (alias ``tp``): the definition of "teaches a populated
+    class". Binds ``:yes`` and the :func:`teacher_role_params`."""
+    return f"""
 te.role = 'teacher' AND te.status = 'active'
-AND tp.status = 'active' AND tp.enabled = :yes
+AND tp.status = 'active' AND tp.enabled = :yes AND {teacher_role(conn, roles)}
 AND EXISTS (SELECT 1 FROM roster_class c
             WHERE c.source = te.source AND c.sourced_id = te.class_id AND c.status = 'active'
               AND {POPULATED})
@@ -302,6 +321,10 @@ def find_changes(
             ).scalar_one()
         )
     touched_people = existing_changed | out.missing.get("person", set())
+    if not first_load:
+        # A new person may already have enrollments in the mirror (the source sent them a run
+        # earlier, or rejected the person then): those classes gain a member or a teacher.
+        touched_people |= new_ids["person"]
     person_pairs = enrollments_of_persons(conn, source, touched_people)
     pairs |= {(c, p) for c, p, role in person_pairs if c in grouped and role == STUDENT}
     out.dirty_classes |= {cls for cls, _, _ in person_pairs}
@@ -643,9 +666,13 @@ def _rows_for(
         yield from conn.execute(stmt, {**params, "only": chunk})
 
 
-def eligible_teachers(conn: Connection, source: str, only: set[str] | None = None) -> list[Teacher]:
-    """Active, enabled persons teaching >= 1 active class with >= 1 active student (of the
-    persons in ``only``, when given: a delta run looks only at the people it touched)."""
+def eligible_teachers(
+    conn: Connection, source: str, teacher_roles: Sequence[str], only: set[str] | None = None
+) -> list[Teacher]:
+    """The source's candidates (see :class:`~rostersync.sync.plan.Teacher`): active, enabled
+    persons of a teacher role teaching >= 1 active class with >= 1 active student (of the
+    persons in ``only``, when given: a delta run looks only at the people it touched). Whether
+    their email makes them eligible is the plan's to say."""
     # Everyone of the source (a full run): SQLite would walk the (source, email) index and
     # read the 210,000 person rows of district L in email order, all over the table (0.8 to
     # 2 s); a scan in table order takes 0.3 s. For a delta's few ids the primary key answers.
@@ -654,11 +681,11 @@ def eligible_teachers(conn: Connection, source: str, only: set[str] | None = Non
         SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
         FROM roster_person tp {scan}
         WHERE tp.source = :src AND tp.status = 'active' AND tp.enabled = :yes
-          -- students never teach: skipping them saves 200,000 probes in a large district
-          AND tp.role <> 'student'
+          -- the role test first: students never teach, and it spares their enrollment probes
+          AND {teacher_role(conn, teacher_roles)}
           AND EXISTS (SELECT 1 FROM roster_enrollment te
                       WHERE te.source = tp.source AND te.user_id = tp.sourced_id
-                        AND {TEACHES_POPULATED})
+                        AND {teaches_populated(conn, teacher_roles)})
     """
     orgs: dict[str, str] = {
         sid: name
@@ -667,13 +694,14 @@ def eligible_teachers(conn: Connection, source: str, only: set[str] | None = Non
         )
     }
     out = []
-    rows = _rows_for(conn, sql, {"src": source, "yes": True}, only, "tp.sourced_id")
+    params = {"src": source, "yes": True, **teacher_role_params(teacher_roles)}
+    rows = _rows_for(conn, sql, params, only, "tp.sourced_id")
     for sid, email, given, family, username, org_ids in rows:
         schools = tuple(o for o in (org_ids or "").split(",") if o)
         out.append(
             Teacher(
                 sourced_id=sid,
-                email=(email or "").strip() or None,
+                email=email,
                 display_name=" ".join(p for p in (given, family) if p).strip(),
                 username=username,
                 school_ids=schools,
@@ -704,8 +732,9 @@ def linked_users(
 
 
 def users_by_email(conn: Connection, emails: Iterable[str]) -> dict[str, ExistingUser]:
+    """Directory users by (normalized) email."""
     out: dict[str, ExistingUser] = {}
-    for chunk in chunks(sorted({e.lower() for e in emails})):
+    for chunk in chunks(sorted({normalize_email(e) for e in emails})):
         rows = conn.execute(
             text('SELECT id, email, status FROM "user" WHERE email IN :emails').bindparams(
                 bindparam("emails", expanding=True)
@@ -862,6 +891,7 @@ def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
 def groups_to_remove(
     conn: Connection,
     source: str,
+    teacher_roles: Sequence[str],
     archived: Iterable[int] = (),
     only_classes: set[str] | None = None,
 ) -> int:
@@ -879,9 +909,14 @@ def groups_to_remove(
             JOIN "user" u ON u.id = i.user_id
             WHERE te.source = g.source AND te.class_id = g.external_id
               AND u.status = 'active' AND u.id NOT IN :archived
-              AND {TEACHES_POPULATED})
+              AND {teaches_populated(conn, teacher_roles)})
     """
-    params = {"src": source, "yes": True, "archived": archived_ids}
+    params = {
+        "src": source,
+        "yes": True,
+        "archived": archived_ids,
+        **teacher_role_params(teacher_roles),
+    }
     if only_classes is None:
         return int(conn.execute(in_text(sql, "archived"), params).scalar_one())
     candidates = {
@@ -895,6 +930,51 @@ def groups_to_remove(
     return sum(
         int(conn.execute(stmt, {**params, "gids": chunk}).scalar_one())
         for chunk in chunks(sorted(candidates))
+    )
+
+
+def source_identities(
+    conn: Connection, source: str, user_ids: Iterable[int]
+) -> dict[int, list[tuple[str, str]]]:
+    """The persons of this source linked to these users: user id -> [(sourced id, name)]."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    sql = """
+        SELECT i.user_id, i.external_id, p.given_name, p.family_name FROM user_identity i
+        LEFT JOIN roster_person p ON p.source = i.source AND p.sourced_id = i.external_id
+        WHERE i.source = :src AND i.user_id IN :ids ORDER BY i.external_id
+    """
+    for chunk in chunks(sorted(set(user_ids))):
+        for uid, sid, given, family in conn.execute(
+            in_text(sql, "ids"), {"src": source, "ids": chunk}
+        ):
+            name = " ".join(p for p in (given, family) if p).strip()
+            out.setdefault(uid, []).append((sid, name))
+    return out
+
+
+def source_users(conn: Connection, source: str) -> set[int]:
+    """Every user linked to a person of this source."""
+    rows = conn.execute(
+        text("SELECT user_id FROM user_identity WHERE source = :src"), {"src": source}
+    )
+    return {int(uid) for (uid,) in rows}
+
+
+#: Put before a source's ``decided_with`` fingerprint when the directory changed outside a
+#: sync (an import): the next run re-decides every teacher, as after a settings change.
+DIRECTORY_CHANGED = "directory-changed:"
+
+
+def mark_directory_changed(conn: Connection) -> None:
+    """Users were created, linked or changed outside a sync (an import): a delta run's
+    decisions for the teachers it did not touch may no longer hold (an unlinked teacher may
+    now have an account to be linked to), so every source's next run decides for all."""
+    conn.execute(
+        text(
+            "UPDATE source_state SET decided_with = :mark || decided_with "
+            "WHERE decided_with IS NOT NULL AND decided_with NOT LIKE :like"
+        ),
+        {"mark": DIRECTORY_CHANGED, "like": f"{DIRECTORY_CHANGED}%"},
     )
 
 

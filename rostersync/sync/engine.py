@@ -39,6 +39,7 @@ from rostersync.connector import (
     load_plugins,
 )
 from rostersync.errors import (
+    ChangesOnlyError,
     DeltaUnsupportedError,
     RostersyncError,
     RunNotFound,
@@ -53,7 +54,12 @@ from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceLease, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
-from rostersync.sync.plan import check_safety, plan_provisioning
+from rostersync.sync.plan import (
+    EMAIL_REJECTIONS,
+    ProvisionPlan,
+    check_safety,
+    plan_provisioning,
+)
 from rostersync.sync.staging import (
     StagedBatch,
     clear_staging,
@@ -133,15 +139,44 @@ class RunReport:
         }
 
 
-class _Held(Exception):
-    def __init__(self, reasons: tuple[str, ...], counts: dict[str, int]) -> None:
-        self.reasons = reasons
-        self.counts = counts
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What one apply works on: the run, what it fetched, and how it was asked for."""
+
+    source: str
+    run_id: int
+    mode: FetchMode
+    fetched: Mapping[str, int]
+    newest: datetime | None
+    log: Any
+    #: a preview: rolled back at the end, whatever it found
+    dry_run: bool = False
+    #: an admin approved this held run: the safety checks that held it are not asked again
+    approved: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.mode is FetchMode.FULL
 
 
-class _DryRun(Exception):
-    def __init__(self, counts: dict[str, int]) -> None:
-        self.counts = counts
+@dataclass
+class Outcome:
+    """What an apply decided, kept outside its transaction: a held or dry run rolls the
+    transaction back, and its report must still say what it found."""
+
+    counts: dict[str, int]
+    #: candidates refused by the provisioning rules (their email), for the run's report
+    rejected: list[Rejected] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    hold_reasons: tuple[str, ...] = ()
+
+
+class _RollBack(Exception):
+    """Raised inside the apply's transaction to undo all of it (a held or a dry run); the
+    :class:`Outcome` travels with it to the report."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:
@@ -173,6 +208,80 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
         finished_at=as_utc(run["finished_at"]),
         trigger=run["trigger"],
     )
+
+
+def _is_plan_rejection(reason: str) -> bool:
+    return reason.startswith(EMAIL_REJECTIONS)
+
+
+def _source_rejections(conn: Connection, run_id: int) -> int:
+    """The run's rejections by its source (records refused while fetching), not counting the
+    provisioning rules' own, which an apply (re)writes."""
+    reasons = conn.execute(
+        select(col(RunRejection.reason)).where(col(RunRejection.run_id) == run_id)
+    ).scalars()
+    return sum(1 for reason in reasons if not _is_plan_rejection(reason))
+
+
+def _record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
+    """Store an apply's own rejections (replacing those of an earlier apply of the run: a held
+    run that is approved is applied twice) and add its warnings to the run's."""
+    ids = [
+        rid
+        for rid, reason in conn.execute(
+            select(col(RunRejection.id), col(RunRejection.reason)).where(
+                col(RunRejection.run_id) == run_id
+            )
+        )
+        if _is_plan_rejection(reason)
+    ]
+    if ids:
+        conn.execute(delete(RunRejection).where(col(RunRejection.id).in_(ids)))
+    if outcome.rejected:
+        conn.execute(
+            insert(RunRejection),
+            [
+                {
+                    "run_id": run_id,
+                    "entity": r.entity,
+                    "sourced_id": r.sourced_id,
+                    "reason": r.reason,
+                }
+                for r in outcome.rejected
+            ],
+        )
+    if outcome.warnings:
+        current = conn.execute(
+            select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
+        ).scalar_one()
+        merged = list(current or [])
+        merged += [w for w in outcome.warnings if w not in merged]
+        conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=merged))
+
+
+def _shared_email_warnings(conn: Connection, source: str, plan: ProvisionPlan) -> list[str]:
+    """One warning per email that several persons of the source share after this run: they
+    map to one account, and an admin should see every such merge."""
+    people: dict[str, dict[str, str]] = {
+        email: {t.sourced_id: t.display_name for t in teachers}
+        for email, teachers in plan.shared.items()
+    }
+    linked_before = sql.source_identities(conn, source, {link.user_id for link in plan.link})
+    for link in plan.link:
+        others = linked_before.get(link.user_id, [])
+        if others:
+            merged = people.setdefault(link.email, {})
+            merged.update(others)
+            merged.setdefault(link.sourced_id, link.display_name)
+    out = []
+    for email, who in sorted(people.items()):
+        if len(who) > 1:
+            named = ", ".join(f"{sid} ({name or 'no name'})" for sid, name in sorted(who.items()))
+            out.append(
+                f"email {email} is shared by {len(who)} persons of the source, who map to one "
+                f"account: {named}"
+            )
+    return out
 
 
 class SyncEngine:
@@ -276,8 +385,16 @@ class SyncEngine:
             state = self._source_state(conn, source)
         hwm = as_utc(state["high_water_mark"]) if state else None
         last_full = as_utc(state["last_full_at"]) if state else None
-        if hwm is None or last_full is None:
+        if last_full is None:
             warnings.append("delta requested but no earlier full run: running full")
+            return FetchMode.FULL, None, warnings
+        if hwm is None:
+            # A full run happened, but its records carried no date to start a filter from
+            # (a CSV bulk drop leaves dateLastModified blank).
+            warnings.append(
+                "delta requested but no record so far carried a dateLastModified to start "
+                "from: running full"
+            )
             return FetchMode.FULL, None, warnings
         if requested is None and utcnow() - last_full >= cfg.full_every:
             # Scheduled delta runs turn into the periodic full run (full_every).
@@ -337,25 +454,62 @@ class SyncEngine:
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         try:
-            fetched, newest = await self._fetch(source, run_id, fetch_mode, since, log)
-        except DeltaUnsupportedError as exc:
-            msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
-            log.warning("delta_fallback", reason=str(exc))
+            fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
+        except (DeltaUnsupportedError, ChangesOnlyError) as exc:
+            if isinstance(exc, DeltaUnsupportedError):
+                msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
+                log.warning("delta_fallback", reason=str(exc))
+                fetch_mode, since = FetchMode.FULL, None
+            else:
+                refusal, since = await asyncio.to_thread(self._delta_instead, source, requested)
+                if refusal is not None:
+                    error = ChangesOnlyError(source, f"{exc.detail}; {refusal}")
+                    return await asyncio.to_thread(self._fail, run_id, error, log)
+                msg = f"{exc.detail}: ran a delta run instead"
+                log.warning("delta_instead", reason=exc.detail)
+                fetch_mode = FetchMode.DELTA
             warnings.append(msg)
-            await asyncio.to_thread(self._reset_run, run_id, FetchMode.FULL, warnings)
-            fetch_mode = FetchMode.FULL
+            await asyncio.to_thread(self._reset_run, run_id, fetch_mode, warnings)
             try:
-                fetched, newest = await self._fetch(source, run_id, fetch_mode, None, log)
+                fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
             except Exception as exc2:
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+        if notes:
+            warnings.extend(notes)
+            await asyncio.to_thread(self._set_warnings, run_id, warnings)
         try:
-            return await asyncio.to_thread(
-                self._apply, source, run_id, fetch_mode, fetched, newest, dry_run, False, log
-            )
+            ctx = RunContext(source, run_id, fetch_mode, fetched, newest, log, dry_run=dry_run)
+            return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+
+    def _delta_instead(
+        self, source: str, requested: str | None
+    ) -> tuple[str | None, datetime | None]:
+        """Whether a full run of a source that holds changes only (a CSV delta drop) may run
+        as a delta run instead: (why not, or None; the delta's starting point). Not when an
+        admin asked for a full run, nor before a full run has given the changes a base."""
+        if requested == "full":
+            return (
+                "a full run was asked for (--full): sync without --full to apply the changes "
+                "as a delta run, or provide a full export",
+                None,
+            )
+        with self.store.read() as conn:
+            state = self._source_state(conn, source)
+        if state is None or state["last_full_at"] is None:
+            return (
+                "no full run of this source has succeeded yet, and changes need one to apply "
+                "to: the first sync needs a full export (a bulk drop)",
+                None,
+            )
+        return None, as_utc(state["high_water_mark"])
+
+    def _set_warnings(self, run_id: int, warnings: list[str]) -> None:
+        with self.store.write() as conn:
+            conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=warnings))
 
     def _reset_run(self, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
         with self.store.write() as conn:
@@ -369,8 +523,12 @@ class SyncEngine:
 
     async def _fetch(
         self, source: str, run_id: int, mode: FetchMode, since: datetime | None, log: Any
-    ) -> tuple[dict[str, int], datetime | None]:
+    ) -> tuple[dict[str, int], datetime | None, list[str]]:
+        """Stage everything the connector yields; returns the counts, the newest
+        dateLastModified, and the connector's warnings (its optional ``warnings``: what it
+        accepted but an admin should hear of, such as a CSV row read without a bad date)."""
         fetched: Counter[str] = Counter()
+        notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
         # while a write is under way wait in `buffer` and go in the next write together, so
         # the fetch never stalls on the database unless the buffer is full.
@@ -402,6 +560,7 @@ class SyncEngine:
                     await pending
                 if len(buffer):
                     pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.
@@ -409,8 +568,8 @@ class SyncEngine:
                 await asyncio.gather(pending, return_exceptions=True)
         if pending is not None and (error := pending.exception()) is not None:
             raise error
-        log.info("fetch_done", **dict(fetched))
-        return dict(fetched), buffer.newest
+        log.info("fetch_done", warnings=len(notes), **dict(fetched))
+        return dict(fetched), buffer.newest, notes
 
     def _stage(self, run_id: int, batch: StagedBatch) -> None:
         with self.store.write() as conn:
@@ -449,71 +608,55 @@ class SyncEngine:
         with self.store.read() as conn:
             return load_report(conn, run_id)
 
-    def _apply(
-        self,
-        source: str,
-        run_id: int,
-        mode: FetchMode,
-        fetched: Mapping[str, int],
-        newest: datetime | None,
-        dry_run: bool,
-        approved: bool,
-        log: Any,
-    ) -> RunReport:
-        full = mode is FetchMode.FULL
+    def _apply(self, ctx: RunContext) -> RunReport:
+        """Apply a fetched run in one transaction. A held or dry run raises :class:`_RollBack`
+        inside it, so that everything it wrote is undone (the engine's key invariant: the
+        directory and the mirror change only when the transaction commits); its findings are
+        then recorded with the run alone."""
         try:
             with self.store.write(bulk=True) as conn:
-                result = self._apply_in(
-                    conn, source, run_id, full, fetched, newest, dry_run, approved
-                )
-        except _Held as held:
-            reason = "; ".join(held.reasons)
-            log.warning("sync_held", reason=reason, **held.counts)
-            with self.store.write() as conn:
-                conn.execute(
-                    update(SyncRun)
-                    .where(col(SyncRun.id) == run_id)
-                    .values(
-                        status="held",
-                        hold_reason=reason,
-                        counts=held.counts,
-                        fetched=dict(fetched),
-                        finished_at=utcnow(),
-                        high_water_mark=newest,
-                    )
-                )
-        except _DryRun as dry:
-            with self.store.write() as conn:
-                clear_staging(conn, run_id)
-                status = "succeeded_with_errors" if dry.counts["records_rejected"] else "succeeded"
-                conn.execute(
-                    update(SyncRun)
-                    .where(col(SyncRun.id) == run_id)
-                    .values(
-                        status=status,
-                        counts=dry.counts,
-                        fetched=dict(fetched),
-                        finished_at=utcnow(),
-                    )
-                )
+                outcome = self._apply_in(conn, ctx)
+        except _RollBack as stop:
+            self._record_rolled_back(ctx, stop.outcome)
         else:
-            log.info("sync_applied", **result)
+            ctx.log.info("sync_applied", **outcome.counts)
         with self.store.read() as conn:
-            return load_report(conn, run_id)
+            return load_report(conn, ctx.run_id)
 
-    def _apply_in(
-        self,
-        conn: Connection,
-        source: str,
-        run_id: int,
-        full: bool,
-        fetched: Mapping[str, int],
-        newest: datetime | None,
-        dry_run: bool,
-        approved: bool,
-    ) -> dict[str, int]:
+    def _record_rolled_back(self, ctx: RunContext, outcome: Outcome) -> None:
+        """The report of a held or dry run: its status, counts, rejections and warnings. A
+        held run keeps its staged rows for ``runs approve``; a dry run is never approved and
+        lets them go."""
+        held = bool(outcome.hold_reasons)
+        reason = "; ".join(outcome.hold_reasons) or None
+        if held:
+            event = "dry_run_would_hold" if ctx.dry_run else "sync_held"
+            ctx.log.warning(event, reason=reason, **outcome.counts)
+        if held:
+            status = "held"
+        else:
+            status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
+        with self.store.write() as conn:
+            if ctx.dry_run:
+                clear_staging(conn, ctx.run_id)
+            _record_outcome(conn, ctx.run_id, outcome)
+            conn.execute(
+                update(SyncRun)
+                .where(col(SyncRun.id) == ctx.run_id)
+                .values(
+                    status=status,
+                    hold_reason=reason,
+                    counts=outcome.counts,
+                    fetched=dict(ctx.fetched),
+                    finished_at=utcnow(),
+                    high_water_mark=ctx.newest,
+                )
+            )
+
+    def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
         prepare_staging(conn)  # SQLite: repeated ids settled, key index built
+        source, run_id, full = ctx.source, ctx.run_id, ctx.full
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)
@@ -548,55 +691,48 @@ class SyncEngine:
         # eligibility depends on their own row, their teacher enrollments, those classes and
         # those classes' students, and each of those changes marks the teacher affected.
         # Everyone else is as the last run left them; the periodic full run re-decides all,
-        # and so does a delta run that finds the provisioning settings changed since.
+        # and so does a run that finds the provisioning settings changed since: who counts as
+        # a teacher, and whose address may be an account, may have changed for anyone.
         state = self._source_state(conn, source)
         decided_with = settings.provisioning_fingerprint()
-        redecide = not full and state is not None and state["decided_with"] != decided_with
+        stored = (state["decided_with"] if state else None) or ""
+        directory_changed = stored.startswith(sql.DIRECTORY_CHANGED)
+        settings_changed = (
+            state is not None and stored.removeprefix(sql.DIRECTORY_CHANGED) != decided_with
+        )
+        redecide = not full and (settings_changed or directory_changed)
         only = None if full or redecide else affected_people
-        eligible = sql.eligible_teachers(conn, source, only)
+        roles = settings.provisioning.teacher_roles
+        candidates = sql.eligible_teachers(conn, source, roles, only)
         linked = sql.linked_users(conn, source, only)
-        unlinked_emails = [t.email for t in eligible if t.email and t.sourced_id not in linked]
+        unlinked_emails = [t.email for t in candidates if t.email and t.sourced_id not in linked]
         plan = plan_provisioning(
             source,
-            eligible,
+            candidates,
             linked,
             sql.users_by_email(conn, unlinked_emails),
             prov=settings.provisioning,
             active_users=sql.count_active_users(conn),
             license_limit=settings.license_limit,
         )
-        no_email = [
-            Rejected(
-                "user", sid, "no email: teaches classes with students but has no email address"
+        outcome = Outcome(
+            counts,
+            rejected=[Rejected("user", sid, reason) for sid, reason in plan.rejected],
+            warnings=_shared_email_warnings(conn, source, plan),
+        )
+        if redecide:
+            why = (
+                "provisioning settings or license_limit changed"
+                if settings_changed
+                else "users were imported or changed by an import"
             )
-            for sid in plan.no_email
-        ]
-        if no_email:
-            conn.execute(
-                delete(RunRejection).where(
-                    col(RunRejection.run_id) == run_id,
-                    col(RunRejection.reason).startswith("no email:"),
-                )
+            outcome.warnings.append(
+                f"{why} since the last run: this delta run decided for every teacher of the "
+                "source, not only those its changes touched"
             )
-            conn.execute(
-                insert(RunRejection),
-                [
-                    {
-                        "run_id": run_id,
-                        "entity": r.entity,
-                        "sourced_id": r.sourced_id,
-                        "reason": r.reason,
-                    }
-                    for r in no_email
-                ],
-            )
-        rejected_total = conn.execute(
-            text("SELECT count(*) FROM run_rejection WHERE run_id = :r"), {"r": run_id}
-        ).scalar_one()
-
         managed_users, managed_groups = sql.managed_counts(conn, source)
         groups_removed = sql.groups_to_remove(
-            conn, source, plan.archive, None if full or redecide else dirty
+            conn, source, roles, plan.archive, None if full or redecide else dirty
         )
         counts.update(
             users_created=len(plan.create),
@@ -605,23 +741,24 @@ class SyncEngine:
             users_restored=len(plan.restore),
             users_skipped_license=len(plan.skipped_license),
             users_not_created=len(plan.not_created),
-            records_rejected=int(rejected_total),
+            records_rejected=_source_rejections(conn, run_id) + len(plan.rejected),
         )
-        if not approved:
+        if not ctx.approved:
             verdict = check_safety(
                 safety=settings.safety_for(source),
                 users_archived=len(plan.archive),
                 groups_removed=groups_removed,
                 managed_users=managed_users,
                 managed_groups=managed_groups,
-                fetched=fetched if full else None,
+                fetched=ctx.fetched if full else None,
                 last_fetched=(state["last_counts"] if state else None),
                 emails_lost=changes.emails_lost,
                 emails_before=changes.emails_before,
             )
             if verdict.hold:
                 counts["groups_removed"] = groups_removed
-                raise _Held(verdict.reasons, counts)
+                outcome.hold_reasons = verdict.reasons
+                raise _RollBack(outcome)
 
         created = sql.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
@@ -629,28 +766,43 @@ class SyncEngine:
         resync_users = (
             sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
         )
+        if settings_changed:
+            # Group ownership follows the same rules (teacher_roles), for every linked user.
+            resync_users |= sql.source_users(conn, source)
         counts["resync_queued"] = len(resync_users)
-        if dry_run:
+        if ctx.dry_run:
             counts["groups_removed"] = groups_removed
-            raise _DryRun(counts)
+            raise _RollBack(outcome)
         sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
         counts["groups_updated"] += update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
+        self._record_success(conn, ctx, outcome, state, decided_with)
+        return outcome
 
+    def _record_success(
+        self,
+        conn: Connection,
+        ctx: RunContext,
+        outcome: Outcome,
+        state: Mapping[str, Any] | None,
+        decided_with: str,
+    ) -> None:
+        """The applied run's source state, report and staging, in its own transaction."""
+        source, run_id = ctx.source, ctx.run_id
         now = utcnow()
         old_hwm = as_utc(state["high_water_mark"]) if state else None
-        hwm = max((d for d in (newest, old_hwm) if d is not None), default=None)
+        hwm = max((d for d in (ctx.newest, old_hwm) if d is not None), default=None)
         values: dict[str, Any] = {
             "high_water_mark": hwm,
             "last_success_at": now,
             "last_run_id": run_id,
             "decided_with": decided_with,
         }
-        if full:
+        if ctx.full:
             values["last_full_at"] = now
             values["last_counts"] = {
-                k: int(fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")
+                k: int(ctx.fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")
             }
         if state is None:
             conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
@@ -658,28 +810,17 @@ class SyncEngine:
             conn.execute(
                 update(SourceState).where(col(SourceState.source) == source).values(**values)
             )
-
-        status = "succeeded_with_errors" if rejected_total else "succeeded"
-        extra: dict[str, Any] = {}
-        if redecide:
-            warnings = conn.execute(
-                select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
-            ).scalar_one()
-            extra["warnings"] = [
-                *(warnings or []),
-                "provisioning settings or license_limit changed since the last run: this delta "
-                "run decided for every teacher of the source, not only those its changes touched",
-            ]
+        _record_outcome(conn, run_id, outcome)
+        status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
         conn.execute(
             update(SyncRun)
             .where(col(SyncRun.id) == run_id)
             .values(
                 status=status,
-                counts=counts,
-                fetched=dict(fetched),
+                counts=outcome.counts,
+                fetched=dict(ctx.fetched),
                 finished_at=now,
-                high_water_mark=newest,
-                **extra,
+                high_water_mark=ctx.newest,
             )
         )
         # This run's staging, and that of older held runs it supersedes, is no longer needed.
@@ -692,34 +833,85 @@ class SyncEngine:
         ]
         for rid in (run_id, *older):
             clear_staging(conn, rid)
-        return counts
 
     # -- approval -----------------------------------------------------------------------------
 
     async def approve(self, run_id: int) -> RunReport:
-        """Apply a held run's staged data, bypassing the safety rules that held it."""
+        """Apply a held run's staged data, bypassing the safety rules that held it.
+
+        Refused (:class:`RunStateError`, nothing changes) for a dry run (a preview, never
+        applied), a run that is not held, one a later run of its source has overtaken, one
+        whose source is gone from the config, and one whose staged rows are gone. The checks
+        are made under the source's lease, so that two approvals, or an approval and a sync,
+        cannot both pass them."""
         with self.store.read() as conn:
             report = load_report(conn, run_id)
-            if report.status != "held":
-                raise RunStateError(
-                    f"run {run_id} is {report.status}, not held: nothing to approve"
+        self._take_lease(report.source)
+        try:
+            with self.store.read() as conn:
+                report = load_report(conn, run_id)
+                self._check_approvable(conn, report)
+                hwm = conn.execute(
+                    select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
+                ).scalar()
+            log = self.log.bind(source=report.source, run_id=run_id)
+            with self.store.write() as conn:
+                conn.execute(
+                    update(SyncRun)
+                    .where(col(SyncRun.id) == run_id)
+                    .values(status="running", approved_at=utcnow())
                 )
-            newer = conn.execute(
-                text(
-                    "SELECT id FROM sync_run WHERE source = :s AND id > :r "
-                    "AND status IN ('succeeded', 'succeeded_with_errors') ORDER BY id LIMIT 1"
-                ),
-                {"s": report.source, "r": run_id},
-            ).scalar()
+            ctx = RunContext(
+                report.source,
+                run_id,
+                FetchMode(report.mode),
+                report.fetched,
+                as_utc(hwm),
+                log,
+                approved=True,
+            )
+            try:
+                out = await asyncio.to_thread(self._apply, ctx)
+            except BaseException as exc:
+                # Nothing was applied (the transaction rolled back): the run is held as before,
+                # with its staged rows, and may be approved again.
+                with self.store.write() as conn:
+                    conn.execute(
+                        update(SyncRun)
+                        .where(col(SyncRun.id) == run_id)
+                        .values(status="held", approved_at=None)
+                    )
+                log.error("held_run_approval_failed", error=scrub(str(exc)))
+                raise
+            log.info("held_run_approved")
+            return out
+        finally:
+            self._drop_lease(report.source)
+
+    def _check_approvable(self, conn: Connection, report: RunReport) -> None:
+        run_id = report.id
+        if report.dry_run:
+            raise RunStateError(
+                f"run {run_id} is a dry run: a preview that is never applied. Run "
+                f"`rostersync sync --source {report.source}` to sync the source for real"
+            )
+        if report.status != "held":
+            raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
+        newer = conn.execute(
+            text(
+                "SELECT id FROM sync_run WHERE source = :s AND id > :r AND dry_run = :no "
+                "AND status IN ('succeeded', 'succeeded_with_errors') ORDER BY id LIMIT 1"
+            ),
+            {"s": report.source, "r": run_id, "no": False},
+        ).scalar()
         if newer is not None:
             raise RunStateError(
-                f"run {run_id} is out of date: run {newer} of {report.source!r} has succeeded since; "
-                "its data would roll the directory back"
+                f"run {run_id} is out of date: run {newer} of {report.source!r} has succeeded "
+                "since; its data would roll the directory back"
             )
         if report.source not in self.settings.sources:
             raise RunStateError(f"source {report.source!r} of run {run_id} is no longer configured")
-        with self.store.read() as conn:
-            lost = staging_lost(conn, run_id, report.fetched)
+        lost = staging_lost(conn, run_id, report.fetched)
         if lost:
             # Approval bypasses the safety rules: applying a full run whose staged rows are
             # gone would sweep every record of the source, and archive every user with them.
@@ -727,35 +919,6 @@ class SyncEngine:
                 f"run {run_id}'s staged data is gone ({', '.join(lost)} fetched but no longer "
                 "staged); it cannot be approved: run a new sync of the source"
             )
-        self._take_lease(report.source)
-        try:
-            with self.store.read() as conn:
-                hwm = conn.execute(
-                    select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
-                ).scalar()
-            log = self.log.bind(source=report.source, run_id=run_id)
-            mode = FetchMode(report.mode)
-            with self.store.write() as conn:
-                conn.execute(
-                    update(SyncRun)
-                    .where(col(SyncRun.id) == run_id)
-                    .values(status="running", approved_at=utcnow())
-                )
-            out = await asyncio.to_thread(
-                self._apply,
-                report.source,
-                run_id,
-                mode,
-                report.fetched,
-                as_utc(hwm),
-                False,
-                True,
-                log,
-            )
-            log.info("held_run_approved")
-            return out
-        finally:
-            self._drop_lease(report.source)
 
     # -- resync ---------------------------------------------------------------------------
 
@@ -855,6 +1018,7 @@ class SyncEngine:
             results = rebuild_groups(
                 conn,
                 [j.user_id for j in jobs],
+                teacher_roles=self.settings.provisioning.teacher_roles,
                 refresh_all=[j.user_id for j in jobs if j.run_id is None or j.live],
             )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}

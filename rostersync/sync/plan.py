@@ -10,14 +10,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rostersync.config.models import Provisioning, Safety
+from rostersync.emails import MAX_EMAIL, domain_problem, email_problem, normalize_email
+
+#: The rejection of a candidate who has no address at all.
+NO_EMAIL = "no email: teaches classes with students but has no email address"
+#: How every rejection by the provisioning rules begins (the rest are the source's own).
+EMAIL_REJECTIONS = ("no email:", "invalid email:", "email outside the allowed domains:")
 
 
 @dataclass(frozen=True, slots=True)
 class Teacher:
-    """A teacher of this source who teaches at least one populated, active class."""
+    """A candidate of this source: an active, enabled person of a teacher role who teaches at
+    least one populated, active class. Eligible once their email is a valid identity."""
 
     sourced_id: str
-    email: str | None
+    email: str | None  # as the source sent it
     display_name: str
     username: str | None
     school_ids: tuple[str, ...]
@@ -58,6 +65,8 @@ class Link:
     user_id: int
     sourced_id: str
     username: str | None
+    email: str = ""  # the teacher's, normalized: the user's too
+    display_name: str = ""
 
 
 @dataclass
@@ -67,8 +76,11 @@ class ProvisionPlan:
     restore: list[int] = field(default_factory=list)
     archive: list[int] = field(default_factory=list)
     skipped_license: list[str] = field(default_factory=list)  # emails
-    no_email: list[str] = field(default_factory=list)  # sourced ids
+    #: candidates whose email cannot be an identity: (sourced id, reason)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
     not_created: list[str] = field(default_factory=list)  # auto-create off: emails
+    #: emails several eligible persons of this run share: email -> those teachers
+    shared: dict[str, list[Teacher]] = field(default_factory=dict)
     # Users whose groups must be rebuilt because of provisioning (new, linked, restored, archived).
     touched_users: set[int] = field(default_factory=set)
 
@@ -85,9 +97,24 @@ def sites_for(teacher: Teacher, prov: Provisioning) -> tuple[str, ...]:
     return (prov.default_site,) if prov.default_site else ()
 
 
+def email_rejection(raw: str | None, prov: Provisioning) -> str | None:
+    """Why a candidate's email (as the source sent it) cannot be their identity, or None."""
+    email = normalize_email(raw)
+    if not email:
+        return NO_EMAIL
+    if len(email) > MAX_EMAIL:
+        return f"invalid email: longer than {MAX_EMAIL} characters"
+    if email_problem(email) is not None:
+        return f"invalid email: {raw!r} is not an email address"
+    problem = domain_problem(email, prov.email_domains)
+    if problem is not None:
+        return f"email outside the allowed domains: {problem}"
+    return None
+
+
 def plan_provisioning(
     source: str,
-    eligible: Sequence[Teacher],
+    candidates: Sequence[Teacher],
     linked: Mapping[str, LinkedUser],
     existing_by_email: Mapping[str, ExistingUser],
     *,
@@ -97,21 +124,30 @@ def plan_provisioning(
 ) -> ProvisionPlan:
     """Decide creations, links, restorations and archivals for one source.
 
+    ``candidates`` are the source's teachers by role and classes (see :class:`Teacher`);
     ``linked`` maps this source's person ids to their linked users; ``existing_by_email``
-    holds directory users (lower-case email) that eligible teachers might be linked to.
+    holds directory users (normalized email) that eligible teachers might be linked to.
+
+    A candidate whose email is not a valid identity (missing, not an address, outside
+    ``email_domains``) is rejected: no account is created, linked or restored for them. It is
+    never archived for that either: an account belongs to its person, and a blanked or
+    mistyped address in the source must not take it away.
     """
     plan = ProvisionPlan()
     created_by = f"source:{source}"
     headroom = None if license_limit is None else max(license_limit - active_users, 0)
-    eligible_ids: set[str] = set()
+    candidate_ids: set[str] = set()
     pending: dict[str, tuple[Teacher, list[tuple[str, str | None]]]] = {}
+    by_email: dict[str, list[Teacher]] = {}
 
-    for t in sorted(eligible, key=lambda t: t.sourced_id):
-        eligible_ids.add(t.sourced_id)
-        if not t.email:
-            plan.no_email.append(t.sourced_id)
+    for t in sorted(candidates, key=lambda t: t.sourced_id):
+        candidate_ids.add(t.sourced_id)
+        reason = email_rejection(t.email, prov)
+        if reason is not None:
+            plan.rejected.append((t.sourced_id, reason))
             continue
-        email = t.email.strip().lower()
+        email = normalize_email(t.email)
+        by_email.setdefault(email, []).append(t)
         link = linked.get(t.sourced_id)
         if link is not None:
             if link.status == "archived" and link.archived_by_sync:
@@ -125,14 +161,16 @@ def plan_provisioning(
             continue
         user = existing_by_email.get(email)
         if user is not None:
-            plan.link.append(Link(user.user_id, t.sourced_id, t.username))
+            plan.link.append(Link(user.user_id, t.sourced_id, t.username, email, t.display_name))
             plan.touched_users.add(user.user_id)
             continue
         if email in pending:
-            # Two person records with one email (case differs): one account, both linked.
+            # Several person records with one email (a teacher with one record per school):
+            # one account, all of them linked; the run report names them (plan.shared).
             pending[email][1].append((t.sourced_id, t.username))
             continue
         pending[email] = (t, [(t.sourced_id, t.username)])
+    plan.shared = {email: ts for email, ts in by_email.items() if len(ts) > 1}
 
     for email, (t, identities) in pending.items():
         if not prov.auto_create_users:
@@ -156,7 +194,7 @@ def plan_provisioning(
     if prov.on_teacher_removed == "archive":
         for ext_id, link in sorted(linked.items()):
             if (
-                ext_id not in eligible_ids
+                ext_id not in candidate_ids
                 and link.status == "active"
                 and link.created_by == created_by
                 and not link.linked_elsewhere_active

@@ -9,11 +9,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rostersync.cli import cli
+from rostersync.cli import cli, main
 from rostersync.config.loader import json_schema_text, load_settings, load_settings_text
 from rostersync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int | str | None, str]:
+    """The installed entry point (its error handling included): exit code and all output."""
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_.value.code, out.out + out.err
+
 
 GOOD = """\
 organization: Springfield
@@ -44,6 +53,14 @@ sources:
     path: district
     shedule: {interval: 1h}
 """
+
+
+@pytest.fixture(autouse=True)
+def _a_drop_folder_beside_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GOOD's `path: district` exists: in tmp_path, which is also the working directory (the
+    folder relative paths resolve against when a test gives no base_dir)."""
+    (tmp_path / "district").mkdir()
+    monkeypatch.chdir(tmp_path)
 
 
 def test_good_config_loads_and_resolves_relative_paths(tmp_path: Path) -> None:
@@ -203,3 +220,195 @@ def test_schema_describes_every_source_type() -> None:
     text = json.dumps(schema)
     assert '"oneroster_csv"' in text
     assert "provisioning" in schema["properties"]
+
+
+def test_a_cron_the_scheduler_refuses_or_that_never_fires_is_an_error_with_its_line() -> None:
+    """Every bad schedule is reported at once, naming the field the scheduler refused."""
+    text = GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "0 25 * * *"}') + (
+        "  feb31:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        '    schedule: {cron: "0 0 31 2 *"}\n'
+        "  weekdays:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        '    schedule: {cron: "0 2 * * 1/0"}\n'
+        "  short:\n"
+        "    type: oneroster_csv\n"
+        "    path: district\n"
+        "    schedule: {interval: 0s}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.sample.schedule.cron: line 12: cron '0 25 * * *': hour '25': "
+        "the last value (25) is higher than the maximum value (23)",
+        "sources.feb31.schedule.cron: line 16: cron '0 0 31 2 *' never fires (no date matches it)",
+        "sources.weekdays.schedule.cron: line 20: cron '0 2 * * 1/0': day of week: "
+        "day-of-week step '0' is not a positive number",
+        "sources.short.schedule.interval: line 24: interval must be at least 1s",
+    ]
+
+
+def test_a_good_cron_passes() -> None:
+    """Crontab day names, ranges and steps are accepted."""
+    settings = load_settings_text(
+        GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "*/15 6-18 * 1-6,9-12 mon-fri"}')
+    )
+    schedule = settings.sources["sample"].schedule
+    assert schedule is not None and schedule.cron == "*/15 6-18 * 1-6,9-12 mon-fri"
+
+
+@pytest.mark.parametrize("value", ["99999999999d", "36501d", ".inf", ".nan", "1.0e+300"])
+def test_absurd_durations_are_errors_not_tracebacks(value: str) -> None:
+    """A duration too large for date arithmetic, or not a number at all, is a config error."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD + f"resync: {{lease: {value}}}\n")
+    [issue] = err.value.issues
+    assert (issue.path, issue.line) == ("resync.lease", 13)
+
+
+def test_config_check_reports_a_bad_cron_and_run_refuses_it_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`config check` and `run` both exit 2 on a cron the daemon could not schedule."""
+    cfg = tmp_path / "rs.yaml"
+    cfg.write_text(GOOD.replace("schedule: {interval: 1h}", 'schedule: {cron: "0 25 * * *"}'))
+    for command in (["config", "check"], ["run"]):
+        code, output = run_main(capsys, "--config", str(cfg), *command)
+        assert code == 2, output
+        assert "sources.sample.schedule.cron: line 12" in output
+        assert "Traceback" not in output
+
+
+EVERY_FILE = """\
+organization: Springfield
+roles: [Teacher]
+provisioning: {default_role: Teacher}
+smtp: {host: localhost, from: rs@example.org, password_file: smtp.secret}
+sources:
+  drop:
+    type: oneroster_csv
+    path: nowhere
+  district:
+    type: oneroster
+    base_url: https://roster.example/ims/oneroster/v1p1
+    ca_bundle: district-ca.pem
+    auth: {type: oauth1, client_id: abc, client_secret_file: classlink.secret}
+  proxy:
+    type: oneroster
+    base_url: https://proxy.example/ims/oneroster/v1p1
+    auth:
+      type: bearer
+      token_file: proxy.token
+  workspace:
+    type: google_classroom
+    service_account_file: google-sa.json
+    delegated_admin: admin@example.org
+"""
+
+
+def test_config_check_reports_every_missing_file_with_its_key_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing CSV drop, secret files, CA bundle and service-account key: all reported at once, exit 2."""
+    pytest.importorskip("connectors.oneroster")
+    pytest.importorskip("connectors.google_classroom")
+    cfg = tmp_path / "rostersync.yaml"
+    cfg.write_text(EVERY_FILE)
+    code, output = run_main(capsys, "--config", str(cfg), "config", "check")
+    assert code == 2
+    lines = [line.strip() for line in output.splitlines()[1:]]
+    assert lines == [
+        f"smtp.password_file: line 4: cannot read secret file {tmp_path}/smtp.secret: "
+        "No such file or directory",
+        f"sources.drop.path: line 8: {tmp_path}/nowhere does not exist "
+        "(give a folder or a .zip of CSV files)",
+        f"sources.district.ca_bundle: line 12: cannot read {tmp_path}/district-ca.pem: "
+        "No such file or directory",
+        f"sources.district.auth.client_secret_file: line 13: cannot read secret file "
+        f"{tmp_path}/classlink.secret: No such file or directory",
+        f"sources.proxy.auth.token_file: line 19: cannot read secret file {tmp_path}/proxy.token: "
+        "No such file or directory",
+        f"sources.workspace.service_account_file: line 22: cannot read service_account_file "
+        f"{tmp_path}/google-sa.json: No such file or directory",
+    ]
+
+
+def test_empty_or_binary_secret_files_are_errors_that_never_show_the_bytes(tmp_path: Path) -> None:
+    """An empty secret file is an error; an undecodable one is named without quoting its bytes."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "smtp.secret").write_text("  \n")
+    (tmp_path / "classlink.secret").write_bytes(b"\xffs3cr3t-bytes")
+    text = EVERY_FILE.replace("path: nowhere", "path: district").replace(
+        "    ca_bundle: district-ca.pem\n", ""
+    )
+    (tmp_path / "district").mkdir(exist_ok=True)
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text.split("  proxy:")[0], base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"smtp.password_file: line 4: secret file {tmp_path}/smtp.secret is empty",
+        f"sources.district.auth.client_secret_file: line 12: secret file "
+        f"{tmp_path}/classlink.secret is not UTF-8 text",
+    ]
+    assert "s3cr3t" not in str(err.value) and "xff" not in str(err.value)
+
+
+def test_a_ca_bundle_without_certificates_is_an_error(tmp_path: Path) -> None:
+    """ca_bundle is loaded as the run loads it: a file of no PEM certificates is reported."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "district-ca.pem").write_text("not a certificate\n")
+    (tmp_path / "classlink.secret").write_text("secret\n")
+    text = EVERY_FILE.split("  proxy:")[0].replace("path: nowhere", "path: district")
+    text = text.replace(", password_file: smtp.secret", "")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"sources.district.ca_bundle: line 12: {tmp_path}/district-ca.pem holds no PEM certificates"
+    ]
+
+
+def test_a_missing_secret_is_reported_without_the_union_tag() -> None:
+    """The auth block's error reads 'client_secret or client_secret_file is required', not 'oauth1: ...'."""
+    pytest.importorskip("connectors.oneroster")
+    text = GOOD + (
+        "  district:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth1, client_id: abc}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.district.auth: line 16: client_secret or client_secret_file is required"
+    ]
+
+
+def test_a_secret_problem_does_not_hide_the_other_errors_of_its_block(tmp_path: Path) -> None:
+    """A missing or doubled secret is reported beside the block's other mistakes, not instead of them."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "secret").write_text("s3cret\n")
+    text = GOOD + (
+        "  district:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth2, client_id: abc}\n"
+        "  proxy:\n"
+        "    type: oneroster\n"
+        "    base_url: https://proxy.example/ims/oneroster/v1p1\n"
+        "    auth:\n"
+        "      type: oauth2\n"
+        "      token_url: ftp://proxy.example/token\n"
+        "      client_id: abc\n"
+        "      client_secret: inline\n"
+        "      client_secret_file: secret\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        "sources.district.auth: line 16: token_url is required",
+        "sources.district.auth: line 16: client_secret or client_secret_file is required",
+        "sources.proxy.auth.token_url: line 22: 'ftp://proxy.example/token' is not an http(s) URL",
+        "sources.proxy.auth.client_secret: line 24: give client_secret or client_secret_file, not both",
+    ]
+    assert "inline" not in str(err.value) and "s3cret" not in str(err.value)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+import re
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -11,10 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
+from connectors.oneroster_csv import files as csv_files
 from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
-from rostersync.errors import DeltaUnsupportedError, FatalSourceError
+from rostersync.errors import FatalSourceError
 from rostersync.records import (
     Rejected,
     RosterClass,
@@ -30,7 +36,8 @@ from rostersync.sampledata import (
     generate_district,
     write_oneroster_csv,
 )
-from tests.connectors.contract import ConnectorContract, collect
+from tests.connectors.contract import ConnectorContract, collect, people
+from tests.hostile import HUGE, hostile_bytes
 from tests.rosterdata import small_roster
 
 
@@ -117,7 +124,6 @@ BAD_USERS = {
     "unknown status": (user("u-9", status="archived"), "u-9", "unknown status 'archived'"),
     "bad boolean": (user("u-9", enabledUser="yes"), "u-9", "enabledUser 'yes' is not true"),
     "empty role": (user("u-9", role=""), "u-9", "missing role"),
-    "bad date": (user("u-9", dateLastModified="last tuesday"), "u-9", "not an ISO 8601"),
 }
 
 
@@ -131,6 +137,59 @@ async def test_bad_user_row_is_rejected_with_file_and_line(tmp_path: Path, case:
     assert (rej.entity, rej.sourced_id, rej.location) == ("user", sourced_id, "users.csv line 3")
     assert reason in rej.reason
     assert {"u-1", "u-2"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_malformed_date_is_a_warning_and_the_row_is_read(tmp_path: Path) -> None:
+    """A dateLastModified that is not ISO 8601 is a warning naming file and line; the person is
+    read without the date, the others with theirs."""
+    rows = (user("u-1", dateLastModified="1/05/2023"), user("u-2", dateLastModified="2023-01-05"))
+    connector = OneRosterCsvConnector("csv", drop(tmp_path, users_csv=table(USERS_HEADER, *rows)))
+    got = await collect(connector)
+    assert rejected(got) == []
+    assert person(got, "u-1").date_last_modified is None
+    assert person(got, "u-2").date_last_modified == datetime(2023, 1, 5, tzinfo=UTC)
+    assert connector.warnings == [
+        "users.csv line 2: dateLastModified '1/05/2023' is not an ISO 8601 date-time; "
+        "the row was read without it"
+    ]
+
+
+async def test_a_warning_quotes_a_long_value_cut_short(tmp_path: Path) -> None:
+    """A 100,000-character date is named by its start and length, not copied whole."""
+    path = drop(
+        tmp_path, users_csv=table(USERS_HEADER, user("u-1", dateLastModified="9" * 100_000))
+    )
+    connector = OneRosterCsvConnector("csv", path)
+    await collect(connector)
+    assert connector.warnings == [
+        f"users.csv line 2: dateLastModified {'9' * 60!r}... (100000 characters) is not an "
+        "ISO 8601 date-time; the row was read without it"
+    ]
+
+
+async def test_warnings_of_one_kind_are_listed_up_to_a_limit_then_counted(tmp_path: Path) -> None:
+    """A bad date on every row lists the first 20 rows and counts the rest in one line; each
+    fetch starts its warnings afresh."""
+    rows = [user(f"u-{i}", dateLastModified="yesterday") for i in range(25)]
+    bad_class = "c-1,,05/01/2023,Algebra I,,,ALG1,scheduled,,sch-1,,,,\n"
+    classes = Path(drop(tmp_path)) / "classes.csv"
+    classes_text = classes.read_text().splitlines(keepends=True)[0] + bad_class
+    folder = drop(tmp_path, users_csv=table(USERS_HEADER, *rows), classes_csv=classes_text)
+    connector = OneRosterCsvConnector("csv", folder)
+    await collect(connector)
+    listed = [w for w in connector.warnings if w.startswith("users.csv line ")]
+    assert [w.split(":")[0] for w in listed] == [f"users.csv line {n}" for n in range(2, 22)]
+    assert "users.csv: rows read without their dateLastModified: 5 more not listed (25 in all)" in (
+        connector.warnings
+    )
+    assert any(
+        w.startswith("classes.csv line 2: dateLastModified '05/01/2023'")
+        for w in connector.warnings
+    )
+    (folder / "users.csv").write_text(table(USERS_HEADER, user("u-1")))
+    (folder / "classes.csv").write_text(classes_text.replace("05/01/2023", ""))
+    await collect(connector)
+    assert connector.warnings == []
 
 
 BAD_ENROLLMENTS = {
@@ -185,6 +244,103 @@ async def test_stray_quote_rejects_only_its_row(tmp_path: Path) -> None:
     [rej] = rejected(got)
     assert (rej.location, rej.reason.startswith("malformed CSV")) == ("users.csv line 2", True)
     assert "u-3" in {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_stray_quote_in_header_is_fatal_naming_file_and_line(tmp_path: Path) -> None:
+    """A header with text after a closing quote makes the file unreadable: users.csv line 1."""
+    rows = table(USERS_HEADER, user("u-1")).splitlines()
+    text = "\n".join(['"sourcedId"x' + rows[0].removeprefix("sourcedId"), rows[1], ""])
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 1: unreadable header \(malformed CSV: ',' expected after '\"': text follows",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_huge_header_field_is_fatal(tmp_path: Path) -> None:
+    """A header cell over the csv field limit is an unreadable header, not a crash."""
+    text = '"' + "h" * 140_000 + '",' + ",".join(USERS_HEADER) + "\n"
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 1: unreadable header \(a field is longer than 131072",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_well_quoted_huge_field_rejects_only_its_row(tmp_path: Path) -> None:
+    """A quoted 200 KiB field rejects its own row, with its line; the rows after it load."""
+    text = table(
+        USERS_HEADER, user("u-1"), user("u-2", givenName="x" * 200_000), user("u-3"), user("u-4")
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.entity, rej.location) == ("user", "users.csv line 3")
+    assert rej.reason == "a field is longer than 131072 characters"
+    assert {"u-1", "u-3", "u-4"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_huge_field_running_past_its_line_is_fatal(tmp_path: Path) -> None:
+    """A huge quoted field that goes on over a line break hides where its row ends: fatal."""
+    big = user("u-2", givenName="x" * 200_000 + "\nmore")
+    text = table(USERS_HEADER, user("u-1"), big, user("u-3"))
+    with pytest.raises(FatalSourceError, match=r"users\.csv line 3: a field is longer than"):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_quote_left_open_until_a_later_quote_is_fatal(tmp_path: Path) -> None:
+    """An unclosed quote that a later row's quote "closes" would swallow the rows in between:
+    the file is unreadable from the line the quote opened on, instead of losing them quietly."""
+    rows = table(USERS_HEADER, user("u-1"), user("u-3"), user("u-4")).splitlines()
+    quoted = table(USERS_HEADER, user("u-5", givenName="Smith, J")).splitlines()[1]
+    text = "\n".join(
+        [
+            rows[0],
+            rows[1],
+            'u-2,,,true,sch-1,teacher,"oops' + ",x" * 11,
+            rows[2],
+            rows[3],
+            quoted,
+            "",
+        ]
+    )
+    with pytest.raises(
+        FatalSourceError,
+        match=r"users\.csv line 3: malformed CSV: .* \(on line 6\), in a quoted field that runs over lines 3-6",
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))
+
+
+async def test_nul_character_rejects_its_row(tmp_path: Path) -> None:
+    """A NUL in a field (no roster value has one; PostgreSQL cannot store it) rejects the row."""
+    text = table(USERS_HEADER, user("u-1"), user("u-2", familyName="Nu\x00ll"), user("u-3"))
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.sourced_id, rej.reason, rej.location) == (
+        "u-2",
+        "a field contains a NUL character",
+        "users.csv line 3",
+    )
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_lone_carriage_return_rejects_its_row(tmp_path: Path) -> None:
+    """A CR inside an unquoted field rejects that row alone, said in plain words."""
+    rows = table(USERS_HEADER, user("u-1"), user("u-2"), user("u-3")).splitlines()
+    text = "\n".join([rows[0], rows[1], rows[2].replace("Given", "Gi\rven"), rows[3], ""])
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    [rej] = rejected(got)
+    assert (rej.reason, rej.location) == (
+        "a carriage return (CR) inside an unquoted field",
+        "users.csv line 3",
+    )
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+
+
+async def test_bom_in_header_without_utf8_sig_is_ignored(tmp_path: Path) -> None:
+    """With `encoding: utf-8` a BOM stays in the text; it is still no part of the first name."""
+    text = "\ufeff" + table(USERS_HEADER, user("u-1"))
+    got = await fetch_all(drop(tmp_path, users_csv=text), encoding="utf-8")
+    assert person(got, "u-1").email == "u-1@example.org"
 
 
 async def test_org_without_name_and_class_without_title_are_rejected(tmp_path: Path) -> None:
@@ -339,25 +495,16 @@ async def test_absent_file_in_manifest_is_skipped(tmp_path: Path) -> None:
     assert any(isinstance(r, RosterPerson) for r in got)
 
 
-async def test_delta_manifest_is_refused(tmp_path: Path) -> None:
-    """A manifest declaring a delta file is refused: delta CSV drops are not supported yet."""
-    folder = drop(tmp_path)
-    manifest = (folder / "manifest.csv").read_text().replace("file.users,bulk", "file.users,delta")
-    (folder / "manifest.csv").write_text(manifest)
-    with pytest.raises(FatalSourceError, match="delta CSV files are not supported yet"):
-        await fetch_all(folder)
-
-
-async def test_oneroster_1_2_manifest_is_refused(tmp_path: Path) -> None:
-    """A OneRoster 1.2 drop is refused rather than misread."""
+async def test_unknown_oneroster_version_is_refused(tmp_path: Path) -> None:
+    """A manifest naming a OneRoster version rostersync does not know is refused, not misread."""
     folder = drop(tmp_path)
     manifest = (
         (folder / "manifest.csv")
         .read_text()
-        .replace("oneroster.version,1.1", "oneroster.version,1.2")
+        .replace("oneroster.version,1.1", "oneroster.version,2.0")
     )
     (folder / "manifest.csv").write_text(manifest)
-    with pytest.raises(FatalSourceError, match=r"oneroster\.version '1\.2' is not supported"):
+    with pytest.raises(FatalSourceError, match=r"oneroster\.version '2\.0' is not supported"):
         await fetch_all(folder)
 
 
@@ -413,6 +560,53 @@ async def test_truncated_zip_is_fatal(tmp_path: Path) -> None:
         await fetch_all(zip_path)
 
 
+def _zip_with_users_entry_changed(tmp_path: Path, flag: int = 0, method: int | None = None) -> Path:
+    """The small roster as a zip whose users.csv entry claims a flag bit or a compression
+    method (encryption, an unsupported method) in both its local and central headers."""
+    zip_path = tmp_path / "drop.zip"
+    write_oneroster_csv(small_roster(), tmp_path / "drop", zip_path=zip_path)
+    data = bytearray(zip_path.read_bytes())
+    with zipfile.ZipFile(zip_path) as zf:
+        local = zf.getinfo("users.csv").header_offset
+    central = data.find(b"PK\x01\x02" + bytes(data[local + 4 : local + 6]))
+    while data[central + 46 : central + 46 + len("users.csv")] != b"users.csv":
+        central = data.find(b"PK\x01\x02", central + 4)
+    for flags_at, method_at in ((local + 6, local + 8), (central + 8, central + 10)):
+        data[flags_at] |= flag
+        if method is not None:
+            data[method_at : method_at + 2] = method.to_bytes(2, "little")
+    zip_path.write_bytes(bytes(data))
+    return zip_path
+
+
+async def test_encrypted_zip_member_is_fatal(tmp_path: Path) -> None:
+    """A password-protected member fails the run naming it (zipfile raises RuntimeError)."""
+    with pytest.raises(FatalSourceError, match=r"drop\.zip!users\.csv: cannot open \(.*encrypted"):
+        await fetch_all(_zip_with_users_entry_changed(tmp_path, flag=1))
+
+
+async def test_zip_member_with_unsupported_compression_is_fatal(tmp_path: Path) -> None:
+    """A member compressed with a method zipfile lacks (Deflate64) fails the run naming it."""
+    with pytest.raises(FatalSourceError, match=r"users\.csv: cannot open \(.*not supported"):
+        await fetch_all(_zip_with_users_entry_changed(tmp_path, method=9))
+
+
+async def test_utf16_without_byte_order_mark_is_fatal(tmp_path: Path) -> None:
+    """`encoding: utf-16` on UTF-8 files (no BOM) fails the run naming the first file read."""
+    with pytest.raises(
+        FatalSourceError,
+        match=r"manifest\.csv line 1: cannot decode as utf-16 \(UTF-16 stream does not start",
+    ):
+        await fetch_all(drop(tmp_path), encoding="utf-16")
+
+
+@pytest.mark.parametrize("encoding", ["rot13", "hex", "no-such-codec"])
+def test_encoding_that_is_not_a_text_encoding_is_refused(tmp_path: Path, encoding: str) -> None:
+    """A bytes-to-bytes codec (rot13, hex) is no text encoding: refused like an unknown one."""
+    with pytest.raises(FatalSourceError, match="unknown text encoding"):
+        OneRosterCsvConnector("csv", drop(tmp_path), encoding=encoding)
+
+
 async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
     """Exports that wrap the CSV files in one folder inside the zip are read the same."""
     folder = drop(tmp_path)
@@ -427,25 +621,58 @@ async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
 # --- delta, plug-in, config ------------------------------------------------------------------
 
 
-async def test_delta_fetch_is_unsupported(tmp_path: Path) -> None:
-    """CSV drops have no change filter: supports_delta is false and a delta fetch raises."""
+async def test_delta_fetch_of_a_bulk_drop_reads_it_as_changes(tmp_path: Path) -> None:
+    """A delta run may read a bulk drop: every record comes, and the report warns that what
+    the drop leaves out is not removed by such a run."""
     connector = OneRosterCsvConnector("csv", drop(tmp_path))
-    assert connector.supports_delta is False
-    with pytest.raises(DeltaUnsupportedError):
-        await collect(connector, FetchMode.DELTA)
+    assert connector.supports_delta is True
+    got = await collect(connector, FetchMode.DELTA)
+    assert people(got) == people(list(small_roster().persons))
+    [warning] = connector.warnings
+    assert warning.startswith(
+        "orgs.csv, users.csv, classes.csv, enrollments.csv are bulk in a bulk drop read by a "
+        "delta run: applied as changes"
+    )
 
 
 def test_config_resolves_relative_path_against_base_dir(tmp_path: Path) -> None:
     """A relative `path` is taken relative to the config file's folder; defaults apply."""
+    (tmp_path / "sample-district").mkdir()
     config = CsvSourceConfig.model_validate(
         {"type": "oneroster_csv", "path": "sample-district"}, context={"base_dir": tmp_path}
     )
     assert config.path == tmp_path / "sample-district"
     assert (config.encoding, config.batch_size) == ("utf-8-sig", 1000)
+    zipped = tmp_path / "elsewhere" / "drop.zip"
+    zipped.parent.mkdir()
+    with zipfile.ZipFile(zipped, "w"):
+        pass
     absolute = CsvSourceConfig.model_validate(
-        {"type": "oneroster_csv", "path": "/srv/drop.zip"}, context={"base_dir": tmp_path}
+        {"type": "oneroster_csv", "path": str(zipped)}, context={"base_dir": tmp_path / "sub"}
     )
-    assert absolute.path == Path("/srv/drop.zip")
+    assert absolute.path == zipped
+
+
+def test_config_check_names_a_drop_that_is_missing_or_not_a_zip(tmp_path: Path) -> None:
+    """`path` must be a folder or a .zip now, and `encoding` a codec Python knows."""
+    (tmp_path / "notes.txt").write_text("not a zip")
+    for path, message in (
+        ("nowhere", f"{tmp_path / 'nowhere'} does not exist"),
+        ("nowhere.zip", f"{tmp_path / 'nowhere.zip'} does not exist"),
+        ("notes.txt", f"{tmp_path / 'notes.txt'} is neither a folder nor a .zip file"),
+    ):
+        with pytest.raises(ValidationError) as err:
+            CsvSourceConfig.model_validate(
+                {"type": "oneroster_csv", "path": path}, context={"base_dir": tmp_path}
+            )
+        [error] = err.value.errors()
+        assert error["loc"] == ("path",) and message in error["msg"]
+    with pytest.raises(ValidationError) as err:
+        CsvSourceConfig.model_validate(
+            {"type": "oneroster_csv", "path": ".", "encoding": "utf-9"},
+            context={"base_dir": tmp_path},
+        )
+    assert err.value.errors()[0]["loc"] == ("encoding",)
 
 
 def test_config_rejects_unknown_keys_and_bad_batch_size() -> None:
@@ -460,10 +687,10 @@ async def test_plugin_is_registered_and_builds_a_connector(tmp_path: Path) -> No
     """The entry point finds PLUGIN, and its factory reads the configured drop."""
     [ep] = entry_points(group=ENTRY_POINT_GROUP, name="oneroster_csv")
     assert ep.load() is PLUGIN
+    drop(tmp_path)
     config = CsvSourceConfig.model_validate(
         {"type": "oneroster_csv", "path": "drop", "batch_size": 3}, context={"base_dir": tmp_path}
     )
-    drop(tmp_path)
     async with httpx.AsyncClient() as http:
         connector = PLUGIN.create(ConnectorContext(source="sample", config=config, http=http))
         got = await collect(connector)
@@ -496,3 +723,86 @@ async def test_sample_district_reads_back_without_rejections(tmp_path: Path) -> 
         for e in got
         if isinstance(e, RosterEnrollment)
     } == want_enrollments
+
+
+# --- hostile text: fuzzed ------------------------------------------------------------------
+
+_LOCATION = re.compile(r"users\.csv line (\d+)")
+
+
+def _read_users(folder: Path, content: bytes) -> list[RosterRecord]:
+    (folder / "users.csv").write_bytes(content)
+    return asyncio.run(fetch_all(folder))
+
+
+@pytest.fixture(scope="module")
+def fuzz_drop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("fuzz") / "drop"
+    write_oneroster_csv(small_roster(), folder)
+    return folder
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=hostile_bytes, with_header=st.booleans())
+def test_hostile_users_csv_is_read_or_refused_never_crashes(
+    fuzz_drop: Path, body: bytes, with_header: bool
+) -> None:
+    """Any bytes in users.csv give records (bad rows rejected at a line of the file) or a
+    FatalSourceError naming the file; never another exception."""
+    header = (",".join(USERS_HEADER) + "\n").encode() if with_header else b""
+    content = header + body
+    try:
+        got = _read_users(fuzz_drop, content)
+    except FatalSourceError as exc:
+        assert "users.csv" in str(exc)
+        return
+    lines = max(1, len(content.split(b"\n")))
+    for rej in rejected(got):
+        if rej.location and rej.location.startswith("users.csv"):
+            match = _LOCATION.fullmatch(rej.location)
+            assert match is not None and 2 <= int(match.group(1)) <= lines
+
+
+_ONE_LINE_BREAKAGES = {
+    "huge quoted field": lambda row: row.replace("Given", '"' + HUGE + '"'),
+    "text after a closing quote": lambda row: row.replace("Given", '"Gi"ven'),
+    "NUL": lambda row: row.replace("Given", "Gi\x00ven"),
+    "lone CR": lambda row: row.replace("Given", "Gi\rven"),
+    "a field too many": lambda row: row + ",extra",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(min_value=1, max_value=12),
+    data=st.data(),
+    breakage=st.sampled_from(sorted(_ONE_LINE_BREAKAGES)),
+)
+def test_one_broken_row_is_rejected_alone_at_its_line(
+    fuzz_drop: Path, count: int, data: st.DataObject, breakage: str
+) -> None:
+    """One row broken on its own line, anywhere in the file, is rejected at exactly that line
+    and every other row is read."""
+    rows = table(USERS_HEADER, *(user(f"u-{i}") for i in range(count))).splitlines()
+    bad = data.draw(st.integers(min_value=1, max_value=count))
+    rows[bad] = _ONE_LINE_BREAKAGES[breakage](rows[bad])
+    got = _read_users(fuzz_drop, ("\n".join(rows) + "\n").encode())
+    [rej] = rejected(got)
+    assert rej.location == f"users.csv line {bad + 1}"
+    read = {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+    assert {f"u-{i}" for i in range(count) if i != bad - 1} <= read
+    assert f"u-{bad - 1}" not in read
+
+
+async def test_endless_line_is_fatal_before_it_fills_the_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A line with no end (a zip member unpacking to gigabytes of it) fails the run at its
+    line once it passes the limit; it is read in pieces, never whole."""
+    monkeypatch.setattr(csv_files, "MAX_LINE_CHARS", 50_000)
+    monkeypatch.setattr(csv_files, "_READ_SIZE", 4096)
+    text = table(USERS_HEADER, user("u-1")) + "u-2," + "x" * 200_000 + "\n"
+    with pytest.raises(
+        FatalSourceError, match=r"users\.csv line 3: more than 50000 characters without a line"
+    ):
+        await fetch_all(drop(tmp_path, users_csv=text))

@@ -27,7 +27,7 @@ from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector, delta_filter
 from connectors.oneroster.errors import parse_retry_after
-from connectors.oneroster.normalize import normalize
+from connectors.oneroster.normalize import normalize, rows_page
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link
 from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import (
@@ -300,6 +300,49 @@ async def test_without_headers_an_exact_multiple_ends_on_an_empty_page() -> None
             got = await fetch_all(c)
     assert [call.request.url.params["offset"] for call in route.calls] == ["0", "3", "6"]
     assert len(got) == 6
+
+
+async def test_without_headers_a_short_first_page_is_the_whole_collection() -> None:
+    """No X-Total-Count and no Link: a first page shorter than page_size ends the collection
+    with that one request (no request for an empty page after it)."""
+    records = [user(i) for i in range(7)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", total=False))
+        async with open_connector(page_size=100) as c:
+            got = await fetch_all(c)
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0"]
+    assert len([r for r in got if isinstance(r, RosterPerson)]) == 7
+
+
+async def test_without_headers_a_round_short_first_page_may_be_a_cap() -> None:
+    """A server that silently serves 100 per page (the spec's default) and sends neither
+    header is still read to the end: a first page of a round length is taken for its limit."""
+    records = [user(i) for i in range(250)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=pager(records, "users", total=False, cap=100)
+        )
+        async with open_connector(page_size=1000) as c:
+            got = await fetch_all(c)
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "100", "200"]
+    assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 250
+
+
+async def test_a_short_first_page_with_a_next_link_is_followed() -> None:
+    """A capped server that sends a rel="next" link (and no total) is followed to the end,
+    whatever the length of its pages."""
+    records = [user(i) for i in range(23)]
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(
+            side_effect=pager(records, "users", total=False, link=True, cap=7)
+        )
+        async with open_connector(page_size=100) as c:
+            got = await fetch_all(c)
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "7", "14", "21"]
+    assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 23
 
 
 async def test_a_server_capping_limit_sets_the_step() -> None:
@@ -672,6 +715,25 @@ def test_v12_user_takes_the_primary_role() -> None:
     assert isinstance(person, RosterPerson)
     assert person.role == "teacher"
     assert person.org_ids == ("sch-2", "sch-1")
+
+
+def test_v12_user_keeps_every_role_primary_or_not() -> None:
+    """Any of roles[] may make a teacher (provisioning.teacher_roles), so all are kept: the
+    primary one as `role`, the others beside it, and all in the staged `roles` column."""
+    raw = user(3, role=None) | {
+        "roles": [
+            {"roleType": "primary", "role": "administrator", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "secondary", "role": "Teacher", "org": {"sourcedId": "sch-1"}},
+            {"roleType": "secondary", "role": "teacher", "org": {"sourcedId": "sch-2"}},
+        ],
+    }
+    person = normalize("users", raw)
+    assert isinstance(person, RosterPerson)
+    assert (person.role, person.other_roles) == ("administrator", ("teacher",))
+    assert person.roles_text == "administrator,teacher"
+    batch = rows_page("users", [raw])
+    assert batch.rows["person"][0][2] == "administrator,teacher"
+    assert batch.rows["person"][0][-1] == person.content_hash()
 
 
 def test_missing_optional_fields_get_defaults() -> None:

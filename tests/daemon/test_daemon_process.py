@@ -125,6 +125,24 @@ def test_sighup_keeps_the_old_config_when_the_new_one_is_broken_and_applies_a_go
     )
     assert d.proc.poll() is None
 
+    # A cron the scheduler refuses: rejected like any config error, the old schedule stays,
+    # and systemd hears READY=1 after RELOADING=1 (it used to wait for it forever).
+    bad_cron = {**good["sources"]["sample"], "schedule": {"cron": "0 25 * * *"}}
+    write_config(config, base_config(url, sources={"sample": bad_cron}))
+    seen = len(notify_socket.fields())
+    d.signal(signal.SIGHUP)
+    notify_socket.wait_for("RELOADING", "1", after=seen)
+    notify_socket.wait_for("READY", "1", after=seen + 1)
+    rejected = [e for e in d.events() if e["event"] == "config_reload_rejected"]
+    assert len(rejected) == 2 and "sources.sample.schedule.cron" in rejected[1]["errors"][0]
+    runs_before = len(_rows(store, "SELECT id FROM sync_run"))
+    wait_until(
+        lambda: len(_rows(store, "SELECT id FROM sync_run")) >= runs_before + 1,
+        15,
+        "runs on the old schedule after the rejected cron",
+    )
+    assert "never retrieved" not in d.log_text() and "Traceback" not in d.log_text()
+
     second = {**good["sources"]["sample"], "schedule": {"interval": "1s", "jitter": 0}}
     write_config(
         config, base_config(url, sources={"sample": good["sources"]["sample"], "second": second})

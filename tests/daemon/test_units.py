@@ -11,17 +11,15 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import text
 
-from rostersync.config.source import Schedule
+from rostersync.config.schedule import Schedule, build_trigger, crontab_day_of_week
 from rostersync.daemon import (
-    build_trigger,
-    crontab_day_of_week,
     owner_is_dead,
     pg_conninfo,
     recover,
@@ -58,6 +56,27 @@ def test_a_cron_schedule_fires_on_the_crontab_weekday() -> None:
     trigger = build_trigger(Schedule(cron="0 2 * * 1", jitter=timedelta(0)))
     fire = trigger.get_next_fire_time(None, utcnow().astimezone())
     assert fire is not None and fire.weekday() == 0 and (fire.hour, fire.minute) == (2, 0)
+
+
+def test_a_cron_with_both_day_fields_fires_when_either_matches() -> None:
+    """As in crontab, "0 2 13 * 5" runs on every 13th and on every Friday, not only on a
+    Friday the 13th; a day field starting with * keeps both fields required."""
+    start = datetime(2026, 3, 1, tzinfo=UTC).astimezone()  # a Sunday; the 13th is a Friday
+    trigger = build_trigger(Schedule(cron="0 2 13 * 5", jitter=timedelta(0)))
+    fires: list[datetime] = []
+    previous = None
+    while len(fires) < 8:
+        fire = trigger.get_next_fire_time(previous, start)
+        assert fire is not None
+        fires.append(fire)
+        previous, start = fire, fire
+    assert [(f.month, f.day) for f in fires] == [
+        *((3, 6), (3, 13), (3, 20), (3, 27)),
+        *((4, 3), (4, 10), (4, 13), (4, 17)),  # April 13th is a Monday
+    ]
+    every_other = build_trigger(Schedule(cron="0 2 */2 * 5", jitter=timedelta(0)))
+    fire = every_other.get_next_fire_time(None, datetime(2026, 3, 1, tzinfo=UTC).astimezone())
+    assert fire is not None and fire.weekday() == 4 and fire.day % 2 == 1
 
 
 def test_notifier_sends_datagrams_and_halves_the_watchdog(tmp_path: Path) -> None:

@@ -517,17 +517,20 @@ async def test_a_delta_run_decides_for_the_teachers_it_touched_and_a_full_run_ag
     looked_at: list[set[str] | None] = []
     real = apply.eligible_teachers
 
-    def spy(conn: Any, source: str, only: set[str] | None = None) -> Any:
+    def spy(conn: Any, source: str, roles: Any, only: set[str] | None = None) -> Any:
         looked_at.append(only)
-        return real(conn, source, only)
+        return real(conn, source, roles, only)
 
     monkeypatch.setattr(apply, "eligible_teachers", spy)
     counted: list[tuple[int, int]] = []
     real_count = apply.groups_to_remove
 
-    def count_both(conn: Any, source: str, archived: Any = (), only: Any = None) -> int:
+    def count_both(conn: Any, source: str, roles: Any, archived: Any = (), only: Any = None) -> int:
         counted.append(
-            (real_count(conn, source, archived, only), real_count(conn, source, archived))
+            (
+                real_count(conn, source, roles, archived, only),
+                real_count(conn, source, roles, archived),
+            )
         )
         return counted[-1][0]
 

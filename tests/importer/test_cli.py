@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from rostersync.cli import cli
 from rostersync.importer import TEMPLATE_COLUMNS
 from rostersync.sampledata import write_oneroster_csv
 from tests.conftest import BASE_CONFIG
+from tests.hostile import SHEET_XML, edit_member, replace_in, valid_xlsx
 from tests.rosterdata import small_roster
 
 
@@ -183,3 +186,66 @@ def test_xlsx_from_stdin(config: Path) -> None:
     wb.save(buf)
     result = rs(config, "import", "-", "--json", input=buf.getvalue())
     assert json.loads(result.stdout)["rows"][0]["status"] == "Success"
+
+
+def test_damaged_xlsx_exits_2_on_one_line_and_writes_nothing(config: Path, tmp_path: Path) -> None:
+    """A damaged workbook, in a real process: exit 2, one line naming the file and the problem,
+    no traceback, and no database is even created."""
+    bad = tmp_path / "damaged.xlsx"
+    bad.write_bytes(
+        edit_member(valid_xlsx(), SHEET_XML, replace_in('t="s"><v>0</v>', 't="s"><v>99</v>'))
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "rostersync", "--config", str(config), "import", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"rostersync: {bad}: not a readable XLSX workbook (sheet 'Sheet1': IndexError: list "
+        "index out of range); nothing was imported\n"
+    )
+    assert proc.stdout == ""
+    assert not (tmp_path / "rs.db").exists()
+
+
+def test_csv_row_the_csv_module_cannot_read_fails_alone(config: Path, tmp_path: Path) -> None:
+    """A 200 KiB cell and a stray quote fail their own rows with their lines; the rest import."""
+    body = (
+        "Email,Display Name\na@example.org,Ada\n"
+        f'b@example.org,"{"x" * 200_000}"\nc@example.org,"Cy"ril\nd@example.org,Dee\n'
+    )
+    result = rs(config, "import", _csv(tmp_path, body), "--json")
+    assert result.exit_code == 0, result.output
+    rows = [(r["row"], r["status"], r["message"]) for r in json.loads(result.stdout)["rows"]]
+    assert rows[0] == (2, "Success", "created") and rows[3] == (5, "Success", "created")
+    assert rows[1] == (3, "Failed", "line 3: a field is longer than 131072 characters")
+    assert rows[2][:2] == (4, "Failed") and rows[2][2].startswith("line 4: malformed CSV")
+
+
+def test_report_into_a_missing_folder_is_refused_before_importing(
+    config: Path, tmp_path: Path
+) -> None:
+    """--report into a folder that does not exist exits 2 up front; nothing is imported."""
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    result = rs(config, "import", f, "--report", str(tmp_path / "nodir" / "r.csv"))
+    assert result.exit_code == 2
+    assert "nodir' does not exist or is not writable; nothing was imported" in result.stderr
+    assert not (config.parent / "rs.db").exists()  # refused before the database was touched
+
+
+def test_utf16_unicode_text_and_protected_workbooks(config: Path, tmp_path: Path) -> None:
+    """Excel's "Unicode Text" (UTF-16, tabs) imports; a password-protected workbook is refused
+    saying so, not as a broken zip."""
+    text = tmp_path / "unicode.txt"
+    text.write_bytes("Email\tDisplay Name\r\nzoe@example.org\tZoë\r\n".encode("utf-16"))
+    result = rs(config, "import", str(text), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rows"][0]["status"] == "Success"
+    protected = tmp_path / "protected.xlsx"
+    protected.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504))
+    refused = rs(config, "import", str(protected))
+    assert refused.exit_code == 2
+    assert "a password-protected workbook or an old .xls file" in refused.stderr

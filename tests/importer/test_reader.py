@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import io
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openpyxl import Workbook
+from openpyxl.chart import BarChart, Reference
 
-from rostersync.importer import ImportRefused, parse_bytes, read_path
+from rostersync.importer import ImportRefused, parse_bytes, read_path, reader
 from rostersync.importer.columns import match_columns
 from rostersync.importer.reader import kind_for
 from rostersync.importer.rows import parse_row
+from tests.hostile import (
+    HUGE,
+    SHEET_XML,
+    damaged,
+    damaged_parts,
+    edit_member,
+    hostile_bytes,
+    replace_in,
+    valid_xlsx,
+)
 
 FILES = Path(__file__).parent / "files"
 
@@ -138,3 +153,191 @@ def test_unreadable_files_are_refused() -> None:
         kind_for("legacy.xls")
     with pytest.raises(ImportRefused, match=r"missing\.csv: cannot read"):
         read_path("missing.csv", max_rows=10)
+
+
+# --- damaged workbooks ---------------------------------------------------------------------
+
+
+def test_the_valid_workbook_reads() -> None:
+    """The workbook the damaged ones are made from reads, shared string included."""
+    sheet = parse_bytes(valid_xlsx(), "w.xlsx", max_rows=10)
+    assert sheet.rows[0].values == ("a@example.org", "Ada", "7", "TRUE")
+
+
+DAMAGED: dict[str, tuple[str, Callable[[bytes], bytes | None], str]] = {
+    "random bytes in the sheet": (SHEET_XML, lambda b: b[:300] + bytes(range(256)) + b[300:], "sheet 'Sheet1': ParseError: not well-formed"),
+    "sheet XML cut short": (SHEET_XML, lambda b: b[: len(b) // 2], "sheet 'Sheet1': ParseError"),
+    "garbage styles": ("xl/styles.xml", lambda _: b"\x00garbage<<", "ParseError: not well-formed"),
+    "a style attribute of the wrong type": ("xl/styles.xml", lambda b: b.replace(b'numFmtId="0"', b'numFmtId="x"', 1), "TypeError"),
+    "shared string index out of range": (SHEET_XML, replace_in('t="s"><v>0</v>', 't="s"><v>99</v>'), "sheet 'Sheet1': IndexError"),
+    "shared string index not a number": (SHEET_XML, replace_in('t="s"><v>0</v>', 't="s"><v>x</v>'), "sheet 'Sheet1': ValueError"),
+    "no sheets": ("xl/workbook.xml", replace_in('<sheet name="Sheet1" sheetId="1" state="visible" r:id="rId1" />', ""), "the workbook has no worksheet"),
+    "a sheet relation pointing nowhere": ("xl/_rels/workbook.xml.rels", replace_in("/xl/worksheets/sheet1.xml", "/xl/worksheets/nope.xml"), "sheet 'Sheet1' points to a part that is not in the file"),
+    "a sheet part missing": (SHEET_XML, lambda _: None, "sheet 'Sheet1' points to a part that is not in the file"),
+    "an unknown relation id": ("xl/workbook.xml", replace_in('r:id="rId1"', 'r:id="rId77"'), "KeyError: 'rId77'"),
+    "no workbook part": ("xl/workbook.xml", lambda _: None, "There is no item named 'xl/workbook.xml'"),
+    "a bad number": (SHEET_XML, replace_in("<v>7</v>", "<v>seven</v>"), "could not convert string to float: 'seven'"),
+    "a bad boolean": (SHEET_XML, replace_in('t="b"><v>1</v>', 't="b"><v>maybe</v>'), "sheet 'Sheet1': ValueError"),
+    "a bad cell reference": (SHEET_XML, replace_in('r="C2"', 'r="2C"'), "sheet 'Sheet1': ValueError"),
+    "a column beyond the sheet": (SHEET_XML, replace_in('r="C2"', 'r="ZZZZZ2"'), "'ZZZZZ' is not a valid column name"),
+    "a bad row number": (SHEET_XML, replace_in('<row r="2">', '<row r="two">'), "sheet 'Sheet1': ValueError"),
+    "a bad date": (SHEET_XML, replace_in('<c r="C2" t="n"><v>7</v>', '<c r="C2" t="d"><v>notadate</v>'), "Invalid datetime value notadate"),
+    "an XML entity": (SHEET_XML, lambda b: b'<?xml version="1.0"?><!DOCTYPE w [<!ENTITY a "aaaa">]>' + b.replace(b"<t>Ada</t>", b"<t>&a;</t>"), "EntitiesForbidden"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DAMAGED), ids=list(DAMAGED))
+def test_damaged_workbook_is_refused_naming_file_and_problem(case: str) -> None:
+    """Each kind of damage refuses the whole file on one line naming it and the problem."""
+    member, change, detail = DAMAGED[case]
+    data = edit_member(valid_xlsx(), member, change)
+    with pytest.raises(ImportRefused) as refused:
+        parse_bytes(data, "bad.xlsx", max_rows=10)
+    message = str(refused.value)
+    assert message.startswith("bad.xlsx: not a readable XLSX workbook (") and message.endswith(")")
+    assert detail in message and "\n" not in message
+
+
+def test_workbook_unpacking_past_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workbook whose parts unpack to more than the limit (a zip bomb) is never parsed."""
+    monkeypatch.setattr(reader, "MAX_XLSX_UNPACKED", 2**20)
+    data = edit_member(valid_xlsx(), "xl/padding.bin", lambda _: bytes(2**20 + 1))
+    with pytest.raises(
+        ImportRefused, match=r"big\.xlsx: not a readable XLSX workbook \(it unpacks to 1 MiB"
+    ):
+        parse_bytes(data, "big.xlsx", max_rows=10)
+
+
+def test_chart_sheet_is_not_read_as_a_worksheet() -> None:
+    """--sheet naming a chart sheet is refused; without --sheet the first worksheet is read."""
+    wb = Workbook()
+    wb.active.append(["Email"])
+    wb.active.append(["a@example.org"])
+    chart = BarChart()
+    chart.add_data(Reference(wb.active, min_col=1, min_row=2, max_row=2))
+    wb.create_chartsheet("Chart", 0).add_chart(chart)
+    buf = io.BytesIO()
+    wb.save(buf)
+    assert parse_bytes(buf.getvalue(), "c.xlsx", max_rows=10).headers == ("Email",)
+    with pytest.raises(ImportRefused, match=r"c\.xlsx: sheet 'Chart' is a chart, not a worksheet"):
+        parse_bytes(buf.getvalue(), "c.xlsx", max_rows=10, sheet="Chart")
+
+
+def test_a_far_away_empty_cell_does_not_widen_rows() -> None:
+    """A blank cell at column XFD is not 16,384 cells per row."""
+    data = edit_member(
+        valid_xlsx(),
+        SHEET_XML,
+        replace_in(
+            "</row></sheetData>",
+            '<c r="XFD2" t="inlineStr"><is><t> </t></is></c></row></sheetData>',
+        ),
+    )
+    sheet = parse_bytes(data, "w.xlsx", max_rows=10)
+    assert sheet.rows[0].values == ("a@example.org", "Ada", "7", "TRUE")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.one_of(
+        damaged(valid_xlsx()),
+        damaged_parts(valid_xlsx()),
+        hostile_bytes.map(lambda b: b"PK\x03\x04" + b),
+    )
+)
+def test_fuzzed_workbook_reads_or_is_refused(data: bytes) -> None:
+    """Flipped bytes, cuts and damaged parts of a valid workbook, or random bytes: the reader
+    returns a sheet or refuses the file, never anything else."""
+    try:
+        parse_bytes(data, "fuzz.xlsx", max_rows=10)
+    except ImportRefused as exc:
+        assert str(exc).startswith("fuzz.xlsx") and "\n" not in str(exc)
+
+
+# --- hostile CSV ---------------------------------------------------------------------------
+
+
+def test_huge_cell_fails_its_row_only() -> None:
+    """A quoted cell over 128 KiB fails its own row, naming the line; the file is read."""
+    text = f'Email,Name\na@example.org,A\nb@example.org,"{"x" * 200_000}"\nc@example.org,C\n'
+    sheet = parse_bytes(text.encode(), "h.csv", max_rows=10)
+    assert [(r.row, r.problem) for r in sheet.rows] == [
+        (2, None),
+        (3, "line 3: a field is longer than 131072 characters"),
+        (4, None),
+    ]
+
+
+def test_stray_quote_fails_its_row_naming_the_line() -> None:
+    """Text after a closing quote fails that row (it used to be read as if unquoted), with its
+    physical line, which a quoted line break above puts past its row number."""
+    text = 'Email,Name\na@example.org,"two\nlines"\nb@example.org,"Jo"hn\nc@example.org,C\n'
+    sheet = parse_bytes(text.encode(), "q.csv", max_rows=10)
+    [bad] = [r for r in sheet.rows if r.problem]
+    assert bad.row == 3 and bad.values == ()
+    assert bad.problem is not None and bad.problem.startswith("line 4: malformed CSV")
+    assert [r.values[0] for r in sheet.rows if not r.problem] == ["a@example.org", "c@example.org"]
+
+
+def test_stray_quote_in_header_refuses_the_file() -> None:
+    """A header the csv module cannot read refuses the file, naming line 1."""
+    with pytest.raises(
+        ImportRefused, match=r"h\.csv: unreadable header row \(line 1: malformed CSV"
+    ):
+        parse_bytes(b'"Email"x,Name\na@example.org,A\n', "h.csv", max_rows=10)
+
+
+def test_quote_left_open_refuses_the_file_at_its_line() -> None:
+    """A quote never closed would swallow the rows after it: the file is refused at its line."""
+    with pytest.raises(ImportRefused, match=r"o\.csv line 3: unterminated quoted field"):
+        parse_bytes(
+            b'Email,Name\na@example.org,A\nb@example.org,"B\nc@example.org,C\n',
+            "o.csv",
+            max_rows=10,
+        )
+
+
+def test_nul_in_a_cell_fails_its_row() -> None:
+    """A NUL character fails its row; the row keeps its cells for the report."""
+    sheet = parse_bytes(b"Email,Name\na@example.org,A\x00\n", "n.csv", max_rows=10)
+    assert sheet.rows[0].problem == "line 2: a field contains a NUL character"
+    assert sheet.rows[0].values == ("a@example.org", "A\x00")
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=hostile_bytes, kind=st.sampled_from([None, "csv", "tsv"]))
+def test_hostile_csv_reads_or_is_refused(body: bytes, kind: str | None) -> None:
+    """Quotes, NULs, lone CRs, BOMs, huge fields, invalid UTF-8: a sheet or a refusal naming
+    the file, never another exception; a failed row's problem names a line of the file."""
+    try:
+        sheet = parse_bytes(b"Email,Name\n" + body, "fuzz.csv", max_rows=50, kind=kind)
+    except ImportRefused as exc:
+        assert str(exc).startswith("fuzz.csv")
+        return
+    for row in sheet.rows:
+        assert row.problem is None or re.fullmatch(r"line \d+: .+", row.problem)
+
+
+_BROKEN_CELLS = {
+    "huge quoted cell": '"' + HUGE + '"',
+    "text after a closing quote": '"Jo"hn',
+    "NUL": "Jo\x00hn",
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(min_value=1, max_value=12),
+    data=st.data(),
+    breakage=st.sampled_from(sorted(_BROKEN_CELLS)),
+)
+def test_one_broken_row_fails_alone(count: int, data: st.DataObject, breakage: str) -> None:
+    """One broken row anywhere in a CSV file is the only row with a problem, at its line."""
+    rows = [f"u{i}@example.org,Name {i}" for i in range(count)]
+    bad = data.draw(st.integers(min_value=0, max_value=count - 1))
+    rows[bad] = f"u{bad}@example.org,{_BROKEN_CELLS[breakage]}"
+    sheet = parse_bytes(("Email,Name\n" + "\n".join(rows) + "\n").encode(), "b.csv", max_rows=50)
+    assert [
+        (r.row, (r.problem or "")[: len(f"line {bad + 2}:")]) for r in sheet.rows if r.problem
+    ] == [(bad + 2, f"line {bad + 2}:")]
+    assert len(sheet.rows) == count

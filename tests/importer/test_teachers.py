@@ -46,14 +46,14 @@ async def test_list_shows_eligible_teachers_who_are_not_users(
     """Teachers of populated classes are listed (emails lower-case); a teacher of an empty class is not."""
     await _synced(store, mem_settings)
     with store.read() as conn:
-        found = candidates(conn, "mem")
+        found = candidates(conn, "mem", mem_settings)
     assert [(t.sourced_id, (t.email or "").lower()) for t in found] == [
         ("t-1", "ada@example.org"),
         ("t-2", "alan.turing@example.org"),
     ]
     add_user(store, mem_settings, "ada@example.org")
     with store.read() as conn:
-        assert [t.sourced_id for t in candidates(conn, "mem")] == ["t-2"]
+        assert [t.sourced_id for t in candidates(conn, "mem", mem_settings)] == ["t-2"]
 
 
 async def test_import_creates_links_and_builds_groups(store: Store, mem_settings: Settings) -> None:
@@ -144,4 +144,4 @@ async def test_all_imports_every_candidate_with_chosen_role_and_site(
     assert user_row(store, "alan.turing@example.org")["sites"] == ["South Middle"]
     assert user_row(store, "ada@example.org")["roles"] == ["Site Admin"]
     with store.read() as conn:
-        assert candidates(conn, "mem") == []
+        assert candidates(conn, "mem", mem_settings) == []

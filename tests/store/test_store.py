@@ -661,3 +661,59 @@ def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
         )
     assert rows["user"] == 1  # counted by the ANALYZE, not the -1 of a never-analyzed table
     assert set(rows) == {"user", "user_identity", "groups", "group_owner", "group_member"}
+
+
+def test_a_store_that_must_exist_never_creates_its_file(tmp_path: Path) -> None:
+    """create=False: a missing file is a StoreError naming it, and SQLite is told not to create it
+    either (a file removed after the check stays removed)."""
+    missing = tmp_path / "nodir" / "rs.db"
+    with pytest.raises(StoreError, match=f"database {missing} does not exist"):
+        Store(f"sqlite:///{missing}", create=False)
+    assert not missing.parent.exists()
+    existing = tmp_path / "rs.db"
+    created = Store(f"sqlite:///{existing}")  # the default creates it on first use
+    created.current_revision()
+    created.dispose()
+    assert existing.exists()
+    store = Store(f"sqlite:///{existing}", create=False)
+    existing.unlink()
+    with pytest.raises(StoreError, match="cannot open database"):
+        store.current_revision()
+    assert not existing.exists()
+    store.dispose()
+
+
+def test_a_store_that_must_exist_refuses_to_migrate_an_empty_database(tmp_path: Path) -> None:
+    """ensure_schema(auto_upgrade=False) on a database without tables says so and creates none."""
+    db = tmp_path / "rs.db"
+    db.touch()
+    store = Store(f"sqlite:///{db}", create=False)
+    with pytest.raises(StoreError, match="has no rostersync tables yet"):
+        store.ensure_schema(auto_upgrade=False)
+    assert store.current_revision() is None
+    store.dispose()
+
+
+def test_upgrade_to_0010_gives_every_person_its_one_role(tmp_path: Path) -> None:
+    """Persons mirrored before 0010 (and a held run's staged ones) get ``roles`` = their role,
+    lower-cased, so the teacher test finds them; a person with one role keeps its row hash."""
+    store = store_at(tmp_path, "0009")
+    ann = RosterPerson("p-1", "Teacher", "Ann", "Lee", "ann@example.org")
+    with store.write() as conn:
+        for table, key in (("roster_person", "source"), ("staging_person", "run_id")):
+            conn.execute(
+                text(
+                    f"INSERT INTO {table} ({key}, sourced_id, role, given_name, family_name, "
+                    "email, enabled, org_ids, status, row_hash) VALUES "
+                    "(:k, 'p-1', 'Teacher', 'Ann', 'Lee', 'ann@example.org', 1, '', 'active', :h)"
+                ),
+                {"k": "mem" if key == "source" else 3, "h": ann.content_hash()},
+            )
+    store.upgrade()
+    with store.read() as conn:
+        for table in ("roster_person", "staging_person"):
+            assert conn.execute(text(f"SELECT roles FROM {table}")).scalar_one() == "teacher"
+    assert person_tuple(ann)[2] == "teacher"
+    assert person_tuple(replace(ann, other_roles=("Aide",)))[2] == "aide,teacher"
+    assert replace(ann, other_roles=("Aide",)).content_hash() != ann.content_hash()
+    store.dispose()

@@ -1,0 +1,244 @@
+"""The files of one drop, in a folder or a zip, read as header and rows with their lines.
+
+* Files are found by name, case-insensitively; in a zip a member at the root wins over one in
+  a sub-folder (exports often wrap everything in one folder).
+* Rows are streamed, never loaded whole: bytes are decoded line by line with an incremental
+  decoder, so an undecodable byte is reported with the line it sits on, and the csv module sees
+  exactly one physical line per string, so ``reader.line_num`` is the physical line number
+  (header = line 1). A row's location is the line it *starts* on, even if a quoted field runs
+  over several lines.
+* Header names are matched exactly as the spec spells them (surrounding spaces and a stray
+  BOM ignored); unknown extra columns are ignored.
+* A row that cannot be used as read (wrong number of fields, malformed on its own line, a NUL)
+  comes back :class:`~rostersync.records.Rejected`; a file that cannot be read raises
+  :class:`~rostersync.errors.FatalSourceError` naming file and line (see
+  :mod:`rostersync.csvrecords`).
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import functools
+import zipfile
+import zlib
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from rostersync.csvrecords import CsvRecord, CsvUnreadable, read_records
+from rostersync.errors import FatalSourceError
+from rostersync.records import Rejected
+
+#: The longest physical line read: a row of 128 KiB fields is far shorter.
+MAX_LINE_CHARS = 16 * 1024 * 1024
+_READ_SIZE = 1024 * 1024
+
+
+class _LineTooLong(Exception):
+    """A physical line grew past MAX_LINE_CHARS."""
+
+
+class Bundle:
+    """The CSV files of one drop, in a folder or a zip, looked up by case-insensitive name."""
+
+    def __init__(self, source: str, path: Path) -> None:
+        self.source = source
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        self._names: dict[str, str] = {}
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                if child.is_file():
+                    self._names.setdefault(child.name.lower(), child.name)
+        elif path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise FatalSourceError(source, f"{path}: not a readable zip ({exc})") from None
+            members = [m for m in self._zip.namelist() if not m.endswith("/")]
+            # Shallowest first, so a root member beats one of the same name in a sub-folder.
+            for member in sorted(members, key=lambda m: (m.count("/"), m)):
+                self._names.setdefault(member.rsplit("/", 1)[-1].lower(), member)
+        else:
+            raise FatalSourceError(source, f"{path}: no such folder or zip file")
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self._names
+
+    def open(self, name: str) -> IO[bytes]:
+        actual = self._names[name.lower()]
+        try:
+            if self._zip is not None:
+                return self._zip.open(actual)
+            return open(self.path / actual, "rb")
+        # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
+        except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as exc:
+            raise FatalSourceError(
+                self.source, f"{self.where(name)}: cannot open ({exc})"
+            ) from None
+
+    def where(self, name: str) -> str:
+        return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
+def _text_lines(raw: IO[bytes], encoding: str, counter: list[int]) -> Iterator[str]:
+    """Decode `raw` one physical line per string, counting lines into ``counter[0]``.
+
+    Splitting the decoded text (not the bytes) on ``\\n`` keeps multi-byte encodings such as
+    UTF-16 right; yielding one physical line per string keeps ``csv.reader.line_num`` equal to
+    the physical line number.
+    """
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    pending = ""
+    # readline with a limit: a line with no end (gigabytes unpacked from a small zip) arrives
+    # in pieces, and is refused past MAX_LINE_CHARS instead of filling the memory.
+    for chunk in iter(functools.partial(raw.readline, _READ_SIZE), b""):
+        pending += decoder.decode(chunk)
+        while (cut := pending.find("\n")) >= 0:
+            line, pending = pending[: cut + 1], pending[cut + 1 :]
+            counter[0] += 1
+            yield line
+        if len(pending) > MAX_LINE_CHARS:
+            raise _LineTooLong
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        counter[0] += 1
+        yield pending
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One CSV record: its values by column, and where it starts."""
+
+    file: str
+    line: int
+    values: dict[str, str]
+
+    @property
+    def location(self) -> str:
+        return f"{self.file} line {self.line}"
+
+    def get(self, column: str) -> str:
+        return self.values.get(column, "")
+
+
+def read_header(bundle: Bundle, name: str, encoding: str) -> list[str]:
+    """The column names of one file (raises FatalSourceError when it cannot be read)."""
+    records = _records(bundle, name, encoding)
+    try:
+        return next(records, (0, [], None))[1]
+    finally:
+        records.close()  # the file, now
+
+
+def read_rows(
+    bundle: Bundle,
+    name: str,
+    encoding: str,
+    *,
+    entity: str,
+    required: Sequence[str] = (),
+    columns: Sequence[str] = (),
+    key: str = "sourcedId",
+) -> Iterator[Row | Rejected]:
+    """Stream one file's rows (only ``columns`` are kept); a row that cannot be used as read
+    comes back Rejected as ``entity``, with the ``key`` column's value as far as it can be
+    read. A header without a ``required`` column is fatal."""
+    records = _records(bundle, name, encoding)
+    try:
+        header = next(records, (0, [], None))[1]
+        missing = missing_columns(header, required)
+        if missing:
+            raise FatalSourceError(bundle.source, f"{bundle.where(name)}: {missing}")
+        # Only the columns we read: stripping the rest would be wasted work per row.
+        index = {c: header.index(c) for c in columns if c in header}
+        width = len(header)
+        for line, fields, problem in records:
+            if problem is None and len(fields) == width:
+                values = {column: fields[i].strip() for column, i in index.items()}
+                yield Row(name, line, values)
+            elif problem is not None or fields:  # not a blank line
+                i = index.get(key, 0)
+                sid = fields[i].strip() if i < len(fields) and fields[i].strip() else None
+                reason = problem or f"expected {width} fields, found {len(fields)}"
+                yield Rejected(entity, sid, reason, f"{name} line {line}")
+    finally:
+        records.close()
+
+
+def best_effort_values(
+    bundle: Bundle, name: str, encoding: str, lines: set[int], column: str
+) -> dict[int, str]:
+    """``column``'s value on each of ``lines``, physical lines the strict reader refused as
+    malformed, read leniently (one pass over the file). For naming whom a broken row
+    concerns only; a line where even that fails is left out."""
+    header = read_header(bundle, name, encoding)
+    if column not in header or not lines:
+        return {}
+    at, last, found = header.index(column), max(lines), {}
+    counter = [0]
+    with bundle.open(name) as raw:
+        for text in _text_lines(raw, encoding, counter):
+            if counter[0] in lines:
+                try:
+                    fields = next(csv.reader([text], strict=False), [])
+                except csv.Error:  # a lone CR, a field over the limit: not even leniently
+                    fields = []
+                if at < len(fields) and fields[at].strip():
+                    found[counter[0]] = fields[at].strip()
+            if counter[0] >= last:
+                break
+    return found
+
+
+def missing_columns(header: Sequence[str], required: Sequence[str]) -> str | None:
+    """``"missing required columns 'role', 'email'"``, or None when none is missing."""
+    missing = [c for c in required if c not in header]
+    if not missing:
+        return None
+    names = ", ".join(repr(c) for c in missing)
+    return f"missing required column{'s' if len(missing) > 1 else ''} {names}"
+
+
+def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, None, None]:
+    """The header (names cleaned), then each record of the file with its line and problem;
+    every way the file can be unreadable becomes a FatalSourceError naming file and line."""
+    counter = [0]
+    try:
+        with bundle.open(name) as raw:
+            records = read_records(_text_lines(raw, encoding, counter))
+            line, fields, problem = next(records, (0, [], None))
+            if problem is not None:
+                raise FatalSourceError(
+                    bundle.source,
+                    f"{bundle.where(name)} line {line}: unreadable header ({problem})",
+                )
+            # A BOM left by a concatenation or by `encoding: utf-8` is no part of a name.
+            yield line, [h.replace("\ufeff", "").strip() for h in fields], None
+            yield from records
+    except CsvUnreadable as exc:
+        raise FatalSourceError(bundle.source, f"{bundle.where(name)} {exc}") from None
+    except _LineTooLong:
+        raise FatalSourceError(
+            bundle.source,
+            f"{bundle.where(name)} line {counter[0] + 1}: more than {MAX_LINE_CHARS} characters "
+            "without a line break (not a CSV file?)",
+        ) from None
+    except UnicodeError as exc:  # also UTF-16 without a byte-order mark, not only bad bytes
+        reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise FatalSourceError(
+            bundle.source,
+            f"{bundle.where(name)} line {counter[0] + 1}: cannot decode as {encoding} ({reason})",
+        ) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise FatalSourceError(
+            bundle.source,
+            f"{bundle.where(name)} line {counter[0] + 1}: file is truncated or corrupt ({exc})",
+        ) from None

@@ -1,0 +1,351 @@
+"""The safety net: dry runs are previews, emails are identities only when valid, and only
+persons of a teacher role are teachers (issue: the safety net holds)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.errors import RunStateError
+from rostersync.records import MemoryRoster, RosterEnrollment, RosterPerson
+from rostersync.store.db import Store
+from rostersync.sync.engine import SyncEngine
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, snapshot, sync, users
+
+
+def _without_alan_and_computing(roster: MemoryRoster) -> MemoryRoster:
+    """Alan leaves and Computing loses its students: one user archived, a group removed."""
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    return roster
+
+
+def _status(store: Store, run_id: int) -> str:
+    with store.read() as conn:
+        return str(
+            conn.execute(
+                text("SELECT status FROM sync_run WHERE id = :r"), {"r": run_id}
+            ).scalar_one()
+        )
+
+
+# -- dry runs ---------------------------------------------------------------------------------
+
+
+async def test_a_dry_run_that_a_real_run_would_hold_is_never_approvable(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A dry run over the safety limits reports that a real run would be held, but it is a
+    dry run: approving it is refused and changes nothing (it used to archive users)."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = _without_alan_and_computing(small_roster())
+    report = await sync(settings, store, roster, dry_run=True)
+    assert report.dry_run
+    assert report.status == "held"
+    assert "max_removals" in (report.hold_reason or "")
+    assert report.counts["users_archived"] == 1
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    with pytest.raises(RunStateError, match="dry run"):
+        await engine.approve(report.id)
+    await engine.drain()
+    assert snapshot(store) == before
+    assert users(store)["alan.turing@example.org"]["status"] == "active"
+    assert _status(store, report.id) == "held"
+
+
+async def test_a_dry_run_keeps_no_staged_rows(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Nothing of a dry run is kept for later: its staged rows go, held or not."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    await sync(settings, store, _without_alan_and_computing(small_roster()), dry_run=True)
+    with store.read() as conn:
+        for table in ("staging_person", "staging_class", "staging_enrollment"):
+            assert conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one() == 0
+
+
+async def test_a_dry_run_is_never_the_baseline_of_min_source_ratio(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The shrink check compares with the last real run: a smaller dry run in between does not
+    lower the bar."""
+    settings = make_settings(safety={"min_source_ratio": 0.5, "max_removals": 100})
+    await sync(settings, store, small_roster())  # 10 enrollments
+    smaller = small_roster()
+    smaller.enrollments = smaller.enrollments[:6]
+    dry = await sync(settings, store, smaller, dry_run=True)
+    assert dry.status != "held"
+    smallest = small_roster()
+    smallest.enrollments = smallest.enrollments[:4]  # 4 < 0.5 * 10, though not < 0.5 * 6
+    report = await sync(settings, store, smallest)
+    assert report.status == "held"
+    assert "4 enrollments against 10" in (report.hold_reason or "")
+
+
+async def test_a_dry_run_does_not_out_date_a_held_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A held run stays approvable after a dry run succeeds: only a real run overtakes it."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = _without_alan_and_computing(small_roster())
+    held = await sync(settings, store, roster)
+    assert held.status == "held"
+    dry = await sync(settings, store, small_roster(), dry_run=True)
+    assert dry.status == "succeeded"
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(held.id)
+    await engine.drain()
+    assert approved.status == "succeeded"
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+
+
+async def test_a_dry_run_reports_the_rejections_a_real_run_would(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The provisioning rules' rejections are part of a dry run's report (they used to be
+    rolled back with it, leaving `rejected: []` beside `records_rejected: 1`)."""
+    settings = make_settings()
+    roster = small_roster()
+    roster.replace_person("t-1", email=None)
+    roster.replace_person("t-2", email="N/A")
+    dry = await sync(settings, store, roster, dry_run=True)
+    real = await sync(settings, store, roster)
+    assert dry.counts["records_rejected"] == len(dry.rejected) == 2
+    assert sorted(map(str, dry.rejected)) == sorted(map(str, real.rejected))
+    assert dry.status == real.status == "succeeded_with_errors"
+
+
+async def test_a_held_run_keeps_its_rejections_and_approval_does_not_repeat_them(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A held run's report lists what the rules rejected; approving it (a second apply of the
+    same run) lists each once."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = _without_alan_and_computing(small_roster())
+    roster.persons.append(RosterPerson("t-8", "teacher", "No", "Mail", None))
+    roster.enrollments.append(RosterEnrollment("e-t8c1", "c-1", "t-8", "teacher"))
+    held = await sync(settings, store, roster)
+    assert held.status == "held"
+    assert [r["sourced_id"] for r in held.rejected] == ["t-8"]
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(held.id)
+    assert [r["sourced_id"] for r in approved.rejected] == ["t-8"]
+    assert approved.counts["records_rejected"] == 1
+
+
+# -- emails are identities only when valid ---------------------------------------------------
+
+
+def _teaching(roster: MemoryRoster, sid: str, email: str | None, cls: str = "c-1") -> None:
+    roster.persons.append(RosterPerson(sid, "teacher", "T", sid.upper(), email))
+    roster.enrollments.append(RosterEnrollment(f"e-{sid}-{cls}", cls, sid, "teacher"))
+
+
+@pytest.mark.parametrize("placeholder", ["N/A", "none", "n/a ", "-", "ada at example.org"])
+async def test_placeholder_emails_create_no_account_and_merge_nobody(
+    store: Store, make_settings: Callable[..., Settings], placeholder: str
+) -> None:
+    """Two teachers whose email is a placeholder get no account (they used to become ONE user
+    owning both teachers' classes); each is rejected with the value and the reason."""
+    roster = small_roster()
+    roster.replace_person("t-1", email=placeholder)
+    roster.replace_person("t-3", email=placeholder)
+    roster.enrollments.append(RosterEnrollment("e-s1c3", "c-3", "s-1", "student"))
+    report = await sync(make_settings(), store, roster)
+    assert set(users(store)) == {"alan.turing@example.org"}
+    reasons = {r["sourced_id"]: r["reason"] for r in report.rejected}
+    assert set(reasons) == {"t-1", "t-3"}
+    for reason in reasons.values():
+        assert reason.startswith("invalid email:") and repr(placeholder.strip()) in reason
+    assert report.status == "succeeded_with_errors"
+    assert report.counts["records_rejected"] == 2
+    assert "c-1" not in groups(store) and "c-3" not in groups(store)
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+
+
+async def test_look_alike_characters_are_folded_before_an_email_is_compared(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """NFKC first: the Kelvin sign and full-width letters become their ASCII letters, so an
+    address that renders like another is the same account; a Cyrillic look-alike is not an
+    address at all."""
+    roster = small_roster()
+    roster.replace_person("t-1", email="\u212aATE@EXAMPLE.ORG")  # Kelvin sign K
+    _teaching(roster, "t-7", "kate@example.org")
+    _teaching(roster, "t-8", "\uff47race@example.org")  # full-width g
+    _teaching(roster, "t-9", "\u0430lan.turing@example.org")  # Cyrillic a
+    report = await sync(make_settings(), store, roster)
+    assert set(users(store)) == {
+        "kate@example.org",
+        "grace@example.org",
+        "alan.turing@example.org",
+    }
+    assert [r["sourced_id"] for r in report.rejected] == ["t-9"]
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org", "kate@example.org"]
+    assert any("kate@example.org" in w and "t-1" in w and "t-7" in w for w in report.warnings)
+
+
+async def test_email_domains_reject_teachers_outside_them(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """With provisioning.email_domains set, a teacher elsewhere is rejected with that reason;
+    a subdomain is another domain."""
+    settings = make_settings(provisioning={"email_domains": ["Example.org"]})
+    roster = small_roster()
+    roster.replace_person("t-2", email="alan@gmail.com")
+    _teaching(roster, "t-8", "hs@sub.example.org")
+    report = await sync(settings, store, roster)
+    assert set(users(store)) == {"ada@example.org"}
+    reasons = {r["sourced_id"]: r["reason"] for r in report.rejected}
+    assert set(reasons) == {"t-2", "t-8"}
+    assert "alan@gmail.com" in reasons["t-2"] and "email_domains" in reasons["t-2"]
+
+
+async def test_shared_email_is_one_account_and_every_merge_is_reported(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Persons sharing an email (one record per school) are one account; the report names the
+    email with every sourcedId and name."""
+    roster = small_roster()
+    _teaching(roster, "t-8", "ADA@example.org", cls="c-2")
+    report = await sync(make_settings(), store, roster)
+    assert "ada@example.org" in users(store)
+    assert len(users(store)) == 2
+    warning = next(w for w in report.warnings if "ada@example.org" in w)
+    assert "t-1 (Ada Lovelace)" in warning and "t-8 (T T-8)" in warning
+
+
+async def test_a_person_linked_later_to_a_shared_account_is_reported(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A second person that a later run links to an account already linked to another person
+    of the source is a merge too, and the report says so."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    _teaching(roster, "t-8", "ada@example.org")
+    report = await sync(settings, store, roster)
+    assert report.counts["users_linked"] == 1
+    assert any("t-1" in w and "t-8" in w and "ada@example.org" in w for w in report.warnings)
+
+
+async def test_a_linked_teacher_whose_email_turns_invalid_keeps_the_account(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An account belongs to its person: a placeholder typed over a linked teacher's address is
+    reported, but archives nothing and removes no group."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.replace_person("t-1", email="N/A")
+    report = await sync(settings, store, roster)
+    assert report.counts["users_archived"] == 0 and report.counts["groups_removed"] == 0
+    assert [r["sourced_id"] for r in report.rejected] == ["t-1"]
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+    assert snapshot(store)[:2] == before[:2]
+
+
+# -- who counts as a teacher -------------------------------------------------------------------
+
+
+async def test_an_administrator_teaching_a_class_is_not_a_teacher_by_default(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Eligibility needs a teacher role: an administrator with a teacher enrollment in a
+    populated class gets no account, unless teacher_roles says administrators count."""
+    roster = small_roster()
+    roster.replace_person("t-1", role="administrator")
+    await sync(make_settings(), store, roster)
+    assert "ada@example.org" not in users(store)
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    assert "c-1" not in groups(store)
+    wider = make_settings(provisioning={"teacher_roles": ["Teacher", "Administrator"]})
+    await sync(wider, store, roster)
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+
+
+async def test_any_of_a_persons_roles_counts(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """OneRoster 1.2 roles[]: a person whose primary role is administrator but who also holds
+    the teacher role (secondary) is a teacher."""
+    roster = small_roster()
+    roster.persons = [
+        replace(p, role="administrator", other_roles=("teacher",)) if p.sourced_id == "t-1" else p
+        for p in roster.persons
+    ]
+    await sync(make_settings(), store, roster)
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+
+
+async def test_a_teacher_who_becomes_an_administrator_is_archived_and_loses_groups(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A role change out of teacher_roles ends eligibility like leaving does."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.replace_person("t-1", role="administrator")
+    report = await sync(settings, store, roster)
+    assert report.counts["users_archived"] == 1
+    assert users(store)["ada@example.org"]["status"] == "archived"
+    assert "c-1" not in groups(store)
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+
+
+async def test_narrowing_teacher_roles_takes_groups_from_users_it_keeps(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """With on_teacher_removed: keep, a config change that makes someone no longer a teacher
+    keeps their account but not their groups: every linked user is resynced after a change of
+    the provisioning settings, though the roster did not change."""
+    roster = small_roster()
+    roster.replace_person("t-1", role="administrator")
+    wide = make_settings(
+        provisioning={"teacher_roles": ["teacher", "administrator"], "on_teacher_removed": "keep"}
+    )
+    await sync(wide, store, roster)
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+    narrow = make_settings(provisioning={"on_teacher_removed": "keep"})
+    report = await sync(narrow, store, roster)
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert "c-1" not in groups(store)
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    assert report.counts["groups_removed"] == 1
+
+
+async def test_teacher_roles_and_domains_decide_manual_teacher_import_too(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """`teachers list` offers only those the sync would accept: a teacher role and a valid
+    address in the allowed domains."""
+    from rostersync.importer.teachers import candidates
+
+    settings = make_settings(
+        provisioning={"auto_create_users": False, "email_domains": ["example.org"]}
+    )
+    roster = small_roster()
+    roster.replace_person("t-1", role="administrator")
+    roster.replace_person("t-3", email="grace@elsewhere.org")
+    roster.enrollments.append(RosterEnrollment("e-s1c3", "c-3", "s-1", "student"))
+    _teaching(roster, "t-8", "N/A")
+    await sync(settings, store, roster)
+    with store.read() as conn:
+        assert [t.sourced_id for t in candidates(conn, "mem", settings)] == ["t-2"]

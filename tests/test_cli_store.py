@@ -1,0 +1,130 @@
+"""Which commands may create or migrate the database: those that write do on first use; those
+that only read never do, so a mistyped path is an error naming it rather than an empty list."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import inspect
+
+from rostersync.cli import main
+from rostersync.store.db import Store
+from tests.conftest import _pg_schema_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+READ_ONLY = [
+    ["users", "list"],
+    ["groups", "list"],
+    ["queue", "list"],
+    ["runs", "list"],
+    ["runs", "show", "1"],
+    ["teachers", "list", "--source", "sample"],
+]
+
+
+def write_config(tmp_path: Path, database: str) -> Path:
+    data = yaml.safe_load((REPO / "config" / "rostersync.example.yaml").read_text())
+    data["database"] = database
+    data["logging"] = {"level": "warning", "format": "json"}
+    data["sources"]["sample"]["path"] = str(REPO / "config" / "sample-district")
+    path = tmp_path / "rostersync.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def invoke(config: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run `rostersync --config CONFIG ARGS` through main(): exit code and all output."""
+    code: int | str | None = 0
+    try:
+        main(["--config", str(config), *args])
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    assert isinstance(code, int)
+    return code, out.out + out.err
+
+
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_on_a_mistyped_sqlite_path_is_an_error_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """`users list` and the other listings name the missing file and create neither it nor its folder."""
+    config = write_config(tmp_path, "sqlite:///nodir/rs.db")
+    code, output = invoke(config, capsys, *command)
+    assert code == 1, output
+    assert f"database {tmp_path / 'nodir' / 'rs.db'} does not exist" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_config_check_never_opens_the_database_but_notes_a_missing_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`config check` passes (the first sync creates the file) and says the file is not there yet."""
+    config = write_config(tmp_path, "sqlite:///nodir/rs.db")
+    code, output = invoke(config, capsys, "config", "check")
+    assert code == 0, output
+    assert f"note: database {tmp_path / 'nodir' / 'rs.db'} does not exist yet" in output
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_a_read_only_command_does_not_migrate_an_empty_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An existing file without rostersync's tables is an error for a listing; no table appears."""
+    db = tmp_path / "rs.db"
+    db.touch()
+    config = write_config(tmp_path, f"sqlite:///{db}")
+    code, output = invoke(config, capsys, "users", "list")
+    assert code == 1
+    assert f"database {db} has no rostersync tables yet" in output
+    store = Store(f"sqlite:///{db}", create=False)
+    with store.engine.connect() as conn:
+        assert inspect(conn).get_table_names() == []
+    store.dispose()
+
+
+@pytest.mark.parametrize(
+    "command", [["sync"], ["db", "upgrade"], ["resync", "--all"]], ids=" ".join
+)
+def test_commands_that_write_create_and_migrate_the_database_on_first_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """`sync`, `db upgrade` and `resync` still create the folder, the file and the schema."""
+    config = write_config(tmp_path, "sqlite:///state/rs.db")
+    code, output = invoke(config, capsys, *command)
+    assert code == 0, output
+    store = Store(f"sqlite:///{tmp_path / 'state' / 'rs.db'}", create=False)
+    assert store.current_revision() == store.head_revision()
+    store.dispose()
+    code, output = invoke(config, capsys, "users", "list")
+    assert code == 0, output
+
+
+@pytest.fixture
+def empty_pg_url() -> Iterator[str]:
+    """A PostgreSQL URL on a fresh, empty schema."""
+    for store in _pg_schema_store():
+        yield store.url
+
+
+@pytest.mark.postgres
+def test_a_read_only_command_does_not_migrate_an_empty_postgresql_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], empty_pg_url: str
+) -> None:
+    """On PostgreSQL a listing on an empty schema is an error and creates no table; `sync` migrates it."""
+    config = write_config(tmp_path, empty_pg_url)
+    code, output = invoke(config, capsys, "runs", "list")
+    assert code == 1
+    assert "has no rostersync tables yet" in output
+    store = Store(empty_pg_url)
+    with store.engine.connect() as conn:
+        assert inspect(conn).get_table_names() == []
+    code, output = invoke(config, capsys, "sync")
+    assert code == 0, output
+    assert store.current_revision() == store.head_revision()
+    store.dispose()
