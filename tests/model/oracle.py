@@ -218,9 +218,7 @@ class Run:
 
 def person_roles(p: RosterPerson) -> set[str]:
     """Every role a person carries, lower-cased (OneRoster 1.2 sends several)."""
-    roles = {p.role}
-    roles.update(getattr(p, "roles", ()) or ())
-    return {r.strip().lower() for r in roles if r}
+    return {r.strip().lower() for r in (p.role, *p.other_roles) if r and r.strip()}
 
 
 def teaching_person(p: RosterPerson | None, teacher_roles: Sequence[str]) -> bool:
@@ -349,8 +347,8 @@ class Decision:
     counts: dict[str, int]
     #: connector rejections (entity, sourced id, reason)
     connector_rejects: list[tuple[str, str | None, str]]
-    #: candidates with an unusable email: sourced id -> (normalized value, problem)
-    email_rejects: dict[str, tuple[str, str]]
+    #: candidates with an unusable email: sourced id -> (value as sent, normalized, problem)
+    email_rejects: dict[str, tuple[str, str, str]]
     hold_reasons: list[str]
     #: normalized emails shared by several eligible persons, with their sourced ids
     shared_emails: dict[str, list[str]]
@@ -422,8 +420,11 @@ def decide(
     directory: Directory,
     state: SourceState | None,
     approval: bool,
+    group_roles: Sequence[str],
 ) -> Decision:
-    """Apply the rules to what a run fetched, against the state at the run's start."""
+    """Apply the rules to what a run fetched, against the state at the run's start.
+    ``group_roles``: the teacher roles the groups were last built with (the config may have
+    changed since: the groups change with the next applied run)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     fetched = {
@@ -451,15 +452,16 @@ def decide(
 
     roles = config.teacher_roles
     cands = candidates(m1, roles)
-    email_rejects: dict[str, tuple[str, str]] = {}
+    email_rejects: dict[str, tuple[str, str, str]] = {}
     eligible: list[tuple[str, str]] = []  # (sourced id, normalized email)
     for sid in sorted(cands):
-        email = norm_email(m1.person[sid].email)
+        raw = m1.person[sid].email or ""
+        email = norm_email(raw)
         problem = email_problem(email, config.email_domains)
         if problem is None:
             eligible.append((sid, email))
         else:
-            email_rejects[sid] = (email, problem)
+            email_rejects[sid] = (raw.strip(), email, problem)
 
     d0 = directory
     d1 = directory.copy()
@@ -556,7 +558,7 @@ def decide(
         records_rejected=len(rejects) + len(email_rejects),
     )
     after = {**mirrors, source: m1}
-    g0 = groups(mirrors, d0, roles)
+    g0 = groups(mirrors, d0, group_roles)
     g1 = groups(after, d1, roles)
     mine0 = {k for k in g0 if k[0] == source}
     removed = len(mine0 - set(g1))
@@ -663,11 +665,14 @@ class Oracle:
         self.directory = Directory()
         self.states: dict[str, SourceState] = {}
         self.runs: dict[int, Run] = {}
+        #: the teacher roles the groups were last built with: a config edit changes them at
+        #: the next applied run (which resyncs every linked user) or resync of everyone
+        self.group_roles = config.teacher_roles
 
     # -- reads --
 
     def groups(self) -> dict[tuple[str, str], Group]:
-        return groups(self.mirrors, self.directory, self.config.teacher_roles)
+        return groups(self.mirrors, self.directory, self.group_roles)
 
     def mode_for(self, source: str, requested: str) -> str:
         """A delta run needs an earlier applied full run (its high-water mark)."""
@@ -704,6 +709,7 @@ class Oracle:
             directory=self.directory,
             state=self.states.get(source),
             approval=approval,
+            group_roles=self.group_roles,
         )
 
     def approval_refusal(self, run_id: int) -> str | None:
@@ -734,6 +740,7 @@ class Oracle:
         """A run applied: its mirror and directory become the state."""
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
+        self.group_roles = self.config.teacher_roles
         state = self.states.setdefault(source, SourceState())
         if decision.newest is not None and (
             state.high_water_mark is None or decision.newest > state.high_water_mark

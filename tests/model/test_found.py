@@ -251,3 +251,16 @@ async def test_a_shared_account_is_restored_once_and_takes_one_seat(
     assert users(store)["t1@example.org"]["status"] == "active"
     assert report.counts["users_restored"] == 1
     assert report.counts["users_skipped_license"] == 0
+
+
+async def test_an_overlong_email_rejects_its_teacher_not_the_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An email over 256 characters is no identity: its teacher is rejected with the reason
+    and the run goes on. (On PostgreSQL the staging column, VARCHAR(256), failed the whole
+    run at the COPY.)"""
+    roster = _school()
+    roster.replace_person("t1", email="t" + "x" * 300 + "@example.org")
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors", report.error
+    assert [r["sourced_id"] for r in report.rejected] == ["t1"]
