@@ -1,0 +1,128 @@
+"""The oracle on its own: its email rules agree with rostersync.emails (compared by outputs,
+not shared code), and its decisions on hand-worked cases are the README's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rostersync import emails
+from rostersync.records import RosterClass, RosterOrg, RosterPerson
+from tests.model.feed import EMAIL_KINDS, TEACHERS, Feed, teacher_email
+from tests.model.oracle import SOURCE, Config, Oracle, email_problem, norm_email, safety_reasons
+
+
+def test_the_oracle_normalizes_and_validates_the_feeds_emails_as_the_engine_does() -> None:
+    """Every email form the steps draw: the same normalized value and the same verdict."""
+    for pid in TEACHERS:
+        for kind in EMAIL_KINDS:
+            raw = teacher_email(pid, kind)
+            assert norm_email(raw) == emails.normalize_email(raw), (kind, raw)
+            value = norm_email(raw)
+            assert (email_problem(value) is None) == (emails.email_problem(value) is None), raw
+
+
+@settings(max_examples=300, derandomize=True, database=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from("aK\u212a\uff4b.@-_ +\u200b\u0430Z9\t\ufeffé"), max_size=30
+    ).map(lambda t: t.replace("@@", "@"))
+)
+def test_the_oracle_agrees_with_the_email_module_on_any_text(text: str) -> None:
+    """Look-alikes, spaces, zero-width characters, odd punctuation: the same verdicts."""
+    assert norm_email(text) == emails.normalize_email(text)
+    value = norm_email(text)
+    assert (email_problem(value) is None) == (emails.email_problem(value) is None)
+
+
+def test_email_domains_match_exactly_and_ignore_case() -> None:
+    assert email_problem("a@springfield.example.org", ["Springfield.Example.ORG"]) is None
+    assert email_problem("a@hs.springfield.example.org", ["springfield.example.org"])
+    assert email_problem("a@other.example.net", ["springfield.example.org"])
+
+
+def _feed(emails_by_teacher: dict[str, str | None], *, role: str = "teacher") -> Feed:
+    feed = Feed()
+    feed.put("org", RosterOrg("sch-1", "Lincoln High"))
+    feed.put("person", RosterPerson("s1", "student", "Stu", "One", "s1@example.org"))
+    for n, (pid, email) in enumerate(emails_by_teacher.items()):
+        feed.put("person", RosterPerson(pid, role, "Ada", pid, email, org_ids=("sch-1",)))
+        feed.put("class", RosterClass(f"c{n}", f"Class {n}"))
+        feed.new_enrollment(f"c{n}", pid, "teacher")
+        feed.new_enrollment(f"c{n}", "s1", "student")
+    return feed
+
+
+def test_teachers_sharing_an_email_get_one_account_and_a_warning() -> None:
+    oracle = Oracle(Config())
+    d = oracle.decide(
+        SOURCE, "full", _feed({"t1": "t1@example.org", "t2": "T1@Example.org "}).records()
+    )
+    assert d.counts["users_created"] == 1
+    assert d.shared_emails == {"t1@example.org": ["t1", "t2"]}
+    assert d.directory.persons_of("t1@example.org") == {(SOURCE, "t1"), (SOURCE, "t2")}
+
+
+def test_placeholder_emails_are_rejected_and_never_merged() -> None:
+    oracle = Oracle(Config())
+    d = oracle.decide(SOURCE, "full", _feed({"t1": "N/A", "t2": "n/a"}).records())
+    assert d.counts["users_created"] == 0
+    assert set(d.email_rejects) == {"t1", "t2"}
+    assert d.status == "succeeded_with_errors"
+
+
+def test_an_administrator_teaches_only_when_teacher_roles_say_so() -> None:
+    feed = _feed({"t1": "t1@example.org"}, role="administrator")
+    assert Oracle(Config()).decide(SOURCE, "full", feed.records()).counts["users_created"] == 0
+    widened = Oracle(Config(teacher_roles=("teacher", "administrator")))
+    assert widened.decide(SOURCE, "full", feed.records()).counts["users_created"] == 1
+
+
+def test_license_seats_and_holds_are_counted_at_the_start_of_the_run() -> None:
+    oracle = Oracle(Config(license_limit=1))
+    feed = _feed({"t1": "t1@example.org", "t2": "t2@example.org"})
+    d = oracle.decide(SOURCE, "full", feed.records())
+    assert (d.counts["users_created"], d.counts["users_skipped_license"]) == (1, 1)
+    assert "t1@example.org" in d.directory.users
+
+
+def _reasons(**given: Any) -> list[str]:
+    counts: dict[str, Any] = {
+        "archived": 0,
+        "removed": 0,
+        "managed_users": 100,
+        "managed_groups": 100,
+        "emails_lost": 0,
+        "emails_before": 0,
+        "fetched": None,
+        "last": None,
+    }
+    config = Config(max_removals=10, max_removal_percent=20, min_source_ratio=0.5)
+    return safety_reasons(config, **{**counts, **given})
+
+
+def test_safety_reasons() -> None:
+    """max_removals; the percentage once a run removes 10; lost emails; a shrunken pull."""
+    assert _reasons(archived=6, removed=5) == ["max_removals"]
+    assert _reasons(archived=1, removed=2, managed_users=2, managed_groups=2) == []
+    assert _reasons(archived=5, removed=5, managed_users=10) == ["max_removal_percent users"]
+    assert _reasons(emails_lost=10, emails_before=40) == ["emails lost"]
+    assert _reasons(emails_lost=9, emails_before=9) == []
+    shrunk = _reasons(
+        fetched={"persons": 4, "classes": 0, "enrollments": 10},
+        last={"persons": 10, "classes": 2, "enrollments": 10},
+    )
+    assert shrunk == ["min_source_ratio persons", "min_source_ratio classes"]
+
+
+def test_a_rejected_class_keeps_its_rows_in_a_full_run() -> None:
+    oracle = Oracle(Config())
+    feed = _feed({"t1": "t1@example.org"})
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", feed.records()))
+    feed.reject("class", "c0")
+    feed.drop("enrollment", "e1")
+    d = oracle.decide(SOURCE, "full", feed.records())
+    assert "c0" in d.mirror.klass and "e1" in d.mirror.enrollment
+    assert d.counts["records_rejected"] == 1
