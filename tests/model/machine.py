@@ -85,11 +85,11 @@ STATS: Counter[str] = Counter()
 #: (only plain valid addresses), "roles" (only teacher roles), "license" (no license_limit)
 #: and "eligibility" (no teacher_roles or email_domains edits).
 VALID_EMAIL_KINDS = ("plain", "upper", "spaced", "kate")
-FIRST_EMAILS = ("plain", "plain", "upper", "n/a")
+FIRST_EMAILS = ("plain", "plain", "upper", "kate", "n/a")
 FIRST_ROLES = ("teacher", "teacher", "Teacher", "administrator")
 if "invalid_emails" in EXCLUDED:
     EMAIL_KINDS = VALID_EMAIL_KINDS
-    FIRST_EMAILS = FIRST_EMAILS[:3]
+    FIRST_EMAILS = FIRST_EMAILS[:4]
 if "roles" in EXCLUDED:
     ROLES = ("teacher", "Teacher", "teacher", "Teacher")
     FIRST_ROLES = FIRST_ROLES[:3]
@@ -159,6 +159,7 @@ ROSTER_CHANGES = {
     "enroll": _change(
         "enroll", st.one_of(index, index, people), st.one_of(index, classes), enrollment_roles
     ),
+    "teach": _change("teach", index, index, index),
     "unenroll": _change("unenroll", index),
     "enrollment_status": _change("enrollment_status", index, statuses),
     "move_enrollment": _change(
@@ -345,8 +346,10 @@ class RosterModel(RuleBasedStateMachine):
     def _share_email(self, ref: int, other_ref: int, upper: bool) -> None:
         """A teacher takes another's email (one person per school, or a data error)."""
         pid = self._pick("person", ref, "t")
-        other = self._pick("person", ref + 1 + other_ref, "t")
-        source = self.feed.get("person", other)
+        others = sorted(sid for sid in self.feed.persons if sid.startswith("t") and sid != pid)
+        if not others:
+            return
+        source = self.feed.get("person", others[other_ref % len(others)])
         if source is not None and source.email:
             self.feed.change("person", pid, email=source.email.upper() if upper else source.email)
 
@@ -388,6 +391,19 @@ class RosterModel(RuleBasedStateMachine):
 
     def _enroll(self, person: int | str, klass: int | str, role: str) -> None:
         self.feed.new_enrollment(self._pick("class", klass), self._pick("person", person), role)
+
+    def _teach(self, teacher: int, klass: int, student: int) -> None:
+        """A teacher takes a class, which is (made) active and has an active student: what
+        random changes take apart, this puts together."""
+        tid = self._pick("person", teacher, "t")
+        cid = self._pick("class", klass)
+        sid = self._pick("person", student, "s")
+        if "none" in (tid, cid, sid):
+            return
+        self.feed.change("class", cid, status="active")
+        self.feed.change("person", sid, status="active")
+        self.feed.new_enrollment(cid, tid, "teacher")
+        self.feed.new_enrollment(cid, sid, "student")
 
     def _enrollment(self, i: int) -> RosterEnrollment | None:
         items = list(self.feed.enrollments.values())

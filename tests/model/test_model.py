@@ -19,7 +19,7 @@ from tests.model.harness import Harness
 from tests.model.machine import STATS, RosterModel
 
 # (examples on SQLite, examples on PostgreSQL, steps per example)
-SIZES = {"ci": (40, 8, 40), "long": (2000, 300, 80)}
+SIZES = {"ci": (60, 10, 40), "long": (2000, 300, 80)}
 
 
 def model_settings(backend: str) -> settings:
