@@ -24,7 +24,7 @@ from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import SourceConfig
 from rostersync.records import MemoryRoster
 from rostersync.store.db import Store
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import Outcome, RunContext, RunReport, SyncEngine, load_report
 from tests.model.oracle import SOURCE, Config
 
 T = TypeVar("T")
@@ -90,10 +90,10 @@ _armed = _Armed()
 class ProbedEngine(SyncEngine):
     """The engine, with the fault injector armed for exactly the apply transaction."""
 
-    def _apply_in(self, conn: Connection, *args: Any) -> dict[str, int]:
+    def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
         _armed.value = True
         try:
-            return super()._apply_in(conn, *args)
+            return super()._apply_in(conn, ctx)
         finally:
             _armed.value = False
 
