@@ -705,6 +705,18 @@ class SyncEngine:
         roles = settings.provisioning.teacher_roles
         candidates = sql.eligible_teachers(conn, source, roles, only)
         linked = sql.linked_users(conn, source, only)
+        teaching_elsewhere: set[int] = set()
+        if only is not None:
+            # The other persons of the accounts decided here (one record per school): an
+            # account is archived only when none of its persons teaches.
+            others = sql.source_identities(conn, source, {u.user_id for u in linked.values()})
+            siblings = {sid: uid for uid, ps in others.items() for sid, _ in ps}
+            outside = set(siblings) - only
+            if outside:
+                teaching_elsewhere = {
+                    siblings[t.sourced_id]
+                    for t in sql.eligible_teachers(conn, source, roles, outside)
+                }
         unlinked_emails = [t.email for t in candidates if t.email and t.sourced_id not in linked]
         plan = plan_provisioning(
             source,
@@ -714,6 +726,7 @@ class SyncEngine:
             prov=settings.provisioning,
             active_users=sql.count_active_users(conn),
             license_limit=settings.license_limit,
+            teaching_elsewhere=teaching_elsewhere,
         )
         outcome = Outcome(
             counts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
@@ -12,7 +13,7 @@ from sqlalchemy import text
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
-from rostersync.records import MemoryRoster, RosterEnrollment, RosterPerson
+from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -349,3 +350,43 @@ async def test_teacher_roles_and_domains_decide_manual_teacher_import_too(
     await sync(settings, store, roster)
     with store.read() as conn:
         assert [t.sourced_id for t in candidates(conn, "mem", settings)] == ["t-2"]
+
+
+async def test_a_delta_run_keeps_a_shared_account_whose_other_person_still_teaches(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A delta run decides only for the persons it touched, yet an account shared with an
+    untouched person who still teaches is not archived when the touched one stops."""
+    day, later = datetime(2026, 9, 1, tzinfo=UTC), datetime(2026, 9, 2, tzinfo=UTC)
+    roster = MemoryRoster(
+        persons=[
+            RosterPerson("t-1", "teacher", "Ada", "L", "ada@example.org", date_last_modified=day),
+            RosterPerson("t-2", "teacher", "Ada", "L", "ADA@example.org", date_last_modified=day),
+            RosterPerson("s-1", "student", "S", "One", None, date_last_modified=day),
+        ],
+        classes=[],
+        enrollments=[
+            RosterEnrollment("e-1", "c-1", "t-1", "teacher", date_last_modified=day),
+            RosterEnrollment("e-2", "c-2", "t-2", "teacher", date_last_modified=day),
+            RosterEnrollment("e-3", "c-1", "s-1", "student", date_last_modified=day),
+            RosterEnrollment("e-4", "c-2", "s-1", "student", date_last_modified=day),
+        ],
+    )
+    roster.classes = [
+        RosterClass("c-1", "Algebra", date_last_modified=day),
+        RosterClass("c-2", "Geometry", date_last_modified=day),
+    ]
+    settings = make_settings()
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster, delta=True)})
+    await engine.sync("mem", mode="full")
+    await engine.drain()
+    assert set(groups(store)) == {"c-1", "c-2"}
+    roster.enrollments = [
+        replace(e, status="tobedeleted", date_last_modified=later) if e.sourced_id == "e-2" else e
+        for e in roster.enrollments
+    ]
+    report = await engine.sync("mem", mode="delta")
+    await engine.drain()
+    assert report.mode == "delta" and report.counts["users_archived"] == 0
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert set(groups(store)) == {"c-1"}
