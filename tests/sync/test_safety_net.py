@@ -390,3 +390,43 @@ async def test_a_delta_run_keeps_a_shared_account_whose_other_person_still_teach
     assert report.mode == "delta" and report.counts["users_archived"] == 0
     assert users(store)["ada@example.org"]["status"] == "active"
     assert set(groups(store)) == {"c-1"}
+
+
+async def test_a_value_too_long_for_its_column_rejects_its_record_alone(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A 300-character email, or a class title over 512, is one bad record: rejected with the
+    column named, the same on both stores (PostgreSQL refused the value, failing the run)."""
+    roster = small_roster()
+    roster.replace_person("s-1", email="x" * 300 + "@example.org")
+    roster.classes = [
+        replace(c, title="T" * 600) if c.sourced_id == "c-2" else c for c in roster.classes
+    ]
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    reasons = {r["sourced_id"]: r["reason"] for r in report.rejected}
+    assert reasons == {
+        "s-1": "email is longer than 256 characters",
+        "c-2": "title is longer than 512 characters",
+    }
+    assert set(groups(store)) == {"c-1"}
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-2", "s-3"}
+
+
+def test_the_row_limits_are_the_store_columns() -> None:
+    """rows.MAX_CHARS (checked while rows are built) says what the staging and mirror columns
+    hold, so a value that fits the check fits the store."""
+    from sqlmodel import SQLModel
+
+    from rostersync.rows import MAX_CHARS
+    from rostersync.sync.staging import STAGING
+
+    for kind, limits in MAX_CHARS.items():
+        for table in (STAGING[kind], SQLModel.metadata.tables[f"roster_{kind}"]):
+            sized = {
+                c.name: c.type.length
+                for c in table.columns
+                if getattr(c.type, "length", None)
+                and c.name not in ("status", "row_hash", "source")
+            }
+            assert sized == limits, (table.name, sized)
