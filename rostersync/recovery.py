@@ -185,29 +185,48 @@ class Taken:
     interrupted: list[int] = field(default_factory=list)
 
 
-def interrupt_runs(conn: Connection, sources: Iterable[str], error: str) -> list[int]:
-    """Fail the ``running`` runs of these sources with ``error`` and clear their staging."""
-    names = sorted(set(sources))
-    if not names:
+def interrupt_runs(
+    conn: Connection, error: str, *, sources: Iterable[str] = (), run_ids: Iterable[int] = ()
+) -> list[int]:
+    """Fail with ``error`` the runs still ``running`` among ``run_ids`` and of ``sources``
+    (only for sources whose lease this transaction holds or has just dropped: nobody else can
+    be running them), and clear their staging. Returns their ids."""
+    names, ids = sorted(set(sources)), sorted(set(run_ids))
+    if not names and not ids:
         return []
-    ids = [
+    found = [
         int(run_id)
         for run_id in conn.execute(
             text(
-                "SELECT id FROM sync_run WHERE status = 'running' AND source IN :names"
-            ).bindparams(bindparam("names", expanding=True)),
-            {"names": names},
+                "SELECT id FROM sync_run WHERE status = 'running' "
+                "AND (source IN :names OR id IN :ids)"
+            ).bindparams(bindparam("names", expanding=True), bindparam("ids", expanding=True)),
+            {"names": names or [""], "ids": ids or [-1]},
         ).scalars()
     ]
-    for run_id in ids:
+    if not found:
+        return []
+    # The status first: a staging write of the run checks it (and on PostgreSQL holds the row
+    # shared until it commits), so once this update is through, none can add rows after the
+    # clearing below.
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id).in_(found), col(SyncRun.status) == "running")
+        .values(status="failed", error=error[:4000], finished_at=utcnow())
+    )
+    for run_id in found:
         clear_staging(conn, run_id)
-    if ids:
-        conn.execute(
-            update(SyncRun)
-            .where(col(SyncRun.id).in_(ids))
-            .values(status="failed", error=error[:4000], finished_at=utcnow())
-        )
-    return ids
+    return sorted(found)
+
+
+def still_running(conn: Connection, run_id: int) -> bool:
+    """For a staging write, in its transaction: is the run still going? A run failed meanwhile
+    (cut off, its lease taken over) has had its staging cleared and must get no more rows.
+    On PostgreSQL the row is held shared until the write commits (see interrupt_runs)."""
+    status = conn.execute(
+        select(col(SyncRun.status)).where(col(SyncRun.id) == run_id).with_for_update(read=True)
+    ).scalar()
+    return status == "running"
 
 
 def _locked(exc: DBAPIError) -> bool:
@@ -248,7 +267,9 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
             # Nobody held it, so no run of the source can still be going (a run lives inside
             # its lease): one left `running` was cut off where its lease went too.
             lost = interrupt_runs(
-                conn, [source], "interrupted: the process running it stopped before it finished"
+                conn,
+                "interrupted: the process running it stopped before it finished",
+                sources=[source],
             )
             return Taken(me, interrupted=lost)
         row = _lock_lease(conn, source)  # another process took it a moment ago
@@ -270,7 +291,7 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
     )
     if holder == me:
         return Taken(me)
-    lost = interrupt_runs(conn, [source], f"interrupted: {holder} stopped ({reason})")
+    lost = interrupt_runs(conn, f"interrupted: {holder} stopped ({reason})", sources=[source])
     return Taken(me, previous=holder, reason=reason, interrupted=lost)
 
 
@@ -302,7 +323,7 @@ def release_lease(conn: Connection, source: str, me: str, error: str) -> list[in
     ).scalar()
     if holder != me:
         return []
-    lost = interrupt_runs(conn, [source], error)
+    lost = interrupt_runs(conn, error, sources=[source])
     conn.execute(delete(SourceLease).where(col(SourceLease.source) == source))
     return lost
 
@@ -444,20 +465,26 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
         liveness, dead = _find_dead(conn, me if previous_self else None)
         found.dead_owners = dead
         if dead:
+            # Locked: a process taking one of these leases over right now (PostgreSQL) waits
+            # for this transaction, or has already put its own name in and the row is skipped;
+            # either way no run it starts can be taken for the dead one's.
             leased = conn.execute(
-                select(_LEASES.c.source, _LEASES.c.owner).where(_LEASES.c.owner.in_(dead))
+                select(_LEASES.c.source, _LEASES.c.owner)
+                .where(_LEASES.c.owner.in_(dead))
+                .with_for_update()
             ).all()
             for source, owner in leased:
                 found.interrupted_runs += interrupt_runs(
-                    conn, [source], _interrupted_by(owner, liveness)
+                    conn, _interrupted_by(owner, liveness), sources=[source]
                 )
             conn.execute(delete(SourceLease).where(col(SourceLease.owner).in_(dead)))
             found.requeued_jobs = requeue_owned(conn, dead)
             conn.execute(delete(Instance).where(col(Instance.id).in_(dead)))
+        # By id: a run started under a fresh lease since then is not an orphan.
         found.interrupted_runs += interrupt_runs(
             conn,
-            {source for _, source in _orphan_runs(conn)},
             "interrupted: the process running it stopped before it finished",
+            run_ids=[run_id for run_id, _ in _orphan_runs(conn)],
         )
         conn.execute(
             delete(Instance).where(
@@ -476,9 +503,12 @@ def release_owner(store: Store, owner: str, error: str) -> Recovered:
     found = Recovered()
     with store.write() as conn:
         sources = [
-            r[0] for r in conn.execute(select(_LEASES.c.source).where(_LEASES.c.owner == owner))
+            r[0]
+            for r in conn.execute(
+                select(_LEASES.c.source).where(_LEASES.c.owner == owner).with_for_update()
+            )
         ]
-        found.interrupted_runs = interrupt_runs(conn, sources, error)
+        found.interrupted_runs = interrupt_runs(conn, error, sources=sources)
         conn.execute(delete(SourceLease).where(col(SourceLease.owner) == owner))
         found.requeued_jobs = requeue_owned(conn, [owner])
         conn.execute(delete(Instance).where(col(Instance.id) == owner))

@@ -464,6 +464,8 @@ class SyncEngine:
 
     def _stage(self, run_id: int, batch: StagedBatch) -> None:
         with self.store.write() as conn:
+            if not recovery.still_running(conn, run_id):
+                return  # cut off or taken over meanwhile: its staging was cleared for good
             stage(conn, run_id, batch)
             if batch.rejected:
                 conn.execute(

@@ -18,7 +18,8 @@ from rostersync import procs
 from rostersync.config.models import Settings
 from rostersync.connector import FetchMode
 from rostersync.records import MemoryRoster, RosterRecord
-from rostersync.recovery import hold_lease
+from rostersync.recovery import hold_lease, interrupt_runs
+from rostersync.rows import sort_batch
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.engine import SourceBusy, SyncEngine
 from tests.daemon.conftest import wait_until
@@ -223,3 +224,16 @@ async def test_postgres_a_source_whose_holder_is_applying_is_busy_at_once(
             # In a thread with its own loop: a taker that waited for the lock would wait for
             # this very transaction, and the timeout ends the test instead.
             await asyncio.wait_for(asyncio.to_thread(asyncio.run, other.sync("mem")), 30)
+
+
+def test_a_staging_write_of_a_run_failed_meanwhile_adds_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A batch whose write starts after its run was failed (cut off, taken over) is dropped, so
+    no staged row outlives the run."""
+    run_id = running_run(store, "mem", staged=0)
+    with store.write() as conn:
+        assert interrupt_runs(conn, "interrupted: test", run_ids=[run_id]) == [run_id]
+    batch = sort_batch(small_roster().records())
+    engine(make_settings(), store)._stage(run_id, batch)
+    assert staged_rows(store, run_id) == 0
