@@ -55,11 +55,6 @@ def hostname() -> str:
     return socket.gethostname()
 
 
-def default_owner() -> str:
-    """This process's name in leases unless ``--instance-id`` gives one."""
-    return f"{hostname()}:{procs.ProcessId.current().pid}"
-
-
 def _format_time(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%SZ") if when else "?"
 
