@@ -112,10 +112,10 @@ class Bench:
         seconds = (ended - datetime.fromisoformat(started)).total_seconds() if started else 0.0
         return done, seconds
 
-    def kill_after(self, delay: float, *, from_start: bool = False) -> Trial:
-        """Start a sync, SIGKILL it ``delay`` seconds after its run started (``from_start``:
-        after the process started, to hit its start-up), and wait until every process it
-        started has exited."""
+    def kill_after(self, delay: float, *, after: str | None = "sync_started") -> Trial:
+        """Start a sync, SIGKILL it ``delay`` seconds after it logged the event ``after``
+        (None: after the process started, to hit its start-up), and wait until every process
+        it started has exited."""
         log = self.workdir / f"sync-{uuid.uuid4().hex[:8]}.log"
         with open(log, "wb") as err:
             proc = subprocess.Popen(
@@ -126,10 +126,10 @@ class Bench:
                 env=self._env(),
             )
             deadline = time.monotonic() + 120
-            while not from_start and proc.poll() is None and time.monotonic() < deadline:
-                if "sync_started" in log.read_text(encoding="utf-8", errors="replace"):
+            while after and proc.poll() is None and time.monotonic() < deadline:
+                if f'"event": "{after}"' in log.read_text(encoding="utf-8", errors="replace"):
                     break
-                time.sleep(0.02)
+                time.sleep(0.01)
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -206,16 +206,23 @@ def canonical(value: Any) -> Any:
 def run_trials(
     bench: Bench, reference: tuple[Any, Any], seconds: float, kills: int, seed: int
 ) -> Counter[str]:
-    """``kills`` trials, killed at instants spread over an uninterrupted sync's ``seconds``
-    (one in six during the command's start-up instead), then a final sync; fails on anything
-    left wrong. Returns how many kills found each phase."""
+    """``kills`` trials, then a final sync; fails on anything left wrong. Half the kills fall
+    anywhere in an uninterrupted sync's ``seconds`` from its start; the others are aimed at
+    the short phases: the command's start-up, the apply (after the fetch ended) and the
+    drain (after the apply committed). Returns how many kills found each phase."""
     rng = random.Random(seed)
     phases: Counter[str] = Counter()
+    aims: list[tuple[str | None, float]] = [
+        (None, 2.0),  # start-up: recovery, taking the lease
+        ("fetch_done", 0.4),
+        ("sync_applied", 1.0),
+    ]
     for n in range(kills):
-        if rng.random() < 1 / 6:
-            trial = bench.kill_after(rng.uniform(0.0, 2.0), from_start=True)
+        if rng.random() < 0.5:
+            after, within = aims[rng.randrange(len(aims))]
+            trial = bench.kill_after(rng.uniform(0.0, within), after=after)
         else:
-            trial = bench.kill_after(rng.uniform(0.0, seconds * 1.5))
+            trial = bench.kill_after(rng.uniform(0.0, seconds * 1.2))
         phases[trial.phase] += 1
         assert "is being synced by" not in trial.stderr, f"trial {n} (seed {seed}):\n{trial.stderr}"
         assert trial.exit_code in (None, 0), f"trial {n} (seed {seed}):\n{trial.stderr[-3000:]}"
