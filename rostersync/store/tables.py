@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -338,6 +338,9 @@ class SourceState(SQLModel, table=True):
     # Fingerprint of the provisioning settings the last successful run decided with: a delta
     # run that finds them changed re-decides every teacher, not just the ones it touched.
     decided_with: str | None = Field(default=None, max_length=64)
+    # A teacher was skipped for want of a license seat: once seats are free, the next run
+    # (delta or not) decides for every teacher, not only those its changes touched.
+    license_waiting: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     # Record counts of the last successful full pull, for the min_source_ratio check.
     last_counts: dict[str, int] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False)

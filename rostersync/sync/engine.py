@@ -755,7 +755,12 @@ class SyncEngine:
         settings_changed = (
             state is not None and stored.removeprefix(sql.DIRECTORY_CHANGED) != decided_with
         )
-        redecide = not full and (settings_changed or directory_changed)
+        active_users = sql.count_active_users(conn)
+        limit = settings.license_limit
+        seats_freed = bool(
+            state and state["license_waiting"] and limit is not None and active_users < limit
+        )
+        redecide = not full and (settings_changed or directory_changed or seats_freed)
         only = None if full or redecide else affected_people
         roles = settings.provisioning.teacher_roles
         candidates = sql.eligible_teachers(conn, source, roles, only)
@@ -779,8 +784,8 @@ class SyncEngine:
             linked,
             sql.users_by_email(conn, unlinked_emails),
             prov=settings.provisioning,
-            active_users=sql.count_active_users(conn),
-            license_limit=settings.license_limit,
+            active_users=active_users,
+            license_limit=limit,
             teaching_elsewhere=teaching_elsewhere,
         )
         outcome = Outcome(
@@ -789,11 +794,12 @@ class SyncEngine:
             warnings=_shared_email_warnings(conn, source, plan),
         )
         if redecide:
-            why = (
-                "provisioning settings or license_limit changed"
-                if settings_changed
-                else "users were imported or changed by an import"
-            )
+            if settings_changed:
+                why = "provisioning settings or license_limit changed"
+            elif directory_changed:
+                why = "users were imported or changed by an import"
+            else:
+                why = "license seats are free for teachers who waited for one"
             outcome.warnings.append(
                 f"{why} since the last run: this delta run decided for every teacher of the "
                 "source, not only those its changes touched"
@@ -845,7 +851,12 @@ class SyncEngine:
         counts["groups_updated"] += update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
-        self._record_success(conn, ctx, outcome, state, decided_with)
+        # Who waits for a seat is known exactly when everyone was decided; a delta run that
+        # decided for some only adds its own.
+        waiting = bool(plan.skipped_license) or (
+            only is not None and bool(state and state["license_waiting"])
+        )
+        self._record_success(conn, ctx, outcome, state, decided_with, waiting)
         return outcome
 
     def _record_success(
@@ -855,6 +866,7 @@ class SyncEngine:
         outcome: Outcome,
         state: Mapping[str, Any] | None,
         decided_with: str,
+        license_waiting: bool,
     ) -> None:
         """The applied run's source state, report and staging, in its own transaction."""
         source, run_id = ctx.source, ctx.run_id
@@ -866,6 +878,7 @@ class SyncEngine:
             "last_success_at": now,
             "last_run_id": run_id,
             "decided_with": decided_with,
+            "license_waiting": license_waiting,
         }
         if ctx.full:
             values["last_full_at"] = now

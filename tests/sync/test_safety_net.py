@@ -430,3 +430,55 @@ def test_the_row_limits_are_the_store_columns() -> None:
                 and c.name not in ("status", "row_hash", "source")
             }
             assert sized == limits, (table.name, sized)
+
+
+async def test_a_seat_freed_by_another_source_goes_to_a_teacher_waiting_in_a_delta_source(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A teacher skipped for want of a license seat gets one at the next run of their source
+    once a seat is free, though that run is a delta that touches nobody."""
+    day = datetime(2026, 9, 1, tzinfo=UTC)
+
+    def school(prefix: str, teachers: int) -> MemoryRoster:
+        return MemoryRoster(
+            persons=[
+                RosterPerson(f"{prefix}t{n}", "teacher", "T", str(n), f"{prefix}t{n}@example.org",
+                             date_last_modified=day)
+                for n in range(teachers)
+            ] + [RosterPerson(f"{prefix}s", "student", "S", "S", None, date_last_modified=day)],
+            classes=[RosterClass(f"{prefix}c", "Class", date_last_modified=day)],
+            enrollments=[
+                RosterEnrollment(f"{prefix}e{n}", f"{prefix}c", f"{prefix}t{n}", "teacher",
+                                 date_last_modified=day)
+                for n in range(teachers)
+            ] + [RosterEnrollment(f"{prefix}es", f"{prefix}c", f"{prefix}s", "student",
+                                  date_last_modified=day)],
+        )  # fmt: skip
+
+    settings = make_settings(
+        memory_sources=("mem", "other"),
+        license_limit=2,
+        safety={"min_source_ratio": 0, "max_removal_percent": 100},
+    )
+    mine, theirs = school("m", 2), school("o", 1)
+    engine = SyncEngine(
+        settings,
+        store,
+        connectors={
+            "mem": MemoryConnector(mine, delta=True),
+            "other": MemoryConnector(theirs),
+        },
+    )
+    await engine.sync("other")
+    first = await engine.sync("mem", mode="full")
+    assert first.counts["users_skipped_license"] == 1
+    theirs.enrollments = []
+    await engine.sync("other", mode="full")
+    assert users(store)["ot0@example.org"]["status"] == "archived"
+    report = await engine.sync("mem", mode="delta")
+    assert report.mode == "delta" and report.counts["users_created"] == 1
+    assert any("license seats are free" in w for w in report.warnings)
+    assert {e for e, u in users(store).items() if u["status"] == "active"} == {
+        "mt0@example.org",
+        "mt1@example.org",
+    }
