@@ -171,6 +171,9 @@ def _print_report(r: RunReport) -> None:
     if r.hold_reason and r.dry_run:
         click.echo(f"  a real run would be held: {r.hold_reason}")
         click.echo("  (a dry run changes nothing and cannot be approved)")
+    elif r.hold_reason and r.status != "held":
+        when = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.approved_at else "?"
+        click.echo(f"  approved {when}; it had been held: {r.hold_reason}")
     elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(

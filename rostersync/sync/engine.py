@@ -123,6 +123,7 @@ class RunReport:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     trigger: str = "cli"
+    approved_at: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +141,7 @@ class RunReport:
             "trigger": self.trigger,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "approved_at": self.approved_at.isoformat() if self.approved_at else None,
         }
 
 
@@ -211,6 +213,7 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
         started_at=as_utc(run["started_at"]),
         finished_at=as_utc(run["finished_at"]),
         trigger=run["trigger"],
+        approved_at=as_utc(run["approved_at"]),
     )
 
 
