@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -24,7 +25,7 @@ import click
 import structlog
 from sqlalchemy import Connection
 
-from rostersync import __version__, directory
+from rostersync import __version__, directory, recovery
 from rostersync.config.loader import config_path, json_schema_text, load_settings
 from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
@@ -33,7 +34,14 @@ from rostersync.logs import register_secrets_in, scrub
 from rostersync.progress import SyncProgress
 from rostersync.store.db import Store, sqlite_file
 from rostersync.sync.apply import queue_resync, sync_catalog
-from rostersync.sync.engine import COUNT_KEYS, RunReport, SourceBusy, SyncEngine, load_report
+from rostersync.sync.engine import (
+    COUNT_KEYS,
+    RunReport,
+    SourceBusy,
+    SyncEngine,
+    instance_id,
+    load_report,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -46,6 +54,7 @@ class App:
         self.log_level = log_level
         self._settings: Settings | None = None
         self._store: Store | None = None
+        self._owner: str | None = None
 
     @property
     def settings(self) -> Settings:
@@ -75,14 +84,42 @@ class App:
             self._store.ensure_schema(auto_upgrade=False)
         return self._store
 
-    def engine(self, **kwargs: Any) -> SyncEngine:
-        return SyncEngine(self.settings, self.store, **kwargs)
+    def engine(self, *, owner: str | None = None, **kwargs: Any) -> SyncEngine:
+        """An engine for a command that syncs or processes jobs (see prepare)."""
+        owner = self.prepare(owner)
+        return SyncEngine(
+            self.settings,
+            self.store,
+            owner=owner,
+            interrupted_by="the command was stopped",
+            **kwargs,
+        )
+
+    def prepare(self, owner: str | None = None) -> str:
+        """Before this command takes leases: put right what dead processes of this host left
+        (their runs, source leases, job leases and staging; see rostersync.recovery), then
+        register this process. Once per command; returns its owner name."""
+        if self._owner is None:
+            name = owner or instance_id()
+            found = recovery.recover(self.store, name)
+            if found:
+                structlog.get_logger().warning("recovered_after_crash", **found.as_log())
+            recovery.register(self.store, name, "command")
+            self._owner = name
+        return self._owner
 
     def close(self) -> None:
-        """Close the database's connections (called when the command ends)."""
-        if self._store is not None:
-            self._store.dispose()
-            self._store = None
+        """At the command's end: drop this process's registry row, close the database."""
+        if self._store is None:
+            return
+        if self._owner is not None:
+            try:
+                recovery.unregister(self._store, self._owner)
+            except Exception as exc:  # the next recovery on this host drops the row
+                structlog.get_logger().debug("unregister_failed", error=str(exc))
+            self._owner = None
+        self._store.dispose()
+        self._store = None
 
 
 def emit_json(doc: Any) -> None:
@@ -134,6 +171,9 @@ def _print_report(r: RunReport) -> None:
     if r.hold_reason and r.dry_run:
         click.echo(f"  a real run would be held: {r.hold_reason}")
         click.echo("  (a dry run changes nothing and cannot be approved)")
+    elif r.hold_reason and r.status != "held":
+        when = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.approved_at else "?"
+        click.echo(f"  approved {when}; it had been held: {r.hold_reason}")
     elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
@@ -305,7 +345,11 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
 @click.option("--user", "users", multiple=True, metavar="EMAIL", help="this user (repeatable)")
 @click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
 @click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")
-@click.option("--wait", is_flag=True, help="block until the jobs end; exit 1 if any failed")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="block until the jobs end (processing them here if no daemon runs); exit 1 if any failed",
+)
 @click.option(
     "--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds"
 )
@@ -347,48 +391,177 @@ def resync(
         )
         # Read the ids before the commit: a running daemon (woken by NOTIFY) may lease the
         # jobs within milliseconds of it, and they would no longer be `queued`.
-        job_ids = _queued_job_ids(conn, ids)
+        job_users = _queued_job_ids(conn, ids)
+    job_ids = sorted(job_users)
+    if not as_json:
+        click.echo(f"queued {len(job_ids)} resync job(s)")
+    waited = None
     if wait:
-        jobs = _wait_for(store, job_ids, timeout)
+        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout, show=not as_json))
+        jobs = waited.jobs
     else:
         with store.read() as conn:
             jobs = directory.list_jobs(conn, job_ids)
+        if not as_json and job_ids and not _daemons(app):
+            click.echo(
+                "rostersync: no daemon is running against this database: the jobs wait for "
+                "one; `rostersync run --once` (or `resync --wait`) processes them now",
+                err=True,
+            )
     if as_json:
-        emit_json({"queued": len(job_ids), "jobs": jobs})
-    else:
-        click.echo(f"queued {len(job_ids)} resync job(s)")
-        if wait:
-            click.echo(_jobs_table(jobs))
+        doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
+        if waited is not None:
+            doc["processed_by"] = waited.processed_by
+            doc["timed_out"] = waited.timed_out
+        emit_json(doc)
+    elif wait:
+        click.echo(_jobs_table(jobs))
+    if waited is not None and waited.timed_out:
+        unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
+        states = ", ".join(
+            f"{n} {state}"
+            for state in ("queued", "running")
+            if (n := sum(j["state"] == state for j in unfinished))
+        )
+        then = (
+            "the daemon goes on with them"
+            if waited.processed_by == "daemon"
+            else "they stay queued for a daemon or `rostersync run --once`"
+        )
+        fail(
+            f"timed out after {timeout:g}s: {len(unfinished)} of {len(jobs)} job(s) not "
+            f"finished ({states}); {then}"
+        )
     if wait and any(j["state"] != "succeeded" for j in jobs):
         sys.exit(EXIT_FAILED)
 
 
-def _queued_job_ids(conn: Connection, user_ids: list[int]) -> list[int]:
+def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
+    """job id -> user id of the users' queued jobs."""
     from sqlalchemy import bindparam, text
 
-    return [
-        r[0]
+    return {
+        r[0]: r[1]
         for r in conn.execute(
             text(
-                "SELECT id FROM resync_job WHERE state = 'queued' AND user_id IN :u ORDER BY id"
+                "SELECT id, user_id FROM resync_job WHERE state = 'queued' AND user_id IN :u"
             ).bindparams(bindparam("u", expanding=True)),
             {"u": user_ids or [-1]},
         )
-    ]
+    }
 
 
-def _wait_for(store: Store, job_ids: list[int], timeout: float) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        with store.read() as conn:
-            jobs = directory.list_jobs(conn, job_ids)
-        # A retried job goes back to `queued` with its error; it is over only when it
-        # succeeded or failed for good.
-        if all(j["state"] in ("succeeded", "failed") for j in jobs):
-            return jobs
-        if time.monotonic() > deadline:
-            return jobs
-        time.sleep(0.25)
+def _daemons(app: App) -> list[str]:
+    return recovery.live_daemons(app.store, app.settings.leases.expire_after)
+
+
+@dataclass
+class _Waited:
+    jobs: list[dict[str, Any]]
+    timed_out: bool
+    processed_by: str | None  # "daemon", "this command", or None when nothing had to be done
+
+
+#: How often `resync --wait` looks at its jobs (and for a daemon) while a daemon works.
+WAIT_POLL = 0.25
+
+
+async def _wait_for_jobs(
+    app: App, job_users: dict[int, int], seconds: float, *, show: bool
+) -> _Waited:
+    """Wait until every job ended (succeeded, or failed for good), or ``seconds`` passed.
+
+    While a daemon runs against the database it does the work and this only watches. When
+    none does (none registered, or its heartbeat is older than ``leases.expire_after``), the
+    jobs would wait for nobody: this command processes the queue itself, as `run --once`
+    would, and says so; if a daemon appears meanwhile, it leaves the rest to it. The timeout
+    is checked between batches."""
+    deadline = time.monotonic() + seconds
+    progress = SyncProgress(sys.stderr) if (show or sys.stderr.isatty()) else None
+    if progress is not None and progress.tty:
+        configure_logging(
+            app.log_level or app.settings.logging.level,
+            app.settings.logging.format,
+            progress.log_stream,
+        )
+    engine: SyncEngine | None = None
+    by: str | None = None
+    waiting = dict(job_users)
+    try:
+        app.prepare()  # jobs leased by a dead process of this host go back to the queue now
+        while True:
+            jobs = await asyncio.to_thread(_follow_jobs, app.store, waiting)
+            unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
+            if progress is not None and jobs:
+                done = len(jobs) - len(unfinished)
+                progress.resync(done, len(unfinished), final=not unfinished)
+            if not unfinished:
+                return _Waited(jobs, False, by)
+            daemons = await asyncio.to_thread(_daemons, app)
+            if daemons and by != "daemon":
+                by = "daemon"
+                _notice(progress, f"waiting for the daemon {daemons[0]} to process them")
+            elif not daemons and by != "this command":
+                by = "this command"
+                _notice(
+                    progress,
+                    "no daemon is running against this database: processing the queue here "
+                    "(as `rostersync run --once` would)",
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _Waited(jobs, True, by)
+            if daemons:
+                await asyncio.sleep(min(WAIT_POLL, left))
+                continue
+            if engine is None:
+                engine = app.engine()
+            if not await engine.process_batch():
+                # Nothing due: ours wait out a retry's backoff, or another process holds them.
+                due = await asyncio.to_thread(_due_soonest, app.store)
+                await asyncio.sleep(min(max(due or 0.0, WAIT_POLL), 1.0, left))
+    finally:
+        if progress is not None:
+            progress.close()
+            if progress.tty:
+                configure_logging(
+                    app.log_level or app.settings.logging.level, app.settings.logging.format
+                )
+
+
+def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
+    """The jobs waited for. A job that is gone was folded into a newer job of its user (a
+    retry that found one queued): that one is followed instead."""
+    from sqlalchemy import bindparam, text
+
+    with store.read() as conn:
+        jobs = directory.list_jobs(conn, sorted(waiting))
+        gone = set(waiting) - {j["id"] for j in jobs}
+        if gone:
+            users = {waiting.pop(job_id) for job_id in gone}
+            newer = conn.execute(
+                text(
+                    "SELECT max(id), user_id FROM resync_job WHERE user_id IN :u GROUP BY user_id"
+                ).bindparams(bindparam("u", expanding=True)),
+                {"u": sorted(users)},
+            ).all()
+            waiting.update({int(job_id): int(user_id) for job_id, user_id in newer})
+            jobs = directory.list_jobs(conn, sorted(waiting))
+    return jobs
+
+
+def _due_soonest(store: Store) -> float | None:
+    from rostersync.queue import job_due_soonest
+
+    with store.read() as conn:
+        return job_due_soonest(conn)
+
+
+def _notice(progress: SyncProgress | None, message: str) -> None:
+    if progress is not None and progress.tty:
+        progress.log_stream.write(f"{message}\n")
+    else:
+        click.echo(f"rostersync: {message}", err=True)
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:

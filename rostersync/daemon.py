@@ -10,6 +10,9 @@ One asyncio loop carries everything::
 Several instances may share one PostgreSQL database: a source's sync is guarded by the
 engine's lease row (the loser logs ``sync_skipped_busy``), jobs are leased with
 ``FOR UPDATE SKIP LOCKED``, and a dead instance's job leases expire after ``resync.lease``.
+What dead processes of this host leave behind is put right at start and every
+``leases.expire_after / 4`` (:mod:`rostersync.recovery`), when the daemon's heartbeat is
+written too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,9 +33,10 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from rostersync import recovery
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
@@ -42,10 +45,9 @@ from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.metrics import Metrics, MetricsServer
 from rostersync.queue import job_due_soonest, queue_depth
-from rostersync.store.db import Store, as_utc, ts_params, utcnow
+from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
-from rostersync.sync.staging import clear_staging
 from rostersync.systemd import Notifier
 
 #: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).
@@ -58,91 +60,8 @@ LEASE_SWEEP = 5.0
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
-
-
-# -- recovery after a crash ---------------------------------------------------------------------
-
-
-def owner_is_dead(owner: str, me: str, hostname: str | None = None) -> bool:
-    """True if ``owner`` names a process on this host that no longer exists, or is this
-    instance's own id (a previous run of it, since ids must be unique among live instances)."""
-    if owner == me:
-        return True
-    host, sep, pid = owner.rpartition(":")
-    if not sep or host != (hostname or socket.gethostname()) or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, owned by another user
-    return False
-
-
-def recover(store: Store, me: str) -> dict[str, list[Any]]:
-    """Undo what a killed process left behind, before this instance starts work.
-
-    * source leases of dead local processes are dropped (the engine's lease would otherwise
-      block that source for 30 minutes after a crash);
-    * sync runs still ``running`` for a source nobody holds a live lease on are marked failed
-      and their staging rows removed (their apply transaction never committed, so the
-      directory is untouched).
-
-    Job leases are left to expire after ``resync.lease``: that is how the queue returns the work
-    of any dead instance, local or remote.
-    """
-    now = utcnow()
-    with store.write() as conn:
-        owners = [r[0] for r in conn.execute(text("SELECT DISTINCT owner FROM source_lease"))]
-        dead = [o for o in owners if owner_is_dead(o, me)]
-        if dead:
-            conn.execute(
-                text("DELETE FROM source_lease WHERE owner IN :o").bindparams(
-                    bindparam("o", expanding=True)
-                ),
-                {"o": dead},
-            )
-        orphans = [
-            int(r[0])
-            for r in conn.execute(
-                text(
-                    "SELECT id FROM sync_run WHERE status = 'running' AND source NOT IN "
-                    "(SELECT source FROM source_lease WHERE expires_at > :now)"
-                ).bindparams(*ts_params("now")),
-                {"now": now},
-            )
-        ]
-        for run_id in orphans:
-            clear_staging(conn, run_id)
-        if orphans:
-            conn.execute(
-                text(
-                    "UPDATE sync_run SET status = 'failed', finished_at = :now, "
-                    "error = 'interrupted: the process running it stopped before it finished' "
-                    "WHERE id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True), *ts_params("now")),
-                {"now": now, "ids": orphans},
-            )
-    return {"dead_owners": dead, "interrupted_runs": orphans}
-
-
-def release_own_leases(store: Store, owner: str) -> int:
-    """Return this instance's running jobs to the queue, untouched (shutdown cut them off).
-
-    One guarded statement rather than :func:`rostersync.queue.release` on a list: a batch that
-    commits while we shut down must keep its ``succeeded``, not be queued again.
-    """
-    with store.write() as conn:
-        res = conn.execute(
-            text(
-                "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-                "attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-                "WHERE state = 'running' AND lease_owner = :owner"
-            ),
-            {"owner": owner},
-        )
-    return res.rowcount or 0
+#: The error of a run the daemon's stop cut off.
+STOPPED = "interrupted: the daemon stopped"
 
 
 def pg_conninfo(url: str) -> str:
@@ -228,6 +147,7 @@ class Daemon:
             self.store,
             owner=self.owner,
             http_event_hooks=self.metrics.http_event_hooks(),
+            interrupted_by="the daemon stopped",
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -240,13 +160,14 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
-            found = await asyncio.to_thread(recover, self.store, self.owner)
+            found = await asyncio.to_thread(recovery.recover, self.store, self.owner)
+            await asyncio.to_thread(recovery.register, self.store, self.owner, "daemon")
             await asyncio.to_thread(self._load_history)
         except Exception as exc:
             self.log.error("daemon_start_failed", error=scrub(str(exc)))
             return 1
-        if found["dead_owners"] or found["interrupted_runs"]:
-            self.log.warning("recovered_after_crash", **found)
+        if found:
+            self.log.warning("recovered_after_crash", **found.as_log())
         await self._warn_about_files()
         try:
             self._apply_metrics_listen()
@@ -265,6 +186,7 @@ class Daemon:
                 self._server.stop()
             return 1
         self._background.append(asyncio.create_task(self._ticker(), name="ticker"))
+        self._background.append(asyncio.create_task(self._keepalive(), name="keepalive"))
         if self.store.is_postgres:
             self._background.append(asyncio.create_task(self._listen(), name="listen"))
         self._background.append(asyncio.create_task(self._outbox_loop(), name="outbox"))
@@ -329,12 +251,23 @@ class Daemon:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        released = await asyncio.to_thread(release_own_leases, self.store, self.owner)
-        if released:
-            self.log.info("leases_released", jobs=released)
         for t in self._background:
             t.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # What the cut-off left: a sync stopped in its fetch has failed itself ("interrupted:
+        # the daemon stopped"); anything still under our name goes now, and jobs in hand go
+        # back to the queue untouched.
+        try:
+            released = await asyncio.to_thread(
+                recovery.release_owner, self.store, self.owner, STOPPED
+            )
+        except Exception as exc:  # the next start (or any command) recovers it instead
+            self.log.error("release_at_stop_failed", error=scrub(str(exc)))
+        else:
+            if released.requeued_jobs:
+                self.log.info("leases_released", jobs=released.requeued_jobs)
+            if released.interrupted_runs:
+                self.log.warning("runs_interrupted_at_stop", run_ids=released.interrupted_runs)
         if self._server is not None:
             await asyncio.to_thread(self._server.stop)
         self.log.info("daemon_stopped")
@@ -665,6 +598,23 @@ class Daemon:
         if scheduler is None:
             return expected
         return [n for n in expected if scheduler.get_job(job_id(n)) is None]
+
+    async def _keepalive(self) -> None:
+        """Every quarter of ``leases.expire_after``: the daemon's heartbeat (``resync --wait``
+        and other hosts look for it), and recovery from processes of this host that died
+        meanwhile (a killed ``rostersync sync`` must not hold its jobs for ``resync.lease``)."""
+        while True:
+            await asyncio.sleep(self.settings.leases.expire_after.total_seconds() / 4)
+            try:
+                await asyncio.to_thread(recovery.heartbeat, self.store, self.owner)
+                found = await asyncio.to_thread(
+                    recovery.recover, self.store, self.owner, previous_self=False
+                )
+            except Exception as exc:
+                self.log.warning("keepalive_failed", error=scrub(str(exc)))
+                continue
+            if found:
+                self.log.warning("recovered_after_crash", **found.as_log())
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """Called from the metrics thread: scheduler alive with a job for every scheduled

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import BindParameter, Connection, bindparam, select, text, update
 from sqlmodel import col
 
 from rostersync.store.db import Store, as_utc, executemany, ts_params, utcnow
@@ -34,24 +35,58 @@ class LeasedJob:
 
 
 def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
-    """Return expired leases to the queue (a job whose user already has a queued job is
-    folded into that one)."""
+    """Return expired leases to the queue (their holder may be alive elsewhere but stuck, or
+    dead on another machine: the attempt counts)."""
     now = now or utcnow()
-    conn.execute(
-        text(
-            "DELETE FROM resync_job WHERE state = 'running' AND lease_expires < :now AND EXISTS ("
-            "SELECT 1 FROM resync_job q WHERE q.user_id = resync_job.user_id AND q.state = 'queued')"
-        ).bindparams(*ts_params("now")),
-        {"now": now},
-    )
+    where = "resync_job.state = 'running' AND resync_job.lease_expires < :now"
+    params = {"now": now}
+    _fold_duplicates(conn, where, params, ts_params("now"))
     res = conn.execute(
         text(
             "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-            "run_after = :now WHERE state = 'running' AND lease_expires < :now"
+            f"run_after = :now WHERE {where}"
         ).bindparams(*ts_params("now")),
-        {"now": now},
+        params,
     )
     return res.rowcount or 0
+
+
+def requeue_owned(conn: Connection, owners: Collection[str]) -> int:
+    """Return the running jobs leased by these owners to the queue at once, their attempt not
+    counted: the owners are gone (a process that died, a daemon shutting down), the jobs did
+    not fail."""
+    if not owners:
+        return 0
+    where = "resync_job.state = 'running' AND resync_job.lease_owner IN :owners"
+    params = {"owners": list(owners)}
+    expanding: list[BindParameter[Any]] = [bindparam("owners", expanding=True)]
+    _fold_duplicates(conn, where, params, expanding)
+    res = conn.execute(
+        text(
+            "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
+            f"attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE {where}"
+        ).bindparams(*expanding),
+        params,
+    )
+    return res.rowcount or 0
+
+
+def _fold_duplicates(
+    conn: Connection, where: str, params: dict[str, Any], binds: list[BindParameter[Any]]
+) -> None:
+    """Before the running jobs ``where`` selects go back to the queue: a user has at most one
+    queued job (uq_resync_job_queued_user), so a job whose user already has one, or has an
+    older job among those going back, is dropped; the remaining job does the same work."""
+    other = where.replace("resync_job.", "o.")
+    conn.execute(
+        text(
+            f"DELETE FROM resync_job WHERE {where} AND (EXISTS (SELECT 1 FROM resync_job q "
+            "WHERE q.user_id = resync_job.user_id AND q.state = 'queued') OR EXISTS ("
+            f"SELECT 1 FROM resync_job o WHERE o.user_id = resync_job.user_id AND {other} "
+            "AND o.id < resync_job.id))"
+        ).bindparams(*binds),
+        params,
+    )
 
 
 def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list[LeasedJob]:

@@ -39,6 +39,52 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 
 Row = tuple[Any, ...]
 
+#: The most characters a column holds, for every column a source's text goes into (the store's
+#: column sizes; a test checks they agree). A row with a longer value is rejected on its own:
+#: PostgreSQL refuses the value, which failed the whole run's write.
+MAX_CHARS: dict[str, dict[str, int]] = {
+    "org": {"sourced_id": 256, "name": 512, "type": 40, "identifier": 256, "parent_id": 256},
+    "person": {
+        "sourced_id": 256, "role": 40, "roles": 512, "given_name": 256, "family_name": 256,
+        "email": 256, "username": 256, "org_ids": 2048,
+    },
+    "class": {"sourced_id": 256, "title": 512, "class_code": 256, "school_id": 256},
+    "enrollment": {"sourced_id": 256, "class_id": 256, "user_id": 256, "role": 40},
+}  # fmt: skip
+#: The entity a rejected row of each kind is reported as (as connectors name them).
+ENTITIES = {"org": "org", "person": "user", "class": "class", "enrollment": "enrollment"}
+_LIMITS = {
+    kind: tuple((COLUMNS[kind].index(name), most) for name, most in limits.items())
+    for kind, limits in MAX_CHARS.items()
+}
+
+
+def _too_long(row: Row, limits: tuple[tuple[int, int], ...]) -> int | None:
+    for index, most in limits:
+        value = row[index]
+        if value is not None and len(value) > most:
+            return index
+    return None
+
+
+def keep_fitting(kind: str, rows: list[Row], rejected: list[Rejected]) -> list[Row]:
+    """``rows`` without those holding a value longer than its column takes (each reported in
+    ``rejected``, naming the column)."""
+    limits = _LIMITS[kind]
+    if all(_too_long(row, limits) is None for row in rows):
+        return rows
+    kept = []
+    for row in rows:
+        index = _too_long(row, limits)
+        if index is None:
+            kept.append(row)
+            continue
+        name = COLUMNS[kind][index]
+        sourced_id = str(row[0])[:256]
+        reason = f"{name} is longer than {MAX_CHARS[kind][name]} characters"
+        rejected.append(Rejected(ENTITIES[kind], sourced_id, reason))
+    return kept
+
 
 def utc_text(value: datetime | None) -> str | None:
     """The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset)."""
@@ -145,16 +191,20 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
     newest: datetime | None = None
     for r in records:
         if isinstance(r, RosterEnrollment):  # the most frequent record first
-            rows["enrollment"].append(enrollment_tuple(r))
+            kind, row = "enrollment", enrollment_tuple(r)
         elif isinstance(r, RosterPerson):
-            rows["person"].append(person_tuple(r))
+            kind, row = "person", person_tuple(r)
         elif isinstance(r, RosterClass):
-            rows["class"].append(class_tuple(r))
+            kind, row = "class", class_tuple(r)
         elif isinstance(r, RosterOrg):
-            rows["org"].append(org_tuple(r))
+            kind, row = "org", org_tuple(r)
         else:
             out.rejected.append(r)
             continue
+        if _too_long(row, _LIMITS[kind]) is not None:
+            keep_fitting(kind, [row], out.rejected)  # reported; its date is not the source's
+            continue
+        rows[kind].append(row)
         dlm = r.date_last_modified
         if dlm is not None and (newest is None or dlm > newest):
             newest = dlm

@@ -207,3 +207,19 @@ def test_a_missing_drop_folder_fails_its_source_not_every_command(config: Path) 
     assert failed.exit_code == 1
     report = as_json(failed)["runs"][0]  # type: ignore[index]
     assert report["status"] == "failed" and "sample-district" in report["error"]
+
+
+def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
+    """After `runs approve`, the run's report says it was approved and why it had been held,
+    not "apply with runs approve"."""
+    assert run(config, "sync").exit_code == 0
+    _cut_drop_to_a_tenth(config)
+    held = run(config, "sync")
+    assert held.exit_code == 1 and "apply with `rostersync runs approve 2`" in held.stdout
+    approved = run(config, "runs", "approve", "2")
+    assert approved.exit_code == 0, approved.output
+    assert "run 2  source sample  full: succeeded" in approved.stdout
+    assert "; it had been held: " in approved.stdout
+    assert "runs approve" not in approved.stdout
+    shown = as_json(run(config, "runs", "show", "2", "--json"))
+    assert shown["approved_at"] is not None and shown["hold_reason"]  # type: ignore[index]

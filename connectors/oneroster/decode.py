@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from connectors.oneroster.normalize import normalize_page, rows_page
+from rostersync import procs
 from rostersync.records import RosterRecord
 from rostersync.rows import StagedBatch
 
@@ -98,7 +99,15 @@ def start_pool(workers: int) -> ProcessPoolExecutor:
     # Preload only this module: the default also re-imports the program's __main__ in the
     # server, which runs any script that lacks a main guard.
     context.set_forkserver_preload([__name__])
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    me = os.getpid()
+    # The workers are the forkserver's children, not ours: each watches this process and
+    # exits with it, and the forkserver and resource tracker follow once no worker is left.
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=procs.exit_with_parent,
+        initargs=(me, procs.start_ticks(me)),
+    )
     widen_pipes(pool)
     return pool
 

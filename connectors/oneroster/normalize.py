@@ -40,7 +40,7 @@ from rostersync.records import (
     person_digest,
     person_roles,
 )
-from rostersync.rows import COLUMNS, Row, StagedBatch, utc_text
+from rostersync.rows import COLUMNS, Row, StagedBatch, keep_fitting, utc_text
 
 #: Roles from both versions, keyed by lower case: ``Teacher`` and ``teacher`` are one role.
 _ROLES = {
@@ -410,6 +410,7 @@ def rows_page(collection: str, records: list[Any]) -> StagedBatch:
             out.rejected.append(row)
         else:
             rows.append(row)
+    rows = out.rows[kind] = keep_fitting(kind, rows, out.rejected)
     # utc_text is fixed-width, so the greatest text is the newest instant.
     at = _DATE_COLUMN[kind]
     newest = max((d for row in rows if (d := row[at]) is not None), default=None)

@@ -97,6 +97,22 @@ class ResyncSettings(StrictModel):
     backoff: Duration = Field(default=timedelta(seconds=30), description="first retry delay")
 
 
+class LeaseSettings(StrictModel):
+    expire_after: Duration = Field(
+        default=timedelta(minutes=2),
+        description="a source lease held by a process on another host, or one that cannot be "
+        "checked, expires this long after its holder's last heartbeat (it beats every quarter "
+        "of it); a dead process on this host loses its leases at once",
+    )
+
+    @field_validator("expire_after")
+    @classmethod
+    def _long_enough(cls, v: timedelta) -> timedelta:
+        if v < timedelta(seconds=1):
+            raise ValueError("must be at least 1s")
+        return v
+
+
 class ImportSettings(StrictModel):
     max_rows: int = Field(default=2000, ge=1)
 
@@ -154,6 +170,7 @@ class Settings(StrictModel):
     provisioning: Provisioning
     safety: Safety = Field(default_factory=Safety)
     resync: ResyncSettings = Field(default_factory=ResyncSettings)
+    leases: LeaseSettings = Field(default_factory=LeaseSettings)
     import_: ImportSettings = Field(default_factory=ImportSettings, alias="import")
     smtp: SmtpSettings | None = None
     metrics: MetricsSettings | None = None

@@ -9,7 +9,7 @@ Three families:
   so a run finds what changed with one join; ``staging_*`` twins keyed by ``(run_id, sourced_id)``
   (on SQLite the key is an index the apply builds: see ``sync.staging``).
 * operations: ``sync_run`` (+ ``run_rejection``), ``resync_job``, ``import_run``/``import_row``,
-  ``outbox_email``, ``source_state``, ``source_lease``.
+  ``outbox_email``, ``source_state``, ``source_lease``, ``instance``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, false, text
 from sqlmodel import Field, SQLModel
 
 
@@ -338,6 +338,9 @@ class SourceState(SQLModel, table=True):
     # Fingerprint of the provisioning settings the last successful run decided with: a delta
     # run that finds them changed re-decides every teacher, not just the ones it touched.
     decided_with: str | None = Field(default=None, max_length=64)
+    # A teacher was skipped for want of a license seat: once seats are free, the next run
+    # (delta or not) decides for every teacher, not only those its changes touched.
+    license_waiting: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
     # Record counts of the last successful full pull, for the min_source_ratio check.
     last_counts: dict[str, int] = Field(
         default_factory=dict, sa_column=Column(JSON, nullable=False)
@@ -351,6 +354,24 @@ class SourceLease(SQLModel, table=True):
     source: str = Field(primary_key=True, max_length=64)
     owner: str = Field(max_length=128)
     expires_at: datetime | None = _ts()
+
+
+class Instance(SQLModel, table=True):
+    """A process that takes leases (a daemon, or a command that syncs or processes jobs), so
+    that others can tell whether it still runs (see ``rostersync.recovery``)."""
+
+    __tablename__ = "instance"
+    id: str = Field(primary_key=True, max_length=128)  # the owner named in leases
+    kind: str = Field(max_length=20)  # daemon | command | engine
+    host: str = Field(max_length=255)
+    pid: int
+    # Its start time in clock ticks after boot, and the boot and pid namespace that pid and
+    # time belong to: a pid reused by another process, or counted again after a reboot or in
+    # another container, is not taken for this one. NULL where /proc cannot tell.
+    pid_started: int | None = Field(default=None, sa_type=BigInteger)
+    pid_scope: str | None = Field(default=None, max_length=128)
+    started_at: datetime | None = _ts()
+    heartbeat_at: datetime | None = _ts()
 
 
 metadata = SQLModel.metadata

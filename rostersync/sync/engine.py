@@ -21,15 +21,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import httpx
 import structlog
 from sqlalchemy import Connection, delete, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import col
 
+from rostersync import recovery
 from rostersync.config.models import Settings
 from rostersync.connector import (
     Connector,
@@ -51,7 +51,7 @@ from rostersync.logs import scrub
 from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import Rejected, TeacherRef, TeacherRoster
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
-from rostersync.store.tables import RunRejection, SourceLease, SourceState, SyncRun
+from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
 from rostersync.sync.plan import (
@@ -95,6 +95,10 @@ class SourceBusy(RostersyncError):
     """Another process holds this source's lease."""
 
 
+class LeaseLost(RostersyncError):
+    """The source's lease was taken over while this run held it (its holder looked dead)."""
+
+
 def instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -119,6 +123,7 @@ class RunReport:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     trigger: str = "cli"
+    approved_at: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -136,6 +141,7 @@ class RunReport:
             "trigger": self.trigger,
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+            "approved_at": self.approved_at.isoformat() if self.approved_at else None,
         }
 
 
@@ -207,6 +213,7 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
         started_at=as_utc(run["started_at"]),
         finished_at=as_utc(run["finished_at"]),
         trigger=run["trigger"],
+        approved_at=as_utc(run["approved_at"]),
     )
 
 
@@ -297,6 +304,7 @@ class SyncEngine:
         owner: str | None = None,
         progress: ProgressFn | None = None,
         http_event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
+        interrupted_by: str = "the process running it was stopped before it finished",
     ) -> None:
         self.settings = settings
         self.http_event_hooks = {k: list(v) for k, v in (http_event_hooks or {}).items()}
@@ -305,6 +313,10 @@ class SyncEngine:
         self._fixed_connectors = dict(connectors or {})
         self.owner = owner or instance_id()
         self.progress = progress
+        # Why a run cut off by cancellation (a daemon stopping, Ctrl-C) failed, after "interrupted: ".
+        self.interrupted_by = interrupted_by
+        self._keepers: dict[str, recovery.LeaseKeeper] = {}
+        self._registered = False
         self.log = structlog.get_logger()
         self._plugins: dict[str, ConnectorPlugin] | None = None
         self._analyzed_at = float("-inf")
@@ -341,30 +353,62 @@ class SyncEngine:
 
     # -- leases ---------------------------------------------------------------------------
 
-    def _take_lease(self, source: str, ttl: timedelta = timedelta(minutes=30)) -> None:
-        now = utcnow()
-        ins: Any = postgresql if self.store.is_postgres else sqlite
-        table = SourceLease.__table__  # type: ignore[attr-defined]
-        with self.store.write() as conn:
-            stmt = ins.insert(table).values(source=source, owner=self.owner, expires_at=now + ttl)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=["source"],
-                set_={"owner": stmt.excluded.owner, "expires_at": stmt.excluded.expires_at},
-                where=(table.c.owner == self.owner) | (table.c.expires_at < now),
-            )
-            conn.execute(stmt)
-            holder = conn.execute(
-                select(table.c.owner).where(table.c.source == source)
-            ).scalar_one()
-        if holder != self.owner:
-            raise SourceBusy(f"source {source!r} is being synced by {holder}")
+    def _register(self) -> None:
+        """Put this engine's owner in the instance registry (once), so that other processes
+        can tell whether the holder of its leases still runs. The CLI and the daemon register
+        it first, with their own kind."""
+        if not self._registered:
+            recovery.register(self.store, self.owner, "engine", keep_kind=True)
+            self._registered = True
 
-    def _drop_lease(self, source: str) -> None:
+    def _take_lease(self, source: str) -> None:
+        """Take the source's lease (see rostersync.recovery) and keep it renewed; a lease of
+        a dead process of this host, or an expired one, is taken over and its run failed."""
+        self._register()
+        expire_after = self.settings.leases.expire_after
+        try:
+            with self.store.write() as conn:
+                taken = recovery.take_lease(conn, source, self.owner, expire_after)
+        except recovery.LeaseLocked:
+            with self.store.read() as conn:
+                holder = recovery.lease_holder(conn, source) or "another process"
+            raise SourceBusy(f"source {source!r} is being synced by {holder}") from None
+        if taken.holder != self.owner:
+            raise SourceBusy(f"source {source!r} is being synced by {taken.holder}")
+        log = self.log.bind(source=source)
+        if taken.previous is not None:
+            log.warning(
+                "sync_lease_taken_over",
+                previous_owner=taken.previous,
+                reason=taken.reason,
+                interrupted_runs=taken.interrupted,
+            )
+        elif taken.interrupted:
+            log.warning("sync_orphans_interrupted", interrupted_runs=taken.interrupted)
+        self._keepers[source] = recovery.LeaseKeeper(
+            self.store, source, self.owner, expire_after, log
+        ).start()
+
+    def _drop_lease(self, source: str, error: str | None = None) -> None:
+        """Give the lease back. A run of the source still `running` now was cut off: it is
+        failed with ``error`` (default: this engine's ``interrupted_by``), its staging cleared."""
+        keeper = self._keepers.pop(source, None)
+        if keeper is not None:
+            keeper.stop()  # before the lease row is locked below: it may be renewing it
+        error = error or f"interrupted: {self.interrupted_by}"
         with self.store.write() as conn:
-            conn.execute(
-                delete(SourceLease).where(
-                    col(SourceLease.source) == source, col(SourceLease.owner) == self.owner
-                )
+            lost = recovery.release_lease(conn, source, self.owner, error)
+        if lost:
+            self.log.warning("sync_interrupted", source=source, run_ids=lost, error=error)
+
+    def _hold_lease(self, conn: Connection, source: str) -> None:
+        """In the apply's transaction: go on only if the lease is still ours, and keep it
+        (the row stays locked until the commit on PostgreSQL). A run whose lease was taken
+        over has been failed by the taker; applying it now would apply a stale fetch."""
+        if not recovery.hold_lease(conn, source, self.owner, self.settings.leases.expire_after):
+            raise LeaseLost(
+                f"interrupted: source {source!r} was taken over by another process before "
+                "this run applied; nothing of it was applied"
             )
 
     # -- sync -----------------------------------------------------------------------------
@@ -414,12 +458,21 @@ class SyncEngine:
             raise RostersyncError(f"no source named {source!r} in the config")
         fetch_mode, since, warnings = self._choose_mode(source, mode)
         self._take_lease(source)
+        error = None
         try:
             return await self._sync_leased(
                 source, fetch_mode, since, warnings, dry_run, trigger, mode
             )
+        except Exception as exc:
+            # Source and data problems end in the run's report; what escapes is a bug or a
+            # lost database, and the run must not stay `running`.
+            error = f"interrupted: {scrub(str(exc)) or type(exc).__name__}"
+            raise
         finally:
-            self._drop_lease(source)
+            # Also when cancelled (the daemon stopping, Ctrl-C): shielded, so that the run
+            # still records that it stopped; if an apply is still committing in its thread,
+            # this waits for it and then finds the run finished.
+            await asyncio.shield(asyncio.to_thread(self._drop_lease, source, error))
 
     async def _sync_leased(
         self,
@@ -573,6 +626,8 @@ class SyncEngine:
 
     def _stage(self, run_id: int, batch: StagedBatch) -> None:
         with self.store.write() as conn:
+            if not recovery.still_running(conn, run_id):
+                return  # cut off or taken over meanwhile: its staging was cleared for good
             stage(conn, run_id, batch)
             if batch.rejected:
                 conn.execute(
@@ -637,6 +692,8 @@ class SyncEngine:
         else:
             status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
         with self.store.write() as conn:
+            if not recovery.still_running(conn, ctx.run_id):
+                return  # cut off meanwhile: failed as interrupted, its staging cleared
             if ctx.dry_run:
                 clear_staging(conn, ctx.run_id)
             _record_outcome(conn, ctx.run_id, outcome)
@@ -655,6 +712,7 @@ class SyncEngine:
 
     def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
+        self._hold_lease(conn, ctx.source)  # still ours, and nobody takes it until the commit
         prepare_staging(conn)  # SQLite: repeated ids settled, key index built
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
         settings = self.settings
@@ -700,11 +758,28 @@ class SyncEngine:
         settings_changed = (
             state is not None and stored.removeprefix(sql.DIRECTORY_CHANGED) != decided_with
         )
-        redecide = not full and (settings_changed or directory_changed)
+        active_users = sql.count_active_users(conn)
+        limit = settings.license_limit
+        seats_freed = bool(
+            state and state["license_waiting"] and limit is not None and active_users < limit
+        )
+        redecide = not full and (settings_changed or directory_changed or seats_freed)
         only = None if full or redecide else affected_people
         roles = settings.provisioning.teacher_roles
         candidates = sql.eligible_teachers(conn, source, roles, only)
         linked = sql.linked_users(conn, source, only)
+        teaching_elsewhere: set[int] = set()
+        if only is not None:
+            # The other persons of the accounts decided here (one record per school): an
+            # account is archived only when none of its persons teaches.
+            others = sql.source_identities(conn, source, {u.user_id for u in linked.values()})
+            siblings = {sid: uid for uid, ps in others.items() for sid, _ in ps}
+            outside = set(siblings) - only
+            if outside:
+                teaching_elsewhere = {
+                    siblings[t.sourced_id]
+                    for t in sql.eligible_teachers(conn, source, roles, outside)
+                }
         unlinked_emails = [t.email for t in candidates if t.email and t.sourced_id not in linked]
         plan = plan_provisioning(
             source,
@@ -712,8 +787,9 @@ class SyncEngine:
             linked,
             sql.users_by_email(conn, unlinked_emails),
             prov=settings.provisioning,
-            active_users=sql.count_active_users(conn),
-            license_limit=settings.license_limit,
+            active_users=active_users,
+            license_limit=limit,
+            teaching_elsewhere=teaching_elsewhere,
         )
         outcome = Outcome(
             counts,
@@ -721,11 +797,12 @@ class SyncEngine:
             warnings=_shared_email_warnings(conn, source, plan),
         )
         if redecide:
-            why = (
-                "provisioning settings or license_limit changed"
-                if settings_changed
-                else "users were imported or changed by an import"
-            )
+            if settings_changed:
+                why = "provisioning settings or license_limit changed"
+            elif directory_changed:
+                why = "users were imported or changed by an import"
+            else:
+                why = "license seats are free for teachers who waited for one"
             outcome.warnings.append(
                 f"{why} since the last run: this delta run decided for every teacher of the "
                 "source, not only those its changes touched"
@@ -777,7 +854,12 @@ class SyncEngine:
         counts["groups_updated"] += update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
-        self._record_success(conn, ctx, outcome, state, decided_with)
+        # Who waits for a seat is known exactly when everyone was decided; a delta run that
+        # decided for some only adds its own.
+        waiting = bool(plan.skipped_license) or (
+            only is not None and bool(state and state["license_waiting"])
+        )
+        self._record_success(conn, ctx, outcome, state, decided_with, waiting)
         return outcome
 
     def _record_success(
@@ -787,6 +869,7 @@ class SyncEngine:
         outcome: Outcome,
         state: Mapping[str, Any] | None,
         decided_with: str,
+        license_waiting: bool,
     ) -> None:
         """The applied run's source state, report and staging, in its own transaction."""
         source, run_id = ctx.source, ctx.run_id
@@ -798,6 +881,7 @@ class SyncEngine:
             "last_success_at": now,
             "last_run_id": run_id,
             "decided_with": decided_with,
+            "license_waiting": license_waiting,
         }
         if ctx.full:
             values["last_full_at"] = now
@@ -924,10 +1008,7 @@ class SyncEngine:
 
     async def process_batch(self) -> list[tuple[LeasedJob, str]]:
         """Lease one batch of due jobs and process it; returns (job, outcome) pairs."""
-        rs = self.settings.resync
-        jobs = await asyncio.to_thread(
-            lease, self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease
-        )
+        jobs = await asyncio.to_thread(self._lease_jobs)
         if not jobs:
             return []
         outcomes: list[tuple[LeasedJob, str]] = []
@@ -951,6 +1032,11 @@ class SyncEngine:
                     outcomes.append((job, await self._fail_job(job, exc)))
                 self.log.error("resync_batch_failed", jobs=len(ready), error=scrub(str(exc)))
         return outcomes
+
+    def _lease_jobs(self) -> list[LeasedJob]:
+        self._register()
+        rs = self.settings.resync
+        return lease(self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease)
 
     async def _fail_job(self, job: LeasedJob, exc: BaseException) -> str:
         """Record a job's failure (retry later, or failed for good); returns its new state."""

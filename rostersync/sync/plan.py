@@ -6,7 +6,7 @@ directly and the apply step only carries plans out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from rostersync.config.models import Provisioning, Safety
@@ -121,12 +121,19 @@ def plan_provisioning(
     prov: Provisioning,
     active_users: int,
     license_limit: int | None,
+    teaching_elsewhere: Set[int] = frozenset(),
 ) -> ProvisionPlan:
     """Decide creations, links, restorations and archivals for one source.
 
     ``candidates`` are the source's teachers by role and classes (see :class:`Teacher`);
     ``linked`` maps this source's person ids to their linked users; ``existing_by_email``
     holds directory users (normalized email) that eligible teachers might be linked to.
+    ``teaching_elsewhere``: users with a candidate person of this source among those not
+    decided here (a delta run decides for some persons only, and an account may belong to
+    several persons of the source: one per school).
+
+    An account shared by several persons is archived only when none of them is a candidate
+    any more, and restored once when they come back.
 
     A candidate whose email is not a valid identity (missing, not an address, outside
     ``email_domains``) is rejected: no account is created, linked or restored for them. It is
@@ -137,20 +144,25 @@ def plan_provisioning(
     created_by = f"source:{source}"
     headroom = None if license_limit is None else max(license_limit - active_users, 0)
     candidate_ids: set[str] = set()
+    teaching = set(teaching_elsewhere)  # users with a candidate person: never archived
     pending: dict[str, tuple[Teacher, list[tuple[str, str | None]]]] = {}
     by_email: dict[str, list[Teacher]] = {}
 
     for t in sorted(candidates, key=lambda t: t.sourced_id):
         candidate_ids.add(t.sourced_id)
+        link = linked.get(t.sourced_id)
+        if link is not None:
+            teaching.add(link.user_id)  # whatever its email says now
         reason = email_rejection(t.email, prov)
         if reason is not None:
             plan.rejected.append((t.sourced_id, reason))
             continue
         email = normalize_email(t.email)
         by_email.setdefault(email, []).append(t)
-        link = linked.get(t.sourced_id)
         if link is not None:
             if link.status == "archived" and link.archived_by_sync:
+                if link.user_id in plan.restore or link.email in plan.skipped_license:
+                    continue  # another person of this account decided it already
                 if headroom is not None and headroom <= 0:
                     plan.skipped_license.append(link.email)
                     continue
@@ -199,6 +211,7 @@ def plan_provisioning(
                 and link.created_by == created_by
                 and not link.linked_elsewhere_active
                 and link.user_id not in plan.touched_users
+                and link.user_id not in teaching
             ):
                 plan.archive.append(link.user_id)
     # An archived user's groups go away; a user no longer eligible loses groups either way.

@@ -1133,3 +1133,18 @@ async def test_a_broken_decode_pool_falls_back_to_decoding_inline(
         None,
         "u-005",
     ]
+
+
+def test_a_value_too_long_for_the_store_rejects_its_record_in_the_decode_path() -> None:
+    """The decode workers' rows are checked as the record path's are: an overlong value
+    rejects that record alone, naming the column, and its date is not the page's newest."""
+    raws = [
+        user(1),
+        user(2, email="a" * 300 + "@example.org", dateLastModified="2030-01-01T00:00:00Z"),
+    ]
+    batch = rows_page("users", raws)
+    assert [row[0] for row in batch.rows["person"]] == [raws[0]["sourcedId"]]
+    [rejected] = batch.rejected
+    assert (rejected.entity, rejected.sourced_id) == ("user", raws[1]["sourcedId"])
+    assert rejected.reason == "email is longer than 256 characters"
+    assert batch.newest is not None and batch.newest.year < 2030

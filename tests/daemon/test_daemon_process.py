@@ -236,13 +236,14 @@ def test_kill_9_during_a_sync_then_restart_leaves_the_database_consistent(
     _assert_directory_consistent(store)
 
 
-def test_kill_9_with_leased_jobs_then_restart_reruns_them_after_the_lease_expires(
+def test_kill_9_with_leased_jobs_then_restart_requeues_them_at_once(
     tmp_path: Path, notify_socket: NotifySocket, daemons: Callable[..., DaemonProcess]
 ) -> None:
-    """Jobs leased by a killed daemon come back when their lease (5 s here) expires and are processed once more."""
+    """Jobs leased by a killed daemon go back to the queue when the next one starts on this host,
+    without waiting for their lease (5 min here) to expire and without counting the attempt."""
     url = sqlite_url(tmp_path)
     cfg = base_config(url)
-    cfg["resync"] = {**cfg["resync"], "batch_size": 1, "workers": 1, "lease": "5s"}
+    cfg["resync"] = {**cfg["resync"], "batch_size": 1, "workers": 1, "lease": "5m"}
     cfg["sources"]["sample"]["schedule"] = {"interval": "1h", "jitter": 0}
     config = write_config(tmp_path / "rostersync.yaml", cfg)
     store = Store(url)
@@ -262,14 +263,9 @@ def test_kill_9_with_leased_jobs_then_restart_reruns_them_after_the_lease_expire
     ids = [r[0] for r in leased]
 
     second = daemons(config, notify_socket)
-    notify_socket.wait_for("READY", "1", after=len(notify_socket.fields()))
-    # Still leased right after the restart: the dead lease has to expire first.
-    assert _rows(
-        store,
-        "SELECT id FROM resync_job WHERE state = 'running' AND id IN ("
-        + ",".join(map(str, ids))
-        + ")",
-    )
+    recovered = second.wait_event("recovered_after_crash")
+    assert recovered["dead_owners"] == [f"{_hostname()}:{first.pid}"]
+    assert recovered["requeued_jobs"] == len(ids)
     wait_until(
         lambda: not _rows(store, "SELECT id FROM resync_job WHERE state <> 'succeeded'"),
         20,
@@ -278,7 +274,7 @@ def test_kill_9_with_leased_jobs_then_restart_reruns_them_after_the_lease_expire
     rows = _rows(
         store, "SELECT attempts FROM resync_job WHERE id IN (" + ",".join(map(str, ids)) + ")"
     )
-    assert all(r[0] == 2 for r in rows), rows  # leased by the dead daemon, then once more
+    assert all(r[0] == 1 for r in rows), rows  # the dead daemon's attempt did not count
     second.signal(signal.SIGTERM)
     assert second.wait_exit(10) == 0
     _assert_directory_consistent(store)

@@ -1,4 +1,5 @@
-"""The daemon's small parts in-process: cron days, sd_notify, crash recovery, metrics, progress, the unit file."""
+"""The daemon's small parts in-process: cron days, sd_notify, metrics, progress, the unit file.
+(Crash recovery has its own tests in tests/recovery.)"""
 
 from __future__ import annotations
 
@@ -16,18 +17,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import text
 
 from rostersync.config.schedule import Schedule, build_trigger, crontab_day_of_week
-from rostersync.daemon import (
-    owner_is_dead,
-    pg_conninfo,
-    recover,
-    release_own_leases,
-)
+from rostersync.daemon import pg_conninfo
 from rostersync.metrics import Metrics, MetricsServer
 from rostersync.progress import SyncProgress
-from rostersync.store.db import Store, utcnow
+from rostersync.store.db import utcnow
 from rostersync.systemd import Notifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,78 +97,6 @@ def test_notifier_sends_datagrams_and_halves_the_watchdog(tmp_path: Path) -> Non
     silent = Notifier({})
     assert not silent.enabled and not silent.ready() and silent.watchdog_interval is None
     assert Notifier({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_interval is None
-
-
-def test_a_dead_local_owner_is_recognised_and_a_remote_one_is_not() -> None:
-    """Only leases of processes on this host that no longer exist (or our own id) are taken back at start."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    host = socket.gethostname()
-    assert owner_is_dead(f"{host}:{dead.pid}", "me")
-    assert not owner_is_dead(f"{host}:{os.getpid()}", "me")
-    assert not owner_is_dead(f"other-host:{dead.pid}", "me")
-    assert owner_is_dead("me", "me")
-
-
-def test_recovery_fails_orphaned_runs_and_frees_the_source(sqlite_store: Store) -> None:
-    """A run left `running` by a killed process is marked failed, its lease dropped; live leases are kept."""
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    now = utcnow()
-    with sqlite_store.write() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO source_lease (source, owner, expires_at) VALUES ('a', :o, :e), ('b', 'far-away:1', :e)"
-            ),
-            {"o": f"{socket.gethostname()}:{dead.pid}", "e": now + timedelta(minutes=30)},
-        )
-        for source in ("a", "b"):
-            conn.execute(
-                text(
-                    "INSERT INTO sync_run (source, mode, requested_mode, trigger, status, dry_run, started_at, counts, fetched, warnings) "
-                    "VALUES (:s, 'full', 'full', 'schedule', 'running', 0, :n, '{}', '{}', '[]')"
-                ),
-                {"s": source, "n": now},
-            )
-    found = recover(sqlite_store, "me")
-    assert found["dead_owners"] == [f"{socket.gethostname()}:{dead.pid}"]
-    with sqlite_store.read() as conn:
-        runs = dict(conn.execute(text("SELECT source, status FROM sync_run")).all())
-        leases = [r[0] for r in conn.execute(text("SELECT source FROM source_lease"))]
-    assert runs == {"a": "failed", "b": "running"}
-    assert leases == ["b"]
-
-
-def test_releasing_own_leases_leaves_finished_jobs_alone(sqlite_store: Store) -> None:
-    """On a cut-short shutdown only this instance's running jobs go back to the queue."""
-    now = utcnow()
-    with sqlite_store.write() as conn:
-        for i, (state, owner) in enumerate(
-            [("running", "me"), ("running", "other"), ("succeeded", None)], start=1
-        ):
-            conn.execute(
-                text(
-                    'INSERT INTO "user" (id, email, display_name, status, archived_by_sync, delegated, '
-                    "created_at, updated_at) VALUES (:i, :e, 'x', 'active', 0, 0, :n, :n)"
-                ),
-                {"i": i, "e": f"u{i}@example.org", "n": now},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO resync_job (user_id, state, reason, live, attempts, run_after, created_at, result, lease_owner) "
-                    "VALUES (:i, :s, 'r', 0, 1, :n, :n, '{}', :o)"
-                ),
-                {"i": i, "s": state, "n": now, "o": owner},
-            )
-    assert release_own_leases(sqlite_store, "me") == 1
-    with sqlite_store.read() as conn:
-        states = [
-            tuple(r)
-            for r in conn.execute(
-                text("SELECT user_id, state, attempts FROM resync_job ORDER BY user_id")
-            )
-        ]
-    assert states == [(1, "queued", 0), (2, "running", 1), (3, "succeeded", 1)]
 
 
 async def test_http_hooks_time_requests_and_count_statuses() -> None:

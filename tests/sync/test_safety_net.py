@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
@@ -12,7 +13,7 @@ from sqlalchemy import text
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
-from rostersync.records import MemoryRoster, RosterEnrollment, RosterPerson
+from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -349,3 +350,135 @@ async def test_teacher_roles_and_domains_decide_manual_teacher_import_too(
     await sync(settings, store, roster)
     with store.read() as conn:
         assert [t.sourced_id for t in candidates(conn, "mem", settings)] == ["t-2"]
+
+
+async def test_a_delta_run_keeps_a_shared_account_whose_other_person_still_teaches(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A delta run decides only for the persons it touched, yet an account shared with an
+    untouched person who still teaches is not archived when the touched one stops."""
+    day, later = datetime(2026, 9, 1, tzinfo=UTC), datetime(2026, 9, 2, tzinfo=UTC)
+    roster = MemoryRoster(
+        persons=[
+            RosterPerson("t-1", "teacher", "Ada", "L", "ada@example.org", date_last_modified=day),
+            RosterPerson("t-2", "teacher", "Ada", "L", "ADA@example.org", date_last_modified=day),
+            RosterPerson("s-1", "student", "S", "One", None, date_last_modified=day),
+        ],
+        classes=[],
+        enrollments=[
+            RosterEnrollment("e-1", "c-1", "t-1", "teacher", date_last_modified=day),
+            RosterEnrollment("e-2", "c-2", "t-2", "teacher", date_last_modified=day),
+            RosterEnrollment("e-3", "c-1", "s-1", "student", date_last_modified=day),
+            RosterEnrollment("e-4", "c-2", "s-1", "student", date_last_modified=day),
+        ],
+    )
+    roster.classes = [
+        RosterClass("c-1", "Algebra", date_last_modified=day),
+        RosterClass("c-2", "Geometry", date_last_modified=day),
+    ]
+    settings = make_settings()
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster, delta=True)})
+    await engine.sync("mem", mode="full")
+    await engine.drain()
+    assert set(groups(store)) == {"c-1", "c-2"}
+    roster.enrollments = [
+        replace(e, status="tobedeleted", date_last_modified=later) if e.sourced_id == "e-2" else e
+        for e in roster.enrollments
+    ]
+    report = await engine.sync("mem", mode="delta")
+    await engine.drain()
+    assert report.mode == "delta" and report.counts["users_archived"] == 0
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert set(groups(store)) == {"c-1"}
+
+
+async def test_a_value_too_long_for_its_column_rejects_its_record_alone(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A 300-character email, or a class title over 512, is one bad record: rejected with the
+    column named, the same on both stores (PostgreSQL refused the value, failing the run)."""
+    roster = small_roster()
+    roster.replace_person("s-1", email="x" * 300 + "@example.org")
+    roster.classes = [
+        replace(c, title="T" * 600) if c.sourced_id == "c-2" else c for c in roster.classes
+    ]
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    reasons = {r["sourced_id"]: r["reason"] for r in report.rejected}
+    assert reasons == {
+        "s-1": "email is longer than 256 characters",
+        "c-2": "title is longer than 512 characters",
+    }
+    assert set(groups(store)) == {"c-1"}
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-2", "s-3"}
+
+
+def test_the_row_limits_are_the_store_columns() -> None:
+    """rows.MAX_CHARS (checked while rows are built) says what the staging and mirror columns
+    hold, so a value that fits the check fits the store."""
+    from sqlmodel import SQLModel
+
+    from rostersync.rows import MAX_CHARS
+    from rostersync.sync.staging import STAGING
+
+    for kind, limits in MAX_CHARS.items():
+        for table in (STAGING[kind], SQLModel.metadata.tables[f"roster_{kind}"]):
+            sized = {
+                c.name: c.type.length
+                for c in table.columns
+                if getattr(c.type, "length", None)
+                and c.name not in ("status", "row_hash", "source")
+            }
+            assert sized == limits, (table.name, sized)
+
+
+async def test_a_seat_freed_by_another_source_goes_to_a_teacher_waiting_in_a_delta_source(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A teacher skipped for want of a license seat gets one at the next run of their source
+    once a seat is free, though that run is a delta that touches nobody."""
+    day = datetime(2026, 9, 1, tzinfo=UTC)
+
+    def school(prefix: str, teachers: int) -> MemoryRoster:
+        return MemoryRoster(
+            persons=[
+                RosterPerson(f"{prefix}t{n}", "teacher", "T", str(n), f"{prefix}t{n}@example.org",
+                             date_last_modified=day)
+                for n in range(teachers)
+            ] + [RosterPerson(f"{prefix}s", "student", "S", "S", None, date_last_modified=day)],
+            classes=[RosterClass(f"{prefix}c", "Class", date_last_modified=day)],
+            enrollments=[
+                RosterEnrollment(f"{prefix}e{n}", f"{prefix}c", f"{prefix}t{n}", "teacher",
+                                 date_last_modified=day)
+                for n in range(teachers)
+            ] + [RosterEnrollment(f"{prefix}es", f"{prefix}c", f"{prefix}s", "student",
+                                  date_last_modified=day)],
+        )  # fmt: skip
+
+    settings = make_settings(
+        memory_sources=("mem", "other"),
+        license_limit=2,
+        safety={"min_source_ratio": 0, "max_removal_percent": 100},
+    )
+    mine, theirs = school("m", 2), school("o", 1)
+    engine = SyncEngine(
+        settings,
+        store,
+        connectors={
+            "mem": MemoryConnector(mine, delta=True),
+            "other": MemoryConnector(theirs),
+        },
+    )
+    await engine.sync("other")
+    first = await engine.sync("mem", mode="full")
+    assert first.counts["users_skipped_license"] == 1
+    theirs.enrollments = []
+    await engine.sync("other", mode="full")
+    assert users(store)["ot0@example.org"]["status"] == "archived"
+    report = await engine.sync("mem", mode="delta")
+    assert report.mode == "delta" and report.counts["users_created"] == 1
+    assert any("license seats are free" in w for w in report.warnings)
+    assert {e for e, u in users(store).items() if u["status"] == "active"} == {
+        "mt0@example.org",
+        "mt1@example.org",
+    }

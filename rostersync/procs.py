@@ -1,0 +1,120 @@
+"""Process identity on this machine: is the process that took a lease still the one running?
+
+A pid alone does not say: after a crash the kernel hands the pid to another process sooner or
+later, and a rebooted machine starts counting again. So a process is named by its pid, the
+time it started (``/proc/PID/stat``, in clock ticks since boot), and the scope those numbers
+are valid in: the boot (``/proc/sys/kernel/random/boot_id``) and the pid namespace
+(``/proc/self/ns/pid``). Two containers with one hostname thus never mistake each other's
+pids for their own.
+
+Standard library only: the OneRoster decode workers import this module, and they must not
+load the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: How often a watcher without pidfd support (not Linux) checks that its parent still runs.
+POLL_SECONDS = 1.0
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def pid_scope() -> str | None:
+    """Where this machine's pids mean the same process: boot id and pid namespace (Linux)."""
+    boot = _read("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = str(Path("/proc/self/ns/pid").readlink())
+    except OSError:
+        namespace = None
+    if boot is None and namespace is None:
+        return None
+    return f"{boot or '?'}/{namespace or '?'}"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` from its third field on (the command name may hold spaces and
+    parentheses, so the split is after the last ')')."""
+    text = _read(f"/proc/{pid}/stat")
+    if text is None:
+        return None
+    _, sep, rest = text.rpartition(")")
+    return rest.split() if sep else None
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot; None where /proc cannot say."""
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20:
+        return None
+    try:
+        return int(fields[19])  # field 22, starttime
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessId:
+    pid: int
+    started: int | None  # start_ticks(pid); None where unknown
+    scope: str | None  # pid_scope(); None where unknown
+
+    @classmethod
+    def current(cls) -> ProcessId:
+        pid = os.getpid()
+        return cls(pid, start_ticks(pid), pid_scope())
+
+
+def alive(pid: int, started: int | None = None) -> bool:
+    """True while ``pid`` runs (not a zombie) and, if ``started`` is given, is the process
+    that started then rather than a later one given the same pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists; another user's
+    fields = _stat_fields(pid)
+    if fields is None:
+        # No /proc (not Linux), or it went away between the two looks.
+        return not Path("/proc").is_dir()
+    if fields[0] in ("Z", "X"):  # exited; its parent has not reaped it yet
+        return False
+    return started is None or start_ticks(pid) in (None, started)
+
+
+def exit_with_parent(parent: int, started: int | None) -> None:
+    """Make this process exit as soon as ``parent`` does (a daemon thread watches it).
+
+    For ProcessPoolExecutor's ``initializer``: a worker blocks reading the pool's call queue,
+    whose write end the other workers hold too, so a parent killed with SIGKILL would leave
+    them (and the forkserver and resource tracker they keep alive) running for good.
+    """
+    threading.Thread(
+        target=_watch, args=(parent, started), name="rostersync-parent-watch", daemon=True
+    ).start()
+
+
+def _watch(parent: int, started: int | None) -> None:
+    fd: int | None = None
+    with contextlib.suppress(AttributeError, OSError):  # no pidfd before Linux 5.3
+        fd = os.pidfd_open(parent)
+    # Checked after opening: a pid already reused would have given us the wrong process.
+    if fd is not None and alive(parent, started):
+        select.select([fd], [], [])  # readable once the process has exited
+    else:
+        while alive(parent, started):
+            time.sleep(POLL_SECONDS)
+    os._exit(1)

@@ -1,0 +1,282 @@
+"""Kill real `rostersync sync` processes with SIGKILL at random instants, then sync again.
+
+The test (``test_processes.py``) runs a handful of kills; run many more by hand::
+
+    python -m tests.recovery.killing --kills 30 [--database postgres] [--seed N]
+
+A fake OneRoster server in this process serves a generated district of about 5,000 people and
+26,000 enrollments, enough for the sync to use its decode workers. Each trial starts
+``rostersync sync``, kills it after a random delay (anywhere from start-up to the drain of
+the resync jobs), checks that every process it started (decode workers, forkserver, resource
+tracker) exits too, and goes on with the next trial on the same database. At the end one more
+``sync`` must succeed, and the directory must equal that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy import text
+
+from rostersync.store.db import Store
+from rostersync.sync.staging import STAGING
+from tests.recovery.procs_helpers import descendants, wait_all_gone
+
+REPO = Path(__file__).resolve().parents[2]
+SOURCE = "district"
+#: The district: one collection (enrollments) is over the decode pool's 20,000 records.
+SIZE = {"schools": 4, "teachers": 240, "students": 5000, "classes": 1000}
+PHASE_EVENTS = (
+    ("sync_started", "fetch"),
+    ("fetch_done", "apply"),
+    ("sync_applied", "drain"),
+)
+
+
+@contextlib.contextmanager
+def fake_district(seed: int = 5) -> Iterator[dict[str, Any]]:
+    """The fake server with the district; yields the source's config block."""
+    from tests.benchmarks.bench_oneroster import Scale, aged_roster
+    from tests.fakes.oneroster_server import FakeOneRoster
+
+    roster = aged_roster(Scale(**SIZE), seed)
+    with FakeOneRoster(roster, record_requests=False) as srv:
+        yield srv.source_config(page_size=1000, decode_workers=2)
+
+
+@dataclass
+class Trial:
+    delay: float
+    phase: str  # where the kill found the sync: startup, fetch, apply, drain, or done
+    exit_code: int | None  # None: killed
+    stderr: str
+
+
+class Bench:
+    """One config and database; syncs started, killed and inspected."""
+
+    def __init__(self, workdir: Path, database: str, source: dict[str, Any]) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.database = database
+        self.config = workdir / "rostersync.yaml"
+        config = {
+            "organization": "Springfield Public Schools",
+            "database": database,
+            "roles": ["Teacher"],
+            "sites": ["North High"],
+            "provisioning": {"default_role": "Teacher", "default_site": "North High"},
+            "logging": {"level": "info", "format": "json"},
+            "sources": {SOURCE: source},
+        }
+        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "rostersync", "--config", str(self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env=self._env(),
+            check=False,
+        )
+
+    def sync(self) -> tuple[subprocess.CompletedProcess[str], float]:
+        """One sync to its end; also the seconds from its `sync_started` to its exit."""
+        done = self.cli("sync")
+        ended = datetime.now(UTC)
+        started = next(
+            (e["timestamp"] for e in events(done.stderr) if e.get("event") == "sync_started"),
+            None,
+        )
+        seconds = (ended - datetime.fromisoformat(started)).total_seconds() if started else 0.0
+        return done, seconds
+
+    def kill_after(self, delay: float, *, after: str | None = "sync_started") -> Trial:
+        """Start a sync, SIGKILL it ``delay`` seconds after it logged the event ``after``
+        (None: after the process started, to hit its start-up), and wait until every process
+        it started has exited."""
+        log = self.workdir / f"sync-{uuid.uuid4().hex[:8]}.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "rostersync", "--config", str(self.config), "sync"],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=REPO,
+                env=self._env(),
+            )
+            deadline = time.monotonic() + 120
+            while after and proc.poll() is None and time.monotonic() < deadline:
+                if f'"event": "{after}"' in log.read_text(encoding="utf-8", errors="replace"):
+                    break
+                time.sleep(0.01)
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                below = descendants(proc.pid)
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                wait_all_gone(below, 30, "the killed sync's child processes to exit")
+                code = None
+            else:
+                code = proc.returncode
+        stderr = log.read_text(encoding="utf-8", errors="replace")
+        return Trial(delay, "done" if code is not None else phase_of(stderr), code, stderr)
+
+    def directory(self) -> tuple[Any, Any]:
+        """Users and groups as `users list --json` and `groups list --json` show them."""
+        users = self.cli("users", "list", "--json")
+        groups = self.cli("groups", "list", "--json")
+        assert users.returncode == 0 and groups.returncode == 0, users.stderr + groups.stderr
+        return canonical(json.loads(users.stdout)), canonical(json.loads(groups.stdout))
+
+    def leftovers(self) -> dict[str, int]:
+        """What a finished, uninterrupted state must not hold."""
+        store = Store(self.database)
+        try:
+            with store.read() as conn:
+
+                def count(sql: str) -> int:
+                    return int(conn.execute(text(sql)).scalar_one())
+
+                return {
+                    "running runs": count("SELECT count(*) FROM sync_run WHERE status = 'running'"),
+                    "staged rows": sum(
+                        count(f"SELECT count(*) FROM {t.name}") for t in STAGING.values()
+                    ),
+                    "unfinished jobs": count(
+                        "SELECT count(*) FROM resync_job WHERE state <> 'succeeded'"
+                    ),
+                    "source leases": count("SELECT count(*) FROM source_lease"),
+                    "registered processes": count("SELECT count(*) FROM instance"),
+                }
+        finally:
+            store.dispose()
+
+
+def events(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log lines among a command's stderr (progress lines are plain text)."""
+    out = []
+    for line in stderr.splitlines():
+        with contextlib.suppress(ValueError):
+            value = json.loads(line)
+            if isinstance(value, dict):
+                out.append(value)
+    return out
+
+
+def phase_of(stderr: str) -> str:
+    phase = "startup"
+    for event in events(stderr):
+        for name, after in PHASE_EVENTS:
+            if event.get("event") == name:
+                phase = after
+    return phase
+
+
+def canonical(value: Any) -> Any:
+    """Lists sorted (as JSON text), so that equal directories compare equal on any backend."""
+    if isinstance(value, dict):
+        return {k: canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return sorted((canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    return value
+
+
+def run_trials(
+    bench: Bench, reference: tuple[Any, Any], seconds: float, kills: int, seed: int
+) -> Counter[str]:
+    """``kills`` trials, then a final sync; fails on anything left wrong. Half the kills fall
+    anywhere in an uninterrupted sync's ``seconds`` from its start; the others are aimed at
+    the short phases: the command's start-up, the apply (after the fetch ended) and the
+    drain (after the apply committed). Returns how many kills found each phase."""
+    rng = random.Random(seed)
+    phases: Counter[str] = Counter()
+    aims: list[tuple[str | None, float]] = [
+        (None, 2.0),  # start-up: recovery, taking the lease
+        ("fetch_done", 0.4),
+        ("sync_applied", 1.0),
+    ]
+    for n in range(kills):
+        if rng.random() < 0.5:
+            after, within = aims[rng.randrange(len(aims))]
+            trial = bench.kill_after(rng.uniform(0.0, within), after=after)
+        else:
+            trial = bench.kill_after(rng.uniform(0.0, seconds * 1.2))
+        phases[trial.phase] += 1
+        assert "is being synced by" not in trial.stderr, f"trial {n} (seed {seed}):\n{trial.stderr}"
+        assert trial.exit_code in (None, 0), f"trial {n} (seed {seed}):\n{trial.stderr[-3000:]}"
+    final, _ = bench.sync()
+    assert final.returncode == 0, f"seed {seed}:\n{final.stdout}\n{final.stderr[-3000:]}"
+    assert bench.leftovers() == dict.fromkeys(bench.leftovers(), 0)
+    assert bench.directory() == reference, f"seed {seed}: the directory differs"
+    return phases
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=30)
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 30)
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        source = stack.enter_context(fake_district())
+        ref = Bench(workdir / "reference", f"sqlite:///{workdir / 'reference' / 'rs.db'}", source)
+        done, seconds = ref.sync()
+        assert done.returncode == 0, done.stderr[-3000:]
+        reference = ref.directory()
+        if args.database == "postgres":
+            database = stack.enter_context(_postgres_schema())
+        else:
+            database = f"sqlite:///{workdir / 'killed' / 'rs.db'}"
+        bench = Bench(workdir / "killed", database, source)
+        print(f"uninterrupted sync: {seconds:.1f}s; seed {seed}", flush=True)
+        phases = run_trials(bench, reference, seconds, args.kills, seed)
+    print(f"{args.kills} kills on {args.database}, all recovered: {dict(phases)}")
+    return 0
+
+
+@contextlib.contextmanager
+def _postgres_schema() -> Iterator[str]:
+    import psycopg
+
+    from tests.conftest import PG_BASE
+
+    schema = f"rs_{uuid.uuid4().hex[:12]}"
+    dsn = PG_BASE.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Real processes killed or stopped mid-run: the next sync succeeds and the directory is the
+one an uninterrupted run gives; a daemon whose stop cut a sync off leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from rostersync.sampledata import DistrictSpec, generate_district
+from rostersync.store.db import Store
+from tests.daemon.conftest import (
+    DaemonProcess,
+    NotifySocket,
+    base_config,
+    sqlite_url,
+    wait_until,
+    write_config,
+)
+from tests.fakes.oneroster_server import FakeOneRoster, Faults
+from tests.recovery.conftest import run_row, staged_rows
+from tests.recovery.killing import Bench, fake_district, run_trials
+
+pytestmark = pytest.mark.slow
+
+#: Kills per backend in CI; `python -m tests.recovery.killing --kills N` runs many more.
+KILLS = int(os.environ.get("ROSTERSYNC_TEST_KILLS", "3"))
+
+
+@pytest.fixture(scope="module")
+def district() -> Iterator[dict[str, Any]]:
+    with fake_district() as source:
+        yield source
+
+
+@pytest.fixture(scope="module")
+def reference(
+    district: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[tuple[Any, Any], float]:
+    """The directory after one uninterrupted sync, and how long that sync took."""
+    workdir = tmp_path_factory.mktemp("reference")
+    bench = Bench(workdir, f"sqlite:///{workdir / 'rs.db'}", district)
+    done, seconds = bench.sync()
+    assert done.returncode == 0, done.stderr[-3000:]
+    return bench.directory(), seconds
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_syncs_killed_at_random_instants_then_a_sync_gives_the_uninterrupted_directory(
+    backend: str,
+    district: dict[str, Any],
+    reference: tuple[tuple[Any, Any], float],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGKILL during start-up, fetch, apply or drain: no later sync is refused as busy, the
+    killed sync's decode processes exit, and the final sync leaves no running run, staged row,
+    unfinished job or lease, and the directory of an uninterrupted run."""
+    database = request.getfixturevalue("pg_url") if backend == "postgres" else sqlite_url(tmp_path)
+    directory, seconds = reference
+    seed = random.randrange(1 << 30)
+    print(f"seed {seed} (`python -m tests.recovery.killing --kills {KILLS} --seed {seed}`)")
+    phases = run_trials(Bench(tmp_path, database, district), directory, seconds, KILLS, seed)
+    print(f"{KILLS} kills on {backend}: {dict(phases)}")
+
+
+def test_a_daemon_stopped_mid_sync_fails_the_run_and_clears_its_staging(
+    tmp_path: Path,
+    notify_socket: NotifySocket,
+    daemons: Callable[..., DaemonProcess],
+) -> None:
+    """SIGTERM with a sync still fetching past --stop-timeout: the run is failed ("interrupted:
+    the daemon stopped"), its staged rows are gone, and no lease or registration is left."""
+    roster = generate_district(DistrictSpec(seed=3, teachers=20, students=400, classes=40))
+    with FakeOneRoster(roster, faults=Faults(delay=0.2), record_requests=False) as srv:
+        url = sqlite_url(tmp_path)
+        cfg = base_config(url)
+        cfg["sources"] = {
+            "district": srv.source_config(page_size=20, schedule={"interval": "1h", "jitter": 0})
+        }
+        config = write_config(tmp_path / "rostersync.yaml", cfg)
+        store = Store(url)
+        d = daemons(config, notify_socket, "--stop-timeout", "0.5")
+        notify_socket.wait_for("READY", "1")
+        run_id = wait_until(
+            lambda: _scalar(store, "SELECT max(id) FROM sync_run WHERE status = 'running'"),
+            30,
+            "a running sync",
+        )
+        wait_until(lambda: staged_rows(store, run_id), 30, "rows staged by the sync")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+    assert run_row(store, run_id) == ("failed", "interrupted: the daemon stopped")
+    assert staged_rows(store, run_id) == 0
+    assert _scalar(store, "SELECT count(*) FROM source_lease") == 0
+    assert _scalar(store, "SELECT count(*) FROM instance") == 0
+    assert d.wait_event("drain_cut_short")["unfinished"] >= 1
+    store.dispose()
+
+
+def _scalar(store: Store, sql: str) -> Any:
+    with store.read() as conn:
+        return conn.execute(text(sql)).scalar()
