@@ -427,6 +427,7 @@ def decide(
     changed since: the groups change with the next applied run)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
+    records = [_fitting(r) for r in records]
     fetched = {
         "orgs": sum(isinstance(r, RosterOrg) for r in records),
         "persons": sum(isinstance(r, RosterPerson) for r in records),
@@ -603,6 +604,14 @@ def decide(
         mirror=m1,
         directory=d1,
     )
+
+
+def _fitting(r: RosterRecord) -> RosterRecord:
+    """A person whose email is longer than the store's column (256 characters, as stored:
+    trimmed) is a rejected record, as if the connector had refused it."""
+    if isinstance(r, RosterPerson) and len(_stored_email(r)) > MAX_EMAIL:
+        return Rejected("user", r.sourced_id, f"email is longer than {MAX_EMAIL} characters")
+    return r
 
 
 def _undated(p: RosterPerson) -> RosterPerson:
