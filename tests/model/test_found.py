@@ -264,3 +264,23 @@ async def test_an_overlong_email_rejects_its_teacher_not_the_run(
     report = await sync(make_settings(), store, roster)
     assert report.status == "succeeded_with_errors", report.error
     assert [r["sourced_id"] for r in report.rejected] == ["t1"]
+
+
+async def test_a_group_taken_over_by_a_teacher_provisioned_in_the_run_is_not_removed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """ "Groups removed" counts the source's groups that would have no owner after the run: a
+    class whose teacher leaves while a new teacher, created in the same run, takes it keeps its
+    group, so it is not counted (it was, and a low safety.max_removals held the run)."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, _school())
+    roster = _school()
+    roster.persons.append(RosterPerson("t2", "teacher", "Alan", "Turing", "t2@example.org"))
+    roster.enrollments = [
+        RosterEnrollment("e2", "c1", "s1", "student"),
+        RosterEnrollment("e3", "c1", "t2", "teacher"),
+    ]
+    dry = await sync(settings, store, roster, dry_run=True)
+    assert (dry.counts["users_archived"], dry.counts["users_created"]) == (1, 1)
+    assert dry.counts["groups_removed"] == 0
+    assert dry.status == "succeeded"
