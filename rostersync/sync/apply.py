@@ -894,43 +894,60 @@ def groups_to_remove(
     teacher_roles: Sequence[str],
     archived: Iterable[int] = (),
     only_classes: set[str] | None = None,
+    *,
+    restored: Iterable[int] = (),
+    new_owners: Iterable[str] = (),
 ) -> int:
     """Groups of this source that no eligible, provisioned teacher will own after this run.
 
-    ``only_classes``: a delta run counts just the groups its changes can concern, those of
-    these classes and those of the users it archives; no other group's owners changed.
+    ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
+    the persons it links or creates accounts for, who take over the classes they teach (the
+    count is made before the accounts exist). ``only_classes``: a delta run counts just the
+    groups its changes can concern, those of these classes and those of the users it
+    archives; no other group's owners changed.
     """
-    archived_ids = sorted(set(archived)) or [-1]
     sql = f"""
-        SELECT count(*) FROM groups g WHERE g.source = :src AND NOT EXISTS (
+        SELECT g.external_id FROM groups g WHERE g.source = :src AND NOT EXISTS (
             SELECT 1 FROM roster_enrollment te
             JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
             JOIN user_identity i ON i.source = te.source AND i.external_id = te.user_id
             JOIN "user" u ON u.id = i.user_id
             WHERE te.source = g.source AND te.class_id = g.external_id
-              AND u.status = 'active' AND u.id NOT IN :archived
+              AND (u.status = 'active' OR u.id IN :restored) AND u.id NOT IN :archived
               AND {teaches_populated(conn, teacher_roles)})
     """
     params = {
         "src": source,
         "yes": True,
-        "archived": archived_ids,
+        "archived": sorted(set(archived)) or [-1],
+        "restored": sorted(set(restored)) or [-1],
         **teacher_role_params(teacher_roles),
     }
     if only_classes is None:
-        return int(conn.execute(in_text(sql, "archived"), params).scalar_one())
-    candidates = {
-        gid
-        for gid, ext in conn.execute(
-            text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
+        classes = {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
+    else:
+        candidates = {
+            gid
+            for gid, ext in conn.execute(
+                text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
+            )
+            if ext in only_classes
+        } | ids_in(conn, "SELECT group_id FROM group_owner WHERE user_id IN :ids", set(archived))
+        stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
+        classes = set()
+        for chunk in chunks(sorted(candidates)):
+            classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    owners = set(new_owners)
+    if classes and owners:
+        taken = f"""
+            SELECT te.class_id FROM roster_enrollment te
+            JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+            WHERE te.source = :src AND te.user_id IN :ids AND {teaches_populated(conn, teacher_roles)}
+        """
+        classes -= ids_in(
+            conn, taken, owners, src=source, yes=True, **teacher_role_params(teacher_roles)
         )
-        if ext in only_classes
-    } | ids_in(conn, "SELECT group_id FROM group_owner WHERE user_id IN :ids", set(archived))
-    stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "gids")
-    return sum(
-        int(conn.execute(stmt, {**params, "gids": chunk}).scalar_one())
-        for chunk in chunks(sorted(candidates))
-    )
+    return len(classes)
 
 
 def source_identities(

@@ -809,11 +809,18 @@ class SyncEngine:
             )
         managed_users, managed_groups = sql.managed_counts(conn, source)
         groups_removed = sql.groups_to_remove(
-            conn, source, roles, plan.archive, None if full or redecide else dirty
+            conn,
+            source,
+            roles,
+            plan.archive,
+            None if full or redecide else dirty,
+            restored=plan.restore,
+            new_owners={link.sourced_id for link in plan.link}
+            | {sid for new in plan.create for sid, _ in new.identities},
         )
         counts.update(
             users_created=len(plan.create),
-            users_linked=len(plan.link),
+            users_linked=len({link.user_id for link in plan.link}),  # accounts, not persons
             users_archived=len(plan.archive),
             users_restored=len(plan.restore),
             users_skipped_license=len(plan.skipped_license),

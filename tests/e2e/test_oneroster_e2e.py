@@ -525,11 +525,13 @@ async def test_a_delta_run_decides_for_the_teachers_it_touched_and_a_full_run_ag
     counted: list[tuple[int, int]] = []
     real_count = apply.groups_to_remove
 
-    def count_both(conn: Any, source: str, roles: Any, archived: Any = (), only: Any = None) -> int:
+    def count_both(
+        conn: Any, source: str, roles: Any, archived: Any = (), only: Any = None, **kw: Any
+    ) -> int:
         counted.append(
             (
-                real_count(conn, source, roles, archived, only),
-                real_count(conn, source, roles, archived),
+                real_count(conn, source, roles, archived, only, **kw),
+                real_count(conn, source, roles, archived, **kw),
             )
         )
         return counted[-1][0]

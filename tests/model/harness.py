@@ -8,6 +8,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import Coroutine
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,14 +19,24 @@ from sqlmodel import SQLModel
 
 import rostersync.store.tables  # noqa: F401  (registers every table in SQLModel.metadata)
 from connectors.memory import MemoryConnector
-from rostersync import directory
+from rostersync import directory, recovery
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import SourceConfig
 from rostersync.records import MemoryRoster
-from rostersync.store.db import Store
-from rostersync.sync.engine import Outcome, RunContext, RunReport, SyncEngine, load_report
+from rostersync.rows import sort_batch
+from rostersync.store.db import Store, utcnow
+from rostersync.sync.engine import (
+    Outcome,
+    RunContext,
+    RunReport,
+    SyncEngine,
+    instance_id,
+    load_report,
+)
+from rostersync.sync.staging import STAGING, stage
 from tests.model.oracle import SOURCE, Config
+from tests.recovery.conftest import dead_pid, lease, local_holder, register
 
 T = TypeVar("T")
 
@@ -171,3 +182,58 @@ class Harness:
         if kind == "person":  # SQLite hands the boolean back as 0/1
             out = {k: (*v[:4], bool(v[4]), *v[5:]) for k, v in out.items()}
         return out
+
+    def plant_killed_run(self, records: list[Any], *, job: bool) -> int:
+        """What a `rostersync sync` killed with SIGKILL leaves: its registry row (a pid that
+        no longer exists), the source's lease, its run `running` with some rows staged, and
+        (``job``) a resync job it had leased. Returns the run's id."""
+        holder = local_holder(dead_pid(), started=1)
+        register(self.store, holder)
+        lease(self.store, SOURCE, holder.owner, timedelta(minutes=30))
+        with self.store.write() as conn:
+            run_id = int(
+                conn.execute(
+                    text(
+                        "INSERT INTO sync_run (source, mode, requested_mode, trigger, status, "
+                        "dry_run, started_at, counts, fetched, warnings) VALUES (:s, 'full', "
+                        "'full', 'cli', 'running', :no, :n, '{}', '{}', '[]') RETURNING id"
+                    ),
+                    {"s": SOURCE, "n": utcnow(), "no": False},
+                ).scalar_one()
+            )
+            stage(conn, run_id, sort_batch(records))
+            user = conn.execute(text('SELECT min(id) FROM "user"')).scalar()
+            if job and user is not None:
+                conn.execute(
+                    text(
+                        "INSERT INTO resync_job (user_id, state, live, attempts, reason, "
+                        "run_after, created_at, result, lease_owner, lease_expires) VALUES "
+                        "(:u, 'running', :no, 1, 'killed', :n, :n, '{}', :o, :e)"
+                    ),
+                    {"u": user, "no": False, "n": utcnow(), "o": holder.owner,
+                     "e": utcnow() + timedelta(minutes=5)},
+                )  # fmt: skip
+        return run_id
+
+    def recover(self) -> None:
+        """What every command does first (``App.prepare``): recover dead processes' leftovers."""
+        recovery.recover(self.store, instance_id())
+
+    def staged(self, run_id: int) -> int:
+        with self.store.read() as conn:
+            return sum(
+                int(
+                    conn.execute(
+                        text(f"SELECT count(*) FROM {t.name} WHERE run_id = :r"), {"r": run_id}
+                    ).scalar_one()
+                )
+                for t in STAGING.values()
+            )
+
+    def leased_jobs(self) -> int:
+        with self.store.read() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM resync_job WHERE state = 'running'")
+                ).scalar_one()
+            )

@@ -511,6 +511,29 @@ class RosterModel(RuleBasedStateMachine):
         """A statement of the apply fails (if the apply runs that many)."""
         self._sync(mode, dry=dry, statement=statement)
 
+    @rule(mode=modes, staged=st.integers(0, 12), job=st.booleans(), command=st.booleans())
+    @on("killed_run")
+    def killed_run(self, mode: str, staged: int, job: bool, command: bool) -> None:
+        """A sync process was killed (kill -9) before its apply committed: its lease, its
+        `running` run with some rows staged and a resync job it had leased are left by a pid
+        that no longer exists. The next sync takes the lease over at once (``command``: first
+        the recovery every command runs, as `rostersync sync` does), fails that run as
+        interrupted and clears its staging; nothing it fetched is applied, and the recovery
+        puts the job back in the queue."""
+        self._step("killed_run")
+        records = self.feed.records()
+        run_id = self.h.plant_killed_run(records[: min(staged, len(records))], job=job)
+        self.oracle.record(Run(run_id, SOURCE, "full", False, "failed"))
+        if command:
+            self.h.recover()
+        self._sync(mode)
+        killed = self.h.report(run_id)
+        assert killed.status == "failed", f"killed run {run_id} is {killed.status}"
+        assert (killed.error or "").startswith("interrupted"), killed.error
+        assert self.h.staged(run_id) == 0, f"killed run {run_id} kept its staged rows"
+        if command:
+            assert self.h.leased_jobs() == 0, "a job leased by the killed process still runs"
+
     @rule(
         which=st.sampled_from(("latest held", "latest dry", "any")),
         i=index,

@@ -284,3 +284,19 @@ async def test_a_group_taken_over_by_a_teacher_provisioned_in_the_run_is_not_rem
     assert (dry.counts["users_archived"], dry.counts["users_created"]) == (1, 1)
     assert dry.counts["groups_removed"] == 0
     assert dry.status == "succeeded"
+
+
+async def test_two_persons_linked_to_one_account_are_one_user_linked(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """`users_linked` counts accounts, as `users_created` and `users_restored` do: two persons
+    of one email linked to the account an import created are one user linked (it said 2)."""
+    settings = make_settings(provisioning={"auto_create_users": False})
+    roster = _school()
+    roster.persons.append(RosterPerson("t2", "teacher", "Ada", "Lovelace", "T1@example.org"))
+    roster.enrollments.append(RosterEnrollment("e3", "c1", "t2", "teacher"))
+    sheet = parse_bytes(b"Email,Display Name\nt1@example.org,Ada\n", "t.csv", max_rows=10)
+    assert [str(r.status) for r in run_import(store, settings, sheet).rows] == ["Success"]
+    report = await sync(settings, store, roster)
+    assert report.counts["users_linked"] == 1
+    assert users(store)["t1@example.org"]["sources"] == ["mem"]
