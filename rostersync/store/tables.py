@@ -8,7 +8,7 @@ Three families:
 * mirror: ``roster_*`` keyed by ``(source, sourced_id)``, each with a ``row_hash`` of its content
   so a run finds what changed with one join; ``staging_*`` twins keyed by ``(run_id, sourced_id)``
   (on SQLite the key is an index the apply builds: see ``sync.staging``).
-* operations: ``sync_run`` (+ ``run_rejection``), ``resync_job``, ``import_run``/``import_row``,
+* operations: ``sync_run`` (+ ``run_rejection``, ``run_change``), ``resync_job``, ``import_run``/``import_row``,
   ``outbox_email``, ``source_state``, ``source_lease``, ``instance``.
 """
 
@@ -219,7 +219,7 @@ class SyncRun(SQLModel, table=True):
     source: str = Field(max_length=64)
     mode: str = Field(max_length=10)  # what ran: full | delta
     requested_mode: str = Field(default="full", max_length=10)
-    trigger: str = Field(default="cli", max_length=20)  # cli | schedule | approve
+    trigger: str = Field(default="cli", max_length=20)  # cli | schedule | startup | approval
     status: str = Field(default="running", max_length=24)
     dry_run: bool = False
     started_at: datetime | None = _ts()
@@ -231,6 +231,24 @@ class SyncRun(SQLModel, table=True):
     warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     high_water_mark: datetime | None = _ts()
     approved_at: datetime | None = _ts()
+
+
+class RunChange(SQLModel, table=True):
+    """The exact change set of a held run, or of a dry run asked for it (``--changes``):
+    what applying it would do to users and groups. Kept until a later real run of the
+    source succeeds (an approval included), after which it no longer describes anything."""
+
+    __tablename__ = "run_change"
+    run_id: int = Field(foreign_key="sync_run.id", primary_key=True, ondelete="CASCADE")
+    users: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    groups: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False)
+    )
+    notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    #: whether each group's added and removed owners and members are listed (not just counted)
+    members_listed: bool = True
 
 
 class RunRejection(SQLModel, table=True):

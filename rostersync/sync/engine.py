@@ -50,14 +50,16 @@ from rostersync.groups import rebuild_groups, update_members
 from rostersync.logs import scrub
 from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import Rejected, TeacherRef, TeacherRoster
-from rostersync.store.db import Store, as_utc, lock_directory, utcnow
+from rostersync.store.db import Store, as_utc, in_text, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import apply as sql
+from rostersync.sync import changes as changeset
 from rostersync.sync.live import apply_teacher_roster
 from rostersync.sync.plan import (
     EMAIL_REJECTIONS,
     ProvisionPlan,
     check_safety,
+    chunks,
     plan_provisioning,
 )
 from rostersync.sync.staging import (
@@ -159,6 +161,8 @@ class RunContext:
     dry_run: bool = False
     #: an admin approved this held run: the safety checks that held it are not asked again
     approved: bool = False
+    #: a dry run records its change set (a held run always does)
+    changes: bool = False
 
     @property
     def full(self) -> bool:
@@ -175,6 +179,8 @@ class Outcome:
     rejected: list[Rejected] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     hold_reasons: tuple[str, ...] = ()
+    #: a held or dry run's change set (what applying it does), stored after the rollback
+    changes: changeset.ChangeSet | None = None
 
 
 class _RollBack(Exception):
@@ -452,8 +458,10 @@ class SyncEngine:
         mode: str | None = None,
         dry_run: bool = False,
         trigger: str = "cli",
+        changes: bool = False,
     ) -> RunReport:
-        """Sync one source now. Never raises for source or data problems: the report says."""
+        """Sync one source now. Never raises for source or data problems: the report says.
+        ``changes``: a dry run records its change set too (a held run always does)."""
         if source not in self.settings.sources:
             raise RostersyncError(f"no source named {source!r} in the config")
         fetch_mode, since, warnings = self._choose_mode(source, mode)
@@ -461,7 +469,7 @@ class SyncEngine:
         error = None
         try:
             return await self._sync_leased(
-                source, fetch_mode, since, warnings, dry_run, trigger, mode
+                source, fetch_mode, since, warnings, dry_run, trigger, mode, changes
             )
         except Exception as exc:
             # Source and data problems end in the run's report; what escapes is a bug or a
@@ -483,6 +491,7 @@ class SyncEngine:
         dry_run: bool,
         trigger: str,
         requested: str | None,
+        changes: bool = False,
     ) -> RunReport:
         with self.store.write() as conn:
             sql.sync_catalog(conn, self.settings)
@@ -533,7 +542,16 @@ class SyncEngine:
             warnings.extend(notes)
             await asyncio.to_thread(self._set_warnings, run_id, warnings)
         try:
-            ctx = RunContext(source, run_id, fetch_mode, fetched, newest, log, dry_run=dry_run)
+            ctx = RunContext(
+                source,
+                run_id,
+                fetch_mode,
+                fetched,
+                newest,
+                log,
+                dry_run=dry_run,
+                changes=changes and dry_run,
+            )
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
@@ -697,6 +715,8 @@ class SyncEngine:
             if ctx.dry_run:
                 clear_staging(conn, ctx.run_id)
             _record_outcome(conn, ctx.run_id, outcome)
+            if outcome.changes is not None:
+                changeset.save(conn, outcome.changes)
             conn.execute(
                 update(SyncRun)
                 .where(col(SyncRun.id) == ctx.run_id)
@@ -842,7 +862,14 @@ class SyncEngine:
             if verdict.hold:
                 counts["groups_removed"] = groups_removed
                 outcome.hold_reasons = verdict.reasons
-                raise _RollBack(outcome)
+        held = bool(outcome.hold_reasons)
+        # A held run always records its change set (the admin who approves it reads it); a
+        # dry run only when asked (--changes): it costs the resync work of the run.
+        preview = held or ctx.dry_run
+        record = held or (ctx.dry_run and ctx.changes)
+        before = changeset.snapshot(conn, source) if record else None
+        if preview and before is None:
+            raise _RollBack(outcome)
 
         created = sql.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
@@ -853,14 +880,21 @@ class SyncEngine:
         if settings_changed:
             # Group ownership follows the same rules (teacher_roles), for every linked user.
             resync_users |= sql.source_users(conn, source)
-        counts["resync_queued"] = len(resync_users)
-        if ctx.dry_run:
+        if not held:
+            counts["resync_queued"] = len(resync_users)
+        if preview and before is None:
             counts["groups_removed"] = groups_removed
             raise _RollBack(outcome)
-        sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
-        counts["groups_updated"] += update_members(
+        if not preview:
+            sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+        members_updated = update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
+        if before is not None:
+            counts["groups_removed"] = groups_removed
+            outcome.changes = self._preview_changes(conn, ctx, before, plan, resync_users)
+            raise _RollBack(outcome)
+        counts["groups_updated"] += members_updated
         # Who waits for a seat is known exactly when everyone was decided; a delta run that
         # decided for some only adds its own.
         waiting = bool(plan.skipped_license) or (
@@ -868,6 +902,45 @@ class SyncEngine:
         )
         self._record_success(conn, ctx, outcome, state, decided_with, waiting)
         return outcome
+
+    def _preview_changes(
+        self,
+        conn: Connection,
+        ctx: RunContext,
+        before: changeset.Snapshot,
+        plan: ProvisionPlan,
+        resync_users: set[int],
+    ) -> changeset.ChangeSet:
+        """A held or dry run, applied but not committed: do what the resync workers would do
+        for its users after it (from the mirror, as their jobs would: a user's queued manual
+        or live job re-reads every member), then diff the directory with the snapshot."""
+        queued: list[tuple[int, int | None, bool]] = []
+        for chunk in chunks(sorted(resync_users)):
+            queued += [
+                (int(uid), rid, bool(live))
+                for uid, rid, live in conn.execute(
+                    in_text(
+                        "SELECT user_id, run_id, live FROM resync_job "
+                        "WHERE state = 'queued' AND user_id IN :ids",
+                        "ids",
+                    ),
+                    {"ids": chunk},
+                )
+            ]
+        rebuild_groups(
+            conn,
+            resync_users,
+            teacher_roles=self.settings.provisioning.teacher_roles,
+            refresh_all=[uid for uid, rid, live in queued if rid is None or live],
+        )
+        notes = []
+        live_users = sum(1 for _, _, live in queued if live)
+        if live_users:
+            notes.append(
+                f"{live_users} of the users have a live resync queued: their groups are shown "
+                "as the mirror has them, and the resync re-reads their classes from the source"
+            )
+        return changeset.collect(conn, ctx.source, ctx.run_id, before, plan, notes=notes)
 
     def _record_success(
         self,
@@ -924,6 +997,7 @@ class SyncEngine:
         ]
         for rid in (run_id, *older):
             clear_staging(conn, rid)
+        changeset.forget(conn, source, run_id)
 
     # -- approval -----------------------------------------------------------------------------
 
@@ -950,7 +1024,7 @@ class SyncEngine:
                 conn.execute(
                     update(SyncRun)
                     .where(col(SyncRun.id) == run_id)
-                    .values(status="running", approved_at=utcnow())
+                    .values(status="running", approved_at=utcnow(), trigger="approval")
                 )
             ctx = RunContext(
                 report.source,
@@ -970,7 +1044,7 @@ class SyncEngine:
                     conn.execute(
                         update(SyncRun)
                         .where(col(SyncRun.id) == run_id)
-                        .values(status="held", approved_at=None)
+                        .values(status="held", approved_at=None, trigger=report.trigger)
                     )
                 log.error("held_run_approval_failed", error=scrub(str(exc)))
                 raise

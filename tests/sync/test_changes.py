@@ -1,0 +1,225 @@
+"""The exact change set of held and dry runs (issue 19, item 1): what `runs approve` and the
+resync drain then do, row by row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.store.db import Store
+from rostersync.sync import changes as changeset
+from rostersync.sync.engine import SyncEngine, load_report
+from tests.changediff import difference, picture, plain
+from tests.rosterdata import small_roster
+from tests.sync.helpers import sync
+
+
+def _stored(store: Store, run_id: int) -> changeset.ChangeSet | None:
+    with store.read() as conn:
+        return changeset.load(conn, run_id)
+
+
+def _shaken(roster: MemoryRoster) -> MemoryRoster:
+    """Alan leaves, Computing loses its students, Algebra is renamed and changes students, a
+    new teacher arrives with a new class, and Grace's empty class gets a student."""
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-s1c1"]
+    roster.enrollments.append(RosterEnrollment("e-s5c1", "c-1", "s-5", "student"))
+    roster.classes = [
+        RosterClass("c-1", "Algebra II", class_code="ALG1", school_id="sch-1")
+        if c.sourced_id == "c-1"
+        else c
+        for c in roster.classes
+    ]
+    roster.persons.append(
+        RosterPerson(
+            "t-9", "teacher", "Kat", "Johnson", "kat@example.org", "kat", org_ids=("sch-1",)
+        )
+    )
+    roster.classes.append(RosterClass("c-9", "Orbits", school_id="sch-1"))
+    roster.enrollments += [
+        RosterEnrollment("e-t9c9", "c-9", "t-9", "teacher"),
+        RosterEnrollment("e-s2c9", "c-9", "s-2", "student"),
+        RosterEnrollment("e-s4c9", "c-9", "s-4", "student"),
+        RosterEnrollment("e-s4c3", "c-3", "s-4", "student"),
+    ]
+    return roster
+
+
+async def test_a_held_runs_change_set_is_what_approval_then_does(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Every user and group change of a held run, with owners and members, equals the
+    difference approval plus the resync drain make in the directory, row by row."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = _shaken(small_roster())
+    held = await sync(settings, store, roster)
+    assert held.status == "held"
+    stored = _stored(store, held.id)
+    assert stored is not None
+    doc = stored.as_json(members=True)
+    before = picture(store, "mem")
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.approve(held.id)
+    await engine.drain()
+    after = picture(store, "mem")
+    assert plain(doc) == difference(before, after, "mem")
+    actions = {(u["action"], u["email"]) for u in doc["users"]}
+    assert actions == {
+        ("archive", "alan.turing@example.org"),
+        ("create", "kat@example.org"),
+        ("create", "grace@example.org"),  # her class has a student now
+    }
+    by_class = {g["class_sourced_id"]: g for g in doc["groups"]}
+    assert by_class["c-2"]["action"] == "remove"
+    assert by_class["c-2"]["members_removed"] == 3
+    assert by_class["c-1"]["action"] == "rename"
+    assert by_class["c-1"]["old_name"] == "Algebra I"
+    assert (by_class["c-1"]["members_added"], by_class["c-1"]["members_removed"]) == (1, 1)
+    assert by_class["c-3"]["action"] == "create"
+    assert by_class["c-9"]["owners"]["added"] == ["kat@example.org"]
+    archived = next(u for u in doc["users"] if u["action"] == "archive")
+    assert archived["sourced_id"] == "t-2"
+    assert archived["display_name"] == "Alan Turing"
+    # Approved: the change set describes nothing any more.
+    assert _stored(store, held.id) is None
+
+
+async def test_a_dry_runs_change_set_is_what_the_same_real_run_does(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """`sync --dry-run --changes` lists what the same sync, run for real, then does."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = _shaken(small_roster())
+    dry = await sync(settings, store, roster, dry_run=True, changes=True)
+    assert dry.status == "succeeded"
+    stored = _stored(store, dry.id)
+    assert stored is not None
+    before = picture(store, "mem")
+    real = await sync(settings, store, roster)
+    assert real.status == "succeeded"
+    assert plain(stored.as_json(members=True)) == difference(before, picture(store, "mem"), "mem")
+    assert _stored(store, dry.id) is None  # a later real run succeeded: it is gone
+
+
+async def test_a_first_sync_dry_run_lists_every_creation(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """On an empty directory the change set is the whole first sync."""
+    settings = make_settings()
+    dry = await sync(settings, store, small_roster(), dry_run=True, changes=True)
+    stored = _stored(store, dry.id)
+    assert stored is not None
+    before = picture(store, "mem")
+    await sync(settings, store, small_roster())
+    assert plain(stored.as_json(members=True)) == difference(before, picture(store, "mem"), "mem")
+    assert stored.summary()["users"]["create"] == 2  # Grace's class is empty
+    assert stored.summary()["groups"]["create"] == 2
+
+
+async def test_a_dry_run_without_changes_records_none_and_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A plain dry run stays as cheap as before: no change set is computed or stored."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = picture(store, "mem")
+    dry = await sync(settings, store, _shaken(small_roster()), dry_run=True)
+    assert _stored(store, dry.id) is None
+    assert picture(store, "mem") == before
+
+
+async def test_computing_a_change_set_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The held run's preview (provisioning, resync, member diff) is all rolled back, and
+    leaves no job queued."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before = picture(store, "mem")
+    held = await sync(settings, store, _shaken(small_roster()), drain=False)
+    assert held.status == "held"
+    assert picture(store, "mem") == before
+    with store.read() as conn:
+        queued = conn.execute(
+            text("SELECT count(*) FROM resync_job WHERE state = 'queued'")
+        ).scalar_one()
+    assert queued == 0
+
+
+async def test_a_held_run_keeps_its_change_set_until_a_later_run_overtakes_it(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Overtaken (a later real run succeeded), a held run's change set is dropped; a later
+    dry run does not overtake it."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    held = await sync(settings, store, _shaken(small_roster()))
+    await sync(settings, store, small_roster(), dry_run=True, changes=True)
+    assert _stored(store, held.id) is not None
+    await sync(settings, store, small_roster())
+    assert _stored(store, held.id) is None
+
+
+async def test_a_live_resync_queued_for_a_user_is_named_in_the_change_set(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A user whose live resync waits in the queue: the change set says its groups come from
+    the mirror, not from the source's live read."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        uid = conn.execute(
+            text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO resync_job (user_id, state, live, attempts, reason, result) "
+                "VALUES (:u, 'queued', :yes, 0, 'x', '{}')"
+            ),
+            {"u": uid, "yes": True},
+        )
+    held = await sync(settings, store, _shaken(small_roster()), drain=False)
+    stored = _stored(store, held.id)
+    assert stored is not None
+    assert any("live resync" in n for n in stored.notes)
+
+
+async def test_members_beyond_the_detail_limit_are_counted_not_listed(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge change set keeps its per-group counts but not every member's email."""
+    monkeypatch.setattr(changeset, "MEMBER_DETAIL_MAX", 2)
+    settings = make_settings()
+    dry = await sync(settings, store, small_roster(), dry_run=True, changes=True)
+    stored = _stored(store, dry.id)
+    assert stored is not None
+    assert not stored.members_listed
+    assert all(g["members"] is None for g in stored.groups)
+    assert sum(g["members_added"] for g in stored.groups) == 6
+    assert any("not listed" in n for n in stored.notes)
+
+
+async def test_the_held_report_is_the_same_as_before(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Recording the change set leaves the held run's counts as the safety check made them."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    held = await sync(settings, store, _shaken(small_roster()))
+    with store.read() as conn:
+        report = load_report(conn, held.id)
+    assert report.counts["users_archived"] == 1
+    assert report.counts["users_created"] == 2
+    assert report.counts["resync_queued"] == 0
+    assert report.counts["groups_removed"] == 1
