@@ -7,6 +7,7 @@ config. With ``--json`` the only thing on stdout is one JSON document; logs go t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ import structlog
 from sqlalchemy import Connection
 
 from rostersync import __version__, directory, recovery
+from rostersync.commands.runs import change_set_lines, duration_text, rejections_line, write_csv
 from rostersync.config.loader import config_path, json_schema_text, load_settings
 from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
@@ -33,7 +35,9 @@ from rostersync.logs import configure as configure_logging
 from rostersync.logs import register_secrets_in, scrub
 from rostersync.progress import SyncProgress
 from rostersync.store.db import Store, sqlite_file
+from rostersync.sync import changes as changeset
 from rostersync.sync.apply import queue_resync, sync_catalog
+from rostersync.sync.changes import ChangeSet
 from rostersync.sync.engine import (
     COUNT_KEYS,
     RunReport,
@@ -44,6 +48,14 @@ from rostersync.sync.engine import (
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: What started a run (``sync_run.trigger``), as the reports say it.
+TRIGGERS = {
+    "cli": "the command line",
+    "schedule": "the schedule",
+    "startup": "the daemon's start (the source was due)",
+    "approval": "an approval (`runs approve`)",
+}
 
 
 class App:
@@ -165,7 +177,14 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 
 def _print_report(r: RunReport) -> None:
     flag = " (dry run)" if r.dry_run else ""
-    click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.status}")
+    click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")
+    when = r.started_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.started_at else "?"
+    took = "" if r.duration is None else f", took {duration_text(r.duration)}"
+    if r.approved_at is not None and r.trigger == "approval":
+        approved = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        click.echo(f"  started {when}; applied by an approval at {approved}{took}")
+    else:
+        click.echo(f"  started {when} by {TRIGGERS.get(r.trigger, r.trigger)}{took}")
     if r.error:
         click.echo(f"  error: {r.error}")
     if r.hold_reason and r.dry_run:
@@ -174,20 +193,34 @@ def _print_report(r: RunReport) -> None:
     elif r.hold_reason and r.status != "held":
         when = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.approved_at else "?"
         click.echo(f"  approved {when}; it had been held: {r.hold_reason}")
+    elif r.superseded_by is not None:
+        click.echo(f"  held: {r.hold_reason}")
+        click.echo(
+            f"  superseded: run {r.superseded_by} of {r.source} has succeeded since, so this "
+            "run can no longer be approved"
+        )
     elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
-            f"  review with `rostersync runs show {r.id}`, apply with `rostersync runs approve {r.id}`"
+            f"  review with `rostersync runs show {r.id} --changes`, "
+            f"apply with `rostersync runs approve {r.id}`"
         )
     for w in r.warnings:
         click.echo(f"  warning: {w}")
-    figures = ", ".join(f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS)
+    # Rejections get a line of their own, split by who rejected: the connector's figure
+    # beside the fetch counts read as a contradiction of the total.
+    figures = ", ".join(
+        f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS if k != "records_rejected"
+    )
     click.echo(f"  {figures}")
     extra = {k: v for k, v in r.counts.items() if k not in COUNT_KEYS and v}
     if extra:
         click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in extra.items()))
-    if r.fetched:
-        click.echo("  fetched: " + ", ".join(f"{k} {v}" for k, v in r.fetched.items()))
+    fetched = {k: v for k, v in r.fetched.items() if k != "rejected"}
+    if fetched:
+        click.echo("  fetched: " + ", ".join(f"{k} {v}" for k, v in fetched.items()))
+    if r.status != "failed" or r.counts.get("records_rejected"):
+        click.echo("  " + rejections_line(r.counts, r.rejected))
     for rej in r.rejected[:20]:
         where = f" ({rej['location']})" if rej.get("location") else ""
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
@@ -203,6 +236,7 @@ async def _sync_and_drain(
     *,
     show_progress: bool = True,
     owner: str | None = None,
+    changes: bool = False,
 ) -> list[RunReport]:
     progress = SyncProgress(sys.stderr) if show_progress else None
     if progress is not None and progress.tty:
@@ -216,7 +250,7 @@ async def _sync_and_drain(
         reports = []
         for name in sources:
             try:
-                report = await engine.sync(name, mode=mode, dry_run=dry_run)
+                report = await engine.sync(name, mode=mode, dry_run=dry_run, changes=changes)
             except SourceBusy as exc:
                 fail(str(exc))
             reports.append(report)
@@ -233,6 +267,14 @@ async def _sync_and_drain(
                 settings = app.settings
                 configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports
+
+
+def _write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> None:
+    try:
+        rows = write_csv(path, found, members=members)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+    click.echo(f"wrote {rows} change(s) to {path}", err=True)
 
 
 async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
@@ -261,12 +303,42 @@ async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgr
     "--delta", "mode", flag_value="delta", help="read only what changed since the last run"
 )
 @click.option("--dry-run", is_flag=True, help="report what would change; change nothing")
+@click.option(
+    "--changes",
+    is_flag=True,
+    help="with --dry-run: list every user and group the run would change",
+)
+@click.option(
+    "--members", is_flag=True, help="with --changes: list owners and members added and removed"
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="with --changes: also write the change set to this CSV file",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def sync(
-    app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as_json: bool
+    app: App,
+    sources: tuple[str, ...],
+    mode: str | None,
+    dry_run: bool,
+    changes: bool,
+    members: bool,
+    csv_path: Path | None,
+    as_json: bool,
 ) -> None:
     """Sync now in the foreground, then process the resync jobs it queued."""
+    if changes and not dry_run:
+        fail(
+            "--changes needs --dry-run (a held run's change set: `rostersync runs show ID "
+            "--changes`)",
+            EXIT_USAGE,
+        )
+    if (members or csv_path) and not changes:
+        fail("--members and --csv need --changes", EXIT_USAGE)
     settings = app.settings
     unknown = [s for s in sources if s not in settings.sources]
     if unknown:
@@ -277,12 +349,32 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run))
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run, changes=changes))
+    found: dict[int, ChangeSet] = {}
+    if changes:
+        with app.store.read() as conn:
+            for r in reports:
+                cs = changeset.load(conn, r.id)
+                if cs is not None:
+                    found[r.id] = cs
+        if csv_path is not None:
+            _write_change_csv(csv_path, list(found.values()), members=members)
     if as_json:
-        emit_json({"runs": [r.as_json() for r in reports]})
+        docs = []
+        for r in reports:
+            doc = r.as_json()
+            if changes:
+                cs = found.get(r.id)
+                doc["changes"] = cs.as_json(members=members) if cs is not None else None
+            docs.append(doc)
+        emit_json({"runs": docs})
     else:
         for r in reports:
             _print_report(r)
+            if r.id in found:
+                click.echo("")
+                for line in change_set_lines(found[r.id], members=members):
+                    click.echo(f"  {line}" if line else "")
     if any(r.status in ("failed", "held") for r in reports):
         sys.exit(EXIT_FAILED)
 
@@ -670,12 +762,12 @@ def runs() -> None:
 
 
 @runs.command("list")
-@click.option("--source", metavar="NAME")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--source", metavar="NAME", help="only this source's runs")
+@click.option("--limit", type=int, default=50, show_default=True, help="at most this many runs")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
-    """List sync runs, newest first."""
+    """List sync runs, newest first (a held run a later run overtook: superseded)."""
     with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
     if as_json:
@@ -689,29 +781,97 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
                     r["source"],
                     r["mode"],
                     r["status"] + (" (dry run)" if r["dry_run"] else ""),
+                    r["trigger"],
                     r["started_at"],
+                    duration_text(r["duration_seconds"]),
                     r["counts"].get("users_created", 0),
                     r["counts"].get("users_archived", 0),
                     r["counts"].get("records_rejected", 0),
                 )
                 for r in rows
             ],
-            ["id", "source", "mode", "status", "started", "created", "archived", "rejected"],
+            [
+                "id",
+                "source",
+                "mode",
+                "status",
+                "trigger",
+                "started",
+                "took",
+                "created",
+                "archived",
+                "rejected",
+            ],
         )
+    )
+
+
+def _no_change_set(report: RunReport) -> str:
+    """Why a run has no change set to show."""
+    rid = report.id
+    if report.status == "failed":
+        return f"run {rid} failed: it changed nothing, and has no change set"
+    if report.status == "running":
+        return f"run {rid} is still running"
+    if report.superseded_by is not None:
+        return (
+            f"run {rid} was overtaken by run {report.superseded_by}: its change set no longer "
+            "describes anything and was dropped"
+        )
+    if report.dry_run:
+        return (
+            f"run {rid} is a dry run without a change set: it is kept only for "
+            "`sync --dry-run --changes`, until a later run of the source succeeds"
+        )
+    if report.approved_at is not None:
+        return f"run {rid} was approved and applied: `runs show {rid}` says what it did"
+    return (
+        f"run {rid} was applied ({report.status}): change sets are kept for held runs and "
+        "for dry runs made with --changes"
     )
 
 
 @runs.command("show")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
+@click.option(
+    "--members", is_flag=True, help="with --changes: list owners and members added and removed"
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="with --changes: write the change set to this CSV file instead",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
-def runs_show(app: App, run_id: int, as_json: bool) -> None:
-    """One run's report: counts, warnings, every rejected record."""
+def runs_show(
+    app: App, run_id: int, changes: bool, members: bool, csv_path: Path | None, as_json: bool
+) -> None:
+    """One run's report: counts, warnings, every rejected record (--changes: what it would
+    change)."""
+    if (members or csv_path) and not changes:
+        fail("--members and --csv need --changes", EXIT_USAGE)
+    if as_json and csv_path:
+        fail("--json and --csv cannot be used together", EXIT_USAGE)
     try:
         with app.read_store.read() as conn:
             report = load_report(conn, run_id)
+            found = changeset.load(conn, run_id) if changes else None
     except RunNotFound as exc:
         fail(str(exc), EXIT_USAGE)
+    if changes:
+        if found is None:
+            fail(_no_change_set(report))
+        if csv_path is not None:
+            _write_change_csv(csv_path, [found], members=members)
+        elif as_json:
+            emit_json(found.as_json(members=members))
+        else:
+            for line in change_set_lines(found, members=members):
+                click.echo(line)
+        return
     if as_json:
         emit_json(report.as_json())
         return
@@ -721,17 +881,78 @@ def runs_show(app: App, run_id: int, as_json: bool) -> None:
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
 
 
+#: Users and groups of the change set `runs approve` shows before it asks.
+APPROVE_PREVIEW_ROWS = 5
+
+
+def _interactive() -> bool:
+    """Whether `runs approve` may ask (stdin and stdout are a terminal)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _approval_preview(app: App, run_id: int) -> bool:
+    """Before an approval: refuse a dry run (exit 1) and show the change set's summary and
+    first lines (the whole of it is `runs show ID --changes`). False when there is nothing
+    to ask about: the engine then refuses the run, saying why."""
+    try:
+        with app.read_store.read() as conn:
+            report = load_report(conn, run_id)
+            found = changeset.load(conn, run_id)
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    if report.dry_run:
+        fail(
+            f"run {run_id} is a dry run: a preview that is never applied. Run "
+            f"`rostersync sync --source {report.source}` to sync the source for real"
+        )
+    if report.status != "held" or report.superseded_by is not None:
+        return False
+    click.echo(f"run {run_id} of {report.source} was held: {report.hold_reason}")
+    if found is None:
+        click.echo("  (no change set was recorded for this run)")
+        return True
+    for line in change_set_lines(found, limit=APPROVE_PREVIEW_ROWS):
+        click.echo(f"  {line}" if line else "")
+    click.echo(f"  (all of it, members too: `rostersync runs show {run_id} --changes --members`)")
+    return True
+
+
 @runs.command("approve")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--yes", is_flag=True, help="do not ask (required when not on a terminal)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
-def runs_approve(app: App, run_id: int, as_json: bool) -> None:
-    """Apply a held run as it was staged, then process the resyncs it queued."""
+def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
+    """Apply a held run as it was staged, then process the resyncs it queued. Shows the
+    run's change set first and, on a terminal, asks."""
+    app.prepare()  # what a killed process left is put right first (its run may be this one)
+    if not as_json:
+        ask = _approval_preview(app, run_id)
+    else:
+        with contextlib.redirect_stdout(sys.stderr):
+            ask = _approval_preview(app, run_id)  # stdout carries the JSON document alone
+    if ask and not yes:
+        if not _interactive():
+            fail(
+                "runs approve asks for confirmation, and there is no terminal to ask on: "
+                "review the change set (`rostersync runs show "
+                f"{run_id} --changes`), then run `rostersync runs approve {run_id} --yes`",
+                EXIT_USAGE,
+            )
+        if not click.confirm(f"Apply run {run_id}?", default=False, err=True):
+            fail("not approved: nothing changed")
+    progress = SyncProgress(sys.stderr) if not as_json else None
+    if progress is not None and not progress.tty:
+        progress = None  # progress lines are for a terminal; the report follows anyway
 
     async def go() -> RunReport:
-        engine = app.engine()
+        engine = app.engine(progress=progress)
+        if progress is not None:
+            click.echo(f"applying run {run_id} ...", err=True)
         report = await engine.approve(run_id)
-        await engine.drain()
+        if progress is not None:
+            progress.applied(report.source, report.id, report.status, report.counts)
+        await _drain_with_progress(app, engine, progress)
         with app.store.read() as conn:
             return load_report(conn, report.id)
 
@@ -741,6 +962,9 @@ def runs_approve(app: App, run_id: int, as_json: bool) -> None:
         fail(str(exc), EXIT_USAGE)
     except RunStateError as exc:
         fail(str(exc), EXIT_FAILED)
+    finally:
+        if progress is not None:
+            progress.close()
     if as_json:
         emit_json({"runs": [report.as_json()]})
     else:

@@ -140,6 +140,10 @@ class Daemon:
         self._heartbeat = time.monotonic()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
+        # Sources whose first scheduled run is the catch-up at start (never synced, or
+        # overdue): that run's trigger is "startup", the later ones "schedule".
+        self._catch_up: set[str] = set()
+        self._started = False
 
     def _make_engine(self, settings: Settings) -> SyncEngine:
         return SyncEngine(
@@ -213,6 +217,7 @@ class Daemon:
         except Exception:
             self.scheduler.shutdown(wait=False)
             raise
+        self._started = True  # sources added by a reload later are not the start's catch-up
         self._resize_workers(self.settings.resync.workers)
 
     def request_stop(self, why: str = "stop") -> None:
@@ -377,14 +382,17 @@ class Daemon:
                 text("SELECT last_success_at FROM source_state WHERE source = :s"), {"s": name}
             ).first()
         last = as_utc(row[0]) if row else None
-        if last is None:
-            return soon
-        return max(soon, last + schedule.interval)
+        start = soon if last is None else max(soon, last + schedule.interval)
+        if start == soon and not self._started:
+            self._catch_up.add(name)
+        return start
 
     async def _scheduled_sync(self, source: str) -> None:
         if self._stopping:
             return
-        task = self._spawn_sync(source, "schedule")
+        trigger = "startup" if source in self._catch_up else "schedule"
+        self._catch_up.discard(source)
+        task = self._spawn_sync(source, trigger)
         try:
             # Shielded: on shutdown APScheduler cancels this coroutine, but the sync itself
             # must finish (or be cut off by our own drain timeout).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -15,6 +16,8 @@ from click.testing import CliRunner, Result
 
 from rostersync import sampledata
 from rostersync.cli import cli
+from rostersync.store.db import Store
+from tests.changediff import Picture, difference, picture, plain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,7 +140,7 @@ def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -
     assert held.exit_code == 1
     report = as_json(held)["runs"][0]  # type: ignore[index]
     assert report["status"] == "held" and "shrunken source" in report["hold_reason"]
-    approved = run(config, "runs", "approve", str(report["id"]), "--json")
+    approved = run(config, "runs", "approve", str(report["id"]), "--json", "--yes")
     assert approved.exit_code == 0, approved.output
     assert as_json(approved)["runs"][0]["status"] == "succeeded"  # type: ignore[index]
     again = run(config, "runs", "approve", str(report["id"]))
@@ -186,7 +189,7 @@ def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) ->
     shown = as_json(run(config, "runs", "show", str(dry_id), "--json"))
     assert shown["dry_run"] is True and shown["status"] == "held"  # type: ignore[index]
     listed = run(config, "runs", "list").stdout.splitlines()
-    assert re.match(rf"{dry_id}\s+sample\s+full\s+held \(dry run\)\s", listed[2])
+    assert re.match(rf"{dry_id}\s+sample\s+full\s+held \(dry run\)\s+cli\s", listed[2])
     approve = run(config, "runs", "approve", str(dry_id))
     assert approve.exit_code == 1
     assert "is a dry run" in approve.stderr
@@ -216,10 +219,140 @@ def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
     _cut_drop_to_a_tenth(config)
     held = run(config, "sync")
     assert held.exit_code == 1 and "apply with `rostersync runs approve 2`" in held.stdout
-    approved = run(config, "runs", "approve", "2")
+    approved = run(config, "runs", "approve", "2", "--yes")
     assert approved.exit_code == 0, approved.output
     assert "run 2  source sample  full: succeeded" in approved.stdout
     assert "; it had been held: " in approved.stdout
     assert "runs approve" not in approved.stdout
     shown = as_json(run(config, "runs", "show", "2", "--json"))
     assert shown["approved_at"] is not None and shown["hold_reason"]  # type: ignore[index]
+
+
+# -- change sets, approval and run reports (issue 19, items 1-3) ------------------------------
+
+
+def _picture(config: Path) -> Picture:
+    """The sample source's users and groups, as the change set speaks of them."""
+    store = Store(f"sqlite:///{config.parent / 'state' / 'rostersync.db'}", create=False)
+    try:
+        return picture(store, "sample")
+    finally:
+        store.dispose()
+
+
+def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs show ID --changes` lists every user and group of a held run (text, JSON, CSV);
+    `runs approve` shows it, asks on a terminal, and then does exactly that."""
+    assert run(config, "sync").exit_code == 0
+    _cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    text_out = run(config, "runs", "show", "2", "--changes")
+    assert text_out.exit_code == 0, text_out.output
+    assert text_out.stdout.startswith("change set of run 2: users: archive 35; groups: remove 94")
+    doc = as_json(run(config, "runs", "show", "2", "--changes", "--members", "--json"))
+    assert isinstance(doc, dict)
+    assert set(doc) >= {"run_id", "users", "groups"} and doc["run_id"] == 2
+    assert set(doc["users"][0]) >= {"action", "email", "display_name", "sourced_id", "reason"}
+    assert set(doc["groups"][0]) >= {
+        "action",
+        "class_sourced_id",
+        "name",
+        "owners_added",
+        "owners_removed",
+        "members_added",
+        "members_removed",
+    }
+    assert {u["action"] for u in doc["users"]} == {"archive"} and len(doc["users"]) == 35
+    plain_doc = as_json(run(config, "runs", "show", "2", "--changes", "--json"))
+    assert "members" not in plain_doc["groups"][0]  # type: ignore[index]
+    sheet = tmp_path / "changes.csv"
+    wrote = run(config, "runs", "show", "2", "--changes", "--csv", str(sheet))
+    assert wrote.exit_code == 0, wrote.output
+    rows = list(csv.DictReader(sheet.read_text(encoding="utf-8").splitlines()))
+    assert sum(r["kind"] == "user" for r in rows) == 35
+    assert sum(r["kind"] == "group" for r in rows) == len(doc["groups"])
+    bad = run(config, "runs", "show", "2", "--changes", "--csv", str(tmp_path / "no" / "x.csv"))
+    assert bad.exit_code == 1 and "cannot write" in bad.stderr
+
+    before = _picture(config)
+    no_tty = run(config, "runs", "approve", "2")
+    assert no_tty.exit_code == 2 and "--yes" in no_tty.stderr
+    assert "users: archive 35" in no_tty.stdout  # the summary came first
+    monkeypatch.setattr("rostersync.cli._interactive", lambda: True)
+    declined = CliRunner().invoke(
+        cli, ["--config", str(config), "runs", "approve", "2"], input="n\n"
+    )
+    assert declined.exit_code == 1 and "not approved" in declined.stderr
+    assert _picture(config) == before
+    approved = CliRunner().invoke(
+        cli, ["--config", str(config), "runs", "approve", "2"], input="y\n"
+    )
+    assert approved.exit_code == 0, approved.output
+    assert "Apply run 2?" in approved.stderr
+    assert "apply with" not in approved.stdout and "applied by an approval" in approved.stdout
+    assert plain(doc) == difference(before, _picture(config), "sample")
+    gone = run(config, "runs", "show", "2", "--changes")
+    assert gone.exit_code == 1 and "approved and applied" in gone.stderr
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert listed[0]["trigger"] == "approval"  # type: ignore[index]
+
+
+def test_a_dry_run_lists_its_change_set(config: Path) -> None:
+    """`sync --dry-run --changes` prints the change set (in JSON with the run), and a real
+    sync then does just that."""
+    res = run(config, "sync", "--dry-run", "--changes", "--members", "--json")
+    assert res.exit_code == 0, res.output
+    changes = as_json(res)["runs"][0]["changes"]  # type: ignore[index]
+    assert changes["summary"]["users"]["create"] == 43
+    assert changes["summary"]["groups"]["create"] == 102
+    store_before = _picture(config)
+    assert run(config, "sync").exit_code == 0
+    assert plain(changes) == difference(store_before, _picture(config), "sample")
+    shown = run(config, "sync", "--dry-run", "--changes")
+    assert "change set of run 3: users: no change; groups: no change" in shown.stdout
+    usage = run(config, "sync", "--changes")
+    assert usage.exit_code == 2 and "--dry-run" in usage.stderr
+    assert run(config, "sync", "--dry-run", "--members").exit_code == 2
+
+
+def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path) -> None:
+    """A held run that a later run overtook is listed `superseded`; approving it is refused;
+    runs carry their trigger and duration."""
+    assert run(config, "sync").exit_code == 0
+    drop = config.parent / "sample-district"
+    saved = {n: (drop / n).read_text() for n in ("users.csv", "enrollments.csv", "classes.csv")}
+    _cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    for name, body in saved.items():
+        (drop / name).write_text(body)
+    assert run(config, "sync").exit_code == 0
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(listed, list)
+    held = next(r for r in listed if r["id"] == 2)
+    assert held["status"] == "superseded" and held["superseded_by"] == 3
+    assert all(r["trigger"] == "cli" for r in listed)
+    assert all(isinstance(r["duration_seconds"], float) for r in listed)
+    table_out = run(config, "runs", "list").stdout.splitlines()
+    assert re.match(r"2\s+sample\s+full\s+superseded\s+cli\s+\S+\s+\d+\.\ds\s", table_out[3])
+    shown = run(config, "runs", "show", "2")
+    assert "superseded: run 3 of sample has succeeded since" in shown.stdout
+    assert "runs approve" not in shown.stdout
+    refused = run(config, "runs", "approve", "2", "--yes")
+    assert refused.exit_code == 1 and "out of date" in refused.stderr
+    gone = run(config, "runs", "show", "2", "--changes")
+    assert gone.exit_code == 1 and "overtaken by run 3" in gone.stderr
+
+
+def test_the_report_says_which_rejections_are_which(config: Path) -> None:
+    """The summary splits rejections into the connector's and the provisioning rules', and
+    no longer prints a `rejected 0` fetch figure beside `records rejected 1`."""
+    out = run(config, "sync").stdout
+    assert (
+        "records rejected 1: 0 by the connector (records it could not read or accept), 1 by "
+        "the provisioning rules" in out
+    )
+    fetched = next(line for line in out.splitlines() if "fetched:" in line)
+    assert "rejected" not in fetched
+    assert "started " in out and "by the command line, took " in out

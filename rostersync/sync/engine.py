@@ -29,7 +29,7 @@ import structlog
 from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlmodel import col
 
-from rostersync import recovery
+from rostersync import directory, recovery
 from rostersync.config.models import Settings
 from rostersync.connector import (
     Connector,
@@ -126,13 +126,28 @@ class RunReport:
     finished_at: datetime | None = None
     trigger: str = "cli"
     approved_at: datetime | None = None
+    #: a held run that a later real run of its source overtook (it can no longer be approved)
+    superseded_by: int | None = None
+
+    @property
+    def shown_status(self) -> str:
+        """The status a person is shown: ``superseded`` for an overtaken held run (derived,
+        never stored: the stored ``held`` is what approval checks)."""
+        return "superseded" if self.superseded_by is not None else self.status
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the run took (an approved run: its approval's apply), None while running."""
+        return directory.run_duration(self.started_at, self.approved_at, self.finished_at)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "source": self.source,
             "mode": self.mode,
-            "status": self.status,
+            "status": self.shown_status,
+            "superseded_by": self.superseded_by,
+            "duration_seconds": self.duration,
             "counts": {k: self.counts.get(k, 0) for k in (*COUNT_KEYS, *EXTRA_COUNT_KEYS)},
             "rejected": self.rejected,
             "error": self.error,
@@ -204,7 +219,11 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
             .order_by(col(RunRejection.id))
         )
     ]
+    superseded_by = None
+    if run["status"] == "held" and not run["dry_run"]:
+        superseded_by = directory.superseded_by(conn, run_id)
     return RunReport(
+        superseded_by=superseded_by,
         id=run["id"],
         source=run["source"],
         mode=run["mode"],
@@ -223,7 +242,8 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
     )
 
 
-def _is_plan_rejection(reason: str) -> bool:
+def is_plan_rejection(reason: str) -> bool:
+    """A rejection by the provisioning rules (a teacher's email), not by the connector."""
     return reason.startswith(EMAIL_REJECTIONS)
 
 
@@ -233,7 +253,7 @@ def _source_rejections(conn: Connection, run_id: int) -> int:
     reasons = conn.execute(
         select(col(RunRejection.reason)).where(col(RunRejection.run_id) == run_id)
     ).scalars()
-    return sum(1 for reason in reasons if not _is_plan_rejection(reason))
+    return sum(1 for reason in reasons if not is_plan_rejection(reason))
 
 
 def _record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
@@ -246,7 +266,7 @@ def _record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
                 col(RunRejection.run_id) == run_id
             )
         )
-        if _is_plan_rejection(reason)
+        if is_plan_rejection(reason)
     ]
     if ids:
         conn.execute(delete(RunRejection).where(col(RunRejection.id).in_(ids)))

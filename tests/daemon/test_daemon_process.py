@@ -56,7 +56,8 @@ def test_daemon_is_ready_runs_its_schedule_and_serves_a_resync_within_5s(
             len(
                 _rows(
                     store,
-                    "SELECT id FROM sync_run WHERE trigger = 'schedule' AND status <> 'running'",
+                    "SELECT id FROM sync_run WHERE trigger IN ('startup', 'schedule') "
+                    "AND status <> 'running'",
                 )
             )
             >= 2
@@ -64,6 +65,9 @@ def test_daemon_is_ready_runs_its_schedule_and_serves_a_resync_within_5s(
         15,
         "two scheduled runs",
     )
+    # The source had never synced: its first run is the start's catch-up, then the schedule.
+    triggers = [t for (t,) in _rows(store, "SELECT trigger FROM sync_run ORDER BY id")]
+    assert triggers[0] == "startup" and set(triggers[1:]) == {"schedule"}, triggers
     assert any("sample: succeeded" in f.get("STATUS", "") for f in notify_socket.fields())
     wait_until(
         lambda: not _rows(store, "SELECT id FROM resync_job WHERE state <> 'succeeded'"),

@@ -1,0 +1,191 @@
+"""How the `runs` and `sync` commands show runs and change sets to a person: text tables, CSV
+rows, durations and the rejection breakdown. Pure functions over stored values; the commands
+themselves are in :mod:`rostersync.cli`."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rostersync.sync.changes import ChangeSet, summary_text
+
+CSV_COLUMNS = (
+    "run_id",
+    "kind",
+    "action",
+    "email",
+    "display_name",
+    "sourced_id",
+    "reason",
+    "class_sourced_id",
+    "name",
+    "owners_added",
+    "owners_removed",
+    "members_added",
+    "members_removed",
+)
+
+
+def duration_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> list[str]:
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return out
+
+
+def _signed(added: int, removed: int) -> str:
+    return f"+{added} -{removed}"
+
+
+def change_set_lines(
+    changes: ChangeSet, *, members: bool = False, limit: int | None = None
+) -> list[str]:
+    """The change set as text: a summary line, a table of users, a table of groups, and with
+    ``members`` each group's owners and members added and removed, one per line. ``limit``:
+    at most this many rows of each table (the rest is counted)."""
+    users = changes.users[:limit] if limit is not None else changes.users
+    groups = changes.groups[:limit] if limit is not None else changes.groups
+    lines = [f"change set of run {changes.run_id}: {summary_text(changes.summary())}"]
+    lines += [f"note: {n}" for n in changes.notes]
+    if users:
+        lines.append("")
+        lines += _table(
+            [
+                (
+                    u["action"],
+                    u["email"],
+                    u["display_name"],
+                    ",".join(u["sourced_ids"]),
+                    u["reason"],
+                )
+                for u in users
+            ],
+            ["user", "email", "name", "person", "reason"],
+        )
+        if len(changes.users) > len(users):
+            lines.append(f"... and {len(changes.users) - len(users)} more users")
+    if groups:
+        lines.append("")
+        lines += _table(
+            [
+                (
+                    g["action"],
+                    g["class_sourced_id"],
+                    g["name"] + (f" (was {g['old_name']})" if g.get("old_name") else ""),
+                    _signed(g["owners_added"], g["owners_removed"]),
+                    _signed(g["members_added"], g["members_removed"]),
+                )
+                for g in groups
+            ],
+            ["group", "class", "name", "owners", "members"],
+        )
+        if len(changes.groups) > len(groups):
+            lines.append(f"... and {len(changes.groups) - len(groups)} more groups")
+    if members:
+        for g in changes.groups:
+            detail = list(_member_lines(g))
+            if detail:
+                lines.append("")
+                lines.append(f"{g['action']} {g['class_sourced_id']} {g['name']}:")
+                lines += detail
+        if not changes.members_listed:
+            lines.append("(members are counted, not listed: see the note above)")
+    if not changes.users and not changes.groups:
+        lines.append("nothing would change")
+    return lines
+
+
+def _member_lines(group: dict[str, Any]) -> Iterable[str]:
+    for sign, key in (("+", "added"), ("-", "removed")):
+        for email in group["owners"][key]:
+            yield f"  {sign} owner  {email}"
+    listed = group.get("members")
+    if listed is None:
+        return
+    for sign, key in (("+", "added"), ("-", "removed")):
+        for m in listed[key]:
+            who = m["email"] or "(no email)"
+            yield f"  {sign} member {m['sourced_id']}  {who}  {m['name']}"
+
+
+def csv_rows(changes: ChangeSet, *, members: bool = False) -> Iterable[dict[str, Any]]:
+    """One row per user and group change; with ``members`` one more per owner and member
+    added or removed (kind ``owner``/``member``, action ``added``/``removed``)."""
+    for u in changes.users:
+        yield {
+            "run_id": changes.run_id,
+            "kind": "user",
+            **{k: u[k] for k in ("action", "email", "display_name", "reason")},
+            "sourced_id": ",".join(u["sourced_ids"]),
+        }
+    for g in changes.groups:
+        base = {"run_id": changes.run_id, "class_sourced_id": g["class_sourced_id"]}
+        yield {
+            **base,
+            "kind": "group",
+            "action": g["action"],
+            "name": g["name"],
+            **{
+                k: g[k]
+                for k in ("owners_added", "owners_removed", "members_added", "members_removed")
+            },
+        }
+        if not members:
+            continue
+        for key in ("added", "removed"):
+            for email in g["owners"][key]:
+                yield {**base, "kind": "owner", "action": key, "email": email}
+            for m in (g.get("members") or {}).get(key, []):
+                yield {
+                    **base,
+                    "kind": "member",
+                    "action": key,
+                    "email": m["email"],
+                    "display_name": m["name"],
+                    "sourced_id": m["sourced_id"],
+                }
+
+
+def write_csv(path: Path, change_sets: Iterable[ChangeSet], *, members: bool = False) -> int:
+    """Write the change sets to ``path`` (OSError for the caller to report); returns rows."""
+    n = 0
+    with path.open("w", newline="", encoding="utf-8") as f:
+        out = csv.DictWriter(f, CSV_COLUMNS, restval="")
+        out.writeheader()
+        for changes in change_sets:
+            for row in csv_rows(changes, members=members):
+                out.writerow(row)
+                n += 1
+    return n
+
+
+def rejections_line(counts: dict[str, int], rejected: Sequence[dict[str, Any]]) -> str:
+    """``records rejected 2: 1 by the connector (...), 1 by the provisioning rules (...)``:
+    the records the source sent that the connector could not take, apart from the teachers
+    the rules refused an account for (their email)."""
+    from rostersync.sync.engine import is_plan_rejection
+
+    total = counts.get("records_rejected", 0)
+    by_rules = sum(1 for r in rejected if is_plan_rejection(str(r.get("reason") or "")))
+    by_connector = max(total - by_rules, 0)
+    return (
+        f"records rejected {total}: {by_connector} by the connector (records it could not "
+        f"read or accept), {by_rules} by the provisioning rules (teachers whose email cannot "
+        "be an account)"
+    )
