@@ -825,6 +825,11 @@ def _no_change_set(report: RunReport) -> str:
         )
     if report.approved_at is not None:
         return f"run {rid} was approved and applied: `runs show {rid}` says what it did"
+    if report.status == "held":
+        return (
+            f"run {rid} was held before this version recorded change sets: run a new sync "
+            "of the source to see one"
+        )
     return (
         f"run {rid} was applied ({report.status}): change sets are kept for held runs and "
         "for dry runs made with --changes"
@@ -944,6 +949,12 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
     progress = SyncProgress(sys.stderr) if not as_json else None
     if progress is not None and not progress.tty:
         progress = None  # progress lines are for a terminal; the report follows anyway
+    settings = app.settings
+    if progress is not None:
+        # Log lines print above the live display instead of through it.
+        configure_logging(
+            app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
+        )
 
     async def go() -> RunReport:
         engine = app.engine(progress=progress)
@@ -965,6 +976,7 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
     finally:
         if progress is not None:
             progress.close()
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     if as_json:
         emit_json({"runs": [report.as_json()]})
     else:

@@ -383,9 +383,13 @@ def load(conn: Connection, run_id: int) -> ChangeSet | None:
 
 def forget(conn: Connection, source: str, up_to: int) -> None:
     """A real run of the source succeeded (``up_to``, an approval included): the change sets
-    of it and of every earlier run of the source no longer describe anything."""
-    older = select(col(SyncRun.id)).where(col(SyncRun.source) == source, col(SyncRun.id) <= up_to)
-    conn.execute(delete(RunChange).where(col(RunChange.run_id).in_(older)))
+    of it and of every earlier run of the source no longer describe anything, nor do those
+    of its dry runs (a dry run made after a held run that is approved now included)."""
+    stale = select(col(SyncRun.id)).where(
+        col(SyncRun.source) == source,
+        (col(SyncRun.id) <= up_to) | col(SyncRun.dry_run),
+    )
+    conn.execute(delete(RunChange).where(col(RunChange.run_id).in_(stale)))
 
 
 def summary_text(summary: Mapping[str, Mapping[str, int]]) -> str:

@@ -888,8 +888,8 @@ class SyncEngine:
         preview = held or ctx.dry_run
         record = held or (ctx.dry_run and ctx.changes)
         before = changeset.snapshot(conn, source) if record else None
-        if preview and before is None:
-            raise _RollBack(outcome)
+        if held and before is None:
+            raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
 
         created = sql.apply_provisioning(conn, source, plan)
         if len(created) > 1000:

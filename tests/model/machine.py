@@ -12,7 +12,9 @@ resync). What is compared:
   (the connector's rejections exactly; each candidate with an unusable email, with its
   value), ``groups_removed`` of a held or dry run, group counts of an applied run;
 * approvals: refused exactly when the rules say (a dry run, not held, overtaken), and a
-  refused or failed one changes nothing.
+  refused or failed one changes nothing;
+* the change set of every held or dry run: what the oracle's decision does, and (for an
+  approval with nothing changed since the hold) what the approval then did.
 
 ``ROSTERSYNC_MODEL_EXCLUDE`` (comma-separated step names) turns steps off, to hunt past a
 discrepancy that is already known; see tests/model/README.md.
@@ -33,8 +35,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from rostersync.errors import RunStateError
 from rostersync.importer import parse_bytes, run_import
 from rostersync.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+from rostersync.sync import changes as changeset
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import RunReport
+from tests.changediff import Picture, Plain, difference, picture, plain
 from tests.model.feed import (
     CLASSES,
     DOMAIN,
@@ -53,7 +57,16 @@ from tests.model.feed import (
     teacher_email,
 )
 from tests.model.harness import BATCH, NEW_KEYS, Harness, InjectedFault
-from tests.model.oracle import SOURCE, Config, Decision, Oracle, Run
+from tests.model.oracle import (
+    SOURCE,
+    Config,
+    Decision,
+    Directory,
+    Group,
+    Oracle,
+    Run,
+    groups,
+)
 
 
 def _names(variable: str) -> frozenset[str]:
@@ -283,6 +296,9 @@ class RosterModel(RuleBasedStateMachine):
         self.feed = Feed()
         self.oracle = Oracle(Config())
         self.last: Outcome | None = None
+        #: the directory and config when each run was held (its change set is checked
+        #: against its approval while both are unchanged)
+        self.held_at: dict[int, tuple[Picture, Config]] = {}
         STATS["examples"] += 1
 
     # -- set-up --
@@ -655,7 +671,8 @@ class RosterModel(RuleBasedStateMachine):
         engine = self.h.engine(oracle.config, self.feed.roster(), fail_after=fail_after)
         self.h.fault.plan(statement)
         with structlog.testing.capture_logs():
-            report = self.h.run(engine.sync(SOURCE, mode=requested, dry_run=dry))
+            # A dry run records its change set too, to be checked like a held run's.
+            report = self.h.run(engine.sync(SOURCE, mode=requested, dry_run=dry, changes=dry))
         fault = self.h.fault.settle()
         self._drain()
         report = self.h.report(report.id)
@@ -670,6 +687,8 @@ class RosterModel(RuleBasedStateMachine):
         decision = oracle.decide(SOURCE, mode, records)
         STATS["runs dry" if dry else "runs held" if decision.held else f"runs {mode}"] += 1
         self._check_report(report, decision, dry=dry)
+        if dry or decision.held:
+            self._check_change_set(report.id, decision)
         oracle.record(Run(report.id, SOURCE, mode, dry, decision.status, records))
         if not dry and not decision.held:
             self._commit(SOURCE, decision)
@@ -683,6 +702,9 @@ class RosterModel(RuleBasedStateMachine):
         engine = self.h.engine(oracle.config, self.feed.roster())
         self.h.fault.plan(statement)
         before = self.h.report(run_id)
+        with self.h.store.read() as conn:
+            stored = changeset.load(conn, run_id)
+        directory_before = picture(self.h.store, SOURCE)
         error: BaseException | None = None
         try:
             with structlog.testing.capture_logs():
@@ -734,6 +756,38 @@ class RosterModel(RuleBasedStateMachine):
         run.status = decision.status
         self._commit(run.source, decision)
         self._compare()
+        # What approval and the drain did is what the held run's change set said, as long as
+        # nothing changed in between (an import, a config edit, a resync of stale groups).
+        assert stored is not None, f"held run {run_id} had no change set"
+        if self.held_at.get(run_id) == (directory_before, oracle.config):
+            STATS["change sets checked against approval"] += 1
+            _same(
+                f"approve {run_id}: change set vs what approval did",
+                _plain_dict(plain(stored.as_json(members=True))),
+                _plain_dict(difference(directory_before, picture(self.h.store, SOURCE), SOURCE)),
+            )
+
+    def _check_change_set(self, run_id: int, d: Decision) -> None:
+        """A held or dry run's change set is what the oracle says applying it does: the
+        difference between the directory now and the directory its decision leaves, once
+        the groups are rebuilt."""
+        with self.h.store.read() as conn:
+            stored = changeset.load(conn, run_id)
+        assert stored is not None, f"run {run_id} recorded no change set"
+        oracle = self.oracle
+        before = _oracle_picture(oracle.directory, oracle.groups())
+        after_groups = groups(
+            {**oracle.mirrors, SOURCE: d.mirror}, d.directory, oracle.config.teacher_roles
+        )
+        want = difference(before, _oracle_picture(d.directory, after_groups), SOURCE)
+        STATS["change sets checked against the oracle"] += 1
+        _same(
+            f"run {run_id}: change set (engine) vs the decision (oracle)",
+            _plain_dict(plain(stored.as_json(members=True))),
+            _plain_dict(want),
+        )
+        if d.held:
+            self.held_at[run_id] = (picture(self.h.store, SOURCE), oracle.config)
 
     def _check_report(self, report: RunReport, d: Decision, *, dry: bool) -> None:
         """The report against the decision. A delta run decides for the people its changes
@@ -893,6 +947,35 @@ class RosterModel(RuleBasedStateMachine):
         }
         for kind, rows in want.items():
             _same(f"after {what}: mirror {kind}", self.h.mirror(kind), rows)
+
+
+def _oracle_picture(d: Directory, built: dict[tuple[str, str], Group]) -> Picture:
+    """The oracle's directory in the change-set comparison's form."""
+    return Picture(
+        users={e: u.status for e, u in d.users.items()},
+        identities=frozenset((src, pid, email) for (src, pid), email in d.identities.items()),
+        groups={
+            ext: (
+                g.name,
+                frozenset(g.owners),
+                frozenset((m.sourced_id, m.email, m.name) for m in g.members),
+            )
+            for (src, ext), g in built.items()
+            if src == SOURCE
+        },
+    )
+
+
+def _plain_dict(p: Plain) -> dict[Any, Any]:
+    """A change set keyed for :func:`_same`: users, persons and groups one entry each."""
+    out: dict[Any, Any] = {("user", *u): True for u in p.users}
+    out.update({("person", *x): True for x in p.persons})
+    out.update({("group", ext): tuple(map(_sorted, g)) for ext, g in p.groups.items()})
+    return out
+
+
+def _sorted(value: Any) -> Any:
+    return tuple(sorted(value, key=repr)) if isinstance(value, frozenset) else value
 
 
 def _same(what: str, got: dict[Any, Any], want: dict[Any, Any]) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from connectors.memory import MemoryConnector
+from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
@@ -165,10 +166,26 @@ async def test_a_held_run_keeps_its_change_set_until_a_later_run_overtakes_it(
     settings = make_settings(safety={"max_removals": 1})
     await sync(settings, store, small_roster())
     held = await sync(settings, store, _shaken(small_roster()))
-    await sync(settings, store, small_roster(), dry_run=True, changes=True)
+    dry = await sync(settings, store, small_roster(), dry_run=True, changes=True)
     assert _stored(store, held.id) is not None
+    assert _stored(store, dry.id) is not None
     await sync(settings, store, small_roster())
     assert _stored(store, held.id) is None
+    assert _stored(store, dry.id) is None
+
+
+async def test_approving_a_held_run_drops_the_change_sets_of_later_dry_runs(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A dry run made while a run was held previewed a directory the approval changed."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = _shaken(small_roster())
+    held = await sync(settings, store, roster)
+    dry = await sync(settings, store, roster, dry_run=True, changes=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.approve(held.id)
+    assert _stored(store, dry.id) is None
 
 
 async def test_a_live_resync_queued_for_a_user_is_named_in_the_change_set(
@@ -223,3 +240,56 @@ async def test_the_held_report_is_the_same_as_before(
     assert report.counts["users_created"] == 2
     assert report.counts["resync_queued"] == 0
     assert report.counts["groups_removed"] == 1
+
+
+async def test_an_approval_is_the_trigger_of_the_run_it_applies_and_a_failed_one_is_undone(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An approved run's trigger is `approval` and it keeps no change set; an approval that
+    fails leaves the run held as before, trigger and change set included."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = _shaken(small_roster())
+    held = await sync(settings, store, roster)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+
+    def broken(ctx: object) -> object:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine, "_apply", broken)
+    with pytest.raises(RuntimeError):
+        await engine.approve(held.id)
+    with store.read() as conn:
+        report = load_report(conn, held.id)
+    assert (report.status, report.trigger, report.approved_at) == ("held", "cli", None)
+    assert _stored(store, held.id) is not None
+    monkeypatch.undo()
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.approve(held.id)
+    with store.read() as conn:
+        report = load_report(conn, held.id)
+    assert (report.status, report.trigger) == ("succeeded", "approval")
+    assert report.duration is not None and report.duration >= 0
+    assert _stored(store, held.id) is None
+
+
+async def test_a_superseded_held_run_reads_as_superseded(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Derived, not stored: the report of an overtaken held run says superseded (and by
+    which run), while its stored status stays held for approval to refuse."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    held = await sync(settings, store, _shaken(small_roster()))
+    dry = await sync(settings, store, small_roster(), dry_run=True)
+    with store.read() as conn:
+        assert load_report(conn, held.id).superseded_by is None  # a dry run overtakes nothing
+    later = await sync(settings, store, small_roster())
+    with store.read() as conn:
+        report = load_report(conn, held.id)
+        listed = {r["id"]: r for r in directory.list_runs(conn)}
+    assert report.status == "held" and report.superseded_by == later.id
+    assert report.as_json()["status"] == "superseded"
+    assert listed[held.id]["status"] == "superseded"
+    assert listed[held.id]["superseded_by"] == later.id
+    assert listed[dry.id]["status"] == "succeeded" and listed[dry.id]["superseded_by"] is None
