@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rostersync.sync.changes import ChangeSet, summary_text
+from rostersync.sync.plan import EMAIL_REJECTIONS
 
 CSV_COLUMNS = (
     "run_id",
@@ -179,10 +180,8 @@ def rejections_line(counts: dict[str, int], rejected: Sequence[dict[str, Any]]) 
     """``records rejected 2: 1 by the connector (...), 1 by the provisioning rules (...)``:
     the records the source sent that the connector could not take, apart from the teachers
     the rules refused an account for (their email)."""
-    from rostersync.sync.engine import is_plan_rejection
-
     total = counts.get("records_rejected", 0)
-    by_rules = sum(1 for r in rejected if is_plan_rejection(str(r.get("reason") or "")))
+    by_rules = sum(1 for r in rejected if str(r.get("reason") or "").startswith(EMAIL_REJECTIONS))
     by_connector = max(total - by_rules, 0)
     return (
         f"records rejected {total}: {by_connector} by the connector (records it could not "

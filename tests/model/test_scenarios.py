@@ -14,7 +14,7 @@ from rostersync.records import RosterClass, RosterOrg, RosterPerson
 from rostersync.store.db import Store
 from tests.model.feed import Feed
 from tests.model.harness import Harness
-from tests.model.machine import RosterModel
+from tests.model.machine import STATS, RosterModel
 from tests.model.oracle import Config
 
 Model = Callable[..., RosterModel]
@@ -138,3 +138,23 @@ def test_license_seats_go_to_restorations_first(model: Model) -> None:
     m.sync("full")
     assert user(m, "t1@example.org")[0] == "active"
     assert "t0@example.org" not in m.oracle.directory.users
+
+
+def test_a_held_runs_change_set_is_what_its_approval_does(model: Model) -> None:
+    """A held run's change set matches the oracle's decision when it is held and, with
+    nothing changed in between, what its approval then does to the directory."""
+    m = model(
+        school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"}),
+        Config(max_removals=0),
+    )
+    m.feed.drop("person", "t2")
+    m.feed.put("person", RosterPerson("t3", "teacher", "Teach", "T3", "t3@example.org"))
+    m.feed.new_enrollment("c1", "t3", "teacher")
+    m.feed.change("class", "c1", title="Class c1, renamed")
+    checked = STATS["change sets checked against approval"]
+    m.sync("full")
+    held = [r.id for r in m.oracle.runs.values() if r.status == "held"]
+    assert len(held) == 1
+    m._approve(held[0], None)
+    assert m.oracle.runs[held[0]].status == "succeeded"
+    assert STATS["change sets checked against approval"] == checked + 1
