@@ -100,7 +100,8 @@ class SyncProgress:
     # -- drawing ------------------------------------------------------------------------------
 
     def _set(self, key: str, phase: str, detail: str, *, final: bool) -> None:
-        elapsed = time.monotonic() - self._started.setdefault(key, time.monotonic())
+        started = self._started.setdefault(key, time.monotonic())
+        elapsed = time.monotonic() - started  # read after: never negative
         self._lines[key] = f"{key:<12} {phase:<13} {detail}  [{elapsed:.1f}s]"
         if self.tty:
             self._redraw(force=final)

@@ -270,7 +270,7 @@ def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(
     sheet = tmp_path / "changes.csv"
     wrote = run(config, "runs", "show", "2", "--changes", "--csv", str(sheet))
     assert wrote.exit_code == 0, wrote.output
-    rows = list(csv.DictReader(sheet.read_text(encoding="utf-8").splitlines()))
+    rows = list(csv.DictReader(sheet.read_text(encoding="utf-8-sig").splitlines()))
     assert sum(r["kind"] == "user" for r in rows) == 35
     assert sum(r["kind"] == "group" for r in rows) == len(doc["groups"])
     bad = run(config, "runs", "show", "2", "--changes", "--csv", str(tmp_path / "no" / "x.csv"))

@@ -164,14 +164,21 @@ def csv_rows(changes: ChangeSet, *, members: bool = False) -> Iterable[dict[str,
 
 
 def write_csv(path: Path, change_sets: Iterable[ChangeSet], *, members: bool = False) -> int:
-    """Write the change sets to ``path`` (OSError for the caller to report); returns rows."""
+    """Write the change sets to ``path`` (OSError for the caller to report); returns rows.
+    Text cells are neutralised against formula injection, as the import report's are (names
+    come from the roster); UTF-8 with a BOM, so that Excel reads the names right."""
+    # Imported here: the importer package is large, and only this command writes CSV.
+    from rostersync.importer.report import neutralize
+
     n = 0
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with path.open("w", newline="", encoding="utf-8-sig") as f:
         out = csv.DictWriter(f, CSV_COLUMNS, restval="")
         out.writeheader()
         for changes in change_sets:
             for row in csv_rows(changes, members=members):
-                out.writerow(row)
+                out.writerow(
+                    {k: neutralize(v) if isinstance(v, str) else v for k, v in row.items()}
+                )
                 n += 1
     return n
 
