@@ -39,7 +39,7 @@ MEMBER_DETAIL_MAX = 100_000
 REASONS = {
     "create": "teaches a class with students; no account has this email",
     "link": "teaches a class with students; an account with this email exists",
-    "archive": "created from this source, and no longer one of its teachers",
+    "archive": "no longer a teacher of this source",
     "restore": "archived by a sync, and a teacher of this source again",
 }
 
@@ -196,10 +196,48 @@ def _persons(conn: Connection, source: str, user_ids: Iterable[int]) -> dict[int
     return out
 
 
-def _user_changes(conn: Connection, source: str, plan: ProvisionPlan) -> list[dict[str, Any]]:
+def _why_not_teaching(
+    conn: Connection, source: str, persons: Iterable[str], teacher_roles: Sequence[str]
+) -> dict[str, str]:
+    """Why each of these persons is no longer a teacher of the source, as the mirror has it
+    after the run (the first of: gone, not active, disabled, not of a teacher role, no
+    populated class)."""
+    ids = sorted(set(persons))
+    found: dict[str, tuple[str, bool, str]] = {}
+    sql = (
+        "SELECT sourced_id, status, enabled, roles FROM roster_person "
+        "WHERE source = :src AND sourced_id IN :ids"
+    )
+    for chunk in chunks(ids):
+        for sid, status, enabled, roles in conn.execute(
+            in_text(sql, "ids"), {"src": source, "ids": chunk}
+        ):
+            found[sid] = (status, bool(enabled), roles or "")
+    wanted = {r.lower() for r in teacher_roles}
+    out: dict[str, str] = {}
+    for sid in ids:
+        if sid not in found:
+            out[sid] = "gone from the source"
+            continue
+        status, enabled, roles = found[sid]
+        held = {r for r in roles.split(",") if r}
+        if status != "active":
+            out[sid] = f"marked {status} in the source"
+        elif not enabled:
+            out[sid] = "disabled in the source"
+        elif not held & wanted:
+            out[sid] = f"no longer of a teacher role (roles: {', '.join(sorted(held)) or 'none'})"
+        else:
+            out[sid] = "teaches no active class with active students"
+    return out
+
+
+def _user_changes(
+    conn: Connection, source: str, plan: ProvisionPlan, teacher_roles: Sequence[str]
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
-    def add(action: str, email: str, name: str, sids: Sequence[str]) -> None:
+    def add(action: str, email: str, name: str, sids: Sequence[str], why: str = "") -> None:
         rows.append(
             {
                 "action": action,
@@ -207,7 +245,7 @@ def _user_changes(conn: Connection, source: str, plan: ProvisionPlan) -> list[di
                 "display_name": name,
                 "sourced_id": sids[0] if sids else None,
                 "sourced_ids": list(sids),
-                "reason": REASONS[action],
+                "reason": REASONS[action] + (f": {why}" if why else ""),
             }
         )
 
@@ -219,10 +257,15 @@ def _user_changes(conn: Connection, source: str, plan: ProvisionPlan) -> list[di
         known = users.get(link.user_id)
         add("link", link.email, known[1] if known else link.display_name, [link.sourced_id])
     persons = _persons(conn, source, moved)
+    why = _why_not_teaching(
+        conn, source, (p for u in plan.archive for p in persons.get(u, [])), teacher_roles
+    )
     for action, ids in (("archive", plan.archive), ("restore", plan.restore)):
         for uid in sorted(set(ids)):
             email, name = users.get(uid, ("?", ""))
-            add(action, email, name, persons.get(uid, []))
+            sids = persons.get(uid, [])
+            reasons = sorted({why[p] for p in sids if p in why}) if action == "archive" else []
+            add(action, email, name, sids, "; ".join(reasons))
     order = {a: i for i, a in enumerate(USER_ACTIONS)}
     rows.sort(key=lambda r: (order[r["action"]], r["email"], r["sourced_id"] or ""))
     return rows
@@ -235,6 +278,7 @@ def collect(
     before: Snapshot,
     plan: ProvisionPlan,
     *,
+    teacher_roles: Sequence[str],
     notes: Sequence[str] = (),
 ) -> ChangeSet:
     """The change set, once the run's provisioning and the resync of its users are applied
@@ -352,7 +396,8 @@ def collect(
             f"{total} members are added or removed: more than {MEMBER_DETAIL_MAX}, so they "
             "are counted per group but not listed"
         )
-    return ChangeSet(run_id, _user_changes(conn, source, plan), groups, out_notes, listed)
+    users_changed = _user_changes(conn, source, plan, teacher_roles)
+    return ChangeSet(run_id, users_changed, groups, out_notes, listed)
 
 
 # -- storage ----------------------------------------------------------------------------------

@@ -947,10 +947,11 @@ class SyncEngine:
                     {"ids": chunk},
                 )
             ]
+        roles = self.settings.provisioning.teacher_roles
         rebuild_groups(
             conn,
             resync_users,
-            teacher_roles=self.settings.provisioning.teacher_roles,
+            teacher_roles=roles,
             refresh_all=[uid for uid, rid, live in queued if rid is None or live],
         )
         notes = []
@@ -960,7 +961,9 @@ class SyncEngine:
                 f"{live_users} of the users have a live resync queued: their groups are shown "
                 "as the mirror has them, and the resync re-reads their classes from the source"
             )
-        return changeset.collect(conn, ctx.source, ctx.run_id, before, plan, notes=notes)
+        return changeset.collect(
+            conn, ctx.source, ctx.run_id, before, plan, teacher_roles=roles, notes=notes
+        )
 
     def _record_success(
         self,

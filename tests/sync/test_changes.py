@@ -91,6 +91,9 @@ async def test_a_held_runs_change_set_is_what_approval_then_does(
     archived = next(u for u in doc["users"] if u["action"] == "archive")
     assert archived["sourced_id"] == "t-2"
     assert archived["display_name"] == "Alan Turing"
+    assert archived["reason"] == (
+        "no longer a teacher of this source: teaches no active class with active students"
+    )
     # Approved: the change set describes nothing any more.
     assert _stored(store, held.id) is None
 
@@ -293,3 +296,44 @@ async def test_a_superseded_held_run_reads_as_superseded(
     assert listed[held.id]["status"] == "superseded"
     assert listed[held.id]["superseded_by"] == later.id
     assert listed[dry.id]["status"] == "succeeded" and listed[dry.id]["superseded_by"] is None
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"status": "tobedeleted"}, "marked tobedeleted in the source"),
+        ({"enabled": False}, "disabled in the source"),
+        ({"role": "aide"}, "no longer of a teacher role (roles: aide)"),
+    ],
+)
+async def test_an_archival_says_why_the_person_is_no_longer_a_teacher(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    change: dict[str, object],
+    why: str,
+) -> None:
+    """The reason of an archival names what the source changed about the person."""
+    settings = make_settings(safety={"max_removals": 0})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.replace_person("t-2", **change)
+    held = await sync(settings, store, roster)
+    stored = _stored(store, held.id)
+    assert stored is not None
+    (archived,) = [u for u in stored.users if u["action"] == "archive"]
+    assert archived["reason"].endswith(f": {why}")
+
+
+async def test_a_teacher_gone_from_the_source_is_archived_as_gone(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A person missing from a full run: "gone from the source"."""
+    settings = make_settings(safety={"max_removals": 0})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-2"]
+    held = await sync(settings, store, roster)
+    stored = _stored(store, held.id)
+    assert stored is not None
+    (archived,) = [u for u in stored.users if u["action"] == "archive"]
+    assert archived["reason"].endswith(": gone from the source")
