@@ -886,7 +886,7 @@ class SyncEngine:
         # A held run always records its change set (the admin who approves it reads it); a
         # dry run only when asked (--changes): it costs the resync work of the run.
         preview = held or ctx.dry_run
-        record = held or (ctx.dry_run and ctx.changes)
+        record = ctx.changes if ctx.dry_run else held
         before = changeset.snapshot(conn, source) if record else None
         if held and before is None:
             raise _RollBack(outcome)  # a dry run a real run would hold: its report is made

@@ -143,6 +143,20 @@ async def test_a_dry_run_without_changes_records_none_and_changes_nothing(
     assert picture(store, "mem") == before
 
 
+async def test_a_dry_run_a_real_run_would_hold_records_a_change_set_only_when_asked(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A dry run over the limits is still a plain dry run without --changes."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    plain_dry = await sync(settings, store, _shaken(small_roster()), dry_run=True)
+    assert plain_dry.status == "held"
+    assert _stored(store, plain_dry.id) is None
+    asked = await sync(settings, store, _shaken(small_roster()), dry_run=True, changes=True)
+    assert asked.status == "held"
+    assert _stored(store, asked.id) is not None
+
+
 async def test_computing_a_change_set_changes_nothing(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
