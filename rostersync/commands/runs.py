@@ -20,6 +20,7 @@ CSV_COLUMNS = (
     "display_name",
     "sourced_id",
     "reason",
+    "source",
     "class_sourced_id",
     "name",
     "owners_added",
@@ -60,6 +61,8 @@ def change_set_lines(
     """The change set as text: a summary line, a table of users, a table of groups, and with
     ``members`` each group's owners and members added and removed, one per line. ``limit``:
     at most this many rows of each table (the rest is counted)."""
+    # A group of another source (a user the run changes teaches there too) is named with it.
+    one_source = len({g.get("source") for g in changes.groups}) <= 1
     users = changes.users[:limit] if limit is not None else changes.users
     groups = changes.groups[:limit] if limit is not None else changes.groups
     lines = [f"change set of run {changes.run_id}: {summary_text(changes.summary())}"]
@@ -87,7 +90,9 @@ def change_set_lines(
             [
                 (
                     g["action"],
-                    g["class_sourced_id"],
+                    g["class_sourced_id"]
+                    if one_source
+                    else f"{g.get('source')}/{g['class_sourced_id']}",
                     g["name"] + (f" (was {g['old_name']})" if g.get("old_name") else ""),
                     _signed(g["owners_added"], g["owners_removed"]),
                     _signed(g["members_added"], g["members_removed"]),
@@ -136,7 +141,11 @@ def csv_rows(changes: ChangeSet, *, members: bool = False) -> Iterable[dict[str,
             "sourced_id": ",".join(u["sourced_ids"]),
         }
     for g in changes.groups:
-        base = {"run_id": changes.run_id, "class_sourced_id": g["class_sourced_id"]}
+        base = {
+            "run_id": changes.run_id,
+            "source": g.get("source", ""),
+            "class_sourced_id": g["class_sourced_id"],
+        }
         yield {
             **base,
             "kind": "group",

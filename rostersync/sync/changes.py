@@ -80,6 +80,7 @@ class ChangeSet:
         groups = []
         for g in self.groups:
             out = {k: g[k] for k in _GROUP_KEYS}
+            out["source"] = g.get("source")
             out["old_name"] = g.get("old_name")
             out["members_changed"] = g.get("members_changed", 0)
             if members:
@@ -101,36 +102,27 @@ class ChangeSet:
 
 @dataclass
 class Snapshot:
-    """The source's groups and owners before the run changes anything (members are in the
-    temporary table ``rs_change_members``)."""
+    """The groups and owners before the run changes anything (members are in the temporary
+    table ``rs_change_members``). Every source's: a user the run restores or links may own
+    groups of another source too, and the resync after the run rebuilds those as well."""
 
-    groups: dict[int, tuple[str, str, str]]  # id -> (class sourced id, name, updated_at)
+    groups: dict[int, tuple[str, str, str, str]]  # id -> (source, class, name, updated_at)
     owners: dict[int, set[int]]
 
 
-def _groups(conn: Connection, source: str) -> dict[int, tuple[str, str, str]]:
-    rows = conn.execute(
-        text("SELECT id, external_id, name, updated_at FROM groups WHERE source = :src"),
-        {"src": source},
-    )
-    return {int(gid): (ext, name, str(upd)) for gid, ext, name, upd in rows}
+def _groups(conn: Connection) -> dict[int, tuple[str, str, str, str]]:
+    rows = conn.execute(text("SELECT id, source, external_id, name, updated_at FROM groups"))
+    return {int(gid): (src, ext, name, str(upd)) for gid, src, ext, name, upd in rows}
 
 
-def _owners(conn: Connection, source: str) -> dict[int, set[int]]:
+def _owners(conn: Connection) -> dict[int, set[int]]:
     out: dict[int, set[int]] = {}
-    rows = conn.execute(
-        text(
-            "SELECT o.group_id, o.user_id FROM group_owner o JOIN groups g ON g.id = o.group_id "
-            "WHERE g.source = :src"
-        ),
-        {"src": source},
-    )
-    for gid, uid in rows:
+    for gid, uid in conn.execute(text("SELECT group_id, user_id FROM group_owner")):
         out.setdefault(int(gid), set()).add(int(uid))
     return out
 
 
-def snapshot(conn: Connection, source: str) -> Snapshot:
+def snapshot(conn: Connection) -> Snapshot:
     """Take the before-picture, inside the run's transaction (rolled back with it)."""
     temp = "TEMPORARY" if conn.dialect.name == "postgresql" else "TEMP"
     conn.execute(
@@ -143,15 +135,13 @@ def snapshot(conn: Connection, source: str) -> Snapshot:
     conn.execute(
         text(
             "INSERT INTO rs_change_members (group_id, sourced_id, email, name) "
-            "SELECT gm.group_id, gm.sourced_id, gm.email, gm.name FROM group_member gm "
-            "JOIN groups g ON g.id = gm.group_id WHERE g.source = :src"
-        ),
-        {"src": source},
+            "SELECT group_id, sourced_id, email, name FROM group_member"
+        )
     )
     conn.execute(
         text("CREATE INDEX IF NOT EXISTS rs_change_members_group ON rs_change_members (group_id)")
     )
-    return Snapshot(_groups(conn, source), _owners(conn, source))
+    return Snapshot(_groups(conn), _owners(conn))
 
 
 Member = tuple[str, str | None, str]  # (sourced id, email, name)
@@ -283,7 +273,7 @@ def collect(
 ) -> ChangeSet:
     """The change set, once the run's provisioning and the resync of its users are applied
     (still inside the transaction that is about to be rolled back)."""
-    after = Snapshot(_groups(conn, source), _owners(conn, source))
+    after = Snapshot(_groups(conn), _owners(conn))
     created = sorted(set(after.groups) - set(before.groups))
     removed = sorted(set(before.groups) - set(after.groups))
     kept = sorted(set(before.groups) & set(after.groups))
@@ -324,10 +314,11 @@ def collect(
 
     groups: list[dict[str, Any]] = []
     for g in created:
-        ext, name, _ = after.groups[g]
+        src, ext, name, _ = after.groups[g]
         groups.append(
             {
                 "action": "create",
+                "source": src,
                 "class_sourced_id": ext,
                 "name": name,
                 "owners_added": len(after.owners.get(g, ())),
@@ -344,10 +335,11 @@ def collect(
             }
         )
     for g in removed:
-        ext, name, _ = before.groups[g]
+        src, ext, name, _ = before.groups[g]
         groups.append(
             {
                 "action": "remove",
+                "source": src,
                 "class_sourced_id": ext,
                 "name": name,
                 "owners_added": 0,
@@ -364,8 +356,8 @@ def collect(
             }
         )
     for g in touched:
-        ext, name, _ = after.groups[g]
-        old_name = before.groups[g][1]
+        src, ext, name, _ = after.groups[g]
+        old_name = before.groups[g][2]
         plus, minus, changed = diffs[g]
         owners_now, owners_was = after.owners.get(g, set()), before.owners.get(g, set())
         if name == old_name and not (plus or minus or changed) and owners_now == owners_was:
@@ -373,6 +365,7 @@ def collect(
         groups.append(
             {
                 "action": "rename" if name != old_name else "update",
+                "source": src,
                 "class_sourced_id": ext,
                 "name": name,
                 "old_name": old_name if name != old_name else None,
@@ -389,7 +382,16 @@ def collect(
             }
         )
     order = {a: i for i, a in enumerate(GROUP_ACTIONS)}
-    groups.sort(key=lambda r: (order[r["action"]], r["class_sourced_id"]))
+    # The run's own source first; another's groups change when a user it restores or links
+    # teaches there too.
+    groups.sort(
+        key=lambda r: (
+            r["source"] != source,
+            order[r["action"]],
+            r["source"],
+            r["class_sourced_id"],
+        )
+    )
     out_notes = list(notes)
     if not listed:
         out_notes.append(

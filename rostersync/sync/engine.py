@@ -887,7 +887,7 @@ class SyncEngine:
         # dry run only when asked (--changes): it costs the resync work of the run.
         preview = held or ctx.dry_run
         record = ctx.changes if ctx.dry_run else held
-        before = changeset.snapshot(conn, source) if record else None
+        before = changeset.snapshot(conn) if record else None
         if held and before is None:
             raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
 

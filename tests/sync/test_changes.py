@@ -351,3 +351,34 @@ async def test_a_teacher_gone_from_the_source_is_archived_as_gone(
     assert stored is not None
     (archived,) = [u for u in stored.users if u["action"] == "archive"]
     assert archived["reason"].endswith(": gone from the source")
+
+
+async def test_groups_of_another_source_that_the_resync_changes_are_listed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A teacher_roles edit resyncs every user of the source: the groups they own in another
+    source are rebuilt too, and the change set lists them (with their source)."""
+    both = ("mem", "other")
+    settings = make_settings(memory_sources=both)
+    await sync(settings, store, small_roster())
+    await sync(settings, store, small_roster(), source="other")
+    narrowed = make_settings(
+        memory_sources=both,
+        safety={"max_removals": 0},
+        provisioning={"default_role": "Teacher", "teacher_roles": ["aide"]},
+    )
+    held = await sync(narrowed, store, small_roster())
+    assert held.status == "held"
+    stored = _stored(store, held.id)
+    assert stored is not None
+    doc = stored.as_json(members=True)
+    assert {g["source"] for g in doc["groups"]} == {"mem", "other"}
+    before = {s: picture(store, s) for s in both}
+    engine = SyncEngine(narrowed, store, connectors={"mem": MemoryConnector(small_roster())})
+    await engine.approve(held.id)
+    await engine.drain()
+    for src in both:
+        mine = {**doc, "groups": [g for g in doc["groups"] if g["source"] == src]}
+        got = plain(mine)
+        want = difference(before[src], picture(store, src), src)
+        assert got.groups == want.groups, src
