@@ -33,7 +33,7 @@ from rostersync.resync.groupplan import (
 )
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
 from rostersync.sync.apply import POPULATED, ids_in, teacher_role, teacher_role_params
-from rostersync.sync.plan import chunks
+from rostersync.sync.rules import chunks
 
 
 def _desired_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:

@@ -33,7 +33,7 @@ from rostersync.importer import (
     template_xlsx,
     write_report,
 )
-from rostersync.sync.plan import sites_for
+from rostersync.sync.rules import sites_for
 
 if TYPE_CHECKING:
     from rostersync.cli import App

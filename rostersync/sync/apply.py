@@ -25,7 +25,7 @@ from rostersync.store.tables import (
     Site,
     User,
 )
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     ExistingUser,
     LinkedUser,
     ProvisionPlan,
@@ -669,7 +669,7 @@ def _rows_for(
 def eligible_teachers(
     conn: Connection, source: str, teacher_roles: Sequence[str], only: set[str] | None = None
 ) -> list[Teacher]:
-    """The source's candidates (see :class:`~rostersync.sync.plan.Teacher`): active, enabled
+    """The source's candidates (see :class:`~rostersync.sync.rules.Teacher`): active, enabled
     persons of a teacher role teaching >= 1 active class with >= 1 active student (of the
     persons in ``only``, when given: a delta run looks only at the people it touched). Whether
     their email makes them eligible is the plan's to say."""

@@ -1,6 +1,6 @@
 """One sync run of one source: fetch -> stage -> apply, and the resync workers' batch step.
 
-The run is thin glue around :mod:`rostersync.sync.plan` (rules), :mod:`rostersync.sync.apply`
+The run is thin glue around :mod:`rostersync.sync.rules` (rules), :mod:`rostersync.sync.apply`
 (SQL) and :mod:`rostersync.groups` (materialisation). Failure rules:
 
 * anything that fails before the apply transaction commits changes nothing but the run's own
@@ -54,7 +54,7 @@ from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     EMAIL_REJECTIONS,
     ProvisionPlan,
     check_safety,

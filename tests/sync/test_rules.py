@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from rostersync.config.models import Provisioning, Safety
 from rostersync.emails import MAX_EMAIL
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     EMAIL_REJECTIONS,
     NO_EMAIL,
     ExistingUser,
