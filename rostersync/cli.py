@@ -199,8 +199,8 @@ async def _sync_and_drain(
     app: App,
     sources: list[str],
     mode: str | None,
-    dry_run: bool,
     *,
+    dry_run: bool,
     show_progress: bool = True,
     owner: str | None = None,
 ) -> list[RunReport]:
@@ -277,7 +277,7 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run))
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run))
     if as_json:
         emit_json({"runs": [r.as_json() for r in reports]})
     else:
@@ -314,7 +314,7 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports = asyncio.run(
-            _sync_and_drain(app, names, None, False, show_progress=False, owner=instance_id)
+            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
         )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})
@@ -496,7 +496,7 @@ async def _wait_for_jobs(
                 done = len(jobs) - len(unfinished)
                 progress.resync(done, len(unfinished), final=not unfinished)
             if not unfinished:
-                return _Waited(jobs, False, by)
+                return _Waited(jobs, timed_out=False, processed_by=by)
             daemons = await asyncio.to_thread(_daemons, app)
             if daemons and by != "daemon":
                 by = "daemon"
@@ -510,7 +510,7 @@ async def _wait_for_jobs(
                 )
             left = deadline - time.monotonic()
             if left <= 0:
-                return _Waited(jobs, True, by)
+                return _Waited(jobs, timed_out=True, processed_by=by)
             if daemons:
                 await asyncio.sleep(min(WAIT_POLL, left))
                 continue

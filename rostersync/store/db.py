@@ -333,6 +333,9 @@ class Store:
     def write(self, *, bulk: bool = False) -> Iterator[Connection]:
         """A write transaction: commits on success, rolls back on any exception.
 
+        The sync engine relies on this to undo a held or dry run (it raises inside the
+        transaction; see "rollback by exception" in :mod:`rostersync.sync.engine`).
+
         ``bulk``: a large transaction (a sync's apply). On SQLite its commit returns once its
         pages are in the write-ahead log, and the store's checkpointer thread copies them
         into the database file (see _Checkpointer)."""

@@ -186,6 +186,7 @@ def find_changes(
     conn: Connection,
     source: str,
     run_id: int,
+    *,
     full: bool,
     grouped: Mapping[str, int],
 ) -> Changes:

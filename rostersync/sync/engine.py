@@ -7,6 +7,12 @@ The run is thin glue around :mod:`rostersync.sync.rules` (rules), :mod:`rostersy
   record (status ``failed``, with the error);
 * a run the safety rules stop is recorded ``held`` with its staged data kept, and
   ``runs approve`` applies exactly that data later;
+* rollback by exception, the key invariant: the apply writes the directory and the mirror
+  only inside one ``store.write()`` transaction, and a held or dry run undoes all of it by
+  raising :class:`_RollBack` inside that transaction (never by deleting what it wrote). Its
+  findings travel out with the exception and are recorded with the run alone, in a second
+  transaction. So nothing inside the apply may commit, open its own transaction, or catch
+  and swallow :class:`_RollBack`;
 * a rejected record is counted and reported; it never sinks the run.
 """
 
@@ -179,7 +185,8 @@ class Outcome:
 
 class _RollBack(Exception):
     """Raised inside the apply's transaction to undo all of it (a held or a dry run); the
-    :class:`Outcome` travels with it to the report."""
+    :class:`Outcome` travels with it to the report. ``store.write()`` rolls back on any
+    exception, so this must reach it: see "rollback by exception" in the module docstring."""
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -461,7 +468,13 @@ class SyncEngine:
         error = None
         try:
             return await self._sync_leased(
-                source, fetch_mode, since, warnings, dry_run, trigger, mode
+                source,
+                fetch_mode,
+                since,
+                warnings,
+                dry_run=dry_run,
+                trigger=trigger,
+                requested=mode,
             )
         except Exception as exc:
             # Source and data problems end in the run's report; what escapes is a bug or a
@@ -480,6 +493,7 @@ class SyncEngine:
         fetch_mode: FetchMode,
         since: datetime | None,
         warnings: list[str],
+        *,
         dry_run: bool,
         trigger: str,
         requested: str | None,
@@ -718,7 +732,7 @@ class SyncEngine:
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)
-        changes = sql.find_changes(conn, source, run_id, full, grouped)
+        changes = sql.find_changes(conn, source, run_id, full=full, grouped=grouped)
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those
@@ -866,7 +880,7 @@ class SyncEngine:
         waiting = bool(plan.skipped_license) or (
             only is not None and bool(state and state["license_waiting"])
         )
-        self._record_success(conn, ctx, outcome, state, decided_with, waiting)
+        self._record_success(conn, ctx, outcome, state, decided_with, license_waiting=waiting)
         return outcome
 
     def _record_success(
@@ -876,6 +890,7 @@ class SyncEngine:
         outcome: Outcome,
         state: Mapping[str, Any] | None,
         decided_with: str,
+        *,
         license_waiting: bool,
     ) -> None:
         """The applied run's source state, report and staging, in its own transaction."""
