@@ -90,7 +90,7 @@ def _new_members_sql(dialect: str) -> str:
     """Fill just-created groups. A student enrolled twice in a class must not stop the insert:
     SQLite skips the repeat on conflict (cheaper than sorting a million rows to drop it);
     PostgreSQL drops it with DISTINCT ON and inserts plainly, as the groups are new to this
-    transaction: its ON CONFLICT inserts speculatively, a fifth slower per row."""
+    transaction: its ON CONFLICT inserts speculatively, which costs more per row."""
     insert = "INSERT INTO group_member (group_id, sourced_id, email, name) "
     if dialect == "postgresql":
         return (
@@ -114,8 +114,8 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         if new:
             conn.execute(in_text(_new_members_sql(conn.dialect.name), "ids"), params)
             continue
-        # Existing groups: compare in Python. (Set-based UPDATE ... FROM and anti-join
-        # DELETE were slower here: SQLite walked 25 enrollments per member to find one.)
+        # Existing groups: compare in Python, which beat set-based SQL here (see the
+        # benchmarks README's history).
         want: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
             for g, sid, email, name in conn.execute(in_text(_DESIRED_MEMBERS, "ids"), params)
@@ -144,11 +144,9 @@ _MARKED_MEMBERS = f"""
       AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
 """
 
-#: PostgreSQL plans the join above person first and then walks the enrollment index by
-#: person (six rows a mark, the class compared afterwards): 250,000 buffers and 0.35-0.38 s
-#: for a 1% delta's 19,000 marks. Probing the enrollment first, in a CTE it cannot fold into
-#: the join, takes the class index's exact (source, class, role, person) entry: 115,000
-#: buffers, 0.15-0.18 s.
+#: PostgreSQL: probe the enrollment first, in a CTE the planner cannot fold into the join, so
+#: each mark takes the class index's exact (source, class, role, person) entry instead of
+#: walking the enrollment index by person.
 _MARKED_MEMBERS_PG = f"""
     WITH m AS MATERIALIZED (
         SELECT t.gid, se.source, se.user_id FROM rs_member_marks t
@@ -175,9 +173,8 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     whose members changed.
 
     The marks go into a temporary table and both reads join it by primary key or index
-    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark. Reading the marked
-    groups' whole member lists instead cost 8 s per million rows, and row-value
-    ``IN (VALUES ...)`` made SQLite scan the million-row enrollment table.
+    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark, where reading the
+    marked groups' whole member lists, or a row-value ``IN (VALUES ...)``, scans.
     """
     if not marks:
         return set()
@@ -191,8 +188,7 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     # Emptied after use below; a failed transaction rolls its own rows back.
     rows = sorted(set(marks))
     if conn.dialect.name == "postgresql":
-        # COPY: psycopg's executemany sends a statement per row (0.35 s for a 1% delta's
-        # 19,450 marks).
+        # COPY: psycopg's executemany sends a statement per row.
         copy_rows(conn, "COPY rs_member_marks (gid, src, cls, person) FROM STDIN", rows)
     else:
         executemany(
@@ -223,8 +219,7 @@ def update_members(
 
 
 def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
-    """Every group gets the same time, so a statement per 500 ids: one statement per group
-    through psycopg took 0.48 s for a 1% delta's 15,820 groups on PostgreSQL."""
+    """Every group gets the same time, so a statement per 500 ids, not one per group."""
     stmt = in_text("UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids").bindparams(
         bindparam("now", type_=DateTime(timezone=True))  # stored as the ORM stores it
     )
@@ -271,8 +266,7 @@ def _insert_groups(
     batches wait on each other's groups in one order and never in a cycle.
     """
     if conn.dialect.name != "postgresql":
-        # One executemany: per-row INSERT ... RETURNING through the ORM layer cost more
-        # than the rest of a 10,000-teacher resync together.
+        # One executemany, not a per-row INSERT ... RETURNING through the ORM layer.
         executemany(
             conn,
             "INSERT INTO groups (source, external_id, name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
@@ -280,8 +274,8 @@ def _insert_groups(
             timestamps=True,
         )
         return set(keys)
-    # One statement with the keys as three arrays: a multi-row VALUES built by SQLAlchemy
-    # took 86 ms per 800 groups, this 10 ms. ORDER BY keeps the insert in key order.
+    # One statement with the keys as three arrays (cheaper than a multi-row VALUES built by
+    # SQLAlchemy). ORDER BY keeps the insert in key order.
     rows = conn.execute(
         text(
             "INSERT INTO groups (source, external_id, name, created_at, updated_at) "
@@ -438,8 +432,7 @@ def _rename_groups(
 ) -> set[int]:
     """Give the wanted groups their classes' titles; returns the ids of those renamed."""
     renamed = groups_to_rename(wanted, {key: groups[key][1] for key in wanted.titles})
-    # One executemany: a 1% delta renames 400 classes, and a statement apiece through
-    # SQLAlchemy took 1 ms each on PostgreSQL.
+    # One executemany: a delta run may rename hundreds of classes.
     executemany(
         conn,
         "UPDATE groups SET name = ?, updated_at = ? WHERE id = ?",
@@ -544,8 +537,7 @@ def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int],
         "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
         released,
     )
-    # Which released groups still have an owner, in a few IN-list statements: three
-    # statements per group took 1.6 s for a 1% delta's 393 removed groups on PostgreSQL.
+    # Which released groups still have an owner, in a few IN-list statements, not per group.
     let_go = {g for g, _ in released}
     kept = ids_in(conn, "SELECT group_id FROM group_owner WHERE group_id IN :ids", let_go)
     removed = let_go - kept

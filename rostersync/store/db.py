@@ -87,14 +87,13 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         # A page cache of up to 128 MiB (the default is 2 MiB): the set-based steps of a
         # large district walk million-row indexes, and with the default cache they re-read
-        # the same pages from the OS again and again (member inserts took 7.3 s, not 5 s,
-        # for a million rows). SQLite grows the cache only as far as a query needs it; at
-        # 256 MiB the pooled connections took a district L sync to 768 MiB of RSS.
+        # the same pages from the OS again and again. SQLite grows the cache only as far as
+        # a query needs it; a larger bound made the pooled connections' memory too large.
         cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cur.close()
         # SQLite's LOWER() folds ASCII only: "ÉLÈVE@X.ORG" became "ÉlÈve@x.org", unlike
         # PostgreSQL and the Python side, which compares str.lower() values (an imported
-        # username with a capital É was not found). About 0.3 s more per million calls.
+        # username with a capital É was not found).
         dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
     @event.listens_for(engine, "begin")
@@ -137,14 +136,13 @@ class _Checkpointer:
     own, after a bulk transaction commits.
 
     SQLite does this in the connection that commits, once the log holds 1,000 pages, and the
-    commit waits for it: a first sync's apply transaction (344 MB of log on district L) spent
-    1.4 s of its 1.6 s commit copying the log, on the one core the sync's work runs on. A
-    bulk commit hands that copy to this thread, where it runs beside the next work (the
+    commit waits for it: a first sync's apply would spend most of its commit copying its
+    large log, on the one core the sync's work runs on. A bulk commit hands that copy to this thread, where it runs beside the next work (the
     resync batches). Every other commit keeps SQLite's way: while the thread copies, their
     own checkpoints find it busy and skip; the first one after it copies the little that
     came since, and the writer after that starts the log over. (A thread checkpointing after
     every commit could not do that last part: the drain's batches begin a millisecond after
-    the last committed, never after a checkpoint finished, and the log grew to 588 MB.)
+    the last committed, never after a checkpoint finished, and the log kept growing.)
     Checkpoints are PASSIVE: they never wait for, or block, readers and writers. A process
     that exits before the thread is done loses nothing: the log is the durable copy, read by
     the next connection to open the database (the last one to close also checkpoints).

@@ -1097,11 +1097,10 @@ class SyncEngine:
         # empty tables turn into scans (see refresh_directory_statistics). The small tables are
         # re-sampled once the groups created since their last sample are at least 100 and at
         # least as many as were created before it: PostgreSQL scales sampled statistics to a
-        # table's current size, so only a table that has doubled needs them again. (Before
-        # every batch, a first drain of district L ran ANALYZE 40 times, 4.6 s on 2 cores.)
+        # table's current size, so only a table that has doubled needs them again.
         # All of them every ANALYZE_EVERY seconds while groups are being created. A drain
-        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling a
-        # million member rows cost it a third of a second.
+        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling the
+        # member rows would cost it more than it saves.
         now = time.monotonic()
         with self._stats_lock:
             every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
@@ -1140,8 +1139,8 @@ class SyncEngine:
         ``on_batch`` the running total after each batch.
 
         On PostgreSQL ``resync.workers`` batches run at once, as the daemon's workers do: the
-        database does most of the work, on as many cores (a first drain of district L took
-        20 s one batch at a time). SQLite's writers take turns, so one runs there."""
+        database does most of the work, on as many cores. SQLite's writers take turns, so one
+        runs there."""
         done = 0
 
         async def worker() -> None:
