@@ -7,20 +7,17 @@ set-based statements, where ORM objects would cost memory and time per row.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import structlog
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BindParameter,
     Connection,
@@ -39,7 +36,32 @@ from sqlalchemy.exc import OperationalError
 from rostersync.errors import StoreError
 from rostersync.rows import utc_text
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+#: A migration file's ``revision = "..."`` and ``down_revision = "..."`` (or None) lines.
+_REVISION_LINE = re.compile(
+    r'^(down_revision|revision)\s*(?::[^=\n]*)?=\s*(?:"([^"]*)"|None)\s*$', re.M
+)
+
+
+def schema_head() -> str | None:
+    """The newest migration's revision, read from the files' ``revision`` lines, or None
+    when they do not name one head plainly (Alembic then decides). Read without importing
+    Alembic: every command that opens the database checks the schema, and importing Alembic
+    would be a large part of a read-only command's start-up."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("[0-9]*.py"):
+        found = dict((key, value) for key, value in _REVISION_LINE.findall(path.read_text("utf-8")))
+        if "revision" not in found or "down_revision" not in found:
+            return None
+        revisions.add(found["revision"])
+        if found["down_revision"]:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def utcnow() -> datetime:
@@ -365,6 +387,8 @@ class Store:
     # -- schema ------------------------------------------------------------------------
 
     def _alembic(self, conn: Connection | None = None) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
@@ -373,11 +397,23 @@ class Store:
         return cfg
 
     def head_revision(self) -> str | None:
+        if (head := schema_head()) is not None:
+            return head
+        from alembic.script import ScriptDirectory
+
         return ScriptDirectory.from_config(self._alembic()).get_current_head()
 
     def current_revision(self) -> str | None:
         try:
             with self.engine.connect() as conn:
+                # Read plainly when there is one row (the usual case): Alembic is not imported.
+                if not inspect(conn).has_table("alembic_version"):
+                    return None
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+                if len(rows) <= 1:
+                    return str(rows[0][0]) if rows else None
+                from alembic.runtime.migration import MigrationContext
+
                 return MigrationContext.configure(conn).get_current_revision()
         except OperationalError as exc:
             raise StoreError(f"cannot open database {self!r}: {exc.orig}") from None
@@ -385,6 +421,8 @@ class Store:
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after)."""
         before = self.current_revision()
+        from alembic import command
+
         with self.engine.connect() as conn:
             command.upgrade(self._alembic(conn), "head")
             conn.commit()
