@@ -6,7 +6,6 @@ config. With ``--json`` the only thing on stdout is one JSON document; logs go t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import platform
@@ -19,29 +18,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import structlog
-from sqlalchemy import Connection
 
-from rostersync import __version__, directory, recovery
-from rostersync.config.loader import config_path, json_schema_text, load_settings
-from rostersync.config.models import Settings
+from rostersync import __version__
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
-from rostersync.logs import configure as configure_logging
-from rostersync.logs import register_secrets_in, scrub
-from rostersync.progress import SyncProgress
-from rostersync.store.db import Store, sqlite_file
-from rostersync.sync.apply import queue_resync, sync_catalog
-from rostersync.sync.engine import (
-    COUNT_KEYS,
-    RunReport,
-    SourceBusy,
-    SyncEngine,
-    instance_id,
-    load_report,
-)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from rostersync.config.models import Settings
+    from rostersync.progress import SyncProgress
+    from rostersync.store.db import Store
+    from rostersync.sync.engine import RunReport, SyncEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -58,6 +48,10 @@ class App:
 
     @property
     def settings(self) -> Settings:
+        from rostersync.config.loader import load_settings
+        from rostersync.logs import configure as configure_logging
+        from rostersync.logs import register_secrets_in
+
         if self._settings is None:
             self._settings = load_settings(self.config_file)
             register_secrets_in(self._settings)
@@ -69,6 +63,8 @@ class App:
     @property
     def store(self) -> Store:
         """The database for commands that write: an empty one is created and migrated."""
+        from rostersync.store.db import Store
+
         if self._store is None:
             self._store = Store(self.settings.database)
             self._store.ensure_schema(auto_upgrade=True)
@@ -78,6 +74,8 @@ class App:
     def read_store(self) -> Store:
         """The database for commands that only read: it must exist with the current schema.
         Nothing is created or migrated, so a mistyped path is an error, not an empty listing."""
+        from rostersync.store.db import Store
+
         if self._store is None:
             # Kept before the check, so close() disposes of it even when the check fails.
             self._store = Store(self.settings.database, create=False)
@@ -86,6 +84,8 @@ class App:
 
     def engine(self, *, owner: str | None = None, **kwargs: Any) -> SyncEngine:
         """An engine for a command that syncs or processes jobs (see prepare)."""
+        from rostersync.sync.engine import SyncEngine
+
         owner = self.prepare(owner)
         return SyncEngine(
             self.settings,
@@ -99,6 +99,11 @@ class App:
         """Before this command takes leases: put right what dead processes of this host left
         (their runs, source leases, job leases and staging; see rostersync.recovery), then
         register this process. Once per command; returns its owner name."""
+        import structlog
+
+        from rostersync import recovery
+        from rostersync.sync.engine import instance_id
+
         if self._owner is None:
             name = owner or instance_id()
             found = recovery.recover(self.store, name)
@@ -113,6 +118,10 @@ class App:
         if self._store is None:
             return
         if self._owner is not None:
+            import structlog
+
+            from rostersync import recovery
+
             try:
                 recovery.unregister(self._store, self._owner)
             except Exception as exc:  # the next recovery on this host drops the row
@@ -164,6 +173,8 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 
 
 def _print_report(r: RunReport) -> None:
+    from rostersync.sync.engine import COUNT_KEYS
+
     flag = " (dry run)" if r.dry_run else ""
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.status}")
     if r.error:
@@ -199,11 +210,15 @@ async def _sync_and_drain(
     app: App,
     sources: list[str],
     mode: str | None,
-    dry_run: bool,
     *,
+    dry_run: bool,
     show_progress: bool = True,
     owner: str | None = None,
 ) -> list[RunReport]:
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+    from rostersync.sync.engine import SourceBusy, load_report
+
     progress = SyncProgress(sys.stderr) if show_progress else None
     if progress is not None and progress.tty:
         # Log lines print above the live display instead of through it.
@@ -267,6 +282,8 @@ def sync(
     app: App, sources: tuple[str, ...], mode: str | None, dry_run: bool, as_json: bool
 ) -> None:
     """Sync now in the foreground, then process the resync jobs it queued."""
+    import asyncio
+
     settings = app.settings
     unknown = [s for s in sources if s not in settings.sources]
     if unknown:
@@ -277,7 +294,7 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run))
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run))
     if as_json:
         emit_json({"runs": [r.as_json() for r in reports]})
     else:
@@ -309,12 +326,16 @@ def sync(
 @click.pass_obj
 def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeout: float) -> None:
     """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
+    import asyncio
+
+    from rostersync.config.loader import config_path
+
     settings = app.settings
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports = asyncio.run(
-            _sync_and_drain(app, names, None, False, show_progress=False, owner=instance_id)
+            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
         )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})
@@ -365,6 +386,11 @@ def resync(
     as_json: bool,
 ) -> None:
     """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
+    import asyncio
+
+    from rostersync import directory
+    from rostersync.sync.apply import queue_resync
+
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
     store = app.store
@@ -452,6 +478,8 @@ def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
 
 
 def _daemons(app: App) -> list[str]:
+    from rostersync import recovery
+
     return recovery.live_daemons(app.store, app.settings.leases.expire_after)
 
 
@@ -476,6 +504,11 @@ async def _wait_for_jobs(
     jobs would wait for nobody: this command processes the queue itself, as `run --once`
     would, and says so; if a daemon appears meanwhile, it leaves the rest to it. The timeout
     is checked between batches."""
+    import asyncio
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+
     deadline = time.monotonic() + seconds
     progress = SyncProgress(sys.stderr) if (show or sys.stderr.isatty()) else None
     if progress is not None and progress.tty:
@@ -496,7 +529,7 @@ async def _wait_for_jobs(
                 done = len(jobs) - len(unfinished)
                 progress.resync(done, len(unfinished), final=not unfinished)
             if not unfinished:
-                return _Waited(jobs, False, by)
+                return _Waited(jobs, timed_out=False, processed_by=by)
             daemons = await asyncio.to_thread(_daemons, app)
             if daemons and by != "daemon":
                 by = "daemon"
@@ -510,7 +543,7 @@ async def _wait_for_jobs(
                 )
             left = deadline - time.monotonic()
             if left <= 0:
-                return _Waited(jobs, True, by)
+                return _Waited(jobs, timed_out=True, processed_by=by)
             if daemons:
                 await asyncio.sleep(min(WAIT_POLL, left))
                 continue
@@ -533,6 +566,8 @@ def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
     """The jobs waited for. A job that is gone was folded into a newer job of its user (a
     retry that found one queued): that one is followed instead."""
     from sqlalchemy import bindparam, text
+
+    from rostersync import directory
 
     with store.read() as conn:
         jobs = directory.list_jobs(conn, sorted(waiting))
@@ -587,6 +622,8 @@ def users() -> None:
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         rows = directory.list_users(conn)
     if as_json:
@@ -622,6 +659,8 @@ def groups() -> None:
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         rows = directory.list_groups(conn, user)
     if as_json:
@@ -656,6 +695,8 @@ def queue() -> None:
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         jobs = directory.list_jobs(conn, limit=limit)
     if as_json:
@@ -676,6 +717,8 @@ def runs() -> None:
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
     if as_json:
@@ -707,6 +750,8 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 @click.pass_obj
 def runs_show(app: App, run_id: int, as_json: bool) -> None:
     """One run's report: counts, warnings, every rejected record."""
+    from rostersync.sync.engine import load_report
+
     try:
         with app.read_store.read() as conn:
             report = load_report(conn, run_id)
@@ -727,6 +772,9 @@ def runs_show(app: App, run_id: int, as_json: bool) -> None:
 @click.pass_obj
 def runs_approve(app: App, run_id: int, as_json: bool) -> None:
     """Apply a held run as it was staged, then process the resyncs it queued."""
+    import asyncio
+
+    from rostersync.sync.engine import load_report
 
     async def go() -> RunReport:
         engine = app.engine()
@@ -761,6 +809,9 @@ def config_group() -> None:
 @click.pass_obj
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
+    from rostersync.config.loader import config_path, load_settings
+    from rostersync.store.db import sqlite_file
+
     path = config_path(app.config_file)
     try:
         settings = load_settings(path, check_files=True)
@@ -787,6 +838,8 @@ def config_check(app: App) -> None:
 )
 def config_schema(output: Path | None) -> None:
     """Print the config's JSON Schema (for editors' YAML completion)."""
+    from rostersync.config.loader import json_schema_text
+
     text = json_schema_text()
     if output:
         output.write_text(text, encoding="utf-8")
@@ -803,6 +856,9 @@ def db_group() -> None:
 @click.pass_obj
 def db_upgrade(app: App) -> None:
     """Apply pending migrations."""
+    from rostersync.store.db import Store
+    from rostersync.sync.apply import sync_catalog
+
     store = Store(app.settings.database)
     before, after = store.upgrade()
     with store.write() as conn:
@@ -832,6 +888,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     except RostersyncError as exc:
+        import structlog  # here: `--help` and light commands never need it
+
         structlog.get_logger().debug("command_failed", error=str(exc))
         click.echo(f"rostersync: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -854,6 +912,11 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
     The trace goes to a private file and, when logs are JSON lines (journald, pipes), into the
     log as well; a terminal gets the line only. Secrets are scrubbed from all of them.
     """
+    import structlog
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.logs import scrub
+
     summary = _one_line(scrub(f"{type(exc).__name__}: {exc}"))
     trace = scrub("".join(traceback.format_exception(exc)))
     path, why_not = _save_trace(trace, summary, args)
@@ -898,6 +961,8 @@ def trace_dirs() -> list[Path]:
 
 def _save_trace(trace: str, summary: str, args: Sequence[str]) -> tuple[Path | None, str]:
     """Write the trace to a new file readable by its owner only; its path, or why not."""
+    from rostersync.logs import scrub
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     header = (
         f"rostersync {__version__} (Python {platform.python_version()}) at {stamp}\n"

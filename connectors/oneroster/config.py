@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import (
     ConfigDict,
     Field,
@@ -187,6 +186,8 @@ class OneRosterSourceConfig(SourceConfig):
         return None
 
     def http_client_options(self) -> dict[str, Any]:
+        import httpx  # here: loading the config (every command does) needs no HTTP client
+
         verify: bool | ssl.SSLContext = self.verify_tls
         if self.verify_tls and self.ca_bundle is not None:
             # httpx 0.28 deprecates a path in `verify`; an SSLContext is the supported form.

@@ -1,12 +1,18 @@
 """One sync run of one source: fetch -> stage -> apply, and the resync workers' batch step.
 
-The run is thin glue around :mod:`rostersync.sync.plan` (rules), :mod:`rostersync.sync.apply`
+The run is thin glue around :mod:`rostersync.sync.rules` (rules), :mod:`rostersync.sync.apply`
 (SQL) and :mod:`rostersync.groups` (materialisation). Failure rules:
 
 * anything that fails before the apply transaction commits changes nothing but the run's own
   record (status ``failed``, with the error);
 * a run the safety rules stop is recorded ``held`` with its staged data kept, and
   ``runs approve`` applies exactly that data later;
+* rollback by exception, the key invariant: the apply writes the directory and the mirror
+  only inside one ``store.write()`` transaction, and a held or dry run undoes all of it by
+  raising :class:`_RollBack` inside that transaction (never by deleting what it wrote). Its
+  findings travel out with the exception and are recorded with the run alone, in a second
+  transaction. So nothing inside the apply may commit, open its own transaction, or catch
+  and swallow :class:`_RollBack`;
 * a rejected record is counted and reported; it never sinks the run.
 """
 
@@ -54,7 +60,7 @@ from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync.live import apply_teacher_roster
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     EMAIL_REJECTIONS,
     ProvisionPlan,
     check_safety,
@@ -179,7 +185,8 @@ class Outcome:
 
 class _RollBack(Exception):
     """Raised inside the apply's transaction to undo all of it (a held or a dry run); the
-    :class:`Outcome` travels with it to the report."""
+    :class:`Outcome` travels with it to the report. ``store.write()`` rolls back on any
+    exception, so this must reach it: see "rollback by exception" in the module docstring."""
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -461,7 +468,13 @@ class SyncEngine:
         error = None
         try:
             return await self._sync_leased(
-                source, fetch_mode, since, warnings, dry_run, trigger, mode
+                source,
+                fetch_mode,
+                since,
+                warnings,
+                dry_run=dry_run,
+                trigger=trigger,
+                requested=mode,
             )
         except Exception as exc:
             # Source and data problems end in the run's report; what escapes is a bug or a
@@ -480,6 +493,7 @@ class SyncEngine:
         fetch_mode: FetchMode,
         since: datetime | None,
         warnings: list[str],
+        *,
         dry_run: bool,
         trigger: str,
         requested: str | None,
@@ -718,7 +732,7 @@ class SyncEngine:
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)
-        changes = sql.find_changes(conn, source, run_id, full, grouped)
+        changes = sql.find_changes(conn, source, run_id, full=full, grouped=grouped)
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those
@@ -866,7 +880,7 @@ class SyncEngine:
         waiting = bool(plan.skipped_license) or (
             only is not None and bool(state and state["license_waiting"])
         )
-        self._record_success(conn, ctx, outcome, state, decided_with, waiting)
+        self._record_success(conn, ctx, outcome, state, decided_with, license_waiting=waiting)
         return outcome
 
     def _record_success(
@@ -876,6 +890,7 @@ class SyncEngine:
         outcome: Outcome,
         state: Mapping[str, Any] | None,
         decided_with: str,
+        *,
         license_waiting: bool,
     ) -> None:
         """The applied run's source state, report and staging, in its own transaction."""
@@ -1082,11 +1097,10 @@ class SyncEngine:
         # empty tables turn into scans (see refresh_directory_statistics). The small tables are
         # re-sampled once the groups created since their last sample are at least 100 and at
         # least as many as were created before it: PostgreSQL scales sampled statistics to a
-        # table's current size, so only a table that has doubled needs them again. (Before
-        # every batch, a first drain of district L ran ANALYZE 40 times, 4.6 s on 2 cores.)
+        # table's current size, so only a table that has doubled needs them again.
         # All of them every ANALYZE_EVERY seconds while groups are being created. A drain
-        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling a
-        # million member rows cost it a third of a second.
+        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling the
+        # member rows would cost it more than it saves.
         now = time.monotonic()
         with self._stats_lock:
             every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
@@ -1125,8 +1139,8 @@ class SyncEngine:
         ``on_batch`` the running total after each batch.
 
         On PostgreSQL ``resync.workers`` batches run at once, as the daemon's workers do: the
-        database does most of the work, on as many cores (a first drain of district L took
-        20 s one batch at a time). SQLite's writers take turns, so one runs there."""
+        database does most of the work, on as many cores. SQLite's writers take turns, so one
+        runs there."""
         done = 0
 
         async def worker() -> None:

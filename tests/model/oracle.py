@@ -1,7 +1,7 @@
 """The oracle: rostersync's rules as plain Python over plain values.
 
 It is written from the README's rules and issue 16's, not from the engine: it imports no rule
-code (``rostersync.sync.plan``, ``rostersync.emails``, SQL), only the record types the
+code (``rostersync.sync.rules``, ``rostersync.emails``, SQL), only the record types the
 connectors yield. Each sync is one application of the rules to the state at the start of the
 run; a delta run must end where deciding for everyone would (the README's "nobody else's
 outcome can have changed", checked rather than assumed).
