@@ -30,7 +30,7 @@ from rostersync.config.loader import config_path, json_schema_text, load_setting
 from rostersync.config.models import Settings
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
 from rostersync.logs import configure as configure_logging
-from rostersync.logs import register_secrets_in, scrub
+from rostersync.logs import notice, register_secrets_in, renders_json, scrub, stderr_line
 from rostersync.progress import SyncProgress
 from rostersync.store.db import Store, sqlite_file
 from rostersync.sync.apply import queue_resync, sync_catalog
@@ -136,7 +136,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"rostersync: {message}", err=True)
+    click.echo(stderr_line(f"rostersync: {message}"), err=True)
     sys.exit(code)
 
 
@@ -204,8 +204,9 @@ async def _sync_and_drain(
     show_progress: bool = True,
     owner: str | None = None,
 ) -> list[RunReport]:
-    progress = SyncProgress(sys.stderr) if show_progress else None
-    if progress is not None and progress.tty:
+    # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
+    progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
+    if progress is not None:
         # Log lines print above the live display instead of through it.
         settings = app.settings
         configure_logging(
@@ -229,9 +230,8 @@ async def _sync_and_drain(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                settings = app.settings
-                configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+            settings = app.settings
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports
 
 
@@ -397,16 +397,17 @@ def resync(
         click.echo(f"queued {len(job_ids)} resync job(s)")
     waited = None
     if wait:
-        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout, show=not as_json))
+        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout))
         jobs = waited.jobs
     else:
         with store.read() as conn:
             jobs = directory.list_jobs(conn, job_ids)
         if not as_json and job_ids and not _daemons(app):
-            click.echo(
-                "rostersync: no daemon is running against this database: the jobs wait for "
+            notice(
+                "resync_no_daemon",
+                "no daemon is running against this database: the jobs wait for "
                 "one; `rostersync run --once` (or `resync --wait`) processes them now",
-                err=True,
+                "warning",
             )
     if as_json:
         doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
@@ -466,9 +467,7 @@ class _Waited:
 WAIT_POLL = 0.25
 
 
-async def _wait_for_jobs(
-    app: App, job_users: dict[int, int], seconds: float, *, show: bool
-) -> _Waited:
+async def _wait_for_jobs(app: App, job_users: dict[int, int], seconds: float) -> _Waited:
     """Wait until every job ended (succeeded, or failed for good), or ``seconds`` passed.
 
     While a daemon runs against the database it does the work and this only watches. When
@@ -477,8 +476,8 @@ async def _wait_for_jobs(
     would, and says so; if a daemon appears meanwhile, it leaves the rest to it. The timeout
     is checked between batches."""
     deadline = time.monotonic() + seconds
-    progress = SyncProgress(sys.stderr) if (show or sys.stderr.isatty()) else None
-    if progress is not None and progress.tty:
+    progress = SyncProgress(sys.stderr) if sys.stderr.isatty() else None
+    if progress is not None:
         configure_logging(
             app.log_level or app.settings.logging.level,
             app.settings.logging.format,
@@ -500,11 +499,16 @@ async def _wait_for_jobs(
             daemons = await asyncio.to_thread(_daemons, app)
             if daemons and by != "daemon":
                 by = "daemon"
-                _notice(progress, f"waiting for the daemon {daemons[0]} to process them")
+                _notice(
+                    progress,
+                    "resync_waiting_for_daemon",
+                    f"waiting for the daemon {daemons[0]} to process them",
+                )
             elif not daemons and by != "this command":
                 by = "this command"
                 _notice(
                     progress,
+                    "resync_processing_here",
                     "no daemon is running against this database: processing the queue here "
                     "(as `rostersync run --once` would)",
                 )
@@ -523,10 +527,9 @@ async def _wait_for_jobs(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                configure_logging(
-                    app.log_level or app.settings.logging.level, app.settings.logging.format
-                )
+            configure_logging(
+                app.log_level or app.settings.logging.level, app.settings.logging.format
+            )
 
 
 def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
@@ -557,11 +560,11 @@ def _due_soonest(store: Store) -> float | None:
         return job_due_soonest(conn)
 
 
-def _notice(progress: SyncProgress | None, message: str) -> None:
-    if progress is not None and progress.tty:
+def _notice(progress: SyncProgress | None, event: str, message: str) -> None:
+    if progress is not None:
         progress.log_stream.write(f"{message}\n")
     else:
-        click.echo(f"rostersync: {message}", err=True)
+        notice(event, message)
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
@@ -826,14 +829,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_USAGE)
     except ConfigError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_USAGE)
     except StoreError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except RostersyncError as exc:
         structlog.get_logger().debug("command_failed", error=str(exc))
-        click.echo(f"rostersync: {exc}", err=True)
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except OSError as exc:
         if exc.filename is None:
@@ -859,17 +862,14 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
     path, why_not = _save_trace(trace, summary, args)
     if not structlog.is_configured():
         configure_logging()  # failed before the config was read: keep logs off stdout
-    as_json = any(
-        isinstance(p, structlog.processors.JSONRenderer)
-        for p in structlog.get_config()["processors"]
-    )
+    as_json = renders_json()
     # A terminal gets the trace only when it could not be saved anywhere.
     with_trace = {"exception": trace} if as_json or path is None else {}
     structlog.get_logger().error(
         "internal_error", error=summary, trace_file=str(path) if path else None, **with_trace
     )
     where = f"full trace in {path}" if path else f"the trace could not be saved ({why_not})"
-    click.echo(f"rostersync: internal error: {summary} ({where})", err=True)
+    click.echo(stderr_line(f"rostersync: internal error: {summary} ({where})"), err=True)
     sys.exit(EXIT_FAILED)
 
 
