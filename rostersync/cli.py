@@ -140,18 +140,49 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     sys.exit(code)
 
 
+CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _set_on_app(attr: str) -> Any:
+    """A callback that records a global option given after the command on the App."""
+
+    def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        app = ctx.find_object(App)
+        if value is not None and app is not None:
+            setattr(app, attr, value)
+
+    return record
+
+
+def accept_global_options(group: click.Group) -> None:
+    """Let `--config` and `--log-level` follow any command and subcommand too
+    (`rostersync users list --config X`), as well as precede it."""
+    for command in group.commands.values():
+        if not any(p.name in ("global_config", "global_log_level") for p in command.params):
+            command.params += [
+                click.Option(
+                    ["--config", "global_config"],
+                    metavar="PATH",
+                    expose_value=False,
+                    callback=_set_on_app("config_file"),
+                    help=CONFIG_HELP,
+                ),
+                click.Option(
+                    ["--log-level", "global_log_level"],
+                    type=click.Choice(LOG_LEVELS),
+                    expose_value=False,
+                    callback=_set_on_app("log_level"),
+                    help="override logging.level",
+                ),
+            ]
+        if isinstance(command, click.Group):
+            accept_global_options(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--config",
-    "config_file",
-    metavar="PATH",
-    help="config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="override logging.level",
-)
+@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
@@ -351,7 +382,12 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
     help="block until the jobs end (processing them here if no daemon runs); exit 1 if any failed",
 )
 @click.option(
-    "--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds"
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="with --wait: give up waiting after this long (the jobs stay queued)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
@@ -367,6 +403,7 @@ def resync(
     """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    started = time.monotonic()
     store = app.store
     with store.write() as conn:
         if all_users:
@@ -417,6 +454,7 @@ def resync(
         emit_json(doc)
     elif wait:
         click.echo(_jobs_table(jobs))
+        click.echo(_summary(jobs, waited, time.monotonic() - started))
     if waited is not None and waited.timed_out:
         unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
         states = ", ".join(
@@ -435,6 +473,17 @@ def resync(
         )
     if wait and any(j["state"] != "succeeded" for j in jobs):
         sys.exit(EXIT_FAILED)
+
+
+def _summary(jobs: list[dict[str, Any]], waited: _Waited | None, seconds: float) -> str:
+    """The last line of `resync --wait`: how the jobs ended, who did them, how long it took."""
+    states = {s: sum(j["state"] == s for j in jobs) for s in ("succeeded", "failed")}
+    left = len(jobs) - sum(states.values())
+    parts = [f"{n} {state}" for state, n in states.items()]
+    if left:
+        parts.append(f"{left} unfinished")
+    by = f" by {waited.processed_by}" if waited is not None and waited.processed_by else ""
+    return f"{len(jobs)} job(s): {', '.join(parts)}; processed{by} in {seconds:.1f}s"
 
 
 def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
@@ -586,7 +635,7 @@ def users() -> None:
 
 
 @users.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
@@ -621,11 +670,15 @@ def groups() -> None:
 
 @groups.command("list")
 @click.option("--user", "user", metavar="EMAIL", help="only groups this user owns")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
     with app.read_store.read() as conn:
+        if user:
+            missing = directory.user_ids_by_email(conn, [user])[1]
+            if missing:
+                fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
         rows = directory.list_groups(conn, user)
     if as_json:
         emit_json(rows)
@@ -654,8 +707,10 @@ def queue() -> None:
 
 
 @queue.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option(
+    "--limit", type=int, default=1000, show_default=True, help="show at most this many jobs"
+)
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
@@ -673,9 +728,11 @@ def runs() -> None:
 
 
 @runs.command("list")
-@click.option("--source", metavar="NAME")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--source", metavar="NAME", help="only the runs of this source")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first."""
@@ -706,7 +763,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 
 @runs.command("show")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_show(app: App, run_id: int, as_json: bool) -> None:
     """One run's report: counts, warnings, every rejected record."""
@@ -726,7 +783,7 @@ def runs_show(app: App, run_id: int, as_json: bool) -> None:
 
 @runs.command("approve")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_approve(app: App, run_id: int, as_json: bool) -> None:
     """Apply a held run as it was staged, then process the resyncs it queued."""
@@ -929,3 +986,6 @@ from rostersync.commands.importing import import_cmd, outbox, teachers  # noqa: 
 cli.add_command(import_cmd, "import")
 cli.add_command(teachers)
 cli.add_command(outbox)
+
+# Last, so that every command above and from the modules has them.
+accept_global_options(cli)
