@@ -3,9 +3,11 @@ suggestions for typos, usage errors that exit 2, and deploy files that work as d
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from rostersync.cli import cli
+from rostersync.cli import cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +184,30 @@ def test_container_build_lines_keep_the_healthcheck() -> None:
     for line in builds:
         assert "--format docker" in line, line
     assert re.search(r"^HEALTHCHECK ", containerfile, re.M)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_resync_all_wait_shows_progress_on_a_terminal_only(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a terminal the jobs' progress is drawn on stderr; piped, stderr has JSON lines only."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    main(["--config", str(config), "resync", "--all", "--wait"])  # exits only on failure
+    drawn = terminal.getvalue()
+    assert "\x1b[2K" in drawn and "43 job(s) done" in drawn
+    assert "processing the queue here" in drawn
+    assert capsys.readouterr().out.splitlines()[-1].startswith("43 job(s): 43 succeeded")
+
+    monkeypatch.undo()
+    piped = invoke("--config", str(config), "--log-level", "info", "resync", "--all", "--wait")
+    assert piped.exit_code == 0
+    lines = piped.stderr.splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines)
+    assert "job(s) done" not in piped.stderr

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -279,3 +281,20 @@ def test_the_store_collector_exports_what_it_read() -> None:
 
     text = Metrics(broken).render().decode()
     assert "rostersync_resync_queue_jobs" not in text and "rostersync_info{" in text
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
+    """`promtool check rules` passes, and the alerts fire (and stay quiet) as
+    tests/daemon/alert_rules_test.yml expects: a stale and a never-synced source, a held run
+    until it is approved, a job failed for good."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip("promtool is not installed (apt install prometheus); the names test still runs")
+    for args in (
+        ["check", "rules", str(RULES)],
+        ["test", "rules", str(Path(__file__).with_name("alert_rules_test.yml"))],
+    ):
+        done = subprocess.run(
+            [tool, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
