@@ -298,3 +298,9 @@ def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
             [tool, *args], capture_output=True, text=True, timeout=60, check=False
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/operations.md lists each metric an operator's dashboards and alerts rely on."""
+    doc = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert [name for name in METRIC_NAMES if f"`{name}`" not in doc] == []
