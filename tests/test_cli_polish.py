@@ -211,3 +211,13 @@ def test_resync_all_wait_shows_progress_on_a_terminal_only(
     lines = piped.stderr.splitlines()
     assert lines and all(json.loads(line)["event"] for line in lines)
     assert "job(s) done" not in piped.stderr
+
+
+def test_an_import_warning_is_a_json_line_off_a_terminal(config: Path, tmp_path: Path) -> None:
+    """A file's warning (read as Windows-1252) reaches a pipe as a JSON log line."""
+    upload = tmp_path / "ansi.csv"
+    upload.write_bytes("Email;Display Name\r\nzoe@example.org;Zoë Müller\r\n".encode("cp1252"))
+    result = invoke("--config", str(config), "import", str(upload), "--dry-run")
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    warning = next(line for line in lines if line["event"] == "import_warning")
+    assert warning["level"] == "warning" and "Windows-1252" in warning["message"]

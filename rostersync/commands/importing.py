@@ -33,6 +33,7 @@ from rostersync.importer import (
     template_xlsx,
     write_report,
 )
+from rostersync.logs import notice
 from rostersync.sync.plan import sites_for
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def import_file(
         cli.fail(f"{exc}; nothing was imported", cli.EXIT_USAGE)
         return  # fail() exits; the lazily imported module hides its NoReturn from mypy
     for warning in result.warnings:
-        click.echo(f"rostersync: warning: {warning}", err=True)
+        notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
     if as_json:
