@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,7 +144,7 @@ CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/ro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def _set_on_app(attr: str) -> Any:
+def _set_on_app(attr: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
     """A callback that records a global option given after the command on the App."""
 
     def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
