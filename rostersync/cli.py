@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -145,22 +145,55 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"rostersync: {message}", err=True)
+    from rostersync.logs import stderr_line
+
+    click.echo(stderr_line(f"rostersync: {message}"), err=True)
     sys.exit(code)
 
 
+CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _set_on_app(attr: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """A callback that records a global option given after the command on the App."""
+
+    def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        app = ctx.find_object(App)
+        if value is not None and app is not None:
+            setattr(app, attr, value)
+
+    return record
+
+
+def accept_global_options(group: click.Group) -> None:
+    """Let `--config` and `--log-level` follow any command and subcommand too
+    (`rostersync users list --config X`), as well as precede it."""
+    for command in group.commands.values():
+        if not any(p.name in ("global_config", "global_log_level") for p in command.params):
+            command.params += [
+                click.Option(
+                    ["--config", "global_config"],
+                    metavar="PATH",
+                    expose_value=False,
+                    callback=_set_on_app("config_file"),
+                    help=CONFIG_HELP,
+                ),
+                click.Option(
+                    ["--log-level", "global_log_level"],
+                    type=click.Choice(LOG_LEVELS),
+                    expose_value=False,
+                    callback=_set_on_app("log_level"),
+                    help="override logging.level",
+                ),
+            ]
+        if isinstance(command, click.Group):
+            accept_global_options(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--config",
-    "config_file",
-    metavar="PATH",
-    help="config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="override logging.level",
-)
+@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
@@ -219,8 +252,9 @@ async def _sync_and_drain(
     from rostersync.progress import SyncProgress
     from rostersync.sync.engine import SourceBusy, load_report
 
-    progress = SyncProgress(sys.stderr) if show_progress else None
-    if progress is not None and progress.tty:
+    # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
+    progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
+    if progress is not None:
         # Log lines print above the live display instead of through it.
         settings = app.settings
         configure_logging(
@@ -244,9 +278,8 @@ async def _sync_and_drain(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                settings = app.settings
-                configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+            settings = app.settings
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports
 
 
@@ -372,7 +405,12 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
     help="block until the jobs end (processing them here if no daemon runs); exit 1 if any failed",
 )
 @click.option(
-    "--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds"
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="with --wait: give up waiting after this long (the jobs stay queued)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
@@ -389,10 +427,12 @@ def resync(
     import asyncio
 
     from rostersync import directory
+    from rostersync.logs import notice
     from rostersync.sync.apply import queue_resync
 
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    started = time.monotonic()
     store = app.store
     with store.write() as conn:
         if all_users:
@@ -423,16 +463,17 @@ def resync(
         click.echo(f"queued {len(job_ids)} resync job(s)")
     waited = None
     if wait:
-        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout, show=not as_json))
+        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout))
         jobs = waited.jobs
     else:
         with store.read() as conn:
             jobs = directory.list_jobs(conn, job_ids)
         if not as_json and job_ids and not _daemons(app):
-            click.echo(
-                "rostersync: no daemon is running against this database: the jobs wait for "
+            notice(
+                "resync_no_daemon",
+                "no daemon is running against this database: the jobs wait for "
                 "one; `rostersync run --once` (or `resync --wait`) processes them now",
-                err=True,
+                "warning",
             )
     if as_json:
         doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
@@ -442,6 +483,7 @@ def resync(
         emit_json(doc)
     elif wait:
         click.echo(_jobs_table(jobs))
+        click.echo(_summary(jobs, waited, time.monotonic() - started))
     if waited is not None and waited.timed_out:
         unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
         states = ", ".join(
@@ -460,6 +502,17 @@ def resync(
         )
     if wait and any(j["state"] != "succeeded" for j in jobs):
         sys.exit(EXIT_FAILED)
+
+
+def _summary(jobs: list[dict[str, Any]], waited: _Waited | None, seconds: float) -> str:
+    """The last line of `resync --wait`: how the jobs ended, who did them, how long it took."""
+    states = {s: sum(j["state"] == s for j in jobs) for s in ("succeeded", "failed")}
+    left = len(jobs) - sum(states.values())
+    parts = [f"{n} {state}" for state, n in states.items()]
+    if left:
+        parts.append(f"{left} unfinished")
+    by = f" by {waited.processed_by}" if waited is not None and waited.processed_by else ""
+    return f"{len(jobs)} job(s): {', '.join(parts)}; processed{by} in {seconds:.1f}s"
 
 
 def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
@@ -494,9 +547,7 @@ class _Waited:
 WAIT_POLL = 0.25
 
 
-async def _wait_for_jobs(
-    app: App, job_users: dict[int, int], seconds: float, *, show: bool
-) -> _Waited:
+async def _wait_for_jobs(app: App, job_users: dict[int, int], seconds: float) -> _Waited:
     """Wait until every job ended (succeeded, or failed for good), or ``seconds`` passed.
 
     While a daemon runs against the database it does the work and this only watches. When
@@ -510,8 +561,8 @@ async def _wait_for_jobs(
     from rostersync.progress import SyncProgress
 
     deadline = time.monotonic() + seconds
-    progress = SyncProgress(sys.stderr) if (show or sys.stderr.isatty()) else None
-    if progress is not None and progress.tty:
+    progress = SyncProgress(sys.stderr) if sys.stderr.isatty() else None
+    if progress is not None:
         configure_logging(
             app.log_level or app.settings.logging.level,
             app.settings.logging.format,
@@ -533,11 +584,16 @@ async def _wait_for_jobs(
             daemons = await asyncio.to_thread(_daemons, app)
             if daemons and by != "daemon":
                 by = "daemon"
-                _notice(progress, f"waiting for the daemon {daemons[0]} to process them")
+                _notice(
+                    progress,
+                    "resync_waiting_for_daemon",
+                    f"waiting for the daemon {daemons[0]} to process them",
+                )
             elif not daemons and by != "this command":
                 by = "this command"
                 _notice(
                     progress,
+                    "resync_processing_here",
                     "no daemon is running against this database: processing the queue here "
                     "(as `rostersync run --once` would)",
                 )
@@ -556,10 +612,9 @@ async def _wait_for_jobs(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                configure_logging(
-                    app.log_level or app.settings.logging.level, app.settings.logging.format
-                )
+            configure_logging(
+                app.log_level or app.settings.logging.level, app.settings.logging.format
+            )
 
 
 def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
@@ -592,11 +647,13 @@ def _due_soonest(store: Store) -> float | None:
         return job_due_soonest(conn)
 
 
-def _notice(progress: SyncProgress | None, message: str) -> None:
-    if progress is not None and progress.tty:
+def _notice(progress: SyncProgress | None, event: str, message: str) -> None:
+    from rostersync.logs import notice
+
+    if progress is not None:
         progress.log_stream.write(f"{message}\n")
     else:
-        click.echo(f"rostersync: {message}", err=True)
+        notice(event, message)
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
@@ -618,7 +675,7 @@ def users() -> None:
 
 
 @users.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
@@ -655,13 +712,17 @@ def groups() -> None:
 
 @groups.command("list")
 @click.option("--user", "user", metavar="EMAIL", help="only groups this user owns")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
     from rostersync import directory
 
     with app.read_store.read() as conn:
+        if user:
+            missing = directory.user_ids_by_email(conn, [user])[1]
+            if missing:
+                fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
         rows = directory.list_groups(conn, user)
     if as_json:
         emit_json(rows)
@@ -690,8 +751,10 @@ def queue() -> None:
 
 
 @queue.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option(
+    "--limit", type=int, default=1000, show_default=True, help="show at most this many jobs"
+)
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
@@ -711,9 +774,11 @@ def runs() -> None:
 
 
 @runs.command("list")
-@click.option("--source", metavar="NAME")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--source", metavar="NAME", help="only the runs of this source")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first."""
@@ -746,7 +811,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 
 @runs.command("show")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_show(app: App, run_id: int, as_json: bool) -> None:
     """One run's report: counts, warnings, every rejected record."""
@@ -768,7 +833,7 @@ def runs_show(app: App, run_id: int, as_json: bool) -> None:
 
 @runs.command("approve")
 @click.argument("run_id", type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_approve(app: App, run_id: int, as_json: bool) -> None:
     """Apply a held run as it was staged, then process the resyncs it queued."""
@@ -882,16 +947,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_USAGE)
     except ConfigError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        from rostersync.logs import stderr_line
+
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_USAGE)
     except StoreError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        from rostersync.logs import stderr_line
+
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except RostersyncError as exc:
         import structlog  # here: `--help` and light commands never need it
 
+        from rostersync.logs import stderr_line
+
         structlog.get_logger().debug("command_failed", error=str(exc))
-        click.echo(f"rostersync: {exc}", err=True)
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except OSError as exc:
         if exc.filename is None:
@@ -915,24 +986,21 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
     import structlog
 
     from rostersync.logs import configure as configure_logging
-    from rostersync.logs import scrub
+    from rostersync.logs import renders_json, scrub, stderr_line
 
     summary = _one_line(scrub(f"{type(exc).__name__}: {exc}"))
     trace = scrub("".join(traceback.format_exception(exc)))
     path, why_not = _save_trace(trace, summary, args)
     if not structlog.is_configured():
         configure_logging()  # failed before the config was read: keep logs off stdout
-    as_json = any(
-        isinstance(p, structlog.processors.JSONRenderer)
-        for p in structlog.get_config()["processors"]
-    )
+    as_json = renders_json()
     # A terminal gets the trace only when it could not be saved anywhere.
     with_trace = {"exception": trace} if as_json or path is None else {}
     structlog.get_logger().error(
         "internal_error", error=summary, trace_file=str(path) if path else None, **with_trace
     )
     where = f"full trace in {path}" if path else f"the trace could not be saved ({why_not})"
-    click.echo(f"rostersync: internal error: {summary} ({where})", err=True)
+    click.echo(stderr_line(f"rostersync: internal error: {summary} ({where})"), err=True)
     sys.exit(EXIT_FAILED)
 
 
@@ -994,3 +1062,6 @@ from rostersync.commands.importing import import_cmd, outbox, teachers  # noqa: 
 cli.add_command(import_cmd, "import")
 cli.add_command(teachers)
 cli.add_command(outbox)
+
+# Last, so that every command above and from the modules has them.
+accept_global_options(cli)

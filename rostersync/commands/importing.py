@@ -38,9 +38,19 @@ class _ImportGroup(click.Group):
     not a subcommand name is a FILE for the hidden `file` subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
-            args = ["file", *args]
-        return super().parse_args(ctx, args)
+        # `--config X` / `--log-level L` may come first (`import --config X template`).
+        lead: list[str] = []
+        rest = list(args)
+        while rest:
+            taken = 2 if rest[0] in ("--config", "--log-level") else 0
+            if rest[0].startswith(("--config=", "--log-level=")):
+                taken = 1
+            if not taken:
+                break
+            lead, rest = [*lead, *rest[:taken]], rest[taken:]
+        if not rest or (rest[0] not in self.commands and rest[0] not in ("-h", "--help")):
+            rest = ["file", *rest]
+        return super().parse_args(ctx, [*lead, *rest])
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         formatter.write_usage(ctx.command_path, "FILE [--as EMAIL] [--dry-run] [--json] ...")
@@ -90,6 +100,7 @@ def import_file(
 ) -> None:
     """Import users from FILE (CSV, TSV, XLSX; `-` for stdin)."""
     from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
+    from rostersync.logs import notice
 
     cli = _cli()
     settings = app.settings
@@ -116,7 +127,7 @@ def import_file(
         cli.fail(f"{exc}; nothing was imported", cli.EXIT_USAGE)
         return  # fail() exits; the lazily imported module hides its NoReturn from mypy
     for warning in result.warnings:
-        click.echo(f"rostersync: warning: {warning}", err=True)
+        notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
     if as_json:
@@ -168,7 +179,12 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
 
 @import_cmd.command("template")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "xlsx"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "xlsx"]),
+    default="csv",
+    show_default=True,
+    help="the template's file format",
 )
 @click.option(
     "--output",
