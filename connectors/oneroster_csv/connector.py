@@ -48,14 +48,15 @@ from connectors.oneroster_csv.files import Bundle
 from connectors.oneroster_csv.manifest import BULK, Drop, plan
 from connectors.oneroster_csv.notes import Notes
 from connectors.oneroster_csv.roles import RolesIndex, person_parser, read_roles, untaken_roles
-from connectors.oneroster_csv.sessions import AcademicSession, read_sessions
-from rostersync.config.source import SourceConfig
+from connectors.oneroster_csv.sessions import read_sessions
+from rostersync.config.source import ScopedSourceConfig
 from rostersync.config.types import ConfigPath, checking_files
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
 from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.records import (
     STUDENT,
     TEACHER,
+    AcademicSession,
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -66,7 +67,7 @@ from rostersync.records import (
 )
 
 
-class CsvSourceConfig(SourceConfig):
+class CsvSourceConfig(ScopedSourceConfig):
     """A OneRoster 1.1 or 1.2 CSV drop, bulk or delta."""
 
     type: Literal["oneroster_csv"]
