@@ -45,7 +45,6 @@ SCOPE_COUNT_KEYS = (
     "classes_ignored",
     "enrollments_ignored",
     "classes_out_of_term",
-    "enrollments_out_of_term",
 )
 
 #: Ids named in one warning at most.
@@ -314,21 +313,17 @@ def apply_scope(
         counts["classes_ignored"] = sum(1 for w in why.values() if w == "s")
         counts["classes_out_of_term"] = sum(1 for w in why.values() if w == "t")
 
-        # Enrollments: kept with their class; out of term with it; else ignored (their class
-        # is of another school, or one the source did not send).
-        enrollments = conn.execute(
-            text(
-                "SELECT COALESCE(k.why, 's'), count(*) FROM staging_enrollment s "
-                "LEFT JOIN scope_class k ON k.sourced_id = s.class_id "
-                "WHERE s.run_id = :run GROUP BY COALESCE(k.why, 's')"
-            ),
-            params,
+        # Enrollments go with their class: ignored when it is of another school, or one the
+        # source did not send; kept when it is only out of term (see _retire).
+        counts["enrollments_ignored"] = int(
+            conn.execute(
+                text(
+                    f"SELECT count(*) FROM staging_enrollment WHERE run_id = :run AND "
+                    f"{_OUT['enrollment'].format(t='staging_enrollment')}"
+                ),
+                params,
+            ).scalar_one()
         )
-        for reason, n in enrollments:
-            if reason == "s":
-                counts["enrollments_ignored"] = int(n)
-            elif reason == "t":
-                counts["enrollments_out_of_term"] = int(n)
 
         # Persons: out by their schools, unless enrolled in a class kept.
         out_people = set()
@@ -344,7 +339,7 @@ def apply_scope(
             enrolled = (
                 "SELECT DISTINCT e.user_id FROM {table} e "
                 "JOIN scope_person p ON p.sourced_id = e.user_id "
-                "JOIN scope_class k ON k.sourced_id = e.class_id AND k.why = 'k' "
+                "JOIN scope_class k ON k.sourced_id = e.class_id AND k.why <> 's' "
                 "WHERE {where}"
             )
             kept = {
@@ -375,6 +370,12 @@ def apply_scope(
             out_people -= kept
         counts["persons_ignored"] = len(out_people)
 
+        _retire(
+            conn,
+            "class",
+            "s.sourced_id IN (SELECT sourced_id FROM scope_class WHERE why = 't')",
+            params,
+        )
         if full:
             _drop_full(conn, params)
         else:
@@ -385,11 +386,12 @@ def apply_scope(
 
 
 _OUT = {
-    "class": "sourced_id IN (SELECT sourced_id FROM scope_class WHERE why <> 'k')",
+    "class": "{t}.sourced_id IN (SELECT sourced_id FROM scope_class WHERE why = 's')",
     "enrollment": (
-        "NOT EXISTS (SELECT 1 FROM scope_class k WHERE k.sourced_id = {t}.class_id AND k.why = 'k')"
+        "NOT EXISTS (SELECT 1 FROM scope_class k WHERE k.sourced_id = {t}.class_id "
+        "AND k.why <> 's')"
     ),
-    "person": "sourced_id IN (SELECT sourced_id FROM scope_person)",
+    "person": "{t}.sourced_id IN (SELECT sourced_id FROM scope_person)",
 }
 _STAGING = {
     "class": "staging_class",
@@ -427,29 +429,38 @@ def _hash(kind: str, row: Mapping[str, Any]) -> str:
     )
 
 
+def _retire(conn: Connection, kind: str, where: str, params: Mapping[str, Any]) -> None:
+    """Turn this run's staged rows of ``kind`` matching ``where`` (staging's alias is ``s``)
+    into ``tobedeleted`` ones, each with the hash its record would have."""
+    table = _STAGING[kind]
+    rows = [
+        dict(r._mapping)
+        for r in conn.execute(
+            text(
+                f"SELECT s.* FROM {table} s WHERE s.run_id = :run "
+                f"AND s.status <> 'tobedeleted' AND {where}"
+            ),
+            params,
+        )
+    ]
+    if rows:
+        conn.execute(
+            text(
+                f"UPDATE {table} SET status = 'tobedeleted', row_hash = :h "
+                "WHERE run_id = :run AND sourced_id = :s"
+            ),
+            [{"h": _hash(kind, r), "s": r["sourced_id"], "run": params["run"]} for r in rows],
+        )
+
+
 def _turn_delta(conn: Connection, params: Mapping[str, Any]) -> None:
     """Out-of-scope rows the mirror holds become ``tobedeleted``; the others are dropped."""
     for kind, table in _STAGING.items():
-        where = _OUT[kind].format(t="s")
         known = (
             f"EXISTS (SELECT 1 FROM {_MIRROR[kind]} m WHERE m.source = :src "
             "AND m.sourced_id = s.sourced_id)"
         )
-        rows = [
-            dict(r._mapping)
-            for r in conn.execute(
-                text(f"SELECT s.* FROM {table} s WHERE s.run_id = :run AND {where} AND {known}"),
-                params,
-            )
-        ]
-        if rows:
-            conn.execute(
-                text(
-                    f"UPDATE {table} SET status = 'tobedeleted', row_hash = :h "
-                    "WHERE run_id = :run AND sourced_id = :s"
-                ),
-                [{"h": _hash(kind, r), "s": r["sourced_id"], "run": params["run"]} for r in rows],
-            )
+        _retire(conn, kind, f"{_OUT[kind].format(t='s')} AND {known}", params)
         conn.execute(
             text(
                 f"DELETE FROM {table} WHERE run_id = :run AND {_OUT[kind].format(t=table)} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
@@ -25,7 +26,10 @@ from rostersync.records import (
 from rostersync.store.db import Store
 from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from tests.oneroster12 import write_drop
 from tests.sync.helpers import groups, users
+from tests.sync.test_csv12_sync import run as csv_run
+from tests.sync.test_csv12_sync import settings_for
 
 FALL = AcademicSession("fall", "Fall", "semester", date(2026, 8, 20), date(2026, 12, 20))
 SPRING = AcademicSession("spring", "Spring", "semester", date(2027, 1, 5), date(2027, 6, 1))
@@ -114,11 +118,10 @@ class Runner:
             return load_report(conn, run_id)
 
 
-def mirror(store: Store, table: str) -> dict[str, str]:
+def mirror(store: Store, table: str, source: str = "mem") -> dict[str, str]:
     with store.read() as conn:
-        return dict(
-            conn.execute(text(f"SELECT sourced_id, status FROM {table} WHERE source = 'mem'")).all()
-        )
+        sql = f"SELECT sourced_id, status FROM {table} WHERE source = :s"
+        return dict(conn.execute(text(sql), {"s": source}).all())
 
 
 def active_users(store: Store) -> set[str]:
@@ -322,7 +325,8 @@ async def test_current_terms_keep_classes_of_running_terms_and_classes_without_t
     assert set(groups(store)) == {"c-1", "c-2", "c-4"}
     assert "t-3" in active_users(store)  # c-4 runs in fall too
     assert report.counts["classes_out_of_term"] == 1
-    assert report.counts["enrollments_out_of_term"] == 2
+    assert mirror(store, "roster_class")["c-3"] == "tobedeleted"  # kept, with its enrollments
+    assert mirror(store, "roster_enrollment")["e-c-3-s-2"] == "active"
     assert report.counts["classes_ignored"] == 0
 
 
@@ -385,7 +389,7 @@ async def test_a_term_ending_removes_its_groups_through_a_held_run_approved_afte
     assert approved.status == "succeeded"
     assert set(groups(store)) == {"c-2", "c-3", "c-4"}
     assert users(store)["t-1@example.org"]["status"] == "archived"
-    assert "c-1" not in mirror(store, "roster_class")
+    assert mirror(store, "roster_class")["c-1"] == "tobedeleted"
 
 
 async def test_a_delta_run_deletes_a_changed_class_whose_terms_ended(
@@ -410,3 +414,79 @@ async def test_a_delta_run_deletes_a_changed_class_whose_terms_ended(
     full = await run.sync("full")
     assert full.status == "succeeded", full.hold_reason
     assert set(groups(store)) == {"c-2", "c-3", "c-4"}
+
+
+# -- a OneRoster 1.2 CSV source ---------------------------------------------------------------
+
+SESSION_HEADER = (
+    "sourcedId", "status", "dateLastModified", "title", "type", "startDate", "endDate",
+    "parentSourcedId", "schoolYear",
+)  # fmt: skip
+
+
+def session_rows(*sessions: AcademicSession, delta: bool = False) -> list[tuple[str, ...]]:
+    stamp = ("active", "2026-10-02T08:00:00.000Z") if delta else ("", "")
+    return [SESSION_HEADER] + [
+        (s.sourced_id, *stamp, s.title, s.type, s.start_date.isoformat(), s.end_date.isoformat(),
+         "", "2027")
+        for s in sessions
+    ]  # fmt: skip
+
+
+async def test_a_1_2_bulk_drop_with_terms_and_schools_then_a_delta_drop(
+    store: Store, tmp_path: Path
+) -> None:
+    """A bulk drop keeps North's classes of the running term; the next delta drop moves a
+    class into the running term (with its changed session) and adds a class of a term to
+    come, which is ignored, and applies a class leaving the scope as a deletion."""
+    drop = tmp_path / "drop"
+    settings = settings_for(
+        drop,
+        tmp_path,
+        terms={"mode": "current", "grace_days": 0},
+        schools={"exclude": ["South Middle"]},
+    )
+    engine = SyncEngine(settings, store)
+    engine.today = lambda: date(2026, 10, 1)
+    data = roster()
+    north = RosterClass("c-6", "Geometry", school_id="sch-1", term_ids=("fall",))
+    data.classes.append(north)
+    data.enrollments += [
+        RosterEnrollment("e-c-6-t-1", "c-6", "t-1", "teacher"),
+        RosterEnrollment("e-c-6-s-2", "c-6", "s-2", "student"),
+    ]
+    write_drop(data, drop, extra={"academicSessions": session_rows(FALL, SPRING)})
+    first = await csv_run(engine)
+    assert (first.mode, first.status) == ("full", "succeeded"), first.hold_reason
+    assert set(groups(store)) == {"c-1", "c-6"}
+    assert first.counts["classes_ignored"] == 2 and first.counts["classes_out_of_term"] == 1
+
+    for old in drop.iterdir():
+        old.unlink()
+    at = datetime(2026, 10, 2, 8, tzinfo=UTC)
+    autumn = replace(FALL, sourced_id="autumn", title="Autumn")
+    changes = MemoryRoster(
+        classes=[
+            replace(data.classes[2], term_ids=("autumn",), date_last_modified=at),  # c-3
+            RosterClass("c-7", "Latin", school_id="sch-1", term_ids=("spring",),
+                        date_last_modified=at),
+            replace(north, school_id="sch-2", date_last_modified=at),  # c-6 moves South
+        ],
+    )  # fmt: skip
+    write_drop(
+        changes,
+        drop,
+        delta=True,
+        modes={"academicSessions": "bulk"},
+        extra={"academicSessions": session_rows(FALL, SPRING, autumn)},
+    )
+    second = await csv_run(engine)
+    assert second.mode == "delta", second.warnings
+    assert second.status == "succeeded", second.hold_reason
+    assert set(groups(store)) == {"c-1", "c-3"}
+    classes = mirror(store, "roster_class", "csv")
+    assert classes["c-3"] == "active" and classes["c-6"] == "tobedeleted"
+    assert classes["c-7"] == "tobedeleted"  # kept for when its term comes
+    assert members(store, "c-3") == {"s-2"}  # its enrollments were kept while out of term
+    assert second.counts["classes_out_of_term"] == 1  # c-7
+    assert second.counts["classes_ignored"] == 1  # c-6
