@@ -5,15 +5,14 @@ from __future__ import annotations
 from datetime import date
 
 from rostersync.records import AcademicSession
-from rostersync.sync.scope import (
+from rostersync.scoping import (
     OrgInfo,
     classes_out_of_term,
-    last_counts,
     person_in_scope,
-    ratio_counts,
     resolve_schools,
     term_runs,
 )
+from rostersync.sync.scope import last_counts, ratio_counts
 
 FALL = AcademicSession("fall", "Fall", "term", date(2026, 8, 20), date(2026, 12, 20))
 ORGS = {
