@@ -654,7 +654,7 @@ class SyncEngine:
         dateLastModified, and the connector's warnings (its optional ``warnings``: what it
         accepted but an admin should hear of, such as a CSV row read without a bad date).
         With terms to judge, ``extras`` collects the classes' terms and the sessions."""
-        terms = extras is not None and scope is not None and scope.current_terms
+        collect = extras if scope is not None and scope.current_terms else None
         fetched: Counter[str] = Counter()
         notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
@@ -666,9 +666,8 @@ class SyncEngine:
             async with self.connector(source) as connector:
                 async for records in connector.fetch(mode, since):
                     batch = records if isinstance(records, StagedBatch) else sort_batch(records)
-                    if terms and batch.terms:
-                        assert extras is not None
-                        extras.class_terms.update(batch.terms)
+                    if collect is not None and batch.terms:
+                        collect.class_terms.update(batch.terms)
                     fetched.update(
                         {
                             "orgs": len(batch.rows["org"]),
@@ -692,9 +691,8 @@ class SyncEngine:
                 if len(buffer):
                     pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
-                if terms:
-                    assert extras is not None
-                    extras.sessions = getattr(connector, "academic_sessions", None)
+                if collect is not None:
+                    collect.sessions = getattr(connector, "academic_sessions", None)
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.
@@ -899,6 +897,7 @@ class SyncEngine:
             new_owners={link.sourced_id for link in plan.link}
             | {sid for new in plan.create for sid, _ in new.identities},
         )
+        # What the scope step left out right after the fetch (kept with the run's fetched).
         counts.update({k: int(ctx.fetched.get(k, 0)) for k in SCOPE_COUNT_KEYS})
         counts.update(
             users_created=len(plan.create),

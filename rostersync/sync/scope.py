@@ -250,7 +250,12 @@ def apply_scope(
             kept = {
                 r[0]
                 for r in conn.execute(
-                    text(enrolled.format(table="staging_enrollment", where="e.run_id = :run")),
+                    text(
+                        enrolled.format(
+                            table="staging_enrollment",
+                            where="e.run_id = :run AND e.status = 'active'",
+                        )
+                    ),
                     params,
                 )
             }

@@ -44,10 +44,13 @@ from tests.model.feed import (
     ORGS,
     PEOPLE,
     ROLES,
+    SESSIONS,
     STUDENT_EMAIL_KINDS,
     STUDENTS,
     TEACHERS,
+    TERM_SETS,
     TITLES,
+    TODAY,
     Feed,
     student_email,
     teacher_email,
@@ -160,6 +163,7 @@ ROSTER_CHANGES = {
     "remove_class": _change("remove_class", index, st.booleans()),
     "class_status": _change("class_status", index, statuses),
     "rename_class": _change("rename_class", index, st.sampled_from(TITLES)),
+    "class_terms": _change("class_terms", index, st.sampled_from(TERM_SETS)),
     # Mostly existing people and classes; a name from the pools may not exist (yet).
     "enroll": _change(
         "enroll", st.one_of(index, index, people), st.one_of(index, classes), enrollment_roles
@@ -205,6 +209,25 @@ CONFIG_CHANGES = [
 if "license" not in EXCLUDED:
     CONFIG_CHANGES.append(
         st.fixed_dictionaries({"license_limit": st.sampled_from((None, 0, 1, 2, 3, 5, 8))})
+    )
+if "schools" not in EXCLUDED:
+    # Include names sch-1 (by id or name, or with a name no org has), exclude sch-2: a
+    # renamed org may take either name.
+    CONFIG_CHANGES.append(
+        st.fixed_dictionaries(
+            {
+                "schools_include": st.sampled_from(
+                    ((), (), ("sch-1",), ("Lincoln High",), ("sch-1", "Oak Elementary"))
+                ),
+                "schools_exclude": st.sampled_from(((), (), ("sch-2",), ("Maple Middle",))),
+            }
+        )
+    )
+if "terms" not in EXCLUDED:
+    CONFIG_CHANGES.append(
+        st.fixed_dictionaries(
+            {"terms_current": st.booleans(), "grace_days": st.sampled_from((0, 14, 14))}
+        )
     )
 if NEW_KEYS and "eligibility" not in EXCLUDED:
     CONFIG_CHANGES.append(
@@ -393,6 +416,9 @@ class RosterModel(RuleBasedStateMachine):
 
     def _rename_class(self, ref: int, title: str) -> None:
         self.feed.change("class", self._pick("class", ref), title=title)
+
+    def _class_terms(self, ref: int, terms: tuple[str, ...]) -> None:
+        self.feed.change("class", self._pick("class", ref), term_ids=terms)
 
     def _enroll(self, person: int | str, klass: int | str, role: str) -> None:
         self.feed.new_enrollment(self._pick("class", klass), self._pick("person", person), role)
@@ -667,10 +693,14 @@ class RosterModel(RuleBasedStateMachine):
             oracle.record(Run(report.id, SOURCE, mode, dry, "failed"))
             self._compare()
             return
-        decision = oracle.decide(SOURCE, mode, records)
+        cut = oracle.cut(SOURCE, mode, records, SESSIONS, TODAY)
+        decision = oracle.decide(SOURCE, mode, records, cut=cut)
         STATS["runs dry" if dry else "runs held" if decision.held else f"runs {mode}"] += 1
+        if cut is not None:
+            STATS["runs scoped"] += 1
+            STATS["records out of scope"] += sum(cut.ignored.values())
         self._check_report(report, decision, dry=dry)
-        oracle.record(Run(report.id, SOURCE, mode, dry, decision.status, records))
+        oracle.record(Run(report.id, SOURCE, mode, dry, decision.status, records, cut))
         if not dry and not decision.held:
             self._commit(SOURCE, decision)
         self._compare()
@@ -704,7 +734,9 @@ class RosterModel(RuleBasedStateMachine):
                 assert after.status == before.status, f"refused approval changed run {run_id}"
             else:
                 # Known and let pass: the engine applied it; follow it to keep comparing.
-                decision = oracle.decide(run.source, run.mode, run.records, approval=True)
+                decision = oracle.decide(
+                    run.source, run.mode, run.records, approval=True, cut=run.cut
+                )
                 run.status = decision.status
                 self._commit(run.source, decision)
             self._compare()
@@ -729,7 +761,7 @@ class RosterModel(RuleBasedStateMachine):
             )
             self._compare()
             return
-        decision = oracle.decide(run.source, run.mode, run.records, approval=True)
+        decision = oracle.decide(run.source, run.mode, run.records, approval=True, cut=run.cut)
         self._check_report(after, decision, dry=False)
         run.status = decision.status
         self._commit(run.source, decision)
@@ -796,6 +828,10 @@ class RosterModel(RuleBasedStateMachine):
             "users_linked",
             "users_archived",
             "users_restored",
+            "persons_ignored",
+            "classes_ignored",
+            "enrollments_ignored",
+            "classes_out_of_term",
         ]
         if d.held or dry:
             exact.append("groups_removed")
