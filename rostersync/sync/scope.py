@@ -4,11 +4,14 @@ Out of scope is the same as not in the feed. Right after the fetch, a scoped sou
 rows go through :func:`apply_scope`, once, and the run (and a later approval of it, which
 applies the same staged rows) then goes on as if the source had sent only what is left:
 
-* a **full** run drops the out-of-scope rows, so its sweep removes them from the mirror, and
-  the usual rules (groups removed, teachers archived) and safety checks (a held run) follow;
-* a **delta** run turns an out-of-scope row whose record the mirror holds into a
-  ``tobedeleted`` one (a class moved to an excluded school, a class whose terms have all
-  ended), so the mirror never keeps a stale in-scope copy, and drops the others.
+* a **full** run drops the rows of other schools, so its sweep removes them from the mirror,
+  and the usual rules (groups removed, teachers archived) and safety checks (a held run)
+  follow;
+* a **delta** run turns such a row whose record the mirror holds into a ``tobedeleted`` one
+  (a class moved to an excluded school), so the mirror never keeps a stale in-scope copy, and
+  drops the others;
+* either run stages a class none of whose terms runs as ``tobedeleted``, and keeps its
+  enrollments: when one of its terms comes, the class counts again with its members.
 
 What is in scope:
 
