@@ -10,9 +10,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
+import yaml
 from sqlalchemy import text
 
 from connectors.memory import MemoryConnector
+from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.records import (
@@ -490,3 +493,104 @@ async def test_a_1_2_bulk_drop_with_terms_and_schools_then_a_delta_drop(
     assert members(store, "c-3") == {"s-2"}  # its enrollments were kept while out of term
     assert second.counts["classes_out_of_term"] == 1  # c-7
     assert second.counts["classes_ignored"] == 1  # c-6
+
+
+# -- a OneRoster REST source ------------------------------------------------------------------
+
+
+def rest_payloads() -> dict[str, list[dict[str, Any]]]:
+    """North's fall and spring classes, each with a teacher and a student, as REST answers."""
+    stamp = "2026-09-01T00:00:00.000Z"
+    base = {"status": "active", "dateLastModified": stamp}
+
+    def ref(kind: str, sid: str) -> dict[str, str]:
+        return {"sourcedId": sid, "type": kind}
+
+    def user(sid: str, role: str) -> dict[str, Any]:
+        return base | {
+            "sourcedId": sid, "role": role, "givenName": sid, "familyName": "X",
+            "email": f"{sid}@example.org", "enabledUser": "true", "orgs": [ref("org", "sch-1")],
+        }  # fmt: skip
+
+    def session(sid: str, start: str, end: str) -> dict[str, Any]:
+        return base | {"sourcedId": sid, "title": sid, "type": "semester", "startDate": start,
+                       "endDate": end, "schoolYear": "2027"}  # fmt: skip
+
+    return {
+        "orgs": [base | {"sourcedId": "sch-1", "name": "North High", "type": "school"}],
+        "users": [user("t-1", "teacher"), user("t-2", "teacher"), user("s-1", "student")],
+        "classes": [
+            base
+            | {
+                "sourcedId": c,
+                "title": c,
+                "school": ref("org", "sch-1"),
+                "terms": [ref("academicSession", term)],
+            }
+            for c, term in (("c-fall", "fall"), ("c-spring", "spring"))
+        ],
+        "enrollments": [
+            base
+            | {
+                "sourcedId": f"e-{c}-{u}",
+                "class": ref("class", c),
+                "user": ref("user", u),
+                "role": role,
+            }
+            for c, u, role in (
+                ("c-fall", "t-1", "teacher"),
+                ("c-fall", "s-1", "student"),
+                ("c-spring", "t-2", "teacher"),
+                ("c-spring", "s-1", "student"),
+            )
+        ],
+        "academicSessions": [
+            session("fall", "2026-08-20", "2026-12-20"),
+            session("spring", "2027-01-05", "2027-06-01"),
+        ],
+    }
+
+
+async def test_a_rest_source_keeps_the_classes_of_its_current_academic_sessions(
+    store: Store,
+) -> None:
+    """Through the engine: the REST connector reads /academicSessions and the classes'
+    terms; in October only the fall class becomes a group."""
+    payloads = rest_payloads()
+    asked: list[str] = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        key = request.url.path.rsplit("/", 1)[-1]
+        asked.append(key)
+        records = payloads.get(key)
+        if records is None:
+            return httpx.Response(404)
+        offset = int(request.url.params.get("offset", 0))
+        page = records[offset : offset + int(request.url.params.get("limit", 1000))]
+        return httpx.Response(200, json={key: page}, headers={"X-Total-Count": str(len(records))})
+
+    source = {
+        "type": "oneroster",
+        "base_url": "https://or.example.org/ims/oneroster/v1p1",
+        "auth": {"type": "bearer", "token": "t0ken"},
+        "terms": {"mode": "current"},
+    }
+    config = {
+        "organization": "Springfield",
+        "roles": ["Teacher"],
+        "provisioning": {"default_role": "Teacher"},
+        "sources": {"district": source},
+    }
+    settings = load_settings_text(yaml.safe_dump(config))
+    engine = SyncEngine(settings, store, transport=httpx.MockTransport(serve))
+    engine.today = lambda: date(2026, 10, 1)
+    report = await engine.sync("district")
+    await engine.drain()
+    assert report.status == "succeeded", (report.error, report.hold_reason)
+    assert "academicSessions" in asked
+    assert set(groups(store)) == {"c-fall"}
+    assert report.counts["classes_out_of_term"] == 1
+    assert mirror(store, "roster_class", "district") == {
+        "c-fall": "active",
+        "c-spring": "tobedeleted",
+    }
