@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from rostersync.config.source import SourceConfig
+from rostersync.config.source import ScopedSourceConfig
 from rostersync.config.types import (
     AlsoAccepts,
     ConfigPath,
@@ -115,7 +115,7 @@ def _check_http_url(value: str) -> str:
     return value.strip().rstrip("/")
 
 
-class OneRosterSourceConfig(SourceConfig):
+class OneRosterSourceConfig(ScopedSourceConfig):
     """A OneRoster 1.1/1.2 REST provider (ClassLink Roster Server and others)."""
 
     type: Literal["oneroster"]
