@@ -11,6 +11,7 @@ from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.records import (
     STUDENT,
     TEACHER,
+    AcademicSession,
     MemoryRoster,
     Rejected,
     RosterRecord,
@@ -41,6 +42,10 @@ class MemoryConnector:
     @property
     def supports_delta(self) -> bool:
         return self._delta
+
+    @property
+    def academic_sessions(self) -> dict[str, AcademicSession]:
+        return {s.sourced_id: s for s in self.roster.sessions}
 
     async def fetch(
         self, mode: FetchMode, since: datetime | None

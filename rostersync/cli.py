@@ -6,8 +6,6 @@ config. With ``--json`` the only thing on stdout is one JSON document; logs go t
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import platform
@@ -16,36 +14,25 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import structlog
-from sqlalchemy import Connection
 
-from rostersync import __version__, directory, recovery
-from rostersync.commands.runs import change_set_lines, duration_text, rejections_line, write_csv
-from rostersync.config.loader import config_path, json_schema_text, load_settings
-from rostersync.config.models import Settings
+from rostersync import __version__
 from rostersync.errors import ConfigError, RostersyncError, RunNotFound, RunStateError, StoreError
-from rostersync.logs import configure as configure_logging
-from rostersync.logs import register_secrets_in, scrub
-from rostersync.progress import SyncProgress
-from rostersync.store.db import Store, sqlite_file
-from rostersync.sync import changes as changeset
-from rostersync.sync.apply import queue_resync, sync_catalog
-from rostersync.sync.changes import ChangeSet
-from rostersync.sync.engine import (
-    COUNT_KEYS,
-    RunReport,
-    SourceBusy,
-    SyncEngine,
-    instance_id,
-    load_report,
-)
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from rostersync.config.models import Settings
+    from rostersync.progress import SyncProgress
+    from rostersync.store.db import Store
+    from rostersync.sync.changes import ChangeSet
+    from rostersync.sync.engine import RunReport, SyncEngine
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -70,6 +57,10 @@ class App:
 
     @property
     def settings(self) -> Settings:
+        from rostersync.config.loader import load_settings
+        from rostersync.logs import configure as configure_logging
+        from rostersync.logs import register_secrets_in
+
         if self._settings is None:
             self._settings = load_settings(self.config_file)
             register_secrets_in(self._settings)
@@ -81,6 +72,8 @@ class App:
     @property
     def store(self) -> Store:
         """The database for commands that write: an empty one is created and migrated."""
+        from rostersync.store.db import Store
+
         if self._store is None:
             self._store = Store(self.settings.database)
             self._store.ensure_schema(auto_upgrade=True)
@@ -90,6 +83,8 @@ class App:
     def read_store(self) -> Store:
         """The database for commands that only read: it must exist with the current schema.
         Nothing is created or migrated, so a mistyped path is an error, not an empty listing."""
+        from rostersync.store.db import Store
+
         if self._store is None:
             # Kept before the check, so close() disposes of it even when the check fails.
             self._store = Store(self.settings.database, create=False)
@@ -98,6 +93,8 @@ class App:
 
     def engine(self, *, owner: str | None = None, **kwargs: Any) -> SyncEngine:
         """An engine for a command that syncs or processes jobs (see prepare)."""
+        from rostersync.sync.engine import SyncEngine
+
         owner = self.prepare(owner)
         return SyncEngine(
             self.settings,
@@ -111,6 +108,11 @@ class App:
         """Before this command takes leases: put right what dead processes of this host left
         (their runs, source leases, job leases and staging; see rostersync.recovery), then
         register this process. Once per command; returns its owner name."""
+        import structlog
+
+        from rostersync import recovery
+        from rostersync.sync.engine import instance_id
+
         if self._owner is None:
             name = owner or instance_id()
             found = recovery.recover(self.store, name)
@@ -125,6 +127,10 @@ class App:
         if self._store is None:
             return
         if self._owner is not None:
+            import structlog
+
+            from rostersync import recovery
+
             try:
                 recovery.unregister(self._store, self._owner)
             except Exception as exc:  # the next recovery on this host drops the row
@@ -148,22 +154,55 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"rostersync: {message}", err=True)
+    from rostersync.logs import stderr_line
+
+    click.echo(stderr_line(f"rostersync: {message}"), err=True)
     sys.exit(code)
 
 
+CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _set_on_app(attr: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+    """A callback that records a global option given after the command on the App."""
+
+    def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        app = ctx.find_object(App)
+        if value is not None and app is not None:
+            setattr(app, attr, value)
+
+    return record
+
+
+def accept_global_options(group: click.Group) -> None:
+    """Let `--config` and `--log-level` follow any command and subcommand too
+    (`rostersync users list --config X`), as well as precede it."""
+    for command in group.commands.values():
+        if not any(p.name in ("global_config", "global_log_level") for p in command.params):
+            command.params += [
+                click.Option(
+                    ["--config", "global_config"],
+                    metavar="PATH",
+                    expose_value=False,
+                    callback=_set_on_app("config_file"),
+                    help=CONFIG_HELP,
+                ),
+                click.Option(
+                    ["--log-level", "global_log_level"],
+                    type=click.Choice(LOG_LEVELS),
+                    expose_value=False,
+                    callback=_set_on_app("log_level"),
+                    help="override logging.level",
+                ),
+            ]
+        if isinstance(command, click.Group):
+            accept_global_options(command)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--config",
-    "config_file",
-    metavar="PATH",
-    help="config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="override logging.level",
-)
+@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
@@ -176,6 +215,9 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 
 
 def _print_report(r: RunReport) -> None:
+    from rostersync.commands.runs import duration_text, rejections_line
+    from rostersync.sync.engine import COUNT_KEYS
+
     flag = " (dry run)" if r.dry_run else ""
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")
     when = r.started_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.started_at else "?"
@@ -232,14 +274,19 @@ async def _sync_and_drain(
     app: App,
     sources: list[str],
     mode: str | None,
-    dry_run: bool,
     *,
+    dry_run: bool,
     show_progress: bool = True,
     owner: str | None = None,
     changes: bool = False,
 ) -> list[RunReport]:
-    progress = SyncProgress(sys.stderr) if show_progress else None
-    if progress is not None and progress.tty:
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+    from rostersync.sync.engine import SourceBusy, load_report
+
+    # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
+    progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
+    if progress is not None:
         # Log lines print above the live display instead of through it.
         settings = app.settings
         configure_logging(
@@ -263,18 +310,20 @@ async def _sync_and_drain(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                settings = app.settings
-                configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+            settings = app.settings
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports
 
 
 def _write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> None:
+    from rostersync.commands.runs import write_csv
+    from rostersync.logs import notice
+
     try:
         rows = write_csv(path, found, members=members)
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
-    click.echo(f"wrote {rows} change(s) to {path}", err=True)
+    notice("changes_written", f"wrote {rows} change(s) to {path}", rows=rows, path=str(path))
 
 
 async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
@@ -331,6 +380,8 @@ def sync(
     as_json: bool,
 ) -> None:
     """Sync now in the foreground, then process the resync jobs it queued."""
+    import asyncio
+
     if changes and not dry_run:
         fail(
             "--changes needs --dry-run (a held run's change set: `rostersync runs show ID "
@@ -349,9 +400,12 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run, changes=changes))
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
     found: dict[int, ChangeSet] = {}
     if changes:
+        from rostersync.commands.runs import change_set_lines
+        from rostersync.sync import changes as changeset
+
         with app.store.read() as conn:
             for r in reports:
                 cs = changeset.load(conn, r.id)
@@ -401,12 +455,16 @@ def sync(
 @click.pass_obj
 def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeout: float) -> None:
     """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
+    import asyncio
+
+    from rostersync.config.loader import config_path
+
     settings = app.settings
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports = asyncio.run(
-            _sync_and_drain(app, names, None, False, show_progress=False, owner=instance_id)
+            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
         )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})
@@ -443,7 +501,12 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
     help="block until the jobs end (processing them here if no daemon runs); exit 1 if any failed",
 )
 @click.option(
-    "--timeout", type=float, default=600.0, show_default=True, help="with --wait: seconds"
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="with --wait: give up waiting after this long (the jobs stay queued)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
@@ -457,8 +520,15 @@ def resync(
     as_json: bool,
 ) -> None:
     """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
+    import asyncio
+
+    from rostersync import directory
+    from rostersync.logs import notice
+    from rostersync.sync.apply import queue_resync
+
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    started = time.monotonic()
     store = app.store
     with store.write() as conn:
         if all_users:
@@ -489,16 +559,17 @@ def resync(
         click.echo(f"queued {len(job_ids)} resync job(s)")
     waited = None
     if wait:
-        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout, show=not as_json))
+        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout))
         jobs = waited.jobs
     else:
         with store.read() as conn:
             jobs = directory.list_jobs(conn, job_ids)
         if not as_json and job_ids and not _daemons(app):
-            click.echo(
-                "rostersync: no daemon is running against this database: the jobs wait for "
+            notice(
+                "resync_no_daemon",
+                "no daemon is running against this database: the jobs wait for "
                 "one; `rostersync run --once` (or `resync --wait`) processes them now",
-                err=True,
+                "warning",
             )
     if as_json:
         doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
@@ -508,6 +579,7 @@ def resync(
         emit_json(doc)
     elif wait:
         click.echo(_jobs_table(jobs))
+        click.echo(_summary(jobs, waited, time.monotonic() - started))
     if waited is not None and waited.timed_out:
         unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
         states = ", ".join(
@@ -528,6 +600,17 @@ def resync(
         sys.exit(EXIT_FAILED)
 
 
+def _summary(jobs: list[dict[str, Any]], waited: _Waited | None, seconds: float) -> str:
+    """The last line of `resync --wait`: how the jobs ended, who did them, how long it took."""
+    states = {s: sum(j["state"] == s for j in jobs) for s in ("succeeded", "failed")}
+    left = len(jobs) - sum(states.values())
+    parts = [f"{n} {state}" for state, n in states.items()]
+    if left:
+        parts.append(f"{left} unfinished")
+    by = f" by {waited.processed_by}" if waited is not None and waited.processed_by else ""
+    return f"{len(jobs)} job(s): {', '.join(parts)}; processed{by} in {seconds:.1f}s"
+
+
 def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
     """job id -> user id of the users' queued jobs."""
     from sqlalchemy import bindparam, text
@@ -544,6 +627,8 @@ def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
 
 
 def _daemons(app: App) -> list[str]:
+    from rostersync import recovery
+
     return recovery.live_daemons(app.store, app.settings.leases.expire_after)
 
 
@@ -558,9 +643,7 @@ class _Waited:
 WAIT_POLL = 0.25
 
 
-async def _wait_for_jobs(
-    app: App, job_users: dict[int, int], seconds: float, *, show: bool
-) -> _Waited:
+async def _wait_for_jobs(app: App, job_users: dict[int, int], seconds: float) -> _Waited:
     """Wait until every job ended (succeeded, or failed for good), or ``seconds`` passed.
 
     While a daemon runs against the database it does the work and this only watches. When
@@ -568,9 +651,14 @@ async def _wait_for_jobs(
     jobs would wait for nobody: this command processes the queue itself, as `run --once`
     would, and says so; if a daemon appears meanwhile, it leaves the rest to it. The timeout
     is checked between batches."""
+    import asyncio
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+
     deadline = time.monotonic() + seconds
-    progress = SyncProgress(sys.stderr) if (show or sys.stderr.isatty()) else None
-    if progress is not None and progress.tty:
+    progress = SyncProgress(sys.stderr) if sys.stderr.isatty() else None
+    if progress is not None:
         configure_logging(
             app.log_level or app.settings.logging.level,
             app.settings.logging.format,
@@ -588,21 +676,26 @@ async def _wait_for_jobs(
                 done = len(jobs) - len(unfinished)
                 progress.resync(done, len(unfinished), final=not unfinished)
             if not unfinished:
-                return _Waited(jobs, False, by)
+                return _Waited(jobs, timed_out=False, processed_by=by)
             daemons = await asyncio.to_thread(_daemons, app)
             if daemons and by != "daemon":
                 by = "daemon"
-                _notice(progress, f"waiting for the daemon {daemons[0]} to process them")
+                _notice(
+                    progress,
+                    "resync_waiting_for_daemon",
+                    f"waiting for the daemon {daemons[0]} to process them",
+                )
             elif not daemons and by != "this command":
                 by = "this command"
                 _notice(
                     progress,
+                    "resync_processing_here",
                     "no daemon is running against this database: processing the queue here "
                     "(as `rostersync run --once` would)",
                 )
             left = deadline - time.monotonic()
             if left <= 0:
-                return _Waited(jobs, True, by)
+                return _Waited(jobs, timed_out=True, processed_by=by)
             if daemons:
                 await asyncio.sleep(min(WAIT_POLL, left))
                 continue
@@ -615,16 +708,17 @@ async def _wait_for_jobs(
     finally:
         if progress is not None:
             progress.close()
-            if progress.tty:
-                configure_logging(
-                    app.log_level or app.settings.logging.level, app.settings.logging.format
-                )
+            configure_logging(
+                app.log_level or app.settings.logging.level, app.settings.logging.format
+            )
 
 
 def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
     """The jobs waited for. A job that is gone was folded into a newer job of its user (a
     retry that found one queued): that one is followed instead."""
     from sqlalchemy import bindparam, text
+
+    from rostersync import directory
 
     with store.read() as conn:
         jobs = directory.list_jobs(conn, sorted(waiting))
@@ -649,11 +743,13 @@ def _due_soonest(store: Store) -> float | None:
         return job_due_soonest(conn)
 
 
-def _notice(progress: SyncProgress | None, message: str) -> None:
-    if progress is not None and progress.tty:
+def _notice(progress: SyncProgress | None, event: str, message: str) -> None:
+    from rostersync.logs import notice
+
+    if progress is not None:
         progress.log_stream.write(f"{message}\n")
     else:
-        click.echo(f"rostersync: {message}", err=True)
+        notice(event, message)
 
 
 def _jobs_table(jobs: list[dict[str, Any]]) -> str:
@@ -675,10 +771,12 @@ def users() -> None:
 
 
 @users.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def users_list(app: App, as_json: bool) -> None:
     """List users with roles, sites, status and sources."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         rows = directory.list_users(conn)
     if as_json:
@@ -710,11 +808,17 @@ def groups() -> None:
 
 @groups.command("list")
 @click.option("--user", "user", metavar="EMAIL", help="only groups this user owns")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
+        if user:
+            missing = directory.user_ids_by_email(conn, [user])[1]
+            if missing:
+                fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
         rows = directory.list_groups(conn, user)
     if as_json:
         emit_json(rows)
@@ -743,11 +847,15 @@ def queue() -> None:
 
 
 @queue.command("list")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", type=int, default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.option(
+    "--limit", type=int, default=1000, show_default=True, help="show at most this many jobs"
+)
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:
     """List resync jobs (running and queued first)."""
+    from rostersync import directory
+
     with app.read_store.read() as conn:
         jobs = directory.list_jobs(conn, limit=limit)
     if as_json:
@@ -762,12 +870,17 @@ def runs() -> None:
 
 
 @runs.command("list")
-@click.option("--source", metavar="NAME", help="only this source's runs")
-@click.option("--limit", type=int, default=50, show_default=True, help="at most this many runs")
+@click.option("--source", metavar="NAME", help="only the runs of this source")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
+    from rostersync import directory
+    from rostersync.commands.runs import duration_text
+
     with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
     if as_json:
@@ -860,6 +973,10 @@ def runs_show(
         fail("--members and --csv need --changes", EXIT_USAGE)
     if as_json and csv_path:
         fail("--json and --csv cannot be used together", EXIT_USAGE)
+    from rostersync.commands.runs import change_set_lines
+    from rostersync.sync import changes as changeset
+    from rostersync.sync.engine import load_report
+
     try:
         with app.read_store.read() as conn:
             report = load_report(conn, run_id)
@@ -899,6 +1016,10 @@ def _approval_preview(app: App, run_id: int) -> bool:
     """Before an approval: refuse a dry run (exit 1) and show the change set's summary and
     first lines (the whole of it is `runs show ID --changes`). False when there is nothing
     to ask about: the engine then refuses the run, saying why."""
+    from rostersync.commands.runs import change_set_lines
+    from rostersync.sync import changes as changeset
+    from rostersync.sync.engine import load_report
+
     try:
         with app.read_store.read() as conn:
             report = load_report(conn, run_id)
@@ -930,12 +1051,24 @@ def _approval_preview(app: App, run_id: int) -> bool:
 def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
     """Apply a held run as it was staged, then process the resyncs it queued. Shows the
     run's change set first and, on a terminal, asks."""
+    import asyncio
+    import contextlib
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+    from rostersync.sync.engine import load_report
+
     app.prepare()  # what a killed process left is put right first (its run may be this one)
     if not as_json:
         ask = _approval_preview(app, run_id)
     else:
-        with contextlib.redirect_stdout(sys.stderr):
-            ask = _approval_preview(app, run_id)  # stdout carries the JSON document alone
+        # stdout carries the JSON document alone, and stderr off a terminal JSON log lines.
+        with contextlib.ExitStack() as stack:
+            shown = sys.stderr
+            if not sys.stderr.isatty():
+                shown = stack.enter_context(open(os.devnull, "w"))  # noqa: PTH123
+            stack.enter_context(contextlib.redirect_stdout(shown))
+            ask = _approval_preview(app, run_id)
     if ask and not yes:
         if not _interactive():
             fail(
@@ -997,6 +1130,9 @@ def config_group() -> None:
 @click.pass_obj
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
+    from rostersync.config.loader import config_path, load_settings
+    from rostersync.store.db import sqlite_file
+
     path = config_path(app.config_file)
     try:
         settings = load_settings(path, check_files=True)
@@ -1023,6 +1159,8 @@ def config_check(app: App) -> None:
 )
 def config_schema(output: Path | None) -> None:
     """Print the config's JSON Schema (for editors' YAML completion)."""
+    from rostersync.config.loader import json_schema_text
+
     text = json_schema_text()
     if output:
         output.write_text(text, encoding="utf-8")
@@ -1039,6 +1177,9 @@ def db_group() -> None:
 @click.pass_obj
 def db_upgrade(app: App) -> None:
     """Apply pending migrations."""
+    from rostersync.store.db import Store
+    from rostersync.sync.apply import sync_catalog
+
     store = Store(app.settings.database)
     before, after = store.upgrade()
     with store.write() as conn:
@@ -1062,14 +1203,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(EXIT_USAGE)
     except ConfigError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        from rostersync.logs import stderr_line
+
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_USAGE)
     except StoreError as exc:
-        click.echo(f"rostersync: {exc}", err=True)
+        from rostersync.logs import stderr_line
+
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except RostersyncError as exc:
+        import structlog  # here: `--help` and light commands never need it
+
+        from rostersync.logs import stderr_line
+
         structlog.get_logger().debug("command_failed", error=str(exc))
-        click.echo(f"rostersync: {exc}", err=True)
+        click.echo(stderr_line(f"rostersync: {exc}"), err=True)
         sys.exit(EXIT_FAILED)
     except OSError as exc:
         if exc.filename is None:
@@ -1090,22 +1239,24 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> NoReturn:
     The trace goes to a private file and, when logs are JSON lines (journald, pipes), into the
     log as well; a terminal gets the line only. Secrets are scrubbed from all of them.
     """
+    import structlog
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.logs import renders_json, scrub, stderr_line
+
     summary = _one_line(scrub(f"{type(exc).__name__}: {exc}"))
     trace = scrub("".join(traceback.format_exception(exc)))
     path, why_not = _save_trace(trace, summary, args)
     if not structlog.is_configured():
         configure_logging()  # failed before the config was read: keep logs off stdout
-    as_json = any(
-        isinstance(p, structlog.processors.JSONRenderer)
-        for p in structlog.get_config()["processors"]
-    )
+    as_json = renders_json()
     # A terminal gets the trace only when it could not be saved anywhere.
     with_trace = {"exception": trace} if as_json or path is None else {}
     structlog.get_logger().error(
         "internal_error", error=summary, trace_file=str(path) if path else None, **with_trace
     )
     where = f"full trace in {path}" if path else f"the trace could not be saved ({why_not})"
-    click.echo(f"rostersync: internal error: {summary} ({where})", err=True)
+    click.echo(stderr_line(f"rostersync: internal error: {summary} ({where})"), err=True)
     sys.exit(EXIT_FAILED)
 
 
@@ -1134,6 +1285,8 @@ def trace_dirs() -> list[Path]:
 
 def _save_trace(trace: str, summary: str, args: Sequence[str]) -> tuple[Path | None, str]:
     """Write the trace to a new file readable by its owner only; its path, or why not."""
+    from rostersync.logs import scrub
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     header = (
         f"rostersync {__version__} (Python {platform.python_version()}) at {stamp}\n"
@@ -1165,3 +1318,6 @@ from rostersync.commands.importing import import_cmd, outbox, teachers  # noqa: 
 cli.add_command(import_cmd, "import")
 cli.add_command(teachers)
 cli.add_command(outbox)
+
+# Last, so that every command above and from the modules has them.
+accept_global_options(cli)

@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import httpx
 import structlog
 
 from rostersync.config.source import SourceConfig
 from rostersync.records import RosterRecord, TeacherRef, TeacherRoster
 from rostersync.rows import StagedBatch
+
+if TYPE_CHECKING:
+    import httpx
 
 ENTRY_POINT_GROUP = "rostersync.connectors"
 

@@ -43,8 +43,8 @@ from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
-from rostersync.metrics import Metrics, MetricsServer
-from rostersync.queue import job_due_soonest, queue_depth
+from rostersync.metrics import Metrics, MetricsServer, StoreState, read_store_state
+from rostersync.queue import job_due_soonest
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
@@ -123,7 +123,7 @@ class Daemon:
         self.log_level = log_level
         self.notifier = notifier or Notifier()
         self.log = structlog.get_logger()
-        self.metrics = Metrics(self._queue_depth, instance=self.owner)
+        self.metrics = Metrics(self._store_state, instance=self.owner)
         self.engine = self._make_engine(settings)
         self.scheduler: AsyncIOScheduler | None = None
         self.last_runs: dict[str, LastRun] = {}
@@ -424,9 +424,7 @@ class Daemon:
             return
         finished = report.finished_at or utcnow()
         self.last_runs[source] = LastRun(report.status, report.id, finished)
-        self.metrics.record_run(
-            source, report.status, time.monotonic() - started, finished.timestamp()
-        )
+        self.metrics.record_run(source, report.status, time.monotonic() - started)
         log.bind(run_id=report.id).info(
             "scheduled_sync_done",
             status=report.status,
@@ -441,7 +439,7 @@ class Daemon:
         self.notifier.status(self.status_text())
 
     def _load_history(self) -> None:
-        """Last run per source and last success times, so STATUS and metrics start true."""
+        """Last run per source, so STATUS starts true."""
         with self.store.read() as conn:
             rows = conn.execute(
                 text(
@@ -451,13 +449,8 @@ class Daemon:
                 ),
                 {"no": False},
             ).all()
-            states = conn.execute(text("SELECT source, last_success_at FROM source_state")).all()
         for source, status, run_id, finished in rows:
             self.last_runs[source] = LastRun(status, int(run_id), as_utc(finished))
-        for source, last_success in states:
-            when = as_utc(last_success)
-            if when is not None:
-                self.metrics.last_success.labels(source).set(when.timestamp())
 
     def status_text(self) -> str:
         parts = []
@@ -555,9 +548,12 @@ class Daemon:
         with self.store.read() as conn:
             return job_due_soonest(conn)
 
-    def _queue_depth(self) -> dict[str, int]:
+    def _store_state(self) -> StoreState:
+        """For a scrape (in the metrics thread): the store's view of every source and the
+        queue, with the schedules running now."""
+        settings, scheduled = self.settings, dict(self._scheduled)
         with self.store.read() as conn:
-            return queue_depth(conn)
+            return read_store_state(conn, settings.sources, scheduled)
 
     async def _listen(self) -> None:
         """LISTEN on the resync channel and wake the workers on every NOTIFY; reconnects."""

@@ -10,16 +10,30 @@ is removed.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, DateTime, bindparam, text
 
+from rostersync.resync.groupplan import (
+    GroupKey,
+    MemberKey,
+    MemberValues,
+    OwnerPair,
+    Wanted,
+    credit_changes,
+    groups_to_create,
+    groups_to_refresh,
+    groups_to_rename,
+    member_changes,
+    owner_changes,
+    owners_released,
+    wanted_groups,
+)
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
 from rostersync.sync.apply import POPULATED, ids_in, teacher_role, teacher_role_params
-from rostersync.sync.plan import chunks
-
-GroupKey = tuple[str, str]  # (source, class sourced_id)
+from rostersync.sync.rules import chunks
 
 
 def _desired_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:
@@ -76,7 +90,7 @@ def _new_members_sql(dialect: str) -> str:
     """Fill just-created groups. A student enrolled twice in a class must not stop the insert:
     SQLite skips the repeat on conflict (cheaper than sorting a million rows to drop it);
     PostgreSQL drops it with DISTINCT ON and inserts plainly, as the groups are new to this
-    transaction: its ON CONFLICT inserts speculatively, a fifth slower per row."""
+    transaction: its ON CONFLICT inserts speculatively, which costs more per row."""
     insert = "INSERT INTO group_member (group_id, sourced_id, email, name) "
     if dialect == "postgresql":
         return (
@@ -100,13 +114,13 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         if new:
             conn.execute(in_text(_new_members_sql(conn.dialect.name), "ids"), params)
             continue
-        # Existing groups: compare in Python. (Set-based UPDATE ... FROM and anti-join
-        # DELETE were slower here: SQLite walked 25 enrollments per member to find one.)
-        want: dict[tuple[int, str], tuple[str | None, str]] = {
+        # Existing groups: compare in Python, which beat set-based SQL here (see the
+        # benchmarks README's history).
+        want: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
             for g, sid, email, name in conn.execute(in_text(_DESIRED_MEMBERS, "ids"), params)
         }
-        have: dict[tuple[int, str], tuple[str | None, str]] = {
+        have: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
             for g, sid, email, name in conn.execute(
                 in_text(
@@ -130,11 +144,9 @@ _MARKED_MEMBERS = f"""
       AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
 """
 
-#: PostgreSQL plans the join above person first and then walks the enrollment index by
-#: person (six rows a mark, the class compared afterwards): 250,000 buffers and 0.35-0.38 s
-#: for a 1% delta's 19,000 marks. Probing the enrollment first, in a CTE it cannot fold into
-#: the join, takes the class index's exact (source, class, role, person) entry: 115,000
-#: buffers, 0.15-0.18 s.
+#: PostgreSQL: probe the enrollment first, in a CTE the planner cannot fold into the join, so
+#: each mark takes the class index's exact (source, class, role, person) entry instead of
+#: walking the enrollment index by person.
 _MARKED_MEMBERS_PG = f"""
     WITH m AS MATERIALIZED (
         SELECT t.gid, se.source, se.user_id FROM rs_member_marks t
@@ -161,9 +173,8 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     whose members changed.
 
     The marks go into a temporary table and both reads join it by primary key or index
-    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark. Reading the marked
-    groups' whole member lists instead cost 8 s per million rows, and row-value
-    ``IN (VALUES ...)`` made SQLite scan the million-row enrollment table.
+    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark, where reading the
+    marked groups' whole member lists, or a row-value ``IN (VALUES ...)``, scans.
     """
     if not marks:
         return set()
@@ -177,18 +188,17 @@ def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str
     # Emptied after use below; a failed transaction rolls its own rows back.
     rows = sorted(set(marks))
     if conn.dialect.name == "postgresql":
-        # COPY: psycopg's executemany sends a statement per row (0.35 s for a 1% delta's
-        # 19,450 marks).
+        # COPY: psycopg's executemany sends a statement per row.
         copy_rows(conn, "COPY rs_member_marks (gid, src, cls, person) FROM STDIN", rows)
     else:
         executemany(
             conn, "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)", rows
         )
     marked = _MARKED_MEMBERS_PG if conn.dialect.name == "postgresql" else _MARKED_MEMBERS
-    want: dict[tuple[int, str], tuple[str | None, str]] = {
+    want: dict[MemberKey, MemberValues] = {
         (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(marked))
     }
-    have: dict[tuple[int, str], tuple[str | None, str]] = {
+    have: dict[MemberKey, MemberValues] = {
         (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_HELD_MEMBERS))
     }
     conn.execute(text("DELETE FROM rs_member_marks"))
@@ -209,8 +219,7 @@ def update_members(
 
 
 def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
-    """Every group gets the same time, so a statement per 500 ids: one statement per group
-    through psycopg took 0.48 s for a 1% delta's 15,820 groups on PostgreSQL."""
+    """Every group gets the same time, so a statement per 500 ids, not one per group."""
     stmt = in_text("UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids").bindparams(
         bindparam("now", type_=DateTime(timezone=True))  # stored as the ORM stores it
     )
@@ -220,13 +229,11 @@ def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) ->
 
 def _apply_member_diff(
     conn: Connection,
-    want: dict[tuple[int, str], tuple[str | None, str]],
-    have: dict[tuple[int, str], tuple[str | None, str]],
+    want: dict[MemberKey, MemberValues],
+    have: dict[MemberKey, MemberValues],
 ) -> set[int]:
     """Write the difference between members wanted and held; returns the groups changed."""
-    added = [k for k in want if k not in have]
-    gone = [k for k in have if k not in want]
-    updated = [k for k, v in want.items() if k in have and have[k] != v]
+    diff = member_changes(want, have)
     # ON CONFLICT: on PostgreSQL resync batches run side by side, and two that re-read the
     # members of one co-taught group may add the same student at once. The second waits for
     # the first and keeps its row (the same values, read from the same mirror), where a plain
@@ -235,15 +242,15 @@ def _apply_member_diff(
         conn,
         "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
-        [(g, sid, *want[(g, sid)]) for g, sid in added],
+        [(g, sid, *want[(g, sid)]) for g, sid in diff.added],
     )
-    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)
+    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", diff.gone)
     executemany(
         conn,
         "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
-        [(*want[(g, sid)], g, sid) for g, sid in updated],
+        [(*want[(g, sid)], g, sid) for g, sid in diff.updated],
     )
-    return {g for g, _ in (*added, *gone, *updated)}
+    return diff.groups
 
 
 def _insert_groups(
@@ -259,8 +266,7 @@ def _insert_groups(
     batches wait on each other's groups in one order and never in a cycle.
     """
     if conn.dialect.name != "postgresql":
-        # One executemany: per-row INSERT ... RETURNING through the ORM layer cost more
-        # than the rest of a 10,000-teacher resync together.
+        # One executemany, not a per-row INSERT ... RETURNING through the ORM layer.
         executemany(
             conn,
             "INSERT INTO groups (source, external_id, name, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
@@ -268,8 +274,8 @@ def _insert_groups(
             timestamps=True,
         )
         return set(keys)
-    # One statement with the keys as three arrays: a multi-row VALUES built by SQLAlchemy
-    # took 86 ms per 800 groups, this 10 ms. ORDER BY keeps the insert in key order.
+    # One statement with the keys as three arrays (cheaper than a multi-row VALUES built by
+    # SQLAlchemy). ORDER BY keeps the insert in key order.
     rows = conn.execute(
         text(
             "INSERT INTO groups (source, external_id, name, created_at, updated_at) "
@@ -301,29 +307,73 @@ def rebuild_groups(
     marked changed (``dirty_class``), new groups, and every group of the users in
     ``refresh_all`` (manual and live resyncs): re-reading 25 students per unchanged class
     was most of the cost of a small delta in a large district.
+
+    Each step reads what a rule of :mod:`rostersync.resync.groupplan` needs, asks it, and
+    writes its answer.
     """
     uids = sorted(set(user_ids))
-    full_refresh = set(refresh_all)
-    roles = teacher_role_params(teacher_roles)
-    desired_sql = _desired_sql(conn, teacher_roles)
-    owners_sql = _owners_sql(conn, teacher_roles)
-    result: dict[int, Counter[str]] = {u: Counter() for u in uids}
     if not uids:
-        return result
+        return {}
     now = utcnow()
+    wanted = _read_wanted(conn, uids, teacher_roles)
+    by_source = wanted.classes_by_source()
+    groups, owned_by_batch = _read_groups(conn, uids, by_source)
 
-    desired: dict[GroupKey, str] = {}
-    wanted_by: dict[GroupKey, set[int]] = defaultdict(set)
+    new_keys = groups_to_create(wanted, set(groups))
+    inserted = _create_groups(conn, new_keys, wanted.titles, groups, now)
+    created = {groups[key][0] for key in inserted}
+    touched = _rename_groups(conn, wanted, groups, now)  # group ids changed in any way
+
+    desired_gids = {groups[key][0] for key in wanted.titles}
+    refresh = groups_to_refresh(
+        wanted,
+        dirty=_read_dirty_classes(conn, by_source),
+        created=inserted,
+        refresh_all=set(refresh_all),
+    )
+    refresh_gids = {groups[key][0] for key in refresh}
+    touched |= _sync_owners(conn, by_source, groups, desired_gids, teacher_roles)
+    touched |= sync_members(conn, sorted(refresh_gids & created), new=True)
+    touched |= sync_members(conn, sorted(refresh_gids - created), new=False)
+    # The other wanted groups: just the members a sync marked (dirty_member).
+    marks = _read_member_marks(conn, by_source, refresh, groups)
+    touched |= sync_member_marks(conn, marks)
+
+    ids = {key: gid for key, (gid, _name) in groups.items()}
+    kept, removed = _release(conn, owners_released(wanted, ids, owned_by_batch))
+    touched |= kept
+    key_of = {gid: key for key, gid in ids.items()}
+    # The marks of the classes refreshed (or whose group is gone) have done their job.
+    _clear_marks(conn, sorted(refresh | {key_of[g] for g in removed}), marks)
+    updated = sorted(touched - created - removed)
+    _stamp_updated(conn, updated, now)
+    return credit_changes(
+        uids,
+        wanted,
+        owned_by_batch,
+        key_of,
+        created=[key for key in new_keys if key in inserted],
+        updated=updated,
+        removed=removed,
+    )
+
+
+def _read_wanted(conn: Connection, uids: Sequence[int], teacher_roles: Sequence[str]) -> Wanted:
+    desired_sql = in_text(_desired_sql(conn, teacher_roles), "uids")
+    roles = teacher_role_params(teacher_roles)
+    rows: list[Any] = []  # (user id, source, class, title)
     for chunk in chunks(uids):
-        for uid, src, cls, title in conn.execute(
-            in_text(desired_sql, "uids"), {"uids": chunk, "yes": True, **roles}
-        ):
-            desired[(src, cls)] = title
-            wanted_by[(src, cls)].add(uid)
+        rows += conn.execute(desired_sql, {"uids": chunk, "yes": True, **roles})
+    return wanted_groups(rows)
 
-    # Existing groups: those the batch owns, and those for the classes it wants.
+
+def _read_groups(
+    conn: Connection, uids: Sequence[int], by_source: Mapping[str, Sequence[str]]
+) -> tuple[dict[GroupKey, tuple[int, str]], dict[int, set[int]]]:
+    """The existing groups (id and name by key) that the batch's users own, and those of the
+    classes they want; and the batch's users who own each (by group id)."""
     groups: dict[GroupKey, tuple[int, str]] = {}
-    owned_by_batch: dict[int, set[int]] = defaultdict(set)  # group id -> batch owners
+    owned_by_batch: dict[int, set[int]] = defaultdict(set)
     for chunk in chunks(uids):
         rows = conn.execute(
             in_text(
@@ -337,63 +387,65 @@ def rebuild_groups(
         for gid, src, ext, name, uid in rows:
             groups[(src, ext)] = (gid, name)
             owned_by_batch[gid].add(uid)
-    by_source: dict[str, list[str]] = defaultdict(list)
-    for src, cls in desired:
-        by_source[src].append(cls)
     for src, classes in by_source.items():
-        for chunk in chunks(sorted(classes)):
-            rows = conn.execute(
-                in_text(
-                    "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
-                    "ids",
-                ),
-                {"src": src, "ids": chunk},
-            )
-            for gid, ext, name in rows:
-                groups[(src, ext)] = (gid, name)
+        groups.update(_groups_of_classes(conn, src, classes))
+    return groups, owned_by_batch
 
-    def credit(key: GroupKey, what: str, fallback: Iterable[int] = ()) -> None:
-        who = wanted_by.get(key) or set(fallback) & set(uids) or {uids[0]}
-        result[min(who)][what] += 1
 
-    # Create missing groups, rename changed ones.
-    touched: set[int] = set()  # group ids whose name, owners or members changed
-    created: set[int] = set()
-    new_keys = sorted(k for k in desired if k not in groups)
-    if new_keys:
-        inserted = _insert_groups(conn, new_keys, desired, now)
-        by_source_new: dict[str, list[str]] = defaultdict(list)
-        for src, ext in new_keys:
-            by_source_new[src].append(ext)
-        for src, exts in by_source_new.items():
-            for chunk in chunks(exts):
-                for gid, ext, name in conn.execute(
-                    in_text(
-                        "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
-                        "ids",
-                    ),
-                    {"src": src, "ids": chunk},
-                ):
-                    groups[(src, ext)] = (gid, name)
-                    if (src, ext) in inserted:
-                        created.add(gid)
-        for key in new_keys:
-            if key in inserted:
-                credit(key, "groups_created")
-    renamed = sorted(key for key, title in desired.items() if groups[key][1] != title)
-    # One executemany: a 1% delta renames 400 classes, and a statement apiece through
-    # SQLAlchemy took 1 ms each on PostgreSQL.
+def _groups_of_classes(
+    conn: Connection, src: str, classes: Sequence[str]
+) -> dict[GroupKey, tuple[int, str]]:
+    """The existing groups of these classes of a source: (id, name) by key."""
+    found: dict[GroupKey, tuple[int, str]] = {}
+    stmt = in_text(
+        "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
+        "ids",
+    )
+    for chunk in chunks(classes):
+        for gid, ext, name in conn.execute(stmt, {"src": src, "ids": chunk}):
+            found[(src, ext)] = (gid, name)
+    return found
+
+
+def _create_groups(
+    conn: Connection,
+    keys: Sequence[GroupKey],
+    titles: Mapping[GroupKey, str],
+    groups: dict[GroupKey, tuple[int, str]],
+    now: datetime,
+) -> set[GroupKey]:
+    """Create the groups of ``keys`` and add them to ``groups`` (with those a concurrent batch
+    created meanwhile); returns the keys this transaction created."""
+    if not keys:
+        return set()
+    inserted = _insert_groups(conn, keys, titles, now)
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for src, ext in keys:
+        by_source[src].append(ext)
+    for src, exts in by_source.items():
+        groups.update(_groups_of_classes(conn, src, exts))
+    return inserted
+
+
+def _rename_groups(
+    conn: Connection, wanted: Wanted, groups: dict[GroupKey, tuple[int, str]], now: datetime
+) -> set[int]:
+    """Give the wanted groups their classes' titles; returns the ids of those renamed."""
+    renamed = groups_to_rename(wanted, {key: groups[key][1] for key in wanted.titles})
+    # One executemany: a delta run may rename hundreds of classes.
     executemany(
         conn,
         "UPDATE groups SET name = ?, updated_at = ? WHERE id = ?",
-        [(desired[key], now, groups[key][0]) for key in renamed],
+        [(wanted.titles[key], now, groups[key][0]) for key in renamed],
         timestamps=True,
     )
     for key in renamed:
-        groups[key] = (groups[key][0], desired[key])
-        touched.add(groups[key][0])
+        groups[key] = (groups[key][0], wanted.titles[key])
+    return {groups[key][0] for key in renamed}
 
-    desired_gids = {groups[k][0]: k for k in desired}
+
+def _read_dirty_classes(conn: Connection, by_source: Mapping[str, Sequence[str]]) -> set[GroupKey]:
+    """The wanted classes that a sync marked changed (``dirty_class``)."""
     dirty: set[GroupKey] = set()
     for src, classes in by_source.items():
         dirty |= {
@@ -405,23 +457,30 @@ def rebuild_groups(
                 src=src,
             )
         }
-    refresh = {
-        k for k in desired if k in dirty or groups[k][0] in created or wanted_by[k] & full_refresh
-    }
-    refresh_gids = {groups[k][0] for k in refresh}
+    return dirty
 
-    # Owners of wanted groups: every active provisioned teacher of the class.
-    want_owners: set[tuple[int, int]] = set()
+
+def _sync_owners(
+    conn: Connection,
+    by_source: Mapping[str, Sequence[str]],
+    groups: Mapping[GroupKey, tuple[int, str]],
+    desired_gids: Set[int],
+    teacher_roles: Sequence[str],
+) -> set[int]:
+    """Make the wanted groups' roster owners every active provisioned teacher of their class;
+    returns the ids of the groups whose owners changed."""
+    owners_sql = in_text(_owners_sql(conn, teacher_roles), "ids")
+    roles = teacher_role_params(teacher_roles)
+    want: set[OwnerPair] = set()
     for src, classes in by_source.items():
-        for chunk in chunks(sorted(classes)):
+        for chunk in chunks(classes):
             for cls, uid in conn.execute(
-                in_text(owners_sql, "ids"), {"src": src, "ids": chunk, "yes": True, **roles}
+                owners_sql, {"src": src, "ids": chunk, "yes": True, **roles}
             ):
-                want_owners.add((groups[(src, cls)][0], uid))
-
-    have_owners: set[tuple[int, int]] = set()
+                want.add((groups[(src, cls)][0], uid))
+    have: set[OwnerPair] = set()
     for chunk in chunks(sorted(desired_gids)):
-        have_owners |= {
+        have |= {
             (g, u)
             for g, u in conn.execute(
                 in_text(
@@ -432,69 +491,68 @@ def rebuild_groups(
                 {"ids": chunk},
             )
         }
-
-    # Wanted groups: owners and members made exact.
-    add_owners = sorted(want_owners - have_owners)
-    drop_owners = sorted(o for o in have_owners - want_owners if o[0] in desired_gids)
-    if add_owners:
+    add, drop = owner_changes(want, have)
+    if add:
         # An owner an admin added by import stays an import owner (its row wins the conflict).
         executemany(
             conn,
             "INSERT INTO group_owner (group_id, user_id, origin) VALUES (?, ?, 'roster') "
             "ON CONFLICT DO NOTHING",
-            add_owners,
+            add,
         )
     executemany(
         conn,
         "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
-        drop_owners,
+        drop,
     )
-    touched.update(g for g, _ in (*add_owners, *drop_owners))
+    return {g for g, _ in (*add, *drop)}
 
-    touched |= sync_members(conn, sorted(refresh_gids & created), new=True)
-    touched |= sync_members(conn, sorted(refresh_gids - created), new=False)
-    # The other wanted groups: just the members a sync marked (dirty_member).
+
+def _read_member_marks(
+    conn: Connection,
+    by_source: Mapping[str, Sequence[str]],
+    refresh: Set[GroupKey],
+    groups: Mapping[GroupKey, tuple[int, str]],
+) -> list[tuple[int, str, str, str]]:
+    """The members a sync marked (``dirty_member``) in the wanted groups not refreshed in
+    full: (group id, source, class, person)."""
     marks: list[tuple[int, str, str, str]] = []
+    stmt = in_text(
+        "SELECT class_id, person_id FROM dirty_member WHERE source = :src AND class_id IN :ids",
+        "ids",
+    )
     for src, classes in by_source.items():
-        rest = sorted(c for c in classes if (src, c) not in refresh)
-        for start in range(0, len(rest), 500):
-            rows = conn.execute(
-                in_text(
-                    "SELECT class_id, person_id FROM dirty_member "
-                    "WHERE source = :src AND class_id IN :ids",
-                    "ids",
-                ),
-                {"src": src, "ids": rest[start : start + 500]},
-            )
+        rest = [c for c in classes if (src, c) not in refresh]
+        for chunk in chunks(rest):
+            rows = conn.execute(stmt, {"src": src, "ids": chunk})
             marks += [(groups[(src, cls)][0], src, cls, person) for cls, person in rows]
-    touched |= sync_member_marks(conn, marks)
+    return marks
 
-    # Groups the batch owns but no longer wants: let go; remove those left without owners.
-    released: list[tuple[int, int]] = []
-    for key, (gid, _name) in groups.items():
-        for uid in owned_by_batch.get(gid, ()):
-            if uid not in wanted_by.get(key, set()):
-                released.append((gid, uid))
+
+def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int], set[int]]:
+    """Drop these roster ownerships and remove the groups left without any owner; returns
+    the released groups (ids) kept and those removed."""
     executemany(
         conn,
         "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
         released,
     )
-    # Which released groups still have an owner, in a few IN-list statements: three
-    # statements per group took 1.6 s for a 1% delta's 393 removed groups on PostgreSQL.
+    # Which released groups still have an owner, in a few IN-list statements, not per group.
     let_go = {g for g, _ in released}
     kept = ids_in(conn, "SELECT group_id FROM group_owner WHERE group_id IN :ids", let_go)
     removed = let_go - kept
-    touched |= kept
     for chunk in chunks(sorted(removed)):
         params = {"ids": chunk}
         conn.execute(in_text("DELETE FROM group_member WHERE group_id IN :ids", "ids"), params)
         conn.execute(in_text("DELETE FROM groups WHERE id IN :ids", "ids"), params)
-    key_of = {gid: key for key, (gid, _n) in groups.items()}
-    for gid in sorted(removed):
-        credit(key_of[gid], "groups_removed", owned_by_batch.get(gid, ()))
-    # The marks of the classes refreshed (or whose group is gone) have done their job.
-    done = sorted(refresh | {key_of[g] for g in removed})
+    return kept, removed
+
+
+def _clear_marks(
+    conn: Connection, done: Sequence[GroupKey], marks: Sequence[tuple[int, str, str, str]]
+) -> None:
+    """Delete the sync's marks that this batch has acted on: every mark of the classes in
+    ``done``, and the member marks it re-read."""
     executemany(conn, "DELETE FROM dirty_class WHERE source = ? AND class_id = ?", done)
     executemany(conn, "DELETE FROM dirty_member WHERE source = ? AND class_id = ?", done)
     executemany(
@@ -502,8 +560,3 @@ def rebuild_groups(
         "DELETE FROM dirty_member WHERE source = ? AND class_id = ? AND person_id = ?",
         sorted({(src, cls, person) for _, src, cls, person in marks}),
     )
-    updated = sorted(touched - created - removed)
-    _stamp_updated(conn, updated, now)
-    for gid in updated:
-        credit(key_of[gid], "groups_updated", owned_by_batch.get(gid, ()))
-    return result

@@ -1,5 +1,12 @@
 """Logging: structlog, JSON lines for journald and shippers, console output on a TTY.
 
+When stderr is the journal (``JOURNAL_STREAM`` names its device and inode, as systemd.exec(5)
+documents), every line starts with its syslog priority (``<3>`` error, ``<4>`` warning, ``<6>``
+info, ``<7>`` debug), which journald strips and stores, so ``journalctl -p warning`` filters;
+the JSON keeps its ``level`` too. A command's own messages to whoever runs it
+(:func:`notice`) are plain text on a terminal and JSON log lines elsewhere, so that a pipe
+reads nothing but JSON.
+
 One processor, :func:`redact`, runs on every event: values under secret-looking keys are
 replaced, and bearer tokens, Authorization headers, OAuth signatures and PEM private keys
 are cut out of any string. Secrets known at run time (from the config) are registered with
@@ -9,6 +16,7 @@ are cut out of any string. Secrets known at run time (from the config) are regis
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import MutableMapping
@@ -116,8 +124,53 @@ def _scrub_rendered(
     return event
 
 
+#: syslog priorities (RFC 5424) of structlog's level names, for the journal's line prefix.
+SYSLOG_PRIORITY = {
+    "critical": 2,
+    "exception": 3,
+    "error": 3,
+    "warning": 4,
+    "warn": 4,
+    "notice": 5,
+    "info": 6,
+    "debug": 7,
+}
+_json_output = False
+
+
+def is_journal(stream: TextIO | None = None) -> bool:
+    """Is ``stream`` (stderr by default) connected to the journal? systemd sets
+    ``JOURNAL_STREAM=DEVICE:INODE`` for the stream it connected; a child whose stderr was
+    redirected inherits the variable, but its stream no longer matches."""
+    device, sep, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):  # no real file behind it (tests, pipes gone)
+        return False
+
+
+def priority_prefix(level: str) -> str:
+    """``<N>`` for a level name (info for one it does not know)."""
+    return f"<{SYSLOG_PRIORITY.get(level.lower(), 6)}>"
+
+
+def _with_priority(render: Any) -> Any:
+    """Wrap a renderer so each output line starts with the event's syslog priority."""
+
+    def rendered(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        prefix = priority_prefix(str(event.get("level", name)))
+        text = str(render(logger, name, event))
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+    return rendered
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog once per process. ``fmt``: auto (JSON unless stderr is a TTY)."""
+    global _json_output
     out = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     processors: list[Any] = [
@@ -126,20 +179,43 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact,
     ]
+    renderer: Any
     if use_json:
-        processors += [
-            structlog.processors.format_exc_info,
-            _scrub_rendered,
-            structlog.processors.JSONRenderer(sort_keys=False),
-        ]
+        processors += [structlog.processors.format_exc_info, _scrub_rendered]
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    processors.append(_with_priority(renderer) if is_journal(out) else renderer)
+    _json_output = use_json
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+def renders_json() -> bool:
+    """Do log lines go out as JSON (as configured last)?"""
+    return structlog.is_configured() and _json_output
+
+
+def stderr_line(text: str, level: str = "error") -> str:
+    """A plain line for stderr, with its syslog priority when stderr is the journal."""
+    return priority_prefix(level) + text if is_journal() else text
+
+
+def notice(event: str, message: str, level: str = "info", **fields: Any) -> None:
+    """A command's message to the person running it: ``rostersync: message`` on a terminal
+    (or with console logs), else a JSON log line with ``event`` and ``message``. It is the
+    command's output, not chatter, so ``logging.level`` does not hold it back."""
+    if not renders_json() or sys.stderr.isatty():
+        print(stderr_line(f"rostersync: {message}", level), file=sys.stderr, flush=True)
+        return
+    unfiltered = structlog.wrap_logger(
+        None, wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET)
+    )
+    unfiltered.log(getattr(logging, level.upper()), event, message=message, **fields)
 
 
 class _ToStructlog(logging.Handler):

@@ -1,36 +1,64 @@
 """Prometheus metrics and the health check, served on ``metrics.listen`` (opt-in).
 
 Everything lives on its own :class:`~prometheus_client.CollectorRegistry`, so several daemons
-(or tests) in one process never share counters, and the default process collectors stay out.
+(or tests) in one process never share counters; the library's process, platform and GC
+collectors are registered on it as they are on its default registry. Counters and histograms
+export no ``*_created`` series (Prometheus would read them as gauges of their own).
 
-``/metrics``  the Prometheus text format
+What the database knows is read from it at scrape time, so that runs of the CLI count as much
+as the daemon's: the last success of each source, the held runs waiting for approval and the
+live part of the queue (``queued``, ``running``). Finished jobs are a counter.
+
+``/metrics``  the Prometheus text format, or OpenMetrics when the scraper asks for it, gzipped
+              when it accepts that (the library's own negotiation)
 ``/healthz``  200 ``{"status": "ok", ...}`` while the scheduler is alive and the database
               answers; 503 with the same fields otherwise
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    MetricsHandler,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from sqlalchemy import text
 
 from rostersync import __version__
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
+
+    from rostersync.config.schedule import Schedule
 
 #: Names an operator's dashboards and alerts rely on (docs/operations.md lists them).
 METRIC_NAMES = (
     "rostersync_sync_runs_total",
     "rostersync_sync_last_success_timestamp_seconds",
+    "rostersync_sync_held_runs",
     "rostersync_sync_duration_seconds",
+    "rostersync_source_schedule_period_seconds",
     "rostersync_resync_queue_jobs",
     "rostersync_resync_jobs_total",
     "rostersync_resync_job_duration_seconds",
@@ -39,49 +67,139 @@ METRIC_NAMES = (
     "rostersync_config_reloads_total",
     "rostersync_info",
 )
+#: Queue states a job is still in; finished ones are counted by rostersync_resync_jobs_total.
+LIVE_STATES = ("queued", "running")
 
 _START = "rostersync_started"  # request.extensions key: perf_counter() when the request left
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-class _QueueCollector(Collector):
-    """Queue depth by state, read from the database at scrape time (so it is never stale)."""
+@dataclass(frozen=True)
+class StoreState:
+    """What a scrape reads from the database (and the schedules the daemon runs)."""
 
-    def __init__(self, depth: Callable[[], Mapping[str, int]]) -> None:
-        self._depth = depth
+    queue: Mapping[str, int]
+    last_success: Mapping[str, float] = field(default_factory=dict)
+    held: Mapping[str, int] = field(default_factory=dict)
+    schedule_period: Mapping[str, float] = field(default_factory=dict)
+
+
+def read_store_state(
+    conn: Connection, sources: Iterable[str], schedules: Mapping[str, Schedule] | None = None
+) -> StoreState:
+    """One scrape's reading of the store. ``sources`` (the configured ones) get a held-runs
+    series even at 0, so a dashboard shows them; a held run counts until it is approved or a
+    later real run of its source succeeds (which makes it unapprovable)."""
+    from rostersync.queue import queue_depth
+    from rostersync.store.db import as_utc
+
+    depth = queue_depth(conn)
+    last: dict[str, float] = {}
+    for source, when in conn.execute(
+        text("SELECT source, last_success_at FROM source_state WHERE last_success_at IS NOT NULL")
+    ):
+        at = as_utc(when)
+        if at is not None:
+            last[str(source)] = at.timestamp()
+    held = dict.fromkeys(sources, 0)
+    rows = conn.execute(
+        text(
+            "SELECT h.source, count(*) FROM sync_run h WHERE h.status = 'held' "
+            "AND h.dry_run = :no AND NOT EXISTS (SELECT 1 FROM sync_run s "
+            "WHERE s.source = h.source AND s.id > h.id AND s.dry_run = :no "
+            "AND s.status IN ('succeeded', 'succeeded_with_errors')) GROUP BY h.source"
+        ),
+        {"no": False},
+    )
+    held.update({str(source): int(n) for source, n in rows})
+    periods = {name: schedule_period(s) for name, s in (schedules or {}).items()}
+    return StoreState(
+        {state: int(depth.get(state, 0)) for state in LIVE_STATES}, last, held, periods
+    )
+
+
+def schedule_period(schedule: Schedule, *, now: datetime | None = None) -> float:
+    """Seconds between runs: the interval, or for a cron the longest gap among its next
+    runs (``0 2 * * 1-5`` waits three days over a weekend, and an alert must allow that)."""
+    from rostersync.config.schedule import cron_trigger
+
+    if schedule.interval is not None:
+        return schedule.interval.total_seconds()
+    assert schedule.cron is not None
+    trigger = cron_trigger(schedule.cron)
+    at = now or datetime.now(UTC).astimezone()
+    fires: list[datetime] = []
+    previous: datetime | None = None
+    for _ in range(15):  # two weeks of a daily cron: every weekday pattern shows up
+        nxt = trigger.get_next_fire_time(previous, at)
+        if nxt is None:
+            break
+        fires.append(nxt)
+        previous, at = nxt, nxt + timedelta(seconds=1)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(fires)]
+    return max(gaps, default=0.0)
+
+
+class _StoreCollector(Collector):
+    """Series read from the database at scrape time (so they are never stale, and runs of
+    the CLI count as well as the daemon's)."""
+
+    def __init__(self, read: Callable[[], StoreState]) -> None:
+        self._read = read
 
     def collect(self) -> Iterable[Metric]:
         try:
-            depth = self._depth()
+            state = self._read()
         except Exception as exc:  # a scrape must not fail because the database is down
-            structlog.get_logger().warning("metrics_queue_depth_failed", error=str(exc))
+            structlog.get_logger().warning("metrics_store_read_failed", error=str(exc))
             return []
-        family = GaugeMetricFamily(
-            "rostersync_resync_queue_jobs", "Resync jobs in the queue by state", labels=["state"]
+        queue = GaugeMetricFamily(
+            "rostersync_resync_queue_jobs",
+            "Resync jobs waiting (queued) or being processed (running)",
+            labels=["state"],
         )
-        for state, n in sorted(depth.items()):
-            family.add_metric([state], n)
-        return [family]
+        for state_name, n in state.queue.items():
+            queue.add_metric([state_name], n)
+        last = GaugeMetricFamily(
+            "rostersync_sync_last_success_timestamp_seconds",
+            "Unix time of the last successful sync run per source (daemon or CLI)",
+            labels=["source"],
+        )
+        for source, at in sorted(state.last_success.items()):
+            last.add_metric([source], at)
+        held = GaugeMetricFamily(
+            "rostersync_sync_held_runs",
+            "Held runs waiting for `rostersync runs approve` (not yet overtaken)",
+            labels=["source"],
+        )
+        for source, n in sorted(state.held.items()):
+            held.add_metric([source], n)
+        period = GaugeMetricFamily(
+            "rostersync_source_schedule_period_seconds",
+            "Seconds between a scheduled source's runs (a cron: the longest gap)",
+            labels=["source"],
+        )
+        for source, seconds in sorted(state.schedule_period.items()):
+            period.add_metric([source], seconds)
+        return [queue, last, held, period]
 
 
 class Metrics:
-    """The daemon's metrics; ``queue_depth`` is called on every scrape."""
+    """The daemon's metrics; ``store_state`` is called on every scrape."""
 
     def __init__(
-        self, queue_depth: Callable[[], Mapping[str, int]] | None = None, *, instance: str = ""
+        self, store_state: Callable[[], StoreState] | None = None, *, instance: str = ""
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it untyped
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)  # registers nothing where the interpreter keeps no GC stats
         self.runs = Counter(
             "rostersync_sync_runs",
-            "Finished sync runs by source and status",
+            "Finished sync runs of this daemon by source and status",
             ["source", "status"],
-            registry=r,
-        )
-        self.last_success = Gauge(
-            "rostersync_sync_last_success_timestamp_seconds",
-            "Unix time of the last successful sync run per source",
-            ["source"],
             registry=r,
         )
         self.sync_duration = Histogram(
@@ -122,20 +240,14 @@ class Metrics:
             registry=r,
         )
         info.labels(__version__, instance).set(1)
-        if queue_depth is not None:
-            r.register(_QueueCollector(queue_depth))
+        if store_state is not None:
+            r.register(_StoreCollector(store_state))
 
     # -- recording ---------------------------------------------------------------------------
 
-    def record_run(
-        self, source: str, status: str, seconds: float, finished_at: float | None = None
-    ) -> None:
+    def record_run(self, source: str, status: str, seconds: float) -> None:
         self.runs.labels(source, status).inc()
         self.sync_duration.labels(source).observe(seconds)
-        if status in ("succeeded", "succeeded_with_errors"):
-            self.last_success.labels(source).set(
-                finished_at if finished_at is not None else time.time()
-            )
 
     def record_jobs(self, outcomes: Iterable[str], seconds: float) -> None:
         for outcome in outcomes:
@@ -161,6 +273,7 @@ class Metrics:
         return {"request": [on_request], "response": [on_response]}
 
     def render(self) -> bytes:
+        """The classic text format (what a scrape without an Accept header gets)."""
         return generate_latest(self.registry)
 
 
@@ -172,7 +285,7 @@ class MetricsServer:
         host, _, port = listen.rpartition(":")
         self.metrics = metrics
         self.health = health
-        handler = type("_BoundHandler", (_Handler,), {"owner": self})
+        handler = type("_BoundHandler", (_Handler,), {"owner": self, "registry": metrics.registry})
         self._server = ThreadingHTTPServer((host.strip("[]"), int(port)), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -197,7 +310,9 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(MetricsHandler):
+    """The library's handler for ``/metrics`` (format and gzip negotiation), plus ``/healthz``."""
+
     owner: MetricsServer
     server_version = "rostersync"
 
@@ -207,7 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._reply(200, self.owner.metrics.render(), CONTENT_TYPE_LATEST)
+            super().do_GET()
         elif path == "/healthz":
             try:
                 ok, detail = self.owner.health()

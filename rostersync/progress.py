@@ -2,9 +2,10 @@
 
 On a TTY one line per source (and one for the resync jobs) is redrawn in place, at most ten
 times a second; log lines are routed through :attr:`SyncProgress.log_stream` so they print
-above the display instead of through it. Elsewhere (cron, CI, a pipe) a plain line is written
-when a phase starts or ends, and at most every few seconds while records are fetched, so the
-output stays readable in a file.
+above the display instead of through it. The CLI shows progress on a terminal only (stderr
+elsewhere carries JSON log lines and nothing else); for a caller that wants it in a file, a
+plain line is written when a phase starts or ends, and at most every few seconds while
+records are fetched.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime
 from hashlib import blake2b
 from typing import Any, Literal
 
@@ -121,14 +121,32 @@ class RosterClass:
     school_id: str | None = None
     status: Status = "active"
     date_last_modified: datetime | None = None
-    #: the academic sessions (terms) the class runs in; carried for the terms rules to come,
-    #: not stored yet and no part of ``content_hash``
+    #: the academic sessions (terms) the class runs in: read by the terms rules
+    #: (``terms: {mode: current}``) while a run is fetched; not stored, no part of ``content_hash``
     term_ids: tuple[str, ...] = ()
 
     entity = "class"
 
     def content_hash(self) -> str:
         return digest(self.title, self.class_code, self.school_id, self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class AcademicSession:
+    """One academic session (a school year, semester, term or grading period): a connector
+    keeps those it read on its ``academic_sessions`` (by sourcedId) for the terms rules.
+    OneRoster 1.2 calls ``end_date`` the first day after the session, 1.1 its last: the
+    rules count it as a day of the session (the grace days dwarf the difference). ``type`` is
+    ``schoolYear``, ``semester``, ``term``, ``gradingPeriod`` or an ``ext:`` name."""
+
+    sourced_id: str
+    title: str
+    type: str
+    start_date: date
+    end_date: date
+    parent_id: str | None = None
+    school_year: str | None = None
+    status: Status = "active"
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +216,8 @@ class MemoryRoster:
     classes: list[RosterClass] = field(default_factory=list)
     enrollments: list[RosterEnrollment] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    #: the academic sessions the memory connector reports (its ``academic_sessions``)
+    sessions: list[AcademicSession] = field(default_factory=list)
 
     def records(self) -> list[RosterRecord]:
         return [*self.orgs, *self.persons, *self.classes, *self.enrollments, *self.rejected]
@@ -209,6 +229,7 @@ class MemoryRoster:
             list(self.classes),
             list(self.enrollments),
             list(self.rejected),
+            list(self.sessions),
         )
 
     def replace_person(self, sourced_id: str, **changes: Any) -> None:

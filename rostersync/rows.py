@@ -172,6 +172,9 @@ class StagedBatch:
     )
     rejected: list[Rejected] = field(default_factory=list)
     newest: datetime | None = None
+    #: the academic sessions of this batch's classes that name any, by class sourcedId (not
+    #: staged: the terms rules read them while the run is fetched)
+    terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(map(len, self.rows.values())) + len(self.rejected)
@@ -181,6 +184,7 @@ class StagedBatch:
         for kind, rows in other.rows.items():
             self.rows[kind].extend(rows)
         self.rejected.extend(other.rejected)
+        self.terms.update(other.terms)
         if other.newest is not None and (self.newest is None or other.newest > self.newest):
             self.newest = other.newest
 
@@ -196,6 +200,8 @@ def sort_batch(records: Iterable[RosterRecord]) -> StagedBatch:
             kind, row = "person", person_tuple(r)
         elif isinstance(r, RosterClass):
             kind, row = "class", class_tuple(r)
+            if r.term_ids:
+                out.terms[r.sourced_id] = r.term_ids
         elif isinstance(r, RosterOrg):
             kind, row = "org", org_tuple(r)
         else:

@@ -14,7 +14,8 @@ import pytest
 import structlog
 import yaml
 
-from rostersync import cli
+from rostersync import cli, directory
+from rostersync.config import loader
 from rostersync.errors import RunNotFound
 from rostersync.store.db import Store
 from tests.conftest import BASE_CONFIG
@@ -66,7 +67,7 @@ def test_internal_error_is_one_line_and_a_private_trace_file(
 ) -> None:
     """A command that raises something unexpected exits 1 with one line naming a 0600 file in
     the XDG state folder; the file has the scrubbed trace, stderr has no raw traceback."""
-    monkeypatch.setattr(cli.directory, "list_users", _boom)
+    monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list") == 1
     out, err = capsys.readouterr()
     assert out == ""
@@ -93,7 +94,7 @@ def test_on_a_console_the_log_line_has_no_trace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With console logs (a terminal), stderr gets the log event and the line, not the trace."""
-    monkeypatch.setattr(cli.directory, "list_users", _boom)
+    monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path, "console")), "users", "list") == 1
     err = capsys.readouterr().err
     assert "internal_error" in err and LINE.fullmatch(err.splitlines()[-1])
@@ -104,7 +105,7 @@ def test_failure_before_the_config_is_read_keeps_stdout_clean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Logging is not set up yet: the error log still goes to stderr, never stdout."""
-    monkeypatch.setattr(cli, "load_settings", _boom)
+    monkeypatch.setattr(loader, "load_settings", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list", "--json") == 1
     out, err = capsys.readouterr()
     assert out == ""
@@ -117,7 +118,7 @@ def test_trace_goes_to_the_systemd_state_directory(
 ) -> None:
     """Under systemd (StateDirectory=), the trace is kept in $STATE_DIRECTORY."""
     monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "var-lib"))
-    monkeypatch.setattr(cli.directory, "list_users", _boom)
+    monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list") == 1
     match = LINE.fullmatch(capsys.readouterr().err.splitlines()[-1])
     assert match is not None
@@ -132,7 +133,7 @@ def test_unwritable_state_folder_falls_back_to_the_temp_dir(
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(cli.tempfile, "tempdir", str(temp))
-    monkeypatch.setattr(cli.directory, "list_users", _boom)
+    monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list") == 1
     match = LINE.fullmatch(capsys.readouterr().err.splitlines()[-1])
     assert match is not None
@@ -146,7 +147,7 @@ def test_nowhere_to_save_prints_the_trace_as_the_last_resort(
     """With no folder writable, the line says why and the (scrubbed) trace is logged instead."""
     (tmp_path / "state").write_text("not a folder")
     monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path / "missing"))
-    monkeypatch.setattr(cli.directory, "list_users", _boom)
+    monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path, "console")), "users", "list") == 1
     err = capsys.readouterr().err
     last = err.splitlines()[-1]
@@ -164,7 +165,7 @@ def test_known_errors_keep_their_exit_codes_and_save_no_trace(
         raise RunNotFound("run 7 does not exist")
 
     config = str(_config(tmp_path))
-    monkeypatch.setattr(cli.directory, "list_users", missing)
+    monkeypatch.setattr(directory, "list_users", missing)
     assert _main("--config", config, "users", "list") == 1
     assert capsys.readouterr().err.splitlines()[-1] == "rostersync: run 7 does not exist"
     assert _main("--config", config, "users", "lisst") == 2

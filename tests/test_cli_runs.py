@@ -13,7 +13,7 @@ from rostersync.commands.runs import (
     write_csv,
 )
 from rostersync.sync.changes import REASONS, ChangeSet, summary_text
-from rostersync.sync.plan import NO_EMAIL
+from rostersync.sync.rules import NO_EMAIL
 
 
 def _change_set() -> ChangeSet:

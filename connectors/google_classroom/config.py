@@ -15,8 +15,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pydantic import (
     ConfigDict,
     Field,
@@ -84,6 +82,10 @@ def parse_service_account(text: str, origin: str, *, check_key: bool = True) -> 
     missing = [k for k in _REQUIRED_KEYS if not isinstance(data.get(k), str) or not data[k]]
     if missing:
         raise ValueError(f"{origin} is missing {', '.join(missing)}")
+    # Here, not at the top: loading the plug-in (every command does) needs no cryptography.
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(
             data["private_key"].encode(),

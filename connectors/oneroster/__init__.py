@@ -8,14 +8,35 @@ credentials, bearer), :mod:`.paging` (offset/limit, ``X-Total-Count``, ``Link``)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from connectors.oneroster.config import OneRosterSourceConfig
-from connectors.oneroster.connector import OneRosterConnector
-from rostersync.connector import ConnectorPlugin
+from rostersync.connector import ConnectorContext, ConnectorPlugin
+
+if TYPE_CHECKING:
+    from connectors.oneroster.connector import OneRosterConnector
+
+
+def create(ctx: ConnectorContext) -> OneRosterConnector:
+    """The connector, imported on first use: every command loads the plug-in to read the
+    config, and most never fetch (the HTTP client, auth and decoders cost their start-up)."""
+    from connectors.oneroster.connector import OneRosterConnector
+
+    return OneRosterConnector(ctx)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OneRosterConnector":  # the public name, imported on first use (see create)
+        from connectors.oneroster.connector import OneRosterConnector
+
+        return OneRosterConnector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PLUGIN = ConnectorPlugin(
     type="oneroster",
     config_model=OneRosterSourceConfig,
-    create=OneRosterConnector,
+    create=create,
     description="OneRoster 1.1/1.2 REST (ClassLink Roster Server and other providers)",
 )
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import httpx
 from pydantic import (
     ConfigDict,
     Field,
@@ -23,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from rostersync.config.source import SourceConfig
+from rostersync.config.source import ScopedSourceConfig
 from rostersync.config.types import (
     AlsoAccepts,
     ConfigPath,
@@ -116,7 +115,7 @@ def _check_http_url(value: str) -> str:
     return value.strip().rstrip("/")
 
 
-class OneRosterSourceConfig(SourceConfig):
+class OneRosterSourceConfig(ScopedSourceConfig):
     """A OneRoster 1.1/1.2 REST provider (ClassLink Roster Server and others)."""
 
     type: Literal["oneroster"]
@@ -187,6 +186,8 @@ class OneRosterSourceConfig(SourceConfig):
         return None
 
     def http_client_options(self) -> dict[str, Any]:
+        import httpx  # here: loading the config (every command does) needs no HTTP client
+
         verify: bool | ssl.SSLContext = self.verify_tls
         if self.verify_tls and self.ca_bundle is not None:
             # httpx 0.28 deprecates a path in `verify`; an SSLContext is the supported form.

@@ -48,13 +48,14 @@ from connectors.oneroster.decode import (
     start_pool,
 )
 from connectors.oneroster.errors import describe, raise_for_status, transport_error
-from connectors.oneroster.normalize import normalize
+from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
 from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.records import (
     STUDENT,
     TEACHER,
+    AcademicSession,
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -127,6 +128,10 @@ class OneRosterConnector:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_broken = False
         self.closed = False
+        #: the academic sessions the last fetch read, by sourcedId (``terms: {mode: current}``)
+        self.academic_sessions: dict[str, AcademicSession] = {}
+        #: what the last fetch forgave, for the run's report (complete once the fetch ends)
+        self.warnings: list[str] = []
 
     @property
     def supports_delta(self) -> bool:
@@ -287,6 +292,34 @@ class OneRosterConnector:
         except _Missing:
             return None
 
+    async def _sessions(self) -> tuple[dict[str, AcademicSession], list[str]]:
+        """Every academic session, whatever the run's mode: a delta run needs the dates of
+        the terms of the classes it reads too, and a district has a few dozen sessions.
+        ``/academicSessions`` first, ``/terms`` when a server has only that."""
+        raw: list[Any] | None = None
+        for path, key in (("/academicSessions", "academicSessions"), ("/terms", "terms")):
+            raw = await self._all(path, key)
+            if raw is not None:
+                break
+        if raw is None:
+            return {}, [
+                "academic sessions not read: the server has neither /academicSessions nor "
+                "/terms (404), so every class counts as current"
+            ]
+        found: dict[str, AcademicSession] = {}
+        bad: list[str] = []
+        for item in raw:
+            session = parse_session(item)
+            if isinstance(session, AcademicSession):
+                found[session.sourced_id] = session
+            else:
+                bad.append(session)
+        notes = []
+        if bad:
+            shown = "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            notes.append(f"{len(bad)} academic sessions not read ({shown})")
+        return found, notes
+
     # -- the Connector protocol ---------------------------------------------------------------
 
     async def fetch(
@@ -296,6 +329,9 @@ class OneRosterConnector:
         are a few pages each, and one after another it waited out each one's first request
         and its tail. Requests stay within ``max_concurrency`` (the semaphore is shared);
         batches come out in the order they are decoded, which staging does not mind."""
+        self.academic_sessions, self.warnings = {}, []
+        if self.config.terms.mode == "current":
+            self.academic_sessions, self.warnings = await self._sessions()
         extra: dict[str, str] = {}
         if mode is FetchMode.DELTA and since is not None:
             extra["filter"] = delta_filter(since, self.config.delta_overlap)

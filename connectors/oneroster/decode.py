@@ -115,12 +115,10 @@ def start_pool(workers: int) -> ProcessPoolExecutor:
 def widen_pipes(pool: ProcessPoolExecutor) -> bool:
     """Give the pool's two pipes (pages out, rows back) a buffer a page fits in; True if done.
 
-    A page of enrollments is about 470 KB and its rows about 90 KB, against the default 64 KiB
-    pipe: every hand-over then went in chunks, each waiting for the other side's thread, and
-    in the sync process those threads wait for the interpreter lock the event loop and the
-    staging writes hold. The worker sat idle a quarter of a district's fetch; with 1 MiB
-    pipes a sixth, and the fetch of district L took 12-13 s instead of 16 (three alternating
-    pairs). The pipes are the executor's own (``_call_queue``, ``_result_queue``): where they
+    A page of enrollments is several times the default 64 KiB pipe: every hand-over then goes
+    in chunks, each waiting for the other side's thread, and in the sync process those
+    threads wait for the interpreter lock the event loop and the staging writes hold, so the
+    worker sits idle. The pipes are the executor's own (``_call_queue``, ``_result_queue``): where they
     are not found, or the system refuses the size, the pool works as it is.
     """
     setsize = getattr(fcntl, "F_SETPIPE_SZ", None)

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
 from rostersync.records import (
+    AcademicSession,
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -311,8 +312,51 @@ def _class_fields(raw: dict[str, Any]) -> tuple[str, str, str | None, str | None
     return sourced_id, title or "", _text(raw, "classCode"), _ref(raw.get("school")), status
 
 
+def class_terms(raw: dict[str, Any]) -> tuple[str, ...]:
+    """The sourcedIds of a class's ``terms`` (GUID references; a bad entry is left out)."""
+    refs = raw.get("terms")
+    if not isinstance(refs, list):
+        return ()
+    return tuple(dict.fromkeys(ref for ref in map(_ref, refs) if ref is not None))
+
+
+def _day(raw: dict[str, Any], key: str) -> date:
+    value = raw.get(key)
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value.strip()[:10])
+        except ValueError:
+            pass
+    raise _Bad(f"{key} {value!r} is not a date (YYYY-MM-DD)")
+
+
+def parse_session(raw: Any) -> AcademicSession | str:
+    """One academic session, or why it cannot be read (a sentence naming it)."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    try:
+        sid = _sourced_id(raw)
+    except _Bad as exc:
+        return str(exc)
+    try:
+        return AcademicSession(
+            sid,
+            _text(raw, "title") or "",
+            _text(raw, "type") or "",
+            _day(raw, "startDate"),
+            _day(raw, "endDate"),
+            parent_id=_ref(raw.get("parent")),
+            school_year=_text(raw, "schoolYear"),
+            status=_status(raw),
+        )
+    except _Bad as exc:
+        return f"{sid}: {exc}"
+
+
 def normalize_class(raw: dict[str, Any]) -> RosterClass:
-    return RosterClass(*_class_fields(raw), date_last_modified=_modified(raw))
+    return RosterClass(
+        *_class_fields(raw), date_last_modified=_modified(raw), term_ids=class_terms(raw)
+    )
 
 
 def class_row(raw: dict[str, Any]) -> Row:
@@ -411,6 +455,17 @@ def rows_page(collection: str, records: list[Any]) -> StagedBatch:
         else:
             rows.append(row)
     rows = out.rows[kind] = keep_fitting(kind, rows, out.rejected)
+    if kind == "class":
+        staged = {row[0] for row in rows}
+        for raw in records:
+            terms = class_terms(raw) if raw.__class__ is dict else ()
+            if terms:
+                try:
+                    sid = _sourced_id(raw)
+                except _Bad:
+                    continue
+                if sid in staged:
+                    out.terms[sid] = terms
     # utc_text is fixed-width, so the greatest text is the newest instant.
     at = _DATE_COLUMN[kind]
     newest = max((d for row in rows if (d := row[at]) is not None), default=None)

@@ -9,7 +9,7 @@ One module per concern:
 * :mod:`.entities` turns rows into records (the rules of each value, what is rejected and
   what is only a warning);
 * :mod:`.roles` gives OneRoster 1.2 people their roles from ``roles.csv``;
-* :mod:`.sessions` reads ``academicSessions.csv`` (kept for the terms rules to come);
+* :mod:`.sessions` reads ``academicSessions.csv`` (for the terms rules);
 * :mod:`.notes` collects the warnings a run reports;
 * :mod:`.connector` is the connector (what a full or delta run does with each kind of drop),
   its config and its plug-in.
@@ -21,6 +21,6 @@ from connectors.oneroster_csv.connector import (
     OneRosterCsvConnector,
     create,
 )
-from connectors.oneroster_csv.sessions import AcademicSession
+from rostersync.records import AcademicSession
 
 __all__ = ["PLUGIN", "AcademicSession", "CsvSourceConfig", "OneRosterCsvConnector", "create"]

@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from connectors.oneroster_csv.entities import (
     CLASSES,
@@ -44,18 +44,19 @@ from connectors.oneroster_csv.entities import (
     Parser,
     records,
 )
-from connectors.oneroster_csv.files import Bundle
+from connectors.oneroster_csv.files import Bundle, read_rows
 from connectors.oneroster_csv.manifest import BULK, Drop, plan
 from connectors.oneroster_csv.notes import Notes
 from connectors.oneroster_csv.roles import RolesIndex, person_parser, read_roles, untaken_roles
-from connectors.oneroster_csv.sessions import AcademicSession, read_sessions
-from rostersync.config.source import SourceConfig
+from connectors.oneroster_csv.sessions import read_sessions
+from rostersync.config.source import ScopedSourceConfig
 from rostersync.config.types import ConfigPath, checking_files
 from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
 from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.records import (
     STUDENT,
     TEACHER,
+    AcademicSession,
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -64,9 +65,10 @@ from rostersync.records import (
     TeacherRef,
     TeacherRoster,
 )
+from rostersync.scoping import OrgInfo, resolve_schools
 
 
-class CsvSourceConfig(SourceConfig):
+class CsvSourceConfig(ScopedSourceConfig):
     """A OneRoster 1.1 or 1.2 CSV drop, bulk or delta."""
 
     type: Literal["oneroster_csv"]
@@ -104,6 +106,55 @@ class CsvSourceConfig(SourceConfig):
         except LookupError:
             raise ValueError(f"unknown text encoding {value!r}") from None
         return value
+
+    @model_validator(mode="after")
+    def _schools_known(self, info: ValidationInfo) -> CsvSourceConfig:
+        """`config check`: each `schools` entry must name an org of the drop (by sourcedId or
+        name), when the drop is there with a bulk orgs.csv (a delta one holds changes only)."""
+        if not checking_files(info) or not (self.schools.include or self.schools.exclude):
+            return self
+        orgs = bulk_orgs(self.path, self.encoding)
+        if orgs is None:
+            return self
+        unknown = resolve_schools(orgs, self.schools.include, self.schools.exclude).unknown
+        if unknown:
+            raise ValueError(
+                f"schools: {', '.join(unknown)} matches no org of the drop's orgs.csv "
+                "(by sourcedId or name)"
+            )
+        return self
+
+
+def bulk_orgs(path: Path, encoding: str) -> dict[str, OrgInfo] | None:
+    """The orgs of a drop's bulk orgs.csv, or None when the drop cannot say (no drop, a
+    delta orgs.csv, a file that cannot be read)."""
+    try:
+        bundle = Bundle("config", path)
+    except FatalSourceError:
+        return None
+    try:
+        drop = plan(bundle, encoding, Notes())
+        if drop.modes.get(ORGS) != BULK or not bundle.has(ORGS):
+            return None
+        orgs: dict[str, OrgInfo] = {}
+        for row in read_rows(
+            bundle,
+            ORGS,
+            encoding,
+            entity="org",
+            columns=("sourcedId", "name", "type", "parentSourcedId"),
+        ):
+            if not isinstance(row, Rejected) and row.get("sourcedId"):
+                orgs[row.get("sourcedId")] = OrgInfo(
+                    row.get("name"),
+                    (row.get("type") or "school").lower(),
+                    row.get("parentSourcedId") or None,
+                )
+        return orgs
+    except (FatalSourceError, LookupError, ValueError):
+        return None
+    finally:
+        bundle.close()
 
 
 class _Reader:

@@ -1,15 +1,15 @@
 """``academicSessions.csv``: the school years, semesters, terms and grading periods.
 
-No sync rule uses them yet (classes name theirs in ``termSourcedIds``, kept on
-:attr:`~rostersync.records.RosterClass.term_ids`), so nothing about this file stops a run or
-rejects a record: a missing column, an unreadable file or a row without usable dates is a
-warning, and the sessions that could be read are kept on the connector
+Classes name theirs in ``termSourcedIds`` (:attr:`~rostersync.records.RosterClass.term_ids`);
+the engine's terms rules (``terms: {mode: current}``) read both. A class whose sessions are
+unknown counts, so nothing about this file stops a run or rejects a record: a missing column,
+an unreadable file or a row without usable dates is a warning, and the sessions that could be
+read are kept on the connector
 (:attr:`~connectors.oneroster_csv.OneRosterCsvConnector.academic_sessions`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime
 
 from connectors.oneroster_csv.entities import (
@@ -24,23 +24,7 @@ from connectors.oneroster_csv.entities import (
 from connectors.oneroster_csv.files import Bundle, read_rows
 from connectors.oneroster_csv.notes import Notes, quote
 from rostersync.errors import FatalSourceError
-from rostersync.records import Rejected, Status
-
-
-@dataclass(frozen=True, slots=True)
-class AcademicSession:
-    """One academic session. OneRoster 1.2 says ``end_date`` is the first day after it
-    (excluded); ``type`` is ``schoolYear``, ``semester``, ``term``, ``gradingPeriod`` or an
-    ``ext:`` name."""
-
-    sourced_id: str
-    title: str
-    type: str
-    start_date: date
-    end_date: date
-    parent_id: str | None = None
-    school_year: str | None = None
-    status: Status = "active"
+from rostersync.records import AcademicSession, Rejected
 
 
 def _day(value: str, column: str) -> date:

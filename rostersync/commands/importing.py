@@ -9,7 +9,6 @@ changes nothing and exits 2 naming the file, column or count.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -19,24 +18,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync.emails import normalize_email
-from rostersync.importer import (
-    ImportRefused,
-    ImportResult,
-    Status,
-    candidates,
-    import_teachers,
-    parse_bytes,
-    read_path,
-    run_import,
-    send_outbox,
-    template_csv,
-    template_xlsx,
-    write_report,
-)
-from rostersync.sync.plan import sites_for
 
 if TYPE_CHECKING:
     from rostersync.cli import App
+    from rostersync.importer import ImportResult
 
 DEFAULT_XLSX_TEMPLATE = "rostersync-import-template.xlsx"
 
@@ -53,9 +38,19 @@ class _ImportGroup(click.Group):
     not a subcommand name is a FILE for the hidden `file` subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
-            args = ["file", *args]
-        return super().parse_args(ctx, args)
+        # `--config X` / `--log-level L` may come first (`import --config X template`).
+        lead: list[str] = []
+        rest = list(args)
+        while rest:
+            taken = 2 if rest[0] in ("--config", "--log-level") else 0
+            if rest[0].startswith(("--config=", "--log-level=")):
+                taken = 1
+            if not taken:
+                break
+            lead, rest = [*lead, *rest[:taken]], rest[taken:]
+        if not rest or (rest[0] not in self.commands and rest[0] not in ("-h", "--help")):
+            rest = ["file", *rest]
+        return super().parse_args(ctx, [*lead, *rest])
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         formatter.write_usage(ctx.command_path, "FILE [--as EMAIL] [--dry-run] [--json] ...")
@@ -104,6 +99,9 @@ def import_file(
     fail_on_errors: bool,
 ) -> None:
     """Import users from FILE (CSV, TSV, XLSX; `-` for stdin)."""
+    from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
+    from rostersync.logs import notice
+
     cli = _cli()
     settings = app.settings
     max_rows = settings.import_.max_rows
@@ -129,7 +127,7 @@ def import_file(
         cli.fail(f"{exc}; nothing was imported", cli.EXIT_USAGE)
         return  # fail() exits; the lazily imported module hides its NoReturn from mypy
     for warning in result.warnings:
-        click.echo(f"rostersync: warning: {warning}", err=True)
+        notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
     if as_json:
@@ -181,7 +179,12 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
 
 @import_cmd.command("template")
 @click.option(
-    "--format", "fmt", type=click.Choice(["csv", "xlsx"]), default="csv", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "xlsx"]),
+    default="csv",
+    show_default=True,
+    help="the template's file format",
 )
 @click.option(
     "--output",
@@ -191,6 +194,8 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
 )
 def import_template(fmt: str, output: str | None) -> None:
     """Write the import template (CSV header row, or an XLSX workbook with a help sheet)."""
+    from rostersync.importer import template_csv, template_xlsx
+
     if fmt == "csv":
         if output is None:
             click.echo(template_csv(), nl=False)
@@ -224,6 +229,9 @@ def _check_source(app: App, source: str) -> None:
 @click.pass_obj
 def teachers_list(app: App, source: str, as_json: bool) -> None:
     """Eligible teachers (classes with students) of SOURCE who are not users yet."""
+    from rostersync.importer import candidates
+    from rostersync.sync.rules import sites_for
+
     cli = _cli()
     _check_source(app, source)
     prov = app.settings.provisioning
@@ -276,6 +284,10 @@ def teachers_import(
     fail_on_errors: bool,
 ) -> None:
     """Create users for eligible teachers of SOURCE and build their groups."""
+    import asyncio
+
+    from rostersync.importer import import_teachers
+
     cli = _cli()
     if bool(emails) == all_teachers:
         cli.fail("give --email EMAIL (one or more) or --all", cli.EXIT_USAGE)
@@ -322,6 +334,8 @@ def outbox() -> None:
 @click.pass_obj
 def outbox_send(app: App, as_json: bool) -> None:
     """Send queued emails now over the configured SMTP server (exit 1 if any failed for good)."""
+    from rostersync.importer import send_outbox
+
     cli = _cli()
     smtp = app.settings.smtp
     if smtp is None:
@@ -344,4 +358,4 @@ def outbox_send(app: App, as_json: bool) -> None:
         sys.exit(cli.EXIT_FAILED)
 
 
-__all__ = ["Status", "import_cmd", "outbox", "teachers"]
+__all__ = ["import_cmd", "outbox", "teachers"]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rostersync.sync.changes import ChangeSet, summary_text
-from rostersync.sync.plan import EMAIL_REJECTIONS
+if TYPE_CHECKING:
+    from rostersync.sync.changes import ChangeSet
 
 CSV_COLUMNS = (
     "run_id",
@@ -61,6 +61,8 @@ def change_set_lines(
     """The change set as text: a summary line, a table of users, a table of groups, and with
     ``members`` each group's owners and members added and removed, one per line. ``limit``:
     at most this many rows of each table (the rest is counted)."""
+    from rostersync.sync.changes import summary_text
+
     # A group of another source (a user the run changes teaches there too) is named with it.
     one_source = len({g.get("source") for g in changes.groups}) <= 1
     users = changes.users[:limit] if limit is not None else changes.users
@@ -196,6 +198,8 @@ def rejections_line(counts: dict[str, int], rejected: Sequence[dict[str, Any]]) 
     """``records rejected 2: 1 by the connector (...), 1 by the provisioning rules (...)``:
     the records the source sent that the connector could not take, apart from the teachers
     the rules refused an account for (their email)."""
+    from rostersync.sync.rules import EMAIL_REJECTIONS
+
     total = counts.get("records_rejected", 0)
     by_rules = sum(1 for r in rejected if str(r.get("reason") or "").startswith(EMAIL_REJECTIONS))
     by_connector = max(total - by_rules, 0)

@@ -7,17 +7,19 @@ Line numbers come from PyYAML's composed node tree, walked beside the loaded dat
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
 import re
+import types
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
@@ -133,17 +135,71 @@ def _map_loc(
     return tuple(path), missing
 
 
-def _message(err: Mapping[str, Any], missing: str | None) -> str:
+def _message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel]) -> str:
     kind = err.get("type", "")
     msg = str(err.get("msg", "invalid value"))
     if kind == "missing":
         return f"{missing} is required" if missing else "is required"
     if kind == "extra_forbidden":
-        return "unknown key (not allowed here)"
+        loc = tuple(err["loc"])
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown key (not allowed here){hint}"
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if missing:
         return f"{missing}: {msg}"
     return msg
+
+
+def _types(annotation: Any) -> list[Any]:
+    """The concrete types behind an annotation (Annotated, Optional and unions unwrapped)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _types(get_args(annotation)[0])
+    if origin is Union or isinstance(annotation, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _types(arg)]
+    return [annotation]
+
+
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
+    """The keys the config accepts at a pydantic error location (for "did you mean")."""
+    current: list[Any] = [model]
+    for seg in loc:
+        found: list[Any] = []
+        for t in current:
+            origin, args = get_origin(t), get_args(t)
+            if _is_model(t):
+                for name, info in t.model_fields.items():
+                    if seg in (name, info.alias):
+                        found += _types(info.annotation)
+            elif origin in (dict, Mapping) and len(args) == 2 and isinstance(seg, str):
+                found += _types(args[1])
+            elif origin in (list, tuple) and args and isinstance(seg, int):
+                found += _types(args[0])
+        if not found:
+            # A union tag ("oneroster", "oauth1"): keep the models whose Literal field has it.
+            found = [
+                t
+                for t in current
+                if _is_model(t)
+                and any(
+                    get_origin(info.annotation) is Literal and seg in get_args(info.annotation)
+                    for info in t.model_fields.values()
+                )
+            ]
+        current = found or current
+    return sorted(
+        {
+            info.alias or name
+            for t in current
+            if _is_model(t)
+            for name, info in t.model_fields.items()
+        }
+    )
 
 
 def _line_for(path: PathKey, lines: Mapping[PathKey, int]) -> int | None:
@@ -340,7 +396,9 @@ def load_settings_text(
             path, missing = _map_loc(
                 tuple(err["loc"]), data, missing_key=err.get("type") == "missing"
             )
-            issues.append(ConfigIssue(dotted(path), _message(err, missing), _line_for(path, lines)))
+            issues.append(
+                ConfigIssue(dotted(path), _message(err, missing, model), _line_for(path, lines))
+            )
     for issue in _semantic_issues(data):
         issues.append(
             ConfigIssue(issue.path, issue.message, _line_for(_path_key(issue.path), lines))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rostersync.config.schedule import Schedule
 from rostersync.config.types import Duration, StrictModel
@@ -17,6 +19,44 @@ class SourceSafety(StrictModel):
     max_removals: int | None = Field(default=None, ge=0)
     max_removal_percent: float | None = Field(default=None, ge=0, le=100)
     min_source_ratio: float | None = Field(default=None, ge=0, le=1)
+
+
+class TermsConfig(StrictModel):
+    """Which classes count, by their academic sessions (terms)."""
+
+    mode: Literal["all", "current"] = Field(
+        default="all",
+        description="all: every class counts; current: a class counts only while one of its "
+        "terms runs (classes without terms always count)",
+    )
+    grace_days: int = Field(
+        default=14,
+        ge=0,
+        le=366,
+        description="a term runs from this many days before its start date to this many days "
+        "after its end date",
+    )
+
+
+class SchoolScope(StrictModel):
+    """Which schools of a source are synced; the others' records are ignored."""
+
+    include: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="school sourcedIds or names; when given, only these schools (and the "
+        "orgs under them) are synced",
+    )
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="school sourcedIds or names (and the orgs under them) never synced",
+    )
+
+    @model_validator(mode="after")
+    def _not_both(self) -> SchoolScope:
+        both = sorted(set(self.include) & set(self.exclude))
+        if both:
+            raise ValueError(f"{', '.join(map(repr, both))} is both included and excluded")
+        return self
 
 
 class SourceConfig(StrictModel):
@@ -36,4 +76,29 @@ class SourceConfig(StrictModel):
         return {}
 
 
-__all__ = ["Schedule", "SourceConfig", "SourceSafety"]
+class ScopedSourceConfig(SourceConfig):
+    """A source whose classes belong to schools and terms (OneRoster): it may be scoped."""
+
+    terms: TermsConfig = Field(default_factory=TermsConfig)
+    schools: SchoolScope = Field(default_factory=SchoolScope)
+
+    def scope_fingerprint(self) -> int:
+        """0 for the defaults (nothing scoped); else a number that changes with the settings
+        that decide which records are in scope."""
+        if self.terms.mode == "all" and not self.schools.include and not self.schools.exclude:
+            return 0
+        text = json.dumps(
+            [self.terms.model_dump(mode="json"), self.schools.model_dump(mode="json")],
+            sort_keys=True,
+        )
+        return int(hashlib.sha256(text.encode()).hexdigest()[:12], 16)
+
+
+__all__ = [
+    "Schedule",
+    "SchoolScope",
+    "ScopedSourceConfig",
+    "SourceConfig",
+    "SourceSafety",
+    "TermsConfig",
+]

@@ -60,7 +60,7 @@ from rostersync.sync.apply import (
     queue_resync,
     sync_catalog,
 )
-from rostersync.sync.plan import chunks
+from rostersync.sync.rules import chunks
 
 CREATED_BY = "import"
 

@@ -99,7 +99,7 @@ def actor_for(
     if not active or not importing:
         return Actor(email, can_import=False)
     scope = "organization" if any(r.scope == "organization" for r in importing) else "site"
-    return Actor(email, True, scope, frozenset(sites))
+    return Actor(email, can_import=True, scope=scope, sites=frozenset(sites))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from rostersync.sync.apply import (
     sync_catalog,
     users_by_email,
 )
-from rostersync.sync.plan import ExistingUser, Teacher, email_rejection, sites_for
+from rostersync.sync.rules import ExistingUser, Teacher, email_rejection, sites_for
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,20 +7,17 @@ set-based statements, where ORM objects would cost memory and time per row.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import structlog
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     BindParameter,
     Connection,
@@ -39,7 +36,32 @@ from sqlalchemy.exc import OperationalError
 from rostersync.errors import StoreError
 from rostersync.rows import utc_text
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+#: A migration file's ``revision = "..."`` and ``down_revision = "..."`` (or None) lines.
+_REVISION_LINE = re.compile(
+    r'^(down_revision|revision)\s*(?::[^=\n]*)?=\s*(?:"([^"]*)"|None)\s*$', re.M
+)
+
+
+def schema_head() -> str | None:
+    """The newest migration's revision, read from the files' ``revision`` lines, or None
+    when they do not name one head plainly (Alembic then decides). Read without importing
+    Alembic: every command that opens the database checks the schema, and importing Alembic
+    would be a large part of a read-only command's start-up."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (MIGRATIONS / "versions").glob("[0-9]*.py"):
+        found = dict((key, value) for key, value in _REVISION_LINE.findall(path.read_text("utf-8")))
+        if "revision" not in found or "down_revision" not in found:
+            return None
+        revisions.add(found["revision"])
+        if found["down_revision"]:
+            parents.add(found["down_revision"])
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def utcnow() -> datetime:
@@ -87,14 +109,13 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute("PRAGMA synchronous=NORMAL")
         # A page cache of up to 128 MiB (the default is 2 MiB): the set-based steps of a
         # large district walk million-row indexes, and with the default cache they re-read
-        # the same pages from the OS again and again (member inserts took 7.3 s, not 5 s,
-        # for a million rows). SQLite grows the cache only as far as a query needs it; at
-        # 256 MiB the pooled connections took a district L sync to 768 MiB of RSS.
+        # the same pages from the OS again and again. SQLite grows the cache only as far as
+        # a query needs it; a larger bound made the pooled connections' memory too large.
         cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
         cur.close()
         # SQLite's LOWER() folds ASCII only: "ÉLÈVE@X.ORG" became "ÉlÈve@x.org", unlike
         # PostgreSQL and the Python side, which compares str.lower() values (an imported
-        # username with a capital É was not found). About 0.3 s more per million calls.
+        # username with a capital É was not found).
         dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
     @event.listens_for(engine, "begin")
@@ -137,14 +158,13 @@ class _Checkpointer:
     own, after a bulk transaction commits.
 
     SQLite does this in the connection that commits, once the log holds 1,000 pages, and the
-    commit waits for it: a first sync's apply transaction (344 MB of log on district L) spent
-    1.4 s of its 1.6 s commit copying the log, on the one core the sync's work runs on. A
-    bulk commit hands that copy to this thread, where it runs beside the next work (the
+    commit waits for it: a first sync's apply would spend most of its commit copying its
+    large log, on the one core the sync's work runs on. A bulk commit hands that copy to this thread, where it runs beside the next work (the
     resync batches). Every other commit keeps SQLite's way: while the thread copies, their
     own checkpoints find it busy and skip; the first one after it copies the little that
     came since, and the writer after that starts the log over. (A thread checkpointing after
     every commit could not do that last part: the drain's batches begin a millisecond after
-    the last committed, never after a checkpoint finished, and the log grew to 588 MB.)
+    the last committed, never after a checkpoint finished, and the log kept growing.)
     Checkpoints are PASSIVE: they never wait for, or block, readers and writers. A process
     that exits before the thread is done loses nothing: the log is the durable copy, read by
     the next connection to open the database (the last one to close also checkpoints).
@@ -333,6 +353,9 @@ class Store:
     def write(self, *, bulk: bool = False) -> Iterator[Connection]:
         """A write transaction: commits on success, rolls back on any exception.
 
+        The sync engine relies on this to undo a held or dry run (it raises inside the
+        transaction; see "rollback by exception" in :mod:`rostersync.sync.engine`).
+
         ``bulk``: a large transaction (a sync's apply). On SQLite its commit returns once its
         pages are in the write-ahead log, and the store's checkpointer thread copies them
         into the database file (see _Checkpointer)."""
@@ -364,6 +387,8 @@ class Store:
     # -- schema ------------------------------------------------------------------------
 
     def _alembic(self, conn: Connection | None = None) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(MIGRATIONS))
         cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
@@ -372,11 +397,23 @@ class Store:
         return cfg
 
     def head_revision(self) -> str | None:
+        if (head := schema_head()) is not None:
+            return head
+        from alembic.script import ScriptDirectory
+
         return ScriptDirectory.from_config(self._alembic()).get_current_head()
 
     def current_revision(self) -> str | None:
         try:
             with self.engine.connect() as conn:
+                # Read plainly when there is one row (the usual case): Alembic is not imported.
+                if not inspect(conn).has_table("alembic_version"):
+                    return None
+                rows = conn.execute(text("SELECT version_num FROM alembic_version")).all()
+                if len(rows) <= 1:
+                    return str(rows[0][0]) if rows else None
+                from alembic.runtime.migration import MigrationContext
+
                 return MigrationContext.configure(conn).get_current_revision()
         except OperationalError as exc:
             raise StoreError(f"cannot open database {self!r}: {exc.orig}") from None
@@ -384,6 +421,8 @@ class Store:
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after)."""
         before = self.current_revision()
+        from alembic import command
+
         with self.engine.connect() as conn:
             command.upgrade(self._alembic(conn), "head")
             conn.commit()

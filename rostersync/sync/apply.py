@@ -25,7 +25,7 @@ from rostersync.store.tables import (
     Site,
     User,
 )
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     ExistingUser,
     LinkedUser,
     ProvisionPlan,
@@ -85,9 +85,8 @@ def ids_in(conn: Connection, sql: str, values: Iterable[Any], **params: Any) -> 
     """First column of ``sql`` (which has ``IN :ids``) over ``values``, in bounded chunks.
 
     PostgreSQL takes all the values at once, as one array (``= ANY(:ids)``): one statement
-    planned once instead of one per 500 values. A 1% delta asked whether 15,000 classes
-    still have a student in 31 statements (0.5-0.9 s, each scanning the class table against
-    its list); as one, 0.23-0.37 s.
+    planned once instead of one per 500 values, each of which scanned its table against its
+    list.
     """
     out: set[Any] = set()
     if conn.dialect.name == "postgresql":
@@ -186,6 +185,7 @@ def find_changes(
     conn: Connection,
     source: str,
     run_id: int,
+    *,
     full: bool,
     grouped: Mapping[str, int],
 ) -> Changes:
@@ -221,9 +221,8 @@ def find_changes(
         is None
     )
     if first_load:
-        # Every staged enrollment is new and no class has a group: what the loop below
-        # would learn from a million rows in Python (1.3 s on district L), one GROUP BY
-        # gives (0.5 s).
+        # Every staged enrollment is new and no class has a group: one GROUP BY gives what
+        # the loop below would learn, more slowly, from every row in Python.
         per_class = f"""
             SELECT s.class_id,
                 max(CASE WHEN COALESCE(s.role, '') <> 'student' THEN 1 ELSE 0 END), count(*)
@@ -297,7 +296,7 @@ def find_changes(
     # silently blank the directory: counted here, judged by the safety rules.
     # One pass over this run's staged people with an empty email, each checked against its
     # mirror row. CROSS JOIN makes SQLite keep staging outside (PostgreSQL plans it freely):
-    # joined the other way round, it walked the mirror's email index, 1.5 s a delta run.
+    # joined the other way round, it walks the mirror's whole email index.
     blanked = conn.execute(
         text(
             """
@@ -412,7 +411,7 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
             {"src": source},
         )
         return {uid for cls, uid in rows if cls in class_ids}
-    # No DISTINCT (see persons_of_classes): 1 s a delta run on district L with it.
+    # No DISTINCT (see persons_of_classes): the sort costs more than the repeats.
     sql = (
         "SELECT user_id FROM roster_enrollment "
         "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
@@ -433,12 +432,12 @@ def refresh_statistics(conn: Connection, written: Mapping[str, int]) -> list[str
     """Fresh PostgreSQL planner statistics for the mirror tables this merge changed much;
     returns the tables analysed.
 
-    Without them PostgreSQL picked nested loops over sequential scans (a 500-row district
-    took 85 s for the eligibility query; 0.3 s after ANALYZE). A table counts as changed
-    much by autovacuum's own rule: 50 rows plus a tenth of the rows it had when last
-    analysed (never analysed counts as none). A first load always is; a 1% delta is not, and
-    analysing a million-row mirror for it cost half a second. SQLite plans these queries
-    well without statistics, except one, which names its index (see enrollments_of_persons).
+    Without them PostgreSQL picks nested loops over sequential scans on a freshly loaded
+    table. A table counts as changed much by autovacuum's own rule: 50 rows plus a tenth of
+    the rows it had when last analysed (never analysed counts as none). A first load always
+    is; a small delta is not, and analysing a large mirror for it would cost more than it
+    saves. SQLite plans these queries well without statistics, except one, which names its
+    index (see enrollments_of_persons).
     """
     if conn.dialect.name != "postgresql":
         return []
@@ -464,8 +463,8 @@ def refresh_directory_statistics(conn: Connection, *, members: bool = True) -> N
     """Fresh PostgreSQL statistics for the directory tables (see refresh_statistics).
 
     A first sync creates thousands of users and its resyncs tens of thousands of groups and
-    a million member rows; planned with the statistics of the empty tables, PostgreSQL chose
-    scans where an index answers at once (district L's first drain took six minutes).
+    a million member rows; planned with the statistics of the empty tables, PostgreSQL
+    chooses scans where an index answers at once.
     ``members``: include ``group_member``, the one large table (its sample costs most).
     """
     if conn.dialect.name == "postgresql":
@@ -531,7 +530,7 @@ def _first_load(
 ) -> tuple[bool, bool]:
     """(this run loads the source into ``mirror`` for the first time, and that load at least
     doubles the table: its secondary indexes are better built afterwards). The cheap test
-    first: counting a million-row mirror costs a delta run 0.1 s."""
+    first, so that a delta run does not count a large mirror."""
     mine = conn.execute(text(f"SELECT 1 FROM {mirror} WHERE source = :src LIMIT 1"), params).first()
     if mine is not None:
         return False, False
@@ -548,8 +547,7 @@ def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids:
     """SQLite: copy these changed rows' staged values over their mirror rows where no
     indexed column changed, setting only the columns no index holds. SQLite rewrites the
     entries of every index on a column an UPDATE sets, equal or not, and the upsert below
-    sets them all: a 1% delta run's 10,400 enrollments touched 12,000 pages of the two
-    enrollment indexes, a third of all it wrote, to write back the values they held."""
+    sets them all: index pages rewritten with the values they held."""
     mirror, staging, cols = TABLES[kind]
     indexed = {
         f'"{c.name}"'
@@ -599,9 +597,8 @@ def merge(
             # PostgreSQL compares the values itself and skips unchanged index entries.
             written[kind] = _update_in_place(conn, kind, source, run_id, in_place.get(kind, set()))
         # A source's first load that at least doubles the table goes in faster without the
-        # secondary indexes, built again afterwards by one sort each: 1,000,000 enrollments
-        # took 10.3 s with both indexes kept up row by row, 7.4 s this way. Inside the
-        # transaction, so a failed run leaves them as they were.
+        # secondary indexes, built again afterwards by one sort each, than with them kept up
+        # row by row. Inside the transaction, so a failed run leaves them as they were.
         secondary = [i for i in SQLModel.metadata.tables[mirror].indexes if not i.unique]
         fresh, bulk = _first_load(conn, mirror, staging, params)
         rebuild = secondary if bulk else []
@@ -623,8 +620,7 @@ def merge(
         ids = None if fresh or to_write is None else to_write.get(kind)
         if ids is not None and len(ids) <= TARGETED_UPSERT_MAX:
             # The changed rows are known: upsert those by id (the staging key finds each),
-            # not all staged rows probed against the mirror again. A full run that changed
-            # nothing spent 2.4 s on that for a million GUID-keyed enrollments.
+            # not all staged rows probed against the mirror again (most of a no-op run).
             # The rows updated in place now carry the staged hash: NOT EXISTS skips them.
             by_id = text(
                 f"{insert}FROM {staging} s WHERE s.run_id = :run AND s.sourced_id IN :ids {upsert}"
@@ -633,8 +629,7 @@ def merge(
                 written[kind] += conn.execute(by_id, {**params, "ids": chunk}).rowcount or 0
         else:
             # A first load has nothing to compare with and no conflict to resolve (staging
-            # holds one row per id): the probe and the conflict check per row cost a
-            # million-enrollment load half of its 1.2 s.
+            # holds one row per id): the probe and the conflict check per row are skipped.
             sql = f"{insert}FROM {run_scan(conn, staging)} WHERE s.run_id = :run"
             if not fresh:
                 sql += upsert
@@ -669,13 +664,13 @@ def _rows_for(
 def eligible_teachers(
     conn: Connection, source: str, teacher_roles: Sequence[str], only: set[str] | None = None
 ) -> list[Teacher]:
-    """The source's candidates (see :class:`~rostersync.sync.plan.Teacher`): active, enabled
+    """The source's candidates (see :class:`~rostersync.sync.rules.Teacher`): active, enabled
     persons of a teacher role teaching >= 1 active class with >= 1 active student (of the
     persons in ``only``, when given: a delta run looks only at the people it touched). Whether
     their email makes them eligible is the plan's to say."""
     # Everyone of the source (a full run): SQLite would walk the (source, email) index and
-    # read the 210,000 person rows of district L in email order, all over the table (0.8 to
-    # 2 s); a scan in table order takes 0.3 s. For a delta's few ids the primary key answers.
+    # read the person rows in email order, all over the table; a scan in table order is
+    # cheaper. For a delta's few ids the primary key answers.
     scan = "NOT INDEXED" if only is None and conn.dialect.name == "sqlite" else ""
     sql = f"""
         SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
@@ -792,8 +787,8 @@ def _insert_users(
     if not plan.create:
         return {}
     if conn.dialect.name == "postgresql":
-        # One statement that returns the ids. Looked up afterwards, the 10,000 new users of
-        # district L took 2 s to find: the planner still saw the table as it was, empty.
+        # One statement that returns the ids: looked up afterwards, the new users would be
+        # found with a plan made for the table as it was (empty).
         rows = conn.execute(
             text(
                 'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '

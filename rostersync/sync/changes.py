@@ -27,7 +27,7 @@ from sqlmodel import col
 
 from rostersync.store.db import in_text
 from rostersync.store.tables import RunChange, SyncRun
-from rostersync.sync.plan import ProvisionPlan, chunks
+from rostersync.sync.rules import ProvisionPlan, chunks
 
 USER_ACTIONS = ("create", "link", "archive", "restore")
 GROUP_ACTIONS = ("create", "rename", "remove", "update")

@@ -1,12 +1,18 @@
 """One sync run of one source: fetch -> stage -> apply, and the resync workers' batch step.
 
-The run is thin glue around :mod:`rostersync.sync.plan` (rules), :mod:`rostersync.sync.apply`
+The run is thin glue around :mod:`rostersync.sync.rules` (rules), :mod:`rostersync.sync.apply`
 (SQL) and :mod:`rostersync.groups` (materialisation). Failure rules:
 
 * anything that fails before the apply transaction commits changes nothing but the run's own
   record (status ``failed``, with the error);
 * a run the safety rules stop is recorded ``held`` with its staged data kept, and
   ``runs approve`` applies exactly that data later;
+* rollback by exception, the key invariant: the apply writes the directory and the mirror
+  only inside one ``store.write()`` transaction, and a held or dry run undoes all of it by
+  raising :class:`_RollBack` inside that transaction (never by deleting what it wrote). Its
+  findings travel out with the exception and are recorded with the run alone, in a second
+  transaction. So nothing inside the apply may commit, open its own transaction, or catch
+  and swallow :class:`_RollBack`;
 * a rejected record is counted and reported; it never sinks the run.
 """
 
@@ -21,7 +27,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import httpx
@@ -49,18 +55,28 @@ from rostersync.errors import (
 from rostersync.groups import rebuild_groups, update_members
 from rostersync.logs import scrub
 from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
-from rostersync.records import Rejected, TeacherRef, TeacherRoster
+from rostersync.records import AcademicSession, Rejected, TeacherRef, TeacherRoster
 from rostersync.store.db import Store, as_utc, in_text, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import apply as sql
 from rostersync.sync import changes as changeset
 from rostersync.sync.live import apply_teacher_roster
-from rostersync.sync.plan import (
+from rostersync.sync.rules import (
     EMAIL_REJECTIONS,
     ProvisionPlan,
     check_safety,
     chunks,
     plan_provisioning,
+)
+from rostersync.sync.scope import (
+    SCOPE_COUNT_KEYS,
+    Scope,
+    apply_scope,
+    fingerprint_of,
+    keep_mirrored_classes,
+    last_counts,
+    ratio_counts,
+    scope_for,
 )
 from rostersync.sync.staging import (
     StagedBatch,
@@ -82,7 +98,7 @@ COUNT_KEYS = (
     "resync_queued",
     "records_rejected",
 )
-EXTRA_COUNT_KEYS = ("users_restored", "users_not_created")
+EXTRA_COUNT_KEYS = ("users_restored", "users_not_created", *SCOPE_COUNT_KEYS)
 
 #: Seconds between statistics refreshes of the directory tables by the resync workers.
 ANALYZE_EVERY = 30.0
@@ -198,9 +214,20 @@ class Outcome:
     changes: changeset.ChangeSet | None = None
 
 
+@dataclass
+class _Fetched:
+    """What a fetch gives the scope step besides staged rows (see rostersync.sync.scope)."""
+
+    #: the academic sessions of the classes that name any, by class (terms: current only)
+    class_terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the connector's ``academic_sessions``, if it has them
+    sessions: Mapping[str, AcademicSession] | None = None
+
+
 class _RollBack(Exception):
     """Raised inside the apply's transaction to undo all of it (a held or a dry run); the
-    :class:`Outcome` travels with it to the report."""
+    :class:`Outcome` travels with it to the report. ``store.write()`` rolls back on any
+    exception, so this must reach it: see "rollback by exception" in the module docstring."""
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -350,6 +377,8 @@ class SyncEngine:
         self._created_analyzed = 0
         # Batches run in threads, several at once on PostgreSQL: one claims each refresh.
         self._stats_lock = threading.Lock()
+        #: the day the terms rules judge by (tests fix it)
+        self.today: Callable[[], date] = lambda: utcnow().date()
 
     # -- connectors -----------------------------------------------------------------------
 
@@ -469,6 +498,14 @@ class SyncEngine:
         if requested is None and utcnow() - last_full >= cfg.full_every:
             # Scheduled delta runs turn into the periodic full run (full_every).
             return FetchMode.FULL, None, warnings
+        last = (state["last_counts"] if state else None) or {}
+        if int(last.get("scope", 0)) != fingerprint_of(cfg):
+            # The mirror holds what the old scope kept: only a full run can re-judge all of it.
+            warnings.append(
+                "the source's schools or terms settings changed since the last full run: "
+                "running full"
+            )
+            return FetchMode.FULL, None, warnings
         return FetchMode.DELTA, hwm, warnings
 
     async def sync(
@@ -489,7 +526,14 @@ class SyncEngine:
         error = None
         try:
             return await self._sync_leased(
-                source, fetch_mode, since, warnings, dry_run, trigger, mode, changes
+                source,
+                fetch_mode,
+                since,
+                warnings,
+                dry_run=dry_run,
+                trigger=trigger,
+                requested=mode,
+                changes=changes,
             )
         except Exception as exc:
             # Source and data problems end in the run's report; what escapes is a bug or a
@@ -508,6 +552,7 @@ class SyncEngine:
         fetch_mode: FetchMode,
         since: datetime | None,
         warnings: list[str],
+        *,
         dry_run: bool,
         trigger: str,
         requested: str | None,
@@ -535,8 +580,12 @@ class SyncEngine:
             run_id: int = new_id
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
+        scope = scope_for(self.settings.sources[source])
+        extras = _Fetched()
         try:
-            fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
+            fetched, newest, notes = await self._fetch(
+                source, run_id, fetch_mode, since, log, extras, scope
+            )
         except (DeltaUnsupportedError, ChangesOnlyError) as exc:
             if isinstance(exc, DeltaUnsupportedError):
                 msg = f"source rejected the delta filter ({exc}); ran a full sync instead"
@@ -552,12 +601,24 @@ class SyncEngine:
                 fetch_mode = FetchMode.DELTA
             warnings.append(msg)
             await asyncio.to_thread(self._reset_run, run_id, fetch_mode, warnings)
+            extras = _Fetched()
             try:
-                fetched, newest, notes = await self._fetch(source, run_id, fetch_mode, since, log)
+                fetched, newest, notes = await self._fetch(
+                    source, run_id, fetch_mode, since, log, extras, scope
+                )
             except Exception as exc2:
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+        if scope is not None:
+            try:
+                counts, scoped = await asyncio.to_thread(
+                    self._scope, source, run_id, fetch_mode, scope, extras
+                )
+            except Exception as exc:
+                return await asyncio.to_thread(self._fail, run_id, exc, log)
+            fetched.update(counts)
+            notes.extend(scoped)
         if notes:
             warnings.extend(notes)
             await asyncio.to_thread(self._set_warnings, run_id, warnings)
@@ -575,6 +636,26 @@ class SyncEngine:
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+
+    def _scope(
+        self, source: str, run_id: int, mode: FetchMode, scope: Scope, extras: _Fetched
+    ) -> tuple[dict[str, int], list[str]]:
+        """Leave the staged records out of scope out (rostersync.sync.scope), once, right
+        after the fetch: a held run keeps its scoped rows, and its approval applies them."""
+        with self.store.write() as conn:
+            if not recovery.still_running(conn, run_id):
+                return {}, []  # cut off meanwhile: its staging was cleared for good
+            result = apply_scope(
+                conn,
+                source,
+                run_id,
+                full=mode is FetchMode.FULL,
+                scope=scope,
+                class_terms=extras.class_terms,
+                sessions=extras.sessions,
+                today=self.today(),
+            )
+        return result.counts, result.warnings
 
     def _delta_instead(
         self, source: str, requested: str | None
@@ -613,11 +694,20 @@ class SyncEngine:
             )
 
     async def _fetch(
-        self, source: str, run_id: int, mode: FetchMode, since: datetime | None, log: Any
+        self,
+        source: str,
+        run_id: int,
+        mode: FetchMode,
+        since: datetime | None,
+        log: Any,
+        extras: _Fetched | None = None,
+        scope: Scope | None = None,
     ) -> tuple[dict[str, int], datetime | None, list[str]]:
         """Stage everything the connector yields; returns the counts, the newest
         dateLastModified, and the connector's warnings (its optional ``warnings``: what it
-        accepted but an admin should hear of, such as a CSV row read without a bad date)."""
+        accepted but an admin should hear of, such as a CSV row read without a bad date).
+        With terms to judge, ``extras`` collects the classes' terms and the sessions."""
+        collect = extras if scope is not None and scope.current_terms else None
         fetched: Counter[str] = Counter()
         notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
@@ -629,6 +719,8 @@ class SyncEngine:
             async with self.connector(source) as connector:
                 async for records in connector.fetch(mode, since):
                     batch = records if isinstance(records, StagedBatch) else sort_batch(records)
+                    if collect is not None and batch.terms:
+                        collect.class_terms.update(batch.terms)
                     fetched.update(
                         {
                             "orgs": len(batch.rows["org"]),
@@ -652,6 +744,8 @@ class SyncEngine:
                 if len(buffer):
                     pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
+                if collect is not None:
+                    collect.sessions = getattr(connector, "academic_sessions", None)
         finally:
             # Even when the fetch fails, let the last staging write land before the caller
             # clears staging, or its rows would outlive the failed run.
@@ -758,7 +852,7 @@ class SyncEngine:
         settings = self.settings
         counts = empty_counts()
         grouped = sql.group_ids(conn, source)
-        changes = sql.find_changes(conn, source, run_id, full, grouped)
+        changes = sql.find_changes(conn, source, run_id, full=full, grouped=grouped)
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those
@@ -858,6 +952,8 @@ class SyncEngine:
             new_owners={link.sourced_id for link in plan.link}
             | {sid for new in plan.create for sid, _ in new.identities},
         )
+        # What the scope step left out right after the fetch (kept with the run's fetched).
+        counts.update({k: int(ctx.fetched.get(k, 0)) for k in SCOPE_COUNT_KEYS})
         counts.update(
             users_created=len(plan.create),
             users_linked=len({link.user_id for link in plan.link}),  # accounts, not persons
@@ -868,14 +964,18 @@ class SyncEngine:
             records_rejected=_source_rejections(conn, run_id) + len(plan.rejected),
         )
         if not ctx.approved:
+            fingerprint = fingerprint_of(settings.sources[source])
+            now_counts, last = ratio_counts(
+                ctx.fetched, state["last_counts"] if state else None, fingerprint
+            )
             verdict = check_safety(
                 safety=settings.safety_for(source),
                 users_archived=len(plan.archive),
                 groups_removed=groups_removed,
                 managed_users=managed_users,
                 managed_groups=managed_groups,
-                fetched=ctx.fetched if full else None,
-                last_fetched=(state["last_counts"] if state else None),
+                fetched=now_counts if full else None,
+                last_fetched=last,
                 emails_lost=changes.emails_lost,
                 emails_before=changes.emails_before,
             )
@@ -920,7 +1020,7 @@ class SyncEngine:
         waiting = bool(plan.skipped_license) or (
             only is not None and bool(state and state["license_waiting"])
         )
-        self._record_success(conn, ctx, outcome, state, decided_with, waiting)
+        self._record_success(conn, ctx, outcome, state, decided_with, license_waiting=waiting)
         return outcome
 
     def _preview_changes(
@@ -972,6 +1072,7 @@ class SyncEngine:
         outcome: Outcome,
         state: Mapping[str, Any] | None,
         decided_with: str,
+        *,
         license_waiting: bool,
     ) -> None:
         """The applied run's source state, report and staging, in its own transaction."""
@@ -988,9 +1089,9 @@ class SyncEngine:
         }
         if ctx.full:
             values["last_full_at"] = now
-            values["last_counts"] = {
-                k: int(ctx.fetched.get(k, 0)) for k in ("persons", "classes", "enrollments")
-            }
+            config = self.settings.sources.get(source)
+            fingerprint = fingerprint_of(config) if config is not None else 0
+            values["last_counts"] = last_counts(ctx.fetched, fingerprint)
         if state is None:
             conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
         else:
@@ -1179,11 +1280,10 @@ class SyncEngine:
         # empty tables turn into scans (see refresh_directory_statistics). The small tables are
         # re-sampled once the groups created since their last sample are at least 100 and at
         # least as many as were created before it: PostgreSQL scales sampled statistics to a
-        # table's current size, so only a table that has doubled needs them again. (Before
-        # every batch, a first drain of district L ran ANALYZE 40 times, 4.6 s on 2 cores.)
+        # table's current size, so only a table that has doubled needs them again.
         # All of them every ANALYZE_EVERY seconds while groups are being created. A drain
-        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling a
-        # million member rows cost it a third of a second.
+        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling the
+        # member rows would cost it more than it saves.
         now = time.monotonic()
         with self._stats_lock:
             every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
@@ -1203,6 +1303,9 @@ class SyncEngine:
             lock_directory(conn, exclusive=False)  # no sync applies meanwhile
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
+                    config = self.settings.sources.get(source)
+                    if config is not None and scope_for(config) is not None:
+                        roster = keep_mirrored_classes(conn, source, roster)
                     apply_teacher_roster(conn, source, ext, roster)
             # Manual and live resyncs re-read every member; sync-queued ones only what changed.
             results = rebuild_groups(
@@ -1222,8 +1325,8 @@ class SyncEngine:
         ``on_batch`` the running total after each batch.
 
         On PostgreSQL ``resync.workers`` batches run at once, as the daemon's workers do: the
-        database does most of the work, on as many cores (a first drain of district L took
-        20 s one batch at a time). SQLite's writers take turns, so one runs there."""
+        database does most of the work, on as many cores. SQLite's writers take turns, so one
+        runs there."""
         done = 0
 
         async def worker() -> None:

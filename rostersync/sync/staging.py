@@ -10,8 +10,7 @@ On SQLite the staging tables have no key while a run fetches (migration 0009): r
 appended, and ``prepare_staging``, first thing in the apply, settles repeated ids (the last
 row staged wins) and builds the ``(run_id, sourced_id)`` index the apply's joins need, in one
 sort. Real feeds' sourcedIds are GUIDs, in no order: inserting them one by one into a keyed
-table put each row on a random page of a million-row B-tree, 11.9 s for a million
-enrollments against 2.8 s appended (the benchmark's ``--ids guid``).
+table puts each row on a random page of a large B-tree, where appending is sequential.
 """
 
 from __future__ import annotations
@@ -75,8 +74,7 @@ def run_scan(conn: Connection, table: str, alias: str = "s") -> str:
     SQLite: NOT INDEXED, so that it scans the table in the order the rows arrived rather than
     walking the key index in sourcedId order with a row lookup each. Sources send
     enrollments class by class, and the mirror, filled in that order, keeps a class's
-    enrollments together; filled by GUID order, the first drain's member reads took 3.2 s
-    instead of 2.1 s, the first load's GROUP BY 2.9 s instead of 0.6 s (district L).
+    enrollments together; filled in GUID order, it would scatter them.
     """
     hint = " NOT INDEXED" if conn.dialect.name == "sqlite" else ""
     return f"{table} {alias}{hint}"
@@ -116,8 +114,8 @@ def prepare_staging(conn: Connection) -> None:
     """SQLite, first thing in an apply: one row per ``(run_id, sourced_id)`` in staging, and
     the unique index on that key that the apply's joins and sweeps go through.
 
-    Building the index sorts the keys once (about 1 s for a million GUIDs), where keeping it
-    during the fetch cost a random B-tree insert per row. It fails only if a source repeated
+    Building the index sorts the keys once, where keeping it during the fetch costs a
+    random B-tree insert per row. It fails only if a source repeated
     an id within a run; then the earlier rows are deleted (the last one staged, the highest
     rowid, wins, as upserting did) and it is built again. Inside the apply's transaction: a
     held or failed apply leaves staging as the fetch wrote it, and the next apply prepares it
@@ -147,13 +145,12 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
     """PostgreSQL: COPY straight into staging; through a temporary table and an upsert when a
     sourcedId of this batch was staged by an earlier one.
 
-    psycopg's executemany sent a million rows as a million statements (30 microseconds
-    each); COPY streams them. COPY cannot resolve conflicts, so a sourcedId repeated within
+    psycopg's executemany sends one statement per row; COPY streams them. COPY cannot
+    resolve conflicts, so a sourcedId repeated within
     the batch is settled here first (its last version wins). One already staged by an earlier
     batch (rare: a source repeating a record across pages) makes the COPY fail on the key;
     it is then undone (a savepoint) and the batch goes through the temporary table and one
-    upsert, where the later version wins. Going straight in halved the staging of a million
-    enrollments (8-9 s to 4-5.5 s on the 2-core machine).
+    upsert, where the later version wins. Going straight in is the common, fast case.
     """
     latest = list({r[0]: r for r in rows}.values())  # sourced_id first; later rows win
     table = STAGING[kind].name
@@ -248,10 +245,8 @@ def clear_staging(conn: Connection, run_id: int) -> None:
 
 def _truncate_alone(conn: Connection, run_id: int) -> bool:
     """PostgreSQL: when this run's rows are all the staging tables hold, TRUNCATE them and
-    say so. A DELETE leaves every row behind as a dead tuple until autovacuum comes by: after
-    a full run a million of them, 14,000 pages of enrollments that the next run's scans of
-    staging read again (a delta right after a full run took 3.4-4.3 s, 3.0-3.8 s from
-    truncated tables).
+    say so. A DELETE leaves every row behind as a dead tuple until autovacuum comes by, and
+    the next run's scans of staging would read all of them again.
 
     TRUNCATE takes the tables' ACCESS EXCLUSIVE lock until the transaction ends. Asked with
     NOWAIT, it is given up at once (and the rows deleted as before) when anyone else is using

@@ -80,7 +80,10 @@ def test_three_mistakes_are_all_reported_with_path_and_line() -> None:
         load_settings_text(THREE_MISTAKES)
     text = [str(i) for i in err.value.issues]
     assert "provisioning.on_teacher_removed: line 7: Input should be 'archive' or 'keep'" in text
-    assert "sources.sample.shedule: line 12: unknown key (not allowed here)" in text
+    assert (
+        "sources.sample.shedule: line 12: unknown key (not allowed here); did you mean 'schedule'?"
+        in text
+    )
     assert any(
         t.startswith("provisioning.default_role: line 5: 'Principal' is not one of roles")
         for t in text
@@ -121,8 +124,32 @@ def test_unknown_keys_are_errors() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings_text(GOOD + "licence_limit: 10\n")
     assert [str(i) for i in err.value.issues] == [
-        "licence_limit: line 13: unknown key (not allowed here)"
+        "licence_limit: line 13: unknown key (not allowed here); did you mean 'license_limit'?"
     ]
+
+
+def test_an_unknown_key_suggests_the_key_it_was_meant_to_be_wherever_it_is() -> None:
+    """Nested, in a list, behind a connector's or an auth type's tag: the suggestion is a key
+    of that very place; a key like none of them gets no suggestion."""
+    pytest.importorskip("connectors.oneroster")
+    text = GOOD.replace("roles: [Teacher]", "roles: [Teacher, {name: Aide, permisions: []}]")
+    text = text.replace("  default_role:", "  defualt_role: x\n  default_role:", 1)
+    text += (
+        "  district:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth1, client_id: abc, client_secret: s3cret-value, clientid: 1}\n"
+        "    ful_every: 24h\n"
+        "    zzzz: 1\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    hints = {i.path: i.message for i in err.value.issues}
+    assert hints["roles[1].permisions"].endswith("did you mean 'permissions'?")
+    assert hints["provisioning.defualt_role"].endswith("did you mean 'default_role'?")
+    assert hints["sources.district.auth.clientid"].endswith("did you mean 'client_id'?")
+    assert hints["sources.district.ful_every"].endswith("did you mean 'full_every'?")
+    assert hints["sources.district.zzzz"] == "unknown key (not allowed here)"
 
 
 def test_default_site_must_be_a_site() -> None:

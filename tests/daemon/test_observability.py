@@ -65,7 +65,8 @@ def test_metrics_and_healthz_are_served_with_every_metric_name(
         assert (
             'rostersync_http_request_duration_seconds_count{host="127.0.0.1",method="GET"}' in text
         )
-        assert 'rostersync_resync_queue_jobs{state="succeeded"}' in text
+        assert 'rostersync_resync_queue_jobs{state="queued"}' in text
+        assert 'rostersync_resync_queue_jobs{state="succeeded"}' not in text  # a counter's job
 
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         health = json.loads(body)

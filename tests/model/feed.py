@@ -8,10 +8,11 @@ high-water mark) sees exactly what changed since the last applied run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from rostersync.records import (
+    AcademicSession,
     MemoryRoster,
     Rejected,
     RosterClass,
@@ -29,6 +30,18 @@ PEOPLE = TEACHERS + STUDENTS
 CLASSES = ("c1", "c2", "c3", "c4", "c5")
 ORGS = {"sch-1": "Lincoln High", "sch-2": "Maple Middle"}
 DOMAIN = "springfield.example.org"
+
+#: The day the terms rules judge by, and the source's academic sessions around it.
+TODAY = date(2026, 10, 1)
+SESSIONS = (
+    AcademicSession("past", "Spring 2026", "term", date(2026, 1, 5), date(2026, 6, 1)),
+    AcademicSession("now", "Fall 2026", "term", date(2026, 8, 20), date(2026, 12, 20)),
+    # Starts 9 days after TODAY: running with 14 grace days, not with none.
+    AcademicSession("soon", "Autumn block", "term", date(2026, 10, 10), date(2026, 12, 1)),
+    AcademicSession("next", "Spring 2027", "term", date(2027, 1, 5), date(2027, 6, 1)),
+)
+#: A class's terms as a step sets them: none, past, running, to come, mixed, unknown ("x").
+TERM_SETS = ((), ("now",), ("past",), ("soon",), ("next",), ("past", "next"), ("x",), ("past", "x"))
 
 GIVEN = ("Ada", "Alan", "Grace", "Zoë", "")
 FAMILY = ("Lovelace", "Turing", "Hopper", "")
@@ -200,4 +213,5 @@ class Feed:
             classes=[r for r in records if isinstance(r, RosterClass)],
             enrollments=[r for r in records if isinstance(r, RosterEnrollment)],
             rejected=[r for r in records if isinstance(r, Rejected)],
+            sessions=list(SESSIONS),
         )

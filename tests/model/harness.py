@@ -22,7 +22,7 @@ from connectors.memory import MemoryConnector
 from rostersync import directory, recovery
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
-from rostersync.config.source import SourceConfig
+from rostersync.config.source import ScopedSourceConfig
 from rostersync.records import MemoryRoster
 from rostersync.rows import sort_batch
 from rostersync.store.db import Store, utcnow
@@ -35,6 +35,7 @@ from rostersync.sync.engine import (
     load_report,
 )
 from rostersync.sync.staging import STAGING, stage
+from tests.model.feed import TODAY
 from tests.model.oracle import SOURCE, Config
 from tests.recovery.conftest import dead_pid, lease, local_holder, register
 
@@ -113,7 +114,10 @@ class ProbedEngine(SyncEngine):
 def _settings(config: Config, base_dir: str) -> Settings:
     raw = yaml.safe_dump(config.as_yaml(new_keys=NEW_KEYS), allow_unicode=True)
     settings = load_settings_text(raw, base_dir=Path(base_dir))
-    sources = {SOURCE: SourceConfig(type="memory")}
+    schools = {"include": list(config.schools_include), "exclude": list(config.schools_exclude)}
+    terms = {"mode": "current" if config.terms_current else "all", "grace_days": config.grace_days}
+    source = {"type": "memory", "schools": schools, "terms": terms}
+    sources = {SOURCE: ScopedSourceConfig.model_validate(source)}
     return settings.model_copy(update={"sources": sources})
 
 
@@ -143,7 +147,9 @@ class Harness:
         self, config: Config, roster: MemoryRoster, *, fail_after: int | None = None
     ) -> ProbedEngine:
         connector = MemoryConnector(roster, batch_size=BATCH, fail_after=fail_after, delta=True)
-        return ProbedEngine(self.settings(config), self.store, connectors={SOURCE: connector})
+        engine = ProbedEngine(self.settings(config), self.store, connectors={SOURCE: connector})
+        engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day
+        return engine
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)

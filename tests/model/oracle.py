@@ -1,7 +1,7 @@
 """The oracle: rostersync's rules as plain Python over plain values.
 
 It is written from the README's rules and issue 16's, not from the engine: it imports no rule
-code (``rostersync.sync.plan``, ``rostersync.emails``, SQL), only the record types the
+code (``rostersync.sync.rules``, ``rostersync.emails``, SQL), only the record types the
 connectors yield. Each sync is one application of the rules to the state at the start of the
 run; a delta run must end where deciding for everyone would (the README's "nobody else's
 outcome can have changed", checked rather than assumed).
@@ -21,10 +21,11 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from rostersync.records import (
+    AcademicSession,
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -85,6 +86,24 @@ class Config:
     min_source_ratio: float = 0.5
     teacher_roles: tuple[str, ...] = ("teacher",)
     email_domains: tuple[str, ...] = ()
+    #: the source's `schools: {include, exclude}` (sourcedIds or names)
+    schools_include: tuple[str, ...] = ()
+    schools_exclude: tuple[str, ...] = ()
+    #: the source's `terms: {mode: current (True) | all, grace_days}`
+    terms_current: bool = False
+    grace_days: int = 14
+
+    @property
+    def scope_key(self) -> tuple[Any, ...]:
+        """What decides the scope: a change makes the next delta run a full one (every
+        setting counts once anything is scoped; nothing scoped is one key)."""
+        if not self.scoped:
+            return ()
+        return self.schools_include, self.schools_exclude, self.terms_current, self.grace_days
+
+    @property
+    def scoped(self) -> bool:
+        return bool(self.schools_include or self.schools_exclude or self.terms_current)
 
     def as_yaml(self, *, new_keys: bool) -> dict[str, Any]:
         """The config file's dict. ``new_keys``: the engine knows teacher_roles and
@@ -199,6 +218,9 @@ class SourceState:
     high_water_mark: datetime | None = None
     #: fetched persons/classes/enrollments of the last successful full run
     last_full_counts: dict[str, int] | None = None
+    #: of those, the ones in scope by school, and the scope they were judged by
+    last_kept_counts: dict[str, int] | None = None
+    last_scope: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -211,6 +233,8 @@ class Run:
     dry_run: bool
     status: str
     records: tuple[RosterRecord, ...] = ()  # what it fetched (kept for a held run's approval)
+    #: what scoping made of ``records`` (what an approval applies), when the source is scoped
+    cut: ScopeCut | None = None
 
 
 # -- the rules over a mirror ------------------------------------------------------------------
@@ -343,6 +367,8 @@ class Decision:
 
     mode: str
     fetched: dict[str, int]
+    #: records left out of scope, by kind (persons, classes, enrollments)
+    ignored: dict[str, int]
     newest: datetime | None
     counts: dict[str, int]
     #: connector rejections (entity, sourced id, reason)
@@ -406,6 +432,138 @@ def merge_mirror(
     return m1, rejects
 
 
+# -- school scoping ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScopeCut:
+    """A run's fetch after the `schools` settings: what goes on to the merge, what the source
+    sent, and how many of each kind were left out."""
+
+    records: tuple[RosterRecord, ...]
+    sent: dict[str, int]
+    ignored: dict[str, int]
+    #: what the source sent (the high-water mark is its newest date)
+    sent_records: tuple[RosterRecord, ...] = ()
+    #: classes of the schools in scope none of whose terms runs
+    out_of_term: int = 0
+
+
+def _selected(entries: Sequence[str], orgs: Mapping[str, RosterOrg]) -> set[str]:
+    """The orgs the entries name (sourcedId first, else exact name), and the orgs under them."""
+    found: set[str] = set()
+    for entry in entries:
+        if entry in orgs:
+            found.add(entry)
+        else:
+            found |= {oid for oid, o in orgs.items() if o.name == entry}
+    todo = list(found)
+    while todo:
+        parent = todo.pop()
+        for oid, o in orgs.items():
+            if o.parent_id == parent and oid not in found:
+                found.add(oid)
+                todo.append(oid)
+    return found
+
+
+def term_runs(session: AcademicSession, today: date, grace_days: int) -> bool:
+    grace = timedelta(days=grace_days)
+    return session.start_date - grace <= today <= session.end_date + grace
+
+
+def scope_records(
+    records: Sequence[RosterRecord],
+    m0: Mirror,
+    config: Config,
+    *,
+    full: bool,
+    sessions: Sequence[AcademicSession] = (),
+    today: date | None = None,
+) -> ScopeCut:
+    """Leave out what the docs' "Terms and schools" rules put out of scope. Reading: out of
+    scope by school is as not sent, and a delta run sends the records the mirror holds as
+    tobedeleted; a class out of term comes as tobedeleted, its enrollments as they are."""
+    sent = _counts(records)
+    orgs = {**m0.org, **{r.sourced_id: r for r in records if isinstance(r, RosterOrg)}}
+    included = _selected(config.schools_include, orgs) if config.schools_include else None
+    excluded = _selected(config.schools_exclude, orgs)
+
+    def in_scope(org_id: str) -> bool:
+        return org_id not in excluded and (included is None or org_id in included)
+
+    fetched_classes = {r.sourced_id: r for r in records if isinstance(r, RosterClass)}
+    out_classes = {
+        cid for cid, c in fetched_classes.items() if c.school_id and not in_scope(c.school_id)
+    }
+    kept_classes = set(fetched_classes) - out_classes
+    term_out: set[str] = set()
+    if config.terms_current:
+        assert today is not None
+        known = {s.sourced_id: s for s in sessions}
+        for cid in kept_classes:
+            terms = fetched_classes[cid].term_ids
+            if (
+                terms
+                and all(t in known for t in terms)
+                and not any(term_runs(known[t], today, config.grace_days) for t in terms)
+            ):
+                term_out.add(cid)
+    if not full:
+        kept_classes |= set(m0.klass) - set(fetched_classes)
+    enrollments = [r for r in records if isinstance(r, RosterEnrollment)]
+    out_enrollments = {e.sourced_id for e in enrollments if e.class_id not in kept_classes}
+    enrolled = {
+        e.user_id
+        for e in enrollments
+        if e.status == "active" and e.sourced_id not in out_enrollments
+    }
+    if not full:
+        enrolled |= {
+            e.user_id
+            for e in m0.enrollment.values()
+            if e.status == "active" and e.class_id in kept_classes
+        }
+    out_persons: set[str] = set()
+    for r in records:
+        if isinstance(r, RosterPerson) and r.sourced_id not in enrolled:
+            schools = [o for o in r.org_ids if o and (o not in orgs or orgs[o].type == "school")]
+            if schools and not any(in_scope(o) for o in schools):
+                out_persons.add(r.sourced_id)
+    kept: list[RosterRecord] = []
+    for r in records:
+        if isinstance(r, RosterClass):
+            out, held = r.sourced_id in out_classes, r.sourced_id in m0.klass
+        elif isinstance(r, RosterEnrollment):
+            out, held = r.sourced_id in out_enrollments, r.sourced_id in m0.enrollment
+        elif isinstance(r, RosterPerson):
+            out, held = r.sourced_id in out_persons, r.sourced_id in m0.person
+        else:
+            kept.append(r)
+            continue
+        if isinstance(r, RosterClass) and r.sourced_id in term_out:
+            kept.append(replace(r, status="tobedeleted"))
+        elif not out:
+            kept.append(r)
+        elif not full and held:
+            kept.append(replace(r, status="tobedeleted"))
+    ignored = {
+        "persons": len(out_persons),
+        "classes": len(out_classes),
+        "enrollments": len(out_enrollments),
+    }
+    return ScopeCut(tuple(kept), sent, ignored, tuple(records), len(term_out))
+
+
+def _counts(records: Sequence[RosterRecord]) -> dict[str, int]:
+    return {
+        "orgs": sum(isinstance(r, RosterOrg) for r in records),
+        "persons": sum(isinstance(r, RosterPerson) for r in records),
+        "classes": sum(isinstance(r, RosterClass) for r in records),
+        "enrollments": sum(isinstance(r, RosterEnrollment) for r in records),
+    }
+
+
 def _stored_email(p: RosterPerson) -> str:
     return p.email.strip() if p.email else ""
 
@@ -421,22 +579,22 @@ def decide(
     state: SourceState | None,
     approval: bool,
     group_roles: Sequence[str],
+    cut: ScopeCut | None = None,
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
     changed since: the groups change with the next applied run)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
-    records = [_fitting(r) for r in records]
-    fetched = {
-        "orgs": sum(isinstance(r, RosterOrg) for r in records),
-        "persons": sum(isinstance(r, RosterPerson) for r in records),
-        "classes": sum(isinstance(r, RosterClass) for r in records),
-        "enrollments": sum(isinstance(r, RosterEnrollment) for r in records),
-    }
+    if cut is None:
+        records = [_fitting(r) for r in records]
+        fetched = _counts(records)
+        ignored = dict.fromkeys(("persons", "classes", "enrollments"), 0)
+    else:
+        records, fetched, ignored = list(cut.records), cut.sent, cut.ignored
     dated = [
         r.date_last_modified
-        for r in records
+        for r in (cut.sent_records if cut is not None else records)
         if not isinstance(r, Rejected) and r.date_last_modified is not None
     ]
     newest = max(dated, default=None)
@@ -567,6 +725,14 @@ def decide(
     counts["groups_created"] = len({k for k in g1 if k[0] == source} - mine0)
 
     reasons: list[str] = []
+    # Reading: with the scope of the last full run, records in scope are compared with
+    # records in scope; after a change of scope, what the source sent with what it sent.
+    kinds = ("persons", "classes", "enrollments")
+    ratio_before = state.last_full_counts if state else None
+    ratio_now = {k: fetched[k] for k in kinds}
+    if state is not None and state.last_scope == config.scope_key and state.last_kept_counts:
+        ratio_before = state.last_kept_counts
+        ratio_now = {k: fetched[k] - ignored[k] for k in kinds}
     if not approval:
         managed_users = sum(
             1
@@ -581,13 +747,16 @@ def decide(
             managed_groups=len(mine0),
             emails_lost=emails_lost,
             emails_before=emails_before,
-            fetched=fetched if full else None,
-            last=state.last_full_counts if state else None,
+            fetched=ratio_now if full else None,
+            last=ratio_before,
         )
     shared = {e: sids for e, sids in by_email.items() if len(sids) > 1}
+    counts.update({f"{k}_ignored": n for k, n in ignored.items()})
+    counts["classes_out_of_term"] = cut.out_of_term if cut is not None else 0
     return Decision(
         mode=mode,
         fetched=fetched,
+        ignored=ignored,
         newest=newest,
         counts=counts,
         connector_rejects=[(r.entity, r.sourced_id, r.reason) for r in rejects],
@@ -686,7 +855,14 @@ class Oracle:
     def mode_for(self, source: str, requested: str) -> str:
         """A delta run needs an earlier applied full run (its high-water mark)."""
         state = self.states.get(source)
-        if requested == "delta" and state is not None and state.high_water_mark is not None:
+        # Reading: the mirror holds what the last full run's scope kept; after a change of
+        # scope only a full run re-judges it.
+        if (
+            requested == "delta"
+            and state is not None
+            and state.high_water_mark is not None
+            and state.last_scope == self.config.scope_key
+        ):
             return "delta"
         return "full"
 
@@ -706,10 +882,34 @@ class Oracle:
             or (r.date_last_modified is not None and r.date_last_modified > hwm)
         )
 
+    def cut(
+        self,
+        source: str,
+        mode: str,
+        records: Sequence[RosterRecord],
+        sessions: Sequence[AcademicSession],
+        today: date,
+    ) -> ScopeCut | None:
+        """What the scope makes of a run's fetch, right after it (None: nothing scoped)."""
+        if not self.config.scoped:
+            return None
+        m0 = self.mirrors.get(source, Mirror())
+        fitting = [_fitting(r) for r in records]
+        return scope_records(
+            fitting, m0, self.config, full=mode == "full", sessions=sessions, today=today
+        )
+
     def decide(
-        self, source: str, mode: str, records: Sequence[RosterRecord], *, approval: bool = False
+        self,
+        source: str,
+        mode: str,
+        records: Sequence[RosterRecord],
+        *,
+        approval: bool = False,
+        cut: ScopeCut | None = None,
     ) -> Decision:
         return decide(
+            cut=cut,
             config=self.config,
             source=source,
             mode=mode,
@@ -756,9 +956,10 @@ class Oracle:
         ):
             state.high_water_mark = decision.newest
         if decision.mode == "full":
-            state.last_full_counts = {
-                k: decision.fetched[k] for k in ("persons", "classes", "enrollments")
-            }
+            kinds = ("persons", "classes", "enrollments")
+            state.last_full_counts = {k: decision.fetched[k] for k in kinds}
+            state.last_kept_counts = {k: decision.fetched[k] - decision.ignored[k] for k in kinds}
+            state.last_scope = self.config.scope_key
 
     def import_rows(self, emails: Sequence[tuple[str, str]]) -> list[str]:
         """An import of (email cell, display name cell) rows: each row's status, and the

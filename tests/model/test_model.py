@@ -17,19 +17,21 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from rostersync.store.db import Store
 from tests.model.harness import Harness
-from tests.model.machine import STATS, RosterModel
+from tests.model.machine import STATS, RosterModel, ScopedRosterModel
 
 # (examples on SQLite, examples on PostgreSQL, steps per example)
 SIZES = {"ci": (60, 10, 40), "long": (2000, 300, 80)}
+#: The same for the scoped machine (its steps are those of the other, and a few more).
+SCOPED_SIZES = {"ci": (25, 4, 40), "long": (1000, 150, 80)}
 
 
-def model_settings(backend: str) -> settings:
+def model_settings(backend: str, sizes: dict[str, tuple[int, int, int]] = SIZES) -> settings:
     profile = os.environ.get("ROSTERSYNC_MODEL_PROFILE", "ci")
     if profile not in SIZES:
         raise pytest.UsageError(
             f"ROSTERSYNC_MODEL_PROFILE={profile!r}: use one of {', '.join(sorted(SIZES))}"
         )
-    sqlite_n, pg_n, steps = SIZES[profile]
+    sqlite_n, pg_n, steps = sizes[profile]
     examples = int(os.environ.get("ROSTERSYNC_MODEL_EXAMPLES") or 0) or (
         sqlite_n if backend == "sqlite" else pg_n
     )
@@ -50,13 +52,15 @@ def model_settings(backend: str) -> settings:
     )
 
 
-def run_model(store: Store, tmp_path: Path, backend: str) -> None:
+def run_model(store: Store, tmp_path: Path, backend: str, *, scoped: bool = False) -> None:
     STATS.clear()
     harness = Harness(store, tmp_path)
+    machine = ScopedRosterModel if scoped else RosterModel
     try:
         # A factory works where a class is typed: the machine needs the harness.
-        factory: Any = lambda: RosterModel(harness)  # noqa: E731
-        run_state_machine_as_test(factory, settings=model_settings(backend))
+        factory: Any = lambda: machine(harness)  # noqa: E731
+        sizes = SCOPED_SIZES if scoped else SIZES
+        run_state_machine_as_test(factory, settings=model_settings(backend, sizes))
     finally:
         kinds = ", ".join(
             f"{k} {v}"
@@ -79,3 +83,13 @@ def test_the_engine_follows_the_rules_on_sqlite(sqlite_store: Store, tmp_path: P
 def test_the_engine_follows_the_rules_on_postgresql(pg_store: Store, tmp_path: Path) -> None:
     """The same on PostgreSQL, with fewer examples."""
     run_model(pg_store, tmp_path, "postgres")
+
+
+def test_the_engine_follows_the_scope_rules_on_sqlite(sqlite_store: Store, tmp_path: Path) -> None:
+    """With the source's schools and terms changing too (ScopedRosterModel)."""
+    run_model(sqlite_store, tmp_path, "sqlite", scoped=True)
+
+
+@pytest.mark.postgres
+def test_the_engine_follows_the_scope_rules_on_postgresql(pg_store: Store, tmp_path: Path) -> None:
+    run_model(pg_store, tmp_path, "postgres", scoped=True)

@@ -17,7 +17,7 @@ from rostersync.errors import StoreError
 from rostersync.queue import fail, lease, queue_depth, release
 from rostersync.records import RosterEnrollment, RosterPerson
 from rostersync.rows import StagedBatch, person_tuple, sort_batch
-from rostersync.store.db import Store
+from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync.apply import (
     queue_resync,
@@ -55,6 +55,32 @@ def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
     assert s.current_revision() is None
     s.ensure_schema()
     assert s.current_revision() == s.head_revision()
+    s.dispose()
+
+
+def test_the_schema_head_is_alembics_without_asking_alembic(tmp_path: Path) -> None:
+    """schema_head(), read from the migration files' revision lines, names the head Alembic's
+    own script directory finds, and the store reports it."""
+    from alembic.script import ScriptDirectory
+
+    s = Store(f"sqlite:///{tmp_path / 'new.db'}")
+    assert schema_head() is not None
+    assert schema_head() == ScriptDirectory.from_config(s._alembic()).get_current_head()
+    assert s.head_revision() == schema_head()
+    s.dispose()
+
+
+def test_a_version_table_with_two_rows_is_left_to_alembic(tmp_path: Path) -> None:
+    """The plain read of the current revision takes one row; with several (branched heads),
+    Alembic's refusal stands, as before."""
+    from alembic.util import CommandError
+
+    s = Store(f"sqlite:///{tmp_path / 'new.db'}")
+    s.ensure_schema()
+    with s.write() as conn:
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0001')"))
+    with pytest.raises(CommandError, match="more than one head"):
+        s.current_revision()
     s.dispose()
 
 

@@ -1100,10 +1100,10 @@ def test_a_first_load_finds_the_changes_the_row_by_row_comparison_finds(store: S
     with store.write() as conn:
         stage(conn, 1, sort_batch(roster.records()))
         event.listen(conn, "before_cursor_execute", seen)
-        fast = apply.find_changes(conn, "mem", 1, True, {})
+        fast = apply.find_changes(conn, "mem", 1, full=True, grouped={})
         event.remove(conn, "before_cursor_execute", seen)
         # A group for a class the roster does not have: the first-load test fails, the loop runs
-        slow = apply.find_changes(conn, "mem", 1, True, {"no-such-class": 0})
+        slow = apply.find_changes(conn, "mem", 1, full=True, grouped={"no-such-class": 0})
     assert any("GROUP BY s.class_id" in q for q in statements)  # the first-load path ran
     assert not any("LEFT JOIN roster_enrollment" in q for q in statements)
     # A first load writes every staged enrollment: their ids are not collected (the merge

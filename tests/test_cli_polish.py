@@ -1,0 +1,223 @@
+"""The command line as a newcomer meets it: help on everything, global options anywhere,
+suggestions for typos, usage errors that exit 2, and deploy files that work as documented."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from rostersync.cli import cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def walk(
+    command: click.Command, path: tuple[str, ...] = ("rostersync",)
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from walk(sub, (*path, name))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """The example config on the sample district, synced once."""
+    shutil.copytree(REPO / "config" / "sample-district", tmp_path / "sample-district")
+    data = yaml.safe_load((REPO / "config" / "rostersync.example.yaml").read_text())
+    data["database"] = "sqlite:///state/rostersync.db"
+    data["logging"] = {"level": "warning", "format": "json"}
+    path = tmp_path / "rostersync.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert invoke("--config", str(path), "sync").exit_code == 0
+    return path
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_every_command_and_option_has_help() -> None:
+    """Walks the whole command tree: a command without a description or an option without
+    help text fails the test, naming it."""
+    missing = []
+    for path, command in walk(cli):
+        if not (command.help or command.short_help) and not command.hidden:
+            missing.append(" ".join(path))
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden and not param.help:
+                missing.append(f"{' '.join(path)} {'/'.join(param.opts)}")
+    assert missing == []
+
+
+def test_every_command_accepts_the_global_options_after_it() -> None:
+    """--config and --log-level are options of every command and group, not only of the root."""
+    for path, command in walk(cli):
+        names = {opt for p in command.params for opt in getattr(p, "opts", [])}
+        assert {"--config", "--log-level"} <= names, " ".join(path)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("users", "list", "--config", "{config}"),
+        ("users", "--config", "{config}", "list"),
+        ("groups", "list", "--json", "--config={config}"),
+        ("runs", "list", "--config", "{config}"),
+        ("queue", "list", "--config", "{config}", "--limit", "5"),
+    ],
+)
+def test_config_may_follow_the_command(config: Path, args: tuple[str, ...]) -> None:
+    """`rostersync users list --config X` reads X, as `rostersync --config X users list` does."""
+    result = invoke(*(a.format(config=config) for a in args))
+    assert result.exit_code == 0, result.output
+    assert result.stdout
+
+
+def test_a_config_after_the_command_wins_over_one_before(config: Path, tmp_path: Path) -> None:
+    """Given twice, the later --config counts (as with any repeated option)."""
+    result = invoke(
+        "--config", str(tmp_path / "missing.yaml"), "users", "list", "--config", str(config)
+    )
+    assert result.exit_code == 0, result.output
+    assert "43 user(s)" in result.stdout
+
+
+def test_log_level_may_follow_the_command(config: Path) -> None:
+    """`sync --log-level info` shows the info lines the config's `warning` level hides."""
+    quiet = invoke("--config", str(config), "sync")
+    loud = invoke("--config", str(config), "sync", "--log-level", "info")
+    assert quiet.exit_code == loud.exit_code == 0
+    assert "sync_started" not in quiet.stderr
+    assert "sync_started" in loud.stderr
+
+
+def test_import_takes_the_global_options_before_its_subcommand(config: Path) -> None:
+    """`import --config X template` still means the template, not a file named `template`."""
+    result = invoke("import", "--config", str(config), "template")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Email,")
+
+
+@pytest.mark.parametrize(
+    ("args", "suggestion"),
+    [(("sycn",), "'sync'"), (("users", "lst"), "'list'"), (("rnus", "list"), "'runs'")],
+)
+def test_a_mistyped_command_gets_a_suggestion_and_exit_2(
+    args: tuple[str, ...], suggestion: str
+) -> None:
+    """An unknown command exits 2 and names the command it resembles."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert "No such command" in result.stderr and suggestion in result.stderr
+
+
+def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
+    """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
+    groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
+    resync = invoke("--config", str(config), "resync", "--user", "nobody@example.org")
+    assert groups.exit_code == resync.exit_code == 2
+    assert groups.stderr == resync.stderr == "rostersync: no such user: nobody@example.org\n"
+    owner = json.loads(invoke("--config", str(config), "groups", "list", "--json").stdout)[0][
+        "owners"
+    ][0]
+    known = invoke("--config", str(config), "groups", "list", "--user", owner.upper(), "--json")
+    assert known.exit_code == 0 and json.loads(known.stdout)
+
+
+def test_resync_all_wait_ends_with_a_summary_line(config: Path) -> None:
+    """`resync --all --wait` ends with how many jobs succeeded or failed, and who did them."""
+    result = invoke("--config", str(config), "resync", "--all", "--wait")
+    assert result.exit_code == 0, result.output
+    last = result.stdout.splitlines()[-1]
+    assert re.fullmatch(
+        r"43 job\(s\): 43 succeeded, 0 failed; processed by this command in \d+\.\ds", last
+    ), last
+
+
+# -- deploy files --------------------------------------------------------------------------------
+
+
+def test_the_units_documentation_is_what_the_install_steps_install() -> None:
+    """Each unit's Documentation= names files that deploy/README.md's install steps put there
+    (nothing points at a man page or a file that no step installs)."""
+    readme = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    installed = set(re.findall(r"sudo install -D -m 0644 (\S+) (\S+)", readme))
+    targets = {target for _source, target in installed}
+    for source, _target in installed:
+        assert (REPO / source).is_file(), source
+    for unit in ("rostersync.service", "rostersync-once.service"):
+        text = (REPO / "deploy" / unit).read_text(encoding="utf-8")
+        docs = [
+            u
+            for line in text.splitlines()
+            if line.startswith("Documentation=")
+            for u in line.split("=", 1)[1].split()
+        ]
+        assert docs, unit
+        for uri in docs:
+            assert uri.startswith("file://"), uri
+            assert uri.removeprefix("file://") in targets, f"{unit}: {uri} is not installed"
+
+
+def test_container_build_lines_keep_the_healthcheck() -> None:
+    """Podman and buildah drop HEALTHCHECK from OCI images: the documented build lines use
+    `--format docker`, and the Containerfile has a health check to keep."""
+    readme = (REPO / "deploy" / "README.md").read_text(encoding="utf-8")
+    containerfile = (REPO / "deploy" / "Containerfile").read_text(encoding="utf-8")
+    builds = re.findall(
+        r"(?:podman|buildah) (?:build|bud) [^\n]*-f deploy/Containerfile[^\n]*",
+        readme + containerfile,
+    )
+    assert any(b.startswith("podman") for b in builds)
+    assert any(b.startswith("buildah") for b in builds)
+    for line in builds:
+        assert "--format docker" in line, line
+    assert re.search(r"^HEALTHCHECK ", containerfile, re.M)
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_resync_all_wait_shows_progress_on_a_terminal_only(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a terminal the jobs' progress is drawn on stderr; piped, stderr has JSON lines only."""
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    main(["--config", str(config), "resync", "--all", "--wait"])  # exits only on failure
+    drawn = terminal.getvalue()
+    assert "\x1b[2K" in drawn and "43 job(s) done" in drawn
+    assert "processing the queue here" in drawn
+    assert capsys.readouterr().out.splitlines()[-1].startswith("43 job(s): 43 succeeded")
+
+    monkeypatch.undo()
+    piped = invoke("--config", str(config), "--log-level", "info", "resync", "--all", "--wait")
+    assert piped.exit_code == 0
+    lines = piped.stderr.splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines)
+    assert "job(s) done" not in piped.stderr
+
+
+def test_an_import_warning_is_a_json_line_off_a_terminal(config: Path, tmp_path: Path) -> None:
+    """A file's warning (read as Windows-1252) reaches a pipe as a JSON log line."""
+    upload = tmp_path / "ansi.csv"
+    upload.write_bytes("Email;Display Name\r\nzoe@example.org;Zoë Müller\r\n".encode("cp1252"))
+    result = invoke("--config", str(config), "import", str(upload), "--dry-run")
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    warning = next(line for line in lines if line["event"] == "import_warning")
+    assert warning["level"] == "warning" and "Windows-1252" in warning["message"]
