@@ -1066,7 +1066,7 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
         with contextlib.ExitStack() as stack:
             shown = sys.stderr
             if not sys.stderr.isatty():
-                shown = stack.enter_context(open(os.devnull, "w"))  # noqa: PTH123
+                shown = stack.enter_context(open(os.devnull, "w"))
             stack.enter_context(contextlib.redirect_stdout(shown))
             ask = _approval_preview(app, run_id)
     if ask and not yes:
