@@ -32,6 +32,7 @@ class LeasedJob:
     live: bool
     attempts: int
     run_id: int | None
+    refresh: bool = False
 
 
 def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
@@ -101,12 +102,15 @@ def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list
                     lease_expires = :expires, attempts = attempts + 1
                 WHERE id IN (SELECT id FROM resync_job WHERE state = 'queued' AND run_after <= :now
                              ORDER BY id LIMIT :limit {lock})
-                RETURNING id, user_id, live, attempts, run_id
+                RETURNING id, user_id, live, attempts, run_id, refresh
                 """
             ).bindparams(*ts_params("now", "expires")),
             {"owner": owner, "expires": now + lease_for, "now": now, "limit": limit},
         ).all()
-    return sorted((LeasedJob(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows), key=lambda j: j.id)
+    return sorted(
+        (LeasedJob(r[0], r[1], bool(r[2]), r[3], r[4], bool(r[5])) for r in rows),
+        key=lambda j: j.id,
+    )
 
 
 def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Counter[str]]) -> None:

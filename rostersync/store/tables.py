@@ -278,6 +278,9 @@ class ResyncJob(SQLModel, table=True):
     user_id: int = Field(foreign_key="user.id", index=True, ondelete="CASCADE")
     state: str = Field(default="queued", max_length=10)  # queued | running | succeeded | failed
     live: bool = False
+    # Re-read every member of the user's groups (manual, import and live resyncs); a sync's
+    # job reads only what its run marked.
+    refresh: bool = False
     attempts: int = 0
     reason: str = Field(default="", max_length=200)
     last_error: str | None = Field(default=None, max_length=4000)

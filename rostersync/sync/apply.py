@@ -1000,19 +1000,23 @@ def queue_resync(
 ) -> int:
     """Queue one job per user; a user with a queued job keeps that one.
 
-    The kept job takes the newer reason and sync run; a manual request (``run_id`` None, which
-    re-reads every member) or a live one is never downgraded by a sync merging into it.
+    A request without a sync run (``run_id`` None: manual, import) re-reads every member of
+    the user's groups (``refresh``). The kept job takes the newer reason and the newest sync
+    run (whose report its group changes count in); a full re-read or a live one is never
+    downgraded by a sync merging into it.
     """
     now = utcnow()
-    rows = [(uid, live, reason[:200], run_id, now, now) for uid in sorted(set(user_ids))]
+    refresh = run_id is None
+    rows = [(uid, live, refresh, reason[:200], run_id, now, now) for uid in sorted(set(user_ids))]
     if not rows:
         return 0
     executemany(
         conn,
-        "INSERT INTO resync_job (user_id, state, live, attempts, reason, run_id, run_after, "
-        "created_at, result) VALUES (?, 'queued', ?, 0, ?, ?, ?, ?, '{}') "
+        "INSERT INTO resync_job (user_id, state, live, refresh, attempts, reason, run_id, "
+        "run_after, created_at, result) VALUES (?, 'queued', ?, ?, 0, ?, ?, ?, ?, '{}') "
         "ON CONFLICT (user_id) WHERE state = 'queued' DO UPDATE SET reason = excluded.reason, "
-        "run_id = CASE WHEN resync_job.run_id IS NULL THEN NULL ELSE excluded.run_id END, "
+        "run_id = COALESCE(excluded.run_id, resync_job.run_id), "
+        "refresh = (resync_job.refresh OR excluded.refresh), "
         "live = (resync_job.live OR excluded.live)",
         rows,
         timestamps=True,

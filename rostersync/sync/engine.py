@@ -1034,13 +1034,13 @@ class SyncEngine:
         """A held or dry run, applied but not committed: do what the resync workers would do
         for its users after it (from the mirror, as their jobs would: a user's queued manual
         or live job re-reads every member), then diff the directory with the snapshot."""
-        queued: list[tuple[int, int | None, bool]] = []
+        queued: list[tuple[int, bool, bool]] = []
         for chunk in chunks(sorted(resync_users)):
             queued += [
-                (int(uid), rid, bool(live))
-                for uid, rid, live in conn.execute(
+                (int(uid), bool(refresh), bool(live))
+                for uid, refresh, live in conn.execute(
                     in_text(
-                        "SELECT user_id, run_id, live FROM resync_job "
+                        "SELECT user_id, refresh, live FROM resync_job "
                         "WHERE state = 'queued' AND user_id IN :ids",
                         "ids",
                     ),
@@ -1052,7 +1052,7 @@ class SyncEngine:
             conn,
             resync_users,
             teacher_roles=roles,
-            refresh_all=[uid for uid, rid, live in queued if rid is None or live],
+            refresh_all=[uid for uid, refresh, live in queued if refresh or live],
         )
         notes = []
         live_users = sum(1 for _, _, live in queued if live)
@@ -1312,7 +1312,7 @@ class SyncEngine:
                 conn,
                 [j.user_id for j in jobs],
                 teacher_roles=self.settings.provisioning.teacher_roles,
-                refresh_all=[j.user_id for j in jobs if j.run_id is None or j.live],
+                refresh_all=[j.user_id for j in jobs if j.refresh or j.live],
             )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
             complete(conn, jobs, results)

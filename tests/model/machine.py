@@ -1060,8 +1060,3 @@ class ScopedRosterModel(RosterModel):
         """A class moves to other academic sessions (or to ones the source does not send)."""
         self._step("class_terms")
         self.feed.change("class", self._pick("class", ref), term_ids=terms)
-
-    @rule(mode=modes, staged=st.integers(0, 12), command=st.booleans())
-    @on("killed_run")
-    def killed_run(self, mode: str, staged: int, command: bool) -> None:  # type: ignore[override]
-        super().killed_run(mode, staged, job=False, command=command)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
@@ -300,3 +300,30 @@ async def test_two_persons_linked_to_one_account_are_one_user_linked(
     report = await sync(settings, store, roster)
     assert report.counts["users_linked"] == 1
     assert users(store)["t1@example.org"]["sources"] == ["mem"]
+
+
+async def test_a_sync_job_merged_into_a_queued_manual_resync_counts_in_the_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run's report counts the groups its resync jobs create, also when a user's job merged
+    into a manual resync already queued for them (it counted nothing: the merged job kept the
+    manual request's empty run), and the merged job still re-reads every member."""
+    settings = make_settings()
+    await sync(settings, store, _school())
+    with store.write() as conn:
+        user_id = int(conn.execute(text('SELECT id FROM "user"')).scalar_one())
+        apply_sql.queue_resync(conn, [user_id], reason="manual resync", run_id=None)
+    roster = _school()
+    roster.classes.append(RosterClass("c2", "Geometry"))
+    roster.enrollments += [
+        RosterEnrollment("e3", "c2", "t1", "teacher"),
+        RosterEnrollment("e4", "c2", "s1", "student"),
+    ]
+    report = await sync(settings, store, roster)
+    assert report.counts["groups_created"] == 1
+    assert _members(store, "c2") == {"s1"}
+    with store.read() as conn:
+        job = conn.execute(
+            text("SELECT run_id, refresh, state FROM resync_job ORDER BY id DESC LIMIT 1")
+        ).one()
+    assert (job[0], bool(job[1]), job[2]) == (report.id, True, "succeeded")

@@ -688,7 +688,8 @@ def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
             conn.execute(
                 text(
                     "SELECT relname, reltuples FROM pg_class WHERE relname IN "
-                    "('user', 'user_identity', 'groups', 'group_owner', 'group_member')"
+                    "('user', 'user_identity', 'groups', 'group_owner', 'group_member') "
+                    "AND relnamespace = current_schema()::regnamespace"
                 )
             ).all()
         )
