@@ -110,7 +110,7 @@ class App:
         register this process. Once per command; returns its owner name."""
         import structlog
 
-        from rostersync import recovery
+        from rostersync.daemon import recovery
         from rostersync.sync.engine import instance_id
 
         if self._owner is None:
@@ -129,7 +129,7 @@ class App:
         if self._owner is not None:
             import structlog
 
-            from rostersync import recovery
+            from rostersync.daemon import recovery
 
             try:
                 recovery.unregister(self._store, self._owner)
@@ -474,7 +474,7 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
         if any(r.status in ("failed", "held") for r in reports):
             sys.exit(EXIT_FAILED)
         return
-    from rostersync.daemon import run_daemon
+    from rostersync.daemon.service import run_daemon
 
     sys.exit(
         run_daemon(
@@ -627,7 +627,7 @@ def _queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
 
 
 def _daemons(app: App) -> list[str]:
-    from rostersync import recovery
+    from rostersync.daemon import recovery
 
     return recovery.live_daemons(app.store, app.settings.leases.expire_after)
 

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from connectors.oneroster.normalize import normalize_page, rows_page
-from rostersync import procs
+from rostersync.daemon import procs
 from rostersync.records import RosterRecord
 from rostersync.rows import StagedBatch
 

@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy import Connection, delete, insert, select, text, update
 from sqlmodel import col
 
-from rostersync import directory, recovery
+from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.connector import (
     Connector,
@@ -44,6 +44,7 @@ from rostersync.connector import (
     FetchMode,
     load_plugins,
 )
+from rostersync.daemon import recovery
 from rostersync.errors import (
     ChangesOnlyError,
     DeltaUnsupportedError,

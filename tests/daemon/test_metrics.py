@@ -20,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
 from rostersync.config.schedule import Schedule
-from rostersync.metrics import METRIC_NAMES, Metrics, StoreState, read_store_state, schedule_period
+from rostersync.daemon.metrics import (
+    METRIC_NAMES,
+    Metrics,
+    StoreState,
+    read_store_state,
+    schedule_period,
+)
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import SourceState, SyncRun
 from tests.daemon.conftest import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rostersync.metrics import METRIC_NAMES
+from rostersync.daemon.metrics import METRIC_NAMES
 from tests.daemon.conftest import (
     DaemonProcess,
     NotifySocket,

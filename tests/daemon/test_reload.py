@@ -16,9 +16,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from rostersync.config.loader import load_settings
-from rostersync.daemon import Daemon, job_id
+from rostersync.daemon.service import Daemon, job_id
+from rostersync.daemon.systemd import Notifier
 from rostersync.store.db import Store
-from rostersync.systemd import Notifier
 from tests.daemon.conftest import SAMPLE, base_config, free_port, sqlite_url, write_config
 
 # Crons that do not fire while a test runs: the tests look at jobs, not at syncs.
@@ -211,7 +211,7 @@ async def test_a_failure_building_a_trigger_changes_nothing(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("no trigger today")
 
-    monkeypatch.setattr("rostersync.daemon.build_trigger", broken)
+    monkeypatch.setattr("rostersync.daemon.service.build_trigger", broken)
     rewrite(d, config_with(url, sample=source(SECOND_OF_JANUARY), new=source(NEW_YEAR)))
     with capture_logs() as logs:
         assert await d.reload() is False

@@ -19,11 +19,11 @@ import httpx
 import pytest
 
 from rostersync.config.schedule import Schedule, build_trigger, crontab_day_of_week
-from rostersync.daemon import pg_conninfo
-from rostersync.metrics import Metrics, MetricsServer
+from rostersync.daemon.metrics import Metrics, MetricsServer
+from rostersync.daemon.service import pg_conninfo
+from rostersync.daemon.systemd import Notifier
 from rostersync.progress import SyncProgress
 from rostersync.store.db import utcnow
-from rostersync.systemd import Notifier
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,10 +19,11 @@ from sqlmodel import SQLModel
 
 import rostersync.store.tables  # noqa: F401  (registers every table in SQLModel.metadata)
 from connectors.memory import MemoryConnector
-from rostersync import directory, recovery
+from rostersync import directory
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import ScopedSourceConfig
+from rostersync.daemon import recovery
 from rostersync.records import MemoryRoster
 from rostersync.rows import sort_batch
 from rostersync.store.db import Store, utcnow

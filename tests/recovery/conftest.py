@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from rostersync import procs
+from rostersync.daemon import procs
 from rostersync.records import RosterPerson
 from rostersync.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store, utcnow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rostersync import procs
+from rostersync.daemon import procs
 from tests.daemon.conftest import wait_until
 
 

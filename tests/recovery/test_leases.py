@@ -14,11 +14,11 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from connectors.memory import MemoryConnector
-from rostersync import procs
 from rostersync.config.models import Settings
 from rostersync.connector import FetchMode
+from rostersync.daemon import procs
+from rostersync.daemon.recovery import hold_lease, interrupt_runs
 from rostersync.records import MemoryRoster, RosterRecord
-from rostersync.recovery import hold_lease, interrupt_runs
 from rostersync.rows import sort_batch
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.engine import SourceBusy, SyncEngine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rostersync import procs
+from rostersync.daemon import procs
 from tests.recovery.procs_helpers import descendants, wait_all_gone
 
 REPO = Path(__file__).resolve().parents[2]

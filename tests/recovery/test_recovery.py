@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from rostersync import recovery
 from rostersync.config.models import Settings
+from rostersync.daemon import recovery
 from rostersync.errors import ConfigError
 from rostersync.store.db import Store, utcnow
 from tests.recovery.conftest import (

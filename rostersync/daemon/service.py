@@ -11,7 +11,7 @@ Several instances may share one PostgreSQL database: a source's sync is guarded 
 engine's lease row (the loser logs ``sync_skipped_busy``), jobs are leased with
 ``FOR UPDATE SKIP LOCKED``, and a dead instance's job leases expire after ``resync.lease``.
 What dead processes of this host leave behind is put right at start and every
-``leases.expire_after / 4`` (:mod:`rostersync.recovery`), when the daemon's heartbeat is
+``leases.expire_after / 4`` (:mod:`rostersync.daemon.recovery`), when the daemon's heartbeat is
 written too.
 """
 
@@ -36,19 +36,19 @@ from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from rostersync import recovery
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
+from rostersync.daemon import recovery
+from rostersync.daemon.metrics import Metrics, MetricsServer, StoreState, read_store_state
+from rostersync.daemon.systemd import Notifier
 from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
-from rostersync.metrics import Metrics, MetricsServer, StoreState, read_store_state
 from rostersync.queue import job_due_soonest
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
-from rostersync.systemd import Notifier
 
 #: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).
 SQLITE_POLL = 1.0

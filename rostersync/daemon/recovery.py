@@ -7,7 +7,7 @@ Work is held through two kinds of lease, each naming its owner (``HOST:PID`` by 
 * a **job lease** (``resync_job.lease_owner``): a resync job is being processed.
 
 Each process that takes leases keeps a row in ``instance`` (:func:`register`) with its host,
-pid, the pid's start time and the scope the pid is valid in (see :mod:`rostersync.procs`). That
+pid, the pid's start time and the scope the pid is valid in (see :mod:`rostersync.daemon.procs`). That
 is what lets a process decide about another one:
 
 * on **this machine** (same pid scope) an owner is dead when its pid is gone or now belongs
@@ -37,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
 
-from rostersync import procs
+from rostersync.daemon import procs
 from rostersync.logs import scrub
 from rostersync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
