@@ -18,45 +18,31 @@ written too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
-from apscheduler.job import Job
-from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.base import BaseTrigger
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
 
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
-from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.daemon import recovery
 from rostersync.daemon.metrics import Metrics, MetricsServer, StoreState, read_store_state
+from rostersync.daemon.schedule import SourceJobs
 from rostersync.daemon.systemd import Notifier
+from rostersync.daemon.workers import ResyncWorkers
 from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
-from rostersync.queue import job_due_soonest
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
 
-#: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).
-SQLITE_POLL = 1.0
-#: With LISTEN/NOTIFY, polling only catches leases that expired and jobs whose backoff ended.
-PG_POLL = 5.0
-#: An idle worker calls the queue's lease step at least this often even when nothing looks
-#: due, because that step is also what returns expired leases to the queue.
-LEASE_SWEEP = 5.0
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
@@ -64,41 +50,11 @@ OUTBOX_EVERY = 30.0
 STOPPED = "interrupted: the daemon stopped"
 
 
-def pg_conninfo(url: str) -> str:
-    """The libpq URI for a SQLAlchemy ``postgresql+psycopg://`` URL (options kept)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-# -- the daemon ---------------------------------------------------------------------------------
-
-
 @dataclass
 class LastRun:
     status: str
     run_id: int
     finished_at: datetime | None
-
-
-@dataclass
-class SchedulePlan:
-    """The scheduler changes a config needs, every trigger already built: whatever can fail
-    while building fails before the scheduler is touched."""
-
-    add: dict[str, tuple[Schedule, BaseTrigger]]  # new or changed schedules
-    remove: list[str]  # sources no longer scheduled
-    manual: list[str]  # enabled sources without a schedule (run by hand)
-
-
-def job_id(source: str) -> str:
-    return f"sync:{source}"
-
-
-@dataclass
-class _Worker:
-    index: int
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    retire: bool = False
-    task: asyncio.Task[None] | None = None
 
 
 class Daemon:
@@ -125,25 +81,29 @@ class Daemon:
         self.log = structlog.get_logger()
         self.metrics = Metrics(self._store_state, instance=self.owner)
         self.engine = self._make_engine(settings)
-        self.scheduler: AsyncIOScheduler | None = None
+        self.jobs = SourceJobs(store, self._scheduled_sync, self.log)
+        self.resync = ResyncWorkers(
+            store,
+            engine=lambda: self.engine,
+            metrics=self.metrics,
+            stopping=lambda: self._stopping,
+            log=self.log,
+        )
         self.last_runs: dict[str, LastRun] = {}
         self._server: MetricsServer | None = None
         self._server_listen: str | None = None
-        self._workers: list[_Worker] = []
         self._syncs: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
-        self._scheduled: dict[str, Schedule] = {}
         self._stop = asyncio.Event()
         self._hurry = asyncio.Event()
         self._stopping = False
-        self._listening = False
         self._heartbeat = time.monotonic()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[Any]] = set()
-        # Sources whose first scheduled run is the catch-up at start (never synced, or
-        # overdue): that run's trigger is "startup", the later ones "schedule".
-        self._catch_up: set[str] = set()
-        self._started = False
+
+    @property
+    def scheduler(self) -> AsyncIOScheduler | None:
+        return self.jobs.scheduler
 
     def _make_engine(self, settings: Settings) -> SyncEngine:
         return SyncEngine(
@@ -192,12 +152,12 @@ class Daemon:
         self._background.append(asyncio.create_task(self._ticker(), name="ticker"))
         self._background.append(asyncio.create_task(self._keepalive(), name="keepalive"))
         if self.store.is_postgres:
-            self._background.append(asyncio.create_task(self._listen(), name="listen"))
+            self._background.append(asyncio.create_task(self.resync.listen(), name="listen"))
         self._background.append(asyncio.create_task(self._outbox_loop(), name="outbox"))
 
         self.log.info(
             "daemon_started",
-            sources=sorted(self._scheduled),
+            sources=sorted(self.jobs.scheduled),
             workers=self.settings.resync.workers,
             database=repr(self.store),
             metrics=self._server_listen,
@@ -210,14 +170,7 @@ class Daemon:
 
     def start_scheduler(self) -> None:
         """Start the scheduler with a job per scheduled source, and the resync workers."""
-        self.scheduler = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1})
-        self.scheduler.start()
-        try:
-            self._add_jobs(self._plan_schedule(self.settings))
-        except Exception:
-            self.scheduler.shutdown(wait=False)
-            raise
-        self._started = True  # sources added by a reload later are not the start's catch-up
+        self.jobs.start(self.settings)
         self._resize_workers(self.settings.resync.workers)
 
     def request_stop(self, why: str = "stop") -> None:
@@ -235,11 +188,11 @@ class Daemon:
             # No new runs from here on; the running sync tasks are shielded from the
             # executor's cancellation and are waited for below.
             self.scheduler.shutdown(wait=False)
-        for w in self._workers:
-            w.wake.set()
-        pending: set[asyncio.Task[Any]] = {*self._syncs, *(w.task for w in self._workers if w.task)}
+        self.resync.wake()
+        workers = self.resync.workers
+        pending: set[asyncio.Task[Any]] = {*self._syncs, *(w.task for w in workers if w.task)}
         pending |= self._reloads
-        self.log.info("draining", syncs=len(self._syncs), workers=len(self._workers))
+        self.log.info("draining", syncs=len(self._syncs), workers=len(workers))
         hurry = asyncio.create_task(self._hurry.wait())
         deadline = time.monotonic() + self.stop_timeout
         while pending and not self._hurry.is_set():
@@ -277,121 +230,10 @@ class Daemon:
             await asyncio.to_thread(self._server.stop)
         self.log.info("daemon_stopped")
 
-    # -- schedule ------------------------------------------------------------------------------
-
-    def _plan_schedule(self, settings: Settings) -> SchedulePlan:
-        """What the scheduler must change for ``settings``; unchanged schedules are left out so
-        a reload does not reset their next run."""
-        wanted = {
-            name: cfg.schedule
-            for name, cfg in settings.sources.items()
-            if cfg.enabled and cfg.schedule is not None
-        }
-        add: dict[str, tuple[Schedule, BaseTrigger]] = {}
-        now = datetime.now(UTC)
-        for name, schedule in wanted.items():
-            if self._scheduled.get(name) == schedule:
-                continue
-            trigger = build_trigger(schedule, start=self._first_start(name, schedule))
-            if trigger.get_next_fire_time(None, now) is None:
-                raise ValueError(f"the schedule of source {name!r} never fires")
-            add[name] = (schedule, trigger)
-        manual = [
-            name
-            for name, cfg in settings.sources.items()
-            if cfg.enabled and cfg.schedule is None and name not in self._scheduled
-        ]
-        return SchedulePlan(add, [n for n in self._scheduled if n not in wanted], manual)
-
-    def _snapshot_jobs(
-        self, plan: SchedulePlan
-    ) -> tuple[dict[str, Job | None], dict[str, Schedule]]:
-        """The jobs ``plan`` touches, as they are now, for :meth:`_restore_jobs`."""
-        assert self.scheduler is not None
-        names = [*plan.add, *plan.remove]
-        return {n: self.scheduler.get_job(job_id(n)) for n in names}, dict(self._scheduled)
-
-    def _restore_jobs(self, snapshot: tuple[dict[str, Job | None], dict[str, Schedule]]) -> None:
-        """Put the jobs of a snapshot back exactly, next run time included."""
-        assert self.scheduler is not None
-        jobs, scheduled = snapshot
-        for name, job in jobs.items():
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(job_id(name))
-            if job is not None:
-                self.scheduler.add_job(
-                    job.func,
-                    job.trigger,
-                    args=job.args,
-                    id=job.id,
-                    name=job.name,
-                    coalesce=job.coalesce,
-                    max_instances=job.max_instances,
-                    misfire_grace_time=job.misfire_grace_time,
-                    next_run_time=job.next_run_time,
-                    replace_existing=True,
-                )
-        self._scheduled = scheduled
-
-    def _add_jobs(self, plan: SchedulePlan) -> None:
-        """Add or replace the planned jobs; if one fails, the others are put back as they were."""
-        assert self.scheduler is not None
-        snapshot = self._snapshot_jobs(plan)
-        added: list[tuple[str, Job]] = []
-        try:
-            for name, (schedule, trigger) in plan.add.items():
-                job = self.scheduler.add_job(
-                    self._scheduled_sync,
-                    trigger,
-                    args=[name],
-                    id=job_id(name),
-                    name=f"sync {name}",
-                    coalesce=True,
-                    max_instances=1,
-                    misfire_grace_time=misfire_grace(schedule),
-                    replace_existing=True,
-                )
-                self._scheduled[name] = schedule
-                added.append((name, job))
-        except Exception:
-            self._restore_jobs(snapshot)
-            raise
-        for name in plan.manual:
-            self.log.info(
-                "source_unscheduled", source=name, hint=f"rostersync sync --source {name}"
-            )
-        for name, job in added:
-            self.log.info("source_scheduled", source=name, next_run=str(job.next_run_time))
-
-    def _remove_jobs(self, plan: SchedulePlan) -> None:
-        assert self.scheduler is not None
-        for name in plan.remove:
-            with contextlib.suppress(JobLookupError):
-                self.scheduler.remove_job(job_id(name))
-            self._scheduled.pop(name, None)
-
-    def _first_start(self, name: str, schedule: Schedule) -> datetime | None:
-        """Interval schedules continue from the last success instead of restarting the clock
-        at every daemon start: a source synced 5 h ago on a 6 h interval runs in 1 h, one never
-        synced (or overdue) runs now."""
-        if schedule.interval is None:
-            return None
-        soon = utcnow() + timedelta(seconds=0.5)
-        with self.store.read() as conn:
-            row = conn.execute(
-                text("SELECT last_success_at FROM source_state WHERE source = :s"), {"s": name}
-            ).first()
-        last = as_utc(row[0]) if row else None
-        start = soon if last is None else max(soon, last + schedule.interval)
-        if start == soon and not self._started:
-            self._catch_up.add(name)
-        return start
-
     async def _scheduled_sync(self, source: str) -> None:
         if self._stopping:
             return
-        trigger = "startup" if source in self._catch_up else "schedule"
-        self._catch_up.discard(source)
+        trigger = self.jobs.trigger_for(source)
         task = self._spawn_sync(source, trigger)
         try:
             # Shielded: on shutdown APScheduler cancels this coroutine, but the sync itself
@@ -472,113 +314,17 @@ class Daemon:
     # -- resync workers ------------------------------------------------------------------------
 
     def _resize_workers(self, want: int) -> None:
-        live = [w for w in self._workers if not w.retire]
-        for w in live[want:]:
-            w.retire = True  # finishes its batch, then leaves
-            w.wake.set()
-        next_index = max((w.index for w in self._workers), default=-1) + 1
-        for i in range(max(0, want - len(live))):
-            worker = _Worker(next_index + i)
-            worker.task = asyncio.create_task(self._worker(worker), name=f"worker:{worker.index}")
-            self._workers.append(worker)
+        self.resync.resize(want)
 
     def _wake_workers(self) -> None:
-        for w in self._workers:
-            w.wake.set()
-
-    def _poll_interval(self) -> float:
-        return PG_POLL if self._listening else SQLITE_POLL
-
-    async def _worker(self, me: _Worker) -> None:
-        structlog.contextvars.bind_contextvars(worker=me.index)
-        last_lease = 0.0
-        try:
-            while not self._stopping and not me.retire:
-                me.wake.clear()
-                started = time.monotonic()
-                last_lease = started
-                try:
-                    outcomes = await self.engine.process_batch()
-                except Exception as exc:
-                    self.log.error(
-                        "resync_worker_error", error=scrub(str(exc)), error_type=type(exc).__name__
-                    )
-                    await self._idle(me, 5.0)
-                    continue
-                if outcomes:
-                    self.metrics.record_jobs((o for _, o in outcomes), time.monotonic() - started)
-                    for job, outcome in outcomes:
-                        # One line per job only at debug for successes; a batch line is at info.
-                        self.log.log(
-                            logging.DEBUG if outcome == "succeeded" else logging.WARNING,
-                            "resync_job_done",
-                            job_id=job.id,
-                            user_id=job.user_id,
-                            run_id=job.run_id,
-                            attempt=job.attempts,
-                            outcome=outcome,
-                        )
-                    continue
-                # Nothing was due. Sleep until woken (NOTIFY, a local sync) or until the next
-                # job's backoff ends, checking cheaply (a read) before leasing again (a write).
-                while not self._stopping and not me.retire:
-                    due = await asyncio.to_thread(self._due_soonest)
-                    if due == 0.0:
-                        # Due but not leased: another worker or instance holds it for a moment.
-                        await self._idle(me, 0.1)
-                        break
-                    if time.monotonic() - last_lease >= LEASE_SWEEP:
-                        break
-                    wait = self._poll_interval() if due is None else min(due, self._poll_interval())
-                    if await self._idle(me, wait):
-                        break
-        finally:
-            self._workers = [w for w in self._workers if w is not me]
-
-    async def _idle(self, me: _Worker, seconds: float) -> bool:
-        """Sleep up to ``seconds``; True if woken early."""
-        try:
-            await asyncio.wait_for(me.wake.wait(), timeout=max(seconds, 0.01))
-        except TimeoutError:
-            return False
-        me.wake.clear()
-        return True
-
-    def _due_soonest(self) -> float | None:
-        with self.store.read() as conn:
-            return job_due_soonest(conn)
+        self.resync.wake()
 
     def _store_state(self) -> StoreState:
         """For a scrape (in the metrics thread): the store's view of every source and the
         queue, with the schedules running now."""
-        settings, scheduled = self.settings, dict(self._scheduled)
+        settings, scheduled = self.settings, dict(self.jobs.scheduled)
         with self.store.read() as conn:
             return read_store_state(conn, settings.sources, scheduled)
-
-    async def _listen(self) -> None:
-        """LISTEN on the resync channel and wake the workers on every NOTIFY; reconnects."""
-        import psycopg
-
-        conninfo = pg_conninfo(self.store.url)
-        delay = 1.0
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {RESYNC_CHANNEL}")
-                    self._listening = True
-                    delay = 1.0
-                    self.log.debug("listening", channel=RESYNC_CHANNEL)
-                    self._wake_workers()  # whatever was queued while we were not listening
-                    async for _ in conn.notifies():
-                        self._wake_workers()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.log.warning("listen_failed", error=scrub(str(exc)), retry_in=delay)
-            finally:
-                self._listening = False
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
 
     # -- keep-alives, health ---------------------------------------------------------------------
 
@@ -595,13 +341,8 @@ class Daemon:
             await asyncio.sleep(min(1.0, watchdog or 1.0))
 
     def unscheduled_sources(self) -> list[str]:
-        """Enabled sources with a ``schedule`` that have no job in the scheduler: they would
-        silently never run. (Sources without ``schedule`` are run by hand and are fine.)"""
-        settings, scheduler = self.settings, self.scheduler
-        expected = [n for n, c in settings.sources.items() if c.enabled and c.schedule is not None]
-        if scheduler is None:
-            return expected
-        return [n for n in expected if scheduler.get_job(job_id(n)) is None]
+        """Scheduled sources without a job (see :meth:`SourceJobs.unscheduled`)."""
+        return self.jobs.unscheduled(self.settings)
 
     async def _keepalive(self) -> None:
         """Every quarter of ``leases.expire_after``: the daemon's heartbeat (``resync --wait``
@@ -747,7 +488,7 @@ class Daemon:
                     self.metrics.reloads.labels("applied").inc()
                     log.info(
                         "config_reloaded",
-                        sources=sorted(self._scheduled),
+                        sources=sorted(self.jobs.scheduled),
                         workers=new.resync.workers,
                     )
                     status = self.status_text()
@@ -772,7 +513,7 @@ class Daemon:
         anything (triggers, engine, binding the new metrics address), then the switch, each
         step of which is undone if a later one fails."""
         assert self.scheduler is not None
-        plan = self._plan_schedule(new)
+        plan = self.jobs.plan(new)
         engine = self._make_engine(new)
         want = new.metrics.listen if new.metrics else None
         old_server, old_listen = self._server, self._server_listen
@@ -781,13 +522,13 @@ class Daemon:
             new_server, old_stopped = self._open_metrics(want)
         old_settings, old_engine = self.settings, self.engine
         old_workers = old_settings.resync.workers
-        snapshot = self._snapshot_jobs(plan)
+        snapshot = self.jobs.snapshot(plan)
         step = "schedules"
         try:
-            self._add_jobs(plan)
+            self.jobs.add(plan)
             step = "config"
             self.settings, self.engine = new, engine
-            self._remove_jobs(plan)
+            self.jobs.remove(plan)
             step = "workers"
             self._resize_workers(new.resync.workers)
             step = "logging"
@@ -798,7 +539,7 @@ class Daemon:
             if step in ("workers", "logging"):
                 self._resize_workers(old_workers)
             self.settings, self.engine = old_settings, old_engine
-            self._restore_jobs(snapshot)
+            self.jobs.restore(snapshot)
             if new_server is not None:
                 new_server.stop()
                 if old_stopped and old_listen is not None:

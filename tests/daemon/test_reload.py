@@ -16,7 +16,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from rostersync.config.loader import load_settings
-from rostersync.daemon.service import Daemon, job_id
+from rostersync.daemon.schedule import job_id
+from rostersync.daemon.service import Daemon
 from rostersync.daemon.systemd import Notifier
 from rostersync.store.db import Store
 from tests.daemon.conftest import SAMPLE, base_config, free_port, sqlite_url, write_config
@@ -96,7 +97,7 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Daemon]]:
     for d in started:
         d._stopping = True
         d._wake_workers()
-        await asyncio.gather(*(w.task for w in d._workers if w.task), return_exceptions=True)
+        await asyncio.gather(*(w.task for w in d.resync.workers if w.task), return_exceptions=True)
         if d.scheduler is not None and d.scheduler.running:
             d.scheduler.shutdown(wait=False)
         if d._server is not None:
@@ -196,7 +197,7 @@ async def test_a_failure_while_scheduling_puts_the_old_jobs_back(
     [rejected] = [e for e in logs if e["event"] == "config_reload_rejected"]
     assert rejected["errors"] == ["RuntimeError: job store unavailable"]
     assert jobs(d) == before and d.settings is settings
-    assert sorted(d._scheduled) == ["first", "second"]
+    assert sorted(d.jobs.scheduled) == ["first", "second"]
     assert_ready_after_reloading(d)
 
 
@@ -211,7 +212,7 @@ async def test_a_failure_building_a_trigger_changes_nothing(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("no trigger today")
 
-    monkeypatch.setattr("rostersync.daemon.service.build_trigger", broken)
+    monkeypatch.setattr("rostersync.daemon.schedule.build_trigger", broken)
     rewrite(d, config_with(url, sample=source(SECOND_OF_JANUARY), new=source(NEW_YEAR)))
     with capture_logs() as logs:
         assert await d.reload() is False
@@ -242,7 +243,7 @@ async def test_a_failure_resizing_the_workers_undoes_the_schedules_and_config(
     rewrite(d, new)
     assert await d.reload() is False
     assert jobs(d) == before and d.settings is settings
-    assert len([w for w in d._workers if not w.retire]) == 2
+    assert len([w for w in d.resync.workers if not w.retire]) == 2
     assert_ready_after_reloading(d)
 
 

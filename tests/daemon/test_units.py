@@ -20,8 +20,8 @@ import pytest
 
 from rostersync.config.schedule import Schedule, build_trigger, crontab_day_of_week
 from rostersync.daemon.metrics import Metrics, MetricsServer
-from rostersync.daemon.service import pg_conninfo
 from rostersync.daemon.systemd import Notifier
+from rostersync.daemon.workers import pg_conninfo
 from rostersync.progress import SyncProgress
 from rostersync.store.db import utcnow
 
