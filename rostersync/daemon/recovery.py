@@ -7,8 +7,8 @@ Work is held through two kinds of lease, each naming its owner (``HOST:PID`` by 
 * a **job lease** (``resync_job.lease_owner``): a resync job is being processed.
 
 Each process that takes leases keeps a row in ``instance`` (:func:`register`) with its host,
-pid, the pid's start time and the scope the pid is valid in (see :mod:`rostersync.daemon.procs`). That
-is what lets a process decide about another one:
+pid, the pid's start time and the scope the pid is valid in (see
+:mod:`rostersync.daemon.procs`). That is what lets a process decide about another one:
 
 * on **this machine** (same pid scope) an owner is dead when its pid is gone or now belongs
   to a process that started later; a dead owner's leases are taken back at once;
