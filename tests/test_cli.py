@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from rostersync import sampledata
-from rostersync.cli import cli
+from rostersync.cli.main import cli
 from rostersync.store.db import Store
 from tests.changediff import Picture, difference, picture, plain
 
@@ -280,7 +280,7 @@ def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(
     no_tty = run(config, "runs", "approve", "2")
     assert no_tty.exit_code == 2 and "--yes" in no_tty.stderr
     assert "users: archive 35" in no_tty.stdout  # the summary came first
-    monkeypatch.setattr("rostersync.cli._interactive", lambda: True)
+    monkeypatch.setattr("rostersync.cli.runs._interactive", lambda: True)
     declined = CliRunner().invoke(
         cli, ["--config", str(config), "runs", "approve", "2"], input="n\n"
     )
@@ -362,7 +362,7 @@ def test_the_report_says_which_rejections_are_which(config: Path) -> None:
 _HEAVY = ("sqlalchemy", "sqlmodel", "alembic", "psycopg", "httpx", "openpyxl", "cryptography")
 _IMPORTED = """
 import sys
-from rostersync.cli import main
+from rostersync.cli.main import main
 try:
     main(sys.argv[1:])
 except SystemExit:

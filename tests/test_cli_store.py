@@ -10,7 +10,7 @@ import pytest
 import yaml
 from sqlalchemy import inspect
 
-from rostersync.cli import main
+from rostersync.cli.main import main
 from rostersync.store.db import Store
 from tests.conftest import _pg_schema_store
 
