@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import click
 
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
-from rostersync.cli.report import print_report, write_change_csv
+from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
 from rostersync.cli.sync import drain_with_progress
 from rostersync.errors import RunNotFound, RunStateError
 
@@ -34,7 +34,6 @@ def runs() -> None:
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
     from rostersync import directory
-    from rostersync.cli.report import duration_text
 
     with app.read_store.read() as conn:
         rows = directory.list_runs(conn, source, limit)
@@ -128,7 +127,6 @@ def runs_show(
         fail("--members and --csv need --changes", EXIT_USAGE)
     if as_json and csv_path:
         fail("--json and --csv cannot be used together", EXIT_USAGE)
-    from rostersync.cli.report import change_set_lines
     from rostersync.sync import changes as changeset
     from rostersync.sync.engine import load_report
 
@@ -171,7 +169,6 @@ def _approval_preview(app: App, run_id: int) -> bool:
     """Before an approval: refuse a dry run (exit 1) and show the change set's summary and
     first lines (the whole of it is `runs show ID --changes`). False when there is nothing
     to ask about: the engine then refuses the run, saying why."""
-    from rostersync.cli.report import change_set_lines
     from rostersync.sync import changes as changeset
     from rostersync.sync.engine import load_report
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail
-from rostersync.cli.report import jobs_table, print_report, write_change_csv
+from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
 
 if TYPE_CHECKING:
     from rostersync.progress import SyncProgress
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from rostersync.sync.engine import RunReport, SyncEngine
 
 
-async def sync_and_drain(
+async def _sync_and_drain(
     app: App,
     sources: list[str],
     mode: str | None,
@@ -140,10 +140,9 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
     found: dict[int, ChangeSet] = {}
     if changes:
-        from rostersync.cli.report import change_set_lines
         from rostersync.sync import changes as changeset
 
         with app.store.read() as conn:
@@ -204,7 +203,7 @@ def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeo
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports = asyncio.run(
-            sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
+            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
         )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})
