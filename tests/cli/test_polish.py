@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from rostersync.cli.main import cli, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def walk(

@@ -14,7 +14,7 @@ from rostersync.cli.main import main
 from rostersync.store.db import Store
 from tests.conftest import _pg_schema_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 READ_ONLY = [
     ["users", "list"],
