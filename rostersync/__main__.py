@@ -1,3 +1,3 @@
-from rostersync.cli import main
+from rostersync.cli.main import main
 
 main()

@@ -75,6 +75,19 @@ def user_ids_by_email(conn: Connection, emails: list[str]) -> tuple[dict[str, in
     return found, [e for e in wanted if e not in found]
 
 
+def active_linked_user_ids(conn: Connection) -> list[int]:
+    """The ids of active users linked to a roster (with at least one source identity)."""
+    return [
+        r[0]
+        for r in conn.execute(
+            text(
+                'SELECT DISTINCT u.id FROM "user" u JOIN user_identity i ON i.user_id = u.id '
+                "WHERE u.status = 'active'"
+            )
+        )
+    ]
+
+
 def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[str, Any]]:
     params: dict[str, Any] = {}
     where = ""

@@ -213,3 +213,27 @@ def job_due_soonest(conn: Connection) -> float | None:
     due = as_utc(row)
     assert due is not None
     return max((due - utcnow()).total_seconds(), 0.0)
+
+
+def queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
+    """job id -> user id of these users' queued jobs."""
+    return {
+        r[0]: r[1]
+        for r in conn.execute(
+            text(
+                "SELECT id, user_id FROM resync_job WHERE state = 'queued' AND user_id IN :u"
+            ).bindparams(bindparam("u", expanding=True)),
+            {"u": user_ids or [-1]},
+        )
+    }
+
+
+def newest_job_ids(conn: Connection, user_ids: Collection[int]) -> dict[int, int]:
+    """job id -> user id of each of these users' newest job, whatever its state."""
+    rows = conn.execute(
+        text(
+            "SELECT max(id), user_id FROM resync_job WHERE user_id IN :u GROUP BY user_id"
+        ).bindparams(bindparam("u", expanding=True)),
+        {"u": sorted(user_ids)},
+    ).all()
+    return {int(job_id): int(user_id) for job_id, user_id in rows}

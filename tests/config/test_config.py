@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rostersync.cli import cli, main
+from rostersync.cli.main import cli, main
 from rostersync.config.loader import json_schema_text, load_settings, load_settings_text
 from rostersync.errors import ConfigError
 

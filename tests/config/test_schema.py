@@ -20,7 +20,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
-from rostersync.cli import main
+from rostersync.cli.main import main
 from rostersync.config.loader import json_schema, load_settings_text
 from rostersync.config.types import DURATION_PATTERN, parse_duration
 from rostersync.errors import ConfigError

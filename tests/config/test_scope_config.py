@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from rostersync.cli import cli
+from rostersync.cli.main import cli
 from rostersync.config.loader import load_settings, load_settings_text
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.errors import ConfigError

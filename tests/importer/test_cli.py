@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner, Result
 from openpyxl import Workbook, load_workbook
 
-from rostersync.cli import cli
+from rostersync.cli.main import cli
 from rostersync.importer import TEMPLATE_COLUMNS
 from rostersync.sampledata import write_oneroster_csv
 from tests.conftest import BASE_CONFIG

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner, Result
 from sqlalchemy import text
 
-from rostersync.cli import cli
+from rostersync.cli.main import cli
 from rostersync.store.db import Store
 from tests.recovery.conftest import (
     dead_pid,

@@ -14,7 +14,9 @@ import pytest
 import structlog
 import yaml
 
-from rostersync import cli, directory
+from rostersync import directory
+from rostersync.cli import app
+from rostersync.cli.main import main
 from rostersync.config import loader
 from rostersync.errors import RunNotFound
 from rostersync.store.db import Store
@@ -57,7 +59,7 @@ def _boom(*_args: object, **_kwargs: object) -> Any:
 
 def _main(*argv: str) -> int:
     with pytest.raises(SystemExit) as done:
-        cli.main(list(argv))
+        main(list(argv))
     assert isinstance(done.value.code, int)
     return done.value.code
 
@@ -132,7 +134,7 @@ def test_unwritable_state_folder_falls_back_to_the_temp_dir(
     (tmp_path / "state").write_text("a file where the folder should be")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(app.tempfile, "tempdir", str(temp))
     monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list") == 1
     match = LINE.fullmatch(capsys.readouterr().err.splitlines()[-1])
@@ -146,7 +148,7 @@ def test_nowhere_to_save_prints_the_trace_as_the_last_resort(
 ) -> None:
     """With no folder writable, the line says why and the (scrubbed) trace is logged instead."""
     (tmp_path / "state").write_text("not a folder")
-    monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr(app.tempfile, "tempdir", str(tmp_path / "missing"))
     monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path, "console")), "users", "list") == 1
     err = capsys.readouterr().err

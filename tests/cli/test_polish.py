@@ -16,9 +16,9 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from rostersync.cli import cli, main
+from rostersync.cli.main import cli, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def walk(

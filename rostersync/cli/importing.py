@@ -12,25 +12,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
-    from rostersync.cli import App
     from rostersync.importer import ImportResult
 
 DEFAULT_XLSX_TEMPLATE = "rostersync-import-template.xlsx"
-
-
-def _cli() -> ModuleType:
-    # rostersync.cli imports this module at its end; importing it back lazily avoids the cycle.
-    from rostersync import cli
-
-    return cli
 
 
 class _ImportGroup(click.Group):
@@ -102,17 +94,16 @@ def import_file(
     from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
     from rostersync.logs import notice
 
-    cli = _cli()
     settings = app.settings
     max_rows = settings.import_.max_rows
     if report_path:
         # Checked first: the report is written after the import has been committed.
         folder = Path(report_path).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            cli.fail(
+            fail(
                 f"--report {report_path}: the folder {str(folder)!r} does not exist or is not "
                 "writable; nothing was imported",
-                cli.EXIT_USAGE,
+                EXIT_USAGE,
             )
     try:
         if file == "-":
@@ -124,22 +115,21 @@ def import_file(
             parsed = read_path(file, max_rows=max_rows, sheet=sheet)
         result = run_import(app.store, settings, parsed, actor_email=actor, dry_run=dry_run)
     except ImportRefused as exc:
-        cli.fail(f"{exc}; nothing was imported", cli.EXIT_USAGE)
+        fail(f"{exc}; nothing was imported", EXIT_USAGE)
         return  # fail() exits; the lazily imported module hides its NoReturn from mypy
     for warning in result.warnings:
         notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
     if as_json:
-        cli.emit_json(result.as_json())
+        emit_json(result.as_json())
     else:
         _print_result(result, report_path)
     if fail_on_errors and result.counts["failed"]:
-        sys.exit(cli.EXIT_FAILED)
+        sys.exit(EXIT_FAILED)
 
 
 def _print_result(result: ImportResult, report_path: str | None) -> None:
-    cli = _cli()
     c = result.counts
     figures = (
         f"{c['created']} new, {c['updated']} updated, {c['unchanged']} unchanged, "
@@ -151,7 +141,7 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
         flagged = [r for r in result.rows if not r.status.ok]
         if flagged:
             click.echo(
-                cli.table(
+                table(
                     [(r.row, r.email, r.status, r.message) for r in flagged],
                     ["row", "email", "status", "message"],
                 )
@@ -160,7 +150,7 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
             click.echo("no problems found")
     else:
         click.echo(
-            cli.table(
+            table(
                 [(r.row, r.email, r.status, r.message) for r in result.rows],
                 ["row", "email", "status", "message"],
             )
@@ -217,10 +207,9 @@ def teachers() -> None:
 
 
 def _check_source(app: App, source: str) -> None:
-    cli = _cli()
     if source not in app.settings.sources:
         configured = ", ".join(app.settings.sources) or "none"
-        cli.fail(f"no source named {source} (configured: {configured})", cli.EXIT_USAGE)
+        fail(f"no source named {source} (configured: {configured})", EXIT_USAGE)
 
 
 @teachers.command("list")
@@ -232,7 +221,6 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
     from rostersync.importer import candidates
     from rostersync.sync.rules import sites_for
 
-    cli = _cli()
     _check_source(app, source)
     prov = app.settings.provisioning
     with app.read_store.read() as conn:
@@ -248,10 +236,10 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
         for t in found
     ]
     if as_json:
-        cli.emit_json(rows)
+        emit_json(rows)
         return
     click.echo(
-        cli.table(
+        table(
             [
                 (r["email"], r["display_name"], ", ".join(r["schools"]), ", ".join(r["sites"]))
                 for r in rows
@@ -288,9 +276,8 @@ def teachers_import(
 
     from rostersync.importer import import_teachers
 
-    cli = _cli()
     if bool(emails) == all_teachers:
-        cli.fail("give --email EMAIL (one or more) or --all", cli.EXIT_USAGE)
+        fail("give --email EMAIL (one or more) or --all", EXIT_USAGE)
         return
     _check_source(app, source)
     result = import_teachers(
@@ -304,10 +291,10 @@ def teachers_import(
     if result.resyncs_queued and not no_wait:
         asyncio.run(app.engine().drain())
     if as_json:
-        cli.emit_json(result.as_json())
+        emit_json(result.as_json())
     else:
         click.echo(
-            cli.table(
+            table(
                 [(o.email, o.sourced_id or "", o.status, o.message) for o in result.outcomes],
                 ["email", "sourced id", "status", "message"],
             )
@@ -318,7 +305,7 @@ def teachers_import(
             f"{c['failed']} failed"
         )
     if fail_on_errors and result.counts["failed"]:
-        sys.exit(cli.EXIT_FAILED)
+        sys.exit(EXIT_FAILED)
 
 
 # -- outbox -----------------------------------------------------------------------------------------
@@ -336,10 +323,9 @@ def outbox_send(app: App, as_json: bool) -> None:
     """Send queued emails now over the configured SMTP server (exit 1 if any failed for good)."""
     from rostersync.importer import send_outbox
 
-    cli = _cli()
     smtp = app.settings.smtp
     if smtp is None:
-        cli.fail("no smtp block in the config: nothing can be sent", cli.EXIT_USAGE)
+        fail("no smtp block in the config: nothing can be sent", EXIT_USAGE)
         return  # fail() exits; the lazily imported module hides its NoReturn from mypy
     result = send_outbox(app.store, smtp)
     doc: dict[str, Any] = {
@@ -349,13 +335,13 @@ def outbox_send(app: App, as_json: bool) -> None:
         "errors": result.errors,
     }
     if as_json:
-        cli.emit_json(doc)
+        emit_json(doc)
     else:
         click.echo(f"{result.sent} sent, {result.deferred} to retry, {result.failed} failed")
         for err in result.errors:
             click.echo(f"  {err}")
     if result.failed:
-        sys.exit(cli.EXIT_FAILED)
+        sys.exit(EXIT_FAILED)
 
 
 __all__ = ["import_cmd", "outbox", "teachers"]

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from sqlalchemy import inspect
 
-from rostersync.cli import main
+from rostersync.cli.main import main
 from rostersync.store.db import Store
 from tests.conftest import _pg_schema_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 READ_ONLY = [
     ["users", "list"],

@@ -1,6 +1,5 @@
-"""How the `runs` and `sync` commands show runs and change sets to a person: text tables, CSV
-rows, durations and the rejection breakdown. Pure functions over stored values; the commands
-themselves are in :mod:`rostersync.cli`."""
+"""How the commands show runs, change sets and resync jobs to a person: run reports, text
+tables, CSV rows, durations and the rejection breakdown, from stored values."""
 
 from __future__ import annotations
 
@@ -9,8 +8,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
+
+from rostersync.cli.app import fail, table
+
 if TYPE_CHECKING:
     from rostersync.sync.changes import ChangeSet
+    from rostersync.sync.engine import RunReport
 
 CSV_COLUMNS = (
     "run_id",
@@ -207,4 +211,88 @@ def rejections_line(counts: dict[str, int], rejected: Sequence[dict[str, Any]]) 
         f"records rejected {total}: {by_connector} by the connector (records it could not "
         f"read or accept), {by_rules} by the provisioning rules (teachers whose email cannot "
         "be an account)"
+    )
+
+
+#: What started a run (``sync_run.trigger``), as the reports say it.
+TRIGGERS = {
+    "cli": "the command line",
+    "schedule": "the schedule",
+    "startup": "the daemon's start (the source was due)",
+    "approval": "an approval (`runs approve`)",
+}
+
+
+def print_report(r: RunReport) -> None:
+    from rostersync.sync.engine import COUNT_KEYS
+
+    flag = " (dry run)" if r.dry_run else ""
+    click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")
+    when = r.started_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.started_at else "?"
+    took = "" if r.duration is None else f", took {duration_text(r.duration)}"
+    if r.approved_at is not None and r.trigger == "approval":
+        approved = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        click.echo(f"  started {when}; applied by an approval at {approved}{took}")
+    else:
+        click.echo(f"  started {when} by {TRIGGERS.get(r.trigger, r.trigger)}{took}")
+    if r.error:
+        click.echo(f"  error: {r.error}")
+    if r.hold_reason and r.dry_run:
+        click.echo(f"  a real run would be held: {r.hold_reason}")
+        click.echo("  (a dry run changes nothing and cannot be approved)")
+    elif r.hold_reason and r.status != "held":
+        when = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.approved_at else "?"
+        click.echo(f"  approved {when}; it had been held: {r.hold_reason}")
+    elif r.superseded_by is not None:
+        click.echo(f"  held: {r.hold_reason}")
+        click.echo(
+            f"  superseded: run {r.superseded_by} of {r.source} has succeeded since, so this "
+            "run can no longer be approved"
+        )
+    elif r.hold_reason:
+        click.echo(f"  held: {r.hold_reason}")
+        click.echo(
+            f"  review with `rostersync runs show {r.id} --changes`, "
+            f"apply with `rostersync runs approve {r.id}`"
+        )
+    for w in r.warnings:
+        click.echo(f"  warning: {w}")
+    # Rejections get a line of their own, split by who rejected: the connector's figure
+    # beside the fetch counts read as a contradiction of the total.
+    figures = ", ".join(
+        f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS if k != "records_rejected"
+    )
+    click.echo(f"  {figures}")
+    extra = {k: v for k, v in r.counts.items() if k not in COUNT_KEYS and v}
+    if extra:
+        click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in extra.items()))
+    fetched = {k: v for k, v in r.fetched.items() if k != "rejected"}
+    if fetched:
+        click.echo("  fetched: " + ", ".join(f"{k} {v}" for k, v in fetched.items()))
+    if r.status != "failed" or r.counts.get("records_rejected"):
+        click.echo("  " + rejections_line(r.counts, r.rejected))
+    for rej in r.rejected[:20]:
+        where = f" ({rej['location']})" if rej.get("location") else ""
+        click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
+    if len(r.rejected) > 20:
+        click.echo(f"  ... and {len(r.rejected) - 20} more: `rostersync runs show {r.id}`")
+
+
+def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> None:
+    from rostersync.logs import notice
+
+    try:
+        rows = write_csv(path, found, members=members)
+    except OSError as exc:
+        fail(f"cannot write {path}: {exc.strerror or exc}")
+    notice("changes_written", f"wrote {rows} change(s) to {path}", rows=rows, path=str(path))
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> str:
+    return table(
+        [
+            (j["id"], j["user"], j["state"], j["attempts"], j["reason"], j["last_error"] or "")
+            for j in jobs
+        ],
+        ["id", "user", "state", "attempts", "reason", "last error"],
     )

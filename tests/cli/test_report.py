@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from rostersync.commands.runs import (
+from rostersync.cli.report import (
     change_set_lines,
     csv_rows,
     duration_text,

@@ -1,0 +1,58 @@
+"""`config check` and `config schema`: validate a config file; print its JSON Schema."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from rostersync.cli.app import EXIT_USAGE, App
+from rostersync.errors import ConfigError
+
+
+@click.group("config")
+def config_group() -> None:
+    """Validate the config; print its JSON Schema."""
+
+
+@config_group.command("check")
+@click.pass_obj
+def config_check(app: App) -> None:
+    """Report every config error with its YAML path and line (exit 2 if any)."""
+    from rostersync.config.loader import config_path, load_settings
+    from rostersync.store.db import sqlite_file
+
+    path = config_path(app.config_file)
+    try:
+        settings = load_settings(path, check_files=True)
+    except ConfigError as exc:
+        click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
+        for issue in exc.issues:
+            click.echo(f"  {issue}", err=True)
+        sys.exit(EXIT_USAGE)
+    enabled = [n for n, s in settings.sources.items() if s.enabled]
+    click.echo(
+        f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})"
+    )
+    db = sqlite_file(settings.database)
+    if db is not None and not db.exists():
+        # Not an error (the first sync creates it), but a mistyped path shows up here first.
+        click.echo(
+            f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
+        )
+
+
+@config_group.command("schema")
+@click.option(
+    "--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file"
+)
+def config_schema(output: Path | None) -> None:
+    """Print the config's JSON Schema (for editors' YAML completion)."""
+    from rostersync.config.loader import json_schema_text
+
+    text = json_schema_text()
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        click.echo(text, nl=False)

@@ -1,0 +1,26 @@
+"""`db upgrade`: apply the database's pending migrations."""
+
+from __future__ import annotations
+
+import click
+
+from rostersync.cli.app import App
+
+
+@click.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+def db_upgrade(app: App) -> None:
+    """Apply pending migrations."""
+    from rostersync.store.db import Store
+    from rostersync.sync.apply import sync_catalog
+
+    store = Store(app.settings.database)
+    before, after = store.upgrade()
+    with store.write() as conn:
+        sync_catalog(conn, app.settings)
+    click.echo(f"database {store!r}: {before or 'empty'} -> {after}")

@@ -1,0 +1,270 @@
+"""`runs list`, `runs show` and `runs approve`: sync-run history, reports, change sets and
+approvals of held runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
+from rostersync.cli.sync import drain_with_progress
+from rostersync.errors import RunNotFound, RunStateError
+
+if TYPE_CHECKING:
+    from rostersync.sync.engine import RunReport
+
+
+@click.group("runs")
+def runs() -> None:
+    """Sync-run history, reports and approvals."""
+
+
+@runs.command("list")
+@click.option("--source", metavar="NAME", help="only the runs of this source")
+@click.option(
+    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
+    """List sync runs, newest first (a held run a later run overtook: superseded)."""
+    from rostersync import directory
+
+    with app.read_store.read() as conn:
+        rows = directory.list_runs(conn, source, limit)
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(
+        table(
+            [
+                (
+                    r["id"],
+                    r["source"],
+                    r["mode"],
+                    r["status"] + (" (dry run)" if r["dry_run"] else ""),
+                    r["trigger"],
+                    r["started_at"],
+                    duration_text(r["duration_seconds"]),
+                    r["counts"].get("users_created", 0),
+                    r["counts"].get("users_archived", 0),
+                    r["counts"].get("records_rejected", 0),
+                )
+                for r in rows
+            ],
+            [
+                "id",
+                "source",
+                "mode",
+                "status",
+                "trigger",
+                "started",
+                "took",
+                "created",
+                "archived",
+                "rejected",
+            ],
+        )
+    )
+
+
+def _no_change_set(report: RunReport) -> str:
+    """Why a run has no change set to show."""
+    rid = report.id
+    if report.status == "failed":
+        return f"run {rid} failed: it changed nothing, and has no change set"
+    if report.status == "running":
+        return f"run {rid} is still running"
+    if report.superseded_by is not None:
+        return (
+            f"run {rid} was overtaken by run {report.superseded_by}: its change set no longer "
+            "describes anything and was dropped"
+        )
+    if report.dry_run:
+        return (
+            f"run {rid} is a dry run without a change set: it is kept only for "
+            "`sync --dry-run --changes`, until a later run of the source succeeds"
+        )
+    if report.approved_at is not None:
+        return f"run {rid} was approved and applied: `runs show {rid}` says what it did"
+    if report.status == "held":
+        return (
+            f"run {rid} was held before this version recorded change sets: run a new sync "
+            "of the source to see one"
+        )
+    return (
+        f"run {rid} was applied ({report.status}): change sets are kept for held runs and "
+        "for dry runs made with --changes"
+    )
+
+
+@runs.command("show")
+@click.argument("run_id", type=int)
+@click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
+@click.option(
+    "--members", is_flag=True, help="with --changes: list owners and members added and removed"
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="with --changes: write the change set to this CSV file instead",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def runs_show(
+    app: App, run_id: int, changes: bool, members: bool, csv_path: Path | None, as_json: bool
+) -> None:
+    """One run's report: counts, warnings, every rejected record (--changes: what it would
+    change)."""
+    if (members or csv_path) and not changes:
+        fail("--members and --csv need --changes", EXIT_USAGE)
+    if as_json and csv_path:
+        fail("--json and --csv cannot be used together", EXIT_USAGE)
+    from rostersync.sync import changes as changeset
+    from rostersync.sync.engine import load_report
+
+    try:
+        with app.read_store.read() as conn:
+            report = load_report(conn, run_id)
+            found = changeset.load(conn, run_id) if changes else None
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    if changes:
+        if found is None:
+            fail(_no_change_set(report))
+        if csv_path is not None:
+            write_change_csv(csv_path, [found], members=members)
+        elif as_json:
+            emit_json(found.as_json(members=members))
+        else:
+            for line in change_set_lines(found, members=members):
+                click.echo(line)
+        return
+    if as_json:
+        emit_json(report.as_json())
+        return
+    print_report(report)
+    for rej in report.rejected[20:]:
+        where = f" ({rej['location']})" if rej.get("location") else ""
+        click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
+
+
+#: Users and groups of the change set `runs approve` shows before it asks.
+APPROVE_PREVIEW_ROWS = 5
+
+
+def _interactive() -> bool:
+    """Whether `runs approve` may ask (stdin and stdout are a terminal)."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _approval_preview(app: App, run_id: int) -> bool:
+    """Before an approval: refuse a dry run (exit 1) and show the change set's summary and
+    first lines (the whole of it is `runs show ID --changes`). False when there is nothing
+    to ask about: the engine then refuses the run, saying why."""
+    from rostersync.sync import changes as changeset
+    from rostersync.sync.engine import load_report
+
+    try:
+        with app.read_store.read() as conn:
+            report = load_report(conn, run_id)
+            found = changeset.load(conn, run_id)
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    if report.dry_run:
+        fail(
+            f"run {run_id} is a dry run: a preview that is never applied. Run "
+            f"`rostersync sync --source {report.source}` to sync the source for real"
+        )
+    if report.status != "held" or report.superseded_by is not None:
+        return False
+    click.echo(f"run {run_id} of {report.source} was held: {report.hold_reason}")
+    if found is None:
+        click.echo("  (no change set was recorded for this run)")
+        return True
+    for line in change_set_lines(found, limit=APPROVE_PREVIEW_ROWS):
+        click.echo(f"  {line}" if line else "")
+    click.echo(f"  (all of it, members too: `rostersync runs show {run_id} --changes --members`)")
+    return True
+
+
+@runs.command("approve")
+@click.argument("run_id", type=int)
+@click.option("--yes", is_flag=True, help="do not ask (required when not on a terminal)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
+    """Apply a held run as it was staged, then process the resyncs it queued. Shows the
+    run's change set first and, on a terminal, asks."""
+    import asyncio
+    import contextlib
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+    from rostersync.sync.engine import load_report
+
+    app.prepare()  # what a killed process left is put right first (its run may be this one)
+    if not as_json:
+        ask = _approval_preview(app, run_id)
+    else:
+        # stdout carries the JSON document alone, and stderr off a terminal JSON log lines.
+        with contextlib.ExitStack() as stack:
+            shown = sys.stderr
+            if not sys.stderr.isatty():
+                shown = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(shown))
+            ask = _approval_preview(app, run_id)
+    if ask and not yes:
+        if not _interactive():
+            fail(
+                "runs approve asks for confirmation, and there is no terminal to ask on: "
+                "review the change set (`rostersync runs show "
+                f"{run_id} --changes`), then run `rostersync runs approve {run_id} --yes`",
+                EXIT_USAGE,
+            )
+        if not click.confirm(f"Apply run {run_id}?", default=False, err=True):
+            fail("not approved: nothing changed")
+    progress = SyncProgress(sys.stderr) if not as_json else None
+    if progress is not None and not progress.tty:
+        progress = None  # progress lines are for a terminal; the report follows anyway
+    settings = app.settings
+    if progress is not None:
+        # Log lines print above the live display instead of through it.
+        configure_logging(
+            app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
+        )
+
+    async def go() -> RunReport:
+        engine = app.engine(progress=progress)
+        if progress is not None:
+            click.echo(f"applying run {run_id} ...", err=True)
+        report = await engine.approve(run_id)
+        if progress is not None:
+            progress.applied(report.source, report.id, report.status, report.counts)
+        await drain_with_progress(app, engine, progress)
+        with app.store.read() as conn:
+            return load_report(conn, report.id)
+
+    try:
+        report = asyncio.run(go())
+    except RunNotFound as exc:
+        fail(str(exc), EXIT_USAGE)
+    except RunStateError as exc:
+        fail(str(exc), EXIT_FAILED)
+    finally:
+        if progress is not None:
+            progress.close()
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+    if as_json:
+        emit_json({"runs": [report.as_json()]})
+    else:
+        print_report(report)
+    if report.status in ("failed", "held"):
+        sys.exit(EXIT_FAILED)

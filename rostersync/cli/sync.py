@@ -1,0 +1,460 @@
+"""`sync`, `run` (the daemon, or `--once`) and `resync`: the commands that change the directory
+and then process the resync jobs they queued, showing progress on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail
+from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
+
+if TYPE_CHECKING:
+    from rostersync.progress import SyncProgress
+    from rostersync.store.db import Store
+    from rostersync.sync.changes import ChangeSet
+    from rostersync.sync.engine import RunReport, SyncEngine
+
+
+async def _sync_and_drain(
+    app: App,
+    sources: list[str],
+    mode: str | None,
+    *,
+    dry_run: bool,
+    show_progress: bool = True,
+    owner: str | None = None,
+    changes: bool = False,
+) -> list[RunReport]:
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+    from rostersync.sync.engine import SourceBusy, load_report
+
+    # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
+    progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
+    if progress is not None:
+        # Log lines print above the live display instead of through it.
+        settings = app.settings
+        configure_logging(
+            app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
+        )
+    try:
+        engine = app.engine(progress=progress, owner=owner)
+        reports = []
+        for name in sources:
+            try:
+                report = await engine.sync(name, mode=mode, dry_run=dry_run, changes=changes)
+            except SourceBusy as exc:
+                fail(str(exc))
+            reports.append(report)
+            if progress is not None:
+                progress.applied(name, report.id, report.status, report.counts)
+        if not dry_run:
+            await drain_with_progress(app, engine, progress)
+            with app.store.read() as conn:
+                reports = [load_report(conn, r.id) for r in reports]
+    finally:
+        if progress is not None:
+            progress.close()
+            settings = app.settings
+            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+    return reports
+
+
+async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
+    """engine.drain(), reporting jobs done and still queued after every batch."""
+    from rostersync.queue import queue_depth
+
+    def queued() -> int:
+        with app.store.read() as conn:
+            return int(queue_depth(conn)["queued"])
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress.resync(done, queued(), final=False)
+
+    done = await engine.drain(on_batch=report)
+    if progress is not None and done:
+        progress.resync(done, queued(), final=True)
+
+
+@click.command("sync")
+@click.option(
+    "--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)"
+)
+@click.option("--full", "mode", flag_value="full", help="read everything and sweep what is gone")
+@click.option(
+    "--delta", "mode", flag_value="delta", help="read only what changed since the last run"
+)
+@click.option("--dry-run", is_flag=True, help="report what would change; change nothing")
+@click.option(
+    "--changes",
+    is_flag=True,
+    help="with --dry-run: list every user and group the run would change",
+)
+@click.option(
+    "--members", is_flag=True, help="with --changes: list owners and members added and removed"
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PATH",
+    help="with --changes: also write the change set to this CSV file",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def sync(
+    app: App,
+    sources: tuple[str, ...],
+    mode: str | None,
+    dry_run: bool,
+    changes: bool,
+    members: bool,
+    csv_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Sync now in the foreground, then process the resync jobs it queued."""
+    import asyncio
+
+    if changes and not dry_run:
+        fail(
+            "--changes needs --dry-run (a held run's change set: `rostersync runs show ID "
+            "--changes`)",
+            EXIT_USAGE,
+        )
+    if (members or csv_path) and not changes:
+        fail("--members and --csv need --changes", EXIT_USAGE)
+    settings = app.settings
+    unknown = [s for s in sources if s not in settings.sources]
+    if unknown:
+        fail(
+            f"no source named {', '.join(unknown)} (configured: {', '.join(settings.sources) or 'none'})",
+            EXIT_USAGE,
+        )
+    names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
+    if not names:
+        fail("no enabled source in the config", EXIT_USAGE)
+    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    found: dict[int, ChangeSet] = {}
+    if changes:
+        from rostersync.sync import changes as changeset
+
+        with app.store.read() as conn:
+            for r in reports:
+                cs = changeset.load(conn, r.id)
+                if cs is not None:
+                    found[r.id] = cs
+        if csv_path is not None:
+            write_change_csv(csv_path, list(found.values()), members=members)
+    if as_json:
+        docs = []
+        for r in reports:
+            doc = r.as_json()
+            if changes:
+                cs = found.get(r.id)
+                doc["changes"] = cs.as_json(members=members) if cs is not None else None
+            docs.append(doc)
+        emit_json({"runs": docs})
+    else:
+        for r in reports:
+            print_report(r)
+            if r.id in found:
+                click.echo("")
+                for line in change_set_lines(found[r.id], members=members):
+                    click.echo(f"  {line}" if line else "")
+    if any(r.status in ("failed", "held") for r in reports):
+        sys.exit(EXIT_FAILED)
+
+
+# -- run ---------------------------------------------------------------------------------------
+
+
+@click.command("run")
+@click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
+@click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
+@click.option(
+    "--instance-id",
+    metavar="ID",
+    help="this instance's name in leases (default HOSTNAME:PID; must be unique among running instances)",
+)
+@click.option(
+    "--stop-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="on SIGTERM, wait this long for in-flight syncs and jobs before giving their leases back",
+)
+@click.pass_obj
+def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeout: float) -> None:
+    """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
+    import asyncio
+
+    from rostersync.config.loader import config_path
+
+    settings = app.settings
+    if once:
+        names = [n for n, s in settings.sources.items() if s.enabled]
+        # No progress lines: `run --once` is for timers and containers; their log is the JSON.
+        reports = asyncio.run(
+            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
+        )
+        if as_json:
+            emit_json({"runs": [r.as_json() for r in reports]})
+        else:
+            for r in reports:
+                print_report(r)
+        if any(r.status in ("failed", "held") for r in reports):
+            sys.exit(EXIT_FAILED)
+        return
+    from rostersync.daemon.service import run_daemon
+
+    sys.exit(
+        run_daemon(
+            app.settings,
+            app.store,
+            config_file=str(config_path(app.config_file)),
+            instance_id=instance_id,
+            stop_timeout=stop_timeout,
+            log_level=app.log_level,
+        )
+    )
+
+
+# -- resync --------------------------------------------------------------------------------------
+
+
+@click.command("resync")
+@click.option("--user", "users", multiple=True, metavar="EMAIL", help="this user (repeatable)")
+@click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
+@click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="block until the jobs end (processing them here if no daemon runs); exit 1 if any failed",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="with --wait: give up waiting after this long (the jobs stay queued)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document")
+@click.pass_obj
+def resync(
+    app: App,
+    users: tuple[str, ...],
+    all_users: bool,
+    live: bool,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Queue group resyncs; a running daemon (or `run --once`) picks them up."""
+    import asyncio
+
+    from rostersync import directory
+    from rostersync.logs import notice
+    from rostersync.queue import queued_job_ids
+    from rostersync.sync.apply import queue_resync
+
+    if bool(users) == all_users:
+        fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    started = time.monotonic()
+    store = app.store
+    with store.write() as conn:
+        if all_users:
+            ids = directory.active_linked_user_ids(conn)
+        else:
+            found, missing = directory.user_ids_by_email(conn, list(users))
+            if missing:
+                fail(f"no such user: {', '.join(missing)}", EXIT_USAGE)
+            ids = sorted(found.values())
+        queue_resync(
+            conn, ids, reason="manual resync" + (" (live)" if live else ""), run_id=None, live=live
+        )
+        # Read the ids before the commit: a running daemon (woken by NOTIFY) may lease the
+        # jobs within milliseconds of it, and they would no longer be `queued`.
+        job_users = queued_job_ids(conn, ids)
+    job_ids = sorted(job_users)
+    if not as_json:
+        click.echo(f"queued {len(job_ids)} resync job(s)")
+    waited = None
+    if wait:
+        waited = asyncio.run(_wait_for_jobs(app, job_users, timeout))
+        jobs = waited.jobs
+    else:
+        with store.read() as conn:
+            jobs = directory.list_jobs(conn, job_ids)
+        if not as_json and job_ids and not _daemons(app):
+            notice(
+                "resync_no_daemon",
+                "no daemon is running against this database: the jobs wait for "
+                "one; `rostersync run --once` (or `resync --wait`) processes them now",
+                "warning",
+            )
+    if as_json:
+        doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
+        if waited is not None:
+            doc["processed_by"] = waited.processed_by
+            doc["timed_out"] = waited.timed_out
+        emit_json(doc)
+    elif wait:
+        click.echo(jobs_table(jobs))
+        click.echo(_summary(jobs, waited, time.monotonic() - started))
+    if waited is not None and waited.timed_out:
+        unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
+        states = ", ".join(
+            f"{n} {state}"
+            for state in ("queued", "running")
+            if (n := sum(j["state"] == state for j in unfinished))
+        )
+        then = (
+            "the daemon goes on with them"
+            if waited.processed_by == "daemon"
+            else "they stay queued for a daemon or `rostersync run --once`"
+        )
+        fail(
+            f"timed out after {timeout:g}s: {len(unfinished)} of {len(jobs)} job(s) not "
+            f"finished ({states}); {then}"
+        )
+    if wait and any(j["state"] != "succeeded" for j in jobs):
+        sys.exit(EXIT_FAILED)
+
+
+def _summary(jobs: list[dict[str, Any]], waited: _Waited | None, seconds: float) -> str:
+    """The last line of `resync --wait`: how the jobs ended, who did them, how long it took."""
+    states = {s: sum(j["state"] == s for j in jobs) for s in ("succeeded", "failed")}
+    left = len(jobs) - sum(states.values())
+    parts = [f"{n} {state}" for state, n in states.items()]
+    if left:
+        parts.append(f"{left} unfinished")
+    by = f" by {waited.processed_by}" if waited is not None and waited.processed_by else ""
+    return f"{len(jobs)} job(s): {', '.join(parts)}; processed{by} in {seconds:.1f}s"
+
+
+def _daemons(app: App) -> list[str]:
+    from rostersync.daemon import recovery
+
+    return recovery.live_daemons(app.store, app.settings.leases.expire_after)
+
+
+@dataclass
+class _Waited:
+    jobs: list[dict[str, Any]]
+    timed_out: bool
+    processed_by: str | None  # "daemon", "this command", or None when nothing had to be done
+
+
+#: How often `resync --wait` looks at its jobs (and for a daemon) while a daemon works.
+WAIT_POLL = 0.25
+
+
+async def _wait_for_jobs(app: App, job_users: dict[int, int], seconds: float) -> _Waited:
+    """Wait until every job ended (succeeded, or failed for good), or ``seconds`` passed.
+
+    While a daemon runs against the database it does the work and this only watches. When
+    none does (none registered, or its heartbeat is older than ``leases.expire_after``), the
+    jobs would wait for nobody: this command processes the queue itself, as `run --once`
+    would, and says so; if a daemon appears meanwhile, it leaves the rest to it. The timeout
+    is checked between batches."""
+    import asyncio
+
+    from rostersync.logs import configure as configure_logging
+    from rostersync.progress import SyncProgress
+
+    deadline = time.monotonic() + seconds
+    progress = SyncProgress(sys.stderr) if sys.stderr.isatty() else None
+    if progress is not None:
+        configure_logging(
+            app.log_level or app.settings.logging.level,
+            app.settings.logging.format,
+            progress.log_stream,
+        )
+    engine: SyncEngine | None = None
+    by: str | None = None
+    waiting = dict(job_users)
+    try:
+        app.prepare()  # jobs leased by a dead process of this host go back to the queue now
+        while True:
+            jobs = await asyncio.to_thread(_follow_jobs, app.store, waiting)
+            unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
+            if progress is not None and jobs:
+                done = len(jobs) - len(unfinished)
+                progress.resync(done, len(unfinished), final=not unfinished)
+            if not unfinished:
+                return _Waited(jobs, timed_out=False, processed_by=by)
+            daemons = await asyncio.to_thread(_daemons, app)
+            if daemons and by != "daemon":
+                by = "daemon"
+                _notice(
+                    progress,
+                    "resync_waiting_for_daemon",
+                    f"waiting for the daemon {daemons[0]} to process them",
+                )
+            elif not daemons and by != "this command":
+                by = "this command"
+                _notice(
+                    progress,
+                    "resync_processing_here",
+                    "no daemon is running against this database: processing the queue here "
+                    "(as `rostersync run --once` would)",
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return _Waited(jobs, timed_out=True, processed_by=by)
+            if daemons:
+                await asyncio.sleep(min(WAIT_POLL, left))
+                continue
+            if engine is None:
+                engine = app.engine()
+            if not await engine.process_batch():
+                # Nothing due: ours wait out a retry's backoff, or another process holds them.
+                due = await asyncio.to_thread(_due_soonest, app.store)
+                await asyncio.sleep(min(max(due or 0.0, WAIT_POLL), 1.0, left))
+    finally:
+        if progress is not None:
+            progress.close()
+            configure_logging(
+                app.log_level or app.settings.logging.level, app.settings.logging.format
+            )
+
+
+def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
+    """The jobs waited for. A job that is gone was folded into a newer job of its user (a
+    retry that found one queued): that one is followed instead."""
+    from rostersync import directory
+    from rostersync.queue import newest_job_ids
+
+    with store.read() as conn:
+        jobs = directory.list_jobs(conn, sorted(waiting))
+        gone = set(waiting) - {j["id"] for j in jobs}
+        if gone:
+            users = {waiting.pop(job_id) for job_id in gone}
+            waiting.update(newest_job_ids(conn, users))
+            jobs = directory.list_jobs(conn, sorted(waiting))
+    return jobs
+
+
+def _due_soonest(store: Store) -> float | None:
+    from rostersync.queue import job_due_soonest
+
+    with store.read() as conn:
+        return job_due_soonest(conn)
+
+
+def _notice(progress: SyncProgress | None, event: str, message: str) -> None:
+    from rostersync.logs import notice
+
+    if progress is not None:
+        progress.log_stream.write(f"{message}\n")
+    else:
+        notice(event, message)

@@ -1,1 +1,0 @@
-"""CLI commands that live in their own modules; rostersync.cli registers them."""

@@ -1,0 +1,155 @@
+"""`runs list|show|approve` on the bundled sample district: held runs, change sets, approvals."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rostersync.cli.main import cli
+from tests.changediff import difference, plain
+from tests.cli.sample import as_json, cut_drop_to_a_tenth, run, sample_picture
+
+
+def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -> None:
+    """A held sync exits 1; `runs approve` applies it and exits 0."""
+    run(config, "sync")
+    users_csv = tmp_path / "sample-district" / "enrollments.csv"
+    lines = users_csv.read_text().splitlines()
+    users_csv.write_text("\n".join(lines[: len(lines) // 4]) + "\n")  # three quarters gone
+    held = run(config, "sync", "--json")
+    assert held.exit_code == 1
+    report = as_json(held)["runs"][0]  # type: ignore[index]
+    assert report["status"] == "held" and "shrunken source" in report["hold_reason"]
+    approved = run(config, "runs", "approve", str(report["id"]), "--json", "--yes")
+    assert approved.exit_code == 0, approved.output
+    assert as_json(approved)["runs"][0]["status"] == "succeeded"  # type: ignore[index]
+    again = run(config, "runs", "approve", str(report["id"]))
+    assert again.exit_code == 1 and "not held" in again.stderr
+
+
+def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) -> None:
+    """The trial that archived 27 users for real: a dry run of a drop cut to a tenth says a
+    real run would be held, is listed as a dry run, and `runs approve` refuses it (exit 1)."""
+    assert run(config, "sync").exit_code == 0
+    before = as_json(run(config, "users", "list", "--json"))
+    cut_drop_to_a_tenth(config)
+    dry = run(config, "sync", "--dry-run")
+    assert dry.exit_code == 1
+    assert "(dry run): held" in dry.stdout and "a real run would be held" in dry.stdout
+    assert "runs approve" not in dry.stdout
+    dry_id = as_json(run(config, "runs", "list", "--json"))[0]["id"]  # type: ignore[index]
+    shown = as_json(run(config, "runs", "show", str(dry_id), "--json"))
+    assert shown["dry_run"] is True and shown["status"] == "held"  # type: ignore[index]
+    listed = run(config, "runs", "list").stdout.splitlines()
+    assert re.match(rf"{dry_id}\s+sample\s+full\s+held \(dry run\)\s+cli\s", listed[2])
+    approve = run(config, "runs", "approve", str(dry_id))
+    assert approve.exit_code == 1
+    assert "is a dry run" in approve.stderr
+    assert as_json(run(config, "users", "list", "--json")) == before
+
+
+def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
+    """After `runs approve`, the run's report says it was approved and why it had been held,
+    not "apply with runs approve"."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    held = run(config, "sync")
+    assert held.exit_code == 1 and "apply with `rostersync runs approve 2`" in held.stdout
+    approved = run(config, "runs", "approve", "2", "--yes")
+    assert approved.exit_code == 0, approved.output
+    assert "run 2  source sample  full: succeeded" in approved.stdout
+    assert "; it had been held: " in approved.stdout
+    assert "runs approve" not in approved.stdout
+    shown = as_json(run(config, "runs", "show", "2", "--json"))
+    assert shown["approved_at"] is not None and shown["hold_reason"]  # type: ignore[index]
+
+
+def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`runs show ID --changes` lists every user and group of a held run (text, JSON, CSV);
+    `runs approve` shows it, asks on a terminal, and then does exactly that."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    text_out = run(config, "runs", "show", "2", "--changes")
+    assert text_out.exit_code == 0, text_out.output
+    assert text_out.stdout.startswith("change set of run 2: users: archive 35; groups: remove 94")
+    doc = as_json(run(config, "runs", "show", "2", "--changes", "--members", "--json"))
+    assert isinstance(doc, dict)
+    assert set(doc) >= {"run_id", "users", "groups"} and doc["run_id"] == 2
+    assert set(doc["users"][0]) >= {"action", "email", "display_name", "sourced_id", "reason"}
+    assert set(doc["groups"][0]) >= {
+        "action",
+        "class_sourced_id",
+        "name",
+        "owners_added",
+        "owners_removed",
+        "members_added",
+        "members_removed",
+    }
+    assert {u["action"] for u in doc["users"]} == {"archive"} and len(doc["users"]) == 35
+    plain_doc = as_json(run(config, "runs", "show", "2", "--changes", "--json"))
+    assert "members" not in plain_doc["groups"][0]  # type: ignore[index]
+    sheet = tmp_path / "changes.csv"
+    wrote = run(config, "runs", "show", "2", "--changes", "--csv", str(sheet))
+    assert wrote.exit_code == 0, wrote.output
+    rows = list(csv.DictReader(sheet.read_text(encoding="utf-8-sig").splitlines()))
+    assert sum(r["kind"] == "user" for r in rows) == 35
+    assert sum(r["kind"] == "group" for r in rows) == len(doc["groups"])
+    bad = run(config, "runs", "show", "2", "--changes", "--csv", str(tmp_path / "no" / "x.csv"))
+    assert bad.exit_code == 1 and "cannot write" in bad.stderr
+
+    before = sample_picture(config)
+    no_tty = run(config, "runs", "approve", "2")
+    assert no_tty.exit_code == 2 and "--yes" in no_tty.stderr
+    assert "users: archive 35" in no_tty.stdout  # the summary came first
+    monkeypatch.setattr("rostersync.cli.runs._interactive", lambda: True)
+    declined = CliRunner().invoke(
+        cli, ["--config", str(config), "runs", "approve", "2"], input="n\n"
+    )
+    assert declined.exit_code == 1 and "not approved" in declined.stderr
+    assert sample_picture(config) == before
+    approved = CliRunner().invoke(
+        cli, ["--config", str(config), "runs", "approve", "2"], input="y\n"
+    )
+    assert approved.exit_code == 0, approved.output
+    assert "Apply run 2?" in approved.stderr
+    assert "apply with" not in approved.stdout and "applied by an approval" in approved.stdout
+    assert plain(doc) == difference(before, sample_picture(config), "sample")
+    gone = run(config, "runs", "show", "2", "--changes")
+    assert gone.exit_code == 1 and "approved and applied" in gone.stderr
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert listed[0]["trigger"] == "approval"  # type: ignore[index]
+
+
+def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path) -> None:
+    """A held run that a later run overtook is listed `superseded`; approving it is refused;
+    runs carry their trigger and duration."""
+    assert run(config, "sync").exit_code == 0
+    drop = config.parent / "sample-district"
+    saved = {n: (drop / n).read_text() for n in ("users.csv", "enrollments.csv", "classes.csv")}
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    for name, body in saved.items():
+        (drop / name).write_text(body)
+    assert run(config, "sync").exit_code == 0
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(listed, list)
+    held = next(r for r in listed if r["id"] == 2)
+    assert held["status"] == "superseded" and held["superseded_by"] == 3
+    assert all(r["trigger"] == "cli" for r in listed)
+    assert all(isinstance(r["duration_seconds"], float) for r in listed)
+    table_out = run(config, "runs", "list").stdout.splitlines()
+    assert re.match(r"2\s+sample\s+full\s+superseded\s+cli\s+\S+\s+\d+\.\ds\s", table_out[3])
+    shown = run(config, "runs", "show", "2")
+    assert "superseded: run 3 of sample has succeeded since" in shown.stdout
+    assert "runs approve" not in shown.stdout
+    refused = run(config, "runs", "approve", "2", "--yes")
+    assert refused.exit_code == 1 and "out of date" in refused.stderr
+    gone = run(config, "runs", "show", "2", "--changes")
+    assert gone.exit_code == 1 and "overtaken by run 3" in gone.stderr

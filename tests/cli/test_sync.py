@@ -1,0 +1,125 @@
+"""`sync` and `resync` on the bundled sample district: the README's quick start, dry runs, exit codes, run reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rostersync import sampledata
+from tests.changediff import difference, plain
+from tests.cli.sample import as_json, run, sample_picture
+
+
+def test_quick_start_creates_users_and_groups_then_reruns_with_zero_counts(config: Path) -> None:
+    """The sample district yields teacher users and class groups; a second sync changes nothing."""
+    first = run(config, "sync", "--json")
+    assert first.exit_code == 0, first.output
+    report = as_json(first)["runs"][0]  # type: ignore[index]
+    assert report["source"] == "sample" and report["mode"] == "full"
+    assert report["status"] == "succeeded_with_errors"  # the teacher without an email
+    assert report["counts"]["users_created"] == 43
+    assert report["counts"]["groups_created"] == 102
+    assert report["rejected"] == [
+        {
+            "entity": "user",
+            "sourced_id": sampledata.EDGE_NO_EMAIL,
+            "reason": "no email: teaches classes with students but has no email address",
+        }
+    ]
+    second = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
+    rerun_counts = dict(second["counts"])
+    assert rerun_counts.pop("records_rejected") == 1  # the same teacher, reported again
+    assert set(rerun_counts.values()) == {0}
+
+
+def test_unknown_source_is_usage_error(config: Path) -> None:
+    """sync --source with a name not in the config exits 2."""
+    result = run(config, "sync", "--source", "nope")
+    assert result.exit_code == 2
+    assert "no source named nope" in result.stderr
+
+
+def test_dry_run_changes_nothing(config: Path) -> None:
+    """sync --dry-run reports what would be created and creates nothing."""
+    res = run(config, "sync", "--dry-run", "--json")
+    assert as_json(res)["runs"][0]["counts"]["users_created"] == 43  # type: ignore[index]
+    assert as_json(run(config, "users", "list", "--json")) == []
+
+
+def test_console_script_runs(config: Path) -> None:
+    """The installed `rostersync` entry point works in a real process; logs go to stderr."""
+    exe = shutil.which("rostersync") or f"{sys.executable} -m rostersync"
+    proc = subprocess.run(
+        [*exe.split(), "--config", str(config), "sync", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["runs"][0]["counts"]["users_created"] == 43
+
+
+def test_a_missing_drop_folder_fails_its_source_not_every_command(config: Path) -> None:
+    """`config check` reports a CSV drop that is gone (exit 2), but listing users still works
+    and a sync of that source fails on its own, saying why."""
+    assert run(config, "sync").exit_code == 0
+    shutil.rmtree(config.parent / "sample-district")
+    check = run(config, "config", "check")
+    assert check.exit_code == 2
+    assert "sources.sample.path" in check.stderr and "does not exist" in check.stderr
+    listed = run(config, "users", "list", "--json")
+    assert listed.exit_code == 0 and len(as_json(listed)) == 43  # type: ignore[arg-type]
+    failed = run(config, "sync", "--json")
+    assert failed.exit_code == 1
+    report = as_json(failed)["runs"][0]  # type: ignore[index]
+    assert report["status"] == "failed" and "sample-district" in report["error"]
+
+
+def test_resync_queues_jobs_and_rejects_unknown_users(config: Path) -> None:
+    """resync --user queues one job per user; an unknown email is a usage error."""
+    run(config, "sync")
+    res = run(config, "resync", "--user", "Mixed.Case@springfield.example.org", "--json")
+    assert res.exit_code == 0, res.output
+    doc = as_json(res)
+    assert doc["queued"] == 1 and doc["jobs"][0]["state"] == "queued"  # type: ignore[index]
+    assert run(config, "resync", "--user", "ghost@example.org").exit_code == 2
+    assert run(config, "resync").exit_code == 2
+    once = run(config, "run", "--once", "--json")
+    assert once.exit_code == 0
+    jobs = as_json(run(config, "queue", "list", "--json"))
+    assert all(j["state"] == "succeeded" for j in jobs)  # type: ignore[union-attr]
+
+
+def test_a_dry_run_lists_its_change_set(config: Path) -> None:
+    """`sync --dry-run --changes` prints the change set (in JSON with the run), and a real
+    sync then does just that."""
+    res = run(config, "sync", "--dry-run", "--changes", "--members", "--json")
+    assert res.exit_code == 0, res.output
+    changes = as_json(res)["runs"][0]["changes"]  # type: ignore[index]
+    assert changes["summary"]["users"]["create"] == 43
+    assert changes["summary"]["groups"]["create"] == 102
+    store_before = sample_picture(config)
+    assert run(config, "sync").exit_code == 0
+    assert plain(changes) == difference(store_before, sample_picture(config), "sample")
+    shown = run(config, "sync", "--dry-run", "--changes")
+    assert "change set of run 3: users: no change; groups: no change" in shown.stdout
+    usage = run(config, "sync", "--changes")
+    assert usage.exit_code == 2 and "--dry-run" in usage.stderr
+    assert run(config, "sync", "--dry-run", "--members").exit_code == 2
+
+
+def test_the_report_says_which_rejections_are_which(config: Path) -> None:
+    """The summary splits rejections into the connector's and the provisioning rules', and
+    no longer prints a `rejected 0` fetch figure beside `records rejected 1`."""
+    out = run(config, "sync").stdout
+    assert (
+        "records rejected 1: 0 by the connector (records it could not read or accept), 1 by "
+        "the provisioning rules" in out
+    )
+    fetched = next(line for line in out.splitlines() if "fetched:" in line)
+    assert "rejected" not in fetched
+    assert "started " in out and "by the command line, took " in out
