@@ -328,7 +328,7 @@ def _write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> N
 
 async def _drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
     """engine.drain(), reporting jobs done and still queued after every batch."""
-    from rostersync.queue import queue_depth
+    from rostersync.resync.queue import queue_depth
 
     def queued() -> int:
         with app.store.read() as conn:
@@ -524,7 +524,7 @@ def resync(
 
     from rostersync import directory
     from rostersync.logs import notice
-    from rostersync.sync.apply import queue_resync
+    from rostersync.resync.queue import queue_resync
 
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
@@ -737,7 +737,7 @@ def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
 
 
 def _due_soonest(store: Store) -> float | None:
-    from rostersync.queue import job_due_soonest
+    from rostersync.resync.queue import job_due_soonest
 
     with store.read() as conn:
         return job_due_soonest(conn)
@@ -1178,7 +1178,7 @@ def db_group() -> None:
 def db_upgrade(app: App) -> None:
     """Apply pending migrations."""
     from rostersync.store.db import Store
-    from rostersync.sync.apply import sync_catalog
+    from rostersync.sync.provisioning import sync_catalog
 
     store = Store(app.settings.database)
     before, after = store.upgrade()

@@ -44,9 +44,8 @@ from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.metrics import Metrics, MetricsServer, StoreState, read_store_state
-from rostersync.queue import job_due_soonest
+from rostersync.resync.queue import RESYNC_CHANNEL, job_due_soonest
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
 from rostersync.systemd import Notifier
 

@@ -1,7 +1,8 @@
 """One sync run of one source: fetch -> stage -> apply, and the resync workers' batch step.
 
-The run is thin glue around :mod:`rostersync.sync.rules` (rules), :mod:`rostersync.sync.apply`
-(SQL) and :mod:`rostersync.groups` (materialisation). Failure rules:
+The run is thin glue around :mod:`rostersync.sync.rules` (rules), the SQL of
+:mod:`~rostersync.sync.detect`, :mod:`~rostersync.sync.merge` and
+:mod:`~rostersync.sync.provisioning`, and :mod:`rostersync.resync.groups` (materialisation). Failure rules:
 
 * anything that fails before the apply transaction commits changes nothing but the run's own
   record (status ``failed``, with the error);
@@ -52,15 +53,16 @@ from rostersync.errors import (
     RunStateError,
     SourceError,
 )
-from rostersync.groups import rebuild_groups, update_members
 from rostersync.logs import scrub
-from rostersync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.records import AcademicSession, Rejected, TeacherRef, TeacherRoster
+from rostersync.resync.groups import rebuild_groups, update_members
+from rostersync.resync.live import apply_teacher_roster
+from rostersync.resync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease, queue_resync
 from rostersync.store.db import Store, as_utc, in_text, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
-from rostersync.sync import apply as sql
 from rostersync.sync import changes as changeset
-from rostersync.sync.live import apply_teacher_roster
+from rostersync.sync import detect, provisioning
+from rostersync.sync import merge as merging
 from rostersync.sync.rules import (
     EMAIL_REJECTIONS,
     ProvisionPlan,
@@ -326,7 +328,9 @@ def _shared_email_warnings(conn: Connection, source: str, plan: ProvisionPlan) -
         email: {t.sourced_id: t.display_name for t in teachers}
         for email, teachers in plan.shared.items()
     }
-    linked_before = sql.source_identities(conn, source, {link.user_id for link in plan.link})
+    linked_before = provisioning.source_identities(
+        conn, source, {link.user_id for link in plan.link}
+    )
     for link in plan.link:
         others = linked_before.get(link.user_id, [])
         if others:
@@ -559,7 +563,7 @@ class SyncEngine:
         changes: bool = False,
     ) -> RunReport:
         with self.store.write() as conn:
-            sql.sync_catalog(conn, self.settings)
+            provisioning.sync_catalog(conn, self.settings)
             new_id = conn.execute(
                 insert(SyncRun)
                 .values(
@@ -851,8 +855,8 @@ class SyncEngine:
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
         settings = self.settings
         counts = empty_counts()
-        grouped = sql.group_ids(conn, source)
-        changes = sql.find_changes(conn, source, run_id, full=full, grouped=grouped)
+        grouped = detect.group_ids(conn, source)
+        changes = detect.find_changes(conn, source, run_id, full=full, grouped=grouped)
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those
@@ -860,18 +864,18 @@ class SyncEngine:
         # district no longer queues every teacher). The other dirty classes go to resyncs.
         student_side = (changes.dirty_classes - changes.owner_classes) & grouped.keys()
         # Student-side classes keep their teachers through the merge: asking after it is enough.
-        teachers_before = sql.teachers_of_classes(
+        teachers_before = detect.teachers_of_classes(
             conn, source, changes.dirty_classes - student_side
         )
-        written = sql.merge(
+        written = merging.merge(
             conn, source, run_id, changes.missing, changes.in_place, changes.to_write
         )
-        sql.refresh_statistics(conn, written)
-        members_only = sql.populated_classes(conn, source, student_side)
+        merging.refresh_statistics(conn, written)
+        members_only = detect.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only
-        teachers_after = sql.teachers_of_classes(conn, source, dirty)
+        teachers_after = detect.teachers_of_classes(conn, source, dirty)
         affected_people = teachers_before | teachers_after | changed_people
-        sql.mark_dirty(
+        detect.mark_dirty(
             conn,
             source,
             changes.refresh_classes,
@@ -888,11 +892,12 @@ class SyncEngine:
         state = self._source_state(conn, source)
         decided_with = settings.provisioning_fingerprint()
         stored = (state["decided_with"] if state else None) or ""
-        directory_changed = stored.startswith(sql.DIRECTORY_CHANGED)
+        directory_changed = stored.startswith(provisioning.DIRECTORY_CHANGED)
         settings_changed = (
-            state is not None and stored.removeprefix(sql.DIRECTORY_CHANGED) != decided_with
+            state is not None
+            and stored.removeprefix(provisioning.DIRECTORY_CHANGED) != decided_with
         )
-        active_users = sql.count_active_users(conn)
+        active_users = provisioning.count_active_users(conn)
         limit = settings.license_limit
         seats_freed = bool(
             state and state["license_waiting"] and limit is not None and active_users < limit
@@ -900,26 +905,28 @@ class SyncEngine:
         redecide = not full and (settings_changed or directory_changed or seats_freed)
         only = None if full or redecide else affected_people
         roles = settings.provisioning.teacher_roles
-        candidates = sql.eligible_teachers(conn, source, roles, only)
-        linked = sql.linked_users(conn, source, only)
+        candidates = provisioning.eligible_teachers(conn, source, roles, only)
+        linked = provisioning.linked_users(conn, source, only)
         teaching_elsewhere: set[int] = set()
         if only is not None:
             # The other persons of the accounts decided here (one record per school): an
             # account is archived only when none of its persons teaches.
-            others = sql.source_identities(conn, source, {u.user_id for u in linked.values()})
+            others = provisioning.source_identities(
+                conn, source, {u.user_id for u in linked.values()}
+            )
             siblings = {sid: uid for uid, ps in others.items() for sid, _ in ps}
             outside = set(siblings) - only
             if outside:
                 teaching_elsewhere = {
                     siblings[t.sourced_id]
-                    for t in sql.eligible_teachers(conn, source, roles, outside)
+                    for t in provisioning.eligible_teachers(conn, source, roles, outside)
                 }
         unlinked_emails = [t.email for t in candidates if t.email and t.sourced_id not in linked]
         plan = plan_provisioning(
             source,
             candidates,
             linked,
-            sql.users_by_email(conn, unlinked_emails),
+            provisioning.users_by_email(conn, unlinked_emails),
             prov=settings.provisioning,
             active_users=active_users,
             license_limit=limit,
@@ -941,8 +948,8 @@ class SyncEngine:
                 f"{why} since the last run: this delta run decided for every teacher of the "
                 "source, not only those its changes touched"
             )
-        managed_users, managed_groups = sql.managed_counts(conn, source)
-        groups_removed = sql.groups_to_remove(
+        managed_users, managed_groups = provisioning.managed_counts(conn, source)
+        groups_removed = provisioning.groups_to_remove(
             conn,
             source,
             roles,
@@ -991,22 +998,24 @@ class SyncEngine:
         if held and before is None:
             raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
 
-        created = sql.apply_provisioning(conn, source, plan)
+        created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
-            sql.refresh_directory_statistics(conn)
+            merging.refresh_directory_statistics(conn)
         resync_users = (
-            sql.users_of_persons(conn, source, affected_people) | plan.touched_users | created
+            provisioning.users_of_persons(conn, source, affected_people)
+            | plan.touched_users
+            | created
         )
         if settings_changed:
             # Group ownership follows the same rules (teacher_roles), for every linked user.
-            resync_users |= sql.source_users(conn, source)
+            resync_users |= provisioning.source_users(conn, source)
         if not held:
             counts["resync_queued"] = len(resync_users)
         if preview and before is None:
             counts["groups_removed"] = groups_removed
             raise _RollBack(outcome)
         if not preview:
-            sql.queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+            queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
         members_updated = update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
@@ -1298,7 +1307,7 @@ class SyncEngine:
             # inside the batch it made every other batch's ANALYZE wait for that batch to end
             # (concurrent batches ran one at a time).
             with self.store.write() as conn:
-                sql.refresh_directory_statistics(conn, members=every)
+                merging.refresh_directory_statistics(conn, members=every)
         with self.store.write() as conn:
             lock_directory(conn, exclusive=False)  # no sync applies meanwhile
             for job in jobs:

@@ -45,7 +45,7 @@ from rostersync.scoping import (
     person_in_scope,
     resolve_schools,
 )
-from rostersync.sync.apply import ids_in
+from rostersync.sync.mirror import ids_in
 from rostersync.sync.staging import prepare_staging
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).

@@ -17,11 +17,12 @@ from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
+from rostersync.resync.queue import queue_resync
 from rostersync.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store
-from rostersync.sync import apply
+from rostersync.sync import detect, mirror, provisioning
 from rostersync.sync import engine as engine_module
-from rostersync.sync.apply import queue_resync
+from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.staging import stage
 from tests.rosterdata import small_roster
@@ -928,22 +929,22 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     """A load that doubles a mirror table drops its secondary indexes and builds them again
     in the same transaction: they exist afterwards, and a run failing after the load leaves
     the indexes and the (empty) mirror as they were."""
-    monkeypatch.setattr(apply, "BULK_LOAD_MIN_ROWS", 1)
+    monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
     dropped: list[str] = []
-    real_drop = apply.DropIndex
+    real_drop = merging.DropIndex
 
     def spy(index: Any) -> Any:
         dropped.append(index.name)
         return real_drop(index)
 
-    monkeypatch.setattr(apply, "DropIndex", spy)
+    monkeypatch.setattr(merging, "DropIndex", spy)
     expected = {"ix_roster_enr_class", "ix_roster_enr_user"}
 
     def boom(conn: Any, written: Any) -> None:
         raise RuntimeError("boom after the load")
 
     with monkeypatch.context() as m:
-        m.setattr(apply, "refresh_statistics", boom)
+        m.setattr(merging, "refresh_statistics", boom)
         failed = await sync(make_settings(), store, small_roster())
     assert failed.status == "failed" and "boom" in (failed.error or "")
     assert expected <= set(dropped)
@@ -1100,10 +1101,10 @@ def test_a_first_load_finds_the_changes_the_row_by_row_comparison_finds(store: S
     with store.write() as conn:
         stage(conn, 1, sort_batch(roster.records()))
         event.listen(conn, "before_cursor_execute", seen)
-        fast = apply.find_changes(conn, "mem", 1, full=True, grouped={})
+        fast = detect.find_changes(conn, "mem", 1, full=True, grouped={})
         event.remove(conn, "before_cursor_execute", seen)
         # A group for a class the roster does not have: the first-load test fails, the loop runs
-        slow = apply.find_changes(conn, "mem", 1, full=True, grouped={"no-such-class": 0})
+        slow = detect.find_changes(conn, "mem", 1, full=True, grouped={"no-such-class": 0})
     assert any("GROUP BY s.class_id" in q for q in statements)  # the first-load path ran
     assert not any("LEFT JOIN roster_enrollment" in q for q in statements)
     # A first load writes every staged enrollment: their ids are not collected (the merge
@@ -1128,7 +1129,7 @@ async def test_a_full_run_that_changed_little_upserts_just_those_rows(
     staged row again. Beyond TARGETED_UPSERT_MAX rows of a kind it reads the whole run
     instead: the same mirror either way."""
     if not targeted:
-        monkeypatch.setattr(apply, "TARGETED_UPSERT_MAX", 0)
+        monkeypatch.setattr(merging, "TARGETED_UPSERT_MAX", 0)
     settings = make_settings()
     roster = small_roster()
     await sync(settings, store, roster)
@@ -1174,8 +1175,8 @@ async def test_users_of_many_persons_are_read_in_one_pass(
     await sync(make_settings(), store, small_roster())
     many = {"t-1", "t-2", "s-1"} | {f"nobody-{n}" for n in range(2500)}
     with store.read() as conn:
-        few = apply.users_of_persons(conn, "mem", {"t-1", "t-2", "s-1"})
-        bulk = apply.users_of_persons(conn, "mem", many)
+        few = provisioning.users_of_persons(conn, "mem", {"t-1", "t-2", "s-1"})
+        bulk = provisioning.users_of_persons(conn, "mem", many)
     assert len(few) == 2 and bulk == few
 
 
@@ -1191,7 +1192,7 @@ async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
     engine = SyncEngine(settings, pg_store)
     engine._created_unanalyzed = 100  # groups were created since the last refresh
     transactions: dict[str, int] = {}
-    real_refresh, real_rebuild = apply.refresh_directory_statistics, engine_module.rebuild_groups
+    real_refresh, real_rebuild = merging.refresh_directory_statistics, engine_module.rebuild_groups
 
     def refresh(conn: Any, members: bool = True) -> None:
         transactions["analyze"] = conn.execute(text("SELECT txid_current()")).scalar_one()
@@ -1201,7 +1202,7 @@ async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
         transactions["batch"] = conn.execute(text("SELECT txid_current()")).scalar_one()
         return real_rebuild(conn, *args, **kwargs)
 
-    monkeypatch.setattr(apply, "refresh_directory_statistics", refresh)
+    monkeypatch.setattr(merging, "refresh_directory_statistics", refresh)
     monkeypatch.setattr(engine_module, "rebuild_groups", rebuild)
     assert await engine.drain() == 2
     assert transactions["batch"] > transactions["analyze"]  # a later transaction, not the same
@@ -1219,7 +1220,7 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     await sync(settings, store, small_roster(), drain=False)
     calls: list[bool] = []
     monkeypatch.setattr(
-        apply, "refresh_directory_statistics", lambda conn, members=True: calls.append(members)
+        merging, "refresh_directory_statistics", lambda conn, members=True: calls.append(members)
     )
 
     def refreshed(*members: bool) -> list[bool]:
@@ -1275,7 +1276,7 @@ def test_id_lookups_take_every_value_in_one_statement_on_postgresql(store: Store
             [{"sid": f"c-{i:04d}"} for i in range(1200)],
         )
         event.listen(conn, "before_cursor_execute", seen)
-        found = apply.ids_in(
+        found = mirror.ids_in(
             conn,
             "SELECT sourced_id FROM roster_class WHERE source = :src AND sourced_id IN :ids",
             wanted,

@@ -26,8 +26,8 @@ from rostersync.records import (
     RosterOrg,
     RosterPerson,
 )
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store
-from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import RunReport, SyncEngine, load_report
 from tests.oneroster12 import write_drop
 from tests.sync.helpers import groups, users

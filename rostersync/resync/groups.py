@@ -32,7 +32,7 @@ from rostersync.resync.groupplan import (
     wanted_groups,
 )
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
-from rostersync.sync.apply import POPULATED, ids_in, teacher_role, teacher_role_params
+from rostersync.sync.mirror import POPULATED, ids_in, teacher_role, teacher_role_params
 from rostersync.sync.rules import chunks
 
 
