@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from rostersync.progress import SyncProgress
     from rostersync.store.db import Store
     from rostersync.sync.changes import ChangeSet
-    from rostersync.sync.engine import RunReport, SyncEngine
+    from rostersync.sync.engine import SyncEngine
+    from rostersync.sync.runs import RunReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -111,7 +112,7 @@ class App:
         import structlog
 
         from rostersync import recovery
-        from rostersync.sync.engine import instance_id
+        from rostersync.sync.runs import instance_id
 
         if self._owner is None:
             name = owner or instance_id()
@@ -216,7 +217,7 @@ def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> N
 
 def _print_report(r: RunReport) -> None:
     from rostersync.commands.runs import duration_text, rejections_line
-    from rostersync.sync.engine import COUNT_KEYS
+    from rostersync.sync.runs import COUNT_KEYS
 
     flag = " (dry run)" if r.dry_run else ""
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")
@@ -282,7 +283,7 @@ async def _sync_and_drain(
 ) -> list[RunReport]:
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
-    from rostersync.sync.engine import SourceBusy, load_report
+    from rostersync.sync.runs import SourceBusy, load_report
 
     # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
     progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
@@ -975,7 +976,7 @@ def runs_show(
         fail("--json and --csv cannot be used together", EXIT_USAGE)
     from rostersync.commands.runs import change_set_lines
     from rostersync.sync import changes as changeset
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     try:
         with app.read_store.read() as conn:
@@ -1018,7 +1019,7 @@ def _approval_preview(app: App, run_id: int) -> bool:
     to ask about: the engine then refuses the run, saying why."""
     from rostersync.commands.runs import change_set_lines
     from rostersync.sync import changes as changeset
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     try:
         with app.read_store.read() as conn:
@@ -1056,7 +1057,7 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
 
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     app.prepare()  # what a killed process left is put right first (its run may be this one)
     if not as_json:

@@ -46,7 +46,8 @@ from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.metrics import Metrics, MetricsServer, StoreState, read_store_state
 from rostersync.resync.queue import RESYNC_CHANNEL, job_due_soonest
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import SourceBusy, instance_id
 from rostersync.systemd import Notifier
 
 #: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).

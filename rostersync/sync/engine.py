@@ -20,23 +20,18 @@ The run is thin glue around :mod:`rostersync.sync.rules` (rules), the SQL of
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import threading
-import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import Connection, delete, insert, select, text, update
+from sqlalchemy import Connection, delete, insert, text, update
 from sqlmodel import col
 
-from rostersync import directory, recovery
+from rostersync import recovery
 from rostersync.config.models import Settings
 from rostersync.connector import (
     Connector,
@@ -49,181 +44,82 @@ from rostersync.errors import (
     ChangesOnlyError,
     DeltaUnsupportedError,
     RostersyncError,
-    RunNotFound,
-    RunStateError,
     SourceError,
 )
 from rostersync.logs import scrub
-from rostersync.records import AcademicSession, Rejected, TeacherRef, TeacherRoster
+from rostersync.records import Rejected
 from rostersync.resync.groups import rebuild_groups, update_members
-from rostersync.resync.live import apply_teacher_roster
-from rostersync.resync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease, queue_resync
+from rostersync.resync.queue import queue_resync
+from rostersync.resync.worker import ResyncWorker
 from rostersync.store.db import Store, as_utc, in_text, lock_directory, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import changes as changeset
 from rostersync.sync import detect, provisioning
 from rostersync.sync import merge as merging
+from rostersync.sync.approval import Approval
+from rostersync.sync.fetch import Fetched, Fetcher
 from rostersync.sync.rules import (
-    EMAIL_REJECTIONS,
     ProvisionPlan,
     check_safety,
     chunks,
     plan_provisioning,
+)
+from rostersync.sync.runs import (
+    LeaseHolder,
+    Outcome,
+    RunContext,
+    RunReport,
+    empty_counts,
+    instance_id,
+    load_report,
+    record_outcome,
+    source_rejections,
+    source_state,
 )
 from rostersync.sync.scope import (
     SCOPE_COUNT_KEYS,
     Scope,
     apply_scope,
     fingerprint_of,
-    keep_mirrored_classes,
     last_counts,
     ratio_counts,
     scope_for,
 )
 from rostersync.sync.staging import (
-    StagedBatch,
     clear_staging,
     prepare_staging,
-    sort_batch,
-    stage,
-    staging_lost,
 )
-
-COUNT_KEYS = (
-    "users_created",
-    "users_linked",
-    "users_archived",
-    "users_skipped_license",
-    "groups_created",
-    "groups_updated",
-    "groups_removed",
-    "resync_queued",
-    "records_rejected",
-)
-EXTRA_COUNT_KEYS = ("users_restored", "users_not_created", *SCOPE_COUNT_KEYS)
-
-#: Seconds between statistics refreshes of the directory tables by the resync workers.
-ANALYZE_EVERY = 30.0
-
-#: Rows a fetch may hold back while a staging write is under way before it waits for it.
-STAGE_BUFFER_ROWS = 50_000
 
 ProgressFn = Callable[[str, str, Mapping[str, int]], None]  # (source, phase, figures)
 
 
-class SourceBusy(RostersyncError):
-    """Another process holds this source's lease."""
+@dataclass
+class _Merged:
+    """What the apply's merge found (see :meth:`SyncEngine._merge_changes`)."""
 
-
-class LeaseLost(RostersyncError):
-    """The source's lease was taken over while this run held it (its holder looked dead)."""
-
-
-def instance_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def empty_counts() -> dict[str, int]:
-    return dict.fromkeys((*COUNT_KEYS, *EXTRA_COUNT_KEYS), 0)
+    grouped: dict[str, int]
+    changes: detect.Changes
+    #: dirty classes whose members alone changed: the sync updates those members itself
+    members_only: set[str]
+    #: the other dirty classes, whose groups the resyncs rebuild
+    dirty: set[str]
+    #: the persons whose eligibility the changes may concern
+    affected_people: set[str]
 
 
 @dataclass
-class RunReport:
-    id: int
-    source: str
-    mode: str
-    status: str
-    counts: dict[str, int]
-    rejected: list[dict[str, str | None]] = field(default_factory=list)
-    error: str | None = None
-    hold_reason: str | None = None
-    warnings: list[str] = field(default_factory=list)
-    fetched: dict[str, int] = field(default_factory=dict)
-    dry_run: bool = False
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    trigger: str = "cli"
-    approved_at: datetime | None = None
-    #: a held run that a later real run of its source overtook (it can no longer be approved)
-    superseded_by: int | None = None
+class _Decision:
+    """The apply's provisioning decision (see :meth:`SyncEngine._decide`)."""
 
-    @property
-    def shown_status(self) -> str:
-        """The status a person is shown: ``superseded`` for an overtaken held run (derived,
-        never stored: the stored ``held`` is what approval checks)."""
-        return "superseded" if self.superseded_by is not None else self.status
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds the run took (an approved run: its approval's apply), None while running."""
-        return directory.run_duration(self.started_at, self.approved_at, self.finished_at)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "source": self.source,
-            "mode": self.mode,
-            "status": self.shown_status,
-            "superseded_by": self.superseded_by,
-            "duration_seconds": self.duration,
-            "counts": {k: self.counts.get(k, 0) for k in (*COUNT_KEYS, *EXTRA_COUNT_KEYS)},
-            "rejected": self.rejected,
-            "error": self.error,
-            "hold_reason": self.hold_reason,
-            "warnings": self.warnings,
-            "fetched": self.fetched,
-            "dry_run": self.dry_run,
-            "trigger": self.trigger,
-            "started_at": self.started_at.isoformat() if self.started_at else None,
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "approved_at": self.approved_at.isoformat() if self.approved_at else None,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RunContext:
-    """What one apply works on: the run, what it fetched, and how it was asked for."""
-
-    source: str
-    run_id: int
-    mode: FetchMode
-    fetched: Mapping[str, int]
-    newest: datetime | None
-    log: Any
-    #: a preview: rolled back at the end, whatever it found
-    dry_run: bool = False
-    #: an admin approved this held run: the safety checks that held it are not asked again
-    approved: bool = False
-    #: a dry run records its change set (a held run always does)
-    changes: bool = False
-
-    @property
-    def full(self) -> bool:
-        return self.mode is FetchMode.FULL
-
-
-@dataclass
-class Outcome:
-    """What an apply decided, kept outside its transaction: a held or dry run rolls the
-    transaction back, and its report must still say what it found."""
-
-    counts: dict[str, int]
-    #: candidates refused by the provisioning rules (their email), for the run's report
-    rejected: list[Rejected] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    hold_reasons: tuple[str, ...] = ()
-    #: a held or dry run's change set (what applying it does), stored after the rollback
-    changes: changeset.ChangeSet | None = None
-
-
-@dataclass
-class _Fetched:
-    """What a fetch gives the scope step besides staged rows (see rostersync.sync.scope)."""
-
-    #: the academic sessions of the classes that name any, by class (terms: current only)
-    class_terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: the connector's ``academic_sessions``, if it has them
-    sessions: Mapping[str, AcademicSession] | None = None
+    state: Mapping[str, Any] | None
+    decided_with: str
+    settings_changed: bool
+    redecide: bool
+    #: the persons decided for, None for all of the source
+    only: set[str] | None
+    plan: ProvisionPlan
+    outcome: Outcome
+    groups_removed: int = 0
 
 
 class _RollBack(Exception):
@@ -233,92 +129,6 @@ class _RollBack(Exception):
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
-
-
-def load_report(conn: Connection, run_id: int) -> RunReport:
-    row = conn.execute(select(SyncRun).where(col(SyncRun.id) == run_id)).first()
-    if row is None:
-        raise RunNotFound(f"run {run_id} does not exist")
-    run = row._mapping
-    rejected = [
-        Rejected(r.entity, r.sourced_id, r.reason, r.location).as_dict()
-        for r in conn.execute(
-            select(RunRejection)
-            .where(col(RunRejection.run_id) == run_id)
-            .order_by(col(RunRejection.id))
-        )
-    ]
-    superseded_by = None
-    if run["status"] == "held" and not run["dry_run"]:
-        superseded_by = directory.superseded_by(conn, run_id)
-    return RunReport(
-        superseded_by=superseded_by,
-        id=run["id"],
-        source=run["source"],
-        mode=run["mode"],
-        status=run["status"],
-        counts={**empty_counts(), **(run["counts"] or {})},
-        rejected=rejected,
-        error=run["error"],
-        hold_reason=run["hold_reason"],
-        warnings=list(run["warnings"] or []),
-        fetched=dict(run["fetched"] or {}),
-        dry_run=bool(run["dry_run"]),
-        started_at=as_utc(run["started_at"]),
-        finished_at=as_utc(run["finished_at"]),
-        trigger=run["trigger"],
-        approved_at=as_utc(run["approved_at"]),
-    )
-
-
-def is_plan_rejection(reason: str) -> bool:
-    """A rejection by the provisioning rules (a teacher's email), not by the connector."""
-    return reason.startswith(EMAIL_REJECTIONS)
-
-
-def _source_rejections(conn: Connection, run_id: int) -> int:
-    """The run's rejections by its source (records refused while fetching), not counting the
-    provisioning rules' own, which an apply (re)writes."""
-    reasons = conn.execute(
-        select(col(RunRejection.reason)).where(col(RunRejection.run_id) == run_id)
-    ).scalars()
-    return sum(1 for reason in reasons if not is_plan_rejection(reason))
-
-
-def _record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
-    """Store an apply's own rejections (replacing those of an earlier apply of the run: a held
-    run that is approved is applied twice) and add its warnings to the run's."""
-    ids = [
-        rid
-        for rid, reason in conn.execute(
-            select(col(RunRejection.id), col(RunRejection.reason)).where(
-                col(RunRejection.run_id) == run_id
-            )
-        )
-        if is_plan_rejection(reason)
-    ]
-    if ids:
-        conn.execute(delete(RunRejection).where(col(RunRejection.id).in_(ids)))
-    if outcome.rejected:
-        conn.execute(
-            insert(RunRejection),
-            [
-                {
-                    "run_id": run_id,
-                    "entity": r.entity,
-                    "sourced_id": r.sourced_id,
-                    "reason": r.reason,
-                }
-                for r in outcome.rejected
-            ],
-        )
-    if outcome.warnings:
-        current = conn.execute(
-            select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
-        ).scalar_one()
-        merged = list(current or [])
-        merged += [w for w in outcome.warnings if w not in merged]
-        conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=merged))
 
 
 def _shared_email_warnings(conn: Connection, source: str, plan: ProvisionPlan) -> list[str]:
@@ -348,7 +158,7 @@ def _shared_email_warnings(conn: Connection, source: str, plan: ProvisionPlan) -
     return out
 
 
-class SyncEngine:
+class SyncEngine(LeaseHolder, Fetcher, Approval, ResyncWorker):
     """Runs syncs and resync batches for one configuration and one database."""
 
     def __init__(
@@ -376,11 +186,7 @@ class SyncEngine:
         self._registered = False
         self.log = structlog.get_logger()
         self._plugins: dict[str, ConnectorPlugin] | None = None
-        self._analyzed_at = float("-inf")
-        self._created_unanalyzed = 0  # groups created since the last refresh, and before it
-        self._created_analyzed = 0
-        # Batches run in threads, several at once on PostgreSQL: one claims each refresh.
-        self._stats_lock = threading.Lock()
+        self._init_pacing()
         #: the day the terms rules judge by (tests fix it)
         self.today: Callable[[], date] = lambda: utcnow().date()
 
@@ -410,71 +216,7 @@ class SyncEngine:
             finally:
                 await conn.aclose()
 
-    # -- leases ---------------------------------------------------------------------------
-
-    def _register(self) -> None:
-        """Put this engine's owner in the instance registry (once), so that other processes
-        can tell whether the holder of its leases still runs. The CLI and the daemon register
-        it first, with their own kind."""
-        if not self._registered:
-            recovery.register(self.store, self.owner, "engine", keep_kind=True)
-            self._registered = True
-
-    def _take_lease(self, source: str) -> None:
-        """Take the source's lease (see rostersync.recovery) and keep it renewed; a lease of
-        a dead process of this host, or an expired one, is taken over and its run failed."""
-        self._register()
-        expire_after = self.settings.leases.expire_after
-        try:
-            with self.store.write() as conn:
-                taken = recovery.take_lease(conn, source, self.owner, expire_after)
-        except recovery.LeaseLocked:
-            with self.store.read() as conn:
-                holder = recovery.lease_holder(conn, source) or "another process"
-            raise SourceBusy(f"source {source!r} is being synced by {holder}") from None
-        if taken.holder != self.owner:
-            raise SourceBusy(f"source {source!r} is being synced by {taken.holder}")
-        log = self.log.bind(source=source)
-        if taken.previous is not None:
-            log.warning(
-                "sync_lease_taken_over",
-                previous_owner=taken.previous,
-                reason=taken.reason,
-                interrupted_runs=taken.interrupted,
-            )
-        elif taken.interrupted:
-            log.warning("sync_orphans_interrupted", interrupted_runs=taken.interrupted)
-        self._keepers[source] = recovery.LeaseKeeper(
-            self.store, source, self.owner, expire_after, log
-        ).start()
-
-    def _drop_lease(self, source: str, error: str | None = None) -> None:
-        """Give the lease back. A run of the source still `running` now was cut off: it is
-        failed with ``error`` (default: this engine's ``interrupted_by``), its staging cleared."""
-        keeper = self._keepers.pop(source, None)
-        if keeper is not None:
-            keeper.stop()  # before the lease row is locked below: it may be renewing it
-        error = error or f"interrupted: {self.interrupted_by}"
-        with self.store.write() as conn:
-            lost = recovery.release_lease(conn, source, self.owner, error)
-        if lost:
-            self.log.warning("sync_interrupted", source=source, run_ids=lost, error=error)
-
-    def _hold_lease(self, conn: Connection, source: str) -> None:
-        """In the apply's transaction: go on only if the lease is still ours, and keep it
-        (the row stays locked until the commit on PostgreSQL). A run whose lease was taken
-        over has been failed by the taker; applying it now would apply a stale fetch."""
-        if not recovery.hold_lease(conn, source, self.owner, self.settings.leases.expire_after):
-            raise LeaseLost(
-                f"interrupted: source {source!r} was taken over by another process before "
-                "this run applied; nothing of it was applied"
-            )
-
     # -- sync -----------------------------------------------------------------------------
-
-    def _source_state(self, conn: Connection, source: str) -> Mapping[str, Any] | None:
-        row = conn.execute(select(SourceState).where(col(SourceState.source) == source)).first()
-        return dict(row._mapping) if row is not None else None
 
     def _choose_mode(
         self, source: str, requested: str | None
@@ -485,7 +227,7 @@ class SyncEngine:
         if want != "delta":
             return FetchMode.FULL, None, warnings
         with self.store.read() as conn:
-            state = self._source_state(conn, source)
+            state = source_state(conn, source)
         hwm = as_utc(state["high_water_mark"]) if state else None
         last_full = as_utc(state["last_full_at"]) if state else None
         if last_full is None:
@@ -585,7 +327,7 @@ class SyncEngine:
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         scope = scope_for(self.settings.sources[source])
-        extras = _Fetched()
+        extras = Fetched()
         try:
             fetched, newest, notes = await self._fetch(
                 source, run_id, fetch_mode, since, log, extras, scope
@@ -605,7 +347,7 @@ class SyncEngine:
                 fetch_mode = FetchMode.DELTA
             warnings.append(msg)
             await asyncio.to_thread(self._reset_run, run_id, fetch_mode, warnings)
-            extras = _Fetched()
+            extras = Fetched()
             try:
                 fetched, newest, notes = await self._fetch(
                     source, run_id, fetch_mode, since, log, extras, scope
@@ -642,7 +384,7 @@ class SyncEngine:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
 
     def _scope(
-        self, source: str, run_id: int, mode: FetchMode, scope: Scope, extras: _Fetched
+        self, source: str, run_id: int, mode: FetchMode, scope: Scope, extras: Fetched
     ) -> tuple[dict[str, int], list[str]]:
         """Leave the staged records out of scope out (rostersync.sync.scope), once, right
         after the fetch: a held run keeps its scoped rows, and its approval applies them."""
@@ -674,7 +416,7 @@ class SyncEngine:
                 None,
             )
         with self.store.read() as conn:
-            state = self._source_state(conn, source)
+            state = source_state(conn, source)
         if state is None or state["last_full_at"] is None:
             return (
                 "no full run of this source has succeeded yet, and changes need one to apply "
@@ -696,89 +438,6 @@ class SyncEngine:
                 .where(col(SyncRun.id) == run_id)
                 .values(mode=mode.value, warnings=warnings)
             )
-
-    async def _fetch(
-        self,
-        source: str,
-        run_id: int,
-        mode: FetchMode,
-        since: datetime | None,
-        log: Any,
-        extras: _Fetched | None = None,
-        scope: Scope | None = None,
-    ) -> tuple[dict[str, int], datetime | None, list[str]]:
-        """Stage everything the connector yields; returns the counts, the newest
-        dateLastModified, and the connector's warnings (its optional ``warnings``: what it
-        accepted but an admin should hear of, such as a CSV row read without a bad date).
-        With terms to judge, ``extras`` collects the classes' terms and the sessions."""
-        collect = extras if scope is not None and scope.current_terms else None
-        fetched: Counter[str] = Counter()
-        notes: list[str] = []
-        # Staging runs in a worker thread while the connector fetches on. Batches that arrive
-        # while a write is under way wait in `buffer` and go in the next write together, so
-        # the fetch never stalls on the database unless the buffer is full.
-        buffer = StagedBatch()
-        pending: asyncio.Task[None] | None = None
-        try:
-            async with self.connector(source) as connector:
-                async for records in connector.fetch(mode, since):
-                    batch = records if isinstance(records, StagedBatch) else sort_batch(records)
-                    if collect is not None and batch.terms:
-                        collect.class_terms.update(batch.terms)
-                    fetched.update(
-                        {
-                            "orgs": len(batch.rows["org"]),
-                            "persons": len(batch.rows["person"]),
-                            "classes": len(batch.rows["class"]),
-                            "enrollments": len(batch.rows["enrollment"]),
-                            "rejected": len(batch.rejected),
-                        }
-                    )
-                    buffer.extend(batch)
-                    if pending is not None:
-                        if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
-                            continue
-                        await pending
-                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
-                    buffer = StagedBatch(newest=buffer.newest)
-                    if self.progress:
-                        self.progress(source, "fetch", dict(fetched))
-                if pending is not None:
-                    await pending
-                if len(buffer):
-                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
-                notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
-                if collect is not None:
-                    collect.sessions = getattr(connector, "academic_sessions", None)
-        finally:
-            # Even when the fetch fails, let the last staging write land before the caller
-            # clears staging, or its rows would outlive the failed run.
-            if pending is not None:
-                await asyncio.gather(pending, return_exceptions=True)
-        if pending is not None and (error := pending.exception()) is not None:
-            raise error
-        log.info("fetch_done", warnings=len(notes), **dict(fetched))
-        return dict(fetched), buffer.newest, notes
-
-    def _stage(self, run_id: int, batch: StagedBatch) -> None:
-        with self.store.write() as conn:
-            if not recovery.still_running(conn, run_id):
-                return  # cut off or taken over meanwhile: its staging was cleared for good
-            stage(conn, run_id, batch)
-            if batch.rejected:
-                conn.execute(
-                    insert(RunRejection),
-                    [
-                        {
-                            "run_id": run_id,
-                            "entity": r.entity,
-                            "sourced_id": r.sourced_id,
-                            "reason": r.reason[:1000],
-                            "location": r.location,
-                        }
-                        for r in batch.rejected
-                    ],
-                )
 
     def _fail(self, run_id: int, exc: BaseException, log: Any) -> RunReport:
         message = scrub(str(exc)) or type(exc).__name__
@@ -832,7 +491,7 @@ class SyncEngine:
                 return  # cut off meanwhile: failed as interrupted, its staging cleared
             if ctx.dry_run:
                 clear_staging(conn, ctx.run_id)
-            _record_outcome(conn, ctx.run_id, outcome)
+            record_outcome(conn, ctx.run_id, outcome)
             if outcome.changes is not None:
                 changeset.save(conn, outcome.changes)
             conn.execute(
@@ -849,12 +508,21 @@ class SyncEngine:
             )
 
     def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
+        """The apply, inside its one transaction: merge what changed, decide who is provisioned,
+        judge the run's safety, then carry the decisions out. A held or dry run raises
+        :class:`_RollBack` on the way (see "rollback by exception" in the module docstring)."""
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
         self._hold_lease(conn, ctx.source)  # still ours, and nobody takes it until the commit
         prepare_staging(conn)  # SQLite: repeated ids settled, key index built
+        found = self._merge_changes(conn, ctx)
+        decision = self._decide(conn, ctx, found)
+        self._judge(conn, ctx, found, decision)
+        return self._carry_out(conn, ctx, found, decision)
+
+    def _merge_changes(self, conn: Connection, ctx: RunContext) -> _Merged:
+        """Find what the staged rows change, merge them into the mirror, and mark what the
+        resyncs must re-read."""
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
-        settings = self.settings
-        counts = empty_counts()
         grouped = detect.group_ids(conn, source)
         changes = detect.find_changes(conn, source, run_id, full=full, grouped=grouped)
         changed_people = changes.persons
@@ -882,14 +550,21 @@ class SyncEngine:
             {(c, p) for c, p in changes.member_pairs if c not in members_only},
             grouped,
         )
+        return _Merged(grouped, changes, members_only, dirty, affected_people)
 
+    def _decide(self, conn: Connection, ctx: RunContext, found: _Merged) -> _Decision:
+        """The provisioning plan: who is created, linked, archived or restored."""
+        source, full = ctx.source, ctx.full
+        settings = self.settings
+        affected_people = found.affected_people
+        counts = empty_counts()
         # A delta run decides only for the people its changes can concern: a teacher's
         # eligibility depends on their own row, their teacher enrollments, those classes and
         # those classes' students, and each of those changes marks the teacher affected.
         # Everyone else is as the last run left them; the periodic full run re-decides all,
         # and so does a run that finds the provisioning settings changed since: who counts as
         # a teacher, and whose address may be an account, may have changed for anyone.
-        state = self._source_state(conn, source)
+        state = source_state(conn, source)
         decided_with = settings.provisioning_fingerprint()
         stored = (state["decided_with"] if state else None) or ""
         directory_changed = stored.startswith(provisioning.DIRECTORY_CHANGED)
@@ -948,6 +623,18 @@ class SyncEngine:
                 f"{why} since the last run: this delta run decided for every teacher of the "
                 "source, not only those its changes touched"
             )
+        return _Decision(state, decided_with, settings_changed, redecide, only, plan, outcome)
+
+    def _judge(
+        self, conn: Connection, ctx: RunContext, found: _Merged, decision: _Decision
+    ) -> None:
+        """Count what the plan does and ask the safety rules whether the run must be held."""
+        source, run_id, full = ctx.source, ctx.run_id, ctx.full
+        settings = self.settings
+        roles = settings.provisioning.teacher_roles
+        plan, outcome, state = decision.plan, decision.outcome, decision.state
+        redecide, dirty, changes = decision.redecide, found.dirty, found.changes
+        counts = outcome.counts
         managed_users, managed_groups = provisioning.managed_counts(conn, source)
         groups_removed = provisioning.groups_to_remove(
             conn,
@@ -968,7 +655,7 @@ class SyncEngine:
             users_restored=len(plan.restore),
             users_skipped_license=len(plan.skipped_license),
             users_not_created=len(plan.not_created),
-            records_rejected=_source_rejections(conn, run_id) + len(plan.rejected),
+            records_rejected=source_rejections(conn, run_id) + len(plan.rejected),
         )
         if not ctx.approved:
             fingerprint = fingerprint_of(settings.sources[source])
@@ -989,6 +676,19 @@ class SyncEngine:
             if verdict.hold:
                 counts["groups_removed"] = groups_removed
                 outcome.hold_reasons = verdict.reasons
+        decision.groups_removed = groups_removed
+
+    def _carry_out(
+        self, conn: Connection, ctx: RunContext, found: _Merged, decision: _Decision
+    ) -> Outcome:
+        """Provision, queue the resyncs and record the run; or, for a held or dry run, find
+        what it would change and roll back."""
+        source, run_id = ctx.source, ctx.run_id
+        plan, outcome, state, only = decision.plan, decision.outcome, decision.state, decision.only
+        counts, groups_removed = outcome.counts, decision.groups_removed
+        affected_people, changes, grouped = found.affected_people, found.changes, found.grouped
+        members_only, settings_changed = found.members_only, decision.settings_changed
+        decided_with = decision.decided_with
         held = bool(outcome.hold_reasons)
         # A held run always records its change set (the admin who approves it reads it); a
         # dry run only when asked (--changes): it costs the resync work of the run.
@@ -1107,7 +807,7 @@ class SyncEngine:
             conn.execute(
                 update(SourceState).where(col(SourceState.source) == source).values(**values)
             )
-        _record_outcome(conn, run_id, outcome)
+        record_outcome(conn, run_id, outcome)
         status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
         conn.execute(
             update(SyncRun)
@@ -1131,230 +831,3 @@ class SyncEngine:
         for rid in (run_id, *older):
             clear_staging(conn, rid)
         changeset.forget(conn, source, run_id)
-
-    # -- approval -----------------------------------------------------------------------------
-
-    async def approve(self, run_id: int) -> RunReport:
-        """Apply a held run's staged data, bypassing the safety rules that held it.
-
-        Refused (:class:`RunStateError`, nothing changes) for a dry run (a preview, never
-        applied), a run that is not held, one a later run of its source has overtaken, one
-        whose source is gone from the config, and one whose staged rows are gone. The checks
-        are made under the source's lease, so that two approvals, or an approval and a sync,
-        cannot both pass them."""
-        with self.store.read() as conn:
-            report = load_report(conn, run_id)
-        self._take_lease(report.source)
-        try:
-            with self.store.read() as conn:
-                report = load_report(conn, run_id)
-                self._check_approvable(conn, report)
-                hwm = conn.execute(
-                    select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
-                ).scalar()
-            log = self.log.bind(source=report.source, run_id=run_id)
-            with self.store.write() as conn:
-                conn.execute(
-                    update(SyncRun)
-                    .where(col(SyncRun.id) == run_id)
-                    .values(status="running", approved_at=utcnow(), trigger="approval")
-                )
-            ctx = RunContext(
-                report.source,
-                run_id,
-                FetchMode(report.mode),
-                report.fetched,
-                as_utc(hwm),
-                log,
-                approved=True,
-            )
-            try:
-                out = await asyncio.to_thread(self._apply, ctx)
-            except BaseException as exc:
-                # Nothing was applied (the transaction rolled back): the run is held as before,
-                # with its staged rows, and may be approved again.
-                with self.store.write() as conn:
-                    conn.execute(
-                        update(SyncRun)
-                        .where(col(SyncRun.id) == run_id)
-                        .values(status="held", approved_at=None, trigger=report.trigger)
-                    )
-                log.error("held_run_approval_failed", error=scrub(str(exc)))
-                raise
-            log.info("held_run_approved")
-            return out
-        finally:
-            self._drop_lease(report.source)
-
-    def _check_approvable(self, conn: Connection, report: RunReport) -> None:
-        run_id = report.id
-        if report.dry_run:
-            raise RunStateError(
-                f"run {run_id} is a dry run: a preview that is never applied. Run "
-                f"`rostersync sync --source {report.source}` to sync the source for real"
-            )
-        if report.status != "held":
-            raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
-        newer = conn.execute(
-            text(
-                "SELECT id FROM sync_run WHERE source = :s AND id > :r AND dry_run = :no "
-                "AND status IN ('succeeded', 'succeeded_with_errors') ORDER BY id LIMIT 1"
-            ),
-            {"s": report.source, "r": run_id, "no": False},
-        ).scalar()
-        if newer is not None:
-            raise RunStateError(
-                f"run {run_id} is out of date: run {newer} of {report.source!r} has succeeded "
-                "since; its data would roll the directory back"
-            )
-        if report.source not in self.settings.sources:
-            raise RunStateError(f"source {report.source!r} of run {run_id} is no longer configured")
-        lost = staging_lost(conn, run_id, report.fetched)
-        if lost:
-            # Approval bypasses the safety rules: applying a full run whose staged rows are
-            # gone would sweep every record of the source, and archive every user with them.
-            raise RunStateError(
-                f"run {run_id}'s staged data is gone ({', '.join(lost)} fetched but no longer "
-                "staged); it cannot be approved: run a new sync of the source"
-            )
-
-    # -- resync ---------------------------------------------------------------------------
-
-    async def process_batch(self) -> list[tuple[LeasedJob, str]]:
-        """Lease one batch of due jobs and process it; returns (job, outcome) pairs."""
-        jobs = await asyncio.to_thread(self._lease_jobs)
-        if not jobs:
-            return []
-        outcomes: list[tuple[LeasedJob, str]] = []
-        live_rosters: dict[int, list[tuple[str, str, TeacherRoster]]] = {}
-        ready: list[LeasedJob] = []
-        for job in jobs:
-            if not job.live:
-                ready.append(job)
-                continue
-            try:
-                live_rosters[job.id] = await self._fetch_live(job)
-                ready.append(job)
-            except Exception as exc:
-                outcomes.append((job, await self._fail_job(job, exc)))
-        if ready:
-            try:
-                await asyncio.to_thread(self._materialise, ready, live_rosters)
-                outcomes += [(j, "succeeded") for j in ready]
-            except Exception as exc:
-                for job in ready:
-                    outcomes.append((job, await self._fail_job(job, exc)))
-                self.log.error("resync_batch_failed", jobs=len(ready), error=scrub(str(exc)))
-        return outcomes
-
-    def _lease_jobs(self) -> list[LeasedJob]:
-        self._register()
-        rs = self.settings.resync
-        return lease(self.store, self.owner, limit=rs.batch_size, lease_for=rs.lease)
-
-    async def _fail_job(self, job: LeasedJob, exc: BaseException) -> str:
-        """Record a job's failure (retry later, or failed for good); returns its new state."""
-        rs = self.settings.resync
-        error = scrub(str(exc)) or type(exc).__name__
-        state = await asyncio.to_thread(
-            fail, self.store, job, error, max_attempts=rs.max_attempts, backoff=rs.backoff
-        )
-        self.log.warning(
-            "resync_failed", job_id=job.id, user_id=job.user_id, error=error, state=state
-        )
-        return state
-
-    async def _fetch_live(self, job: LeasedJob) -> list[tuple[str, str, TeacherRoster]]:
-        with self.store.read() as conn:
-            rows = conn.execute(
-                text(
-                    'SELECT i.source, i.external_id, u.email FROM user_identity i JOIN "user" u '
-                    "ON u.id = i.user_id WHERE i.user_id = :u"
-                ),
-                {"u": job.user_id},
-            ).all()
-        out = []
-        for source, ext, email in rows:
-            if source not in self.settings.sources or not self.settings.sources[source].enabled:
-                continue
-            async with self.connector(source) as connector:
-                roster = await connector.fetch_teacher(TeacherRef(ext, email))
-            out.append((source, ext, roster))
-        return out
-
-    def _materialise(
-        self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
-    ) -> None:
-        # The drain after a first sync grows the group tables from nothing; plans made for
-        # empty tables turn into scans (see refresh_directory_statistics). The small tables are
-        # re-sampled once the groups created since their last sample are at least 100 and at
-        # least as many as were created before it: PostgreSQL scales sampled statistics to a
-        # table's current size, so only a table that has doubled needs them again.
-        # All of them every ANALYZE_EVERY seconds while groups are being created. A drain
-        # that creates none (a delta's) leaves the statistics to autovacuum: re-sampling the
-        # member rows would cost it more than it saves.
-        now = time.monotonic()
-        with self._stats_lock:
-            every = bool(self._created_unanalyzed) and now - self._analyzed_at >= ANALYZE_EVERY
-            small = not every and self._created_unanalyzed >= max(100, self._created_analyzed)
-            if every:
-                self._analyzed_at = now
-            if every or small:
-                self._created_analyzed += self._created_unanalyzed
-                self._created_unanalyzed = 0
-        if (every or small) and self.store.is_postgres:
-            # In a transaction of its own: ANALYZE keeps its table lock until commit, and
-            # inside the batch it made every other batch's ANALYZE wait for that batch to end
-            # (concurrent batches ran one at a time).
-            with self.store.write() as conn:
-                merging.refresh_directory_statistics(conn, members=every)
-        with self.store.write() as conn:
-            lock_directory(conn, exclusive=False)  # no sync applies meanwhile
-            for job in jobs:
-                for source, ext, roster in live.get(job.id, []):
-                    config = self.settings.sources.get(source)
-                    if config is not None and scope_for(config) is not None:
-                        roster = keep_mirrored_classes(conn, source, roster)
-                    apply_teacher_roster(conn, source, ext, roster)
-            # Manual and live resyncs re-read every member; sync-queued ones only what changed.
-            results = rebuild_groups(
-                conn,
-                [j.user_id for j in jobs],
-                teacher_roles=self.settings.provisioning.teacher_roles,
-                refresh_all=[j.user_id for j in jobs if j.refresh or j.live],
-            )
-            totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
-            complete(conn, jobs, results)
-        with self._stats_lock:  # committed: the next refresh samples these groups
-            self._created_unanalyzed += totals.get("groups_created", 0)
-        self.log.info("resync_batch_done", jobs=len(jobs), **totals)
-
-    async def drain(self, on_batch: Callable[[int], None] | None = None) -> int:
-        """Process due jobs until none is left; returns how many were processed, and tells
-        ``on_batch`` the running total after each batch.
-
-        On PostgreSQL ``resync.workers`` batches run at once, as the daemon's workers do: the
-        database does most of the work, on as many cores. SQLite's writers take turns, so one
-        runs there."""
-        done = 0
-
-        async def worker() -> None:
-            nonlocal done
-            while outcomes := await self.process_batch():
-                done += len(outcomes)
-                if on_batch is not None:
-                    on_batch(done)
-
-        workers = self.settings.resync.workers if self.store.is_postgres else 1
-        if workers == 1:
-            await worker()
-            return done
-        tasks = [asyncio.create_task(worker()) for _ in range(workers)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        return done

@@ -43,7 +43,8 @@ from rostersync.sampledata import (
 )
 from rostersync.store.db import Store
 from rostersync.sync import provisioning
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
 from tests.sync.helpers import groups, snapshot, users
 

@@ -20,7 +20,8 @@ from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, Rost
 from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
-from rostersync.sync.engine import SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import load_report
 from tests.sync.helpers import groups, snapshot, sync, users
 
 

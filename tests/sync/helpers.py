@@ -9,7 +9,8 @@ from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster
 from rostersync.store.db import Store
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 
 
 async def sync(

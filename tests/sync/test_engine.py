@@ -17,12 +17,13 @@ from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
 from rostersync.records import MemoryRoster, Rejected, RosterEnrollment, RosterPerson
+from rostersync.resync import worker as worker_module
 from rostersync.resync.queue import queue_resync
 from rostersync.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store
 from rostersync.sync import detect, mirror, provisioning
-from rostersync.sync import engine as engine_module
 from rostersync.sync import merge as merging
+from rostersync.sync import runs as runs_module
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.staging import stage
 from tests.rosterdata import small_roster
@@ -188,7 +189,7 @@ async def test_delta_run_redecides_everyone_after_a_provisioning_change(
         report = await engine.sync("mem", mode=mode)
         await engine.drain()
         with store.read() as conn:
-            return engine_module.load_report(conn, report.id)
+            return runs_module.load_report(conn, report.id)
 
     limited = make_settings(license_limit=1)
     first = await run(limited, "full")
@@ -1192,7 +1193,7 @@ async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
     engine = SyncEngine(settings, pg_store)
     engine._created_unanalyzed = 100  # groups were created since the last refresh
     transactions: dict[str, int] = {}
-    real_refresh, real_rebuild = merging.refresh_directory_statistics, engine_module.rebuild_groups
+    real_refresh, real_rebuild = merging.refresh_directory_statistics, worker_module.rebuild_groups
 
     def refresh(conn: Any, members: bool = True) -> None:
         transactions["analyze"] = conn.execute(text("SELECT txid_current()")).scalar_one()
@@ -1203,7 +1204,7 @@ async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
         return real_rebuild(conn, *args, **kwargs)
 
     monkeypatch.setattr(merging, "refresh_directory_statistics", refresh)
-    monkeypatch.setattr(engine_module, "rebuild_groups", rebuild)
+    monkeypatch.setattr(worker_module, "rebuild_groups", rebuild)
     assert await engine.drain() == 2
     assert transactions["batch"] > transactions["analyze"]  # a later transaction, not the same
 
@@ -1238,7 +1239,7 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     requeue()
     await engine.drain()  # groups created since, never refreshed: everything
     assert calls == refreshed(True) and engine._created_unanalyzed == 0
-    engine._analyzed_at -= engine_module.ANALYZE_EVERY
+    engine._analyzed_at -= worker_module.ANALYZE_EVERY
     requeue()
     await engine.drain()  # the interval is over, but no group was created since
     assert calls == refreshed(True)
