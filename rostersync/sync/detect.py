@@ -118,7 +118,38 @@ def find_changes(
         if kind != "enrollment":
             new_ids[kind], changed[kind] = new_and_changed(conn, kind, source, run_id)
             out.to_write[kind] = changed[kind]
-    # Enrollments that are new or changed (new and old class).
+    first_load, new_enrollments = _enrollment_changes(conn, out, params, grouped)
+    owners, pairs = out.owner_classes, out.member_pairs
+    if full:
+        _find_missing(conn, out, source, run_id, new_ids, new_enrollments, grouped)
+    out.refresh_classes = changed["class"] | out.missing.get("class", set())
+    out.dirty_classes |= out.refresh_classes
+    owners |= out.refresh_classes
+    changed_people = changed["person"]
+    out.persons = changed_people | out.missing.get("person", set())
+    # New people matter only through their (new) enrollments, counted above.
+    existing_changed = changed_people - new_ids["person"]
+    out.in_place["person"] = existing_changed
+    _count_lost_emails(conn, out, params, existing_changed)
+    touched_people = existing_changed | out.missing.get("person", set())
+    if not first_load:
+        # A new person may already have enrollments in the mirror (the source sent them a run
+        # earlier, or rejected the person then): those classes gain a member or a teacher.
+        touched_people |= new_ids["person"]
+    person_pairs = enrollments_of_persons(conn, source, touched_people)
+    pairs |= {(c, p) for c, p, role in person_pairs if c in grouped and role == STUDENT}
+    out.dirty_classes |= {cls for cls, _, _ in person_pairs}
+    # A changed person who is, or was, anything but a student may change who owns a group.
+    others = non_students(conn, source, run_id, touched_people)
+    owners |= {cls for cls, person, _ in person_pairs if person in others}
+    return out
+
+
+def _enrollment_changes(
+    conn: Connection, out: Changes, params: Mapping[str, Any], grouped: Mapping[str, int]
+) -> tuple[bool, int]:
+    """Enrollments that are new or changed (new and old class) into ``out``; returns whether
+    this is the source's first load of enrollments, and how many staged ones are new."""
     new_enrollments = 0
     pairs = out.member_pairs
     # Member marks matter only for classes that have a group (``grouped``, from group_ids;
@@ -173,44 +204,56 @@ def find_changes(
                     pairs.add((old_cls, old_user))
             else:
                 new_enrollments += 1
-    if full:
-        # A record the source sent but that was rejected (a course answering 403, a row that
-        # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,
-        # stay as they were instead of being swept.
-        rejected = rejected_ids(conn, run_id)
-        # Sources that list people per class (Classroom) never send the people of a refused
-        # class: they stay too.
-        rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
-        out.missing = {
-            kind: missing_ids(conn, kind, source, run_id, len(new_ids[kind])) - rejected[kind]
-            for kind in new_ids
-        }
-        gone_enrollments: set[str] = set()
-        if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
-            sql = """
-                SELECT m.sourced_id, m.class_id, m.user_id, m.role FROM roster_enrollment m
-                WHERE m.source = :src AND NOT EXISTS (
-                    SELECT 1 FROM staging_enrollment s
-                    WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
-            """
-            for sid, cls, uid, role in conn.execute(text(sql), params):
-                if sid in rejected["enrollment"] or cls in rejected["class"]:
-                    continue
-                if role != STUDENT:
-                    owners.add(cls)
-                gone_enrollments.add(sid)
-                out.dirty_classes.add(cls)
-                if cls in grouped and role == STUDENT:
-                    pairs.add((cls, uid))
-        out.missing["enrollment"] = gone_enrollments
-    out.refresh_classes = changed["class"] | out.missing.get("class", set())
-    out.dirty_classes |= out.refresh_classes
-    owners |= out.refresh_classes
-    changed_people = changed["person"]
-    out.persons = changed_people | out.missing.get("person", set())
-    # New people matter only through their (new) enrollments, counted above.
-    existing_changed = changed_people - new_ids["person"]
-    out.in_place["person"] = existing_changed
+    return first_load, new_enrollments
+
+
+def _find_missing(
+    conn: Connection,
+    out: Changes,
+    source: str,
+    run_id: int,
+    new_ids: Mapping[str, set[str]],
+    new_enrollments: int,
+    grouped: Mapping[str, int],
+) -> None:
+    """A full run: what it did not see, per kind, into ``out.missing``; gone enrollments
+    dirty their classes."""
+    params = {"run": run_id, "src": source}
+    owners, pairs = out.owner_classes, out.member_pairs
+    # A record the source sent but that was rejected (a course answering 403, a row that
+    # breaks the schema) is not gone: its mirror row, and a rejected class's enrollments,
+    # stay as they were instead of being swept.
+    rejected = rejected_ids(conn, run_id)
+    # Sources that list people per class (Classroom) never send the people of a refused
+    # class: they stay too.
+    rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
+    out.missing = {
+        kind: missing_ids(conn, kind, source, run_id, len(new_ids[kind])) - rejected[kind]
+        for kind in new_ids
+    }
+    gone_enrollments: set[str] = set()
+    if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
+        sql = """
+            SELECT m.sourced_id, m.class_id, m.user_id, m.role FROM roster_enrollment m
+            WHERE m.source = :src AND NOT EXISTS (
+                SELECT 1 FROM staging_enrollment s
+                WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
+        """
+        for sid, cls, uid, role in conn.execute(text(sql), params):
+            if sid in rejected["enrollment"] or cls in rejected["class"]:
+                continue
+            if role != STUDENT:
+                owners.add(cls)
+            gone_enrollments.add(sid)
+            out.dirty_classes.add(cls)
+            if cls in grouped and role == STUDENT:
+                pairs.add((cls, uid))
+    out.missing["enrollment"] = gone_enrollments
+
+
+def _count_lost_emails(
+    conn: Connection, out: Changes, params: Mapping[str, Any], existing_changed: set[str]
+) -> None:
     # A source that stops sending emails (a revoked scope, a changed export) must not
     # silently blank the directory: counted here, judged by the safety rules.
     # One pass over this run's staged people with an empty email, each checked against its
@@ -238,18 +281,6 @@ def find_changes(
                 params,
             ).scalar_one()
         )
-    touched_people = existing_changed | out.missing.get("person", set())
-    if not first_load:
-        # A new person may already have enrollments in the mirror (the source sent them a run
-        # earlier, or rejected the person then): those classes gain a member or a teacher.
-        touched_people |= new_ids["person"]
-    person_pairs = enrollments_of_persons(conn, source, touched_people)
-    pairs |= {(c, p) for c, p, role in person_pairs if c in grouped and role == STUDENT}
-    out.dirty_classes |= {cls for cls, _, _ in person_pairs}
-    # A changed person who is, or was, anything but a student may change who owns a group.
-    others = non_students(conn, source, run_id, touched_people)
-    owners |= {cls for cls, person, _ in person_pairs if person in others}
-    return out
 
 
 def non_students(conn: Connection, source: str, run_id: int, person_ids: set[str]) -> set[str]:
