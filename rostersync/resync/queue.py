@@ -18,8 +18,9 @@ from typing import Any
 from sqlalchemy import BindParameter, Connection, bindparam, select, text, update
 from sqlmodel import col
 
-from rostersync.store.db import Store, as_utc, executemany, ts_params, utcnow
+from rostersync.store.db import Store, as_utc, executemany, in_text, ts_params, utcnow
 from rostersync.store.tables import SyncRun
+from rostersync.sync.rules import chunks
 
 #: PostgreSQL channel the daemon LISTENs on for new resync jobs.
 RESYNC_CHANNEL = "rostersync_resync"
@@ -262,3 +263,21 @@ def add_counts(current: Mapping[str, int], extra: Mapping[str, int]) -> dict[str
     for k, v in extra.items():
         out[k] = out.get(k, 0) + v
     return out
+
+
+def queued_jobs(conn: Connection, user_ids: Iterable[int]) -> list[tuple[int, bool, bool]]:
+    """(user, refresh, live) of these users' queued jobs."""
+    queued: list[tuple[int, bool, bool]] = []
+    for chunk in chunks(sorted(user_ids)):
+        queued += [
+            (int(uid), bool(refresh), bool(live))
+            for uid, refresh, live in conn.execute(
+                in_text(
+                    "SELECT user_id, refresh, live FROM resync_job "
+                    "WHERE state = 'queued' AND user_id IN :ids",
+                    "ids",
+                ),
+                {"ids": chunk},
+            )
+        ]
+    return queued

@@ -26,14 +26,14 @@ from sqlmodel import col
 from rostersync import recovery
 from rostersync.config.models import Settings
 from rostersync.records import Rejected
-from rostersync.resync.groups import rebuild_groups, update_members
-from rostersync.resync.queue import queue_resync
-from rostersync.store.db import Store, as_utc, in_text, lock_directory, utcnow
+from rostersync.resync.groups import mark_dirty, rebuild_groups, update_members
+from rostersync.resync.queue import queue_resync, queued_jobs
+from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import SourceState, SyncRun
 from rostersync.sync import changes as changeset
 from rostersync.sync import detect, provisioning
 from rostersync.sync import merge as merging
-from rostersync.sync.rules import ProvisionPlan, check_safety, chunks, plan_provisioning
+from rostersync.sync.rules import ProvisionPlan, check_safety, plan_provisioning
 from rostersync.sync.runs import (
     Outcome,
     RunContext,
@@ -207,7 +207,7 @@ class Applier:
         dirty = changes.dirty_classes - members_only
         teachers_after = detect.teachers_of_classes(conn, source, dirty)
         affected_people = teachers_before | teachers_after | changed_people
-        detect.mark_dirty(
+        mark_dirty(
             conn,
             source,
             changes.refresh_classes,
@@ -407,19 +407,7 @@ class Applier:
         """A held or dry run, applied but not committed: do what the resync workers would do
         for its users after it (from the mirror, as their jobs would: a user's queued manual
         or live job re-reads every member), then diff the directory with the snapshot."""
-        queued: list[tuple[int, bool, bool]] = []
-        for chunk in chunks(sorted(resync_users)):
-            queued += [
-                (int(uid), bool(refresh), bool(live))
-                for uid, refresh, live in conn.execute(
-                    in_text(
-                        "SELECT user_id, refresh, live FROM resync_job "
-                        "WHERE state = 'queued' AND user_id IN :ids",
-                        "ids",
-                    ),
-                    {"ids": chunk},
-                )
-            ]
+        queued = queued_jobs(conn, resync_users)
         roles = self.settings.provisioning.teacher_roles
         rebuild_groups(
             conn,

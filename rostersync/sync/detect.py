@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from rostersync.records import STUDENT
-from rostersync.store.db import executemany, in_text
+from rostersync.store.db import in_text
 from rostersync.sync.mirror import POPULATED, TABLES, ids_in
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import run_scan
@@ -386,42 +386,3 @@ def group_ids(conn: Connection, source: str) -> dict[str, int]:
             text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
         )
     }
-
-
-def mark_dirty(
-    conn: Connection,
-    source: str,
-    class_ids: set[str],
-    pairs: set[tuple[str, str]],
-    grouped: Mapping[str, int],
-) -> None:
-    """Tell the resyncs which classes' members to re-read in full (``class_ids``) and which
-    single members to re-read (``pairs`` of class and person). Marks left from runs whose jobs
-    are all done (classes nobody teaches any more) are dropped first.
-
-    Only classes that have a group (``grouped``, from :func:`group_ids`) are marked: a new group reads all its members anyway, and
-    a first run would otherwise write a mark for every enrollment of the district.
-    """
-    for table in ("dirty_class", "dirty_member"):
-        conn.execute(
-            text(
-                f"DELETE FROM {table} WHERE source = :src AND NOT EXISTS "
-                "(SELECT 1 FROM resync_job WHERE state IN ('queued', 'running'))"
-            ),
-            {"src": source},
-        )
-    whole = grouped.keys() & class_ids
-    executemany(
-        conn,
-        "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
-        [(source, c) for c in sorted(whole)],
-    )
-    executemany(
-        conn,
-        "INSERT INTO dirty_member (source, class_id, person_id) VALUES (?, ?, ?) "
-        "ON CONFLICT DO NOTHING",
-        sorted((source, c, p) for c, p in pairs if c in grouped and c not in whole),
-    )
-
-
-# -- merge ---------------------------------------------------------------------------------
