@@ -153,7 +153,7 @@ def _enrollment_changes(
     new_enrollments = 0
     pairs = out.member_pairs
     # Member marks matter only for classes that have a group (``grouped``, from group_ids;
-    # see mark_dirty): on a first run none has, and a million pairs would be collected for
+    # see resync.groups.mark_dirty): on a first run none has, and a million pairs would be collected for
     # nothing.
     sql = f"""
         SELECT s.sourced_id, s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
