@@ -153,8 +153,8 @@ def _enrollment_changes(
     new_enrollments = 0
     pairs = out.member_pairs
     # Member marks matter only for classes that have a group (``grouped``, from group_ids;
-    # see resync.groups.mark_dirty): on a first run none has, and a million pairs would be collected for
-    # nothing.
+    # see resync.groups.mark_dirty): on a first run none has, and a million pairs would be
+    # collected for nothing.
     sql = f"""
         SELECT s.sourced_id, s.class_id, s.user_id, s.role, m.class_id, m.user_id, m.role
         FROM {run_scan(conn, "staging_enrollment")}
