@@ -94,12 +94,12 @@ class App:
 
     def prepare(self, owner: str | None = None) -> str:
         """Before this command takes leases: put right what dead processes of this host left
-        (their runs, source leases, job leases and staging; see rostersync.recovery), then
+        (their runs, source leases, job leases and staging; see rostersync.daemon.recovery), then
         register this process. Once per command; returns its owner name."""
         import structlog
 
         from rostersync.daemon import recovery
-        from rostersync.sync.engine import instance_id
+        from rostersync.sync.runs import instance_id
 
         if self._owner is None:
             name = owner or instance_id()

@@ -17,7 +17,7 @@ def db_group() -> None:
 def db_upgrade(app: App) -> None:
     """Apply pending migrations."""
     from rostersync.store.db import Store
-    from rostersync.sync.apply import sync_catalog
+    from rostersync.sync.provisioning import sync_catalog
 
     store = Store(app.settings.database)
     before, after = store.upgrade()

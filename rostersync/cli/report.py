@@ -14,7 +14,7 @@ from rostersync.cli.app import fail, table
 
 if TYPE_CHECKING:
     from rostersync.sync.changes import ChangeSet
-    from rostersync.sync.engine import RunReport
+    from rostersync.sync.runs import RunReport
 
 CSV_COLUMNS = (
     "run_id",
@@ -224,7 +224,7 @@ TRIGGERS = {
 
 
 def print_report(r: RunReport) -> None:
-    from rostersync.sync.engine import COUNT_KEYS
+    from rostersync.sync.runs import COUNT_KEYS
 
     flag = " (dry run)" if r.dry_run else ""
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")

@@ -16,7 +16,7 @@ from rostersync.cli.sync import drain_with_progress
 from rostersync.errors import RunNotFound, RunStateError
 
 if TYPE_CHECKING:
-    from rostersync.sync.engine import RunReport
+    from rostersync.sync.runs import RunReport
 
 
 @click.group("runs")
@@ -128,7 +128,7 @@ def runs_show(
     if as_json and csv_path:
         fail("--json and --csv cannot be used together", EXIT_USAGE)
     from rostersync.sync import changes as changeset
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     try:
         with app.read_store.read() as conn:
@@ -170,7 +170,7 @@ def _approval_preview(app: App, run_id: int) -> bool:
     first lines (the whole of it is `runs show ID --changes`). False when there is nothing
     to ask about: the engine then refuses the run, saying why."""
     from rostersync.sync import changes as changeset
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     try:
         with app.read_store.read() as conn:
@@ -208,7 +208,7 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
 
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
-    from rostersync.sync.engine import load_report
+    from rostersync.sync.runs import load_report
 
     app.prepare()  # what a killed process left is put right first (its run may be this one)
     if not as_json:

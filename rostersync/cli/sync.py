@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from rostersync.progress import SyncProgress
     from rostersync.store.db import Store
     from rostersync.sync.changes import ChangeSet
-    from rostersync.sync.engine import RunReport, SyncEngine
+    from rostersync.sync.engine import SyncEngine
+    from rostersync.sync.runs import RunReport
 
 
 async def _sync_and_drain(
@@ -33,7 +34,7 @@ async def _sync_and_drain(
 ) -> list[RunReport]:
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
-    from rostersync.sync.engine import SourceBusy, load_report
+    from rostersync.sync.runs import SourceBusy, load_report
 
     # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
     progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
@@ -68,7 +69,7 @@ async def _sync_and_drain(
 
 async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
     """engine.drain(), reporting jobs done and still queued after every batch."""
-    from rostersync.queue import queue_depth
+    from rostersync.resync.queue import queue_depth
 
     def queued() -> int:
         with app.store.read() as conn:
@@ -263,8 +264,7 @@ def resync(
 
     from rostersync import directory
     from rostersync.logs import notice
-    from rostersync.queue import queued_job_ids
-    from rostersync.sync.apply import queue_resync
+    from rostersync.resync.queue import queue_resync, queued_job_ids
 
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
@@ -432,7 +432,7 @@ def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
     """The jobs waited for. A job that is gone was folded into a newer job of its user (a
     retry that found one queued): that one is followed instead."""
     from rostersync import directory
-    from rostersync.queue import newest_job_ids
+    from rostersync.resync.queue import newest_job_ids
 
     with store.read() as conn:
         jobs = directory.list_jobs(conn, sorted(waiting))
@@ -445,7 +445,7 @@ def _follow_jobs(store: Store, waiting: dict[int, int]) -> list[dict[str, Any]]:
 
 
 def _due_soonest(store: Store) -> float | None:
-    from rostersync.queue import job_due_soonest
+    from rostersync.resync.queue import job_due_soonest
 
     with store.read() as conn:
         return job_due_soonest(conn)

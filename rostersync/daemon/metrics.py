@@ -90,7 +90,7 @@ def read_store_state(
     """One scrape's reading of the store. ``sources`` (the configured ones) get a held-runs
     series even at 0, so a dashboard shows them; a held run counts until it is approved or a
     later real run of its source succeeds (which makes it unapprovable)."""
-    from rostersync.queue import queue_depth
+    from rostersync.resync.queue import queue_depth
     from rostersync.store.db import as_utc
 
     depth = queue_depth(conn)

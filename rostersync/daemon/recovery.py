@@ -39,7 +39,7 @@ from sqlmodel import col
 
 from rostersync.daemon import procs
 from rostersync.logs import scrub
-from rostersync.queue import requeue_owned
+from rostersync.resync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import Instance, SourceLease, SyncRun
 from rostersync.sync.staging import LOCK_NOT_AVAILABLE, clear_staging

@@ -41,7 +41,8 @@ from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync.engine import SourceBusy, SyncEngine, instance_id
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import SourceBusy, instance_id
 
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0

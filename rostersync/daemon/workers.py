@@ -18,9 +18,8 @@ from sqlalchemy.engine import make_url
 
 from rostersync.daemon.metrics import Metrics
 from rostersync.logs import scrub
-from rostersync.queue import job_due_soonest
+from rostersync.resync.queue import RESYNC_CHANNEL, job_due_soonest
 from rostersync.store.db import Store
-from rostersync.sync.apply import RESYNC_CHANNEL
 from rostersync.sync.engine import SyncEngine
 
 #: Idle workers look for due jobs this often on SQLite (the bound is 5 s; no NOTIFY there).

@@ -44,6 +44,7 @@ from rostersync.importer.reader import Sheet
 from rostersync.importer.rows import RowInput, parse_row
 from rostersync.importer.statuses import Status, empty_counts
 from rostersync.logs import scrub
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, in_text, utcnow
 from rostersync.store.tables import (
     GroupOwner,
@@ -54,10 +55,9 @@ from rostersync.store.tables import (
     UserRole,
     UserSite,
 )
-from rostersync.sync.apply import (
+from rostersync.sync.provisioning import (
     count_active_users,
     mark_directory_changed,
-    queue_resync,
     sync_catalog,
 )
 from rostersync.sync.rules import chunks

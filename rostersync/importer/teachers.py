@@ -20,14 +20,14 @@ from rostersync.config.models import Settings
 from rostersync.emails import email_problem, normalize_email
 from rostersync.importer.plan import resolve_name
 from rostersync.importer.statuses import Status, empty_counts
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import User, UserIdentity, UserRole, UserSite
-from rostersync.sync.apply import (
+from rostersync.sync.provisioning import (
     count_active_users,
     eligible_teachers,
     linked_users,
     mark_directory_changed,
-    queue_resync,
     sync_catalog,
     users_by_email,
 )

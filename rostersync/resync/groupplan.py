@@ -1,6 +1,6 @@
 """The group rules of a resync batch, as pure functions over plain values.
 
-:mod:`rostersync.groups` reads the mirror and the directory, asks these functions what each
+:mod:`rostersync.resync.groups` reads the mirror and the directory, asks these functions what each
 group must have, and writes their answers: no I/O here, so every decision is tested without
 a database. The decisions, in the order a batch takes them:
 

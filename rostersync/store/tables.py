@@ -379,7 +379,7 @@ class SourceLease(SQLModel, table=True):
 
 class Instance(SQLModel, table=True):
     """A process that takes leases (a daemon, or a command that syncs or processes jobs), so
-    that others can tell whether it still runs (see ``rostersync.recovery``)."""
+    that others can tell whether it still runs (see ``rostersync.daemon.recovery``)."""
 
     __tablename__ = "instance"
     id: str = Field(primary_key=True, max_length=128)  # the owner named in leases

@@ -41,11 +41,12 @@ from rostersync.config.source import ScopedSourceConfig, SourceConfig
 from rostersync.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.scoping import (
     OrgInfo,
+    Schools,
     classes_out_of_term,
     person_in_scope,
     resolve_schools,
 )
-from rostersync.sync.apply import ids_in
+from rostersync.sync.mirror import ids_in
 from rostersync.sync.staging import prepare_staging
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).
@@ -183,41 +184,17 @@ def apply_scope(
         )
     _temp_tables(conn)
     try:
-        # Classes: why each staged one is out ('s' school, 't' terms) or kept ('k').
-        staged = {
-            sid: school
-            for sid, school in conn.execute(
-                text("SELECT sourced_id, school_id FROM staging_class WHERE run_id = :run"),
-                params,
-            )
-        }
-        why = {
-            sid: "s" if school is not None and not schools.in_scope(school) else "k"
-            for sid, school in staged.items()
-        }
-        if scope.current_terms:
-            terms = {c: t for c, t in class_terms.items() if why.get(c) == "k"}
-            out, unknown = classes_out_of_term(terms, sessions or {}, today, scope.grace_days)
-            for cid in out:
-                why[cid] = "t"
-            if unknown:
-                term_ids = set().union(*unknown.values())
-                result.warnings.append(
-                    f"terms: {len(unknown)} classes name academic sessions the source did not "
-                    f"send ({_shown(term_ids)}), so they count as current: "
-                    f"{_shown(unknown)}"
-                )
-        _fill(conn, "scope_class", why.items())
-        if not full:
-            # A delta run's enrollments may be of classes it did not fetch: the mirror's.
-            conn.execute(
-                text(
-                    "INSERT INTO scope_class (sourced_id, why) SELECT m.sourced_id, 'k' "
-                    "FROM roster_class m WHERE m.source = :src AND NOT EXISTS "
-                    "(SELECT 1 FROM scope_class k WHERE k.sourced_id = m.sourced_id)"
-                ),
-                params,
-            )
+        why = _scope_classes(
+            conn,
+            params,
+            full=full,
+            scope=scope,
+            schools=schools,
+            class_terms=class_terms,
+            sessions=sessions,
+            today=today,
+            result=result,
+        )
         counts["classes_ignored"] = sum(1 for w in why.values() if w == "s")
         counts["classes_out_of_term"] = sum(1 for w in why.values() if w == "t")
 
@@ -234,53 +211,7 @@ def apply_scope(
         )
 
         # Persons: out by their schools, unless enrolled in a class kept.
-        out_people = set()
-        if scope.schools:
-            for sid, org_ids in conn.execute(
-                text("SELECT sourced_id, org_ids FROM staging_person WHERE run_id = :run"),
-                params,
-            ):
-                if not person_in_scope((org_ids or "").split(","), orgs, schools):
-                    out_people.add(sid)
-        if out_people:
-            _fill(conn, "scope_person", ((sid, "s") for sid in out_people))
-            enrolled = (
-                "SELECT DISTINCT e.user_id FROM {table} e "
-                "JOIN scope_person p ON p.sourced_id = e.user_id "
-                "JOIN scope_class k ON k.sourced_id = e.class_id AND k.why <> 's' "
-                "WHERE {where}"
-            )
-            kept = {
-                r[0]
-                for r in conn.execute(
-                    text(
-                        enrolled.format(
-                            table="staging_enrollment",
-                            where="e.run_id = :run AND e.status = 'active'",
-                        )
-                    ),
-                    params,
-                )
-            }
-            if not full:
-                kept |= {
-                    r[0]
-                    for r in conn.execute(
-                        text(
-                            enrolled.format(
-                                table="roster_enrollment",
-                                where="e.source = :src AND e.status = 'active'",
-                            )
-                        ),
-                        params,
-                    )
-                }
-            if kept:
-                conn.execute(
-                    text("DELETE FROM scope_person WHERE sourced_id = :s"),
-                    [{"s": sid} for sid in kept],
-                )
-            out_people -= kept
+        out_people = _people_out(conn, params, full=full, scope=scope, orgs=orgs, schools=schools)
         counts["persons_ignored"] = len(out_people)
 
         _retire(
@@ -296,6 +227,118 @@ def apply_scope(
     finally:
         _drop_temp_tables(conn)
     return result
+
+
+def _scope_classes(
+    conn: Connection,
+    params: Mapping[str, Any],
+    *,
+    full: bool,
+    scope: Scope,
+    schools: Schools,
+    class_terms: Mapping[str, tuple[str, ...]],
+    sessions: Mapping[str, AcademicSession] | None,
+    today: date,
+    result: ScopeResult,
+) -> dict[str, str]:
+    """Fill ``scope_class``; returns why each staged class is out ('s' school, 't' terms) or
+    kept ('k'). Warnings go to ``result``."""
+    staged = {
+        sid: school
+        for sid, school in conn.execute(
+            text("SELECT sourced_id, school_id FROM staging_class WHERE run_id = :run"),
+            params,
+        )
+    }
+    why = {
+        sid: "s" if school is not None and not schools.in_scope(school) else "k"
+        for sid, school in staged.items()
+    }
+    if scope.current_terms:
+        terms = {c: t for c, t in class_terms.items() if why.get(c) == "k"}
+        out, unknown = classes_out_of_term(terms, sessions or {}, today, scope.grace_days)
+        for cid in out:
+            why[cid] = "t"
+        if unknown:
+            term_ids = set().union(*unknown.values())
+            result.warnings.append(
+                f"terms: {len(unknown)} classes name academic sessions the source did not "
+                f"send ({_shown(term_ids)}), so they count as current: "
+                f"{_shown(unknown)}"
+            )
+    _fill(conn, "scope_class", why.items())
+    if not full:
+        # A delta run's enrollments may be of classes it did not fetch: the mirror's.
+        conn.execute(
+            text(
+                "INSERT INTO scope_class (sourced_id, why) SELECT m.sourced_id, 'k' "
+                "FROM roster_class m WHERE m.source = :src AND NOT EXISTS "
+                "(SELECT 1 FROM scope_class k WHERE k.sourced_id = m.sourced_id)"
+            ),
+            params,
+        )
+    return why
+
+
+def _people_out(
+    conn: Connection,
+    params: Mapping[str, Any],
+    *,
+    full: bool,
+    scope: Scope,
+    orgs: Mapping[str, OrgInfo],
+    schools: Schools,
+) -> set[str]:
+    """The staged persons out by their schools and not enrolled in a class kept (they are
+    left in ``scope_person``)."""
+    out_people = set()
+    if scope.schools:
+        for sid, org_ids in conn.execute(
+            text("SELECT sourced_id, org_ids FROM staging_person WHERE run_id = :run"),
+            params,
+        ):
+            if not person_in_scope((org_ids or "").split(","), orgs, schools):
+                out_people.add(sid)
+    if out_people:
+        _fill(conn, "scope_person", ((sid, "s") for sid in out_people))
+        enrolled = (
+            "SELECT DISTINCT e.user_id FROM {table} e "
+            "JOIN scope_person p ON p.sourced_id = e.user_id "
+            "JOIN scope_class k ON k.sourced_id = e.class_id AND k.why <> 's' "
+            "WHERE {where}"
+        )
+        kept = {
+            r[0]
+            for r in conn.execute(
+                text(
+                    enrolled.format(
+                        table="staging_enrollment",
+                        where="e.run_id = :run AND e.status = 'active'",
+                    )
+                ),
+                params,
+            )
+        }
+        if not full:
+            kept |= {
+                r[0]
+                for r in conn.execute(
+                    text(
+                        enrolled.format(
+                            table="roster_enrollment",
+                            where="e.source = :src AND e.status = 'active'",
+                        )
+                    ),
+                    params,
+                )
+            }
+        if kept:
+            conn.execute(
+                text("DELETE FROM scope_person WHERE sourced_id = :s"),
+                [{"s": sid} for sid in kept],
+            )
+        out_people -= kept
+    return out_people
 
 
 _OUT = {

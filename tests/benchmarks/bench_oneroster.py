@@ -285,7 +285,8 @@ def child_sync(args: argparse.Namespace) -> int:
     from rostersync import logs
     from rostersync.config.loader import load_settings
     from rostersync.store.db import Store
-    from rostersync.sync.engine import SyncEngine, load_report
+    from rostersync.sync.engine import SyncEngine
+    from rostersync.sync.runs import load_report
 
     with open(args.log, "a", encoding="utf-8") as log_file:
         logs.configure(level="info", fmt="json", stream=log_file)

@@ -20,7 +20,8 @@ from rostersync.config.models import Settings
 from rostersync.records import STUDENT, TEACHER, MemoryRoster
 from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from rostersync.store.db import Store
-from rostersync.sync.engine import RunReport, SyncEngine
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport
 from tests.conftest import _pg_schema_store
 from tests.fakes.classroom_server import FakeClassroom, generate_keypair, generate_private_pem
 from tests.sync.helpers import groups, snapshot, users

@@ -32,6 +32,7 @@ from rostersync.records import (
     RosterClass,
     RosterEnrollment,
 )
+from rostersync.resync.queue import queue_resync
 from rostersync.sampledata import (
     DATE_LAST_MODIFIED,
     EDGE_ELIGIBLE,
@@ -41,9 +42,9 @@ from rostersync.sampledata import (
     write_oneroster_csv,
 )
 from rostersync.store.db import Store
-from rostersync.sync import apply
-from rostersync.sync.apply import queue_resync
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync import provisioning
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
 from tests.sync.helpers import groups, snapshot, users
 
@@ -515,15 +516,15 @@ async def test_a_delta_run_decides_for_the_teachers_it_touched_and_a_full_run_ag
             if e.class_id == cls and e.role == STUDENT and e.status == "active":
                 v11_server.delete("enrollment", e.sourced_id)
     looked_at: list[set[str] | None] = []
-    real = apply.eligible_teachers
+    real = provisioning.eligible_teachers
 
     def spy(conn: Any, source: str, roles: Any, only: set[str] | None = None) -> Any:
         looked_at.append(only)
         return real(conn, source, roles, only)
 
-    monkeypatch.setattr(apply, "eligible_teachers", spy)
+    monkeypatch.setattr(provisioning, "eligible_teachers", spy)
     counted: list[tuple[int, int]] = []
-    real_count = apply.groups_to_remove
+    real_count = provisioning.groups_to_remove
 
     def count_both(
         conn: Any, source: str, roles: Any, archived: Any = (), only: Any = None, **kw: Any
@@ -536,7 +537,7 @@ async def test_a_delta_run_decides_for_the_teachers_it_touched_and_a_full_run_ag
         )
         return counted[-1][0]
 
-    monkeypatch.setattr(apply, "groups_to_remove", count_both)
+    monkeypatch.setattr(provisioning, "groups_to_remove", count_both)
     report = await run(engine, "delta")
 
     assert report.mode == "delta" and report.counts["users_archived"] == 1

@@ -14,7 +14,7 @@ from rostersync.config.source import SourceConfig
 from rostersync.importer import ImportResult, parse_bytes, run_import
 from rostersync.store.db import Store
 from rostersync.store.tables import Group, GroupOwner, User, UserRole, UserSite
-from rostersync.sync.apply import sync_catalog
+from rostersync.sync.provisioning import sync_catalog
 
 Run = Callable[..., ImportResult]
 

@@ -27,14 +27,8 @@ from rostersync.daemon import recovery
 from rostersync.records import MemoryRoster
 from rostersync.rows import sort_batch
 from rostersync.store.db import Store, utcnow
-from rostersync.sync.engine import (
-    Outcome,
-    RunContext,
-    RunReport,
-    SyncEngine,
-    instance_id,
-    load_report,
-)
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import Outcome, RunContext, RunReport, instance_id, load_report
 from rostersync.sync.staging import STAGING, stage
 from tests.model.feed import TODAY
 from tests.model.oracle import SOURCE, Config

@@ -17,9 +17,11 @@ from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.importer import parse_bytes, run_import
 from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store
-from rostersync.sync import apply as apply_sql
-from rostersync.sync.engine import SyncEngine, load_report
+from rostersync.sync import merge as merging
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import load_report
 from tests.sync.helpers import groups, snapshot, sync, users
 
 
@@ -78,7 +80,7 @@ async def test_a_failed_approval_does_not_leave_the_run_running(
     def broken(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(apply_sql, "merge", broken)
+    monkeypatch.setattr(merging, "merge", broken)
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(emptied)})
     with pytest.raises(RuntimeError):
         await engine.approve(held.id)
@@ -312,7 +314,7 @@ async def test_a_sync_job_merged_into_a_queued_manual_resync_counts_in_the_run(
     await sync(settings, store, _school())
     with store.write() as conn:
         user_id = int(conn.execute(text('SELECT id FROM "user"')).scalar_one())
-        apply_sql.queue_resync(conn, [user_id], reason="manual resync", run_id=None)
+        queue_resync(conn, [user_id], reason="manual resync", run_id=None)
     roster = _school()
     roster.classes.append(RosterClass("c2", "Geometry"))
     roster.enrollments += [

@@ -21,7 +21,8 @@ from rostersync.daemon.recovery import hold_lease, interrupt_runs
 from rostersync.records import MemoryRoster, RosterRecord
 from rostersync.rows import sort_batch
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync.engine import SourceBusy, SyncEngine
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import SourceBusy
 from tests.daemon.conftest import wait_until
 from tests.recovery.conftest import (
     Holder,

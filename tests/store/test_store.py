@@ -14,16 +14,12 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text
 
 from rostersync.errors import StoreError
-from rostersync.queue import fail, lease, queue_depth, release
 from rostersync.records import RosterEnrollment, RosterPerson
+from rostersync.resync.queue import fail, lease, queue_depth, queue_resync, release
 from rostersync.rows import StagedBatch, person_tuple, sort_batch
 from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
-from rostersync.sync.apply import (
-    queue_resync,
-    refresh_directory_statistics,
-    refresh_statistics,
-)
+from rostersync.sync.merge import refresh_directory_statistics, refresh_statistics
 from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
 
 STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")

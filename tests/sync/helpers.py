@@ -9,7 +9,8 @@ from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster
 from rostersync.store.db import Store
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 
 
 async def sync(
@@ -88,3 +89,19 @@ def user_id(conn: Any, email: str) -> int:
     return int(
         conn.execute(text('SELECT id FROM "user" WHERE email = :e'), {"e": email}).scalar_one()
     )
+
+
+ZERO = {
+    "users_created": 0,
+    "users_linked": 0,
+    "users_archived": 0,
+    "users_skipped_license": 0,
+    "groups_created": 0,
+    "groups_updated": 0,
+    "groups_removed": 0,
+    "resync_queued": 0,
+}
+
+
+def counts(report: object) -> dict[str, int]:
+    return {k: v for k, v in report.counts.items() if k in ZERO}  # type: ignore[attr-defined]

@@ -14,7 +14,8 @@ from rostersync.config.models import Settings
 from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync import changes as changeset
-from rostersync.sync.engine import SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import load_report
 from tests.changediff import difference, picture, plain
 from tests.rosterdata import small_roster
 from tests.sync.helpers import sync

@@ -23,7 +23,8 @@ from rostersync.records import (
 )
 from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from rostersync.store.db import Store
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 from tests.oneroster12 import DELTA_STAMP, write_drop
 from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, snapshot, users

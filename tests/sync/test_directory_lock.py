@@ -18,9 +18,9 @@ from sqlalchemy import Connection, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.groups import sync_members
+from rostersync.resync.groups import sync_members
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, lock_directory
-from rostersync.sync.apply import queue_resync
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, sync, user_id

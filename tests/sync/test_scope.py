@@ -26,9 +26,10 @@ from rostersync.records import (
     RosterOrg,
     RosterPerson,
 )
+from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store
-from rostersync.sync.apply import queue_resync
-from rostersync.sync.engine import RunReport, SyncEngine, load_report
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 from tests.oneroster12 import write_drop
 from tests.sync.helpers import groups, users
 from tests.sync.test_csv12_sync import run as csv_run

@@ -32,7 +32,7 @@ from rostersync.resync.groupplan import (
     wanted_groups,
 )
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
-from rostersync.sync.apply import POPULATED, ids_in, teacher_role, teacher_role_params
+from rostersync.sync.mirror import POPULATED, ids_in, teacher_role, teacher_role_params
 from rostersync.sync.rules import chunks
 
 
@@ -560,3 +560,42 @@ def _clear_marks(
         "DELETE FROM dirty_member WHERE source = ? AND class_id = ? AND person_id = ?",
         sorted({(src, cls, person) for _, src, cls, person in marks}),
     )
+
+
+def mark_dirty(
+    conn: Connection,
+    source: str,
+    class_ids: set[str],
+    pairs: set[tuple[str, str]],
+    grouped: Mapping[str, int],
+) -> None:
+    """Tell the resyncs which classes' members to re-read in full (``class_ids``) and which
+    single members to re-read (``pairs`` of class and person). Marks left from runs whose jobs
+    are all done (classes nobody teaches any more) are dropped first.
+
+    Only classes that have a group (``grouped``, from :func:`~rostersync.sync.detect.group_ids`) are marked: a new group reads all its members anyway, and
+    a first run would otherwise write a mark for every enrollment of the district.
+    """
+    for table in ("dirty_class", "dirty_member"):
+        conn.execute(
+            text(
+                f"DELETE FROM {table} WHERE source = :src AND NOT EXISTS "
+                "(SELECT 1 FROM resync_job WHERE state IN ('queued', 'running'))"
+            ),
+            {"src": source},
+        )
+    whole = grouped.keys() & class_ids
+    executemany(
+        conn,
+        "INSERT INTO dirty_class (source, class_id) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        [(source, c) for c in sorted(whole)],
+    )
+    executemany(
+        conn,
+        "INSERT INTO dirty_member (source, class_id, person_id) VALUES (?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        sorted((source, c, p) for c, p in pairs if c in grouped and c not in whole),
+    )
+
+
+# -- merge ---------------------------------------------------------------------------------

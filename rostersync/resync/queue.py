@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,9 +18,12 @@ from typing import Any
 from sqlalchemy import BindParameter, Connection, bindparam, select, text, update
 from sqlmodel import col
 
-from rostersync.store.db import Store, as_utc, executemany, ts_params, utcnow
+from rostersync.store.db import Store, as_utc, executemany, in_text, ts_params, utcnow
 from rostersync.store.tables import SyncRun
-from rostersync.sync.apply import add_counts
+from rostersync.sync.rules import chunks
+
+#: PostgreSQL channel the daemon LISTENs on for new resync jobs.
+RESYNC_CHANNEL = "rostersync_resync"
 
 GROUP_COUNTS = ("groups_created", "groups_updated", "groups_removed")
 
@@ -213,6 +216,71 @@ def job_due_soonest(conn: Connection) -> float | None:
     due = as_utc(row)
     assert due is not None
     return max((due - utcnow()).total_seconds(), 0.0)
+
+
+# -- enqueue ---------------------------------------------------------------------------------
+
+
+def queue_resync(
+    conn: Connection,
+    user_ids: Iterable[int],
+    *,
+    reason: str,
+    run_id: int | None,
+    live: bool = False,
+) -> int:
+    """Queue one job per user; a user with a queued job keeps that one.
+
+    A request without a sync run (``run_id`` None: manual, import) re-reads every member of
+    the user's groups (``refresh``). The kept job takes the newer reason and the newest sync
+    run (whose report its group changes count in); a full re-read or a live one is never
+    downgraded by a sync merging into it.
+    """
+    now = utcnow()
+    refresh = run_id is None
+    rows = [(uid, live, refresh, reason[:200], run_id, now, now) for uid in sorted(set(user_ids))]
+    if not rows:
+        return 0
+    executemany(
+        conn,
+        "INSERT INTO resync_job (user_id, state, live, refresh, attempts, reason, run_id, "
+        "run_after, created_at, result) VALUES (?, 'queued', ?, ?, 0, ?, ?, ?, ?, '{}') "
+        "ON CONFLICT (user_id) WHERE state = 'queued' DO UPDATE SET reason = excluded.reason, "
+        "run_id = COALESCE(excluded.run_id, resync_job.run_id), "
+        "refresh = (resync_job.refresh OR excluded.refresh), "
+        "live = (resync_job.live OR excluded.live)",
+        rows,
+        timestamps=True,
+    )
+    if conn.dialect.name == "postgresql":
+        # Wakes idle daemon workers at once (delivered when this transaction commits).
+        conn.execute(text(f"NOTIFY {RESYNC_CHANNEL}"))
+    return len(rows)
+
+
+def add_counts(current: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    out = dict(current)
+    for k, v in extra.items():
+        out[k] = out.get(k, 0) + v
+    return out
+
+
+def queued_jobs(conn: Connection, user_ids: Iterable[int]) -> list[tuple[int, bool, bool]]:
+    """(user, refresh, live) of these users' queued jobs."""
+    queued: list[tuple[int, bool, bool]] = []
+    for chunk in chunks(sorted(user_ids)):
+        queued += [
+            (int(uid), bool(refresh), bool(live))
+            for uid, refresh, live in conn.execute(
+                in_text(
+                    "SELECT user_id, refresh, live FROM resync_job "
+                    "WHERE state = 'queued' AND user_id IN :ids",
+                    "ids",
+                ),
+                {"ids": chunk},
+            )
+        ]
+    return queued
 
 
 def queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:

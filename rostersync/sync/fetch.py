@@ -1,0 +1,131 @@
+"""The fetch and stage step of a run: everything the connector yields is staged while the
+fetch goes on, in a worker thread, so the fetch never waits on the database unless its
+buffer is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert
+
+from rostersync.connector import Connector, FetchMode
+from rostersync.daemon import recovery
+from rostersync.logs import scrub
+from rostersync.records import AcademicSession
+from rostersync.store.db import Store
+from rostersync.store.tables import RunRejection
+from rostersync.sync.scope import Scope
+from rostersync.sync.staging import StagedBatch, sort_batch, stage
+
+#: Rows a fetch may hold back while a staging write is under way before it waits for it.
+STAGE_BUFFER_ROWS = 50_000
+
+
+@dataclass
+class Fetched:
+    """What a fetch gives the scope step besides staged rows (see rostersync.sync.scope)."""
+
+    #: the academic sessions of the classes that name any, by class (terms: current only)
+    class_terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the connector's ``academic_sessions``, if it has them
+    sessions: Mapping[str, AcademicSession] | None = None
+
+
+class Fetcher:
+    """The engine's fetch and stage step."""
+
+    store: Store
+    progress: Callable[[str, str, Mapping[str, int]], None] | None
+
+    def connector(self, source: str) -> AbstractAsyncContextManager[Connector]:
+        raise NotImplementedError
+
+    async def _fetch(
+        self,
+        source: str,
+        run_id: int,
+        mode: FetchMode,
+        since: datetime | None,
+        log: Any,
+        extras: Fetched | None = None,
+        scope: Scope | None = None,
+    ) -> tuple[dict[str, int], datetime | None, list[str]]:
+        """Stage everything the connector yields; returns the counts, the newest
+        dateLastModified, and the connector's warnings (its optional ``warnings``: what it
+        accepted but an admin should hear of, such as a CSV row read without a bad date).
+        With terms to judge, ``extras`` collects the classes' terms and the sessions."""
+        collect = extras if scope is not None and scope.current_terms else None
+        fetched: Counter[str] = Counter()
+        notes: list[str] = []
+        # Staging runs in a worker thread while the connector fetches on. Batches that arrive
+        # while a write is under way wait in `buffer` and go in the next write together, so
+        # the fetch never stalls on the database unless the buffer is full.
+        buffer = StagedBatch()
+        pending: asyncio.Task[None] | None = None
+        try:
+            async with self.connector(source) as connector:
+                async for records in connector.fetch(mode, since):
+                    batch = records if isinstance(records, StagedBatch) else sort_batch(records)
+                    if collect is not None and batch.terms:
+                        collect.class_terms.update(batch.terms)
+                    fetched.update(
+                        {
+                            "orgs": len(batch.rows["org"]),
+                            "persons": len(batch.rows["person"]),
+                            "classes": len(batch.rows["class"]),
+                            "enrollments": len(batch.rows["enrollment"]),
+                            "rejected": len(batch.rejected),
+                        }
+                    )
+                    buffer.extend(batch)
+                    if pending is not None:
+                        if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
+                            continue
+                        await pending
+                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                    buffer = StagedBatch(newest=buffer.newest)
+                    if self.progress:
+                        self.progress(source, "fetch", dict(fetched))
+                if pending is not None:
+                    await pending
+                if len(buffer):
+                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
+                if collect is not None:
+                    collect.sessions = getattr(connector, "academic_sessions", None)
+        finally:
+            # Even when the fetch fails, let the last staging write land before the caller
+            # clears staging, or its rows would outlive the failed run.
+            if pending is not None:
+                await asyncio.gather(pending, return_exceptions=True)
+        if pending is not None and (error := pending.exception()) is not None:
+            raise error
+        log.info("fetch_done", warnings=len(notes), **dict(fetched))
+        return dict(fetched), buffer.newest, notes
+
+    def _stage(self, run_id: int, batch: StagedBatch) -> None:
+        with self.store.write() as conn:
+            if not recovery.still_running(conn, run_id):
+                return  # cut off or taken over meanwhile: its staging was cleared for good
+            stage(conn, run_id, batch)
+            if batch.rejected:
+                conn.execute(
+                    insert(RunRejection),
+                    [
+                        {
+                            "run_id": run_id,
+                            "entity": r.entity,
+                            "sourced_id": r.sourced_id,
+                            "reason": r.reason[:1000],
+                            "location": r.location,
+                        }
+                        for r in batch.rejected
+                    ],
+                )

@@ -1,0 +1,191 @@
+"""The mirror merge: a run's changed staged rows upserted into the mirror, what a full run did
+not see swept, and PostgreSQL's planner statistics kept fresh afterwards.
+
+It runs inside the apply step's one transaction, so a failed run leaves the mirror (and its
+indexes) as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+from sqlalchemy.schema import CreateIndex, DropIndex
+from sqlmodel import SQLModel
+
+from rostersync.store.db import in_text
+from rostersync.sync.mirror import TABLES
+from rostersync.sync.rules import chunks
+from rostersync.sync.staging import run_scan
+
+#: Below this many staged rows a load keeps the mirror's indexes (the rebuild costs more).
+BULK_LOAD_MIN_ROWS = 50_000
+
+
+def _first_load(
+    conn: Connection, mirror: str, staging: str, params: dict[str, Any]
+) -> tuple[bool, bool]:
+    """(this run loads the source into ``mirror`` for the first time, and that load at least
+    doubles the table: its secondary indexes are better built afterwards). The cheap test
+    first, so that a delta run does not count a large mirror."""
+    mine = conn.execute(text(f"SELECT 1 FROM {mirror} WHERE source = :src LIMIT 1"), params).first()
+    if mine is not None:
+        return False, False
+    staged = conn.execute(
+        text(f"SELECT count(*) FROM {staging} WHERE run_id = :run"), params
+    ).scalar_one()
+    if staged < BULK_LOAD_MIN_ROWS:
+        return True, False
+    total = conn.execute(text(f"SELECT count(*) FROM {mirror}")).scalar_one()
+    return True, staged >= total
+
+
+def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids: set[str]) -> int:
+    """SQLite: copy these changed rows' staged values over their mirror rows where no
+    indexed column changed, setting only the columns no index holds. SQLite rewrites the
+    entries of every index on a column an UPDATE sets, equal or not, and the upsert below
+    sets them all: index pages rewritten with the values they held."""
+    mirror, staging, cols = TABLES[kind]
+    indexed = {
+        f'"{c.name}"'
+        for index in SQLModel.metadata.tables[mirror].indexes
+        for c in index.columns
+        if c.name not in ("source", "sourced_id")
+    }
+    if not ids or not indexed:
+        return 0
+    sets = ", ".join(f"{c} = s.{c}" for c in cols if c not in indexed)
+    same = " AND ".join(f"m.{c} IS s.{c}" for c in sorted(indexed))
+    stmt = in_text(
+        f"UPDATE {mirror} AS m SET {sets} FROM {staging} s "
+        f"WHERE s.run_id = :run AND s.sourced_id IN :ids "
+        f"AND m.source = :src AND m.sourced_id = s.sourced_id AND {same}",
+        "ids",
+    )
+    done = 0
+    for chunk in chunks(sorted(ids)):
+        done += conn.execute(stmt, {"run": run_id, "src": source, "ids": chunk}).rowcount or 0
+    return done
+
+
+#: Up to this many new and changed rows of a kind, the merge upserts them by id (500 per
+#: statement); beyond it, one statement over all staged rows costs less.
+TARGETED_UPSERT_MAX = 50_000
+
+
+def merge(
+    conn: Connection,
+    source: str,
+    run_id: int,
+    missing: Mapping[str, set[str]],
+    in_place: Mapping[str, set[str]] | None = None,
+    to_write: Mapping[str, set[str]] | None = None,
+) -> dict[str, int]:
+    """Upsert changed staged rows into the mirror and sweep what a full run did not see
+    (``missing``, from :func:`find_changes`; ``in_place``, its changed rows already in the
+    mirror, lets SQLite leave their unchanged index entries alone; ``to_write``, all its new
+    and changed rows, lets a run that changed little upsert just those instead of comparing
+    every staged row again). Returns rows written per table."""
+    written: dict[str, int] = {}
+    for kind, (mirror, staging, cols) in TABLES.items():
+        params = {"src": source, "run": run_id}
+        written[kind] = 0
+        if in_place and conn.dialect.name == "sqlite":
+            # PostgreSQL compares the values itself and skips unchanged index entries.
+            written[kind] = _update_in_place(conn, kind, source, run_id, in_place.get(kind, set()))
+        # A source's first load that at least doubles the table goes in faster without the
+        # secondary indexes, built again afterwards by one sort each, than with them kept up
+        # row by row. Inside the transaction, so a failed run leaves them as they were.
+        secondary = [i for i in SQLModel.metadata.tables[mirror].indexes if not i.unique]
+        fresh, bulk = _first_load(conn, mirror, staging, params)
+        rebuild = secondary if bulk else []
+        for index in rebuild:
+            conn.execute(DropIndex(index))
+        col_list = ", ".join(cols)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols)
+        insert = (
+            f"INSERT INTO {mirror} (source, sourced_id, {col_list}) "
+            f"SELECT CAST(:src AS VARCHAR(64)), s.sourced_id, "
+            f"{', '.join('s.' + c for c in cols)} "
+        )
+        upsert = f"""
+            AND NOT EXISTS (
+                SELECT 1 FROM {mirror} m WHERE m.source = :src
+                AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash)
+            ON CONFLICT (source, sourced_id) DO UPDATE SET {updates}
+        """
+        ids = None if fresh or to_write is None else to_write.get(kind)
+        if ids is not None and len(ids) <= TARGETED_UPSERT_MAX:
+            # The changed rows are known: upsert those by id (the staging key finds each),
+            # not all staged rows probed against the mirror again (most of a no-op run).
+            # The rows updated in place now carry the staged hash: NOT EXISTS skips them.
+            by_id = text(
+                f"{insert}FROM {staging} s WHERE s.run_id = :run AND s.sourced_id IN :ids {upsert}"
+            ).bindparams(bindparam("ids", expanding=True))
+            for chunk in chunks(sorted(ids)):
+                written[kind] += conn.execute(by_id, {**params, "ids": chunk}).rowcount or 0
+        else:
+            # A first load has nothing to compare with and no conflict to resolve (staging
+            # holds one row per id): the probe and the conflict check per row are skipped.
+            sql = f"{insert}FROM {run_scan(conn, staging)} WHERE s.run_id = :run"
+            if not fresh:
+                sql += upsert
+            written[kind] += conn.execute(text(sql), params).rowcount or 0
+        for index in rebuild:
+            conn.execute(CreateIndex(index))
+        # Delete by id: the ids are known already, and an anti-join over a million-row
+        # mirror costs seconds even when nothing is gone.
+        for chunk in chunks(sorted(missing.get(kind, ()))):
+            stmt = text(
+                f"DELETE FROM {mirror} WHERE source = :src AND sourced_id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True))
+            written[kind] += conn.execute(stmt, {"src": source, "ids": chunk}).rowcount or 0
+    return written
+
+
+# -- planner statistics ---------------------------------------------------------------------
+
+
+def refresh_statistics(conn: Connection, written: Mapping[str, int]) -> list[str]:
+    """Fresh PostgreSQL planner statistics for the mirror tables this merge changed much;
+    returns the tables analysed.
+
+    Without them PostgreSQL picks nested loops over sequential scans on a freshly loaded
+    table. A table counts as changed much by autovacuum's own rule: 50 rows plus a tenth of
+    the rows it had when last analysed (never analysed counts as none). A first load always
+    is; a small delta is not, and analysing a large mirror for it would cost more than it
+    saves. SQLite plans these queries well without statistics, except one, which names its
+    index (see enrollments_of_persons).
+    """
+    if conn.dialect.name != "postgresql":
+        return []
+    changed = {TABLES[k][0]: n for k, n in written.items() if n and k != "org"}
+    if not changed:
+        return []
+    sizes: dict[str, float] = dict(
+        conn.execute(
+            text(
+                "SELECT relname, reltuples FROM pg_class "
+                "WHERE oid = ANY(CAST(CAST(:tables AS text[]) AS regclass[]))"
+            ),
+            {"tables": sorted(changed)},
+        ).all()
+    )
+    stale = [t for t, n in sorted(changed.items()) if n >= 50 + 0.1 * max(sizes.get(t, 0), 0)]
+    if stale:
+        conn.execute(text(f"ANALYZE {', '.join(stale)}"))
+    return stale
+
+
+def refresh_directory_statistics(conn: Connection, *, members: bool = True) -> None:
+    """Fresh PostgreSQL statistics for the directory tables (see refresh_statistics).
+
+    A first sync creates thousands of users and its resyncs tens of thousands of groups and
+    a million member rows; planned with the statistics of the empty tables, PostgreSQL
+    chooses scans where an index answers at once.
+    ``members``: include ``group_member``, the one large table (its sample costs most).
+    """
+    if conn.dialect.name == "postgresql":
+        tables = '"user", user_identity, groups, group_owner'
+        conn.execute(text(f"ANALYZE {tables}{', group_member' if members else ''}"))

@@ -1,0 +1,362 @@
+"""Provisioning's reads and writes: who is eligible, who is linked, the users, roles, sites and
+identities a plan creates or changes, and the groups a run would leave without an owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, text, update
+from sqlmodel import col
+
+from rostersync.config.models import Settings
+from rostersync.emails import normalize_email
+from rostersync.store.db import executemany, in_text, utcnow
+from rostersync.store.tables import Role, Site, User
+from rostersync.sync.mirror import ids_in, teacher_role, teacher_role_params, teaches_populated
+from rostersync.sync.rules import ExistingUser, LinkedUser, ProvisionPlan, Teacher, chunks
+
+# -- eligibility ------------------------------------------------------------------------------
+
+
+def _rows_for(
+    conn: Connection, sql: str, params: Mapping[str, Any], only: set[str] | None, column: str
+) -> Iterable[Any]:
+    """Rows of ``sql``, or (``only`` given) just those whose ``column`` is in ``only``."""
+    if only is None:
+        yield from conn.execute(text(sql), dict(params))
+        return
+    stmt = in_text(f"{sql} AND {column} IN :only", "only")
+    for chunk in chunks(sorted(only)):
+        yield from conn.execute(stmt, {**params, "only": chunk})
+
+
+def eligible_teachers(
+    conn: Connection, source: str, teacher_roles: Sequence[str], only: set[str] | None = None
+) -> list[Teacher]:
+    """The source's candidates (see :class:`~rostersync.sync.rules.Teacher`): active, enabled
+    persons of a teacher role teaching >= 1 active class with >= 1 active student (of the
+    persons in ``only``, when given: a delta run looks only at the people it touched). Whether
+    their email makes them eligible is the plan's to say."""
+    # Everyone of the source (a full run): SQLite would walk the (source, email) index and
+    # read the person rows in email order, all over the table; a scan in table order is
+    # cheaper. For a delta's few ids the primary key answers.
+    scan = "NOT INDEXED" if only is None and conn.dialect.name == "sqlite" else ""
+    sql = f"""
+        SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
+        FROM roster_person tp {scan}
+        WHERE tp.source = :src AND tp.status = 'active' AND tp.enabled = :yes
+          -- the role test first: students never teach, and it spares their enrollment probes
+          AND {teacher_role(conn, teacher_roles)}
+          AND EXISTS (SELECT 1 FROM roster_enrollment te
+                      WHERE te.source = tp.source AND te.user_id = tp.sourced_id
+                        AND {teaches_populated(conn, teacher_roles)})
+    """
+    orgs: dict[str, str] = {
+        sid: name
+        for sid, name in conn.execute(
+            text("SELECT sourced_id, name FROM roster_org WHERE source = :src"), {"src": source}
+        )
+    }
+    out = []
+    params = {"src": source, "yes": True, **teacher_role_params(teacher_roles)}
+    rows = _rows_for(conn, sql, params, only, "tp.sourced_id")
+    for sid, email, given, family, username, org_ids in rows:
+        schools = tuple(o for o in (org_ids or "").split(",") if o)
+        out.append(
+            Teacher(
+                sourced_id=sid,
+                email=email,
+                display_name=" ".join(p for p in (given, family) if p).strip(),
+                username=username,
+                school_ids=schools,
+                school_names=tuple(orgs[o] for o in schools if o in orgs),
+            )
+        )
+    return out
+
+
+def linked_users(
+    conn: Connection, source: str, only: set[str] | None = None
+) -> dict[str, LinkedUser]:
+    """This source's persons linked to a user (those in ``only``, when given)."""
+    sql = """
+        SELECT i.external_id, u.id, u.email, u.status, u.created_by, u.archived_by_sync,
+          EXISTS (SELECT 1 FROM user_identity i2
+                  JOIN roster_person p2 ON p2.source = i2.source AND p2.sourced_id = i2.external_id
+                  WHERE i2.user_id = u.id AND i2.source <> :src AND p2.status = 'active')
+        FROM user_identity i JOIN "user" u ON u.id = i.user_id
+        WHERE i.source = :src
+    """
+    return {
+        ext: LinkedUser(uid, ext, email, status, created_by, bool(archived), bool(elsewhere))
+        for ext, uid, email, status, created_by, archived, elsewhere in _rows_for(
+            conn, sql, {"src": source}, only, "i.external_id"
+        )
+    }
+
+
+def users_by_email(conn: Connection, emails: Iterable[str]) -> dict[str, ExistingUser]:
+    """Directory users by (normalized) email."""
+    out: dict[str, ExistingUser] = {}
+    for chunk in chunks(sorted({normalize_email(e) for e in emails})):
+        rows = conn.execute(
+            text('SELECT id, email, status FROM "user" WHERE email IN :emails').bindparams(
+                bindparam("emails", expanding=True)
+            ),
+            {"emails": chunk},
+        )
+        for uid, email, status in rows:
+            out[email] = ExistingUser(uid, email, status)
+    return out
+
+
+def count_active_users(conn: Connection) -> int:
+    return int(
+        conn.execute(text("SELECT count(*) FROM \"user\" WHERE status = 'active'")).scalar_one()
+    )
+
+
+# -- directory writes -----------------------------------------------------------------------
+
+
+def sync_catalog(conn: Connection, settings: Settings) -> None:
+    """Make the role and site rows match the config (added or updated, never deleted:
+    users may still hold a role an admin removed from the file)."""
+    roles = {
+        name: (rid, scope, perms)
+        for rid, name, scope, perms in conn.execute(
+            text("SELECT id, name, scope, permissions FROM role")
+        )
+    }
+    for spec in settings.roles:
+        perms = list(spec.permissions)
+        current = roles.get(spec.name)
+        if current is None:
+            conn.execute(insert(Role).values(name=spec.name, scope=spec.scope, permissions=perms))
+        elif current[1] != spec.scope or list(current[2] or []) != perms:
+            conn.execute(
+                update(Role)
+                .where(col(Role.id) == current[0])
+                .values(scope=spec.scope, permissions=perms)
+            )
+    sites = {name for (name,) in conn.execute(text("SELECT name FROM site"))}
+    for site in settings.sites:
+        if site not in sites:
+            conn.execute(insert(Site).values(name=site))
+
+
+def _name_ids(conn: Connection, table: str) -> dict[str, int]:
+    return {name: rid for rid, name in conn.execute(text(f"SELECT id, name FROM {table}"))}
+
+
+def _insert_users(
+    conn: Connection, plan: ProvisionPlan, created_by: str, now: datetime
+) -> dict[str, int]:
+    """Create the plan's new users; their ids by email."""
+    if not plan.create:
+        return {}
+    if conn.dialect.name == "postgresql":
+        # One statement that returns the ids: looked up afterwards, the new users would be
+        # found with a plan made for the table as it was (empty).
+        rows = conn.execute(
+            text(
+                'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
+                "delegated, created_at, updated_at) SELECT k.e, k.n, 'active', :by, false, "
+                "false, :now, :now FROM unnest(CAST(:emails AS text[]), CAST(:names AS text[])) "
+                "AS k(e, n) RETURNING email, id"
+            ),
+            {
+                "by": created_by,
+                "now": now,
+                "emails": [n.email for n in plan.create],
+                "names": [n.display_name[:256] for n in plan.create],
+            },
+        )
+        return {email: uid for email, uid in rows}
+    executemany(
+        conn,
+        'INSERT INTO "user" (email, display_name, status, created_by, archived_by_sync, '
+        "delegated, created_at, updated_at) VALUES (?, ?, 'active', ?, ?, ?, ?, ?)",
+        [(n.email, n.display_name[:256], created_by, False, False, now, now) for n in plan.create],
+        timestamps=True,
+    )
+    return {e: u.user_id for e, u in users_by_email(conn, [n.email for n in plan.create]).items()}
+
+
+def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> set[int]:
+    """Carry out a provisioning plan; returns the ids of the users it created."""
+    now = utcnow()
+    role_ids = _name_ids(conn, "role")
+    site_ids = _name_ids(conn, "site")
+    created_by = f"source:{source}"
+    # Bulk writes: a first sync creates every teacher of the district at once.
+    ids = _insert_users(conn, plan, created_by, now)
+    created = {ids[n.email] for n in plan.create}
+    executemany(
+        conn,
+        "INSERT INTO user_role (user_id, role_id) VALUES (?, ?)",
+        [(ids[n.email], role_ids[n.role]) for n in plan.create],
+    )
+    executemany(
+        conn,
+        "INSERT INTO user_site (user_id, site_id) VALUES (?, ?)",
+        [(ids[n.email], site_ids[s]) for n in plan.create for s in n.sites],
+    )
+    executemany(
+        conn,
+        "INSERT INTO user_identity (user_id, source, external_id, username) VALUES (?, ?, ?, ?)",
+        [
+            (ids[n.email], source, ext, username)
+            for n in plan.create
+            for ext, username in n.identities
+        ]
+        + [(link.user_id, source, link.sourced_id, link.username) for link in plan.link],
+    )
+    if plan.restore:
+        conn.execute(
+            update(User)
+            .where(col(User.id).in_(plan.restore))
+            .values(status="active", archived_by_sync=False, updated_at=now)
+        )
+    if plan.archive:
+        conn.execute(
+            update(User)
+            .where(col(User.id).in_(plan.archive))
+            .values(status="archived", archived_by_sync=True, updated_at=now)
+        )
+    return created
+
+
+def users_of_persons(conn: Connection, source: str, person_ids: set[str]) -> set[int]:
+    if len(person_ids) > 2000:
+        # Many persons (a first run): one read of the source's identities beats a hundred
+        # IN-list queries, which PostgreSQL answered with a scan each.
+        rows = conn.execute(
+            text("SELECT external_id, user_id FROM user_identity WHERE source = :src"),
+            {"src": source},
+        )
+        return {uid for ext, uid in rows if ext in person_ids}
+    sql = "SELECT user_id FROM user_identity WHERE source = :src AND external_id IN :ids"
+    return ids_in(conn, sql, person_ids, src=source)
+
+
+def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
+    """(active users rostersync created from this source, groups of this source)."""
+    users = conn.execute(
+        text("SELECT count(*) FROM \"user\" WHERE created_by = :cb AND status = 'active'"),
+        {"cb": f"source:{source}"},
+    ).scalar_one()
+    groups = conn.execute(
+        text("SELECT count(*) FROM groups WHERE source = :src"), {"src": source}
+    ).scalar_one()
+    return int(users), int(groups)
+
+
+def groups_to_remove(
+    conn: Connection,
+    source: str,
+    teacher_roles: Sequence[str],
+    archived: Iterable[int] = (),
+    only_classes: set[str] | None = None,
+    *,
+    restored: Iterable[int] = (),
+    new_owners: Iterable[str] = (),
+) -> int:
+    """Groups of this source that no eligible, provisioned teacher will own after this run.
+
+    ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
+    the persons it links or creates accounts for, who take over the classes they teach (the
+    count is made before the accounts exist). ``only_classes``: a delta run counts just the
+    groups its changes can concern, those of these classes and those of the users it
+    archives; no other group's owners changed.
+    """
+    sql = f"""
+        SELECT g.external_id FROM groups g WHERE g.source = :src AND NOT EXISTS (
+            SELECT 1 FROM roster_enrollment te
+            JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+            JOIN user_identity i ON i.source = te.source AND i.external_id = te.user_id
+            JOIN "user" u ON u.id = i.user_id
+            WHERE te.source = g.source AND te.class_id = g.external_id
+              AND (u.status = 'active' OR u.id IN :restored) AND u.id NOT IN :archived
+              AND {teaches_populated(conn, teacher_roles)})
+    """
+    params = {
+        "src": source,
+        "yes": True,
+        "archived": sorted(set(archived)) or [-1],
+        "restored": sorted(set(restored)) or [-1],
+        **teacher_role_params(teacher_roles),
+    }
+    if only_classes is None:
+        classes = {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
+    else:
+        candidates = {
+            gid
+            for gid, ext in conn.execute(
+                text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
+            )
+            if ext in only_classes
+        } | ids_in(conn, "SELECT group_id FROM group_owner WHERE user_id IN :ids", set(archived))
+        stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
+        classes = set()
+        for chunk in chunks(sorted(candidates)):
+            classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    owners = set(new_owners)
+    if classes and owners:
+        taken = f"""
+            SELECT te.class_id FROM roster_enrollment te
+            JOIN roster_person tp ON tp.source = te.source AND tp.sourced_id = te.user_id
+            WHERE te.source = :src AND te.user_id IN :ids AND {teaches_populated(conn, teacher_roles)}
+        """
+        classes -= ids_in(
+            conn, taken, owners, src=source, yes=True, **teacher_role_params(teacher_roles)
+        )
+    return len(classes)
+
+
+def source_identities(
+    conn: Connection, source: str, user_ids: Iterable[int]
+) -> dict[int, list[tuple[str, str]]]:
+    """The persons of this source linked to these users: user id -> [(sourced id, name)]."""
+    out: dict[int, list[tuple[str, str]]] = {}
+    sql = """
+        SELECT i.user_id, i.external_id, p.given_name, p.family_name FROM user_identity i
+        LEFT JOIN roster_person p ON p.source = i.source AND p.sourced_id = i.external_id
+        WHERE i.source = :src AND i.user_id IN :ids ORDER BY i.external_id
+    """
+    for chunk in chunks(sorted(set(user_ids))):
+        for uid, sid, given, family in conn.execute(
+            in_text(sql, "ids"), {"src": source, "ids": chunk}
+        ):
+            name = " ".join(p for p in (given, family) if p).strip()
+            out.setdefault(uid, []).append((sid, name))
+    return out
+
+
+def source_users(conn: Connection, source: str) -> set[int]:
+    """Every user linked to a person of this source."""
+    rows = conn.execute(
+        text("SELECT user_id FROM user_identity WHERE source = :src"), {"src": source}
+    )
+    return {int(uid) for (uid,) in rows}
+
+
+#: Put before a source's ``decided_with`` fingerprint when the directory changed outside a
+#: sync (an import): the next run re-decides every teacher, as after a settings change.
+DIRECTORY_CHANGED = "directory-changed:"
+
+
+def mark_directory_changed(conn: Connection) -> None:
+    """Users were created, linked or changed outside a sync (an import): a delta run's
+    decisions for the teachers it did not touch may no longer hold (an unlinked teacher may
+    now have an account to be linked to), so every source's next run decides for all."""
+    conn.execute(
+        text(
+            "UPDATE source_state SET decided_with = :mark || decided_with "
+            "WHERE decided_with IS NOT NULL AND decided_with NOT LIKE :like"
+        ),
+        {"mark": DIRECTORY_CHANGED, "like": f"{DIRECTORY_CHANGED}%"},
+    )

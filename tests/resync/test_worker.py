@@ -1,0 +1,246 @@
+"""The resync workers' batches and drain after a sync, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.records import RosterEnrollment
+from rostersync.resync import worker as worker_module
+from rostersync.resync.queue import queue_resync
+from rostersync.store.db import Store
+from rostersync.sync import merge as merging
+from rostersync.sync.engine import SyncEngine
+from tests.rosterdata import small_roster
+from tests.sync.helpers import add_user, groups, sync, user_id
+
+
+async def test_live_resync_refreshes_the_teacher_from_the_source(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live resync reads the teacher's classes now and rebuilds groups from that, without a full sync."""
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    changed = small_roster()
+    changed.enrollments.append(RosterEnrollment("e-new", "c-1", "s-5", "student"))
+    changed.enrollments = [e for e in changed.enrollments if e.sourced_id != "e-s1c1"]
+    with store.write() as conn:
+        uid = user_id(conn, "ada@example.org")
+        queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(changed)})
+    outcomes = await engine.process_batch()
+    assert [o for _, o in outcomes] == ["succeeded"]
+    members = {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+    assert members == {"s-2", "s-3", "s-5"}
+
+
+async def test_live_resync_failure_is_retried_then_failed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live fetch that fails leaves the job queued with its error, then failed after max_attempts."""
+
+    settings = make_settings(resync={"max_attempts": 2, "backoff": 0})
+    await sync(settings, store, small_roster())
+
+    class Broken(MemoryConnector):
+        async def fetch_teacher(self, teacher: object) -> object:  # type: ignore[override]
+            raise RuntimeError("source unreachable")
+
+    with store.write() as conn:
+        uid = user_id(conn, "ada@example.org")
+        queue_resync(conn, [uid], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": Broken(small_roster())})
+    assert [o for _, o in await engine.process_batch()] == ["queued"]
+    assert [o for _, o in await engine.process_batch()] == ["failed"]
+    with store.read() as conn:
+        state, err = conn.execute(
+            text("SELECT state, last_error FROM resync_job WHERE live = :t"), {"t": True}
+        ).one()
+    assert state == "failed" and "source unreachable" in err
+
+
+async def test_owner_added_by_import_survives_resyncs(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A group owner an admin added (origin import) is kept when the class's teachers are resynced."""
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
+        gid = conn.execute(text("SELECT id FROM groups WHERE external_id = 'c-1'")).scalar_one()
+        conn.execute(
+            text("INSERT INTO group_owner (group_id, user_id, origin) VALUES (:g, :u, 'import')"),
+            {"g": gid, "u": admin},
+        )
+        queue_resync(conn, [admin], reason="t", run_id=None)
+    roster = small_roster()
+    roster.replace_person("s-1", given_name="Changed")
+    await sync(settings, store, roster)
+    assert groups(store)["c-1"]["owners"] == ["ada@example.org", "coach@example.org"]
+
+
+async def test_manual_resync_rereads_every_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A manual resync repairs a group's members even when no sync marked its class changed."""
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        conn.execute(text("DELETE FROM group_member WHERE sourced_id = 's-1'"))
+        uid = user_id(conn, "ada@example.org")
+        queue_resync(conn, [uid], reason="manual", run_id=None)
+        marked = {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))}
+        assert "c-1" not in marked
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    await engine.drain()
+    assert "s-1" in {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+
+
+async def test_drain_runs_batches_side_by_side_on_postgresql(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """drain() runs resync.workers batches at once on PostgreSQL (one on SQLite, whose
+    writers take turns), reports the running total after each batch, and ends with every job
+    done and the groups one batch at a time would give."""
+    settings = make_settings(resync={"batch_size": 1, "workers": 3})
+    await sync(settings, store, small_roster(), drain=False)
+    engine = SyncEngine(settings, store)
+    in_flight = peak = 0
+    real = engine.process_batch
+
+    async def counting() -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # let the other workers lease their batches meanwhile
+            return await real()
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(engine, "process_batch", counting)
+    totals: list[int] = []
+    assert await engine.drain(on_batch=totals.append) == 2  # Ada and Alan; Grace's class is empty
+    assert peak == (3 if store.is_postgres else 1)
+    assert sorted(totals) == [1, 2]
+    with store.read() as conn:
+        states = conn.execute(text("SELECT state, count(*) FROM resync_job GROUP BY state")).all()
+    assert states == [("succeeded", 2)]
+    assert {m["sourced_id"] for m in groups(store)["c-2"]["members"]} == {"s-3", "s-4", "s-5"}
+    assert groups(store)["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]
+
+
+async def test_a_failing_drain_worker_stops_the_others(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error out of one worker (not a job's failure, which is recorded) cancels the others
+    and reaches the caller as it was raised."""
+    settings = make_settings(resync={"batch_size": 1, "workers": 3})
+    await sync(settings, store, small_roster(), drain=False)
+    engine = SyncEngine(settings, store)
+    calls = 0
+    cancelled: list[bool] = []
+
+    async def failing() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("lease failed")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return []
+
+    monkeypatch.setattr(engine, "process_batch", failing)
+    with pytest.raises(RuntimeError, match="lease failed"):
+        await asyncio.wait_for(engine.drain(), timeout=5)
+    assert len(cancelled) == (2 if store.is_postgres else 0)
+
+
+@pytest.mark.postgres
+async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
+    pg_store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ANALYZE holds its table lock until commit: run inside a batch, it made every other
+    batch's ANALYZE wait for that whole batch, and concurrent batches ran one at a time. It
+    commits before the batch's own transaction begins."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster(), drain=False)
+    engine = SyncEngine(settings, pg_store)
+    engine._created_unanalyzed = 100  # groups were created since the last refresh
+    transactions: dict[str, int] = {}
+    real_refresh, real_rebuild = merging.refresh_directory_statistics, worker_module.rebuild_groups
+
+    def refresh(conn: Any, members: bool = True) -> None:
+        transactions["analyze"] = conn.execute(text("SELECT txid_current()")).scalar_one()
+        real_refresh(conn, members=members)
+
+    def rebuild(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        transactions["batch"] = conn.execute(text("SELECT txid_current()")).scalar_one()
+        return real_rebuild(conn, *args, **kwargs)
+
+    monkeypatch.setattr(merging, "refresh_directory_statistics", refresh)
+    monkeypatch.setattr(worker_module, "rebuild_groups", rebuild)
+    assert await engine.drain() == 2
+    assert transactions["batch"] > transactions["analyze"]  # a later transaction, not the same
+
+
+async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers refresh all directory statistics once groups were created since the last
+    refresh (then at most every ANALYZE_EVERY seconds), the small tables once the groups
+    created since are 100 or more and at least as many as before (the tables doubled), and
+    nothing while no group is created. SQLite keeps the same count but has no statistics to
+    refresh, so nothing is called there."""
+    settings = make_settings()
+    await sync(settings, store, small_roster(), drain=False)
+    calls: list[bool] = []
+    monkeypatch.setattr(
+        merging, "refresh_directory_statistics", lambda conn, members=True: calls.append(members)
+    )
+
+    def refreshed(*members: bool) -> list[bool]:
+        return list(members) if store.is_postgres else []
+
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    await engine.drain()
+    assert calls == refreshed()  # nothing was created before this batch
+    assert engine._created_unanalyzed == 2  # the two groups this batch created
+
+    def requeue() -> None:
+        with store.write() as conn:
+            queue_resync(conn, [user_id(conn, "ada@example.org")], reason="t", run_id=None)
+
+    requeue()
+    await engine.drain()  # groups created since, never refreshed: everything
+    assert calls == refreshed(True) and engine._created_unanalyzed == 0
+    engine._analyzed_at -= worker_module.ANALYZE_EVERY
+    requeue()
+    await engine.drain()  # the interval is over, but no group was created since
+    assert calls == refreshed(True)
+    engine._created_unanalyzed = 100
+    requeue()
+    await engine.drain()
+    assert calls == refreshed(True, True)  # created since, and the interval is over: everything
+    assert engine._created_analyzed == 102  # 2 + 100 groups were sampled
+    engine._created_unanalyzed = 101
+    requeue()
+    await engine.drain()  # within the interval, and the tables have not doubled: nothing
+    assert calls == refreshed(True, True) and engine._created_unanalyzed == 101
+    engine._created_unanalyzed = 102
+    requeue()
+    await engine.drain()  # within the interval, doubled: the small tables only
+    assert calls == refreshed(True, True, False) and engine._created_unanalyzed == 0
+    assert engine._created_analyzed == 204

@@ -1,0 +1,167 @@
+"""Rejections, failures, held runs, their approval, and dry runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.errors import RunStateError
+from rostersync.records import MemoryRoster, Rejected
+from rostersync.store.db import Store
+from rostersync.sync.engine import SyncEngine
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, snapshot, sync, users
+
+
+async def test_connector_rejections_are_reported_and_run_continues(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A rejected record is counted and listed; the rest of the run is applied."""
+    roster = small_roster()
+    roster.rejected.append(Rejected("user", "bad-1", "unknown status 'zombie'", "users.csv line 9"))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    assert report.counts["records_rejected"] == 1
+    assert report.rejected[0]["location"] == "users.csv line 9"
+    assert len(users(store)) == 2
+
+
+async def test_failure_half_way_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A source that fails mid-fetch leaves the directory and mirror exactly as they were."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-2"]
+    report = await sync(settings, store, roster, fail_after=2)
+    assert report.status == "failed"
+    assert "connection lost" in (report.error or "")
+    assert snapshot(store) == before
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 0
+
+
+async def test_removals_over_threshold_hold_the_run_until_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run removing more than max_removals is held with nothing applied; approval applies it."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    assert "max_removals" in (report.hold_reason or "")
+    assert snapshot(store) == before
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(report.id)
+    await engine.drain()
+    assert approved.status == "succeeded"
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+    assert "c-2" not in groups(store)
+
+
+async def test_a_held_run_whose_staged_data_is_gone_is_not_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Approval skips the safety rules, so it first checks that the held run's staged rows are
+    still there: applied without them, a full run would sweep the whole source."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster.enrollments = [e for e in roster.enrollments if e.class_id != "c-2"]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    before = snapshot(store)
+    with store.write() as conn:  # as a server crash empties unlogged tables
+        conn.execute(text("DELETE FROM staging_enrollment"))
+        conn.execute(text("DELETE FROM staging_class"))
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    with pytest.raises(RunStateError, match=r"staged data is gone \(classes, enrollments"):
+        await engine.approve(report.id)
+    assert snapshot(store) == before
+    with store.read() as conn:
+        status = conn.execute(
+            text("SELECT status FROM sync_run WHERE id = :r"), {"r": report.id}
+        ).scalar_one()
+    assert status == "held"
+
+
+async def test_empty_pull_is_held(store: Store, make_settings: Callable[..., Settings]) -> None:
+    """A source that suddenly returns nothing is held, never applied."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    report = await sync(settings, store, MemoryRoster())
+    assert report.status == "held"
+    assert "empty pull" in (report.hold_reason or "")
+    assert snapshot(store) == before
+
+
+async def test_shrunken_source_is_held(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Fewer than min_source_ratio of the last run's enrollments holds the run."""
+    settings = make_settings(safety={"min_source_ratio": 0.9, "max_removals": 100})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = roster.enrollments[:6]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    assert "shrunken source" in (report.hold_reason or "")
+
+
+async def test_approving_a_superseded_held_run_is_refused(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A held run older than a later successful run cannot be approved."""
+    from rostersync.errors import RunStateError
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    held = await sync(settings, store, MemoryRoster())
+    await sync(settings, store, small_roster())
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    with pytest.raises(RunStateError, match="out of date"):
+        await engine.approve(held.id)
+
+
+async def test_dry_run_reports_and_changes_nothing(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A dry run reports would-be counts and changes neither mirror nor directory."""
+    settings = make_settings()
+    before = snapshot(store)
+    report = await sync(settings, store, small_roster(), dry_run=True)
+    assert report.dry_run and report.counts["users_created"] == 2
+    assert snapshot(store) == before
+
+
+async def test_source_that_stops_sending_emails_is_held(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run that would blank most people's email addresses is held, not applied."""
+    from rostersync.sampledata import DistrictSpec, generate_district
+
+    settings = make_settings()
+    roster = generate_district(DistrictSpec(teachers=6, students=40, classes=8, edge_cases=False))
+    await sync(settings, store, roster)
+    before = snapshot(store)
+    blank = roster.copy()
+    blank.persons = [replace(p, email=None) for p in blank.persons]
+    report = await sync(settings, store, blank)
+    assert report.status == "held"
+    assert "lose their email address" in (report.hold_reason or "")
+    assert snapshot(store) == before

@@ -1,0 +1,258 @@
+"""The mirror merge: bulk loads, upserts, updates in place, and the chunked id reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import event, inspect, text
+
+from rostersync.config.models import Settings
+from rostersync.records import RosterEnrollment
+from rostersync.store.db import Store
+from rostersync.sync import merge as merging
+from rostersync.sync import mirror
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, snapshot, sync
+
+
+async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load that doubles a mirror table drops its secondary indexes and builds them again
+    in the same transaction: they exist afterwards, and a run failing after the load leaves
+    the indexes and the (empty) mirror as they were."""
+    monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
+    dropped: list[str] = []
+    real_drop = merging.DropIndex
+
+    def spy(index: Any) -> Any:
+        dropped.append(index.name)
+        return real_drop(index)
+
+    monkeypatch.setattr(merging, "DropIndex", spy)
+    expected = {"ix_roster_enr_class", "ix_roster_enr_user"}
+
+    def boom(conn: Any, written: Any) -> None:
+        raise RuntimeError("boom after the load")
+
+    with monkeypatch.context() as m:
+        m.setattr(merging, "refresh_statistics", boom)
+        failed = await sync(make_settings(), store, small_roster())
+    assert failed.status == "failed" and "boom" in (failed.error or "")
+    assert expected <= set(dropped)
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("roster_enrollment")}
+    assert expected <= indexes
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM roster_enrollment")).scalar_one() == 0
+
+    dropped.clear()
+    report = await sync(make_settings(), store, small_roster())
+    assert report.status == "succeeded"
+    assert expected <= set(dropped) and "ix_roster_person_email" in dropped
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("roster_enrollment")}
+    assert expected <= indexes
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    dropped.clear()
+    await sync(make_settings(), store, small_roster())  # not a first load: indexes kept
+    assert dropped == []
+
+
+async def test_a_sources_first_load_inserts_without_comparing_and_later_runs_upsert(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Into a mirror table that holds no row of the source, the merge inserts the staged rows
+    plainly (nothing to compare, no conflict possible), even beside another source's rows;
+    once the source has rows there, changes go through the comparing upsert."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    statements: list[str] = []
+
+    def spy(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO roster_enrollment"):
+            statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", spy)
+    try:
+        await sync(settings, store, small_roster())
+        first = list(statements)
+        await sync(settings, store, small_roster(), source="other")
+        beside = statements[len(first) :]
+        roster = small_roster()
+        roster.enrollments = [
+            replace(e, primary=True) if e.sourced_id == "e-s1c1" else e for e in roster.enrollments
+        ]
+        count = len(statements)
+        report = await sync(settings, store, roster)
+        again = statements[count:]
+    finally:
+        event.remove(store.engine, "before_cursor_execute", spy)
+    assert report.status == "succeeded"
+    assert len(first) == 1 and "ON CONFLICT" not in first[0] and "NOT EXISTS" not in first[0]
+    assert len(beside) == 1 and "ON CONFLICT" not in beside[0]
+    assert len(again) == 1 and "ON CONFLICT" in again[0]
+    with store.read() as conn:
+        rows = conn.execute(
+            text(
+                'SELECT source, count(*), sum(CASE WHEN "primary" THEN 1 ELSE 0 END) '
+                "FROM roster_enrollment GROUP BY source ORDER BY source"
+            )
+        ).all()
+    base = small_roster().enrollments
+    primaries = sum(e.primary for e in base)
+    assert not next(e for e in base if e.sourced_id == "e-s1c1").primary
+    assert [tuple(r) for r in rows] == [
+        ("mem", len(base), primaries + 1),
+        ("other", len(base), primaries),
+    ]
+
+
+async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_changed(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The merge writes every change, and on SQLite sets an indexed column only for rows
+    whose value in it changed: a trigger on those columns fires for the moved enrollment and
+    the new email, not for the flag or the family name that changed beside them."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    sqlite = store.engine.dialect.name == "sqlite"
+    if sqlite:
+        with store.write() as conn:
+            conn.execute(text("CREATE TABLE index_writes (tbl TEXT, sourced_id TEXT)"))
+            conn.execute(
+                text(
+                    "CREATE TRIGGER enr_index_cols AFTER UPDATE OF class_id, user_id, role "
+                    "ON roster_enrollment BEGIN INSERT INTO index_writes "
+                    "VALUES ('enrollment', new.sourced_id); END"
+                )
+            )
+            conn.execute(
+                text(
+                    "CREATE TRIGGER person_index_cols AFTER UPDATE OF email ON roster_person "
+                    "BEGIN INSERT INTO index_writes VALUES ('person', new.sourced_id); END"
+                )
+            )
+    roster = small_roster()
+    roster.enrollments = [
+        replace(e, primary=True)
+        if e.sourced_id == "e-s1c1"
+        else replace(e, class_id="c-2")
+        if e.sourced_id == "e-s2c1"
+        else e
+        for e in roster.enrollments
+    ]
+    roster.replace_person("s-3", family_name="Renamed")
+    roster.replace_person("s-4", email="s4.new@example.org")
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded"
+    with store.read() as conn:
+        enrollments = {
+            sid: (cls, primary)
+            for sid, cls, primary in conn.execute(
+                text('SELECT sourced_id, class_id, "primary" FROM roster_enrollment')
+            )
+        }
+        people = {
+            sid: (family, email)
+            for sid, family, email in conn.execute(
+                text("SELECT sourced_id, family_name, email FROM roster_person")
+            )
+        }
+        writes = (
+            sorted(conn.execute(text("SELECT tbl, sourced_id FROM index_writes")).all())
+            if sqlite
+            else []
+        )
+    assert enrollments["e-s1c1"] == ("c-1", True)
+    assert enrollments["e-s2c1"] == ("c-2", False)
+    assert people["s-3"] == ("Renamed", "s3@example.org")
+    assert people["s-4"] == ("Dent", "s4.new@example.org")
+    assert {m["sourced_id"] for m in groups(store)["c-2"]["members"]} == {
+        "s-2",
+        "s-3",
+        "s-4",
+        "s-5",
+    }
+    assert {m["name"] for m in groups(store)["c-1"]["members"]} >= {"Stu3 Renamed"}
+    if sqlite:
+        assert writes == [("enrollment", "e-s2c1"), ("person", "s-4")]
+
+
+@pytest.mark.parametrize("targeted", [True, False], ids=["by-id", "whole-run"])
+async def test_a_full_run_that_changed_little_upserts_just_those_rows(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    targeted: bool,
+) -> None:
+    """The merge writes the rows find_changes found new or changed, by id, and only for the
+    kinds that have some: a full run that changed nothing runs no upsert and compares no
+    staged row again. Beyond TARGETED_UPSERT_MAX rows of a kind it reads the whole run
+    instead: the same mirror either way."""
+    if not targeted:
+        monkeypatch.setattr(merging, "TARGETED_UPSERT_MAX", 0)
+    settings = make_settings()
+    roster = small_roster()
+    await sync(settings, store, roster)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO roster_"):
+            statements.append(" ".join(statement.split()))
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        before = snapshot(store)
+        await sync(settings, store, roster)
+        assert snapshot(store) == before
+        noop = list(statements)
+        statements.clear()
+        roster.replace_person("s-1", family_name="Renamed")
+        roster.enrollments.append(RosterEnrollment("e-new", "c-2", "s-1", "student"))
+        await sync(settings, store, roster)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", seen)
+    assert noop == []  # nothing new or changed: no upsert at all
+    assert {q.split()[2] for q in statements} == {"roster_person", "roster_enrollment"}
+    by_id = [q for q in statements if "s.sourced_id IN" in q]
+    assert len(by_id) == (len(statements) if targeted else 0)
+    with store.read() as conn:
+        person = conn.execute(
+            text("SELECT family_name FROM roster_person WHERE sourced_id = 's-1'")
+        ).scalar_one()
+        enrolled = conn.execute(
+            text("SELECT class_id FROM roster_enrollment WHERE sourced_id = 'e-new'")
+        ).scalar_one()
+    assert (person, enrolled) == ("Renamed", "c-2")
+    members = {m["sourced_id"]: m["name"] for m in groups(store)["c-2"]["members"]}
+    assert members["s-1"].endswith(" Renamed")
+
+
+def test_id_lookups_take_every_value_in_one_statement_on_postgresql(store: Store) -> None:
+    """``ids_in`` answers for every value, past the first 500 too: in one statement over an
+    array on PostgreSQL (one plan, one round trip), in IN-list chunks of 500 on SQLite."""
+    wanted = {f"c-{i:04d}" for i in range(0, 1200, 2)} | {"absent"}
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_class (source, sourced_id, title, status, row_hash) "
+                "VALUES ('mem', :sid, 'T', 'active', 'h')"
+            ),
+            [{"sid": f"c-{i:04d}"} for i in range(1200)],
+        )
+        event.listen(conn, "before_cursor_execute", seen)
+        found = mirror.ids_in(
+            conn,
+            "SELECT sourced_id FROM roster_class WHERE source = :src AND sourced_id IN :ids",
+            wanted,
+            src="mem",
+        )
+        event.remove(conn, "before_cursor_execute", seen)
+    assert found == wanted - {"absent"}
+    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
