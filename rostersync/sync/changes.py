@@ -261,6 +261,35 @@ def _user_changes(
     return rows
 
 
+def _listing(members: Iterable[Member]) -> list[dict[str, str | None]]:
+    return [{"sourced_id": s, "email": e, "name": n} for s, e, n in members]
+
+
+def _whole_group(
+    action: str, group: Any, owners: list[str], n_members: int, members: list[Member] | None
+) -> dict[str, Any]:
+    """The row of a group created (everything added) or removed (everything removed)."""
+    src, ext, name, _ = group
+    add = action == "create"
+    return {
+        "action": action,
+        "source": src,
+        "class_sourced_id": ext,
+        "name": name,
+        "owners_added": len(owners) if add else 0,
+        "owners_removed": 0 if add else len(owners),
+        "members_added": n_members if add else 0,
+        "members_removed": 0 if add else n_members,
+        "owners": {"added": owners if add else [], "removed": [] if add else owners},
+        "members": None
+        if members is None
+        else {
+            "added": _listing(members) if add else [],
+            "removed": [] if add else _listing(members),
+        },
+    }
+
+
 def collect(
     conn: Connection,
     source: str,
@@ -309,51 +338,16 @@ def collect(
     def emails(ids: Iterable[int]) -> list[str]:
         return sorted(users[u][0] for u in ids if u in users)
 
-    def listing(members: Iterable[Member]) -> list[dict[str, str | None]]:
-        return [{"sourced_id": s, "email": e, "name": n} for s, e, n in members]
-
     groups: list[dict[str, Any]] = []
     for g in created:
-        src, ext, name, _ = after.groups[g]
-        groups.append(
-            {
-                "action": "create",
-                "source": src,
-                "class_sourced_id": ext,
-                "name": name,
-                "owners_added": len(after.owners.get(g, ())),
-                "owners_removed": 0,
-                "members_added": added_n.get(g, 0),
-                "members_removed": 0,
-                "owners": {"added": emails(after.owners.get(g, ())), "removed": []},
-                "members": {
-                    "added": listing(sorted(detail_new.get(g, {}).values())),
-                    "removed": [],
-                }
-                if listed
-                else None,
-            }
-        )
+        members = sorted(detail_new.get(g, {}).values()) if listed else None
+        owners = emails(after.owners.get(g, ()))
+        groups.append(_whole_group("create", after.groups[g], owners, added_n.get(g, 0), members))
     for g in removed:
-        src, ext, name, _ = before.groups[g]
+        members = sorted(detail_gone.get(g, {}).values()) if listed else None
+        owners = emails(before.owners.get(g, ()))
         groups.append(
-            {
-                "action": "remove",
-                "source": src,
-                "class_sourced_id": ext,
-                "name": name,
-                "owners_added": 0,
-                "owners_removed": len(before.owners.get(g, ())),
-                "members_added": 0,
-                "members_removed": removed_n.get(g, 0),
-                "owners": {"added": [], "removed": emails(before.owners.get(g, ()))},
-                "members": {
-                    "added": [],
-                    "removed": listing(sorted(detail_gone.get(g, {}).values())),
-                }
-                if listed
-                else None,
-            }
+            _whole_group("remove", before.groups[g], owners, removed_n.get(g, 0), members)
         )
     for g in touched:
         src, ext, name, _ = after.groups[g]
@@ -378,7 +372,9 @@ def collect(
                     "added": emails(owners_now - owners_was),
                     "removed": emails(owners_was - owners_now),
                 },
-                "members": {"added": listing(plus), "removed": listing(minus)} if listed else None,
+                "members": {"added": _listing(plus), "removed": _listing(minus)}
+                if listed
+                else None,
             }
         )
     order = {a: i for i, a in enumerate(GROUP_ACTIONS)}
