@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 
-from rostersync.connector import FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
-from rostersync.records import (
+from rostersync.source.connector import FetchMode
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     AcademicSession,

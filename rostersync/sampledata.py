@@ -1,7 +1,7 @@
 """A deterministic synthetic school district, for the bundled sample, fake servers and benchmarks.
 
 :func:`generate_district` turns a :class:`DistrictSpec` into a
-:class:`~rostersync.records.MemoryRoster`; :func:`iter_district` yields the same records one by
+:class:`~rostersync.source.records.MemoryRoster`; :func:`iter_district` yields the same records one by
 one for callers that stream them. :func:`write_oneroster_csv` writes a roster as a OneRoster 1.1
 bulk CSV drop (a folder and, optionally, a zip).
 
@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rostersync.records import (
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     MemoryRoster,

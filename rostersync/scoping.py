@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from rostersync.records import AcademicSession
+from rostersync.source.records import AcademicSession
 
 __all__ = [
     "OrgInfo",

@@ -2,7 +2,7 @@
 
 1.2 moved a person's roles out of ``users.csv`` into ``roles.csv`` (one row per role and org,
 ``roleType`` primary or secondary) and gave ``users.csv`` a ``primaryOrgSourcedId``. Written
-from a :class:`~rostersync.records.MemoryRoster`: each person gets a primary role row for each
+from a :class:`~rostersync.source.records.MemoryRoster`: each person gets a primary role row for each
 of their orgs (``role``) and a secondary row for each of ``other_roles`` at their first org.
 
 A **bulk** drop leaves ``status`` and ``dateLastModified`` blank except on ``tobedeleted``
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rostersync.records import MemoryRoster, RosterPerson
+from rostersync.source.records import MemoryRoster, RosterPerson
 
 ORGS = ("sourcedId", "status", "dateLastModified", "name", "type", "identifier", "parentSourcedId")
 USERS = (

@@ -7,7 +7,7 @@ OneRoster server or Google Classroom must yield the same people, classes and enr
 from __future__ import annotations
 
 from connectors.memory import MemoryRoster
-from rostersync.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+from rostersync.source.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
 
 
 def small_roster() -> MemoryRoster:

@@ -15,7 +15,7 @@ from connectors.google_classroom.config import (
     QuotaSettings,
     ServiceAccountKey,
 )
-from rostersync.connector import ConnectorContext, ConnectorPlugin
+from rostersync.source.connector import ConnectorContext, ConnectorPlugin
 
 if TYPE_CHECKING:
     from connectors.google_classroom.auth import SCOPES, ServiceAccountAuth

@@ -33,7 +33,7 @@ from rostersync.config.types import (
     config_dir,
     exactly_one_of,
 )
-from rostersync.retry import RetrySettings
+from rostersync.source.retry import RetrySettings
 
 CourseState = Literal["ACTIVE", "ARCHIVED", "PROVISIONED", "DECLINED", "SUSPENDED"]
 

@@ -40,14 +40,14 @@ from connectors.google_classroom.api import (
 from connectors.google_classroom.auth import ServiceAccountAuth
 from connectors.google_classroom.config import GoogleClassroomSourceConfig
 from connectors.google_classroom.quota import Clock, QuotaLimiter, Sleep
-from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import (
     DeltaUnsupportedError,
     FatalSourceError,
     RetriableSourceError,
     SourceError,
 )
-from rostersync.records import (
+from rostersync.source.connector import ConnectorContext, FetchMode
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     Rejected,
@@ -59,7 +59,7 @@ from rostersync.records import (
     TeacherRef,
     TeacherRoster,
 )
-from rostersync.retry import RetryPolicy
+from rostersync.source.retry import RetryPolicy
 
 NO_EMAIL_REASON = "no email address (is the classroom.profile.emails scope granted?)"
 #: Records per yielded batch: big enough for bulk inserts, small enough to stay flat.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from connectors.oneroster.config import OneRosterSourceConfig
-from rostersync.connector import ConnectorContext, ConnectorPlugin
+from rostersync.source.connector import ConnectorContext, ConnectorPlugin
 
 if TYPE_CHECKING:
     from connectors.oneroster.connector import OneRosterConnector

@@ -34,7 +34,7 @@ from rostersync.config.types import (
     resolve_secret,
     secret_pair_schema,
 )
-from rostersync.retry import RetrySettings
+from rostersync.source.retry import RetrySettings
 
 #: The OAuth2 scopes each version's rostering service documents (read-only).
 DEFAULT_SCOPES = {

@@ -12,7 +12,7 @@ ClassLink includes the class's teachers in that answer, so it is filtered to stu
 enrollments it returns are synthesised with ids ``live:{class}:{user}:{role}`` because the
 relation endpoints carry no enrollment ids (the engine matches them on class, user and role).
 
-Every request goes through the shared :class:`~rostersync.retry.RetryPolicy` and a
+Every request goes through the shared :class:`~rostersync.source.retry.RetryPolicy` and a
 connector-wide semaphore of ``max_concurrency``; URLs are always ``base_url`` plus our own path
 and parameters, never an ``href`` from the data or a ``Link`` header.
 """
@@ -50,9 +50,9 @@ from connectors.oneroster.decode import (
 from connectors.oneroster.errors import describe, raise_for_status, transport_error
 from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
-from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
-from rostersync.records import (
+from rostersync.source.connector import ConnectorContext, FetchMode
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     AcademicSession,
@@ -64,8 +64,8 @@ from rostersync.records import (
     TeacherRef,
     TeacherRoster,
 )
-from rostersync.retry import RetryPolicy
-from rostersync.rows import StagedBatch
+from rostersync.source.retry import RetryPolicy
+from rostersync.source.rows import StagedBatch
 
 #: What a full or delta run reads (side by side), with each answer's envelope key.
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")

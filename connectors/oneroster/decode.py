@@ -7,7 +7,7 @@ turns with them under one interpreter lock. Small pages are decoded inline: ship
 another process costs more than decoding them.
 
 Nothing here may import the store: the worker processes load only this module, the
-normalizer and :mod:`rostersync.rows`.
+normalizer and :mod:`rostersync.source.rows`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import orjson
 
 from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.daemon import procs
-from rostersync.records import RosterRecord
-from rostersync.rows import StagedBatch
+from rostersync.source.records import RosterRecord
+from rostersync.source.rows import StagedBatch
 
 try:
     import fcntl

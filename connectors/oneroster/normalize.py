@@ -1,4 +1,4 @@
-"""OneRoster 1.1/1.2 JSON objects to :mod:`rostersync.records` values.
+"""OneRoster 1.1/1.2 JSON objects to :mod:`rostersync.source.records` values.
 
 Shapes are told apart by what a record carries, not by the configured version, because
 servers mix them (1.1 servers adding ``roles``, 1.2 servers keeping ``role``):
@@ -17,7 +17,7 @@ servers mix them (1.1 servers adding ``roles``, 1.2 servers keeping ``role``):
 
 A record that breaks the schema (no ``sourcedId``, unknown status, no role, an enrollment
 without its user or class, an unreadable date or boolean) becomes a
-:class:`~rostersync.records.Rejected` with the reason; it never stops the run.
+:class:`~rostersync.source.records.Rejected` with the reason; it never stops the run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from datetime import UTC, date, datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from rostersync.records import (
+from rostersync.source.records import (
     AcademicSession,
     Rejected,
     RosterClass,
@@ -41,7 +41,7 @@ from rostersync.records import (
     person_digest,
     person_roles,
 )
-from rostersync.rows import COLUMNS, Row, StagedBatch, keep_fitting, utc_text
+from rostersync.source.rows import COLUMNS, Row, StagedBatch, keep_fitting, utc_text
 
 #: Roles from both versions, keyed by lower case: ``Teacher`` and ``teacher`` are one role.
 _ROLES = {

@@ -21,6 +21,6 @@ from connectors.oneroster_csv.connector import (
     OneRosterCsvConnector,
     create,
 )
-from rostersync.records import AcademicSession
+from rostersync.source.records import AcademicSession
 
 __all__ = ["PLUGIN", "AcademicSession", "CsvSourceConfig", "OneRosterCsvConnector", "create"]

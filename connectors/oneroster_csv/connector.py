@@ -51,9 +51,10 @@ from connectors.oneroster_csv.roles import RolesIndex, person_parser, read_roles
 from connectors.oneroster_csv.sessions import read_sessions
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.config.types import ConfigPath, checking_files
-from rostersync.connector import ConnectorContext, ConnectorPlugin, FetchMode
 from rostersync.errors import ChangesOnlyError, FatalSourceError
-from rostersync.records import (
+from rostersync.scoping import OrgInfo, resolve_schools
+from rostersync.source.connector import ConnectorContext, ConnectorPlugin, FetchMode
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     AcademicSession,
@@ -65,7 +66,6 @@ from rostersync.records import (
     TeacherRef,
     TeacherRoster,
 )
-from rostersync.scoping import OrgInfo, resolve_schools
 
 
 class CsvSourceConfig(ScopedSourceConfig):

@@ -1,6 +1,6 @@
 """Rows of the data files to records: the columns each file must have, and each value's rules.
 
-A bad row becomes a :class:`~rostersync.records.Rejected` with ``"<file> line <n>"`` and the
+A bad row becomes a :class:`~rostersync.source.records.Rejected` with ``"<file> line <n>"`` and the
 run goes on: missing ``sourcedId``, unknown ``status``, a boolean other than ``true``/``false``,
 an enrollment without class or user, a person or enrollment without role, an org without
 name, a class without title. A ``tobedeleted`` row needs only its ``sourcedId`` (delta drops
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 from connectors.oneroster_csv.files import Bundle, Row, read_rows
 from connectors.oneroster_csv.notes import Notes, quote
-from rostersync.records import (
+from rostersync.source.records import (
     Rejected,
     RosterClass,
     RosterEnrollment,

@@ -10,7 +10,7 @@
 * Header names are matched exactly as the spec spells them (surrounding spaces and a stray
   BOM ignored); unknown extra columns are ignored.
 * A row that cannot be used as read (wrong number of fields, malformed on its own line, a NUL)
-  comes back :class:`~rostersync.records.Rejected`; a file that cannot be read raises
+  comes back :class:`~rostersync.source.records.Rejected`; a file that cannot be read raises
   :class:`~rostersync.errors.FatalSourceError` naming file and line (see
   :mod:`rostersync.csvrecords`).
 """
@@ -29,7 +29,7 @@ from typing import IO
 
 from rostersync.csvrecords import CsvRecord, CsvUnreadable, read_records
 from rostersync.errors import FatalSourceError
-from rostersync.records import Rejected
+from rostersync.source.records import Rejected
 
 #: The longest physical line read: a row of 128 KiB fields is far shorter.
 MAX_LINE_CHARS = 16 * 1024 * 1024

@@ -43,7 +43,7 @@ from connectors.oneroster_csv.entities import (
 )
 from connectors.oneroster_csv.files import Bundle, Row, best_effort_values
 from connectors.oneroster_csv.notes import Notes, quote
-from rostersync.records import Rejected, RosterPerson
+from rostersync.source.records import Rejected, RosterPerson
 
 #: One role of a user: (role, lower-cased; is it a primary role; its org's sourcedId or "").
 RoleEntry = tuple[str, bool, str]

@@ -1,6 +1,6 @@
 """``academicSessions.csv``: the school years, semesters, terms and grading periods.
 
-Classes name theirs in ``termSourcedIds`` (:attr:`~rostersync.records.RosterClass.term_ids`);
+Classes name theirs in ``termSourcedIds`` (:attr:`~rostersync.source.records.RosterClass.term_ids`);
 the engine's terms rules (``terms: {mode: current}``) read both. A class whose sessions are
 unknown counts, so nothing about this file stops a run or rejects a record: a missing column,
 an unreadable file or a row without usable dates is a warning, and the sessions that could be
@@ -24,7 +24,7 @@ from connectors.oneroster_csv.entities import (
 from connectors.oneroster_csv.files import Bundle, read_rows
 from connectors.oneroster_csv.notes import Notes, quote
 from rostersync.errors import FatalSourceError
-from rostersync.records import AcademicSession, Rejected
+from rostersync.source.records import AcademicSession, Rejected
 
 
 def _day(value: str, column: str) -> date:

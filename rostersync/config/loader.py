@@ -25,8 +25,8 @@ from pydantic_core import core_schema
 
 from rostersync.config.models import Settings
 from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
-from rostersync.connector import PLUGIN_ERRORS, load_plugins
 from rostersync.errors import ConfigError, ConfigIssue
+from rostersync.source.connector import PLUGIN_ERRORS, load_plugins
 
 DEFAULT_CONFIG = Path("/etc/rostersync/rostersync.yaml")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, bindparam, text
 
-from rostersync.records import STUDENT, TEACHER, TeacherRoster
+from rostersync.source.records import STUDENT, TEACHER, TeacherRoster
 from rostersync.store.tables import RosterClassRow, RosterEnrollmentRow, RosterPersonRow
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 

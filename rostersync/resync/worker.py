@@ -18,12 +18,12 @@ from typing import Any
 from sqlalchemy import text
 
 from rostersync.config.models import Settings
-from rostersync.connector import Connector
 from rostersync.logs import scrub
-from rostersync.records import TeacherRef, TeacherRoster
 from rostersync.resync.groups import rebuild_groups
 from rostersync.resync.live import apply_teacher_roster
 from rostersync.resync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
+from rostersync.source.connector import Connector
+from rostersync.source.records import TeacherRef, TeacherRoster
 from rostersync.store.db import Store, lock_directory
 from rostersync.sync import merge as merging
 from rostersync.sync.scope import keep_mirrored_classes, scope_for

@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from rostersync.errors import StoreError
-from rostersync.rows import utc_text
+from rostersync.source.rows import utc_text
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig

@@ -25,9 +25,9 @@ from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
-from rostersync.records import Rejected
 from rostersync.resync.groups import mark_dirty, rebuild_groups, update_members
 from rostersync.resync.queue import queue_resync, queued_jobs
+from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.store.tables import SourceState, SyncRun
 from rostersync.sync import changes as changeset

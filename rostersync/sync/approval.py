@@ -11,9 +11,9 @@ from sqlalchemy import Connection, select, text, update
 from sqlmodel import col
 
 from rostersync.config.models import Settings
-from rostersync.connector import FetchMode
 from rostersync.errors import RunStateError
 from rostersync.logs import scrub
+from rostersync.source.connector import FetchMode
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import SyncRun
 from rostersync.sync.runs import RunContext, RunReport, load_report

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from rostersync.records import STUDENT
+from rostersync.source.records import STUDENT
 from rostersync.store.db import in_text
 from rostersync.sync.mirror import POPULATED, TABLES, ids_in
 from rostersync.sync.rules import chunks

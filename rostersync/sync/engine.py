@@ -29,13 +29,6 @@ from sqlalchemy import delete, insert, update
 from sqlmodel import col
 
 from rostersync.config.models import Settings
-from rostersync.connector import (
-    Connector,
-    ConnectorContext,
-    ConnectorPlugin,
-    FetchMode,
-    load_plugins,
-)
 from rostersync.daemon import recovery
 from rostersync.errors import (
     ChangesOnlyError,
@@ -45,6 +38,13 @@ from rostersync.errors import (
 )
 from rostersync.logs import scrub
 from rostersync.resync.worker import ResyncWorker
+from rostersync.source.connector import (
+    Connector,
+    ConnectorContext,
+    ConnectorPlugin,
+    FetchMode,
+    load_plugins,
+)
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import RunRejection, SyncRun
 from rostersync.sync import provisioning

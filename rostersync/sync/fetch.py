@@ -15,10 +15,10 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from rostersync.connector import Connector, FetchMode
 from rostersync.daemon import recovery
 from rostersync.logs import scrub
-from rostersync.records import AcademicSession
+from rostersync.source.connector import Connector, FetchMode
+from rostersync.source.records import AcademicSession
 from rostersync.store.db import Store
 from rostersync.store.tables import RunRejection
 from rostersync.sync.scope import Scope

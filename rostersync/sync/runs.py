@@ -16,10 +16,10 @@ from sqlmodel import col
 
 from rostersync import directory
 from rostersync.config.models import Settings
-from rostersync.connector import FetchMode
 from rostersync.daemon import recovery
 from rostersync.errors import RostersyncError, RunNotFound
-from rostersync.records import Rejected
+from rostersync.source.connector import FetchMode
+from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import changes as changeset

@@ -38,7 +38,6 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from rostersync.config.source import ScopedSourceConfig, SourceConfig
-from rostersync.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.scoping import (
     OrgInfo,
     Schools,
@@ -46,6 +45,7 @@ from rostersync.scoping import (
     person_in_scope,
     resolve_schools,
 )
+from rostersync.source.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.sync.mirror import ids_in
 from rostersync.sync.staging import prepare_staging
 

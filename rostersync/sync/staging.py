@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, delete, func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from rostersync.rows import (
+from rostersync.source.rows import (
     COLUMNS,
     Row,
     StagedBatch,

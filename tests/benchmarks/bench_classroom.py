@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from connectors.google_classroom import GoogleClassroomConnector, GoogleClassroomSourceConfig
 from rostersync import logs
-from rostersync.connector import ConnectorContext, FetchMode
-from rostersync.records import STUDENT, TEACHER, MemoryRoster
 from rostersync.sampledata import DistrictSpec, generate_district
+from rostersync.source.connector import ConnectorContext, FetchMode
+from rostersync.source.records import STUDENT, TEACHER, MemoryRoster
 from tests.fakes.classroom_server import DEFAULT_ROSTER_PAGE, FakeClassroom, _error, _page
 
 CLIENT_EMAIL = "rostersync-bench@district-sync.iam.gserviceaccount.com"

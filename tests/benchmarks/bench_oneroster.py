@@ -98,7 +98,7 @@ def guid(sourced_id: str) -> str:
 
 def with_guids(record: Any) -> Any:
     """``record`` with its own id and every id it refers to as GUIDs (see ``guid``)."""
-    from rostersync.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+    from rostersync.source.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
 
     if isinstance(record, RosterEnrollment):
         return replace(
@@ -129,8 +129,8 @@ def aged_roster(scale: Scale, seed: int, ids: str = "serial") -> Any:
     every record's date and a delta run (which re-reads ``delta_overlap`` before the mark)
     would re-read the whole district. A real feed's dates are spread out; so are these.
     """
-    from rostersync.records import MemoryRoster, Rejected
     from rostersync.sampledata import DATE_LAST_MODIFIED, DistrictSpec, iter_district
+    from rostersync.source.records import MemoryRoster, Rejected
 
     spec = DistrictSpec(
         seed=seed,

@@ -11,7 +11,7 @@ from rostersync.cli.main import cli
 from rostersync.config.loader import load_settings, load_settings_text
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.errors import ConfigError
-from rostersync.records import RosterOrg
+from rostersync.source.records import RosterOrg
 from tests.oneroster12 import write_drop
 from tests.rosterdata import small_roster
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import pytest
 
 from connectors.memory import MemoryRoster
-from rostersync.connector import Connector, FetchMode
-from rostersync.records import (
+from rostersync.source.connector import Connector, FetchMode
+from rostersync.source.records import (
     Rejected,
     RosterClass,
     RosterEnrollment,

@@ -29,9 +29,9 @@ from connectors.google_classroom.api import (
     PageTokens,
     raise_for_response,
 )
-from rostersync.connector import Connector, ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError, RetriableSourceError
-from rostersync.records import (
+from rostersync.source.connector import Connector, ConnectorContext, FetchMode
+from rostersync.source.records import (
     MemoryRoster,
     Rejected,
     RosterClass,

@@ -5,8 +5,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from connectors.memory import MemoryConnector
-from rostersync.connector import Connector, FetchMode
 from rostersync.errors import DeltaUnsupportedError
+from rostersync.source.connector import Connector, FetchMode
 from tests.connectors.contract import ConnectorContract
 from tests.rosterdata import small_roster
 

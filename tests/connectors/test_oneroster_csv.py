@@ -19,22 +19,22 @@ from pydantic import ValidationError
 
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
-from rostersync.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
 from rostersync.errors import FatalSourceError
-from rostersync.records import (
-    Rejected,
-    RosterClass,
-    RosterEnrollment,
-    RosterPerson,
-    RosterRecord,
-    TeacherRef,
-)
 from rostersync.sampledata import (
     ENROLLMENTS_HEADER,
     USERS_HEADER,
     DistrictSpec,
     generate_district,
     write_oneroster_csv,
+)
+from rostersync.source.connector import ENTRY_POINT_GROUP, Connector, ConnectorContext, FetchMode
+from rostersync.source.records import (
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterPerson,
+    RosterRecord,
+    TeacherRef,
 )
 from tests.connectors.contract import ConnectorContract, collect, people
 from tests.hostile import HUGE, hostile_bytes

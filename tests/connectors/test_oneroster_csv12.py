@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 
 from connectors.oneroster_csv import OneRosterCsvConnector
 from connectors.oneroster_csv.sessions import AcademicSession
-from rostersync.connector import Connector, FetchMode
 from rostersync.errors import ChangesOnlyError, FatalSourceError
-from rostersync.records import (
+from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
+from rostersync.source.connector import Connector, FetchMode
+from rostersync.source.records import (
     MemoryRoster,
     Rejected,
     RosterClass,
@@ -28,7 +29,6 @@ from rostersync.records import (
     RosterRecord,
     TeacherRef,
 )
-from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from tests.connectors.contract import ConnectorContract, collect
 from tests.hostile import hostile_bytes
 from tests.oneroster12 import ROLES, USERS, write_drop

@@ -14,9 +14,9 @@ import pytest
 
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector
-from rostersync.connector import Connector, ConnectorContext, FetchMode
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError, RetriableSourceError
-from rostersync.records import (
+from rostersync.source.connector import Connector, ConnectorContext, FetchMode
+from rostersync.source.records import (
     Rejected,
     RosterEnrollment,
     RosterPerson,

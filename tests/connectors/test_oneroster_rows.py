@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from connectors.oneroster.normalize import normalize_page, rows_page
-from rostersync.records import RosterEnrollment
-from rostersync.rows import StagedBatch, enrollment_tuple, sort_batch
 from rostersync.sampledata import DistrictSpec, generate_district
+from rostersync.source.records import RosterEnrollment
+from rostersync.source.rows import StagedBatch, enrollment_tuple, sort_batch
 from tests.fakes.oneroster_server import encode_record
 
 DATES: list[Any] = [

@@ -9,9 +9,9 @@ import httpx
 import respx
 
 from connectors.oneroster.normalize import normalize, parse_session, rows_page
-from rostersync.connector import FetchMode
-from rostersync.records import AcademicSession, RosterClass
-from rostersync.rows import StagedBatch, sort_batch
+from rostersync.source.connector import FetchMode
+from rostersync.source.records import AcademicSession, RosterClass
+from rostersync.source.rows import StagedBatch, sort_batch
 from tests.connectors.test_oneroster_unit import BASE, mock_empty, open_connector, pager
 
 CURRENT = {"terms": {"mode": "current", "grace_days": 7}}

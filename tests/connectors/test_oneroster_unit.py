@@ -29,13 +29,13 @@ from connectors.oneroster.connector import OneRosterConnector, delta_filter
 from connectors.oneroster.errors import parse_retry_after
 from connectors.oneroster.normalize import normalize, rows_page
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link
-from rostersync.connector import ConnectorContext, FetchMode
 from rostersync.errors import (
     DeltaUnsupportedError,
     FatalSourceError,
     RetriableSourceError,
 )
-from rostersync.records import (
+from rostersync.source.connector import ConnectorContext, FetchMode
+from rostersync.source.records import (
     Rejected,
     RosterClass,
     RosterEnrollment,
@@ -44,7 +44,7 @@ from rostersync.records import (
     RosterRecord,
     TeacherRef,
 )
-from rostersync.rows import StagedBatch, sort_batch
+from rostersync.source.rows import StagedBatch, sort_batch
 from tests.fakes.oneroster_server import oauth1_base_string, oauth1_hmac_sha256
 
 HOST = "https://or.example.org"

@@ -17,8 +17,8 @@ from structlog.testing import capture_logs
 from connectors.google_classroom import NO_EMAIL_REASON, SCOPES
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
-from rostersync.records import STUDENT, TEACHER, MemoryRoster
 from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
+from rostersync.source.records import STUDENT, TEACHER, MemoryRoster
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport

@@ -25,13 +25,6 @@ from connectors.oneroster import connector as connector_module
 from connectors.oneroster import decode
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
-from rostersync.records import (
-    STUDENT,
-    TEACHER,
-    MemoryRoster,
-    RosterClass,
-    RosterEnrollment,
-)
 from rostersync.resync.queue import queue_resync
 from rostersync.sampledata import (
     DATE_LAST_MODIFIED,
@@ -40,6 +33,13 @@ from rostersync.sampledata import (
     DistrictSpec,
     generate_district,
     write_oneroster_csv,
+)
+from rostersync.source.records import (
+    STUDENT,
+    TEACHER,
+    MemoryRoster,
+    RosterClass,
+    RosterEnrollment,
 )
 from rostersync.store.db import Store
 from rostersync.sync import provisioning

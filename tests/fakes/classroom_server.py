@@ -1,6 +1,6 @@
 """A fake Google Classroom (and its OAuth token endpoint) on a real loopback HTTP server.
 
-It serves a :class:`~rostersync.records.MemoryRoster` the way Classroom would: classes become
+It serves a :class:`~rostersync.source.records.MemoryRoster` the way Classroom would: classes become
 courses (``id`` = sourced_id, ``name`` = title, ``courseState`` ACTIVE, or ARCHIVED for a
 ``tobedeleted`` class, or whatever ``course_states`` says), teacher and student enrollments
 become the course rosters, persons become profiles (``id`` = sourced_id, ``emailAddress`` =
@@ -38,7 +38,7 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
-from rostersync.records import STUDENT, TEACHER, MemoryRoster, RosterPerson
+from rostersync.source.records import STUDENT, TEACHER, MemoryRoster, RosterPerson
 
 REQUIRED_SCOPES = frozenset(
     {

@@ -58,7 +58,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from urllib.request import parse_http_list, parse_keqv_list
 
 from connectors.memory import MemoryRoster
-from rostersync.records import (
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     RosterClass,

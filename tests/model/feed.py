@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from rostersync.records import (
+from rostersync.source.records import (
     AcademicSession,
     MemoryRoster,
     Rejected,

@@ -24,8 +24,8 @@ from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
-from rostersync.records import MemoryRoster
-from rostersync.rows import sort_batch
+from rostersync.source.records import MemoryRoster
+from rostersync.source.rows import sort_batch
 from rostersync.store.db import Store, utcnow
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import Outcome, RunContext, RunReport, instance_id, load_report

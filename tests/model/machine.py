@@ -34,8 +34,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from rostersync.errors import RunStateError
 from rostersync.importer import parse_bytes, run_import
-from rostersync.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
 from rostersync.resync.queue import queue_resync
+from rostersync.source.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
 from rostersync.sync import changes as changeset
 from rostersync.sync.runs import RunReport
 from tests.changediff import Picture, Plain, difference, picture, plain

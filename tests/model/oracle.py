@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from rostersync.records import (
+from rostersync.source.records import (
     AcademicSession,
     Rejected,
     RosterClass,

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rostersync import emails
-from rostersync.records import RosterClass, RosterOrg, RosterPerson
+from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
 from tests.model.feed import EMAIL_KINDS, TEACHERS, Feed, teacher_email
 from tests.model.oracle import SOURCE, Config, Oracle, email_problem, norm_email, safety_reasons
 

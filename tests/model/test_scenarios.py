@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rostersync.records import RosterClass, RosterOrg, RosterPerson
+from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
 from rostersync.store.db import Store
 from tests.model.feed import Feed
 from tests.model.harness import Harness

@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from rostersync.daemon import procs
-from rostersync.records import RosterPerson
-from rostersync.rows import StagedBatch, sort_batch
+from rostersync.source.records import RosterPerson
+from rostersync.source.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store, utcnow
 from rostersync.sync.staging import STAGING, stage
 from tests.daemon.conftest import daemons, notify_socket, pg_url  # noqa: F401 - fixtures

@@ -15,11 +15,11 @@ from structlog.testing import capture_logs
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.connector import FetchMode
 from rostersync.daemon import procs
 from rostersync.daemon.recovery import hold_lease, interrupt_runs
-from rostersync.records import MemoryRoster, RosterRecord
-from rostersync.rows import sort_batch
+from rostersync.source.connector import FetchMode
+from rostersync.source.records import MemoryRoster, RosterRecord
+from rostersync.source.rows import sort_batch
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import SourceBusy

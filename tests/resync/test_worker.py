@@ -11,9 +11,9 @@ from sqlalchemy import text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.records import RosterEnrollment
 from rostersync.resync import worker as worker_module
 from rostersync.resync.queue import queue_resync
+from rostersync.source.records import RosterEnrollment
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine

@@ -14,9 +14,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text
 
 from rostersync.errors import StoreError
-from rostersync.records import RosterEnrollment, RosterPerson
 from rostersync.resync.queue import fail, lease, queue_depth, queue_resync, release
-from rostersync.rows import StagedBatch, person_tuple, sort_batch
+from rostersync.source.records import RosterEnrollment, RosterPerson
+from rostersync.source.rows import StagedBatch, person_tuple, sort_batch
 from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync.merge import refresh_directory_statistics, refresh_statistics

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
-from rostersync.records import MemoryRoster, Rejected
+from rostersync.source.records import MemoryRoster, Rejected
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster

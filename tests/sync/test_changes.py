@@ -11,7 +11,7 @@ from sqlalchemy import text
 from connectors.memory import MemoryConnector
 from rostersync import directory
 from rostersync.config.models import Settings
-from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync import changes as changeset
 from rostersync.sync.engine import SyncEngine

@@ -7,8 +7,8 @@ from datetime import datetime
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.connector import FetchMode
-from rostersync.records import MemoryRoster, RosterRecord
+from rostersync.source.connector import FetchMode
+from rostersync.source.records import MemoryRoster, RosterRecord
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster

@@ -14,14 +14,14 @@ from sqlalchemy import text
 
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
-from rostersync.records import (
+from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
+from rostersync.source.records import (
     STUDENT,
     TEACHER,
     MemoryRoster,
     RosterEnrollment,
     RosterPerson,
 )
-from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report

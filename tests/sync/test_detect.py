@@ -11,9 +11,9 @@ from sqlalchemy import event, text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.records import Rejected, RosterEnrollment
 from rostersync.resync.queue import queue_resync
-from rostersync.rows import sort_batch
+from rostersync.source.records import Rejected, RosterEnrollment
+from rostersync.source.rows import sort_batch
 from rostersync.store.db import Store
 from rostersync.sync import detect
 from rostersync.sync.engine import SyncEngine

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rostersync.config.models import Settings
-from rostersync.rows import StagedBatch
+from rostersync.source.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster

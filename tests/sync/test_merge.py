@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import event, inspect, text
 
 from rostersync.config.models import Settings
-from rostersync.records import RosterEnrollment
+from rostersync.source.records import RosterEnrollment
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync import mirror

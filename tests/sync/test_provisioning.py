@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
-from rostersync.records import MemoryRoster, RosterEnrollment, RosterPerson
+from rostersync.source.records import MemoryRoster, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync import provisioning
 from rostersync.sync import runs as runs_module

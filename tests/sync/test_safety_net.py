@@ -13,7 +13,7 @@ from sqlalchemy import text
 from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
-from rostersync.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.rosterdata import small_roster
@@ -418,7 +418,7 @@ def test_the_row_limits_are_the_store_columns() -> None:
     hold, so a value that fits the check fits the store."""
     from sqlmodel import SQLModel
 
-    from rostersync.rows import MAX_CHARS
+    from rostersync.source.rows import MAX_CHARS
     from rostersync.sync.staging import STAGING
 
     for kind, limits in MAX_CHARS.items():

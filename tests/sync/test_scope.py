@@ -18,7 +18,8 @@ from connectors.memory import MemoryConnector
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
 from rostersync.config.source import ScopedSourceConfig
-from rostersync.records import (
+from rostersync.resync.queue import queue_resync
+from rostersync.source.records import (
     AcademicSession,
     MemoryRoster,
     RosterClass,
@@ -26,7 +27,6 @@ from rostersync.records import (
     RosterOrg,
     RosterPerson,
 )
-from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report

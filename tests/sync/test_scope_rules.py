@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import date
 
-from rostersync.records import AcademicSession
 from rostersync.scoping import (
     OrgInfo,
     classes_out_of_term,
@@ -12,6 +11,7 @@ from rostersync.scoping import (
     resolve_schools,
     term_runs,
 )
+from rostersync.source.records import AcademicSession
 from rostersync.sync.scope import last_counts, ratio_counts
 
 FALL = AcademicSession("fall", "Fall", "term", date(2026, 8, 20), date(2026, 12, 20))

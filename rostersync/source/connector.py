@@ -1,6 +1,6 @@
 """The one interface every roster source implements, and how sources are found by name.
 
-A connector streams normalized records (:mod:`rostersync.records`) in batches; the engine
+A connector streams normalized records (:mod:`rostersync.source.records`) in batches; the engine
 stages each batch straight into the database, so memory stays flat however large the
 district. Connectors are plug-ins: a package registers a :class:`ConnectorPlugin` under the
 entry-point group ``rostersync.connectors`` and the core finds it by the source's ``type``.
@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import structlog
 
 from rostersync.config.source import SourceConfig
-from rostersync.records import RosterRecord, TeacherRef, TeacherRoster
-from rostersync.rows import StagedBatch
+from rostersync.source.records import RosterRecord, TeacherRef, TeacherRoster
+from rostersync.source.rows import StagedBatch
 
 if TYPE_CHECKING:
     import httpx
@@ -43,9 +43,9 @@ class Connector(Protocol):
     :class:`~rostersync.errors.DeltaUnsupportedError` if the source cannot filter. A source
     that holds changes only (a OneRoster CSV delta drop) raises
     :class:`~rostersync.errors.ChangesOnlyError` from a full fetch.
-    Batches may mix record types; a :class:`~rostersync.records.Rejected` reports one bad
+    Batches may mix record types; a :class:`~rostersync.source.records.Rejected` reports one bad
     record without stopping the run. A batch may also come already sorted into staging rows
-    (:class:`~rostersync.rows.StagedBatch`, made by :func:`~rostersync.rows.sort_batch`): a
+    (:class:`~rostersync.source.rows.StagedBatch`, made by :func:`~rostersync.source.rows.sort_batch`): a
     connector that normalizes in worker processes sends those, since rows cross a process
     boundary far more cheaply than record objects. Errors: :mod:`rostersync.errors`.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from rostersync.records import (
+from rostersync.source.records import (
     Rejected,
     RosterClass,
     RosterEnrollment,
