@@ -39,7 +39,7 @@ from rostersync.source.rows import utc_text
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 #: A migration file's ``revision = "..."`` and ``down_revision = "..."`` (or None) lines.
 _REVISION_LINE = re.compile(
     r'^(down_revision|revision)\s*(?::[^=\n]*)?=\s*(?:"([^"]*)"|None)\s*$', re.M

@@ -1,4 +1,4 @@
-"""Every table, as SQLModel classes. Alembic migrations in ``rostersync/migrations`` create them.
+"""Every table, as SQLModel classes. Alembic migrations in ``rostersync/store/migrations`` create them.
 
 Three families:
 
