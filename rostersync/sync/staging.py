@@ -209,7 +209,8 @@ def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> l
     lost = []
     for kind, table in STAGING.items():
         key = FETCHED_KEY[kind]
-        if int(fetched.get(key, 0)) > 0:
+        # Records the scope step left out (schools, see sync/scope.py) were never to be staged.
+        if int(fetched.get(key, 0)) - int(fetched.get(f"{key}_ignored", 0)) > 0:
             row = conn.execute(select(table.c.run_id).where(table.c.run_id == run_id).limit(1))
             if row.first() is None:
                 lost.append(key)

@@ -595,3 +595,20 @@ async def test_a_rest_source_keeps_the_classes_of_its_current_academic_sessions(
         "c-fall": "active",
         "c-spring": "tobedeleted",
     }
+
+
+async def test_a_held_run_whose_scope_left_out_a_whole_kind_can_be_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A kind the school scope left out entirely is not "staged data gone": the held run is
+    approved (found by the scoped model machine, which saw the approval refused)."""
+    run = Runner(make_settings(safety={"max_removals": 1}), store, roster())
+    await run.sync()
+    assert set(groups(store)) == {"c-1", "c-2", "c-3", "c-4"}
+    run.configure(scoped(run.engine.settings, schools={"exclude": ["sch-1", "sch-2"]}))
+    held = await run.sync()
+    assert held.status == "held", held.hold_reason
+    assert held.fetched["enrollments_ignored"] == held.fetched["enrollments"]
+    approved = await run.approve(held.id)
+    assert approved.status == "succeeded", approved.error
+    assert set(groups(store)) == set()
