@@ -6,14 +6,12 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
-import yaml
 from click.testing import CliRunner, Result
 
 from rostersync.cli.main import cli, main
@@ -31,14 +29,9 @@ def walk(
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
-    """The example config on the sample district, synced once."""
-    shutil.copytree(REPO / "config" / "sample-district", tmp_path / "sample-district")
-    data = yaml.safe_load((REPO / "config" / "rostersync.example.yaml").read_text())
-    data["database"] = "sqlite:///state/rostersync.db"
-    data["logging"] = {"level": "warning", "format": "json"}
-    path = tmp_path / "rostersync.yaml"
-    path.write_text(yaml.safe_dump(data))
+def config(config: Path) -> Path:
+    """tests/cli/conftest.py's example config on the sample district, synced once."""
+    path = config
     assert invoke("--config", str(path), "sync").exit_code == 0
     return path
 
