@@ -155,6 +155,10 @@ class Applier:
                 return  # cut off meanwhile: failed as interrupted, its staging cleared
             if ctx.dry_run:
                 clear_staging(conn, ctx.run_id)
+            elif ctx.known is not None:
+                # Approval compares staging with the mirror again, in another process: the
+                # rows the fetch left out as unchanged go in as the mirror holds them.
+                ctx.known.complete(conn, ctx.run_id)
             record_outcome(conn, ctx.run_id, outcome)
             if outcome.changes is not None:
                 changeset.save(conn, outcome.changes)
@@ -188,7 +192,9 @@ class Applier:
         resyncs must re-read."""
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
         grouped = detect.group_ids(conn, source)
-        changes = detect.find_changes(conn, source, run_id, full=full, grouped=grouped)
+        changes = detect.find_changes(
+            conn, source, run_id, full=full, grouped=grouped, known=ctx.known
+        )
         changed_people = changes.persons
         # Classes whose changes touch only their students' rows keep their owners; if they
         # have a group and still a student after the merge, the sync updates just those

@@ -14,6 +14,7 @@ from sqlalchemy import Connection, text
 
 from rostersync.source.records import STUDENT
 from rostersync.store.db import in_text
+from rostersync.sync.known import KnownRows
 from rostersync.sync.mirror import POPULATED, TABLES, ids_in
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import run_scan
@@ -107,9 +108,12 @@ def find_changes(
     *,
     full: bool,
     grouped: Mapping[str, int],
+    known: KnownRows | None = None,
 ) -> Changes:
     """Compare staging with the mirror. Old enrollments are still in the mirror, new ones in
-    staging, so a moved enrollment dirties both its classes."""
+    staging, so a moved enrollment dirties both its classes. ``known``: the rows the fetch
+    left out of staging as unchanged (rostersync.sync.known); what a full run did not see is
+    then what it neither staged nor left out."""
     params = {"run": run_id, "src": source}
     out = Changes()
     new_ids: dict[str, set[str]] = {}
@@ -121,7 +125,7 @@ def find_changes(
     first_load, new_enrollments = _enrollment_changes(conn, out, params, grouped)
     owners, pairs = out.owner_classes, out.member_pairs
     if full:
-        _find_missing(conn, out, source, run_id, new_ids, new_enrollments, grouped)
+        _find_missing(conn, out, source, run_id, new_ids, new_enrollments, grouped, known)
     out.refresh_classes = changed["class"] | out.missing.get("class", set())
     out.dirty_classes |= out.refresh_classes
     owners |= out.refresh_classes
@@ -215,6 +219,7 @@ def _find_missing(
     new_ids: Mapping[str, set[str]],
     new_enrollments: int,
     grouped: Mapping[str, int],
+    known: KnownRows | None = None,
 ) -> None:
     """A full run: what it did not see, per kind, into ``out.missing``; gone enrollments
     dirty their classes."""
@@ -227,28 +232,53 @@ def _find_missing(
     # Sources that list people per class (Classroom) never send the people of a refused
     # class: they stay too.
     rejected["person"] |= persons_of_classes(conn, source, rejected["class"])
-    out.missing = {
-        kind: missing_ids(conn, kind, source, run_id, len(new_ids[kind])) - rejected[kind]
-        for kind in new_ids
-    }
+    if known is not None:
+        out.missing = {kind: known.missing(kind) - rejected[kind] for kind in new_ids}
+    else:
+        out.missing = {
+            kind: missing_ids(conn, kind, source, run_id, len(new_ids[kind])) - rejected[kind]
+            for kind in new_ids
+        }
     gone_enrollments: set[str] = set()
-    if not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
+    if known is not None:
+        gone = _enrollments_by_id(conn, source, known.missing("enrollment"))
+    elif not nothing_missing(conn, "enrollment", source, run_id, new_enrollments):
         sql = """
             SELECT m.sourced_id, m.class_id, m.user_id, m.role FROM roster_enrollment m
             WHERE m.source = :src AND NOT EXISTS (
                 SELECT 1 FROM staging_enrollment s
                 WHERE s.run_id = :run AND s.sourced_id = m.sourced_id)
         """
-        for sid, cls, uid, role in conn.execute(text(sql), params):
-            if sid in rejected["enrollment"] or cls in rejected["class"]:
-                continue
-            if role != STUDENT:
-                owners.add(cls)
-            gone_enrollments.add(sid)
-            out.dirty_classes.add(cls)
-            if cls in grouped and role == STUDENT:
-                pairs.add((cls, uid))
+        gone = [(r[0], r[1], r[2], r[3]) for r in conn.execute(text(sql), params)]
+    else:
+        gone = []
+    for sid, cls, uid, role in gone:
+        if sid in rejected["enrollment"] or cls in rejected["class"]:
+            continue
+        if role != STUDENT:
+            owners.add(cls)
+        gone_enrollments.add(sid)
+        out.dirty_classes.add(cls)
+        if cls in grouped and role == STUDENT:
+            pairs.add((cls, uid))
     out.missing["enrollment"] = gone_enrollments
+
+
+def _enrollments_by_id(
+    conn: Connection, source: str, ids: set[str]
+) -> list[tuple[str, str, str, str]]:
+    """(sourcedId, class, person, role) of these mirror enrollments."""
+    stmt = in_text(
+        "SELECT sourced_id, class_id, user_id, role FROM roster_enrollment "
+        "WHERE source = :src AND sourced_id IN :ids",
+        "ids",
+    )
+    out: list[tuple[str, str, str, str]] = []
+    for chunk in chunks(sorted(ids)):
+        out.extend(
+            (r[0], r[1], r[2], r[3]) for r in conn.execute(stmt, {"src": source, "ids": chunk})
+        )
+    return out
 
 
 def _count_lost_emails(

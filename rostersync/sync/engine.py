@@ -293,6 +293,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 log,
                 dry_run=dry_run,
                 changes=changes and dry_run,
+                known=extras.known,
             )
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:

@@ -21,6 +21,7 @@ from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import AcademicSession
 from rostersync.store.db import Store
 from rostersync.store.tables import RunRejection
+from rostersync.sync.known import KnownRows
 from rostersync.sync.scope import Scope
 from rostersync.sync.staging import StagedBatch, sort_batch, stage
 
@@ -36,6 +37,8 @@ class Fetched:
     class_terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: the connector's ``academic_sessions``, if it has them
     sessions: Mapping[str, AcademicSession] | None = None
+    #: a full run without a scope: the mirror's rows it saw unchanged (rostersync.sync.known)
+    known: KnownRows | None = None
 
 
 class Fetcher:
@@ -62,6 +65,12 @@ class Fetcher:
         accepted but an admin should hear of, such as a CSV row read without a bad date).
         With terms to judge, ``extras`` collects the classes' terms and the sessions."""
         collect = extras if scope is not None and scope.current_terms else None
+        # A full run of an unscoped source stages only the rows the mirror lacks or holds
+        # otherwise; the mirror's hashes load while the first requests are under way.
+        known = KnownRows(source) if mode is FetchMode.FULL and scope is None else None
+        loading = asyncio.create_task(asyncio.to_thread(known.load, self.store)) if known else None
+        if extras is not None:
+            extras.known = known
         fetched: Counter[str] = Counter()
         notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
@@ -89,14 +98,18 @@ class Fetcher:
                         if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
                             continue
                         await pending
-                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                    pending = asyncio.create_task(
+                        asyncio.to_thread(self._stage, run_id, buffer, known)
+                    )
                     buffer = StagedBatch(newest=buffer.newest)
                     if self.progress:
                         self.progress(source, "fetch", dict(fetched))
                 if pending is not None:
                     await pending
                 if len(buffer):
-                    pending = asyncio.create_task(asyncio.to_thread(self._stage, run_id, buffer))
+                    pending = asyncio.create_task(
+                        asyncio.to_thread(self._stage, run_id, buffer, known)
+                    )
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
                 if collect is not None:
                     collect.sessions = getattr(connector, "academic_sessions", None)
@@ -105,12 +118,18 @@ class Fetcher:
             # clears staging, or its rows would outlive the failed run.
             if pending is not None:
                 await asyncio.gather(pending, return_exceptions=True)
+            if loading is not None:
+                await asyncio.gather(loading, return_exceptions=True)
         if pending is not None and (error := pending.exception()) is not None:
+            raise error
+        if loading is not None and (error := loading.exception()) is not None:
             raise error
         log.info("fetch_done", warnings=len(notes), **dict(fetched))
         return dict(fetched), buffer.newest, notes
 
-    def _stage(self, run_id: int, batch: StagedBatch) -> None:
+    def _stage(self, run_id: int, batch: StagedBatch, known: KnownRows | None = None) -> None:
+        if known is not None:
+            batch = known.filter(batch)
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good

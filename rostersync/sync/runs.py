@@ -23,6 +23,7 @@ from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
 from rostersync.sync import changes as changeset
+from rostersync.sync.known import KnownRows
 from rostersync.sync.rules import EMAIL_REJECTIONS
 from rostersync.sync.scope import SCOPE_COUNT_KEYS
 
@@ -125,6 +126,8 @@ class RunContext:
     approved: bool = False
     #: a dry run records its change set (a held run always does)
     changes: bool = False
+    #: a full run's rows left out of staging as unchanged (rostersync.sync.known)
+    known: KnownRows | None = None
 
     @property
     def full(self) -> bool:

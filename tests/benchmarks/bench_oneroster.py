@@ -1,23 +1,24 @@
-"""The large-district benchmark of the OneRoster REST source (issue 3, item 9).
+"""The OneRoster REST benchmark (issues 3 and 18): whole ``rostersync sync`` processes.
 
 Run from the repository root::
 
-    python -m tests.benchmarks.bench_oneroster [--scale L|M|S] [--database URL]
+    python -m tests.benchmarks.bench_oneroster [--scale S,M,L] [--database URL]
 
-It starts the fake OneRoster server in its own process serving a generated district, then
-measures, in this order and against that one server:
+For each district size asked, it starts the fake OneRoster server in its own process serving
+a generated district, then measures against that one server:
 
 1. the fetch floor: a plain ``httpx.AsyncClient`` (same page size, concurrency and auth as the
    source) downloading and JSON-parsing every page of /orgs, /users, /classes, /enrollments;
-2. a full sync (``engine.sync`` + ``engine.drain``) into a fresh database, in a child process
-   whose peak RSS is read with ``getrusage(RUSAGE_CHILDREN)``;
-3. a no-op re-run (full again, nothing changed) and how many directory rows it changed;
-4. a delta run after 1% of users, classes and enrollments changed on the server.
+   measured again at the end, the faster of the two counts;
+2. a first load: ``rostersync sync --full`` into a fresh database;
+3. a no-op full run (nothing changed on the server) and the rows it changed;
+4. a steady-state full run after 1% of users, classes and enrollments changed;
+5. a delta run after another 1% changed.
 
-Each sync runs in a fresh child process (``_sync``), so its timings and memory are its own; the
-times cover ``engine.sync``, ``engine.drain`` and closing the store (on SQLite, its last WAL
-checkpoint), not interpreter start-up or migrations.
-See README.md next to this file for what each printed line means.
+Each sync is a whole ``rostersync`` process, started as an operator starts it (interpreter,
+imports, config, migration check, recovery, then the sync and its resync jobs); its phases
+come from the timestamps of its JSON log, its peak RSS from ``wait4``. Every figure is printed
+as a ratio to the floor. See README.md next to this file for what each printed line means.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -40,7 +40,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "district"
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")
-#: Tables a no-op re-run must leave exactly as they were.
-DIRECTORY_TABLES = (
+#: Tables a no-op full run must leave exactly as they were: the directory, the mirror and
+#: the queue (a run writes its own record in ``sync_run`` and ``source_state``).
+UNWRITTEN_BY_NOOP = (
     "user",
     "user_role",
     "user_site",
@@ -59,8 +60,18 @@ DIRECTORY_TABLES = (
     "groups",
     "group_owner",
     "group_member",
+    "roster_org",
+    "roster_person",
+    "roster_class",
+    "roster_enrollment",
+    "resync_job",
+    "dirty_class",
+    "dirty_member",
 )
-TARGET_FLOOR_RATIO = 2.0
+#: Issue 18's targets: whole processes as ratios to the fetch floor of the same run.
+TARGET_FIRST_LOAD = 3.0
+TARGET_NOOP = 1.2
+TARGET_STEADY = 1.3
 TARGET_RSS_MIB = 1024
 TARGET_DELTA_SHARE = 0.10
 
@@ -277,110 +288,111 @@ async def fetch_floor(source: dict[str, Any]) -> Floor:
     return Floor(time.perf_counter() - started, pages, records)
 
 
-# -- syncs in child processes ----------------------------------------------------------------------
+# -- syncs as whole processes ----------------------------------------------------------------------
 
 
-def child_sync(args: argparse.Namespace) -> int:
-    """One sync + drain of the configured source; the outcome as JSON in ``--result``."""
-    from rostersync import logs
-    from rostersync.config.loader import load_settings
-    from rostersync.store.db import Store
-    from rostersync.sync.engine import SyncEngine
-    from rostersync.sync.runs import load_report
+def _cli() -> list[str]:
+    """The installed console script beside this interpreter, else ``python -m rostersync``."""
+    script = Path(sys.executable).with_name("rostersync")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "rostersync"]
 
-    with open(args.log, "a", encoding="utf-8") as log_file:
-        logs.configure(level="info", fmt="json", stream=log_file)
-        settings = load_settings(args.config)
-        store = Store(settings.database)
-        store.ensure_schema()
-        engine = SyncEngine(settings, store)
 
-        async def go() -> tuple[int, float, float]:
-            t0 = time.perf_counter()
-            report = await engine.sync(SOURCE, mode=args.mode, trigger="benchmark")
-            t1 = time.perf_counter()
-            await engine.drain()
-            return report.id, t1 - t0, time.perf_counter() - t1
-
-        run_id, sync_s, drain_s = asyncio.run(go())
-        with store.read() as conn:
-            report = load_report(conn, run_id)
-        # Timed too: on SQLite closing waits for the store's WAL checkpointer and makes the
-        # last checkpoint, work that the commits used to do themselves.
-        t2 = time.perf_counter()
-        store.dispose()
-        close_s = time.perf_counter() - t2
-    result = {
-        "sync_seconds": sync_s,
-        "drain_seconds": drain_s,
-        "close_seconds": close_s,
-        "status": report.status,
-        "mode": report.mode,
-        "error": report.error,
-        "warnings": report.warnings,
-        "counts": report.counts,
-        "fetched": report.fetched,
-        "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }
-    Path(args.result).write_text(json.dumps(result), encoding="utf-8")
-    return 0
+#: Log events that end a phase of a ``rostersync sync`` process, in order.
+PHASES = (("sync_started", "start-up"), ("fetch_done", "fetch"), ("sync_applied", "apply"))
 
 
 @dataclass
 class SyncResult:
+    """One ``rostersync sync`` process: its wall time, the phases its JSON log shows, its
+    peak RSS and the run's report (``sync --json``)."""
+
     seconds: float
-    sync_seconds: float
-    drain_seconds: float
-    close_seconds: float
+    phases: dict[str, float]
+    maxrss_kib: int
     status: str
     mode: str
     error: str | None
     warnings: list[str]
     counts: dict[str, int]
     fetched: dict[str, int]
-    maxrss_kib: int
+
+    def breakdown(self) -> str:
+        return " + ".join(f"{name} {s:.1f} s" for name, s in self.phases.items())
 
 
-def run_child(config: Path, mode: str, workdir: Path) -> SyncResult:
-    result = workdir / f"result-{mode}-{time.monotonic_ns()}.json"
-    command = [
-        sys.executable,
-        "-m",
-        "tests.benchmarks.bench_oneroster",
-        "_sync",
-        "--config",
-        str(config),
-        "--mode",
-        mode,
-        "--result",
-        str(result),
-        "--log",
-        str(workdir / "sync.log"),
-    ]
-    code = subprocess.run(command, cwd=ROOT, check=False).returncode
-    if code != 0 or not result.exists():
+def _phases(log: Path, started: float, ended: float) -> dict[str, float]:
+    """Where a process's time went, from the timestamps of its JSON log lines: start-up
+    (interpreter, imports, config, migration check, recovery) up to ``sync_started``, the
+    fetch, the apply, the drain (up to the last ``resync_batch_done``) and the exit."""
+    marks: dict[str, float] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            event = json.loads(line)
+            stamp = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+            marks[event["event"]] = stamp.timestamp()  # the last of each kind
+    out: dict[str, float] = {}
+    previous = started
+    for event, name in PHASES:
+        if event in marks:
+            out[name] = marks[event] - previous
+            previous = marks[event]
+    if "resync_batch_done" in marks and marks["resync_batch_done"] > previous:
+        out["drain"] = marks["resync_batch_done"] - previous
+        previous = marks["resync_batch_done"]
+    out["exit"] = ended - previous
+    return out
+
+
+def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
+    """``rostersync --config CONFIG sync --full|--delta --json`` as an operator runs it: a
+    whole process, interpreter start-up, imports, migration check and recovery included."""
+    stamp = time.monotonic_ns()
+    log = workdir / f"sync-{mode}-{stamp}.log"
+    command = [*_cli(), "--config", str(config), "sync", f"--{mode}", "--json"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    with open(log, "w", encoding="utf-8") as err:
+        started = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=err, env=env)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        ended = time.time()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        report = json.loads(out)["runs"][0]
+    except (ValueError, KeyError, IndexError):
         raise SystemExit(
-            f"the {mode} sync process failed (exit {code}); see {workdir / 'sync.log'}"
-        )
-    data = json.loads(result.read_text(encoding="utf-8"))
-    seconds = data["sync_seconds"] + data["drain_seconds"] + data["close_seconds"]
-    return SyncResult(seconds=seconds, **data)
+            f"the {mode} sync process failed (exit {proc.returncode}); see {log}"
+        ) from None
+    return SyncResult(
+        seconds=seconds,
+        phases=_phases(log, started, ended),
+        maxrss_kib=usage.ru_maxrss,
+        status=report["status"],
+        mode=report["mode"],
+        error=report["error"],
+        warnings=report["warnings"],
+        counts=report["counts"],
+        fetched=report["fetched"],
+    )
 
 
 # -- the database ----------------------------------------------------------------------------------
 
 
 def row_digests(url: str) -> dict[str, set[bytes]]:
-    """Per directory table, a fingerprint of every row (rows compared whole, updates included)."""
+    """Per table a no-op must not write, a fingerprint of every row (rows compared whole)."""
     from sqlalchemy import text
 
     from rostersync.store.db import Store
 
-    store = Store(url)
+    store = Store(url, create=False)
     out: dict[str, set[bytes]] = {}
     try:
         with store.read() as conn:
-            for table in DIRECTORY_TABLES:
+            for table in UNWRITTEN_BY_NOOP:
                 out[table] = {
                     hashlib.blake2b(repr(tuple(row)).encode(), digest_size=12).digest()
                     for row in conn.execute(text(f'SELECT * FROM "{table}"'))
@@ -390,9 +402,10 @@ def row_digests(url: str) -> dict[str, set[bytes]]:
     return out
 
 
-def rows_changed(before: dict[str, set[bytes]], after: dict[str, set[bytes]]) -> int:
-    """Rows added, removed or changed (a changed row counts once) across the directory tables."""
-    return sum(max(len(before[t] - after[t]), len(after[t] - before[t])) for t in before)
+def rows_changed(before: dict[str, set[bytes]], after: dict[str, set[bytes]]) -> dict[str, int]:
+    """Rows added, removed or changed (a changed row counts once), by table."""
+    out = {t: max(len(before[t] - after[t]), len(after[t] - before[t])) for t in before}
+    return {t: n for t, n in out.items() if n}
 
 
 def prepare_database(url: str) -> None:
@@ -418,13 +431,35 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
+def figure(label: str, run: SyncResult, floor: float, target: float | None) -> None:
+    """One whole-process figure as seconds and as a ratio to the floor, then its phases."""
+    ratio = run.seconds / floor
+    aim = f"; target <= {target}x: {verdict(ratio <= target)}" if target is not None else ""
+    print(f"{label}: {run.seconds:.2f} s ({ratio:.2f}x floor{aim})", flush=True)
+    print(
+        f"    {run.breakdown()}; peak RSS {run.maxrss_kib / 1024:.0f} MiB; status {run.status}",
+        flush=True,
+    )
+
+
 def benchmark(args: argparse.Namespace) -> int:
-    scale = SCALES[args.scale]
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rs-bench-"))
+    for name in args.scale.split(","):
+        code = benchmark_scale(args, name.strip().upper())
+        if code:
+            return code
+    return 0
+
+
+def benchmark_scale(args: argparse.Namespace, name: str) -> int:
+    if name not in SCALES:
+        raise SystemExit(f"--scale: unknown district {name!r} (choose from {', '.join(SCALES)})")
+    scale = SCALES[name]
+    workdir = Path(args.workdir) / name if args.workdir else None
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"rs-bench-{name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
     database = args.database or f"sqlite:///{workdir / 'bench.db'}"
     print(
-        f"district {args.scale}: {scale.schools} schools, {scale.teachers:,} teachers, "
+        f"district {name}: {scale.schools} schools, {scale.teachers:,} teachers, "
         f"{scale.students:,} students, {scale.classes:,} classes x {scale.students_per_class} "
         f"students; OneRoster {args.version}, page_size {args.page_size}, "
         f"max_concurrency {args.max_concurrency}; {args.ids} sourcedIds; "
@@ -432,8 +467,9 @@ def benchmark(args: argparse.Namespace) -> int:
         flush=True,
     )
     prepare_database(database)
-    say("starting the fake server (generating the district)")
-    with server_process(args) as info:
+    say(f"{name}: starting the fake server (generating the district)")
+    serve_args = argparse.Namespace(**{**vars(args), "scale": name})
+    with server_process(serve_args) as info:
         records = info["records"]
         say(f"server ready in {info['load_seconds']} s: {records}")
         source = {
@@ -449,78 +485,82 @@ def benchmark(args: argparse.Namespace) -> int:
         stats = info["origin"] + "/_admin/stats"
 
         say("fetch floor")
-        floor = asyncio.run(fetch_floor(source))
-        print(
-            f"fetch floor: {floor.seconds:.1f} s ({floor.pages:,} pages, "
-            f"{floor.records:,} records)",
-            flush=True,
-        )
+        floors = [asyncio.run(fetch_floor(source))]
 
-        say("full sync")
+        say("first load")
         requests_before = json.loads(_http("GET", stats))["data_requests"]
-        full = run_child(config, "full", workdir)
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        full = run_cli(config, "full", workdir)
         requests = json.loads(_http("GET", stats))["data_requests"] - requests_before
-        check_run("full", full, "full")
-        ratio = full.seconds / floor.seconds
-        print(
-            f"full sync: {full.seconds:.1f} s ({ratio:.2f}x floor; target <= "
-            f"{TARGET_FLOOR_RATIO}x: {verdict(ratio <= TARGET_FLOOR_RATIO)})",
-            flush=True,
-        )
-        print(
-            f"    sync {full.sync_seconds:.1f} s + drain {full.drain_seconds:.1f} s + close "
-            f"{full.close_seconds:.1f} s; "
-            f"{requests:,} requests; {full.counts['users_created']:,} users, "
-            f"{full.counts['groups_created']:,} groups created; status {full.status}",
-            flush=True,
-        )
-        peak_mib = peak_kib / 1024
-        print(
-            f"peak RSS: {peak_mib:.0f} MiB (target <= {TARGET_RSS_MIB} MiB: "
-            f"{verdict(peak_mib <= TARGET_RSS_MIB)})",
-            flush=True,
-        )
+        check_run("first load", full, "full")
 
-        say("no-op re-run")
+        say("no-op full run")
         before = row_digests(database)
-        noop = run_child(config, "full", workdir)
+        noop = run_cli(config, "full", workdir)
         check_run("no-op", noop, "full")
         changed = rows_changed(before, row_digests(database))
         del before
-        print(
-            f"no-op re-run: {noop.seconds:.1f} s, directory rows changed: {changed} "
-            f"(target 0: {verdict(changed == 0)})",
-            flush=True,
-        )
-        print(
-            f"    sync {noop.sync_seconds:.1f} s + drain {noop.drain_seconds:.1f} s + close "
-            f"{noop.close_seconds:.1f} s; "
-            f"resync jobs queued {noop.counts['resync_queued']}",
-            flush=True,
-        )
 
-        say("changing 1% of the records on the server")
-        mutated = json.loads(_http("POST", info["origin"] + "/_admin/mutate?fraction=0.01"))
-        delta = run_child(config, "delta", workdir)
+        say("changing 1% of the records on the server; full run")
+        steady_changes = json.loads(
+            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=1")
+        )
+        steady = run_cli(config, "full", workdir)
+        check_run("steady-state", steady, "full")
+
+        say("changing another 1%; delta run")
+        delta_changes = json.loads(
+            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=2")
+        )
+        delta = run_cli(config, "delta", workdir)
         check_run("delta", delta, "delta")
-        share = delta.seconds / full.seconds
-        print(
-            f"delta 1%: {delta.seconds:.1f} s ({share:.1%} of full; target <= "
-            f"{TARGET_DELTA_SHARE:.0%}: {verdict(share <= TARGET_DELTA_SHARE)})",
-            flush=True,
-        )
-        print(
-            f"    sync {delta.sync_seconds:.1f} s + drain {delta.drain_seconds:.1f} s + close "
-            f"{delta.close_seconds:.1f} s; "
-            f"changed on the server {mutated}; fetched {delta.fetched}; "
-            f"groups updated {delta.counts['groups_updated']:,}",
-            flush=True,
-        )
+
+        say("fetch floor again")
+        floors.append(asyncio.run(fetch_floor(source)))
+
+    # The faster of two floors, one before and one after the syncs: the machine's speed moves.
+    floor = min(floors, key=lambda f: f.seconds)
+    print(
+        f"fetch floor: {floor.seconds:.2f} s ({floor.pages:,} pages, {floor.records:,} records; "
+        f"measured {', '.join(f'{f.seconds:.2f}' for f in floors)} s)",
+        flush=True,
+    )
+    figure("first load", full, floor.seconds, TARGET_FIRST_LOAD)
+    print(
+        f"    {requests:,} requests; {full.counts['users_created']:,} users, "
+        f"{full.counts['groups_created']:,} groups created",
+        flush=True,
+    )
+    figure("no-op full run", noop, floor.seconds, TARGET_NOOP)
+    written = ", ".join(f"{t} {n}" for t, n in changed.items()) or "none"
+    print(
+        f"    rows changed in the directory, mirror and queue: {written} "
+        f"(target none: {verdict(not changed)})",
+        flush=True,
+    )
+    figure("steady-state full run (1% changed)", steady, floor.seconds, TARGET_STEADY)
+    print(
+        f"    changed on the server {steady_changes}; groups updated "
+        f"{steady.counts['groups_updated']:,}",
+        flush=True,
+    )
+    figure("delta run (1% changed)", delta, floor.seconds, None)
+    share = delta.seconds / full.seconds
+    print(
+        f"    {share:.1%} of the first load (target <= {TARGET_DELTA_SHARE:.0%}: "
+        f"{verdict(share <= TARGET_DELTA_SHARE)}); changed on the server {delta_changes}; "
+        f"fetched {delta.fetched}; groups updated {delta.counts['groups_updated']:,}",
+        flush=True,
+    )
+    peak_mib = max(r.maxrss_kib for r in (full, noop, steady, delta)) / 1024
+    print(
+        f"peak RSS: {peak_mib:.0f} MiB (target <= {TARGET_RSS_MIB} MiB: "
+        f"{verdict(peak_mib <= TARGET_RSS_MIB)})",
+        flush=True,
+    )
     if not args.workdir and not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
-        print(f"work files (database, sync.log): {workdir}", flush=True)
+        print(f"work files (database, config, one log per sync): {workdir}", flush=True)
     return 0
 
 
@@ -564,9 +604,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("_serve", help=argparse.SUPPRESS)
-    sync_p = sub.add_parser("_sync", help=argparse.SUPPRESS)
+    serve_p.add_argument("--scale", choices=sorted(SCALES), default="L")
+    parser.add_argument(
+        "--scale",
+        default="S,M,L",
+        help="districts to measure, comma-separated, each against its own server: "
+        + ", ".join(SCALES),
+    )
     for p in (parser, serve_p):
-        p.add_argument("--scale", choices=sorted(SCALES), default="L")
         p.add_argument("--version", choices=["1.1", "1.2"], default="1.1")
         p.add_argument("--seed", type=int, default=1)
         p.add_argument(
@@ -580,15 +625,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=4)
     parser.add_argument("--workdir", help="keep the database and logs here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work folder")
-    sync_p.add_argument("--config", required=True)
-    sync_p.add_argument("--mode", choices=["full", "delta"], required=True)
-    sync_p.add_argument("--result", required=True)
-    sync_p.add_argument("--log", required=True)
     args = parser.parse_args(argv)
     if args.command == "_serve":
         return serve(args)
-    if args.command == "_sync":
-        return child_sync(args)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return benchmark(args)
 

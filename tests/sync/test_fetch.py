@@ -13,6 +13,7 @@ from rostersync.config.models import Settings
 from rostersync.source.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
+from rostersync.sync.known import KnownRows
 from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, sync, users
 
@@ -33,10 +34,12 @@ async def test_batches_arriving_during_a_slow_staging_write_are_staged_together(
     writes: list[int] = []
     real_stage = SyncEngine._stage
 
-    def slow_stage(self: SyncEngine, run_id: int, batch: StagedBatch) -> None:
+    def slow_stage(
+        self: SyncEngine, run_id: int, batch: StagedBatch, known: KnownRows | None = None
+    ) -> None:
         writes.append(len(batch))
         time.sleep(0.05)
-        real_stage(self, run_id, batch)
+        real_stage(self, run_id, batch, known)
 
     monkeypatch.setattr(SyncEngine, "_stage", slow_stage)
     report = await sync(make_settings(), store, roster)  # batches of 7 records

@@ -1,0 +1,122 @@
+"""What the mirror already holds, so that a full run stages only what changed.
+
+A full run reads every record, and on a typical night almost all of them are as the mirror
+has them. Each staged row carries ``row_hash``, computed where the record was normalized;
+before a batch is staged, every row whose hash equals its mirror row's is left out and only
+its sourcedId kept. Staging, the change detection and the merge then handle what is new or
+changed alone, and the sweep of a full run is what the mirror holds that the run neither
+staged nor saw unchanged (:meth:`KnownRows.missing`).
+
+The rules see exactly what they saw when every row was staged: an unchanged row is one the
+change detection would have found equal to its mirror row and skipped. A run that is held
+keeps its staging for ``runs approve``, which compares staging with the mirror in another
+process, so the held run's staging is completed from the mirror (:meth:`KnownRows.complete`,
+in the transaction that records the hold) and holds every row the run saw, as before.
+
+Only full runs of sources without a school or term scope use it: the scope step judges every
+staged class and enrollment (rostersync.sync.scope), so scoped runs stage everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from sqlalchemy import Connection, bindparam, text
+
+from rostersync.source.rows import COLUMNS, StagedBatch
+from rostersync.store.db import Store
+from rostersync.sync.mirror import TABLES
+from rostersync.sync.rules import chunks
+
+#: Where each kind's row tuple carries its hash.
+HASH_AT = {kind: cols.index("row_hash") for kind, cols in COLUMNS.items()}
+
+
+class KnownRows:
+    """One full run's view of the source's mirror rows: sourcedId to ``row_hash`` per kind,
+    loaded once while the fetch starts, and what the run saw of them."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.hashes: dict[str, dict[str, str]] = {kind: {} for kind in COLUMNS}
+        #: ids the run saw as the mirror has them (never staged)
+        self.unchanged: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
+        #: ids the run staged, for kinds the mirror holds rows of (else nothing is swept)
+        self.staged: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
+        self._loaded = threading.Event()
+        self._error: BaseException | None = None
+
+    def load(self, store: Store) -> None:
+        """Read the source's mirror hashes (in a worker thread, while the fetch begins)."""
+        try:
+            with store.read() as conn:
+                for kind, (mirror, _, _) in TABLES.items():
+                    rows = conn.execute(
+                        text(f"SELECT sourced_id, row_hash FROM {mirror} WHERE source = :src"),
+                        {"src": self.source},
+                    )
+                    self.hashes[kind] = {sid: digest for sid, digest in rows}
+        except BaseException as exc:
+            self._error = exc
+            raise
+        finally:
+            self._loaded.set()
+
+    def filter(self, batch: StagedBatch) -> StagedBatch:
+        """``batch`` without the rows the mirror holds as they are. A sourcedId repeated in
+        the run keeps the last version, as staging does: once an id has been staged, its
+        later rows are staged too, and a changed row after an unchanged one is staged."""
+        self._loaded.wait()
+        if self._error is not None:
+            raise self._error
+        out = StagedBatch(rejected=batch.rejected, newest=batch.newest, terms=batch.terms)
+        for kind, rows in batch.rows.items():
+            known = self.hashes[kind]
+            if not known:  # a first load: everything is new, nothing to sweep
+                out.rows[kind] = rows
+                continue
+            at = HASH_AT[kind]
+            unchanged, staged = self.unchanged[kind], self.staged[kind]
+            keep = out.rows[kind]
+            for row in rows:
+                sid = row[0]
+                if known.get(sid) == row[at] and sid not in staged:
+                    unchanged.add(sid)
+                else:
+                    keep.append(row)
+                    staged.add(sid)
+                    unchanged.discard(sid)
+        return out
+
+    def missing(self, kind: str) -> set[str]:
+        """Mirror rows of ``kind`` the run did not see: neither staged nor unchanged."""
+        known = self.hashes[kind]
+        if len(known) == len(self.unchanged[kind]):
+            return set()
+        seen_unchanged, staged = self.unchanged[kind], self.staged[kind]
+        return {sid for sid in known if sid not in seen_unchanged and sid not in staged}
+
+    def skipped(self) -> Iterator[tuple[str, set[str]]]:
+        """(kind, ids) of the rows left out of staging."""
+        for kind, ids in self.unchanged.items():
+            if ids:
+                yield kind, ids
+
+    def complete(self, conn: Connection, run_id: int) -> int:
+        """Stage the rows left out as the mirror holds them (they were equal), so that a held
+        run's staging holds every row it saw; returns how many. Inside the transaction that
+        records the hold, after the apply rolled back: the mirror is as the run found it."""
+        done = 0
+        for kind, ids in self.skipped():
+            mirror, staging, cols = TABLES[kind]
+            columns = ", ".join(cols)
+            stmt = text(
+                f"INSERT INTO {staging} (run_id, sourced_id, {columns}) "
+                f"SELECT :run, m.sourced_id, {', '.join('m.' + c for c in cols)} "
+                f"FROM {mirror} m WHERE m.source = :src AND m.sourced_id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True))
+            params = {"run": run_id, "src": self.source}
+            for chunk in chunks(sorted(ids)):
+                done += conn.execute(stmt, {**params, "ids": chunk}).rowcount or 0
+        return done

@@ -1,0 +1,213 @@
+"""A full run stages only what changed (rostersync.sync.known): unchanged rows are left out
+where they are staged, the sweep still removes what the run did not see, a held run's
+staging is completed for its approval, and every outcome equals that of a run that staged
+every row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from connectors.memory import MemoryConnector
+from rostersync.config.models import Settings
+from rostersync.source.records import MemoryRoster
+from rostersync.source.rows import COLUMNS, StagedBatch, sort_batch
+from rostersync.store.db import Store
+from rostersync.sync import fetch as fetch_step
+from rostersync.sync import staging
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.known import HASH_AT, KnownRows
+from tests.rosterdata import small_roster
+from tests.sync.helpers import groups, snapshot, sync, users
+
+
+@pytest.fixture
+def staged_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Rows each staging write carried, in order."""
+    counts: list[int] = []
+    real = fetch_step.stage
+
+    def counting(conn: Any, run_id: int, batch: StagedBatch) -> None:
+        counts.append(sum(len(rows) for rows in batch.rows.values()))
+        real(conn, run_id, batch)
+
+    monkeypatch.setattr(fetch_step, "stage", counting)
+    yield counts
+
+
+def stage_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs as they were before: every fetched row staged."""
+    monkeypatch.setattr(fetch_step, "KnownRows", lambda source: None)
+
+
+def staged_count(store: Store) -> int:
+    with store.read() as conn:
+        return sum(
+            int(conn.execute(text(f"SELECT count(*) FROM {t.name}")).scalar_one())
+            for t in staging.STAGING.values()
+        )
+
+
+def outcome(store: Store) -> tuple[Any, ...]:
+    """The directory as the CLI lists it, and the mirror's rows by id and hash (comparable
+    across SQLite and PostgreSQL)."""
+    with store.read() as conn:
+        mirror = tuple(
+            sorted(
+                (r[0], r[1]) for r in conn.execute(text(f"SELECT sourced_id, row_hash FROM {t}"))
+            )
+            for t in ("roster_org", "roster_person", "roster_class", "roster_enrollment")
+        )
+    return users(store), groups(store), mirror
+
+
+def changed_roster() -> MemoryRoster:
+    """The small roster with one teacher renamed, one student gone and one enrollment moved."""
+    roster = small_roster()
+    roster.persons = [
+        replace(p, family_name="Byron") if p.sourced_id == "t-1" else p
+        for p in roster.persons
+        if p.sourced_id != "s-3"
+    ]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "s-3"]
+    return roster
+
+
+async def test_a_no_op_full_run_stages_nothing(
+    store: Store, make_settings: Callable[..., Settings], staged_rows: list[int]
+) -> None:
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    first = sum(staged_rows)
+    assert first == len(small_roster().records())
+    before = snapshot(store)
+    staged_rows.clear()
+    report = await sync(settings, store, small_roster())
+    assert report.status == "succeeded", report.error
+    assert sum(staged_rows) == 0
+    assert report.fetched["persons"] == len(small_roster().persons)  # counted all the same
+    assert snapshot(store) == before
+
+
+async def test_a_full_run_stages_only_what_changed_and_sweeps_what_it_did_not_see(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    staged_rows: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+) -> None:
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    staged_rows.clear()
+    report = await sync(settings, store, changed_roster())
+    assert report.status == "succeeded", report.error
+    assert sum(staged_rows) == 1  # the renamed teacher; the removals are not staged at all
+    with store.read() as conn:
+        rows = conn.execute(text("SELECT sourced_id, family_name FROM roster_person"))
+        people = {sid: family for sid, family in rows}
+    assert "s-3" not in people and people["t-1"] == "Byron"
+
+    # The same two runs, every row staged, end in the same directory and mirror.
+    stage_everything(monkeypatch)
+    other = Store(f"sqlite:///{tmp_path / 'everything.db'}")
+    other.ensure_schema()
+    try:
+        await sync(settings, other, small_roster())
+        await sync(settings, other, changed_roster())
+        assert outcome(other) == outcome(store)
+    finally:
+        other.dispose()
+
+
+async def test_a_held_run_keeps_every_row_for_its_approval(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The held run staged only what changed; its staging is completed from the mirror, and
+    the approval (another engine, comparing staging with the mirror) sweeps just what the
+    run did not see."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before = snapshot(store)
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    report = await sync(settings, store, roster)
+    assert report.status == "held"
+    assert snapshot(store) == before
+    seen = sum(report.fetched[k] for k in ("orgs", "persons", "classes", "enrollments"))
+    assert staged_count(store) == seen  # every row the run saw, for the approval
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(report.id)
+    await engine.drain()
+    assert approved.status == "succeeded", approved.error
+    assert users(store)["alan.turing@example.org"]["status"] == "archived"
+    # Only the enrollments the held run did not see are gone from the mirror.
+    with store.read() as conn:
+        left = {r[0] for r in conn.execute(text("SELECT sourced_id FROM roster_enrollment"))}
+    assert left == {e.sourced_id for e in roster.enrollments}
+
+
+def loaded(hashes: dict[str, dict[str, str]]) -> KnownRows:
+    known = KnownRows("mem")
+    known.hashes.update(hashes)
+    known._loaded.set()
+    return known
+
+
+def person_rows(roster: MemoryRoster) -> list[Any]:
+    return sort_batch(roster.persons).rows["person"]
+
+
+def test_rows_equal_to_the_mirror_are_left_out_and_their_ids_kept() -> None:
+    rows = person_rows(small_roster())
+    at = HASH_AT["person"]
+    known = loaded({"person": {r[0]: r[at] for r in rows[1:]}})
+    out = known.filter(sort_batch(small_roster().persons))
+    assert [r[0] for r in out.rows["person"]] == [rows[0][0]]  # new to the mirror
+    assert known.unchanged["person"] == {r[0] for r in rows[1:]}
+    assert known.missing("person") == set()
+
+
+def test_a_repeated_id_keeps_its_last_version() -> None:
+    """Staging keeps the last version of an id sent twice; so does the filter: an unchanged
+    row after a staged one is staged too, and a changed row after an unchanged one wins."""
+    roster = small_roster()
+    person = roster.persons[0]
+    renamed = replace(person, given_name="Other")
+    at = HASH_AT["person"]
+    same = person_rows(MemoryRoster(persons=[person]))[0]
+    known = loaded({"person": {same[0]: same[at]}})
+    first = known.filter(sort_batch([renamed]))
+    second = known.filter(sort_batch([person]))
+    assert len(first.rows["person"]) == 1 and len(second.rows["person"]) == 1
+    assert known.unchanged["person"] == set()
+
+    known = loaded({"person": {same[0]: same[at]}})
+    assert known.filter(sort_batch([person])).rows["person"] == []
+    assert len(known.filter(sort_batch([renamed])).rows["person"]) == 1
+    assert known.unchanged["person"] == set()  # the changed version is staged instead
+    assert known.missing("person") == set()
+
+
+def test_what_the_run_did_not_see_is_missing() -> None:
+    rows = person_rows(small_roster())
+    at = HASH_AT["person"]
+    known = loaded({"person": {r[0]: r[at] for r in rows}, "org": {"gone-org": "x"}})
+    known.filter(sort_batch(small_roster().persons[1:]))
+    assert known.missing("person") == {rows[0][0]}
+    assert known.missing("org") == {"gone-org"}
+    assert set(COLUMNS) == set(known.hashes)
+
+
+def test_a_first_load_is_staged_whole() -> None:
+    known = loaded({})
+    batch = sort_batch(small_roster().records())
+    out = known.filter(batch)
+    assert out.rows == batch.rows
+    assert all(not ids for ids in known.staged.values())  # nothing to sweep, nothing kept
