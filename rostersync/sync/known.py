@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
@@ -48,15 +49,26 @@ class KnownRows:
         self._error: BaseException | None = None
 
     def load(self, store: Store) -> None:
-        """Read the source's mirror hashes (in a worker thread, while the fetch begins)."""
+        """Read the source's mirror hashes (in a worker thread, while the fetch begins).
+        Through the driver's cursor: a million rows fetched one by one through SQLAlchemy's
+        result cost seconds, ``fetchall`` on the raw cursor a fraction of one. SQLite reads
+        the table in its own order (NOT INDEXED) rather than walking an index on ``source``
+        with a row lookup for each entry: a third of the time."""
         try:
             with store.read() as conn:
-                for kind, (mirror, _, _) in TABLES.items():
-                    rows = conn.execute(
-                        text(f"SELECT sourced_id, row_hash FROM {mirror} WHERE source = :src"),
-                        {"src": self.source},
-                    )
-                    self.hashes[kind] = {sid: digest for sid, digest in rows}
+                postgres = conn.dialect.name == "postgresql"
+                marker, hint = ("%s", "") if postgres else ("?", " NOT INDEXED")
+                raw: Any = conn.connection.dbapi_connection
+                cursor = raw.cursor()
+                try:
+                    for kind, (mirror, _, _) in TABLES.items():
+                        cursor.execute(
+                            f"SELECT sourced_id, row_hash FROM {mirror}{hint} WHERE source = {marker}",
+                            (self.source,),
+                        )
+                        self.hashes[kind] = dict(cursor.fetchall())
+                finally:
+                    cursor.close()
         except BaseException as exc:
             self._error = exc
             raise

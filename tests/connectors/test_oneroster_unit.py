@@ -670,6 +670,11 @@ async def test_oauth1_header_is_a_valid_hmac_sha256_signature_over_the_query() -
         async with open_connector() as c:
             await fetch_all(c, FetchMode.DELTA, datetime(2026, 1, 1, tzinfo=UTC))
         request = router.calls[0].request
+        headers = [call.request.headers["Authorization"] for call in router.calls]
+    # Every request has its own unguessable nonce (drawn from `secrets`, not Authlib's).
+    nonces = [dict(parse_keqv_list(parse_http_list(h[6:])))["oauth_nonce"] for h in headers]
+    assert len(nonces) > 1 and len(set(nonces)) == len(nonces)
+    assert all(len(n) >= 24 for n in nonces)
     header = request.headers["Authorization"]
     assert header.startswith("OAuth ")
     oauth = {k: unquote(v) for k, v in parse_keqv_list(parse_http_list(header[6:])).items()}
