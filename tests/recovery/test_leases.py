@@ -22,7 +22,7 @@ from rostersync.source.records import MemoryRoster, RosterRecord
 from rostersync.source.rows import sort_batch
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.runs import SourceBusy
+from rostersync.sync.leasing import SourceBusy
 from tests.daemon.conftest import wait_until
 from tests.recovery.conftest import (
     Holder,
