@@ -8,15 +8,15 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import changes as changeset
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import list_runs, load_report
 from tests.changediff import difference, picture, plain
-from tests.rosterdata import small_roster
 from tests.sync.helpers import sync
 
 
