@@ -1,4 +1,5 @@
-"""Read-side queries for the CLI: users, groups, queue and run history as plain dicts."""
+"""Read-side queries for the CLI: users, groups and queue as plain dicts (run history is
+:mod:`rostersync.sync.runs`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rostersync.emails import normalize_email
 from rostersync.store.db import as_utc
 
 
-def _json(value: Any) -> dict[str, Any]:
+def json_dict(value: Any) -> dict[str, Any]:
     # text() queries bypass the JSON column type: SQLite hands back the stored string.
     if isinstance(value, dict):
         return value
@@ -22,7 +23,7 @@ def _json(value: Any) -> dict[str, Any]:
     return {}
 
 
-def _iso(value: Any) -> str | None:
+def iso_text(value: Any) -> str | None:
     ts = as_utc(value)
     return ts.isoformat() if ts else None
 
@@ -180,69 +181,9 @@ def list_jobs(
                 "last_error": err,
                 "live": bool(live),
                 "run_id": run_id,
-                "run_after": _iso(run_after),
-                "finished_at": _iso(finished),
-                "result": _json(result),
-            }
-        )
-    return out
-
-
-#: The first real run of a held run's source that succeeded after it (``{run}`` picks the
-#: held run, alias ``r``): once there is one, the held run is superseded. Derived, not stored,
-#: so that it can never disagree with what `runs approve` checks.
-SUPERSEDED_BY = (
-    "SELECT min(n.id) FROM sync_run r JOIN sync_run n ON n.source = r.source AND n.id > r.id "
-    "WHERE {run} AND n.dry_run = :no AND n.status IN ('succeeded', 'succeeded_with_errors')"
-)
-
-
-def superseded_by(conn: Connection, run_id: int) -> int | None:
-    found = conn.execute(text(SUPERSEDED_BY.format(run="r.id = :r")), {"r": run_id, "no": False})
-    value = found.scalar()
-    return int(value) if value is not None else None
-
-
-def run_duration(started: Any, approved: Any, finished: Any) -> float | None:
-    """Seconds a run took: from its start, or for an approved run from its approval (the
-    hold in between is not the run's work), to its end; None while it runs."""
-    start = as_utc(approved) or as_utc(started)
-    end = as_utc(finished)
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds(), 3)
-
-
-def list_runs(conn: Connection, source: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    """Runs, newest first. A held run a later real run overtook is listed ``superseded``
-    (``superseded_by`` names that run)."""
-    where = "WHERE source = :source " if source else ""
-    rows = conn.execute(
-        text(
-            "SELECT id, source, mode, status, trigger, dry_run, started_at, finished_at, counts, "
-            f"hold_reason, error, approved_at FROM sync_run {where}ORDER BY id DESC LIMIT :limit"
-        ),
-        {"source": source, "limit": limit},
-    ).all()
-    out = []
-    for rid, src, mode, status, trigger, dry, started, finished, counts, hold, err, ok in rows:
-        newer = superseded_by(conn, rid) if status == "held" and not dry else None
-        out.append(
-            {
-                "id": rid,
-                "source": src,
-                "mode": mode,
-                "status": "superseded" if newer is not None else status,
-                "superseded_by": newer,
-                "trigger": trigger,
-                "dry_run": bool(dry),
-                "started_at": _iso(started),
-                "finished_at": _iso(finished),
-                "approved_at": _iso(ok),
-                "duration_seconds": run_duration(started, ok, finished),
-                "counts": _json(counts),
-                "hold_reason": hold,
-                "error": err,
+                "run_after": iso_text(run_after),
+                "finished_at": iso_text(finished),
+                "result": json_dict(result),
             }
         )
     return out

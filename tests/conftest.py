@@ -20,6 +20,10 @@ from rostersync.config.models import Settings
 from rostersync.config.source import SourceConfig
 from rostersync.store.db import Store
 
+# The shared connector contract lives in the package (for third-party connector authors):
+# its asserts get pytest's detailed messages only if rewritten, which must be asked before import.
+pytest.register_assert_rewrite("rostersync.source.testing")
+
 PG_BASE = os.environ.get("ROSTERSYNC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 _pg_state: dict[str, Any] = {}
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from connectors.memory import MemoryRoster
 from rostersync import sampledata as sd
 from rostersync.sampledata import DistrictSpec, generate_district, iter_district
 from rostersync.source.records import RosterEnrollment, RosterOrg, RosterPerson
+from rostersync.source.testing import MemoryRoster
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "config" / "sample-district"

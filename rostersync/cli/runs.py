@@ -33,10 +33,10 @@ def runs() -> None:
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
-    from rostersync import directory
+    from rostersync.sync.runs import list_runs
 
     with app.read_store.read() as conn:
-        rows = directory.list_runs(conn, source, limit)
+        rows = list_runs(conn, source, limit)
     if as_json:
         emit_json(rows)
         return

@@ -34,7 +34,8 @@ async def _sync_and_drain(
 ) -> list[RunReport]:
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
-    from rostersync.sync.runs import SourceBusy, load_report
+    from rostersync.sync.leasing import SourceBusy
+    from rostersync.sync.runs import load_report
 
     # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
     progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None

@@ -43,7 +43,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import text
 
 from rostersync import __version__
 
@@ -92,26 +91,16 @@ def read_store_state(
     later real run of its source succeeds (which makes it unapprovable)."""
     from rostersync.resync.queue import queue_depth
     from rostersync.store.db import as_utc
+    from rostersync.sync import runs
 
     depth = queue_depth(conn)
     last: dict[str, float] = {}
-    for source, when in conn.execute(
-        text("SELECT source, last_success_at FROM source_state WHERE last_success_at IS NOT NULL")
-    ):
+    for source, when in runs.last_successes(conn):
         at = as_utc(when)
         if at is not None:
             last[str(source)] = at.timestamp()
     held = dict.fromkeys(sources, 0)
-    rows = conn.execute(
-        text(
-            "SELECT h.source, count(*) FROM sync_run h WHERE h.status = 'held' "
-            "AND h.dry_run = :no AND NOT EXISTS (SELECT 1 FROM sync_run s "
-            "WHERE s.source = h.source AND s.id > h.id AND s.dry_run = :no "
-            "AND s.status IN ('succeeded', 'succeeded_with_errors')) GROUP BY h.source"
-        ),
-        {"no": False},
-    )
-    held.update({str(source): int(n) for source, n in rows})
+    held.update(runs.held_counts(conn))
     periods = {name: schedule_period(s) for name, s in (schedules or {}).items()}
     return StoreState(
         {state: int(depth.get(state, 0)) for state in LIVE_STATES}, last, held, periods

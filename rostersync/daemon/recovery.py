@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, select, text, update
+from sqlalchemy import Connection, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import col
@@ -41,7 +41,8 @@ from rostersync.daemon import procs
 from rostersync.logs import scrub
 from rostersync.resync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.store.tables import Instance, SourceLease, SyncRun
+from rostersync.store.tables import Instance, SourceLease
+from rostersync.sync import runs
 from rostersync.sync.staging import LOCK_NOT_AVAILABLE, clear_staging
 
 #: A registry row of another machine that has not beaten for this long is dropped.
@@ -192,31 +193,17 @@ def interrupt_runs(
     names, ids = sorted(set(sources)), sorted(set(run_ids))
     if not names and not ids:
         return []
-    rows = conn.execute(
-        text(
-            "SELECT id, approved_at FROM sync_run WHERE status = 'running' "
-            "AND (source IN :names OR id IN :ids)"
-        ).bindparams(bindparam("names", expanding=True), bindparam("ids", expanding=True)),
-        {"names": names or [""], "ids": ids or [-1]},
-    ).all()
-    approvals = [int(run_id) for run_id, approved in rows if approved is not None]
-    found = [int(run_id) for run_id, approved in rows if approved is None]
+    rows = runs.running_runs(conn, sources=names, run_ids=ids)
+    approvals = [run_id for run_id, approving in rows if approving]
+    found = [run_id for run_id, approving in rows if not approving]
     if approvals:
-        conn.execute(
-            update(SyncRun)
-            .where(col(SyncRun.id).in_(approvals), col(SyncRun.status) == "running")
-            .values(status="held", approved_at=None)
-        )
+        runs.back_to_held(conn, approvals)
     if not found:
         return sorted(approvals)
     # The status first: a staging write of the run checks it (and on PostgreSQL holds the row
     # shared until it commits), so once this update is through, none can add rows after the
     # clearing below.
-    conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id).in_(found), col(SyncRun.status) == "running")
-        .values(status="failed", error=error[:4000], finished_at=utcnow())
-    )
+    runs.fail_running(conn, found, error)
     for run_id in found:
         clear_staging(conn, run_id)
     return sorted(found + approvals)
@@ -226,10 +213,7 @@ def still_running(conn: Connection, run_id: int) -> bool:
     """For a staging write, in its transaction: is the run still going? A run failed meanwhile
     (cut off, its lease taken over) has had its staging cleared and must get no more rows.
     On PostgreSQL the row is held shared until the write commits (see interrupt_runs)."""
-    status = conn.execute(
-        select(col(SyncRun.status)).where(col(SyncRun.id) == run_id).with_for_update(read=True)
-    ).scalar()
-    return status == "running"
+    return runs.locked_status(conn, run_id) == "running"
 
 
 def _locked(exc: DBAPIError) -> bool:
@@ -435,19 +419,6 @@ def _find_dead(conn: Connection, previous_self: str | None) -> tuple[Liveness, l
     return liveness, sorted(o for o in candidates if liveness.dead(o))
 
 
-def _orphan_runs(conn: Connection) -> list[tuple[int, str]]:
-    """Runs left ``running`` with no lease on their source (a run lives inside its lease)."""
-    return [
-        (int(r[0]), r[1])
-        for r in conn.execute(
-            text(
-                "SELECT id, source FROM sync_run WHERE status = 'running' "
-                "AND source NOT IN (SELECT source FROM source_lease)"
-            )
-        )
-    ]
-
-
 def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
     """Put right what dead processes of this machine left: their runs fail as interrupted and
     their staging is cleared, their source leases are dropped, and the jobs they had leased
@@ -459,7 +430,7 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
     periodic sweep). Cheap when there is nothing to do: one read, no write."""
     with store.read() as conn:
         _, dead = _find_dead(conn, me if previous_self else None)
-        orphans = _orphan_runs(conn)
+        orphans = runs.orphan_runs(conn)
     if not dead and not orphans:
         return Recovered()
     found = Recovered()
@@ -487,7 +458,7 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
         found.interrupted_runs += interrupt_runs(
             conn,
             "interrupted: the process running it stopped before it finished",
-            run_ids=[run_id for run_id, _ in _orphan_runs(conn)],
+            run_ids=[run_id for run_id, _ in runs.orphan_runs(conn)],
         )
         conn.execute(
             delete(Instance).where(

@@ -18,11 +18,11 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
-from sqlalchemy import text
 
 from rostersync.config.models import Settings
 from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
-from rostersync.store.db import Store, as_utc, utcnow
+from rostersync.store.db import Store, utcnow
+from rostersync.sync import runs
 
 #: The jobs a plan touches as they were, and the schedules then in force: what undoes a plan.
 Snapshot = tuple[dict[str, Job | None], dict[str, Schedule]]
@@ -45,10 +45,7 @@ def job_id(source: str) -> str:
 def last_success_at(store: Store, source: str) -> datetime | None:
     """When ``source`` last synced successfully (None: never)."""
     with store.read() as conn:
-        row = conn.execute(
-            text("SELECT last_success_at FROM source_state WHERE source = :s"), {"s": source}
-        ).first()
-    return as_utc(row[0]) if row else None
+        return runs.last_success_at(conn, source)
 
 
 class SourceJobs:

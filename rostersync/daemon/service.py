@@ -41,8 +41,10 @@ from rostersync.errors import ConfigError
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.store.db import Store, as_utc, utcnow
+from rostersync.sync import runs
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.runs import SourceBusy, instance_id
+from rostersync.sync.leasing import SourceBusy
+from rostersync.sync.runs import instance_id
 
 #: /healthz calls the scheduler dead when the loop has not ticked for this long.
 HEARTBEAT_STALE = 30.0
@@ -284,16 +286,9 @@ class Daemon:
     def _load_history(self) -> None:
         """Last run per source, so STATUS starts true."""
         with self.store.read() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT source, status, id, finished_at FROM sync_run WHERE id IN "
-                    "(SELECT max(id) FROM sync_run WHERE status <> 'running' AND dry_run = :no "
-                    "GROUP BY source)"
-                ),
-                {"no": False},
-            ).all()
+            rows = runs.last_finished_runs(conn)
         for source, status, run_id, finished in rows:
-            self.last_runs[source] = LastRun(status, int(run_id), as_utc(finished))
+            self.last_runs[source] = LastRun(status, run_id, as_utc(finished))
 
     def status_text(self) -> str:
         parts = []

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BindParameter, Connection, bindparam, select, text, update
-from sqlmodel import col
+from sqlalchemy import BindParameter, Connection, bindparam, text
 
 from rostersync.store.db import Store, as_utc, executemany, in_text, ts_params, utcnow
-from rostersync.store.tables import SyncRun
+from rostersync.sync import runs
 from rostersync.sync.rules import chunks
 
 #: PostgreSQL channel the daemon LISTENs on for new resync jobs.
@@ -136,19 +135,7 @@ def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Cou
         timestamps=True,
     )
     for run_id, counts in per_run.items():
-        _add_run_counts(conn, run_id, {k: int(counts.get(k, 0)) for k in GROUP_COUNTS})
-
-
-def _add_run_counts(conn: Connection, run_id: int, extra: dict[str, int]) -> None:
-    current = conn.execute(
-        # FOR UPDATE: two instances finishing jobs of one run must not lose each other's counts.
-        select(col(SyncRun.counts)).where(col(SyncRun.id) == run_id).with_for_update()
-    ).scalar()
-    if current is None:
-        return
-    conn.execute(
-        update(SyncRun).where(col(SyncRun.id) == run_id).values(counts=add_counts(current, extra))
-    )
+        runs.add_run_counts(conn, run_id, {k: int(counts.get(k, 0)) for k in GROUP_COUNTS})
 
 
 def fail(store: Store, job: LeasedJob, error: str, *, max_attempts: int, backoff: timedelta) -> str:
@@ -256,13 +243,6 @@ def queue_resync(
         # Wakes idle daemon workers at once (delivered when this transaction commits).
         conn.execute(text(f"NOTIFY {RESYNC_CHANNEL}"))
     return len(rows)
-
-
-def add_counts(current: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
-    out = dict(current)
-    for k, v in extra.items():
-        out[k] = out.get(k, 0) + v
-    return out
 
 
 def queued_jobs(conn: Connection, user_ids: Iterable[int]) -> list[tuple[int, bool, bool]]:

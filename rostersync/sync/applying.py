@@ -20,8 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, insert, text, update
-from sqlmodel import col
+from sqlalchemy import Connection
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
@@ -29,9 +28,8 @@ from rostersync.resync.groups import mark_dirty, rebuild_groups, update_members
 from rostersync.resync.queue import queue_resync, queued_jobs
 from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
-from rostersync.store.tables import SourceState, SyncRun
 from rostersync.sync import changes as changeset
-from rostersync.sync import detect, provisioning
+from rostersync.sync import detect, provisioning, runs
 from rostersync.sync import merge as merging
 from rostersync.sync.rules import ProvisionPlan, check_safety, plan_provisioning
 from rostersync.sync.runs import (
@@ -162,17 +160,14 @@ class Applier:
             record_outcome(conn, ctx.run_id, outcome)
             if outcome.changes is not None:
                 changeset.save(conn, outcome.changes)
-            conn.execute(
-                update(SyncRun)
-                .where(col(SyncRun.id) == ctx.run_id)
-                .values(
-                    status=status,
-                    hold_reason=reason,
-                    counts=outcome.counts,
-                    fetched=dict(ctx.fetched),
-                    finished_at=utcnow(),
-                    high_water_mark=ctx.newest,
-                )
+            runs.end_unapplied(
+                conn,
+                ctx.run_id,
+                status=status,
+                hold_reason=reason,
+                counts=outcome.counts,
+                fetched=ctx.fetched,
+                newest=ctx.newest,
             )
 
     def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
@@ -459,33 +454,19 @@ class Applier:
             config = self.settings.sources.get(source)
             fingerprint = fingerprint_of(config) if config is not None else 0
             values["last_counts"] = last_counts(ctx.fetched, fingerprint)
-        if state is None:
-            conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
-        else:
-            conn.execute(
-                update(SourceState).where(col(SourceState.source) == source).values(**values)
-            )
+        runs.save_source_state(conn, source, values, new=state is None)
         record_outcome(conn, run_id, outcome)
         status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
-        conn.execute(
-            update(SyncRun)
-            .where(col(SyncRun.id) == run_id)
-            .values(
-                status=status,
-                counts=outcome.counts,
-                fetched=dict(ctx.fetched),
-                finished_at=now,
-                high_water_mark=ctx.newest,
-            )
+        runs.end_applied(
+            conn,
+            run_id,
+            status=status,
+            counts=outcome.counts,
+            fetched=ctx.fetched,
+            newest=ctx.newest,
+            finished_at=now,
         )
         # This run's staging, and that of older held runs it supersedes, is no longer needed.
-        older = [
-            r[0]
-            for r in conn.execute(
-                text("SELECT id FROM sync_run WHERE source = :s AND status = 'held' AND id < :r"),
-                {"s": source, "r": run_id},
-            )
-        ]
-        for rid in (run_id, *older):
+        for rid in (run_id, *runs.held_before(conn, source, run_id)):
             clear_staging(conn, rid)
         changeset.forget(conn, source, run_id)

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import Connection, select, text, update
-from sqlmodel import col
+from sqlalchemy import Connection
 
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
 from rostersync.logs import scrub
 from rostersync.source.connector import FetchMode
-from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.store.tables import SyncRun
+from rostersync.store.db import Store, as_utc
+from rostersync.sync import runs
 from rostersync.sync.runs import RunContext, RunReport, load_report
 from rostersync.sync.staging import staging_lost
 
@@ -51,16 +50,10 @@ class Approval:
             with self.store.read() as conn:
                 report = load_report(conn, run_id)
                 self._check_approvable(conn, report)
-                hwm = conn.execute(
-                    select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
-                ).scalar()
+                hwm = runs.high_water_mark(conn, run_id)
             log = self.log.bind(source=report.source, run_id=run_id)
             with self.store.write() as conn:
-                conn.execute(
-                    update(SyncRun)
-                    .where(col(SyncRun.id) == run_id)
-                    .values(status="running", approved_at=utcnow(), trigger="approval")
-                )
+                runs.start_approval(conn, run_id)
             ctx = RunContext(
                 report.source,
                 run_id,
@@ -76,11 +69,7 @@ class Approval:
                 # Nothing was applied (the transaction rolled back): the run is held as before,
                 # with its staged rows, and may be approved again.
                 with self.store.write() as conn:
-                    conn.execute(
-                        update(SyncRun)
-                        .where(col(SyncRun.id) == run_id)
-                        .values(status="held", approved_at=None, trigger=report.trigger)
-                    )
+                    runs.undo_approval(conn, run_id, report.trigger)
                 log.error("held_run_approval_failed", error=scrub(str(exc)))
                 raise
             log.info("held_run_approved")
@@ -97,13 +86,7 @@ class Approval:
             )
         if report.status != "held":
             raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
-        newer = conn.execute(
-            text(
-                "SELECT id FROM sync_run WHERE source = :s AND id > :r AND dry_run = :no "
-                "AND status IN ('succeeded', 'succeeded_with_errors') ORDER BY id LIMIT 1"
-            ),
-            {"s": report.source, "r": run_id, "no": False},
-        ).scalar()
+        newer = runs.find_superseded_by(conn, run_id)
         if newer is not None:
             raise RunStateError(
                 f"run {run_id} is out of date: run {newer} of {report.source!r} has succeeded "

@@ -26,7 +26,8 @@ from sqlalchemy import Connection, delete, insert, select, text
 from sqlmodel import col
 
 from rostersync.store.db import in_text
-from rostersync.store.tables import RunChange, SyncRun
+from rostersync.store.tables import RunChange
+from rostersync.sync import runs
 from rostersync.sync.rules import ProvisionPlan, chunks
 
 USER_ACTIONS = ("create", "link", "archive", "restore")
@@ -428,10 +429,7 @@ def forget(conn: Connection, source: str, up_to: int) -> None:
     """A real run of the source succeeded (``up_to``, an approval included): the change sets
     of it and of every earlier run of the source no longer describe anything, nor do those
     of its dry runs (a dry run made after a held run that is approved now included)."""
-    stale = select(col(SyncRun.id)).where(
-        col(SyncRun.source) == source,
-        (col(SyncRun.id) <= up_to) | col(SyncRun.dry_run),
-    )
+    stale = runs.stale_run_ids(source, up_to)
     conn.execute(delete(RunChange).where(col(RunChange.run_id).in_(stale)))
 
 

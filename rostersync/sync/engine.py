@@ -25,8 +25,6 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import delete, insert, update
-from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
@@ -46,16 +44,14 @@ from rostersync.source.connector import (
     load_plugins,
 )
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.store.tables import RunRejection, SyncRun
-from rostersync.sync import provisioning
+from rostersync.sync import provisioning, runs
 from rostersync.sync.applying import Applier
 from rostersync.sync.approval import Approval
 from rostersync.sync.fetch import Fetched, Fetcher
+from rostersync.sync.leasing import LeaseHolder
 from rostersync.sync.runs import (
-    LeaseHolder,
     RunContext,
     RunReport,
-    empty_counts,
     instance_id,
     load_report,
     source_state,
@@ -221,24 +217,15 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
     ) -> RunReport:
         with self.store.write() as conn:
             provisioning.sync_catalog(conn, self.settings)
-            new_id = conn.execute(
-                insert(SyncRun)
-                .values(
-                    source=source,
-                    mode=fetch_mode.value,
-                    requested_mode=requested or self.settings.sources[source].mode,
-                    trigger=trigger,
-                    status="running",
-                    dry_run=dry_run,
-                    started_at=utcnow(),
-                    counts=empty_counts(),
-                    fetched={},
-                    warnings=warnings,
-                )
-                .returning(col(SyncRun.id))
-            ).scalar_one()
-            assert new_id is not None
-            run_id: int = new_id
+            run_id = runs.start_run(
+                conn,
+                source=source,
+                mode=fetch_mode,
+                requested_mode=requested or self.settings.sources[source].mode,
+                trigger=trigger,
+                dry_run=dry_run,
+                warnings=warnings,
+            )
         log = self.log.bind(source=source, run_id=run_id)
         log.info("sync_started", mode=fetch_mode.value, dry_run=dry_run)
         scope = scope_for(self.settings.sources[source])
@@ -343,17 +330,12 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
 
     def _set_warnings(self, run_id: int, warnings: list[str]) -> None:
         with self.store.write() as conn:
-            conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=warnings))
+            runs.set_warnings(conn, run_id, warnings)
 
     def _reset_run(self, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
         with self.store.write() as conn:
             clear_staging(conn, run_id)
-            conn.execute(delete(RunRejection).where(col(RunRejection.run_id) == run_id))
-            conn.execute(
-                update(SyncRun)
-                .where(col(SyncRun.id) == run_id)
-                .values(mode=mode.value, warnings=warnings)
-            )
+            runs.restart_run(conn, run_id, mode, warnings)
 
     def _fail(self, run_id: int, exc: BaseException, log: Any) -> RunReport:
         message = scrub(str(exc)) or type(exc).__name__
@@ -366,10 +348,6 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
         )
         with self.store.write() as conn:
             clear_staging(conn, run_id)
-            conn.execute(
-                update(SyncRun)
-                .where(col(SyncRun.id) == run_id)
-                .values(status="failed", error=message[:4000], finished_at=utcnow())
-            )
+            runs.fail_run(conn, run_id, message)
         with self.store.read() as conn:
             return load_report(conn, run_id)

@@ -15,6 +15,7 @@ from rostersync.config.models import Settings
 from rostersync.emails import normalize_email
 from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import Role, Site, User
+from rostersync.sync import runs
 from rostersync.sync.mirror import ids_in, teacher_role, teacher_role_params, teaches_populated
 from rostersync.sync.rules import ExistingUser, LinkedUser, ProvisionPlan, Teacher, chunks
 
@@ -353,10 +354,4 @@ def mark_directory_changed(conn: Connection) -> None:
     """Users were created, linked or changed outside a sync (an import): a delta run's
     decisions for the teachers it did not touch may no longer hold (an unlinked teacher may
     now have an account to be linked to), so every source's next run decides for all."""
-    conn.execute(
-        text(
-            "UPDATE source_state SET decided_with = :mark || decided_with "
-            "WHERE decided_with IS NOT NULL AND decided_with NOT LIKE :like"
-        ),
-        {"mark": DIRECTORY_CHANGED, "like": f"{DIRECTORY_CHANGED}%"},
-    )
+    runs.prefix_decided_with(conn, DIRECTORY_CHANGED)

@@ -1,31 +1,33 @@
-"""A run's records: the ``sync_run`` row and its report, the rejections and warnings an apply
-adds to it, the source's lease (through :mod:`rostersync.daemon.recovery`) and its ``source_state``.
+"""A run's records, and the one module with SQL against ``sync_run`` and ``source_state``: the
+run row and its report, the rejections and warnings an apply adds to it, the source's state
+between runs, and the read-side queries of run history (the CLI, the daemon's status and
+metrics). The source's lease is :mod:`rostersync.sync.leasing`.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy import Connection, Select, bindparam, delete, insert, select, text, update
 from sqlmodel import col
 
-from rostersync import directory
-from rostersync.config.models import Settings
-from rostersync.daemon import recovery
-from rostersync.errors import RostersyncError, RunNotFound
+from rostersync.directory import iso_text, json_dict
+from rostersync.errors import RunNotFound
 from rostersync.source.connector import FetchMode
 from rostersync.source.records import Rejected
-from rostersync.store.db import Store, as_utc
+from rostersync.store.db import as_utc, utcnow
 from rostersync.store.tables import RunRejection, SourceState, SyncRun
-from rostersync.sync import changes as changeset
 from rostersync.sync.known import KnownRows
 from rostersync.sync.rules import EMAIL_REJECTIONS
 from rostersync.sync.scope import SCOPE_COUNT_KEYS
+
+if TYPE_CHECKING:
+    from rostersync.sync.changes import ChangeSet
 
 COUNT_KEYS = (
     "users_created",
@@ -39,14 +41,6 @@ COUNT_KEYS = (
     "records_rejected",
 )
 EXTRA_COUNT_KEYS = ("users_restored", "users_not_created", *SCOPE_COUNT_KEYS)
-
-
-class SourceBusy(RostersyncError):
-    """Another process holds this source's lease."""
-
-
-class LeaseLost(RostersyncError):
-    """The source's lease was taken over while this run held it (its holder looked dead)."""
 
 
 def instance_id() -> str:
@@ -86,7 +80,7 @@ class RunReport:
     @property
     def duration(self) -> float | None:
         """Seconds the run took (an approved run: its approval's apply), None while running."""
-        return directory.run_duration(self.started_at, self.approved_at, self.finished_at)
+        return run_duration(self.started_at, self.approved_at, self.finished_at)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -145,7 +139,7 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
     hold_reasons: tuple[str, ...] = ()
     #: a held or dry run's change set (what applying it does), stored after the rollback
-    changes: changeset.ChangeSet | None = None
+    changes: ChangeSet | None = None
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:
@@ -163,7 +157,7 @@ def load_report(conn: Connection, run_id: int) -> RunReport:
     ]
     superseded_by = None
     if run["status"] == "held" and not run["dry_run"]:
-        superseded_by = directory.superseded_by(conn, run_id)
+        superseded_by = find_superseded_by(conn, run_id)
     return RunReport(
         superseded_by=superseded_by,
         id=run["id"],
@@ -239,72 +233,362 @@ def source_state(conn: Connection, source: str) -> Mapping[str, Any] | None:
     return dict(row._mapping) if row is not None else None
 
 
-class LeaseHolder:
-    """The engine's side of the source leases: take one for a run, keep it renewed, hold it
-    through the apply, give it back."""
+def add_counts(current: Mapping[str, int], extra: Mapping[str, int]) -> dict[str, int]:
+    out = dict(current)
+    for k, v in extra.items():
+        out[k] = out.get(k, 0) + v
+    return out
 
-    settings: Settings
-    store: Store
-    owner: str
-    log: Any
-    interrupted_by: str
-    _keepers: dict[str, recovery.LeaseKeeper]
-    _registered: bool
 
-    def _register(self) -> None:
-        """Put this engine's owner in the instance registry (once), so that other processes
-        can tell whether the holder of its leases still runs. The CLI and the daemon register
-        it first, with their own kind."""
-        if not self._registered:
-            recovery.register(self.store, self.owner, "engine", keep_kind=True)
-            self._registered = True
+# -- the run row --------------------------------------------------------------------------
 
-    def _take_lease(self, source: str) -> None:
-        """Take the source's lease (see rostersync.daemon.recovery) and keep it renewed; a lease of
-        a dead process of this host, or an expired one, is taken over and its run failed."""
-        self._register()
-        expire_after = self.settings.leases.expire_after
-        try:
-            with self.store.write() as conn:
-                taken = recovery.take_lease(conn, source, self.owner, expire_after)
-        except recovery.LeaseLocked:
-            with self.store.read() as conn:
-                holder = recovery.lease_holder(conn, source) or "another process"
-            raise SourceBusy(f"source {source!r} is being synced by {holder}") from None
-        if taken.holder != self.owner:
-            raise SourceBusy(f"source {source!r} is being synced by {taken.holder}")
-        log = self.log.bind(source=source)
-        if taken.previous is not None:
-            log.warning(
-                "sync_lease_taken_over",
-                previous_owner=taken.previous,
-                reason=taken.reason,
-                interrupted_runs=taken.interrupted,
+
+def start_run(
+    conn: Connection,
+    *,
+    source: str,
+    mode: FetchMode,
+    requested_mode: str,
+    trigger: str,
+    dry_run: bool,
+    warnings: list[str],
+) -> int:
+    """A new ``running`` run of ``source``; its id."""
+    new_id = conn.execute(
+        insert(SyncRun)
+        .values(
+            source=source,
+            mode=mode.value,
+            requested_mode=requested_mode,
+            trigger=trigger,
+            status="running",
+            dry_run=dry_run,
+            started_at=utcnow(),
+            counts=empty_counts(),
+            fetched={},
+            warnings=warnings,
+        )
+        .returning(col(SyncRun.id))
+    ).scalar_one()
+    assert new_id is not None
+    return int(new_id)
+
+
+def set_warnings(conn: Connection, run_id: int, warnings: list[str]) -> None:
+    conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=warnings))
+
+
+def restart_run(conn: Connection, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
+    """The run fetches again in another mode: its rejections so far are dropped."""
+    conn.execute(delete(RunRejection).where(col(RunRejection.run_id) == run_id))
+    conn.execute(
+        update(SyncRun).where(col(SyncRun.id) == run_id).values(mode=mode.value, warnings=warnings)
+    )
+
+
+def fail_run(conn: Connection, run_id: int, message: str) -> None:
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(status="failed", error=message[:4000], finished_at=utcnow())
+    )
+
+
+def end_unapplied(
+    conn: Connection,
+    run_id: int,
+    *,
+    status: str,
+    hold_reason: str | None,
+    counts: Mapping[str, int],
+    fetched: Mapping[str, int],
+    newest: datetime | None,
+) -> None:
+    """A held or dry run's record: what it found, none of it applied."""
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(
+            status=status,
+            hold_reason=hold_reason,
+            counts=dict(counts),
+            fetched=dict(fetched),
+            finished_at=utcnow(),
+            high_water_mark=newest,
+        )
+    )
+
+
+def end_applied(
+    conn: Connection,
+    run_id: int,
+    *,
+    status: str,
+    counts: Mapping[str, int],
+    fetched: Mapping[str, int],
+    newest: datetime | None,
+    finished_at: datetime,
+) -> None:
+    """An applied run's record (an approved one keeps the reason it was held for)."""
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(
+            status=status,
+            counts=dict(counts),
+            fetched=dict(fetched),
+            finished_at=finished_at,
+            high_water_mark=newest,
+        )
+    )
+
+
+def add_run_counts(conn: Connection, run_id: int, extra: dict[str, int]) -> None:
+    """Add a resync batch's group counts to the run that queued its jobs."""
+    current = conn.execute(
+        # FOR UPDATE: two instances finishing jobs of one run must not lose each other's counts.
+        select(col(SyncRun.counts)).where(col(SyncRun.id) == run_id).with_for_update()
+    ).scalar()
+    if current is None:
+        return
+    conn.execute(
+        update(SyncRun).where(col(SyncRun.id) == run_id).values(counts=add_counts(current, extra))
+    )
+
+
+def high_water_mark(conn: Connection, run_id: int) -> datetime | None:
+    """The newest record date the run fetched."""
+    value: datetime | None = conn.execute(
+        select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
+    ).scalar()
+    return value
+
+
+def start_approval(conn: Connection, run_id: int) -> None:
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(status="running", approved_at=utcnow(), trigger="approval")
+    )
+
+
+def undo_approval(conn: Connection, run_id: int, trigger: str) -> None:
+    """An approval that applied nothing: the run is held again, as it was."""
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(status="held", approved_at=None, trigger=trigger)
+    )
+
+
+def held_before(conn: Connection, source: str, run_id: int) -> list[int]:
+    """The source's held runs older than ``run_id``."""
+    return [
+        r[0]
+        for r in conn.execute(
+            text("SELECT id FROM sync_run WHERE source = :s AND status = 'held' AND id < :r"),
+            {"s": source, "r": run_id},
+        )
+    ]
+
+
+def stale_run_ids(source: str, up_to: int) -> Select[int | None]:
+    """The runs of ``source`` up to ``up_to`` and all its dry runs (a subquery)."""
+    return select(col(SyncRun.id)).where(
+        col(SyncRun.source) == source,
+        (col(SyncRun.id) <= up_to) | col(SyncRun.dry_run),
+    )
+
+
+# -- runs cut off (rostersync.daemon.recovery) ------------------------------------------------
+
+
+def running_runs(
+    conn: Connection, *, sources: list[str], run_ids: list[int]
+) -> list[tuple[int, bool]]:
+    """(id, approving) of the runs still ``running`` among ``run_ids`` and of ``sources``;
+    ``approving``: it is an approval's apply."""
+    rows = conn.execute(
+        text(
+            "SELECT id, approved_at FROM sync_run WHERE status = 'running' "
+            "AND (source IN :names OR id IN :ids)"
+        ).bindparams(bindparam("names", expanding=True), bindparam("ids", expanding=True)),
+        {"names": sources or [""], "ids": run_ids or [-1]},
+    ).all()
+    return [(int(run_id), approved is not None) for run_id, approved in rows]
+
+
+def back_to_held(conn: Connection, run_ids: Iterable[int]) -> None:
+    """Interrupted approvals: held again (their apply rolled back)."""
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id).in_(list(run_ids)), col(SyncRun.status) == "running")
+        .values(status="held", approved_at=None)
+    )
+
+
+def fail_running(conn: Connection, run_ids: Iterable[int], error: str) -> None:
+    """Those of ``run_ids`` still ``running`` fail with ``error``."""
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id).in_(list(run_ids)), col(SyncRun.status) == "running")
+        .values(status="failed", error=error[:4000], finished_at=utcnow())
+    )
+
+
+def locked_status(conn: Connection, run_id: int) -> str | None:
+    """The run's status, its row held shared until the transaction ends on PostgreSQL."""
+    status: str | None = conn.execute(
+        select(col(SyncRun.status)).where(col(SyncRun.id) == run_id).with_for_update(read=True)
+    ).scalar()
+    return status
+
+
+def orphan_runs(conn: Connection) -> list[tuple[int, str]]:
+    """Runs left ``running`` with no lease on their source (a run lives inside its lease)."""
+    return [
+        (int(r[0]), r[1])
+        for r in conn.execute(
+            text(
+                "SELECT id, source FROM sync_run WHERE status = 'running' "
+                "AND source NOT IN (SELECT source FROM source_lease)"
             )
-        elif taken.interrupted:
-            log.warning("sync_orphans_interrupted", interrupted_runs=taken.interrupted)
-        self._keepers[source] = recovery.LeaseKeeper(
-            self.store, source, self.owner, expire_after, log
-        ).start()
+        )
+    ]
 
-    def _drop_lease(self, source: str, error: str | None = None) -> None:
-        """Give the lease back. A run of the source still `running` now was cut off: it is
-        failed with ``error`` (default: this engine's ``interrupted_by``), its staging cleared."""
-        keeper = self._keepers.pop(source, None)
-        if keeper is not None:
-            keeper.stop()  # before the lease row is locked below: it may be renewing it
-        error = error or f"interrupted: {self.interrupted_by}"
-        with self.store.write() as conn:
-            lost = recovery.release_lease(conn, source, self.owner, error)
-        if lost:
-            self.log.warning("sync_interrupted", source=source, run_ids=lost, error=error)
 
-    def _hold_lease(self, conn: Connection, source: str) -> None:
-        """In the apply's transaction: go on only if the lease is still ours, and keep it
-        (the row stays locked until the commit on PostgreSQL). A run whose lease was taken
-        over has been failed by the taker; applying it now would apply a stale fetch."""
-        if not recovery.hold_lease(conn, source, self.owner, self.settings.leases.expire_after):
-            raise LeaseLost(
-                f"interrupted: source {source!r} was taken over by another process before "
-                "this run applied; nothing of it was applied"
+# -- source_state -----------------------------------------------------------------------------
+
+
+def save_source_state(
+    conn: Connection, source: str, values: Mapping[str, Any], *, new: bool
+) -> None:
+    """Write the source's state (``new``: it has no row yet)."""
+    if new:
+        conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
+    else:
+        conn.execute(update(SourceState).where(col(SourceState.source) == source).values(**values))
+
+
+def prefix_decided_with(conn: Connection, mark: str) -> None:
+    """Put ``mark`` before every source's ``decided_with`` that does not start with it yet."""
+    conn.execute(
+        text(
+            "UPDATE source_state SET decided_with = :mark || decided_with "
+            "WHERE decided_with IS NOT NULL AND decided_with NOT LIKE :like"
+        ),
+        {"mark": mark, "like": f"{mark}%"},
+    )
+
+
+def last_success_at(conn: Connection, source: str) -> datetime | None:
+    """When ``source`` last synced successfully (None: never)."""
+    row = conn.execute(
+        text("SELECT last_success_at FROM source_state WHERE source = :s"), {"s": source}
+    ).first()
+    return as_utc(row[0]) if row else None
+
+
+def last_successes(conn: Connection) -> list[tuple[str, Any]]:
+    """(source, last_success_at) of every source that has synced successfully."""
+    return [
+        (str(source), when)
+        for source, when in conn.execute(
+            text(
+                "SELECT source, last_success_at FROM source_state WHERE last_success_at IS NOT NULL"
             )
+        )
+    ]
+
+
+# -- run history --------------------------------------------------------------------------------
+
+
+#: The first real run of a held run's source that succeeded after it (``{run}`` picks the
+#: held run, alias ``r``): once there is one, the held run is superseded. Derived, not stored,
+#: so that it can never disagree with what `runs approve` checks.
+SUPERSEDED_BY = (
+    "SELECT min(n.id) FROM sync_run r JOIN sync_run n ON n.source = r.source AND n.id > r.id "
+    "WHERE {run} AND n.dry_run = :no AND n.status IN ('succeeded', 'succeeded_with_errors')"
+)
+
+
+def find_superseded_by(conn: Connection, run_id: int) -> int | None:
+    found = conn.execute(text(SUPERSEDED_BY.format(run="r.id = :r")), {"r": run_id, "no": False})
+    value = found.scalar()
+    return int(value) if value is not None else None
+
+
+def run_duration(started: Any, approved: Any, finished: Any) -> float | None:
+    """Seconds a run took: from its start, or for an approved run from its approval (the
+    hold in between is not the run's work), to its end; None while it runs."""
+    start = as_utc(approved) or as_utc(started)
+    end = as_utc(finished)
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def list_runs(conn: Connection, source: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Runs, newest first. A held run a later real run overtook is listed ``superseded``
+    (``superseded_by`` names that run)."""
+    where = "WHERE source = :source " if source else ""
+    rows = conn.execute(
+        text(
+            "SELECT id, source, mode, status, trigger, dry_run, started_at, finished_at, counts, "
+            f"hold_reason, error, approved_at FROM sync_run {where}ORDER BY id DESC LIMIT :limit"
+        ),
+        {"source": source, "limit": limit},
+    ).all()
+    out = []
+    for rid, src, mode, status, trigger, dry, started, finished, counts, hold, err, ok in rows:
+        newer = find_superseded_by(conn, rid) if status == "held" and not dry else None
+        out.append(
+            {
+                "id": rid,
+                "source": src,
+                "mode": mode,
+                "status": "superseded" if newer is not None else status,
+                "superseded_by": newer,
+                "trigger": trigger,
+                "dry_run": bool(dry),
+                "started_at": iso_text(started),
+                "finished_at": iso_text(finished),
+                "approved_at": iso_text(ok),
+                "duration_seconds": run_duration(started, ok, finished),
+                "counts": json_dict(counts),
+                "hold_reason": hold,
+                "error": err,
+            }
+        )
+    return out
+
+
+def last_finished_runs(conn: Connection) -> list[tuple[str, str, int, Any]]:
+    """(source, status, id, finished_at) of each source's last real run that has ended."""
+    rows = conn.execute(
+        text(
+            "SELECT source, status, id, finished_at FROM sync_run WHERE id IN "
+            "(SELECT max(id) FROM sync_run WHERE status <> 'running' AND dry_run = :no "
+            "GROUP BY source)"
+        ),
+        {"no": False},
+    ).all()
+    return [
+        (str(source), str(status), int(run_id), finished)
+        for source, status, run_id, finished in rows
+    ]
+
+
+def held_counts(conn: Connection) -> dict[str, int]:
+    """Held runs per source that can still be approved (no later real run has succeeded)."""
+    rows = conn.execute(
+        text(
+            "SELECT h.source, count(*) FROM sync_run h WHERE h.status = 'held' "
+            "AND h.dry_run = :no AND NOT EXISTS (SELECT 1 FROM sync_run s "
+            "WHERE s.source = h.source AND s.id > h.id AND s.dry_run = :no "
+            "AND s.status IN ('succeeded', 'succeeded_with_errors')) GROUP BY h.source"
+        ),
+        {"no": False},
+    )
+    return {str(source): int(n) for source, n in rows}

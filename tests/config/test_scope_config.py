@@ -12,8 +12,8 @@ from rostersync.config.loader import load_settings, load_settings_text
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.errors import ConfigError
 from rostersync.source.records import RosterOrg
+from rostersync.source.testdata import small_roster
 from tests.oneroster12 import write_drop
-from tests.rosterdata import small_roster
 
 HEAD = """\
 organization: Springfield

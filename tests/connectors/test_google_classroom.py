@@ -40,9 +40,9 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
-from tests.connectors.contract import ConnectorContract, collect, people
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import ConnectorContract, collect, people
 from tests.fakes.classroom_server import FakeClassroom, generate_keypair, generate_private_pem
-from tests.rosterdata import small_roster
 
 CLIENT_EMAIL = "rostersync@district-sync.iam.gserviceaccount.com"
 ADMIN = "admin@example.org"

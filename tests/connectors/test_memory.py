@@ -4,11 +4,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from connectors.memory import MemoryConnector
 from rostersync.errors import DeltaUnsupportedError
 from rostersync.source.connector import Connector, FetchMode
-from tests.connectors.contract import ConnectorContract
-from tests.rosterdata import small_roster
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import ConnectorContract, MemoryConnector
 
 
 class TestMemoryConnector(ConnectorContract):

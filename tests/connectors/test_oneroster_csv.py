@@ -36,9 +36,9 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
-from tests.connectors.contract import ConnectorContract, collect, people
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import ConnectorContract, collect, people
 from tests.hostile import HUGE, hostile_bytes
-from tests.rosterdata import small_roster
 
 
 class TestCsvConnector(ConnectorContract):

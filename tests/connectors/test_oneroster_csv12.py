@@ -29,10 +29,10 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
-from tests.connectors.contract import ConnectorContract, collect
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import ConnectorContract, collect
 from tests.hostile import hostile_bytes
 from tests.oneroster12 import ROLES, USERS, write_drop
-from tests.rosterdata import small_roster
 
 SMALL = Path(__file__).parent / "files" / "oneroster-1.2" / "small"
 

@@ -23,9 +23,9 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
-from tests.connectors.contract import ConnectorContract, collect, enrollments, people
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import ConnectorContract, collect, enrollments, people
 from tests.fakes.oneroster_server import DEFAULT_MODIFIED, FakeOneRoster, Faults, Quirks
-from tests.rosterdata import small_roster
 
 FAST = {"initial_wait": 0.01, "max_wait": 0.05, "max_attempts": 4}
 

@@ -27,6 +27,7 @@ from rostersync.daemon.metrics import (
     read_store_state,
     schedule_period,
 )
+from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import SourceState, SyncRun
 from tests.daemon.conftest import (
@@ -41,7 +42,6 @@ from tests.daemon.conftest import (
     write_config,
 )
 from tests.fakes.oneroster_server import FakeOneRoster
-from tests.rosterdata import small_roster
 
 RULES = REPO / "deploy" / "rostersync.rules.yml"
 DASHBOARD = REPO / "deploy" / "grafana-dashboard.json"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rostersync.daemon.metrics import METRIC_NAMES
+from rostersync.source.testdata import small_roster
 from tests.daemon.conftest import (
     DaemonProcess,
     NotifySocket,
@@ -23,7 +24,6 @@ from tests.daemon.conftest import (
     write_config,
 )
 from tests.fakes.oneroster_server import FakeOneRoster
-from tests.rosterdata import small_roster
 
 pytestmark = pytest.mark.slow
 

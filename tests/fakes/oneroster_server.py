@@ -1,7 +1,7 @@
 """A fake OneRoster 1.1/1.2 REST server on 127.0.0.1, for tests, e2e runs and benchmarks.
 
 A real HTTP server (stdlib ``ThreadingHTTPServer``, HTTP/1.1 keep-alive) in a background thread,
-serving a :class:`~connectors.memory.MemoryRoster`::
+serving a :class:`~rostersync.source.testing.MemoryRoster`::
 
     with FakeOneRoster(small_roster(), version="1.1") as srv:
         config = {"base_url": srv.base_url, "auth": srv.auth_config(), ...}
@@ -57,7 +57,6 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from urllib.request import parse_http_list, parse_keqv_list
 
-from connectors.memory import MemoryRoster
 from rostersync.source.records import (
     STUDENT,
     TEACHER,
@@ -66,6 +65,7 @@ from rostersync.source.records import (
     RosterOrg,
     RosterPerson,
 )
+from rostersync.source.testing import MemoryRoster
 
 BASE_PATHS = {"1.1": "/ims/oneroster/v1p1", "1.2": "/ims/oneroster/rostering/v1p2"}
 HREF_HOST = "https://elsewhere.invalid"

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
+from rostersync.source.testdata import small_roster
 from tests.fakes.classroom_server import JWT_BEARER_GRANT, REQUIRED_SCOPES, FakeClassroom
-from tests.rosterdata import small_roster
 
 ISSUER = "sa@project.iam.gserviceaccount.com"
 ADMIN = "admin@example.org"

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from connectors.oneroster.auth import OAuth1Signer
+from rostersync.source.testdata import small_roster
 from tests.fakes.oneroster_server import DEFAULT_MODIFIED, FakeOneRoster, Faults, Quirks
-from tests.rosterdata import small_roster
 
 ROOT = Path(__file__).resolve().parents[2]
 

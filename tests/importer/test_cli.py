@@ -19,9 +19,9 @@ from openpyxl import Workbook, load_workbook
 from rostersync.cli.main import cli
 from rostersync.importer import TEMPLATE_COLUMNS
 from rostersync.sampledata import write_oneroster_csv
+from rostersync.source.testdata import small_roster
 from tests.conftest import BASE_CONFIG
 from tests.hostile import SHEET_XML, edit_member, replace_in, valid_xlsx
-from tests.rosterdata import small_roster
 
 
 @pytest.fixture(autouse=True)

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.importer import candidates, import_teachers
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.importer.conftest import add_user, user_row
-from tests.rosterdata import small_roster
 
 PROVISIONING = {
     "auto_create_users": False,

@@ -18,7 +18,6 @@ from sqlalchemy import Connection, event, text
 from sqlmodel import SQLModel
 
 import rostersync.store.tables  # noqa: F401  (registers every table in SQLModel.metadata)
-from connectors.memory import MemoryConnector
 from rostersync import directory
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
@@ -26,6 +25,7 @@ from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
 from rostersync.source.records import MemoryRoster
 from rostersync.source.rows import sort_batch
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, utcnow
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import Outcome, RunContext, RunReport, instance_id, load_report

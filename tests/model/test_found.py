@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import event, text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.importer import parse_bytes, run_import
 from rostersync.resync.queue import queue_resync
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine

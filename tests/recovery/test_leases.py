@@ -13,16 +13,17 @@ import pytest
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.daemon import procs
 from rostersync.daemon.recovery import hold_lease, interrupt_runs
 from rostersync.source.connector import FetchMode
 from rostersync.source.records import MemoryRoster, RosterRecord
 from rostersync.source.rows import sort_batch
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.runs import SourceBusy
+from rostersync.sync.leasing import SourceBusy
 from tests.daemon.conftest import wait_until
 from tests.recovery.conftest import (
     Holder,
@@ -36,7 +37,6 @@ from tests.recovery.conftest import (
     running_run,
     staged_rows,
 )
-from tests.rosterdata import small_roster
 from tests.sync.helpers import users
 
 

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.resync import worker as worker_module
 from rostersync.resync.queue import queue_resync
 from rostersync.source.records import RosterEnrollment
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
-from tests.rosterdata import small_roster
 from tests.sync.helpers import add_user, groups, sync, user_id
 
 

@@ -1,4 +1,4 @@
-"""The store on SQLite and PostgreSQL: migrations, pragmas, and the resync queue."""
+"""The store on SQLite and PostgreSQL: migrations, pragmas, staging and statistics."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, text
 
 from rostersync.errors import StoreError
-from rostersync.resync.queue import fail, lease, queue_depth, queue_resync, release
 from rostersync.source.records import RosterEnrollment, RosterPerson
 from rostersync.source.rows import StagedBatch, person_tuple, sort_batch
 from rostersync.store.db import Store, schema_head
@@ -303,78 +302,6 @@ def test_write_rolls_back_on_error(store: Store) -> None:
         raise RuntimeError("boom")
     with store.read() as conn:
         assert conn.execute(text('SELECT count(*) FROM "user"')).scalar_one() == 0
-
-
-def test_queue_keeps_one_queued_job_per_user(store: Store) -> None:
-    """Queuing a user twice leaves one queued job."""
-    uid = add_user(store, "a@example.org")
-    with store.write() as conn:
-        queue_resync(conn, [uid, uid], reason="one", run_id=None)
-    with store.write() as conn:
-        queue_resync(conn, [uid], reason="two", run_id=None)
-    with store.read() as conn:
-        assert queue_depth(conn)["queued"] == 1
-        assert conn.execute(text("SELECT reason FROM resync_job")).scalar_one() == "two"
-
-
-def test_leases_do_not_overlap(store: Store) -> None:
-    """Two workers leasing from one queue never get the same job."""
-    ids = [add_user(store, f"u{i}@example.org") for i in range(10)]
-    with store.write() as conn:
-        queue_resync(conn, ids, reason="r", run_id=None)
-    a = lease(store, "worker-a", limit=6, lease_for=timedelta(minutes=5))
-    b = lease(store, "worker-b", limit=6, lease_for=timedelta(minutes=5))
-    assert len(a) == 6 and len(b) == 4
-    assert not {j.id for j in a} & {j.id for j in b}
-
-
-def test_expired_lease_returns_to_the_queue(store: Store) -> None:
-    """A job whose worker died comes back once its lease expires."""
-    uid = add_user(store, "a@example.org")
-    with store.write() as conn:
-        queue_resync(conn, [uid], reason="r", run_id=None)
-    taken = lease(store, "dead-worker", limit=5, lease_for=timedelta(seconds=-1))
-    assert len(taken) == 1
-    again = lease(store, "live-worker", limit=5, lease_for=timedelta(minutes=5))
-    assert [j.id for j in again] == [taken[0].id]
-    assert again[0].attempts == 2
-
-
-def test_failures_back_off_then_stop_in_failed(store: Store) -> None:
-    """A failing job is retried later, then left failed with its last error."""
-    uid = add_user(store, "a@example.org")
-    with store.write() as conn:
-        queue_resync(conn, [uid], reason="r", run_id=None)
-    job = lease(store, "w", limit=1, lease_for=timedelta(minutes=5))[0]
-    assert fail(store, job, "boom 1", max_attempts=2, backoff=timedelta(seconds=0)) == "queued"
-    job = lease(store, "w", limit=1, lease_for=timedelta(minutes=5))[0]
-    assert fail(store, job, "boom 2", max_attempts=2, backoff=timedelta(seconds=0)) == "failed"
-    with store.read() as conn:
-        state, err, attempts = conn.execute(
-            text("SELECT state, last_error, attempts FROM resync_job")
-        ).one()
-    assert (state, err, attempts) == ("failed", "boom 2", 2)
-
-
-def test_backoff_delays_the_retry(store: Store) -> None:
-    """A retried job is not leased again before its backoff has passed."""
-    uid = add_user(store, "a@example.org")
-    with store.write() as conn:
-        queue_resync(conn, [uid], reason="r", run_id=None)
-    job = lease(store, "w", limit=1, lease_for=timedelta(minutes=5))[0]
-    fail(store, job, "boom", max_attempts=5, backoff=timedelta(minutes=10))
-    assert lease(store, "w", limit=1, lease_for=timedelta(minutes=5)) == []
-
-
-def test_release_gives_leases_back(store: Store) -> None:
-    """Released jobs are queued again without an attempt counted."""
-    uid = add_user(store, "a@example.org")
-    with store.write() as conn:
-        queue_resync(conn, [uid], reason="r", run_id=None)
-    jobs = lease(store, "w", limit=1, lease_for=timedelta(minutes=5))
-    release(store, jobs)
-    with store.read() as conn:
-        assert conn.execute(text("SELECT state, attempts FROM resync_job")).one() == ("queued", 0)
 
 
 def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from connectors.memory import MemoryConnector
 from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report

@@ -8,16 +8,15 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
-from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import changes as changeset
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.runs import load_report
+from rostersync.sync.runs import list_runs, load_report
 from tests.changediff import difference, picture, plain
-from tests.rosterdata import small_roster
 from tests.sync.helpers import sync
 
 
@@ -305,7 +304,7 @@ async def test_a_superseded_held_run_reads_as_superseded(
     later = await sync(settings, store, small_roster())
     with store.read() as conn:
         report = load_report(conn, held.id)
-        listed = {r["id"]: r for r in directory.list_runs(conn)}
+        listed = {r["id"]: r for r in list_runs(conn)}
     assert report.status == "held" and report.superseded_by == later.id
     assert report.as_json()["status"] == "superseded"
     assert listed[held.id]["status"] == "superseded"

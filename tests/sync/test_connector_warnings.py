@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.source.connector import FetchMode
 from rostersync.source.records import MemoryRoster, RosterRecord
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
-from tests.rosterdata import small_roster
 
 
 class WarningConnector(MemoryConnector):

@@ -22,11 +22,11 @@ from rostersync.source.records import (
     RosterEnrollment,
     RosterPerson,
 )
+from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report
 from tests.oneroster12 import DELTA_STAMP, write_drop
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, snapshot, users
 
 SPEC = DistrictSpec(seed=3, schools=2, teachers=8, students=90, classes=12, students_per_class=6)

@@ -9,16 +9,16 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.resync.queue import queue_resync
 from rostersync.source.records import Rejected, RosterEnrollment
 from rostersync.source.rows import sort_batch
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import detect
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.staging import stage
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, snapshot, sync, users
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.resync.groups import sync_members
 from rostersync.resync.queue import queue_resync
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, lock_directory
 from rostersync.sync.engine import SyncEngine
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, sync, user_id
 
 pytestmark = pytest.mark.postgres

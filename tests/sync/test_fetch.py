@@ -11,10 +11,10 @@ import pytest
 
 from rostersync.config.models import Settings
 from rostersync.source.rows import StagedBatch
+from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, sync, users
 
 

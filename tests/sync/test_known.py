@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster
 from rostersync.source.rows import COLUMNS, StagedBatch, sort_batch
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import HASH_AT, KnownRows
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, snapshot, sync, users
 
 

@@ -11,10 +11,10 @@ from sqlalchemy import event, inspect, text
 
 from rostersync.config.models import Settings
 from rostersync.source.records import RosterEnrollment
+from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync import mirror
-from tests.rosterdata import small_roster
 from tests.sync.helpers import groups, snapshot, sync
 
 

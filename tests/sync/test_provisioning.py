@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterEnrollment, RosterPerson
+from rostersync.source.testdata import small_roster
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import provisioning
 from rostersync.sync import runs as runs_module
 from rostersync.sync.engine import SyncEngine
-from tests.rosterdata import small_roster
 from tests.sync.helpers import ZERO, add_user, counts, groups, snapshot, sync, users
 
 

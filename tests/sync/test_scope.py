@@ -14,7 +14,6 @@ import httpx
 import yaml
 from sqlalchemy import text
 
-from connectors.memory import MemoryConnector
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
 from rostersync.config.source import ScopedSourceConfig
@@ -27,6 +26,7 @@ from rostersync.source.records import (
     RosterOrg,
     RosterPerson,
 )
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report

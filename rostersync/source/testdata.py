@@ -1,4 +1,5 @@
-"""The canonical small roster every connector's contract tests serve in its own format.
+"""The canonical small roster every connector's contract tests serve in its own format (see
+:mod:`rostersync.source.testing`).
 
 Sources differ in shape, not in meaning: a connector that reads this roster from CSV files, a
 OneRoster server or Google Classroom must yield the same people, classes and enrollments.
@@ -6,8 +7,13 @@ OneRoster server or Google Classroom must yield the same people, classes and enr
 
 from __future__ import annotations
 
-from connectors.memory import MemoryRoster
-from rostersync.source.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+from rostersync.source.records import (
+    MemoryRoster,
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+)
 
 
 def small_roster() -> MemoryRoster:

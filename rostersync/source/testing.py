@@ -1,27 +1,118 @@
-"""The contract every connector passes. Subclass :class:`ConnectorContract` in a test module
-and provide the ``connector`` fixture, serving :func:`tests.rosterdata.small_roster` (or, for
-sources whose ids differ, override ``expected``).
+"""For connector authors: the in-memory connector and the contract every connector passes.
+
+:class:`MemoryConnector` serves a :class:`MemoryRoster` held in Python objects; rostersync's
+own tests sync it, and it is the model of the smallest correct connector.
+
+:class:`ConnectorContract` is the shared suite (it needs pytest, with pytest-asyncio in
+``asyncio_mode = "auto"``). Subclass it in a test module and provide the ``connector`` fixture,
+serving :func:`~rostersync.source.testdata.small_roster` in the connector's own format (or, for
+sources whose ids differ, override ``expected``)::
+
+    from rostersync.source.testing import ConnectorContract
+
+    class TestMyConnector(ConnectorContract):
+        @pytest.fixture
+        def connector(self) -> Connector: ...
 
 Ids are compared as the connector reports them; emails lower-cased; sets, not order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 
 import pytest
 
-from connectors.memory import MemoryRoster
+from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import (
+    STUDENT,
+    TEACHER,
+    AcademicSession,
+    MemoryRoster,
     Rejected,
     RosterClass,
     RosterEnrollment,
     RosterPerson,
     RosterRecord,
     TeacherRef,
+    TeacherRoster,
 )
-from tests.rosterdata import small_roster
+from rostersync.source.testdata import small_roster
+
+__all__ = [
+    "ConnectorContract",
+    "MemoryConnector",
+    "MemoryRoster",
+    "classes",
+    "collect",
+    "enrollments",
+    "people",
+    "small_roster",
+]
+
+
+class MemoryConnector:
+    """Serves a :class:`MemoryRoster`. ``fail_after`` batches, it raises (to test failed runs)."""
+
+    def __init__(
+        self,
+        roster: MemoryRoster,
+        *,
+        batch_size: int = 100,
+        fail_after: int | None = None,
+        delta: bool = False,
+    ) -> None:
+        self.roster = roster
+        self.batch_size = batch_size
+        self.fail_after = fail_after
+        self._delta = delta
+        self.closed = False
+
+    @property
+    def supports_delta(self) -> bool:
+        return self._delta
+
+    @property
+    def academic_sessions(self) -> dict[str, AcademicSession]:
+        return {s.sourced_id: s for s in self.roster.sessions}
+
+    async def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord]]:
+        if mode is FetchMode.DELTA and not self._delta:
+            raise DeltaUnsupportedError("memory", "delta filter not supported")
+        records = self.roster.records()
+        if mode is FetchMode.DELTA and since is not None:
+            records = [
+                r
+                for r in records
+                if isinstance(r, Rejected)
+                or (r.date_last_modified is not None and r.date_last_modified > since)
+            ]
+        for n, start in enumerate(range(0, len(records), self.batch_size)):
+            if self.fail_after is not None and n >= self.fail_after:
+                raise FatalSourceError("memory", "connection lost half-way (injected)")
+            yield records[start : start + self.batch_size]
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        person = next((p for p in self.roster.persons if p.sourced_id == teacher.sourced_id), None)
+        class_ids = {
+            e.class_id
+            for e in self.roster.enrollments
+            if e.user_id == teacher.sourced_id and e.role == TEACHER
+        }
+        classes = [c for c in self.roster.classes if c.sourced_id in class_ids]
+        enrollments = [e for e in self.roster.enrollments if e.class_id in class_ids]
+        student_ids = {e.user_id for e in enrollments if e.role == STUDENT}
+        persons = [p for p in self.roster.persons if p.sourced_id in student_ids]
+        return TeacherRoster(
+            teacher=person, classes=classes, enrollments=enrollments, persons=persons
+        )
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
 async def collect(connector: Connector, mode: FetchMode = FetchMode.FULL) -> list[RosterRecord]:
