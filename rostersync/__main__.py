@@ -1,3 +1,3 @@
-from rostersync.cli.main import main
+from rostersync.cli.main import console
 
-main()
+console()
