@@ -21,7 +21,7 @@ from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.known import HASH_AT, KnownRows
+from rostersync.sync.known import HASH_AT, KnownRows, row_key
 from tests.sync.helpers import groups, snapshot, sync, users
 
 
@@ -29,7 +29,7 @@ from tests.sync.helpers import groups, snapshot, sync, users
 def staged_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Rows each staging write carried, in order."""
     counts: list[int] = []
-    real = fetch_step.stage
+    real = staging.stage
 
     def counting(conn: Any, run_id: int, batch: StagedBatch) -> None:
         counts.append(sum(len(rows) for rows in batch.rows.values()))
@@ -153,9 +153,13 @@ async def test_a_held_run_keeps_every_row_for_its_approval(
     assert left == {e.sourced_id for e in roster.enrollments}
 
 
-def loaded(hashes: dict[str, dict[str, str]]) -> KnownRows:
+def loaded(rows: dict[str, list[Any]]) -> KnownRows:
+    """A KnownRows as if the mirror held these staging rows, per kind."""
     known = KnownRows("mem")
-    known.hashes.update(hashes)
+    for kind, kind_rows in rows.items():
+        known.remaining[kind] = {row_key(r[HASH_AT[kind]], r[0]) for r in kind_rows}
+        if kind_rows:
+            known.held.add(kind)
     known._loaded.set()
     return known
 
@@ -164,13 +168,13 @@ def person_rows(roster: MemoryRoster) -> list[Any]:
     return sort_batch(roster.persons).rows["person"]
 
 
-def test_rows_equal_to_the_mirror_are_left_out_and_their_ids_kept() -> None:
+def test_rows_equal_to_the_mirror_are_left_out() -> None:
     rows = person_rows(small_roster())
-    at = HASH_AT["person"]
-    known = loaded({"person": {r[0]: r[at] for r in rows[1:]}})
+    known = loaded({"person": rows[1:]})
     out = known.filter(sort_batch(small_roster().persons))
     assert [r[0] for r in out.rows["person"]] == [rows[0][0]]  # new to the mirror
-    assert known.unchanged["person"] == {r[0] for r in rows[1:]}
+    assert known.unchanged["person"] == len(rows) - 1
+    assert known.remaining["person"] == set()
     assert known.missing("person") == set()
 
 
@@ -180,29 +184,29 @@ def test_a_repeated_id_keeps_its_last_version() -> None:
     roster = small_roster()
     person = roster.persons[0]
     renamed = replace(person, given_name="Other")
-    at = HASH_AT["person"]
-    same = person_rows(MemoryRoster(persons=[person]))[0]
-    known = loaded({"person": {same[0]: same[at]}})
+    same = person_rows(MemoryRoster(persons=[person]))
+
+    known = loaded({"person": same})
     first = known.filter(sort_batch([renamed]))
     second = known.filter(sort_batch([person]))
     assert len(first.rows["person"]) == 1 and len(second.rows["person"]) == 1
-    assert known.unchanged["person"] == set()
+    assert known.unchanged["person"] == 0
+    assert known.missing("person") == set()  # staged, not gone
 
-    known = loaded({"person": {same[0]: same[at]}})
+    known = loaded({"person": same})
     assert known.filter(sort_batch([person])).rows["person"] == []
     assert len(known.filter(sort_batch([renamed])).rows["person"]) == 1
-    assert known.unchanged["person"] == set()  # the changed version is staged instead
     assert known.missing("person") == set()
 
 
 def test_what_the_run_did_not_see_is_missing() -> None:
     rows = person_rows(small_roster())
-    at = HASH_AT["person"]
-    known = loaded({"person": {r[0]: r[at] for r in rows}, "org": {"gone-org": "x"}})
+    org = sort_batch([small_roster().orgs[0]]).rows["org"]
+    known = loaded({"person": rows, "org": org})
     known.filter(sort_batch(small_roster().persons[1:]))
     assert known.missing("person") == {rows[0][0]}
-    assert known.missing("org") == {"gone-org"}
-    assert set(COLUMNS) == set(known.hashes)
+    assert known.missing("org") == {org[0][0]}
+    assert known.held == {"person", "org"}
 
 
 def test_a_first_load_is_staged_whole() -> None:
@@ -211,3 +215,4 @@ def test_a_first_load_is_staged_whole() -> None:
     out = known.filter(batch)
     assert out.rows == batch.rows
     assert all(not ids for ids in known.staged.values())  # nothing to sweep, nothing kept
+    assert set(known.unchanged) == set(COLUMNS)
