@@ -443,8 +443,14 @@ def figure(label: str, run: SyncResult, floor: float, target: float | None) -> N
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    for name in args.scale.split(","):
-        code = benchmark_scale(args, name.strip().upper())
+    scales = [name.strip().upper() for name in args.scale.split(",")]
+    if args.database and len(scales) > 1 and "{scale}" not in args.database:
+        raise SystemExit(
+            "--database with several scales: each needs an empty database of its own; "
+            "write {scale} in the URL (postgresql+psycopg://u@h/bench_{scale})"
+        )
+    for name in scales:
+        code = benchmark_scale(args, name)
         if code:
             return code
     return 0
@@ -457,7 +463,8 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
     workdir = Path(args.workdir) / name if args.workdir else None
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"rs-bench-{name}-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    database = args.database or f"sqlite:///{workdir / 'bench.db'}"
+    database = args.database.replace("{scale}", name.lower()) if args.database else None
+    database = database or f"sqlite:///{workdir / 'bench.db'}"
     print(
         f"district {name}: {scale.schools} schools, {scale.teachers:,} teachers, "
         f"{scale.students:,} students, {scale.classes:,} classes x {scale.students_per_class} "

@@ -226,3 +226,24 @@ def test_the_newest_date_is_the_latest_instant_across_zones() -> None:
     ]
     assert rows_page("classes", raw).newest == datetime(2026, 9, 1, 11, tzinfo=UTC)
     assert rows_page("classes", raw[3:]).newest is None
+
+
+def test_the_decode_workers_import_only_what_decoding_uses() -> None:
+    """The pool's forkserver preloads connectors.oneroster.decode: neither the config models
+    (pydantic), the HTTP client, the store nor the logging set-up come with it."""
+    import subprocess
+    import sys
+
+    heavy = ("pydantic", "httpx", "sqlalchemy", "structlog", "tenacity", "authlib")
+    code = (
+        "import sys, connectors.oneroster.decode; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == ""
+    # The package's public names are still there, each on first use.
+    import connectors.oneroster as package
+
+    assert package.PLUGIN.type == "oneroster"
+    assert package.PLUGIN is package.PLUGIN
+    assert package.OneRosterSourceConfig.__name__ == "OneRosterSourceConfig"
