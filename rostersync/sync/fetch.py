@@ -130,6 +130,10 @@ class Fetcher:
     def _stage(self, run_id: int, batch: StagedBatch, known: KnownRows | None = None) -> None:
         if known is not None:
             batch = known.filter(batch)
+            if not len(batch):
+                # Nothing left to write: no write transaction, which on SQLite waits for the
+                # database's one write lock (a no-op run at district L stages ~800 batches).
+                return
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good
