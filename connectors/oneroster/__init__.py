@@ -53,4 +53,5 @@ def __getattr__(name: str) -> Any:
         return plugin
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["PLUGIN", "OneRosterConnector", "OneRosterSourceConfig"]
