@@ -17,7 +17,7 @@ a generated district, then measures against that one server:
 
 Each sync is a whole ``rostersync`` process, started as an operator starts it (interpreter,
 imports, config, migration check, recovery, then the sync and its resync jobs); its phases
-come from the timestamps of its JSON log, its peak RSS from ``wait4``. Every figure is printed
+come from the timestamps of its JSON log, its peak RSS from ``VmHWM`` (see PeakRss). Every figure is printed
 as a ratio to the floor. See README.md next to this file for what each printed line means.
 """
 
@@ -343,6 +343,37 @@ def _phases(log: Path, started: float, ended: float) -> dict[str, float]:
     return out
 
 
+class PeakRss:
+    """A process's peak resident set (``VmHWM``), read from /proc while it runs.
+
+    Not ``wait4``'s ``ru_maxrss``: Linux carries the high-water mark of the image a process
+    replaced into it at ``exec``, so a sync started from this script would report this
+    script's own size once the script has grown (it holds every row's digest for the no-op
+    check). The last read comes at most ``every`` seconds before the end, when a sync is
+    closing, not at its peak."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        self.kib = 0
+        self._path = Path(f"/proc/{pid}/status")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, every: float) -> None:
+        while not self._done.is_set():
+            try:
+                for line in self._path.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        self.kib = max(self.kib, int(line.split()[1]))
+            except (OSError, ValueError, IndexError):
+                return  # gone, or no /proc here: ru_maxrss stands in
+            self._done.wait(every)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
     """``rostersync --config CONFIG sync --full|--delta --json`` as an operator runs it: a
     whole process, interpreter start-up, imports, migration check and recovery included."""
@@ -355,8 +386,10 @@ def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
         t0 = time.perf_counter()
         proc = subprocess.Popen(command, cwd=workdir, stdout=subprocess.PIPE, stderr=err, env=env)
         assert proc.stdout is not None
+        peak = PeakRss(proc.pid)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
+        peak.stop()
         seconds = time.perf_counter() - t0
         ended = time.time()
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -369,7 +402,7 @@ def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
     return SyncResult(
         seconds=seconds,
         phases=_phases(log, started, ended),
-        maxrss_kib=usage.ru_maxrss,
+        maxrss_kib=peak.kib or usage.ru_maxrss,
         status=report["status"],
         mode=report["mode"],
         error=report["error"],
