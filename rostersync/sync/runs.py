@@ -294,6 +294,31 @@ def fail_run(conn: Connection, run_id: int, message: str) -> None:
     )
 
 
+def _record_end(
+    conn: Connection,
+    run_id: int,
+    *,
+    status: str,
+    counts: Mapping[str, int],
+    fetched: Mapping[str, int],
+    newest: datetime | None,
+    finished_at: datetime,
+    **extra: Any,
+) -> None:
+    conn.execute(
+        update(SyncRun)
+        .where(col(SyncRun.id) == run_id)
+        .values(
+            status=status,
+            counts=dict(counts),
+            fetched=dict(fetched),
+            finished_at=finished_at,
+            high_water_mark=newest,
+            **extra,
+        )
+    )
+
+
 def end_unapplied(
     conn: Connection,
     run_id: int,
@@ -305,17 +330,15 @@ def end_unapplied(
     newest: datetime | None,
 ) -> None:
     """A held or dry run's record: what it found, none of it applied."""
-    conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
-        .values(
-            status=status,
-            hold_reason=hold_reason,
-            counts=dict(counts),
-            fetched=dict(fetched),
-            finished_at=utcnow(),
-            high_water_mark=newest,
-        )
+    _record_end(
+        conn,
+        run_id,
+        status=status,
+        counts=counts,
+        fetched=fetched,
+        newest=newest,
+        finished_at=utcnow(),
+        hold_reason=hold_reason,
     )
 
 
@@ -330,16 +353,14 @@ def end_applied(
     finished_at: datetime,
 ) -> None:
     """An applied run's record (an approved one keeps the reason it was held for)."""
-    conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
-        .values(
-            status=status,
-            counts=dict(counts),
-            fetched=dict(fetched),
-            finished_at=finished_at,
-            high_water_mark=newest,
-        )
+    _record_end(
+        conn,
+        run_id,
+        status=status,
+        counts=counts,
+        fetched=fetched,
+        newest=newest,
+        finished_at=finished_at,
     )
 
 

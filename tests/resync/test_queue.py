@@ -9,19 +9,7 @@ from sqlalchemy import text
 
 from rostersync.resync.queue import fail, lease, queue_depth, queue_resync, release
 from rostersync.store.db import Store
-
-
-def add_user(store: Store, email: str) -> int:
-    with store.write() as conn:
-        return int(
-            conn.execute(
-                text(
-                    'INSERT INTO "user" (email, display_name, status, archived_by_sync, delegated) '
-                    "VALUES (:e, 'X', 'active', false, false) RETURNING id"
-                ),
-                {"e": email},
-            ).scalar_one()
-        )
+from tests.directoryrows import add_user
 
 
 def test_queue_keeps_one_queued_job_per_user(store: Store) -> None:

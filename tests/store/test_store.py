@@ -20,21 +20,9 @@ from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync.merge import refresh_directory_statistics, refresh_statistics
 from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
+from tests.directoryrows import add_user
 
 STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")
-
-
-def add_user(store: Store, email: str) -> int:
-    with store.write() as conn:
-        return int(
-            conn.execute(
-                text(
-                    'INSERT INTO "user" (email, display_name, status, archived_by_sync, delegated) '
-                    "VALUES (:e, 'X', 'active', false, false) RETURNING id"
-                ),
-                {"e": email},
-            ).scalar_one()
-        )
 
 
 def test_migrations_match_the_models(store: Store) -> None:
