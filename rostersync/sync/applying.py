@@ -160,14 +160,15 @@ class Applier:
             record_outcome(conn, ctx.run_id, outcome)
             if outcome.changes is not None:
                 changeset.save(conn, outcome.changes)
-            runs.end_unapplied(
+            runs.end_run(
                 conn,
                 ctx.run_id,
                 status=status,
-                hold_reason=reason,
                 counts=outcome.counts,
                 fetched=ctx.fetched,
                 newest=ctx.newest,
+                finished_at=utcnow(),
+                hold_reason=reason,
             )
 
     def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
@@ -457,7 +458,7 @@ class Applier:
         runs.save_source_state(conn, source, values, new=state is None)
         record_outcome(conn, run_id, outcome)
         status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
-        runs.end_applied(
+        runs.end_run(
             conn,
             run_id,
             status=status,

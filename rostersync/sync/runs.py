@@ -294,7 +294,7 @@ def fail_run(conn: Connection, run_id: int, message: str) -> None:
     )
 
 
-def _record_end(
+def end_run(
     conn: Connection,
     run_id: int,
     *,
@@ -303,8 +303,11 @@ def _record_end(
     fetched: Mapping[str, int],
     newest: datetime | None,
     finished_at: datetime,
-    **extra: Any,
+    **columns: Any,
 ) -> None:
+    """A finished run's record: its outcome, what it fetched, its high-water mark. ``columns``:
+    any other to set, such as a held or dry run's ``hold_reason`` (an applied run, approved
+    or not, keeps the reason it was held for)."""
     conn.execute(
         update(SyncRun)
         .where(col(SyncRun.id) == run_id)
@@ -314,53 +317,8 @@ def _record_end(
             fetched=dict(fetched),
             finished_at=finished_at,
             high_water_mark=newest,
-            **extra,
+            **columns,
         )
-    )
-
-
-def end_unapplied(
-    conn: Connection,
-    run_id: int,
-    *,
-    status: str,
-    hold_reason: str | None,
-    counts: Mapping[str, int],
-    fetched: Mapping[str, int],
-    newest: datetime | None,
-) -> None:
-    """A held or dry run's record: what it found, none of it applied."""
-    _record_end(
-        conn,
-        run_id,
-        status=status,
-        counts=counts,
-        fetched=fetched,
-        newest=newest,
-        finished_at=utcnow(),
-        hold_reason=hold_reason,
-    )
-
-
-def end_applied(
-    conn: Connection,
-    run_id: int,
-    *,
-    status: str,
-    counts: Mapping[str, int],
-    fetched: Mapping[str, int],
-    newest: datetime | None,
-    finished_at: datetime,
-) -> None:
-    """An applied run's record (an approved one keeps the reason it was held for)."""
-    _record_end(
-        conn,
-        run_id,
-        status=status,
-        counts=counts,
-        fetched=fetched,
-        newest=newest,
-        finished_at=finished_at,
     )
 
 
