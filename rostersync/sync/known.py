@@ -39,8 +39,8 @@ def row_key(row_hash: str, sourced_id: str) -> str:
     return f"{row_hash}:{sourced_id}"
 
 
-def _key_sql(alias: str = "") -> str:
-    return f"{alias}row_hash || ':' || {alias}sourced_id"
+#: :func:`row_key` in SQL.
+KEY_SQL = "row_hash || ':' || sourced_id"
 
 
 class KnownRows:
@@ -76,7 +76,7 @@ class KnownRows:
                 try:
                     for kind, (mirror, _, _) in TABLES.items():
                         cursor.execute(
-                            f"SELECT {_key_sql()} FROM {mirror}{hint} WHERE source = {marker}",
+                            f"SELECT {KEY_SQL} FROM {mirror}{hint} WHERE source = {marker}",
                             (self.source,),
                         )
                         keys = {key for (key,) in cursor}
@@ -109,7 +109,7 @@ class KnownRows:
             left_out = 0
             for row in rows:
                 sid = row[0]
-                key = f"{row[at]}:{sid}"
+                key = f"{row[at]}:{sid}"  # row_key, inlined: this loop sees every record
                 if key in remaining and sid not in staged:
                     remaining.remove(key)
                     left_out += 1
@@ -137,7 +137,7 @@ class KnownRows:
             mirror, staging, cols = TABLES[kind]
             remaining, staged = self.remaining[kind], self.staged[kind]
             keys = conn.execute(
-                text(f"SELECT {_key_sql()}, sourced_id FROM {mirror} WHERE source = :src"),
+                text(f"SELECT {KEY_SQL}, sourced_id FROM {mirror} WHERE source = :src"),
                 {"src": self.source},
             )
             ids = [sid for key, sid in keys if key not in remaining and sid not in staged]
