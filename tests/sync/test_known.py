@@ -216,3 +216,49 @@ def test_a_first_load_is_staged_whole() -> None:
     assert out.rows == batch.rows
     assert all(not ids for ids in known.staged.values())  # nothing to sweep, nothing kept
     assert set(known.unchanged) == set(COLUMNS)
+
+
+async def test_the_loaded_keys_are_the_mirrors_across_slices_and_odd_ids(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite hands the keys over joined, a slice of rowids at a time: every slice, and an id
+    holding the separator, still give exactly the rows of this source."""
+    from rostersync.sync import known
+
+    roster = small_roster()
+    odd = replace(roster.persons[0], sourced_id="t-\x1fodd,\n'x'")
+    roster.persons.append(odd)
+    await sync(make_settings(), store, roster)
+    with store.write() as conn:  # another source's rows are not this source's keys
+        conn.execute(
+            text(
+                "INSERT INTO roster_org (source, sourced_id, name, type, status, row_hash) "
+                "VALUES ('other', 'o-x', 'X', 'school', 'active', 'ffff')"
+            )
+        )
+    monkeypatch.setattr(known, "SLICE_ROWS", 3)
+    loaded_rows = KnownRows("mem")
+    loaded_rows.load(store)
+    with store.read() as conn:
+        for kind, (mirror, _, _) in known.TABLES.items():
+            expected = {
+                row_key(h, sid)
+                for h, sid in conn.execute(
+                    text(f"SELECT row_hash, sourced_id FROM {mirror} WHERE source = 'mem'")
+                )
+            }
+            assert expected, kind
+            assert loaded_rows.remaining[kind] == expected, kind
+    assert (
+        row_key(odd_hash(store, odd.sourced_id), odd.sourced_id) in loaded_rows.remaining["person"]
+    )
+    assert loaded_rows.held == set(COLUMNS)
+
+
+def odd_hash(store: Store, sourced_id: str) -> str:
+    with store.read() as conn:
+        return str(
+            conn.execute(
+                text("SELECT row_hash FROM roster_person WHERE sourced_id = :s"), {"s": sourced_id}
+            ).scalar_one()
+        )
