@@ -138,7 +138,7 @@ class OneRosterSourceConfig(ScopedSourceConfig):
         ge=0,
         le=32,
         description="processes that parse and normalize large pages beside the fetch; "
-        "0 decodes in the sync process; default: one per spare CPU core, at most 4",
+        "0 decodes in the sync process; default: one per CPU core, at most 4",
     )
     delta_overlap: Duration = Field(
         default=timedelta(minutes=5),

@@ -88,8 +88,10 @@ def decode_page(collection: str, content: bytes, as_rows: bool = False) -> Decod
 
 
 def default_workers() -> int:
-    """One decode process per spare core, at most four (the fetch itself needs one core)."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    """One decode process per core, at most four: the sync process itself mostly waits (on
+    the network, on SQLite, which works without the interpreter lock), and one worker fewer
+    left decoding the bottleneck of a full run (tests/benchmarks/README.md)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def start_pool(workers: int) -> ProcessPoolExecutor:

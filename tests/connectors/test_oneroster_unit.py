@@ -1047,13 +1047,13 @@ def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
     assert decode.widen_pipes(SimpleNamespace()) is False  # type: ignore[arg-type]
 
 
-def test_small_pages_skip_the_pool_and_workers_default_to_spare_cores(
+def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The pool is for pages worth the trip; its default size leaves a core for the fetch."""
+    """The pool is for pages worth the trip; by default one worker a core, at most four."""
     assert decode.POOL_MIN_BYTES >= 16 * 1024
     monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
-    assert decode.default_workers() == 1
+    assert decode.default_workers() == 2
     monkeypatch.setattr(decode.os, "cpu_count", lambda: 16)
     assert decode.default_workers() == 4
     monkeypatch.setattr(decode.os, "cpu_count", lambda: None)
