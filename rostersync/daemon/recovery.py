@@ -35,21 +35,17 @@ from typing import Any
 from sqlalchemy import Connection, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
-from sqlmodel import col
 
 from rostersync.daemon import procs
 from rostersync.logs import scrub
 from rostersync.resync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.store.tables import Instance, SourceLease
+from rostersync.store.tables import instance, source_lease
 from rostersync.sync import runs
 from rostersync.sync.staging import LOCK_NOT_AVAILABLE, clear_staging
 
 #: A registry row of another machine that has not beaten for this long is dropped.
 FORGET_AFTER = timedelta(days=1)
-
-_LEASES = SourceLease.__table__  # type: ignore[attr-defined]
-_INSTANCES = Instance.__table__  # type: ignore[attr-defined]
 
 
 def hostname() -> str:
@@ -77,11 +73,11 @@ class Holder:
 
 
 def load_registry(conn: Connection, ids: Collection[str] | None = None) -> dict[str, Holder]:
-    query = select(_INSTANCES)
+    query = select(instance)
     if ids is not None:
         if not ids:
             return {}
-        query = query.where(_INSTANCES.c.id.in_(list(ids)))
+        query = query.where(instance.c.id.in_(list(ids)))
     return {
         r.id: Holder(
             r.id, r.kind, r.host, r.pid, r.pid_started, r.pid_scope, as_utc(r.heartbeat_at)
@@ -105,7 +101,7 @@ def register(store: Store, owner: str, kind: str, *, keep_kind: bool = False) ->
     }
     ins: Any = postgresql if store.is_postgres else sqlite
     with store.write() as conn:
-        stmt = ins.insert(_INSTANCES).values(id=owner, kind=kind, **values)
+        stmt = ins.insert(instance).values(id=owner, kind=kind, **values)
         update_set = dict(values) if keep_kind else {**values, "kind": kind}
         conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update_set))
 
@@ -113,15 +109,13 @@ def register(store: Store, owner: str, kind: str, *, keep_kind: bool = False) ->
 def unregister(store: Store, owner: str) -> None:
     """This process is done: forget its row (its leases are released by their holders)."""
     with store.write() as conn:
-        conn.execute(delete(Instance).where(col(Instance.id) == owner))
+        conn.execute(delete(instance).where(instance.c.id == owner))
 
 
 def heartbeat(store: Store, owner: str) -> None:
     """Tell other processes that ``owner`` (a daemon) is still alive."""
     with store.write() as conn:
-        conn.execute(
-            update(Instance).where(col(Instance.id) == owner).values(heartbeat_at=utcnow())
-        )
+        conn.execute(update(instance).where(instance.c.id == owner).values(heartbeat_at=utcnow()))
 
 
 class Liveness:
@@ -225,8 +219,8 @@ def _lock_lease(conn: Connection, source: str) -> Any:
     (NOWAIT: an apply holds it until it commits, see hold_lease, and its source is busy)."""
     try:
         return conn.execute(
-            select(_LEASES.c.owner, _LEASES.c.expires_at)
-            .where(_LEASES.c.source == source)
+            select(source_lease.c.owner, source_lease.c.expires_at)
+            .where(source_lease.c.source == source)
             .with_for_update(nowait=True)
         ).first()
     except DBAPIError as exc:
@@ -246,7 +240,7 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
     if row is None:
         ins: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
         fresh = conn.execute(
-            ins.insert(_LEASES)
+            ins.insert(source_lease)
             .values(source=source, owner=me, expires_at=now + expire_after)
             .on_conflict_do_nothing(index_elements=["source"])
         )
@@ -272,8 +266,8 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
         else:
             return Taken(holder)
     conn.execute(
-        update(SourceLease)
-        .where(col(SourceLease.source) == source)
+        update(source_lease)
+        .where(source_lease.c.source == source)
         .values(owner=me, expires_at=now + expire_after)
     )
     if holder == me:
@@ -284,7 +278,7 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
 
 def lease_holder(conn: Connection, source: str) -> str | None:
     return conn.execute(
-        select(col(SourceLease.owner)).where(col(SourceLease.source) == source)
+        select(source_lease.c.owner).where(source_lease.c.source == source)
     ).scalar()
 
 
@@ -294,8 +288,8 @@ def hold_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
     Inside an apply's transaction this also keeps the row locked (PostgreSQL) until the
     commit, so nobody can take the lease over while the apply is under way."""
     res = conn.execute(
-        update(SourceLease)
-        .where(col(SourceLease.source) == source, col(SourceLease.owner) == me)
+        update(source_lease)
+        .where(source_lease.c.source == source, source_lease.c.owner == me)
         .values(expires_at=utcnow() + expire_after)
     )
     return bool(res.rowcount)
@@ -306,12 +300,12 @@ def release_lease(conn: Connection, source: str, me: str, error: str) -> list[in
     ended by an error before its outcome was recorded): it fails with ``error``, its staging
     is cleared. Nothing is done if someone else holds the lease by now (they dealt with it)."""
     holder = conn.execute(
-        select(_LEASES.c.owner).where(_LEASES.c.source == source).with_for_update()
+        select(source_lease.c.owner).where(source_lease.c.source == source).with_for_update()
     ).scalar()
     if holder != me:
         return []
     lost = interrupt_runs(conn, error, sources=[source])
-    conn.execute(delete(SourceLease).where(col(SourceLease.source) == source))
+    conn.execute(delete(source_lease).where(source_lease.c.source == source))
     return lost
 
 
@@ -347,8 +341,8 @@ class LeaseKeeper:
                 with self.store.write() as conn:
                     ours = hold_lease(conn, self.source, self.owner, self.expire_after)
                     conn.execute(
-                        update(Instance)
-                        .where(col(Instance.id) == self.owner)
+                        update(instance)
+                        .where(instance.c.id == self.owner)
                         .values(heartbeat_at=utcnow())
                     )
             except Exception as exc:
@@ -403,7 +397,7 @@ def _interrupted_by(owner: str, liveness: Liveness) -> str:
 
 
 def _find_dead(conn: Connection, previous_self: str | None) -> tuple[Liveness, list[str]]:
-    lease_owners = {r[0] for r in conn.execute(select(_LEASES.c.owner))}
+    lease_owners = {r[0] for r in conn.execute(select(source_lease.c.owner))}
     job_owners = {
         r[0]
         for r in conn.execute(
@@ -443,17 +437,17 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
             # for this transaction, or has already put its own name in and the row is skipped;
             # either way no run it starts can be taken for the dead one's.
             leased = conn.execute(
-                select(_LEASES.c.source, _LEASES.c.owner)
-                .where(_LEASES.c.owner.in_(dead))
+                select(source_lease.c.source, source_lease.c.owner)
+                .where(source_lease.c.owner.in_(dead))
                 .with_for_update()
             ).all()
             for source, owner in leased:
                 found.interrupted_runs += interrupt_runs(
                     conn, _interrupted_by(owner, liveness), sources=[source]
                 )
-            conn.execute(delete(SourceLease).where(col(SourceLease.owner).in_(dead)))
+            conn.execute(delete(source_lease).where(source_lease.c.owner.in_(dead)))
             found.requeued_jobs = requeue_owned(conn, dead)
-            conn.execute(delete(Instance).where(col(Instance.id).in_(dead)))
+            conn.execute(delete(instance).where(instance.c.id.in_(dead)))
         # By id: a run started under a fresh lease since then is not an orphan.
         found.interrupted_runs += interrupt_runs(
             conn,
@@ -461,9 +455,9 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
             run_ids=[run_id for run_id, _ in runs.orphan_runs(conn)],
         )
         conn.execute(
-            delete(Instance).where(
-                col(Instance.heartbeat_at) < utcnow() - FORGET_AFTER,
-                col(Instance.host) != hostname(),
+            delete(instance).where(
+                instance.c.heartbeat_at < utcnow() - FORGET_AFTER,
+                instance.c.host != hostname(),
             )
         )
     found.interrupted_runs.sort()
@@ -479,13 +473,13 @@ def release_owner(store: Store, owner: str, error: str) -> Recovered:
         sources = [
             r[0]
             for r in conn.execute(
-                select(_LEASES.c.source).where(_LEASES.c.owner == owner).with_for_update()
+                select(source_lease.c.source).where(source_lease.c.owner == owner).with_for_update()
             )
         ]
         found.interrupted_runs = interrupt_runs(conn, error, sources=sources)
-        conn.execute(delete(SourceLease).where(col(SourceLease.owner) == owner))
+        conn.execute(delete(source_lease).where(source_lease.c.owner == owner))
         found.requeued_jobs = requeue_owned(conn, [owner])
-        conn.execute(delete(Instance).where(col(Instance.id) == owner))
+        conn.execute(delete(instance).where(instance.c.id == owner))
     return found
 
 

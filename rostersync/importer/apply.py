@@ -20,7 +20,6 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, CursorResult, delete, insert, text, update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.emails import normalize_email
@@ -47,13 +46,13 @@ from rostersync.logs import scrub
 from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, in_text, utcnow
 from rostersync.store.tables import (
-    GroupOwner,
-    ImportRow,
-    ImportRun,
-    User,
-    UserIdentity,
-    UserRole,
-    UserSite,
+    group_owner,
+    import_row,
+    import_run,
+    user,
+    user_identity,
+    user_role,
+    user_site,
 )
 from rostersync.sync.provisioning import (
     count_active_users,
@@ -386,7 +385,7 @@ def _apply_change(
     if c.user_id is None:
         uid = _returned_id(
             conn.execute(
-                insert(User)
+                insert(user)
                 .values(
                     email=c.email,
                     display_name=c.display_name,
@@ -396,7 +395,7 @@ def _apply_change(
                     created_at=now,
                     updated_at=now,
                 )
-                .returning(col(User.id))
+                .returning(user.c.id)
             )
         )
     else:
@@ -413,23 +412,23 @@ def _apply_change(
         if c.status == "active":
             values["archived_by_sync"] = False
         if values or c.roles is not None or c.sites is not None:
-            conn.execute(update(User).where(col(User.id) == uid).values(updated_at=now, **values))
+            conn.execute(update(user).where(user.c.id == uid).values(updated_at=now, **values))
         if c.roles is not None:
-            conn.execute(delete(UserRole).where(col(UserRole.user_id) == uid))
+            conn.execute(delete(user_role).where(user_role.c.user_id == uid))
         if c.sites is not None:
-            conn.execute(delete(UserSite).where(col(UserSite.user_id) == uid))
+            conn.execute(delete(user_site).where(user_site.c.user_id == uid))
     if c.roles:
-        conn.execute(insert(UserRole), [{"user_id": uid, "role_id": role_ids[r]} for r in c.roles])
+        conn.execute(insert(user_role), [{"user_id": uid, "role_id": role_ids[r]} for r in c.roles])
     if c.sites:
-        conn.execute(insert(UserSite), [{"user_id": uid, "site_id": site_ids[s]} for s in c.sites])
+        conn.execute(insert(user_site), [{"user_id": uid, "site_id": site_ids[s]} for s in c.sites])
     if c.add_groups:
         conn.execute(
-            insert(GroupOwner),
+            insert(group_owner),
             [{"group_id": g, "user_id": uid, "origin": "import"} for g in c.add_groups],
         )
     if c.add_identities:
         conn.execute(
-            insert(UserIdentity),
+            insert(user_identity),
             [
                 {"user_id": uid, "source": s, "external_id": e, "username": u}
                 for s, e, u in c.add_identities
@@ -441,7 +440,7 @@ def _apply_change(
 def _record(conn: Connection, result: ImportResult, started: Any) -> int:
     import_id = _returned_id(
         conn.execute(
-            insert(ImportRun)
+            insert(import_run)
             .values(
                 file_name=result.file_name[:1024],
                 actor=result.actor,
@@ -450,12 +449,12 @@ def _record(conn: Connection, result: ImportResult, started: Any) -> int:
                 started_at=started,
                 finished_at=utcnow(),
             )
-            .returning(col(ImportRun.id))
+            .returning(import_run.c.id)
         )
     )
     if result.rows:
         conn.execute(
-            insert(ImportRow),
+            insert(import_row),
             [
                 {
                     "import_id": import_id,

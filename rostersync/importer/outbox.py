@@ -24,12 +24,11 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlmodel import col
 
 from rostersync.config.models import SmtpSettings
 from rostersync.logs import scrub
 from rostersync.store.db import Store, utcnow
-from rostersync.store.tables import OutboxEmail
+from rostersync.store.tables import outbox_email
 
 VERIFICATION = "verification"
 
@@ -54,7 +53,7 @@ def queue_verification(
     subject, body = verification_message(email, display_name, organization)
     dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = (
-        dialect.insert(OutboxEmail.__table__)  # type: ignore[attr-defined]
+        dialect.insert(outbox_email)
         .values(
             user_id=user_id,
             kind=VERIFICATION,
@@ -246,4 +245,4 @@ def _record(store: Store, msg_id: int, state: str, error: str | None) -> None:
     if state == "sent":
         values["sent_at"] = utcnow()
     with store.write() as conn:
-        conn.execute(update(OutboxEmail).where(col(OutboxEmail.id) == msg_id).values(**values))
+        conn.execute(update(outbox_email).where(outbox_email.c.id == msg_id).values(**values))

@@ -14,7 +14,6 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Connection, CursorResult, insert, text
-from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.emails import email_problem, normalize_email
@@ -22,7 +21,7 @@ from rostersync.importer.plan import resolve_name
 from rostersync.importer.statuses import Status, empty_counts
 from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, utcnow
-from rostersync.store.tables import User, UserIdentity, UserRole, UserSite
+from rostersync.store.tables import user, user_identity, user_role, user_site
 from rostersync.sync.provisioning import (
     count_active_users,
     eligible_teachers,
@@ -247,7 +246,7 @@ def _apply(conn: Connection, source: str, plan: TeacherPlan) -> set[int]:
     for new in plan.create:
         uid = _returned_id(
             conn.execute(
-                insert(User)
+                insert(user)
                 .values(
                     email=new.email,
                     display_name=new.display_name[:256],
@@ -256,13 +255,13 @@ def _apply(conn: Connection, source: str, plan: TeacherPlan) -> set[int]:
                     created_at=now,
                     updated_at=now,
                 )
-                .returning(col(User.id))
+                .returning(user.c.id)
             )
         )
         created.add(uid)
-        conn.execute(insert(UserRole).values(user_id=uid, role_id=role_ids[new.role]))
+        conn.execute(insert(user_role).values(user_id=uid, role_id=role_ids[new.role]))
         for s in new.sites:
-            conn.execute(insert(UserSite).values(user_id=uid, site_id=site_ids[s]))
+            conn.execute(insert(user_site).values(user_id=uid, site_id=site_ids[s]))
         _link(conn, source, uid, new.persons)
     for link in plan.link:
         _link(conn, source, link.user_id, link.persons)
@@ -271,7 +270,7 @@ def _apply(conn: Connection, source: str, plan: TeacherPlan) -> set[int]:
 
 def _link(conn: Connection, source: str, uid: int, persons: Sequence[Teacher]) -> None:
     conn.execute(
-        insert(UserIdentity),
+        insert(user_identity),
         [
             {"user_id": uid, "source": source, "external_id": p.sourced_id, "username": p.username}
             for p in persons

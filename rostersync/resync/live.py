@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, bindparam, text
 
 from rostersync.source.records import STUDENT, TEACHER, TeacherRoster
-from rostersync.store.tables import RosterClassRow, RosterEnrollmentRow, RosterPersonRow
+from rostersync.store.tables import roster_class, roster_enrollment, roster_person
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
 
@@ -23,13 +23,13 @@ def apply_teacher_roster(
         persons.append(roster.teacher)
     upsert_rows(
         conn,
-        RosterPersonRow.__table__,  # type: ignore[attr-defined]
+        roster_person,
         [{**person_row(p), "source": source} for p in persons],
         ["source", "sourced_id"],
     )
     upsert_rows(
         conn,
-        RosterClassRow.__table__,  # type: ignore[attr-defined]
+        roster_class,
         [{**class_row(c), "source": source} for c in roster.classes],
         ["source", "sourced_id"],
     )
@@ -81,7 +81,7 @@ def apply_teacher_roster(
                 )
         else:
             new_rows.append({**enrollment_row(e), "source": source})
-    upsert_rows(conn, RosterEnrollmentRow.__table__, new_rows, ["source", "sourced_id"])  # type: ignore[attr-defined]
+    upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
     for (cls, uid, role), (sid, status) in existing.items():
         if role == STUDENT and status == "active" and (cls, uid, role) not in live:
             conn.execute(

@@ -1,4 +1,4 @@
-"""Persistence: tables (SQLModel), the database handle and schema migrations."""
+"""Persistence: tables (SQLAlchemy Core), the database handle and schema migrations."""
 
 from rostersync.store.db import Store, as_utc, utcnow
 

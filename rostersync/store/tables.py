@@ -1,4 +1,10 @@
-"""Every table, as SQLModel classes. Alembic migrations in ``rostersync/store/migrations`` create them.
+"""Every table, as SQLAlchemy Core ``Table`` objects on :data:`metadata`. Alembic migrations in
+``rostersync/store/migrations`` create them.
+
+Core tables, not SQLModel classes: the code only uses them in SQL statements, and building the
+classes' pydantic models and ORM mappings cost every process about 0.45 s of CPU at start-up.
+``String(N)`` is ``VARCHAR(N)``, as the migrations' ``AutoString(length=N)``; the Python-side
+defaults are those the SQLModel fields had (some inserts leave those columns out).
 
 Three families:
 
@@ -14,385 +20,416 @@ Three families:
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, false, text
-from sqlmodel import Field, SQLModel
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    false,
+    text,
+)
+
+metadata = MetaData()
 
 
-def _ts() -> Any:
-    # sa_type, not sa_column: a Column object cannot be shared by the mirror/staging twins.
-    return Field(default=None, sa_type=DateTime(timezone=True))
+def _id() -> Column[int]:
+    return Column("id", Integer, primary_key=True)
+
+
+def _ts(name: str) -> Column[Any]:
+    return Column(name, DateTime(timezone=True))
+
+
+def _cascade(name: str, target: str, **kw: Any) -> Column[int]:
+    """An integer column referencing ``target`` (``table.id``), deleted with it."""
+    return Column(name, Integer, ForeignKey(target, ondelete="CASCADE"), nullable=False, **kw)
 
 
 # -- directory ----------------------------------------------------------------------------
 
+role = Table(
+    "role",
+    metadata,
+    _id(),
+    Column("name", String(256), nullable=False, unique=True),
+    Column("scope", String(20), nullable=False, default="organization"),
+    Column("permissions", JSON, nullable=False),
+)
 
-class Role(SQLModel, table=True):
-    __tablename__ = "role"
-    id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=256, unique=True)
-    scope: str = Field(default="organization", max_length=20)
-    permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+site = Table(
+    "site",
+    metadata,
+    _id(),
+    Column("name", String(50), nullable=False, unique=True),
+)
 
-
-class Site(SQLModel, table=True):
-    __tablename__ = "site"
-    id: int | None = Field(default=None, primary_key=True)
-    name: str = Field(max_length=50, unique=True)
-
-
-class User(SQLModel, table=True):
-    __tablename__ = "user"
-    id: int | None = Field(default=None, primary_key=True)
+user = Table(
+    "user",
+    metadata,
+    _id(),
     # Always stored lower-cased: case-insensitive uniqueness without functional indexes.
-    email: str = Field(max_length=256, unique=True)
-    display_name: str = Field(default="Console User", max_length=256)
-    status: str = Field(default="active", max_length=10, index=True)
+    Column("email", String(256), nullable=False, unique=True),
+    Column("display_name", String(256), nullable=False, default="Console User"),
+    Column("status", String(10), nullable=False, default="active", index=True),
     # "source:NAME" when rostersync created the user from a roster, "import" for bulk import,
     # "teachers-import:NAME" for the manual import; only "source:" users are ever archived.
-    created_by: str | None = Field(default=None, max_length=128)
-    archived_by_sync: bool = Field(default=False)
-    delegated: bool = Field(default=False)
-    created_at: datetime | None = _ts()
-    updated_at: datetime | None = _ts()
+    Column("created_by", String(128)),
+    Column("archived_by_sync", Boolean, nullable=False, default=False),
+    Column("delegated", Boolean, nullable=False, default=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+)
 
+user_role = Table(
+    "user_role",
+    metadata,
+    _cascade("user_id", "user.id", primary_key=True),
+    _cascade("role_id", "role.id", primary_key=True),
+)
 
-class UserRole(SQLModel, table=True):
-    __tablename__ = "user_role"
-    user_id: int = Field(foreign_key="user.id", primary_key=True, ondelete="CASCADE")
-    role_id: int = Field(foreign_key="role.id", primary_key=True, ondelete="CASCADE")
+user_site = Table(
+    "user_site",
+    metadata,
+    _cascade("user_id", "user.id", primary_key=True),
+    _cascade("site_id", "site.id", primary_key=True),
+)
 
+# Links a console user to a person in a roster source (or a source username).
+user_identity = Table(
+    "user_identity",
+    metadata,
+    _id(),
+    _cascade("user_id", "user.id", index=True),
+    Column("source", String(64), nullable=False),
+    Column("external_id", String(256), nullable=False),
+    Column("username", String(256)),
+    UniqueConstraint("source", "external_id", name="uq_identity_source_ext"),
+)
 
-class UserSite(SQLModel, table=True):
-    __tablename__ = "user_site"
-    user_id: int = Field(foreign_key="user.id", primary_key=True, ondelete="CASCADE")
-    site_id: int = Field(foreign_key="site.id", primary_key=True, ondelete="CASCADE")
+groups = Table(
+    "groups",
+    metadata,
+    _id(),
+    Column("source", String(64), nullable=False),
+    Column("external_id", String(256), nullable=False),
+    Column("name", String(512), nullable=False),
+    _ts("created_at"),
+    _ts("updated_at"),
+    UniqueConstraint("source", "external_id", name="uq_group_source_ext"),
+)
 
-
-class UserIdentity(SQLModel, table=True):
-    """Links a console user to a person in a roster source (or a source username)."""
-
-    __tablename__ = "user_identity"
-    __table_args__ = (UniqueConstraint("source", "external_id", name="uq_identity_source_ext"),)
-    id: int | None = Field(default=None, primary_key=True)
-    user_id: int = Field(foreign_key="user.id", index=True, ondelete="CASCADE")
-    source: str = Field(max_length=64)
-    external_id: str = Field(max_length=256)
-    username: str | None = Field(default=None, max_length=256)
-
-
-class Group(SQLModel, table=True):
-    __tablename__ = "groups"
-    __table_args__ = (UniqueConstraint("source", "external_id", name="uq_group_source_ext"),)
-    id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(max_length=64)
-    external_id: str = Field(max_length=256)
-    name: str = Field(max_length=512)
-    created_at: datetime | None = _ts()
-    updated_at: datetime | None = _ts()
-
-
-class GroupOwner(SQLModel, table=True):
-    __tablename__ = "group_owner"
-    group_id: int = Field(foreign_key="groups.id", primary_key=True, ondelete="CASCADE")
-    user_id: int = Field(foreign_key="user.id", primary_key=True, index=True, ondelete="CASCADE")
+group_owner = Table(
+    "group_owner",
+    metadata,
+    _cascade("group_id", "groups.id", primary_key=True),
+    _cascade("user_id", "user.id", primary_key=True, index=True),
     # "roster": from the class's teachers, managed by resyncs; "import": added by an admin
     # (the import's Groups column), which resyncs never take away.
-    origin: str = Field(
-        default="roster", max_length=10, sa_column_kwargs={"server_default": "roster"}
-    )
+    Column("origin", String(10), nullable=False, default="roster", server_default="roster"),
+)
 
-
-class GroupMember(SQLModel, table=True):
-    __tablename__ = "group_member"
-    group_id: int = Field(foreign_key="groups.id", primary_key=True, ondelete="CASCADE")
-    sourced_id: str = Field(primary_key=True, max_length=256)
-    email: str | None = Field(default=None, max_length=256)
-    name: str = Field(default="", max_length=512)
+group_member = Table(
+    "group_member",
+    metadata,
+    _cascade("group_id", "groups.id", primary_key=True),
+    Column("sourced_id", String(256), primary_key=True),
+    Column("email", String(256)),
+    Column("name", String(512), nullable=False, default=""),
+)
 
 
 # -- mirror and staging ---------------------------------------------------------------------
+# The roster_* and staging_* twins share their columns; each call makes fresh Column objects
+# (a Column belongs to one table). The key's second column, source or run_id, comes last.
 
 
-class _OrgCols(SQLModel):
-    sourced_id: str = Field(primary_key=True, max_length=256)
-    name: str = Field(default="", max_length=512)
-    type: str = Field(default="school", max_length=40)
-    identifier: str | None = Field(default=None, max_length=256)
-    parent_id: str | None = Field(default=None, max_length=256)
-    status: str = Field(default="active", max_length=12)
-    date_last_modified: datetime | None = _ts()
-    row_hash: str = Field(max_length=16)
+def _row_hash() -> Column[str]:
+    return Column("row_hash", String(16), nullable=False)
 
 
-class _PersonCols(SQLModel):
-    sourced_id: str = Field(primary_key=True, max_length=256)
-    role: str = Field(max_length=40)  # the primary role
-    # every role, lower-cased and comma-joined (OneRoster 1.2 roles[]): see records.person_roles
-    roles: str = Field(default="", max_length=512)
-    given_name: str = Field(default="", max_length=256)
-    family_name: str = Field(default="", max_length=256)
-    email: str | None = Field(default=None, max_length=256)
-    username: str | None = Field(default=None, max_length=256)
-    enabled: bool = True
-    org_ids: str = Field(default="", max_length=2048)  # comma-joined sourcedIds
-    status: str = Field(default="active", max_length=12)
-    date_last_modified: datetime | None = _ts()
-    row_hash: str = Field(max_length=16)
+def _org_cols() -> list[Column[Any]]:
+    return [
+        Column("sourced_id", String(256), primary_key=True),
+        Column("name", String(512), nullable=False, default=""),
+        Column("type", String(40), nullable=False, default="school"),
+        Column("identifier", String(256)),
+        Column("parent_id", String(256)),
+        Column("status", String(12), nullable=False, default="active"),
+        _ts("date_last_modified"),
+        _row_hash(),
+    ]
 
 
-class _ClassCols(SQLModel):
-    sourced_id: str = Field(primary_key=True, max_length=256)
-    title: str = Field(default="", max_length=512)
-    class_code: str | None = Field(default=None, max_length=256)
-    school_id: str | None = Field(default=None, max_length=256)
-    status: str = Field(default="active", max_length=12)
-    date_last_modified: datetime | None = _ts()
-    row_hash: str = Field(max_length=16)
+def _person_cols() -> list[Column[Any]]:
+    return [
+        Column("sourced_id", String(256), primary_key=True),
+        Column("role", String(40), nullable=False),  # the primary role
+        # every role, lower-cased and comma-joined (OneRoster 1.2 roles[]): see records.person_roles
+        Column("roles", String(512), nullable=False, default=""),
+        Column("given_name", String(256), nullable=False, default=""),
+        Column("family_name", String(256), nullable=False, default=""),
+        Column("email", String(256)),
+        Column("username", String(256)),
+        Column("enabled", Boolean, nullable=False, default=True),
+        Column("org_ids", String(2048), nullable=False, default=""),  # comma-joined sourcedIds
+        Column("status", String(12), nullable=False, default="active"),
+        _ts("date_last_modified"),
+        _row_hash(),
+    ]
 
 
-class _EnrollmentCols(SQLModel):
-    sourced_id: str = Field(primary_key=True, max_length=256)
-    class_id: str = Field(max_length=256)
-    user_id: str = Field(max_length=256)
-    role: str = Field(max_length=40)
-    status: str = Field(default="active", max_length=12)
-    primary: bool = False
-    date_last_modified: datetime | None = _ts()
-    row_hash: str = Field(max_length=16)
+def _class_cols() -> list[Column[Any]]:
+    return [
+        Column("sourced_id", String(256), primary_key=True),
+        Column("title", String(512), nullable=False, default=""),
+        Column("class_code", String(256)),
+        Column("school_id", String(256)),
+        Column("status", String(12), nullable=False, default="active"),
+        _ts("date_last_modified"),
+        _row_hash(),
+    ]
 
 
-class RosterOrgRow(_OrgCols, table=True):
-    __tablename__ = "roster_org"
-    source: str = Field(primary_key=True, max_length=64)
+def _enrollment_cols() -> list[Column[Any]]:
+    return [
+        Column("sourced_id", String(256), primary_key=True),
+        Column("class_id", String(256), nullable=False),
+        Column("user_id", String(256), nullable=False),
+        Column("role", String(40), nullable=False),
+        Column("status", String(12), nullable=False, default="active"),
+        Column("primary", Boolean, nullable=False, default=False),
+        _ts("date_last_modified"),
+        _row_hash(),
+    ]
 
 
-class RosterPersonRow(_PersonCols, table=True):
-    __tablename__ = "roster_person"
-    __table_args__ = (Index("ix_roster_person_email", "source", "email"),)
-    source: str = Field(primary_key=True, max_length=64)
+def _source() -> Column[str]:
+    return Column("source", String(64), primary_key=True)
 
 
-class RosterClassRow(_ClassCols, table=True):
-    __tablename__ = "roster_class"
-    source: str = Field(primary_key=True, max_length=64)
+def _run_id() -> Column[int]:
+    return Column("run_id", Integer, primary_key=True)
 
 
-class RosterEnrollmentRow(_EnrollmentCols, table=True):
-    __tablename__ = "roster_enrollment"
-    __table_args__ = (
-        Index("ix_roster_enr_class", "source", "class_id", "role", "user_id"),
-        Index("ix_roster_enr_user", "source", "user_id", "role"),
-    )
-    source: str = Field(primary_key=True, max_length=64)
+roster_org = Table("roster_org", metadata, *_org_cols(), _source())
 
+roster_person = Table(
+    "roster_person",
+    metadata,
+    *_person_cols(),
+    _source(),
+    Index("ix_roster_person_email", "source", "email"),
+)
 
-class StagingOrg(_OrgCols, table=True):
-    __tablename__ = "staging_org"
-    run_id: int = Field(primary_key=True)
+roster_class = Table("roster_class", metadata, *_class_cols(), _source())
 
+roster_enrollment = Table(
+    "roster_enrollment",
+    metadata,
+    *_enrollment_cols(),
+    _source(),
+    Index("ix_roster_enr_class", "source", "class_id", "role", "user_id"),
+    Index("ix_roster_enr_user", "source", "user_id", "role"),
+)
 
-class StagingPerson(_PersonCols, table=True):
-    __tablename__ = "staging_person"
-    run_id: int = Field(primary_key=True)
-
-
-class StagingClass(_ClassCols, table=True):
-    __tablename__ = "staging_class"
-    run_id: int = Field(primary_key=True)
-
-
-class StagingEnrollment(_EnrollmentCols, table=True):
-    __tablename__ = "staging_enrollment"
-    run_id: int = Field(primary_key=True)
+staging_org = Table("staging_org", metadata, *_org_cols(), _run_id())
+staging_person = Table("staging_person", metadata, *_person_cols(), _run_id())
+staging_class = Table("staging_class", metadata, *_class_cols(), _run_id())
+staging_enrollment = Table("staging_enrollment", metadata, *_enrollment_cols(), _run_id())
 
 
 # -- operations -------------------------------------------------------------------------------
 
+sync_run = Table(
+    "sync_run",
+    metadata,
+    _id(),
+    Column("source", String(64), nullable=False),
+    Column("mode", String(10), nullable=False),  # what ran: full | delta
+    Column("requested_mode", String(10), nullable=False, default="full"),
+    # cli | schedule | startup | approval
+    Column("trigger", String(20), nullable=False, default="cli"),
+    Column("status", String(24), nullable=False, default="running"),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    _ts("started_at"),
+    _ts("finished_at"),
+    Column("counts", JSON, nullable=False),
+    Column("fetched", JSON, nullable=False),
+    Column("error", String(4000)),
+    Column("hold_reason", String(2000)),
+    Column("warnings", JSON, nullable=False),
+    _ts("high_water_mark"),
+    _ts("approved_at"),
+    Index("ix_sync_run_source_status", "source", "status"),
+)
 
-class SyncRun(SQLModel, table=True):
-    __tablename__ = "sync_run"
-    __table_args__ = (Index("ix_sync_run_source_status", "source", "status"),)
-    id: int | None = Field(default=None, primary_key=True)
-    source: str = Field(max_length=64)
-    mode: str = Field(max_length=10)  # what ran: full | delta
-    requested_mode: str = Field(default="full", max_length=10)
-    trigger: str = Field(default="cli", max_length=20)  # cli | schedule | startup | approval
-    status: str = Field(default="running", max_length=24)
-    dry_run: bool = False
-    started_at: datetime | None = _ts()
-    finished_at: datetime | None = _ts()
-    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    fetched: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    error: str | None = Field(default=None, max_length=4000)
-    hold_reason: str | None = Field(default=None, max_length=2000)
-    warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    high_water_mark: datetime | None = _ts()
-    approved_at: datetime | None = _ts()
+# The exact change set of a held run, or of a dry run asked for it (``--changes``): what
+# applying it would do to users and groups. Kept until a later real run of the source
+# succeeds (an approval included), after which it no longer describes anything.
+run_change = Table(
+    "run_change",
+    metadata,
+    _cascade("run_id", "sync_run.id", primary_key=True),
+    Column("users", JSON, nullable=False),
+    Column("groups", JSON, nullable=False),
+    Column("notes", JSON, nullable=False),
+    # whether each group's added and removed owners and members are listed (not just counted)
+    Column("members_listed", Boolean, nullable=False, default=True),
+)
 
+run_rejection = Table(
+    "run_rejection",
+    metadata,
+    _id(),
+    _cascade("run_id", "sync_run.id", index=True),
+    Column("entity", String(20), nullable=False),
+    Column("sourced_id", String(256)),
+    Column("reason", String(1000), nullable=False),
+    Column("location", String(512)),
+)
 
-class RunChange(SQLModel, table=True):
-    """The exact change set of a held run, or of a dry run asked for it (``--changes``):
-    what applying it would do to users and groups. Kept until a later real run of the
-    source succeeds (an approval included), after which it no longer describes anything."""
-
-    __tablename__ = "run_change"
-    run_id: int = Field(foreign_key="sync_run.id", primary_key=True, ondelete="CASCADE")
-    users: list[dict[str, Any]] = Field(
-        default_factory=list, sa_column=Column(JSON, nullable=False)
-    )
-    groups: list[dict[str, Any]] = Field(
-        default_factory=list, sa_column=Column(JSON, nullable=False)
-    )
-    notes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    #: whether each group's added and removed owners and members are listed (not just counted)
-    members_listed: bool = True
-
-
-class RunRejection(SQLModel, table=True):
-    __tablename__ = "run_rejection"
-    id: int | None = Field(default=None, primary_key=True)
-    run_id: int = Field(foreign_key="sync_run.id", index=True, ondelete="CASCADE")
-    entity: str = Field(max_length=20)
-    sourced_id: str | None = Field(default=None, max_length=256)
-    reason: str = Field(max_length=1000)
-    location: str | None = Field(default=None, max_length=512)
-
-
-class ResyncJob(SQLModel, table=True):
-    __tablename__ = "resync_job"
-    __table_args__ = (
-        Index("ix_resync_job_lease", "state", "run_after"),
-        # At most one queued job per user: the queue deduplicates at the database.
-        Index(
-            "uq_resync_job_queued_user",
-            "user_id",
-            unique=True,
-            sqlite_where=text("state = 'queued'"),
-            postgresql_where=text("state = 'queued'"),
-        ),
-    )
-    id: int | None = Field(default=None, primary_key=True)
-    user_id: int = Field(foreign_key="user.id", index=True, ondelete="CASCADE")
-    state: str = Field(default="queued", max_length=10)  # queued | running | succeeded | failed
-    live: bool = False
+resync_job = Table(
+    "resync_job",
+    metadata,
+    _id(),
+    _cascade("user_id", "user.id", index=True),
+    # queued | running | succeeded | failed
+    Column("state", String(10), nullable=False, default="queued"),
+    Column("live", Boolean, nullable=False, default=False),
     # Re-read every member of the user's groups (manual, import and live resyncs); a sync's
     # job reads only what its run marked.
-    refresh: bool = False
-    attempts: int = 0
-    reason: str = Field(default="", max_length=200)
-    last_error: str | None = Field(default=None, max_length=4000)
-    run_id: int | None = Field(default=None, index=True)
-    run_after: datetime | None = _ts()
-    lease_owner: str | None = Field(default=None, max_length=128)
-    lease_expires: datetime | None = _ts()
-    created_at: datetime | None = _ts()
-    finished_at: datetime | None = _ts()
-    result: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    Column("refresh", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("reason", String(200), nullable=False, default=""),
+    Column("last_error", String(4000)),
+    Column("run_id", Integer, index=True),
+    _ts("run_after"),
+    Column("lease_owner", String(128)),
+    _ts("lease_expires"),
+    _ts("created_at"),
+    _ts("finished_at"),
+    Column("result", JSON, nullable=False),
+    Index("ix_resync_job_lease", "state", "run_after"),
+    # At most one queued job per user: the queue deduplicates at the database.
+    Index(
+        "uq_resync_job_queued_user",
+        "user_id",
+        unique=True,
+        sqlite_where=text("state = 'queued'"),
+        postgresql_where=text("state = 'queued'"),
+    ),
+)
 
+import_run = Table(
+    "import_run",
+    metadata,
+    _id(),
+    Column("file_name", String(1024), nullable=False),
+    Column("actor", String(256)),
+    Column("dry_run", Boolean, nullable=False, default=False),
+    _ts("started_at"),
+    _ts("finished_at"),
+    Column("counts", JSON, nullable=False),
+)
 
-class ImportRun(SQLModel, table=True):
-    __tablename__ = "import_run"
-    id: int | None = Field(default=None, primary_key=True)
-    file_name: str = Field(max_length=1024)
-    actor: str | None = Field(default=None, max_length=256)
-    dry_run: bool = False
-    started_at: datetime | None = _ts()
-    finished_at: datetime | None = _ts()
-    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+import_row = Table(
+    "import_row",
+    metadata,
+    _cascade("import_id", "import_run.id", primary_key=True),
+    Column("row", Integer, primary_key=True),
+    Column("email", String(512)),
+    Column("status", String(40), nullable=False),
+    Column("message", String(2000), nullable=False, default=""),
+)
 
-
-class ImportRow(SQLModel, table=True):
-    __tablename__ = "import_row"
-    import_id: int = Field(foreign_key="import_run.id", primary_key=True, ondelete="CASCADE")
-    row: int = Field(primary_key=True)
-    email: str | None = Field(default=None, max_length=512)
-    status: str = Field(max_length=40)
-    message: str = Field(default="", max_length=2000)
-
-
-class OutboxEmail(SQLModel, table=True):
-    __tablename__ = "outbox_email"
+outbox_email = Table(
+    "outbox_email",
+    metadata,
+    _id(),
+    _cascade("user_id", "user.id"),
+    Column("kind", String(40), nullable=False),
+    Column("to_addr", String(256), nullable=False),
+    Column("subject", String(512), nullable=False),
+    Column("body", String(20000), nullable=False, default=""),
+    Column("state", String(10), nullable=False, default="queued"),  # queued | sent | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("last_error", String(2000)),
+    _ts("created_at"),
+    _ts("sent_at"),
     # One verification email per user, ever: re-imports cannot send a second one.
-    __table_args__ = (UniqueConstraint("user_id", "kind", name="uq_outbox_user_kind"),)
-    id: int | None = Field(default=None, primary_key=True)
-    user_id: int = Field(foreign_key="user.id", ondelete="CASCADE")
-    kind: str = Field(max_length=40)
-    to_addr: str = Field(max_length=256)
-    subject: str = Field(max_length=512)
-    body: str = Field(default="", max_length=20000)
-    state: str = Field(default="queued", max_length=10)  # queued | sent | failed
-    attempts: int = 0
-    last_error: str | None = Field(default=None, max_length=2000)
-    created_at: datetime | None = _ts()
-    sent_at: datetime | None = _ts()
+    UniqueConstraint("user_id", "kind", name="uq_outbox_user_kind"),
+)
 
+# A class whose group members must be re-read at the next resync of its teachers (marked by
+# the sync that changed it, cleared by the resync that refreshed it).
+dirty_class = Table(
+    "dirty_class",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("class_id", String(256), primary_key=True),
+)
 
-class DirtyClass(SQLModel, table=True):
-    """A class whose group members must be re-read at the next resync of its teachers
-    (marked by the sync that changed it, cleared by the resync that refreshed it)."""
+# One member of a class's group to re-read at the next resync of its teachers: the enrollment
+# between them or the person changed (cleared by the resync that re-read it).
+dirty_member = Table(
+    "dirty_member",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("class_id", String(256), primary_key=True),
+    Column("person_id", String(256), primary_key=True),
+)
 
-    __tablename__ = "dirty_class"
-    source: str = Field(primary_key=True, max_length=64)
-    class_id: str = Field(primary_key=True, max_length=256)
-
-
-class DirtyMember(SQLModel, table=True):
-    """One member of a class's group to re-read at the next resync of its teachers: the
-    enrollment between them or the person changed (cleared by the resync that re-read it)."""
-
-    __tablename__ = "dirty_member"
-    source: str = Field(primary_key=True, max_length=64)
-    class_id: str = Field(primary_key=True, max_length=256)
-    person_id: str = Field(primary_key=True, max_length=256)
-
-
-class SourceState(SQLModel, table=True):
-    __tablename__ = "source_state"
-    source: str = Field(primary_key=True, max_length=64)
-    high_water_mark: datetime | None = _ts()
-    last_full_at: datetime | None = _ts()
-    last_success_at: datetime | None = _ts()
-    last_run_id: int | None = None
+source_state = Table(
+    "source_state",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    _ts("high_water_mark"),
+    _ts("last_full_at"),
+    _ts("last_success_at"),
+    Column("last_run_id", Integer),
     # Fingerprint of the provisioning settings the last successful run decided with: a delta
     # run that finds them changed re-decides every teacher, not just the ones it touched.
-    decided_with: str | None = Field(default=None, max_length=64)
+    Column("decided_with", String(64)),
     # A teacher was skipped for want of a license seat: once seats are free, the next run
     # (delta or not) decides for every teacher, not only those its changes touched.
-    license_waiting: bool = Field(default=False, sa_column_kwargs={"server_default": false()})
+    Column("license_waiting", Boolean, nullable=False, default=False, server_default=false()),
     # Record counts of the last successful full pull, for the min_source_ratio check.
-    last_counts: dict[str, int] = Field(
-        default_factory=dict, sa_column=Column(JSON, nullable=False)
-    )
+    Column("last_counts", JSON, nullable=False),
+)
 
+# Who is syncing a source right now (several instances share one database).
+source_lease = Table(
+    "source_lease",
+    metadata,
+    Column("source", String(64), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    _ts("expires_at"),
+)
 
-class SourceLease(SQLModel, table=True):
-    """Who is syncing a source right now (several instances share one database)."""
-
-    __tablename__ = "source_lease"
-    source: str = Field(primary_key=True, max_length=64)
-    owner: str = Field(max_length=128)
-    expires_at: datetime | None = _ts()
-
-
-class Instance(SQLModel, table=True):
-    """A process that takes leases (a daemon, or a command that syncs or processes jobs), so
-    that others can tell whether it still runs (see ``rostersync.daemon.recovery``)."""
-
-    __tablename__ = "instance"
-    id: str = Field(primary_key=True, max_length=128)  # the owner named in leases
-    kind: str = Field(max_length=20)  # daemon | command | engine
-    host: str = Field(max_length=255)
-    pid: int
+# A process that takes leases (a daemon, or a command that syncs or processes jobs), so that
+# others can tell whether it still runs (see ``rostersync.daemon.recovery``).
+instance = Table(
+    "instance",
+    metadata,
+    Column("id", String(128), primary_key=True),  # the owner named in leases
+    Column("kind", String(20), nullable=False),  # daemon | command | engine
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
     # Its start time in clock ticks after boot, and the boot and pid namespace that pid and
     # time belong to: a pid reused by another process, or counted again after a reboot or in
     # another container, is not taken for this one. NULL where /proc cannot tell.
-    pid_started: int | None = Field(default=None, sa_type=BigInteger)
-    pid_scope: str | None = Field(default=None, max_length=128)
-    started_at: datetime | None = _ts()
-    heartbeat_at: datetime | None = _ts()
-
-
-metadata = SQLModel.metadata
+    Column("pid_started", BigInteger),
+    Column("pid_scope", String(128)),
+    _ts("started_at"),
+    _ts("heartbeat_at"),
+)

@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, text
-from sqlmodel import col
 
 from rostersync.store.db import in_text
-from rostersync.store.tables import RunChange
+from rostersync.store.tables import run_change
 from rostersync.sync import runs
 from rostersync.sync.rules import ProvisionPlan, chunks
 
@@ -403,9 +402,9 @@ def collect(
 
 
 def save(conn: Connection, changes: ChangeSet) -> None:
-    conn.execute(delete(RunChange).where(col(RunChange.run_id) == changes.run_id))
+    conn.execute(delete(run_change).where(run_change.c.run_id == changes.run_id))
     conn.execute(
-        insert(RunChange).values(
+        insert(run_change).values(
             run_id=changes.run_id,
             users=changes.users,
             groups=changes.groups,
@@ -416,7 +415,7 @@ def save(conn: Connection, changes: ChangeSet) -> None:
 
 
 def load(conn: Connection, run_id: int) -> ChangeSet | None:
-    row = conn.execute(select(RunChange).where(col(RunChange.run_id) == run_id)).first()
+    row = conn.execute(select(run_change).where(run_change.c.run_id == run_id)).first()
     if row is None:
         return None
     r = row._mapping
@@ -430,7 +429,7 @@ def forget(conn: Connection, source: str, up_to: int) -> None:
     of it and of every earlier run of the source no longer describe anything, nor do those
     of its dry runs (a dry run made after a held run that is approved now included)."""
     stale = runs.stale_run_ids(source, up_to)
-    conn.execute(delete(RunChange).where(col(RunChange.run_id).in_(stale)))
+    conn.execute(delete(run_change).where(run_change.c.run_id.in_(stale)))
 
 
 def summary_text(summary: Mapping[str, Mapping[str, int]]) -> str:

@@ -20,7 +20,7 @@ from rostersync.logs import scrub
 from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import AcademicSession
 from rostersync.store.db import Store
-from rostersync.store.tables import RunRejection
+from rostersync.store.tables import run_rejection
 from rostersync.sync.known import KnownRows
 from rostersync.sync.scope import Scope
 from rostersync.sync.staging import StagedBatch, sort_batch, stage
@@ -140,7 +140,7 @@ class Fetcher:
             stage(conn, run_id, batch)
             if batch.rejected:
                 conn.execute(
-                    insert(RunRejection),
+                    insert(run_rejection),
                     [
                         {
                             "run_id": run_id,

@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.schema import CreateIndex, DropIndex
-from sqlmodel import SQLModel
 
 from rostersync.store.db import in_text
+from rostersync.store.tables import metadata
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import run_scan
@@ -49,7 +49,7 @@ def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids:
     mirror, staging, cols = TABLES[kind]
     indexed = {
         f'"{c.name}"'
-        for index in SQLModel.metadata.tables[mirror].indexes
+        for index in metadata.tables[mirror].indexes
         for c in index.columns
         if c.name not in ("source", "sourced_id")
     }
@@ -97,7 +97,7 @@ def merge(
         # A source's first load that at least doubles the table goes in faster without the
         # secondary indexes, built again afterwards by one sort each, than with them kept up
         # row by row. Inside the transaction, so a failed run leaves them as they were.
-        secondary = [i for i in SQLModel.metadata.tables[mirror].indexes if not i.unique]
+        secondary = [i for i in metadata.tables[mirror].indexes if not i.unique]
         fresh, bulk = _first_load(conn, mirror, staging, params)
         rebuild = secondary if bulk else []
         for index in rebuild:

@@ -9,12 +9,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, text, update
-from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.emails import normalize_email
 from rostersync.store.db import executemany, in_text, utcnow
-from rostersync.store.tables import Role, Site, User
+from rostersync.store.tables import role, site, user
 from rostersync.sync import runs
 from rostersync.sync.mirror import ids_in, teacher_role, teacher_role_params, teaches_populated
 from rostersync.sync.rules import ExistingUser, LinkedUser, ProvisionPlan, Teacher, chunks
@@ -136,17 +135,17 @@ def sync_catalog(conn: Connection, settings: Settings) -> None:
         perms = list(spec.permissions)
         current = roles.get(spec.name)
         if current is None:
-            conn.execute(insert(Role).values(name=spec.name, scope=spec.scope, permissions=perms))
+            conn.execute(insert(role).values(name=spec.name, scope=spec.scope, permissions=perms))
         elif current[1] != spec.scope or list(current[2] or []) != perms:
             conn.execute(
-                update(Role)
-                .where(col(Role.id) == current[0])
+                update(role)
+                .where(role.c.id == current[0])
                 .values(scope=spec.scope, permissions=perms)
             )
     sites = {name for (name,) in conn.execute(text("SELECT name FROM site"))}
-    for site in settings.sites:
-        if site not in sites:
-            conn.execute(insert(Site).values(name=site))
+    for name in settings.sites:
+        if name not in sites:
+            conn.execute(insert(site).values(name=name))
 
 
 def _name_ids(conn: Connection, table: str) -> dict[str, int]:
@@ -218,14 +217,14 @@ def apply_provisioning(conn: Connection, source: str, plan: ProvisionPlan) -> se
     )
     if plan.restore:
         conn.execute(
-            update(User)
-            .where(col(User.id).in_(plan.restore))
+            update(user)
+            .where(user.c.id.in_(plan.restore))
             .values(status="active", archived_by_sync=False, updated_at=now)
         )
     if plan.archive:
         conn.execute(
-            update(User)
-            .where(col(User.id).in_(plan.archive))
+            update(user)
+            .where(user.c.id.in_(plan.archive))
             .values(status="archived", archived_by_sync=True, updated_at=now)
         )
     return created

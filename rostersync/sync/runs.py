@@ -14,14 +14,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Select, bindparam, delete, insert, select, text, update
-from sqlmodel import col
 
 from rostersync.directory import iso_text, json_dict
 from rostersync.errors import RunNotFound
 from rostersync.source.connector import FetchMode
 from rostersync.source.records import Rejected
 from rostersync.store.db import as_utc, utcnow
-from rostersync.store.tables import RunRejection, SourceState, SyncRun
+from rostersync.store.tables import run_rejection, sync_run
+from rostersync.store.tables import source_state as source_state_table  # source_state() is ours
 from rostersync.sync.known import KnownRows
 from rostersync.sync.rules import EMAIL_REJECTIONS
 from rostersync.sync.scope import SCOPE_COUNT_KEYS
@@ -143,16 +143,16 @@ class Outcome:
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:
-    row = conn.execute(select(SyncRun).where(col(SyncRun.id) == run_id)).first()
+    row = conn.execute(select(sync_run).where(sync_run.c.id == run_id)).first()
     if row is None:
         raise RunNotFound(f"run {run_id} does not exist")
     run = row._mapping
     rejected = [
         Rejected(r.entity, r.sourced_id, r.reason, r.location).as_dict()
         for r in conn.execute(
-            select(RunRejection)
-            .where(col(RunRejection.run_id) == run_id)
-            .order_by(col(RunRejection.id))
+            select(run_rejection)
+            .where(run_rejection.c.run_id == run_id)
+            .order_by(run_rejection.c.id)
         )
     ]
     superseded_by = None
@@ -187,7 +187,7 @@ def source_rejections(conn: Connection, run_id: int) -> int:
     """The run's rejections by its source (records refused while fetching), not counting the
     provisioning rules' own, which an apply (re)writes."""
     reasons = conn.execute(
-        select(col(RunRejection.reason)).where(col(RunRejection.run_id) == run_id)
+        select(run_rejection.c.reason).where(run_rejection.c.run_id == run_id)
     ).scalars()
     return sum(1 for reason in reasons if not is_plan_rejection(reason))
 
@@ -198,17 +198,17 @@ def record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
     ids = [
         rid
         for rid, reason in conn.execute(
-            select(col(RunRejection.id), col(RunRejection.reason)).where(
-                col(RunRejection.run_id) == run_id
+            select(run_rejection.c.id, run_rejection.c.reason).where(
+                run_rejection.c.run_id == run_id
             )
         )
         if is_plan_rejection(reason)
     ]
     if ids:
-        conn.execute(delete(RunRejection).where(col(RunRejection.id).in_(ids)))
+        conn.execute(delete(run_rejection).where(run_rejection.c.id.in_(ids)))
     if outcome.rejected:
         conn.execute(
-            insert(RunRejection),
+            insert(run_rejection),
             [
                 {
                     "run_id": run_id,
@@ -221,15 +221,17 @@ def record_outcome(conn: Connection, run_id: int, outcome: Outcome) -> None:
         )
     if outcome.warnings:
         current = conn.execute(
-            select(col(SyncRun.warnings)).where(col(SyncRun.id) == run_id)
+            select(sync_run.c.warnings).where(sync_run.c.id == run_id)
         ).scalar_one()
         merged = list(current or [])
         merged += [w for w in outcome.warnings if w not in merged]
-        conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=merged))
+        conn.execute(update(sync_run).where(sync_run.c.id == run_id).values(warnings=merged))
 
 
 def source_state(conn: Connection, source: str) -> Mapping[str, Any] | None:
-    row = conn.execute(select(SourceState).where(col(SourceState.source) == source)).first()
+    row = conn.execute(
+        select(source_state_table).where(source_state_table.c.source == source)
+    ).first()
     return dict(row._mapping) if row is not None else None
 
 
@@ -255,7 +257,7 @@ def start_run(
 ) -> int:
     """A new ``running`` run of ``source``; its id."""
     new_id = conn.execute(
-        insert(SyncRun)
+        insert(sync_run)
         .values(
             source=source,
             mode=mode.value,
@@ -268,28 +270,28 @@ def start_run(
             fetched={},
             warnings=warnings,
         )
-        .returning(col(SyncRun.id))
+        .returning(sync_run.c.id)
     ).scalar_one()
     assert new_id is not None
     return int(new_id)
 
 
 def set_warnings(conn: Connection, run_id: int, warnings: list[str]) -> None:
-    conn.execute(update(SyncRun).where(col(SyncRun.id) == run_id).values(warnings=warnings))
+    conn.execute(update(sync_run).where(sync_run.c.id == run_id).values(warnings=warnings))
 
 
 def restart_run(conn: Connection, run_id: int, mode: FetchMode, warnings: list[str]) -> None:
     """The run fetches again in another mode: its rejections so far are dropped."""
-    conn.execute(delete(RunRejection).where(col(RunRejection.run_id) == run_id))
+    conn.execute(delete(run_rejection).where(run_rejection.c.run_id == run_id))
     conn.execute(
-        update(SyncRun).where(col(SyncRun.id) == run_id).values(mode=mode.value, warnings=warnings)
+        update(sync_run).where(sync_run.c.id == run_id).values(mode=mode.value, warnings=warnings)
     )
 
 
 def fail_run(conn: Connection, run_id: int, message: str) -> None:
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
+        update(sync_run)
+        .where(sync_run.c.id == run_id)
         .values(status="failed", error=message[:4000], finished_at=utcnow())
     )
 
@@ -309,8 +311,8 @@ def end_run(
     any other to set, such as a held or dry run's ``hold_reason`` (an applied run, approved
     or not, keeps the reason it was held for)."""
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
+        update(sync_run)
+        .where(sync_run.c.id == run_id)
         .values(
             status=status,
             counts=dict(counts),
@@ -326,27 +328,27 @@ def add_run_counts(conn: Connection, run_id: int, extra: dict[str, int]) -> None
     """Add a resync batch's group counts to the run that queued its jobs."""
     current = conn.execute(
         # FOR UPDATE: two instances finishing jobs of one run must not lose each other's counts.
-        select(col(SyncRun.counts)).where(col(SyncRun.id) == run_id).with_for_update()
+        select(sync_run.c.counts).where(sync_run.c.id == run_id).with_for_update()
     ).scalar()
     if current is None:
         return
     conn.execute(
-        update(SyncRun).where(col(SyncRun.id) == run_id).values(counts=add_counts(current, extra))
+        update(sync_run).where(sync_run.c.id == run_id).values(counts=add_counts(current, extra))
     )
 
 
 def high_water_mark(conn: Connection, run_id: int) -> datetime | None:
     """The newest record date the run fetched."""
     value: datetime | None = conn.execute(
-        select(col(SyncRun.high_water_mark)).where(col(SyncRun.id) == run_id)
+        select(sync_run.c.high_water_mark).where(sync_run.c.id == run_id)
     ).scalar()
     return value
 
 
 def start_approval(conn: Connection, run_id: int) -> None:
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
+        update(sync_run)
+        .where(sync_run.c.id == run_id)
         .values(status="running", approved_at=utcnow(), trigger="approval")
     )
 
@@ -354,8 +356,8 @@ def start_approval(conn: Connection, run_id: int) -> None:
 def undo_approval(conn: Connection, run_id: int, trigger: str) -> None:
     """An approval that applied nothing: the run is held again, as it was."""
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id) == run_id)
+        update(sync_run)
+        .where(sync_run.c.id == run_id)
         .values(status="held", approved_at=None, trigger=trigger)
     )
 
@@ -373,9 +375,9 @@ def held_before(conn: Connection, source: str, run_id: int) -> list[int]:
 
 def stale_run_ids(source: str, up_to: int) -> Select[int | None]:
     """The runs of ``source`` up to ``up_to`` and all its dry runs (a subquery)."""
-    return select(col(SyncRun.id)).where(
-        col(SyncRun.source) == source,
-        (col(SyncRun.id) <= up_to) | col(SyncRun.dry_run),
+    return select(sync_run.c.id).where(
+        sync_run.c.source == source,
+        (sync_run.c.id <= up_to) | sync_run.c.dry_run,
     )
 
 
@@ -400,8 +402,8 @@ def running_runs(
 def back_to_held(conn: Connection, run_ids: Iterable[int]) -> None:
     """Interrupted approvals: held again (their apply rolled back)."""
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id).in_(list(run_ids)), col(SyncRun.status) == "running")
+        update(sync_run)
+        .where(sync_run.c.id.in_(list(run_ids)), sync_run.c.status == "running")
         .values(status="held", approved_at=None)
     )
 
@@ -409,8 +411,8 @@ def back_to_held(conn: Connection, run_ids: Iterable[int]) -> None:
 def fail_running(conn: Connection, run_ids: Iterable[int], error: str) -> None:
     """Those of ``run_ids`` still ``running`` fail with ``error``."""
     conn.execute(
-        update(SyncRun)
-        .where(col(SyncRun.id).in_(list(run_ids)), col(SyncRun.status) == "running")
+        update(sync_run)
+        .where(sync_run.c.id.in_(list(run_ids)), sync_run.c.status == "running")
         .values(status="failed", error=error[:4000], finished_at=utcnow())
     )
 
@@ -418,7 +420,7 @@ def fail_running(conn: Connection, run_ids: Iterable[int], error: str) -> None:
 def locked_status(conn: Connection, run_id: int) -> str | None:
     """The run's status, its row held shared until the transaction ends on PostgreSQL."""
     status: str | None = conn.execute(
-        select(col(SyncRun.status)).where(col(SyncRun.id) == run_id).with_for_update(read=True)
+        select(sync_run.c.status).where(sync_run.c.id == run_id).with_for_update(read=True)
     ).scalar()
     return status
 
@@ -444,9 +446,13 @@ def save_source_state(
 ) -> None:
     """Write the source's state (``new``: it has no row yet)."""
     if new:
-        conn.execute(insert(SourceState).values(source=source, **{"last_counts": {}, **values}))
+        conn.execute(
+            insert(source_state_table).values(source=source, **{"last_counts": {}, **values})
+        )
     else:
-        conn.execute(update(SourceState).where(col(SourceState.source) == source).values(**values))
+        conn.execute(
+            update(source_state_table).where(source_state_table.c.source == source).values(**values)
+        )
 
 
 def prefix_decided_with(conn: Connection, mark: str) -> None:

@@ -31,7 +31,7 @@ from rostersync.source.rows import (
     sort_batch,
 )
 from rostersync.store.db import copy_rows
-from rostersync.store.tables import StagingClass, StagingEnrollment, StagingOrg, StagingPerson
+from rostersync.store.tables import staging_class, staging_enrollment, staging_org, staging_person
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
 UNIQUE_VIOLATION = "23505"
@@ -39,10 +39,10 @@ UNIQUE_VIOLATION = "23505"
 LOCK_NOT_AVAILABLE = "55P03"
 
 STAGING: dict[str, Table] = {
-    "org": StagingOrg.__table__,  # type: ignore[attr-defined]
-    "person": StagingPerson.__table__,  # type: ignore[attr-defined]
-    "class": StagingClass.__table__,  # type: ignore[attr-defined]
-    "enrollment": StagingEnrollment.__table__,  # type: ignore[attr-defined]
+    "org": staging_org,
+    "person": staging_person,
+    "class": staging_class,
+    "enrollment": staging_enrollment,
 }
 
 __all__ = [

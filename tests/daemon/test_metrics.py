@@ -29,7 +29,7 @@ from rostersync.daemon.metrics import (
 )
 from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store, utcnow
-from rostersync.store.tables import SourceState, SyncRun
+from rostersync.store.tables import source_state, sync_run
 from tests.daemon.conftest import (
     REPO,
     DaemonProcess,
@@ -223,7 +223,7 @@ def test_promql_names_leave_out_functions_labels_and_ranges() -> None:
 
 def _run(conn: Any, source: str, status: str, *, dry_run: bool = False) -> None:
     conn.execute(
-        insert(SyncRun).values(
+        insert(sync_run).values(
             source=source,
             mode="full",
             status=status,
@@ -256,8 +256,8 @@ def test_the_store_state_has_live_queue_states_and_every_last_success(
     """Finished jobs are not queue depth; every source's last success is read, CLI runs too."""
     when = utcnow() - timedelta(minutes=5)
     with sqlite_store.write() as conn:
-        conn.execute(insert(SourceState).values(source="a", last_counts={}, last_success_at=when))
-        conn.execute(insert(SourceState).values(source="b", last_counts={}))
+        conn.execute(insert(source_state).values(source="a", last_counts={}, last_success_at=when))
+        conn.execute(insert(source_state).values(source="b", last_counts={}))
     with sqlite_store.read() as conn:
         state = read_store_state(conn, [], {"a": Schedule(interval=timedelta(hours=6))})
     assert state.last_success == {"a": pytest.approx(when.timestamp())}

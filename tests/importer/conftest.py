@@ -7,13 +7,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import insert, text
-from sqlmodel import col
 
 from rostersync.config.models import Settings
 from rostersync.config.source import SourceConfig
 from rostersync.importer import ImportResult, parse_bytes, run_import
 from rostersync.store.db import Store
-from rostersync.store.tables import Group, GroupOwner, User, UserRole, UserSite
+from rostersync.store.tables import group_owner, groups, user, user_role, user_site
 from rostersync.sync.provisioning import sync_catalog
 
 Run = Callable[..., ImportResult]
@@ -59,17 +58,17 @@ def add_user(
         sync_catalog(conn, settings)
         uid = int(
             conn.execute(
-                insert(User)
+                insert(user)
                 .values(email=email, display_name=name, status=status, created_by="test")
-                .returning(col(User.id))
+                .returning(user.c.id)
             ).scalar_one()
         )
         role_ids = dict(conn.execute(text("SELECT name, id FROM role")).all())
         site_ids = dict(conn.execute(text("SELECT name, id FROM site")).all())
         for r in roles:
-            conn.execute(insert(UserRole).values(user_id=uid, role_id=role_ids[r]))
+            conn.execute(insert(user_role).values(user_id=uid, role_id=role_ids[r]))
         for s in sites:
-            conn.execute(insert(UserSite).values(user_id=uid, site_id=site_ids[s]))
+            conn.execute(insert(user_site).values(user_id=uid, site_id=site_ids[s]))
     return uid
 
 
@@ -77,13 +76,13 @@ def add_group(store: Store, name: str, *, owner: int | None = None, ext: str | N
     with store.write() as conn:
         gid = int(
             conn.execute(
-                insert(Group)
+                insert(groups)
                 .values(source="mem", external_id=ext or name, name=name)
-                .returning(col(Group.id))
+                .returning(groups.c.id)
             ).scalar_one()
         )
         if owner is not None:
-            conn.execute(insert(GroupOwner).values(group_id=gid, user_id=owner))
+            conn.execute(insert(group_owner).values(group_id=gid, user_id=owner))
     return gid
 
 

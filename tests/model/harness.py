@@ -15,9 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 from sqlalchemy import Connection, event, text
-from sqlmodel import SQLModel
 
-import rostersync.store.tables  # noqa: F401  (registers every table in SQLModel.metadata)
 from rostersync import directory
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
@@ -27,6 +25,7 @@ from rostersync.source.records import MemoryRoster
 from rostersync.source.rows import sort_batch
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, utcnow
+from rostersync.store.tables import metadata
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import Outcome, RunContext, RunReport, instance_id, load_report
 from rostersync.sync.staging import STAGING, stage
@@ -126,7 +125,7 @@ class Harness:
 
     def reset(self) -> None:
         """Empty every table (the schema and its migrations stay)."""
-        tables = [t.name for t in reversed(SQLModel.metadata.sorted_tables)]
+        tables = [t.name for t in reversed(metadata.sorted_tables)]
         with self.store.write() as conn:
             if self.store.is_postgres:
                 names = ", ".join(f'"{t}"' for t in tables)

@@ -416,13 +416,12 @@ async def test_a_value_too_long_for_its_column_rejects_its_record_alone(
 def test_the_row_limits_are_the_store_columns() -> None:
     """rows.MAX_CHARS (checked while rows are built) says what the staging and mirror columns
     hold, so a value that fits the check fits the store."""
-    from sqlmodel import SQLModel
-
     from rostersync.source.rows import MAX_CHARS
+    from rostersync.store.tables import metadata
     from rostersync.sync.staging import STAGING
 
     for kind, limits in MAX_CHARS.items():
-        for table in (STAGING[kind], SQLModel.metadata.tables[f"roster_{kind}"]):
+        for table in (STAGING[kind], metadata.tables[f"roster_{kind}"]):
             sized = {
                 c.name: c.type.length
                 for c in table.columns
