@@ -171,14 +171,14 @@ def _sqlite_keys(cursor: Any, mirror: str, source: str) -> set[str]:
     the fetch ran, and the first batch's filter waits for it. The slices walk the table in
     rowid order, not through an index on ``source`` (a row lookup for each entry)."""
     (top,) = cursor.execute(f"SELECT max(rowid) FROM {mirror}").fetchone()
+    where = f"FROM {mirror} NOT INDEXED WHERE rowid > ? AND rowid <= ? AND source = ?"
     keys: set[str] = set()
     low = 0
     while top is not None and low < top:
         high = low + SLICE_ROWS
         bounds = (low, high, source)
-        where = f"FROM {mirror} NOT INDEXED WHERE rowid > ? AND rowid <= ? AND source = ?"
         joined, count = cursor.execute(
-            f"SELECT group_concat({KEY_SQL}, char(31)), count(*) {where}", bounds
+            f"SELECT group_concat({KEY_SQL}, ?), count(*) {where}", (_SEP, *bounds)
         ).fetchone()
         if count:
             part = joined.split(_SEP)
