@@ -1047,6 +1047,21 @@ def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
     assert decode.widen_pipes(SimpleNamespace()) is False  # type: ignore[arg-type]
 
 
+def test_decode_workers_collect_cycles_rarely_and_never_among_their_modules() -> None:
+    """A worker raises its first-generation threshold and freezes what it imported (a page's
+    JSON is freed by reference counting); the sync process keeps the default."""
+    import gc
+
+    pool = decode.start_pool(1)
+    try:
+        threshold = pool.submit(gc.get_threshold).result(timeout=60)
+        frozen = pool.submit(gc.get_freeze_count).result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert threshold[0] == decode.WORKER_GC_THRESHOLD > gc.get_threshold()[0]
+    assert frozen > 0
+
+
 def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
