@@ -141,7 +141,7 @@ def list_jobs(
     conn: Connection, ids: list[int] | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
     sql = (
-        "SELECT j.id, u.email, j.state, j.attempts, j.reason, j.last_error, j.live, j.run_id, "
+        "SELECT j.id, u.email, j.state, j.attempts, j.interruptions, j.reason, j.last_error, j.live, j.run_id, "
         'j.run_after, j.finished_at, j.result FROM resync_job j JOIN "user" u ON u.id = j.user_id '
     )
     params: dict[str, Any] = {"limit": limit}
@@ -163,6 +163,7 @@ def list_jobs(
         email,
         state,
         attempts,
+        interruptions,
         reason,
         err,
         live,
@@ -177,6 +178,7 @@ def list_jobs(
                 "user": email,
                 "state": state,
                 "attempts": attempts,
+                "interruptions": interruptions,
                 "reason": reason,
                 "last_error": err,
                 "live": bool(live),

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from rostersync.daemon import procs
 from rostersync.logs import scrub
-from rostersync.resync.queue import requeue_owned
+from rostersync.resync.queue import abandon_interrupted, requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import instance, source_lease
 from rostersync.sync import runs
@@ -380,15 +380,20 @@ class Recovered:
     dead_owners: list[str] = field(default_factory=list)
     interrupted_runs: list[int] = field(default_factory=list)
     requeued_jobs: int = 0
+    #: jobs failed for good: their process died MAX_INTERRUPTIONS times running them
+    abandoned_jobs: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.dead_owners or self.interrupted_runs or self.requeued_jobs)
+        return bool(
+            self.dead_owners or self.interrupted_runs or self.requeued_jobs or self.abandoned_jobs
+        )
 
     def as_log(self) -> dict[str, Any]:
         return {
             "dead_owners": self.dead_owners,
             "interrupted_runs": self.interrupted_runs,
             "requeued_jobs": self.requeued_jobs,
+            "abandoned_jobs": self.abandoned_jobs,
         }
 
 
@@ -417,7 +422,9 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
     """Put right what dead processes of this machine left: their runs fail as interrupted and
     their staging is cleared, their source leases are dropped, and the jobs they had leased
     go back to the queue at once (the attempt not counted: the job did not fail, its process
-    did). Also fails runs left ``running`` without any lease.
+    did), to be leased alone from then on, except those whose process has now died
+    ``MAX_INTERRUPTIONS`` times running them, which fail. Also fails runs left ``running``
+    without any lease.
 
     ``previous_self``: ``me`` is being taken into use now, so anything held under it belongs
     to an earlier process (at the start of a daemon or command; not in a running daemon's
@@ -446,7 +453,8 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
                     conn, _interrupted_by(owner, liveness), sources=[source]
                 )
             conn.execute(delete(source_lease).where(source_lease.c.owner.in_(dead)))
-            found.requeued_jobs = requeue_owned(conn, dead)
+            found.abandoned_jobs = abandon_interrupted(conn, dead)
+            found.requeued_jobs = requeue_owned(conn, dead, died=True)
             conn.execute(delete(instance).where(instance.c.id.in_(dead)))
         # By id: a run started under a fresh lease since then is not an orphan.
         found.interrupted_runs += interrupt_runs(

@@ -54,22 +54,66 @@ def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
     return res.rowcount or 0
 
 
-def requeue_owned(conn: Connection, owners: Collection[str]) -> int:
+#: Leases of one job that may end with their process dead before the job fails for good: a
+#: job that kills its process (memory, a crash in a driver) would otherwise be retried for
+#: ever, since a dead process's attempt is not counted.
+MAX_INTERRUPTIONS = 3
+
+
+def requeue_owned(conn: Connection, owners: Collection[str], *, died: bool = False) -> int:
     """Return the running jobs leased by these owners to the queue at once, their attempt not
     counted: the owners are gone (a process that died, a daemon shutting down), the jobs did
-    not fail."""
+    not fail. ``died``: the owners died, so each job's ``interruptions`` grows (a queued job
+    of the same user that absorbs one takes its count), and from then on it is leased alone
+    (:func:`lease`); call :func:`abandon_interrupted` first."""
     if not owners:
         return 0
     where = "resync_job.state = 'running' AND resync_job.lease_owner IN :owners"
     params = {"owners": list(owners)}
     expanding: list[BindParameter[Any]] = [bindparam("owners", expanding=True)]
+    if died:
+        dead = where.replace("resync_job.", "d.")
+        count = (
+            "(SELECT max(d.interruptions) + 1 FROM resync_job d "
+            f"WHERE d.user_id = resync_job.user_id AND {dead})"
+        )
+        conn.execute(
+            text(
+                f"UPDATE resync_job SET interruptions = {count} WHERE state = 'queued' "
+                f"AND interruptions < {count}"
+            ).bindparams(*expanding),
+            params,
+        )
     _fold_duplicates(conn, where, params, expanding)
+    grown = "interruptions = interruptions + 1, " if died else ""
     res = conn.execute(
         text(
             "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-            f"attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE {where}"
+            f"{grown}attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE {where}"
         ).bindparams(*expanding),
         params,
+    )
+    return res.rowcount or 0
+
+
+def abandon_interrupted(conn: Connection, owners: Collection[str]) -> int:
+    """Fail, for good, the running jobs of these dead owners whose process has now died
+    ``MAX_INTERRUPTIONS`` times running them; returns how many. The error says what to do."""
+    if not owners:
+        return 0
+    now = utcnow()
+    error = (
+        f"the process running this job stopped {MAX_INTERRUPTIONS} times before it finished "
+        "(killed, or out of memory?): not retried; see the log of those processes, then "
+        "`rostersync resync --user EMAIL`"
+    )
+    res = conn.execute(
+        text(
+            "UPDATE resync_job SET state = 'failed', interruptions = interruptions + 1, "
+            "last_error = :err, finished_at = :now, lease_owner = NULL, lease_expires = NULL "
+            "WHERE state = 'running' AND lease_owner IN :owners AND interruptions + 1 >= :most"
+        ).bindparams(bindparam("owners", expanding=True), *ts_params("now")),
+        {"owners": list(owners), "err": error, "now": now, "most": MAX_INTERRUPTIONS},
     )
     return res.rowcount or 0
 
@@ -93,21 +137,39 @@ def _fold_duplicates(
 
 
 def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list[LeasedJob]:
+    """Lease up to ``limit`` due jobs, oldest first. A job whose process died running it
+    (``interruptions``) is leased alone, so that a job that kills its process takes no batch
+    down with it: a batch ends before the first such job, or is that job."""
     now = utcnow()
     lock = "FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
     with store.write() as conn:
         requeue_expired(conn, now)
+        due = conn.execute(
+            text(
+                "SELECT id, interruptions FROM resync_job WHERE state = 'queued' "
+                f"AND run_after <= :now ORDER BY id LIMIT :limit {lock}"
+            ).bindparams(*ts_params("now")),
+            {"now": now, "limit": limit},
+        ).all()
+        ids: list[int] = []
+        for job_id, interruptions in due:
+            if interruptions and ids:
+                break
+            ids.append(job_id)
+            if interruptions:
+                break
+        if not ids:
+            return []
         rows = conn.execute(
             text(
-                f"""
+                """
                 UPDATE resync_job SET state = 'running', lease_owner = :owner,
                     lease_expires = :expires, attempts = attempts + 1
-                WHERE id IN (SELECT id FROM resync_job WHERE state = 'queued' AND run_after <= :now
-                             ORDER BY id LIMIT :limit {lock})
+                WHERE id IN :ids
                 RETURNING id, user_id, live, attempts, run_id, refresh
                 """
-            ).bindparams(*ts_params("now", "expires")),
-            {"owner": owner, "expires": now + lease_for, "now": now, "limit": limit},
+            ).bindparams(bindparam("ids", expanding=True), *ts_params("expires")),
+            {"owner": owner, "expires": now + lease_for, "ids": ids},
         ).all()
     return sorted(
         (LeasedJob(r[0], r[1], bool(r[2]), r[3], r[4], bool(r[5])) for r in rows),

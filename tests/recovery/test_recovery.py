@@ -211,3 +211,113 @@ def test_an_approval_cut_off_by_a_kill_is_held_again_with_its_staged_rows(store:
             text("SELECT approved_at FROM sync_run WHERE id = :r"), {"r": run_id}
         ).scalar()
     assert approved is None
+
+
+def interruptions(store: Store) -> dict[int, tuple[str, int, str | None]]:
+    """job id -> (state, interruptions, last error)."""
+    with store.read() as conn:
+        return {
+            r[0]: (r[1], r[2], r[3])
+            for r in conn.execute(
+                text("SELECT id, state, interruptions, last_error FROM resync_job ORDER BY id")
+            )
+        }
+
+
+def die_holding(store: Store, job_ids: list[int]) -> str:
+    """These jobs' lease passes to a process that then dies; returns its owner name."""
+    dead = local_holder(dead_pid())
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "UPDATE resync_job SET state = 'running', lease_owner = :o WHERE id IN ("
+                + ", ".join(str(j) for j in job_ids)
+                + ")"
+            ),
+            {"o": dead.owner},
+        )
+    return dead.owner
+
+
+def test_a_job_that_kills_its_process_is_leased_alone_and_fails_after_three_deaths(
+    store: Store,
+) -> None:
+    """A dead process's jobs go back counting the interruption; from then on each is leased
+    alone, so the job that kills its process every time fails on its third death with an
+    error that says so, and takes none of its batch-mates with it."""
+    from rostersync.resync import queue
+
+    owner = local_holder(dead_pid()).owner
+    poison, mate, other = (leased_job(store, f"{n}@example.org", owner) for n in "pmo")
+    found = recovery.recover(store, "me")
+    assert found.requeued_jobs == 3 and found.abandoned_jobs == 0
+    assert {j: s[:2] for j, s in interruptions(store).items()} == {
+        poison: ("queued", 1),
+        mate: ("queued", 1),
+        other: ("queued", 1),
+    }
+    assert jobs(store)[poison] == ("queued", 0, None)  # the attempt is not counted
+    for death in (2, 3):
+        leased = queue.lease(store, "worker", limit=10, lease_for=timedelta(minutes=5))
+        assert [j.id for j in leased] == [poison]  # alone, though ten were asked for
+        die_holding(store, [poison])
+        found = recovery.recover(store, "me")
+        assert (found.requeued_jobs, found.abandoned_jobs) == ((1, 0) if death == 2 else (0, 1))
+    state, count, error = interruptions(store)[poison]
+    assert (state, count) == ("failed", queue.MAX_INTERRUPTIONS)
+    assert error is not None and "stopped 3 times" in error and "resync --user" in error
+    assert {j: s[:2] for j, s in interruptions(store).items() if j != poison} == {
+        mate: ("queued", 1),
+        other: ("queued", 1),
+    }
+    leased = queue.lease(store, "worker", limit=10, lease_for=timedelta(minutes=5))
+    assert [j.id for j in leased] == [mate]
+
+
+def test_a_batch_ends_before_the_first_interrupted_job(store: Store) -> None:
+    """Jobs without interruptions are leased together up to the first one with some."""
+    from rostersync.resync import queue
+
+    owner = local_holder(dead_pid()).owner
+    first, second, suspect, last = (leased_job(store, f"{n}@example.org", owner) for n in "abcd")
+    with store.write() as conn:
+        conn.execute(
+            text("UPDATE resync_job SET state = 'queued', lease_owner = NULL, interruptions = 0")
+        )
+        conn.execute(text("UPDATE resync_job SET interruptions = 1 WHERE id = :j"), {"j": suspect})
+    lease = queue.lease  # the batches a worker would take, one after another
+    batches = [
+        [j.id for j in lease(store, "w", limit=10, lease_for=timedelta(minutes=5))]
+        for _ in range(4)
+    ]
+    assert batches == [[first, second], [suspect], [last], []]
+
+
+def test_a_queued_job_that_absorbs_a_dead_ones_takes_its_interruptions(store: Store) -> None:
+    """The dead holder's job is dropped for the user's queued one, which inherits the count:
+    folding must not reset it, or the job would again be retried for ever."""
+    owner = local_holder(dead_pid()).owner
+    dead_job = leased_job(store, "u@example.org", owner)
+    now = utcnow()
+    with store.write() as conn:
+        conn.execute(text("UPDATE resync_job SET interruptions = 1 WHERE id = :j"), {"j": dead_job})
+        queued = conn.execute(
+            text(
+                "INSERT INTO resync_job (user_id, state, reason, live, attempts, run_after, "
+                "created_at, result) SELECT user_id, 'queued', 'r', :no, 0, :n, :n, '{}' "
+                "FROM resync_job WHERE id = :j RETURNING id"
+            ),
+            {"j": dead_job, "n": now, "no": False},
+        ).scalar_one()
+    recovery.recover(store, "me")
+    found = interruptions(store)
+    assert dead_job not in found
+    assert found[queued][:2] == ("queued", 2)
+
+
+def test_a_daemon_that_stops_returns_its_jobs_without_an_interruption(store: Store) -> None:
+    """A clean stop is not a death: the jobs go back as they were."""
+    recovery.register(store, "me", "daemon")
+    mine = leased_job(store, "m@example.org", "me")
+    assert recovery.release_owner(store, "me", "interrupted: the daemon stopped").requeued_jobs == 1
+    assert interruptions(store)[mine][:2] == ("queued", 0)
