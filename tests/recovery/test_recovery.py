@@ -28,14 +28,14 @@ from tests.recovery.conftest import (
 )
 
 
-def jobs(store: Store) -> dict[int, tuple[str, int, str | None]]:
-    """job id -> (state, attempts, lease owner)."""
+def jobs(
+    store: Store, columns: str = "state, attempts, lease_owner"
+) -> dict[int, tuple[str, int, str | None]]:
+    """job id -> (state, attempts, lease owner), or the three ``columns`` named."""
     with store.read() as conn:
         return {
             r[0]: (r[1], r[2], r[3])
-            for r in conn.execute(
-                text("SELECT id, state, attempts, lease_owner FROM resync_job ORDER BY id")
-            )
+            for r in conn.execute(text(f"SELECT id, {columns} FROM resync_job ORDER BY id"))
         }
 
 
@@ -215,13 +215,7 @@ def test_an_approval_cut_off_by_a_kill_is_held_again_with_its_staged_rows(store:
 
 def interruptions(store: Store) -> dict[int, tuple[str, int, str | None]]:
     """job id -> (state, interruptions, last error)."""
-    with store.read() as conn:
-        return {
-            r[0]: (r[1], r[2], r[3])
-            for r in conn.execute(
-                text("SELECT id, state, interruptions, last_error FROM resync_job ORDER BY id")
-            )
-        }
+    return jobs(store, "state, interruptions, last_error")
 
 
 def die_holding(store: Store, job_ids: list[int]) -> str:
