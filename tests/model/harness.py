@@ -21,6 +21,7 @@ from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
+from rostersync.resync import queue
 from rostersync.source.records import MemoryRoster
 from rostersync.source.rows import sort_batch
 from rostersync.source.testing import MemoryConnector
@@ -229,6 +230,36 @@ class Harness:
                 )
                 for t in STAGING.values()
             )
+
+    def kill_resync(self, batch: int) -> int:
+        """A resync process leases up to ``batch`` due jobs and is killed (SIGKILL) before its
+        transaction commits: the jobs stay `running` under a pid that no longer exists.
+        Returns how many it held."""
+        holder = local_holder(dead_pid(), started=1)
+        register(self.store, holder)
+        held = queue.lease(self.store, holder.owner, limit=batch, lease_for=timedelta(minutes=5))
+        return len(held)
+
+    def last_job(self) -> int:
+        with self.store.read() as conn:
+            return int(conn.execute(text("SELECT max(id) FROM resync_job")).scalar() or 0)
+
+    def job_states(self, after: int) -> dict[str, int]:
+        """How many jobs with an id above ``after`` are in each state, and the most
+        interruptions of any of them."""
+        with self.store.read() as conn:
+            counts = {
+                state: int(n)
+                for state, n in conn.execute(
+                    text("SELECT state, count(*) FROM resync_job WHERE id > :a GROUP BY state"),
+                    {"a": after},
+                )
+            }
+            most = conn.execute(
+                text("SELECT max(interruptions) FROM resync_job WHERE id > :a"), {"a": after}
+            ).scalar()
+        counts["interruptions"] = int(most or 0)
+        return counts
 
     def leased_jobs(self) -> int:
         with self.store.read() as conn:
