@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 
 from rostersync.daemon import procs
 from rostersync.logs import scrub
-from rostersync.resync.queue import abandon_interrupted, requeue_owned
+from rostersync.resync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.store.tables import instance, source_lease
 from rostersync.sync import runs
@@ -453,8 +453,7 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
                     conn, _interrupted_by(owner, liveness), sources=[source]
                 )
             conn.execute(delete(source_lease).where(source_lease.c.owner.in_(dead)))
-            found.abandoned_jobs = abandon_interrupted(conn, dead)
-            found.requeued_jobs = requeue_owned(conn, dead, died=True)
+            found.requeued_jobs, found.abandoned_jobs = requeue_owned(conn, dead, died=True)
             conn.execute(delete(instance).where(instance.c.id.in_(dead)))
         # By id: a run started under a fresh lease since then is not an orphan.
         found.interrupted_runs += interrupt_runs(
@@ -486,7 +485,7 @@ def release_owner(store: Store, owner: str, error: str) -> Recovered:
         ]
         found.interrupted_runs = interrupt_runs(conn, error, sources=sources)
         conn.execute(delete(source_lease).where(source_lease.c.owner == owner))
-        found.requeued_jobs = requeue_owned(conn, [owner])
+        found.requeued_jobs, _ = requeue_owned(conn, [owner])
         conn.execute(delete(instance).where(instance.c.id == owner))
     return found
 

@@ -37,53 +37,54 @@ class LeasedJob:
     refresh: bool = False
 
 
+#: Leases of one job that may end unfinished (its process died, or the lease ran out) before
+#: the job fails for good: a job that kills or hangs its process (memory, a crash in a
+#: driver) would otherwise be retried for ever, since a dead process's attempt is not counted
+#: and only a failure checks ``resync.max_attempts``.
+MAX_INTERRUPTIONS = 3
+
+#: The ``last_error`` of a job failed by :data:`MAX_INTERRUPTIONS`.
+INTERRUPTED_ERROR = (
+    f"its process stopped, or its lease (resync.lease) ran out, {MAX_INTERRUPTIONS} times "
+    "before it finished (killed, out of memory, stuck?): not retried; see those processes' "
+    "logs, then `rostersync resync --user EMAIL`"
+)
+
+
 def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
     """Return expired leases to the queue (their holder may be alive elsewhere but stuck, or
-    dead on another machine: the attempt counts)."""
+    dead on another machine): the attempt counts, and so does the interruption
+    (:func:`_interrupt`)."""
     now = now or utcnow()
     where = "resync_job.state = 'running' AND resync_job.lease_expires < :now"
     params = {"now": now}
-    _fold_duplicates(conn, where, params, ts_params("now"))
+    binds = ts_params("now")
+    _interrupt(conn, where, params, binds)
+    _fold_duplicates(conn, where, params, binds)
     res = conn.execute(
         text(
             "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-            f"run_after = :now WHERE {where}"
-        ).bindparams(*ts_params("now")),
+            f"interruptions = interruptions + 1, run_after = :now WHERE {where}"
+        ).bindparams(*binds),
         params,
     )
     return res.rowcount or 0
 
 
-#: Leases of one job that may end with their process dead before the job fails for good: a
-#: job that kills its process (memory, a crash in a driver) would otherwise be retried for
-#: ever, since a dead process's attempt is not counted.
-MAX_INTERRUPTIONS = 3
-
-
-def requeue_owned(conn: Connection, owners: Collection[str], *, died: bool = False) -> int:
+def requeue_owned(
+    conn: Connection, owners: Collection[str], *, died: bool = False
+) -> tuple[int, int]:
     """Return the running jobs leased by these owners to the queue at once, their attempt not
     counted: the owners are gone (a process that died, a daemon shutting down), the jobs did
-    not fail. ``died``: the owners died, so each job's ``interruptions`` grows (a queued job
-    of the same user that absorbs one takes its count), and from then on it is leased alone
-    (:func:`lease`); call :func:`abandon_interrupted` first."""
+    not fail. ``died``: the owners died, so each job counts the interruption
+    (:func:`_interrupt`); a clean stop counts nothing. Returns how many went back, and how
+    many failed for good instead."""
     if not owners:
-        return 0
+        return 0, 0
     where = "resync_job.state = 'running' AND resync_job.lease_owner IN :owners"
     params = {"owners": list(owners)}
     expanding: list[BindParameter[Any]] = [bindparam("owners", expanding=True)]
-    if died:
-        dead = where.replace("resync_job.", "d.")
-        count = (
-            "(SELECT max(d.interruptions) + 1 FROM resync_job d "
-            f"WHERE d.user_id = resync_job.user_id AND {dead})"
-        )
-        conn.execute(
-            text(
-                f"UPDATE resync_job SET interruptions = {count} WHERE state = 'queued' "
-                f"AND interruptions < {count}"
-            ).bindparams(*expanding),
-            params,
-        )
+    abandoned = _interrupt(conn, where, params, expanding) if died else 0
     _fold_duplicates(conn, where, params, expanding)
     grown = "interruptions = interruptions + 1, " if died else ""
     res = conn.execute(
@@ -93,29 +94,44 @@ def requeue_owned(conn: Connection, owners: Collection[str], *, died: bool = Fal
         ).bindparams(*expanding),
         params,
     )
-    return res.rowcount or 0
+    return res.rowcount or 0, abandoned
 
 
-def abandon_interrupted(conn: Connection, owners: Collection[str]) -> int:
-    """Fail, for good, the running jobs of these dead owners whose process has now died
-    ``MAX_INTERRUPTIONS`` times running them; returns how many. The error says what to do."""
-    if not owners:
-        return 0
-    now = utcnow()
-    error = (
-        f"the process running this job stopped {MAX_INTERRUPTIONS} times before it finished "
-        "(killed, or out of memory?): not retried; see the log of those processes, then "
-        "`rostersync resync --user EMAIL`"
-    )
-    res = conn.execute(
+def _interrupt(
+    conn: Connection, where: str, params: dict[str, Any], binds: list[BindParameter[Any]]
+) -> int:
+    """The running jobs ``where`` selects ended unfinished. Those for which this is the
+    ``MAX_INTERRUPTIONS``-th time fail for good (:data:`INTERRUPTED_ERROR`); a queued job of
+    the same user, which will absorb one of the others (:func:`_fold_duplicates`), takes its
+    count, or folding would reset it. The caller then requeues the rest counting one more;
+    from then on each is leased alone (:func:`lease`). Returns how many failed."""
+    failed = conn.execute(
         text(
             "UPDATE resync_job SET state = 'failed', interruptions = interruptions + 1, "
-            "last_error = :err, finished_at = :now, lease_owner = NULL, lease_expires = NULL "
-            "WHERE state = 'running' AND lease_owner IN :owners AND interruptions + 1 >= :most"
-        ).bindparams(bindparam("owners", expanding=True), *ts_params("now")),
-        {"owners": list(owners), "err": error, "now": now, "most": MAX_INTERRUPTIONS},
+            "last_error = :interrupted_error, finished_at = :interrupted_at, "
+            f"lease_owner = NULL, lease_expires = NULL WHERE {where} "
+            "AND resync_job.interruptions + 1 >= :most"
+        ).bindparams(*binds, *ts_params("interrupted_at")),
+        {
+            **params,
+            "interrupted_error": INTERRUPTED_ERROR,
+            "interrupted_at": utcnow(),
+            "most": MAX_INTERRUPTIONS,
+        },
     )
-    return res.rowcount or 0
+    other = where.replace("resync_job.", "d.")
+    count = (
+        "(SELECT max(d.interruptions) + 1 FROM resync_job d "
+        f"WHERE d.user_id = resync_job.user_id AND {other})"
+    )
+    conn.execute(
+        text(
+            f"UPDATE resync_job SET interruptions = {count} WHERE state = 'queued' "
+            f"AND interruptions < {count}"
+        ).bindparams(*binds),
+        params,
+    )
+    return failed.rowcount or 0
 
 
 def _fold_duplicates(

@@ -259,7 +259,7 @@ def test_a_job_that_kills_its_process_is_leased_alone_and_fails_after_three_deat
         assert (found.requeued_jobs, found.abandoned_jobs) == ((1, 0) if death == 2 else (0, 1))
     state, count, error = interruptions(store)[poison]
     assert (state, count) == ("failed", queue.MAX_INTERRUPTIONS)
-    assert error is not None and "stopped 3 times" in error and "resync --user" in error
+    assert error == queue.INTERRUPTED_ERROR and "3 times" in error and "resync --user" in error
     assert {j: s[:2] for j, s in interruptions(store).items() if j != poison} == {
         mate: ("queued", 1),
         other: ("queued", 1),

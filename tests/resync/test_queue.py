@@ -7,7 +7,15 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from rostersync.resync.queue import fail, lease, queue_depth, queue_resync, release
+from rostersync.resync.queue import (
+    INTERRUPTED_ERROR,
+    MAX_INTERRUPTIONS,
+    fail,
+    lease,
+    queue_depth,
+    queue_resync,
+    release,
+)
 from rostersync.store.db import Store
 from tests.directoryrows import add_user
 
@@ -45,6 +53,31 @@ def test_expired_lease_returns_to_the_queue(store: Store) -> None:
     again = lease(store, "live-worker", limit=5, lease_for=timedelta(minutes=5))
     assert [j.id for j in again] == [taken[0].id]
     assert again[0].attempts == 2
+
+
+def test_a_job_whose_lease_keeps_running_out_is_leased_alone_then_fails(store: Store) -> None:
+    """An expired lease counts as an interruption (the holder may be stuck, or dead on another
+    host): the job comes back to be leased alone, and its third expiry fails it for good with
+    an error that says why, while a job never interrupted is leased as before."""
+    stuck, other = (add_user(store, f"{n}@example.org") for n in "so")
+    with store.write() as conn:
+        queue_resync(conn, [stuck, other], reason="r", run_id=None)
+    for expiry in range(1, MAX_INTERRUPTIONS + 1):
+        taken = lease(store, "stuck-worker", limit=5, lease_for=timedelta(seconds=-1))
+        assert len(taken) == (2 if expiry == 1 else 1)  # alone once interrupted
+        with store.read() as conn:
+            rows = {
+                u: n for u, n in conn.execute(text("SELECT user_id, interruptions FROM resync_job"))
+            }
+        assert rows[stuck] == expiry - 1
+    again = lease(store, "live-worker", limit=5, lease_for=timedelta(minutes=5))
+    with store.read() as conn:
+        state, interruptions, error = conn.execute(
+            text("SELECT state, interruptions, last_error FROM resync_job WHERE user_id = :u"),
+            {"u": stuck},
+        ).one()
+    assert (state, interruptions, error) == ("failed", MAX_INTERRUPTIONS, INTERRUPTED_ERROR)
+    assert [j.user_id for j in again] == [other]
 
 
 def test_failures_back_off_then_stop_in_failed(store: Store) -> None:
