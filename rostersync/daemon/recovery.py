@@ -380,7 +380,7 @@ class Recovered:
     dead_owners: list[str] = field(default_factory=list)
     interrupted_runs: list[int] = field(default_factory=list)
     requeued_jobs: int = 0
-    #: jobs failed for good: their process died MAX_INTERRUPTIONS times running them
+    #: jobs failed for good: interrupted MAX_INTERRUPTIONS times (rostersync.resync.queue)
     abandoned_jobs: int = 0
 
     def __bool__(self) -> bool:

@@ -64,7 +64,7 @@ def requeue_expired(conn: Connection, now: datetime | None = None) -> int:
     res = conn.execute(
         text(
             "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-            f"interruptions = interruptions + 1, run_after = :now WHERE {where}"
+            f"run_after = :now WHERE {where}"
         ).bindparams(*binds),
         params,
     )
@@ -86,11 +86,10 @@ def requeue_owned(
     expanding: list[BindParameter[Any]] = [bindparam("owners", expanding=True)]
     abandoned = _interrupt(conn, where, params, expanding) if died else 0
     _fold_duplicates(conn, where, params, expanding)
-    grown = "interruptions = interruptions + 1, " if died else ""
     res = conn.execute(
         text(
             "UPDATE resync_job SET state = 'queued', lease_owner = NULL, lease_expires = NULL, "
-            f"{grown}attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE {where}"
+            f"attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END WHERE {where}"
         ).bindparams(*expanding),
         params,
     )
@@ -100,17 +99,22 @@ def requeue_owned(
 def _interrupt(
     conn: Connection, where: str, params: dict[str, Any], binds: list[BindParameter[Any]]
 ) -> int:
-    """The running jobs ``where`` selects ended unfinished. Those for which this is the
-    ``MAX_INTERRUPTIONS``-th time fail for good (:data:`INTERRUPTED_ERROR`); a queued job of
-    the same user, which will absorb one of the others (:func:`_fold_duplicates`), takes its
-    count, or folding would reset it. The caller then requeues the rest counting one more;
-    from then on each is leased alone (:func:`lease`). Returns how many failed."""
+    """The running jobs ``where`` selects ended unfinished: each counts an interruption, and
+    those that reach ``MAX_INTERRUPTIONS`` fail for good (:data:`INTERRUPTED_ERROR`); a queued
+    job of the same user, which will absorb one of the others (:func:`_fold_duplicates`),
+    takes its count, or folding would reset it. The caller then requeues the rest, each leased
+    alone from then on (:func:`lease`). Returns how many failed."""
+    conn.execute(
+        text(f"UPDATE resync_job SET interruptions = interruptions + 1 WHERE {where}").bindparams(
+            *binds
+        ),
+        params,
+    )
     failed = conn.execute(
         text(
-            "UPDATE resync_job SET state = 'failed', interruptions = interruptions + 1, "
-            "last_error = :interrupted_error, finished_at = :interrupted_at, "
-            f"lease_owner = NULL, lease_expires = NULL WHERE {where} "
-            "AND resync_job.interruptions + 1 >= :most"
+            "UPDATE resync_job SET state = 'failed', last_error = :interrupted_error, "
+            "finished_at = :interrupted_at, lease_owner = NULL, lease_expires = NULL "
+            f"WHERE {where} AND resync_job.interruptions >= :most"
         ).bindparams(*binds, *ts_params("interrupted_at")),
         {
             **params,
@@ -121,7 +125,7 @@ def _interrupt(
     )
     other = where.replace("resync_job.", "d.")
     count = (
-        "(SELECT max(d.interruptions) + 1 FROM resync_job d "
+        "(SELECT max(d.interruptions) FROM resync_job d "
         f"WHERE d.user_id = resync_job.user_id AND {other})"
     )
     conn.execute(
@@ -153,9 +157,9 @@ def _fold_duplicates(
 
 
 def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list[LeasedJob]:
-    """Lease up to ``limit`` due jobs, oldest first. A job whose process died running it
-    (``interruptions``) is leased alone, so that a job that kills its process takes no batch
-    down with it: a batch ends before the first such job, or is that job."""
+    """Lease up to ``limit`` due jobs, oldest first. A job that was interrupted before (its
+    process died, or its lease ran out) is leased alone, so that a job that kills or hangs its
+    process takes no batch down with it: a batch ends before the first such job, or is it."""
     now = utcnow()
     lock = "FOR UPDATE SKIP LOCKED" if store.is_postgres else ""
     with store.write() as conn:

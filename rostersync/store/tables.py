@@ -310,8 +310,8 @@ resync_job = Table(
     # job reads only what its run marked.
     Column("refresh", Boolean, nullable=False, default=False),
     Column("attempts", Integer, nullable=False, default=0),
-    # Leases that ended with their process dead (migration 0015): such a job is leased alone
-    # and fails after MAX_INTERRUPTIONS (rostersync.resync.queue).
+    # Leases that ended unfinished, the process dead or the lease run out (migration 0015):
+    # such a job is leased alone and fails at MAX_INTERRUPTIONS (rostersync.resync.queue).
     Column("interruptions", Integer, nullable=False, default=0, server_default="0"),
     Column("reason", String(200), nullable=False, default=""),
     Column("last_error", String(4000)),
