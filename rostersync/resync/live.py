@@ -14,6 +14,9 @@ from rostersync.source.records import STUDENT, TEACHER, TeacherRoster
 from rostersync.store.tables import roster_class, roster_enrollment, roster_person
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
+# row_hash of rows changed here: equals no computed one, so the next full sync replaces them.
+LIVE_HASH = "live"
+
 
 def apply_teacher_roster(
     conn: Connection, source: str, teacher_id: str, roster: TeacherRoster
@@ -48,10 +51,10 @@ def apply_teacher_roster(
     for cls in sorted(current - live_classes):
         conn.execute(
             text(
-                "UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src "
-                "AND user_id = :t AND class_id = :c AND role = :teacher"
+                "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
+                "WHERE source = :src AND user_id = :t AND class_id = :c AND role = :teacher"
             ),
-            {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER},
+            {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER, "h": LIVE_HASH},
         )
     if not live_classes:
         return
@@ -75,9 +78,10 @@ def apply_teacher_roster(
             if status != "active":
                 conn.execute(
                     text(
-                        "UPDATE roster_enrollment SET status = 'active' WHERE source = :src AND sourced_id = :sid"
+                        "UPDATE roster_enrollment SET status = 'active', row_hash = :h "
+                        "WHERE source = :src AND sourced_id = :sid"
                     ),
-                    {"src": source, "sid": sid},
+                    {"src": source, "sid": sid, "h": LIVE_HASH},
                 )
         else:
             new_rows.append({**enrollment_row(e), "source": source})
@@ -86,7 +90,8 @@ def apply_teacher_roster(
         if role == STUDENT and status == "active" and (cls, uid, role) not in live:
             conn.execute(
                 text(
-                    "UPDATE roster_enrollment SET status = 'tobedeleted' WHERE source = :src AND sourced_id = :sid"
+                    "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
+                    "WHERE source = :src AND sourced_id = :sid"
                 ),
-                {"src": source, "sid": sid},
+                {"src": source, "sid": sid, "h": LIVE_HASH},
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy import text
 from rostersync.config.models import Settings
 from rostersync.resync import worker as worker_module
 from rostersync.resync.queue import queue_resync
-from rostersync.source.records import RosterEnrollment
+from rostersync.source.records import MemoryRoster, RosterEnrollment
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
@@ -39,6 +40,75 @@ async def test_live_resync_refreshes_the_teacher_from_the_source(
     assert [o for _, o in outcomes] == ["succeeded"]
     members = {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
     assert members == {"s-2", "s-3", "s-5"}
+
+
+def enrollment_status(store: Store, sourced_id: str) -> str:
+    with store.read() as conn:
+        return str(
+            conn.execute(
+                text(
+                    "SELECT status FROM roster_enrollment WHERE source = 'mem' AND sourced_id = :s"
+                ),
+                {"s": sourced_id},
+            ).scalar_one()
+        )
+
+
+async def live_resync(
+    store: Store, settings: Settings, roster: MemoryRoster, email: str = "ada@example.org"
+) -> None:
+    """One live resync of the teacher with `email`, the source answering from `roster`."""
+    with store.write() as conn:
+        queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+
+
+async def test_a_full_sync_replaces_what_a_live_resync_marked_tobedeleted(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live resync marks a student missing from the teacher's live roster, and a class the
+    teacher no longer teaches, ``tobedeleted``; the next full sync of the unchanged source
+    brings both enrollments back, and the group's members and owners with them. The marked
+    rows used to keep the source's fingerprint, so the full sync took them for unchanged and the
+    live view stayed for ever."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    live = small_roster()
+    live.enrollments = [e for e in live.enrollments if e.sourced_id not in ("e-s1c1", "e-t1c2")]
+    await live_resync(store, settings, live)
+    assert enrollment_status(store, "e-s1c1") == "tobedeleted"
+    assert enrollment_status(store, "e-t1c2") == "tobedeleted"
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-2", "s-3"}
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    await sync(settings, store, small_roster())
+    assert enrollment_status(store, "e-s1c1") == "active"
+    assert enrollment_status(store, "e-t1c2") == "active"
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    assert groups(store)["c-2"]["owners"] == ["ada@example.org", "alan.turing@example.org"]
+
+
+async def test_a_full_sync_replaces_what_a_live_resync_reactivated(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An enrollment the source's feed has ``tobedeleted`` but its live answer has again is
+    re-activated by the live resync, and ``tobedeleted`` again after the next full sync of the
+    unchanged feed."""
+    settings = make_settings()
+    feed = small_roster()
+    feed.enrollments = [
+        replace(e, status="tobedeleted") if e.sourced_id == "e-s1c1" else e
+        for e in feed.enrollments
+    ]
+    await sync(settings, store, feed)
+    assert enrollment_status(store, "e-s1c1") == "tobedeleted"
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-2", "s-3"}
+    await live_resync(store, settings, small_roster())
+    assert enrollment_status(store, "e-s1c1") == "active"
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    await sync(settings, store, feed)
+    assert enrollment_status(store, "e-s1c1") == "tobedeleted"
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-2", "s-3"}
 
 
 async def test_live_resync_failure_is_retried_then_failed(
