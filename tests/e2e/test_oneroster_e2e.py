@@ -21,8 +21,6 @@ import yaml
 from sqlalchemy import text
 from structlog.testing import capture_logs
 
-from connectors.oneroster import connector as connector_module
-from connectors.oneroster import decode
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Settings
 from rostersync.resync.queue import queue_resync
@@ -457,20 +455,11 @@ async def test_live_resync_reads_the_teachers_classes_from_the_server(
 
 
 async def test_pages_decoded_in_worker_processes_give_the_same_directory(
-    v11_server: FakeOneRoster, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    v11_server: FakeOneRoster, store: Store, tmp_path: Path, pooled: list[int]
 ) -> None:
     """With every page sent to the decode pool (two processes), a full run and a delta run
     end with the directory a CSV sync of the same roster gives, rejections included."""
-    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
-    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
-    started: list[int] = []
-    real_start = decode.start_pool
-
-    def counting_start(workers: int) -> Any:
-        started.append(workers)
-        return real_start(workers)
-
-    monkeypatch.setattr(connector_module, "start_pool", counting_start)
+    started = pooled
     engine = SyncEngine(settings_for(tmp_path, rest_source(v11_server, decode_workers=2)), store)
     report = await run(engine)
 
