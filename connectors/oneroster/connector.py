@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,7 +48,7 @@ from connectors.oneroster.decode import (
     start_pool,
 )
 from connectors.oneroster.errors import describe, raise_for_status, transport_error
-from connectors.oneroster.normalize import ROW_BUILDERS, normalize, parse_session
+from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
 from rostersync.errors import DeltaUnsupportedError, FatalSourceError
 from rostersync.source.connector import ConnectorContext, FetchMode
@@ -128,9 +128,6 @@ class OneRosterConnector:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_broken = False
         self.closed = False
-        #: set by a full run that knows the mirror: a kind's file of the mirror's record
-        #: fingerprints (rostersync.source.rawhash), or None, once it is written
-        self.known_hashes: Callable[[str], Future[str | None]] | None = None
         #: the academic sessions the last fetch read, by sourcedId (``terms: {mode: current}``)
         self.academic_sessions: dict[str, AcademicSession] = {}
         #: what the last fetch forgave, for the run's report (complete once the fetch ends)
@@ -194,12 +191,6 @@ class OneRosterConnector:
         """The page, normalized: in the decode pool when it is worth the trip (a large page
         of a collection that is large, or whose size the server does not say)."""
         content = response.content
-        known: str | None = None
-        if self.known_hashes is not None and key in ROW_BUILDERS:
-            # Not waited for: a page decoded before the file is there is normalized whole,
-            # and the run compares its rows instead (rostersync.sync.known).
-            written = self.known_hashes(ROW_BUILDERS[key][1])
-            known = written.result() if written.done() else None
         workers = self.config.decode_workers
         if workers is None:
             workers = default_workers()
@@ -214,9 +205,7 @@ class OneRosterConnector:
                     self._pool = start_pool(workers)
                 loop = asyncio.get_running_loop()
                 try:
-                    return await loop.run_in_executor(
-                        self._pool, decode_page, key, content, True, known
-                    )
+                    return await loop.run_in_executor(self._pool, decode_page, key, content, True)
                 except BrokenExecutor as exc:
                     # A worker died, or could not start (multiprocessing re-imports the
                     # program's main module in each worker, which fails for `python -c`
@@ -227,9 +216,7 @@ class OneRosterConnector:
                         self._log.warning(
                             "decode pool failed; decoding in the sync process", error=str(exc)
                         )
-            # Records inline, unless the run knows the mirror: rows carry the fingerprints
-            # it stores, and only rows can list what was left out (StagedBatch.seen).
-            return decode_page(key, content, self.known_hashes is not None, known)
+            return decode_page(key, content)
         except DecodeError as exc:
             raise self._unexpected(response, exc) from None
 

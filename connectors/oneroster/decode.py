@@ -23,8 +23,6 @@ import orjson
 
 from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.daemon import procs
-from rostersync.source import rawhash
-from rostersync.source.rawhash import KnownHashes
 from rostersync.source.records import RosterRecord
 from rostersync.source.rows import StagedBatch
 
@@ -77,33 +75,22 @@ def records_of(body: Any, key: str) -> list[Any]:
     return records
 
 
-def decode_records(
-    collection: str, records: list[Any], *, as_rows: bool, known: KnownHashes | None = None
-) -> DecodedPage:
+def decode_records(collection: str, records: list[Any], *, as_rows: bool) -> DecodedPage:
     first = records[0].get("sourcedId") if records and isinstance(records[0], dict) else None
     return DecodedPage(
-        batch=(
-            rows_page(collection, records, known)
-            if as_rows
-            else normalize_page(collection, records)
-        ),
+        batch=rows_page(collection, records) if as_rows else normalize_page(collection, records),
         length=len(records),
         first_id=first if isinstance(first, str) and first else None,
     )
 
 
-def decode_page(
-    collection: str, content: bytes, as_rows: bool = False, known: str | None = None
-) -> DecodedPage:
-    """Parse one answer of ``/{collection}`` and normalize its records (see DecodedPage);
-    ``known``: the file of the mirror's fingerprints of this kind (rostersync.source.rawhash),
-    whose records are listed as seen instead."""
+def decode_page(collection: str, content: bytes, as_rows: bool = False) -> DecodedPage:
+    """Parse one answer of ``/{collection}`` and normalize its records (see DecodedPage)."""
     try:
         body = orjson.loads(content)
     except orjson.JSONDecodeError:
         raise DecodeError("invalid JSON") from None
-    hashes = rawhash.load(known) if known is not None else None
-    return decode_records(collection, records_of(body, collection), as_rows=as_rows, known=hashes)
+    return decode_records(collection, records_of(body, collection), as_rows=as_rows)
 
 
 def default_workers() -> int:

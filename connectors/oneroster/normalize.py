@@ -26,13 +26,8 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, date, datetime
 from functools import lru_cache
-from itertools import chain
-from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from rostersync.source.rawhash import KnownHashes, fingerprint, hex_text, seed_of
 from rostersync.source.records import (
     AcademicSession,
     Rejected,
@@ -68,27 +63,6 @@ _TRUE = {"true": True, "false": False, "1": True, "0": False}
 
 
 _T = TypeVar("_T")
-
-
-def _stamp() -> bytes:
-    """What the normalizer is: the source of the modules that turn a record into a row. A
-    release that changes any of them changes every record's fingerprint, so a mirror row
-    made by an earlier one is never taken for this one's (rostersync.source.rawhash)."""
-    from rostersync.source import rawhash, records, rows
-
-    parts = [b"oneroster"]
-    for module in (__file__, records.__file__, rows.__file__, rawhash.__file__):
-        try:
-            parts.append(Path(module).read_bytes())
-        except OSError:  # no source beside the code: the release still tells versions apart
-            from importlib.metadata import version
-
-            parts.append(version("rostersync").encode())
-    return b"\x00".join(parts)
-
-
-#: The fingerprints' seed (rostersync.source.rawhash.seed_of the stamp).
-SEED = seed_of(_stamp())
 
 
 class _Bad(ValueError):
@@ -469,51 +443,21 @@ ROW_BUILDERS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Row]]] = {
 _DATE_COLUMN = {kind: COLUMNS[kind].index("date_last_modified") for kind in COLUMNS}
 
 
-def rows_page(collection: str, records: list[Any], known: KnownHashes | None = None) -> StagedBatch:
+def rows_page(collection: str, records: list[Any]) -> StagedBatch:
     """Every record of one page as staging rows: what ``rows.sort_batch(normalize_page(...))``
-    gives, rejections and the newest date included, without the record values between.
-
-    Each row carries its record's fingerprint (``raw_hash``). A record whose fingerprint is
-    in ``known`` (the mirror's, rostersync.source.rawhash) is the one its mirror row was made
-    from: it is not normalized, only its position among the known is listed (``seen``), and
-    its date counts for the newest. A page that repeats a sourcedId among such records is
-    normalized whole, so that the run sees its copies in their order."""
+    gives, rejections and the newest date included, without the record values between."""
     entity, kind, build = ROW_BUILDERS[collection]
     out = StagedBatch()
-    seen: list[int] = []
-    dates: list[str | None] = []
-    fresh: list[Any] = []
-    hashes: list[str | None] = []
-    dumps, seed = orjson.dumps, SEED
-    for raw in records:
-        if raw.__class__ is not dict:
-            fresh.append(raw)
-            hashes.append(None)
-            continue
-        value = fingerprint(seed, dumps(raw))
-        if known is not None and (at := known.find(value)) >= 0:
-            seen.append(at)
-            continue
-        fresh.append(raw)
-        hashes.append(hex_text(value))
     rows = out.rows[kind]
-    for row, raw_hash in zip(_converted(entity, build, fresh), hashes, strict=True):
+    for row in _converted(entity, build, records):
         if isinstance(row, Rejected):
             out.rejected.append(row)
         else:
-            rows.append((*row, raw_hash))
-    if seen:
-        try:
-            ids, dates = _seen_ids_and_dates(records, fresh, len(seen))
-        except _Bad:  # cannot happen to a record once read as it is; be safe
-            return rows_page(collection, records)
-        if len(set(ids)) < len(ids) or not {row[0] for row in rows}.isdisjoint(ids):
-            return rows_page(collection, records)
-        out.seen[kind] = seen
+            rows.append(row)
     rows = out.rows[kind] = keep_fitting(kind, rows, out.rejected)
     if kind == "class":
         staged = {row[0] for row in rows}
-        for raw in fresh:
+        for raw in records:
             terms = class_terms(raw) if raw.__class__ is dict else ()
             if terms:
                 try:
@@ -524,28 +468,10 @@ def rows_page(collection: str, records: list[Any], known: KnownHashes | None = N
                     out.terms[sid] = terms
     # utc_text is fixed-width, so the greatest text is the newest instant.
     at = _DATE_COLUMN[kind]
-    newest = max(
-        (d for d in chain((row[at] for row in rows), dates) if d is not None), default=None
-    )
+    newest = max((d for row in rows if (d := row[at]) is not None), default=None)
     if newest is not None:
         out.newest = datetime.fromisoformat(newest).replace(tzinfo=UTC)
     return out
-
-
-def _seen_ids_and_dates(
-    records: list[Any], fresh: list[Any], count: int
-) -> tuple[list[str], list[str | None]]:
-    """The sourcedIds and dates of the ``count`` records of the page not in ``fresh``."""
-    normalized = {id(raw) for raw in fresh}
-    ids: list[str] = []
-    dates: list[str | None] = []
-    for raw in records:
-        if id(raw) not in normalized:
-            ids.append(_sourced_id(raw))
-            dates.append(_date_text(raw))
-    if len(ids) != count:
-        raise _Bad("seen records miscounted")
-    return ids, dates
 
 
 def normalize(

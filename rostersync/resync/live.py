@@ -51,7 +51,7 @@ def apply_teacher_roster(
     for cls in sorted(current - live_classes):
         conn.execute(
             text(
-                "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h, raw_hash = NULL "
+                "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
                 "WHERE source = :src AND user_id = :t AND class_id = :c AND role = :teacher"
             ),
             {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER, "h": LIVE_HASH},
@@ -78,7 +78,7 @@ def apply_teacher_roster(
             if status != "active":
                 conn.execute(
                     text(
-                        "UPDATE roster_enrollment SET status = 'active', row_hash = :h, raw_hash = NULL "
+                        "UPDATE roster_enrollment SET status = 'active', row_hash = :h "
                         "WHERE source = :src AND sourced_id = :sid"
                     ),
                     {"src": source, "sid": sid, "h": LIVE_HASH},
@@ -90,7 +90,7 @@ def apply_teacher_roster(
         if role == STUDENT and status == "active" and (cls, uid, role) not in live:
             conn.execute(
                 text(
-                    "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h, raw_hash = NULL "
+                    "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
                     "WHERE source = :src AND sourced_id = :sid"
                 ),
                 {"src": source, "sid": sid, "h": LIVE_HASH},

@@ -26,20 +26,14 @@ from rostersync.source.records import (
 
 #: Column order of the row tuples (``run_id`` is prepended when staging).
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "org": (
-        "sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash",
-        "raw_hash",
-    ),
+    "org": ("sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
     "person": (
         "sourced_id", "role", "roles", "given_name", "family_name", "email", "username", "enabled",
-        "org_ids", "status", "date_last_modified", "row_hash", "raw_hash",
+        "org_ids", "status", "date_last_modified", "row_hash",
     ),
-    "class": (
-        "sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash", "raw_hash",
-    ),
+    "class": ("sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
     "enrollment": (
         "sourced_id", "class_id", "user_id", "role", "status", "primary", "date_last_modified", "row_hash",
-        "raw_hash",
     ),
 }  # fmt: skip
 
@@ -114,7 +108,6 @@ def org_tuple(r: RosterOrg) -> Row:
         r.status,
         utc_text(r.date_last_modified),
         r.content_hash(),
-        None,
     )
 
 
@@ -123,7 +116,6 @@ def person_tuple(r: RosterPerson) -> Row:
     return (
         r.sourced_id, r.role, r.roles_text, r.given_name, r.family_name, email, r.username, r.enabled,
         ",".join(r.org_ids), r.status, utc_text(r.date_last_modified), r.content_hash(),
-        None,
     )  # fmt: skip
 
 
@@ -136,14 +128,13 @@ def class_tuple(r: RosterClass) -> Row:
         r.status,
         utc_text(r.date_last_modified),
         r.content_hash(),
-        None,
     )
 
 
 def enrollment_tuple(r: RosterEnrollment) -> Row:
     return (
         r.sourced_id, r.class_id, r.user_id, r.role, r.status, r.primary,
-        utc_text(r.date_last_modified), r.content_hash(), None,
+        utc_text(r.date_last_modified), r.content_hash(),
     )  # fmt: skip
 
 
@@ -184,9 +175,6 @@ class StagedBatch:
     #: the academic sessions of this batch's classes that name any, by class sourcedId (not
     #: staged: the terms rules read them while the run is fetched)
     terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    #: per kind, records not staged because the mirror holds them as they came: their
-    #: positions among the mirror's fingerprints (rostersync.source.rawhash)
-    seen: dict[str, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(map(len, self.rows.values())) + len(self.rejected)
@@ -197,8 +185,6 @@ class StagedBatch:
             self.rows[kind].extend(rows)
         self.rejected.extend(other.rejected)
         self.terms.update(other.terms)
-        for kind, seen in other.seen.items():
-            self.seen.setdefault(kind, []).extend(seen)
         if other.newest is not None and (self.newest is None or other.newest > self.newest):
             self.newest = other.newest
 

@@ -12,7 +12,7 @@ Three families:
   ``groups`` (+ ``group_owner``, ``group_member``). The table is ``groups``, plural, because
   GROUP is an SQL keyword and the set-based SQL in this package is easier to read unquoted.
 * mirror: ``roster_*`` keyed by ``(source, sourced_id)``, each with a ``row_hash`` of its content
-  so a run finds what changed with one join, and the ``raw_hash`` of the record it came from; ``staging_*`` twins keyed by ``(run_id, sourced_id)``
+  so a run finds what changed with one join; ``staging_*`` twins keyed by ``(run_id, sourced_id)``
   (on SQLite the key is an index the apply builds: see ``sync.staging``).
 * operations: ``sync_run`` (+ ``run_rejection``, ``run_change``), ``resync_job``, ``import_run``/``import_row``,
   ``outbox_email``, ``source_state``, ``source_lease``, ``instance``.
@@ -157,12 +157,6 @@ def _row_hash() -> Column[str]:
     return Column("row_hash", String(16), nullable=False)
 
 
-def _raw_hash() -> Column[str]:
-    # The source's record as it came, fingerprinted (see connectors/oneroster/rawhash.py);
-    # NULL where a connector does not give one.
-    return Column("raw_hash", String(32))
-
-
 def _org_cols() -> list[Column[Any]]:
     return [
         Column("sourced_id", String(256), primary_key=True),
@@ -173,7 +167,6 @@ def _org_cols() -> list[Column[Any]]:
         Column("status", String(12), nullable=False, default="active"),
         _ts("date_last_modified"),
         _row_hash(),
-        _raw_hash(),
     ]
 
 
@@ -192,7 +185,6 @@ def _person_cols() -> list[Column[Any]]:
         Column("status", String(12), nullable=False, default="active"),
         _ts("date_last_modified"),
         _row_hash(),
-        _raw_hash(),
     ]
 
 
@@ -205,7 +197,6 @@ def _class_cols() -> list[Column[Any]]:
         Column("status", String(12), nullable=False, default="active"),
         _ts("date_last_modified"),
         _row_hash(),
-        _raw_hash(),
     ]
 
 
@@ -219,7 +210,6 @@ def _enrollment_cols() -> list[Column[Any]]:
         Column("primary", Boolean, nullable=False, default=False),
         _ts("date_last_modified"),
         _row_hash(),
-        _raw_hash(),
     ]
 
 

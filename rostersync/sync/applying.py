@@ -204,8 +204,6 @@ class Applier:
         written = merging.merge(
             conn, source, run_id, changes.missing, changes.in_place, changes.to_write
         )
-        if ctx.known is not None:
-            ctx.known.rehash(conn)
         merging.refresh_statistics(conn, written)
         members_only = detect.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only

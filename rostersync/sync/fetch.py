@@ -75,54 +75,41 @@ class Fetcher:
         notes: list[str] = []
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
         # while a write is under way wait in `buffer` and go in the next write together, so
-        # the fetch never stalls on the database unless the buffer is full. They stay apart
-        # there, in their order: the filter of known rows reads each page on its own.
-        buffer: list[StagedBatch] = []
-        held = 0
-        newest: datetime | None = None
+        # the fetch never stalls on the database unless the buffer is full.
+        buffer = StagedBatch()
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
-                if known is not None and hasattr(connector, "known_hashes"):
-                    connector.known_hashes = known.hash_file
                 async for records in connector.fetch(mode, since):
                     batch = records if isinstance(records, StagedBatch) else sort_batch(records)
                     if collect is not None and batch.terms:
                         collect.class_terms.update(batch.terms)
-                    seen = batch.seen
                     fetched.update(
                         {
-                            "orgs": len(batch.rows["org"]) + len(seen.get("org", ())),
-                            "persons": len(batch.rows["person"]) + len(seen.get("person", ())),
-                            "classes": len(batch.rows["class"]) + len(seen.get("class", ())),
-                            "enrollments": len(batch.rows["enrollment"])
-                            + len(seen.get("enrollment", ())),
+                            "orgs": len(batch.rows["org"]),
+                            "persons": len(batch.rows["person"]),
+                            "classes": len(batch.rows["class"]),
+                            "enrollments": len(batch.rows["enrollment"]),
                             "rejected": len(batch.rejected),
                         }
                     )
-                    buffer.append(batch)
-                    held += len(batch)
-                    if batch.newest is not None and (newest is None or batch.newest > newest):
-                        newest = batch.newest
+                    buffer.extend(batch)
                     if pending is not None:
-                        if not pending.done() and held < STAGE_BUFFER_ROWS:
+                        if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
                             continue
                         await pending
                     pending = asyncio.create_task(
                         asyncio.to_thread(self._stage, run_id, buffer, known)
                     )
-                    buffer, held = [], 0
+                    buffer = StagedBatch(newest=buffer.newest)
                     if self.progress:
                         self.progress(source, "fetch", dict(fetched))
                 if pending is not None:
                     await pending
-                if buffer:
+                if len(buffer):
                     pending = asyncio.create_task(
                         asyncio.to_thread(self._stage, run_id, buffer, known)
                     )
-                    await pending
-                if known is not None and any(known.restaged.values()):
-                    await asyncio.to_thread(self._restage, run_id, known)
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
                 if collect is not None:
                     collect.sessions = getattr(connector, "academic_sessions", None)
@@ -133,39 +120,23 @@ class Fetcher:
                 await asyncio.gather(pending, return_exceptions=True)
             if loading is not None:
                 await asyncio.gather(loading, return_exceptions=True)
-            if known is not None:
-                known.close()
         if pending is not None and (error := pending.exception()) is not None:
             raise error
         if loading is not None and (error := loading.exception()) is not None:
             raise error
-        if known is not None:  # what the run left out of staging, and how it knew
-            fetched_unchanged = sum(known.unchanged.values())
-            recognised = sum(known.recognised.values())
-            log.info(
-                "fetch_done",
-                warnings=len(notes),
-                unchanged=fetched_unchanged,
-                recognised=recognised,
-                **dict(fetched),
-            )
-        else:
-            log.info("fetch_done", warnings=len(notes), **dict(fetched))
-        return dict(fetched), newest, notes
+        # A full run of an unscoped source also says how many rows it left out of staging
+        # because the mirror holds them as they are (rostersync.sync.known).
+        unchanged = {"unchanged": sum(known.unchanged.values())} if known is not None else {}
+        log.info("fetch_done", warnings=len(notes), **unchanged, **dict(fetched))
+        return dict(fetched), buffer.newest, notes
 
-    def _restage(self, run_id: int, known: KnownRows) -> None:
-        with self.store.write() as conn:
-            if recovery.still_running(conn, run_id):
-                known.restage(conn, run_id)
-
-    def _stage(self, run_id: int, pages: list[StagedBatch], known: KnownRows | None = None) -> None:
-        batch = StagedBatch()
-        for page in pages:
-            batch.extend(known.filter(page) if known is not None else page)
-        if not len(batch):
-            # Nothing left to write: no write transaction, which on SQLite waits for the
-            # database's one write lock (a no-op run at district L stages ~800 batches).
-            return
+    def _stage(self, run_id: int, batch: StagedBatch, known: KnownRows | None = None) -> None:
+        if known is not None:
+            batch = known.filter(batch)
+            if not len(batch):
+                # Nothing left to write: no write transaction, which on SQLite waits for the
+                # database's one write lock (a no-op run at district L stages ~800 batches).
+                return
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good

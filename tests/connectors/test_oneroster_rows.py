@@ -11,12 +11,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import pytest
 
-from connectors.oneroster.normalize import SEED, normalize_page, rows_page
+from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.sampledata import DistrictSpec, generate_district
-from rostersync.source.rawhash import KnownHashes, fingerprint, hex_text
 from rostersync.source.records import RosterEnrollment
 from rostersync.source.rows import StagedBatch, enrollment_tuple, sort_batch
 from tests.fakes.oneroster_server import encode_record
@@ -164,15 +162,8 @@ def _slow(collection: str, records: list[Any]) -> StagedBatch:
 
 
 def _assert_same(collection: str, records: list[Any]) -> StagedBatch:
-    """The rows are the records' rows, each with its record's fingerprint (records give none)."""
     fast, slow = rows_page(collection, records), _slow(collection, records)
-    assert {k: [r[:-1] for r in rows] for k, rows in fast.rows.items()} == {
-        k: [r[:-1] for r in rows] for k, rows in slow.rows.items()
-    }
-    assert all(r[-1] is None for rows in slow.rows.values() for r in rows)
-    prints = [hex_text(fingerprint(SEED, orjson.dumps(r))) for r in records if isinstance(r, dict)]
-    got = [row[-1] for rows in fast.rows.values() for row in rows]
-    assert got == [p for p in prints if p in set(got)]  # each its record's, in order
+    assert fast.rows == slow.rows
     assert fast.rejected == slow.rejected
     assert fast.newest == slow.newest
     return fast
@@ -218,7 +209,7 @@ def test_a_dates_text_is_the_parsed_dates_text(text: str) -> None:
     fast = rows_page("enrollments", [raw])
     slow = normalize_page("enrollments", [raw])
     if isinstance(slow[0], RosterEnrollment):
-        assert [r[:-1] for r in fast.rows["enrollment"]] == [enrollment_tuple(slow[0])[:-1]]
+        assert fast.rows["enrollment"] == [enrollment_tuple(slow[0])]
         assert fast.newest == slow[0].date_last_modified
     else:
         assert fast.rejected == slow
@@ -256,52 +247,3 @@ def test_the_decode_workers_import_only_what_decoding_uses() -> None:
     assert package.PLUGIN.type == "oneroster"
     assert package.PLUGIN is package.PLUGIN
     assert package.OneRosterSourceConfig.__name__ == "OneRosterSourceConfig"
-
-
-def _known(records: list[Any]) -> tuple[KnownHashes, list[str]]:
-    """The mirror's fingerprints of these records, as a run hands them to the decoding, and
-    the records' ids in the file's order."""
-    prints = sorted((fingerprint(SEED, orjson.dumps(r)), r["sourcedId"]) for r in records)
-    data = b"".join(p.to_bytes(16, "big") for p, _ in prints)
-    return KnownHashes(data), [sid for _, sid in prints]
-
-
-def test_records_the_mirror_holds_are_listed_not_normalized() -> None:
-    """A record whose fingerprint is known becomes its position in the file, not a row; its
-    date still counts for the newest; the others are rows as without the file."""
-    records = _users()
-    held = [r for r in records[:4] if isinstance(r, dict)]
-    held[0] = {**held[0], "dateLastModified": "2027-01-01T00:00:00.000Z"}  # the newest
-    page = held + records[4:]
-    known, order = _known(held)
-    batch = rows_page("users", page, known)
-    assert sorted(order[at] for at in batch.seen["person"]) == sorted(r["sourcedId"] for r in held)
-    plain = rows_page("users", page)
-    assert batch.rows["person"] == [r for r in plain.rows["person"] if r[0] not in order]
-    assert batch.rejected == plain.rejected
-    assert batch.newest == plain.newest == datetime(2027, 1, 1, tzinfo=UTC)
-
-
-def test_a_page_repeating_an_id_it_recognises_is_normalized_whole() -> None:
-    """Which copy of a repeated id comes last decides; a page that repeats one among the
-    records it would leave out gives rows for all of them instead."""
-    record = next(r for r in _users() if isinstance(r, dict))
-    changed = {**record, "familyName": "Other"}
-    known, _ = _known([record])
-    for page in ([record, changed], [changed, record], [record, record]):
-        batch = rows_page("users", page, known)
-        assert not batch.seen
-        assert len(batch.rows["person"]) == 2
-
-
-def test_another_normalizer_recognises_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fingerprints are seeded with the normalizer's own source: a release that reads
-    records differently takes no mirror row for its own."""
-    from connectors.oneroster import normalize
-
-    staged = {row[0] for row in rows_page("users", _users()).rows["person"]}
-    records = [r for r in _users() if isinstance(r, dict) and r.get("sourcedId") in staged]
-    known, _ = _known(records)
-    assert len(rows_page("users", records, known).seen["person"]) == len(records)
-    monkeypatch.setattr(normalize, "SEED", normalize.SEED + 1)
-    assert not rows_page("users", records, known).seen

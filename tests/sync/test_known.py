@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
 from rostersync.config.models import Settings
-from rostersync.source.rawhash import load
 from rostersync.source.records import MemoryRoster
 from rostersync.source.rows import COLUMNS, StagedBatch, sort_batch
 from rostersync.source.testdata import small_roster
@@ -80,7 +78,10 @@ def changed_roster() -> MemoryRoster:
 
 
 async def test_a_no_op_full_run_stages_nothing(
-    store: Store, make_settings: Callable[..., Settings], staged_rows: list[int]
+    store: Store,
+    make_settings: Callable[..., Settings],
+    staged_rows: list[int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings()
     await sync(settings, store, small_roster())
@@ -88,11 +89,32 @@ async def test_a_no_op_full_run_stages_nothing(
     assert first == len(small_roster().records())
     before = snapshot(store)
     staged_rows.clear()
+    events: list[tuple[str, dict[str, Any]]] = []
+    real_fetch = SyncEngine._fetch
+
+    class Recorder:  # the run's logger, with what it says of the fetch written down
+        def __init__(self, log: Any) -> None:
+            self.log = log
+
+        def info(self, event: str, **fields: Any) -> None:
+            events.append((event, fields))
+            self.log.info(event, **fields)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.log, name)
+
+    async def recording(self: SyncEngine, *args: Any) -> Any:
+        source, run_id, mode, since, log, *rest = args
+        return await real_fetch(self, source, run_id, mode, since, Recorder(log), *rest)
+
+    monkeypatch.setattr(SyncEngine, "_fetch", recording)
     report = await sync(settings, store, small_roster())
     assert report.status == "succeeded", report.error
     assert staged_rows == []  # not even an empty staging write (a write transaction)
     assert report.fetched["persons"] == len(small_roster().persons)  # counted all the same
     assert snapshot(store) == before
+    [done] = [fields for event, fields in events if event == "fetch_done"]
+    assert done["unchanged"] == first  # the log says what was left out
 
 
 async def test_a_full_run_stages_only_what_changed_and_sweeps_what_it_did_not_see(
@@ -211,63 +233,6 @@ def test_what_the_run_did_not_see_is_missing() -> None:
     assert known.held == {"person", "org"}
 
 
-def hashed(rows: list[Any]) -> KnownRows:
-    """A KnownRows as if the mirror held these person rows, each with a fingerprint, in
-    the order given (a seen record names its row by that position)."""
-    known = loaded({"person": rows})
-    known.order["person"] = [row_key(r[HASH_AT["person"]], r[0]) for r in rows]
-    return known
-
-
-def test_records_seen_by_their_fingerprint_count_as_seen() -> None:
-    """A record the decoding recognised (StagedBatch.seen) is neither staged nor missing."""
-    rows = person_rows(small_roster())
-    known = hashed(rows)
-    out = known.filter(StagedBatch(seen={"person": [0, 2]}))
-    assert out.rows["person"] == []
-    assert known.unchanged["person"] == known.recognised["person"] == 2
-    assert known.missing("person") == {r[0] for i, r in enumerate(rows) if i not in (0, 2)}
-
-
-def test_a_record_seen_as_the_mirror_holds_it_after_a_staged_version_is_restaged() -> None:
-    """The last version of a repeated id wins: the mirror's, when the record came changed
-    first and then as the mirror holds it; the changed one, the other way round."""
-    roster = small_roster()
-    person = roster.persons[0]
-    rows = person_rows(MemoryRoster(persons=[person]))
-    renamed = sort_batch([replace(person, given_name="Other")])
-
-    known = hashed(rows)
-    assert len(known.filter(renamed).rows["person"]) == 1
-    known.filter(StagedBatch(seen={"person": [0]}))
-    assert known.restaged["person"] == {person.sourced_id}
-    assert known.missing("person") == set()
-
-    known = hashed(rows)
-    known.filter(StagedBatch(seen={"person": [0]}))
-    assert len(known.filter(renamed).rows["person"]) == 1  # the later, changed one
-    assert known.restaged["person"] == set()
-
-    known = hashed(rows)  # changed, as held, changed again: the last change wins
-    known.filter(renamed)
-    known.filter(StagedBatch(seen={"person": [0]}))
-    known.filter(sort_batch([replace(person, given_name="Third")]))
-    assert known.restaged["person"] == set()
-
-
-def test_rows_without_a_stored_fingerprint_get_theirs_when_seen_unchanged() -> None:
-    """Mirror rows from before fingerprints: a record equal to one is left out as before,
-    and its fingerprint is kept for the apply to store (KnownRows.rehash)."""
-    rows = person_rows(small_roster())
-    known = loaded({"person": rows})
-    known.unhashed["person"] = set(known.remaining["person"])
-    at = COLUMNS["person"].index("raw_hash")
-    printed = [(*r[:at], f"{i:032x}") for i, r in enumerate(rows)]
-    out = known.filter(StagedBatch(rows={**StagedBatch().rows, "person": printed}))
-    assert out.rows["person"] == []
-    assert known.rehashed["person"] == [(r[0], f"{i:032x}") for i, r in enumerate(rows)]
-
-
 def test_a_first_load_is_staged_whole() -> None:
     known = loaded({})
     batch = sort_batch(small_roster().records())
@@ -277,12 +242,11 @@ def test_a_first_load_is_staged_whole() -> None:
     assert set(known.unchanged) == set(COLUMNS)
 
 
-async def test_the_loaded_keys_are_the_mirrors_with_fingerprints_and_odd_ids(
+async def test_the_loaded_keys_are_the_mirrors_across_slices_and_odd_ids(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The database hands the keys over joined: rows with and without a whole fingerprint,
-    and an id holding the separator, still give exactly the rows of this source; the hash
-    file holds the fingerprints in order, each at its row's position."""
+    """SQLite hands the keys over joined, a slice of rowids at a time: every slice, and an id
+    holding the separator, still give exactly the rows of this source."""
     from rostersync.sync import known
 
     roster = small_roster()
@@ -296,15 +260,7 @@ async def test_the_loaded_keys_are_the_mirrors_with_fingerprints_and_odd_ids(
                 "VALUES ('other', 'o-x', 'X', 'school', 'active', 'ffff')"
             )
         )
-    with store.write() as conn:  # fingerprints on some classes, one of them not whole
-        ids = sorted(r[0] for r in conn.execute(text("SELECT sourced_id FROM roster_class")))
-        prints = {sid: f"{(7 - i) * 2**100:032x}" for i, sid in enumerate(ids) if i % 2 == 0}
-        prints[ids[1]] = "abc"
-        for sid, value in prints.items():
-            conn.execute(
-                text("UPDATE roster_class SET raw_hash = :h WHERE sourced_id = :sid"),
-                {"h": value, "sid": sid},
-            )
+    monkeypatch.setattr(known, "SLICE_ROWS", 3)
     loaded_rows = KnownRows("mem")
     loaded_rows.load(store)
     with store.read() as conn:
@@ -319,20 +275,4 @@ async def test_the_loaded_keys_are_the_mirrors_with_fingerprints_and_odd_ids(
             assert loaded_rows.remaining[kind] == expected, kind
     # the separator's fallback ran: the odd id was stored and read back
     assert any(k.endswith(f":{odd.sourced_id}") for k in loaded_rows.remaining["person"])
-    assert loaded_rows.hash_file("person").result() is None  # read row by row: no file
-    with store.read() as conn:
-        keys = dict(conn.execute(text(f"SELECT raw_hash, {known.KEY_SQL} FROM roster_class")).all())
-    whole = sorted(h for h in keys if h is not None and len(h) == 32)
-    assert loaded_rows.order["class"] == [keys[h] for h in whole]
-    assert loaded_rows.unhashed["class"] == {k for h, k in keys.items() if h not in whole}
-    path = loaded_rows.hash_file("class").result()
-    assert path is not None
-    hashes = load(path)
-    assert [
-        f"{(hi << 64) | lo:032x}" for hi, lo in zip(hashes.high, hashes.low, strict=True)
-    ] == whole
-    assert [hashes.find(int(h, 16)) for h in whole] == list(range(len(whole)))
-    assert hashes.find(12345) == -1
-    loaded_rows.close()
-    assert not Path(path).exists()  # noqa: ASYNC240
     assert loaded_rows.held == set(COLUMNS)

@@ -426,7 +426,7 @@ def test_the_row_limits_are_the_store_columns() -> None:
                 c.name: c.type.length
                 for c in table.columns
                 if getattr(c.type, "length", None)
-                and c.name not in ("status", "row_hash", "raw_hash", "source")
+                and c.name not in ("status", "row_hash", "source")
             }
             assert sized == limits, (table.name, sized)
 

@@ -1,17 +1,16 @@
-"""End to end: a full OneRoster run recognises the records the mirror was made from.
+"""End to end: a full OneRoster run stages only what changed.
 
-Every OneRoster record is fingerprinted (rostersync.source.rawhash) before it is normalized;
-a full run of an unscoped source does not normalize a record whose fingerprint the mirror
-holds (rostersync.sync.known). These tests run the real path against the fake server on
-127.0.0.1, decoding pages in worker processes and inline, and hold the rule that matters:
-the mirror, the directory and the counts after any run are what a run that normalized every
-record gives (here: a fresh database loading the same server state once).
+A full run of an unscoped source loads the mirror's row keys (rostersync.sync.known) and
+leaves out of staging every fetched row whose ``row_hash`` equals its mirror row's. These
+tests run the real path against the fake server on 127.0.0.1, decoding pages in worker
+processes and inline, and hold the rule that matters: such a run stages only what changed,
+and the mirror, the directory and the counts after it are what a run that stages everything
+gives (and, but for dates a run keeps, what a fresh database loading the same server gives).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -19,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import select, text
 
 from rostersync.source.records import STUDENT, TEACHER, RosterEnrollment, RosterPerson
 from rostersync.source.rows import StagedBatch
 from rostersync.store import tables
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
-from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
-from rostersync.sync.runs import RunReport, load_report
+from rostersync.sync.runs import RunReport
 from tests.e2e.test_oneroster_e2e import (
     SOURCE,
     aged_district,
@@ -49,7 +47,6 @@ MIRROR = {
     "enrollment": tables.roster_enrollment,
 }
 FETCHED = ("orgs", "persons", "classes", "enrollments")
-HEX32 = re.compile(r"^[0-9a-f]{32}$")
 PAGE_SIZE = 9  # every collection spans several pages
 
 
@@ -60,25 +57,37 @@ def served() -> Iterator[FakeOneRoster]:
 
 
 class Observed:
-    """What each run handed to staging: rows staged, rows restaged, and what the decode gave
-    the filter of known rows (rows normalized, records listed as seen)."""
+    """What each run handed to staging (rows staged, writes) and to the filter of known rows
+    (rows handed to it, rows it kept, the KnownRows that filtered)."""
 
     def __init__(self) -> None:
         self.staged = 0
         self.writes = 0
-        self.restaged = 0
-        self.decoded_rows = 0
-        self.seen = 0
+        self.filtered = 0
+        self.kept = 0
+        self.known: list[KnownRows] = []
 
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
+
+    def left_out(self) -> int:
+        """Rows the run's KnownRows left out of staging, every kind."""
+        return sum(sum(known.unchanged.values()) for known in self.known)
+
+    def missing(self) -> dict[str, set[str]]:
+        """Mirror rows the run's KnownRows did not see, per kind (an empty dict: none)."""
+        out: dict[str, set[str]] = {}
+        for known in self.known:
+            for kind in MIRROR:
+                if ids := known.missing(kind):
+                    out.setdefault(kind, set()).update(ids)
+        return out
 
 
 @pytest.fixture
 def observed(monkeypatch: pytest.MonkeyPatch) -> Observed:
     seen = Observed()
-    real_stage = staging.stage
-    real_restage = KnownRows.restage
+    real_stage = fetch_step.stage
     real_filter = KnownRows.filter
 
     def stage(conn: Any, run_id: int, batch: StagedBatch) -> None:
@@ -86,18 +95,15 @@ def observed(monkeypatch: pytest.MonkeyPatch) -> Observed:
         seen.staged += sum(len(rows) for rows in batch.rows.values())
         real_stage(conn, run_id, batch)
 
-    def restage(self: KnownRows, conn: Any, run_id: int) -> int:
-        done = real_restage(self, conn, run_id)
-        seen.restaged += done
-        return done
-
     def filter_(self: KnownRows, batch: StagedBatch) -> StagedBatch:
-        seen.decoded_rows += sum(len(rows) for rows in batch.rows.values())
-        seen.seen += sum(len(at) for at in batch.seen.values())
-        return real_filter(self, batch)
+        if not any(known is self for known in seen.known):
+            seen.known.append(self)
+        seen.filtered += sum(len(rows) for rows in batch.rows.values())
+        out = real_filter(self, batch)
+        seen.kept += sum(len(rows) for rows in out.rows.values())
+        return out
 
     monkeypatch.setattr(fetch_step, "stage", stage)
-    monkeypatch.setattr(KnownRows, "restage", restage)
     monkeypatch.setattr(KnownRows, "filter", filter_)
     return seen
 
@@ -120,29 +126,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def mirror(
-    store: Store, *, raw: bool = True, dates: bool = True
-) -> dict[str, list[tuple[Any, ...]]]:
-    """The source's mirror rows of each kind, every column (``raw_hash`` unless ``raw`` is
-    false, ``date_last_modified`` unless ``dates`` is false), sorted by sourcedId."""
+def mirror(store: Store, *, dates: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+    """The source's mirror rows of each kind, every column (``date_last_modified`` unless
+    ``dates`` is false), sorted by sourcedId."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     with store.read() as conn:
         for kind, table in MIRROR.items():
-            cols = [
-                c
-                for c in table.c
-                if (raw or c.name != "raw_hash") and (dates or c.name != "date_last_modified")
-            ]
+            cols = [c for c in table.c if dates or c.name != "date_last_modified"]
             rows = conn.execute(select(*cols).where(table.c.source == SOURCE))
             out[kind] = sorted(tuple(_plain(v) for v in row) for row in rows)
     return out
 
 
-def raw_hashes(store: Store, kind: str) -> dict[str, str | None]:
-    table = MIRROR[kind]
-    with store.read() as conn:
-        rows = conn.execute(select(table.c.sourced_id, table.c.raw_hash))
-        return {sid: h for sid, h in rows}
+def by_id(rows: list[tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
+    """Mirror rows (as :func:`mirror` gives them) by sourcedId."""
+    return {row[0]: row for row in rows}
 
 
 def staging_rows(store: Store) -> int:
@@ -170,7 +168,7 @@ def served_counts(srv: FakeOneRoster) -> dict[str, int]:
 
 async def fresh_load(srv: FakeOneRoster, tmp_path: Path, workers: int) -> tuple[Any, ...]:
     """What a single first load of the server as it is now gives, in a fresh SQLite store:
-    (mirror without raw_hash and dates, mirror, directory, the report)."""
+    (mirror without dates, mirror, directory, the report)."""
     where = tmp_path / f"fresh-{uuid.uuid4().hex[:8]}"
     where.mkdir()
     ref = Store(f"sqlite:///{where / 'ref.db'}")
@@ -179,13 +177,13 @@ async def fresh_load(srv: FakeOneRoster, tmp_path: Path, workers: int) -> tuple[
         report = await run(engine_for(srv, ref, where, workers))
         assert report.status in ("succeeded", "succeeded_with_errors"), report.error
         assert report.mode == "full"
-        return mirror(ref, raw=False, dates=False), mirror(ref), directory(ref), report
+        return mirror(ref, dates=False), mirror(ref), directory(ref), report
     finally:
         ref.dispose()
 
 
 async def run_everything(engine: SyncEngine, mode: str | None = None) -> RunReport:
-    """A run as before fingerprints and known rows: every record normalized and staged."""
+    """A run without known rows: every record fetched is staged."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fetch_step, "KnownRows", lambda source: None)
         return await run(engine, mode)
@@ -220,19 +218,19 @@ async def test_a_no_op_full_run_stages_nothing_and_counts_everything(
     pooled: list[int],
     observed: Observed,
 ) -> None:
-    """After a first load, a full run over the same server stages nothing: records are
-    recognised by their fingerprints (or, on a page decoded before those were loaded, by
-    their rows); the mirror (fingerprints included) is
-    unchanged and the report still counts every record served."""
+    """After a first load, a full run over the same server stages nothing, not even an empty
+    write: every row fetched is found equal to its mirror row and left out. The mirror is
+    unchanged, every column, and the report still counts every record served."""
     engine = engine_for(served, store, tmp_path, workers)
     first = await run(engine)
     assert first.status == "succeeded_with_errors", first.error
     assert observed.staged > 0
+    # A first load: the mirror held nothing, so nothing was left out.
+    assert observed.kept == observed.filtered == observed.staged
+    assert observed.left_out() == 0
     before = mirror(store)
     for kind, rows in before.items():
         assert rows, kind
-        hashes = raw_hashes(store, kind)
-        assert all(h is not None and HEX32.match(h) for h in hashes.values()), kind
     observed.reset()
 
     again = await run(engine, "full")
@@ -241,12 +239,14 @@ async def test_a_no_op_full_run_stages_nothing_and_counts_everything(
     assert again.mode == "full"
     assert pooled == ([2, 2] if workers else [])
     assert observed.staged == 0 and observed.writes == 0, "a no-op run staged rows"
-    assert observed.restaged == 0
-    # Each record recognised by its fingerprint or, on a page decoded before the mirror's
-    # fingerprints were loaded, normalized and found equal by its row.
+    # Every row went through the filter (one KnownRows, the run's), and each was left out:
+    # the mirror's rows, one by one, and none of them missing.
     total = sum(len(rows) for rows in before.values())
-    assert observed.seen + observed.decoded_rows == total
-    assert observed.seen > 0
+    assert len(observed.known) == 1
+    assert observed.filtered == total
+    assert observed.kept == 0
+    assert observed.left_out() == total
+    assert observed.missing() == {}
     assert staging_rows(store) == 0
     assert mirror(store) == before
     assert fetched(again) == fetched(first)
@@ -295,10 +295,10 @@ def _change_everything(srv: FakeOneRoster) -> dict[str, str]:
         if e.user_id == removed_person:
             srv.remove("enrollment", e.sourced_id)
     srv.remove("user", removed_person)
-    srv.add(RosterEnrollment("e-fp-new", new_class.sourced_id, newcomer, STUDENT))
+    srv.add(RosterEnrollment("e-kr-new", new_class.sourced_id, newcomer, STUDENT))
     srv.add(
         RosterPerson(
-            "s-fp-new",
+            "s-kr-new",
             STUDENT,
             "Nova",
             "Newcomer",
@@ -306,7 +306,7 @@ def _change_everything(srv: FakeOneRoster) -> dict[str, str]:
             org_ids=("sch-001",),
         )
     )
-    srv.add(RosterEnrollment("e-fp-nova", new_class.sourced_id, "s-fp-new", STUDENT))
+    srv.add(RosterEnrollment("e-kr-nova", new_class.sourced_id, "s-kr-new", STUDENT))
     # only dateLastModified changes
     srv.update("enrollment", touched.sourced_id)
     # the same record, its JSON keys in another order
@@ -334,8 +334,9 @@ async def test_a_full_run_after_changes_gives_what_a_fresh_load_gives(
     observed: Observed,
 ) -> None:
     """A rename, a teacher's enrollment deactivated, records removed and added, a new date
-    only, keys reordered: the full run stages just what changed, and its mirror and directory
-    are a fresh database's after one load of the same server."""
+    only, keys reordered: the full run stages just what changed, its mirror and directory are
+    a run's that stages everything, and a fresh database's after one load of the same server
+    (but for the date the run keeps)."""
     store = sqlite_store
     (tmp_path / "main").mkdir()
     engine = engine_for(served, store, tmp_path / "main", workers)
@@ -352,45 +353,68 @@ async def test_a_full_run_after_changes_gives_what_a_fresh_load_gives(
 
     assert report.status == "succeeded_with_errors", report.error
     assert report.mode == "full"
-    # Normalized: the renamed, the deactivated, the date-only, the reordered and the three
-    # new records (more if a page was decoded before the mirror's fingerprints were loaded).
-    assert observed.decoded_rows >= 7, observed.__dict__
-    # Staged: the renamed, the deactivated and the three new; the reordered record and the
-    # one with only a new date are equal as rows (row_hash leaves dates out, as before).
-    assert observed.staged == 5, observed.__dict__
-    assert observed.restaged == 0
-    # The same two runs with every record normalized and staged: the same mirror and
-    # directory, row for row.
+    # Every row fetched went to the filter; staged: the renamed, the deactivated and the
+    # three new. The reordered record and the one with only a new date are equal as rows
+    # (row_hash leaves dates out), so they were left out with every other unchanged row.
+    assert observed.filtered == sum(fetched(report).values()), observed.__dict__
+    assert observed.kept == observed.staged == 5, observed.__dict__
+    assert observed.left_out() == observed.filtered - 5
+    # What the filter did not see: the person and the enrollments that went.
+    user_at = [c.name for c in tables.roster_enrollment.c].index("user_id")
+    removed_enrollments = {
+        row[0]
+        for row in before["enrollment"]
+        if row[0] == changed["removed_enrollment"] or row[user_at] == changed["removed_person"]
+    }
+    assert changed["removed_enrollment"] in removed_enrollments
+    assert observed.missing() == {
+        "person": {changed["removed_person"]},
+        "enrollment": removed_enrollments,
+    }
+    # The same two runs with every record staged: the same mirror and directory, row for row.
     as_before = await run_everything(other, "full")
     assert as_before.status == report.status
-    assert mirror(store, raw=False) == mirror(everything, raw=False)
+    assert mirror(store) == mirror(everything)
     assert directory(store) == directory(everything)
     assert fetched(report) == fetched(as_before)
     everything.dispose()
     # A fresh database loading the server once: the same, but for the date of the record
-    # whose date alone changed (a run keeps the mirror's, with or without fingerprints).
+    # whose date alone changed (a run keeps the mirror's, with or without known rows).
     ref_plain, ref_mirror, ref_directory, ref_report = await fresh_load(served, tmp_path, workers)
     assert directory(store) == ref_directory
-    assert mirror(store, raw=False, dates=False) == ref_plain
+    assert mirror(store, dates=False) == ref_plain
     assert fetched(report) == fetched(ref_report) == served_counts(served)
     assert {r["sourced_id"] for r in report.rejected} == {
         r["sourced_id"] for r in ref_report.rejected
     }
-    # The fingerprints: those of the records staged are the fresh load's; the reordered
-    # record's row was equal, so its mirror row keeps the fingerprint it was made with.
+    # Row by row, every column: the rows staged are the fresh load's, the reordered record's
+    # is the one it had (and the fresh load's); the date-only record keeps its old date.
     now = mirror(store)
-    raw_at = [c.name for c in tables.roster_person.c].index("raw_hash")
-    ours = {r[0]: r[raw_at] for r in now["person"]}
-    theirs = {r[0]: r[raw_at] for r in ref_mirror["person"]}
-    assert ours[changed["renamed"]] == theirs[changed["renamed"]]
-    assert ours["s-fp-new"] == theirs["s-fp-new"]
-    old = {r[0]: r[raw_at] for r in before["person"]}
-    assert ours[changed["reordered"]] == old[changed["reordered"]] != theirs[changed["reordered"]]
-    assert {k: v for k, v in ours.items() if k != changed["reordered"]} == {
-        k: v for k, v in theirs.items() if k != changed["reordered"]
+    dated = [c.name for c in tables.roster_enrollment.c].index("date_last_modified")
+    ours, theirs, old = by_id(now["person"]), by_id(ref_mirror["person"]), by_id(before["person"])
+    assert ours[changed["renamed"]] == theirs[changed["renamed"]] != old[changed["renamed"]]
+    assert ours["s-kr-new"] == theirs["s-kr-new"]
+    assert ours[changed["reordered"]] == old[changed["reordered"]] == theirs[changed["reordered"]]
+    assert ours == theirs
+    touched = changed["touched"]
+    ours, theirs, old = (
+        by_id(now["enrollment"]),
+        by_id(ref_mirror["enrollment"]),
+        by_id(before["enrollment"]),
+    )
+    assert ours[touched] == old[touched]
+    assert ours[touched][dated] != theirs[touched][dated]
+    assert ours[touched][:dated] + ours[touched][dated + 1 :] == (
+        theirs[touched][:dated] + theirs[touched][dated + 1 :]
+    )
+    assert {k: v for k, v in ours.items() if k != touched} == {
+        k: v for k, v in theirs.items() if k != touched
     }
-    people = mirror(store)["person"]
-    assert changed["removed_person"] not in {r[0] for r in people}
+    assert {k: v for k, v in now.items() if k not in ("person", "enrollment")} == {
+        k: v for k, v in ref_mirror.items() if k not in ("person", "enrollment")
+    }
+    assert changed["removed_person"] not in by_id(now["person"])
+    assert not removed_enrollments & set(ours)
     with store.read() as conn:
         status = conn.execute(
             text("SELECT status FROM roster_enrollment WHERE sourced_id = :s"),
@@ -398,14 +422,15 @@ async def test_a_full_run_after_changes_gives_what_a_fresh_load_gives(
         ).scalar_one_or_none()
     assert status in (None, "tobedeleted")
 
-    # And the run after that recognises what it stored: only the reordered record (and the
-    # rejected one) is normalized again, nothing is staged.
-    after_run = mirror(store, raw=False)
+    # And the run after that finds every row as the mirror holds it: nothing is staged.
+    after_run = mirror(store)
     observed.reset()
     quiet = await run(engine, "full")
     assert quiet.status == "succeeded_with_errors", quiet.error
-    assert observed.staged == 0 and observed.decoded_rows >= 1, observed.__dict__
-    assert mirror(store, raw=False) == after_run
+    assert observed.staged == 0 and observed.writes == 0, observed.__dict__
+    assert observed.filtered == observed.left_out() == sum(len(r) for r in after_run.values())
+    assert observed.missing() == {}
+    assert mirror(store) == after_run
 
 
 # -- 3. one sourcedId twice in a run -----------------------------------------------------------
@@ -427,7 +452,7 @@ def _first_page_person(srv: FakeOneRoster, store: Store) -> RosterPerson:
     who is in the mirror."""
     with srv._lock:
         first_page = srv._tables["users"].records[:PAGE_SIZE]
-    held = raw_hashes(store, "person")
+    held = by_id(mirror(store)["person"])
     return next(r for r in first_page if isinstance(r, RosterPerson) and r.sourced_id in held)
 
 
@@ -443,7 +468,8 @@ async def test_a_record_served_twice_keeps_its_last_version(
     observed: Observed,
 ) -> None:
     """A sourcedId on the first page and again on the last, once changed and once exactly as
-    the mirror holds it: the last one wins, as when every record is normalized."""
+    the mirror holds it: the last one wins, as when every record is staged. An unchanged copy
+    after a staged changed one is staged too; a changed copy after an unchanged one is staged."""
     store = sqlite_store
     (tmp_path / "main").mkdir()
     engine = engine_for(served, store, tmp_path / "main", workers)
@@ -454,7 +480,6 @@ async def test_a_record_served_twice_keeps_its_last_version(
     person = _first_page_person(served, store)
     before = mirror(store)
     held = mirror_person(store, person.sourced_id)
-    assert held["raw_hash"] and HEX32.match(held["raw_hash"])
     as_held = encode_record(person, served.version, served._schools)
     served.update("user", person.sourced_id, family_name="Twice")
     renamed = next(p for p in served.roster.persons if p.sourced_id == person.sourced_id)
@@ -470,87 +495,36 @@ async def test_a_record_served_twice_keeps_its_last_version(
     observed.reset()
 
     report = await run(engine, "full")
+    staged, left_out, missing = observed.staged, observed.left_out(), observed.missing()
+    filtered = observed.filtered
     as_before = await run_everything(other, "full")
 
     assert report.status == as_before.status == "succeeded_with_errors", report.error
-    # What the same two runs give when every record is normalized and staged.
-    assert mirror(store, raw=False) == mirror(everything, raw=False)
+    # What the same two runs give when every record is staged.
+    assert mirror(store) == mirror(everything)
     assert directory(store) == directory(everything)
     assert fetched(report) == fetched(as_before)
     everything.dispose()
+    # Staged: both copies when the changed one came first (the second, as the mirror holds
+    # it, follows a staged copy of its id), the changed one alone when it came last.
+    assert staged == (2 if changed_first else 1), observed.__dict__
+    assert left_out == filtered - staged
+    assert filtered == sum(len(rows) for rows in before.values()) + 1
+    assert missing == {}
     now = mirror_person(store, person.sourced_id)
     if changed_first:
         assert now == held  # the mirror's version came last: it is the mirror's row again
-        assert observed.restaged == 1
         assert mirror(store) == before
     else:
         assert now["family_name"] == "Twice"
-        assert now["raw_hash"] != held["raw_hash"]
-        assert observed.restaged == 0
+        assert now["row_hash"] != held["row_hash"]
+        assert now["date_last_modified"] != held["date_last_modified"]
+        assert {k: v for k, v in mirror(store).items() if k != "person"} == {
+            k: v for k, v in before.items() if k != "person"
+        }
     assert report.fetched["persons"] == served_counts(served)["persons"]
     _, ref_mirror, _, _ = await fresh_load(served, tmp_path, workers)
-    assert mirror(store) == ref_mirror  # fingerprints included: the last record's
-    # The directory is compared with the every-record run above, not with the fresh load:
+    assert mirror(store) == ref_mirror  # every column, dates included: the last record's
+    # The directory is compared with the stage-everything run above, not with the fresh load:
     # a fresh load names a renamed teacher as renamed, where a later run (with or without
-    # fingerprints) keeps the user's display name.
-
-
-# -- 4. the upgrade: mirror rows without fingerprints -----------------------------------------
-
-
-@pytest.mark.parametrize("workers", [2, 0], ids=["pool", "inline"])
-async def test_rows_from_before_fingerprints_get_them_from_a_real_run_only(
-    served: FakeOneRoster,
-    store: Store,
-    tmp_path: Path,
-    workers: int,
-    pooled: list[int],
-    observed: Observed,
-) -> None:
-    """Persons without a fingerprint (rows made before migration 0016): a dry run stores
-    none; a real full run stores each one's, changing nothing else; the run after that
-    recognises them all and stages nothing."""
-    engine = engine_for(served, store, tmp_path, workers)
-    await run(engine)
-    original = raw_hashes(store, "person")
-    with store.write() as conn:
-        conn.execute(update(tables.roster_person).values(raw_hash=None))
-    unhashed = mirror(store)
-    assert set(raw_hashes(store, "person").values()) == {None}
-
-    observed.reset()
-    dry = await engine.sync(SOURCE, mode="full", dry_run=True)
-    await engine.drain()
-    with store.read() as conn:
-        dry = load_report(conn, dry.id)
-    assert dry.status in ("succeeded", "succeeded_with_errors"), dry.error
-    assert set(raw_hashes(store, "person").values()) == {None}
-    assert mirror(store) == unhashed
-    assert observed.staged == 0, "persons equal to their mirror rows were staged"
-
-    observed.reset()
-    real = await run(engine, "full")
-    assert real.status == "succeeded_with_errors", real.error
-    assert observed.staged == 0
-    stored = raw_hashes(store, "person")
-    assert all(h is not None and HEX32.match(h) for h in stored.values()), stored
-    assert stored == original  # the very fingerprints a load stores
-    raw_at = [c.name for c in tables.roster_person.c].index("raw_hash")
-    after = mirror(store)
-    assert {k: v for k, v in after.items() if k != "person"} == {
-        k: v for k, v in unhashed.items() if k != "person"
-    }
-
-    def strip(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return [r[:raw_at] + r[raw_at + 1 :] for r in rows]
-
-    assert strip(after["person"]) == strip(unhashed["person"])
-    assert set(real.counts.values()) - {0} <= {real.counts.get("records_rejected", 0)}
-
-    observed.reset()
-    last = await run(engine, "full")
-    assert last.status == "succeeded_with_errors", last.error
-    assert observed.staged == 0 and observed.writes == 0
-    assert observed.seen + observed.decoded_rows == sum(len(rows) for rows in after.values())
-    assert observed.seen > 0
-    assert mirror(store) == after
+    # known rows) keeps the user's display name.
