@@ -31,6 +31,7 @@ async def _sync_and_drain(
     show_progress: bool = True,
     owner: str | None = None,
     changes: bool = False,
+    trigger: str = "cli",
 ) -> list[RunReport]:
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
@@ -50,7 +51,9 @@ async def _sync_and_drain(
         reports = []
         for name in sources:
             try:
-                report = await engine.sync(name, mode=mode, dry_run=dry_run, changes=changes)
+                report = await engine.sync(
+                    name, mode=mode, dry_run=dry_run, changes=changes, trigger=trigger
+                )
             except SourceBusy as exc:
                 fail(str(exc))
             reports.append(report)
@@ -181,6 +184,13 @@ def sync(
 @click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
 @click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
 @click.option(
+    "--trigger",
+    type=click.Choice(["cli", "schedule"]),
+    default="cli",
+    show_default=True,
+    help="with --once: the trigger its runs record (the shipped timer unit says schedule)",
+)
+@click.option(
     "--instance-id",
     metavar="ID",
     help="this instance's name in leases (default HOSTNAME:PID; must be unique among running instances)",
@@ -194,18 +204,35 @@ def sync(
     help="on SIGTERM, wait this long for in-flight syncs and jobs before giving their leases back",
 )
 @click.pass_obj
-def run(app: App, once: bool, as_json: bool, instance_id: str | None, stop_timeout: float) -> None:
+def run(
+    app: App,
+    once: bool,
+    as_json: bool,
+    trigger: str,
+    instance_id: str | None,
+    stop_timeout: float,
+) -> None:
     """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
     import asyncio
 
     from rostersync.config.loader import config_path
 
+    if not once and trigger != "cli":
+        fail("--trigger goes with --once (the daemon records its own triggers)", EXIT_USAGE)
     settings = app.settings
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports = asyncio.run(
-            _sync_and_drain(app, names, None, dry_run=False, show_progress=False, owner=instance_id)
+            _sync_and_drain(
+                app,
+                names,
+                None,
+                dry_run=False,
+                show_progress=False,
+                owner=instance_id,
+                trigger=trigger,
+            )
         )
         if as_json:
             emit_json({"runs": [r.as_json() for r in reports]})

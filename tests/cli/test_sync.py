@@ -94,6 +94,21 @@ def test_resync_queues_jobs_and_rejects_unknown_users(config: Path) -> None:
     assert all(j["state"] == "succeeded" for j in jobs)  # type: ignore[union-attr]
 
 
+def test_run_once_records_the_trigger_it_is_given(config: Path) -> None:
+    """`run --once` records its runs as `cli`, or as `schedule` when the timer unit says
+    so; `--trigger` without `--once` is a usage error (the daemon records its own)."""
+    assert run(config, "run", "--once").exit_code == 0
+    assert run(config, "run", "--once", "--trigger", "schedule").exit_code == 0
+    runs = as_json(run(config, "runs", "list", "--json"))
+    assert [r["trigger"] for r in runs] == ["schedule", "cli"]  # type: ignore[index]
+    wrong = run(config, "run", "--trigger", "schedule")
+    assert wrong.exit_code == 2
+    assert "--trigger goes with --once" in wrong.output
+    assert run(config, "run", "--once", "--trigger", "approval").exit_code == 2
+    unit = Path(__file__).parents[2] / "deploy" / "rostersync-once.service"
+    assert "run --once --trigger schedule" in unit.read_text(encoding="utf-8")
+
+
 def test_a_dry_run_lists_its_change_set(config: Path) -> None:
     """`sync --dry-run --changes` prints the change set (in JSON with the run), and a real
     sync then does just that."""
