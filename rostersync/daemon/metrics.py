@@ -222,10 +222,12 @@ class Metrics:
         self.reloads = Counter(
             "rostersync_config_reloads", "SIGHUP config reloads by result", ["result"], registry=r
         )
+        # instance_id, not instance: Prometheus gives every scraped series its own `instance`
+        # (the target's host:port) and would rename ours to exported_instance.
         info = Gauge(
             "rostersync_info",
-            "Version and instance of this daemon",
-            ["version", "instance"],
+            "Version and instance id (--instance-id) of this daemon",
+            ["version", "instance_id"],
             registry=r,
         )
         info.labels(__version__, instance).set(1)

@@ -289,6 +289,15 @@ def test_the_store_collector_exports_what_it_read() -> None:
     assert "rostersync_resync_queue_jobs" not in text and "rostersync_info{" in text
 
 
+def test_the_info_metric_names_the_daemon_without_taking_prometheus_instance_label() -> None:
+    """`instance` is the label Prometheus gives every scraped series (the target); the
+    daemon's own id goes in `instance_id`."""
+    text = Metrics(instance="host-a:42").render().decode()
+    [line] = [x for x in text.splitlines() if x.startswith("rostersync_info{")]
+    assert 'instance_id="host-a:42"' in line
+    assert "instance=" not in line.replace("instance_id=", "")
+
+
 def test_promtool_accepts_the_rules_and_their_unit_tests() -> None:
     """`promtool check rules` passes, and the alerts fire (and stay quiet) as
     tests/daemon/alert_rules_test.yml expects: a stale and a never-synced source, a held run
