@@ -188,7 +188,7 @@ def sync(
     type=click.Choice(["cli", "schedule"]),
     default="cli",
     show_default=True,
-    help="with --once: the trigger its runs record (the shipped timer unit says schedule)",
+    help="with --once: the trigger its runs record (rostersync-once.service says schedule)",
 )
 @click.option(
     "--instance-id",
@@ -217,8 +217,11 @@ def run(
 
     from rostersync.config.loader import config_path
 
-    if not once and trigger != "cli":
-        fail("--trigger goes with --once (the daemon records its own triggers)", EXIT_USAGE)
+    if not once and (as_json or trigger != "cli"):
+        # The daemon prints no document and records its own triggers: a flag it would
+        # ignore is a mistake to point out, not to start a daemon over.
+        flag = "--json" if as_json else "--trigger"
+        fail(f"{flag} goes with --once", EXIT_USAGE)
     settings = app.settings
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]

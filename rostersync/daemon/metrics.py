@@ -136,12 +136,22 @@ class _StoreCollector(Collector):
     def __init__(self, read: Callable[[], StoreState]) -> None:
         self._read = read
 
+    def describe(self) -> Iterable[Metric]:
+        # What the registry checks the names against when this is registered: the families
+        # alone. Without it the registry collects, reading the database before the daemon
+        # has its schedules (a warning at every start).
+        return self._families(StoreState(queue={}))
+
     def collect(self) -> Iterable[Metric]:
         try:
             state = self._read()
         except Exception as exc:  # a scrape must not fail because the database is down
             structlog.get_logger().warning("metrics_store_read_failed", error=str(exc))
             return []
+        return self._families(state)
+
+    @staticmethod
+    def _families(state: StoreState) -> list[Metric]:
         queue = GaugeMetricFamily(
             "rostersync_resync_queue_jobs",
             "Resync jobs waiting (queued) or being processed (running)",

@@ -96,7 +96,8 @@ def test_resync_queues_jobs_and_rejects_unknown_users(config: Path) -> None:
 
 def test_run_once_records_the_trigger_it_is_given(config: Path) -> None:
     """`run --once` records its runs as `cli`, or as `schedule` when the timer unit says
-    so; `--trigger` without `--once` is a usage error (the daemon records its own)."""
+    so; `--trigger` or `--json` without `--once` is a usage error (the daemon records its
+    own triggers and prints no document)."""
     assert run(config, "run", "--once").exit_code == 0
     assert run(config, "run", "--once", "--trigger", "schedule").exit_code == 0
     runs = as_json(run(config, "runs", "list", "--json"))
@@ -104,6 +105,9 @@ def test_run_once_records_the_trigger_it_is_given(config: Path) -> None:
     wrong = run(config, "run", "--trigger", "schedule")
     assert wrong.exit_code == 2
     assert "--trigger goes with --once" in wrong.output
+    quiet = run(config, "run", "--json")  # the daemon would print no document: refused
+    assert quiet.exit_code == 2
+    assert "--json goes with --once" in quiet.output
     assert run(config, "run", "--once", "--trigger", "approval").exit_code == 2
     unit = Path(__file__).parents[2] / "deploy" / "rostersync-once.service"
     assert "run --once --trigger schedule" in unit.read_text(encoding="utf-8")

@@ -319,3 +319,39 @@ def test_every_metric_is_documented() -> None:
     """docs/operations.md lists each metric an operator's dashboards and alerts rely on."""
     doc = (REPO / "docs" / "operations.md").read_text(encoding="utf-8")
     assert [name for name in METRIC_NAMES if f"`{name}`" not in doc] == []
+
+
+def test_registering_the_database_series_reads_nothing_until_a_scrape() -> None:
+    """The daemon builds its metrics before its schedules: registering the series read from
+    the database must not read it (it logged metrics_store_read_failed at every start)."""
+    calls: list[int] = []
+
+    def read() -> StoreState:
+        calls.append(1)
+        return StoreState(queue={"queued": 2})
+
+    metrics = Metrics(read)
+    assert calls == []
+    text = metrics.render().decode()
+    assert calls == [1]
+    assert 'rostersync_resync_queue_jobs{state="queued"} 2.0' in text
+
+
+def test_a_daemon_starts_without_a_metrics_warning(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    from rostersync.config.loader import load_settings
+    from rostersync.daemon.service import Daemon
+    from tests.daemon.conftest import base_config, write_config
+
+    config = write_config(
+        tmp_path / "rostersync.yaml", base_config(f"sqlite:///{tmp_path / 'rs.db'}")
+    )
+    settings = load_settings(config)
+    store = Store(settings.database)
+    store.ensure_schema()
+    with capture_logs() as logs:
+        daemon = Daemon(settings, store, config_file=config)
+    assert daemon.metrics.render()
+    assert [e for e in logs if e["event"] == "metrics_store_read_failed"] == []
+    store.dispose()
