@@ -168,6 +168,42 @@ def _with_priority(render: Any) -> Any:
     return rendered
 
 
+class LogStream:
+    """The stream log lines go to, which cannot make logging fail: a reader of stderr that
+    went away (a closed pipe), a terminal hung up or a full disk lose the lines, not the
+    program. Every log call would otherwise raise in whatever was logging, the daemon's stop
+    handler among them, which then never stopped it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False  # the reader is gone for good: no more writes
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+                self.broken = True
+            except OSError:
+                pass  # this line is lost; the next may go through (a disk freed)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+            except OSError:
+                pass
+
+    def isatty(self) -> bool:
+        try:
+            return not self.broken and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog once per process. ``fmt``: auto (JSON unless stderr is a TTY)."""
     global _json_output
@@ -190,7 +226,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(file=LogStream(out)),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

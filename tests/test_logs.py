@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -194,3 +195,50 @@ def test_a_command_whose_stderr_is_the_journal_prefixes_every_line(tmp_path: Pat
         by_event[event["event"]] = line[:3]
     assert by_event["sync_started"] == "<6>"
     assert by_event["resync_no_daemon"] == "<4>"  # no daemon runs: a warning
+
+
+class _GoneReader(io.StringIO):
+    """stderr whose reader went away: every write is a broken pipe."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_log_line_to_a_reader_that_went_away_raises_nothing() -> None:
+    """A closed pipe on stderr loses the log lines, not the program."""
+    try:
+        logs.configure("info", "json", _GoneReader())
+        structlog.get_logger().info("anything", n=1)
+        structlog.get_logger().warning("again")
+    finally:
+        logs.configure("info", "json")
+
+
+def test_the_daemon_stops_on_sigterm_when_its_log_reader_is_gone(tmp_path: Path) -> None:
+    """`rostersync run 2>&1 | head -3`: once head has exited, SIGTERM still stops the daemon
+    (it hung: the stop handler's log line raised before it set the stop)."""
+    import signal
+    import time
+
+    from tests.daemon.conftest import SAMPLE, base_config, write_config
+
+    config = base_config(f"sqlite:///{tmp_path / 'rs.db'}")
+    config["sources"]["sample"]["schedule"] = {"interval": "1h", "jitter": 0}
+    path = write_config(tmp_path / "rostersync.yaml", config)
+    assert SAMPLE.is_dir()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "rostersync", "--config", str(path), "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert daemon.stderr is not None
+        assert b"daemon_started" in daemon.stderr.readline() + daemon.stderr.readline()
+        daemon.stderr.close()  # the reader goes away
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()

@@ -178,11 +178,11 @@ class Daemon:
 
     def request_stop(self, why: str = "stop") -> None:
         if self._stop.is_set():
-            self.log.warning("stop_hurried", signal=why)
             self._hurry.set()  # a second signal: stop waiting for in-flight work
+            self.log.warning("stop_hurried", signal=why)
             return
+        self._stop.set()  # before the log line: stopping must not depend on logging
         self.log.info("stop_requested", signal=why)
-        self._stop.set()
 
     async def _shutdown(self) -> None:
         self._stopping = True
