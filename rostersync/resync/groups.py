@@ -596,6 +596,3 @@ def mark_dirty(
         "ON CONFLICT DO NOTHING",
         sorted((source, c, p) for c, p in pairs if c in grouped and c not in whole),
     )
-
-
-# -- merge ---------------------------------------------------------------------------------
