@@ -375,6 +375,11 @@ def load_settings_text(
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
+        # Where the parser gave up is often lines after the mistake (an unclosed [ or {):
+        # say where what it was reading began.
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            problem = f"{problem} ({context} that starts on line {start.line + 1})"
         raise ConfigError([ConfigIssue("", f"YAML syntax: {problem}", line)], file) from None
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", "the file must be a YAML mapping of keys")], file)

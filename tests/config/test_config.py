@@ -439,3 +439,19 @@ def test_a_secret_problem_does_not_hide_the_other_errors_of_its_block(tmp_path: 
         "sources.proxy.auth.client_secret: line 24: give client_secret or client_secret_file, not both",
     ]
     assert "inline" not in str(err.value) and "s3cret" not in str(err.value)
+
+
+def test_a_yaml_syntax_error_names_where_the_unclosed_part_began() -> None:
+    """An unclosed `[` is found lines later, where the parser gives up: the error names that
+    line and the one where the list began."""
+    text = "database: sqlite:///x.db\nroles: [Teacher,\n  Admin\nsites: [North High]\n"
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert issue.line == 4
+    assert issue.message.startswith("YAML syntax: expected ',' or ']'")
+    assert "flow sequence that starts on line 2" in issue.message
+    with pytest.raises(ConfigError) as raised:  # a mistake within one line: that line alone
+        load_settings_text("database: sqlite:///x.db\nroles: [Teacher, a: b: c]\n")
+    [issue] = raised.value.issues
+    assert issue.line == 2 and "starts on line" not in issue.message
