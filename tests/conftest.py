@@ -140,3 +140,28 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
         return settings.model_copy(update={"sources": sources})
 
     return make
+
+
+@pytest.fixture
+def pool_starts(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
+    """``pool_starts(min_records)``: every page of a OneRoster collection of at least
+    ``min_records`` goes to the decode pool (when the source has workers); returns the list
+    the sizes of the pools started are appended to."""
+
+    def counting(min_records: int) -> list[int]:
+        from connectors.oneroster import connector as connector_module
+        from connectors.oneroster import decode
+
+        monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
+        monkeypatch.setattr(decode, "POOL_MIN_RECORDS", min_records)
+        started: list[int] = []
+        real_start = decode.start_pool
+
+        def counting_start(workers: int) -> Any:
+            started.append(workers)
+            return real_start(workers)
+
+        monkeypatch.setattr(connector_module, "start_pool", counting_start)
+        return started
+
+    return counting

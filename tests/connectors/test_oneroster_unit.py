@@ -1086,21 +1086,12 @@ def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
     ],
 )
 async def test_the_pool_starts_only_for_a_collection_worth_it(
-    monkeypatch: pytest.MonkeyPatch, records: int, total: bool, pooled: bool
+    pool_starts: Callable[[int], list[int]], records: int, total: bool, pooled: bool
 ) -> None:
     """A delta run's few changed records are decoded inline (starting the workers would cost
     more); a large or unsized collection goes to the pool. Either way the records are the
     same."""
-    monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
-    monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 6)
-    starts: list[int] = []
-    real_start = connector_module.start_pool
-
-    def counting_start(workers: int) -> ProcessPoolExecutor:
-        starts.append(workers)
-        return real_start(workers)
-
-    monkeypatch.setattr(connector_module, "start_pool", counting_start)
+    starts = pool_starts(6)
     raw = [user(n) for n in range(1, records + 1)]
     with respx.mock(assert_all_called=False) as router:
         router.get(f"{BASE}/users").mock(side_effect=pager(raw, "users", total=total))
