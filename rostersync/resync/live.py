@@ -76,22 +76,21 @@ def apply_teacher_roster(
         if key in existing:
             sid, status = existing[key]
             if status != "active":
-                conn.execute(
-                    text(
-                        "UPDATE roster_enrollment SET status = 'active', row_hash = :h "
-                        "WHERE source = :src AND sourced_id = :sid"
-                    ),
-                    {"src": source, "sid": sid, "h": LIVE_HASH},
-                )
+                _set_status(conn, source, sid, "active")
         else:
             new_rows.append({**enrollment_row(e), "source": source})
     upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
     for (cls, uid, role), (sid, status) in existing.items():
         if role == STUDENT and status == "active" and (cls, uid, role) not in live:
-            conn.execute(
-                text(
-                    "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
-                    "WHERE source = :src AND sourced_id = :sid"
-                ),
-                {"src": source, "sid": sid, "h": LIVE_HASH},
-            )
+            _set_status(conn, source, sid, "tobedeleted")
+
+
+def _set_status(conn: Connection, source: str, sourced_id: str, status: str) -> None:
+    """One mirror enrollment's status, as the live answer says (marked LIVE_HASH)."""
+    conn.execute(
+        text(
+            "UPDATE roster_enrollment SET status = :status, row_hash = :h "
+            "WHERE source = :src AND sourced_id = :sid"
+        ),
+        {"status": status, "h": LIVE_HASH, "src": source, "sid": sourced_id},
+    )
