@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,9 +157,9 @@ def pool_starts(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
         started: list[int] = []
         real_start = decode.start_pool
 
-        def counting_start(workers: int) -> Any:
+        def counting_start(workers: int, preload: Sequence[str] = ()) -> Any:
             started.append(workers)
-            return real_start(workers)
+            return real_start(workers, preload)
 
         monkeypatch.setattr(connector_module, "start_pool", counting_start)
         return started

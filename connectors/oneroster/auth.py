@@ -93,6 +93,11 @@ class BearerToken(httpx.Auth):
     def __init__(self, token: str) -> None:
         self._header = f"Bearer {token}"
 
+    @property
+    def header(self) -> str:
+        """The ``Authorization`` value (for the decode workers' own requests)."""
+        return self._header
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = self._header
         yield request
@@ -122,6 +127,11 @@ class OAuth2ClientCredentials(httpx.Auth):
         self._lock: asyncio.Lock | None = None
         #: How many tokens were fetched (tests and metrics read it).
         self.tokens_fetched = 0
+
+    def current_token(self) -> str | None:
+        """The cached token while it is good, else None (nothing is fetched): what the decode
+        workers' own requests carry."""
+        return self._valid_token()
 
     def _valid_token(self) -> str | None:
         if self._token is None:

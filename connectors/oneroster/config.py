@@ -137,8 +137,9 @@ class OneRosterSourceConfig(ScopedSourceConfig):
         default=None,
         ge=0,
         le=32,
-        description="processes that parse and normalize large pages beside the fetch; "
-        "0 decodes in the sync process; default: one per CPU core, at most 4",
+        description="processes that request, parse and normalize a large collection's pages "
+        "beside the sync process; 0 does it all in the sync process; default: one per CPU "
+        "core, at most 4",
     )
     delta_overlap: Duration = Field(
         default=timedelta(minutes=5),

@@ -14,7 +14,11 @@ relation endpoints carry no enrollment ids (the engine matches them on class, us
 
 Every request goes through the shared :class:`~rostersync.source.retry.RetryPolicy` and a
 connector-wide semaphore of ``max_concurrency``; URLs are always ``base_url`` plus our own path
-and parameters, never an ``href`` from the data or a ``Link`` header.
+and parameters, never an ``href`` from the data or a ``Link`` header. Once a collection is
+known to be large (its first page's ``X-Total-Count``), the decode workers request its other
+pages themselves, one attempt each, within the same semaphore
+(:mod:`connectors.oneroster.direct`); a page they could not get is asked for again here, and
+after anything but a renewable token's 401 every later page is too.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from connectors.oneroster.decode import (
     records_of,
     start_pool,
 )
+from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page
 from connectors.oneroster.errors import describe, raise_for_status, transport_error
 from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
@@ -80,6 +85,10 @@ PAGES_PER_REQUEST_SLOT = 2
 
 #: Decoded batches the collections may read ahead of the engine's staging.
 BATCHES_AHEAD = 16
+
+#: The decode workers' own requests (connectors.oneroster.direct) stop for the run after this
+#: many answers of 401: one is an OAuth2 token revoked early, which the sync process renews.
+DIRECT_MAX_401 = 3
 
 
 class _Missing(Exception):
@@ -127,6 +136,13 @@ class OneRosterConnector:
         self._slots: asyncio.Semaphore | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._pool_broken = False
+        self._own_requests = ctx.own_requests
+        #: why the workers no longer send requests themselves (None while they do)
+        self._direct_off: str | None = None
+        self._direct_401s = 0
+        self._client_spec: ClientSpec | None = None
+        #: pages the decode workers requested themselves, over the connector's life
+        self.pages_by_workers = 0
         self.closed = False
         #: the academic sessions the last fetch read, by sourcedId (``terms: {mode: current}``)
         self.academic_sessions: dict[str, AcademicSession] = {}
@@ -191,34 +207,151 @@ class OneRosterConnector:
         """The page, normalized: in the decode pool when it is worth the trip (a large page
         of a collection that is large, or whose size the server does not say)."""
         content = response.content
-        workers = self.config.decode_workers
-        if workers is None:
-            workers = default_workers()
         try:
-            if (
-                workers > 0
-                and not self._pool_broken
-                and len(content) >= decode.POOL_MIN_BYTES
-                and (total is None or total >= decode.POOL_MIN_RECORDS)
-            ):
-                if self._pool is None:
-                    self._pool = start_pool(workers)
+            if len(content) >= decode.POOL_MIN_BYTES and self._pool_worth(total):
                 loop = asyncio.get_running_loop()
                 try:
-                    return await loop.run_in_executor(self._pool, decode_page, key, content, True)
+                    return await loop.run_in_executor(
+                        self._start_pool(), decode_page, key, content, True
+                    )
                 except BrokenExecutor as exc:
-                    # A worker died, or could not start (multiprocessing re-imports the
-                    # program's main module in each worker, which fails for `python -c`
-                    # or stdin). Slower, but the run goes on: decode here from now on.
-                    # Several pages may have been waiting for the pool: one warning.
-                    if not self._pool_broken:
-                        self._pool_broken = True
-                        self._log.warning(
-                            "decode pool failed; decoding in the sync process", error=str(exc)
-                        )
+                    self._pool_failed(exc)
             return decode_page(key, content)
         except DecodeError as exc:
             raise self._unexpected(response, exc) from None
+
+    # -- the decode pool ----------------------------------------------------------------------
+
+    def _workers(self) -> int:
+        workers = self.config.decode_workers
+        return default_workers() if workers is None else workers
+
+    def _pool_worth(self, total: int | None) -> bool:
+        """A collection of ``total`` records (None: the server does not say) is decoded in
+        the pool: the workers' start-up pays for itself on a large one only."""
+        return (
+            self._workers() > 0
+            and not self._pool_broken
+            and (total is None or total >= decode.POOL_MIN_RECORDS)
+        )
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            preload = ("connectors.oneroster.direct",) if self._own_requests else ()
+            self._pool = start_pool(self._workers(), preload=preload)
+        return self._pool
+
+    def _pool_failed(self, exc: BrokenExecutor) -> None:
+        # A worker died, or could not start (multiprocessing re-imports the program's main
+        # module in each worker, which fails for `python -c` or stdin). Slower, but the run
+        # goes on: requests and decoding in this process from now on. Several pages may
+        # have been waiting for the pool: one warning.
+        if not self._pool_broken:
+            self._pool_broken = True
+            self._log.warning("decode pool failed; decoding in the sync process", error=str(exc))
+
+    # -- pages the decode workers request themselves ------------------------------------------
+
+    def _direct_ok(self, total: int | None) -> bool:
+        return self._own_requests and self._direct_off is None and self._pool_worth(total)
+
+    def _direct_headers(self) -> tuple[tuple[str, str], ...] | None:
+        """What a worker's request carries besides the OAuth 1.0a signature it makes itself;
+        None when it cannot go (no valid OAuth2 token now: the sync process fetches one)."""
+        accept = ("Accept", "application/json")
+        auth = self._auth
+        if isinstance(auth, OAuth1Signer):
+            return (accept,)
+        if isinstance(auth, BearerToken):
+            return (accept, ("Authorization", auth.header))
+        if isinstance(auth, OAuth2ClientCredentials):
+            token = auth.current_token()
+            return None if token is None else (accept, ("Authorization", f"Bearer {token}"))
+        return None
+
+    def _spec(self) -> ClientSpec:
+        if self._client_spec is None:
+            cfg = self.config
+            auth = cfg.auth
+            self._client_spec = ClientSpec(
+                timeout=cfg.timeout.total_seconds(),
+                verify_tls=cfg.verify_tls,
+                ca_bundle=str(cfg.ca_bundle) if cfg.ca_bundle is not None else None,
+                oauth1=(auth.client_id, auth.client_secret.get_secret_value())
+                if isinstance(auth, OAuth1Auth)
+                else None,
+            )
+        return self._client_spec
+
+    async def _direct_page(
+        self, path: str, key: str, offset: int, extra: dict[str, str]
+    ) -> Page | None:
+        """The page, requested and decoded by a decode worker; None when the sync process
+        must ask for it itself (see connectors.oneroster.direct)."""
+        headers = self._direct_headers()
+        if headers is None:
+            return None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.config.max_concurrency)
+        params = {"limit": str(self.config.page_size), "offset": str(offset), **extra}
+        request = DirectRequest(self._spec(), self._url(path), tuple(params.items()), headers, key)
+        hooks = self._http.event_hooks
+        # The client's hooks (the daemon's request metrics) see the workers' requests too.
+        shown = None
+        if hooks["request"] or hooks["response"]:
+            shown = httpx.Request("GET", request.url, params=params)
+        loop = asyncio.get_running_loop()
+        async with self._slots:
+            for hook in hooks["request"] if shown is not None else ():
+                await hook(shown)
+            try:
+                answer = await loop.run_in_executor(self._start_pool(), fetch_page, request)
+            except BrokenExecutor as exc:
+                self._pool_failed(exc)
+                return None
+        if shown is not None and answer.status:
+            response = httpx.Response(
+                answer.status,
+                headers={k: v for k, v in (("X-Total-Count", answer.total),) if v is not None},
+                request=shown,
+            )
+            for hook in hooks["response"]:
+                await hook(response)
+        decoded = answer.page
+        if decoded is None:
+            self._direct_failed(path, offset, answer.status, answer.problem or "no page")
+            return None
+        self.pages_by_workers += 1
+        has_link, has_next, next_offset = parse_link(answer.link)
+        return Page(
+            offset=offset,
+            records=[],
+            total=parse_total(answer.total),
+            has_link=has_link,
+            has_next=has_next,
+            next_offset=next_offset,
+            decoded=decoded,
+            count=decoded.length,
+            first_id=decoded.first_id,
+            by_worker=True,
+        )
+
+    def _direct_failed(self, path: str, offset: int, status: int, problem: str) -> None:
+        """The sync process asks again, the careful way; after anything but an OAuth2
+        token's 401 it asks for every page itself from now on (a server that is failing or
+        limiting us gets no extra requests)."""
+        if status == 401 and isinstance(self._auth, OAuth2ClientCredentials):
+            self._direct_401s += 1
+            if self._direct_401s < DIRECT_MAX_401:
+                return
+        if self._direct_off is None:
+            self._direct_off = problem
+            self._log.info(
+                "pages requested by the sync process from now on",
+                reason=problem,
+                request=f"GET {httpx.URL(self._url(path)).path}",
+                offset=offset,
+            )
 
     async def _page(
         self,
@@ -270,11 +403,19 @@ class OneRosterConnector:
         rows: bool = False,
     ) -> AsyncIterator[Page]:
         params = extra or {}
+        sized: list[int | None] = []  # the first page's X-Total-Count, once it is read
 
         async def fetch(offset: int) -> Page:
-            return await self._page(
+            if rows and sized and self._direct_ok(sized[0]):
+                page = await self._direct_page(path, key, offset, params)
+                if page is not None:
+                    return page
+            page = await self._page(
                 path, key, offset, params, may_be_missing=may_be_missing, rows=rows
             )
+            if not sized:
+                sized.append(page.total)
+            return page
 
         paginator = OffsetPaginator(self.source, path, self.config.page_size)
         width = self.config.max_concurrency * PAGES_PER_REQUEST_SLOT
@@ -341,9 +482,11 @@ class OneRosterConnector:
 
         async def read(collection: str) -> None:
             started, pages, count = time.monotonic(), 0, 0
+            by_workers = 0
             try:
                 async for page in self._pages(f"/{collection}", collection, extra, rows=True):
                     pages += 1
+                    by_workers += page.by_worker
                     decoded: DecodedPage = page.decoded
                     count += decoded.length
                     if decoded.length:
@@ -357,6 +500,7 @@ class OneRosterConnector:
                 mode=str(mode),
                 records=count,
                 pages=pages,
+                pages_by_workers=by_workers,
                 seconds=round(time.monotonic() - started, 3),
             )
             await out.put(None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -100,13 +101,15 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def start_pool(workers: int) -> ProcessPoolExecutor:
+def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+    """A pool of ``workers`` decode processes; ``preload``: further modules their forkserver
+    imports once for all of them (connectors.oneroster.direct, when they will send requests)."""
     # forkserver, not fork: the daemon runs threads (scheduler, metrics), and a forked copy of
     # a process holding a lock in another thread can deadlock.
     context = multiprocessing.get_context("forkserver")
-    # Preload only this module: the default also re-imports the program's __main__ in the
-    # server, which runs any script that lacks a main guard.
-    context.set_forkserver_preload([__name__])
+    # Preload only what the workers use: the default also re-imports the program's __main__
+    # in the server, which runs any script that lacks a main guard.
+    context.set_forkserver_preload([__name__, *preload])
     me = os.getpid()
     # The workers are the forkserver's children, not ours: each watches this process and
     # exits with it, and the forkserver and resource tracker follow once no worker is left.

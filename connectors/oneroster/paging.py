@@ -61,6 +61,7 @@ class Page:
     decoded: Any = None
     count: int | None = None
     first_id: str | None = None
+    by_worker: bool = False  # a decode worker requested it (connectors.oneroster.direct)
 
     @property
     def size(self) -> int:

@@ -76,6 +76,10 @@ class ConnectorContext:
     config: SourceConfig
     http: httpx.AsyncClient
     log: Any = None  # a structlog BoundLogger with `source` bound
+    #: The connector may also send requests of its own, outside ``http``, built from the
+    #: source's settings (OneRoster's decode workers fetch a large collection's pages). The
+    #: engine says no when a test swaps the network through ``http``; so does the default.
+    own_requests: bool = False
 
     @property
     def logger(self) -> Any:

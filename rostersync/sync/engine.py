@@ -121,7 +121,14 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
             # The daemon's metrics time every request and count responses by status here.
             options["event_hooks"] = self.http_event_hooks
         async with httpx.AsyncClient(**options) as http:
-            conn = plugin.create(ConnectorContext(source, cfg, http, self.log.bind(source=source)))
+            ctx = ConnectorContext(
+                source,
+                cfg,
+                http,
+                self.log.bind(source=source),
+                own_requests=self.transport is None,
+            )
+            conn = plugin.create(ctx)
             try:
                 yield conn
             finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
@@ -1118,7 +1118,7 @@ async def test_a_broken_decode_pool_falls_back_to_decoding_inline(
     monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     starts: list[int] = []
 
-    def broken_pool(workers: int) -> ProcessPoolExecutor:
+    def broken_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
         starts.append(workers)
         context = multiprocessing.get_context("forkserver")
         # Every worker exits in its initializer: the pool is broken on first use.

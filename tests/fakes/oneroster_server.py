@@ -103,6 +103,7 @@ class Faults:
     delay: float = 0.0  # seconds to wait before each answer
     down_after: int | None = None  # after K requests, every connection is dropped
     only: str | None = None  # apply the faults above only to paths containing this
+    from_offset: int = 0  # ... and only to pages at this offset or later
 
 
 @dataclass
@@ -591,7 +592,7 @@ class FakeOneRoster:
         seen.status = reply.status if reply else 0
         return reply
 
-    def _fault(self, path: str) -> _Reply | Literal[False] | None:
+    def _fault(self, path: str, params: dict[str, str]) -> _Reply | Literal[False] | None:
         """The injected fault for this request, or False when none applies."""
         f = self.faults
         with self._lock:
@@ -599,6 +600,8 @@ class FakeOneRoster:
             if f.down_after is not None and self._data_requests > f.down_after:
                 return _DROP
             if f.only is not None and f.only not in path:
+                return False
+            if f.from_offset and int(params.get("offset") or 0) < f.from_offset:
                 return False
             if f.drop > 0:
                 f.drop -= 1
@@ -620,7 +623,7 @@ class FakeOneRoster:
         base = BASE_PATHS[self.version]
         if not path.startswith(base + "/"):
             return _imsx(404, f"no such path {path}", "failure")
-        fault = self._fault(path)
+        fault = self._fault(path, params)
         if fault is not False:
             return fault
         if self.faults.delay and (self.faults.only is None or self.faults.only in path):

@@ -1,0 +1,99 @@
+"""Pages a decode worker requests itself: the fast path of a large collection's fetch.
+
+With the requests in the sync process, its interpreter spent about as long on HTTP (httpx,
+httpcore, anyio) as a whole no-op run spent on everything else, and the two cores went to
+taking turns rather than to the download (tests/benchmarks/README.md). So, once a collection
+is known to be large, each of its remaining pages is one call of :func:`fetch_page` in the
+decode pool: the worker sends the request with a synchronous client of its own, built with
+the source's timeout and TLS settings (and, for OAuth 1.0a, its own signer), and returns the
+page already decoded into staging rows, with the headers paging needs.
+
+This is one attempt and nothing more. Anything but a 200 with a well-formed page (an HTTP
+error, a refused or timed-out connection, a token the server no longer accepts, a page that
+does not decode) comes back as :attr:`DirectAnswer.problem`, and the connector sends the same
+request again the careful way: through the sync process's client, with the retry policy,
+``Retry-After``, the token refresh and the errors that name the request. Nothing here logs,
+raises to the caller or names a secret.
+
+Imported only by workers of a pool started for such fetches (the preload of
+:func:`~connectors.oneroster.decode.start_pool`), never by the sync process's own start-up.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+import httpx
+
+from connectors.oneroster.auth import OAuth1Signer
+from connectors.oneroster.decode import DecodedPage, DecodeError, decode_page
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """How a worker builds its client: the settings of the source's own client."""
+
+    timeout: float
+    verify_tls: bool
+    ca_bundle: str | None
+    #: (client_id, client_secret) to sign each request with OAuth 1.0a; None for a token
+    oauth1: tuple[str, str] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRequest:
+    client: ClientSpec
+    url: str  # base_url + the collection's path
+    params: tuple[tuple[str, str], ...]
+    #: Accept, and Authorization for a bearer or OAuth2 token (never shown)
+    headers: tuple[tuple[str, str], ...] = field(repr=False)
+    collection: str  # the envelope key
+
+
+@dataclass(frozen=True, slots=True)
+class DirectAnswer:
+    status: int  # 0 when no answer came
+    total: str | None  # X-Total-Count
+    link: str | None  # Link
+    page: DecodedPage | None  # None: not usable, see problem
+    problem: str | None = None
+    seconds: float = 0.0
+
+
+#: One client per settings, per worker, kept for the worker's life (its connections too).
+_clients: dict[ClientSpec, httpx.Client] = {}
+
+
+def _client(spec: ClientSpec) -> httpx.Client:
+    client = _clients.get(spec)
+    if client is None:
+        verify: bool | ssl.SSLContext = spec.verify_tls
+        if spec.verify_tls and spec.ca_bundle is not None:
+            verify = ssl.create_default_context(cafile=spec.ca_bundle)
+        auth = OAuth1Signer(*spec.oauth1) if spec.oauth1 is not None else None
+        client = httpx.Client(timeout=httpx.Timeout(spec.timeout), verify=verify, auth=auth)
+        _clients[spec] = client
+    return client
+
+
+def fetch_page(request: DirectRequest) -> DirectAnswer:
+    """One GET, decoded into staging rows; any failure is an answer, never an exception."""
+    try:
+        response = _client(request.client).get(
+            request.url, params=request.params, headers=dict(request.headers)
+        )
+    except Exception as exc:  # any failure: the sync process asks again and reports it
+        return DirectAnswer(0, None, None, None, f"no answer ({type(exc).__name__})")
+    headers = response.headers
+    total, link = headers.get("X-Total-Count"), headers.get("Link")
+    seconds = response.elapsed.total_seconds()
+    if response.status_code != 200:
+        return DirectAnswer(
+            response.status_code, total, link, None, f"HTTP {response.status_code}", seconds
+        )
+    try:
+        page = decode_page(request.collection, response.content, True)
+    except DecodeError as exc:
+        return DirectAnswer(200, total, link, None, f"unexpected answer: {exc}", seconds)
+    return DirectAnswer(200, total, link, page, None, seconds)
