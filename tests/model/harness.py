@@ -231,14 +231,23 @@ class Harness:
                 for t in STAGING.values()
             )
 
-    def kill_resync(self, batch: int) -> int:
+    def kill_resync(self, batch: int) -> list[int]:
         """A resync process leases up to ``batch`` due jobs and is killed (SIGKILL) before its
         transaction commits: the jobs stay `running` under a pid that no longer exists.
-        Returns how many it held."""
+        Returns the ids of the jobs it held."""
         holder = local_holder(dead_pid(), started=1)
         register(self.store, holder)
         held = queue.lease(self.store, holder.owner, limit=batch, lease_for=timedelta(minutes=5))
-        return len(held)
+        return [job.id for job in held]
+
+    def failed_jobs(self, after: int) -> dict[int, str | None]:
+        """The jobs with an id above ``after`` that failed, with their last error."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text("SELECT id, last_error FROM resync_job WHERE id > :a AND state = 'failed'"),
+                {"a": after},
+            )
+            return {int(job_id): error for job_id, error in rows}
 
     def last_job(self) -> int:
         with self.store.read() as conn:

@@ -158,3 +158,16 @@ def test_a_held_runs_change_set_is_what_its_approval_does(model: Model) -> None:
     m._approve(held[0], None)
     assert m.oracle.runs[held[0]].status == "succeeded"
     assert STATS["change sets checked against approval"] == checked + 1
+
+
+def test_a_resync_job_held_at_three_deaths_fails_and_the_rest_are_done(model: Model) -> None:
+    """Everyone's resync, its process killed three times: the oldest job, held each time,
+    fails for good (the machine checks which, and its error); the others are done and the
+    directory is what the rules say."""
+    teachers = {f"t{n}": f"t{n}@example.org" for n in range(1, 4)}
+    m = model(school(teachers, {f"c{n}": f"t{n}" for n in range(1, 4)}))
+    before = m.h.last_job()
+    m.killed_resync(3, 2)
+    failed = m.h.failed_jobs(before)
+    assert len(failed) == 1 and min(failed) == before + 1
+    assert m.h.job_states(before) == {"failed": 1, "succeeded": 2, "interruptions": 3}
