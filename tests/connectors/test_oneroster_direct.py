@@ -21,7 +21,7 @@ from connectors.oneroster import decode
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page
-from rostersync.errors import FatalSourceError
+from rostersync.errors import FatalSourceError, RetriableSourceError
 from rostersync.sampledata import DistrictSpec
 from rostersync.source.connector import ConnectorContext, FetchMode
 from rostersync.source.rows import StagedBatch, sort_batch
@@ -242,3 +242,17 @@ async def test_the_engine_lets_connectors_request_unless_a_test_swaps_the_networ
         swapped = SyncEngine(settings, store, transport=httpx.AsyncHTTPTransport())
         async with swapped.connector(SOURCE) as conn:
             assert isinstance(conn, OneRosterConnector) and not conn._own_requests
+
+
+async def test_a_server_going_down_while_the_workers_fetch_fails_the_fetch_naming_a_request() -> (
+    None
+):
+    """Every connection drops once some worker pages are in: the workers' failure hands the
+    page back, the sync process's retries fail too, and the fetch ends in a retriable error
+    that names the request (the run then fails and changes nothing)."""
+    with FakeOneRoster(aged_district(SPEC), faults=Faults(down_after=15)) as srv:
+        async with connect(srv) as c:
+            with pytest.raises(RetriableSourceError, match=r"connection failed .* on GET /ims/"):
+                await staged(c)
+            assert c.pages_by_workers > 0
+            assert c._direct_off is not None and c._direct_off.startswith("no answer")
