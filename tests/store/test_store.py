@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select, text
+from sqlalchemy import event, inspect, select, text
 
 from rostersync.errors import StoreError
 from rostersync.source.records import RosterEnrollment, RosterPerson
@@ -39,6 +39,54 @@ def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
     s.ensure_schema()
     assert s.current_revision() == s.head_revision()
     s.dispose()
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_first_set_up_cut_off_part_way_leaves_an_empty_database(
+    backend: str, tmp_path: Path
+) -> None:
+    """The migrations run in one transaction on SQLite too: a first upgrade that fails in a
+    late migration (as a process killed there) leaves no table, and the next command sets
+    the database up. Alembic committed each migration on SQLite, so a killed first sync
+    left the schema at 0013, which every later command refused (found by the random-kill
+    test in tests/recovery)."""
+
+    class Cut(Exception):
+        pass
+
+    # In 0014, the last migration but one: SQLite rebuilds the table (a batch copy).
+    marker = "_alembic_tmp_resync_job" if backend == "sqlite" else "SET refresh = true"
+
+    def run(s: Store) -> None:
+        armed = [True]
+
+        def cut(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if armed[0] and marker in statement:
+                raise Cut(statement[:40])
+
+        event.listen(s.engine, "before_cursor_execute", cut)
+        with pytest.raises(Cut):
+            s.ensure_schema()
+        armed[0] = False
+        assert s.current_revision() is None
+        with s.engine.connect() as conn:
+            assert inspect(conn).get_table_names() == []
+        s.ensure_schema()
+        assert s.current_revision() == s.head_revision()
+
+    if backend == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'cut.db'}")
+        try:
+            run(s)
+        finally:
+            s.dispose()
+    else:
+        from tests.conftest import _pg_schema_store
+
+        for s in _pg_schema_store():
+            run(s)
 
 
 def test_the_schema_head_is_alembics_without_asking_alembic(tmp_path: Path) -> None:
