@@ -310,11 +310,7 @@ class OneRosterConnector:
                 self._pool_failed(exc)
                 return None
         if shown is not None and answer.status:
-            response = httpx.Response(
-                answer.status,
-                headers={k: v for k, v in (("X-Total-Count", answer.total),) if v is not None},
-                request=shown,
-            )
+            response = httpx.Response(answer.status, request=shown)
             for hook in hooks["response"]:
                 await hook(response)
         decoded = answer.page
