@@ -15,8 +15,11 @@ request again the careful way: through the sync process's client, with the retry
 ``Retry-After``, the token refresh and the errors that name the request. Nothing here logs,
 raises to the caller or names a secret.
 
-Imported only by workers of a pool started for such fetches (the preload of
-:func:`~connectors.oneroster.decode.start_pool`), never by the sync process's own start-up.
+The workers of a pool started for such fetches import it once, in their forkserver (the
+preload of :func:`~connectors.oneroster.decode.start_pool`); the sync process imports it for
+the request and answer types. The TLS context is built here again from the settings, as
+``OneRosterSourceConfig.http_client_options`` builds it: an ``ssl.SSLContext`` does not
+cross a process boundary.
 """
 
 from __future__ import annotations
@@ -58,7 +61,6 @@ class DirectAnswer:
     link: str | None  # Link
     page: DecodedPage | None  # None: not usable, see problem
     problem: str | None = None
-    seconds: float = 0.0
 
 
 #: One client per settings, per worker, kept for the worker's life (its connections too).
@@ -87,13 +89,10 @@ def fetch_page(request: DirectRequest) -> DirectAnswer:
         return DirectAnswer(0, None, None, None, f"no answer ({type(exc).__name__})")
     headers = response.headers
     total, link = headers.get("X-Total-Count"), headers.get("Link")
-    seconds = response.elapsed.total_seconds()
     if response.status_code != 200:
-        return DirectAnswer(
-            response.status_code, total, link, None, f"HTTP {response.status_code}", seconds
-        )
+        return DirectAnswer(response.status_code, total, link, None, f"HTTP {response.status_code}")
     try:
         page = decode_page(request.collection, response.content, True)
     except DecodeError as exc:
-        return DirectAnswer(200, total, link, None, f"unexpected answer: {exc}", seconds)
-    return DirectAnswer(200, total, link, page, None, seconds)
+        return DirectAnswer(200, total, link, None, f"unexpected answer: {exc}")
+    return DirectAnswer(200, total, link, page)
