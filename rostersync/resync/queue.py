@@ -104,12 +104,16 @@ def _interrupt(
     job of the same user, which will absorb one of the others (:func:`_fold_duplicates`),
     takes its count, or folding would reset it. The caller then requeues the rest, each leased
     alone from then on (:func:`lease`). Returns how many failed."""
-    conn.execute(
+    interrupted = conn.execute(
         text(f"UPDATE resync_job SET interruptions = interruptions + 1 WHERE {where}").bindparams(
             *binds
         ),
         params,
     )
+    if not interrupted.rowcount:
+        # Nothing ended unfinished (every lease but a crash's): the statements below would
+        # each still visit every queued job, at every lease of a long drain.
+        return 0
     failed = conn.execute(
         text(
             "UPDATE resync_job SET state = 'failed', last_error = :interrupted_error, "
