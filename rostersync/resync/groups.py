@@ -32,7 +32,7 @@ from rostersync.resync.groupplan import (
     wanted_groups,
 )
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
-from rostersync.sync.mirror import POPULATED, ids_in, teacher_role, teacher_role_params
+from rostersync.sync.mirror import ids_in, populated, teacher_role, teacher_role_params
 from rostersync.sync.rules import chunks
 
 
@@ -48,7 +48,7 @@ def _desired_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:
     JOIN roster_class c ON c.source = te.source AND c.sourced_id = te.class_id
     WHERE i.user_id IN :uids AND te.role = 'teacher' AND te.status = 'active'
       AND tp.status = 'active' AND tp.enabled = :yes AND {teacher_role(conn, teacher_roles)}
-      AND c.status = 'active' AND {POPULATED}
+      AND c.status = 'active' AND {populated(conn)}
 """
 
 

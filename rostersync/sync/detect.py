@@ -15,7 +15,7 @@ from sqlalchemy import Connection, text
 from rostersync.source.records import STUDENT
 from rostersync.store.db import in_text
 from rostersync.sync.known import KnownRows
-from rostersync.sync.mirror import POPULATED, TABLES, ids_in
+from rostersync.sync.mirror import TABLES, ids_in, populated
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import run_scan
 
@@ -403,7 +403,7 @@ def populated_classes(conn: Connection, source: str, class_ids: set[str]) -> set
     """Those of these classes that are active and have an active student (in the mirror)."""
     sql = (
         "SELECT c.sourced_id FROM roster_class c WHERE c.source = :src AND c.status = 'active' "
-        f"AND c.sourced_id IN :ids AND {POPULATED}"
+        f"AND c.sourced_id IN :ids AND {populated(conn)}"
     )
     return ids_in(conn, sql, class_ids, src=source)
 

@@ -24,13 +24,24 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     for kind, cols in COLUMNS.items()
 }
 
-#: A class (alias ``c``) with at least one active student who is an active person.
-POPULATED = """
+_POPULATED = """
 EXISTS (SELECT 1 FROM roster_enrollment se
         JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
         WHERE se.source = c.source AND se.class_id = c.sourced_id AND se.role = 'student'
-          AND se.status = 'active' AND sp.status = 'active')
+          AND se.status = 'active' AND sp.status = 'active'{fence})
 """
+
+
+def populated(conn: Connection) -> str:
+    """SQL true when the class (alias ``c``) has at least one active student who is an active
+    person.
+
+    On PostgreSQL the subquery is fenced (``OFFSET 0``): it stays a probe of the class's
+    enrollments that stops at the first such student. Turned into a semi-join, the planner
+    joined every student enrollment of the source with its person, once per parallel worker,
+    whatever the classes asked about.
+    """
+    return _POPULATED.format(fence=" OFFSET 0" if conn.dialect.name == "postgresql" else "")
 
 
 def teacher_role(conn: Connection, roles: Sequence[str], alias: str = "tp") -> str:
@@ -57,7 +68,7 @@ te.role = 'teacher' AND te.status = 'active'
 AND tp.status = 'active' AND tp.enabled = :yes AND {teacher_role(conn, roles)}
 AND EXISTS (SELECT 1 FROM roster_class c
             WHERE c.source = te.source AND c.sourced_id = te.class_id AND c.status = 'active'
-              AND {POPULATED})
+              AND {populated(conn)})
 """
 
 
