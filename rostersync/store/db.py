@@ -440,6 +440,11 @@ class Store:
                 has_tables = bool(inspect(conn).get_table_names())
             if not has_tables and auto_upgrade:
                 self.upgrade()
+                # Said once, at the set-up: a config copied elsewhere, whose relative SQLite
+                # path now points at a new file, would otherwise start afresh unnoticed.
+                structlog.get_logger().info(
+                    "database_created", database=self.location, revision=head
+                )
                 return
             if not has_tables:
                 raise StoreError(

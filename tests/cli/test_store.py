@@ -105,6 +105,25 @@ def test_commands_that_write_create_and_migrate_the_database_on_first_use(
     assert code == 0, output
 
 
+def test_the_first_sync_names_the_database_it_set_up_and_later_runs_do_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config copied elsewhere points its relative SQLite path at a new file: the sync that
+    creates it says so, with the file's path."""
+    config = write_config(tmp_path, "sqlite:///state/rs.db")
+    data = yaml.safe_load(config.read_text())
+    data["logging"] = {"level": "info", "format": "json"}
+    config.write_text(yaml.safe_dump(data))
+    code, output = invoke(config, capsys, "sync")
+    assert code == 0, output
+    created = [line for line in output.splitlines() if '"database_created"' in line]
+    assert len(created) == 1, output
+    assert str(tmp_path / "state" / "rs.db") in created[0]
+    code, output = invoke(config, capsys, "sync")
+    assert code == 0, output
+    assert "database_created" not in output
+
+
 @pytest.fixture
 def empty_pg_url() -> Iterator[str]:
     """A PostgreSQL URL on a fresh, empty schema."""
