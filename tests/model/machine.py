@@ -35,7 +35,14 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from rostersync.errors import RunStateError
 from rostersync.importer import parse_bytes, run_import
 from rostersync.resync.queue import INTERRUPTED_ERROR, MAX_INTERRUPTIONS, queue_resync
-from rostersync.source.records import RosterClass, RosterEnrollment, RosterOrg, RosterPerson
+from rostersync.source.records import (
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    TeacherRef,
+)
+from rostersync.source.testing import MemoryConnector
 from rostersync.sync import changes as changeset
 from rostersync.sync.runs import RunReport
 from tests.changediff import Picture, Plain, difference, picture, plain
@@ -227,6 +234,21 @@ if NEW_KEYS and "eligibility" not in EXCLUDED:
         st.fixed_dictionaries({"teacher_roles": teacher_role_sets, "email_domains": domain_sets})
     )
 config_changes = st.sampled_from(CONFIG_CHANGES).flatmap(lambda change: change)
+
+#: What the live resync step changes in a class of the teacher it picks (see _live_change).
+LIVE_CHANGES = (
+    "enroll",
+    "drop",
+    "enrollment_status",
+    "rename_student",
+    "student_email",
+    "student_status",
+    "class_status",
+    "class_title",
+    "untaught",
+    "teach",
+)
+live_changes = st.tuples(st.sampled_from(LIVE_CHANGES), index, index)
 
 
 @st.composite
@@ -626,9 +648,119 @@ class RosterModel(RuleBasedStateMachine):
             queue_resync(conn, ids, reason="model: manual resync", run_id=None)
         self.last = Outcome(f"resync {chosen}")
         self._drain()
-        if chosen == emails:
-            self.oracle.group_roles = self.oracle.config.teacher_roles
+        self.oracle.resync(chosen)
         self._compare()
+
+    @rule(
+        picks=st.lists(index, min_size=1, max_size=2),
+        changes=st.lists(live_changes, min_size=1, max_size=3),
+        others=st.lists(roster_changes, max_size=2),
+        revert=st.booleans(),
+    )
+    @on("live_resync")
+    def live_resync(
+        self,
+        picks: list[int],
+        changes: list[tuple[str, int, int]],
+        others: list[tuple[Any, ...]],
+        revert: bool,
+    ) -> None:
+        """The source changes (mostly in the classes of the teacher picked first), and
+        `rostersync resync --live` of one or two teachers reads the change before any sync
+        does: their answers go into the mirror and their groups are rebuilt from it. Others'
+        groups stay as they were, even where an answer changed a student or a class of
+        theirs (``Oracle.built``). With ``revert`` the source then goes back to what the
+        last sync saw, so the next full run must undo what the live resync wrote (the shape
+        of the bug 4ccd670 fixed)."""
+        self._step("live_resync")
+        oracle = self.oracle
+        linked = sorted({e for (src, _pid), e in oracle.directory.identities.items()})
+        if not linked:
+            return
+        chosen = sorted({linked[i % len(linked)] for i in picks})
+        persons = [
+            pid for (src, pid), e in sorted(oracle.directory.identities.items()) if e in chosen
+        ]
+        before = self.feed.snapshot()
+        self.change_roster(others)
+        for what, i, j in changes:
+            self._step(f"live {what}")
+            self._live_change(persons[0], what, i, j)
+        connector = MemoryConnector(self.feed.roster())
+        answers = [
+            (pid, self.h.run(connector.fetch_teacher(TeacherRef(pid, None)))) for pid in persons
+        ]
+        with self.h.store.write() as conn:
+            ids = self.h.user_ids(chosen)
+            queue_resync(conn, ids, reason="model: live resync", run_id=None, live=True)
+        self.last = Outcome(f"live resync {chosen}")
+        self._drain()
+        oracle.live_resync(SOURCE, chosen, answers)
+        if oracle.built is not None:
+            STATS["live resyncs leaving groups behind the mirror"] += 1
+        self._compare()
+        if revert:
+            self._step("live revert")
+            self.feed.revert(before)
+
+    def _live_change(self, teacher: str, what: str, i: int, j: int) -> None:
+        """One change of the source in (or around) a class of ``teacher``: the change a live
+        answer sees early."""
+        feed = self.feed
+        taught = sorted(
+            {e.class_id for e in feed.enrollments.values() if e.user_id == teacher}
+            & set(feed.classes)
+        )
+        if what == "teach" or not taught:
+            cid = CLASSES[i % len(CLASSES)]
+            if cid not in feed.classes:
+                feed.put("class", RosterClass(cid, TITLES[j % len(TITLES)], school_id="sch-1"))
+            sid = STUDENTS[j % len(STUDENTS)]
+            if sid not in feed.persons:
+                self._add_student(sid, "plain", ("Live", sid.upper()))
+            feed.new_enrollment(cid, teacher, "teacher")
+            feed.new_enrollment(cid, sid, "student")
+            return
+        cid = taught[i % len(taught)]
+        if what == "class_status":
+            klass = feed.classes[cid]
+            feed.change(
+                "class", cid, status="active" if klass.status != "active" else "tobedeleted"
+            )
+        elif what == "class_title":
+            feed.change("class", cid, title=TITLES[j % len(TITLES)])
+        elif what == "untaught":
+            for eid, e in list(feed.enrollments.items()):
+                if e.class_id == cid and e.user_id == teacher:
+                    feed.change("enrollment", eid, status="tobedeleted")
+        elif what == "enroll":
+            sid = STUDENTS[j % len(STUDENTS)]
+            if sid not in feed.persons:
+                self._add_student(sid, "plain", ("Live", sid.upper()))
+            feed.new_enrollment(cid, sid, "student")
+        else:
+            students = [
+                e for e in feed.enrollments.values() if e.class_id == cid and e.role == "student"
+            ]
+            if not students:
+                return
+            e = students[j % len(students)]
+            if what == "drop":
+                feed.drop("enrollment", e.sourced_id)
+            elif what == "enrollment_status":
+                status = "active" if e.status != "active" else "tobedeleted"
+                feed.change("enrollment", e.sourced_id, status=status)
+            elif what == "rename_student":
+                given, family = GIVEN[j % len(GIVEN)], FAMILY[i % len(FAMILY)]
+                feed.change("person", e.user_id, given_name=given, family_name=family)
+            elif what == "student_email":
+                kind = STUDENT_EMAIL_KINDS[i % len(STUDENT_EMAIL_KINDS)]
+                feed.change("person", e.user_id, email=student_email(e.user_id, kind))
+            elif what == "student_status":
+                person = feed.persons.get(e.user_id)
+                if person is not None:
+                    status = "active" if person.status != "active" else "tobedeleted"
+                    feed.change("person", e.user_id, status=status)
 
     @rule(deaths=st.integers(1, MAX_INTERRUPTIONS), batch=st.integers(1, 4))
     @on("killed_resync")
@@ -643,9 +775,12 @@ class RosterModel(RuleBasedStateMachine):
         emails = sorted(self.oracle.directory.users)
         if not emails:
             return
-        if self.oracle.group_roles != self.oracle.config.teacher_roles:
-            # Groups built under other teacher_roles: a failed job would leave its user's
-            # stale, which the oracle (one set of roles for every group) cannot say.
+        if (
+            self.oracle.group_roles != self.oracle.config.teacher_roles
+            or self.oracle.built is not None
+        ):
+            # Groups built under other teacher_roles, or behind the mirror: a failed job
+            # would leave its user's so, and the oracle does not follow a job's user here.
             deaths = min(deaths, MAX_INTERRUPTIONS - 1)
         # What an earlier killed sync left (a job of its own, interrupted once) is recovered
         # and done first, so that every job this step kills is one it queued.
@@ -662,7 +797,9 @@ class RosterModel(RuleBasedStateMachine):
         held = sum(holds.values())
         self.last = Outcome(f"resync everyone, killed {deaths}x holding {batch}")
         self._drain()
-        self.oracle.group_roles = self.oracle.config.teacher_roles
+        # A job failed for good changes nothing: only while the groups were the mirror's
+        # under the current roles (above), where its user's are already what resyncing gives.
+        self.oracle.resync(emails)
         states = self.h.job_states(before)
         # Oldest first, and an interrupted job alone: the first job is held at every death.
         doomed = {job for job, n in holds.items() if n >= MAX_INTERRUPTIONS}
@@ -712,6 +849,10 @@ class RosterModel(RuleBasedStateMachine):
             name = "failing_apply"
         self._step(name)
         oracle = self.oracle
+        if oracle.live_pending and requested == "delta":
+            # Only a full run promises to restore the source's view after a live resync (see
+            # Oracle.live_pending and the README).
+            requested = "full"
         mode = oracle.mode_for(SOURCE, requested)
         records = oracle.fetch(SOURCE, mode, self.feed.records())
         batches = -(-len(records) // BATCH)
@@ -756,6 +897,8 @@ class RosterModel(RuleBasedStateMachine):
         oracle = self.oracle
         refusal = oracle.approval_refusal(run_id)
         run = oracle.runs[run_id]
+        if refusal is None and run.mode == "delta" and oracle.live_pending:
+            return  # a delta run after a live resync: see _sync
         engine = self.h.engine(oracle.config, self.feed.roster())
         self.h.fault.plan(statement)
         before = self.h.report(run_id)

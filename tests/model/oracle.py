@@ -32,6 +32,7 @@ from rostersync.source.records import (
     RosterOrg,
     RosterPerson,
     RosterRecord,
+    TeacherRoster,
 )
 
 SOURCE = "mem"
@@ -580,10 +581,12 @@ def decide(
     approval: bool,
     group_roles: Sequence[str],
     cut: ScopeCut | None = None,
+    built: Mapping[tuple[str, str], Group] | None = None,
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
-    changed since: the groups change with the next applied run)."""
+    changed since: the groups change with the next applied run). ``built``: the groups the
+    directory holds when they are not what the mirror says (after a live resync)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
@@ -717,7 +720,7 @@ def decide(
         records_rejected=len(rejects) + len(email_rejects),
     )
     after = {**mirrors, source: m1}
-    g0 = groups(mirrors, d0, group_roles)
+    g0 = dict(built) if built is not None else groups(mirrors, d0, group_roles)
     g1 = groups(after, d1, roles)
     mine0 = {k for k in g0 if k[0] == source}
     removed = len(mine0 - set(g1))
@@ -831,6 +834,96 @@ def safety_reasons(
     return out
 
 
+# -- live resync ------------------------------------------------------------------------------
+
+GroupKey = tuple[str, str]
+
+
+def live_answer_in_scope(m: Mirror, answer: TeacherRoster) -> TeacherRoster:
+    """A scoped source's live answer keeps the classes the mirror holds active (a live read
+    knows neither the schools' names nor the terms; the last sync judged them), their
+    enrollments, and the students of those."""
+    held = {c.sourced_id for c in answer.classes if _held_active(m, c.sourced_id)}
+    enrollments = [e for e in answer.enrollments if e.class_id in held]
+    members = {e.user_id for e in enrollments}
+    return TeacherRoster(
+        teacher=answer.teacher,
+        classes=[c for c in answer.classes if c.sourced_id in held],
+        enrollments=enrollments,
+        persons=[p for p in answer.persons if p.sourced_id in members],
+    )
+
+
+def _held_active(m: Mirror, class_id: str) -> bool:
+    c = m.klass.get(class_id)
+    return c is not None and c.status == "active"
+
+
+def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
+    """The mirror after a teacher's live answer is written into it (``resync --live``).
+
+    The answer's people and classes replace theirs. Enrollments are matched on (class,
+    person, role), as live answers may carry ids the bulk feed does not know. Reading: an
+    enrollment the answer has but not active is one it does not have. So, for the classes of
+    the answer: every row whose key the answer has is active; every active student row whose
+    key it has not is tobedeleted; each key new to those classes is added (the answer's last
+    enrollment of that key), over any row of its id. The teacher's own teacher rows of the
+    classes they no longer teach (no active teacher enrollment in the answer) are
+    tobedeleted. Co-teachers' rows stay: a live answer need not list them."""
+    out = m.copy()
+    for p in [*answer.persons, *([answer.teacher] if answer.teacher is not None else [])]:
+        out.person[p.sourced_id] = p
+    for c in answer.classes:
+        out.klass[c.sourced_id] = c
+    classes = {c.sourced_id for c in answer.classes}
+    live = {
+        (e.class_id, e.user_id, e.role): e
+        for e in answer.enrollments
+        if e.class_id in classes and e.status == "active"
+    }
+    taught = {c for c, u, r in live if u == teacher_id and r == "teacher"}
+    held: set[tuple[str, str, str]] = set()
+    for sid, e in m.enrollment.items():
+        key = (e.class_id, e.user_id, e.role)
+        status = e.status
+        if e.role == "teacher" and e.user_id == teacher_id and e.class_id not in taught:
+            status = "tobedeleted"
+        elif e.class_id in classes:
+            held.add(key)
+            if key in live:
+                status = "active"
+            elif e.role == "student":
+                status = "tobedeleted"
+        if status != e.status:
+            out.enrollment[sid] = replace(e, status=status)
+    for key, e in live.items():
+        if key not in held:
+            out.enrollment[e.sourced_id] = e
+    return out
+
+
+def rebuild(
+    built: Mapping[GroupKey, Group], fresh: Mapping[GroupKey, Group], users: Iterable[str]
+) -> dict[GroupKey, Group]:
+    """The groups after a resync of ``users`` (emails) re-reads everything: each group one of
+    them wants (``fresh``: what the mirror says now, whose owners are every active user that
+    teaches the class) becomes what the mirror says; each other group they own loses them as
+    owners, and goes when no owner is left. Every other group stays as it was."""
+    batch = set(users)
+    out = dict(built)
+    wanted = {k for k, g in fresh.items() if batch & set(g.owners)}
+    for key, g in built.items():
+        if key in wanted or not batch & set(g.owners):
+            continue
+        rest = tuple(o for o in g.owners if o not in batch)
+        if rest:
+            out[key] = replace(g, owners=rest)
+        else:
+            del out[key]
+    out.update({key: fresh[key] for key in wanted})
+    return out
+
+
 # -- the whole system -------------------------------------------------------------------------
 
 
@@ -846,10 +939,20 @@ class Oracle:
         #: the teacher roles the groups were last built with: a config edit changes them at
         #: the next applied run (which resyncs every linked user) or resync of everyone
         self.group_roles = config.teacher_roles
+        #: the groups the directory holds while they are not what the mirror says: a live
+        #: resync rebuilds its teachers' groups only, from a mirror it changed for others
+        #: too. The next applied full run, or a resync of everyone, makes them so again.
+        self.built: dict[GroupKey, Group] | None = None
+        #: a live resync changed the mirror since the last applied full run. Only a full run
+        #: promises to replace what it wrote: a delta run neither sees what the source
+        #: dropped nor decides for the teachers the live answer made (no longer) candidates.
+        self.live_pending = False
 
     # -- reads --
 
     def groups(self) -> dict[tuple[str, str], Group]:
+        if self.built is not None:
+            return dict(self.built)
         return groups(self.mirrors, self.directory, self.group_roles)
 
     def mode_for(self, source: str, requested: str) -> str:
@@ -919,6 +1022,7 @@ class Oracle:
             state=self.states.get(source),
             approval=approval,
             group_roles=self.group_roles,
+            built=self.built,
         )
 
     def approval_refusal(self, run_id: int) -> str | None:
@@ -950,6 +1054,12 @@ class Oracle:
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
         self.group_roles = self.config.teacher_roles
+        # An applied run resyncs whoever its changes (and a teacher_roles edit) concern; and
+        # after a live resync it is a full one (live_pending), which re-reads every row the
+        # live resync wrote: the groups are what the mirror says again.
+        self.built = None
+        if decision.mode == "full":
+            self.live_pending = False
         state = self.states.setdefault(source, SourceState())
         if decision.newest is not None and (
             state.high_water_mark is None or decision.newest > state.high_water_mark
@@ -960,6 +1070,32 @@ class Oracle:
             state.last_full_counts = {k: decision.fetched[k] for k in kinds}
             state.last_kept_counts = {k: decision.fetched[k] - decision.ignored[k] for k in kinds}
             state.last_scope = self.config.scope_key
+
+    def resync(self, users: Iterable[str]) -> None:
+        """A resync that re-reads everything (manual or live) of these users (emails)."""
+        roles = self.config.teacher_roles
+        fresh = groups(self.mirrors, self.directory, roles)
+        self.built = rebuild(self.groups(), fresh, users)
+        # Reading: once every group is what the mirror says under the current roles, the
+        # groups are a function of the state again.
+        if self.built == fresh:
+            self.built = None
+            self.group_roles = roles
+
+    def live_resync(
+        self, source: str, users: Iterable[str], answers: Sequence[tuple[str, TeacherRoster]]
+    ) -> None:
+        """A live resync of these users: each of their persons' live answer (``answers``,
+        by person sourced id, in the order they are written) goes into the mirror, then the
+        users' groups are rebuilt."""
+        m = before = self.mirrors.get(source, Mirror())
+        for pid, answer in answers:
+            if self.config.scoped:
+                answer = live_answer_in_scope(m, answer)
+            m = live_apply(m, pid, answer)
+        self.mirrors[source] = m
+        self.live_pending = self.live_pending or m != before
+        self.resync(users)
 
     def import_rows(self, emails: Sequence[tuple[str, str]]) -> list[str]:
         """An import of (email cell, display name cell) rows: each row's status, and the

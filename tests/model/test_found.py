@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -329,3 +330,41 @@ async def test_a_sync_job_merged_into_a_queued_manual_resync_counts_in_the_run(
             text("SELECT run_id, refresh, state FROM resync_job ORDER BY id DESC LIMIT 1")
         ).one()
     assert (job[0], bool(job[1]), job[2]) == (report.id, True, "succeeded")
+
+
+async def _live_resync(store: Store, settings: Settings, roster: MemoryRoster) -> None:
+    """A live resync of t1 (``resync --live``), the source answering from ``roster``."""
+    with store.write() as conn:
+        user = int(conn.execute(text('SELECT id FROM "user"')).scalar_one())
+        queue_resync(conn, [user], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+
+
+def _enrollment_status(store: Store, sourced_id: str) -> str:
+    with store.read() as conn:
+        return str(
+            conn.execute(
+                text("SELECT status FROM roster_enrollment WHERE sourced_id = :s"),
+                {"s": sourced_id},
+            ).scalar_one()
+        )
+
+
+async def test_a_live_answer_that_drops_an_enrollment_drops_the_member(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live resync writes the teacher's roster as the source answers it now: an enrollment
+    the answer holds as ``tobedeleted`` is one the source has dropped, so its student leaves
+    the group. The memory and CSV connectors answer with the enrollments' statuses, and the
+    live apply took every enrollment of the answer for an active one."""
+    settings = make_settings()
+    await sync(settings, store, _school())
+    live = _school()
+    live.enrollments = [replace(e, status="tobedeleted") if e.sourced_id == "e2" else e
+                        for e in live.enrollments]  # fmt: skip
+    live.enrollments.append(RosterEnrollment("e3", "c1", "s2", "student"))
+    live.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    await _live_resync(store, settings, live)
+    assert _enrollment_status(store, "e2") == "tobedeleted"
+    assert _members(store, "c1") == {"s2"}
