@@ -68,8 +68,12 @@ def apply_teacher_roster(
     )
     for sid, cls, uid, role, status in rows:
         existing[(cls, uid, role)] = (sid, status)
+    # An enrollment the answer holds as tobedeleted (the memory and CSV connectors pass the
+    # statuses on) is one the source has dropped, not one to re-activate.
     live = {
-        (e.class_id, e.user_id, e.role): e for e in roster.enrollments if e.class_id in live_classes
+        (e.class_id, e.user_id, e.role): e
+        for e in roster.enrollments
+        if e.class_id in live_classes and e.status == "active"
     }
     new_rows = []
     for key, e in live.items():
@@ -81,7 +85,9 @@ def apply_teacher_roster(
             new_rows.append({**enrollment_row(e), "source": source})
     upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
     for (cls, uid, role), (sid, status) in existing.items():
-        if role == STUDENT and status == "active" and (cls, uid, role) not in live:
+        # Students, and the teacher's own row: an answer need not list co-teachers.
+        mine = role == STUDENT or (role == TEACHER and uid == teacher_id)
+        if mine and status == "active" and (cls, uid, role) not in live:
             _set_status(conn, source, sid, "tobedeleted")
 
 
