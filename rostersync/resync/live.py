@@ -11,6 +11,7 @@ from __future__ import annotations
 from sqlalchemy import Connection, bindparam, text
 
 from rostersync.source.records import STUDENT, TEACHER, TeacherRoster
+from rostersync.source.rows import class_tuple, enrollment_tuple, fits, person_tuple
 from rostersync.store.tables import roster_class, roster_enrollment, roster_person
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
@@ -24,6 +25,9 @@ def apply_teacher_roster(
     persons = list(roster.persons)
     if roster.teacher is not None:
         persons.append(roster.teacher)
+    # A record with a value longer than its column is rejected on its own, as a run rejects
+    # it (PostgreSQL refuses the value, which failed the whole live resync): its row stays.
+    persons = [p for p in persons if fits("person", person_tuple(p))]
     upsert_rows(
         conn,
         roster_person,
@@ -33,7 +37,11 @@ def apply_teacher_roster(
     upsert_rows(
         conn,
         roster_class,
-        [{**class_row(c), "source": source} for c in roster.classes],
+        [
+            {**class_row(c), "source": source}
+            for c in roster.classes
+            if fits("class", class_tuple(c))
+        ],
         ["source", "sourced_id"],
     )
     live_classes = {c.sourced_id for c in roster.classes}
@@ -74,7 +82,8 @@ def apply_teacher_roster(
         (e.class_id, e.user_id, e.role): e
         for e in roster.enrollments
         if e.class_id in live_classes and e.status == "active"
-    }
+        and fits("enrollment", enrollment_tuple(e))
+    }  # fmt: skip
     new_rows = []
     for key, e in live.items():
         if key in existing:

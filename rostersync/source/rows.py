@@ -67,6 +67,11 @@ def _too_long(row: Row, limits: tuple[tuple[int, int], ...]) -> int | None:
     return None
 
 
+def fits(kind: str, row: Row) -> bool:
+    """Whether every value of a row of this kind fits its column."""
+    return _too_long(row, _LIMITS[kind]) is None
+
+
 def keep_fitting(kind: str, rows: list[Row], rejected: list[Rejected]) -> list[Row]:
     """``rows`` without those holding a value longer than its column takes (each reported in
     ``rejected``, naming the column)."""

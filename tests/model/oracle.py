@@ -872,7 +872,9 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
     tobedeleted. Co-teachers' rows stay: a live answer need not list them."""
     out = m.copy()
     for p in [*answer.persons, *([answer.teacher] if answer.teacher is not None else [])]:
-        out.person[p.sourced_id] = p
+        # A person whose email does not fit the column is rejected, and keeps its row.
+        if isinstance(_fitting(p), RosterPerson):
+            out.person[p.sourced_id] = p
     for c in answer.classes:
         out.klass[c.sourced_id] = c
     classes = {c.sourced_id for c in answer.classes}

@@ -368,3 +368,25 @@ async def test_a_live_answer_that_drops_an_enrollment_drops_the_member(
     await _live_resync(store, settings, live)
     assert _enrollment_status(store, "e2") == "tobedeleted"
     assert _members(store, "c1") == {"s2"}
+
+
+async def test_a_live_answer_with_an_overlong_email_keeps_the_persons_row(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A record with a value longer than its column is rejected on its own (a run keeps the
+    mirror's row): so is it in a live answer. The live apply wrote it as it came, which
+    failed the teacher's live resync on PostgreSQL (the value does not fit) and, on SQLite,
+    put an address no run would accept into the mirror."""
+    settings = make_settings()
+    await sync(settings, store, _school())
+    live = _school()
+    long_email = "s1" + "x" * 260 + "@example.org"
+    live.persons = [replace(p, email=long_email) if p.sourced_id == "s1" else p
+                    for p in live.persons]  # fmt: skip
+    await _live_resync(store, settings, live)
+    with store.read() as conn:
+        email = conn.execute(
+            text("SELECT email FROM roster_person WHERE sourced_id = 's1'")
+        ).scalar_one()
+    assert email == "s1@example.org"
+    assert _members(store, "c1") == {"s1"}
