@@ -15,7 +15,9 @@ from rostersync.source.rows import class_tuple, enrollment_tuple, fits, person_t
 from rostersync.store.tables import roster_class, roster_enrollment, roster_person
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
-# row_hash of rows changed here: equals no computed one, so the next full sync replaces them.
+# row_hash of every row written here: equals no computed one, so the next sync that reads
+# the record re-reads it (a full one replaces it), and so re-reads the groups of others it
+# is in, which this resync does not rebuild.
 LIVE_HASH = "live"
 
 
@@ -31,14 +33,14 @@ def apply_teacher_roster(
     upsert_rows(
         conn,
         roster_person,
-        [{**person_row(p), "source": source} for p in persons],
+        [{**person_row(p), "source": source, "row_hash": LIVE_HASH} for p in persons],
         ["source", "sourced_id"],
     )
     upsert_rows(
         conn,
         roster_class,
         [
-            {**class_row(c), "source": source}
+            {**class_row(c), "source": source, "row_hash": LIVE_HASH}
             for c in roster.classes
             if fits("class", class_tuple(c))
         ],
@@ -91,7 +93,7 @@ def apply_teacher_roster(
             if status != "active":
                 _set_status(conn, source, sid, "active")
         else:
-            new_rows.append({**enrollment_row(e), "source": source})
+            new_rows.append({**enrollment_row(e), "source": source, "row_hash": LIVE_HASH})
     upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
     for (cls, uid, role), (sid, status) in existing.items():
         # Students, and the teacher's own row: an answer need not list co-teachers.

@@ -23,7 +23,7 @@ from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import load_report
-from tests.sync.helpers import groups, snapshot, sync, users
+from tests.sync.helpers import groups, snapshot, sync, user_id, users
 
 
 def _school() -> MemoryRoster:
@@ -332,11 +332,12 @@ async def test_a_sync_job_merged_into_a_queued_manual_resync_counts_in_the_run(
     assert (job[0], bool(job[1]), job[2]) == (report.id, True, "succeeded")
 
 
-async def _live_resync(store: Store, settings: Settings, roster: MemoryRoster) -> None:
-    """A live resync of t1 (``resync --live``), the source answering from ``roster``."""
+async def _live_resync(
+    store: Store, settings: Settings, roster: MemoryRoster, email: str = "t1@example.org"
+) -> None:
+    """A live resync of a teacher (``resync --live``), the source answering from ``roster``."""
     with store.write() as conn:
-        user = int(conn.execute(text('SELECT id FROM "user"')).scalar_one())
-        queue_resync(conn, [user], reason="manual", run_id=None, live=True)
+        queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
     assert [o for _, o in await engine.process_batch()] == ["succeeded"]
 
@@ -390,3 +391,28 @@ async def test_a_live_answer_with_an_overlong_email_keeps_the_persons_row(
         ).scalar_one()
     assert email == "s1@example.org"
     assert _members(store, "c1") == {"s1"}
+
+
+async def test_a_full_sync_after_a_live_resync_updates_the_other_teachers_groups(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live resync writes the answer's people into the mirror but rebuilds only its
+    teacher's groups; another teacher's group with the same student shows the student as
+    the last sync saw them until a sync re-reads the student. The rows the live resync wrote
+    kept the source's fingerprint, so the next full sync took the student for unchanged and
+    the other group kept the old name for good."""
+    settings = make_settings()
+    school = _school()
+    school.persons.append(RosterPerson("t2", "teacher", "Alan", "Turing", "t2@example.org"))
+    school.classes.append(RosterClass("c2", "Geometry"))
+    school.enrollments += [
+        RosterEnrollment("e3", "c2", "t2", "teacher"),
+        RosterEnrollment("e4", "c2", "s1", "student"),
+    ]
+    await sync(settings, store, school)
+    school.persons = [replace(p, given_name="Renamed") if p.sourced_id == "s1" else p
+                      for p in school.persons]  # fmt: skip
+    await _live_resync(store, settings, school, "t1@example.org")
+    assert [m["name"] for m in groups(store)["c1"]["members"]] == ["Renamed One"]
+    await sync(settings, store, school)
+    assert [m["name"] for m in groups(store)["c2"]["members"]] == ["Renamed One"]
