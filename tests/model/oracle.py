@@ -1073,11 +1073,12 @@ class Oracle:
             state.last_kept_counts = {k: decision.fetched[k] - decision.ignored[k] for k in kinds}
             state.last_scope = self.config.scope_key
 
-    def resync(self, users: Iterable[str]) -> None:
-        """A resync that re-reads everything (manual or live) of these users (emails)."""
+    def resync(self, users: Iterable[str], built: Mapping[GroupKey, Group] | None = None) -> None:
+        """A resync that re-reads everything (manual or live) of these users (emails).
+        ``built``: the groups before it, when the mirror changed since (a live resync)."""
         roles = self.config.teacher_roles
         fresh = groups(self.mirrors, self.directory, roles)
-        self.built = rebuild(self.groups(), fresh, users)
+        self.built = rebuild(self.groups() if built is None else built, fresh, users)
         # Reading: once every group is what the mirror says under the current roles, the
         # groups are a function of the state again.
         if self.built == fresh:
@@ -1090,6 +1091,7 @@ class Oracle:
         """A live resync of these users: each of their persons' live answer (``answers``,
         by person sourced id, in the order they are written) goes into the mirror, then the
         users' groups are rebuilt."""
+        built = self.groups()
         m = before = self.mirrors.get(source, Mirror())
         for pid, answer in answers:
             if self.config.scoped:
@@ -1097,7 +1099,7 @@ class Oracle:
             m = live_apply(m, pid, answer)
         self.mirrors[source] = m
         self.live_pending = self.live_pending or m != before
-        self.resync(users)
+        self.resync(users, built)
 
     def import_rows(self, emails: Sequence[tuple[str, str]]) -> list[str]:
         """An import of (email cell, display name cell) rows: each row's status, and the

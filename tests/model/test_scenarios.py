@@ -171,3 +171,48 @@ def test_a_resync_job_held_at_three_deaths_fails_and_the_rest_are_done(model: Mo
     failed = m.h.failed_jobs(before)
     assert len(failed) == 1 and min(failed) == before + 1
     assert m.h.job_states(before) == {"failed": 1, "succeeded": 2, "interruptions": 3}
+
+
+def member_names(m: RosterModel, class_id: str) -> dict[str, str]:
+    """The members of a class's group in the engine's directory, by sourced id."""
+    group = next(g for g in m.h.groups() if g["external_id"] == class_id)
+    return {x["sourced_id"]: x["name"] for x in group["members"]}
+
+
+def test_a_live_resync_sees_a_change_and_the_next_full_sync_makes_it_everyones(
+    model: Model,
+) -> None:
+    """The source renames a student of two teachers and enrolls a new one with the first;
+    a live resync of the first shows both in their group at once, while the second
+    teacher's group keeps the old name (only the first teacher's groups are rebuilt). The
+    next full sync brings every group to the source's view."""
+    feed = school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"})
+    feed.new_enrollment("c2", "s1", "student")
+    m = model(feed)
+    m.feed.change("person", "s1", given_name="Renamed")
+    m.feed.put("person", RosterPerson("s9", "student", "New", "One", "s9@example.org"))
+    m.feed.new_enrollment("c1", "s9", "student")
+    m.live_resync([0], [], [], False)
+    assert member_names(m, "c1") == {"s1": "Renamed 1", "s9": "New One"}
+    assert member_names(m, "c2") == {"s1": "Stu 1", "s2": "Stu 2"}
+    assert m.oracle.built is not None
+    m.sync("delta")  # run full: a delta run does not promise to restore the source's view
+    assert m.oracle.built is None
+    assert member_names(m, "c2") == {"s1": "Renamed 1", "s2": "Stu 2"}
+
+
+@pytest.mark.parametrize("change", ["enrollment_status", "drop"])
+def test_a_full_sync_restores_the_enrollment_a_live_resync_dropped(
+    model: Model, change: str
+) -> None:
+    """The shape of the bug 4ccd670 fixed: the source drops a student's enrollment (or marks
+    it tobedeleted), a live resync writes that into the mirror, and the source goes back to
+    what the last sync saw. The next full sync must take the student back: the row the live
+    resync marked tobedeleted kept the feed's fingerprint, so the full sync took it for
+    unchanged and the student stayed out for good."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    m.live_resync([0], [(change, 0, 0)], [], True)
+    assert member_names(m, "c2") == {"s2": "Stu 2"}
+    assert "c1" not in {g["external_id"] for g in m.h.groups()}
+    m.sync("full")
+    assert member_names(m, "c1") == {"s1": "Stu 1"}
