@@ -9,9 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rostersync import emails
-from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
+from rostersync.source.records import (
+    RosterClass,
+    RosterEnrollment,
+    RosterOrg,
+    RosterPerson,
+    TeacherRoster,
+)
 from tests.model.feed import EMAIL_KINDS, TEACHERS, Feed, teacher_email
-from tests.model.oracle import SOURCE, Config, Oracle, email_problem, norm_email, safety_reasons
+from tests.model.oracle import (
+    SOURCE,
+    Config,
+    Mirror,
+    Oracle,
+    email_problem,
+    live_apply,
+    norm_email,
+    safety_reasons,
+)
 
 
 def test_the_oracle_normalizes_and_validates_the_feeds_emails_as_the_engine_does() -> None:
@@ -126,3 +141,39 @@ def test_a_rejected_class_keeps_its_rows_in_a_full_run() -> None:
     d = oracle.decide(SOURCE, "full", feed.records())
     assert "c0" in d.mirror.klass and "e1" in d.mirror.enrollment
     assert d.counts["records_rejected"] == 1
+
+
+def test_a_live_answer_goes_into_the_mirror_by_class_person_and_role() -> None:
+    """Matched on (class, person, role): a key the answer has is active (a tobedeleted
+    enrollment of the answer is one it has not); a student or the teacher's own row it has
+    not is tobedeleted, a co-teacher's stays; a new key is added with the answer's id."""
+    mirror = Mirror(
+        klass={"c1": RosterClass("c1", "Art"), "c2": RosterClass("c2", "Music")},
+        enrollment={
+            "e1": RosterEnrollment("e1", "c1", "t1", "teacher"),
+            "e2": RosterEnrollment("e2", "c1", "t2", "teacher"),
+            "e3": RosterEnrollment("e3", "c1", "s1", "student", status="tobedeleted"),
+            "e4": RosterEnrollment("e4", "c1", "s2", "student"),
+            "e5": RosterEnrollment("e5", "c2", "t1", "teacher"),
+        },
+    )
+    answer = TeacherRoster(
+        teacher=None,
+        classes=[RosterClass("c1", "Art")],
+        enrollments=[
+            RosterEnrollment("x1", "c1", "t1", "teacher"),
+            RosterEnrollment("x3", "c1", "s1", "student"),
+            RosterEnrollment("x4", "c1", "s2", "student", status="tobedeleted"),
+            RosterEnrollment("x5", "c1", "s3", "student"),
+        ],
+    )
+    out = live_apply(mirror, "t1", answer)
+    status = {sid: e.status for sid, e in out.enrollment.items()}
+    assert status == {
+        "e1": "active",
+        "e2": "active",
+        "e3": "active",
+        "e4": "tobedeleted",
+        "e5": "tobedeleted",
+        "x5": "active",
+    }
