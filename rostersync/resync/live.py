@@ -68,7 +68,8 @@ def apply_teacher_roster(
         )
     if not live_classes:
         return
-    existing: dict[tuple[str, str, str], tuple[str, str]] = {}
+    # Every row of a (class, person, role): a source may enroll a student twice in a class.
+    existing: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
     rows = conn.execute(
         text(
             "SELECT sourced_id, class_id, user_id, role, status FROM roster_enrollment "
@@ -77,7 +78,7 @@ def apply_teacher_roster(
         {"src": source, "ids": sorted(live_classes)},
     )
     for sid, cls, uid, role, status in rows:
-        existing[(cls, uid, role)] = (sid, status)
+        existing.setdefault((cls, uid, role), []).append((sid, status))
     # An enrollment the answer holds as tobedeleted (the memory and CSV connectors pass the
     # statuses on) is one the source has dropped, not one to re-activate.
     live = {
@@ -86,20 +87,23 @@ def apply_teacher_roster(
         if e.class_id in live_classes and e.status == "active"
         and fits("enrollment", enrollment_tuple(e))
     }  # fmt: skip
-    new_rows = []
-    for key, e in live.items():
-        if key in existing:
-            sid, status = existing[key]
-            if status != "active":
-                _set_status(conn, source, sid, "active")
-        else:
-            new_rows.append({**enrollment_row(e), "source": source, "row_hash": LIVE_HASH})
-    upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
-    for (cls, uid, role), (sid, status) in existing.items():
+    # Rows the answer no longer has go first: a new row may take the id of one of them (an
+    # enrollment the source moved to another student keeps its sourcedId).
+    for (cls, uid, role), held in existing.items():
         # Students, and the teacher's own row: an answer need not list co-teachers.
         mine = role == STUDENT or (role == TEACHER and uid == teacher_id)
-        if mine and status == "active" and (cls, uid, role) not in live:
-            _set_status(conn, source, sid, "tobedeleted")
+        if mine and (cls, uid, role) not in live:
+            for sid, status in held:
+                if status == "active":
+                    _set_status(conn, source, sid, "tobedeleted")
+    new_rows = []
+    for key, e in live.items():
+        if key not in existing:
+            new_rows.append({**enrollment_row(e), "source": source, "row_hash": LIVE_HASH})
+        elif all(status != "active" for _, status in existing[key]):
+            for sid, _ in existing[key]:
+                _set_status(conn, source, sid, "active")
+    upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
 
 
 def _set_status(conn: Connection, source: str, sourced_id: str, status: str) -> None:

@@ -865,7 +865,8 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
     The answer's people and classes replace theirs. Enrollments are matched on (class,
     person, role), as live answers may carry ids the bulk feed does not know. Reading: an
     enrollment the answer has but not active is one it does not have. So, for the classes of
-    the answer: every row whose key the answer has is active; every active student row whose
+    the answer: the rows of a key the answer has are all made active when none is (a source
+    may enroll a student twice; one active row is enough); every active student row whose
     key it has not is tobedeleted; each key new to those classes is added (the answer's last
     enrollment of that key), over any row of its id. The teacher's own teacher rows of the
     classes they no longer teach (no active teacher enrollment in the answer) are
@@ -884,6 +885,11 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
         if e.class_id in classes and e.status == "active"
     }
     taught = {c for c, u, r in live if u == teacher_id and r == "teacher"}
+    enrolled = {  # the keys of the answer's classes with an active row in the mirror
+        (e.class_id, e.user_id, e.role)
+        for e in m.enrollment.values()
+        if e.class_id in classes and e.status == "active"
+    }
     held: set[tuple[str, str, str]] = set()
     for sid, e in m.enrollment.items():
         key = (e.class_id, e.user_id, e.role)
@@ -892,9 +898,9 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
             status = "tobedeleted"
         elif e.class_id in classes:
             held.add(key)
-            if key in live:
+            if key in live and key not in enrolled:
                 status = "active"
-            elif e.role == "student":
+            elif key not in live and e.role == "student":
                 status = "tobedeleted"
         if status != e.status:
             out.enrollment[sid] = replace(e, status=status)

@@ -416,3 +416,44 @@ async def test_a_full_sync_after_a_live_resync_updates_the_other_teachers_groups
     assert [m["name"] for m in groups(store)["c1"]["members"]] == ["Renamed One"]
     await sync(settings, store, school)
     assert [m["name"] for m in groups(store)["c2"]["members"]] == ["Renamed One"]
+
+
+async def test_a_live_answer_without_a_student_enrolled_twice_drops_the_student(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A student the source enrolled twice in a class (two enrollment records) leaves the
+    group when the live answer no longer has them: the live apply kept one row per (class,
+    person, role), whichever the database read last, and marked only that one."""
+    settings = make_settings()
+    school = _school()
+    school.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    school.enrollments += [
+        RosterEnrollment("e3", "c1", "s1", "student"),
+        RosterEnrollment("e4", "c1", "s2", "student"),
+    ]
+    await sync(settings, store, school)
+    live = _school()
+    live.enrollments = [e for e in live.enrollments if e.user_id != "s1"]
+    live.enrollments.append(RosterEnrollment("e4", "c1", "s2", "student"))
+    live.persons = [p for p in school.persons if p.sourced_id != "s1"]
+    await _live_resync(store, settings, live)
+    assert {_enrollment_status(store, e) for e in ("e2", "e3")} == {"tobedeleted"}
+    assert _members(store, "c1") == {"s2"}
+
+
+async def test_a_live_answer_with_a_moved_enrollment_enrolls_its_new_student(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An enrollment the source moved to another student (same sourcedId, as CSV answers
+    carry it) makes that student a member: the live apply wrote the moved row, then marked
+    the old (class, student) pair's row, by its id, tobedeleted: the row it had just
+    written."""
+    settings = make_settings()
+    school = _school()
+    school.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    await sync(settings, store, school)
+    school.enrollments = [replace(e, user_id="s2") if e.sourced_id == "e2" else e
+                          for e in school.enrollments]  # fmt: skip
+    await _live_resync(store, settings, school)
+    assert _enrollment_status(store, "e2") == "active"
+    assert _members(store, "c1") == {"s2"}
