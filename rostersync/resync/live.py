@@ -1,9 +1,10 @@
 """Write a teacher's live roster (``resync --live``) into the mirror before groups are rebuilt.
 
 Live answers carry no enrollment ids the full feed would recognise, so enrollments are matched
-by (class, person, role): existing rows are kept (and re-activated), missing ones are marked
-``tobedeleted``, new ones are added with the connector's ``live:`` ids. The next full run
-replaces all of it with the source's own view.
+by (class, person, role), counting only the answer's active ones: existing rows are kept (and
+re-activated when none of the key is active), missing ones are marked ``tobedeleted``, new ones
+are added with the connector's ids (OneRoster's ``live:`` ones). Every row written is marked
+(``LIVE_HASH``), so the next full run replaces all of it with the source's own view.
 """
 
 from __future__ import annotations
