@@ -462,8 +462,8 @@ def keep_mirrored_classes(conn: Connection, source: str, roster: TeacherRoster) 
     not hold: a live read knows neither the schools' names nor the terms, and the last sync
     judged which classes are in scope. A class new since then arrives with the next sync."""
     ids = {c.sourced_id for c in roster.classes}
-    if not ids:
-        return roster
+    # An answer without any class still filters: it may hold the enrollments and students of
+    # a class the source no longer lists, which are in scope no more than the class is.
     held = ids_in(
         conn,
         "SELECT sourced_id FROM roster_class WHERE source = :src AND status = 'active' "

@@ -843,11 +843,6 @@ def live_answer_in_scope(m: Mirror, answer: TeacherRoster) -> TeacherRoster:
     """A scoped source's live answer keeps the classes the mirror holds active (a live read
     knows neither the schools' names nor the terms; the last sync judged them), their
     enrollments, and the students of those."""
-    if not answer.classes:
-        # Reading (the engine's): an answer without classes is written whole. The memory
-        # connector's may still hold the enrollments and students of a class the source no
-        # longer lists; those students' records then go into the mirror, out of scope or not.
-        return answer
     held = {c.sourced_id for c in answer.classes if _held_active(m, c.sourced_id)}
     enrollments = [e for e in answer.enrollments if e.class_id in held]
     members = {e.user_id for e in enrollments}

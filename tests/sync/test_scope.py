@@ -25,11 +25,13 @@ from rostersync.source.records import (
     RosterEnrollment,
     RosterOrg,
     RosterPerson,
+    TeacherRoster,
 )
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report
+from rostersync.sync.scope import keep_mirrored_classes
 from tests.oneroster12 import write_drop
 from tests.sync.helpers import groups, users
 from tests.sync.test_csv12_sync import run as csv_run
@@ -134,6 +136,37 @@ def active_users(store: Store) -> set[str]:
 
 def members(store: Store, cls: str) -> set[str]:
     return {m["sourced_id"] for m in groups(store)[cls]["members"]}
+
+
+# -- live answers -----------------------------------------------------------------------------
+
+
+async def test_a_live_answer_keeps_only_the_classes_in_scope_even_when_it_lists_none(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A scoped source's live answer keeps the classes the last sync held, their enrollments
+    and their students. An answer listing no class at all (the teacher's only class is gone
+    from the source) but still holding an out-of-scope class's enrollment and student keeps
+    neither: it was written whole. Found by the model test's scoped machine."""
+    run = Runner(scoped(make_settings(), schools={"include": ["sch-1"]}), store, roster())
+    await run.sync()
+    data = roster()
+    south = next(c for c in data.classes if c.sourced_id == "c-2")
+    student = next(p for p in data.persons if p.sourced_id == "s-3")
+    enrolled = [e for e in data.enrollments if e.class_id == "c-2"]
+    teacher = data.persons[0]
+    with store.read() as conn:
+        empty = keep_mirrored_classes(conn, "mem", TeacherRoster(teacher, [], enrolled, [student]))
+        listed = keep_mirrored_classes(
+            conn, "mem", TeacherRoster(teacher, [south], enrolled, [student])
+        )
+    for kept in (empty, listed):
+        assert (kept.teacher, kept.classes, kept.enrollments, kept.persons) == (
+            teacher,
+            [],
+            [],
+            [],
+        )
 
 
 # -- schools ----------------------------------------------------------------------------------
