@@ -3,11 +3,14 @@
 Live answers carry no enrollment ids the full feed would recognise, so enrollments are matched
 by (class, person, role), counting only the answer's active ones: existing rows are kept (and
 re-activated when none of the key is active), missing ones are marked ``tobedeleted``, new ones
-are added with the connector's ids (OneRoster's ``live:`` ones). Every row written is marked
+are added with the connector's ids (OneRoster's ``live:`` ones). What the connector rejected
+is not taken for gone (see :class:`_Unread`). Every row written is marked
 (``LIVE_HASH``), so the next full run replaces all of it with the source's own view.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, bindparam, text
 
@@ -48,6 +51,7 @@ def apply_teacher_roster(
         ["source", "sourced_id"],
     )
     live_classes = {c.sourced_id for c in roster.classes}
+    unread = _Unread.of(roster)
     # Classes the mirror says the teacher teaches but the source no longer does.
     current = {
         r[0]
@@ -59,7 +63,7 @@ def apply_teacher_roster(
             {"src": source, "t": teacher_id, "teacher": TEACHER},
         )
     }
-    for cls in sorted(current - live_classes):
+    for cls in sorted(current - live_classes - unread.classes if unread.class_ids else ()):
         conn.execute(
             text(
                 "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
@@ -86,14 +90,17 @@ def apply_teacher_roster(
         (e.class_id, e.user_id, e.role): e
         for e in roster.enrollments
         if e.class_id in live_classes and e.status == "active"
-        and fits("enrollment", enrollment_tuple(e))
-    }  # fmt: skip
+    }
+    for key, e in list(live.items()):
+        if not fits("enrollment", enrollment_tuple(e)):
+            del live[key]
+            unread.keys.add(key)
     # Rows the answer no longer has go first: a new row may take the id of one of them (an
     # enrollment the source moved to another student keeps its sourcedId).
     for (cls, uid, role), held in existing.items():
         # Students, and the teacher's own row: an answer need not list co-teachers.
         mine = role == STUDENT or (role == TEACHER and uid == teacher_id)
-        if mine and (cls, uid, role) not in live:
+        if mine and (cls, uid, role) not in live and unread.may_drop(cls, uid, role):
             for sid, status in held:
                 if status == "active":
                     _set_status(conn, source, sid, "tobedeleted")
@@ -105,6 +112,45 @@ def apply_teacher_roster(
             for sid, _ in existing[key]:
                 _set_status(conn, source, sid, "active")
     upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
+
+
+@dataclass
+class _Unread:
+    """What the connector could not read of a live answer (the records it rejected), which
+    the apply must not take for gone: a sync keeps a rejected record's mirror rows, and the
+    next full run decides. ``class_ids`` / ``person_ids``: False when a rejection of that kind
+    named no id, so that none of its kind can be told apart from it."""
+
+    classes: set[str] = field(default_factory=set)
+    persons: set[str] = field(default_factory=set)
+    keys: set[tuple[str, str, str]] = field(default_factory=set)
+    class_ids: bool = True
+    person_ids: bool = True
+    enrollments: bool = False
+
+    @classmethod
+    def of(cls, roster: TeacherRoster) -> _Unread:
+        out = cls()
+        for r in roster.rejected:
+            if r.entity == "class":
+                out.class_ids &= r.sourced_id is not None
+                out.classes.add(r.sourced_id or "")
+            elif r.entity == "user":
+                out.person_ids &= r.sourced_id is not None
+                out.persons.add(r.sourced_id or "")
+            elif r.entity == "enrollment":
+                # Its class and person are not known (the live ids are not the feed's).
+                out.enrollments = True
+        return out
+
+    def may_drop(self, cls: str, uid: str, role: str) -> bool:
+        """Whether a mirror enrollment the answer lacks may be marked gone."""
+        return (
+            self.person_ids
+            and not self.enrollments
+            and uid not in self.persons
+            and (cls, uid, role) not in self.keys
+        )
 
 
 def _set_status(conn: Connection, source: str, sourced_id: str, status: str) -> None:

@@ -13,7 +13,13 @@ from sqlalchemy import text
 from rostersync.config.models import Settings
 from rostersync.resync import worker as worker_module
 from rostersync.resync.queue import queue_resync
-from rostersync.source.records import MemoryRoster, RosterEnrollment
+from rostersync.source.records import (
+    MemoryRoster,
+    Rejected,
+    RosterEnrollment,
+    TeacherRef,
+    TeacherRoster,
+)
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
@@ -314,3 +320,87 @@ async def test_resync_workers_refresh_statistics_as_the_group_tables_grow(
     await engine.drain()  # within the interval, doubled: the small tables only
     assert calls == refreshed(True, True, False) and engine._created_unanalyzed == 0
     assert engine._created_analyzed == 204
+
+
+class _Unreadable(MemoryConnector):
+    """A live answer in which the connector could not read some records: they are missing
+    from it and listed as rejected, as OneRoster's connector answers for a malformed class or
+    user."""
+
+    def __init__(
+        self, roster: MemoryRoster, rejected: list[Rejected], *, drop: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(roster)
+        self.rejected = rejected
+        self.drop = set(drop)  # the ids of the classes, persons and enrollments not read
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        answer = await super().fetch_teacher(teacher)
+        kept = [
+            e for e in answer.enrollments if not {e.class_id, e.user_id, e.sourced_id} & self.drop
+        ]
+        return TeacherRoster(
+            teacher=answer.teacher,
+            classes=[c for c in answer.classes if c.sourced_id not in self.drop],
+            enrollments=kept,
+            persons=[p for p in answer.persons if p.sourced_id not in self.drop],
+            rejected=list(self.rejected),
+        )
+
+
+UNREADABLE = {
+    "a class, by id": ([Rejected("class", "c-2", "no title")], ("c-2",)),
+    "a class without its id": ([Rejected("class", None, "not a JSON object")], ("c-2",)),
+    "a student, by id": ([Rejected("user", "s-1", "no role")], ("s-1",)),
+    "a student without its id": ([Rejected("user", None, "not a JSON object")], ("s-1",)),
+    "an enrollment": ([Rejected("enrollment", "e-s1c1", "bad status")], ("e-s1c1",)),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE)
+async def test_a_live_answer_takes_no_record_it_could_not_read_for_gone(
+    store: Store, make_settings: Callable[..., Settings], case: str
+) -> None:
+    """A record the connector rejects in a live answer is not one the source dropped: the
+    teacher keeps the class, the student stays a member (a sync keeps a rejected record's
+    rows too; the next full run decides). The live apply took every record missing from the
+    answer for gone, so one malformed class removed its group from the teacher."""
+    rejected, drop = UNREADABLE[case]
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = {c: (set(g["owners"]), len(g["members"])) for c, g in groups(store).items()}
+    with store.write() as conn:
+        queue_resync(
+            conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None, live=True
+        )
+    connector = _Unreadable(small_roster(), rejected, drop=drop)
+    engine = SyncEngine(settings, store, connectors={"mem": connector})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+    after = {c: (set(g["owners"]), len(g["members"])) for c, g in groups(store).items()}
+    assert after == before
+
+
+@pytest.mark.parametrize("drop", ["c-2", "s-1"])
+async def test_a_record_missing_from_a_live_answer_without_a_rejection_is_gone(
+    store: Store, make_settings: Callable[..., Settings], drop: str
+) -> None:
+    """The other side: a class or student simply absent from the answer is gone from the
+    teacher's groups."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    await live_resync(store, settings, small_roster())  # nothing changed: nothing moves
+    before = groups(store)
+    with store.write() as conn:
+        queue_resync(
+            conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None, live=True
+        )
+    connector = _Unreadable(small_roster(), [], drop=(drop,))
+    engine = SyncEngine(settings, store, connectors={"mem": connector})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+    after = groups(store)
+    if drop == "c-2":
+        assert len(after["c-2"]["owners"]) == len(before["c-2"]["owners"]) - 1
+    else:
+        assert {m["sourced_id"] for m in after["c-1"]["members"]} == {
+            m["sourced_id"] for m in before["c-1"]["members"]
+        } - {"s-1"}
