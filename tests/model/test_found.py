@@ -23,7 +23,7 @@ from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import load_report
-from tests.sync.helpers import groups, snapshot, sync, user_id, users
+from tests.sync.helpers import groups, live_resync, snapshot, sync, users
 
 
 def _school() -> MemoryRoster:
@@ -332,16 +332,6 @@ async def test_a_sync_job_merged_into_a_queued_manual_resync_counts_in_the_run(
     assert (job[0], bool(job[1]), job[2]) == (report.id, True, "succeeded")
 
 
-async def _live_resync(
-    store: Store, settings: Settings, roster: MemoryRoster, email: str = "t1@example.org"
-) -> None:
-    """A live resync of a teacher (``resync --live``), the source answering from ``roster``."""
-    with store.write() as conn:
-        queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
-    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
-    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
-
-
 def _enrollment_status(store: Store, sourced_id: str) -> str:
     with store.read() as conn:
         return str(
@@ -366,7 +356,7 @@ async def test_a_live_answer_that_drops_an_enrollment_drops_the_member(
                         for e in live.enrollments]  # fmt: skip
     live.enrollments.append(RosterEnrollment("e3", "c1", "s2", "student"))
     live.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
-    await _live_resync(store, settings, live)
+    await live_resync(store, settings, live, email="t1@example.org")
     assert _enrollment_status(store, "e2") == "tobedeleted"
     assert _members(store, "c1") == {"s2"}
 
@@ -384,7 +374,7 @@ async def test_a_live_answer_with_an_overlong_email_keeps_the_persons_row(
     long_email = "s1" + "x" * 260 + "@example.org"
     live.persons = [replace(p, email=long_email) if p.sourced_id == "s1" else p
                     for p in live.persons]  # fmt: skip
-    await _live_resync(store, settings, live)
+    await live_resync(store, settings, live, email="t1@example.org")
     with store.read() as conn:
         email = conn.execute(
             text("SELECT email FROM roster_person WHERE sourced_id = 's1'")
@@ -412,7 +402,7 @@ async def test_a_full_sync_after_a_live_resync_updates_the_other_teachers_groups
     await sync(settings, store, school)
     school.persons = [replace(p, given_name="Renamed") if p.sourced_id == "s1" else p
                       for p in school.persons]  # fmt: skip
-    await _live_resync(store, settings, school, "t1@example.org")
+    await live_resync(store, settings, school, email="t1@example.org")
     assert [m["name"] for m in groups(store)["c1"]["members"]] == ["Renamed One"]
     await sync(settings, store, school)
     assert [m["name"] for m in groups(store)["c2"]["members"]] == ["Renamed One"]
@@ -436,7 +426,7 @@ async def test_a_live_answer_without_a_student_enrolled_twice_drops_the_student(
     live.enrollments = [e for e in live.enrollments if e.user_id != "s1"]
     live.enrollments.append(RosterEnrollment("e4", "c1", "s2", "student"))
     live.persons = [p for p in school.persons if p.sourced_id != "s1"]
-    await _live_resync(store, settings, live)
+    await live_resync(store, settings, live, email="t1@example.org")
     assert {_enrollment_status(store, e) for e in ("e2", "e3")} == {"tobedeleted"}
     assert _members(store, "c1") == {"s2"}
 
@@ -454,6 +444,6 @@ async def test_a_live_answer_with_a_moved_enrollment_enrolls_its_new_student(
     await sync(settings, store, school)
     school.enrollments = [replace(e, user_id="s2") if e.sourced_id == "e2" else e
                           for e in school.enrollments]  # fmt: skip
-    await _live_resync(store, settings, school)
+    await live_resync(store, settings, school, email="t1@example.org")
     assert _enrollment_status(store, "e2") == "active"
     assert _members(store, "c1") == {"s2"}

@@ -25,7 +25,7 @@ from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
-from tests.sync.helpers import add_user, groups, sync, user_id
+from tests.sync.helpers import add_user, groups, live_resync, sync, user_id
 
 
 async def test_live_resync_refreshes_the_teacher_from_the_source(
@@ -58,16 +58,6 @@ def enrollment_status(store: Store, sourced_id: str) -> str:
                 {"s": sourced_id},
             ).scalar_one()
         )
-
-
-async def live_resync(
-    store: Store, settings: Settings, roster: MemoryRoster, email: str = "ada@example.org"
-) -> None:
-    """One live resync of the teacher with `email`, the source answering from `roster`."""
-    with store.write() as conn:
-        queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
-    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
-    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
 
 
 async def test_a_full_sync_replaces_what_a_live_resync_marked_tobedeleted(

@@ -105,3 +105,16 @@ ZERO = {
 
 def counts(report: object) -> dict[str, int]:
     return {k: v for k, v in report.counts.items() if k in ZERO}  # type: ignore[attr-defined]
+
+
+async def live_resync(
+    store: Store, settings: Settings, roster: MemoryRoster, email: str = "ada@example.org"
+) -> None:
+    """One live resync (``resync --live``) of the teacher with ``email``, the source answering
+    from ``roster``; it must succeed."""
+    from rostersync.resync.queue import queue_resync
+
+    with store.write() as conn:
+        queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
