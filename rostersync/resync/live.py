@@ -63,7 +63,8 @@ def apply_teacher_roster(
             {"src": source, "t": teacher_id, "teacher": TEACHER},
         )
     }
-    for cls in sorted(current - live_classes - unread.classes if unread.class_ids else ()):
+    gone = current - live_classes - unread.classes if unread.class_ids else set()
+    for cls in sorted(gone):
         conn.execute(
             text(
                 "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
@@ -133,11 +134,15 @@ class _Unread:
         out = cls()
         for r in roster.rejected:
             if r.entity == "class":
-                out.class_ids &= r.sourced_id is not None
-                out.classes.add(r.sourced_id or "")
+                if r.sourced_id is None:
+                    out.class_ids = False
+                else:
+                    out.classes.add(r.sourced_id)
             elif r.entity == "user":
-                out.person_ids &= r.sourced_id is not None
-                out.persons.add(r.sourced_id or "")
+                if r.sourced_id is None:
+                    out.person_ids = False
+                else:
+                    out.persons.add(r.sourced_id)
             elif r.entity == "enrollment":
                 # Its class and person are not known (the live ids are not the feed's).
                 out.enrollments = True
