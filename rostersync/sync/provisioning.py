@@ -255,6 +255,22 @@ def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
     return int(users), int(groups)
 
 
+#: Groups whose removal an earlier run already decided: every owner's account is archived,
+#: and a resync job of one of them (which removes the group) is still to run. They go
+#: whatever this run does, so its safety limits do not count them: a run after one whose
+#: drain was cut short, or that came before the drain ended, was held for removals the
+#: earlier run had made (and an admin may have approved).
+_REMOVAL_QUEUED = """
+    SELECT g.external_id FROM groups g WHERE g.source = :src AND g.external_id IN :ids
+      AND NOT EXISTS (
+        SELECT 1 FROM group_owner o JOIN "user" u ON u.id = o.user_id
+        WHERE o.group_id = g.id AND u.status = 'active')
+      AND EXISTS (
+        SELECT 1 FROM group_owner o JOIN resync_job j ON j.user_id = o.user_id
+        WHERE o.group_id = g.id AND j.state IN ('queued', 'running'))
+"""
+
+
 def groups_to_remove(
     conn: Connection,
     source: str,
@@ -266,6 +282,8 @@ def groups_to_remove(
     new_owners: Iterable[str] = (),
 ) -> int:
     """Groups of this source that no eligible, provisioned teacher will own after this run.
+
+    Not those whose removal an earlier run decided (:data:`_REMOVAL_QUEUED`).
 
     ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
     the persons it links or creates accounts for, who take over the classes they teach (the
@@ -304,6 +322,8 @@ def groups_to_remove(
         classes = set()
         for chunk in chunks(sorted(candidates)):
             classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    if classes:
+        classes -= ids_in(conn, _REMOVAL_QUEUED, classes, src=source)
     owners = set(new_owners)
     if classes and owners:
         taken = f"""

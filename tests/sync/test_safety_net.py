@@ -38,6 +38,33 @@ def _status(store: Store, run_id: int) -> str:
         )
 
 
+# -- removals already decided -----------------------------------------------------------------
+
+
+async def test_removals_an_earlier_run_decided_do_not_hold_the_next_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A run archived Ada; the resync job that removes her group (Algebra I, hers alone) has
+    not run yet: its drain was cut short, or a scheduled sync came first. The next run
+    removes nothing itself: it is not held for her group (it was, by every limit), and its
+    drain still removes it."""
+    strict = make_settings(safety={"max_removals": 0})
+    await sync(make_settings(), store, small_roster())
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    first = await sync(make_settings(), store, roster, drain=False)
+    assert (first.status, first.counts["users_archived"]) == ("succeeded", 1)
+    assert "c-1" in groups(store)  # its removal waits in the queue
+    report = await sync(strict, store, roster)
+    assert report.status == "succeeded", report.hold_reason
+    assert users(store)["ada@example.org"]["status"] == "archived"
+    assert sorted(groups(store)) == ["c-2"]
+    # With that job done, a removal of the run's own holds it, as before.
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    assert (await sync(strict, store, roster)).status == "held"
+
+
 # -- dry runs ---------------------------------------------------------------------------------
 
 
