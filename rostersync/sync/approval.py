@@ -54,6 +54,7 @@ class Approval:
             log = self.log.bind(source=report.source, run_id=run_id)
             with self.store.write() as conn:
                 runs.start_approval(conn, run_id)
+            log.info("held_run_approval_started")
             ctx = RunContext(
                 report.source,
                 run_id,

@@ -25,7 +25,13 @@ from tests.daemon.conftest import (
 )
 from tests.fakes.oneroster_server import FakeOneRoster, Faults
 from tests.recovery.conftest import run_row, staged_rows
-from tests.recovery.killing import Bench, fake_district, run_trials
+from tests.recovery.killing import (
+    Bench,
+    approval_attack,
+    fake_district,
+    fake_server,
+    run_trials,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +76,27 @@ def test_syncs_killed_at_random_instants_then_a_sync_gives_the_uninterrupted_dir
     print(f"seed {seed} (`python -m tests.recovery.killing --kills {KILLS} --seed {seed}`)")
     phases = run_trials(Bench(tmp_path, database, district), directory, seconds, KILLS, seed)
     print(f"{KILLS} kills on {backend}: {dict(phases)}")
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_approvals_killed_at_random_instants_apply_all_or_nothing(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """SIGKILL of `runs approve` during its start-up, its apply or its drain: until the apply
+    commits the directory is as before and the run is approvable again; after it, one more
+    sync finishes the drain, is not held for the removals approved, and gives the directory
+    of an uninterrupted approval (tests.recovery.killing.run_approval_trials)."""
+    database = request.getfixturevalue("pg_url") if backend == "postgres" else sqlite_url(tmp_path)
+    seed = random.randrange(1 << 30)
+    print(
+        f"seed {seed} (`python -m tests.recovery.killing --approve --kills {KILLS} --seed {seed}`)"
+    )
+    with fake_server() as server:
+        phases = approval_attack(server, tmp_path, database, KILLS, seed)
+    print(f"{KILLS} killed approvals on {backend}: {dict(phases)}")
+    assert sum(phases.values()) >= 1
 
 
 def test_a_daemon_stopped_mid_sync_fails_the_run_and_clears_its_staging(

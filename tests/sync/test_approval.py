@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+import structlog.testing
 from sqlalchemy import text
 
 from rostersync.config.models import Settings
@@ -65,11 +66,18 @@ async def test_removals_over_threshold_hold_the_run_until_approved(
     assert "max_removals" in (report.hold_reason or "")
     assert snapshot(store) == before
     engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
-    approved = await engine.approve(report.id)
+    with structlog.testing.capture_logs() as logged:
+        approved = await engine.approve(report.id)
     await engine.drain()
     assert approved.status == "succeeded"
     assert users(store)["alan.turing@example.org"]["status"] == "archived"
     assert "c-2" not in groups(store)
+    # The log brackets the apply: an operator (and the kill test) sees it start and end.
+    events = [(e["event"], e.get("run_id")) for e in logged if e["event"].startswith("held_run")]
+    assert events == [
+        ("held_run_approval_started", report.id),
+        ("held_run_approved", report.id),
+    ]
 
 
 async def test_a_held_run_whose_staged_data_is_gone_is_not_approved(
