@@ -31,7 +31,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
@@ -44,6 +44,48 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _REVISION_LINE = re.compile(
     r'^(down_revision|revision)\s*(?::[^=\n]*)?=\s*(?:"([^"]*)"|None)\s*$', re.M
 )
+
+
+#: SQLite's primary result codes for a database that cannot be used as it is, and what to say.
+_SQLITE_UNUSABLE = {
+    8: "the database file is read-only",  # SQLITE_READONLY
+    10: "a disk I/O error",  # SQLITE_IOERR
+    11: "the database file is damaged",  # SQLITE_CORRUPT
+    13: "the disk is full",  # SQLITE_FULL
+    14: "the database file cannot be opened",  # SQLITE_CANTOPEN
+    26: "the file is not a database",  # SQLITE_NOTADB
+}
+#: PostgreSQL's SQLSTATE classes and codes of the same kind.
+_PG_UNUSABLE = {
+    "08": "the connection to the server was lost",  # connection exception
+    "53": "the server ran out of resources (disk, memory or connections)",
+    "57P01": "the server shut down",
+    "57P02": "the server shut down",
+    "57P03": "the server is not accepting connections yet",
+    "58": "a system error on the server (an I/O error)",
+}
+
+
+def unusable(exc: BaseException) -> str | None:
+    """Why the database cannot be used, if ``exc`` says it cannot (a full disk, an I/O error,
+    a lost server): the operator's to fix, not a bug, so commands report it in a line. None
+    for any other error."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:
+        return None
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _SQLITE_UNUSABLE.get(code & 0xFF)
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str):
+        return _PG_UNUSABLE.get(state) or _PG_UNUSABLE.get(state[:2])
+    if getattr(exc, "connection_invalidated", False):
+        return "the connection to the server was lost"
+    return None
+
+
+def _one_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]
 
 
 def schema_head() -> str | None:
@@ -330,13 +372,29 @@ class Store:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
+        with self._usable(), self.engine.connect() as conn:
             try:
                 with conn.begin():
                     yield conn
             except BaseException:
                 self._discard(conn)
                 raise
+
+    @contextmanager
+    def _usable(self) -> Iterator[None]:
+        """A database that cannot be used (:func:`unusable`) raises StoreError naming it and
+        why; its transaction was rolled back, so nothing it wrote is kept."""
+        try:
+            yield
+        except DBAPIError as exc:
+            why = unusable(exc)
+            if why is None:
+                raise
+            detail = _one_line(str(getattr(exc, "orig", exc)))
+            raise StoreError(
+                f"database {self.location}: {why} ({detail}); nothing this transaction "
+                "wrote was kept: fix that, then run the command again"
+            ) from exc
 
     def _discard(self, conn: Connection) -> None:
         """SQLite: close the connection of a transaction that failed, instead of returning it
@@ -360,7 +418,7 @@ class Store:
         pages are in the write-ahead log, and the store's checkpointer thread copies them
         into the database file (see _Checkpointer)."""
         handoff = bulk and self._checkpointer is not None
-        with self.engine.connect() as conn:
+        with self._usable(), self.engine.connect() as conn:
             conn = conn.execution_options(rostersync_write=True)
             # The raw connection: a statement through SQLAlchemy would begin a transaction.
             raw: Any = conn.connection.dbapi_connection if handoff else None

@@ -3,12 +3,14 @@ that only read never do, so a mistyped path is an error naming it rather than an
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect
 
 from rostersync.cli.main import main
 from rostersync.store.db import Store
@@ -147,3 +149,47 @@ def test_a_read_only_command_does_not_migrate_an_empty_postgresql_schema(
     assert code == 0, output
     assert store.current_revision() == store.head_revision()
     store.dispose()
+
+
+def test_a_full_disk_is_one_line_naming_the_database_and_the_next_sync_recovers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's "database or disk is full" mid-sync is the operator's to fix, not a bug: the
+    run fails with one line naming the file and the cause, exit 1, no internal-error report
+    or trace, nothing half-written; with room again (here: the page limit lifted), the next
+    sync gives what an undisturbed one does."""
+    import sqlite3
+
+    from rostersync.store import db
+
+    database = tmp_path / "rs.db"
+    config = write_config(tmp_path, f"sqlite:///{database}")
+    assert invoke(config, capsys, "db", "upgrade")[0] == 0
+    with sqlite3.connect(database) as conn:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    setup = db._sqlite_setup
+
+    def limited(engine: Any) -> None:  # a disk with room for a few more pages
+        setup(engine)
+        event.listen(
+            engine, "connect", lambda c, _r: c.execute(f"PRAGMA max_page_count = {pages + 8}")
+        )
+
+    monkeypatch.setattr(db, "_sqlite_setup", limited)
+    code, out = invoke(config, capsys, "sync")
+    assert code == 1
+    assert f"error: database {database}: the disk is full" in out  # the run's report
+    assert "internal error" not in out and "Traceback" not in out
+    monkeypatch.setattr(db, "_sqlite_setup", setup)
+    code, out = invoke(config, capsys, "runs", "show", "1", "--json")
+    assert code == 0
+    assert json.loads(out)["status"] == "failed"
+    assert "the disk is full" in json.loads(out)["error"]
+    assert invoke(config, capsys, "sync")[0] == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    fresh = write_config(other, f"sqlite:///{other / 'rs.db'}")
+    assert invoke(fresh, capsys, "sync")[0] == 0
+    listed = [json.loads(invoke(c, capsys, "users", "list", "--json")[1]) for c in (config, fresh)]
+    assert len(listed[0]) == 43
+    assert [u["email"] for u in listed[0]] == [u["email"] for u in listed[1]]

@@ -710,3 +710,39 @@ def test_upgrade_to_0010_gives_every_person_its_one_role(tmp_path: Path) -> None
     assert person_tuple(replace(ann, other_roles=("Aide",)))[2] == "aide,teacher"
     assert replace(ann, other_roles=("Aide",)).content_hash() != ann.content_hash()
     store.dispose()
+
+
+class _DriverError(Exception):
+    """A driver exception with the attributes sqlite3 and psycopg errors carry."""
+
+    def __init__(self, message: str, **attrs: Any) -> None:
+        super().__init__(message)
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+
+@pytest.mark.parametrize(
+    ("orig", "why"),
+    [
+        (_DriverError("database or disk is full", sqlite_errorcode=13), "the disk is full"),
+        (_DriverError("disk I/O error", sqlite_errorcode=10 | (3 << 8)), "a disk I/O error"),
+        (_DriverError("readonly", sqlite_errorcode=8), "the database file is read-only"),
+        (_DriverError("malformed", sqlite_errorcode=11), "the database file is damaged"),
+        (_DriverError("database is locked", sqlite_errorcode=5), None),  # waited for, retried
+        (_DriverError("UNIQUE constraint failed", sqlite_errorcode=19), None),  # a bug
+        (_DriverError("could not extend file", sqlstate="53100"), "the server ran out"),
+        (_DriverError("terminating connection", sqlstate="57P01"), "the server shut down"),
+        (_DriverError("server closed the connection", sqlstate="08006"), "the connection"),
+        (_DriverError("duplicate key", sqlstate="23505"), None),
+        (_DriverError("no attributes"), None),
+    ],
+)
+def test_unusable_names_what_the_operator_must_fix_and_nothing_else(
+    orig: Exception, why: str | None
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from rostersync.store.db import unusable
+
+    found = unusable(OperationalError("SELECT 1", {}, orig))
+    assert found == why if why is None else (found or "").startswith(why)
