@@ -332,6 +332,8 @@ class Store:
         """``create=False`` (commands that only read): a SQLite file that does not exist is a
         StoreError naming it, and no file or folder is ever created."""
         self.url = url
+        # hide_parameters: a failed statement's values (roster emails and names) would go
+        # into its exception's text, and from there into a run's error, the log and traces.
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self._checkpointer: _Checkpointer | None = None
@@ -346,10 +348,12 @@ class Store:
                 self._checkpointer = _Checkpointer(str(db))
             # Pooled connections keep their PRAGMAs; opening one per batch would cost more
             # than the batch's insert. A connection is only ever used by one thread at a time.
-            self.engine = create_engine(url, echo=echo, pool_size=8, **kwargs)
+            self.engine = create_engine(url, echo=echo, pool_size=8, hide_parameters=True, **kwargs)
             _sqlite_setup(self.engine)
         elif self.dialect == "postgresql":
-            self.engine = create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10)
+            self.engine = create_engine(
+                url, echo=echo, pool_pre_ping=True, pool_size=10, hide_parameters=True
+            )
         else:
             raise StoreError(
                 f"unsupported database {parsed.drivername!r}: use sqlite or postgresql"

@@ -746,3 +746,17 @@ def test_unusable_names_what_the_operator_must_fix_and_nothing_else(
 
     found = unusable(OperationalError("SELECT 1", {}, orig))
     assert found == why if why is None else (found or "").startswith(why)
+
+
+def test_a_failed_statement_names_no_roster_values(store: Store) -> None:
+    """A statement's parameters stay out of its error's text, which goes into a run's error,
+    the log and trace files: roster emails and names are not theirs to show."""
+    with pytest.raises(Exception) as failed, store.write() as conn:
+        conn.execute(
+            text("INSERT INTO no_such_table (email, name) VALUES (:e, :n)"),
+            {"e": "ada@example.org", "n": "Ada Lovelace-Byron"},
+        )
+    assert "no_such_table" in str(failed.value)
+    assert "ada@example.org" not in str(failed.value)
+    assert "Lovelace-Byron" not in str(failed.value)
+    assert "hidden" in str(failed.value)  # SQLAlchemy says the parameters were left out
