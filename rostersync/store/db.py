@@ -478,14 +478,14 @@ class Store:
 
                 return MigrationContext.configure(conn).get_current_revision()
         except OperationalError as exc:
-            raise StoreError(f"cannot open database {self!r}: {exc.orig}") from None
+            raise StoreError(f"cannot open database {self.location}: {exc.orig}") from None
 
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after)."""
         before = self.current_revision()
         from alembic import command
 
-        with self.engine.connect() as conn:
+        with self._usable(), self.engine.connect() as conn:
             command.upgrade(self._alembic(conn), "head")
             conn.commit()
         return before, self.current_revision()
@@ -498,7 +498,7 @@ class Store:
         if current == head:
             return
         if current is None:
-            with self.engine.connect() as conn:
+            with self._usable(), self.engine.connect() as conn:
                 has_tables = bool(inspect(conn).get_table_names())
             if not has_tables and auto_upgrade:
                 self.upgrade()

@@ -760,3 +760,21 @@ def test_a_failed_statement_names_no_roster_values(store: Store) -> None:
     assert "ada@example.org" not in str(failed.value)
     assert "Lovelace-Byron" not in str(failed.value)
     assert "hidden" in str(failed.value)  # SQLAlchemy says the parameters were left out
+
+
+@pytest.mark.postgres
+def test_a_lost_postgresql_connection_is_a_store_error_naming_the_server(
+    pg_store: Store,
+) -> None:
+    """A server that drops the connection mid-transaction (a restart, an administrator's
+    pg_terminate_backend) is the operator's to look at: StoreError naming the database
+    without its password, and the next transaction works on a new connection."""
+    with pytest.raises(StoreError) as lost, pg_store.write() as conn:
+        add = text("INSERT INTO site (name) VALUES (:n)")
+        conn.execute(add, {"n": "Kept Nowhere"})
+        conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    assert "the server shut down" in str(lost.value)
+    assert pg_store.location in str(lost.value)
+    with pg_store.read() as conn:
+        names = conn.execute(text("SELECT name FROM site")).scalars().all()
+    assert "Kept Nowhere" not in names
