@@ -44,7 +44,7 @@ from rostersync.importer.rows import RowInput, parse_row
 from rostersync.importer.statuses import Status, empty_counts
 from rostersync.logs import scrub
 from rostersync.resync.queue import queue_resync
-from rostersync.store.db import Store, in_text, utcnow
+from rostersync.store.db import Store, in_text, unusable, utcnow
 from rostersync.store.tables import (
     group_owner,
     import_row,
@@ -355,6 +355,8 @@ def _write(
                 ):
                     result.verifications_queued += 1
         except SQLAlchemyError as exc:
+            if unusable(exc) is not None:
+                raise  # a full disk or a lost server is no row's fault: the import stops
             reason = scrub(str(getattr(exc, "orig", exc)))[:300]
             structlog.get_logger().warning("import_row_failed", row=outcome.row, error=reason)
             out.append(

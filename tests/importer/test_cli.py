@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from click.testing import CliRunner, Result
 from openpyxl import Workbook, load_workbook
 
 from rostersync.cli.main import cli
+from rostersync.errors import StoreError
 from rostersync.importer import TEMPLATE_COLUMNS
 from rostersync.sampledata import write_oneroster_csv
 from rostersync.source.testdata import small_roster
@@ -249,3 +251,40 @@ def test_utf16_unicode_text_and_protected_workbooks(config: Path, tmp_path: Path
     refused = rs(config, "import", str(protected))
     assert refused.exit_code == 2
     assert "a password-protected workbook or an old .xls file" in refused.stderr
+
+
+def test_a_full_disk_stops_the_whole_import_and_keeps_none_of_it(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database filling up mid-import is no row's fault: the import stops with one line
+    naming the database and the cause, exit 1, and keeps none of its rows (rather than a
+    report of rows "not saved" beside rows that were); with room, the same file imports."""
+    from sqlalchemy import event
+
+    from rostersync.store import db
+
+    assert rs(config, "db", "upgrade").exit_code == 0
+    with sqlite3.connect(tmp_path / "rs.db") as conn:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+    setup = db._sqlite_setup
+
+    def limited(engine: Any) -> None:  # a disk with room for a few more pages
+        setup(engine)
+        event.listen(
+            engine, "connect", lambda c, _r: c.execute(f"PRAGMA max_page_count = {pages + 12}")
+        )
+
+    monkeypatch.setattr(db, "_sqlite_setup", limited)
+    body = "Email,Display Name\n" + "".join(f"u{i}@example.org,User {i}\n" for i in range(2000))
+    f = _csv(tmp_path, body)
+    full = rs(config, "import", f)
+    # (The runner calls the command group itself: the StoreError is what `rostersync` turns
+    # into its one line and exit 1, as tests/cli/test_store.py shows.)
+    assert isinstance(full.exception, StoreError), full.output
+    assert "the disk is full" in str(full.exception)
+    assert "import_row_failed" not in full.output  # no row blamed for it
+    monkeypatch.setattr(db, "_sqlite_setup", setup)
+    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+    again = rs(config, "import", f, "--json")
+    assert again.exit_code == 0
+    assert json.loads(again.stdout)["counts"]["created"] == 2000
