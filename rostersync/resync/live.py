@@ -63,7 +63,8 @@ def apply_teacher_roster(
             {"src": source, "t": teacher_id, "teacher": TEACHER},
         )
     }
-    gone = current - live_classes - unread.classes if unread.class_ids else set()
+    # A rejected enrollment may be the teacher's own, by which a class missing here is theirs.
+    gone = current - live_classes - unread.classes if unread.may_drop_classes else set()
     for cls in sorted(gone):
         conn.execute(
             text(
@@ -147,6 +148,12 @@ class _Unread:
                 # Its class and person are not known (the live ids are not the feed's).
                 out.enrollments = True
         return out
+
+    @property
+    def may_drop_classes(self) -> bool:
+        """Whether a class the mirror says the teacher teaches, missing from the answer, may
+        be taken for gone (one whose id was rejected never is)."""
+        return self.class_ids and not self.enrollments
 
     def may_drop(self, cls: str, uid: str, role: str) -> bool:
         """Whether a mirror enrollment the answer lacks may be marked gone."""

@@ -17,7 +17,13 @@ from sqlalchemy import event, text
 from rostersync.config.models import Settings
 from rostersync.importer import parse_bytes, run_import
 from rostersync.resync.queue import queue_resync
-from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.records import (
+    MemoryRoster,
+    Rejected,
+    RosterClass,
+    RosterEnrollment,
+    RosterPerson,
+)
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
@@ -447,3 +453,22 @@ async def test_a_live_answer_with_a_moved_enrollment_enrolls_its_new_student(
     await live_resync(store, settings, school, email="t1@example.org")
     assert _enrollment_status(store, "e2") == "active"
     assert _members(store, "c1") == {"s2"}
+
+
+async def test_a_live_answer_with_a_rejected_enrollment_keeps_the_teachers_classes(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live answer in which the connector rejected an enrollment takes no enrollment for
+    gone (docs/sources.md: "or an enrollment was rejected, nothing of that kind is dropped"):
+    the rejected one may be the teacher's own, by which the class was theirs, so a class
+    missing from that answer stays the teacher's until the next full sync decides (a sync
+    keeps a rejected record's row). The live apply kept the students then, but took the
+    class for gone, and the teacher lost its group."""
+    settings = make_settings()
+    await sync(settings, store, _school())
+    live = _school()
+    live.enrollments = [e for e in live.enrollments if e.sourced_id != "e1"]
+    rejected = [Rejected("enrollment", "e1", "bad status")]
+    await live_resync(store, settings, live, email="t1@example.org", rejected=rejected)
+    assert _enrollment_status(store, "e1") == "active"
+    assert groups(store)["c1"]["owners"] == ["t1@example.org"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from rostersync import directory
 from rostersync.config.models import Settings
-from rostersync.source.records import MemoryRoster
+from rostersync.source.records import MemoryRoster, Rejected, TeacherRef, TeacherRoster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
@@ -107,14 +108,33 @@ def counts(report: object) -> dict[str, int]:
     return {k: v for k, v in report.counts.items() if k in ZERO}  # type: ignore[attr-defined]
 
 
+class _Rejecting(MemoryConnector):
+    """Answers a live request from the roster, and lists ``rejected`` in the answer as the
+    records it could not read."""
+
+    def __init__(self, roster: MemoryRoster, rejected: Sequence[Rejected]) -> None:
+        super().__init__(roster)
+        self.rejected = list(rejected)
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        answer = await super().fetch_teacher(teacher)
+        answer.rejected.extend(self.rejected)
+        return answer
+
+
 async def live_resync(
-    store: Store, settings: Settings, roster: MemoryRoster, email: str = "ada@example.org"
+    store: Store,
+    settings: Settings,
+    roster: MemoryRoster,
+    email: str = "ada@example.org",
+    *,
+    rejected: Sequence[Rejected] = (),
 ) -> None:
     """One live resync (``resync --live``) of the teacher with ``email``, the source answering
-    from ``roster``; it must succeed."""
+    from ``roster`` (with the ``rejected`` records); it must succeed."""
     from rostersync.resync.queue import queue_resync
 
     with store.write() as conn:
         queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
-    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    engine = SyncEngine(settings, store, connectors={"mem": _Rejecting(roster, rejected)})
     assert [o for _, o in await engine.process_batch()] == ["succeeded"]
