@@ -115,6 +115,10 @@ def student_email(pid: str, kind: str) -> str | None:
     return forms[kind]
 
 
+#: The connector's entity name of each kind, in its rejections.
+ENTITY = {"org": "org", "person": "user", "class": "class", "enrollment": "enrollment"}
+
+
 @dataclass
 class Feed:
     """The source's current roster, keyed by kind and sourced id, in insertion order."""
@@ -205,14 +209,13 @@ class Feed:
 
     def records(self) -> list[RosterRecord]:
         """In the memory connector's order: orgs, persons, classes, enrollments, rejections."""
-        entity = {"org": "org", "person": "user", "class": "class", "enrollment": "enrollment"}
         return [
             *self.orgs.values(),
             *self.persons.values(),
             *self.classes.values(),
             *self.enrollments.values(),
             *(
-                Rejected(entity[kind], sid, f"{entity[kind]} {sid} does not parse (model)")
+                Rejected(ENTITY[kind], sid, f"{ENTITY[kind]} {sid} does not parse (model)")
                 for kind, sid in self.rejected
             ),
         ]

@@ -22,7 +22,14 @@ from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
 from rostersync.resync import queue
-from rostersync.source.records import MemoryRoster
+from rostersync.source.records import (
+    STUDENT,
+    TEACHER,
+    Rejected,
+    RosterEnrollment,
+    TeacherRef,
+    TeacherRoster,
+)
 from rostersync.source.rows import sort_batch
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, utcnow
@@ -30,7 +37,7 @@ from rostersync.store.tables import metadata
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import Outcome, RunContext, RunReport, instance_id, load_report
 from rostersync.sync.staging import STAGING, stage
-from tests.model.feed import TODAY
+from tests.model.feed import ENTITY, TODAY, Feed
 from tests.model.oracle import SOURCE, Config
 from tests.recovery.conftest import dead_pid, lease, local_holder, register
 
@@ -116,6 +123,47 @@ def _settings(config: Config, base_dir: str) -> Settings:
     return settings.model_copy(update={"sources": sources})
 
 
+class FeedConnector(MemoryConnector):
+    """The memory connector over the feed, whose live answers also list the rejections that
+    concern them, as the CSV connector's do (the shipped memory connector answers without
+    any): a rejected class of the teacher's, the teacher or a student of theirs rejected,
+    and (which the CSV connector leaves out) a rejected enrollment of their classes or
+    their own rejected teacher enrollment. A rejected record is missing from the answer, as
+    from the feed. ``unnamed``: the entities (``class``, ``user``) whose rejections in a live
+    answer name no id, as for a record that is not a JSON object."""
+
+    def __init__(self, feed: Feed, *, unnamed: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(feed.roster(), **kwargs)
+        self.held_back = dict(feed.rejected)
+        self.unnamed = unnamed
+
+    async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        answer = await super().fetch_teacher(teacher)
+        tid = teacher.sourced_id
+        # The answer's classes: every class of the teacher's teacher enrollments, read or not.
+        class_ids = {e.class_id for e in answer.enrollments}
+        students = {e.user_id for e in answer.enrollments if e.role == STUDENT}
+        for (kind, sid), record in self.held_back.items():
+            if kind == "class":
+                concerns = sid in class_ids
+            elif kind == "person":
+                concerns = sid == tid or sid in students
+            elif kind == "enrollment":
+                assert isinstance(record, RosterEnrollment)
+                concerns = record.class_id in class_ids or (
+                    record.user_id == tid and record.role == TEACHER
+                )
+            else:
+                concerns = False
+            if concerns:
+                entity = ENTITY[kind]
+                named = None if entity in self.unnamed else sid
+                answer.rejected.append(
+                    Rejected(entity, named, f"{entity} {sid} does not parse (model)")
+                )
+        return answer
+
+
 class Harness:
     """One store for a whole test: reset between examples, not re-created."""
 
@@ -139,9 +187,16 @@ class Harness:
         return _settings(config, self.base_dir)
 
     def engine(
-        self, config: Config, roster: MemoryRoster, *, fail_after: int | None = None
+        self,
+        config: Config,
+        feed: Feed,
+        *,
+        fail_after: int | None = None,
+        unnamed: frozenset[str] = frozenset(),
     ) -> ProbedEngine:
-        connector = MemoryConnector(roster, batch_size=BATCH, fail_after=fail_after, delta=True)
+        connector = FeedConnector(
+            feed, unnamed=unnamed, batch_size=BATCH, fail_after=fail_after, delta=True
+        )
         engine = ProbedEngine(self.settings(config), self.store, connectors={SOURCE: connector})
         engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day
         return engine

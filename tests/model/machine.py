@@ -42,7 +42,6 @@ from rostersync.source.records import (
     RosterPerson,
     TeacherRef,
 )
-from rostersync.source.testing import MemoryConnector
 from rostersync.sync import changes as changeset
 from rostersync.sync.runs import RunReport
 from tests.changediff import Picture, Plain, difference, picture, plain
@@ -66,7 +65,7 @@ from tests.model.feed import (
     student_email,
     teacher_email,
 )
-from tests.model.harness import BATCH, NEW_KEYS, Harness, InjectedFault
+from tests.model.harness import BATCH, NEW_KEYS, FeedConnector, Harness, InjectedFault
 from tests.model.oracle import (
     SOURCE,
     Config,
@@ -247,8 +246,18 @@ LIVE_CHANGES = (
     "class_title",
     "untaught",
     "teach",
+    # The connector starts rejecting a record of the answer (or stops: "unreject").
+    "reject_class",
+    "reject_student",
+    "reject_enrollment",
+    "reject_own",
+    "unreject",
 )
 live_changes = st.tuples(st.sampled_from(LIVE_CHANGES), index, index)
+#: The entities whose rejections name no id in a live answer (see harness.FeedConnector).
+unnamed_entities = st.sampled_from(((), (), (), ("class",), ("user",), ("class", "user"))).map(
+    frozenset
+)
 
 
 @st.composite
@@ -656,6 +665,7 @@ class RosterModel(RuleBasedStateMachine):
         changes=st.lists(live_changes, min_size=1, max_size=3),
         others=st.lists(roster_changes, max_size=2),
         revert=st.booleans(),
+        unnamed=unnamed_entities,
     )
     @on("live_resync")
     def live_resync(
@@ -664,6 +674,7 @@ class RosterModel(RuleBasedStateMachine):
         changes: list[tuple[str, int, int]],
         others: list[tuple[Any, ...]],
         revert: bool,
+        unnamed: frozenset[str] = frozenset(),
     ) -> None:
         """The source changes (mostly in the classes of the teacher picked first), and
         `rostersync resync --live` of one or two teachers reads the change before any sync
@@ -671,7 +682,8 @@ class RosterModel(RuleBasedStateMachine):
         groups stay as they were, even where an answer changed a student or a class of
         theirs (``Oracle.built``). With ``revert`` the source then goes back to what the
         last sync saw, so the next full run must undo what the live resync wrote (the shape
-        of the bug 4ccd670 fixed)."""
+        of the bug 4ccd670 fixed). The answers list the records the connector rejects that
+        concern them (``unnamed``: those of these entities without their id)."""
         self._step("live_resync")
         oracle = self.oracle
         linked = sorted({e for (src, _pid), e in oracle.directory.identities.items()})
@@ -686,15 +698,20 @@ class RosterModel(RuleBasedStateMachine):
         for what, i, j in changes:
             self._step(f"live {what}")
             self._live_change(persons[0], what, i, j)
-        connector = MemoryConnector(self.feed.roster())
+        connector = FeedConnector(self.feed, unnamed=unnamed)
         answers = [
             (pid, self.h.run(connector.fetch_teacher(TeacherRef(pid, None)))) for pid in persons
         ]
+        rejections = sum(len(a.rejected) for _pid, a in answers)
+        if rejections:
+            STATS["live answers with rejections"] += 1
+        if any(r.sourced_id is None for _pid, a in answers for r in a.rejected):
+            STATS["live answers with a rejection naming no id"] += 1
         with self.h.store.write() as conn:
             ids = self.h.user_ids(chosen)
             queue_resync(conn, ids, reason="model: live resync", run_id=None, live=True)
-        self.last = Outcome(f"live resync {chosen}")
-        self._drain()
+        self.last = Outcome(f"live resync {chosen} ({rejections} rejected, unnamed {unnamed})")
+        self._drain(unnamed)
         oracle.live_resync(SOURCE, chosen, answers)
         if oracle.built is not None:
             STATS["live resyncs leaving groups behind the mirror"] += 1
@@ -707,6 +724,10 @@ class RosterModel(RuleBasedStateMachine):
         """One change of the source in (or around) a class of ``teacher``: the change a live
         answer sees early."""
         feed = self.feed
+        if what == "unreject":
+            if keys := list(feed.rejected):
+                feed.unreject(keys[j % len(keys)])
+            return
         taught = sorted(
             {e.class_id for e in feed.enrollments.values() if e.user_id == teacher}
             & set(feed.classes)
@@ -729,6 +750,15 @@ class RosterModel(RuleBasedStateMachine):
             )
         elif what == "class_title":
             feed.change("class", cid, title=TITLES[j % len(TITLES)])
+        elif what == "reject_class":
+            feed.reject("class", cid)
+        elif what == "reject_own" and j % 2:
+            feed.reject("person", teacher)
+        elif what == "reject_own":
+            # The teacher enrollment the class is the teacher's by: it leaves their answer.
+            for eid, e in list(feed.enrollments.items()):
+                if e.class_id == cid and e.user_id == teacher and e.role == "teacher":
+                    feed.reject("enrollment", eid)
         elif what == "untaught":
             for eid, e in list(feed.enrollments.items()):
                 if e.class_id == cid and e.user_id == teacher:
@@ -756,6 +786,10 @@ class RosterModel(RuleBasedStateMachine):
             elif what == "student_email":
                 kind = STUDENT_EMAIL_KINDS[i % len(STUDENT_EMAIL_KINDS)]
                 feed.change("person", e.user_id, email=student_email(e.user_id, kind))
+            elif what == "reject_student":
+                feed.reject("person", e.user_id)
+            elif what == "reject_enrollment":
+                feed.reject("enrollment", e.sourced_id)
             elif what == "student_status":
                 person = feed.persons.get(e.user_id)
                 if person is not None:
@@ -829,8 +863,9 @@ class RosterModel(RuleBasedStateMachine):
         STATS["steps"] += 1
         STATS[name] += 1
 
-    def _drain(self) -> None:
-        engine = self.h.engine(self.oracle.config, self.feed.roster())
+    def _drain(self, unnamed: frozenset[str] = frozenset()) -> None:
+        """Run every queued resync job (``unnamed``: as for the live answers of the step)."""
+        engine = self.h.engine(self.oracle.config, self.feed, unnamed=unnamed)
         with structlog.testing.capture_logs():
             self.h.run(engine.drain())
 
@@ -857,7 +892,7 @@ class RosterModel(RuleBasedStateMachine):
         records = oracle.fetch(SOURCE, mode, self.feed.records())
         batches = -(-len(records) // BATCH)
         fetch_fails = fail_after is not None and fail_after < batches
-        engine = self.h.engine(oracle.config, self.feed.roster(), fail_after=fail_after)
+        engine = self.h.engine(oracle.config, self.feed, fail_after=fail_after)
         self.h.fault.plan(statement)
         # The dry run step records its change set (`--changes`), to be checked like a held
         # run's; a failing apply's dry run goes the plain way, which skips that work.
@@ -899,7 +934,7 @@ class RosterModel(RuleBasedStateMachine):
         run = oracle.runs[run_id]
         if refusal is None and run.mode == "delta" and oracle.live_pending:
             return  # a delta run after a live resync: see _sync
-        engine = self.h.engine(oracle.config, self.feed.roster())
+        engine = self.h.engine(oracle.config, self.feed)
         self.h.fault.plan(statement)
         before = self.h.report(run_id)
         with self.h.store.read() as conn:

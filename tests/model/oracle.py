@@ -851,6 +851,7 @@ def live_answer_in_scope(m: Mirror, answer: TeacherRoster) -> TeacherRoster:
         classes=[c for c in answer.classes if c.sourced_id in held],
         enrollments=enrollments,
         persons=[p for p in answer.persons if p.sourced_id in members],
+        rejected=answer.rejected,
     )
 
 
@@ -870,7 +871,13 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
     key it has not is tobedeleted; each key new to those classes is added (the answer's last
     enrollment of that key), over any row of its id. The teacher's own teacher rows of the
     classes they no longer teach (no active teacher enrollment in the answer) are
-    tobedeleted. Co-teachers' rows stay: a live answer need not list them."""
+    tobedeleted. Co-teachers' rows stay: a live answer need not list them.
+
+    A record the answer rejects is not taken for gone (docs/sources.md), as a run keeps a
+    rejected record's rows: the teacher keeps a rejected class, a rejected person keeps their
+    enrollments. When a rejection names no id, nothing of its kind goes; a rejected
+    enrollment's class and person are not known, so then no enrollment goes at all (no
+    student, nor the teacher's own teacher row, of any class)."""
     out = m.copy()
     for p in [*answer.persons, *([answer.teacher] if answer.teacher is not None else [])]:
         # A person whose email does not fit the column is rejected, and keeps its row.
@@ -878,36 +885,73 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
             out.person[p.sourced_id] = p
     for c in answer.classes:
         out.klass[c.sourced_id] = c
+    unread = _unread(answer.rejected)
     classes = {c.sourced_id for c in answer.classes}
     live = {
         (e.class_id, e.user_id, e.role): e
         for e in answer.enrollments
         if e.class_id in classes and e.status == "active"
     }
-    taught = {c for c, u, r in live if u == teacher_id and r == "teacher"}
     enrolled = {  # the keys of the answer's classes with an active row in the mirror
         (e.class_id, e.user_id, e.role)
         for e in m.enrollment.values()
         if e.class_id in classes and e.status == "active"
     }
+    droppable = not unread.keeps("enrollment")  # an enrollment may go at all
     held: set[tuple[str, str, str]] = set()
     for sid, e in m.enrollment.items():
         key = (e.class_id, e.user_id, e.role)
+        own = e.role == "teacher" and e.user_id == teacher_id
         status = e.status
-        if e.role == "teacher" and e.user_id == teacher_id and e.class_id not in taught:
-            status = "tobedeleted"
-        elif e.class_id in classes:
+        if e.class_id in classes:
             held.add(key)
             if key in live and key not in enrolled:
                 status = "active"
-            elif key not in live and e.role == "student":
+            elif (
+                key not in live
+                and (own or e.role == "student")
+                and droppable
+                and not unread.keeps("person", e.user_id)
+            ):
                 status = "tobedeleted"
+        elif own and droppable and not unread.keeps("class", e.class_id):
+            status = "tobedeleted"  # a class the teacher no longer teaches
         if status != e.status:
             out.enrollment[sid] = replace(e, status=status)
     for key, e in live.items():
         if key not in held:
             out.enrollment[e.sourced_id] = e
     return out
+
+
+@dataclass(frozen=True)
+class _Unread:
+    """What a live answer's rejections say it could not read: the ids named, by kind, and
+    the kinds of which some rejection named none."""
+
+    ids: frozenset[tuple[str, str]]
+    unnamed: frozenset[str]
+
+    def keeps(self, kind: str, sid: str | None = None) -> bool:
+        """Whether the answer may lack a record of this kind (and id) for a rejection: one
+        it lacks is then not gone."""
+        return kind in self.unnamed or (sid is not None and (kind, sid) in self.ids)
+
+
+def _unread(rejected: Iterable[Rejected]) -> _Unread:
+    ids: set[tuple[str, str]] = set()
+    unnamed: set[str] = set()
+    for r in rejected:
+        kind = ENTITY_KIND.get(r.entity)
+        if kind is None:
+            continue
+        # An enrollment's id is the connector's (OneRoster's live ones are not the feed's):
+        # it says nothing of which class or person it was of.
+        if r.sourced_id is None or kind == "enrollment":
+            unnamed.add(kind)
+        else:
+            ids.add((kind, r.sourced_id))
+    return _Unread(frozenset(ids), frozenset(unnamed))
 
 
 def rebuild(

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from rostersync import emails
 from rostersync.source.records import (
+    Rejected,
     RosterClass,
     RosterEnrollment,
     RosterOrg,
@@ -177,3 +178,47 @@ def test_a_live_answer_goes_into_the_mirror_by_class_person_and_role() -> None:
         "e5": "tobedeleted",
         "x5": "active",
     }
+
+
+def _rejecting_answer(*rejected: Rejected) -> TeacherRoster:
+    """t1's answer for the mirror of the test below, without class c2 (which the mirror says
+    t1 teaches) and without student s2: each is gone unless a rejection says otherwise."""
+    return TeacherRoster(
+        teacher=None,
+        classes=[RosterClass("c1", "Art")],
+        enrollments=[
+            RosterEnrollment("x1", "c1", "t1", "teacher"),
+            RosterEnrollment("x3", "c1", "s1", "student"),
+        ],
+        rejected=list(rejected),
+    )
+
+
+def test_a_live_answer_takes_no_rejected_record_for_gone() -> None:
+    """A class or person the answer rejects (by id) keeps its rows; a rejection naming no id
+    keeps every record of its kind; a rejected enrollment keeps every enrollment, the
+    teacher's classes included. Other records missing from the answer go."""
+    mirror = Mirror(
+        klass={"c1": RosterClass("c1", "Art"), "c2": RosterClass("c2", "Music")},
+        enrollment={
+            "e1": RosterEnrollment("e1", "c1", "t1", "teacher"),
+            "e2": RosterEnrollment("e2", "c1", "s1", "student"),
+            "e3": RosterEnrollment("e3", "c1", "s2", "student"),
+            "e4": RosterEnrollment("e4", "c2", "t1", "teacher"),
+        },
+    )
+    cases = {
+        (): {"e3", "e4"},
+        (Rejected("class", "c2", "no title"),): {"e3"},
+        (Rejected("class", "c9", "no title"),): {"e3", "e4"},
+        (Rejected("class", None, "not an object"),): {"e3"},
+        (Rejected("user", "s2", "no role"),): {"e4"},
+        (Rejected("user", "s9", "no role"),): {"e3", "e4"},
+        (Rejected("user", None, "not an object"),): {"e4"},
+        (Rejected("enrollment", "x9", "bad status"),): set(),
+        (Rejected("org", "sch-1", "no name"),): {"e3", "e4"},
+    }
+    for rejected, gone in cases.items():
+        out = live_apply(mirror, "t1", _rejecting_answer(*rejected))
+        dropped = {sid for sid, e in out.enrollment.items() if e.status == "tobedeleted"}
+        assert dropped == gone, rejected

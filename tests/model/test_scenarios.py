@@ -216,3 +216,33 @@ def test_a_full_sync_restores_the_enrollment_a_live_resync_dropped(
     assert "c1" not in {g["external_id"] for g in m.h.groups()}
     m.sync("full")
     assert member_names(m, "c1") == {"s1": "Stu 1"}
+
+
+def owned(m: RosterModel) -> set[str]:
+    """The classes whose group the engine's directory holds."""
+    return {g["external_id"] for g in m.h.groups()}
+
+
+@pytest.mark.parametrize("change", ["reject_own", "reject_class", "reject_student"])
+def test_a_live_answer_takes_no_record_it_rejects_for_gone(model: Model, change: str) -> None:
+    """The connector rejects, in t1's live answer, t1's teacher enrollment of c1, the class
+    c1, or its student s1: the answer lacks the record, which is not taken for gone, so the
+    group stays as it was; the next full sync (which keeps a rejected record's rows) too."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    m.live_resync([0], [(change, 0, 0)], [], False)
+    assert owned(m) == {"c1", "c2"} and member_names(m, "c1") == {"s1": "Stu 1"}
+    m.sync("full")
+    assert owned(m) == {"c1", "c2"}
+
+
+@pytest.mark.parametrize("unnamed", [(), ("class",)])
+def test_a_class_rejection_without_an_id_keeps_every_class(
+    model: Model, unnamed: tuple[str, ...]
+) -> None:
+    """t1 stops teaching c2 while the connector rejects c1: a rejection naming c1 lets c2
+    go; one that names no class could be c2's, and keeps it until the next full sync."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    m.live_resync([0], [("reject_class", 0, 0)], [("unenroll", 2)], False, frozenset(unnamed))
+    assert owned(m) == ({"c1", "c2"} if unnamed else {"c1"})
+    m.sync("full")
+    assert owned(m) == {"c1"}
