@@ -8,6 +8,7 @@ import asyncio
 import gc
 import threading
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,7 @@ from rostersync.source.records import (
     TEACHER,
     Rejected,
     RosterEnrollment,
+    RosterPerson,
     TeacherRef,
     TeacherRoster,
 )
@@ -123,21 +125,42 @@ def _settings(config: Config, base_dir: str) -> Settings:
     return settings.model_copy(update={"sources": sources})
 
 
+@dataclass(frozen=True)
+class Answers:
+    """How the connector answers a live request. ``oneroster``: shaped as the OneRoster
+    connector's answer (see :meth:`FeedConnector.oneroster_answer`), else as the memory
+    connector's. ``unnamed``: the entities (``class``, ``user``) whose rejections name no id,
+    as for a record that is not a JSON object."""
+
+    oneroster: bool = False
+    unnamed: frozenset[str] = frozenset()
+
+
+#: The memory connector's answers, every rejection named.
+PLAIN = Answers()
+
+
 class FeedConnector(MemoryConnector):
     """The memory connector over the feed, whose live answers also list the rejections that
     concern them, as the CSV connector's do (the shipped memory connector answers without
     any): a rejected class of the teacher's, the teacher or a student of theirs rejected,
     and (which the CSV connector leaves out) a rejected enrollment of their classes or
     their own rejected teacher enrollment. A rejected record is missing from the answer, as
-    from the feed. ``unnamed``: the entities (``class``, ``user``) whose rejections in a live
-    answer name no id, as for a record that is not a JSON object."""
+    from the feed."""
 
-    def __init__(self, feed: Feed, *, unnamed: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+    def __init__(self, feed: Feed, *, answers: Answers = PLAIN, **kwargs: Any) -> None:
         super().__init__(feed.roster(), **kwargs)
         self.held_back = dict(feed.rejected)
-        self.unnamed = unnamed
+        self.answers = answers
+
+    def _rejected(self, kind: str, sid: str) -> Rejected:
+        entity = ENTITY[kind]
+        named = None if entity in self.answers.unnamed else sid
+        return Rejected(entity, named, f"{entity} {sid} does not parse (model)")
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
+        if self.answers.oneroster:
+            return self.oneroster_answer(teacher.sourced_id)
         answer = await super().fetch_teacher(teacher)
         tid = teacher.sourced_id
         # The answer's classes: every class of the teacher's teacher enrollments, read or not.
@@ -156,12 +179,62 @@ class FeedConnector(MemoryConnector):
             else:
                 concerns = False
             if concerns:
-                entity = ENTITY[kind]
-                named = None if entity in self.unnamed else sid
-                answer.rejected.append(
-                    Rejected(entity, named, f"{entity} {sid} does not parse (model)")
-                )
+                answer.rejected.append(self._rejected(kind, sid))
         return answer
+
+    def oneroster_answer(self, tid: str) -> TeacherRoster:
+        """What connectors/oneroster answers, the feed being the server's data: the teacher
+        (``/users/{id}``), their active classes (``/teachers/{id}/classes``: the classes of
+        their active teacher enrollments), each class's active students (``/classes/{id}/
+        students``: active student enrollments), and made-up enrollments with ``live:`` ids,
+        the teacher's own included. A record the connector cannot read is rejected; it reads
+        no enrollment, so the server's enrollments count whether the feed rejects them or
+        not, and none is rejected."""
+        persons = {p.sourced_id: p for p in self.roster.persons}
+        classes = {c.sourced_id: c for c in self.roster.classes}
+        enrollments = [
+            *self.roster.enrollments,
+            *(r for (kind, _), r in self.held_back.items() if kind == "enrollment"),
+        ]
+        out = TeacherRoster(teacher=persons.get(tid))
+        if ("person", tid) in self.held_back:
+            out.rejected.append(self._rejected("person", tid))
+        elif tid not in persons:
+            return out  # no such user: the server knows no classes of theirs
+        taught = {
+            e.class_id
+            for e in enrollments
+            if e.user_id == tid and e.role == TEACHER and e.status == "active"
+        }
+        for cid in sorted(taught):
+            if ("class", cid) in self.held_back:
+                out.rejected.append(self._rejected("class", cid))
+            elif cid in classes and classes[cid].status == "active":
+                out.classes.append(classes[cid])
+        students: dict[str, RosterPerson] = {}
+        for klass in out.classes:
+            cid = klass.sourced_id
+            out.enrollments.append(
+                RosterEnrollment(f"live:{cid}:{tid}:{TEACHER}", cid, tid, TEACHER)
+            )
+            listed = sorted(
+                {
+                    e.user_id
+                    for e in enrollments
+                    if e.class_id == cid and e.role == STUDENT and e.status == "active"
+                }
+            )
+            for sid in listed:
+                p = persons.get(sid)
+                if ("person", sid) in self.held_back:
+                    out.rejected.append(self._rejected("person", sid))
+                elif p is not None and p.role.lower() == STUDENT and p.status == "active":
+                    students.setdefault(sid, p)
+                    out.enrollments.append(
+                        RosterEnrollment(f"live:{cid}:{sid}:{STUDENT}", cid, sid, STUDENT)
+                    )
+        out.persons = list(students.values())
+        return out
 
 
 class Harness:
@@ -192,10 +265,10 @@ class Harness:
         feed: Feed,
         *,
         fail_after: int | None = None,
-        unnamed: frozenset[str] = frozenset(),
+        answers: Answers = PLAIN,
     ) -> ProbedEngine:
         connector = FeedConnector(
-            feed, unnamed=unnamed, batch_size=BATCH, fail_after=fail_after, delta=True
+            feed, answers=answers, batch_size=BATCH, fail_after=fail_after, delta=True
         )
         engine = ProbedEngine(self.settings(config), self.store, connectors={SOURCE: connector})
         engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day

@@ -65,7 +65,15 @@ from tests.model.feed import (
     student_email,
     teacher_email,
 )
-from tests.model.harness import BATCH, NEW_KEYS, FeedConnector, Harness, InjectedFault
+from tests.model.harness import (
+    BATCH,
+    NEW_KEYS,
+    PLAIN,
+    Answers,
+    FeedConnector,
+    Harness,
+    InjectedFault,
+)
 from tests.model.oracle import (
     SOURCE,
     Config,
@@ -671,6 +679,7 @@ class RosterModel(RuleBasedStateMachine):
         others=st.lists(roster_changes, max_size=2),
         revert=st.booleans(),
         unnamed=unnamed_entities,
+        oneroster=st.sampled_from((False, False, True)),
     )
     @on("live_resync")
     def live_resync(
@@ -680,6 +689,7 @@ class RosterModel(RuleBasedStateMachine):
         others: list[tuple[Any, ...]],
         revert: bool,
         unnamed: frozenset[str] = frozenset(),
+        oneroster: bool = False,
     ) -> None:
         """The source changes (mostly in the classes of the teacher picked first), and
         `rostersync resync --live` of one or two teachers reads the change before any sync
@@ -688,7 +698,9 @@ class RosterModel(RuleBasedStateMachine):
         theirs (``Oracle.built``). With ``revert`` the source then goes back to what the
         last sync saw, so the next full run must undo what the live resync wrote (the shape
         of the bug 4ccd670 fixed). The answers list the records the connector rejects that
-        concern them (``unnamed``: those of these entities without their id)."""
+        concern them (``unnamed``: those of these entities without their id); with
+        ``oneroster`` they are shaped as the OneRoster connector's (``live:`` ids, active
+        records only)."""
         self._step("live_resync")
         oracle = self.oracle
         linked = sorted({e for (src, _pid), e in oracle.directory.identities.items()})
@@ -703,7 +715,8 @@ class RosterModel(RuleBasedStateMachine):
         for what, i, j in changes:
             self._step(f"live {what}")
             self._live_change(persons[0], what, i, j)
-        connector = FeedConnector(self.feed, unnamed=unnamed)
+        answering = Answers(oneroster=oneroster, unnamed=unnamed)
+        connector = FeedConnector(self.feed, answers=answering)
         answers = [
             (pid, self.h.run(connector.fetch_teacher(TeacherRef(pid, None)))) for pid in persons
         ]
@@ -715,8 +728,12 @@ class RosterModel(RuleBasedStateMachine):
         with self.h.store.write() as conn:
             ids = self.h.user_ids(chosen)
             queue_resync(conn, ids, reason="model: live resync", run_id=None, live=True)
-        self.last = Outcome(f"live resync {chosen} ({rejections} rejected, unnamed {unnamed})")
-        self._drain(unnamed)
+        shape = "oneroster" if oneroster else "memory"
+        self.last = Outcome(
+            f"live resync {chosen} ({shape} answers, {rejections} rejected, unnamed {unnamed})"
+        )
+        STATS[f"live answers shaped as {shape}'s"] += 1
+        self._drain(answering)
         oracle.live_resync(SOURCE, chosen, answers)
         if oracle.built is not None:
             STATS["live resyncs leaving groups behind the mirror"] += 1
@@ -868,9 +885,9 @@ class RosterModel(RuleBasedStateMachine):
         STATS["steps"] += 1
         STATS[name] += 1
 
-    def _drain(self, unnamed: frozenset[str] = frozenset()) -> None:
-        """Run every queued resync job (``unnamed``: as for the live answers of the step)."""
-        engine = self.h.engine(self.oracle.config, self.feed, unnamed=unnamed)
+    def _drain(self, answers: Answers = PLAIN) -> None:
+        """Run every queued resync job (``answers``: how the connector answers live ones)."""
+        engine = self.h.engine(self.oracle.config, self.feed, answers=answers)
         with structlog.testing.capture_logs():
             self.h.run(engine.drain())
 

@@ -246,3 +246,19 @@ def test_a_class_rejection_without_an_id_keeps_every_class(
     assert owned(m) == ({"c1", "c2"} if unnamed else {"c1"})
     m.sync("full")
     assert owned(m) == {"c1"}
+
+
+def test_a_oneroster_shaped_answer_adds_live_rows_the_next_full_sync_replaces(
+    model: Model,
+) -> None:
+    """A OneRoster-shaped live answer (made-up ``live:`` enrollment ids, active records only)
+    enrolls a new student under a ``live:`` id; the class the source turned tobedeleted is
+    missing from it, so its group goes. The next full sync deletes the ``live:`` row, and
+    the source's own enrollment of the student takes its place."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    m.live_resync([0], [("enroll", 0, 8), ("class_status", 1, 0)], [], False, frozenset(), True)
+    assert "live:c1:s9:student" in m.h.mirror("enrollment")
+    assert owned(m) == {"c1"} and set(member_names(m, "c1")) == {"s1", "s9"}
+    m.sync("full")
+    assert not [sid for sid in m.h.mirror("enrollment") if sid.startswith("live:")]
+    assert set(member_names(m, "c1")) == {"s1", "s9"}
