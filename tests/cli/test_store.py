@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import event, inspect
+from sqlalchemy import inspect
 
 from rostersync.cli.main import main
 from rostersync.store.db import Store
 from tests.conftest import _pg_schema_store
+from tests.fulldisk import fill_up_after
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,29 +158,15 @@ def test_a_full_disk_is_one_line_naming_the_database_and_the_next_sync_recovers(
     run fails with one line naming the file and the cause, exit 1, no internal-error report
     or trace, nothing half-written; with room again (here: the page limit lifted), the next
     sync gives what an undisturbed one does."""
-    import sqlite3
-
-    from rostersync.store import db
-
     database = tmp_path / "rs.db"
     config = write_config(tmp_path, f"sqlite:///{database}")
     assert invoke(config, capsys, "db", "upgrade")[0] == 0
-    with sqlite3.connect(database) as conn:
-        (pages,) = conn.execute("PRAGMA page_count").fetchone()
-    setup = db._sqlite_setup
-
-    def limited(engine: Any) -> None:  # a disk with room for a few more pages
-        setup(engine)
-        event.listen(
-            engine, "connect", lambda c, _r: c.execute(f"PRAGMA max_page_count = {pages + 8}")
-        )
-
-    monkeypatch.setattr(db, "_sqlite_setup", limited)
+    lift = fill_up_after(monkeypatch, database, 8)
     code, out = invoke(config, capsys, "sync")
     assert code == 1
     assert f"error: database {database}: the disk is full" in out  # the run's report
     assert "internal error" not in out and "Traceback" not in out
-    monkeypatch.setattr(db, "_sqlite_setup", setup)
+    lift()
     code, out = invoke(config, capsys, "runs", "show", "1", "--json")
     assert code == 0
     assert json.loads(out)["status"] == "failed"

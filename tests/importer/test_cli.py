@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from rostersync.importer import TEMPLATE_COLUMNS
 from rostersync.sampledata import write_oneroster_csv
 from rostersync.source.testdata import small_roster
 from tests.conftest import BASE_CONFIG
+from tests.fulldisk import fill_up_after
 from tests.hostile import SHEET_XML, edit_member, replace_in, valid_xlsx
 
 
@@ -259,22 +259,8 @@ def test_a_full_disk_stops_the_whole_import_and_keeps_none_of_it(
     """The database filling up mid-import is no row's fault: the import stops with one line
     naming the database and the cause, exit 1, and keeps none of its rows (rather than a
     report of rows "not saved" beside rows that were); with room, the same file imports."""
-    from sqlalchemy import event
-
-    from rostersync.store import db
-
     assert rs(config, "db", "upgrade").exit_code == 0
-    with sqlite3.connect(tmp_path / "rs.db") as conn:
-        (pages,) = conn.execute("PRAGMA page_count").fetchone()
-    setup = db._sqlite_setup
-
-    def limited(engine: Any) -> None:  # a disk with room for a few more pages
-        setup(engine)
-        event.listen(
-            engine, "connect", lambda c, _r: c.execute(f"PRAGMA max_page_count = {pages + 12}")
-        )
-
-    monkeypatch.setattr(db, "_sqlite_setup", limited)
+    lift = fill_up_after(monkeypatch, tmp_path / "rs.db", 12)
     body = "Email,Display Name\n" + "".join(f"u{i}@example.org,User {i}\n" for i in range(2000))
     f = _csv(tmp_path, body)
     full = rs(config, "import", f)
@@ -283,7 +269,7 @@ def test_a_full_disk_stops_the_whole_import_and_keeps_none_of_it(
     assert isinstance(full.exception, StoreError), full.output
     assert "the disk is full" in str(full.exception)
     assert "import_row_failed" not in full.output  # no row blamed for it
-    monkeypatch.setattr(db, "_sqlite_setup", setup)
+    lift()
     assert json.loads(rs(config, "users", "list", "--json").stdout) == []
     again = rs(config, "import", f, "--json")
     assert again.exit_code == 0
