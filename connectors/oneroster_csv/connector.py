@@ -43,8 +43,15 @@ from connectors.oneroster_csv.entities import (
     V12,
     Parser,
     records,
+    records_with_rows,
 )
-from connectors.oneroster_csv.files import Bundle, read_rows
+from connectors.oneroster_csv.files import (
+    Bundle,
+    Row,
+    best_effort_fields,
+    read_header,
+    read_rows,
+)
 from connectors.oneroster_csv.manifest import BULK, Drop, plan
 from connectors.oneroster_csv.notes import Notes
 from connectors.oneroster_csv.roles import RolesIndex, person_parser, read_roles, untaken_roles
@@ -180,6 +187,14 @@ class _Reader:
             self.bundle, name, self.encoding, self.notes, version=self.drop.version, parse=parse
         )
 
+    def read_with_rows(self, name: str) -> Iterator[tuple[RosterRecord, Row | None]]:
+        """:meth:`read` (of a file other than users.csv), each record with its row."""
+        if not self.drop.reads(name):
+            return iter(())
+        return records_with_rows(
+            self.bundle, name, self.encoding, self.notes, version=self.drop.version
+        )
+
     def roles(self) -> tuple[RolesIndex | None, list[Rejected]]:
         """A 1.2 drop's roles index (None for 1.1), with the rows that name no user."""
         if self.drop.version != V12:
@@ -279,7 +294,8 @@ class OneRosterCsvConnector:
         self.warnings = notes.lines()
 
     def _teacher_roster(self, teacher: TeacherRef) -> TeacherRoster:
-        """Four passes over the files, keeping only what concerns this teacher."""
+        """Four passes over the files, keeping only what concerns this teacher, rejected
+        records included: the engine must not take a record it rejected for gone."""
         bundle = Bundle(self.source, self.path)
         try:
             reader = _Reader(bundle, self.encoding, Notes())  # a live read reports no warnings
@@ -290,13 +306,14 @@ class OneRosterCsvConnector:
                     "changes only and cannot say which classes a teacher has now: `resync "
                     "--live` needs a bulk drop (a resync without --live uses the last sync)",
                 )
-            class_ids = {
-                r.class_id
-                for r in reader.read(ENROLLMENTS)
-                if isinstance(r, RosterEnrollment)
-                and r.user_id == teacher.sourced_id
-                and r.role == TEACHER
-            }
+            class_ids: set[str] = set()
+            bad: list[tuple[Rejected, Row | None]] = []
+            for r, row in reader.read_with_rows(ENROLLMENTS):
+                if isinstance(r, RosterEnrollment):
+                    if r.user_id == teacher.sourced_id and r.role == TEACHER:
+                        class_ids.add(r.class_id)
+                elif isinstance(r, Rejected):
+                    bad.append((r, row))
             enrollments = [
                 r
                 for r in reader.read(ENROLLMENTS)
@@ -304,10 +321,14 @@ class OneRosterCsvConnector:
             ]
             student_ids = {e.user_id for e in enrollments if e.role == STUDENT}
             roster = TeacherRoster(teacher=None, enrollments=enrollments)
+            roster.rejected.extend(_enrollments_concerning(reader, bad, teacher, class_ids))
             for r in reader.read(CLASSES):
                 if isinstance(r, RosterClass) and r.sourced_id in class_ids:
                     roster.classes.append(r)
-                elif isinstance(r, Rejected) and r.sourced_id in class_ids:
+                # One naming no id may be one of the teacher's classes.
+                elif isinstance(r, Rejected) and (
+                    r.sourced_id is None or r.sourced_id in class_ids
+                ):
                     roster.rejected.append(r)
             index, _ = reader.roles()
             for r in reader.read(USERS, index):
@@ -317,7 +338,9 @@ class OneRosterCsvConnector:
                     elif r.sourced_id in student_ids:
                         roster.persons.append(r)
                 elif isinstance(r, Rejected) and (
-                    r.sourced_id == teacher.sourced_id or r.sourced_id in student_ids
+                    r.sourced_id is None
+                    or r.sourced_id == teacher.sourced_id
+                    or r.sourced_id in student_ids
                 ):
                     roster.rejected.append(r)
             return roster
@@ -330,6 +353,43 @@ class OneRosterCsvConnector:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+def _enrollments_concerning(
+    reader: _Reader,
+    bad: list[tuple[Rejected, Row | None]],
+    teacher: TeacherRef,
+    class_ids: set[str],
+) -> Iterator[Rejected]:
+    """The rejected enrollment rows a live answer must list: the teacher's own (it may be
+    a class they teach now) and those of the teacher's classes, in file order. A row that
+    does not say its class or its user may be one of those, so it is listed too."""
+    # A row malformed as CSV is listed unless what can be read of it, leniently, shows it
+    # is another user's in another class: its fields may be out of place, so the teacher's
+    # or a class's id anywhere in it, or a blank or missing class or user, ties it to the answer.
+    broken = {_line(r) for r, row in bad if row is None}
+    fields = best_effort_fields(reader.bundle, ENROLLMENTS, reader.encoding, broken)
+    header = read_header(reader.bundle, ENROLLMENTS, reader.encoding) if broken else []
+    at = [header.index(c) for c in ("classSourcedId", "userSourcedId") if c in header]
+    for r, row in bad:
+        if row is None:
+            found = fields.get(_line(r))
+            if (
+                found is None
+                or teacher.sourced_id in found
+                or class_ids.intersection(found)
+                or any(i >= len(found) or not found[i] for i in at)
+            ):
+                yield r
+            continue
+        cls, user = row.get("classSourcedId"), row.get("userSourcedId")
+        if not cls or cls in class_ids or not user or user == teacher.sourced_id:
+            yield r
+
+
+def _line(row: Rejected) -> int:
+    """The line of a row the reader rejected (its location is ``"<file> line N"``)."""
+    return int((row.location or "0").rsplit(" ", 1)[-1])
 
 
 def create(ctx: ConnectorContext) -> OneRosterCsvConnector:

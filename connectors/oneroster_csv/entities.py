@@ -229,17 +229,32 @@ def records(
 ) -> Iterator[RosterRecord]:
     """Every row of a data file as a record or its rejection (``parse`` overrides the file's
     usual parser: a 1.2 ``users.csv`` needs the drop's roles)."""
+    for record, _ in records_with_rows(bundle, name, encoding, notes, version=version, parse=parse):
+        yield record
+
+
+def records_with_rows(
+    bundle: Bundle,
+    name: str,
+    encoding: str,
+    notes: Notes,
+    *,
+    version: str = V11,
+    parse: Parser | None = None,
+) -> Iterator[tuple[RosterRecord, Row | None]]:
+    """:func:`records`, each with the row it was read from (None for a row malformed as CSV):
+    a live read tells by a rejected row's other columns whom it concerns."""
     parse = parse or PARSERS[name]
     entity = ENTITY[name]
     for row in rows(bundle, name, encoding, version):
         if isinstance(row, Rejected):
-            yield row
+            yield row, None
             continue
         sourced_id = row.get("sourcedId")
         if not sourced_id:
-            yield Rejected(entity, None, "missing sourcedId", row.location)
+            yield Rejected(entity, None, "missing sourcedId", row.location), row
             continue
         try:
-            yield parse(row, notes)
+            yield parse(row, notes), row
         except RowError as exc:
-            yield Rejected(entity, sourced_id, str(exc), row.location)
+            yield Rejected(entity, sourced_id, str(exc), row.location), row

@@ -182,7 +182,22 @@ def best_effort_values(
     header = read_header(bundle, name, encoding)
     if column not in header or not lines:
         return {}
-    at, last, found = header.index(column), max(lines), {}
+    at, found = header.index(column), {}
+    for line, fields in best_effort_fields(bundle, name, encoding, lines).items():
+        if at < len(fields) and fields[at]:
+            found[line] = fields[at]
+    return found
+
+
+def best_effort_fields(
+    bundle: Bundle, name: str, encoding: str, lines: set[int]
+) -> dict[int, list[str]]:
+    """The fields (stripped) of each of ``lines``, physical lines the strict reader refused as
+    malformed, read leniently (one pass over the file); a line where even that fails is left
+    out. A field may sit in another column than its header says (the row is malformed)."""
+    if not lines:
+        return {}
+    last, found = max(lines), {}
     counter = [0]
     with bundle.open(name) as raw:
         for text in _text_lines(raw, encoding, counter):
@@ -191,8 +206,8 @@ def best_effort_values(
                     fields = next(csv.reader([text], strict=False), [])
                 except csv.Error:  # a lone CR, a field over the limit: not even leniently
                     fields = []
-                if at < len(fields) and fields[at].strip():
-                    found[counter[0]] = fields[at].strip()
+                if any(f.strip() for f in fields):
+                    found[counter[0]] = [f.strip() for f in fields]
             if counter[0] >= last:
                 break
     return found

@@ -806,3 +806,58 @@ async def test_endless_line_is_fatal_before_it_fills_the_memory(
         FatalSourceError, match=r"users\.csv line 3: more than 50000 characters without a line"
     ):
         await fetch_all(drop(tmp_path, users_csv=text))
+
+
+# --- live answers (resync --live) -----------------------------------------------------------
+
+
+def _edit_enrollments(folder: Path, **rows: str) -> None:
+    """Replace the rows of enrollments.csv whose sourcedId is a key (``e_t1c1="..."``)."""
+    path = folder / "enrollments.csv"
+    lines = path.read_text().splitlines()
+    for key, line in rows.items():
+        sid = key.replace("_", "-")
+        [at] = [i for i, text in enumerate(lines) if text.startswith(f"{sid},")]
+        lines[at] = line
+    path.write_text("\n".join(lines) + "\n")
+
+
+async def test_live_answer_lists_the_teachers_rejected_enrollment_with_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """A malformed row of the teacher's own enrollment is listed as rejected in the live
+    answer, with file and line, as the full fetch lists it; its class is not in the answer."""
+    folder = drop(tmp_path)
+    _edit_enrollments(folder, e_t1c1="e-t1c1,,,c-1,sch-1,t-1,teacher,maybe,,")
+    connector = OneRosterCsvConnector("csv", folder)
+    got = await connector.fetch_teacher(TeacherRef("t-1", "ada@example.org"))
+    full = rejected(await collect(connector))
+    assert got.rejected == full
+    assert [(r.entity, r.sourced_id, r.location) for r in got.rejected] == [
+        ("enrollment", "e-t1c1", "enrollments.csv line 2")
+    ]
+    assert "primary 'maybe' is not true or false" in got.rejected[0].reason
+    assert [c.sourced_id for c in got.classes] == ["c-2"]
+
+
+async def test_live_answer_lists_rejected_student_enrollments_of_the_teachers_classes(
+    tmp_path: Path,
+) -> None:
+    """Rejected rows of the teacher's classes are listed, malformed CSV and rows without a
+    class included; another class's rejected rows are not."""
+    folder = drop(tmp_path)
+    _edit_enrollments(
+        folder,
+        e_s1c1="e-s1c1,archived,,c-1,sch-1,s-1,student,false,,",  # the teacher's class
+        e_s4c2="e-s4c2,,,c-2,sch-1,s-4,student",  # too few fields: c-2 is Ada's
+        e_s5c2="e-s5c2,,,,sch-1,s-5,student,false,,",  # no class: may be one of hers
+        e_t3c3="e-t3c3,,,c-3,sch-2,t-3,teacher,maybe,,",  # Grace's class, not Ada's
+    )
+    got = await OneRosterCsvConnector("csv", folder).fetch_teacher(TeacherRef("t-1", None))
+    assert [(r.sourced_id, r.location) for r in got.rejected] == [
+        ("e-s1c1", "enrollments.csv line 6"),
+        ("e-s4c2", "enrollments.csv line 10"),
+        ("e-s5c2", "enrollments.csv line 11"),
+    ]
+    other = await OneRosterCsvConnector("csv", folder).fetch_teacher(TeacherRef("t-3", None))
+    assert [r.sourced_id for r in other.rejected] == ["e-t3c3", "e-s5c2"]

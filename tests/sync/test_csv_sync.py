@@ -150,3 +150,26 @@ async def test_a_drop_in_another_format_fails_with_every_missing_column_at_once(
     )
     assert f"{folder / 'classes.csv'}: missing required column 'title'" in (report.error or "")
     assert snapshot(store) == before
+
+
+async def test_a_malformed_teacher_enrollment_row_keeps_the_group_through_a_live_resync(
+    store: Store, tmp_path: Path
+) -> None:
+    """Ada's enrollments.csv row for her class turns malformed: `resync --live` lists it as
+    rejected, and she keeps the class's group until a full sync decides."""
+    from rostersync.resync.queue import queue_resync
+    from rostersync.source.testdata import small_roster
+    from tests.sync.helpers import groups, user_id
+
+    folder = tmp_path / "drop"
+    write_oneroster_csv(small_roster(), folder)
+    engine = SyncEngine(settings_for(folder, tmp_path), store)  # type: ignore[arg-type]
+    await engine.sync("csv")
+    await engine.drain()
+    assert "ada@example.org" in groups(store)["c-1"]["owners"]
+    path = folder / "enrollments.csv"
+    path.write_text(path.read_text().replace("e-t1c1,,,c-1,sch-1,t-1,teacher,true", "e-t1c1,,,c-1"))
+    with store.write() as conn:
+        queue_resync(conn, [user_id(conn, "ada@example.org")], reason="m", run_id=None, live=True)
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+    assert "ada@example.org" in groups(store)["c-1"]["owners"]
