@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -201,14 +201,24 @@ def lease(store: Store, owner: str, *, limit: int, lease_for: timedelta) -> list
     )
 
 
-def complete(conn: Connection, jobs: Sequence[LeasedJob], results: dict[int, Counter[str]]) -> None:
-    """Mark jobs succeeded and add their group counts to the sync runs that queued them."""
+def complete(
+    conn: Connection,
+    jobs: Sequence[LeasedJob],
+    results: dict[int, Counter[str]],
+    rejected: Mapping[int, int] | None = None,
+) -> None:
+    """Mark jobs succeeded and add their group counts to the sync runs that queued them.
+    ``rejected``: by job id, how many records the live answers held that the connectors
+    rejected; a live job's result carries it as ``records_rejected``."""
     now = utcnow()
     per_run: dict[int, Counter[str]] = {}
     rows = []
     for job in jobs:
         res = results.get(job.user_id, Counter())
-        rows.append((json.dumps({k: int(res.get(k, 0)) for k in GROUP_COUNTS}), now, job.id))
+        result: dict[str, int] = {k: int(res.get(k, 0)) for k in GROUP_COUNTS}
+        if job.live:
+            result["records_rejected"] = int((rejected or {}).get(job.id, 0))
+        rows.append((json.dumps(result), now, job.id))
         if job.run_id is not None:
             per_run.setdefault(job.run_id, Counter()).update(res)
             # Each user's changes count once, for the first job that carried them.

@@ -23,13 +23,21 @@ from rostersync.resync.groups import rebuild_groups
 from rostersync.resync.live import apply_teacher_roster
 from rostersync.resync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.source.connector import Connector
-from rostersync.source.records import TeacherRef, TeacherRoster
+from rostersync.source.records import Rejected, TeacherRef, TeacherRoster
 from rostersync.store.db import Store, lock_directory
 from rostersync.sync import merge as merging
 from rostersync.sync.scope import keep_mirrored_classes, scope_for
 
 #: Seconds between statistics refreshes of the directory tables by the resync workers.
 ANALYZE_EVERY = 30.0
+#: How many of a live answer's rejections ``live_answer_rejected`` names (the count is whole).
+LOGGED_REASONS = 5
+
+
+def _reason(r: Rejected) -> str:
+    """One rejection for a log line: ``user s-9: missing role (users.csv line 14)``."""
+    where = f" ({r.location})" if r.location else ""
+    return scrub(f"{r.entity} {r.sourced_id or '(no id)'}: {r.reason}{where}")
 
 
 class ResyncWorker:
@@ -112,6 +120,16 @@ class ResyncWorker:
                 continue
             async with self.connector(source) as connector:
                 roster = await connector.fetch_teacher(TeacherRef(ext, email))
+            if roster.rejected:
+                # Nothing else tells the operator: the records stay as the last sync left them.
+                self.log.warning(
+                    "live_answer_rejected",
+                    job_id=job.id,
+                    user_id=job.user_id,
+                    source=source,
+                    count=len(roster.rejected),
+                    reasons=[_reason(r) for r in roster.rejected[:LOGGED_REASONS]],
+                )
             out.append((source, ext, roster))
         return out
 
@@ -157,7 +175,11 @@ class ResyncWorker:
                 refresh_all=[j.user_id for j in jobs if j.refresh or j.live],
             )
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
-            complete(conn, jobs, results)
+            # Counted as the connector answered, before the scope keeps some of it out.
+            rejected = {
+                j.id: sum(len(r.rejected) for _, _, r in live[j.id]) for j in jobs if j.id in live
+            }
+            complete(conn, jobs, results, rejected)
         with self._stats_lock:  # committed: the next refresh samples these groups
             self._created_unanalyzed += totals.get("groups_created", 0)
         self.log.info("resync_batch_done", jobs=len(jobs), **totals)

@@ -394,3 +394,59 @@ async def test_a_record_missing_from_a_live_answer_without_a_rejection_is_gone(
         assert {m["sourced_id"] for m in after["c-1"]["members"]} == {
             m["sourced_id"] for m in before["c-1"]["members"]
         } - {"s-1"}
+
+
+def job_results(store: Store) -> list[dict[str, Any]]:
+    from rostersync import directory
+
+    with store.read() as conn:
+        return [j["result"] for j in sorted(directory.list_jobs(conn), key=lambda j: j["id"])]
+
+
+async def test_a_live_jobs_result_counts_the_records_its_answer_rejected(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A live job's result says how many records the connector rejected in its answer (0 when
+    none); a resync without --live keeps the result it had. The rejections were reported
+    nowhere."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    reasons = [Rejected("user", f"s-{i}", "no role", f"users.csv line {i}") for i in range(7)]
+    await live_resync(store, settings, small_roster(), rejected=reasons)
+    await live_resync(store, settings, small_roster())
+    with store.write() as conn:
+        queue_resync(conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(small_roster())})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+    live_rejected, live_clean, plain = job_results(store)[-3:]
+    assert live_rejected["records_rejected"] == 7
+    assert live_clean["records_rejected"] == 0
+    assert "records_rejected" not in plain and "groups_created" in plain
+
+
+async def test_a_live_answer_with_rejections_logs_a_scrubbed_warning(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """`live_answer_rejected` names the user, the source, the count and the first few
+    reasons with their locations, with secrets scrubbed; an answer without rejections logs
+    none."""
+    from structlog.testing import capture_logs
+
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    reasons = [
+        Rejected("class", "c-2", "bad href ?password=hunter22x", "classes.csv line 3"),
+        *[Rejected("enrollment", None, "no role") for _ in range(9)],
+    ]
+    with capture_logs() as logs:
+        await live_resync(store, settings, small_roster())
+    assert not [e for e in logs if e["event"] == "live_answer_rejected"]
+    with capture_logs() as logs:
+        await live_resync(store, settings, small_roster(), rejected=reasons)
+    [event] = [e for e in logs if e["event"] == "live_answer_rejected"]
+    with store.read() as conn:
+        assert event["user_id"] == user_id(conn, "ada@example.org")
+    assert (event["log_level"], event["source"], event["count"]) == ("warning", "mem", 10)
+    assert event["reasons"][0] == ("class c-2: bad href ?password=[redacted] (classes.csv line 3)")
+    assert event["reasons"][1:] == ["enrollment (no id): no role"] * 4
+    assert "hunter22x" not in repr(logs)
