@@ -332,14 +332,23 @@ def resync(
                 "one; `rostersync run --once` (or `resync --wait`) processes them now",
                 "warning",
             )
+    rejected = _records_rejected(jobs)
     if as_json:
         doc: dict[str, Any] = {"queued": len(job_ids), "jobs": jobs}
         if waited is not None:
             doc["processed_by"] = waited.processed_by
             doc["timed_out"] = waited.timed_out
+        if live:
+            doc["records_rejected"] = rejected
         emit_json(doc)
     elif wait:
         click.echo(jobs_table(jobs))
+        if rejected:
+            # The records stay as the last sync left them: say so, or nobody looks.
+            click.echo(
+                f"the source rejected {rejected} record(s) in the live answers: they keep "
+                "what the last sync stored (see the `live_answer_rejected` log line)"
+            )
         click.echo(_summary(jobs, waited, time.monotonic() - started))
     if waited is not None and waited.timed_out:
         unfinished = [j for j in jobs if j["state"] not in ("succeeded", "failed")]
@@ -359,6 +368,11 @@ def resync(
         )
     if wait and any(j["state"] != "succeeded" for j in jobs):
         sys.exit(EXIT_FAILED)
+
+
+def _records_rejected(jobs: list[dict[str, Any]]) -> int:
+    """How many records the connectors rejected in the finished live jobs' answers."""
+    return sum(int((j.get("result") or {}).get("records_rejected", 0)) for j in jobs)
 
 
 def _summary(jobs: list[dict[str, Any]], waited: _Waited | None, seconds: float) -> str:

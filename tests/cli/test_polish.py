@@ -214,3 +214,36 @@ def test_an_import_warning_is_a_json_line_off_a_terminal(config: Path, tmp_path:
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     warning = next(line for line in lines if line["event"] == "import_warning")
     assert warning["level"] == "warning" and "Windows-1252" in warning["message"]
+
+
+def test_resync_live_wait_tells_of_the_records_the_source_rejected(config: Path) -> None:
+    """A live resync whose answer had a rejected row says so (text, `--json`, `queue list
+    --json`, the log); the teacher keeps the class of the malformed row."""
+    teacher = "elijah.baker1@springfield.example.org"
+    enrollments = config.parent / "sample-district" / "enrollments.csv"
+    enrollments.write_text(
+        enrollments.read_text().replace(
+            "e-0000001,,,c-00001,sch-001,t-0001,teacher,true,",
+            "e-0000001,,,c-00001,sch-001,t-0001,teacher,maybe,",
+        )
+    )
+    text = invoke("--config", str(config), "resync", "--user", teacher, "--live", "--wait")
+    assert text.exit_code == 0, text.output
+    assert (
+        "the source rejected 1 record(s) in the live answers: they keep what the last sync "
+        "stored (see the `live_answer_rejected` log line)"
+    ) in text.stdout.splitlines()
+    assert re.fullmatch(r"1 job\(s\): 1 succeeded, 0 failed; .*", text.stdout.splitlines()[-1])
+    [logged] = [json.loads(x) for x in text.stderr.splitlines() if "live_answer_rejected" in x]
+    assert logged["count"] == 1 and "enrollments.csv line 2" in logged["reasons"][0]
+    as_json = invoke(
+        "--config", str(config), "resync", "--user", teacher, "--live", "--wait", "--json"
+    )
+    doc = json.loads(as_json.stdout)
+    assert doc["records_rejected"] == 1
+    assert doc["jobs"][0]["result"]["records_rejected"] == 1
+    assert {"queued", "jobs", "processed_by", "timed_out"} <= set(doc)
+    jobs = json.loads(invoke("--config", str(config), "queue", "list", "--json").stdout)
+    assert [j["result"]["records_rejected"] for j in jobs if j["live"]] == [1, 1]
+    mine = invoke("--config", str(config), "groups", "list", "--user", teacher, "--json")
+    assert "c-00001" in {g["external_id"] for g in json.loads(mine.stdout)}
