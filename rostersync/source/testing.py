@@ -107,8 +107,22 @@ class MemoryConnector:
         enrollments = [e for e in self.roster.enrollments if e.class_id in class_ids]
         student_ids = {e.user_id for e in enrollments if e.role == STUDENT}
         persons = [p for p in self.roster.persons if p.sourced_id in student_ids]
+        # The rejections that concern the answer, as real connectors list them: a rejection
+        # naming no id may be any record of its kind. A rejected enrollment says neither its
+        # class nor its user here, so none is listed (a test adds those it wants).
+        people = {teacher.sourced_id, *student_ids}
+        rejected = [
+            r
+            for r in self.roster.rejected
+            if (r.entity == "class" and (r.sourced_id is None or r.sourced_id in class_ids))
+            or (r.entity == "user" and (r.sourced_id is None or r.sourced_id in people))
+        ]
         return TeacherRoster(
-            teacher=person, classes=classes, enrollments=enrollments, persons=persons
+            teacher=person,
+            classes=classes,
+            enrollments=enrollments,
+            persons=persons,
+            rejected=rejected,
         )
 
     async def aclose(self) -> None:

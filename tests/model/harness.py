@@ -142,10 +142,10 @@ PLAIN = Answers()
 
 class FeedConnector(MemoryConnector):
     """The memory connector over the feed, whose live answers also list the rejections that
-    concern them, as the CSV connector's do (the shipped memory connector answers without
-    any): a rejected class of the teacher's, the teacher or a student of theirs rejected,
-    and (which the CSV connector leaves out) a rejected enrollment of their classes or
-    their own rejected teacher enrollment. A rejected record is missing from the answer, as
+    concern them, as the CSV connector's do (the shipped memory connector lists no rejected
+    enrollment): a rejected class of the teacher's, the teacher or a student of theirs
+    rejected, and a rejected enrollment of their classes or their own rejected teacher
+    enrollment. A rejected record is missing from the answer, as
     from the feed."""
 
     def __init__(self, feed: Feed, *, answers: Answers = PLAIN, **kwargs: Any) -> None:
@@ -162,6 +162,7 @@ class FeedConnector(MemoryConnector):
         if self.answers.oneroster:
             return self.oneroster_answer(teacher.sourced_id)
         answer = await super().fetch_teacher(teacher)
+        answer.rejected = []  # listed below, enrollments included (the memory answer has none)
         tid = teacher.sourced_id
         # The answer's classes: every class of the teacher's teacher enrollments, read or not.
         class_ids = {e.class_id for e in answer.enrollments}
