@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -340,6 +340,18 @@ def groups(
     return out
 
 
+def class_members(m: Mirror, class_id: str) -> tuple[Member, ...]:
+    """The members the mirror gives a class's group: its active student enrollments' active
+    persons, by sourced id."""
+    members: dict[str, Member] = {}
+    for e in m.enrollment.values():
+        if e.class_id == class_id and e.status == "active" and e.role == "student":
+            p = m.person.get(e.user_id)
+            if p is not None and p.status == "active":
+                members[p.sourced_id] = member_of(p)
+    return tuple(sorted(members.values(), key=lambda x: x.sourced_id))
+
+
 def display_name(p: RosterPerson) -> str:
     return " ".join(x for x in (p.given_name, p.family_name) if x).strip()
 
@@ -386,6 +398,11 @@ class Decision:
     changed_persons: set[str]
     mirror: Mirror
     directory: Directory
+    #: groups this run leaves without an owner whose removal an earlier run decided (every
+    #: owner archived, a job of one still queued): not counted against the limits
+    decided_earlier: int = 0
+    #: counting those would have held the run
+    spared: bool = False
 
     @property
     def held(self) -> bool:
@@ -582,11 +599,14 @@ def decide(
     group_roles: Sequence[str],
     cut: ScopeCut | None = None,
     built: Mapping[tuple[str, str], Group] | None = None,
+    queued: Collection[str] = (),
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
     changed since: the groups change with the next applied run). ``built``: the groups the
-    directory holds when they are not what the mirror says (after a live resync)."""
+    directory holds when they are not what the mirror says (after a live resync, or while an
+    earlier run's resync jobs wait). ``queued``: the users (emails) whose resync job an
+    earlier run queued and that has not run yet."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
@@ -723,11 +743,21 @@ def decide(
     g0 = dict(built) if built is not None else groups(mirrors, d0, group_roles)
     g1 = groups(after, d1, roles)
     mine0 = {k for k in g0 if k[0] == source}
-    removed = len(mine0 - set(g1))
+    # The limits count what the run itself removes: a group whose removal an earlier run
+    # decided (every owner archived, a job of one of them still queued) goes whatever this
+    # run does (README: "A run is held when ...").
+    decided = {
+        k
+        for k in mine0 - set(g1)
+        if set(g0[k].owners) & set(queued)
+        and all(d0.users[o].status != "active" for o in g0[k].owners if o in d0.users)
+    }
+    removed = len(mine0 - set(g1) - decided)
     counts["groups_removed"] = removed
     counts["groups_created"] = len({k for k in g1 if k[0] == source} - mine0)
 
     reasons: list[str] = []
+    spared = False
     # Reading: with the scope of the last full run, records in scope are compared with
     # records in scope; after a change of scope, what the source sent with what it sent.
     kinds = ("persons", "classes", "enrollments")
@@ -742,17 +772,24 @@ def decide(
             for u in d0.users.values()
             if u.status == "active" and u.created_by == f"source:{source}"
         )
-        reasons += safety_reasons(
-            config,
-            archived=len(archived),
-            removed=removed,
-            managed_users=managed_users,
-            managed_groups=len(mine0),
-            emails_lost=emails_lost,
-            emails_before=emails_before,
-            fetched=ratio_now if full else None,
-            last=ratio_before,
-        )
+
+        def judge(removals: int) -> list[str]:
+            return safety_reasons(
+                config,
+                archived=len(archived),
+                removed=removals,
+                managed_users=managed_users,
+                managed_groups=len(mine0),
+                emails_lost=emails_lost,
+                emails_before=emails_before,
+                fetched=ratio_now if full else None,
+                last=ratio_before,
+            )
+
+        reasons += judge(removed)
+        # Counted, the earlier run's removals would have held this one (the bug b9da827
+        # fixed): the model counts how often its steps reach that.
+        spared = bool(decided) and not reasons and bool(judge(removed + len(decided)))
     shared = {e: sids for e, sids in by_email.items() if len(sids) > 1}
     counts.update({f"{k}_ignored": n for k, n in ignored.items()})
     counts["classes_out_of_term"] = cut.out_of_term if cut is not None else 0
@@ -775,6 +812,8 @@ def decide(
         },
         mirror=m1,
         directory=d1,
+        decided_earlier=len(decided),
+        spared=spared,
     )
 
 
@@ -999,6 +1038,18 @@ class Oracle:
         #: promises to replace what it wrote: a delta run neither sees what the source
         #: dropped nor decides for the teachers the live answer made (no longer) candidates.
         self.live_pending = False
+        #: the users (emails) whose resync jobs a run queued and that have not run yet (its
+        #: drain was cut short), or None when the queue is drained. While it is not None,
+        #: ``built`` holds the groups as they are: what they were before that run, less what
+        #: the batches that ran since changed (see :meth:`commit` and :meth:`batch_done`).
+        #: Of the jobs queued, these are the ones the rules name (the users a run created,
+        #: linked, archived or restored); the engine also queues the teachers of the classes
+        #: whose content changed.
+        self.queued: set[str] | None = None
+        #: groups whose members the run whose drain was cut may have updated itself (only its
+        #: students changed): the members the mirror says, which the directory may hold
+        #: instead of ``built``'s (the machine takes whichever the engine holds)
+        self.loose: dict[GroupKey, tuple[Member, ...]] = {}
 
     # -- reads --
 
@@ -1075,6 +1126,7 @@ class Oracle:
             approval=approval,
             group_roles=self.group_roles,
             built=self.built,
+            queued=self.queued or (),
         )
 
     def approval_refusal(self, run_id: int) -> str | None:
@@ -1101,8 +1153,19 @@ class Oracle:
     def record(self, run: Run) -> None:
         self.runs[run.id] = run
 
-    def commit(self, source: str, decision: Decision) -> None:
-        """A run applied: its mirror and directory become the state."""
+    def commit(self, source: str, decision: Decision, *, cut: bool = False) -> None:
+        """A run applied: its mirror and directory become the state. ``cut``: its drain was
+        cut short, none of its resync jobs has run: the groups stay as they were (but for
+        the members of classes whose students alone changed, which the sync updates
+        itself: :attr:`loose`), and the users it provisioned wait in the queue."""
+        before = self.groups()
+        touched = {
+            e for e, u in decision.directory.users.items() if self.directory.users.get(e) != u
+        } | {
+            e
+            for key, e in decision.directory.identities.items()
+            if self.directory.identities.get(key) != e
+        }
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
         self.group_roles = self.config.teacher_roles
@@ -1122,6 +1185,35 @@ class Oracle:
             state.last_full_counts = {k: decision.fetched[k] for k in kinds}
             state.last_kept_counts = {k: decision.fetched[k] - decision.ignored[k] for k in kinds}
             state.last_scope = self.config.scope_key
+        if cut:
+            m = self.mirrors[source]
+            self.built = before
+            self.queued = (self.queued or set()) | touched
+            self.loose = {
+                key: class_members(m, key[1])
+                for key, g in before.items()
+                if key[0] == source
+                and populated(m, key[1])
+                and class_members(m, key[1]) != g.members
+            }
+
+    def batch_done(self, users: Iterable[str]) -> None:
+        """Some batches of the queued jobs ran, those of these users (emails): their groups
+        are what the mirror says (owners made exact, members re-read where a sync marked
+        them, which is every change since the groups were built), and the groups they no
+        longer want let go of them."""
+        assert self.built is not None and self.queued is not None
+        done = set(users)
+        fresh = groups(self.mirrors, self.directory, self.config.teacher_roles)
+        self.built = rebuild(self.built, fresh, done)
+        self.queued -= done
+
+    def drained(self) -> None:
+        """Every queued job ran: the groups are what the mirror says again."""
+        if self.queued is not None:
+            self.built = None
+            self.queued = None
+            self.loose = {}
 
     def resync(self, users: Iterable[str], built: Mapping[GroupKey, Group] | None = None) -> None:
         """A resync that re-reads everything (manual or live) of these users (emails).
