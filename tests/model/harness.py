@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, bindparam, event, text
 
 from rostersync import directory
 from rostersync.config.loader import load_settings_text
@@ -267,11 +267,17 @@ class Harness:
         *,
         fail_after: int | None = None,
         answers: Answers = PLAIN,
+        batch_size: int | None = None,
     ) -> ProbedEngine:
+        """The engine over the feed. ``batch_size``: the resync jobs leased per batch."""
         connector = FeedConnector(
             feed, answers=answers, batch_size=BATCH, fail_after=fail_after, delta=True
         )
-        engine = ProbedEngine(self.settings(config), self.store, connectors={SOURCE: connector})
+        settings = self.settings(config)
+        if batch_size is not None:
+            resync = settings.resync.model_copy(update={"batch_size": batch_size})
+            settings = settings.model_copy(update={"resync": resync})
+        engine = ProbedEngine(settings, self.store, connectors={SOURCE: connector})
         engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day
         return engine
 
@@ -398,6 +404,35 @@ class Harness:
             ).scalar()
         counts["interruptions"] = int(most or 0)
         return counts
+
+    def queued_users(self) -> set[str]:
+        """The emails of the users with a resync job queued or running."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text(
+                    'SELECT DISTINCT u.email FROM resync_job j JOIN "user" u ON u.id = j.user_id '
+                    "WHERE j.state IN ('queued', 'running')"
+                )
+            )
+            return {email for (email,) in rows}
+
+    def emails_of(self, user_ids: list[int]) -> set[str]:
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text('SELECT email FROM "user" WHERE id IN :ids').bindparams(
+                    bindparam("ids", expanding=True)
+                ),
+                {"ids": sorted(set(user_ids))},
+            )
+            return {email for (email,) in rows}
+
+    def most_interruptions(self) -> int:
+        """The most interruptions of any queued job."""
+        with self.store.read() as conn:
+            most = conn.execute(
+                text("SELECT max(interruptions) FROM resync_job WHERE state = 'queued'")
+            ).scalar()
+        return int(most or 0)
 
     def leased_jobs(self) -> int:
         with self.store.read() as conn:
