@@ -14,7 +14,7 @@ from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
 from rostersync.store.db import Store
 from tests.model.feed import Feed
 from tests.model.harness import Harness
-from tests.model.machine import STATS, RosterModel
+from tests.model.machine import STATS, Cut, RosterModel
 from tests.model.oracle import Config
 
 Model = Callable[..., RosterModel]
@@ -262,3 +262,41 @@ def test_a_oneroster_shaped_answer_adds_live_rows_the_next_full_sync_replaces(
     m.sync("full")
     assert not [sid for sid in m.h.mirror("enrollment") if sid.startswith("live:")]
     assert set(member_names(m, "c1")) == {"s1", "s9"}
+
+
+def last_status(m: RosterModel) -> str:
+    return m.oracle.runs[max(m.oracle.runs)].status
+
+
+@pytest.mark.parametrize(
+    "cut", [Cut(0, 1, False), Cut(1, 1, True)], ids=["no batch", "one batch, then killed"]
+)
+@pytest.mark.parametrize("approved", [False, True], ids=["sync", "approval"])
+def test_a_run_after_a_drain_cut_short_is_not_held_for_the_removals_before_it(
+    model: Model, cut: Cut, approved: bool
+) -> None:
+    """The shape of the bug b9da827 fixed: a run archives t1 and t2 (within the limits, or
+    held and approved), and its drain is cut short: none, or one, of their resync jobs runs,
+    so their groups c1 and c2 are still there, to go with the jobs left in the queue. The
+    next run, under a limit of no removal at all, removes nothing itself: it is not held,
+    and its drain removes the groups. Reverting b9da827's ``_REMOVAL_QUEUED`` subtraction
+    holds it (on both stores)."""
+    teachers = {f"t{n}": f"t{n}@example.org" for n in range(1, 4)}
+    config = Config(max_removals=0) if approved else Config()
+    m = model(school(teachers, {f"c{n}": f"t{n}" for n in range(1, 4)}), config)
+    m.feed.drop("person", "t1")
+    m.feed.drop("person", "t2")
+    if approved:
+        m.sync("full")
+        assert last_status(m) == "held"
+        m._approve(max(m.oracle.runs), None, cut)
+    else:
+        m._sync("full", cut=cut)
+        m.configure({"max_removals": 0, "max_removal_percent": 20.0, "min_source_ratio": 0.5})
+    assert user(m, "t1@example.org")[0] == user(m, "t2@example.org")[0] == "archived"
+    assert len(owned(m)) == (3 if cut.batches == 0 else 2)  # removals waiting in the queue
+    spared = STATS["runs not held for removals decided earlier"]
+    m.sync("full")
+    assert last_status(m) == "succeeded"
+    assert STATS["runs not held for removals decided earlier"] == spared + 1
+    assert owned(m) == {"c3"}
