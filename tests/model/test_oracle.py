@@ -222,3 +222,26 @@ def test_a_live_answer_takes_no_rejected_record_for_gone() -> None:
         out = live_apply(mirror, "t1", _rejecting_answer(*rejected))
         dropped = {sid for sid, e in out.enrollment.items() if e.status == "tobedeleted"}
         assert dropped == gone, rejected
+
+
+def test_removals_an_earlier_run_decided_do_not_count_against_the_limits() -> None:
+    """t1 leaves; the run archives them, and its drain is cut: c0's group stays, with t1's
+    job queued. The next run removes nothing itself, and is not held under max_removals 0;
+    once the job ran (the queue drained), a removal of its own is counted again."""
+    oracle = Oracle(Config())
+    feed = _feed({"t1": "t1@example.org", "t2": "t2@example.org"})
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", feed.records()))
+    feed.change("person", "t1", status="tobedeleted")
+    first = oracle.decide(SOURCE, "full", feed.records())
+    assert first.counts["users_archived"] == 1 and not first.held
+    oracle.commit(SOURCE, first, cut=True)
+    assert oracle.queued == {"t1@example.org"}
+    assert (SOURCE, "c0") in oracle.groups()
+    oracle.config = Config(max_removals=0)
+    d = oracle.decide(SOURCE, "full", feed.records())
+    assert (d.held, d.counts["groups_removed"], d.decided_earlier, d.spared) == (False, 0, 1, True)
+    oracle.batch_done({"t1@example.org"})
+    assert (SOURCE, "c0") not in oracle.groups()
+    oracle.drained()
+    feed.change("person", "t2", status="tobedeleted")
+    assert oracle.decide(SOURCE, "full", feed.records()).held
