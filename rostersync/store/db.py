@@ -332,11 +332,12 @@ class Store:
         """``create=False`` (commands that only read): a SQLite file that does not exist is a
         StoreError naming it, and no file or folder is ever created."""
         self.url = url
-        # hide_parameters: a failed statement's values (roster emails and names) would go
-        # into its exception's text, and from there into a run's error, the log and traces.
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         self._checkpointer: _Checkpointer | None = None
+        # Both engines hide_parameters: a failed statement's values (roster emails and names)
+        # would go into its exception's text, and from there into a run's error, the log and
+        # internal-error traces.
         if self.dialect == "sqlite":
             db = sqlite_file(url)
             kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
