@@ -359,6 +359,16 @@ def queued_jobs(conn: Connection, user_ids: Iterable[int]) -> list[tuple[int, bo
     return queued
 
 
+def pending_users(conn: Connection) -> set[int]:
+    """The users with a resync job still to run (queued, or running in some worker)."""
+    return {
+        int(uid)
+        for (uid,) in conn.execute(
+            text("SELECT DISTINCT user_id FROM resync_job WHERE state IN ('queued', 'running')")
+        )
+    }
+
+
 def queued_job_ids(conn: Connection, user_ids: list[int]) -> dict[int, int]:
     """job id -> user id of these users' queued jobs."""
     return {

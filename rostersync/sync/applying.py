@@ -25,7 +25,7 @@ from sqlalchemy import Connection
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
 from rostersync.resync.groups import mark_dirty, rebuild_groups, update_members
-from rostersync.resync.queue import queue_resync, queued_jobs
+from rostersync.resync.queue import pending_users, queue_resync, queued_jobs
 from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.sync import changes as changeset
@@ -408,16 +408,26 @@ class Applier:
     ) -> changeset.ChangeSet:
         """A held or dry run, applied but not committed: do what the resync workers would do
         for its users after it (from the mirror, as their jobs would: a user's queued manual
-        or live job re-reads every member), then diff the directory with the snapshot."""
-        queued = queued_jobs(conn, resync_users)
+        or live job re-reads every member), then diff the directory with the snapshot.
+
+        Jobs an earlier run or command left waiting (a drain cut short) run in the same drain,
+        so their users are rebuilt too: their groups are part of what approving does."""
+        earlier = pending_users(conn) - resync_users
+        users = resync_users | earlier
+        queued = queued_jobs(conn, users)
         roles = self.settings.provisioning.teacher_roles
         rebuild_groups(
             conn,
-            resync_users,
+            users,
             teacher_roles=roles,
             refresh_all=[uid for uid, refresh, live in queued if refresh or live],
         )
         notes = []
+        if earlier:
+            notes.append(
+                f"{len(earlier)} users have resyncs queued by an earlier run or command: "
+                "their groups are shown as those resyncs will leave them"
+            )
         live_users = sum(1 for _, _, live in queued if live)
         if live_users:
             notes.append(

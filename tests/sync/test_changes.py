@@ -382,3 +382,36 @@ async def test_groups_of_another_source_that_the_resync_changes_are_listed(
         got = plain(mine)
         want = difference(before[src], picture(store, src), src)
         assert got.groups == want.groups, src
+
+
+async def test_a_held_runs_change_set_counts_the_resyncs_an_earlier_run_left_waiting(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Ada was archived by a run whose drain was cut short: her resync (removing Algebra, and
+    leaving Computing to Alan) still waits. Alan then leaves, and that run is held. Approving
+    it drains both resyncs, so its change set shows both groups removed (it showed Computing
+    losing Alan alone, and no Algebra), with a note saying why, and equals what approval and
+    the drain then do."""
+    await sync(make_settings(), store, small_roster())
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    assert (await sync(make_settings(), store, roster, drain=False)).status == "succeeded"
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-2"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    strict = make_settings(safety={"max_removals": 0})
+    held = await sync(strict, store, roster, drain=False)
+    assert held.status == "held"
+    stored = _stored(store, held.id)
+    assert stored is not None
+    doc = stored.as_json(members=True)
+    assert {g["class_sourced_id"]: g["action"] for g in doc["groups"]} == {
+        "c-1": "remove",
+        "c-2": "remove",
+    }
+    assert any("queued by an earlier run" in note for note in doc["notes"])
+    before = picture(store, "mem")
+    engine = SyncEngine(strict, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.approve(held.id)
+    await engine.drain()
+    assert plain(doc) == difference(before, picture(store, "mem"), "mem")
