@@ -364,6 +364,14 @@ class Applier:
         if held and before is None:
             raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
 
+        # Before the plan archives anyone: only what earlier runs or commands left undone.
+        leftover = provisioning.leftover_owners(conn, source)
+        if leftover:
+            outcome.warnings.append(
+                f"{len(leftover)} archived users still owned groups of this source (their "
+                "resync job failed for good or was removed): their resyncs are queued again, "
+                "to remove them from those groups"
+            )
         created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
             merging.refresh_directory_statistics(conn)
@@ -371,6 +379,7 @@ class Applier:
             provisioning.users_of_persons(conn, source, affected_people)
             | plan.touched_users
             | created
+            | leftover
         )
         if settings_changed:
             # Group ownership follows the same rules (teacher_roles), for every linked user.

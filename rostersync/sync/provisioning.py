@@ -255,20 +255,37 @@ def managed_counts(conn: Connection, source: str) -> tuple[int, int]:
     return int(users), int(groups)
 
 
-#: Groups whose removal an earlier run already decided: every owner's account is archived,
-#: and a resync job of one of them (which removes the group) is still to run. They go
-#: whatever this run does, so its safety limits do not count them: a run after one whose
-#: drain was cut short, or that came before the drain ended, was held for removals the
-#: earlier run had made (and an admin may have approved).
-_REMOVAL_QUEUED = """
+#: Groups whose removal an earlier run or command decided: they have owners, every one an
+#: archived user holding it from the roster, whose resync (queued by that run, or by this one:
+#: :func:`leftover_owners`) releases it and so removes the group. They go whatever this run
+#: does, so its safety limits do not count them: a run after a drain cut short, or after a
+#: job that failed for good, was held for removals an earlier run had made (and an admin may
+#: have approved).
+_REMOVAL_DECIDED = """
     SELECT g.external_id FROM groups g WHERE g.source = :src AND g.external_id IN :ids
+      AND EXISTS (SELECT 1 FROM group_owner o WHERE o.group_id = g.id)
       AND NOT EXISTS (
         SELECT 1 FROM group_owner o JOIN "user" u ON u.id = o.user_id
-        WHERE o.group_id = g.id AND u.status = 'active')
-      AND EXISTS (
-        SELECT 1 FROM group_owner o JOIN resync_job j ON j.user_id = o.user_id
-        WHERE o.group_id = g.id AND j.state IN ('queued', 'running'))
+        WHERE o.group_id = g.id AND (u.status = 'active' OR o.origin <> 'roster'))
 """
+
+#: Archived users still holding a group of the source from the roster, with no resync job
+#: queued or running: the job that was to release it failed for good (or was lost).
+_LEFTOVER_OWNERS = """
+    SELECT DISTINCT u.id FROM "user" u
+    JOIN group_owner o ON o.user_id = u.id AND o.origin = 'roster'
+    JOIN groups g ON g.id = o.group_id
+    WHERE u.status <> 'active' AND g.source = :src
+      AND NOT EXISTS (
+        SELECT 1 FROM resync_job j WHERE j.user_id = u.id AND j.state IN ('queued', 'running'))
+"""
+
+
+def leftover_owners(conn: Connection, source: str) -> set[int]:
+    """Archived users whose groups of this source are still theirs because their resync
+    never completed (:data:`_LEFTOVER_OWNERS`): a run queues them again, or the groups of a
+    teacher who left would stay in the directory for good."""
+    return {uid for (uid,) in conn.execute(text(_LEFTOVER_OWNERS), {"src": source})}
 
 
 def groups_to_remove(
@@ -283,7 +300,7 @@ def groups_to_remove(
 ) -> int:
     """Groups of this source that no eligible, provisioned teacher will own after this run.
 
-    Not those whose removal an earlier run decided (:data:`_REMOVAL_QUEUED`).
+    Not those whose removal an earlier run decided (:data:`_REMOVAL_DECIDED`).
 
     ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
     the persons it links or creates accounts for, who take over the classes they teach (the
@@ -323,7 +340,7 @@ def groups_to_remove(
         for chunk in chunks(sorted(candidates)):
             classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
     if classes:
-        classes -= ids_in(conn, _REMOVAL_QUEUED, classes, src=source)
+        classes -= ids_in(conn, _REMOVAL_DECIDED, classes, src=source)
     owners = set(new_owners)
     if classes and owners:
         taken = f"""

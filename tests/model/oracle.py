@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -399,7 +399,7 @@ class Decision:
     mirror: Mirror
     directory: Directory
     #: groups this run leaves without an owner whose removal an earlier run decided (every
-    #: owner archived, a job of one still queued): not counted against the limits
+    #: owner archived): not counted against the limits
     decided_earlier: int = 0
     #: counting those would have held the run
     spared: bool = False
@@ -599,14 +599,12 @@ def decide(
     group_roles: Sequence[str],
     cut: ScopeCut | None = None,
     built: Mapping[tuple[str, str], Group] | None = None,
-    queued: Collection[str] = (),
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
     changed since: the groups change with the next applied run). ``built``: the groups the
     directory holds when they are not what the mirror says (after a live resync, or while an
-    earlier run's resync jobs wait). ``queued``: the users (emails) whose resync job an
-    earlier run queued and that has not run yet."""
+    earlier run's resync jobs wait)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
@@ -744,12 +742,13 @@ def decide(
     g1 = groups(after, d1, roles)
     mine0 = {k for k in g0 if k[0] == source}
     # The limits count what the run itself removes: a group whose removal an earlier run
-    # decided (every owner archived, a job of one of them still queued) goes whatever this
-    # run does (README: "A run is held when ...").
+    # decided (it has owners, every one archived) goes whatever this run does: a job of one
+    # of them is still queued, or the run queues their resyncs again (README: "A run is held
+    # when ...").
     decided = {
         k
         for k in mine0 - set(g1)
-        if set(g0[k].owners) & set(queued)
+        if g0[k].owners
         and all(d0.users[o].status != "active" for o in g0[k].owners if o in d0.users)
     }
     removed = len(mine0 - set(g1) - decided)
@@ -1126,7 +1125,6 @@ class Oracle:
             approval=approval,
             group_roles=self.group_roles,
             built=self.built,
-            queued=self.queued or (),
         )
 
     def approval_refusal(self, run_id: int) -> str | None:

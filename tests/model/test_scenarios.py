@@ -279,7 +279,7 @@ def test_a_run_after_a_drain_cut_short_is_not_held_for_the_removals_before_it(
     held and approved), and its drain is cut short: none, or one, of their resync jobs runs,
     so their groups c1 and c2 are still there, to go with the jobs left in the queue. The
     next run, under a limit of no removal at all, removes nothing itself: it is not held,
-    and its drain removes the groups. Reverting b9da827's ``_REMOVAL_QUEUED`` subtraction
+    and its drain removes the groups. Reverting b9da827's subtraction (now ``_REMOVAL_DECIDED``)
     holds it (on both stores)."""
     teachers = {f"t{n}": f"t{n}@example.org" for n in range(1, 4)}
     config = Config(max_removals=0) if approved else Config()

@@ -65,6 +65,53 @@ async def test_removals_an_earlier_run_decided_do_not_hold_the_next_run(
     assert (await sync(strict, store, roster)).status == "held"
 
 
+async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_holding_it(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run archived Ada and the resync that was to take her groups away failed for good
+    (the directory could not be written, max_attempts 1): Algebra I, hers alone, stayed, and
+    she stayed an owner of Computing beside Alan. The next run queues her resync again (with
+    a warning saying why) and is not held for Algebra I under a limit of no removal: its
+    drain removes it and her ownership. Before, every later run was held for that group, or
+    (within the limits) left it there for good."""
+    strict = make_settings(safety={"max_removals": 0})
+    await sync(make_settings(), store, small_roster())
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    first = await sync(make_settings(), store, roster, drain=False)
+    assert first.counts["users_archived"] == 1
+
+    def console_down(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("console down")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        engine = SyncEngine(
+            make_settings(resync={"max_attempts": 1, "backoff": 0}),
+            store,
+            connectors={"mem": MemoryConnector(roster)},
+        )
+        await engine.drain()
+    with store.read() as conn:
+        states = conn.execute(
+            text("SELECT state FROM resync_job WHERE run_id = :r"), {"r": first.id}
+        )
+        assert {s for (s,) in states} == {"failed"}
+    assert sorted(groups(store)) == ["c-1", "c-2"]
+    assert "ada@example.org" in groups(store)["c-2"]["owners"]
+
+    report = await sync(strict, store, roster)
+    assert report.status == "succeeded", report.hold_reason
+    assert report.counts["resync_queued"] == 1
+    assert any("archived users still owned groups" in w for w in report.warnings), report.warnings
+    assert sorted(groups(store)) == ["c-2"]
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    # Done once: the run after queues nothing and says nothing of it.
+    again = await sync(strict, store, roster)
+    assert (again.status, again.counts["resync_queued"], again.warnings) == ("succeeded", 0, [])
+
+
 # -- dry runs ---------------------------------------------------------------------------------
 
 
