@@ -290,9 +290,17 @@ def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> No
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     return table(
-        [
-            (j["id"], j["user"], j["state"], j["attempts"], j["reason"], j["last_error"] or "")
-            for j in jobs
-        ],
-        ["id", "user", "state", "attempts", "reason", "last error"],
+        [(j["id"], j["user"], j["state"], j["attempts"], j["reason"], _job_note(j)) for j in jobs],
+        ["id", "user", "state", "attempts", "reason", "last error or note"],
     )
+
+
+def _job_note(job: dict[str, Any]) -> str:
+    """The job's last error; for a live job whose answer held records the source rejected,
+    how many (they keep what the last sync stored): the table shows what the log said once."""
+    if job["last_error"]:
+        return str(job["last_error"])
+    rejected = int((job.get("result") or {}).get("records_rejected", 0))
+    if rejected:
+        return f"live answer: {rejected} record(s) rejected (see live_answer_rejected)"
+    return ""

@@ -245,5 +245,12 @@ def test_resync_live_wait_tells_of_the_records_the_source_rejected(config: Path)
     assert {"queued", "jobs", "processed_by", "timed_out"} <= set(doc)
     jobs = json.loads(invoke("--config", str(config), "queue", "list", "--json").stdout)
     assert [j["result"]["records_rejected"] for j in jobs if j["live"]] == [1, 1]
+    listed = invoke("--config", str(config), "queue", "list").stdout.splitlines()
+    noted = [line for line in listed if teacher in line and "(live)" in line]
+    assert len(noted) == 2 and all(
+        line.rstrip().endswith("live answer: 1 record(s) rejected (see live_answer_rejected)")
+        for line in noted
+    ), listed
+    assert "last error or note" in listed[0]
     mine = invoke("--config", str(config), "groups", "list", "--user", teacher, "--json")
     assert "c-00001" in {g["external_id"] for g in json.loads(mine.stdout)}
