@@ -251,10 +251,18 @@ def records_with_rows(
             yield row, None
             continue
         sourced_id = row.get("sourcedId")
+        refs = _refs(entity, row)
         if not sourced_id:
-            yield Rejected(entity, None, "missing sourcedId", row.location), row
+            yield Rejected(entity, None, "missing sourcedId", row.location, *refs), row
             continue
         try:
             yield parse(row, notes), row
         except RowError as exc:
-            yield Rejected(entity, sourced_id, str(exc), row.location), row
+            yield Rejected(entity, sourced_id, str(exc), row.location, *refs), row
+
+
+def _refs(entity: str, row: Row) -> tuple[str | None, str | None]:
+    """A rejected enrollment row's class and user, as far as they are filled in."""
+    if entity != "enrollment":
+        return None, None
+    return row.get("classSourcedId").strip() or None, row.get("userSourcedId").strip() or None

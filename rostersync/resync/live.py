@@ -64,7 +64,7 @@ def apply_teacher_roster(
         )
     }
     # A rejected enrollment may be the teacher's own, by which a class missing here is theirs.
-    gone = current - live_classes - unread.classes if unread.may_drop_classes else set()
+    gone = unread.droppable_classes(current - live_classes, teacher_id)
     for cls in sorted(gone):
         conn.execute(
             text(
@@ -121,14 +121,21 @@ class _Unread:
     """What the connector could not read of a live answer (the records it rejected), which
     the apply must not take for gone: a sync keeps a rejected record's mirror rows, and the
     next full run decides. ``class_ids`` / ``person_ids``: False when a rejection of that kind
-    named no id, so that none of its kind can be told apart from it."""
+    named no id, so that none of its kind can be told apart from it.
+
+    A rejected enrollment that names its class or its user (the CSV connector reads them
+    from the row) keeps only the rows it may be: those of that class, of that user, or of
+    both. One that names neither may be any row, and keeps them all."""
 
     classes: set[str] = field(default_factory=set)
     persons: set[str] = field(default_factory=set)
     keys: set[tuple[str, str, str]] = field(default_factory=set)
     class_ids: bool = True
     person_ids: bool = True
+    #: a rejected enrollment named neither its class nor its user
     enrollments: bool = False
+    #: rejected enrollments' (class, user), with None for the one a row did not name
+    enrollment_refs: set[tuple[str | None, str | None]] = field(default_factory=set)
 
     @classmethod
     def of(cls, roster: TeacherRoster) -> _Unread:
@@ -145,15 +152,27 @@ class _Unread:
                 else:
                     out.persons.add(r.sourced_id)
             elif r.entity == "enrollment":
-                # Its class and person are not known (the live ids are not the feed's).
-                out.enrollments = True
+                # Its id is the connector's (OneRoster's live ones are not the feed's): only
+                # the class and user it names, if any, say which rows it may be.
+                if r.class_id is None and r.user_id is None:
+                    out.enrollments = True
+                else:
+                    out.enrollment_refs.add((r.class_id, r.user_id))
         return out
 
-    @property
-    def may_drop_classes(self) -> bool:
-        """Whether a class the mirror says the teacher teaches, missing from the answer, may
-        be taken for gone (one whose id was rejected never is)."""
-        return self.class_ids and not self.enrollments
+    def _rejected_enrollment(self, cls: str, uid: str) -> bool:
+        """Whether a rejected enrollment may be the (class, user) row."""
+        return any(
+            (c is None or c == cls) and (u is None or u == uid) for c, u in self.enrollment_refs
+        )
+
+    def droppable_classes(self, missing: set[str], teacher_id: str) -> set[str]:
+        """Of the classes the mirror says the teacher teaches and the answer lacks, those
+        that may be taken for gone: not one whose class record was rejected, nor one a
+        rejected enrollment may tie to the teacher."""
+        if not self.class_ids or self.enrollments:
+            return set()
+        return {c for c in missing - self.classes if not self._rejected_enrollment(c, teacher_id)}
 
     def may_drop(self, cls: str, uid: str, role: str) -> bool:
         """Whether a mirror enrollment the answer lacks may be marked gone."""
@@ -162,6 +181,7 @@ class _Unread:
             and not self.enrollments
             and uid not in self.persons
             and (cls, uid, role) not in self.keys
+            and not self._rejected_enrollment(cls, uid)
         )
 
 

@@ -173,6 +173,10 @@ class Rejected:
     sourced_id: str | None
     reason: str
     location: str | None = None  # e.g. "users.csv line 14"
+    #: a rejected enrollment's class and user, where the connector could read them: a live
+    #: answer's apply then keeps just the rows they may be (see rostersync.resync.live)
+    class_id: str | None = None
+    user_id: str | None = None
 
     def as_dict(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {

@@ -5,7 +5,7 @@ import csv
 import io
 import re
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
+from rostersync.config.models import Settings
 from rostersync.errors import FatalSourceError
+from rostersync.resync.queue import queue_resync
 from rostersync.sampledata import (
     ENROLLMENTS_HEADER,
     USERS_HEADER,
@@ -38,7 +40,10 @@ from rostersync.source.records import (
 )
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import ConnectorContract, collect, people
+from rostersync.store.db import Store
+from rostersync.sync.engine import SyncEngine
 from tests.hostile import HUGE, hostile_bytes
+from tests.sync.helpers import groups, user_id
 
 
 class TestCsvConnector(ConnectorContract):
@@ -838,6 +843,57 @@ async def test_live_answer_lists_the_teachers_rejected_enrollment_with_file_and_
     ]
     assert "primary 'maybe' is not true or false" in got.rejected[0].reason
     assert [c.sourced_id for c in got.classes] == ["c-2"]
+
+
+async def test_a_rejected_row_names_its_enrollments_class_and_user(tmp_path: Path) -> None:
+    """A rejected enrollment row carries its class and user as far as the row has them (the
+    live apply keeps only the rows it may be), in the full fetch and the live answer alike."""
+    folder = drop(tmp_path)
+    _edit_enrollments(
+        folder,
+        e_s1c1="e-s1c1,,,c-1,sch-1,s-1,student,maybe,,",
+        e_s5c2="e-s5c2,,,, sch-1,s-5,student,false,,",
+        e_t1c2="e-t1c2,,,c-2,sch-1, ,teacher,false,,",
+    )
+    connector = OneRosterCsvConnector("csv", folder)
+    full = rejected(await collect(connector))
+    assert [(r.sourced_id, r.class_id, r.user_id) for r in full] == [
+        ("e-t1c2", "c-2", None),
+        ("e-s1c1", "c-1", "s-1"),
+        ("e-s5c2", None, "s-5"),
+    ]
+    got = await connector.fetch_teacher(TeacherRef("t-1", None))
+    assert got.rejected == full
+    assert all(r.as_dict().keys() <= {"entity", "sourced_id", "reason", "location"} for r in full)
+
+
+async def test_a_live_resync_through_a_drop_with_another_students_bad_row_drops_what_went(
+    tmp_path: Path, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """One malformed row without a class (s-5's) no longer stops every teacher's live resync
+    from dropping anything: the source dropped s-1 from Algebra I, and Ada's live resync
+    takes s-1 out of the group; s-5 stays in Computing (the rejected row may be that one)."""
+    folder = drop(tmp_path)
+    settings = make_settings(memory_sources=("csv",))
+    first = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    await first.sync("csv")
+    await first.drain()
+    before = groups(store)
+    assert "s-1" in {m["sourced_id"] for m in before["c-1"]["members"]}
+    _edit_enrollments(folder, e_s5c2="e-s5c2,,,,sch-1,s-5,student,false,,")
+    path = folder / "enrollments.csv"
+    path.write_text("".join(x for x in path.read_text().splitlines(True) if "e-s1c1," not in x))
+    with store.write() as conn:
+        queue_resync(
+            conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None, live=True
+        )
+    live = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    assert [o for _, o in await live.process_batch()] == ["succeeded"]
+    after = groups(store)
+    assert {m["sourced_id"] for m in after["c-1"]["members"]} == {
+        m["sourced_id"] for m in before["c-1"]["members"]
+    } - {"s-1"}
+    assert after["c-2"]["members"] == before["c-2"]["members"]
 
 
 async def test_live_answer_lists_rejected_student_enrollments_of_the_teachers_classes(

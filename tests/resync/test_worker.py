@@ -344,6 +344,18 @@ UNREADABLE = {
     "a student, by id": ([Rejected("user", "s-1", "no role")], ("s-1",)),
     "a student without its id": ([Rejected("user", None, "not a JSON object")], ("s-1",)),
     "an enrollment": ([Rejected("enrollment", "e-s1c1", "bad status")], ("e-s1c1",)),
+    "an enrollment naming its user": (
+        [Rejected("enrollment", "e-s1c1", "no class", user_id="s-1")],
+        ("e-s1c1",),
+    ),
+    "an enrollment naming its class": (
+        [Rejected("enrollment", "e-s1c1", "no user", class_id="c-1")],
+        ("e-s1c1",),
+    ),
+    "the teacher's enrollment naming its user": (
+        [Rejected("enrollment", "e-t1c2", "bad primary", user_id="t-1")],
+        ("e-t1c2",),
+    ),
 }
 
 
@@ -394,6 +406,39 @@ async def test_a_record_missing_from_a_live_answer_without_a_rejection_is_gone(
         assert {m["sourced_id"] for m in after["c-1"]["members"]} == {
             m["sourced_id"] for m in before["c-1"]["members"]
         } - {"s-1"}
+
+
+@pytest.mark.parametrize("drop", ["e-s1c1", "e-t1c2"])
+async def test_a_rejected_enrollment_keeps_only_the_rows_it_may_be(
+    store: Store, make_settings: Callable[..., Settings], drop: str
+) -> None:
+    """A rejected enrollment that names its class or user (another student's row without a
+    class; a row of another class) is not one of the rows the answer lacks: Ada's answer
+    without s-1's enrollment in Algebra I, or without her own in Computing, drops them. One
+    rejected row anywhere used to stop every live resync from dropping anything."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    before = groups(store)
+    with store.write() as conn:
+        queue_resync(
+            conn, [user_id(conn, "ada@example.org")], reason="manual", run_id=None, live=True
+        )
+    elsewhere = [
+        Rejected("enrollment", "e-x1", "no class", user_id="s-5"),
+        Rejected("enrollment", "e-x2", "bad role", class_id="c-3", user_id="s-1"),
+        Rejected("enrollment", "e-x3", "no user", class_id="c-3"),
+    ]
+    connector = _Unreadable(small_roster(), elsewhere, drop=(drop,))
+    engine = SyncEngine(settings, store, connectors={"mem": connector})
+    assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+    after = groups(store)
+    if drop == "e-s1c1":
+        assert {m["sourced_id"] for m in after["c-1"]["members"]} == {
+            m["sourced_id"] for m in before["c-1"]["members"]
+        } - {"s-1"}
+    else:
+        assert after["c-2"]["owners"] == ["alan.turing@example.org"]
+        assert "ada@example.org" in before["c-2"]["owners"]
 
 
 def job_results(store: Store) -> list[dict[str, Any]]:
