@@ -112,6 +112,32 @@ async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_hold
     assert (again.status, again.counts["resync_queued"], again.warnings) == ("succeeded", 0, [])
 
 
+async def test_an_account_archived_by_an_import_loses_its_groups_at_the_next_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """An admin archives Ada's account with an import (Overwrite, Current Status Archived).
+    The import queues no resync, so her groups stayed hers for as long as nothing resynced
+    her. The next run queues her resync (archived users own no groups), is not held for
+    Algebra I under a limit of no removal (the admin decided it), and its drain removes it;
+    it does not restore her (rostersync did not archive her)."""
+    from rostersync.importer import run_import
+    from rostersync.importer.reader import parse_bytes
+
+    await sync(make_settings(), store, small_roster())
+    header = "Email,Display Name,Role,Site,Groups,SendVerification,DataSync,Overwrite,"
+    row = "ada@example.org,Ada Lovelace,Teacher,North High,,,,TRUE,,Archived\n"
+    sheet = parse_bytes(f"{header}Delegated,Current Status\n{row}".encode(), "u.csv", max_rows=9)
+    imported = run_import(store, make_settings(), sheet)
+    assert [r.status.value for r in imported.rows] == ["Updated"]
+    assert sorted(groups(store)) == ["c-1", "c-2"]
+    report = await sync(make_settings(safety={"max_removals": 0}), store, small_roster())
+    assert report.status == "succeeded", report.hold_reason
+    assert report.counts["users_restored"] == 0
+    assert users(store)["ada@example.org"]["status"] == "archived"
+    assert sorted(groups(store)) == ["c-2"]
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+
+
 # -- dry runs ---------------------------------------------------------------------------------
 
 
