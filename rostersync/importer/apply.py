@@ -326,6 +326,19 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
 # -- writing ----------------------------------------------------------------------------------
 
 
+def _roster_linked(conn: Connection, user_ids: set[int]) -> set[int]:
+    """Those of these users linked to a roster person (whose classes are groups)."""
+    out: set[int] = set()
+    sql = in_text(
+        "SELECT DISTINCT user_id FROM user_identity WHERE user_id IN :u "
+        "AND external_id NOT LIKE 'username:%'",
+        "u",
+    )
+    for chunk in chunks(sorted(user_ids)):
+        out |= {uid for (uid,) in conn.execute(sql, {"u": chunk})}
+    return out
+
+
 def _name_ids(conn: Connection, table: str) -> dict[str, int]:
     return {name: rid for rid, name in conn.execute(text(f"SELECT id, name FROM {table}"))}
 
@@ -337,6 +350,7 @@ def _write(
     site_ids = _name_ids(conn, "site")
     live: set[int] = set()
     linked: set[int] = set()
+    restatused: set[int] = set()  # existing users archived or reactivated
     out: list[RowOutcome] = []
     for outcome in planned:
         change = outcome.change
@@ -367,12 +381,21 @@ def _write(
             live.add(uid)
         if any(not ext.startswith("username:") for _s, ext, _u in change.add_identities):
             linked.add(uid)  # linked to a roster person: their classes become groups
+        elif change.status is not None and change.user_id is not None:
+            restatused.add(uid)
         out.append(outcome)
     if any(o.change is not None for o in out):
         mark_directory_changed(conn)
     # Plain resyncs first: queue_resync upgrades a queued job to live, never the reverse.
     result.resyncs_queued += queue_resync(
         conn, linked - live, reason="import: source username linked", run_id=None
+    )
+    # An archived user owns no roster group, a reactivated one owns their classes' again.
+    result.resyncs_queued += queue_resync(
+        conn,
+        _roster_linked(conn, restatused - linked - live),
+        reason="import: status changed",
+        run_id=None,
     )
     result.resyncs_queued += queue_resync(
         conn, live, reason="import: DataSync (live)", run_id=None, live=True

@@ -112,30 +112,56 @@ async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_hold
     assert (again.status, again.counts["resync_queued"], again.warnings) == ("succeeded", 0, [])
 
 
-async def test_an_account_archived_by_an_import_loses_its_groups_at_the_next_run(
+async def test_an_account_an_import_archives_or_reactivates_has_its_groups_resynced(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
-    """An admin archives Ada's account with an import (Overwrite, Current Status Archived).
-    The import queues no resync, so her groups stayed hers for as long as nothing resynced
-    her. The next run queues her resync (archived users own no groups), is not held for
-    Algebra I under a limit of no removal (the admin decided it), and its drain removes it;
-    it does not restore her (rostersync did not archive her)."""
+    """An admin archives Ada's account with an import (Overwrite, Current Status Archived):
+    the import queues her resync, which takes her groups away (Algebra I, hers alone, goes);
+    a sync after it does not restore her (rostersync did not archive her). Reactivated by
+    another import, her resync gives them back. Imports queued no resync for a status
+    change: her groups stayed hers, or stayed gone, until something resynced her."""
     from rostersync.importer import run_import
     from rostersync.importer.reader import parse_bytes
 
+    def set_status(status: str) -> int:
+        header = "Email,Display Name,Role,Site,Groups,SendVerification,DataSync,Overwrite,"
+        row = f"ada@example.org,Ada Lovelace,Teacher,North High,,,,TRUE,,{status}\n"
+        body = f"{header}Delegated,Current Status\n{row}".encode()
+        imported = run_import(store, make_settings(), parse_bytes(body, "u.csv", max_rows=9))
+        assert [r.status.value for r in imported.rows] == ["Updated"]
+        return imported.resyncs_queued
+
+    engine = SyncEngine(make_settings(), store, connectors={"mem": MemoryConnector(small_roster())})
     await sync(make_settings(), store, small_roster())
-    header = "Email,Display Name,Role,Site,Groups,SendVerification,DataSync,Overwrite,"
-    row = "ada@example.org,Ada Lovelace,Teacher,North High,,,,TRUE,,Archived\n"
-    sheet = parse_bytes(f"{header}Delegated,Current Status\n{row}".encode(), "u.csv", max_rows=9)
-    imported = run_import(store, make_settings(), sheet)
-    assert [r.status.value for r in imported.rows] == ["Updated"]
-    assert sorted(groups(store)) == ["c-1", "c-2"]
-    report = await sync(make_settings(safety={"max_removals": 0}), store, small_roster())
-    assert report.status == "succeeded", report.hold_reason
-    assert report.counts["users_restored"] == 0
-    assert users(store)["ada@example.org"]["status"] == "archived"
+    everything = groups(store)
+    assert set_status("Archived") == 1
+    await engine.drain()
     assert sorted(groups(store)) == ["c-2"]
     assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    report = await sync(make_settings(safety={"max_removals": 0}), store, small_roster())
+    assert (report.status, report.counts["users_restored"]) == ("succeeded", 0)
+    assert users(store)["ada@example.org"]["status"] == "archived"
+    assert sorted(groups(store)) == ["c-2"]
+    assert set_status("Active") == 1
+    await engine.drain()
+    assert groups(store) == everything
+
+
+async def test_an_archived_owner_whose_resync_was_lost_loses_the_groups_at_the_next_run(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Ada's account is archived and her resync never ran (its job deleted, as a database
+    restored from a backup may have it): the next run queues it, is not held for her group
+    under a limit of no removal, and its drain removes it."""
+    await sync(make_settings(), store, small_roster())
+    with store.write() as conn:
+        conn.execute(
+            text("UPDATE \"user\" SET status = 'archived' WHERE email = 'ada@example.org'")
+        )
+    report = await sync(make_settings(safety={"max_removals": 0}), store, small_roster())
+    assert report.status == "succeeded", report.hold_reason
+    assert any("archived users still owned groups" in w for w in report.warnings)
+    assert sorted(groups(store)) == ["c-2"]
 
 
 # -- dry runs ---------------------------------------------------------------------------------
