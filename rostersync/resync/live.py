@@ -134,8 +134,11 @@ class _Unread:
     person_ids: bool = True
     #: a rejected enrollment named neither its class nor its user
     enrollments: bool = False
-    #: rejected enrollments' (class, user), with None for the one a row did not name
-    enrollment_refs: set[tuple[str | None, str | None]] = field(default_factory=set)
+    #: rejected enrollments that named both their class and user, the class alone, the user
+    #: alone (sets, not one list to scan: a broken export may reject every row)
+    enrollment_pairs: set[tuple[str, str]] = field(default_factory=set)
+    enrollment_classes: set[str] = field(default_factory=set)
+    enrollment_users: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, roster: TeacherRoster) -> _Unread:
@@ -154,16 +157,22 @@ class _Unread:
             elif r.entity == "enrollment":
                 # Its id is the connector's (OneRoster's live ones are not the feed's): only
                 # the class and user it names, if any, say which rows it may be.
-                if r.class_id is None and r.user_id is None:
-                    out.enrollments = True
+                if r.class_id is not None and r.user_id is not None:
+                    out.enrollment_pairs.add((r.class_id, r.user_id))
+                elif r.class_id is not None:
+                    out.enrollment_classes.add(r.class_id)
+                elif r.user_id is not None:
+                    out.enrollment_users.add(r.user_id)
                 else:
-                    out.enrollment_refs.add((r.class_id, r.user_id))
+                    out.enrollments = True
         return out
 
     def _rejected_enrollment(self, cls: str, uid: str) -> bool:
         """Whether a rejected enrollment may be the (class, user) row."""
-        return any(
-            (c is None or c == cls) and (u is None or u == uid) for c, u in self.enrollment_refs
+        return (
+            (cls, uid) in self.enrollment_pairs
+            or cls in self.enrollment_classes
+            or uid in self.enrollment_users
         )
 
     def droppable_classes(self, missing: set[str], teacher_id: str) -> set[str]:
