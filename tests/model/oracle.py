@@ -913,9 +913,11 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
 
     A record the answer rejects is not taken for gone (docs/sources.md), as a run keeps a
     rejected record's rows: the teacher keeps a rejected class, a rejected person keeps their
-    enrollments. When a rejection names no id, nothing of its kind goes; a rejected
-    enrollment's class and person are not known, so then no enrollment goes at all (no
-    student, nor the teacher's own teacher row, of any class)."""
+    enrollments. When a rejection names no id, nothing of its kind goes. A rejected
+    enrollment may be any row of the class and the person it names (a part it does not name
+    may be any): such a row is not taken for gone, nor a class the teacher no longer teaches
+    that it may be the teacher's row of. One that names neither may be any row, so then no
+    enrollment goes at all (no student, nor the teacher's own teacher row, of any class)."""
     out = m.copy()
     for p in [*answer.persons, *([answer.teacher] if answer.teacher is not None else [])]:
         # A person whose email does not fit the column is rejected, and keeps its row.
@@ -950,9 +952,15 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
                 and (own or e.role == "student")
                 and droppable
                 and not unread.keeps("person", e.user_id)
+                and not unread.may_be(e.class_id, e.user_id)
             ):
                 status = "tobedeleted"
-        elif own and droppable and not unread.keeps("class", e.class_id):
+        elif (
+            own
+            and droppable
+            and not unread.keeps("class", e.class_id)
+            and not unread.may_be(e.class_id, teacher_id)
+        ):
             status = "tobedeleted"  # a class the teacher no longer teaches
         if status != e.status:
             out.enrollment[sid] = replace(e, status=status)
@@ -964,32 +972,46 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
 
 @dataclass(frozen=True)
 class _Unread:
-    """What a live answer's rejections say it could not read: the ids named, by kind, and
-    the kinds of which some rejection named none."""
+    """What a live answer's rejections say it could not read: the ids named, by kind, the
+    kinds of which some rejection named none (an enrollment: naming neither its class nor its
+    person), and the (class, person) each other rejected enrollment names, None for a part
+    it does not."""
 
     ids: frozenset[tuple[str, str]]
     unnamed: frozenset[str]
+    enrollments: frozenset[tuple[str | None, str | None]] = frozenset()
 
     def keeps(self, kind: str, sid: str | None = None) -> bool:
         """Whether the answer may lack a record of this kind (and id) for a rejection: one
         it lacks is then not gone."""
         return kind in self.unnamed or (sid is not None and (kind, sid) in self.ids)
 
+    def may_be(self, class_id: str, user_id: str) -> bool:
+        """Whether a rejected enrollment naming a class or a person may be this (class,
+        person) row: each part it names is the row's."""
+        return any(c in (None, class_id) and u in (None, user_id) for c, u in self.enrollments)
+
 
 def _unread(rejected: Iterable[Rejected]) -> _Unread:
     ids: set[tuple[str, str]] = set()
     unnamed: set[str] = set()
+    enrollments: set[tuple[str | None, str | None]] = set()
     for r in rejected:
         kind = ENTITY_KIND.get(r.entity)
         if kind is None:
             continue
-        # An enrollment's id is the connector's (OneRoster's live ones are not the feed's):
-        # it says nothing of which class or person it was of.
-        if r.sourced_id is None or kind == "enrollment":
+        if kind == "enrollment":
+            # Its id is the connector's (OneRoster's live ones are not the feed's): only the
+            # class and person it names say which rows it may be.
+            if r.class_id is None and r.user_id is None:
+                unnamed.add(kind)
+            else:
+                enrollments.add((r.class_id, r.user_id))
+        elif r.sourced_id is None:
             unnamed.add(kind)
         else:
             ids.add((kind, r.sourced_id))
-    return _Unread(frozenset(ids), frozenset(unnamed))
+    return _Unread(frozenset(ids), frozenset(unnamed), frozenset(enrollments))
 
 
 def rebuild(

@@ -194,19 +194,24 @@ def _rejecting_answer(*rejected: Rejected) -> TeacherRoster:
     )
 
 
+#: The mirror the answer above is written into: t1 teaches c1 (s1, s2) and c2.
+REJECTING_MIRROR = Mirror(
+    klass={"c1": RosterClass("c1", "Art"), "c2": RosterClass("c2", "Music")},
+    enrollment={
+        "e1": RosterEnrollment("e1", "c1", "t1", "teacher"),
+        "e2": RosterEnrollment("e2", "c1", "s1", "student"),
+        "e3": RosterEnrollment("e3", "c1", "s2", "student"),
+        "e4": RosterEnrollment("e4", "c2", "t1", "teacher"),
+    },
+)
+
+
 def test_a_live_answer_takes_no_rejected_record_for_gone() -> None:
     """A class or person the answer rejects (by id) keeps its rows; a rejection naming no id
-    keeps every record of its kind; a rejected enrollment keeps every enrollment, the
-    teacher's classes included. Other records missing from the answer go."""
-    mirror = Mirror(
-        klass={"c1": RosterClass("c1", "Art"), "c2": RosterClass("c2", "Music")},
-        enrollment={
-            "e1": RosterEnrollment("e1", "c1", "t1", "teacher"),
-            "e2": RosterEnrollment("e2", "c1", "s1", "student"),
-            "e3": RosterEnrollment("e3", "c1", "s2", "student"),
-            "e4": RosterEnrollment("e4", "c2", "t1", "teacher"),
-        },
-    )
+    keeps every record of its kind; a rejected enrollment naming neither its class nor its
+    person keeps every enrollment, the teacher's classes included. Other records missing
+    from the answer go."""
+    mirror = REJECTING_MIRROR
     cases = {
         (): {"e3", "e4"},
         (Rejected("class", "c2", "no title"),): {"e3"},
@@ -220,6 +225,36 @@ def test_a_live_answer_takes_no_rejected_record_for_gone() -> None:
     }
     for rejected, gone in cases.items():
         out = live_apply(mirror, "t1", _rejecting_answer(*rejected))
+        dropped = {sid for sid, e in out.enrollment.items() if e.status == "tobedeleted"}
+        assert dropped == gone, rejected
+
+
+def _enrollment(class_id: str | None, user_id: str | None) -> Rejected:
+    """A rejected enrollment row naming this class and this person (None: left blank)."""
+    return Rejected("enrollment", "x9", "bad role", class_id=class_id, user_id=user_id)
+
+
+def test_a_rejected_enrollment_keeps_only_the_rows_it_may_be() -> None:
+    """A rejected enrollment that names its class, its person or both may be any row of
+    what it names: that row is kept (s2's in c1 is e3; t1's of c2 keeps the class, e4).
+    Every other row the answer lacks goes; several rejections keep each what it may be."""
+    cases = {
+        (_enrollment(None, "s2"),): {"e4"},
+        (_enrollment("c1", None),): {"e4"},
+        (_enrollment("c1", "s2"),): {"e4"},
+        (_enrollment("c2", None),): {"e3"},
+        (_enrollment(None, "t1"),): {"e3"},
+        (_enrollment("c2", "t1"),): {"e3"},
+        # Rows it cannot be: another student's, t1's of c1 (which the answer has), s2 in c2.
+        (_enrollment(None, "s9"),): {"e3", "e4"},
+        (_enrollment("c1", "t1"),): {"e3", "e4"},
+        (_enrollment("c2", "s2"),): {"e3", "e4"},
+        (_enrollment("c9", None),): {"e3", "e4"},
+        (_enrollment(None, "s2"), _enrollment("c2", None)): set(),
+        (_enrollment(None, "s9"), _enrollment(None, None)): set(),
+    }
+    for rejected, gone in cases.items():
+        out = live_apply(REJECTING_MIRROR, "t1", _rejecting_answer(*rejected))
         dropped = {sid for sid, e in out.enrollment.items() if e.status == "tobedeleted"}
         assert dropped == gone, rejected
 
