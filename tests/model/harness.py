@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from sqlalchemy import Connection, bindparam, event, text
@@ -125,15 +125,26 @@ def _settings(config: Config, base_dir: str) -> Settings:
     return settings.model_copy(update={"sources": sources})
 
 
+#: What a rejected enrollment row of a CSV-shaped live answer names (the CSV connector reads
+#: its class and user as far as the row has them): ``both``, the ``class`` only (no user in
+#: the row), the ``user`` only (no class), ``neither``; or the row is ``malformed`` as CSV,
+#: when the connector names neither and lists it only if its class or user, read leniently,
+#: is the teacher's (``connectors/oneroster_csv/connector.py::_enrollments_concerning``).
+Refs = Literal["both", "class", "user", "neither", "malformed"]
+
+
 @dataclass(frozen=True)
 class Answers:
     """How the connector answers a live request. ``oneroster``: shaped as the OneRoster
     connector's answer (see :meth:`FeedConnector.oneroster_answer`), else as the memory
     connector's. ``unnamed``: the entities (``class``, ``user``) whose rejections name no id,
-    as for a record that is not a JSON object."""
+    as for a record that is not a JSON object. ``refs``: what each rejected enrollment's row
+    names, the i-th of the feed's rejected enrollments taking ``refs[i % len(refs)]`` (so
+    one answer may mix them)."""
 
     oneroster: bool = False
     unnamed: frozenset[str] = frozenset()
+    refs: tuple[Refs, ...] = ("both",)
 
 
 #: The memory connector's answers, every rejection named.
@@ -144,19 +155,49 @@ class FeedConnector(MemoryConnector):
     """The memory connector over the feed, whose live answers also list the rejections that
     concern them, as the CSV connector's do (the shipped memory connector lists no rejected
     enrollment): a rejected class of the teacher's, the teacher or a student of theirs
-    rejected, and a rejected enrollment of their classes or their own rejected teacher
-    enrollment. A rejected record is missing from the answer, as
-    from the feed."""
+    rejected, and a rejected enrollment row that names one of their classes or the teacher,
+    or leaves its class or its user blank (it may be one of theirs). A rejected record is
+    missing from the answer, as from the feed."""
 
     def __init__(self, feed: Feed, *, answers: Answers = PLAIN, **kwargs: Any) -> None:
         super().__init__(feed.roster(), **kwargs)
         self.held_back = dict(feed.rejected)
         self.answers = answers
+        # Each rejected enrollment's row shape, by its place among them (stable: the feed
+        # keeps its rejections in the order it made them).
+        held = [sid for kind, sid in self.held_back if kind == "enrollment"]
+        refs = answers.refs or ("both",)
+        self.row_shape: dict[str, Refs] = {sid: refs[i % len(refs)] for i, sid in enumerate(held)}
 
     def _rejected(self, kind: str, sid: str) -> Rejected:
         entity = ENTITY[kind]
+        reason = f"{entity} {sid} does not parse (model)"
+        if kind == "enrollment":
+            cls, user = self._refs(sid)
+            return Rejected(entity, sid, reason, class_id=cls, user_id=user)
         named = None if entity in self.answers.unnamed else sid
-        return Rejected(entity, named, f"{entity} {sid} does not parse (model)")
+        return Rejected(entity, named, reason)
+
+    def _refs(self, sid: str) -> tuple[str | None, str | None]:
+        """The class and user a rejected enrollment's row names (None: blank, or unread)."""
+        record = self.held_back[("enrollment", sid)]
+        assert isinstance(record, RosterEnrollment)
+        shape = self.row_shape[sid]
+        cls = record.class_id if shape in ("both", "class") else None
+        user = record.user_id if shape in ("both", "user") else None
+        return cls, user
+
+    def _lists_enrollment(self, sid: str, tid: str, class_ids: set[str]) -> bool:
+        """Whether the CSV connector lists this rejected enrollment row in ``tid``'s answer:
+        a row that names one of the teacher's classes or the teacher (in any role), or
+        leaves its class or its user blank. A row malformed as CSV is read leniently, and
+        the model's rows hold both ids, so it is listed when one of them is the answer's."""
+        record = self.held_back[("enrollment", sid)]
+        assert isinstance(record, RosterEnrollment)
+        if self.row_shape[sid] == "malformed":
+            return record.class_id in class_ids or record.user_id == tid
+        cls, user = self._refs(sid)
+        return cls is None or cls in class_ids or user is None or user == tid
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         if self.answers.oneroster:
@@ -167,16 +208,13 @@ class FeedConnector(MemoryConnector):
         # The answer's classes: every class of the teacher's teacher enrollments, read or not.
         class_ids = {e.class_id for e in answer.enrollments}
         students = {e.user_id for e in answer.enrollments if e.role == STUDENT}
-        for (kind, sid), record in self.held_back.items():
+        for kind, sid in self.held_back:
             if kind == "class":
                 concerns = sid in class_ids
             elif kind == "person":
                 concerns = sid == tid or sid in students
             elif kind == "enrollment":
-                assert isinstance(record, RosterEnrollment)
-                concerns = record.class_id in class_ids or (
-                    record.user_id == tid and record.role == TEACHER
-                )
+                concerns = self._lists_enrollment(sid, tid, class_ids)
             else:
                 concerns = False
             if concerns:

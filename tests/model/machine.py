@@ -73,6 +73,7 @@ from tests.model.harness import (
     FeedConnector,
     Harness,
     InjectedFault,
+    Refs,
 )
 from tests.model.oracle import (
     SOURCE,
@@ -266,6 +267,13 @@ live_changes = st.tuples(st.sampled_from(LIVE_CHANGES), index, index)
 unnamed_entities = st.sampled_from(((), (), (), ("class",), ("user",), ("class", "user"))).map(
     frozenset
 )
+#: What the rows of a live answer's rejected enrollments name (see harness.Answers.refs):
+#: mostly both ids, as a row rejected for its status or role does.
+row_refs: st.SearchStrategy[tuple[Refs, ...]] = st.lists(
+    st.sampled_from(("both", "both", "class", "user", "neither", "malformed")),
+    min_size=1,
+    max_size=3,
+).map(tuple)
 
 
 @st.composite
@@ -763,6 +771,7 @@ class RosterModel(RuleBasedStateMachine):
         revert=st.booleans(),
         unnamed=unnamed_entities,
         oneroster=st.sampled_from((False, False, True)),
+        refs=row_refs,
     )
     @on("live_resync")
     def live_resync(
@@ -773,6 +782,7 @@ class RosterModel(RuleBasedStateMachine):
         revert: bool,
         unnamed: frozenset[str] = frozenset(),
         oneroster: bool = False,
+        refs: tuple[Refs, ...] = ("both",),
     ) -> None:
         """The source changes (mostly in the classes of the teacher picked first), and
         `rostersync resync --live` of one or two teachers reads the change before any sync
@@ -783,7 +793,7 @@ class RosterModel(RuleBasedStateMachine):
         of the bug 4ccd670 fixed). The answers list the records the connector rejects that
         concern them (``unnamed``: those of these entities without their id); with
         ``oneroster`` they are shaped as the OneRoster connector's (``live:`` ids, active
-        records only)."""
+        records only); else ``refs`` says what each rejected enrollment's row names."""
         self._step("live_resync")
         oracle = self.oracle
         if oracle.queued is not None:
@@ -804,7 +814,7 @@ class RosterModel(RuleBasedStateMachine):
         for what, i, j in changes:
             self._step(f"live {what}")
             self._live_change(persons[0], what, i, j)
-        answering = Answers(oneroster=oneroster, unnamed=unnamed)
+        answering = Answers(oneroster=oneroster, unnamed=unnamed, refs=refs)
         connector = FeedConnector(self.feed, answers=answering)
         answers = [
             (pid, self.h.run(connector.fetch_teacher(TeacherRef(pid, None)))) for pid in persons
@@ -814,16 +824,28 @@ class RosterModel(RuleBasedStateMachine):
             STATS["live answers with rejections"] += 1
         if any(r.sourced_id is None for _pid, a in answers for r in a.rejected):
             STATS["live answers with a rejection naming no id"] += 1
+        named = any(r.class_id or r.user_id for _pid, a in answers for r in a.rejected)
+        if named:
+            STATS["live answers with named enrollment rejections"] += 1
         with self.h.store.write() as conn:
             ids = self.h.user_ids(chosen)
             queue_resync(conn, ids, reason="model: live resync", run_id=None, live=True)
         shape = "oneroster" if oneroster else "memory"
         self.last = Outcome(
-            f"live resync {chosen} ({shape} answers, {rejections} rejected, unnamed {unnamed})"
+            f"live resync {chosen} ({shape} answers, {rejections} rejected, unnamed {unnamed}, "
+            f"enrollment rows naming {refs})"
         )
         STATS[f"live answers shaped as {shape}'s"] += 1
         self._drain(answering)
+        before_rows = oracle.mirrors[SOURCE].enrollment if SOURCE in oracle.mirrors else {}
         oracle.live_resync(SOURCE, chosen, answers)
+        after_rows = oracle.mirrors[SOURCE].enrollment
+        if named and any(
+            e.status == "active" and after_rows[sid].status != "active"
+            for sid, e in before_rows.items()
+        ):
+            # The rule's point: a row the answers lack goes, beside a rejection that is not it.
+            STATS["live answers with named enrollment rejections dropping a row"] += 1
         if oracle.built is not None:
             STATS["live resyncs leaving groups behind the mirror"] += 1
         self._compare()

@@ -13,7 +13,7 @@ import pytest
 from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
 from rostersync.store.db import Store
 from tests.model.feed import Feed
-from tests.model.harness import Harness
+from tests.model.harness import Harness, Refs
 from tests.model.machine import STATS, Cut, RosterModel
 from tests.model.oracle import Config
 
@@ -300,3 +300,27 @@ def test_a_run_after_a_drain_cut_short_is_not_held_for_the_removals_before_it(
     assert last_status(m) == "succeeded"
     assert STATS["runs not held for removals decided earlier"] == spared + 1
     assert owned(m) == {"c3"}
+
+
+@pytest.mark.parametrize(("refs", "kept"), [("user", False), ("neither", True)])
+def test_another_students_rejected_enrollment_without_its_class_drops_what_went(
+    model: Model, refs: Refs, kept: bool
+) -> None:
+    """The connector rejects s2's enrollment row of t2's c2, whose class is blank: it is in
+    t1's live answer too (it may be one of t1's classes), naming s2. s1 leaves t1's c1:
+    the row is not s1's, so s1 is dropped from c1 (one such row anywhere used to stop every
+    live resync from dropping anyone, fca0b29). A row naming neither may be s1's and keeps
+    them until the next full sync."""
+    feed = school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"})
+    # A second student, so that c1 keeps a group (one without members is removed).
+    feed.put("person", RosterPerson("s3", "student", "Stu", "3", "s3@example.org"))
+    feed.new_enrollment("c1", "s3", "student")
+    m = model(feed)
+    (eid,) = [sid for sid, e in m.feed.enrollments.items() if e.user_id == "s2"]
+    m.feed.reject("enrollment", eid)
+    named = STATS["live answers with named enrollment rejections"]
+    m.live_resync([0], [("drop", 0, 0)], [], False, frozenset(), False, (refs,))
+    assert STATS["live answers with named enrollment rejections"] == named + (not kept)
+    assert set(member_names(m, "c1")) == ({"s1", "s3"} if kept else {"s3"})
+    m.sync("full")
+    assert set(member_names(m, "c1")) == {"s3"}
