@@ -58,6 +58,9 @@ class _Merged:
     dirty: set[str]
     #: the persons whose eligibility the changes may concern
     affected_people: set[str]
+    #: groups whose removal waiting resync jobs of an earlier run carry out, found before
+    #: the merge (provisioning.removals_pending): not this run's to count
+    pending_removals: set[str]
 
 
 @dataclass
@@ -187,6 +190,9 @@ class Applier:
         """Find what the staged rows change, merge them into the mirror, and mark what the
         resyncs must re-read."""
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
+        pending_removals = provisioning.removals_pending(
+            conn, source, self.settings.provisioning.teacher_roles
+        )
         grouped = detect.group_ids(conn, source)
         changes = detect.find_changes(
             conn, source, run_id, full=full, grouped=grouped, known=ctx.known
@@ -216,7 +222,7 @@ class Applier:
             {(c, p) for c, p in changes.member_pairs if c not in members_only},
             grouped,
         )
-        return _Merged(grouped, changes, members_only, dirty, affected_people)
+        return _Merged(grouped, changes, members_only, dirty, affected_people, pending_removals)
 
     def _decide(self, conn: Connection, ctx: RunContext, found: _Merged) -> _Decision:
         """The provisioning plan: who is created, linked, archived or restored."""
@@ -311,6 +317,9 @@ class Applier:
             restored=plan.restore,
             new_owners={link.sourced_id for link in plan.link}
             | {sid for new in plan.create for sid, _ in new.identities},
+            # Under changed provisioning settings the waiting jobs' removals may be this
+            # run's too: count them.
+            decided=set() if decision.settings_changed else found.pending_removals,
         )
         # What the scope step left out right after the fetch (kept with the run's fetched).
         counts.update({k: int(ctx.fetched.get(k, 0)) for k in SCOPE_COUNT_KEYS})

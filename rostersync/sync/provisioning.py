@@ -4,7 +4,7 @@ identities a plan creates or changes, and the groups a run would leave without a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from datetime import datetime
 from typing import Any
 
@@ -288,26 +288,38 @@ def leftover_owners(conn: Connection, source: str) -> set[int]:
     return {uid for (uid,) in conn.execute(text(_LEFTOVER_OWNERS), {"src": source})}
 
 
-def groups_to_remove(
+#: Groups of the source one of whose owners has a resync job queued or running.
+_PENDING_OWNED = """
+    SELECT DISTINCT o.group_id FROM resync_job j
+    JOIN group_owner o ON o.user_id = j.user_id
+    JOIN groups g ON g.id = o.group_id
+    WHERE j.state IN ('queued', 'running') AND g.source = :src
+"""
+
+
+def removals_pending(conn: Connection, source: str, teacher_roles: Sequence[str]) -> set[str]:
+    """Groups an earlier run or command already decided to remove, whose removal a waiting
+    resync job carries out: an owner has a job queued or running, and the mirror as this run
+    found it gives the group no eligible owner (a teacher who left under ``on_teacher_removed:
+    keep`` keeps an active account, so :data:`_REMOVAL_DECIDED` does not see it, and the
+    drain was cut short). Call it before the run merges anything."""
+    gids = {gid for (gid,) in conn.execute(text(_PENDING_OWNED), {"src": source})}
+    if not gids:
+        return set()
+    return _without_owner(conn, source, teacher_roles, (), (), gids)
+
+
+def _without_owner(
     conn: Connection,
     source: str,
     teacher_roles: Sequence[str],
-    archived: Iterable[int] = (),
-    only_classes: set[str] | None = None,
-    *,
-    restored: Iterable[int] = (),
-    new_owners: Iterable[str] = (),
-) -> int:
-    """Groups of this source that no eligible, provisioned teacher will own after this run.
-
-    Not those whose removal an earlier run decided (:data:`_REMOVAL_DECIDED`).
-
-    ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
-    the persons it links or creates accounts for, who take over the classes they teach (the
-    count is made before the accounts exist). ``only_classes``: a delta run counts just the
-    groups its changes can concern, those of these classes and those of the users it
-    archives; no other group's owners changed.
-    """
+    archived: Iterable[int],
+    restored: Iterable[int],
+    gids: set[int] | None,
+) -> set[str]:
+    """The classes of the source's groups (of these ``gids``; None: all) that no eligible,
+    provisioned teacher teaches, the users ``archived`` not counted and those ``restored``
+    counted."""
     sql = f"""
         SELECT g.external_id FROM groups g WHERE g.source = :src AND NOT EXISTS (
             SELECT 1 FROM roster_enrollment te
@@ -325,20 +337,49 @@ def groups_to_remove(
         "restored": sorted(set(restored)) or [-1],
         **teacher_role_params(teacher_roles),
     }
-    if only_classes is None:
-        classes = {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
-    else:
+    if gids is None:
+        return {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
+    stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
+    classes: set[str] = set()
+    for chunk in chunks(sorted(gids)):
+        classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    return classes
+
+
+def groups_to_remove(
+    conn: Connection,
+    source: str,
+    teacher_roles: Sequence[str],
+    archived: Iterable[int] = (),
+    only_classes: set[str] | None = None,
+    *,
+    restored: Iterable[int] = (),
+    new_owners: Iterable[str] = (),
+    decided: Set[str] = frozenset(),
+) -> int:
+    """Groups of this source that no eligible, provisioned teacher will own after this run.
+
+    Not those whose removal an earlier run decided: every owner archived
+    (:data:`_REMOVAL_DECIDED`), or ``decided`` (:func:`removals_pending`, before the merge).
+
+    ``archived`` and ``restored``: the users this run archives and restores; ``new_owners``:
+    the persons it links or creates accounts for, who take over the classes they teach (the
+    count is made before the accounts exist). ``only_classes``: a delta run counts just the
+    groups its changes can concern, those of these classes and those of the users it
+    archives; no other group's owners changed.
+    """
+    archived = set(archived)
+    candidates: set[int] | None = None
+    if only_classes is not None:
         candidates = {
             gid
             for gid, ext in conn.execute(
                 text("SELECT id, external_id FROM groups WHERE source = :src"), {"src": source}
             )
             if ext in only_classes
-        } | ids_in(conn, "SELECT group_id FROM group_owner WHERE user_id IN :ids", set(archived))
-        stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
-        classes = set()
-        for chunk in chunks(sorted(candidates)):
-            classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+        } | ids_in(conn, "SELECT group_id FROM group_owner WHERE user_id IN :ids", archived)
+    classes = _without_owner(conn, source, teacher_roles, archived, restored, candidates)
+    classes -= decided
     if classes:
         classes -= ids_in(conn, _REMOVAL_DECIDED, classes, src=source)
     owners = set(new_owners)

@@ -65,6 +65,33 @@ async def test_removals_an_earlier_run_decided_do_not_hold_the_next_run(
     assert (await sync(strict, store, roster)).status == "held"
 
 
+@pytest.mark.parametrize("mode", ["full", "delta"])
+async def test_removals_an_earlier_run_decided_under_keep_do_not_hold_the_next_run(
+    store: Store, make_settings: Callable[..., Settings], mode: str
+) -> None:
+    """Under ``on_teacher_removed: keep`` Ada leaves and keeps an active account; the resync
+    that takes Algebra I (hers alone) away waits, its drain cut short. The next run, full or
+    delta, changes nothing: it is not held for that group under a limit of no removal (the
+    full run was), and its drain removes it."""
+    keep = {"provisioning": {"on_teacher_removed": "keep"}}
+    strict = make_settings(**keep, safety={"max_removals": 0})
+    await sync(make_settings(**keep), store, small_roster())
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    first = await sync(make_settings(**keep), store, roster, drain=False)
+    assert (first.status, first.counts["users_archived"]) == ("succeeded", 0)
+    assert "c-1" in groups(store)  # its removal waits in the queue
+    report = await sync(strict, store, roster, mode=mode)
+    assert report.status == "succeeded", report.hold_reason
+    assert users(store)["ada@example.org"]["status"] == "active"
+    assert sorted(groups(store)) == ["c-2"]
+    assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
+    # A removal of the run's own still holds it.
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    assert (await sync(strict, store, roster, mode=mode)).status == "held"
+
+
 async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_holding_it(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
