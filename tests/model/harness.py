@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -23,6 +23,7 @@ from rostersync.config.models import Provisioning, Settings
 from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
 from rostersync.resync import queue
+from rostersync.resync.queue import LeasedJob
 from rostersync.source.records import (
     STUDENT,
     TEACHER,
@@ -96,6 +97,10 @@ class FaultInjector:
         raise InjectedFault("statement failed (injected by the model test)")
 
 
+class JobFault(Exception):
+    """The failure the model injects into the resync batches of chosen users."""
+
+
 class _Armed(threading.local):
     value = False
 
@@ -104,7 +109,19 @@ _armed = _Armed()
 
 
 class ProbedEngine(SyncEngine):
-    """The engine, with the fault injector armed for exactly the apply transaction."""
+    """The engine, with the fault injector armed for exactly the apply transaction, and
+    (``failing``) the resync batches of some users failing before they write anything, as
+    when the directory cannot be written for them."""
+
+    failing: frozenset[int] = frozenset()
+
+    def _materialise(
+        self, jobs: list[LeasedJob], live: Mapping[int, list[tuple[str, str, TeacherRoster]]]
+    ) -> None:
+        doomed = sorted(j.user_id for j in jobs if j.user_id in self.failing)
+        if doomed:
+            raise JobFault(f"resync of users {doomed} failed (injected by the model test)")
+        super()._materialise(jobs, live)
 
     def _apply_in(self, conn: Connection, ctx: RunContext) -> Outcome:
         _armed.value = True
@@ -306,16 +323,26 @@ class Harness:
         fail_after: int | None = None,
         answers: Answers = PLAIN,
         batch_size: int | None = None,
+        failing: Collection[int] = (),
     ) -> ProbedEngine:
-        """The engine over the feed. ``batch_size``: the resync jobs leased per batch."""
+        """The engine over the feed. ``batch_size``: the resync jobs leased per batch.
+        ``failing``: the users (ids) whose resync jobs fail, for good at the first attempt
+        (``resync.max_attempts: 1``); jobs are then leased one per batch, so that no other
+        job shares a failing batch's fate."""
         connector = FeedConnector(
             feed, answers=answers, batch_size=BATCH, fail_after=fail_after, delta=True
         )
         settings = self.settings(config)
+        update: dict[str, Any] = {}
         if batch_size is not None:
-            resync = settings.resync.model_copy(update={"batch_size": batch_size})
+            update["batch_size"] = batch_size
+        if failing:
+            update.update(batch_size=1, max_attempts=1, backoff=timedelta(0))
+        if update:
+            resync = settings.resync.model_copy(update=update)
             settings = settings.model_copy(update={"resync": resync})
         engine = ProbedEngine(settings, self.store, connectors={SOURCE: connector})
+        engine.failing = frozenset(failing)
         engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day
         return engine
 
@@ -453,6 +480,28 @@ class Harness:
                 )
             )
             return {email for (email,) in rows}
+
+    def pending_jobs(self) -> dict[int, str]:
+        """The jobs queued or running: their users' emails, by job id."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text(
+                    'SELECT j.id, u.email FROM resync_job j JOIN "user" u ON u.id = j.user_id '
+                    "WHERE j.state IN ('queued', 'running')"
+                )
+            )
+            return {int(job_id): email for job_id, email in rows}
+
+    def jobs_ended(self, job_ids: Collection[int]) -> dict[int, tuple[str, str | None]]:
+        """These jobs' states and last errors, by id."""
+        with self.store.read() as conn:
+            rows = conn.execute(
+                text("SELECT id, state, last_error FROM resync_job WHERE id IN :ids").bindparams(
+                    bindparam("ids", expanding=True)
+                ),
+                {"ids": sorted(job_ids)},
+            )
+            return {int(job_id): (state, error) for job_id, state, error in rows}
 
     def emails_of(self, user_ids: list[int]) -> set[str]:
         with self.store.read() as conn:
