@@ -10,7 +10,9 @@ resync). What is compared:
 * the engine's mirror of the source (the columns the rules read);
 * each run's report: mode, status, the user counts, ``records_rejected``, the rejected list
   (the connector's rejections exactly; each candidate with an unusable email, with its
-  value), ``groups_removed`` of a held or dry run, group counts of an applied run;
+  value), ``groups_removed`` of a held or dry run, group counts of an applied run, the
+  warning of archived users still owning groups (a job failed for good) and a lower bound of
+  ``resync_queued``;
 * approvals: refused exactly when the rules say (a dry run, not held, overtaken), and a
   refused or failed one changes nothing;
 * the change set of every held or dry run: what the oracle's decision does, and (for an
@@ -84,6 +86,7 @@ from tests.model.oracle import (
     Oracle,
     Run,
     groups,
+    rebuild,
 )
 
 
@@ -333,13 +336,18 @@ def configs(draw: st.DrawFn) -> Config:
 @dataclass(frozen=True)
 class Cut:
     """How a drain is cut short: ``batches`` batches of ``size`` jobs run, then (``killed``)
-    the process is killed while it holds the next batch."""
+    the process is killed while it holds the next batch. Or (``fail``) the drain runs every
+    job but the jobs of some archived users fail for good: these ints pick them among the
+    archived users with a job queued (see :meth:`RosterModel._failing_drain`)."""
 
     batches: int
     size: int
     killed: bool
+    fail: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
+        if self.fail is not None:
+            return f"jobs of archived users {list(self.fail)} failed for good"
         killed = ", killed holding the next" if self.killed else ""
         return f"{self.batches} batches of {self.size} ran{killed}"
 
@@ -669,6 +677,67 @@ class RosterModel(RuleBasedStateMachine):
         admin sets `safety.max_removals: 0`. That is the bug's shape (b9da827): the next run
         must not be held for the groups of the teachers archived here."""
         self._step("cut_drain")
+        self._run_after_leaving(what, cut, changes, leaving)
+        if tighten and self.oracle.queued is not None:
+            self.configure({"max_removals": 0})
+
+    @rule(
+        what=st.sampled_from(("full", "delta", "approve")),
+        picks=st.lists(index, min_size=1, max_size=2),
+        changes=st.lists(roster_changes, max_size=2),
+        leaving=st.lists(index, min_size=1, max_size=2),
+        tighten=st.booleans(),
+        then=st.sampled_from((None, "full", "delta", "dry")),
+    )
+    @on("failed_jobs")
+    def failed_jobs(
+        self,
+        what: str,
+        picks: list[int],
+        changes: list[tuple[Any, ...]],
+        leaving: list[int],
+        tighten: bool,
+        then: str | None = None,
+    ) -> None:
+        """A run (as :meth:`cut_drain`'s, after linked teachers leave) archives teachers, and
+        in its drain the resync jobs of some of them (``picks``) fail for good, so that the
+        groups they were to remove stay, with them as owners; the other jobs do their work.
+        The next run, whatever it is, queues their resyncs again (with a warning in its
+        report) and is not held for those groups; its drain removes them (dcdf588).
+        ``tighten``: then `safety.max_removals: 0`, which held every later run before.
+        ``then``: the next run follows at once (a full, delta or dry run), as a scheduled
+        sync would; otherwise any step may come first.
+
+        Drawn where a drain is cut (no jobs waiting, the groups the mirror's, no live resync
+        since the last applied run), for the same reasons; otherwise a plain run."""
+        self._step("failed_jobs")
+        if self.h.leased_jobs():
+            # A killed sync's job, leased by a dead process (no recovery since): the step
+            # could not tell it from the run's. The recovery every command runs puts it back.
+            self.h.recover()
+            self.last = Outcome("the recovery and drain, before a run whose jobs fail")
+            self._drain()
+            self._compare()
+        cut = Cut(0, 1, False, fail=tuple(picks))
+        self._run_after_leaving(what, cut, changes, leaving)
+        oracle = self.oracle
+        last = oracle.runs[max(oracle.runs)]
+        if last.status == "held" and not last.dry_run and oracle.built is None:
+            # Held for its archivals (the limits are often tight by now): the admin approves
+            # it, and the approval's drain is the one whose jobs fail.
+            self._approve(last.id, None, cut)
+        if tighten and self.oracle.leftover(SOURCE):
+            self.configure({"max_removals": 0})
+        if then is not None:
+            self._sync("full" if then == "dry" else then, dry=then == "dry")
+
+    def _run_after_leaving(
+        self, what: str, cut: Cut, changes: list[tuple[Any, ...]], leaving: list[int]
+    ) -> None:
+        """A few changes, linked teachers leave (``leaving``: their records turn tobedeleted,
+        so that the run archives them more often than random changes do), then a sync or
+        the approval of the latest held run whose drain goes as ``cut`` says, where the
+        oracle can follow that."""
         if changes:
             self.change_roster(changes)
         oracle = self.oracle
@@ -685,8 +754,6 @@ class RosterModel(RuleBasedStateMachine):
             self._approve(held[-1], None, cut if allowed else None)
         else:
             self._sync("full" if what == "approve" else what, cut=cut if allowed else None)
-        if tighten and oracle.queued is not None:
-            self.configure({"max_removals": 0})
 
     @rule(
         which=st.sampled_from(("latest held", "latest dry", "any")),
@@ -1010,7 +1077,11 @@ class RosterModel(RuleBasedStateMachine):
         """The drain after an applied run (or approval), cut short: ``cut.batches`` batches of
         ``cut.size`` jobs run (oldest first), and (``cut.killed``) a process is killed while
         it holds the next batch, whose jobs the recovery puts back in the queue. The rest
-        stay queued. The groups are compared before and after the batches."""
+        stay queued. The groups are compared before and after the batches. ``cut.fail``:
+        the drain runs every job, and some fail for good instead (:meth:`_failing_drain`)."""
+        if cut.fail is not None:
+            self._failing_drain(cut.fail)
+            return
         oracle = self.oracle
         STATS["drains cut short"] += 1
         queued = self.h.queued_users()
@@ -1038,6 +1109,65 @@ class RosterModel(RuleBasedStateMachine):
         if self.h.queued_users():
             STATS["cut drains leaving jobs queued"] += 1
         self._compare()
+
+    def _failing_drain(self, picks: tuple[int, ...]) -> None:
+        """The drain after an applied run (or approval) in which the resync jobs of some
+        archived users (``picks`` among those with a job queued) fail for good: each job is
+        leased alone (one per batch), theirs fail at their first attempt (max_attempts 1)
+        before writing anything, the others do their work. The failed users' groups stay as
+        they were, with them as owners (the README's "failed for good"); no job waits."""
+        oracle = self.oracle
+        jobs = self.h.pending_jobs()
+        missing = (oracle.queued or set()) - set(jobs.values())
+        assert not missing, f"the users the run provisioned have no resync job queued: {missing}"
+        self._compare()  # the groups as the apply left them
+        d = oracle.directory
+        archived = sorted({e for e in jobs.values() if d.users[e].status != "active"})
+        doomed = {archived[i % len(archived)] for i in picks} if archived else set()
+        engine = self.h.engine(oracle.config, self.feed, failing=self.h.user_ids(sorted(doomed)))
+        with structlog.testing.capture_logs():
+            self.h.run(engine.drain())
+        ended = self.h.jobs_ended(jobs)
+        assert {job: state for job, (state, _error) in ended.items()} == {
+            job: "failed" if email in doomed else "succeeded" for job, email in jobs.items()
+        }, (ended, jobs, doomed)
+        assert all(
+            "injected by the model test" in (error or "")
+            for state, error in ended.values()
+            if state == "failed"
+        ), ended
+        assert not self.h.pending_jobs(), "a job still waits after the drain"
+        oracle.batch_done(set(jobs.values()) - doomed)
+        oracle.jobs_failed()
+        left = oracle.leftover(SOURCE)
+        if doomed:
+            STATS["drains with jobs failed for good"] += 1
+        if left:
+            STATS["archived owners left by failed jobs"] += 1
+        # What the next run's resync of them does (README: "A run is held when ..."): the
+        # groups are what the mirror says again. Else the next run would not end there.
+        fresh = groups(oracle.mirrors, oracle.directory, oracle.config.teacher_roles)
+        assert rebuild(oracle.groups(), fresh, left) == fresh, "failed jobs left other groups"
+        self._compare()
+
+    def _check_leftover(
+        self, report: RunReport, leftover: set[str], provisioned: set[str], *, plain_held: bool
+    ) -> None:
+        """A run queues the resync of every archived user still owning groups with no job
+        waiting (``leftover``: a job failed for good), and says so in its report, with how
+        many (not a held dry run without --changes, which stops before that). An applied or
+        dry run counts them, with the users it provisions, in ``resync_queued``."""
+        if plain_held:
+            return
+        warned = [w for w in report.warnings if "archived users still owned groups" in w]
+        what = f"run {report.id}: leftover owners {sorted(leftover)}"
+        assert bool(warned) == bool(leftover), f"{what}, warnings {report.warnings}"
+        if leftover:
+            assert warned[0].startswith(f"{len(leftover)} archived users"), f"{what}: {warned}"
+            STATS["runs warning of archived owners left by failed jobs"] += 1
+        if report.status != "held":
+            queued = report.counts.get("resync_queued", 0)
+            assert queued >= len(leftover | provisioned), f"{what}: resync_queued {queued}"
 
     def _sync(
         self,
@@ -1091,6 +1221,7 @@ class RosterModel(RuleBasedStateMachine):
             return
         scope_cut = oracle.cut(SOURCE, mode, records, SESSIONS, TODAY)
         decision = oracle.decide(SOURCE, mode, records, cut=scope_cut)
+        leftover = oracle.leftover(SOURCE)
         # Groups that earlier jobs still had to rebuild when the run started: they differ
         # from the mirror's in ways that are not the run's doing.
         lagging = self._lagging()
@@ -1103,11 +1234,23 @@ class RosterModel(RuleBasedStateMachine):
             STATS["runs with removals decided earlier"] += 1
         if decision.spared:
             STATS["runs not held for removals decided earlier"] += 1
+        if leftover:
+            STATS["runs after jobs failed for good"] += 1
+            if changes or (decision.held and not dry):
+                STATS["change sets after jobs failed for good"] += 1
+            if decision.spared:
+                STATS["runs not held for the groups of failed jobs"] += 1
         if scope_cut is not None:
             STATS["runs scoped"] += 1
             STATS["records out of scope"] += sum(scope_cut.ignored.values())
         exact = lagging is None and cut is None
         self._check_report(report, decision, dry=dry, group_counts=exact)
+        self._check_leftover(
+            report,
+            leftover,
+            oracle.provisioned(decision),
+            plain_held=dry and not changes and decision.held,
+        )
         if changes or (decision.held and not dry):
             self._check_change_set(report.id, decision, lagging)
         elif dry:
@@ -1166,6 +1309,7 @@ class RosterModel(RuleBasedStateMachine):
         # The oracle decides against the state at the approval's start (jobs may wait).
         lagging = self._lagging()
         decision = oracle.decide(run.source, run.mode, run.records, approval=True, cut=run.cut)
+        leftover = oracle.leftover(run.source)
         if cut is None:
             oracle.drained()
         after = self.h.report(run_id)
@@ -1210,6 +1354,9 @@ class RosterModel(RuleBasedStateMachine):
             self._compare()
             return
         self._check_report(after, decision, dry=False, group_counts=lagging is None and not cut)
+        self._check_leftover(after, leftover, oracle.provisioned(decision), plain_held=False)
+        if leftover:
+            STATS["approvals after jobs failed for good"] += 1
         run.status = decision.status
         self._commit(run.source, decision, cut=cut is not None)
         if cut is not None:
@@ -1335,6 +1482,11 @@ class RosterModel(RuleBasedStateMachine):
             exact += ["groups_created", "groups_removed"]
         got = {k: report.counts.get(k, 0) for k in exact}
         want_counts = {k: d.counts[k] for k in exact}
+        if group_counts and not (d.held or dry):
+            # The limits leave out the groups whose removal an earlier run decided; this
+            # run's drain removes them all the same (no earlier job waits here: the job that
+            # was to failed for good, and this run queued the resync again), and counts them.
+            want_counts["groups_removed"] += d.decided_earlier
         assert got == want_counts, f"{what}: counts: engine {got}, oracle {want_counts}"
         bounded = {
             "users_not_created": d.not_created,

@@ -1149,6 +1149,23 @@ class Oracle:
             built=self.built,
         )
 
+    def provisioned(self, decision: Decision) -> set[str]:
+        """The users (emails) a run's decision creates, links, archives or restores: the
+        rules queue a resync of each."""
+        d0, d1 = self.directory, decision.directory
+        return {e for e, u in d1.users.items() if d0.users.get(e) != u} | {
+            e for key, e in d1.identities.items() if d0.identities.get(key) != e
+        }
+
+    def leftover(self, source: str) -> set[str]:
+        """Archived users (emails) who still own a group of the source and have no resync
+        job waiting: the job that was to release them failed for good. Every run queues
+        them again, with a warning in its report, and its drain removes them from those
+        groups (README: "A run is held when ...")."""
+        d = self.directory
+        owners = {o for (src, _c), g in self.groups().items() if src == source for o in g.owners}
+        return {o for o in owners if d.users[o].status != "active"} - (self.queued or set())
+
     def approval_refusal(self, run_id: int) -> str | None:
         """Why approving this run must be refused, or None."""
         run = self.runs.get(run_id)
@@ -1179,19 +1196,14 @@ class Oracle:
         the members of classes whose students alone changed, which the sync updates
         itself: :attr:`loose`), and the users it provisioned wait in the queue."""
         before = self.groups()
-        touched = {
-            e for e, u in decision.directory.users.items() if self.directory.users.get(e) != u
-        } | {
-            e
-            for key, e in decision.directory.identities.items()
-            if self.directory.identities.get(key) != e
-        }
+        touched = self.provisioned(decision)
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
         self.group_roles = self.config.teacher_roles
-        # An applied run resyncs whoever its changes (and a teacher_roles edit) concern; and
-        # after a live resync it is a full one (live_pending), which re-reads every row the
-        # live resync wrote: the groups are what the mirror says again.
+        # An applied run resyncs whoever its changes (and a teacher_roles edit) concern, and
+        # the archived users still owning groups (:meth:`leftover`); after a live resync it is
+        # a full one (live_pending), which re-reads every row the live resync wrote: the
+        # groups are what the mirror says again.
         self.built = None
         if decision.mode == "full":
             self.live_pending = False
@@ -1227,6 +1239,17 @@ class Oracle:
         fresh = groups(self.mirrors, self.directory, self.config.teacher_roles)
         self.built = rebuild(self.built, fresh, done)
         self.queued -= done
+
+    def jobs_failed(self) -> None:
+        """The queued jobs that have not run (see :meth:`batch_done`) failed for good: they
+        changed nothing, so their users' groups stay as ``built`` holds them, and no job
+        waits any longer. An archived user among them still owns her groups: the next run
+        queues her again (:meth:`leftover`)."""
+        assert self.built is not None and self.queued is not None
+        self.queued = None
+        self.loose = {}
+        if self.built == groups(self.mirrors, self.directory, self.group_roles):
+            self.built = None
 
     def drained(self) -> None:
         """Every queued job ran: the groups are what the mirror says again."""
