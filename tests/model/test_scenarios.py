@@ -12,6 +12,7 @@ import pytest
 
 from rostersync.source.records import RosterClass, RosterOrg, RosterPerson
 from rostersync.store.db import Store
+from rostersync.sync import changes as changeset
 from tests.model.feed import Feed
 from tests.model.harness import Harness, Refs
 from tests.model.machine import STATS, Cut, RosterModel
@@ -324,3 +325,84 @@ def test_another_students_rejected_enrollment_without_its_class_drops_what_went(
     assert set(member_names(m, "c1")) == ({"s1", "s3"} if kept else {"s3"})
     m.sync("full")
     assert set(member_names(m, "c1")) == {"s3"}
+
+
+def owners_of(m: RosterModel, class_id: str) -> list[str]:
+    """The owners of a class's group in the engine's directory."""
+    return next(list(g["owners"]) for g in m.h.groups() if g["external_id"] == class_id)
+
+
+def failed_for_good(model: Model, config: Config) -> RosterModel:
+    """t1 and t2 leave and a run archives them, but the resync jobs that were to take their
+    groups away fail for good: c1 and c2 stay, theirs. (t1 also co-teaches c3 with t3,
+    whose job, queued by the change to c3's teachers, ran: it made c3 t3's alone.) t4
+    teaches c4 and stays."""
+    teachers = {f"t{n}": f"t{n}@example.org" for n in range(1, 5)}
+    feed = school(teachers, {f"c{n}": f"t{n}" for n in range(1, 5)})
+    feed.new_enrollment("c3", "t1", "teacher")
+    m = model(feed, config)
+    m.feed.change("person", "t1", status="tobedeleted")
+    m.feed.change("person", "t2", status="tobedeleted")
+    if config.max_removals < 2:
+        m.sync("full")
+        assert last_status(m) == "held"
+        m._approve(max(m.oracle.runs), None, Cut(0, 1, False, fail=(0, 1)))
+    else:
+        m._sync("full", cut=Cut(0, 1, False, fail=(0, 1)))
+    assert user(m, "t1@example.org")[0] == user(m, "t2@example.org")[0] == "archived"
+    assert owned(m) == {"c1", "c2", "c3", "c4"}
+    assert owners_of(m, "c3") == ["t3@example.org"]
+    assert owners_of(m, "c1") == ["t1@example.org"]
+    assert m.oracle.leftover("mem") == {"t1@example.org", "t2@example.org"}
+    assert STATS["drains with jobs failed for good"] >= 1
+    return m
+
+
+@pytest.mark.parametrize("mode", ["full", "delta"])
+@pytest.mark.parametrize("approved", [False, True], ids=["sync", "approval"])
+def test_groups_whose_jobs_failed_for_good_go_with_the_next_run_not_held(
+    model: Model, mode: str, approved: bool
+) -> None:
+    """The shape of the bug dcdf588 fixed: after the failed jobs, the next run (full or
+    delta, with nothing changed) under a limit of no removal at all queues t1's and t2's
+    resyncs again, says so in its report (the machine checks the warning) and is not held
+    for c1 and c2: its drain removes them. The run after has
+    nothing left to do. Reverting the engine part of dcdf588 holds the run (the machine's
+    status check), or with the limits lifted leaves the groups (its group comparison)."""
+    m = failed_for_good(model, Config(max_removals=0) if approved else Config())
+    m.configure({"max_removals": 0, "max_removal_percent": 20.0, "min_source_ratio": 0.5})
+    spared = STATS["runs not held for the groups of failed jobs"]
+    m.sync(mode)
+    assert last_status(m) == "succeeded"
+    assert STATS["runs not held for the groups of failed jobs"] == spared + 1
+    report = m.h.report(max(m.oracle.runs))
+    assert report.counts["resync_queued"] >= 2, report.counts
+    assert owned(m) == {"c3", "c4"} and owners_of(m, "c3") == ["t3@example.org"]
+    assert m.oracle.built is None and not m.oracle.leftover("mem")
+    m.sync(mode)
+    assert m.h.report(max(m.oracle.runs)).warnings == []
+
+
+def test_a_held_run_after_failed_jobs_lists_their_groups_removed(model: Model) -> None:
+    """After the failed jobs, t4 leaves too, and a run under a limit of no removal is held
+    for t4's archival (and c4) alone, not for c1 and c2. Its change set (compared with the
+    oracle's by the machine) lists c1, c2 and c4 removed, since approving
+    it queues t1's and t2's resyncs again; the approval does just that (the machine compares
+    the change set with what it did)."""
+    m = failed_for_good(model, Config())
+    m.configure({"max_removals": 0, "max_removal_percent": 20.0, "min_source_ratio": 0.5})
+    m.feed.change("person", "t4", status="tobedeleted")
+    m.sync("full")
+    held = max(m.oracle.runs)
+    assert last_status(m) == "held"
+    report = m.h.report(held)
+    assert report.counts["groups_removed"] == 1, report.counts  # c4: not c1 nor c2
+    with m.h.store.read() as conn:
+        stored = changeset.load(conn, held)
+    assert stored is not None
+    groups = {g["class_sourced_id"]: g for g in stored.as_json()["groups"]}
+    assert {k for k, g in groups.items() if g["action"] == "remove"} == {"c1", "c2", "c4"}
+    checked = STATS["change sets checked against approval"]
+    m._approve(held, None)
+    assert STATS["change sets checked against approval"] == checked + 1
+    assert owned(m) == {"c3"} and owners_of(m, "c3") == ["t3@example.org"]
