@@ -103,6 +103,22 @@ class Config:
         return self.schools_include, self.schools_exclude, self.terms_current, self.grace_days
 
     @property
+    def provisioning_key(self) -> tuple[Any, ...]:
+        """The settings that decide who gets a user and how (``provisioning`` and
+        ``license_limit``): a change since the last applied run makes a run count the
+        removals waiting jobs carry out as its own."""
+        return (
+            self.auto_create_users,
+            self.default_role,
+            self.default_site,
+            self.site_map,
+            self.on_teacher_removed,
+            self.teacher_roles,
+            self.email_domains,
+            self.license_limit,
+        )
+
+    @property
     def scoped(self) -> bool:
         return bool(self.schools_include or self.schools_exclude or self.terms_current)
 
@@ -222,6 +238,8 @@ class SourceState:
     #: of those, the ones in scope by school, and the scope they were judged by
     last_kept_counts: dict[str, int] | None = None
     last_scope: tuple[Any, ...] = ()
+    #: Config.provisioning_key of the last applied run
+    provisioning_key: tuple[Any, ...] | None = None
 
 
 @dataclass
@@ -599,12 +617,14 @@ def decide(
     group_roles: Sequence[str],
     cut: ScopeCut | None = None,
     built: Mapping[tuple[str, str], Group] | None = None,
+    waiting: bool = False,
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
     changed since: the groups change with the next applied run). ``built``: the groups the
     directory holds when they are not what the mirror says (after a live resync, or while an
-    earlier run's resync jobs wait)."""
+    earlier run's resync jobs wait). ``waiting``: an earlier run's resync jobs wait (its
+    drain was cut short): ``built`` differs from what the mirror says by what they do."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
@@ -742,14 +762,22 @@ def decide(
     g1 = groups(after, d1, roles)
     mine0 = {k for k in g0 if k[0] == source}
     # The limits count what the run itself removes: a group whose removal an earlier run
-    # decided (it has owners, every one archived) goes whatever this run does: a job of one
-    # of them is still queued, or the run queues their resyncs again (README: "A run is held
-    # when ...").
+    # decided goes whatever this run does (README: "A run is held when ..."): it has owners,
+    # every one archived (a job of one of them is still queued, or the run queues their
+    # resyncs again); or jobs wait and the mirror as the run found it gives the group no
+    # owner (the waiting jobs remove it), unless the provisioning settings changed since.
+    settings_changed = state is not None and state.provisioning_key != config.provisioning_key
+    pending = (
+        set(g0) - set(groups(mirrors, d0, roles)) if waiting and not settings_changed else set()
+    )
     decided = {
         k
         for k in mine0 - set(g1)
         if g0[k].owners
-        and all(d0.users[o].status != "active" for o in g0[k].owners if o in d0.users)
+        and (
+            k in pending
+            or all(d0.users[o].status != "active" for o in g0[k].owners if o in d0.users)
+        )
     }
     removed = len(mine0 - set(g1) - decided)
     counts["groups_removed"] = removed
@@ -1147,6 +1175,7 @@ class Oracle:
             approval=approval,
             group_roles=self.group_roles,
             built=self.built,
+            waiting=self.queued is not None,
         )
 
     def provisioned(self, decision: Decision) -> set[str]:
@@ -1217,6 +1246,7 @@ class Oracle:
             state.last_full_counts = {k: decision.fetched[k] for k in kinds}
             state.last_kept_counts = {k: decision.fetched[k] - decision.ignored[k] for k in kinds}
             state.last_scope = self.config.scope_key
+        state.provisioning_key = self.config.provisioning_key
         if cut:
             m = self.mirrors[source]
             self.built = before

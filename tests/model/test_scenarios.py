@@ -303,6 +303,32 @@ def test_a_run_after_a_drain_cut_short_is_not_held_for_the_removals_before_it(
     assert owned(m) == {"c3"}
 
 
+@pytest.mark.parametrize("mode", ["full", "delta"])
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry run"])
+def test_under_keep_a_run_after_a_drain_cut_short_is_not_held_for_the_removals_before_it(
+    model: Model, mode: str, dry: bool
+) -> None:
+    """Under ``on_teacher_removed: keep`` t1 and t2 leave and keep active accounts; the run's
+    drain is cut short, so c1 and c2 wait for their removal. The next run (or dry run),
+    full or delta, under a limit of no removal, removes nothing itself: it is not held
+    (c19d957: the full run was held for c1 and c2; the model found a delta dry run that
+    the oracle held and the engine did not), and the drain after it removes them."""
+    teachers = {f"t{n}": f"t{n}@example.org" for n in range(1, 4)}
+    m = model(
+        school(teachers, {f"c{n}": f"t{n}" for n in range(1, 4)}),
+        Config(on_teacher_removed="keep"),
+    )
+    m.feed.drop("person", "t1")
+    m.feed.drop("person", "t2")
+    m._sync("full", cut=Cut(0, 1, False))
+    assert user(m, "t1@example.org")[0] == user(m, "t2@example.org")[0] == "active"
+    assert owned(m) == {"c1", "c2", "c3"}  # removals waiting in the queue
+    m.configure({"max_removals": 0, "max_removal_percent": 20.0, "min_source_ratio": 0.5})
+    m._sync(mode, dry=dry)
+    assert last_status(m) == "succeeded"
+    assert owned(m) == {"c3"}  # the waiting jobs ran after it (a dry run's too)
+
+
 @pytest.mark.parametrize(("refs", "kept"), [("user", False), ("neither", True)])
 def test_another_students_rejected_enrollment_without_its_class_drops_what_went(
     model: Model, refs: Refs, kept: bool
