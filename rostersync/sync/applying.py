@@ -381,6 +381,13 @@ class Applier:
                 "resync job failed for good or was removed): their resyncs are queued again, "
                 "to remove them from those groups"
             )
+        failed = provisioning.failed_last(conn, source) - leftover
+        if failed:
+            outcome.warnings.append(
+                f"{len(failed)} users' last resync job failed for good (see queue list): "
+                "their resyncs are queued again"
+            )
+        leftover |= failed
         created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
             merging.refresh_directory_statistics(conn)

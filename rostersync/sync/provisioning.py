@@ -281,6 +281,23 @@ _LEFTOVER_OWNERS = """
 """
 
 
+#: Users linked to the source whose newest resync job failed for good (no job after it):
+#: their groups stay as they were until something resyncs them again.
+_FAILED_LAST = """
+    SELECT DISTINCT j.user_id FROM resync_job j
+    JOIN user_identity i ON i.user_id = j.user_id AND i.source = :src
+    WHERE j.state = 'failed'
+      AND NOT EXISTS (SELECT 1 FROM resync_job k WHERE k.user_id = j.user_id AND k.id > j.id)
+"""
+
+
+def failed_last(conn: Connection, source: str) -> set[int]:
+    """Users of this source whose last resync failed for good (:data:`_FAILED_LAST`): a run
+    queues them again, so that an outage longer than ``resync.max_attempts`` retries does
+    not leave their groups behind for good."""
+    return {uid for (uid,) in conn.execute(text(_FAILED_LAST), {"src": source})}
+
+
 def leftover_owners(conn: Connection, source: str) -> set[int]:
     """Archived users whose groups of this source are still theirs because their resync
     never completed (:data:`_LEFTOVER_OWNERS`): a run queues them again, or the groups of a

@@ -130,13 +130,43 @@ async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_hold
 
     report = await sync(strict, store, roster)
     assert report.status == "succeeded", report.hold_reason
-    assert report.counts["resync_queued"] == 1
-    assert any("archived users still owned groups" in w for w in report.warnings), report.warnings
+    # Ada, and Alan, whose job (his co-taught Computing changed) failed as well.
+    assert report.counts["resync_queued"] == 2
+    assert [w.split(" (")[0] for w in report.warnings] == [
+        "1 archived users still owned groups of this source",
+        "1 users' last resync job failed for good",
+    ]
     assert sorted(groups(store)) == ["c-2"]
     assert groups(store)["c-2"]["owners"] == ["alan.turing@example.org"]
     # Done once: the run after queues nothing and says nothing of it.
     again = await sync(strict, store, roster)
     assert (again.status, again.counts["resync_queued"], again.warnings) == ("succeeded", 0, [])
+
+
+async def test_a_resync_that_failed_for_good_is_queued_again_by_the_next_run(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console was down through every retry of the first load's resyncs: the accounts
+    exist, the groups do not, and the jobs failed for good. Nothing changes in the roster,
+    yet the next run queues those users again (with a warning) and its drain builds their
+    groups; the run after that queues nobody. Before, the groups waited for an operator's
+    `resync` or for a change in each teacher's classes."""
+
+    def console_down(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("console down")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        first = await sync(make_settings(resync={"max_attempts": 1}), store, small_roster())
+    assert first.counts["users_created"] == 2
+    assert groups(store) == {}
+    report = await sync(make_settings(), store, small_roster())
+    assert report.status == "succeeded"
+    assert report.counts["resync_queued"] == 2
+    assert any("2 users' last resync job failed for good" in w for w in report.warnings)
+    assert sorted(groups(store)) == ["c-1", "c-2"]
+    again = await sync(make_settings(), store, small_roster())
+    assert (again.counts["resync_queued"], again.warnings) == (0, [])
 
 
 async def test_an_account_an_import_archives_or_reactivates_has_its_groups_resynced(
