@@ -29,6 +29,20 @@ def _without_alan_and_computing(roster: MemoryRoster) -> MemoryRoster:
     return roster
 
 
+def _without_ada() -> MemoryRoster:
+    """The small roster after Ada (t-1) left: Algebra I (hers alone) loses its teacher and
+    Computing its co-teacher."""
+    roster = small_roster()
+    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    return roster
+
+
+def _console_down(*args: object, **kwargs: object) -> None:
+    """A group writer that fails: the console cannot be written."""
+    raise RuntimeError("console down")
+
+
 def _status(store: Store, run_id: int) -> str:
     with store.read() as conn:
         return str(
@@ -50,9 +64,7 @@ async def test_removals_an_earlier_run_decided_do_not_hold_the_next_run(
     drain still removes it."""
     strict = make_settings(safety={"max_removals": 0})
     await sync(make_settings(), store, small_roster())
-    roster = small_roster()
-    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
-    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    roster = _without_ada()
     first = await sync(make_settings(), store, roster, drain=False)
     assert (first.status, first.counts["users_archived"]) == ("succeeded", 1)
     assert "c-1" in groups(store)  # its removal waits in the queue
@@ -76,9 +88,7 @@ async def test_removals_an_earlier_run_decided_under_keep_do_not_hold_the_next_r
     keep = {"provisioning": {"on_teacher_removed": "keep"}}
     strict = make_settings(**keep, safety={"max_removals": 0})
     await sync(make_settings(**keep), store, small_roster())
-    roster = small_roster()
-    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
-    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    roster = _without_ada()
     first = await sync(make_settings(**keep), store, roster, drain=False)
     assert (first.status, first.counts["users_archived"]) == ("succeeded", 0)
     assert "c-1" in groups(store)  # its removal waits in the queue
@@ -103,17 +113,12 @@ async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_hold
     (within the limits) left it there for good."""
     strict = make_settings(safety={"max_removals": 0})
     await sync(make_settings(), store, small_roster())
-    roster = small_roster()
-    roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
-    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
+    roster = _without_ada()
     first = await sync(make_settings(), store, roster, drain=False)
     assert first.counts["users_archived"] == 1
 
-    def console_down(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("console down")
-
     with monkeypatch.context() as patched:
-        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
         engine = SyncEngine(
             make_settings(resync={"max_attempts": 1, "backoff": 0}),
             store,
@@ -152,11 +157,8 @@ async def test_a_resync_that_failed_for_good_is_queued_again_by_the_next_run(
     groups; the run after that queues nobody. Before, the groups waited for an operator's
     `resync` or for a change in each teacher's classes."""
 
-    def console_down(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("console down")
-
     with monkeypatch.context() as patched:
-        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
         first = await sync(make_settings(resync={"max_attempts": 1}), store, small_roster())
     assert first.counts["users_created"] == 2
     assert groups(store) == {}
