@@ -311,16 +311,18 @@ def queue_resync(
     reason: str,
     run_id: int | None,
     live: bool = False,
+    refresh: bool | None = None,
 ) -> int:
     """Queue one job per user; a user with a queued job keeps that one.
 
     A request without a sync run (``run_id`` None: manual, import) re-reads every member of
-    the user's groups (``refresh``). The kept job takes the newer reason and the newest sync
-    run (whose report its group changes count in); a full re-read or a live one is never
-    downgraded by a sync merging into it.
+    the user's groups (``refresh``; a run asks for it when it queues again users whose last
+    job failed, whose member marks are gone). The kept job takes the newer reason and the
+    newest sync run (whose report its group changes count in); a full re-read or a live one
+    is never downgraded by a sync merging into it.
     """
     now = utcnow()
-    refresh = run_id is None
+    refresh = run_id is None if refresh is None else refresh
     rows = [(uid, live, refresh, reason[:200], run_id, now, now) for uid in sorted(set(user_ids))]
     if not rows:
         return 0

@@ -387,7 +387,6 @@ class Applier:
                 f"{len(failed)} users' last resync job failed for good (see queue list): "
                 "their resyncs are queued again"
             )
-        leftover |= failed
         created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
             merging.refresh_directory_statistics(conn)
@@ -396,6 +395,7 @@ class Applier:
             | plan.touched_users
             | created
             | leftover
+            | failed
         )
         if settings_changed:
             # Group ownership follows the same rules (teacher_roles), for every linked user.
@@ -407,12 +407,17 @@ class Applier:
             raise _RollBack(outcome)
         if not preview:
             queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+            # A failed job's member marks were dropped once nothing waited for them: its
+            # user's groups are re-read whole.
+            queue_resync(conn, failed, reason=f"sync run {run_id}", run_id=run_id, refresh=True)
         members_updated = update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
         if before is not None:
             counts["groups_removed"] = groups_removed
-            outcome.changes = self._preview_changes(conn, ctx, before, plan, resync_users)
+            outcome.changes = self._preview_changes(
+                conn, ctx, before, plan, resync_users, refresh=failed
+            )
             raise _RollBack(outcome)
         counts["groups_updated"] += members_updated
         # Who waits for a seat is known exactly when everyone was decided; a delta run that
@@ -430,10 +435,13 @@ class Applier:
         before: changeset.Snapshot,
         plan: ProvisionPlan,
         resync_users: set[int],
+        *,
+        refresh: set[int],
     ) -> changeset.ChangeSet:
         """A held or dry run, applied but not committed: do what the resync workers would do
         for its users after it (from the mirror, as their jobs would: a user's queued manual
-        or live job re-reads every member), then diff the directory with the snapshot.
+        or live job re-reads every member, and so does the job of one whose last job failed:
+        ``refresh``), then diff the directory with the snapshot.
 
         Jobs an earlier run or command left waiting (a drain cut short) run in the same drain,
         so their users are rebuilt too: their groups are part of what approving does."""
@@ -445,7 +453,7 @@ class Applier:
             conn,
             users,
             teacher_roles=roles,
-            refresh_all=[uid for uid, refresh, live in queued if refresh or live],
+            refresh_all=[uid for uid, whole, live in queued if whole or live] + sorted(refresh),
         )
         notes = []
         if earlier:

@@ -305,21 +305,24 @@ def leftover_owners(conn: Connection, source: str) -> set[int]:
     return {uid for (uid,) in conn.execute(text(_LEFTOVER_OWNERS), {"src": source})}
 
 
-#: Groups of the source one of whose owners has a resync job queued or running.
+#: Groups of the source one of whose owners has a resync job queued or running, or whose
+#: last job failed for good (the run queues it again: :func:`failed_last`).
 _PENDING_OWNED = """
     SELECT DISTINCT o.group_id FROM resync_job j
     JOIN group_owner o ON o.user_id = j.user_id
     JOIN groups g ON g.id = o.group_id
-    WHERE j.state IN ('queued', 'running') AND g.source = :src
+    WHERE g.source = :src AND (j.state IN ('queued', 'running') OR (j.state = 'failed'
+      AND NOT EXISTS (SELECT 1 FROM resync_job k WHERE k.user_id = j.user_id AND k.id > j.id)))
 """
 
 
 def removals_pending(conn: Connection, source: str, teacher_roles: Sequence[str]) -> set[str]:
     """Groups an earlier run or command already decided to remove, whose removal a waiting
-    resync job carries out: an owner has a job queued or running, and the mirror as this run
-    found it gives the group no eligible owner (a teacher who left under ``on_teacher_removed:
-    keep`` keeps an active account, so :data:`_REMOVAL_DECIDED` does not see it, and the
-    drain was cut short). Call it before the run merges anything."""
+    resync job carries out (or the job of an owner whose last one failed for good, which the
+    run queues again): the mirror as this run found it gives the group no eligible owner (a
+    teacher who left under ``on_teacher_removed: keep`` keeps an active account, so
+    :data:`_REMOVAL_DECIDED` does not see it, and the drain was cut short or the job failed).
+    Call it before the run merges anything."""
     gids = {gid for (gid,) in conn.execute(text(_PENDING_OWNED), {"src": source})}
     if not gids:
         return set()
