@@ -472,3 +472,86 @@ async def test_a_live_answer_with_a_rejected_enrollment_keeps_the_teachers_class
     await live_resync(store, settings, live, email="t1@example.org", rejected=rejected)
     assert _enrollment_status(store, "e1") == "active"
     assert groups(store)["c1"]["owners"] == ["t1@example.org"]
+
+
+def _console_down(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("console down")
+
+
+async def _drain_failing(
+    store: Store, make_settings: Callable[..., Settings], roster: MemoryRoster
+) -> None:
+    """Drain the queue while every resync fails at its only attempt (failed for good)."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
+        engine = SyncEngine(
+            make_settings(resync={"max_attempts": 1, "backoff": 0}),
+            store,
+            connectors={"mem": MemoryConnector(roster)},
+        )
+        await engine.drain()
+
+
+async def test_a_failed_jobs_marked_members_are_read_when_the_next_run_queues_it_again(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Resyncs that failed for good are queued again by the next run (8659900) and must
+    leave the groups what the mirror says. A run makes t2 a co-teacher of c1 and enrolls s2
+    there (the class's owners changed: s2 is marked for the resyncs, not written by the
+    sync); t1's and t2's resyncs fail for good. The next run, nothing changed, queues both
+    again: c1 gets t2 as owner, and must get s2 as member. mark_dirty had dropped the marks
+    once no job waited for them: the owners came right, s2 stayed out (fixed in 04d083b:
+    the users are queued to re-read their groups' members whole)."""
+    settings = make_settings()
+    roster = _school()
+    roster.persons.append(RosterPerson("t2", "teacher", "Alan", "Turing", "t2@example.org"))
+    await sync(settings, store, roster)
+    roster.persons.append(RosterPerson("s2", "student", "Stu", "Two", "s2@example.org"))
+    roster.enrollments += [
+        RosterEnrollment("e3", "c1", "t2", "teacher"),
+        RosterEnrollment("e4", "c1", "s2", "student"),
+    ]
+    await sync(settings, store, roster, drain=False)
+    await _drain_failing(store, make_settings, roster)
+    report = await sync(settings, store, roster)
+    assert any("last resync job failed for good" in w for w in report.warnings)
+    assert sorted(groups(store)["c1"]["owners"]) == ["t1@example.org", "t2@example.org"]
+    assert _members(store, "c1") == {"s1", "s2"}
+
+
+async def test_full_and_delta_runs_agree_on_the_removals_of_a_failed_job_they_queue_again(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The safety limits count the removals a run makes itself (README: "A run is held when
+    ..."): a removal an earlier run decided, whose job failed for good and which the run
+    queues again (8659900), is not its own. t1 stops teaching c2 and the resync that was to
+    remove c2 fails for good; under `max_removals: 0` a full dry run was held for c2 and a
+    delta dry run was not (the model found the two disagreeing). Neither is now (04d083b),
+    and the next run removes c2."""
+    roster = _school()
+    day = datetime(2026, 9, 1, tzinfo=UTC)
+    roster.classes.append(RosterClass("c2", "Geometry", date_last_modified=day))
+    roster.enrollments += [
+        RosterEnrollment("e3", "c2", "t1", "teacher", date_last_modified=day),
+        RosterEnrollment("e4", "c2", "s1", "student", date_last_modified=day),
+    ]
+
+    def engine(settings: Settings) -> SyncEngine:
+        return SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster, delta=True)})
+
+    await engine(make_settings()).sync("mem", mode="full")
+    await engine(make_settings()).drain()
+    roster.enrollments[2] = replace(
+        roster.enrollments[2], status="tobedeleted", date_last_modified=day.replace(day=2)
+    )
+    await engine(make_settings()).sync("mem", mode="delta")
+    await _drain_failing(store, make_settings, roster)
+    assert sorted(groups(store)) == ["c1", "c2"]
+    strict = engine(make_settings(safety={"max_removals": 0}))
+    full = await strict.sync("mem", mode="full", dry_run=True)
+    assert (full.mode, full.status) == ("full", "succeeded"), full.hold_reason
+    delta = await strict.sync("mem", mode="delta", dry_run=True)
+    assert (delta.mode, delta.status) == ("delta", "succeeded"), delta.hold_reason
+    await strict.sync("mem", mode="delta")
+    await strict.drain()
+    assert sorted(groups(store)) == ["c1"]
