@@ -270,12 +270,12 @@ _REMOVAL_DECIDED = """
 """
 
 #: Archived users still holding a group of the source from the roster, with no resync job
-#: queued or running: the job that was to release it failed for good (or was lost).
+#: queued or running: the job that was to release it failed for good (or was lost). From the
+#: archived users (the status index), not from the source's groups.
 _LEFTOVER_OWNERS = """
-    SELECT DISTINCT u.id FROM "user" u
-    JOIN group_owner o ON o.user_id = u.id AND o.origin = 'roster'
-    JOIN groups g ON g.id = o.group_id
-    WHERE u.status <> 'active' AND g.source = :src
+    SELECT DISTINCT u.id FROM "user" u CROSS JOIN group_owner o CROSS JOIN groups g
+    WHERE u.status = 'archived' AND o.user_id = u.id AND o.origin = 'roster'
+      AND g.id = o.group_id AND g.source = :src
       AND NOT EXISTS (
         SELECT 1 FROM resync_job j WHERE j.user_id = u.id AND j.state IN ('queued', 'running'))
 """
@@ -306,14 +306,17 @@ def leftover_owners(conn: Connection, source: str) -> set[int]:
 
 
 #: Groups of the source one of whose owners has a resync job queued or running, or whose
-#: last job failed for good (the run queues it again: :func:`failed_last`).
-_PENDING_OWNED = """
-    SELECT DISTINCT o.group_id FROM resync_job j
-    JOIN group_owner o ON o.user_id = j.user_id
-    JOIN groups g ON g.id = o.group_id
-    WHERE g.source = :src AND (j.state IN ('queued', 'running') OR (j.state = 'failed'
-      AND NOT EXISTS (SELECT 1 FROM resync_job k WHERE k.user_id = j.user_id AND k.id > j.id)))
-"""
+#: last job failed for good (the run queues it again: :func:`failed_last`). Each part starts
+#: from the job's state index (CROSS JOIN fixes SQLite's order): from the source's groups it
+#: read every group on every run.
+_OWNED_BY_JOBS = """
+    SELECT o.group_id FROM resync_job j CROSS JOIN group_owner o CROSS JOIN groups g
+    WHERE o.user_id = j.user_id AND g.id = o.group_id AND g.source = :src AND """
+_PENDING_OWNED = (
+    f"{_OWNED_BY_JOBS} j.state IN ('queued', 'running') UNION {_OWNED_BY_JOBS} j.state = "
+    "'failed' AND NOT EXISTS (SELECT 1 FROM resync_job k WHERE k.user_id = j.user_id "
+    "AND k.id > j.id)"
+)
 
 
 def removals_pending(conn: Connection, source: str, teacher_roles: Sequence[str]) -> set[str]:
