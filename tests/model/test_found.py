@@ -29,7 +29,7 @@ from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import load_report
-from tests.sync.helpers import groups, live_resync, snapshot, sync, users
+from tests.sync.helpers import drain_failing, groups, live_resync, snapshot, sync, users
 
 
 def _school() -> MemoryRoster:
@@ -474,24 +474,6 @@ async def test_a_live_answer_with_a_rejected_enrollment_keeps_the_teachers_class
     assert groups(store)["c1"]["owners"] == ["t1@example.org"]
 
 
-def _console_down(*args: object, **kwargs: object) -> None:
-    raise RuntimeError("console down")
-
-
-async def _drain_failing(
-    store: Store, make_settings: Callable[..., Settings], roster: MemoryRoster
-) -> None:
-    """Drain the queue while every resync fails at its only attempt (failed for good)."""
-    with pytest.MonkeyPatch.context() as patched:
-        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
-        engine = SyncEngine(
-            make_settings(resync={"max_attempts": 1, "backoff": 0}),
-            store,
-            connectors={"mem": MemoryConnector(roster)},
-        )
-        await engine.drain()
-
-
 async def test_a_failed_jobs_marked_members_are_read_when_the_next_run_queues_it_again(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
@@ -512,7 +494,7 @@ async def test_a_failed_jobs_marked_members_are_read_when_the_next_run_queues_it
         RosterEnrollment("e4", "c1", "s2", "student"),
     ]
     await sync(settings, store, roster, drain=False)
-    await _drain_failing(store, make_settings, roster)
+    await drain_failing(store, make_settings(resync={"max_attempts": 1}), roster)
     report = await sync(settings, store, roster)
     assert any("last resync job failed for good" in w for w in report.warnings)
     assert sorted(groups(store)["c1"]["owners"]) == ["t1@example.org", "t2@example.org"]
@@ -545,7 +527,7 @@ async def test_full_and_delta_runs_agree_on_the_removals_of_a_failed_job_they_qu
         roster.enrollments[2], status="tobedeleted", date_last_modified=day.replace(day=2)
     )
     await engine(make_settings()).sync("mem", mode="delta")
-    await _drain_failing(store, make_settings, roster)
+    await drain_failing(store, make_settings(resync={"max_attempts": 1}), roster)
     assert sorted(groups(store)) == ["c1", "c2"]
     strict = engine(make_settings(safety={"max_removals": 0}))
     full = await strict.sync("mem", mode="full", dry_run=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from rostersync import directory
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, Rejected, TeacherRef, TeacherRoster
@@ -138,3 +140,17 @@ async def live_resync(
         queue_resync(conn, [user_id(conn, email)], reason="manual", run_id=None, live=True)
     engine = SyncEngine(settings, store, connectors={"mem": _Rejecting(roster, rejected)})
     assert [o for _, o in await engine.process_batch()] == ["succeeded"]
+
+
+def console_down(*args: object, **kwargs: object) -> None:
+    """A group writer that fails: the console cannot be written."""
+    raise RuntimeError("console down")
+
+
+async def drain_failing(store: Store, settings: Settings, roster: MemoryRoster) -> None:
+    """Drain the queue while every resync fails; with ``resync.max_attempts`` 1 in
+    ``settings``, each job fails for good at its only attempt."""
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+        await engine.drain()

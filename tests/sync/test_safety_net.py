@@ -17,7 +17,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
-from tests.sync.helpers import groups, snapshot, sync, users
+from tests.sync.helpers import console_down, drain_failing, groups, snapshot, sync, users
 
 
 def _without_alan_and_computing(roster: MemoryRoster) -> MemoryRoster:
@@ -36,11 +36,6 @@ def _without_ada() -> MemoryRoster:
     roster.persons = [p for p in roster.persons if p.sourced_id != "t-1"]
     roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-1"]
     return roster
-
-
-def _console_down(*args: object, **kwargs: object) -> None:
-    """A group writer that fails: the console cannot be written."""
-    raise RuntimeError("console down")
 
 
 def _status(store: Store, run_id: int) -> str:
@@ -103,7 +98,7 @@ async def test_removals_an_earlier_run_decided_under_keep_do_not_hold_the_next_r
 
 
 async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_holding_it(
-    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+    store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """A run archived Ada and the resync that was to take her groups away failed for good
     (the directory could not be written, max_attempts 1): Algebra I, hers alone, stayed, and
@@ -117,14 +112,7 @@ async def test_groups_a_failed_job_left_are_removed_by_the_next_run_without_hold
     first = await sync(make_settings(), store, roster, drain=False)
     assert first.counts["users_archived"] == 1
 
-    with monkeypatch.context() as patched:
-        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
-        engine = SyncEngine(
-            make_settings(resync={"max_attempts": 1, "backoff": 0}),
-            store,
-            connectors={"mem": MemoryConnector(roster)},
-        )
-        await engine.drain()
+    await drain_failing(store, make_settings(resync={"max_attempts": 1}), roster)
     with store.read() as conn:
         states = conn.execute(
             text("SELECT state FROM resync_job WHERE run_id = :r"), {"r": first.id}
@@ -158,7 +146,7 @@ async def test_a_resync_that_failed_for_good_is_queued_again_by_the_next_run(
     `resync` or for a change in each teacher's classes."""
 
     with monkeypatch.context() as patched:
-        patched.setattr("rostersync.resync.worker.rebuild_groups", _console_down)
+        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
         first = await sync(make_settings(resync={"max_attempts": 1}), store, small_roster())
     assert first.counts["users_created"] == 2
     assert groups(store) == {}
