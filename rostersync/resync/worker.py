@@ -204,6 +204,15 @@ class ResyncWorker:
         if workers == 1:
             await worker()
             return done
+        # The first batch alone: a drain that fits in one batch (a small run's) stays one,
+        # where workers leasing at once split it and two batches could each credit a change
+        # to a group they share.
+        first = await self.process_batch()
+        if not first:
+            return done
+        done += len(first)
+        if on_batch is not None:
+            on_batch(done)
         tasks = [asyncio.create_task(worker()) for _ in range(workers)]
         try:
             await asyncio.gather(*tasks)

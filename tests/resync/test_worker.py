@@ -209,7 +209,8 @@ async def test_a_failing_drain_worker_stops_the_others(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An error out of one worker (not a job's failure, which is recorded) cancels the others
-    and reaches the caller as it was raised."""
+    and reaches the caller as it was raised. (The first batch runs alone, then the workers
+    side by side.)"""
     settings = make_settings(resync={"batch_size": 1, "workers": 3})
     await sync(settings, store, small_roster(), drain=False)
     engine = SyncEngine(settings, store)
@@ -220,6 +221,8 @@ async def test_a_failing_drain_worker_stops_the_others(
         nonlocal calls
         calls += 1
         if calls == 1:
+            return [("a job", "succeeded")]
+        if calls == 2:
             raise RuntimeError("lease failed")
         try:
             await asyncio.sleep(10)
