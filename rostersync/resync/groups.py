@@ -532,13 +532,22 @@ def _read_member_marks(
 def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int], set[int]]:
     """Drop these roster ownerships and remove the groups left without any owner; returns
     the released groups (ids) kept and those removed."""
+    let_go = {g for g, _ in released}
+    if let_go and conn.dialect.name == "postgresql":
+        # Batches run side by side: two releasing the last two owners of one group each saw
+        # the other's ownership (not yet deleted for them) and kept the group, left with no
+        # owner. Locked in id order, the second waits and then sees the first's delete.
+        for chunk in chunks(sorted(let_go)):
+            conn.execute(
+                in_text("SELECT id FROM groups WHERE id IN :ids ORDER BY id FOR UPDATE", "ids"),
+                {"ids": chunk},
+            )
     executemany(
         conn,
         "DELETE FROM group_owner WHERE group_id = ? AND user_id = ? AND origin = 'roster'",
         released,
     )
     # Which released groups still have an owner, in a few IN-list statements, not per group.
-    let_go = {g for g, _ in released}
     kept = ids_in(conn, "SELECT group_id FROM group_owner WHERE group_id IN :ids", let_go)
     removed = let_go - kept
     for chunk in chunks(sorted(removed)):

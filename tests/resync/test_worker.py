@@ -238,6 +238,26 @@ async def test_a_failing_drain_worker_stops_the_others(
 
 
 @pytest.mark.postgres
+async def test_batches_side_by_side_releasing_a_groups_last_owners_remove_it(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Ada and Alan both leave Computing, which they co-teach; their resyncs run in two
+    batches at once. Each batch saw the other's ownership, not yet deleted for it, and kept
+    the group: Computing stayed with no owner (every time, on PostgreSQL). Now the second
+    waits for the first and removes it."""
+    settings = make_settings(resync={"batch_size": 1, "workers": 2})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [e for e in roster.enrollments if e.user_id not in ("t-1", "t-2")]
+    await sync(settings, store, roster, drain=False)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    outcomes = await asyncio.gather(engine.process_batch(), engine.process_batch())
+    assert [o for batch in outcomes for _, o in batch] == ["succeeded", "succeeded"]
+    await engine.drain()
+    assert groups(store) == {}
+
+
+@pytest.mark.postgres
 async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
     pg_store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
