@@ -406,10 +406,11 @@ class Applier:
             counts["groups_removed"] = groups_removed
             raise _RollBack(outcome)
         if not preview:
-            queue_resync(conn, resync_users, reason=f"sync run {run_id}", run_id=run_id)
+            reason = f"sync run {run_id}"
+            queue_resync(conn, resync_users - failed, reason=reason, run_id=run_id)
             # A failed job's member marks were dropped once nothing waited for them: its
             # user's groups are re-read whole.
-            queue_resync(conn, failed, reason=f"sync run {run_id}", run_id=run_id, refresh=True)
+            queue_resync(conn, failed, reason=reason, run_id=run_id, refresh=True)
         members_updated = update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
