@@ -46,6 +46,7 @@ from connectors.oneroster.config import (
 from connectors.oneroster.decode import (
     DecodedPage,
     DecodeError,
+    decode_known,
     decode_page,
     default_workers,
     records_of,
@@ -70,7 +71,7 @@ from rostersync.source.records import (
     TeacherRoster,
 )
 from rostersync.source.retry import RetryPolicy
-from rostersync.source.rows import StagedBatch
+from rostersync.source.rows import KnownSpec, StagedBatch
 
 #: What a full or delta run reads (side by side), with each answer's envelope key.
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")
@@ -137,6 +138,7 @@ class OneRosterConnector:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_broken = False
         self._own_requests = ctx.own_requests
+        self._rows = ctx.rows
         #: why the workers no longer send requests themselves (None while they do)
         self._direct_off: str | None = None
         self._direct_401s = 0
@@ -148,6 +150,9 @@ class OneRosterConnector:
         self.academic_sessions: dict[str, AcademicSession] = {}
         #: what the last fetch forgave, for the run's report (complete once the fetch ends)
         self.warnings: list[str] = []
+        #: set by the engine for a full run: where the decode workers read the mirror's
+        #: fingerprints, to leave out the records it holds as they are (rostersync.sync.known)
+        self.skip_known: KnownSpec | None = None
 
     @property
     def supports_delta(self) -> bool:
@@ -212,11 +217,13 @@ class OneRosterConnector:
                 loop = asyncio.get_running_loop()
                 try:
                     return await loop.run_in_executor(
-                        self._start_pool(), decode_page, key, content, True
+                        self._start_pool(), decode_known, key, content, self.skip_known
                     )
                 except BrokenExecutor as exc:
                     self._pool_failed(exc)
-            return decode_page(key, content)
+            # As fingerprinted rows where the engine takes them, like the workers' pages: the
+            # mirror keeps each record's fingerprint, and the filter knows them by it.
+            return decode_page(key, content, self._rows)
         except DecodeError as exc:
             raise self._unexpected(response, exc) from None
 
@@ -236,6 +243,9 @@ class OneRosterConnector:
         )
 
     def _start_pool(self) -> ProcessPoolExecutor:
+        if self.closed:
+            # Its processes would outlive the connector, and the program would wait for them.
+            raise BrokenExecutor("the connector is closed")
         if self._pool is None:
             preload = ("connectors.oneroster.direct",) if self._own_requests else ()
             self._pool = start_pool(self._workers(), preload=preload)
@@ -294,7 +304,9 @@ class OneRosterConnector:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrency)
         params = {"limit": str(self.config.page_size), "offset": str(offset), **extra}
-        request = DirectRequest(self._spec(), self._url(path), tuple(params.items()), headers, key)
+        request = DirectRequest(
+            self._spec(), self._url(path), tuple(params.items()), headers, key, self.skip_known
+        )
         hooks = self._http.event_hooks
         # The client's hooks (the daemon's request metrics) see the workers' requests too.
         shown = None
@@ -566,8 +578,9 @@ class OneRosterConnector:
         return out
 
     async def aclose(self) -> None:
-        # The engine owns the HTTP client; the decode pool is ours.
+        # The engine owns the HTTP client; the decode pool is ours. Closed first: a page's
+        # task still running (a fetch abandoned by its caller) starts no pool again.
+        self.closed = True
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
-        self.closed = True

@@ -15,17 +15,26 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
-from collections.abc import Sequence
+import sqlite3
+from array import array
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
+import xxhash
 
+from connectors.oneroster import normalize
 from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.daemon import procs
+from rostersync.source import records as _records
+from rostersync.source import rows as _rows
 from rostersync.source.records import RosterRecord
-from rostersync.source.rows import StagedBatch
+from rostersync.source.rows import KnownSpec, StagedBatch
 
 try:
     import fcntl
@@ -76,22 +85,157 @@ def records_of(body: Any, key: str) -> list[Any]:
     return records
 
 
-def decode_records(collection: str, records: list[Any], *, as_rows: bool) -> DecodedPage:
+def decode_records(
+    collection: str, records: list[Any], *, as_rows: bool, fps: Sequence[int] | None = None
+) -> DecodedPage:
     first = records[0].get("sourcedId") if records and isinstance(records[0], dict) else None
+    batch: list[RosterRecord] | StagedBatch
+    if as_rows:
+        batch = staged = rows_page(collection, records, fps)
+        if fps is not None:
+            staged.order[normalize.ROW_BUILDERS[collection][1]] = array("q", fps)
+    else:
+        batch = normalize_page(collection, records)
     return DecodedPage(
-        batch=rows_page(collection, records) if as_rows else normalize_page(collection, records),
+        batch=batch,
         length=len(records),
         first_id=first if isinstance(first, str) and first else None,
     )
 
 
-def decode_page(collection: str, content: bytes, as_rows: bool = False) -> DecodedPage:
-    """Parse one answer of ``/{collection}`` and normalize its records (see DecodedPage)."""
+def decode_page(
+    collection: str, content: bytes, as_rows: bool = False, skip: Collection[int] | None = None
+) -> DecodedPage:
+    """Parse one answer of ``/{collection}`` and normalize its records (see DecodedPage).
+
+    As rows, each record is fingerprinted (:func:`fingerprint`), and a record whose
+    fingerprint is in ``skip`` (the mirror's, rostersync.sync.known) is neither parsed nor
+    normalized: the batch's ``order`` says where it was (see StagedBatch)."""
+    if not as_rows:
+        try:
+            body = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise DecodeError("invalid JSON") from None
+        return decode_records(collection, records_of(body, collection), as_rows=False)
+    raws = split_page(collection, content)
+    fps = array("q", [fingerprint(raw) for raw in raws])
     try:
-        body = orjson.loads(content)
+        if not skip:
+            # Nothing to skip (a first load): one parse of the page is cheaper than one per
+            # record, and yields the same list.
+            records = records_of(orjson.loads(content), collection)
+            return decode_records(collection, records, as_rows=True, fps=fps)
+        order = array("q")
+        kept: list[Any] = []
+        kept_fps: list[int] = []
+        for raw, fp in zip(raws, fps, strict=True):
+            if fp in skip:
+                order.append(~fp)
+            else:
+                order.append(fp)
+                kept.append(orjson.loads(memoryview(raw)))
+                kept_fps.append(fp)
+        head = orjson.loads(memoryview(raws[0])) if raws else None
     except orjson.JSONDecodeError:
         raise DecodeError("invalid JSON") from None
-    return decode_records(collection, records_of(body, collection), as_rows=as_rows)
+    batch = rows_page(collection, kept, kept_fps)
+    kind = normalize.ROW_BUILDERS[collection][1]
+    batch.order[kind] = order
+    batch.skipped[kind] = len(raws) - len(kept)
+    first_id = head.get("sourcedId") if isinstance(head, dict) else None
+    return DecodedPage(
+        batch=batch,
+        length=len(raws),
+        first_id=first_id if isinstance(first_id, str) and first_id else None,
+    )
+
+
+def decode_known(collection: str, content: bytes, known: KnownSpec | None) -> DecodedPage:
+    """:func:`decode_page` as rows in a decode worker, leaving out the records whose
+    fingerprint the mirror holds (``known``: where to read them; None: none left out)."""
+    skip = known_fingerprints(known, normalize.ROW_BUILDERS[collection][1]) if known else None
+    return decode_page(collection, content, True, skip)
+
+
+#: This worker's reads of the mirror's fingerprints, by (spec, kind): one run's only.
+_known: dict[tuple[KnownSpec, str], set[int]] = {}
+
+
+def known_fingerprints(spec: KnownSpec, kind: str) -> set[int]:
+    """The fingerprints the mirror holds for ``kind`` of the spec's source, read once per run
+    and kind by each worker. Anything that fails (the database cannot be opened, a lock held
+    too long) gives none: every record is then normalized and compared in the sync process,
+    slower and as correct."""
+    found = _known.get((spec, kind))
+    if found is None:
+        if any(have != spec for have, _ in _known):
+            _known.clear()  # a new run
+        found = _known[(spec, kind)] = _read_fingerprints(spec, kind)
+    return found
+
+
+def _read_fingerprints(spec: KnownSpec, kind: str) -> set[int]:
+    # From the mirror's fingerprint index alone, joined by the database: one string to split
+    # instead of a row per record.
+    sql = (
+        f"SELECT {{agg}}(CAST(fp AS TEXT), ',') FROM roster_{kind} "
+        f"WHERE source = {{mark}} AND fp IS NOT NULL"
+    )
+    try:
+        if spec.dialect == "sqlite":
+            uri = f"{Path(spec.where).as_uri()}?mode=ro"
+            with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+                cursor = db.execute(sql.format(agg="group_concat", mark="?"), (spec.source,))
+                (joined,) = cursor.fetchone()
+        elif spec.dialect == "postgresql":
+            import psycopg  # only a PostgreSQL store's workers load the driver
+
+            with psycopg.connect(spec.where) as pg:
+                row = pg.execute(sql.format(agg="string_agg", mark="%s"), (spec.source,))
+                (joined,) = row.fetchone() or (None,)
+        else:
+            return set()
+    except Exception:  # none left out: see known_fingerprints
+        return set()
+    return set(map(int, joined.split(","))) if joined else set()
+
+
+_ENVELOPE = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_RECORDS = msgspec.json.Decoder(list[msgspec.Raw] | None)
+
+
+def split_page(collection: str, content: bytes) -> list[msgspec.Raw]:
+    """The page's records as the bytes the server sent, unparsed (``null``: none)."""
+    try:
+        envelope = _ENVELOPE.decode(content)
+        raw = envelope.get(collection)
+        if raw is None:
+            raise DecodeError(f"no {collection!r} list")
+        return _RECORDS.decode(raw) or []
+    except msgspec.ValidationError:
+        raise DecodeError(f"no {collection!r} list") from None
+    except msgspec.DecodeError:
+        raise DecodeError("invalid JSON") from None
+
+
+def _seed() -> int:
+    """The fingerprints' seed: a digest of the code that turns a record into its row. Any
+    change to it (an upgrade) changes every fingerprint, so no mirror row made by the old
+    code is taken for what the new code would make; the next full run normalizes all."""
+    digest = xxhash.xxh3_64()
+    for module in (normalize, _rows, _records):
+        with open(str(module.__file__), "rb") as code:
+            digest.update(code.read())
+    return digest.intdigest()
+
+
+SEED = _seed()
+
+
+def fingerprint(raw: msgspec.Raw | bytes) -> int:
+    """A record's fingerprint: 63 bits of XXH3 of its bytes (a signed 64-bit column holds it;
+    ``~fp`` marks a skipped record)."""
+    return xxhash.xxh3_64_intdigest(raw, SEED) >> 1
 
 
 def default_workers() -> int:

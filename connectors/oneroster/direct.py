@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from connectors.oneroster.auth import OAuth1Signer
-from connectors.oneroster.decode import DecodedPage, DecodeError, decode_page
+from connectors.oneroster.decode import DecodedPage, DecodeError, decode_known
+from rostersync.source.rows import KnownSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,8 @@ class DirectRequest:
     #: Accept, and Authorization for a bearer or OAuth2 token (never shown)
     headers: tuple[tuple[str, str], ...] = field(repr=False)
     collection: str  # the envelope key
+    #: a full run's mirror fingerprints, to leave out the records it holds as they are
+    known: KnownSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,7 @@ def fetch_page(request: DirectRequest) -> DirectAnswer:
     if response.status_code != 200:
         return DirectAnswer(response.status_code, total, link, None, f"HTTP {response.status_code}")
     try:
-        page = decode_page(request.collection, response.content, True)
+        page = decode_known(request.collection, response.content, request.known)
     except DecodeError as exc:
         return DirectAnswer(200, total, link, None, f"unexpected answer: {exc}")
     return DirectAnswer(200, total, link, page)

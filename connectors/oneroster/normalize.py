@@ -23,9 +23,10 @@ without its user or class, an unreadable date or boolean) becomes a
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from functools import lru_cache
+from itertools import repeat
 from typing import Any, TypeVar
 
 from rostersync.source.records import (
@@ -443,17 +444,20 @@ ROW_BUILDERS: dict[str, tuple[str, str, Callable[[dict[str, Any]], Row]]] = {
 _DATE_COLUMN = {kind: COLUMNS[kind].index("date_last_modified") for kind in COLUMNS}
 
 
-def rows_page(collection: str, records: list[Any]) -> StagedBatch:
+def rows_page(collection: str, records: list[Any], fps: Sequence[int] | None = None) -> StagedBatch:
     """Every record of one page as staging rows: what ``rows.sort_batch(normalize_page(...))``
-    gives, rejections and the newest date included, without the record values between."""
+    gives, rejections and the newest date included, without the record values between.
+    ``fps``: each record's fingerprint (decode.fingerprint), the rows' last column; else
+    None there."""
     entity, kind, build = ROW_BUILDERS[collection]
     out = StagedBatch()
     rows = out.rows[kind]
-    for row in _converted(entity, build, records):
+    marks: Iterable[int | None] = repeat(None) if fps is None else fps
+    for row, fp in zip(_converted(entity, build, records), marks, strict=fps is not None):
         if isinstance(row, Rejected):
             out.rejected.append(row)
         else:
-            rows.append(row)
+            rows.append((*row, fp))
     rows = out.rows[kind] = keep_fitting(kind, rows, out.rejected)
     if kind == "class":
         staged = {row[0] for row in rows}

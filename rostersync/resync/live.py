@@ -68,7 +68,7 @@ def apply_teacher_roster(
     for cls in sorted(gone):
         conn.execute(
             text(
-                "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h "
+                "UPDATE roster_enrollment SET status = 'tobedeleted', row_hash = :h, fp = NULL "
                 "WHERE source = :src AND user_id = :t AND class_id = :c AND role = :teacher"
             ),
             {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER, "h": LIVE_HASH},
@@ -198,7 +198,7 @@ def _set_status(conn: Connection, source: str, sourced_id: str, status: str) -> 
     """One mirror enrollment's status, as the live answer says (marked LIVE_HASH)."""
     conn.execute(
         text(
-            "UPDATE roster_enrollment SET status = :status, row_hash = :h "
+            "UPDATE roster_enrollment SET status = :status, row_hash = :h, fp = NULL "
             "WHERE source = :src AND sourced_id = :sid"
         ),
         {"status": status, "h": LIVE_HASH, "src": source, "sid": sourced_id},

@@ -80,6 +80,10 @@ class ConnectorContext:
     #: source's settings (OneRoster's decode workers fetch a large collection's pages). The
     #: engine says no when a test swaps the network through ``http``; so does the default.
     own_requests: bool = False
+    #: The engine takes staging rows (rostersync.source.rows.StagedBatch) as well as records:
+    #: a connector may then yield every page as rows, fingerprinted where it can (see
+    #: rostersync.sync.known). Others (the connector contract's tests) take records.
+    rows: bool = False
 
     @property
     def logger(self) -> Any:

@@ -10,6 +10,7 @@ of CPU; done here, a decode worker does it instead of the process that writes th
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,16 +25,19 @@ from rostersync.source.records import (
     RosterRecord,
 )
 
-#: Column order of the row tuples (``run_id`` is prepended when staging).
+#: Column order of the row tuples (``run_id`` is prepended when staging). ``fp`` is the
+#: fingerprint of the record's bytes where the connector gives one (rows built from record
+#: values have none: None), see rostersync.sync.known.
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "org": ("sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash"),
+    "org": ("sourced_id", "name", "type", "identifier", "parent_id", "status", "date_last_modified", "row_hash", "fp"),
     "person": (
         "sourced_id", "role", "roles", "given_name", "family_name", "email", "username", "enabled",
-        "org_ids", "status", "date_last_modified", "row_hash",
+        "org_ids", "status", "date_last_modified", "row_hash", "fp",
     ),
-    "class": ("sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash"),
+    "class": ("sourced_id", "title", "class_code", "school_id", "status", "date_last_modified", "row_hash", "fp"),
     "enrollment": (
         "sourced_id", "class_id", "user_id", "role", "status", "primary", "date_last_modified", "row_hash",
+        "fp",
     ),
 }  # fmt: skip
 
@@ -113,6 +117,7 @@ def org_tuple(r: RosterOrg) -> Row:
         r.status,
         utc_text(r.date_last_modified),
         r.content_hash(),
+        None,
     )
 
 
@@ -120,7 +125,7 @@ def person_tuple(r: RosterPerson) -> Row:
     email = r.email.strip() if r.email else None
     return (
         r.sourced_id, r.role, r.roles_text, r.given_name, r.family_name, email, r.username, r.enabled,
-        ",".join(r.org_ids), r.status, utc_text(r.date_last_modified), r.content_hash(),
+        ",".join(r.org_ids), r.status, utc_text(r.date_last_modified), r.content_hash(), None,
     )  # fmt: skip
 
 
@@ -133,13 +138,14 @@ def class_tuple(r: RosterClass) -> Row:
         r.status,
         utc_text(r.date_last_modified),
         r.content_hash(),
+        None,
     )
 
 
 def enrollment_tuple(r: RosterEnrollment) -> Row:
     return (
         r.sourced_id, r.class_id, r.user_id, r.role, r.status, r.primary,
-        utc_text(r.date_last_modified), r.content_hash(),
+        utc_text(r.date_last_modified), r.content_hash(), None,
     )  # fmt: skip
 
 
@@ -168,6 +174,17 @@ def enrollment_row(r: RosterEnrollment) -> dict[str, Any]:
     return _as_dict("enrollment", r, enrollment_tuple(r))
 
 
+@dataclass(frozen=True, slots=True)
+class KnownSpec:
+    """Where a connector's decode workers read the fingerprints the mirror holds for a full
+    run's source (rostersync.sync.known): a SQLite file, or a PostgreSQL connection string."""
+
+    dialect: str  # sqlite | postgresql
+    where: str = field(repr=False)  # may hold a password
+    source: str
+    run_id: int  # one run's reads, not another's
+
+
 @dataclass
 class StagedBatch:
     """One batch sorted by table, with the rejections and the newest dateLastModified."""
@@ -180,12 +197,25 @@ class StagedBatch:
     #: the academic sessions of this batch's classes that name any, by class sourcedId (not
     #: staged: the terms rules read them while the run is fetched)
     terms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: per kind, for a page of fingerprinted records: each record's fingerprint in the page's
+    #: order, ``~fp`` (negative) for one left out because the mirror holds it as it is (see
+    #: rostersync.sync.known); its rows carry the fingerprints of the others
+    order: dict[str, array[int]] = field(default_factory=dict)
+    #: per kind, the records left out so (counted as fetched all the same)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(map(len, self.rows.values())) + len(self.rejected)
 
+    def count(self, kind: str) -> int:
+        """Records of ``kind`` fetched: the rows and those left out as known."""
+        return len(self.rows[kind]) + self.skipped.get(kind, 0)
+
     def extend(self, other: StagedBatch) -> None:
-        """Append another batch (a later one: its rows win over these on a repeated id)."""
+        """Append another batch (a later one: its rows win over these on a repeated id). Its
+        ``order`` is dropped: only a batch that left no record out may be joined unfiltered."""
+        if any(other.skipped.values()):
+            raise ValueError("records left out as known must pass the mirror filter first")
         for kind, rows in other.rows.items():
             self.rows[kind].extend(rows)
         self.rejected.extend(other.rejected)

@@ -127,6 +127,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 http,
                 self.log.bind(source=source),
                 own_requests=self.transport is None,
+                rows=True,
             )
             conn = plugin.create(ctx)
             try:

@@ -6,6 +6,7 @@ buffer is full.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -73,43 +74,60 @@ class Fetcher:
             extras.known = known
         fetched: Counter[str] = Counter()
         notes: list[str] = []
+        newest: datetime | None = None
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
         # while a write is under way wait in `buffer` and go in the next write together, so
-        # the fetch never stalls on the database unless the buffer is full.
-        buffer = StagedBatch()
+        # the fetch never stalls on the database unless the buffer is full. They stay apart
+        # until the mirror filter has seen each in turn (a record left out as known is only
+        # a mark in its page's order).
+        buffer: list[StagedBatch] = []
+        buffered = 0
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
-                async for records in connector.fetch(mode, since):
-                    batch = records if isinstance(records, StagedBatch) else sort_batch(records)
-                    if collect is not None and batch.terms:
-                        collect.class_terms.update(batch.terms)
-                    fetched.update(
-                        {
-                            "orgs": len(batch.rows["org"]),
-                            "persons": len(batch.rows["person"]),
-                            "classes": len(batch.rows["class"]),
-                            "enrollments": len(batch.rows["enrollment"]),
-                            "rejected": len(batch.rejected),
-                        }
-                    )
-                    buffer.extend(batch)
-                    if pending is not None:
-                        if not pending.done() and len(buffer) < STAGE_BUFFER_ROWS:
-                            continue
-                        await pending
-                    pending = asyncio.create_task(
-                        asyncio.to_thread(self._stage, run_id, buffer, known)
-                    )
-                    buffer = StagedBatch(newest=buffer.newest)
-                    if self.progress:
-                        self.progress(source, "fetch", dict(fetched))
+                if hasattr(connector, "skip_known"):  # a connector may serve several runs
+                    spec = KnownRows.spec(self.store, source, run_id) if known else None
+                    connector.skip_known = spec
+                # Closed on the way out, whatever ends the loop: its page tasks stop before
+                # the connector closes.
+                batches = connector.fetch(mode, since)
+                async with contextlib.aclosing(batches):  # type: ignore[type-var]
+                    async for records in batches:
+                        batch = records if isinstance(records, StagedBatch) else sort_batch(records)
+                        if collect is not None and batch.terms:
+                            collect.class_terms.update(batch.terms)
+                        fetched.update(
+                            {
+                                "orgs": batch.count("org"),
+                                "persons": batch.count("person"),
+                                "classes": batch.count("class"),
+                                "enrollments": batch.count("enrollment"),
+                                "rejected": len(batch.rejected),
+                            }
+                        )
+                        if batch.newest is not None and (newest is None or batch.newest > newest):
+                            newest = batch.newest
+                        buffer.append(batch)
+                        buffered += len(batch)
+                        if pending is not None:
+                            if not pending.done() and buffered < STAGE_BUFFER_ROWS:
+                                continue
+                            await pending
+                        pending = asyncio.create_task(
+                            asyncio.to_thread(self._stage, run_id, buffer, known)
+                        )
+                        buffer, buffered = [], 0
+                        if self.progress:
+                            self.progress(source, "fetch", dict(fetched))
                 if pending is not None:
                     await pending
-                if len(buffer):
+                if buffer:
                     pending = asyncio.create_task(
                         asyncio.to_thread(self._stage, run_id, buffer, known)
                     )
+                    await pending
+                if known is not None and any(known.reverted.values()):
+                    await asyncio.to_thread(self._revert, run_id, known)
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
                 if collect is not None:
                     collect.sessions = getattr(connector, "academic_sessions", None)
@@ -128,15 +146,23 @@ class Fetcher:
         # because the mirror holds them as they are (rostersync.sync.known).
         unchanged = {"unchanged": sum(known.unchanged.values())} if known is not None else {}
         log.info("fetch_done", warnings=len(notes), **unchanged, **dict(fetched))
-        return dict(fetched), buffer.newest, notes
+        return dict(fetched), newest, notes
 
-    def _stage(self, run_id: int, batch: StagedBatch, known: KnownRows | None = None) -> None:
-        if known is not None:
-            batch = known.filter(batch)
-            if not len(batch):
-                # Nothing left to write: no write transaction, which on SQLite waits for the
-                # database's one write lock (a no-op run at district L stages ~800 batches).
-                return
+    def _revert(self, run_id: int, known: KnownRows) -> None:
+        with self.store.write() as conn:
+            if recovery.still_running(conn, run_id):
+                known.revert(conn, run_id)
+
+    def _stage(
+        self, run_id: int, batches: list[StagedBatch], known: KnownRows | None = None
+    ) -> None:
+        batch = StagedBatch()
+        for part in batches:
+            batch.extend(known.filter(part) if known is not None else part)
+        if known is not None and not len(batch):
+            # Nothing left to write: no write transaction, which on SQLite waits for the
+            # database's one write lock (a no-op run at district L stages ~800 batches).
+            return
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good

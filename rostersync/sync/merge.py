@@ -86,7 +86,9 @@ def merge(
     (``missing``, from :func:`find_changes`; ``in_place``, its changed rows already in the
     mirror, lets SQLite leave their unchanged index entries alone; ``to_write``, all its new
     and changed rows, lets a run that changed little upsert just those instead of comparing
-    every staged row again). Returns rows written per table."""
+    every staged row again). A row staged as the mirror holds it takes its record's
+    fingerprint, so that the next full run leaves the record out. Returns rows written per
+    table (new fingerprints of rows otherwise unchanged not counted)."""
     written: dict[str, int] = {}
     for kind, (mirror, staging, cols) in TABLES.items():
         params = {"src": source, "run": run_id}
@@ -134,6 +136,8 @@ def merge(
             written[kind] += conn.execute(text(sql), params).rowcount or 0
         for index in rebuild:
             conn.execute(CreateIndex(index))
+        if not fresh:
+            _refresh_fingerprints(conn, mirror, staging, params)
         # Delete by id: the ids are known already, and an anti-join over a million-row
         # mirror costs seconds even when nothing is gone.
         for chunk in chunks(sorted(missing.get(kind, ()))):
@@ -142,6 +146,24 @@ def merge(
             ).bindparams(bindparam("ids", expanding=True))
             written[kind] += conn.execute(stmt, {"src": source, "ids": chunk}).rowcount or 0
     return written
+
+
+def _refresh_fingerprints(
+    conn: Connection, mirror: str, staging: str, params: Mapping[str, Any]
+) -> None:
+    """Staged rows equal to their mirror rows whose record's fingerprint the mirror does not
+    hold (rows from before migration 0016 or an upgrade of the normalizer, a record whose
+    bytes changed and its row not): the mirror takes the fingerprint. The upsert left them
+    alone (same hash)."""
+    differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
+    conn.execute(
+        text(
+            f"UPDATE {mirror} AS m SET fp = s.fp FROM {staging} s "
+            f"WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
+            f"AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash AND m.fp {differs} s.fp"
+        ),
+        dict(params),
+    )
 
 
 # -- planner statistics ---------------------------------------------------------------------

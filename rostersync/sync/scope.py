@@ -402,7 +402,7 @@ def _retire(conn: Connection, kind: str, where: str, params: Mapping[str, Any]) 
     if rows:
         conn.execute(
             text(
-                f"UPDATE {table} SET status = 'tobedeleted', row_hash = :h "
+                f"UPDATE {table} SET status = 'tobedeleted', row_hash = :h, fp = NULL "
                 "WHERE run_id = :run AND sourced_id = :s"
             ),
             [{"h": _hash(kind, r), "s": r["sourced_id"], "run": params["run"]} for r in rows],

@@ -7,16 +7,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
-from collections.abc import Collection, Coroutine, Mapping
+from array import array
+from collections import Counter
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import xxhash
 import yaml
 from sqlalchemy import Connection, bindparam, event, text
 
+from connectors.oneroster import decode as decode_worker
+from connectors.oneroster.decode import known_fingerprints
 from rostersync import directory
 from rostersync.config.loader import load_settings_text
 from rostersync.config.models import Provisioning, Settings
@@ -24,16 +29,18 @@ from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
 from rostersync.resync import queue
 from rostersync.resync.queue import LeasedJob
+from rostersync.source.connector import FetchMode
 from rostersync.source.records import (
     STUDENT,
     TEACHER,
     Rejected,
     RosterEnrollment,
     RosterPerson,
+    RosterRecord,
     TeacherRef,
     TeacherRoster,
 )
-from rostersync.source.rows import sort_batch
+from rostersync.source.rows import KnownSpec, StagedBatch, sort_batch
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import metadata
@@ -164,6 +171,9 @@ class Answers:
     refs: tuple[Refs, ...] = ("both",)
 
 
+#: Records the fingerprinting connector left out, since the machine last counted them.
+LEFT_OUT: Counter[str] = Counter()
+
 #: The memory connector's answers, every rejection named.
 PLAIN = Answers()
 
@@ -176,15 +186,51 @@ class FeedConnector(MemoryConnector):
     or leaves its class or its user blank (it may be one of theirs). A rejected record is
     missing from the answer, as from the feed."""
 
-    def __init__(self, feed: Feed, *, answers: Answers = PLAIN, **kwargs: Any) -> None:
+    def __init__(
+        self, feed: Feed, *, answers: Answers = PLAIN, fingerprints: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(feed.roster(), **kwargs)
         self.held_back = dict(feed.rejected)
         self.answers = answers
+        #: yield fingerprinted rows, leaving out those the mirror holds, as the OneRoster
+        #: connector's decode workers do (set by the engine for a full run)
+        self.fingerprints = fingerprints
+        self.skip_known: KnownSpec | None = None
         # Each rejected enrollment's row shape, by its place among them (stable: the feed
         # keeps its rejections in the order it made them).
         held = [sid for kind, sid in self.held_back if kind == "enrollment"]
         refs = answers.refs or ("both",)
         self.row_shape: dict[str, Refs] = {sid: refs[i % len(refs)] for i, sid in enumerate(held)}
+
+    async def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord] | StagedBatch]:
+        decode_worker._known.clear()  # a reset store numbers its runs from 1 again
+        async for records in super().fetch(mode, since):
+            yield self._fingerprinted(records) if self.fingerprints else records
+
+    def _fingerprinted(self, records: Sequence[RosterRecord]) -> StagedBatch:
+        """The batch as a decode worker gives it: each row with its record's fingerprint (of
+        the row's values: the model's records have no bytes), those whose fingerprint the
+        mirror holds left out and marked in the batch's order. The mirror's fingerprints are
+        read as the workers read them (connectors.oneroster.decode.known_fingerprints)."""
+        out = sort_batch(records)
+        for kind, rows in out.rows.items():
+            skip = known_fingerprints(self.skip_known, kind) if self.skip_known else set()
+            order, kept = array("q"), []
+            for row in rows:
+                fp = xxhash.xxh3_64_intdigest(repr(row[:-1]).encode(), decode_worker.SEED) >> 1
+                if fp in skip:
+                    order.append(~fp)
+                else:
+                    order.append(fp)
+                    kept.append((*row[:-1], fp))
+            if rows:
+                out.rows[kind] = kept
+                out.order[kind] = order
+                out.skipped[kind] = len(rows) - len(kept)
+                LEFT_OUT["records left out by fingerprint"] += len(rows) - len(kept)
+        return out
 
     def _rejected(self, kind: str, sid: str) -> Rejected:
         entity = ENTITY[kind]
@@ -300,6 +346,8 @@ class Harness:
         self.store = store
         self.base_dir = str(base_dir)
         self.fault = FaultInjector(store)
+        #: this example's connector fingerprints records (the OneRoster path) or not (CSV)
+        self.fingerprints = False
 
     def reset(self) -> None:
         """Empty every table (the schema and its migrations stay)."""
@@ -330,7 +378,12 @@ class Harness:
         (``resync.max_attempts: 1``); jobs are then leased one per batch, so that no other
         job shares a failing batch's fate."""
         connector = FeedConnector(
-            feed, answers=answers, batch_size=BATCH, fail_after=fail_after, delta=True
+            feed,
+            answers=answers,
+            batch_size=BATCH,
+            fail_after=fail_after,
+            delta=True,
+            fingerprints=self.fingerprints,
         )
         settings = self.settings(config)
         update: dict[str, Any] = {}

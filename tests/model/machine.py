@@ -69,6 +69,7 @@ from tests.model.feed import (
 )
 from tests.model.harness import (
     BATCH,
+    LEFT_OUT,
     NEW_KEYS,
     PLAIN,
     Answers,
@@ -373,6 +374,9 @@ class RosterModel(RuleBasedStateMachine):
         super().__init__()
         self.h = harness
         harness.reset()
+        harness.fingerprints = False
+        STATS.update(LEFT_OUT)
+        LEFT_OUT.clear()
         self.feed = Feed()
         self.oracle = Oracle(Config())
         self.last: Outcome | None = None
@@ -383,9 +387,13 @@ class RosterModel(RuleBasedStateMachine):
 
     # -- set-up --
 
-    @initialize(feed=initial_feeds(), config=configs())
-    def start(self, feed: Feed, config: Config) -> None:
-        """A school's roster and config, and its first full sync."""
+    @initialize(feed=initial_feeds(), config=configs(), fingerprints=st.booleans())
+    def start(self, feed: Feed, config: Config, fingerprints: bool = False) -> None:
+        """A school's roster and config, and its first full sync. ``fingerprints``: the
+        connector fingerprints its records and leaves out those the mirror holds, as the
+        OneRoster connector's decode workers do (else it is like the CSV connector)."""
+        self.h.fingerprints = fingerprints
+        STATS[f"examples with fingerprints {fingerprints}"] += 1
         self.feed = feed
         self.oracle.config = config
         self.oracle.group_roles = config.teacher_roles

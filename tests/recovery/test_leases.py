@@ -236,5 +236,5 @@ def test_a_staging_write_of_a_run_failed_meanwhile_adds_nothing(
     with store.write() as conn:
         assert interrupt_runs(conn, "interrupted: test", run_ids=[run_id]) == [run_id]
     batch = sort_batch(small_roster().records())
-    engine(make_settings(), store)._stage(run_id, batch)
+    engine(make_settings(), store)._stage(run_id, [batch])
     assert staged_rows(store, run_id) == 0

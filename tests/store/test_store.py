@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, select, text
 
 from rostersync.errors import StoreError
-from rostersync.source.records import RosterEnrollment, RosterPerson
+from rostersync.source.records import RosterPerson
 from rostersync.source.rows import StagedBatch, person_tuple, sort_batch
 from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
@@ -462,11 +462,18 @@ def test_upgrade_to_0009_keeps_staged_rows_without_their_key(tmp_path: Path) -> 
         )
     info, staged = _migrate_and_read_staging(store, "0009")
     assert staged == [(3, "e-1", "c-1")]
-    assert {row[1] for row in info} == {c.name for c in STAGING["enrollment"].columns}
+    # every column of the time (0016 added fp)
+    assert {row[1] for row in info} == {c.name for c in STAGING["enrollment"].columns} - {"fp"}
     assert [row[1] for row in info if row[5]] == []  # no primary key column
     assert {row[1] for row in info if row[3]} >= {"run_id", "sourced_id"}  # still NOT NULL
     with store.write() as conn:  # a repeat appended after the upgrade: the later row wins
-        stage(conn, 3, sort_batch([RosterEnrollment("e-1", "c-2", "p-1", "student")]))
+        conn.execute(
+            text(
+                "INSERT INTO staging_enrollment (run_id, sourced_id, class_id, user_id, role, "
+                'status, "primary", row_hash) '
+                "VALUES (3, 'e-1', 'c-2', 'p-1', 'student', 'active', 0, 'h')"
+            )
+        )
     info, staged = _migrate_and_read_staging(store, "0008")
     assert staged == [(3, "e-1", "c-2")]
     assert sorted(row[1] for row in info if row[5]) == ["run_id", "sourced_id"]
@@ -592,9 +599,9 @@ def test_staged_dates_keep_their_instant(store: Store) -> None:
     when = datetime(2026, 3, 1, 8, 30, 15, 250, tzinfo=timezone(timedelta(hours=-5)))
     dated = RosterPerson("p-1", "student", given_name="Ann", date_last_modified=when)
     undated = RosterPerson("p-2", "student", given_name="Bea")
-    assert person_tuple(dated)[-2] == "2026-03-01 13:30:15.000250"
+    assert person_tuple(dated)[-3] == "2026-03-01 13:30:15.000250"
     in_utc = RosterPerson("p-1", "student", date_last_modified=when.astimezone(UTC))
-    assert person_tuple(in_utc)[-2] == "2026-03-01 13:30:15.000250"
+    assert person_tuple(in_utc)[-3] == "2026-03-01 13:30:15.000250"
     with store.write() as conn:
         if store.is_postgres:  # a server whose zone is not UTC must not shift the text
             conn.exec_driver_sql("SET LOCAL TimeZone = 'Asia/Tokyo'")

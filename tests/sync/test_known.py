@@ -5,6 +5,7 @@ every row."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -21,7 +22,7 @@ from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.known import HASH_AT, KnownRows, row_key
+from rostersync.sync.known import FP_AT, HASH_AT, KnownRows, MirrorChangedError, row_key
 from tests.sync.helpers import groups, snapshot, sync, users
 
 
@@ -276,3 +277,120 @@ async def test_the_loaded_keys_are_the_mirrors_across_slices_and_odd_ids(
     # the separator's fallback ran: the odd id was stored and read back
     assert any(k.endswith(f":{odd.sourced_id}") for k in loaded_rows.remaining["person"])
     assert loaded_rows.held == set(COLUMNS)
+
+
+# -- records known by their fingerprints ------------------------------------------------------
+
+
+def with_fp(row: tuple[Any, ...], fp: int) -> tuple[Any, ...]:
+    return (*row[:-1], fp)
+
+
+def page(rows: list[tuple[Any, ...]], marks: list[int]) -> StagedBatch:
+    """A fingerprinted page of persons: ``marks`` in the page's order, ``~fp`` for a record a
+    decode worker left out as known; ``rows`` the others."""
+    batch = StagedBatch()
+    batch.rows["person"] = rows
+    batch.order["person"] = array("q", marks)
+    batch.skipped["person"] = sum(1 for m in marks if m < 0)
+    return batch
+
+
+def fp_loaded(rows: list[tuple[Any, ...]]) -> KnownRows:
+    """A KnownRows as if the mirror held these person rows with their fingerprints."""
+    known = KnownRows("mem")
+    known.remaining_fp["person"] = {r[FP_AT["person"]]: r[0] for r in rows}
+    known.held.add("person")
+    known._loaded.set()
+    return known
+
+
+def fp_rows() -> list[tuple[Any, ...]]:
+    return [with_fp(r, 100 + i) for i, r in enumerate(person_rows(small_roster()))]
+
+
+def test_records_left_out_by_fingerprint_count_as_seen_and_are_not_staged() -> None:
+    rows = fp_rows()
+    known = fp_loaded(rows[1:])
+    new = rows[0]
+    out = known.filter(page([new], [new[-1], *(~r[-1] for r in rows[1:])]))
+    assert out.rows["person"] == [new]
+    assert known.unchanged["person"] == len(rows) - 1
+    assert known.missing("person") == set()
+    assert not any(known.reverted.values())
+    assert page([new], [new[-1], ~rows[1][-1]]).count("person") == 2
+
+
+def test_a_record_whose_fingerprint_the_mirror_lacks_is_staged_and_what_went_is_missing() -> None:
+    rows = fp_rows()
+    known = fp_loaded(rows)
+    changed = with_fp(rows[0], 999)  # its bytes changed: a new fingerprint
+    known.filter(page([changed], [changed[-1], *(~r[-1] for r in rows[2:])]))
+    assert known.staged["person"] == {rows[0][0]}
+    assert known.missing("person") == {rows[1][0]}  # neither sent nor staged
+
+
+def test_a_repeated_id_keeps_its_last_version_across_and_within_pages() -> None:
+    """Staged, then left out as known: the id goes out of staging again (revert), so the
+    mirror's row, equal to the last record, stays. Known, then changed: the change is staged."""
+    rows = fp_rows()
+    first, changed = rows[0], with_fp(rows[0], 999)
+
+    known = fp_loaded(rows)
+    known.filter(page([changed], [changed[-1]]))
+    known.filter(page([], [~first[-1]]))
+    assert known.reverted["person"] == {first[0]}
+    assert first[0] not in known.staged["person"]
+    assert first[0] not in known.missing("person")
+
+    known = fp_loaded(rows)
+    assert known.filter(page([], [~first[-1]])).rows["person"] == []
+    assert known.filter(page([changed], [changed[-1]])).rows["person"] == [changed]
+    assert not known.reverted["person"] and first[0] in known.staged["person"]
+
+    # within one page, the page's order decides
+    known = fp_loaded(rows)
+    out = known.filter(page([changed], [changed[-1], ~first[-1]]))
+    assert out.rows["person"] == [changed] and known.reverted["person"] == {first[0]}
+    known = fp_loaded(rows)
+    out = known.filter(page([changed], [~first[-1], changed[-1]]))
+    assert out.rows["person"] == [changed] and not known.reverted["person"]
+
+    # the same record twice: seen twice, staged never
+    known = fp_loaded(rows)
+    known.filter(page([], [~first[-1], ~first[-1]]))
+    assert known.unchanged["person"] == 2 and not known.staged["person"]
+
+
+async def test_a_reverted_id_leaves_staging(store: Store) -> None:
+    rows = fp_rows()
+    known = fp_loaded(rows)
+    changed = with_fp(rows[0], 999)
+    staged_batch = known.filter(page([changed], [changed[-1]]))
+    known.filter(page([], [~rows[0][-1]]))
+    with store.write() as conn:
+        staging.stage(conn, 5, staged_batch)
+        assert known.revert(conn, 5) == 1
+        left = conn.execute(text("SELECT count(*) FROM staging_person WHERE run_id = 5"))
+        assert left.scalar_one() == 0
+
+
+def test_a_record_left_out_that_the_mirror_does_not_hold_fails_the_filter() -> None:
+    rows = fp_rows()
+    known = fp_loaded(rows)
+    with pytest.raises(MirrorChangedError, match="the mirror changed"):
+        known.filter(page([], [~12345]))
+    first_load = fp_loaded([])
+    first_load.held.clear()
+    with pytest.raises(MirrorChangedError):
+        first_load.filter(page([], [~rows[0][-1]]))
+
+
+def test_rows_from_record_values_are_still_known_by_their_hash() -> None:
+    """A connector without fingerprints (CSV, Google Classroom): rows carry None there and
+    the mirror rows without a fingerprint are matched by hash and id, as before."""
+    rows = person_rows(small_roster())
+    assert all(r[FP_AT["person"]] is None for r in rows)
+    known = loaded({"person": rows})
+    assert known.filter(sort_batch(small_roster().persons)).rows["person"] == []
+    assert known.unchanged["person"] == len(rows)

@@ -1,0 +1,109 @@
+"""Record fingerprints (connectors.oneroster.decode): a page as rows, each carrying the
+fingerprint of its record's bytes; with the mirror's fingerprints, the records it holds are
+left out unparsed, marked in the page's order; and a decode worker reads those fingerprints
+from the store itself (rostersync.sync.known)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from connectors.oneroster import decode
+from connectors.oneroster.decode import DecodeError, decode_page, fingerprint, known_fingerprints
+from connectors.oneroster.normalize import rows_page
+from rostersync.source.rows import KnownSpec
+from rostersync.store.db import Store
+from rostersync.sync.known import KnownRows
+from tests.connectors.test_oneroster_unit import user
+
+
+def body(records: list[Any]) -> bytes:
+    return json.dumps({"users": records}, separators=(",", ":")).encode()
+
+
+def raw_parts(records: list[Any]) -> list[bytes]:
+    return [json.dumps(r, separators=(",", ":")).encode() for r in records]
+
+
+def test_every_row_carries_its_records_fingerprint() -> None:
+    records = [user(1, role="Teacher"), user(2), user(3, role=None), user(4)]
+    out = decode_page("users", body(records), True)
+    fps = [fingerprint(p) for p in raw_parts(records)]
+    rows = out.batch.rows["person"]  # type: ignore[union-attr]
+    assert [r[-1] for r in rows] == [fps[0], fps[1], fps[3]]  # user 3 has no role: rejected
+    assert list(out.batch.order["person"]) == fps  # type: ignore[union-attr]
+    assert [r[:-1] for r in rows] == [r[:-1] for r in rows_page("users", records).rows["person"]]
+    assert len(set(fps)) == 4 and all(0 <= fp < 1 << 63 for fp in fps)
+    assert fingerprint(raw_parts([user(1, role="Teacher")])[0]) == fps[0]  # the bytes alone
+
+
+def test_records_the_mirror_holds_are_left_out_unparsed() -> None:
+    records = [user(1, role="Teacher"), user(2), user(3)]
+    fps = [fingerprint(p) for p in raw_parts(records)]
+    out = decode_page("users", body(records), True, {fps[0], fps[2]})
+    batch = out.batch
+    assert [r[0] for r in batch.rows["person"]] == ["u-002"]  # type: ignore[union-attr]
+    assert list(batch.order["person"]) == [~fps[0], fps[1], ~fps[2]]  # type: ignore[union-attr]
+    assert batch.skipped == {"person": 2} and batch.count("person") == 3  # type: ignore[union-attr]
+    assert out.length == 3 and out.first_id == "u-001"  # read from a record left out
+    # the newest date is of the rows decoded: a record left out is the mirror's, whose date a
+    # run before this one already counted in the source's high-water mark
+    assert batch.newest is not None  # type: ignore[union-attr]
+
+
+def test_a_broken_page_is_refused_whether_or_not_records_are_left_out() -> None:
+    good = raw_parts([user(1)])[0]
+    for skip in (None, {fingerprint(good)}, {123}):
+        with pytest.raises(DecodeError, match="invalid JSON"):
+            decode_page("users", b'{"users":[' + good + b',{"a":tru}]}', True, skip)
+        with pytest.raises(DecodeError, match="no 'users' list"):
+            decode_page("users", b'{"users":5}', True, skip)
+        with pytest.raises(DecodeError, match="no 'users' list"):
+            decode_page("users", b"[1]", True, skip)
+        with pytest.raises(DecodeError, match="no 'users' list"):
+            decode_page("users", b'{"orgs":[]}', True, skip)
+        assert decode_page("users", b'{"users":null}', True, skip).length == 0
+    # bytes no JSON parser takes, inside a record left unparsed by the split: refused when
+    # the record is parsed (it is not known)
+    with pytest.raises(DecodeError, match="invalid JSON"):
+        decode_page("users", b'{"users":[' + good + b',"\xff"]}', True, {fingerprint(good)})
+
+
+def test_the_seed_is_the_normalizers_code() -> None:
+    """A change to the code that turns a record into its row changes every fingerprint, so
+    no mirror row the old code made is taken for what the new code makes."""
+    assert decode._seed() == decode.SEED
+    raw = raw_parts([user(1)])[0]
+    assert fingerprint(raw) != decode.xxhash.xxh3_64_intdigest(raw, decode.SEED + 1) >> 1
+
+
+async def test_a_worker_reads_the_mirrors_fingerprints_from_the_store(store: Store) -> None:
+    with store.write() as conn:
+        for sid, fp, source in [("a", 5, "district"), ("b", None, "district"), ("c", 7, "other")]:
+            conn.execute(
+                text(
+                    "INSERT INTO roster_person (source, sourced_id, role, roles, given_name, "
+                    "family_name, enabled, org_ids, status, row_hash, fp) VALUES (:src, :sid, "
+                    "'student', 'student', '', '', true, '', 'active', 'h', :fp)"
+                ),
+                {"src": source, "sid": sid, "fp": fp},
+            )
+    spec = KnownRows.spec(store, "district", 1)
+    assert spec is not None and spec.dialect == store.engine.url.get_backend_name()
+    assert known_fingerprints(spec, "person") == {5}
+    assert known_fingerprints(spec, "enrollment") == set()
+    assert "secret" not in repr(KnownSpec("postgresql", "postgresql://u:secret@h/db", "s", 1))
+
+
+def test_a_worker_that_cannot_read_the_store_leaves_nothing_out(tmp_path: Path) -> None:
+    for spec in (
+        KnownSpec("sqlite", str(tmp_path / "missing.db"), "district", 1),
+        KnownSpec("postgresql", "postgresql://nobody@127.0.0.1:1/none", "district", 2),
+        KnownSpec("oracle", "x", "district", 3),
+    ):
+        assert known_fingerprints(spec, "person") == set()
+    assert KnownRows.spec(Store("sqlite://"), "district", 1) is None
