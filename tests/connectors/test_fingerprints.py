@@ -107,3 +107,20 @@ def test_a_worker_that_cannot_read_the_store_leaves_nothing_out(tmp_path: Path) 
     ):
         assert known_fingerprints(spec, "person") == set()
     assert KnownRows.spec(Store("sqlite://"), "district", 1) is None
+
+
+async def test_a_closed_connector_starts_no_pool_again() -> None:
+    """A fetch abandoned by its caller may still have a page's task running when the
+    connector closes: it starts no pool whose processes would outlive the connector (the
+    program then waited for them at exit)."""
+    from concurrent.futures import BrokenExecutor
+
+    from tests.connectors.test_oneroster_unit import open_connector
+
+    async with open_connector(decode_workers=1) as c:
+        pool = c._start_pool()
+        assert c._start_pool() is pool
+    assert c.closed and c._pool is None
+    with pytest.raises(BrokenExecutor, match="closed"):
+        c._start_pool()
+    assert c._pool is None

@@ -195,16 +195,17 @@ class Feed:
             dict(self.rejected),
         )
 
-    def revert(self, earlier: Feed) -> None:
+    def revert(self, earlier: Feed, *, exact: bool = False) -> None:
         """Back to an earlier snapshot's records: those changed since are sent again as they
-        were (stamped now, as a source that undoes a change would), those added go."""
+        were (stamped now, as a source that undoes a change would; ``exact``: with their
+        dates, the very records sent before), those added go."""
         for kind in ("org", "person", "class", "enrollment"):
             then, now = earlier.table(kind), self.table(kind)
             for sid in [sid for sid in now if sid not in then]:
                 self.drop(kind, sid)
             for sid, record in then.items():
                 if now.get(sid) != record:
-                    now[sid] = replace(record, date_last_modified=self.tick())
+                    now[sid] = record if exact else replace(record, date_last_modified=self.tick())
         self.rejected = dict(earlier.rejected)
 
     def records(self) -> list[RosterRecord]:

@@ -843,7 +843,7 @@ class RosterModel(RuleBasedStateMachine):
         picks=st.lists(index, min_size=1, max_size=2),
         changes=st.lists(live_changes, min_size=1, max_size=3),
         others=st.lists(roster_changes, max_size=2),
-        revert=st.booleans(),
+        revert=st.sampled_from((False, True, "exact")),
         unnamed=unnamed_entities,
         oneroster=st.sampled_from((False, False, True)),
         refs=row_refs,
@@ -854,7 +854,7 @@ class RosterModel(RuleBasedStateMachine):
         picks: list[int],
         changes: list[tuple[str, int, int]],
         others: list[tuple[Any, ...]],
-        revert: bool,
+        revert: bool | str,
         unnamed: frozenset[str] = frozenset(),
         oneroster: bool = False,
         refs: tuple[Refs, ...] = ("both",),
@@ -865,7 +865,9 @@ class RosterModel(RuleBasedStateMachine):
         groups stay as they were, even where an answer changed a student or a class of
         theirs (``Oracle.built``). With ``revert`` the source then goes back to what the
         last sync saw, so the next full run must undo what the live resync wrote (the shape
-        of the bug 4ccd670 fixed). The answers list the records the connector rejects that
+        of the bug 4ccd670 fixed); ``"exact"``: it sends the records again exactly as before,
+        dates and all (bytes a fingerprint knows), as a source whose live answer showed a
+        change its feed never sent. The answers list the records the connector rejects that
         concern them (``unnamed``: those of these entities without their id); with
         ``oneroster`` they are shaped as the OneRoster connector's (``live:`` ids, active
         records only); else ``refs`` says what each rejected enrollment's row names."""
@@ -925,8 +927,8 @@ class RosterModel(RuleBasedStateMachine):
             STATS["live resyncs leaving groups behind the mirror"] += 1
         self._compare()
         if revert:
-            self._step("live revert")
-            self.feed.revert(before)
+            self._step("live revert" if revert is True else "live exact revert")
+            self.feed.revert(before, exact=revert == "exact")
 
     def _live_change(self, teacher: str, what: str, i: int, j: int) -> None:
         """One change of the source in (or around) a class of ``teacher``: the change a live
