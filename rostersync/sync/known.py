@@ -357,11 +357,11 @@ def _sqlite_fingerprints(cursor: Any, mirror: str, source: str) -> dict[int, str
 
 def _postgresql_keys(cursor: Any, mirror: str, source: str) -> tuple[set[str], dict[int, str]]:
     """PostgreSQL: the :func:`row_key` of rows without a fingerprint, and fingerprint ->
-    sourcedId of those with one (as :func:`_sqlite_fingerprints`: joined by the server,
-    ordered alike, split here without a Python loop)."""
+    sourcedId of those with one (as :func:`_sqlite_fingerprints`: joined by the server, the
+    two aggregates of one pass over the rows and so in one order, split here without a
+    Python loop; an ``ORDER BY`` in each sorted the rows twice, 0.17 s at district M)."""
     cursor.execute(
-        f"SELECT string_agg(CAST(fp AS text), ',' ORDER BY fp, sourced_id), "
-        f"string_agg(sourced_id, chr(31) ORDER BY fp, sourced_id), count(*) "
+        f"SELECT string_agg(CAST(fp AS text), ','), string_agg(sourced_id, chr(31)), count(*) "
         f"FROM {mirror} WHERE source = %s AND fp IS NOT NULL",
         (source,),
     )
