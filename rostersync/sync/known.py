@@ -33,7 +33,10 @@ staged class and enrollment (rostersync.sync.scope), so scoped runs stage everyt
 from __future__ import annotations
 
 import threading
+from array import array
+from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +77,12 @@ class KnownRows:
         self.source = source
         #: :func:`row_key` of mirror rows without a fingerprint not (yet) seen unchanged
         self.remaining: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
-        #: fingerprint -> sourcedId of mirror rows with one, not (yet) seen unchanged
+        #: fingerprint -> sourcedId of mirror rows with one; those seen unchanged leave it
+        #: when the fetch is over (:meth:`_settle`), not one by one: a dict keeps its size
+        #: when entries go, and a second one for those seen doubled the memory at district XL
         self.remaining_fp: dict[str, dict[int, str]] = {kind: {} for kind in COLUMNS}
-        #: fingerprint -> sourcedId of those seen unchanged (a record sent twice)
-        self.seen_fp: dict[str, dict[int, str]] = {kind: {} for kind in COLUMNS}
+        #: fingerprints seen unchanged, in the order seen (a record sent twice: twice)
+        self.seen_fp: dict[str, array[int]] = {kind: array("q") for kind in COLUMNS}
         #: kinds the mirror holds rows of (a first load of a kind stages all of it)
         self.held: set[str] = set()
         #: ids the run staged, for kinds the mirror holds rows of
@@ -167,13 +172,8 @@ class KnownRows:
         if sid not in staged:
             fp = row[FP_AT[kind]]
             if fp is not None:
-                remaining = self.remaining_fp[kind]
-                if remaining.get(fp) == sid:
-                    del remaining[fp]
-                    self.seen_fp[kind][fp] = sid
-                    self.unchanged[kind] += 1
-                    return False
-                if self.seen_fp[kind].get(fp) == sid:  # the same record again
+                if self.remaining_fp[kind].get(fp) == sid:
+                    self.seen_fp[kind].append(fp)
                     self.unchanged[kind] += 1
                     return False
             else:
@@ -202,16 +202,13 @@ class KnownRows:
                     keep.append(row)
                 continue
             fp = ~mark
-            sid = remaining.pop(fp, None)
+            sid = remaining.get(fp)
             if sid is None:
-                sid = seen.get(fp)
-                if sid is None:
-                    raise MirrorChangedError(
-                        f"the mirror changed while the run read it ({kind} record left out "
-                        "by a decode worker is not in it); the next run reads it again"
-                    )
-            else:
-                seen[fp] = sid
+                raise MirrorChangedError(
+                    f"the mirror changed while the run read it ({kind} record left out "
+                    "by a decode worker is not in it); the next run reads it again"
+                )
+            seen.append(fp)
             left_out += 1
             if sid in staged:  # staged before, as it is now last: the mirror's row stays
                 staged.remove(sid)
@@ -233,8 +230,16 @@ class KnownRows:
                 done += conn.execute(stmt, {"run": run_id, "ids": chunk}).rowcount or 0
         return done
 
+    def _settle(self, kind: str) -> None:
+        """The fingerprints seen leave ``remaining_fp`` (once the fetch is over)."""
+        seen = self.seen_fp[kind]
+        if seen:
+            deque(map(self.remaining_fp[kind].pop, seen, repeat(None)), maxlen=0)
+            self.seen_fp[kind] = array("q")
+
     def missing(self, kind: str) -> set[str]:
         """Mirror rows of ``kind`` the run did not see: neither staged nor seen unchanged."""
+        self._settle(kind)
         remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
         if not remaining and not remaining_fp:
             return set()
@@ -251,6 +256,7 @@ class KnownRows:
             if not self.unchanged[kind]:
                 continue
             mirror, staging, cols = TABLES[kind]
+            self._settle(kind)
             remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
             staged = self.staged[kind]
             keys = conn.execute(
