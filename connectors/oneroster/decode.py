@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import operator
 import os
 import sqlite3
 from array import array
-from collections.abc import Collection, Sequence
+from bisect import bisect_left
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -157,11 +160,44 @@ def decode_known(collection: str, content: bytes, known: KnownSpec | None) -> De
     return decode_page(collection, content, True, skip)
 
 
+class Fingerprints:
+    """A set of fingerprints in 8 bytes each: sorted, with the start of each of 65,536
+    buckets of their top bits. A Python set of ints took 117 bytes a fingerprint (151 MiB
+    per worker at district L, 375 MiB at XL); a lookup here is a bisection within a bucket
+    (a few entries), about 0.4 us against 0.05 us."""
+
+    BITS = 16
+    SHIFT = 63 - BITS
+
+    def __init__(self, fps: Iterable[int] = ()) -> None:
+        values = array("q", fps)
+        if not all(map(operator.le, values, islice(values, 1, None))):
+            values = array("q", sorted(values))
+        self._fps = values
+        starts = array("q", (bisect_left(values, b << self.SHIFT) for b in range(1 << self.BITS)))
+        starts.append(len(values))
+        self._starts = starts
+
+    def __contains__(self, fp: object) -> bool:
+        if not isinstance(fp, int) or not 0 <= fp < 1 << 63:
+            return False
+        bucket = fp >> self.SHIFT
+        high = self._starts[bucket + 1]
+        at = bisect_left(self._fps, fp, self._starts[bucket], high)
+        return at < high and self._fps[at] == fp
+
+    def __len__(self) -> int:
+        return len(self._fps)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._fps)
+
+
 #: This worker's reads of the mirror's fingerprints, by (spec, kind): one run's only.
-_known: dict[tuple[KnownSpec, str], set[int]] = {}
+_known: dict[tuple[KnownSpec, str], Fingerprints] = {}
 
 
-def known_fingerprints(spec: KnownSpec, kind: str) -> set[int]:
+def known_fingerprints(spec: KnownSpec, kind: str) -> Fingerprints:
     """The fingerprints the mirror holds for ``kind`` of the spec's source, read once per run
     and kind by each worker. Anything that fails (the database cannot be opened, a lock held
     too long) gives none: every record is then normalized and compared in the sync process,
@@ -170,34 +206,40 @@ def known_fingerprints(spec: KnownSpec, kind: str) -> set[int]:
     if found is None:
         if any(have != spec for have, _ in _known):
             _known.clear()  # a new run
-        found = _known[(spec, kind)] = _read_fingerprints(spec, kind)
+        found = _known[(spec, kind)] = Fingerprints(_read_fingerprints(spec, kind))
     return found
 
 
-def _read_fingerprints(spec: KnownSpec, kind: str) -> set[int]:
-    # From the mirror's fingerprint index alone, joined by the database: one string to split
-    # instead of a row per record.
+def _read_fingerprints(spec: KnownSpec, kind: str) -> Iterator[int]:
+    """From the mirror's fingerprint index alone, in its order (sorted, as the index is),
+    joined by the database a slice of their range at a time: a string to split instead of a
+    row per record, and a few MB of it at once."""
+    mark = "?" if spec.dialect == "sqlite" else "%s"
+    agg = "group_concat" if spec.dialect == "sqlite" else "string_agg"
     sql = (
-        f"SELECT {{agg}}(CAST(fp AS TEXT), ',') FROM roster_{kind} "
-        f"WHERE source = {{mark}} AND fp IS NOT NULL"
+        f"SELECT {agg}(CAST(fp AS TEXT), ',') FROM (SELECT fp FROM roster_{kind} "
+        f"WHERE source = {mark} AND fp BETWEEN {mark} AND {mark} ORDER BY fp) AS f"
     )
+    step = (1 << 63) // 8
+    slices = [(low, min(low + step, 1 << 63) - 1) for low in range(0, 1 << 63, step)]
     try:
         if spec.dialect == "sqlite":
             uri = f"{Path(spec.where).as_uri()}?mode=ro"
             with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
-                cursor = db.execute(sql.format(agg="group_concat", mark="?"), (spec.source,))
-                (joined,) = cursor.fetchone()
+                parts = [db.execute(sql, (spec.source, *bounds)).fetchone()[0] for bounds in slices]
         elif spec.dialect == "postgresql":
             import psycopg  # only a PostgreSQL store's workers load the driver
 
             with psycopg.connect(spec.where) as pg:
-                row = pg.execute(sql.format(agg="string_agg", mark="%s"), (spec.source,))
-                (joined,) = row.fetchone() or (None,)
+                parts = [
+                    (pg.execute(sql, (spec.source, *bounds)).fetchone() or (None,))[0]
+                    for bounds in slices
+                ]
         else:
-            return set()
+            return iter(())
     except Exception:  # none left out: see known_fingerprints
-        return set()
-    return set(map(int, joined.split(","))) if joined else set()
+        return iter(())
+    return chain.from_iterable(map(int, part.split(",")) for part in parts if part)
 
 
 _ENVELOPE = msgspec.json.Decoder(dict[str, msgspec.Raw])
