@@ -122,6 +122,10 @@ def delta_filter(since: datetime, overlap: timedelta) -> str:
     return f"dateLastModified>'{start:%Y-%m-%dT%H:%M:%SZ}'"
 
 
+#: The most decode workers a source gets by default when they send the requests.
+MAX_DEFAULT_WORKERS = 8
+
+
 class OneRosterConnector:
     """See the module docstring."""
 
@@ -231,7 +235,14 @@ class OneRosterConnector:
 
     def _workers(self) -> int:
         workers = self.config.decode_workers
-        return default_workers() if workers is None else workers
+        if workers is not None:
+            return workers
+        if self._own_requests:
+            # A worker has one request in flight: fewer workers than max_concurrency would
+            # leave the rest of the slots idle while a remote server answers (district M with
+            # 20 ms a page: a no-op 4.6 s with two, 3.1 s with four; tests/benchmarks).
+            return max(default_workers(), min(self.config.max_concurrency, MAX_DEFAULT_WORKERS))
+        return default_workers()
 
     def _pool_worth(self, total: int | None) -> bool:
         """A collection of ``total`` records (None: the server does not say) is decoded in

@@ -172,11 +172,12 @@ def aged_roster(scale: Scale, seed: int, ids: str = "serial") -> Any:
 
 def serve(args: argparse.Namespace) -> int:
     """The fake server in this process until SIGTERM; one JSON line on stdout once it listens."""
-    from tests.fakes.oneroster_server import FakeOneRoster
+    from tests.fakes.oneroster_server import FakeOneRoster, Faults
 
     started = time.monotonic()
     roster = aged_roster(SCALES[args.scale], args.seed, args.ids)
-    srv = FakeOneRoster(roster, version=args.version, record_requests=False)
+    faults = Faults(delay=args.latency / 1000)
+    srv = FakeOneRoster(roster, version=args.version, record_requests=False, faults=faults)
     del roster
     with srv:
         stats = json.loads(_http("GET", srv.origin + "/_admin/stats"))
@@ -221,6 +222,8 @@ def server_process(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         str(args.seed),
         "--ids",
         args.ids,
+        "--latency",
+        str(args.latency),
     ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -503,6 +506,7 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
         f"{scale.students:,} students, {scale.classes:,} classes x {scale.students_per_class} "
         f"students; OneRoster {args.version}, page_size {args.page_size}, "
         f"max_concurrency {args.max_concurrency}; {args.ids} sourcedIds; "
+        f"{f'server latency {args.latency:g} ms; ' if args.latency else ''}"
         f"database {_safe(database)}",
         flush=True,
     )
@@ -653,6 +657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for p in (parser, serve_p):
         p.add_argument("--version", choices=["1.1", "1.2"], default="1.1")
+        p.add_argument(
+            "--latency",
+            type=float,
+            default=0.0,
+            help="milliseconds the server waits before each page, as a remote server's "
+            "answers take (the floor waits too)",
+        )
         p.add_argument("--seed", type=int, default=1)
         p.add_argument(
             "--ids",

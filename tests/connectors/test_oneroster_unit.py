@@ -1083,6 +1083,27 @@ def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
         make_config(decode_workers=-1)
 
 
+async def test_workers_that_send_the_requests_fill_the_concurrency_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker has one request in flight: when the workers request the pages, there are by
+    default at least ``max_concurrency`` of them (at most 8); a set ``decode_workers`` and
+    workers that only decode keep their number."""
+    monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
+
+    def workers(own: bool, **overrides: Any) -> int:
+        c = OneRosterConnector(
+            ConnectorContext("d", make_config(**overrides), None, own_requests=own)
+        )  # type: ignore[arg-type]
+        return c._workers()
+
+    assert workers(True) == 4  # max_concurrency's default
+    assert workers(True, max_concurrency=1) == 2  # one a core all the same
+    assert workers(True, max_concurrency=64) == 8
+    assert workers(True, max_concurrency=6, decode_workers=3) == 3
+    assert workers(False, max_concurrency=6) == 2
+
+
 @pytest.mark.parametrize(
     ("records", "total", "pooled"),
     [
