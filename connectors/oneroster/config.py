@@ -139,8 +139,8 @@ class OneRosterSourceConfig(ScopedSourceConfig):
         le=32,
         description="processes that request, parse and normalize a large collection's pages "
         "beside the sync process; 0 does it all in the sync process; default: one per CPU "
-        "core, at most 4, and at least max_concurrency (at most 8): each has one request in "
-        "flight",
+        "core, at most 4; when the server's pages take 40 ms or more to come, at least "
+        "max_concurrency (at most 8): each has one request in flight",
     )
     delta_overlap: Duration = Field(
         default=timedelta(minutes=5),

@@ -24,6 +24,7 @@ after anything but a renewable token's 401 every later page is too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
@@ -124,6 +125,12 @@ def delta_filter(since: datetime, overlap: timedelta) -> str:
 
 #: The most decode workers a source gets by default when they send the requests.
 MAX_DEFAULT_WORKERS = 8
+#: When every page the sync process asked for before the pool starts took this long to come,
+#: the default pool is as large as ``max_concurrency``: its workers would mostly wait. The
+#: fastest page, not the slowest: the benchmark's server on the same machine answered a first
+#: request in 20 ms (the connection, a cold cache) and the next in 4-8 ms, 13-19 ms at
+#: district L while the machine's two cores also ran the sync; there two workers are faster.
+SLOW_PAGE_SECONDS = 0.04
 
 
 class OneRosterConnector:
@@ -145,6 +152,8 @@ class OneRosterConnector:
         self._rows = ctx.rows
         #: why the workers no longer send requests themselves (None while they do)
         self._direct_off: str | None = None
+        #: the shortest time a page the sync process asked for took to come (see _workers)
+        self._fastest_page: float | None = None
         self._direct_401s = 0
         self._client_spec: ClientSpec | None = None
         #: pages the decode workers requested themselves, over the connector's life
@@ -237,10 +246,13 @@ class OneRosterConnector:
         workers = self.config.decode_workers
         if workers is not None:
             return workers
-        if self._own_requests:
-            # A worker has one request in flight: fewer workers than max_concurrency would
-            # leave the rest of the slots idle while a remote server answers (district M with
-            # 20 ms a page: a no-op 4.6 s with two, 3.1 s with four; tests/benchmarks).
+        fastest = self._fastest_page
+        if self._own_requests and fastest is not None and fastest >= SLOW_PAGE_SECONDS:
+            # A worker has one request in flight: fewer workers than max_concurrency leave
+            # the other slots idle while a server far away answers (district M with 50 ms a
+            # page: a no-op 9.4 s with two, 5.4 s with four). A server that answers at once
+            # keeps two busy, and two more processes then cost more than they wait
+            # (tests/benchmarks/README.md).
             return max(default_workers(), min(self.config.max_concurrency, MAX_DEFAULT_WORKERS))
         return default_workers()
 
@@ -259,7 +271,15 @@ class OneRosterConnector:
             raise BrokenExecutor("the connector is closed")
         if self._pool is None:
             preload = ("connectors.oneroster.direct",) if self._own_requests else ()
-            self._pool = start_pool(self._workers(), preload=preload)
+            workers = self._workers()
+            self._pool = start_pool(workers, preload=preload)
+            fastest = self._fastest_page
+            self._log.info(
+                "decode pool started",
+                workers=workers,
+                requests=self._own_requests,
+                fastest_page_ms=None if fastest is None else round(fastest * 1000, 1),
+            )
         return self._pool
 
     def _pool_failed(self, exc: BrokenExecutor) -> None:
@@ -387,6 +407,10 @@ class OneRosterConnector:
             frozenset({404}) if may_be_missing else frozenset()
         )
         response, body = await self._get(path, params, passthrough=passthrough, parse=not rows)
+        with contextlib.suppress(RuntimeError):  # elapsed: once the response was read
+            took = response.elapsed.total_seconds()
+            fastest = self._fastest_page
+            self._fastest_page = took if fastest is None else min(fastest, took)
         if response.status_code == 404 and may_be_missing:
             raise _Missing(path)
         if response.status_code == 400 and "filter" in extra:

@@ -116,11 +116,16 @@ async def test_a_closed_connector_starts_no_pool_again() -> None:
     program then waited for them at exit)."""
     from concurrent.futures import BrokenExecutor
 
+    from structlog.testing import capture_logs
+
     from tests.connectors.test_oneroster_unit import open_connector
 
-    async with open_connector(decode_workers=1) as c:
-        pool = c._start_pool()
-        assert c._start_pool() is pool
+    with capture_logs() as logs:
+        async with open_connector(decode_workers=1) as c:
+            pool = c._start_pool()
+            assert c._start_pool() is pool
+    started = [e for e in logs if e["event"] == "decode pool started"]
+    assert [(e["workers"], e["fastest_page_ms"]) for e in started] == [(1, None)]
     assert c.closed and c._pool is None
     with pytest.raises(BrokenExecutor, match="closed"):
         c._start_pool()

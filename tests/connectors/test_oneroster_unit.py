@@ -1086,22 +1086,36 @@ def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
 async def test_workers_that_send_the_requests_fill_the_concurrency_by_default(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A worker has one request in flight: when the workers request the pages, there are by
-    default at least ``max_concurrency`` of them (at most 8); a set ``decode_workers`` and
-    workers that only decode keep their number."""
+    """A worker has one request in flight: when the workers request the pages from a server
+    whose pages are slow to come, there are by default at least ``max_concurrency`` of them
+    (at most 8); from a server that answers at once, one a core; a set ``decode_workers``
+    and workers that only decode keep their number."""
     monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
 
-    def workers(own: bool, **overrides: Any) -> int:
-        c = OneRosterConnector(
-            ConnectorContext("d", make_config(**overrides), None, own_requests=own)
-        )  # type: ignore[arg-type]
+    def workers(own: bool, fastest: float | None = 0.05, **overrides: Any) -> int:
+        config = make_config(**overrides)
+        ctx = ConnectorContext("d", config, None, own_requests=own)  # type: ignore[arg-type]
+        c = OneRosterConnector(ctx)
+        c._fastest_page = fastest
         return c._workers()
 
     assert workers(True) == 4  # max_concurrency's default
+    assert workers(True, fastest=0.002) == 2  # a server on the same machine
+    assert workers(True, fastest=None) == 2  # no page asked for yet
     assert workers(True, max_concurrency=1) == 2  # one a core all the same
     assert workers(True, max_concurrency=64) == 8
     assert workers(True, max_concurrency=6, decode_workers=3) == 3
     assert workers(False, max_concurrency=6) == 2
+
+
+async def test_the_fastest_page_the_sync_process_asked_for_is_kept() -> None:
+    with respx.mock(assert_all_called=False) as router:
+        router.get(f"{BASE}/users").mock(side_effect=pager([user(1)], "users"))
+        mock_empty(router, "orgs", "classes", "enrollments")
+        async with open_connector(decode_workers=0) as c:
+            assert c._fastest_page is None
+            await fetch_all(c)
+            assert c._fastest_page is not None and c._fastest_page > 0.0
 
 
 @pytest.mark.parametrize(
