@@ -6,10 +6,12 @@ from the store itself (rostersync.sync.known)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import text
 
 from connectors.oneroster import decode
@@ -120,10 +122,15 @@ async def test_a_closed_connector_starts_no_pool_again() -> None:
 
     from tests.connectors.test_oneroster_unit import open_connector
 
-    with capture_logs() as logs:
-        async with open_connector(decode_workers=1) as c:
-            pool = c._start_pool()
-            assert c._start_pool() is pool
+    saved = structlog.get_config()  # info lines reach capture_logs whatever an earlier test set
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        with capture_logs() as logs:
+            async with open_connector(decode_workers=1) as c:
+                pool = c._start_pool()
+                assert c._start_pool() is pool
+    finally:
+        structlog.configure(**saved)
     started = [e for e in logs if e["event"] == "decode pool started"]
     assert [(e["workers"], e["fastest_page_ms"]) for e in started] == [(1, None)]
     assert c.closed and c._pool is None
