@@ -208,7 +208,13 @@ class Applier:
             conn, source, changes.dirty_classes - student_side
         )
         written = merging.merge(
-            conn, source, run_id, changes.missing, changes.in_place, changes.to_write
+            conn,
+            source,
+            run_id,
+            changes.missing,
+            changes.in_place,
+            changes.to_write,
+            refresh_fp=ctx.known is not None,
         )
         merging.refresh_statistics(conn, written)
         members_only = detect.populated_classes(conn, source, student_side)

@@ -81,14 +81,18 @@ def merge(
     missing: Mapping[str, set[str]],
     in_place: Mapping[str, set[str]] | None = None,
     to_write: Mapping[str, set[str]] | None = None,
+    *,
+    refresh_fp: bool = False,
 ) -> dict[str, int]:
     """Upsert changed staged rows into the mirror and sweep what a full run did not see
     (``missing``, from :func:`find_changes`; ``in_place``, its changed rows already in the
     mirror, lets SQLite leave their unchanged index entries alone; ``to_write``, all its new
     and changed rows, lets a run that changed little upsert just those instead of comparing
-    every staged row again). A row staged as the mirror holds it takes its record's
-    fingerprint, so that the next full run leaves the record out. Returns rows written per
-    table (new fingerprints of rows otherwise unchanged not counted)."""
+    every staged row again). ``refresh_fp``: a row staged as the mirror holds it takes its
+    record's fingerprint, so that the next full run leaves the record out (a run that left
+    out known records: the others, scoped runs among them, stage every row, and comparing
+    them all with the mirror again would cost as much as the change detection). Returns rows
+    written per table (new fingerprints of rows otherwise unchanged not counted)."""
     written: dict[str, int] = {}
     for kind, (mirror, staging, cols) in TABLES.items():
         params = {"src": source, "run": run_id}
@@ -136,7 +140,7 @@ def merge(
             written[kind] += conn.execute(text(sql), params).rowcount or 0
         for index in rebuild:
             conn.execute(CreateIndex(index))
-        if not fresh:
+        if refresh_fp and not fresh:
             _refresh_fingerprints(conn, mirror, staging, params)
         # Delete by id: the ids are known already, and an anti-join over a million-row
         # mirror costs seconds even when nothing is gone.

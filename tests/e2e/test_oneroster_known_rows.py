@@ -128,13 +128,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def mirror(store: Store, *, dates: bool = True) -> dict[str, list[tuple[Any, ...]]]:
+def mirror(
+    store: Store, *, dates: bool = True, fps: bool = True
+) -> dict[str, list[tuple[Any, ...]]]:
     """The source's mirror rows of each kind, every column (``date_last_modified`` unless
-    ``dates`` is false), sorted by sourcedId."""
+    ``dates`` is false, ``fp`` unless ``fps`` is false), sorted by sourcedId."""
     out: dict[str, list[tuple[Any, ...]]] = {}
+    skip = {"date_last_modified"} if not dates else set()
+    skip |= {"fp"} if not fps else set()
     with store.read() as conn:
         for kind, table in MIRROR.items():
-            cols = [c for c in table.c if dates or c.name != "date_last_modified"]
+            cols = [c for c in table.c if c.name not in skip]
             rows = conn.execute(select(*cols).where(table.c.source == SOURCE))
             out[kind] = sorted(tuple(_plain(v) for v in row) for row in rows)
     return out
@@ -381,10 +385,12 @@ async def test_a_full_run_after_changes_gives_what_a_fresh_load_gives(
         "person": {changed["removed_person"]},
         "enrollment": removed_enrollments,
     }
-    # The same two runs with every record staged: the same mirror and directory, row for row.
+    # The same two runs with every record staged: the same mirror and directory, row for row
+    # (but for the fingerprints of the rows whose bytes alone changed: a run that leaves out
+    # no known record does not refresh them; see merge.refresh_fp).
     as_before = await run_everything(other, "full")
     assert as_before.status == report.status
-    assert mirror(store) == mirror(everything)
+    assert mirror(store, fps=False) == mirror(everything, fps=False)
     assert directory(store) == directory(everything)
     assert fetched(report) == fetched(as_before)
     everything.dispose()
