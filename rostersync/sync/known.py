@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import threading
 from array import array
-from collections import deque
 from collections.abc import Sequence
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +75,13 @@ class KnownRows:
         self.source = source
         #: :func:`row_key` of mirror rows without a fingerprint not (yet) seen unchanged
         self.remaining: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
-        #: fingerprint -> sourcedId of mirror rows with one; those seen unchanged leave it
-        #: when the fetch is over (:meth:`_settle`), not one by one: a dict keeps its size
-        #: when entries go, and a second one for those seen doubled the memory at district XL
+        #: fingerprint -> sourcedId of mirror rows with one, not (yet) seen unchanged
         self.remaining_fp: dict[str, dict[int, str]] = {kind: {} for kind in COLUMNS}
-        #: fingerprints seen unchanged, in the order seen (a record sent twice: twice)
+        #: those seen unchanged, as two lists (8 bytes an entry each: a dict of them doubled
+        #: the memory of a no-op at district XL), made a dict when a fingerprint comes again
         self.seen_fp: dict[str, array[int]] = {kind: array("q") for kind in COLUMNS}
+        self.seen_sid: dict[str, list[str]] = {kind: [] for kind in COLUMNS}
+        self._seen_map: dict[str, dict[int, str]] = {}
         #: kinds the mirror holds rows of (a first load of a kind stages all of it)
         self.held: set[str] = set()
         #: ids the run staged, for kinds the mirror holds rows of
@@ -172,8 +171,10 @@ class KnownRows:
         if sid not in staged:
             fp = row[FP_AT[kind]]
             if fp is not None:
+                # A row of a record seen before is staged again (rare, and as it is): only a
+                # decode worker's mark looks among those seen.
                 if self.remaining_fp[kind].get(fp) == sid:
-                    self.seen_fp[kind].append(fp)
+                    self._see(kind, fp)
                     self.unchanged[kind] += 1
                     return False
             else:
@@ -192,7 +193,7 @@ class KnownRows:
         order (a fingerprint with no row is a rejected record)."""
         at = FP_AT[kind]
         by_fp = {row[at]: row for row in rows}
-        remaining, seen, staged = self.remaining_fp[kind], self.seen_fp[kind], self.staged[kind]
+        staged = self.staged[kind]
         keep: list[Row] = []
         left_out = 0
         for mark in order:
@@ -201,14 +202,12 @@ class KnownRows:
                 if row is not None and self._stage_row(kind, row):
                     keep.append(row)
                 continue
-            fp = ~mark
-            sid = remaining.get(fp)
+            sid = self._see(kind, ~mark)
             if sid is None:
                 raise MirrorChangedError(
                     f"the mirror changed while the run read it ({kind} record left out "
                     "by a decode worker is not in it); the next run reads it again"
                 )
-            seen.append(fp)
             left_out += 1
             if sid in staged:  # staged before, as it is now last: the mirror's row stays
                 staged.remove(sid)
@@ -230,16 +229,34 @@ class KnownRows:
                 done += conn.execute(stmt, {"run": run_id, "ids": chunk}).rowcount or 0
         return done
 
-    def _settle(self, kind: str) -> None:
-        """The fingerprints seen leave ``remaining_fp`` (once the fetch is over)."""
-        seen = self.seen_fp[kind]
-        if seen:
-            deque(map(self.remaining_fp[kind].pop, seen, repeat(None)), maxlen=0)
-            self.seen_fp[kind] = array("q")
+    def _see(self, kind: str, fp: int) -> str | None:
+        """The id of the mirror row with this fingerprint, which the run has now seen; None
+        if the mirror holds none. Taken out of ``remaining_fp`` at once: the lookup is there
+        anyway, where a pass over all of them when the fetch ends cost 2.2 s at district XL
+        (a random place in a large dict for each)."""
+        sid = self.remaining_fp[kind].pop(fp, None)
+        if sid is None:
+            return self._seen(kind, fp)
+        seen = self._seen_map.get(kind)
+        if seen is None:
+            self.seen_fp[kind].append(fp)
+            self.seen_sid[kind].append(sid)
+        else:
+            seen[fp] = sid
+        return sid
+
+    def _seen(self, kind: str, fp: int) -> str | None:
+        """The id of a fingerprint seen before, if any (a record sent twice: rare)."""
+        seen = self._seen_map.get(kind)
+        if seen is None:
+            seen = self._seen_map[kind] = dict(
+                zip(self.seen_fp[kind], self.seen_sid[kind], strict=True)
+            )
+            self.seen_fp[kind], self.seen_sid[kind] = array("q"), []
+        return seen.get(fp)
 
     def missing(self, kind: str) -> set[str]:
         """Mirror rows of ``kind`` the run did not see: neither staged nor seen unchanged."""
-        self._settle(kind)
         remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
         if not remaining and not remaining_fp:
             return set()
@@ -256,7 +273,6 @@ class KnownRows:
             if not self.unchanged[kind]:
                 continue
             mirror, staging, cols = TABLES[kind]
-            self._settle(kind)
             remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
             staged = self.staged[kind]
             keys = conn.execute(

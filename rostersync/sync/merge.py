@@ -159,6 +159,11 @@ def _refresh_fingerprints(
     hold (rows from before migration 0016 or an upgrade of the normalizer, a record whose
     bytes changed and its row not): the mirror takes the fingerprint. The upsert left them
     alone (same hash)."""
+    staged = text(f"SELECT 1 FROM {staging} WHERE run_id = :run LIMIT 1")
+    if conn.execute(staged, dict(params)).first() is None:
+        # Nothing staged (a kind of a no-op run): SQLite would still walk the mirror table,
+        # the staging key index making it probe staging from each mirror row (0.5 s at XL).
+        return
     differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
     conn.execute(
         text(
