@@ -29,14 +29,14 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import orjson
 
-from connectors.oneroster import decode
+from connectors.oneroster import decode, paging
 from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
 from connectors.oneroster.config import (
     BearerAuth,
@@ -49,7 +49,7 @@ from connectors.oneroster.decode import (
     DecodeError,
     decode_known,
     decode_page,
-    default_workers,
+    pool_size,
     records_of,
     start_pool,
 )
@@ -112,25 +112,6 @@ def build_auth(source: str, config: OneRosterSourceConfig) -> httpx.Auth:
     if isinstance(auth, BearerAuth):
         return BearerToken(auth.token.get_secret_value())
     raise TypeError(f"unknown auth settings {type(auth).__name__}")
-
-
-def delta_filter(since: datetime, overlap: timedelta) -> str:
-    """The OneRoster filter for records changed after ``since - overlap`` (UTC, whole seconds)."""
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=UTC)
-    # Dropping the fraction moves the bound earlier, never later: nothing is missed.
-    start = (since - overlap).astimezone(UTC).replace(microsecond=0)
-    return f"dateLastModified>'{start:%Y-%m-%dT%H:%M:%SZ}'"
-
-
-#: The most decode workers a source gets by default when they send the requests.
-MAX_DEFAULT_WORKERS = 8
-#: When every page the sync process asked for before the pool starts took this long to come,
-#: the default pool is as large as ``max_concurrency``: its workers would mostly wait. The
-#: fastest page, not the slowest: the benchmark's server on the same machine answered a first
-#: request in 20 ms (the connection, a cold cache) and the next in 4-8 ms, 13-19 ms at
-#: district L while the machine's two cores also ran the sync; there two workers are faster.
-SLOW_PAGE_SECONDS = 0.04
 
 
 class OneRosterConnector:
@@ -243,18 +224,10 @@ class OneRosterConnector:
     # -- the decode pool ----------------------------------------------------------------------
 
     def _workers(self) -> int:
-        workers = self.config.decode_workers
-        if workers is not None:
-            return workers
-        fastest = self._fastest_page
-        if self._own_requests and fastest is not None and fastest >= SLOW_PAGE_SECONDS:
-            # A worker has one request in flight: fewer workers than max_concurrency leave
-            # the other slots idle while a server far away answers (district M with 50 ms a
-            # page: a no-op 9.4 s with two, 5.4 s with four). A server that answers at once
-            # keeps two busy, and two more processes then cost more than they wait
-            # (tests/benchmarks/README.md).
-            return max(default_workers(), min(self.config.max_concurrency, MAX_DEFAULT_WORKERS))
-        return default_workers()
+        cfg = self.config
+        return pool_size(
+            cfg.decode_workers, cfg.max_concurrency, self._own_requests, self._fastest_page
+        )
 
     def _pool_worth(self, total: int | None) -> bool:
         """A collection of ``total`` records (None: the server does not say) is decoded in
@@ -518,7 +491,7 @@ class OneRosterConnector:
             self.academic_sessions, self.warnings = await self._sessions()
         extra: dict[str, str] = {}
         if mode is FetchMode.DELTA and since is not None:
-            extra["filter"] = delta_filter(since, self.config.delta_overlap)
+            extra["filter"] = paging.delta_filter(since, self.config.delta_overlap)
         # Bounded: a consumer that stages slowly holds the collections back.
         out: asyncio.Queue[Sequence[RosterRecord] | StagedBatch | BaseException | None]
         out = asyncio.Queue(maxsize=BATCHES_AHEAD)

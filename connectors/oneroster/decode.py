@@ -287,6 +287,33 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+#: The most decode workers a source gets by default when they send the requests.
+MAX_DEFAULT_WORKERS = 8
+#: When every page the sync process asked for before the pool starts took this long to come,
+#: the default pool is as large as ``max_concurrency``: its workers would mostly wait. The
+#: fastest page, not the slowest: the benchmark's server on the same machine answered a first
+#: request in 20 ms (the connection, a cold cache) and the next in 4-8 ms, 13-19 ms at
+#: district L while the machine's two cores also ran the sync; there two workers are faster.
+SLOW_PAGE_SECONDS = 0.04
+
+
+def pool_size(
+    configured: int | None, max_concurrency: int, requests: bool, fastest_page: float | None
+) -> int:
+    """The decode pool's size: ``decode_workers`` if set; else one a core, or, when the
+    workers send the requests and the fastest page so far took ``SLOW_PAGE_SECONDS`` or more,
+    as many as ``max_concurrency`` allows requests (at most ``MAX_DEFAULT_WORKERS``). A
+    worker has one request in flight: with fewer, the other slots sat idle while a server far
+    away answered (district M with 50 ms a page: a no-op 9.4 s with two, 5.4 s with four);
+    from a server that answers at once two are busy, and two more processes cost more than
+    they wait (tests/benchmarks/README.md)."""
+    if configured is not None:
+        return configured
+    if requests and fastest_page is not None and fastest_page >= SLOW_PAGE_SECONDS:
+        return max(default_workers(), min(max_concurrency, MAX_DEFAULT_WORKERS))
+    return default_workers()
+
+
 def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
     """A pool of ``workers`` decode processes; ``preload``: further modules their forkserver
     imports once for all of them (connectors.oneroster.direct, when they will send requests)."""

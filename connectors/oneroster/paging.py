@@ -31,6 +31,7 @@ import bisect
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -241,3 +242,12 @@ async def paginate(
         paginator.record(page)
         yield page
         offset = paginator.next_offset(page)
+
+
+def delta_filter(since: datetime, overlap: timedelta) -> str:
+    """The OneRoster filter for records changed after ``since - overlap`` (UTC, whole seconds)."""
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    # Dropping the fraction moves the bound earlier, never later: nothing is missed.
+    start = (since - overlap).astimezone(UTC).replace(microsecond=0)
+    return f"dateLastModified>'{start:%Y-%m-%dT%H:%M:%SZ}'"

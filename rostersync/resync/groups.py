@@ -14,24 +14,22 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, DateTime, bindparam, text
+from sqlalchemy import Connection, text
 
 from rostersync.resync.groupplan import (
     GroupKey,
-    MemberKey,
-    MemberValues,
     OwnerPair,
     Wanted,
     credit_changes,
     groups_to_create,
     groups_to_refresh,
     groups_to_rename,
-    member_changes,
     owner_changes,
     owners_released,
     wanted_groups,
 )
-from rostersync.store.db import copy_rows, executemany, in_text, utcnow
+from rostersync.resync.members import stamp_updated, sync_member_marks, sync_members
+from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.sync.mirror import ids_in, populated, teacher_role, teacher_role_params
 from rostersync.sync.rules import chunks
 
@@ -68,191 +66,6 @@ def _owners_sql(conn: Connection, teacher_roles: Sequence[str]) -> str:
 
 #: A member's stored email and name, from its person (alias ``sp``): every read of members
 #: says it the same way, or a group's comparison would see a change that is not there.
-_MEMBER_VALUES = """NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), '') AS email,
-        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, '')) AS name"""
-
-#: The members a group should have (alias ``g``): its class's active students, as stored.
-#: A student enrolled twice in one class appears twice (no DISTINCT: sorting a million rows
-#: to drop a rare repeat cost more than letting the insert's ON CONFLICT skip it).
-_DESIRED_MEMBERS = f"""
-    SELECT g.id AS group_id, sp.sourced_id AS sourced_id,
-        {_MEMBER_VALUES}
-    FROM groups g
-    JOIN roster_enrollment se ON se.source = g.source AND se.class_id = g.external_id
-        AND se.role = 'student' AND se.status = 'active'
-    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
-        AND sp.status = 'active'
-    WHERE g.id IN :ids
-"""
-
-
-def _new_members_sql(dialect: str) -> str:
-    """Fill just-created groups. A student enrolled twice in a class must not stop the insert:
-    SQLite skips the repeat on conflict (cheaper than sorting a million rows to drop it);
-    PostgreSQL drops it with DISTINCT ON and inserts plainly, as the groups are new to this
-    transaction: its ON CONFLICT inserts speculatively, which costs more per row."""
-    insert = "INSERT INTO group_member (group_id, sourced_id, email, name) "
-    if dialect == "postgresql":
-        return (
-            f"{insert}SELECT DISTINCT ON (d.group_id, d.sourced_id) d.group_id, d.sourced_id, "
-            f"d.email, d.name FROM ({_DESIRED_MEMBERS}) d"
-        )
-    # WHERE true: SQLite would read ON CONFLICT as part of the SELECT's join.
-    return (
-        f"{insert}SELECT d.group_id, d.sourced_id, d.email, d.name FROM ({_DESIRED_MEMBERS}) d "
-        "WHERE true ON CONFLICT DO NOTHING"
-    )
-
-
-def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> set[int]:
-    """Make these groups' members exactly their classes' active students, inside the database
-    (a district's million member rows never travel through Python). ``new``: the groups were
-    just created, so there is nothing to compare. Returns the groups whose members changed."""
-    changed: set[int] = set()
-    for chunk in chunks(sorted(group_ids)):
-        params = {"ids": chunk}
-        if new:
-            conn.execute(in_text(_new_members_sql(conn.dialect.name), "ids"), params)
-            continue
-        # Existing groups: compare in Python, which beat set-based SQL here (see the
-        # benchmarks README's history).
-        want: dict[MemberKey, MemberValues] = {
-            (g, sid): (email, name)
-            for g, sid, email, name in conn.execute(in_text(_DESIRED_MEMBERS, "ids"), params)
-        }
-        have: dict[MemberKey, MemberValues] = {
-            (g, sid): (email, name)
-            for g, sid, email, name in conn.execute(
-                in_text(
-                    "SELECT group_id, sourced_id, email, name FROM group_member "
-                    "WHERE group_id IN :ids",
-                    "ids",
-                ),
-                params,
-            )
-        }
-        changed |= _apply_member_diff(conn, want, have)
-    return changed
-
-
-_MARKED_MEMBERS = f"""
-    SELECT t.gid, sp.sourced_id, {_MEMBER_VALUES}
-    FROM rs_member_marks t
-    CROSS JOIN roster_enrollment se
-    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
-    WHERE se.source = t.src AND se.user_id = t.person AND se.class_id = t.cls
-      AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
-"""
-
-#: PostgreSQL: probe the enrollment first, in a CTE the planner cannot fold into the join, so
-#: each mark takes the class index's exact (source, class, role, person) entry instead of
-#: walking the enrollment index by person.
-_MARKED_MEMBERS_PG = f"""
-    WITH m AS MATERIALIZED (
-        SELECT t.gid, se.source, se.user_id FROM rs_member_marks t
-        JOIN roster_enrollment se ON se.source = t.src AND se.class_id = t.cls
-            AND se.role = 'student' AND se.user_id = t.person
-        WHERE se.status = 'active'
-    )
-    SELECT m.gid, sp.sourced_id, {_MEMBER_VALUES}
-    FROM m JOIN roster_person sp ON sp.source = m.source AND sp.sourced_id = m.user_id
-    WHERE sp.status = 'active'
-"""
-
-_HELD_MEMBERS = """
-    SELECT gm.group_id, gm.sourced_id, gm.email, gm.name
-    FROM rs_member_marks t
-    CROSS JOIN group_member gm
-    WHERE gm.group_id = t.gid AND gm.sourced_id = t.person
-"""
-
-
-def sync_member_marks(conn: Connection, marks: Sequence[tuple[int, str, str, str]]) -> set[int]:
-    """Re-read single members: ``marks`` are (group id, source, class, person) whose
-    enrollment or person changed; the rest of each group stays as it is. Returns the groups
-    whose members changed.
-
-    The marks go into a temporary table and both reads join it by primary key or index
-    (CROSS JOIN keeps it the outer loop on SQLite): one probe per mark, where reading the
-    marked groups' whole member lists, or a row-value ``IN (VALUES ...)``, scans.
-    """
-    if not marks:
-        return set()
-    temp = "TEMPORARY" if conn.dialect.name == "postgresql" else "TEMP"
-    conn.execute(
-        text(
-            f"CREATE {temp} TABLE IF NOT EXISTS rs_member_marks "
-            "(gid INTEGER, src VARCHAR(64), cls VARCHAR(256), person VARCHAR(256))"
-        )
-    )
-    # Emptied after use below; a failed transaction rolls its own rows back.
-    rows = sorted(set(marks))
-    if conn.dialect.name == "postgresql":
-        # COPY: psycopg's executemany sends a statement per row.
-        copy_rows(conn, "COPY rs_member_marks (gid, src, cls, person) FROM STDIN", rows)
-    else:
-        executemany(
-            conn, "INSERT INTO rs_member_marks (gid, src, cls, person) VALUES (?, ?, ?, ?)", rows
-        )
-    marked = _MARKED_MEMBERS_PG if conn.dialect.name == "postgresql" else _MARKED_MEMBERS
-    want: dict[MemberKey, MemberValues] = {
-        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(marked))
-    }
-    have: dict[MemberKey, MemberValues] = {
-        (gid, sid): (email, name) for gid, sid, email, name in conn.execute(text(_HELD_MEMBERS))
-    }
-    conn.execute(text("DELETE FROM rs_member_marks"))
-    return _apply_member_diff(conn, want, have)
-
-
-def update_members(
-    conn: Connection, source: str, pairs: set[tuple[str, str]], group_of: Mapping[str, int]
-) -> int:
-    """Re-read these (class, person) members of the source's groups (``group_of``: group
-    id by class), stamping the groups that changed; returns how many did."""
-    if not pairs:
-        return 0
-    marks = [(group_of[c], source, c, p) for c, p in pairs if c in group_of]
-    changed = sorted(sync_member_marks(conn, marks))
-    _stamp_updated(conn, changed, utcnow())
-    return len(changed)
-
-
-def _stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
-    """Every group gets the same time, so a statement per 500 ids, not one per group."""
-    stmt = in_text("UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids").bindparams(
-        bindparam("now", type_=DateTime(timezone=True))  # stored as the ORM stores it
-    )
-    for chunk in chunks(sorted(group_ids)):
-        conn.execute(stmt, {"now": now, "ids": chunk})
-
-
-def _apply_member_diff(
-    conn: Connection,
-    want: dict[MemberKey, MemberValues],
-    have: dict[MemberKey, MemberValues],
-) -> set[int]:
-    """Write the difference between members wanted and held; returns the groups changed."""
-    diff = member_changes(want, have)
-    # ON CONFLICT: on PostgreSQL resync batches run side by side, and two that re-read the
-    # members of one co-taught group may add the same student at once. The second waits for
-    # the first and keeps its row (the same values, read from the same mirror), where a plain
-    # INSERT failed the whole batch on the key and retried it after the backoff.
-    executemany(
-        conn,
-        "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT DO NOTHING",
-        [(g, sid, *want[(g, sid)]) for g, sid in diff.added],
-    )
-    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", diff.gone)
-    executemany(
-        conn,
-        "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
-        [(*want[(g, sid)], g, sid) for g, sid in diff.updated],
-    )
-    return diff.groups
-
-
 def _insert_groups(
     conn: Connection, keys: Sequence[GroupKey], names: Mapping[GroupKey, str], now: datetime
 ) -> set[GroupKey]:
@@ -346,7 +159,7 @@ def rebuild_groups(
     # The marks of the classes refreshed (or whose group is gone) have done their job.
     _clear_marks(conn, sorted(refresh | {key_of[g] for g in removed}), marks)
     updated = sorted(touched - created - removed)
-    _stamp_updated(conn, updated, now)
+    stamp_updated(conn, updated, now)
     return credit_changes(
         uids,
         wanted,

@@ -24,7 +24,8 @@ from sqlalchemy import Connection
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
-from rostersync.resync.groups import mark_dirty, rebuild_groups, update_members
+from rostersync.resync.groups import mark_dirty, rebuild_groups
+from rostersync.resync.members import update_members
 from rostersync.resync.queue import pending_users, queue_resync, queued_jobs
 from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow

@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 from connectors.oneroster import PLUGIN, decode
 from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
-from connectors.oneroster.connector import OneRosterConnector, delta_filter
+from connectors.oneroster.connector import OneRosterConnector
 from connectors.oneroster.errors import parse_retry_after
 from connectors.oneroster.normalize import normalize, rows_page
-from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link
+from connectors.oneroster.paging import OffsetPaginator, Page, delta_filter, paginate, parse_link
 from rostersync.errors import (
     DeltaUnsupportedError,
     FatalSourceError,

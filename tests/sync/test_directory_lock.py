@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Connection, text
 
 from rostersync.config.models import Settings
-from rostersync.resync.groups import sync_members
+from rostersync.resync.members import sync_members
 from rostersync.resync.queue import queue_resync
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
