@@ -258,6 +258,8 @@ def split_page(collection: str, content: bytes) -> list[msgspec.Raw]:
         raise DecodeError(f"no {collection!r} list") from None
     except msgspec.DecodeError:
         raise DecodeError("invalid JSON") from None
+    except RecursionError:  # msgspec's answer to a hostile nesting (no record nests deep)
+        raise DecodeError("invalid JSON") from None
 
 
 def _seed() -> int:

@@ -69,6 +69,13 @@ def test_a_broken_page_is_refused_whether_or_not_records_are_left_out() -> None:
         with pytest.raises(DecodeError, match="no 'users' list"):
             decode_page("users", b'{"orgs":[]}', True, skip)
         assert decode_page("users", b'{"users":null}', True, skip).length == 0
+    # nested deeper than any parser goes: refused as the stdlib and orjson refuse it, not a
+    # RecursionError out of the split (a failed run's traceback)
+    for depth in (1_000, 1_000_000):
+        hostile = b'{"users":[' + b"[" * depth + b"]" * depth + b"]}"
+        for skip in (None, {fingerprint(good)}):
+            with pytest.raises(DecodeError, match="invalid JSON"):
+                decode_page("users", hostile, True, skip)
     # bytes no JSON parser takes, inside a record left unparsed by the split: refused when
     # the record is parsed (it is not known)
     with pytest.raises(DecodeError, match="invalid JSON"):
