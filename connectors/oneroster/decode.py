@@ -37,7 +37,7 @@ from rostersync.daemon import procs
 from rostersync.source import records as _records
 from rostersync.source import rows as _rows
 from rostersync.source.records import RosterRecord
-from rostersync.source.rows import KnownSpec, StagedBatch
+from rostersync.source.rows import FP_LIMIT, KnownSpec, StagedBatch, fp_slices
 
 try:
     import fcntl
@@ -179,7 +179,7 @@ class Fingerprints:
         self._starts = starts
 
     def __contains__(self, fp: object) -> bool:
-        if not isinstance(fp, int) or not 0 <= fp < 1 << 63:
+        if not isinstance(fp, int) or not 0 <= fp < FP_LIMIT:
             return False
         bucket = fp >> self.SHIFT
         high = self._starts[bucket + 1]
@@ -220,8 +220,7 @@ def _read_fingerprints(spec: KnownSpec, kind: str) -> Iterator[int]:
         f"SELECT {agg}(CAST(fp AS TEXT), ',') FROM (SELECT fp FROM roster_{kind} "
         f"WHERE source = {mark} AND fp BETWEEN {mark} AND {mark} ORDER BY fp) AS f"
     )
-    step = (1 << 63) // 8
-    slices = [(low, min(low + step, 1 << 63) - 1) for low in range(0, 1 << 63, step)]
+    slices = fp_slices()
     try:
         if spec.dialect == "sqlite":
             uri = f"{Path(spec.where).as_uri()}?mode=ro"

@@ -174,6 +174,19 @@ def enrollment_row(r: RosterEnrollment) -> dict[str, Any]:
     return _as_dict("enrollment", r, enrollment_tuple(r))
 
 
+#: Fingerprints are 63-bit (a signed 64-bit column holds them; ``~fp`` marks one left out).
+FP_LIMIT = 1 << 63
+#: The mirror's fingerprints are read in this many slices of their range: a slice's joined
+#: fingerprints and ids are a few MB at district XL, the whole range's a large transient.
+FP_SLICES = 8
+
+
+def fp_slices() -> list[tuple[int, int]]:
+    """The inclusive bounds of each slice of the fingerprints' range, in order."""
+    step = FP_LIMIT // FP_SLICES
+    return [(low, min(low + step, FP_LIMIT) - 1) for low in range(0, FP_LIMIT, step)]
+
+
 @dataclass(frozen=True, slots=True)
 class KnownSpec:
     """Where a connector's decode workers read the fingerprints the mirror holds for a full

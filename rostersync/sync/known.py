@@ -40,7 +40,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
-from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch
+from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch, fp_slices
 from rostersync.store.db import Store
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
@@ -344,20 +344,14 @@ def _sqlite_keys(cursor: Any, mirror: str, source: str) -> set[str]:
     return keys
 
 
-#: The fingerprints are read in this many slices of their range (a slice's joined ids are a
-#: few MB at district XL).
-FP_SLICES = 8
-
-
 def _sqlite_fingerprints(cursor: Any, mirror: str, source: str) -> dict[int, str]:
     """fingerprint -> sourcedId of every row of ``source`` in ``mirror`` that has one, from the
     fingerprint index alone. Each slice comes as two joined strings (the fingerprints, the
     ids, aggregated in one pass and so in one order) turned into the dict without a Python
     loop: this runs beside the fetch, whose event loop waits for the interpreter lock."""
     out: dict[int, str] = {}
-    step = (1 << 63) // FP_SLICES
-    for low in range(0, 1 << 63, step):
-        bounds = (source, low, min(low + step, 1 << 63) - 1)  # a signed 64-bit integer
+    for low, high in fp_slices():
+        bounds = (source, low, high)
         fps, ids, count = cursor.execute(
             f"SELECT group_concat(fp, ','), group_concat(sourced_id, ?), count(*) FROM {mirror} "
             "WHERE source = ? AND fp BETWEEN ? AND ?",

@@ -163,3 +163,12 @@ def test_the_workers_fingerprint_set_answers_as_a_set_does() -> None:
         assert [p in fps for p in probes] == [p in values for p in probes]
     assert -1 not in fps and 1 << 63 not in fps and "5" not in fps
     assert len(Fingerprints()) == 0 and 0 not in Fingerprints()
+
+
+def test_the_fingerprint_slices_cover_the_range_once() -> None:
+    from rostersync.source.rows import FP_LIMIT, FP_SLICES, fp_slices
+
+    slices = fp_slices()
+    assert len(slices) == FP_SLICES and slices[0][0] == 0 and slices[-1][1] == FP_LIMIT - 1
+    assert all(high + 1 == low for (_, high), (low, _) in zip(slices, slices[1:], strict=False))
+    assert FP_LIMIT - 1 < 1 << 63  # a signed 64-bit column holds every bound
