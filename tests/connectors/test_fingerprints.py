@@ -166,9 +166,11 @@ def test_the_workers_fingerprint_set_answers_as_a_set_does() -> None:
 
 
 def test_the_fingerprint_slices_cover_the_range_once() -> None:
+    from itertools import pairwise
+
     from rostersync.source.rows import FP_LIMIT, FP_SLICES, fp_slices
 
     slices = fp_slices()
     assert len(slices) == FP_SLICES and slices[0][0] == 0 and slices[-1][1] == FP_LIMIT - 1
-    assert all(high + 1 == low for (_, high), (low, _) in zip(slices, slices[1:], strict=False))
+    assert all(high + 1 == low for (_, high), (low, _) in pairwise(slices))
     assert FP_LIMIT - 1 < 1 << 63  # a signed 64-bit column holds every bound
