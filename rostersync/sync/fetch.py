@@ -28,6 +28,11 @@ from rostersync.sync.staging import StagedBatch, sort_batch, stage
 
 #: Rows a fetch may hold back while a staging write is under way before it waits for it.
 STAGE_BUFFER_ROWS = 50_000
+#: Rows to stage, at least, in one write before the fetch's last: a full run that left out
+#: the records the mirror holds has a few changed rows from most pages, and a write
+#: transaction for each cost more (its statements waiting on the busy event loop for the
+#: interpreter lock) than the rows (tests/benchmarks/README.md).
+STAGE_MIN_ROWS = 5_000
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Fetcher:
         # a mark in its page's order).
         buffer: list[StagedBatch] = []
         buffered = 0
+        held = StagedBatch()  # filtered rows waiting for more (see STAGE_MIN_ROWS)
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
@@ -114,16 +120,16 @@ class Fetcher:
                                 continue
                             await pending
                         pending = asyncio.create_task(
-                            asyncio.to_thread(self._stage, run_id, buffer, known)
+                            asyncio.to_thread(self._stage, run_id, buffer, known, held)
                         )
                         buffer, buffered = [], 0
                         if self.progress:
                             self.progress(source, "fetch", dict(fetched))
                 if pending is not None:
                     await pending
-                if buffer:
+                if buffer or len(held):
                     pending = asyncio.create_task(
-                        asyncio.to_thread(self._stage, run_id, buffer, known)
+                        asyncio.to_thread(self._stage, run_id, buffer, known, held, True)
                     )
                     await pending
                 if known is not None and any(known.reverted.values()):
@@ -154,14 +160,24 @@ class Fetcher:
                 known.revert(conn, run_id)
 
     def _stage(
-        self, run_id: int, batches: list[StagedBatch], known: KnownRows | None = None
+        self,
+        run_id: int,
+        batches: list[StagedBatch],
+        known: KnownRows | None = None,
+        held: StagedBatch | None = None,
+        last: bool = False,
     ) -> None:
-        batch = StagedBatch()
+        """Stage ``batches`` (through the mirror filter, when ``known``); with ``held``, the
+        rows go there first and are written once it holds ``STAGE_MIN_ROWS`` or it is the
+        ``last`` write of the fetch, and ``held`` is emptied then."""
+        batch = held if held is not None else StagedBatch()
         for part in batches:
             batch.extend(known.filter(part) if known is not None else part)
         if known is not None and not len(batch):
             # Nothing left to write: no write transaction, which on SQLite waits for the
             # database's one write lock (a no-op run at district L stages ~800 batches).
+            return
+        if held is not None and not last and len(held) < STAGE_MIN_ROWS:
             return
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
@@ -181,3 +197,6 @@ class Fetcher:
                         for r in batch.rejected
                     ],
                 )
+        if held is not None:
+            held.rows = {kind: [] for kind in held.rows}
+            held.rejected = []

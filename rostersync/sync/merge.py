@@ -53,6 +53,9 @@ def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids:
         for c in index.columns
         if c.name not in ("source", "sourced_id")
     }
+    # A changed record has a new fingerprint: setting it rewrites the fingerprint index's
+    # entry alone, where the upsert would rewrite every index's.
+    indexed.discard('"fp"')
     if not ids or not indexed:
         return 0
     sets = ", ".join(f"{c} = s.{c}" for c in cols if c not in indexed)
@@ -167,7 +170,10 @@ def _refresh_fingerprints(
     differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
     conn.execute(
         text(
-            f"UPDATE {mirror} AS m SET fp = s.fp FROM {staging} s "
+            # Staging scanned, the mirror probed by its key: a run that left out the
+            # records the mirror holds stages few rows, and SQLite chose to walk the
+            # mirror through the staging key instead (0.07-0.09 s at district M).
+            f"UPDATE {mirror} AS m SET fp = s.fp FROM {run_scan(conn, staging)} "
             f"WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
             f"AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash AND m.fp {differs} s.fp"
         ),

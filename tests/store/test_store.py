@@ -15,9 +15,10 @@ from sqlalchemy import event, inspect, select, text
 
 from rostersync.errors import StoreError
 from rostersync.source.records import RosterPerson
-from rostersync.source.rows import StagedBatch, person_tuple, sort_batch
+from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batch
 from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
+from rostersync.sync import staging as staging_step
 from rostersync.sync.merge import refresh_directory_statistics, refresh_statistics
 from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
 from tests.directoryrows import add_user
@@ -366,6 +367,38 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
         (7, "p-2", "Dee", None),
         (8, "p-1", "Ann", "Ann@example.org"),
     ]
+
+
+def test_sqlite_stages_a_batch_in_statements_of_many_rows_each(
+    sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: one INSERT for many rows, not one per row (the driver gives up the
+    interpreter lock for each); a batch larger than a statement holds goes in several, its
+    rows in order, so a repeated id still keeps its last version."""
+    width = len(COLUMNS["person"])
+    monkeypatch.setattr(staging_step, "SQLITE_MAX_VALUES", 5 * width)
+    people = [RosterPerson(f"p-{i}", "student", given_name=f"N{i}") for i in range(8)]
+    again = replace(people[1], given_name="Last")
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "staging_person" in statement:
+            statements.append(statement)
+
+    event.listen(sqlite_store.engine, "before_cursor_execute", seen)
+    try:
+        with sqlite_store.write() as conn:
+            stage(conn, 7, sort_batch([*people, again]))
+    finally:
+        event.remove(sqlite_store.engine, "before_cursor_execute", seen)
+    # 9 rows: the largest power of two 5 rows allow, 4, twice, then 1 (a statement text
+    # for each size, not one per batch size, for the driver's statement cache)
+    assert [s.count("?") // width for s in statements] == [4, 4, 1]
+    with sqlite_store.write() as conn:
+        prepare_staging(conn)
+    with sqlite_store.read() as conn:
+        rows = dict(conn.execute(text("SELECT sourced_id, given_name FROM staging_person")).all())
+    assert rows == {p.sourced_id: p.given_name for p in people} | {"p-1": "Last"}
 
 
 def _sqlite_indexes(store: Store, table: str) -> list[str]:

@@ -35,11 +35,16 @@ async def test_batches_arriving_during_a_slow_staging_write_are_staged_together(
     real_stage = SyncEngine._stage
 
     def slow_stage(
-        self: SyncEngine, run_id: int, batch: list[StagedBatch], known: KnownRows | None = None
+        self: SyncEngine,
+        run_id: int,
+        batch: list[StagedBatch],
+        known: KnownRows | None = None,
+        held: StagedBatch | None = None,
+        last: bool = False,
     ) -> None:
         writes.append(sum(map(len, batch)))
         time.sleep(0.05)
-        real_stage(self, run_id, batch, known)
+        real_stage(self, run_id, batch, known, held, last)
 
     monkeypatch.setattr(SyncEngine, "_stage", slow_stage)
     report = await sync(make_settings(), store, roster)  # batches of 7 records

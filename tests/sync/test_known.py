@@ -394,3 +394,42 @@ def test_rows_from_record_values_are_still_known_by_their_hash() -> None:
     known = loaded({"person": rows})
     assert known.filter(sort_batch(small_roster().persons)).rows["person"] == []
     assert known.unchanged["person"] == len(rows)
+
+
+@pytest.mark.parametrize("least", [fetch_step.STAGE_MIN_ROWS, 3])
+async def test_changed_rows_from_many_batches_are_staged_in_few_writes(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    staged_rows: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
+    least: int,
+) -> None:
+    """A full run's few changed rows, from most of its batches, wait for one another: each
+    write but the fetch's last carries at least STAGE_MIN_ROWS, and the outcome is that of
+    a run that staged every batch as it came."""
+    monkeypatch.setattr(fetch_step, "STAGE_MIN_ROWS", least)
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    renamed = small_roster()
+    renamed.persons = [replace(p, family_name=p.family_name + "-x") for p in renamed.persons]
+    staged_rows.clear()
+    report = await sync(settings, store, renamed)
+    assert report.status == "succeeded", report.error
+    assert sum(staged_rows) == len(renamed.persons)
+    assert len(renamed.persons) > 7  # more than one batch (MemoryConnector's 7 records)
+    if least > len(renamed.persons):
+        assert staged_rows == [len(renamed.persons)]  # one write, at the end of the fetch
+    else:
+        assert len(staged_rows) > 1
+        assert all(n >= least for n in staged_rows[:-1])
+
+    stage_everything(monkeypatch)
+    other = Store(f"sqlite:///{tmp_path / 'everything.db'}")
+    other.ensure_schema()
+    try:
+        await sync(settings, other, small_roster())
+        await sync(settings, other, renamed)
+        assert outcome(other) == outcome(store)
+    finally:
+        other.dispose()
