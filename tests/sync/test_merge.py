@@ -11,10 +11,12 @@ from sqlalchemy import event, inspect, text
 
 from rostersync.config.models import Settings
 from rostersync.source.records import RosterEnrollment
+from rostersync.source.rows import StagedBatch, enrollment_tuple
 from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync import mirror
+from rostersync.sync.staging import clear_staging, prepare_staging, stage
 from tests.sync.helpers import groups, snapshot, sync
 
 
@@ -256,3 +258,38 @@ def test_id_lookups_take_every_value_in_one_statement_on_postgresql(store: Store
         event.remove(conn, "before_cursor_execute", seen)
     assert found == wanted - {"absent"}
     assert len(statements) == (1 if store.dialect == "postgresql" else 2)
+
+
+def test_a_changed_record_with_a_new_fingerprint_is_updated_in_place(sqlite_store: Store) -> None:
+    """SQLite: a record whose bytes and a column no index holds changed comes with a new
+    fingerprint; the row is updated in place all the same (the fingerprint index's entry
+    alone rewritten), not upserted with every index entry rewritten."""
+    enrollment = RosterEnrollment("e-1", "c-1", "p-1", "student")
+
+    def staged(run_id: int, record: RosterEnrollment, fp: int) -> StagedBatch:
+        batch = StagedBatch()
+        batch.rows["enrollment"].append((*enrollment_tuple(record)[:-1], fp))
+        return batch
+
+    with sqlite_store.write() as conn:
+        stage(conn, 1, staged(1, enrollment, 11))
+        prepare_staging(conn)
+        merging.merge(conn, "src", 1, {})
+        clear_staging(conn, 1)
+        conn.execute(text("CREATE TABLE index_writes (what TEXT)"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER enr_index_cols AFTER UPDATE OF class_id, user_id, role "
+                "ON roster_enrollment BEGIN INSERT INTO index_writes VALUES ('key'); END"
+            )
+        )
+    dropped = replace(enrollment, status="tobedeleted")
+    with sqlite_store.write() as conn:
+        stage(conn, 2, staged(2, dropped, 22))
+        prepare_staging(conn)
+        ids = {"enrollment": {"e-1"}}
+        written = merging.merge(conn, "src", 2, {}, ids, ids, refresh_fp=True)
+        assert written["enrollment"] == 1
+        row = conn.execute(text("SELECT status, fp FROM roster_enrollment")).one()
+        assert tuple(row) == ("tobedeleted", 22)
+        assert conn.execute(text("SELECT count(*) FROM index_writes")).scalar_one() == 0
