@@ -342,7 +342,14 @@ def _without_owner(
 ) -> set[str]:
     """The classes of the source's groups (of these ``gids``; None: all) that no eligible,
     provisioned teacher teaches, the users ``archived`` not counted and those ``restored``
-    counted."""
+    counted.
+
+    On PostgreSQL the test for a few groups is fenced (``OFFSET 0``): a probe of each
+    group's teacher enrollments. As an anti-join the planner, which cannot estimate the
+    teacher-role test, hashed every teacher enrollment of the source for any number of
+    groups (a delta at district M: 0.19-0.23 s for 300 groups, fenced 13 ms). For all the
+    groups the hash is the cheaper plan and stays."""
+    fence = " OFFSET 0" if gids is not None and conn.dialect.name == "postgresql" else ""
     sql = f"""
         SELECT g.external_id FROM groups g WHERE g.source = :src AND NOT EXISTS (
             SELECT 1 FROM roster_enrollment te
@@ -351,7 +358,7 @@ def _without_owner(
             JOIN "user" u ON u.id = i.user_id
             WHERE te.source = g.source AND te.class_id = g.external_id
               AND (u.status = 'active' OR u.id IN :restored) AND u.id NOT IN :archived
-              AND {teaches_populated(conn, teacher_roles)})
+              AND {teaches_populated(conn, teacher_roles)}{fence})
     """
     params = {
         "src": source,

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterEnrollment, RosterPerson
@@ -329,3 +329,36 @@ async def test_users_of_many_persons_are_read_in_one_pass(
         few = provisioning.users_of_persons(conn, "mem", {"t-1", "t-2", "s-1"})
         bulk = provisioning.users_of_persons(conn, "mem", many)
     assert len(few) == 2 and bulk == few
+
+
+async def test_the_owner_count_of_a_few_groups_probes_each_on_postgresql(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The groups a delta may leave without an owner are counted with a probe of each
+    group's teacher enrollments (a fenced subquery), never an anti-join that hashes every
+    teacher enrollment of the source; the count over all groups may hash. Either way the
+    answer is the same."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster())
+    roles = settings.provisioning.teacher_roles
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM groups g" in statement:
+            statements.append((statement, parameters))
+
+    with pg_store.write() as conn:
+        gids = set(conn.execute(text("SELECT id FROM groups")).scalars())
+        ada = conn.execute(text("SELECT id FROM \"user\" WHERE email = 'ada@example.org'")).scalar()
+        event.listen(conn, "before_cursor_execute", seen)
+        few = provisioning._without_owner(conn, "mem", roles, [ada], [], gids)
+        every = provisioning._without_owner(conn, "mem", roles, [ada], [], None)
+        event.remove(conn, "before_cursor_execute", seen)
+        plans = [
+            "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+            for sql, params in statements
+        ]
+    assert few == every == {"c-1"}  # Ada archived: c-2 keeps Alan
+    fenced, whole = (sql.count("OFFSET 0") for sql, _ in statements)
+    assert fenced == whole + 1  # the populated test's own fence in both
+    assert "Anti Join" not in plans[0]
