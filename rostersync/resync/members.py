@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import Connection, DateTime, bindparam, text
 
@@ -186,16 +187,76 @@ def _apply_member_diff(
     # members of one co-taught group may add the same student at once. The second waits for
     # the first and keeps its row (the same values, read from the same mirror), where a plain
     # INSERT failed the whole batch on the key and retried it after the backoff.
+    added = sorted((g, sid, *want[(g, sid)]) for g, sid in diff.added)
+    updated = sorted((g, sid, *want[(g, sid)]) for g, sid in diff.updated)
+    gone = sorted(diff.gone)
+    if conn.dialect.name == "postgresql":
+        _write_member_diff_pg(conn, added, gone, updated)
+        return diff.groups
     executemany(
         conn,
         "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
-        [(g, sid, *want[(g, sid)]) for g, sid in diff.added],
+        added,
     )
-    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", diff.gone)
+    executemany(conn, "DELETE FROM group_member WHERE group_id = ? AND sourced_id = ?", gone)
     executemany(
         conn,
         "UPDATE group_member SET email = ?, name = ? WHERE group_id = ? AND sourced_id = ?",
-        [(*want[(g, sid)], g, sid) for g, sid in diff.updated],
+        [(email, name, g, sid) for g, sid, email, name in updated],
     )
     return diff.groups
+
+
+#: The member rows of a PostgreSQL write, as arrays: one statement for all the rows, where
+#: psycopg's executemany sends one per row (a delta at district M: 0.15 s for each of the
+#: deletes and the updates).
+_PG_MEMBERS = (
+    "unnest(CAST(:gid AS integer[]), CAST(:sid AS text[]), CAST(:email AS text[]), "
+    "CAST(:name AS text[])) AS u(gid, sid, email, name)"
+)
+
+
+def _member_arrays(rows: Sequence[tuple[int, str, str | None, str]]) -> dict[str, list[Any]]:
+    return {
+        "gid": [r[0] for r in rows],
+        "sid": [r[1] for r in rows],
+        "email": [r[2] for r in rows],
+        "name": [r[3] for r in rows],
+    }
+
+
+def _write_member_diff_pg(
+    conn: Connection,
+    added: Sequence[tuple[int, str, str | None, str]],
+    gone: Sequence[MemberKey],
+    updated: Sequence[tuple[int, str, str | None, str]],
+) -> None:
+    """The member diff on PostgreSQL, a statement each for the rows added, gone and updated,
+    in key order (batches side by side then lock shared rows in one order)."""
+    if added:
+        conn.execute(
+            text(
+                "INSERT INTO group_member (group_id, sourced_id, email, name) "
+                f"SELECT u.gid, u.sid, u.email, u.name FROM {_PG_MEMBERS} "
+                "ORDER BY u.gid, u.sid ON CONFLICT DO NOTHING"
+            ),
+            _member_arrays(added),
+        )
+    if gone:
+        conn.execute(
+            text(
+                "DELETE FROM group_member gm USING unnest(CAST(:gid AS integer[]), "
+                "CAST(:sid AS text[])) AS u(gid, sid) "
+                "WHERE gm.group_id = u.gid AND gm.sourced_id = u.sid"
+            ),
+            {"gid": [g for g, _ in gone], "sid": [sid for _, sid in gone]},
+        )
+    if updated:
+        conn.execute(
+            text(
+                f"UPDATE group_member gm SET email = u.email, name = u.name FROM {_PG_MEMBERS} "
+                "WHERE gm.group_id = u.gid AND gm.sourced_id = u.sid"
+            ),
+            _member_arrays(updated),
+        )

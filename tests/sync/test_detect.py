@@ -300,3 +300,44 @@ def test_a_first_load_finds_the_changes_the_row_by_row_comparison_finds(store: S
     assert fast.dirty_classes == {"c-1", "c-2", "c-3", ""}
     assert fast.owner_classes == {"c-1", "c-2", "c-3", ""}
     assert fast.member_pairs == set()
+
+
+def test_a_member_diff_is_written_in_one_statement_a_kind(store: Store) -> None:
+    """Members added, gone and updated, many of each: the rows end as wanted (an email may
+    be gone), and on PostgreSQL each kind is one statement over arrays, where psycopg's
+    executemany sent one statement per row."""
+    from rostersync.resync.members import _apply_member_diff
+
+    with store.write() as conn:
+        gid = conn.execute(
+            text(
+                "INSERT INTO groups (source, external_id, name) VALUES ('m', 'c', 'C') RETURNING id"
+            )
+        ).scalar_one()
+        have = {(gid, f"s-{i:03d}"): (f"s{i}@example.org", f"Stu {i}") for i in range(0, 300)}
+        conn.execute(
+            text(
+                "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (:g, :s, :e, :n)"
+            ),
+            [{"g": g, "s": s, "e": e, "n": n} for (g, s), (e, n) in have.items()],
+        )
+        want = {k: v for k, v in have.items() if int(k[1][2:]) >= 100}  # 100 gone
+        want |= {(gid, f"s-{i:03d}"): (None, f"Renamed {i}") for i in range(200, 300)}
+        want |= {(gid, f"s-{i:03d}"): (f"n{i}@example.org", f"New {i}") for i in range(300, 400)}
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        event.listen(conn, "before_cursor_execute", seen)
+        changed = _apply_member_diff(conn, want, have)
+        event.remove(conn, "before_cursor_execute", seen)
+        rows = conn.execute(
+            text("SELECT group_id, sourced_id, email, name FROM group_member WHERE group_id = :g"),
+            {"g": gid},
+        )
+        held = {(g, s): (e, n) for g, s, e, n in rows}
+    assert changed == {gid}
+    assert held == want
+    if store.dialect == "postgresql":
+        assert len(statements) == 3 and all("unnest" in s for s in statements)
