@@ -28,8 +28,8 @@ from rostersync.sync.staging import StagedBatch, sort_batch, stage
 
 #: Rows a fetch may hold back while a staging write is under way before it waits for it.
 STAGE_BUFFER_ROWS = 50_000
-#: Rows to stage, at least, in one write before the fetch's last: a full run that left out
-#: the records the mirror holds has a few changed rows from most pages, and a write
+#: Rows to stage, at least, in one write before the fetch's last, in a full run that left
+#: out records the mirror holds: it has a few changed rows from most pages, and a write
 #: transaction for each cost more (its statements waiting on the busy event loop for the
 #: interpreter lock) than the rows (tests/benchmarks/README.md).
 STAGE_MIN_ROWS = 5_000
@@ -168,17 +168,26 @@ class Fetcher:
         last: bool = False,
     ) -> None:
         """Stage ``batches`` (through the mirror filter, when ``known``); with ``held``, the
-        rows go there first and are written once it holds ``STAGE_MIN_ROWS`` or it is the
-        ``last`` write of the fetch, and ``held`` is emptied then."""
+        rows go there first, and when the filter left records of these batches out, they
+        wait there until it holds ``STAGE_MIN_ROWS`` or it is the ``last`` write of the
+        fetch; ``held`` is emptied once written. Batches of new records (a first load's) are
+        written at once, as the fetch goes on."""
         batch = held if held is not None else StagedBatch()
+        left_out = False  # the mirror filter kept some record of these batches out
         for part in batches:
-            batch.extend(known.filter(part) if known is not None else part)
+            if known is None:
+                batch.extend(part)
+                continue
+            kept = known.filter(part)
+            arrived = sum(map(len, part.rows.values())) + sum(part.skipped.values())
+            left_out = left_out or sum(map(len, kept.rows.values())) < arrived
+            batch.extend(kept)
         if known is not None and not len(batch):
             # Nothing left to write: no write transaction, which on SQLite waits for the
             # database's one write lock (a no-op run at district L stages ~800 batches).
             return
-        if held is not None and not last and len(held) < STAGE_MIN_ROWS:
-            return
+        if held is not None and left_out and not last and len(held) < STAGE_MIN_ROWS:
+            return  # a run that changed little: its rows wait for more (a first load's go in)
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good
