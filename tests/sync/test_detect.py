@@ -341,3 +341,49 @@ def test_a_member_diff_is_written_in_one_statement_a_kind(store: Store) -> None:
     assert held == want
     if store.dialect == "postgresql":
         assert len(statements) == 3 and all("unnest" in s for s in statements)
+
+
+def test_new_groups_get_their_members_in_one_statement_on_postgresql(store: Store) -> None:
+    """The members of just-created groups are their classes' active students; on PostgreSQL
+    one statement over an array fills them all (each statement hashes every person of the
+    source), on SQLite one per 500 groups."""
+    from rostersync.resync.members import sync_members
+    from rostersync.source.records import RosterPerson
+    from rostersync.source.rows import COLUMNS, enrollment_tuple, person_tuple
+
+    people = [
+        RosterPerson("s-1", "student", given_name="S", family_name="One", email="S1@Example.org"),
+        RosterPerson("s-2", "student", given_name="S", family_name="Two", status="tobedeleted"),
+    ]
+    enrollments = [
+        RosterEnrollment(f"e-{c}-{p.sourced_id}", f"c-{c:04d}", p.sourced_id, "student")
+        for c in range(600)
+        for p in people
+    ]
+    with store.write() as conn:
+        for kind, rows in (
+            ("person", [person_tuple(p) for p in people]),
+            ("enrollment", [enrollment_tuple(e) for e in enrollments]),
+        ):
+            quoted = ", ".join(f'"{c}"' for c in COLUMNS[kind])
+            marks = ", ".join(f":v{i}" for i in range(len(COLUMNS[kind])))
+            conn.execute(
+                text(f"INSERT INTO roster_{kind} (source, {quoted}) VALUES ('m', {marks})"),
+                [{f"v{i}": v for i, v in enumerate(row)} for row in rows],
+            )
+        conn.execute(
+            text("INSERT INTO groups (source, external_id, name) VALUES ('m', :ext, 'G')"),
+            [{"ext": f"c-{c:04d}"} for c in range(600)],
+        )
+        gids = list(conn.execute(text("SELECT id FROM groups")).scalars())
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            statements.append(statement)
+
+        event.listen(conn, "before_cursor_execute", seen)
+        sync_members(conn, gids, new=True)
+        event.remove(conn, "before_cursor_execute", seen)
+        members = conn.execute(text("SELECT group_id, sourced_id, email FROM group_member")).all()
+    assert sorted(members) == sorted((g, "s-1", "s1@example.org") for g in gids)
+    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
