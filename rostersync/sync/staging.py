@@ -85,7 +85,7 @@ def run_scan(conn: Connection, table: str, alias: str = "s") -> str:
 SQLITE_MAX_VALUES = 30_000
 
 
-def _staging_insert(table: str, run_id: int, cols: Sequence[str], rows: int = 1) -> str:
+def _staging_insert(table: str, run_id: int, cols: Sequence[str], rows: int) -> str:
     """SQLite: INSERT ``rows`` rows of ``cols`` (``?`` markers) for ``run_id``, one VALUES
     list for them all.
 
