@@ -377,10 +377,9 @@ class Applier:
         preview = held or ctx.dry_run
         record = ctx.changes if ctx.dry_run else held
         before = changeset.snapshot(conn) if record else None
-        if held and before is None:
-            raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
 
         # Before the plan archives anyone: only what earlier runs or commands left undone.
+        # Also in a dry run a real run would hold: its report warns as the real run's would.
         leftover = provisioning.leftover_owners(conn, source)
         if leftover:
             outcome.warnings.append(
@@ -394,6 +393,8 @@ class Applier:
                 f"{len(failed)} users' last resync job failed for good (see queue list): "
                 "their resyncs are queued again"
             )
+        if held and before is None:
+            raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
         created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
             merging.refresh_directory_statistics(conn)

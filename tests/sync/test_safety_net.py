@@ -159,6 +159,28 @@ async def test_a_resync_that_failed_for_good_is_queued_again_by_the_next_run(
     assert (again.counts["resync_queued"], again.warnings) == (0, [])
 
 
+async def test_a_dry_run_a_real_run_would_hold_warns_of_failed_resyncs_as_the_real_run_does(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load's resyncs failed for good, then Ada left and the run would be held
+    (no removal allowed). A plain dry run (no --changes) stops at the hold, but its report
+    still says that two users' resyncs failed for good and would be queued again, as the real
+    run's report does: an operator previewing the run hears of it before approving."""
+    with monkeypatch.context() as patched:
+        patched.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+        await sync(make_settings(resync={"max_attempts": 1}), store, small_roster())
+    before = snapshot(store)
+    strict = make_settings(safety={"max_removals": 0})
+    dry = await sync(strict, store, _without_ada(), dry_run=True)
+    assert dry.hold_reason is not None and "max_removals" in dry.hold_reason
+    warned = [w for w in dry.warnings if "resync job failed for good" in w]
+    assert warned and warned[0].startswith("2 users' last resync job failed for good"), dry
+    assert snapshot(store) == before
+    real = await sync(strict, store, _without_ada())
+    assert real.status == "held"
+    assert [w for w in real.warnings if "resync job failed for good" in w] == warned
+
+
 async def test_an_account_an_import_archives_or_reactivates_has_its_groups_resynced(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
