@@ -40,7 +40,14 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
-from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch, fp_slices
+from rostersync.source.fingerprints import parse_fingerprints
+from rostersync.source.rows import (
+    COLUMNS,
+    KnownSpec,
+    Row,
+    StagedBatch,
+    fp_slices,
+)
 from rostersync.store.db import Store
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
@@ -367,7 +374,7 @@ def _sqlite_fingerprints(cursor: Any, mirror: str, source: str) -> dict[int, str
             )
             out.update(rows)
             continue
-        out.update(zip(map(int, fps.split(",")), sids, strict=True))
+        out.update(zip(parse_fingerprints(fps), sids, strict=True))
     return out
 
 
@@ -386,7 +393,7 @@ def _postgresql_keys(cursor: Any, mirror: str, source: str) -> tuple[set[str], d
     if count:
         sids = ids.split(_SEP)
         if len(sids) == count:
-            fps.update(zip(map(int, fps_text.split(",")), sids, strict=True))
+            fps.update(zip(parse_fingerprints(fps_text), sids, strict=True))
         else:  # a sourcedId holds the separator
             cursor.execute(
                 f"SELECT fp, sourced_id FROM {mirror} WHERE source = %s AND fp IS NOT NULL",

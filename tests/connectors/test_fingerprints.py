@@ -156,13 +156,34 @@ def test_the_workers_fingerprint_set_answers_as_a_set_does() -> None:
     rng = random.Random(7)
     values = {rng.getrandbits(63) for _ in range(50_000)} | {0, (1 << 63) - 1, 1 << 47}
     probes = [rng.getrandbits(63) for _ in range(20_000)] + [v + 1 for v in list(values)[:500]]
-    for given in (sorted(values), list(values)):
+    from array import array
+
+    givens = (sorted(values), list(values), array("q", sorted(values)), array("q", values))
+    for given in givens:
         fps = Fingerprints(given)
         assert len(fps) == len(values) and sorted(fps) == sorted(values)
         assert all(v in fps for v in values)
         assert [p in fps for p in probes] == [p in values for p in probes]
+        # A page at a time (fingerprints only, as decode_page makes them): the same answers.
+        hashes = [p for p in probes if 0 <= p < 1 << 63]
+        assert fps.holds(hashes) == [p in values for p in hashes]
+        assert all(fps.holds(sorted(values))) and fps.holds([]) == []
     assert -1 not in fps and 1 << 63 not in fps and "5" not in fps
     assert len(Fingerprints()) == 0 and 0 not in Fingerprints()
+    assert Fingerprints().holds([0, (1 << 63) - 1]) == [False, False]
+
+
+def test_fingerprints_joined_by_the_database_parse_as_ints() -> None:
+    """The database joins them with commas (group_concat, string_agg); anything else is an
+    error, not a wrong number."""
+    from rostersync.source.fingerprints import parse_fingerprints
+
+    values = [0, 1, 1 << 47, (1 << 63) - 1]
+    assert parse_fingerprints(",".join(map(str, values))) == values
+    assert parse_fingerprints("42") == [42]
+    for bad in ("1,,2", "1,x", "1;2", "1]", "[1"):
+        with pytest.raises(ValueError, match="comma-separated"):
+            parse_fingerprints(bad)
 
 
 def test_the_fingerprint_slices_cover_the_range_once() -> None:
