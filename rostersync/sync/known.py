@@ -5,9 +5,10 @@ has them. Two things recognise such a record:
 
 * its **fingerprint** (``fp``), a hash of the record's bytes as the source sent them, where
   the connector gives one (OneRoster): the mirror row made from that record keeps it. The
-  decode workers read the mirror's fingerprints themselves (:meth:`KnownRows.spec`) and send
-  back only ``~fp`` for a record they find there, neither parsed nor normalized; pages
-  decoded here carry the fingerprints on their rows;
+  connector reads the mirror's fingerprints itself (:meth:`KnownRows.spec`), in its decode
+  workers and for the pages it decodes in the sync process, and gives only ``~fp`` for a
+  record it finds there, neither parsed nor normalized; its other rows carry their
+  fingerprints;
 * otherwise its ``row_hash``, computed where the record was normalized, with its sourcedId.
 
 Every row recognised so is left out of staging; staging, the change detection and the merge
