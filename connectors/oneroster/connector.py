@@ -49,6 +49,7 @@ from connectors.oneroster.decode import (
     DecodeError,
     decode_known,
     decode_page,
+    forget_known,
     pool_size,
     records_of,
     start_pool,
@@ -537,6 +538,7 @@ class OneRosterConnector:
             for task in readers:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
+            forget_known()  # what the pages decoded here read of the mirror
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         tid = teacher.sourced_id

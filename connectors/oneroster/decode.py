@@ -228,6 +228,12 @@ def known_fingerprints(spec: KnownSpec, kind: str) -> Fingerprints:
     return found
 
 
+def forget_known() -> None:
+    """Drop this process's reads of the mirror's fingerprints. The sync process calls it when
+    a fetch ends: between runs the daemon holds none (a worker's die with it)."""
+    _known.clear()
+
+
 def _read_fingerprints(spec: KnownSpec, kind: str) -> Iterator[int]:
     """From the mirror's fingerprint index alone, in its order (sorted, as the index is),
     joined by the database a slice of their range at a time: a string to split instead of a

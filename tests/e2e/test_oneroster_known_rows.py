@@ -244,8 +244,22 @@ async def test_a_no_op_full_run_stages_nothing_and_counts_everything(
     for kind, rows in before.items():
         assert rows, kind
     observed.reset()
+    from connectors.oneroster import decode
 
-    again = await run(engine, "full")
+    made_here: list[int] = []  # records made rows in this process (a worker's are not seen)
+    real_rows_page = decode.rows_page
+
+    def rows_page(collection: str, records: list[Any], fps: Any = None) -> StagedBatch:
+        made_here.append(len(records))
+        return real_rows_page(collection, records, fps)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decode, "rows_page", rows_page)
+        again = await run(engine, "full")
+    # The pages decoded here left every record out too, unparsed, and the fingerprints they
+    # were read against are not kept after the fetch.
+    assert sum(made_here) == 0, made_here
+    assert decode._known == {}
 
     assert again.status == first.status, again.error
     assert again.mode == "full"
