@@ -12,7 +12,6 @@ normalizer and :mod:`rostersync.source.rows`.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import operator
 import os
@@ -60,11 +59,6 @@ POOL_MIN_BYTES = 64 * 1024
 #: starting the workers costs a run about a quarter of a second, more than decoding a delta
 #: run's few thousand changed records takes.
 POOL_MIN_RECORDS = 20_000
-
-#: A decode worker's first-generation collection threshold. A page's JSON is a tree, freed by
-#: reference counting; at the default (700) the collector ran over every page's thousands of
-#: dicts several times while they were alive, a third of a worker's CPU.
-WORKER_GC_THRESHOLD = 100_000
 
 
 class DecodeError(ValueError):
@@ -363,10 +357,11 @@ def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor
 
 def start_worker(parent: int, started: int | None) -> None:
     """A decode worker's set-up: exit with the sync process; collect cycles rarely, and never
-    among the modules already loaded (see WORKER_GC_THRESHOLD)."""
+    among the modules already loaded (procs.settle_collector: a page's JSON is a tree freed by
+    reference counting, and at the default threshold the collector ran over every page's
+    thousands of dicts several times while they were alive, a third of a worker's CPU)."""
     procs.exit_with_parent(parent, started)
-    gc.freeze()
-    gc.set_threshold(WORKER_GC_THRESHOLD)
+    procs.settle_collector()
 
 
 def widen_pipes(pool: ProcessPoolExecutor) -> bool:

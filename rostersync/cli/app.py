@@ -36,6 +36,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 class App:
     """Lazily loaded settings and store, shared by the subcommands of one invocation."""
 
+    #: True in a process of its own (the console script), which it may tune: not in tests
+    #: or an embedding program, whose process outlives the command.
+    whole_process = False
+
     def __init__(self, config_file: str | None, log_level: str | None) -> None:
         self.config_file = config_file
         self.log_level = log_level
@@ -84,6 +88,7 @@ class App:
         from rostersync.sync.engine import SyncEngine
 
         owner = self.prepare(owner)
+        self.settle_collector()
         return SyncEngine(
             self.settings,
             self.store,
@@ -91,6 +96,14 @@ class App:
             interrupted_by="the command was stopped",
             **kwargs,
         )
+
+    def settle_collector(self) -> None:
+        """In a process of its own that is about to sync: the garbage collector's settings
+        for the rest of it (rostersync.daemon.procs.settle_collector), its modules loaded."""
+        if App.whole_process:
+            from rostersync.daemon.procs import settle_collector
+
+            settle_collector()
 
     def prepare(self, owner: str | None = None) -> str:
         """Before this command takes leases: put right what dead processes of this host left

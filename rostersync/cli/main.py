@@ -68,6 +68,7 @@ def console() -> NoReturn:
     first: other non-daemon threads are waited for, the ``atexit`` handlers run (logging,
     multiprocessing), and stdout and stderr are flushed; only then does the process exit."""
     code = 0
+    App.whole_process = True
     try:
         main()
     except SystemExit as exc:

@@ -247,6 +247,7 @@ def run(
         return
     from rostersync.daemon.service import run_daemon
 
+    app.settle_collector()
     sys.exit(
         run_daemon(
             app.settings,

@@ -14,6 +14,7 @@ load the store.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import select
 import threading
@@ -118,3 +119,20 @@ def _watch(parent: int, started: int | None) -> None:
         while alive(parent, started):
             time.sleep(POLL_SECONDS)
     os._exit(1)
+
+
+#: The first-generation threshold of the cyclic garbage collector in processes that sync
+#: (the sync process, the daemon, the decode workers): a collection every 100,000 container
+#: allocations instead of 700. A run's rows, pages and sets are trees freed by reference
+#: counting; at the default the collector walked them, and everything the imports left,
+#: again and again while they lived (a 1% delta run at district M: 66 ms of its 0.95 s).
+GC_THRESHOLD = 100_000
+
+
+def settle_collector() -> None:
+    """Once a process's modules are loaded: leave what exists now out of every later
+    collection (``gc.freeze``: the imports' tens of thousands of objects live as long as the
+    process) and collect young objects every :data:`GC_THRESHOLD` allocations. Cycles made
+    later are still collected, only less often."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD)

@@ -3,6 +3,7 @@ output, atexit handlers and waited-for threads as the interpreter's own exit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,29 @@ def test_exit_codes_follow_sys_exit() -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "bad"
+
+
+def test_a_sync_process_settles_the_garbage_collector_and_a_tests_process_does_not(
+    config: Path,
+) -> None:
+    """The console script's process, about to sync, freezes what it imported and collects
+    young objects rarely (rostersync.daemon.procs.settle_collector); the same command run
+    in this process (a test's, which outlives it) leaves the collector as it was."""
+    import gc
+
+    from rostersync.daemon.procs import GC_THRESHOLD
+    from tests.cli.sample import as_json
+    from tests.cli.sample import run as run_here
+
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    assert as_json(run_here(config, "sync", "--dry-run", "--json"))["runs"][0]["dry_run"]  # type: ignore[index]
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+    assert before[0][0] < GC_THRESHOLD
+    report = (
+        "import atexit, gc; atexit.register(lambda: print('collector', gc.get_threshold()[0], "
+        "gc.get_freeze_count() > 0, file=sys.stderr)); "
+    )
+    done = run_python(CONSOLE + report + "console()", "--config", str(config), "sync", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["runs"][0]["counts"]["users_created"] == 43
+    assert f"collector {GC_THRESHOLD} True" in done.stderr

@@ -1055,8 +1055,10 @@ def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
 
 def test_decode_workers_collect_cycles_rarely_and_never_among_their_modules() -> None:
     """A worker raises its first-generation threshold and freezes what it imported (a page's
-    JSON is freed by reference counting); the sync process keeps the default."""
+    JSON is freed by reference counting); this process (a test's) keeps the default."""
     import gc
+
+    from rostersync.daemon.procs import GC_THRESHOLD
 
     pool = decode.start_pool(1)
     try:
@@ -1064,7 +1066,7 @@ def test_decode_workers_collect_cycles_rarely_and_never_among_their_modules() ->
         frozen = pool.submit(gc.get_freeze_count).result(timeout=60)
     finally:
         pool.shutdown()
-    assert threshold[0] == decode.WORKER_GC_THRESHOLD > gc.get_threshold()[0]
+    assert threshold[0] == GC_THRESHOLD > gc.get_threshold()[0]
     assert frozen > 0
 
 
