@@ -37,12 +37,7 @@ from rostersync.source import records as _records
 from rostersync.source import rows as _rows
 from rostersync.source.fingerprints import parse_fingerprints
 from rostersync.source.records import RosterRecord
-from rostersync.source.rows import (
-    FP_LIMIT,
-    KnownSpec,
-    StagedBatch,
-    fp_slices,
-)
+from rostersync.source.rows import FP_LIMIT, KnownSpec, StagedBatch, fp_slices
 
 try:
     import fcntl

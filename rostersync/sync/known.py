@@ -42,13 +42,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 
 from rostersync.source.fingerprints import parse_fingerprints
-from rostersync.source.rows import (
-    COLUMNS,
-    KnownSpec,
-    Row,
-    StagedBatch,
-    fp_slices,
-)
+from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch, fp_slices
 from rostersync.store.db import Store
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
