@@ -167,7 +167,7 @@ class Fingerprints:
     SHIFT = 63 - BITS
 
     def __init__(self, fps: Iterable[int] = ()) -> None:
-        values = fps if isinstance(fps, array) and fps.typecode == "q" else array("q", fps)
+        values = array("q", fps)
         if not all(map(operator.le, values, islice(values, 1, None))):
             values = array("q", sorted(values))
         self._fps = values
