@@ -210,10 +210,14 @@ def _groups_of_classes(
 ) -> dict[GroupKey, tuple[int, str]]:
     """The existing groups of these classes of a source: (id, name) by key."""
     found: dict[GroupKey, tuple[int, str]] = {}
-    stmt = in_text(
-        "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
-        "ids",
-    )
+    sql = "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids"
+    if conn.dialect.name == "postgresql":
+        # One statement over an array, not one per 500 classes (see ids_in).
+        rows = conn.execute(
+            text(sql.replace("IN :ids", "= ANY(:ids)")), {"src": src, "ids": list(classes)}
+        )
+        return {(src, ext): (gid, name) for gid, ext, name in rows}
+    stmt = in_text(sql, "ids")
     for chunk in chunks(classes):
         for gid, ext, name in conn.execute(stmt, {"src": src, "ids": chunk}):
             found[(src, ext)] = (gid, name)
@@ -305,8 +309,19 @@ def _sync_owners(
             )
         }
     add, drop = owner_changes(want, have)
-    if add:
-        # An owner an admin added by import stays an import owner (its row wins the conflict).
+    # An owner an admin added by import stays an import owner (its row wins the conflict).
+    if add and conn.dialect.name == "postgresql":
+        # One statement over two arrays: psycopg's executemany sends a statement per row
+        # (a first load's 800 owners a batch took 50 ms that way). In order, as before.
+        conn.execute(
+            text(
+                "INSERT INTO group_owner (group_id, user_id, origin) SELECT k.g, k.u, 'roster' "
+                "FROM unnest(CAST(:g AS integer[]), CAST(:u AS integer[])) AS k(g, u) "
+                "ORDER BY k.g, k.u ON CONFLICT DO NOTHING"
+            ),
+            {"g": [g for g, _ in add], "u": [u for _, u in add]},
+        )
+    elif add:
         executemany(
             conn,
             "INSERT INTO group_owner (group_id, user_id, origin) VALUES (?, ?, 'roster') "
@@ -374,14 +389,41 @@ def _clear_marks(
     conn: Connection, done: Sequence[GroupKey], marks: Sequence[tuple[int, str, str, str]]
 ) -> None:
     """Delete the sync's marks that this batch has acted on: every mark of the classes in
-    ``done``, and the member marks it re-read."""
-    executemany(conn, "DELETE FROM dirty_class WHERE source = ? AND class_id = ?", done)
-    executemany(conn, "DELETE FROM dirty_member WHERE source = ? AND class_id = ?", done)
+    ``done``, and the member marks it re-read.
+
+    Only the classes that have marks are deleted, one statement each in key order (so that
+    batches side by side lock them in one order): which ones is one read per table, where a
+    delete per class cost a first load on PostgreSQL 80 ms a batch finding nothing. No mark
+    can appear meanwhile: syncs write marks under the directory lock, exclusively."""
+    for table in ("dirty_class", "dirty_member"):
+        marked = _marked_classes(conn, table, done)
+        executemany(
+            conn,
+            f"DELETE FROM {table} WHERE source = ? AND class_id = ?",
+            [key for key in done if key in marked],
+        )
     executemany(
         conn,
         "DELETE FROM dirty_member WHERE source = ? AND class_id = ? AND person_id = ?",
         sorted({(src, cls, person) for _, src, cls, person in marks}),
     )
+
+
+def _marked_classes(conn: Connection, table: str, keys: Sequence[GroupKey]) -> set[GroupKey]:
+    """Which of these classes have a row in ``table`` (dirty_class or dirty_member)."""
+    by_source: dict[str, list[str]] = defaultdict(list)
+    for src, cls in keys:
+        by_source[src].append(cls)
+    return {
+        (src, cls)
+        for src, classes in by_source.items()
+        for cls in ids_in(
+            conn,
+            f"SELECT DISTINCT class_id FROM {table} WHERE source = :src AND class_id IN :ids",
+            classes,
+            src=src,
+        )
+    }
 
 
 def mark_dirty(

@@ -241,6 +241,36 @@ async def test_sync_marks_changed_classes_until_their_resync(
     assert "s-1" not in {m["sourced_id"] for m in g["c-1"]["members"]}
 
 
+async def test_a_class_re_read_in_full_loses_its_member_marks_too(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A member marked by one sync, then its whole class marked by the next before any
+    resync ran: the resync that re-reads the class clears both marks (they would otherwise
+    stay, to be re-read again by every later resync of the class)."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.replace_person("s-4", given_name="Changed")  # s-4 is only in c-2
+    # Ada stops co-teaching c-2: its owners change, so its members wait for the resync.
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c2"]
+    await sync(settings, store, roster, drain=False)
+    roster.classes = [
+        replace(c, title="Geometry II") if c.sourced_id == "c-2" else c for c in roster.classes
+    ]
+    await sync(settings, store, roster, drain=False)
+    with store.read() as conn:
+        assert {r[0] for r in conn.execute(text("SELECT class_id FROM dirty_class"))} == {"c-2"}
+        marked = set(conn.execute(text("SELECT class_id, person_id FROM dirty_member")).all())
+    assert marked == {("c-2", "s-4")}
+    await SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)}).drain()
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM dirty_class")).scalar_one() == 0
+        assert conn.execute(text("SELECT count(*) FROM dirty_member")).scalar_one() == 0
+    g = groups(store)
+    assert g["c-2"]["name"] == "Geometry II"
+    assert "Changed Dent" in {m["name"] for m in g["c-2"]["members"]}
+
+
 async def test_member_marks_re_read_only_the_marked_members(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
