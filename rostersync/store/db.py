@@ -132,6 +132,39 @@ def ts_params(*names: str) -> list[BindParameter[Any]]:
 SQLITE_CACHE_KIB = 128 * 1024
 
 
+#: SQLite's sort memory while it builds an index on a table of at least
+#: SORT_RUNS_MIN_ROWS rows (see index_build).
+SQLITE_SORT_KIB = 8 * 1024
+SORT_RUNS_MIN_ROWS = 500_000
+
+
+@contextmanager
+def index_build(conn: Connection, table: str) -> Iterator[None]:
+    """Around ``CREATE INDEX`` statements on ``table`` (a rowid table): on SQLite, when it is
+    large, sort in runs of 8 MiB with a helper thread and merge them, instead of in one run
+    as large as the page cache.
+
+    SQLite sizes its sort runs by the connection's page cache (128 MiB): a million-entry index
+    was sorted in one run, 1.5-2.2 s, against 0.7-1.1 s in 8 MiB runs, which stay in the
+    processor's caches. At 260,000 entries one run was as fast or faster, and the cache lets
+    go of pages the rest of the transaction reads again, so smaller tables keep it."""
+    if conn.dialect.name != "sqlite":
+        yield
+        return
+    # The largest rowid: about the row count of these append-mostly tables, found in one probe.
+    size = conn.exec_driver_sql(f"SELECT max(rowid) FROM {table}").scalar() or 0
+    if size < SORT_RUNS_MIN_ROWS:
+        yield
+        return
+    conn.exec_driver_sql(f"PRAGMA cache_size=-{SQLITE_SORT_KIB}")
+    conn.exec_driver_sql("PRAGMA threads=2")
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+        conn.exec_driver_sql("PRAGMA threads=0")
+
+
 def _unicode_lower(value: object) -> object:
     """SQL ``LOWER()`` for SQLite connections: Python's case folding, NULL stays NULL."""
     if value is None:

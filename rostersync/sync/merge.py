@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.schema import CreateIndex, DropIndex
 
-from rostersync.store.db import in_text
+from rostersync.store.db import in_text, index_build
 from rostersync.store.tables import metadata
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
@@ -141,8 +141,9 @@ def merge(
             if not fresh:
                 sql += upsert
             written[kind] += conn.execute(text(sql), params).rowcount or 0
-        for index in rebuild:
-            conn.execute(CreateIndex(index))
+        with index_build(conn, mirror):
+            for index in rebuild:
+                conn.execute(CreateIndex(index))
         if refresh_fp and not fresh:
             _refresh_fingerprints(conn, mirror, staging, params)
         # Delete by id: the ids are known already, and an anti-join over a million-row

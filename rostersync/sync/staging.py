@@ -31,7 +31,7 @@ from rostersync.source.rows import (
     person_row,
     sort_batch,
 )
-from rostersync.store.db import copy_rows
+from rostersync.store.db import copy_rows, index_build
 from rostersync.store.tables import staging_class, staging_enrollment, staging_org, staging_person
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
@@ -157,7 +157,7 @@ def prepare_staging(conn: Connection) -> None:
             f"ON {table.name} (run_id, sourced_id)"
         )
         try:
-            with conn.begin_nested():
+            with conn.begin_nested(), index_build(conn, table.name):
                 conn.exec_driver_sql(create)
             continue
         except IntegrityError:
@@ -166,7 +166,8 @@ def prepare_staging(conn: Connection) -> None:
             f"DELETE FROM {table.name} WHERE rowid NOT IN "
             f"(SELECT max(rowid) FROM {table.name} GROUP BY run_id, sourced_id)"
         )
-        conn.exec_driver_sql(create)
+        with index_build(conn, table.name):
+            conn.exec_driver_sql(create)
 
 
 def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> None:

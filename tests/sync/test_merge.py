@@ -8,14 +8,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from rostersync.config.models import Settings
 from rostersync.source.records import RosterEnrollment
 from rostersync.source.rows import StagedBatch, enrollment_tuple
 from rostersync.source.testdata import small_roster
+from rostersync.store import db
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync import mirror
+from rostersync.sync import staging as staging_step
 from rostersync.sync.staging import clear_staging, prepare_staging, stage
 from tests.sync.helpers import groups, snapshot, sync
 
@@ -293,3 +296,66 @@ def test_a_changed_record_with_a_new_fingerprint_is_updated_in_place(sqlite_stor
         row = conn.execute(text("SELECT status, fp FROM roster_enrollment")).one()
         assert tuple(row) == ("tobedeleted", 22)
         assert conn.execute(text("SELECT count(*) FROM index_writes")).scalar_one() == 0
+
+
+def _sort_settings(conn: Any) -> tuple[int, int]:
+    return (
+        conn.exec_driver_sql("PRAGMA cache_size").scalar(),
+        conn.exec_driver_sql("PRAGMA threads").scalar(),
+    )
+
+
+def test_sqlite_builds_a_large_tables_indexes_in_small_sort_runs(sqlite_store: Store) -> None:
+    """SQLite sorts a large table's index in runs of 8 MiB (a page cache that small, a helper
+    thread) and gives the connection its cache back afterwards, also when the build fails;
+    a small table's index is sorted with the whole cache."""
+    big = (-db.SQLITE_SORT_KIB, 2)
+    usual = (-db.SQLITE_CACHE_KIB, 0)
+    with sqlite_store.write() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (v INTEGER)")
+        conn.exec_driver_sql(
+            "INSERT INTO t WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+            f"WHERE i < {db.SORT_RUNS_MIN_ROWS}) SELECT i % 7 FROM n"
+        )
+        conn.exec_driver_sql("CREATE TABLE small (v INTEGER)")
+        conn.exec_driver_sql("INSERT INTO small VALUES (1), (1)")
+        with db.index_build(conn, "small"):
+            assert _sort_settings(conn) == usual
+            conn.exec_driver_sql("CREATE INDEX ix_small ON small (v)")
+        with db.index_build(conn, "t"):
+            assert _sort_settings(conn) == big
+            conn.exec_driver_sql("CREATE INDEX ix_t ON t (v)")
+        assert _sort_settings(conn) == usual
+        with pytest.raises(IntegrityError), db.index_build(conn, "t"):
+            conn.exec_driver_sql("CREATE UNIQUE INDEX ux_t ON t (v)")  # v repeats
+        assert _sort_settings(conn) == usual
+        count = conn.exec_driver_sql("SELECT count(*) FROM t").scalar()
+        assert count == db.SORT_RUNS_MIN_ROWS
+        indexes = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master")}
+        assert {"ix_t", "ix_small"} <= indexes and "ux_t" not in indexes
+
+
+async def test_a_first_load_and_the_staging_key_sort_in_runs_when_large(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load's index builds and the apply's staging key go through index_build (on
+    SQLite, with a threshold this small, in sort runs); the sync's outcome is the usual one."""
+    monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
+    monkeypatch.setattr(db, "SORT_RUNS_MIN_ROWS", 1)
+    tables: list[str] = []
+    real = db.index_build
+
+    def spy(conn: Any, table: str) -> Any:
+        tables.append(table)
+        return real(conn, table)
+
+    monkeypatch.setattr(merging, "index_build", spy)
+    monkeypatch.setattr(staging_step, "index_build", spy)
+    report = await sync(make_settings(), store, small_roster())
+    assert report.status == "succeeded"
+    assert {"roster_enrollment", "roster_person"} <= set(tables)
+    assert {m["sourced_id"] for m in groups(store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
+    if store.engine.dialect.name == "sqlite":  # PostgreSQL's staging keeps its key
+        assert "staging_enrollment" in tables
+        with store.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -db.SQLITE_CACHE_KIB
