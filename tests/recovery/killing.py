@@ -275,7 +275,8 @@ def run_trials(
         assert trial.exit_code in (None, 0), f"trial {n} (seed {seed}):\n{trial.stderr[-3000:]}"
     final, _ = bench.sync()
     assert final.returncode == 0, f"seed {seed}:\n{final.stdout}\n{final.stderr[-3000:]}"
-    assert bench.leftovers() == dict.fromkeys(bench.leftovers(), 0)
+    left = bench.leftovers()
+    assert left == dict.fromkeys(left, 0), f"seed {seed}: left behind {left}"
     assert bench.directory() == reference, f"seed {seed}: the directory differs"
     return phases
 
