@@ -141,9 +141,10 @@ def merge(
             if not fresh:
                 sql += upsert
             written[kind] += conn.execute(text(sql), params).rowcount or 0
-        with index_build(conn, mirror):
-            for index in rebuild:
-                conn.execute(CreateIndex(index))
+        if rebuild:
+            with index_build(conn, mirror):
+                for index in rebuild:
+                    conn.execute(CreateIndex(index))
         if refresh_fp and not fresh:
             _refresh_fingerprints(conn, mirror, staging, params)
         # Delete by id: the ids are known already, and an anti-join over a million-row

@@ -339,7 +339,8 @@ async def test_a_first_load_and_the_staging_key_sort_in_runs_when_large(
     store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first load's index builds and the apply's staging key go through index_build (on
-    SQLite, with a threshold this small, in sort runs); the sync's outcome is the usual one."""
+    SQLite, with a threshold this small, in sort runs); the sync's outcome is the usual one.
+    A later run, which rebuilds no index of the mirror, does not."""
     monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
     monkeypatch.setattr(db, "SORT_RUNS_MIN_ROWS", 1)
     tables: list[str] = []
@@ -359,3 +360,8 @@ async def test_a_first_load_and_the_staging_key_sort_in_runs_when_large(
         assert "staging_enrollment" in tables
         with store.read() as conn:
             assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -db.SQLITE_CACHE_KIB
+    tables.clear()
+    again = await sync(make_settings(), store, small_roster())
+    assert again.status == "succeeded"
+    # Nothing to rebuild: the mirror's tables, however large, keep the connection's cache.
+    assert not {"roster_enrollment", "roster_person", "roster_class"} & set(tables)
