@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from sqlalchemy import text
 
+from rostersync.resync.queue import INTERRUPTED_ERROR
 from rostersync.store.db import Store
 from rostersync.sync.staging import STAGING
 from tests.recovery.procs_helpers import descendants, wait_all_gone
@@ -204,7 +205,8 @@ class Bench:
             with store.read() as conn:
 
                 def count(sql: str) -> int:
-                    return int(conn.execute(text(sql)).scalar_one())
+                    given_up = {"given_up": INTERRUPTED_ERROR} if ":given_up" in sql else {}
+                    return int(conn.execute(text(sql), given_up).scalar_one())
 
                 return {
                     "running runs": count("SELECT count(*) FROM sync_run WHERE status = 'running'"),
@@ -212,11 +214,30 @@ class Bench:
                         count(f"SELECT count(*) FROM {t.name}") for t in STAGING.values()
                     ),
                     "unfinished jobs": count(
-                        "SELECT count(*) FROM resync_job WHERE state <> 'succeeded'"
+                        "SELECT count(*) FROM resync_job WHERE state <> 'succeeded' "
+                        "AND NOT (state = 'failed' AND last_error = :given_up)"
                     ),
                     "source leases": count("SELECT count(*) FROM source_lease"),
                     "registered processes": count("SELECT count(*) FROM instance"),
                 }
+        finally:
+            store.dispose()
+
+    def given_up(self) -> list[str]:
+        """The users whose resync jobs failed for good because the processes running them were
+        killed ``MAX_INTERRUPTIONS`` times (a job that keeps killing its process must not
+        crash-loop the daemon): with drains killed again and again, the designed outcome."""
+        store = Store(self.database)
+        try:
+            with store.read() as conn:
+                rows = conn.execute(
+                    text(
+                        'SELECT DISTINCT u.email FROM resync_job j JOIN "user" u '
+                        "ON u.id = j.user_id WHERE j.state = 'failed' AND j.last_error = :e"
+                    ),
+                    {"e": INTERRUPTED_ERROR},
+                )
+                return sorted(str(email) for (email,) in rows)
         finally:
             store.dispose()
 
@@ -275,6 +296,12 @@ def run_trials(
         assert trial.exit_code in (None, 0), f"trial {n} (seed {seed}):\n{trial.stderr[-3000:]}"
     final, _ = bench.sync()
     assert final.returncode == 0, f"seed {seed}:\n{final.stdout}\n{final.stderr[-3000:]}"
+    if given_up := bench.given_up():
+        # What the job's error tells an operator to do.
+        phases["jobs given up after kills"] += len(given_up)
+        users = [arg for email in given_up for arg in ("--user", email)]
+        resynced = bench.cli("resync", *users, "--wait")
+        assert resynced.returncode == 0, f"seed {seed}:\n{resynced.stderr[-3000:]}"
     left = bench.leftovers()
     assert left == dict.fromkeys(left, 0), f"seed {seed}: left behind {left}"
     assert bench.directory() == reference, f"seed {seed}: the directory differs"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from rostersync.resync.queue import INTERRUPTED_ERROR
 from rostersync.sampledata import DistrictSpec, generate_district
 from rostersync.store.db import Store
 from tests.daemon.conftest import (
@@ -136,3 +137,38 @@ def test_a_daemon_stopped_mid_sync_fails_the_run_and_clears_its_staging(
 def _scalar(store: Store, sql: str) -> Any:
     with store.read() as conn:
         return conn.execute(text(sql)).scalar()
+
+
+def test_a_job_given_up_after_repeated_kills_is_resynced_as_its_error_says(
+    district: dict[str, Any], reference: tuple[tuple[Any, Any], float], tmp_path: Path
+) -> None:
+    """Kills that land in drain after drain can interrupt one job MAX_INTERRUPTIONS times: it
+    fails for good by design. The attack then does what the job's error tells an operator
+    (`rostersync resync --user EMAIL`) and still requires the uninterrupted directory; any
+    other unfinished job is still a leftover."""
+    directory, seconds = reference
+    bench = Bench(tmp_path, sqlite_url(tmp_path), district)
+    done, _ = bench.sync()
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = Store(sqlite_url(tmp_path))
+    try:
+        with store.write() as conn:
+            uid = conn.execute(text("SELECT min(user_id) FROM group_owner")).scalar_one()
+            # As if its last job had been killed three times before it built the groups.
+            conn.execute(
+                text(
+                    "UPDATE resync_job SET state = 'failed', last_error = :e "
+                    "WHERE id = (SELECT max(id) FROM resync_job WHERE user_id = :u)"
+                ),
+                {"e": INTERRUPTED_ERROR, "u": uid},
+            )
+            owned = "SELECT group_id FROM group_owner WHERE user_id = :u"
+            conn.execute(text(f"DELETE FROM group_member WHERE group_id IN ({owned})"), {"u": uid})
+            conn.execute(text(f"DELETE FROM groups WHERE id IN ({owned})"), {"u": uid})
+    finally:
+        store.dispose()
+    assert bench.directory() != directory
+    assert bench.given_up() != []
+    phases = run_trials(bench, directory, seconds, 0, 1)
+    assert phases["jobs given up after kills"] == 1
+    assert bench.leftovers()["unfinished jobs"] == 0
