@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from rostersync.resync.queue import INTERRUPTED_ERROR
 from rostersync.store.db import Store
@@ -198,48 +198,50 @@ class Bench:
         assert users.returncode == 0 and groups.returncode == 0, users.stderr + groups.stderr
         return canonical(json.loads(users.stdout)), canonical(json.loads(groups.stdout))
 
-    def leftovers(self) -> dict[str, int]:
-        """What a finished, uninterrupted state must not hold."""
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction on the database, with a store opened and disposed of for it."""
         store = Store(self.database)
         try:
             with store.read() as conn:
-
-                def count(sql: str) -> int:
-                    given_up = {"given_up": INTERRUPTED_ERROR} if ":given_up" in sql else {}
-                    return int(conn.execute(text(sql), given_up).scalar_one())
-
-                return {
-                    "running runs": count("SELECT count(*) FROM sync_run WHERE status = 'running'"),
-                    "staged rows": sum(
-                        count(f"SELECT count(*) FROM {t.name}") for t in STAGING.values()
-                    ),
-                    "unfinished jobs": count(
-                        "SELECT count(*) FROM resync_job WHERE state <> 'succeeded' "
-                        "AND NOT (state = 'failed' AND last_error = :given_up)"
-                    ),
-                    "source leases": count("SELECT count(*) FROM source_lease"),
-                    "registered processes": count("SELECT count(*) FROM instance"),
-                }
+                yield conn
         finally:
             store.dispose()
+
+    def leftovers(self) -> dict[str, int]:
+        """What a finished, uninterrupted state must not hold."""
+        with self.read() as conn:
+
+            def count(sql: str, **params: Any) -> int:
+                return int(conn.execute(text(sql), params).scalar_one())
+
+            return {
+                "running runs": count("SELECT count(*) FROM sync_run WHERE status = 'running'"),
+                "staged rows": sum(
+                    count(f"SELECT count(*) FROM {t.name}") for t in STAGING.values()
+                ),
+                "unfinished jobs": count(
+                    "SELECT count(*) FROM resync_job WHERE state <> 'succeeded' "
+                    "AND NOT (state = 'failed' AND last_error = :given_up)",
+                    given_up=INTERRUPTED_ERROR,
+                ),
+                "source leases": count("SELECT count(*) FROM source_lease"),
+                "registered processes": count("SELECT count(*) FROM instance"),
+            }
 
     def given_up(self) -> list[str]:
         """The users whose resync jobs failed for good because the processes running them were
         killed ``MAX_INTERRUPTIONS`` times (a job that keeps killing its process must not
         crash-loop the daemon): with drains killed again and again, the designed outcome."""
-        store = Store(self.database)
-        try:
-            with store.read() as conn:
-                rows = conn.execute(
-                    text(
-                        'SELECT DISTINCT u.email FROM resync_job j JOIN "user" u '
-                        "ON u.id = j.user_id WHERE j.state = 'failed' AND j.last_error = :e"
-                    ),
-                    {"e": INTERRUPTED_ERROR},
-                )
-                return sorted(str(email) for (email,) in rows)
-        finally:
-            store.dispose()
+        with self.read() as conn:
+            rows = conn.execute(
+                text(
+                    'SELECT DISTINCT u.email FROM resync_job j JOIN "user" u '
+                    "ON u.id = j.user_id WHERE j.state = 'failed' AND j.last_error = :e"
+                ),
+                {"e": INTERRUPTED_ERROR},
+            )
+            return sorted(str(email) for (email,) in rows)
 
 
 def events(stderr: str) -> list[dict[str, Any]]:
@@ -334,14 +336,10 @@ def held_run(bench: Bench) -> int:
 def run_status(bench: Bench, run_id: int) -> tuple[str, bool]:
     """The run's stored status and whether its apply committed (``approved_at`` alone is
     set when an approval starts)."""
-    store = Store(bench.database)
-    try:
-        with store.read() as conn:
-            status = conn.execute(
-                text("SELECT status FROM sync_run WHERE id = :r"), {"r": run_id}
-            ).scalar_one()
-    finally:
-        store.dispose()
+    with bench.read() as conn:
+        status = conn.execute(
+            text("SELECT status FROM sync_run WHERE id = :r"), {"r": run_id}
+        ).scalar_one()
     return str(status), str(status) not in ("held", "running")
 
 
