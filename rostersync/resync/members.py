@@ -17,8 +17,8 @@ from rostersync.resync.groupplan import MemberKey, MemberValues, member_changes
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
 from rostersync.sync.rules import chunks
 
-_MEMBER_VALUES = """NULLIF(LOWER(TRIM(COALESCE(sp.email, ''))), '') AS email,
-        TRIM(COALESCE(sp.given_name, '') || ' ' || COALESCE(sp.family_name, '')) AS name"""
+#: A member's values, as the person's stored columns hold them (store.tables.MEMBER_EMAIL_SQL).
+_MEMBER_VALUES = "sp.member_email AS email, sp.member_name AS name"
 
 #: The members a group should have (alias ``g``): its class's active students, as stored.
 #: A student enrolled twice in one class appears twice (no DISTINCT: sorting a million rows

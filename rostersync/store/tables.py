@@ -27,6 +27,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Computed,
     DateTime,
     ForeignKey,
     Index,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     false,
     text,
@@ -240,11 +242,26 @@ def _fp_index(kind: str) -> Index:
 
 roster_org = Table("roster_org", metadata, *_org_cols(), _source(), _fp_index("org"))
 
+#: A person's values as a group member: the email lower-cased and trimmed (NULL when empty),
+#: and the name. Stored columns the database computes on every write (migration 0017): a
+#: student is a member of several groups, and a first load computed these per membership.
+MEMBER_EMAIL_SQL = "NULLIF(LOWER(TRIM(COALESCE(email, ''))), '')"
+MEMBER_NAME_SQL = "TRIM(COALESCE(given_name, '') || ' ' || COALESCE(family_name, ''))"
+
+
+def _member_cols() -> list[Column[Any]]:
+    return [
+        Column("member_email", Text, Computed(MEMBER_EMAIL_SQL, persisted=True)),
+        Column("member_name", Text, Computed(MEMBER_NAME_SQL, persisted=True)),
+    ]
+
+
 roster_person = Table(
     "roster_person",
     metadata,
     *_person_cols(),
     _source(),
+    *_member_cols(),
     Index("ix_roster_person_email", "source", "email"),
     _fp_index("person"),
 )
