@@ -86,7 +86,14 @@ def records_of(body: Any, key: str) -> list[Any]:
 def decode_records(
     collection: str, records: list[Any], *, as_rows: bool, fps: Sequence[int] | None = None
 ) -> DecodedPage:
-    first = records[0].get("sourcedId") if records and isinstance(records[0], dict) else None
+    head = records[0] if records else None
+    first = (
+        head.get("sourcedId")
+        if isinstance(head, dict)
+        else getattr(head, "sourcedId", None)
+        if isinstance(head, msgspec.Struct)
+        else None
+    )
     batch: list[RosterRecord] | StagedBatch
     if as_rows:
         batch = staged = rows_page(collection, records, fps)
@@ -121,7 +128,8 @@ def decode_page(
         if not skip:
             # Nothing to skip (a first load): one parse of the page is cheaper than one per
             # record, and yields the same list.
-            records = records_of(orjson.loads(content), collection)
+            typed = normalize.typed_page(collection, content)
+            records = records_of(orjson.loads(content), collection) if typed is None else typed
             return decode_records(collection, records, as_rows=True, fps=fps)
         order = array("q")
         kept: list[Any] = []
@@ -132,7 +140,7 @@ def decode_page(
                 order.append(~fp)
             else:
                 order.append(fp)
-                kept.append(orjson.loads(memoryview(raw)))
+                kept.append(normalize.typed_record(collection, memoryview(raw)))
                 kept_fps.append(fp)
         head = orjson.loads(memoryview(raws[0])) if raws else None
     except orjson.JSONDecodeError:

@@ -29,6 +29,9 @@ from functools import lru_cache
 from itertools import repeat
 from typing import Any, TypeVar
 
+import msgspec
+import orjson
+
 from rostersync.source.records import (
     AcademicSession,
     Rejected,
@@ -75,7 +78,10 @@ class _Bad(ValueError):
 
 
 def _sourced_id(raw: dict[str, Any]) -> str:
-    value = raw.get("sourcedId")
+    return _sourced_id_of(raw.get("sourcedId"))
+
+
+def _sourced_id_of(value: Any) -> str:
     if value.__class__ is str and value and not value[0].isspace() and not value[-1].isspace():
         return value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -86,7 +92,10 @@ def _sourced_id(raw: dict[str, Any]) -> str:
 
 
 def _status(raw: dict[str, Any]) -> Status:
-    value = raw.get("status")
+    return _status_of(raw.get("status"))
+
+
+def _status_of(value: Any) -> Status:
     if value == "active":
         return "active"
     if value is None or value == "":
@@ -105,7 +114,10 @@ def _parse_date(text: str) -> datetime:
 
 
 def _modified(raw: dict[str, Any]) -> datetime | None:
-    value = raw.get("dateLastModified")
+    return _modified_of(raw.get("dateLastModified"))
+
+
+def _modified_of(value: Any) -> datetime | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -123,18 +135,24 @@ _CANONICAL_DATE = re.compile(r"\d{4}-\d\d-\d\dT(?!24)\d\d:\d\d:\d\d\.\d{3}Z", re
 
 def _date_text(raw: dict[str, Any]) -> str | None:
     """``dateLastModified`` as a staging row holds it: ``rows.utc_text`` of :func:`_modified`."""
-    value = raw.get("dateLastModified")
+    return _date_text_of(raw.get("dateLastModified"))
+
+
+def _date_text_of(value: Any) -> str | None:
     if value.__class__ is str and _CANONICAL_DATE.fullmatch(value):
         try:
             datetime.fromisoformat(value)  # the checks of the full path: no 31 September
         except ValueError:
             raise _Bad(f"dateLastModified {value!r} is not a date-time") from None
         return f"{value[:10]} {value[11:23]}000"
-    return utc_text(_modified(raw))
+    return utc_text(_modified_of(value))
 
 
 def _bool(raw: dict[str, Any], key: str, default: bool) -> bool:
-    value = raw.get(key)
+    return _bool_of(raw.get(key), key, default)
+
+
+def _bool_of(value: Any, key: str, default: bool) -> bool:
     if value == "true" or value is True:
         return True
     if value == "false" or value is False:
@@ -157,10 +175,13 @@ def _text(raw: dict[str, Any], key: str) -> str | None:
 
 def _ref(value: Any) -> str | None:
     """A GUID reference's sourcedId; the href is never used."""
-    if value.__class__ is dict:
-        value = value.get("sourcedId")
-        if value.__class__ is str and value and not value[0].isspace() and not value[-1].isspace():
-            return value
+    return _ref_id(value.get("sourcedId") if value.__class__ is dict else value)
+
+
+def _ref_id(value: Any) -> str | None:
+    """A reference's sourcedId, or the reference given as a bare id (a string or a number)."""
+    if value.__class__ is str and value and not value[0].isspace() and not value[-1].isspace():
+        return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if isinstance(value, str) and value.strip():
@@ -369,10 +390,23 @@ def class_row(raw: dict[str, Any]) -> Row:
 
 
 def _enrollment_fields(raw: dict[str, Any]) -> tuple[str, str, str, str, Status, bool]:
-    status = _status(raw)
-    user_id = _ref(raw.get("user"))
-    class_id = _ref(raw.get("class"))
-    role = _role_name(raw.get("role"))
+    return _enrollment_values(
+        raw.get("sourcedId"),
+        raw.get("status"),
+        _ref(raw.get("user")),
+        _ref(raw.get("class")),
+        raw.get("role"),
+        raw.get("primary"),
+    )
+
+
+def _enrollment_values(
+    sid: Any, status_value: Any, user_id: str | None, class_id: str | None, role_value: Any,
+    primary_value: Any,
+) -> tuple[str, str, str, str, Status, bool]:  # fmt: skip
+    """An enrollment's fields from its values as sent (the references' ids already read)."""
+    status = _status_of(status_value)
+    role = _role_name(role_value)
     if status == "active":
         if user_id is None:
             raise _Bad("no user reference")
@@ -380,8 +414,8 @@ def _enrollment_fields(raw: dict[str, Any]) -> tuple[str, str, str, str, Status,
             raise _Bad("no class reference")
         if role is None:
             raise _Bad("no role")
-    sourced_id = _sourced_id(raw)
-    primary = _bool(raw, "primary", False)
+    sourced_id = _sourced_id_of(sid)
+    primary = _bool_of(primary_value, "primary", False)
     return sourced_id, class_id or "", user_id or "", role or "", status, primary
 
 
@@ -389,13 +423,88 @@ def normalize_enrollment(raw: dict[str, Any]) -> RosterEnrollment:
     return RosterEnrollment(*_enrollment_fields(raw), date_last_modified=_modified(raw))
 
 
-def enrollment_row(raw: dict[str, Any]) -> Row:
-    sid, class_id, user_id, role, status, primary = _enrollment_fields(raw)
+def enrollment_row(raw: dict[str, Any] | TypedEnrollment) -> Row:
+    if isinstance(raw, TypedEnrollment):
+        return _typed_enrollment_row(raw)
+    return _enrollment_row(_enrollment_fields(raw), raw.get("dateLastModified"))
+
+
+def _enrollment_row(fields: tuple[str, str, str, str, Status, bool], date_value: Any) -> Row:
+    sid, class_id, user_id, role, status, primary = fields
     return (
-        sid, class_id, user_id, role, status, primary, _date_text(raw),
+        sid, class_id, user_id, role, status, primary, _date_text_of(date_value),
         # what RosterEnrollment.content_hash joins, written out: a million calls
         digest_text(f"{class_id}\x1f{user_id}\x1f{role}\x1f{status}\x1f{primary}"),
     )  # fmt: skip
+
+
+# -- typed records ------------------------------------------------------------------------------
+# A conforming server's enrollment, decoded by msgspec straight into a struct of the fields a
+# row reads: no dict per record and per reference, and the keys nobody reads (metadata, href,
+# dates of the term) skipped while parsing. A value of another JSON type than these fails the
+# decode, and the page or record is decoded into dicts instead: the same rows either way.
+
+
+class _TypedRef(msgspec.Struct):
+    sourcedId: str | None = None
+
+
+class TypedEnrollment(msgspec.Struct, rename={"class_": "class"}):
+    sourcedId: str | None = None
+    status: str | None = None
+    dateLastModified: str | None = None
+    user: _TypedRef | None = None
+    class_: _TypedRef | None = None
+    role: str | None = None
+    primary: str | bool | None = None
+
+
+class _TypedEnrollments(msgspec.Struct):
+    enrollments: list[TypedEnrollment]
+
+
+def _typed_ref(ref: _TypedRef | None) -> str | None:
+    return None if ref is None else _ref_id(ref.sourcedId)
+
+
+def _typed_enrollment_row(e: TypedEnrollment) -> Row:
+    fields = _enrollment_values(
+        e.sourcedId, e.status, _typed_ref(e.user), _typed_ref(e.class_), e.role, e.primary
+    )
+    return _enrollment_row(fields, e.dateLastModified)
+
+
+_TYPED_PAGES: dict[str, msgspec.json.Decoder[Any]] = {
+    "enrollments": msgspec.json.Decoder(_TypedEnrollments),
+}
+_TYPED_RECORDS: dict[str, msgspec.json.Decoder[Any]] = {
+    "enrollments": msgspec.json.Decoder(TypedEnrollment),
+}
+
+
+def typed_page(collection: str, content: bytes) -> list[Any] | None:
+    """The page's records as typed structs, where the collection has them and every record
+    fits their types; else None (decode the page into dicts)."""
+    decoder = _TYPED_PAGES.get(collection)
+    if decoder is None:
+        return None
+    try:
+        page = decoder.decode(content)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    records: list[Any] = getattr(page, collection)
+    return records
+
+
+def typed_record(collection: str, raw: bytes | memoryview) -> Any:
+    """One record as a typed struct where it fits (see :func:`typed_page`), else as a dict."""
+    decoder = _TYPED_RECORDS.get(collection)
+    if decoder is not None:
+        try:
+            return decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass
+    return orjson.loads(raw)
 
 
 Normalizer = Callable[[dict[str, Any]], RosterOrg | RosterPerson | RosterClass | RosterEnrollment]
@@ -418,7 +527,7 @@ def _converted(
         try:
             yield convert(raw)
         except _Bad as exc:
-            sourced_id = raw.get("sourcedId")
+            sourced_id = raw.sourcedId if raw.__class__ is TypedEnrollment else raw.get("sourcedId")
             yield Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc))
         except AttributeError:
             if isinstance(raw, dict):

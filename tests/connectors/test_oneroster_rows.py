@@ -8,12 +8,31 @@ rejects is compared here, the lenient fallbacks included.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from connectors.oneroster.normalize import normalize_page, rows_page
+from connectors.oneroster.decode import (
+    DecodedPage,
+    DecodeError,
+    decode_page,
+    decode_records,
+    fingerprint,
+    records_of,
+    split_page,
+)
+from connectors.oneroster.normalize import (
+    TypedEnrollment,
+    normalize_page,
+    rows_page,
+    typed_page,
+    typed_record,
+)
 from rostersync.sampledata import DistrictSpec, generate_district
 from rostersync.source.records import RosterEnrollment
 from rostersync.source.rows import StagedBatch, enrollment_tuple, sort_batch
@@ -247,3 +266,147 @@ def test_the_decode_workers_import_only_what_decoding_uses() -> None:
     assert package.PLUGIN.type == "oneroster"
     assert package.PLUGIN is package.PLUGIN
     assert package.OneRosterSourceConfig.__name__ == "OneRosterSourceConfig"
+
+
+# -- typed records -------------------------------------------------------------------------------
+# Conforming enrollments are decoded straight into structs (normalize.typed_page): the rows,
+# rejections, dates and first id must be the dicts' exactly, and anything that does not fit
+# the structs' types must fall back to the dicts.
+
+
+def _page(collection: str, records: list[Any]) -> bytes:
+    # json, not orjson: a page may hold an integer beyond 64 bits, as a server may send.
+    return json.dumps({collection: records, "statusInfoSet": []}).encode()
+
+
+def _dict_decoded(collection: str, content: bytes) -> DecodedPage:
+    """The page decoded as before typed records: one orjson parse into dicts."""
+    fps = [fingerprint(raw) for raw in split_page(collection, content)]
+    records = records_of(orjson.loads(content), collection)
+    return decode_records(collection, records, as_rows=True, fps=fps)
+
+
+def _assert_same_page(got: DecodedPage, want: DecodedPage) -> None:
+    assert isinstance(got.batch, StagedBatch) and isinstance(want.batch, StagedBatch)
+    assert got.batch.rows == want.batch.rows
+    assert got.batch.rejected == want.batch.rejected
+    assert got.batch.newest == want.batch.newest
+    assert {k: list(v) for k, v in got.batch.order.items()} == {
+        k: list(v) for k, v in want.batch.order.items()
+    }
+    assert (got.length, got.first_id) == (want.length, want.first_id)
+
+
+def test_each_enrollment_shape_gives_the_same_row_typed_or_not() -> None:
+    """Each record of the corpus alone: typed where it fits the structs, else a dict, and the
+    same row or rejection either way (a bare id, a number, a true boolean fall back)."""
+    fitted = 0
+    for record in _enrollments():
+        content = json.dumps(record).encode()
+        decoded = typed_record("enrollments", content)
+        fitted += isinstance(decoded, TypedEnrollment)
+        got, want = rows_page("enrollments", [decoded]), rows_page("enrollments", [record])
+        assert (got.rows, got.rejected, got.newest) == (want.rows, want.rejected, want.newest)
+    assert 0 < fitted < len(_enrollments())  # both ways are exercised
+
+
+def test_a_conforming_page_is_decoded_typed_and_an_odd_one_as_dicts() -> None:
+    """A page of conforming records takes the typed path, one odd record sends the whole
+    page to the dicts, and both give what the dicts give."""
+    conforming = [
+        r
+        for r in _enrollments()
+        if isinstance(typed_record("enrollments", orjson.dumps(r)), TypedEnrollment)
+    ]
+    odd = [
+        *conforming,
+        {"sourcedId": "e-odd", "user": "u-9", "class": _ref("c-1"), "role": "student"},
+    ]
+    for records, typed in ((conforming, True), (odd, False)):
+        content = _page("enrollments", records)
+        assert (typed_page("enrollments", content) is not None) is typed
+        _assert_same_page(
+            decode_page("enrollments", content, True), _dict_decoded("enrollments", content)
+        )
+
+
+_TEXTS = st.sampled_from(["", " ", "x", " x ", "e-1", "Active", "\u00e9", "true", "false", "1"])
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.just(10**30),
+    st.just(1.5),
+    _TEXTS,
+    st.text(max_size=4),
+)
+_REFS = st.one_of(
+    _VALUES,
+    st.fixed_dictionaries({}, optional={"sourcedId": _VALUES, "href": _TEXTS, "type": _TEXTS}),
+    st.lists(_TEXTS, max_size=2),
+)
+_ENROLLMENT = st.fixed_dictionaries(
+    {},
+    optional={
+        "sourcedId": st.one_of(_VALUES, st.sampled_from(["e-1", "e-2", "e-3"])),
+        "status": st.one_of(_VALUES, st.sampled_from(["active", "tobedeleted", "inactive", "x"])),
+        "dateLastModified": st.one_of(
+            _VALUES, st.sampled_from([d for d in DATES if d is not None])
+        ),
+        "user": _REFS,
+        "class": _REFS,
+        "role": st.one_of(_VALUES, st.sampled_from(["student", "Teacher", " aide ", "guest"])),
+        "primary": _VALUES,
+        "metadata": st.one_of(st.none(), st.dictionaries(_TEXTS, _VALUES, max_size=2)),
+    },
+)
+
+
+_MAYBE_TEXT = st.one_of(st.none(), _TEXTS)
+#: Records of the types the structs take (their values still odd: blank ids, unknown
+#: statuses, dates of every form), so that most pages take the typed path.
+_TYPED_SHAPE = st.fixed_dictionaries(
+    {
+        "sourcedId": st.one_of(_MAYBE_TEXT, st.sampled_from(["e-1", "e-2", "e-3"])),
+        "user": st.one_of(st.none(), st.fixed_dictionaries({"sourcedId": _MAYBE_TEXT})),
+        "class": st.fixed_dictionaries({"sourcedId": _MAYBE_TEXT, "href": _TEXTS}),
+    },
+    optional={
+        "status": st.one_of(st.none(), st.sampled_from(["active", "tobedeleted", "x", ""])),
+        "dateLastModified": st.sampled_from([d for d in DATES if isinstance(d, str)]),
+        "role": st.one_of(_MAYBE_TEXT, st.sampled_from(["student", "Teacher", " aide "])),
+        "primary": st.one_of(st.none(), st.booleans(), _TEXTS),
+        "metadata": st.dictionaries(_TEXTS, _VALUES, max_size=2),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(st.one_of(_TYPED_SHAPE, _TYPED_SHAPE, _ENROLLMENT, _VALUES), max_size=6),
+    skip=st.sets(st.integers(0, 5)),
+)
+def test_any_enrollment_page_decodes_as_the_dicts_decode_it(
+    records: list[Any], skip: set[int]
+) -> None:
+    """Random pages of enrollments, typed or odd, whole or with known records left out: the
+    rows, rejections, order and first id are those of the dicts (or the same DecodeError)."""
+    content = _page("enrollments", records)
+    try:
+        want = _dict_decoded("enrollments", content)
+    except orjson.JSONDecodeError:
+        with pytest.raises(DecodeError):
+            decode_page("enrollments", content, True)
+        return
+    event("typed page" if typed_page("enrollments", content) is not None else "dict page")
+    _assert_same_page(decode_page("enrollments", content, True), want)
+    raws = split_page("enrollments", content)
+    known = {fingerprint(raws[i]) for i in skip if i < len(raws)}
+    if known:
+        got = decode_page("enrollments", content, True, known)
+        parsed = records_of(orjson.loads(content), "enrollments")  # as orjson reads numbers
+        kept = [r for raw, r in zip(raws, parsed, strict=True) if fingerprint(raw) not in known]
+        assert isinstance(got.batch, StagedBatch)
+        fps = [fingerprint(raw) for raw in raws if fingerprint(raw) not in known]
+        dicts = rows_page("enrollments", kept, fps)
+        assert (got.batch.rows, got.batch.rejected) == (dicts.rows, dicts.rejected)
