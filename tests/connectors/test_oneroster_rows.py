@@ -410,3 +410,19 @@ def test_any_enrollment_page_decodes_as_the_dicts_decode_it(
         fps = [fingerprint(raw) for raw in raws if fingerprint(raw) not in known]
         dicts = rows_page("enrollments", kept, fps)
         assert (got.batch.rows, got.batch.rejected) == (dicts.rows, dicts.rejected)
+
+
+def test_a_page_naming_its_list_twice_is_read_by_its_last_list_either_way() -> None:
+    """Hostile JSON: two ``enrollments`` keys. The raw split (fingerprints), the typed decode
+    and orjson all take the last list, so each row keeps its own record's fingerprint."""
+    one = {"sourcedId": "e-a", "user": _ref("u-1"), "class": _ref("c-1"), "role": "student"}
+    two = [{**one, "sourcedId": "e-b"}, {**one, "sourcedId": "e-c"}]
+    content = (
+        b'{"enrollments": ' + json.dumps([one]).encode() + b', "enrollments": '
+        + json.dumps(two).encode() + b"}"
+    )  # fmt: skip
+    assert typed_page("enrollments", content) is not None
+    got = decode_page("enrollments", content, True)
+    _assert_same_page(got, _dict_decoded("enrollments", content))
+    assert isinstance(got.batch, StagedBatch)
+    assert [r[0] for r in got.batch.rows["enrollment"]] == ["e-b", "e-c"]
