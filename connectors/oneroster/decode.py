@@ -87,13 +87,8 @@ def decode_records(
     collection: str, records: list[Any], *, as_rows: bool, fps: Sequence[int] | None = None
 ) -> DecodedPage:
     head = records[0] if records else None
-    first = (
-        head.get("sourcedId")
-        if isinstance(head, dict)
-        else getattr(head, "sourcedId", None)
-        if isinstance(head, msgspec.Struct)
-        else None
-    )
+    # A dict, a typed struct (normalize.typed_page), or a record that is not an object.
+    first = head.get("sourcedId") if isinstance(head, dict) else getattr(head, "sourcedId", None)
     batch: list[RosterRecord] | StagedBatch
     if as_rows:
         batch = staged = rows_page(collection, records, fps)

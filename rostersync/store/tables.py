@@ -248,20 +248,13 @@ roster_org = Table("roster_org", metadata, *_org_cols(), _source(), _fp_index("o
 MEMBER_EMAIL_SQL = "NULLIF(LOWER(TRIM(COALESCE(email, ''))), '')"
 MEMBER_NAME_SQL = "TRIM(COALESCE(given_name, '') || ' ' || COALESCE(family_name, ''))"
 
-
-def _member_cols() -> list[Column[Any]]:
-    return [
-        Column("member_email", Text, Computed(MEMBER_EMAIL_SQL, persisted=True)),
-        Column("member_name", Text, Computed(MEMBER_NAME_SQL, persisted=True)),
-    ]
-
-
 roster_person = Table(
     "roster_person",
     metadata,
     *_person_cols(),
     _source(),
-    *_member_cols(),
+    Column("member_email", Text, Computed(MEMBER_EMAIL_SQL, persisted=True)),
+    Column("member_name", Text, Computed(MEMBER_NAME_SQL, persisted=True)),
     Index("ix_roster_person_email", "source", "email"),
     _fp_index("person"),
 )
