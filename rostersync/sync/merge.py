@@ -185,6 +185,19 @@ def _refresh_fingerprints(
 
 # -- planner statistics ---------------------------------------------------------------------
 
+#: The statistics target of these ANALYZEs (PostgreSQL's default: 100). It sets the sample:
+#: 300 rows per unit, and a first load's three mirror tables took 0.47 s at 100, 0.1 s at 20.
+#: The plans these statistics decide (index probe or scan, join order) follow the tables'
+#: sizes, not fine histograms; autovacuum re-samples at the server's own target later.
+STATISTICS_TARGET = 30
+
+
+def _analyze(conn: Connection, tables: str) -> None:
+    """ANALYZE with this module's smaller sample, for this transaction only (SET LOCAL); a
+    column given its own target (ALTER TABLE ... SET STATISTICS) keeps it."""
+    conn.execute(text(f"SET LOCAL default_statistics_target = {STATISTICS_TARGET}"))
+    conn.execute(text(f"ANALYZE {tables}"))
+
 
 def refresh_statistics(conn: Connection, written: Mapping[str, int]) -> list[str]:
     """Fresh PostgreSQL planner statistics for the mirror tables this merge changed much;
@@ -213,7 +226,7 @@ def refresh_statistics(conn: Connection, written: Mapping[str, int]) -> list[str
     )
     stale = [t for t, n in sorted(changed.items()) if n >= 50 + 0.1 * max(sizes.get(t, 0), 0)]
     if stale:
-        conn.execute(text(f"ANALYZE {', '.join(stale)}"))
+        _analyze(conn, ", ".join(stale))
     return stale
 
 
@@ -227,4 +240,4 @@ def refresh_directory_statistics(conn: Connection, *, members: bool = True) -> N
     """
     if conn.dialect.name == "postgresql":
         tables = '"user", user_identity, groups, group_owner'
-        conn.execute(text(f"ANALYZE {tables}{', group_member' if members else ''}"))
+        _analyze(conn, f"{tables}{', group_member' if members else ''}")

@@ -19,7 +19,11 @@ from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batc
 from rostersync.store.db import Store, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync import staging as staging_step
-from rostersync.sync.merge import refresh_directory_statistics, refresh_statistics
+from rostersync.sync.merge import (
+    STATISTICS_TARGET,
+    refresh_directory_statistics,
+    refresh_statistics,
+)
 from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
 from tests.directoryrows import add_user
 
@@ -668,6 +672,35 @@ def test_mirror_statistics_are_refreshed_after_large_changes_only(store: Store) 
     with store.write() as conn:
         assert refresh_statistics(conn, {"person": 60}) == []  # below 50 + 200 / 10
         assert refresh_statistics(conn, {"person": 70}) == ["roster_person"]
+
+
+@pytest.mark.postgres
+def test_statistics_are_sampled_at_the_smaller_target_for_that_transaction_only(
+    pg_store: Store,
+) -> None:
+    """The ANALYZE after a load samples at STATISTICS_TARGET (a histogram of at most that
+    many buckets over 200 distinct ids, where the server's default gives 100), and the
+    setting ends with the transaction: later work on the connection samples as configured."""
+    people = [{"sid": f"p-{n:03}"} for n in range(200)]
+    with pg_store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name,"
+                " enabled, org_ids, status, row_hash) VALUES ('mem', :sid, 'student', 'A', 'B',"
+                " true, '', 'active', 'h')"
+            ),
+            people,
+        )
+        assert refresh_statistics(conn, {"person": 200}) == ["roster_person"]
+    bounds = (
+        "SELECT cardinality(histogram_bounds) FROM pg_stats "
+        "WHERE schemaname = current_schema() AND tablename = 'roster_person' "
+        "AND attname = 'sourced_id'"
+    )
+    with pg_store.read() as conn:
+        assert 2 <= conn.execute(text(bounds)).scalar_one() <= STATISTICS_TARGET + 1
+        default = conn.execute(text("SHOW default_statistics_target")).scalar_one()
+    assert int(default) > STATISTICS_TARGET
 
 
 def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
