@@ -229,6 +229,7 @@ def load_directory(conn: Connection, rows: Sequence[RowInput], settings: Setting
                     "SELECT sourced_id, lower(username) FROM roster_person "
                     "WHERE source = :src AND lower(username) IN :names ORDER BY sourced_id",
                     "names",
+                    dialect=conn.dialect.name,
                 ),
                 {"src": source, "names": chunk},
             ):
@@ -241,6 +242,7 @@ def load_directory(conn: Connection, rows: Sequence[RowInput], settings: Setting
                     "SELECT external_id, user_id FROM user_identity "
                     "WHERE source = :src AND external_id IN :ids",
                     "ids",
+                    dialect=conn.dialect.name,
                 ),
                 {"src": source, "ids": chunk},
             ):
@@ -263,6 +265,7 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
             in_text(
                 'SELECT id, email, display_name, status, delegated FROM "user" WHERE email IN :e',
                 "e",
+                dialect=conn.dialect.name,
             ),
             {"e": chunk},
         ):
@@ -283,6 +286,7 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
                 "SELECT ur.user_id, r.name FROM user_role ur JOIN role r ON r.id = ur.role_id "
                 "WHERE ur.user_id IN :u ORDER BY r.name",
                 "u",
+                dialect=conn.dialect.name,
             ),
             p,
         ):
@@ -292,17 +296,25 @@ def _users(conn: Connection, emails: Iterable[str]) -> dict[str, UserInfo]:
                 "SELECT us.user_id, s.name FROM user_site us JOIN site s ON s.id = us.site_id "
                 "WHERE us.user_id IN :u ORDER BY s.name",
                 "u",
+                dialect=conn.dialect.name,
             ),
             p,
         ):
             sites[uid].append(name)
         for uid, gid in conn.execute(
-            in_text("SELECT user_id, group_id FROM group_owner WHERE user_id IN :u", "u"), p
+            in_text(
+                "SELECT user_id, group_id FROM group_owner WHERE user_id IN :u",
+                "u",
+                dialect=conn.dialect.name,
+            ),
+            p,
         ):
             groups[uid].add(gid)
         for uid, src, ext in conn.execute(
             in_text(
-                "SELECT user_id, source, external_id FROM user_identity WHERE user_id IN :u", "u"
+                "SELECT user_id, source, external_id FROM user_identity WHERE user_id IN :u",
+                "u",
+                dialect=conn.dialect.name,
             ),
             p,
         ):
@@ -333,6 +345,7 @@ def _roster_linked(conn: Connection, user_ids: set[int]) -> set[int]:
         "SELECT DISTINCT user_id FROM user_identity WHERE user_id IN :u "
         "AND external_id NOT LIKE 'username:%'",
         "u",
+        dialect=conn.dialect.name,
     )
     for chunk in chunks(sorted(user_ids)):
         out |= {uid for (uid,) in conn.execute(sql, {"u": chunk})}

@@ -172,7 +172,7 @@ def rebuild_groups(
 
 
 def _read_wanted(conn: Connection, uids: Sequence[int], teacher_roles: Sequence[str]) -> Wanted:
-    desired_sql = in_text(_desired_sql(conn, teacher_roles), "uids")
+    desired_sql = in_text(_desired_sql(conn, teacher_roles), "uids", dialect=conn.dialect.name)
     roles = teacher_role_params(teacher_roles)
     rows: list[Any] = []  # (user id, source, class, title)
     for chunk in chunks(uids):
@@ -194,6 +194,7 @@ def _read_groups(
                 "JOIN group_owner o ON o.group_id = g.id "
                 "WHERE o.user_id IN :uids AND o.origin = 'roster'",
                 "uids",
+                dialect=conn.dialect.name,
             ),
             {"uids": chunk},
         )
@@ -217,7 +218,7 @@ def _groups_of_classes(
             text(sql.replace("IN :ids", "= ANY(:ids)")), {"src": src, "ids": list(classes)}
         )
         return {(src, ext): (gid, name) for gid, ext, name in rows}
-    stmt = in_text(sql, "ids")
+    stmt = in_text(sql, "ids", dialect=conn.dialect.name)
     for chunk in chunks(classes):
         for gid, ext, name in conn.execute(stmt, {"src": src, "ids": chunk}):
             found[(src, ext)] = (gid, name)
@@ -286,7 +287,7 @@ def _sync_owners(
 ) -> set[int]:
     """Make the wanted groups' roster owners every active provisioned teacher of their class;
     returns the ids of the groups whose owners changed."""
-    owners_sql = in_text(_owners_sql(conn, teacher_roles), "ids")
+    owners_sql = in_text(_owners_sql(conn, teacher_roles), "ids", dialect=conn.dialect.name)
     roles = teacher_role_params(teacher_roles)
     want: set[OwnerPair] = set()
     for src, classes in by_source.items():
@@ -304,6 +305,7 @@ def _sync_owners(
                     "SELECT group_id, user_id FROM group_owner "
                     "WHERE group_id IN :ids AND origin = 'roster'",
                     "ids",
+                    dialect=conn.dialect.name,
                 ),
                 {"ids": chunk},
             )
@@ -348,6 +350,7 @@ def _read_member_marks(
     stmt = in_text(
         "SELECT class_id, person_id FROM dirty_member WHERE source = :src AND class_id IN :ids",
         "ids",
+        dialect=conn.dialect.name,
     )
     for src, classes in by_source.items():
         rest = [c for c in classes if (src, c) not in refresh]
@@ -367,7 +370,11 @@ def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int],
         # owner. Locked in id order, the second waits and then sees the first's delete.
         for chunk in chunks(sorted(let_go)):
             conn.execute(
-                in_text("SELECT id FROM groups WHERE id IN :ids ORDER BY id FOR UPDATE", "ids"),
+                in_text(
+                    "SELECT id FROM groups WHERE id IN :ids ORDER BY id FOR UPDATE",
+                    "ids",
+                    dialect=conn.dialect.name,
+                ),
                 {"ids": chunk},
             )
     executemany(
@@ -380,8 +387,15 @@ def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int],
     removed = let_go - kept
     for chunk in chunks(sorted(removed)):
         params = {"ids": chunk}
-        conn.execute(in_text("DELETE FROM group_member WHERE group_id IN :ids", "ids"), params)
-        conn.execute(in_text("DELETE FROM groups WHERE id IN :ids", "ids"), params)
+        conn.execute(
+            in_text(
+                "DELETE FROM group_member WHERE group_id IN :ids", "ids", dialect=conn.dialect.name
+            ),
+            params,
+        )
+        conn.execute(
+            in_text("DELETE FROM groups WHERE id IN :ids", "ids", dialect=conn.dialect.name), params
+        )
     return kept, removed
 
 

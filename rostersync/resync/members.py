@@ -73,7 +73,9 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         # benchmarks README's history).
         want: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
-            for g, sid, email, name in conn.execute(in_text(_DESIRED_MEMBERS, "ids"), params)
+            for g, sid, email, name in conn.execute(
+                in_text(_DESIRED_MEMBERS, "ids", dialect=conn.dialect.name), params
+            )
         }
         have: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
@@ -82,6 +84,7 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
                     "SELECT group_id, sourced_id, email, name FROM group_member "
                     "WHERE group_id IN :ids",
                     "ids",
+                    dialect=conn.dialect.name,
                 ),
                 params,
             )
@@ -175,7 +178,9 @@ def update_members(
 
 def stamp_updated(conn: Connection, group_ids: Sequence[int], now: datetime) -> None:
     """Every group gets the same time, so a statement per 500 ids, not one per group."""
-    stmt = in_text("UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids").bindparams(
+    stmt = in_text(
+        "UPDATE groups SET updated_at = :now WHERE id IN :ids", "ids", dialect=conn.dialect.name
+    ).bindparams(
         bindparam("now", type_=DateTime(timezone=True))  # stored as the ORM stores it
     )
     for chunk in chunks(sorted(group_ids)):

@@ -354,6 +354,7 @@ def queued_jobs(conn: Connection, user_ids: Iterable[int]) -> list[tuple[int, bo
                     "SELECT user_id, refresh, live FROM resync_job "
                     "WHERE state = 'queued' AND user_id IN :ids",
                     "ids",
+                    dialect=conn.dialect.name,
                 ),
                 {"ids": chunk},
             )

@@ -151,7 +151,9 @@ def _members(conn: Connection, table: str, ids: Iterable[int]) -> dict[int, dict
     out: dict[int, dict[str, Member]] = {}
     sql = f"SELECT group_id, sourced_id, email, name FROM {table} WHERE group_id IN :ids"
     for chunk in chunks(sorted(set(ids))):
-        for gid, sid, email, name in conn.execute(in_text(sql, "ids"), {"ids": chunk}):
+        for gid, sid, email, name in conn.execute(
+            in_text(sql, "ids", dialect=conn.dialect.name), {"ids": chunk}
+        ):
             out.setdefault(int(gid), {})[sid] = (sid, email, name)
     return out
 
@@ -160,7 +162,7 @@ def _member_counts(conn: Connection, table: str, ids: Iterable[int]) -> dict[int
     out: dict[int, int] = {}
     sql = f"SELECT group_id, count(*) FROM {table} WHERE group_id IN :ids GROUP BY group_id"
     for chunk in chunks(sorted(set(ids))):
-        for gid, n in conn.execute(in_text(sql, "ids"), {"ids": chunk}):
+        for gid, n in conn.execute(in_text(sql, "ids", dialect=conn.dialect.name), {"ids": chunk}):
             out[int(gid)] = int(n)
     return out
 
@@ -169,7 +171,9 @@ def _emails(conn: Connection, user_ids: Iterable[int]) -> dict[int, tuple[str, s
     out: dict[int, tuple[str, str]] = {}
     sql = 'SELECT id, email, display_name FROM "user" WHERE id IN :ids'
     for chunk in chunks(sorted(set(user_ids))):
-        for uid, email, name in conn.execute(in_text(sql, "ids"), {"ids": chunk}):
+        for uid, email, name in conn.execute(
+            in_text(sql, "ids", dialect=conn.dialect.name), {"ids": chunk}
+        ):
             out[int(uid)] = (email, name)
     return out
 
@@ -181,7 +185,9 @@ def _persons(conn: Connection, source: str, user_ids: Iterable[int]) -> dict[int
         "ORDER BY external_id"
     )
     for chunk in chunks(sorted(set(user_ids))):
-        for uid, ext in conn.execute(in_text(sql, "ids"), {"src": source, "ids": chunk}):
+        for uid, ext in conn.execute(
+            in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
+        ):
             out.setdefault(int(uid), []).append(ext)
     return out
 
@@ -200,7 +206,7 @@ def _why_not_teaching(
     )
     for chunk in chunks(ids):
         for sid, status, enabled, roles in conn.execute(
-            in_text(sql, "ids"), {"src": source, "ids": chunk}
+            in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
         ):
             found[sid] = (status, bool(enabled), roles or "")
     wanted = {r.lower() for r in teacher_roles}

@@ -272,6 +272,7 @@ def _enrollments_by_id(
         "SELECT sourced_id, class_id, user_id, role FROM roster_enrollment "
         "WHERE source = :src AND sourced_id IN :ids",
         "ids",
+        dialect=conn.dialect.name,
     )
     out: list[tuple[str, str, str, str]] = []
     for chunk in chunks(sorted(ids)):
@@ -371,6 +372,7 @@ def enrollments_of_persons(
         f"SELECT class_id, user_id, role FROM roster_enrollment {hint} "
         "WHERE source = :src AND user_id IN :ids",
         "ids",
+        dialect=conn.dialect.name,
     )
     out: set[tuple[str, str, str]] = set()
     for chunk in chunks(sorted(person_ids)):

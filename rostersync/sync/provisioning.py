@@ -28,7 +28,7 @@ def _rows_for(
     if only is None:
         yield from conn.execute(text(sql), dict(params))
         return
-    stmt = in_text(f"{sql} AND {column} IN :only", "only")
+    stmt = in_text(f"{sql} AND {column} IN :only", "only", dialect=conn.dialect.name)
     for chunk in chunks(sorted(only)):
         yield from conn.execute(stmt, {**params, "only": chunk})
 
@@ -437,7 +437,7 @@ def source_identities(
     """
     for chunk in chunks(sorted(set(user_ids))):
         for uid, sid, given, family in conn.execute(
-            in_text(sql, "ids"), {"src": source, "ids": chunk}
+            in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
         ):
             name = " ".join(p for p in (given, family) if p).strip()
             out.setdefault(uid, []).append((sid, name))

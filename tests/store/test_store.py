@@ -16,7 +16,7 @@ from sqlalchemy import event, inspect, select, text
 from rostersync.errors import StoreError
 from rostersync.source.records import RosterPerson
 from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batch
-from rostersync.store.db import Store, schema_head
+from rostersync.store.db import Store, in_text, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync import staging as staging_step
 from rostersync.sync.merge import (
@@ -914,3 +914,31 @@ def test_a_lost_postgresql_connection_is_a_store_error_naming_the_server(
     with pg_store.read() as conn:
         names = conn.execute(text("SELECT name FROM site")).scalars().all()
     assert "Kept Nowhere" not in names
+
+
+@pytest.mark.parametrize(
+    "ids", [[1, 3], (2, 3), [1, 2, 3], []], ids=["list", "tuple", "all", "empty"]
+)
+def test_list_parameters_select_the_same_rows_on_each_database(
+    store: Store, ids: list[int] | tuple[int, ...]
+) -> None:
+    """``IN :ids`` and ``NOT IN :ids``, empty too: expanded on SQLite, one array on PostgreSQL
+    (``= ANY``, ``<> ALL``, which takes a set as well), with the same rows either way."""
+    for n in (1, 2, 3):
+        add_user(store, f"u{n}@example.org")
+    with store.read() as conn:
+        uids = [u for (u,) in conn.execute(text('SELECT id FROM "user" ORDER BY id'))]
+        chosen = [uids[i - 1] for i in ids]
+        stmt = in_text(
+            'SELECT id FROM "user" WHERE id IN :ids UNION ALL '
+            'SELECT -id FROM "user" WHERE id NOT IN :ids',
+            "ids",
+            dialect=conn.dialect.name,
+        )
+        given: list[Any] = [type(ids)(chosen)]
+        if store.is_postgres:
+            assert "= ANY(:ids)" in str(stmt) and "<> ALL(:ids)" in str(stmt)
+            given.append(set(chosen))
+        want = sorted([u for u in uids if u in chosen] + [-u for u in uids if u not in chosen])
+        for values in given:
+            assert sorted(r[0] for r in conn.execute(stmt, {"ids": values})) == want
