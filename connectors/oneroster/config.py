@@ -9,6 +9,8 @@ validation error never shows them.
 from __future__ import annotations
 
 import ssl
+import threading
+from concurrent.futures import Future
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -115,6 +117,22 @@ def _check_http_url(value: str) -> str:
     return value.strip().rstrip("/")
 
 
+#: TLS contexts being built ahead of their HTTP client, by CA bundle (None: the default
+#: store), each taken by the next http_client_options. Loading a CA store takes 25-60 ms and
+#: releases the interpreter lock, so a `sync` command builds it while it imports the engine.
+_TLS_AHEAD: dict[str | None, Future[ssl.SSLContext]] = {}
+
+
+def _tls_context(bundle: str | None) -> ssl.SSLContext:
+    """The context the HTTP client verifies servers with: httpx's own for ``verify=True``
+    (its CA store, or $SSL_CERT_FILE / $SSL_CERT_DIR), or the configured bundle's."""
+    if bundle is not None:
+        return ssl.create_default_context(cafile=bundle)
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 class OneRosterSourceConfig(ScopedSourceConfig):
     """A OneRoster 1.1/1.2 REST provider (ClassLink Roster Server and others)."""
 
@@ -187,13 +205,41 @@ class OneRosterSourceConfig(ScopedSourceConfig):
             return self.auth.scope or DEFAULT_SCOPES[self.version]
         return None
 
+    def prepare_http(self) -> None:
+        """Start building this source's TLS context in a thread (see _TLS_AHEAD)."""
+        if not self.verify_tls:
+            return
+        bundle = None if self.ca_bundle is None else str(self.ca_bundle)
+        if bundle in _TLS_AHEAD:
+            return
+        # Imported here, in the calling thread: the builder then imports nothing, and cannot
+        # wait on a module this thread is importing.
+        import certifi  # noqa: F401  (httpx's default CA store)
+        import httpx  # noqa: F401
+
+        ahead: Future[ssl.SSLContext] = Future()
+
+        def build() -> None:
+            try:
+                ahead.set_result(_tls_context(bundle))
+            except BaseException as exc:  # handed to http_client_options, which raises it
+                ahead.set_exception(exc)
+
+        _TLS_AHEAD[bundle] = ahead
+        threading.Thread(target=build, name="rostersync-tls", daemon=True).start()
+
     def http_client_options(self) -> dict[str, Any]:
         import httpx  # here: loading the config (every command does) needs no HTTP client
 
         verify: bool | ssl.SSLContext = self.verify_tls
-        if self.verify_tls and self.ca_bundle is not None:
-            # httpx 0.28 deprecates a path in `verify`; an SSLContext is the supported form.
-            verify = ssl.create_default_context(cafile=str(self.ca_bundle))
+        if self.verify_tls:
+            bundle = None if self.ca_bundle is None else str(self.ca_bundle)
+            ahead = _TLS_AHEAD.pop(bundle, None)
+            if ahead is not None:
+                verify = ahead.result()
+            elif bundle is not None:
+                # httpx 0.28 deprecates a path in `verify`; an SSLContext is the supported form.
+                verify = _tls_context(bundle)
         seconds = self.timeout.total_seconds()
         return {
             "timeout": httpx.Timeout(seconds),

@@ -33,6 +33,8 @@ async def _sync_and_drain(
     changes: bool = False,
     trigger: str = "cli",
 ) -> list[RunReport]:
+    for name in sources:  # before the imports below: see SourceConfig.prepare_http
+        app.settings.sources[name].prepare_http()
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
     from rostersync.sync.leasing import SourceBusy

@@ -71,6 +71,11 @@ class SourceConfig(StrictModel):
     )
     safety: SourceSafety | None = None
 
+    def prepare_http(self) -> None:
+        """Start, in the background, what http_client_options will need and is slow to make
+        (a TLS context). A command about to sync calls it before its heavy imports; the
+        default has nothing to prepare."""
+
     def http_client_options(self) -> dict[str, Any]:
         """Keyword arguments for the `httpx.AsyncClient` the engine builds for this source."""
         return {}

@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -254,3 +255,27 @@ def test_resync_live_wait_tells_of_the_records_the_source_rejected(config: Path)
     assert "last error or note" in listed[0]
     mine = invoke("--config", str(config), "groups", "list", "--user", teacher, "--json")
     assert "c-00001" in {g["external_id"] for g in json.loads(mine.stdout)}
+
+
+def test_sync_prepares_each_sources_http_before_it_builds_the_engine(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sync` asks each source it syncs to prepare its HTTP client's slow parts (a TLS
+    context, built in a thread) before it imports and builds the engine, so that the two
+    overlap."""
+    from rostersync.cli.app import App
+    from rostersync.config.source import SourceConfig
+
+    calls: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(
+        SourceConfig, "prepare_http", lambda self: calls.append(("prepare", self.type))
+    )
+    real_engine = App.engine
+
+    def engine(self: App, **kwargs: Any) -> Any:
+        calls.append(("engine", None))
+        return real_engine(self, **kwargs)
+
+    monkeypatch.setattr(App, "engine", engine)
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    assert calls == [("prepare", "oneroster_csv"), ("engine", None)]

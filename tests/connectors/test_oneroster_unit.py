@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -15,6 +16,7 @@ from typing import Any
 from urllib.parse import unquote
 from urllib.request import parse_http_list, parse_keqv_list
 
+import certifi
 import httpx
 import orjson
 import pytest
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from connectors.oneroster import PLUGIN, decode
+from connectors.oneroster import config as config_module
 from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector
@@ -949,6 +952,96 @@ def test_config_limits_and_secret_files(tmp_path: Path) -> None:
     assert cfg.http_client_options()["timeout"] == httpx.Timeout(45)
     assert cfg.page_size == 1000 and cfg.max_concurrency == 4 and cfg.verify_tls is True
     assert PLUGIN.type == "oneroster" and PLUGIN.config_model is OneRosterSourceConfig
+
+
+# -- the TLS context, built ahead -----------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_ahead(monkeypatch: pytest.MonkeyPatch) -> dict[str | None, Any]:
+    """An empty registry of contexts being built ahead, for this test alone."""
+    ahead: dict[str | None, Any] = {}
+    monkeypatch.setattr(config_module, "_TLS_AHEAD", ahead)
+    return ahead
+
+
+def _tls_source(tmp_path: Path, **keys: Any) -> OneRosterSourceConfig:
+    return OneRosterSourceConfig.model_validate(
+        {
+            "type": "oneroster",
+            "base_url": BASE,
+            "auth": {
+                "type": "oauth2",
+                "token_url": TOKEN_URL,
+                "client_id": "c",
+                "client_secret": "s",
+            },
+            **keys,
+        },
+        context={"base_dir": tmp_path},
+    )
+
+
+def test_a_tls_context_built_ahead_serves_the_next_client_once(
+    tmp_path: Path, tls_ahead: dict[str | None, Any]
+) -> None:
+    """prepare_http builds the default context in a thread; the next client options take it
+    (verifying as httpx's own would: hostname and certificate, its CA store), and a later
+    client builds its own as before."""
+    cfg = _tls_source(tmp_path)
+    cfg.prepare_http()
+    cfg.prepare_http()  # one build per CA store
+    assert list(tls_ahead) == [None]
+    verify = cfg.http_client_options()["verify"]
+    assert isinstance(verify, ssl.SSLContext)
+    assert verify.check_hostname and verify.verify_mode == ssl.CERT_REQUIRED
+    default = httpx.create_ssl_context()
+    assert verify.cert_store_stats() == default.cert_store_stats()
+    assert tls_ahead == {}
+    assert cfg.http_client_options()["verify"] is True
+
+
+def test_a_ca_bundle_context_built_ahead_trusts_that_bundle(
+    tmp_path: Path, tls_ahead: dict[str | None, Any]
+) -> None:
+    bundle = tmp_path / "district-ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    cfg = _tls_source(tmp_path, ca_bundle="district-ca.pem")
+    cfg.prepare_http()
+    verify = cfg.http_client_options()["verify"]
+    assert isinstance(verify, ssl.SSLContext)
+    want = ssl.create_default_context(cafile=str(bundle)).cert_store_stats()
+    assert verify.cert_store_stats() == want and want["x509_ca"] > 0
+    # Without a context built ahead the bundle is loaded in place, as it always was.
+    again = cfg.http_client_options()["verify"]
+    assert isinstance(again, ssl.SSLContext) and again is not verify
+
+
+def test_a_bundle_that_fails_while_built_ahead_fails_the_client_as_before(
+    tmp_path: Path, tls_ahead: dict[str | None, Any]
+) -> None:
+    """A bundle that became unreadable after the config was checked raises from the client
+    options, built ahead or not, with the same error."""
+    bundle = tmp_path / "district-ca.pem"
+    bundle.write_bytes(Path(certifi.where()).read_bytes())
+    cfg = _tls_source(tmp_path, ca_bundle="district-ca.pem")
+    bundle.write_text("not a certificate\n", encoding="utf-8")
+    with pytest.raises(ssl.SSLError) as in_place:
+        cfg.http_client_options()
+    cfg.prepare_http()
+    with pytest.raises(ssl.SSLError) as ahead:
+        cfg.http_client_options()
+    assert type(ahead.value) is type(in_place.value)
+    assert ahead.value.args == in_place.value.args
+
+
+def test_no_tls_context_is_built_when_verification_is_off(
+    tmp_path: Path, tls_ahead: dict[str | None, Any]
+) -> None:
+    cfg = _tls_source(tmp_path, verify_tls=False)
+    cfg.prepare_http()
+    assert tls_ahead == {}
+    assert cfg.http_client_options()["verify"] is False
 
 
 # -- decoding in worker processes ---------------------------------------------------------------
