@@ -118,8 +118,8 @@ def _check_http_url(value: str) -> str:
 
 
 #: TLS contexts being built ahead of their HTTP client, by CA bundle (None: the default
-#: store), each taken by the next http_client_options. Loading a CA store takes 25-60 ms and
-#: releases the interpreter lock, so a `sync` command builds it while it imports the engine.
+#: store), each taken by the next http_client_options. Loading a CA store is most of making
+#: a client and releases the interpreter lock, so `sync` builds it while it imports.
 _TLS_AHEAD: dict[str | None, Future[ssl.SSLContext]] = {}
 
 

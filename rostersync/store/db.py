@@ -305,10 +305,9 @@ def in_text(sql: str, *names: str, dialect: str | None = None) -> TextClause:
     """A text() statement whose ``:name`` parameters take lists (``IN :ids``).
 
     ``dialect`` "postgresql": each ``IN :name`` becomes ``= ANY(:name)`` and ``NOT IN :name``
-    ``<> ALL(:name)``, the list sent as one array. The same statement text for every list,
-    where an expanded ``IN`` renders and binds one parameter per value and is planned per
-    length: a first load's 10,000 group ids in chunks of 500 took 140-190 ms, 45-65 ms as
-    arrays."""
+    ``<> ALL(:name)``, the list sent as one array: one statement text for every list, where
+    an expanded ``IN`` renders and binds one parameter per value (see the benchmarks README's
+    history for what that cost)."""
     if dialect != "postgresql":
         return text(sql).bindparams(*(bindparam(n, expanding=True) for n in names))
     for name in names:

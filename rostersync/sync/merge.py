@@ -185,10 +185,10 @@ def _refresh_fingerprints(
 
 # -- planner statistics ---------------------------------------------------------------------
 
-#: The statistics target of these ANALYZEs (PostgreSQL's default: 100). It sets the sample:
-#: 300 rows per unit, and a first load's three mirror tables took 0.47 s at 100, 0.1 s at 20.
-#: The plans these statistics decide (index probe or scan, join order) follow the tables'
-#: sizes, not fine histograms; autovacuum re-samples at the server's own target later.
+#: The statistics target of these ANALYZEs (PostgreSQL's default: 100). It sets the sample,
+#: 300 rows per unit, and so the time a first load waits for it. The plans these statistics
+#: decide (index probe or scan, join order) follow the tables' sizes, not fine histograms;
+#: autovacuum re-samples at the server's own target later.
 STATISTICS_TARGET = 30
 
 
