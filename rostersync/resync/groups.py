@@ -211,14 +211,15 @@ def _groups_of_classes(
 ) -> dict[GroupKey, tuple[int, str]]:
     """The existing groups of these classes of a source: (id, name) by key."""
     found: dict[GroupKey, tuple[int, str]] = {}
-    sql = "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids"
+    stmt = in_text(
+        "SELECT id, external_id, name FROM groups WHERE source = :src AND external_id IN :ids",
+        "ids",
+        dialect=conn.dialect.name,
+    )
     if conn.dialect.name == "postgresql":
         # One statement over an array, not one per 500 classes (see ids_in).
-        rows = conn.execute(
-            text(sql.replace("IN :ids", "= ANY(:ids)")), {"src": src, "ids": list(classes)}
-        )
+        rows = conn.execute(stmt, {"src": src, "ids": classes})
         return {(src, ext): (gid, name) for gid, ext, name in rows}
-    stmt = in_text(sql, "ids", dialect=conn.dialect.name)
     for chunk in chunks(classes):
         for gid, ext, name in conn.execute(stmt, {"src": src, "ids": chunk}):
             found[(src, ext)] = (gid, name)

@@ -61,8 +61,8 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
     if new and conn.dialect.name == "postgresql":
         # One statement over an array for all the new groups: each statement hashes every
         # person of the source, once per 500 groups in IN-list chunks.
-        sql = _new_members_sql("postgresql").replace("g.id IN :ids", "g.id = ANY(:ids)")
-        conn.execute(text(sql), {"ids": sorted(group_ids)})
+        sql = in_text(_new_members_sql("postgresql"), "ids", dialect="postgresql")
+        conn.execute(sql, {"ids": sorted(group_ids)})
         return changed
     for chunk in chunks(sorted(group_ids)):
         params = {"ids": chunk}

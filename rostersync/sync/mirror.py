@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
 from rostersync.store.db import in_text
 from rostersync.sync.rules import chunks
@@ -82,7 +82,7 @@ def ids_in(conn: Connection, sql: str, values: Iterable[Any], **params: Any) -> 
     out: set[Any] = set()
     if conn.dialect.name == "postgresql":
         if ids := sorted(values):
-            stmt = text(sql.replace("IN :ids", "= ANY(:ids)"))
+            stmt = in_text(sql, "ids", dialect="postgresql")
             out = {r[0] for r in conn.execute(stmt, {**params, "ids": ids}) if r[0] is not None}
         return out
     stmt = in_text(sql, "ids")
