@@ -965,30 +965,13 @@ def tls_ahead(monkeypatch: pytest.MonkeyPatch) -> dict[str | None, Any]:
     return ahead
 
 
-def _tls_source(tmp_path: Path, **keys: Any) -> OneRosterSourceConfig:
-    return OneRosterSourceConfig.model_validate(
-        {
-            "type": "oneroster",
-            "base_url": BASE,
-            "auth": {
-                "type": "oauth2",
-                "token_url": TOKEN_URL,
-                "client_id": "c",
-                "client_secret": "s",
-            },
-            **keys,
-        },
-        context={"base_dir": tmp_path},
-    )
-
-
 def test_a_tls_context_built_ahead_serves_the_next_client_once(
-    tmp_path: Path, tls_ahead: dict[str | None, Any]
+    tls_ahead: dict[str | None, Any],
 ) -> None:
     """prepare_http builds the default context in a thread; the next client options take it
     (verifying as httpx's own would: hostname and certificate, its CA store), and a later
     client builds its own as before."""
-    cfg = _tls_source(tmp_path)
+    cfg = make_config()
     cfg.prepare_http()
     cfg.prepare_http()  # one build per CA store
     assert list(tls_ahead) == [None]
@@ -1006,7 +989,7 @@ def test_a_ca_bundle_context_built_ahead_trusts_that_bundle(
 ) -> None:
     bundle = tmp_path / "district-ca.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes())
-    cfg = _tls_source(tmp_path, ca_bundle="district-ca.pem")
+    cfg = make_config(ca_bundle=str(bundle))
     cfg.prepare_http()
     verify = cfg.http_client_options()["verify"]
     assert isinstance(verify, ssl.SSLContext)
@@ -1024,7 +1007,7 @@ def test_a_bundle_that_fails_while_built_ahead_fails_the_client_as_before(
     options, built ahead or not, with the same error."""
     bundle = tmp_path / "district-ca.pem"
     bundle.write_bytes(Path(certifi.where()).read_bytes())
-    cfg = _tls_source(tmp_path, ca_bundle="district-ca.pem")
+    cfg = make_config(ca_bundle=str(bundle))
     bundle.write_text("not a certificate\n", encoding="utf-8")
     with pytest.raises(ssl.SSLError) as in_place:
         cfg.http_client_options()
@@ -1035,10 +1018,8 @@ def test_a_bundle_that_fails_while_built_ahead_fails_the_client_as_before(
     assert ahead.value.args == in_place.value.args
 
 
-def test_no_tls_context_is_built_when_verification_is_off(
-    tmp_path: Path, tls_ahead: dict[str | None, Any]
-) -> None:
-    cfg = _tls_source(tmp_path, verify_tls=False)
+def test_no_tls_context_is_built_when_verification_is_off(tls_ahead: dict[str | None, Any]) -> None:
+    cfg = make_config(verify_tls=False)
     cfg.prepare_http()
     assert tls_ahead == {}
     assert cfg.http_client_options()["verify"] is False
