@@ -133,6 +133,12 @@ def ts_params(*names: str) -> list[BindParameter[Any]]:
 #: Most memory one SQLite connection may use for its page cache.
 SQLITE_CACHE_KIB = 128 * 1024
 
+#: The page size of a SQLite database rostersync creates (SQLite's default: 4 KiB). A first
+#: load's bulk inserts, index builds and member fills fill fewer, larger pages; the runs that
+#: change little measured the same or faster (tests/benchmarks/README.md). A database keeps
+#: the size it was created with.
+SQLITE_PAGE_BYTES = 16 * 1024
+
 
 #: SQLite's sort memory while it builds an index on a table of at least
 #: SORT_RUNS_MIN_ROWS rows (see index_build).
@@ -180,6 +186,9 @@ def _sqlite_setup(engine: Engine) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # Before WAL mode: a new database takes it before its first table; an existing one
+        # keeps its own (only a VACUUM outside WAL mode changes it).
+        cur.execute(f"PRAGMA page_size={SQLITE_PAGE_BYTES}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")

@@ -16,7 +16,7 @@ from sqlalchemy import event, inspect, select, text
 from rostersync.errors import StoreError
 from rostersync.source.records import RosterPerson
 from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batch
-from rostersync.store.db import Store, in_text, schema_head
+from rostersync.store.db import SQLITE_PAGE_BYTES, Store, in_text, schema_head
 from rostersync.store.tables import metadata
 from rostersync.sync import staging as staging_step
 from rostersync.sync.merge import (
@@ -236,8 +236,39 @@ def test_sqlite_uses_wal_and_a_busy_timeout(sqlite_store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -128 * 1024
 
 
+def test_a_new_sqlite_database_has_larger_pages_and_an_old_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """A database rostersync creates gets SQLITE_PAGE_BYTES pages; one created before (SQLite's
+    4 KiB) keeps its size, and works as before: the size of a file's pages is fixed."""
+    import sqlite3
+
+    new = Store(f"sqlite:///{tmp_path / 'new.db'}")
+    new.ensure_schema()
+    with new.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == SQLITE_PAGE_BYTES == 16384
+    new.dispose()
+    old_path = tmp_path / "old.db"
+    raw = sqlite3.connect(old_path)
+    raw.execute("PRAGMA page_size=4096")
+    raw.execute("PRAGMA journal_mode=WAL")
+    raw.execute("CREATE TABLE t (x)")  # the file now has its pages
+    raw.close()
+    old = Store(f"sqlite:///{old_path}")
+    old.upgrade()
+    add_user(old, "ann@example.org")
+    with old.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+        assert conn.exec_driver_sql('SELECT email FROM "user"').scalars().all() == [
+            "ann@example.org"
+        ]
+    old.dispose()
+
+
+#: A row a page (the blob nearly fills one), so the counts below are pages of log.
+PAGE = SQLITE_PAGE_BYTES
 BALLAST = (  # about 2,000 pages of log: more than SQLite's checkpoint threshold of 1,000
-    "INSERT INTO ballast SELECT randomblob(4000) FROM "
+    f"INSERT INTO ballast SELECT randomblob({PAGE - 96}) FROM "
     "(WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000) "
     "SELECT i FROM n)"
 )
@@ -278,19 +309,19 @@ def test_a_bulk_commit_leaves_the_wal_checkpoint_to_the_store_thread(
         conn.exec_driver_sql(BALLAST)
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
     assert pokes == [1]
-    assert path.stat().st_size < size + 1_000_000  # the pages are in the log only
+    assert path.stat().st_size < size + 250 * PAGE  # the pages are in the log only
     with store.read() as conn:  # the connection is back to SQLite's threshold
         assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 1000
     with store.write() as conn:  # a plain commit checkpoints itself: everything is copied
         conn.exec_driver_sql("INSERT INTO ballast VALUES (x'00')")
     assert pokes == [1]
-    assert path.stat().st_size > size + 8_000_000
+    assert path.stat().st_size > size + 1900 * PAGE
     monkeypatch.undo()
     with store.write(bulk=True) as conn:
         conn.exec_driver_sql(BALLAST)
     wait_for_checkpoint(checkpointer)
     assert checkpointer.checkpoints == 1
-    assert path.stat().st_size > size + 16_000_000
+    assert path.stat().st_size > size + 3900 * PAGE
     thread = checkpointer._thread
     assert thread is not None and thread.is_alive()
     store.dispose()
