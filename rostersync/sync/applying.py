@@ -215,7 +215,7 @@ class Applier:
             changes.missing,
             changes.in_place,
             changes.to_write,
-            refresh_fp=ctx.known is not None,
+            refresh_fp=ctx.known.staged if ctx.known is not None else None,
         )
         merging.refresh_statistics(conn, written)
         members_only = detect.populated_classes(conn, source, student_side)

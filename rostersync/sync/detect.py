@@ -380,11 +380,19 @@ def enrollments_of_persons(
     return out
 
 
+#: Below this many classes, :func:`teachers_of_classes` probes each without counting the
+#: source's classes first.
+TEACHER_PASS_MIN_CLASSES = 2000
+
+
 def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:
     """Person ids teaching these classes in the mirror (any status: old teachers count)."""
-    if len(class_ids) > 2000:
-        # Many classes (a first run, a big change): one pass over the teacher enrollments
-        # beats dozens of IN-list queries.
+    if len(class_ids) > TEACHER_PASS_MIN_CLASSES and 2 * len(class_ids) > _class_count(
+        conn, source
+    ):
+        # Most of the source's classes (a first run, a big change): one pass over all its
+        # teacher enrollments beats probing each class. Short of half, the probes cost less
+        # (a district's changed classes in a steady run are a few percent of its classes).
         rows = conn.execute(
             text(
                 "SELECT class_id, user_id FROM roster_enrollment "
@@ -399,6 +407,14 @@ def teachers_of_classes(conn: Connection, source: str, class_ids: set[str]) -> s
         "WHERE source = :src AND role = 'teacher' AND class_id IN :ids"
     )
     return ids_in(conn, sql, class_ids, src=source)
+
+
+def _class_count(conn: Connection, source: str) -> int:
+    return int(
+        conn.execute(
+            text("SELECT count(*) FROM roster_class WHERE source = :src"), {"src": source}
+        ).scalar_one()
+    )
 
 
 def populated_classes(conn: Connection, source: str, class_ids: set[str]) -> set[str]:

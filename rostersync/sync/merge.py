@@ -85,17 +85,18 @@ def merge(
     in_place: Mapping[str, set[str]] | None = None,
     to_write: Mapping[str, set[str]] | None = None,
     *,
-    refresh_fp: bool = False,
+    refresh_fp: Mapping[str, set[str]] | None = None,
 ) -> dict[str, int]:
     """Upsert changed staged rows into the mirror and sweep what a full run did not see
     (``missing``, from :func:`find_changes`; ``in_place``, its changed rows already in the
     mirror, lets SQLite leave their unchanged index entries alone; ``to_write``, all its new
     and changed rows, lets a run that changed little upsert just those instead of comparing
-    every staged row again). ``refresh_fp``: a row staged as the mirror holds it takes its
-    record's fingerprint, so that the next full run leaves the record out (a run that left
-    out known records: the others, scoped runs among them, stage every row, and comparing
-    them all with the mirror again would cost as much as the change detection). Returns rows
-    written per table (new fingerprints of rows otherwise unchanged not counted)."""
+    every staged row again). ``refresh_fp``: the ids the run staged, per kind, of a run that
+    left out known records (rostersync.sync.known; the others, scoped runs among them, stage
+    every row, and comparing them all with the mirror again would cost as much as the change
+    detection): a row staged as the mirror holds it takes its record's fingerprint, so that
+    the next full run leaves the record out. Returns rows written per table (new
+    fingerprints of rows otherwise unchanged not counted)."""
     written: dict[str, int] = {}
     for kind, (mirror, staging, cols) in TABLES.items():
         params = {"src": source, "run": run_id}
@@ -145,8 +146,14 @@ def merge(
             with index_build(conn, mirror):
                 for index in rebuild:
                     conn.execute(CreateIndex(index))
-        if refresh_fp and not fresh:
-            _refresh_fingerprints(conn, mirror, staging, params)
+        if refresh_fp is not None and not fresh:
+            # The rows written above took their fingerprints with them: only the others can
+            # be as the mirror holds them (most runs that change little: none).
+            unwritten = refresh_fp.get(kind, set())
+            if to_write is not None and kind in to_write:
+                unwritten = unwritten - to_write[kind]
+            if unwritten:
+                _refresh_fingerprints(conn, mirror, staging, params, unwritten)
         # Delete by id: the ids are known already, and an anti-join over a million-row
         # mirror costs seconds even when nothing is gone.
         for chunk in chunks(sorted(missing.get(kind, ()))):
@@ -158,29 +165,35 @@ def merge(
 
 
 def _refresh_fingerprints(
-    conn: Connection, mirror: str, staging: str, params: Mapping[str, Any]
+    conn: Connection, mirror: str, staging: str, params: Mapping[str, Any], ids: set[str]
 ) -> None:
     """Staged rows equal to their mirror rows whose record's fingerprint the mirror does not
     hold (rows from before migration 0016 or an upgrade of the normalizer, a record whose
     bytes changed and its row not): the mirror takes the fingerprint. The upsert left them
-    alone (same hash)."""
-    staged = text(f"SELECT 1 FROM {staging} WHERE run_id = :run LIMIT 1")
-    if conn.execute(staged, dict(params)).first() is None:
-        # Nothing staged (a kind of a no-op run): SQLite would still walk the mirror table,
-        # the staging key index making it probe staging from each mirror row (0.5 s at XL).
-        return
+    alone (same hash). ``ids``: the staged rows the merge did not write."""
     differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
-    conn.execute(
-        text(
-            # Staging scanned, the mirror probed by its key: a run that left out the
-            # records the mirror holds stages few rows, and SQLite chose to walk the
-            # mirror through the staging key instead (0.07-0.09 s at district M).
-            f"UPDATE {mirror} AS m SET fp = s.fp FROM {run_scan(conn, staging)} "
-            f"WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
-            f"AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash AND m.fp {differs} s.fp"
-        ),
-        dict(params),
+    update = (
+        f"UPDATE {mirror} AS m SET fp = s.fp FROM {{staging}} "
+        f"WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
+        f"AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash AND m.fp {differs} s.fp"
     )
+    if len(ids) > TARGETED_UPSERT_MAX:
+        # Most of the staged rows (an upgrade of the normalizer changed every record's
+        # fingerprint): staging scanned, the mirror probed by its key. SQLite would rather
+        # walk the mirror through the staging key.
+        conn.execute(text(update.format(staging=run_scan(conn, staging))), dict(params))
+        return
+    # A few: each found by the staging key, its mirror row by the mirror's.
+    stmt = in_text(
+        f"{update.format(staging=f'{staging} s')} AND s.sourced_id IN :ids",
+        "ids",
+        dialect=conn.dialect.name,
+    )
+    if conn.dialect.name == "postgresql":
+        conn.execute(stmt, {**params, "ids": sorted(ids)})
+        return
+    for chunk in chunks(sorted(ids)):
+        conn.execute(stmt, {**params, "ids": chunk})
 
 
 # -- planner statistics ---------------------------------------------------------------------

@@ -417,3 +417,39 @@ def test_new_groups_get_their_members_in_one_statement_on_postgresql(store: Stor
         members = conn.execute(text("SELECT group_id, sourced_id, email FROM group_member")).all()
     assert sorted(members) == sorted((g, "s-1", "s1@example.org") for g in gids)
     assert len(statements) == (1 if store.dialect == "postgresql" else 2)
+
+
+async def test_teachers_of_classes_passes_over_all_teachers_only_for_most_classes(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: Any
+) -> None:
+    """Asked about most of the source's classes (a first run), teachers_of_classes reads all
+    its teacher enrollments in one pass; about fewer than half (a run that changed some), it
+    probes just those classes. The same teachers either way."""
+    await sync(make_settings(), store, small_roster())
+    monkeypatch.setattr(detect, "TEACHER_PASS_MIN_CLASSES", 0)
+    statements: list[str] = []
+    with store.read() as conn:
+        classes = {c for (c,) in conn.execute(text("SELECT sourced_id FROM roster_class"))}
+        expected = {
+            c: {
+                u
+                for (u,) in conn.execute(
+                    text(
+                        "SELECT user_id FROM roster_enrollment "
+                        "WHERE role = 'teacher' AND class_id = :c"
+                    ),
+                    {"c": c},
+                )
+            }
+            for c in classes
+        }
+        one = min(classes)
+        assert len(classes) >= 3 and expected[one]
+        event.listen(conn, "before_cursor_execute", lambda _c, _u, s, *_a: statements.append(s))
+        assert detect.teachers_of_classes(conn, "mem", {one}) == expected[one]
+        probes = [s for s in statements if "FROM roster_enrollment" in s]
+        assert probes and all("class_id IN" in s or "ANY" in s for s in probes)
+        statements.clear()
+        assert detect.teachers_of_classes(conn, "mem", classes) == set().union(*expected.values())
+        passes = [s for s in statements if "FROM roster_enrollment" in s]
+        assert len(passes) == 1 and "class_id IN" not in passes[0] and "ANY" not in passes[0]

@@ -291,7 +291,7 @@ def test_a_changed_record_with_a_new_fingerprint_is_updated_in_place(sqlite_stor
         stage(conn, 2, staged(2, dropped, 22))
         prepare_staging(conn)
         ids = {"enrollment": {"e-1"}}
-        written = merging.merge(conn, "src", 2, {}, ids, ids, refresh_fp=True)
+        written = merging.merge(conn, "src", 2, {}, ids, ids, refresh_fp=ids)
         assert written["enrollment"] == 1
         row = conn.execute(text("SELECT status, fp FROM roster_enrollment")).one()
         assert tuple(row) == ("tobedeleted", 22)
@@ -365,3 +365,70 @@ async def test_a_first_load_and_the_staging_key_sort_in_runs_when_large(
     assert again.status == "succeeded"
     # Nothing to rebuild: the mirror's tables, however large, keep the connection's cache.
     assert not {"roster_enrollment", "roster_person", "roster_class"} & set(tables)
+
+
+def _fingerprint_updates(conn: Any) -> list[tuple[str, set[Any]]]:
+    """Every statement that sets mirror fingerprints from staging as the merge runs (listening
+    on the connection): its text and the values bound to it, lists flattened."""
+    seen: list[tuple[str, set[Any]]] = []
+
+    def spy(_c: Any, _cur: Any, statement: str, parameters: Any, *_a: Any) -> None:
+        if statement.lstrip().startswith("UPDATE roster_enrollment AS m SET fp = s.fp"):
+            values = parameters.values() if isinstance(parameters, dict) else parameters
+            flat = {v for value in values for v in (value if isinstance(value, list) else [value])}
+            seen.append((statement, flat))
+
+    event.listen(conn, "before_cursor_execute", spy)
+    return seen
+
+
+def _stage_enrollments(conn: Any, run_id: int, rows: list[tuple[RosterEnrollment, int]]) -> None:
+    batch = StagedBatch()
+    for record, fp in rows:
+        batch.rows["enrollment"].append((*enrollment_tuple(record)[:-1], fp))
+    stage(conn, run_id, batch)
+    prepare_staging(conn)
+
+
+@pytest.mark.parametrize("many", [False, True])
+def test_only_staged_rows_the_merge_did_not_write_take_their_fingerprints_after_it(
+    store: Store, monkeypatch: pytest.MonkeyPatch, many: bool
+) -> None:
+    """A run that left out known records: a staged row as the mirror holds it, but from a
+    record whose bytes changed, takes the record's new fingerprint; the rows the merge wrote
+    carry theirs already and are not looked at again. When every staged row was written, no
+    fingerprint is refreshed at all. Beyond TARGETED_UPSERT_MAX such rows (``many``: an
+    upgraded normalizer), staging is scanned instead of probed by id: the same result."""
+    if many:
+        monkeypatch.setattr(merging, "TARGETED_UPSERT_MAX", 0)
+    same = RosterEnrollment("e-same", "c-1", "p-1", "student")
+    changed = RosterEnrollment("e-changed", "c-1", "p-2", "student")
+    with store.write() as conn:
+        _stage_enrollments(conn, 1, [(same, 11), (changed, 12)])
+        merging.merge(conn, "src", 1, {})
+        clear_staging(conn, 1)
+    with store.write() as conn:
+        _stage_enrollments(conn, 2, [(same, 21), (replace(changed, status="tobedeleted"), 22)])
+        staged = {"enrollment": {"e-same", "e-changed"}}
+        to_write = {"enrollment": {"e-changed"}}
+        updates = _fingerprint_updates(conn)
+        merging.merge(conn, "src", 2, {}, to_write, to_write, refresh_fp=staged)
+        fps = dict(conn.execute(text("SELECT sourced_id, fp FROM roster_enrollment")).all())
+        clear_staging(conn, 2)
+    assert fps == {"e-same": 21, "e-changed": 22}
+    assert len(updates) == 1
+    statement, bound = updates[0]
+    assert "e-changed" not in bound
+    if many:
+        assert "e-same" not in bound  # staging scanned, not probed by these ids
+        assert " IN " not in statement and "ANY" not in statement
+    else:
+        assert "e-same" in bound
+    with store.write() as conn:
+        _stage_enrollments(conn, 3, [(replace(same, primary=True), 31)])
+        updates = _fingerprint_updates(conn)
+        written = {"enrollment": {"e-same"}}
+        merging.merge(conn, "src", 3, {}, written, written, refresh_fp=written)
+        fps = dict(conn.execute(text("SELECT sourced_id, fp FROM roster_enrollment")).all())
+    assert fps == {"e-same": 31, "e-changed": 22}
+    assert updates == []
