@@ -172,26 +172,21 @@ def _refresh_fingerprints(
     bytes changed and its row not): the mirror takes the fingerprint. The upsert left them
     alone (same hash). ``ids``: the staged rows the merge did not write."""
     differs = "IS NOT" if conn.dialect.name == "sqlite" else "IS DISTINCT FROM"
-    update = (
-        f"UPDATE {mirror} AS m SET fp = s.fp FROM {{staging}} "
-        f"WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
+    update = f"UPDATE {mirror} AS m SET fp = s.fp FROM "
+    where = (
+        "WHERE s.run_id = :run AND s.fp IS NOT NULL AND m.source = :src "
         f"AND m.sourced_id = s.sourced_id AND m.row_hash = s.row_hash AND m.fp {differs} s.fp"
     )
     if len(ids) > TARGETED_UPSERT_MAX:
         # Most of the staged rows (an upgrade of the normalizer changed every record's
         # fingerprint): staging scanned, the mirror probed by its key. SQLite would rather
         # walk the mirror through the staging key.
-        conn.execute(text(update.format(staging=run_scan(conn, staging))), dict(params))
+        conn.execute(text(f"{update}{run_scan(conn, staging)} {where}"), dict(params))
         return
     # A few: each found by the staging key, its mirror row by the mirror's.
     stmt = in_text(
-        f"{update.format(staging=f'{staging} s')} AND s.sourced_id IN :ids",
-        "ids",
-        dialect=conn.dialect.name,
+        f"{update}{staging} s {where} AND s.sourced_id IN :ids", "ids", dialect=conn.dialect.name
     )
-    if conn.dialect.name == "postgresql":
-        conn.execute(stmt, {**params, "ids": sorted(ids)})
-        return
     for chunk in chunks(sorted(ids)):
         conn.execute(stmt, {**params, "ids": chunk})
 
