@@ -547,14 +547,48 @@ class Store:
             raise StoreError(f"cannot open database {self.location}: {exc.orig}") from None
 
     def upgrade(self) -> tuple[str | None, str | None]:
-        """Apply pending migrations; returns (revision before, revision after)."""
+        """Apply pending migrations; returns (revision before, revision after). A database
+        without tables is set up from the schema snapshot when it is at the head."""
         before = self.current_revision()
+        if before is None and self._set_up_from_snapshot():
+            return before, self.current_revision()
+        self.migrate()
+        return before, self.current_revision()
+
+    def migrate(self) -> None:
+        """Run the pending migrations through Alembic, in one transaction."""
         from alembic import command
 
         with self._usable(), self.engine.connect() as conn:
             command.upgrade(self._alembic(conn), "head")
             conn.commit()
-        return before, self.current_revision()
+
+    def has_tables(self) -> bool:
+        with self._usable(), self.engine.connect() as conn:
+            return bool(inspect(conn).get_table_names())
+
+    def _set_up_from_snapshot(self) -> bool:
+        """Set an empty database up by replaying the snapshot of the head's schema
+        (rostersync.store.snapshot), in one transaction; False, having done nothing, when
+        there is no such snapshot or the database has tables."""
+        from rostersync.store import snapshot as snapshots
+
+        kept = snapshots.load(self.engine.dialect.name)
+        if kept is None or kept.revision != schema_head():
+            return False
+        try:
+            # A write transaction (SQLite: the write lock first), so that two processes
+            # setting one database up take turns and the second finds the tables.
+            with self.write() as conn:
+                if inspect(conn).get_table_names():
+                    return False
+                snapshots.replay(conn, kept)
+        except DBAPIError:
+            # Another process set it up meanwhile: its tables stand, the replay rolled back.
+            if self.current_revision() == kept.revision:
+                return True
+            raise
+        return True
 
     def ensure_schema(self, *, auto_upgrade: bool = True) -> None:
         """Upgrade an empty database on first use (``auto_upgrade``); refuse to run on an
@@ -564,8 +598,7 @@ class Store:
         if current == head:
             return
         if current is None:
-            with self._usable(), self.engine.connect() as conn:
-                has_tables = bool(inspect(conn).get_table_names())
+            has_tables = self.has_tables()
             if not has_tables and auto_upgrade:
                 self.upgrade()
                 # Said once, at the set-up: a config copied elsewhere, whose relative SQLite
