@@ -33,13 +33,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, delete, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
 from rostersync.daemon import procs
 from rostersync.logs import scrub
 from rostersync.resync.queue import requeue_owned
-from rostersync.store.db import Store, as_utc, utcnow
+from rostersync.store.db import Store, as_utc, dialect_insert, utcnow
 from rostersync.store.tables import instance, source_lease
 from rostersync.sync import runs
 from rostersync.sync.staging import LOCK_NOT_AVAILABLE, clear_staging
@@ -99,9 +98,9 @@ def register(store: Store, owner: str, kind: str, *, keep_kind: bool = False) ->
         "started_at": now,
         "heartbeat_at": now,
     }
-    ins: Any = postgresql if store.is_postgres else sqlite
+    insert = dialect_insert("postgresql" if store.is_postgres else "sqlite")
     with store.write() as conn:
-        stmt = ins.insert(instance).values(id=owner, kind=kind, **values)
+        stmt = insert(instance).values(id=owner, kind=kind, **values)
         update_set = dict(values) if keep_kind else {**values, "kind": kind}
         conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update_set))
 
@@ -238,9 +237,8 @@ def take_lease(conn: Connection, source: str, me: str, expire_after: timedelta) 
     now = utcnow()
     row = _lock_lease(conn, source)
     if row is None:
-        ins: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
         fresh = conn.execute(
-            ins.insert(source_lease)
+            dialect_insert(conn.dialect.name)(source_lease)
             .values(source=source, owner=me, expires_at=now + expire_after)
             .on_conflict_do_nothing(index_elements=["source"])
         )

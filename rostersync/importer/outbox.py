@@ -23,11 +23,10 @@ from typing import Any
 
 import structlog
 from sqlalchemy import Connection, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from rostersync.config.models import SmtpSettings
 from rostersync.logs import scrub
-from rostersync.store.db import Store, utcnow
+from rostersync.store.db import Store, dialect_insert, utcnow
 from rostersync.store.tables import outbox_email
 
 VERIFICATION = "verification"
@@ -51,9 +50,8 @@ def queue_verification(
 ) -> bool:
     """Queue one verification email for this user; False if one was ever queued before."""
     subject, body = verification_message(email, display_name, organization)
-    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
     stmt = (
-        dialect.insert(outbox_email)
+        dialect_insert(conn.dialect.name)(outbox_email)
         .values(
             user_id=user_id,
             kind=VERIFICATION,

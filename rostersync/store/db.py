@@ -108,6 +108,18 @@ def schema_head() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
+def dialect_insert(dialect: str) -> Any:
+    """The INSERT construct with ON CONFLICT of ``dialect``, importing that dialect's module
+    alone: PostgreSQL's costs a SQLite process 12-25 ms of start-up."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+
+        return postgresql_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

@@ -31,7 +31,7 @@ from rostersync.source.rows import (
     person_row,
     sort_batch,
 )
-from rostersync.store.db import copy_rows, index_build
+from rostersync.store.db import copy_rows, dialect_insert, index_build
 from rostersync.store.tables import staging_class, staging_enrollment, staging_org, staging_person
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
@@ -218,10 +218,7 @@ def upsert_rows(
     """INSERT ... ON CONFLICT DO UPDATE (last one wins) for small row sets (live resync)."""
     if not rows:
         return
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    ins_mod: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = ins_mod.insert(table)
+    stmt = dialect_insert(conn.dialect.name)(table)
     update = {c: stmt.excluded[c] for c in rows[0] if c not in keys}
     stmt = stmt.on_conflict_do_update(index_elements=keys, set_=update)
     conn.execute(stmt, list(rows))
