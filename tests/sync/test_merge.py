@@ -65,6 +65,68 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     assert dropped == []
 
 
+def _keys_and_indexes(store: Store) -> list[tuple[str, str, str]]:
+    """PostgreSQL: every constraint and index of the mirror tables, with its definition."""
+    with store.read() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.relname, k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k "
+                "JOIN pg_class c ON c.oid = k.conrelid "
+                "WHERE c.relnamespace = current_schema()::regnamespace "
+                "AND c.relname LIKE 'roster_%' "
+                "UNION ALL SELECT tablename, indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = current_schema() AND tablename LIKE 'roster_%' "
+                "ORDER BY 1, 2, 3"
+            )
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+
+@pytest.mark.postgres
+async def test_a_postgresql_bulk_load_builds_the_primary_key_again_and_a_failure_keeps_it(
+    pg_store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a bulk load also drops the table's primary key and builds it again after
+    the insert, as it was (name, columns, index); a run failing after the load leaves it
+    as it was, and the key works: a later run's upserts find their rows."""
+    monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
+    before = _keys_and_indexes(pg_store)
+    assert ("roster_enrollment", "roster_enrollment_pkey", "PRIMARY KEY (sourced_id, source)") in (
+        before
+    )
+    statements: list[str] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "PRIMARY KEY" in statement or "DROP CONSTRAINT" in statement:
+            statements.append(statement)
+
+    event.listen(pg_store.engine, "before_cursor_execute", spy)
+
+    def boom(conn: Any, written: Any) -> None:
+        raise RuntimeError("boom after the load")
+
+    with monkeypatch.context() as m:
+        m.setattr(merging, "refresh_statistics", boom)
+        failed = await sync(make_settings(), pg_store, small_roster())
+    assert failed.status == "failed"
+    assert any('DROP CONSTRAINT "roster_enrollment_pkey"' in s for s in statements)
+    assert _keys_and_indexes(pg_store) == before
+
+    statements.clear()
+    report = await sync(make_settings(), pg_store, small_roster())
+    assert report.status == "succeeded"
+    assert any('ADD CONSTRAINT "roster_person_pkey" PRIMARY KEY' in s for s in statements)
+    assert _keys_and_indexes(pg_store) == before
+    statements.clear()
+    changed = small_roster()
+    changed.persons[0] = replace(changed.persons[0], family_name="Renamed")
+    again = await sync(make_settings(), pg_store, changed)  # not a first load: the key stays
+    assert again.status == "succeeded" and statements == []
+    with pg_store.read() as conn:
+        names = conn.execute(text("SELECT family_name FROM roster_person")).scalars().all()
+    assert "Renamed" in names and len(names) == len(changed.persons)
+
+
 async def test_a_sources_first_load_inserts_without_comparing_and_later_runs_upsert(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
