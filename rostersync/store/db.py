@@ -65,6 +65,10 @@ _PG_UNUSABLE = {
     "57P02": "the server shut down",
     "57P03": "the server is not accepting connections yet",
     "58": "a system error on the server (an I/O error)",
+    # The set-up's first CREATE TABLE finds no schema on the search path (the URL's
+    # options name one that does not exist), or the user may not create or use the tables.
+    "3F000": "no schema to create the tables in exists (see the URL's search_path)",
+    "42501": "the database user lacks a privilege on the schema or its tables",
 }
 
 

@@ -906,6 +906,8 @@ class _DriverError(Exception):
         (_DriverError("terminating connection", sqlstate="57P01"), "the server shut down"),
         (_DriverError("server closed the connection", sqlstate="08006"), "the connection"),
         (_DriverError("duplicate key", sqlstate="23505"), None),
+        (_DriverError("no schema has been selected", sqlstate="3F000"), "no schema to create"),
+        (_DriverError("permission denied for schema", sqlstate="42501"), "the database user"),
         (_DriverError("no attributes"), None),
     ],
 )
@@ -978,3 +980,53 @@ def test_list_parameters_select_the_same_rows_on_each_database(
         want = sorted([u for u in uids if u in chosen] + [-u for u in uids if u not in chosen])
         for values in given:
             assert sorted(r[0] for r in conn.execute(stmt, {"ids": values})) == want
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("way", ["snapshot", "migrations"])
+def test_a_postgresql_search_path_naming_no_schema_is_said_in_a_line(
+    way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL whose search_path names a schema that does not exist: the first sync's set-up
+    says so as a store error (a line, not an internal error with a trace file)."""
+    from tests.conftest import PG_BASE, require_postgres
+
+    require_postgres()
+    if way == "migrations":
+        monkeypatch.setattr(snapshot, "load", lambda dialect: None)
+    s = Store(f"{PG_BASE}?options=-csearch_path%3Drs_no_such_schema")
+    try:
+        with pytest.raises(StoreError, match="no schema to create the tables in exists"):
+            s.ensure_schema()
+    finally:
+        s.dispose()
+
+
+@pytest.mark.postgres
+def test_a_postgresql_user_without_create_on_its_schema_is_said_in_a_line() -> None:
+    """A database user that may use its schema but not create in it: the set-up fails as a
+    store error naming the missing privilege, and leaves the schema empty."""
+    import uuid
+
+    import psycopg
+
+    from tests.conftest import PG_BASE, require_postgres
+
+    require_postgres()
+    dsn = PG_BASE.replace("postgresql+psycopg://", "postgresql://")
+    name = f"rs_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{name}" LOGIN')
+        admin.execute(f'CREATE SCHEMA "{name}"')
+        admin.execute(f'GRANT USAGE ON SCHEMA "{name}" TO "{name}"')
+    base = PG_BASE.replace("postgres@", f"{name}@", 1)
+    s = Store(f"{base}?options=-csearch_path%3D{name}")
+    try:
+        with pytest.raises(StoreError, match="lacks a privilege"):
+            s.ensure_schema()
+        assert s.current_revision() is None
+    finally:
+        s.dispose()
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(f'DROP SCHEMA "{name}" CASCADE')
+            admin.execute(f'DROP ROLE "{name}"')
