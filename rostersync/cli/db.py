@@ -23,4 +23,5 @@ def db_upgrade(app: App) -> None:
     before, after = store.upgrade()
     with store.write() as conn:
         sync_catalog(conn, app.settings)
-    click.echo(f"database {store!r}: {before or 'empty'} -> {after}")
+    # The file, or the server URL without its password (not the Store's repr).
+    click.echo(f"database {store.location}: {before or 'empty'} -> {after}")

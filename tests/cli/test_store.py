@@ -12,7 +12,7 @@ import yaml
 from sqlalchemy import inspect
 
 from rostersync.cli.main import main
-from rostersync.store.db import Store
+from rostersync.store.db import Store, schema_head
 from tests.conftest import _pg_schema_store
 from tests.fulldisk import fill_up_after
 
@@ -179,3 +179,18 @@ def test_a_full_disk_is_one_line_naming_the_database_and_the_next_sync_recovers(
     listed = [json.loads(invoke(c, capsys, "users", "list", "--json")[1]) for c in (config, fresh)]
     assert len(listed[0]) == 43
     assert [u["email"] for u in listed[0]] == [u["email"] for u in listed[1]]
+
+
+def test_db_upgrade_says_which_database_went_from_which_revision_to_which(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`db upgrade` names the database file (not a Python repr) and the revisions: a new one
+    is set up from empty, an up-to-date one stays at the head."""
+    database = tmp_path / "rs.db"
+    config = write_config(tmp_path, f"sqlite:///{database}")
+    head = schema_head()
+    assert invoke(config, capsys, "db", "upgrade") == (0, f"database {database}: empty -> {head}\n")
+    assert invoke(config, capsys, "db", "upgrade") == (
+        0,
+        f"database {database}: {head} -> {head}\n",
+    )
