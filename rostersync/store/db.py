@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
+from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -250,82 +250,6 @@ def lock_directory(conn: Connection, *, exclusive: bool) -> None:
         conn.exec_driver_sql(f"SELECT {fn}(hashtextextended(current_schema(), {DIRECTORY_LOCK}))")
 
 
-#: SQLite's own checkpoint threshold (pages of log), which every connection keeps outside
-#: bulk transactions (see Store.write).
-AUTOCHECKPOINT_PAGES = 1000
-
-
-class _Checkpointer:
-    """Copies a SQLite database's write-ahead log into the database file, in a thread of its
-    own, after a bulk transaction commits.
-
-    SQLite does this in the connection that commits, once the log holds 1,000 pages, and the
-    commit waits for it: a first sync's apply would spend most of its commit copying its
-    large log, on the one core the sync's work runs on. A bulk commit hands that copy to this thread, where it runs beside the next work (the
-    resync batches). Every other commit keeps SQLite's way: while the thread copies, their
-    own checkpoints find it busy and skip; the first one after it copies the little that
-    came since, and the writer after that starts the log over. (A thread checkpointing after
-    every commit could not do that last part: the drain's batches begin a millisecond after
-    the last committed, never after a checkpoint finished, and the log kept growing.)
-    Checkpoints are PASSIVE: they never wait for, or block, readers and writers. A process
-    that exits before the thread is done loses nothing: the log is the durable copy, read by
-    the next connection to open the database (the last one to close also checkpoints).
-    """
-
-    def __init__(self, path: str) -> None:
-        self._path = path
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-        self.checkpoints = 0  # completed, and the log's length in pages at the last (tests)
-        self.frames = 0
-
-    def poke(self) -> None:
-        """A bulk transaction committed: checkpoint now (the thread starts on first use)."""
-        if self._thread is None:
-            with self._start_lock:
-                if self._thread is None and not self._stopping.is_set():
-                    self._thread = threading.Thread(
-                        target=self._run, name="rostersync-wal-checkpoint", daemon=True
-                    )
-                    self._thread.start()
-        self._wake.set()
-
-    def _run(self) -> None:
-        log = structlog.get_logger()
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            while True:
-                self._wake.wait()
-                if self._stopping.is_set():
-                    return
-                self._wake.clear()
-                try:
-                    # fetchall, not fetchone: a statement left unfinished keeps its read
-                    # lock, and no writer can start the log over while anyone holds one.
-                    ((_busy, frames, _done),) = conn.execute(
-                        "PRAGMA wal_checkpoint(PASSIVE)"
-                    ).fetchall()
-                    self.checkpoints += 1
-                    self.frames = frames
-                except sqlite3.Error as exc:  # the next commit checkpoints instead
-                    log.warning("wal_checkpoint_failed", error=str(exc))
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        """End the thread (a later bulk commit starts another)."""
-        with self._start_lock:
-            self._stopping.set()
-            self._wake.set()
-            if self._thread is not None:
-                self._thread.join()
-            self._thread = None
-            self._stopping.clear()
-            self._wake.clear()
-
-
 def in_text(sql: str, *names: str, dialect: str | None = None) -> TextClause:
     """A text() statement whose ``:name`` parameters take lists (``IN :ids``).
 
@@ -415,7 +339,7 @@ class Store:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
-        self._checkpointer: _Checkpointer | None = None
+        self._checkpointer: Checkpointer | None = None
         # Both engines hide_parameters: a failed statement's values (roster emails and names)
         # would go into its exception's text, and from there into a run's error, the log and
         # internal-error traces.
@@ -427,7 +351,7 @@ class Store:
                     db.parent.mkdir(parents=True, exist_ok=True)
                 else:
                     kwargs = {"creator": _open_existing_sqlite(db)}
-                self._checkpointer = _Checkpointer(str(db))
+                self._checkpointer = Checkpointer(str(db))
             # Pooled connections keep their PRAGMAs; opening one per batch would cost more
             # than the batch's insert. A connection is only ever used by one thread at a time.
             self.engine = create_engine(url, echo=echo, pool_size=8, hide_parameters=True, **kwargs)
@@ -502,7 +426,7 @@ class Store:
 
         ``bulk``: a large transaction (a sync's apply). On SQLite its commit returns once its
         pages are in the write-ahead log, and the store's checkpointer thread copies them
-        into the database file (see _Checkpointer)."""
+        into the database file (see Checkpointer)."""
         handoff = bulk and self._checkpointer is not None
         with self._usable(), self.engine.connect() as conn:
             conn = conn.execution_options(rostersync_write=True)
@@ -566,7 +490,9 @@ class Store:
         """Apply pending migrations; returns (revision before, revision after). A database
         without tables is set up from the schema snapshot when it is at the head."""
         before = self.current_revision()
-        if before is None and self._set_up_from_snapshot():
+        from rostersync.store import snapshot
+
+        if before is None and snapshot.set_up(self):
             return before, self.current_revision()
         self.migrate()
         return before, self.current_revision()
@@ -582,29 +508,6 @@ class Store:
     def has_tables(self) -> bool:
         with self._usable(), self.engine.connect() as conn:
             return bool(inspect(conn).get_table_names())
-
-    def _set_up_from_snapshot(self) -> bool:
-        """Set an empty database up by replaying the snapshot of the head's schema
-        (rostersync.store.snapshot), in one transaction; False, having done nothing, when
-        there is no such snapshot or the database has tables."""
-        from rostersync.store import snapshot as snapshots
-
-        kept = snapshots.load(self.engine.dialect.name)
-        if kept is None or kept.revision != schema_head():
-            return False
-        try:
-            # A write transaction (SQLite: the write lock first), so that two processes
-            # setting one database up take turns and the second finds the tables.
-            with self.write() as conn:
-                if inspect(conn).get_table_names():
-                    return False
-                snapshots.replay(conn, kept)
-        except DBAPIError:
-            # Another process set it up meanwhile: its tables stand, the replay rolled back.
-            if self.current_revision() == kept.revision:
-                return True
-            raise
-        return True
 
     def ensure_schema(self, *, auto_upgrade: bool = True) -> None:
         """Upgrade an empty database on first use (``auto_upgrade``); refuse to run on an

@@ -22,9 +22,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, inspect
+from sqlalchemy.exc import DBAPIError
+
+if TYPE_CHECKING:
+    from rostersync.store.db import Store
 
 #: Where the snapshots are kept, one file per dialect.
 SNAPSHOTS = Path(__file__).resolve().parent / "migrations" / "snapshots"
@@ -78,6 +82,30 @@ def replay(conn: Connection, snapshot: Snapshot) -> None:
     """Run the snapshot's statements on ``conn``, inside the caller's transaction."""
     for statement in snapshot.statements:
         conn.exec_driver_sql(statement)
+
+
+def set_up(store: Store) -> bool:
+    """Set ``store``'s empty database up by replaying the snapshot of the head's schema, in
+    one transaction; False, having done nothing, when there is no such snapshot or the
+    database has tables."""
+    from rostersync.store.db import schema_head
+
+    kept = load(store.engine.dialect.name)
+    if kept is None or kept.revision != schema_head():
+        return False
+    try:
+        # A write transaction (SQLite: the write lock first), so that two processes setting
+        # one database up take turns and the second finds the tables.
+        with store.write() as conn:
+            if inspect(conn).get_table_names():
+                return False
+            replay(conn, kept)
+    except DBAPIError:
+        # Another process set it up meanwhile: its tables stand, the replay rolled back.
+        if store.current_revision() == kept.revision:
+            return True
+        raise
+    return True
 
 
 def record(url: str) -> Snapshot:
