@@ -114,7 +114,8 @@ def schema_head() -> str | None:
 
 def dialect_insert(dialect: str) -> Any:
     """The INSERT construct with ON CONFLICT of ``dialect``, importing that dialect's module
-    alone: PostgreSQL's costs a SQLite process 12-25 ms of start-up."""
+    alone: PostgreSQL's, with all its drivers' modules, is a visible part of a SQLite
+    process's start-up."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 

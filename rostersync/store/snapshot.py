@@ -1,15 +1,16 @@
 """Schema snapshots: a new database set up by the statements the migrations run, replayed.
 
 Setting up an empty database through Alembic imports it and runs every migration in turn,
-SQLite's as table rebuilds after reading the table back: 0.2-0.4 s, most of the start-up of
-a first sync (0.02 s replayed on SQLite, 0.13 s on PostgreSQL). A snapshot is the list of
-statements that changed the database while the migrations set up an empty one, recorded per
-dialect by ``python -m rostersync.store.snapshot`` and kept beside the migrations; the reads
-Alembic made on the way are left out (they changed nothing and decided nothing an empty
-database would not decide again). It is used only for a database without tables and only
-when its revision is the migrations' head: a database an earlier version set up, or a new
-migration without its snapshot recorded, goes through Alembic as before. A test records the
-snapshots again and fails if they differ from the files (tests/store/test_snapshot.py).
+SQLite's as table rebuilds after reading the table back: most of a first sync's start-up,
+where replaying what they ran takes a fraction of it (figures in the benchmarks' README). A
+snapshot is the list of statements that changed the database while the migrations set up an
+empty one, recorded per dialect by ``python -m rostersync.store.snapshot`` and kept beside
+the migrations; the reads Alembic made on the way are left out (they changed nothing and
+decided nothing an empty database would not decide again). It is used only for a database
+without tables and only when its revision is the migrations' head: a database an earlier
+version set up, or a new migration without its snapshot recorded, goes through Alembic as
+before. A test records the snapshots again and fails if they differ from the files
+(tests/store/test_snapshot.py).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 
 #: Where the snapshots are kept, one file per dialect.
 SNAPSHOTS = Path(__file__).resolve().parent / "migrations" / "snapshots"
-#: The dialects a snapshot is recorded for.
-DIALECTS = ("sqlite", "postgresql")
 #: Statements that only read (Alembic's look at the tables it rebuilds, the version check)
 #: or that frame a transaction the replay opens itself.
 _NOT_KEPT = re.compile(r"^\s*(?:SELECT\b|BEGIN\b|COMMIT\b|ROLLBACK\b|PRAGMA\s+[\w.]+\s*\()", re.I)

@@ -355,7 +355,7 @@ resync_job = Table(
     # At most one queued job per user: the queue deduplicates at the database. Partial on
     # PostgreSQL too, as migration 0001 creates it; ``postgresql_where`` is not declared
     # here because declaring it imports SQLAlchemy's PostgreSQL dialect into every process
-    # (12-27 ms of a SQLite sync's start-up), and no code builds this index from the model.
+    # (a SQLite one too, at start-up), and no code builds this index from the model.
     Index(
         "uq_resync_job_queued_user",
         "user_id",

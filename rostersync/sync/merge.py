@@ -171,9 +171,8 @@ def merge(
 def _drop_primary_key(conn: Connection, mirror: str) -> tuple[str, str] | None:
     """PostgreSQL, before a bulk load: drop the table's primary key, and return its name and
     its index's definition to build it again by (:func:`_restore_primary_key`). Kept up row
-    by row, the key cost a first load of 260,000 enrollments 0.4-0.8 s more than one sort
-    afterwards (and more with GUIDs, each a random place in it). SQLite cannot drop a key:
-    None there."""
+    by row, the key costs a bulk load more than one sort afterwards (more still with GUIDs,
+    each a random place in it). SQLite cannot drop a key: None there."""
     if conn.dialect.name != "postgresql":
         return None
     row = conn.execute(
