@@ -98,9 +98,8 @@ def register(store: Store, owner: str, kind: str, *, keep_kind: bool = False) ->
         "started_at": now,
         "heartbeat_at": now,
     }
-    insert = dialect_insert("postgresql" if store.is_postgres else "sqlite")
     with store.write() as conn:
-        stmt = insert(instance).values(id=owner, kind=kind, **values)
+        stmt = dialect_insert(store.dialect)(instance).values(id=owner, kind=kind, **values)
         update_set = dict(values) if keep_kind else {**values, "kind": kind}
         conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=update_set))
 

@@ -89,7 +89,7 @@ def set_up(store: Store) -> bool:
     database has tables."""
     from rostersync.store.db import schema_head
 
-    kept = load(store.engine.dialect.name)
+    kept = load(store.dialect)
     if kept is None or kept.revision != schema_head():
         return False
     try:
@@ -126,7 +126,7 @@ def record(url: str) -> Snapshot:
         statements.append(statement)
 
     try:
-        if store.current_revision() is not None or store.has_tables():
+        if store.has_tables():
             raise ValueError(f"{store.location} is not an empty database")
         event.listen(store.engine, "before_cursor_execute", keep)
         store.migrate()
@@ -135,7 +135,7 @@ def record(url: str) -> Snapshot:
         store.dispose()
     if revision is None:
         raise ValueError("the migrations left no revision")
-    return Snapshot(store.engine.dialect.name, revision, tuple(statements))
+    return Snapshot(store.dialect, revision, tuple(statements))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,43 +4,20 @@ the migrations ran, and ends exactly as the migrations leave it."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, text
+from sqlalchemy import text
 
 from rostersync.store import snapshot
 from rostersync.store.db import Store, schema_head
-from tests.conftest import PG_BASE, require_postgres
+from tests.conftest import _pg_schema_store
+from tests.schemadump import schema_of
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-class _PgSchemas:
-    """Empty PostgreSQL schemas, each reached by its own URL (search_path), dropped at the end."""
-
-    def __init__(self) -> None:
-        require_postgres()
-        import psycopg
-
-        self.dsn = PG_BASE.replace("postgresql+psycopg://", "postgresql://")
-        self.names: list[str] = []
-        self.psycopg = psycopg
-
-    def new(self) -> str:
-        name = f"rs_{uuid.uuid4().hex[:12]}"
-        with self.psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{name}"')
-        self.names.append(name)
-        return f"{PG_BASE}?options=-csearch_path%3D{name}"
-
-    def drop(self) -> None:
-        with self.psycopg.connect(self.dsn, autocommit=True) as conn:
-            for name in self.names:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture(params=BACKENDS)
@@ -50,65 +27,21 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callab
         count = iter(range(1_000))
         yield lambda: f"sqlite:///{tmp_path / f'db{next(count)}.db'}"
         return
-    schemas = _PgSchemas()
-    try:
-        yield schemas.new
-    finally:
-        schemas.drop()
+    with ExitStack() as stack:
 
+        def new() -> str:
+            # conftest's schema store: a schema of its own, dropped when the test ends.
+            made = _pg_schema_store()
+            url = next(made).url
+            stack.callback(next, made, None)
+            return url
 
-def _schema(conn: Connection) -> dict[str, Any]:
-    """What a database's schema is, comparable between two databases of one backend."""
-    versions = sorted(r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version")))
-    if conn.dialect.name == "sqlite":
-        rows = conn.execute(
-            text("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
-        )
-        return {"objects": [tuple(r) for r in rows], "versions": versions}
-    here = "n.nspname = current_schema()"
-    columns = conn.execute(
-        text(
-            "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
-            "pg_get_expr(d.adbin, d.adrelid), a.attgenerated, a.attnum "
-            "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-            f"WHERE {here} AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind = 'r' "
-            "ORDER BY c.relname, a.attnum"
-        )
-    )
-    tables = conn.execute(
-        text(
-            "SELECT c.relname, c.relkind, c.relpersistence, "
-            "array_to_string(c.reloptions, ',') FROM pg_class c "
-            f"JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {here} ORDER BY c.relname"
-        )
-    )
-    constraints = conn.execute(
-        text(
-            "SELECT c.relname, k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k "
-            "JOIN pg_class c ON c.oid = k.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE {here} ORDER BY c.relname, k.conname"
-        )
-    )
-    indexes = conn.execute(
-        text(
-            "SELECT tablename, indexname, replace(indexdef, schemaname || '.', '') "
-            "FROM pg_indexes WHERE schemaname = current_schema() ORDER BY tablename, indexname"
-        )
-    )
-    return {
-        "columns": [tuple(r) for r in columns],
-        "tables": [tuple(r) for r in tables],
-        "constraints": [tuple(r) for r in constraints],
-        "indexes": [tuple(r) for r in indexes],
-        "versions": versions,
-    }
+        yield new
 
 
 def _schema_of(store: Store) -> dict[str, Any]:
     with store.read() as conn:
-        return _schema(conn)
+        return schema_of(conn)
 
 
 def test_the_kept_snapshots_are_what_the_migrations_run_now(

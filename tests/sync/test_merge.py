@@ -20,6 +20,7 @@ from rostersync.sync import merge as merging
 from rostersync.sync import mirror
 from rostersync.sync import staging as staging_step
 from rostersync.sync.staging import clear_staging, prepare_staging, stage
+from tests.schemadump import schema_of
 from tests.sync.helpers import groups, snapshot, sync
 
 
@@ -65,21 +66,10 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     assert dropped == []
 
 
-def _keys_and_indexes(store: Store) -> list[tuple[str, str, str]]:
-    """PostgreSQL: every constraint and index of the mirror tables, with its definition."""
+def _keys_and_indexes(store: Store) -> dict[str, Any]:
+    """PostgreSQL: the schema, every constraint and index with its definition."""
     with store.read() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT c.relname, k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k "
-                "JOIN pg_class c ON c.oid = k.conrelid "
-                "WHERE c.relnamespace = current_schema()::regnamespace "
-                "AND c.relname LIKE 'roster_%' "
-                "UNION ALL SELECT tablename, indexname, indexdef FROM pg_indexes "
-                "WHERE schemaname = current_schema() AND tablename LIKE 'roster_%' "
-                "ORDER BY 1, 2, 3"
-            )
-        )
-        return [(r[0], r[1], r[2]) for r in rows]
+        return schema_of(conn)
 
 
 @pytest.mark.postgres
@@ -91,9 +81,8 @@ async def test_a_postgresql_bulk_load_builds_the_primary_key_again_and_a_failure
     as it was, and the key works: a later run's upserts find their rows."""
     monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
     before = _keys_and_indexes(pg_store)
-    assert ("roster_enrollment", "roster_enrollment_pkey", "PRIMARY KEY (sourced_id, source)") in (
-        before
-    )
+    key = ("roster_enrollment", "roster_enrollment_pkey", "PRIMARY KEY (sourced_id, source)")
+    assert key in before["constraints"]
     statements: list[str] = []
 
     def spy(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
