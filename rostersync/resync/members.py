@@ -15,21 +15,25 @@ from sqlalchemy import Connection, DateTime, bindparam, text
 
 from rostersync.resync.groupplan import MemberKey, MemberValues, member_changes
 from rostersync.store.db import copy_rows, executemany, in_text, utcnow
+from rostersync.sync.mirror import member_person
 from rostersync.sync.rules import chunks
 
 #: A member's values, as the person's stored columns hold them (store.tables.MEMBER_EMAIL_SQL).
 _MEMBER_VALUES = "sp.member_email AS email, sp.member_name AS name"
 
-#: The members a group should have (alias ``g``): its class's active students, as stored.
-#: A student enrolled twice in one class appears twice (no DISTINCT: sorting a million rows
-#: to drop a rare repeat cost more than letting the insert's ON CONFLICT skip it).
-_DESIRED_MEMBERS = f"""
+
+def _desired_members(dialect: str) -> str:
+    """The members groups should have (alias ``g``, ``IN :ids``): their classes' active
+    students, as stored. A student enrolled twice in one class appears twice (no DISTINCT:
+    sorting a million rows to drop a rare repeat cost more than letting the insert's ON
+    CONFLICT skip it)."""
+    return f"""
     SELECT g.id AS group_id, sp.sourced_id AS sourced_id,
         {_MEMBER_VALUES}
     FROM groups g
     JOIN roster_enrollment se ON se.source = g.source AND se.class_id = g.external_id
         AND se.role = 'student' AND se.status = 'active'
-    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+    JOIN {member_person(dialect)} ON sp.source = se.source AND sp.sourced_id = se.user_id
         AND sp.status = 'active'
     WHERE g.id IN :ids
 """
@@ -44,11 +48,11 @@ def _new_members_sql(dialect: str) -> str:
     if dialect == "postgresql":
         return (
             f"{insert}SELECT DISTINCT ON (d.group_id, d.sourced_id) d.group_id, d.sourced_id, "
-            f"d.email, d.name FROM ({_DESIRED_MEMBERS}) d"
+            f"d.email, d.name FROM ({_desired_members(dialect)}) d"
         )
     # WHERE true: SQLite would read ON CONFLICT as part of the SELECT's join.
     return (
-        f"{insert}SELECT d.group_id, d.sourced_id, d.email, d.name FROM ({_DESIRED_MEMBERS}) d "
+        f"{insert}SELECT d.group_id, d.sourced_id, d.email, d.name FROM ({_desired_members(dialect)}) d "
         "WHERE true ON CONFLICT DO NOTHING"
     )
 
@@ -74,7 +78,8 @@ def sync_members(conn: Connection, group_ids: Sequence[int], *, new: bool) -> se
         want: dict[MemberKey, MemberValues] = {
             (g, sid): (email, name)
             for g, sid, email, name in conn.execute(
-                in_text(_DESIRED_MEMBERS, "ids", dialect=conn.dialect.name), params
+                in_text(_desired_members(conn.dialect.name), "ids", dialect=conn.dialect.name),
+                params,
             )
         }
         have: dict[MemberKey, MemberValues] = {
@@ -97,7 +102,7 @@ _MARKED_MEMBERS = f"""
     SELECT t.gid, sp.sourced_id, {_MEMBER_VALUES}
     FROM rs_member_marks t
     CROSS JOIN roster_enrollment se
-    JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+    JOIN {member_person("sqlite")} ON sp.source = se.source AND sp.sourced_id = se.user_id
     WHERE se.source = t.src AND se.user_id = t.person AND se.class_id = t.cls
       AND se.role = 'student' AND se.status = 'active' AND sp.status = 'active'
 """

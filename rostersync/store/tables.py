@@ -247,6 +247,25 @@ roster_org = Table("roster_org", metadata, *_org_cols(), _source(), _fp_index("o
 #: student is a member of several groups, and a first load computed these per membership.
 MEMBER_EMAIL_SQL = "NULLIF(LOWER(TRIM(COALESCE(email, ''))), '')"
 MEMBER_NAME_SQL = "TRIM(COALESCE(given_name, '') || ' ' || COALESCE(family_name, ''))"
+#: The stored columns each generated column is computed from.
+GENERATED_FROM: dict[str, tuple[str, ...]] = {
+    "member_email": ("email",),
+    "member_name": ("given_name", "family_name"),
+}
+
+#: SQLite: everything a member read takes from a person, in a narrow index the reads name
+#: (``INDEXED BY``: without statistics SQLite's planner takes the key's index and then the
+#: row, per member a random visit to a table several times wider). SQLite's only (migration
+#: 0018): PostgreSQL's member reads were not measured to gain from it.
+PERSON_MEMBER_INDEX = "ix_roster_person_member"
+#: Indexes only a SQLite database has (declared with ``ddl_if``).
+SQLITE_ONLY_INDEXES = frozenset({PERSON_MEMBER_INDEX})
+
+
+def indexes_on(table: Table, dialect: str) -> list[Index]:
+    """The table's indexes as a database of ``dialect`` has them."""
+    return [i for i in table.indexes if dialect == "sqlite" or i.name not in SQLITE_ONLY_INDEXES]
+
 
 roster_person = Table(
     "roster_person",
@@ -257,6 +276,9 @@ roster_person = Table(
     Column("member_name", Text, Computed(MEMBER_NAME_SQL, persisted=True)),
     Index("ix_roster_person_email", "source", "email"),
     _fp_index("person"),
+    Index(
+        PERSON_MEMBER_INDEX, "source", "sourced_id", "status", "member_email", "member_name"
+    ).ddl_if(dialect="sqlite"),
 )
 
 roster_class = Table("roster_class", metadata, *_class_cols(), _source(), _fp_index("class"))

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.schema import CreateIndex, DropIndex
 
 from rostersync.store.db import in_text, index_build
-from rostersync.store.tables import metadata
+from rostersync.store.tables import GENERATED_FROM, indexes_on, metadata
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import run_scan
@@ -47,11 +47,13 @@ def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids:
     entries of every index on a column an UPDATE sets, equal or not, and the upsert below
     sets them all: index pages rewritten with the values they held."""
     mirror, staging, cols = TABLES[kind]
+    # A generated column's index entry moves when a column it is computed from is set.
     indexed = {
-        f'"{c.name}"'
-        for index in metadata.tables[mirror].indexes
+        f'"{name}"'
+        for index in indexes_on(metadata.tables[mirror], "sqlite")
         for c in index.columns
         if c.name not in ("source", "sourced_id")
+        for name in GENERATED_FROM.get(c.name, (c.name,))
     }
     # A changed record has a new fingerprint: setting it rewrites the fingerprint index's
     # entry alone, where the upsert would rewrite every index's.
@@ -108,7 +110,8 @@ def merge(
         # secondary indexes (on PostgreSQL, the primary key too), built again afterwards by
         # one sort each, than with them kept up row by row. Inside the transaction, so a
         # failed run leaves them as they were.
-        secondary = [i for i in metadata.tables[mirror].indexes if not i.unique]
+        table = metadata.tables[mirror]
+        secondary = [i for i in indexes_on(table, conn.dialect.name) if not i.unique]
         fresh, bulk = _first_load(conn, mirror, staging, params)
         rebuild = secondary if bulk else []
         for index in rebuild:

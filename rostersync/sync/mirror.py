@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from rostersync.store.db import in_text
+from rostersync.store.tables import PERSON_MEMBER_INDEX
 from rostersync.sync.rules import chunks
 from rostersync.sync.staging import COLUMNS
 
@@ -24,9 +25,18 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     for kind, cols in COLUMNS.items()
 }
 
+
+def member_person(dialect: str, alias: str = "sp") -> str:
+    """``roster_person`` under ``alias``, for a join that reads a person's key, status and
+    member values alone: on SQLite through the index that holds just those
+    (store.tables.PERSON_MEMBER_INDEX)."""
+    hint = f" INDEXED BY {PERSON_MEMBER_INDEX}" if dialect == "sqlite" else ""
+    return f"roster_person {alias}{hint}"
+
+
 _POPULATED = """
 EXISTS (SELECT 1 FROM roster_enrollment se
-        JOIN roster_person sp ON sp.source = se.source AND sp.sourced_id = se.user_id
+        JOIN {person} ON sp.source = se.source AND sp.sourced_id = se.user_id
         WHERE se.source = c.source AND se.class_id = c.sourced_id AND se.role = 'student'
           AND se.status = 'active' AND sp.status = 'active'{fence})
 """
@@ -41,7 +51,10 @@ def populated(conn: Connection) -> str:
     joined every student enrollment of the source with its person, once per parallel worker,
     whatever the classes asked about.
     """
-    return _POPULATED.format(fence=" OFFSET 0" if conn.dialect.name == "postgresql" else "")
+    dialect = conn.dialect.name
+    return _POPULATED.format(
+        person=member_person(dialect), fence=" OFFSET 0" if dialect == "postgresql" else ""
+    )
 
 
 def teacher_role(conn: Connection, roles: Sequence[str], alias: str = "tp") -> str:

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import Connection, event, inspect, select, text
 
 from rostersync.errors import StoreError
 from rostersync.source.records import RosterPerson
 from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batch
 from rostersync.store import snapshot
 from rostersync.store.db import SQLITE_PAGE_BYTES, Store, in_text, schema_head
-from rostersync.store.tables import metadata
+from rostersync.store.tables import PERSON_MEMBER_INDEX, SQLITE_ONLY_INDEXES, metadata
 from rostersync.sync import staging as staging_step
 from rostersync.sync.merge import (
     STATISTICS_TARGET,
@@ -31,11 +31,25 @@ from tests.directoryrows import add_user
 STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")
 
 
+def schema_diff(conn: Connection) -> list[Any]:
+    """What the database lacks or has beyond the models, as Alembic compares them; an index
+    the models declare for SQLite alone (``ddl_if``, which Alembic does not read) counts on
+    SQLite only."""
+
+    def declared_here(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
+        sqlite = conn.dialect.name == "sqlite"
+        return sqlite or not (type_ == "index" and name in SQLITE_ONLY_INDEXES)
+
+    context = MigrationContext.configure(conn, opts={"include_object": declared_here})
+    return list(compare_metadata(context, metadata))
+
+
 def test_migrations_match_the_models(store: Store) -> None:
     """The Alembic migrations create exactly the tables, columns and indexes the models declare."""
     with store.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), metadata)
-    assert diff == []
+        assert schema_diff(conn) == []
+        names = {i["name"] for i in inspect(conn).get_indexes("roster_person")}
+    assert (PERSON_MEMBER_INDEX in names) == (store.engine.dialect.name == "sqlite")
 
 
 def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
@@ -880,8 +894,63 @@ def test_upgrade_to_0017_stores_each_persons_member_values(unmigrated: Store) ->
     with store.read() as conn:
         assert tuple(conn.execute(text(read)).all()[1]) == ("p-2", "bo@x.org", "Bo Ray")
         with store.engine.connect() as raw:
-            diff = compare_metadata(MigrationContext.configure(raw), metadata)
+            diff = schema_diff(raw)
     assert diff == []  # the rebuilt table kept its key and indexes
+
+
+def test_upgrade_to_0018_indexes_each_persons_member_values_on_sqlite(unmigrated: Store) -> None:
+    """0018 adds the person member index on SQLite, over the persons mirrored before it, and
+    nothing on PostgreSQL; the member reads then find persons through it."""
+    store = unmigrated
+    migrate(store, "0017")
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO roster_person (source, sourced_id, role, given_name, family_name, "
+                "email, enabled, org_ids, status, row_hash) VALUES ('mem', 'p-1', 'student', "
+                "'Ann', 'Lee', ' Ann@X.org', true, '', 'active', 'h')"
+            )
+        )
+    store.upgrade()
+    sqlite = store.engine.dialect.name == "sqlite"
+    with store.read() as conn:
+        names = {i["name"] for i in inspect(conn).get_indexes("roster_person")}
+        assert (PERSON_MEMBER_INDEX in names) == sqlite
+        assert schema_diff(conn) == []
+        if sqlite:
+            found = conn.execute(
+                text(
+                    f"SELECT sourced_id, member_email, member_name FROM roster_person "
+                    f"INDEXED BY {PERSON_MEMBER_INDEX} WHERE source = 'mem' AND sourced_id = 'p-1'"
+                )
+            ).all()
+            assert [tuple(r) for r in found] == [("p-1", "ann@x.org", "Ann Lee")]
+
+
+def test_sqlite_member_reads_find_persons_through_the_member_index(sqlite_store: Store) -> None:
+    """Every read of members (a new group's fill, an existing group's compare, a marked
+    member, "has this class a student") takes a person from the member index: SQLite's
+    planner, without statistics, took the key's index and then the wide row."""
+    from rostersync.resync import members
+    from rostersync.sync.mirror import populated
+
+    with sqlite_store.write() as conn:
+        conn.execute(
+            text(
+                "CREATE TEMP TABLE rs_member_marks "
+                "(gid INTEGER, src VARCHAR(64), cls VARCHAR(256), person VARCHAR(256))"
+            )
+        )
+        reads = [
+            members._desired_members("sqlite").replace(":ids", "(1, 2)"),
+            members._MARKED_MEMBERS,
+            f"SELECT c.sourced_id FROM roster_class c WHERE {populated(conn)}",
+        ]
+        for sql in reads:
+            plan = " / ".join(
+                str(row[-1]) for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")
+            )
+            assert f"INDEX {PERSON_MEMBER_INDEX} (source=? AND sourced_id=?" in plan, plan
 
 
 class _DriverError(Exception):

@@ -168,8 +168,9 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     """The merge writes every change, and on SQLite sets an indexed column only for rows
-    whose value in it changed: a trigger on those columns fires for the moved enrollment and
-    the new email, not for the flag or the family name that changed beside them."""
+    whose value in it changed: a trigger on those columns fires for the moved enrollment,
+    the new email and the new family name (the member index holds the name computed from
+    it), not for the flag or the username that changed beside them."""
     settings = make_settings()
     await sync(settings, store, small_roster())
     sqlite = store.engine.dialect.name == "sqlite"
@@ -185,7 +186,8 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
             )
             conn.execute(
                 text(
-                    "CREATE TRIGGER person_index_cols AFTER UPDATE OF email ON roster_person "
+                    "CREATE TRIGGER person_index_cols AFTER UPDATE OF email, status, given_name, "
+                    "family_name ON roster_person "
                     "BEGIN INSERT INTO index_writes VALUES ('person', new.sourced_id); END"
                 )
             )
@@ -200,6 +202,7 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
     ]
     roster.replace_person("s-3", family_name="Renamed")
     roster.replace_person("s-4", email="s4.new@example.org")
+    roster.replace_person("s-5", username="s5.new")
     report = await sync(settings, store, roster)
     assert report.status == "succeeded"
     with store.read() as conn:
@@ -210,9 +213,9 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
             )
         }
         people = {
-            sid: (family, email)
-            for sid, family, email in conn.execute(
-                text("SELECT sourced_id, family_name, email FROM roster_person")
+            sid: (family, email, username)
+            for sid, family, email, username in conn.execute(
+                text("SELECT sourced_id, family_name, email, username FROM roster_person")
             )
         }
         writes = (
@@ -222,8 +225,9 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
         )
     assert enrollments["e-s1c1"] == ("c-1", True)
     assert enrollments["e-s2c1"] == ("c-2", False)
-    assert people["s-3"] == ("Renamed", "s3@example.org")
-    assert people["s-4"] == ("Dent", "s4.new@example.org")
+    assert people["s-3"][:2] == ("Renamed", "s3@example.org")
+    assert people["s-4"][:2] == ("Dent", "s4.new@example.org")
+    assert people["s-5"][2] == "s5.new"
     assert {m["sourced_id"] for m in groups(store)["c-2"]["members"]} == {
         "s-2",
         "s-3",
@@ -232,7 +236,7 @@ async def test_changed_rows_keep_their_index_entries_when_no_indexed_column_chan
     }
     assert {m["name"] for m in groups(store)["c-1"]["members"]} >= {"Stu3 Renamed"}
     if sqlite:
-        assert writes == [("enrollment", "e-s2c1"), ("person", "s-4")]
+        assert writes == [("enrollment", "e-s2c1"), ("person", "s-3"), ("person", "s-4")]
 
 
 @pytest.mark.parametrize("targeted", [True, False], ids=["by-id", "whole-run"])
