@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -197,17 +198,38 @@ def _unicode_lower(value: object) -> object:
     return (value if isinstance(value, str) else str(value)).lower()
 
 
+#: How long a SQLite connection waits for a lock another one holds.
+BUSY_TIMEOUT_MS = 30_000
+
+
+def _wal_mode(cur: sqlite3.Cursor) -> None:
+    """Put the database in WAL mode. On a database another process is setting up at the same
+    moment, SQLite can refuse the lock this takes at once ("database is locked") instead of
+    waiting out the busy timeout: one of two processes started together on a new database
+    failed so, about one start in a hundred. Tried again until the timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if not busy or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)
+
+
 def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # Before WAL mode: a new database takes it before its first table; an existing one
         # keeps its own (only a VACUUM outside WAL mode changes it).
         cur.execute(f"PRAGMA page_size={SQLITE_PAGE_BYTES}")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA busy_timeout=30000")
+        _wal_mode(cur)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA synchronous=NORMAL")
         # A page cache of up to 128 MiB (the default is 2 MiB): the set-based steps of a

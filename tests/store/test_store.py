@@ -255,6 +255,40 @@ def test_sqlite_uses_wal_and_a_busy_timeout(sqlite_store: Store) -> None:
         assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -128 * 1024
 
 
+def test_a_store_opening_a_database_another_process_is_setting_up_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Turning a database to WAL mode takes a lock that SQLite refuses at once, busy timeout
+    or not, while another connection writes to it in its first journal mode (a process
+    setting the same new database up at the same moment): the store tries again until the
+    lock is free, where one of two processes started together on a new database failed with
+    "database is locked" (about one start in a hundred, seen in the snapshot tests)."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("DROP TABLE t")  # empty again once it commits
+
+    def finish() -> None:
+        other.execute("COMMIT")
+
+    released = threading.Timer(0.3, finish)
+    released.start()
+    store = Store(f"sqlite:///{path}")
+    try:
+        store.ensure_schema()
+        assert store.current_revision() == schema_head()
+        with store.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        released.join()
+        other.close()
+        store.dispose()
+
+
 def test_a_new_sqlite_database_has_larger_pages_and_an_old_one_keeps_its_own(
     tmp_path: Path,
 ) -> None:
