@@ -513,12 +513,18 @@ class Store:
         """Apply pending migrations; returns (revision before, revision after). A database
         without tables is set up from the schema snapshot when it is at the head."""
         before = self.current_revision()
+        self._upgrade_from(before)
+        return before, self.current_revision()
+
+    def _upgrade_from(self, before: str | None) -> bool:
+        """Upgrade from ``before``; True if this process created the schema (not another
+        one setting the same new database up at the same moment)."""
         from rostersync.store import snapshot
 
-        if before is None and snapshot.set_up(self):
-            return before, self.current_revision()
+        if before is None and (how := snapshot.set_up(self)) is not None:
+            return how == snapshot.REPLAYED
         self.migrate()
-        return before, self.current_revision()
+        return before is None
 
     def migrate(self) -> None:
         """Run the pending migrations through Alembic, in one transaction."""
@@ -541,13 +547,19 @@ class Store:
             return
         if current is None:
             has_tables = self.has_tables()
+            if has_tables:
+                # Another process may have set the new database up since the first look.
+                current = self.current_revision()
+                if current == head:
+                    return
             if not has_tables and auto_upgrade:
-                self.upgrade()
-                # Said once, at the set-up: a config copied elsewhere, whose relative SQLite
-                # path now points at a new file, would otherwise start afresh unnoticed.
-                structlog.get_logger().info(
-                    "database_created", database=self.location, revision=head
-                )
+                # Said once, by the process that set it up: a config copied elsewhere, whose
+                # relative SQLite path now points at a new file, would otherwise start afresh
+                # unnoticed.
+                if self._upgrade_from(None):
+                    structlog.get_logger().info(
+                        "database_created", database=self.location, revision=head
+                    )
                 return
             if not has_tables:
                 raise StoreError(

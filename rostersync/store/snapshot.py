@@ -83,28 +83,39 @@ def replay(conn: Connection, snapshot: Snapshot) -> None:
         conn.exec_driver_sql(statement)
 
 
-def set_up(store: Store) -> bool:
+#: :func:`set_up` replayed the snapshot: this process set the database up.
+REPLAYED = "replayed"
+#: :func:`set_up` found the database set up at the head by another process meanwhile.
+FOUND = "found"
+
+
+def set_up(store: Store) -> str | None:
     """Set ``store``'s empty database up by replaying the snapshot of the head's schema, in
-    one transaction; False, having done nothing, when there is no such snapshot or the
-    database has tables."""
+    one transaction: :data:`REPLAYED`, or :data:`FOUND` when another process set it up
+    first. None, having done nothing, when there is no such snapshot or the database holds
+    other tables (the migrations then decide)."""
     from rostersync.store.db import schema_head
 
     kept = load(store.dialect)
     if kept is None or kept.revision != schema_head():
-        return False
+        return None
     try:
         # A write transaction (SQLite: the write lock first), so that two processes setting
         # one database up take turns and the second finds the tables.
         with store.write() as conn:
             if inspect(conn).get_table_names():
-                return False
-            replay(conn, kept)
+                found = True
+            else:
+                found = False
+                replay(conn, kept)
     except DBAPIError:
         # Another process set it up meanwhile: its tables stand, the replay rolled back.
         if store.current_revision() == kept.revision:
-            return True
+            return FOUND
         raise
-    return True
+    if not found:
+        return REPLAYED
+    return FOUND if store.current_revision() == kept.revision else None
 
 
 def record(url: str) -> Snapshot:

@@ -196,3 +196,41 @@ def test_record_refuses_a_database_that_is_not_empty(tmp_path: Path) -> None:
     store.dispose()
     with pytest.raises(ValueError, match="not an empty database"):
         snapshot.record(url)
+
+
+@pytest.mark.parametrize("window", ["after its first look", "after its check for tables"])
+def test_only_the_process_that_set_a_new_database_up_says_it_created_it(
+    empty_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch, window: str
+) -> None:
+    """Of two processes starting on one new database, the second may have seen no schema
+    (and no tables) before the first set it up: it goes on at the head, without an error
+    ("schema at an unknown revision") and without logging ``database_created`` (both said
+    they had created it)."""
+    import structlog.testing
+
+    url = empty_url()
+    first, second = Store(url), Store(url)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            first.ensure_schema()
+        assert [e["event"] for e in logs] == ["database_created"]
+        # What the second process read before the first one's set-up committed.
+        stale_revisions = [None]
+        stale_tables = [False] if window == "after its check for tables" else []
+        revision, tables = second.current_revision, second.has_tables
+        monkeypatch.setattr(
+            second,
+            "current_revision",
+            lambda: stale_revisions.pop() if stale_revisions else revision(),
+        )
+        monkeypatch.setattr(
+            second, "has_tables", lambda: stale_tables.pop() if stale_tables else tables()
+        )
+        with structlog.testing.capture_logs() as logs:
+            second.ensure_schema()
+        assert [e["event"] for e in logs] == []
+        assert revision() == schema_head()
+        assert snapshot.set_up(second) == snapshot.FOUND
+    finally:
+        first.dispose()
+        second.dispose()
