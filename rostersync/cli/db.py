@@ -20,8 +20,13 @@ def db_upgrade(app: App) -> None:
     from rostersync.sync.provisioning import sync_catalog
 
     store = Store(app.settings.database)
-    before, after = store.upgrade()
-    with store.write() as conn:
-        sync_catalog(conn, app.settings)
+    try:
+        before, after = store.upgrade()
+        with store.write() as conn:
+            sync_catalog(conn, app.settings)
+    finally:
+        # Closed, as every command closes its store: SQLite's log is copied into the file
+        # and its -wal and -shm files go.
+        store.dispose()
     # The file, or the server URL without its password (not the Store's repr).
     click.echo(f"database {store.location}: {before or 'empty'} -> {after}")

@@ -194,3 +194,5 @@ def test_db_upgrade_says_which_database_went_from_which_revision_to_which(
         0,
         f"database {database}: {head} -> {head}\n",
     )
+    # The store is closed as the command ends: no SQLite -wal or -shm file is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rs.db")) == ["rs.db"]
