@@ -6,6 +6,7 @@ gets its own schema, dropped afterwards. Without a reachable server they skip, s
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 
 from rostersync.config.loader import load_settings_text
@@ -165,3 +167,13 @@ def pool_starts(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[int]]:
         return started
 
     return counting
+
+
+@pytest.fixture
+def info_logged() -> Iterator[None]:
+    """Info lines reach ``structlog.testing.capture_logs`` whatever level an earlier test
+    configured (capture_logs replaces the processors, not the level filter)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    yield
+    structlog.configure(**saved)

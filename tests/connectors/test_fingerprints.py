@@ -6,12 +6,10 @@ from the store itself (rostersync.sync.known)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from sqlalchemy import text
 
 from connectors.oneroster import decode
@@ -119,7 +117,7 @@ def test_a_worker_that_cannot_read_the_store_leaves_nothing_out(tmp_path: Path) 
     assert KnownRows.spec(Store("sqlite://"), "district", 1) is None
 
 
-async def test_a_closed_connector_starts_no_pool_again() -> None:
+async def test_a_closed_connector_starts_no_pool_again(info_logged: None) -> None:
     """A fetch abandoned by its caller may still have a page's task running when the
     connector closes: it starts no pool whose processes would outlive the connector (the
     program then waited for them at exit)."""
@@ -129,15 +127,10 @@ async def test_a_closed_connector_starts_no_pool_again() -> None:
 
     from tests.connectors.test_oneroster_unit import open_connector
 
-    saved = structlog.get_config()  # info lines reach capture_logs whatever an earlier test set
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    try:
-        with capture_logs() as logs:
-            async with open_connector(decode_workers=1) as c:
-                pool = c._start_pool()
-                assert c._start_pool() is pool
-    finally:
-        structlog.configure(**saved)
+    with capture_logs() as logs:
+        async with open_connector(decode_workers=1) as c:
+            pool = c._start_pool()
+            assert c._start_pool() is pool
     started = [e for e in logs if e["event"] == "decode pool started"]
     assert [(e["workers"], e["fastest_page_ms"]) for e in started] == [(1, None)]
     assert c.closed and c._pool is None

@@ -5,7 +5,6 @@ request), after which the sync process requests the rest itself."""
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -14,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from connectors.oneroster import decode
@@ -30,7 +28,8 @@ from rostersync.sync.engine import SyncEngine
 from tests.e2e.test_oneroster_e2e import SOURCE, aged_district, rest_source, settings_for
 from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
 
-pytestmark = pytest.mark.slow
+# info_logged (conftest): the info lines the tests capture pass whatever level was set before.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("info_logged")]
 
 FAST = {"initial_wait": 0.01, "max_wait": 0.05, "max_attempts": 4}
 PAGE = 7
@@ -45,15 +44,6 @@ def every_collection_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
     requested by a worker (when the connector may make requests of its own)."""
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
     monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
-
-
-@pytest.fixture(autouse=True)
-def info_logged() -> Iterator[None]:
-    """Info lines reach capture_logs whatever level an earlier test configured."""
-    saved = structlog.get_config()
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
-    yield
-    structlog.configure(**saved)
 
 
 @asynccontextmanager

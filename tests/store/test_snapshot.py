@@ -200,7 +200,7 @@ def test_record_refuses_a_database_that_is_not_empty(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("window", ["after its first look", "after its check for tables"])
 def test_only_the_process_that_set_a_new_database_up_says_it_created_it(
-    empty_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch, window: str
+    empty_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch, window: str, info_logged: None
 ) -> None:
     """Of two processes starting on one new database, the second may have seen no schema
     (and no tables) before the first set it up: it goes on at the head, without an error
