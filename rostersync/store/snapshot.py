@@ -103,10 +103,8 @@ def set_up(store: Store) -> str | None:
         # A write transaction (SQLite: the write lock first), so that two processes setting
         # one database up take turns and the second finds the tables.
         with store.write() as conn:
-            if inspect(conn).get_table_names():
-                found = True
-            else:
-                found = False
+            found = bool(inspect(conn).get_table_names())
+            if not found:
                 replay(conn, kept)
     except DBAPIError:
         # Another process set it up meanwhile: its tables stand, the replay rolled back.
