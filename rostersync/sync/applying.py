@@ -477,7 +477,14 @@ class Applier:
                 "as the mirror has them, and the resync re-reads their classes from the source"
             )
         return changeset.collect(
-            conn, ctx.source, ctx.run_id, before, plan, teacher_roles=roles, notes=notes
+            conn,
+            ctx.source,
+            ctx.run_id,
+            before,
+            plan,
+            teacher_roles=roles,
+            notes=notes,
+            scoped_out=ctx.scoped_out,
         )
 
     def _record_success(

@@ -18,7 +18,7 @@ of the source succeeds, an approval of the run included: it then describes nothi
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,11 +193,16 @@ def _persons(conn: Connection, source: str, user_ids: Iterable[int]) -> dict[int
 
 
 def _why_not_teaching(
-    conn: Connection, source: str, persons: Iterable[str], teacher_roles: Sequence[str]
+    conn: Connection,
+    source: str,
+    persons: Iterable[str],
+    teacher_roles: Sequence[str],
+    scoped_out: Set[str] = frozenset(),
 ) -> dict[str, str]:
     """Why each of these persons is no longer a teacher of the source, as the mirror has it
-    after the run (the first of: gone, not active, disabled, not of a teacher role, no
-    populated class)."""
+    after the run (the first of: gone, left out by the source's scope, not active, disabled,
+    not of a teacher role, no populated class). ``scoped_out``: the persons the source sent
+    and its scope left out, whom the mirror no longer holds either."""
     ids = sorted(set(persons))
     found: dict[str, tuple[str, bool, str]] = {}
     sql = (
@@ -212,6 +217,9 @@ def _why_not_teaching(
     wanted = {r.lower() for r in teacher_roles}
     out: dict[str, str] = {}
     for sid in ids:
+        if sid in scoped_out:
+            out[sid] = "outside the source's scope (its schools setting)"
+            continue
         if sid not in found:
             out[sid] = "gone from the source"
             continue
@@ -229,7 +237,11 @@ def _why_not_teaching(
 
 
 def _user_changes(
-    conn: Connection, source: str, plan: ProvisionPlan, teacher_roles: Sequence[str]
+    conn: Connection,
+    source: str,
+    plan: ProvisionPlan,
+    teacher_roles: Sequence[str],
+    scoped_out: Set[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
@@ -254,7 +266,11 @@ def _user_changes(
         add("link", link.email, known[1] if known else link.display_name, [link.sourced_id])
     persons = _persons(conn, source, moved)
     why = _why_not_teaching(
-        conn, source, (p for u in plan.archive for p in persons.get(u, [])), teacher_roles
+        conn,
+        source,
+        (p for u in plan.archive for p in persons.get(u, [])),
+        teacher_roles,
+        scoped_out,
     )
     for action, ids in (("archive", plan.archive), ("restore", plan.restore)):
         for uid in sorted(set(ids)):
@@ -305,9 +321,11 @@ def collect(
     *,
     teacher_roles: Sequence[str],
     notes: Sequence[str] = (),
+    scoped_out: Set[str] = frozenset(),
 ) -> ChangeSet:
     """The change set, once the run's provisioning and the resync of its users are applied
-    (still inside the transaction that is about to be rolled back)."""
+    (still inside the transaction that is about to be rolled back). ``scoped_out``: the
+    persons the source sent and its scope left out."""
     after = Snapshot(_groups(conn), _owners(conn))
     created = sorted(set(after.groups) - set(before.groups))
     removed = sorted(set(before.groups) - set(after.groups))
@@ -400,7 +418,7 @@ def collect(
             f"{total} members are added or removed: more than {MEMBER_DETAIL_MAX}, so they "
             "are counted per group but not listed"
         )
-    users_changed = _user_changes(conn, source, plan, teacher_roles)
+    users_changed = _user_changes(conn, source, plan, teacher_roles, scoped_out)
     return ChangeSet(run_id, users_changed, groups, out_notes, listed)
 
 

@@ -58,6 +58,7 @@ from rostersync.sync.runs import (
 )
 from rostersync.sync.scope import (
     Scope,
+    ScopeResult,
     apply_scope,
     fingerprint_of,
     scope_for,
@@ -266,15 +267,16 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
         except Exception as exc:
             return await asyncio.to_thread(self._fail, run_id, exc, log)
+        scoped = ScopeResult()
         if scope is not None:
             try:
-                counts, scoped = await asyncio.to_thread(
+                scoped = await asyncio.to_thread(
                     self._scope, source, run_id, fetch_mode, scope, extras
                 )
             except Exception as exc:
                 return await asyncio.to_thread(self._fail, run_id, exc, log)
-            fetched.update(counts)
-            notes.extend(scoped)
+            fetched.update(scoped.counts)
+            notes.extend(scoped.warnings)
         if notes:
             warnings.extend(notes)
             await asyncio.to_thread(self._set_warnings, run_id, warnings)
@@ -289,6 +291,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 dry_run=dry_run,
                 changes=changes and dry_run,
                 known=extras.known,
+                scoped_out=frozenset(scoped.persons_out),
             )
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:
@@ -296,13 +299,13 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
 
     def _scope(
         self, source: str, run_id: int, mode: FetchMode, scope: Scope, extras: Fetched
-    ) -> tuple[dict[str, int], list[str]]:
+    ) -> ScopeResult:
         """Leave the staged records out of scope out (rostersync.sync.scope), once, right
         after the fetch: a held run keeps its scoped rows, and its approval applies them."""
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
-                return {}, []  # cut off meanwhile: its staging was cleared for good
-            result = apply_scope(
+                return ScopeResult(counts={})  # cut off meanwhile: its staging was cleared
+            return apply_scope(
                 conn,
                 source,
                 run_id,
@@ -312,7 +315,6 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 sessions=extras.sessions,
                 today=self.today(),
             )
-        return result.counts, result.warnings
 
     def _delta_instead(
         self, source: str, requested: str | None

@@ -122,6 +122,8 @@ class RunContext:
     changes: bool = False
     #: a full run's rows left out of staging as unchanged (rostersync.sync.known)
     known: KnownRows | None = None
+    #: the persons the source sent that the source's scope left out (its schools)
+    scoped_out: frozenset[str] = frozenset()
 
     @property
     def full(self) -> bool:

@@ -104,6 +104,8 @@ def fingerprint_of(config: SourceConfig) -> int:
 class ScopeResult:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SCOPE_COUNT_KEYS, 0))
     warnings: list[str] = field(default_factory=list)
+    #: the persons the source sent that the scope left out (their schools)
+    persons_out: set[str] = field(default_factory=set)
 
 
 def _shown(ids: Iterable[str]) -> str:
@@ -213,6 +215,7 @@ def apply_scope(
         # Persons: out by their schools, unless enrolled in a class kept.
         out_people = _people_out(conn, params, full=full, scope=scope, orgs=orgs, schools=schools)
         counts["persons_ignored"] = len(out_people)
+        result.persons_out = out_people
 
         _retire(
             conn,

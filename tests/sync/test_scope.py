@@ -29,6 +29,7 @@ from rostersync.source.records import (
 )
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
+from rostersync.sync import changes as changeset
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import RunReport, load_report
 from rostersync.sync.scope import keep_mirrored_classes
@@ -254,6 +255,42 @@ async def test_narrowing_the_scope_is_not_a_shrunken_source(
     assert set(groups(store)) == {"c-1", "c-3"}
     assert users(store)["t-2@example.org"]["status"] == "archived"
     assert report.counts["groups_removed"] == 2 and report.counts["users_archived"] == 1
+
+
+async def test_an_archival_for_a_narrowed_scope_says_so_and_one_for_a_gone_teacher_too(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A held run's change set gives the reason of each archival: the teacher the narrowed
+    scope leaves out is "outside the source's scope", not "gone from the source" (the scope
+    takes them out of the run, and the mirror then holds them no more than a teacher the
+    source dropped); a teacher the source no longer sends is gone. The dry run's set says
+    the same."""
+    base = make_settings(safety={"max_removals": 0})
+    data = roster()
+    data.persons.append(replace(data.persons[0], sourced_id="t-9", email="t-9@example.org"))
+    data.classes.append(replace(data.classes[0], sourced_id="c-9"))
+    data.enrollments += [
+        RosterEnrollment("e-c-9-t-9", "c-9", "t-9", "teacher", date_last_modified=T0),
+        RosterEnrollment("e-c-9-s-1", "c-9", "s-1", "student", date_last_modified=T0),
+    ]
+    run = Runner(scoped(base), store, data)
+    await run.sync()
+    assert {"t-2@example.org", "t-9@example.org"} <= set(users(store))
+    run.configure(scoped(base, schools={"exclude": ["sch-2"]}))
+    data.persons = [p for p in data.persons if p.sourced_id != "t-9"]
+    dry = await run.sync(dry_run=True, changes=True)
+    held = await run.sync()
+    assert held.status == "held"
+    for report in (dry, held):
+        with store.read() as conn:
+            stored = changeset.load(conn, report.id)
+        assert stored is not None
+        reasons = {u["sourced_id"]: u["reason"] for u in stored.users if u["action"] == "archive"}
+        assert reasons == {
+            "t-2": "no longer a teacher of this source: outside the source's scope (its "
+            "schools setting)",
+            "t-9": "no longer a teacher of this source: gone from the source",
+        }
 
 
 async def test_a_shrunken_part_in_scope_is_held_though_the_rest_of_the_source_is_not(
