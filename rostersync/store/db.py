@@ -205,8 +205,7 @@ BUSY_TIMEOUT_MS = 30_000
 def _wal_mode(cur: sqlite3.Cursor) -> None:
     """Put the database in WAL mode. On a database another process is setting up at the same
     moment, SQLite can refuse the lock this takes at once ("database is locked") instead of
-    waiting out the busy timeout: one of two processes started together on a new database
-    failed so, about one start in a hundred. Tried again until the timeout."""
+    waiting out the busy timeout: tried again until the timeout."""
     deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
     while True:
         try:

@@ -26,12 +26,12 @@ TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def member_person(dialect: str, alias: str = "sp") -> str:
-    """``roster_person`` under ``alias``, for a join that reads a person's key, status and
-    member values alone: on SQLite through the index that holds just those
+def member_person(dialect: str) -> str:
+    """``roster_person sp``, for a join that reads a person's key, status and member values
+    alone: on SQLite through the index that holds just those
     (store.tables.PERSON_MEMBER_INDEX)."""
     hint = f" INDEXED BY {PERSON_MEMBER_INDEX}" if dialect == "sqlite" else ""
-    return f"roster_person {alias}{hint}"
+    return f"roster_person sp{hint}"
 
 
 _POPULATED = """
