@@ -8,6 +8,7 @@ validation error never shows them.
 
 from __future__ import annotations
 
+import os
 import ssl
 import threading
 from concurrent.futures import Future
@@ -227,6 +228,16 @@ class OneRosterSourceConfig(ScopedSourceConfig):
 
         _TLS_AHEAD[bundle] = ahead
         threading.Thread(target=build, name="rostersync-tls", daemon=True).start()
+
+    def prepare_workers(self) -> None:
+        """Start the decode workers' fork server (connectors.oneroster.forkserver), unless
+        the workers are off or the machine has one core, where its imports would only take
+        the sync process's turn."""
+        if self.decode_workers == 0 or (os.cpu_count() or 1) < 2:
+            return
+        from connectors.oneroster import forkserver
+
+        forkserver.start_ahead()
 
     def http_client_options(self) -> dict[str, Any]:
         import httpx  # here: loading the config (every command does) needs no HTTP client

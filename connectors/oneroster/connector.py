@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from connectors.oneroster import decode, paging
+from connectors.oneroster import decode, forkserver, paging
 from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
 from connectors.oneroster.config import (
     BearerAuth,
@@ -246,7 +246,7 @@ class OneRosterConnector:
             # Its processes would outlive the connector, and the program would wait for them.
             raise BrokenExecutor("the connector is closed")
         if self._pool is None:
-            preload = ("connectors.oneroster.direct",) if self._own_requests else ()
+            preload = (forkserver.DIRECT,) if self._own_requests else ()
             workers = self._workers()
             self._pool = start_pool(workers, preload=preload)
             fastest = self._fastest_page

@@ -12,7 +12,6 @@ normalizer and :mod:`rostersync.source.rows`.
 
 from __future__ import annotations
 
-import multiprocessing
 import operator
 import os
 import sqlite3
@@ -30,7 +29,7 @@ import msgspec
 import orjson
 import xxhash
 
-from connectors.oneroster import normalize
+from connectors.oneroster import forkserver, normalize
 from connectors.oneroster.normalize import normalize_page, rows_page
 from rostersync.daemon import procs
 from rostersync.source import records as _records
@@ -332,14 +331,9 @@ def pool_size(
 
 
 def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
-    """A pool of ``workers`` decode processes; ``preload``: further modules their forkserver
-    imports once for all of them (connectors.oneroster.direct, when they will send requests)."""
-    # forkserver, not fork: the daemon runs threads (scheduler, metrics), and a forked copy of
-    # a process holding a lock in another thread can deadlock.
-    context = multiprocessing.get_context("forkserver")
-    # Preload only what the workers use: the default also re-imports the program's __main__
-    # in the server, which runs any script that lacks a main guard.
-    context.set_forkserver_preload([__name__, *preload])
+    """A pool of ``workers`` decode processes; ``preload``: further modules their fork server
+    imports once for all of them (forkserver.DIRECT, when they will send requests)."""
+    context = forkserver.context([__name__, *preload])
     me = os.getpid()
     # The workers are the forkserver's children, not ours: each watches this process and
     # exits with it, and the forkserver and resource tracker follow once no worker is left.

@@ -34,7 +34,10 @@ async def _sync_and_drain(
     trigger: str = "cli",
 ) -> list[RunReport]:
     for name in sources:  # before the imports below: see SourceConfig.prepare_http
-        app.settings.sources[name].prepare_http()
+        source = app.settings.sources[name]
+        if App.whole_process and (mode or source.mode) == "full":
+            source.prepare_workers()
+        source.prepare_http()
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
     from rostersync.sync.leasing import SourceBusy

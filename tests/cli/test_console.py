@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from rostersync.cli.main import _exit_status
 
 
@@ -89,3 +91,59 @@ def test_a_sync_process_settles_the_garbage_collector_and_a_tests_process_does_n
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["runs"][0]["counts"]["users_created"] == 43
     assert f"collector {GC_THRESHOLD} True" in done.stderr
+
+
+#: In the console's process: report, at the process's end, each start of the decode workers'
+#: fork server and whether the store's SQLAlchemy had been imported by then.
+_FORK_SERVER_STARTS = (
+    "import atexit; from multiprocessing import forkserver as fs; starts = []; "
+    "run = fs.ensure_running; "
+    "fs.ensure_running = lambda: (starts.append('sqlalchemy' in sys.modules), run())[1]; "
+    "atexit.register(lambda: print('fork server starts', starts, file=sys.stderr)); "
+)
+
+
+def _oneroster_config(config: Path) -> Path:
+    """The example config with a OneRoster source whose server refuses at once."""
+    data = yaml.safe_load(config.read_text())
+    data["sources"] = {
+        "district": {
+            "type": "oneroster",
+            "base_url": "http://127.0.0.1:9/ims/oneroster/v1p1",
+            "auth": {"type": "bearer", "token": "not-a-real-token"},
+            "retry": {"max_attempts": 1, "initial_wait": 0.01},
+        }
+    }
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_a_full_sync_process_starts_the_decode_workers_fork_server_before_the_store(
+    config: Path,
+) -> None:
+    """A process started to run a full sync of a OneRoster source starts the fork server its
+    decode workers come from before it imports the store (the server loads their modules on
+    another core meanwhile); a delta run, which seldom needs workers, does not, and neither
+    does the same command run inside this process, which outlives it."""
+    from tests.cli.sample import run as run_here
+
+    _oneroster_config(config)
+    args = ("--config", str(config), "sync", "--json")
+    full = run_python(CONSOLE + _FORK_SERVER_STARTS + "console()", *args, "--full")
+    assert full.returncode == 1, full.stderr  # nobody answers at port 9: the run fails
+    assert json.loads(full.stdout)["runs"][0]["status"] == "failed"
+    assert "fork server starts [False]" in full.stderr
+    delta = run_python(CONSOLE + _FORK_SERVER_STARTS + "console()", *args, "--delta")
+    assert json.loads(delta.stdout)["runs"][0]["status"] == "failed"
+    assert "fork server starts []" in delta.stderr
+
+    from multiprocessing import forkserver as mp_forkserver
+
+    calls: list[bool] = []
+    real = mp_forkserver.ensure_running
+    try:
+        mp_forkserver.ensure_running = lambda: calls.append(True)  # type: ignore[assignment]
+        assert run_here(config, "sync", "--full", "--json").exit_code == 1
+    finally:
+        mp_forkserver.ensure_running = real  # type: ignore[assignment]
+    assert calls == []

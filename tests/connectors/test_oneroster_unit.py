@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.forkserver
+import os
 import ssl
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,7 +26,7 @@ import respx
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from connectors.oneroster import PLUGIN, decode
+from connectors.oneroster import PLUGIN, decode, forkserver
 from connectors.oneroster import config as config_module
 from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
@@ -1023,6 +1025,57 @@ def test_no_tls_context_is_built_when_verification_is_off(tls_ahead: dict[str | 
     cfg.prepare_http()
     assert tls_ahead == {}
     assert cfg.http_client_options()["verify"] is False
+
+
+@pytest.fixture
+def fork_server_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The fork server's starts (the modules it was to preload at each), none for real."""
+    from multiprocessing import forkserver as mp_forkserver
+
+    starts: list[list[str]] = []
+    server = mp_forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(server, "_preload_modules", list(server._preload_modules))
+    monkeypatch.setattr(
+        mp_forkserver, "ensure_running", lambda: starts.append(list(server._preload_modules))
+    )
+    return starts
+
+
+def test_prepare_workers_starts_the_pools_fork_server_ahead(
+    fork_server_starts: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork server starts with the modules a pool whose workers send the requests has it
+    preload, so that such a pool finds it running and set up; not when the workers are off,
+    nor on one core (its imports would take the sync process's turn)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    make_config().prepare_workers()
+    assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.direct"]]
+    pool = decode.start_pool(1, preload=(forkserver.DIRECT,))  # starts no process unused
+    pool.shutdown()
+    server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    assert server._preload_modules == fork_server_starts[0]
+    make_config(decode_workers=0).prepare_workers()
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    make_config().prepare_workers()
+    assert len(fork_server_starts) == 1
+
+
+def test_a_fork_server_that_cannot_start_ahead_is_left_to_the_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starting ahead is a head start, not a requirement: where the server cannot start the
+    call says so and raises nothing (the pool's own start then fails over as it always did)."""
+    from multiprocessing import forkserver as mp_forkserver
+
+    def refused() -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(mp_forkserver, "ensure_running", refused)
+    server = mp_forkserver._forkserver  # type: ignore[attr-defined]
+    monkeypatch.setattr(server, "_preload_modules", list(server._preload_modules))
+    assert forkserver.start_ahead() is False
+    monkeypatch.setattr(mp_forkserver, "ensure_running", lambda: None)
+    assert forkserver.start_ahead() is True
 
 
 # -- decoding in worker processes ---------------------------------------------------------------
