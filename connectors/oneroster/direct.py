@@ -15,11 +15,12 @@ request again the careful way: through the sync process's client, with the retry
 ``Retry-After``, the token refresh and the errors that name the request. Nothing here logs,
 raises to the caller or names a secret.
 
-The workers of a pool started for such fetches import it once, in their forkserver (the
-preload of :func:`~connectors.oneroster.decode.start_pool`); the sync process imports it for
-the request and answer types. The TLS context is built here again from the settings, as
+The workers of a pool started for such fetches import it once, in their forkserver (through
+connectors.oneroster.preload); the sync process imports it for the request and answer types.
+The TLS context is built here again from the settings, as
 ``OneRosterSourceConfig.http_client_options`` builds it: an ``ssl.SSLContext`` does not
-cross a process boundary.
+cross a process boundary (httpx's default one is built once in the forkserver, before the
+workers are forked from it).
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ class DirectAnswer:
 
 #: One client per settings, per worker, kept for the worker's life (its connections too).
 _clients: dict[ClientSpec, httpx.Client] = {}
+#: httpx's default TLS context (``verify=True``), when the fork server built it for every
+#: worker (connectors.oneroster.preload); else each worker's client builds its own.
+_default_tls: ssl.SSLContext | None = None
+
+
+def share_default_tls() -> None:
+    """Build httpx's default TLS context now, for the clients of every worker forked from
+    this process. If it cannot be built, each client tries again, and fails as it would."""
+    global _default_tls
+    try:
+        _default_tls = httpx.create_ssl_context()
+    except Exception:  # e.g. $SSL_CERT_FILE names no file: the worker's client says so
+        _default_tls = None
 
 
 def _client(spec: ClientSpec) -> httpx.Client:
@@ -76,6 +90,8 @@ def _client(spec: ClientSpec) -> httpx.Client:
         verify: bool | ssl.SSLContext = spec.verify_tls
         if spec.verify_tls and spec.ca_bundle is not None:
             verify = ssl.create_default_context(cafile=spec.ca_bundle)
+        elif spec.verify_tls and _default_tls is not None:
+            verify = _default_tls
         auth = OAuth1Signer(*spec.oauth1) if spec.oauth1 is not None else None
         client = httpx.Client(timeout=httpx.Timeout(spec.timeout), verify=verify, auth=auth)
         _clients[spec] = client

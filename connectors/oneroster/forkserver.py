@@ -13,9 +13,10 @@ import multiprocessing
 from collections.abc import Sequence
 from multiprocessing.context import ForkServerContext
 
-#: The decoder every worker runs, and the request sender of workers that send the requests.
+#: The decoder every worker runs, and what workers that send the requests need besides
+#: (the request sender and a TLS context built once for all of them).
 DECODE = "connectors.oneroster.decode"
-DIRECT = "connectors.oneroster.direct"
+DIRECT = "connectors.oneroster.preload"
 
 
 def context(preload: Sequence[str]) -> ForkServerContext:

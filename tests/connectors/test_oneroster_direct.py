@@ -246,3 +246,54 @@ async def test_a_server_going_down_while_the_workers_fetch_fails_the_fetch_namin
                 await staged(c)
             assert c.pages_by_workers > 0
             assert c._direct_off is not None and c._direct_off.startswith("no answer")
+
+
+def test_workers_share_the_default_tls_context_their_fork_server_built(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A worker's client verifies with the context the fork server built once
+    (direct.share_default_tls, the preload's), as httpx's own default would; a CA bundle or
+    verification off is the worker's own as before; a context that cannot be built is left
+    to each client."""
+    from connectors.oneroster import direct
+
+    monkeypatch.setattr(direct, "_clients", {})
+    monkeypatch.setattr(direct, "_default_tls", None)
+    direct.share_default_tls()
+    shared = direct._default_tls
+    assert shared is not None
+    assert shared.cert_store_stats() == httpx.create_ssl_context().cert_store_stats()
+    client = direct._client(ClientSpec(30.0, True, None))
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    assert pool._ssl_context is shared
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(Path(__import__("certifi").where()).read_bytes())
+    own = direct._client(ClientSpec(30.0, True, str(bundle)))._transport._pool  # type: ignore[attr-defined]
+    assert own._ssl_context is not shared
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing.pem"))
+    direct.share_default_tls()
+    assert direct._default_tls is None
+
+
+def test_a_worker_starts_with_its_request_modules_and_tls_context_loaded() -> None:
+    """In a process of its own (the fork server is one per process, and a test's may have
+    started with other modules): the workers of a pool that sends requests find the request
+    sender, httpx's transport and the shared TLS context there before their first task."""
+    import subprocess
+    import sys
+
+    program = (
+        "from connectors.oneroster import decode, forkserver\n"
+        "probe = \"(lambda m: ('httpcore' in m, 'encodings.idna' in m, "
+        "m['connectors.oneroster.direct']._default_tls is not None))"
+        "(__import__('sys').modules)\"\n"
+        "if __name__ == '__main__':\n"
+        "    pool = decode.start_pool(1, preload=(forkserver.DIRECT,))\n"
+        "    print(pool.submit(eval, probe).result(timeout=60))\n"
+        "    pool.shutdown()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(True, True, True)"

@@ -1049,7 +1049,7 @@ def test_prepare_workers_starts_the_pools_fork_server_ahead(
     nor on one core (its imports would take the sync process's turn)."""
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     make_config().prepare_workers()
-    assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.direct"]]
+    assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.preload"]]
     pool = decode.start_pool(1, preload=(forkserver.DIRECT,))  # starts no process unused
     pool.shutdown()
     server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
