@@ -342,7 +342,8 @@ def _without_owner(
 ) -> set[str]:
     """The classes of the source's groups (of these ``gids``; None: all) that no eligible,
     provisioned teacher teaches, the users ``archived`` not counted and those ``restored``
-    counted.
+    counted, and that no owner an admin added (origin ``import``) keeps: resyncs release
+    roster ownerships alone, and a group goes only when it has no owner left.
 
     On PostgreSQL the test for a few groups is fenced (``OFFSET 0``): a probe of each
     group's teacher enrollments. As an anti-join the planner, which cannot estimate the
@@ -367,13 +368,23 @@ def _without_owner(
         "restored": sorted(set(restored)) or [-1],
         **teacher_role_params(teacher_roles),
     }
-    if gids is None:
-        return {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
-    stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
     classes: set[str] = set()
-    for chunk in chunks(sorted(gids)):
-        classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    if gids is None:
+        classes = {c for (c,) in conn.execute(in_text(sql, "archived", "restored"), params)}
+    else:
+        stmt = in_text(f"{sql} AND g.id IN :gids", "archived", "restored", "gids")
+        for chunk in chunks(sorted(gids)):
+            classes |= {c for (c,) in conn.execute(stmt, {**params, "gids": chunk})}
+    if classes:
+        classes -= ids_in(conn, _KEPT_BY_IMPORT, classes, src=source)
     return classes
+
+
+#: Groups of the source (by class) with an owner an admin added: no resync takes it away.
+_KEPT_BY_IMPORT = """
+    SELECT g.external_id FROM groups g WHERE g.source = :src AND g.external_id IN :ids
+      AND EXISTS (SELECT 1 FROM group_owner o WHERE o.group_id = g.id AND o.origin <> 'roster')
+"""
 
 
 def groups_to_remove(

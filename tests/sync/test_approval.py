@@ -16,7 +16,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
-from tests.sync.helpers import groups, snapshot, sync, users
+from tests.sync.helpers import add_user, groups, snapshot, sync, users
 
 
 async def test_connector_rejections_are_reported_and_run_continues(
@@ -83,6 +83,40 @@ async def test_removals_over_threshold_hold_the_run_until_approved(
         ("held_run_approval_started", report.id),
         ("held_run_approved", report.id),
     ]
+
+
+@pytest.mark.parametrize("coach", [True, False], ids=["import-owner", "roster-only"])
+async def test_a_group_an_import_owner_keeps_is_no_removal_for_the_safety_rules(
+    store: Store, make_settings: Callable[..., Settings], coach: bool
+) -> None:
+    """A group an admin gave an owner by import keeps that owner when its class loses its
+    last teacher (resyncs release roster ownerships alone), so the group stays and the run
+    removes nothing: with ``max_removals: 0`` it is not held. Without that owner the same
+    run removes the group, and is held for it."""
+    settings = make_settings(safety={"max_removals": 0})
+    await sync(settings, store, small_roster())
+    if coach:
+        with store.write() as conn:
+            admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
+            conn.execute(
+                text(
+                    "INSERT INTO group_owner (group_id, user_id, origin) SELECT id, :u, 'import' "
+                    "FROM groups WHERE external_id = 'c-1'"
+                ),
+                {"u": admin},
+            )
+    roster = small_roster()  # Ada no longer teaches c-1; she still co-teaches c-2
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c1"]
+    report = await sync(settings, store, roster)
+    if not coach:
+        assert report.status == "held" and report.counts["groups_removed"] == 1
+        assert "max_removals" in (report.hold_reason or "")
+        return
+    assert report.status == "succeeded", report.hold_reason
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.drain()
+    assert groups(store)["c-1"]["owners"] == ["coach@example.org"]
+    assert users(store)["ada@example.org"]["status"] == "active"
 
 
 async def test_a_held_run_whose_staged_data_is_gone_is_not_approved(

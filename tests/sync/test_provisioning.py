@@ -344,7 +344,7 @@ async def test_the_owner_count_of_a_few_groups_probes_each_on_postgresql(
     statements: list[tuple[str, Any]] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if "FROM groups g" in statement:
+        if "FROM groups g" in statement and "roster_enrollment" in statement:
             statements.append((statement, parameters))
 
     with pg_store.write() as conn:
