@@ -246,7 +246,7 @@ class OneRosterConnector:
             # Its processes would outlive the connector, and the program would wait for them.
             raise BrokenExecutor("the connector is closed")
         if self._pool is None:
-            preload = (forkserver.DIRECT,) if self._own_requests else ()
+            preload = (forkserver.REQUESTS,) if self._own_requests else ()
             workers = self._workers()
             self._pool = start_pool(workers, preload=preload)
             fastest = self._fastest_page

@@ -332,7 +332,7 @@ def pool_size(
 
 def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
     """A pool of ``workers`` decode processes; ``preload``: further modules their fork server
-    imports once for all of them (forkserver.DIRECT, when they will send requests)."""
+    imports once for all of them (forkserver.REQUESTS, when they will send requests)."""
     context = forkserver.context([__name__, *preload])
     me = os.getpid()
     # The workers are the forkserver's children, not ours: each watches this process and

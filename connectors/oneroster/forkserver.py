@@ -16,7 +16,7 @@ from multiprocessing.context import ForkServerContext
 #: The decoder every worker runs, and what workers that send the requests need besides
 #: (the request sender and a TLS context built once for all of them).
 DECODE = "connectors.oneroster.decode"
-DIRECT = "connectors.oneroster.preload"
+REQUESTS = "connectors.oneroster.preload"
 
 
 def context(preload: Sequence[str]) -> ForkServerContext:
@@ -32,7 +32,7 @@ def context(preload: Sequence[str]) -> ForkServerContext:
     return ctx
 
 
-def start_ahead(preload: Sequence[str] = (DECODE, DIRECT)) -> bool:
+def start_ahead(preload: Sequence[str] = (DECODE, REQUESTS)) -> bool:
     """Start the fork server now, not when the first pool submits work; False where it could
     not start (the pool then tries, and fails over to decoding in the sync process as before).
     One server serves the process's every pool: one started later finds it running."""

@@ -288,7 +288,7 @@ def test_a_worker_starts_with_its_request_modules_and_tls_context_loaded() -> No
         "m['connectors.oneroster.direct']._default_tls is not None))"
         "(__import__('sys').modules)\"\n"
         "if __name__ == '__main__':\n"
-        "    pool = decode.start_pool(1, preload=(forkserver.DIRECT,))\n"
+        "    pool = decode.start_pool(1, preload=(forkserver.REQUESTS,))\n"
         "    print(pool.submit(eval, probe).result(timeout=60))\n"
         "    pool.shutdown()\n"
     )

@@ -1050,7 +1050,7 @@ def test_prepare_workers_starts_the_pools_fork_server_ahead(
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     make_config().prepare_workers()
     assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.preload"]]
-    pool = decode.start_pool(1, preload=(forkserver.DIRECT,))  # starts no process unused
+    pool = decode.start_pool(1, preload=(forkserver.REQUESTS,))  # starts no process unused
     pool.shutdown()
     server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
     assert server._preload_modules == fork_server_starts[0]
