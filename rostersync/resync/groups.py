@@ -155,6 +155,9 @@ def rebuild_groups(
     ids = {key: gid for key, (gid, _name) in groups.items()}
     kept, removed = _release(conn, owners_released(wanted, ids, owned_by_batch))
     touched |= kept
+    # A group that import owners alone keep now follows its class by itself (no teacher's
+    # resync will refresh it again): its marks below go with the rest.
+    touched |= follow_classes(conn, kept_by_import(conn, kept))
     key_of = {gid: key for key, gid in ids.items()}
     # The marks of the classes refreshed (or whose group is gone) have done their job.
     _clear_marks(conn, sorted(refresh | {key_of[g] for g in removed}), marks)
@@ -398,6 +401,42 @@ def _release(conn: Connection, released: Sequence[OwnerPair]) -> tuple[set[int],
             in_text("DELETE FROM groups WHERE id IN :ids", "ids", dialect=conn.dialect.name), params
         )
     return kept, removed
+
+
+def kept_by_import(conn: Connection, group_ids: Iterable[int]) -> set[int]:
+    """Those of these groups that no roster owner holds: the owners an admin added by import
+    alone keep them (docs/import.md, "Owners added by import")."""
+    return ids_in(
+        conn,
+        "SELECT g.id FROM groups g WHERE g.id IN :ids AND NOT EXISTS ("
+        "SELECT 1 FROM group_owner o WHERE o.group_id = g.id AND o.origin = 'roster')",
+        set(group_ids),
+    )
+
+
+def follow_classes(conn: Connection, group_ids: Iterable[int]) -> set[int]:
+    """Give groups that import owners alone keep what their class has: its title while the
+    mirror holds the class (else the name they had), its active students as members (none
+    once it has none, or left the source). Their class's teachers gone, no teacher's resync
+    reads them again, so a sync that changes their class, and the resync that releases their
+    last teacher, call this. Returns the ids of the groups changed, for the caller to stamp."""
+    gids = sorted(set(group_ids))
+    if not gids:
+        return set()
+    titles: list[tuple[int, str, str]] = []
+    for chunk in chunks(gids):
+        titles += conn.execute(
+            in_text(
+                "SELECT g.id, g.name, c.title FROM groups g JOIN roster_class c "
+                "ON c.source = g.source AND c.sourced_id = g.external_id WHERE g.id IN :ids",
+                "ids",
+                dialect=conn.dialect.name,
+            ),
+            {"ids": chunk},
+        ).all()
+    renamed = [(title, gid) for gid, name, title in titles if title != name]
+    executemany(conn, "UPDATE groups SET name = ? WHERE id = ?", renamed)
+    return {gid for _, gid in renamed} | sync_members(conn, gids, new=False)
 
 
 def _clear_marks(

@@ -24,8 +24,8 @@ from sqlalchemy import Connection
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
-from rostersync.resync.groups import mark_dirty, rebuild_groups
-from rostersync.resync.members import update_members
+from rostersync.resync.groups import follow_classes, kept_by_import, mark_dirty, rebuild_groups
+from rostersync.resync.members import stamp_updated, update_members
 from rostersync.resync.queue import pending_users, queue_resync, queued_jobs
 from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
@@ -422,13 +422,19 @@ class Applier:
         members_updated = update_members(
             conn, source, {(c, p) for c, p in changes.member_pairs if c in members_only}, grouped
         )
+        # Groups that import owners alone keep: no teacher's resync reads them, so the sync
+        # gives them their changed classes' titles and students itself.
+        followed = follow_classes(
+            conn, kept_by_import(conn, [grouped[c] for c in found.dirty if c in grouped])
+        )
+        stamp_updated(conn, sorted(followed), utcnow())
         if before is not None:
             counts["groups_removed"] = groups_removed
             outcome.changes = self._preview_changes(
                 conn, ctx, before, plan, resync_users, refresh=failed
             )
             raise _RollBack(outcome)
-        counts["groups_updated"] += members_updated
+        counts["groups_updated"] += members_updated + len(followed)
         # Who waits for a seat is known exactly when everyone was decided; a delta run that
         # decided for some only adds its own.
         waiting = bool(plan.skipped_license) or (

@@ -153,6 +153,45 @@ async def test_owner_added_by_import_survives_resyncs(
     assert groups(store)["c-1"]["owners"] == ["ada@example.org", "coach@example.org"]
 
 
+@pytest.mark.parametrize("same_run", [True, False], ids=["teacher-leaves-too", "afterwards"])
+async def test_a_group_import_owners_alone_keep_follows_its_class(
+    store: Store, make_settings: Callable[..., Settings], same_run: bool
+) -> None:
+    """Once its teachers are gone, a group an admin gave an owner by import still takes its
+    class's title and students: from the resync that releases its last teacher when the class
+    changed in that run, and from each later sync that changes the class (no teacher's resync
+    reads it any more)."""
+    settings = make_settings()
+    await sync(settings, store, small_roster())
+    with store.write() as conn:
+        admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
+        conn.execute(
+            text(
+                "INSERT INTO group_owner (group_id, user_id, origin) SELECT id, :u, 'import' "
+                "FROM groups WHERE external_id = 'c-1'"
+            ),
+            {"u": admin},
+        )
+    roster = small_roster()  # Ada stops teaching c-1 (she keeps c-2)
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c1"]
+    before = {m["sourced_id"] for m in groups(store)["c-1"]["members"]}
+    if not same_run:
+        await sync(settings, store, roster)
+        assert groups(store)["c-1"]["owners"] == ["coach@example.org"]
+    gone = sorted(before)[0]
+    roster.enrollments = [e for e in roster.enrollments if (e.class_id, e.user_id) != ("c-1", gone)]
+    roster.classes = [
+        replace(c, title="Algebra II") if c.sourced_id == "c-1" else c for c in roster.classes
+    ]
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded"
+    group = groups(store)["c-1"]
+    assert group["owners"] == ["coach@example.org"]
+    assert group["name"] == "Algebra II"
+    assert {m["sourced_id"] for m in group["members"]} == before - {gone}
+    assert report.counts["groups_updated"] >= 1
+
+
 async def test_manual_resync_rereads_every_member(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
