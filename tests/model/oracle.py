@@ -314,8 +314,21 @@ class Group:
     source: str
     external_id: str
     name: str
+    #: every owner: the class's teachers and the owners added by import
     owners: tuple[str, ...]
     members: tuple[Member, ...]
+    #: the owners an import added (docs/import.md, "Owners added by import"): no resync
+    #: takes them away, and the group stays while one is left
+    imports: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Imported:
+    """The owners an import gave a group (emails), and the name the group has when its
+    class is not in the mirror (the title it had there last)."""
+
+    owners: tuple[str, ...]
+    name: str
 
 
 def member_of(p: RosterPerson) -> Member:
@@ -327,9 +340,45 @@ def member_of(p: RosterPerson) -> Member:
 
 
 def groups(
+    mirrors: Mapping[str, Mirror],
+    d: Directory,
+    teacher_roles: Sequence[str],
+    imported: Mapping[tuple[str, str], Imported] | None = None,
+) -> dict[tuple[str, str], Group]:
+    """The groups the directory must hold once the resync queue is drained: each populated
+    class's group that its teachers own (:func:`roster_groups`), and each group an import
+    gave an owner (``imported``), which stays when no teacher owns it any more.
+
+    A group an import owner keeps is still its class's group (docs/import.md, "Owners added
+    by import": "each sync that changes the class gives it the class's title and students
+    (none, once the class has none or has left the source)"; README: the group "goes on
+    following its class"): its name is its class's title while the class is in the mirror,
+    else the name it had; its members are its class's active students, also when the class
+    lost every teacher or student or left the source. Reading: its owners are its teachers
+    (when its class is populated) and its import owners whatever their status (resyncs
+    "never remove an import owner"; an archived import owner is not released as an archived
+    teacher is). Reading: its members are its class's active student enrollments of active
+    persons whatever the class's own status (a class turned tobedeleted keeps them; the
+    engine's member reads, ``rostersync/resync/members.py``, do not look at it)."""
+    out = roster_groups(mirrors, d, teacher_roles)
+    for key, kept in (imported or {}).items():
+        src, cid = key
+        m = mirrors.get(src, Mirror())
+        g = out.get(key)
+        if g is not None:
+            owners = tuple(sorted(set(g.owners) | set(kept.owners)))
+            out[key] = replace(g, owners=owners, imports=kept.owners)
+            continue
+        c = m.klass.get(cid)
+        name = c.title if c is not None else kept.name
+        out[key] = Group(src, cid, name, kept.owners, class_members(m, cid), kept.owners)
+    return out
+
+
+def roster_groups(
     mirrors: Mapping[str, Mirror], d: Directory, teacher_roles: Sequence[str]
 ) -> dict[tuple[str, str], Group]:
-    """The groups the directory must hold once the resync queue is drained."""
+    """The groups of populated classes, owned by their teachers (no import owner)."""
     out: dict[tuple[str, str], Group] = {}
     for source, m in mirrors.items():
         for cid, c in m.klass.items():
@@ -421,6 +470,11 @@ class Decision:
     decided_earlier: int = 0
     #: counting those would have held the run
     spared: bool = False
+    #: groups of the source that no teacher owns after this run but that an import owner
+    #: keeps: no removal, not counted against the limits
+    kept_by_import: int = 0
+    #: counting those would have held the run
+    import_spared: bool = False
 
     @property
     def held(self) -> bool:
@@ -618,13 +672,15 @@ def decide(
     cut: ScopeCut | None = None,
     built: Mapping[tuple[str, str], Group] | None = None,
     waiting: bool = False,
+    imported: Mapping[tuple[str, str], Imported] | None = None,
 ) -> Decision:
     """Apply the rules to what a run fetched, against the state at the run's start.
     ``group_roles``: the teacher roles the groups were last built with (the config may have
     changed since: the groups change with the next applied run). ``built``: the groups the
     directory holds when they are not what the mirror says (after a live resync, or while an
     earlier run's resync jobs wait). ``waiting``: an earlier run's resync jobs wait (its
-    drain was cut short): ``built`` differs from what the mirror says by what they do."""
+    drain was cut short): ``built`` differs from what the mirror says by what they do.
+    ``imported``: the owners imports added, by group (they keep their groups)."""
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
@@ -758,9 +814,13 @@ def decide(
         records_rejected=len(rejects) + len(email_rejects),
     )
     after = {**mirrors, source: m1}
-    g0 = dict(built) if built is not None else groups(mirrors, d0, group_roles)
-    g1 = groups(after, d1, roles)
+    g0 = dict(built) if built is not None else groups(mirrors, d0, group_roles, imported)
+    g1 = groups(after, d1, roles, imported)
     mine0 = {k for k in g0 if k[0] == source}
+    # The limits count what the run itself removes (README: "A run is held when ..."): a
+    # group an admin gave an owner by import keeps that owner when its teachers go, stays,
+    # and is no removal. These are the groups its teachers would no longer own.
+    kept = (mine0 & set(g1)) - set(roster_groups(after, d1, roles))
     # The limits count what the run itself removes: a group whose removal an earlier run
     # decided goes whatever this run does (README: "A run is held when ..."): it has owners,
     # every one archived (a job of one of them is still queued, or the run queues their
@@ -768,7 +828,9 @@ def decide(
     # owner (the waiting jobs remove it), unless the provisioning settings changed since.
     settings_changed = state is not None and state.provisioning_key != config.provisioning_key
     pending = (
-        set(g0) - set(groups(mirrors, d0, roles)) if waiting and not settings_changed else set()
+        set(g0) - set(groups(mirrors, d0, roles, imported))
+        if waiting and not settings_changed
+        else set()
     )
     decided = {
         k
@@ -817,6 +879,10 @@ def decide(
         # Counted, the earlier run's removals would have held this one (the bug b9da827
         # fixed): the model counts how often its steps reach that.
         spared = bool(decided) and not reasons and bool(judge(removed + len(decided)))
+        # Counted, the groups import owners keep would have held it (the bug fd97904 fixed).
+        import_spared = bool(kept) and not reasons and bool(judge(removed + len(kept)))
+    else:
+        import_spared = False
     shared = {e: sids for e, sids in by_email.items() if len(sids) > 1}
     counts.update({f"{k}_ignored": n for k, n in ignored.items()})
     counts["classes_out_of_term"] = cut.out_of_term if cut is not None else 0
@@ -841,6 +907,8 @@ def decide(
         directory=d1,
         decided_earlier=len(decided),
         spared=spared,
+        kept_by_import=len(kept),
+        import_spared=import_spared,
     )
 
 
@@ -1043,20 +1111,30 @@ def _unread(rejected: Iterable[Rejected]) -> _Unread:
 
 
 def rebuild(
-    built: Mapping[GroupKey, Group], fresh: Mapping[GroupKey, Group], users: Iterable[str]
+    built: Mapping[GroupKey, Group],
+    fresh: Mapping[GroupKey, Group],
+    users: Iterable[str],
+    roster: Mapping[GroupKey, Group] | None = None,
 ) -> dict[GroupKey, Group]:
     """The groups after a resync of ``users`` (emails) re-reads everything: each group one of
-    them wants (``fresh``: what the mirror says now, whose owners are every active user that
-    teaches the class) becomes what the mirror says; each other group they own loses them as
-    owners, and goes when no owner is left. Every other group stays as it was."""
+    them wants (``roster``: the populated classes' groups, whose owners are every active user
+    that teaches the class; by default ``fresh``) becomes what the mirror says (``fresh``,
+    import owners included); each other group they own as its teachers loses them as owners,
+    and goes when no owner is left. An owner an import added is never taken away, and a
+    group left to its import owners takes its class's title and students from ``fresh``
+    (docs/import.md). Every other group stays as it was."""
     batch = set(users)
     out = dict(built)
-    wanted = {k for k, g in fresh.items() if batch & set(g.owners)}
+    wanted = {k for k, g in (fresh if roster is None else roster).items() if batch & set(g.owners)}
     for key, g in built.items():
-        if key in wanted or not batch & set(g.owners):
+        if key in wanted or not batch & (set(g.owners) - set(g.imports)):
             continue
-        rest = tuple(o for o in g.owners if o not in batch)
-        if rest:
+        rest = tuple(o for o in g.owners if o not in batch or o in g.imports)
+        if rest and set(rest) <= set(g.imports) and key in fresh:
+            # Left to its import owners: the resync that releases its last teacher gives it
+            # its class's title and students (docs/import.md, "Owners added by import").
+            out[key] = replace(g, owners=rest, name=fresh[key].name, members=fresh[key].members)
+        elif rest:
             out[key] = replace(g, owners=rest)
         else:
             del out[key]
@@ -1099,13 +1177,27 @@ class Oracle:
         #: students changed): the members the mirror says, which the directory may hold
         #: instead of ``built``'s (the machine takes whichever the engine holds)
         self.loose: dict[GroupKey, tuple[Member, ...]] = {}
+        #: the owners imports added (their ``Groups`` column), by group: resyncs never take
+        #: them away, so the group stays (docs/import.md, "Owners added by import")
+        self.imported: dict[GroupKey, Imported] = {}
 
     # -- reads --
 
     def groups(self) -> dict[tuple[str, str], Group]:
         if self.built is not None:
             return dict(self.built)
-        return groups(self.mirrors, self.directory, self.group_roles)
+        return self.fresh(self.group_roles)
+
+    def fresh(self, roles: Sequence[str] | None = None) -> dict[GroupKey, Group]:
+        """The groups as the mirror says, under these teacher roles (default: the config's),
+        with the owners imports added."""
+        roles = self.config.teacher_roles if roles is None else roles
+        return groups(self.mirrors, self.directory, roles, self.imported)
+
+    def roster(self) -> dict[GroupKey, Group]:
+        """The populated classes' groups as their teachers own them (the groups a resync of
+        their users wants), under the config's teacher roles."""
+        return roster_groups(self.mirrors, self.directory, self.config.teacher_roles)
 
     def mode_for(self, source: str, requested: str) -> str:
         """A delta run needs an earlier applied full run (its high-water mark)."""
@@ -1176,6 +1268,7 @@ class Oracle:
             group_roles=self.group_roles,
             built=self.built,
             waiting=self.queued is not None,
+            imported=self.imported,
         )
 
     def provisioned(self, decision: Decision) -> set[str]:
@@ -1192,7 +1285,13 @@ class Oracle:
         them again, with a warning in its report, and its drain removes them from those
         groups (README: "A run is held when ...")."""
         d = self.directory
-        owners = {o for (src, _c), g in self.groups().items() if src == source for o in g.owners}
+        owners = {
+            o
+            for (src, _c), g in self.groups().items()
+            if src == source
+            for o in g.owners
+            if o not in g.imports  # an import owner is no teacher to release
+        }
         return {o for o in owners if d.users[o].status != "active"} - (self.queued or set())
 
     def approval_refusal(self, run_id: int) -> str | None:
@@ -1228,6 +1327,7 @@ class Oracle:
         touched = self.provisioned(decision)
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
+        self._name_kept(source)
         self.group_roles = self.config.teacher_roles
         # An applied run resyncs whoever its changes (and a teacher_roles edit) concern, and
         # the archived users still owning groups (:meth:`leftover`); after a live resync it is
@@ -1249,6 +1349,16 @@ class Oracle:
         state.provisioning_key = self.config.provisioning_key
         if cut:
             m = self.mirrors[source]
+            fresh = self.fresh()
+            # The sync itself gives the groups that import owners alone keep their classes'
+            # titles and students (docs/import.md, "Owners added by import"): no teacher's job
+            # does.
+            before = {
+                key: replace(g, name=fresh[key].name, members=fresh[key].members)
+                if key[0] == source and g.imports and set(g.owners) <= set(g.imports)
+                else g
+                for key, g in before.items()
+            }
             self.built = before
             self.queued = (self.queued or set()) | touched
             self.loose = {
@@ -1266,8 +1376,7 @@ class Oracle:
         longer want let go of them."""
         assert self.built is not None and self.queued is not None
         done = set(users)
-        fresh = groups(self.mirrors, self.directory, self.config.teacher_roles)
-        self.built = rebuild(self.built, fresh, done)
+        self.built = rebuild(self.built, self.fresh(), done, self.roster())
         self.queued -= done
 
     def jobs_failed(self) -> None:
@@ -1278,7 +1387,7 @@ class Oracle:
         assert self.built is not None and self.queued is not None
         self.queued = None
         self.loose = {}
-        if self.built == groups(self.mirrors, self.directory, self.group_roles):
+        if self.built == self.fresh(self.group_roles):
             self.built = None
 
     def drained(self) -> None:
@@ -1292,8 +1401,8 @@ class Oracle:
         """A resync that re-reads everything (manual or live) of these users (emails).
         ``built``: the groups before it, when the mirror changed since (a live resync)."""
         roles = self.config.teacher_roles
-        fresh = groups(self.mirrors, self.directory, roles)
-        self.built = rebuild(self.groups() if built is None else built, fresh, users)
+        fresh = self.fresh(roles)
+        self.built = rebuild(self.groups() if built is None else built, fresh, users, self.roster())
         # Reading: once every group is what the mirror says under the current roles, the
         # groups are a function of the state again.
         if self.built == fresh:
@@ -1313,21 +1422,40 @@ class Oracle:
                 answer = live_answer_in_scope(m, answer)
             m = live_apply(m, pid, answer)
         self.mirrors[source] = m
+        self._name_kept(source)
         self.live_pending = self.live_pending or m != before
         self.resync(users, built)
 
-    def import_rows(self, emails: Sequence[tuple[str, str]]) -> list[str]:
-        """An import of (email cell, display name cell) rows: each row's status, and the
-        new users in the directory (``created_by`` import, default role and site)."""
+    def _name_kept(self, source: str) -> None:
+        """The groups imports gave owners keep the title their class has in the mirror, for
+        when the class leaves it (Reading: see :func:`groups`)."""
+        m = self.mirrors.get(source, Mirror())
+        for (src, cid), kept in self.imported.items():
+            c = m.klass.get(cid)
+            if src == source and c is not None and c.title != kept.name:
+                self.imported[(src, cid)] = replace(kept, name=c.title)
+
+    def import_rows(
+        self, rows: Sequence[tuple[str, ...]], names: Mapping[GroupKey, str] | None = None
+    ) -> list[str]:
+        """An import of rows of (email cell, display name cell[, groups cell]): each row's
+        status, and the new users in the directory (``created_by`` import, default role and
+        site). The groups a row names (docs/import.md, "Columns", "Statuses" and "Owners
+        added by import") make its user an owner of each, added by import; a group the user
+        owns already is nothing to add. The names are matched against the groups the
+        directory holds when the import starts (``names``: the groups' names to take instead
+        of the oracle's, by key)."""
         seen: set[str] = set()
         headroom = (
             None
             if self.config.license_limit is None
             else max(self.config.license_limit - self.directory.active_count(), 0)
         )
+        held = self.groups()
         out: list[str] = []
-        for cell, name in emails:
-            if not cell.strip() and not name.strip():
+        for cells in rows:
+            cell, name, wanted = (*cells, "", "")[:3]
+            if not any(c.strip() for c in cells):
                 continue  # a row of empty cells is no row (spreadsheets leave them)
             email = norm_email(cell)
             if email_problem(email) is not None:
@@ -1337,22 +1465,82 @@ class Oracle:
                 out.append("Duplicate row")
                 continue
             seen.add(email)
-            if email in self.directory.users:
-                out.append("Already Exists")
-                continue
-            if headroom is not None:
-                if headroom <= 0:
-                    out.append("License limit reached")
-                    continue
-                headroom -= 1
-            site = self.config.default_site
-            self.directory.users[email] = User(
-                email=email,
-                display_name=name.strip() or "Console User",
-                roles=(self.config.default_role,),
-                sites=(site,) if site else (),
-                status="active",
-                created_by="import",
+            # Checks in the docs' order: ... duplicate, roles, sites, groups, ..., license.
+            problem, keys = group_cell(
+                wanted, {k: g.name for k, g in held.items()} if names is None else names
             )
-            out.append("Success")
+            if problem is not None:
+                out.append(problem)
+                continue
+            if email in self.directory.users:
+                # Reading: a group the user owns already (as its teacher, or by an earlier
+                # import) is nothing to add, and a teacher's ownership stays a teacher's (lost
+                # when they stop teaching): the docs do not say; the importer reads every
+                # owner row of the user (rostersync/importer/plan.py, _update).
+                new = [k for k in keys if email not in held[k].owners]
+                out.append("Updated" if new else "Already Exists")
+            else:
+                if headroom is not None:
+                    if headroom <= 0:
+                        out.append("License limit reached")
+                        continue
+                    headroom -= 1
+                site = self.config.default_site
+                self.directory.users[email] = User(
+                    email=email,
+                    display_name=name.strip() or "Console User",
+                    roles=(self.config.default_role,),
+                    sites=(site,) if site else (),
+                    status="active",
+                    created_by="import",
+                )
+                new = keys
+                out.append("Success")
+            for key in new:
+                self._add_import_owner(key, email, held[key].name)
         return out
+
+    def _add_import_owner(self, key: GroupKey, email: str, name: str) -> None:
+        """An import made ``email`` an owner of the group: for good (docs/import.md)."""
+        kept = self.imported.get(key, Imported((), name))
+        self.imported[key] = replace(kept, owners=tuple(sorted({*kept.owners, email})))
+        if self.built is not None:
+            g = self.built[key]
+            self.built[key] = replace(
+                g,
+                owners=tuple(sorted({*g.owners, email})),
+                imports=tuple(sorted({*g.imports, email})),
+            )
+
+
+def _loose(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+def group_cell(cell: str, names: Mapping[GroupKey, str]) -> tuple[str | None, list[GroupKey]]:
+    """An import row's ``Groups`` cell, against the directory's groups (their names, by key):
+    the row's status when it cannot be used, else the groups it names (docs/import.md).
+    Names are separated by ``,`` or ``;``, each trimmed, a name given twice counted once;
+    ``none`` alone is no group. A name must match exactly one group's; several matching it
+    is ``Failed`` ("a group name that matches several groups"). Reading: none matching it
+    while several differ from it only in case or spacing is ``Failed`` too (the "Ambiguous
+    ... detected" rule, which has no status of its own for groups: rostersync/importer/
+    plan.py, ``_groups``); otherwise ``Group not found``."""
+    parts: list[str] = []
+    for part in re.split("[,;]", cell):
+        part = part.strip()
+        if part and part not in parts:
+            parts.append(part)
+    if len(parts) == 1 and parts[0].casefold() == "none":
+        parts = []
+    keys: list[GroupKey] = []
+    for part in parts:
+        exact = [k for k, n in names.items() if n == part]
+        if len(exact) == 1:
+            keys.append(exact[0])
+            continue
+        if len(exact) > 1:
+            return "Failed", []
+        loose = {n for n in names.values() if _loose(n) == _loose(part)}
+        return ("Failed" if len(loose) > 1 else "Group not found"), []
+    return None, keys

@@ -537,3 +537,37 @@ async def test_full_and_delta_runs_agree_on_the_removals_of_a_failed_job_they_qu
     await strict.sync("mem", mode="delta")
     await strict.drain()
     assert sorted(groups(store)) == ["c1"]
+
+
+@pytest.mark.parametrize("change", ["students", "rename", "class_gone"])
+async def test_a_group_an_import_owner_keeps_follows_its_class(
+    store: Store, make_settings: Callable[..., Settings], change: str
+) -> None:
+    """A group an import owner keeps when its teachers go (docs/import.md, "Owners added by
+    import") is still its class's group: its members are the class's active students (README:
+    "its active students are its members") and its name the class's title. Here t1 stops
+    teaching c1, whose group admin@example.org keeps; then c1 loses its only student, is
+    renamed, or leaves the source: the group must follow (no member; the new title; no
+    member), not keep what it had for good. (No ratio check: the class's last enrollments
+    going would hold the run.)"""
+    settings = make_settings(safety={"min_source_ratio": 0})
+    roster = _school()
+    await sync(settings, store, roster)
+    sheet = parse_bytes(b"Email,Groups\nadmin@example.org,Algebra I\n", "g.csv", max_rows=10)
+    assert [str(r.status) for r in run_import(store, settings, sheet).rows] == ["Success"]
+    roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e1"]
+    await sync(settings, store, roster)
+    assert groups(store)["c1"]["owners"] == ["admin@example.org"]
+    assert _members(store, "c1") == {"s1"}
+    if change == "students":
+        roster.enrollments = []
+    elif change == "rename":
+        roster.classes = [replace(c, title="Geometry") for c in roster.classes]
+    else:
+        roster.classes, roster.enrollments = [], []
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded", report.hold_reason
+    group = groups(store)["c1"]
+    assert group["owners"] == ["admin@example.org"]
+    expected = ("Geometry", {"s1"}) if change == "rename" else ("Algebra I", set())
+    assert (group["name"], _members(store, "c1")) == expected

@@ -280,3 +280,53 @@ def test_removals_an_earlier_run_decided_do_not_count_against_the_limits() -> No
     oracle.drained()
     feed.change("person", "t2", status="tobedeleted")
     assert oracle.decide(SOURCE, "full", feed.records()).held
+
+
+def test_a_group_an_import_owner_keeps_is_no_removal_and_follows_its_class() -> None:
+    """An import makes a1 an owner of c0's group. t1 stops teaching c0: under max_removals
+    0 the run is not held for it (no removal), and the group stays, a1 its owner; when its
+    class loses its student the group keeps no member, and when the class leaves the source
+    it keeps its last title."""
+    oracle = Oracle(Config())
+    feed = _feed({"t1": "t1@example.org", "t2": "t2@example.org"})
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", feed.records()))
+    statuses = oracle.import_rows(
+        [
+            ("a1@example.org", "", "Class 0"),
+            ("t1@example.org", "", "Class 0"),  # owns it already, as its teacher
+            ("t2@example.org", "", "class 1"),  # a near miss
+            ("a2@example.org", "", "Class 0; Quantum Physics"),
+            ("a3@example.org", "", "none"),
+        ]
+    )
+    assert statuses == [
+        "Success",
+        "Already Exists",
+        "Group not found",
+        "Group not found",
+        "Success",
+    ]
+    assert oracle.groups()[(SOURCE, "c0")].owners == ("a1@example.org", "t1@example.org")
+    oracle.config = Config(max_removals=0)
+    (eid,) = [sid for sid, e in feed.enrollments.items() if (e.class_id, e.user_id) == ("c0", "t1")]
+    feed.change("enrollment", eid, status="tobedeleted")
+    feed.new_enrollment("c1", "t1", "teacher")  # t1 stays a teacher: no archival
+    d = oracle.decide(SOURCE, "full", feed.records())
+    assert (d.held, d.counts["groups_removed"], d.kept_by_import, d.import_spared) == (
+        False,
+        0,
+        1,
+        True,
+    )
+    oracle.commit(SOURCE, d)
+    oracle.config = Config()
+    group = oracle.groups()[(SOURCE, "c0")]
+    assert (group.owners, group.imports) == (("a1@example.org",), ("a1@example.org",))
+    assert [m.sourced_id for m in group.members] == ["s1"]
+    feed.change("person", "s1", status="tobedeleted")
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", feed.records()))
+    assert oracle.groups()[(SOURCE, "c0")].members == ()
+    feed.drop("class", "c0")
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", feed.records()))
+    assert oracle.groups()[(SOURCE, "c0")].name == "Class 0"
+    assert set(oracle.groups()) == {(SOURCE, "c0")}  # c1 lost its student too

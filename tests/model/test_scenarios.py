@@ -435,3 +435,78 @@ def test_a_held_run_after_failed_jobs_lists_their_groups_removed(model: Model) -
     m._approve(held, None)
     assert STATS["change sets checked against approval"] == checked + 1
     assert owned(m) == {"c3"} and owners_of(m, "c3") == ["t3@example.org"]
+
+
+@pytest.mark.parametrize("mode", ["full", "delta"])
+def test_an_import_owner_keeps_the_group_its_last_teacher_leaves_and_no_hold(
+    model: Model, mode: str
+) -> None:
+    """The shape of the bug fd97904 fixed: an admin makes admin@example.org an owner of
+    c1's group by import (its ``Groups`` column). t1, c1's only teacher, stops teaching it
+    (the enrollment turns tobedeleted; t1 keeps c2, so no one is archived). Under a limit of
+    no removal at all the run is not held: the import owner keeps the group, which is no
+    removal (the held run's report said 1 group removed before the fix). The group stays,
+    the import owner its only owner, its student still a member; a resync of everyone does
+    not take it away either. Then the class is renamed and loses its student: the group
+    follows it (ab6918b)."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    statuses = m._import(
+        ["Email", "Display Name", "Groups"],
+        [("admin@example.org", "Ada Admin", "Class c1"), ("t1@example.org", "", "Class c2")],
+    )
+    assert statuses == ["Success", "Already Exists"]  # t1 owns c2's group already
+    assert owners_of(m, "c1") == ["admin@example.org", "t1@example.org"]
+    m.configure({"max_removals": 0, "max_removal_percent": 20.0, "min_source_ratio": 0.5})
+    (eid,) = [
+        sid
+        for sid, e in m.feed.enrollments.items()
+        if (e.class_id, e.user_id, e.role) == ("c1", "t1", "teacher")
+    ]
+    m.feed.change("enrollment", eid, status="tobedeleted")
+    spared = STATS["runs not held for groups import owners keep"]
+    m.sync(mode)
+    assert last_status(m) == "succeeded"
+    assert STATS["runs not held for groups import owners keep"] == spared + 1
+    assert m.h.report(max(m.oracle.runs)).counts["groups_removed"] == 0
+    assert owned(m) == {"c1", "c2"}
+    assert owners_of(m, "c1") == ["admin@example.org"]
+    assert member_names(m, "c1") == {"s1": "Stu 1"}
+    m.manual_resync(True, 0)
+    assert owners_of(m, "c1") == ["admin@example.org"]
+    # The group goes on following its class (ab6918b): renamed, and without the student
+    # the class no longer has.
+    m.feed.change("class", "c1", title="Class c1, renamed")
+    (sid,) = [sid for sid, e in m.feed.enrollments.items() if e.user_id == "s1"]
+    m.feed.change("enrollment", sid, status="tobedeleted")
+    m.sync(mode)
+    assert last_status(m) == "succeeded"
+    group = next(g for g in m.h.groups() if g["external_id"] == "c1")
+    assert (group["name"], group["owners"], group["members"]) == (
+        "Class c1, renamed",
+        ["admin@example.org"],
+        [],
+    )
+
+
+def test_an_import_names_groups_exactly_and_fails_a_name_several_groups_match(
+    model: Model,
+) -> None:
+    """Group names match exactly: c1 and c2 are both "Class c1", c3 is "class C1". A row
+    naming "Class c1" fails (several groups); "class C1" is c3's alone; "CLASS C1" matches
+    none exactly and two loosely, and fails too; "Class c9" is no group's. The machine
+    compares each row's status with the oracle's."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1", "c3": "t1"}))
+    m.feed.change("class", "c2", title="Class c1")
+    m.feed.change("class", "c3", title="class C1")
+    m.sync("full")
+    statuses = m._import(
+        ["Email", "Display Name", "Groups"],
+        [
+            ("a1@example.org", "", "Class c1"),
+            ("a2@example.org", "", "class C1"),
+            ("a3@example.org", "", "CLASS C1"),
+            ("a4@example.org", "", "class C1; Class c9"),
+        ],
+    )
+    assert statuses == ["Failed", "Success", "Failed", "Group not found"]
+    assert owners_of(m, "c3") == ["a2@example.org", "t1@example.org"]
