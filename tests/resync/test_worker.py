@@ -25,7 +25,7 @@ from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import merge as merging
 from rostersync.sync.engine import SyncEngine
-from tests.sync.helpers import add_user, groups, live_resync, sync, user_id
+from tests.sync.helpers import add_import_owner, add_user, groups, live_resync, sync, user_id
 
 
 async def test_live_resync_refreshes_the_teacher_from_the_source(
@@ -164,14 +164,7 @@ async def test_a_group_import_owners_alone_keep_follows_its_class(
     settings = make_settings()
     await sync(settings, store, small_roster())
     with store.write() as conn:
-        admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
-        conn.execute(
-            text(
-                "INSERT INTO group_owner (group_id, user_id, origin) SELECT id, :u, 'import' "
-                "FROM groups WHERE external_id = 'c-1'"
-            ),
-            {"u": admin},
-        )
+        add_import_owner(conn, "coach@example.org", "c-1")
     roster = small_roster()  # Ada stops teaching c-1 (she keeps c-2)
     roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c1"]
     before = {m["sourced_id"] for m in groups(store)["c-1"]["members"]}

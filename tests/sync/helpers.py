@@ -86,6 +86,22 @@ def add_user(conn: Any, email: str, *, name: str = "X", created_by: str = "impor
     )
 
 
+def add_import_owner(conn: Any, email: str, class_id: str) -> int:
+    """A new user an admin made an owner of this class's group by import (its Groups
+    column): the ``group_owner`` row an import writes. Returns the user's id."""
+    from sqlalchemy import text
+
+    uid = add_user(conn, email, name="Coach", created_by="import")
+    conn.execute(
+        text(
+            "INSERT INTO group_owner (group_id, user_id, origin) SELECT id, :u, 'import' "
+            "FROM groups WHERE external_id = :c"
+        ),
+        {"u": uid, "c": class_id},
+    )
+    return uid
+
+
 def user_id(conn: Any, email: str) -> int:
     from sqlalchemy import text
 

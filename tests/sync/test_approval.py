@@ -16,7 +16,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
-from tests.sync.helpers import add_user, groups, snapshot, sync, users
+from tests.sync.helpers import add_import_owner, groups, snapshot, sync, users
 
 
 async def test_connector_rejections_are_reported_and_run_continues(
@@ -97,14 +97,7 @@ async def test_a_group_an_import_owner_keeps_is_no_removal_for_the_safety_rules(
     await sync(settings, store, small_roster())
     if coach:
         with store.write() as conn:
-            admin = add_user(conn, "coach@example.org", name="Coach", created_by="import")
-            conn.execute(
-                text(
-                    "INSERT INTO group_owner (group_id, user_id, origin) SELECT id, :u, 'import' "
-                    "FROM groups WHERE external_id = 'c-1'"
-                ),
-                {"u": admin},
-            )
+            add_import_owner(conn, "coach@example.org", "c-1")
     roster = small_roster()  # Ada no longer teaches c-1; she still co-teaches c-2
     roster.enrollments = [e for e in roster.enrollments if e.sourced_id != "e-t1c1"]
     report = await sync(settings, store, roster)
