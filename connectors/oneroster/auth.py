@@ -78,12 +78,16 @@ class OAuth1Signer(httpx.Auth):
             signature_type=SIGNATURE_TYPE_HEADER,
         )
 
+    def authorization(self, method: str, url: str) -> str:
+        """The ``Authorization`` value for a request without a body to exactly this URL."""
+        # Signing an empty body keeps oauth_body_hash out, as the servers expect. No Host
+        # header is passed: the base string then takes the URL's host, which is the Host
+        # the request carries.
+        _, headers, _ = self._client.sign(method, url, {}, b"")
+        return str(headers["Authorization"])
+
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
-        # GET requests have no body; signing an empty body keeps oauth_body_hash out, as the
-        # servers expect. No Host header is passed: the base string then takes the URL's host,
-        # which is the Host httpx sends.
-        _, headers, _ = self._client.sign(request.method, str(request.url), {}, b"")
-        request.headers["Authorization"] = headers["Authorization"]
+        request.headers["Authorization"] = self.authorization(request.method, str(request.url))
         yield request
 
 

@@ -54,7 +54,7 @@ from connectors.oneroster.decode import (
     records_of,
     start_pool,
 )
-from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page
+from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page, proxy_configured
 from connectors.oneroster.errors import describe, raise_for_status, transport_error
 from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
@@ -297,6 +297,7 @@ class OneRosterConnector:
                 oauth1=(auth.client_id, auth.client_secret.get_secret_value())
                 if isinstance(auth, OAuth1Auth)
                 else None,
+                via_httpx=proxy_configured(),
             )
         return self._client_spec
 

@@ -5,9 +5,14 @@ request), after which the sync process requests the rest itself."""
 
 from __future__ import annotations
 
+import gzip
+import ssl
+import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +20,8 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from connectors.oneroster import decode
+from connectors.oneroster import decode, direct
+from connectors.oneroster.auth import OAuth1Signer
 from connectors.oneroster.config import OneRosterSourceConfig
 from connectors.oneroster.connector import OneRosterConnector
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page
@@ -25,6 +31,7 @@ from rostersync.source.connector import ConnectorContext, FetchMode
 from rostersync.source.rows import StagedBatch, sort_batch
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
+from tests.connectors.proxied_fetch import reply
 from tests.e2e.test_oneroster_e2e import SOURCE, aged_district, rest_source, settings_for
 from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
 
@@ -44,6 +51,45 @@ def every_collection_pooled(monkeypatch: pytest.MonkeyPatch) -> None:
     requested by a worker (when the connector may make requests of its own)."""
     monkeypatch.setattr(decode, "POOL_MIN_BYTES", 0)
     monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers send through the standard library's client unless a proxy is set (one
+    test sets one, in a process of its own)."""
+    for name in direct.PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "configured"),
+    [
+        (None, None, False),
+        ("https_proxy", "http://proxy:3128", True),
+        ("HTTP_PROXY", "http://proxy:3128", True),
+        ("ALL_PROXY", "http://proxy:3128", True),
+        ("http_proxy", "", False),
+        ("NO_PROXY", "*", False),
+    ],
+)
+def test_a_proxy_in_the_environment_sends_the_workers_requests_through_httpx(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, value: str | None, configured: bool
+) -> None:
+    if variable is not None and value is not None:
+        monkeypatch.setenv(variable, value)
+    assert direct.proxy_configured() is configured
+    config = OneRosterSourceConfig.model_validate(
+        {
+            "type": "oneroster",
+            "base_url": "http://127.0.0.1:9/x",
+            "auth": {"type": "bearer", "token": "t"},
+        }
+    )
+    connector = OneRosterConnector(
+        ConnectorContext("district", config, httpx.AsyncClient(trust_env=False))
+    )
+    assert connector._spec().via_httpx is configured
 
 
 @asynccontextmanager
@@ -111,7 +157,7 @@ async def test_workers_request_the_pages_with_the_sources_auth(server: FakeOneRo
     [
         (Faults(server_error=1), "HTTP 500"),
         (Faults(rate_limit=1, retry_after="0"), "HTTP 429"),
-        (Faults(drop=1), "no answer (RemoteProtocolError)"),
+        (Faults(drop=1), "no answer (RemoteDisconnected)"),
     ],
     ids=["500", "429", "dropped"],
 )
@@ -202,10 +248,13 @@ async def test_the_clients_hooks_see_the_workers_requests() -> None:
     assert {status for _, status in seen} == {200}
 
 
-def test_what_a_worker_is_handed_never_shows_a_secret() -> None:
+@pytest.mark.parametrize(
+    ("via_httpx", "refused"), [(False, "ConnectionRefusedError"), (True, "ConnectError")]
+)
+def test_what_a_worker_is_handed_never_shows_a_secret(via_httpx: bool, refused: str) -> None:
     """The secret and the token cross to the worker, but no repr, log line or answer
-    shows them."""
-    spec = ClientSpec(30.0, True, None, ("client-id", "client-secret-xyz"))
+    shows them (whichever client sends the request)."""
+    spec = ClientSpec(30.0, True, None, ("client-id", "client-secret-xyz"), via_httpx=via_httpx)
     request = DirectRequest(
         spec,
         "http://127.0.0.1:9/x/users",
@@ -216,7 +265,7 @@ def test_what_a_worker_is_handed_never_shows_a_secret() -> None:
     assert "client-secret-xyz" not in repr(spec) and "tok-xyz" not in repr(request)
     answer = fetch_page(request)  # nothing listens on port 9
     assert answer.page is None and answer.status == 0
-    assert answer.problem == "no answer (ConnectError)"
+    assert answer.problem == f"no answer ({refused})"
     assert "xyz" not in repr(answer)
 
 
@@ -297,3 +346,227 @@ def test_a_worker_starts_with_its_request_modules_and_tls_context_loaded() -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(True, True, True)"
+
+
+# -- the standard library's client (no proxy configured) -------------------------------------
+
+
+class _CannedServer(ThreadingHTTPServer):
+    """Answers every GET with one canned answer and records each request's headers."""
+
+    daemon_threads = True
+    answer: tuple[int, dict[str, str], bytes]
+    seen: list[dict[str, str]]
+
+
+class _Canned(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _CannedServer
+
+    def do_GET(self) -> None:
+        self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
+        status, headers, body = self.server.answer
+        reply(self, status, headers.items(), body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def canned(
+    answer: tuple[int, dict[str, str], bytes], tls: ssl.SSLContext | None = None
+) -> Iterator[_CannedServer]:
+    srv = _CannedServer(("127.0.0.1", 0), _Canned)
+    srv.answer, srv.seen = answer, []
+    if tls is not None:
+        srv.socket = tls.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def fresh_connections(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[Any, Any]]:
+    """The connections and clients of the test's process (the worker, here) start empty,
+    and are closed after it."""
+    from connectors.oneroster import direct
+
+    monkeypatch.setattr(direct, "_clients", {})
+    monkeypatch.setattr(direct, "_connections", {})
+    yield direct._connections
+    for conn in direct._connections.values():
+        conn.close()
+
+
+def users_page(srv: FakeOneRoster, offset: int) -> bytes:
+    """A page of users as the fake server sends it (through httpx, signed)."""
+    auth = srv.auth_config()
+    signer = OAuth1Signer(auth["client_id"], auth["client_secret"])
+    params = {"limit": str(PAGE), "offset": str(offset)}
+    answer = httpx.get(srv.base_url + "/users", params=params, auth=signer)
+    assert answer.status_code == 200
+    return answer.content
+
+
+def users_request(url: str, offset: int, spec: ClientSpec) -> DirectRequest:
+    params = (("limit", str(PAGE)), ("offset", str(offset)))
+    return DirectRequest(spec, url, params, (("Accept", "application/json"),), "users")
+
+
+def test_a_worker_keeps_its_connection_alive_and_opens_another_once_the_server_closed_it(
+    fresh_connections: dict[Any, Any],
+) -> None:
+    """One keep-alive connection per origin carries a worker's requests; when the server has
+    closed it while it sat idle, the next request goes on a new one instead of failing
+    (which would send the rest of the run's pages the slow way). Each request is signed,
+    names the sync process's client and asks for gzip."""
+    with FakeOneRoster(aged_district(SPEC)) as srv:
+        auth = srv.auth_config()
+        spec = ClientSpec(30.0, True, None, (auth["client_id"], auth["client_secret"]))
+        expected = [decode.decode_known("users", users_page(srv, o), None) for o in (0, 7, 14)]
+        srv.requests.clear()
+        url = srv.base_url + "/users"
+        first = fetch_page(users_request(url, 0, spec))
+        (conn,) = fresh_connections.values()
+        sock = conn.sock
+        second = fetch_page(users_request(url, 7, spec))
+        assert conn.sock is sock  # kept alive
+        assert srv._server is not None
+        srv._server.close_connections()
+        deadline = time.monotonic() + 5
+        while not direct_closed(sock) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        third = fetch_page(users_request(url, 14, spec))
+        assert conn.sock is not None and conn.sock is not sock
+        seen = srv.data_requests()
+    assert [first.page, second.page, third.page] == expected
+    assert {a.status for a in (first, second, third)} == {200}
+    assert len(seen) == 3  # none refused, none asked twice
+    for request in seen:
+        assert request.headers["authorization"].startswith("OAuth ")
+        assert request.headers["user-agent"] == f"python-httpx/{httpx.__version__}"
+        assert request.headers["accept-encoding"] == "gzip"
+
+
+def direct_closed(sock: Any) -> bool:
+    from connectors.oneroster import direct
+
+    return bool(direct._closed_while_idle(sock))
+
+
+def test_a_gzip_page_is_undone_and_an_encoding_not_asked_for_is_handed_back(
+    fresh_connections: dict[Any, Any],
+) -> None:
+    """A server that compresses (most do, when asked) sends the same rows; a body in an
+    encoding the worker did not ask for, or a gzip body that does not decompress, is a
+    problem the sync process asks again for, never a traceback."""
+    with FakeOneRoster(aged_district(SPEC)) as srv:
+        raw = users_page(srv, 0)
+    expected = decode.decode_known("users", raw, None)
+    headers = {"Content-Encoding": "gzip", "X-Total-Count": "74", "Link": '<x>; rel="next"'}
+    spec = ClientSpec(30.0, True, None)
+    with canned((200, headers, gzip.compress(raw))) as srv:
+        answer = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 0, spec))
+        srv.answer = (200, {"Content-Encoding": "br"}, raw)
+        brotli = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 7, spec))
+        srv.answer = (200, {"Content-Encoding": "gzip"}, raw[:100])
+        broken = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 14, spec))
+    assert answer.page == expected and answer.problem is None
+    assert (answer.total, answer.link) == ("74", '<x>; rel="next"')
+    assert brotli.page is None and brotli.status == 200
+    assert brotli.problem == "unexpected answer: a body in 'br', which was not asked for"
+    assert broken.page is None and broken.problem is not None
+    assert broken.problem.startswith("unexpected answer: a gzip body that does not decompress")
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that signs itself, and its key (PEM files)."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rostersync test")])
+    now = datetime.now(UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_a_worker_verifies_tls_as_the_sources_settings_say(
+    fresh_connections: dict[Any, Any], tmp_path: Path
+) -> None:
+    """Over HTTPS: a server whose certificate the source's ca_bundle holds is trusted, the
+    same server without it is refused (handed back, never read), and `verify_tls: false`
+    reads it, as the sync process's client would."""
+    cert, key = _self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with FakeOneRoster(aged_district(SPEC)) as fake:
+        raw = users_page(fake, 0)
+    expected = decode.decode_known("users", raw, None)
+    with canned((200, {"X-Total-Count": "74"}, raw), tls) as srv:
+        url = f"https://127.0.0.1:{srv.server_port}/u"
+        bundled = fetch_page(users_request(url, 0, ClientSpec(30.0, True, str(cert))))
+        default = fetch_page(users_request(url, 0, ClientSpec(30.0, True, None)))
+        unverified = fetch_page(users_request(url, 0, ClientSpec(30.0, False, None)))
+        asked = len(srv.seen)
+    assert bundled.page == expected and unverified.page == expected
+    assert default.page is None and default.status == 0
+    assert default.problem == "no answer (SSLCertVerificationError)"
+    assert asked == 2
+
+
+def test_with_a_proxy_in_the_environment_the_workers_requests_take_it_too() -> None:
+    """httpx's clients honour HTTP_PROXY and the like, the standard library's would not: with
+    one set, the workers send their requests through an httpx client of their own, so that
+    every request of the run, theirs included, goes through the proxy. In a process of its
+    own (the workers inherit their fork server's environment)."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.connectors.proxied_fetch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["via_httpx"] == 1
+    assert out["pages_by_workers"] > 20
+    assert out["carried"] == out["served"] == out["pages_by_workers"] + len(COLLECTIONS)
