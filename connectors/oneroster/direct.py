@@ -32,6 +32,7 @@ workers are forked from it).
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import os
 import select
@@ -171,8 +172,8 @@ def _content(body: bytes, encoding: str | None) -> bytes:
     if coding != "gzip":
         raise DecodeError(f"a body in {coding!r}, which was not asked for")
     try:
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-    except zlib.error as exc:
+        return gzip.decompress(body)  # every member: a gzip body may hold several
+    except (OSError, EOFError, zlib.error) as exc:
         raise DecodeError(f"a gzip body that does not decompress ({exc})") from None
 
 

@@ -471,11 +471,19 @@ def test_a_gzip_page_is_undone_and_an_encoding_not_asked_for_is_handed_back(
     spec = ClientSpec(30.0, True, None)
     with canned((200, headers, gzip.compress(raw))) as srv:
         answer = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 0, spec))
+        half = len(raw) // 2
+        srv.answer = (
+            200,
+            {"Content-Encoding": "gzip"},
+            gzip.compress(raw[:half]) + gzip.compress(raw[half:]),
+        )
+        members = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 0, spec))
         srv.answer = (200, {"Content-Encoding": "br"}, raw)
         brotli = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 7, spec))
         srv.answer = (200, {"Content-Encoding": "gzip"}, raw[:100])
         broken = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 14, spec))
     assert answer.page == expected and answer.problem is None
+    assert members.page == expected  # a body of two gzip members
     assert (answer.total, answer.link) == ("74", '<x>; rel="next"')
     assert brotli.page is None and brotli.status == 200
     assert brotli.problem == "unexpected answer: a body in 'br', which was not asked for"
