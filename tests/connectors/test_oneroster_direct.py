@@ -352,11 +352,14 @@ def test_a_worker_starts_with_its_request_modules_and_tls_context_loaded() -> No
 
 
 class _CannedServer(ThreadingHTTPServer):
-    """Answers every GET with one canned answer and records each request's headers."""
+    """Answers every GET with one canned answer and records each request's headers;
+    ``fault`` spoils the answer: ``short`` (the connection closes before the body's declared
+    length), ``slow`` (half a second before anything), ``garbage`` (no HTTP at all)."""
 
     daemon_threads = True
     answer: tuple[int, dict[str, str], bytes]
     seen: list[dict[str, str]]
+    fault: str | None = None
 
 
 class _Canned(BaseHTTPRequestHandler):
@@ -366,7 +369,20 @@ class _Canned(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.server.seen.append({k.lower(): v for k, v in self.headers.items()})
         status, headers, body = self.server.answer
-        reply(self, status, headers.items(), body)
+        fault = self.server.fault
+        if fault == "slow":
+            time.sleep(0.5)
+        if fault == "garbage":
+            self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+            self.close_connection = True
+        elif fault == "short":
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body) + 100))
+            self.end_headers()
+            self.wfile.write(body)
+            self.close_connection = True
+        else:
+            reply(self, status, headers.items(), body)
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -578,3 +594,34 @@ def test_with_a_proxy_in_the_environment_the_workers_requests_take_it_too() -> N
     assert out["via_httpx"] == 1
     assert out["pages_by_workers"] > 20
     assert out["carried"] == out["served"] == out["pages_by_workers"] + len(COLLECTIONS)
+
+
+@pytest.mark.parametrize(
+    ("fault", "problem"),
+    [
+        ("short", "no answer (IncompleteRead)"),
+        ("slow", "no answer (TimeoutError)"),
+        ("garbage", "no answer (BadStatusLine)"),
+    ],
+)
+def test_a_broken_answer_is_handed_back_and_the_next_request_goes_on_a_new_connection(
+    fresh_connections: dict[Any, Any], fault: str, problem: str
+) -> None:
+    """A body cut short, a server slower than the source's timeout, an answer that is not
+    HTTP: each is a problem the sync process asks again for (never a traceback, never a
+    page made of part of a body), and the worker's next request is not sent on the
+    connection left in that state."""
+    with FakeOneRoster(aged_district(SPEC)) as fake:
+        raw = users_page(fake, 0)
+    expected = decode.decode_known("users", raw, None)
+    spec = ClientSpec(0.25, True, None)
+    with canned((200, {}, raw)) as srv:
+        url = f"http://127.0.0.1:{srv.server_port}/u"
+        assert fetch_page(users_request(url, 0, spec)).page == expected
+        srv.fault = fault
+        broken = fetch_page(users_request(url, 7, spec))
+        srv.fault = None
+        after = fetch_page(users_request(url, 14, spec))
+    assert broken.page is None and broken.status == 0
+    assert broken.problem == problem
+    assert after.page == expected
