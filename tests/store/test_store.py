@@ -639,18 +639,25 @@ def test_postgresql_stages_by_copy_alone_unless_an_id_was_staged_before(pg_store
 
 def test_clearing_staging_keeps_other_runs_rows(store: Store) -> None:
     """A run clears only its own staged rows, whether or not another run has rows staged
-    (SQLite empties a table outright when only this run's rows are in it)."""
+    (SQLite empties a table outright when only this run's rows are in it), those of an
+    earlier run as well as a later one's."""
     people = [RosterPerson(f"p-{i}", "student", given_name="Ann") for i in range(3)]
     with store.write() as conn:
+        stage(conn, 6, sort_batch(people[1:2]))
         stage(conn, 7, sort_batch(people))
         stage(conn, 8, sort_batch(people[:1]))
     count = "SELECT run_id, count(*) FROM staging_person GROUP BY run_id ORDER BY run_id"
     with store.write() as conn:
+        prepare_staging(conn)  # as an apply does: the key index the check goes through
         clear_staging(conn, 7)
     with store.read() as conn:
-        assert [tuple(r) for r in conn.execute(text(count))] == [(8, 1)]
+        assert [tuple(r) for r in conn.execute(text(count))] == [(6, 1), (8, 1)]
     with store.write() as conn:
         clear_staging(conn, 8)
+    with store.read() as conn:
+        assert [tuple(r) for r in conn.execute(text(count))] == [(6, 1)]
+    with store.write() as conn:
+        clear_staging(conn, 6)
         stage(conn, 9, sort_batch(people))
     with store.read() as conn:
         assert [tuple(r) for r in conn.execute(text(count))] == [(9, 3)]
