@@ -415,6 +415,96 @@ def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
     )
 
 
+def warm(args: argparse.Namespace) -> int:
+    """Syncs run as the daemon runs its scheduled ones: one process, its imports, store and
+    engine kept between runs. For each line on stdin (``full`` or ``delta``), the sync and
+    the drain of the jobs it queued, and one JSON line on stdout: the seconds between the
+    two (no interpreter start-up, imports or exit in them) and the run's report."""
+    from rostersync.cli.app import App
+    from rostersync.sync.runs import load_report
+
+    App.whole_process = True  # the daemon's collector settings, as `rostersync run` has them
+    app = App(args.config, None)
+
+    async def serve() -> None:
+        engine = app.engine()
+        loop = asyncio.get_running_loop()
+        while mode := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            started = time.perf_counter()
+            report = await engine.sync(SOURCE, mode=mode)
+            await engine.drain()
+            seconds = time.perf_counter() - started
+            with app.store.read() as conn:  # with what the drain did, as `sync --json` shows
+                report = load_report(conn, report.id)
+            print(
+                json.dumps(
+                    {
+                        "seconds": seconds,
+                        "status": report.status,
+                        "mode": report.mode,
+                        "error": report.error,
+                        "counts": report.counts,
+                    }
+                ),
+                flush=True,
+            )
+
+    asyncio.run(serve())
+    return 0
+
+
+@dataclass
+class WarmResult:
+    seconds: float
+    status: str
+    mode: str
+    error: str | None
+    counts: dict[str, int]
+
+
+class WarmProcess:
+    """The parent's end of :func:`warm`: one child process, a run per call."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self._log = open(workdir / f"warm-{time.monotonic_ns()}.log", "w", encoding="utf-8")  # noqa: SIM115
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        command = [sys.executable, "-m", "tests.benchmarks.bench_oneroster", "_warm"]
+        self._proc = subprocess.Popen(
+            [*command, "--config", str(config)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            env=env,
+        )
+
+    def run(self, mode: str) -> WarmResult:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(mode + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the warm process exited ({self._proc.wait()}); see {self._log.name}")
+        result = WarmResult(**json.loads(line))
+        if result.status not in ("succeeded", "succeeded_with_errors") or result.mode != mode:
+            raise SystemExit(
+                f"a warm {mode} run did not succeed: status {result.status}, error {result.error}"
+            )
+        return result
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.close()  # an empty line: the child's loop ends
+        try:
+            self._proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+        self._log.close()
+
+
 # -- the database ----------------------------------------------------------------------------------
 
 
@@ -558,6 +648,20 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
         delta = run_cli(config, "delta", workdir)
         check_run("delta", delta, "delta")
 
+        # The same kinds of run in a process that stays up, as the daemon's scheduled runs
+        # are: after the whole-process runs, so that those see no other process's store.
+        say("warm process: a first full run (not timed), a no-op, 1% changed, another 1%")
+        warm_proc = WarmProcess(config, workdir)
+        try:
+            warm_proc.run("full")  # what the delta run left to a full run, and lazy imports
+            warm_noop = warm_proc.run("full")
+            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=3")
+            warm_steady = warm_proc.run("full")
+            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=4")
+            warm_delta = warm_proc.run("delta")
+        finally:
+            warm_proc.close()
+
         say("fetch floor again")
         floors.append(asyncio.run(fetch_floor(source)))
 
@@ -595,6 +699,26 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
         f"fetched {delta.fetched}; groups updated {delta.counts['groups_updated']:,}",
         flush=True,
     )
+    print(
+        "in a process that stays up, as the daemon's scheduled runs (no interpreter start-up, "
+        "imports or exit; for comparison, the targets are the whole processes'):",
+        flush=True,
+    )
+    for label, result in (
+        ("no-op full run", warm_noop),
+        ("steady-state full run (1% changed)", warm_steady),
+        ("delta run (1% changed)", warm_delta),
+    ):
+        extra = (
+            f"; {result.seconds / full.seconds:.1%} of the first load's whole process"
+            if "delta" in label
+            else ""
+        )
+        print(
+            f"    {label}: {result.seconds:.2f} s ({result.seconds / floor.seconds:.2f}x floor"
+            f"{extra}); groups updated {result.counts.get('groups_updated', 0):,}",
+            flush=True,
+        )
     peak_mib = max(r.maxrss_kib for r in (full, noop, steady, delta)) / 1024
     print(
         f"peak RSS: {peak_mib:.0f} MiB (target <= {TARGET_RSS_MIB} MiB: "
@@ -648,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("_serve", help=argparse.SUPPRESS)
+    warm_p = sub.add_parser("_warm", help=argparse.SUPPRESS)
+    warm_p.add_argument("--config", required=True)
     serve_p.add_argument("--scale", choices=sorted(SCALES), default="L")
     parser.add_argument(
         "--scale",
@@ -679,6 +805,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "_serve":
         return serve(args)
+    if args.command == "_warm":
+        return warm(args)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return benchmark(args)
 
