@@ -170,7 +170,7 @@ def _content(body: bytes, encoding: str | None) -> bytes:
     if coding in ("identity", ""):
         return body
     if coding != "gzip":
-        raise DecodeError(f"a body in {coding!r}, which was not asked for")
+        raise DecodeError(f"a body in {coding[:40]!r}, which was not asked for")
     try:
         return gzip.decompress(body)  # every member: a gzip body may hold several
     except (OSError, EOFError, zlib.error) as exc:

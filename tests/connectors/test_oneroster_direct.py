@@ -498,6 +498,8 @@ def test_a_gzip_page_is_undone_and_an_encoding_not_asked_for_is_handed_back(
         brotli = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 7, spec))
         srv.answer = (200, {"Content-Encoding": "gzip"}, raw[:100])
         broken = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 14, spec))
+        srv.answer = (200, {"Content-Encoding": "x" * 500}, raw)
+        long_name = fetch_page(users_request(f"http://127.0.0.1:{srv.server_port}/u", 21, spec))
     assert answer.page == expected and answer.problem is None
     assert members.page == expected  # a body of two gzip members
     assert (answer.total, answer.link) == ("74", '<x>; rel="next"')
@@ -505,6 +507,10 @@ def test_a_gzip_page_is_undone_and_an_encoding_not_asked_for_is_handed_back(
     assert brotli.problem == "unexpected answer: a body in 'br', which was not asked for"
     assert broken.page is None and broken.problem is not None
     assert broken.problem.startswith("unexpected answer: a gzip body that does not decompress")
+    # What the server named is cut short in the problem (and the log line that carries it).
+    assert (
+        long_name.problem == f"unexpected answer: a body in {'x' * 40!r}, which was not asked for"
+    )
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
