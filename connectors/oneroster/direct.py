@@ -114,20 +114,6 @@ def share_default_tls() -> None:
         _default_tls = None
 
 
-def _client(spec: ClientSpec) -> httpx.Client:
-    client = _clients.get(spec)
-    if client is None:
-        verify: bool | ssl.SSLContext = spec.verify_tls
-        if spec.verify_tls and spec.ca_bundle is not None:
-            verify = ssl.create_default_context(cafile=spec.ca_bundle)
-        elif spec.verify_tls and _default_tls is not None:
-            verify = _default_tls
-        auth = OAuth1Signer(*spec.oauth1) if spec.oauth1 is not None else None
-        client = httpx.Client(timeout=httpx.Timeout(spec.timeout), verify=verify, auth=auth)
-        _clients[spec] = client
-    return client
-
-
 def _tls_context(spec: ClientSpec) -> ssl.SSLContext:
     """The verification the settings ask for, as the sync process's client verifies."""
     if not spec.verify_tls:
@@ -135,6 +121,17 @@ def _tls_context(spec: ClientSpec) -> ssl.SSLContext:
     if spec.ca_bundle is not None:
         return ssl.create_default_context(cafile=spec.ca_bundle)
     return _default_tls if _default_tls is not None else httpx.create_ssl_context()
+
+
+def _client(spec: ClientSpec) -> httpx.Client:
+    client = _clients.get(spec)
+    if client is None:
+        auth = OAuth1Signer(*spec.oauth1) if spec.oauth1 is not None else None
+        client = httpx.Client(
+            timeout=httpx.Timeout(spec.timeout), verify=_tls_context(spec), auth=auth
+        )
+        _clients[spec] = client
+    return client
 
 
 def _closed_while_idle(sock: socket.socket) -> bool:
