@@ -234,11 +234,22 @@ def server_process(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         yield json.loads(line)
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _reap(proc, 60)
+
+
+def _reap(proc: subprocess.Popen[Any], seconds: float) -> None:
+    """Wait for a child asked to end; kill it if it has not within ``seconds``."""
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _child_env() -> dict[str, str]:
+    """This environment for a timed child, with bytecode caching on: a child that compiled
+    every module it imports would time the compiler."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 # -- the fetch floor --------------------------------------------------------------------------------
@@ -383,7 +394,7 @@ def run_cli(config: Path, mode: str, workdir: Path) -> SyncResult:
     stamp = time.monotonic_ns()
     log = workdir / f"sync-{mode}-{stamp}.log"
     command = [*_cli(), "--config", str(config), "sync", f"--{mode}", "--json"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env = _child_env()
     with open(log, "w", encoding="utf-8") as err:
         started = time.time()
         t0 = time.perf_counter()
@@ -467,7 +478,7 @@ class WarmProcess:
 
     def __init__(self, config: Path, workdir: Path) -> None:
         self._log = open(workdir / f"warm-{time.monotonic_ns()}.log", "w", encoding="utf-8")  # noqa: SIM115
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env = _child_env()
         command = [sys.executable, "-m", "tests.benchmarks.bench_oneroster", "_warm"]
         self._proc = subprocess.Popen(
             [*command, "--config", str(config)],
@@ -496,11 +507,7 @@ class WarmProcess:
     def close(self) -> None:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.close()  # an empty line: the child's loop ends
-        try:
-            self._proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        _reap(self._proc, 120)
         self._proc.stdout.close()
         self._log.close()
 
