@@ -354,12 +354,16 @@ def test_a_worker_starts_with_its_request_modules_and_tls_context_loaded() -> No
 class _CannedServer(ThreadingHTTPServer):
     """Answers every GET with one canned answer and records each request's headers;
     ``fault`` spoils the answer: ``short`` (the connection closes before the body's declared
-    length), ``slow`` (half a second before anything), ``garbage`` (no HTTP at all)."""
+    length), ``slow`` (half a second before anything), ``garbage`` (no HTTP at all);
+    ``framing`` sends a whole answer another way HTTP allows: ``chunked`` (in three
+    chunks), ``close`` (its length, then the connection closed), ``until-close`` (no length:
+    the body ends where the connection does)."""
 
     daemon_threads = True
     answer: tuple[int, dict[str, str], bytes]
     seen: list[dict[str, str]]
     fault: str | None = None
+    framing: str | None = None
 
 
 class _Canned(BaseHTTPRequestHandler):
@@ -381,8 +385,30 @@ class _Canned(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
             self.close_connection = True
+        elif self.server.framing is not None:
+            self._framed(self.server.framing, status, headers, body)
         else:
             reply(self, status, headers.items(), body)
+
+    def _framed(self, framing: str, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            third = len(body) // 3 + 1
+            for start in range(0, len(body), third):
+                part = body[start : start + third]
+                self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if framing == "close":
+            self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -600,6 +626,29 @@ def test_with_a_proxy_in_the_environment_the_workers_requests_take_it_too() -> N
     assert out["via_httpx"] == 1
     assert out["pages_by_workers"] > 20
     assert out["carried"] == out["served"] == out["pages_by_workers"] + len(COLLECTIONS)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close", "until-close"])
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzip"])
+def test_a_page_framed_any_way_http_allows_is_read_whole(
+    fresh_connections: dict[Any, Any], framing: str, gzipped: bool
+) -> None:
+    """Servers and the proxies before them send a body in chunks, or close the connection
+    after it, with or without its length: each is the page, whole, and the worker's next
+    request gets its answer (on a new connection where the server closed the last)."""
+    with FakeOneRoster(aged_district(SPEC)) as fake:
+        raw = users_page(fake, 0)
+    expected = decode.decode_known("users", raw, None)
+    headers = {"Content-Encoding": "gzip"} if gzipped else {}
+    body = gzip.compress(raw) if gzipped else raw
+    spec = ClientSpec(5.0, True, None)
+    with canned((200, headers, body)) as srv:
+        srv.framing = framing
+        url = f"http://127.0.0.1:{srv.server_port}/u"
+        answers = [fetch_page(users_request(url, offset, spec)) for offset in (0, 7, 14)]
+    assert [a.problem for a in answers] == [None, None, None]
+    assert [a.page for a in answers] == [expected] * 3
+    assert len(srv.seen) == 3
 
 
 @pytest.mark.parametrize(
