@@ -80,6 +80,10 @@ def console() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe: nothing left to say there
             stream.flush()
+    if "multiprocessing.forkserver" in sys.modules:
+        from rostersync.daemon.procs import end_fork_server
+
+        end_fork_server()
     os._exit(code)
 
 

@@ -3,11 +3,14 @@ output, atexit handlers and waited-for threads as the interpreter's own exit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rostersync.cli.main import _exit_status
@@ -147,3 +150,48 @@ def test_a_full_sync_process_starts_the_decode_workers_fork_server_before_the_st
     finally:
         mp_forkserver.ensure_running = real  # type: ignore[assignment]
     assert calls == []
+
+
+def _holders(pipe: str) -> list[str]:
+    """The command lines of this machine's processes whose stdout is ``pipe``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and str((proc / "fd" / "1").readlink()) == pipe:
+                found.append((proc / "cmdline").read_text().replace("\0", " "))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc (Linux)")
+def test_a_sync_process_ends_its_fork_server_with_it(config: Path) -> None:
+    """A caller reading the command's output to its end (`sync --json | jq`, a script) is
+    done when the command is: the decode workers' fork server, which holds the same stdout,
+    is ended by the process before it exits, not left to notice and tear itself down."""
+    _oneroster_config(config)
+    command = [sys.executable, "-m", "rostersync", "--config", str(config), "sync", "--full"]
+    proc = subprocess.Popen([*command, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    pipe = str(Path(f"/proc/self/fd/{proc.stdout.fileno()}").readlink())
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+    left = _holders(pipe)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err  # nobody answers at port 9: the run fails
+    assert json.loads(out)["runs"][0]["status"] == "failed"
+    assert not [c for c in left if "forkserver" in c], left
+
+
+def test_ending_the_fork_server_ends_it_at_once() -> None:
+    """end_fork_server: the server this process started is gone (by SIGTERM) when it
+    returns; with none started, it does nothing."""
+    program = (
+        "import os, signal; from multiprocessing import forkserver as fs; "
+        "from rostersync.daemon.procs import end_fork_server; "
+        "before = end_fork_server(); "
+        "from connectors.oneroster.forkserver import start_ahead; "
+        "assert start_ahead(('connectors.oneroster.decode',)); "
+        "pid = fs._forkserver._forkserver_pid; "
+        "print(before, end_fork_server(), os.path.exists(f'/proc/{pid}'))"
+    )
+    done = run_python(program)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "False"]
