@@ -216,8 +216,9 @@ def _line_for(path: PathKey, lines: Mapping[PathKey, int]) -> int | None:
 
 @functools.cache
 def settings_model(plugin_types: tuple[str, ...] | None = None) -> type[Settings]:
-    """Settings whose `sources` values are a union of the installed connectors' models."""
-    plugins = load_plugins()
+    """Settings whose `sources` values are a union of the installed connectors' models, or
+    of those of ``plugin_types`` where each is installed (see load_plugins)."""
+    plugins = load_plugins(plugin_types)
     models = [p.config_model for p in plugins.values()]
     if not models:
         return Settings
@@ -325,6 +326,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                     )
     sources = data.get("sources")
     if isinstance(sources, dict):
+        known = load_plugins(_source_types(data))
         for name in sources:
             if not _SOURCE_NAME.match(str(name)):
                 issues.append(
@@ -334,15 +336,14 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                     )
                 )
             src = sources[name]
-            if isinstance(src, dict) and isinstance(src.get("type"), str):
-                known = load_plugins()
-                if src["type"] not in known and src["type"] in PLUGIN_ERRORS:
-                    issues.append(
-                        ConfigIssue(
-                            f"sources.{name}.type",
-                            f"the {src['type']} connector failed to load: {PLUGIN_ERRORS[src['type']]}",
-                        )
+            kind = src.get("type") if isinstance(src, dict) else None
+            if isinstance(kind, str) and kind not in known and kind in PLUGIN_ERRORS:
+                issues.append(
+                    ConfigIssue(
+                        f"sources.{name}.type",
+                        f"the {kind} connector failed to load: {PLUGIN_ERRORS[kind]}",
                     )
+                )
     db = data.get("database")
     if isinstance(db, str) and not (db.startswith("sqlite:") or db.startswith("postgresql")):
         issues.append(
@@ -388,7 +389,7 @@ def load_settings_text(
         _walk(node, (), lines, issues)
     data = _substitute_env(data, (), issues)
 
-    model = settings_model()
+    model = settings_model(_source_types(data))
     settings: Settings | None = None
     try:
         settings = model.model_validate(
@@ -414,6 +415,17 @@ def load_settings_text(
     if unique or settings is None:
         raise ConfigError(unique, file)
     return settings.model_copy(update={"database": _resolve_database(settings.database, base)})
+
+
+def _source_types(data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The source types the config names, when every source names one; else None (all)."""
+    sources = data.get("sources")
+    if not isinstance(sources, dict) or not sources:
+        return None
+    types = [s.get("type") if isinstance(s, dict) else None for s in sources.values()]
+    if not all(isinstance(t, str) for t in types):
+        return None
+    return tuple(sorted({str(t) for t in types}))
 
 
 def _path_key(path: str) -> PathKey:

@@ -111,7 +111,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
             return
         cfg = self.settings.sources[source]
         if self._plugins is None:
-            self._plugins = load_plugins()
+            self._plugins = load_plugins(sorted({s.type for s in self.settings.sources.values()}))
         plugin = self._plugins.get(cfg.type)
         if plugin is None:
             raise SourceError(source, f"no connector installed for type {cfg.type!r}")
