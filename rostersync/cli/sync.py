@@ -53,6 +53,10 @@ async def _sync_and_drain(
         )
     try:
         engine = app.engine(progress=progress, owner=owner)
+        if App.whole_process:  # the process ends after these runs (SyncEngine._keep)
+            from rostersync.daemon.procs import KEPT_UNTIL_EXIT
+
+            engine.spent = KEPT_UNTIL_EXIT
         reports = []
         for name in sources:
             try:

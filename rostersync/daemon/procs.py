@@ -140,6 +140,11 @@ def settle_collector() -> None:
     gc.set_threshold(GC_THRESHOLD)
 
 
+#: What a process that ends after its command keeps rather than frees (SyncEngine.spent): a
+#: module's list lives until the console script's ``os._exit``, which frees nothing itself.
+KEPT_UNTIL_EXIT: list[object] = []
+
+
 def end_fork_server() -> bool:
     """At the end of a whole process, once its work is done: end the multiprocessing fork
     server it started (the decode workers'), if any, at once; True if there was one.
