@@ -49,6 +49,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = "district"
+#: The server dates each 1% of changes over the day before it (seconds), as a nightly run
+#: finds a day's changes: a delta then re-reads only what changed in the last
+#: ``delta_overlap`` before the previous run, not every change that run read.
+CHANGES_SPREAD = 86_400
 COLLECTIONS = ("orgs", "users", "classes", "enrollments")
 #: Tables a no-op full run must leave exactly as they were: the directory, the mirror and
 #: the queue (a run writes its own record in ``sync_run`` and ``source_state``).
@@ -198,6 +202,13 @@ def serve(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
     return 0
+
+
+def _mutate(origin: str, seed: int) -> dict[str, int]:
+    """Change 1% of the records on the server, dated over the day before now."""
+    url = f"{origin}/_admin/mutate?fraction=0.01&seed={seed}&spread={CHANGES_SPREAD}"
+    counts: dict[str, int] = json.loads(_http("POST", url))
+    return counts
 
 
 def _http(method: str, url: str) -> bytes:
@@ -642,16 +653,12 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
         del before
 
         say("changing 1% of the records on the server; full run")
-        steady_changes = json.loads(
-            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=1")
-        )
+        steady_changes = _mutate(info["origin"], 1)
         steady = run_cli(config, "full", workdir)
         check_run("steady-state", steady, "full")
 
         say("changing another 1%; delta run")
-        delta_changes = json.loads(
-            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=2")
-        )
+        delta_changes = _mutate(info["origin"], 2)
         delta = run_cli(config, "delta", workdir)
         check_run("delta", delta, "delta")
 
@@ -662,9 +669,9 @@ def benchmark_scale(args: argparse.Namespace, name: str) -> int:
         try:
             warm_proc.run("full")  # what the delta run left to a full run, and lazy imports
             warm_noop = warm_proc.run("full")
-            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=3")
+            _mutate(info["origin"], 3)
             warm_steady = warm_proc.run("full")
-            _http("POST", info["origin"] + "/_admin/mutate?fraction=0.01&seed=4")
+            _mutate(info["origin"], 4)
             warm_delta = warm_proc.run("delta")
         finally:
             warm_proc.close()

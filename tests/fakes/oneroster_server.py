@@ -482,6 +482,30 @@ class FakeOneRoster:
             self._last_stamp = stamp
             return stamp
 
+    def _spread_stamps(
+        self, counts: Sequence[int], spread: float, rng: random.Random
+    ) -> list[list[datetime]]:
+        """Dates for ``counts`` changes (a list of that many per count), each later than every
+        date served so far and none after now, at random in the ``spread`` seconds before now
+        (all drawn from the one window); all :meth:`next_stamp`'s one when ``spread`` is 0."""
+        if spread <= 0:
+            stamp = self.next_stamp()
+            return [[stamp] * n for n in counts]
+        with self._lock:
+            low = max(datetime.now(UTC) - timedelta(seconds=spread), self._last_stamp)
+            low = low.replace(microsecond=low.microsecond // 1000 * 1000)  # as served
+            high = max(datetime.now(UTC), low + timedelta(milliseconds=sum(counts) + 1))
+            width = (high - low).total_seconds() * 1000  # in milliseconds, past ``low``
+            out = [
+                [
+                    low + timedelta(milliseconds=1 + int(rng.random() * (width - 1)))
+                    for _ in range(n)
+                ]
+                for n in counts
+            ]
+            self._last_stamp = max([self._last_stamp, *(s for each in out for s in each)])
+            return out
+
     def _find(self, entity: str, sourced_id: str) -> tuple[_Table, int]:
         table = self._tables[COLLECTION[entity]]
         if sourced_id not in table.index:
@@ -527,20 +551,29 @@ class FakeOneRoster:
             self._tables[COLLECTION[entity]].remove(sourced_id)
             self._changed()
 
-    def mutate_fraction(self, fraction: float, seed: int = 0) -> dict[str, int]:
+    def mutate_fraction(
+        self, fraction: float, seed: int = 0, spread: float = 0.0
+    ) -> dict[str, int]:
         """Change about ``fraction`` of the users, classes and enrollments (the 1% benchmark).
 
         Users get a new family name, classes a new title, enrollments turn ``tobedeleted``.
+        ``spread``: each change is dated at a random moment of the ``spread`` seconds before
+        now (after every date served so far), as a day's changes are when the nightly run
+        reads them; 0 dates them all now.
         """
         rng = random.Random(seed)
         counts: dict[str, int] = {}
         with self._lock:
-            for name in ("users", "classes", "enrollments"):
+            names = ("users", "classes", "enrollments")
+            picks = []
+            for name in names:
                 table = self._tables[name]
                 candidates = [i for i, r in enumerate(table.records) if not isinstance(r, dict)]
-                chosen = rng.sample(candidates, round(len(candidates) * fraction))
-                stamp = self.next_stamp()
-                for at in chosen:
+                picks.append(rng.sample(candidates, round(len(candidates) * fraction)))
+            dates = self._spread_stamps([len(p) for p in picks], spread, rng)
+            for name, chosen, stamps in zip(names, picks, dates, strict=True):
+                table = self._tables[name]
+                for at, stamp in zip(chosen, stamps, strict=True):
                     record = table.records[at]
                     if isinstance(record, RosterPerson):
                         new: Record = replace(
@@ -880,7 +913,9 @@ class FakeOneRoster:
             return _Reply(200, _dumps(stats), {"Content-Type": "application/json"})
         if path == "/_admin/mutate" and method == "POST":
             counts = self.mutate_fraction(
-                float(params.get("fraction", "0.01")), int(params.get("seed", "0"))
+                float(params.get("fraction", "0.01")),
+                int(params.get("seed", "0")),
+                float(params.get("spread", "0")),
             )
             return _Reply(200, _dumps(counts), {"Content-Type": "application/json"})
         if path == "/_admin/faults" and method == "POST":

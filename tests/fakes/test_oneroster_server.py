@@ -182,6 +182,38 @@ def test_mutate_fraction_changes_that_share(v11: FakeOneRoster) -> None:
     assert len(removed) == 5
 
 
+def test_mutate_fraction_spreads_its_dates_over_the_time_before_now(v11: FakeOneRoster) -> None:
+    """With ``spread`` the changes are dated over the seconds before now, each later than
+    every date served before and none in the future, as a day's changes are; a later change
+    is dated after all of them."""
+    from datetime import UTC, datetime
+
+    def stamps() -> dict[str, datetime]:
+        return {
+            r.sourced_id: r.date_last_modified
+            for r in [*v11.roster.persons, *v11.roster.classes, *v11.roster.enrollments]
+            if r.date_last_modified is not None
+        }
+
+    before = stamps()
+    newest = v11._last_stamp  # the latest date served so far
+    v11.mutate_fraction(0.5, seed=3, spread=3600)
+    after = stamps()
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    assert len(changed) == 11
+    assert all(newest < v <= datetime.now(UTC) for v in changed.values())
+    assert len(set(changed.values())) > 1  # not one moment for all
+    # Every kind over the whole window, not only the first one drawn.
+    an_hour_ago = datetime.now(UTC).timestamp() - 3600
+    for prefix in ("t-", "s-", "c-", "e-"):
+        kind = [v.timestamp() for k, v in changed.items() if k.startswith(prefix)]
+        assert not kind or min(kind) < an_hour_ago + 3000, prefix
+    assert all(v.microsecond % 1000 == 0 for v in changed.values())  # as served, to the ms
+    v11.mutate_fraction(0.5, seed=4)
+    later = {k: v for k, v in stamps().items() if after.get(k) != v}
+    assert later and min(later.values()) > max(changed.values())
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 
