@@ -69,6 +69,10 @@ async def _sync_and_drain(
             if progress is not None:
                 progress.applied(name, report.id, report.status, report.counts)
         if not dry_run:
+            if engine.spent and any(r.counts.get("resync_queued") for r in reports):
+                # Resyncs to run: the view of the mirror goes first, so that their memory
+                # does not come on top of it (a steady-state run at XL: 90 MiB more at peak).
+                engine.spent.clear()
             await drain_with_progress(app, engine, progress)
             with app.store.read() as conn:
                 reports = [load_report(conn, r.id) for r in reports]

@@ -98,8 +98,9 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
         self._registered = False
         self.log = structlog.get_logger()
         self._plugins: dict[str, ConnectorPlugin] | None = None
-        #: Set (to a list) by a command whose process ends after its runs: each run's fetch
-        #: results are kept there, not freed when the run ends (see _keep).
+        #: Set (to a list) by a command whose process ends after its runs: the last run's
+        #: fetch results are kept there, not freed when the run ends (see _keep); the
+        #: command empties it before resyncs that would add their memory to it.
         self.spent: list[object] | None = None
         self._init_pacing()
         #: the day the terms rules judge by (tests fix it)
@@ -306,9 +307,11 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
         A full run's view of the mirror (``extras.known``: a string and a hash entry per
         mirror row) is freed object by object when the run ends, in the event loop, before
         its lease is given back and its resyncs start: 80 ms at district L. A process that
-        ends after its runs never needs that memory back, and its exit frees none of it."""
+        ends after its runs never needs that memory back, and its exit frees none of it.
+        Only the last run's is kept: the one before goes when another starts, so that a
+        command syncing several sources holds one view at a time, as before."""
         if self.spent is not None:
-            self.spent.append(extras)
+            self.spent[:] = [extras]
         return extras
 
     def _scope(

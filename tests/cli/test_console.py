@@ -198,20 +198,27 @@ def test_ending_the_fork_server_ends_it_at_once() -> None:
 
 
 def test_a_sync_process_keeps_its_runs_views_of_the_mirror_until_it_exits(config: Path) -> None:
-    """The console's `sync` ends after its runs: what they fetched stays until the process's
-    exit frees it all at once (SyncEngine.spent); the same command run inside this process,
-    which goes on, keeps nothing."""
+    """The console's `sync` ends after its runs: what a run fetched stays until the process's
+    exit frees it all at once (SyncEngine.spent), unless resyncs follow, whose memory would
+    come on top of it; the same command run inside this process, which goes on, keeps
+    nothing."""
     from rostersync.daemon.procs import KEPT_UNTIL_EXIT
     from tests.cli.sample import as_json
     from tests.cli.sample import run as run_here
 
-    assert as_json(run_here(config, "sync", "--full", "--json"))["runs"][0]["mode"] == "full"  # type: ignore[index]
-    assert KEPT_UNTIL_EXIT == []
     report = (
         "import atexit; from rostersync.daemon import procs; "
         "atexit.register(lambda: print('kept', [type(getattr(x, 'known', None)).__name__ "
         "for x in procs.KEPT_UNTIL_EXIT], file=sys.stderr)); "
     )
-    done = run_python(CONSOLE + report + "console()", "--config", str(config), "sync", "--full")
-    assert done.returncode == 0, done.stderr
-    assert "kept ['KnownRows']" in done.stderr
+    args = ("--config", str(config), "sync", "--full", "--json")
+    first = run_python(CONSOLE + report + "console()", *args)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["runs"][0]["counts"]["resync_queued"] > 0
+    assert "kept []" in first.stderr  # let go before the resyncs ran
+    again = run_python(CONSOLE + report + "console()", *args)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["runs"][0]["counts"]["resync_queued"] == 0
+    assert "kept ['KnownRows']" in again.stderr
+    assert as_json(run_here(config, "sync", "--full", "--json"))["runs"][0]["mode"] == "full"  # type: ignore[index]
+    assert KEPT_UNTIL_EXIT == []

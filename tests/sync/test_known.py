@@ -471,3 +471,10 @@ async def test_a_run_frees_its_view_of_the_mirror_unless_its_process_ends_after_
     assert len(views) == 2 and isinstance(views[1](), Watched)
     assert len(kept) == 1
     assert sum(views[1]().unchanged.values()) == len(small_roster().records())  # type: ignore[union-attr]
+    # The next run's start lets the last one's go: one view held at a time.
+    again = SyncEngine(settings, sqlite_store, connectors=connectors)
+    again.spent = kept
+    assert (await again.sync("mem")).status == "succeeded"
+    gc.collect()
+    assert len(views) == 3 and views[1]() is None and isinstance(views[2](), Watched)
+    assert len(kept) == 1
