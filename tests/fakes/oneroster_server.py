@@ -486,15 +486,17 @@ class FakeOneRoster:
         self, counts: Sequence[int], spread: float, rng: random.Random
     ) -> list[list[datetime]]:
         """Dates for ``counts`` changes (a list of that many per count), each later than every
-        date served so far and none after now, at random in the ``spread`` seconds before now
-        (all drawn from the one window); all :meth:`next_stamp`'s one when ``spread`` is 0."""
+        date served so far and none after now (unless that one is: then a millisecond after
+        it), at random in the ``spread`` seconds before now, all drawn from the one window
+        (two changes may share a date, as they do on a real server); all :meth:`next_stamp`'s
+        one when ``spread`` is 0."""
         if spread <= 0:
             stamp = self.next_stamp()
             return [[stamp] * n for n in counts]
         with self._lock:
             low = max(datetime.now(UTC) - timedelta(seconds=spread), self._last_stamp)
             low = low.replace(microsecond=low.microsecond // 1000 * 1000)  # as served
-            high = max(datetime.now(UTC), low + timedelta(milliseconds=sum(counts) + 1))
+            high = max(datetime.now(UTC), low + timedelta(milliseconds=1))
             width = (high - low).total_seconds() * 1000  # in milliseconds, past ``low``
             out = [
                 [
