@@ -126,11 +126,11 @@ def load_plugins(types: Collection[str] | None = None) -> dict[str, ConnectorPlu
     """
     if types is not None:
         wanted = set(types)
-        found = _load(ep for ep in _installed() if ep.name in wanted)
+        named = [ep for ep in _installed() if ep.name in wanted]
+        found = _load(named)
         if wanted <= found.keys():
             return found
-        tried = {ep.name for ep in _installed() if ep.name in wanted}
-        rest = _load(ep for ep in _installed() if ep.name not in tried)
+        rest = _load(ep for ep in _installed() if ep not in named)
         return dict(sorted({**found, **rest}.items()))
     return _load(_installed())
 

@@ -465,6 +465,7 @@ def warm(args: argparse.Namespace) -> int:
                         "status": report.status,
                         "mode": report.mode,
                         "error": report.error,
+                        "warnings": report.warnings,
                         "counts": report.counts,
                     }
                 ),
@@ -481,6 +482,7 @@ class WarmResult:
     status: str
     mode: str
     error: str | None
+    warnings: list[str]
     counts: dict[str, int]
 
 
@@ -509,10 +511,7 @@ class WarmProcess:
         if not line:
             raise SystemExit(f"the warm process exited ({self._proc.wait()}); see {self._log.name}")
         result = WarmResult(**json.loads(line))
-        if result.status not in ("succeeded", "succeeded_with_errors") or result.mode != mode:
-            raise SystemExit(
-                f"a warm {mode} run did not succeed: status {result.status}, error {result.error}"
-            )
+        check_run(f"warm {mode}", result, mode)
         return result
 
     def close(self) -> None:
@@ -759,7 +758,7 @@ def config_document(database: str, source: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_run(what: str, result: SyncResult, mode: str) -> None:
+def check_run(what: str, result: SyncResult | WarmResult, mode: str) -> None:
     if result.status not in ("succeeded", "succeeded_with_errors") or result.mode != mode:
         raise SystemExit(
             f"the {what} run did not succeed as a {mode} run: status {result.status}, "
