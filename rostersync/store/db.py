@@ -250,6 +250,17 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+def _postgresql_setup(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # No JIT compilation: the planner's costs for the sync's probes per row (fenced
+        # subqueries) pass jit_above_cost at a district's size, and compiling took longer
+        # than those queries run. A SET, not a startup option, which PgBouncer refuses.
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET jit = off")
+        dbapi_conn.commit()
+
+
 #: Seed of the group directory's advisory lock key, which is hashed with the schema name so
 #: that instances sharing a database in different schemas do not wait on each other.
 DIRECTORY_LOCK = 0x7273_6772_6F75_7073  # "rsgroups"
@@ -382,6 +393,7 @@ class Store:
             self.engine = create_engine(
                 url, echo=echo, pool_pre_ping=True, pool_size=10, hide_parameters=True
             )
+            _postgresql_setup(self.engine)
         else:
             raise StoreError(
                 f"unsupported database {parsed.drivername!r}: use sqlite or postgresql"

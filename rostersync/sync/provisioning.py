@@ -44,6 +44,10 @@ def eligible_teachers(
     # read the person rows in email order, all over the table; a scan in table order is
     # cheaper. For a delta's few ids the primary key answers.
     scan = "NOT INDEXED" if only is None and conn.dialect.name == "sqlite" else ""
+    # PostgreSQL, which cannot estimate the role test, hashed every teacher enrollment of
+    # the source with its class's populated test; fenced, the test is a probe of each
+    # teacher's enrollments that stops at the first populated class (SQLite's plan).
+    fence = " OFFSET 0" if conn.dialect.name == "postgresql" else ""
     sql = f"""
         SELECT tp.sourced_id, tp.email, tp.given_name, tp.family_name, tp.username, tp.org_ids
         FROM roster_person tp {scan}
@@ -52,7 +56,7 @@ def eligible_teachers(
           AND {teacher_role(conn, teacher_roles)}
           AND EXISTS (SELECT 1 FROM roster_enrollment te
                       WHERE te.source = tp.source AND te.user_id = tp.sourced_id
-                        AND {teaches_populated(conn, teacher_roles)})
+                        AND {teaches_populated(conn, teacher_roles)}{fence})
     """
     orgs: dict[str, str] = {
         sid: name

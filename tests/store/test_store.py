@@ -220,6 +220,18 @@ def test_postgresql_leaves_room_on_the_pages_of_tables_updated_in_place(pg_store
     assert options["user"] is None and options["resync_job"] is None
 
 
+def test_postgresql_sessions_compile_no_query(pg_store: Store) -> None:
+    """Every PostgreSQL connection runs without JIT compilation (the server's default is on),
+    those the pool opens after its first included."""
+    with pg_store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        conn.invalidate()  # as a lost connection is: the pool opens another
+    with pg_store.read() as conn:
+        assert conn.exec_driver_sql("SELECT pg_backend_pid()").scalar() != pid
+        assert conn.exec_driver_sql("SHOW jit").scalar() == "off"
+
+
 def test_postgresql_staging_tables_are_unlogged(pg_store: Store) -> None:
     """0008: staging skips PostgreSQL's write-ahead log; the mirror and directory do not."""
     with pg_store.read() as conn:

@@ -362,3 +362,41 @@ async def test_the_owner_count_of_a_few_groups_probes_each_on_postgresql(
     fenced, whole = (sql.count("OFFSET 0") for sql, _ in statements)
     assert fenced == whole + 1  # the populated test's own fence in both
     assert "Anti Join" not in plans[0]
+
+
+async def test_eligibility_probes_each_teachers_enrollments_on_postgresql(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Who is eligible is asked with a probe of each teacher's enrollments (a fenced
+    subquery, stopping at the first populated class), never a semi-join that first tests
+    every teacher enrollment of the source: for everyone (a full run) and for a few (a
+    delta). The teachers found are those of the unfenced question."""
+    settings = make_settings()
+    await sync(settings, pg_store, small_roster())
+    roles = settings.provisioning.teacher_roles
+    statements: list[tuple[str, Any]] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "FROM roster_person tp" in statement:
+            statements.append((statement, parameters))
+
+    with pg_store.write() as conn:
+        event.listen(conn, "before_cursor_execute", seen)
+        every = provisioning.eligible_teachers(conn, "mem", roles)
+        few = provisioning.eligible_teachers(conn, "mem", roles, {"t-1", "s-1"})
+        event.remove(conn, "before_cursor_execute", seen)
+        plans = [
+            "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN {sql}", params))
+            for sql, params in statements
+        ]
+        unfenced = {
+            r[0]
+            for r in conn.exec_driver_sql(
+                statements[0][0].replace(" OFFSET 0)", ")"), statements[0][1]
+            )
+        }
+    assert sorted(t.sourced_id for t in every) == sorted(unfenced) == ["t-1", "t-2"]
+    assert [t.sourced_id for t in few] == ["t-1"]
+    assert len(plans) == 2
+    for plan in plans:
+        assert "Semi Join" not in plan and "SubPlan" in plan, plan
