@@ -229,15 +229,17 @@ class OneRosterSourceConfig(ScopedSourceConfig):
         _TLS_AHEAD[bundle] = ahead
         threading.Thread(target=build, name="rostersync-tls", daemon=True).start()
 
-    def prepare_workers(self) -> None:
-        """Start the decode workers' fork server (connectors.oneroster.forkserver), unless
-        the workers are off or the machine has one core, where its imports would only take
-        the sync process's turn."""
+    def prepare_workers(self, store_dialect: str | None = None) -> None:
+        """Start the decode workers' fork server (connectors.oneroster.forkserver), with the
+        store's driver the workers read fingerprints with, unless the workers are off or the
+        machine has one core, where its imports would only take the sync process's turn."""
         if self.decode_workers == 0 or (os.cpu_count() or 1) < 2:
             return
         from connectors.oneroster import forkserver
 
-        forkserver.start_ahead()
+        forkserver.start_ahead(
+            (forkserver.DECODE, forkserver.REQUESTS, *forkserver.store_driver(store_dialect))
+        )
 
     def http_client_options(self) -> dict[str, Any]:
         import httpx  # here: loading the config (every command does) needs no HTTP client

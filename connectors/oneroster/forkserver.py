@@ -17,6 +17,15 @@ from multiprocessing.context import ForkServerContext
 #: (the request sender and a TLS context built once for all of them).
 DECODE = "connectors.oneroster.decode"
 REQUESTS = "connectors.oneroster.preload"
+#: The driver a worker reads the mirror's fingerprints with, by the store's dialect
+#: (connectors.oneroster.decode; SQLite's is the standard library's).
+STORE_DRIVERS: dict[str, tuple[str, ...]] = {"postgresql": ("psycopg",)}
+
+
+def store_driver(dialect: str | None) -> tuple[str, ...]:
+    """What the fork server preloads for workers that read a store of ``dialect``: imported
+    once there, not once in each worker while the fetch waits for its pages."""
+    return STORE_DRIVERS.get(dialect or "", ())
 
 
 def context(preload: Sequence[str]) -> ForkServerContext:

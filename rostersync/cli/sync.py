@@ -36,7 +36,7 @@ async def _sync_and_drain(
     for name in sources:  # before the imports below: see SourceConfig.prepare_http
         source = app.settings.sources[name]
         if App.whole_process and (mode or source.mode) == "full":
-            source.prepare_workers()
+            source.prepare_workers(app.settings.database_dialect)
         source.prepare_http()
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress

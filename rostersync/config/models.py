@@ -196,6 +196,12 @@ class Settings(StrictModel):
     def role_names(self) -> list[str]:
         return [r.name for r in self.roles]
 
+    @property
+    def database_dialect(self) -> str:
+        """``sqlite`` or ``postgresql`` (the URL's scheme without its driver), read without
+        importing SQLAlchemy; anything else is the store's to reject."""
+        return self.database.partition(":")[0].partition("+")[0].lower()
+
     def provisioning_fingerprint(self) -> str:
         """A short digest of the settings that decide who gets a user and how (provisioning
         and the license limit); a change means past decisions may no longer hold."""

@@ -76,11 +76,12 @@ class SourceConfig(StrictModel):
         (a TLS context). A command about to sync calls it before its heavy imports; the
         default has nothing to prepare."""
 
-    def prepare_workers(self) -> None:
+    def prepare_workers(self, store_dialect: str | None = None) -> None:
         """Start, in the background, the processes a full fetch of this source hands its
         pages to, so that they load their modules while this process loads its own. A
         command about to sync in a process of its own calls it before its heavy imports (a
-        process that stays alive starts them when it needs them); the default has none."""
+        process that stays alive starts them when it needs them), with the dialect of the
+        store (``sqlite``, ``postgresql``) those processes may read; the default has none."""
 
     def http_client_options(self) -> dict[str, Any]:
         """Keyword arguments for the `httpx.AsyncClient` the engine builds for this source."""

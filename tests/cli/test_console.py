@@ -152,6 +152,30 @@ def test_a_full_sync_process_starts_the_decode_workers_fork_server_before_the_st
     assert calls == []
 
 
+def test_a_sync_process_has_the_fork_server_preload_its_stores_driver(config: Path) -> None:
+    """The decode workers of a PostgreSQL store read the mirror's fingerprints with psycopg:
+    the fork server started ahead imports it (the database need not answer yet); for a
+    SQLite store it imports no driver."""
+    _oneroster_config(config)
+    preloads = (
+        "import atexit; from multiprocessing import forkserver as fs; seen = []; "
+        "fs.ensure_running = lambda: seen.append(list(fs._forkserver._preload_modules)); "
+        "atexit.register(lambda: print('preloads', seen, file=sys.stderr)); "
+    )
+    args = ("--config", str(config), "sync", "--full", "--json")
+    on_sqlite = run_python(CONSOLE + preloads + "console()", *args)
+    data = yaml.safe_load(config.read_text())
+    data["database"] = "postgresql+psycopg://nobody@127.0.0.1:9/nothing"
+    config.write_text(yaml.safe_dump(data))
+    on_postgresql = run_python(CONSOLE + preloads + "console()", *args)
+    assert on_postgresql.returncode != 0  # nobody answers at port 9
+    drivers = {"sqlite": on_sqlite.stderr, "postgresql": on_postgresql.stderr}
+    for dialect, err in drivers.items():
+        line = next(x for x in err.splitlines() if x.startswith("preloads"))
+        assert "connectors.oneroster.decode" in line, err
+        assert ("'psycopg'" in line) == (dialect == "postgresql"), err
+
+
 def _holders(pipe: str) -> list[str]:
     """The command lines of this machine's processes whose stdout is ``pipe``."""
     found = []

@@ -49,7 +49,7 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
-from rostersync.source.rows import StagedBatch, sort_batch
+from rostersync.source.rows import KnownSpec, StagedBatch, sort_batch
 from tests.fakes.oneroster_server import oauth1_base_string, oauth1_hmac_sha256
 
 HOST = "https://or.example.org"
@@ -1058,6 +1058,34 @@ def test_prepare_workers_starts_the_pools_fork_server_ahead(
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     make_config().prepare_workers()
     assert len(fork_server_starts) == 1
+
+
+def test_the_fork_server_preloads_the_driver_of_a_postgresql_store(
+    fork_server_starts: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers of a PostgreSQL store read the mirror's fingerprints through psycopg: the fork
+    server imports it once for all of them, whether it starts ahead of the sync or with the
+    pool of a run that reads them (the daemon's); a SQLite store's workers need no driver."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    make_config().prepare_workers("postgresql")
+    make_config().prepare_workers("sqlite")
+    make_config().prepare_workers()
+    decode_and_requests = ["connectors.oneroster.decode", "connectors.oneroster.preload"]
+    assert fork_server_starts == [[*decode_and_requests, "psycopg"], *[decode_and_requests] * 2]
+    asked: list[tuple[str, ...]] = []
+
+    def recording(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor:
+        asked.append(tuple(preload))
+        return ProcessPoolExecutor(1)
+
+    monkeypatch.setattr(connector_module, "start_pool", recording)
+    config = make_config(decode_workers=1)
+    for dialect in ("postgresql", "sqlite", None):
+        connector = OneRosterConnector(ConnectorContext("district", config, httpx.AsyncClient()))
+        if dialect is not None:
+            connector.skip_known = KnownSpec(dialect, "where", "district", 1)
+        connector._start_pool().shutdown()
+    assert ["psycopg" in p for p in asked] == [True, False, False]
 
 
 def test_a_fork_server_that_cannot_start_ahead_is_left_to_the_pool(
