@@ -246,9 +246,8 @@ class OneRosterConnector:
             # Its processes would outlive the connector, and the program would wait for them.
             raise BrokenExecutor("the connector is closed")
         if self._pool is None:
-            preload: tuple[str, ...] = (forkserver.REQUESTS,) if self._own_requests else ()
-            spec = self.skip_known
-            preload += forkserver.store_driver(spec.dialect if spec is not None else None)
+            requests = (forkserver.REQUESTS,) if self._own_requests else ()
+            preload = requests + forkserver.store_driver(getattr(self.skip_known, "dialect", None))
             workers = self._workers()
             self._pool = start_pool(workers, preload=preload)
             fastest = self._fastest_page

@@ -28,6 +28,12 @@ CONSOLE = (
 )
 
 
+def run_console(prelude: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The console script with ``args``, after ``prelude`` (Python run first, in the same
+    process: hooks that report on stderr at exit)."""
+    return run_python(CONSOLE + prelude + "console()", *args)
+
+
 def test_the_status_and_output_are_the_commands() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rostersync", "--version"], capture_output=True, text=True
@@ -90,7 +96,7 @@ def test_a_sync_process_settles_the_garbage_collector_and_a_tests_process_does_n
         "import atexit, gc; atexit.register(lambda: print('collector', gc.get_threshold()[0], "
         "gc.get_freeze_count() > 0, file=sys.stderr)); "
     )
-    done = run_python(CONSOLE + report + "console()", "--config", str(config), "sync", "--json")
+    done = run_console(report, "--config", str(config), "sync", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["runs"][0]["counts"]["users_created"] == 43
     assert f"collector {GC_THRESHOLD} True" in done.stderr
@@ -132,11 +138,11 @@ def test_a_full_sync_process_starts_the_decode_workers_fork_server_before_the_st
 
     _oneroster_config(config)
     args = ("--config", str(config), "sync", "--json")
-    full = run_python(CONSOLE + _FORK_SERVER_STARTS + "console()", *args, "--full")
+    full = run_console(_FORK_SERVER_STARTS, *args, "--full")
     assert full.returncode == 1, full.stderr  # nobody answers at port 9: the run fails
     assert json.loads(full.stdout)["runs"][0]["status"] == "failed"
     assert "fork server starts [False]" in full.stderr
-    delta = run_python(CONSOLE + _FORK_SERVER_STARTS + "console()", *args, "--delta")
+    delta = run_console(_FORK_SERVER_STARTS, *args, "--delta")
     assert json.loads(delta.stdout)["runs"][0]["status"] == "failed"
     assert "fork server starts []" in delta.stderr
 
@@ -163,11 +169,11 @@ def test_a_sync_process_has_the_fork_server_preload_its_stores_driver(config: Pa
         "atexit.register(lambda: print('preloads', seen, file=sys.stderr)); "
     )
     args = ("--config", str(config), "sync", "--full", "--json")
-    on_sqlite = run_python(CONSOLE + preloads + "console()", *args)
+    on_sqlite = run_console(preloads, *args)
     data = yaml.safe_load(config.read_text())
     data["database"] = "postgresql+psycopg://nobody@127.0.0.1:9/nothing"
     config.write_text(yaml.safe_dump(data))
-    on_postgresql = run_python(CONSOLE + preloads + "console()", *args)
+    on_postgresql = run_console(preloads, *args)
     assert on_postgresql.returncode != 0  # nobody answers at port 9
     drivers = {"sqlite": on_sqlite.stderr, "postgresql": on_postgresql.stderr}
     for dialect, err in drivers.items():
@@ -236,11 +242,11 @@ def test_a_sync_process_keeps_its_runs_views_of_the_mirror_until_it_exits(config
         "for x in procs.KEPT_UNTIL_EXIT], file=sys.stderr)); "
     )
     args = ("--config", str(config), "sync", "--full", "--json")
-    first = run_python(CONSOLE + report + "console()", *args)
+    first = run_console(report, *args)
     assert first.returncode == 0, first.stderr
     assert json.loads(first.stdout)["runs"][0]["counts"]["resync_queued"] > 0
     assert "kept []" in first.stderr  # let go before the resyncs ran
-    again = run_python(CONSOLE + report + "console()", *args)
+    again = run_console(report, *args)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["runs"][0]["counts"]["resync_queued"] == 0
     assert "kept ['KnownRows']" in again.stderr
