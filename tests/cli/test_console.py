@@ -34,6 +34,12 @@ def run_console(prelude: str, *args: str) -> subprocess.CompletedProcess[str]:
     return run_python(CONSOLE + prelude + "console()", *args)
 
 
+def at_exit(label: str, values: str) -> str:
+    """A prelude that prints ``label`` and ``values`` (Python expressions) on stderr as the
+    console's process ends."""
+    return f"import atexit; atexit.register(lambda: print({label!r}, {values}, file=sys.stderr)); "
+
+
 def test_the_status_and_output_are_the_commands() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "rostersync", "--version"], capture_output=True, text=True
@@ -92,9 +98,8 @@ def test_a_sync_process_settles_the_garbage_collector_and_a_tests_process_does_n
     assert as_json(run_here(config, "sync", "--dry-run", "--json"))["runs"][0]["dry_run"]  # type: ignore[index]
     assert (gc.get_threshold(), gc.get_freeze_count()) == before
     assert before[0][0] < GC_THRESHOLD
-    report = (
-        "import atexit, gc; atexit.register(lambda: print('collector', gc.get_threshold()[0], "
-        "gc.get_freeze_count() > 0, file=sys.stderr)); "
+    report = "import gc; " + at_exit(
+        "collector", "gc.get_threshold()[0], gc.get_freeze_count() > 0"
     )
     done = run_console(report, "--config", str(config), "sync", "--json")
     assert done.returncode == 0, done.stderr
@@ -105,11 +110,9 @@ def test_a_sync_process_settles_the_garbage_collector_and_a_tests_process_does_n
 #: In the console's process: report, at the process's end, each start of the decode workers'
 #: fork server and whether the store's SQLAlchemy had been imported by then.
 _FORK_SERVER_STARTS = (
-    "import atexit; from multiprocessing import forkserver as fs; starts = []; "
-    "run = fs.ensure_running; "
+    "from multiprocessing import forkserver as fs; starts = []; run = fs.ensure_running; "
     "fs.ensure_running = lambda: (starts.append('sqlalchemy' in sys.modules), run())[1]; "
-    "atexit.register(lambda: print('fork server starts', starts, file=sys.stderr)); "
-)
+) + at_exit("fork server starts", "starts")
 
 
 def _oneroster_config(config: Path) -> Path:
@@ -164,10 +167,9 @@ def test_a_sync_process_has_the_fork_server_preload_its_stores_driver(config: Pa
     SQLite store it imports no driver."""
     _oneroster_config(config)
     preloads = (
-        "import atexit; from multiprocessing import forkserver as fs; seen = []; "
+        "from multiprocessing import forkserver as fs; seen = []; "
         "fs.ensure_running = lambda: seen.append(list(fs._forkserver._preload_modules)); "
-        "atexit.register(lambda: print('preloads', seen, file=sys.stderr)); "
-    )
+    ) + at_exit("preloads", "seen")
     args = ("--config", str(config), "sync", "--full", "--json")
     on_sqlite = run_console(preloads, *args)
     data = yaml.safe_load(config.read_text())
@@ -236,10 +238,8 @@ def test_a_sync_process_keeps_its_runs_views_of_the_mirror_until_it_exits(config
     from tests.cli.sample import as_json
     from tests.cli.sample import run as run_here
 
-    report = (
-        "import atexit; from rostersync.daemon import procs; "
-        "atexit.register(lambda: print('kept', [type(getattr(x, 'known', None)).__name__ "
-        "for x in procs.KEPT_UNTIL_EXIT], file=sys.stderr)); "
+    report = "from rostersync.daemon import procs; " + at_exit(
+        "kept", "[type(getattr(x, 'known', None)).__name__ for x in procs.KEPT_UNTIL_EXIT]"
     )
     args = ("--config", str(config), "sync", "--full", "--json")
     first = run_console(report, *args)
