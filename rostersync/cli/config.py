@@ -21,7 +21,7 @@ def config_group() -> None:
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     from rostersync.config.loader import config_path, load_settings
-    from rostersync.store.db import sqlite_file
+    from rostersync.store.db import is_sqlite_file, sqlite_file
 
     path = config_path(app.config_file)
     try:
@@ -31,11 +31,16 @@ def config_check(app: App) -> None:
         for issue in exc.issues:
             click.echo(f"  {issue}", err=True)
         sys.exit(EXIT_USAGE)
+    db = sqlite_file(settings.database)
+    if db is not None and db.is_file() and not is_sqlite_file(db):
+        # The config loads, but every command would fail to open this file.
+        click.echo(f"{path}: 1 error(s)", err=True)
+        click.echo(f"  database: {db} is not a SQLite database", err=True)
+        sys.exit(EXIT_USAGE)
     enabled = [n for n, s in settings.sources.items() if s.enabled]
     click.echo(
         f"{path}: OK ({len(settings.sources)} source(s), {len(enabled)} enabled: {', '.join(enabled) or 'none'})"
     )
-    db = sqlite_file(settings.database)
     if db is not None and not db.exists():
         # Not an error (the first sync creates it), but a mistyped path shows up here first.
         click.echo(

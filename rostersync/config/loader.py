@@ -345,11 +345,26 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                     )
                 )
     db = data.get("database")
-    if isinstance(db, str) and not (db.startswith("sqlite:") or db.startswith("postgresql")):
-        issues.append(
-            ConfigIssue("database", "use sqlite:///PATH or postgresql+psycopg://user@host/db")
-        )
+    if isinstance(db, str) and (problem := _database_problem(db)) is not None:
+        issues.append(ConfigIssue("database", problem))
     return issues
+
+
+def _database_problem(url: str) -> str | None:
+    """What is wrong with a ``database`` URL that SQLAlchemy would only find when a command
+    opens it (as an internal error): another scheme, a SQLite URL with a host part
+    (``sqlite://file.db``, two slashes), or none with no file (``sqlite:///``, an in-memory
+    database that every connection would see empty)."""
+    if url.startswith("postgresql"):
+        return None
+    if not url.startswith("sqlite:"):
+        return "use sqlite:///PATH or postgresql+psycopg://user@host/db"
+    if not url.startswith("sqlite:///"):
+        return f"{url!r}: a SQLite URL has three slashes before a relative path (sqlite:///PATH)"
+    path = url[len("sqlite:///") :].partition("?")[0]
+    if not path or path == ":memory:":
+        return "a SQLite database needs a file: sqlite:///PATH (an in-memory one keeps nothing)"
+    return None
 
 
 def _resolve_database(url: str, base: Path) -> str:
@@ -449,9 +464,20 @@ def load_settings(
         raise ConfigError(
             [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}")], str(file)
         ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([_not_utf8(file, exc)], str(file)) from None
     return load_settings_text(
         text, file=str(file), base_dir=file.resolve().parent, check_files=check_files
     )
+
+
+def _not_utf8(file: Path, exc: UnicodeDecodeError) -> ConfigIssue:
+    """A config file that is not UTF-8 (one saved as UTF-16 or Windows-1252): the line and
+    byte where decoding stopped."""
+    data = exc.object if isinstance(exc.object, bytes) else file.read_bytes()
+    line = data.count(b"\n", 0, exc.start) + 1
+    byte = data[exc.start : exc.start + 1].hex()
+    return ConfigIssue("", f"the file is not UTF-8 (byte 0x{byte}): save it as UTF-8", line=line)
 
 
 def file_problems(path: str | os.PathLike[str] | None = None) -> list[str]:

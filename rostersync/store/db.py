@@ -342,6 +342,21 @@ def sqlite_file(url: str) -> Path | None:
     return None if parsed.query.get("uri") else Path(db)
 
 
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """Whether this file could be a SQLite database: empty (SQLite sets an empty file up) or
+    starting with SQLite's header. A file that cannot be read is left to the open to report."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        return True
+    return not head or head == SQLITE_HEADER
+
+
 def _open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
     """A connection factory for a SQLite file that must already exist.
 
@@ -517,7 +532,10 @@ class Store:
                 from alembic.runtime.migration import MigrationContext
 
                 return MigrationContext.configure(conn).get_current_revision()
-        except OperationalError as exc:
+        except DBAPIError as exc:
+            # Refused, missing or not a database at all (a config pointing at another file).
+            if not isinstance(exc, OperationalError) and unusable(exc) is None:
+                raise
             raise StoreError(f"cannot open database {self.location}: {exc.orig}") from None
 
     def upgrade(self) -> tuple[str | None, str | None]:

@@ -196,3 +196,24 @@ def test_db_upgrade_says_which_database_went_from_which_revision_to_which(
     )
     # The store is closed as the command ends: no SQLite -wal or -shm file is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rs.db")) == ["rs.db"]
+
+
+def test_a_database_path_naming_another_kind_of_file_is_an_error_that_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`database:` pointing at a file that is not SQLite (the config itself, a CSV): config
+    check names it (exit 2); a listing and a sync say they cannot open it in one line (exit 1),
+    without a traceback, and leave the file as it was."""
+    other = tmp_path / "notes.txt"
+    other.write_text("not a database\n" * 100)
+    before = other.read_bytes()
+    config = write_config(tmp_path, f"sqlite:///{other}")
+    code, output = invoke(config, capsys, "config", "check")
+    assert code == 2, output
+    assert f"database: {other} is not a SQLite database" in output
+    for command in (["users", "list"], ["sync", "--full"]):
+        code, output = invoke(config, capsys, *command)
+        assert code == 1, output
+        assert f"cannot open database {other}: file is not a database" in output
+        assert "Traceback" not in output and "internal error" not in output
+    assert other.read_bytes() == before

@@ -455,3 +455,38 @@ def test_a_yaml_syntax_error_names_where_the_unclosed_part_began() -> None:
         load_settings_text("database: sqlite:///x.db\nroles: [Teacher, a: b: c]\n")
     [issue] = raised.value.issues
     assert issue.line == 2 and "starts on line" not in issue.message
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite://rs.db", "three slashes"),
+        ("sqlite:///", "needs a file"),
+        ("'sqlite:///:memory:'", "needs a file"),
+        ("mysql://db/rs", "use sqlite:///PATH or postgresql"),
+    ],
+)
+def test_a_database_url_no_command_could_open_is_a_config_error(url: str, says: str) -> None:
+    """A SQLite URL with a host part, or one with no file, would pass the config and then fail
+    every command as an internal error: it is the `database` key's error, with its line."""
+    text = GOOD.replace("database: sqlite:///state/rs.db", f"database: {url}")
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert (issue.path, issue.line) == ("database", 2)
+    assert says in issue.message
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "cp1252"])
+def test_a_config_file_that_is_not_utf8_is_an_error_naming_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], encoding: str
+) -> None:
+    """A config saved as UTF-16 or Windows-1252 (an editor's choice) is a config error with the
+    line where decoding stopped, exit 2, not an internal error."""
+    cfg = tmp_path / "rs.yaml"
+    cfg.write_bytes(GOOD.replace("Springfield", "Saint-Étienne").encode(encoding))
+    code, output = run_main(capsys, "--config", str(cfg), "config", "check")
+    assert code == 2, output
+    assert "not UTF-8" in output and "save it as UTF-8" in output
+    assert "(top level): line 1:" in output  # the BOM, or the é on the first line
+    assert "Traceback" not in output and "internal error" not in output
