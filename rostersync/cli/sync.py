@@ -32,7 +32,9 @@ async def _sync_and_drain(
     owner: str | None = None,
     changes: bool = False,
     trigger: str = "cli",
-) -> list[RunReport]:
+) -> tuple[list[RunReport], dict[str, str]]:
+    """Each source's run, then the resyncs they queued: the runs' reports, and the sources
+    another instance was syncing (name -> why), which are skipped while the others run."""
     for name in sources:  # before the imports below: see SourceConfig.prepare_http
         source = app.settings.sources[name]
         if App.whole_process and (mode or source.mode) == "full":
@@ -58,17 +60,19 @@ async def _sync_and_drain(
 
             engine.spent = KEPT_UNTIL_EXIT
         reports = []
+        busy: dict[str, str] = {}
         for name in sources:
             try:
                 report = await engine.sync(
                     name, mode=mode, dry_run=dry_run, changes=changes, trigger=trigger
                 )
             except SourceBusy as exc:
-                fail(str(exc))
+                busy[name] = str(exc)
+                continue
             reports.append(report)
             if progress is not None:
                 progress.applied(name, report.id, report.status, report.counts)
-        if not dry_run:
+        if not dry_run and reports:
             if engine.spent and any(r.counts.get("resync_queued") for r in reports):
                 # Resyncs to run: the view of the mirror goes first, so that their memory
                 # does not come on top of it (a steady-state run at XL: 90 MiB more at peak).
@@ -81,7 +85,22 @@ async def _sync_and_drain(
             progress.close()
             settings = app.settings
             configure_logging(app.log_level or settings.logging.level, settings.logging.format)
-    return reports
+    return reports, busy
+
+
+def _end(reports: list[RunReport], busy: dict[str, str]) -> None:
+    """After the runs' output: each source skipped as busy on stderr, and exit 1 when a run
+    failed or was held or a source could not be synced."""
+    from rostersync.logs import stderr_line
+
+    for why in busy.values():
+        click.echo(stderr_line(f"rostersync: {why}"), err=True)
+    if busy or any(r.status in ("failed", "held") for r in reports):
+        sys.exit(EXIT_FAILED)
+
+
+def _busy_json(busy: dict[str, str]) -> list[dict[str, str]]:
+    return [{"source": name, "error": why} for name, why in busy.items()]
 
 
 async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
@@ -105,10 +124,8 @@ async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgre
 @click.option(
     "--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)"
 )
-@click.option("--full", "mode", flag_value="full", help="read everything and sweep what is gone")
-@click.option(
-    "--delta", "mode", flag_value="delta", help="read only what changed since the last run"
-)
+@click.option("--full", is_flag=True, help="read everything and sweep what is gone")
+@click.option("--delta", is_flag=True, help="read only what changed since the last run")
 @click.option("--dry-run", is_flag=True, help="report what would change; change nothing")
 @click.option(
     "--changes",
@@ -130,7 +147,8 @@ async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgre
 def sync(
     app: App,
     sources: tuple[str, ...],
-    mode: str | None,
+    full: bool,
+    delta: bool,
     dry_run: bool,
     changes: bool,
     members: bool,
@@ -140,6 +158,11 @@ def sync(
     """Sync now in the foreground, then process the resync jobs it queued."""
     import asyncio
 
+    if full and delta:
+        # Given both, one would silently win: an operator who added --full to force a sweep
+        # would get a delta run.
+        fail("--full and --delta cannot be used together", EXIT_USAGE)
+    mode = "full" if full else "delta" if delta else None
     if changes and not dry_run:
         fail(
             "--changes needs --dry-run (a held run's change set: `rostersync runs show ID "
@@ -158,7 +181,7 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    reports, busy = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
     found: dict[int, ChangeSet] = {}
     if changes:
         from rostersync.sync import changes as changeset
@@ -178,7 +201,7 @@ def sync(
                 cs = found.get(r.id)
                 doc["changes"] = cs.as_json(members=members) if cs is not None else None
             docs.append(doc)
-        emit_json({"runs": docs})
+        emit_json({"runs": docs, "busy": _busy_json(busy)})
     else:
         for r in reports:
             print_report(r)
@@ -186,8 +209,7 @@ def sync(
                 click.echo("")
                 for line in change_set_lines(found[r.id], members=members):
                     click.echo(f"  {line}" if line else "")
-    if any(r.status in ("failed", "held") for r in reports):
-        sys.exit(EXIT_FAILED)
+    _end(reports, busy)
 
 
 # -- run ---------------------------------------------------------------------------------------
@@ -239,7 +261,7 @@ def run(
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
-        reports = asyncio.run(
+        reports, busy = asyncio.run(
             _sync_and_drain(
                 app,
                 names,
@@ -251,12 +273,11 @@ def run(
             )
         )
         if as_json:
-            emit_json({"runs": [r.as_json() for r in reports]})
+            emit_json({"runs": [r.as_json() for r in reports], "busy": _busy_json(busy)})
         else:
             for r in reports:
                 print_report(r)
-        if any(r.status in ("failed", "held") for r in reports):
-            sys.exit(EXIT_FAILED)
+        _end(reports, busy)
         return
     from rostersync.daemon.service import run_daemon
 

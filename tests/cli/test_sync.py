@@ -6,11 +6,16 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import yaml
+
 from rostersync import sampledata
+from rostersync.store.db import Store
 from tests.changediff import difference, plain
 from tests.cli.sample import as_json, run, sample_picture
+from tests.recovery.conftest import lease, register, remote_holder
 
 
 def test_quick_start_creates_users_and_groups_then_reruns_with_zero_counts(config: Path) -> None:
@@ -142,3 +147,47 @@ def test_the_report_says_which_rejections_are_which(config: Path) -> None:
     fetched = next(line for line in out.splitlines() if "fetched:" in line)
     assert "rejected" not in fetched
     assert "started " in out and "by the command line, took " in out
+
+
+def test_a_source_another_instance_is_syncing_is_skipped_and_listed_while_the_others_run(
+    config: Path,
+) -> None:
+    """With two sources, one leased by an instance on another host: `sync --json` and
+    `run --once --json` still run the other, print one document listing the skipped source
+    under `busy` (its holder named), say so on stderr and exit 1; the busy source gets no run."""
+    data = yaml.safe_load(config.read_text())
+    data["sources"]["second"] = dict(data["sources"]["sample"], enabled=True)
+    config.write_text(yaml.safe_dump(data))
+    assert run(config, "db", "upgrade").exit_code == 0
+    store = Store(f"sqlite:///{config.parent / 'state' / 'rostersync.db'}", create=False)
+    try:
+        far = remote_holder()
+        register(store, far)
+        lease(store, "sample", far.owner, timedelta(minutes=5))
+    finally:
+        store.dispose()
+    for command in (["sync", "--json"], ["run", "--once", "--json"]):
+        result = run(config, *command)
+        assert result.exit_code == 1, result.output
+        doc = as_json(result)
+        assert isinstance(doc, dict)
+        assert [r["source"] for r in doc["runs"]] == ["second"]
+        assert doc["busy"] == [
+            {"source": "sample", "error": "source 'sample' is being synced by far-away:4242"}
+        ]
+        assert "rostersync: source 'sample' is being synced by far-away:4242" in result.stderr
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(listed, list) and {r["source"] for r in listed} == {"second"}
+    # A source nobody holds: `busy` is there, empty.
+    quiet = as_json(run(config, "sync", "--source", "second", "--json"))
+    assert isinstance(quiet, dict) and quiet["busy"] == []
+
+
+def test_full_and_delta_together_are_a_usage_error(config: Path) -> None:
+    """Given both, one would silently win; the command refuses them and runs nothing."""
+    for args in (["--full", "--delta"], ["--delta", "--full"]):
+        result = run(config, "sync", *args, "--json")
+        assert result.exit_code == 2, result.output
+        assert "--full and --delta cannot be used together" in result.stderr
+        assert result.stdout == ""
+    assert not (config.parent / "state" / "rostersync.db").exists()
