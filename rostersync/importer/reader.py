@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import re
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -83,11 +84,32 @@ def _decode(data: bytes, name: str) -> tuple[str, list[str]]:
         return data.decode("utf-8-sig"), []
     except UnicodeDecodeError:
         pass
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    if any(ord(c) > 0x7F and not _STRAY.match(c) for c in text):
+        # UTF-8 with a few stray bytes (cells pasted from elsewhere): read as Windows-1252,
+        # every accented name of the file would be garbled. Rows with a stray byte fail alone.
+        return text, [f"{name}: not all UTF-8: a row with bytes that are not fails, naming them"]
     # Excel's plain "CSV" export on Windows writes the ANSI code page, not UTF-8.
     try:
         return data.decode("cp1252"), [f"{name}: not UTF-8; read as Windows-1252"]
     except UnicodeDecodeError:
         raise ImportRefused(f"{name}: cannot decode the file (save it as CSV UTF-8)") from None
+
+
+#: A byte that is not UTF-8, as ``surrogateescape`` decodes it.
+_STRAY = re.compile("[\udc80-\udcff]")
+
+
+def _stray_bytes(cells: Sequence[str], headers: Sequence[str] | None) -> str | None:
+    """Why a row with bytes that are not UTF-8 (:func:`_decode`) cannot be used: the first such
+    cell's column and bytes."""
+    for i, cell in enumerate(cells):
+        found = _STRAY.findall(cell)
+        if found:
+            column = headers[i] if headers is not None and i < len(headers) else f"column {i + 1}"
+            stray = " ".join(f"0x{ord(c) - 0xDC00:02x}" for c in found[:3])
+            return f"{column}: not UTF-8 (byte {stray}); save the file as CSV UTF-8"
+    return None
 
 
 def _sniff_delimiter(text: str) -> str:
@@ -138,8 +160,16 @@ def _trimmed(cells: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _csv_records(text: str, delimiter: str) -> Iterator[_Record]:
+    """The records of CSV text; one with a byte that is not UTF-8 (text :func:`_decode` read
+    as mostly UTF-8) fails, naming its column, and shows U+FFFD in its place."""
+    header: Sequence[str] | None = None
     # newline="": the csv module itself handles CRLF and line breaks inside quotes.
     for line, fields, problem in read_records(io.StringIO(text, newline=""), delimiter=delimiter):
+        if problem is None and (stray := _stray_bytes(fields, header)) is not None:
+            problem = stray
+            fields = [_STRAY.sub("\ufffd", f) for f in fields]
+        if header is None and any(map(clean_cell, fields)):
+            header = [clean_cell(f) for f in fields]
         yield fields, (f"line {line}: {problem}" if problem else None)
 
 

@@ -341,3 +341,28 @@ def test_one_broken_row_fails_alone(count: int, data: st.DataObject, breakage: s
         (r.row, (r.problem or "")[: len(f"line {bad + 2}:")]) for r in sheet.rows if r.problem
     ] == [(bad + 2, f"line {bad + 2}:")]
     assert len(sheet.rows) == count
+
+
+def test_a_utf8_file_with_a_stray_byte_keeps_its_names_and_fails_that_row_alone() -> None:
+    """A file that is UTF-8 but for a stray byte (a cell pasted from a Windows-1252 file) is not
+    read as Windows-1252, which would garble every other accented name: the row with the stray
+    byte fails, naming its line, column and byte, and shows U+FFFD in its place."""
+    body = "Email,Name\nz@example.org,Zoë 山田\n".encode() + b"m@example.org,Bad \xff\xfe byte\n"
+    sheet = parse_bytes(body, "mixed.csv", max_rows=10)
+    assert [r.values for r in sheet.rows] == [
+        ("z@example.org", "Zoë 山田"),
+        ("m@example.org", "Bad \ufffd\ufffd byte"),
+    ]
+    assert [r.problem for r in sheet.rows] == [
+        None,
+        "line 3: Name: not UTF-8 (byte 0xff 0xfe); save the file as CSV UTF-8",
+    ]
+    assert sheet.warnings == (
+        "mixed.csv: not all UTF-8: a row with bytes that are not fails, naming them",
+    )
+
+
+def test_a_stray_byte_in_the_header_refuses_the_file() -> None:
+    """Which column is which cannot be trusted: the file is refused at the header's line."""
+    with pytest.raises(ImportRefused, match=r"unreadable header row \(line 1: column 2: not UTF-8"):
+        parse_bytes(b"Email,N\xe4me\nz@example.org,Zo\xc3\xab\n", "h.csv", max_rows=10)
