@@ -7,6 +7,7 @@ Line numbers come from PyYAML's composed node tree, walked beside the loaded dat
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -140,6 +141,14 @@ def _message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel]
     msg = str(err.get("msg", "invalid value"))
     if kind == "missing":
         return f"{missing} is required" if missing else "is required"
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        # A block whose kind its `type` key names (a source, an auth): pydantic's wording
+        # speaks of discriminators and tags.
+        ctx = err.get("ctx") or {}
+        key = str(ctx.get("discriminator", "'type'")).strip("'")
+        if kind == "union_tag_not_found":
+            return f"{key} is required"
+        return f"{key} {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
     if kind == "extra_forbidden":
         loc = tuple(err["loc"])
         close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
@@ -402,7 +411,14 @@ def load_settings_text(
     lines: dict[PathKey, int] = {}
     if node is not None:
         _walk(node, (), lines, issues)
+    found = len(issues)
     data = _substitute_env(data, (), issues)
+    # An unset variable is reported once, with its line: what validating the empty value
+    # would add at the same key ("at least 1 character", "'' is not a duration") is not news.
+    unset = {i.path for i in issues[found:]}
+    issues[found:] = [
+        dataclasses.replace(i, line=_line_for(_path_key(i.path), lines)) for i in issues[found:]
+    ]
 
     model = settings_model(_source_types(data))
     settings: Settings | None = None
@@ -417,10 +433,14 @@ def load_settings_text(
             path, missing = _map_loc(
                 tuple(err["loc"]), data, missing_key=err.get("type") == "missing"
             )
+            if dotted(path) in unset:
+                continue
             issues.append(
                 ConfigIssue(dotted(path), _message(err, missing, model), _line_for(path, lines))
             )
     for issue in _semantic_issues(data):
+        if issue.path in unset:
+            continue
         issues.append(
             ConfigIssue(issue.path, issue.message, _line_for(_path_key(issue.path), lines))
         )

@@ -490,3 +490,41 @@ def test_a_config_file_that_is_not_utf8_is_an_error_naming_the_line(
     assert "not UTF-8" in output and "save it as UTF-8" in output
     assert "(top level): line 1:" in output  # the BOM, or the é on the first line
     assert "Traceback" not in output and "internal error" not in output
+
+
+def test_an_unset_variable_is_one_error_with_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What validating the empty value would add at the same key (too short, not a duration,
+    a secret required) is not reported beside the unset variable; other keys' errors are."""
+    for name in ("RS_ID", "RS_SECRET", "RS_EVERY"):
+        monkeypatch.delenv(name, raising=False)
+    text = GOOD.replace("schedule: {interval: 1h}", 'schedule: {interval: "${RS_EVERY}"}') + (
+        "  rest:\n"
+        "    type: oneroster\n"
+        "    base_url: https://roster.example.org/ims/oneroster/v1p1\n"
+        "    auth: {type: oauth2, token_url: 'https://roster.example.org/token',\n"
+        "           client_id: '${RS_ID}', client_secret: '${RS_SECRET}'}\n"
+        "    page_size: 0\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    assert [(i.path, i.line, i.message) for i in raised.value.issues] == [
+        ("sources.sample.schedule.interval", 12, "environment variable RS_EVERY is not set"),
+        ("sources.rest.auth.client_id", 17, "environment variable RS_ID is not set"),
+        ("sources.rest.auth.client_secret", 17, "environment variable RS_SECRET is not set"),
+        ("sources.rest.page_size", 18, "Input should be greater than or equal to 1"),
+    ]
+
+
+def test_a_source_without_a_type_or_of_an_unknown_type_says_so_plainly() -> None:
+    """Not pydantic's "discriminator" and "tag": the `type` key, and the types there are."""
+    text = GOOD + "  other:\n    path: district\n  dir:\n    type: ldap\n"
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    assert [(i.path, i.line, i.message) for i in raised.value.issues] == [
+        ("sources.other", 13, "type is required"),
+        (
+            "sources.dir",
+            15,
+            "type 'ldap' is not one of 'google_classroom', 'oneroster', 'oneroster_csv'",
+        ),
+    ]
