@@ -470,6 +470,9 @@ def _path_key(path: str) -> PathKey:
     return tuple(out)
 
 
+_WHICH_CONFIG = " (the default: give --config PATH or set ROSTERSYNC_CONFIG)"
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None, *, check_files: bool = False
 ) -> Settings:
@@ -481,8 +484,10 @@ def load_settings(
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
+        # Nobody named this file: say how to name one.
+        hint = "" if path or os.environ.get("ROSTERSYNC_CONFIG") else _WHICH_CONFIG
         raise ConfigError(
-            [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}")], str(file)
+            [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}{hint}")], str(file)
         ) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([_not_utf8(file, exc)], str(file)) from None

@@ -528,3 +528,19 @@ def test_a_source_without_a_type_or_of_an_unknown_type_says_so_plainly() -> None
             "type 'ldap' is not one of 'google_classroom', 'oneroster', 'oneroster_csv'",
         ),
     ]
+
+
+def test_no_config_anywhere_says_how_to_name_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --config and ROSTERSYNC_CONFIG the default file is read; when it is not there
+    the error says how to name another. A file the operator named gets no such hint."""
+    monkeypatch.delenv("ROSTERSYNC_CONFIG", raising=False)
+    monkeypatch.setattr("rostersync.config.loader.DEFAULT_CONFIG", tmp_path / "absent.yaml")
+    code, output = run_main(capsys, "users", "list")
+    assert code == 2, output
+    assert "cannot read config file: No such file or directory" in output
+    assert "give --config PATH or set ROSTERSYNC_CONFIG" in output
+    code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), "users", "list")
+    assert code == 2 and "cannot read config file" in output
+    assert "ROSTERSYNC_CONFIG" not in output
