@@ -18,7 +18,7 @@ Its record comes back with its fields and a problem.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 
 class CsvUnreadable(Exception):
@@ -110,3 +110,24 @@ def read_records(lines: Iterable[str], *, delimiter: str = ",") -> Iterator[CsvR
                     "(an unterminated quote?), so the file is not read from here",
                 ) from None
             yield start, [], problem
+
+
+#: Separators a spreadsheet may have used instead of the one a reader expects.
+_SEPARATORS = {",": "','", ";": "';'", "\t": "tabs", "|": "'|'"}
+
+
+def one_column_hint(header: Sequence[str], accepted: str) -> str:
+    """Why a header row missing its columns may be one column: it holds another separator
+    (a spreadsheet saved with ';' or '|'). ``accepted``: the separators the reader splits on.
+    Empty when the header has several columns or no such separator."""
+    cells = [h for h in header if h.strip()]
+    if len(cells) != 1:
+        return ""
+    for sep, label in _SEPARATORS.items():
+        if sep not in accepted and sep in cells[0]:
+            names = [_SEPARATORS[a] for a in accepted]
+            takes = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            return (
+                f" (the header row is one column holding {label}: columns are separated by {takes})"
+            )
+    return ""

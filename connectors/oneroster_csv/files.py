@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from rostersync.csvrecords import CsvRecord, CsvUnreadable, read_records
+from rostersync.csvrecords import CsvRecord, CsvUnreadable, one_column_hint, read_records
 from rostersync.errors import FatalSourceError
 from rostersync.source.records import Rejected
 
@@ -219,7 +219,8 @@ def missing_columns(header: Sequence[str], required: Sequence[str]) -> str | Non
     if not missing:
         return None
     names = ", ".join(repr(c) for c in missing)
-    return f"missing required column{'s' if len(missing) > 1 else ''} {names}"
+    hint = one_column_hint(header, ",")
+    return f"missing required column{'s' if len(missing) > 1 else ''} {names}{hint}"
 
 
 def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, None, None]:

@@ -6,6 +6,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from rostersync.csvrecords import one_column_hint
 from rostersync.importer.errors import ImportRefused
 
 #: field -> accepted header spellings (compared after :func:`header_key`).
@@ -74,5 +75,6 @@ def match_columns(headers: Sequence[str], name: str) -> ColumnMap:
     for field in REQUIRED:
         if field not in index:
             spellings = " or ".join(repr(a) for a in ALIASES[field])
-            raise ImportRefused(f"{name}: required column {spellings} is missing")
+            hint = one_column_hint(headers, ",;\t")
+            raise ImportRefused(f"{name}: required column {spellings} is missing{hint}")
     return ColumnMap(index, tuple(unknown))

@@ -460,6 +460,23 @@ async def test_missing_required_column_is_fatal(tmp_path: Path) -> None:
         await fetch_all(drop(tmp_path, users_csv=text))
 
 
+async def test_a_file_saved_with_semicolons_says_its_header_is_one_column(tmp_path: Path) -> None:
+    """A spreadsheet's "CSV" in many locales is ;-separated: the missing columns come with
+    why they are missing; a header of several columns gets no such hint."""
+    text = "sourcedId;role;givenName;familyName;email\nu-1;teacher;A;B;a@example.org\n"
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(drop(tmp_path, users_csv=text))
+    assert str(raised.value).endswith(
+        "users.csv: missing required columns 'sourcedId', 'role', 'givenName', 'familyName', "
+        "'email' (the header row is one column holding ';': columns are separated by ',')"
+    )
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(drop(other, users_csv="sourcedId;x,givenName\nu-1,A\n"))
+    assert "header row" not in str(raised.value)
+
+
 async def test_header_names_are_case_sensitive(tmp_path: Path) -> None:
     """Header names must be spelled as in OneRoster 1.1: `SourcedID` is not `sourcedId`."""
     text = "SourcedID,role,givenName,familyName,email\nu-1,teacher,A,B,a@example.org\n"

@@ -97,6 +97,17 @@ def test_missing_required_column_refuses_the_file() -> None:
         match_columns(sheet.headers, sheet.name)
 
 
+def test_a_file_of_one_column_holding_pipes_says_so() -> None:
+    """'|' is not a separator the reader tries: the refusal says why the columns are missing."""
+    sheet = parse_bytes(b"Email|Name\na@example.org|Ada\n", "pipes.csv", max_rows=10)
+    with pytest.raises(ImportRefused) as raised:
+        match_columns(sheet.headers, sheet.name)
+    assert str(raised.value).endswith(
+        "is missing (the header row is one column holding '|': columns are separated by "
+        "',', ';' or tabs)"
+    )
+
+
 def test_too_many_rows_refuses_the_file_with_the_count() -> None:
     """2,001 rows against the default limit of 2,000 refuse the whole file, with the count."""
     text = "Email\n" + "".join(f"u{i}@example.org\n" for i in range(2001))
