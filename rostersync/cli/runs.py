@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -40,23 +40,32 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+
+    def done(r: dict[str, Any], count: str) -> str:
+        # A held, dry, superseded or failed run changed nothing: its counts are what it would
+        # have done, and must not read as accounts created or archived.
+        n = int(r["counts"].get(count, 0))
+        applied = r["status"] in ("succeeded", "succeeded_with_errors") and not r["dry_run"]
+        return str(n) if applied or not n else f"({n})"
+
+    cells = [
+        (
+            r["id"],
+            r["source"],
+            r["mode"],
+            r["status"] + (" (dry run)" if r["dry_run"] else ""),
+            r["trigger"],
+            r["started_at"],
+            duration_text(r["duration_seconds"]),
+            done(r, "users_created"),
+            done(r, "users_archived"),
+            r["counts"].get("records_rejected", 0),
+        )
+        for r in rows
+    ]
     click.echo(
         table(
-            [
-                (
-                    r["id"],
-                    r["source"],
-                    r["mode"],
-                    r["status"] + (" (dry run)" if r["dry_run"] else ""),
-                    r["trigger"],
-                    r["started_at"],
-                    duration_text(r["duration_seconds"]),
-                    r["counts"].get("users_created", 0),
-                    r["counts"].get("users_archived", 0),
-                    r["counts"].get("records_rejected", 0),
-                )
-                for r in rows
-            ],
+            cells,
             [
                 "id",
                 "source",
@@ -71,6 +80,10 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
             ],
         )
     )
+    if any(str(c).startswith("(") for row in cells for c in row[7:9]):
+        click.echo(
+            "(n): what a run that changed nothing (held, dry, superseded, failed) would have done"
+        )
 
 
 def _no_change_set(report: RunReport) -> str:

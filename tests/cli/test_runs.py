@@ -146,6 +146,13 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert all(isinstance(r["duration_seconds"], float) for r in listed)
     table_out = run(config, "runs", "list").stdout.splitlines()
     assert re.match(r"2\s+sample\s+full\s+superseded\s+cli\s+\S+\s+\d+\.\ds\s", table_out[3])
+    # What the superseded run would have archived is in brackets, and said so; the runs that
+    # were applied show what they did.
+    archived = held["counts"]["users_archived"]
+    assert archived > 0
+    assert re.search(rf"\s0\s+\({archived}\)\s+\d+$", table_out[3]), table_out[3]
+    assert re.search(r"\s43\s+0\s+1$", table_out[4]), table_out[4]
+    assert table_out[-1].startswith("(n): what a run that changed nothing")
     shown = run(config, "runs", "show", "2")
     assert "superseded: run 3 of sample has succeeded since" in shown.stdout
     assert "runs approve" not in shown.stdout
