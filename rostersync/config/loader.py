@@ -482,7 +482,8 @@ def load_settings(
     does; other commands leave those to the source's runs (see :func:`file_problems`)."""
     file = config_path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
+        text = data.decode("utf-8")
     except OSError as exc:
         # Nobody named this file: say how to name one.
         hint = "" if path or os.environ.get("ROSTERSYNC_CONFIG") else _WHICH_CONFIG
@@ -490,16 +491,15 @@ def load_settings(
             [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}{hint}")], str(file)
         ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError([_not_utf8(file, exc)], str(file)) from None
+        raise ConfigError([_not_utf8(data, exc)], str(file)) from None
     return load_settings_text(
         text, file=str(file), base_dir=file.resolve().parent, check_files=check_files
     )
 
 
-def _not_utf8(file: Path, exc: UnicodeDecodeError) -> ConfigIssue:
+def _not_utf8(data: bytes, exc: UnicodeDecodeError) -> ConfigIssue:
     """A config file that is not UTF-8 (one saved as UTF-16 or Windows-1252): the line and
     byte where decoding stopped."""
-    data = exc.object if isinstance(exc.object, bytes) else file.read_bytes()
     line = data.count(b"\n", 0, exc.start) + 1
     byte = data[exc.start : exc.start + 1].hex()
     return ConfigIssue("", f"the file is not UTF-8 (byte 0x{byte}): save it as UTF-8", line=line)

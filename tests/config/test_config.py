@@ -544,3 +544,17 @@ def test_no_config_anywhere_says_how_to_name_one(
     code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), "users", "list")
     assert code == 2 and "cannot read config file" in output
     assert "ROSTERSYNC_CONFIG" not in output
+
+
+def test_a_stray_byte_far_into_a_config_file_is_named_at_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Past the first block a reader decodes, the line is still the byte's own."""
+    cfg = tmp_path / "rs.yaml"
+    padding = "".join(f"# comment line {i:05d} of a long header\n" for i in range(1, 401))
+    cfg.write_bytes(
+        padding.encode() + GOOD.replace("Springfield", "Saint-\xc9tienne").encode("cp1252")
+    )
+    code, output = run_main(capsys, "--config", str(cfg), "config", "check")
+    assert code == 2, output
+    assert "(top level): line 401: the file is not UTF-8 (byte 0xc9)" in output
