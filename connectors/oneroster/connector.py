@@ -262,8 +262,7 @@ class OneRosterConnector:
     def _pool_failed(self, exc: BrokenExecutor) -> None:
         # A worker died, or could not start (multiprocessing re-imports the program's main
         # module in each worker, which fails for `python -c` or stdin). Slower, but the run
-        # goes on: requests and decoding in this process from now on. Several pages may
-        # have been waiting for the pool: one warning.
+        # goes on: requests and decoding here from now on; one warning for all waiting pages.
         if not self._pool_broken:
             self._pool_broken = True
             self._log.warning("decode pool failed; decoding in the sync process", error=str(exc))
@@ -442,6 +441,7 @@ class OneRosterConnector:
         width = self.config.max_concurrency * PAGES_PER_REQUEST_SLOT
         async for page in paginate(fetch, paginator, width):
             yield page
+        self.warnings += paginator.notes
 
     async def _all(self, path: str, key: str) -> list[Any] | None:
         """Every record of a relation endpoint; None when the server says it does not exist."""

@@ -116,6 +116,8 @@ class OffsetPaginator:
     path: str
     limit: int
     step: int = field(init=False)
+    #: what the paging noticed for the run's report (a total the server did not serve)
+    notes: list[str] = field(init=False, default_factory=list)
     _seen: list[tuple[int, tuple[str, int] | None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -220,11 +222,29 @@ async def paginate(
     yield first
     last = first
     if remaining is not None:
-        async for page in _concurrently(fetch, remaining, max_concurrency):
+        # An empty counted page ends the collection: a server whose X-Total-Count is far
+        # beyond what it serves would otherwise be asked for every page up to that count.
+        empty_at: list[int] = []
+
+        def counted() -> Iterable[int]:
+            for offset in remaining:
+                if empty_at and offset > empty_at[0]:
+                    return
+                yield offset
+
+        async for page in _concurrently(fetch, counted(), max_concurrency):
             paginator.record(page)
+            if page.size == 0 and (not empty_at or page.offset < empty_at[0]):
+                empty_at[:] = [page.offset]
             if page.offset > last.offset:
                 last = page
             yield page
+        if empty_at:
+            paginator.notes.append(
+                f"{paginator.path}: the server counted {first.total} records "
+                f"(X-Total-Count) but served none from offset {empty_at[0]}: paging stopped there"
+            )
+            return
         offset = paginator.after_counted(last)
         if offset is not None:
             # Checking past the total: a server that clamps an offset beyond the end to its last

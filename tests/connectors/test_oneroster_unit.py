@@ -30,7 +30,7 @@ from connectors.oneroster import PLUGIN, decode, forkserver
 from connectors.oneroster import config as config_module
 from connectors.oneroster import connector as connector_module
 from connectors.oneroster.config import OneRosterSourceConfig
-from connectors.oneroster.connector import OneRosterConnector
+from connectors.oneroster.connector import PAGES_PER_REQUEST_SLOT, OneRosterConnector
 from connectors.oneroster.errors import parse_retry_after
 from connectors.oneroster.normalize import normalize, rows_page
 from connectors.oneroster.paging import OffsetPaginator, Page, delta_filter, paginate, parse_link
@@ -392,6 +392,38 @@ async def test_repeated_pages_with_a_total_are_detected_too() -> None:
         async with open_connector(page_size=3) as c:
             with pytest.raises(FatalSourceError, match="same page"):
                 await fetch_all(c)
+
+
+async def test_a_total_far_beyond_what_the_server_serves_stops_at_the_first_empty_page() -> None:
+    """A server that counts 99,999,999 users and serves 12 is not asked for millions of
+    pages: the first empty counted page ends the collection, every record served is read,
+    and the run's warnings say so."""
+    records = [user(i) for i in range(12)]
+    serve = pager(records, "users")
+
+    def lying(request: httpx.Request) -> httpx.Response:
+        answer = serve(request)
+        answer.headers["X-Total-Count"] = "99999999"
+        return answer
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=lying)
+        async with open_connector(page_size=5, max_concurrency=2) as c:
+            got = await fetch_all(c)
+            warnings = list(c.warnings)
+    assert sorted(p.sourced_id for p in got if isinstance(p, RosterPerson)) == [
+        f"u-{i:03d}" for i in range(12)
+    ]
+    # Pages 0, 5, 10 hold the records, 15 is the first empty one; past it, only pages already
+    # in flight beside it (at most `width` at a time) were asked for.
+    width = 2 * PAGES_PER_REQUEST_SLOT
+    assert 4 <= route.call_count <= 1 + 2 * width
+    assert any(
+        "/users: the server counted 99999999 records (X-Total-Count) but served none from "
+        "offset 15" in w
+        for w in warnings
+    ), warnings
 
 
 def test_paginator_plans_offsets_from_the_total() -> None:
