@@ -240,6 +240,8 @@ def test_the_daemon_stops_on_sigterm_when_its_log_reader_is_gone(tmp_path: Path)
             if b"daemon_started" in first:
                 break
         assert b"daemon_started" in first, first
+        started = json.loads(first.splitlines()[-1])
+        assert started["database"] == str(tmp_path / "rs.db")  # the file, not a repr
         daemon.stderr.close()  # the reader goes away
         time.sleep(0.5)
         daemon.send_signal(signal.SIGTERM)

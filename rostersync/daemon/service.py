@@ -37,7 +37,7 @@ from rostersync.daemon.metrics import Metrics, MetricsServer, StoreState, read_s
 from rostersync.daemon.schedule import SourceJobs
 from rostersync.daemon.systemd import Notifier
 from rostersync.daemon.workers import ResyncWorkers
-from rostersync.errors import ConfigError
+from rostersync.errors import ConfigError, ConfigIssue
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.store.db import Store, as_utc, utcnow
@@ -162,7 +162,7 @@ class Daemon:
             "daemon_started",
             sources=sorted(self.jobs.scheduled),
             workers=self.settings.resync.workers,
-            database=repr(self.store),
+            database=self.store.location,
             metrics=self._server_listen,
             watchdog_seconds=self.notifier.watchdog_interval,
         )
@@ -472,7 +472,9 @@ class Daemon:
                     new = await asyncio.to_thread(load_settings, self.config_file)
                     register_secrets_in(new)
                     if new.database != self.settings.database:
-                        log.warning("config_database_change_needs_restart", kept=repr(self.store))
+                        log.warning(
+                            "config_database_change_needs_restart", kept=self.store.location
+                        )
                         new = new.model_copy(update={"database": self.settings.database})
                     self._switch_config(new)
                 except ConfigError as exc:
@@ -515,7 +517,13 @@ class Daemon:
         old_server, old_listen = self._server, self._server_listen
         new_server, old_stopped = (None, False)
         if want != old_listen:
-            new_server, old_stopped = self._open_metrics(want)
+            try:
+                new_server, old_stopped = self._open_metrics(want)
+            except OSError as exc:
+                # As the other reload errors do: the key and what it says, not the bare errno.
+                raise ConfigError(
+                    [ConfigIssue("metrics.listen", f"cannot listen on {want}: {exc}")]
+                ) from None
         old_settings, old_engine = self.settings, self.engine
         old_workers = old_settings.resync.workers
         snapshot = self.jobs.snapshot(plan)
