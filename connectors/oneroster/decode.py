@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 import os
+import signal
 import sqlite3
 from array import array
 from bisect import bisect_left
@@ -354,6 +355,9 @@ def start_worker(parent: int, started: int | None) -> None:
     thousands of dicts several times while they were alive, a third of a worker's CPU)."""
     procs.exit_with_parent(parent, started)
     procs.settle_collector()
+    # Ctrl-C reaches the whole process group: the sync process stops the run and the pool;
+    # a worker's own KeyboardInterrupt would only print its traceback on the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def widen_pipes(pool: ProcessPoolExecutor) -> bool:

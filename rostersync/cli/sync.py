@@ -3,11 +3,14 @@ and then process the resync jobs they queued, showing progress on a terminal."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -20,6 +23,8 @@ if TYPE_CHECKING:
     from rostersync.sync.changes import ChangeSet
     from rostersync.sync.engine import SyncEngine
     from rostersync.sync.runs import RunReport
+
+_T = TypeVar("_T")
 
 
 async def _sync_and_drain(
@@ -40,6 +45,8 @@ async def _sync_and_drain(
         if App.whole_process and (mode or source.mode) == "full":
             source.prepare_workers(app.settings.database_dialect)
         source.prepare_http()
+    import asyncio
+
     from rostersync.logs import configure as configure_logging
     from rostersync.progress import SyncProgress
     from rostersync.sync.leasing import SourceBusy
@@ -52,6 +59,12 @@ async def _sync_and_drain(
         settings = app.settings
         configure_logging(
             app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
+        )
+    if App.whole_process:
+        # SIGTERM (systemctl stop, a timer's time limit) as Ctrl-C: the runs end as
+        # interrupted and give their leases back now, not at the next command's recovery.
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, os.kill, os.getpid(), signal.SIGINT
         )
     try:
         engine = app.engine(progress=progress, owner=owner)
@@ -86,6 +99,17 @@ async def _sync_and_drain(
             settings = app.settings
             configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports, busy
+
+
+def _stoppable(runs: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(runs)``; stopped by Ctrl-C or SIGTERM, one line saying so (not click's
+    blank line and "aborted"): the engine has failed each unfinished run as interrupted."""
+    import asyncio
+
+    try:
+        return asyncio.run(runs)
+    except KeyboardInterrupt:
+        fail("stopped: a run it had not finished is failed as interrupted", EXIT_FAILED)
 
 
 def _end(reports: list[RunReport], busy: dict[str, str]) -> None:
@@ -156,7 +180,6 @@ def sync(
     as_json: bool,
 ) -> None:
     """Sync now in the foreground, then process the resync jobs it queued."""
-    import asyncio
 
     if full and delta:
         # Given both, one would silently win: an operator who added --full to force a sweep
@@ -181,7 +204,7 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports, busy = asyncio.run(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    reports, busy = _stoppable(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
     found: dict[int, ChangeSet] = {}
     if changes:
         from rostersync.sync import changes as changeset
@@ -248,7 +271,6 @@ def run(
     stop_timeout: float,
 ) -> None:
     """The daemon: scheduled syncs and resync workers (--once: one cycle, then exit)."""
-    import asyncio
 
     from rostersync.config.loader import config_path
 
@@ -261,7 +283,7 @@ def run(
     if once:
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
-        reports, busy = asyncio.run(
+        reports, busy = _stoppable(
             _sync_and_drain(
                 app,
                 names,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,15 @@ from tests.daemon.conftest import (
 from tests.fakes.oneroster_server import FakeOneRoster, Faults
 from tests.recovery.conftest import run_row, staged_rows
 from tests.recovery.killing import (
+    REPO,
     Bench,
     approval_attack,
+    descendants,
     fake_district,
     fake_server,
     run_trials,
+    source_of,
+    wait_all_gone,
 )
 
 pytestmark = pytest.mark.slow
@@ -172,3 +178,53 @@ def test_a_job_given_up_after_repeated_kills_is_resynced_as_its_error_says(
     phases = run_trials(bench, directory, seconds, 0, 1)
     assert phases["jobs given up after kills"] == 1
     assert bench.leftovers()["unfinished jobs"] == 0
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_sync_stopped_by_ctrl_c_or_sigterm_ends_its_run_as_interrupted_saying_only_json(
+    tmp_path: Path, how: str
+) -> None:
+    """Ctrl-C (SIGINT to the whole process group, decode workers included) or SIGTERM (a
+    timer's stop) while the workers decode: the command exits 1 within seconds, its run is
+    failed as interrupted at once (not by the next command's recovery), the source is free,
+    every line on stderr is JSON but the last, which says so (no worker's KeyboardInterrupt
+    traceback, no resource tracker warning), and no process it started is left."""
+    with fake_server() as srv:
+        srv.faults = Faults(delay=0.15)  # pages slow enough to stop the fetch half-way
+        bench = Bench(tmp_path, sqlite_url(tmp_path), source_of(srv))
+        log = tmp_path / "sync.log"
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rostersync",
+                    "--config",
+                    str(bench.config),
+                    "sync",
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=REPO,
+                env=bench._env(),
+                start_new_session=True,  # its own process group, as a terminal's job
+            )
+            wait_until(lambda: b'"decode pool started"' in log.read_bytes(), 120, "the pool")
+            below = descendants(proc.pid)
+            assert below, "no decode worker to interrupt"
+            if how == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        wait_all_gone(below, 30, "the stopped sync's child processes to exit")
+    assert proc.returncode == 1
+    *logged, last = log.read_text(encoding="utf-8").splitlines()
+    assert [line for line in logged if not line.startswith("{")] == []
+    assert last == "rostersync: stopped: a run it had not finished is failed as interrupted"
+    with bench.read() as conn:
+        status, error = conn.execute(text("SELECT status, error FROM sync_run")).one()
+        leases = conn.execute(text("SELECT count(*) FROM source_lease")).scalar_one()
+    assert status == "failed" and error.startswith("interrupted: the command was stopped"), error
+    assert leases == 0
