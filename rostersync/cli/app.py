@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -145,8 +146,18 @@ def emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, default=str))
 
 
+#: Control characters (C0, DEL, C1): shown escaped in a table, where a name holding a line
+#: break or a terminal escape from a roster would forge rows or recolour the terminal.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    cells = [[_cell(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
     sep = "  ".join("-" * w for w in widths)

@@ -279,3 +279,20 @@ def test_sync_prepares_each_sources_http_before_it_builds_the_engine(
     monkeypatch.setattr(App, "engine", engine)
     assert invoke("--config", str(config), "sync").exit_code == 0
     assert calls == [("prepare", "oneroster_csv"), ("engine", None)]
+
+
+def test_control_characters_from_a_roster_are_escaped_in_tables(config: Path) -> None:
+    """A name holding a line break and a terminal escape lists as one row with them escaped:
+    it cannot forge a row of `users list` or recolour the operator's terminal."""
+    users_csv = config.parent / "sample-district" / "users.csv"
+    text = users_csv.read_text(encoding="utf-8")
+    text = text.replace(",Elijah,Baker,", ',"Eli\x1b[31mjah","Baker\r\nInjected: yes",', 1)
+    users_csv.write_text(text, encoding="utf-8")
+    # A new database: names are taken when an account is created.
+    config.write_text(config.read_text().replace("state/rostersync.db", "state/fresh.db"))
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    listed = invoke("--config", str(config), "users", "list").stdout
+    assert "\x1b" not in listed and "\r" not in listed
+    row = next(line for line in listed.splitlines() if "elijah.baker1@" in line)
+    assert "Eli\\x1b[31mjah Baker\\r\\nInjected: yes" in row
+    assert not any(line.startswith("Injected") for line in listed.splitlines())
