@@ -23,6 +23,7 @@ from rostersync.resync.queue import queue_resync
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import user, user_identity, user_role, user_site
 from rostersync.sync.provisioning import (
+    account_persons,
     count_active_users,
     eligible_teachers,
     linked_users,
@@ -30,7 +31,14 @@ from rostersync.sync.provisioning import (
     sync_catalog,
     users_by_email,
 )
-from rostersync.sync.rules import ExistingUser, Teacher, email_rejection, sites_for
+from rostersync.sync.rules import (
+    NAME_CONFLICT,
+    ExistingUser,
+    Teacher,
+    email_rejection,
+    same_name,
+    sites_for,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +141,11 @@ def plan_teachers(
     sites: Sequence[str],
     settings: Settings,
     active_users: int,
+    claims: Mapping[str, Mapping[str, str]] | None = None,
 ) -> TeacherPlan:
-    """Pure: what becomes of each requested email."""
+    """Pure: what becomes of each requested email. ``claims``: normalized email -> {sourced
+    id: name} of the persons of the source an existing account of that email already has:
+    as in a sync, an account is never shared by persons of different names."""
     plan = TeacherPlan()
     prov = settings.provisioning
     limit = settings.license_limit
@@ -163,6 +174,17 @@ def plan_teachers(
             )
             continue
         sid = persons[0].sourced_id
+        claimants = {p.sourced_id: p.display_name for p in persons}
+        claimants.update((claims or {}).get(email, {}))
+        if any(not same_name(n, persons[0].display_name) for n in claimants.values()):
+            named = ", ".join(f"{s} ({n or 'no name'})" for s, n in sorted(claimants.items()))
+            out(
+                Status.FAILED,
+                f"{NAME_CONFLICT}: {email} is the email of {named}; an account is never "
+                "shared by different names",
+                sid,
+            )
+            continue
         try:
             role_name = resolve_name(role, roles, "role")[0]
         except LookupError as exc:
@@ -216,6 +238,7 @@ def import_teachers(
         if emails is None:
             emails = [normalize_email(t.email) for t in candidates(conn, source, settings)]
         existing = users_by_email(conn, [normalize_email(e) for e in emails])
+        persons = account_persons(conn, source, {u.user_id for u in existing.values()})
         plan = plan_teachers(
             source,
             emails,
@@ -228,6 +251,7 @@ def import_teachers(
             sites=settings.sites,
             settings=settings,
             active_users=count_active_users(conn),
+            claims={e: persons[u.user_id] for e, u in existing.items() if u.user_id in persons},
         )
         ids = set(plan.resync) | _apply(conn, source, plan)
         if plan.create or plan.link:

@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
+from rostersync.emails import normalize_email
 from rostersync.resync.groups import follow_classes, kept_by_import, mark_dirty, rebuild_groups
 from rostersync.resync.members import stamp_updated, update_members
 from rostersync.resync.queue import pending_users, queue_resync, queued_jobs
@@ -32,7 +33,7 @@ from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.sync import changes as changeset
 from rostersync.sync import detect, provisioning, runs
 from rostersync.sync import merge as merging
-from rostersync.sync.rules import ProvisionPlan, check_safety, plan_provisioning
+from rostersync.sync.rules import ProvisionPlan, check_safety, email_rejection, plan_provisioning
 from rostersync.sync.runs import (
     Outcome,
     RunContext,
@@ -257,10 +258,28 @@ class Applier:
             state and state["license_waiting"] and limit is not None and active_users < limit
         )
         redecide = not full and (settings_changed or directory_changed or seats_freed)
-        only = None if full or redecide else affected_people
         roles = settings.provisioning.teacher_roles
+        only = None
+        if not (full or redecide):
+            # Also who was rejected for an email claimed under another name: the person it
+            # clashed with may have changed.
+            only = affected_people | provisioning.name_conflicts(conn, source)
         candidates = provisioning.eligible_teachers(conn, source, roles, only)
         linked = provisioning.linked_users(conn, source, only)
+        unlinked = {
+            normalize_email(t.email)
+            for t in candidates
+            if t.sourced_id not in linked
+            and email_rejection(t.email, settings.provisioning) is None
+        }
+        if only is not None and unlinked:
+            # Who shares an address with a person not linked yet is decided with them: who
+            # gets the account, if anyone, depends on all their names.
+            mates = provisioning.persons_with_emails(conn, source, roles, unlinked) - only
+            if mates:
+                only |= mates
+                candidates += provisioning.eligible_teachers(conn, source, roles, mates)
+                linked.update(provisioning.linked_users(conn, source, mates))
         teaching_elsewhere: set[int] = set()
         if only is not None:
             # The other persons of the accounts decided here (one record per school): an
@@ -276,15 +295,20 @@ class Applier:
                     for t in provisioning.eligible_teachers(conn, source, roles, outside)
                 }
         unlinked_emails = [t.email for t in candidates if t.email and t.sourced_id not in linked]
+        existing = provisioning.users_by_email(conn, unlinked_emails)
+        # The persons of this source an existing account already has: a person of another
+        # name may not join it.
+        persons = provisioning.account_persons(conn, source, {u.user_id for u in existing.values()})
         plan = plan_provisioning(
             source,
             candidates,
             linked,
-            provisioning.users_by_email(conn, unlinked_emails),
+            existing,
             prov=settings.provisioning,
             active_users=active_users,
             license_limit=limit,
             teaching_elsewhere=teaching_elsewhere,
+            claims={e: persons[u.user_id] for e, u in existing.items() if u.user_id in persons},
         )
         outcome = Outcome(
             counts,

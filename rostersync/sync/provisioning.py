@@ -16,7 +16,14 @@ from rostersync.store.db import executemany, in_text, utcnow
 from rostersync.store.tables import role, site, user
 from rostersync.sync import runs
 from rostersync.sync.mirror import ids_in, teacher_role, teacher_role_params, teaches_populated
-from rostersync.sync.rules import ExistingUser, LinkedUser, ProvisionPlan, Teacher, chunks
+from rostersync.sync.rules import (
+    NAME_CONFLICT,
+    ExistingUser,
+    LinkedUser,
+    ProvisionPlan,
+    Teacher,
+    chunks,
+)
 
 # -- eligibility ------------------------------------------------------------------------------
 
@@ -80,6 +87,60 @@ def eligible_teachers(
             )
         )
     return out
+
+
+def persons_with_emails(
+    conn: Connection, source: str, teacher_roles: Sequence[str], emails: Set[str]
+) -> set[str]:
+    """The active, enabled persons of a teacher role whose email, normalized, is one of
+    ``emails``: a delta run decides them with the persons it touched who share an address
+    (an account is shared only under one name, :func:`rules.plan_provisioning`)."""
+    sql = f"""
+        SELECT tp.sourced_id, tp.email FROM roster_person tp
+        WHERE tp.source = :src AND tp.status = 'active' AND tp.enabled = :yes
+          AND tp.email IS NOT NULL AND {teacher_role(conn, teacher_roles)}
+    """
+    params = {"src": source, "yes": True, **teacher_role_params(teacher_roles)}
+    return {
+        sid for sid, email in conn.execute(text(sql), params) if normalize_email(email) in emails
+    }
+
+
+def account_persons(
+    conn: Connection, source: str, user_ids: Iterable[int]
+) -> dict[int, dict[str, str]]:
+    """The persons of this source the mirror holds that are linked to these users: user id ->
+    {sourced id: name}."""
+    out: dict[int, dict[str, str]] = {}
+    sql = """
+        SELECT i.user_id, i.external_id, p.given_name, p.family_name FROM user_identity i
+        JOIN roster_person p ON p.source = i.source AND p.sourced_id = i.external_id
+        WHERE i.source = :src AND i.user_id IN :ids
+    """
+    for chunk in chunks(sorted(set(user_ids))):
+        for uid, sid, given, family in conn.execute(
+            in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
+        ):
+            out.setdefault(uid, {})[sid] = " ".join(p for p in (given, family) if p).strip()
+    return out
+
+
+#: Persons the source's last applied run rejected because another person claims their email
+#: under another name (rules.NAME_CONFLICT).
+_NAME_CONFLICTS = f"""
+    SELECT r.sourced_id FROM run_rejection r
+    WHERE r.run_id = (
+        SELECT max(id) FROM sync_run WHERE source = :src AND dry_run = :no
+          AND status IN ('succeeded', 'succeeded_with_errors'))
+      AND r.entity = 'user' AND r.reason LIKE '{NAME_CONFLICT}%'
+"""
+
+
+def name_conflicts(conn: Connection, source: str) -> set[str]:
+    """Who the last applied run rejected for an email shared under another name: a delta
+    run decides them again, as the person their email clashed with may have changed."""
+    rows = conn.execute(text(_NAME_CONFLICTS), {"src": source, "no": False})
+    return {sid for (sid,) in rows if sid is not None}
 
 
 def linked_users(

@@ -6,6 +6,7 @@ directly and the apply step only carries plans out.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -97,6 +98,37 @@ def sites_for(teacher: Teacher, prov: Provisioning) -> tuple[str, ...]:
     return (prov.default_site,) if prov.default_site else ()
 
 
+def same_name(a: str, b: str) -> bool:
+    """Whether two persons' names are one name: compared NFKC, case-folded, spaces collapsed."""
+
+    def norm(name: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+    return norm(a) == norm(b)
+
+
+#: How a rejection for an email claimed under another name begins.
+NAME_CONFLICT = "email shared under another name"
+
+
+def _name_conflict(t: Teacher, claimants: Mapping[str, str], email: str) -> str | None:
+    """Why ``t`` may not take the account of ``email``: other persons claim it under another
+    name (``claimants``: sourced id -> name, ``t`` among them)."""
+    others = sorted(
+        (sid, name)
+        for sid, name in claimants.items()
+        if sid != t.sourced_id and not same_name(name, t.display_name)
+    )
+    if not others:
+        return None
+    named = ", ".join(f"{sid} ({name or 'no name'})" for sid, name in others[:5])
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return (
+        f"{NAME_CONFLICT}: {email} is also the email of {named}{more}; an account is never "
+        "shared by different names, so none is given until the source tells them apart"
+    )
+
+
 def email_rejection(raw: str | None, prov: Provisioning) -> str | None:
     """Why a candidate's email (as the source sent it) cannot be their identity, or None."""
     email = normalize_email(raw)
@@ -122,6 +154,7 @@ def plan_provisioning(
     active_users: int,
     license_limit: int | None,
     teaching_elsewhere: Set[int] = frozenset(),
+    claims: Mapping[str, Mapping[str, str]] | None = None,
 ) -> ProvisionPlan:
     """Decide creations, links, restorations and archivals for one source.
 
@@ -139,6 +172,12 @@ def plan_provisioning(
     ``email_domains``) is rejected: no account is created, linked or restored for them. It is
     never archived for that either: an account belongs to its person, and a blanked or
     mistyped address in the source must not take it away.
+
+    Persons sharing an email share its account only under one name (:func:`same_name`): a
+    candidate not linked yet whose email another person of the source claims under another
+    name (another candidate, or a person linked to the account of that email; ``claims``:
+    normalized email -> {sourced id: name} of those beyond ``candidates``) is rejected, and
+    two teachers are never merged by a placeholder address or a look-alike.
     """
     plan = ProvisionPlan()
     created_by = f"source:{source}"
@@ -147,6 +186,10 @@ def plan_provisioning(
     teaching = set(teaching_elsewhere)  # users with a candidate person: never archived
     pending: dict[str, tuple[Teacher, list[tuple[str, str | None]]]] = {}
     by_email: dict[str, list[Teacher]] = {}
+    names: dict[str, dict[str, str]] = {e: dict(c) for e, c in (claims or {}).items()}
+    for t in candidates:
+        if email_rejection(t.email, prov) is None:
+            names.setdefault(normalize_email(t.email), {})[t.sourced_id] = t.display_name
 
     for t in sorted(candidates, key=lambda t: t.sourced_id):
         candidate_ids.add(t.sourced_id)
@@ -158,6 +201,9 @@ def plan_provisioning(
             plan.rejected.append((t.sourced_id, reason))
             continue
         email = normalize_email(t.email)
+        if link is None and (reason := _name_conflict(t, names[email], email)) is not None:
+            plan.rejected.append((t.sourced_id, reason))
+            continue
         by_email.setdefault(email, []).append(t)
         if link is not None:
             if link.status == "archived" and link.archived_by_sync:

@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from rostersync.config.models import Settings
 from rostersync.importer import candidates, import_teachers
+from rostersync.source.records import RosterEnrollment, RosterPerson
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
@@ -145,3 +146,31 @@ async def test_all_imports_every_candidate_with_chosen_role_and_site(
     assert user_row(store, "ada@example.org")["roles"] == ["Site Admin"]
     with store.read() as conn:
         assert candidates(conn, "mem", mem_settings) == []
+
+
+async def test_an_email_of_persons_with_other_names_is_not_imported(
+    store: Store, mem_settings: Settings
+) -> None:
+    """Two teachers of the source under one address but other names (a placeholder): the
+    manual import refuses it as a sync would, naming both, and creates nothing; under one
+    name (a record per school) it is one account for both."""
+    roster = small_roster()
+    roster.persons.append(RosterPerson("t-9", "teacher", "Bob", "Brown", "Ada@Example.org"))
+    roster.enrollments.append(RosterEnrollment("e-t9c2", "c-2", "t-9", "teacher"))
+    engine = SyncEngine(mem_settings, store, connectors={"mem": MemoryConnector(roster)})
+    await engine.sync("mem")
+    result = import_teachers(store, mem_settings, "mem", emails=["ada@example.org"])
+    assert _statuses(result) == [("ada@example.org", "Failed")]
+    assert result.outcomes[0].message == (
+        "email shared under another name: ada@example.org is the email of t-1 (Ada Lovelace), "
+        "t-9 (Bob Brown); an account is never shared by different names"
+    )
+    with store.read() as conn:
+        assert conn.execute(text('SELECT count(*) FROM "user"')).scalar_one() == 0
+    roster.persons[-1] = RosterPerson("t-9", "teacher", "Ada", "Lovelace", "ada@example.org")
+    await engine.sync("mem")
+    result = import_teachers(store, mem_settings, "mem", emails=["ada@example.org"])
+    assert _statuses(result) == [("ada@example.org", "Success")]
+    with store.read() as conn:
+        linked = conn.execute(text("SELECT external_id FROM user_identity ORDER BY 1")).all()
+    assert [r[0] for r in linked] == ["t-1", "t-9"]

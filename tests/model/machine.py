@@ -188,7 +188,7 @@ ROSTER_CHANGES = {
     "person_status": _change("person_status", index, statuses),
     "person_enabled": _change("person_enabled", index, st.booleans()),
     "teacher_email": _change("teacher_email", index, email_kinds),
-    "share_email": _change("share_email", index, index, st.booleans()),
+    "share_email": _change("share_email", index, index, st.booleans(), st.booleans()),
     "student_email": _change("student_email", index, st.sampled_from(STUDENT_EMAIL_KINDS)),
     "person_role": _change("person_role", index, st.sampled_from(DRAWN_ROLES), other_roles),
     "rename_person": _change("rename_person", index, names),
@@ -461,15 +461,27 @@ class RosterModel(RuleBasedStateMachine):
         pid = self._pick("person", ref, "t")
         self.feed.change("person", pid, email=teacher_email(pid, kind))
 
-    def _share_email(self, ref: int, other_ref: int, upper: bool) -> None:
-        """A teacher takes another's email (one person per school, or a data error)."""
+    def _share_email(self, ref: int, other_ref: int, upper: bool, same_name: bool) -> None:
+        """A teacher takes another's email: with their name too (one person per school, who
+        share an account), or keeping their own (a placeholder or a data error: no account is
+        shared by different names)."""
         pid = self._pick("person", ref, "t")
         others = sorted(sid for sid in self.feed.persons if sid.startswith("t") and sid != pid)
         if not others:
             return
         source = self.feed.get("person", others[other_ref % len(others)])
         if source is not None and source.email:
-            self.feed.change("person", pid, email=source.email.upper() if upper else source.email)
+            email = source.email.upper() if upper else source.email
+            if same_name:
+                self.feed.change(
+                    "person",
+                    pid,
+                    email=email,
+                    given_name=source.given_name,
+                    family_name=source.family_name,
+                )
+            else:
+                self.feed.change("person", pid, email=email)
 
     def _student_email(self, ref: int, kind: str) -> None:
         pid = self._pick("person", ref, "s")
@@ -1137,6 +1149,9 @@ class RosterModel(RuleBasedStateMachine):
         STATS["users_not_created"] += len(d.not_created)
         STATS["emails rejected"] += len(d.email_rejects)
         STATS["emails shared"] += len(d.shared_emails)
+        STATS["emails claimed under another name"] += sum(
+            1 for *_, problem in d.email_rejects.values() if problem.startswith("email shared")
+        )
 
     def _step(self, name: str) -> None:
         STATS["steps"] += 1

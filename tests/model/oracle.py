@@ -419,6 +419,11 @@ def class_members(m: Mirror, class_id: str) -> tuple[Member, ...]:
     return tuple(sorted(members.values(), key=lambda x: x.sourced_id))
 
 
+def _name_key(name: str) -> str:
+    """A name as two persons' names are compared: NFKC, case-folded, spaces collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+
+
 def display_name(p: RosterPerson) -> str:
     return " ".join(x for x in (p.given_name, p.family_name) if x).strip()
 
@@ -740,9 +745,25 @@ def decide(
     skipped: dict[str, list[str]] = {}
     pending: dict[str, list[str]] = {}  # new email -> its persons, first one first
     by_email: dict[str, list[str]] = {}
+    # Reading: persons share an account only under one name. Who claims an address: the
+    # eligible persons with it, and the persons of this source its account already has.
+    claims: dict[str, dict[str, str]] = {}
     for sid, email in eligible:
-        by_email.setdefault(email, []).append(sid)
+        claims.setdefault(email, {})[sid] = display_name(m1.person[sid])
+    for email, named in claims.items():
+        for _src, pid in d0.persons_of(email, source):
+            if pid in m1.person:
+                named.setdefault(pid, display_name(m1.person[pid]))
+    for sid, email in eligible:
         owner = d0.identities.get((source, sid))
+        mine = _name_key(display_name(m1.person[sid]))
+        if owner is None and any(
+            _name_key(name) != mine for pid, name in claims[email].items() if pid != sid
+        ):
+            raw = (m1.person[sid].email or "").strip()
+            email_rejects[sid] = (raw, email, "email shared under another name")
+            continue
+        by_email.setdefault(email, []).append(sid)
         if owner is not None:
             user = d0.users[owner]
             if user.status == "archived" and user.archived_by_sync and owner not in restored:

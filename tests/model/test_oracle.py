@@ -71,14 +71,35 @@ def _feed(emails_by_teacher: dict[str, str | None], *, role: str = "teacher") ->
     return feed
 
 
-def test_teachers_sharing_an_email_get_one_account_and_a_warning() -> None:
+def test_teachers_of_one_name_sharing_an_email_get_one_account_and_a_warning() -> None:
     oracle = Oracle(Config())
-    d = oracle.decide(
-        SOURCE, "full", _feed({"t1": "t1@example.org", "t2": "T1@Example.org "}).records()
-    )
+    feed = _feed({"t1": "t1@example.org", "t2": "T1@Example.org "})
+    feed.change("person", "t2", family_name="T1")  # "Ada t1" and "Ada T1": one name
+    d = oracle.decide(SOURCE, "full", feed.records())
     assert d.counts["users_created"] == 1
     assert d.shared_emails == {"t1@example.org": ["t1", "t2"]}
     assert d.directory.persons_of("t1@example.org") == {(SOURCE, "t1"), (SOURCE, "t2")}
+
+
+def test_teachers_of_other_names_sharing_an_email_are_rejected_not_merged() -> None:
+    """Arriving together, both are rejected; one already linked keeps the account, and the
+    newcomer under another name is rejected."""
+    oracle = Oracle(Config())
+    d = oracle.decide(
+        SOURCE, "full", _feed({"t1": "noemail@example.org", "t2": "noemail@example.org"}).records()
+    )
+    assert d.counts["users_created"] == 0
+    assert {sid: p for sid, (_, _, p) in d.email_rejects.items()} == {
+        "t1": "email shared under another name",
+        "t2": "email shared under another name",
+    }
+    oracle = Oracle(Config())
+    oracle.commit(SOURCE, oracle.decide(SOURCE, "full", _feed({"t1": "t1@example.org"}).records()))
+    d = oracle.decide(
+        SOURCE, "full", _feed({"t1": "t1@example.org", "t2": "\uff541@example.org"}).records()
+    )
+    assert set(d.email_rejects) == {"t2"}
+    assert d.directory.persons_of("t1@example.org") == {(SOURCE, "t1")}
 
 
 def test_placeholder_emails_are_rejected_and_never_merged() -> None:

@@ -82,8 +82,11 @@ def test_a_new_person_with_an_archived_users_email_is_linked_then_restored(
 
 
 def test_two_persons_sharing_an_email_share_one_account(model: Model) -> None:
-    """One account for both; it stays while either still teaches, and comes back once."""
-    m = model(school({"t1": "t1@example.org", "t2": " T1@example.ORG"}, {"c1": "t1", "c2": "t2"}))
+    """One account for both (one name: a teacher with a record per school); it stays while
+    either still teaches, and comes back once."""
+    feed = school({"t1": "t1@example.org", "t2": " T1@example.ORG"}, {"c1": "t1", "c2": "t2"})
+    feed.change("person", "t2", family_name="t1")  # "Teach T1" and "Teach t1": one name
+    m = model(feed)
     assert user(m, "t1@example.org") == ("active", {"t1", "t2"})
     m.feed.change("class", "c2", status="tobedeleted")
     m.sync("full")
@@ -95,6 +98,51 @@ def test_two_persons_sharing_an_email_share_one_account(model: Model) -> None:
     m.feed.change("class", "c2", status="active")
     m.sync("full")
     assert user(m, "t1@example.org")[0] == "active"
+
+
+def test_persons_of_other_names_sharing_an_email_never_share_an_account(model: Model) -> None:
+    """A placeholder address on two teachers of other names: neither gets an account (the
+    machine compares the rejections); Ada renamed to Bob's name is the same teacher, and a
+    delta run gives them one account; renamed again, the account stays with the person it
+    was given to first and the other is rejected."""
+    feed = school(
+        {"t1": "noemail@example.org", "t2": "noemail@example.org"}, {"c1": "t1", "c2": "t2"}
+    )
+    m = model(feed)
+    assert "noemail@example.org" not in m.oracle.directory.users
+    m.feed.change("person", "t2", family_name="T1")
+    m.sync("delta")
+    assert user(m, "noemail@example.org") == ("active", {"t1", "t2"})
+    m.feed.change("person", "t2", family_name="Other")
+    m.sync("delta")
+    assert user(m, "noemail@example.org") == ("active", {"t1", "t2"})  # both linked: kept
+    m.feed.put("person", RosterPerson("t3", "teacher", "Eve", "Else", "NoEmail@example.org"))
+    m.feed.new_enrollment("c2", "t3", "teacher")
+    m.sync("delta")
+    assert user(m, "noemail@example.org") == ("active", {"t1", "t2"})
+    m.sync("full")
+    assert user(m, "noemail@example.org") == ("active", {"t1", "t2"})
+
+
+@pytest.mark.parametrize("same_name", [True, False])
+def test_the_share_email_step_shares_an_account_only_with_the_name(
+    model: Model, same_name: bool
+) -> None:
+    """The machine's step itself: a new teacher t3 takes t1's address, with t1's name (one
+    account for both, linked by a delta run) or without it (t3 rejected, t1 keeps the
+    account). A linked teacher who takes another's address keeps their own account."""
+    feed = school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"})
+    m = model(feed)
+    m.feed.put("person", RosterPerson("t3", "teacher", "New", "Comer", "t3@example.org"))
+    m.feed.new_enrollment("c2", "t3", "teacher")
+    m._share_email(2, 0, True, same_name)  # t3 (third of t1, t2, t3) takes t1's
+    m._share_email(1, 0, False, same_name)  # t2, already linked, too
+    shared = STATS["emails shared"]
+    m.sync("delta")
+    persons = {"t1", "t3"} if same_name else {"t1"}
+    assert user(m, "t1@example.org") == ("active", persons)
+    assert user(m, "t2@example.org") == ("active", {"t2"})
+    assert STATS["emails shared"] == shared + 1
 
 
 def test_a_rejected_class_keeps_its_group(model: Model) -> None:

@@ -292,13 +292,48 @@ async def test_on_teacher_removed_keep(
 async def test_two_person_records_with_one_email_make_one_user(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
-    """Two eligible persons whose emails differ only in case share one account."""
+    """Two eligible persons of one name whose emails differ only in case (a teacher with a
+    record per school) share one account."""
     roster = small_roster()
-    roster.persons.append(RosterPerson("t-9", "teacher", "Ada", "Again", "ADA@example.org"))
+    roster.persons.append(RosterPerson("t-9", "teacher", "ADA ", "lovelace", "ADA@example.org"))
     roster.enrollments.append(RosterEnrollment("e-t9c1", "c-1", "t-9", "teacher"))
     await sync(make_settings(), store, roster)
     assert len([e for e in users(store) if e == "ada@example.org"]) == 1
     assert groups(store)["c-1"]["owners"] == ["ada@example.org"]
+
+
+@pytest.mark.parametrize("linked_first", [False, True], ids=["together", "ada-linked-first"])
+async def test_persons_of_other_names_never_share_an_account(
+    store: Store, make_settings: Callable[..., Settings], linked_first: bool
+) -> None:
+    """A placeholder address (or a look-alike of a colleague's) given to two teachers of other
+    names: neither is merged into the other's account. Arriving together, both are rejected
+    naming the other; arriving after Ada has her account, Bob is rejected and Ada keeps it.
+    Once the source gives Bob his own address, a delta run gives him his own account."""
+    settings = make_settings()
+    roster = small_roster()
+    if linked_first:
+        await sync(settings, store, roster)
+    # A full-width look-alike: NFKC makes it Ada's address.
+    bob = RosterPerson("t-9", "teacher", "Bob", "Brown", "\uff41\uff44\uff41@example.org")
+    roster.persons.append(bob)
+    roster.enrollments.append(RosterEnrollment("e-t9c2", "c-2", "t-9", "teacher"))
+    report = await sync(settings, store, roster)
+    rejected = {r["sourced_id"]: r["reason"] for r in report.rejected if r["entity"] == "user"}
+    assert "t-9" in rejected and "t-1 (Ada Lovelace)" in rejected["t-9"]
+    assert rejected["t-9"].startswith("email shared under another name: ada@example.org")
+    if linked_first:
+        assert "t-1" not in rejected  # linked: the account is hers
+        assert users(store)["ada@example.org"]["display_name"] == "Ada Lovelace"
+        assert "bob@example.org" not in users(store)
+    else:
+        assert "t-9 (Bob Brown)" in rejected["t-1"]
+        assert "ada@example.org" not in users(store)
+    roster.persons[-1] = replace(bob, email="bob@example.org")
+    fixed = await sync(settings, store, roster, mode="delta")
+    assert not {r["sourced_id"] for r in fixed.rejected} & {"t-1", "t-9"}
+    assert "bob@example.org" in users(store) and "ada@example.org" in users(store)
+    assert "bob@example.org" in groups(store)["c-2"]["owners"]
 
 
 async def test_users_of_other_sources_are_untouched(

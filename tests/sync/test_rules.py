@@ -65,6 +65,7 @@ def _plan(
     active_users: int = 0,
     license_limit: int | None = None,
     teaching_elsewhere: frozenset[int] = frozenset(),
+    claims: dict[str, dict[str, str]] | None = None,
 ) -> Any:
     return plan_provisioning(
         SOURCE,
@@ -75,6 +76,7 @@ def _plan(
         active_users=active_users,
         license_limit=license_limit,
         teaching_elsewhere=teaching_elsewhere,
+        claims=claims,
     )
 
 
@@ -213,11 +215,37 @@ def test_an_account_of_two_returning_persons_is_restored_once() -> None:
 
 
 def test_persons_sharing_an_email_get_one_account_with_every_identity() -> None:
-    """Several person records with one email become one account, and the plan names them."""
-    a, b = _teacher("t-1", email="ada@school.org"), _teacher("t-2", email="ADA@school.org")
+    """Several person records of one name with one email become one account, and the plan
+    names them."""
+    a = _teacher("t-1", email="ada@school.org", display_name="Ada Lovelace")
+    b = _teacher("t-2", email="ADA@school.org", display_name=" ada  LOVELACE")
     plan = _plan([b, a])
     assert [n.identities for n in plan.create] == [(("t-1", "u-t-1"), ("t-2", "u-t-2"))]
     assert plan.shared == {"ada@school.org": [a, b]}
+
+
+def test_persons_of_other_names_never_share_an_account() -> None:
+    """Under one email and other names, no one not linked yet gets the account: both new
+    ones are rejected naming the other; against an account whose person of the source has
+    another name (``claims``), the newcomer is; a person already linked keeps theirs."""
+    a = _teacher("t-1", email="noemail@school.org", display_name="Ada Lovelace")
+    b = _teacher("t-2", email="NoEmail@school.org", display_name="Bob Brown")
+    plan = _plan([a, b])
+    assert plan.create == [] and plan.shared == {}
+    assert dict(plan.rejected) == {
+        "t-1": "email shared under another name: noemail@school.org is also the email of t-2 "
+        "(Bob Brown); an account is never shared by different names, so none is given until "
+        "the source tells them apart",
+        "t-2": "email shared under another name: noemail@school.org is also the email of t-1 "
+        "(Ada Lovelace); an account is never shared by different names, so none is given "
+        "until the source tells them apart",
+    }
+    existing = {"noemail@school.org": ExistingUser(7, "noemail@school.org", "active")}
+    plan = _plan([b], existing=existing, claims={"noemail@school.org": {"t-1": "Ada Lovelace"}})
+    assert plan.link == [] and [sid for sid, _ in plan.rejected] == ["t-2"]
+    same = _teacher("t-3", email="noemail@school.org", display_name="ADA lovelace")
+    plan = _plan([same], existing=existing, claims={"noemail@school.org": {"t-1": "Ada Lovelace"}})
+    assert [link.user_id for link in plan.link] == [7] and plan.rejected == []
 
 
 def test_without_auto_create_a_new_teacher_is_only_reported() -> None:
