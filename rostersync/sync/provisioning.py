@@ -28,6 +28,11 @@ from rostersync.sync.rules import (
 # -- eligibility ------------------------------------------------------------------------------
 
 
+def person_name(given: str | None, family: str | None) -> str:
+    """A person's name as accounts and reports show it: given and family name."""
+    return " ".join(p for p in (given, family) if p).strip()
+
+
 def _rows_for(
     conn: Connection, sql: str, params: Mapping[str, Any], only: set[str] | None, column: str
 ) -> Iterable[Any]:
@@ -80,7 +85,7 @@ def eligible_teachers(
             Teacher(
                 sourced_id=sid,
                 email=email,
-                display_name=" ".join(p for p in (given, family) if p).strip(),
+                display_name=person_name(given, family),
                 username=username,
                 school_ids=schools,
                 school_names=tuple(orgs[o] for o in schools if o in orgs),
@@ -121,7 +126,7 @@ def account_persons(
         for uid, sid, given, family in conn.execute(
             in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
         ):
-            out.setdefault(uid, {})[sid] = " ".join(p for p in (given, family) if p).strip()
+            out.setdefault(uid, {})[sid] = person_name(given, family)
     return out
 
 
@@ -515,7 +520,7 @@ def source_identities(
         for uid, sid, given, family in conn.execute(
             in_text(sql, "ids", dialect=conn.dialect.name), {"src": source, "ids": chunk}
         ):
-            name = " ".join(p for p in (given, family) if p).strip()
+            name = person_name(given, family)
             out.setdefault(uid, []).append((sid, name))
     return out
 
