@@ -347,8 +347,7 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def is_sqlite_file(path: Path) -> bool:
-    """Whether this file could be a SQLite database: empty (SQLite sets an empty file up) or
-    starting with SQLite's header. A file that cannot be read is left to the open to report."""
+    """Empty (SQLite sets it up) or starting with SQLite's header; unreadable: the open says."""
     try:
         with path.open("rb") as f:
             head = f.read(len(SQLITE_HEADER))
