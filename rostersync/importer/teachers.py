@@ -32,11 +32,10 @@ from rostersync.sync.provisioning import (
     users_by_email,
 )
 from rostersync.sync.rules import (
-    NAME_CONFLICT,
     ExistingUser,
     Teacher,
     email_rejection,
-    same_name,
+    name_conflict,
     sites_for,
 )
 
@@ -176,14 +175,8 @@ def plan_teachers(
         sid = persons[0].sourced_id
         claimants = {p.sourced_id: p.display_name for p in persons}
         claimants.update((claims or {}).get(email, {}))
-        if any(not same_name(n, persons[0].display_name) for n in claimants.values()):
-            named = ", ".join(f"{s} ({n or 'no name'})" for s, n in sorted(claimants.items()))
-            out(
-                Status.FAILED,
-                f"{NAME_CONFLICT}: {email} is the email of {named}; an account is never "
-                "shared by different names",
-                sid,
-            )
+        if (conflict := name_conflict(persons[0], claimants, email)) is not None:
+            out(Status.FAILED, conflict, sid)  # as a sync rejects them
             continue
         try:
             role_name = resolve_name(role, roles, "role")[0]

@@ -111,7 +111,7 @@ def same_name(a: str, b: str) -> bool:
 NAME_CONFLICT = "email shared under another name"
 
 
-def _name_conflict(t: Teacher, claimants: Mapping[str, str], email: str) -> str | None:
+def name_conflict(t: Teacher, claimants: Mapping[str, str], email: str) -> str | None:
     """Why ``t`` may not take the account of ``email``: other persons claim it under another
     name (``claimants``: sourced id -> name, ``t`` among them)."""
     others = sorted(
@@ -186,9 +186,10 @@ def plan_provisioning(
     teaching = set(teaching_elsewhere)  # users with a candidate person: never archived
     pending: dict[str, tuple[Teacher, list[tuple[str, str | None]]]] = {}
     by_email: dict[str, list[Teacher]] = {}
+    unusable = {t.sourced_id: email_rejection(t.email, prov) for t in candidates}
     names: dict[str, dict[str, str]] = {e: dict(c) for e, c in (claims or {}).items()}
     for t in candidates:
-        if email_rejection(t.email, prov) is None:
+        if unusable[t.sourced_id] is None:
             names.setdefault(normalize_email(t.email), {})[t.sourced_id] = t.display_name
 
     for t in sorted(candidates, key=lambda t: t.sourced_id):
@@ -196,12 +197,12 @@ def plan_provisioning(
         link = linked.get(t.sourced_id)
         if link is not None:
             teaching.add(link.user_id)  # whatever its email says now
-        reason = email_rejection(t.email, prov)
+        reason = unusable[t.sourced_id]
         if reason is not None:
             plan.rejected.append((t.sourced_id, reason))
             continue
         email = normalize_email(t.email)
-        if link is None and (reason := _name_conflict(t, names[email], email)) is not None:
+        if link is None and (reason := name_conflict(t, names[email], email)) is not None:
             plan.rejected.append((t.sourced_id, reason))
             continue
         by_email.setdefault(email, []).append(t)

@@ -162,8 +162,9 @@ async def test_an_email_of_persons_with_other_names_is_not_imported(
     result = import_teachers(store, mem_settings, "mem", emails=["ada@example.org"])
     assert _statuses(result) == [("ada@example.org", "Failed")]
     assert result.outcomes[0].message == (
-        "email shared under another name: ada@example.org is the email of t-1 (Ada Lovelace), "
-        "t-9 (Bob Brown); an account is never shared by different names"
+        "email shared under another name: ada@example.org is also the email of t-9 (Bob Brown); "
+        "an account is never shared by different names, so none is given until the source "
+        "tells them apart"
     )
     with store.read() as conn:
         assert conn.execute(text('SELECT count(*) FROM "user"')).scalar_one() == 0
