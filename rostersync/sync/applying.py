@@ -45,7 +45,7 @@ from rostersync.sync.runs import (
     source_state,
 )
 from rostersync.sync.scope import SCOPE_COUNT_KEYS, fingerprint_of, last_counts, ratio_counts
-from rostersync.sync.staging import clear_staging, prepare_staging
+from rostersync.sync.staging import clear_staging, prepare_staging, repeat_warnings
 
 
 @dataclass
@@ -182,9 +182,10 @@ class Applier:
         :class:`_RollBack` on the way (see "rollback by exception" in the module docstring)."""
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
         self._hold_lease(conn, ctx.source)  # still ours, and nobody takes it until the commit
-        prepare_staging(conn)  # SQLite: repeated ids settled, key index built
+        repeats = prepare_staging(conn, ctx.run_id)  # SQLite: repeats settled, key index built
         found = self._merge_changes(conn, ctx)
         decision = self._decide(conn, ctx, found)
+        decision.outcome.warnings += repeat_warnings(repeats)
         self._judge(conn, ctx, found, decision)
         return self._carry_out(conn, ctx, found, decision)
 

@@ -24,7 +24,14 @@ from rostersync.store.db import Store
 from rostersync.store.tables import run_rejection
 from rostersync.sync.known import KnownRows
 from rostersync.sync.scope import Scope
-from rostersync.sync.staging import StagedBatch, sort_batch, stage
+from rostersync.sync.staging import (
+    Repeats,
+    StagedBatch,
+    add_repeats,
+    repeat_warnings,
+    sort_batch,
+    stage,
+)
 
 #: Rows a fetch may hold back while a staging write is under way before it waits for it.
 STAGE_BUFFER_ROWS = 50_000
@@ -88,6 +95,7 @@ class Fetcher:
         buffer: list[StagedBatch] = []
         buffered = 0
         held = StagedBatch()  # filtered rows waiting for more (see STAGE_MIN_ROWS)
+        repeats: Repeats = {}  # ids received twice with different content
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
@@ -120,7 +128,7 @@ class Fetcher:
                                 continue
                             await pending
                         pending = asyncio.create_task(
-                            asyncio.to_thread(self._stage, run_id, buffer, known, held)
+                            asyncio.to_thread(self._stage, run_id, buffer, known, held, repeats)
                         )
                         buffer, buffered = [], 0
                         if self.progress:
@@ -129,12 +137,15 @@ class Fetcher:
                     await pending
                 if buffer or len(held):
                     pending = asyncio.create_task(
-                        asyncio.to_thread(self._stage, run_id, buffer, known, held, True)
+                        asyncio.to_thread(
+                            self._stage, run_id, buffer, known, held, repeats, last=True
+                        )
                     )
                     await pending
-                if known is not None and any(known.reverted.values()):
-                    await asyncio.to_thread(self._revert, run_id, known)
+                if known is not None:
+                    await asyncio.to_thread(self._settle, run_id, known, repeats)
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
+                notes += repeat_warnings(repeats)
                 if collect is not None:
                     collect.sessions = getattr(connector, "academic_sessions", None)
         finally:
@@ -154,10 +165,19 @@ class Fetcher:
         log.info("fetch_done", warnings=len(notes), **unchanged, **dict(fetched))
         return dict(fetched), newest, notes
 
-    def _revert(self, run_id: int, known: KnownRows) -> None:
-        with self.store.write() as conn:
-            if recovery.still_running(conn, run_id):
-                known.revert(conn, run_id)
+    def _settle(self, run_id: int, known: KnownRows, repeats: Repeats) -> None:
+        """After the last staging write: note the ids received both as the mirror holds them
+        and otherwise, then take out of staging those whose last record was as it holds them.
+        Neither has anything to do after a run that staged nothing of what the mirror holds,
+        and the first only reads."""
+        reverted = any(known.reverted.values())
+        if any(known.staged.values()) or reverted:
+            with self.store.read() as conn:
+                add_repeats(repeats, known.repeats(conn, run_id))
+        if reverted:
+            with self.store.write() as conn:
+                if recovery.still_running(conn, run_id):
+                    known.revert(conn, run_id)
 
     def _stage(
         self,
@@ -165,6 +185,8 @@ class Fetcher:
         batches: list[StagedBatch],
         known: KnownRows | None = None,
         held: StagedBatch | None = None,
+        repeats: Repeats | None = None,
+        *,
         last: bool = False,
     ) -> None:
         """Stage ``batches`` (through the mirror filter, when ``known``); with ``held``, the
@@ -191,7 +213,9 @@ class Fetcher:
         with self.store.write() as conn:
             if not recovery.still_running(conn, run_id):
                 return  # cut off or taken over meanwhile: its staging was cleared for good
-            stage(conn, run_id, batch)
+            found = stage(conn, run_id, batch)
+            if repeats is not None:
+                add_repeats(repeats, found)
             if batch.rejected:
                 conn.execute(
                     insert(run_rejection),

@@ -46,9 +46,10 @@ from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch, fp_slic
 from rostersync.store.db import Store
 from rostersync.sync.mirror import TABLES
 from rostersync.sync.rules import chunks
+from rostersync.sync.staging import HASH_AT, Repeats, run_scan
 
-#: Where each kind's row tuple carries its hash.
-HASH_AT = {kind: cols.index("row_hash") for kind, cols in COLUMNS.items()}
+__all__ = ["FP_AT", "HASH_AT", "KnownRows", "MirrorChangedError", "row_key"]
+
 #: Where each kind's row tuple carries its fingerprint (None: none given).
 FP_AT = {kind: cols.index("fp") for kind, cols in COLUMNS.items()}
 
@@ -216,6 +217,39 @@ class KnownRows:
                 self.reverted[kind].add(sid)
         self.unchanged[kind] += left_out
         return keep
+
+    def repeats(self, conn: Connection, run_id: int) -> Repeats:
+        """The ids the run received both as the mirror holds them and otherwise (a staged row
+        of another hash), in either order: sent twice with different content. After the last
+        staging write of the fetch, before :meth:`revert`. It reads the run's staged rows of
+        kinds the mirror holds, which a run that changed little has few of."""
+        out: Repeats = {}
+        for kind in sorted(self.held):
+            if not self.staged[kind] and not self.reverted[kind]:
+                continue
+            mirror, staging, _ = TABLES[kind]
+            remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
+            rows = conn.execute(
+                text(
+                    f"SELECT m.sourced_id, m.fp, m.row_hash FROM {run_scan(conn, staging)} "
+                    f"JOIN {mirror} m ON m.source = :src AND m.sourced_id = s.sourced_id "
+                    "WHERE s.run_id = :run AND s.row_hash <> m.row_hash"
+                ),
+                {"run": run_id, "src": self.source},
+            )
+            # The mirror's row was seen as it is when it no longer waits to be seen.
+            found = {
+                sid
+                for sid, fp, row_hash in rows
+                if (
+                    fp not in remaining_fp
+                    if fp is not None
+                    else row_key(row_hash, sid) not in remaining
+                )
+            }
+            if found:
+                out[kind] = found
+        return out
 
     def revert(self, conn: Connection, run_id: int) -> int:
         """Take out of staging the ids whose last record was as the mirror holds it (they were

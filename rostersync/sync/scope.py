@@ -47,7 +47,7 @@ from rostersync.scoping import (
 )
 from rostersync.source.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.sync.mirror import ids_in
-from rostersync.sync.staging import prepare_staging
+from rostersync.sync.staging import prepare_staging, repeat_warnings
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).
 SCOPE_COUNT_KEYS = (
@@ -173,8 +173,9 @@ def apply_scope(
 ) -> ScopeResult:
     """Leave the run's out-of-scope staged rows out (see the module docstring); returns the
     counts of what was left out and the warnings for the run's report."""
-    prepare_staging(conn)  # SQLite: one row per id, so that the last version is judged
+    repeats = prepare_staging(conn, run_id)  # SQLite: one id a row, its last version judged
     result = ScopeResult()
+    result.warnings += repeat_warnings(repeats)
     counts = result.counts
     params = {"run": run_id, "src": source}
     orgs = _orgs(conn, source, run_id)

@@ -4,7 +4,9 @@ Staging is the hot path of a large sync (a million enrollments), so rows are pla
 column order, written with the driver's ``executemany`` through one prepared statement per
 table (PostgreSQL: ``COPY``): no ORM objects, and no per-row parameter processing by
 SQLAlchemy (that alone cost more than the inserts). A sourcedId seen twice in one run keeps
-its last version (sources repeat people across pages and courses).
+its last version (sources repeat people across pages and courses); where its versions differ,
+the run says so (:func:`repeat_warnings`): only where a repeat is settled anyway, so the
+common case pays nothing for it.
 
 On SQLite the staging tables have no key while a run fetches (migration 0009): rows are
 appended, and ``prepare_staging``, first thing in the apply, settles repeated ids (the last
@@ -15,11 +17,11 @@ table puts each row on a random page of a large B-tree, where appending is seque
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, func, or_, select
+from sqlalchemy import Connection, Table, delete, func, or_, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rostersync.source.rows import (
@@ -56,6 +58,7 @@ __all__ = [
     "enrollment_row",
     "person_row",
     "prepare_staging",
+    "repeat_warnings",
     "run_scan",
     "sort_batch",
     "stage",
@@ -125,22 +128,66 @@ def _sqlite_insert(
         start += size
 
 
-def stage(conn: Connection, run_id: int, batch: StagedBatch) -> None:
+def stage(conn: Connection, run_id: int, batch: StagedBatch) -> Repeats:
+    """Write ``batch`` to staging; returns the sourcedIds it found repeated with another
+    content (PostgreSQL, which settles repeats as it writes; SQLite settles them in
+    :func:`prepare_staging`)."""
+    repeats: Repeats = {}
     if conn.dialect.name == "postgresql":
         # Row dates are UTC text without an offset (rows.utc_text); read them as UTC.
         conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
         for kind, rows in batch.rows.items():
-            if rows:
-                _copy_rows(conn, run_id, kind, rows)
-        return
+            if rows and (found := _copy_rows(conn, run_id, kind, rows)):
+                repeats[kind] = found
+        return repeats
     for kind, rows in batch.rows.items():
         if rows:
             _sqlite_insert(conn, STAGING[kind].name, run_id, COLUMNS[kind], rows)
+    return repeats
 
 
-def prepare_staging(conn: Connection) -> None:
+#: kind -> the sourcedIds a run received more than once with different content.
+Repeats = dict[str, set[str]]
+
+#: Where each kind's row tuple carries its hash.
+HASH_AT = {kind: cols.index("row_hash") for kind, cols in COLUMNS.items()}
+
+
+def repeated_otherwise(kind: str, rows: Iterable[Row]) -> set[str]:
+    """The ids that come more than once among ``rows`` with another row hash."""
+    at = HASH_AT[kind]
+    first: dict[str, Any] = {}
+    return {row[0] for row in rows if first.setdefault(row[0], row[at]) != row[at]}
+
+
+def add_repeats(into: Repeats, found: Mapping[str, Iterable[str]]) -> None:
+    for kind, ids in found.items():
+        if ids:
+            into.setdefault(kind, set()).update(ids)
+
+
+def repeat_warnings(repeats: Mapping[str, Iterable[str]]) -> list[str]:
+    """One warning per kind of record the source sent twice under one sourcedId with
+    different content: the last version wins, which an admin should know of (a second
+    person sent under a colleague's id would take her account)."""
+    out = []
+    for kind, key in FETCHED_KEY.items():
+        ids = sorted(str(i)[:100] for i in repeats.get(kind, ()))
+        if not ids:
+            continue
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        many = f"{len(ids)} sourcedIds" if len(ids) > 1 else "1 sourcedId"
+        out.append(
+            f"{key}: the source sent {many} more than once with different content "
+            f"({shown}); the last version sent of each was kept"
+        )
+    return out
+
+
+def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
     """SQLite, first thing in an apply: one row per ``(run_id, sourced_id)`` in staging, and
-    the unique index on that key that the apply's joins and sweeps go through.
+    the unique index on that key that the apply's joins and sweeps go through. Returns the
+    ids of ``run_id`` found repeated with another content (see :func:`repeat_warnings`).
 
     Building the index sorts the keys once, where keeping it during the fetch costs a
     random B-tree insert per row. It fails only if a source repeated
@@ -149,9 +196,10 @@ def prepare_staging(conn: Connection) -> None:
     held or failed apply leaves staging as the fetch wrote it, and the next apply prepares it
     again. PostgreSQL's staging keeps its primary key (COPY resolves conflicts against it).
     """
+    repeats: Repeats = {}
     if conn.dialect.name != "sqlite":
-        return
-    for table in STAGING.values():
+        return repeats
+    for kind, table in STAGING.items():
         create = (
             f"CREATE UNIQUE INDEX IF NOT EXISTS {staging_key_index(table.name)} "
             f"ON {table.name} (run_id, sourced_id)"
@@ -162,15 +210,25 @@ def prepare_staging(conn: Connection) -> None:
             continue
         except IntegrityError:
             pass
+        if run_id is not None:
+            found = conn.execute(
+                text(
+                    f"SELECT sourced_id FROM {table.name} WHERE run_id = :run "
+                    "GROUP BY sourced_id HAVING count(DISTINCT row_hash) > 1"
+                ),
+                {"run": run_id},
+            )
+            add_repeats(repeats, {kind: {sid for (sid,) in found}})
         conn.exec_driver_sql(
             f"DELETE FROM {table.name} WHERE rowid NOT IN "
             f"(SELECT max(rowid) FROM {table.name} GROUP BY run_id, sourced_id)"
         )
         with index_build(conn, table.name):
             conn.exec_driver_sql(create)
+    return repeats
 
 
-def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> None:
+def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> set[str]:
     """PostgreSQL: COPY straight into staging; through a temporary table and an upsert when a
     sourcedId of this batch was staged by an earlier one.
 
@@ -180,15 +238,17 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
     batch (rare: a source repeating a record across pages) makes the COPY fail on the key;
     it is then undone (a savepoint) and the batch goes through the temporary table and one
     upsert, where the later version wins. Going straight in is the common, fast case.
+    Returns the ids repeated with another content.
     """
     latest = list({r[0]: r for r in rows}.values())  # sourced_id first; later rows win
+    repeats = repeated_otherwise(kind, rows) if len(latest) < len(rows) else set()
     table = STAGING[kind].name
     cols = ", ".join(f'"{c}"' for c in ("run_id", *COLUMNS[kind]))
     staged = [(run_id, *row) for row in latest]
     try:
         with conn.begin_nested():
             copy_rows(conn, f"COPY {table} ({cols}) FROM STDIN", staged)
-        return
+        return repeats
     except Exception as exc:  # psycopg's own error: the COPY ran on the driver's connection
         if _sqlstate(exc) != UNIQUE_VIOLATION:
             raise
@@ -198,12 +258,19 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
         f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
     copy_rows(conn, f"COPY {temp} ({cols}) FROM STDIN", staged)
+    differ = conn.exec_driver_sql(
+        f"SELECT t.sourced_id FROM {temp} t JOIN {table} s "
+        "ON s.run_id = t.run_id AND s.sourced_id = t.sourced_id "
+        "WHERE s.row_hash IS DISTINCT FROM t.row_hash"
+    )
+    repeats.update(sid for (sid,) in differ)
     updates = ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[kind] if c != "sourced_id")
     conn.exec_driver_sql(
         f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp} "
         f"ON CONFLICT (run_id, sourced_id) DO UPDATE SET {updates}"
     )
     conn.exec_driver_sql(f"TRUNCATE {temp}")
+    return repeats
 
 
 def _sqlstate(exc: BaseException) -> str | None:

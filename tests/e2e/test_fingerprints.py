@@ -15,6 +15,7 @@ from rostersync.source.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync.engine import SyncEngine
+from rostersync.sync.staging import Repeats
 from tests.e2e.test_oneroster_e2e import (
     aged_district,
     change_counts,
@@ -44,9 +45,9 @@ def staged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = fetch_step.stage
 
-    def counting(conn: Any, run_id: int, batch: StagedBatch) -> None:
+    def counting(conn: Any, run_id: int, batch: StagedBatch) -> Repeats:
         seen.extend(row[0] for rows in batch.rows.values() for row in rows)
-        real(conn, run_id, batch)
+        return real(conn, run_id, batch)
 
     monkeypatch.setattr(fetch_step, "stage", counting)
     return seen

@@ -29,6 +29,7 @@ from rostersync.sync import fetch as fetch_step
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
 from rostersync.sync.runs import RunReport
+from rostersync.sync.staging import Repeats
 from tests.e2e.test_oneroster_e2e import (
     SOURCE,
     aged_district,
@@ -91,10 +92,10 @@ def observed(monkeypatch: pytest.MonkeyPatch) -> Observed:
     real_stage = fetch_step.stage
     real_filter = KnownRows.filter
 
-    def stage(conn: Any, run_id: int, batch: StagedBatch) -> None:
+    def stage(conn: Any, run_id: int, batch: StagedBatch) -> Repeats:
         seen.writes += 1
         seen.staged += sum(len(rows) for rows in batch.rows.values())
-        real_stage(conn, run_id, batch)
+        return real_stage(conn, run_id, batch)
 
     def filter_(self: KnownRows, batch: StagedBatch) -> StagedBatch:
         if not any(known is self for known in seen.known):
@@ -560,6 +561,14 @@ async def test_a_record_served_twice_keeps_its_last_version(
             k: v for k, v in before.items() if k != "person"
         }
     assert report.fetched["persons"] == served_counts(served)["persons"]
+    # Both runs say the source sent the person twice with different content: this one from
+    # the mirror's view (one copy left out as known), the other from its staged copies.
+    said = (
+        f"persons: the source sent 1 sourcedId more than once with different content "
+        f"({person.sourced_id}); the last version sent of each was kept"
+    )
+    for each in (report, as_before):
+        assert [w for w in each.warnings if "more than once" in w] == [said]
     _, ref_mirror, _, _ = await fresh_load(served, tmp_path, workers)
     assert mirror(store) == ref_mirror  # every column, dates included: the last record's
     # The directory is compared with the stage-everything run above, not with the fresh load:

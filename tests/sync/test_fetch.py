@@ -15,6 +15,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
+from rostersync.sync.staging import Repeats
 from tests.sync.helpers import groups, sync, users
 
 
@@ -40,11 +41,13 @@ async def test_batches_arriving_during_a_slow_staging_write_are_staged_together(
         batch: list[StagedBatch],
         known: KnownRows | None = None,
         held: StagedBatch | None = None,
+        repeats: Repeats | None = None,
+        *,
         last: bool = False,
     ) -> None:
         writes.append(sum(map(len, batch)))
         time.sleep(0.05)
-        real_stage(self, run_id, batch, known, held, last)
+        real_stage(self, run_id, batch, known, held, repeats, last=last)
 
     monkeypatch.setattr(SyncEngine, "_stage", slow_stage)
     report = await sync(make_settings(), store, roster)  # batches of 7 records

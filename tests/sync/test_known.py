@@ -32,9 +32,9 @@ def staged_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     counts: list[int] = []
     real = staging.stage
 
-    def counting(conn: Any, run_id: int, batch: StagedBatch) -> None:
+    def counting(conn: Any, run_id: int, batch: StagedBatch) -> staging.Repeats:
         counts.append(sum(len(rows) for rows in batch.rows.values()))
-        real(conn, run_id, batch)
+        return real(conn, run_id, batch)
 
     monkeypatch.setattr(fetch_step, "stage", counting)
     yield counts
