@@ -83,7 +83,7 @@ class MemoryConnector:
     ) -> AsyncIterator[Sequence[RosterRecord]]:
         if mode is FetchMode.DELTA and not self._delta:
             raise DeltaUnsupportedError("memory", "delta filter not supported")
-        records = self.roster.records()
+        records = self.sent()
         if mode is FetchMode.DELTA and since is not None:
             records = [
                 r
@@ -95,6 +95,11 @@ class MemoryConnector:
             if self.fail_after is not None and n >= self.fail_after:
                 raise FatalSourceError("memory", "connection lost half-way (injected)")
             yield records[start : start + self.batch_size]
+
+    def sent(self) -> list[RosterRecord]:
+        """The records a fetch sends, in order (a subclass may send others than it answers
+        a live read with)."""
+        return self.roster.records()
 
     async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
         person = next((p for p in self.roster.persons if p.sourced_id == teacher.sourced_id), None)

@@ -133,6 +133,10 @@ class Feed:
     next_enrollment: int = 0
     #: the feed before the last "empty" or "shrink" step, for "restore"
     saved: Feed | None = None
+    #: (kind, sourced id) of the persons and classes the source also sends as a decoy: a copy
+    #: of other content just before the real record (a server paging through data that
+    #: changes as it is read), which the last version sent must beat
+    decoys: set[tuple[str, str]] = field(default_factory=set)
 
     def tick(self) -> datetime:
         self.clock += 1
@@ -208,11 +212,14 @@ class Feed:
                     now[sid] = record if exact else replace(record, date_last_modified=self.tick())
         self.rejected = dict(earlier.rejected)
 
-    def records(self) -> list[RosterRecord]:
-        """In the memory connector's order: orgs, persons, classes, enrollments, rejections."""
+    def records(self, *, decoys: bool = True) -> list[RosterRecord]:
+        """In the memory connector's order: orgs, persons, classes, enrollments, rejections;
+        the decoys of persons and classes first among their kind (``decoys``)."""
         return [
             *self.orgs.values(),
+            *(self.decoyed("person") if decoys else ()),
             *self.persons.values(),
+            *(self.decoyed("class") if decoys else ()),
             *self.classes.values(),
             *self.enrollments.values(),
             *(
@@ -221,8 +228,22 @@ class Feed:
             ),
         ]
 
+    def decoyed(self, kind: str) -> list[RosterRecord]:
+        """The decoys of this kind's records the feed holds: a person of another name and
+        email, a class of another title, each dated as its real record (a delta run sends
+        both or neither)."""
+        out: list[RosterRecord] = []
+        for k, sid in sorted(self.decoys):
+            record = self.table(kind).get(sid) if k == kind else None
+            if isinstance(record, RosterPerson):
+                out.append(replace(record, given_name="Decoy", email=f"decoy.{sid}@{DOMAIN}"))
+            elif isinstance(record, RosterClass):
+                out.append(replace(record, title=f"Decoy of {record.title}"))
+        return out
+
     def roster(self) -> MemoryRoster:
-        records = self.records()
+        """The roster as a live answer reads it (no decoys)."""
+        records = self.records(decoys=False)
         return MemoryRoster(
             orgs=[r for r in records if isinstance(r, RosterOrg)],
             persons=[r for r in records if isinstance(r, RosterPerson)],

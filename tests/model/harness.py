@@ -190,6 +190,7 @@ class FeedConnector(MemoryConnector):
         self, feed: Feed, *, answers: Answers = PLAIN, fingerprints: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(feed.roster(), **kwargs)
+        self.records = feed.records()  # what a fetch sends: the decoys too
         self.held_back = dict(feed.rejected)
         self.answers = answers
         #: yield fingerprinted rows, leaving out those the mirror holds, as the OneRoster
@@ -201,6 +202,9 @@ class FeedConnector(MemoryConnector):
         held = [sid for kind, sid in self.held_back if kind == "enrollment"]
         refs = answers.refs or ("both",)
         self.row_shape: dict[str, Refs] = {sid: refs[i % len(refs)] for i, sid in enumerate(held)}
+
+    def sent(self) -> list[RosterRecord]:
+        return self.records
 
     async def fetch(
         self, mode: FetchMode, since: datetime | None

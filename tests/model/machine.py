@@ -44,10 +44,12 @@ from rostersync.source.records import (
     RosterEnrollment,
     RosterOrg,
     RosterPerson,
+    RosterRecord,
     TeacherRef,
 )
 from rostersync.sync import changes as changeset
 from rostersync.sync.runs import RunReport
+from rostersync.sync.staging import repeat_warnings
 from tests.changediff import Picture, Plain, difference, picture, plain
 from tests.model.feed import (
     CLASSES,
@@ -214,6 +216,8 @@ ROSTER_CHANGES = {
     "move_enrollment": _change(
         "move_enrollment", index, st.one_of(st.none(), classes), st.one_of(st.none(), people)
     ),
+    # The source also sends (or stops sending) a copy of other content before a record.
+    "decoy": _change("decoy", st.sampled_from(("person", "class")), index, st.booleans()),
     "reject": _change("reject", st.sampled_from(("person", "class", "enrollment")), index),
     "unreject": _change("unreject", index),
 }
@@ -518,6 +522,15 @@ class RosterModel(RuleBasedStateMachine):
 
     def _rename_class(self, ref: int, title: str) -> None:
         self.feed.change("class", self._pick("class", ref), title=title)
+
+    def _decoy(self, kind: str, ref: int, on: bool) -> None:
+        """The source starts or stops sending a decoy of a person or class (feed.Feed.decoys):
+        the directory must follow the real record, sent after it, and the run say so."""
+        key = (kind, self._pick(kind, ref))
+        if on:
+            self.feed.decoys.add(key)
+        else:
+            self.feed.decoys.discard(key)
 
     def _enroll(self, person: int | str, klass: int | str, role: str) -> None:
         self.feed.new_enrollment(self._pick("class", klass), self._pick("person", person), role)
@@ -1344,6 +1357,7 @@ class RosterModel(RuleBasedStateMachine):
             STATS["records out of scope"] += sum(scope_cut.ignored.values())
         exact = lagging is None and cut is None
         self._check_report(report, decision, dry=dry, group_counts=exact)
+        self._check_repeats(report, records)
         self._check_leftover(
             report,
             leftover,
@@ -1364,6 +1378,22 @@ class RosterModel(RuleBasedStateMachine):
             self._cut_drain(cut)
             return
         self._compare()
+
+    def _check_repeats(self, report: RunReport, records: Sequence[RosterRecord]) -> None:
+        """The report names the records the run received twice with different content: the
+        decoys among them (whatever way the run staged them: see sync/known.py)."""
+        seen: dict[str, set[str]] = {}
+        repeated: dict[str, set[str]] = {}
+        for r in records:
+            if isinstance(r, (RosterPerson, RosterClass)):
+                kind = "person" if isinstance(r, RosterPerson) else "class"
+                if r.sourced_id in seen.setdefault(kind, set()):
+                    repeated.setdefault(kind, set()).add(r.sourced_id)
+                seen[kind].add(r.sourced_id)
+        said = [w for w in report.warnings if "more than once with different content" in w]
+        assert said == repeat_warnings(repeated), f"run {report.id}: {said} for {repeated}"
+        if repeated:
+            STATS["runs sent decoys"] += 1
 
     def _lagging(self) -> set[str] | None:
         """While jobs wait (a drain was cut short): the classes whose group is not what the
