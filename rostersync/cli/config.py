@@ -21,7 +21,7 @@ def config_group() -> None:
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     from rostersync.config.loader import config_path, load_settings
-    from rostersync.store.db import is_sqlite_file, sqlite_file
+    from rostersync.store.sqlitefile import is_sqlite_file, sqlite_file
 
     path = config_path(app.config_file)
     try:
