@@ -37,7 +37,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
 from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
-from rostersync.store.sqlitefile import open_existing_sqlite, sqlite_file
+from rostersync.store.sqlitefile import open_existing_sqlite, require_folder, sqlite_file
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -338,7 +338,8 @@ class Store:
 
     def __init__(self, url: str, *, echo: bool = False, create: bool = True) -> None:
         """``create=False`` (commands that only read): a SQLite file that does not exist is a
-        StoreError naming it, and no file or folder is ever created."""
+        StoreError naming it, and no file or folder is ever created. Otherwise a missing file
+        is created, in a folder that must exist (a ConfigError on `database`)."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -351,7 +352,7 @@ class Store:
             kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
             if db is not None:
                 if create:
-                    db.parent.mkdir(parents=True, exist_ok=True)
+                    require_folder(db)  # a ConfigError: a mistyped path makes no new tree
                 else:
                     kwargs = {"creator": open_existing_sqlite(db)}
                 self._checkpointer = Checkpointer(str(db))

@@ -1,5 +1,6 @@
 """The SQLite file behind a ``sqlite:///PATH`` URL: finding it, recognising it, opening one
-that must exist. Kept apart from :mod:`rostersync.store.db` (the Store itself)."""
+that must exist, and the folder one may be created in. Kept apart from
+:mod:`rostersync.store.db` (the Store itself)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
 
-from rostersync.errors import StoreError
+from rostersync.errors import ConfigError, ConfigIssue, StoreError
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -55,3 +56,26 @@ def open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
         return sqlite3.connect(uri, uri=True, check_same_thread=False)
 
     return connect
+
+
+def require_folder(path: Path) -> None:
+    """Before a command that writes creates the database file: its folder must exist.
+
+    Creating the folders too made a mistyped path (``/var/lib/rostersync/typo/x.db``) a new,
+    empty database nobody looks at, and every user and group provisioned again into it. The
+    folders of the documented set-ups exist already: the config's own folder (the default
+    ``sqlite:///rostersync.db``), systemd's ``StateDirectory``, the image's volume, the
+    repository's ``var/`` (the sample config)."""
+    folder = path.parent
+    if folder.is_dir():
+        return
+    what = "is not a folder" if folder.exists() else "does not exist"
+    raise ConfigError(
+        [
+            ConfigIssue(
+                "database",
+                f"the folder {folder} {what}: correct the path, or create the folder "
+                "(rostersync creates the database file, never its folder)",
+            )
+        ]
+    )
