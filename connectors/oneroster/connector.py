@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import replace
 from datetime import datetime
@@ -55,10 +55,10 @@ from connectors.oneroster.decode import (
     start_pool,
 )
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page, proxy_configured
-from connectors.oneroster.errors import describe, raise_for_status, transport_error
+from connectors.oneroster.errors import describe, raise_for_status, transport_error, undecodable
 from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
-from rostersync.errors import DeltaUnsupportedError, FatalSourceError
+from rostersync.errors import DeltaUnsupportedError
 from rostersync.source.connector import ConnectorContext, FetchMode
 from rostersync.source.records import (
     STUDENT,
@@ -164,10 +164,11 @@ class OneRosterConnector:
         params: dict[str, str] | None = None,
         *,
         passthrough: frozenset[int] = frozenset(),
-        parse: bool = True,
+        read: Callable[[httpx.Response], Awaitable[Any]] | None = None,
     ) -> tuple[httpx.Response, Any]:
         """GET ``base_url + path`` with retries; the parsed JSON (None for a passthrough status),
-        or with ``parse=False`` the body's bytes for the caller to decode."""
+        or what ``read`` makes of the answer. Parsing is part of each try: a body cut short
+        (a 200 all the same) is asked for again, like a dropped connection."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.config.max_concurrency)
         slots = self._slots
@@ -187,42 +188,33 @@ class OneRosterConnector:
             if response.status_code in passthrough:
                 return response, None
             raise_for_status(self.source, response, where)
-            if not parse:
-                return response, response.content
             try:
                 # orjson: parsing is a third of a large district's fetch; the stdlib is 2-3x slower.
-                return response, orjson.loads(response.content)
-            except ValueError:
-                raise FatalSourceError(self.source, f"invalid JSON from {where}") from None
+                return response, await read(response) if read else orjson.loads(response.content)
+            except DecodeError as exc:
+                raise undecodable(self.source, response, str(exc)) from None
+            except orjson.JSONDecodeError:
+                raise undecodable(self.source, response, "invalid JSON") from None
 
         return await self._retry.call(attempt)
-
-    def _unexpected(self, response: httpx.Response, problem: DecodeError) -> FatalSourceError:
-        where = describe(response.request)
-        if str(problem) == "invalid JSON":
-            return FatalSourceError(self.source, f"invalid JSON from {where}")
-        return FatalSourceError(self.source, f"unexpected answer from {where}: {problem}")
 
     async def _decode(self, key: str, response: httpx.Response, total: int | None) -> DecodedPage:
         """The page, normalized: in the decode pool when it is worth the trip (a large page
         of a collection that is large, or whose size the server does not say)."""
         content = response.content
-        try:
-            if len(content) >= decode.POOL_MIN_BYTES and self._pool_worth(total):
-                loop = asyncio.get_running_loop()
-                try:
-                    return await loop.run_in_executor(
-                        self._start_pool(), decode_known, key, content, self.skip_known
-                    )
-                except BrokenExecutor as exc:
-                    self._pool_failed(exc)
-            # As fingerprinted rows, like the workers' pages; in a full run the records the
-            # mirror holds as they are are left out unparsed here too (0.9 ms a page, not 6.4).
-            if self._rows and self.skip_known is not None:
-                return decode_known(key, content, self.skip_known)
-            return decode_page(key, content, self._rows)
-        except DecodeError as exc:
-            raise self._unexpected(response, exc) from None
+        if len(content) >= decode.POOL_MIN_BYTES and self._pool_worth(total):
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(
+                    self._start_pool(), decode_known, key, content, self.skip_known
+                )
+            except BrokenExecutor as exc:
+                self._pool_failed(exc)
+        # As fingerprinted rows, like the workers' pages; in a full run the records the
+        # mirror holds as they are are left out unparsed here too (0.9 ms a page, not 6.4).
+        if self._rows and self.skip_known is not None:
+            return decode_known(key, content, self.skip_known)
+        return decode_page(key, content, self._rows)
 
     # -- the decode pool ----------------------------------------------------------------------
 
@@ -383,7 +375,16 @@ class OneRosterConnector:
         passthrough = frozenset({400} if "filter" in extra else ()) | (
             frozenset({404}) if may_be_missing else frozenset()
         )
-        response, body = await self._get(path, params, passthrough=passthrough, parse=not rows)
+
+        async def read(response: httpx.Response) -> Any:
+            # A DecodeError raised here is sorted by _get: cut JSON retried, a wrong shape fatal.
+            if rows:
+                return await self._decode(
+                    key, response, parse_total(response.headers.get("X-Total-Count"))
+                )
+            return records_of(orjson.loads(response.content), key)
+
+        response, body = await self._get(path, params, passthrough=passthrough, read=read)
         with contextlib.suppress(RuntimeError):  # elapsed: once the response was read
             took = response.elapsed.total_seconds()
             fastest = self._fastest_page
@@ -406,12 +407,8 @@ class OneRosterConnector:
             next_offset=next_offset,
         )
         if rows:
-            decoded = await self._decode(key, response, page.total)
-            return replace(page, decoded=decoded, count=decoded.length, first_id=decoded.first_id)
-        try:
-            return replace(page, records=records_of(body, key))
-        except DecodeError as exc:
-            raise self._unexpected(response, exc) from None
+            return replace(page, decoded=body, count=body.length, first_id=body.first_id)
+        return replace(page, records=body)
 
     async def _pages(
         self,

@@ -4,6 +4,8 @@
   an HTTP date) rides on the error so the retry policy waits as long as the server asked.
 * Timeouts and transport failures (refused or dropped connections) are retriable too.
 * 401/403 are fatal with a hint about credentials; every other 4xx is fatal.
+* A 200 whose JSON does not parse (a body cut short by a proxy or a server that gave up
+  half-way) is retriable, naming the page's offset; an answer of the wrong shape is fatal.
 
 Messages carry the source (through :class:`~rostersync.errors.SourceError`), the method and the
 URL *path* only: no host, no query string, no header, so no secret can leak into a log line.
@@ -16,7 +18,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from rostersync.errors import FatalSourceError, RetriableSourceError
+from rostersync.errors import FatalSourceError, RetriableSourceError, SourceError
 
 _REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
 
@@ -24,6 +26,18 @@ _REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too M
 def describe(request: httpx.Request) -> str:
     """``GET /ims/oneroster/v1p1/users``: what error messages name."""
     return f"{request.method} {request.url.path}"
+
+
+def undecodable(source: str, response: httpx.Response, problem: str) -> SourceError:
+    """The error for an answer that did not decode (``problem``, a DecodeError's text)."""
+    request = response.request
+    where = describe(request)
+    # The offset alone of the query: it tells which page without echoing the rest.
+    offset = request.url.params.get("offset")
+    where += f" at offset={offset}" if offset is not None else ""
+    if problem == "invalid JSON":
+        return RetriableSourceError(source, f"invalid JSON from {where}")
+    return FatalSourceError(source, f"unexpected answer from {where}: {problem}")
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

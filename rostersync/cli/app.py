@@ -65,12 +65,20 @@ class App:
     @property
     def store(self) -> Store:
         """The database for commands that write: an empty one is created and migrated."""
-        from rostersync.store.db import Store
-
         if self._store is None:
-            self._store = Store(self.settings.database)
+            self._store = self.open_store()
             self._store.ensure_schema(auto_upgrade=True)
         return self._store
+
+    def open_store(self) -> Store:
+        """The database, created if missing (not its folder: a config error naming the file)."""
+        from rostersync.config.loader import config_path
+        from rostersync.store.db import Store
+
+        try:
+            return Store(self.settings.database)
+        except ConfigError as exc:
+            raise ConfigError(exc.issues, str(config_path(self.config_file))) from None
 
     @property
     def read_store(self) -> Store:

@@ -21,7 +21,7 @@ def config_group() -> None:
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
     from rostersync.config.loader import config_path, load_settings
-    from rostersync.store.db import is_sqlite_file, sqlite_file
+    from rostersync.store.sqlitefile import is_sqlite_file, sqlite_file
 
     path = config_path(app.config_file)
     try:
@@ -43,9 +43,16 @@ def config_check(app: App) -> None:
     )
     if db is not None and not db.exists():
         # Not an error (the first sync creates it), but a mistyped path shows up here first.
-        click.echo(
-            f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
-        )
+        # Nor is a missing folder: StateDirectory makes /var/lib/rostersync at the unit's start.
+        if db.parent.is_dir():
+            click.echo(
+                f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
+            )
+        else:
+            click.echo(
+                f"  note: database {db} does not exist, nor its folder {db.parent}: a sync refuses "
+                "it until the folder is created (systemd's StateDirectory creates it for the unit)"
+            )
 
 
 @config_group.command("schema")

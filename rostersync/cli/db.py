@@ -16,10 +16,9 @@ def db_group() -> None:
 @click.pass_obj
 def db_upgrade(app: App) -> None:
     """Apply pending migrations."""
-    from rostersync.store.db import Store
     from rostersync.sync.provisioning import sync_catalog
 
-    store = Store(app.settings.database)
+    store = app.open_store()
     try:
         before, after = store.upgrade()
         with store.write() as conn:

@@ -154,10 +154,27 @@ def _message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel]
         close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown key (not allowed here){hint}"
+    if kind == "list_type":
+        # pydantic's "Input should be a valid list" says neither what was found nor what a
+        # list looks like in YAML (`sites: North High, South Middle` is one string).
+        return f"must be a list ([a, b], or one '- item' a line), not {_what(err.get('input'))}"
     msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if missing:
         return f"{missing}: {msg}"
     return msg
+
+
+def _what(value: object) -> str:
+    """What kind of YAML value was written (never the value: it may come from ``${VAR}``)."""
+    if value is None:
+        return "empty"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else type(value).__name__
 
 
 def _types(annotation: Any) -> list[Any]:
@@ -302,7 +319,10 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                     issues.append(ConfigIssue(f"roles[{i}]", f"role {name!r} is listed twice"))
                 names.append(name)
     raw_sites = data.get("sites")
-    sites = [s for s in raw_sites if isinstance(s, str)] if isinstance(raw_sites, list) else []
+    sites = [s for s in raw_sites if _good_site(s)] if isinstance(raw_sites, list) else []
+    # A sites value with no name to read (not a list, or no valid entry) is reported where it
+    # is written; default_site and site_map checked against it would be blamed, with "(none)".
+    sites_usable = "sites" not in data or (isinstance(raw_sites, list) and (sites or not raw_sites))
     for i, site in enumerate(sites):
         if site in sites[:i]:
             issues.append(ConfigIssue(f"sites[{i}]", f"site {site!r} is listed twice"))
@@ -317,7 +337,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 )
             )
         default_site = prov.get("default_site")
-        if isinstance(default_site, str) and default_site not in sites:
+        if sites_usable and isinstance(default_site, str) and default_site not in sites:
             issues.append(
                 ConfigIssue(
                     "provisioning.default_site",
@@ -325,7 +345,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 )
             )
         site_map = prov.get("site_map")
-        if isinstance(site_map, dict):
+        if sites_usable and isinstance(site_map, dict):
             for key, value in site_map.items():
                 if isinstance(value, str) and value not in sites:
                     issues.append(
@@ -357,6 +377,11 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
     if isinstance(db, str) and (problem := _database_problem(db)) is not None:
         issues.append(ConfigIssue("database", problem))
     return issues
+
+
+def _good_site(value: object) -> bool:
+    """A site name the model accepts (Settings._site_names)."""
+    return isinstance(value, str) and bool(value.strip()) and len(value) <= 50
 
 
 def _database_problem(url: str) -> str | None:

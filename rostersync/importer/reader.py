@@ -8,8 +8,9 @@ Spreadsheets are messy in known ways, and each is handled here so the rules neve
   spreadsheet shows), not the physical line, so multi-line cells do not shift later rows.
 * Trailing rows of empty cells (``;;;;``) are not rows.
 * A record the csv module cannot parse on its own line (text after a closing quote, a cell
-  over its 128 KiB limit) fails that row alone, naming the line; one that hides where the
-  next row starts (a quote left open) refuses the file (:mod:`rostersync.csvrecords`).
+  over its 128 KiB limit) fails that row alone, naming the line; its cells, split loosely,
+  only name the row (its email). One that hides where the next row starts (a quote left
+  open) refuses the file (:mod:`rostersync.csvrecords`).
 * A damaged workbook fails inside openpyxl with whatever its parser hit (``ParseError``,
   ``IndexError``, ``TypeError``, ...): each is the same refusal, naming the file.
 """
@@ -41,19 +42,23 @@ _INVISIBLE = "\ufeff\u200b\u200c\u200d\u2060"
 #: zip bomb would otherwise fill the memory); a 2,000-row sheet is about 1 MiB of XML.
 MAX_XLSX_UNPACKED = 256 * 1024 * 1024
 
-#: One record as read: its cells, and why it cannot be used ("line 7: ...") or None.
-_Record = tuple[Sequence[str], str | None]
+#: One record as read: its cells, why it cannot be used ("line 7: ...") or None, and the
+#: cells of one the csv module refused, split loosely (see RawRow.loose).
+_Record = tuple[Sequence[str], str | None, Sequence[str]]
 
 
 @dataclass(frozen=True, slots=True)
 class RawRow:
     """One non-empty data row: its 1-based row number in the file (header = 1) and cells.
 
-    ``problem`` says why the row cannot be used as read (it then fails on its own)."""
+    ``problem`` says why the row cannot be used as read (it then fails on its own). ``loose``
+    holds the cells of a row the csv module refused, split as well as can be: they only name
+    the row in its result (its email), nothing is imported from them."""
 
     row: int
     values: tuple[str, ...]
     problem: str | None = None
+    loose: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +135,7 @@ def _table(records: Iterable[_Record], name: str, max_rows: int) -> Sheet:
     headers: tuple[str, ...] | None = None
     rows: list[RawRow] = []
     count = 0
-    for number, (record, problem) in enumerate(records, start=1):
+    for number, (record, problem, loose) in enumerate(records, start=1):
         cells = _trimmed(tuple(clean_cell(c) for c in record))
         if not cells and problem is None:
             continue
@@ -141,7 +146,7 @@ def _table(records: Iterable[_Record], name: str, max_rows: int) -> Sheet:
             continue
         count += 1
         if count <= max_rows:  # past the limit the file is refused: count, but keep nothing
-            rows.append(RawRow(number, cells, problem))
+            rows.append(RawRow(number, cells, problem, tuple(clean_cell(c) for c in loose)))
     if headers is None:
         raise ImportRefused(f"{name}: the file is empty (no header row)")
     if count > max_rows:
@@ -163,14 +168,39 @@ def _csv_records(text: str, delimiter: str) -> Iterator[_Record]:
     """The records of CSV text; one with a byte that is not UTF-8 (text :func:`_decode` read
     as mostly UTF-8) fails, naming its column, and shows U+FFFD in its place."""
     header: Sequence[str] | None = None
+    physical: list[str] | None = None  # the text's lines, split only if a record fails
     # newline="": the csv module itself handles CRLF and line breaks inside quotes.
     for line, fields, problem in read_records(io.StringIO(text, newline=""), delimiter=delimiter):
+        loose: list[str] = []
         if problem is None and (stray := _stray_bytes(fields, header)) is not None:
             problem = stray
             fields = [_STRAY.sub("\ufffd", f) for f in fields]
+        elif problem is not None and not fields:
+            # A record the csv module refused sits on one line (csvrecords); split the
+            # same way, so that the row's result can show its email.
+            physical = physical or io.StringIO(text, newline="").readlines()
+            loose = _loose_cells(physical[line - 1], delimiter)
         if header is None and any(map(clean_cell, fields)):
             header = [clean_cell(f) for f in fields]
-        yield fields, (f"line {line}: {problem}" if problem else None)
+        yield fields, (f"line {line}: {problem}" if problem else None), loose
+
+
+def _loose_cells(line: str, delimiter: str) -> list[str]:
+    """The cells of one line, quotes dropped and a delimiter inside quotes kept: what the csv
+    module makes of a well-formed line, and a fair guess at a malformed one."""
+    cells: list[str] = []
+    cell: list[str] = []
+    quoted = False
+    for char in line.rstrip("\r\n"):
+        if char == '"':
+            quoted = not quoted
+        elif char == delimiter and not quoted:
+            cells.append("".join(cell))
+            cell = []
+        else:
+            cell.append(char)
+    cells.append("".join(cell))
+    return cells
 
 
 def parse_text(text: str, name: str, *, max_rows: int, delimiter: str | None = None) -> Sheet:
@@ -259,7 +289,7 @@ def _xlsx_records(ws: Any, name: str) -> Iterator[_Record]:
         # Some generators write a wrong <dimension>; read-only mode would trust it and cut rows.
         ws.reset_dimensions()
         for row in ws.iter_rows(min_row=1, values_only=True):
-            yield [_xlsx_cell(v) for v in row], None
+            yield [_xlsx_cell(v) for v in row], None, ()
     except Exception as exc:
         # As in _open_workbook: a damaged sheet part, shared string or cell value.
         raise _refused(name, f"sheet {ws.title!r}: {_detail(exc)}") from None

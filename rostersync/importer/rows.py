@@ -10,13 +10,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from rostersync.emails import email_problem, normalize_email
+from rostersync.emails import MAX_EMAIL, email_problem, normalize_email
 from rostersync.importer.columns import ColumnMap
 from rostersync.importer.reader import RawRow
 from rostersync.importer.statuses import Status
 
 MAX_NAME, MAX_ROLE, MAX_SITE = 256, 256, 50
 DEFAULT_DISPLAY_NAME = "Console User"
+#: An email cell too long to be an address is shown cut to this many characters (… included).
+SHOWN_EMAIL = 60
 
 _TRUE = {"true", "yes", "y", "1", "t"}
 _FALSE = {"false", "no", "n", "0", "f", ""}
@@ -65,15 +67,21 @@ class _Bad(Exception):
     pass
 
 
+def shown_email(email: str) -> str:
+    """``email`` as a row's result shows it: whole unless longer than any address can be."""
+    return email if len(email) <= MAX_EMAIL else email[: SHOWN_EMAIL - 1] + "…"
+
+
 def parse_row(raw: RawRow, cells: ColumnMap, sources: Mapping[str, object]) -> RowInput:
     """Parse a row; ``sources`` are the configured source names (for Source Username(s))."""
     values = raw.values
-    email = normalize_email(cells.get(values, "email"))
+    # A row the csv module refused still names its email, from its loosely split cells.
+    email = normalize_email(cells.get(values or raw.loose, "email"))
     if raw.problem is not None:  # the file itself is broken on this row: nothing to trust
-        return RowInput(raw.row, email, problem=(Status.FAILED, raw.problem))
+        return RowInput(raw.row, shown_email(email), problem=(Status.FAILED, raw.problem))
     problem = email_problem(email)
     if problem is not None:
-        return RowInput(raw.row, email, problem=(Status.INVALID_EMAIL, problem))
+        return RowInput(raw.row, shown_email(email), problem=(Status.INVALID_EMAIL, problem))
     try:
         return _parse(raw.row, email, values, cells, sources)
     except _Bad as exc:

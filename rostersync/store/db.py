@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import structlog
 from sqlalchemy import (
@@ -38,6 +37,7 @@ from sqlalchemy.types import NullType, TypeDecorator
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
 from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
+from rostersync.store.sqlitefile import open_existing_sqlite, require_folder, sqlite_file
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -333,56 +333,13 @@ def copy_rows(conn: Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> No
             copy.write_row(row)
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a ``sqlite:///PATH`` URL; None for other databases, memory and URI forms."""
-    parsed = make_url(url)
-    db = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:":
-        return None
-    return None if parsed.query.get("uri") else Path(db)
-
-
-#: The first bytes of every SQLite database file.
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def is_sqlite_file(path: Path) -> bool:
-    """Empty (SQLite sets it up) or starting with SQLite's header; unreadable: the open says."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(len(SQLITE_HEADER))
-    except OSError:
-        return True
-    return not head or head == SQLITE_HEADER
-
-
-def _open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
-    """A connection factory for a SQLite file that must already exist.
-
-    ``mode=rw`` makes SQLite itself refuse to create the file, so a file deleted after this
-    check is not silently re-created empty either.
-    """
-    if not path.exists():
-        raise StoreError(
-            f"database {path} does not exist: check `database` in the config. Commands that "
-            "only read never create it; a sync or `rostersync db upgrade` does"
-        )
-    if not path.is_file():
-        raise StoreError(f"database {path} is not a file: check `database` in the config")
-    uri = f"file:{quote(str(path.resolve()))}?mode=rw"
-
-    def connect() -> sqlite3.Connection:
-        return sqlite3.connect(uri, uri=True, check_same_thread=False)
-
-    return connect
-
-
 class Store:
     """One database: directory, mirror, staging and operations tables."""
 
     def __init__(self, url: str, *, echo: bool = False, create: bool = True) -> None:
         """``create=False`` (commands that only read): a SQLite file that does not exist is a
-        StoreError naming it, and no file or folder is ever created."""
+        StoreError naming it, and no file or folder is ever created. Otherwise a missing file
+        is created, in a folder that must exist (a ConfigError on `database`)."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -395,9 +352,9 @@ class Store:
             kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
             if db is not None:
                 if create:
-                    db.parent.mkdir(parents=True, exist_ok=True)
+                    require_folder(db)  # a ConfigError: a mistyped path makes no new tree
                 else:
-                    kwargs = {"creator": _open_existing_sqlite(db)}
+                    kwargs = {"creator": open_existing_sqlite(db)}
                 self._checkpointer = Checkpointer(str(db))
             # Pooled connections keep their PRAGMAs; opening one per batch would cost more
             # than the batch's insert. A connection is only ever used by one thread at a time.

@@ -17,6 +17,7 @@ def config(tmp_path: Path) -> Path:
     shutil.copytree(REPO / "config" / "sample-district", tmp_path / "sample-district")
     data = yaml.safe_load((REPO / "config" / "rostersync.example.yaml").read_text())
     data["database"] = "sqlite:///state/rostersync.db"
+    (tmp_path / "state").mkdir()  # rostersync creates the database file, never its folder
     data["logging"] = {"level": "warning", "format": "json"}
     path = tmp_path / "rostersync.yaml"
     path.write_text(yaml.safe_dump(data))

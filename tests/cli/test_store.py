@@ -12,7 +12,9 @@ import yaml
 from sqlalchemy import inspect
 
 from rostersync.cli.main import main
+from rostersync.config.loader import load_settings
 from rostersync.store.db import Store, schema_head
+from rostersync.store.sqlitefile import sqlite_file
 from tests.conftest import _pg_schema_store
 from tests.fulldisk import fill_up_after
 
@@ -66,11 +68,21 @@ def test_a_read_only_command_on_a_mistyped_sqlite_path_is_an_error_and_creates_n
 def test_config_check_never_opens_the_database_but_notes_a_missing_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`config check` passes (the first sync creates the file) and says the file is not there yet."""
+    """`config check` passes (the first sync creates the file) and says the file is not there
+    yet, or that its folder is missing too (not an error: systemd's StateDirectory creates
+    /var/lib/rostersync when the unit first starts, after the install guide's check)."""
+    (tmp_path / "state").mkdir()
+    config = write_config(tmp_path, "sqlite:///state/rs.db")
+    code, output = invoke(config, capsys, "config", "check")
+    assert code == 0, output
+    assert f"note: database {tmp_path / 'state' / 'rs.db'} does not exist yet" in output
     config = write_config(tmp_path, "sqlite:///nodir/rs.db")
     code, output = invoke(config, capsys, "config", "check")
     assert code == 0, output
-    assert f"note: database {tmp_path / 'nodir' / 'rs.db'} does not exist yet" in output
+    assert (
+        f"note: database {tmp_path / 'nodir' / 'rs.db'} does not exist, nor its folder "
+        f"{tmp_path / 'nodir'}: a sync refuses it until the folder is created" in output
+    )
     assert not (tmp_path / "nodir").exists()
 
 
@@ -96,7 +108,8 @@ def test_a_read_only_command_does_not_migrate_an_empty_database(
 def test_commands_that_write_create_and_migrate_the_database_on_first_use(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
 ) -> None:
-    """`sync`, `db upgrade` and `resync` still create the folder, the file and the schema."""
+    """`sync`, `db upgrade` and `resync` create the file and the schema in an existing folder."""
+    (tmp_path / "state").mkdir()
     config = write_config(tmp_path, "sqlite:///state/rs.db")
     code, output = invoke(config, capsys, *command)
     assert code == 0, output
@@ -107,11 +120,40 @@ def test_commands_that_write_create_and_migrate_the_database_on_first_use(
     assert code == 0, output
 
 
+@pytest.mark.parametrize(
+    "command", [["sync"], ["db", "upgrade"], ["resync", "--all"]], ids=" ".join
+)
+@pytest.mark.parametrize("relative", [True, False], ids=["relative", "absolute"])
+def test_a_database_in_a_missing_folder_is_a_config_error_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], relative: bool
+) -> None:
+    """A mistyped folder (`sqlite:////var/lib/rostersync/typo-dir/x.db`) used to be created,
+    with a new empty database in it: now exit 2, naming the key, the folder and the config."""
+    missing = tmp_path / "typo-dir" / "sub"
+    url = "sqlite:///typo-dir/sub/rs.db" if relative else f"sqlite:///{missing / 'rs.db'}"
+    config = write_config(tmp_path, url)
+    code, output = invoke(config, capsys, *command)
+    assert code == 2, output
+    assert f"rostersync: {config}: 1 configuration error(s):" in output
+    assert f"  database: the folder {missing} does not exist" in output
+    assert "Traceback" not in output
+    assert not (tmp_path / "typo-dir").exists()
+
+
+def test_the_example_configs_database_folder_ships_with_the_repository() -> None:
+    """The README's first command syncs the example config in a fresh clone, and rostersync
+    never creates a database's folder: var/ is in the repository (a .gitkeep holds it)."""
+    settings = load_settings(REPO / "config" / "rostersync.example.yaml", check_files=False)
+    assert sqlite_file(settings.database) == REPO / "var" / "rostersync.db"
+    assert (REPO / "var" / ".gitkeep").is_file()
+
+
 def test_the_first_sync_names_the_database_it_set_up_and_later_runs_do_not(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A config copied elsewhere points its relative SQLite path at a new file: the sync that
     creates it says so, with the file's path."""
+    (tmp_path / "state").mkdir()
     config = write_config(tmp_path, "sqlite:///state/rs.db")
     data = yaml.safe_load(config.read_text())
     data["logging"] = {"level": "info", "format": "json"}

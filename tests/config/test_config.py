@@ -160,6 +160,44 @@ def test_default_site_must_be_a_site() -> None:
     assert err.value.issues[0].line == 7
 
 
+@pytest.mark.parametrize(
+    ("sites", "path", "problem"),
+    [
+        ("North High, South Middle", "sites", "must be a list ([a, b], or one '- item' a line), "
+         "not a string"),
+        ("{North High: 1}", "sites", "must be a list ([a, b], or one '- item' a line), not a mapping"),
+        ("", "sites", "must be a list ([a, b], or one '- item' a line), not empty"),
+        ("[7, '']", "sites[0]", "Input should be a valid string"),
+    ],
+)  # fmt: skip
+def test_an_invalid_sites_list_is_reported_once_not_as_no_sites(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, sites: str, path: str, problem: str
+) -> None:
+    """The sites list's own problem is the error, with its path and line: default_site and
+    site_map are not also said to be missing from "(none)", a list nobody wrote."""
+    cfg = tmp_path / "sites.yaml"
+    cfg.write_text(
+        GOOD.replace("sites: [North High]", f"sites: {sites}").replace(
+            "  default_site: North High\n",
+            "  default_site: North High\n  site_map: {s1: North High}\n",
+        )
+    )
+    code, output = run_main(capsys, "--config", str(cfg), "config", "check")
+    assert code == 2
+    assert f"  {path}: line 4: {problem}\n" in output
+    assert "(none)" not in output
+    assert "provisioning" not in output
+
+
+def test_default_site_without_any_sites_says_so() -> None:
+    """No `sites` key at all: default_site names a site that is not listed, as before."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("sites: [North High]\n", ""))
+    [issue] = err.value.issues
+    assert issue.path == "provisioning.default_site"
+    assert issue.message == "'North High' is not one of sites (none)"
+
+
 def test_env_variables_are_substituted_and_missing_ones_reported(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -588,8 +588,8 @@ async def test_bearer_token_never_appears_in_a_401_message() -> None:
     assert token not in str(err.value)
 
 
-async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
-    """A 404 on a collection and an unparsable body both stop the run."""
+async def test_other_4xx_is_fatal_and_bad_json_fails_once_retries_run_out() -> None:
+    """A 404 on a collection stops the run; an unparsable body is retried, then fails it."""
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(404))
@@ -598,10 +598,11 @@ async def test_other_4xx_is_fatal_and_bad_json_is_fatal() -> None:
                 await fetch_all(c)
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "users", "classes", "enrollments")
-        router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
+        route = router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
         async with open_connector() as c:
-            with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
+            with pytest.raises(RetriableSourceError, match="invalid JSON from GET /ims"):
                 await fetch_all(c)
+    assert route.call_count == FAST["max_attempts"]
 
 
 async def test_an_answer_without_the_collection_key_is_fatal() -> None:
@@ -1196,7 +1197,7 @@ async def test_pooled_decoding_yields_the_rows_inline_decoding_gives(
     assert pooled[0].newest == expected.newest == datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 
-async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
+async def test_a_bad_page_decoded_in_the_pool_fails_naming_the_request(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Errors found in a worker process read as the inline ones do."""
@@ -1206,7 +1207,7 @@ async def test_a_bad_page_decoded_in_the_pool_is_fatal_naming_the_request(
         mock_empty(router, "users", "classes", "enrollments")
         router.get(f"{BASE}/orgs").mock(return_value=httpx.Response(200, content=b"<html>"))
         async with open_connector(decode_workers=1) as c:
-            with pytest.raises(FatalSourceError, match="invalid JSON from GET /ims"):
+            with pytest.raises(RetriableSourceError, match="invalid JSON from GET /ims"):
                 await fetch_all(c)
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "users", "classes", "enrollments")

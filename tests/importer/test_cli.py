@@ -19,6 +19,7 @@ from openpyxl import Workbook, load_workbook
 from rostersync.cli.main import cli
 from rostersync.errors import StoreError
 from rostersync.importer import TEMPLATE_COLUMNS
+from rostersync.importer.rows import SHOWN_EMAIL
 from rostersync.sampledata import write_oneroster_csv
 from rostersync.source.testdata import small_roster
 from tests.conftest import BASE_CONFIG
@@ -225,6 +226,33 @@ def test_csv_row_the_csv_module_cannot_read_fails_alone(config: Path, tmp_path: 
     assert rows[0] == (2, "Success", "created") and rows[3] == (5, "Success", "created")
     assert rows[1] == (3, "Failed", "line 3: a field is longer than 131072 characters")
     assert rows[2][:2] == (4, "Failed") and rows[2][2].startswith("line 4: malformed CSV")
+
+
+def test_a_row_failed_by_an_over_long_cell_shows_its_email(config: Path, tmp_path: Path) -> None:
+    """Rows the csv module refuses show their email like any failed row; an email cell too long
+    to be an address is shown cut, in JSON and in the text table alike."""
+    long_local = "d" * 200_000
+    body = (
+        "Email,Display Name\n"
+        f'b@example.org,"{"x" * 200_000}"\n'  # 2: the name cell is over the csv limit
+        'c@example.org,"Cy"ril\n'  # 3: text after a closing quote
+        f'"{long_local}@example.org",Dee\n'  # 4: the email cell itself is the long one
+        f"{'e' * 300}@example.org,Eve\n"  # 5: over-long, but within the csv limit
+    )
+    f = _csv(tmp_path, body)
+    result = rs(config, "import", f, "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["row"]: r for r in json.loads(result.stdout)["rows"]}
+    assert rows[2]["email"] == "b@example.org" and rows[2]["status"] == "Failed"
+    assert rows[3]["email"] == "c@example.org" and rows[3]["status"] == "Failed"
+    assert rows[4]["status"] == "Failed"
+    assert rows[4]["email"] == "d" * (SHOWN_EMAIL - 1) + "…"
+    assert rows[5]["status"] == "Invalid email"
+    assert rows[5]["email"] == "e" * (SHOWN_EMAIL - 1) + "…"
+    text = rs(config, "import", f, "--dry-run")
+    assert text.exit_code == 0, text.output
+    assert "b@example.org" in text.stdout and "c@example.org" in text.stdout
+    assert max(map(len, text.stdout.splitlines())) < 300  # no 200,000-character line
 
 
 def test_report_into_a_missing_folder_is_refused_before_importing(

@@ -279,6 +279,18 @@ def test_huge_cell_fails_its_row_only() -> None:
     ]
 
 
+def test_a_row_the_csv_module_refuses_keeps_its_cells_split_loosely_for_display() -> None:
+    """Such a row's values stay empty (nothing in it is trusted), but its cells split as well
+    as can be let the result name the row by its email."""
+    text = 'Email;Name\r\na@example.org;A\r\nb@example.org;"Jo"hn;x\r\n"c@example.org";"Ab;"c""\r\n'
+    sheet = parse_bytes(text.encode(), "l.csv", max_rows=10)
+    assert [(r.values, r.loose) for r in sheet.rows] == [
+        (("a@example.org", "A"), ()),
+        ((), ("b@example.org", "John", "x")),
+        ((), ("c@example.org", "Ab;c")),
+    ]
+
+
 def test_stray_quote_fails_its_row_naming_the_line() -> None:
     """Text after a closing quote fails that row (it used to be read as if unquoted), with its
     physical line, which a quoted line break above puts past its row number."""
