@@ -118,6 +118,9 @@ def build_auth(source: str, config: OneRosterSourceConfig) -> httpx.Auth:
 class OneRosterConnector:
     """See the module docstring."""
 
+    #: Read at offsets: an id sent twice means records moved, maybe past others (sync/repeats).
+    pages_may_shift = True
+
     def __init__(self, ctx: ConnectorContext) -> None:
         if not isinstance(ctx.config, OneRosterSourceConfig):
             raise TypeError(f"source {ctx.source!r}: expected a oneroster source config")

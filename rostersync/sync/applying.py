@@ -33,6 +33,8 @@ from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.sync import changes as changeset
 from rostersync.sync import detect, provisioning, runs
 from rostersync.sync import merge as merging
+from rostersync.sync import repeats as repeated
+from rostersync.sync.repeats import Repeats
 from rostersync.sync.rules import ProvisionPlan, check_safety, email_rejection, plan_provisioning
 from rostersync.sync.runs import (
     Outcome,
@@ -45,7 +47,7 @@ from rostersync.sync.runs import (
     source_state,
 )
 from rostersync.sync.scope import SCOPE_COUNT_KEYS, fingerprint_of, last_counts, ratio_counts
-from rostersync.sync.staging import clear_staging, prepare_staging, repeat_warnings
+from rostersync.sync.staging import clear_staging, prepare_staging
 
 
 @dataclass
@@ -182,11 +184,14 @@ class Applier:
         :class:`_RollBack` on the way (see "rollback by exception" in the module docstring)."""
         lock_directory(conn, exclusive=True)  # before any read: see lock_directory
         self._hold_lease(conn, ctx.source)  # still ours, and nobody takes it until the commit
-        repeats = prepare_staging(conn, ctx.run_id)  # SQLite: repeats settled, key index built
+        repeats = Repeats()
+        repeats.update(ctx.repeats)
+        repeats.update(prepare_staging(conn, ctx.run_id))  # SQLite: settled, key index built
         found = self._merge_changes(conn, ctx)
         decision = self._decide(conn, ctx, found)
-        decision.outcome.warnings += repeat_warnings(repeats)
-        self._judge(conn, ctx, found, decision)
+        if not ctx.approved:  # an approval's staging shows fewer: the held run's report said
+            decision.outcome.warnings += repeated.warnings(repeats)
+        self._judge(conn, ctx, found, decision, repeats)
         return self._carry_out(conn, ctx, found, decision)
 
     def _merge_changes(self, conn: Connection, ctx: RunContext) -> _Merged:
@@ -330,7 +335,12 @@ class Applier:
         return _Decision(state, decided_with, settings_changed, redecide, only, plan, outcome)
 
     def _judge(
-        self, conn: Connection, ctx: RunContext, found: _Merged, decision: _Decision
+        self,
+        conn: Connection,
+        ctx: RunContext,
+        found: _Merged,
+        decision: _Decision,
+        repeats: Repeats,
     ) -> None:
         """Count what the plan does and ask the safety rules whether the run must be held."""
         source, run_id, full = ctx.source, ctx.run_id, ctx.full
@@ -380,9 +390,12 @@ class Applier:
                 emails_lost=changes.emails_lost,
                 emails_before=changes.emails_before,
             )
-            if verdict.hold:
+            reasons = list(verdict.reasons)
+            if full and ctx.shifting:
+                reasons += repeated.hold_reasons(repeats, changes.missing)
+            if reasons:
                 counts["groups_removed"] = groups_removed
-                outcome.hold_reasons = verdict.reasons
+                outcome.hold_reasons = tuple(reasons)
         decision.groups_removed = groups_removed
 
     def _carry_out(

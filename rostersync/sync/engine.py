@@ -281,6 +281,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 return await asyncio.to_thread(self._fail, run_id, exc, log)
             fetched.update(scoped.counts)
             notes.extend(scoped.warnings)
+            extras.repeats.update(scoped.repeats)
         if notes:
             warnings.extend(notes)
             await asyncio.to_thread(self._set_warnings, run_id, warnings)
@@ -296,6 +297,8 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
                 changes=changes and dry_run,
                 known=extras.known,
                 scoped_out=frozenset(scoped.persons_out),
+                repeats=extras.repeats,
+                shifting=extras.shifting,
             )
             return await asyncio.to_thread(self._apply, ctx)
         except Exception as exc:

@@ -23,15 +23,9 @@ from rostersync.source.records import AcademicSession
 from rostersync.store.db import Store
 from rostersync.store.tables import run_rejection
 from rostersync.sync.known import KnownRows
+from rostersync.sync.repeats import Repeats
 from rostersync.sync.scope import Scope
-from rostersync.sync.staging import (
-    Repeats,
-    StagedBatch,
-    add_repeats,
-    repeat_warnings,
-    sort_batch,
-    stage,
-)
+from rostersync.sync.staging import StagedBatch, sort_batch, stage
 
 #: Rows a fetch may hold back while a staging write is under way before it waits for it.
 STAGE_BUFFER_ROWS = 50_000
@@ -52,6 +46,10 @@ class Fetched:
     sessions: Mapping[str, AcademicSession] | None = None
     #: a full run without a scope: the mirror's rows it saw unchanged (rostersync.sync.known)
     known: KnownRows | None = None
+    #: the sourcedIds the fetch received more than once (as far as staging them showed)
+    repeats: Repeats = field(default_factory=Repeats)
+    #: the connector reads collections page by page at offsets (its ``pages_may_shift``)
+    shifting: bool = False
 
 
 class Fetcher:
@@ -76,7 +74,9 @@ class Fetcher:
         """Stage everything the connector yields; returns the counts, the newest
         dateLastModified, and the connector's warnings (its optional ``warnings``: what it
         accepted but an admin should hear of, such as a CSV row read without a bad date).
-        With terms to judge, ``extras`` collects the classes' terms and the sessions."""
+        With terms to judge, ``extras`` collects the classes' terms and the sessions; it
+        always collects the ids received more than once, as far as staging showed them, and
+        whether the connector's pages may shift (rostersync.sync.repeats)."""
         collect = extras if scope is not None and scope.current_terms else None
         # A full run of an unscoped source stages only the rows the mirror lacks or holds
         # otherwise; the mirror's hashes load while the first requests are under way.
@@ -95,7 +95,7 @@ class Fetcher:
         buffer: list[StagedBatch] = []
         buffered = 0
         held = StagedBatch()  # filtered rows waiting for more (see STAGE_MIN_ROWS)
-        repeats: Repeats = {}  # ids received twice with different content
+        repeats = extras.repeats if extras is not None else Repeats()
         pending: asyncio.Task[None] | None = None
         try:
             async with self.connector(source) as connector:
@@ -145,7 +145,8 @@ class Fetcher:
                 if known is not None:
                     await asyncio.to_thread(self._settle, run_id, known, repeats)
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
-                notes += repeat_warnings(repeats)
+                if extras is not None:
+                    extras.shifting = bool(getattr(connector, "pages_may_shift", False))
                 if collect is not None:
                     collect.sessions = getattr(connector, "academic_sessions", None)
         finally:
@@ -166,14 +167,15 @@ class Fetcher:
         return dict(fetched), newest, notes
 
     def _settle(self, run_id: int, known: KnownRows, repeats: Repeats) -> None:
-        """After the last staging write: note the ids received both as the mirror holds them
-        and otherwise, then take out of staging those whose last record was as it holds them.
-        Neither has anything to do after a run that staged nothing of what the mirror holds,
-        and the first only reads."""
+        """After the last staging write: note the ids received more than once where a copy was
+        as the mirror holds them (rostersync.sync.repeats), then take out of staging those
+        whose last record was so. After a run that staged nothing the mirror holds, neither
+        reads or writes the database."""
         reverted = any(known.reverted.values())
+        repeats.update(known.seen_twice())
         if any(known.staged.values()) or reverted:
             with self.store.read() as conn:
-                add_repeats(repeats, known.repeats(conn, run_id))
+                repeats.update(known.repeats(conn, run_id))
         if reverted:
             with self.store.write() as conn:
                 if recovery.still_running(conn, run_id):
@@ -215,7 +217,7 @@ class Fetcher:
                 return  # cut off or taken over meanwhile: its staging was cleared for good
             found = stage(conn, run_id, batch)
             if repeats is not None:
-                add_repeats(repeats, found)
+                repeats.update(found)
             if batch.rejected:
                 conn.execute(
                     insert(run_rejection),

@@ -45,8 +45,9 @@ from rostersync.source.fingerprints import parse_fingerprints
 from rostersync.source.rows import COLUMNS, KnownSpec, Row, StagedBatch, fp_slices
 from rostersync.store.db import Store
 from rostersync.sync.mirror import TABLES
+from rostersync.sync.repeats import HASH_AT, Repeats
 from rostersync.sync.rules import chunks
-from rostersync.sync.staging import HASH_AT, Repeats, run_scan
+from rostersync.sync.staging import run_scan
 
 __all__ = ["FP_AT", "HASH_AT", "KnownRows", "MirrorChangedError", "row_key"]
 
@@ -93,6 +94,8 @@ class KnownRows:
         self.reverted: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
         #: rows left out of staging, per kind
         self.unchanged: dict[str, int] = {kind: 0 for kind in COLUMNS}
+        #: ids whose mirror row was seen as it is more than once (a record sent twice)
+        self.seen_again: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
         self._loaded = threading.Event()
         self._error: BaseException | None = None
 
@@ -218,12 +221,19 @@ class KnownRows:
         self.unchanged[kind] += left_out
         return keep
 
+    def seen_twice(self) -> Repeats:
+        """The ids whose mirror row the run saw as it is more than once."""
+        out = Repeats()
+        for kind, ids in self.seen_again.items():
+            out.add(kind, ids)
+        return out
+
     def repeats(self, conn: Connection, run_id: int) -> Repeats:
-        """The ids the run received both as the mirror holds them and otherwise (a staged row
-        of another hash), in either order: sent twice with different content. After the last
-        staging write of the fetch, before :meth:`revert`. It reads the run's staged rows of
-        kinds the mirror holds, which a run that changed little has few of."""
-        out: Repeats = {}
+        """The ids the run received both as the mirror holds them and staged, in either order
+        (differing where the staged row's hash does; those seen so twice: :meth:`seen_twice`).
+        After the last staging write of the fetch, before :meth:`revert`. It reads the run's
+        staged rows of kinds the mirror holds, which a run that changed little has few of."""
+        out = Repeats()
         for kind in sorted(self.held):
             if not self.staged[kind] and not self.reverted[kind]:
                 continue
@@ -231,24 +241,21 @@ class KnownRows:
             remaining, remaining_fp = self.remaining[kind], self.remaining_fp[kind]
             rows = conn.execute(
                 text(
-                    f"SELECT m.sourced_id, m.fp, m.row_hash FROM {run_scan(conn, staging)} "
-                    f"JOIN {mirror} m ON m.source = :src AND m.sourced_id = s.sourced_id "
-                    "WHERE s.run_id = :run AND s.row_hash <> m.row_hash"
+                    f"SELECT m.sourced_id, m.fp, m.row_hash, s.row_hash "
+                    f"FROM {run_scan(conn, staging)} JOIN {mirror} m "
+                    "ON m.source = :src AND m.sourced_id = s.sourced_id WHERE s.run_id = :run"
                 ),
                 {"run": run_id, "src": self.source},
             )
-            # The mirror's row was seen as it is when it no longer waits to be seen.
-            found = {
-                sid
-                for sid, fp, row_hash in rows
-                if (
+            for sid, fp, held, staged in rows:
+                # The mirror's row was seen as it is once it no longer waits to be seen.
+                seen = (
                     fp not in remaining_fp
                     if fp is not None
-                    else row_key(row_hash, sid) not in remaining
+                    else row_key(held, sid) not in remaining
                 )
-            }
-            if found:
-                out[kind] = found
+                if seen:
+                    out.add(kind, [sid], [sid] if staged != held else [])
         return out
 
     def revert(self, conn: Connection, run_id: int) -> int:
@@ -289,7 +296,10 @@ class KnownRows:
                 zip(self.seen_fp[kind], self.seen_sid[kind], strict=True)
             )
             self.seen_fp[kind], self.seen_sid[kind] = array("q"), []
-        return seen.get(fp)
+        sid = seen.get(fp)
+        if sid is not None:
+            self.seen_again[kind].add(sid)
+        return sid
 
     def missing(self, kind: str) -> set[str]:
         """Mirror rows of ``kind`` the run did not see: neither staged nor seen unchanged."""

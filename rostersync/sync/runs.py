@@ -23,6 +23,7 @@ from rostersync.store.db import as_utc, utcnow
 from rostersync.store.tables import run_rejection, sync_run
 from rostersync.store.tables import source_state as source_state_table  # source_state() is ours
 from rostersync.sync.known import KnownRows
+from rostersync.sync.repeats import Repeats
 from rostersync.sync.rules import EMAIL_REJECTIONS
 from rostersync.sync.scope import SCOPE_COUNT_KEYS
 
@@ -124,6 +125,10 @@ class RunContext:
     known: KnownRows | None = None
     #: the persons the source sent that the source's scope left out (its schools)
     scoped_out: frozenset[str] = frozenset()
+    #: the ids the fetch and the scope step found received more than once, and whether the
+    #: connector's pages may shift (rostersync.sync.repeats); an approval knows neither
+    repeats: Repeats = field(default_factory=Repeats)
+    shifting: bool = False
 
     @property
     def full(self) -> bool:

@@ -47,7 +47,8 @@ from rostersync.scoping import (
 )
 from rostersync.source.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.sync.mirror import ids_in
-from rostersync.sync.staging import prepare_staging, repeat_warnings
+from rostersync.sync.repeats import Repeats
+from rostersync.sync.staging import prepare_staging
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).
 SCOPE_COUNT_KEYS = (
@@ -106,6 +107,8 @@ class ScopeResult:
     warnings: list[str] = field(default_factory=list)
     #: the persons the source sent that the scope left out (their schools)
     persons_out: set[str] = field(default_factory=set)
+    #: the ids staging held more than once (SQLite settles them here, before the apply)
+    repeats: Repeats = field(default_factory=Repeats)
 
 
 def _shown(ids: Iterable[str]) -> str:
@@ -173,9 +176,9 @@ def apply_scope(
 ) -> ScopeResult:
     """Leave the run's out-of-scope staged rows out (see the module docstring); returns the
     counts of what was left out and the warnings for the run's report."""
-    repeats = prepare_staging(conn, run_id)  # SQLite: one id a row, its last version judged
     result = ScopeResult()
-    result.warnings += repeat_warnings(repeats)
+    # SQLite: one row an id, so that the last version is judged; the repeats go to the apply.
+    result.repeats = prepare_staging(conn, run_id)
     counts = result.counts
     params = {"run": run_id, "src": source}
     orgs = _orgs(conn, source, run_id)

@@ -4,9 +4,8 @@ Staging is the hot path of a large sync (a million enrollments), so rows are pla
 column order, written with the driver's ``executemany`` through one prepared statement per
 table (PostgreSQL: ``COPY``): no ORM objects, and no per-row parameter processing by
 SQLAlchemy (that alone cost more than the inserts). A sourcedId seen twice in one run keeps
-its last version (sources repeat people across pages and courses); where its versions differ,
-the run says so (:func:`repeat_warnings`): only where a repeat is settled anyway, so the
-common case pays nothing for it.
+its last version (sources repeat people across pages and courses); the repeats found where
+they are settled go to the run (rostersync.sync.repeats).
 
 On SQLite the staging tables have no key while a run fetches (migration 0009): rows are
 appended, and ``prepare_staging``, first thing in the apply, settles repeated ids (the last
@@ -17,7 +16,7 @@ table puts each row on a random page of a large B-tree, where appending is seque
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import Any
 
@@ -35,6 +34,7 @@ from rostersync.source.rows import (
 )
 from rostersync.store.db import copy_rows, dialect_insert, index_build
 from rostersync.store.tables import staging_class, staging_enrollment, staging_org, staging_person
+from rostersync.sync.repeats import Repeats, in_rows
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
 UNIQUE_VIOLATION = "23505"
@@ -58,7 +58,6 @@ __all__ = [
     "enrollment_row",
     "person_row",
     "prepare_staging",
-    "repeat_warnings",
     "run_scan",
     "sort_batch",
     "stage",
@@ -129,16 +128,15 @@ def _sqlite_insert(
 
 
 def stage(conn: Connection, run_id: int, batch: StagedBatch) -> Repeats:
-    """Write ``batch`` to staging; returns the sourcedIds it found repeated with another
-    content (PostgreSQL, which settles repeats as it writes; SQLite settles them in
-    :func:`prepare_staging`)."""
-    repeats: Repeats = {}
+    """Write ``batch`` to staging; returns the sourcedIds it found repeated (PostgreSQL,
+    which settles repeats as it writes; SQLite settles them in :func:`prepare_staging`)."""
+    repeats = Repeats()
     if conn.dialect.name == "postgresql":
         # Row dates are UTC text without an offset (rows.utc_text); read them as UTC.
         conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
         for kind, rows in batch.rows.items():
-            if rows and (found := _copy_rows(conn, run_id, kind, rows)):
-                repeats[kind] = found
+            if rows:
+                repeats.update(_copy_rows(conn, run_id, kind, rows))
         return repeats
     for kind, rows in batch.rows.items():
         if rows:
@@ -146,48 +144,10 @@ def stage(conn: Connection, run_id: int, batch: StagedBatch) -> Repeats:
     return repeats
 
 
-#: kind -> the sourcedIds a run received more than once with different content.
-Repeats = dict[str, set[str]]
-
-#: Where each kind's row tuple carries its hash.
-HASH_AT = {kind: cols.index("row_hash") for kind, cols in COLUMNS.items()}
-
-
-def repeated_otherwise(kind: str, rows: Iterable[Row]) -> set[str]:
-    """The ids that come more than once among ``rows`` with another row hash."""
-    at = HASH_AT[kind]
-    first: dict[str, Any] = {}
-    return {row[0] for row in rows if first.setdefault(row[0], row[at]) != row[at]}
-
-
-def add_repeats(into: Repeats, found: Mapping[str, Iterable[str]]) -> None:
-    for kind, ids in found.items():
-        if ids:
-            into.setdefault(kind, set()).update(ids)
-
-
-def repeat_warnings(repeats: Mapping[str, Iterable[str]]) -> list[str]:
-    """One warning per kind of record the source sent twice under one sourcedId with
-    different content: the last version wins, which an admin should know of (a second
-    person sent under a colleague's id would take her account)."""
-    out = []
-    for kind, key in FETCHED_KEY.items():
-        ids = sorted(str(i)[:100] for i in repeats.get(kind, ()))
-        if not ids:
-            continue
-        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-        many = f"{len(ids)} sourcedIds" if len(ids) > 1 else "1 sourcedId"
-        out.append(
-            f"{key}: the source sent {many} more than once with different content "
-            f"({shown}); the last version sent of each was kept"
-        )
-    return out
-
-
 def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
     """SQLite, first thing in an apply: one row per ``(run_id, sourced_id)`` in staging, and
     the unique index on that key that the apply's joins and sweeps go through. Returns the
-    ids of ``run_id`` found repeated with another content (see :func:`repeat_warnings`).
+    ids of ``run_id`` found repeated (rostersync.sync.repeats).
 
     Building the index sorts the keys once, where keeping it during the fetch costs a
     random B-tree insert per row. It fails only if a source repeated
@@ -196,7 +156,7 @@ def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
     held or failed apply leaves staging as the fetch wrote it, and the next apply prepares it
     again. PostgreSQL's staging keeps its primary key (COPY resolves conflicts against it).
     """
-    repeats: Repeats = {}
+    repeats = Repeats()
     if conn.dialect.name != "sqlite":
         return repeats
     for kind, table in STAGING.items():
@@ -213,12 +173,12 @@ def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
         if run_id is not None:
             found = conn.execute(
                 text(
-                    f"SELECT sourced_id FROM {table.name} WHERE run_id = :run "
-                    "GROUP BY sourced_id HAVING count(DISTINCT row_hash) > 1"
+                    f"SELECT sourced_id, count(DISTINCT row_hash) FROM {table.name} "
+                    "WHERE run_id = :run GROUP BY sourced_id HAVING count(*) > 1"
                 ),
                 {"run": run_id},
-            )
-            add_repeats(repeats, {kind: {sid for (sid,) in found}})
+            ).all()
+            repeats.add(kind, [sid for sid, _ in found], [sid for sid, n in found if n > 1])
         conn.exec_driver_sql(
             f"DELETE FROM {table.name} WHERE rowid NOT IN "
             f"(SELECT max(rowid) FROM {table.name} GROUP BY run_id, sourced_id)"
@@ -228,7 +188,7 @@ def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
     return repeats
 
 
-def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> set[str]:
+def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) -> Repeats:
     """PostgreSQL: COPY straight into staging; through a temporary table and an upsert when a
     sourcedId of this batch was staged by an earlier one.
 
@@ -238,10 +198,10 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
     batch (rare: a source repeating a record across pages) makes the COPY fail on the key;
     it is then undone (a savepoint) and the batch goes through the temporary table and one
     upsert, where the later version wins. Going straight in is the common, fast case.
-    Returns the ids repeated with another content.
+    Returns the ids repeated.
     """
     latest = list({r[0]: r for r in rows}.values())  # sourced_id first; later rows win
-    repeats = repeated_otherwise(kind, rows) if len(latest) < len(rows) else set()
+    repeats = in_rows(kind, rows) if len(latest) < len(rows) else Repeats()
     table = STAGING[kind].name
     cols = ", ".join(f'"{c}"' for c in ("run_id", *COLUMNS[kind]))
     staged = [(run_id, *row) for row in latest]
@@ -258,12 +218,11 @@ def _copy_rows(conn: Connection, run_id: int, kind: str, rows: Sequence[Row]) ->
         f"(LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
     )
     copy_rows(conn, f"COPY {temp} ({cols}) FROM STDIN", staged)
-    differ = conn.exec_driver_sql(
-        f"SELECT t.sourced_id FROM {temp} t JOIN {table} s "
-        "ON s.run_id = t.run_id AND s.sourced_id = t.sourced_id "
-        "WHERE s.row_hash IS DISTINCT FROM t.row_hash"
-    )
-    repeats.update(sid for (sid,) in differ)
+    again = conn.exec_driver_sql(
+        f"SELECT t.sourced_id, s.row_hash IS DISTINCT FROM t.row_hash FROM {temp} t "
+        f"JOIN {table} s ON s.run_id = t.run_id AND s.sourced_id = t.sourced_id"
+    ).all()
+    repeats.add(kind, [sid for sid, _ in again], [sid for sid, differs in again if differs])
     updates = ", ".join(f'"{c}" = excluded."{c}"' for c in COLUMNS[kind] if c != "sourced_id")
     conn.exec_driver_sql(
         f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {temp} "

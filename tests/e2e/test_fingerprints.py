@@ -15,7 +15,7 @@ from rostersync.source.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.staging import Repeats
+from rostersync.sync.repeats import Repeats
 from tests.e2e.test_oneroster_e2e import (
     aged_district,
     change_counts,

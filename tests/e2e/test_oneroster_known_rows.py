@@ -28,8 +28,8 @@ from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
+from rostersync.sync.repeats import Repeats
 from rostersync.sync.runs import RunReport
-from rostersync.sync.staging import Repeats
 from tests.e2e.test_oneroster_e2e import (
     SOURCE,
     aged_district,
@@ -574,3 +574,35 @@ async def test_a_record_served_twice_keeps_its_last_version(
     # The directory is compared with the stage-everything run above, not with the fresh load:
     # a fresh load names a renamed teacher as renamed, where a later run (with or without
     # known rows) keeps the user's display name.
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["pool", "inline"])
+async def test_a_record_served_twice_as_held_holds_a_full_run_that_would_remove_a_person(
+    served: FakeOneRoster, sqlite_store: Store, tmp_path: Path, workers: int, pooled: list[int]
+) -> None:
+    """A person served a second time exactly as the mirror holds them (both copies left out
+    as known, by their fingerprint) shows that the server's pages moved; the person it no
+    longer serves may only have been skipped, so the full run is held rather than remove
+    them (rostersync.sync.repeats)."""
+    store = sqlite_store
+    engine = engine_for(served, store, tmp_path, workers)
+    await run(engine)
+    person = _first_page_person(served, store)
+    gone = next(
+        p.sourced_id
+        for p in reversed(served.roster.persons)
+        if p.role == STUDENT and p.sourced_id != person.sourced_id
+    )
+    served.remove("user", gone)
+    _serve_twice(served, encode_record(person, served.version, served._schools))
+    before = mirror(store)
+
+    report = await run(engine, "full")
+
+    assert report.status == "held", report.error
+    assert (report.hold_reason or "").startswith(
+        f"persons: the source sent 1 sourcedId more than once ({person.sourced_id}): its "
+        "records moved while the run paged through them, so the 1 person it did not see"
+    )
+    assert not [w for w in report.warnings if "more than once" in w]  # the same both times
+    assert mirror(store) == before

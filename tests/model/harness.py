@@ -203,6 +203,9 @@ class FeedConnector(MemoryConnector):
         refs = answers.refs or ("both",)
         self.row_shape: dict[str, Refs] = {sid: refs[i % len(refs)] for i, sid in enumerate(held)}
 
+    #: the feed is read as a OneRoster server is (oracle.PAGES_SHIFT)
+    pages_may_shift = True
+
     def sent(self) -> list[RosterRecord]:
         return self.records
 

@@ -48,8 +48,8 @@ from rostersync.source.records import (
     TeacherRef,
 )
 from rostersync.sync import changes as changeset
+from rostersync.sync import repeats as repeated
 from rostersync.sync.runs import RunReport
-from rostersync.sync.staging import repeat_warnings
 from tests.changediff import Picture, Plain, difference, picture, plain
 from tests.model.feed import (
     CLASSES,
@@ -1342,6 +1342,8 @@ class RosterModel(RuleBasedStateMachine):
             STATS["runs with removals decided earlier"] += 1
         if decision.spared:
             STATS["runs not held for removals decided earlier"] += 1
+        if any(r.startswith("repeats") for r in decision.hold_reasons):
+            STATS["runs held for records sent twice"] += 1
         if decision.kept_by_import:
             STATS["runs with groups import owners keep"] += 1
         if decision.import_spared:
@@ -1383,16 +1385,16 @@ class RosterModel(RuleBasedStateMachine):
         """The report names the records the run received twice with different content: the
         decoys among them (whatever way the run staged them: see sync/known.py)."""
         seen: dict[str, set[str]] = {}
-        repeated: dict[str, set[str]] = {}
+        decoys = repeated.Repeats()
         for r in records:
             if isinstance(r, (RosterPerson, RosterClass)):
                 kind = "person" if isinstance(r, RosterPerson) else "class"
                 if r.sourced_id in seen.setdefault(kind, set()):
-                    repeated.setdefault(kind, set()).add(r.sourced_id)
+                    decoys.add(kind, [r.sourced_id], [r.sourced_id])
                 seen[kind].add(r.sourced_id)
         said = [w for w in report.warnings if "more than once with different content" in w]
-        assert said == repeat_warnings(repeated), f"run {report.id}: {said} for {repeated}"
-        if repeated:
+        assert said == repeated.warnings(decoys), f"run {report.id}: {said} for {decoys}"
+        if decoys:
             STATS["runs sent decoys"] += 1
 
     def _lagging(self) -> set[str] | None:

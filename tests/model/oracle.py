@@ -650,6 +650,26 @@ def scope_records(
     return ScopeCut(tuple(kept), sent, ignored, tuple(records), len(term_out))
 
 
+#: The model's source pages like a OneRoster server (harness.FeedConnector.pages_may_shift).
+PAGES_SHIFT = True
+
+
+def _repeat_reasons(sent: Sequence[RosterRecord], m0: Mirror, m1: Mirror) -> list[str]:
+    """README, "a record received twice": a full run of a source that pages by offset and sent
+    a sourcedId of a kind more than once is held if it would remove records of that kind."""
+    out = []
+    for kind, cls in (
+        ("org", RosterOrg),
+        ("person", RosterPerson),
+        ("class", RosterClass),
+        ("enrollment", RosterEnrollment),
+    ):
+        ids = [r.sourced_id for r in sent if isinstance(r, cls)]
+        if len(ids) > len(set(ids)) and set(m0.table(kind)) - set(m1.table(kind)):
+            out.append(f"repeats {kind}")
+    return out
+
+
 def _counts(records: Sequence[RosterRecord]) -> dict[str, int]:
     return {
         "orgs": sum(isinstance(r, RosterOrg) for r in records),
@@ -897,6 +917,8 @@ def decide(
             )
 
         reasons += judge(removed)
+        if full and PAGES_SHIFT:
+            reasons += _repeat_reasons(cut.sent_records if cut is not None else records, m0, m1)
         # Counted, the earlier run's removals would have held this one (the bug b9da827
         # fixed): the model counts how often its steps reach that.
         spared = bool(decided) and not reasons and bool(judge(removed + len(decided)))

@@ -25,7 +25,8 @@ from rostersync.sync.merge import (
     refresh_directory_statistics,
     refresh_statistics,
 )
-from rostersync.sync.staging import STAGING, Repeats, clear_staging, prepare_staging, stage
+from rostersync.sync.repeats import Repeats
+from rostersync.sync.staging import STAGING, clear_staging, prepare_staging, stage
 from tests.directoryrows import add_user
 
 STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enrollment")
@@ -459,12 +460,14 @@ def test_staging_keeps_the_last_version_of_a_repeated_record(store: Store) -> No
         found.append(stage(conn, 8, sort_batch([first])))  # another run's rows are its own
     with store.write() as conn:
         found.append(prepare_staging(conn, 7))
-    # The ids repeated with another content, found where each store settles repeats; p-2,
-    # repeated as it was, is none of them.
+    # The ids repeated, found where each store settles repeats: p-1 in three versions, p-2
+    # twice as it was.
+    both = Repeats({"person": {"p-1", "p-2"}}, {"person": {"p-1"}})
+    again = Repeats({"person": {"p-1"}}, {"person": {"p-1"}})
     if store.engine.dialect.name == "postgresql":
-        assert found == [{"person": {"p-1"}}, {"person": {"p-1"}}, {}, {}]
+        assert found == [both, again, Repeats(), Repeats()]
     else:
-        assert found == [{}, {}, {}, {"person": {"p-1"}}]
+        assert found == [Repeats(), Repeats(), Repeats(), both]
     with store.read() as conn:
         rows = conn.execute(
             text("SELECT run_id, sourced_id, given_name, email FROM staging_person ORDER BY 1, 2")

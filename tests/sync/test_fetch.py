@@ -15,7 +15,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
-from rostersync.sync.staging import Repeats
+from rostersync.sync.repeats import Repeats
 from tests.sync.helpers import groups, sync, users
 
 

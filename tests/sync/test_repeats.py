@@ -1,7 +1,8 @@
-"""A sourcedId the source sends more than once in a run: the last version sent wins, and
-where the versions differ the run's report says so (rostersync.sync.staging.repeat_warnings),
-whichever way the run met them: both staged (a first load, or both unlike the mirror), or one
-as the mirror holds it and one otherwise (a full run that stages only what changed)."""
+"""A sourcedId the source sends more than once in a run (rostersync.sync.repeats): the last
+version sent wins; where the versions differ the run's report says so, whichever way the run
+met them (both staged: a first load, or both unlike the mirror; or one as the mirror holds it
+and one otherwise: a full run that stages only what changed); and a full run of a source read
+at offsets is held before it removes what it did not see."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from sqlalchemy import select
 
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.store.tables import roster_person
+from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import RunReport, load_report
 from tests.sync.helpers import sync, users
 
 DAY = datetime(2026, 9, 1, tzinfo=UTC)
@@ -124,3 +128,60 @@ async def test_many_repeats_are_counted_and_a_few_named(
         "persons: the source sent 8 sourcedIds more than once with different content "
         "(x0, x1, x2, x3, x4 and 3 more); the last version sent of each was kept"
     ]
+
+
+class _Paging(MemoryConnector):
+    """A memory source read as a OneRoster server is: at offsets, so records can move."""
+
+    pages_may_shift = True
+
+
+async def _sync_paged(settings: Settings, store: Store, roster: MemoryRoster) -> RunReport:
+    engine = SyncEngine(settings, store, connectors={"mem": _Paging(roster, batch_size=7)})
+    report = await engine.sync("mem")
+    await engine.drain()
+    with store.read() as conn:
+        return load_report(conn, report.id)
+
+
+@pytest.mark.parametrize("paged", [True, False], ids=["paged", "not paged"])
+async def test_a_full_run_that_got_a_record_twice_is_held_before_removing_what_it_did_not_see(
+    store: Store, make_settings: Callable[..., Settings], paged: bool
+) -> None:
+    """A source read at offsets that sends a record twice (the same, here) moved its records
+    under the run, so the person it did not send may only have been skipped: a full run that
+    would remove them is held, and its approval removes them. A source that does not page so
+    (a CSV drop, a connector without ``pages_may_shift``) is taken at its word."""
+    settings = make_settings()
+    gone = RosterPerson("s2", "student", "Stu", "Two", "s2@example.org", date_last_modified=DAY)
+    first = _school([_teacher(), gone])
+    assert (await sync(settings, store, first)).status == "succeeded"
+    twice = _school([_teacher(), _teacher()])  # s2 skipped, t1 sent twice
+    if not paged:
+        report = await sync(settings, store, twice)
+        assert report.status == "succeeded", report.error
+        return
+    held = await _sync_paged(settings, store, twice)
+    assert held.status == "held", held.error
+    assert held.hold_reason == (
+        "persons: the source sent 1 sourcedId more than once (t1): its records moved while the "
+        "run paged through them, so the 1 person it did not see may only have been skipped; "
+        "run it again, or approve the run to remove them"
+    )
+    with store.read() as conn:
+        kept = conn.execute(select(roster_person.c.sourced_id)).scalars().all()
+    assert "s2" in kept
+    # Sent once each, nothing to remove: applied, not held.
+    again = await _sync_paged(settings, store, _school([_teacher(), gone]))
+    assert again.status == "succeeded", again.hold_reason
+    # Sent twice, but nothing of the kind to remove: applied.
+    same = await _sync_paged(settings, store, _school([_teacher(), gone, _teacher()]))
+    assert same.status == "succeeded", same.hold_reason
+    held = await _sync_paged(settings, store, twice)
+    assert held.status == "held"
+    engine = SyncEngine(settings, store, connectors={"mem": _Paging(twice)})
+    approved = await engine.approve(held.id)
+    assert approved.status == "succeeded", approved.error
+    with store.read() as conn:
+        kept = conn.execute(select(roster_person.c.sourced_id)).scalars().all()
+    assert "s2" not in kept
