@@ -87,6 +87,11 @@ class Safety(StrictModel):
     max_removals: int = Field(default=500, ge=0)
     max_removal_percent: float = Field(default=20.0, ge=0, le=100)
     min_source_ratio: float = Field(default=0.5, ge=0, le=1)
+    hold_on_repeats: bool = Field(
+        default=True,
+        description="hold a full run of a source read at offsets (OneRoster REST) that got a "
+        "sourcedId twice and would remove records of that kind: they may only have been skipped",
+    )
 
 
 class ResyncSettings(StrictModel):

@@ -19,6 +19,7 @@ class SourceSafety(StrictModel):
     max_removals: int | None = Field(default=None, ge=0)
     max_removal_percent: float | None = Field(default=None, ge=0, le=100)
     min_source_ratio: float | None = Field(default=None, ge=0, le=1)
+    hold_on_repeats: bool | None = None
 
 
 class TermsConfig(StrictModel):

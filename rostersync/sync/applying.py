@@ -391,7 +391,7 @@ class Applier:
                 emails_before=changes.emails_before,
             )
             reasons = list(verdict.reasons)
-            if full and ctx.shifting:
+            if full and ctx.shifting and settings.safety_for(source).hold_on_repeats:
                 reasons += repeated.hold_reasons(repeats, changes.missing)
             if reasons:
                 counts["groups_removed"] = groups_removed

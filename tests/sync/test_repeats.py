@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from rostersync.config.models import Settings
+from rostersync.config.source import SourceSafety
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
@@ -182,6 +183,31 @@ async def test_a_full_run_that_got_a_record_twice_is_held_before_removing_what_i
     engine = SyncEngine(settings, store, connectors={"mem": _Paging(twice)})
     approved = await engine.approve(held.id)
     assert approved.status == "succeeded", approved.error
+    with store.read() as conn:
+        kept = conn.execute(select(roster_person.c.sourced_id)).scalars().all()
+    assert "s2" not in kept
+
+
+@pytest.mark.parametrize("where", ["top level", "the source"])
+async def test_hold_on_repeats_false_lets_such_a_run_remove_what_it_did_not_see(
+    store: Store, make_settings: Callable[..., Settings], where: str
+) -> None:
+    """For a server that repeats ids of its own accord: ``safety.hold_on_repeats: false``, at
+    the top level or the source's own ``safety``, takes its runs at their word."""
+    off = {"hold_on_repeats": False}
+    settings = make_settings(
+        **({"safety": off} if where == "top level" else {}),
+    )
+    if where == "the source":
+        sources = dict(settings.sources)
+        sources["mem"] = sources["mem"].model_copy(
+            update={"safety": SourceSafety.model_validate(off)}
+        )
+        settings = settings.model_copy(update={"sources": sources})
+    gone = RosterPerson("s2", "student", "Stu", "Two", "s2@example.org", date_last_modified=DAY)
+    assert (await sync(settings, store, _school([_teacher(), gone]))).status == "succeeded"
+    report = await _sync_paged(settings, store, _school([_teacher(), _teacher()]))
+    assert report.status == "succeeded", report.hold_reason
     with store.read() as conn:
         kept = conn.execute(select(roster_person.c.sourced_id)).scalars().all()
     assert "s2" not in kept
