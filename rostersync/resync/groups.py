@@ -439,6 +439,23 @@ def follow_classes(conn: Connection, group_ids: Iterable[int]) -> set[int]:
     return {gid for _, gid in renamed} | sync_members(conn, gids, new=False)
 
 
+def follow_answered(
+    conn: Connection, source: str, class_ids: Iterable[str], now: datetime
+) -> set[int]:
+    """After a live answer changed these classes in the mirror: the groups of theirs that
+    import owners alone keep follow them, as after a sync (docs/import.md, "Owners added by
+    import"). Returns the ids of the groups changed, stamped."""
+    gids = ids_in(
+        conn,
+        "SELECT id FROM groups WHERE source = :src AND external_id IN :ids",
+        set(class_ids),
+        src=source,
+    )
+    followed = follow_classes(conn, kept_by_import(conn, gids))
+    stamp_updated(conn, sorted(followed), now)
+    return followed
+
+
 def _clear_marks(
     conn: Connection, done: Sequence[GroupKey], marks: Sequence[tuple[int, str, str, str]]
 ) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, bindparam, text
 from rostersync.source.records import STUDENT, TEACHER, TeacherRoster
 from rostersync.source.rows import class_tuple, enrollment_tuple, fits, person_tuple
 from rostersync.store.tables import roster_class, roster_enrollment, roster_person
+from rostersync.sync.mirror import ids_in
 from rostersync.sync.staging import class_row, enrollment_row, person_row, upsert_rows
 
 # row_hash of every row written here: equals no computed one, so the next sync that reads
@@ -27,7 +28,9 @@ LIVE_HASH = "live"
 
 def apply_teacher_roster(
     conn: Connection, source: str, teacher_id: str, roster: TeacherRoster
-) -> None:
+) -> set[str]:
+    """Write the answer into the mirror; returns the classes whose rows it may have changed:
+    the answer's, those the teacher left, and every class of a person it wrote."""
     persons = list(roster.persons)
     if roster.teacher is not None:
         persons.append(roster.teacher)
@@ -73,8 +76,16 @@ def apply_teacher_roster(
             ),
             {"src": source, "t": teacher_id, "c": cls, "teacher": TEACHER, "h": LIVE_HASH},
         )
+    # A person's row is part of every class they are enrolled in (their groups' members).
+    of_persons = ids_in(
+        conn,
+        "SELECT DISTINCT class_id FROM roster_enrollment WHERE source = :src AND user_id IN :ids",
+        {p.sourced_id for p in persons},
+        src=source,
+    )
+    touched = live_classes | gone | of_persons
     if not live_classes:
-        return
+        return touched
     # Every row of a (class, person, role): a source may enroll a student twice in a class.
     existing: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
     rows = conn.execute(
@@ -114,6 +125,7 @@ def apply_teacher_roster(
             for sid, _ in existing[key]:
                 _set_status(conn, source, sid, "active")
     upsert_rows(conn, roster_enrollment, new_rows, ["source", "sourced_id"])
+    return touched
 
 
 @dataclass

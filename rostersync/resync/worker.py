@@ -19,12 +19,12 @@ from sqlalchemy import text
 
 from rostersync.config.models import Settings
 from rostersync.logs import scrub
-from rostersync.resync.groups import rebuild_groups
+from rostersync.resync.groups import follow_answered, rebuild_groups
 from rostersync.resync.live import apply_teacher_roster
 from rostersync.resync.queue import GROUP_COUNTS, LeasedJob, complete, fail, lease
 from rostersync.source.connector import Connector
 from rostersync.source.records import Rejected, TeacherRef, TeacherRoster
-from rostersync.store.db import Store, lock_directory
+from rostersync.store.db import Store, lock_directory, utcnow
 from rostersync.sync import merge as merging
 from rostersync.sync.scope import keep_mirrored_classes, scope_for
 
@@ -161,12 +161,14 @@ class ResyncWorker:
                 merging.refresh_directory_statistics(conn, members=every)
         with self.store.write() as conn:
             lock_directory(conn, exclusive=False)  # no sync applies meanwhile
+            answered: list[tuple[int, str, set[str]]] = []  # (user, source, classes changed)
             for job in jobs:
                 for source, ext, roster in live.get(job.id, []):
                     config = self.settings.sources.get(source)
                     if config is not None and scope_for(config) is not None:
                         roster = keep_mirrored_classes(conn, source, roster)
-                    apply_teacher_roster(conn, source, ext, roster)
+                    classes = apply_teacher_roster(conn, source, ext, roster)
+                    answered.append((job.user_id, source, classes))
             # Manual and live resyncs re-read every member; sync-queued ones only what changed.
             results = rebuild_groups(
                 conn,
@@ -174,6 +176,13 @@ class ResyncWorker:
                 teacher_roles=self.settings.provisioning.teacher_roles,
                 refresh_all=[j.user_id for j in jobs if j.refresh or j.live],
             )
+            # No teacher's resync reads a group that import owners alone keep: it follows the
+            # classes the answers changed here, as a sync's changes (after the rebuild, which
+            # may give it a teacher again). Credited to the job whose answer changed it.
+            stamp = utcnow()
+            for uid, source, classes in answered:
+                followed = follow_answered(conn, source, classes, stamp)
+                results[uid]["groups_updated"] += len(followed)
             totals = {k: sum(r[k] for r in results.values()) for k in GROUP_COUNTS}
             # Counted as the connector answered, before the scope keeps some of it out.
             rejected = {

@@ -324,8 +324,8 @@ class Group:
 
 @dataclass(frozen=True)
 class Imported:
-    """The owners an import gave a group (emails), and the name the group has when its
-    class is not in the mirror (the title it had there last)."""
+    """The owners an import gave a group (emails), and the name the group has (kept up to
+    date after each operation): the one it keeps once its class has left the mirror."""
 
     owners: tuple[str, ...]
     name: str
@@ -350,10 +350,10 @@ def groups(
     gave an owner (``imported``), which stays when no teacher owns it any more.
 
     A group an import owner keeps is still its class's group (docs/import.md, "Owners added
-    by import": "each sync that changes the class gives it the class's title and students
-    (none, once the class has none or has left the source)"; README: the group "goes on
-    following its class"): its name is its class's title while the class is in the mirror,
-    else the name it had; its members are its class's active students, also when the class
+    by import": "whenever the mirror's class changes, by a sync or by a live resync's
+    answer, ... the group takes the class's title and its active students"; README: the
+    group "goes on following its class"): its name is its class's title while the class is
+    in the mirror, else the name it had (``Imported.name``); its members are its class's active students, also when the class
     lost every teacher or student or left the source. Reading: its owners are its teachers
     (when its class is populated) and its import owners whatever their status (resyncs
     "never remove an import owner"; an archived import owner is not released as an archived
@@ -373,6 +373,20 @@ def groups(
         name = c.title if c is not None else kept.name
         out[key] = Group(src, cid, name, kept.owners, class_members(m, cid), kept.owners)
     return out
+
+
+def follow_kept(
+    built: Mapping[GroupKey, Group], fresh: Mapping[GroupKey, Group], source: str
+) -> dict[GroupKey, Group]:
+    """``built`` with the groups of ``source`` that import owners alone keep given their
+    classes' titles and students from ``fresh`` (the mirror's): what the operation that
+    changed the mirror does to them, since no teacher's resync reads them."""
+    return {
+        key: replace(g, name=fresh[key].name, members=fresh[key].members)
+        if key[0] == source and g.imports and set(g.owners) <= set(g.imports) and key in fresh
+        else g
+        for key, g in built.items()
+    }
 
 
 def roster_groups(
@@ -1370,7 +1384,6 @@ class Oracle:
         touched = self.provisioned(decision)
         self.mirrors[source] = decision.mirror
         self.directory = decision.directory
-        self._name_kept(source)
         self.group_roles = self.config.teacher_roles
         # An applied run resyncs whoever its changes (and a teacher_roles edit) concern, and
         # the archived users still owning groups (:meth:`leftover`); after a live resync it is
@@ -1392,16 +1405,9 @@ class Oracle:
         state.provisioning_key = self.config.provisioning_key
         if cut:
             m = self.mirrors[source]
-            fresh = self.fresh()
             # The sync itself gives the groups that import owners alone keep their classes'
-            # titles and students (docs/import.md, "Owners added by import"): no teacher's job
-            # does.
-            before = {
-                key: replace(g, name=fresh[key].name, members=fresh[key].members)
-                if key[0] == source and g.imports and set(g.owners) <= set(g.imports)
-                else g
-                for key, g in before.items()
-            }
+            # titles and students: no teacher's job does.
+            before = follow_kept(before, self.fresh(), source)
             self.built = before
             self.queued = (self.queued or set()) | touched
             self.loose = {
@@ -1411,6 +1417,7 @@ class Oracle:
                 and populated(m, key[1])
                 and class_members(m, key[1]) != g.members
             }
+        self._remember_names()
 
     def batch_done(self, users: Iterable[str]) -> None:
         """Some batches of the queued jobs ran, those of these users (emails): their groups
@@ -1421,6 +1428,7 @@ class Oracle:
         done = set(users)
         self.built = rebuild(self.built, self.fresh(), done, self.roster())
         self.queued -= done
+        self._remember_names()
 
     def jobs_failed(self) -> None:
         """The queued jobs that have not run (see :meth:`batch_done`) failed for good: they
@@ -1432,6 +1440,7 @@ class Oracle:
         self.loose = {}
         if self.built == self.fresh(self.group_roles):
             self.built = None
+        self._remember_names()
 
     def drained(self) -> None:
         """Every queued job ran: the groups are what the mirror says again."""
@@ -1439,6 +1448,7 @@ class Oracle:
             self.built = None
             self.queued = None
             self.loose = {}
+        self._remember_names()
 
     def resync(self, users: Iterable[str], built: Mapping[GroupKey, Group] | None = None) -> None:
         """A resync that re-reads everything (manual or live) of these users (emails).
@@ -1451,13 +1461,15 @@ class Oracle:
         if self.built == fresh:
             self.built = None
             self.group_roles = roles
+        self._remember_names()
 
     def live_resync(
         self, source: str, users: Iterable[str], answers: Sequence[tuple[str, TeacherRoster]]
     ) -> None:
         """A live resync of these users: each of their persons' live answer (``answers``,
         by person sourced id, in the order they are written) goes into the mirror, then the
-        users' groups are rebuilt."""
+        users' groups are rebuilt, and the groups that import owners alone keep follow their
+        classes as the answers changed them (docs/import.md, "Owners added by import")."""
         built = self.groups()
         m = before = self.mirrors.get(source, Mirror())
         for pid, answer in answers:
@@ -1465,18 +1477,20 @@ class Oracle:
                 answer = live_answer_in_scope(m, answer)
             m = live_apply(m, pid, answer)
         self.mirrors[source] = m
-        self._name_kept(source)
         self.live_pending = self.live_pending or m != before
-        self.resync(users, built)
+        # Reading: every such group is its class's as the mirror stood, so following them
+        # all is following those whose class the answers changed.
+        self.resync(users, follow_kept(built, self.fresh(), source))
 
-    def _name_kept(self, source: str) -> None:
-        """The groups imports gave owners keep the title their class has in the mirror, for
-        when the class leaves it (Reading: see :func:`groups`)."""
-        m = self.mirrors.get(source, Mirror())
-        for (src, cid), kept in self.imported.items():
-            c = m.klass.get(cid)
-            if src == source and c is not None and c.title != kept.name:
-                self.imported[(src, cid)] = replace(kept, name=c.title)
+    def _remember_names(self) -> None:
+        """Each group an import gave owners remembers the name it has now: the name it keeps
+        once its class leaves the mirror (docs/import.md: the name it had, which is not the
+        class's last title there when the group was behind the mirror, as a teacher's group
+        is after another teacher's live resync)."""
+        held = self.groups()
+        for key, kept in self.imported.items():
+            if key in held and held[key].name != kept.name:
+                self.imported[key] = replace(kept, name=held[key].name)
 
     def import_rows(
         self, rows: Sequence[tuple[str, ...]], names: Mapping[GroupKey, str] | None = None

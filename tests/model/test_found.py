@@ -571,3 +571,45 @@ async def test_a_group_an_import_owner_keeps_follows_its_class(
     assert group["owners"] == ["admin@example.org"]
     expected = ("Geometry", {"s1"}) if change == "rename" else ("Algebra I", set())
     assert (group["name"], _members(store, "c1")) == expected
+
+
+@pytest.mark.parametrize("change", ["title", "student"])
+async def test_a_group_import_owners_alone_keep_follows_a_live_answer_of_its_class(
+    store: Store, make_settings: Callable[..., Settings], change: str
+) -> None:
+    """A group that import owners alone keep follows its class in the mirror, also when a
+    live resync's answer changes the class (docs/import.md, "Owners added by import"): c1's
+    group is admin@example.org's alone, and t1's answer renames c1 (in the answer by t1's
+    tobedeleted teacher enrollment) or renames s1, a student of c1 and of t1's c2. The group
+    kept its old name or member until a sync read the class (the model's long profile found
+    the engine and the oracle disagreeing on its name once the class left the source); once
+    c1 has left the source, the group keeps the name it had."""
+    settings = make_settings(safety={"min_source_ratio": 0})
+    roster = _school()
+    roster.classes.append(RosterClass("c2", "Geometry"))
+    roster.enrollments += [
+        RosterEnrollment("e3", "c2", "t1", "teacher"),
+        RosterEnrollment("e4", "c2", "s1", "student"),
+    ]
+    await sync(settings, store, roster)
+    sheet = parse_bytes(b"Email,Groups\nadmin@example.org,Algebra I\n", "g.csv", max_rows=10)
+    assert [str(r.status) for r in run_import(store, settings, sheet).rows] == ["Success"]
+    if change == "title":
+        roster.enrollments[0] = replace(roster.enrollments[0], status="tobedeleted")
+    else:
+        del roster.enrollments[0]
+    await sync(settings, store, roster)
+    assert groups(store)["c1"]["owners"] == ["admin@example.org"]
+    if change == "title":
+        roster.classes[0] = replace(roster.classes[0], title="Study Hall")
+    else:
+        roster.persons[1] = replace(roster.persons[1], given_name="Renamed")
+    await live_resync(store, settings, roster, email="t1@example.org")
+    group = groups(store)["c1"]
+    if change == "student":
+        assert [m["name"] for m in group["members"]] == ["Renamed One"]
+        return
+    assert group["name"] == "Study Hall"
+    roster.classes = roster.classes[1:]
+    await sync(settings, store, roster)
+    assert groups(store)["c1"]["name"] == "Study Hall"

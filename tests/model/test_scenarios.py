@@ -536,6 +536,72 @@ def test_an_import_owner_keeps_the_group_its_last_teacher_leaves_and_no_hold(
     )
 
 
+def group_name(m: RosterModel, class_id: str) -> str:
+    """The name of a class's group in the engine's directory."""
+    return next(str(g["name"]) for g in m.h.groups() if g["external_id"] == class_id)
+
+
+def test_a_group_import_owners_alone_keep_follows_a_live_answer_of_its_class(
+    model: Model,
+) -> None:
+    """The shape the long profile found (seed 56053185725668214256428269704340345785): c1's
+    group is admin@example.org's alone (by import; t1's teacher enrollment of c1 turned
+    tobedeleted). The source renames c1 and a live resync of t1 writes that into the mirror
+    (the class is in t1's answer by that enrollment): the group follows its class at once
+    (docs/import.md, "Owners added by import"). Then c1 leaves the source: the group keeps
+    the name it had. The engine kept the old name at the live resync, and the oracle gave
+    the group the mirror's last title once the class was gone."""
+    m = model(school({"t1": "t1@example.org"}, {"c1": "t1", "c2": "t1"}))
+    assert m._import(
+        ["Email", "Display Name", "Groups"], [("admin@example.org", "", "Class c1")]
+    ) == ["Success"]
+    (eid,) = [
+        sid
+        for sid, e in m.feed.enrollments.items()
+        if (e.class_id, e.user_id, e.role) == ("c1", "t1", "teacher")
+    ]
+    m.feed.change("enrollment", eid, status="tobedeleted")
+    m.sync("full")
+    assert owners_of(m, "c1") == ["admin@example.org"]
+    m.live_resync([0], [("class_title", 0, 4)], [], False)  # c1 becomes "Study Hall"
+    assert group_name(m, "c1") == "Study Hall"
+    m.configure({"min_source_ratio": 0})
+    m.feed.drop("class", "c1")
+    m.sync("full")
+    assert last_status(m) == "succeeded"
+    assert group_name(m, "c1") == "Study Hall"
+
+
+def test_a_group_left_behind_by_a_live_resync_keeps_its_name_when_its_class_goes(
+    model: Model,
+) -> None:
+    """c1's group is t1's and admin@example.org's (by import). The source renames c1 and a
+    live resync of t2 (c1 is in t2's answer by a tobedeleted teacher enrollment) writes that
+    into the mirror; t1's group is not rebuilt, so it keeps its name (docs/sources.md: only
+    the resynced teachers' groups are). Then c1 leaves the source with its enrollments: t1
+    lets go of the group, which admin@example.org keeps under the name it had, not the
+    title the mirror had last (the oracle gave it that title)."""
+    m = model(school({"t1": "t1@example.org", "t2": "t2@example.org"}, {"c1": "t1", "c2": "t2"}))
+    assert m._import(
+        ["Email", "Display Name", "Groups"], [("admin@example.org", "", "Class c1")]
+    ) == ["Success"]
+    m.feed.new_enrollment("c1", "t2", "teacher")
+    (eid,) = [
+        sid for sid, e in m.feed.enrollments.items() if (e.class_id, e.user_id) == ("c1", "t2")
+    ]
+    m.feed.change("enrollment", eid, status="tobedeleted")
+    m.feed.change("class", "c1", title="Study Hall")
+    m.live_resync([1], [], [], False)
+    assert group_name(m, "c1") == "Class c1"
+    m.configure({"min_source_ratio": 0})
+    m.feed.drop("class", "c1")
+    for sid in [sid for sid, e in m.feed.enrollments.items() if e.class_id == "c1"]:
+        m.feed.drop("enrollment", sid)
+    m.sync("full")
+    assert last_status(m) == "succeeded"
+    assert (group_name(m, "c1"), owners_of(m, "c1")) == ("Class c1", ["admin@example.org"])
+
+
 def test_an_import_names_groups_exactly_and_fails_a_name_several_groups_match(
     model: Model,
 ) -> None:
