@@ -723,7 +723,7 @@ def decide(
     full = mode == "full"
     m0 = mirrors.get(source, Mirror())
     if cut is None:
-        records = [_fitting(r) for r in records]
+        records = [fitting(r) for r in records]
         fetched = _counts(records)
         ignored = dict.fromkeys(("persons", "classes", "enrollments"), 0)
     else:
@@ -969,7 +969,7 @@ def decide(
     )
 
 
-def _fitting(r: RosterRecord) -> RosterRecord:
+def fitting(r: RosterRecord) -> RosterRecord:
     """A person whose email is longer than the store's column (256 characters, as stored:
     trimmed) is a rejected record, as if the connector had refused it."""
     if isinstance(r, RosterPerson) and len(_stored_email(r)) > MAX_EMAIL:
@@ -1074,7 +1074,7 @@ def live_apply(m: Mirror, teacher_id: str, answer: TeacherRoster) -> Mirror:
     out = m.copy()
     for p in [*answer.persons, *([answer.teacher] if answer.teacher is not None else [])]:
         # A person whose email does not fit the column is rejected, and keeps its row.
-        if isinstance(_fitting(p), RosterPerson):
+        if isinstance(fitting(p), RosterPerson):
             out.person[p.sourced_id] = p
     for c in answer.classes:
         out.klass[c.sourced_id] = c
@@ -1298,9 +1298,9 @@ class Oracle:
         if not self.config.scoped:
             return None
         m0 = self.mirrors.get(source, Mirror())
-        fitting = [_fitting(r) for r in records]
+        fitted = [fitting(r) for r in records]
         return scope_records(
-            fitting, m0, self.config, full=mode == "full", sessions=sessions, today=today
+            fitted, m0, self.config, full=mode == "full", sessions=sessions, today=today
         )
 
     def decide(
