@@ -28,7 +28,7 @@ from rostersync.source.rows import COLUMNS, Row
 #: Where each kind's row tuple carries its hash.
 HASH_AT = {kind: cols.index("row_hash") for kind, cols in COLUMNS.items()}
 
-#: How the report names each kind.
+#: How the report names each kind (its ``fetched`` counts too).
 NAMES = {"org": "orgs", "person": "persons", "class": "classes", "enrollment": "enrollments"}
 
 #: Ids named in a warning or a hold reason, at most.
@@ -73,10 +73,12 @@ def in_rows(kind: str, rows: Iterable[Row]) -> Repeats:
     return out
 
 
-def _shown(ids: Iterable[str]) -> str:
+def shown(ids: Iterable[str], most: int = SHOWN) -> str:
+    """Ids for a message: the first ``most`` in order (each cut to 100 characters), and how
+    many more."""
     ordered = sorted(str(i)[:100] for i in ids)
-    more = f" and {len(ordered) - SHOWN} more" if len(ordered) > SHOWN else ""
-    return ", ".join(ordered[:SHOWN]) + more
+    more = f" and {len(ordered) - most} more" if len(ordered) > most else ""
+    return ", ".join(ordered[:most]) + more
 
 
 def _many(n: int) -> str:
@@ -87,7 +89,7 @@ def warnings(repeats: Repeats) -> list[str]:
     """One warning per kind of record the source sent twice with different content."""
     return [
         f"{name}: the source sent {_many(len(ids))} more than once with different content "
-        f"({_shown(ids)}); the last version sent of each was kept"
+        f"({shown(ids)}); the last version sent of each was kept"
         for kind, name in NAMES.items()
         if (ids := repeats.differing.get(kind))
     ]
@@ -97,7 +99,7 @@ def hold_reasons(repeats: Repeats, missing: Mapping[str, set[str]]) -> list[str]
     """Why a full run of a source that pages by offset is held: for each kind it received
     some id of more than once and would remove records of that it did not see."""
     return [
-        f"{name}: the source sent {_many(len(ids))} more than once ({_shown(ids)}): its "
+        f"{name}: the source sent {_many(len(ids))} more than once ({shown(ids)}): its "
         f"records moved while the run paged through them, so the {len(gone)} "
         f"{name if len(gone) > 1 else kind} it did not see may only have been skipped; run "
         "it again, or approve the run to remove them"

@@ -47,7 +47,7 @@ from rostersync.scoping import (
 )
 from rostersync.source.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.sync.mirror import ids_in
-from rostersync.sync.repeats import Repeats
+from rostersync.sync.repeats import Repeats, shown
 from rostersync.sync.staging import prepare_staging
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).
@@ -112,9 +112,7 @@ class ScopeResult:
 
 
 def _shown(ids: Iterable[str]) -> str:
-    ordered = sorted(ids)
-    more = f" and {len(ordered) - SHOWN} more" if len(ordered) > SHOWN else ""
-    return ", ".join(ordered[:SHOWN]) + more
+    return shown(ids, SHOWN)
 
 
 def _orgs(conn: Connection, source: str, run_id: int) -> dict[str, OrgInfo]:

@@ -34,7 +34,7 @@ from rostersync.source.rows import (
 )
 from rostersync.store.db import copy_rows, dialect_insert, index_build
 from rostersync.store.tables import staging_class, staging_enrollment, staging_org, staging_person
-from rostersync.sync.repeats import Repeats, in_rows
+from rostersync.sync.repeats import NAMES, Repeats, in_rows
 
 #: PostgreSQL's SQLSTATE for a duplicate key.
 UNIQUE_VIOLATION = "23505"
@@ -250,17 +250,13 @@ def upsert_rows(
     conn.execute(stmt, list(rows))
 
 
-#: A run's ``fetched`` counts by staging kind.
-FETCHED_KEY = {"org": "orgs", "person": "persons", "class": "classes", "enrollment": "enrollments"}
-
-
 def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> list[str]:
     """The collections a run fetched records of (``fetched``, as its report counts them) of
     which staging now holds none: its staged data was cleared, or, on PostgreSQL, emptied
     with the unlogged staging tables by a server crash. Empty when all are there."""
     lost = []
     for kind, table in STAGING.items():
-        key = FETCHED_KEY[kind]
+        key = NAMES[kind]
         # Records the scope step left out (schools, see sync/scope.py) were never to be staged.
         if int(fetched.get(key, 0)) - int(fetched.get(f"{key}_ignored", 0)) > 0:
             row = conn.execute(select(table.c.run_id).where(table.c.run_id == run_id).limit(1))
