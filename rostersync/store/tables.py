@@ -234,13 +234,31 @@ def _run_id() -> Column[int]:
     return Column("run_id", Integer, primary_key=True)
 
 
-def _fp_index(kind: str) -> Index:
+#: Each dialect's own version of an index both have under one name: ``{index: dialect}``
+#: (declared with ``ddl_if``, which Alembic does not read). See :func:`_keyed`.
+DIALECT_OF: dict[Index, str] = {}
+
+
+def _keyed(name: str, *columns: str) -> tuple[Index, Index]:
+    """An index on a mirror table over ``columns`` and the ``source``: SQLite's leads with the
+    source, PostgreSQL's ends with it (migration 0019). PostgreSQL's sorts and descents
+    compare a key column by column, and a leading text column equal on every row (most
+    installations have one source) made its index builds and member reads several times
+    slower (tests/benchmarks/README.md); SQLite's member reads, planned without statistics,
+    need the source first."""
+    sqlite = Index(name, "source", *columns).ddl_if(dialect="sqlite")
+    postgresql = Index(name, *columns, "source").ddl_if(dialect="postgresql")
+    DIALECT_OF.update({sqlite: "sqlite", postgresql: "postgresql"})
+    return sqlite, postgresql
+
+
+def _fp_index(kind: str) -> tuple[Index, Index]:
     """A full run reads a source's fingerprints, with their ids, from this index alone: the
     table's rows are several times wider (rostersync.sync.known)."""
-    return Index(f"ix_roster_{kind}_fp", "source", "fp", "sourced_id")
+    return _keyed(f"ix_roster_{kind}_fp", "fp", "sourced_id")
 
 
-roster_org = Table("roster_org", metadata, *_org_cols(), _source(), _fp_index("org"))
+roster_org = Table("roster_org", metadata, *_org_cols(), _source(), *_fp_index("org"))
 
 #: A person's values as a group member: the email lower-cased and trimmed (NULL when empty),
 #: and the name. Stored columns the database computes on every write (migration 0017): a
@@ -258,13 +276,20 @@ GENERATED_FROM: dict[str, tuple[str, ...]] = {
 #: row, per member a random visit to a table several times wider). SQLite's only (migration
 #: 0018): PostgreSQL's member reads were not measured to gain from it.
 PERSON_MEMBER_INDEX = "ix_roster_person_member"
+
+
+def _sqlite_only(index: Index) -> Index:
+    DIALECT_OF[index] = "sqlite"
+    return index.ddl_if(dialect="sqlite")
+
+
 #: Indexes only a SQLite database has (declared with ``ddl_if``).
 SQLITE_ONLY_INDEXES = frozenset({PERSON_MEMBER_INDEX})
 
 
 def indexes_on(table: Table, dialect: str) -> list[Index]:
     """The table's indexes as a database of ``dialect`` has them."""
-    return [i for i in table.indexes if dialect == "sqlite" or i.name not in SQLITE_ONLY_INDEXES]
+    return [i for i in table.indexes if DIALECT_OF.get(i, dialect) == dialect]
 
 
 roster_person = Table(
@@ -274,23 +299,23 @@ roster_person = Table(
     _source(),
     Column("member_email", Text, Computed(MEMBER_EMAIL_SQL, persisted=True)),
     Column("member_name", Text, Computed(MEMBER_NAME_SQL, persisted=True)),
-    Index("ix_roster_person_email", "source", "email"),
-    _fp_index("person"),
-    Index(
-        PERSON_MEMBER_INDEX, "source", "sourced_id", "status", "member_email", "member_name"
-    ).ddl_if(dialect="sqlite"),
+    *_keyed("ix_roster_person_email", "email"),
+    *_fp_index("person"),
+    _sqlite_only(
+        Index(PERSON_MEMBER_INDEX, "source", "sourced_id", "status", "member_email", "member_name")
+    ),
 )
 
-roster_class = Table("roster_class", metadata, *_class_cols(), _source(), _fp_index("class"))
+roster_class = Table("roster_class", metadata, *_class_cols(), _source(), *_fp_index("class"))
 
 roster_enrollment = Table(
     "roster_enrollment",
     metadata,
     *_enrollment_cols(),
     _source(),
-    Index("ix_roster_enr_class", "source", "class_id", "role", "user_id"),
-    Index("ix_roster_enr_user", "source", "user_id", "role"),
-    _fp_index("enrollment"),
+    *_keyed("ix_roster_enr_class", "class_id", "role", "user_id"),
+    *_keyed("ix_roster_enr_user", "user_id", "role"),
+    *_fp_index("enrollment"),
 )
 
 staging_org = Table("staging_org", metadata, *_org_cols(), _run_id())

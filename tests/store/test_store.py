@@ -18,7 +18,7 @@ from rostersync.source.records import RosterPerson
 from rostersync.source.rows import COLUMNS, StagedBatch, person_tuple, sort_batch
 from rostersync.store import snapshot
 from rostersync.store.db import SQLITE_PAGE_BYTES, Store, in_text, schema_head
-from rostersync.store.tables import PERSON_MEMBER_INDEX, SQLITE_ONLY_INDEXES, metadata
+from rostersync.store.tables import DIALECT_OF, PERSON_MEMBER_INDEX, metadata
 from rostersync.sync import staging as staging_step
 from rostersync.sync.merge import (
     STATISTICS_TARGET,
@@ -34,12 +34,11 @@ STAGING_TABLES = ("staging_org", "staging_person", "staging_class", "staging_enr
 
 def schema_diff(conn: Connection) -> list[Any]:
     """What the database lacks or has beyond the models, as Alembic compares them; an index
-    the models declare for SQLite alone (``ddl_if``, which Alembic does not read) counts on
-    SQLite only."""
+    the models declare for one dialect (``ddl_if``, which Alembic does not read) counts on
+    that dialect only."""
 
-    def declared_here(obj: Any, name: str | None, type_: str, *_: Any) -> bool:
-        sqlite = conn.dialect.name == "sqlite"
-        return sqlite or not (type_ == "index" and name in SQLITE_ONLY_INDEXES)
+    def declared_here(obj: Any, name: str | None, type_: str, reflected: bool, *_: Any) -> bool:
+        return reflected or DIALECT_OF.get(obj, conn.dialect.name) == conn.dialect.name
 
     context = MigrationContext.configure(conn, opts={"include_object": declared_here})
     return list(compare_metadata(context, metadata))
@@ -51,6 +50,66 @@ def test_migrations_match_the_models(store: Store) -> None:
         assert schema_diff(conn) == []
         names = {i["name"] for i in inspect(conn).get_indexes("roster_person")}
     assert (PERSON_MEMBER_INDEX in names) == (store.engine.dialect.name == "sqlite")
+
+
+def _index_columns(conn: Connection, table: str) -> dict[str, list[str]]:
+    return {i["name"]: list(i["column_names"]) for i in inspect(conn).get_indexes(table)}
+
+
+def test_the_mirror_indexes_lead_with_the_source_on_sqlite_and_end_with_it_on_postgresql(
+    store: Store,
+) -> None:
+    """SQLite's mirror indexes lead with the source; PostgreSQL's end with it (0019)."""
+    with store.read() as conn:
+        enrollments = _index_columns(conn, "roster_enrollment")
+        persons = _index_columns(conn, "roster_person")
+    if store.engine.dialect.name == "sqlite":
+        assert enrollments["ix_roster_enr_class"] == ["source", "class_id", "role", "user_id"]
+        assert enrollments["ix_roster_enrollment_fp"] == ["source", "fp", "sourced_id"]
+        assert persons["ix_roster_person_email"] == ["source", "email"]
+    else:
+        assert enrollments["ix_roster_enr_class"] == ["class_id", "role", "user_id", "source"]
+        assert enrollments["ix_roster_enr_user"] == ["user_id", "role", "source"]
+        assert enrollments["ix_roster_enrollment_fp"] == ["fp", "sourced_id", "source"]
+        assert persons["ix_roster_person_email"] == ["email", "source"]
+
+
+@pytest.mark.postgres
+def test_upgrade_to_0019_rebuilds_postgresql_indexes_with_the_source_last() -> None:
+    """A PostgreSQL database an earlier version set up keeps its mirror rows through 0019,
+    whose indexes then end with the source, and gets the old order back on downgrade; the
+    upgraded database matches the models."""
+    from alembic import command
+
+    from tests.conftest import _pg_schema_store
+
+    for store in _pg_schema_store():
+        with store.engine.connect() as conn:
+            command.upgrade(store._alembic(conn), "0018")
+            conn.commit()
+        with store.write() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO roster_enrollment (source, sourced_id, class_id, user_id, "
+                    'role, status, "primary", row_hash) '
+                    "VALUES ('s', 'e-1', 'c-1', 'p-1', 'student', 'active', false, 'h')"
+                )
+            )
+            before = _index_columns(conn, "roster_enrollment")
+        assert before["ix_roster_enr_class"] == ["source", "class_id", "role", "user_id"]
+        store.upgrade()
+        with store.read() as conn:
+            assert schema_diff(conn) == []
+            after = _index_columns(conn, "roster_enrollment")
+            assert conn.execute(text("SELECT sourced_id FROM roster_enrollment")).all() == [
+                ("e-1",)
+            ]
+        assert after["ix_roster_enr_class"] == ["class_id", "role", "user_id", "source"]
+        with store.engine.connect() as conn:
+            command.downgrade(store._alembic(conn), "0018")
+            conn.commit()
+        with store.read() as conn:
+            assert _index_columns(conn, "roster_enrollment") == before
 
 
 def test_empty_database_is_upgraded_on_first_use(tmp_path: Path) -> None:
