@@ -57,7 +57,7 @@ from connectors.oneroster.decode import (
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page, proxy_configured
 from connectors.oneroster.errors import describe, raise_for_status, transport_error, undecodable
 from connectors.oneroster.normalize import normalize, parse_session
-from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
+from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_total
 from rostersync.errors import DeltaUnsupportedError
 from rostersync.source.connector import ConnectorContext, FetchMode
 from rostersync.source.records import (
@@ -328,24 +328,11 @@ class OneRosterConnector:
             response = httpx.Response(answer.status, request=shown)
             for hook in hooks["response"]:
                 await hook(response)
-        decoded = answer.page
-        if decoded is None:
+        if answer.page is None:
             self._direct_failed(path, offset, answer.status, answer.problem or "no page")
             return None
         self.pages_by_workers += 1
-        has_link, has_next, next_offset = parse_link(answer.link)
-        return Page(
-            offset=offset,
-            records=[],
-            total=parse_total(answer.total),
-            has_link=has_link,
-            has_next=has_next,
-            next_offset=next_offset,
-            decoded=decoded,
-            count=decoded.length,
-            first_id=decoded.first_id,
-            by_worker=True,
-        )
+        return paging.answered(offset, answer.total, answer.link, answer.page, by_worker=True)
 
     def _direct_failed(self, path: str, offset: int, status: int, problem: str) -> None:
         """The sync process asks again, the careful way; after anything but an OAuth2
@@ -400,18 +387,11 @@ class OneRosterConnector:
                 "the server rejected the delta filter "
                 f"(HTTP 400 from {describe(response.request)})",
             )
-        has_link, has_next, next_offset = parse_link(response.headers.get("Link"))
-        page = Page(
-            offset=offset,
-            records=[],
-            total=parse_total(response.headers.get("X-Total-Count")),
-            has_link=has_link,
-            has_next=has_next,
-            next_offset=next_offset,
-        )
+        headers = response.headers
+        total, link = headers.get("X-Total-Count"), headers.get("Link")
         if rows:
-            return replace(page, decoded=body, count=body.length, first_id=body.first_id)
-        return replace(page, records=body)
+            return paging.answered(offset, total, link, body)
+        return replace(paging.answered(offset, total, link), records=body)
 
     async def _pages(
         self,
