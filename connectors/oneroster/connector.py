@@ -176,7 +176,6 @@ class OneRosterConnector:
             self._slots = asyncio.Semaphore(self.config.max_concurrency)
         slots = self._slots
         url = self._url(path)
-        where = f"GET {httpx.URL(url).path}"
 
         async def attempt() -> tuple[httpx.Response, Any]:
             # A fresh request per try: the auth flow signs each one anew (nonce, timestamp).
@@ -187,10 +186,10 @@ class OneRosterConnector:
                 try:
                     response = await self._http.send(request, auth=self._auth)
                 except httpx.TransportError as exc:
-                    raise transport_error(self.source, exc, where) from exc
+                    raise transport_error(self.source, exc, describe(request)) from exc
             if response.status_code in passthrough:
                 return response, None
-            raise_for_status(self.source, response, where)
+            raise_for_status(self.source, response)
             try:
                 # orjson: parsing is a third of a large district's fetch; the stdlib is 2-3x slower.
                 return response, await read(response) if read else orjson.loads(response.content)
