@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from connectors.oneroster import decode, forkserver, paging
+from connectors.oneroster import decode, errors, forkserver, paging
 from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
 from connectors.oneroster.config import (
     BearerAuth,
@@ -297,9 +297,10 @@ class OneRosterConnector:
 
     async def _direct_page(
         self, path: str, key: str, offset: int, extra: dict[str, str]
-    ) -> Page | None:
-        """The page, requested and decoded by a decode worker; None when the sync process
-        must ask for it itself (see connectors.oneroster.direct)."""
+    ) -> Page | str | None:
+        """The page, requested and decoded by a decode worker; else the sync process must ask
+        for it itself (see connectors.oneroster.direct): what the worker got, or None when no
+        worker asked."""
         headers = self._direct_headers()
         if headers is None:
             return None
@@ -328,8 +329,9 @@ class OneRosterConnector:
             for hook in hooks["response"]:
                 await hook(response)
         if answer.page is None:
-            self._direct_failed(path, offset, answer.status, answer.problem or "no page")
-            return None
+            problem = answer.problem or "no page"
+            self._direct_failed(path, offset, answer.status, problem)
+            return problem
         self.pages_by_workers += 1
         return paging.answered(offset, answer.total, answer.link, answer.page, by_worker=True)
 
@@ -405,13 +407,16 @@ class OneRosterConnector:
         sized: list[int | None] = []  # the first page's X-Total-Count, once it is read
 
         async def fetch(offset: int) -> Page:
+            worker: str | None = None  # what a decode worker got instead of the page, if one asked
             if rows and sized and self._direct_ok(sized[0]):
                 page = await self._direct_page(path, key, offset, params)
-                if page is not None:
+                if isinstance(page, Page):
                     return page
-            page = await self._page(
-                path, key, offset, params, may_be_missing=may_be_missing, rows=rows
-            )
+                worker = page
+            with errors.asked_again(worker):
+                page = await self._page(
+                    path, key, offset, params, may_be_missing=may_be_missing, rows=rows
+                )
             if not sized:
                 sized.append(page.total)
             return page

@@ -11,11 +11,14 @@ Messages carry the source (through :class:`~rostersync.errors.SourceError`), the
 URL *path* and the page's offset (:func:`describe`) only: no host, no other query parameter, no
 header, so no secret can leak into a log line. The retry policy adds how many tries were made
 (``HTTP 503 Service Unavailable from GET /ims/oneroster/v1p1/enrollments at offset=52000
-after 6 attempts``).
+after 6 attempts``), and a page a decode worker asked for first says so and what the worker
+got (:func:`asked_again`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -33,6 +36,19 @@ def describe(request: httpx.Request) -> str:
     where = f"{request.method} {request.url.path}"
     offset = request.url.params.get("offset")
     return where if offset is None else f"{where} at offset={offset}"
+
+
+@contextmanager
+def asked_again(problem: str | None) -> Iterator[None]:
+    """Around the sync process's request for a page a decode worker could not get (its
+    ``DirectAnswer.problem``; None: no worker asked): the error it ends in says that the
+    worker tried first, and what it got, so the message counts every request of the page."""
+    try:
+        yield
+    except SourceError as exc:
+        if problem is not None:
+            exc.amend(f" (a decode worker had tried first: {problem})")
+        raise
 
 
 def undecodable(source: str, response: httpx.Response, problem: str) -> SourceError:
