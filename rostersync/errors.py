@@ -66,6 +66,12 @@ class SourceError(RostersyncError):
         self.detail = message  # without the source's name, to quote inside another message
         super().__init__(f"source {source!r}: {message}")
 
+    def amend(self, more: str) -> None:
+        """Add ``more`` to the end of the message: what was learnt after the error was raised
+        (how many tries a retry policy made before it gave up)."""
+        self.detail += more
+        self.args = (f"source {self.source!r}: {self.detail}",)
+
 
 class RetriableSourceError(SourceError):
     """Worth retrying: the source was busy, slow or briefly unreachable."""

@@ -36,7 +36,7 @@ from urllib.parse import quote
 import httpx
 import orjson
 
-from connectors.oneroster import decode, forkserver, paging
+from connectors.oneroster import decode, errors, forkserver, paging
 from connectors.oneroster.auth import BearerToken, OAuth1Signer, OAuth2ClientCredentials
 from connectors.oneroster.config import (
     BearerAuth,
@@ -57,7 +57,7 @@ from connectors.oneroster.decode import (
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page, proxy_configured
 from connectors.oneroster.errors import describe, raise_for_status, transport_error, undecodable
 from connectors.oneroster.normalize import normalize, parse_session
-from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_link, parse_total
+from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_total
 from rostersync.errors import DeltaUnsupportedError
 from rostersync.source.connector import ConnectorContext, FetchMode
 from rostersync.source.records import (
@@ -176,7 +176,6 @@ class OneRosterConnector:
             self._slots = asyncio.Semaphore(self.config.max_concurrency)
         slots = self._slots
         url = self._url(path)
-        where = f"GET {httpx.URL(url).path}"
 
         async def attempt() -> tuple[httpx.Response, Any]:
             # A fresh request per try: the auth flow signs each one anew (nonce, timestamp).
@@ -187,10 +186,10 @@ class OneRosterConnector:
                 try:
                     response = await self._http.send(request, auth=self._auth)
                 except httpx.TransportError as exc:
-                    raise transport_error(self.source, exc, where) from exc
+                    raise transport_error(self.source, exc, describe(request)) from exc
             if response.status_code in passthrough:
                 return response, None
-            raise_for_status(self.source, response, where)
+            raise_for_status(self.source, response)
             try:
                 # orjson: parsing is a third of a large district's fetch; the stdlib is 2-3x slower.
                 return response, await read(response) if read else orjson.loads(response.content)
@@ -298,9 +297,10 @@ class OneRosterConnector:
 
     async def _direct_page(
         self, path: str, key: str, offset: int, extra: dict[str, str]
-    ) -> Page | None:
-        """The page, requested and decoded by a decode worker; None when the sync process
-        must ask for it itself (see connectors.oneroster.direct)."""
+    ) -> Page | str | None:
+        """The page, requested and decoded by a decode worker; else the sync process must ask
+        for it itself (see connectors.oneroster.direct): what the worker got, or None when no
+        worker asked."""
         headers = self._direct_headers()
         if headers is None:
             return None
@@ -328,24 +328,12 @@ class OneRosterConnector:
             response = httpx.Response(answer.status, request=shown)
             for hook in hooks["response"]:
                 await hook(response)
-        decoded = answer.page
-        if decoded is None:
-            self._direct_failed(path, offset, answer.status, answer.problem or "no page")
-            return None
+        if answer.page is None:
+            problem = answer.problem or "no page"
+            self._direct_failed(path, offset, answer.status, problem)
+            return problem
         self.pages_by_workers += 1
-        has_link, has_next, next_offset = parse_link(answer.link)
-        return Page(
-            offset=offset,
-            records=[],
-            total=parse_total(answer.total),
-            has_link=has_link,
-            has_next=has_next,
-            next_offset=next_offset,
-            decoded=decoded,
-            count=decoded.length,
-            first_id=decoded.first_id,
-            by_worker=True,
-        )
+        return paging.answered(offset, answer.total, answer.link, answer.page, by_worker=True)
 
     def _direct_failed(self, path: str, offset: int, status: int, problem: str) -> None:
         """The sync process asks again, the careful way; after anything but an OAuth2
@@ -400,18 +388,11 @@ class OneRosterConnector:
                 "the server rejected the delta filter "
                 f"(HTTP 400 from {describe(response.request)})",
             )
-        has_link, has_next, next_offset = parse_link(response.headers.get("Link"))
-        page = Page(
-            offset=offset,
-            records=[],
-            total=parse_total(response.headers.get("X-Total-Count")),
-            has_link=has_link,
-            has_next=has_next,
-            next_offset=next_offset,
-        )
+        headers = response.headers
+        total, link = headers.get("X-Total-Count"), headers.get("Link")
         if rows:
-            return replace(page, decoded=body, count=body.length, first_id=body.first_id)
-        return replace(page, records=body)
+            return paging.answered(offset, total, link, body)
+        return replace(paging.answered(offset, total, link), records=body)
 
     async def _pages(
         self,
@@ -426,13 +407,16 @@ class OneRosterConnector:
         sized: list[int | None] = []  # the first page's X-Total-Count, once it is read
 
         async def fetch(offset: int) -> Page:
+            worker: str | None = None  # what a decode worker got instead of the page, if one asked
             if rows and sized and self._direct_ok(sized[0]):
                 page = await self._direct_page(path, key, offset, params)
-                if page is not None:
+                if isinstance(page, Page):
                     return page
-            page = await self._page(
-                path, key, offset, params, may_be_missing=may_be_missing, rows=rows
-            )
+                worker = page
+            with errors.asked_again(worker):
+                page = await self._page(
+                    path, key, offset, params, may_be_missing=may_be_missing, rows=rows
+                )
             if not sized:
                 sized.append(page.total)
             return page

@@ -5,14 +5,20 @@
 * Timeouts and transport failures (refused or dropped connections) are retriable too.
 * 401/403 are fatal with a hint about credentials; every other 4xx is fatal.
 * A 200 whose JSON does not parse (a body cut short by a proxy or a server that gave up
-  half-way) is retriable, naming the page's offset; an answer of the wrong shape is fatal.
+  half-way) is retriable; an answer of the wrong shape is fatal.
 
-Messages carry the source (through :class:`~rostersync.errors.SourceError`), the method and the
-URL *path* only: no host, no query string, no header, so no secret can leak into a log line.
+Messages carry the source (through :class:`~rostersync.errors.SourceError`), the method, the
+URL *path* and the page's offset (:func:`describe`) only: no host, no other query parameter, no
+header, so no secret can leak into a log line. The retry policy adds how many tries were made
+(``HTTP 503 Service Unavailable from GET /ims/oneroster/v1p1/enrollments at offset=52000
+after 6 attempts``), and a page a decode worker asked for first says so and what the worker
+got (:func:`asked_again`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -24,17 +30,30 @@ _REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too M
 
 
 def describe(request: httpx.Request) -> str:
-    """``GET /ims/oneroster/v1p1/users``: what error messages name."""
-    return f"{request.method} {request.url.path}"
+    """``GET /ims/oneroster/v1p1/users at offset=2000``: what error messages name. Of the
+    query, the offset alone: it tells which page without echoing the rest (a signature's
+    ``oauth_*`` parameters, a filter)."""
+    where = f"{request.method} {request.url.path}"
+    offset = request.url.params.get("offset")
+    return where if offset is None else f"{where} at offset={offset}"
+
+
+@contextmanager
+def asked_again(problem: str | None) -> Iterator[None]:
+    """Around the sync process's request for a page a decode worker could not get (its
+    ``DirectAnswer.problem``; None: no worker asked): the error it ends in says that the
+    worker tried first, and what it got, so the message counts every request of the page."""
+    try:
+        yield
+    except SourceError as exc:
+        if problem is not None:
+            exc.amend(f" (a decode worker had tried first: {problem})")
+        raise
 
 
 def undecodable(source: str, response: httpx.Response, problem: str) -> SourceError:
     """The error for an answer that did not decode (``problem``, a DecodeError's text)."""
-    request = response.request
-    where = describe(request)
-    # The offset alone of the query: it tells which page without echoing the rest.
-    offset = request.url.params.get("offset")
-    where += f" at offset={offset}" if offset is not None else ""
+    where = describe(response.request)
     if problem == "invalid JSON":
         return RetriableSourceError(source, f"invalid JSON from {where}")
     return FatalSourceError(source, f"unexpected answer from {where}: {problem}")

@@ -80,6 +80,31 @@ class Page:
         return (first, len(self.records)) if isinstance(first, str) and first else None
 
 
+def answered(
+    offset: int,
+    total: str | None,
+    link: str | None,
+    decoded: Any = None,
+    *,
+    by_worker: bool = False,
+) -> Page:
+    """The page at ``offset`` as paging sees it: its ``X-Total-Count`` and ``Link`` headers, and
+    its records when they came decoded into staging rows (a ``DecodedPage``)."""
+    has_link, has_next, next_offset = parse_link(link)
+    return Page(
+        offset=offset,
+        records=[],
+        total=parse_total(total),
+        has_link=has_link,
+        has_next=has_next,
+        next_offset=next_offset,
+        decoded=decoded,
+        count=None if decoded is None else decoded.length,
+        first_id=None if decoded is None else decoded.first_id,
+        by_worker=by_worker,
+    )
+
+
 def parse_total(value: str | None) -> int | None:
     """The ``X-Total-Count`` header as a count, or None when absent or unreadable."""
     if value is None:

@@ -3,6 +3,8 @@
 Only :class:`~rostersync.errors.RetriableSourceError` is retried. A server's ``Retry-After``
 (carried on the error) wins over the exponential backoff, capped at ``max_wait``. Every retry
 is logged with the attempt number and the reason (never a secret: messages name paths only).
+The error a call ends in says how many tries were made (:func:`tries_made`): the one the
+tries ran out on ``after 6 attempts``, any other error after a retry ``(on attempt 3)``.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from tenacity import (
 )
 
 from rostersync.config.types import StrictModel
-from rostersync.errors import RetriableSourceError
+from rostersync.errors import RetriableSourceError, SourceError
 
 T = TypeVar("T")
+
+
+def tries_made(attempts: int, retriable: bool) -> str:
+    """What a call's final error adds to its message: a retriable error is the one the tries
+    ran out on; another error (a 404 after two 503s) came on a later try, or on the first,
+    which a single try's error need not say."""
+    if retriable:
+        return f" after {attempts} attempt{'s' if attempts != 1 else ''}"
+    return f" (on attempt {attempts})" if attempts > 1 else ""
 
 
 class RetrySettings(StrictModel):
@@ -75,7 +86,13 @@ class RetryPolicy:
             before_sleep=self._before_sleep,
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                return await fn()
+        attempts = 0
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    return await fn()
+        except SourceError as exc:
+            exc.amend(tries_made(attempts, isinstance(exc, RetriableSourceError)))
+            raise
         raise AssertionError("unreachable: tenacity reraises the last error")

@@ -33,7 +33,7 @@ from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.connectors.proxied_fetch import reply
 from tests.e2e.test_oneroster_e2e import SOURCE, aged_district, rest_source, settings_for
-from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks
+from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks, Version
 
 # info_logged (conftest): the info lines the tests capture pass whatever level was set before.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("info_logged")]
@@ -295,6 +295,113 @@ async def test_a_server_going_down_while_the_workers_fetch_fails_the_fetch_namin
                 await staged(c)
             assert c.pages_by_workers > 0
             assert c._direct_off is not None and c._direct_off.startswith("no answer")
+
+
+def last_page(srv: FakeOneRoster, collection: str) -> int:
+    """The offset of the collection's last page: one a worker requests, none after it."""
+    total = int(httpx.get(f"{srv.origin}/_admin/stats").json()["records"][collection])
+    assert total > 2 * PAGE
+    return (total - 1) // PAGE * PAGE
+
+
+def assert_no_secret(message: str, srv: FakeOneRoster) -> None:
+    """Nothing of the credentials, the signature, the rest of the query or the host."""
+    with srv._lock:
+        tokens = list(srv._tokens)
+    for leak in (srv.client_secret, srv.bearer_token, *tokens, "oauth_", "limit=", "127.0.0.1"):
+        assert leak not in message, leak
+    assert "\n" not in message
+
+
+WORKER_FAILURES: list[tuple[Version, Faults, str]] = [
+    (
+        "1.1",
+        Faults(server_error=99),
+        "HTTP 500 Internal Server Error from {where} after 4 attempts "
+        "(a decode worker had tried first: HTTP 500)",
+    ),
+    (
+        "1.2",
+        Faults(server_error=99),
+        "HTTP 500 Internal Server Error from {where} after 4 attempts "
+        "(a decode worker had tried first: HTTP 500)",
+    ),
+    (
+        "1.1",
+        Faults(rate_limit=99, retry_after="0"),
+        "HTTP 429 Too Many Requests from {where} after 4 attempts "
+        "(a decode worker had tried first: HTTP 429)",
+    ),
+    (
+        "1.1",
+        Faults(drop=99),
+        "connection failed (RemoteProtocolError) on {where} after 4 attempts "
+        "(a decode worker had tried first: no answer (RemoteDisconnected))",
+    ),
+    (
+        "1.1",
+        Faults(delay=0.8),
+        "timed out (ReadTimeout) on {where} after 2 attempts "
+        "(a decode worker had tried first: no answer (TimeoutError))",
+    ),
+    (
+        "1.1",
+        Faults(not_found=99),
+        "HTTP 404 Not Found from {where} (a decode worker had tried first: HTTP 404)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("version", "fault", "expected"),
+    WORKER_FAILURES,
+    ids=["500", "500-oauth2", "429", "dropped", "timeout", "404"],
+)
+async def test_a_page_a_worker_asked_for_first_fails_naming_path_offset_and_attempts(
+    version: Version, fault: Faults, expected: str
+) -> None:
+    """A page that keeps failing in the worker and then in the sync process's retries ends in
+    an error naming the collection's path, the page's offset, the sync process's tries and
+    the worker's own, with what each got; no credential of the source's auth."""
+    slow = fault.delay > 0
+    with FakeOneRoster(aged_district(SPEC), version=version) as srv:
+        fault.only, fault.from_offset = "/enrollments", last_page(srv, "enrollments")
+        srv.faults = fault
+        settings: dict[str, Any] = {"timeout": 0.5, "retry": FAST | {"max_attempts": 2}}
+        async with connect(srv, **(settings if slow else {})) as c:
+            error = RetriableSourceError if fault.not_found == 0 else FatalSourceError
+            with pytest.raises(error) as err:
+                await staged(c)
+            assert c.pages_by_workers > 0
+        asked = pages_asked(srv)[("/enrollments", str(fault.from_offset))]
+    where = f"GET {srv.base_url.removeprefix(srv.origin)}/enrollments at offset={fault.from_offset}"
+    assert err.value.detail == expected.format(where=where)
+    assert asked == (2 if fault.not_found else 3 if slow else 5)  # the worker's try, then ours
+    assert_no_secret(str(err.value), srv)
+
+
+async def test_a_failed_run_reports_the_page_in_its_error_json_and_log_line(
+    store: Store, tmp_path: Path
+) -> None:
+    """The run's error (what `runs show` prints), its JSON and the sync_failed log line all
+    name the collection's path, the page's offset and the tries, never the secret."""
+    with FakeOneRoster(aged_district(SPEC)) as srv:
+        offset = last_page(srv, "enrollments")
+        srv.faults = Faults(server_error=99, only="/enrollments", from_offset=offset)
+        source = rest_source(srv, page_size=PAGE, decode_workers=2)
+        with capture_logs() as logs:
+            report = await SyncEngine(settings_for(tmp_path, source), store).sync(SOURCE)
+    expected = (
+        f"source {SOURCE!r}: HTTP 500 Internal Server Error from GET /ims/oneroster/v1p1/"
+        f"enrollments at offset={offset} after 4 attempts "
+        "(a decode worker had tried first: HTTP 500)"
+    )
+    assert report.status == "failed"
+    assert report.error == expected
+    assert report.as_json()["error"] == expected
+    (failed,) = [e for e in logs if e["event"] == "sync_failed"]
+    assert failed["error"] == expected
+    assert srv.client_secret not in repr(logs) and "oauth_signature" not in repr(logs)
 
 
 def test_workers_share_the_default_tls_context_their_fork_server_built(

@@ -28,8 +28,8 @@ What it does, like the real ones:
 Tests change the roster between runs (``srv.roster = ...``, :meth:`FakeOneRoster.update`,
 :meth:`~FakeOneRoster.delete`, :meth:`~FakeOneRoster.remove`, :meth:`~FakeOneRoster.add`,
 :meth:`~FakeOneRoster.add_raw`), switch on server quirks (:class:`Quirks`) and faults
-(:class:`Faults`: N x 429 with ``Retry-After``, N x 500, dropped connections, slow answers, the
-same page for every offset, "down after K requests"), and read ``srv.requests``.
+(:class:`Faults`: N x 429 with ``Retry-After``, N x 500, N x 404, dropped connections, slow
+answers, the same page for every offset, "down after K requests"), and read ``srv.requests``.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class Faults:
     rate_limit: int = 0  # the next N requests answer 429
     retry_after: str | None = "0"  # their Retry-After: seconds or an HTTP date; None omits it
     server_error: int = 0  # the next N requests answer 500
+    not_found: int = 0  # the next N requests answer 404 (a client error: not retried)
     drop: int = 0  # the next N requests: the socket is closed without an answer
     delay: float = 0.0  # seconds to wait before each answer
     down_after: int | None = None  # after K requests, every connection is dropped
@@ -634,9 +635,7 @@ class FakeOneRoster:
             self._data_requests += 1
             if f.down_after is not None and self._data_requests > f.down_after:
                 return _DROP
-            if f.only is not None and f.only not in path:
-                return False
-            if f.from_offset and int(params.get("offset") or 0) < f.from_offset:
+            if not self._targeted(path, params):
                 return False
             if f.drop > 0:
                 f.drop -= 1
@@ -650,7 +649,17 @@ class FakeOneRoster:
             if f.server_error > 0:
                 f.server_error -= 1
                 return _imsx(500, "internal error (injected)")
+            if f.not_found > 0:
+                f.not_found -= 1
+                return _imsx(404, "not found (injected)")
         return False
+
+    def _targeted(self, path: str, params: dict[str, str]) -> bool:
+        """Whether the faults apply to this request (``only`` and ``from_offset``)."""
+        f = self.faults
+        if f.only is not None and f.only not in path:
+            return False
+        return not f.from_offset or int(params.get("offset") or 0) >= f.from_offset
 
     def _data(
         self, method: str, path: str, params: dict[str, str], headers: dict[str, str]
@@ -661,7 +670,7 @@ class FakeOneRoster:
         fault = self._fault(path, params)
         if fault is not False:
             return fault
-        if self.faults.delay and (self.faults.only is None or self.faults.only in path):
+        if self.faults.delay and self._targeted(path, params):
             server = self._server
             if server is not None:
                 server.stopping.wait(self.faults.delay)

@@ -259,6 +259,23 @@ def test_slow_answers(v11: FakeOneRoster) -> None:
     assert time.monotonic() - started >= 0.2
 
 
+def test_not_found_and_delay_apply_from_the_offset_on(v11: FakeOneRoster) -> None:
+    """`not_found` answers 404; like every fault, the delay too spares pages before
+    `from_offset` and paths without `only`."""
+    v11.faults = Faults(not_found=2, delay=0.3, only="/users", from_offset=4)
+    with signed(v11) as client:
+        started = time.monotonic()
+        first = client.get("/users", params={"offset": 0, "limit": 4})
+        orgs = client.get("/orgs", params={"offset": 4})
+        quick = time.monotonic() - started
+        later = [client.get("/users", params={"offset": 4, "limit": 4}) for _ in range(3)]
+    assert (first.status_code, orgs.status_code) == (200, 200)
+    assert quick < 0.3
+    assert [a.status_code for a in later] == [404, 404, 200]
+    assert later[0].json()["imsx_codeMajor"] == "failure"
+    assert [r.status for r in v11.data_requests()] == [200, 200, 404, 404, 200]
+
+
 def test_admin_endpoints_control_a_server_in_another_process(v11: FakeOneRoster) -> None:
     """/_admin/faults, /_admin/mutate and /_admin/stats drive a server over HTTP."""
     with httpx.Client(base_url=v11.origin) as admin, signed(v11) as client:
