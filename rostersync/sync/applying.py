@@ -172,7 +172,7 @@ class Applier:
                 ctx.run_id,
                 status=status,
                 counts=outcome.counts,
-                fetched=ctx.fetched,
+                fetched=outcome.fetched(ctx.fetched),
                 newest=ctx.newest,
                 finished_at=utcnow(),
                 hold_reason=reason,
@@ -191,6 +191,7 @@ class Applier:
         decision = self._decide(conn, ctx, found)
         if not ctx.approved:  # an approval's staging shows fewer: the held run's report said
             decision.outcome.warnings += repeated.warnings(repeats)
+        decision.outcome.repeated = repeats.counts()
         self._judge(conn, ctx, found, decision, repeats)
         return self._carry_out(conn, ctx, found, decision)
 
@@ -377,7 +378,7 @@ class Applier:
         if not ctx.approved:
             fingerprint = fingerprint_of(settings.sources[source])
             now_counts, last = ratio_counts(
-                ctx.fetched, state["last_counts"] if state else None, fingerprint
+                outcome.fetched(ctx.fetched), state["last_counts"] if state else None, fingerprint
             )
             verdict = check_safety(
                 safety=settings.safety_for(source),
@@ -557,7 +558,7 @@ class Applier:
             values["last_full_at"] = now
             config = self.settings.sources.get(source)
             fingerprint = fingerprint_of(config) if config is not None else 0
-            values["last_counts"] = last_counts(ctx.fetched, fingerprint)
+            values["last_counts"] = last_counts(outcome.fetched(ctx.fetched), fingerprint)
         runs.save_source_state(conn, source, values, new=state is None)
         record_outcome(conn, run_id, outcome)
         status = "succeeded_with_errors" if outcome.counts["records_rejected"] else "succeeded"
@@ -566,7 +567,7 @@ class Applier:
             run_id,
             status=status,
             counts=outcome.counts,
-            fetched=ctx.fetched,
+            fetched=outcome.fetched(ctx.fetched),
             newest=ctx.newest,
             finished_at=now,
         )

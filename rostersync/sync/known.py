@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 from array import array
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,8 @@ class KnownRows:
         #: rows left out of staging, per kind
         self.unchanged: dict[str, int] = {kind: 0 for kind in COLUMNS}
         #: ids whose mirror row was seen as it is more than once (a record sent twice)
-        self.seen_again: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
+        #: how many times more each such id was seen as the mirror holds it
+        self.seen_again: dict[str, Counter[str]] = {kind: Counter() for kind in COLUMNS}
         self._loaded = threading.Event()
         self._error: BaseException | None = None
 
@@ -225,7 +227,7 @@ class KnownRows:
         """The ids whose mirror row the run saw as it is more than once."""
         out = Repeats()
         for kind, ids in self.seen_again.items():
-            out.add(kind, ids)
+            out.add(kind, ids, copies=ids.total())
         return out
 
     def repeats(self, conn: Connection, run_id: int) -> Repeats:
@@ -247,6 +249,10 @@ class KnownRows:
                 ),
                 {"run": run_id, "src": self.source},
             )
+            # One copy per id: the one seen as it is (SQLite's staging still holds a record
+            # staged twice, which its apply counts).
+            again: set[str] = set()
+            differing: set[str] = set()
             for sid, fp, held, staged in rows:
                 # The mirror's row was seen as it is once it no longer waits to be seen.
                 seen = (
@@ -255,7 +261,10 @@ class KnownRows:
                     else row_key(held, sid) not in remaining
                 )
                 if seen:
-                    out.add(kind, [sid], [sid] if staged != held else [])
+                    again.add(sid)
+                    if staged != held:
+                        differing.add(sid)
+            out.add(kind, again, differing)
         return out
 
     def revert(self, conn: Connection, run_id: int) -> int:
@@ -298,7 +307,7 @@ class KnownRows:
             self.seen_fp[kind], self.seen_sid[kind] = array("q"), []
         sid = seen.get(fp)
         if sid is not None:
-            self.seen_again[kind].add(sid)
+            self.seen_again[kind][sid] += 1
         return sid
 
     def missing(self, kind: str) -> set[str]:

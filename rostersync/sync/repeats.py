@@ -37,23 +37,36 @@ SHOWN = 5
 
 @dataclass
 class Repeats:
-    """The sourcedIds a run received more than once, by kind; and among them those whose
-    versions differ."""
+    """The sourcedIds a run received more than once, by kind; among them those whose versions
+    differ; and how many records of each kind were copies (each id's sendings after its
+    first), which the run's record counts take off (:meth:`counts`)."""
 
     ids: dict[str, set[str]] = field(default_factory=dict)
     differing: dict[str, set[str]] = field(default_factory=dict)
+    copies: dict[str, int] = field(default_factory=dict)
 
-    def add(self, kind: str, ids: Iterable[str], differing: Iterable[str] = ()) -> None:
+    def add(
+        self, kind: str, ids: Iterable[str], differing: Iterable[str] = (), copies: int = 0
+    ) -> None:
+        """These ids came more than once; ``copies`` records beyond each one's first (at
+        least one per id)."""
         other = set(differing)
         every = set(ids) | other
         if every:
             self.ids.setdefault(kind, set()).update(every)
+            self.copies[kind] = self.copies.get(kind, 0) + max(copies, len(every))
         if other:
             self.differing.setdefault(kind, set()).update(other)
 
     def update(self, other: Repeats) -> None:
         for kind, ids in other.ids.items():
-            self.add(kind, ids, other.differing.get(kind, ()))
+            self.add(kind, ids, other.differing.get(kind, ()), other.copies.get(kind, 0))
+
+    def counts(self) -> dict[str, int]:
+        """The copies by kind, as the run's fetched counts name them (``persons_repeated``):
+        the safety check on a shrunken source compares records, not sendings
+        (rostersync.sync.scope, ``ratio_counts``)."""
+        return {f"{NAMES[kind]}_repeated": n for kind, n in sorted(self.copies.items()) if n}
 
     def __bool__(self) -> bool:
         return bool(self.ids)

@@ -147,6 +147,13 @@ class Outcome:
     hold_reasons: tuple[str, ...] = ()
     #: a held or dry run's change set (what applying it does), stored after the rollback
     changes: ChangeSet | None = None
+    #: records received more than once, by kind (``persons_repeated``: the copies), kept
+    #: with the run's fetched counts (rostersync.sync.repeats)
+    repeated: dict[str, int] = field(default_factory=dict)
+
+    def fetched(self, ctx_fetched: Mapping[str, int]) -> dict[str, int]:
+        """The run's fetched counts as recorded: what it received, and the copies among it."""
+        return {**ctx_fetched, **self.repeated}
 
 
 def load_report(conn: Connection, run_id: int) -> RunReport:

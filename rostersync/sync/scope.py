@@ -30,7 +30,7 @@ scope when ``include`` is empty or names it or an org above it (by sourcedId or 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -432,6 +432,11 @@ def _turn_delta(conn: Connection, params: Mapping[str, Any]) -> None:
         )
 
 
+def _records(fetched: Mapping[str, int], kinds: Sequence[str]) -> dict[str, int]:
+    """Records received of each kind, each counted once however often it was sent."""
+    return {k: int(fetched.get(k, 0)) - int(fetched.get(f"{k}_repeated", 0)) for k in kinds}
+
+
 def ratio_counts(
     fetched: Mapping[str, int], last: Mapping[str, Any] | None, fingerprint: int
 ) -> tuple[dict[str, int], dict[str, int] | None]:
@@ -441,9 +446,10 @@ def ratio_counts(
     so that a shrunken part of the source in scope is not hidden by the schools around it.
     When the settings changed, what the source sent is compared, so that narrowing the scope
     does not look like a shrunken source (the removal limits judge what it removes). Terms
-    never count here: a semester's end is a large removal, held by the removal limits."""
+    never count here: a semester's end is a large removal, held by the removal limits.
+    A record the source sent more than once counts once (``{kind}_repeated``: the copies)."""
     kinds = ("persons", "classes", "enrollments")
-    raw = {k: int(fetched.get(k, 0)) for k in kinds}
+    raw = _records(fetched, kinds)
     if not last:
         return raw, None
     if int(last.get("scope", 0)) != fingerprint:
@@ -455,7 +461,7 @@ def ratio_counts(
 def last_counts(fetched: Mapping[str, int], fingerprint: int) -> dict[str, int]:
     """A successful full run's counts kept for the next run's ``min_source_ratio`` check."""
     kinds = ("persons", "classes", "enrollments")
-    out = {k: int(fetched.get(k, 0)) for k in kinds}
+    out = _records(fetched, kinds)
     out.update({f"kept_{k}": out[k] - int(fetched.get(f"{k}_ignored", 0)) for k in kinds})
     if fingerprint:
         out["scope"] = fingerprint

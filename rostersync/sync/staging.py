@@ -173,12 +173,17 @@ def prepare_staging(conn: Connection, run_id: int | None = None) -> Repeats:
         if run_id is not None:
             found = conn.execute(
                 text(
-                    f"SELECT sourced_id, count(DISTINCT row_hash) FROM {table.name} "
+                    f"SELECT sourced_id, count(DISTINCT row_hash), count(*) FROM {table.name} "
                     "WHERE run_id = :run GROUP BY sourced_id HAVING count(*) > 1"
                 ),
                 {"run": run_id},
             ).all()
-            repeats.add(kind, [sid for sid, _ in found], [sid for sid, n in found if n > 1])
+            repeats.add(
+                kind,
+                [sid for sid, _, _ in found],
+                [sid for sid, n, _ in found if n > 1],
+                copies=sum(sent - 1 for _, _, sent in found),
+            )
         conn.exec_driver_sql(
             f"DELETE FROM {table.name} WHERE rowid NOT IN "
             f"(SELECT max(rowid) FROM {table.name} GROUP BY run_id, sourced_id)"

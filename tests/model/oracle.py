@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
@@ -684,6 +685,25 @@ def _repeat_reasons(sent: Sequence[RosterRecord], m0: Mirror, m1: Mirror) -> lis
     return out
 
 
+def _copies(records: Sequence[RosterRecord]) -> dict[str, int]:
+    """Records beyond the first of each sourcedId, by kind (rejected records are not kept)."""
+    sent = Counter(
+        (name, r.sourced_id) for r in records for name, cls in _KINDS if isinstance(r, cls)
+    )
+    out: Counter[str] = Counter()
+    for (name, _), n in sent.items():
+        out[name] += n - 1
+    return dict(out)
+
+
+_KINDS = (
+    ("orgs", RosterOrg),
+    ("persons", RosterPerson),
+    ("classes", RosterClass),
+    ("enrollments", RosterEnrollment),
+)
+
+
 def _counts(records: Sequence[RosterRecord]) -> dict[str, int]:
     return {
         "orgs": sum(isinstance(r, RosterOrg) for r in records),
@@ -728,6 +748,10 @@ def decide(
         ignored = dict.fromkeys(("persons", "classes", "enrollments"), 0)
     else:
         records, fetched, ignored = list(cut.records), cut.sent, cut.ignored
+    # Reading: the safety check on a shrunken source counts each record once, however many
+    # times the source sent it (README, "a record received twice").
+    copies = _copies(cut.sent_records if cut is not None else records)
+    fetched = {k: n - copies.get(k, 0) for k, n in fetched.items()}
     dated = [
         r.date_last_modified
         for r in (cut.sent_records if cut is not None else records)

@@ -109,6 +109,8 @@ async def test_a_full_run_meeting_a_record_as_the_mirror_holds_it_and_otherwise_
             select(roster_person.c.given_name).where(roster_person.c.sourced_id == "t1")
         ).scalar_one()
     assert kept == ("Augusta" if mirror_first else "Ada")
+    assert report.fetched["persons"] == 13
+    assert report.fetched["persons_repeated"] == 1
 
 
 async def test_many_repeats_are_counted_and_a_few_named(
@@ -211,3 +213,58 @@ async def test_hold_on_repeats_false_lets_such_a_run_remove_what_it_did_not_see(
     with store.read() as conn:
         kept = conn.execute(select(roster_person.c.sourced_id)).scalars().all()
     assert "s2" not in kept
+
+
+def _students(n: int) -> list[RosterPerson]:
+    return [
+        RosterPerson(f"x{i}", "student", "X", str(i), f"x{i}@example.org", date_last_modified=DAY)
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("after_a_first_load", [False, True], ids=["first load", "full run"])
+async def test_the_copies_of_records_sent_more_than_once_are_counted_with_the_fetched_records(
+    store: Store, make_settings: Callable[..., Settings], after_a_first_load: bool
+) -> None:
+    """The run's fetched counts hold every record sent and, as ``persons_repeated``, how many
+    of them were copies (a person sent three times is two), whether the copies were staged or
+    met as the mirror holds them."""
+    settings = make_settings()
+    if after_a_first_load:
+        assert (await sync(settings, store, _school([_teacher()]))).status == "succeeded"
+    roster = _school([_teacher()])
+    pad, x = roster.persons[2], _students(2)
+    assert pad.sourced_id == "p0"
+    # p0 three times (the mirror holds it after a first load), x0 three times, x1 twice
+    roster.persons += [pad, x[0], x[1], pad, x[0], x[0], x[1]]
+    report = await sync(settings, store, roster)
+    assert report.status == "succeeded", report.error
+    assert report.fetched["persons"] == 12 + 7
+    assert report.fetched["persons_repeated"] == 5
+    assert "classes_repeated" not in report.fetched
+
+
+async def test_min_source_ratio_compares_records_not_the_times_they_were_sent(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A source that sent every person twice last time and once now has not shrunk; one that
+    lost most of its persons and sends each of the rest twice has, and is held."""
+    settings = make_settings()
+    whole = _school([_teacher()])
+    whole.persons += _students(20)
+    twice = MemoryRoster(
+        persons=whole.persons * 2, classes=whole.classes, enrollments=whole.enrollments
+    )
+    first = await sync(settings, store, twice)
+    assert first.status == "succeeded", first.error
+    assert first.fetched["persons_repeated"] == 32
+    once = await sync(settings, store, whole)
+    assert once.status == "succeeded", once.hold_reason
+    shrunk = _school([_teacher()])
+    shrunk.persons = shrunk.persons * 2  # 12 persons, 24 sent
+    held = await sync(settings, store, shrunk)
+    assert held.status == "held"
+    assert held.hold_reason is not None
+    assert "a shrunken source: 12 persons against 32 in the last successful run" in (
+        held.hold_reason
+    )
