@@ -33,7 +33,7 @@ from authlib.oauth1.rfc5849.util import escape
 from authlib.oauth2.auth import ClientAuth as OAuth2ClientAuth
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
-from connectors.oneroster.errors import raise_for_status
+from connectors.oneroster.errors import raise_for_status, token_for
 from rostersync.errors import FatalSourceError
 
 SIGNATURE_HMAC_SHA256 = "HMAC-SHA256"
@@ -154,8 +154,8 @@ class OAuth2ClientCredentials(httpx.Auth):
         _, headers, body = self._client.prepare("POST", self._token_url, headers, body)
         return httpx.Request("POST", self._token_url, headers=headers, content=body.encode())
 
-    def _store(self, response: httpx.Response) -> str:
-        where = f"POST {self._token_path}"
+    def _store(self, response: httpx.Response, page: httpx.Request) -> str:
+        where = token_for(self._token_path, page)
         if response.status_code in (400, 401, 403):
             raise FatalSourceError(
                 self._source,
@@ -201,7 +201,7 @@ class OAuth2ClientCredentials(httpx.Auth):
                 if token is None:
                     answer = yield self._token_request()
                     await answer.aread()
-                    token = self._store(answer)
+                    token = self._store(answer, request)
         request.headers["Authorization"] = f"Bearer {token}"
         response = yield request
         if response.status_code != 401:
@@ -213,7 +213,7 @@ class OAuth2ClientCredentials(httpx.Auth):
                 self._token = None
                 answer = yield self._token_request()
                 await answer.aread()
-                fresh = self._store(answer)
+                fresh = self._store(answer, request)
         request.headers["Authorization"] = f"Bearer {fresh}"
         yield request
 

@@ -55,7 +55,14 @@ from connectors.oneroster.decode import (
     start_pool,
 )
 from connectors.oneroster.direct import ClientSpec, DirectRequest, fetch_page, proxy_configured
-from connectors.oneroster.errors import describe, raise_for_status, transport_error, undecodable
+from connectors.oneroster.errors import (
+    describe,
+    failed_request,
+    raise_for_status,
+    token_for,
+    transport_error,
+    undecodable,
+)
 from connectors.oneroster.normalize import normalize, parse_session
 from connectors.oneroster.paging import OffsetPaginator, Page, paginate, parse_total
 from rostersync.errors import DeltaUnsupportedError
@@ -186,7 +193,10 @@ class OneRosterConnector:
                 try:
                     response = await self._http.send(request, auth=self._auth)
                 except httpx.TransportError as exc:
-                    raise transport_error(self.source, exc, describe(request)) from exc
+                    where = describe(request)
+                    if (failed := failed_request(exc, request)) is not request:
+                        where = token_for(failed.url.path, request)
+                    raise transport_error(self.source, exc, where) from exc
             if response.status_code in passthrough:
                 return response, None
             raise_for_status(self.source, response)

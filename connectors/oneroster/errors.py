@@ -97,6 +97,21 @@ def raise_for_status(source: str, response: httpx.Response, where: str | None = 
     raise FatalSourceError(source, f"{what} from {where}")
 
 
+def token_for(token_path: str, request: httpx.Request) -> str:
+    """``POST /oauth/token (the token for GET /ims/oneroster/v1p1/users at offset=0)``: a token
+    request, named with the page it was made for."""
+    return f"POST {token_path} (the token for {describe(request)})"
+
+
+def failed_request(exc: httpx.TransportError, sent: httpx.Request) -> httpx.Request:
+    """The request a transport error happened on: the one sent, or a request its auth flow
+    made first (an OAuth2 token)."""
+    try:
+        return exc.request
+    except RuntimeError:  # httpx raises it for an error without its request
+        return sent
+
+
 def transport_error(source: str, exc: httpx.TransportError, where: str) -> RetriableSourceError:
     """A retriable error for a timeout or a failed/dropped connection."""
     if isinstance(exc, httpx.TimeoutException):

@@ -4,6 +4,7 @@ no host, no other query parameter and no credential (respx fakes the HTTP)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import httpx
@@ -211,3 +212,34 @@ async def test_a_request_without_an_offset_is_named_by_its_path_alone() -> None:
                 await c.fetch_teacher(TeacherRef("t-1", "t1@example.org"))
     path = "/ims/oneroster/v1p1/users/t-1"
     assert err.value.detail == f"HTTP 502 Bad Gateway from GET {path} after {TRIES} attempts"
+
+
+def _token_refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+@pytest.mark.parametrize(
+    ("token_answer", "what"),
+    [
+        pytest.param(lambda _r: httpx.Response(503), "HTTP 503 Service Unavailable from", id="503"),
+        pytest.param(_token_refused, "connection failed (ConnectError) on", id="refused"),
+    ],
+)
+async def test_a_token_request_that_keeps_failing_names_the_token_endpoint_and_the_page(
+    token_answer: Callable[[httpx.Request], httpx.Response], what: str
+) -> None:
+    """An OAuth2 token request that fails, by its answer or its connection, is named as the
+    token request, with the page it was made for, not as the page's own request."""
+    with respx.mock(assert_all_called=False) as router:
+        token = router.post(TOKEN_URL).mock(side_effect=token_answer)
+        mock_empty(router, "orgs", "classes", "enrollments", "users")
+        async with open_connector(page_size=5, decode_workers=0, **oauth2_overrides()) as c:
+            with pytest.raises(RetriableSourceError) as err:
+                await fetch_all(c)
+    assert token.call_count >= TRIES  # the collections ask at once, each its own tries
+    page = r"GET /ims/oneroster/v1p1/(orgs|users|classes|enrollments) at offset=0"
+    expected = (
+        f"{re.escape(what)} POST /oauth/token \\(the token for {page}\\) after {TRIES} attempts"
+    )
+    assert re.fullmatch(expected, err.value.detail), err.value.detail
+    assert_clean(str(err.value))
