@@ -25,7 +25,9 @@ def config_check(app: App) -> None:
 
     path = config_path(app.config_file)
     try:
-        settings = load_settings(path, check_files=True)
+        # The name as given (None for the default), so that a missing default file's error
+        # says how to name another, as every other command's does.
+        settings = load_settings(app.config_file, check_files=True)
     except ConfigError as exc:
         click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
         for issue in exc.issues:

@@ -568,18 +568,23 @@ def test_a_source_without_a_type_or_of_an_unknown_type_says_so_plainly() -> None
     ]
 
 
+@pytest.mark.parametrize("command", [("users", "list"), ("config", "check")])
 def test_no_config_anywhere_says_how_to_name_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
 ) -> None:
     """Without --config and ROSTERSYNC_CONFIG the default file is read; when it is not there
-    the error says how to name another. A file the operator named gets no such hint."""
+    the error says how to name another (`config check`, a newcomer's first command, too).
+    A file the operator named gets no such hint."""
     monkeypatch.delenv("ROSTERSYNC_CONFIG", raising=False)
     monkeypatch.setattr("rostersync.config.loader.DEFAULT_CONFIG", tmp_path / "absent.yaml")
-    code, output = run_main(capsys, "users", "list")
+    code, output = run_main(capsys, *command)
     assert code == 2, output
     assert "cannot read config file: No such file or directory" in output
     assert "give --config PATH or set ROSTERSYNC_CONFIG" in output
-    code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), "users", "list")
+    code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), *command)
     assert code == 2 and "cannot read config file" in output
     assert "ROSTERSYNC_CONFIG" not in output
 
