@@ -496,6 +496,68 @@ def test_a_yaml_syntax_error_names_where_the_unclosed_part_began() -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "organization: X\nprovisioning:\n\tdefault_role: Teacher\n",
+        "organization:\tX\n",
+    ],
+)
+def test_a_tab_in_a_config_says_yaml_wants_spaces(text: str) -> None:
+    """A tab, which PyYAML calls a character that "cannot start any token", is named as a
+    tab with its line and column, and the fix (spaces) is given."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert issue.line == text[: text.index("\t")].count("\n") + 1
+    column = len(text[: text.index("\t")].rpartition("\n")[2]) + 1
+    assert f"a tab (column {column})" in issue.message
+    assert "YAML indents and separates with spaces, never tabs" in issue.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "auth: {type: oauth1, client_id: abc, client_secret: ${SECRET}}",
+        "sites: [${SITE}, South Middle]",
+    ],
+)
+def test_an_env_reference_inside_braces_or_brackets_says_to_quote_it(line: str) -> None:
+    """`${VAR}` unquoted in a `{...}` or `[...]` is a YAML syntax error (its `{` opens a
+    mapping): the error says to quote it, since the docs offer `${VAR}` for any value."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(f"organization: X\n{line}\n")
+    [issue] = raised.value.issues
+    assert issue.line == 2
+    assert issue.message.startswith("YAML syntax: expected ',' or")
+    assert "quote a ${VAR} inside [...] or {...}" in issue.message
+
+
+def test_a_quoted_env_reference_inside_braces_is_read() -> None:
+    """The fix the hint gives works: a quoted `${VAR}` in a flow mapping is substituted."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text('organization: X\nauth: {secret: "${ROSTERSYNC_TEST_UNSET_VAR}"}\n')
+    assert "environment variable ROSTERSYNC_TEST_UNSET_VAR is not set" in str(raised.value)
+    assert "YAML syntax" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "the file is empty"),
+        ("# organization: X\n", "the file is empty"),
+        ("- organization: X\n", "the file must be a YAML mapping of keys (key: value), not a list"),
+        ("organization X\n", "the file must be a YAML mapping of keys (key: value), not a string"),
+    ],
+)
+def test_a_config_that_is_not_a_mapping_says_what_it_is(text: str, says: str) -> None:
+    """An empty file, or one that is a list or a lone string (a missing colon), is told apart."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert issue.message == says
+
+
+@pytest.mark.parametrize(
     ("url", "says"),
     [
         ("sqlite://rs.db", "three slashes"),
