@@ -68,6 +68,23 @@ def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
     assert shown["approved_at"] is not None and shown["hold_reason"]  # type: ignore[index]
 
 
+def test_the_counts_of_a_run_that_changed_nothing_say_so(config: Path) -> None:
+    """A held or dry run's report prefixes its counts with "not applied:" (it archived no
+    one); once the held run is approved, the same counts stand alone."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    held, dry = run(config, "sync"), run(config, "sync", "--dry-run")
+    for result in (held, dry, run(config, "runs", "show", "2")):
+        assert result.exit_code in (0, 1), result.output
+        [counts] = [line for line in result.stdout.splitlines() if "users created" in line]
+        assert re.fullmatch(
+            r"  not applied: users created 0, users linked 0, users archived [1-9]\d*, .*", counts
+        )
+    approved = run(config, "runs", "approve", "2", "--yes")
+    [counts] = [line for line in approved.stdout.splitlines() if "users created" in line]
+    assert counts.startswith("  users created 0, users linked 0, users archived ")
+
+
 def test_approving_a_run_twice_says_it_was_approved_already(config: Path) -> None:
     """A second `runs approve` of the same run is refused (exit 1, nothing changes) saying it
     was approved already and when, not only that its status is not held."""
