@@ -180,6 +180,26 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     sys.exit(code)
 
 
+class Group(click.Group):
+    """A command group (`users`, `runs`, ...) that points a command given under it which is a
+    command of its own (`users import FILE`) to that command."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as exc:
+            root = ctx.find_root().command
+            name = exc.command_name
+            if isinstance(root, click.Group) and name in root.commands and not exc.possibilities:
+                raise click.UsageError(
+                    f"No such command {name!r}. Did you mean 'rostersync {name}'?",
+                    ctx,
+                ) from None
+            raise
+
+
 CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

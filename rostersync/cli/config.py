@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App
+from rostersync.cli.app import EXIT_USAGE, App, Group
 from rostersync.errors import ConfigError
 
 
-@click.group("config")
+@click.group("config", cls=Group)
 def config_group() -> None:
     """Validate the config; print its JSON Schema."""
 

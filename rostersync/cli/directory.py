@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.report import jobs_table
 
 
-@click.group("users")
+@click.group("users", cls=Group)
 def users() -> None:
     """The directory's users."""
 
@@ -44,7 +44,7 @@ def users_list(app: App, as_json: bool) -> None:
     click.echo(f"{len(rows)} user(s)")
 
 
-@click.group("groups")
+@click.group("groups", cls=Group)
 def groups() -> None:
     """Groups mirrored from classes."""
 
@@ -84,7 +84,7 @@ def groups_list(app: App, user: str | None, as_json: bool) -> None:
     click.echo(f"{len(rows)} group(s)")
 
 
-@click.group("queue")
+@click.group("queue", cls=Group)
 def queue() -> None:
     """The resync queue."""
 

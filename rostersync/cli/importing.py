@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 DEFAULT_XLSX_TEMPLATE = "rostersync-import-template.xlsx"
 
 
-class _ImportGroup(click.Group):
+class _ImportGroup(Group):
     """`import FILE [options]` and `import template [options]` share one word: anything that is
     not a subcommand name is a FILE for the hidden `file` subcommand."""
 
@@ -201,7 +201,7 @@ def import_template(fmt: str, output: str | None) -> None:
 # -- teachers -------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=Group)
 def teachers() -> None:
     """Eligible teachers of a roster source who are not users yet, and their manual import."""
 
@@ -311,7 +311,7 @@ def teachers_import(
 # -- outbox -----------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=Group)
 def outbox() -> None:
     """Queued emails (verification invitations)."""
 

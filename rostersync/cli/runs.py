@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
 from rostersync.cli.sync import drain_with_progress
 from rostersync.errors import RunNotFound, RunStateError
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rostersync.sync.runs import RunReport
 
 
-@click.group("runs")
+@click.group("runs", cls=Group)
 def runs() -> None:
     """Sync-run history, reports and approvals."""
 

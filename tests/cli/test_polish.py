@@ -116,6 +116,22 @@ def test_a_mistyped_command_gets_a_suggestion_and_exit_2(
     assert "No such command" in result.stderr and suggestion in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (("users", "import", "users.csv"), "'rostersync import'"),
+        (("runs", "sync"), "'rostersync sync'"),
+        (("groups", "resync"), "'rostersync resync'"),
+    ],
+)
+def test_a_top_level_command_under_a_group_is_pointed_to(args: tuple[str, ...], hint: str) -> None:
+    """`users import FILE` (import is a command of its own) exits 2 and names the command
+    meant, where it said only "No such command 'import'"."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert f"No such command '{args[1]}'. Did you mean {hint}?" in result.stderr
+
+
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
     """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
     groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
