@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,9 +37,11 @@ async def _sync_and_drain(
     owner: str | None = None,
     changes: bool = False,
     trigger: str = "cli",
+    phase: _Phase | None = None,
 ) -> tuple[list[RunReport], dict[str, str]]:
     """Each source's run, then the resyncs they queued: the runs' reports, and the sources
-    another instance was syncing (name -> why), which are skipped while the others run."""
+    another instance was syncing (name -> why), which are skipped while the others run.
+    ``phase`` is told when the runs are done and the resyncs begin."""
     for name in sources:  # before the imports below: see SourceConfig.prepare_http
         source = app.settings.sources[name]
         if App.whole_process and (mode or source.mode) == "full":
@@ -90,6 +92,8 @@ async def _sync_and_drain(
                 # Resyncs to run: the view of the mirror goes first, so that their memory
                 # does not come on top of it (a steady-state run at XL: 90 MiB more at peak).
                 engine.spent.clear()
+            if phase is not None:
+                phase.draining = True
             await drain_with_progress(app, engine, progress)
             with app.store.read() as conn:
                 reports = [load_report(conn, r.id) for r in reports]
@@ -101,14 +105,31 @@ async def _sync_and_drain(
     return reports, busy
 
 
-def _stoppable(runs: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run(runs)``; stopped by Ctrl-C or SIGTERM, one line saying so (not click's
-    blank line and "aborted"): the engine has failed each unfinished run as interrupted."""
+@dataclass
+class _Phase:
+    """Where a command's runs are: their resyncs begin once every run is done."""
+
+    draining: bool = False
+
+
+def _stoppable(runs: Callable[[_Phase], Coroutine[Any, Any, _T]]) -> _T:
+    """``asyncio.run(runs(phase))``; stopped by Ctrl-C or SIGTERM, one line saying so (not
+    click's blank line and "aborted"): while the runs go, the engine has failed each
+    unfinished one as interrupted; in their resyncs, the runs are done and what is left of
+    the jobs waits for the next drain."""
     import asyncio
 
+    phase = _Phase()
     try:
-        return asyncio.run(runs)
+        return asyncio.run(runs(phase))
     except KeyboardInterrupt:
+        if phase.draining:
+            fail(
+                "stopped while processing the resync jobs its runs queued: the runs are done "
+                "(`rostersync runs list`); the jobs left wait for the daemon, or the next "
+                "`sync` or `run --once`",
+                EXIT_FAILED,
+            )
         fail("stopped: a run it had not finished is failed as interrupted", EXIT_FAILED)
 
 
@@ -204,7 +225,11 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports, busy = _stoppable(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    reports, busy = _stoppable(
+        lambda phase: _sync_and_drain(
+            app, names, mode, dry_run=dry_run, changes=changes, phase=phase
+        )
+    )
     found: dict[int, ChangeSet] = {}
     if changes:
         from rostersync.sync import changes as changeset
@@ -284,7 +309,7 @@ def run(
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports, busy = _stoppable(
-            _sync_and_drain(
+            lambda phase: _sync_and_drain(
                 app,
                 names,
                 None,
@@ -292,6 +317,7 @@ def run(
                 show_progress=False,
                 owner=instance_id,
                 trigger=trigger,
+                phase=phase,
             )
         )
         if as_json:
