@@ -8,15 +8,18 @@ config. With ``--json`` the only thing on stdout is one JSON document; logs go t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -146,8 +149,26 @@ class App:
             except Exception as exc:  # the next recovery on this host drops the row
                 structlog.get_logger().debug("unregister_failed", error=str(exc))
             self._owner = None
-        self._store.dispose()
+        with _sigint_deferred():
+            self._store.dispose()
         self._store = None
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is delivered when it ends: closing the database, where a
+    KeyboardInterrupt inside SQLAlchemy's pool is logged with its traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
 
 
 def emit_json(doc: Any) -> None:
