@@ -16,7 +16,7 @@ def config_group() -> None:
     """Validate the config; print its JSON Schema."""
 
 
-@config_group.command("check")
+@config_group.command("check", short_help="Report every config error (exit 2 if any).")
 @click.pass_obj
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""

@@ -22,7 +22,12 @@ from rostersync.cli import config, db, directory, importing, runs, sync
 from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit codes: 0 success; 1 a run failed or was held, a waited-for job failed, or the "
+    "database cannot be used; 2 bad usage, bad config or an input file that cannot be read. "
+    "`rostersync COMMAND --help` describes a command; README.md and docs/ the rest.",
+)
 @click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")

@@ -24,7 +24,7 @@ def runs() -> None:
     """Sync-run history, reports and approvals."""
 
 
-@runs.command("list")
+@runs.command("list", short_help="List sync runs, newest first.")
 @click.option("--source", metavar="NAME", help="only the runs of this source")
 @click.option(
     "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
@@ -116,7 +116,7 @@ def _no_change_set(report: RunReport) -> str:
     )
 
 
-@runs.command("show")
+@runs.command("show", short_help="One run's report, or its change set.")
 @click.argument("run_id", type=int)
 @click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
 @click.option(
@@ -208,7 +208,13 @@ def _approval_preview(app: App, run_id: int) -> bool:
     return True
 
 
-@runs.command("approve")
+@runs.command(
+    "approve",
+    short_help="Apply a held run (its changes are shown first).",
+    epilog="Exit 1 when the run cannot be approved (a dry run, not held, overtaken by a later "
+    "run, its staged data gone), was not approved at the question, or failed; 2 when there "
+    "is no such run, or no terminal to ask on and no --yes.",
+)
 @click.argument("run_id", type=int)
 @click.option("--yes", is_flag=True, help="do not ask (required when not on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")

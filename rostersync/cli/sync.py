@@ -165,7 +165,12 @@ async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgre
         progress.resync(done, queued(), final=True)
 
 
-@click.command("sync")
+@click.command(
+    "sync",
+    short_help="Sync now, then process the resyncs it queued.",
+    epilog="Exit 1 when a run failed or was held (a dry run: a real run would be held) or a "
+    "source was being synced elsewhere; 2 for bad usage or config.",
+)
 @click.option(
     "--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)"
 )
@@ -263,7 +268,12 @@ def sync(
 # -- run ---------------------------------------------------------------------------------------
 
 
-@click.command("run")
+@click.command(
+    "run",
+    short_help="The daemon (--once: one cycle, then exit).",
+    epilog="Exit (--once) 1 when a run failed or was held or a source was being synced "
+    "elsewhere; the daemon exits 0 when stopped. 2 for bad usage or config.",
+)
 @click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
 @click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
 @click.option(
@@ -345,7 +355,7 @@ def run(
 # -- resync --------------------------------------------------------------------------------------
 
 
-@click.command("resync")
+@click.command("resync", short_help="Queue group resyncs of users.")
 @click.option("--user", "users", multiple=True, metavar="EMAIL", help="this user (repeatable)")
 @click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
 @click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")

@@ -54,6 +54,39 @@ def test_every_command_and_option_has_help() -> None:
     assert missing == []
 
 
+def test_no_commands_summary_is_cut_short_in_its_groups_help() -> None:
+    """`rostersync --help` and each group's help list their commands with a whole summary
+    at 80 columns, not one cut off with "..." ("Bulk user import from CSV, TSV or XLSX
+    (FILE; `-` reads...")."""
+    cut = []
+    for path, command in walk(cli):
+        if isinstance(command, click.Group):
+            result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, [*path[1:], "--help"])
+            assert result.exit_code == 0, result.output
+            listing = result.stdout.partition("\nCommands:\n")[2]
+            cut += [line.strip() for line in listing.splitlines() if line.endswith("...")]
+    assert cut == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "Exit codes: 0 success; 1 a run failed or was held"),
+        (("sync",), "Exit 1 when a run failed or was held (a dry run: a real run would be"),
+        (("run",), "Exit (--once) 1 when a run failed or was held"),
+        (("runs", "approve"), "Exit 1 when the run cannot be approved"),
+        (("import",), "Exit 0 whatever the rows' statuses"),
+        (("import", "file"), "Exit 0 whatever the rows' statuses"),
+    ],
+)
+def test_the_help_tells_the_exit_codes(args: tuple[str, ...], says: str) -> None:
+    """`rostersync --help` lists the exit codes, and the commands whose status a script
+    acts on (a held sync, a refused approval, an import with failed rows) say theirs."""
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert says in " ".join(result.stdout.split())
+
+
 def test_every_command_accepts_the_global_options_after_it() -> None:
     """--config and --log-level are options of every command and group, not only of the root."""
     for path, command in walk(cli):
