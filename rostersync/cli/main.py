@@ -18,7 +18,7 @@ from typing import Any, NoReturn, TextIO
 import click
 
 from rostersync import __version__
-from rostersync.cli import config, db, directory, importing, runs, sync
+from rostersync.cli import config, db, directory, importing, runs, status, sync
 from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
 
 
@@ -42,6 +42,7 @@ for command in (
     sync.sync,
     sync.run,
     sync.resync,
+    status.status,
     directory.users,
     directory.groups,
     directory.queue,

@@ -27,6 +27,7 @@ READ_ONLY = [
     ["runs", "list"],
     ["runs", "show", "1"],
     ["teachers", "list", "--source", "sample"],
+    ["status"],
 ]
 
 
