@@ -92,7 +92,11 @@ def queue() -> None:
 @queue.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.option(
-    "--limit", type=int, default=1000, show_default=True, help="show at most this many jobs"
+    "--limit",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="show at most this many jobs",
 )
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from rostersync.sync.runs import RunReport
 
 
+#: A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's refuse a
+#: larger number with an error of their own).
+RUN_ID = click.IntRange(min=1, max=2**31 - 1)
+
+
 @click.group("runs", cls=Group)
 def runs() -> None:
     """Sync-run history, reports and approvals."""
@@ -27,7 +32,11 @@ def runs() -> None:
 @runs.command("list", short_help="List sync runs, newest first.")
 @click.option("--source", metavar="NAME", help="only the runs of this source")
 @click.option(
-    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="show at most this many runs",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
@@ -117,7 +126,7 @@ def _no_change_set(report: RunReport) -> str:
 
 
 @runs.command("show", short_help="One run's report, or its change set.")
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
 @click.option(
     "--members", is_flag=True, help="with --changes: list owners and members added and removed"
@@ -215,7 +224,7 @@ def _approval_preview(app: App, run_id: int) -> bool:
     "run, its staged data gone), was not approved at the question, or failed; 2 when there "
     "is no such run, or no terminal to ask on and no --yes.",
 )
-@click.argument("run_id", type=int)
+@click.argument("run_id", type=RUN_ID)
 @click.option("--yes", is_flag=True, help="do not ask (required when not on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj

@@ -290,7 +290,7 @@ def sync(
 )
 @click.option(
     "--stop-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -366,7 +366,7 @@ def run(
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=600.0,
     show_default=True,
     metavar="SECONDS",

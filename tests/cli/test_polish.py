@@ -165,6 +165,27 @@ def test_a_top_level_command_under_a_group_is_pointed_to(args: tuple[str, ...], 
     assert f"No such command '{args[1]}'. Did you mean {hint}?" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("runs", "show", "99999999999999999999"),
+        ("runs", "approve", "99999999999999999999", "--yes"),
+        ("runs", "show", "0"),
+        ("runs", "list", "--limit", "-1"),
+        ("queue", "list", "--limit", "-1"),
+        ("resync", "--all", "--wait", "--timeout", "-5"),
+        ("run", "--stop-timeout", "-1"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error(config: Path, args: tuple[str, ...]) -> None:
+    """A run id past the database's integers, a negative --limit (PostgreSQL: "LIMIT must not
+    be negative") or timeout exits 2 naming the value, not an internal error, a listing of
+    everything, or a wait that has timed out before it began."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for" in result.stderr and "is not in the range" in result.stderr
+
+
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
     """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
     groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
