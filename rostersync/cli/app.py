@@ -221,6 +221,19 @@ class Group(click.Group):
             raise
 
 
+def writable_folder_or_fail(flag: str, path: str | os.PathLike[str], nothing: str) -> None:
+    """Before a command's work: exit 2 unless ``path``'s folder exists and can be written, so
+    that an output named with a mistyped folder does not cost the work (a dry run, an import
+    committed) before it fails. ``nothing``: what was therefore not done."""
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        fail(
+            f"{flag} {path}: the folder {str(folder)!r} does not exist or is not writable; "
+            f"{nothing}",
+            EXIT_USAGE,
+        )
+
+
 CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

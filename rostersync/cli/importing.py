@@ -9,14 +9,22 @@ changes nothing and exits 2 naming the file, column or count.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    Group,
+    emit_json,
+    fail,
+    table,
+    writable_folder_or_fail,
+)
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
@@ -108,13 +116,7 @@ def import_file(
     max_rows = settings.import_.max_rows
     if report_path:
         # Checked first: the report is written after the import has been committed.
-        folder = Path(report_path).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            fail(
-                f"--report {report_path}: the folder {str(folder)!r} does not exist or is not "
-                "writable; nothing was imported",
-                EXIT_USAGE,
-            )
+        writable_folder_or_fail("--report", report_path, "nothing was imported")
     try:
         if file == "-":
             # Bytes, not text: an XLSX workbook may be piped in, and the BOM/encoding sniffing

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    emit_json,
+    fail,
+    writable_folder_or_fail,
+)
 from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
 
 if TYPE_CHECKING:
@@ -220,6 +227,8 @@ def sync(
         )
     if (members or csv_path) and not changes:
         fail("--members and --csv need --changes", EXIT_USAGE)
+    if csv_path is not None:
+        writable_folder_or_fail("--csv", csv_path, "nothing was run")
     settings = app.settings
     unknown = [s for s in sources if s not in settings.sources]
     if unknown:

@@ -215,3 +215,19 @@ def test_a_sync_stopped_while_it_processes_its_resyncs_says_its_runs_are_done(
     ) in stopped.stderr
     listed = as_json(run(config, "runs", "list", "--json"))
     assert [r["status"] for r in listed] == ["succeeded_with_errors"]  # type: ignore[index, union-attr]
+
+
+def test_a_dry_run_whose_csv_folder_is_missing_is_refused_before_it_runs(
+    config: Path, tmp_path: Path
+) -> None:
+    """`sync --dry-run --changes --csv missing/changes.csv` exits 2 naming the folder before
+    the dry run (a long one on a large district), as `import --report` does; no run is made."""
+    assert run(config, "sync").exit_code == 0
+    target = tmp_path / "missing" / "changes.csv"
+    refused = run(config, "sync", "--dry-run", "--changes", "--csv", str(target))
+    assert refused.exit_code == 2, refused.output
+    assert (
+        f"--csv {target}: the folder '{target.parent}' does not exist or is not writable; "
+        "nothing was run"
+    ) in refused.stderr
+    assert [r["id"] for r in as_json(run(config, "runs", "list", "--json"))] == [1]  # type: ignore[index, union-attr]
