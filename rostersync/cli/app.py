@@ -8,15 +8,18 @@ config. With ``--json`` the only thing on stdout is one JSON document; logs go t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -146,8 +149,26 @@ class App:
             except Exception as exc:  # the next recovery on this host drops the row
                 structlog.get_logger().debug("unregister_failed", error=str(exc))
             self._owner = None
-        self._store.dispose()
+        with _sigint_deferred():
+            self._store.dispose()
         self._store = None
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is delivered when it ends: closing the database, where a
+    KeyboardInterrupt inside SQLAlchemy's pool is logged with its traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)
 
 
 def emit_json(doc: Any) -> None:
@@ -178,6 +199,39 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
     click.echo(stderr_line(f"rostersync: {message}"), err=True)
     sys.exit(code)
+
+
+class Group(click.Group):
+    """A command group (`users`, `runs`, ...) that points a command given under it which is a
+    command of its own (`users import FILE`) to that command."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as exc:
+            root = ctx.find_root().command
+            name = exc.command_name
+            if isinstance(root, click.Group) and name in root.commands and not exc.possibilities:
+                raise click.UsageError(
+                    f"No such command {name!r}. Did you mean 'rostersync {name}'?",
+                    ctx,
+                ) from None
+            raise
+
+
+def writable_folder_or_fail(flag: str, path: str | os.PathLike[str], nothing: str) -> None:
+    """Before a command's work: exit 2 unless ``path``'s folder exists and can be written, so
+    that an output named with a mistyped folder does not cost the work (a dry run, an import
+    committed) before it fails. ``nothing``: what was therefore not done."""
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        fail(
+            f"{flag} {path}: the folder {str(folder)!r} does not exist or is not writable; "
+            f"{nothing}",
+            EXIT_USAGE,
+        )
 
 
 CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/rostersync.yaml)"

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App
+from rostersync.cli.app import EXIT_USAGE, App, Group
 from rostersync.errors import ConfigError
 
 
-@click.group("config")
+@click.group("config", cls=Group)
 def config_group() -> None:
     """Validate the config; print its JSON Schema."""
 
 
-@config_group.command("check")
+@config_group.command("check", short_help="Report every config error (exit 2 if any).")
 @click.pass_obj
 def config_check(app: App) -> None:
     """Report every config error with its YAML path and line (exit 2 if any)."""
@@ -25,7 +25,9 @@ def config_check(app: App) -> None:
 
     path = config_path(app.config_file)
     try:
-        settings = load_settings(path, check_files=True)
+        # The name as given (None for the default), so that a missing default file's error
+        # says how to name another, as every other command's does.
+        settings = load_settings(app.config_file, check_files=True)
     except ConfigError as exc:
         click.echo(f"{path}: {len(exc.issues)} error(s)", err=True)
         for issue in exc.issues:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from rostersync.cli.app import App
+from rostersync.cli.app import App, Group
 
 
-@click.group("db")
+@click.group("db", cls=Group)
 def db_group() -> None:
     """Database schema."""
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.report import jobs_table
 
 
-@click.group("users")
+@click.group("users", cls=Group)
 def users() -> None:
     """The directory's users."""
 
@@ -44,7 +44,7 @@ def users_list(app: App, as_json: bool) -> None:
     click.echo(f"{len(rows)} user(s)")
 
 
-@click.group("groups")
+@click.group("groups", cls=Group)
 def groups() -> None:
     """Groups mirrored from classes."""
 
@@ -84,7 +84,7 @@ def groups_list(app: App, user: str | None, as_json: bool) -> None:
     click.echo(f"{len(rows)} group(s)")
 
 
-@click.group("queue")
+@click.group("queue", cls=Group)
 def queue() -> None:
     """The resync queue."""
 
@@ -92,7 +92,11 @@ def queue() -> None:
 @queue.command("list")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.option(
-    "--limit", type=int, default=1000, show_default=True, help="show at most this many jobs"
+    "--limit",
+    type=click.IntRange(min=0),
+    default=1000,
+    show_default=True,
+    help="show at most this many jobs",
 )
 @click.pass_obj
 def queue_list(app: App, as_json: bool, limit: int) -> None:

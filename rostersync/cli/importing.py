@@ -9,23 +9,36 @@ changes nothing and exits 2 naming the file, column or count.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    Group,
+    emit_json,
+    fail,
+    table,
+    writable_folder_or_fail,
+)
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
     from rostersync.importer import ImportResult
 
 DEFAULT_XLSX_TEMPLATE = "rostersync-import-template.xlsx"
+_IMPORT_EXIT = (
+    "Exit 0 whatever the rows' statuses (each row has its own; --fail-on-errors: 1 if any "
+    "row failed); 2 when the file is refused whole (unreadable, no Email column, too many "
+    "rows), changing nothing."
+)
 
 
-class _ImportGroup(click.Group):
+class _ImportGroup(Group):
     """`import FILE [options]` and `import template [options]` share one word: anything that is
     not a subcommand name is a FILE for the hidden `file` subcommand."""
 
@@ -49,7 +62,12 @@ class _ImportGroup(click.Group):
         formatter.write_usage(ctx.command_path, "template [--format csv|xlsx] [--output PATH]")
 
 
-@click.group("import", cls=_ImportGroup)
+@click.group(
+    "import",
+    cls=_ImportGroup,
+    short_help="Bulk user import from CSV, TSV or XLSX.",
+    epilog=_IMPORT_EXIT,
+)
 def import_cmd() -> None:
     """Bulk user import from CSV, TSV or XLSX (FILE; `-` reads pasted text from stdin).
 
@@ -65,7 +83,7 @@ def import_cmd() -> None:
     """
 
 
-@import_cmd.command("file", hidden=True)
+@import_cmd.command("file", hidden=True, epilog=_IMPORT_EXIT)
 @click.argument("file", metavar="FILE")
 @click.option("--as", "actor", metavar="EMAIL", help="import as this admin user")
 @click.option("--dry-run", is_flag=True, help="validate and preview; change nothing")
@@ -98,13 +116,7 @@ def import_file(
     max_rows = settings.import_.max_rows
     if report_path:
         # Checked first: the report is written after the import has been committed.
-        folder = Path(report_path).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-            fail(
-                f"--report {report_path}: the folder {str(folder)!r} does not exist or is not "
-                "writable; nothing was imported",
-                EXIT_USAGE,
-            )
+        writable_folder_or_fail("--report", report_path, "nothing was imported")
     try:
         if file == "-":
             # Bytes, not text: an XLSX workbook may be piped in, and the BOM/encoding sniffing
@@ -167,7 +179,7 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
         click.echo(f"report written to {report_path}")
 
 
-@import_cmd.command("template")
+@import_cmd.command("template", short_help="Write the import template (CSV or XLSX).")
 @click.option(
     "--format",
     "fmt",
@@ -201,7 +213,7 @@ def import_template(fmt: str, output: str | None) -> None:
 # -- teachers -------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=Group, short_help="Eligible teachers who are not users; their import.")
 def teachers() -> None:
     """Eligible teachers of a roster source who are not users yet, and their manual import."""
 
@@ -212,12 +224,12 @@ def _check_source(app: App, source: str) -> None:
         fail(f"no source named {source} (configured: {configured})", EXIT_USAGE)
 
 
-@teachers.command("list")
+@teachers.command("list", short_help="Eligible teachers of a source who are not users.")
 @click.option("--source", required=True, metavar="NAME", help="the roster source")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def teachers_list(app: App, source: str, as_json: bool) -> None:
-    """Eligible teachers (classes with students) of SOURCE who are not users yet."""
+    """Eligible teachers (classes with students) of the --source who are not users yet."""
     from rostersync.importer import candidates
     from rostersync.sync.rules import sites_for
 
@@ -250,7 +262,7 @@ def teachers_list(app: App, source: str, as_json: bool) -> None:
     click.echo(f"{len(rows)} teacher(s) not yet users in {source}")
 
 
-@teachers.command("import")
+@teachers.command("import", short_help="Create users for eligible teachers of a source.")
 @click.option("--source", required=True, metavar="NAME", help="the roster source")
 @click.option("--email", "emails", multiple=True, metavar="EMAIL", help="this teacher (repeatable)")
 @click.option("--all", "all_teachers", is_flag=True, help="every teacher `teachers list` shows")
@@ -271,7 +283,7 @@ def teachers_import(
     as_json: bool,
     fail_on_errors: bool,
 ) -> None:
-    """Create users for eligible teachers of SOURCE and build their groups."""
+    """Create users for eligible teachers of the --source and build their groups."""
     import asyncio
 
     from rostersync.importer import import_teachers
@@ -311,12 +323,12 @@ def teachers_import(
 # -- outbox -----------------------------------------------------------------------------------------
 
 
-@click.group()
+@click.group(cls=Group)
 def outbox() -> None:
     """Queued emails (verification invitations)."""
 
 
-@outbox.command("send")
+@outbox.command("send", short_help="Send the queued emails now over SMTP.")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
 def outbox_send(app: App, as_json: bool) -> None:

@@ -13,16 +13,21 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import click
 
 from rostersync import __version__
-from rostersync.cli import config, db, directory, importing, runs, sync
+from rostersync.cli import config, db, directory, importing, runs, status, sync
 from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit codes: 0 success; 1 a run failed or was held, a waited-for job failed, or the "
+    "database cannot be used; 2 bad usage, bad config or an input file that cannot be read. "
+    "`rostersync COMMAND --help` describes a command; README.md and docs/ the rest.",
+)
 @click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
@@ -37,6 +42,7 @@ for command in (
     sync.sync,
     sync.run,
     sync.resync,
+    status.status,
     directory.users,
     directory.groups,
     directory.queue,
@@ -69,6 +75,7 @@ def console() -> NoReturn:
     multiprocessing), and stdout and stderr are flushed; only then does the process exit."""
     code = 0
     App.whole_process = True
+    sys.stdout = _ReaderGoneIsDevNull(sys.stdout)
     try:
         main()
     except SystemExit as exc:
@@ -85,6 +92,41 @@ def console() -> NoReturn:
 
         end_fork_server()
     os._exit(code)
+
+
+class _ReaderGoneIsDevNull:
+    """The console script's stdout. When the reader of a pipe goes away (`rostersync sync |
+    head -1`), the rest of the output goes to /dev/null and the command goes on to its own
+    end and status: click would stop it there and exit 1, which says a run failed or was
+    held, and would leave an approval that had printed its preview undone."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        with contextlib.suppress(OSError):  # what the pipe refused goes to /dev/null now
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _exit_status(code: object) -> int:

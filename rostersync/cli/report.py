@@ -262,7 +262,10 @@ def print_report(r: RunReport) -> None:
     figures = ", ".join(
         f"{k.replace('_', ' ')} {r.counts.get(k, 0)}" for k in COUNT_KEYS if k != "records_rejected"
     )
-    click.echo(f"  {figures}")
+    # A held or dry run's counts are what it would have done: its report says "users
+    # archived 30" of a run that archived no one, as `runs list` puts them in parentheses.
+    unapplied = r.dry_run or r.status == "held"
+    click.echo(f"  {'not applied: ' if unapplied else ''}{figures}")
     extra = {k: v for k, v in r.counts.items() if k not in COUNT_KEYS and v}
     if extra:
         click.echo("  " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in extra.items()))

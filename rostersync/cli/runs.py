@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail, table
+from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
 from rostersync.cli.sync import drain_with_progress
 from rostersync.errors import RunNotFound, RunStateError
@@ -19,15 +19,24 @@ if TYPE_CHECKING:
     from rostersync.sync.runs import RunReport
 
 
-@click.group("runs")
+#: A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's refuse a
+#: larger number with an error of their own).
+RUN_ID = click.IntRange(min=1, max=2**31 - 1)
+
+
+@click.group("runs", cls=Group)
 def runs() -> None:
     """Sync-run history, reports and approvals."""
 
 
-@runs.command("list")
+@runs.command("list", short_help="List sync runs, newest first.")
 @click.option("--source", metavar="NAME", help="only the runs of this source")
 @click.option(
-    "--limit", type=int, default=50, show_default=True, help="show at most this many runs"
+    "--limit",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="show at most this many runs",
 )
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj
@@ -116,8 +125,8 @@ def _no_change_set(report: RunReport) -> str:
     )
 
 
-@runs.command("show")
-@click.argument("run_id", type=int)
+@runs.command("show", short_help="One run's report, or its change set.")
+@click.argument("run_id", type=RUN_ID)
 @click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
 @click.option(
     "--members", is_flag=True, help="with --changes: list owners and members added and removed"
@@ -208,8 +217,14 @@ def _approval_preview(app: App, run_id: int) -> bool:
     return True
 
 
-@runs.command("approve")
-@click.argument("run_id", type=int)
+@runs.command(
+    "approve",
+    short_help="Apply a held run (its changes are shown first).",
+    epilog="Exit 1 when the run cannot be approved (a dry run, not held, overtaken by a later "
+    "run, its staged data gone), was not approved at the question, or failed; 2 when there "
+    "is no such run, or no terminal to ask on and no --yes.",
+)
+@click.argument("run_id", type=RUN_ID)
 @click.option("--yes", is_flag=True, help="do not ask (required when not on a terminal)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.pass_obj

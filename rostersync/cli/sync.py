@@ -7,14 +7,21 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, emit_json, fail
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    emit_json,
+    fail,
+    writable_folder_or_fail,
+)
 from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
 
 if TYPE_CHECKING:
@@ -37,9 +44,11 @@ async def _sync_and_drain(
     owner: str | None = None,
     changes: bool = False,
     trigger: str = "cli",
+    phase: _Phase | None = None,
 ) -> tuple[list[RunReport], dict[str, str]]:
     """Each source's run, then the resyncs they queued: the runs' reports, and the sources
-    another instance was syncing (name -> why), which are skipped while the others run."""
+    another instance was syncing (name -> why), which are skipped while the others run.
+    ``phase`` is told when the runs are done and the resyncs begin."""
     for name in sources:  # before the imports below: see SourceConfig.prepare_http
         source = app.settings.sources[name]
         if App.whole_process and (mode or source.mode) == "full":
@@ -90,6 +99,8 @@ async def _sync_and_drain(
                 # Resyncs to run: the view of the mirror goes first, so that their memory
                 # does not come on top of it (a steady-state run at XL: 90 MiB more at peak).
                 engine.spent.clear()
+            if phase is not None:
+                phase.draining = True
             await drain_with_progress(app, engine, progress)
             with app.store.read() as conn:
                 reports = [load_report(conn, r.id) for r in reports]
@@ -101,14 +112,31 @@ async def _sync_and_drain(
     return reports, busy
 
 
-def _stoppable(runs: Coroutine[Any, Any, _T]) -> _T:
-    """``asyncio.run(runs)``; stopped by Ctrl-C or SIGTERM, one line saying so (not click's
-    blank line and "aborted"): the engine has failed each unfinished run as interrupted."""
+@dataclass
+class _Phase:
+    """Where a command's runs are: their resyncs begin once every run is done."""
+
+    draining: bool = False
+
+
+def _stoppable(runs: Callable[[_Phase], Coroutine[Any, Any, _T]]) -> _T:
+    """``asyncio.run(runs(phase))``; stopped by Ctrl-C or SIGTERM, one line saying so (not
+    click's blank line and "aborted"): while the runs go, the engine has failed each
+    unfinished one as interrupted; in their resyncs, the runs are done and what is left of
+    the jobs waits for the next drain."""
     import asyncio
 
+    phase = _Phase()
     try:
-        return asyncio.run(runs)
+        return asyncio.run(runs(phase))
     except KeyboardInterrupt:
+        if phase.draining:
+            fail(
+                "stopped while processing the resync jobs its runs queued: the runs are done "
+                "(`rostersync runs list`); the jobs left wait for the daemon, or the next "
+                "`sync` or `run --once`",
+                EXIT_FAILED,
+            )
         fail("stopped: a run it had not finished is failed as interrupted", EXIT_FAILED)
 
 
@@ -144,7 +172,12 @@ async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgre
         progress.resync(done, queued(), final=True)
 
 
-@click.command("sync")
+@click.command(
+    "sync",
+    short_help="Sync now, then process the resyncs it queued.",
+    epilog="Exit 1 when a run failed or was held (a dry run: a real run would be held) or a "
+    "source was being synced elsewhere; 2 for bad usage or config.",
+)
 @click.option(
     "--source", "sources", multiple=True, metavar="NAME", help="only this source (repeatable)"
 )
@@ -194,6 +227,8 @@ def sync(
         )
     if (members or csv_path) and not changes:
         fail("--members and --csv need --changes", EXIT_USAGE)
+    if csv_path is not None:
+        writable_folder_or_fail("--csv", csv_path, "nothing was run")
     settings = app.settings
     unknown = [s for s in sources if s not in settings.sources]
     if unknown:
@@ -204,7 +239,11 @@ def sync(
     names = list(sources) or [n for n, s in settings.sources.items() if s.enabled]
     if not names:
         fail("no enabled source in the config", EXIT_USAGE)
-    reports, busy = _stoppable(_sync_and_drain(app, names, mode, dry_run=dry_run, changes=changes))
+    reports, busy = _stoppable(
+        lambda phase: _sync_and_drain(
+            app, names, mode, dry_run=dry_run, changes=changes, phase=phase
+        )
+    )
     found: dict[int, ChangeSet] = {}
     if changes:
         from rostersync.sync import changes as changeset
@@ -238,7 +277,12 @@ def sync(
 # -- run ---------------------------------------------------------------------------------------
 
 
-@click.command("run")
+@click.command(
+    "run",
+    short_help="The daemon (--once: one cycle, then exit).",
+    epilog="Exit (--once) 1 when a run failed or was held or a source was being synced "
+    "elsewhere; the daemon exits 0 when stopped. 2 for bad usage or config.",
+)
 @click.option("--once", is_flag=True, help="sync every enabled source, drain the queue, exit")
 @click.option("--json", "as_json", is_flag=True, help="with --once: print one JSON document")
 @click.option(
@@ -255,7 +299,7 @@ def sync(
 )
 @click.option(
     "--stop-timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -284,7 +328,7 @@ def run(
         names = [n for n, s in settings.sources.items() if s.enabled]
         # No progress lines: `run --once` is for timers and containers; their log is the JSON.
         reports, busy = _stoppable(
-            _sync_and_drain(
+            lambda phase: _sync_and_drain(
                 app,
                 names,
                 None,
@@ -292,6 +336,7 @@ def run(
                 show_progress=False,
                 owner=instance_id,
                 trigger=trigger,
+                phase=phase,
             )
         )
         if as_json:
@@ -319,7 +364,7 @@ def run(
 # -- resync --------------------------------------------------------------------------------------
 
 
-@click.command("resync")
+@click.command("resync", short_help="Queue group resyncs of users.")
 @click.option("--user", "users", multiple=True, metavar="EMAIL", help="this user (repeatable)")
 @click.option("--all", "all_users", is_flag=True, help="every active user linked to a roster")
 @click.option("--live", is_flag=True, help="refresh the teacher's classes from the source first")
@@ -330,7 +375,7 @@ def run(
 )
 @click.option(
     "--timeout",
-    type=float,
+    type=click.FloatRange(min=0),
     default=600.0,
     show_default=True,
     metavar="SECONDS",

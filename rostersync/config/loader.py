@@ -430,9 +430,16 @@ def load_settings_text(
         context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context and start is not None and (mark is None or start.line != mark.line):
             problem = f"{problem} ({context} that starts on line {start.line + 1})"
+        problem = _explained(problem, text, mark)
         raise ConfigError([ConfigIssue("", f"YAML syntax: {problem}", line)], file) from None
+    if data is None:
+        raise ConfigError([ConfigIssue("", "the file is empty")], file)
     if not isinstance(data, dict):
-        raise ConfigError([ConfigIssue("", "the file must be a YAML mapping of keys")], file)
+        kind = "a list" if isinstance(data, list) else _what(data)
+        raise ConfigError(
+            [ConfigIssue("", f"the file must be a YAML mapping of keys (key: value), not {kind}")],
+            file,
+        )
     lines: dict[PathKey, int] = {}
     if node is not None:
         _walk(node, (), lines, issues)
@@ -475,6 +482,23 @@ def load_settings_text(
     if unique or settings is None:
         raise ConfigError(unique, file)
     return settings.model_copy(update={"database": _resolve_database(settings.database, base)})
+
+
+def _explained(problem: str, text: str, mark: yaml.Mark | None) -> str:
+    """PyYAML's ``problem``, explained for the two mistakes its wording hides best: a tab
+    (a "character that cannot start any token") and an unquoted ``${VAR}`` inside ``[...]``
+    or ``{...}``, whose ``{`` opens a mapping."""
+    if mark is None:
+        return problem
+    lines = text.splitlines()
+    source = lines[mark.line] if mark.line < len(lines) else ""
+    if source[mark.column : mark.column + 1] == "\t":
+        return (
+            f"a tab (column {mark.column + 1}): YAML indents and separates with spaces, never tabs"
+        )
+    if re.search(r"[\[{][^\]}]*(?<![\"'])\$\{", source):
+        return f'{problem}; quote a ${{VAR}} inside [...] or {{...}}: "${{VAR}}"'
+    return problem
 
 
 def _source_types(data: Mapping[str, Any]) -> tuple[str, ...] | None:

@@ -85,6 +85,13 @@ class Approval:
                 f"run {run_id} is a dry run: a preview that is never applied. Run "
                 f"`rostersync sync --source {report.source}` to sync the source for real"
             )
+        if report.status != "held" and report.approved_at is not None:
+            # An approval that failed puts the run back to held, so this one took.
+            when = report.approved_at.strftime("%Y-%m-%d %H:%M:%SZ")
+            raise RunStateError(
+                f"run {run_id} was approved already, at {when} (it is now {report.status}): "
+                "nothing to approve"
+            )
         if report.status != "held":
             raise RunStateError(f"run {run_id} is {report.status}, not held: nothing to approve")
         newer = runs.find_superseded_by(conn, run_id)

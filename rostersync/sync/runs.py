@@ -579,6 +579,21 @@ def last_finished_runs(conn: Connection) -> list[tuple[str, str, int, Any]]:
     ]
 
 
+def approvable_held_runs(conn: Connection) -> list[tuple[str, int]]:
+    """(source, id) of each held run that can still be approved, oldest first (the runs
+    :func:`held_counts` counts)."""
+    rows = conn.execute(
+        text(
+            "SELECT h.source, h.id FROM sync_run h WHERE h.status = 'held' "
+            "AND h.dry_run = :no AND NOT EXISTS (SELECT 1 FROM sync_run s "
+            "WHERE s.source = h.source AND s.id > h.id AND s.dry_run = :no "
+            "AND s.status IN ('succeeded', 'succeeded_with_errors')) ORDER BY h.id"
+        ),
+        {"no": False},
+    )
+    return [(str(source), int(run_id)) for source, run_id in rows]
+
+
 def held_counts(conn: Connection) -> dict[str, int]:
     """Held runs per source that can still be approved (no later real run has succeeded)."""
     rows = conn.execute(

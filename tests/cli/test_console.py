@@ -252,3 +252,31 @@ def test_a_sync_process_keeps_its_runs_views_of_the_mirror_until_it_exits(config
     assert "kept ['KnownRows']" in again.stderr
     assert as_json(run_here(config, "sync", "--full", "--json"))["runs"][0]["mode"] == "full"  # type: ignore[index]
     assert KEPT_UNTIL_EXIT == []
+
+
+def _with_stdout_closed(config: Path, *args: str) -> tuple[int, str]:
+    """The console script with ``args``, its stdout a pipe whose reader has gone (`| head`
+    that read what it wanted): the exit status and stderr."""
+    command = [sys.executable, "-m", "rostersync", "--config", str(config), *args]
+    read, write = os.pipe()
+    os.close(read)  # before the process starts: its first write finds no reader
+    try:
+        done = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    return done.returncode, done.stderr
+
+
+def test_output_to_a_closed_pipe_keeps_the_commands_own_status(config: Path) -> None:
+    """`rostersync sync | head -1`: the reader going away neither stops the command nor turns
+    its status into 1 ("a run failed or was held"); a sync that succeeds exits 0, a listing
+    exits 0, a held run still exits 1, and there is no traceback."""
+    assert _with_stdout_closed(config, "sync", "--json", "--log-level", "error") == (0, "")
+    assert _with_stdout_closed(config, "users", "list") == (0, "")
+    drop = config.parent / "sample-district"
+    for name in ("users.csv", "enrollments.csv", "classes.csv"):
+        lines = (drop / name).read_text().splitlines(keepends=True)
+        (drop / name).write_text("".join(lines[: 1 + (len(lines) - 1) // 10]))
+    code, err = _with_stdout_closed(config, "sync", "--log-level", "error")
+    assert code == 1, err
+    assert "Traceback" not in err and "Broken pipe" not in err

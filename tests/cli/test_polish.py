@@ -54,6 +54,39 @@ def test_every_command_and_option_has_help() -> None:
     assert missing == []
 
 
+def test_no_commands_summary_is_cut_short_in_its_groups_help() -> None:
+    """`rostersync --help` and each group's help list their commands with a whole summary
+    at 80 columns, not one cut off with "..." ("Bulk user import from CSV, TSV or XLSX
+    (FILE; `-` reads...")."""
+    cut = []
+    for path, command in walk(cli):
+        if isinstance(command, click.Group):
+            result = CliRunner(env={"COLUMNS": "80"}).invoke(cli, [*path[1:], "--help"])
+            assert result.exit_code == 0, result.output
+            listing = result.stdout.partition("\nCommands:\n")[2]
+            cut += [line.strip() for line in listing.splitlines() if line.endswith("...")]
+    assert cut == []
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((), "Exit codes: 0 success; 1 a run failed or was held"),
+        (("sync",), "Exit 1 when a run failed or was held (a dry run: a real run would be"),
+        (("run",), "Exit (--once) 1 when a run failed or was held"),
+        (("runs", "approve"), "Exit 1 when the run cannot be approved"),
+        (("import",), "Exit 0 whatever the rows' statuses"),
+        (("import", "file"), "Exit 0 whatever the rows' statuses"),
+    ],
+)
+def test_the_help_tells_the_exit_codes(args: tuple[str, ...], says: str) -> None:
+    """`rostersync --help` lists the exit codes, and the commands whose status a script
+    acts on (a held sync, a refused approval, an import with failed rows) say theirs."""
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(cli, [*args, "--help"])
+    assert result.exit_code == 0, result.output
+    assert says in " ".join(result.stdout.split())
+
+
 def test_every_command_accepts_the_global_options_after_it() -> None:
     """--config and --log-level are options of every command and group, not only of the root."""
     for path, command in walk(cli):
@@ -114,6 +147,43 @@ def test_a_mistyped_command_gets_a_suggestion_and_exit_2(
     result = invoke(*args)
     assert result.exit_code == 2
     assert "No such command" in result.stderr and suggestion in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "hint"),
+    [
+        (("users", "import", "users.csv"), "'rostersync import'"),
+        (("runs", "sync"), "'rostersync sync'"),
+        (("groups", "resync"), "'rostersync resync'"),
+    ],
+)
+def test_a_top_level_command_under_a_group_is_pointed_to(args: tuple[str, ...], hint: str) -> None:
+    """`users import FILE` (import is a command of its own) exits 2 and names the command
+    meant, where it said only "No such command 'import'"."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert f"No such command '{args[1]}'. Did you mean {hint}?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("runs", "show", "99999999999999999999"),
+        ("runs", "approve", "99999999999999999999", "--yes"),
+        ("runs", "show", "0"),
+        ("runs", "list", "--limit", "-1"),
+        ("queue", "list", "--limit", "-1"),
+        ("resync", "--all", "--wait", "--timeout", "-5"),
+        ("run", "--stop-timeout", "-1"),
+    ],
+)
+def test_a_number_out_of_range_is_a_usage_error(config: Path, args: tuple[str, ...]) -> None:
+    """A run id past the database's integers, a negative --limit (PostgreSQL: "LIMIT must not
+    be negative") or timeout exits 2 naming the value, not an internal error, a listing of
+    everything, or a wait that has timed out before it began."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for" in result.stderr and "is not in the range" in result.stderr
 
 
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:

@@ -28,7 +28,7 @@ def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -
     assert approved.exit_code == 0, approved.output
     assert as_json(approved)["runs"][0]["status"] == "succeeded"  # type: ignore[index]
     again = run(config, "runs", "approve", str(report["id"]))
-    assert again.exit_code == 1 and "not held" in again.stderr
+    assert again.exit_code == 1 and "was approved already" in again.stderr
 
 
 def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) -> None:
@@ -66,6 +66,40 @@ def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
     assert "runs approve" not in approved.stdout
     shown = as_json(run(config, "runs", "show", "2", "--json"))
     assert shown["approved_at"] is not None and shown["hold_reason"]  # type: ignore[index]
+
+
+def test_the_counts_of_a_run_that_changed_nothing_say_so(config: Path) -> None:
+    """A held or dry run's report prefixes its counts with "not applied:" (it archived no
+    one); once the held run is approved, the same counts stand alone."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    held, dry = run(config, "sync"), run(config, "sync", "--dry-run")
+    for result in (held, dry, run(config, "runs", "show", "2")):
+        assert result.exit_code in (0, 1), result.output
+        [counts] = [line for line in result.stdout.splitlines() if "users created" in line]
+        assert re.fullmatch(
+            r"  not applied: users created 0, users linked 0, users archived [1-9]\d*, .*", counts
+        )
+    approved = run(config, "runs", "approve", "2", "--yes")
+    [counts] = [line for line in approved.stdout.splitlines() if "users created" in line]
+    assert counts.startswith("  users created 0, users linked 0, users archived ")
+
+
+def test_approving_a_run_twice_says_it_was_approved_already(config: Path) -> None:
+    """A second `runs approve` of the same run is refused (exit 1, nothing changes) saying it
+    was approved already and when, not only that its status is not held."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    assert run(config, "runs", "approve", "2", "--yes").exit_code == 0
+    before = as_json(run(config, "users", "list", "--json"))
+    shown = as_json(run(config, "runs", "show", "2", "--json"))
+    when = str(shown["approved_at"])[:19].replace("T", " ")  # type: ignore[index]
+    again = run(config, "runs", "approve", "2", "--yes")
+    assert again.exit_code == 1
+    assert f"run 2 was approved already, at {when}Z (it is now succeeded)" in again.stderr
+    assert "nothing to approve" in again.stderr
+    assert as_json(run(config, "users", "list", "--json")) == before
 
 
 def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(

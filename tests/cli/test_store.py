@@ -27,6 +27,7 @@ READ_ONLY = [
     ["runs", "list"],
     ["runs", "show", "1"],
     ["teachers", "list", "--source", "sample"],
+    ["status"],
 ]
 
 
@@ -259,3 +260,31 @@ def test_a_database_path_naming_another_kind_of_file_is_an_error_that_changes_no
         assert f"cannot open database {other}: file is not a database" in output
         assert "Traceback" not in output and "internal error" not in output
     assert other.read_bytes() == before
+
+
+def test_ctrl_c_while_a_command_closes_the_database_waits_for_the_close(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C as a command closes its database (after its work and output) is delivered once
+    the close is done: inside it, SQLAlchemy's pool logged the interrupted connection close
+    with a traceback."""
+    import os
+    import signal
+
+    from rostersync.cli.app import App
+
+    closed: list[bool] = []
+    dispose = Store.dispose
+
+    def interrupted_dispose(self: Store) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands here
+        dispose(self)
+        closed.append(True)
+
+    app = App(str(config), None)
+    app.store  # noqa: B018 (opens and migrates the database)
+    monkeypatch.setattr(Store, "dispose", interrupted_dispose)
+    with pytest.raises(KeyboardInterrupt):
+        app.close()
+    assert closed == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

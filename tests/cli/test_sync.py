@@ -9,6 +9,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rostersync import sampledata
@@ -191,3 +192,42 @@ def test_full_and_delta_together_are_a_usage_error(config: Path) -> None:
         assert "--full and --delta cannot be used together" in result.stderr
         assert result.stdout == ""
     assert not (config.parent / "state" / "rostersync.db").exists()
+
+
+def test_a_sync_stopped_while_it_processes_its_resyncs_says_its_runs_are_done(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the run succeeded, in the resync jobs it queued: the command exits 1 and
+    says the runs are done and the jobs wait for the next drain, not that a run it had not
+    finished is failed (the run stays succeeded)."""
+
+    async def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rostersync.cli.sync.drain_with_progress", interrupted)
+    stopped = run(config, "sync")
+    assert stopped.exit_code == 1
+    assert "a run it had not finished" not in stopped.stderr
+    assert (
+        "rostersync: stopped while processing the resync jobs its runs queued: the runs are "
+        "done (`rostersync runs list`); the jobs left wait for the daemon, or the next `sync` "
+        "or `run --once`"
+    ) in stopped.stderr
+    listed = as_json(run(config, "runs", "list", "--json"))
+    assert [r["status"] for r in listed] == ["succeeded_with_errors"]  # type: ignore[index, union-attr]
+
+
+def test_a_dry_run_whose_csv_folder_is_missing_is_refused_before_it_runs(
+    config: Path, tmp_path: Path
+) -> None:
+    """`sync --dry-run --changes --csv missing/changes.csv` exits 2 naming the folder before
+    the dry run (a long one on a large district), as `import --report` does; no run is made."""
+    assert run(config, "sync").exit_code == 0
+    target = tmp_path / "missing" / "changes.csv"
+    refused = run(config, "sync", "--dry-run", "--changes", "--csv", str(target))
+    assert refused.exit_code == 2, refused.output
+    assert (
+        f"--csv {target}: the folder '{target.parent}' does not exist or is not writable; "
+        "nothing was run"
+    ) in refused.stderr
+    assert [r["id"] for r in as_json(run(config, "runs", "list", "--json"))] == [1]  # type: ignore[index, union-attr]

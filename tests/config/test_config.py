@@ -496,6 +496,68 @@ def test_a_yaml_syntax_error_names_where_the_unclosed_part_began() -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    [
+        "organization: X\nprovisioning:\n\tdefault_role: Teacher\n",
+        "organization:\tX\n",
+    ],
+)
+def test_a_tab_in_a_config_says_yaml_wants_spaces(text: str) -> None:
+    """A tab, which PyYAML calls a character that "cannot start any token", is named as a
+    tab with its line and column, and the fix (spaces) is given."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert issue.line == text[: text.index("\t")].count("\n") + 1
+    column = len(text[: text.index("\t")].rpartition("\n")[2]) + 1
+    assert f"a tab (column {column})" in issue.message
+    assert "YAML indents and separates with spaces, never tabs" in issue.message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "auth: {type: oauth1, client_id: abc, client_secret: ${SECRET}}",
+        "sites: [${SITE}, South Middle]",
+    ],
+)
+def test_an_env_reference_inside_braces_or_brackets_says_to_quote_it(line: str) -> None:
+    """`${VAR}` unquoted in a `{...}` or `[...]` is a YAML syntax error (its `{` opens a
+    mapping): the error says to quote it, since the docs offer `${VAR}` for any value."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(f"organization: X\n{line}\n")
+    [issue] = raised.value.issues
+    assert issue.line == 2
+    assert issue.message.startswith("YAML syntax: expected ',' or")
+    assert "quote a ${VAR} inside [...] or {...}" in issue.message
+
+
+def test_a_quoted_env_reference_inside_braces_is_read() -> None:
+    """The fix the hint gives works: a quoted `${VAR}` in a flow mapping is substituted."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text('organization: X\nauth: {secret: "${ROSTERSYNC_TEST_UNSET_VAR}"}\n')
+    assert "environment variable ROSTERSYNC_TEST_UNSET_VAR is not set" in str(raised.value)
+    assert "YAML syntax" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "the file is empty"),
+        ("# organization: X\n", "the file is empty"),
+        ("- organization: X\n", "the file must be a YAML mapping of keys (key: value), not a list"),
+        ("organization X\n", "the file must be a YAML mapping of keys (key: value), not a string"),
+    ],
+)
+def test_a_config_that_is_not_a_mapping_says_what_it_is(text: str, says: str) -> None:
+    """An empty file, or one that is a list or a lone string (a missing colon), is told apart."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings_text(text)
+    [issue] = raised.value.issues
+    assert issue.message == says
+
+
+@pytest.mark.parametrize(
     ("url", "says"),
     [
         ("sqlite://rs.db", "three slashes"),
@@ -568,18 +630,23 @@ def test_a_source_without_a_type_or_of_an_unknown_type_says_so_plainly() -> None
     ]
 
 
+@pytest.mark.parametrize("command", [("users", "list"), ("config", "check")])
 def test_no_config_anywhere_says_how_to_name_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
 ) -> None:
     """Without --config and ROSTERSYNC_CONFIG the default file is read; when it is not there
-    the error says how to name another. A file the operator named gets no such hint."""
+    the error says how to name another (`config check`, a newcomer's first command, too).
+    A file the operator named gets no such hint."""
     monkeypatch.delenv("ROSTERSYNC_CONFIG", raising=False)
     monkeypatch.setattr("rostersync.config.loader.DEFAULT_CONFIG", tmp_path / "absent.yaml")
-    code, output = run_main(capsys, "users", "list")
+    code, output = run_main(capsys, *command)
     assert code == 2, output
     assert "cannot read config file: No such file or directory" in output
     assert "give --config PATH or set ROSTERSYNC_CONFIG" in output
-    code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), "users", "list")
+    code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), *command)
     assert code == 2 and "cannot read config file" in output
     assert "ROSTERSYNC_CONFIG" not in output
 

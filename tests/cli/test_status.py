@@ -1,0 +1,63 @@
+"""`status`: each source's last run, the held runs waiting for an approval, the queue and the
+directory, on one screen and in one JSON document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.cli.sample import as_json, cut_drop_to_a_tenth, run
+
+
+def test_status_names_each_sources_last_run_and_the_held_run_to_review(config: Path) -> None:
+    """After a good sync and a held one: the source's last run is the held one, the held run
+    is named with the commands to review and approve it, and the directory is what the first
+    sync made."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    shown = run(config, "status")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["source", "type", "schedule", "last", "run", "held"]
+    assert lines[2].split()[:6] == ["sample", "oneroster_csv", "every", "6h", "run", "2"]
+    assert lines[2].split()[6:8] == ["held", "at"] and lines[2].endswith("  1")
+    assert lines[3] == (
+        "held: run 2 of sample waits for an approval: review with `rostersync runs show 2 "
+        "--changes`, apply with `rostersync runs approve 2`"
+    )
+    assert lines[4].startswith("resync queue: 0 queued, 0 running, 0 failed for good, ")
+    assert lines[5] == (
+        "directory: 43 active user(s) (license_limit 5000), 0 archived; 102 group(s)"
+    )
+    doc = as_json(run(config, "status", "--json"))
+    assert isinstance(doc, dict)
+    [source] = doc["sources"]
+    assert source["name"] == "sample" and source["enabled"] is True
+    assert source["schedule"] == "every 6h" and source["held_runs"] == [2]
+    assert source["last_run"]["id"] == 2 and source["last_run"]["status"] == "held"
+    assert doc["held_runs"] == [{"id": 2, "source": "sample"}]
+    assert doc["users"] == {"active": 43, "archived": 0} and doc["groups"] == 102
+    assert doc["queue"]["queued"] == 0 and doc["license_limit"] == 5000
+
+
+def test_status_of_a_database_no_sync_has_run_on_says_never_run(config: Path) -> None:
+    """A source that never ran says so; an approved held run is no longer listed as held."""
+    assert run(config, "db", "upgrade").exit_code == 0
+    shown = run(config, "status")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.splitlines()[2].split() == [
+        "sample",
+        "oneroster_csv",
+        "every",
+        "6h",
+        "never",
+        "run",
+        "0",
+    ]
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    assert run(config, "runs", "approve", "2", "--yes").exit_code == 0
+    doc = as_json(run(config, "status", "--json"))
+    assert isinstance(doc, dict)
+    assert doc["held_runs"] == [] and doc["sources"][0]["last_run"]["status"] == "succeeded"
