@@ -217,6 +217,22 @@ def _approval_preview(app: App, run_id: int) -> bool:
     return True
 
 
+def _approval_stopped(app: App, run_id: int) -> str:
+    """What an approval stopped by Ctrl-C or SIGTERM left (it waited for its apply to end)."""
+    from rostersync.sync.runs import load_report
+
+    with app.store.read() as conn:
+        status = load_report(conn, run_id).status
+    if status == "held":
+        return f"stopped: run {run_id} was not applied; it is still held and may be approved again"
+    if status in ("succeeded", "succeeded_with_errors"):
+        return (
+            f"stopped while processing the resync jobs run {run_id} queued: the run is applied "
+            f"({status}); the jobs left wait for the daemon, or the next `sync` or `run --once`"
+        )
+    return f"stopped: run {run_id} is {status} (`rostersync runs show {run_id}`)"
+
+
 @runs.command(
     "approve",
     short_help="Apply a held run (its changes are shown first).",
@@ -286,6 +302,8 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
         fail(str(exc), EXIT_USAGE)
     except RunStateError as exc:
         fail(str(exc), EXIT_FAILED)
+    except KeyboardInterrupt:
+        fail(_approval_stopped(app, run_id), EXIT_FAILED)
     finally:
         if progress is not None:
             progress.close()

@@ -64,19 +64,33 @@ class Approval:
                 log,
                 approved=True,
             )
+            work = asyncio.ensure_future(asyncio.to_thread(self._apply, ctx))
             try:
-                out = await asyncio.to_thread(self._apply, ctx)
+                out = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # Stopped (Ctrl-C, the daemon stopping) while the apply runs in its thread,
+                # where it cannot be cut off: the run is what the apply makes it. Held again
+                # at once, it could be held with its changes applied.
+                await asyncio.wait([work])
+                if work.exception() is None:
+                    log.info("held_run_approved")
+                else:
+                    self._undo(run_id, report.trigger, work.exception(), log)
+                raise
             except BaseException as exc:
-                # Nothing was applied (the transaction rolled back): the run is held as before,
-                # with its staged rows, and may be approved again.
-                with self.store.write() as conn:
-                    runs.undo_approval(conn, run_id, report.trigger)
-                log.error("held_run_approval_failed", error=scrub(str(exc)))
+                self._undo(run_id, report.trigger, exc, log)
                 raise
             log.info("held_run_approved")
             return out
         finally:
             self._drop_lease(report.source)
+
+    def _undo(self, run_id: int, trigger: str, exc: BaseException | None, log: Any) -> None:
+        """Nothing was applied (the transaction rolled back): the run is held as before, with
+        its staged rows, and may be approved again."""
+        with self.store.write() as conn:
+            runs.undo_approval(conn, run_id, trigger)
+        log.error("held_run_approval_failed", error=scrub(str(exc)))
 
     def _check_approvable(self, conn: Connection, report: RunReport) -> None:
         run_id = report.id

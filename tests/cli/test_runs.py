@@ -31,6 +31,45 @@ def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -
     assert again.exit_code == 1 and "was approved already" in again.stderr
 
 
+@pytest.mark.parametrize("when", ["before the apply", "in the resyncs"])
+def test_an_approval_stopped_by_ctrl_c_says_whether_the_run_was_applied(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """Ctrl-C during `runs approve` exits 1 saying what the run is now: still held (nothing
+    applied), or applied with its resync jobs left for the next drain."""
+    run(config, "sync")
+    enrollments = tmp_path / "sample-district" / "enrollments.csv"
+    lines = enrollments.read_text().splitlines()
+    enrollments.write_text("\n".join(lines[: len(lines) // 4]) + "\n")
+    held = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
+
+    async def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    target = (
+        "rostersync.sync.engine.SyncEngine.approve"
+        if when == "before the apply"
+        else "rostersync.cli.runs.drain_with_progress"
+    )
+    monkeypatch.setattr(target, interrupted)
+    stopped = run(config, "runs", "approve", str(held["id"]), "--yes")
+    assert stopped.exit_code == 1
+    listed = as_json(run(config, "runs", "list", "--json"))
+    status = listed[0]["status"]  # type: ignore[index]
+    if when == "before the apply":
+        assert status == "held"
+        assert (
+            f"rostersync: stopped: run {held['id']} was not applied; it is still held and may "
+            "be approved again"
+        ) in stopped.stderr
+    else:
+        assert status == "succeeded"
+        assert (
+            f"rostersync: stopped while processing the resync jobs run {held['id']} queued: "
+            "the run is applied (succeeded)"
+        ) in stopped.stderr
+
+
 def test_a_dry_run_is_marked_as_one_and_runs_approve_refuses_it(config: Path) -> None:
     """The trial that archived 27 users for real: a dry run of a drop cut to a tenth says a
     real run would be held, is listed as a dry run, and `runs approve` refuses it (exit 1)."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -16,6 +19,7 @@ from rostersync.source.testdata import small_roster
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
+from rostersync.sync.runs import load_report
 from tests.sync.helpers import add_import_owner, groups, snapshot, sync, users
 
 
@@ -205,3 +209,53 @@ async def test_source_that_stops_sending_emails_is_held(
     assert report.status == "held"
     assert "lose their email address" in (report.hold_reason or "")
     assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("applied", [True, False], ids=["apply ends well", "apply fails"])
+async def test_an_approval_stopped_while_its_apply_runs_ends_as_the_apply_does(
+    store: Store,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    applied: bool,
+) -> None:
+    """Ctrl-C or a stopping daemon cancels an approval whose apply runs in its thread, where
+    it cannot be cut off: the approval waits for it, and the run is what the apply made it
+    (applied, or held again with nothing changed), never held with its changes applied."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    roster = small_roster()
+    roster.enrollments = [
+        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
+    ]
+    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    held = await sync(settings, store, roster)
+    assert held.status == "held"
+    before = snapshot(store)
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    inside, go_on = threading.Event(), threading.Event()
+    original = engine._apply_in
+
+    def slow_apply_in(conn: Any, ctx: Any) -> Any:
+        inside.set()  # inside the apply's transaction, holding the write lock
+        go_on.wait(10)
+        if not applied:
+            raise RuntimeError("the apply failed")
+        return original(conn, ctx)
+
+    monkeypatch.setattr(engine, "_apply_in", slow_apply_in)
+    approval = asyncio.create_task(engine.approve(held.id))
+    await asyncio.to_thread(inside.wait, 10)
+    approval.cancel()
+    await asyncio.sleep(0.2)  # the cancelled approval reacts before the apply ends
+    go_on.set()
+    with pytest.raises(asyncio.CancelledError):
+        await approval
+    with store.read() as conn:
+        report = load_report(conn, held.id)
+    if applied:
+        assert report.status == "succeeded"
+        assert users(store)["alan.turing@example.org"]["status"] == "archived"
+    else:
+        assert report.status == "held"
+        assert report.approved_at is None
+        assert snapshot(store) == before
