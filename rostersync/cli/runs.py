@@ -254,17 +254,20 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
     from rostersync.progress import SyncProgress
     from rostersync.sync.runs import load_report
 
-    app.prepare()  # what a killed process left is put right first (its run may be this one)
-    if not as_json:
-        ask = _approval_preview(app, run_id)
-    else:
-        # stdout carries the JSON document alone, and stderr off a terminal JSON log lines.
-        with contextlib.ExitStack() as stack:
-            shown = sys.stderr
-            if not sys.stderr.isatty():
-                shown = stack.enter_context(open(os.devnull, "w"))
-            stack.enter_context(contextlib.redirect_stdout(shown))
+    try:
+        app.prepare()  # what a killed process left is put right first (its run may be this one)
+        if not as_json:
             ask = _approval_preview(app, run_id)
+        else:
+            # stdout carries the JSON document alone, and stderr off a terminal JSON log lines.
+            with contextlib.ExitStack() as stack:
+                shown = sys.stderr
+                if not sys.stderr.isatty():
+                    shown = stack.enter_context(open(os.devnull, "w"))
+                stack.enter_context(contextlib.redirect_stdout(shown))
+                ask = _approval_preview(app, run_id)
+    except KeyboardInterrupt:
+        fail(_approval_stopped(app, run_id), EXIT_FAILED)
     if ask and not yes:
         if not _interactive():
             fail(

@@ -31,7 +31,7 @@ def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -
     assert again.exit_code == 1 and "was approved already" in again.stderr
 
 
-@pytest.mark.parametrize("when", ["before the apply", "in the resyncs"])
+@pytest.mark.parametrize("when", ["in the preview", "before the apply", "in the resyncs"])
 def test_an_approval_stopped_by_ctrl_c_says_whether_the_run_was_applied(
     config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
@@ -46,17 +46,20 @@ def test_an_approval_stopped_by_ctrl_c_says_whether_the_run_was_applied(
     async def interrupted(*_args: object) -> None:
         raise KeyboardInterrupt
 
-    target = (
-        "rostersync.sync.engine.SyncEngine.approve"
-        if when == "before the apply"
-        else "rostersync.cli.runs.drain_with_progress"
-    )
-    monkeypatch.setattr(target, interrupted)
+    def interrupted_preview(*_args: object) -> bool:
+        raise KeyboardInterrupt
+
+    if when == "in the preview":
+        monkeypatch.setattr("rostersync.cli.runs._approval_preview", interrupted_preview)
+    elif when == "before the apply":
+        monkeypatch.setattr("rostersync.sync.engine.SyncEngine.approve", interrupted)
+    else:
+        monkeypatch.setattr("rostersync.cli.runs.drain_with_progress", interrupted)
     stopped = run(config, "runs", "approve", str(held["id"]), "--yes")
     assert stopped.exit_code == 1
     listed = as_json(run(config, "runs", "list", "--json"))
     status = listed[0]["status"]  # type: ignore[index]
-    if when == "before the apply":
+    if when != "in the resyncs":
         assert status == "held"
         assert (
             f"rostersync: stopped: run {held['id']} was not applied; it is still held and may "
