@@ -191,7 +191,7 @@ class Applier:
         decision = self._decide(conn, ctx, found)
         if not ctx.approved:  # an approval's staging shows fewer: the held run's report said
             decision.outcome.warnings += repeated.warnings(repeats)
-        decision.outcome.repeated = repeats.counts()
+            decision.outcome.repeated = repeats.counts()  # an approval's fetched carry them
         self._judge(conn, ctx, found, decision, repeats)
         return self._carry_out(conn, ctx, found, decision)
 
