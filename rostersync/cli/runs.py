@@ -46,6 +46,12 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
 
     with app.read_store.read() as conn:
         rows = list_runs(conn, source, limit)
+    if source is not None and not rows and source not in app.settings.sources:
+        # Most likely a mistyped name: say which sources there are rather than list nothing.
+        known = ", ".join(sorted(app.settings.sources)) or "none"
+        fail(
+            f"no runs of source '{source}', and the config has no such source ({known})", EXIT_USAGE
+        )
     if as_json:
         emit_json(rows)
         return

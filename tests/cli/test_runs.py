@@ -236,3 +236,17 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert refused.exit_code == 1 and "out of date" in refused.stderr
     gone = run(config, "runs", "show", "2", "--changes")
     assert gone.exit_code == 1 and "overtaken by run 3" in gone.stderr
+
+
+def test_runs_list_of_a_source_the_config_does_not_name_says_which_it_does(config: Path) -> None:
+    """`runs list --source smaple` (a typo, no runs) exits 2 naming the config's sources; a
+    configured source without runs yet lists nothing, exit 0."""
+    assert run(config, "db", "upgrade").exit_code == 0
+    typo = run(config, "runs", "list", "--source", "smaple")
+    assert typo.exit_code == 2, typo.output
+    assert (
+        "rostersync: no runs of source 'smaple', and the config has no such source (sample)"
+    ) in typo.stderr
+    empty = run(config, "runs", "list", "--source", "sample", "--json")
+    assert empty.exit_code == 0, empty.output
+    assert as_json(empty) == []
