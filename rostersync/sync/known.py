@@ -95,8 +95,8 @@ class KnownRows:
         self.reverted: dict[str, set[str]] = {kind: set() for kind in COLUMNS}
         #: rows left out of staging, per kind
         self.unchanged: dict[str, int] = {kind: 0 for kind in COLUMNS}
-        #: ids whose mirror row was seen as it is more than once (a record sent twice)
-        #: how many times more each such id was seen as the mirror holds it
+        #: ids whose mirror row was seen as it is more than once (a record sent twice), with
+        #: how many times more
         self.seen_again: dict[str, Counter[str]] = {kind: Counter() for kind in COLUMNS}
         self._loaded = threading.Event()
         self._error: BaseException | None = None
