@@ -53,6 +53,18 @@ async def test_failure_half_way_changes_nothing(
         assert conn.execute(text("SELECT count(*) FROM staging_person")).scalar_one() == 0
 
 
+def _without_t2_and_c2_students() -> MemoryRoster:
+    """The small roster without teacher t-2 and the students of c-2: more removals than
+    ``max_removals: 1`` allows, so a run is held."""
+    roster = small_roster()
+    roster.enrollments = [
+        e
+        for e in roster.enrollments
+        if (e.role == "teacher" or e.class_id != "c-2") and e.user_id != "t-2"
+    ]
+    return roster
+
+
 async def test_removals_over_threshold_hold_the_run_until_approved(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
@@ -60,11 +72,7 @@ async def test_removals_over_threshold_hold_the_run_until_approved(
     settings = make_settings(safety={"max_removals": 1})
     await sync(settings, store, small_roster())
     before = snapshot(store)
-    roster = small_roster()
-    roster.enrollments = [
-        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
-    ]
-    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster = _without_t2_and_c2_students()
     report = await sync(settings, store, roster)
     assert report.status == "held"
     assert "max_removals" in (report.hold_reason or "")
@@ -223,11 +231,7 @@ async def test_an_approval_stopped_while_its_apply_runs_ends_as_the_apply_does(
     (applied, or held again with nothing changed), never held with its changes applied."""
     settings = make_settings(safety={"max_removals": 1})
     await sync(settings, store, small_roster())
-    roster = small_roster()
-    roster.enrollments = [
-        e for e in roster.enrollments if e.role == "teacher" or e.class_id != "c-2"
-    ]
-    roster.enrollments = [e for e in roster.enrollments if e.user_id != "t-2"]
+    roster = _without_t2_and_c2_students()
     held = await sync(settings, store, roster)
     assert held.status == "held"
     before = snapshot(store)
