@@ -3,8 +3,6 @@ and, when every try fails, an error naming the source, the collection's path and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import httpx
 import pytest
 import respx
@@ -14,6 +12,7 @@ from rostersync.errors import RetriableSourceError
 from rostersync.source.connector import FetchMode
 from rostersync.source.records import RosterPerson, TeacherRef
 from rostersync.source.rows import StagedBatch
+from tests.connectors.test_oneroster_page_errors import cut, failing_at
 from tests.connectors.test_oneroster_unit import (
     BASE,
     FAST,
@@ -22,27 +21,7 @@ from tests.connectors.test_oneroster_unit import (
     mock_empty,
     open_connector,
     pager,
-    user,
 )
-
-RECORDS = [user(i) for i in range(12)]  # three pages of 5, the last one short
-
-
-def cut_at(offset: int, times: int | None) -> Callable[[httpx.Request], httpx.Response]:
-    """Serves RECORDS, but the page at ``offset`` is cut mid-JSON (``times`` times; None:
-    always). The answer itself is complete: status 200, its whole body as sent."""
-    serve = pager(RECORDS, "users")
-    left = [times]
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        good = serve(request)
-        if int(request.url.params["offset"]) != offset or left[0] == 0:
-            return good
-        if left[0] is not None:
-            left[0] -= 1
-        return httpx.Response(200, content=good.content[:40], headers=dict(good.headers))
-
-    return handler
 
 
 @pytest.mark.parametrize("pooled", [False, True], ids=["inline", "decode-pool"])
@@ -54,7 +33,7 @@ async def test_a_cut_page_is_asked_for_again_and_the_run_gets_every_record(
         monkeypatch.setattr(decode, "POOL_MIN_RECORDS", 0)
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "orgs", "classes", "enrollments")
-        route = router.get(f"{BASE}/users").mock(side_effect=cut_at(5, times=1))
+        route = router.get(f"{BASE}/users").mock(side_effect=failing_at(5, cut, times=1))
         async with open_connector(page_size=5, decode_workers=1 if pooled else 0) as c:
             got = [batch async for batch in c.fetch(FetchMode.FULL, None)]
     # Pooled pages come as staging rows (a person's sourcedId first), inline ones as records.
@@ -71,7 +50,7 @@ async def test_a_cut_page_is_asked_for_again_and_the_run_gets_every_record(
 async def test_a_page_that_stays_cut_fails_naming_source_path_and_offset() -> None:
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "orgs", "classes", "enrollments")
-        route = router.get(f"{BASE}/users").mock(side_effect=cut_at(10, times=None))
+        route = router.get(f"{BASE}/users").mock(side_effect=failing_at(10, cut))
         async with open_connector(page_size=5, decode_workers=0) as c:
             with pytest.raises(RetriableSourceError) as err:
                 await fetch_all(c)
