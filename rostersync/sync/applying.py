@@ -31,7 +31,7 @@ from rostersync.resync.queue import pending_users, queue_resync, queued_jobs
 from rostersync.source.records import Rejected
 from rostersync.store.db import Store, as_utc, lock_directory, utcnow
 from rostersync.sync import changes as changeset
-from rostersync.sync import detect, provisioning, runs
+from rostersync.sync import dangling, detect, provisioning, runs
 from rostersync.sync import merge as merging
 from rostersync.sync import repeats as repeated
 from rostersync.sync.repeats import Repeats
@@ -65,6 +65,8 @@ class _Merged:
     #: groups whose removal waiting resync jobs of an earlier run carry out, found before
     #: the merge (provisioning.removals_pending): not this run's to count
     pending_removals: set[str]
+    #: enrollments the run wrote or left behind that name a person or class not in the mirror
+    orphans: dangling.Dangling
 
 
 @dataclass
@@ -192,6 +194,7 @@ class Applier:
         if not ctx.approved:  # an approval's staging shows fewer: the held run's report said
             decision.outcome.warnings += repeated.warnings(repeats)
             decision.outcome.repeated = repeats.counts()  # an approval's fetched carry them
+        decision.outcome.warnings += dangling.warnings(found.orphans)
         self._judge(conn, ctx, found, decision, repeats)
         return self._carry_out(conn, ctx, found, decision)
 
@@ -226,6 +229,7 @@ class Applier:
             refresh_fp=ctx.known.staged if ctx.known is not None else None,
         )
         merging.refresh_statistics(conn, written)
+        orphans = dangling.dangling_enrollments(conn, source, changes)
         members_only = detect.populated_classes(conn, source, student_side)
         dirty = changes.dirty_classes - members_only
         teachers_after = detect.teachers_of_classes(conn, source, dirty)
@@ -237,7 +241,9 @@ class Applier:
             {(c, p) for c, p in changes.member_pairs if c not in members_only},
             grouped,
         )
-        return _Merged(grouped, changes, members_only, dirty, affected_people, pending_removals)
+        return _Merged(
+            grouped, changes, members_only, dirty, affected_people, pending_removals, orphans
+        )
 
     def _decide(self, conn: Connection, ctx: RunContext, found: _Merged) -> _Decision:
         """The provisioning plan: who is created, linked, archived or restored."""

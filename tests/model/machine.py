@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -85,11 +86,14 @@ from tests.model.harness import (
 from tests.model.oracle import (
     SOURCE,
     Config,
+    Dangling,
     Decision,
     Directory,
     Group,
+    Mirror,
     Oracle,
     Run,
+    dangling,
     fitting,
     groups,
     rebuild,
@@ -1329,6 +1333,7 @@ class RosterModel(RuleBasedStateMachine):
             self._compare()
             return
         scope_cut = oracle.cut(SOURCE, mode, records, SESSIONS, TODAY)
+        before = oracle.mirrors.get(SOURCE, Mirror())
         decision = oracle.decide(SOURCE, mode, records, cut=scope_cut)
         leftover = oracle.leftover(SOURCE)
         # Groups that earlier jobs still had to rebuild when the run started: they differ
@@ -1361,6 +1366,7 @@ class RosterModel(RuleBasedStateMachine):
         exact = lagging is None and cut is None
         self._check_report(report, decision, dry=dry, group_counts=exact)
         self._check_repeats(report, records)
+        self._check_dangling(report, dangling(before, decision.mirror))
         self._check_leftover(
             report,
             leftover,
@@ -1398,6 +1404,26 @@ class RosterModel(RuleBasedStateMachine):
         assert said == repeated.warnings(decoys), f"run {report.id}: {said} for {decoys}"
         if decoys:
             STATS["runs sent decoys"] += 1
+
+    def _check_dangling(self, report: RunReport, expected: Dangling) -> None:
+        """The report names how many enrollments name a person or class the mirror does not
+        hold: at least those it must (oracle.dangling), at most all there are."""
+        said = [w for w in report.warnings if w.startswith("enrollments: ")]
+        assert len(said) <= 1, f"run {report.id}: {said}"
+        for kind, word in (("person", "person"), ("class", "class")):
+            found = (
+                re.search(rf"(\d+) names? a {word} the source has not sent", said[0])
+                if said
+                else None
+            )
+            n = int(found.group(1)) if found else 0
+            must, may = len(expected.must[kind]), len(expected.may[kind])
+            assert must <= n <= may, (
+                f"run {report.id}: {n} enrollments named for a missing {kind}, expected "
+                f"{must}..{may} ({sorted(expected.must[kind])[:5]}); warnings {said}"
+            )
+            if must:
+                STATS[f"runs naming enrollments without their {kind}"] += 1
 
     def _lagging(self) -> set[str] | None:
         """While jobs wait (a drain was cut short): the classes whose group is not what the

@@ -993,6 +993,35 @@ def decide(
     )
 
 
+@dataclass(frozen=True)
+class Dangling:
+    """Enrollments of the mirror after a run naming a person or class it does not hold, per
+    kind named (``person``, ``class``): ``must`` be reported (new to the mirror, or left
+    behind by the removal of what they name) and ``may`` be (any such enrollment: one the
+    run changed is reported again)."""
+
+    must: dict[str, set[str]]
+    may: dict[str, set[str]]
+
+
+def dangling(m0: Mirror, m1: Mirror) -> Dangling:
+    """What a run that takes mirror ``m0`` to ``m1`` says of enrollments naming a person or
+    class the source has not sent (README: "An enrollment that names ...")."""
+    must: dict[str, set[str]] = {"person": set(), "class": set()}
+    may: dict[str, set[str]] = {"person": set(), "class": set()}
+    for sid, e in m1.enrollment.items():
+        for kind, ref, held, before in (
+            ("person", e.user_id, m1.person, m0.person),
+            ("class", e.class_id, m1.klass, m0.klass),
+        ):
+            if ref in held:
+                continue
+            may[kind].add(sid)
+            if sid not in m0.enrollment or ref in before:
+                must[kind].add(sid)
+    return Dangling(must, may)
+
+
 def fitting(r: RosterRecord) -> RosterRecord:
     """A person whose email is longer than the store's column (256 characters, as stored:
     trimmed) is a rejected record, as if the connector had refused it."""
