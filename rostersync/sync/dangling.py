@@ -54,29 +54,58 @@ class Dangling:
                 self.no_class[sid] = cls
 
 
+#: From this many written enrollments, the ids the source's enrollments name are checked
+#: instead of each written enrollment: one pass over two covering indexes, where a probe per
+#: enrollment read each one's row (a first load at M: 0.1 s against 1.1-1.5 s).
+WHOLE_SOURCE_MIN = 20_000
+
+#: The ids the source's enrollments name in ``{column}`` that ``{table}`` does not hold.
+_MISSING_REFS = """
+    SELECT r.ref FROM (SELECT DISTINCT {column} AS ref FROM roster_enrollment WHERE source = :src) r
+    WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.source = :src AND t.sourced_id = r.ref)"""
+
+
 def dangling_enrollments(conn: Connection, source: str, changes: Changes) -> Dangling:
     """After the merge, in its transaction: the enrollments this run wrote, or left behind by
     removing their person or class, that name a person or class the mirror does not hold."""
     out = Dangling()
-    params: dict[str, object] = {"src": source}
-    written = changes.to_write.get("enrollment")
-    if written is None:  # a first load of enrollments: every one of the source's is new
-        out.add(conn.execute(text(_CHECK.format(where="")), params))
+    written = changes.to_write.get("enrollment")  # None: a first load, every one written
+    gone = {"e.user_id": changes.missing.get("person", set())}
+    gone["e.class_id"] = changes.missing.get("class", set())
+    if written is not None and len(written) < WHOLE_SOURCE_MIN:
+        _check(conn, source, "e.sourced_id", written, out)
+        for column, ids in gone.items():
+            _check(conn, source, column, ids, out)
         return out
-    by_column = (
-        ("e.sourced_id", written),
-        ("e.user_id", changes.missing.get("person", set())),
-        ("e.class_id", changes.missing.get("class", set())),
-    )
-    dialect = conn.dialect.name
-    for column, ids in by_column:
-        if not ids:
-            continue
-        where = f" AND {column} IN :ids"
-        stmt = in_text(_CHECK.format(where=where), "ids", dialect=dialect)
-        for chunk in chunks(sorted(ids)):
-            out.add(conn.execute(stmt, {**params, "ids": chunk}))
+    found = Dangling()
+    for column, table in (("e.user_id", "roster_person"), ("e.class_id", "roster_class")):
+        sql = _MISSING_REFS.format(column=column.removeprefix("e."), table=table)
+        refs = {ref for (ref,) in conn.execute(text(sql), {"src": source})}
+        _check(conn, source, column, refs, found)
+    if written is None:
+        return found
+    for named, removed in (
+        (found.no_person, gone["e.user_id"]),
+        (found.no_class, gone["e.class_id"]),
+    ):
+        for sid, ref in named.items():
+            if sid in written or ref in removed:
+                out.add([(sid, *_refs(found, sid))])
     return out
+
+
+def _refs(found: Dangling, sid: str) -> tuple[str, str, bool, bool]:
+    person, cls = found.no_person.get(sid), found.no_class.get(sid)
+    return person or "", cls or "", person is not None, cls is not None
+
+
+def _check(conn: Connection, source: str, column: str, ids: set[str], out: Dangling) -> None:
+    """Into ``out``: the source's enrollments whose ``column`` is one of ``ids`` that dangle."""
+    if not ids:
+        return
+    stmt = in_text(_CHECK.format(where=f" AND {column} IN :ids"), "ids", dialect=conn.dialect.name)
+    for chunk in chunks(sorted(ids)):
+        out.add(conn.execute(stmt, {"src": source, "ids": chunk}))
 
 
 def warnings(found: Dangling) -> list[str]:

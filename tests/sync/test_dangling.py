@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select
 
 from rostersync.config.models import Settings
@@ -15,11 +16,20 @@ from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollmen
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.store.tables import roster_enrollment
+from rostersync.sync import dangling
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.runs import load_report
 from tests.sync.helpers import groups, sync
 
 DAY = datetime(2026, 9, 1, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True, params=["by enrollment", "by reference"])
+def _way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test both ways a run finds them: each written enrollment checked, or (past
+    dangling.WHOLE_SOURCE_MIN written) the ids all of the source's enrollments name."""
+    if request.param == "by reference":
+        monkeypatch.setattr(dangling, "WHOLE_SOURCE_MIN", 0)
 
 
 def _dangling(warnings: list[str]) -> list[str]:
