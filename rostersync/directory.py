@@ -144,6 +144,9 @@ def list_jobs(
     whose process stopped (dead on this host, or its lease ran out) keeps ``state`` running,
     as the table says until the next writer puts it back, and is marked ``interrupted`` with
     the reason: a read must not write, but it must not show a dead job as alive either."""
+    if limit < 0:
+        # SQLite reads LIMIT -1 as "no limit": a caller's arithmetic slip would list them all.
+        raise ValueError(f"limit must be 0 or more, not {limit}")
     sql = (
         "SELECT j.id, u.email, j.state, j.attempts, j.interruptions, j.reason, j.last_error, j.live, j.run_id, "
         'j.run_after, j.finished_at, j.result FROM resync_job j JOIN "user" u ON u.id = j.user_id '

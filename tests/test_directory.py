@@ -1,10 +1,12 @@
-"""directory.list_jobs: a running job whose process stopped is marked so (read only)."""
+"""directory.list_jobs: a running job whose process stopped is marked so (read only), and a
+limit below 0 is refused."""
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import text
 
 from rostersync import directory
@@ -83,3 +85,13 @@ def test_jobs_that_are_not_running_are_never_marked(store: Store) -> None:
     assert _jobs(store)[job]["interrupted"] is False
     with store.read() as conn:
         assert stopped_jobs(conn) == {}
+
+
+def test_a_negative_limit_is_refused(store: Store) -> None:
+    """list_jobs refuses a limit below 0 (SQLite reads LIMIT -1 as no limit); 0 lists none."""
+    leased_job(store, "a@example.org", "someone")
+    with store.read() as conn:
+        with pytest.raises(ValueError, match="limit must be 0 or more, not -1"):
+            directory.list_jobs(conn, limit=-1)
+        assert directory.list_jobs(conn, limit=0) == []
+        assert len(directory.list_jobs(conn, limit=1)) == 1
