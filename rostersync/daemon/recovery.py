@@ -429,13 +429,15 @@ def stopped_jobs(conn: Connection) -> dict[int, str]:
     ).all()
     if not rows:
         return {}
-    liveness = Liveness(load_registry(conn, {r[1] for r in rows if r[1] is not None}))
+    owners = {r[1] for r in rows if r[1] is not None}
+    liveness = Liveness(load_registry(conn, owners))
     now = utcnow()
-    dead: dict[str, bool] = {}
+    # Once per owner: a batch of a few hundred jobs shares one, and each look is a /proc read.
+    dead = {owner: liveness.dead(owner) for owner in owners}
     out: dict[int, str] = {}
     for job_id, owner, expires_at in rows:
         expires = as_utc(expires_at)
-        if owner is not None and dead.setdefault(owner, liveness.dead(owner)):
+        if owner is not None and dead[owner]:
             out[int(job_id)] = (
                 f"its process {owner} ({liveness.describe(owner)}) stopped; {PUT_BACK}"
             )
