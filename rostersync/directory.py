@@ -140,6 +140,13 @@ def list_groups(conn: Connection, owner_email: str | None = None) -> list[dict[s
 def list_jobs(
     conn: Connection, ids: list[int] | None = None, limit: int = 1000
 ) -> list[dict[str, Any]]:
+    """The jobs ``ids``, or else up to ``limit`` jobs, running and queued first. A running job
+    whose process stopped (dead on this host, or its lease ran out) keeps ``state`` running,
+    as the table says until the next writer puts it back, and is marked ``interrupted`` with
+    the reason: a read must not write, but it must not show a dead job as alive either."""
+    if limit < 0:
+        # SQLite reads LIMIT -1 as "no limit": a caller's arithmetic slip would list them all.
+        raise ValueError(f"limit must be 0 or more, not {limit}")
     sql = (
         "SELECT j.id, u.email, j.state, j.attempts, j.interruptions, j.reason, j.last_error, j.live, j.run_id, "
         'j.run_after, j.finished_at, j.result FROM resync_job j JOIN "user" u ON u.id = j.user_id '
@@ -186,6 +193,17 @@ def list_jobs(
                 "run_after": iso_text(run_after),
                 "finished_at": iso_text(finished),
                 "result": json_dict(result),
+                "interrupted": False,
+                "interrupted_reason": None,
             }
         )
+    if any(job["state"] == "running" for job in out):
+        # Here, not at the top: recovery reads sync runs, whose module reads this one.
+        from rostersync.daemon.recovery import stopped_jobs
+
+        stopped = stopped_jobs(conn)
+        for job in out:
+            reason = stopped.get(job["id"]) if job["state"] == "running" else None
+            if reason is not None:
+                job["interrupted"], job["interrupted_reason"] = True, reason
     return out

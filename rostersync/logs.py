@@ -56,6 +56,12 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
 _KNOWN: set[str] = set()
 
 
+def secret_key(name: str) -> bool:
+    """Whether a key's name says its value is a secret (``client_secret``, ``password``,
+    ``token``, ...): such values are redacted from logs and never shown in messages."""
+    return _SECRET_KEY.search(name) is not None
+
+
 def register_secret(value: str | SecretStr | None) -> None:
     """Scrub this exact value from every log line from now on (min. 6 chars to avoid noise)."""
     if isinstance(value, SecretStr):

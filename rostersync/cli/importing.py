@@ -25,6 +25,7 @@ from rostersync.cli.app import (
     table,
     writable_folder_or_fail,
 )
+from rostersync.cli.draining import drain_now
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def import_cmd() -> None:
       --report PATH     write the rows with Status and Message as CSV
       --sheet NAME      XLSX: read this sheet (default: the first)
       --fail-on-errors  exit 1 if any row failed
+      --no-wait         only queue the group resyncs; do not run them now
     See `rostersync import file --help` and docs/import.md.
     """
 
@@ -97,6 +99,7 @@ def import_cmd() -> None:
 )
 @click.option("--sheet", metavar="NAME", help="XLSX: the sheet to read (default: the first)")
 @click.option("--fail-on-errors", is_flag=True, help="exit 1 if any row failed")
+@click.option("--no-wait", is_flag=True, help="only queue the group resyncs; do not run them now")
 @click.pass_obj
 def import_file(
     app: App,
@@ -107,8 +110,10 @@ def import_file(
     report_path: str | None,
     sheet: str | None,
     fail_on_errors: bool,
+    no_wait: bool,
 ) -> None:
-    """Import users from FILE (CSV, TSV, XLSX; `-` for stdin)."""
+    """Import users from FILE (CSV, TSV, XLSX; `-` for stdin), then process the group resyncs
+    it queued (users created, linked, archived or reactivated), as `sync` does."""
     from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
     from rostersync.logs import notice
 
@@ -133,15 +138,22 @@ def import_file(
         notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
+    processed = 0
+    if result.resyncs_queued and not result.dry_run and not no_wait:
+        # Without it the groups waited for a daemon, which many installs (timer, one-off
+        # imports) do not run; a dry run rolled its jobs back with the rest.
+        processed = drain_now(app, f"import {result.import_id} is committed")
     if as_json:
-        emit_json(result.as_json())
+        emit_json({**result.as_json(), "resyncs_processed": processed})
     else:
-        _print_result(result, report_path)
+        _print_result(result, report_path, processed=processed, waited=not no_wait)
     if fail_on_errors and result.counts["failed"]:
         sys.exit(EXIT_FAILED)
 
 
-def _print_result(result: ImportResult, report_path: str | None) -> None:
+def _print_result(
+    result: ImportResult, report_path: str | None, *, processed: int = 0, waited: bool = True
+) -> None:
     c = result.counts
     figures = (
         f"{c['created']} new, {c['updated']} updated, {c['unchanged']} unchanged, "
@@ -173,8 +185,16 @@ def _print_result(result: ImportResult, report_path: str | None) -> None:
                 f"{result.verifications_queued} verification email(s) queued "
                 "(the daemon sends them; or `rostersync outbox send`)"
             )
-        if result.resyncs_queued:
-            click.echo(f"{result.resyncs_queued} group resync(s) queued")
+        if result.resyncs_queued and waited:
+            click.echo(
+                f"{result.resyncs_queued} group resync(s) queued; {processed} resync job(s) "
+                "processed"
+            )
+        elif result.resyncs_queued:
+            click.echo(
+                f"{result.resyncs_queued} group resync(s) queued (the daemon processes them; "
+                "or `rostersync run --once`)"
+            )
     if report_path:
         click.echo(f"report written to {report_path}")
 
@@ -284,8 +304,6 @@ def teachers_import(
     fail_on_errors: bool,
 ) -> None:
     """Create users for eligible teachers of the --source and build their groups."""
-    import asyncio
-
     from rostersync.importer import import_teachers
 
     if bool(emails) == all_teachers:
@@ -301,7 +319,7 @@ def teachers_import(
         site=site,
     )
     if result.resyncs_queued and not no_wait:
-        asyncio.run(app.engine().drain())
+        drain_now(app, "the teachers are imported")
     if as_json:
         emit_json(result.as_json())
     else:

@@ -293,9 +293,20 @@ def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> No
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     return table(
-        [(j["id"], j["user"], j["state"], j["attempts"], j["reason"], _job_note(j)) for j in jobs],
+        [
+            (j["id"], j["user"], _job_state(j), j["attempts"], j["reason"], _job_note(j))
+            for j in jobs
+        ],
         ["id", "user", "state", "attempts", "reason", "last error or note"],
     )
+
+
+def _job_state(job: dict[str, Any]) -> str:
+    """The state, and for a running job whose process stopped, that it did (it reads
+    ``running`` until the next writer puts it back, see directory.list_jobs)."""
+    if job.get("interrupted"):
+        return f"{job['state']} ({job['interrupted_reason']})"
+    return str(job["state"])
 
 
 def _job_note(job: dict[str, Any]) -> str:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.draining import drain_with_progress
 from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
-from rostersync.cli.sync import drain_with_progress
 from rostersync.errors import RunNotFound, RunStateError
 
 if TYPE_CHECKING:

@@ -25,6 +25,7 @@ def status(app: App, as_json: bool) -> None:
     exist is an error (exit 1), never created."""
     from sqlalchemy import text
 
+    from rostersync.daemon.recovery import stopped_jobs
     from rostersync.resync.queue import queue_depth
     from rostersync.store.db import as_utc
     from rostersync.sync import runs
@@ -36,6 +37,8 @@ def status(app: App, as_json: bool) -> None:
         }
         held = runs.approvable_held_runs(conn)
         queue = queue_depth(conn)
+        # Running jobs whose process stopped stay `running` until a writer puts them back.
+        queue["running_interrupted"] = len(stopped_jobs(conn))
         users = dict.fromkeys(("active", "archived"), 0)
         users.update(
             {
@@ -114,9 +117,15 @@ def _print(doc: dict[str, Any]) -> None:
             f"`rostersync runs approve {h['id']}`"
         )
     q, u = doc["queue"], doc["users"]
+    stopped = ""
+    if q["running_interrupted"]:
+        stopped = (
+            f", of which {q['running_interrupted']} left by a stopped process (the next "
+            "sync or the daemon puts them back in the queue)"
+        )
     click.echo(
-        f"resync queue: {q['queued']} queued, {q['running']} running, {q['failed']} failed "
-        f"for good, {q['succeeded']} succeeded"
+        f"resync queue: {q['queued']} queued, {q['running']} running{stopped}, {q['failed']} "
+        f"failed for good, {q['succeeded']} succeeded"
     )
     limit = doc["license_limit"]
     of_limit = f" (license_limit {limit})" if limit is not None else ""

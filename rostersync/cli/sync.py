@@ -3,8 +3,6 @@ and then process the resync jobs they queued, showing progress on a terminal."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -22,6 +20,7 @@ from rostersync.cli.app import (
     fail,
     writable_folder_or_fail,
 )
+from rostersync.cli.draining import drain_with_progress, stop_on_sigterm, terminal_progress
 from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
 
 if TYPE_CHECKING:
@@ -54,28 +53,12 @@ async def _sync_and_drain(
         if App.whole_process and (mode or source.mode) == "full":
             source.prepare_workers(app.settings.database_dialect)
         source.prepare_http()
-    import asyncio
-
-    from rostersync.logs import configure as configure_logging
-    from rostersync.progress import SyncProgress
     from rostersync.sync.leasing import SourceBusy
     from rostersync.sync.runs import load_report
 
-    # Progress only on a terminal: elsewhere stderr carries JSON log lines and nothing else.
-    progress = SyncProgress(sys.stderr) if show_progress and sys.stderr.isatty() else None
-    if progress is not None:
-        # Log lines print above the live display instead of through it.
-        settings = app.settings
-        configure_logging(
-            app.log_level or settings.logging.level, settings.logging.format, progress.log_stream
-        )
-    if App.whole_process:
-        # SIGTERM (systemctl stop, a timer's time limit) as Ctrl-C: the runs end as
-        # interrupted and give their leases back now, not at the next command's recovery.
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGTERM, os.kill, os.getpid(), signal.SIGINT
-        )
-    try:
+    # The runs end as interrupted and give their leases back now, not at the next recovery.
+    stop_on_sigterm()
+    with terminal_progress(app, show=show_progress) as progress:
         engine = app.engine(progress=progress, owner=owner)
         if App.whole_process:  # the process ends after these runs (SyncEngine._keep)
             from rostersync.daemon.procs import KEPT_UNTIL_EXIT
@@ -104,11 +87,6 @@ async def _sync_and_drain(
             await drain_with_progress(app, engine, progress)
             with app.store.read() as conn:
                 reports = [load_report(conn, r.id) for r in reports]
-    finally:
-        if progress is not None:
-            progress.close()
-            settings = app.settings
-            configure_logging(app.log_level or settings.logging.level, settings.logging.format)
     return reports, busy
 
 
@@ -153,23 +131,6 @@ def _end(reports: list[RunReport], busy: dict[str, str]) -> None:
 
 def _busy_json(busy: dict[str, str]) -> list[dict[str, str]]:
     return [{"source": name, "error": why} for name, why in busy.items()]
-
-
-async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgress | None) -> None:
-    """engine.drain(), reporting jobs done and still queued after every batch."""
-    from rostersync.resync.queue import queue_depth
-
-    def queued() -> int:
-        with app.store.read() as conn:
-            return int(queue_depth(conn)["queued"])
-
-    def report(done: int) -> None:
-        if progress is not None:
-            progress.resync(done, queued(), final=False)
-
-    done = await engine.drain(on_batch=report)
-    if progress is not None and done:
-        progress.resync(done, queued(), final=True)
 
 
 @click.command(

@@ -8,22 +8,21 @@ Line numbers come from PyYAML's composed node tree, walked beside the loaded dat
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import json
 import os
 import re
-import types
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
+from rostersync.config.messages import PathKey, kind_of, map_loc, message
 from rostersync.config.models import Settings
 from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
 from rostersync.errors import ConfigError, ConfigIssue
@@ -32,8 +31,6 @@ from rostersync.source.connector import PLUGIN_ERRORS, load_plugins
 DEFAULT_CONFIG = Path("/etc/rostersync/rostersync.yaml")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-PathKey = tuple[str | int, ...]
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -98,134 +95,7 @@ def _substitute_env(data: Any, path: PathKey, issues: list[ConfigIssue]) -> Any:
     return data
 
 
-# -- pydantic errors to YAML paths ------------------------------------------------------
-
-
-def _child(current: Any, seg: str | int) -> tuple[bool, Any]:
-    if isinstance(current, Mapping) and seg in current:
-        return True, current[seg]
-    if isinstance(current, list) and isinstance(seg, int) and 0 <= seg < len(current):
-        return True, current[seg]
-    return False, None
-
-
-def _map_loc(
-    loc: tuple[str | int, ...], data: Any, *, missing_key: bool = True
-) -> tuple[PathKey, str | None]:
-    """Follow a pydantic error location through the data, dropping union tags and the like.
-
-    Returns the deepest existing path and, if the last element is a key that is absent
-    (a missing field, when ``missing_key``), that key's name.
-    """
-    path: list[str | int] = []
-    current = data
-    missing: str | None = None
-    for i, seg in enumerate(loc):
-        found, child = _child(current, seg)
-        if found:
-            path.append(seg)
-            current = child
-        elif (
-            missing_key
-            and i == len(loc) - 1
-            and isinstance(seg, str)
-            and isinstance(current, Mapping)
-        ):
-            missing = seg
-        # otherwise a discriminator tag or a function-validator name: skip it
-    return tuple(path), missing
-
-
-def _message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel]) -> str:
-    kind = err.get("type", "")
-    msg = str(err.get("msg", "invalid value"))
-    if kind == "missing":
-        return f"{missing} is required" if missing else "is required"
-    if kind in ("union_tag_not_found", "union_tag_invalid"):
-        # A block whose kind its `type` key names (a source, an auth): pydantic's wording
-        # speaks of discriminators and tags.
-        ctx = err.get("ctx") or {}
-        key = str(ctx.get("discriminator", "'type'")).strip("'")
-        if kind == "union_tag_not_found":
-            return f"{key} is required"
-        return f"{key} {ctx.get('tag')!r} is not one of {ctx.get('expected_tags')}"
-    if kind == "extra_forbidden":
-        loc = tuple(err["loc"])
-        close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown key (not allowed here){hint}"
-    if kind == "list_type":
-        # pydantic's "Input should be a valid list" says neither what was found nor what a
-        # list looks like in YAML (`sites: North High, South Middle` is one string).
-        return f"must be a list ([a, b], or one '- item' a line), not {_what(err.get('input'))}"
-    msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if missing:
-        return f"{missing}: {msg}"
-    return msg
-
-
-def _what(value: object) -> str:
-    """What kind of YAML value was written (never the value: it may come from ``${VAR}``)."""
-    if value is None:
-        return "empty"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "a number"
-    return "a string" if isinstance(value, str) else type(value).__name__
-
-
-def _types(annotation: Any) -> list[Any]:
-    """The concrete types behind an annotation (Annotated, Optional and unions unwrapped)."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _types(get_args(annotation)[0])
-    if origin is Union or isinstance(annotation, types.UnionType):
-        return [t for arg in get_args(annotation) for t in _types(arg)]
-    return [annotation]
-
-
-def _is_model(t: Any) -> bool:
-    return isinstance(t, type) and issubclass(t, BaseModel)
-
-
-def _keys_at(model: type[BaseModel], loc: tuple[str | int, ...]) -> list[str]:
-    """The keys the config accepts at a pydantic error location (for "did you mean")."""
-    current: list[Any] = [model]
-    for seg in loc:
-        found: list[Any] = []
-        for t in current:
-            origin, args = get_origin(t), get_args(t)
-            if _is_model(t):
-                for name, info in t.model_fields.items():
-                    if seg in (name, info.alias):
-                        found += _types(info.annotation)
-            elif origin in (dict, Mapping) and len(args) == 2 and isinstance(seg, str):
-                found += _types(args[1])
-            elif origin in (list, tuple) and args and isinstance(seg, int):
-                found += _types(args[0])
-        if not found:
-            # A union tag ("oneroster", "oauth1"): keep the models whose Literal field has it.
-            found = [
-                t
-                for t in current
-                if _is_model(t)
-                and any(
-                    get_origin(info.annotation) is Literal and seg in get_args(info.annotation)
-                    for info in t.model_fields.values()
-                )
-            ]
-        current = found or current
-    return sorted(
-        {
-            info.alias or name
-            for t in current
-            if _is_model(t)
-            for name, info in t.model_fields.items()
-        }
-    )
+# -- the line of a YAML path ------------------------------------------------------------
 
 
 def _line_for(path: PathKey, lines: Mapping[PathKey, int]) -> int | None:
@@ -435,7 +305,7 @@ def load_settings_text(
     if data is None:
         raise ConfigError([ConfigIssue("", "the file is empty")], file)
     if not isinstance(data, dict):
-        kind = "a list" if isinstance(data, list) else _what(data)
+        kind = "a list" if isinstance(data, list) else kind_of(data)
         raise ConfigError(
             [ConfigIssue("", f"the file must be a YAML mapping of keys (key: value), not {kind}")],
             file,
@@ -462,13 +332,13 @@ def load_settings_text(
         for err in exc.errors(include_url=False):
             # Only a "missing" error ends in an absent key; otherwise a trailing segment that
             # is not in the data is a union tag ("oauth1") and no part of the message.
-            path, missing = _map_loc(
+            path, missing = map_loc(
                 tuple(err["loc"]), data, missing_key=err.get("type") == "missing"
             )
             if dotted(path) in unset:
                 continue
             issues.append(
-                ConfigIssue(dotted(path), _message(err, missing, model), _line_for(path, lines))
+                ConfigIssue(dotted(path), message(err, missing, model), _line_for(path, lines))
             )
     for issue in _semantic_issues(data):
         if issue.path in unset:

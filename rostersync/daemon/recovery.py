@@ -415,6 +415,41 @@ def _find_dead(conn: Connection, previous_self: str | None) -> tuple[Liveness, l
     return liveness, sorted(o for o in candidates if liveness.dead(o))
 
 
+#: What becomes of a job whose process stopped, as :func:`stopped_jobs` says it.
+PUT_BACK = "the next sync or the daemon puts it back in the queue"
+
+
+def stopped_jobs(conn: Connection) -> dict[int, str]:
+    """The ``running`` jobs whose process has stopped, with why they are known to have: their
+    owner is dead on this host (:class:`Liveness`), or their lease ran out. They stay running
+    in the table until a process that leases jobs or recovers puts them back; this only reads,
+    so that read-only commands can tell them apart meanwhile."""
+    rows = conn.execute(
+        text("SELECT id, lease_owner, lease_expires FROM resync_job WHERE state = 'running'")
+    ).all()
+    if not rows:
+        return {}
+    owners = {r[1] for r in rows if r[1] is not None}
+    liveness = Liveness(load_registry(conn, owners))
+    now = utcnow()
+    # Once per owner: a batch of a few hundred jobs shares one, and each look is a /proc read.
+    dead = {owner: liveness.dead(owner) for owner in owners}
+    out: dict[int, str] = {}
+    for job_id, owner, expires_at in rows:
+        expires = as_utc(expires_at)
+        if owner is not None and dead[owner]:
+            out[int(job_id)] = (
+                f"its process {owner} ({liveness.describe(owner)}) stopped; {PUT_BACK}"
+            )
+        elif expires is not None and expires < now:
+            who = f"its process {owner}" if owner else "its process"
+            out[int(job_id)] = (
+                f"its lease ran out at {_format_time(expires)} ({who} stopped or is stuck); "
+                f"{PUT_BACK}"
+            )
+    return out
+
+
 def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
     """Put right what dead processes of this machine left: their runs fail as interrupted and
     their staging is cleared, their source leases are dropped, and the jobs they had leased

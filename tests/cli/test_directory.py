@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rostersync import sampledata
-from tests.cli.sample import as_json, run
+from tests.cli.sample import as_json, plant_stopped_jobs, run
 
 
 def test_users_list_json_shape_and_edge_cases(config: Path) -> None:
@@ -50,3 +50,34 @@ def test_runs_and_queue_listings(config: Path) -> None:
     assert set(jobs[0]) >= {"id", "user", "state", "attempts", "reason", "last_error"}
     assert {j["state"] for j in jobs} == {"succeeded"}
     assert run(config, "runs", "show", "999").exit_code == 2
+
+
+def test_queue_list_says_a_running_job_s_process_stopped(config: Path) -> None:
+    """A job leased by a killed `sync` reads `running (its process ... stopped; ...)` in the
+    table and keeps `"state": "running"` in JSON, marked interrupted with the reason; the live
+    process's job is plainly running. Listing writes nothing: the next listing is the same."""
+    owner, ids = plant_stopped_jobs(config)
+    shown = run(config, "queue", "list")
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split()[1]: line for line in shown.stdout.splitlines()[2:]}
+    assert f"running (its process {owner} (process " in rows["d0@example.org"]
+    assert (
+        "stopped; the next sync or the daemon puts it back in the queue)" in rows["d1@example.org"]
+    )
+    assert rows["alive@example.org"].split()[2:4] == ["running", "1"]
+    jobs = as_json(run(config, "queue", "list", "--json"))
+    assert isinstance(jobs, list)
+    by_user = {j["user"]: j for j in jobs}
+    for email in ("d0@example.org", "d1@example.org"):
+        assert by_user[email]["state"] == "running" and by_user[email]["interrupted"] is True
+        assert by_user[email]["interrupted_reason"].startswith(f"its process {owner} ")
+    assert by_user["alive@example.org"]["state"] == "running"
+    assert by_user["alive@example.org"]["interrupted"] is False
+    assert as_json(run(config, "queue", "list", "--json")) == jobs
+    assert sorted(j["id"] for j in jobs if j["interrupted"]) == ids
+
+
+def test_queue_list_limit_below_zero_is_a_usage_error(config: Path) -> None:
+    """The command refuses --limit -1 before it reads anything (exit 2)."""
+    assert run(config, "db", "upgrade").exit_code == 0
+    assert run(config, "queue", "list", "--limit", "-1").exit_code == 2

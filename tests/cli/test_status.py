@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.cli.sample import as_json, cut_drop_to_a_tenth, run
+from tests.cli.sample import as_json, cut_drop_to_a_tenth, plant_stopped_jobs, run
 
 
 def test_status_names_each_sources_last_run_and_the_held_run_to_review(config: Path) -> None:
@@ -61,3 +61,33 @@ def test_status_of_a_database_no_sync_has_run_on_says_never_run(config: Path) ->
     doc = as_json(run(config, "status", "--json"))
     assert isinstance(doc, dict)
     assert doc["held_runs"] == [] and doc["sources"][0]["last_run"]["status"] == "succeeded"
+
+
+def test_status_counts_running_jobs_of_a_stopped_process_apart(config: Path) -> None:
+    """The queue line says how many running jobs a stopped process left (and JSON counts them
+    as `running_interrupted`); a live process's job is counted as running only."""
+    plant_stopped_jobs(config)
+    shown = run(config, "status")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "resync queue: 0 queued, 3 running, of which 2 left by a stopped process (the next "
+        "sync or the daemon puts them back in the queue), 0 failed for good, 0 succeeded"
+    ) in shown.stdout.splitlines()
+    doc = as_json(run(config, "status", "--json"))
+    assert isinstance(doc, dict)
+    assert doc["queue"] == {
+        "queued": 0,
+        "running": 3,
+        "running_interrupted": 2,
+        "succeeded": 0,
+        "failed": 0,
+    }
+
+
+def test_status_without_stopped_jobs_keeps_its_queue_line(config: Path) -> None:
+    """No running job of a stopped process: the line is as before, the JSON count 0."""
+    assert run(config, "db", "upgrade").exit_code == 0
+    shown = run(config, "status")
+    assert "resync queue: 0 queued, 0 running, 0 failed for good, 0 succeeded" in shown.stdout
+    doc = as_json(run(config, "status", "--json"))
+    assert isinstance(doc, dict) and doc["queue"]["running_interrupted"] == 0

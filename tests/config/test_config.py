@@ -79,7 +79,10 @@ def test_three_mistakes_are_all_reported_with_path_and_line() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings_text(THREE_MISTAKES)
     text = [str(i) for i in err.value.issues]
-    assert "provisioning.on_teacher_removed: line 7: Input should be 'archive' or 'keep'" in text
+    assert (
+        "provisioning.on_teacher_removed: line 7: Input should be 'archive' or 'keep', got "
+        "'delete'" in text
+    )
     assert (
         "sources.sample.shedule: line 12: unknown key (not allowed here); did you mean 'schedule'?"
         in text
@@ -167,7 +170,7 @@ def test_default_site_must_be_a_site() -> None:
          "not a string"),
         ("{North High: 1}", "sites", "must be a list ([a, b], or one '- item' a line), not a mapping"),
         ("", "sites", "must be a list ([a, b], or one '- item' a line), not empty"),
-        ("[7, '']", "sites[0]", "Input should be a valid string"),
+        ("[7, '']", "sites[0]", "Input should be a valid string, got 7"),
     ],
 )  # fmt: skip
 def test_an_invalid_sites_list_is_reported_once_not_as_no_sites(
@@ -611,7 +614,7 @@ def test_an_unset_variable_is_one_error_with_its_line(monkeypatch: pytest.Monkey
         ("sources.sample.schedule.interval", 12, "environment variable RS_EVERY is not set"),
         ("sources.rest.auth.client_id", 17, "environment variable RS_ID is not set"),
         ("sources.rest.auth.client_secret", 17, "environment variable RS_SECRET is not set"),
-        ("sources.rest.page_size", 18, "Input should be greater than or equal to 1"),
+        ("sources.rest.page_size", 18, "Input should be greater than or equal to 1, got 0"),
     ]
 
 

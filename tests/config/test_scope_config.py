@@ -62,7 +62,10 @@ def test_bad_terms_and_schools_are_errors_with_path_and_line(tmp_path: Path) -> 
         ),
         tmp_path,
     )
-    assert "sources.district.terms.mode: line 9: Input should be 'all' or 'current'" in found
+    assert (
+        "sources.district.terms.mode: line 9: Input should be 'all' or 'current', got 'now'"
+        in found
+    )
     assert any(i.startswith("sources.district.terms.grace_days: line 9:") for i in found)
     assert "sources.district.schools.only: line 10: unknown key (not allowed here)" in found
 

@@ -302,3 +302,79 @@ def test_a_full_disk_stops_the_whole_import_and_keeps_none_of_it(
     again = rs(config, "import", f, "--json")
     assert again.exit_code == 0
     assert json.loads(again.stdout)["counts"]["created"] == 2000
+
+
+def _queue_states(config: Path) -> list[str]:
+    return sorted(j["state"] for j in json.loads(rs(config, "queue", "list", "--json").stdout))
+
+
+def _groups_of(config: Path, email: str) -> list[str]:
+    shown = rs(config, "groups", "list", "--user", email, "--json")
+    return sorted(g["name"] for g in json.loads(shown.stdout))
+
+
+def test_import_processes_the_resyncs_it_queued_before_it_returns(
+    config: Path, tmp_path: Path
+) -> None:
+    """No daemon runs: an import that links a new user to a roster person builds their groups
+    at once, one that archives them removes them, one that reactivates them builds them again,
+    as `sync` processes the resyncs it queued; the output says how many jobs it processed."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    linked = _csv(tmp_path, "Email,Source Username(s)\nada@example.org,sample:ada\n")
+    result = rs(config, "import", linked, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["rows"][0]["status"] == "Success"
+    assert doc["resyncs_queued"] == 1 and doc["resyncs_processed"] == 1
+    assert _groups_of(config, "ada@example.org") == ["Algebra I", "Computing"]
+    assert _queue_states(config) == ["succeeded"]
+    archive = _csv(tmp_path, "Email,Current Status,Overwrite\nada@example.org,Archived,TRUE\n")
+    shown = rs(config, "import", archive)
+    assert shown.exit_code == 0, shown.output
+    assert "1 group resync(s) queued; 1 resync job(s) processed" in shown.stdout
+    assert _groups_of(config, "ada@example.org") == []
+    back = _csv(tmp_path, "Email,Current Status,Overwrite\nada@example.org,Active,TRUE\n")
+    assert rs(config, "import", back).exit_code == 0
+    assert _groups_of(config, "ada@example.org") == ["Algebra I", "Computing"]
+    assert _queue_states(config) == ["succeeded"] * 3
+
+
+def test_import_dry_run_and_no_wait_process_nothing(config: Path, tmp_path: Path) -> None:
+    """A dry run queues and runs nothing; --no-wait queues the resync and leaves it to the
+    daemon (or `run --once`), saying so."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    linked = _csv(tmp_path, "Email,Source Username(s)\nada@example.org,sample:ada\n")
+    dry = json.loads(rs(config, "import", linked, "--dry-run", "--json").stdout)
+    assert dry["dry_run"] is True and dry["resyncs_processed"] == 0
+    assert _queue_states(config) == []
+    shown = rs(config, "import", linked, "--no-wait")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "1 group resync(s) queued (the daemon processes them; or `rostersync run --once`)"
+        in shown.stdout
+    )
+    assert _queue_states(config) == ["queued"]
+    assert _groups_of(config, "ada@example.org") == []
+
+
+def test_an_import_stopped_while_it_processes_its_resyncs_stays_committed(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) in the resyncs after the commit: exit 1 saying the import is
+    committed and the jobs left wait; the user is there, the job still queued."""
+
+    async def interrupted(*_args: object) -> int:
+        raise KeyboardInterrupt
+
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    monkeypatch.setattr("rostersync.cli.draining.drain_with_progress", interrupted)
+    linked = _csv(tmp_path, "Email,Source Username(s)\nada@example.org,sample:ada\n")
+    stopped = rs(config, "import", linked)
+    assert stopped.exit_code == 1
+    assert (
+        "rostersync: stopped while processing the resync jobs: import 1 is committed; the jobs "
+        "left wait for the daemon, or the next `sync` or `run --once`"
+    ) in stopped.stderr
+    users = json.loads(rs(config, "users", "list", "--json").stdout)
+    assert [u["email"] for u in users] == ["ada@example.org"]
+    assert _queue_states(config) == ["queued"]
