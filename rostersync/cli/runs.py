@@ -42,7 +42,7 @@ def runs() -> None:
 @click.pass_obj
 def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
-    from rostersync.sync.runs import list_runs
+    from rostersync.sync.history import list_runs
 
     with app.read_store.read() as conn:
         rows = list_runs(conn, source, limit)

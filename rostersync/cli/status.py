@@ -28,14 +28,15 @@ def status(app: App, as_json: bool) -> None:
     from rostersync.daemon.recovery import stopped_jobs
     from rostersync.resync.queue import queue_depth
     from rostersync.store.db import as_utc
-    from rostersync.sync import runs
+    from rostersync.sync import history
 
     settings = app.settings
     with app.read_store.read() as conn:
         last = {
-            source: (st, rid, as_utc(at)) for source, st, rid, at in runs.last_finished_runs(conn)
+            source: (st, rid, as_utc(at))
+            for source, st, rid, at in history.last_finished_runs(conn)
         }
-        held = runs.approvable_held_runs(conn)
+        held = history.approvable_held_runs(conn)
         queue = queue_depth(conn)
         # Running jobs whose process stopped stay `running` until a writer puts them back.
         queue["running_interrupted"] = len(stopped_jobs(conn))

@@ -91,7 +91,7 @@ def read_store_state(
     later real run of its source succeeds (which makes it unapprovable)."""
     from rostersync.resync.queue import queue_depth
     from rostersync.store.db import as_utc
-    from rostersync.sync import runs
+    from rostersync.sync import history, runs
 
     depth = queue_depth(conn)
     last: dict[str, float] = {}
@@ -100,7 +100,7 @@ def read_store_state(
         if at is not None:
             last[str(source)] = at.timestamp()
     held = dict.fromkeys(sources, 0)
-    held.update(runs.held_counts(conn))
+    held.update(history.held_counts(conn))
     periods = {name: schedule_period(s) for name, s in (schedules or {}).items()}
     return StoreState(
         {state: int(depth.get(state, 0)) for state in LIVE_STATES}, last, held, periods

@@ -41,7 +41,7 @@ from rostersync.errors import ConfigError, ConfigIssue
 from rostersync.logs import configure as configure_logging
 from rostersync.logs import forward_stdlib, register_secrets_in, scrub
 from rostersync.store.db import Store, as_utc, utcnow
-from rostersync.sync import runs
+from rostersync.sync import history
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.leasing import SourceBusy
 from rostersync.sync.runs import instance_id
@@ -286,7 +286,7 @@ class Daemon:
     def _load_history(self) -> None:
         """Last run per source, so STATUS starts true."""
         with self.store.read() as conn:
-            rows = runs.last_finished_runs(conn)
+            rows = history.last_finished_runs(conn)
         for source, status, run_id, finished in rows:
             self.last_runs[source] = LastRun(status, run_id, as_utc(finished))
 

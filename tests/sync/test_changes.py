@@ -15,7 +15,8 @@ from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store
 from rostersync.sync import changes as changeset
 from rostersync.sync.engine import SyncEngine
-from rostersync.sync.runs import list_runs, load_report
+from rostersync.sync.history import list_runs
+from rostersync.sync.runs import load_report
 from tests.changediff import difference, picture, plain
 from tests.sync.helpers import sync
 
