@@ -1,3 +1,3 @@
-from rostersync.cli.main import console
+from rostersync.cli.console import console
 
 console()

@@ -49,6 +49,7 @@ from connectors.oneroster.decode import (
     DecodeError,
     decode_known,
     decode_page,
+    decoder_failed,
     forget_known,
     pool_size,
     records_of,
@@ -222,6 +223,8 @@ class OneRosterConnector:
                 )
             except BrokenExecutor as exc:
                 self._pool_failed(exc)
+            except Exception as exc:  # not all DecodeErrors (a call or answer failing to cross):
+                raise decoder_failed(exc) from None  # named by _get, as a page that does not decode
         # As fingerprinted rows, like the workers' pages; in a full run the records the
         # mirror holds as they are are left out unparsed here too (0.9 ms a page, not 6.4).
         if self._rows and self.skip_known is not None:
@@ -334,25 +337,25 @@ class OneRosterConnector:
             except BrokenExecutor as exc:
                 self._pool_failed(exc)
                 return None
+            except Exception as exc:  # fetch_page answers every failure: a bug, asked again here
+                return self._direct_failed(path, offset, 0, f"failed ({type(exc).__name__})")
         if shown is not None and answer.status:
             response = httpx.Response(answer.status, request=shown)
             for hook in hooks["response"]:
                 await hook(response)
         if answer.page is None:
-            problem = answer.problem or "no page"
-            self._direct_failed(path, offset, answer.status, problem)
-            return problem
+            return self._direct_failed(path, offset, answer.status, answer.problem or "no page")
         self.pages_by_workers += 1
         return paging.answered(offset, answer.total, answer.link, answer.page, by_worker=True)
 
-    def _direct_failed(self, path: str, offset: int, status: int, problem: str) -> None:
+    def _direct_failed(self, path: str, offset: int, status: int, problem: str) -> str:
         """The sync process asks again, the careful way; after anything but an OAuth2
         token's 401 it asks for every page itself from now on (a server that is failing or
-        limiting us gets no extra requests)."""
+        limiting us gets no extra requests). ``problem``, for asked_again."""
         if status == 401 and isinstance(self._auth, OAuth2ClientCredentials):
             self._direct_401s += 1
             if self._direct_401s < DIRECT_MAX_401:
-                return
+                return problem
         if self._direct_off is None:
             self._direct_off = problem
             self._log.info(
@@ -361,6 +364,7 @@ class OneRosterConnector:
                 request=f"GET {httpx.URL(self._url(path)).path}",
                 offset=offset,
             )
+        return problem
 
     async def _page(
         self,

@@ -12,19 +12,20 @@ normalizer and :mod:`rostersync.source.rows`.
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import signal
 import sqlite3
 from array import array
 from bisect import bisect_left
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import msgspec
 import orjson
@@ -73,6 +74,37 @@ class DecodedPage:
     first_id: str | None  # the first record's sourcedId (repeated-page detection)
 
 
+def decoder_failed(exc: Exception) -> DecodeError:
+    """``exc`` if a DecodeError, else one for a page the decoder itself failed on (a bug a
+    record's shape set off): named by the caller like any page that does not decode, and,
+    unlike the exception it stands for, sure to cross back from a decode worker (a str is
+    all it carries)."""
+    if isinstance(exc, DecodeError):
+        return exc
+    text = " ".join(str(exc).split())[:200]  # one line, whatever the exception's text
+    shown = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return DecodeError(f"the decoder failed on it ({shown}): an internal error, please report it")
+
+
+_P = ParamSpec("_P")
+
+
+def _named_failures(decode: Callable[_P, DecodedPage]) -> Callable[_P, DecodedPage]:
+    """``decode`` raising DecodeError for every failure: in a decode worker another exception
+    came back to the connector without the page it failed on named."""
+
+    @functools.wraps(decode)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> DecodedPage:
+        try:
+            return decode(*args, **kwargs)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise decoder_failed(exc) from exc  # the cause for a trace in this process
+
+    return guarded
+
+
 def records_of(body: Any, key: str) -> list[Any]:
     """The page's record list (``{"users": [...]}``); ``null`` counts as an empty page."""
     records = body.get(key) if isinstance(body, dict) else None
@@ -103,6 +135,7 @@ def decode_records(
     )
 
 
+@_named_failures
 def decode_page(
     collection: str, content: bytes, as_rows: bool = False, skip: Collection[int] | None = None
 ) -> DecodedPage:
@@ -152,6 +185,7 @@ def decode_page(
     )
 
 
+@_named_failures
 def decode_known(collection: str, content: bytes, known: KnownSpec | None) -> DecodedPage:
     """:func:`decode_page` as rows in a decode worker, leaving out the records whose
     fingerprint the mirror holds (``known``: where to read them; None: none left out)."""

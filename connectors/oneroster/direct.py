@@ -206,8 +206,15 @@ def _fetch_stdlib(request: DirectRequest) -> DirectAnswer:
 
 def fetch_page(request: DirectRequest) -> DirectAnswer:
     """One GET, decoded into staging rows; any failure is an answer, never an exception."""
-    if not request.client.via_httpx:
-        return _fetch_stdlib(request)
+    try:
+        if not request.client.via_httpx:
+            return _fetch_stdlib(request)
+        return _fetch_httpx(request)
+    except Exception as exc:  # a bug here: the sync process asks again, and names the page
+        return DirectAnswer(0, None, None, None, f"failed ({type(exc).__name__})")
+
+
+def _fetch_httpx(request: DirectRequest) -> DirectAnswer:
     try:
         response = _client(request.client).get(
             request.url, params=request.params, headers=dict(request.headers)

@@ -45,7 +45,7 @@ from rostersync.source.records import (
     person_digest,
     person_roles,
 )
-from rostersync.source.rows import COLUMNS, Row, StagedBatch, keep_fitting, utc_text
+from rostersync.source.rows import COLUMNS, Row, StagedBatch, keep_fitting, rejected_id, utc_text
 
 #: Roles from both versions, keyed by lower case: ``Teacher`` and ``teacher`` are one role.
 _ROLES = {
@@ -110,6 +110,8 @@ def _status_of(value: Any) -> Status:
 def _parse_date(text: str) -> datetime:
     # Bulk loads stamp thousands of records with one time, so the cache saves most parses.
     value = datetime.fromisoformat(text.strip())
+    if value.tzinfo is not None:  # OverflowError: year 1 ahead of UTC, 9999 behind it
+        value.astimezone(UTC)  # (no instant a staging row holds: rows.utc_text)
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
@@ -124,7 +126,7 @@ def _modified_of(value: Any) -> datetime | None:
         raise _Bad(f"dateLastModified {value!r} is not a date-time")
     try:
         return _parse_date(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise _Bad(f"dateLastModified {value!r} is not a date-time") from None
 
 
@@ -528,7 +530,7 @@ def _converted(
             yield convert(raw)
         except _Bad as exc:
             sourced_id = raw.sourcedId if raw.__class__ is TypedEnrollment else raw.get("sourcedId")
-            yield Rejected(entity, sourced_id if isinstance(sourced_id, str) else None, str(exc))
+            yield Rejected(entity, rejected_id(sourced_id), str(exc))
         except AttributeError:
             if isinstance(raw, dict):
                 raise

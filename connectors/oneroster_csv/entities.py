@@ -135,7 +135,9 @@ def date(row: Row, notes: Notes) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is not None:  # OverflowError: year 1 ahead of UTC, 9999 behind it,
+            parsed.astimezone(UTC)  # no instant a staging row holds (rows.utc_text)
+    except (ValueError, OverflowError):
         notes.add(
             f"{row.file}: rows read without their dateLastModified",
             f"{row.location}: dateLastModified {quote(value)} is not an ISO 8601 date-time; "

@@ -20,6 +20,7 @@ import click
 from rostersync import __version__
 from rostersync.cli import config, db, directory, importing, runs, status, sync
 from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
+from rostersync.cli.console import started
 
 
 @click.group(
@@ -34,6 +35,7 @@ from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_optio
 @click.pass_context
 def cli(ctx: click.Context, config_file: str | None, log_level: str | None) -> None:
     """Keep console users and class groups in step with school rosters."""
+    started()  # Ctrl-C is click's and the command's from here
     ctx.obj = App(config_file, log_level)
     ctx.call_on_close(ctx.obj.close)
 

@@ -95,6 +95,16 @@ def keep_fitting(kind: str, rows: list[Row], rejected: list[Rejected]) -> list[R
     return kept
 
 
+def rejected_id(value: object) -> str | None:
+    """The id a rejection names: the sourcedId the record would have had (a number's digits,
+    no blanks around), cut to the length a report holds; None for none."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    return value.strip()[: MAX_CHARS["person"]["sourced_id"]] or None
+
+
 def utc_text(value: datetime | None) -> str | None:
     """The exact text SQLAlchemy's DateTime type stores on SQLite (UTC, no offset)."""
     if value is None:

@@ -225,9 +225,11 @@ class Fetcher:
                         {
                             "run_id": run_id,
                             "entity": r.entity,
-                            "sourced_id": r.sourced_id,
+                            # Cut to the columns: a connector may name a record by an id
+                            # past them (PostgreSQL refused the insert, failing the run).
+                            "sourced_id": r.sourced_id and r.sourced_id[:256],
                             "reason": r.reason[:1000],
-                            "location": r.location,
+                            "location": r.location and r.location[:512],
                         }
                         for r in batch.rejected
                     ],

@@ -38,6 +38,7 @@ from rostersync.source.records import (
     RosterRecord,
     TeacherRef,
 )
+from rostersync.source.rows import sort_batch
 from rostersync.source.testdata import small_roster
 from rostersync.source.testing import ConnectorContract, collect, people
 from rostersync.store.db import Store
@@ -156,6 +157,20 @@ async def test_malformed_date_is_a_warning_and_the_row_is_read(tmp_path: Path) -
     assert connector.warnings == [
         "users.csv line 2: dateLastModified '1/05/2023' is not an ISO 8601 date-time; "
         "the row was read without it"
+    ]
+
+
+async def test_a_date_no_row_holds_is_a_warning_and_the_row_is_read(tmp_path: Path) -> None:
+    """Year 1 ahead of UTC is before the first instant a row holds: converting it raised
+    OverflowError when the run staged the row, which failed the run."""
+    rows = (user("u-1", dateLastModified="0001-01-01T00:00:00+05:00"),)
+    connector = OneRosterCsvConnector("csv", drop(tmp_path, users_csv=table(USERS_HEADER, *rows)))
+    got = await collect(connector)
+    assert person(got, "u-1").date_last_modified is None
+    sort_batch(got)  # the rows a run stages
+    assert connector.warnings == [
+        "users.csv line 2: dateLastModified '0001-01-01T00:00:00+05:00' is not an ISO 8601 "
+        "date-time; the row was read without it"
     ]
 
 

@@ -36,6 +36,19 @@ async def test_connector_rejections_are_reported_and_run_continues(
     assert len(users(store)) == 2
 
 
+async def test_a_rejection_naming_a_record_past_the_columns_is_reported_cut_to_them(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A connector's rejection whose id or location is longer than the report's columns is
+    stored cut to them; on PostgreSQL the insert failed the whole run."""
+    roster = small_roster()
+    roster.rejected.append(Rejected("user", "x" * 300, "unknown status 'zombie'", "l" * 600))
+    report = await sync(make_settings(), store, roster)
+    assert report.status == "succeeded_with_errors"
+    (rejected,) = report.rejected
+    assert (rejected["sourced_id"], rejected["location"]) == ("x" * 256, "l" * 512)
+
+
 async def test_failure_half_way_changes_nothing(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
