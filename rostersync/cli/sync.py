@@ -25,9 +25,7 @@ from rostersync.cli.draining import drain_with_progress, stop_on_sigterm, termin
 from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
 
 if TYPE_CHECKING:
-    from rostersync.progress import SyncProgress
     from rostersync.sync.changes import ChangeSet
-    from rostersync.sync.engine import SyncEngine
     from rostersync.sync.runs import RunReport
 
 _T = TypeVar("_T")
