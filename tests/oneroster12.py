@@ -64,7 +64,7 @@ def role_rows(p: RosterPerson, delta: bool) -> list[tuple[str, ...]]:
     """The person's rows of roles.csv (status follows the person's)."""
     stamp = _stamp(p.status, p.date_last_modified, delta)
     orgs = p.org_ids or ("",)
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (f"r-{p.sourced_id}-{n}", *stamp, p.sourced_id, "primary", p.role, "", "", org, "")
         for n, org in enumerate(orgs)
     ]

@@ -48,7 +48,9 @@ def test_a_running_job_of_a_dead_process_is_marked_interrupted_and_left_running(
     assert jobs[job_alive]["state"] == "running" and jobs[job_alive]["interrupted"] is False
     assert jobs[job_alive]["interrupted_reason"] is None
     with store.read() as conn:  # read only: the dead owner's lease is still in the table
-        owners = dict(conn.execute(text("SELECT id, lease_owner FROM resync_job")).all())
+        owners: dict[int, str | None] = dict(
+            conn.execute(text("SELECT id, lease_owner FROM resync_job")).all()
+        )
     assert owners == {job_dead: dead.owner, job_alive: alive.owner}
 
 

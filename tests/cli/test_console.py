@@ -154,10 +154,10 @@ def test_a_full_sync_process_starts_the_decode_workers_fork_server_before_the_st
     calls: list[bool] = []
     real = mp_forkserver.ensure_running
     try:
-        mp_forkserver.ensure_running = lambda: calls.append(True)  # type: ignore[assignment]
+        mp_forkserver.ensure_running = lambda: calls.append(True)
         assert run_here(config, "sync", "--full", "--json").exit_code == 1
     finally:
-        mp_forkserver.ensure_running = real  # type: ignore[assignment]
+        mp_forkserver.ensure_running = real
     assert calls == []
 
 

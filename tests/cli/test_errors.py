@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,6 @@ import structlog
 import yaml
 
 from rostersync import directory
-from rostersync.cli import app
 from rostersync.cli.main import main
 from rostersync.config import loader
 from rostersync.errors import RunNotFound
@@ -134,7 +134,7 @@ def test_unwritable_state_folder_falls_back_to_the_temp_dir(
     (tmp_path / "state").write_text("a file where the folder should be")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    monkeypatch.setattr(app.tempfile, "tempdir", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path)), "users", "list") == 1
     match = LINE.fullmatch(capsys.readouterr().err.splitlines()[-1])
@@ -148,7 +148,7 @@ def test_nowhere_to_save_prints_the_trace_as_the_last_resort(
 ) -> None:
     """With no folder writable, the line says why and the (scrubbed) trace is logged instead."""
     (tmp_path / "state").write_text("not a folder")
-    monkeypatch.setattr(app.tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
     monkeypatch.setattr(directory, "list_users", _boom)
     assert _main("--config", str(_config(tmp_path, "console")), "users", "list") == 1
     err = capsys.readouterr().err

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 from sqlalchemy import text
 
 from connectors.oneroster import decode
 from connectors.oneroster.decode import DecodeError, decode_page, fingerprint, known_fingerprints
 from connectors.oneroster.normalize import rows_page
-from rostersync.source.rows import KnownSpec
+from rostersync.source.rows import KnownSpec, StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync.known import KnownRows
 from tests.connectors.test_oneroster_unit import user
@@ -33,9 +34,10 @@ def test_every_row_carries_its_records_fingerprint() -> None:
     records = [user(1, role="Teacher"), user(2), user(3, role=None), user(4)]
     out = decode_page("users", body(records), True)
     fps = [fingerprint(p) for p in raw_parts(records)]
-    rows = out.batch.rows["person"]  # type: ignore[union-attr]
+    assert isinstance(out.batch, StagedBatch)
+    rows = out.batch.rows["person"]
     assert [r[-1] for r in rows] == [fps[0], fps[1], fps[3]]  # user 3 has no role: rejected
-    assert list(out.batch.order["person"]) == fps  # type: ignore[union-attr]
+    assert list(out.batch.order["person"]) == fps
     assert [r[:-1] for r in rows] == [r[:-1] for r in rows_page("users", records).rows["person"]]
     assert len(set(fps)) == 4 and all(0 <= fp < 1 << 63 for fp in fps)
     assert fingerprint(raw_parts([user(1, role="Teacher")])[0]) == fps[0]  # the bytes alone
@@ -46,13 +48,14 @@ def test_records_the_mirror_holds_are_left_out_unparsed() -> None:
     fps = [fingerprint(p) for p in raw_parts(records)]
     out = decode_page("users", body(records), True, {fps[0], fps[2]})
     batch = out.batch
-    assert [r[0] for r in batch.rows["person"]] == ["u-002"]  # type: ignore[union-attr]
-    assert list(batch.order["person"]) == [~fps[0], fps[1], ~fps[2]]  # type: ignore[union-attr]
-    assert batch.skipped == {"person": 2} and batch.count("person") == 3  # type: ignore[union-attr]
+    assert isinstance(batch, StagedBatch)
+    assert [r[0] for r in batch.rows["person"]] == ["u-002"]
+    assert list(batch.order["person"]) == [~fps[0], fps[1], ~fps[2]]
+    assert batch.skipped == {"person": 2} and batch.count("person") == 3
     assert out.length == 3 and out.first_id == "u-001"  # read from a record left out
     # the newest date is of the rows decoded: a record left out is the mirror's, whose date a
     # run before this one already counted in the source's high-water mark
-    assert batch.newest is not None  # type: ignore[union-attr]
+    assert batch.newest is not None
 
 
 def test_a_broken_page_is_refused_whether_or_not_records_are_left_out() -> None:
@@ -85,7 +88,7 @@ def test_the_seed_is_the_normalizers_code() -> None:
     no mirror row the old code made is taken for what the new code makes."""
     assert decode._seed() == decode.SEED
     raw = raw_parts([user(1)])[0]
-    assert fingerprint(raw) != decode.xxhash.xxh3_64_intdigest(raw, decode.SEED + 1) >> 1
+    assert fingerprint(raw) != xxhash.xxh3_64_intdigest(raw, decode.SEED + 1) >> 1
 
 
 async def test_a_worker_reads_the_mirrors_fingerprints_from_the_store(store: Store) -> None:

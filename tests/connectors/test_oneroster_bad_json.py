@@ -37,12 +37,12 @@ async def test_a_cut_page_is_asked_for_again_and_the_run_gets_every_record(
         async with open_connector(page_size=5, decode_workers=1 if pooled else 0) as c:
             got = [batch async for batch in c.fetch(FetchMode.FULL, None)]
     # Pooled pages come as staging rows (a person's sourcedId first), inline ones as records.
-    ids = [
-        row[0] if isinstance(batch, StagedBatch) else row.sourced_id
-        for batch in got
-        for row in (batch.rows["person"] if isinstance(batch, StagedBatch) else batch)
-        if isinstance(batch, StagedBatch) or isinstance(row, RosterPerson)
-    ]
+    ids: list[str] = []
+    for batch in got:
+        if isinstance(batch, StagedBatch):
+            ids += [row[0] for row in batch.rows["person"]]
+        else:
+            ids += [r.sourced_id for r in batch if isinstance(r, RosterPerson)]
     assert sorted(ids) == [f"u-{i:03d}" for i in range(12)]
     assert route.call_count == 4  # three pages, one of them twice
 
@@ -67,7 +67,8 @@ async def test_a_relation_endpoint_answer_that_does_not_parse_is_retried_too() -
     """The live teacher fetch's answers are parsed in the retried attempt as well."""
     with respx.mock(assert_all_called=False) as router:
         route = router.get(f"{BASE}/teachers/t-1/classes").mock(
-            side_effect=[httpx.Response(200, content=b'{"classes": ['), pager([], "classes")]
+            # respx calls a callable in the list as well; its SideEffectListTypes omit them
+            side_effect=[httpx.Response(200, content=b'{"classes": ['), pager([], "classes")]  # type: ignore[list-item]
         )
         router.get(f"{BASE}/users/t-1").mock(return_value=httpx.Response(404))
         async with open_connector() as c:

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.oneroster_csv import OneRosterCsvConnector
-from connectors.oneroster_csv.sessions import AcademicSession
 from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.sampledata import DistrictSpec, generate_district, write_oneroster_csv
 from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import (
+    AcademicSession,
     MemoryRoster,
     Rejected,
     RosterClass,

@@ -33,7 +33,7 @@ from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.connectors.proxied_fetch import reply
 from tests.e2e.test_oneroster_e2e import SOURCE, aged_district, rest_source, settings_for
-from tests.fakes.oneroster_server import FakeOneRoster, Faults, Quirks, Version
+from tests.fakes.oneroster_server import AuthMode, FakeOneRoster, Faults, Quirks, Version
 
 # info_logged (conftest): the info lines the tests capture pass whatever level was set before.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("info_logged")]
@@ -123,8 +123,8 @@ def pages_asked(srv: FakeOneRoster) -> Counter[tuple[str, str]]:
 
 @pytest.fixture(params=["1.1", "1.2", "bearer"])
 def server(request: pytest.FixtureRequest) -> Iterator[FakeOneRoster]:
-    version = "1.2" if request.param == "bearer" else request.param
-    auth = "bearer" if request.param == "bearer" else None
+    version: Version = "1.2" if request.param == "bearer" else request.param
+    auth: AuthMode | None = "bearer" if request.param == "bearer" else None
     with FakeOneRoster(aged_district(SPEC), version=version, auth=auth) as srv:
         yield srv
 

@@ -186,6 +186,7 @@ def test_every_hostile_record_is_decoded_rejected_or_the_page_a_decode_error(
         assert _decode(collection, content, True) is None
         return
     raws = orjson.loads(content)[collection]  # as the decoders read numbers
+    assert not isinstance(as_records.batch, StagedBatch)  # records, not rows, were asked for
     records = list(as_records.batch)
     _check_rejections(collection, [r for r in records if isinstance(r, Rejected)], raws)
     slow = sort_batch(records)  # a decoded record gives a row (its date converts to UTC)

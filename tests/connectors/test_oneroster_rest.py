@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -95,7 +95,11 @@ async def test_delta_after_changes_returns_only_what_changed(server: FakeOneRost
 
 
 async def collect_delta(c: Connector, since: datetime) -> list[RosterRecord]:
-    return [r async for batch in c.fetch(FetchMode.DELTA, since) for r in batch]
+    out: list[RosterRecord] = []
+    async for batch in c.fetch(FetchMode.DELTA, since):
+        assert isinstance(batch, Sequence)  # as rostersync.source.testing.collect
+        out.extend(batch)
+    return out
 
 
 async def test_delta_overlap_rereads_recent_changes() -> None:

@@ -36,7 +36,7 @@ from connectors.oneroster.normalize import (
 from rostersync.sampledata import DistrictSpec, generate_district
 from rostersync.source.records import RosterEnrollment
 from rostersync.source.rows import StagedBatch, enrollment_tuple, sort_batch
-from tests.fakes.oneroster_server import encode_record
+from tests.fakes.oneroster_server import Version, encode_record
 
 DATES: list[Any] = [
     "2026-09-01T12:30:45.123Z",  # the form servers send: the fast path
@@ -205,7 +205,7 @@ def test_rows_equal_the_normalized_records_rows(collection: str, records: list[A
 
 
 @pytest.mark.parametrize("version", ["1.1", "1.2"])
-def test_rows_of_a_generated_district_equal_the_normalized_ones(version: str) -> None:
+def test_rows_of_a_generated_district_equal_the_normalized_ones(version: Version) -> None:
     """The sample district as a server encodes it (edge cases included), in both versions."""
     roster = generate_district(DistrictSpec(schools=2, teachers=8, students=60, classes=12))
     schools: dict[str, str] = {}

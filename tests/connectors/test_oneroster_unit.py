@@ -84,7 +84,11 @@ async def open_connector(**overrides: Any) -> AsyncIterator[OneRosterConnector]:
 async def fetch_all(
     connector: OneRosterConnector, mode: FetchMode = FetchMode.FULL, since: datetime | None = None
 ) -> list[RosterRecord]:
-    return [r async for batch in connector.fetch(mode, since) for r in batch]
+    out: list[RosterRecord] = []
+    async for batch in connector.fetch(mode, since):
+        assert not isinstance(batch, StagedBatch)  # these connectors decode inline
+        out.extend(batch)
+    return out
 
 
 def user(n: int, role: str | None = "student", **extra: Any) -> dict[str, Any]:
@@ -1066,7 +1070,7 @@ def fork_server_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     from multiprocessing import forkserver as mp_forkserver
 
     starts: list[list[str]] = []
-    server = mp_forkserver._forkserver  # type: ignore[attr-defined]
+    server: Any = mp_forkserver._forkserver  # typeshed's ForkServer has no _preload_modules
     monkeypatch.setattr(server, "_preload_modules", list(server._preload_modules))
     monkeypatch.setattr(
         mp_forkserver, "ensure_running", lambda: starts.append(list(server._preload_modules))
@@ -1085,7 +1089,7 @@ def test_prepare_workers_starts_the_pools_fork_server_ahead(
     assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.preload"]]
     pool = decode.start_pool(1, preload=(forkserver.REQUESTS,))  # starts no process unused
     pool.shutdown()
-    server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+    server: Any = multiprocessing.forkserver._forkserver  # (its _preload_modules: untyped)
     assert server._preload_modules == fork_server_starts[0]
     make_config(decode_workers=0).prepare_workers()
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
@@ -1132,7 +1136,7 @@ def test_a_fork_server_that_cannot_start_ahead_is_left_to_the_pool(
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(mp_forkserver, "ensure_running", refused)
-    server = mp_forkserver._forkserver  # type: ignore[attr-defined]
+    server: Any = mp_forkserver._forkserver  # typeshed's ForkServer has no _preload_modules
     monkeypatch.setattr(server, "_preload_modules", list(server._preload_modules))
     assert forkserver.start_ahead() is False
     monkeypatch.setattr(mp_forkserver, "ensure_running", lambda: None)
@@ -1228,7 +1232,9 @@ def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
 
     pool = decode.start_pool(1)
     try:
-        for queue in (pool._call_queue, pool._result_queue):  # type: ignore[attr-defined]
+        # the executor's private queues: typeshed has neither _call_queue nor a queue's _reader
+        queues: list[Any] = [pool._call_queue, pool._result_queue]  # type: ignore[attr-defined]
+        for queue in queues:
             size = fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
             assert size == decode.PIPE_BYTES
         body = orjson.dumps({"users": [user(i) for i in range(1500)]})
@@ -1237,6 +1243,7 @@ def test_the_decode_pool_pipes_hold_a_whole_page() -> None:
     finally:
         pool.shutdown()
     assert page.length == 1500 and page.first_id == "u-000"
+    assert isinstance(page.batch, StagedBatch)
     assert len(page.batch.rows["person"]) == 1500
     assert decode.widen_pipes(SimpleNamespace()) is False  # type: ignore[arg-type]
 
@@ -1263,11 +1270,11 @@ def test_small_pages_skip_the_pool_and_workers_default_to_one_per_core(
 ) -> None:
     """The pool is for pages worth the trip; by default one worker a core, at most four."""
     assert decode.POOL_MIN_BYTES >= 16 * 1024
-    monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert decode.default_workers() == 2
-    monkeypatch.setattr(decode.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert decode.default_workers() == 4
-    monkeypatch.setattr(decode.os, "cpu_count", lambda: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert decode.default_workers() == 1
     with pytest.raises(ValidationError, match="decode_workers"):
         make_config(decode_workers=-1)
@@ -1280,7 +1287,7 @@ async def test_workers_that_send_the_requests_fill_the_concurrency_by_default(
     whose pages are slow to come, there are by default at least ``max_concurrency`` of them
     (at most 8); from a server that answers at once, one a core; a set ``decode_workers``
     and workers that only decode keep their number."""
-    monkeypatch.setattr(decode.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
 
     def workers(own: bool, fastest: float | None = 0.05, **overrides: Any) -> int:
         config = make_config(**overrides)
@@ -1336,7 +1343,10 @@ async def test_the_pool_starts_only_for_a_collection_worth_it(
         for batch in got
         for row in (batch.rows["person"] if isinstance(batch, StagedBatch) else [])
     ]
-    ids = [r[0] for r in rows] if pooled else [r.sourced_id for b in got for r in b]
+    inline = [r for b in got if not isinstance(b, StagedBatch) for r in b]
+    persons = [r for r in inline if isinstance(r, RosterPerson)]
+    assert len(persons) == len(inline)  # no rejection among them
+    ids: list[str] = [r[0] for r in rows] if pooled else [p.sourced_id for p in persons]
     assert sorted(ids) == [f"u-{n:03d}" for n in range(1, records + 1)]  # pages race
 
 
@@ -1365,7 +1375,7 @@ async def test_a_broken_decode_pool_falls_back_to_decoding_inline(
                 got = [batch async for batch in c.fetch(FetchMode.FULL, None)]
     assert starts == [1]
     assert [e["event"] for e in logs].count("decode pool failed; decoding in the sync process") == 1
-    records = [r for batch in got for r in batch]  # inline batches are records
+    records = [r for batch in got if not isinstance(batch, StagedBatch) for r in batch]
     assert not any(isinstance(batch, StagedBatch) for batch in got)
     assert [getattr(r, "sourced_id", None) for r in records] == [
         "u-001",

@@ -137,8 +137,8 @@ def test_sighup_keeps_the_old_config_when_the_new_one_is_broken_and_applies_a_go
     d.signal(signal.SIGHUP)
     notify_socket.wait_for("RELOADING", "1", after=seen)
     notify_socket.wait_for("READY", "1", after=seen + 1)
-    rejected = [e for e in d.events() if e["event"] == "config_reload_rejected"]
-    assert len(rejected) == 2 and "sources.sample.schedule.cron" in rejected[1]["errors"][0]
+    rejections = [e for e in d.events() if e["event"] == "config_reload_rejected"]
+    assert len(rejections) == 2 and "sources.sample.schedule.cron" in rejections[1]["errors"][0]
     runs_before = len(_rows(store, "SELECT id FROM sync_run"))
     wait_until(
         lambda: len(_rows(store, "SELECT id FROM sync_run")) >= runs_before + 1,

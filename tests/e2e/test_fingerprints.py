@@ -14,6 +14,7 @@ from sqlalchemy import text
 from rostersync.source.rows import StagedBatch
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
+from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.repeats import Repeats
 from tests.e2e.test_oneroster_e2e import (
@@ -43,7 +44,7 @@ def server() -> Iterator[FakeOneRoster]:
 def staged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The ids of every row staged, in order."""
     seen: list[str] = []
-    real = fetch_step.stage
+    real = staging.stage  # what fetch_step.stage is
 
     def counting(conn: Any, run_id: int, batch: StagedBatch) -> Repeats:
         seen.extend(row[0] for rows in batch.rows.values() for row in rows)

@@ -26,6 +26,7 @@ from rostersync.source.rows import StagedBatch
 from rostersync.store import tables
 from rostersync.store.db import Store
 from rostersync.sync import fetch as fetch_step
+from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import KnownRows
 from rostersync.sync.repeats import Repeats
@@ -89,7 +90,7 @@ class Observed:
 @pytest.fixture
 def observed(monkeypatch: pytest.MonkeyPatch) -> Observed:
     seen = Observed()
-    real_stage = fetch_step.stage
+    real_stage = staging.stage  # what fetch_step.stage is
     real_filter = KnownRows.filter
 
     def stage(conn: Any, run_id: int, batch: StagedBatch) -> Repeats:
@@ -245,10 +246,10 @@ async def test_a_no_op_full_run_stages_nothing_and_counts_everything(
     for kind, rows in before.items():
         assert rows, kind
     observed.reset()
-    from connectors.oneroster import decode
+    from connectors.oneroster import decode, normalize
 
     made_here: list[int] = []  # records made rows in this process (a worker's are not seen)
-    real_rows_page = decode.rows_page
+    real_rows_page = normalize.rows_page  # what decode.rows_page is
 
     def rows_page(collection: str, records: list[Any], fps: Any = None) -> StagedBatch:
         made_here.append(len(records))

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from connectors.oneroster.auth import OAuth1Signer
+from rostersync.source.records import RosterClass, RosterEnrollment, RosterPerson
 from rostersync.source.testdata import small_roster
 from tests.fakes.oneroster_server import DEFAULT_MODIFIED, FakeOneRoster, Faults, Quirks
 
@@ -189,10 +190,11 @@ def test_mutate_fraction_spreads_its_dates_over_the_time_before_now(v11: FakeOne
     from datetime import UTC, datetime
 
     def stamps() -> dict[str, datetime]:
+        roster = v11.roster
+        records: list[RosterPerson | RosterClass | RosterEnrollment]
+        records = [*roster.persons, *roster.classes, *roster.enrollments]
         return {
-            r.sourced_id: r.date_last_modified
-            for r in [*v11.roster.persons, *v11.roster.classes, *v11.roster.enrollments]
-            if r.date_last_modified is not None
+            r.sourced_id: r.date_last_modified for r in records if r.date_last_modified is not None
         }
 
     before = stamps()

@@ -63,8 +63,8 @@ def add_user(
                 .returning(user.c.id)
             ).scalar_one()
         )
-        role_ids = dict(conn.execute(text("SELECT name, id FROM role")).all())
-        site_ids = dict(conn.execute(text("SELECT name, id FROM site")).all())
+        role_ids: dict[str, int] = dict(conn.execute(text("SELECT name, id FROM role")).all())
+        site_ids: dict[str, int] = dict(conn.execute(text("SELECT name, id FROM site")).all())
         for r in roles:
             conn.execute(insert(user_role).values(user_id=uid, role_id=role_ids[r]))
         for s in sites:

@@ -40,7 +40,7 @@ from rostersync.source.records import (
     TeacherRef,
     TeacherRoster,
 )
-from rostersync.source.rows import KnownSpec, StagedBatch, sort_batch
+from rostersync.source.rows import KnownSpec, Row, StagedBatch, sort_batch
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, utcnow
 from rostersync.store.tables import metadata
@@ -209,7 +209,9 @@ class FeedConnector(MemoryConnector):
     def sent(self) -> list[RosterRecord]:
         return self.records
 
-    async def fetch(
+    # MemoryConnector declares fetch as yielding records only; the Connector protocol (which the
+    # engine reads it through) allows the StagedBatch this one yields as a decode worker would.
+    async def fetch(  # type: ignore[override]
         self, mode: FetchMode, since: datetime | None
     ) -> AsyncIterator[Sequence[RosterRecord] | StagedBatch]:
         decode_worker._known.clear()  # a reset store numbers its runs from 1 again
@@ -223,8 +225,11 @@ class FeedConnector(MemoryConnector):
         read as the workers read them (connectors.oneroster.decode.known_fingerprints)."""
         out = sort_batch(records)
         for kind, rows in out.rows.items():
-            skip = known_fingerprints(self.skip_known, kind) if self.skip_known else set()
-            order, kept = array("q"), []
+            skip: Collection[int] = (
+                known_fingerprints(self.skip_known, kind) if self.skip_known else set()
+            )
+            order = array("q")
+            kept: list[Row] = []
             for row in rows:
                 fp = xxhash.xxh3_64_intdigest(repr(row[:-1]).encode(), decode_worker.SEED) >> 1
                 if fp in skip:

@@ -291,8 +291,9 @@ unnamed_entities = st.sampled_from(((), (), (), ("class",), ("user",), ("class",
 )
 #: What the rows of a live answer's rejected enrollments name (see harness.Answers.refs):
 #: mostly both ids, as a row rejected for its status or role does.
+_REFS: tuple[Refs, ...] = ("both", "both", "class", "user", "neither", "malformed")
 row_refs: st.SearchStrategy[tuple[Refs, ...]] = st.lists(
-    st.sampled_from(("both", "both", "class", "user", "neither", "malformed")),
+    st.sampled_from(_REFS),
     min_size=1,
     max_size=3,
 ).map(tuple)
@@ -1844,7 +1845,7 @@ class ScopedRosterModel(RosterModel):
         scope=scope_changes,
         terms=st.lists(st.sampled_from(TERM_SETS), min_size=len(CLASSES), max_size=len(CLASSES)),
     )
-    def start(  # type: ignore[override]
+    def start(
         self, feed: Feed, config: Config, scope: dict[str, Any], terms: list[tuple[str, ...]]
     ) -> None:
         for cid, term_ids in zip(CLASSES, terms, strict=True):

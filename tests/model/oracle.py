@@ -871,12 +871,12 @@ def decide(
         for email, user in d0.users.items():
             if user.status != "active" or user.created_by != f"source:{source}":
                 continue
-            mine = d1.persons_of(email, source)
-            if not mine:
+            theirs = d1.persons_of(email, source)
+            if not theirs:
                 continue
             # Reading: a user stays while any of its persons of this source is a candidate
             # (a teacher with one record per school who leaves one school keeps the account).
-            if any(pid in cands for _s, pid in mine):
+            if any(pid in cands for _s, pid in theirs):
                 continue
             if _active_elsewhere(email, source, mirrors, d1):
                 continue
@@ -906,7 +906,7 @@ def decide(
     # resyncs again); or jobs wait and the mirror as the run found it gives the group no
     # owner (the waiting jobs remove it), unless the provisioning settings changed since.
     settings_changed = state is not None and state.provisioning_key != config.provisioning_key
-    pending = (
+    pending_removal = (
         set(g0) - set(groups(mirrors, d0, roles, imported))
         if waiting and not settings_changed
         else set()
@@ -916,7 +916,7 @@ def decide(
         for k in mine0 - set(g1)
         if g0[k].owners
         and (
-            k in pending
+            k in pending_removal
             or all(d0.users[o].status != "active" for o in g0[k].owners if o in d0.users)
         )
     }

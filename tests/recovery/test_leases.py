@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 from rostersync.config.models import Settings
 from rostersync.daemon import procs
 from rostersync.daemon.recovery import hold_lease, interrupt_runs
-from rostersync.source.connector import FetchMode
+from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import MemoryRoster, RosterRecord
 from rostersync.source.rows import sort_batch
 from rostersync.source.testdata import small_roster
@@ -61,10 +62,15 @@ class GatedConnector(MemoryConnector):
 
 
 def engine(
-    settings: Settings, store: Store, *, owner: str | None = None, **kw: object
+    settings: Settings,
+    store: Store,
+    *,
+    owner: str | None = None,
+    connector: Connector | None = None,
+    **kw: Any,
 ) -> SyncEngine:
-    connector = kw.pop("connector", None) or MemoryConnector(small_roster())
-    return SyncEngine(settings, store, connectors={"mem": connector}, owner=owner, **kw)  # type: ignore[arg-type]
+    connector = connector or MemoryConnector(small_roster())
+    return SyncEngine(settings, store, connectors={"mem": connector}, owner=owner, **kw)
 
 
 def lease_expiry(store: Store, source: str = "mem") -> datetime | None:

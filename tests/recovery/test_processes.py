@@ -32,13 +32,12 @@ from tests.recovery.killing import (
     REPO,
     Bench,
     approval_attack,
-    descendants,
     fake_district,
     fake_server,
     run_trials,
     source_of,
-    wait_all_gone,
 )
+from tests.recovery.procs_helpers import descendants, wait_all_gone
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ from sqlalchemy import text
 
 from rostersync.config.models import Settings
 from rostersync.resync import worker as worker_module
+from rostersync.resync.groups import rebuild_groups
 from rostersync.resync.queue import queue_resync
 from rostersync.source.records import (
     MemoryRoster,
@@ -116,7 +117,7 @@ async def test_live_resync_failure_is_retried_then_failed(
     await sync(settings, store, small_roster())
 
     class Broken(MemoryConnector):
-        async def fetch_teacher(self, teacher: object) -> object:  # type: ignore[override]
+        async def fetch_teacher(self, teacher: TeacherRef) -> TeacherRoster:
             raise RuntimeError("source unreachable")
 
     with store.write() as conn:
@@ -301,7 +302,7 @@ async def test_a_batch_refreshes_statistics_in_a_transaction_of_its_own(
     engine = SyncEngine(settings, pg_store)
     engine._created_unanalyzed = 100  # groups were created since the last refresh
     transactions: dict[str, int] = {}
-    real_refresh, real_rebuild = merging.refresh_directory_statistics, worker_module.rebuild_groups
+    real_refresh, real_rebuild = merging.refresh_directory_statistics, rebuild_groups
 
     def refresh(conn: Any, members: bool = True) -> None:
         transactions["analyze"] = conn.execute(text("SELECT txid_current()")).scalar_one()

@@ -52,7 +52,8 @@ def test_migrations_match_the_models(store: Store) -> None:
     assert (PERSON_MEMBER_INDEX in names) == (store.engine.dialect.name == "sqlite")
 
 
-def _index_columns(conn: Connection, table: str) -> dict[str, list[str]]:
+def _index_columns(conn: Connection, table: str) -> dict[str | None, list[str | None]]:
+    # SQLAlchemy types a reflected index's name and columns as optional (expression indexes)
     return {i["name"]: list(i["column_names"]) for i in inspect(conn).get_indexes(table)}
 
 
@@ -267,7 +268,7 @@ def test_postgresql_leaves_room_on_the_pages_of_tables_updated_in_place(pg_store
     """0007: the tables delta runs update in place fill new pages to 90% on PostgreSQL (so an
     update can stay on its page and skip the indexes); the others keep the default."""
     with pg_store.read() as conn:
-        options = dict(
+        options: dict[str, str | None] = dict(
             conn.execute(
                 text(
                     "SELECT relname, array_to_string(reloptions, ',') FROM pg_class "
@@ -295,7 +296,7 @@ def test_postgresql_sessions_compile_no_query(pg_store: Store) -> None:
 def test_postgresql_staging_tables_are_unlogged(pg_store: Store) -> None:
     """0008: staging skips PostgreSQL's write-ahead log; the mirror and directory do not."""
     with pg_store.read() as conn:
-        persistence = dict(
+        persistence: dict[str, str] = dict(
             conn.execute(
                 text(
                     "SELECT relname, relpersistence FROM pg_class "
@@ -567,7 +568,9 @@ def test_sqlite_stages_a_batch_in_statements_of_many_rows_each(
     with sqlite_store.write() as conn:
         prepare_staging(conn)
     with sqlite_store.read() as conn:
-        rows = dict(conn.execute(text("SELECT sourced_id, given_name FROM staging_person")).all())
+        rows: dict[str, str] = dict(
+            conn.execute(text("SELECT sourced_id, given_name FROM staging_person")).all()
+        )
     assert rows == {p.sourced_id: p.given_name for p in people} | {"p-1": "Last"}
 
 
@@ -889,7 +892,7 @@ def test_directory_statistics_are_refreshed_on_postgresql(store: Store) -> None:
             assert conn.execute(text(stat)).scalar_one() == 0
         return
     with store.read() as conn:
-        rows = dict(
+        rows: dict[str, float] = dict(
             conn.execute(
                 text(
                     "SELECT relname, reltuples FROM pg_class WHERE relname IN "

@@ -344,7 +344,9 @@ def test_a_member_diff_is_written_in_one_statement_a_kind(store: Store) -> None:
                 "INSERT INTO groups (source, external_id, name) VALUES ('m', 'c', 'C') RETURNING id"
             )
         ).scalar_one()
-        have = {(gid, f"s-{i:03d}"): (f"s{i}@example.org", f"Stu {i}") for i in range(0, 300)}
+        have: dict[tuple[int, str], tuple[str | None, str]] = {
+            (gid, f"s-{i:03d}"): (f"s{i}@example.org", f"Stu {i}") for i in range(0, 300)
+        }
         conn.execute(
             text(
                 "INSERT INTO group_member (group_id, sourced_id, email, name) VALUES (:g, :s, :e, :n)"

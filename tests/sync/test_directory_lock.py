@@ -10,7 +10,7 @@ SQLite has no such test: its writers take turns by design (BEGIN IMMEDIATE).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -48,7 +48,7 @@ async def waits_for_lock(store: Store, task: asyncio.Task[Any], kind: str = "adv
 async def while_locked(
     store: Store,
     exclusive: bool,
-    work: Callable[[], Awaitable[Any]],
+    work: Callable[[], Coroutine[Any, Any, Any]],
     *,
     prepare: Callable[[Connection], object] = lambda conn: None,
     kind: str = "advisory",

@@ -23,6 +23,8 @@ from rostersync.sync import fetch as fetch_step
 from rostersync.sync import staging
 from rostersync.sync.engine import SyncEngine
 from rostersync.sync.known import FP_AT, HASH_AT, KnownRows, MirrorChangedError, row_key
+from rostersync.sync.mirror import TABLES
+from rostersync.sync.repeats import Repeats
 from tests.sync.helpers import groups, snapshot, sync, users
 
 
@@ -32,7 +34,7 @@ def staged_rows(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     counts: list[int] = []
     real = staging.stage
 
-    def counting(conn: Any, run_id: int, batch: StagedBatch) -> staging.Repeats:
+    def counting(conn: Any, run_id: int, batch: StagedBatch) -> Repeats:
         counts.append(sum(len(rows) for rows in batch.rows.values()))
         return real(conn, run_id, batch)
 
@@ -265,7 +267,7 @@ async def test_the_loaded_keys_are_the_mirrors_across_slices_and_odd_ids(
     loaded_rows = KnownRows("mem")
     loaded_rows.load(store)
     with store.read() as conn:
-        for kind, (mirror, _, _) in known.TABLES.items():
+        for kind, (mirror, _, _) in TABLES.items():
             expected = {
                 row_key(h, sid)
                 for h, sid in conn.execute(

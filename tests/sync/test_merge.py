@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, inspect, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import DropIndex
 
 from rostersync.config.models import Settings
 from rostersync.source.records import RosterEnrollment
@@ -32,7 +33,7 @@ async def test_a_bulk_load_rebuilds_the_mirror_indexes_and_a_failure_keeps_them(
     the indexes and the (empty) mirror as they were."""
     monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 1)
     dropped: list[str] = []
-    real_drop = merging.DropIndex
+    real_drop = DropIndex
 
     def spy(index: Any) -> Any:
         dropped.append(index.name)
@@ -468,7 +469,9 @@ def test_only_staged_rows_the_merge_did_not_write_take_their_fingerprints_after_
         to_write = {"enrollment": {"e-changed"}}
         updates = _fingerprint_updates(conn)
         merging.merge(conn, "src", 2, {}, to_write, to_write, refresh_fp=staged)
-        fps = dict(conn.execute(text("SELECT sourced_id, fp FROM roster_enrollment")).all())
+        fps: dict[str, int] = dict(
+            conn.execute(text("SELECT sourced_id, fp FROM roster_enrollment")).all()
+        )
         clear_staging(conn, 2)
     assert fps == {"e-same": 21, "e-changed": 22}
     assert len(updates) == 1

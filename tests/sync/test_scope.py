@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 import yaml
@@ -43,10 +43,16 @@ SPRING = AcademicSession("spring", "Spring", "semester", date(2027, 1, 5), date(
 T0 = datetime(2026, 9, 1, tzinfo=UTC)
 
 
+class Stamp(TypedDict):
+    """The keyword every record of `roster` is given (typed, so `**at` is checked)."""
+
+    date_last_modified: datetime
+
+
 def roster() -> MemoryRoster:
     """Two schools under a district. t-1 teaches c-1 at North; t-2 teaches c-2 at South; t-3
     is at both and teaches c-3 (North) and c-4 (South). s-4 is a South student in c-1."""
-    at = {"date_last_modified": T0}
+    at: Stamp = {"date_last_modified": T0}
     orgs = [
         RosterOrg("d", "District", type="district", **at),
         RosterOrg("sch-1", "North High", parent_id="d", **at),
@@ -500,7 +506,8 @@ SESSION_HEADER = (
 
 def session_rows(*sessions: AcademicSession, delta: bool = False) -> list[tuple[str, ...]]:
     stamp = ("active", "2026-10-02T08:00:00.000Z") if delta else ("", "")
-    return [SESSION_HEADER] + [
+    header: list[tuple[str, ...]] = [SESSION_HEADER]
+    return header + [
         (s.sourced_id, *stamp, s.title, s.type, s.start_date.isoformat(), s.end_date.isoformat(),
          "", "2027")
         for s in sessions
