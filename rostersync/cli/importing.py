@@ -10,6 +10,7 @@ changes nothing and exits 2 naming the file, column or count.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,17 +139,33 @@ def import_file(
         notice("import_warning", f"warning: {warning}", "warning")
     if report_path:
         write_report(report_path, parsed, result.rows)
-    processed = 0
+    processed, states = 0, {}
     if result.resyncs_queued and not result.dry_run and not no_wait:
         # Without it the groups waited for a daemon, which many installs (timer, one-off
         # imports) do not run; a dry run rolled its jobs back with the rest.
         processed = drain_now(app, f"import {result.import_id} is committed")
+        from rostersync.resync.queue import newest_job_states
+
+        with app.store.read() as conn:
+            states = newest_job_states(conn, result.resync_users)
     if as_json:
-        emit_json({**result.as_json(), "resyncs_processed": processed})
+        emit_json({**result.as_json(), "resyncs_processed": processed, "resync_states": states})
     else:
         _print_result(result, report_path, processed=processed, waited=not no_wait)
+        _print_unfinished(states)
     if fail_on_errors and result.counts["failed"]:
         sys.exit(EXIT_FAILED)
+
+
+def _print_unfinished(states: Mapping[str, int]) -> None:
+    """What of the import's resyncs did not succeed in its drain: a failure waits for its
+    retry (the daemon's, or the next command's drain) or failed for good."""
+    retry, failed = states.get("queued", 0), states.get("failed", 0)
+    if retry or failed:
+        click.echo(
+            f"not done: {retry} resync(s) wait for a retry, {failed} failed for good "
+            "(`rostersync queue list` says why)"
+        )
 
 
 def _print_result(

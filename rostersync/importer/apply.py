@@ -74,6 +74,8 @@ class ImportResult:
     import_id: int | None = None
     verifications_queued: int = 0
     resyncs_queued: int = 0
+    #: the users whose group resyncs the import queued (what became of them is the CLI's)
+    resync_users: set[int] = field(default_factory=set)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -400,19 +402,18 @@ def _write(
     if any(o.change is not None for o in out):
         mark_directory_changed(conn)
     # Plain resyncs first: queue_resync upgrades a queued job to live, never the reverse.
+    # An archived user owns no roster group, a reactivated one owns their classes' again.
+    restated = _roster_linked(conn, restatused - linked - live)
     result.resyncs_queued += queue_resync(
         conn, linked - live, reason="import: source username linked", run_id=None
     )
-    # An archived user owns no roster group, a reactivated one owns their classes' again.
     result.resyncs_queued += queue_resync(
-        conn,
-        _roster_linked(conn, restatused - linked - live),
-        reason="import: status changed",
-        run_id=None,
+        conn, restated, reason="import: status changed", run_id=None
     )
     result.resyncs_queued += queue_resync(
         conn, live, reason="import: DataSync (live)", run_id=None, live=True
     )
+    result.resync_users |= (linked - live) | restated | live
     return out
 
 

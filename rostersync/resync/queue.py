@@ -394,3 +394,19 @@ def newest_job_ids(conn: Connection, user_ids: Collection[int]) -> dict[int, int
         {"u": sorted(user_ids)},
     ).all()
     return {int(job_id): int(user_id) for job_id, user_id in rows}
+
+
+def newest_job_states(conn: Connection, user_ids: Collection[int]) -> dict[str, int]:
+    """How many of these users' newest jobs are in each state (``queued`` after a drain: it
+    failed and waits for its retry)."""
+    out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    ids = sorted(newest_job_ids(conn, user_ids)) if user_ids else []
+    for chunk in chunks(ids):
+        for state, n in conn.execute(
+            text(
+                "SELECT state, count(*) FROM resync_job WHERE id IN :ids GROUP BY state"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": chunk},
+        ):
+            out[str(state)] = out.get(str(state), 0) + int(n)
+    return out

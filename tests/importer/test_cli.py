@@ -25,6 +25,7 @@ from rostersync.source.testdata import small_roster
 from tests.conftest import BASE_CONFIG
 from tests.fulldisk import fill_up_after
 from tests.hostile import SHEET_XML, edit_member, replace_in, valid_xlsx
+from tests.sync.helpers import console_down
 
 
 @pytest.fixture(autouse=True)
@@ -337,6 +338,27 @@ def test_import_processes_the_resyncs_it_queued_before_it_returns(
     assert rs(config, "import", back).exit_code == 0
     assert _groups_of(config, "ada@example.org") == ["Algebra I", "Computing"]
     assert _queue_states(config) == ["succeeded"] * 3
+
+
+def test_import_says_which_of_its_resyncs_did_not_succeed(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync that fails in the import's drain is not done: --json gives the states of the
+    import's jobs, and the text counts those waiting for a retry and those failed for good."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    monkeypatch.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+    linked = _csv(tmp_path, "Email,Source Username(s)\nada@example.org,sample:ada\n")
+    doc = json.loads(rs(config, "import", linked, "--json").stdout)
+    assert doc["resyncs_processed"] == 1
+    assert doc["resync_states"] == {"queued": 1, "running": 0, "succeeded": 0, "failed": 0}
+    archive = _csv(tmp_path, "Email,Current Status,Overwrite\nada@example.org,Archived,TRUE\n")
+    shown = rs(config, "import", archive)
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "not done: 1 resync(s) wait for a retry, 0 failed for good (`rostersync queue list` "
+        "says why)" in shown.stdout
+    )
+    assert _queue_states(config) == ["queued"]
 
 
 def test_import_dry_run_and_no_wait_process_nothing(config: Path, tmp_path: Path) -> None:
