@@ -10,7 +10,6 @@ changes nothing and exits 2 naming the file, column or count.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from rostersync.cli.app import (
     writable_folder_or_fail,
 )
 from rostersync.cli.draining import drain_now
+from rostersync.cli.report import unfinished_line
 from rostersync.emails import normalize_email
 
 if TYPE_CHECKING:
@@ -152,20 +152,10 @@ def import_file(
         emit_json({**result.as_json(), "resyncs_processed": processed, "resync_states": states})
     else:
         _print_result(result, report_path, processed=processed, waited=not no_wait)
-        _print_unfinished(states)
+        if (line := unfinished_line(states)) is not None:
+            click.echo(line)
     if fail_on_errors and result.counts["failed"]:
         sys.exit(EXIT_FAILED)
-
-
-def _print_unfinished(states: Mapping[str, int]) -> None:
-    """What of the import's resyncs did not succeed in its drain: a failure waits for its
-    retry (the daemon's, or the next command's drain) or failed for good."""
-    retry, failed = states.get("queued", 0), states.get("failed", 0)
-    if retry or failed:
-        click.echo(
-            f"not done: {retry} resync(s) wait for a retry, {failed} failed for good "
-            "(`rostersync queue list` says why)"
-        )
 
 
 def _print_result(

@@ -4,7 +4,7 @@ tables, CSV rows, durations and the rejection breakdown, from stored values."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,6 +289,18 @@ def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> No
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror or exc}")
     notice("changes_written", f"wrote {rows} change(s) to {path}", rows=rows, path=str(path))
+
+
+def unfinished_line(states: Mapping[str, int]) -> str | None:
+    """What of a command's resyncs its drain did not finish: a failed one waits for its
+    retry (the daemon's, or the next command's drain), or failed for good."""
+    retry, failed = states.get("queued", 0), states.get("failed", 0)
+    if not retry and not failed:
+        return None
+    return (
+        f"not done: {retry} resync(s) wait for a retry, {failed} failed for good "
+        "(`rostersync queue list` says why)"
+    )
 
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:

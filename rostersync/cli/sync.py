@@ -22,7 +22,13 @@ from rostersync.cli.app import (
     writable_folder_or_fail,
 )
 from rostersync.cli.draining import drain_with_progress, stop_on_sigterm, terminal_progress
-from rostersync.cli.report import change_set_lines, jobs_table, print_report, write_change_csv
+from rostersync.cli.report import (
+    change_set_lines,
+    jobs_table,
+    print_report,
+    unfinished_line,
+    write_change_csv,
+)
 
 if TYPE_CHECKING:
     from rostersync.sync.changes import ChangeSet
@@ -214,10 +220,18 @@ def sync(
                     found[r.id] = cs
         if csv_path is not None:
             write_change_csv(csv_path, list(found.values()), members=members)
+    states: dict[int, dict[str, int]] = {}
+    if reports and not dry_run:
+        from rostersync.resync.queue import run_job_states
+
+        with app.store.read() as conn:
+            states = {r.id: run_job_states(conn, r.id) for r in reports}
     if as_json:
         docs = []
         for r in reports:
             doc = r.as_json()
+            if r.id in states:
+                doc["resync_states"] = states[r.id]
             if changes:
                 cs = found.get(r.id)
                 doc["changes"] = cs.as_json(members=members) if cs is not None else None
@@ -226,6 +240,8 @@ def sync(
     else:
         for r in reports:
             print_report(r)
+            if (line := unfinished_line(states.get(r.id, {}))) is not None:
+                click.echo(f"  {line}")
             if r.id in found:
                 click.echo("")
                 for line in change_set_lines(found[r.id], members=members):

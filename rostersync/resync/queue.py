@@ -410,3 +410,15 @@ def newest_job_states(conn: Connection, user_ids: Collection[int]) -> dict[str, 
         ):
             out[str(state)] = out.get(str(state), 0) + int(n)
     return out
+
+
+def run_job_states(conn: Connection, run_id: int) -> dict[str, int]:
+    """How many of the jobs a sync run queued (or last merged into) are in each state."""
+    out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    rows = conn.execute(
+        text("SELECT state, count(*) FROM resync_job WHERE run_id = :r GROUP BY state"),
+        {"r": run_id},
+    )
+    for state, n in rows:
+        out[str(state)] = int(n)
+    return out

@@ -17,6 +17,7 @@ from rostersync.store.db import Store
 from tests.changediff import difference, plain
 from tests.cli.sample import as_json, run, sample_picture
 from tests.recovery.conftest import lease, register, remote_holder
+from tests.sync.helpers import console_down
 
 
 def test_quick_start_creates_users_and_groups_then_reruns_with_zero_counts(config: Path) -> None:
@@ -39,6 +40,29 @@ def test_quick_start_creates_users_and_groups_then_reruns_with_zero_counts(confi
     rerun_counts = dict(second["counts"])
     assert rerun_counts.pop("records_rejected") == 1  # the same teacher, reported again
     assert set(rerun_counts.values()) == {0}
+
+
+def test_sync_says_which_of_its_resyncs_did_not_succeed(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resyncs that fail in the command's drain are not done: the text says how many wait
+    for a retry, --json gives each run's jobs by state; a drain that did all says nothing."""
+    monkeypatch.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+    failing = run(config, "sync")
+    assert failing.exit_code == 0, failing.output
+    assert (
+        "  not done: 43 resync(s) wait for a retry, 0 failed for good (`rostersync queue list` "
+        "says why)" in failing.stdout
+    )
+    monkeypatch.undo()
+    again = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
+    # A run that changed nothing queued nothing: the first run's jobs wait for their retry.
+    assert again["resync_states"] == {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    assert [j["state"] for j in as_json(run(config, "queue", "list", "--json"))] == [  # type: ignore[attr-defined]
+        "queued"
+    ] * 43
+    dry = as_json(run(config, "sync", "--dry-run", "--json"))["runs"][0]  # type: ignore[index]
+    assert "resync_states" not in dry
 
 
 def test_unknown_source_is_usage_error(config: Path) -> None:
