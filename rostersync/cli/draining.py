@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ from rostersync.cli.app import EXIT_FAILED, App, fail
 if TYPE_CHECKING:
     from rostersync.progress import SyncProgress
     from rostersync.sync.engine import SyncEngine
+    from rostersync.sync.runs import RunReport
 
 
 @contextmanager
@@ -69,6 +70,16 @@ async def drain_with_progress(app: App, engine: SyncEngine, progress: SyncProgre
     if progress is not None and done:
         progress.resync(done, queued(), final=True)
     return done
+
+
+def resync_states(app: App, reports: Sequence[RunReport]) -> dict[int, dict[str, int]]:
+    """After the command's drain: each real run's resync jobs by state (report.print_run)."""
+    from rostersync.resync.queue import run_job_states
+
+    if not any(not r.dry_run for r in reports):
+        return {}
+    with app.store.read() as conn:
+        return {r.id: run_job_states(conn, r.id) for r in reports if not r.dry_run}
 
 
 def drain_now(app: App, done: str) -> int:

@@ -291,6 +291,21 @@ def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> No
     notice("changes_written", f"wrote {rows} change(s) to {path}", rows=rows, path=str(path))
 
 
+def run_doc(report: RunReport, states: Mapping[int, Mapping[str, int]]) -> dict[str, Any]:
+    """A run's JSON, with its resync jobs by state where the command drained them."""
+    doc = report.as_json()
+    if report.id in states:
+        doc["resync_states"] = dict(states[report.id])
+    return doc
+
+
+def print_run(report: RunReport, states: Mapping[int, Mapping[str, int]]) -> None:
+    """A run's report, then what of its resyncs the command's drain did not finish."""
+    print_report(report)
+    if (line := unfinished_line(states.get(report.id, {}))) is not None:
+        click.echo(f"  {line}")
+
+
 def unfinished_line(states: Mapping[str, int]) -> str | None:
     """What of a command's resyncs its drain did not finish: a failed one waits for its
     retry (the daemon's, or the next command's drain), or failed for good."""

@@ -11,8 +11,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
-from rostersync.cli.draining import drain_with_progress
-from rostersync.cli.report import change_set_lines, duration_text, print_report, write_change_csv
+from rostersync.cli.draining import drain_with_progress, resync_states
+from rostersync.cli.report import (
+    change_set_lines,
+    duration_text,
+    print_report,
+    print_run,
+    run_doc,
+    write_change_csv,
+)
 from rostersync.errors import RunNotFound, RunStateError
 
 if TYPE_CHECKING:
@@ -317,9 +324,10 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
         if progress is not None:
             progress.close()
             configure_logging(app.log_level or settings.logging.level, settings.logging.format)
+    states = resync_states(app, [report])
     if as_json:
-        emit_json({"runs": [report.as_json()]})
+        emit_json({"runs": [run_doc(report, states)]})
     else:
-        print_report(report)
+        print_run(report, states)
     if report.status in ("failed", "held"):
         sys.exit(EXIT_FAILED)

@@ -21,12 +21,17 @@ from rostersync.cli.app import (
     fail,
     writable_folder_or_fail,
 )
-from rostersync.cli.draining import drain_with_progress, stop_on_sigterm, terminal_progress
+from rostersync.cli.draining import (
+    drain_with_progress,
+    resync_states,
+    stop_on_sigterm,
+    terminal_progress,
+)
 from rostersync.cli.report import (
     change_set_lines,
     jobs_table,
-    print_report,
-    unfinished_line,
+    print_run,
+    run_doc,
     write_change_csv,
 )
 
@@ -220,18 +225,11 @@ def sync(
                     found[r.id] = cs
         if csv_path is not None:
             write_change_csv(csv_path, list(found.values()), members=members)
-    states: dict[int, dict[str, int]] = {}
-    if reports and not dry_run:
-        from rostersync.resync.queue import run_job_states
-
-        with app.store.read() as conn:
-            states = {r.id: run_job_states(conn, r.id) for r in reports}
+    states = resync_states(app, reports)
     if as_json:
         docs = []
         for r in reports:
-            doc = r.as_json()
-            if r.id in states:
-                doc["resync_states"] = states[r.id]
+            doc = run_doc(r, states)
             if changes:
                 cs = found.get(r.id)
                 doc["changes"] = cs.as_json(members=members) if cs is not None else None
@@ -239,9 +237,7 @@ def sync(
         emit_json({"runs": docs, "busy": _busy_json(busy)})
     else:
         for r in reports:
-            print_report(r)
-            if (line := unfinished_line(states.get(r.id, {}))) is not None:
-                click.echo(f"  {line}")
+            print_run(r, states)
             if r.id in found:
                 click.echo("")
                 for line in change_set_lines(found[r.id], members=members):
@@ -314,11 +310,12 @@ def run(
                 phase=phase,
             )
         )
+        states = resync_states(app, reports)
         if as_json:
-            emit_json({"runs": [r.as_json() for r in reports], "busy": _busy_json(busy)})
+            emit_json({"runs": [run_doc(r, states) for r in reports], "busy": _busy_json(busy)})
         else:
             for r in reports:
-                print_report(r)
+                print_run(r, states)
         _end(reports, busy)
         return
     from rostersync.daemon.service import run_daemon

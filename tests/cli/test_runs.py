@@ -26,7 +26,14 @@ def test_held_run_exits_1_and_approve_applies_it(config: Path, tmp_path: Path) -
     assert report["status"] == "held" and "shrunken source" in report["hold_reason"]
     approved = run(config, "runs", "approve", str(report["id"]), "--json", "--yes")
     assert approved.exit_code == 0, approved.output
-    assert as_json(approved)["runs"][0]["status"] == "succeeded"  # type: ignore[index]
+    doc = as_json(approved)["runs"][0]  # type: ignore[index]
+    assert doc["status"] == "succeeded"
+    # The archived teachers' resyncs ran in the command's drain, every one of them done.
+    states = doc["resync_states"]
+    assert states["succeeded"] == doc["counts"]["resync_queued"] > 0
+    assert states["queued"] == states["running"] == states["failed"] == 0
+    held_states = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
+    assert report["resync_states"] == held_states  # held: it queued nothing
     again = run(config, "runs", "approve", str(report["id"]))
     assert again.exit_code == 1 and "was approved already" in again.stderr
 

@@ -65,6 +65,15 @@ def test_sync_says_which_of_its_resyncs_did_not_succeed(
     assert "resync_states" not in dry
 
 
+def test_run_once_says_what_became_of_its_resyncs(config: Path) -> None:
+    """`run --once` drains as `sync` does, and its runs carry their jobs by state."""
+    once = run(config, "run", "--once", "--json")
+    assert once.exit_code == 0, once.output
+    doc = as_json(once)["runs"][0]  # type: ignore[index]
+    assert doc["resync_states"] == {"queued": 0, "running": 0, "succeeded": 43, "failed": 0}
+    assert "not done" not in run(config, "run", "--once").stdout
+
+
 def test_unknown_source_is_usage_error(config: Path) -> None:
     """sync --source with a name not in the config exits 2."""
     result = run(config, "sync", "--source", "nope")
