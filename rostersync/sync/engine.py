@@ -254,7 +254,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
         extras = self._keep(Fetched())
         try:
             fetched, newest, notes = await self._fetch(
-                source, run_id, fetch_mode, since, log, extras, scope
+                source, run_id, fetch_mode, since, log, extras, scope, not_after=began
             )
         except (DeltaUnsupportedError, ChangesOnlyError) as exc:
             if isinstance(exc, DeltaUnsupportedError):
@@ -274,7 +274,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
             extras = self._keep(Fetched())
             try:
                 fetched, newest, notes = await self._fetch(
-                    source, run_id, fetch_mode, since, log, extras, scope
+                    source, run_id, fetch_mode, since, log, extras, scope, not_after=began
                 )
             except Exception as exc2:
                 return await asyncio.to_thread(self._fail, run_id, exc2, log)
@@ -291,9 +291,6 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
             fetched.update(scoped.counts)
             notes.extend(scoped.warnings)
             extras.repeats.update(scoped.repeats)
-        newest, ahead = runs.trusted_newest(newest, began)
-        if ahead is not None:
-            notes.append(ahead)
         if notes:
             warnings.extend(notes)
             await asyncio.to_thread(self._set_warnings, run_id, warnings)

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert
@@ -20,6 +20,7 @@ from rostersync.daemon import recovery
 from rostersync.logs import scrub
 from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import AcademicSession
+from rostersync.source.rows import COLUMNS, utc_text
 from rostersync.store.db import Store
 from rostersync.store.tables import run_rejection
 from rostersync.sync.known import KnownRows
@@ -52,6 +53,62 @@ class Fetched:
     shifting: bool = False
 
 
+#: How far after a run's start a record's date may lie before the run warns: a source's
+#: clock a little ahead of this machine's is common; a year 9999 is not.
+AHEAD_WARNING = timedelta(hours=1)
+
+
+#: Where each kind's staging row holds its dateLastModified (as utc_text).
+DATE_AT = {kind: cols.index("date_last_modified") for kind, cols in COLUMNS.items()}
+
+
+class Ahead:
+    """Records dated after the run began (a bad date, the source's clock ahead): left out of
+    the run's newest date, the delta high-water mark. One of them would become the mark, and
+    every delta run after it would ask for changes since then and get none. The mark stays
+    the newest of the other dates, on the source's own clock."""
+
+    def __init__(self, not_after: datetime | None) -> None:
+        self.not_after = not_after
+        self.cutoff = utc_text(not_after) if not_after is not None else None
+        self.latest: datetime | None = None
+        self.ids: list[str] = []
+
+    def newest_in(self, batch: StagedBatch) -> datetime | None:
+        """The batch's newest date no later than the run's start."""
+        limit, cutoff = self.not_after, self.cutoff
+        if limit is None or cutoff is None or batch.newest is None or batch.newest <= limit:
+            return batch.newest
+        if self.latest is None or batch.newest > self.latest:
+            self.latest = batch.newest
+        kept: str | None = None
+        for kind, rows in batch.rows.items():
+            at = DATE_AT[kind]
+            for row in rows:
+                date = row[at]
+                if date is None:
+                    continue
+                if date > cutoff:  # fixed-width UTC text: the order of the instants
+                    if len(self.ids) < 5:
+                        self.ids.append(f"{kind} {row[0]}")
+                elif kept is None or date > kept:
+                    kept = date
+        return datetime.fromisoformat(kept).replace(tzinfo=UTC) if kept is not None else None
+
+    def warnings(self) -> list[str]:
+        if self.latest is None or self.not_after is None:
+            return []
+        if self.latest - self.not_after <= AHEAD_WARNING:
+            return []
+        which = f"; {', '.join(self.ids)}" if self.ids else ""
+        return [
+            f"the source sent records dated after this run began (the newest "
+            f"{self.latest:%Y-%m-%d %H:%M} UTC{which}): a bad date, or the source's clock "
+            "ahead of this machine's; they are left out of the point the next delta run asks "
+            "for changes since"
+        ]
+
+
 class Fetcher:
     """The engine's fetch and stage step."""
 
@@ -70,10 +127,13 @@ class Fetcher:
         log: Any,
         extras: Fetched | None = None,
         scope: Scope | None = None,
+        *,
+        not_after: datetime | None = None,
     ) -> tuple[dict[str, int], datetime | None, list[str]]:
         """Stage everything the connector yields; returns the counts, the newest
-        dateLastModified, and the connector's warnings (its optional ``warnings``: what it
-        accepted but an admin should hear of, such as a CSV row read without a bad date).
+        dateLastModified no later than ``not_after`` (the run's start: see :class:`Ahead`),
+        and the connector's warnings (its optional ``warnings``: what it accepted but an
+        admin should hear of, such as a CSV row read without a bad date).
         With terms to judge, ``extras`` collects the classes' terms and the sessions; it
         always collects the ids received more than once, as far as staging showed them, and
         whether the connector's pages may shift (rostersync.sync.repeats)."""
@@ -87,6 +147,7 @@ class Fetcher:
         fetched: Counter[str] = Counter()
         notes: list[str] = []
         newest: datetime | None = None
+        ahead = Ahead(not_after)
         # Staging runs in a worker thread while the connector fetches on. Batches that arrive
         # while a write is under way wait in `buffer` and go in the next write together, so
         # the fetch never stalls on the database unless the buffer is full. They stay apart
@@ -119,8 +180,9 @@ class Fetcher:
                                 "rejected": len(batch.rejected),
                             }
                         )
-                        if batch.newest is not None and (newest is None or batch.newest > newest):
-                            newest = batch.newest
+                        latest = ahead.newest_in(batch)
+                        if latest is not None and (newest is None or latest > newest):
+                            newest = latest
                         buffer.append(batch)
                         buffered += len(batch)
                         if pending is not None:
@@ -145,6 +207,7 @@ class Fetcher:
                 if known is not None:
                     await asyncio.to_thread(self._settle, run_id, known, repeats)
                 notes = [scrub(str(w))[:1000] for w in getattr(connector, "warnings", ())]
+                notes += ahead.warnings()
                 if extras is not None:
                     extras.shifting = bool(getattr(connector, "pages_may_shift", False))
                 if collect is not None:

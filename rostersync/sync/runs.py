@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Select, bindparam, delete, insert, select, text, update
@@ -356,27 +356,6 @@ def high_water_mark(conn: Connection, run_id: int) -> datetime | None:
         select(sync_run.c.high_water_mark).where(sync_run.c.id == run_id)
     ).scalar()
     return value
-
-
-#: How far after a run's start a record's date may lie before the run warns: a source's
-#: clock a little ahead of this machine's is common; a year 9999 is not.
-AHEAD_WARNING = timedelta(hours=1)
-
-
-def trusted_newest(newest: datetime | None, began: datetime) -> tuple[datetime | None, str | None]:
-    """The newest record date a run may keep as the delta high-water mark, and a warning:
-    no later than the run's start. A record dated after it (a bad date, the source's clock
-    ahead) would otherwise become the mark, and every delta run after would ask for changes
-    since then and get none until that date."""
-    if newest is None or newest <= began:
-        return newest, None
-    if newest - began <= AHEAD_WARNING:
-        return began, None
-    return began, (
-        f"the source sent a record dated {newest:%Y-%m-%d %H:%M} UTC, after this run began: "
-        "the next delta run asks for changes since the run's start instead (a bad date, or "
-        "the source's clock ahead of this machine's)"
-    )
 
 
 def start_approval(conn: Connection, run_id: int) -> None:

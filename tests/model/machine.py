@@ -224,6 +224,8 @@ ROSTER_CHANGES = {
     # The source also sends (or stops sending) a copy of other content before a record.
     "decoy": _change("decoy", st.sampled_from(("person", "class")), index, st.booleans()),
     "reject": _change("reject", st.sampled_from(("person", "class", "enrollment")), index),
+    # A record dated in the future (a bad date): never the point a delta run asks from.
+    "date_ahead": _change("date_ahead", st.sampled_from(("person", "class", "enrollment")), index),
     "unreject": _change("unreject", index),
 }
 # sampled_from, then the change's own arguments: drawn from one_of, the first change came up
@@ -578,6 +580,12 @@ class RosterModel(RuleBasedStateMachine):
         ids = list(self.feed.table(kind))
         if ids:
             self.feed.reject(kind, ids[i % len(ids)])
+
+    def _date_ahead(self, kind: str, i: int) -> None:
+        """The source sends a record dated in the year 2100, its content as it was."""
+        ids = list(self.feed.table(kind))
+        if ids:
+            self.feed.date_ahead(kind, ids[i % len(ids)])
 
     def _unreject(self, i: int) -> None:
         keys = list(self.feed.rejected)

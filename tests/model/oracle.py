@@ -22,7 +22,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from rostersync.source.records import (
@@ -757,7 +757,9 @@ def decide(
         for r in (cut.sent_records if cut is not None else records)
         if not isinstance(r, Rejected) and r.date_last_modified is not None
     ]
-    newest = max(dated, default=None)
+    # Dates after the run began are left out (docs/sources.md, "Full and delta runs").
+    began = datetime.now(UTC)
+    newest = max((d for d in dated if d <= began), default=None)
     m1, rejects = merge_mirror(m0, records, full=full)
 
     # People the run would take the email address from (the source stops sending them).

@@ -1,7 +1,8 @@
-"""The delta high-water mark never lies after the run that set it began
+"""The delta high-water mark leaves out dates after the run that set it began
 (rostersync.sync.runs.trusted_newest): a record dated in the future (year 9999, a source's
 clock ahead) would otherwise become the mark, and every delta run after it would ask for the
-changes since then and get none."""
+changes since then and get none. The mark stays the newest of the other dates, on the
+source's own clock."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 
 from rostersync.config.models import Settings
 from rostersync.source.records import MemoryRoster, RosterClass, RosterEnrollment, RosterPerson
+from rostersync.source.rows import StagedBatch, person_tuple
 from rostersync.source.testing import MemoryConnector
 from rostersync.store.db import Store, as_utc, utcnow
 from rostersync.sync import runs
 from rostersync.sync.engine import SyncEngine
+from rostersync.sync.fetch import Ahead
 from rostersync.sync.runs import RunReport, load_report, source_state
 
 DAY = datetime(2026, 9, 1, tzinfo=UTC)
@@ -54,16 +57,14 @@ async def test_a_record_dated_in_the_future_does_not_stop_the_delta_runs_after_i
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     settings, roster = make_settings(), _school(teacher_dated=FAR)
-    before = utcnow()
     first = await _run(settings, store, roster, "full")
     assert first.status == "succeeded", first.error
-    assert [w for w in first.warnings if "after this run began" in w] == [
-        "the source sent a record dated 9999-12-31 00:00 UTC, after this run began: the next "
-        "delta run asks for changes since the run's start instead (a bad date, or the "
-        "source's clock ahead of this machine's)"
+    assert first.warnings == [
+        "the source sent records dated after this run began (the newest 9999-12-31 00:00 "
+        "UTC; person t1): a bad date, or the source's clock ahead of this machine's; they are "
+        "left out of the point the next delta run asks for changes since"
     ]
-    mark = _mark(store)
-    assert mark is not None and before <= mark <= utcnow()
+    assert _mark(store) == DAY  # the newest of the other records' dates
     # A change made after that run reaches the next delta run.
     roster.persons[0] = replace(
         roster.persons[0],
@@ -81,8 +82,7 @@ async def test_a_source_clock_a_little_ahead_is_capped_without_a_word(
     ahead = utcnow() + timedelta(minutes=10)
     report = await _run(make_settings(), store, _school(teacher_dated=ahead), "full")
     assert report.warnings == []
-    mark = _mark(store)
-    assert mark is not None and mark < ahead
+    assert _mark(store) == DAY
 
 
 async def test_a_mark_kept_in_the_future_before_turns_a_delta_run_full_and_is_replaced(
@@ -101,3 +101,28 @@ async def test_a_mark_kept_in_the_future_before_turns_a_delta_run_full_and_is_re
     assert _mark(store) == DAY
     again = await _run(settings, store, roster, "delta")
     assert again.mode == "delta" and again.warnings == []
+
+
+def test_ahead_keeps_the_newest_date_before_the_start_and_names_five_after_it() -> None:
+    """rostersync.sync.fetch.Ahead on staging rows: dates as UTC text, some None."""
+    began = datetime(2026, 12, 1, tzinfo=UTC)
+    people = [
+        person_tuple(RosterPerson(f"p{i}", "student", "A", "B", None, date_last_modified=FAR))
+        for i in range(7)
+    ] + [
+        person_tuple(RosterPerson("old", "student", "A", "B", None, date_last_modified=DAY)),
+        person_tuple(RosterPerson("undated", "student", "A", "B", None)),
+    ]
+    batch = StagedBatch(newest=FAR)
+    batch.rows["person"] = people
+    ahead = Ahead(began)
+    assert ahead.newest_in(batch) == DAY
+    assert ahead.ids == [f"person p{i}" for i in range(5)]
+    assert ahead.warnings() == [
+        "the source sent records dated after this run began (the newest 9999-12-31 00:00 UTC; "
+        "person p0, person p1, person p2, person p3, person p4): a bad date, or the source's "
+        "clock ahead of this machine's; they are left out of the point the next delta run "
+        "asks for changes since"
+    ]
+    plain = StagedBatch(newest=DAY)
+    assert Ahead(began).newest_in(plain) == DAY and Ahead(None).newest_in(batch) == FAR

@@ -106,9 +106,9 @@ async def test_a_no_op_full_run_stages_nothing(
         def __getattr__(self, name: str) -> Any:
             return getattr(self.log, name)
 
-    async def recording(self: SyncEngine, *args: Any) -> Any:
+    async def recording(self: SyncEngine, *args: Any, **kwargs: Any) -> Any:
         source, run_id, mode, since, log, *rest = args
-        return await real_fetch(self, source, run_id, mode, since, Recorder(log), *rest)
+        return await real_fetch(self, source, run_id, mode, since, Recorder(log), *rest, **kwargs)
 
     monkeypatch.setattr(SyncEngine, "_fetch", recording)
     report = await sync(settings, store, small_roster())
