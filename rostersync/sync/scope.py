@@ -48,7 +48,7 @@ from rostersync.scoping import (
 from rostersync.source.records import AcademicSession, TeacherRoster, digest, person_digest
 from rostersync.sync.mirror import ids_in
 from rostersync.sync.repeats import Repeats, shown
-from rostersync.sync.staging import prepare_staging
+from rostersync.sync.staging import drop_staging_keys, prepare_staging
 
 #: The run report's counts of records left out of scope (also kept in the run's ``fetched``).
 SCOPE_COUNT_KEYS = (
@@ -231,6 +231,9 @@ def apply_scope(
             _turn_delta(conn, params)
     finally:
         _drop_temp_tables(conn)
+    # This step commits: a held run's staging stays for its approval, and with the key
+    # index kept, later fetches would replace repeated ids unseen (the apply builds it again).
+    drop_staging_keys(conn)
     return result
 
 

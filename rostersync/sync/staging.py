@@ -290,7 +290,15 @@ def clear_staging(conn: Connection, run_id: int) -> None:
             conn.execute(delete(table))
         else:
             conn.execute(delete(table).where(table.c.run_id == run_id))
-        if sqlite:
+    drop_staging_keys(conn)
+
+
+def drop_staging_keys(conn: Connection) -> None:
+    """SQLite: drop the key indexes :func:`prepare_staging` built. A fetch into a keyed table
+    replaces a repeated id's row without anyone counting it (``INSERT OR REPLACE``), so no
+    key may outlive the transaction that needed it."""
+    if conn.dialect.name == "sqlite":
+        for table in STAGING.values():
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {staging_key_index(table.name)}")
 
 

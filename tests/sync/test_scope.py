@@ -176,6 +176,29 @@ async def test_a_live_answer_keeps_only_the_classes_in_scope_even_when_it_lists_
         )
 
 
+async def test_a_held_scoped_run_leaves_no_key_that_would_hide_the_next_runs_repeats(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The scope step settles repeated ids by building staging's key index, in a transaction
+    of its own; a held run keeps its staging for approval. With the index kept, the next
+    fetch's INSERT OR REPLACE put a repeated person's second version over the first unseen:
+    no warning (and a paged source's full run that should be held for it applied). Found by
+    the model test's scoped machine in CI."""
+    settings = scoped(make_settings(safety={"max_removals": 0}), schools={"include": ["sch-1"]})
+    data = roster()
+    run = Runner(settings, store, data)
+    assert (await run.sync("full")).status == "succeeded"
+    data.enrollments = [e for e in data.enrollments if e.class_id != "c-3"]  # a group goes
+    held = await run.sync("full")
+    assert held.status == "held", held.error
+    data.persons.append(replace(data.persons[3], given_name="Decoy"))  # s-1 sent twice
+    again = await run.sync("full")
+    assert [w for w in again.warnings if "more than once" in w] == [
+        "persons: the source sent 1 sourcedId more than once with different content (s-1); "
+        "the last version sent of each was kept"
+    ]
+
+
 # -- schools ----------------------------------------------------------------------------------
 
 
