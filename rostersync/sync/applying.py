@@ -552,7 +552,7 @@ class Applier:
         source, run_id = ctx.source, ctx.run_id
         now = utcnow()
         old_hwm = as_utc(state["high_water_mark"]) if state else None
-        if old_hwm is not None and old_hwm > now:  # kept before marks were capped: no mark
+        if old_hwm is not None and old_hwm > now:  # stored before fetch.Ahead: no mark
             old_hwm = None
         hwm = max((d for d in (ctx.newest, old_hwm) if d is not None), default=None)
         values: dict[str, Any] = {

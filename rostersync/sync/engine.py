@@ -166,7 +166,7 @@ class SyncEngine(LeaseHolder, Fetcher, Applier, Approval, ResyncWorker):
             )
             return FetchMode.FULL, None, warnings
         if hwm > utcnow():
-            # Kept before marks were capped at the run's start (runs.trusted_newest): it
+            # Stored before dates after a run's start were left out of it (fetch.Ahead): it
             # cannot say where the changes since the last run begin.
             warnings.append(
                 f"the delta high-water mark ({hwm:%Y-%m-%d %H:%M} UTC, a record's date) lies "

@@ -73,10 +73,10 @@ async def test_a_record_dated_in_the_future_does_not_stop_the_delta_runs_after_i
     )
     delta = await _run(settings, store, roster, "delta")
     assert delta.mode == "delta" and delta.status == "succeeded", delta.error
-    assert delta.fetched["persons"] == 1  # without the cap: 0, asked for since 9999
+    assert delta.fetched["persons"] == 1  # with 9999 as the mark: 0, asked for since then
 
 
-async def test_a_source_clock_a_little_ahead_is_capped_without_a_word(
+async def test_a_source_clock_a_little_ahead_is_left_out_without_a_word(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     ahead = utcnow() + timedelta(minutes=10)
