@@ -76,10 +76,11 @@ def resync_states(app: App, reports: Sequence[RunReport]) -> dict[int, dict[str,
     """After the command's drain: each real run's resync jobs by state (report.print_run)."""
     from rostersync.resync.queue import run_job_states
 
-    if not any(not r.dry_run for r in reports):
+    real = [r for r in reports if not r.dry_run]
+    if not real:
         return {}
     with app.store.read() as conn:
-        return {r.id: run_job_states(conn, r.id) for r in reports if not r.dry_run}
+        return {r.id: run_job_states(conn, r.id) for r in real}
 
 
 def drain_now(app: App, done: str) -> int:

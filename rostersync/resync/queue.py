@@ -282,11 +282,16 @@ def release(store: Store, jobs: Iterable[LeasedJob]) -> None:
         )
 
 
-def queue_depth(conn: Connection) -> dict[str, int]:
-    rows = conn.execute(text("SELECT state, count(*) FROM resync_job GROUP BY state")).all()
+def _by_state(rows: Iterable[Any]) -> dict[str, int]:
+    """(state, count) rows as a count for every state, those without jobs 0."""
     out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
-    out.update({s: int(n) for s, n in rows})
+    for state, n in rows:
+        out[str(state)] = out.get(str(state), 0) + int(n)
     return out
+
+
+def queue_depth(conn: Connection) -> dict[str, int]:
+    return _by_state(conn.execute(text("SELECT state, count(*) FROM resync_job GROUP BY state")))
 
 
 def job_due_soonest(conn: Connection) -> float | None:
@@ -399,26 +404,13 @@ def newest_job_ids(conn: Connection, user_ids: Collection[int]) -> dict[int, int
 def newest_job_states(conn: Connection, user_ids: Collection[int]) -> dict[str, int]:
     """How many of these users' newest jobs are in each state (``queued`` after a drain: it
     failed and waits for its retry)."""
-    out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
     ids = sorted(newest_job_ids(conn, user_ids)) if user_ids else []
-    for chunk in chunks(ids):
-        for state, n in conn.execute(
-            text(
-                "SELECT state, count(*) FROM resync_job WHERE id IN :ids GROUP BY state"
-            ).bindparams(bindparam("ids", expanding=True)),
-            {"ids": chunk},
-        ):
-            out[str(state)] = out.get(str(state), 0) + int(n)
-    return out
+    stmt = text("SELECT state, count(*) FROM resync_job WHERE id IN :ids GROUP BY state")
+    stmt = stmt.bindparams(bindparam("ids", expanding=True))
+    return _by_state(row for chunk in chunks(ids) for row in conn.execute(stmt, {"ids": chunk}))
 
 
 def run_job_states(conn: Connection, run_id: int) -> dict[str, int]:
     """How many of the jobs a sync run queued (or last merged into) are in each state."""
-    out = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0}
-    rows = conn.execute(
-        text("SELECT state, count(*) FROM resync_job WHERE run_id = :r GROUP BY state"),
-        {"r": run_id},
-    )
-    for state, n in rows:
-        out[str(state)] = int(n)
-    return out
+    sql = "SELECT state, count(*) FROM resync_job WHERE run_id = :r GROUP BY state"
+    return _by_state(conn.execute(text(sql), {"r": run_id}))

@@ -84,19 +84,17 @@ def dangling_enrollments(conn: Connection, source: str, changes: Changes) -> Dan
         _check(conn, source, column, refs, found)
     if written is None:
         return found
-    for named, removed in (
-        (found.no_person, gone["e.user_id"]),
-        (found.no_class, gone["e.class_id"]),
-    ):
-        for sid, ref in named.items():
-            if sid in written or ref in removed:
-                out.add([(sid, *_refs(found, sid))])
+    people, classes = gone["e.user_id"], gone["e.class_id"]
+    keep = {
+        sid
+        for sid in found.no_person.keys() | found.no_class.keys()
+        if sid in written
+        or found.no_person.get(sid) in people
+        or found.no_class.get(sid) in classes
+    }
+    out.no_person = {sid: ref for sid, ref in found.no_person.items() if sid in keep}
+    out.no_class = {sid: ref for sid, ref in found.no_class.items() if sid in keep}
     return out
-
-
-def _refs(found: Dangling, sid: str) -> tuple[str, str, bool, bool]:
-    person, cls = found.no_person.get(sid), found.no_class.get(sid)
-    return person or "", cls or "", person is not None, cls is not None
 
 
 def _check(conn: Connection, source: str, column: str, ids: set[str], out: Dangling) -> None:
