@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from rostersync.config.messages import PathKey, kind_of, map_loc, message
+from rostersync.config.messages import PathKey, kind_of, map_loc, message, shown
 from rostersync.config.models import Settings
 from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
 from rostersync.errors import ConfigError, ConfigIssue
@@ -74,12 +74,46 @@ def _walk(
             _walk(item, (*path, i), lines, issues)
 
 
-def _substitute_env(data: Any, path: PathKey, issues: list[ConfigIssue]) -> Any:
-    """Replace ``${VAR}`` in every string; an unset variable is an issue, not an empty string."""
+@dataclasses.dataclass
+class _FromEnv:
+    """What ``${VAR}`` substitution put in the config: per dotted path, the text as written
+    and as substituted; and every variable's value by its reference. Error messages show the
+    reference, never the value: a variable may hold a secret, and a message that quotes the
+    value at the wrong key (a token pasted in ``base_url``'s variable) would print it."""
+
+    written: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def hide(self, issue: ConfigIssue) -> ConfigIssue:
+        """``issue`` with every substituted value it quotes shown as its reference."""
+        text = issue.message
+        written = self.written.get(issue.path)
+        if written is not None and written[1]:
+            raw, value = written
+            ref = f"the value of {raw}" if _ENV.fullmatch(raw) else repr(raw)
+            text = text.replace(repr(value), ref).replace(shown(value), ref)
+        # Longest first: a value inside another is replaced within it last.
+        for ref, value in sorted(self.values.items(), key=lambda kv: -len(kv[1])):
+            if len(value) >= HIDDEN_VALUE_MIN:
+                text = text.replace(value, ref)
+        return issue if text == issue.message else dataclasses.replace(issue, message=text)
+
+
+#: Values of variables at least this long are replaced by their reference wherever an error
+#: message quotes them; shorter ones (a port, a flag) only where the message quotes the whole
+#: value of their key, as a shorter text may also be part of the message's own words.
+HIDDEN_VALUE_MIN = 6
+
+
+def _substitute_env(
+    data: Any, path: PathKey, issues: list[ConfigIssue], env: _FromEnv | None = None
+) -> Any:
+    """Replace ``${VAR}`` in every string; an unset variable is an issue, not an empty string.
+    ``env`` collects what was substituted where (:class:`_FromEnv`)."""
     if isinstance(data, dict):
-        return {k: _substitute_env(v, (*path, str(k)), issues) for k, v in data.items()}
+        return {k: _substitute_env(v, (*path, str(k)), issues, env) for k, v in data.items()}
     if isinstance(data, list):
-        return [_substitute_env(v, (*path, i), issues) for i, v in enumerate(data)]
+        return [_substitute_env(v, (*path, i), issues, env) for i, v in enumerate(data)]
     if isinstance(data, str) and "${" in data:
 
         def repl(m: re.Match[str]) -> str:
@@ -89,9 +123,14 @@ def _substitute_env(data: Any, path: PathKey, issues: list[ConfigIssue]) -> Any:
                     ConfigIssue(dotted(path), f"environment variable {m.group(1)} is not set")
                 )
                 return ""
+            if env is not None:
+                env.values[m.group(0)] = value
             return value
 
-        return _ENV.sub(repl, data)
+        substituted = _ENV.sub(repl, data)
+        if env is not None and substituted != data:
+            env.written[dotted(path)] = (data, substituted)
+        return substituted
     return data
 
 
@@ -314,7 +353,8 @@ def load_settings_text(
     if node is not None:
         _walk(node, (), lines, issues)
     found = len(issues)
-    data = _substitute_env(data, (), issues)
+    env = _FromEnv()
+    data = _substitute_env(data, (), issues, env)
     # An unset variable is reported once, with its line: what validating the empty value
     # would add at the same key ("at least 1 character", "'' is not a duration") is not news.
     unset = {i.path for i in issues[found:]}
@@ -347,7 +387,7 @@ def load_settings_text(
             ConfigIssue(issue.path, issue.message, _line_for(_path_key(issue.path), lines))
         )
     # Issues found twice (a env var used in two places) are reported once, in file order.
-    unique = list(dict.fromkeys(i for i in issues))
+    unique = list(dict.fromkeys(env.hide(i) for i in issues))
     unique.sort(key=lambda i: (i.line or 0, i.path))
     if unique or settings is None:
         raise ConfigError(unique, file)

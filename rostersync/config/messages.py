@@ -107,15 +107,21 @@ def _given(value: object, kind: str) -> str | None:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        text = scrub(_URL_PASSWORD.sub(r"\1:***@", value))
-        if len(text) > SHOWN_VALUE:
-            text = text[: SHOWN_VALUE - 1] + "…"
-        return repr(text)
+        return shown(value)
     if value is None:
         return "an empty value"
     if isinstance(value, dict | list) and kind.endswith("_type"):
         return kind_of(value)
     return None
+
+
+def shown(value: str) -> str:
+    """A text value as a message quotes it: a URL's password masked, anything that looks like
+    a secret scrubbed, cut to :data:`SHOWN_VALUE` characters."""
+    text = scrub(_URL_PASSWORD.sub(r"\1:***@", value))
+    if len(text) > SHOWN_VALUE:
+        text = text[: SHOWN_VALUE - 1] + "…"
+    return repr(text)
 
 
 def _is_secret(model: type[BaseModel], loc: tuple[str | int, ...]) -> bool:

@@ -196,6 +196,14 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
     found = _find_secret_file(path, original or path)
     try:
         text = found.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        # A name that names no file may be the secret itself, pasted in place of its path:
+        # the message says where it was looked for, and the key and line say which.
+        raise ValueError(
+            "cannot read secret file: no such file (a relative name is looked up beside the "
+            "config file, then in $CREDENTIALS_DIRECTORY; the name is not repeated here, in "
+            "case it is the secret itself)"
+        ) from None
     except OSError as exc:
         raise ValueError(f"cannot read secret file {found}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

@@ -14,6 +14,12 @@ from rostersync.config.loader import json_schema_text, load_settings, load_setti
 from rostersync.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
+#: What a ``*_file`` key naming no file says: never the name, which may be a pasted secret.
+MISSING_SECRET_FILE = (
+    "cannot read secret file: no such file (a relative name is looked up beside the config "
+    "file, then in $CREDENTIALS_DIRECTORY; the name is not repeated here, in case it is the "
+    "secret itself)"
+)
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int | str | None, str]:
@@ -234,11 +240,60 @@ def test_secret_file_and_credentials_directory(
 
 
 def test_unreadable_secret_file_is_an_error_without_content(tmp_path: Path) -> None:
-    """A missing secret file is reported by path."""
-    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: nope.secret}\n"
+    """A missing secret file is reported by its key and line, not by its name: a secret pasted
+    where its file's path belongs would otherwise be printed."""
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: hunter2-Xy9/q}\n"
     with pytest.raises(ConfigError) as err:
         load_settings_text(text, base_dir=tmp_path)
-    assert "cannot read secret file" in str(err.value) and "smtp" in str(err.value)
+    assert [str(i) for i in err.value.issues] == [
+        f"smtp.password_file: line 13: {MISSING_SECRET_FILE}"
+    ]
+    assert "hunter2" not in str(err.value) and "Xy9" not in str(err.value)
+
+
+ENV_MISTAKES = """\
+organization: Springfield
+database: "sqlite://${RS_HOST}/rs.db"
+roles: [Teacher]
+sites: [North High]
+provisioning:
+  default_role: "${RS_ROLE}"
+  default_site: North High
+sources:
+  rest:
+    type: oneroster
+    base_url: "${RS_TOKEN}"
+    auth: {type: oauth2, client_id: abc, client_secret: "${RS_TOKEN}", token_url: "${RS_LONG}"}
+    page_size: "${RS_SHORT}"
+"""
+
+
+def test_a_value_from_the_environment_is_shown_by_its_reference_never_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A variable may hold a secret: an error at a key it was substituted into names the
+    reference (whole or within the text as written), also where the message would cut a long
+    value or quote it in another key's error; short values too, where the whole key is theirs."""
+    pytest.importorskip("connectors.oneroster")
+    monkeypatch.setenv("RS_TOKEN", "tok-3f9a77c1e2")
+    monkeypatch.setenv("RS_LONG", "L" * 30 + "-long-value-" + "Q" * 30)
+    monkeypatch.setenv("RS_HOST", "db-host-77.internal")
+    monkeypatch.setenv("RS_ROLE", "Principal-9")
+    monkeypatch.setenv("RS_SHORT", "abc")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(ENV_MISTAKES)
+    messages = {i.path: i.message for i in err.value.issues}
+    assert messages == {
+        "database": "'sqlite://${RS_HOST}/rs.db': a SQLite URL has three slashes before a "
+        "relative path (sqlite:///PATH)",
+        "provisioning.default_role": "the value of ${RS_ROLE} is not one of roles (Teacher)",
+        "sources.rest.base_url": "the value of ${RS_TOKEN} is not an http(s) URL",
+        "sources.rest.auth.token_url": "the value of ${RS_LONG} is not an http(s) URL",
+        "sources.rest.page_size": "Input should be a valid integer, got the value of ${RS_SHORT}",
+    }
+    text = str(err.value)
+    for secret in ("tok-3f9a", "db-host-77", "Principal-9", "LLLLLL", "QQQQQQ", "'abc'"):
+        assert secret not in text
 
 
 def test_yaml_syntax_error_has_a_line() -> None:
@@ -388,16 +443,13 @@ def test_config_check_reports_every_missing_file_with_its_key_and_line(
     assert code == 2
     lines = [line.strip() for line in output.splitlines()[1:]]
     assert lines == [
-        f"smtp.password_file: line 4: cannot read secret file {tmp_path}/smtp.secret: "
-        "No such file or directory",
+        f"smtp.password_file: line 4: {MISSING_SECRET_FILE}",
         f"sources.drop.path: line 8: {tmp_path}/nowhere does not exist "
         "(give a folder or a .zip of CSV files)",
         f"sources.district.ca_bundle: line 12: cannot read {tmp_path}/district-ca.pem: "
         "No such file or directory",
-        f"sources.district.auth.client_secret_file: line 13: cannot read secret file "
-        f"{tmp_path}/classlink.secret: No such file or directory",
-        f"sources.proxy.auth.token_file: line 19: cannot read secret file {tmp_path}/proxy.token: "
-        "No such file or directory",
+        f"sources.district.auth.client_secret_file: line 13: {MISSING_SECRET_FILE}",
+        f"sources.proxy.auth.token_file: line 19: {MISSING_SECRET_FILE}",
         f"sources.workspace.service_account_file: line 22: cannot read service_account_file "
         f"{tmp_path}/google-sa.json: No such file or directory",
     ]
