@@ -318,6 +318,16 @@ def unfinished_line(states: Mapping[str, int]) -> str | None:
     )
 
 
+def jobs_line(states: Mapping[str, int]) -> str | None:
+    """Where the resync jobs a run queued stand now (`runs show`); None when it has none (a
+    job queued again by a later run before it ran counts there)."""
+    shown = [f"{n} {state}" for state, n in states.items() if n]
+    if not shown:
+        return None
+    why = "; `rostersync queue list` says why" if states.get("failed") else ""
+    return f"resync jobs: {', '.join(shown)}{why}"
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     return table(
         [

@@ -16,6 +16,7 @@ from rostersync.cli.report import (
     change_set_lines,
     duration_text,
     print_report,
+    jobs_line,
     print_run,
     run_doc,
     write_change_csv,
@@ -162,6 +163,7 @@ def runs_show(
         fail("--members and --csv need --changes", EXIT_USAGE)
     if as_json and csv_path:
         fail("--json and --csv cannot be used together", EXIT_USAGE)
+    from rostersync.resync.queue import run_job_states
     from rostersync.sync import changes as changeset
     from rostersync.sync.runs import load_report
 
@@ -169,6 +171,8 @@ def runs_show(
         with app.read_store.read() as conn:
             report = load_report(conn, run_id)
             found = changeset.load(conn, run_id) if changes else None
+            # A dry run queues nothing; a held one queues its jobs only when approved.
+            states = {} if report.dry_run else {run_id: run_job_states(conn, run_id)}
     except RunNotFound as exc:
         fail(str(exc), EXIT_USAGE)
     if changes:
@@ -183,9 +187,11 @@ def runs_show(
                 click.echo(line)
         return
     if as_json:
-        emit_json(report.as_json())
+        emit_json(run_doc(report, states))
         return
     print_report(report)
+    if (line := jobs_line(states.get(run_id, {}))) is not None:
+        click.echo(f"  {line}")
     for rej in report.rejected[20:]:
         where = f" ({rej['location']})" if rej.get("location") else ""
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")

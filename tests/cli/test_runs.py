@@ -257,3 +257,44 @@ def test_runs_list_of_a_source_the_config_does_not_name_says_which_it_does(confi
     empty = run(config, "runs", "list", "--source", "sample", "--json")
     assert empty.exit_code == 0, empty.output
     assert as_json(empty) == []
+
+
+def test_runs_show_says_where_the_runs_resync_jobs_stand(config: Path) -> None:
+    """`runs show` gives the jobs a run queued by state (JSON `resync_states`, a line of text):
+    all done after a sync's drain; one failed for good and one waiting are named, and the
+    failed one points at `queue list`. A dry run queues none and shows no line."""
+    from sqlalchemy import text
+
+    from rostersync.store.db import Store
+
+    done = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
+    queued = done["counts"]["resync_queued"]
+    assert queued > 2
+    shown = as_json(run(config, "runs", "show", str(done["id"]), "--json"))
+    states = shown["resync_states"]  # type: ignore[index]
+    assert states == {"queued": 0, "running": 0, "succeeded": queued, "failed": 0}
+    text_out = run(config, "runs", "show", str(done["id"])).stdout
+    assert f"  resync jobs: {queued} succeeded\n" in text_out
+    store = Store(f"sqlite:///{config.parent / 'state' / 'rostersync.db'}", create=False)
+    try:
+        with store.write() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    text("SELECT id FROM resync_job WHERE run_id = :r ORDER BY id LIMIT 2"),
+                    {"r": done["id"]},
+                )
+            ]
+            conn.execute(text("UPDATE resync_job SET state = 'failed' WHERE id = :i"), {"i": ids[0]})
+            conn.execute(text("UPDATE resync_job SET state = 'queued' WHERE id = :i"), {"i": ids[1]})
+    finally:
+        store.dispose()
+    text_out = run(config, "runs", "show", str(done["id"])).stdout
+    assert (
+        f"  resync jobs: 1 queued, {queued - 2} succeeded, 1 failed; "
+        "`rostersync queue list` says why\n"
+    ) in text_out
+    dry = as_json(run(config, "sync", "--dry-run", "--json"))["runs"][0]  # type: ignore[index]
+    dry_shown = as_json(run(config, "runs", "show", str(dry["id"]), "--json"))
+    assert "resync_states" not in dry_shown  # type: ignore[operator]
+    assert "resync jobs" not in run(config, "runs", "show", str(dry["id"])).stdout
