@@ -15,8 +15,8 @@ from rostersync.cli.draining import drain_with_progress, resync_states
 from rostersync.cli.report import (
     change_set_lines,
     duration_text,
-    print_report,
     jobs_line,
+    print_report,
     print_run,
     run_doc,
     write_change_csv,

@@ -285,8 +285,12 @@ def test_runs_show_says_where_the_runs_resync_jobs_stand(config: Path) -> None:
                     {"r": done["id"]},
                 )
             ]
-            conn.execute(text("UPDATE resync_job SET state = 'failed' WHERE id = :i"), {"i": ids[0]})
-            conn.execute(text("UPDATE resync_job SET state = 'queued' WHERE id = :i"), {"i": ids[1]})
+            conn.execute(
+                text("UPDATE resync_job SET state = 'failed' WHERE id = :i"), {"i": ids[0]}
+            )
+            conn.execute(
+                text("UPDATE resync_job SET state = 'queued' WHERE id = :i"), {"i": ids[1]}
+            )
     finally:
         store.dispose()
     text_out = run(config, "runs", "show", str(done["id"])).stdout
