@@ -190,8 +190,8 @@ def runs_show(
         emit_json(run_doc(report, states))
         return
     print_report(report)
-    if (line := jobs_line(states.get(run_id, {}))) is not None:
-        click.echo(f"  {line}")
+    if (jobs := jobs_line(states.get(run_id, {}))) is not None:
+        click.echo(f"  {jobs}")
     for rej in report.rejected[20:]:
         where = f" ({rej['location']})" if rej.get("location") else ""
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
