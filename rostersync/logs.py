@@ -52,6 +52,8 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         ),
         REDACTED,
     ),
+    # The password of a URL's ``user:password@`` (a database URL, a base URL with credentials).
+    (re.compile(r"(://[^/:@\s]*):[^/@\s]*@"), r"\1:***@"),
 ]
 _KNOWN: set[str] = set()
 

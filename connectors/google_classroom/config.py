@@ -32,6 +32,7 @@ from rostersync.config.types import (
     StrictModel,
     config_dir,
     exactly_one_of,
+    quoted,
 )
 from rostersync.source.retry import RetrySettings
 
@@ -197,7 +198,7 @@ class GoogleClassroomSourceConfig(SourceConfig):
     def _email(cls, value: str) -> str:
         value = value.strip()
         if not _EMAIL.match(value):
-            raise ValueError(f"{value!r} is not an email address")
+            raise ValueError(f"{quoted(value)} is not an email address")
         return value
 
     @field_validator("course_states")
@@ -211,7 +212,7 @@ class GoogleClassroomSourceConfig(SourceConfig):
         if value is None:
             return None
         if not value.startswith(("https://", "http://")):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+            raise ValueError(f"{quoted(value)} is not an http(s) URL")
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from rostersync.config.types import (
     SecretFile,
     StrictModel,
     checking_files,
+    quoted,
     resolve_secret,
     secret_pair_schema,
 )
@@ -112,7 +113,7 @@ AuthConfig = Annotated[OAuth1Auth | OAuth2Auth | BearerAuth, Field(discriminator
 def _check_http_url(value: str) -> str:
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{value!r} is not an http(s) URL")
+        raise ValueError(f"{quoted(value)} is not an http(s) URL")
     if parts.query or parts.fragment:
         raise ValueError("the URL must not carry a query string or fragment")
     return value.strip().rstrip("/")

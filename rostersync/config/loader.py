@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import re
@@ -16,16 +17,18 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, create_model
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from rostersync.config.messages import PathKey, kind_of, map_loc, message, shown
+from rostersync.config.messages import PathKey, kind_of, map_loc, message
 from rostersync.config.models import Settings
-from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration
+from rostersync.config.types import ENV_REFERENCE_SCHEMA, format_duration, quoted
 from rostersync.errors import ConfigError, ConfigIssue
+from rostersync.logs import scrub
 from rostersync.source.connector import PLUGIN_ERRORS, load_plugins
 
 DEFAULT_CONFIG = Path("/etc/rostersync/rostersync.yaml")
@@ -85,17 +88,20 @@ class _FromEnv:
     values: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def hide(self, issue: ConfigIssue) -> ConfigIssue:
-        """``issue`` with every substituted value it quotes shown as its reference."""
+        """``issue`` with every substituted value it quotes shown as its reference, and
+        anything else that looks like a secret scrubbed."""
         text = issue.message
         written = self.written.get(issue.path)
         if written is not None and written[1]:
             raw, value = written
             ref = f"the value of {raw}" if _ENV.fullmatch(raw) else repr(raw)
-            text = text.replace(repr(value), ref).replace(shown(value), ref)
+            text = text.replace(repr(value), ref).replace(quoted(value), ref)
         # Longest first: a value inside another is replaced within it last.
         for ref, value in sorted(self.values.items(), key=lambda kv: -len(kv[1])):
             if len(value) >= HIDDEN_VALUE_MIN:
                 text = text.replace(value, ref)
+        # Whatever a message quotes whole (a URL with its password) is scrubbed as a log is.
+        text = scrub(text)
         return issue if text == issue.message else dataclasses.replace(issue, message=text)
 
 
@@ -225,7 +231,9 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
             name = r.get("name") if isinstance(r, dict) else r
             if isinstance(name, str):
                 if name in names:
-                    issues.append(ConfigIssue(f"roles[{i}]", f"role {name!r} is listed twice"))
+                    issues.append(
+                        ConfigIssue(f"roles[{i}]", f"role {quoted(name)} is listed twice")
+                    )
                 names.append(name)
     raw_sites = data.get("sites")
     sites = [s for s in raw_sites if _good_site(s)] if isinstance(raw_sites, list) else []
@@ -234,7 +242,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
     sites_usable = "sites" not in data or (isinstance(raw_sites, list) and (sites or not raw_sites))
     for i, site in enumerate(sites):
         if site in sites[:i]:
-            issues.append(ConfigIssue(f"sites[{i}]", f"site {site!r} is listed twice"))
+            issues.append(ConfigIssue(f"sites[{i}]", f"site {quoted(site)} is listed twice"))
     prov = data.get("provisioning")
     if isinstance(prov, dict):
         role = prov.get("default_role")
@@ -242,7 +250,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(
                     "provisioning.default_role",
-                    f"{role!r} is not one of roles ({', '.join(names)})",
+                    f"{quoted(role)} is not one of roles ({', '.join(names)})",
                 )
             )
         default_site = prov.get("default_site")
@@ -250,7 +258,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
             issues.append(
                 ConfigIssue(
                     "provisioning.default_site",
-                    f"{default_site!r} is not one of sites ({', '.join(sites) or 'none'})",
+                    f"{quoted(default_site)} is not one of sites ({', '.join(sites) or 'none'})",
                 )
             )
         site_map = prov.get("site_map")
@@ -259,7 +267,7 @@ def _semantic_issues(data: Mapping[str, Any]) -> list[ConfigIssue]:
                 if isinstance(value, str) and value not in sites:
                     issues.append(
                         ConfigIssue(
-                            f"provisioning.site_map.{key}", f"{value!r} is not one of sites"
+                            f"provisioning.site_map.{key}", f"{quoted(value)} is not one of sites"
                         )
                     )
     sources = data.get("sources")
@@ -297,21 +305,51 @@ def _database_problem(url: str) -> str | None:
     """What is wrong with a ``database`` URL that SQLAlchemy would only find when a command
     opens it (as an internal error): another scheme, a SQLite URL with a host part
     (``sqlite://file.db``, two slashes), or none with no file (``sqlite:///``, an in-memory
-    database that every connection would see empty)."""
+    database that every connection would see empty); for PostgreSQL, a driver other than
+    psycopg 3, a port that is not a number, or psycopg not installed."""
     if url.startswith("postgresql"):
-        return None
+        return _postgresql_problem(url)
     if not url.startswith("sqlite:"):
         return "use sqlite:///PATH or postgresql+psycopg://user@host/db"
     if not url.startswith("sqlite:///"):
-        return f"{url!r}: a SQLite URL has three slashes before a relative path (sqlite:///PATH)"
+        return (
+            f"{quoted(url)}: a SQLite URL has three slashes before a relative path (sqlite:///PATH)"
+        )
     path = url[len("sqlite:///") :].partition("?")[0]
     if not path or path == ":memory:":
         return "a SQLite database needs a file: sqlite:///PATH (an in-memory one keeps nothing)"
     return None
 
 
+def _driver_installed() -> bool:
+    """Whether psycopg, PostgreSQL's driver (the ``postgres`` extra), can be imported."""
+    return importlib.util.find_spec("psycopg") is not None
+
+
+def _postgresql_problem(url: str) -> str | None:
+    scheme = url.partition("://")[0]
+    if scheme.partition("+")[2] not in ("", "psycopg"):
+        return (
+            f"{quoted(scheme)}: rostersync reaches PostgreSQL through psycopg 3 "
+            "(postgresql+psycopg://user@host/db)"
+        )
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "the port is not a number from 1 to 65535 (postgresql+psycopg://user@host:5432/db)"
+    if not _driver_installed():
+        return "PostgreSQL's driver, psycopg, is not installed: pip install 'rostersync[postgres]'"
+    return None
+
+
 def _resolve_database(url: str, base: Path) -> str:
-    """`sqlite:///relative.db` is relative to the config folder, like every other path."""
+    """`sqlite:///relative.db` is relative to the config folder, like every other path;
+    ``postgresql://`` names psycopg 3, the one PostgreSQL driver rostersync uses (SQLAlchemy
+    would take psycopg2 for it)."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith("sqlite:////") and ":memory:" not in url:
         rel = url[len(prefix) :]

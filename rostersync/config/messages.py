@@ -4,14 +4,14 @@ what it says, with the value given (never a secret's: those say ``(value hidden)
 from __future__ import annotations
 
 import difflib
-import re
 import types
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, SecretStr
 
-from rostersync.logs import scrub, secret_key
+from rostersync.config.types import quoted
+from rostersync.logs import secret_key
 
 PathKey = tuple[str | int, ...]
 
@@ -92,12 +92,6 @@ def message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel])
     return f"{msg}, got {given}"
 
 
-#: How much of a value given a message quotes.
-SHOWN_VALUE = 40
-#: The password of a URL's ``user:password@``.
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")
-
-
 def _given(value: object, kind: str) -> str | None:
     """The value that pydantic's own check (a type, a range, a choice) refused, as a message
     shows it: a scalar quoted and cut to :data:`SHOWN_VALUE` characters, a mapping or a list
@@ -107,21 +101,12 @@ def _given(value: object, kind: str) -> str | None:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return shown(value)
+        return quoted(value)
     if value is None:
         return "an empty value"
     if isinstance(value, dict | list) and kind.endswith("_type"):
         return kind_of(value)
     return None
-
-
-def shown(value: str) -> str:
-    """A text value as a message quotes it: a URL's password masked, anything that looks like
-    a secret scrubbed, cut to :data:`SHOWN_VALUE` characters."""
-    text = scrub(_URL_PASSWORD.sub(r"\1:***@", value))
-    if len(text) > SHOWN_VALUE:
-        text = text[: SHOWN_VALUE - 1] + "…"
-    return repr(text)
 
 
 def _is_secret(model: type[BaseModel], loc: tuple[str | int, ...]) -> bool:

@@ -22,6 +22,7 @@ from rostersync.config.types import (
     Secret,
     SecretFile,
     StrictModel,
+    quoted,
     resolve_secret,
     secret_pair_schema,
 )
@@ -61,7 +62,9 @@ class Provisioning(StrictModel):
         for role in v:
             name = role.strip().lower()
             if not name or "," in name:
-                raise ValueError(f"teacher role {role!r} must be a non-empty name without commas")
+                raise ValueError(
+                    f"teacher role {quoted(role)} must be a non-empty name without commas"
+                )
             if name not in out:
                 out.append(name)
         return out
@@ -77,7 +80,7 @@ class Provisioning(StrictModel):
         for domain in v:
             name = normalize_email(domain).lstrip("@")
             if email_problem(f"x@{name}") is not None:
-                raise ValueError(f"{domain!r} is not a mail domain (e.g. springfield.k12.us)")
+                raise ValueError(f"{quoted(domain)} is not a mail domain (e.g. springfield.k12.us)")
             if name not in out:
                 out.append(name)
         return out
@@ -147,7 +150,7 @@ class MetricsSettings(StrictModel):
     def _host_port(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{v!r} is not host:port")
+            raise ValueError(f"{quoted(v)} is not host:port")
         return v
 
 
@@ -194,7 +197,7 @@ class Settings(StrictModel):
     def _site_names(cls, v: list[str]) -> list[str]:
         for s in v:
             if not s.strip() or len(s) > 50:
-                raise ValueError(f"site name {s!r} must be 1-50 characters")
+                raise ValueError(f"site name {quoted(s)} must be 1-50 characters")
         return v
 
     @property

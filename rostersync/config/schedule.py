@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from rostersync.config.types import Duration, StrictModel, exactly_one_of
+from rostersync.config.types import Duration, StrictModel, exactly_one_of, quoted
 
 if TYPE_CHECKING:
     from apscheduler.triggers.combining import OrTrigger
@@ -38,7 +38,7 @@ def crontab_day_of_week(field_: str) -> str:
     for item in field_.lower().split(","):
         base, _, step_text = item.partition("/")
         if step_text and (not step_text.isdigit() or int(step_text) == 0):
-            raise ValueError(f"day-of-week step {step_text!r} is not a positive number")
+            raise ValueError(f"day-of-week step {quoted(step_text)} is not a positive number")
         step = int(step_text) if step_text else 1
         if base == "*":
             lo, hi = 0, 6
@@ -52,7 +52,7 @@ def crontab_day_of_week(field_: str) -> str:
             if step_text:
                 hi = 6  # "1/2": from Monday on, every second day (cron semantics)
         if lo > hi:
-            raise ValueError(f"day-of-week range {base!r} runs backwards")
+            raise ValueError(f"day-of-week range {quoted(base)} runs backwards")
         days.update(d % 7 for d in range(lo, hi + 1, step))
     if len(days) == 7:
         return "*"
@@ -65,7 +65,7 @@ def _day_number(token: str) -> int:
         return int(token)
     if token[:3] in DAY_NAMES:
         return DAY_NAMES.index(token[:3])
-    raise ValueError(f"{token!r} is not a day of the week (0-7 or sun-sat)")
+    raise ValueError(f"{quoted(token)} is not a day of the week (0-7 or sun-sat)")
 
 
 def cron_trigger(expression: str, *, jitter: int | None = None) -> CronTrigger | OrTrigger:
@@ -81,20 +81,20 @@ def cron_trigger(expression: str, *, jitter: int | None = None) -> CronTrigger |
 
     parts = expression.split()
     if len(parts) != len(CRON_FIELDS):
-        raise ValueError(f"cron {expression!r} must have five fields (m h dom mon dow)")
+        raise ValueError(f"cron {quoted(expression)} must have five fields (m h dom mon dow)")
     values = dict(zip(CRON_FIELDS, parts, strict=True))
     try:
         values["day_of_week"] = crontab_day_of_week(values["day_of_week"])
     except ValueError as exc:
-        raise ValueError(f"cron {expression!r}: day of week: {exc}") from None
+        raise ValueError(f"cron {quoted(expression)}: day of week: {exc}") from None
     for name, value in values.items():
         # One field at a time, so the message can say which field is wrong.
         try:
             CronTrigger(**{name: value})
         except ValueError as exc:
-            field = f"{name.replace('_', ' ')} {parts[CRON_FIELDS.index(name)]!r}"
+            field = f"{name.replace('_', ' ')} {quoted(parts[CRON_FIELDS.index(name)])}"
             reason = _APS_PREFIX.sub("", str(exc))
-            raise ValueError(f"cron {expression!r}: {field}: {reason}") from None
+            raise ValueError(f"cron {quoted(expression)}: {field}: {reason}") from None
     day, dow = parts[2], parts[4]
     if not day.startswith("*") and not dow.startswith("*"):
         by_date = CronTrigger(**{**values, "day_of_week": "*"})
@@ -148,7 +148,7 @@ class Schedule(StrictModel):
             return None
         trigger = cron_trigger(value)
         if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
-            raise ValueError(f"cron {value!r} never fires (no date matches it)")
+            raise ValueError(f"cron {quoted(value)} never fires (no date matches it)")
         return value
 
     @field_validator("interval")

@@ -31,6 +31,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
+from rostersync.logs import scrub
+
 _DURATION = re.compile(r"^\s*(?:(\d+)d)?\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s)?\s*$")
 
 
@@ -49,7 +51,7 @@ def parse_duration(value: Any) -> timedelta:
         raise ValueError("expected a duration such as 30s, 15m, 1h or 1d")
     if isinstance(value, int | float):
         if not math.isfinite(value):
-            raise ValueError(f"{value!r} is not a duration")
+            raise ValueError(f"{quoted(value)} is not a duration")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return _bounded(value)
@@ -61,7 +63,7 @@ def parse_duration(value: Any) -> timedelta:
         if text and m and any(m.groups()):
             d, h, mi, s = (int(g) if g else 0 for g in m.groups())
             return _bounded(d * 86400 + h * 3600 + mi * 60 + s)
-    raise ValueError(f"{value!r} is not a duration (use e.g. 30s, 15m, 1h, 1d or seconds)")
+    raise ValueError(f"{quoted(value)} is not a duration (use e.g. 30s, 15m, 1h, 1d or seconds)")
 
 
 def _bounded(value: timedelta | float) -> timedelta:
@@ -172,6 +174,19 @@ def checking_files(info: ValidationInfo) -> bool:
     return bool(ctx.get("check_files", True))
 
 
+#: How much of a value given a message quotes.
+SHOWN_VALUE = 40
+
+
+def quoted(value: object) -> str:
+    """A value as an error message quotes it: anything that looks like a secret scrubbed (a
+    URL's password masked), cut to :data:`SHOWN_VALUE` characters."""
+    text = scrub(str(value))
+    if len(text) > SHOWN_VALUE:
+        text = text[: SHOWN_VALUE - 1] + "…"
+    return repr(text)
+
+
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     value = value.expanduser()
     return value if value.is_absolute() else (config_dir(info) / value)
@@ -211,7 +226,18 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
         raise ValueError(f"secret file {found} is not UTF-8 text") from None
     if not text.strip():
         raise ValueError(f"secret file {found} is empty")
+    if _more_than_one_line(text.strip()):
+        raise ValueError(f"secret file {found} holds more than one line: {ONE_LINE}, alone in it")
     return SecretStr(text.strip())
+
+
+#: Why a secret must be one line: each goes into an HTTP header or a login, where a line
+#: break is refused (as a connection error, which would say nothing of the file).
+ONE_LINE = "a secret is one line"
+
+
+def _more_than_one_line(text: str) -> bool:
+    return "\n" in text or "\r" in text
 
 
 def _secret_file_readable(path: Path) -> Path:
@@ -236,6 +262,8 @@ class _SecretProblem:
 def _report_secret_problem(value: Any) -> Any:
     if isinstance(value, _SecretProblem):
         raise ValueError(value.message)
+    if isinstance(value, str) and _more_than_one_line(value.strip()):
+        raise ValueError(f"holds more than one line: {ONE_LINE}")
     return value
 
 

@@ -718,3 +718,121 @@ def test_a_stray_byte_far_into_a_config_file_is_named_at_its_line(
     code, output = run_main(capsys, "--config", str(cfg), "config", "check")
     assert code == 2, output
     assert "(top level): line 401: the file is not UTF-8 (byte 0xc9)" in output
+
+
+URL_MISTAKES = """\
+organization: Springfield
+database: "sqlite://admin:DbPw-77@host/rs.db"
+roles: [Teacher]
+sites: [North High]
+provisioning: {default_role: Teacher, default_site: North High}
+sources:
+  rest:
+    type: oneroster
+    base_url: "htp://admin:UrlPw-55@example.org/ims"
+    auth: {type: oauth2, client_id: abc, client_secret: x, token_url: "htp://u:TokPw-33@x/t"}
+    timeout: "%s"
+  gc:
+    type: google_classroom
+    service_account_json: "{}"
+    delegated_admin: admin@example.org
+    api_base_url: "ftp://u:ApiPw-11@x"
+""" % ("9" * 30 + "minutes-or-so" + "Z" * 30)
+
+
+def test_a_url_quoted_in_an_error_has_its_password_masked_and_long_values_are_cut() -> None:
+    """Every message that quotes a URL masks its password, the validators' own messages as
+    pydantic's; a value they quote is cut to 40 characters as pydantic's are."""
+    pytest.importorskip("connectors.oneroster")
+    pytest.importorskip("connectors.google_classroom")
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(URL_MISTAKES)
+    messages = {i.path: i.message for i in err.value.issues}
+    assert messages["database"] == (
+        "'sqlite://admin:***@host/rs.db': a SQLite URL has three slashes before a relative "
+        "path (sqlite:///PATH)"
+    )
+    assert messages["sources.rest.base_url"] == (
+        "'htp://admin:***@example.org/ims' is not an http(s) URL"
+    )
+    assert messages["sources.rest.auth.token_url"] == "'htp://u:***@x/t' is not an http(s) URL"
+    assert messages["sources.gc.api_base_url"] == "'ftp://u:***@x' is not an http(s) URL"
+    assert messages["sources.rest.timeout"] == (
+        f"'{'9' * 30}minutes-o…' is not a duration (use e.g. 30s, 15m, 1h, 1d or seconds)"
+    )
+    assert "Pw-" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (
+            "postgresql+psycopg://u:PgPw@h:badport/db",
+            "the port is not a number from 1 to 65535 (postgresql+psycopg://user@host:5432/db)",
+        ),
+        (
+            "postgresql+psycopg://u@h:0/db",
+            "the port is not a number from 1 to 65535 (postgresql+psycopg://user@host:5432/db)",
+        ),
+        (
+            "postgresql+psycopg2://u:PgPw@h/db",
+            "'postgresql+psycopg2': rostersync reaches PostgreSQL through psycopg 3 "
+            "(postgresql+psycopg://user@host/db)",
+        ),
+    ],
+)
+def test_a_postgresql_url_a_command_could_not_open_is_a_config_error(
+    url: str, problem: str
+) -> None:
+    """What SQLAlchemy would only find when a command opens the database (an internal error
+    with a traceback) is a config error on `database` with its line, the password unsaid."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("sqlite:///state/rs.db", f'"{url}"'))
+    assert [str(i) for i in err.value.issues] == [f"database: line 2: {problem}"]
+    assert "PgPw" not in str(err.value)
+
+
+def test_postgresql_without_its_driver_installed_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A PostgreSQL database with psycopg not installed: `config check` (and every command,
+    as they load the config) says which extra to install, where each failed with
+    ModuleNotFoundError as an internal error."""
+    monkeypatch.setattr("rostersync.config.loader._driver_installed", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("sqlite:///state/rs.db", "postgresql+psycopg://u@h/db"))
+    assert [str(i) for i in err.value.issues] == [
+        "database: line 2: PostgreSQL's driver, psycopg, is not installed: "
+        "pip install 'rostersync[postgres]'"
+    ]
+
+
+def test_a_plain_postgresql_url_names_psycopg_3() -> None:
+    """`postgresql://` would make SQLAlchemy load psycopg2, a driver rostersync does not use:
+    it is taken as `postgresql+psycopg://`."""
+    pytest.importorskip("psycopg")
+    settings = load_settings_text(GOOD.replace("sqlite:///state/rs.db", "postgresql://u@h:5433/db"))
+    assert settings.database == "postgresql+psycopg://u@h:5433/db"
+
+
+def test_a_secret_of_more_than_one_line_is_a_config_error(tmp_path: Path) -> None:
+    """A secret goes into an HTTP header or a login, where a line break fails as a connection
+    error saying nothing of the file: `config check` refuses it, from a file or the YAML,
+    without showing it."""
+    pytest.importorskip("connectors.oneroster")
+    (tmp_path / "two.secret").write_text("Line1Secret\nLine2Secret\n")
+    text = GOOD + (
+        "  rest:\n    type: oneroster\n    base_url: https://x.example.org/ims\n"
+        "    auth: {type: oauth2, client_id: abc, client_secret_file: two.secret, "
+        "token_url: https://x.example.org/t}\n"
+        "  bearer:\n    type: oneroster\n    base_url: https://y.example.org/ims\n"
+        '    auth: {type: bearer, token: "Tok1\\nTok2"}\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"sources.rest.auth.client_secret_file: line 16: secret file {tmp_path}/two.secret "
+        "holds more than one line: a secret is one line, alone in it",
+        "sources.bearer.auth.token: line 20: holds more than one line: a secret is one line",
+    ]
+    assert "Line1" not in str(err.value) and "Tok1" not in str(err.value)
