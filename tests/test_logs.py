@@ -252,3 +252,17 @@ def test_the_daemon_stops_on_sigterm_when_its_log_reader_is_gone(tmp_path: Path)
             daemon.wait()
         if daemon.stderr is not None:
             daemon.stderr.close()
+
+
+def test_a_urls_password_is_masked_wherever_it_appears() -> None:
+    """A URL's ``user:password@`` (a database URL in an error, a base URL with credentials)
+    keeps its user and host and loses its password, in logs and messages alike."""
+    text = (
+        "cannot open postgresql+psycopg://rs:Pg-Secret-9@db.internal:5432/rs; retry http://a:b@h/"
+    )
+    assert logs.scrub(text) == (
+        "cannot open postgresql+psycopg://rs:***@db.internal:5432/rs; retry http://a:***@h/"
+    )
+    assert logs.scrub("sqlite:////var/lib/rostersync/rs.db and https://h:443/x") == (
+        "sqlite:////var/lib/rostersync/rs.db and https://h:443/x"
+    )
