@@ -1225,3 +1225,38 @@ def test_a_postgresql_user_without_create_on_its_schema_is_said_in_a_line() -> N
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute(f'DROP SCHEMA "{name}" CASCADE')
             admin.execute(f'DROP ROLE "{name}"')
+
+
+def test_executemany_writes_every_row_in_multi_row_statements(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store.db.executemany: every row written, also past a statement's share of rows and
+    with literals in the VALUES group; an ON CONFLICT clause after it applies to each row.
+    (PostgreSQL sends many rows per INSERT; SQLite the driver's executemany.)"""
+    from sqlalchemy import text
+
+    from rostersync.store import db
+    from rostersync.store.db import executemany
+
+    monkeypatch.setattr(db, "MULTI_ROW_MAX", 7)  # several statements, the last one short
+    sent: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    with store.write() as conn:
+        conn.execute(
+            text("CREATE TEMPORARY TABLE em_t (k INTEGER PRIMARY KEY, v TEXT, tag TEXT, n INTEGER)")
+        )
+        insert = "INSERT INTO em_t (k, v, tag, n) VALUES (?, ?, 'a(b),''c', 0)"
+        executemany(conn, insert, [(k, f"v{k}") for k in range(30)])
+        executemany(
+            conn,
+            f"{insert} ON CONFLICT (k) DO UPDATE SET v = excluded.v, n = em_t.n + 1",
+            [(k, f"w{k}") for k in range(25, 40)],
+        )
+        executemany(conn, insert.replace("(k, v", "(k,v") + " ON CONFLICT DO NOTHING", [(1, "x")])
+        rows = conn.execute(text("SELECT k, v, tag, n FROM em_t ORDER BY k")).all()
+    assert [tuple(r) for r in rows] == [
+        (k, f"v{k}" if k < 25 else f"w{k}", "a(b),'c", 1 if 25 <= k < 30 else 0) for k in range(40)
+    ]
+    inserts = [sql for sql in sent if sql.startswith("INSERT INTO em_t")]
+    # 30 rows in 5 statements of up to 7, 15 in 3, 1 in 1; the driver's one executemany each
+    assert len(inserts) == (9 if store.is_postgres else 3)
