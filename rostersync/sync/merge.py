@@ -32,13 +32,15 @@ def _first_load(
     mine = conn.execute(text(f"SELECT 1 FROM {mirror} WHERE source = :src LIMIT 1"), params).first()
     if mine is not None:
         return False, False
+    total = int(conn.execute(text(f"SELECT count(*) FROM {mirror}")).scalar_one())
+    # Staged rows are counted only as far as the answer needs (a first load's million
+    # enrollments are not all read to learn that there are more than 50,000).
+    enough = max(total, BULK_LOAD_MIN_ROWS)
     staged = conn.execute(
-        text(f"SELECT count(*) FROM {staging} WHERE run_id = :run"), params
+        text(f"SELECT count(*) FROM (SELECT 1 FROM {staging} WHERE run_id = :run LIMIT :cap) s"),
+        {**params, "cap": enough},
     ).scalar_one()
-    if staged < BULK_LOAD_MIN_ROWS:
-        return True, False
-    total = conn.execute(text(f"SELECT count(*) FROM {mirror}")).scalar_one()
-    return True, staged >= total
+    return True, staged >= enough
 
 
 def _update_in_place(conn: Connection, kind: str, source: str, run_id: int, ids: set[str]) -> int:

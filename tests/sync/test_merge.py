@@ -490,3 +490,29 @@ def test_only_staged_rows_the_merge_did_not_write_take_their_fingerprints_after_
         fps = dict(conn.execute(text("SELECT sourced_id, fp FROM roster_enrollment")).all())
     assert fps == {"e-same": 31, "e-changed": 22}
     assert updates == []
+
+
+def test_a_first_load_is_a_bulk_load_when_it_reaches_the_minimum_and_the_mirrors_size(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge._first_load: a source's first load is a bulk load (indexes rebuilt afterwards)
+    when it stages at least BULK_LOAD_MIN_ROWS rows and at least as many as the mirror holds
+    (the other sources'); staged rows are counted only that far. Not a first load: neither."""
+    monkeypatch.setattr(merging, "BULK_LOAD_MIN_ROWS", 3)
+    with store.write() as conn:
+        conn.execute(text("CREATE TEMPORARY TABLE fl_m (source VARCHAR(64), sourced_id TEXT)"))
+        conn.execute(text("CREATE TEMPORARY TABLE fl_s (run_id INTEGER, sourced_id TEXT)"))
+
+        def staged(n: int) -> tuple[bool, bool]:
+            conn.execute(text("DELETE FROM fl_s"))
+            for i in range(n):
+                conn.execute(text("INSERT INTO fl_s VALUES (7, :i)"), {"i": f"x{i}"})
+            conn.execute(text("INSERT INTO fl_s VALUES (8, 'another run')"))
+            return merging._first_load(conn, "fl_m", "fl_s", {"src": "a", "run": 7})
+
+        assert [staged(n) for n in (2, 3, 9)] == [(True, False), (True, True), (True, True)]
+        for i in range(5):
+            conn.execute(text("INSERT INTO fl_m VALUES ('b', :i)"), {"i": f"b{i}"})
+        assert [staged(n) for n in (4, 5, 6)] == [(True, False), (True, True), (True, True)]
+        conn.execute(text("INSERT INTO fl_m VALUES ('a', 'a0')"))
+        assert staged(50) == (False, False)
