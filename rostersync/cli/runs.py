@@ -27,9 +27,23 @@ if TYPE_CHECKING:
     from rostersync.sync.runs import RunReport
 
 
-#: A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's refuse a
-#: larger number with an error of their own).
-RUN_ID = click.IntRange(min=1, max=2**31 - 1)
+class RunId(click.IntRange):
+    """A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's
+    refuse a larger number with an error of their own). What is no number at all is named as
+    not a run id, not as click's "not a valid integer range"."""
+
+    name = "run id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, int):
+            try:
+                int(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a run id (a whole number from 1)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+RUN_ID = RunId(min=1, max=2**31 - 1)
 
 
 @click.group("runs", cls=Group)

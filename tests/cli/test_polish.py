@@ -186,6 +186,23 @@ def test_a_number_out_of_range_is_a_usage_error(config: Path, args: tuple[str, .
     assert "Invalid value for" in result.stderr and "is not in the range" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [("runs", "show", "abc"), ("runs", "show", "abc", "--changes"), ("runs", "approve", "abc")],
+)
+def test_a_run_id_that_is_no_number_says_what_a_run_id_is(
+    config: Path, args: tuple[str, ...]
+) -> None:
+    """`runs show abc` and `runs approve abc` exit 2 saying a run id is a whole number from 1,
+    not click's "'abc' is not a valid integer range"."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert (
+        "Invalid value for 'RUN_ID': 'abc' is not a run id (a whole number from 1)" in result.stderr
+    )
+    assert "integer range" not in result.stderr
+
+
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
     """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
     groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
