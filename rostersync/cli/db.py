@@ -12,7 +12,7 @@ def db_group() -> None:
     """Database schema."""
 
 
-@db_group.command("upgrade")
+@db_group.command("upgrade", short_help="Apply pending migrations.")
 @click.pass_obj
 def db_upgrade(app: App) -> None:
     """Apply pending migrations (a database at the newest revision is left as it is, and
