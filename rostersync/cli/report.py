@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import fail, table
 
 if TYPE_CHECKING:
@@ -252,8 +253,8 @@ def print_report(r: RunReport) -> None:
     elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
-            f"  review with `rostersync runs show {r.id} --changes`, "
-            f"apply with `rostersync runs approve {r.id}`"
+            f"  review with `{hints.command(f'runs show {r.id} --changes')}`, "
+            f"apply with `{hints.command(f'runs approve {r.id}')}`"
         )
     for w in r.warnings:
         click.echo(f"  warning: {w}")
@@ -278,7 +279,7 @@ def print_report(r: RunReport) -> None:
         where = f" ({rej['location']})" if rej.get("location") else ""
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
     if len(r.rejected) > 20:
-        click.echo(f"  ... and {len(r.rejected) - 20} more: `rostersync runs show {r.id}`")
+        click.echo(f"  ... and {len(r.rejected) - 20} more: `{hints.command(f'runs show {r.id}')}`")
 
 
 def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> None:
@@ -314,7 +315,7 @@ def unfinished_line(states: Mapping[str, int]) -> str | None:
         return None
     return (
         f"not done: {retry} resync(s) wait for a retry, {failed} failed for good "
-        "(`rostersync queue list` says why)"
+        f"(`{hints.command('queue list')}` says why)"
     )
 
 
@@ -324,7 +325,7 @@ def jobs_line(states: Mapping[str, int]) -> str | None:
     shown = [f"{n} {state}" for state, n in states.items() if n]
     if not shown:
         return None
-    why = "; `rostersync queue list` says why" if states.get("failed") else ""
+    why = f"; `{hints.command('queue list')}` says why" if states.get("failed") else ""
     return f"resync jobs: {', '.join(shown)}{why}"
 
 

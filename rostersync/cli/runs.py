@@ -4,12 +4,14 @@ approvals of held runs."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.draining import drain_with_progress, resync_states
 from rostersync.cli.report import (
@@ -236,7 +238,8 @@ def _approval_preview(app: App, run_id: int) -> bool:
     if report.dry_run:
         fail(
             f"run {run_id} is a dry run: a preview that is never applied. Run "
-            f"`rostersync sync --source {report.source}` to sync the source for real"
+            f"`{hints.command(f'sync --source {shlex.quote(report.source)}')}` to sync the "
+            "source for real"
         )
     if report.status != "held" or report.superseded_by is not None:
         return False
@@ -246,7 +249,8 @@ def _approval_preview(app: App, run_id: int) -> bool:
         return True
     for line in change_set_lines(found, limit=APPROVE_PREVIEW_ROWS):
         click.echo(f"  {line}" if line else "")
-    click.echo(f"  (all of it, members too: `rostersync runs show {run_id} --changes --members`)")
+    everything = hints.command(f"runs show {run_id} --changes --members")
+    click.echo(f"  (all of it, members too: `{everything}`)")
     return True
 
 
@@ -263,7 +267,7 @@ def _approval_stopped(app: App, run_id: int) -> str:
             f"stopped while processing the resync jobs run {run_id} queued: the run is applied "
             f"({status}); the jobs left wait for the daemon, or the next `sync` or `run --once`"
         )
-    return f"stopped: run {run_id} is {status} (`rostersync runs show {run_id}`)"
+    return f"stopped: run {run_id} is {status} (`{hints.command(f'runs show {run_id}')}`)"
 
 
 @runs.command(
@@ -305,8 +309,9 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
         if not _interactive():
             fail(
                 "runs approve asks for confirmation, and there is no terminal to ask on: "
-                "review the change set (`rostersync runs show "
-                f"{run_id} --changes`), then run `rostersync runs approve {run_id} --yes`",
+                "review the change set "
+                f"(`{hints.command(f'runs show {run_id} --changes')}`), then run "
+                f"`{hints.command(f'runs approve {run_id} --yes')}`",
                 EXIT_USAGE,
             )
         if not click.confirm(f"Apply run {run_id}?", default=False, err=True):

@@ -107,7 +107,8 @@ def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
     assert run(config, "sync").exit_code == 0
     cut_drop_to_a_tenth(config)
     held = run(config, "sync")
-    assert held.exit_code == 1 and "apply with `rostersync runs approve 2`" in held.stdout
+    assert held.exit_code == 1
+    assert f"apply with `rostersync --config {config} runs approve 2`" in held.stdout
     approved = run(config, "runs", "approve", "2", "--yes")
     assert approved.exit_code == 0, approved.output
     assert "run 2  source sample  full: succeeded" in approved.stdout
@@ -296,7 +297,7 @@ def test_runs_show_says_where_the_runs_resync_jobs_stand(config: Path) -> None:
     text_out = run(config, "runs", "show", str(done["id"])).stdout
     assert (
         f"  resync jobs: 1 queued, {queued - 2} succeeded, 1 failed; "
-        "`rostersync queue list` says why\n"
+        f"`rostersync --config {config} queue list` says why\n"
     ) in text_out
     dry = as_json(run(config, "sync", "--dry-run", "--json"))["runs"][0]  # type: ignore[index]
     dry_shown = as_json(run(config, "runs", "show", str(dry["id"]), "--json"))
