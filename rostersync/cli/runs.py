@@ -21,6 +21,7 @@ from rostersync.cli.report import (
     print_report,
     print_run,
     run_doc,
+    when_text,
     write_change_csv,
 )
 from rostersync.errors import RunNotFound, RunStateError
@@ -94,7 +95,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
             r["mode"],
             r["status"] + (" (dry run)" if r["dry_run"] else ""),
             r["trigger"],
-            r["started_at"],
+            when_text(r["started_at"]),
             duration_text(r["duration_seconds"]),
             done(r, "users_created"),
             done(r, "users_archived"),

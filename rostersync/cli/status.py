@@ -9,6 +9,7 @@ import click
 
 from rostersync import hints
 from rostersync.cli.app import App, emit_json, table
+from rostersync.cli.report import when_text
 
 if TYPE_CHECKING:
     from rostersync.config.source import SourceConfig
@@ -100,8 +101,7 @@ def _print(doc: dict[str, Any]) -> None:
         run = s["last_run"]
         last = "never run"
         if run is not None:
-            at = str(run["finished_at"] or "?")[:19].replace("T", " ")
-            last = f"run {run['id']} {run['status']} at {at}Z"
+            last = f"run {run['id']} {run['status']} at {when_text(run['finished_at'])}"
         rows.append(
             (
                 s["name"],

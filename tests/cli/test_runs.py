@@ -229,7 +229,9 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert all(r["trigger"] == "cli" for r in listed)
     assert all(isinstance(r["duration_seconds"], float) for r in listed)
     table_out = run(config, "runs", "list").stdout.splitlines()
-    assert re.match(r"2\s+sample\s+full\s+superseded\s+cli\s+\S+\s+\d+\.\ds\s", table_out[3])
+    assert re.match(
+        r"2\s+sample\s+full\s+superseded\s+cli\s+\S+ \S+Z\s+\d+\.\ds\s", table_out[3]
+    ), table_out[3]
     # What the superseded run would have archived is in brackets, and said so; the runs that
     # were applied show what they did.
     archived = held["counts"]["users_archived"]
@@ -244,6 +246,24 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert refused.exit_code == 1 and "out of date" in refused.stderr
     gone = run(config, "runs", "show", "2", "--changes")
     assert gone.exit_code == 1 and "overtaken by run 3" in gone.stderr
+
+
+def test_runs_list_shows_when_a_run_started_as_runs_show_and_status_do(config: Path) -> None:
+    """The "started" column reads `2026-12-07 16:49:31Z` (UTC, to the second), the moment
+    `runs show` gives, not the JSON's `2026-12-07T16:49:31.743987+00:00`; the JSON keeps it."""
+    assert run(config, "sync").exit_code == 0
+    listed = run(config, "runs", "list").stdout.splitlines()
+    header, row = listed[0], listed[2]
+    started = row[header.index("started") :].split("  ")[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", started), row
+    assert f"  started {started} by the command line" in run(config, "runs", "show", "1").stdout
+    docs = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(docs, list)
+    [doc] = docs
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", doc["started_at"])
+    assert doc["started_at"][:19].replace("T", " ") + "Z" == started
+    status = run(config, "status").stdout.splitlines()[2]
+    assert re.search(r"run 1 succeeded_with_errors at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", status)
 
 
 def test_runs_list_of_a_source_the_config_does_not_name_says_which_it_does(config: Path) -> None:
