@@ -83,7 +83,7 @@ def import_cmd() -> None:
       --sheet NAME      XLSX: read this sheet (default: the first)
       --fail-on-errors  exit 1 if any row failed
       --no-wait         only queue the group resyncs; do not run them now
-    See `rostersync import file --help` and docs/import.md.
+    The columns, each row's status and examples: docs/import.md.
     """
 
 

@@ -266,6 +266,18 @@ def test_runs_list_shows_when_a_run_started_as_runs_show_and_status_do(config: P
     assert re.search(r"run 1 succeeded_with_errors at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", status)
 
 
+@pytest.mark.parametrize("args", [("runs", "approve", "99", "--yes"), ("runs", "show", "99")])
+def test_a_run_id_that_names_no_run_is_a_usage_error(config: Path, args: tuple[str, ...]) -> None:
+    """`runs approve 99` (and `runs show 99`) of a run that does not exist exits 2, as
+    README says beside the refusals that exit 1, and changes nothing."""
+    assert run(config, "sync").exit_code == 0
+    before = as_json(run(config, "users", "list", "--json"))
+    result = run(config, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "rostersync: run 99 does not exist\n"
+    assert as_json(run(config, "users", "list", "--json")) == before
+
+
 def test_runs_list_of_a_source_the_config_does_not_name_says_which_it_does(config: Path) -> None:
     """`runs list --source smaple` (a typo, no runs) exits 2 naming the config's sources; a
     configured source without runs yet lists nothing, exit 0."""
