@@ -52,6 +52,19 @@ class App:
         self._owner: str | None = None
 
     @property
+    def config_file(self) -> str | None:
+        """The ``--config`` given on the command line (before or after the command), or None."""
+        return self._config_file
+
+    @config_file.setter
+    def config_file(self, value: str | None) -> None:
+        from rostersync import hints
+
+        self._config_file = value
+        # The commands its messages tell the operator to run carry it (rostersync.hints).
+        hints.use_config(value)
+
+    @property
     def settings(self) -> Settings:
         from rostersync.config.loader import load_settings
         from rostersync.logs import configure as configure_logging
@@ -137,6 +150,9 @@ class App:
 
     def close(self) -> None:
         """At the command's end: drop this process's registry row, close the database."""
+        from rostersync import hints
+
+        hints.use_config(None)
         if self._store is None:
             return
         if self._owner is not None:

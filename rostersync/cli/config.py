@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import EXIT_USAGE, App, Group
 from rostersync.errors import ConfigError
 
@@ -48,7 +49,8 @@ def config_check(app: App) -> None:
         # Nor is a missing folder: StateDirectory makes /var/lib/rostersync at the unit's start.
         if db.parent.is_dir():
             click.echo(
-                f"  note: database {db} does not exist yet; a sync or `rostersync db upgrade` creates it"
+                f"  note: database {db} does not exist yet; a sync or "
+                f"`{hints.command('db upgrade')}` creates it"
             )
         else:
             click.echo(

@@ -12,10 +12,11 @@ def db_group() -> None:
     """Database schema."""
 
 
-@db_group.command("upgrade")
+@db_group.command("upgrade", short_help="Apply pending migrations.")
 @click.pass_obj
 def db_upgrade(app: App) -> None:
-    """Apply pending migrations."""
+    """Apply pending migrations (a database at the newest revision is left as it is, and
+    says so)."""
     from rostersync.sync.provisioning import sync_catalog
 
     store = app.open_store()
@@ -28,4 +29,9 @@ def db_upgrade(app: App) -> None:
         # and its -wal and -shm files go.
         store.dispose()
     # The file, or the server URL without its password (not the Store's repr).
-    click.echo(f"database {store.location}: {before or 'empty'} -> {after}")
+    if before is not None and before == after:
+        click.echo(
+            f"database {store.location}: already at {after}, the newest revision (nothing to do)"
+        )
+    else:
+        click.echo(f"database {store.location}: {before or 'empty'} -> {after}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import (
     EXIT_FAILED,
     EXIT_USAGE,
@@ -82,7 +83,7 @@ def import_cmd() -> None:
       --sheet NAME      XLSX: read this sheet (default: the first)
       --fail-on-errors  exit 1 if any row failed
       --no-wait         only queue the group resyncs; do not run them now
-    See `rostersync import file --help` and docs/import.md.
+    The columns, each row's status and examples: docs/import.md.
     """
 
 
@@ -190,7 +191,7 @@ def _print_result(
         if result.verifications_queued:
             click.echo(
                 f"{result.verifications_queued} verification email(s) queued "
-                "(the daemon sends them; or `rostersync outbox send`)"
+                f"(the daemon sends them; or `{hints.command('outbox send')}`)"
             )
         if result.resyncs_queued and waited:
             click.echo(
@@ -200,7 +201,7 @@ def _print_result(
         elif result.resyncs_queued:
             click.echo(
                 f"{result.resyncs_queued} group resync(s) queued (the daemon processes them; "
-                "or `rostersync run --once`)"
+                f"or `{hints.command('run --once')}`)"
             )
     if report_path:
         click.echo(f"report written to {report_path}")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import fail, table
 
 if TYPE_CHECKING:
@@ -223,15 +225,28 @@ TRIGGERS = {
 }
 
 
+def when_text(value: datetime | str | None) -> str:
+    """A moment as every text output shows it (`sync`, `status`, `runs list`, `runs show`):
+    UTC to the second, ``2026-12-07 16:49:31Z``; "?" for none. ``value``: a datetime (naive
+    ones are UTC, as the store keeps them) or the ISO text of the JSON documents."""
+    if value is None:
+        return "?"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 def print_report(r: RunReport) -> None:
     from rostersync.sync.runs import COUNT_KEYS
 
     flag = " (dry run)" if r.dry_run else ""
     click.echo(f"run {r.id}  source {r.source}  {r.mode}{flag}: {r.shown_status}")
-    when = r.started_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.started_at else "?"
+    when = when_text(r.started_at)
     took = "" if r.duration is None else f", took {duration_text(r.duration)}"
     if r.approved_at is not None and r.trigger == "approval":
-        approved = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ")
+        approved = when_text(r.approved_at)
         click.echo(f"  started {when}; applied by an approval at {approved}{took}")
     else:
         click.echo(f"  started {when} by {TRIGGERS.get(r.trigger, r.trigger)}{took}")
@@ -241,7 +256,7 @@ def print_report(r: RunReport) -> None:
         click.echo(f"  a real run would be held: {r.hold_reason}")
         click.echo("  (a dry run changes nothing and cannot be approved)")
     elif r.hold_reason and r.status != "held":
-        when = r.approved_at.strftime("%Y-%m-%d %H:%M:%SZ") if r.approved_at else "?"
+        when = when_text(r.approved_at)
         click.echo(f"  approved {when}; it had been held: {r.hold_reason}")
     elif r.superseded_by is not None:
         click.echo(f"  held: {r.hold_reason}")
@@ -252,8 +267,8 @@ def print_report(r: RunReport) -> None:
     elif r.hold_reason:
         click.echo(f"  held: {r.hold_reason}")
         click.echo(
-            f"  review with `rostersync runs show {r.id} --changes`, "
-            f"apply with `rostersync runs approve {r.id}`"
+            f"  review with `{hints.command(f'runs show {r.id} --changes')}`, "
+            f"apply with `{hints.command(f'runs approve {r.id}')}`"
         )
     for w in r.warnings:
         click.echo(f"  warning: {w}")
@@ -278,7 +293,7 @@ def print_report(r: RunReport) -> None:
         where = f" ({rej['location']})" if rej.get("location") else ""
         click.echo(f"  rejected {rej['entity']} {rej['sourced_id'] or '?'}: {rej['reason']}{where}")
     if len(r.rejected) > 20:
-        click.echo(f"  ... and {len(r.rejected) - 20} more: `rostersync runs show {r.id}`")
+        click.echo(f"  ... and {len(r.rejected) - 20} more: `{hints.command(f'runs show {r.id}')}`")
 
 
 def write_change_csv(path: Path, found: list[ChangeSet], *, members: bool) -> None:
@@ -314,7 +329,7 @@ def unfinished_line(states: Mapping[str, int]) -> str | None:
         return None
     return (
         f"not done: {retry} resync(s) wait for a retry, {failed} failed for good "
-        "(`rostersync queue list` says why)"
+        f"(`{hints.command('queue list')}` says why)"
     )
 
 
@@ -324,7 +339,7 @@ def jobs_line(states: Mapping[str, int]) -> str | None:
     shown = [f"{n} {state}" for state, n in states.items() if n]
     if not shown:
         return None
-    why = "; `rostersync queue list` says why" if states.get("failed") else ""
+    why = f"; `{hints.command('queue list')}` says why" if states.get("failed") else ""
     return f"resync jobs: {', '.join(shown)}{why}"
 
 

@@ -4,12 +4,14 @@ approvals of held runs."""
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
 from rostersync.cli.draining import drain_with_progress, resync_states
 from rostersync.cli.report import (
@@ -19,6 +21,7 @@ from rostersync.cli.report import (
     print_report,
     print_run,
     run_doc,
+    when_text,
     write_change_csv,
 )
 from rostersync.errors import RunNotFound, RunStateError
@@ -27,9 +30,23 @@ if TYPE_CHECKING:
     from rostersync.sync.runs import RunReport
 
 
-#: A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's refuse a
-#: larger number with an error of their own).
-RUN_ID = click.IntRange(min=1, max=2**31 - 1)
+class RunId(click.IntRange):
+    """A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's
+    refuse a larger number with an error of their own). What is no number at all is named as
+    not a run id, not as click's "not a valid integer range"."""
+
+    name = "run id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, int):
+            try:
+                int(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a run id (a whole number from 1)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+RUN_ID = RunId(min=1, max=2**31 - 1)
 
 
 @click.group("runs", cls=Group)
@@ -78,7 +95,7 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
             r["mode"],
             r["status"] + (" (dry run)" if r["dry_run"] else ""),
             r["trigger"],
-            r["started_at"],
+            when_text(r["started_at"]),
             duration_text(r["duration_seconds"]),
             done(r, "users_created"),
             done(r, "users_archived"),
@@ -222,7 +239,8 @@ def _approval_preview(app: App, run_id: int) -> bool:
     if report.dry_run:
         fail(
             f"run {run_id} is a dry run: a preview that is never applied. Run "
-            f"`rostersync sync --source {report.source}` to sync the source for real"
+            f"`{hints.command(f'sync --source {shlex.quote(report.source)}')}` to sync the "
+            "source for real"
         )
     if report.status != "held" or report.superseded_by is not None:
         return False
@@ -232,7 +250,8 @@ def _approval_preview(app: App, run_id: int) -> bool:
         return True
     for line in change_set_lines(found, limit=APPROVE_PREVIEW_ROWS):
         click.echo(f"  {line}" if line else "")
-    click.echo(f"  (all of it, members too: `rostersync runs show {run_id} --changes --members`)")
+    everything = hints.command(f"runs show {run_id} --changes --members")
+    click.echo(f"  (all of it, members too: `{everything}`)")
     return True
 
 
@@ -249,7 +268,7 @@ def _approval_stopped(app: App, run_id: int) -> str:
             f"stopped while processing the resync jobs run {run_id} queued: the run is applied "
             f"({status}); the jobs left wait for the daemon, or the next `sync` or `run --once`"
         )
-    return f"stopped: run {run_id} is {status} (`rostersync runs show {run_id}`)"
+    return f"stopped: run {run_id} is {status} (`{hints.command(f'runs show {run_id}')}`)"
 
 
 @runs.command(
@@ -291,8 +310,9 @@ def runs_approve(app: App, run_id: int, yes: bool, as_json: bool) -> None:
         if not _interactive():
             fail(
                 "runs approve asks for confirmation, and there is no terminal to ask on: "
-                "review the change set (`rostersync runs show "
-                f"{run_id} --changes`), then run `rostersync runs approve {run_id} --yes`",
+                "review the change set "
+                f"(`{hints.command(f'runs show {run_id} --changes')}`), then run "
+                f"`{hints.command(f'runs approve {run_id} --yes')}`",
                 EXIT_USAGE,
             )
         if not click.confirm(f"Apply run {run_id}?", default=False, err=True):

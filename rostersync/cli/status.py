@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from rostersync import hints
 from rostersync.cli.app import App, emit_json, table
+from rostersync.cli.report import when_text
 
 if TYPE_CHECKING:
     from rostersync.config.source import SourceConfig
@@ -99,8 +101,7 @@ def _print(doc: dict[str, Any]) -> None:
         run = s["last_run"]
         last = "never run"
         if run is not None:
-            at = str(run["finished_at"] or "?")[:19].replace("T", " ")
-            last = f"run {run['id']} {run['status']} at {at}Z"
+            last = f"run {run['id']} {run['status']} at {when_text(run['finished_at'])}"
         rows.append(
             (
                 s["name"],
@@ -112,10 +113,11 @@ def _print(doc: dict[str, Any]) -> None:
         )
     click.echo(table(rows, ["source", "type", "schedule", "last run", "held"]))
     for h in doc["held_runs"]:
+        review = hints.command(f"runs show {h['id']} --changes")
+        apply = hints.command(f"runs approve {h['id']}")
         click.echo(
             f"held: run {h['id']} of {h['source']} waits for an approval: review with "
-            f"`rostersync runs show {h['id']} --changes`, apply with "
-            f"`rostersync runs approve {h['id']}`"
+            f"`{review}`, apply with `{apply}`"
         )
     q, u = doc["queue"], doc["users"]
     stopped = ""

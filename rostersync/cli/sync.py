@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from rostersync import hints
 from rostersync.cli import waiting
 from rostersync.cli.app import (
     EXIT_FAILED,
@@ -120,8 +121,8 @@ def _stoppable(runs: Callable[[_Phase], Coroutine[Any, Any, _T]]) -> _T:
         if phase.draining:
             fail(
                 "stopped while processing the resync jobs its runs queued: the runs are done "
-                "(`rostersync runs list`); the jobs left wait for the daemon, or the next "
-                "`sync` or `run --once`",
+                f"(`{hints.command('runs list')}`); the jobs left wait for the daemon, or the "
+                "next `sync` or `run --once`",
                 EXIT_FAILED,
             )
         fail("stopped: a run it had not finished is failed as interrupted", EXIT_FAILED)
@@ -191,8 +192,8 @@ def sync(
     mode = "full" if full else "delta" if delta else None
     if changes and not dry_run:
         fail(
-            "--changes needs --dry-run (a held run's change set: `rostersync runs show ID "
-            "--changes`)",
+            "--changes needs --dry-run (a held run's change set: "
+            f"`{hints.command('runs show ID --changes')}`)",
             EXIT_USAGE,
         )
     if (members or csv_path) and not changes:
@@ -403,7 +404,7 @@ def resync(
             notice(
                 "resync_no_daemon",
                 "no daemon is running against this database: the jobs wait for "
-                "one; `rostersync run --once` (or `resync --wait`) processes them now",
+                f"one; `{hints.command('run --once')}` (or `resync --wait`) processes them now",
                 "warning",
             )
     rejected = waiting.records_rejected(jobs)
@@ -434,7 +435,7 @@ def resync(
         then = (
             "the daemon goes on with them"
             if waited.processed_by == "daemon"
-            else "they stay queued for a daemon or `rostersync run --once`"
+            else f"they stay queued for a daemon or `{hints.command('run --once')}`"
         )
         fail(
             f"timed out after {timeout:g}s: {len(unfinished)} of {len(jobs)} job(s) not "

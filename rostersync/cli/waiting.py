@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rostersync import hints
+
 if TYPE_CHECKING:
     from rostersync.cli.app import App
     from rostersync.progress import SyncProgress
@@ -96,7 +98,7 @@ async def wait_for_jobs(app: App, job_users: dict[int, int], seconds: float) -> 
                     progress,
                     "resync_processing_here",
                     "no daemon is running against this database: processing the queue here "
-                    "(as `rostersync run --once` would)",
+                    f"(as `{hints.command('run --once')}` would)",
                 )
             left = deadline - time.monotonic()
             if left <= 0:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rostersync.config.schedule import Schedule
 from rostersync.config.types import Duration, StrictModel
@@ -60,6 +61,17 @@ class SchoolScope(StrictModel):
         return self
 
 
+def _kind_of(value: object) -> str:
+    """What kind of YAML value was written, named rather than shown."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    return "a string" if isinstance(value, str) else type(value).__name__
+
+
 class SourceConfig(StrictModel):
     """Keys common to every source type. Connectors add their own fields in a subclass."""
 
@@ -71,6 +83,17 @@ class SourceConfig(StrictModel):
         default=timedelta(hours=24), description="in delta mode, run a full sync this often"
     )
     safety: SourceSafety | None = None
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_is_a_mapping(cls, value: Any) -> Any:
+        """`schedule: hourly` (or `1h`, `0 2 * * *`) is refused saying what a schedule looks
+        like, where pydantic's "valid dictionary or instance of Schedule" names a class."""
+        if value is None or isinstance(value, Mapping | Schedule):
+            return value
+        raise ValueError(
+            f"must be a mapping: {{interval: 1h}} or {{cron: '0 2 * * *'}}, not {_kind_of(value)}"
+        )
 
     def prepare_http(self) -> None:
         """Start, in the background, what http_client_options will need and is slow to make

@@ -9,6 +9,7 @@ or nothing, and picks where an interval schedule continues after a restart.
 from __future__ import annotations
 
 import contextlib
+import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,6 +20,7 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 
+from rostersync import hints
 from rostersync.config.models import Settings
 from rostersync.config.schedule import Schedule, build_trigger, misfire_grace
 from rostersync.store.db import Store, utcnow
@@ -164,7 +166,9 @@ class SourceJobs:
             raise
         for name in plan.manual:
             self.log.info(
-                "source_unscheduled", source=name, hint=f"rostersync sync --source {name}"
+                "source_unscheduled",
+                source=name,
+                hint=hints.command(f"sync --source {shlex.quote(name)}"),
             )
         for name, job in added:
             self.log.info("source_scheduled", source=name, next_run=str(job.next_run_time))

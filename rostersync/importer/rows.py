@@ -55,12 +55,14 @@ class RowInput:
 
 
 def _flag(cells: ColumnMap, values: tuple[str, ...], name: str, header: str) -> bool:
-    cell = (cells.get(values, name) or "").strip().lower()
+    given = (cells.get(values, name) or "").strip()
+    cell = given.lower()
     if cell in _TRUE:
         return True
     if cell in _FALSE:
         return False
-    raise _Bad(f"{header} must be TRUE or FALSE, not {cell!r}")
+    # The cell as the file has it (`Maybe`), not as it was compared.
+    raise _Bad(f"{header} must be TRUE or FALSE, not {given!r}")
 
 
 class _Bad(Exception):
@@ -111,9 +113,11 @@ def _parse(
     if len(groups) == 1 and groups[0].casefold() == "none":
         groups = ()  # the template's way of saying "no groups" explicitly
 
-    status_cell = (cells.get(values, "status") or "").strip().lower()
+    status_given = (cells.get(values, "status") or "").strip()
+    status_cell = status_given.lower()
     if status_cell not in ("", "active", "archived"):
-        raise _Bad(f"Current Status must be Active or Archived, not {status_cell!r}")
+        # The cell as the file has it (`Deleted`), not as it was compared.
+        raise _Bad(f"Current Status must be Active or Archived, not {status_given!r}")
 
     identities: list[tuple[str, str]] = []
     for item in split_list(cells.get(values, "source_usernames") or "", ",;"):

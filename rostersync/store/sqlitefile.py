@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 from sqlalchemy.engine import make_url
 
+from rostersync import hints
 from rostersync.errors import ConfigError, ConfigIssue, StoreError
 
 
@@ -46,7 +47,7 @@ def open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
     if not path.exists():
         raise StoreError(
             f"database {path} does not exist: check `database` in the config. Commands that "
-            "only read never create it; a sync or `rostersync db upgrade` does"
+            f"only read never create it; a sync or `{hints.command('db upgrade')}` does"
         )
     if not path.is_file():
         raise StoreError(f"database {path} is not a file: check `database` in the config")

@@ -5,10 +5,12 @@ rules that held it, after checks made under the source's lease.
 from __future__ import annotations
 
 import asyncio
+import shlex
 from typing import Any
 
 from sqlalchemy import Connection
 
+from rostersync import hints
 from rostersync.config.models import Settings
 from rostersync.errors import RunStateError
 from rostersync.logs import scrub
@@ -97,7 +99,8 @@ class Approval:
         if report.dry_run:
             raise RunStateError(
                 f"run {run_id} is a dry run: a preview that is never applied. Run "
-                f"`rostersync sync --source {report.source}` to sync the source for real"
+                f"`{hints.command(f'sync --source {shlex.quote(report.source)}')}` to sync "
+                "the source for real"
             )
         if report.status != "held" and report.approved_at is not None:
             # An approval that failed puts the run back to held, so this one took.

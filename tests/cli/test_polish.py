@@ -54,6 +54,43 @@ def test_every_command_and_option_has_help() -> None:
     assert missing == []
 
 
+def test_every_command_is_in_the_readmes_command_table() -> None:
+    """Each command `rostersync --help` lists (and each subcommand of a group) has a row in
+    README.md's command table: `outbox send` was only in docs/import.md."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| command | does |")
+    rows = readme[start : readme.index("\n\n", start)]
+    missing = [
+        " ".join(path[1:])
+        for path, command in walk(cli)
+        if len(path) > 1
+        and not command.hidden
+        and not isinstance(command, click.Group)
+        and f"`{' '.join(path[1:])}" not in rows
+    ]
+    assert missing == []
+
+
+def test_help_points_only_at_commands_it_shows() -> None:
+    """A help text that says "see `rostersync X --help`" names a command that exists and is
+    listed, not a hidden one (`import --help` pointed at the hidden `import file --help`)."""
+    wrong = []
+    for path, command in walk(cli):
+        if command.hidden:
+            continue
+        shown = invoke(*path[1:], "--help")
+        assert shown.exit_code == 0, path
+        for named in re.findall(r"`rostersync ([a-z -]+?) --help`", shown.stdout):
+            target: click.Command | None = cli
+            for word in named.split():
+                if not isinstance(target, click.Group) or target.hidden:
+                    break
+                target = target.commands.get(word)
+            if target is None or target.hidden:
+                wrong.append(f"{' '.join(path)}: {named}")
+    assert wrong == []
+
+
 def test_no_commands_summary_is_cut_short_in_its_groups_help() -> None:
     """`rostersync --help` and each group's help list their commands with a whole summary
     at 80 columns, not one cut off with "..." ("Bulk user import from CSV, TSV or XLSX
@@ -184,6 +221,23 @@ def test_a_number_out_of_range_is_a_usage_error(config: Path, args: tuple[str, .
     result = invoke("--config", str(config), *args)
     assert result.exit_code == 2, result.output
     assert "Invalid value for" in result.stderr and "is not in the range" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("runs", "show", "abc"), ("runs", "show", "abc", "--changes"), ("runs", "approve", "abc")],
+)
+def test_a_run_id_that_is_no_number_says_what_a_run_id_is(
+    config: Path, args: tuple[str, ...]
+) -> None:
+    """`runs show abc` and `runs approve abc` exit 2 saying a run id is a whole number from 1,
+    not click's "'abc' is not a valid integer range"."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert (
+        "Invalid value for 'RUN_ID': 'abc' is not a run id (a whole number from 1)" in result.stderr
+    )
+    assert "integer range" not in result.stderr
 
 
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:

@@ -107,7 +107,8 @@ def test_an_approved_run_no_longer_offers_its_approval(config: Path) -> None:
     assert run(config, "sync").exit_code == 0
     cut_drop_to_a_tenth(config)
     held = run(config, "sync")
-    assert held.exit_code == 1 and "apply with `rostersync runs approve 2`" in held.stdout
+    assert held.exit_code == 1
+    assert f"apply with `rostersync --config {config} runs approve 2`" in held.stdout
     approved = run(config, "runs", "approve", "2", "--yes")
     assert approved.exit_code == 0, approved.output
     assert "run 2  source sample  full: succeeded" in approved.stdout
@@ -228,7 +229,9 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert all(r["trigger"] == "cli" for r in listed)
     assert all(isinstance(r["duration_seconds"], float) for r in listed)
     table_out = run(config, "runs", "list").stdout.splitlines()
-    assert re.match(r"2\s+sample\s+full\s+superseded\s+cli\s+\S+\s+\d+\.\ds\s", table_out[3])
+    assert re.match(
+        r"2\s+sample\s+full\s+superseded\s+cli\s+\S+ \S+Z\s+\d+\.\ds\s", table_out[3]
+    ), table_out[3]
     # What the superseded run would have archived is in brackets, and said so; the runs that
     # were applied show what they did.
     archived = held["counts"]["users_archived"]
@@ -243,6 +246,36 @@ def test_runs_list_gives_trigger_duration_and_superseded_held_runs(config: Path)
     assert refused.exit_code == 1 and "out of date" in refused.stderr
     gone = run(config, "runs", "show", "2", "--changes")
     assert gone.exit_code == 1 and "overtaken by run 3" in gone.stderr
+
+
+def test_runs_list_shows_when_a_run_started_as_runs_show_and_status_do(config: Path) -> None:
+    """The "started" column reads `2026-12-07 16:49:31Z` (UTC, to the second), the moment
+    `runs show` gives, not the JSON's `2026-12-07T16:49:31.743987+00:00`; the JSON keeps it."""
+    assert run(config, "sync").exit_code == 0
+    listed = run(config, "runs", "list").stdout.splitlines()
+    header, row = listed[0], listed[2]
+    started = row[header.index("started") :].split("  ")[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", started), row
+    assert f"  started {started} by the command line" in run(config, "runs", "show", "1").stdout
+    docs = as_json(run(config, "runs", "list", "--json"))
+    assert isinstance(docs, list)
+    [doc] = docs
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", doc["started_at"])
+    assert doc["started_at"][:19].replace("T", " ") + "Z" == started
+    status = run(config, "status").stdout.splitlines()[2]
+    assert re.search(r"run 1 succeeded_with_errors at \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ", status)
+
+
+@pytest.mark.parametrize("args", [("runs", "approve", "99", "--yes"), ("runs", "show", "99")])
+def test_a_run_id_that_names_no_run_is_a_usage_error(config: Path, args: tuple[str, ...]) -> None:
+    """`runs approve 99` (and `runs show 99`) of a run that does not exist exits 2, as
+    README says beside the refusals that exit 1, and changes nothing."""
+    assert run(config, "sync").exit_code == 0
+    before = as_json(run(config, "users", "list", "--json"))
+    result = run(config, *args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr == "rostersync: run 99 does not exist\n"
+    assert as_json(run(config, "users", "list", "--json")) == before
 
 
 def test_runs_list_of_a_source_the_config_does_not_name_says_which_it_does(config: Path) -> None:
@@ -296,7 +329,7 @@ def test_runs_show_says_where_the_runs_resync_jobs_stand(config: Path) -> None:
     text_out = run(config, "runs", "show", str(done["id"])).stdout
     assert (
         f"  resync jobs: 1 queued, {queued - 2} succeeded, 1 failed; "
-        "`rostersync queue list` says why\n"
+        f"`rostersync --config {config} queue list` says why\n"
     ) in text_out
     dry = as_json(run(config, "sync", "--dry-run", "--json"))["runs"][0]  # type: ignore[index]
     dry_shown = as_json(run(config, "runs", "show", str(dry["id"]), "--json"))

@@ -21,9 +21,10 @@ def test_status_names_each_sources_last_run_and_the_held_run_to_review(config: P
     assert lines[0].split() == ["source", "type", "schedule", "last", "run", "held"]
     assert lines[2].split()[:6] == ["sample", "oneroster_csv", "every", "6h", "run", "2"]
     assert lines[2].split()[6:8] == ["held", "at"] and lines[2].endswith("  1")
+    # The commands carry the --config the status was given, to be pasted as they are.
     assert lines[3] == (
-        "held: run 2 of sample waits for an approval: review with `rostersync runs show 2 "
-        "--changes`, apply with `rostersync runs approve 2`"
+        f"held: run 2 of sample waits for an approval: review with `rostersync --config {config} "
+        f"runs show 2 --changes`, apply with `rostersync --config {config} runs approve 2`"
     )
     assert lines[4].startswith("resync queue: 0 queued, 0 running, 0 failed for good, ")
     assert lines[5] == (

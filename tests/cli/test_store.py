@@ -228,14 +228,15 @@ def test_db_upgrade_says_which_database_went_from_which_revision_to_which(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`db upgrade` names the database file (not a Python repr) and the revisions: a new one
-    is set up from empty, an up-to-date one stays at the head."""
+    is set up from empty; an up-to-date one says it is at the head already, with nothing to
+    do (not `0019 -> 0019`), exit 0."""
     database = tmp_path / "rs.db"
     config = write_config(tmp_path, f"sqlite:///{database}")
     head = schema_head()
     assert invoke(config, capsys, "db", "upgrade") == (0, f"database {database}: empty -> {head}\n")
     assert invoke(config, capsys, "db", "upgrade") == (
         0,
-        f"database {database}: {head} -> {head}\n",
+        f"database {database}: already at {head}, the newest revision (nothing to do)\n",
     )
     # The store is closed as the command ends: no SQLite -wal or -shm file is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("rs.db")) == ["rs.db"]

@@ -51,8 +51,8 @@ def test_sync_says_which_of_its_resyncs_did_not_succeed(
     failing = run(config, "sync")
     assert failing.exit_code == 0, failing.output
     assert (
-        "  not done: 43 resync(s) wait for a retry, 0 failed for good (`rostersync queue list` "
-        "says why)" in failing.stdout
+        "  not done: 43 resync(s) wait for a retry, 0 failed for good "
+        f"(`rostersync --config {config} queue list` says why)" in failing.stdout
     )
     monkeypatch.undo()
     again = as_json(run(config, "sync", "--json"))["runs"][0]  # type: ignore[index]
@@ -245,8 +245,8 @@ def test_a_sync_stopped_while_it_processes_its_resyncs_says_its_runs_are_done(
     assert "a run it had not finished" not in stopped.stderr
     assert (
         "rostersync: stopped while processing the resync jobs its runs queued: the runs are "
-        "done (`rostersync runs list`); the jobs left wait for the daemon, or the next `sync` "
-        "or `run --once`"
+        f"done (`rostersync --config {config} runs list`); the jobs left wait for the daemon, "
+        "or the next `sync` or `run --once`"
     ) in stopped.stderr
     listed = as_json(run(config, "runs", "list", "--json"))
     assert isinstance(listed, list)

@@ -373,6 +373,23 @@ def test_a_cron_the_scheduler_refuses_or_that_never_fires_is_an_error_with_its_l
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("hourly", "a string"), ('"0 2 * * *"', "a string"), ("3600", "a number"), ("[1h]", "a list")],
+)
+def test_a_schedule_that_is_not_a_mapping_says_what_a_schedule_looks_like(
+    value: str, kind: str
+) -> None:
+    """`schedule: hourly` names the two forms a schedule takes, not pydantic's "Input should
+    be a valid dictionary or instance of Schedule"."""
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(GOOD.replace("schedule: {interval: 1h}", f"schedule: {value}"))
+    assert [str(i) for i in err.value.issues] == [
+        "sources.sample.schedule: line 12: must be a mapping: {interval: 1h} or "
+        f"{{cron: '0 2 * * *'}}, not {kind}"
+    ]
+
+
 def test_a_good_cron_passes() -> None:
     """Crontab day names, ranges and steps are accepted."""
     settings = load_settings_text(

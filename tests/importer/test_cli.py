@@ -355,8 +355,8 @@ def test_import_says_which_of_its_resyncs_did_not_succeed(
     shown = rs(config, "import", archive)
     assert shown.exit_code == 0, shown.output
     assert (
-        "not done: 1 resync(s) wait for a retry, 0 failed for good (`rostersync queue list` "
-        "says why)" in shown.stdout
+        "not done: 1 resync(s) wait for a retry, 0 failed for good "
+        f"(`rostersync --config {config} queue list` says why)" in shown.stdout
     )
     assert _queue_states(config) == ["queued"]
 
@@ -372,8 +372,8 @@ def test_import_dry_run_and_no_wait_process_nothing(config: Path, tmp_path: Path
     shown = rs(config, "import", linked, "--no-wait")
     assert shown.exit_code == 0, shown.output
     assert (
-        "1 group resync(s) queued (the daemon processes them; or `rostersync run --once`)"
-        in shown.stdout
+        "1 group resync(s) queued (the daemon processes them; or "
+        f"`rostersync --config {config} run --once`)" in shown.stdout
     )
     assert _queue_states(config) == ["queued"]
     assert _groups_of(config, "ada@example.org") == []

@@ -79,6 +79,16 @@ def test_every_status_is_produced(store: Store, make_settings: Callable[..., Set
     assert result.counts == {"created": 1, "updated": 1, "unchanged": 1, "failed": 9}
 
 
+def test_a_refused_status_or_flag_cell_is_echoed_as_the_file_has_it(run: Run) -> None:
+    """`Deleted` in Current Status (or `Maybe` in Overwrite) fails its row quoting the cell
+    as written, not lower-cased as it was compared ('deleted')."""
+    result = run(HEADER + "d@example.org,,,,,,,,,Deleted\n" + "m@example.org,,,,,,,Maybe,,\n")
+    assert [(str(r.status), r.message) for r in result.rows] == [
+        ("Failed", "Current Status must be Active or Archived, not 'Deleted'"),
+        ("Failed", "Overwrite must be TRUE or FALSE, not 'Maybe'"),
+    ]
+
+
 def test_dry_run_agrees_with_the_import_and_changes_nothing(
     run: Run, store: Store, settings: Settings
 ) -> None:
