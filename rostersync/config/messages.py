@@ -69,6 +69,9 @@ def message(err: Mapping[str, Any], missing: str | None, model: type[BaseModel])
         close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown key (not allowed here){hint}"
+    if kind in ("model_type", "dict_type"):
+        # pydantic's "a valid dictionary or instance of Safety" names a class of ours.
+        return f"must be a mapping of keys (key: value), not {kind_of(err.get('input'))}"
     if kind == "list_type":
         # pydantic's "Input should be a valid list" says neither what was found nor what a
         # list looks like in YAML (`sites: North High, South Middle` is one string).

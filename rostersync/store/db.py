@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.types import NullType, TypeDecorator
 
+from rostersync import hints
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
 from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
@@ -573,9 +574,9 @@ class Store:
             if not has_tables:
                 raise StoreError(
                     f"database {self.location} has no rostersync tables yet: a sync or "
-                    "`rostersync db upgrade` creates them"
+                    f"`{hints.command('db upgrade')}` creates them"
                 )
         raise StoreError(
             f"database schema is at {current or 'an unknown revision'}, this version needs "
-            f"{head}: run `rostersync db upgrade`"
+            f"{head}: run `{hints.command('db upgrade')}`"
         )

@@ -169,3 +169,16 @@ def test_a_key_named_like_a_secret_is_hidden_whatever_its_type() -> None:
         ("api_key",): "Input should be a valid integer (value hidden)",
         ("retries",): "Input should be a valid integer, got 'many'",
     }
+
+
+def test_a_block_given_as_a_scalar_or_list_says_it_must_be_a_mapping() -> None:
+    """`safety: strict` and the like: the message says what a block is written as, not
+    pydantic's "valid dictionary or instance of Safety" (the name of a class of ours)."""
+    text = BAD_VALUES.split("resync:")[0] + (
+        "safety: strict\nsmtp: [localhost]\nlogging: 5\nsources: {}\n"
+    )
+    issues = _issues(text.replace("  on_teacher_removed: delete\n", ""))
+    assert issues["safety"] == "line 7: must be a mapping of keys (key: value), not a string"
+    assert issues["smtp"] == "line 8: must be a mapping of keys (key: value), not a list"
+    assert issues["logging"] == "line 9: must be a mapping of keys (key: value), not a number"
+    assert not any("instance of" in m for m in issues.values())
