@@ -438,8 +438,8 @@ class Applier:
                 f"{len(failed)} users' last resync job failed for good (see queue list): "
                 "their resyncs are queued again"
             )
-        if held and before is None:
-            raise _RollBack(outcome)  # a dry run a real run would hold: its report is made
+        # A dry run a real run would hold goes on too, to count the resyncs that run would
+        # queue; like every held or dry run, it rolls all of it back below.
         created = provisioning.apply_provisioning(conn, source, plan)
         if len(created) > 1000:
             merging.refresh_directory_statistics(conn)
@@ -453,8 +453,9 @@ class Applier:
         if settings_changed:
             # Group ownership follows the same rules (teacher_roles), for every linked user.
             resync_users |= provisioning.source_users(conn, source)
-        if not held:
-            counts["resync_queued"] = len(resync_users)
+        # A held or dry run counts them too: its counts are what it would have done (the
+        # same number an approval then reports), though it queues none of them.
+        counts["resync_queued"] = len(resync_users)
         if preview and before is None:
             counts["groups_removed"] = groups_removed
             raise _RollBack(outcome)

@@ -135,6 +135,29 @@ def test_the_counts_of_a_run_that_changed_nothing_say_so(config: Path) -> None:
     assert counts.startswith("  users created 0, users linked 0, users archived ")
 
 
+def test_a_held_run_shows_the_resyncs_its_approval_queues(config: Path) -> None:
+    """`runs show` of a held run gives, among its not-applied counts, the resyncs approving
+    it queues (it said `resync queued 0`, and the approval then queued 43); the approval
+    reports that number, and so does a dry run of the same drop, with and without
+    --changes."""
+    assert run(config, "sync").exit_code == 0
+    cut_drop_to_a_tenth(config)
+    assert run(config, "sync").exit_code == 1
+    shown = run(config, "runs", "show", "2")
+    assert shown.exit_code == 0, shown.output
+    [counts] = [line for line in shown.stdout.splitlines() if "users created" in line]
+    assert counts.startswith("  not applied: ")
+    found = re.search(r"resync queued (\d+)", counts)
+    assert found is not None, counts
+    queued = int(found.group(1))
+    assert queued > 0
+    for dry in (("--dry-run",), ("--dry-run", "--changes")):
+        doc = as_json(run(config, "sync", *dry, "--json"))["runs"][0]  # type: ignore[index]
+        assert doc["status"] == "held" and doc["counts"]["resync_queued"] == queued
+    approved = as_json(run(config, "runs", "approve", "2", "--yes", "--json"))
+    assert approved["runs"][0]["counts"]["resync_queued"] == queued  # type: ignore[index]
+
+
 def test_approving_a_run_twice_says_it_was_approved_already(config: Path) -> None:
     """A second `runs approve` of the same run is refused (exit 1, nothing changes) saying it
     was approved already and when, not only that its status is not held."""

@@ -449,6 +449,30 @@ class Harness:
             out = {k: (*v[:4], bool(v[4]), *v[5:]) for k, v in out.items()}
         return out
 
+    def run_inputs(self) -> tuple[Any, ...]:
+        """What a run reads besides the directory and the config: the mirror, each user's
+        last resync job's state (who is queued again, who waits) and what the source's state
+        says of the last decision. A held run's approval reports the resyncs the held run
+        counted while these, the directory and the config are unchanged."""
+        with self.store.read() as conn:
+            last_jobs = sorted(
+                (int(uid), state)
+                for uid, state in conn.execute(
+                    text(
+                        "SELECT j.user_id, j.state FROM resync_job j WHERE NOT EXISTS "
+                        "(SELECT 1 FROM resync_job k WHERE k.user_id = j.user_id AND k.id > j.id)"
+                    )
+                )
+            )
+            state = conn.execute(
+                text("SELECT decided_with, license_waiting FROM source_state WHERE source = :s"),
+                {"s": SOURCE},
+            ).first()
+        kinds = ("org", "person", "class", "enrollment")
+        mirror = tuple(sorted(self.mirror(kind).items()) for kind in kinds)
+        decided = None if state is None else (state[0], bool(state[1]))
+        return (mirror, tuple(last_jobs), decided)
+
     def plant_killed_run(self, records: list[Any], *, job: bool) -> int:
         """What a `rostersync sync` killed with SIGKILL leaves: its registry row (a pid that
         no longer exists), the source's lease, its run `running` with some rows staged, and

@@ -12,11 +12,12 @@ resync). What is compared:
   (the connector's rejections exactly; each candidate with an unusable email, with its
   value), ``groups_removed`` of a held or dry run, group counts of an applied run, the
   warning of archived users still owning groups (a job failed for good) and a lower bound of
-  ``resync_queued``;
+  ``resync_queued`` (of held and dry runs too: their counts are what they would do);
 * approvals: refused exactly when the rules say (a dry run, not held, overtaken), and a
   refused or failed one changes nothing;
 * the change set of every held or dry run: what the oracle's decision does, and (for an
-  approval with nothing changed since the hold) what the approval then did.
+  approval with nothing changed since the hold) what the approval then did, and the held
+  run's ``resync_queued`` is the approval's.
 
 ``ROSTERSYNC_MODEL_EXCLUDE`` (comma-separated step names) turns steps off, to hunt past a
 discrepancy that is already known; see tests/model/README.md.
@@ -404,6 +405,9 @@ class RosterModel(RuleBasedStateMachine):
         #: the directory and config when each run was held (its change set is checked
         #: against its approval while both are unchanged)
         self.held_at: dict[int, tuple[Picture, Config]] = {}
+        #: each held run's ``resync_queued`` and what else its approval reads (the mirror,
+        #: the jobs, the source state: ``Harness.run_inputs``) when it was held
+        self.held_inputs: dict[int, tuple[int, tuple[Any, ...]]] = {}
         STATS["examples"] += 1
 
     # -- set-up --
@@ -1273,23 +1277,22 @@ class RosterModel(RuleBasedStateMachine):
         )
         self._compare()
 
-    def _check_leftover(
-        self, report: RunReport, leftover: set[str], provisioned: set[str], *, plain_held: bool
-    ) -> None:
+    def _check_leftover(self, report: RunReport, leftover: set[str], provisioned: set[str]) -> None:
         """A run queues the resync of every archived user still owning groups with no job
         waiting (``leftover``: a job failed for good), and says so in its report, with how
-        many (a dry run a real run would hold too). An applied or dry run counts them, with
-        the users it provisions, in ``resync_queued`` (not a held dry run without --changes,
-        which stops before it counts)."""
+        many (a dry run a real run would hold too). Every run counts them, with the users it
+        provisions, in ``resync_queued``: a held or dry run (one a real run would hold, without
+        --changes, too) the resyncs it would queue (README, "Run reports")."""
         warned = [w for w in report.warnings if "archived users still owned groups" in w]
         what = f"run {report.id}: leftover owners {sorted(leftover)}"
         assert bool(warned) == bool(leftover), f"{what}, warnings {report.warnings}"
         if leftover:
             assert warned[0].startswith(f"{len(leftover)} archived users"), f"{what}: {warned}"
             STATS["runs warning of archived owners left by failed jobs"] += 1
-        if report.status != "held" and not plain_held:
-            queued = report.counts.get("resync_queued", 0)
-            assert queued >= len(leftover | provisioned), f"{what}: resync_queued {queued}"
+        queued = report.counts.get("resync_queued", 0)
+        assert queued >= len(leftover | provisioned), f"{what}: resync_queued {queued}"
+        if report.status == "held" and (leftover | provisioned):
+            STATS["held runs (real or dry) counting the resyncs they would queue"] += 1
 
     def _sync(
         self,
@@ -1376,12 +1379,7 @@ class RosterModel(RuleBasedStateMachine):
         self._check_report(report, decision, dry=dry, group_counts=exact)
         self._check_repeats(report, records)
         self._check_dangling(report, dangling(before, decision.mirror))
-        self._check_leftover(
-            report,
-            leftover,
-            oracle.provisioned(decision),
-            plain_held=dry and not changes and decision.held,
-        )
+        self._check_leftover(report, leftover, oracle.provisioned(decision))
         if changes or (decision.held and not dry):
             self._check_change_set(report.id, decision, lagging)
         elif dry:
@@ -1463,6 +1461,7 @@ class RosterModel(RuleBasedStateMachine):
         with self.h.store.read() as conn:
             stored = changeset.load(conn, run_id)
         directory_before = picture(self.h.store, SOURCE)
+        inputs_before = self.h.run_inputs()
         error: BaseException | None = None
         try:
             with structlog.testing.capture_logs():
@@ -1522,7 +1521,18 @@ class RosterModel(RuleBasedStateMachine):
             self._compare()
             return
         self._check_report(after, decision, dry=False, group_counts=lagging is None and not cut)
-        self._check_leftover(after, leftover, oracle.provisioned(decision), plain_held=False)
+        self._check_leftover(after, leftover, oracle.provisioned(decision))
+        # The held run counted the resyncs its approval queues, as long as nothing it reads
+        # changed in between (README, "Run reports": a held run's counts are what it would
+        # have done).
+        held = self.held_inputs.get(run_id)
+        unchanged = self.held_at.get(run_id) == (directory_before, oracle.config)
+        if lagging is None and unchanged and held is not None and held[1] == inputs_before:
+            STATS["held runs' resync counts checked against approval"] += 1
+            queued = after.counts.get("resync_queued", 0)
+            assert queued == held[0], (
+                f"approve {run_id}: resync_queued {queued}, the held run counted {held[0]}"
+            )
         if leftover:
             STATS["approvals after jobs failed for good"] += 1
         run.status = decision.status
@@ -1577,6 +1587,8 @@ class RosterModel(RuleBasedStateMachine):
         )
         if d.held and lagging is None:
             self.held_at[run_id] = (picture(self.h.store, SOURCE), oracle.config)
+            queued = self.h.report(run_id).counts.get("resync_queued", 0)
+            self.held_inputs[run_id] = (queued, self.h.run_inputs())
 
     def _check_report(
         self, report: RunReport, d: Decision, *, dry: bool, group_counts: bool = True

@@ -110,6 +110,53 @@ async def test_removals_over_threshold_hold_the_run_until_approved(
     ]
 
 
+def _jobs(store: Store) -> list[tuple[Any, ...]]:
+    """Every resync job row, to see that a run queued none."""
+    with store.read() as conn:
+        rows = conn.execute(text("SELECT id, user_id, state, run_id FROM resync_job ORDER BY id"))
+        return [tuple(r) for r in rows]
+
+
+async def test_a_held_or_dry_run_counts_the_resyncs_its_approval_queues(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The counts of a held or dry run are what it would have done (README, "Run reports"):
+    its ``resync_queued`` is the number of resync jobs the approval then queues, though it
+    queues none itself. It said 0, and the approval of the same run said 2 (a dry run a real
+    run would hold, without --changes, said 0 too). A dry run, held-like or not, with or
+    without --changes, counts the same and writes nothing."""
+    settings = make_settings(safety={"max_removals": 1})
+    await sync(settings, store, small_roster())
+    before, jobs = snapshot(store), _jobs(store)
+    roster = _without_t2_and_c2_students()
+    dry_counts = []
+    for dry_settings, changes in (
+        (settings, False),  # "a real run would be held", the plain way
+        (settings, True),
+        (make_settings(), False),  # within the default limits: not held
+        (make_settings(), True),
+    ):
+        dry = await sync(dry_settings, store, roster, dry_run=True, changes=changes)
+        assert dry.status == ("held" if dry_settings is settings else "succeeded")
+        dry_counts.append(dry.counts["resync_queued"])
+        assert (snapshot(store), _jobs(store)) == (before, jobs)
+    held = await sync(settings, store, roster)
+    assert held.status == "held" and "max_removals" in (held.hold_reason or "")
+    assert (snapshot(store), _jobs(store)) == (before, jobs)  # it queued nothing
+    engine = SyncEngine(settings, store, connectors={"mem": MemoryConnector(roster)})
+    approved = await engine.approve(held.id)
+    assert approved.status == "succeeded"
+    queued = approved.counts["resync_queued"]
+    assert queued > 0
+    assert held.counts["resync_queued"] == queued
+    assert dry_counts == [queued] * 4
+    with store.read() as conn:
+        n = conn.execute(
+            text("SELECT count(*) FROM resync_job WHERE run_id = :r"), {"r": held.id}
+        ).scalar_one()
+    assert n == queued  # the approval queued them, one job per user
+
+
 @pytest.mark.parametrize("coach", [True, False], ids=["import-owner", "roster-only"])
 async def test_a_group_an_import_owner_keeps_is_no_removal_for_the_safety_rules(
     store: Store, make_settings: Callable[..., Settings], coach: bool
