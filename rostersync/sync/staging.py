@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, func, or_, select, text
+from sqlalchemy import Connection, Table, delete, or_, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from rostersync.source.rows import (
@@ -316,11 +316,12 @@ def _truncate_alone(conn: Connection, run_id: int) -> bool:
         with conn.begin_nested() as savepoint:
             conn.exec_driver_sql(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE NOWAIT")
             for table in STAGING.values():
-                # min/max: two probes at the ends of the (run_id, sourced_id) key.
-                low, high = conn.execute(
-                    select(func.min(table.c.run_id), func.max(table.c.run_id))
-                ).one()
-                if low is not None and not low == high == run_id:
+                # The key leads with sourced_id, so this reads the table (as min/max of
+                # run_id did), stopping at the first row of another run.
+                other = conn.execute(
+                    select(table.c.run_id).where(table.c.run_id != run_id).limit(1)
+                ).first()
+                if other is not None:
                     savepoint.rollback()  # releases the locks: another run's rows stay
                     return False
             conn.exec_driver_sql(f"TRUNCATE {names}")
