@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from rostersync.config.types import Duration, StrictModel, exactly_one_of, quoted
+from rostersync.config.types import (
+    Duration,
+    StrictModel,
+    exactly_one_of,
+    format_duration,
+    quoted,
+)
 
 if TYPE_CHECKING:
     from apscheduler.triggers.combining import OrTrigger
@@ -169,4 +175,12 @@ class Schedule(StrictModel):
     def _one_trigger(self) -> Schedule:
         if (self.interval is None) == (self.cron is None):
             raise ValueError("give exactly one of interval or cron")
+        explicit = "jitter" in self.model_fields_set  # the 30s default suits long intervals
+        if explicit and self.interval is not None and self.jitter >= self.interval:
+            # Each start moves by up to the jitter: as long as the interval or longer, the
+            # runs would come in no order, two of them at once as likely as an interval apart.
+            raise ValueError(
+                f"jitter ({format_duration(self.jitter)}) must be shorter than the interval "
+                f"({format_duration(self.interval)})"
+            )
         return self

@@ -853,3 +853,25 @@ def test_a_secret_of_more_than_one_line_is_a_config_error(tmp_path: Path) -> Non
         "sources.bearer.auth.token: line 20: holds more than one line: a secret is one line",
     ]
     assert "Line1" not in str(err.value) and "Tok1" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "problem"),
+    [
+        ("{interval: 1h, jitter: 2h}", "jitter (2h) must be shorter than the interval (1h)"),
+        ("{interval: 10m, jitter: 10m}", "jitter (10m) must be shorter than the interval (10m)"),
+        ("{interval: 1h, jitter: 59m}", None),
+        ("{interval: 20s}", None),  # the default 30s jitter given by nobody: not refused
+        ('{cron: "0 2 * * *", jitter: 2h}', None),
+    ],
+)
+def test_a_jitter_as_long_as_the_interval_is_an_error(schedule: str, problem: str | None) -> None:
+    """Each start moves by up to the jitter: one given as long as the interval or longer
+    would bring the runs in no order."""
+    text = GOOD.replace("schedule: {interval: 1h}", f"schedule: {schedule}")
+    if problem is None:
+        assert load_settings_text(text).sources["sample"].schedule is not None
+        return
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text)
+    assert [str(i) for i in err.value.issues] == [f"sources.sample.schedule: line 12: {problem}"]
