@@ -140,8 +140,8 @@ def _no_change_set(report: RunReport) -> str:
         )
     if report.dry_run:
         return (
-            f"run {rid} is a dry run without a change set: it is kept only for "
-            "`sync --dry-run --changes`, until a later run of the source succeeds"
+            f"run {rid} is a dry run with no change set: one is recorded only by `sync "
+            "--dry-run --changes`, and dropped once a later run of the source succeeds"
         )
     if report.approved_at is not None:
         return f"run {rid} was approved and applied: `runs show {rid}` says what it did"

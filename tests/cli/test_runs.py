@@ -358,3 +358,22 @@ def test_runs_show_says_where_the_runs_resync_jobs_stand(config: Path) -> None:
     dry_shown = as_json(run(config, "runs", "show", str(dry["id"]), "--json"))
     assert "resync_states" not in dry_shown  # type: ignore[operator]
     assert "resync jobs" not in run(config, "runs", "show", str(dry["id"])).stdout
+
+
+def test_a_dry_runs_change_set_is_shown_until_a_later_run_succeeds(config: Path) -> None:
+    """`runs show N --changes` of a dry run made with --changes shows its change set; once a
+    later run of the source has succeeded the set is dropped, and the refusal says both when
+    one is recorded and when it goes (exit 1), as for a dry run made without --changes."""
+    dry = as_json(run(config, "sync", "--dry-run", "--changes", "--json"))["runs"][0]  # type: ignore[index]
+    shown = run(config, "runs", "show", str(dry["id"]), "--changes")
+    assert shown.exit_code == 0, shown.output
+    assert f"change set of run {dry['id']}: users: create 43; groups: create 102" in shown.stdout
+    plain = as_json(run(config, "sync", "--dry-run", "--json"))["runs"][0]  # type: ignore[index]
+    assert run(config, "sync").exit_code == 0
+    for rid in (dry["id"], plain["id"]):
+        gone = run(config, "runs", "show", str(rid), "--changes")
+        assert gone.exit_code == 1
+        assert (
+            f"run {rid} is a dry run with no change set: one is recorded only by `sync "
+            "--dry-run --changes`, and dropped once a later run of the source succeeds"
+        ) in gone.stderr
