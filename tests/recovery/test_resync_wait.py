@@ -96,5 +96,6 @@ def test_queueing_without_wait_and_without_a_daemon_says_how_the_jobs_get_done(
     result = invoke(config, "resync", "--user", TEACHER)
     assert result.exit_code == 0
     assert "no daemon is running against this database" in result.stderr
-    assert "rostersync run --once" in result.stderr
+    # The hint is the command to paste, with the --config this one was given.
+    assert f"rostersync --config {config} run --once" in result.stderr
     assert job_states(sqlite_store) == ["queued"]
