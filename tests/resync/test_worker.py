@@ -551,3 +551,31 @@ async def test_a_live_answer_with_rejections_logs_a_scrubbed_warning(
     assert event["reasons"][0] == ("class c-2: bad href ?password=[redacted] (classes.csv line 3)")
     assert event["reasons"][1:] == ["enrollment (no id): no role"] * 4
     assert "hunter22x" not in repr(logs)
+
+
+async def test_postgresql_fills_new_groups_costing_pages_as_in_memory(
+    pg_store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The member fill of new groups runs at a random_page_cost of 1.1, so that PostgreSQL
+    finds a batch's classes through the class index instead of hashing every enrollment of
+    the source (at district L, once per batch of a first load's drain), and puts the setting
+    back for the rest of the batch's transaction; the members are the classes' students."""
+    from sqlalchemy import event
+
+    from rostersync.resync.members import MEMBER_FILL_PAGE_COST
+
+    sent: list[str] = []
+    event.listen(pg_store.engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    report = await sync(make_settings(), pg_store, small_roster())
+    assert report.status == "succeeded"
+    fills = [i for i, sql in enumerate(sent) if sql.startswith("INSERT INTO group_member")]
+    assert fills
+    for i in fills:
+        assert sent[i - 1] == f"SET LOCAL random_page_cost = {MEMBER_FILL_PAGE_COST}"
+        assert sent[i + 1] == "SET LOCAL random_page_cost TO DEFAULT"
+    with pg_store.write() as conn:
+        default = conn.execute(text("SHOW random_page_cost")).scalar_one()
+        conn.execute(text(f"SET LOCAL random_page_cost = {MEMBER_FILL_PAGE_COST}"))
+        conn.execute(text("SET LOCAL random_page_cost TO DEFAULT"))
+        assert conn.execute(text("SHOW random_page_cost")).scalar_one() == default
+    assert {m["sourced_id"] for m in groups(pg_store)["c-1"]["members"]} == {"s-1", "s-2", "s-3"}
