@@ -418,7 +418,8 @@ def test_new_groups_get_their_members_in_one_statement_on_postgresql(store: Stor
         event.remove(conn, "before_cursor_execute", seen)
         members = conn.execute(text("SELECT group_id, sourced_id, email FROM group_member")).all()
     assert sorted(members) == sorted((g, "s-1", "s1@example.org") for g in gids)
-    assert len(statements) == (1 if store.dialect == "postgresql" else 2)
+    inserts = [s for s in statements if s.startswith("INSERT INTO group_member")]
+    assert len(inserts) == (1 if store.dialect == "postgresql" else 2)
 
 
 async def test_teachers_of_classes_passes_over_all_teachers_only_for_most_classes(
