@@ -370,6 +370,14 @@ class Applier:
             # run's too: count them.
             decided=set() if decision.settings_changed else found.pending_removals,
         )
+        if decision.settings_changed:
+            # The run resyncs every user of the source, and their groups of other sources
+            # follow the new settings too: what it removes there is its removal.
+            elsewhere, rebuilt = provisioning.other_sources_removals(
+                conn, source, roles, plan.archive, restored=plan.restore
+            )
+            groups_removed += elsewhere
+            managed_groups += rebuilt
         # What the scope step left out right after the fetch (kept with the run's fetched).
         counts.update({k: int(ctx.fetched.get(k, 0)) for k in SCOPE_COUNT_KEYS})
         counts.update(

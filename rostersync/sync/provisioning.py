@@ -525,6 +525,47 @@ def source_identities(
     return out
 
 
+#: Groups of other sources that only users linked to the source own, none of them added by
+#: an import: a resync of every user of the source rebuilds all of them. Not those whose
+#: owners are all archived: their removal was decided before (see _REMOVAL_DECIDED).
+_OWNED_FROM_SOURCE = """
+    SELECT g.id, g.source FROM groups g WHERE g.source <> :src
+      AND EXISTS (
+        SELECT 1 FROM group_owner o JOIN "user" u ON u.id = o.user_id
+        WHERE o.group_id = g.id AND u.status = 'active')
+      AND NOT EXISTS (
+        SELECT 1 FROM group_owner o WHERE o.group_id = g.id AND (o.origin <> 'roster'
+          OR NOT EXISTS (
+            SELECT 1 FROM user_identity i WHERE i.user_id = o.user_id AND i.source = :src)))
+"""
+
+
+def other_sources_removals(
+    conn: Connection,
+    source: str,
+    teacher_roles: Sequence[str],
+    archived: Iterable[int] = (),
+    *,
+    restored: Iterable[int] = (),
+) -> tuple[int, int]:
+    """(groups of other sources that a resync of every user of this source removes, groups
+    of other sources it rebuilds whole): after a change of the provisioning settings the run
+    resyncs every user linked to the source, and a resync rebuilds all of a user's groups,
+    whatever their source. A group of another source goes when every owner is such a user
+    and none of them teaches its class under ``teacher_roles`` (a role edit: the next run of
+    any source removes them, and its safety limits count them). A group that another owner
+    keeps, one added by an import among them, is rebuilt by nobody in this run."""
+    by_source: dict[str, set[int]] = {}
+    for gid, other in conn.execute(text(_OWNED_FROM_SOURCE), {"src": source}):
+        by_source.setdefault(str(other), set()).add(int(gid))
+    archived, restored = set(archived), set(restored)
+    removed = sum(
+        len(_without_owner(conn, other, teacher_roles, archived, restored, gids))
+        for other, gids in by_source.items()
+    )
+    return removed, sum(map(len, by_source.values()))
+
+
 def source_users(conn: Connection, source: str) -> set[int]:
     """Every user linked to a person of this source."""
     rows = conn.execute(

@@ -421,3 +421,82 @@ async def test_a_held_runs_change_set_counts_the_resyncs_an_earlier_run_left_wai
     await engine.approve(held.id)
     await engine.drain()
     assert plain(doc) == difference(before, picture(store, "mem"), "mem")
+
+
+def _roles_narrowed(make_settings: Callable[..., Settings], **safety: int) -> Settings:
+    """Both sources, teacher_roles edited to `aide`: none of small_roster's teachers is one."""
+    return make_settings(
+        memory_sources=("mem", "other"),
+        safety={"max_removal_percent": 100, **safety},
+        provisioning={"default_role": "Teacher", "teacher_roles": ["aide"]},
+    )
+
+
+async def test_a_runs_count_of_groups_removed_includes_those_of_other_sources(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """After a teacher_roles edit a run resyncs every user of its source, whose groups of
+    other sources go too: a dry run's groups_removed counts them, as its change set lists
+    them and as the real run then removes them (it counted its own source's alone)."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    await sync(settings, store, small_roster())
+    await sync(settings, store, small_roster(), source="other")
+    narrowed = _roles_narrowed(make_settings, max_removals=100)
+    dry = await sync(narrowed, store, small_roster(), dry_run=True, changes=True)
+    stored = _stored(store, dry.id)
+    assert stored is not None
+    listed = {
+        (g["source"], g["class_sourced_id"]) for g in stored.groups if g["action"] == "remove"
+    }
+    assert listed == {("mem", "c-1"), ("mem", "c-2"), ("other", "c-1"), ("other", "c-2")}
+    assert dry.counts["groups_removed"] == len(listed)
+    real = await sync(narrowed, store, small_roster())
+    assert real.status == "succeeded"
+    assert real.counts["groups_removed"] == len(listed)
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM groups")).scalar_one() == 0
+
+
+async def test_a_run_is_held_for_the_groups_of_other_sources_it_would_remove(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The safety limits count them: two groups of its own and two of the other source are
+    over `max_removals: 3`, and the run is held with nothing removed (it removed all four)."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    await sync(settings, store, small_roster())
+    await sync(settings, store, small_roster(), source="other")
+    held = await sync(_roles_narrowed(make_settings, max_removals=3), store, small_roster())
+    assert held.status == "held"
+    assert held.counts["groups_removed"] == 4
+    assert "4 removals" in (held.hold_reason or "")
+    with store.read() as conn:
+        assert conn.execute(text("SELECT count(*) FROM groups")).scalar_one() == 4
+
+
+async def test_a_group_of_another_source_that_its_own_teacher_keeps_is_not_counted(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A group of the other source co-taught by a teacher linked to that source alone: the
+    run's resyncs release the teachers of its source, the other keeps the group (nobody
+    resyncs her in this run), so it is neither removed nor counted."""
+    settings = make_settings(memory_sources=("mem", "other"))
+    await sync(settings, store, small_roster())
+    other = small_roster()
+    other.persons.append(
+        RosterPerson("t-9", "teacher", "Mary", "Somerville", "mary@example.org", "mary")
+    )
+    other.enrollments.append(RosterEnrollment("e-t9c1", "c-1", "t-9", "teacher"))
+    await sync(settings, store, other, source="other")
+    narrowed = _roles_narrowed(make_settings, max_removals=100)
+    dry = await sync(narrowed, store, small_roster(), dry_run=True)
+    assert dry.counts["groups_removed"] == 3  # mem's c-1 and c-2, other's c-2
+    real = await sync(narrowed, store, small_roster())
+    assert real.counts["groups_removed"] == 3
+    with store.read() as conn:
+        left = conn.execute(
+            text(
+                "SELECT g.source, g.external_id, u.email FROM groups g JOIN group_owner o "
+                'ON o.group_id = g.id JOIN "user" u ON u.id = o.user_id'
+            )
+        ).all()
+    assert [tuple(r) for r in left] == [("other", "c-1", "mary@example.org")]
