@@ -29,7 +29,7 @@ from rostersync.config.source import ScopedSourceConfig
 from rostersync.daemon import recovery
 from rostersync.resync import queue
 from rostersync.resync.queue import LeasedJob
-from rostersync.source.connector import FetchMode
+from rostersync.source.connector import Connector, FetchMode
 from rostersync.source.records import (
     STUDENT,
     TEACHER,
@@ -139,13 +139,15 @@ class ProbedEngine(SyncEngine):
 
 
 @cache
-def _settings(config: Config, base_dir: str) -> Settings:
+def _settings(config: Config, base_dir: str, others: tuple[str, ...] = ()) -> Settings:
     raw = yaml.safe_dump(config.as_yaml(new_keys=NEW_KEYS), allow_unicode=True)
     settings = load_settings_text(raw, base_dir=Path(base_dir))
     schools = {"include": list(config.schools_include), "exclude": list(config.schools_exclude)}
     terms = {"mode": "current" if config.terms_current else "all", "grace_days": config.grace_days}
     source = {"type": "memory", "schools": schools, "terms": terms}
-    sources = {SOURCE: ScopedSourceConfig.model_validate(source)}
+    # Other sources (the two-source machine's) take the same settings: the machine that
+    # has them draws no scope.
+    sources = {name: ScopedSourceConfig.model_validate(source) for name in {SOURCE, *others}}
     return settings.model_copy(update={"sources": sources})
 
 
@@ -360,9 +362,15 @@ class Harness:
         self.fault = FaultInjector(store)
         #: this example's connector fingerprints records (the OneRoster path) or not (CSV)
         self.fingerprints = False
+        #: the source the machine's steps act on, and the feeds of the others it syncs (the
+        #: two-source machine's: every engine knows all of them)
+        self.source = SOURCE
+        self.others: dict[str, Feed] = {}
 
     def reset(self) -> None:
         """Empty every table (the schema and its migrations stay)."""
+        self.source = SOURCE
+        self.others = {}
         tables = [t.name for t in reversed(metadata.sorted_tables)]
         with self.store.write() as conn:
             if self.store.is_postgres:
@@ -373,7 +381,7 @@ class Harness:
                     conn.execute(text(f'DELETE FROM "{t}"'))
 
     def settings(self, config: Config) -> Settings:
-        return _settings(config, self.base_dir)
+        return _settings(config, self.base_dir, tuple(sorted({self.source, *self.others})))
 
     def engine(
         self,
@@ -397,6 +405,13 @@ class Harness:
             delta=True,
             fingerprints=self.fingerprints,
         )
+        # The other sources' connectors serve their feeds plainly: the steps that inject
+        # faults and draw answers act on the current source.
+        connectors: dict[str, Connector] = {
+            name: FeedConnector(other, batch_size=BATCH, delta=True, fingerprints=self.fingerprints)
+            for name, other in self.others.items()
+        }
+        connectors[self.source] = connector
         settings = self.settings(config)
         update: dict[str, Any] = {}
         if batch_size is not None:
@@ -406,7 +421,7 @@ class Harness:
         if update:
             resync = settings.resync.model_copy(update=update)
             settings = settings.model_copy(update={"resync": resync})
-        engine = ProbedEngine(settings, self.store, connectors={SOURCE: connector})
+        engine = ProbedEngine(settings, self.store, connectors=connectors)
         engine.failing = frozenset(failing)
         engine.today = lambda: TODAY  # the terms rules judge by the model's fixed day
         return engine
@@ -431,8 +446,9 @@ class Harness:
             found, _missing = directory.user_ids_by_email(conn, emails)
         return sorted(found.values())
 
-    def mirror(self, kind: str) -> dict[str, tuple[Any, ...]]:
-        """The engine's mirror of the source: the columns the rules read, by sourced id."""
+    def mirror(self, kind: str, source: str | None = None) -> dict[str, tuple[Any, ...]]:
+        """The engine's mirror of the source (by default the one the steps act on): the
+        columns the rules read, by sourced id."""
         columns = {
             "org": "name",
             "person": "role, given_name, family_name, email, enabled, org_ids, status",
@@ -442,7 +458,7 @@ class Harness:
         with self.store.read() as conn:
             rows = conn.execute(
                 text(f"SELECT sourced_id, {columns} FROM roster_{kind} WHERE source = :s"),
-                {"s": SOURCE},
+                {"s": source or self.source},
             )
             out = {r[0]: tuple(r[1:]) for r in rows}
         if kind == "person":  # SQLite hands the boolean back as 0/1
@@ -466,7 +482,7 @@ class Harness:
             )
             state = conn.execute(
                 text("SELECT decided_with, license_waiting FROM source_state WHERE source = :s"),
-                {"s": SOURCE},
+                {"s": self.source},
             ).first()
         kinds = ("org", "person", "class", "enrollment")
         mirror = tuple(sorted(self.mirror(kind).items()) for kind in kinds)
@@ -479,7 +495,7 @@ class Harness:
         (``job``) a resync job it had leased. Returns the run's id."""
         holder = local_holder(dead_pid(), started=1)
         register(self.store, holder)
-        lease(self.store, SOURCE, holder.owner, timedelta(minutes=30))
+        lease(self.store, self.source, holder.owner, timedelta(minutes=30))
         with self.store.write() as conn:
             run_id = int(
                 conn.execute(
@@ -488,7 +504,7 @@ class Harness:
                         "dry_run, started_at, counts, fetched, warnings) VALUES (:s, 'full', "
                         "'full', 'cli', 'running', :no, :n, '{}', '{}', '[]') RETURNING id"
                     ),
-                    {"s": SOURCE, "n": utcnow(), "no": False},
+                    {"s": self.source, "n": utcnow(), "no": False},
                 ).scalar_one()
             )
             stage(conn, run_id, sort_batch(records))

@@ -85,7 +85,6 @@ from tests.model.harness import (
     Refs,
 )
 from tests.model.oracle import (
-    SOURCE,
     Config,
     Dangling,
     Decision,
@@ -262,11 +261,18 @@ if "license" not in EXCLUDED:
     CONFIG_CHANGES.append(
         st.fixed_dictionaries({"license_limit": st.sampled_from((None, 0, 1, 2, 3, 5, 8))})
     )
+ELIGIBILITY_CHANGES = st.fixed_dictionaries(
+    {"teacher_roles": teacher_role_sets, "email_domains": domain_sets}
+)
 if NEW_KEYS and "eligibility" not in EXCLUDED:
-    CONFIG_CHANGES.append(
-        st.fixed_dictionaries({"teacher_roles": teacher_role_sets, "email_domains": domain_sets})
-    )
+    CONFIG_CHANGES.append(ELIGIBILITY_CHANGES)
 config_changes = st.sampled_from(CONFIG_CHANGES).flatmap(lambda change: change)
+#: The two-source machine's config edits: email_domains, but no teacher_roles (see
+#: TwoSourceModel).
+TWO_SOURCE_CONFIG_CHANGES = [c for c in CONFIG_CHANGES if c is not ELIGIBILITY_CHANGES]
+if NEW_KEYS and "eligibility" not in EXCLUDED:
+    TWO_SOURCE_CONFIG_CHANGES.append(st.fixed_dictionaries({"email_domains": domain_sets}))
+two_source_config_changes = st.sampled_from(TWO_SOURCE_CONFIG_CHANGES).flatmap(lambda c: c)
 
 #: What the live resync step changes in a class of the teacher it picks (see _live_change).
 LIVE_CHANGES = (
@@ -394,7 +400,7 @@ class Outcome:
 class RosterModel(RuleBasedStateMachine):
     def __init__(self, harness: Harness) -> None:
         super().__init__()
-        self.h = harness
+        self.h: Harness = harness
         harness.reset()
         harness.fingerprints = False
         STATS.update(LEFT_OUT)
@@ -409,6 +415,11 @@ class RosterModel(RuleBasedStateMachine):
         #: the jobs, the source state: ``Harness.run_inputs``) when it was held
         self.held_inputs: dict[int, tuple[int, tuple[Any, ...]]] = {}
         STATS["examples"] += 1
+
+    @property
+    def src(self) -> str:
+        """The source the steps act on (the two-source machine switches it)."""
+        return self.h.source
 
     # -- set-up --
 
@@ -692,7 +703,7 @@ class RosterModel(RuleBasedStateMachine):
             job = False
         records = self.feed.records()
         run_id = self.h.plant_killed_run(records[: min(staged, len(records))], job=job)
-        self.oracle.record(Run(run_id, SOURCE, "full", False, "failed"))
+        self.oracle.record(Run(run_id, self.src, "full", False, "failed"))
         if command:
             self.h.recover()
         self._sync(mode)
@@ -786,7 +797,7 @@ class RosterModel(RuleBasedStateMachine):
             # Held for its archivals (the limits are often tight by now): the admin approves
             # it, and the approval's drain is the one whose jobs fail.
             self._approve(last.id, None, cut)
-        if tighten and self.oracle.leftover(SOURCE):
+        if tighten and self.oracle.leftover(self.src):
             self.configure({"max_removals": 0})
         if then is not None:
             self._sync("full" if then == "dry" else then, dry=then == "dry")
@@ -1026,9 +1037,9 @@ class RosterModel(RuleBasedStateMachine):
         )
         STATS[f"live answers shaped as {shape}'s"] += 1
         self._drain(answering)
-        before_rows = oracle.mirrors[SOURCE].enrollment if SOURCE in oracle.mirrors else {}
-        oracle.live_resync(SOURCE, chosen, answers)
-        after_rows = oracle.mirrors[SOURCE].enrollment
+        before_rows = oracle.mirrors[self.src].enrollment if self.src in oracle.mirrors else {}
+        oracle.live_resync(self.src, chosen, answers)
+        after_rows = oracle.mirrors[self.src].enrollment
         if named and any(
             e.status == "active" and after_rows[sid].status != "active"
             for sid, e in before_rows.items()
@@ -1264,7 +1275,7 @@ class RosterModel(RuleBasedStateMachine):
         assert not self.h.pending_jobs(), "a job still waits after the drain"
         oracle.batch_done(set(jobs.values()) - doomed)
         oracle.jobs_failed()
-        left = oracle.leftover(SOURCE)
+        left = oracle.leftover(self.src)
         if doomed:
             STATS["drains with jobs failed for good"] += 1
         if left:
@@ -1315,8 +1326,8 @@ class RosterModel(RuleBasedStateMachine):
             # Only a full run promises to restore the source's view after a live resync (see
             # Oracle.live_pending and the README).
             requested = "full"
-        mode = oracle.mode_for(SOURCE, requested)
-        records = oracle.fetch(SOURCE, mode, self.feed.records())
+        mode = oracle.mode_for(self.src, requested)
+        records = oracle.fetch(self.src, mode, self.feed.records())
         batches = -(-len(records) // BATCH)
         fetch_fails = fail_after is not None and fail_after < batches
         engine = self.h.engine(oracle.config, self.feed, fail_after=fail_after)
@@ -1325,7 +1336,7 @@ class RosterModel(RuleBasedStateMachine):
         # run's; a failing apply's dry run goes the plain way, which skips that work.
         changes = dry and statement is None
         with structlog.testing.capture_logs():
-            report = self.h.run(engine.sync(SOURCE, mode=requested, dry_run=dry, changes=changes))
+            report = self.h.run(engine.sync(self.src, mode=requested, dry_run=dry, changes=changes))
         fault = self.h.fault.settle()
         applied = report.status in ("succeeded", "succeeded_with_errors")
         if cut is None or not applied or dry:
@@ -1340,14 +1351,14 @@ class RosterModel(RuleBasedStateMachine):
         assert report.dry_run == dry
         if fetch_fails or fault:
             assert report.status == "failed", f"run {report.id} should have failed: {report}"
-            oracle.record(Run(report.id, SOURCE, mode, dry, "failed"))
+            oracle.record(Run(report.id, self.src, mode, dry, "failed"))
             oracle.drained()
             self._compare()
             return
-        scope_cut = oracle.cut(SOURCE, mode, records, SESSIONS, TODAY)
-        before = oracle.mirrors.get(SOURCE, Mirror())
-        decision = oracle.decide(SOURCE, mode, records, cut=scope_cut)
-        leftover = oracle.leftover(SOURCE)
+        scope_cut = oracle.cut(self.src, mode, records, SESSIONS, TODAY)
+        before = oracle.mirrors.get(self.src, Mirror())
+        decision = oracle.decide(self.src, mode, records, cut=scope_cut)
+        leftover = oracle.leftover(self.src)
         # Groups that earlier jobs still had to rebuild when the run started: they differ
         # from the mirror's in ways that are not the run's doing.
         lagging = self._lagging()
@@ -1385,9 +1396,9 @@ class RosterModel(RuleBasedStateMachine):
         elif dry:
             with self.h.store.read() as conn:
                 assert changeset.load(conn, report.id) is None, "a plain dry run kept changes"
-        oracle.record(Run(report.id, SOURCE, mode, dry, decision.status, records, scope_cut))
+        oracle.record(Run(report.id, self.src, mode, dry, decision.status, records, scope_cut))
         if not dry and not decision.held:
-            self._commit(SOURCE, decision, cut=cut is not None)
+            self._commit(self.src, decision, cut=cut is not None)
         if cut is not None:
             if decision.counts["users_archived"]:
                 STATS["cut runs archiving"] += 1
@@ -1460,7 +1471,7 @@ class RosterModel(RuleBasedStateMachine):
         before = self.h.report(run_id)
         with self.h.store.read() as conn:
             stored = changeset.load(conn, run_id)
-        directory_before = picture(self.h.store, SOURCE)
+        directory_before = picture(self.h.store, run.source)
         inputs_before = self.h.run_inputs()
         error: BaseException | None = None
         try:
@@ -1550,7 +1561,9 @@ class RosterModel(RuleBasedStateMachine):
             _same(
                 f"approve {run_id}: change set vs what approval did",
                 _plain_dict(plain(stored.as_json(members=True))),
-                _plain_dict(difference(directory_before, picture(self.h.store, SOURCE), SOURCE)),
+                _plain_dict(
+                    difference(directory_before, picture(self.h.store, run.source), run.source)
+                ),
             )
 
     def _check_change_set(self, run_id: int, d: Decision, lagging: set[str] | None) -> None:
@@ -1564,18 +1577,18 @@ class RosterModel(RuleBasedStateMachine):
             stored = changeset.load(conn, run_id)
         assert stored is not None, f"run {run_id} recorded no change set"
         oracle = self.oracle
-        before = _oracle_picture(oracle.directory, oracle.groups())
+        before = _oracle_picture(oracle.directory, oracle.groups(), self.src)
         after_groups = groups(
-            {**oracle.mirrors, SOURCE: d.mirror},
+            {**oracle.mirrors, self.src: d.mirror},
             d.directory,
             oracle.config.teacher_roles,
             oracle.imported,
         )
-        want = difference(before, _oracle_picture(d.directory, after_groups), SOURCE)
+        want = difference(before, _oracle_picture(d.directory, after_groups, self.src), self.src)
         STATS["change sets checked against the oracle"] += 1
         skip = {("group", ext) for ext in lagging or ()}
         if KEPT_CONTENTS in KNOWN:
-            skip |= {("group", ext) for src, ext in oracle.imported if src == SOURCE}
+            skip |= {("group", ext) for src, ext in oracle.imported if src == self.src}
         _same(
             f"run {run_id}: change set (engine) vs the decision (oracle)",
             {
@@ -1586,7 +1599,7 @@ class RosterModel(RuleBasedStateMachine):
             {k: v for k, v in _plain_dict(want).items() if k not in skip},
         )
         if d.held and lagging is None:
-            self.held_at[run_id] = (picture(self.h.store, SOURCE), oracle.config)
+            self.held_at[run_id] = (picture(self.h.store, self.src), oracle.config)
             queued = self.h.report(run_id).counts.get("resync_queued", 0)
             self.held_inputs[run_id] = (queued, self.h.run_inputs())
 
@@ -1765,7 +1778,11 @@ class RosterModel(RuleBasedStateMachine):
         _same(f"after {what}: groups", got_groups, want_groups)
 
     def _compare_mirror(self, what: str) -> None:
-        m = self.oracle.mirrors.get(SOURCE)
+        for source in sorted({self.src, *self.h.others}):
+            self._compare_source_mirror(what, source)
+
+    def _compare_source_mirror(self, what: str, source: str) -> None:
+        m = self.oracle.mirrors.get(source)
         want: dict[str, dict[str, tuple[Any, ...]]] = {
             "org": {k: (o.name,) for k, o in (m.org if m else {}).items()},
             "person": {
@@ -1789,11 +1806,11 @@ class RosterModel(RuleBasedStateMachine):
             },
         }
         for kind, rows in want.items():
-            _same(f"after {what}: mirror {kind}", self.h.mirror(kind), rows)
+            _same(f"after {what}: mirror {kind} of {source}", self.h.mirror(kind, source), rows)
 
 
-def _oracle_picture(d: Directory, built: dict[tuple[str, str], Group]) -> Picture:
-    """The oracle's directory in the change-set comparison's form."""
+def _oracle_picture(d: Directory, built: dict[tuple[str, str], Group], source: str) -> Picture:
+    """The oracle's directory in the change-set comparison's form (the groups of ``source``)."""
     return Picture(
         users={e: u.status for e, u in d.users.items()},
         identities=frozenset((src, pid, email) for (src, pid), email in d.identities.items()),
@@ -1804,7 +1821,7 @@ def _oracle_picture(d: Directory, built: dict[tuple[str, str], Group]) -> Pictur
                 frozenset((m.sourced_id, m.email, m.name) for m in g.members),
             )
             for (src, ext), g in built.items()
-            if src == SOURCE
+            if src == source
         },
     )
 
@@ -1885,3 +1902,69 @@ class ScopedRosterModel(RosterModel):
         """A class moves to other academic sessions (or to ones the source does not send)."""
         self._step("class_terms")
         self.feed.change("class", self._pick("class", ref), term_ids=terms)
+
+
+#: The two-source machine's second source.
+OTHER = "workspace"
+
+
+class TwoSourceModel(RosterModel):
+    """The same machine over two sources whose teachers share their addresses: the second
+    (``workspace``) serves a roster of its own, drawn as the first's is, whose teachers have
+    the same ids (``t1`` ... ``t6``) and so, written the same way, the same emails. A step
+    switches which source the other steps act on (its feed, its runs, its faults); every
+    engine knows both, and after every operation both mirrors, the users (their sources
+    among them) and the groups of both are compared. The rules across sources (README: a
+    user that another source still lists as an active teacher is not archived; a teacher
+    of both keeps one account linked to both) are the oracle's.
+
+    A separate machine, so that the single-source one keeps drawing the steps it drew
+    before. Not drawn here: live resyncs (a live resync of a teacher of both sources asks
+    both, and the oracle follows one source's answer) and ``teacher_roles`` edits. After a
+    role edit a run rebuilds the groups of the users it resyncs, whatever their source; the
+    other source's groups that only its own users own keep the old roles until that source
+    runs, while the oracle, which knows the users a run resyncs only as a lower bound (it
+    also resyncs the teachers of the classes whose content changed), takes every group to
+    follow the new roles at once. What such a run removes in another source is counted by
+    the tests in tests/sync/test_changes.py. Nor runs whose removal jobs fail for good
+    (``failed_jobs``): a run queues again the archived owners of its own source's groups
+    only, so another source's groups stay as the failed jobs left them until that source
+    runs, unless a resync of a user of both sources reaches them first, which the oracle
+    cannot tell (the same lower bound)."""
+
+    @initialize(
+        feed=initial_feeds(), other=initial_feeds(), config=configs(), fingerprints=st.booleans()
+    )
+    def start(self, feed: Feed, other: Feed, config: Config, fingerprints: bool) -> None:
+        """Both sources' rosters, and a first full sync of each (the second's after)."""
+        self.h.others = {OTHER: other}
+        super().start(feed, config, fingerprints)
+        self._switch()
+        self._sync("full")
+        self._switch()
+
+    def _switch(self) -> None:
+        ((name, feed),) = self.h.others.items()
+        self.h.others = {self.h.source: self.feed}
+        self.h.source, self.feed = name, feed
+
+    @rule()
+    @on("switch_source")
+    def switch_source(self) -> None:
+        """The next steps act on the other source."""
+        self._step("switch_source")
+        self._switch()
+        STATS[f"steps on {self.src}"] += 1
+
+    @rule(change=two_source_config_changes)
+    @on("configure")
+    def configure(self, change: dict[str, Any]) -> None:
+        """The admin edits rostersync.yaml between runs (not teacher_roles: see above)."""
+        super().configure(change)
+
+    # Not drawn here (see the class's docstring): a plain method has no rule marker.
+    def live_resync(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("not a step of the two-source machine")
+
+    def failed_jobs(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("not a step of the two-source machine")

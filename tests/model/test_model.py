@@ -17,12 +17,14 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from rostersync.store.db import Store
 from tests.model.harness import Harness
-from tests.model.machine import STATS, RosterModel, ScopedRosterModel
+from tests.model.machine import STATS, RosterModel, ScopedRosterModel, TwoSourceModel
 
 # (examples on SQLite, examples on PostgreSQL, steps per example)
 SIZES = {"ci": (60, 10, 40), "long": (2000, 300, 80)}
 #: The same for the scoped machine (its steps are those of the other, and a few more).
 SCOPED_SIZES = {"ci": (25, 4, 40), "long": (1000, 150, 80)}
+#: The same for the two-source machine.
+TWO_SOURCE_SIZES = {"ci": (25, 4, 40), "long": (1000, 150, 80)}
 
 
 def model_settings(backend: str, sizes: dict[str, tuple[int, int, int]] = SIZES) -> settings:
@@ -52,14 +54,16 @@ def model_settings(backend: str, sizes: dict[str, tuple[int, int, int]] = SIZES)
     )
 
 
-def run_model(store: Store, tmp_path: Path, backend: str, *, scoped: bool = False) -> None:
+def run_model(
+    store: Store, tmp_path: Path, backend: str, *, scoped: bool = False, two: bool = False
+) -> None:
     STATS.clear()
     harness = Harness(store, tmp_path)
-    machine = ScopedRosterModel if scoped else RosterModel
+    machine = TwoSourceModel if two else ScopedRosterModel if scoped else RosterModel
     try:
         # A factory works where a class is typed: the machine needs the harness.
         factory: Any = lambda: machine(harness)  # noqa: E731
-        sizes = SCOPED_SIZES if scoped else SIZES
+        sizes = TWO_SOURCE_SIZES if two else SCOPED_SIZES if scoped else SIZES
         run_state_machine_as_test(factory, settings=model_settings(backend, sizes))
     finally:
         kinds = ", ".join(
@@ -93,3 +97,17 @@ def test_the_engine_follows_the_scope_rules_on_sqlite(sqlite_store: Store, tmp_p
 @pytest.mark.postgres
 def test_the_engine_follows_the_scope_rules_on_postgresql(pg_store: Store, tmp_path: Path) -> None:
     run_model(pg_store, tmp_path, "postgres", scoped=True)
+
+
+def test_the_engine_follows_the_rules_across_two_sources_on_sqlite(
+    sqlite_store: Store, tmp_path: Path
+) -> None:
+    """Two sources whose teachers share their addresses (TwoSourceModel)."""
+    run_model(sqlite_store, tmp_path, "sqlite", two=True)
+
+
+@pytest.mark.postgres
+def test_the_engine_follows_the_rules_across_two_sources_on_postgresql(
+    pg_store: Store, tmp_path: Path
+) -> None:
+    run_model(pg_store, tmp_path, "postgres", two=True)
