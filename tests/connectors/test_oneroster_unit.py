@@ -705,6 +705,20 @@ async def test_oauth2_refused_credentials_are_fatal_without_the_secret() -> None
     assert SECRET not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"access_token": "t", "expires_in": ' + b"9" * 5000 + b"}"],
+)
+async def test_oauth2_a_token_answer_the_parser_cannot_take_is_fatal(body: bytes) -> None:
+    """A token answer nested too deep or with a number too long to convert stops the run
+    naming the token request, not with a crash."""
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).respond(200, content=body)
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError, match="answered without an access_token"):
+                await fetch_all(c)
+
+
 async def test_oauth1_header_is_a_valid_hmac_sha256_signature_over_the_query() -> None:
     """The OAuth1 header names HMAC-SHA256 and verifies against the query parameters too."""
     with respx.mock(assert_all_called=False) as router:
