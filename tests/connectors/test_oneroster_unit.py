@@ -592,6 +592,43 @@ async def test_bearer_token_never_appears_in_a_401_message() -> None:
     assert token not in str(err.value)
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_fatal_at_once_naming_where_it_points_and_never_followed(
+    status: int,
+) -> None:
+    """A page answered with a redirect (a tenant moved, http -> https) stops the run at the
+    first answer, naming the target without its query; nothing goes to the other host."""
+    target = "https://other-tenant.example/ims/oneroster/v1p1/users?token=t0p"
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").respond(status, headers={"Location": target})
+        router.post(TOKEN_URL).mock(side_effect=token_answers())
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+        hosts = {call.request.url.host for call in router.calls}
+    message = str(err.value)
+    assert f"HTTP {status}" in message
+    assert "from GET /ims/oneroster/v1p1/users at offset=0" in message
+    assert "redirects to https://other-tenant.example/ims/oneroster/v1p1/users;" in message
+    assert "t0p" not in message
+    assert route.call_count == 1
+    assert hosts == {"or.example.org", "auth.example.org"}
+
+
+async def test_a_token_endpoint_redirect_is_fatal_naming_where_it_points() -> None:
+    """A token endpoint that redirects is named as such, not as an answer without a token."""
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).respond(302, headers={"Location": "/v2/token"})
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+    message = str(err.value)
+    assert "HTTP 302" in message
+    assert "redirects to https://auth.example.org/v2/token;" in message
+    assert SECRET not in message
+
+
 async def test_other_4xx_is_fatal_and_bad_json_fails_once_retries_run_out() -> None:
     """A 404 on a collection stops the run; an unparsable body is retried, then fails it."""
     with respx.mock(assert_all_called=False) as router:
