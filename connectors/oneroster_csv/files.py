@@ -8,7 +8,8 @@
   (header = line 1). A row's location is the line it *starts* on, even if a quoted field runs
   over several lines.
 * Header names are matched exactly as the spec spells them (surrounding spaces and a stray
-  BOM ignored); unknown extra columns are ignored.
+  BOM ignored); unknown extra columns are ignored. A column that is read and named twice in
+  a header is fatal: which of the two holds the value cannot be told.
 * A row that cannot be used as read (wrong number of fields, malformed on its own line, a NUL)
   comes back :class:`~rostersync.source.records.Rejected`; a file that cannot be read raises
   :class:`~rostersync.errors.FatalSourceError` naming file and line (see
@@ -154,9 +155,9 @@ def read_rows(
     records = _records(bundle, name, encoding)
     try:
         header = next(records, (0, [], None))[1]
-        missing = missing_columns(header, required)
-        if missing:
-            raise FatalSourceError(bundle.source, f"{bundle.where(name)}: {missing}")
+        problem = missing_columns(header, required) or repeated_columns(header, columns)
+        if problem:
+            raise FatalSourceError(bundle.source, f"{bundle.where(name)}: {problem}")
         # Only the columns we read: stripping the rest would be wasted work per row.
         index = {c: header.index(c) for c in columns if c in header}
         width = len(header)
@@ -221,6 +222,21 @@ def missing_columns(header: Sequence[str], required: Sequence[str]) -> str | Non
     names = ", ".join(repr(c) for c in missing)
     hint = one_column_hint(header, ",")
     return f"missing required column{'s' if len(missing) > 1 else ''} {names}{hint}"
+
+
+def repeated_columns(header: Sequence[str], columns: Sequence[str]) -> str | None:
+    """``"column 'email' is in the header twice (columns 13 and 14)"`` for each of
+    ``columns`` (those read) the header names more than once, or None: which of them holds the
+    value cannot be told, and the wrong one may be a person's identity."""
+    problems = []
+    for column in columns:
+        at = [i + 1 for i, name in enumerate(header) if name == column]
+        if len(at) > 1:
+            where = ", ".join(map(str, at[:-1])) + f" and {at[-1]}"
+            problems.append(f"{column!r} {len(at)} times (columns {where})")
+    if not problems:
+        return None
+    return f"the header names {'; '.join(problems)}: which one holds the value cannot be told"
 
 
 def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, None, None]:

@@ -12,8 +12,9 @@
   connector for what that means for a run).
 * Before any row is read, every file's header is checked, and everything wrong with the drop
   (a listed file missing, an unknown ``file.*`` value, a header that cannot be read, each
-  missing required column of each file) is reported at once in one error. Problems with
-  ``academicSessions.csv`` are warnings: no rule needs it yet.
+  missing required column of each file, a column read that a header names twice) is
+  reported at once in one error. Problems with ``academicSessions.csv`` are warnings: no
+  rule needs it yet.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 from connectors.oneroster_csv.entities import (
     CLASSES,
+    COLUMNS_READ,
     ENROLLMENTS,
     MANIFEST,
     ORGS,
@@ -33,7 +35,13 @@ from connectors.oneroster_csv.entities import (
     V12,
     rows,
 )
-from connectors.oneroster_csv.files import Bundle, Row, missing_columns, read_header
+from connectors.oneroster_csv.files import (
+    Bundle,
+    Row,
+    missing_columns,
+    read_header,
+    repeated_columns,
+)
 from connectors.oneroster_csv.notes import Notes
 from rostersync.errors import FatalSourceError
 
@@ -126,9 +134,12 @@ def plan(bundle: Bundle, encoding: str, notes: Notes) -> Drop:
             problem = exc.detail
         else:
             missing = missing_columns(header, REQUIRED_COLUMNS[version].get(name, ()))
+            repeated = repeated_columns(header, COLUMNS_READ.get(name, ()))
             if missing is not None:
                 hint = _hint(bundle, version, name, header, stated)
                 problem = f"{bundle.where(name)}: {missing}{hint}"
+            elif repeated is not None:
+                problem = f"{bundle.where(name)}: {repeated}"
         if problem is None:
             continue
         if name == SESSIONS:  # no rule needs them yet

@@ -499,6 +499,30 @@ async def test_header_names_are_case_sensitive(tmp_path: Path) -> None:
         await fetch_all(drop(tmp_path, users_csv=text))
 
 
+async def test_a_column_named_twice_in_a_header_is_fatal_naming_file_and_columns(
+    tmp_path: Path,
+) -> None:
+    """Two `email` columns (an export appending its own): which one is the person's identity
+    cannot be told, so the run stops naming the file, the column and both positions."""
+    text = "sourcedId,role,givenName,familyName,email,email\n"
+    text += "u-1,teacher,A,B,,a@example.org\n"
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(drop(tmp_path, users_csv=text))
+    assert str(raised.value).endswith(
+        "users.csv: the header names 'email' 2 times (columns 5 and 6): which one holds the "
+        "value cannot be told"
+    )
+
+
+async def test_a_column_not_read_may_be_named_twice(tmp_path: Path) -> None:
+    """A vendor's extra column named twice harms nothing: the rows are read."""
+    text = "sourcedId,role,givenName,familyName,email,sms,sms\n"
+    text += "u-1,teacher,A,B,a@example.org,1,2\n"
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    assert person(got, "u-1").email == "a@example.org"
+    assert rejected(got) == []
+
+
 async def test_missing_manifest_is_fatal(tmp_path: Path) -> None:
     """A drop without manifest.csv fails, naming the path."""
     folder = drop(tmp_path)
