@@ -1,7 +1,10 @@
 """The files of one drop, in a folder or a zip, read as header and rows with their lines.
 
-* Files are found by name, case-insensitively; in a zip a member at the root wins over one in
-  a sub-folder (exports often wrap everything in one folder).
+* Files are found by name, case-insensitively. In a zip, the drop is the folder of its
+  shallowest ``manifest.csv`` (exports often wrap everything in one folder), and every file is
+  read from that folder only: a ``users.csv`` of another folder (an older export kept in the
+  zip) is never mixed in. A zip with two manifests that shallow holds two drops, and is
+  refused.
 * Rows are streamed, never loaded whole: bytes are decoded line by line with an incremental
   decoder, so an undecodable byte is reported with the line it sits on, and the csv module sees
   exactly one physical line per string, so ``reader.line_num`` is the physical line number
@@ -49,6 +52,8 @@ class Bundle:
         self.path = path
         self._zip: zipfile.ZipFile | None = None
         self._names: dict[str, str] = {}
+        #: the zips inside a zip (a drop zipped twice), for the message when no drop is found
+        self.inner_zips: list[str] = []
         if path.is_dir():
             for child in sorted(path.iterdir()):
                 if child.is_file():
@@ -59,11 +64,33 @@ class Bundle:
             except (zipfile.BadZipFile, OSError) as exc:
                 raise FatalSourceError(source, f"{path}: not a readable zip ({exc})") from None
             members = [m for m in self._zip.namelist() if not m.endswith("/")]
+            folder = self._drop_folder(members)
             # Shallowest first, so a root member beats one of the same name in a sub-folder.
             for member in sorted(members, key=lambda m: (m.count("/"), m)):
-                self._names.setdefault(member.rsplit("/", 1)[-1].lower(), member)
+                parent, _, base = member.rpartition("/")
+                if folder is None or parent == folder:
+                    self._names.setdefault(base.lower(), member)
+            self.inner_zips = [m for m in members if m.lower().endswith(".zip")]
         else:
             raise FatalSourceError(source, f"{path}: no such folder or zip file")
+
+    def _drop_folder(self, members: list[str]) -> str | None:
+        """The folder of the zip holding the drop: the shallowest ``manifest.csv``'s ("" for
+        the root), so that every file is read from beside it; None when there is no manifest
+        (the drop is then refused for that). Two manifests as shallow are two drops."""
+        manifests = [m for m in members if m.rpartition("/")[2].lower() == "manifest.csv"]
+        if not manifests:
+            return None
+        depth = min(m.count("/") for m in manifests)
+        shallowest = sorted(m for m in manifests if m.count("/") == depth)
+        if len(shallowest) > 1:
+            listed = ", ".join(shallowest[:5]) + (" ..." if len(shallowest) > 5 else "")
+            raise FatalSourceError(
+                self.source,
+                f"{self.path}: the zip holds {len(shallowest)} drops ({listed}): which one to "
+                "read cannot be told; give a zip of one drop",
+            )
+        return shallowest[0].rpartition("/")[0]
 
     def has(self, name: str) -> bool:
         return name.lower() in self._names

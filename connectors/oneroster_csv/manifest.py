@@ -92,7 +92,9 @@ def _version(value: str) -> str | None:
 
 def read_manifest(bundle: Bundle, encoding: str) -> dict[str, str]:
     if not bundle.has(MANIFEST):
-        raise FatalSourceError(bundle.source, f"{bundle.path}: {MANIFEST} not found")
+        inner = bundle.inner_zips
+        hint = f" (the zip holds {inner[0]}: give the drop's own zip)" if inner else ""
+        raise FatalSourceError(bundle.source, f"{bundle.path}: {MANIFEST} not found{hint}")
     props: dict[str, str] = {}
     for row in rows(bundle, MANIFEST, encoding):
         if isinstance(row, Row):

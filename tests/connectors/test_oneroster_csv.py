@@ -682,6 +682,52 @@ async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
 # --- delta, plug-in, config ------------------------------------------------------------------
 
 
+def _zip_of(path: Path, members: dict[str, Path | str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members.items():
+            if isinstance(content, Path):
+                zf.write(content, name)
+            else:
+                zf.writestr(name, content)
+    return path
+
+
+async def test_a_zip_drop_is_read_from_its_manifests_folder_only(tmp_path: Path) -> None:
+    """A users.csv in another folder of the zip (an older export kept in it) is never read
+    in place of the drop's own: the drop's missing file is named instead."""
+    folder = drop(tmp_path)
+    old_users = table(USERS_HEADER, user("t-old", email="someone.else@example.org"))
+    members: dict[str, Path | str] = {
+        f.name: f for f in sorted(folder.iterdir()) if f.name != "users.csv"
+    }
+    members["2025-backup/users.csv"] = old_users
+    zip_path = _zip_of(tmp_path / "mixed.zip", members)
+    with pytest.raises(FatalSourceError, match=r"manifest lists users\.csv as bulk but it is"):
+        await fetch_all(zip_path)
+
+
+async def test_a_zip_holding_two_drops_is_refused_naming_them(tmp_path: Path) -> None:
+    """Two exports side by side in one zip: which to read cannot be told."""
+    folder = drop(tmp_path)
+    members: dict[str, Path | str] = {}
+    for sub in ("monday", "tuesday"):
+        members |= {f"{sub}/{f.name}": f for f in sorted(folder.iterdir())}
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(_zip_of(tmp_path / "two.zip", members))
+    assert str(raised.value).endswith(
+        "two.zip: the zip holds 2 drops (monday/manifest.csv, tuesday/manifest.csv): which one "
+        "to read cannot be told; give a zip of one drop"
+    )
+
+
+async def test_a_drop_zipped_twice_is_named_as_such(tmp_path: Path) -> None:
+    """A zip holding the drop's zip says so instead of only that no manifest was found."""
+    inner = tmp_path / "inner.zip"
+    _zip_of(inner, {f.name: f for f in sorted(drop(tmp_path).iterdir())})
+    with pytest.raises(FatalSourceError, match=r"manifest\.csv not found \(the zip holds inner"):
+        await fetch_all(_zip_of(tmp_path / "outer.zip", {"inner.zip": inner}))
+
+
 async def test_delta_fetch_of_a_bulk_drop_reads_it_as_changes(tmp_path: Path) -> None:
     """A delta run may read a bulk drop: every record comes, and the report warns that what
     the drop leaves out is not removed by such a run."""
