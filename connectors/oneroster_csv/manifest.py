@@ -9,7 +9,8 @@
   ``orgs``, ``users``, ``classes``, ``enrollments`` and ``academicSessions``, and in 1.2
   ``roles``. Other files (``courses``, ``demographics``, ``userProfiles``, ...) are not read.
 * A drop with any file read as ``delta`` is a **delta drop**: it holds changes only (see the
-  connector for what that means for a run).
+  connector for what that means for a run). So, for a run, is a drop without ``users.csv``,
+  ``classes.csv`` or ``enrollments.csv`` (absent, or not there): it says nothing of those.
 * Before any row is read, every file's header is checked, and everything wrong with the drop
   (a listed file missing, an unknown ``file.*`` value, a header that cannot be read, each
   missing required column of each file, a column read that a header names twice) is
@@ -56,6 +57,11 @@ FILES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The files without which a drop cannot say what is gone: a full run of a drop lacking one
+#: would remove every teacher, or every group.
+WHOLE = (USERS, CLASSES, ENROLLMENTS)
+
+
 @dataclass(frozen=True, slots=True)
 class Drop:
     """What the manifest says: the version, and each file read with its mode."""
@@ -73,6 +79,18 @@ class Drop:
 
     def reads(self, name: str) -> bool:
         return name in self.modes
+
+    @property
+    def unread(self) -> list[str]:
+        """Of the files a full run needs (users, classes, enrollments), those the drop does
+        not read (``absent`` in the manifest, or not in the drop)."""
+        return [name for name in WHOLE if name not in self.modes]
+
+    def describe_unread(self) -> str:
+        """``"users.csv is absent"``, for messages."""
+        names = self.unread
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        return f"{listed} {'is' if len(names) == 1 else 'are'} absent"
 
     def describe(self) -> str:
         """``"file.users and file.roles are delta"``, for messages."""

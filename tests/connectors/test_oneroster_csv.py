@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
 from rostersync.config.models import Settings
-from rostersync.errors import FatalSourceError
+from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.resync.queue import queue_resync
 from rostersync.sampledata import (
     ENROLLMENTS_HEADER,
@@ -44,7 +44,7 @@ from rostersync.source.testing import ConnectorContract, collect, people
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.hostile import HUGE, hostile_bytes
-from tests.sync.helpers import groups, user_id
+from tests.sync.helpers import groups, user_id, users
 
 
 class TestCsvConnector(ConnectorContract):
@@ -554,6 +554,63 @@ async def test_absent_file_in_manifest_is_skipped(tmp_path: Path) -> None:
     got = await fetch_all(folder)
     assert not [r for r in got if r.entity == "org"]
     assert any(isinstance(r, RosterPerson) for r in got)
+
+
+@pytest.mark.parametrize("how", ["absent", "left out"])
+@pytest.mark.parametrize("name", ["users", "classes", "enrollments"])
+async def test_a_full_fetch_of_a_drop_without_users_classes_or_enrollments_is_changes_only(
+    tmp_path: Path, name: str, how: str
+) -> None:
+    """A bulk drop whose manifest says users.csv is absent (or that lacks it) says nothing of
+    users: a full fetch is refused as changes only, a delta fetch reads the rest, and a live
+    read refuses the drop."""
+    folder = drop(tmp_path)
+    if how == "absent":
+        manifest = (folder / "manifest.csv").read_text()
+        (folder / "manifest.csv").write_text(
+            manifest.replace(f"file.{name},bulk", f"file.{name},absent")
+        )
+    else:
+        manifest = (folder / "manifest.csv").read_text()
+        (folder / "manifest.csv").write_text(manifest.replace(f"file.{name},bulk\n", ""))
+        (folder / f"{name}.csv").unlink()
+    connector = OneRosterCsvConnector("csv", folder)
+    with pytest.raises(ChangesOnlyError) as raised:
+        await collect(connector)
+    assert str(raised.value).endswith(
+        f"manifest.csv: a drop in part ({name}.csv is absent): it says nothing of those "
+        "records, and a full run would remove every one of them"
+    )
+    got = await collect(connector, FetchMode.DELTA)
+    entity = {"users": "user", "classes": "class", "enrollments": "enrollment"}[name]
+    assert got
+    assert not [r for r in got if r.entity == entity]
+    with pytest.raises(FatalSourceError, match=r"a drop in part .* `resync --live` needs a bulk"):
+        await connector.fetch_teacher(TeacherRef("t-1", None))
+
+
+async def test_a_sync_of_a_drop_without_users_removes_no_one(
+    tmp_path: Path, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A bulk drop sent without its users.csv (file.users,absent) after a full one: the run
+    is a delta run that says why, and no account is archived nor group removed."""
+    folder = drop(tmp_path)
+    settings = make_settings(memory_sources=("csv",))
+    engine = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    first = await engine.sync("csv")
+    await engine.drain()
+    assert first.status == "succeeded"
+    before_users, before_groups = users(store), groups(store)
+    manifest = (folder / "manifest.csv").read_text()
+    (folder / "manifest.csv").write_text(manifest.replace("file.users,bulk", "file.users,absent"))
+    second = await engine.sync("csv")
+    await engine.drain()
+    assert (second.status, second.mode) == ("succeeded", "delta")
+    assert second.counts["users_archived"] == second.counts["groups_removed"] == 0
+    assert any(
+        "users.csv is absent" in w and "ran a delta run instead" in w for w in second.warnings
+    )
+    assert (users(store), groups(store)) == (before_users, before_groups)
 
 
 async def test_unknown_oneroster_version_is_refused(tmp_path: Path) -> None:
