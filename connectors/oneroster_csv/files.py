@@ -116,18 +116,26 @@ class Bundle:
             self._zip = None
 
 
-def _text_lines(raw: IO[bytes], encoding: str, counter: list[int]) -> Iterator[str]:
-    """Decode `raw` one physical line per string, counting lines into ``counter[0]``.
+def _text_lines(
+    raw: IO[bytes], encoding: str, counter: list[int], used: list[str] | None = None
+) -> Iterator[str]:
+    """Decode `raw` one physical line per string, counting lines into ``counter[0]`` (and
+    putting the encoding it decodes with, see :func:`_encoding_of`, in ``used``).
 
     Splitting the decoded text (not the bytes) on ``\\n`` keeps multi-byte encodings such as
     UTF-16 right; yielding one physical line per string keeps ``csv.reader.line_num`` equal to
     the physical line number.
     """
-    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    decoder: codecs.IncrementalDecoder | None = None
     pending = ""
     # readline with a limit: a line with no end (gigabytes unpacked from a small zip) arrives
     # in pieces, and is refused past MAX_LINE_CHARS instead of filling the memory.
     for chunk in iter(functools.partial(raw.readline, _READ_SIZE), b""):
+        if decoder is None:
+            encoding = _encoding_of(chunk, encoding)
+            if used is not None:
+                used[:] = [encoding]
+            decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
         pending += decoder.decode(chunk)
         while (cut := pending.find("\n")) >= 0:
             line, pending = pending[: cut + 1], pending[cut + 1 :]
@@ -135,10 +143,25 @@ def _text_lines(raw: IO[bytes], encoding: str, counter: list[int]) -> Iterator[s
             yield line
         if len(pending) > MAX_LINE_CHARS:
             raise _LineTooLong
-    pending += decoder.decode(b"", final=True)
+    if decoder is not None:
+        pending += decoder.decode(b"", final=True)
     if pending:
         counter[0] += 1
         yield pending
+
+
+_UTF8 = frozenset({"utf-8", "utf-8-sig"})
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _encoding_of(start: bytes, encoding: str) -> str:
+    """The encoding a file starting with ``start`` is read in: ``encoding``, but UTF-16 for a
+    file that begins with a UTF-16 byte-order mark when ``encoding`` is UTF-8 (the default).
+    Such a file ("Unicode text" from a spreadsheet) cannot be UTF-8, whose text never begins
+    with those bytes, and the mark says its byte order."""
+    if start.startswith(_UTF16_BOMS) and codecs.lookup(encoding).name in _UTF8:
+        return "utf-16"
+    return encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +292,10 @@ def repeated_columns(header: Sequence[str], columns: Sequence[str]) -> str | Non
 def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, None, None]:
     """The header (names cleaned), then each record of the file with its line and problem;
     every way the file can be unreadable becomes a FatalSourceError naming file and line."""
-    counter = [0]
+    counter, used = [0], [encoding]
     try:
         with bundle.open(name) as raw:
-            records = read_records(_text_lines(raw, encoding, counter))
+            records = read_records(_text_lines(raw, encoding, counter, used))
             line, fields, problem = next(records, (0, [], None))
             if problem is not None:
                 raise FatalSourceError(
@@ -292,9 +315,16 @@ def _records(bundle: Bundle, name: str, encoding: str) -> Generator[CsvRecord, N
         ) from None
     except UnicodeError as exc:  # also UTF-16 without a byte-order mark, not only bad bytes
         reason = exc.reason if isinstance(exc, UnicodeDecodeError) else str(exc)
+        hint = ""
+        if codecs.lookup(used[0]).name in _UTF8:
+            hint = (
+                "; a file saved in another encoding needs the source's `encoding` set to it, "
+                "such as cp1252 for a spreadsheet saved as CSV on Windows"
+            )
         raise FatalSourceError(
             bundle.source,
-            f"{bundle.where(name)} line {counter[0] + 1}: cannot decode as {encoding} ({reason})",
+            f"{bundle.where(name)} line {counter[0] + 1}: cannot decode as {used[0]} "
+            f"({reason}){hint}",
         ) from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise FatalSourceError(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import io
 import re
@@ -716,6 +717,42 @@ async def test_utf16_without_byte_order_mark_is_fatal(tmp_path: Path) -> None:
         match=r"manifest\.csv line 1: cannot decode as utf-16 \(UTF-16 stream does not start",
     ):
         await fetch_all(drop(tmp_path), encoding="utf-16")
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be"])
+async def test_files_with_a_utf16_byte_order_mark_are_read_as_utf16(
+    tmp_path: Path, codec: str
+) -> None:
+    """ "Unicode text" from a spreadsheet is UTF-16 with a byte-order mark: with the default
+    encoding every file is read all the same, names beyond Latin-1 and line numbers intact."""
+    folder = drop(tmp_path)
+    users_csv = table(USERS_HEADER, user("u-1", givenName="Zoë 李"), user("u-2", status="archived"))
+    (folder / "users.csv").write_text(users_csv)
+    for path in folder.glob("*.csv"):
+        text = path.read_text(encoding="utf-8")
+        bom = codecs.BOM_UTF16_BE if codec == "utf-16-be" else b""
+        path.write_bytes(bom + text.encode(codec))
+    got = await fetch_all(folder)
+    assert person(got, "u-1").given_name == "Zoë 李"
+    [bad] = rejected(got)
+    assert (bad.sourced_id, bad.location) == ("u-2", "users.csv line 3")
+
+
+async def test_bytes_another_encoding_wrote_fail_naming_the_encoding_setting(
+    tmp_path: Path,
+) -> None:
+    """A file saved as Windows-1252 (é, a curly apostrophe) fails at its line, saying which
+    setting reads it; set to cp1252, the same drop is read."""
+    text = table(USERS_HEADER, user("u-1", givenName="Zoé", familyName="O\u2019Brien"))
+    folder = drop(tmp_path, users_csv=text.encode("cp1252"))
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(
+        "users.csv line 2: cannot decode as utf-8-sig (invalid continuation byte); a file saved "
+        "in another encoding needs the source's `encoding` set to it, such as cp1252 for a "
+        "spreadsheet saved as CSV on Windows"
+    )
+    assert person(await fetch_all(folder, encoding="cp1252"), "u-1").family_name == "O\u2019Brien"
 
 
 @pytest.mark.parametrize("encoding", ["rot13", "hex", "no-such-codec"])
