@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -148,8 +148,10 @@ class OffsetPaginator:
     def __post_init__(self) -> None:
         self.step = self.limit
 
-    def start(self, first: Page) -> list[int] | None:
-        """After the first page: the remaining offsets when the total is known, else None."""
+    def start(self, first: Page) -> Sequence[int] | None:
+        """After the first page: the remaining offsets when the total is known, else None.
+        A range, not a list: a server may count 10**18 records (X-Total-Count) and serve a
+        few hundred, and paging stops at its first empty page."""
         self.record(first)
         got = first.size
         if 0 < got < self.limit and (
@@ -164,7 +166,7 @@ class OffsetPaginator:
             return None
         if got == 0:
             return []
-        return list(range(self.step, first.total, self.step))
+        return range(self.step, first.total, self.step)
 
     def next_offset(self, page: Page) -> int | None:
         """Sequential paging: where the page after ``page`` starts, or None if it was the last."""
