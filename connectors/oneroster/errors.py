@@ -57,7 +57,10 @@ def undecodable(source: str, response: httpx.Response, problem: str) -> SourceEr
     """The error for an answer that did not decode (``problem``, a DecodeError's text)."""
     where = describe(response.request)
     if problem == "invalid JSON":
-        return RetriableSourceError(source, f"invalid JSON from {where}")
+        # A proxy's or a maintenance page says what it is: "(a text/html answer)".
+        kind = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        shown = f" (a {kind[:60]} answer)" if kind and "json" not in kind else ""
+        return RetriableSourceError(source, f"invalid JSON{shown} from {where}")
     return FatalSourceError(source, f"unexpected answer from {where}: {problem}")
 
 

@@ -652,6 +652,25 @@ async def test_a_token_endpoint_redirect_is_fatal_naming_where_it_points() -> No
     assert SECRET not in message
 
 
+async def test_an_html_page_served_as_200_is_retried_then_named_by_its_type() -> None:
+    """A maintenance or proxy page served with 200 is retried as a cut page is, and the
+    error says what came instead of JSON."""
+    page = httpx.Response(
+        200, text="<html>Down for maintenance</html>", headers={"Content-Type": "text/html"}
+    )
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(return_value=page)
+        async with open_connector() as c:
+            with pytest.raises(RetriableSourceError) as err:
+                await fetch_all(c)
+    assert str(err.value).endswith(
+        "invalid JSON (a text/html answer) from GET /ims/oneroster/v1p1/users at offset=0 "
+        f"after {FAST['max_attempts']} attempts"
+    )
+    assert route.call_count == FAST["max_attempts"]
+
+
 async def test_other_4xx_is_fatal_and_bad_json_fails_once_retries_run_out() -> None:
     """A 404 on a collection stops the run; an unparsable body is retried, then fails it."""
     with respx.mock(assert_all_called=False) as router:
