@@ -425,6 +425,27 @@ async def test_status_mapping(tmp_path: Path) -> None:
     }
 
 
+async def test_booleans_written_as_1_and_0_are_read(tmp_path: Path) -> None:
+    """An exporter writing enabledUser and primary as 1/0 (or TRUE) has its rows read, as
+    the REST connector reads them, instead of every user and enrollment rejected."""
+    users_csv = table(
+        USERS_HEADER,
+        user("u-1", enabledUser="1"),
+        user("u-2", enabledUser="0"),
+        user("u-3", enabledUser="TRUE"),
+    )
+    enrollments_csv = table(
+        ENROLLMENTS_HEADER,
+        enrollment("e-1", userSourcedId="u-1", role="teacher", primary="1"),
+        enrollment("e-2", userSourcedId="u-2", primary="0"),
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=users_csv, enrollments_csv=enrollments_csv))
+    assert rejected(got) == []
+    assert [person(got, f"u-{n}").enabled for n in (1, 2, 3)] == [True, False, True]
+    primary = {r.sourced_id: r.primary for r in got if isinstance(r, RosterEnrollment)}
+    assert primary == {"e-1": True, "e-2": False}
+
+
 async def test_user_field_defaults_and_email_case(tmp_path: Path) -> None:
     """enabledUser blank is true, blank email is None, email case is kept, dates are aware UTC."""
     text = table(
