@@ -1,8 +1,10 @@
 """``manifest.csv``: the drop's OneRoster version, and which files are read, bulk or delta.
 
-* ``manifest.csv`` (``propertyName,value``) must exist. ``oneroster.version`` picks the
-  version: ``1.0`` and ``1.1`` (or no version at all) read OneRoster 1.1 files, ``1.2`` (and
-  ``1.2.x``) OneRoster 1.2 files; any other version is refused.
+* ``manifest.csv`` (``propertyName,value``) must exist and be read whole: a row that cannot
+  be read, or a property given twice with two values, is fatal (property names match in any
+  case). ``oneroster.version`` picks the version: ``1.0`` and ``1.1`` (and ``1.0.x``,
+  ``1.1.x``, or no version at all) read OneRoster 1.1 files, ``1.2`` (and ``1.2.x``)
+  OneRoster 1.2 files; any other version is refused.
 * Each file rostersync reads has a ``file.<name>`` property: ``bulk`` (every record),
   ``delta`` (changed records only) or ``absent`` (not read). A file listed as bulk or delta
   must exist; a file the manifest does not mention is read, as bulk, if present. The files:
@@ -101,7 +103,7 @@ class Drop:
 
 
 def _version(value: str) -> str | None:
-    if value in ("", "1.0", "1.1"):
+    if value in ("", "1.0", "1.1") or value.startswith(("1.0.", "1.1.")):
         return V11
     if value == "1.2" or value.startswith("1.2."):
         return V12
@@ -109,14 +111,33 @@ def _version(value: str) -> str | None:
 
 
 def read_manifest(bundle: Bundle, encoding: str) -> dict[str, str]:
+    """The manifest's properties by lower-cased name. It says which files are deltas, so it is
+    read whole or not at all: a row that cannot be read, or a property given twice with two
+    values, is fatal (a ``file.users,delta,`` row skipped would make a delta file bulk, and a
+    full run would remove everyone it leaves out)."""
     if not bundle.has(MANIFEST):
         inner = bundle.inner_zips
         hint = f" (the zip holds {inner[0]}: give the drop's own zip)" if inner else ""
         raise FatalSourceError(bundle.source, f"{bundle.path}: {MANIFEST} not found{hint}")
     props: dict[str, str] = {}
-    for row in rows(bundle, MANIFEST, encoding):
-        if isinstance(row, Row):
-            props[row.get("propertyName")] = row.get("value")
+    lines: dict[str, int] = {}
+    for row in rows(bundle, MANIFEST, encoding, key="propertyName"):
+        if not isinstance(row, Row):
+            raise FatalSourceError(
+                bundle.source,
+                f"{bundle.where(MANIFEST)} {(row.location or '').removeprefix(MANIFEST).strip()}: "
+                f"{row.reason} (the manifest must be "
+                "read whole: it says which files are bulk, delta or absent)",
+            )
+        name, value = row.get("propertyName").lower(), row.get("value")
+        if name in props and props[name].lower() != value.lower():
+            raise FatalSourceError(
+                bundle.source,
+                f"{bundle.where(MANIFEST)}: lines {lines[name]} and {row.line} give "
+                f"{row.get('propertyName')} two values ({props[name]!r}, {value!r})",
+            )
+        props.setdefault(name, value)
+        lines.setdefault(name, row.line)
     return props
 
 
@@ -135,7 +156,7 @@ def plan(bundle: Bundle, encoding: str, notes: Notes) -> Drop:
     modes: dict[str, str] = {}
     for name in FILES[version]:
         key = f"file.{name.removesuffix('.csv')}"
-        mode = props.get(key, "").lower()
+        mode = props.get(key.lower(), "").lower()
         if mode in (BULK, DELTA):
             if bundle.has(name):
                 modes[name] = mode

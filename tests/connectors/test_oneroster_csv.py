@@ -635,6 +635,54 @@ async def test_a_sync_of_a_drop_without_users_removes_no_one(
     assert (users(store), groups(store)) == (before_users, before_groups)
 
 
+def _manifest_edited(tmp_path: Path, old: str, new: str) -> Path:
+    folder = drop(tmp_path)
+    manifest = (folder / "manifest.csv").read_text()
+    assert old in manifest
+    (folder / "manifest.csv").write_text(manifest.replace(old, new))
+    return folder
+
+
+async def test_a_manifest_row_that_cannot_be_read_is_fatal(tmp_path: Path) -> None:
+    """`file.users,delta,` (a stray comma) was skipped, and users.csv then read as bulk: a full
+    run would have removed everyone the delta file leaves out. The manifest is read whole."""
+    folder = _manifest_edited(tmp_path, "file.users,bulk", "file.users,delta,")
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert not isinstance(raised.value, ChangesOnlyError)
+    assert str(raised.value).endswith(
+        "manifest.csv line 16: expected 2 fields, found 3 (the manifest must be read whole: it "
+        "says which files are bulk, delta or absent)"
+    )
+
+
+async def test_a_manifest_property_given_twice_with_two_values_is_fatal(tmp_path: Path) -> None:
+    """Which of `file.users,bulk` and `file.users,delta` holds cannot be told."""
+    folder = drop(tmp_path)
+    with (folder / "manifest.csv").open("a") as manifest:
+        manifest.write("file.users,delta\n")
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(
+        "manifest.csv: lines 16 and 19 give file.users two values ('bulk', 'delta')"
+    )
+
+
+async def test_manifest_property_names_match_in_any_case(tmp_path: Path) -> None:
+    """`File.Users,Delta` says users.csv is a delta file: a full fetch is refused as changes
+    only, not read as a bulk drop."""
+    folder = _manifest_edited(tmp_path, "file.users,bulk", "File.Users,Delta")
+    with pytest.raises(ChangesOnlyError, match=r"file\.users is delta"):
+        await fetch_all(folder)
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+async def test_a_patch_version_of_1_1_reads_a_1_1_drop(tmp_path: Path, version: str) -> None:
+    """`oneroster.version,1.1.0` is OneRoster 1.1, as `1.2.0` is 1.2."""
+    folder = _manifest_edited(tmp_path, "oneroster.version,1.1", f"oneroster.version,{version}")
+    assert people(await fetch_all(folder)) == people(await fetch_all(drop(tmp_path / "plain")))
+
+
 async def test_unknown_oneroster_version_is_refused(tmp_path: Path) -> None:
     """A manifest naming a OneRoster version rostersync does not know is refused, not misread."""
     folder = drop(tmp_path)
