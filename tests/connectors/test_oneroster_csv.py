@@ -216,7 +216,7 @@ async def test_warnings_of_one_kind_are_listed_up_to_a_limit_then_counted(tmp_pa
 BAD_ENROLLMENTS = {
     "missing class": (enrollment("e-9", classSourcedId=""), "missing classSourcedId"),
     "missing user": (enrollment("e-9", userSourcedId=""), "missing userSourcedId"),
-    "bad primary": (enrollment("e-9", primary="1"), "primary '1' is not true or false"),
+    "bad primary": (enrollment("e-9", primary="yes"), "primary 'yes' is not true or false"),
     "empty role": (enrollment("e-9", role=""), "missing role"),
 }
 
