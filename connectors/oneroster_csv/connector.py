@@ -299,6 +299,7 @@ class OneRosterCsvConnector:
                     batch = []
             if batch:
                 yield batch
+            bundle.check_unchanged()
         finally:
             bundle.close()
         self.warnings = notes.lines()
@@ -359,6 +360,7 @@ class OneRosterCsvConnector:
                     or r.sourced_id in student_ids
                 ):
                     roster.rejected.append(r)
+            bundle.check_unchanged()
             return roster
         finally:
             bundle.close()

@@ -54,6 +54,8 @@ class Bundle:
         self._names: dict[str, str] = {}
         #: the zips inside a zip (a drop zipped twice), for the message when no drop is found
         self.inner_zips: list[str] = []
+        #: a folder's files as first opened (size, mtime): see check_unchanged
+        self._opened: dict[str, tuple[int, int]] = {}
         if path.is_dir():
             for child in sorted(path.iterdir()):
                 if child.is_file():
@@ -64,7 +66,11 @@ class Bundle:
             except (zipfile.BadZipFile, OSError) as exc:
                 raise FatalSourceError(source, f"{path}: not a readable zip ({exc})") from None
             members = [m for m in self._zip.namelist() if not m.endswith("/")]
-            folder = self._drop_folder(members)
+            try:
+                folder = self._drop_folder(members)
+            except FatalSourceError:
+                self.close()
+                raise
             # Shallowest first, so a root member beats one of the same name in a sub-folder.
             for member in sorted(members, key=lambda m: (m.count("/"), m)):
                 parent, _, base = member.rpartition("/")
@@ -100,12 +106,37 @@ class Bundle:
         try:
             if self._zip is not None:
                 return self._zip.open(actual)
-            return open(self.path / actual, "rb")
+            path = self.path / actual
+            # Before opening: a change in between is then seen as a change, never missed.
+            stat = path.stat()
+            self._opened.setdefault(actual, (stat.st_size, stat.st_mtime_ns))
+            return open(path, "rb")
         # RuntimeError: an encrypted member; NotImplementedError: a compression zipfile lacks.
         except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as exc:
             raise FatalSourceError(
                 self.source, f"{self.where(name)}: cannot open ({exc})"
             ) from None
+
+    def check_unchanged(self) -> None:
+        """Raise FatalSourceError if a file of a folder drop changed since it was first opened:
+        an exporter still writing it (an upload in progress) gave rows of two versions, or
+        not all of them, and a full run would take the rows it missed for gone. A zip
+        rewritten in place fails to read instead."""
+        for actual, (size, mtime) in self._opened.items():
+            try:
+                stat = (self.path / actual).stat()
+            except OSError as exc:
+                now = f"now unreadable ({exc.strerror or exc})"
+            else:
+                if (stat.st_size, stat.st_mtime_ns) == (size, mtime):
+                    continue
+                now = f"{size} bytes when first opened, {stat.st_size} now"
+            raise FatalSourceError(
+                self.source,
+                f"{self.path / actual}: changed while the drop was read ({now}): is an upload "
+                "still in progress? Nothing of this read is applied; the next run reads the "
+                "drop again",
+            )
 
     def where(self, name: str) -> str:
         return f"{self.path}!{name}" if self._zip is not None else str(self.path / name)

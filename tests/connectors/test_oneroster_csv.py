@@ -6,7 +6,7 @@ import csv
 import io
 import re
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -543,6 +543,55 @@ async def test_a_column_not_read_may_be_named_twice(tmp_path: Path) -> None:
     got = await fetch_all(drop(tmp_path, users_csv=text))
     assert person(got, "u-1").email == "a@example.org"
     assert rejected(got) == []
+
+
+class _RewrittenMidRead(OneRosterCsvConnector):
+    """Reads a folder drop while its exporter rewrites users.csv (cut to one row) after the
+    first batch: an upload in progress."""
+
+    async def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord]]:
+        rewritten = False
+        async for batch in super().fetch(mode, since):
+            yield batch
+            if not rewritten:
+                users_csv = self.path / "users.csv"
+                users_csv.write_text("".join(users_csv.read_text().splitlines(True)[:2]))
+                rewritten = True
+
+
+async def test_a_folder_drop_rewritten_while_read_fails_naming_the_file(tmp_path: Path) -> None:
+    """A file that changes while the drop is read fails the fetch once everything was read,
+    naming the file and both sizes."""
+    folder = drop(tmp_path)
+    size = (folder / "users.csv").stat().st_size
+    with pytest.raises(FatalSourceError) as raised:
+        await collect(_RewrittenMidRead("csv", folder, batch_size=1))
+    shrunk = (folder / "users.csv").stat().st_size
+    assert str(raised.value).endswith(
+        f"users.csv: changed while the drop was read ({size} bytes when first opened, {shrunk} "
+        "now): is an upload still in progress? Nothing of this read is applied; the next run "
+        "reads the drop again"
+    )
+    assert len(await collect(OneRosterCsvConnector("csv", folder))) > 0  # read as it is now
+
+
+async def test_a_sync_of_a_drop_rewritten_while_read_changes_nothing(
+    tmp_path: Path, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The run fails, and no teacher the half-written users.csv leaves out is archived."""
+    folder = drop(tmp_path)
+    settings = make_settings(memory_sources=("csv",))
+    first = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    await first.sync("csv")
+    await first.drain()
+    before = users(store), groups(store)
+    connector = _RewrittenMidRead("csv", folder, batch_size=1)
+    second = await SyncEngine(settings, store, connectors={"csv": connector}).sync("csv")
+    assert second.status == "failed"
+    assert "changed while the drop was read" in (second.error or "")
+    assert (users(store), groups(store)) == before
 
 
 async def test_missing_manifest_is_fatal(tmp_path: Path) -> None:
