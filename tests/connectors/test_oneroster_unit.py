@@ -287,15 +287,66 @@ async def test_link_next_is_followed_but_urls_are_built_from_base_url() -> None:
     assert len([r for r in got if isinstance(r, RosterPerson)]) == 7
 
 
-async def test_without_headers_paging_stops_on_a_short_page() -> None:
-    """No X-Total-Count and no Link: pages are read until one comes back short."""
+async def test_without_headers_paging_stops_on_a_short_page_then_an_empty_one() -> None:
+    """No X-Total-Count and no Link: pages are read until one comes back short, and a
+    short page after the first is confirmed by an empty one."""
     records = [user(i) for i in range(7)]
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "orgs", "classes", "enrollments")
         route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", total=False))
         async with open_connector(page_size=3) as c:
             got = await fetch_all(c)
-    assert route.call_count == 3
+            notes = c.warnings
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "3", "6", "9"]
+    assert len(got) == 7
+    assert notes == []
+
+
+async def test_without_headers_a_page_the_server_filtered_does_not_end_the_collection() -> None:
+    """A server that drops a record from a page after applying the limit (2 of 3 at
+    offset 3) is read on to its first empty page, and the report says so: the records after
+    the short page are not taken for gone."""
+    records = [user(i) for i in range(10)]
+    serve = pager(records, "users", total=False)
+
+    def filtering(request: httpx.Request) -> httpx.Response:
+        answer = serve(request)
+        if request.url.params["offset"] == "3":
+            page = orjson.loads(answer.content)["users"]
+            return httpx.Response(200, json={"users": page[:1] + page[2:]})
+        return answer
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=filtering)
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+            notes = c.warnings
+    assert [call.request.url.params["offset"] for call in route.calls] == [
+        "0", "3", "6", "9", "12"
+    ]  # fmt: skip
+    assert {r.sourced_id for r in got} == {r["sourcedId"] for r in records} - {"u-004"}
+    assert notes == [
+        "/users: the server served 2 records at offset=3 (pages of 3) and more after them: "
+        "paging went on to the first empty page"
+    ]
+
+
+async def test_without_headers_a_server_clamping_offsets_past_the_end_ends_there() -> None:
+    """Asked past its end, a server answering with its last page again is at its end: the
+    confirming request is no repeated page that fails the run."""
+    records = [user(i) for i in range(7)]
+    serve = pager(records, "users", total=False)
+
+    def clamping(request: httpx.Request) -> httpx.Response:
+        offset = min(int(request.url.params["offset"]), 6)
+        return serve(httpx.Request("GET", request.url.copy_set_param("offset", str(offset))))
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        router.get(f"{BASE}/users").mock(side_effect=clamping)
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
     assert len(got) == 7
 
 
@@ -335,7 +386,7 @@ async def test_without_headers_a_round_short_first_page_may_be_a_cap() -> None:
         )
         async with open_connector(page_size=1000) as c:
             got = await fetch_all(c)
-    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "100", "200"]
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "100", "200", "300"]
     assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 250
 
 
