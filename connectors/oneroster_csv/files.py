@@ -155,10 +155,11 @@ def _text_lines(
 
     Splitting the decoded text (not the bytes) on ``\\n`` keeps multi-byte encodings such as
     UTF-16 right; yielding one physical line per string keeps ``csv.reader.line_num`` equal to
-    the physical line number.
+    the physical line number. A file whose first line ends with a lone CR is split on CRs.
     """
     decoder: codecs.IncrementalDecoder | None = None
     pending = ""
+    end = ""  # what ends a line: "\n" (LF or CRLF), or "\r" in a file of classic Mac line ends
     # readline with a limit: a line with no end (gigabytes unpacked from a small zip) arrives
     # in pieces, and is refused past MAX_LINE_CHARS instead of filling the memory.
     for chunk in iter(functools.partial(raw.readline, _READ_SIZE), b""):
@@ -168,7 +169,11 @@ def _text_lines(
                 used[:] = [encoding]
             decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
         pending += decoder.decode(chunk)
-        while (cut := pending.find("\n")) >= 0:
+        if not end and pending:
+            # A first line (or first MiB) without an LF but with a CR: "CSV (Macintosh)", as
+            # Excel for Mac still saves it, ends every line with a lone CR.
+            end = "\r" if "\r" in pending and "\n" not in pending else "\n"
+        while end and (cut := pending.find(end)) >= 0:
             line, pending = pending[: cut + 1], pending[cut + 1 :]
             counter[0] += 1
             yield line

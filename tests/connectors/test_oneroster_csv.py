@@ -357,6 +357,21 @@ async def test_lone_carriage_return_rejects_its_row(tmp_path: Path) -> None:
     assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
 
 
+async def test_a_drop_with_classic_mac_line_ends_is_read_line_by_line(tmp_path: Path) -> None:
+    """Files whose lines end with a lone CR ("CSV (Macintosh)" from Excel for Mac) are read
+    as lines, a bad row named by its line, instead of failing on an unreadable header."""
+    folder = drop(tmp_path)
+    users_csv = table(USERS_HEADER, user("u-1"), user("u-2", status="archived"), user("u-3"))
+    (folder / "users.csv").write_text(users_csv)
+    for path in folder.glob("*.csv"):
+        path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r"))
+    got = await fetch_all(folder)
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+    [bad] = rejected(got)
+    assert (bad.sourced_id, bad.location) == ("u-2", "users.csv line 3")
+    assert len(got) == len(await fetch_all(drop(tmp_path / "lf", users_csv=users_csv)))
+
+
 async def test_bom_in_header_without_utf8_sig_is_ignored(tmp_path: Path) -> None:
     """With `encoding: utf-8` a BOM stays in the text; it is still no part of the first name."""
     text = "\ufeff" + table(USERS_HEADER, user("u-1"))
