@@ -56,11 +56,20 @@ class Bundle:
         self.inner_zips: list[str] = []
         #: a folder's files as first opened (size, mtime): see check_unchanged
         self._opened: dict[str, tuple[int, int]] = {}
-        if path.is_dir():
-            for child in sorted(path.iterdir()):
-                if child.is_file():
-                    self._names.setdefault(child.name.lower(), child.name)
-        elif path.is_file():
+        try:
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except OSError as exc:  # a folder above it not searchable, say
+            raise FatalSourceError(source, f"{path}: cannot read ({exc.strerror or exc})") from None
+        if is_dir:
+            try:
+                for child in sorted(path.iterdir()):
+                    if child.is_file():
+                        self._names.setdefault(child.name.lower(), child.name)
+            except OSError as exc:  # permissions changed since `config check`, a stale mount
+                raise FatalSourceError(
+                    source, f"{path}: cannot list the folder ({exc.strerror or exc})"
+                ) from None
+        elif is_file:
             try:
                 self._zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError) as exc:

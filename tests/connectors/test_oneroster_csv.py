@@ -609,6 +609,25 @@ async def test_a_sync_of_a_drop_rewritten_while_read_changes_nothing(
     assert (users(store), groups(store)) == before
 
 
+@pytest.mark.parametrize(
+    ("step", "said"), [("is_dir", "cannot read"), ("iterdir", "cannot list the folder")]
+)
+async def test_a_folder_that_cannot_be_listed_is_fatal_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, said: str
+) -> None:
+    """A drop folder whose permissions changed since `config check` (or a stale network
+    mount) fails the run naming the folder, not with a traceback."""
+    folder = drop(tmp_path)
+
+    def refused(self: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, step, refused)
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(f"{folder}: {said} (Permission denied)")
+
+
 async def test_missing_manifest_is_fatal(tmp_path: Path) -> None:
     """A drop without manifest.csv fails, naming the path."""
     folder = drop(tmp_path)
