@@ -49,7 +49,7 @@ def google_error(response: httpx.Response) -> tuple[str, str]:
     """``(status, message)`` from a Google error body; empty strings when it is not one."""
     try:
         body = json.loads(response.content or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # see json_body
         return "", ""
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
@@ -99,7 +99,9 @@ def raise_for_response(
 def json_body(source: str, response: httpx.Response, path: str) -> dict[str, Any]:
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    # ValueError: not JSON, not text, or an integer of more digits than Python converts;
+    # RecursionError: arrays or objects nested deeper than the stdlib parser goes.
+    except (ValueError, RecursionError):
         raise FatalSourceError(source, f"GET {path} did not return JSON") from None
     if not isinstance(body, dict):
         raise FatalSourceError(source, f"GET {path} returned {type(body).__name__}, not an object")

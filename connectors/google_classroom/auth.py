@@ -169,7 +169,7 @@ class ServiceAccountAuth(httpx.Auth):
             raise FatalSourceError(self._source, where)
         try:
             body = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # as api.json_body
             raise FatalSourceError(self._source, "token endpoint did not return JSON") from None
         value = body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
@@ -186,7 +186,7 @@ def _oauth_error(response: httpx.Response) -> tuple[str, str]:
     """``(error, error_description)`` of an OAuth error body, trimmed; never the request."""
     try:
         body = json.loads(response.content or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # as api.json_body
         return "", ""
     if not isinstance(body, dict):
         return "", ""

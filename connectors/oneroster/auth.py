@@ -166,7 +166,8 @@ class OAuth2ClientCredentials(httpx.Auth):
         try:
             data = response.json()
             token = data["access_token"]
-        except (ValueError, KeyError, TypeError):
+        # RecursionError: JSON nested deeper than the stdlib parser goes.
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise FatalSourceError(
                 self._source, f"the token endpoint answered without an access_token ({where})"
             ) from None

@@ -4,6 +4,8 @@
   an HTTP date) rides on the error so the retry policy waits as long as the server asked.
 * Timeouts and transport failures (refused or dropped connections) are retriable too.
 * 401/403 are fatal with a hint about credentials; every other 4xx is fatal.
+* A redirect (3xx) is fatal, naming where it points: it is never followed, since the request's
+  credentials would go along to another address.
 * A 200 whose JSON does not parse (a body cut short by a proxy or a server that gave up
   half-way) is retriable; an answer of the wrong shape is fatal.
 
@@ -55,7 +57,10 @@ def undecodable(source: str, response: httpx.Response, problem: str) -> SourceEr
     """The error for an answer that did not decode (``problem``, a DecodeError's text)."""
     where = describe(response.request)
     if problem == "invalid JSON":
-        return RetriableSourceError(source, f"invalid JSON from {where}")
+        # A proxy's or a maintenance page says what it is: "(a text/html answer)".
+        kind = response.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        shown = f" (a {kind[:60]} answer)" if kind and "json" not in kind else ""
+        return RetriableSourceError(source, f"invalid JSON{shown} from {where}")
     return FatalSourceError(source, f"unexpected answer from {where}: {problem}")
 
 
@@ -80,11 +85,20 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 def raise_for_status(source: str, response: httpx.Response, where: str | None = None) -> None:
     """Raise the right source error for a non-2xx answer; return quietly on success."""
     status = response.status_code
-    if status < 400:
+    if status < 300:
         return
     where = where or describe(response.request)
     reason = _REASONS.get(status, response.reason_phrase or "")
     what = f"HTTP {status} {reason}".rstrip()
+    if status < 400:
+        # Never followed: the auth would go along to wherever it points. Read as a page, its
+        # body (empty, or a login form) failed as "invalid JSON" after every retry.
+        raise FatalSourceError(
+            source,
+            f"{what} from {where}: the server redirects{redirect_target(response)}; "
+            "redirects are not followed (the credentials would go along), so point the "
+            "source's base_url (or token_url) at the address it names",
+        )
     if status == 429 or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         raise RetriableSourceError(source, f"{what} from {where}", retry_after=retry_after)
@@ -95,6 +109,19 @@ def raise_for_status(source: str, response: httpx.Response, where: str | None = 
             "check the source's auth settings",
         )
     raise FatalSourceError(source, f"{what} from {where}")
+
+
+def redirect_target(response: httpx.Response) -> str:
+    """`` to https://host/path`` from a redirect's ``Location`` (no query: it may hold a
+    token), or "" when there is none."""
+    location = response.headers.get("Location", "").strip()
+    if not location:
+        return ""
+    try:
+        target = response.request.url.join(location)
+    except (httpx.InvalidURL, RuntimeError, ValueError):
+        return ""
+    return f" to {target.scheme}://{target.netloc.decode('ascii', 'replace')}{target.path}"
 
 
 def token_for(token_path: str, request: httpx.Request) -> str:

@@ -11,7 +11,10 @@ The server may help in two ways and we use whichever it offers:
   some servers put another host (or plain http) in their links.
 * Neither: keep going until a page comes back short or empty. A short first page ends the
   collection at once (no request for an empty page after it), unless its length is a multiple
-  of :data:`LIKELY_CAP`: then it may be the server's own page limit rather than the end.
+  of :data:`LIKELY_CAP`: then it may be the server's own page limit rather than the end. A
+  short page after the first is confirmed by one more request, a step further: a server may
+  drop records from a page after applying the limit (ClassLink advises stopping on an empty
+  page), and a full run would take every record after it for gone.
 
 Quirks handled:
 
@@ -29,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -148,8 +151,10 @@ class OffsetPaginator:
     def __post_init__(self) -> None:
         self.step = self.limit
 
-    def start(self, first: Page) -> list[int] | None:
-        """After the first page: the remaining offsets when the total is known, else None."""
+    def start(self, first: Page) -> Sequence[int] | None:
+        """After the first page: the remaining offsets when the total is known, else None.
+        A range, not a list: a server may count 10**18 records (X-Total-Count) and serve a
+        few hundred, and paging stops at its first empty page."""
         self.record(first)
         got = first.size
         if 0 < got < self.limit and (
@@ -164,7 +169,7 @@ class OffsetPaginator:
             return None
         if got == 0:
             return []
-        return list(range(self.step, first.total, self.step))
+        return range(self.step, first.total, self.step)
 
     def next_offset(self, page: Page) -> int | None:
         """Sequential paging: where the page after ``page`` starts, or None if it was the last."""
@@ -178,6 +183,13 @@ class OffsetPaginator:
                 return page.next_offset
             return page.offset + got
         return page.offset + got if got >= self.step else None
+
+    def past_short_page(self, page: Page) -> int | None:
+        """Without a Link header, where to confirm that a short page past the first one
+        ended the collection (the offset after its whole step), else None."""
+        if page.has_link or page.offset == 0 or not 0 < page.size < self.step:
+            return None
+        return page.offset + self.step
 
     def after_counted(self, last: Page) -> int | None:
         """Past the counted pages: go on only if the last one was full and not known to be last."""
@@ -287,6 +299,21 @@ async def paginate(
         paginator.record(page)
         yield page
         offset = paginator.next_offset(page)
+        confirm = paginator.past_short_page(page) if offset is None else None
+        if confirm is not None:
+            # A page that came back short mid-collection may be one the server filtered
+            # after applying the limit: the collection ends only where a page is empty.
+            extra = await fetch(confirm)
+            if extra.size == 0 or extra.signature == page.signature:
+                return  # the end, or an offset past it clamped to the last page
+            paginator.notes.append(
+                f"{paginator.path}: the server served {page.size} records at "
+                f"offset={page.offset} (pages of {paginator.step}) and more after them: "
+                "paging went on to the first empty page"
+            )
+            paginator.record(extra)
+            yield extra
+            offset = paginator.next_offset(extra)
 
 
 def delta_filter(since: datetime, overlap: timedelta) -> str:

@@ -7,13 +7,17 @@ A drop is a bulk drop (a full snapshot) or a delta drop (changes only), as its m
   does not mention;
 * a **full** fetch of a delta drop raises :class:`~rostersync.errors.ChangesOnlyError`: a full
   run would remove everything the changes leave out. The engine runs a delta run instead, or
-  refuses when ``--full`` was asked for or no full run has succeeded yet;
+  refuses when ``--full`` was asked for or no full run has succeeded yet. So does a full
+  fetch of a drop in part, one without ``users.csv``, ``classes.csv`` or ``enrollments.csv``
+  (``absent`` in its manifest, or not there): it says nothing of those records, and a full
+  run would remove every teacher or every group;
 * a **delta** fetch reads either kind of drop as changes: every row is upserted and a
   ``tobedeleted`` row is a removal, nothing else is removed. ``since`` is not used: a drop is
   whatever the exporter put in it, and reading the same drop twice changes nothing.
 
 ``supports_delta`` is therefore true. ``fetch_teacher`` (``resync --live``) re-reads a bulk
-drop and refuses a delta drop, which cannot say which classes a teacher has now.
+drop and refuses a delta drop or a drop in part, which cannot say which classes a teacher has
+now.
 
 ``warnings`` holds what the last fetch forgave (see :mod:`.notes`), ``academic_sessions`` the
 sessions it read (:mod:`.sessions`).
@@ -260,6 +264,12 @@ class OneRosterCsvConnector:
                 f"{where}: a delta drop ({drop.describe()}): it holds changes only, and a full "
                 "run would remove everything it does not mention",
             )
+        if drop.unread and mode is FetchMode.FULL:
+            raise ChangesOnlyError(
+                self.source,
+                f"{where}: a drop in part ({drop.describe_unread()}): it says nothing of "
+                "those records, and a full run would remove every one of them",
+            )
         bulk = [name for name, m in drop.modes.items() if m == BULK and name != SESSIONS]
         if mode is FetchMode.DELTA and bulk:
             kind = "a delta drop" if drop.is_delta else "a bulk drop read by a delta run"
@@ -289,6 +299,7 @@ class OneRosterCsvConnector:
                     batch = []
             if batch:
                 yield batch
+            bundle.check_unchanged()
         finally:
             bundle.close()
         self.warnings = notes.lines()
@@ -299,12 +310,18 @@ class OneRosterCsvConnector:
         bundle = Bundle(self.source, self.path)
         try:
             reader = _Reader(bundle, self.encoding, Notes())  # a live read reports no warnings
-            if reader.drop.is_delta:
+            drop = reader.drop
+            if drop.is_delta or drop.unread:
+                what = (
+                    f"a delta drop ({drop.describe()}) holds changes only"
+                    if drop.is_delta
+                    else f"a drop in part ({drop.describe_unread()})"
+                )
                 raise FatalSourceError(
                     self.source,
-                    f"{bundle.where(MANIFEST)}: a delta drop ({reader.drop.describe()}) holds "
-                    "changes only and cannot say which classes a teacher has now: `resync "
-                    "--live` needs a bulk drop (a resync without --live uses the last sync)",
+                    f"{bundle.where(MANIFEST)}: {what} and cannot say which classes a teacher "
+                    "has now: `resync --live` needs a bulk drop (a resync without --live uses "
+                    "the last sync)",
                 )
             class_ids: set[str] = set()
             bad: list[tuple[Rejected, Row | None]] = []
@@ -343,6 +360,7 @@ class OneRosterCsvConnector:
                     or r.sourced_id in student_ids
                 ):
                     roster.rejected.append(r)
+            bundle.check_unchanged()
             return roster
         finally:
             bundle.close()

@@ -11,7 +11,8 @@ is a warning naming file and line, and the row is read without it (a full run ne
 date; a delta run only takes the newest one as a bookmark).
 
 Values: ``status`` blank -> ``active``; ``tobedeleted`` and 1.0's ``inactive`` ->
-``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false. Blank email ->
+``tobedeleted``. ``enabledUser`` blank -> true, ``primary`` blank -> false; booleans are
+``true``/``false`` in any case, or ``1``/``0``. Blank email ->
 ``None``; email case is kept (the engine lower-cases). Roles are lower-cased.
 ``dateLastModified`` is ISO 8601 (``Z`` allowed; a naive time is taken as UTC). A list cell
 (``orgSourcedIds``, ``termSourcedIds``) is comma-separated.
@@ -119,13 +120,19 @@ def status(row: Row) -> Status:
         raise RowError(f"unknown status {value!r}") from None
 
 
+#: ``true``/``false`` as the spec spells them, and ``1``/``0`` as some exporters write them
+#: (the REST connector reads both too).
+_BOOLEAN = {"true": True, "false": False, "1": True, "0": False}
+
+
 def boolean(row: Row, column: str, default: bool) -> bool:
     value = row.get(column).lower()
     if not value:
         return default
-    if value in ("true", "false"):
-        return value == "true"
-    raise RowError(f"{column} {row.get(column)!r} is not true or false")
+    found = _BOOLEAN.get(value)
+    if found is None:
+        raise RowError(f"{column} {row.get(column)!r} is not true or false")
+    return found
 
 
 def date(row: Row, notes: Notes) -> datetime | None:

@@ -663,6 +663,47 @@ async def test_respx_repeated_page_token_is_fatal(
     assert route.call_count == 2
 
 
+#: Bodies that are JSON to a reader, but that the stdlib parser cannot turn into values: a
+#: nesting deeper than its recursion limit, an integer of more digits than Python converts.
+UNPARSABLE_JSON = {
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "huge integer": b'{"courses": [], "n": ' + b"9" * 5000 + b"}",
+}
+
+
+@pytest.mark.parametrize("body", UNPARSABLE_JSON.values(), ids=UNPARSABLE_JSON.keys())
+async def test_respx_an_answer_the_parser_cannot_take_is_fatal_not_a_crash(
+    mocked: tuple[respx.MockRouter, GoogleClassroomConnector], body: bytes
+) -> None:
+    """A course list the parser gives up on stops the run naming the request."""
+    router, connector = mocked
+    router.get(f"{RESPX_BASE}/v1/courses").respond(200, content=body)
+    with pytest.raises(FatalSourceError, match=r"GET /v1/courses did not return JSON"):
+        await collect(connector)
+
+
+@pytest.mark.parametrize("body", UNPARSABLE_JSON.values(), ids=UNPARSABLE_JSON.keys())
+async def test_respx_an_error_or_token_answer_the_parser_cannot_take_is_named(
+    keypair: tuple[str, str], body: bytes
+) -> None:
+    """An error body or a token answer the parser gives up on is sorted by its status."""
+    response = httpx.Response(403, content=body)
+    with pytest.raises(ForbiddenError, match=r"GET /v1/courses -> 403"):
+        raise_for_response("ws", response, "/v1/courses")
+    config = classroom_config(keypair[0], api_base_url=RESPX_BASE, token_uri=RESPX_TOKEN)
+    with respx.mock(assert_all_called=False) as router:
+        router.post(RESPX_TOKEN).respond(400, content=body)
+        async with httpx.AsyncClient() as http:
+            refused = GoogleClassroomConnector(ConnectorContext("ws", config, http))
+            with pytest.raises(FatalSourceError, match="refused the service account"):
+                await collect(refused)
+        router.post(RESPX_TOKEN).respond(200, content=body)
+        async with httpx.AsyncClient() as http:
+            garbled = GoogleClassroomConnector(ConnectorContext("ws", config, http))
+            with pytest.raises(FatalSourceError, match="token endpoint did not return JSON"):
+                await collect(garbled)
+
+
 # -- config ----------------------------------------------------------------------------
 
 

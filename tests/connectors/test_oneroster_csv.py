@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import csv
 import io
 import re
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 from connectors.oneroster_csv import PLUGIN, CsvSourceConfig, OneRosterCsvConnector
 from connectors.oneroster_csv import files as csv_files
 from rostersync.config.models import Settings
-from rostersync.errors import FatalSourceError
+from rostersync.errors import ChangesOnlyError, FatalSourceError
 from rostersync.resync.queue import queue_resync
 from rostersync.sampledata import (
     ENROLLMENTS_HEADER,
@@ -44,7 +45,7 @@ from rostersync.source.testing import ConnectorContract, collect, people
 from rostersync.store.db import Store
 from rostersync.sync.engine import SyncEngine
 from tests.hostile import HUGE, hostile_bytes
-from tests.sync.helpers import groups, user_id
+from tests.sync.helpers import groups, user_id, users
 
 
 class TestCsvConnector(ConnectorContract):
@@ -215,7 +216,7 @@ async def test_warnings_of_one_kind_are_listed_up_to_a_limit_then_counted(tmp_pa
 BAD_ENROLLMENTS = {
     "missing class": (enrollment("e-9", classSourcedId=""), "missing classSourcedId"),
     "missing user": (enrollment("e-9", userSourcedId=""), "missing userSourcedId"),
-    "bad primary": (enrollment("e-9", primary="1"), "primary '1' is not true or false"),
+    "bad primary": (enrollment("e-9", primary="yes"), "primary 'yes' is not true or false"),
     "empty role": (enrollment("e-9", role=""), "missing role"),
 }
 
@@ -356,6 +357,21 @@ async def test_lone_carriage_return_rejects_its_row(tmp_path: Path) -> None:
     assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
 
 
+async def test_a_drop_with_classic_mac_line_ends_is_read_line_by_line(tmp_path: Path) -> None:
+    """Files whose lines end with a lone CR ("CSV (Macintosh)" from Excel for Mac) are read
+    as lines, a bad row named by its line, instead of failing on an unreadable header."""
+    folder = drop(tmp_path)
+    users_csv = table(USERS_HEADER, user("u-1"), user("u-2", status="archived"), user("u-3"))
+    (folder / "users.csv").write_text(users_csv)
+    for path in folder.glob("*.csv"):
+        path.write_bytes(path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r"))
+    got = await fetch_all(folder)
+    assert {"u-1", "u-3"} <= {r.sourced_id for r in got if isinstance(r, RosterPerson)}
+    [bad] = rejected(got)
+    assert (bad.sourced_id, bad.location) == ("u-2", "users.csv line 3")
+    assert len(got) == len(await fetch_all(drop(tmp_path / "lf", users_csv=users_csv)))
+
+
 async def test_bom_in_header_without_utf8_sig_is_ignored(tmp_path: Path) -> None:
     """With `encoding: utf-8` a BOM stays in the text; it is still no part of the first name."""
     text = "\ufeff" + table(USERS_HEADER, user("u-1"))
@@ -422,6 +438,27 @@ async def test_status_mapping(tmp_path: Path) -> None:
         "u-inactive": "tobedeleted",
         "u-caps": "tobedeleted",
     }
+
+
+async def test_booleans_written_as_1_and_0_are_read(tmp_path: Path) -> None:
+    """An exporter writing enabledUser and primary as 1/0 (or TRUE) has its rows read, as
+    the REST connector reads them, instead of every user and enrollment rejected."""
+    users_csv = table(
+        USERS_HEADER,
+        user("u-1", enabledUser="1"),
+        user("u-2", enabledUser="0"),
+        user("u-3", enabledUser="TRUE"),
+    )
+    enrollments_csv = table(
+        ENROLLMENTS_HEADER,
+        enrollment("e-1", userSourcedId="u-1", role="teacher", primary="1"),
+        enrollment("e-2", userSourcedId="u-2", primary="0"),
+    )
+    got = await fetch_all(drop(tmp_path, users_csv=users_csv, enrollments_csv=enrollments_csv))
+    assert rejected(got) == []
+    assert [person(got, f"u-{n}").enabled for n in (1, 2, 3)] == [True, False, True]
+    primary = {r.sourced_id: r.primary for r in got if isinstance(r, RosterEnrollment)}
+    assert primary == {"e-1": True, "e-2": False}
 
 
 async def test_user_field_defaults_and_email_case(tmp_path: Path) -> None:
@@ -499,6 +536,98 @@ async def test_header_names_are_case_sensitive(tmp_path: Path) -> None:
         await fetch_all(drop(tmp_path, users_csv=text))
 
 
+async def test_a_column_named_twice_in_a_header_is_fatal_naming_file_and_columns(
+    tmp_path: Path,
+) -> None:
+    """Two `email` columns (an export appending its own): which one is the person's identity
+    cannot be told, so the run stops naming the file, the column and both positions."""
+    text = "sourcedId,role,givenName,familyName,email,email\n"
+    text += "u-1,teacher,A,B,,a@example.org\n"
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(drop(tmp_path, users_csv=text))
+    assert str(raised.value).endswith(
+        "users.csv: the header names 'email' 2 times (columns 5 and 6): which one holds the "
+        "value cannot be told"
+    )
+
+
+async def test_a_column_not_read_may_be_named_twice(tmp_path: Path) -> None:
+    """A vendor's extra column named twice harms nothing: the rows are read."""
+    text = "sourcedId,role,givenName,familyName,email,sms,sms\n"
+    text += "u-1,teacher,A,B,a@example.org,1,2\n"
+    got = await fetch_all(drop(tmp_path, users_csv=text))
+    assert person(got, "u-1").email == "a@example.org"
+    assert rejected(got) == []
+
+
+class _RewrittenMidRead(OneRosterCsvConnector):
+    """Reads a folder drop while its exporter rewrites users.csv (cut to one row) after the
+    first batch: an upload in progress."""
+
+    async def fetch(
+        self, mode: FetchMode, since: datetime | None
+    ) -> AsyncIterator[Sequence[RosterRecord]]:
+        rewritten = False
+        async for batch in super().fetch(mode, since):
+            yield batch
+            if not rewritten:
+                users_csv = self.path / "users.csv"
+                users_csv.write_text("".join(users_csv.read_text().splitlines(True)[:2]))
+                rewritten = True
+
+
+async def test_a_folder_drop_rewritten_while_read_fails_naming_the_file(tmp_path: Path) -> None:
+    """A file that changes while the drop is read fails the fetch once everything was read,
+    naming the file and both sizes."""
+    folder = drop(tmp_path)
+    size = (folder / "users.csv").stat().st_size
+    with pytest.raises(FatalSourceError) as raised:
+        await collect(_RewrittenMidRead("csv", folder, batch_size=1))
+    shrunk = (folder / "users.csv").stat().st_size
+    assert str(raised.value).endswith(
+        f"users.csv: changed while the drop was read ({size} bytes when first opened, {shrunk} "
+        "now): is an upload still in progress? Nothing of this read is applied; the next run "
+        "reads the drop again"
+    )
+    assert len(await collect(OneRosterCsvConnector("csv", folder))) > 0  # read as it is now
+
+
+async def test_a_sync_of_a_drop_rewritten_while_read_changes_nothing(
+    tmp_path: Path, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The run fails, and no teacher the half-written users.csv leaves out is archived."""
+    folder = drop(tmp_path)
+    settings = make_settings(memory_sources=("csv",))
+    first = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    await first.sync("csv")
+    await first.drain()
+    before = users(store), groups(store)
+    connector = _RewrittenMidRead("csv", folder, batch_size=1)
+    second = await SyncEngine(settings, store, connectors={"csv": connector}).sync("csv")
+    assert second.status == "failed"
+    assert "changed while the drop was read" in (second.error or "")
+    assert (users(store), groups(store)) == before
+
+
+@pytest.mark.parametrize(
+    ("step", "said"), [("is_dir", "cannot read"), ("iterdir", "cannot list the folder")]
+)
+async def test_a_folder_that_cannot_be_listed_is_fatal_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, said: str
+) -> None:
+    """A drop folder whose permissions changed since `config check` (or a stale network
+    mount) fails the run naming the folder, not with a traceback."""
+    folder = drop(tmp_path)
+
+    def refused(self: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, step, refused)
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(f"{folder}: {said} (Permission denied)")
+
+
 async def test_missing_manifest_is_fatal(tmp_path: Path) -> None:
     """A drop without manifest.csv fails, naming the path."""
     folder = drop(tmp_path)
@@ -530,6 +659,111 @@ async def test_absent_file_in_manifest_is_skipped(tmp_path: Path) -> None:
     got = await fetch_all(folder)
     assert not [r for r in got if r.entity == "org"]
     assert any(isinstance(r, RosterPerson) for r in got)
+
+
+@pytest.mark.parametrize("how", ["absent", "left out"])
+@pytest.mark.parametrize("name", ["users", "classes", "enrollments"])
+async def test_a_full_fetch_of_a_drop_without_users_classes_or_enrollments_is_changes_only(
+    tmp_path: Path, name: str, how: str
+) -> None:
+    """A bulk drop whose manifest says users.csv is absent (or that lacks it) says nothing of
+    users: a full fetch is refused as changes only, a delta fetch reads the rest, and a live
+    read refuses the drop."""
+    folder = drop(tmp_path)
+    if how == "absent":
+        manifest = (folder / "manifest.csv").read_text()
+        (folder / "manifest.csv").write_text(
+            manifest.replace(f"file.{name},bulk", f"file.{name},absent")
+        )
+    else:
+        manifest = (folder / "manifest.csv").read_text()
+        (folder / "manifest.csv").write_text(manifest.replace(f"file.{name},bulk\n", ""))
+        (folder / f"{name}.csv").unlink()
+    connector = OneRosterCsvConnector("csv", folder)
+    with pytest.raises(ChangesOnlyError) as raised:
+        await collect(connector)
+    assert str(raised.value).endswith(
+        f"manifest.csv: a drop in part ({name}.csv is absent): it says nothing of those "
+        "records, and a full run would remove every one of them"
+    )
+    got = await collect(connector, FetchMode.DELTA)
+    entity = {"users": "user", "classes": "class", "enrollments": "enrollment"}[name]
+    assert got
+    assert not [r for r in got if r.entity == entity]
+    with pytest.raises(FatalSourceError, match=r"a drop in part .* `resync --live` needs a bulk"):
+        await connector.fetch_teacher(TeacherRef("t-1", None))
+
+
+async def test_a_sync_of_a_drop_without_users_removes_no_one(
+    tmp_path: Path, store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A bulk drop sent without its users.csv (file.users,absent) after a full one: the run
+    is a delta run that says why, and no account is archived nor group removed."""
+    folder = drop(tmp_path)
+    settings = make_settings(memory_sources=("csv",))
+    engine = SyncEngine(settings, store, connectors={"csv": OneRosterCsvConnector("csv", folder)})
+    first = await engine.sync("csv")
+    await engine.drain()
+    assert first.status == "succeeded"
+    before_users, before_groups = users(store), groups(store)
+    manifest = (folder / "manifest.csv").read_text()
+    (folder / "manifest.csv").write_text(manifest.replace("file.users,bulk", "file.users,absent"))
+    second = await engine.sync("csv")
+    await engine.drain()
+    assert (second.status, second.mode) == ("succeeded", "delta")
+    assert second.counts["users_archived"] == second.counts["groups_removed"] == 0
+    assert any(
+        "users.csv is absent" in w and "ran a delta run instead" in w for w in second.warnings
+    )
+    assert (users(store), groups(store)) == (before_users, before_groups)
+
+
+def _manifest_edited(tmp_path: Path, old: str, new: str) -> Path:
+    folder = drop(tmp_path)
+    manifest = (folder / "manifest.csv").read_text()
+    assert old in manifest
+    (folder / "manifest.csv").write_text(manifest.replace(old, new))
+    return folder
+
+
+async def test_a_manifest_row_that_cannot_be_read_is_fatal(tmp_path: Path) -> None:
+    """`file.users,delta,` (a stray comma) was skipped, and users.csv then read as bulk: a full
+    run would have removed everyone the delta file leaves out. The manifest is read whole."""
+    folder = _manifest_edited(tmp_path, "file.users,bulk", "file.users,delta,")
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert not isinstance(raised.value, ChangesOnlyError)
+    assert str(raised.value).endswith(
+        "manifest.csv line 16: expected 2 fields, found 3 (the manifest must be read whole: it "
+        "says which files are bulk, delta or absent)"
+    )
+
+
+async def test_a_manifest_property_given_twice_with_two_values_is_fatal(tmp_path: Path) -> None:
+    """Which of `file.users,bulk` and `file.users,delta` holds cannot be told."""
+    folder = drop(tmp_path)
+    with (folder / "manifest.csv").open("a") as manifest:
+        manifest.write("file.users,delta\n")
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(
+        "manifest.csv: lines 16 and 19 give file.users two values ('bulk', 'delta')"
+    )
+
+
+async def test_manifest_property_names_match_in_any_case(tmp_path: Path) -> None:
+    """`File.Users,Delta` says users.csv is a delta file: a full fetch is refused as changes
+    only, not read as a bulk drop."""
+    folder = _manifest_edited(tmp_path, "file.users,bulk", "File.Users,Delta")
+    with pytest.raises(ChangesOnlyError, match=r"file\.users is delta"):
+        await fetch_all(folder)
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "1.1.0"])
+async def test_a_patch_version_of_1_1_reads_a_1_1_drop(tmp_path: Path, version: str) -> None:
+    """`oneroster.version,1.1.0` is OneRoster 1.1, as `1.2.0` is 1.2."""
+    folder = _manifest_edited(tmp_path, "oneroster.version,1.1", f"oneroster.version,{version}")
+    assert people(await fetch_all(folder)) == people(await fetch_all(drop(tmp_path / "plain")))
 
 
 async def test_unknown_oneroster_version_is_refused(tmp_path: Path) -> None:
@@ -637,6 +871,42 @@ async def test_utf16_without_byte_order_mark_is_fatal(tmp_path: Path) -> None:
         await fetch_all(drop(tmp_path), encoding="utf-16")
 
 
+@pytest.mark.parametrize("codec", ["utf-16", "utf-16-be"])
+async def test_files_with_a_utf16_byte_order_mark_are_read_as_utf16(
+    tmp_path: Path, codec: str
+) -> None:
+    """ "Unicode text" from a spreadsheet is UTF-16 with a byte-order mark: with the default
+    encoding every file is read all the same, names beyond Latin-1 and line numbers intact."""
+    folder = drop(tmp_path)
+    users_csv = table(USERS_HEADER, user("u-1", givenName="Zoë 李"), user("u-2", status="archived"))
+    (folder / "users.csv").write_text(users_csv)
+    for path in folder.glob("*.csv"):
+        text = path.read_text(encoding="utf-8")
+        bom = codecs.BOM_UTF16_BE if codec == "utf-16-be" else b""
+        path.write_bytes(bom + text.encode(codec))
+    got = await fetch_all(folder)
+    assert person(got, "u-1").given_name == "Zoë 李"
+    [bad] = rejected(got)
+    assert (bad.sourced_id, bad.location) == ("u-2", "users.csv line 3")
+
+
+async def test_bytes_another_encoding_wrote_fail_naming_the_encoding_setting(
+    tmp_path: Path,
+) -> None:
+    """A file saved as Windows-1252 (é, a curly apostrophe) fails at its line, saying which
+    setting reads it; set to cp1252, the same drop is read."""
+    text = table(USERS_HEADER, user("u-1", givenName="Zoé", familyName="O\u2019Brien"))
+    folder = drop(tmp_path, users_csv=text.encode("cp1252"))
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(folder)
+    assert str(raised.value).endswith(
+        "users.csv line 2: cannot decode as utf-8-sig (invalid continuation byte); a file saved "
+        "in another encoding needs the source's `encoding` set to it, such as cp1252 for a "
+        "spreadsheet saved as CSV on Windows"
+    )
+    assert person(await fetch_all(folder, encoding="cp1252"), "u-1").family_name == "O\u2019Brien"
+
+
 @pytest.mark.parametrize("encoding", ["rot13", "hex", "no-such-codec"])
 def test_encoding_that_is_not_a_text_encoding_is_refused(tmp_path: Path, encoding: str) -> None:
     """A bytes-to-bytes codec (rot13, hex) is no text encoding: refused like an unknown one."""
@@ -656,6 +926,52 @@ async def test_zip_with_files_in_a_subfolder_is_read(tmp_path: Path) -> None:
 
 
 # --- delta, plug-in, config ------------------------------------------------------------------
+
+
+def _zip_of(path: Path, members: dict[str, Path | str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members.items():
+            if isinstance(content, Path):
+                zf.write(content, name)
+            else:
+                zf.writestr(name, content)
+    return path
+
+
+async def test_a_zip_drop_is_read_from_its_manifests_folder_only(tmp_path: Path) -> None:
+    """A users.csv in another folder of the zip (an older export kept in it) is never read
+    in place of the drop's own: the drop's missing file is named instead."""
+    folder = drop(tmp_path)
+    old_users = table(USERS_HEADER, user("t-old", email="someone.else@example.org"))
+    members: dict[str, Path | str] = {
+        f.name: f for f in sorted(folder.iterdir()) if f.name != "users.csv"
+    }
+    members["2025-backup/users.csv"] = old_users
+    zip_path = _zip_of(tmp_path / "mixed.zip", members)
+    with pytest.raises(FatalSourceError, match=r"manifest lists users\.csv as bulk but it is"):
+        await fetch_all(zip_path)
+
+
+async def test_a_zip_holding_two_drops_is_refused_naming_them(tmp_path: Path) -> None:
+    """Two exports side by side in one zip: which to read cannot be told."""
+    folder = drop(tmp_path)
+    members: dict[str, Path | str] = {}
+    for sub in ("monday", "tuesday"):
+        members |= {f"{sub}/{f.name}": f for f in sorted(folder.iterdir())}
+    with pytest.raises(FatalSourceError) as raised:
+        await fetch_all(_zip_of(tmp_path / "two.zip", members))
+    assert str(raised.value).endswith(
+        "two.zip: the zip holds 2 drops (monday/manifest.csv, tuesday/manifest.csv): which one "
+        "to read cannot be told; give a zip of one drop"
+    )
+
+
+async def test_a_drop_zipped_twice_is_named_as_such(tmp_path: Path) -> None:
+    """A zip holding the drop's zip says so instead of only that no manifest was found."""
+    inner = tmp_path / "inner.zip"
+    _zip_of(inner, {f.name: f for f in sorted(drop(tmp_path).iterdir())})
+    with pytest.raises(FatalSourceError, match=r"manifest\.csv not found \(the zip holds inner"):
+        await fetch_all(_zip_of(tmp_path / "outer.zip", {"inner.zip": inner}))
 
 
 async def test_delta_fetch_of_a_bulk_drop_reads_it_as_changes(tmp_path: Path) -> None:

@@ -287,15 +287,66 @@ async def test_link_next_is_followed_but_urls_are_built_from_base_url() -> None:
     assert len([r for r in got if isinstance(r, RosterPerson)]) == 7
 
 
-async def test_without_headers_paging_stops_on_a_short_page() -> None:
-    """No X-Total-Count and no Link: pages are read until one comes back short."""
+async def test_without_headers_paging_stops_on_a_short_page_then_an_empty_one() -> None:
+    """No X-Total-Count and no Link: pages are read until one comes back short, and a
+    short page after the first is confirmed by an empty one."""
     records = [user(i) for i in range(7)]
     with respx.mock(assert_all_called=False) as router:
         mock_empty(router, "orgs", "classes", "enrollments")
         route = router.get(f"{BASE}/users").mock(side_effect=pager(records, "users", total=False))
         async with open_connector(page_size=3) as c:
             got = await fetch_all(c)
-    assert route.call_count == 3
+            notes = c.warnings
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "3", "6", "9"]
+    assert len(got) == 7
+    assert notes == []
+
+
+async def test_without_headers_a_page_the_server_filtered_does_not_end_the_collection() -> None:
+    """A server that drops a record from a page after applying the limit (2 of 3 at
+    offset 3) is read on to its first empty page, and the report says so: the records after
+    the short page are not taken for gone."""
+    records = [user(i) for i in range(10)]
+    serve = pager(records, "users", total=False)
+
+    def filtering(request: httpx.Request) -> httpx.Response:
+        answer = serve(request)
+        if request.url.params["offset"] == "3":
+            page = orjson.loads(answer.content)["users"]
+            return httpx.Response(200, json={"users": page[:1] + page[2:]})
+        return answer
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=filtering)
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
+            notes = c.warnings
+    assert [call.request.url.params["offset"] for call in route.calls] == [
+        "0", "3", "6", "9", "12"
+    ]  # fmt: skip
+    assert {r.sourced_id for r in got} == {r["sourcedId"] for r in records} - {"u-004"}
+    assert notes == [
+        "/users: the server served 2 records at offset=3 (pages of 3) and more after them: "
+        "paging went on to the first empty page"
+    ]
+
+
+async def test_without_headers_a_server_clamping_offsets_past_the_end_ends_there() -> None:
+    """Asked past its end, a server answering with its last page again is at its end: the
+    confirming request is no repeated page that fails the run."""
+    records = [user(i) for i in range(7)]
+    serve = pager(records, "users", total=False)
+
+    def clamping(request: httpx.Request) -> httpx.Response:
+        offset = min(int(request.url.params["offset"]), 6)
+        return serve(httpx.Request("GET", request.url.copy_set_param("offset", str(offset))))
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        router.get(f"{BASE}/users").mock(side_effect=clamping)
+        async with open_connector(page_size=3) as c:
+            got = await fetch_all(c)
     assert len(got) == 7
 
 
@@ -335,7 +386,7 @@ async def test_without_headers_a_round_short_first_page_may_be_a_cap() -> None:
         )
         async with open_connector(page_size=1000) as c:
             got = await fetch_all(c)
-    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "100", "200"]
+    assert [call.request.url.params["offset"] for call in route.calls] == ["0", "100", "200", "300"]
     assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 250
 
 
@@ -434,7 +485,30 @@ def test_paginator_plans_offsets_from_the_total() -> None:
     """start() lists every remaining offset once the first page tells the total."""
     p = OffsetPaginator("s", "/users", limit=10)
     first = Page(0, [{"sourcedId": str(i)} for i in range(10)], total=35)
-    assert p.start(first) == [10, 20, 30]
+    assert list(p.start(first) or ()) == [10, 20, 30]
+
+
+async def test_a_total_of_a_billion_billion_records_is_paged_to_the_first_empty_page() -> None:
+    """An X-Total-Count of 10**18 over 250 records plans no list of 10**16 offsets (that
+    ended in a MemoryError): the records are read, and the report says where paging
+    stopped."""
+    records = [user(n) for n in range(250)]
+    serve = pager(records, "users")
+
+    def counted_wrong(request: httpx.Request) -> httpx.Response:
+        answer = serve(request)
+        answer.headers["X-Total-Count"] = str(10**18)
+        return answer
+
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(side_effect=counted_wrong)
+        async with open_connector(page_size=100, max_concurrency=2) as c:
+            got = await fetch_all(c)
+            notes = c.warnings
+    assert len({r.sourced_id for r in got if isinstance(r, RosterPerson)}) == 250
+    assert route.call_count < 20  # the pages, and a few asked for at once past the end
+    assert any("counted 1000000000000000000 records" in note for note in notes)
 
 
 def test_paginator_follows_the_next_links_offset() -> None:
@@ -592,6 +666,62 @@ async def test_bearer_token_never_appears_in_a_401_message() -> None:
     assert token not in str(err.value)
 
 
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_fatal_at_once_naming_where_it_points_and_never_followed(
+    status: int,
+) -> None:
+    """A page answered with a redirect (a tenant moved, http -> https) stops the run at the
+    first answer, naming the target without its query; nothing goes to the other host."""
+    target = "https://other-tenant.example/ims/oneroster/v1p1/users?token=t0p"
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").respond(status, headers={"Location": target})
+        router.post(TOKEN_URL).mock(side_effect=token_answers())
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+        hosts = {call.request.url.host for call in router.calls}
+    message = str(err.value)
+    assert f"HTTP {status}" in message
+    assert "from GET /ims/oneroster/v1p1/users at offset=0" in message
+    assert "redirects to https://other-tenant.example/ims/oneroster/v1p1/users;" in message
+    assert "t0p" not in message
+    assert route.call_count == 1
+    assert hosts == {"or.example.org", "auth.example.org"}
+
+
+async def test_a_token_endpoint_redirect_is_fatal_naming_where_it_points() -> None:
+    """A token endpoint that redirects is named as such, not as an answer without a token."""
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).respond(302, headers={"Location": "/v2/token"})
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError) as err:
+                await fetch_all(c)
+    message = str(err.value)
+    assert "HTTP 302" in message
+    assert "redirects to https://auth.example.org/v2/token;" in message
+    assert SECRET not in message
+
+
+async def test_an_html_page_served_as_200_is_retried_then_named_by_its_type() -> None:
+    """A maintenance or proxy page served with 200 is retried as a cut page is, and the
+    error says what came instead of JSON."""
+    page = httpx.Response(
+        200, text="<html>Down for maintenance</html>", headers={"Content-Type": "text/html"}
+    )
+    with respx.mock(assert_all_called=False) as router:
+        mock_empty(router, "orgs", "classes", "enrollments")
+        route = router.get(f"{BASE}/users").mock(return_value=page)
+        async with open_connector() as c:
+            with pytest.raises(RetriableSourceError) as err:
+                await fetch_all(c)
+    assert str(err.value).endswith(
+        "invalid JSON (a text/html answer) from GET /ims/oneroster/v1p1/users at offset=0 "
+        f"after {FAST['max_attempts']} attempts"
+    )
+    assert route.call_count == FAST["max_attempts"]
+
+
 async def test_other_4xx_is_fatal_and_bad_json_fails_once_retries_run_out() -> None:
     """A 404 on a collection stops the run; an unparsable body is retried, then fails it."""
     with respx.mock(assert_all_called=False) as router:
@@ -703,6 +833,20 @@ async def test_oauth2_refused_credentials_are_fatal_without_the_secret() -> None
             with pytest.raises(FatalSourceError, match="POST /oauth/token") as err:
                 await fetch_all(c)
     assert SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"access_token": "t", "expires_in": ' + b"9" * 5000 + b"}"],
+)
+async def test_oauth2_a_token_answer_the_parser_cannot_take_is_fatal(body: bytes) -> None:
+    """A token answer nested too deep or with a number too long to convert stops the run
+    naming the token request, not with a crash."""
+    with respx.mock(assert_all_called=False) as router:
+        router.post(TOKEN_URL).respond(200, content=body)
+        async with open_connector(**oauth2_overrides()) as c:
+            with pytest.raises(FatalSourceError, match="answered without an access_token"):
+                await fetch_all(c)
 
 
 async def test_oauth1_header_is_a_valid_hmac_sha256_signature_over_the_query() -> None:

@@ -253,6 +253,31 @@ async def test_delta_run_applies_exactly_the_changes(
     assert (people, sets) == await csv_reference(server.roster, tmp_path)
 
 
+async def test_a_server_filtering_a_page_without_paging_headers_loses_one_record_not_the_rest(
+    v11_server: FakeOneRoster, store: Store, tmp_path: Path
+) -> None:
+    """A server without X-Total-Count or Link that drops a record from the second page of
+    enrollments: a full run reads on past the short page, so only that one enrollment is
+    missing, no teacher is archived, and the report says where the page came short."""
+    engine = SyncEngine(settings_for(tmp_path, rest_source(v11_server)), store)
+    await run(engine)
+    _, sets_before = directory(store)
+    v11_server.quirks = Quirks(total_count=False, link_header=False, short_pages=(40,))
+    dropped = v11_server.roster.enrollments[79]
+
+    report = await run(engine)
+
+    assert report.status in ("succeeded", "succeeded_with_errors"), report.error
+    assert report.counts["users_archived"] == report.counts["groups_removed"] == 0
+    _, sets = directory(store)
+    changed = {k for k in sets if sets[k] != sets_before[k]}
+    assert changed <= {(SOURCE, dropped.class_id)}
+    assert any(
+        "/enrollments: the server served 39 records at offset=40 (pages of 40)" in w
+        for w in report.warnings
+    )
+
+
 async def test_second_full_run_without_changes_changes_nothing(
     v11_server: FakeOneRoster, store: Store, tmp_path: Path
 ) -> None:

@@ -118,6 +118,9 @@ class Quirks:
     filters: Literal["supported", "reject", "ignore"] = "supported"
     teachers_in_class_students: bool = False  # /classes/{id}/students lists teachers too
     same_page: bool = False  # ignore `offset`: every request gets the first page
+    #: pages at these offsets lose their last record after the limit is applied (a server
+    #: that filters records out of a page, so a short page is not the collection's end)
+    short_pages: tuple[int, ...] = ()
 
 
 @dataclass
@@ -796,6 +799,8 @@ class FakeOneRoster:
         total = len(chosen)
         start = 0 if self.quirks.same_page else offset
         window = chosen[start : start + limit]
+        if offset in self.quirks.short_pages and len(window) > 1:
+            window = window[:-1]
         if isinstance(window, range) and window.step == 1:
             items = table.blobs[window.start : window.stop]
         else:
