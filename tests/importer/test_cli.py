@@ -151,6 +151,18 @@ def test_import_as_site_admin(config: Path, tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "no such user" in unknown.stderr
 
 
+def test_import_json_names_the_actor_as_its_log_line_does(config: Path, tmp_path: Path) -> None:
+    """--json's actor is "operator" without --as, the --as email (lower-cased) with it, as logged."""
+    admin = _csv(tmp_path, "Email,Role\nboss@example.org,Organization Admin\n", "admin.csv")
+    plain = rs(config, "import", admin, "--json")
+    assert json.loads(plain.stdout)["actor"] == "operator"
+    assert '"actor": "operator"' in plain.stderr
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    as_admin = rs(config, "import", f, "--as", "Boss@Example.org", "--json")
+    assert json.loads(as_admin.stdout)["actor"] == "boss@example.org"
+    assert '"actor": "boss@example.org"' in as_admin.stderr
+
+
 def test_teachers_list_and_import(config: Path) -> None:
     """After a sync with auto-creation off, teachers list shows candidates and teachers import
     creates them and builds their groups at once."""
