@@ -239,6 +239,24 @@ def test_secret_file_and_credentials_directory(
     assert settings.smtp.password.get_secret_value() == "from-systemd"
 
 
+def test_dangling_credential_link_is_named_by_the_path_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare `x_file` name that is a dangling link in $CREDENTIALS_DIRECTORY is reported by that
+    link's path (the one read), not by a path beside the config, and its content is not shown."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mail").symlink_to(tmp_path / "gone" / "mail.secret")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: mail}\n"
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"smtp.password_file: line 13: cannot read secret file {creds / 'mail'}: it is a "
+        f"symbolic link to {tmp_path / 'gone' / 'mail.secret'}, which does not exist"
+    ]
+
+
 def test_unreadable_secret_file_is_an_error_without_content(tmp_path: Path) -> None:
     """A missing secret file is reported by its key and line, not by its name: a secret pasted
     where its file's path belongs would otherwise be printed."""
