@@ -32,21 +32,39 @@ if TYPE_CHECKING:
 
 class RunId(click.IntRange):
     """A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's
-    refuse a larger number with an error of their own). What is no number at all is named as
-    not a run id, not as click's "not a valid integer range"."""
+    refuse a larger number with an error of their own). What is no number at all, 0 or a
+    negative number is named as not a run id, not as click's "not in the range 1<=x<=...";
+    a number beyond the column's range names no run, and says so as an unknown id does."""
 
     name = "run id"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, int):
-            try:
-                int(value)
-            except (TypeError, ValueError):
-                self.fail(f"{value!r} is not a run id (a whole number from 1)", param, ctx)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{str(value)!r} is not a run id (a whole number from 1)", param, ctx)
+        if self.max is not None and number > self.max:
+            fail(f"run {number} does not exist", EXIT_USAGE)
         return super().convert(value, param, ctx)
 
 
 RUN_ID = RunId(min=1, max=2**31 - 1)
+
+
+class RunIdCommand(click.Command):
+    """A command whose RUN_ID may be mistyped as a negative number: `-5` is given to RUN_ID
+    (which names it as no run id) instead of being taken for an unknown option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args and any(_negative(a) for a in args):
+            args = [*(a for a in args if not _negative(a)), "--", *filter(_negative, args)]
+        return super().parse_args(ctx, args)
+
+
+def _negative(arg: str) -> bool:
+    return arg.startswith("-") and arg[1:].isdigit()
 
 
 @click.group("runs", cls=Group)
@@ -156,7 +174,7 @@ def _no_change_set(report: RunReport) -> str:
     )
 
 
-@runs.command("show", short_help="One run's report, or its change set.")
+@runs.command("show", cls=RunIdCommand, short_help="One run's report, or its change set.")
 @click.argument("run_id", type=RUN_ID)
 @click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
 @click.option(
@@ -273,6 +291,7 @@ def _approval_stopped(app: App, run_id: int) -> str:
 
 @runs.command(
     "approve",
+    cls=RunIdCommand,
     short_help="Apply a held run (its changes are shown first).",
     epilog="Exit 1 when the run cannot be approved (a dry run, not held, overtaken by a later "
     "run, its staged data gone), was not approved at the question, or failed; 2 when there "

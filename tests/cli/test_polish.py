@@ -205,9 +205,6 @@ def test_a_top_level_command_under_a_group_is_pointed_to(args: tuple[str, ...], 
 @pytest.mark.parametrize(
     "args",
     [
-        ("runs", "show", "99999999999999999999"),
-        ("runs", "approve", "99999999999999999999", "--yes"),
-        ("runs", "show", "0"),
         ("runs", "list", "--limit", "-1"),
         ("queue", "list", "--limit", "-1"),
         ("resync", "--all", "--wait", "--timeout", "-5"),
@@ -238,6 +235,35 @@ def test_a_run_id_that_is_no_number_says_what_a_run_id_is(
         "Invalid value for 'RUN_ID': 'abc' is not a run id (a whole number from 1)" in result.stderr
     )
     assert "integer range" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("runs", "show"), ("runs", "approve", "--yes")])
+@pytest.mark.parametrize("run_id", ["0", "-5", "-99999999999999999999"])
+def test_a_run_id_below_1_says_what_a_run_id_is(
+    config: Path, command: tuple[str, ...], run_id: str
+) -> None:
+    """0 or a negative run id exits 2 as `abc` does (not click's "not in the range 1<=x<=...",
+    nor "No such option '-5'")."""
+    result = invoke("--config", str(config), *command, run_id)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Invalid value for 'RUN_ID': '{run_id}' is not a run id (a whole number from 1)"
+        in result.stderr
+    )
+    assert "range" not in result.stderr and "No such option" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("runs", "show"), ("runs", "approve", "--yes")])
+@pytest.mark.parametrize("run_id", ["2147483648", "99999999999999999999"])
+def test_a_run_id_past_the_database_integers_is_an_unknown_run(
+    config: Path, command: tuple[str, ...], run_id: str
+) -> None:
+    """A run id past the database's integers names no run: exit 2 with the unknown id's message,
+    not click's range and not an internal error."""
+    unknown = invoke("--config", str(config), *command, "12345")
+    assert (unknown.exit_code, unknown.stderr) == (2, "rostersync: run 12345 does not exist\n")
+    result = invoke("--config", str(config), *command, run_id)
+    assert (result.exit_code, result.stderr) == (2, f"rostersync: run {run_id} does not exist\n")
 
 
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
