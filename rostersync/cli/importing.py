@@ -65,6 +65,22 @@ class _ImportGroup(Group):
         formatter.write_usage(ctx.command_path, "template [--format csv|xlsx] [--output PATH]")
 
 
+class _ImportFileContext(click.Context):
+    """The hidden `file` subcommand is `import FILE` to the user: its usage line and its
+    errors' "Try '... --help'" name `rostersync import`, never `rostersync import file`."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _ImportFileCommand(click.Command):
+    context_class = _ImportFileContext
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "FILE [OPTIONS]")
+
+
 @click.group(
     "import",
     cls=_ImportGroup,
@@ -87,7 +103,7 @@ def import_cmd() -> None:
     """
 
 
-@import_cmd.command("file", hidden=True, epilog=_IMPORT_EXIT)
+@import_cmd.command("file", cls=_ImportFileCommand, hidden=True, epilog=_IMPORT_EXIT)
 @click.argument("file", metavar="FILE")
 @click.option("--as", "actor", metavar="EMAIL", help="import as this admin user")
 @click.option("--dry-run", is_flag=True, help="validate and preview; change nothing")

@@ -37,8 +37,8 @@ def config(config: Path) -> Path:
     return path
 
 
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+def invoke(*args: str, prog_name: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, prog_name=prog_name)
 
 
 def test_every_command_and_option_has_help() -> None:
@@ -89,6 +89,23 @@ def test_help_points_only_at_commands_it_shows() -> None:
             if target is None or target.hidden:
                 wrong.append(f"{' '.join(path)}: {named}")
     assert wrong == []
+
+
+def test_import_file_help_and_errors_name_the_documented_form() -> None:
+    """`import x.csv --help` and a mistake in `import x.csv ...` show `rostersync import FILE`
+    and a `--help` hint that works, never the hidden `import file` subcommand."""
+    shown = invoke("import", "x.csv", "--help", prog_name="rostersync")
+    assert shown.exit_code == 0
+    assert shown.stdout.startswith("Usage: rostersync import FILE [OPTIONS]\n")
+    for args in (("import", "x.csv", "--bogus"), ("import",)):
+        wrong = invoke(*args, prog_name="rostersync")
+        assert wrong.exit_code == 2
+        assert wrong.stderr.startswith(
+            "Usage: rostersync import FILE [OPTIONS]\nTry 'rostersync import --help' for help.\n"
+        )
+    for result in (shown, wrong):
+        assert "import file" not in result.output
+    assert invoke("import", "--help").exit_code == 0
 
 
 def test_no_commands_summary_is_cut_short_in_its_groups_help() -> None:
