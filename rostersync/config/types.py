@@ -223,7 +223,7 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
             # A link's name is not the secret (a file of that name exists): say what it is.
             raise ValueError(
                 f"cannot read secret file {found}: it is a symbolic link to "
-                f"{os.readlink(found)}, which does not exist"
+                f"{found.readlink()}, which does not exist"
             ) from None
         # A name that names no file may be the secret itself, pasted in place of its path:
         # the message says where it was looked for, and the key and line say which.
