@@ -45,6 +45,13 @@ def open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
     check is not silently re-created empty either.
     """
     if not path.exists():
+        if not path.parent.is_dir():
+            # `db upgrade` would be refused too (require_folder): the hint names what to fix.
+            raise StoreError(
+                f"database {path} does not exist, nor its folder {path.parent}: check "
+                "`database` in the config, or create the folder; then a sync or "
+                f"`{hints.command('db upgrade')}` creates the database"
+            )
         raise StoreError(
             f"database {path} does not exist: check `database` in the config. Commands that "
             f"only read never create it; a sync or `{hints.command('db upgrade')}` does"

@@ -66,6 +66,22 @@ def test_a_read_only_command_on_a_mistyped_sqlite_path_is_an_error_and_creates_n
     assert not (tmp_path / "nodir").exists()
 
 
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_whose_database_folder_is_missing_says_to_create_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """With the folder missing too, the message says so and asks for it first: its
+    `db upgrade` alone, pasted, would be refused for that folder."""
+    config = write_config(tmp_path, "sqlite:///nodir/rs.db")
+    code, output = invoke(config, capsys, *command)
+    assert code == 1, output
+    assert (
+        f"database {tmp_path / 'nodir' / 'rs.db'} does not exist, nor its folder "
+        f"{tmp_path / 'nodir'}: check `database` in the config, or create the folder; then a "
+        "sync or `rostersync --config"
+    ) in output
+
+
 def test_config_check_never_opens_the_database_but_notes_a_missing_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
