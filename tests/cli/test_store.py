@@ -305,3 +305,26 @@ def test_ctrl_c_while_a_command_closes_the_database_waits_for_the_close(
         app.close()
     assert closed == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_read_only_sqlite_file_or_folder_is_named_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says only "unable to open database file" for a read-only folder or file (it
+    writes its -wal and -shm beside the database even to read); the message names which is not
+    writable and what to do. (os.access is faked: the tests may run as root, whom a chmod does
+    not stop.)"""
+    from rostersync.store import sqlitefile
+
+    db = tmp_path / "rs.db"
+    assert sqlitefile.not_writable(db) is None  # no file: the missing-file message says it
+    db.write_bytes(b"")
+    assert sqlitefile.not_writable(db) is None
+    monkeypatch.setattr(sqlitefile.os, "access", lambda p, mode: Path(p) != tmp_path)
+    assert sqlitefile.not_writable(db) == (
+        f"the database folder {tmp_path} is not writable (read-only, or owned by another "
+        "user): SQLite writes beside the database even to read it; make it writable by the "
+        "user rostersync runs as"
+    )
+    monkeypatch.setattr(sqlitefile.os, "access", lambda p, mode: False)
+    assert (sqlitefile.not_writable(db) or "").startswith(f"the database file {db} is not")
