@@ -320,11 +320,13 @@ def test_a_read_only_sqlite_file_or_folder_is_named_with_what_to_do(
     assert sqlitefile.not_writable(db) is None  # no file: the missing-file message says it
     db.write_bytes(b"")
     assert sqlitefile.not_writable(db) is None
-    monkeypatch.setattr(sqlitefile.os, "access", lambda p, mode: Path(p) != tmp_path)
+    monkeypatch.setattr(
+        "rostersync.store.sqlitefile.os.access", lambda p, mode: Path(p) != tmp_path
+    )
     assert sqlitefile.not_writable(db) == (
         f"the database folder {tmp_path} is not writable (read-only, or owned by another "
         "user): SQLite writes beside the database even to read it; make it writable by the "
         "user rostersync runs as"
     )
-    monkeypatch.setattr(sqlitefile.os, "access", lambda p, mode: False)
+    monkeypatch.setattr("rostersync.store.sqlitefile.os.access", lambda p, mode: False)
     assert (sqlitefile.not_writable(db) or "").startswith(f"the database file {db} is not")
