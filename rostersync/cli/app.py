@@ -332,7 +332,25 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
         # to fix, and the path and the reason say it all.
         fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED)
     except Exception as exc:
+        if _sqlite_busy(exc):
+            from rostersync.store.db import BUSY_TIMEOUT_MS
+
+            fail(
+                "the database is locked: another process has held a write transaction on it "
+                f"for more than {BUSY_TIMEOUT_MS / 1000:g} s (a sync, an import, the daemon "
+                "applying a run, or a tool such as sqlite3); what this command was writing was "
+                "rolled back: run it again when that process is done",
+                EXIT_FAILED,
+            )
         internal_error(exc, args)
+
+
+def _sqlite_busy(exc: BaseException) -> bool:
+    """SQLite's "database is locked" after the busy timeout ran out: another process's to
+    finish, not a bug (an import's rows and the daemon wait it out and try again; a command
+    that cannot stops here)."""
+    orig = getattr(exc, "orig", None)
+    return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) == 5  # SQLITE_BUSY
 
 
 # -- errors nobody expected ---------------------------------------------------------------------
