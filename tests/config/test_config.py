@@ -741,6 +741,21 @@ def test_no_config_anywhere_says_how_to_name_one(
     assert "ROSTERSYNC_CONFIG" not in output
 
 
+def test_a_missing_config_named_by_the_environment_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config file $ROSTERSYNC_CONFIG names that is not there: the error says the variable
+    named it (the operator gave no path and may not know it is set)."""
+    monkeypatch.setenv("ROSTERSYNC_CONFIG", str(tmp_path / "gone.yaml"))
+    code, output = run_main(capsys, "status")
+    assert code == 2, output
+    assert (
+        f"{tmp_path / 'gone.yaml'}: 1 configuration error(s):\n  (top level): cannot read config "
+        "file: No such file or directory (named by $ROSTERSYNC_CONFIG: correct it, or give "
+        "--config PATH)"
+    ) in output
+
+
 def test_a_stray_byte_far_into_a_config_file_is_named_at_its_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
