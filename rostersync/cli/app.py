@@ -210,6 +210,20 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
+class WholeNumber(click.IntRange):
+    """A count such as --limit: `'abc' is not a valid whole number.`, where click's IntRange
+    says "not a valid integer range"."""
+
+    name = "whole number"
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds such as --timeout: `'abc' is not a valid number of seconds.`,
+    where click's FloatRange says "not a valid float range"."""
+
+    name = "number of seconds"
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     from rostersync.logs import stderr_line
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.app import EXIT_USAGE, App, Group, WholeNumber, emit_json, fail, table
 from rostersync.cli.report import jobs_table
 
 
@@ -93,7 +93,8 @@ def queue() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=WholeNumber(min=0),
+    metavar="N",
     default=1000,
     show_default=True,
     help="show at most this many jobs",

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync import hints
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    Group,
+    WholeNumber,
+    emit_json,
+    fail,
+    table,
+)
 from rostersync.cli.draining import drain_with_progress, resync_states
 from rostersync.cli.report import (
     change_set_lines,
@@ -76,7 +85,8 @@ def runs() -> None:
 @click.option("--source", metavar="NAME", help="only the runs of this source")
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=WholeNumber(min=0),
+    metavar="N",
     default=50,
     show_default=True,
     help="show at most this many runs",

@@ -18,6 +18,7 @@ from rostersync.cli.app import (
     EXIT_FAILED,
     EXIT_USAGE,
     App,
+    Seconds,
     emit_json,
     fail,
     writable_folder_or_fail,
@@ -274,7 +275,7 @@ def sync(
 )
 @click.option(
     "--stop-timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -351,7 +352,7 @@ def run(
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=600.0,
     show_default=True,
     metavar="SECONDS",

@@ -254,6 +254,29 @@ def test_a_run_id_that_is_no_number_says_what_a_run_id_is(
     assert "integer range" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("runs", "list", "--limit", "abc"), "'--limit': 'abc' is not a valid whole number."),
+        (("queue", "list", "--limit", "1.5"), "'--limit': '1.5' is not a valid whole number."),
+        (
+            ("resync", "--all", "--wait", "--timeout", "soon"),
+            "'--timeout': 'soon' is not a valid number of seconds.",
+        ),
+        (("run", "--stop-timeout", "x"), "'--stop-timeout': 'x' is not a valid number of seconds."),
+    ],
+)
+def test_a_count_or_timeout_that_is_no_number_says_what_it_should_be(
+    config: Path, args: tuple[str, ...], says: str
+) -> None:
+    """`--limit abc` or `--timeout soon` exits 2 saying a whole number or a number of seconds
+    is wanted, not click's "not a valid integer range" / "float range"."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {says}" in result.stderr
+    assert " range" not in result.stderr
+
+
 @pytest.mark.parametrize("command", [("runs", "show"), ("runs", "approve", "--yes")])
 @pytest.mark.parametrize("run_id", ["0", "-5", "-99999999999999999999"])
 def test_a_run_id_below_1_says_what_a_run_id_is(
