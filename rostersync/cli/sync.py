@@ -408,7 +408,8 @@ def resync(
             notice(
                 "resync_no_daemon",
                 "no daemon is running against this database: the jobs wait for "
-                f"one; `{hints.command('run --once')}` (or `resync --wait`) processes them now",
+                f"one; `{hints.command('run --once')}` processes them now (with --wait, "
+                "resync does it itself)",
                 "warning",
             )
     rejected = waiting.records_rejected(jobs)
