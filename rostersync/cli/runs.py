@@ -172,7 +172,10 @@ def _no_change_set(report: RunReport) -> str:
             "--dry-run --changes`, and dropped once a later run of the source succeeds"
         )
     if report.approved_at is not None:
-        return f"run {rid} was approved and applied: `runs show {rid}` says what it did"
+        return (
+            f"run {rid} was approved and applied: `{hints.command(f'runs show {rid}')}` says "
+            "what it did"
+        )
     if report.status == "held":
         return (
             f"run {rid} was held before this version recorded change sets: run a new sync "
