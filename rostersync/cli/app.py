@@ -224,6 +224,13 @@ class Seconds(click.FloatRange):
     name = "number of seconds"
 
 
+def refuse_empty_user(emails: Sequence[str | None]) -> None:
+    """`--user ""` (an unset `$EMAIL` in a script) names nobody: a usage error, never "every
+    user" (what `groups list` made of it) nor "no such user: " with nothing after it."""
+    if any(e is not None and not e.strip() for e in emails):
+        fail("--user is empty: give the user's email address", EXIT_USAGE)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     from rostersync.logs import stderr_line
 

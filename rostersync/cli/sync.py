@@ -21,6 +21,7 @@ from rostersync.cli.app import (
     Seconds,
     emit_json,
     fail,
+    refuse_empty_user,
     writable_folder_or_fail,
 )
 from rostersync.cli.draining import (
@@ -378,6 +379,7 @@ def resync(
 
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    refuse_empty_user(users)
     started = time.monotonic()
     store = app.store
     with store.write() as conn:

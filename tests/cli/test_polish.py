@@ -306,6 +306,20 @@ def test_a_run_id_past_the_database_integers_is_an_unknown_run(
     assert (result.exit_code, result.stderr) == (2, f"rostersync: run {run_id} does not exist\n")
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_user_is_a_usage_error_not_every_group(config: Path, value: str) -> None:
+    """`groups list --user "$EMAIL"` with EMAIL unset lists nobody's groups: exit 2 saying
+    --user is empty (it listed every group), as `resync --user ""` does (which said "no such
+    user: " and nothing after it)."""
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    groups = invoke("--config", str(config), "groups", "list", "--user", value, "--json")
+    resync = invoke("--config", str(config), "resync", "--user", value)
+    assert groups.exit_code == resync.exit_code == 2
+    assert groups.stdout == ""
+    said = "rostersync: --user is empty: give the user's email address\n"
+    assert groups.stderr == resync.stderr == said
+
+
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
     """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
     groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
