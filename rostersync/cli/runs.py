@@ -97,6 +97,10 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
     from rostersync.sync.history import list_runs
 
+    if source is not None and not source.strip():
+        # `--source "$SOURCE"` with the variable unset: not "every source".
+        known = ", ".join(sorted(app.settings.sources)) or "none"
+        fail(f"--source is empty: give a source's name (configured: {known})", EXIT_USAGE)
     with app.read_store.read() as conn:
         rows = list_runs(conn, source, limit)
     if source is not None and not rows and source not in app.settings.sources:

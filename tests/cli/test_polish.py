@@ -320,6 +320,17 @@ def test_an_empty_user_is_a_usage_error_not_every_group(config: Path, value: str
     assert groups.stderr == resync.stderr == said
 
 
+def test_runs_list_of_an_empty_source_is_a_usage_error_not_every_run(config: Path) -> None:
+    """`runs list --source "$SOURCE"` with SOURCE unset: exit 2 naming the configured
+    sources, not every source's runs."""
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    result = invoke("--config", str(config), "runs", "list", "--source", "", "--json")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "rostersync: --source is empty: give a source's name (configured: sample)\n"
+    )
+
+
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:
     """`groups list --user` of nobody is a usage error (exit 2), not an empty listing."""
     groups = invoke("--config", str(config), "groups", "list", "--user", "nobody@example.org")
