@@ -135,6 +135,14 @@ def import_file(
     from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
     from rostersync.logs import notice
 
+    if actor is not None and not actor.strip():
+        # `--as "$ADMIN"` with the variable unset would import with the operator's
+        # organization scope, the widest there is: refused, as an unknown --as user is.
+        fail(
+            "--as is empty: give the admin's email address (without --as the import has the "
+            "operator's organization scope); nothing was imported",
+            EXIT_USAGE,
+        )
     settings = app.settings
     max_rows = settings.import_.max_rows
     if report_path:

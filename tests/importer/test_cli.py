@@ -163,6 +163,22 @@ def test_import_json_names_the_actor_as_its_log_line_does(config: Path, tmp_path
     assert '"actor": "boss@example.org"' in as_admin.stderr
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_as_is_refused_not_the_operators_scope(
+    config: Path, tmp_path: Path, value: str
+) -> None:
+    """`import FILE --as "$ADMIN"` with ADMIN unset exits 2 and imports nothing; it imported
+    with the operator's organization scope, as if --as had not been given."""
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    result = rs(config, "import", f, "--as", value, "--json")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "rostersync: --as is empty: give the admin's email address (without --as the import "
+        "has the operator's organization scope); nothing was imported\n"
+    )
+    assert not (tmp_path / "rs.db").exists()  # refused before the database was touched
+
+
 def test_teachers_list_and_import(config: Path) -> None:
     """After a sync with auto-creation off, teachers list shows candidates and teachers import
     creates them and builds their groups at once."""
