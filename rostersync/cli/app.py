@@ -275,10 +275,24 @@ CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/ro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def config_given(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`--config ""` (`--config "$CONF"` with the variable unset) is refused: taken as not
+    given, it read $ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml, another config
+    (production's) than the one meant."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "the path is empty: give the config file's path (without --config, "
+            "$ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml is read)"
+        )
+    return value
+
+
 def _set_on_app(attr: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
     """A callback that records a global option given after the command on the App."""
 
-    def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    def record(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if attr == "config_file":
+            value = config_given(ctx, param, value)
         app = ctx.find_object(App)
         if value is not None and app is not None:
             setattr(app, attr, value)

@@ -19,7 +19,14 @@ import click
 
 from rostersync import __version__
 from rostersync.cli import config, db, directory, importing, runs, status, sync
-from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
+from rostersync.cli.app import (
+    CONFIG_HELP,
+    LOG_LEVELS,
+    App,
+    accept_global_options,
+    config_given,
+    run,
+)
 from rostersync.cli.console import started
 
 
@@ -29,7 +36,7 @@ from rostersync.cli.console import started
     "database cannot be used; 2 bad usage, bad config or an input file that cannot be read. "
     "`rostersync COMMAND --help` describes a command; README.md and docs/ the rest.",
 )
-@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
+@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP, callback=config_given)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context

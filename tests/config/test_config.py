@@ -756,6 +756,28 @@ def test_a_missing_config_named_by_the_environment_says_so(
     ) in output
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_empty_config_option_is_refused_not_read_as_not_given(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """`--config "$CONF"` with CONF unset exits 2 saying the path is empty; it read the config
+    $ROSTERSYNC_CONFIG names (or /etc's), which may be another installation's."""
+    other = tmp_path / "production.yaml"
+    other.write_text(GOOD, encoding="utf-8")
+    monkeypatch.setenv("ROSTERSYNC_CONFIG", str(other))
+    args = ("--config", "", "config", "check")
+    code, output = run_main(capsys, *(args if where == "before" else (*args[2:], *args[:2])))
+    assert code == 2, output
+    assert (
+        "Invalid value for '--config': the path is empty: give the config file's path (without "
+        "--config, $ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml is read)"
+    ) in output
+    assert "production.yaml" not in output and "OK" not in output
+
+
 def test_a_stray_byte_far_into_a_config_file_is_named_at_its_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
