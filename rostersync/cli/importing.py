@@ -341,6 +341,13 @@ def teachers_import(
     if bool(emails) == all_teachers:
         fail("give --email EMAIL (one or more) or --all", EXIT_USAGE)
         return
+    for flag, value, default in (
+        ("--role", role, "provisioning.default_role"),
+        ("--site", site, "the site_map sites, then provisioning.default_site"),
+    ):
+        if value is not None and not value.strip():
+            # `--role "$ROLE"` with the variable unset: not the default, silently.
+            fail(f"{flag} is empty: give its name, or leave {flag} out for {default}", EXIT_USAGE)
     _check_source(app, source)
     result = import_teachers(
         app.store,

@@ -203,6 +203,27 @@ def test_teachers_usage_errors(config: Path) -> None:
     assert unknown.exit_code == 2 and "no source named nope" in unknown.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "default"),
+    [
+        ("--role", "provisioning.default_role"),
+        ("--site", "the site_map sites, then provisioning.default_site"),
+    ],
+)
+def test_teachers_import_with_an_empty_role_or_site_is_bad_usage(
+    config: Path, flag: str, default: str
+) -> None:
+    """`teachers import --role "$ROLE"` with ROLE unset exits 2 and creates no one; it gave
+    the default silently, as if the flag had not been given."""
+    assert rs(config, "sync").exit_code == 0
+    result = rs(config, "teachers", "import", "--source", "sample", "--all", flag, "")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"rostersync: {flag} is empty: give its name, or leave {flag} out for {default}\n"
+    )
+    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+
+
 def test_outbox_send_needs_smtp(config: Path) -> None:
     """`outbox send` without an smtp block is bad usage."""
     result = rs(config, "outbox", "send")
