@@ -30,6 +30,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
 
+from rostersync import hints
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
@@ -270,6 +271,13 @@ class Daemon:
         finished = report.finished_at or utcnow()
         self.last_runs[source] = LastRun(report.status, report.id, finished)
         self.metrics.record_run(source, report.status, time.monotonic() - started)
+        held: dict[str, str] = {}
+        if report.status == "held":
+            # What the on-call operator reading the journal does next, as `sync` prints it.
+            held["next"] = (
+                f"review with `{hints.command(f'runs show {report.id} --changes')}`, apply "
+                f"with `{hints.command(f'runs approve {report.id}')}`"
+            )
         log.bind(run_id=report.id).info(
             "scheduled_sync_done",
             status=report.status,
@@ -279,6 +287,7 @@ class Daemon:
             resync_queued=report.counts.get("resync_queued", 0),
             error=report.error,
             hold_reason=report.hold_reason,
+            **held,
         )
         self._wake_workers()  # on SQLite there is no NOTIFY for the jobs this run queued
         self.notifier.status(self.status_text())
