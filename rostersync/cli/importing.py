@@ -409,6 +409,11 @@ def outbox_send(app: App, as_json: bool) -> None:
         click.echo(f"{result.sent} sent, {result.deferred} to retry, {result.failed} failed")
         for err in result.errors:
             click.echo(f"  {err}")
+        if result.deferred:
+            click.echo(
+                f"the {result.deferred} to retry stay queued: the daemon's mailer tries them "
+                f"again, or run `{hints.command('outbox send')}` once the SMTP server answers"
+            )
     if result.failed:
         sys.exit(EXIT_FAILED)
 

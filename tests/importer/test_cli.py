@@ -230,6 +230,25 @@ def test_outbox_send_needs_smtp(config: Path) -> None:
     assert result.exit_code == 2 and "no smtp block" in result.stderr
 
 
+def test_outbox_send_says_what_becomes_of_the_messages_to_retry(
+    config: Path, tmp_path: Path
+) -> None:
+    """An SMTP server that does not answer leaves the message queued: the output says the
+    daemon retries it, or which command to run again (with the --config given)."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["smtp"] = {"host": "127.0.0.1", "port": 1, "from": "rs@example.org"}
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    f = _csv(tmp_path, "Email,SendVerification\na@example.org,TRUE\n")
+    assert "verification email queued" in rs(config, "import", f).stdout
+    sent = rs(config, "outbox", "send")
+    assert sent.exit_code == 0, sent.output
+    assert sent.stdout.splitlines()[0] == "0 sent, 1 to retry, 0 failed"
+    assert sent.stdout.splitlines()[-1] == (
+        "the 1 to retry stay queued: the daemon's mailer tries them again, or run "
+        f"`rostersync --config {config} outbox send` once the SMTP server answers"
+    )
+
+
 def test_xlsx_from_stdin(config: Path) -> None:
     """An XLSX workbook piped to `import -` is recognised by its content."""
     wb = Workbook()
