@@ -18,6 +18,7 @@ written too.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import time
@@ -52,6 +53,18 @@ HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
 #: The error of a run the daemon's stop cut off.
 STOPPED = "interrupted: the daemon stopped"
+
+
+def _listen_hint(exc: OSError) -> str | None:
+    """What to do about a `metrics.listen` address the daemon cannot bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "another process listens there (a second daemon on this host?): stop it, or give "
+            "this daemon another metrics.listen"
+        )
+    if exc.errno == errno.EACCES:
+        return "a port below 1024 needs privileges: give metrics.listen a port from 1024"
+    return None
 
 
 @dataclass
@@ -140,7 +153,12 @@ class Daemon:
         try:
             self._apply_metrics_listen()
         except OSError as exc:
-            self.log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
+            self.log.error(
+                "metrics_listen_failed",
+                listen=self._listen_address(),
+                error=str(exc),
+                hint=_listen_hint(exc),
+            )
             return 1
 
         try:
