@@ -6,6 +6,7 @@
     ├── ConfigError              bad YAML or values; carries every issue with its YAML path/line
     ├── StoreError               the database is unreachable or its schema is wrong
     ├── RunNotFound / RunStateError   `runs show|approve` on a missing run or a run in the wrong state
+    ├── InstanceInUse            `run --instance-id ID` of a process still running on this host
     └── SourceError              anything about one roster source (names the source)
         ├── RetriableSourceError timeouts, dropped connections, 429, 5xx: worth another try
         └── FatalSourceError     401/403, unreadable file, a repeated page: stop the run
@@ -57,6 +58,10 @@ class RunNotFound(RostersyncError):
 
 
 class RunStateError(RostersyncError):
+    pass
+
+
+class InstanceInUse(RostersyncError):
     pass
 
 

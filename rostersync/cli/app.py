@@ -210,6 +210,27 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join([line, sep, *body])
 
 
+class WholeNumber(click.IntRange):
+    """A count such as --limit: `'abc' is not a valid whole number.`, where click's IntRange
+    says "not a valid integer range"."""
+
+    name = "whole number"
+
+
+class Seconds(click.FloatRange):
+    """A duration in seconds such as --timeout: `'abc' is not a valid number of seconds.`,
+    where click's FloatRange says "not a valid float range"."""
+
+    name = "number of seconds"
+
+
+def refuse_empty_user(emails: Sequence[str | None]) -> None:
+    """`--user ""` (an unset `$EMAIL` in a script) names nobody: a usage error, never "every
+    user" (what `groups list` made of it) nor "no such user: " with nothing after it."""
+    if any(e is not None and not e.strip() for e in emails):
+        fail("--user is empty: give the user's email address", EXIT_USAGE)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     from rostersync.logs import stderr_line
 
@@ -254,10 +275,24 @@ CONFIG_HELP = "config file (default: $ROSTERSYNC_CONFIG, else /etc/rostersync/ro
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def config_given(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`--config ""` (`--config "$CONF"` with the variable unset) is refused: taken as not
+    given, it read $ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml, another config
+    (production's) than the one meant."""
+    if value is not None and not value.strip():
+        raise click.BadParameter(
+            "the path is empty: give the config file's path (without --config, "
+            "$ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml is read)"
+        )
+    return value
+
+
 def _set_on_app(attr: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
     """A callback that records a global option given after the command on the App."""
 
-    def record(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    def record(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if attr == "config_file":
+            value = config_given(ctx, param, value)
         app = ctx.find_object(App)
         if value is not None and app is not None:
             setattr(app, attr, value)
@@ -332,7 +367,25 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
         # to fix, and the path and the reason say it all.
         fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED)
     except Exception as exc:
+        if _sqlite_busy(exc):
+            from rostersync.store.db import BUSY_TIMEOUT_MS
+
+            fail(
+                "the database is locked: another process has held a write transaction on it "
+                f"for more than {BUSY_TIMEOUT_MS / 1000:g} s (a sync, an import, the daemon "
+                "applying a run, or a tool such as sqlite3); what this command was writing was "
+                "rolled back: run it again when that process is done",
+                EXIT_FAILED,
+            )
         internal_error(exc, args)
+
+
+def _sqlite_busy(exc: BaseException) -> bool:
+    """SQLite's "database is locked" after the busy timeout ran out: another process's to
+    finish, not a bug (an import's rows and the daemon wait it out and try again; a command
+    that cannot stops here)."""
+    orig = getattr(exc, "orig", None)
+    return (getattr(orig, "sqlite_errorcode", 0) & 0xFF) == 5  # SQLITE_BUSY
 
 
 # -- errors nobody expected ---------------------------------------------------------------------

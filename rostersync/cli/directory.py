@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from rostersync.cli.app import EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.app import (
+    EXIT_USAGE,
+    App,
+    Group,
+    WholeNumber,
+    emit_json,
+    fail,
+    refuse_empty_user,
+    table,
+)
 from rostersync.cli.report import jobs_table
 
 
@@ -57,6 +66,7 @@ def groups_list(app: App, user: str | None, as_json: bool) -> None:
     """List groups with owners and members."""
     from rostersync import directory
 
+    refuse_empty_user([user])
     with app.read_store.read() as conn:
         if user:
             missing = directory.user_ids_by_email(conn, [user])[1]
@@ -93,7 +103,8 @@ def queue() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON document")
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=WholeNumber(min=0),
+    metavar="N",
     default=1000,
     show_default=True,
     help="show at most this many jobs",

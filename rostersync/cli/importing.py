@@ -65,6 +65,22 @@ class _ImportGroup(Group):
         formatter.write_usage(ctx.command_path, "template [--format csv|xlsx] [--output PATH]")
 
 
+class _ImportFileContext(click.Context):
+    """The hidden `file` subcommand is `import FILE` to the user: its usage line and its
+    errors' "Try '... --help'" name `rostersync import`, never `rostersync import file`."""
+
+    @property
+    def command_path(self) -> str:
+        return self.parent.command_path if self.parent is not None else super().command_path
+
+
+class _ImportFileCommand(click.Command):
+    context_class = _ImportFileContext
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "FILE [OPTIONS]")
+
+
 @click.group(
     "import",
     cls=_ImportGroup,
@@ -87,7 +103,7 @@ def import_cmd() -> None:
     """
 
 
-@import_cmd.command("file", hidden=True, epilog=_IMPORT_EXIT)
+@import_cmd.command("file", cls=_ImportFileCommand, hidden=True, epilog=_IMPORT_EXIT)
 @click.argument("file", metavar="FILE")
 @click.option("--as", "actor", metavar="EMAIL", help="import as this admin user")
 @click.option("--dry-run", is_flag=True, help="validate and preview; change nothing")
@@ -119,6 +135,14 @@ def import_file(
     from rostersync.importer import ImportRefused, parse_bytes, read_path, run_import, write_report
     from rostersync.logs import notice
 
+    if actor is not None and not actor.strip():
+        # `--as "$ADMIN"` with the variable unset would import with the operator's
+        # organization scope, the widest there is: refused, as an unknown --as user is.
+        fail(
+            "--as is empty: give the admin's email address (without --as the import has the "
+            "operator's organization scope); nothing was imported",
+            EXIT_USAGE,
+        )
     settings = app.settings
     max_rows = settings.import_.max_rows
     if report_path:
@@ -317,6 +341,13 @@ def teachers_import(
     if bool(emails) == all_teachers:
         fail("give --email EMAIL (one or more) or --all", EXIT_USAGE)
         return
+    for flag, value, default in (
+        ("--role", role, "provisioning.default_role"),
+        ("--site", site, "the site_map sites, then provisioning.default_site"),
+    ):
+        if value is not None and not value.strip():
+            # `--role "$ROLE"` with the variable unset: not the default, silently.
+            fail(f"{flag} is empty: give its name, or leave {flag} out for {default}", EXIT_USAGE)
     _check_source(app, source)
     result = import_teachers(
         app.store,
@@ -378,6 +409,11 @@ def outbox_send(app: App, as_json: bool) -> None:
         click.echo(f"{result.sent} sent, {result.deferred} to retry, {result.failed} failed")
         for err in result.errors:
             click.echo(f"  {err}")
+        if result.deferred:
+            click.echo(
+                f"the {result.deferred} to retry stay queued: the daemon's mailer tries them "
+                f"again, or run `{hints.command('outbox send')}` once the SMTP server answers"
+            )
     if result.failed:
         sys.exit(EXIT_FAILED)
 

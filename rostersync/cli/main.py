@@ -19,7 +19,14 @@ import click
 
 from rostersync import __version__
 from rostersync.cli import config, db, directory, importing, runs, status, sync
-from rostersync.cli.app import CONFIG_HELP, LOG_LEVELS, App, accept_global_options, run
+from rostersync.cli.app import (
+    CONFIG_HELP,
+    LOG_LEVELS,
+    App,
+    accept_global_options,
+    config_given,
+    run,
+)
 from rostersync.cli.console import started
 
 
@@ -29,7 +36,7 @@ from rostersync.cli.console import started
     "database cannot be used; 2 bad usage, bad config or an input file that cannot be read. "
     "`rostersync COMMAND --help` describes a command; README.md and docs/ the rest.",
 )
-@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP)
+@click.option("--config", "config_file", metavar="PATH", help=CONFIG_HELP, callback=config_given)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="override logging.level")
 @click.version_option(__version__, prog_name="rostersync")
 @click.pass_context
@@ -77,6 +84,12 @@ def console() -> NoReturn:
     multiprocessing), and stdout and stderr are flushed; only then does the process exit."""
     code = 0
     App.whole_process = True
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            # Started with it closed (`>&-`): Python leaves None there, where every echo and
+            # log line would be an internal error. /dev/null also takes the descriptor, so a
+            # file opened later (the database) cannot become the command's output.
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115
     sys.stdout = _ReaderGoneIsDevNull(sys.stdout)
     try:
         main()
@@ -111,12 +124,16 @@ class _ReaderGoneIsDevNull:
         except BrokenPipeError:
             self._to_devnull()
             return len(text)
+        except OSError as exc:
+            raise _named(exc) from None
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except BrokenPipeError:
             self._to_devnull()
+        except OSError as exc:
+            raise _named(exc) from None
 
     def _to_devnull(self) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -129,6 +146,14 @@ class _ReaderGoneIsDevNull:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+
+def _named(exc: OSError) -> OSError:
+    """An error writing the output (a full disk behind `> out.json`) names it, so that the
+    command reports it as a file it could not write (exit 1), not as an internal error."""
+    if exc.filename is None:
+        exc.filename = "the standard output"
+    return exc
 
 
 def _exit_status(code: object) -> int:

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from rostersync import hints
-from rostersync.cli.app import EXIT_FAILED, EXIT_USAGE, App, Group, emit_json, fail, table
+from rostersync.cli.app import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    App,
+    Group,
+    WholeNumber,
+    emit_json,
+    fail,
+    table,
+)
 from rostersync.cli.draining import drain_with_progress, resync_states
 from rostersync.cli.report import (
     change_set_lines,
@@ -32,21 +41,39 @@ if TYPE_CHECKING:
 
 class RunId(click.IntRange):
     """A run's id: the ids the database's integer column holds (PostgreSQL's and SQLite's
-    refuse a larger number with an error of their own). What is no number at all is named as
-    not a run id, not as click's "not a valid integer range"."""
+    refuse a larger number with an error of their own). What is no number at all, 0 or a
+    negative number is named as not a run id, not as click's "not in the range 1<=x<=...";
+    a number beyond the column's range names no run, and says so as an unknown id does."""
 
     name = "run id"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if not isinstance(value, int):
-            try:
-                int(value)
-            except (TypeError, ValueError):
-                self.fail(f"{value!r} is not a run id (a whole number from 1)", param, ctx)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            self.fail(f"{str(value)!r} is not a run id (a whole number from 1)", param, ctx)
+        if self.max is not None and number > self.max:
+            fail(f"run {number} does not exist", EXIT_USAGE)
         return super().convert(value, param, ctx)
 
 
 RUN_ID = RunId(min=1, max=2**31 - 1)
+
+
+class RunIdCommand(click.Command):
+    """A command whose RUN_ID may be mistyped as a negative number: `-5` is given to RUN_ID
+    (which names it as no run id) instead of being taken for an unknown option."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" not in args and any(_negative(a) for a in args):
+            args = [*(a for a in args if not _negative(a)), "--", *filter(_negative, args)]
+        return super().parse_args(ctx, args)
+
+
+def _negative(arg: str) -> bool:
+    return arg.startswith("-") and arg[1:].isdigit()
 
 
 @click.group("runs", cls=Group)
@@ -58,7 +85,8 @@ def runs() -> None:
 @click.option("--source", metavar="NAME", help="only the runs of this source")
 @click.option(
     "--limit",
-    type=click.IntRange(min=0),
+    type=WholeNumber(min=0),
+    metavar="N",
     default=50,
     show_default=True,
     help="show at most this many runs",
@@ -69,6 +97,10 @@ def runs_list(app: App, source: str | None, limit: int, as_json: bool) -> None:
     """List sync runs, newest first (a held run a later run overtook: superseded)."""
     from rostersync.sync.history import list_runs
 
+    if source is not None and not source.strip():
+        # `--source "$SOURCE"` with the variable unset: not "every source".
+        known = ", ".join(sorted(app.settings.sources)) or "none"
+        fail(f"--source is empty: give a source's name (configured: {known})", EXIT_USAGE)
     with app.read_store.read() as conn:
         rows = list_runs(conn, source, limit)
     if source is not None and not rows and source not in app.settings.sources:
@@ -144,7 +176,10 @@ def _no_change_set(report: RunReport) -> str:
             "--dry-run --changes`, and dropped once a later run of the source succeeds"
         )
     if report.approved_at is not None:
-        return f"run {rid} was approved and applied: `runs show {rid}` says what it did"
+        return (
+            f"run {rid} was approved and applied: `{hints.command(f'runs show {rid}')}` says "
+            "what it did"
+        )
     if report.status == "held":
         return (
             f"run {rid} was held before this version recorded change sets: run a new sync "
@@ -156,7 +191,7 @@ def _no_change_set(report: RunReport) -> str:
     )
 
 
-@runs.command("show", short_help="One run's report, or its change set.")
+@runs.command("show", cls=RunIdCommand, short_help="One run's report, or its change set.")
 @click.argument("run_id", type=RUN_ID)
 @click.option("--changes", is_flag=True, help="the exact change set of a held or dry run")
 @click.option(
@@ -273,6 +308,7 @@ def _approval_stopped(app: App, run_id: int) -> str:
 
 @runs.command(
     "approve",
+    cls=RunIdCommand,
     short_help="Apply a held run (its changes are shown first).",
     epilog="Exit 1 when the run cannot be approved (a dry run, not held, overtaken by a later "
     "run, its staged data gone), was not approved at the question, or failed; 2 when there "

@@ -18,8 +18,10 @@ from rostersync.cli.app import (
     EXIT_FAILED,
     EXIT_USAGE,
     App,
+    Seconds,
     emit_json,
     fail,
+    refuse_empty_user,
     writable_folder_or_fail,
 )
 from rostersync.cli.draining import (
@@ -274,7 +276,7 @@ def sync(
 )
 @click.option(
     "--stop-timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=60.0,
     show_default=True,
     metavar="SECONDS",
@@ -351,7 +353,7 @@ def run(
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(min=0),
     default=600.0,
     show_default=True,
     metavar="SECONDS",
@@ -377,6 +379,7 @@ def resync(
 
     if bool(users) == all_users:
         fail("give --user EMAIL (one or more) or --all", EXIT_USAGE)
+    refuse_empty_user(users)
     started = time.monotonic()
     store = app.store
     with store.write() as conn:
@@ -407,7 +410,8 @@ def resync(
             notice(
                 "resync_no_daemon",
                 "no daemon is running against this database: the jobs wait for "
-                f"one; `{hints.command('run --once')}` (or `resync --wait`) processes them now",
+                f"one; `{hints.command('run --once')}` processes them now (with --wait, "
+                "resync does it itself)",
                 "warning",
             )
     rejected = waiting.records_rejected(jobs)

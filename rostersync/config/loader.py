@@ -468,6 +468,7 @@ def _path_key(path: str) -> PathKey:
 
 
 _WHICH_CONFIG = " (the default: give --config PATH or set ROSTERSYNC_CONFIG)"
+_FROM_ENV = " (named by $ROSTERSYNC_CONFIG: correct it, or give --config PATH)"
 
 
 def load_settings(
@@ -482,8 +483,13 @@ def load_settings(
         data = file.read_bytes()
         text = data.decode("utf-8")
     except OSError as exc:
-        # Nobody named this file: say how to name one.
-        hint = "" if path or os.environ.get("ROSTERSYNC_CONFIG") else _WHICH_CONFIG
+        # Not named on the command line: say where the name came from, and how to give one.
+        if path:
+            hint = ""
+        elif os.environ.get("ROSTERSYNC_CONFIG"):
+            hint = _FROM_ENV
+        else:
+            hint = _WHICH_CONFIG
         raise ConfigError(
             [ConfigIssue("", f"cannot read config file: {exc.strerror or exc}{hint}")], str(file)
         ) from None

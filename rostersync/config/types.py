@@ -196,15 +196,22 @@ ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 
 
 def _find_secret_file(path: Path, original: Path) -> Path:
-    """`x_file` may name a systemd credential: try $CREDENTIALS_DIRECTORY for bare names."""
-    if path.exists():
+    """`x_file` may name a systemd credential: try $CREDENTIALS_DIRECTORY for bare names.
+
+    A symbolic link counts as found even when what it points at is missing: the read then
+    fails naming the link it tried, not a path it did not."""
+    if _present(path):
         return path
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     if creds and not original.is_absolute():
         candidate = Path(creds) / original
-        if candidate.exists():
+        if _present(candidate):
             return candidate
     return path
+
+
+def _present(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
 def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
@@ -212,6 +219,12 @@ def read_secret_file(path: Path, original: Path | None = None) -> SecretStr:
     try:
         text = found.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if found.is_symlink():
+            # A link's name is not the secret (a file of that name exists): say what it is.
+            raise ValueError(
+                f"cannot read secret file {found}: it is a symbolic link to "
+                f"{found.readlink()}, which does not exist"
+            ) from None
         # A name that names no file may be the secret itself, pasted in place of its path:
         # the message says where it was looked for, and the key and line say which.
         raise ValueError(

@@ -25,6 +25,7 @@ owner on this machine; every command that syncs or processes jobs calls it first
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Collection, Iterable, Mapping
@@ -36,6 +37,7 @@ from sqlalchemy import Connection, delete, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from rostersync.daemon import procs
+from rostersync.errors import InstanceInUse
 from rostersync.logs import scrub
 from rostersync.resync.queue import requeue_owned
 from rostersync.store.db import Store, as_utc, dialect_insert, utcnow
@@ -398,6 +400,22 @@ def _interrupted_by(owner: str, liveness: Liveness) -> str:
     return f"interrupted: {owner} ({liveness.describe(owner)}) stopped before it finished"
 
 
+def _refuse_an_id_in_use(conn: Connection, me: str) -> None:
+    """Taken as an earlier process's, the id's leases would be recovered from under the live
+    process that holds them: its runs failed as interrupted, its jobs run twice."""
+    holder = load_registry(conn, [me]).get(me)
+    if holder is None:
+        return
+    local = Liveness({me: holder}).local_pid(me)
+    if local is None or local[0] == os.getpid() or not procs.alive(*local):
+        return
+    raise InstanceInUse(
+        f"instance id {me!r} is in use by process {local[0]} on this host, which is running: "
+        "give this one another --instance-id (each running instance needs its own), or stop "
+        "that process first"
+    )
+
+
 def _find_dead(conn: Connection, previous_self: str | None) -> tuple[Liveness, list[str]]:
     lease_owners = {r[0] for r in conn.execute(select(source_lease.c.owner))}
     job_owners = {
@@ -460,8 +478,12 @@ def recover(store: Store, me: str, *, previous_self: bool = True) -> Recovered:
 
     ``previous_self``: ``me`` is being taken into use now, so anything held under it belongs
     to an earlier process (at the start of a daemon or command; not in a running daemon's
-    periodic sweep). Cheap when there is nothing to do: one read, no write."""
+    periodic sweep): unless a process of this host that is still running has it (two
+    daemons given one --instance-id), which raises InstanceInUse and changes nothing. Cheap
+    when there is nothing to do: one read, no write."""
     with store.read() as conn:
+        if previous_self:
+            _refuse_an_id_in_use(conn, me)
         _, dead = _find_dead(conn, me if previous_self else None)
         orphans = runs.orphan_runs(conn)
     if not dead and not orphans:

@@ -18,6 +18,7 @@ written too.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import time
@@ -30,6 +31,7 @@ import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
 
+from rostersync import hints
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
@@ -51,6 +53,18 @@ HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
 #: The error of a run the daemon's stop cut off.
 STOPPED = "interrupted: the daemon stopped"
+
+
+def _listen_hint(exc: OSError) -> str | None:
+    """What to do about a `metrics.listen` address the daemon cannot bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "another process listens there (a second daemon on this host?): stop it, or give "
+            "this daemon another metrics.listen"
+        )
+    if exc.errno == errno.EACCES:
+        return "a port below 1024 needs privileges: give metrics.listen a port from 1024"
+    return None
 
 
 @dataclass
@@ -139,7 +153,12 @@ class Daemon:
         try:
             self._apply_metrics_listen()
         except OSError as exc:
-            self.log.error("metrics_listen_failed", listen=self._listen_address(), error=str(exc))
+            self.log.error(
+                "metrics_listen_failed",
+                listen=self._listen_address(),
+                error=str(exc),
+                hint=_listen_hint(exc),
+            )
             return 1
 
         try:
@@ -270,6 +289,13 @@ class Daemon:
         finished = report.finished_at or utcnow()
         self.last_runs[source] = LastRun(report.status, report.id, finished)
         self.metrics.record_run(source, report.status, time.monotonic() - started)
+        held: dict[str, str] = {}
+        if report.status == "held":
+            # What the on-call operator reading the journal does next, as `sync` prints it.
+            held["next"] = (
+                f"review with `{hints.command(f'runs show {report.id} --changes')}`, apply "
+                f"with `{hints.command(f'runs approve {report.id}')}`"
+            )
         log.bind(run_id=report.id).info(
             "scheduled_sync_done",
             status=report.status,
@@ -279,6 +305,7 @@ class Daemon:
             resync_queued=report.counts.get("resync_queued", 0),
             error=report.error,
             hold_reason=report.hold_reason,
+            **held,
         )
         self._wake_workers()  # on SQLite there is no NOTIFY for the jobs this run queued
         self.notifier.status(self.status_text())

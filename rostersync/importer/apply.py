@@ -67,7 +67,7 @@ CREATED_BY = "import"
 @dataclass
 class ImportResult:
     file_name: str
-    actor: str | None
+    actor: str  # the --as email, or "operator"
     dry_run: bool
     rows: list[RowOutcome]
     warnings: list[str] = field(default_factory=list)
@@ -131,10 +131,11 @@ def run_import(
     dry_run: bool = False,
 ) -> ImportResult:
     rows, warnings = parse_sheet(sheet, settings)
-    log = structlog.get_logger().bind(
-        file=sheet.name, dry_run=dry_run, actor=actor_email or "operator"
-    )
-    result = ImportResult(sheet.name, actor_email, dry_run, [], warnings)
+    # The log line, the JSON and the stored import_run name the actor alike: the --as email
+    # (lower-cased), else "operator".
+    label = normalize_email(actor_email) if actor_email else OPERATOR.label
+    log = structlog.get_logger().bind(file=sheet.name, dry_run=dry_run, actor=label)
+    result = ImportResult(sheet.name, label, dry_run, [], warnings)
     started = utcnow()
     try:
         with store.write() as conn:

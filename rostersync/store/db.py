@@ -38,7 +38,12 @@ from rostersync import hints
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
 from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
-from rostersync.store.sqlitefile import open_existing_sqlite, require_folder, sqlite_file
+from rostersync.store.sqlitefile import (
+    not_writable,
+    open_existing_sqlite,
+    require_folder,
+    sqlite_file,
+)
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -517,7 +522,10 @@ class Store:
             # Refused, missing or not a database at all (a config pointing at another file).
             if not isinstance(exc, OperationalError) and unusable(exc) is None:
                 raise
-            raise StoreError(f"cannot open database {self.location}: {exc.orig}") from None
+            why = str(exc.orig)
+            if (path := sqlite_file(self.url)) is not None and (ro := not_writable(path)):
+                why = f"{why}: {ro}"
+            raise StoreError(f"cannot open database {self.location}: {why}") from None
 
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after). A database

@@ -4,6 +4,7 @@ that must exist, and the folder one may be created in. Kept apart from
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,23 @@ def is_sqlite_file(path: Path) -> bool:
     return not head or head == SQLITE_HEADER
 
 
+def not_writable(path: Path) -> str | None:
+    """Why SQLite cannot open ``path`` for writing, when a permission or a read-only file
+    system is the reason: it writes beside the file (its ``-wal`` and ``-shm`` files) even
+    for a command that only reads, and then says no more than "unable to open database
+    file". None when the file and its folder are writable, or the file is not there."""
+    if not path.exists():
+        return None
+    for what, where in (("file", path), ("folder", path.parent)):
+        if not os.access(where, os.W_OK):
+            return (
+                f"the database {what} {where} is not writable (read-only, or owned by another "
+                "user): SQLite writes beside the database even to read it; make it writable "
+                "by the user rostersync runs as"
+            )
+    return None
+
+
 def open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
     """A connection factory for a SQLite file that must already exist.
 
@@ -45,6 +63,13 @@ def open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
     check is not silently re-created empty either.
     """
     if not path.exists():
+        if not path.parent.is_dir():
+            # `db upgrade` would be refused too (require_folder): the hint names what to fix.
+            raise StoreError(
+                f"database {path} does not exist, nor its folder {path.parent}: check "
+                "`database` in the config, or create the folder; then a sync or "
+                f"`{hints.command('db upgrade')}` creates the database"
+            )
         raise StoreError(
             f"database {path} does not exist: check `database` in the config. Commands that "
             f"only read never create it; a sync or `{hints.command('db upgrade')}` does"

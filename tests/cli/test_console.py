@@ -280,3 +280,44 @@ def test_output_to_a_closed_pipe_keeps_the_commands_own_status(config: Path) -> 
     code, err = _with_stdout_closed(config, "sync", "--log-level", "error")
     assert code == 1, err
     assert "Traceback" not in err and "Broken pipe" not in err
+
+
+def test_output_the_disk_refuses_is_named_not_an_internal_error(config: Path) -> None:
+    """`rostersync users list --json > out.json` on a full disk (here /dev/full): one line
+    naming the standard output and the reason, exit 1, no internal error."""
+    from tests.cli.sample import run as run_here
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    assert run_here(config, "sync").exit_code == 0
+    command = [sys.executable, "-m", "rostersync", "--config", str(config), "users", "list"]
+    for extra in ([], ["--json"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [*command, *extra], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+            )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines()[-1] == (
+            "rostersync: the standard output: No space left on device"
+        )
+        assert "internal error" not in done.stderr
+
+
+def test_a_closed_stdout_or_stderr_is_no_internal_error(config: Path) -> None:
+    """Started with stdout or stderr closed (`>&-` in a cron line), a command runs as with
+    /dev/null there: its own status, no internal error."""
+    from tests.cli.sample import run as run_here
+
+    assert run_here(config, "sync").exit_code == 0
+    command = [sys.executable, "-m", "rostersync", "--config", str(config), "users", "list"]
+    no_stdout = subprocess.run(
+        ["sh", "-c", '"$@" >&-', "sh", *command], stderr=subprocess.PIPE, text=True, timeout=120
+    )
+    assert (no_stdout.returncode, no_stdout.stderr) == (0, "")
+    no_stderr = subprocess.run(
+        ["sh", "-c", '"$@" 2>&-', "sh", *command, "--config", "/nonexistent/r.yaml"],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert (no_stderr.returncode, no_stderr.stdout) == (2, "")

@@ -187,3 +187,33 @@ def test_a_path_that_cannot_be_written_is_a_plain_error(
     )
     assert capsys.readouterr().err == f"rostersync: {target}: No such file or directory\n"
     assert not (tmp_path / "state").exists()
+
+
+def test_a_database_another_process_keeps_locked_is_a_plain_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SQLite write transaction held by another process past the busy timeout stops a
+    command that writes with one line saying so (exit 1), not an internal error."""
+    import sqlite3
+
+    from rostersync.store import db
+
+    config = _config(tmp_path)
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 50)
+    holder = sqlite3.connect(tmp_path / "rs.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        code = _main("--config", str(config), "resync", "--all")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert err.splitlines()[-1] == (
+        "rostersync: the database is locked: another process has held a write transaction on "
+        "it for more than 0.05 s (a sync, an import, the daemon applying a run, or a tool such as "
+        "sqlite3); what this command was writing was rolled back: run it again when that "
+        "process is done"
+    )
+    assert "internal error" not in out + err
+    assert not list((tmp_path / "state").rglob("*internal-error*"))

@@ -37,8 +37,8 @@ def config(config: Path) -> Path:
     return path
 
 
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+def invoke(*args: str, prog_name: str | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False, prog_name=prog_name)
 
 
 def test_every_command_and_option_has_help() -> None:
@@ -89,6 +89,23 @@ def test_help_points_only_at_commands_it_shows() -> None:
             if target is None or target.hidden:
                 wrong.append(f"{' '.join(path)}: {named}")
     assert wrong == []
+
+
+def test_import_file_help_and_errors_name_the_documented_form() -> None:
+    """`import x.csv --help` and a mistake in `import x.csv ...` show `rostersync import FILE`
+    and a `--help` hint that works, never the hidden `import file` subcommand."""
+    shown = invoke("import", "x.csv", "--help", prog_name="rostersync")
+    assert shown.exit_code == 0
+    assert shown.stdout.startswith("Usage: rostersync import FILE [OPTIONS]\n")
+    for args in (("import", "x.csv", "--bogus"), ("import",)):
+        wrong = invoke(*args, prog_name="rostersync")
+        assert wrong.exit_code == 2
+        assert wrong.stderr.startswith(
+            "Usage: rostersync import FILE [OPTIONS]\nTry 'rostersync import --help' for help.\n"
+        )
+    for result in (shown, wrong):
+        assert "import file" not in result.output
+    assert invoke("import", "--help").exit_code == 0
 
 
 def test_no_commands_summary_is_cut_short_in_its_groups_help() -> None:
@@ -205,9 +222,6 @@ def test_a_top_level_command_under_a_group_is_pointed_to(args: tuple[str, ...], 
 @pytest.mark.parametrize(
     "args",
     [
-        ("runs", "show", "99999999999999999999"),
-        ("runs", "approve", "99999999999999999999", "--yes"),
-        ("runs", "show", "0"),
         ("runs", "list", "--limit", "-1"),
         ("queue", "list", "--limit", "-1"),
         ("resync", "--all", "--wait", "--timeout", "-5"),
@@ -238,6 +252,83 @@ def test_a_run_id_that_is_no_number_says_what_a_run_id_is(
         "Invalid value for 'RUN_ID': 'abc' is not a run id (a whole number from 1)" in result.stderr
     )
     assert "integer range" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("runs", "list", "--limit", "abc"), "'--limit': 'abc' is not a valid whole number."),
+        (("queue", "list", "--limit", "1.5"), "'--limit': '1.5' is not a valid whole number."),
+        (
+            ("resync", "--all", "--wait", "--timeout", "soon"),
+            "'--timeout': 'soon' is not a valid number of seconds.",
+        ),
+        (("run", "--stop-timeout", "x"), "'--stop-timeout': 'x' is not a valid number of seconds."),
+    ],
+)
+def test_a_count_or_timeout_that_is_no_number_says_what_it_should_be(
+    config: Path, args: tuple[str, ...], says: str
+) -> None:
+    """`--limit abc` or `--timeout soon` exits 2 saying a whole number or a number of seconds
+    is wanted, not click's "not a valid integer range" / "float range"."""
+    result = invoke("--config", str(config), *args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {says}" in result.stderr
+    assert " range" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("runs", "show"), ("runs", "approve", "--yes")])
+@pytest.mark.parametrize("run_id", ["0", "-5", "-99999999999999999999"])
+def test_a_run_id_below_1_says_what_a_run_id_is(
+    config: Path, command: tuple[str, ...], run_id: str
+) -> None:
+    """0 or a negative run id exits 2 as `abc` does (not click's "not in the range 1<=x<=...",
+    nor "No such option '-5'")."""
+    result = invoke("--config", str(config), *command, run_id)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Invalid value for 'RUN_ID': '{run_id}' is not a run id (a whole number from 1)"
+        in result.stderr
+    )
+    assert "range" not in result.stderr and "No such option" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [("runs", "show"), ("runs", "approve", "--yes")])
+@pytest.mark.parametrize("run_id", ["2147483648", "99999999999999999999"])
+def test_a_run_id_past_the_database_integers_is_an_unknown_run(
+    config: Path, command: tuple[str, ...], run_id: str
+) -> None:
+    """A run id past the database's integers names no run: exit 2 with the unknown id's message,
+    not click's range and not an internal error."""
+    unknown = invoke("--config", str(config), *command, "12345")
+    assert (unknown.exit_code, unknown.stderr) == (2, "rostersync: run 12345 does not exist\n")
+    result = invoke("--config", str(config), *command, run_id)
+    assert (result.exit_code, result.stderr) == (2, f"rostersync: run {run_id} does not exist\n")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_user_is_a_usage_error_not_every_group(config: Path, value: str) -> None:
+    """`groups list --user "$EMAIL"` with EMAIL unset lists nobody's groups: exit 2 saying
+    --user is empty (it listed every group), as `resync --user ""` does (which said "no such
+    user: " and nothing after it)."""
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    groups = invoke("--config", str(config), "groups", "list", "--user", value, "--json")
+    resync = invoke("--config", str(config), "resync", "--user", value)
+    assert groups.exit_code == resync.exit_code == 2
+    assert groups.stdout == ""
+    said = "rostersync: --user is empty: give the user's email address\n"
+    assert groups.stderr == resync.stderr == said
+
+
+def test_runs_list_of_an_empty_source_is_a_usage_error_not_every_run(config: Path) -> None:
+    """`runs list --source "$SOURCE"` with SOURCE unset: exit 2 naming the configured
+    sources, not every source's runs."""
+    assert invoke("--config", str(config), "sync").exit_code == 0
+    result = invoke("--config", str(config), "runs", "list", "--source", "", "--json")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "rostersync: --source is empty: give a source's name (configured: sample)\n"
+    )
 
 
 def test_groups_list_for_an_unknown_user_exits_2_like_resync(config: Path) -> None:

@@ -230,6 +230,8 @@ def test_a_held_runs_change_set_is_listed_and_is_what_approval_does(
     assert plain(doc) == difference(before, sample_picture(config), "sample")
     gone = run(config, "runs", "show", "2", "--changes")
     assert gone.exit_code == 1 and "approved and applied" in gone.stderr
+    # The command it points to works as pasted: with the --config this one was given.
+    assert f"`rostersync --config {config} runs show 2` says what it did" in gone.stderr
     listed = as_json(run(config, "runs", "list", "--json"))
     assert listed[0]["trigger"] == "approval"  # type: ignore[index]
 

@@ -66,6 +66,22 @@ def test_a_read_only_command_on_a_mistyped_sqlite_path_is_an_error_and_creates_n
     assert not (tmp_path / "nodir").exists()
 
 
+@pytest.mark.parametrize("command", READ_ONLY, ids=" ".join)
+def test_a_read_only_command_whose_database_folder_is_missing_says_to_create_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    """With the folder missing too, the message says so and asks for it first: its
+    `db upgrade` alone, pasted, would be refused for that folder."""
+    config = write_config(tmp_path, "sqlite:///nodir/rs.db")
+    code, output = invoke(config, capsys, *command)
+    assert code == 1, output
+    assert (
+        f"database {tmp_path / 'nodir' / 'rs.db'} does not exist, nor its folder "
+        f"{tmp_path / 'nodir'}: check `database` in the config, or create the folder; then a "
+        "sync or `rostersync --config"
+    ) in output
+
+
 def test_config_check_never_opens_the_database_but_notes_a_missing_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -289,3 +305,28 @@ def test_ctrl_c_while_a_command_closes_the_database_waits_for_the_close(
         app.close()
     assert closed == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_read_only_sqlite_file_or_folder_is_named_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite says only "unable to open database file" for a read-only folder or file (it
+    writes its -wal and -shm beside the database even to read); the message names which is not
+    writable and what to do. (os.access is faked: the tests may run as root, whom a chmod does
+    not stop.)"""
+    from rostersync.store import sqlitefile
+
+    db = tmp_path / "rs.db"
+    assert sqlitefile.not_writable(db) is None  # no file: the missing-file message says it
+    db.write_bytes(b"")
+    assert sqlitefile.not_writable(db) is None
+    monkeypatch.setattr(
+        "rostersync.store.sqlitefile.os.access", lambda p, mode: Path(p) != tmp_path
+    )
+    assert sqlitefile.not_writable(db) == (
+        f"the database folder {tmp_path} is not writable (read-only, or owned by another "
+        "user): SQLite writes beside the database even to read it; make it writable by the "
+        "user rostersync runs as"
+    )
+    monkeypatch.setattr("rostersync.store.sqlitefile.os.access", lambda p, mode: False)
+    assert (sqlitefile.not_writable(db) or "").startswith(f"the database file {db} is not")

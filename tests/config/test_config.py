@@ -239,6 +239,24 @@ def test_secret_file_and_credentials_directory(
     assert settings.smtp.password.get_secret_value() == "from-systemd"
 
 
+def test_dangling_credential_link_is_named_by_the_path_tried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare `x_file` name that is a dangling link in $CREDENTIALS_DIRECTORY is reported by that
+    link's path (the one read), not by a path beside the config, and its content is not shown."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mail").symlink_to(tmp_path / "gone" / "mail.secret")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    text = GOOD + "smtp: {host: localhost, from: rs@example.org, password_file: mail}\n"
+    with pytest.raises(ConfigError) as err:
+        load_settings_text(text, base_dir=tmp_path)
+    assert [str(i) for i in err.value.issues] == [
+        f"smtp.password_file: line 13: cannot read secret file {creds / 'mail'}: it is a "
+        f"symbolic link to {tmp_path / 'gone' / 'mail.secret'}, which does not exist"
+    ]
+
+
 def test_unreadable_secret_file_is_an_error_without_content(tmp_path: Path) -> None:
     """A missing secret file is reported by its key and line, not by its name: a secret pasted
     where its file's path belongs would otherwise be printed."""
@@ -721,6 +739,43 @@ def test_no_config_anywhere_says_how_to_name_one(
     code, output = run_main(capsys, "--config", str(tmp_path / "named.yaml"), *command)
     assert code == 2 and "cannot read config file" in output
     assert "ROSTERSYNC_CONFIG" not in output
+
+
+def test_a_missing_config_named_by_the_environment_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A config file $ROSTERSYNC_CONFIG names that is not there: the error says the variable
+    named it (the operator gave no path and may not know it is set)."""
+    monkeypatch.setenv("ROSTERSYNC_CONFIG", str(tmp_path / "gone.yaml"))
+    code, output = run_main(capsys, "status")
+    assert code == 2, output
+    assert (
+        f"{tmp_path / 'gone.yaml'}: 1 configuration error(s):\n  (top level): cannot read config "
+        "file: No such file or directory (named by $ROSTERSYNC_CONFIG: correct it, or give "
+        "--config PATH)"
+    ) in output
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_empty_config_option_is_refused_not_read_as_not_given(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """`--config "$CONF"` with CONF unset exits 2 saying the path is empty; it read the config
+    $ROSTERSYNC_CONFIG names (or /etc's), which may be another installation's."""
+    other = tmp_path / "production.yaml"
+    other.write_text(GOOD, encoding="utf-8")
+    monkeypatch.setenv("ROSTERSYNC_CONFIG", str(other))
+    args = ("--config", "", "config", "check")
+    code, output = run_main(capsys, *(args if where == "before" else (*args[2:], *args[:2])))
+    assert code == 2, output
+    assert (
+        "Invalid value for '--config': the path is empty: give the config file's path (without "
+        "--config, $ROSTERSYNC_CONFIG or /etc/rostersync/rostersync.yaml is read)"
+    ) in output
+    assert "production.yaml" not in output and "OK" not in output
 
 
 def test_a_stray_byte_far_into_a_config_file_is_named_at_its_line(

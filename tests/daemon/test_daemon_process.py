@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from sqlalchemy import text
 from rostersync.store.db import Store, as_utc
 from rostersync.sync.staging import STAGING
 from tests.daemon.conftest import (
+    SAMPLE,
     SAMPLE_TEACHERS,
     DaemonProcess,
     NotifySocket,
@@ -288,3 +290,28 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def test_a_scheduled_run_that_is_held_logs_how_to_review_and_approve_it(
+    tmp_path: Path, notify_socket: NotifySocket, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """The journal's `scheduled_sync_done` of a held run says what to run next, as `sync`
+    prints it: the commands to review and approve it, with the daemon's --config."""
+    drop = tmp_path / "district"
+    shutil.copytree(SAMPLE, drop)
+    cfg = base_config(sqlite_url(tmp_path), safety={"max_removals": 3})
+    cfg["sources"]["sample"]["path"] = str(drop)
+    config = write_config(tmp_path / "rostersync.yaml", cfg)
+    assert cli(config, "sync").returncode == 0
+    users = drop / "users.csv"
+    kept = [line for line in users.read_text().splitlines() if not line.startswith("t-000")]
+    users.write_text("\n".join(kept) + "\n")
+    d = daemons(config, notify_socket)
+    done = d.wait_event("scheduled_sync_done", status="held")
+    rid = done["run_id"]
+    assert done["next"] == (
+        f"review with `rostersync --config {config} runs show {rid} --changes`, apply with "
+        f"`rostersync --config {config} runs approve {rid}`"
+    )
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0

@@ -7,6 +7,7 @@ import gzip
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -355,3 +356,22 @@ def test_a_daemon_starts_without_a_metrics_warning(tmp_path: Path) -> None:
     assert daemon.metrics.render()
     assert [e for e in logs if e["event"] == "metrics_store_read_failed"] == []
     store.dispose()
+
+
+def test_a_metrics_port_another_process_holds_stops_the_start_saying_what_to_do(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess]
+) -> None:
+    """`metrics.listen` on a port another process listens on: the daemon exits 1 and its
+    `metrics_listen_failed` line says what to do, not only errno 98."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = base_config(sqlite_url(tmp_path), metrics={"listen": f"127.0.0.1:{port}"})
+        d = daemons(write_config(tmp_path / "rostersync.yaml", cfg), None)
+        assert d.wait_exit(30) == 1
+    failed = [e for e in d.events() if e["event"] == "metrics_listen_failed"]
+    assert [e["hint"] for e in failed] == [
+        "another process listens there (a second daemon on this host?): stop it, or give this "
+        "daemon another metrics.listen"
+    ]

@@ -151,6 +151,34 @@ def test_import_as_site_admin(config: Path, tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "no such user" in unknown.stderr
 
 
+def test_import_json_names_the_actor_as_its_log_line_does(config: Path, tmp_path: Path) -> None:
+    """--json's actor is "operator" without --as, the --as email (lower-cased) with it, as logged."""
+    admin = _csv(tmp_path, "Email,Role\nboss@example.org,Organization Admin\n", "admin.csv")
+    plain = rs(config, "import", admin, "--json")
+    assert json.loads(plain.stdout)["actor"] == "operator"
+    assert '"actor": "operator"' in plain.stderr
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    as_admin = rs(config, "import", f, "--as", "Boss@Example.org", "--json")
+    assert json.loads(as_admin.stdout)["actor"] == "boss@example.org"
+    assert '"actor": "boss@example.org"' in as_admin.stderr
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_as_is_refused_not_the_operators_scope(
+    config: Path, tmp_path: Path, value: str
+) -> None:
+    """`import FILE --as "$ADMIN"` with ADMIN unset exits 2 and imports nothing; it imported
+    with the operator's organization scope, as if --as had not been given."""
+    f = _csv(tmp_path, "Email\na@example.org\n")
+    result = rs(config, "import", f, "--as", value, "--json")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "rostersync: --as is empty: give the admin's email address (without --as the import "
+        "has the operator's organization scope); nothing was imported\n"
+    )
+    assert not (tmp_path / "rs.db").exists()  # refused before the database was touched
+
+
 def test_teachers_list_and_import(config: Path) -> None:
     """After a sync with auto-creation off, teachers list shows candidates and teachers import
     creates them and builds their groups at once."""
@@ -175,10 +203,50 @@ def test_teachers_usage_errors(config: Path) -> None:
     assert unknown.exit_code == 2 and "no source named nope" in unknown.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "default"),
+    [
+        ("--role", "provisioning.default_role"),
+        ("--site", "the site_map sites, then provisioning.default_site"),
+    ],
+)
+def test_teachers_import_with_an_empty_role_or_site_is_bad_usage(
+    config: Path, flag: str, default: str
+) -> None:
+    """`teachers import --role "$ROLE"` with ROLE unset exits 2 and creates no one; it gave
+    the default silently, as if the flag had not been given."""
+    assert rs(config, "sync").exit_code == 0
+    result = rs(config, "teachers", "import", "--source", "sample", "--all", flag, "")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"rostersync: {flag} is empty: give its name, or leave {flag} out for {default}\n"
+    )
+    assert json.loads(rs(config, "users", "list", "--json").stdout) == []
+
+
 def test_outbox_send_needs_smtp(config: Path) -> None:
     """`outbox send` without an smtp block is bad usage."""
     result = rs(config, "outbox", "send")
     assert result.exit_code == 2 and "no smtp block" in result.stderr
+
+
+def test_outbox_send_says_what_becomes_of_the_messages_to_retry(
+    config: Path, tmp_path: Path
+) -> None:
+    """An SMTP server that does not answer leaves the message queued: the output says the
+    daemon retries it, or which command to run again (with the --config given)."""
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["smtp"] = {"host": "127.0.0.1", "port": 1, "from": "rs@example.org"}
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    f = _csv(tmp_path, "Email,SendVerification\na@example.org,TRUE\n")
+    assert "verification email queued" in rs(config, "import", f).stdout
+    sent = rs(config, "outbox", "send")
+    assert sent.exit_code == 0, sent.output
+    assert sent.stdout.splitlines()[0] == "0 sent, 1 to retry, 0 failed"
+    assert sent.stdout.splitlines()[-1] == (
+        "the 1 to retry stay queued: the daemon's mailer tries them again, or run "
+        f"`rostersync --config {config} outbox send` once the SMTP server answers"
+    )
 
 
 def test_xlsx_from_stdin(config: Path) -> None:

@@ -12,9 +12,10 @@ from sqlalchemy import text
 
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
-from rostersync.errors import ConfigError
+from rostersync.errors import ConfigError, InstanceInUse
 from rostersync.store.db import Store, utcnow
 from tests.recovery.conftest import (
+    Holder,
     dead_pid,
     lease,
     lease_owner,
@@ -133,6 +134,31 @@ def test_at_start_an_owner_name_taken_into_use_frees_what_an_earlier_process_hel
     found = recovery.recover(store, "fixed-id")
     assert found.dead_owners == ["fixed-id"] and found.interrupted_runs == [run_a]
     assert lease_owner(store, "a") is None
+
+
+def test_an_owner_name_a_running_process_of_this_host_holds_is_refused_at_start(
+    store: Store, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """A second daemon given the --instance-id of one still running here is refused, and the
+    running one keeps its lease and run (it took them back as an earlier process's: the live
+    daemon's run failed as interrupted under it). Once that process is gone the name is free."""
+    live = local_holder(sleeper.pid)
+    register(store, Holder("node1", live.host, live.pid, live.started, live.scope), kind="daemon")
+    lease(store, "a", "node1", timedelta(minutes=30))
+    run_a = running_run(store, "a")
+    with pytest.raises(InstanceInUse) as refused:
+        recovery.recover(store, "node1")
+    assert str(refused.value) == (
+        f"instance id 'node1' is in use by process {sleeper.pid} on this host, which is "
+        "running: give this one another --instance-id (each running instance needs its own), "
+        "or stop that process first"
+    )
+    assert run_row(store, run_a)[0] == "running" and lease_owner(store, "a") == "node1"
+    assert not recovery.recover(store, "node1", previous_self=False)  # the sweep: unchanged
+    sleeper.kill()
+    sleeper.wait()
+    found = recovery.recover(store, "node1")
+    assert found.dead_owners == ["node1"] and found.interrupted_runs == [run_a]
 
 
 def test_release_at_stop_fails_cut_off_runs_and_returns_jobs_but_leaves_finished_ones(

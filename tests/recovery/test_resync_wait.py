@@ -98,4 +98,7 @@ def test_queueing_without_wait_and_without_a_daemon_says_how_the_jobs_get_done(
     assert "no daemon is running against this database" in result.stderr
     # The hint is the command to paste, with the --config this one was given.
     assert f"rostersync --config {config} run --once" in result.stderr
+    # No half command in backticks to paste (`resync --wait` alone names no user).
+    assert "`resync --wait`" not in result.stderr
+    assert "(with --wait, resync does it itself)" in result.stderr
     assert job_states(sqlite_store) == ["queued"]
