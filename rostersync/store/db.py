@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,6 +256,18 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+#: Seconds a PostgreSQL connection attempt may take, unless the URL says
+#: (``?connect_timeout=N``): a server behind a firewall that drops packets otherwise holds a
+#: command (`status`, a scheduled sync) for the system's TCP timeout, minutes, without a word.
+CONNECT_TIMEOUT_S = 10
+
+
+def postgresql_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
+    """The driver's connection arguments besides the URL's: the connect timeout, when the URL
+    gives none (psycopg reads the URL's own)."""
+    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
 def _postgresql_setup(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -392,7 +404,12 @@ class Store:
             _sqlite_setup(self.engine)
         elif self.dialect == "postgresql":
             self.engine = create_engine(
-                url, echo=echo, pool_pre_ping=True, pool_size=10, hide_parameters=True
+                url,
+                echo=echo,
+                pool_pre_ping=True,
+                pool_size=10,
+                hide_parameters=True,
+                connect_args=postgresql_connect_args(parsed.query),
             )
             _postgresql_setup(self.engine)
         else:

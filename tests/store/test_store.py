@@ -1260,3 +1260,22 @@ def test_executemany_writes_every_row_in_multi_row_statements(
     inserts = [sql for sql in sent if sql.startswith("INSERT INTO em_t")]
     # 30 rows in 5 statements of up to 7, 15 in 3, 1 in 1; the driver's one executemany each
     assert len(inserts) == (9 if store.is_postgres else 3)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("query", "seconds"), [("", "10"), ("?connect_timeout=3", "3")])
+def test_a_postgresql_connection_attempt_gives_up_after_its_timeout(
+    query: str, seconds: str
+) -> None:
+    """A server behind a firewall that drops packets held a command for the system's TCP
+    timeout (minutes): connections are opened with a 10 s timeout, unless the URL gives one."""
+    from tests.conftest import PG_BASE
+
+    store = Store(PG_BASE + query)
+    try:
+        with store.read() as conn:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            assert raw.info.get_parameters()["connect_timeout"] == seconds
+    finally:
+        store.dispose()
