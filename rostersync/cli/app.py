@@ -231,6 +231,17 @@ def refuse_empty_user(emails: Sequence[str | None]) -> None:
         fail("--user is empty: give the user's email address", EXIT_USAGE)
 
 
+class OutputPath(click.Path):
+    """A file a command writes (``--output``, ``--report``, ``--csv``): an empty value (an
+    unset shell variable) is bad usage naming the option, where it was taken for the
+    current folder ("Is a directory") or skipped."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("the path is empty: give a file's path, or leave the option out", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     from rostersync.logs import stderr_line
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from rostersync import hints
-from rostersync.cli.app import EXIT_USAGE, App, Group
+from rostersync.cli.app import EXIT_USAGE, App, Group, OutputPath
 from rostersync.errors import ConfigError
 
 
@@ -61,7 +61,7 @@ def config_check(app: App) -> None:
 
 @config_group.command("schema")
 @click.option(
-    "--output", type=click.Path(dir_okay=False, path_type=Path), help="write to this file"
+    "--output", type=OutputPath(dir_okay=False, path_type=Path), help="write to this file"
 )
 def config_schema(output: Path | None) -> None:
     """Print the config's JSON Schema (for editors' YAML completion)."""

@@ -21,6 +21,7 @@ from rostersync.cli.app import (
     EXIT_USAGE,
     App,
     Group,
+    OutputPath,
     emit_json,
     fail,
     table,
@@ -112,7 +113,7 @@ def import_cmd() -> None:
     "--report",
     "report_path",
     metavar="PATH",
-    type=click.Path(dir_okay=False),
+    type=OutputPath(dir_okay=False),
     help="write the rows with Status and Message as CSV",
 )
 @click.option("--sheet", metavar="NAME", help="XLSX: the sheet to read (default: the first)")
@@ -243,7 +244,7 @@ def _print_result(
 @click.option(
     "--output",
     metavar="PATH",
-    type=click.Path(dir_okay=False),
+    type=OutputPath(dir_okay=False),
     help=f"write here (default: csv to stdout, xlsx to ./{DEFAULT_XLSX_TEMPLATE})",
 )
 def import_template(fmt: str, output: str | None) -> None:

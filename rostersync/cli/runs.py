@@ -17,6 +17,7 @@ from rostersync.cli.app import (
     EXIT_USAGE,
     App,
     Group,
+    OutputPath,
     WholeNumber,
     emit_json,
     fail,
@@ -200,7 +201,7 @@ def _no_change_set(report: RunReport) -> str:
 @click.option(
     "--csv",
     "csv_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(dir_okay=False, path_type=Path),
     metavar="PATH",
     help="with --changes: write the change set to this CSV file instead",
 )

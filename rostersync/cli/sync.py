@@ -18,6 +18,7 @@ from rostersync.cli.app import (
     EXIT_FAILED,
     EXIT_USAGE,
     App,
+    OutputPath,
     Seconds,
     emit_json,
     fail,
@@ -171,7 +172,7 @@ def _busy_json(busy: dict[str, str]) -> list[dict[str, str]]:
 @click.option(
     "--csv",
     "csv_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(dir_okay=False, path_type=Path),
     metavar="PATH",
     help="with --changes: also write the change set to this CSV file",
 )

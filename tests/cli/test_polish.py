@@ -511,3 +511,27 @@ def test_control_characters_from_a_roster_are_escaped_in_tables(config: Path) ->
     row = next(line for line in listed.splitlines() if "elijah.baker1@" in line)
     assert "Eli\\x1b[31mjah Baker\\r\\nInjected: yes" in row
     assert not any(line.startswith("Injected") for line in listed.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (("config", "schema"), "--output"),
+        (("import", "template"), "--output"),
+        (("import", "{users}", "--dry-run"), "--report"),
+        (("sync", "--dry-run", "--changes"), "--csv"),
+        (("runs", "show", "1", "--changes"), "--csv"),
+    ],
+)
+def test_an_empty_output_path_is_a_usage_error(
+    config: Path, tmp_path: Path, command: tuple[str, ...], option: str
+) -> None:
+    """`--output "$OUT"` with OUT unset: exit 2 naming the option, before anything runs
+    (`config schema` and `import template` said ".: Is a directory", exit 1)."""
+    users = tmp_path / "users.csv"
+    users.write_text("Email\nnew.teacher@example.org\n", encoding="utf-8")
+    args = [part.format(users=users) for part in command]
+    result = invoke("--config", str(config), *args, option, "")
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}': the path is empty" in result.stderr
+    assert result.stdout == ""
