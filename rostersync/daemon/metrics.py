@@ -17,6 +17,7 @@ live part of the queue (``queued``, ``running``). Finished jobs are a counter.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import threading
@@ -342,3 +343,15 @@ class _Handler(MetricsHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def listen_hint(exc: OSError) -> str | None:
+    """What to do about a `metrics.listen` address the daemon cannot bind."""
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            "another process listens there (a second daemon on this host?): stop it, or give "
+            "this daemon another metrics.listen"
+        )
+    if exc.errno == errno.EACCES:
+        return "a port below 1024 needs privileges: give metrics.listen a port from 1024"
+    return None

@@ -18,7 +18,6 @@ written too.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import signal
 import time
@@ -35,7 +34,13 @@ from rostersync import hints
 from rostersync.config.loader import file_problems, load_settings
 from rostersync.config.models import Settings
 from rostersync.daemon import recovery
-from rostersync.daemon.metrics import Metrics, MetricsServer, StoreState, read_store_state
+from rostersync.daemon.metrics import (
+    Metrics,
+    MetricsServer,
+    StoreState,
+    listen_hint,
+    read_store_state,
+)
 from rostersync.daemon.schedule import SourceJobs
 from rostersync.daemon.systemd import Notifier
 from rostersync.daemon.workers import ResyncWorkers
@@ -53,18 +58,6 @@ HEARTBEAT_STALE = 30.0
 OUTBOX_EVERY = 30.0
 #: The error of a run the daemon's stop cut off.
 STOPPED = "interrupted: the daemon stopped"
-
-
-def _listen_hint(exc: OSError) -> str | None:
-    """What to do about a `metrics.listen` address the daemon cannot bind."""
-    if exc.errno == errno.EADDRINUSE:
-        return (
-            "another process listens there (a second daemon on this host?): stop it, or give "
-            "this daemon another metrics.listen"
-        )
-    if exc.errno == errno.EACCES:
-        return "a port below 1024 needs privileges: give metrics.listen a port from 1024"
-    return None
 
 
 @dataclass
@@ -157,7 +150,7 @@ class Daemon:
                 "metrics_listen_failed",
                 listen=self._listen_address(),
                 error=str(exc),
-                hint=_listen_hint(exc),
+                hint=listen_hint(exc),
             )
             return 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ from rostersync import hints
 from rostersync.errors import StoreError
 from rostersync.source.rows import utc_text
 from rostersync.store.checkpoint import AUTOCHECKPOINT_PAGES, Checkpointer
+from rostersync.store.postgres import postgresql_connect_args, postgresql_setup
 from rostersync.store.sqlitefile import (
     not_writable,
     open_existing_sqlite,
@@ -256,29 +257,6 @@ def _sqlite_setup(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-#: Seconds a PostgreSQL connection attempt may take, unless the URL says
-#: (``?connect_timeout=N``): a server behind a firewall that drops packets otherwise holds a
-#: command (`status`, a scheduled sync) for the system's TCP timeout, minutes, without a word.
-CONNECT_TIMEOUT_S = 10
-
-
-def postgresql_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
-    """The driver's connection arguments besides the URL's: the connect timeout, when the URL
-    gives none (psycopg reads the URL's own)."""
-    return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT_S}
-
-
-def _postgresql_setup(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # No JIT compilation: the planner's costs for the sync's probes per row (fenced
-        # subqueries) pass jit_above_cost at a district's size, and compiling took longer
-        # than those queries run. A SET, not a startup option, which PgBouncer refuses.
-        with dbapi_conn.cursor() as cur:
-            cur.execute("SET jit = off")
-        dbapi_conn.commit()
-
-
 #: Seed of the group directory's advisory lock key, which is hashed with the schema name so
 #: that instances sharing a database in different schemas do not wait on each other.
 DIRECTORY_LOCK = 0x7273_6772_6F75_7073  # "rsgroups"
@@ -411,7 +389,7 @@ class Store:
                 hide_parameters=True,
                 connect_args=postgresql_connect_args(parsed.query),
             )
-            _postgresql_setup(self.engine)
+            postgresql_setup(self.engine)
         else:
             raise StoreError(
                 f"unsupported database {parsed.drivername!r}: use sqlite or postgresql"
