@@ -262,8 +262,10 @@ def staging_lost(conn: Connection, run_id: int, fetched: Mapping[str, int]) -> l
     lost = []
     for kind, table in STAGING.items():
         key = NAMES[kind]
-        # Records the scope step left out (schools, see sync/scope.py) were never to be staged.
-        if int(fetched.get(key, 0)) - int(fetched.get(f"{key}_ignored", 0)) > 0:
+        # Records the scope step left out (schools, see sync/scope.py) were never to be
+        # staged; a record sent more than once is staged once (``_repeated``: the copies).
+        left_out = int(fetched.get(f"{key}_ignored", 0)) + int(fetched.get(f"{key}_repeated", 0))
+        if int(fetched.get(key, 0)) - left_out > 0:
             row = conn.execute(select(table.c.run_id).where(table.c.run_id == run_id).limit(1))
             if row.first() is None:
                 lost.append(key)

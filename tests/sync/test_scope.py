@@ -712,3 +712,23 @@ async def test_a_held_run_whose_scope_left_out_a_whole_kind_can_be_approved(
     approved = await run.approve(held.id)
     assert approved.status == "succeeded", approved.error
     assert set(groups(store)) == set()
+
+
+async def test_a_held_run_that_left_out_a_class_sent_twice_can_be_approved(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A kind's records count once however often they were sent: with every class out of
+    scope and one of them sent twice, a held run's staging is not "gone" for the copy. Found
+    by the scoped model machine's long profile, which saw the approval refused."""
+    data = roster()
+    run = Runner(make_settings(safety={"max_removals": 1}), store, data)
+    await run.sync()
+    run.configure(scoped(run.engine.settings, schools={"exclude": ["sch-1", "sch-2"]}))
+    data.classes.append(replace(data.classes[0], title="Decoy"))
+    held = await run.sync()
+    assert held.status == "held", held.hold_reason
+    assert held.fetched["classes_repeated"] == 1
+    assert held.fetched["classes_ignored"] == held.fetched["classes"] - 1
+    approved = await run.approve(held.id)
+    assert approved.status == "succeeded", approved.error
+    assert set(groups(store)) == set()
