@@ -369,6 +369,7 @@ def start_pool(workers: int, preload: Sequence[str] = ()) -> ProcessPoolExecutor
     """A pool of ``workers`` decode processes; ``preload``: further modules their fork server
     imports once for all of them (forkserver.REQUESTS, when they will send requests)."""
     context = forkserver.context([__name__, *preload])
+    forkserver.ensure_running()  # unless started ahead: with Ctrl-C blocked (it says why)
     me = os.getpid()
     # The workers are the forkserver's children, not ours: each watches this process and
     # exits with it, and the forkserver and resource tracker follow once no worker is left.
@@ -387,11 +388,12 @@ def start_worker(parent: int, started: int | None) -> None:
     among the modules already loaded (procs.settle_collector: a page's JSON is a tree freed by
     reference counting, and at the default threshold the collector ran over every page's
     thousands of dicts several times while they were alive, a third of a worker's CPU)."""
+    # Ctrl-C reaches the whole process group: the sync process stops the run and the pool;
+    # a worker's own KeyboardInterrupt would only print its traceback on the terminal. (A
+    # fork server started by forkserver.ensure_running blocks it in the workers already.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     procs.exit_with_parent(parent, started)
     procs.settle_collector()
-    # Ctrl-C reaches the whole process group: the sync process stops the run and the pool;
-    # a worker's own KeyboardInterrupt would only print its traceback on the terminal.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def widen_pipes(pool: ProcessPoolExecutor) -> bool:

@@ -10,6 +10,7 @@ on another core meanwhile, instead of after the fetch has begun.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from multiprocessing.context import ForkServerContext
 
@@ -45,11 +46,31 @@ def start_ahead(preload: Sequence[str] = (DECODE, REQUESTS)) -> bool:
     """Start the fork server now, not when the first pool submits work; False where it could
     not start (the pool then tries, and fails over to decoding in the sync process as before).
     One server serves the process's every pool: one started later finds it running."""
-    from multiprocessing import forkserver
-
     try:
         context(preload)
-        forkserver.ensure_running()
     except Exception:  # a head start only: the pool's own start tries again, and fails over
         return False
+    return ensure_running()
+
+
+def ensure_running() -> bool:
+    """Start the fork server unless it runs, with Ctrl-C blocked in it and so in every worker
+    it forks, from their first instruction: Ctrl-C reaches the whole process group, and a
+    worker it caught starting (before its initializer ignores it) printed a traceback. The
+    signal mask is the calling thread's and outlives the server's exec; a Ctrl-C meanwhile
+    waits for this thread, or goes to another, not lost. (The stdlib's resource tracker
+    protects its own start so, bpo-33613.) False where it could not start (the pool's own
+    start then tries again, and fails over)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    try:
+        # First: the fork server starts the tracker, whose start unblocks Ctrl-C when done.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        forkserver.ensure_running()
+    except Exception:
+        return False
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return True

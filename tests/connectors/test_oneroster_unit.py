@@ -1231,14 +1231,16 @@ def test_prepare_workers_starts_the_pools_fork_server_ahead(
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     make_config().prepare_workers()
     assert fork_server_starts == [["connectors.oneroster.decode", "connectors.oneroster.preload"]]
-    pool = decode.start_pool(1, preload=(forkserver.REQUESTS,))  # starts no process unused
+    pool = decode.start_pool(1, preload=(forkserver.REQUESTS,))  # starts no worker unused
     pool.shutdown()
     server: Any = multiprocessing.forkserver._forkserver  # (its _preload_modules: untyped)
     assert server._preload_modules == fork_server_starts[0]
+    # (the pool's start asks for the server too, a no-op for one running: the fake counts it)
+    assert fork_server_starts[1:] == [server._preload_modules]
     make_config(decode_workers=0).prepare_workers()
     monkeypatch.setattr(os, "cpu_count", lambda: 1)
     make_config().prepare_workers()
-    assert len(fork_server_starts) == 1
+    assert len(fork_server_starts) == 2
 
 
 def test_the_fork_server_preloads_the_driver_of_a_postgresql_store(
@@ -1267,6 +1269,30 @@ def test_the_fork_server_preloads_the_driver_of_a_postgresql_store(
             connector.skip_known = KnownSpec(dialect, "where", "district", 1)
         connector._start_pool().shutdown()
     assert ["psycopg" in p for p in asked] == [True, False, False]
+
+
+@pytest.mark.parametrize("ahead", [True, False], ids=["started-ahead", "started-by-the-pool"])
+def test_the_decode_workers_never_take_ctrl_c(ahead: bool) -> None:
+    """Ctrl-C reaches the whole process group: the workers have it blocked from their first
+    instruction (a worker it reached before its initializer printed a traceback), whether the
+    fork server started ahead of the sync or with the pool; the sync process still takes it.
+    In a process of its own, so that the fork server is one this code starts."""
+    import subprocess
+
+    program = (
+        "import signal; from connectors.oneroster import decode, forkserver; "
+        f"{'forkserver.start_ahead((decode.__name__,)); ' if ahead else ''}"
+        "pool = decode.start_pool(1); "
+        "mask = pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, ()).result(timeout=60); "
+        "pool.shutdown(); "
+        "print(signal.SIGINT in mask, signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()), "
+        "signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "True"]
 
 
 def test_a_fork_server_that_cannot_start_ahead_is_left_to_the_pool(
