@@ -249,6 +249,28 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     sys.exit(code)
 
 
+class Interrupted(click.exceptions.Abort):
+    """Ctrl-C while a command ran (see :class:`Root`)."""
+
+
+def after_ctrl_c() -> None:
+    """On a terminal, end the line the terminal's ``^C`` began: a command's last line after a
+    Ctrl-C is a line of its own there, and no blank line precedes it in a log."""
+    if sys.stderr.isatty():
+        click.echo(err=True)
+
+
+class Root(click.Group):
+    """The command line's root group: a Ctrl-C in a command ends as :func:`run` says it, not
+    after click's own blank line (on stderr whatever it is)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
 class Group(click.Group):
     """A command group (`users`, `runs`, ...) that points a command given under it which is a
     command of its own (`users import FILE`) to that command."""
@@ -348,7 +370,9 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
         )
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc, Interrupted):
+            after_ctrl_c()
         fail("aborted", EXIT_FAILED)
     except click.ClickException as exc:
         exc.show()

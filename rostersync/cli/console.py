@@ -20,15 +20,15 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import NoReturn
 
-#: What click prints for a Ctrl-C before a command's own handling: the line begins after the
-#: terminal's ``^C``.
-ABORTED = b"\nrostersync: aborted\n"
+#: What the command says for a Ctrl-C before its own handling: on a terminal, on a line of
+#: its own after the terminal's ``^C``; elsewhere (a log, the journal) no blank line before.
+ABORTED = b"rostersync: aborted\n"
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
     # Nothing is written or held yet: the process ends here, whatever was importing.
     try:  # noqa: SIM105 (contextlib: an import the handler is set after)
-        os.write(2, ABORTED)
+        os.write(2, b"\n" + ABORTED if os.isatty(2) else ABORTED)
     except OSError:  # no stderr to say it on
         pass
     os._exit(1)  # EXIT_FAILED, the status of any other Ctrl-C of the CLI

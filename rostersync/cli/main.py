@@ -23,6 +23,7 @@ from rostersync.cli.app import (
     CONFIG_HELP,
     LOG_LEVELS,
     App,
+    Root,
     accept_global_options,
     config_given,
     run,
@@ -31,6 +32,7 @@ from rostersync.cli.console import started
 
 
 @click.group(
+    cls=Root,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Exit codes: 0 success; 1 a run failed or was held, a waited-for job failed, or the "
     "database cannot be used; 2 bad usage, bad config or an input file that cannot be read. "

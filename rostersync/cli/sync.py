@@ -20,6 +20,7 @@ from rostersync.cli.app import (
     App,
     OutputPath,
     Seconds,
+    after_ctrl_c,
     emit_json,
     fail,
     refuse_empty_user,
@@ -115,7 +116,7 @@ class _Phase:
 
 def _stoppable(runs: Callable[[_Phase], Coroutine[Any, Any, _T]]) -> _T:
     """``asyncio.run(runs(phase))``; stopped by Ctrl-C or SIGTERM, one line saying so (not
-    click's blank line and "aborted"): while the runs go, the engine has failed each
+    "aborted"): while the runs go, the engine has failed each
     unfinished one as interrupted; in their resyncs, the runs are done and what is left of
     the jobs waits for the next drain."""
     import asyncio
@@ -124,6 +125,7 @@ def _stoppable(runs: Callable[[_Phase], Coroutine[Any, Any, _T]]) -> _T:
     try:
         return asyncio.run(runs(phase))
     except KeyboardInterrupt:
+        after_ctrl_c()
         if phase.draining:
             fail(
                 "stopped while processing the resync jobs its runs queued: the runs are done "

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 
 from rostersync.cli import console
@@ -61,6 +62,8 @@ def test_ctrl_c_at_any_instant_of_start_up_is_one_line_and_exit_1(config: Path) 
         if proc.returncode == 1:
             last = stderr.strip().splitlines()[-1]
             assert last.startswith("rostersync: "), f"{where}: {stderr}"
+            # stderr is no terminal: no blank line for a `^C` echo (a log reader's lines)
+            assert "" not in stderr.splitlines(), f"{where}: {stderr!r}"
     assert judged >= len(INSTANTS) // 2
 
 
@@ -82,3 +85,33 @@ def test_only_the_console_script_sets_its_handler() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_command_stopped_by_ctrl_c_ends_the_terminals_line_first(terminal: bool) -> None:
+    """On a terminal the `^C` it echoed begins a line that the command's last line must not
+    share; a log or the journal gets no blank line."""
+    import io
+
+    from click.testing import CliRunner
+
+    from rostersync.cli.app import Root, run
+
+    @click.group(cls=Root)
+    def root() -> None: ...
+
+    @root.command()
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    err = Stderr()
+    with CliRunner().isolation(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stderr", err)
+        with pytest.raises(SystemExit) as ended:
+            run(root, ["stop"])
+    assert ended.value.code == 1
+    assert err.getvalue() == ("\n" if terminal else "") + "rostersync: aborted\n"
