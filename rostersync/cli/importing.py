@@ -218,18 +218,20 @@ def _print_result(
                 f"{result.verifications_queued} verification email(s) queued "
                 f"(the daemon sends them; or `{hints.command('outbox send')}`)"
             )
-        if result.resyncs_queued and waited:
-            click.echo(
-                f"{result.resyncs_queued} group resync(s) queued; {processed} resync job(s) "
-                "processed"
-            )
-        elif result.resyncs_queued:
-            click.echo(
-                f"{result.resyncs_queued} group resync(s) queued (the daemon processes them; "
-                f"or `{hints.command('run --once')}`)"
-            )
+        _resyncs_line(result.resyncs_queued, processed, waited=waited)
     if report_path:
         click.echo(f"report written to {report_path}")
+
+
+def _resyncs_line(queued: int, processed: int, *, waited: bool) -> None:
+    """What became of an import's group resyncs: processed here, or left to the daemon."""
+    if queued and waited:
+        click.echo(f"{queued} group resync(s) queued; {processed} resync job(s) processed")
+    elif queued:
+        click.echo(
+            f"{queued} group resync(s) queued (the daemon processes them; "
+            f"or `{hints.command('run --once')}`)"
+        )
 
 
 @import_cmd.command("template", short_help="Write the import template (CSV or XLSX).")
@@ -358,10 +360,15 @@ def teachers_import(
         role=role,
         site=site,
     )
+    processed, states = 0, {}
     if result.resyncs_queued and not no_wait:
-        drain_now(app, "the teachers are imported")
+        processed = drain_now(app, "the teachers are imported")
+        from rostersync.resync.queue import newest_job_states
+
+        with app.store.read() as conn:
+            states = newest_job_states(conn, result.resync_users)
     if as_json:
-        emit_json(result.as_json())
+        emit_json({**result.as_json(), "resyncs_processed": processed, "resync_states": states})
     else:
         click.echo(
             table(
@@ -374,6 +381,9 @@ def teachers_import(
             f"{c['created']} created, {c['updated']} linked, {c['unchanged']} already users, "
             f"{c['failed']} failed"
         )
+        _resyncs_line(result.resyncs_queued, processed, waited=not no_wait)
+        if (line := unfinished_line(states)) is not None:
+            click.echo(line)
     if fail_on_errors and result.counts["failed"]:
         sys.exit(EXIT_FAILED)
 

@@ -84,6 +84,8 @@ class TeachersResult:
     source: str
     outcomes: list[TeacherOutcome]
     resyncs_queued: int = 0
+    #: the users whose group resyncs the import queued (what became of them is the CLI's)
+    resync_users: set[int] = field(default_factory=set)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -250,7 +252,7 @@ def import_teachers(
         if plan.create or plan.link:
             mark_directory_changed(conn)  # a new account may be another person's link target
         queued = queue_resync(conn, ids, reason=f"teachers import from {source}", run_id=None)
-    result = TeachersResult(source, plan.outcomes, queued)
+    result = TeachersResult(source, plan.outcomes, queued, ids)
     structlog.get_logger().info("teachers_import_finished", source=source, **result.counts)
     return result
 

@@ -196,6 +196,46 @@ def test_teachers_list_and_import(config: Path) -> None:
     assert sorted(g["name"] for g in groups) == ["Algebra I", "Computing"]
 
 
+def test_teachers_import_says_what_became_of_the_resyncs_it_queued(config: Path) -> None:
+    """As a file import: --json gives the resyncs it processed and their states; --no-wait
+    leaves them to the daemon and says so."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    args = ("teachers", "import", "--source", "sample", "--email")
+    doc = json.loads(rs(config, *args, "ada@example.org", "--json").stdout)
+    assert (doc["resyncs_queued"], doc["resyncs_processed"], doc["resync_states"]) == (
+        1,
+        1,
+        {"queued": 0, "running": 0, "succeeded": 1, "failed": 0},
+    )
+    left = rs(config, *args, "alan.turing@example.org", "--no-wait")
+    assert left.exit_code == 0, left.output
+    assert (
+        "1 group resync(s) queued (the daemon processes them; "
+        f"or `rostersync --config {config} run --once`)" in left.stdout
+    )
+    assert _queue_states(config) == ["queued", "succeeded"]
+
+
+def test_teachers_import_says_which_of_its_resyncs_did_not_succeed(
+    config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resync that fails in the import's drain: processed, but not done, as a file import
+    says it (--json: its state)."""
+    assert rs(config, "sync", "--source", "sample").exit_code == 0
+    monkeypatch.setattr("rostersync.resync.worker.rebuild_groups", console_down)
+    args = ("teachers", "import", "--source", "sample", "--email")
+    doc = json.loads(rs(config, *args, "ada@example.org", "--json").stdout)
+    assert doc["resyncs_processed"] == 1
+    assert doc["resync_states"] == {"queued": 1, "running": 0, "succeeded": 0, "failed": 0}
+    shown = rs(config, *args, "alan.turing@example.org")
+    assert shown.exit_code == 0, shown.output
+    assert "1 group resync(s) queued; 1 resync job(s) processed" in shown.stdout
+    assert (
+        "not done: 1 resync(s) wait for a retry, 0 failed for good "
+        f"(`rostersync --config {config} queue list` says why)" in shown.stdout
+    )
+
+
 def test_teachers_usage_errors(config: Path) -> None:
     """Neither --email nor --all, or an unknown source, is bad usage (exit 2)."""
     assert rs(config, "teachers", "import", "--source", "sample").exit_code == 2
