@@ -402,6 +402,16 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
         # to fix, and the path and the reason say it all.
         fail(f"{exc.filename}: {exc.strerror or exc}", EXIT_FAILED)
     except Exception as exc:
+        if _lock_wait_over(exc):
+            from rostersync.store.postgres import READ_LOCK_WAIT_S
+
+            fail(
+                "the database is locked: another session has held a lock on a table this "
+                f"command reads for more than {READ_LOCK_WAIT_S:g} s (a VACUUM FULL, a "
+                "migration, an ALTER TABLE or LOCK TABLE; PostgreSQL's pg_locks names it); "
+                "run it again when that session is done",
+                EXIT_FAILED,
+            )
         if _sqlite_busy(exc):
             from rostersync.store.db import BUSY_TIMEOUT_MS
 
@@ -413,6 +423,13 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
                 EXIT_FAILED,
             )
         internal_error(exc, args)
+
+
+def _lock_wait_over(exc: BaseException) -> bool:
+    """PostgreSQL's lock_timeout, which only a command that reads sets (store.postgres)."""
+    from rostersync.store.postgres import LOCK_NOT_AVAILABLE
+
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def _sqlite_busy(exc: BaseException) -> bool:

@@ -358,8 +358,10 @@ class Store:
 
     def __init__(self, url: str, *, echo: bool = False, create: bool = True) -> None:
         """``create=False`` (commands that only read): a SQLite file that does not exist is a
-        StoreError naming it, and no file or folder is ever created. Otherwise a missing file
-        is created, in a folder that must exist (a ConfigError on `database`)."""
+        StoreError naming it, and no file or folder is ever created; on PostgreSQL a lock
+        that keeps a read waiting ends it after a while (postgres.READ_LOCK_WAIT_S).
+        Otherwise a missing file is created, in a folder that must exist (a ConfigError on
+        `database`)."""
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
@@ -389,7 +391,7 @@ class Store:
                 hide_parameters=True,
                 connect_args=postgresql_connect_args(parsed.query),
             )
-            postgresql_setup(self.engine)
+            postgresql_setup(self.engine, reader=not create)
         else:
             raise StoreError(
                 f"unsupported database {parsed.drivername!r}: use sqlite or postgresql"

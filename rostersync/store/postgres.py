@@ -20,8 +20,17 @@ def postgresql_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
     return {} if "connect_timeout" in query else {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
-def postgresql_setup(engine: Engine) -> None:
-    """Settings every connection of the engine takes when it opens."""
+#: Seconds a command that only reads (`status`, `runs list`) waits for a lock another
+#: session holds against reads (`VACUUM FULL`, `ALTER TABLE`, `LOCK TABLE`), as SQLite's busy
+#: timeout (store.db.BUSY_TIMEOUT_MS): then it says so, where it waited without end.
+READ_LOCK_WAIT_S = 30.0
+#: PostgreSQL's SQLSTATE for a lock not granted within ``lock_timeout``.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def postgresql_setup(engine: Engine, *, reader: bool = False) -> None:
+    """Settings every connection of the engine takes when it opens; ``reader``: the engine of
+    a command that only reads, which waits for a lock at most ``READ_LOCK_WAIT_S``."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -30,4 +39,6 @@ def postgresql_setup(engine: Engine) -> None:
         # than those queries run. A SET, not a startup option, which PgBouncer refuses.
         with dbapi_conn.cursor() as cur:
             cur.execute("SET jit = off")
+            if reader:
+                cur.execute(f"SET lock_timeout = {int(READ_LOCK_WAIT_S * 1000)}")
         dbapi_conn.commit()

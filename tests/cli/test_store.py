@@ -330,3 +330,39 @@ def test_a_read_only_sqlite_file_or_folder_is_named_with_what_to_do(
     )
     monkeypatch.setattr("rostersync.store.sqlitefile.os.access", lambda p, mode: False)
     assert (sqlitefile.not_writable(db) or "").startswith(f"the database file {db} is not")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("command", [["status"], ["runs", "list"]], ids=" ".join)
+def test_a_read_only_command_held_by_a_lock_on_postgresql_says_so_in_time(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    pg_store: Store,
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+) -> None:
+    """A session holding a lock against reads (a VACUUM FULL, a migration, LOCK TABLE) kept
+    `status` waiting without end, where SQLite's busy timeout ends the wait: a command that
+    only reads waits READ_LOCK_WAIT_S, then says why in one line (exit 1); a command that
+    writes still waits for its turn."""
+    from sqlalchemy import text
+
+    from rostersync.store import postgres
+
+    monkeypatch.setattr(postgres, "READ_LOCK_WAIT_S", 0.3)
+    config = write_config(tmp_path, pg_store.url)
+    with pg_store.engine.connect() as holder:
+        holder.execute(text("LOCK TABLE sync_run IN ACCESS EXCLUSIVE MODE"))
+        code, output = invoke(config, capsys, *command)
+        holder.rollback()
+    assert code == 1, output
+    assert output.strip().splitlines()[-1] == (
+        "rostersync: the database is locked: another session has held a lock on a table this "
+        "command reads for more than 0.3 s (a VACUUM FULL, a migration, an ALTER TABLE or "
+        "LOCK TABLE; PostgreSQL's pg_locks names it); run it again when that session is done"
+    )
+    code, output = invoke(config, capsys, *command)
+    assert code == 0, output
+    with pg_store.engine.connect() as conn:  # the store's own connections wait, as before
+        timeout = conn.execute(text("SHOW lock_timeout")).scalar_one()
+    assert timeout == "0"
