@@ -408,8 +408,8 @@ def run(group: click.Group, argv: Sequence[str] | None = None) -> None:
             fail(
                 "the database is locked: another session has held a lock on a table this "
                 f"command reads for more than {READ_LOCK_WAIT_S:g} s (a VACUUM FULL, a "
-                "migration, an ALTER TABLE or LOCK TABLE; PostgreSQL's pg_locks names it); "
-                "run it again when that session is done",
+                "migration, LOCK TABLE, a first sync's apply; PostgreSQL's pg_locks names "
+                "it); run it again when that session is done",
                 EXIT_FAILED,
             )
         if _sqlite_busy(exc):

@@ -21,9 +21,10 @@ def postgresql_connect_args(query: Mapping[str, Any]) -> dict[str, Any]:
 
 
 #: Seconds a command that only reads (`status`, `runs list`) waits for a lock another
-#: session holds against reads (`VACUUM FULL`, `ALTER TABLE`, `LOCK TABLE`), as SQLite's busy
-#: timeout (store.db.BUSY_TIMEOUT_MS): then it says so, where it waited without end.
-READ_LOCK_WAIT_S = 30.0
+#: session holds against reads (`VACUUM FULL`, `ALTER TABLE`, `LOCK TABLE`; a first sync's
+#: apply holds one on the mirror's tables, sync.merge), then says so, where it waited
+#: without end.
+READ_LOCK_WAIT_S = 60.0
 #: PostgreSQL's SQLSTATE for a lock not granted within ``lock_timeout``.
 LOCK_NOT_AVAILABLE = "55P03"
 

@@ -358,8 +358,8 @@ def test_a_read_only_command_held_by_a_lock_on_postgresql_says_so_in_time(
     assert code == 1, output
     assert output.strip().splitlines()[-1] == (
         "rostersync: the database is locked: another session has held a lock on a table this "
-        "command reads for more than 0.3 s (a VACUUM FULL, a migration, an ALTER TABLE or "
-        "LOCK TABLE; PostgreSQL's pg_locks names it); run it again when that session is done"
+        "command reads for more than 0.3 s (a VACUUM FULL, a migration, LOCK TABLE, a first "
+        "sync's apply; PostgreSQL's pg_locks names it); run it again when that session is done"
     )
     code, output = invoke(config, capsys, *command)
     assert code == 0, output
