@@ -441,6 +441,19 @@ class Harness:
         with self.store.read() as conn:
             return directory.list_groups(conn)
 
+    def orphans(self) -> dict[str, int]:
+        """Members and owners whose group is gone: none, ever. PostgreSQL has no key that
+        would delete them with their group (migration 0020), so the code must."""
+        from sqlalchemy import text
+
+        sql = "SELECT count(*) FROM {t} x WHERE NOT EXISTS (SELECT 1 FROM groups g WHERE g.id = x.group_id)"
+        with self.store.read() as conn:
+            found = {
+                t: conn.execute(text(sql.format(t=t))).scalar_one()
+                for t in ("group_member", "group_owner")
+            }
+        return {t: int(n) for t, n in found.items() if n}
+
     def user_ids(self, emails: list[str]) -> list[int]:
         with self.store.read() as conn:
             found, _missing = directory.user_ids_by_email(conn, emails)

@@ -1776,6 +1776,7 @@ class RosterModel(RuleBasedStateMachine):
                 owners = want_groups[key][1]
                 want_groups[key] = (got_groups[key][0], owners, got_groups[key][2])
         _same(f"after {what}: groups", got_groups, want_groups)
+        assert self.h.orphans() == {}, f"after {what}: rows of groups that are gone"
 
     def _compare_mirror(self, what: str) -> None:
         for source in sorted({self.src, *self.h.others}):

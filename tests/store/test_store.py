@@ -75,6 +75,60 @@ def test_the_mirror_indexes_lead_with_the_source_on_sqlite_and_end_with_it_on_po
         assert persons["ix_roster_person_email"] == ["email", "source"]
 
 
+def _member_keys(conn: Connection) -> list[tuple[str, list[str], str | None]]:
+    return [
+        (str(k["referred_table"]), list(k["constrained_columns"]), k["options"].get("ondelete"))
+        for k in inspect(conn).get_foreign_keys("group_member")
+    ]
+
+
+def test_group_members_reference_their_group_on_sqlite_alone(store: Store) -> None:
+    """SQLite keeps group_member's key to groups (deleted with the group); PostgreSQL has none
+    (0020): its trigger per row was half of a first load's member fill."""
+    with store.read() as conn:
+        keys = _member_keys(conn)
+    if store.engine.dialect.name == "sqlite":
+        assert keys == [("groups", ["group_id"], "CASCADE")]
+    else:
+        assert keys == []
+
+
+@pytest.mark.postgres
+def test_upgrade_to_0020_drops_the_member_key_on_postgresql_and_keeps_the_members() -> None:
+    """A PostgreSQL database an earlier version set up keeps its groups and members through
+    0020, which drops the key; downgrade adds it back (checking the rows); the upgraded
+    database matches the models."""
+    from alembic import command
+
+    from tests.conftest import _pg_schema_store
+
+    for store in _pg_schema_store():
+        with store.engine.connect() as conn:
+            command.upgrade(store._alembic(conn), "0019")
+            conn.commit()
+        with store.write() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO groups (id, source, external_id, name) VALUES (7, 's', 'c-1', 'A')"
+                )
+            )
+            conn.execute(
+                text("INSERT INTO group_member (group_id, sourced_id, name) VALUES (7, 'p-1', 'P')")
+            )
+            assert _member_keys(conn) == [("groups", ["group_id"], "CASCADE")]
+        store.upgrade()
+        with store.read() as conn:
+            assert schema_diff(conn) == []
+            assert _member_keys(conn) == []
+            members = conn.execute(text("SELECT group_id, sourced_id FROM group_member")).all()
+            assert [tuple(m) for m in members] == [(7, "p-1")]
+        with store.engine.connect() as conn:
+            command.downgrade(store._alembic(conn), "0019")
+            conn.commit()
+        with store.read() as conn:
+            assert _member_keys(conn) == [("groups", ["group_id"], "CASCADE")]
+
+
 @pytest.mark.postgres
 def test_upgrade_to_0019_rebuilds_postgresql_indexes_with_the_source_last() -> None:
     """A PostgreSQL database an earlier version set up keeps its mirror rows through 0019,
