@@ -32,13 +32,17 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    names = bind.execute(
-        text(
-            "SELECT conname FROM pg_constraint WHERE contype = 'f' "
-            "AND conrelid = CAST('group_member' AS regclass) "
-            "AND confrelid = CAST('groups' AS regclass)"
+    names = (
+        bind.execute(
+            text(
+                "SELECT conname FROM pg_constraint WHERE contype = 'f' "
+                "AND conrelid = CAST('group_member' AS regclass) "
+                "AND confrelid = CAST('groups' AS regclass)"
+            )
         )
-    ).scalars().all()
+        .scalars()
+        .all()
+    )
     for name in names:  # one, unless an admin added another
         op.drop_constraint(name, "group_member", type_="foreignkey")
 
