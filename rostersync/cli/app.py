@@ -260,9 +260,32 @@ def after_ctrl_c() -> None:
         click.echo(err=True)
 
 
+class _RootContext(click.Context):
+    def __exit__(self, *exc_info: Any) -> None:
+        # Its close callbacks (App.close) run here, outside Root.invoke.
+        try:
+            super().__exit__(*exc_info)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+
 class Root(click.Group):
-    """The command line's root group: a Ctrl-C in a command ends as :func:`run` says it, not
-    after click's own blank line (on stderr whatever it is)."""
+    """The command line's root group: a Ctrl-C while the command line parses, runs or closes
+    ends as :func:`run` says it, not after click's own blank line (on stderr whatever it is)."""
+
+    context_class = _RootContext
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:

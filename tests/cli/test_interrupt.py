@@ -87,22 +87,35 @@ def test_only_the_console_script_sets_its_handler() -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.parametrize("where", ["command", "parsing", "closing"])
 @pytest.mark.parametrize("terminal", [True, False])
-def test_a_command_stopped_by_ctrl_c_ends_the_terminals_line_first(terminal: bool) -> None:
+def test_a_command_stopped_by_ctrl_c_ends_the_terminals_line_first(
+    terminal: bool, where: str
+) -> None:
     """On a terminal the `^C` it echoed begins a line that the command's last line must not
-    share; a log or the journal gets no blank line."""
+    share; a log or the journal gets no blank line, whether the Ctrl-C came while the command
+    ran, while the command line was parsed or while the command closed (its close callbacks,
+    the database's disposal among them)."""
     import io
 
     from click.testing import CliRunner
 
     from rostersync.cli.app import Root, run
 
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
     @click.group(cls=Root)
-    def root() -> None: ...
+    @click.option("--flag", callback=stop if where == "parsing" else None, is_eager=True)
+    @click.pass_context
+    def root(ctx: click.Context, flag: str | None) -> None:
+        if where == "closing":
+            ctx.call_on_close(stop)
 
     @root.command()
-    def stop() -> None:
-        raise KeyboardInterrupt
+    def go() -> None:
+        if where == "command":
+            stop()
 
     class Stderr(io.StringIO):
         def isatty(self) -> bool:
@@ -112,6 +125,6 @@ def test_a_command_stopped_by_ctrl_c_ends_the_terminals_line_first(terminal: boo
     with CliRunner().isolation(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "stderr", err)
         with pytest.raises(SystemExit) as ended:
-            run(root, ["stop"])
+            run(root, ["--flag", "x", "go"])
     assert ended.value.code == 1
     assert err.getvalue() == ("\n" if terminal else "") + "rostersync: aborted\n"
