@@ -75,6 +75,15 @@ def test_the_mirror_indexes_lead_with_the_source_on_sqlite_and_end_with_it_on_po
         assert persons["ix_roster_person_email"] == ["email", "source"]
 
 
+def _migrate(store: Store, way: str, revision: str) -> None:
+    """Alembic's ``upgrade`` or ``downgrade`` of ``store`` to ``revision``, committed."""
+    from alembic import command
+
+    with store.engine.connect() as conn:
+        getattr(command, way)(store._alembic(conn), revision)
+        conn.commit()
+
+
 def _member_keys(conn: Connection) -> list[tuple[str, list[str], str | None]]:
     return [
         (str(k["referred_table"]), list(k["constrained_columns"]), k["options"].get("ondelete"))
@@ -98,14 +107,10 @@ def test_upgrade_to_0020_drops_the_member_key_on_postgresql_and_keeps_the_member
     """A PostgreSQL database an earlier version set up keeps its groups and members through
     0020, which drops the key; downgrade adds it back (checking the rows); the upgraded
     database matches the models."""
-    from alembic import command
-
     from tests.conftest import _pg_schema_store
 
     for store in _pg_schema_store():
-        with store.engine.connect() as conn:
-            command.upgrade(store._alembic(conn), "0019")
-            conn.commit()
+        _migrate(store, "upgrade", "0019")
         with store.write() as conn:
             conn.execute(
                 text(
@@ -122,9 +127,7 @@ def test_upgrade_to_0020_drops_the_member_key_on_postgresql_and_keeps_the_member
             assert _member_keys(conn) == []
             members = conn.execute(text("SELECT group_id, sourced_id FROM group_member")).all()
             assert [tuple(m) for m in members] == [(7, "p-1")]
-        with store.engine.connect() as conn:
-            command.downgrade(store._alembic(conn), "0019")
-            conn.commit()
+        _migrate(store, "downgrade", "0019")
         with store.read() as conn:
             assert _member_keys(conn) == [("groups", ["group_id"], "CASCADE")]
 
@@ -134,14 +137,10 @@ def test_upgrade_to_0019_rebuilds_postgresql_indexes_with_the_source_last() -> N
     """A PostgreSQL database an earlier version set up keeps its mirror rows through 0019,
     whose indexes then end with the source, and gets the old order back on downgrade; the
     upgraded database matches the models."""
-    from alembic import command
-
     from tests.conftest import _pg_schema_store
 
     for store in _pg_schema_store():
-        with store.engine.connect() as conn:
-            command.upgrade(store._alembic(conn), "0018")
-            conn.commit()
+        _migrate(store, "upgrade", "0018")
         with store.write() as conn:
             conn.execute(
                 text(
@@ -160,9 +159,7 @@ def test_upgrade_to_0019_rebuilds_postgresql_indexes_with_the_source_last() -> N
                 ("e-1",)
             ]
         assert after["ix_roster_enr_class"] == ["class_id", "role", "user_id", "source"]
-        with store.engine.connect() as conn:
-            command.downgrade(store._alembic(conn), "0018")
-            conn.commit()
+        _migrate(store, "downgrade", "0018")
         with store.read() as conn:
             assert _index_columns(conn, "roster_enrollment") == before
 
